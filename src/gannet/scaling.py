@@ -1,0 +1,967 @@
+"""`gannet scaling simulate`: the HPA's algorithm against a queue of GPU work.
+
+Choosing HPA numbers for a GPU worker by trial on a cluster is slow and expensive: a T4
+spot node takes minutes to appear, the Pub/Sub backlog metric reaches the HPA minutes
+late, and each experiment burns GPU-hours. This module replays the controller's
+arithmetic (kube-controller-manager's replica calculator, tolerance, stabilization
+windows, scaling policies and KEDA's 0 <-> 1 activation) against an arrival profile, a
+per-pod throughput, metric delays and node provisioning, so that the defaults in k8s/
+are chosen from numbers (drain time, worst wait, GPU-hours) instead of guesses.
+
+The queue is a fluid model: a pod with `runners` concurrent tasks finishes `throughput`
+messages per second when it has enough work, and each message spends runners/throughput
+seconds in service. Unacked messages (waiting *and* leased) are what Pub/Sub reports
+as num_undelivered_messages, so at a steady arrival rate the metric settles at
+rate x service time, which is why a per-pod target maps to a pod utilization.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+PolicyKind = Literal["Pods", "Percent"]
+SelectPolicy = Literal["Max", "Min", "Disabled"]
+
+
+@dataclass(frozen=True)
+class ScalingPolicy:
+    """One entry of behavior.scaleUp/scaleDown.policies."""
+
+    kind: PolicyKind
+    value: int
+    period_s: float
+
+
+@dataclass(frozen=True)
+class HpaConfig:
+    """What k8s/ puts in the HorizontalPodAutoscaler (or KEDA ScaledObject)."""
+
+    min_replicas: int = 1
+    max_replicas: int = 12
+    # External metric pubsub.googleapis.com|subscription|num_undelivered_messages,
+    # target type AverageValue: desired = ceil(backlog / target).
+    target_per_pod: float = 2.0
+    # Pods metric gannet_messages_outstanding (via Managed Prometheus), AverageValue.
+    # None disables the second signal.
+    pods_metric_target: float | None = 6.0
+    tolerance: float = 0.1
+    sync_period_s: float = 15.0
+    scale_up_window_s: float = 60.0
+    scale_down_window_s: float = 300.0
+    # behavior.scaleUp.policies: add at most max(pods, percent) per period (selectPolicy
+    # Max); behavior.scaleDown.policies: remove at most percent per period.
+    scale_up_pods: int = 4
+    scale_up_percent: int = 100
+    scale_down_percent: int = 50
+    policy_period_s: float = 60.0
+    scale_up_select: SelectPolicy = "Max"
+    scale_down_select: SelectPolicy = "Max"
+    # KEDA only (min_replicas == 0): how often it polls, how long inactive before 1 -> 0.
+    keda_polling_s: float = 30.0
+    keda_cooldown_s: float = 300.0
+
+    @property
+    def scale_up_policies(self) -> tuple[ScalingPolicy, ...]:
+        return (
+            ScalingPolicy("Pods", self.scale_up_pods, self.policy_period_s),
+            ScalingPolicy("Percent", self.scale_up_percent, self.policy_period_s),
+        )
+
+    @property
+    def scale_down_policies(self) -> tuple[ScalingPolicy, ...]:
+        return (ScalingPolicy("Percent", self.scale_down_percent, self.policy_period_s),)
+
+
+@dataclass(frozen=True)
+class ClusterModel:
+    """The world the HPA acts on: pods, GPU nodes and metric pipelines."""
+
+    pod_throughput: float = 2.0  # messages/s one T4 pod sustains
+    runners: int = 4  # GANNET_RUNNERS: tasks in service at once per pod
+    max_messages: int = 8  # GANNET_MAX_MESSAGES: flow control, caps the pods metric
+    pod_startup_s: float = 90.0  # image pull + weights from GCS + warm-up, on a ready node
+    node_provision_s: float = 300.0  # cluster autoscaler -> spot T4 VM -> driver -> Ready
+    node_scale_down_s: float = 600.0  # cluster autoscaler's scale-down-unneeded-time
+    metric_lag_s: float = 120.0  # Pub/Sub metric: sample time -> visible to the adapter
+    metric_sample_s: float = 60.0  # Pub/Sub metric sampling period
+    pods_metric_lag_s: float = 45.0  # scrape interval + Managed Prometheus ingestion
+    warm_nodes: int | None = None  # GPU nodes up at t=0 (default: min replicas, at least 0)
+
+
+@dataclass(frozen=True)
+class ArrivalProfile:
+    """Messages published: an initial dump plus piecewise-constant rates."""
+
+    name: str
+    segments: tuple[tuple[float, float], ...]  # (duration_s, messages per second)
+    initial_backlog: float = 0.0
+
+    @property
+    def duration_s(self) -> float:
+        return sum(d for d, _ in self.segments)
+
+    def rate_at(self, t: float) -> float:
+        start = 0.0
+        for duration, rate in self.segments:
+            if start <= t < start + duration:
+                return rate
+            start += duration
+        return 0.0
+
+    def describe(self) -> str:
+        parts = [f"{self.initial_backlog:g} queued at t=0"] if self.initial_backlog else []
+        parts += [f"{rate:g} msg/s for {duration:g} s" for duration, rate in self.segments]
+        return f"{self.name}: " + ", then ".join(parts)
+
+
+PRESETS: dict[str, ArrivalProfile] = {
+    # A backend submits a customer's batch at once, on top of a trickle of live traffic.
+    "burst": ArrivalProfile("burst", ((3600.0, 0.5),), initial_backlog=5000.0),
+    # Business hours: traffic climbs to well above one pod's capacity and falls back.
+    "ramp": ArrivalProfile(
+        "ramp",
+        ((600.0, 0.5), (600.0, 4.0), (600.0, 10.0), (1200.0, 16.0), (600.0, 6.0), (1200.0, 0.5)),
+    ),
+    # Constant load that needs about four pods.
+    "steady": ArrivalProfile("steady", ((3600.0, 7.0),)),
+    # Half an hour of work, then a quiet night: where scale to zero (KEDA) pays.
+    "quiet": ArrivalProfile("quiet", ((1800.0, 3.0), (5400.0, 0.0))),
+    # Short spikes every 20 minutes: what makes a flappy HPA flap.
+    "spiky": ArrivalProfile(
+        "spiky", tuple(seg for _ in range(4) for seg in ((120.0, 20.0), (1080.0, 1.0)))
+    ),
+}
+
+
+def parse_profile(spec: str, initial_backlog: float | None = None) -> ArrivalProfile:
+    """A preset name or 'DURATION_S:RATE,DURATION_S:RATE,...' (e.g. '600:0.5,1800:10')."""
+    if spec in PRESETS:
+        preset = PRESETS[spec]
+        if initial_backlog is None:
+            return preset
+        return dataclasses.replace(preset, initial_backlog=initial_backlog)
+    segments: list[tuple[float, float]] = []
+    for part in spec.split(","):
+        try:
+            duration, rate = (float(x) for x in part.split(":"))
+        except ValueError:
+            raise ValueError(
+                f"bad profile segment {part!r}: use a preset ({', '.join(PRESETS)}) or "
+                "DURATION_S:RATE_PER_S pairs separated by commas, e.g. 600:0.5,1800:10"
+            ) from None
+        if duration <= 0 or rate < 0:
+            raise ValueError(f"profile segment {part!r}: duration must be > 0, rate >= 0")
+        segments.append((duration, rate))
+    return ArrivalProfile("custom", tuple(segments), initial_backlog or 0.0)
+
+
+# ---------------------------------------------------------------------------------------
+# The controller's arithmetic (pkg/controller/podautoscaler in kube-controller-manager).
+# ---------------------------------------------------------------------------------------
+
+
+def replicas_for_external(
+    value: float, target_per_pod: float, current: int, tolerance: float
+) -> int:
+    """External metric with an AverageValue target (GetExternalPerPodMetricReplicas)."""
+    if current > 0:
+        ratio = value / (target_per_pod * current)
+        if abs(1.0 - ratio) <= tolerance:
+            return current
+    return math.ceil(value / target_per_pod)
+
+
+def replicas_for_pods(
+    ready_values: Sequence[float],
+    missing: int,
+    target: float,
+    current: int,
+    tolerance: float,
+) -> int | None:
+    """Pods metric with an AverageValue target (calcPlainMetricReplicas).
+
+    `missing` pods have no sample yet (starting): on a scale-up they count as 0, on a
+    scale-down as exactly the target, which is the controller's conservative guess.
+    Returns None when no pod has a sample (the controller then ignores the metric).
+    """
+    if not ready_values:
+        return None
+    ratio = sum(ready_values) / (target * len(ready_values))
+    if missing == 0:
+        if abs(1.0 - ratio) <= tolerance:
+            return current
+        return math.ceil(ratio * len(ready_values))
+    fill = 0.0 if ratio >= 1.0 else target
+    values = [*ready_values, *([fill] * missing)]
+    new_ratio = sum(values) / (target * len(values))
+    if (
+        abs(1.0 - new_ratio) <= tolerance
+        or (ratio > 1.0 and new_ratio < 1.0)
+        or (ratio < 1.0 and new_ratio > 1.0)
+    ):
+        return current
+    proposal = math.ceil(new_ratio * len(values))
+    if (new_ratio < 1.0 and proposal > current) or (new_ratio > 1.0 and proposal < current):
+        return current
+    return proposal
+
+
+def _change_in_period(events: Sequence[tuple[float, int]], now: float, period: float) -> int:
+    return sum(change for t, change in events if t > now - period)
+
+
+def scale_up_limit(
+    current: int,
+    up_events: Sequence[tuple[float, int]],
+    down_events: Sequence[tuple[float, int]],
+    policies: Sequence[ScalingPolicy],
+    select: SelectPolicy,
+    now: float,
+) -> int:
+    """calculateScaleUpLimitWithScalingRules: the most replicas the policies allow now."""
+    if select == "Disabled":
+        return current
+    proposals = []
+    for policy in policies:
+        start = (
+            current
+            - _change_in_period(up_events, now, policy.period_s)
+            + _change_in_period(down_events, now, policy.period_s)
+        )
+        if policy.kind == "Pods":
+            proposals.append(start + policy.value)
+        else:
+            proposals.append(math.ceil(start * (1 + policy.value / 100)))
+    return max(proposals) if select == "Max" else min(proposals)
+
+
+def scale_down_limit(
+    current: int,
+    up_events: Sequence[tuple[float, int]],
+    down_events: Sequence[tuple[float, int]],
+    policies: Sequence[ScalingPolicy],
+    select: SelectPolicy,
+    now: float,
+) -> int:
+    """calculateScaleDownLimitWithBehaviors: the fewest replicas the policies allow now."""
+    if select == "Disabled":
+        return current
+    proposals = []
+    for policy in policies:
+        start = (
+            current
+            - _change_in_period(up_events, now, policy.period_s)
+            + _change_in_period(down_events, now, policy.period_s)
+        )
+        if policy.kind == "Pods":
+            proposals.append(start - policy.value)
+        else:
+            proposals.append(int(start * (1 - policy.value / 100)))
+    # "Max" select means the biggest change, i.e. the lowest replica count.
+    return min(proposals) if select == "Max" else max(proposals)
+
+
+@dataclass
+class HpaController:
+    """The stateful part of one HPA: past recommendations and past scale events."""
+
+    config: HpaConfig
+    recommendations: list[tuple[float, int]] = field(default_factory=list)
+    up_events: list[tuple[float, int]] = field(default_factory=list)
+    down_events: list[tuple[float, int]] = field(default_factory=list)
+
+    def normalize(self, now: float, current: int, proposal: int) -> int:
+        """Stabilization windows, then rate policies and min/max (normalizeDesiredReplicas...)."""
+        cfg = self.config
+        up_cutoff = now - cfg.scale_up_window_s
+        down_cutoff = now - cfg.scale_down_window_s
+        up_rec = proposal
+        down_rec = proposal
+        for t, rec in self.recommendations:
+            if t > up_cutoff:
+                up_rec = min(up_rec, rec)
+            if t > down_cutoff:
+                down_rec = max(down_rec, rec)
+        # Scale up only as far as every recommendation in the up window agrees, scale
+        # down only as far as every recommendation in the down window agrees.
+        stabilized = min(max(current, up_rec), down_rec)
+        keep = now - max(cfg.scale_up_window_s, cfg.scale_down_window_s)
+        self.recommendations = [(t, r) for t, r in self.recommendations if t > keep]
+        self.recommendations.append((now, proposal))
+
+        # Under KEDA (min 0) the HPA it creates still has minReplicas 1; KEDA does 1 <-> 0.
+        floor = max(cfg.min_replicas, 1)
+        if stabilized > current:
+            limit = scale_up_limit(
+                current,
+                self.up_events,
+                self.down_events,
+                cfg.scale_up_policies,
+                cfg.scale_up_select,
+                now,
+            )
+            return min(stabilized, cfg.max_replicas, max(limit, current))
+        if stabilized < current:
+            limit = scale_down_limit(
+                current,
+                self.up_events,
+                self.down_events,
+                cfg.scale_down_policies,
+                cfg.scale_down_select,
+                now,
+            )
+            return max(stabilized, floor, min(limit, current))
+        return stabilized
+
+    def record_scale(self, now: float, old: int, new: int) -> None:
+        horizon = now - 1800  # the longest period a policy may have
+        if new > old:
+            self.up_events.append((now, new - old))
+        elif new < old:
+            self.down_events.append((now, old - new))
+        self.up_events = [e for e in self.up_events if e[0] > horizon]
+        self.down_events = [e for e in self.down_events if e[0] > horizon]
+
+    def desired_replicas(
+        self,
+        now: float,
+        current: int,
+        backlog_seen: float | None,
+        pods_values: Sequence[float] | None,
+        pods_missing: int,
+    ) -> int:
+        """One sync of the HPA: the max over metrics, then normalize()."""
+        cfg = self.config
+        proposals = []
+        if backlog_seen is not None:
+            proposals.append(
+                replicas_for_external(backlog_seen, cfg.target_per_pod, current, cfg.tolerance)
+            )
+        if cfg.pods_metric_target is not None and pods_values:
+            proposal = replicas_for_pods(
+                pods_values, pods_missing, cfg.pods_metric_target, current, cfg.tolerance
+            )
+            if proposal is not None:
+                proposals.append(proposal)
+        if not proposals:
+            return current
+        return self.normalize(now, current, max(proposals))
+
+
+# ---------------------------------------------------------------------------------------
+# The world: queue, pods, nodes, metric pipelines.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Node:
+    ready_at: float
+    created_at: float
+    has_pod: bool = False
+    empty_since: float | None = None
+
+
+@dataclass
+class _Pod:
+    ready_at: float
+    node: _Node
+
+
+@dataclass
+class SimResult:
+    """Time series (one sample per second) and the figures the README quotes."""
+
+    profile: ArrivalProfile
+    hpa: HpaConfig
+    cluster: ClusterModel
+    times: list[float]
+    backlog: list[float]
+    backlog_seen: list[float]
+    replicas: list[int]
+    ready: list[int]
+    nodes: list[int]
+    drain_time_s: float | None
+    peak_backlog: float
+    worst_wait_s: float
+    gpu_hours: float
+    ideal_gpu_hours: float
+    max_replicas_reached: int
+    first_scale_up_s: float | None
+    processed: float
+
+    def summary(self) -> dict[str, float | int | None]:
+        return {
+            "drain_time_s": self.drain_time_s,
+            "peak_backlog": round(self.peak_backlog, 1),
+            "worst_wait_s": round(self.worst_wait_s, 1),
+            "gpu_hours": round(self.gpu_hours, 3),
+            "ideal_gpu_hours": round(self.ideal_gpu_hours, 3),
+            "max_replicas_reached": self.max_replicas_reached,
+            "first_scale_up_s": self.first_scale_up_s,
+            "processed": round(self.processed, 1),
+        }
+
+
+def simulate(
+    profile: ArrivalProfile,
+    hpa: HpaConfig | None = None,
+    cluster: ClusterModel | None = None,
+    *,
+    duration_s: float | None = None,
+    drained_at: float = 10.0,
+) -> SimResult:
+    """Runs the model one second at a time; deterministic, ~0.1 s for two hours."""
+    hpa = hpa or HpaConfig()
+    cluster = cluster or ClusterModel()
+    if hpa.min_replicas < 0 or hpa.max_replicas < max(hpa.min_replicas, 1):
+        raise ValueError("need 0 <= min_replicas <= max_replicas and max_replicas >= 1")
+    if cluster.pod_throughput <= 0 or cluster.runners < 1:
+        raise ValueError("pod_throughput must be > 0 and runners >= 1")
+    if hpa.target_per_pod <= 0 or (
+        hpa.pods_metric_target is not None and hpa.pods_metric_target <= 0
+    ):
+        raise ValueError(
+            "metric targets must be > 0 (use None/0 on the CLI to drop the pods metric)"
+        )
+    horizon = duration_s if duration_s is not None else profile.duration_s + 1800.0
+    controller = HpaController(hpa)
+    keda = hpa.min_replicas == 0
+
+    warm = cluster.warm_nodes if cluster.warm_nodes is not None else hpa.min_replicas
+    nodes = [_Node(ready_at=0.0, created_at=0.0) for _ in range(max(warm, 0))]
+    pods: list[_Pod] = []
+    for node in nodes[: hpa.min_replicas]:
+        node.has_pod = True
+        pods.append(_Pod(ready_at=0.0, node=node))
+    for node in nodes[hpa.min_replicas :]:
+        node.empty_since = 0.0
+
+    service_s = cluster.runners / cluster.pod_throughput
+    queue = profile.initial_backlog
+    arrived = [profile.initial_backlog]  # cumulative, per second
+    departed = [0.0]
+    res_t: list[float] = []
+    res_q: list[float] = []
+    res_seen: list[float] = []
+    res_rep: list[int] = []
+    res_ready: list[int] = []
+    res_nodes: list[int] = []
+    pods_hist: list[float] = []  # per-pod outstanding of ready pods, per second
+    gpu_node_s = 0.0
+    first_up: float | None = None
+    last_active = -math.inf
+    steps = int(horizon)
+
+    def seen_backlog(t: float) -> float | None:
+        # Cloud Monitoring keeps one sample per period; the HPA sees the newest one
+        # whose sample time + ingestion lag has passed.
+        newest = math.floor((t - cluster.metric_lag_s) / cluster.metric_sample_s)
+        sample_t = newest * cluster.metric_sample_s
+        if sample_t < 0:
+            return None
+        if int(sample_t) >= len(res_q):
+            return None
+        return float(round(res_q[int(sample_t)]))  # Pub/Sub reports whole messages
+
+    def set_replicas(now: float, want: int) -> None:
+        nonlocal pods
+        if want > len(pods):
+            for _ in range(want - len(pods)):
+                free = [n for n in nodes if not n.has_pod]
+                if free:
+                    node = min(free, key=lambda n: n.ready_at)
+                else:
+                    node = _Node(ready_at=now + cluster.node_provision_s, created_at=now)
+                    nodes.append(node)
+                node.has_pod = True
+                node.empty_since = None
+                pods.append(
+                    _Pod(ready_at=max(now, node.ready_at) + cluster.pod_startup_s, node=node)
+                )
+        elif want < len(pods):
+            # The ReplicaSet deletes pods that are not ready yet before ready ones.
+            pods.sort(key=lambda p: p.ready_at)
+            for pod in pods[want:]:
+                pod.node.has_pod = False
+                pod.node.empty_since = now
+            pods = pods[:want]
+
+    for step in range(steps):
+        t = float(step)
+        ready = sum(1 for p in pods if p.ready_at <= t)
+        # Work: each ready pod serves up to `runners` messages at once.
+        capacity = ready * cluster.pod_throughput
+        rate = min(capacity, queue / service_s) if ready else 0.0
+        done = min(queue, rate)
+        queue -= done
+        if queue < 1e-3:  # the fluid model's tail; a real queue is whole messages
+            queue = 0.0
+        queue += profile.rate_at(t)
+        arrived.append(arrived[-1] + profile.rate_at(t))
+        departed.append(departed[-1] + done)
+        outstanding = min(cluster.max_messages, queue / ready) if ready else 0.0
+        pods_hist.append(outstanding)
+
+        res_t.append(t)
+        res_q.append(queue)
+        seen = seen_backlog(t)
+        res_seen.append(seen if seen is not None else math.nan)
+        res_rep.append(len(pods))
+        res_ready.append(ready)
+        res_nodes.append(len(nodes))
+        gpu_node_s += len(nodes)
+
+        # Controllers.
+        if keda and step % max(int(hpa.keda_polling_s), 1) == 0:
+            if seen is not None and seen > 0:
+                last_active = t
+            if not pods and seen is not None and seen > 0:
+                set_replicas(t, 1)
+                controller.record_scale(t, 0, 1)
+                first_up = first_up if first_up is not None else t
+            elif pods and t - last_active >= hpa.keda_cooldown_s:
+                controller.record_scale(t, len(pods), 0)
+                set_replicas(t, 0)
+        if step % max(int(hpa.sync_period_s), 1) == 0 and pods:
+            lag_index = int(t - cluster.pods_metric_lag_s)
+            pods_values: list[float] | None = None
+            missing = 0
+            if lag_index >= 0 and ready:
+                pods_values = [pods_hist[lag_index]] * ready
+                missing = len(pods) - ready
+            current = len(pods)
+            want = controller.desired_replicas(t, current, seen, pods_values, missing)
+            if want != current:
+                if want > current and first_up is None:
+                    first_up = t
+                controller.record_scale(t, current, want)
+                set_replicas(t, want)
+
+        # Cluster autoscaler: empty GPU nodes go after the unneeded time.
+        nodes[:] = [
+            n
+            for n in nodes
+            if n.has_pod or n.empty_since is None or t - n.empty_since < cluster.node_scale_down_s
+        ]
+
+    peak = max(res_q) if res_q else 0.0
+    # Backed up: more unacked messages than the pods hold in service at the current
+    # arrival rate (Little's law) plus a few. The drain time is the longest such episode:
+    # for a burst, from t=0 until the queue is worked off.
+    drain: float | None = 0.0
+    episode_start: float | None = None
+    for t_i, q in zip(res_t, res_q, strict=True):
+        backed_up = q > profile.rate_at(t_i) * service_s + drained_at
+        if backed_up and episode_start is None:
+            episode_start = t_i
+        elif not backed_up and episode_start is not None:
+            drain = max(drain or 0.0, t_i - episode_start)
+            episode_start = None
+    if episode_start is not None:
+        drain = None  # still backed up when the simulation ended
+    worst = _worst_wait(arrived, departed)
+    processed = departed[-1]
+    return SimResult(
+        profile=profile,
+        hpa=hpa,
+        cluster=cluster,
+        times=res_t,
+        backlog=res_q,
+        backlog_seen=res_seen,
+        replicas=res_rep,
+        ready=res_ready,
+        nodes=res_nodes,
+        drain_time_s=drain,
+        peak_backlog=peak,
+        worst_wait_s=worst,
+        gpu_hours=gpu_node_s / 3600.0,
+        ideal_gpu_hours=processed / cluster.pod_throughput / 3600.0,
+        max_replicas_reached=max(res_rep) if res_rep else 0,
+        first_scale_up_s=first_up,
+        processed=processed,
+    )
+
+
+def _worst_wait(arrived: Sequence[float], departed: Sequence[float]) -> float:
+    """Longest time a message stayed unacked, from FIFO cumulative curves.
+
+    arrived[i] and departed[i] count messages by the start of second i; the oldest
+    message finished in second i is number departed[i-1], which arrived in the first
+    second j with arrived[j] > departed[i-1].
+    """
+    worst = 0.0
+    j = 0
+    for i in range(1, len(departed)):
+        if departed[i] <= departed[i - 1] + 1e-9:
+            continue
+        while j < len(arrived) - 1 and arrived[j] <= departed[i - 1] + 1e-9:
+            j += 1
+        worst = max(worst, float(i - j))
+    return worst
+
+
+def write_png(result: SimResult, path: Path) -> Path:
+    """Backlog (real and as the HPA sees it) and replicas/nodes over time."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # matplotlib is an optional extra of the package
+        raise RuntimeError(
+            "writing the PNG needs matplotlib: pip install matplotlib, or pass --no-png"
+        ) from exc
+    minutes = [t / 60 for t in result.times]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    ax1.plot(minutes, result.backlog, label="unacked backlog", color="tab:blue")
+    ax1.plot(
+        minutes,
+        result.backlog_seen,
+        label="backlog as the HPA sees it",
+        color="tab:orange",
+        linestyle="--",
+    )
+    ax1.set_ylabel("messages")
+    ax1.legend(loc="upper right")
+    ax1.set_title(f"{result.profile.describe()}", fontsize=9)
+    ax2.step(minutes, result.replicas, where="post", label="replicas (desired)", color="tab:red")
+    ax2.step(minutes, result.ready, where="post", label="ready pods", color="tab:green")
+    ax2.step(minutes, result.nodes, where="post", label="T4 nodes", color="tab:gray", alpha=0.7)
+    ax2.set_ylabel("count")
+    ax2.set_xlabel("minutes")
+    ax2.legend(loc="upper right")
+    drain = f"{result.drain_time_s:.0f} s" if result.drain_time_s is not None else "not drained"
+    ax2.set_title(
+        f"drain {drain}, worst wait {result.worst_wait_s:.0f} s, "
+        f"GPU-hours {result.gpu_hours:.2f} (ideal {result.ideal_gpu_hours:.2f})",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def format_report(result: SimResult) -> str:
+    hpa, cl = result.hpa, result.cluster
+    pods_metric = (
+        f"pods metric gannet_messages_outstanding target {hpa.pods_metric_target:g}"
+        if hpa.pods_metric_target is not None
+        else "no pods metric"
+    )
+    drain = f"{result.drain_time_s:.0f} s" if result.drain_time_s is not None else "not drained"
+    efficiency = result.ideal_gpu_hours / result.gpu_hours if result.gpu_hours else 0.0
+    lines = [
+        f"profile     {result.profile.describe()}",
+        f"hpa         external backlog target {hpa.target_per_pod:g}/pod, {pods_metric}, "
+        f"replicas {hpa.min_replicas}..{hpa.max_replicas}, tolerance {hpa.tolerance:g}, "
+        f"windows up {hpa.scale_up_window_s:g} s / down {hpa.scale_down_window_s:g} s",
+        f"cluster     {cl.pod_throughput:g} msg/s per pod, {cl.runners} runners, "
+        f"pod start {cl.pod_startup_s:g} s, T4 node provisioning {cl.node_provision_s:g} s, "
+        f"metric lag {cl.metric_lag_s:g} s",
+        f"drain time  {drain}",
+        f"peak        {result.peak_backlog:.0f} messages; worst wait {result.worst_wait_s:.0f} s",
+        f"replicas    max {result.max_replicas_reached}; first scale-up at "
+        + (f"{result.first_scale_up_s:.0f} s" if result.first_scale_up_s is not None else "never"),
+        f"GPU-hours   {result.gpu_hours:.2f} (ideal {result.ideal_gpu_hours:.2f}, "
+        f"efficiency {efficiency:.0%})",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------
+
+_HPA_FIELDS = {f.name for f in dataclasses.fields(HpaConfig)}
+_CLUSTER_FIELDS = {f.name for f in dataclasses.fields(ClusterModel)}
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[HpaConfig, ClusterModel]:
+    hpa = HpaConfig(
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        target_per_pod=args.target_per_pod,
+        pods_metric_target=args.pods_metric_target or None,
+        tolerance=args.tolerance,
+        scale_up_window_s=args.scale_up_window,
+        scale_down_window_s=args.scale_down_window,
+        scale_up_pods=args.scale_up_pods,
+        scale_up_percent=args.scale_up_percent,
+        scale_down_percent=args.scale_down_percent,
+        policy_period_s=args.policy_period,
+    )
+    cluster = ClusterModel(
+        pod_throughput=args.pod_throughput,
+        runners=args.runners,
+        max_messages=args.max_messages,
+        pod_startup_s=args.pod_startup,
+        node_provision_s=args.node_provision,
+        node_scale_down_s=args.node_scale_down,
+        metric_lag_s=args.metric_lag,
+        pods_metric_lag_s=args.pods_metric_lag,
+    )
+    return hpa, cluster
+
+
+def _with_field(
+    hpa: HpaConfig, cluster: ClusterModel, name: str, value: float
+) -> tuple[HpaConfig, ClusterModel]:
+    if name == "pods_metric_target":
+        return dataclasses.replace(hpa, pods_metric_target=value or None), cluster
+    if name in _HPA_FIELDS:
+        current = getattr(hpa, name)
+        cast = int if isinstance(current, int) and not isinstance(current, bool) else float
+        return dataclasses.replace(hpa, **{name: cast(value)}), cluster
+    if name in _CLUSTER_FIELDS:
+        current = getattr(cluster, name)
+        cast = int if isinstance(current, int) else float
+        return hpa, dataclasses.replace(cluster, **{name: cast(value)})
+    raise ValueError(
+        f"--sweep: unknown parameter {name!r}; one of: "
+        + ", ".join(sorted(_HPA_FIELDS | _CLUSTER_FIELDS))
+    )
+
+
+def sweep(
+    profile: ArrivalProfile,
+    hpa: HpaConfig,
+    cluster: ClusterModel,
+    name: str,
+    values: Sequence[float],
+    *,
+    duration_s: float | None = None,
+) -> list[tuple[float, SimResult]]:
+    rows = []
+    for value in values:
+        h, c = _with_field(hpa, cluster, name, value)
+        rows.append((value, simulate(profile, h, c, duration_s=duration_s)))
+    return rows
+
+
+def format_sweep(name: str, rows: Sequence[tuple[float, SimResult]]) -> str:
+    out = [
+        f"{name:>22} | drain s | worst wait s | max replicas | GPU-hours | ideal GPU-h",
+        "-" * 86,
+    ]
+    for value, r in rows:
+        drain = f"{r.drain_time_s:.0f}" if r.drain_time_s is not None else "never"
+        out.append(
+            f"{value:>22g} | {drain:>7} | {r.worst_wait_s:>12.0f} | "
+            f"{r.max_replicas_reached:>12} | {r.gpu_hours:>9.2f} | {r.ideal_gpu_hours:>11.2f}"
+        )
+    return "\n".join(out)
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    try:
+        profile = parse_profile(args.profile, args.initial_backlog)
+        hpa, cluster = configs_from_args(args)
+        if args.sweep:
+            name, _, raw = args.sweep.partition("=")
+            values = [float(v) for v in raw.split(",") if v]
+            if not values:
+                raise ValueError("--sweep needs NAME=V1,V2,..., e.g. target_per_pod=1,2,5")
+            rows = sweep(profile, hpa, cluster, name, values, duration_s=args.duration)
+            print(profile.describe())
+            print(format_sweep(name, rows))
+            if args.json:
+                print(json.dumps([{name: v, **r.summary()} for v, r in rows], indent=2))
+            return 0
+        result = simulate(profile, hpa, cluster, duration_s=args.duration)
+    except ValueError as exc:
+        print(f"gannet scaling simulate: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(result))
+    if args.json:
+        print(json.dumps(result.summary(), indent=2))
+    if not args.no_png:
+        try:
+            path = write_png(result, Path(args.png))
+        except RuntimeError as exc:
+            print(f"gannet scaling simulate: {exc}", file=sys.stderr)
+            return 1
+        print(f"png         {path}")
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Registers `gannet scaling simulate`."""
+    scaling = subparsers.add_parser(
+        "scaling",
+        help="Autoscaling tools (HPA simulation).",
+        description="Autoscaling tools for the GKE deployment.",
+    )
+    verbs = scaling.add_subparsers(dest="scaling_command", required=True, metavar="VERB")
+    p = verbs.add_parser(
+        "simulate",
+        help="Replay the HPA algorithm against an arrival profile.",
+        description=(
+            "Simulate the Kubernetes HPA (tolerance, stabilization windows, scaling "
+            "policies; KEDA activation when --min-replicas 0) scaling GPU pods on the "
+            "Pub/Sub backlog, with metric lag and T4 node provisioning. Prints drain time "
+            "and GPU-hours and writes a PNG of backlog and replicas over time."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d_hpa, d_cl = HpaConfig(), ClusterModel()
+    p.add_argument(
+        "--profile",
+        default="burst",
+        help=f"arrival profile: a preset ({', '.join(PRESETS)}) or DURATION_S:RATE,... "
+        "segments of messages per second, e.g. 600:0.5,1800:10",
+    )
+    p.add_argument(
+        "--initial-backlog",
+        type=float,
+        default=None,
+        help="messages already queued at t=0 (overrides the preset's)",
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="seconds to simulate (default: the profile's length + 1800)",
+    )
+    g = p.add_argument_group("HPA (what k8s/ configures)")
+    g.add_argument(
+        "--min-replicas",
+        type=int,
+        default=d_hpa.min_replicas,
+        help="minReplicas; 0 simulates KEDA's scale to zero",
+    )
+    g.add_argument(
+        "--max-replicas",
+        type=int,
+        default=d_hpa.max_replicas,
+        help="maxReplicas (and the most T4 nodes the pool may add)",
+    )
+    g.add_argument(
+        "--target-per-pod",
+        type=float,
+        default=d_hpa.target_per_pod,
+        help="AverageValue target of num_undelivered_messages per pod",
+    )
+    g.add_argument(
+        "--pods-metric-target",
+        type=float,
+        default=d_hpa.pods_metric_target,
+        help="AverageValue target of gannet_messages_outstanding; 0 disables it",
+    )
+    g.add_argument(
+        "--tolerance",
+        type=float,
+        default=d_hpa.tolerance,
+        help="controller tolerance: no change while |ratio - 1| <= this",
+    )
+    g.add_argument(
+        "--scale-up-window",
+        type=float,
+        default=d_hpa.scale_up_window_s,
+        help="behavior.scaleUp.stabilizationWindowSeconds",
+    )
+    g.add_argument(
+        "--scale-down-window",
+        type=float,
+        default=d_hpa.scale_down_window_s,
+        help="behavior.scaleDown.stabilizationWindowSeconds",
+    )
+    g.add_argument(
+        "--scale-up-pods",
+        type=int,
+        default=4,
+        help="scaleUp policy: at most this many pods added per period",
+    )
+    g.add_argument(
+        "--scale-up-percent",
+        type=int,
+        default=100,
+        help="scaleUp policy: at most this percent added per period (max of both)",
+    )
+    g.add_argument(
+        "--scale-down-percent",
+        type=int,
+        default=50,
+        help="scaleDown policy: at most this percent removed per period",
+    )
+    g.add_argument(
+        "--policy-period",
+        type=float,
+        default=d_hpa.policy_period_s,
+        help="periodSeconds of the scaling policies",
+    )
+    c = p.add_argument_group("cluster and workload model")
+    c.add_argument(
+        "--pod-throughput",
+        type=float,
+        default=d_cl.pod_throughput,
+        help="messages per second one T4 pod sustains (measure with gannet bench)",
+    )
+    c.add_argument(
+        "--runners",
+        type=int,
+        default=d_cl.runners,
+        help="GANNET_RUNNERS: tasks in service at once per pod",
+    )
+    c.add_argument(
+        "--max-messages",
+        type=int,
+        default=d_cl.max_messages,
+        help="GANNET_MAX_MESSAGES: flow control, caps the per-pod metric",
+    )
+    c.add_argument(
+        "--pod-startup",
+        type=float,
+        default=d_cl.pod_startup_s,
+        help="seconds from scheduling on a ready node to Ready (pull, weights)",
+    )
+    c.add_argument(
+        "--node-provision",
+        type=float,
+        default=d_cl.node_provision_s,
+        help="seconds for a new spot T4 node to become Ready (VM, driver)",
+    )
+    c.add_argument(
+        "--node-scale-down",
+        type=float,
+        default=d_cl.node_scale_down_s,
+        help="seconds an empty GPU node lives before the cluster autoscaler removes it",
+    )
+    c.add_argument(
+        "--metric-lag",
+        type=float,
+        default=d_cl.metric_lag_s,
+        help="seconds before a Pub/Sub backlog sample reaches the HPA",
+    )
+    c.add_argument(
+        "--pods-metric-lag",
+        type=float,
+        default=d_cl.pods_metric_lag_s,
+        help="seconds before a scraped per-pod sample reaches the HPA",
+    )
+    o = p.add_argument_group("output")
+    o.add_argument(
+        "--sweep",
+        default=None,
+        metavar="NAME=V1,V2,...",
+        help="run once per value of one parameter (a field name such as "
+        "target_per_pod, max_replicas, scale_down_window_s, node_provision_s) "
+        "and print a table instead of one report",
+    )
+    o.add_argument(
+        "--png",
+        default="gannet-scaling.png",
+        help="where to write the PNG of backlog and replicas over time",
+    )
+    o.add_argument("--no-png", action="store_true", help="do not write the PNG")
+    o.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    p.set_defaults(func=run_simulate)

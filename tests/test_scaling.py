@@ -1,0 +1,257 @@
+"""The HPA simulator: the controller arithmetic against known cases, and the model's shape.
+
+The arithmetic cases follow kube-controller-manager's replica calculator and the worked
+examples of the HPA documentation (tolerance, stabilization, Pods/Percent policies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from gannet import scaling
+from gannet.scaling import (
+    PRESETS,
+    ClusterModel,
+    HpaConfig,
+    HpaController,
+    ScalingPolicy,
+    parse_profile,
+    replicas_for_external,
+    replicas_for_pods,
+    scale_down_limit,
+    scale_up_limit,
+    simulate,
+)
+
+UP = (ScalingPolicy("Pods", 4, 60), ScalingPolicy("Percent", 100, 60))
+
+
+# ---- replica calculator ---------------------------------------------------------------
+
+
+def test_external_average_value_is_ceil_of_backlog_over_target() -> None:
+    assert replicas_for_external(37, 2, current=3, tolerance=0.1) == 19
+    assert replicas_for_external(0, 2, current=5, tolerance=0.1) == 0  # min applied later
+
+
+def test_external_within_tolerance_keeps_current() -> None:
+    # ratio 8.5 / (2 * 4) = 1.0625: within 10 %, no change even though ceil(8.5/2) = 5.
+    assert replicas_for_external(8.5, 2, current=4, tolerance=0.1) == 4
+    assert replicas_for_external(8.9, 2, current=4, tolerance=0.1) == 5
+
+
+def test_pods_metric_treats_missing_pods_conservatively() -> None:
+    # 2 ready pods at 8 outstanding (target 6): ratio 1.33 -> ceil(1.33 * 2) = 3.
+    assert replicas_for_pods([8, 8], missing=0, target=6, current=2, tolerance=0.1) == 3
+    # With 2 more pods still starting (no samples), they count as 0 on a scale-up:
+    # 16 / (6 * 4) = 0.67 < 1, the direction flips, so the controller holds at 4.
+    assert replicas_for_pods([8, 8], missing=2, target=6, current=4, tolerance=0.1) == 4
+    # Nobody ready: the metric gives no recommendation.
+    assert replicas_for_pods([], missing=3, target=6, current=3, tolerance=0.1) is None
+
+
+def test_scale_up_limit_takes_the_larger_policy_and_counts_recent_events() -> None:
+    assert scale_up_limit(2, [], [], UP, "Max", now=0) == 6  # max(2+4, 2*2)
+    assert scale_up_limit(10, [], [], UP, "Max", now=0) == 20  # max(14, 20)
+    assert scale_up_limit(10, [], [], UP, "Min", now=0) == 14
+    # 6 pods were added 30 s ago: the period started at 4 replicas -> max(8, 8).
+    assert scale_up_limit(10, [(70.0, 6)], [], UP, "Max", now=100) == 8
+    # ... but not once that event is older than periodSeconds.
+    assert scale_up_limit(10, [(30.0, 6)], [], UP, "Max", now=100) == 20
+    assert scale_up_limit(10, [], [], UP, "Disabled", now=0) == 10
+
+
+def test_scale_down_limit_percent_rounds_down() -> None:
+    down = (ScalingPolicy("Percent", 50, 60),)
+    assert scale_down_limit(10, [], [], down, "Max", now=0) == 5
+    assert scale_down_limit(5, [], [], down, "Max", now=0) == 2
+    both = (*down, ScalingPolicy("Pods", 1, 60))
+    assert scale_down_limit(10, [], [], both, "Max", now=0) == 5  # biggest change
+    assert scale_down_limit(10, [], [], both, "Min", now=0) == 9  # smallest change
+
+
+def test_scale_down_waits_for_the_stabilization_window() -> None:
+    hpa = HpaController(HpaConfig(scale_down_window_s=300, max_replicas=20))
+    assert hpa.normalize(0, current=10, proposal=10) == 10
+    # The load dropped: the raw proposal is 2 but 10 was recommended within 300 s.
+    assert hpa.normalize(100, current=10, proposal=2) == 10
+    assert hpa.normalize(299, current=10, proposal=2) == 10
+    # Once the window only holds low recommendations, at most 50 % go per minute.
+    assert hpa.normalize(301, current=10, proposal=2) == 5
+
+
+def test_scale_up_window_uses_the_lowest_recent_recommendation() -> None:
+    hpa = HpaController(HpaConfig(scale_up_window_s=60, max_replicas=50))
+    hpa.normalize(0, current=2, proposal=2)
+    # A one-sample spike to 30 is ignored: 2 was recommended inside the window.
+    assert hpa.normalize(15, current=2, proposal=30) == 2
+    assert hpa.normalize(30, current=2, proposal=30) == 2
+    # 61 s after the low sample the spike persisted: scale up, limited by the policies.
+    assert hpa.normalize(61, current=2, proposal=30) == 6
+
+
+def test_normalize_respects_min_and_max() -> None:
+    hpa = HpaController(HpaConfig(min_replicas=2, max_replicas=5, scale_down_window_s=0))
+    assert hpa.normalize(0, current=4, proposal=100) == 5
+    assert hpa.normalize(1000, current=5, proposal=0) == 2
+    # Under KEDA (min 0) the HPA itself never goes below 1.
+    keda = HpaController(HpaConfig(min_replicas=0, scale_down_window_s=0))
+    assert keda.normalize(0, current=1, proposal=0) == 1
+
+
+# ---- the model --------------------------------------------------------------------------
+
+
+def test_burst_drains_and_reports_consistent_figures() -> None:
+    result = simulate(PRESETS["burst"])
+    assert result.drain_time_s is not None
+    assert 300 < result.drain_time_s < 3600
+    assert result.peak_backlog == pytest.approx(5000, rel=0.01)
+    assert result.processed == pytest.approx(5000 + 0.5 * 3600, rel=0.01)
+    assert result.gpu_hours > result.ideal_gpu_hours > 0
+    assert result.max_replicas_reached == HpaConfig().max_replicas
+    # Pods never outnumber nodes (one T4 per pod) and ready <= desired.
+    assert all(r <= n for r, n in zip(result.replicas, result.nodes, strict=True))
+    assert all(r <= d for r, d in zip(result.ready, result.replicas, strict=True))
+
+
+def test_more_replicas_drain_faster_and_cost_more() -> None:
+    small = simulate(PRESETS["burst"], HpaConfig(max_replicas=4))
+    large = simulate(PRESETS["burst"], HpaConfig(max_replicas=12))
+    assert large.drain_time_s is not None and small.drain_time_s is not None
+    assert large.drain_time_s < small.drain_time_s
+    assert large.gpu_hours > small.gpu_hours
+
+
+def test_slow_node_provisioning_delays_the_drain() -> None:
+    fast = simulate(PRESETS["burst"], cluster=ClusterModel(node_provision_s=60))
+    slow = simulate(PRESETS["burst"], cluster=ClusterModel(node_provision_s=600))
+    assert fast.drain_time_s is not None and slow.drain_time_s is not None
+    assert slow.drain_time_s > fast.drain_time_s + 300
+
+
+def test_metric_lag_delays_the_first_scale_up_without_the_pods_metric() -> None:
+    hpa = HpaConfig(pods_metric_target=None)
+    early = simulate(PRESETS["burst"], hpa, ClusterModel(metric_lag_s=60))
+    late = simulate(PRESETS["burst"], hpa, ClusterModel(metric_lag_s=240))
+    assert early.first_scale_up_s is not None and late.first_scale_up_s is not None
+    assert late.first_scale_up_s - early.first_scale_up_s >= 150
+    # The per-pod metric (scraped, ~45 s) reacts before the Pub/Sub metric arrives.
+    with_pods = simulate(PRESETS["burst"], HpaConfig(), ClusterModel(metric_lag_s=240))
+    assert with_pods.first_scale_up_s is not None
+    assert with_pods.first_scale_up_s < late.first_scale_up_s
+
+
+def test_scale_to_zero_saves_gpu_hours_on_a_quiet_night() -> None:
+    keda = simulate(PRESETS["quiet"], HpaConfig(min_replicas=0))
+    hpa = simulate(PRESETS["quiet"], HpaConfig(min_replicas=1))
+    assert keda.gpu_hours < hpa.gpu_hours - 1.0
+    assert keda.replicas[-1] == 0 and keda.nodes[-1] == 0
+    assert hpa.replicas[-1] == 1
+
+
+def test_target_above_runners_oscillates() -> None:
+    """The backlog metric counts messages in service: a target per pod above
+    GANNET_RUNNERS asks for more than 100 % utilization, so the HPA flaps."""
+    stable = simulate(PRESETS["steady"], HpaConfig(target_per_pod=2, max_replicas=20))
+    flappy = simulate(PRESETS["steady"], HpaConfig(target_per_pod=8, max_replicas=20))
+
+    def changes(r: scaling.SimResult) -> int:
+        return sum(1 for a, b in zip(r.replicas, r.replicas[1:], strict=False) if a != b)
+
+    assert changes(flappy) > 2 * changes(stable)
+
+
+def test_parse_profile() -> None:
+    assert parse_profile("burst") is PRESETS["burst"]
+    custom = parse_profile("60:1,120:2.5", initial_backlog=10)
+    assert custom.segments == ((60.0, 1.0), (120.0, 2.5))
+    assert custom.rate_at(59) == 1.0 and custom.rate_at(60) == 2.5 and custom.rate_at(500) == 0
+    assert custom.initial_backlog == 10
+    with pytest.raises(ValueError, match="DURATION_S:RATE"):
+        parse_profile("fast")
+
+
+def test_invalid_config_is_rejected_with_a_reason() -> None:
+    with pytest.raises(ValueError, match="max_replicas"):
+        simulate(PRESETS["burst"], HpaConfig(min_replicas=5, max_replicas=2))
+    with pytest.raises(ValueError, match="targets"):
+        simulate(PRESETS["burst"], HpaConfig(target_per_pod=0))
+
+
+# ---- CLI ----------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gannet")
+    scaling.add_commands(p.add_subparsers(dest="command"))
+    return p
+
+
+def test_cli_prints_figures_and_writes_png(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    png = tmp_path / "sim.png"
+    args = parser().parse_args(
+        ["scaling", "simulate", "--profile", "600:4", "--duration", "1800", "--png", str(png)]
+    )
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "drain time" in out and "GPU-hours" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 10_000
+
+
+def test_cli_sweep_prints_a_row_per_value(capsys: pytest.CaptureFixture) -> None:
+    args = parser().parse_args(
+        ["scaling", "simulate", "--sweep", "max_replicas=2,6", "--no-png", "--json"]
+    )
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.strip().startswith(("2 |", "6 |"))]
+    assert len(rows) == 2
+    assert '"max_replicas": 6.0' in out
+
+
+def test_cli_bad_input_exits_2_with_a_hint(capsys: pytest.CaptureFixture) -> None:
+    args = parser().parse_args(["scaling", "simulate", "--sweep", "nope=1", "--no-png"])
+    assert args.func(args) == 2
+    assert "target_per_pod" in capsys.readouterr().err
+
+
+def test_help_explains_every_option() -> None:
+    sub = parser()._subparsers._group_actions[0]  # type: ignore[union-attr]
+    simulate_parser = sub.choices["scaling"]._subparsers._group_actions[0].choices["simulate"]
+    for action in simulate_parser._actions:
+        assert action.help, f"option {action.option_strings} has no help"
+    text = simulate_parser.format_help()
+    assert "--target-per-pod" in text and "--node-provision" in text
+
+
+def test_defaults_match_the_hpa_in_k8s() -> None:
+    """The simulator's defaults are the numbers shipped in k8s/overlays/prod."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    hpa = yaml.safe_load((root / "k8s" / "base" / "hpa.yaml").read_text())
+    prod = yaml.safe_load((root / "k8s" / "overlays" / "prod" / "hpa-patch.yaml").read_text())
+    d = HpaConfig()
+    spec = hpa["spec"]
+    ext = next(m for m in spec["metrics"] if m["type"] == "External")["external"]
+    pods = next(m for m in spec["metrics"] if m["type"] == "Pods")["pods"]
+    assert float(ext["target"]["averageValue"]) == d.target_per_pod
+    assert float(pods["target"]["averageValue"]) == d.pods_metric_target
+    up, down = spec["behavior"]["scaleUp"], spec["behavior"]["scaleDown"]
+    assert up["stabilizationWindowSeconds"] == d.scale_up_window_s
+    assert down["stabilizationWindowSeconds"] == d.scale_down_window_s
+    assert {(p["type"], p["value"], p["periodSeconds"]) for p in up["policies"]} == {
+        (p.kind, p.value, p.period_s) for p in d.scale_up_policies
+    }
+    assert {(p["type"], p["value"], p["periodSeconds"]) for p in down["policies"]} == {
+        (p.kind, p.value, p.period_s) for p in d.scale_down_policies
+    }
+    assert prod["spec"]["maxReplicas"] == d.max_replicas
+    assert prod["spec"]["minReplicas"] == d.min_replicas
+    assert dataclasses.asdict(ClusterModel())["max_messages"] == 8
