@@ -1,0 +1,3 @@
+from gannet.cli import main
+
+raise SystemExit(main())

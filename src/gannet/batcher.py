@@ -1,0 +1,125 @@
+"""One thread per (model, device) that owns the model and runs requests as batches.
+
+Ultralytics models are not thread-safe, so exactly one thread ever calls a model. Runner
+threads hand it images and wait on a future; requests that arrive within a few
+milliseconds of each other share one forward pass, which is where a GPU earns its keep.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PredictFn = Callable[[list[Any], float], Sequence[Any]]
+
+
+class BatcherClosed(RuntimeError):
+    """The model was evicted or the daemon is stopping; ask the cache again."""
+
+
+@dataclass
+class _Request:
+    image: Any
+    conf: float
+    future: Future[Any] = field(default_factory=Future)
+
+
+_STOP = object()
+
+
+class Batcher:
+    def __init__(
+        self,
+        name: str,
+        predict: PredictFn,
+        max_batch: int,
+        window_s: float,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self.name = name
+        self._predict = predict
+        self._max_batch = max_batch
+        self._window_s = window_s
+        self._on_batch = on_batch or (lambda size, seconds: None)
+        self._queue: queue.Queue[_Request | object] = queue.Queue()
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, images: Sequence[Any], conf: float) -> list[Future[Any]]:
+        with self._close_lock:
+            if self._closed:
+                raise BatcherClosed(self.name)
+            requests = [_Request(image, conf) for image in images]
+            for request in requests:
+                self._queue.put(request)
+        return [r.future for r in requests]
+
+    def close(self) -> None:
+        """Finish what was submitted, then stop the thread."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def _collect(self, first: _Request) -> tuple[list[_Request], bool]:
+        batch = [first]
+        deadline = time.monotonic() + self._window_s
+        while len(batch) < self._max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    item = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if item is _STOP:
+                return batch, True
+            assert isinstance(item, _Request)
+            batch.append(item)
+        return batch, False
+
+    def _loop(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            if item is _STOP:
+                break
+            assert isinstance(item, _Request)
+            batch, stopping = self._collect(item)
+            started = time.perf_counter()
+            try:
+                results = self._predict([r.image for r in batch], min(r.conf for r in batch))
+                if len(results) != len(batch):
+                    raise RuntimeError(f"model returned {len(results)} results for {len(batch)}")
+            except Exception as exc:  # noqa: BLE001 - handed to every waiting runner
+                for request in batch:
+                    request.future.set_exception(exc)
+                continue
+            self._on_batch(len(batch), time.perf_counter() - started)
+            for request, result in zip(batch, results, strict=True):
+                request.future.set_result(result)
+        # Anything submitted after close (cannot happen) or left behind gets an answer.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Request):
+                item.future.set_exception(BatcherClosed(self.name))

@@ -1,0 +1,195 @@
+"""The `gannet` command. Thin: every subcommand calls a function that tests can reach."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from gannet.settings import REPO_ROOT, Settings, settings_table
+
+DESCRIPTION = """\
+Gannet: the GPU vision worker. It pulls tasks from a Pub/Sub subscription, runs the
+Ultralytics YOLO pipeline the tenant's industry config names, writes the result to
+PostgreSQL and GCS, and acks only after the result is committed.
+
+Settings come from GANNET_* environment variables (`gannet settings` lists them)."""
+
+
+def _add_service_ports(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--pubsub-port", type=int, default=8085, help="Pub/Sub emulator port (default 8085)"
+    )
+    parser.add_argument(
+        "--gcs-port", type=int, default=9023, help="GCS emulator port (default 9023)"
+    )
+    parser.add_argument(
+        "--postgres-port", type=int, default=54329, help="throwaway PostgreSQL port (default 54329)"
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=REPO_ROOT / ".state",
+        help="where service data and logs go (default .state/)",
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gannet import daemon
+
+    return daemon.run(Settings())
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from gannet import logs, sink
+
+    settings = Settings()
+    logs.configure(settings.log_level)
+    applied = sink.migrate(settings.database_url)
+    print(f"schema at version {sink.SCHEMA_VERSION}; applied now: {applied or 'nothing'}")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from gannet import publish
+
+    return publish.main(Settings(), args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gannet import demo
+
+    return demo.main(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from gannet import bench
+
+    return bench.main(args)
+
+
+def cmd_services(args: argparse.Namespace) -> int:
+    from gannet import demo
+
+    return demo.serve(args)
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(settings_table())
+        return 0
+    for name, value in Settings().model_dump().items():
+        print(f"GANNET_{name.upper()}={value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gannet",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "run",
+        help="run the daemon (the GKE container's entrypoint)",
+        description="Pull tasks and process them until SIGTERM. "
+        "Readiness on /readyz, metrics on /metrics (GANNET_METRICS_PORT).",
+    )
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("db", help="database commands")
+    db_sub = p.add_subparsers(dest="db_command", metavar="DB_COMMAND", required=True)
+    m = db_sub.add_parser(
+        "migrate",
+        help="apply pending schema migrations (idempotent)",
+        description="Create or upgrade task_results in GANNET_DATABASE_URL. "
+        "Safe to run from several pods at once (advisory lock).",
+    )
+    m.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser(
+        "publish",
+        help="publish tasks for local image files or gs:// URLs",
+        description="Publish one task per image to GANNET_TOPIC and print the "
+        "task ids. Local files are first uploaded to "
+        "gs://BUCKET/TENANT/uploads/ (BUCKET: the first GANNET_ALLOWED_BUCKETS).",
+    )
+    p.add_argument("images", nargs="+", help="local image files or gs://BUCKET/TENANT/... URLs")
+    p.add_argument("--tenant", required=True, help="tenant id ([a-z0-9-], max 63)")
+    p.add_argument("--pipeline", required=True, help="pipeline name from the industry config")
+    p.add_argument("--session-id", help="optional session id stored with each result")
+    p.add_argument("--confidence", type=float, help="options.confidence_override (0..1)")
+    p.add_argument("--callback-url", help="optional https URL that receives the summary")
+    p.add_argument(
+        "--task-id-prefix",
+        default="",
+        help="prefix for generated task ids (default: none; ids are random)",
+    )
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser(
+        "demo",
+        help="run the whole path locally and show the results",
+        description="Start the emulators and PostgreSQL, publish tasks for the "
+        "sample images, run the daemon until they are done, print a table, "
+        "stop everything. Exit 1 if a count differs from the known contents.",
+    )
+    _add_service_ports(p)
+    p.add_argument("--runners", type=int, default=2, help="runner threads (default 2)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "services",
+        help="start the local emulators and PostgreSQL, print env",
+        description="Start the Pub/Sub emulator, the GCS emulator and a "
+        "throwaway PostgreSQL, create the topics, buckets and schema, print the "
+        "environment to export, and keep running until Ctrl-C.",
+    )
+    _add_service_ports(p)
+    p.set_defaults(func=cmd_services)
+
+    p = sub.add_parser(
+        "bench",
+        help="measure bare model vs daemon vs one-at-a-time worker",
+        description="On the same images and model, in one run: (a) bare model "
+        "predict throughput, (b) the daemon end to end through the emulators and "
+        "PostgreSQL, (c) a one-message-at-a-time worker. Prints b/a and b/c and "
+        "writes JSON.",
+    )
+    p.add_argument("--images", type=int, default=64, help="tasks per measurement (default 64)")
+    p.add_argument("--runners", type=int, default=4, help="daemon runner threads (default 4)")
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=REPO_ROOT / "bench-results" / "bench.json",
+        help="where the JSON report goes",
+    )
+    _add_service_ports(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("settings", help="show the effective GANNET_* settings")
+    p.add_argument("--markdown", action="store_true", help="print the README table instead")
+    p.set_defaults(func=cmd_settings)
+
+    for module in ("scaling", "ops"):
+        try:
+            imported = __import__(f"gannet.{module}", fromlist=["add_commands"])
+        except ImportError:
+            continue
+        imported.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Ultralytics reads this at import: never download weights, fonts or datasets, and
+    # send no telemetry. Workers on GKE usually have no internet egress anyway.
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,300 @@
+"""`gannet demo` and `gannet services`: the whole path of a message on one machine.
+
+The demo starts the local services, publishes one task per sample image, runs the real
+daemon (`gannet run`, as a child process) until every task has a row, prints what came
+out next to what the images are known to contain, and stops everything again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from gannet import clients, provision, sink
+from gannet.local_services import LocalServices, Ports, free_port
+from gannet.publish import make_task, publish_tasks, upload_image
+from gannet.settings import REPO_ROOT, Settings
+from gannet.storage import Storage
+
+SAMPLES = REPO_ROOT / "samples"
+DEMO_TENANT = "demo-tenant"
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    """One demo task and the counts its image is known to contain."""
+
+    image: str
+    pipeline: str
+    config: str
+    tenant: str
+    expected: dict[str, int]
+
+
+def demo_tasks(manifest: dict[str, Any]) -> list[DemoTask]:
+    return [
+        DemoTask(
+            entry["file"],
+            "DETECTION",
+            "demo.yaml",
+            DEMO_TENANT,
+            {k: v for k, v in entry["counts"].items() if v},
+        )
+        for entry in manifest["images"]
+        if entry.get("kind", "scene") != "large"
+    ]
+
+
+def local_settings(services: LocalServices, **overrides: Any) -> Settings:
+    return Settings(
+        project=services.project,
+        pubsub_emulator_host=services.pubsub_host,
+        storage_emulator_host=services.gcs_endpoint,
+        database_url=services.database_url,
+        **overrides,
+    )
+
+
+def prepare(services: LocalServices, settings: Settings, ack_deadline_s: int = 30) -> None:
+    """Schema, topics, subscriptions and buckets, as terraform would in the cloud."""
+    sink.migrate(settings.database_url)
+    publisher, subscriber = clients.pubsub_clients(settings)
+    provision.ensure_pubsub(settings, publisher, subscriber, ack_deadline_s=ack_deadline_s)
+    provision.ensure_buckets(
+        clients.storage_client(settings), [*settings.allowed_buckets, settings.results_bucket]
+    )
+
+
+class DaemonProcess:
+    """`gannet run` as a child process, the way a pod runs it."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self.metrics_port = int(env.get("GANNET_METRICS_PORT") or free_port())
+        env = {
+            **os.environ,
+            **env,
+            "GANNET_METRICS_PORT": str(self.metrics_port),
+            "PYTHONUNBUFFERED": "1",
+        }
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gannet", "run"],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def wait_ready(self, timeout_s: float = 120) -> None:
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"gannet run exited with {self.proc.returncode}; "
+                    f"see {self.log_path}:\n{self.tail()}"
+                )
+            try:
+                url = f"http://127.0.0.1:{self.metrics_port}/readyz"
+                with urllib.request.urlopen(url, timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"gannet run not ready after {timeout_s}s:\n{self.tail()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        finally:
+            self._log.close()
+
+    def tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def log_entries(self) -> list[dict[str, Any]]:
+        entries = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    entries.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return entries
+
+
+def fetch_rows(database_url: str, tenant: str, task_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Rows as the tenant sees them (RLS), keyed by task id."""
+    with psycopg.connect(database_url) as conn, conn.transaction():
+        conn.execute("SELECT set_config('app.current_tenant', %s, true)", (tenant,))
+        cur = conn.cursor(row_factory=dict_row)
+        cur.execute("SELECT * FROM task_results WHERE task_id = ANY(%s)", (task_ids,))
+        return {row["task_id"]: row for row in cur.fetchall()}
+
+
+def wait_for_rows(
+    database_url: str, by_tenant: dict[str, list[str]], timeout_s: float, progress: bool = True
+) -> dict[str, dict[str, Any]]:
+    total = sum(len(ids) for ids in by_tenant.values())
+    deadline = time.monotonic() + timeout_s
+    rows: dict[str, dict[str, Any]] = {}
+    shown = -1
+    while time.monotonic() < deadline:
+        rows = {}
+        for tenant, ids in by_tenant.items():
+            rows.update(fetch_rows(database_url, tenant, ids))
+        if progress and len(rows) != shown:
+            shown = len(rows)
+            print(f"  {len(rows)}/{total} tasks have a result", flush=True)
+        if len(rows) >= total:
+            return rows
+        time.sleep(0.3)
+    return rows
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(counts.items()) if v) or "none"
+
+
+def result_counts(result: dict[str, Any], pipeline: str) -> dict[str, int]:
+    section = result.get("estimation") or result.get("detection") or {}
+    return dict(section.get("counts") or {})
+
+
+def main(args: argparse.Namespace) -> int:
+    manifest = json.loads((SAMPLES / "manifest.json").read_text())
+    tasks = demo_tasks(manifest)
+    ports = Ports(args.pubsub_port, args.gcs_port, args.postgres_port)
+    state = args.state_dir / "demo"
+    print(
+        f"Starting Pub/Sub emulator, GCS emulator and PostgreSQL (logs in {state}) ...", flush=True
+    )
+    with LocalServices(state, ports) as services:
+        settings = local_settings(services)
+        prepare(services, settings)
+        storage = Storage(clients.storage_client(settings))
+        publisher, _ = clients.pubsub_clients(settings)
+        published = []
+        for i, item in enumerate(tasks, 1):
+            url = upload_image(
+                storage, settings.allowed_buckets[0], item.tenant, SAMPLES / item.image, "samples"
+            )
+            task = make_task(item.tenant, url, item.pipeline, f"demo-{i:03d}-{item.image}")
+            published.append((item, task))
+        publish_tasks(publisher, settings.topic_path(), [t for _, t in published])
+        print(f"Published {len(published)} tasks to {settings.topic_path()}", flush=True)
+
+        env = {**services.env(), "GANNET_RUNNERS": str(args.runners)}
+        daemon = DaemonProcess(env, state / "daemon.log")
+        print(f"Started `gannet run` (JSON logs in {daemon.log_path}); waiting ...", flush=True)
+        try:
+            by_tenant: dict[str, list[str]] = {}
+            for item, task in published:
+                by_tenant.setdefault(item.tenant, []).append(task.task_id)
+            rows = wait_for_rows(settings.database_url, by_tenant, timeout_s=300)
+        finally:
+            code = daemon.stop()
+        print(f"Daemon stopped on SIGTERM with exit code {code}.\n")
+
+        table, mismatches = [], 0
+        for item, task in published:
+            row = rows.get(task.task_id)
+            if row is None:
+                table.append(
+                    [
+                        item.image,
+                        item.pipeline,
+                        "NO RESULT",
+                        counts_text(item.expected),
+                        "MISSING",
+                        "-",
+                        "-",
+                    ]
+                )
+                mismatches += 1
+                continue
+            if row["status"] != "succeeded":
+                table.append(
+                    [
+                        item.image,
+                        item.pipeline,
+                        f"failed: {row['error_code']}",
+                        counts_text(item.expected),
+                        "FAILED",
+                        "-",
+                        "-",
+                    ]
+                )
+                mismatches += 1
+                continue
+            got = result_counts(row["result"], item.pipeline)
+            ok = {k: v for k, v in got.items() if v} == item.expected
+            mismatches += not ok
+            table.append(
+                [
+                    item.image,
+                    item.pipeline,
+                    counts_text(got),
+                    counts_text(item.expected),
+                    "ok" if ok else "MISMATCH",
+                    f"{row['timings'].get('total_ms', 0):.0f}",
+                    row["result_uri"],
+                ]
+            )
+        print(
+            format_table(
+                ["image", "pipeline", "counts", "expected", "check", "latency ms", "result"], table
+            )
+        )
+        print(
+            f"\nRows live in PostgreSQL table task_results ({settings.database_url}); "
+            f"result JSON in gs://{settings.results_bucket}/."
+        )
+        if mismatches:
+            print(f"\n{mismatches} task(s) did not match the known contents; see {daemon.log_path}")
+            return 1
+        print(f"\nAll {len(table)} results match the known contents.")
+        return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    ports = Ports(args.pubsub_port, args.gcs_port, args.postgres_port)
+    with LocalServices(args.state_dir / "services", ports) as services:
+        prepare(services, local_settings(services))
+        print("Local services are up. In another shell:\n")
+        for key, value in services.env().items():
+            print(f"export {key}={value}")
+        print(
+            "\nthen: gannet run   |   gannet publish --tenant demo-tenant --pipeline "
+            "DETECTION samples/scene_01.jpg\nCtrl-C stops everything.",
+            flush=True,
+        )
+        try:
+            signal.pause()
+        except KeyboardInterrupt:
+            print("stopping ...")
+    return 0

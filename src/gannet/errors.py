@@ -1,0 +1,53 @@
+"""The two kinds of failure, because the kind alone decides what happens to a message.
+
+A PermanentError will fail the same way on every delivery (bad input), so the message is
+quarantined and acked. A TransientError may succeed later (a dependency is down), so the
+message is nacked and Pub/Sub's retry and dead-letter policies take over.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """Stable reasons, sent as the `error_code` attribute on dead-lettered messages."""
+
+    BODY_TOO_LARGE = "body_too_large"
+    BAD_JSON = "bad_json"
+    SCHEMA_ERROR = "schema_error"
+    UNKNOWN_TENANT = "unknown_tenant"
+    UNKNOWN_PIPELINE = "unknown_pipeline"
+    IMAGE_OUTSIDE_TENANT = "image_outside_tenant"
+    BUCKET_NOT_ALLOWED = "bucket_not_allowed"
+    IMAGE_NOT_FOUND = "image_not_found"
+    IMAGE_UNDECODABLE = "image_undecodable"
+    IMAGE_TOO_LARGE = "image_too_large"
+    TASK_ID_CONFLICT = "task_id_conflict"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    CONFIG_ERROR = "config_error"
+    # Transient codes, recorded in logs and metrics only.
+    DEPENDENCY_UNAVAILABLE = "dependency_unavailable"
+    OUT_OF_MEMORY = "out_of_memory"
+    TIMEOUT = "timeout"
+    SHUTDOWN = "shutdown"
+
+
+class GannetError(Exception):
+    """Base for failures with a code; the message is meant for the task's publisher."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class PermanentError(GannetError):
+    """Retrying cannot help: record, dead-letter with the reason, ack."""
+
+
+class TransientError(GannetError):
+    """Retrying may help: nack so Pub/Sub redelivers with backoff."""

@@ -1,0 +1,97 @@
+"""/healthz, /readyz and /metrics on one port, served from a background thread.
+
+Readiness is what Kubernetes uses to stop routing and what an operator reads during a
+rollout: ready only when the models are warm and the stream is open, and false from the
+moment SIGTERM arrives. Liveness fails only when the daemon knows it is broken.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gannet.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class Health:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.models_warm = False
+        self.stream_open = False
+        self.shutting_down = False
+        self.broken: str | None = None
+
+    def set(self, **flags: object) -> None:
+        with self._lock:
+            for name, value in flags.items():
+                setattr(self, name, value)
+
+    def ready(self) -> tuple[bool, dict[str, object]]:
+        with self._lock:
+            state = {
+                "models_warm": self.models_warm,
+                "stream_open": self.stream_open,
+                "shutting_down": self.shutting_down,
+                "broken": self.broken,
+            }
+            ok = self.models_warm and self.stream_open and not self.shutting_down
+            return ok and self.broken is None, state
+
+    def live(self) -> tuple[bool, dict[str, object]]:
+        with self._lock:
+            return self.broken is None, {"broken": self.broken}
+
+
+class HealthServer:
+    def __init__(self, health: Health, metrics: Metrics, port: int, host: str = "0.0.0.0") -> None:
+        self.health = health
+        self.metrics = metrics
+        handler = self._handler()
+        self.server = ThreadingHTTPServer((host, port), handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, name="health-http", daemon=True
+        )
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        health, metrics = self.health, self.metrics
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/metrics":
+                    self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
+                elif self.path in ("/healthz", "/readyz"):
+                    ok, state = health.live() if self.path == "/healthz" else health.ready()
+                    body = json.dumps({"ok": ok, **state}).encode()
+                    self._send(200 if ok else 503, body, "application/json")
+                else:
+                    self._send(
+                        404, b'{"error": "try /metrics, /healthz or /readyz"}', "application/json"
+                    )
+
+            def _send(self, code: int, body: bytes, content_type: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                log.debug("health http: " + format, *args)
+
+        return Handler
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("health and metrics listening", extra={"fields": {"port": self.port}})
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

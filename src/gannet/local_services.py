@@ -1,0 +1,292 @@
+"""The local stand-ins for Google Cloud, started by `gannet demo`, the tests and the bench.
+
+- Pub/Sub: the official emulator (`gcloud beta emulators pubsub start`). It is started in
+  its own process group, because stopping only the gcloud wrapper leaves the emulator's
+  java process running.
+- Cloud Storage: gcp-storage-emulator from PyPI, in memory.
+- PostgreSQL 15: a throwaway cluster (initdb) run as the `postgres` user when we are root.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(RuntimeError):
+    """A local service did not start; the text says which and where its log is."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class Ports:
+    pubsub: int = 8085
+    gcs: int = 9023
+    postgres: int = 54329
+
+    @classmethod
+    def free(cls) -> Ports:
+        return cls(free_port(), free_port(), free_port())
+
+
+def _find_binary(name: str) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    for candidate in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True):
+        return str(candidate)
+    raise ServiceError(f"{name} not found: install PostgreSQL 15 (apt-get install postgresql-15)")
+
+
+@dataclass
+class LocalServices:
+    state_dir: Path
+    ports: Ports = field(default_factory=Ports)
+    project: str = "gannet-local"
+    _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def database_url(self) -> str:
+        return f"postgresql://gannet:gannet@127.0.0.1:{self.ports.postgres}/gannet"
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.ports.postgres}/postgres"
+
+    @property
+    def pubsub_host(self) -> str:
+        return f"127.0.0.1:{self.ports.pubsub}"
+
+    @property
+    def gcs_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.ports.gcs}"
+
+    def env(self) -> dict[str, str]:
+        """What a `gannet` process needs to talk to these services."""
+        return {
+            "GANNET_PROJECT": self.project,
+            "PUBSUB_EMULATOR_HOST": self.pubsub_host,
+            "GANNET_PUBSUB_EMULATOR_HOST": self.pubsub_host,
+            "GANNET_STORAGE_EMULATOR_HOST": self.gcs_endpoint,
+            "GANNET_DATABASE_URL": self.database_url,
+        }
+
+    def __enter__(self) -> LocalServices:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        for name, port in vars(self.ports).items():
+            if port_in_use(port):
+                raise ServiceError(
+                    f"port {port} for {name} is already in use: stop what runs there, or "
+                    f"choose another port (see `gannet services --help`)"
+                )
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        try:
+            self._start_pubsub()  # slowest (JVM); the others start while it boots
+            self._start_gcs()
+            self._start_postgres()
+            self._wait("pubsub", self._pubsub_ready, 90)
+            self._wait("gcs", self._gcs_ready, 30)
+        except BaseException:
+            self.stop()
+            raise
+        log.info(
+            "local services ready",
+            extra={"fields": {"seconds": round(time.monotonic() - started, 1), **vars(self.ports)}},
+        )
+
+    def stop(self) -> None:
+        for name, proc in reversed(list(self._procs.items())):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop on SIGTERM; killing it", name)
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=10)
+            # The group may outlive its leader (the emulator's java child): kill leftovers.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self._procs.clear()
+
+    # -- each service -------------------------------------------------------------------
+
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
+        log_path = self.state_dir / f"{name}.log"
+        with log_path.open("wb") as out:
+            self._procs[name] = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env={**os.environ, **(env or {})},
+            )
+
+    def _start_pubsub(self) -> None:
+        gcloud = shutil.which("gcloud")
+        if not gcloud:
+            raise ServiceError(
+                "gcloud not found: install the Google Cloud CLI and its "
+                "Pub/Sub emulator (gcloud components install pubsub-emulator)"
+            )
+        data_dir = self.state_dir / "pubsub"
+        shutil.rmtree(data_dir, ignore_errors=True)
+        data_dir.mkdir(parents=True)
+        self._spawn(
+            "pubsub",
+            [
+                gcloud,
+                "beta",
+                "emulators",
+                "pubsub",
+                "start",
+                "--quiet",
+                f"--host-port=127.0.0.1:{self.ports.pubsub}",
+                f"--data-dir={data_dir}",
+                f"--project={self.project}",
+            ],
+        )
+
+    def _pubsub_ready(self) -> bool:
+        with urllib.request.urlopen(f"http://{self.pubsub_host}/", timeout=2) as resp:
+            return resp.status == 200
+
+    def _start_gcs(self) -> None:
+        emulator = Path(sys.executable).parent / "gcp-storage-emulator"
+        self._spawn(
+            "gcs",
+            [
+                str(emulator),
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.ports.gcs),
+                "--in-memory",
+                "--quiet",
+            ],
+        )
+
+    def _gcs_ready(self) -> bool:
+        url = f"{self.gcs_endpoint}/storage/v1/b?project={self.project}"
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status == 200
+
+    def _start_postgres(self) -> None:
+        data = self.state_dir / "postgres"
+        shutil.rmtree(data, ignore_errors=True)
+        data.mkdir(parents=True)
+        as_postgres = os.geteuid() == 0
+        prefix: list[str] = []
+        if as_postgres:
+            shutil.chown(data, "postgres", "postgres")
+            prefix = ["runuser", "-u", "postgres", "--"]
+        init = subprocess.run(
+            [
+                *prefix,
+                _find_binary("initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--no-instructions",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if init.returncode != 0:
+            raise ServiceError(f"initdb failed: {init.stderr.strip() or init.stdout.strip()}")
+        self._spawn(
+            "postgres",
+            [
+                *prefix,
+                _find_binary("postgres"),
+                "-D",
+                str(data),
+                "-p",
+                str(self.ports.postgres),
+                "-k",
+                str(data),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=200",
+            ],
+        )
+        self._wait("postgres", self._postgres_ready, 30)
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute("CREATE ROLE gannet LOGIN PASSWORD 'gannet' NOSUPERUSER NOBYPASSRLS")
+            conn.execute("CREATE DATABASE gannet OWNER gannet")
+
+    def _postgres_ready(self) -> bool:
+        with psycopg.connect(self.admin_url, connect_timeout=2):
+            return True
+
+    def _wait(self, name: str, ready: Callable[[], bool], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        proc = self._procs[name]
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise ServiceError(self._failure(name, f"exited with code {proc.returncode}"))
+            try:
+                if ready():
+                    return
+            except (OSError, psycopg.OperationalError):
+                pass
+            time.sleep(0.25)
+        raise ServiceError(self._failure(name, f"not ready after {timeout_s:.0f}s"))
+
+    def _failure(self, name: str, what: str) -> str:
+        log_path = self.state_dir / f"{name}.log"
+        tail = ""
+        if log_path.exists():
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+        return f"{name} {what}; its log is {log_path}:\n{tail}"

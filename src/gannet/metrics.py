@@ -1,0 +1,77 @@
+"""Prometheus metrics of one daemon, in their own registry (no module-level globals).
+
+The per-pod gauges (in flight, leased-but-waiting, outstanding) are what an HPA on pod
+metrics reads; the subscription gauges mirror Cloud Monitoring for dashboards.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.messages = Counter(
+            "gannet_messages", "Messages handled, by outcome.", ["outcome"], registry=r
+        )
+        self.stage_seconds = Histogram(
+            "gannet_stage_seconds",
+            "Time spent per stage of a task (fetch, decode, model steps, sink, total).",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "gannet_messages_in_flight", "Tasks a runner is working on now.", registry=r
+        )
+        self.leased_waiting = Gauge(
+            "gannet_messages_leased_waiting",
+            "Messages leased from Pub/Sub and waiting for a free runner.",
+            registry=r,
+        )
+        self.outstanding = Gauge(
+            "gannet_messages_outstanding",
+            "Leased-but-waiting plus in flight: the per-pod HPA signal.",
+            registry=r,
+        )
+        self.model_loads = Counter(
+            "gannet_model_loads",
+            "Model loads, by model and device.",
+            ["model", "device"],
+            registry=r,
+        )
+        self.model_evictions = Counter(
+            "gannet_model_evictions",
+            "Models evicted from the cache.",
+            ["model", "device"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "gannet_batch_size",
+            "Images per model call.",
+            buckets=(1, 2, 4, 8, 16, 32),
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "gannet_config_reloads",
+            "Industry config reloads, by result.",
+            ["result"],
+            registry=r,
+        )
+        self.callbacks = Counter(
+            "gannet_callbacks", "Result callbacks, by result.", ["result"], registry=r
+        )
+        self.backlog = Gauge(
+            "gannet_subscription_backlog_messages",
+            "Undelivered messages in the subscription (Cloud Monitoring, when enabled).",
+            registry=r,
+        )
+        self.oldest_unacked_age = Gauge(
+            "gannet_subscription_oldest_unacked_age_seconds",
+            "Age of the oldest unacked message (Cloud Monitoring, when enabled).",
+            registry=r,
+        )

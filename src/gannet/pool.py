@@ -1,0 +1,156 @@
+"""Runner threads, each pinned to one device, fed from one queue of jobs.
+
+Several runners per device let download, decode, post-processing and database writes of
+one task overlap with inference of another, so the device does not wait for I/O. Pinning
+keeps every model a runner touches on its own device.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def resolve_devices(spec: str) -> list[str]:
+    """'auto' -> every visible GPU as cuda:i, or cpu when there is none."""
+    if spec.strip() != "auto":
+        return [d.strip() for d in spec.split(",") if d.strip()]
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [f"cuda:{i}" for i in range(count)] or ["cpu"]
+
+
+def assign_devices(devices: list[str], runners: int) -> list[str]:
+    """Round robin, so N runners spread evenly over the GPUs."""
+    return [devices[i % len(devices)] for i in range(runners)]
+
+
+@dataclass(eq=False)
+class Job:
+    """One task handed from a subscriber callback to a runner; the callback waits on it."""
+
+    payload: Any
+    enqueued_at: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+    outcome: Any = None
+    started: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def finish(self, outcome: Any) -> bool:
+        """First finisher wins: a shutdown nack and a late runner result cannot both apply."""
+        with self._lock:
+            if self.done.is_set():
+                return False
+            self.outcome = outcome
+            self.done.set()
+            return True
+
+    def claim(self) -> bool:
+        """A runner takes the job unless shutdown already answered it."""
+        with self._lock:
+            if self.done.is_set():
+                return False
+            self.started = True
+            return True
+
+
+Handler = Callable[[Job, str], Any]  # (job, device) -> outcome
+
+
+class RunnerPool:
+    def __init__(
+        self,
+        devices: list[str],
+        runners: int,
+        handle: Handler,
+        on_abandon: Callable[[Job], Any] = lambda job: None,
+    ) -> None:
+        self._handle = handle
+        self._on_abandon = on_abandon
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._accepting = True
+        self._lock = threading.Lock()
+        self._in_flight: set[Job] = set()
+        self.devices = assign_devices(devices, runners)
+        self._threads = [
+            threading.Thread(
+                target=self._loop, args=(device,), name=f"runner-{i}-{device}", daemon=True
+            )
+            for i, device in enumerate(self.devices)
+        ]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+        log.info("runners started", extra={"fields": {"devices": self.devices}})
+
+    def submit(self, job: Job) -> bool:
+        with self._lock:
+            if not self._accepting:
+                return False
+            self._queue.put(job)
+            return True
+
+    def waiting(self) -> int:
+        """Jobs leased from Pub/Sub that no runner has started."""
+        return self._queue.qsize()
+
+    def running(self) -> int:
+        with self._lock:
+            return len(self._in_flight)
+
+    def _loop(self, device: str) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if not job.claim():
+                continue
+            with self._lock:
+                self._in_flight.add(job)
+            try:
+                outcome = self._handle(job, device)
+            except Exception:
+                log.exception("runner crashed on a job; it will be nacked")
+                outcome = None
+            finally:
+                with self._lock:
+                    self._in_flight.discard(job)
+            job.finish(outcome)
+
+    def stop_accepting(self) -> list[Job]:
+        """Stop taking jobs and return the ones no runner has started yet."""
+        with self._lock:
+            self._accepting = False
+        left: list[Job] = []
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                left.append(job)
+        for _ in self._threads:
+            self._queue.put(None)
+        return left
+
+    def abandon_running(self) -> int:
+        """Answer jobs still running past the grace period, so their callbacks can nack."""
+        with self._lock:
+            running = list(self._in_flight)
+        return sum(job.finish(self._on_abandon(job)) for job in running)
+
+    def join(self, timeout: float) -> bool:
+        """Wait for running jobs; True when every runner finished within `timeout`."""
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)

@@ -1,0 +1,112 @@
+"""Every knob of the daemon, read once from GANNET_* environment variables.
+
+The defaults run against the local emulators started by `gannet demo` / `make test`, so
+a new user needs no configuration; production overrides them in the k8s ConfigMap.
+Only the entry point (cli) builds a Settings; everything else receives values from it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GANNET_", extra="ignore", populate_by_name=True)
+
+    project: str = Field("gannet-local", description="Google Cloud project id.")
+    topic: str = Field("gannet-tasks", description="Topic that backends publish tasks to.")
+    subscription: str = Field("gannet-tasks-sub", description="Subscription the daemon pulls.")
+    dead_letter_topic: str = Field(
+        "gannet-dead-letter", description="Topic that quarantined (poison) messages go to."
+    )
+    database_url: str = Field(
+        "postgresql://gannet:gannet@127.0.0.1:54329/gannet",
+        description="PostgreSQL URL (libpq form). The role must not be a superuser: RLS.",
+    )
+    db_pool_size: int = Field(8, ge=1, description="PostgreSQL connections in the pool.")
+    results_bucket: str = Field("gannet-results", description="Bucket for result JSON.")
+    allowed_buckets: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["gannet-images"],
+        description="Comma-separated buckets that task images may come from.",
+    )
+    config_uri: str = Field(
+        str(REPO_ROOT / "configs" / "demo.yaml"),
+        description="Industry config: a local path or gs://MODELS_BUCKET/INDUSTRY/config.yaml.",
+    )
+    industry: str | None = Field(None, description="Serve only this industry (optional).")
+    model_cache_dir: Path = Field(
+        Path("/tmp/gannet-models"), description="Where weights from gs:// are cached."
+    )
+    runners: int = Field(4, ge=1, description="Runner threads (spread over the devices).")
+    devices: str = Field(
+        "auto", description="'auto' (every cuda:i, else cpu) or a list like 'cuda:0,cuda:1'."
+    )
+    max_messages: int | None = Field(
+        None, ge=1, description="Flow control: messages leased at once (default 2 x runners)."
+    )
+    model_memory_budget_mb: int = Field(
+        0, ge=0, description="Per-device MB for loaded models; LRU eviction above (0 = no limit)."
+    )
+    batch_size: int = Field(8, ge=1, description="Most images one model call takes.")
+    batch_window_ms: float = Field(
+        5.0, ge=0, description="How long a model's batcher waits to fill a batch."
+    )
+    max_body_bytes: int = Field(256 * 1024, description="Largest accepted message body.")
+    max_image_bytes: int = Field(25 * 1024 * 1024, description="Largest accepted image file.")
+    max_image_pixels: int = Field(50_000_000, description="Largest accepted width x height.")
+    metrics_port: int = Field(9090, description="Port of /metrics, /healthz and /readyz.")
+    shutdown_grace_s: float = Field(
+        25.0, ge=0, description="On SIGTERM, how long in-flight work may finish."
+    )
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    pubsub_emulator_host: str | None = Field(
+        None,
+        validation_alias=AliasChoices("GANNET_PUBSUB_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST"),
+        description="host:port of a Pub/Sub emulator (PUBSUB_EMULATOR_HOST works too).",
+    )
+    storage_emulator_host: str | None = Field(
+        None, description="http://host:port of a GCS emulator (local runs and tests)."
+    )
+    backlog_from_monitoring: bool = Field(
+        False, description="Poll Cloud Monitoring for the subscription's backlog."
+    )
+    backlog_poll_s: float = Field(30.0, gt=0, description="Cloud Monitoring poll interval.")
+
+    @field_validator("allowed_buckets", mode="before")
+    @classmethod
+    def _split_buckets(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [b.strip() for b in value.split(",") if b.strip()]
+        return value
+
+    @property
+    def flow_control_messages(self) -> int:
+        return self.max_messages or 2 * self.runners
+
+    def subscription_path(self) -> str:
+        return f"projects/{self.project}/subscriptions/{self.subscription}"
+
+    def topic_path(self) -> str:
+        return f"projects/{self.project}/topics/{self.topic}"
+
+    def dead_letter_topic_path(self) -> str:
+        return f"projects/{self.project}/topics/{self.dead_letter_topic}"
+
+
+def settings_table() -> str:
+    """The README's settings table, generated so that it cannot drift from the code."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, list):
+            default = ",".join(default)
+        if name == "config_uri":
+            default = "configs/demo.yaml (in the repo)"
+        rows.append(f"| GANNET_{name.upper()} | `{default}` | {field.description} |")
+    return "\n".join(rows)

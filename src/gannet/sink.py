@@ -1,0 +1,179 @@
+"""PostgreSQL: the schema and its migrations, and the one transaction per result.
+
+Every transaction sets app.current_tenant first, and row-level security checks every row
+against it, so a bug in a query cannot leak or overwrite another tenant's results.
+Writes are idempotent on task_id: a success is never overwritten, and a redelivered task
+whose success is committed is recognised before any model runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from gannet.errors import ErrorCode, PermanentError, TransientError
+from gannet.task import TaskResult
+
+log = logging.getLogger(__name__)
+
+# (version, statements). Append only: a released migration is never edited.
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE TABLE task_results (
+            task_id          text PRIMARY KEY,
+            tenant_id        text NOT NULL,
+            status           text NOT NULL CHECK (status IN ('succeeded', 'failed')),
+            pipeline         text,
+            session_id       text,
+            image_id         text,
+            image_url        text,
+            result           jsonb,
+            result_uri       text,
+            error_code       text,
+            error            text,
+            delivery_attempt integer,
+            timings          jsonb NOT NULL DEFAULT '{}'::jsonb,
+            callback_status  text,
+            created_at       timestamptz NOT NULL DEFAULT now(),
+            updated_at       timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX task_results_tenant_created ON task_results (tenant_id, created_at DESC);
+        CREATE INDEX task_results_session ON task_results (tenant_id, session_id)
+            WHERE session_id IS NOT NULL;
+        ALTER TABLE task_results ENABLE ROW LEVEL SECURITY;
+        ALTER TABLE task_results FORCE ROW LEVEL SECURITY;
+        CREATE POLICY tenant_isolation ON task_results
+            USING (tenant_id = current_setting('app.current_tenant', true))
+            WITH CHECK (tenant_id = current_setting('app.current_tenant', true));
+        """,
+    ),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+_MIGRATION_LOCK = 0x6A4E_E7  # pg_advisory_xact_lock key: one migrator at a time
+
+_UPSERT = """
+INSERT INTO task_results (task_id, tenant_id, status, pipeline, session_id, image_id,
+    image_url, result, result_uri, error_code, error, delivery_attempt, timings)
+VALUES (%(task_id)s, %(tenant_id)s, %(status)s, %(pipeline)s, %(session_id)s, %(image_id)s,
+    %(image_url)s, %(result)s, %(result_uri)s, %(error_code)s, %(error)s,
+    %(delivery_attempt)s, %(timings)s)
+ON CONFLICT (task_id) DO UPDATE SET
+    status = EXCLUDED.status, pipeline = EXCLUDED.pipeline, result = EXCLUDED.result,
+    result_uri = EXCLUDED.result_uri, error_code = EXCLUDED.error_code,
+    error = EXCLUDED.error, delivery_attempt = EXCLUDED.delivery_attempt,
+    timings = EXCLUDED.timings, image_url = EXCLUDED.image_url, updated_at = now()
+WHERE task_results.status <> 'succeeded'
+RETURNING task_id
+"""
+
+
+def _transient(exc: Exception) -> TransientError:
+    return TransientError(ErrorCode.DEPENDENCY_UNAVAILABLE, f"PostgreSQL: {exc}")
+
+
+class Sink:
+    def __init__(self, database_url: str, pool_size: int = 8, timeout_s: float = 10.0) -> None:
+        self.pool = ConnectionPool(
+            database_url,
+            min_size=1,
+            max_size=pool_size,
+            timeout=timeout_s,
+            open=False,
+            kwargs={"autocommit": False, "connect_timeout": 5},
+            check=ConnectionPool.check_connection,
+        )
+
+    def open(self, wait_s: float = 10.0) -> None:
+        self.pool.open(wait=True, timeout=wait_s)
+
+    def close(self) -> None:
+        self.pool.close()
+
+    @contextmanager
+    def tenant_transaction(self, tenant_id: str) -> Iterator[psycopg.Cursor[dict[str, Any]]]:
+        """A transaction in which RLS sees only `tenant_id`'s rows."""
+        try:
+            with self.pool.connection() as conn, conn.transaction():
+                cur = conn.cursor(row_factory=dict_row)
+                cur.execute("SELECT set_config('app.current_tenant', %s, true)", (tenant_id,))
+                yield cur
+        except PoolTimeout as exc:
+            raise _transient(exc) from exc
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise PermanentError(
+                ErrorCode.TASK_ID_CONFLICT,
+                "task_id is already used by another tenant; task ids must be globally unique",
+            ) from exc
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            raise _transient(exc) from exc
+
+    def find_success(self, task_id: str, tenant_id: str) -> dict[str, Any] | None:
+        with self.tenant_transaction(tenant_id) as cur:
+            cur.execute(
+                "SELECT task_id, result_uri, updated_at FROM task_results"
+                " WHERE task_id = %s AND status = 'succeeded'",
+                (task_id,),
+            )
+            return cur.fetchone()
+
+    def save(self, record: TaskResult) -> bool:
+        """Upsert the row; False when a committed success already stands (not overwritten)."""
+        params = record.model_dump()
+        params["result"] = Jsonb(record.result) if record.result is not None else None
+        params["timings"] = Jsonb(record.timings)
+        with self.tenant_transaction(record.tenant_id) as cur:
+            cur.execute(_UPSERT, params)
+            return cur.fetchone() is not None
+
+    def set_callback_status(self, task_id: str, tenant_id: str, status: str) -> None:
+        with self.tenant_transaction(tenant_id) as cur:
+            cur.execute(
+                "UPDATE task_results SET callback_status = %s, updated_at = now()"
+                " WHERE task_id = %s",
+                (status, task_id),
+            )
+
+    def schema_version(self) -> int:
+        try:
+            with self.pool.connection() as conn:
+                row = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+                if not row or not row[0]:
+                    return 0
+                version = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
+                return int(version[0] or 0) if version else 0
+        except (PoolTimeout, psycopg.OperationalError) as exc:
+            raise _transient(exc) from exc
+
+
+def migrate(database_url: str) -> list[int]:
+    """Apply pending migrations in one transaction each; returns the versions applied."""
+    applied: list[int] = []
+    with psycopg.connect(database_url, connect_timeout=10) as conn:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+        for version, sql in MIGRATIONS:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+                done = conn.execute(
+                    "SELECT 1 FROM schema_migrations WHERE version = %s", (version,)
+                ).fetchone()
+                if done:
+                    continue
+                conn.execute(sql)
+                conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+                applied.append(version)
+                log.info("migration applied", extra={"fields": {"version": version}})
+    return applied

@@ -1,0 +1,157 @@
+"""Cloud Storage reads and writes, with the tenant checks in front of every image read.
+
+An image URL is attacker-controlled input: it must name an allowed bucket and an object
+under the tenant's own prefix, with no dot segments or encoded separators that could
+walk out of it. Storage raises typed errors; it never decides what happens to a message.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+from google.api_core import exceptions as gexc
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
+from requests import exceptions as rexc
+
+from gannet.errors import ErrorCode, PermanentError, TransientError
+from gannet.task import GS_URL
+
+TRANSIENT_GCS = (
+    gexc.ServerError,
+    gexc.TooManyRequests,
+    gexc.RequestRangeNotSatisfiable,
+    gexc.Forbidden,  # IAM is fixable without republishing: let the retry policy retry
+    rexc.ConnectionError,
+    rexc.Timeout,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def make_client(project: str, emulator_host: str | None) -> storage.Client:
+    if emulator_host:
+        return storage.Client(
+            project=project,
+            credentials=AnonymousCredentials(),
+            client_options={"api_endpoint": emulator_host},
+        )
+    return storage.Client(project=project)
+
+
+def split_gs_url(url: str) -> tuple[str, str]:
+    match = GS_URL.match(url)
+    if not match:
+        raise PermanentError(ErrorCode.SCHEMA_ERROR, f"not a gs:// URL: {url!r}")
+    return match["bucket"], match["name"]
+
+
+_BAD_NAME = re.compile(r"%2f|%5c|\\|[\x00-\x1f\x7f]", re.IGNORECASE)
+
+
+def check_image_url(url: str, tenant_id: str, allowed_buckets: list[str]) -> tuple[str, str]:
+    """(bucket, object name) of an image the tenant may read, or a PermanentError."""
+    bucket, name = split_gs_url(url)
+    if bucket not in allowed_buckets:
+        raise PermanentError(
+            ErrorCode.BUCKET_NOT_ALLOWED,
+            f"bucket {bucket!r} is not an allowed image bucket ({', '.join(allowed_buckets)})",
+        )
+    if _BAD_NAME.search(name):
+        raise PermanentError(
+            ErrorCode.IMAGE_OUTSIDE_TENANT,
+            "image path has an encoded separator, backslash or control character",
+        )
+    segments = urllib.parse.unquote(name).split("/")
+    if any(s in ("", ".", "..") for s in segments):
+        raise PermanentError(
+            ErrorCode.IMAGE_OUTSIDE_TENANT, "image path has an empty, '.' or '..' segment"
+        )
+    if segments[0] != tenant_id or len(segments) < 2:
+        raise PermanentError(
+            ErrorCode.IMAGE_OUTSIDE_TENANT,
+            f"image must be under gs://{bucket}/{tenant_id}/ (the tenant's own prefix)",
+        )
+    return bucket, name
+
+
+class Storage:
+    def __init__(self, client: storage.Client) -> None:
+        self.client = client
+
+    def read(self, bucket: str, name: str, max_bytes: int) -> bytes:
+        """Object bytes; one metadata call first so an oversized object is never downloaded."""
+        try:
+            blob = self.client.bucket(bucket).get_blob(name)
+            if blob is None:
+                raise PermanentError(
+                    ErrorCode.IMAGE_NOT_FOUND, f"gs://{bucket}/{name} does not exist"
+                )
+            if blob.size is not None and blob.size > max_bytes:
+                raise PermanentError(
+                    ErrorCode.IMAGE_TOO_LARGE,
+                    f"gs://{bucket}/{name} is {blob.size} bytes; the limit is {max_bytes}",
+                )
+            return blob.download_as_bytes()
+        except gexc.NotFound as exc:
+            raise PermanentError(
+                ErrorCode.IMAGE_NOT_FOUND, f"gs://{bucket}/{name} does not exist"
+            ) from exc
+        except TRANSIENT_GCS as exc:
+            raise TransientError(
+                ErrorCode.DEPENDENCY_UNAVAILABLE, f"reading gs://{bucket}/{name}: {exc}"
+            ) from exc
+
+    def write_json(self, bucket: str, name: str, data: dict[str, Any]) -> str:
+        body = json.dumps(data, separators=(",", ":"), default=str)
+        try:
+            blob = self.client.bucket(bucket).blob(name)
+            blob.upload_from_string(body, content_type="application/json")
+        except (*TRANSIENT_GCS, gexc.NotFound) as exc:
+            raise TransientError(
+                ErrorCode.DEPENDENCY_UNAVAILABLE, f"writing gs://{bucket}/{name}: {exc}"
+            ) from exc
+        return f"gs://{bucket}/{name}"
+
+    def generation(self, url: str) -> str:
+        """Object generation: changes on every overwrite, so it versions configs and models."""
+        bucket, name = split_gs_url(url)
+        blob = self.client.bucket(bucket).get_blob(name)
+        if blob is None:
+            raise FileNotFoundError(url)
+        return str(blob.generation)
+
+    def read_url(self, url: str) -> tuple[bytes, str]:
+        bucket, name = split_gs_url(url)
+        blob = self.client.bucket(bucket).get_blob(name)
+        if blob is None:
+            raise FileNotFoundError(url)
+        return blob.download_as_bytes(), str(blob.generation)
+
+    def download_to(self, url: str, generation: str, cache_dir: Path) -> Path:
+        """Weights land at a generation-specific path, so a new upload never races a load."""
+        bucket, name = split_gs_url(url)
+        path = Path(name)
+        # Keep the suffix last: ultralytics picks the format (.pt, .onnx) from it.
+        target = cache_dir / bucket / path.parent / f"{path.stem}.g{generation}{path.suffix}"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        blob = self.client.bucket(bucket).blob(name)
+        tmp = target.with_suffix(target.suffix + ".part")
+        blob.download_to_filename(str(tmp))
+        tmp.rename(target)
+        return target
+
+
+def local_version(path: str) -> str:
+    stat = Path(path).stat()
+    return f"{stat.st_mtime_ns}-{stat.st_size}"
+
+
+def read_local(path: str) -> tuple[bytes, str]:
+    return Path(path).read_bytes(), local_version(path)

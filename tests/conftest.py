@@ -1,0 +1,160 @@
+"""Real services for the tests: the Pub/Sub emulator, a GCS emulator and PostgreSQL.
+
+They start once per test session on free ports; each test gets its own topic,
+subscription, dead-letter topic and tenant, so tests cannot see each other's messages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.cloud import pubsub_v1
+
+from gannet import clients, demo, provision, sink
+from gannet.local_services import LocalServices, Ports
+from gannet.publish import make_task, publish_tasks, upload_image
+from gannet.settings import REPO_ROOT, Settings
+from gannet.storage import Storage
+from gannet.task import Task
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+SAMPLES = REPO_ROOT / "samples"
+MANIFEST = json.loads((SAMPLES / "manifest.json").read_text())
+SCENES = [e for e in MANIFEST["images"] if e.get("kind", "scene") != "large"]
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServices]:
+    state = tmp_path_factory.mktemp("services")
+    with LocalServices(state, Ports.free()) as running:
+        base = demo.local_settings(running)
+        sink.migrate(base.database_url)
+        provision.ensure_buckets(
+            clients.storage_client(base), [*base.allowed_buckets, base.results_bucket]
+        )
+        yield running
+
+
+@dataclass
+class Stack:
+    """One test's own slice of the services, and helpers to drive it like a user."""
+
+    services: LocalServices
+    settings: Settings
+    tenant: str
+    tmp: Path
+    daemons: list[demo.DaemonProcess] = field(default_factory=list)
+
+    @property
+    def publisher(self) -> pubsub_v1.PublisherClient:
+        return clients.pubsub_clients(self.settings)[0]
+
+    @property
+    def subscriber(self) -> pubsub_v1.SubscriberClient:
+        return clients.pubsub_clients(self.settings)[1]
+
+    @property
+    def storage(self) -> Storage:
+        return Storage(clients.storage_client(self.settings))
+
+    def env(self, **extra: str) -> dict[str, str]:
+        s = self.settings
+        return {
+            **self.services.env(),
+            "GANNET_TOPIC": s.topic,
+            "GANNET_SUBSCRIPTION": s.subscription,
+            "GANNET_DEAD_LETTER_TOPIC": s.dead_letter_topic,
+            "GANNET_RUNNERS": "2",
+            "GANNET_SHUTDOWN_GRACE_S": "20",
+            **extra,
+        }
+
+    def start_daemon(self, **extra: str) -> demo.DaemonProcess:
+        daemon = demo.DaemonProcess(self.env(**extra), self.tmp / f"daemon-{len(self.daemons)}.log")
+        self.daemons.append(daemon)
+        daemon.wait_ready()
+        return daemon
+
+    def upload(self, file: str, name: str | None = None, data: bytes | None = None) -> str:
+        bucket = self.settings.allowed_buckets[0]
+        if data is not None:
+            blob_name = f"{self.tenant}/raw/{name or file}"
+            self.storage.client.bucket(bucket).blob(blob_name).upload_from_string(data)
+            return f"gs://{bucket}/{blob_name}"
+        return upload_image(self.storage, bucket, self.tenant, SAMPLES / file, "samples")
+
+    def task(self, image_url: str, pipeline: str = "DETECTION", **kw: Any) -> Task:
+        return make_task(
+            self.tenant, image_url, pipeline, f"{self.tenant}-{uuid.uuid4().hex[:10]}", **kw
+        )
+
+    def publish(self, tasks: list[Task]) -> list[str]:
+        return publish_tasks(self.publisher, self.settings.topic_path(), tasks)
+
+    def publish_raw(self, body: bytes) -> str:
+        return self.publisher.publish(self.settings.topic_path(), body).result(timeout=30)
+
+    def rows(self, task_ids: list[str], tenant: str | None = None) -> dict[str, dict[str, Any]]:
+        return demo.fetch_rows(self.settings.database_url, tenant or self.tenant, task_ids)
+
+    def wait_rows(self, task_ids: list[str], timeout_s: float = 120) -> dict[str, dict[str, Any]]:
+        return demo.wait_for_rows(
+            self.settings.database_url, {self.tenant: task_ids}, timeout_s, progress=False
+        )
+
+    def pull(self, subscription: str, max_messages: int = 50, timeout_s: float = 5) -> list[Any]:
+        """Synchronous pull, acking what it gets: what is left in a subscription."""
+        path = self.subscriber.subscription_path(self.settings.project, subscription)
+        response = self.subscriber.pull(
+            request={"subscription": path, "max_messages": max_messages}, timeout=timeout_s
+        )
+        if response.received_messages:
+            self.subscriber.acknowledge(
+                request={
+                    "subscription": path,
+                    "ack_ids": [m.ack_id for m in response.received_messages],
+                }
+            )
+        return [m.message for m in response.received_messages]
+
+    def pull_dead_letters(self, expected: int, timeout_s: float = 30) -> list[Any]:
+        import time
+
+        got: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while len(got) < expected and time.monotonic() < deadline:
+            got += self.pull(provision.dead_letter_subscription(self.settings))
+        return got
+
+
+def make_stack(services: LocalServices, tmp_path: Path, ack_deadline_s: int = 30) -> Stack:
+    suffix = uuid.uuid4().hex[:8]
+    settings = demo.local_settings(
+        services,
+        topic=f"tasks-{suffix}",
+        subscription=f"tasks-{suffix}-sub",
+        dead_letter_topic=f"dead-{suffix}",
+    )
+    publisher, subscriber = clients.pubsub_clients(settings)
+    provision.ensure_pubsub(settings, publisher, subscriber, ack_deadline_s=ack_deadline_s)
+    return Stack(services, settings, f"tenant-{suffix}", tmp_path)
+
+
+@pytest.fixture
+def stack(services: LocalServices, tmp_path: Path) -> Iterator[Stack]:
+    made = make_stack(services, tmp_path)
+    yield made
+    for daemon in made.daemons:
+        if daemon.proc.poll() is None:
+            daemon.stop(timeout_s=30)
+
+
+def expected_counts(entry: dict[str, Any]) -> dict[str, int]:
+    return {k: v for k, v in entry["counts"].items() if v}

@@ -1,0 +1,68 @@
+"""Poison messages are quarantined with a reason; good messages keep flowing."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import SCENES, expected_counts
+
+
+def test_poison_messages_go_to_dead_letter_with_reason_and_good_ones_flow(stack):
+    """Each kind of bad input ends in the dead-letter topic with its error_code, gets a
+    failed row where the task is identifiable, and does not stop the good tasks."""
+    good_url = stack.upload(SCENES[0]["file"])
+    not_an_image = stack.upload("notes.jpg", data=b"this is a text file, not a JPEG")
+    other = stack.task(good_url)  # a valid task, to build variants from
+    base = json.loads(other.model_dump_json())
+
+    def variant(**changes):
+        body = {**base, "task_id": f"{stack.tenant}-{len(poison)}", **changes}
+        return {k: v for k, v in body.items() if v is not None}
+
+    poison: list[tuple[bytes, str, str | None]] = []  # (body, error_code, task_id or None)
+
+    def add(body_dict, code):
+        poison.append((json.dumps(body_dict).encode(), code, body_dict.get("task_id")))
+
+    poison.append((b"{not json", "bad_json", None))
+    add(variant(pipeline=None), "schema_error")  # a required field missing
+    add(variant(pipeline="NO_SUCH_PIPELINE"), "unknown_pipeline")
+    add(variant(image_url=good_url.replace(stack.tenant, "someone-else")), "image_outside_tenant")
+    add(variant(image_url=f"gs://gannet-images/{stack.tenant}/../x/a.jpg"), "image_outside_tenant")
+    add(variant(image_url=f"gs://gannet-images/{stack.tenant}/missing.jpg"), "image_not_found")
+    add(variant(image_url=not_an_image), "image_undecodable")
+    poison.append((json.dumps({**base, "pad": "x" * 300_000}).encode(), "body_too_large", None))
+
+    good = [stack.task(good_url) for _ in range(4)]
+    daemon = stack.start_daemon()
+    # Interleave: good, poison, good, poison ...
+    for i, (body, _, _) in enumerate(poison):
+        if i < len(good):
+            stack.publish([good[i]])
+        stack.publish_raw(body)
+
+    rows = stack.wait_rows([t.task_id for t in good])
+    assert all(rows[t.task_id]["status"] == "succeeded" for t in good)
+    assert all(
+        rows[t.task_id]["result"]["detection"]["counts"] == expected_counts(SCENES[0]) for t in good
+    )
+
+    dead = stack.pull_dead_letters(len(poison))
+    by_body = {m.data: m.attributes for m in dead}
+    assert len(dead) == len(poison)
+    for body, code, task_id in poison:
+        attributes = by_body[body]
+        assert attributes["error_code"] == code, (code, attributes)
+        assert attributes["error"], "the reason must be readable"
+        if task_id:
+            assert attributes["task_id"] == task_id
+
+    identifiable = [task_id for _, _, task_id in poison if task_id]
+    failed = stack.rows(identifiable)
+    assert {r["task_id"] for r in failed.values()} == set(identifiable)
+    assert all(r["status"] == "failed" and r["error_code"] for r in failed.values())
+
+    assert daemon.proc.poll() is None, "poison must never crash the daemon"
+    assert daemon.stop() == 0
+    # Quarantined messages were acked, not left for redelivery.
+    assert stack.pull(stack.settings.subscription, timeout_s=3) == []
