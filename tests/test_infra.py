@@ -21,6 +21,7 @@ import json
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +81,12 @@ def pinned(package: str) -> str:
 
 def checkov(args: list[str | Path], cwd: Path | None = None) -> list[dict[str, Any]]:
     """Runs checkov offline (no Prisma Cloud calls) and returns its JSON reports."""
-    proc = run(
-        [infra_tool("checkov"), *args, "--skip-download", "--output", "json"],
-        cwd=cwd,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(ROOT), "BC_SKIP_MAPPING": "TRUE"},
-    )
+    with tempfile.TemporaryDirectory() as home:  # checkov caches under $HOME
+        proc = run(
+            [infra_tool("checkov"), *args, "--skip-download", "--output", "json"],
+            cwd=cwd,
+            env={"PATH": "/usr/bin:/bin", "HOME": home, "BC_SKIP_MAPPING": "TRUE"},
+        )
     if not proc.stdout.strip():
         pytest.fail(f"checkov printed nothing (rc {proc.returncode}): {proc.stderr[-2000:]}")
     reports = json.loads(proc.stdout)
