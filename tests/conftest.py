@@ -73,6 +73,8 @@ class Stack:
             "GANNET_DEAD_LETTER_TOPIC": s.dead_letter_topic,
             "GANNET_RUNNERS": "2",
             "GANNET_SHUTDOWN_GRACE_S": "20",
+            # Messages leased by a killed daemon come back after this (default 60 s).
+            "GANNET_STREAM_ACK_DEADLINE_S": "10",
             **extra,
         }
 

@@ -40,7 +40,7 @@ INSTALL_HINT = (
 MIN_JUSTIFICATION = 20
 # Variables of the agreed daemon contract that Settings may not declare yet; Settings
 # ignores unknown GANNET_* variables, so setting them early is harmless.
-CONTRACT_ONLY_SETTINGS = {"GANNET_MODELS_BUCKET"}
+CONTRACT_ONLY_SETTINGS: set[str] = set()
 
 
 def daemon_settings() -> set[str]:

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from gannet import ops, scaling
 from gannet.settings import REPO_ROOT, Settings, settings_table
 
 DESCRIPTION = """\
@@ -174,12 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="print the README table instead")
     p.set_defaults(func=cmd_settings)
 
-    for module in ("scaling", "ops"):
-        try:
-            imported = __import__(f"gannet.{module}", fromlist=["add_commands"])
-        except ImportError:
-            continue
-        imported.add_commands(sub)
+    scaling.add_commands(sub)
+    ops.add_commands(sub)
     return parser
 
 

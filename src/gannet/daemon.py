@@ -19,6 +19,7 @@ from typing import Any
 from google.api_core import exceptions as gexc
 
 from gannet import clients, logs
+from gannet.backlog import BacklogMonitor
 from gannet.errors import PermanentError
 from gannet.health import Health, HealthServer
 from gannet.metrics import Metrics
@@ -163,7 +164,11 @@ class Daemon:
             settler.settle(message, outcome, time.perf_counter() - started)
 
         subscriber = Subscriber(
-            subscriber_client, s.subscription_path(), s.flow_control_messages, on_message
+            subscriber_client,
+            s.subscription_path(),
+            s.flow_control_messages,
+            on_message,
+            stream_ack_deadline_s=s.stream_ack_deadline_s,
         )
         try:
             subscriber.check_exists()
@@ -172,6 +177,17 @@ class Daemon:
                 f"subscription {s.subscription_path()} is not usable ({exc.message}); "
                 "check GANNET_PROJECT / GANNET_SUBSCRIPTION"
             ) from exc
+        backlog = None
+        if s.backlog_from_monitoring:
+            backlog = BacklogMonitor(
+                s.project,
+                s.subscription,
+                self.metrics.backlog,
+                self.metrics.oldest_unacked_age,
+                s.backlog_poll_s,
+                error_counter=self.metrics.backlog_poll_errors,
+            )
+            backlog.start()
         pool.start()
         stream = subscriber.start()
         self.health.set(stream_open=True)
@@ -198,6 +214,8 @@ class Daemon:
                 exit_code = 1
                 break
         self._shutdown(subscriber, pool, cache, sink)
+        if backlog is not None:
+            backlog.stop()
         return exit_code
 
     def _install_signal_handlers(self) -> None:
@@ -215,23 +233,21 @@ class Daemon:
         deadline = time.monotonic() + grace
         self.health.set(shutting_down=True)
         unstarted = pool.stop_accepting()
+        if not subscriber.stop_pulling():
+            log.warning("stream did not confirm it stopped; nacking anyway")
         for job in unstarted:
             job.finish(shutdown(job.payload[0]))
         log.info(
-            "shutting down: stream stopping, queued messages nacked",
+            "shutting down: stream stopped, queued messages nacked",
             extra={"fields": {"nacked": len(unstarted), "grace_s": grace}},
         )
-        stopper = threading.Thread(
-            target=subscriber.stop, args=(grace + 5,), name="stream-stop", daemon=True
-        )
-        stopper.start()
         if not pool.join(max(0.0, deadline - time.monotonic())):
             abandoned = pool.abandon_running()
             log.warning(
                 "grace period over; nacking tasks still running",
                 extra={"fields": {"nacked": abandoned}},
             )
-        stopper.join(timeout=10)
+        subscriber.wait_closed(timeout=10)
         cache.close()
         sink.close()
         log.info("gannet stopped")

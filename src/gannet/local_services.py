@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
@@ -68,6 +69,7 @@ class LocalServices:
     ports: Ports = field(default_factory=Ports)
     project: str = "gannet-local"
     _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _cleanup: list[Path] = field(default_factory=list)
 
     @property
     def database_url(self) -> str:
@@ -144,6 +146,9 @@ class LocalServices:
             except (ProcessLookupError, PermissionError):
                 pass
         self._procs.clear()
+        for path in self._cleanup:
+            shutil.rmtree(path, ignore_errors=True)
+        self._cleanup.clear()
 
     # -- each service -------------------------------------------------------------------
 
@@ -210,14 +215,18 @@ class LocalServices:
             return resp.status == 200
 
     def _start_postgres(self) -> None:
-        data = self.state_dir / "postgres"
-        shutil.rmtree(data, ignore_errors=True)
-        data.mkdir(parents=True)
-        as_postgres = os.geteuid() == 0
         prefix: list[str] = []
-        if as_postgres:
+        if os.geteuid() == 0:
+            # PostgreSQL refuses to run as root. The postgres user may not be able to
+            # enter our state dir (pytest's are 0700), so its data lives in /tmp.
+            data = Path(tempfile.mkdtemp(prefix="gannet-pg-"))
             shutil.chown(data, "postgres", "postgres")
             prefix = ["runuser", "-u", "postgres", "--"]
+        else:
+            data = self.state_dir / "postgres"
+            shutil.rmtree(data, ignore_errors=True)
+            data.mkdir(parents=True)
+        self._cleanup.append(data)
         init = subprocess.run(
             [
                 *prefix,

@@ -70,6 +70,9 @@ class Metrics:
             "Undelivered messages in the subscription (Cloud Monitoring, when enabled).",
             registry=r,
         )
+        self.backlog_poll_errors = Counter(
+            "gannet_backlog_poll_errors", "Failed Cloud Monitoring backlog polls.", registry=r
+        )
         self.oldest_unacked_age = Gauge(
             "gannet_subscription_oldest_unacked_age_seconds",
             "Age of the oldest unacked message (Cloud Monitoring, when enabled).",

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
         description="Industry config: a local path or gs://MODELS_BUCKET/INDUSTRY/config.yaml.",
     )
     industry: str | None = Field(None, description="Serve only this industry (optional).")
+    models_bucket: str | None = Field(
+        None, description="Bucket with per-tenant models at models/TENANT_ID/ (optional)."
+    )
     model_cache_dir: Path = Field(
         Path("/tmp/gannet-models"), description="Where weights from gs:// are cached."
     )
@@ -52,6 +55,12 @@ class Settings(BaseSettings):
     )
     model_memory_budget_mb: int = Field(
         0, ge=0, description="Per-device MB for loaded models; LRU eviction above (0 = no limit)."
+    )
+    stream_ack_deadline_s: int = Field(
+        60,
+        ge=10,
+        le=600,
+        description="Lease per extension; a crashed pod's messages return after this long.",
     )
     batch_size: int = Field(8, ge=1, description="Most images one model call takes.")
     batch_window_ms: float = Field(

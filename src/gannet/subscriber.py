@@ -10,16 +10,59 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from google.api_core import bidi
 from google.cloud import pubsub_v1
 from google.cloud.pubsub_v1.subscriber.futures import StreamingPullFuture
 from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
 from google.cloud.pubsub_v1.types import FlowControl
 
 log = logging.getLogger(__name__)
+
+
+def _close_politely(close: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Half-close the request stream and let the server end the call before cancelling.
+
+    The client library ends a streaming pull with an RST_STREAM (cancel). The Pub/Sub
+    emulator of gcloud 528 fails on that (NoSuchMethodError in onRstStreamRead) and keeps
+    leasing messages to the dead stream, so nothing reaches the next pod until the stream
+    ack deadline passes. Ending our side of the stream first lets any server finish the
+    call cleanly; the cancel that follows is then a no-op.
+    """
+
+    def polite_close(rpc: Any) -> None:
+        call = getattr(rpc, "call", None)
+        requests = getattr(rpc, "_request_queue", None)
+        if call is not None and requests is not None and call.is_active():
+            requests.put(None)  # the request generator ends: gRPC sends END_STREAM
+            deadline = time.monotonic() + 2.0
+            while call.is_active() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        close(rpc)
+
+    polite_close.__wrapped__ = close  # type: ignore[attr-defined]
+    return polite_close
+
+
+if not hasattr(bidi.BidiRpc.close, "__wrapped__"):
+    bidi.BidiRpc.close = _close_politely(bidi.BidiRpc.close)  # type: ignore[method-assign]
+
+
+class _Scheduler(ThreadScheduler):
+    """Tells us when the stream has stopped: the client library shuts the scheduler down
+    right after it stops consuming, before it waits for running callbacks."""
+
+    def __init__(self, executor: ThreadPoolExecutor, stream_closed: threading.Event) -> None:
+        super().__init__(executor=executor)
+        self._stream_closed = stream_closed
+
+    def shutdown(self, await_msg_callbacks: bool = False) -> list[Any]:
+        self._stream_closed.set()
+        return super().shutdown(await_msg_callbacks=await_msg_callbacks)
 
 
 class Subscriber:
@@ -29,6 +72,7 @@ class Subscriber:
         subscription_path: str,
         max_messages: int,
         on_message: Callable[[Any], None],
+        stream_ack_deadline_s: int = 60,
         max_lease_s: int = 3600,
     ) -> None:
         self.client = client
@@ -36,24 +80,29 @@ class Subscriber:
         self.max_messages = max_messages
         self.on_message = on_message
         self.max_lease_s = max_lease_s
+        self.stream_ack_deadline_s = stream_ack_deadline_s
         # The default scheduler runs only 10 callbacks at once; ours runs one per lease.
         self._executor = ThreadPoolExecutor(
             max_workers=max_messages, thread_name_prefix="pubsub-callback"
         )
         self._future: StreamingPullFuture | None = None
-        self._closed = threading.Event()
+        self.stream_closed = threading.Event()
 
     def start(self) -> StreamingPullFuture:
         flow = FlowControl(
             max_messages=self.max_messages,
             max_bytes=512 * 1024 * 1024,
             max_lease_duration=self.max_lease_s,
+            # Also the stream's ack deadline: how long messages leased by a pod that died
+            # (or by a stream the Pub/Sub emulator failed to close) stay invisible.
+            min_duration_per_lease_extension=self.stream_ack_deadline_s,
+            max_duration_per_lease_extension=self.stream_ack_deadline_s,
         )
         self._future = self.client.subscribe(
             self.subscription_path,
             callback=self.on_message,
             flow_control=flow,
-            scheduler=ThreadScheduler(executor=self._executor),
+            scheduler=_Scheduler(self._executor, self.stream_closed),
             await_callbacks_on_shutdown=True,
         )
         log.info(
@@ -71,12 +120,23 @@ class Subscriber:
         """Fail at start-up with a clear message instead of a silently dead stream."""
         self.client.get_subscription(request={"subscription": self.subscription_path})
 
-    def stop(self, timeout: float) -> bool:
-        """Stop pulling; wait up to `timeout` for running callbacks to ack or nack."""
+    def stop_pulling(self, timeout: float = 10.0) -> bool:
+        """Close the stream and wait until no more messages can arrive.
+
+        Nacks must come after this: a message nacked while the stream is still open is
+        sent straight back into the stream that is closing, and is stuck there until
+        its lease runs out instead of going to another pod at once.
+        """
+        if self._future is None:
+            return True
+        self._future.cancel()
+        return self.stream_closed.wait(timeout)
+
+    def wait_closed(self, timeout: float) -> bool:
+        """Wait up to `timeout` for running callbacks to ack or nack, and the stream to end."""
         future = self._future
         if future is None:
             return True
-        future.cancel()
         try:
             future.result(timeout=timeout)
         except TimeoutError:

@@ -1,0 +1,117 @@
+"""Message contract v1: what backends publish, and the result record Gannet keeps.
+
+The schema is strict (unknown fields are rejected) so that a typo in a publisher is a
+clear quarantine reason instead of a silently ignored option.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gannet.errors import ErrorCode, PermanentError
+
+SCHEMA_VERSION = 1
+TENANT_ID_PATTERN = r"^[a-z0-9-]{1,63}$"
+GS_URL = re.compile(r"^gs://(?P<bucket>[a-z0-9][a-z0-9._-]{1,220}[a-z0-9])/(?P<name>.+)$")
+
+
+class TaskOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    confidence_override: float | None = Field(None, ge=0.0, le=1.0)
+
+
+class Task(BaseModel):
+    """One unit of work; task_id is the idempotency key across redeliveries."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    version: Literal[1] = SCHEMA_VERSION
+    task_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/@-]+$")
+    tenant_id: str = Field(pattern=TENANT_ID_PATTERN)
+    image_url: str = Field(max_length=2048)
+    pipeline: str = Field(min_length=1, max_length=64)
+    session_id: str | None = Field(None, max_length=128)
+    image_id: str | None = Field(None, max_length=128)
+    options: TaskOptions = Field(default_factory=TaskOptions)
+    callback_url: str | None = Field(None, max_length=2048)
+
+    @field_validator("image_url")
+    @classmethod
+    def _gs_url(cls, value: str) -> str:
+        if not GS_URL.match(value):
+            raise ValueError("must look like gs://BUCKET/TENANT_ID/path/to/image.jpg")
+        return value
+
+    @field_validator("callback_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("must be an http(s) URL")
+        return value
+
+
+def parse_task(body: bytes, max_body_bytes: int) -> Task:
+    """Turn a message body into a Task, or raise a PermanentError naming what is wrong."""
+    if len(body) > max_body_bytes:
+        raise PermanentError(
+            ErrorCode.BODY_TOO_LARGE,
+            f"message body is {len(body)} bytes; the limit is {max_body_bytes}",
+        )
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PermanentError(ErrorCode.BAD_JSON, f"body is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise PermanentError(ErrorCode.SCHEMA_ERROR, "body must be a JSON object")
+    try:
+        return Task.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise PermanentError(ErrorCode.SCHEMA_ERROR, problems) from exc
+
+
+def identify(body: bytes) -> tuple[str | None, str | None]:
+    """Best-effort (task_id, tenant_id) of an invalid body, so its failure can be recorded."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    task_id, tenant_id = data.get("task_id"), data.get("tenant_id")
+    if not (isinstance(task_id, str) and 0 < len(task_id) <= 128):
+        task_id = None
+    if not (isinstance(tenant_id, str) and re.match(TENANT_ID_PATTERN, tenant_id)):
+        tenant_id = None
+    return task_id, tenant_id
+
+
+class TaskResult(BaseModel):
+    """What the sink stores for a task: one row in task_results, plus the result JSON."""
+
+    task_id: str
+    tenant_id: str
+    pipeline: str | None
+    status: Literal["succeeded", "failed"]
+    result: dict[str, Any] | None = None
+    result_uri: str | None = None
+    error_code: str | None = None
+    error: str | None = None
+    delivery_attempt: int | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+    session_id: str | None = None
+    image_id: str | None = None
+    image_url: str | None = None
+
+
+def utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
