@@ -185,8 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     # send no telemetry. Workers on GKE usually have no internet egress anyway.
     os.environ.setdefault("YOLO_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    from gannet.clients import NoCredentials
+    from gannet.local_services import ServiceError
+
     try:
         return int(args.func(args) or 0)
+    except (NoCredentials, ServiceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

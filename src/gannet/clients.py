@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from google.auth.exceptions import DefaultCredentialsError
 from google.cloud import pubsub_v1, storage
 
 from gannet import storage as gannet_storage
@@ -17,8 +18,25 @@ def pubsub_clients(
         # The client library reads this variable itself to pick an insecure channel;
         # we only write it, from the one settings object.
         os.environ["PUBSUB_EMULATOR_HOST"] = settings.pubsub_emulator_host
-    return pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    try:
+        return pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    except DefaultCredentialsError as exc:
+        raise NoCredentials(str(exc)) from exc
 
 
 def storage_client(settings: Settings) -> storage.Client:
-    return gannet_storage.make_client(settings.project, settings.storage_emulator_host)
+    try:
+        return gannet_storage.make_client(settings.project, settings.storage_emulator_host)
+    except DefaultCredentialsError as exc:
+        raise NoCredentials(str(exc)) from exc
+
+
+class NoCredentials(RuntimeError):
+    """No Google credentials and no emulator: say how to get either."""
+
+    def __str__(self) -> str:
+        return (
+            "no Google Cloud credentials found. On GKE use Workload Identity; on a laptop "
+            "run `gcloud auth application-default login`, or point Gannet at the local "
+            "emulators (`gannet services` prints the variables to export)."
+        )

@@ -87,8 +87,11 @@ class Daemon:
     def _run(self, server: HealthServer) -> int:
         s = self.settings
         self._install_signal_handlers()
-        publisher, subscriber_client = clients.pubsub_clients(s)
-        storage = Storage(clients.storage_client(s))
+        try:
+            publisher, subscriber_client = clients.pubsub_clients(s)
+            storage = Storage(clients.storage_client(s))
+        except clients.NoCredentials as exc:
+            raise StartupError(str(exc)) from exc
         sink = Sink(s.database_url, pool_size=s.db_pool_size)
         try:
             sink.open(wait_s=15)

@@ -76,6 +76,9 @@ RETURNING task_id
 """
 
 
+_CONFLICT = "task_id is already used by another tenant; task ids must be globally unique"
+
+
 def _transient(exc: Exception) -> TransientError:
     return TransientError(ErrorCode.DEPENDENCY_UNAVAILABLE, f"PostgreSQL: {exc}")
 
@@ -109,10 +112,7 @@ class Sink:
         except PoolTimeout as exc:
             raise _transient(exc) from exc
         except psycopg.errors.InsufficientPrivilege as exc:
-            raise PermanentError(
-                ErrorCode.TASK_ID_CONFLICT,
-                "task_id is already used by another tenant; task ids must be globally unique",
-            ) from exc
+            raise PermanentError(ErrorCode.TASK_ID_CONFLICT, _CONFLICT) from exc
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise _transient(exc) from exc
 
@@ -132,7 +132,14 @@ class Sink:
         params["timings"] = Jsonb(record.timings)
         with self.tenant_transaction(record.tenant_id) as cur:
             cur.execute(_UPSERT, params)
-            return cur.fetchone() is not None
+            if cur.fetchone() is not None:
+                return True
+            # Nothing written: a success stands. If this tenant cannot see it, the
+            # task_id belongs to another tenant, and acking would lose this task.
+            cur.execute("SELECT 1 FROM task_results WHERE task_id = %s", (record.task_id,))
+            if cur.fetchone() is None:
+                raise PermanentError(ErrorCode.TASK_ID_CONFLICT, _CONFLICT)
+            return False
 
     def set_callback_status(self, task_id: str, tenant_id: str, status: str) -> None:
         with self.tenant_transaction(tenant_id) as cur:

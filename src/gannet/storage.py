@@ -84,19 +84,12 @@ class Storage:
         self.client = client
 
     def read(self, bucket: str, name: str, max_bytes: int) -> bytes:
-        """Object bytes; one metadata call first so an oversized object is never downloaded."""
+        """Object bytes, in one request: asking for one byte more than the limit tells us
+        an object is too large without downloading all of it."""
         try:
-            blob = self.client.bucket(bucket).get_blob(name)
-            if blob is None:
-                raise PermanentError(
-                    ErrorCode.IMAGE_NOT_FOUND, f"gs://{bucket}/{name} does not exist"
-                )
-            if blob.size is not None and blob.size > max_bytes:
-                raise PermanentError(
-                    ErrorCode.IMAGE_TOO_LARGE,
-                    f"gs://{bucket}/{name} is {blob.size} bytes; the limit is {max_bytes}",
-                )
-            return blob.download_as_bytes()
+            data = self.client.bucket(bucket).blob(name).download_as_bytes(
+                start=0, end=max_bytes, checksum=None
+            )
         except gexc.NotFound as exc:
             raise PermanentError(
                 ErrorCode.IMAGE_NOT_FOUND, f"gs://{bucket}/{name} does not exist"
@@ -105,6 +98,12 @@ class Storage:
             raise TransientError(
                 ErrorCode.DEPENDENCY_UNAVAILABLE, f"reading gs://{bucket}/{name}: {exc}"
             ) from exc
+        if len(data) > max_bytes:
+            raise PermanentError(
+                ErrorCode.IMAGE_TOO_LARGE,
+                f"gs://{bucket}/{name} is larger than the {max_bytes}-byte limit",
+            )
+        return data
 
     def write_json(self, bucket: str, name: str, data: dict[str, Any]) -> str:
         body = json.dumps(data, separators=(",", ":"), default=str)

