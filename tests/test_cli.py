@@ -10,15 +10,29 @@ from gannet.settings import REPO_ROOT, settings_table
 
 
 def gannet(*args: str, env: dict[str, str] | None = None, timeout: float = 60):
-    return subprocess.run([sys.executable, "-m", "gannet", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "gannet", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_help_lists_every_command():
     out = gannet("--help")
     assert out.returncode == 0
-    for command in ("run", "publish", "demo", "bench", "db", "services", "settings", "ops",
-                    "scaling"):
+    for command in (
+        "run",
+        "publish",
+        "demo",
+        "bench",
+        "db",
+        "services",
+        "settings",
+        "ops",
+        "scaling",
+    ):
         assert f"    {command}" in out.stdout
 
 
@@ -28,20 +42,39 @@ def test_readme_settings_table_matches_the_code():
 
 
 def test_run_without_credentials_or_emulator_says_what_to_do():
-    env = {k: "" for k in ("GANNET_PUBSUB_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST",
-                           "GANNET_STORAGE_EMULATOR_HOST")}
-    out = gannet("run", env={**env, "GANNET_METRICS_PORT": "0",
-                             "GOOGLE_APPLICATION_CREDENTIALS": "", "CLOUDSDK_CONFIG": "/nonexistent"},
-                 timeout=120)
+    env = {
+        k: ""
+        for k in (
+            "GANNET_PUBSUB_EMULATOR_HOST",
+            "PUBSUB_EMULATOR_HOST",
+            "GANNET_STORAGE_EMULATOR_HOST",
+        )
+    }
+    out = gannet(
+        "run",
+        env={
+            **env,
+            "GANNET_METRICS_PORT": "0",
+            "GOOGLE_APPLICATION_CREDENTIALS": "",
+            "CLOUDSDK_CONFIG": "/nonexistent",
+        },
+        timeout=120,
+    )
     assert out.returncode == 2, out.stdout + out.stderr
     assert "no Google Cloud credentials" in out.stdout and "gannet services" in out.stdout
 
 
 def test_run_without_a_database_says_what_to_do():
-    out = gannet("run", env={"GANNET_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
-                             "GANNET_PUBSUB_EMULATOR_HOST": "127.0.0.1:1",
-                             "GANNET_STORAGE_EMULATOR_HOST": "http://127.0.0.1:1",
-                             "GANNET_METRICS_PORT": "0"}, timeout=120)
+    out = gannet(
+        "run",
+        env={
+            "GANNET_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+            "GANNET_PUBSUB_EMULATOR_HOST": "127.0.0.1:1",
+            "GANNET_STORAGE_EMULATOR_HOST": "http://127.0.0.1:1",
+            "GANNET_METRICS_PORT": "0",
+        },
+        timeout=120,
+    )
     assert out.returncode == 2
     assert "cannot connect to PostgreSQL" in out.stdout and "GANNET_DATABASE_URL" in out.stdout
 
@@ -53,6 +86,9 @@ def test_run_against_an_unmigrated_database_says_to_migrate(services):
         conn.execute("DROP DATABASE IF EXISTS empty")
         conn.execute("CREATE DATABASE empty OWNER gannet")
     url = services.database_url.rsplit("/", 1)[0] + "/empty"
-    out = gannet("run", env={**services.env(), "GANNET_DATABASE_URL": url,
-                             "GANNET_METRICS_PORT": "0"}, timeout=120)
+    out = gannet(
+        "run",
+        env={**services.env(), "GANNET_DATABASE_URL": url, "GANNET_METRICS_PORT": "0"},
+        timeout=120,
+    )
     assert out.returncode == 2 and "gannet db migrate" in out.stdout

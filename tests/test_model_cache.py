@@ -54,13 +54,16 @@ def test_concurrent_gets_load_once_and_only_the_batcher_thread_drives_the_model(
         with ThreadPoolExecutor(6) as pool:
             results = list(pool.map(lambda im: cache.predict(key(), [im], 0.5)[0], images))
         counts = [
-            {name: sum(1 for c in r.boxes.cls.tolist() if r.names[int(c)] == name)
-             for name in r.names.values()}
+            {
+                name: sum(1 for c in r.boxes.cls.tolist() if r.names[int(c)] == name)
+                for name in r.names.values()
+            }
             for r in results
         ]
         for got, entry in zip(counts, SCENES, strict=True):
             assert {k: v for k, v in got.items() if v} == {
-                k: v for k, v in entry["counts"].items() if v}, entry["file"]
+                k: v for k, v in entry["counts"].items() if v
+            }, entry["file"]
         driven_by = entries[0].model.driven_by
         assert len(driven_by) == 1 and next(iter(driven_by)).startswith("batcher-")
         sizes = metrics.registry.get_sample_value("gannet_batch_size_sum")
@@ -83,8 +86,12 @@ def test_a_new_version_is_a_new_model_and_the_budget_evicts_the_oldest():
         cache.get(key("v1"))
         cache.get(key("v2"))
         assert cache.loaded() == [key("v2")]
-        assert metrics.registry.get_sample_value(
-            "gannet_model_evictions_total", {"model": "detect.pt", "device": "cpu"}) == 1
+        assert (
+            metrics.registry.get_sample_value(
+                "gannet_model_evictions_total", {"model": "detect.pt", "device": "cpu"}
+            )
+            == 1
+        )
         cache.get(key("v2", tenant="acme"))  # per-tenant copies are separate entries
         assert cache.loaded() == [key("v2", tenant="acme")]
     finally:

@@ -24,8 +24,9 @@ pipelines:
 
 
 def test_the_shipped_demo_config_is_valid():
-    loaded = ConfigSource(str(REPO_ROOT / "configs" / "demo.yaml"), read_local,
-                          local_version).current()
+    loaded = ConfigSource(
+        str(REPO_ROOT / "configs" / "demo.yaml"), read_local, local_version
+    ).current()
     spec = loaded.config.models["detection"]
     assert loaded.model_uri(spec) == str(REPO_ROOT / "models" / "demo" / "detect.pt")
 
@@ -33,8 +34,10 @@ def test_the_shipped_demo_config_is_valid():
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        (VALID.replace("confidence_threshold: 0.4", "confidence_threshold: 4"),
-         "models.detection.confidence_threshold"),
+        (
+            VALID.replace("confidence_threshold: 0.4", "confidence_threshold: 4"),
+            "models.detection.confidence_threshold",
+        ),
         (VALID.replace("[detection]", "[detection, teleport]"), "unknown step 'teleport'"),
         (VALID.replace("version: 3", "versoin: 3"), "versoin"),
         (VALID + "\n  EMPTY: []\n", "pipeline 'EMPTY' has no steps"),
@@ -50,7 +53,7 @@ def test_errors_name_the_file_and_the_field(text, expected):
 
 def test_a_step_needing_a_disabled_model_is_refused():
     text = VALID.replace("imgsz: 320}", "imgsz: 320, enabled: false}")
-    with pytest.raises(ConfigError, match="needs an enabled models.detection"):
+    with pytest.raises(ConfigError, match=r"needs an enabled models\.detection"):
         parse_config(text, "c.yaml")
 
 
@@ -69,8 +72,13 @@ def test_changed_config_is_picked_up_and_a_bad_one_keeps_the_last_good(tmp_path)
     path = tmp_path / "config.yaml"
     path.write_text(VALID)
     metrics = Metrics()
-    source = ConfigSource(str(path), read_local, local_version, check_every_s=0,
-                          on_reload=lambda r: metrics.config_reloads.labels(r).inc())
+    source = ConfigSource(
+        str(path),
+        read_local,
+        local_version,
+        check_every_s=0,
+        on_reload=lambda r: metrics.config_reloads.labels(r).inc(),
+    )
     assert source.current().config.version == 3
 
     path.write_text(VALID.replace("version: 3", "version: 4"))

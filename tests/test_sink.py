@@ -21,9 +21,14 @@ def db(services):
 
 
 def result(tenant: str, task_id: str, status: str = "succeeded", **kw) -> TaskResult:
-    return TaskResult(task_id=task_id, tenant_id=tenant, pipeline="DETECTION", status=status,
-                      result={"detection": {"counts": {"circle": 1}}} if status == "succeeded"
-                      else None, **kw)
+    return TaskResult(
+        task_id=task_id,
+        tenant_id=tenant,
+        pipeline="DETECTION",
+        status=status,
+        result={"detection": {"counts": {"circle": 1}}} if status == "succeeded" else None,
+        **kw,
+    )
 
 
 def test_migrate_is_idempotent_and_reports_the_version(services, db):
@@ -49,15 +54,20 @@ def test_a_tenant_can_neither_read_nor_write_another_tenants_rows(services, db):
     with psycopg.connect(services.database_url) as conn:  # a raw session, no helper
         conn.execute("SELECT set_config('app.current_tenant', %s, false)", (b,))
         assert conn.execute("SELECT count(*) FROM task_results").fetchone()[0] == 0
-        updated = conn.execute("UPDATE task_results SET error = 'x' WHERE task_id = %s",
-                               (task_a,)).rowcount
+        updated = conn.execute(
+            "UPDATE task_results SET error = 'x' WHERE task_id = %s", (task_a,)
+        ).rowcount
         assert updated == 0
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            conn.execute("INSERT INTO task_results (task_id, tenant_id, status) "
-                         "VALUES ('forged', %s, 'failed')", (a,))
+            conn.execute(
+                "INSERT INTO task_results (task_id, tenant_id, status) "
+                "VALUES ('forged', %s, 'failed')",
+                (a,),
+            )
     with psycopg.connect(services.database_url) as conn:
-        assert conn.execute("SELECT count(*) FROM task_results").fetchone()[0] == 0, \
+        assert conn.execute("SELECT count(*) FROM task_results").fetchone()[0] == 0, (
             "without app.current_tenant no row is visible"
+        )
 
 
 def test_a_success_is_never_overwritten_and_failures_can_be_retried(db):

@@ -34,8 +34,12 @@ def test_minimal_and_full_tasks_parse():
     task = parse_task(body(), LIMIT)
     assert (task.task_id, task.tenant_id, task.pipeline) == ("t-1", "acme-farms", "DETECTION")
     full = parse_task(
-        body(session_id="s", image_id="i", options={"confidence_override": 0.7},
-             callback_url="https://backend.example.com/hook"),
+        body(
+            session_id="s",
+            image_id="i",
+            options={"confidence_override": 0.7},
+            callback_url="https://backend.example.com/hook",
+        ),
         LIMIT,
     )
     assert full.options.confidence_override == 0.7 and full.session_id == "s"
@@ -81,8 +85,7 @@ def test_identify_finds_ids_of_invalid_bodies_only_when_safe():
         ("gs://other-bucket/acme-farms/a.jpg", ErrorCode.BUCKET_NOT_ALLOWED),
         ("gs://gannet-images/someone-else/a.jpg", ErrorCode.IMAGE_OUTSIDE_TENANT),
         ("gs://gannet-images/acme-farms/../someone-else/a.jpg", ErrorCode.IMAGE_OUTSIDE_TENANT),
-        ("gs://gannet-images/acme-farms/%2e%2e/someone-else/a.jpg",
-         ErrorCode.IMAGE_OUTSIDE_TENANT),
+        ("gs://gannet-images/acme-farms/%2e%2e/someone-else/a.jpg", ErrorCode.IMAGE_OUTSIDE_TENANT),
         ("gs://gannet-images/acme-farms%2Fx/a.jpg", ErrorCode.IMAGE_OUTSIDE_TENANT),
         ("gs://gannet-images/acme-farms\\..\\b/a.jpg", ErrorCode.IMAGE_OUTSIDE_TENANT),
         ("gs://gannet-images/acme-farms//a.jpg", ErrorCode.IMAGE_OUTSIDE_TENANT),

@@ -87,8 +87,10 @@ class Storage:
         """Object bytes, in one request: asking for one byte more than the limit tells us
         an object is too large without downloading all of it."""
         try:
-            data = self.client.bucket(bucket).blob(name).download_as_bytes(
-                start=0, end=max_bytes, checksum=None
+            data = (
+                self.client.bucket(bucket)
+                .blob(name)
+                .download_as_bytes(start=0, end=max_bytes, checksum=None)
             )
         except gexc.NotFound as exc:
             raise PermanentError(
