@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -180,11 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM behaves like Ctrl-C, so `with LocalServices(...)` stops what it started."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     # Ultralytics reads this at import: never download weights, fonts or datasets, and
     # send no telemetry. Workers on GKE usually have no internet egress anyway.
     os.environ.setdefault("YOLO_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    if args.func is not cmd_run:  # the daemon has its own SIGTERM drain
+        signal.signal(signal.SIGTERM, _interrupt)
     from gannet.clients import NoCredentials
     from gannet.local_services import ServiceError
 
