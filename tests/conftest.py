@@ -18,6 +18,7 @@ import pytest
 from google.cloud import pubsub_v1
 
 from gannet import clients, demo, provision, sink
+from gannet.bench import fresh_queue
 from gannet.local_services import LocalServices, Ports
 from gannet.publish import make_task, publish_tasks, upload_image
 from gannet.settings import REPO_ROOT, Settings
@@ -138,14 +139,7 @@ class Stack:
 
 def make_stack(services: LocalServices, tmp_path: Path, ack_deadline_s: int = 30) -> Stack:
     suffix = uuid.uuid4().hex[:8]
-    settings = demo.local_settings(
-        services,
-        topic=f"tasks-{suffix}",
-        subscription=f"tasks-{suffix}-sub",
-        dead_letter_topic=f"dead-{suffix}",
-    )
-    publisher, subscriber = clients.pubsub_clients(settings)
-    provision.ensure_pubsub(settings, publisher, subscriber, ack_deadline_s=ack_deadline_s)
+    settings = fresh_queue(services, suffix, ack_deadline_s)
     return Stack(services, settings, f"tenant-{suffix}", tmp_path)
 
 

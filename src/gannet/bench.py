@@ -156,7 +156,8 @@ def one_at_a_time(settings: Settings, urls: list[str]) -> dict[str, float]:
     return {"seconds": elapsed, "images_per_s": len(tasks) / elapsed}
 
 
-def fresh_queue(services: LocalServices, name: str) -> Settings:
+def fresh_queue(services: LocalServices, name: str, ack_deadline_s: int = 30) -> Settings:
+    """Settings with a topic, subscription and dead-letter topic of their own, created."""
     settings = demo.local_settings(
         services,
         topic=f"{name}-tasks",
@@ -164,7 +165,7 @@ def fresh_queue(services: LocalServices, name: str) -> Settings:
         dead_letter_topic=f"{name}-dead",
     )
     publisher, subscriber = clients.pubsub_clients(settings)
-    provision.ensure_pubsub(settings, publisher, subscriber)
+    provision.ensure_pubsub(settings, publisher, subscriber, ack_deadline_s=ack_deadline_s)
     return settings
 
 
