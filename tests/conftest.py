@@ -138,7 +138,7 @@ class Stack:
 
 
 def make_stack(services: LocalServices, tmp_path: Path, ack_deadline_s: int = 30) -> Stack:
-    suffix = uuid.uuid4().hex[:8]
+    suffix = f"q{uuid.uuid4().hex[:8]}"  # Pub/Sub names start with a letter
     settings = fresh_queue(services, suffix, ack_deadline_s)
     return Stack(services, settings, f"tenant-{suffix}", tmp_path)
 
