@@ -20,6 +20,7 @@ from typing import Any
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
+from gannet.callback import Callbacks
 from gannet.errors import ErrorCode, GannetError, PermanentError, TransientError
 from gannet.metrics import Metrics
 from gannet.pipeline import Pipeline, Timer
@@ -70,12 +71,14 @@ class Processor:
         storage: Storage,
         results_bucket: str,
         metrics: Metrics,
+        callbacks: Callbacks | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.sink = sink
         self.storage = storage
         self.results_bucket = results_bucket
         self.metrics = metrics
+        self.callbacks = callbacks
 
     def process(
         self, task: Task, loaded: LoadedConfig, delivery_attempt: int | None, device: str
@@ -118,6 +121,8 @@ class Processor:
                     )
                 )
             self.metrics.stage_seconds.labels("total").observe(time.perf_counter() - started)
+            if saved:
+                self._callback(task, result, uri)
             return Outcome(
                 Decision.ACK,
                 "succeeded" if saved else "duplicate",
@@ -142,6 +147,18 @@ class Processor:
                 "error",
                 TransientError(ErrorCode.DEPENDENCY_UNAVAILABLE, repr(exc)),
                 task,
+            )
+
+    def _callback(self, task: Task, result: dict[str, Any], uri: str) -> None:
+        """After the commit, never before; whatever happens here, the task stays acked."""
+        if self.callbacks is None or not task.callback_url:
+            return
+        try:
+            self.callbacks.submit(task, result, uri)
+        except Exception:
+            log.exception(
+                "could not queue the callback; the committed result stands",
+                extra={"task_id": task.task_id, "tenant_id": task.tenant_id},
             )
 
     def reject_body(

@@ -19,10 +19,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from gannet.errors import ErrorCode, PermanentError
+from gannet.metrics import Metrics
 from gannet.model_cache import ModelCache, ModelResolver
-from gannet.pipeline_config import ConfigSource, LoadedConfig, ModelKind
+from gannet.pipeline_config import Configs, LoadedConfig, ModelKind, open_configs
+from gannet.settings import Settings
 from gannet.steps import STEPS, StepContext
-from gannet.storage import Storage, check_image_url
+from gannet.storage import Storage, check_image_url, local_version, read_local
 from gannet.task import Task, utc_now_iso
 
 log = logging.getLogger(__name__)
@@ -88,7 +90,7 @@ class _Stage:
 class Pipeline:
     def __init__(
         self,
-        configs: ConfigSource,
+        configs: Configs,
         storage: Storage,
         cache: ModelCache,
         resolver: ModelResolver,
@@ -102,8 +104,7 @@ class Pipeline:
 
     def check(self, task: Task) -> LoadedConfig:
         """The cheap permanent checks, done before any download."""
-        loaded = self.configs.current()
-        loaded.config.check_tenant(task.tenant_id)
+        loaded = self.configs.for_tenant(task.tenant_id)
         loaded.config.steps_for(task.pipeline)
         check_image_url(task.image_url, task.tenant_id, self.limits.allowed_buckets)
         return loaded
@@ -116,6 +117,19 @@ class Pipeline:
             data = self.storage.read(bucket, name, self.limits.max_image_bytes)
         with timer.stage("decode"):
             image = decode_image(data, self.limits.max_image_pixels)
+        return self.run_image(task, loaded, image, device, timer, started)
+
+    def run_image(
+        self,
+        task: Task,
+        loaded: LoadedConfig,
+        image: np.ndarray,
+        device: str,
+        timer: Timer,
+        started: float | None = None,
+    ) -> dict[str, Any]:
+        """The steps of task.pipeline on a decoded image, as the result JSON."""
+        started = time.perf_counter() if started is None else started
 
         def predict(kind: ModelKind, images: list[np.ndarray], conf: float) -> list[Any]:
             key = self.resolver.key(loaded, kind, task.tenant_id, device)
@@ -123,9 +137,10 @@ class Pipeline:
 
         ctx = StepContext(task=task, image=image, config=loaded.config, predict=predict)
         for spec in loaded.config.steps_for(task.pipeline):
-            ctx.params = spec.params
+            step = STEPS[spec.name]
+            ctx.params = spec.parsed or step.params.model_validate(spec.params)
             with timer.stage(spec.name):
-                STEPS[spec.name].fn(ctx)
+                step.fn(ctx)
         return {
             "task_id": task.task_id,
             "tenant_id": task.tenant_id,
@@ -141,8 +156,30 @@ class Pipeline:
         }
 
     def warm(self, devices: list[str]) -> None:
-        """Load every enabled model on every device before the stream opens."""
-        loaded = self.configs.current()
-        for device in devices:
-            for kind in loaded.config.enabled_models():
-                self.cache.get(self.resolver.key(loaded, kind, None, device))
+        """Load every enabled model of every served industry on every device before the
+        stream opens (per-tenant models load on first use)."""
+        for loaded in self.configs.served():
+            for device in devices:
+                for kind in loaded.config.enabled_models():
+                    self.cache.get(self.resolver.key(loaded, kind, None, device))
+
+
+def config_uri(settings: Settings) -> str:
+    """GANNET_CONFIG_URI, or gs://MODELS_BUCKET/INDUSTRY/config.yaml when only the
+    industry and the models bucket are given (the usual single-industry deployment)."""
+    explicit = "config_uri" in settings.model_fields_set
+    if not explicit and settings.industry and settings.models_bucket:
+        return f"gs://{settings.models_bucket}/{settings.industry}/config.yaml"
+    return settings.config_uri
+
+
+def build_configs(settings: Settings, storage: Storage, metrics: Metrics) -> Configs:
+    """The daemon's config source: one industry, or a deployment naming several, from a
+    local path (checked every 5 s) or gs:// (checked every 30 s, by generation)."""
+    uri = config_uri(settings)
+    on_reload = lambda result: metrics.config_reloads.labels(result).inc()  # noqa: E731
+    if uri.startswith("gs://"):
+        read, version_of, every = storage.read_url, storage.generation, 30.0
+    else:
+        read, version_of, every = read_local, local_version, 5.0
+    return open_configs(uri, read, version_of, settings.industry, every, on_reload)

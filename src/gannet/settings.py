@@ -86,6 +86,33 @@ class Settings(BaseSettings):
         False, description="Poll Cloud Monitoring for the subscription's backlog."
     )
     backlog_poll_s: float = Field(30.0, gt=0, description="Cloud Monitoring poll interval.")
+    model_check_s: float = Field(
+        30.0,
+        ge=0,
+        description="How often model versions and per-tenant model listings are re-read.",
+    )
+    callback_timeout_s: float = Field(
+        5.0, gt=0, description="Timeout of one result-callback request (connect and read)."
+    )
+    callback_retries: int = Field(
+        2, ge=0, le=10, description="Callback retries after the first try (network, 429, 5xx)."
+    )
+    callback_backoff_s: float = Field(
+        0.5, ge=0, description="Wait before the first callback retry; doubles per retry."
+    )
+    callback_workers: int = Field(
+        4, ge=1, description="Threads that send callbacks (off the runner threads)."
+    )
+    allow_http_callbacks: bool = Field(
+        False, description="Allow http:// callback URLs (default: https only)."
+    )
+    callback_allow_private_addresses: bool = Field(
+        False,
+        description="Allow callbacks to private/loopback/link-local addresses (local tests only).",
+    )
+    callback_ca_file: str | None = Field(
+        None, description="Extra CA bundle (PEM) to trust for https callbacks (optional)."
+    )
 
     @field_validator("allowed_buckets", mode="before")
     @classmethod

@@ -3,21 +3,80 @@
 Each step is a function of a StepContext: it reads the image and earlier steps' output,
 asks for model predictions through the context (which knows tenant and device), and
 writes its own key of the result. Steps know nothing about Pub/Sub or SQL.
+
+A step's params are a pydantic model registered with it, so a config that misspells a
+param is refused when it is loaded, not when a task reaches the step. The result has one
+key per kind of step (segmentation, detection, classification, estimation); sliced
+detection writes `detection` too, so later steps need not care how boxes were found.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from gannet.pipeline_config import IndustryConfig, ModelKind, ModelSpec
 from gannet.task import Task
 
 Predict = Callable[[ModelKind, list[np.ndarray], float], list[Any]]
+
+
+class StepParams(BaseModel):
+    """Params every step accepts: none. Subclasses add their own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelStepParams(StepParams):
+    """A step's own threshold and class filter win over its model's (the task's
+    options.confidence_override still wins over both)."""
+
+    confidence_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    classes: list[str] | None = None
+
+
+class SegmentationParams(ModelStepParams):
+    polygon_tolerance_px: float = Field(
+        1.5, ge=0.0, description="Douglas-Peucker tolerance that simplifies polygons."
+    )
+    min_area_px: int = Field(0, ge=0, description="Drop segments smaller than this.")
+
+
+class DetectionParams(ModelStepParams):
+    assign_to_segments: bool = Field(
+        True, description="When segmentation ran first, give each detection its segment."
+    )
+    min_segment_overlap: float = Field(
+        0.5, gt=0.0, le=1.0, description="Share of a box a mask must cover to own it."
+    )
+
+
+class SlicedDetectionParams(DetectionParams):
+    slice_size: int = Field(640, ge=64, le=4096, description="Tile side in pixels.")
+    overlap: float = Field(0.2, ge=0.0, lt=0.9, description="Overlap of adjacent tiles.")
+    merge_threshold: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="Same-class boxes whose intersection over the smaller box is above "
+        "this are one object seen by two tiles.",
+    )
+
+
+class ClassificationParams(ModelStepParams):
+    crop_padding: float = Field(
+        0.2, ge=0.0, le=2.0, description="Square crop grown by this share of the box side."
+    )
+
+
+class EstimationParams(StepParams):
+    px_per_cm: float | None = Field(None, gt=0, description="Overrides the config's px_per_cm.")
 
 
 @dataclass
@@ -26,13 +85,23 @@ class StepContext:
     image: np.ndarray  # HxWx3 BGR, as ultralytics expects
     config: IndustryConfig
     predict: Predict
-    params: dict[str, Any] = field(default_factory=dict)
+    params: Any = None  # the step's parsed params (a StepParams subclass)
     result: dict[str, Any] = field(default_factory=dict)
+    # Between steps, never serialised: segment masks at image resolution.
+    state: dict[str, Any] = field(default_factory=dict)
 
     def threshold(self, spec: ModelSpec) -> float:
-        """The task's confidence_override wins over the config's threshold."""
+        """confidence_override (task) > the step's threshold > the model's threshold."""
         override = self.task.options.confidence_override
-        return spec.confidence_threshold if override is None else override
+        if override is not None:
+            return override
+        step = getattr(self.params, "confidence_threshold", None)
+        return spec.confidence_threshold if step is None else step
+
+    def classes(self, spec: ModelSpec) -> list[str]:
+        """The step's class filter if it has one, else the model's; empty keeps all."""
+        step = getattr(self.params, "classes", None)
+        return spec.classes if step is None else step
 
     def model_spec(self, kind: ModelKind) -> ModelSpec:
         return self.config.models[kind]
@@ -46,14 +115,21 @@ class Step:
     name: str
     fn: StepFn
     needs: tuple[ModelKind, ...]
+    params: type[StepParams] = StepParams
+    after: tuple[str, ...] = ()  # at least one of these must run earlier in the pipeline
 
 
 STEPS: dict[str, Step] = {}
 
 
-def register(name: str, needs: tuple[ModelKind, ...] = ()) -> Callable[[StepFn], StepFn]:
+def register(
+    name: str,
+    needs: tuple[ModelKind, ...] = (),
+    params: type[StepParams] = StepParams,
+    after: tuple[str, ...] = (),
+) -> Callable[[StepFn], StepFn]:
     def add(fn: StepFn) -> StepFn:
-        STEPS[name] = Step(name, fn, needs)
+        STEPS[name] = Step(name, fn, needs, params, after)
         return fn
 
     return add
@@ -85,19 +161,314 @@ def boxes_to_detections(
     return out
 
 
-def count_by_class(items: list[dict[str, Any]]) -> dict[str, int]:
-    return dict(sorted(Counter(item["class"] for item in items).items()))
+def count_by_class(items: list[dict[str, Any]], key: str = "class") -> dict[str, int]:
+    return dict(sorted(Counter(item[key] for item in items if item[key] is not None).items()))
 
 
-@register("detection", needs=("detection",))
-def detection(ctx: StepContext) -> None:
-    spec = ctx.model_spec("detection")
+def _image_size(image: np.ndarray) -> list[int]:
+    return [int(image.shape[1]), int(image.shape[0])]
+
+
+# --------------------------------------------------------------------------- segmentation
+
+
+@register("segmentation", needs=("segmentation",), params=SegmentationParams)
+def segmentation(ctx: StepContext) -> None:
+    """Instance masks -> segments with class, area and polygon; masks kept for later steps."""
+    spec = ctx.model_spec("segmentation")
+    params: SegmentationParams = ctx.params or SegmentationParams()
     conf = ctx.threshold(spec)
-    (result,) = ctx.predict("detection", [ctx.image], conf)
-    found = boxes_to_detections(result, conf, spec.classes)
+    keep = ctx.classes(spec)
+    (result,) = ctx.predict("segmentation", [ctx.image], conf)
+    height, width = ctx.image.shape[:2]
+    segments: list[dict[str, Any]] = []
+    masks: list[np.ndarray] = []
+    if result.masks is not None and result.boxes is not None:
+        data = result.masks.data.cpu().numpy()
+        confs = result.boxes.conf.cpu().numpy()
+        classes = result.boxes.cls.cpu().numpy().astype(int)
+        for mask, score, cls in zip(data, confs, classes, strict=True):
+            name = result.names[int(cls)]
+            if score < conf or (keep and name not in keep):
+                continue
+            if mask.shape != (height, width):  # not retina: scale to the image
+                mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_LINEAR)
+            binary = mask > 0.5
+            area = int(binary.sum())
+            if area == 0 or area < params.min_area_px:
+                continue
+            ys, xs = np.nonzero(binary)
+            segments.append(
+                {
+                    "id": len(segments),
+                    "class": name,
+                    "confidence": round(float(score), 4),
+                    "area_px": area,
+                    "box": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
+                    "polygon": _polygon(binary, params.polygon_tolerance_px),
+                }
+            )
+            masks.append(binary)
+    ctx.state["segment_masks"] = masks
+    ctx.result["segmentation"] = {
+        "segments": segments,
+        "counts": count_by_class(segments),
+        "confidence_threshold": conf,
+        "image_size": [width, height],
+    }
+
+
+def _polygon(mask: np.ndarray, tolerance: float) -> list[list[int]]:
+    """The outline of the mask's largest region, simplified so the JSON stays small."""
+    contours, _ = cv2.findContours(
+        mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+    )
+    if not contours:
+        return []
+    largest = max(contours, key=cv2.contourArea)
+    if tolerance > 0:
+        largest = cv2.approxPolyDP(largest, tolerance, True)
+    return [[int(x), int(y)] for x, y in largest.reshape(-1, 2)]
+
+
+def _assign_segments(
+    detections: list[dict[str, Any]], masks: Sequence[np.ndarray], min_overlap: float
+) -> None:
+    """Each detection belongs to the segment that covers most of its box, if enough."""
+    for det in detections:
+        x1, y1, x2, y2 = (round(v) for v in det["box"])
+        best, best_share = None, 0.0
+        box_area = max(1, (x2 - x1) * (y2 - y1))
+        for i, mask in enumerate(masks):
+            share = float(mask[max(0, y1) : y2, max(0, x1) : x2].sum()) / box_area
+            if share > best_share:
+                best, best_share = i, share
+        det["segment"] = best if best_share >= min_overlap else None
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def _detection_result(
+    ctx: StepContext, found: list[dict[str, Any]], conf: float, extra: dict[str, Any]
+) -> None:
+    params = ctx.params
+    masks = ctx.state.get("segment_masks")
+    if masks is not None and getattr(params, "assign_to_segments", True):
+        _assign_segments(found, masks, getattr(params, "min_segment_overlap", 0.5))
     ctx.result["detection"] = {
         "detections": found,
         "counts": count_by_class(found),
         "confidence_threshold": conf,
-        "image_size": [int(ctx.image.shape[1]), int(ctx.image.shape[0])],
+        "image_size": _image_size(ctx.image),
+        **extra,
     }
+
+
+@register("detection", needs=("detection",), params=DetectionParams)
+def detection(ctx: StepContext) -> None:
+    """Boxes on the whole image; segment-aware when segmentation ran before it."""
+    spec = ctx.model_spec("detection")
+    conf = ctx.threshold(spec)
+    (result,) = ctx.predict("detection", [ctx.image], conf)
+    found = boxes_to_detections(result, conf, ctx.classes(spec))
+    _detection_result(ctx, found, conf, {})
+
+
+def tile_origins(length: int, size: int, overlap: float) -> list[int]:
+    """Tile starts covering [0, length): equal strides, the last tile flush with the end."""
+    if length <= size:
+        return [0]
+    stride = max(1, int(size * (1.0 - overlap)))
+    starts = list(range(0, length - size, stride))
+    starts.append(length - size)
+    return sorted(set(starts))
+
+
+def merge_tiles(candidates: list[dict[str, Any]], threshold: float) -> list[dict[str, Any]]:
+    """One box per object seen by several tiles (SAHI-style greedy merge).
+
+    Overlap is measured as intersection over the smaller box, not IoU: a shape cut by a
+    tile edge yields a partial box that lies inside the whole one but has a low IoU with
+    it. Whole boxes (not touching an inner tile edge) win over cut ones, then confidence.
+    """
+    ordered = sorted(candidates, key=lambda d: (d["_cut"], -d["confidence"]))
+    kept: list[dict[str, Any]] = []
+    for det in ordered:
+        if all(
+            other["class"] != det["class"] or _ios(other["box"], det["box"]) <= threshold
+            for other in kept
+        ):
+            kept.append(det)
+    for det in kept:
+        del det["_cut"]
+    return sorted(kept, key=lambda d: (d["box"][1], d["box"][0]))
+
+
+def _ios(a: list[float], b: list[float]) -> float:
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return iw * ih / max(smaller, 1e-6)
+
+
+@register("sliced_detection", needs=("detection",), params=SlicedDetectionParams)
+def sliced_detection(ctx: StepContext) -> None:
+    """Detection on overlapping tiles, for images much larger than the model's input:
+    small objects keep their pixels instead of being shrunk away. All tiles go to the
+    model in one call, so its batcher runs them as batches."""
+    spec = ctx.model_spec("detection")
+    params: SlicedDetectionParams = ctx.params or SlicedDetectionParams()
+    conf = ctx.threshold(spec)
+    height, width = ctx.image.shape[:2]
+    size = params.slice_size
+    tiles = [
+        (x, y, min(x + size, width), min(y + size, height))
+        for y in tile_origins(height, size, params.overlap)
+        for x in tile_origins(width, size, params.overlap)
+    ]
+    crops = [np.ascontiguousarray(ctx.image[y0:y1, x0:x1]) for x0, y0, x1, y1 in tiles]
+    results = ctx.predict("detection", crops, conf)
+    candidates: list[dict[str, Any]] = []
+    edge = 2.0  # px: a box this close to an inner tile edge was cut by it
+    for (x0, y0, x1, y1), result in zip(tiles, results, strict=True):
+        for det in boxes_to_detections(result, conf, ctx.classes(spec), offset=(x0, y0)):
+            bx1, by1, bx2, by2 = det["box"]
+            det["_cut"] = (
+                (x0 > 0 and bx1 <= x0 + edge)
+                or (y0 > 0 and by1 <= y0 + edge)
+                or (x1 < width and bx2 >= x1 - edge)
+                or (y1 < height and by2 >= y1 - edge)
+            )
+            candidates.append(det)
+    found = merge_tiles(candidates, params.merge_threshold)
+    _detection_result(
+        ctx,
+        found,
+        conf,
+        {"slices": {"count": len(tiles), "size": size, "overlap": params.overlap}},
+    )
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def square_crop(image: np.ndarray, box: Sequence[float], padding: float) -> np.ndarray:
+    """The framing the demo classifier is trained on: a square around the box, grown by
+    `padding` of its longer side on each side, clipped to the image."""
+    x1, y1, x2, y2 = box
+    side = max(x2 - x1, y2 - y1) * (1.0 + 2.0 * padding)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    h, w = image.shape[:2]
+    xa, ya = max(0, round(cx - side / 2)), max(0, round(cy - side / 2))
+    xb, yb = min(w, round(cx + side / 2)), min(h, round(cy + side / 2))
+    return np.ascontiguousarray(image[ya:yb, xa:xb])
+
+
+@register(
+    "classification",
+    needs=("classification",),
+    params=ClassificationParams,
+    after=("detection", "sliced_detection"),
+)
+def classification(ctx: StepContext) -> None:
+    """A label per detection from its crop; all crops in one (batched) model call."""
+    spec = ctx.model_spec("classification")
+    params: ClassificationParams = ctx.params or ClassificationParams()
+    conf = ctx.threshold(spec)
+    keep = ctx.classes(spec)
+    detections = ctx.result["detection"]["detections"]
+    crops = [square_crop(ctx.image, d["box"], params.crop_padding) for d in detections]
+    results = ctx.predict("classification", crops, conf) if crops else []
+    items = []
+    for i, (det, result) in enumerate(zip(detections, results, strict=True)):
+        top1 = int(result.probs.top1)
+        score = float(result.probs.top1conf)
+        name = result.names[top1]
+        accepted = score >= conf and (not keep or name in keep)
+        items.append(
+            {
+                "detection": i,
+                "detected_class": det["class"],
+                "box": det["box"],
+                "class": name if accepted else None,
+                "confidence": round(score, 4),
+            }
+        )
+    ctx.result["classification"] = {
+        "items": items,
+        "counts": count_by_class(items),
+        "unlabelled": sum(1 for item in items if item["class"] is None),
+        "confidence_threshold": conf,
+    }
+
+
+# --------------------------------------------------------------------------- estimation
+
+
+@register(
+    "estimation",
+    params=EstimationParams,
+    after=("detection", "sliced_detection", "segmentation"),
+)
+def estimation(ctx: StepContext) -> None:
+    """Counts per class and per segment, mask coverage, and sizes (cm with px_per_cm)."""
+    params: EstimationParams = ctx.params or EstimationParams()
+    px_per_cm = params.px_per_cm or ctx.config.px_per_cm
+    detections = (ctx.result.get("detection") or {}).get("detections", [])
+    height, width = ctx.image.shape[:2]
+    out: dict[str, Any] = {
+        "counts": count_by_class(detections),
+        "total": len(detections),
+        "px_per_cm": px_per_cm,
+        "sizes": _sizes(detections, px_per_cm),
+    }
+    segmentation_result = ctx.result.get("segmentation")
+    if segmentation_result is not None:
+        masks: list[np.ndarray] = ctx.state.get("segment_masks", [])
+        covered = int(np.logical_or.reduce(masks).sum()) if masks else 0
+        out["coverage_percent"] = round(100.0 * covered / (height * width), 2)
+        out["covered_px"] = covered
+        if px_per_cm:
+            out["covered_cm2"] = round(covered / px_per_cm**2, 2)
+        per_segment = []
+        for segment in segmentation_result["segments"]:
+            inside = [d for d in detections if d.get("segment") == segment["id"]]
+            entry = {
+                "segment": segment["id"],
+                "class": segment["class"],
+                "area_px": segment["area_px"],
+                "coverage_percent": round(100.0 * segment["area_px"] / (height * width), 2),
+                "counts": count_by_class(inside),
+            }
+            if px_per_cm:
+                entry["area_cm2"] = round(segment["area_px"] / px_per_cm**2, 2)
+            per_segment.append(entry)
+        out["per_segment"] = per_segment
+        out["outside_segments"] = count_by_class(
+            [d for d in detections if d.get("segment") is None]
+        )
+    labels = ctx.result.get("classification")
+    if labels is not None:
+        out["labels"] = labels["counts"]
+    ctx.result["estimation"] = out
+
+
+def _sizes(detections: list[dict[str, Any]], px_per_cm: float | None) -> dict[str, Any]:
+    """Mean box width and height per class, in pixels and, when calibrated, cm."""
+    by_class: dict[str, list[tuple[float, float]]] = {}
+    for det in detections:
+        x1, y1, x2, y2 = det["box"]
+        by_class.setdefault(det["class"], []).append((x2 - x1, y2 - y1))
+    sizes: dict[str, Any] = {}
+    for name, dims in sorted(by_class.items()):
+        w = float(np.mean([d[0] for d in dims]))
+        h = float(np.mean([d[1] for d in dims]))
+        entry: dict[str, Any] = {"mean_width_px": round(w, 1), "mean_height_px": round(h, 1)}
+        if px_per_cm:
+            entry["mean_width_cm"] = round(w / px_per_cm, 2)
+            entry["mean_height_cm"] = round(h / px_per_cm, 2)
+        sizes[name] = entry
+    return sizes

@@ -1,0 +1,344 @@
+"""Optional HTTP callback with a task's result summary, sent after the result is committed.
+
+A callback URL is attacker-controlled input that makes the worker open a connection from
+inside the cluster, so it is checked the way an SSRF filter must be: https only (unless
+configured), and every address the host resolves to must be public: no private,
+loopback, link-local (the metadata server is 169.254.169.254), shared, multicast or
+reserved ranges. The connection then goes to the address that was checked, never to a
+second DNS answer, so a rebinding name cannot swap in an internal address. Redirects are
+not followed.
+
+A callback never decides what happens to the message: the result is already committed
+and the message is acked whatever the receiver does. The outcome (delivered, failed
+after retries, refused) is recorded on the task's row, and callbacks run on their own
+small thread pool so a slow receiver holds neither a runner nor the ack.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import json
+import logging
+import socket
+import ssl
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from gannet.errors import ErrorCode, GannetError, PermanentError, TransientError
+from gannet.metrics import Metrics
+from gannet.settings import Settings
+from gannet.task import Task
+
+log = logging.getLogger(__name__)
+
+# Not covered by ipaddress' is_private & co. on every Python version, and never a
+# legitimate receiver: carrier-grade NAT (also Alibaba's metadata), and AWS' IPv6 metadata.
+_BLOCKED_NETWORKS = [
+    ipaddress.ip_network("100.64.0.0/10"),
+    ipaddress.ip_network("fd00:ec2::254/128"),
+    ipaddress.ip_network("192.0.0.0/24"),
+]
+_METADATA_HOSTS = {"metadata", "metadata.google.internal", "metadata.goog"}
+
+
+@dataclass(frozen=True)
+class CallbackPolicy:
+    timeout_s: float = 5.0
+    retries: int = 2  # after the first attempt
+    backoff_s: float = 0.5  # doubled per retry
+    allow_http: bool = False
+    allow_private: bool = False  # local runs and tests only: lets loopback through
+    ca_file: str | None = None  # extra CA bundle for receivers with a private CA
+
+
+class CallbackRefused(PermanentError):
+    """The URL may not be called (scheme or address); retrying cannot change that."""
+
+
+def _refuse(message: str) -> CallbackRefused:
+    return CallbackRefused(ErrorCode.SCHEMA_ERROR, message)
+
+
+def blocked_reason(address: str) -> str | None:
+    """Why an IP address must not be called, or None when it is public."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    checks = [
+        ("loopback", ip.is_loopback),
+        ("link-local (metadata server range)", ip.is_link_local),
+        ("private", ip.is_private),
+        ("multicast", ip.is_multicast),
+        ("unspecified", ip.is_unspecified),
+        ("reserved", ip.is_reserved),
+        ("not globally routable", any(ip in net for net in _BLOCKED_NETWORKS)),
+        ("not globally routable", not ip.is_global),
+    ]
+    for reason, hit in checks:
+        if hit:
+            return reason
+    return None
+
+
+@dataclass(frozen=True)
+class Target:
+    scheme: str
+    host: str
+    port: int
+    path: str
+    address: str  # the checked IP the connection goes to
+
+
+def resolve(url: str, policy: CallbackPolicy) -> Target:
+    """The URL's host resolved and checked; CallbackRefused when any answer is internal.
+
+    Every answer is checked, not only the first: a name that resolves to one public and
+    one private address is refused, since the client might pick either.
+    """
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme != "https" and not (scheme == "http" and policy.allow_http):
+        raise _refuse(f"callback must be https (got {scheme or 'no scheme'}://)")
+    if parts.username or parts.password:
+        raise _refuse("callback URL must not carry credentials")
+    host = (parts.hostname or "").rstrip(".").lower()
+    if not host:
+        raise _refuse("callback URL has no host")
+    if host in _METADATA_HOSTS and not policy.allow_private:
+        raise _refuse(f"callback host {host!r} is the metadata server")
+    try:
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError as exc:
+        raise _refuse(f"callback URL has a bad port: {exc}") from exc
+    try:
+        answers = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise TransientError(
+            ErrorCode.DEPENDENCY_UNAVAILABLE, f"cannot resolve callback host {host!r}: {exc}"
+        ) from exc
+    addresses = list(dict.fromkeys(str(a[4][0]) for a in answers))
+    if not addresses:
+        raise TransientError(ErrorCode.DEPENDENCY_UNAVAILABLE, f"{host!r} has no address")
+    if not policy.allow_private:
+        for address in addresses:
+            reason = blocked_reason(address)
+            if reason:
+                raise _refuse(f"callback host {host!r} resolves to {address}, which is {reason}")
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    return Target(scheme, host, port, path, addresses[0])
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """Connects to the checked address; the Host header keeps the name."""
+
+    def __init__(self, target: Target, timeout: float) -> None:
+        super().__init__(target.host, target.port, timeout=timeout)
+        self._address = target.address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """TLS to the checked address, with SNI and certificate checks for the host name."""
+
+    def __init__(self, target: Target, timeout: float, context: ssl.SSLContext) -> None:
+        super().__init__(target.host, target.port, timeout=timeout, context=context)
+        self._address = target.address
+        self._ctx = context
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._ctx.wrap_socket(sock, server_hostname=self.host)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    status: str  # delivered | failed | refused
+    detail: str
+    attempts: int
+
+    def row_text(self) -> str:
+        return f"{self.status}: {self.detail}"[:1000]
+
+
+def summary(task: Task, result: dict[str, Any], result_uri: str) -> dict[str, Any]:
+    """What the receiver gets: enough to act on, the full result stays at result_uri."""
+    counts: dict[str, Any] = {}
+    for key in ("segmentation", "detection", "classification", "estimation"):
+        section = result.get(key)
+        if isinstance(section, dict) and isinstance(section.get("counts"), dict):
+            counts[key] = section["counts"]
+    return {
+        "task_id": task.task_id,
+        "tenant_id": task.tenant_id,
+        "pipeline": task.pipeline,
+        "status": "succeeded",
+        "session_id": task.session_id,
+        "image_id": task.image_id,
+        "result_uri": result_uri,
+        "counts": counts,
+        "duration_ms": result.get("duration_ms"),
+        "processed_at": result.get("processed_at"),
+    }
+
+
+class CallbackClient:
+    """POSTs JSON with a timeout and retries (backoff) on network errors, 429 and 5xx."""
+
+    def __init__(self, policy: CallbackPolicy, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.policy = policy
+        self._sleep = sleep
+        self._context = ssl.create_default_context(cafile=policy.ca_file)
+
+    def send(self, url: str, payload: dict[str, Any]) -> Delivery:
+        body = json.dumps(payload, separators=(",", ":"), default=str).encode()
+        attempts = self.policy.retries + 1
+        last = "not attempted"
+        for attempt in range(1, attempts + 1):
+            if attempt > 1:
+                self._sleep(self.policy.backoff_s * 2 ** (attempt - 2))
+            try:
+                target = resolve(url, self.policy)  # again per attempt: answers may change
+            except CallbackRefused as exc:
+                return Delivery("refused", exc.message, attempt - 1)
+            except TransientError as exc:
+                last = exc.message
+                continue
+            try:
+                status = self._post(target, body)
+            except (OSError, http.client.HTTPException) as exc:
+                last = f"{exc.__class__.__name__}: {exc}"
+                continue
+            if 200 <= status < 300:
+                return Delivery("delivered", f"HTTP {status}", attempt)
+            last = f"HTTP {status}"
+            if status != 429 and status < 500:
+                return Delivery("failed", last, attempt)  # the receiver said no: final
+        return Delivery("failed", f"{last} after {attempts} attempts", attempts)
+
+    def _post(self, target: Target, body: bytes) -> int:
+        timeout = self.policy.timeout_s
+        conn: http.client.HTTPConnection
+        if target.scheme == "https":
+            conn = _PinnedHTTPSConnection(target, timeout, self._context)
+        else:
+            conn = _PinnedHTTPConnection(target, timeout)
+        try:
+            conn.request(
+                "POST",
+                target.path,
+                body=body,
+                headers={"Content-Type": "application/json", "User-Agent": "gannet-callback"},
+            )
+            response = conn.getresponse()
+            response.read(64 * 1024)
+            return response.status
+        finally:
+            conn.close()
+
+
+RecordStatus = Callable[[str, str, str], None]  # (task_id, tenant_id, status text)
+
+
+class Callbacks:
+    """Sends callbacks off the runner threads and records each outcome on the row."""
+
+    def __init__(
+        self,
+        client: CallbackClient,
+        record: RecordStatus,
+        metrics: Metrics,
+        workers: int = 4,
+    ) -> None:
+        self.client = client
+        self._record = record
+        self._metrics = metrics
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="callback")
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._abort = False
+
+    def submit(self, task: Task, result: dict[str, Any], result_uri: str) -> None:
+        """Called after the commit; returns at once."""
+        if not task.callback_url:
+            return
+        payload = summary(task, result, result_uri)
+        with self._lock:
+            self._pending += 1
+        try:
+            self._pool.submit(self._deliver, task, payload)
+        except RuntimeError:  # shutting down: the pool takes no more work
+            with self._lock:
+                self._pending -= 1
+            self._save(task, Delivery("failed", "worker shutting down", 0))
+
+    def pending(self) -> int:
+        with self._lock:
+            return self._pending
+
+    def _deliver(self, task: Task, payload: dict[str, Any]) -> None:
+        try:
+            assert task.callback_url is not None
+            if self._abort:
+                delivery = Delivery("failed", "worker shut down before sending", 0)
+            else:
+                delivery = self.client.send(task.callback_url, payload)
+            self._save(task, delivery)
+        finally:
+            with self._lock:
+                self._pending -= 1
+
+    def _save(self, task: Task, delivery: Delivery) -> None:
+        self._metrics.callbacks.labels(delivery.status).inc()
+        level = logging.INFO if delivery.status == "delivered" else logging.WARNING
+        log.log(
+            level,
+            f"callback {delivery.status}",
+            extra={
+                "task_id": task.task_id,
+                "tenant_id": task.tenant_id,
+                "fields": {"detail": delivery.detail, "attempts": delivery.attempts},
+            },
+        )
+        try:
+            self._record(task.task_id, task.tenant_id, delivery.row_text())
+        except GannetError as exc:
+            log.error(
+                "could not record the callback status on the row",
+                extra={"task_id": task.task_id, "fields": {"error": str(exc)}},
+            )
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Let queued callbacks finish for up to timeout_s; the ones still queued then are
+        recorded as failed on their rows instead of being sent."""
+        deadline = time.monotonic() + timeout_s
+        while self.pending() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._abort = True
+        self._pool.shutdown(wait=True)
+
+
+def policy_from(settings: Settings) -> CallbackPolicy:
+    return CallbackPolicy(
+        timeout_s=settings.callback_timeout_s,
+        retries=settings.callback_retries,
+        backoff_s=settings.callback_backoff_s,
+        allow_http=settings.allow_http_callbacks,
+        allow_private=settings.callback_allow_private_addresses,
+        ca_file=settings.callback_ca_file,
+    )
+
+
+def build_callbacks(settings: Settings, record: RecordStatus, metrics: Metrics) -> Callbacks:
+    return Callbacks(
+        CallbackClient(policy_from(settings)), record, metrics, settings.callback_workers
+    )
