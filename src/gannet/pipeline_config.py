@@ -336,6 +336,11 @@ class DeploymentConfig(BaseModel):
         None, description="Industry of tenants not listed; omitted = unlisted tenants are refused."
     )
 
+    @field_validator("tenants", mode="before")
+    @classmethod
+    def _empty_tenants(cls, value: object) -> object:
+        return {} if value is None else value  # `tenants:` with nothing under it
+
     @model_validator(mode="after")
     def _industries_exist(self) -> DeploymentConfig:
         for tenant, industry in self.tenants.items():

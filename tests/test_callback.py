@@ -1,0 +1,351 @@
+"""Result callbacks: the address filter with real DNS, real HTTP(S) receivers on 127.0.0.1,
+and the hook in Processor with PostgreSQL, the GCS emulator and the real demo model.
+
+Loopback is refused by default, so the tests that talk to a local receiver opt in with
+`allow_private=True` (GANNET_CALLBACK_ALLOW_PRIVATE_ADDRESSES); the filter itself is
+tested with the default policy.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SAMPLES, SCENES, expected_counts
+
+from gannet import clients
+from gannet.callback import (
+    CallbackClient,
+    CallbackPolicy,
+    CallbackRefused,
+    Callbacks,
+    blocked_reason,
+    resolve,
+)
+from gannet.metrics import Metrics
+from gannet.model_cache import ModelCache, ModelResolver, yolo_loader
+from gannet.outcome import Decision, Processor
+from gannet.pipeline import Limits, Pipeline
+from gannet.pipeline_config import open_configs
+from gannet.publish import make_task, upload_image
+from gannet.settings import REPO_ROOT
+from gannet.sink import Sink
+from gannet.storage import Storage, local_version, read_local
+
+LOCAL = CallbackPolicy(
+    timeout_s=2.0, retries=2, backoff_s=0.01, allow_http=True, allow_private=True
+)
+
+
+class Receiver:
+    """A real HTTP(S) server on 127.0.0.1 that answers with scripted status codes."""
+
+    def __init__(
+        self, statuses: list[int], delay_s: float = 0.0, tls: ssl.SSLContext | None = None
+    ) -> None:
+        self.statuses = list(statuses)
+        self.requests: list[dict[str, Any]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.requests.append(
+                    {"path": self.path, "body": json.loads(body), "host": self.headers["Host"]}
+                )
+                time.sleep(delay_s)
+                status = (
+                    receiver.statuses.pop(0) if len(receiver.statuses) > 1 else receiver.statuses[0]
+                )
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, scheme: str = "http", host: str = "127.0.0.1") -> str:
+        return f"{scheme}://{host}:{self.port}/hooks/gannet?x=1"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver_factory() -> Iterator[Any]:
+    made: list[Receiver] = []
+
+    def make(*args: Any, **kwargs: Any) -> Receiver:
+        made.append(Receiver(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("::1", "loopback"),
+        ("10.1.2.3", "private"),
+        ("192.168.0.10", "private"),
+        ("172.16.5.4", "private"),
+        ("169.254.169.254", "link-local"),
+        ("fe80::1", "link-local"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("100.100.100.200", "not globally routable"),
+        ("0.0.0.0", "private"),  # 0.0.0.0/8 is in the private registry
+        ("224.0.0.1", "multicast"),
+        ("fd00:ec2::254", "private"),
+    ],
+)
+def test_internal_addresses_are_blocked(address, reason):
+    assert reason in (blocked_reason(address) or "")
+
+
+def test_public_addresses_pass():
+    assert blocked_reason("8.8.8.8") is None
+    assert blocked_reason("2001:4860:4860::8888") is None
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://localhost/hook", "resolves to"),  # real DNS: localhost -> loopback
+        ("https://127.0.0.1/hook", "loopback"),
+        ("https://[::1]:8443/hook", "loopback"),
+        ("https://169.254.169.254/computeMetadata/v1/", "link-local"),
+        ("https://metadata.google.internal/x", "metadata server"),
+        ("https://10.0.0.8/hook", "private"),
+        ("http://8.8.8.8/hook", "must be https"),
+        ("ftp://8.8.8.8/hook", "must be https"),
+        ("https://user:pw@8.8.8.8/hook", "credentials"),
+    ],
+)
+def test_the_default_policy_refuses_before_connecting(url, expected):
+    with pytest.raises(CallbackRefused) as err:
+        resolve(url, CallbackPolicy())
+    assert expected in err.value.message
+
+
+def test_a_refused_url_is_never_contacted(receiver_factory):
+    """Default policy + a live receiver on loopback: nothing reaches it, status refused."""
+    receiver = receiver_factory([200])
+    delivery = CallbackClient(CallbackPolicy(allow_http=True)).send(receiver.url(), {"a": 1})
+    assert delivery.status == "refused" and "loopback" in delivery.detail
+    assert receiver.requests == []
+
+
+def test_delivered_with_the_summary_and_the_host_name(receiver_factory):
+    receiver = receiver_factory([204])
+    delivery = CallbackClient(LOCAL).send(receiver.url(host="localhost"), {"task_id": "t1"})
+    assert (delivery.status, delivery.attempts) == ("delivered", 1)
+    assert receiver.requests == [
+        {
+            "path": "/hooks/gannet?x=1",
+            "body": {"task_id": "t1"},
+            "host": f"localhost:{receiver.port}",
+        }
+    ]
+
+
+def test_5xx_and_429_are_retried_with_backoff_then_delivered(receiver_factory):
+    receiver = receiver_factory([503, 429, 200])
+    sleeps: list[float] = []
+    delivery = CallbackClient(LOCAL, sleep=sleeps.append).send(receiver.url(), {"n": 1})
+    assert (delivery.status, delivery.attempts) == ("delivered", 3)
+    assert len(receiver.requests) == 3
+    assert sleeps == [0.01, 0.02], "backoff doubles per retry"
+
+
+def test_a_receiver_that_keeps_failing_gets_exactly_retries_plus_one_tries(receiver_factory):
+    receiver = receiver_factory([500])
+    delivery = CallbackClient(LOCAL).send(receiver.url(), {"n": 1})
+    assert delivery.status == "failed" and delivery.detail == "HTTP 500 after 3 attempts"
+    assert len(receiver.requests) == 3
+
+
+def test_a_4xx_is_final(receiver_factory):
+    receiver = receiver_factory([404])
+    delivery = CallbackClient(LOCAL).send(receiver.url(), {"n": 1})
+    assert (delivery.status, delivery.detail, len(receiver.requests)) == ("failed", "HTTP 404", 1)
+
+
+def test_a_slow_receiver_times_out(receiver_factory):
+    receiver = receiver_factory([200], delay_s=1.5)
+    policy = CallbackPolicy(
+        timeout_s=0.3, retries=1, backoff_s=0.0, allow_http=True, allow_private=True
+    )
+    started = time.monotonic()
+    delivery = CallbackClient(policy).send(receiver.url(), {"n": 1})
+    assert delivery.status == "failed" and "timed out" in delivery.detail.lower()
+    assert time.monotonic() - started < 1.5
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_https_verifies_the_certificate_for_the_host_name(receiver_factory, tmp_path):
+    cert, key = _self_signed(tmp_path)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    receiver = receiver_factory([200], tls=tls)
+    https_only = CallbackPolicy(timeout_s=2.0, retries=0, allow_private=True)
+
+    untrusted = CallbackClient(https_only).send(receiver.url("https", "localhost"), {"n": 1})
+    assert untrusted.status == "failed" and "CERTIFICATE_VERIFY_FAILED" in untrusted.detail
+
+    trusted = CallbackPolicy(timeout_s=2.0, retries=0, allow_private=True, ca_file=str(cert))
+    ok = CallbackClient(trusted).send(receiver.url("https", "localhost"), {"n": 1})
+    assert ok.status == "delivered"
+    # The certificate names localhost, not the IP the connection is pinned to: the name
+    # is what TLS checks, so connecting to 127.0.0.1 by address must fail verification.
+    by_ip = CallbackClient(trusted).send(receiver.url("https", "127.0.0.1"), {"n": 1})
+    assert by_ip.status == "failed"
+    assert len(receiver.requests) == 1
+
+
+# ------------------------------------------------------------- the hook in the Processor
+
+
+@pytest.fixture
+def processor_parts(services, tmp_path):
+    """A Processor built from real parts: the demo config and model, the GCS emulator,
+    PostgreSQL. It is the daemon's code path without Pub/Sub around it."""
+    from gannet import demo
+
+    settings = demo.local_settings(services)
+    storage = Storage(clients.storage_client(settings))
+    sink = Sink(settings.database_url, pool_size=2)
+    sink.open()
+    metrics = Metrics()
+    cache = ModelCache(yolo_loader(lambda uri, version: Path(uri)), metrics)
+    configs = open_configs(str(REPO_ROOT / "configs" / "demo.yaml"), read_local, local_version)
+    pipeline = Pipeline(
+        configs,
+        storage,
+        cache,
+        ModelResolver(local_version),
+        Limits(settings.allowed_buckets, 10**8, 10**8),
+    )
+    callbacks = Callbacks(CallbackClient(LOCAL), sink.set_callback_status, metrics, workers=2)
+    processor = Processor(pipeline, sink, storage, settings.results_bucket, metrics, callbacks)
+    yield settings, storage, processor, callbacks, metrics
+    callbacks.close()
+    cache.close()
+    sink.close()
+
+
+def _run(settings, storage, processor, tenant: str, callback_url: str | None):
+    url = upload_image(
+        storage, settings.allowed_buckets[0], tenant, SAMPLES / SCENES[0]["file"], "cb"
+    )
+    task = make_task(
+        tenant, url, "DETECTION", f"{tenant}-{uuid.uuid4().hex[:8]}", callback_url=callback_url
+    )
+    loaded = processor.pipeline.check(task)
+    return task, processor.process(task, loaded, 1, "cpu")
+
+
+def _callback_status(settings, tenant: str, task_id: str, timeout_s: float = 20) -> str | None:
+    from gannet import demo
+
+    deadline = time.monotonic() + timeout_s
+    status = None
+    while time.monotonic() < deadline:
+        row = demo.fetch_rows(settings.database_url, tenant, [task_id])[task_id]
+        status = row["callback_status"]
+        if status:
+            return status
+        time.sleep(0.1)
+    return status
+
+
+def test_callback_after_commit_records_delivery_on_the_row(processor_parts, receiver_factory):
+    settings, storage, processor, _, _ = processor_parts
+    receiver = receiver_factory([200])
+    tenant = f"cb-{uuid.uuid4().hex[:6]}"
+    task, outcome = _run(settings, storage, processor, tenant, receiver.url())
+    assert outcome.decision is Decision.ACK and outcome.label == "succeeded"
+    assert _callback_status(settings, tenant, task.task_id) == "delivered: HTTP 200"
+    (request,) = receiver.requests
+    body = request["body"]
+    assert body["task_id"] == task.task_id and body["status"] == "succeeded"
+    assert body["counts"]["detection"] == expected_counts(SCENES[0])
+    assert body["result_uri"] == f"gs://{settings.results_bucket}/{tenant}/{task.task_id}.json"
+
+
+def test_a_failing_callback_is_recorded_and_the_task_stays_acked(processor_parts, receiver_factory):
+    """No redelivery loop, no lost result: ack, the row is a success, the callback's
+    failure is on the row, and a redelivery is a duplicate that does not call again."""
+    settings, storage, processor, _, metrics = processor_parts
+    receiver = receiver_factory([500])
+    tenant = f"cb-{uuid.uuid4().hex[:6]}"
+    task, outcome = _run(settings, storage, processor, tenant, receiver.url())
+    assert outcome.decision is Decision.ACK
+    assert _callback_status(settings, tenant, task.task_id) == "failed: HTTP 500 after 3 attempts"
+    assert len(receiver.requests) == 3
+    again = processor.process(task, processor.pipeline.check(task), 2, "cpu")
+    assert again.decision is Decision.ACK and again.label == "duplicate"
+    time.sleep(0.3)
+    assert len(receiver.requests) == 3
+    assert metrics.registry.get_sample_value("gannet_callbacks_total", {"result": "failed"}) == 1
+
+
+def test_a_refused_callback_is_recorded(processor_parts):
+    settings, storage, processor, callbacks, _ = processor_parts
+    callbacks.client = CallbackClient(CallbackPolicy())  # the production default
+    tenant = f"cb-{uuid.uuid4().hex[:6]}"
+    task, outcome = _run(settings, storage, processor, tenant, "https://169.254.169.254/x")
+    assert outcome.decision is Decision.ACK
+    status = _callback_status(settings, tenant, task.task_id)
+    assert status is not None and status.startswith("refused:") and "link-local" in status

@@ -1,0 +1,212 @@
+"""Industry and deployment configs: the shipped ones are valid, step params are checked up
+front, one deployment serves several industries (or one, with GANNET_INDUSTRY), configs
+in gs:// reload by generation, and a bad push keeps the last good config serving."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from gannet import clients, demo
+from gannet.errors import ErrorCode, PermanentError
+from gannet.metrics import Metrics
+from gannet.pipeline import build_configs, config_uri
+from gannet.pipeline_config import (
+    ConfigError,
+    ConfigSource,
+    DeploymentSource,
+    open_configs,
+    parse_config,
+)
+from gannet.settings import REPO_ROOT, Settings
+from gannet.steps import SlicedDetectionParams
+from gannet.storage import Storage, local_version, read_local
+
+CONFIGS = REPO_ROOT / "configs"
+BASE = """
+industry: agro
+version: 1
+models:
+  detection: {path: d.pt}
+  segmentation: {path: s.pt}
+  classification: {path: c.pt, enabled: false}
+pipelines:
+"""
+
+
+def test_the_shipped_configs_are_valid_and_have_the_promised_pipelines():
+    expected = {
+        "agro": {"DETECTION", "FULL_PIPELINE", "FIELD_ANALYSIS"},
+        "vending": {"DETECTION", "SHELF_AUDIT", "FULL_PIPELINE"},
+        "demo": {"DETECTION"},
+    }
+    for industry, pipelines in expected.items():
+        source = open_configs(str(CONFIGS / f"{industry}.yaml"), read_local, local_version)
+        assert isinstance(source, ConfigSource)
+        config = source.current().config
+        assert config.industry == industry and set(config.pipelines) == pipelines
+    agro = parse_config((CONFIGS / "agro.yaml").read_text(), "agro.yaml")
+    assert [s.name for s in agro.pipelines["FULL_PIPELINE"]] == [
+        "segmentation",
+        "detection",
+        "estimation",
+    ]
+    field = agro.pipelines["FIELD_ANALYSIS"]
+    sliced = next(s for s in field if s.name == "sliced_detection")
+    assert isinstance(sliced.parsed, SlicedDetectionParams) and sliced.parsed.slice_size == 640
+    vending = parse_config((CONFIGS / "vending.yaml").read_text(), "vending.yaml")
+    assert [s.name for s in vending.pipelines["SHELF_AUDIT"]] == [
+        "segmentation",
+        "detection",
+        "classification",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "expected"),
+    [
+        (
+            "  P: [{sliced_detection: {slice_sise: 512}}]",
+            "pipelines.P.0.params.slice_sise: Extra inputs are not permitted",
+        ),
+        ("  P: [{sliced_detection: {overlap: 0.95}}]", "pipelines.P.0.params.overlap"),
+        ("  P: [detection, {estimation: {px_per_cm: -1}}]", "pipelines.P.1.params.px_per_cm"),
+        (
+            "  P: [{detection: {confidence_threshold: 2}}]",
+            "pipelines.P.0.params.confidence_threshold",
+        ),
+        (
+            "  P: [segmentation, estimation, {detection: {classes: circle}}]",
+            "pipelines.P.2.params.classes",
+        ),
+        ("  P: [estimation]", "must come after one of detection, sliced_detection"),
+        ("  P: [segmentation]\n  Q: [classification]", "needs an enabled models.classification"),
+    ],
+)
+def test_step_params_and_order_are_checked_when_the_config_loads(pipeline, expected):
+    with pytest.raises(ConfigError) as err:
+        parse_config(BASE + pipeline + "\n", "gs://models/agro/config.yaml")
+    message = str(err.value)
+    assert message.startswith("gs://models/agro/config.yaml: ")
+    assert expected in message
+
+
+def _deployment(
+    tmp: Path, tenants: dict[str, str], default: str | None = None, version: str = "1"
+) -> Path:
+    lines = [
+        "deployment: test",
+        "industries:",
+        f"  agro: {CONFIGS / 'agro.yaml'}",
+        f"  vending: {CONFIGS / 'vending.yaml'}",
+        "tenants:",
+        *[f"  {t}: {i}" for t, i in tenants.items()],
+        f"# version {version}",
+    ]
+    if default:
+        lines.append(f"default_industry: {default}")
+    path = tmp / "deployment.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_one_deployment_serves_each_tenant_with_its_industry(tmp_path):
+    path = _deployment(tmp_path, {"farm-a": "agro", "shop-b": "vending"})
+    source = open_configs(str(path), read_local, local_version)
+    assert isinstance(source, DeploymentSource)
+    assert source.for_tenant("farm-a").config.industry == "agro"
+    assert source.for_tenant("shop-b").config.industry == "vending"
+    assert sorted(c.config.industry for c in source.served()) == ["agro", "vending"]
+    with pytest.raises(PermanentError) as err:
+        source.for_tenant("stranger")
+    assert err.value.code is ErrorCode.UNKNOWN_TENANT
+
+    with_default = open_configs(
+        str(_deployment(tmp_path, {}, default="vending")), read_local, local_version
+    )
+    assert with_default.for_tenant("stranger").config.industry == "vending"
+
+
+def test_gannet_industry_narrows_a_deployment_and_must_match_a_single_config(tmp_path):
+    path = _deployment(tmp_path, {"farm-a": "agro", "shop-b": "vending"})
+    only_agro = open_configs(str(path), read_local, local_version, industry="agro")
+    assert [c.config.industry for c in only_agro.served()] == ["agro"]
+    assert only_agro.for_tenant("farm-a").config.industry == "agro"
+    with pytest.raises(PermanentError) as err:
+        only_agro.for_tenant("shop-b")
+    assert err.value.code is ErrorCode.UNKNOWN_TENANT and "does not serve" in err.value.message
+
+    with pytest.raises(ConfigError, match="has no 'retail'"):
+        open_configs(str(path), read_local, local_version, industry="retail")
+    with pytest.raises(ConfigError, match="industry: is 'agro'"):
+        open_configs(str(CONFIGS / "agro.yaml"), read_local, local_version, industry="vending")
+    assert (
+        open_configs(str(CONFIGS / "agro.yaml"), read_local, local_version, industry="agro")
+        .served()[0]
+        .config.industry
+        == "agro"
+    )
+
+
+def test_a_deployment_change_is_picked_up_and_a_broken_one_is_rejected(tmp_path):
+    path = _deployment(tmp_path, {"farm-a": "agro"})
+    metrics = Metrics()
+    source = open_configs(
+        str(path),
+        read_local,
+        local_version,
+        check_every_s=0,
+        on_reload=lambda r: metrics.config_reloads.labels(r).inc(),
+    )
+    with pytest.raises(PermanentError):
+        source.for_tenant("shop-b")
+
+    _deployment(tmp_path, {"farm-a": "agro", "shop-b": "vending"}, version="2")
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    assert source.for_tenant("shop-b").config.industry == "vending"
+
+    # Names an industry config that does not exist: refused as a whole, old mapping stays.
+    path.write_text(
+        path.read_text()
+        .replace(str(CONFIGS / "vending.yaml"), "missing.yaml")
+        .replace("farm-a: agro", "farm-a: vending")
+    )
+    os.utime(path, (time.time() + 10, time.time() + 10))
+    assert source.for_tenant("farm-a").config.industry == "agro"
+    sample = metrics.registry.get_sample_value
+    assert sample("gannet_config_reloads_total", {"result": "rejected"}) == 1
+    assert sample("gannet_config_reloads_total", {"result": "loaded"}) == 1
+
+
+def test_configs_in_gcs_reload_by_generation_and_a_bad_push_keeps_serving(services):
+    """gs://MODELS_BUCKET/INDUSTRY/config.yaml, derived from GANNET_INDUSTRY and
+    GANNET_MODELS_BUCKET, on the GCS emulator."""
+    bucket = f"models-{uuid.uuid4().hex[:8]}"
+    base = demo.local_settings(services)
+    client = clients.storage_client(base)
+    client.create_bucket(bucket)
+    blob = client.bucket(bucket).blob("agro/config.yaml")
+    text = (
+        (CONFIGS / "agro.yaml").read_text().replace("../models/demo/", f"{REPO_ROOT}/models/demo/")
+    )
+    blob.upload_from_string(text)
+    settings = Settings(
+        **{**base.model_dump(exclude={"config_uri"}), "industry": "agro", "models_bucket": bucket}
+    )
+    assert config_uri(settings) == f"gs://{bucket}/agro/config.yaml"
+    metrics = Metrics()
+    source = build_configs(settings, Storage(client), metrics)
+    source._check_every_s = 0  # the daemon checks every 30 s; the test cannot wait
+    assert source.for_tenant("any").config.version == 1
+
+    blob.upload_from_string(text.replace("confidence_threshold: 0.5", "confidence_threshold: 5"))
+    assert source.for_tenant("any").config.version == 1
+    blob.upload_from_string(text.replace("version: 1", "version: 2"))
+    assert source.for_tenant("any").config.version == 2
+    sample = metrics.registry.get_sample_value
+    assert sample("gannet_config_reloads_total", {"result": "rejected"}) == 1
+    assert sample("gannet_config_reloads_total", {"result": "loaded"}) == 1
