@@ -1,0 +1,223 @@
+"""Every step with the real demo models on the sample images, checked against
+samples/manifest.json (counts, patch areas, which shape lies on which patch, colours).
+
+The steps run through Pipeline.run_image with the real ModelCache (batchers included),
+without Pub/Sub or storage around them: what is tested here is what the steps compute.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+from conftest import MANIFEST, SAMPLES, SCENES, expected_counts
+
+from gannet.metrics import Metrics
+from gannet.model_cache import ModelCache, ModelResolver, yolo_loader
+from gannet.pipeline import Limits, Pipeline, Timer
+from gannet.pipeline_config import open_configs
+from gannet.publish import make_task
+from gannet.settings import REPO_ROOT
+from gannet.steps import merge_tiles, tile_origins
+from gannet.storage import local_version, read_local
+
+CONFIGS = REPO_ROOT / "configs"
+LARGE = next(e for e in MANIFEST["images"] if e["kind"] == "large")
+WITH_PATCHES = [e for e in SCENES if e["patches"] and e["shapes"]]
+
+
+@pytest.fixture(scope="module")
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture(scope="module")
+def run(metrics, tmp_path_factory):
+    """run(config, pipeline, entry, **task options) -> result JSON."""
+    cache = ModelCache(yolo_loader(lambda uri, v: Path(uri)), metrics, max_batch=8, window_s=0.005)
+    resolver = ModelResolver(local_version)
+    pipelines: dict[str, Pipeline] = {}
+
+    def run_one(config: str | Path, pipeline: str, entry: dict[str, Any], **options) -> dict:
+        path = str(config if isinstance(config, Path) else CONFIGS / config)
+        if path not in pipelines:
+            pipelines[path] = Pipeline(
+                open_configs(path, read_local, local_version),
+                None,
+                cache,
+                resolver,
+                Limits(["gannet-images"], 1, 1),
+            )
+        p = pipelines[path]
+        task = make_task("tenant-a", "gs://gannet-images/tenant-a/x.jpg", pipeline, "t", **options)
+        image = cv2.imread(str(SAMPLES / entry["file"]))
+        return p.run_image(task, p.check(task), image, "cpu", Timer(lambda s, v: None))
+
+    yield run_one
+    cache.close()
+
+
+def _patch_mask(entry: dict[str, Any], patch: dict[str, Any]) -> np.ndarray:
+    mask = np.zeros((entry["height"], entry["width"]), dtype=np.uint8)
+    cv2.fillPoly(mask, [np.array(patch["polygon"], dtype=np.int32)], 1)
+    return mask.astype(bool)
+
+
+def _segment_to_patch(entry: dict[str, Any], segments: list[dict[str, Any]]) -> dict[int, int]:
+    """Predicted segment id -> manifest patch index, by best overlap of the polygons."""
+    out = {}
+    for seg in segments:
+        pred = np.zeros((entry["height"], entry["width"]), dtype=np.uint8)
+        cv2.fillPoly(pred, [np.array(seg["polygon"], dtype=np.int32)], 1)
+        overlaps = [
+            int((pred.astype(bool) & _patch_mask(entry, p)).sum()) for p in entry["patches"]
+        ]
+        out[seg["id"]] = int(np.argmax(overlaps))
+    return out
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def test_tiles_cover_the_image_with_the_configured_overlap():
+    assert tile_origins(480, 640, 0.2) == [0]
+    assert tile_origins(2400, 640, 0.2) == [0, 512, 1024, 1536, 1760]
+    starts = tile_origins(1800, 640, 0.25)
+    assert starts[0] == 0 and starts[-1] + 640 == 1800
+    assert all(b - a <= 480 for a, b in itertools.pairwise(starts))
+
+
+def test_merge_keeps_the_whole_box_over_a_cut_one_and_keeps_distinct_objects():
+    whole = {"class": "circle", "confidence": 0.7, "box": [100, 100, 140, 140], "_cut": False}
+    cut = {"class": "circle", "confidence": 0.9, "box": [120, 100, 140, 140], "_cut": True}
+    other_class = {"class": "square", "confidence": 0.8, "box": [100, 100, 140, 140], "_cut": False}
+    far = {"class": "circle", "confidence": 0.6, "box": [300, 300, 330, 330], "_cut": False}
+    kept = merge_tiles([cut, whole, other_class, far], threshold=0.5)
+    assert sorted((d["class"], d["box"]) for d in kept) == [
+        ("circle", [100, 100, 140, 140]),
+        ("circle", [300, 300, 330, 330]),
+        ("square", [100, 100, 140, 140]),
+    ]
+    assert all("_cut" not in d for d in kept)
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def test_detection_counts_and_filters(run, tmp_path):
+    entry = SCENES[0]
+    result = run("agro.yaml", "DETECTION", entry)
+    assert result["detection"]["counts"] == expected_counts(entry)
+    assert set(result) >= {"detection", "duration_ms", "processed_at", "industry"}
+
+    text = (
+        (CONFIGS / "agro.yaml")
+        .read_text()
+        .replace(
+            "  DETECTION:\n    - detection", "  DETECTION:\n    - detection: {classes: [circle]}"
+        )
+    )
+    tmp = tmp_path / "agro-circles.yaml"
+    tmp.write_text(text.replace("../models/demo/", f"{REPO_ROOT}/models/demo/"))
+    circles = run(tmp, "DETECTION", entry)["detection"]["counts"]
+    assert circles == {"circle": entry["counts"]["circle"]}, "the step's class filter"
+
+    strict = text.replace(
+        "- detection: {classes: [circle]}", "- detection: {confidence_threshold: 0.999}"
+    )
+    tmp.write_text(strict.replace("../models/demo/", f"{REPO_ROOT}/models/demo/"))
+    none = run(tmp, "DETECTION", entry)["detection"]
+    assert none["confidence_threshold"] == 0.999 and none["counts"] == {}
+    overridden = run(tmp, "DETECTION", entry, confidence=0.5)["detection"]
+    assert overridden["confidence_threshold"] == 0.5, "confidence_override beats the step"
+    assert overridden["counts"] == expected_counts(entry)
+
+
+def test_sliced_detection_finds_every_shape_on_the_large_image_in_batches(run, metrics):
+    whole = run("agro.yaml", "DETECTION", LARGE)["detection"]["counts"]
+    before_sum = metrics.registry.get_sample_value("gannet_batch_size_sum") or 0
+    before_count = metrics.registry.get_sample_value("gannet_batch_size_count") or 0
+    result = run("agro.yaml", "FIELD_ANALYSIS", LARGE)
+    detection = result["detection"]
+    assert detection["counts"] == expected_counts(LARGE)
+    assert whole != expected_counts(LARGE), "the whole image shrunk to 320 px misses shapes"
+    assert detection["slices"] == {"count": 20, "size": 640, "overlap": 0.2}
+    images = metrics.registry.get_sample_value("gannet_batch_size_sum") - before_sum
+    calls = metrics.registry.get_sample_value("gannet_batch_size_count") - before_count
+    assert images == 20 and calls <= 4, "the tiles go to the model as batches"
+    assert result["estimation"]["counts"] == expected_counts(LARGE)
+
+
+# --------------------------------------------------------------------------- segmentation
+
+
+@pytest.mark.parametrize("entry", WITH_PATCHES, ids=lambda e: e["file"])
+def test_segmentation_detection_and_estimation_agree_with_the_manifest(run, entry):
+    result = run("agro.yaml", "FULL_PIPELINE", entry)
+    segments = result["segmentation"]["segments"]
+    assert len(segments) == len(entry["patches"])
+    mapping = _segment_to_patch(entry, segments)
+    assert sorted(mapping.values()) == list(range(len(entry["patches"])))
+    for seg in segments:
+        truth = entry["patches"][mapping[seg["id"]]]
+        assert abs(seg["area_px"] / truth["area"] - 1) <= 0.10, (entry["file"], seg)
+        assert seg["class"] == "patch" and len(seg["polygon"]) >= 3
+
+    # Segment-aware detection: each shape's segment is the manifest's patch.
+    estimation = result["estimation"]
+    for per in estimation["per_segment"]:
+        patch = mapping[per["segment"]]
+        want = {}
+        for shape in entry["shapes"]:
+            if shape["patch"] == patch:
+                want[shape["class"]] = want.get(shape["class"], 0) + 1
+        assert per["counts"] == dict(sorted(want.items())), (entry["file"], patch)
+        assert per["area_cm2"] == pytest.approx(per["area_px"] / 4.0**2, abs=0.01)
+    outside = {}
+    for shape in entry["shapes"]:
+        if shape["patch"] is None:
+            outside[shape["class"]] = outside.get(shape["class"], 0) + 1
+    assert estimation["outside_segments"] == dict(sorted(outside.items()))
+    assert estimation["counts"] == expected_counts(entry)
+
+    union = np.zeros((entry["height"], entry["width"]), dtype=bool)
+    for patch in entry["patches"]:
+        union |= _patch_mask(entry, patch)
+    truth_percent = 100 * union.sum() / union.size
+    assert abs(estimation["coverage_percent"] - truth_percent) <= 0.1 * truth_percent
+    for name, size in estimation["sizes"].items():
+        assert size["mean_width_cm"] == pytest.approx(size["mean_width_px"] / 4.0, abs=0.01)
+        assert 22 <= size["mean_width_px"] <= 72, name
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def test_classification_labels_every_detection_with_its_colour(run):
+    for entry in SCENES:
+        result = run("vending.yaml", "SHELF_AUDIT", entry)
+        assert set(result) >= {"segmentation", "detection", "classification"}
+        assert "estimation" not in result
+        labels = result["classification"]
+        assert labels["counts"] == {k: v for k, v in entry["color_counts"].items() if v}
+        assert len(labels["items"]) == len(entry["shapes"]) and labels["unlabelled"] == 0
+
+
+def test_vending_full_pipeline_has_one_key_per_step(run):
+    entry = WITH_PATCHES[0]
+    result = run("vending.yaml", "FULL_PIPELINE", entry)
+    for key in (
+        "segmentation",
+        "detection",
+        "classification",
+        "estimation",
+        "duration_ms",
+        "processed_at",
+    ):
+        assert key in result
+    assert result["estimation"]["labels"] == result["classification"]["counts"]
+    assert "area_cm2" not in result["estimation"]["per_segment"][0], "no px_per_cm: no cm"

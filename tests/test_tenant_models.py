@@ -1,0 +1,137 @@
+"""Per-tenant models in gs://MODELS_BUCKET/models/TENANT_ID/, on the GCS emulator.
+
+The tenant models are the real demo detector with its class names changed (the weights
+are untouched), so which copy answered a request is visible in the result: a tenant's
+model answering another tenant would show up as the wrong class names.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import cv2
+import pytest
+from conftest import SAMPLES, SCENES, expected_counts
+
+from gannet import clients, demo
+from gannet.daemon import model_file, model_version
+from gannet.metrics import Metrics
+from gannet.model_cache import ModelCache, ModelResolver, tenant_model_lister, yolo_loader
+from gannet.pipeline import Limits, Pipeline, Timer
+from gannet.pipeline_config import open_configs
+from gannet.publish import make_task
+from gannet.settings import REPO_ROOT
+from gannet.storage import Storage, local_version, read_local
+
+DETECT = REPO_ROOT / "models" / "demo" / "detect.pt"
+ORIGINAL = {0: "circle", 1: "square", 2: "triangle"}
+
+
+def renamed(dst: Path, prefix: str) -> Path:
+    """The demo detector with class names `prefix`-circle etc. (same weights)."""
+    import torch
+
+    ckpt = torch.load(DETECT, map_location="cpu", weights_only=False)
+    for key in ("model", "ema"):
+        if ckpt.get(key) is not None:
+            ckpt[key].names = {i: f"{prefix}-{n}" for i, n in ORIGINAL.items()}
+    torch.save(ckpt, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory) -> Path:
+    """An ONNX export of a renamed detector (fixed input 320, batch 1, no simplifier so
+    nothing is installed or downloaded)."""
+    from ultralytics import YOLO
+
+    pt = renamed(tmp_path_factory.mktemp("onnx") / "detect.pt", "onnx")
+    out = YOLO(str(pt)).export(format="onnx", imgsz=320, simplify=False, dynamic=False)
+    return Path(out)
+
+
+@pytest.fixture
+def world(services, tmp_path):
+    """A models bucket, an industry config with the demo detector, and a Pipeline that
+    resolves per-tenant models on every call (TTL 0)."""
+    settings = demo.local_settings(services)
+    client = clients.storage_client(settings)
+    bucket = f"models-{uuid.uuid4().hex[:8]}"
+    client.create_bucket(bucket)
+    storage = Storage(client)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"industry: agro\nversion: 1\nmodels:\n  detection: {{path: {DETECT}, imgsz: 320,"
+        " confidence_threshold: 0.5}\npipelines:\n  DETECTION: [detection]\n"
+    )
+    metrics = Metrics()
+    cache = ModelCache(yolo_loader(model_file(storage, tmp_path / "cache")), metrics)
+    resolver = ModelResolver(
+        model_version(storage), ttl_s=0, list_tenant_models=tenant_model_lister(client, bucket)
+    )
+    pipeline = Pipeline(
+        open_configs(str(config), read_local, local_version),
+        storage,
+        cache,
+        resolver,
+        Limits(settings.allowed_buckets, 10**8, 10**8),
+    )
+    image = cv2.imread(str(SAMPLES / SCENES[0]["file"]))
+
+    def run(tenant: str) -> dict:
+        task = make_task(tenant, f"gs://gannet-images/{tenant}/x.jpg", "DETECTION", "t-1")
+        loaded = pipeline.check(task)
+        result = pipeline.run_image(task, loaded, image, "cpu", Timer(lambda s, v: None))
+        return result["detection"]["counts"]
+
+    def upload(tenant: str, path: Path, name: str) -> None:
+        client.bucket(bucket).blob(f"models/{tenant}/{name}").upload_from_filename(str(path))
+
+    yield run, upload, client.bucket(bucket), cache, resolver
+    cache.close()
+
+
+def test_a_tenant_model_serves_only_its_tenant_and_others_fall_back(world, tmp_path):
+    run, upload, _, cache, _ = world
+    want = expected_counts(SCENES[0])
+    upload("acme", renamed(tmp_path / "a.pt", "acme"), "detect.pt")
+    assert run("acme") == {f"acme-{k}": v for k, v in want.items()}
+    # Same prefix, different tenant: 'acme-west' must not see models/acme/.
+    assert run("acme-west") == want
+    assert run("globex") == want
+    keys = {k.tenant: k for k in cache.loaded()}
+    assert set(keys) == {None, "acme"}
+    assert keys["acme"].uri.endswith("/models/acme/detect.pt")
+    assert keys[None].uri == str(DETECT)
+
+
+def test_an_uploaded_new_model_is_used_without_restart(world, tmp_path):
+    run, upload, bucket, cache, _ = world
+    want = expected_counts(SCENES[0])
+    upload("acme", renamed(tmp_path / "v1.pt", "v1"), "detect.pt")
+    assert run("acme") == {f"v1-{k}": v for k, v in want.items()}
+    upload("acme", renamed(tmp_path / "v2.pt", "v2"), "detect.pt")
+    assert run("acme") == {f"v2-{k}": v for k, v in want.items()}
+    versions = {k.version for k in cache.loaded() if k.tenant == "acme"}
+    assert len(versions) == 2, "a new generation is a new cache key"
+    bucket.blob("models/acme/detect.pt").delete()
+    assert run("acme") == want, "without its own model the tenant gets the industry's"
+
+
+def test_onnx_tenant_models_load_and_agree_with_pt(world, onnx_model):
+    run, upload, _, cache, _ = world
+    upload("initech", onnx_model, "detect.onnx")
+    want = expected_counts(SCENES[0])
+    assert run("initech") == {f"onnx-{k}": v for k, v in want.items()}
+    (key,) = [k for k in cache.loaded() if k.tenant == "initech"]
+    assert key.uri.endswith("/models/initech/detect.onnx") and key.task == "detect"
+
+
+def test_pt_wins_over_onnx_for_the_same_kind(world, tmp_path, onnx_model):
+    _run, upload, _, _, resolver = world
+    upload("hooli", onnx_model, "detect.onnx")
+    upload("hooli", renamed(tmp_path / "h.pt", "hooli"), "detect.pt")
+    uri, _ = resolver.tenant_override("detection", "hooli")
+    assert uri.endswith("/models/hooli/detect.pt")
+    assert resolver.tenant_override("segmentation", "hooli") is None
