@@ -210,3 +210,51 @@ def test_configs_in_gcs_reload_by_generation_and_a_bad_push_keeps_serving(servic
     sample = metrics.registry.get_sample_value
     assert sample("gannet_config_reloads_total", {"result": "rejected"}) == 1
     assert sample("gannet_config_reloads_total", {"result": "loaded"}) == 1
+
+
+def test_one_daemon_serves_two_industries_and_rls_keeps_their_rows_apart(stack, tmp_path):
+    """The real daemon on a deployment config: an agro tenant and a vending tenant, each
+    gets its industry's pipeline; then, as a non-superuser with app.current_tenant set to
+    one of them, the other's row can be neither read nor written."""
+    import psycopg
+    from conftest import SCENES, expected_counts
+
+    farm, shop = f"{stack.tenant}-farm", f"{stack.tenant}-shop"
+    path = _deployment(tmp_path, {farm: "agro", shop: "vending"})
+    entry = next(e for e in SCENES if e["patches"] and e["shapes"])
+    tasks = []
+    for tenant, pipeline in ((farm, "FULL_PIPELINE"), (shop, "SHELF_AUDIT"), (shop, "NOPE")):
+        stack.tenant = tenant
+        tasks.append(stack.task(stack.upload(entry["file"]), pipeline=pipeline))
+    stack.start_daemon(GANNET_CONFIG_URI=str(path))
+    stack.publish(tasks)
+    rows = demo.wait_for_rows(
+        stack.settings.database_url,
+        {farm: [tasks[0].task_id], shop: [tasks[1].task_id, tasks[2].task_id]},
+        timeout_s=120,
+        progress=False,
+    )
+    agro, vending, unknown = (rows[t.task_id] for t in tasks)
+    assert agro["status"] == "succeeded" and agro["result"]["industry"] == "agro"
+    assert agro["result"]["estimation"]["counts"] == expected_counts(entry)
+    assert "classification" not in agro["result"]
+    assert vending["status"] == "succeeded" and vending["result"]["industry"] == "vending"
+    assert vending["result"]["classification"]["counts"] == {
+        k: v for k, v in entry["color_counts"].items() if v
+    }
+    assert "estimation" not in vending["result"]
+    assert (unknown["status"], unknown["error_code"]) == ("failed", "unknown_pipeline")
+
+    with psycopg.connect(stack.settings.database_url) as conn:
+        conn.execute("SELECT set_config('app.current_tenant', %s, false)", (farm,))
+        visible = conn.execute("SELECT task_id FROM task_results").fetchall()
+        assert visible == [(tasks[0].task_id,)]
+        updated = conn.execute(
+            "UPDATE task_results SET callback_status = 'x' WHERE task_id = %s", (tasks[1].task_id,)
+        ).rowcount
+        assert updated == 0
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(
+                "INSERT INTO task_results (task_id, tenant_id, status) VALUES (%s, %s, 'failed')",
+                (f"forged-{shop}", shop),
+            )

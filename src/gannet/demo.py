@@ -31,29 +31,94 @@ SAMPLES = REPO_ROOT / "samples"
 DEMO_TENANT = "demo-tenant"
 
 
+DEMO_FARM = "demo-farm"  # agro tenant in configs/deployment.yaml
+DEMO_SHOP = "demo-shop"  # vending tenant in configs/deployment.yaml
+DEPLOYMENT_CONFIG = REPO_ROOT / "configs" / "deployment.yaml"
+
+
 @dataclass(frozen=True)
 class DemoTask:
-    """One demo task and the counts its image is known to contain."""
+    """One demo task and what its image is known to contain."""
 
     image: str
     pipeline: str
     config: str
     tenant: str
     expected: dict[str, int]
+    expected_segments: int | None = None  # patches, when the pipeline segments
+    expected_labels: dict[str, int] | None = None  # colours, when it classifies
+
+
+def _nonzero(counts: dict[str, int]) -> dict[str, int]:
+    return {k: v for k, v in counts.items() if v}
 
 
 def demo_tasks(manifest: dict[str, Any]) -> list[DemoTask]:
-    return [
-        DemoTask(
-            entry["file"],
-            "DETECTION",
-            "demo.yaml",
-            DEMO_TENANT,
-            {k: v for k, v in entry["counts"].items() if v},
-        )
-        for entry in manifest["images"]
-        if entry.get("kind", "scene") != "large"
+    """DETECTION on every scene (demo industry), then the agro and vending pipelines."""
+    scenes = [e for e in manifest["images"] if e.get("kind", "scene") != "large"]
+    large = [e for e in manifest["images"] if e.get("kind") == "large"]
+    tasks = [
+        DemoTask(e["file"], "DETECTION", "demo.yaml", DEMO_TENANT, _nonzero(e["counts"]))
+        for e in scenes
     ]
+    tasks += [
+        DemoTask(
+            e["file"],
+            "FULL_PIPELINE",
+            "agro.yaml",
+            DEMO_FARM,
+            _nonzero(e["counts"]),
+            expected_segments=len(e["patches"]),
+        )
+        for e in scenes
+        if e["patches"]
+    ]
+    tasks += [
+        DemoTask(e["file"], "FIELD_ANALYSIS", "agro.yaml", DEMO_FARM, _nonzero(e["counts"]))
+        for e in large
+    ]
+    tasks += [
+        DemoTask(
+            e["file"],
+            "SHELF_AUDIT",
+            "vending.yaml",
+            DEMO_SHOP,
+            _nonzero(e["counts"]),
+            expected_segments=len(e["patches"]),
+            expected_labels=_nonzero(e["color_counts"]),
+        )
+        for e in scenes
+        if e["shapes"]
+    ]
+    return tasks
+
+
+def check_result(item: DemoTask, result: dict[str, Any]) -> tuple[dict[str, int], str, bool]:
+    """(counts, what else was found as text, whether everything matches the manifest)."""
+    got = {k: v for k, v in result_counts(result, item.pipeline).items() if v}
+    ok = got == item.expected
+    extra = []
+    if item.expected_segments is not None:
+        segments = len((result.get("segmentation") or {}).get("segments", []))
+        ok = ok and segments == item.expected_segments
+        extra.append(f"segments={segments}")
+        coverage = (result.get("estimation") or {}).get("coverage_percent")
+        if coverage is not None:
+            extra.append(f"cover={coverage:.1f}%")
+    if item.expected_labels is not None:
+        labels = (result.get("classification") or {}).get("counts", {})
+        ok = ok and labels == item.expected_labels
+        extra.append(counts_text(labels))
+    return got, " ".join(extra), ok
+
+
+def expected_text(item: DemoTask) -> str:
+    parts = [counts_text(item.expected)]
+    if item.expected_segments is not None:
+        parts.append(f"segments={item.expected_segments}")
+    if item.expected_labels is not None:
+        parts.append(counts_text(item.expected_labels))
+    return " ".join(parts)
 
 
 def local_settings(services: LocalServices, **overrides: Any) -> Settings:
@@ -208,7 +273,11 @@ def main(args: argparse.Namespace) -> int:
         publish_tasks(publisher, settings.topic_path(), [t for _, t in published])
         print(f"Published {len(published)} tasks to {settings.topic_path()}", flush=True)
 
-        env = {**services.env(), "GANNET_RUNNERS": str(args.runners)}
+        env = {
+            **services.env(),
+            "GANNET_RUNNERS": str(args.runners),
+            "GANNET_CONFIG_URI": str(DEPLOYMENT_CONFIG),
+        }
         daemon = DaemonProcess(env, state / "daemon.log")
         print(f"Started `gannet run` (JSON logs in {daemon.log_path}); waiting ...", flush=True)
         try:
@@ -227,9 +296,11 @@ def main(args: argparse.Namespace) -> int:
                 table.append(
                     [
                         item.image,
+                        item.tenant,
                         item.pipeline,
                         "NO RESULT",
-                        counts_text(item.expected),
+                        "",
+                        expected_text(item),
                         "MISSING",
                         "-",
                         "-",
@@ -241,9 +312,11 @@ def main(args: argparse.Namespace) -> int:
                 table.append(
                     [
                         item.image,
+                        item.tenant,
                         item.pipeline,
                         f"failed: {row['error_code']}",
-                        counts_text(item.expected),
+                        "",
+                        expected_text(item),
                         "FAILED",
                         "-",
                         "-",
@@ -251,15 +324,16 @@ def main(args: argparse.Namespace) -> int:
                 )
                 mismatches += 1
                 continue
-            got = result_counts(row["result"], item.pipeline)
-            ok = {k: v for k, v in got.items() if v} == item.expected
+            got, found, ok = check_result(item, row["result"])
             mismatches += not ok
             table.append(
                 [
                     item.image,
+                    item.tenant,
                     item.pipeline,
                     counts_text(got),
-                    counts_text(item.expected),
+                    found,
+                    expected_text(item),
                     "ok" if ok else "MISMATCH",
                     f"{row['timings'].get('total_ms', 0):.0f}",
                     row["result_uri"],
@@ -267,7 +341,18 @@ def main(args: argparse.Namespace) -> int:
             )
         print(
             format_table(
-                ["image", "pipeline", "counts", "expected", "check", "latency ms", "result"], table
+                [
+                    "image",
+                    "tenant",
+                    "pipeline",
+                    "counts",
+                    "segments / labels",
+                    "expected",
+                    "check",
+                    "latency ms",
+                    "result",
+                ],
+                table,
             )
         )
         print(
