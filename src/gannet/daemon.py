@@ -20,17 +20,17 @@ from google.api_core import exceptions as gexc
 
 from gannet import clients, logs
 from gannet.backlog import BacklogMonitor
+from gannet.callback import Callbacks, build_callbacks
 from gannet.errors import PermanentError
 from gannet.health import Health, HealthServer
 from gannet.metrics import Metrics
-from gannet.model_cache import ModelCache, ModelResolver, yolo_loader
+from gannet.model_cache import ModelCache, ModelResolver, tenant_model_lister, yolo_loader
 from gannet.outcome import Decision, Outcome, Processor, Settler, shutdown
-from gannet.pipeline import Limits, Pipeline
-from gannet.pipeline_config import ConfigSource
+from gannet.pipeline import Limits, Pipeline, build_configs
 from gannet.pool import Job, RunnerPool, resolve_devices
 from gannet.settings import Settings
 from gannet.sink import SCHEMA_VERSION, Sink
-from gannet.storage import Storage, local_version, read_local
+from gannet.storage import Storage, local_version
 from gannet.subscriber import Subscriber
 from gannet.task import parse_task
 
@@ -39,14 +39,6 @@ log = logging.getLogger(__name__)
 
 class StartupError(RuntimeError):
     """The daemon cannot start; the text says what to fix."""
-
-
-def build_config_source(settings: Settings, storage: Storage, metrics: Metrics) -> ConfigSource:
-    uri = settings.config_uri
-    on_reload = lambda result: metrics.config_reloads.labels(result).inc()  # noqa: E731
-    if uri.startswith("gs://"):
-        return ConfigSource(uri, storage.read_url, storage.generation, on_reload=on_reload)
-    return ConfigSource(uri, read_local, local_version, check_every_s=5.0, on_reload=on_reload)
 
 
 def model_version(storage: Storage) -> Any:
@@ -102,7 +94,7 @@ class Daemon:
         if sink.schema_version() < SCHEMA_VERSION:
             raise StartupError("database schema is not current: run `gannet db migrate` first")
         try:
-            configs = build_config_source(s, storage, self.metrics)
+            configs = build_configs(s, storage, self.metrics)
         except (ValueError, OSError) as exc:
             raise StartupError(f"cannot load GANNET_CONFIG_URI: {exc}") from exc
         devices = resolve_devices(s.devices)
@@ -117,7 +109,15 @@ class Daemon:
             configs,
             storage,
             cache,
-            ModelResolver(model_version(storage)),
+            ModelResolver(
+                model_version(storage),
+                ttl_s=s.model_check_s,
+                list_tenant_models=(
+                    tenant_model_lister(storage.client, s.models_bucket)
+                    if s.models_bucket
+                    else None
+                ),
+            ),
             Limits(s.allowed_buckets, s.max_image_bytes, s.max_image_pixels),
         )
         log.info("warming models", extra={"fields": {"devices": devices, "config": configs.uri}})
@@ -132,7 +132,8 @@ class Daemon:
             sink.close()
             return 0
 
-        processor = Processor(pipeline, sink, storage, s.results_bucket, self.metrics)
+        callbacks = build_callbacks(s, sink.set_callback_status, self.metrics)
+        processor = Processor(pipeline, sink, storage, s.results_bucket, self.metrics, callbacks)
         settler = Settler(publisher, s.dead_letter_topic_path(), s.subscription, self.metrics)
         pool = RunnerPool(
             devices,
@@ -216,7 +217,7 @@ class Daemon:
                 )
                 exit_code = 1
                 break
-        self._shutdown(subscriber, pool, cache, sink)
+        self._shutdown(subscriber, pool, cache, sink, callbacks)
         if backlog is not None:
             backlog.stop()
         return exit_code
@@ -230,7 +231,12 @@ class Daemon:
         signal.signal(signal.SIGINT, request_stop)
 
     def _shutdown(
-        self, subscriber: Subscriber, pool: RunnerPool, cache: ModelCache, sink: Sink
+        self,
+        subscriber: Subscriber,
+        pool: RunnerPool,
+        cache: ModelCache,
+        sink: Sink,
+        callbacks: Callbacks,
     ) -> None:
         grace = self.settings.shutdown_grace_s
         deadline = time.monotonic() + grace
@@ -251,6 +257,7 @@ class Daemon:
                 extra={"fields": {"nacked": abandoned}},
             )
         subscriber.wait_closed(timeout=10)
+        callbacks.close(timeout_s=max(1.0, deadline - time.monotonic()))
         cache.close()
         sink.close()
         log.info("gannet stopped")

@@ -24,7 +24,7 @@ from gannet.model_cache import ModelCache, ModelResolver
 from gannet.pipeline_config import Configs, LoadedConfig, ModelKind, open_configs
 from gannet.settings import Settings
 from gannet.steps import STEPS, StepContext
-from gannet.storage import Storage, check_image_url, local_version, read_local, split_gs_url
+from gannet.storage import Storage, check_image_url, local_version, read_local
 from gannet.task import Task, utc_now_iso
 
 log = logging.getLogger(__name__)
@@ -173,30 +173,13 @@ def config_uri(settings: Settings) -> str:
     return settings.config_uri
 
 
-def gcs_reader(storage: Storage) -> Callable[[str], tuple[bytes, str]]:
-    """(content, generation) of exactly that generation: reading the generation after
-    the download can pair new metadata with old bytes (and the emulator drops it)."""
-
-    def read(uri: str) -> tuple[bytes, str]:
-        bucket_name, name = split_gs_url(uri)
-        bucket = storage.client.bucket(bucket_name)
-        blob = bucket.get_blob(name)
-        if blob is None:
-            raise FileNotFoundError(uri)
-        generation = blob.generation
-        data = bucket.blob(name, generation=generation).download_as_bytes()
-        return data, str(generation)
-
-    return read
-
-
 def build_configs(settings: Settings, storage: Storage, metrics: Metrics) -> Configs:
     """The daemon's config source: one industry, or a deployment naming several, from a
     local path (checked every 5 s) or gs:// (checked every 30 s, by generation)."""
     uri = config_uri(settings)
     on_reload = lambda result: metrics.config_reloads.labels(result).inc()  # noqa: E731
     if uri.startswith("gs://"):
-        read, version_of, every = gcs_reader(storage), storage.generation, 30.0
+        read, version_of, every = storage.read_url, storage.generation, 30.0
     else:
         read, version_of, every = read_local, local_version, 5.0
     return open_configs(uri, read, version_of, settings.industry, every, on_reload)

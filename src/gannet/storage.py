@@ -127,11 +127,15 @@ class Storage:
         return str(blob.generation)
 
     def read_url(self, url: str) -> tuple[bytes, str]:
-        bucket, name = split_gs_url(url)
-        blob = self.client.bucket(bucket).get_blob(name)
+        """(content, generation) of one and the same generation: downloading "the latest"
+        after reading its metadata could pair new bytes with an old generation."""
+        bucket_name, name = split_gs_url(url)
+        bucket = self.client.bucket(bucket_name)
+        blob = bucket.get_blob(name)
         if blob is None:
             raise FileNotFoundError(url)
-        return blob.download_as_bytes(), str(blob.generation)
+        data = bucket.blob(name, generation=blob.generation).download_as_bytes()
+        return data, str(blob.generation)
 
     def download_to(self, url: str, generation: str, cache_dir: Path) -> Path:
         """Weights land at a generation-specific path, so a new upload never races a load."""
