@@ -17,7 +17,7 @@ MODEL = REPO_ROOT / "models" / "demo" / "detect.pt"
 
 
 def key(version: str = "v1", tenant: str | None = None) -> ModelKey:
-    return ModelKey(str(MODEL), version, "cpu", 320, "detect", tenant)
+    return ModelKey(str(MODEL), version, "cpu", 416, "detect", tenant)
 
 
 def counting_loader(calls: list[str]):

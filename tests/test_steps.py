@@ -144,7 +144,7 @@ def test_sliced_detection_finds_every_shape_on_the_large_image_in_batches(run, m
     result = run("agro.yaml", "FIELD_ANALYSIS", LARGE)
     detection = result["detection"]
     assert detection["counts"] == expected_counts(LARGE)
-    assert whole != expected_counts(LARGE), "the whole image shrunk to 320 px misses shapes"
+    assert whole != expected_counts(LARGE), "the whole image shrunk to 416 px misses shapes"
     assert detection["slices"] == {"count": 20, "size": 640, "overlap": 0.2}
     images = metrics.registry.get_sample_value("gannet_batch_size_sum") - before_sum
     calls = metrics.registry.get_sample_value("gannet_batch_size_count") - before_count

@@ -42,12 +42,12 @@ def renamed(dst: Path, prefix: str) -> Path:
 
 @pytest.fixture(scope="module")
 def onnx_model(tmp_path_factory) -> Path:
-    """An ONNX export of a renamed detector (fixed input 320, batch 1, no simplifier so
+    """An ONNX export of a renamed detector (fixed input 416, batch 1, no simplifier so
     nothing is installed or downloaded)."""
     from ultralytics import YOLO
 
     pt = renamed(tmp_path_factory.mktemp("onnx") / "detect.pt", "onnx")
-    out = YOLO(str(pt)).export(format="onnx", imgsz=320, simplify=False, dynamic=False)
+    out = YOLO(str(pt)).export(format="onnx", imgsz=416, simplify=False, dynamic=False)
     return Path(out)
 
 
@@ -62,7 +62,7 @@ def world(services, tmp_path):
     storage = Storage(client)
     config = tmp_path / "config.yaml"
     config.write_text(
-        f"industry: agro\nversion: 1\nmodels:\n  detection: {{path: {DETECT}, imgsz: 320,"
+        f"industry: agro\nversion: 1\nmodels:\n  detection: {{path: {DETECT}, imgsz: 416,"
         " confidence_threshold: 0.5}\npipelines:\n  DETECTION: [detection]\n"
     )
     metrics = Metrics()

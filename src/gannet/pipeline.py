@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -37,6 +38,14 @@ class Limits:
     max_image_pixels: int
 
 
+def _pil_open() -> Callable[..., Image.Image]:
+    """PIL's own Image.open. Importing ultralytics replaces it with a version that, on
+    bytes PIL cannot identify, tries to install and import pi-heif: decoding untrusted
+    uploads must fail as undecodable instead, and must never install anything."""
+    patches = sys.modules.get("ultralytics.utils.patches")
+    return getattr(patches, "_image_open", Image.open)
+
+
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """BGR pixels, upright per EXIF, as ultralytics wants them.
 
@@ -47,7 +56,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            width, height = Image.open(io.BytesIO(data)).size
+            width, height = _pil_open()(io.BytesIO(data)).size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PermanentError(ErrorCode.IMAGE_TOO_LARGE, str(exc)) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
