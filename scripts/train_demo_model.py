@@ -72,7 +72,7 @@ TASK_CONFIG: dict[str, dict[str, Any]] = {
         "base_yaml": "v8/yolov8-seg.yaml",
         "width": 0.125,
         "imgsz": 320,
-        "epochs": 25,
+        "epochs": 15,
         "images": 600,
         "batch": 16,
     },
