@@ -57,7 +57,7 @@ def test_the_shipped_configs_are_valid_and_have_the_promised_pipelines():
     ]
     field = agro.pipelines["FIELD_ANALYSIS"]
     sliced = next(s for s in field if s.name == "sliced_detection")
-    assert isinstance(sliced.parsed, SlicedDetectionParams) and sliced.parsed.slice_size == 640
+    assert isinstance(sliced.parsed, SlicedDetectionParams) and sliced.parsed.slice_size == 512
     vending = parse_config((CONFIGS / "vending.yaml").read_text(), "vending.yaml")
     assert [s.name for s in vending.pipelines["SHELF_AUDIT"]] == [
         "segmentation",

@@ -98,6 +98,10 @@ class Daemon:
         except (ValueError, OSError) as exc:
             raise StartupError(f"cannot load GANNET_CONFIG_URI: {exc}") from exc
         devices = resolve_devices(s.devices)
+        if s.torch_threads:
+            import torch
+
+            torch.set_num_threads(s.torch_threads)
         cache = ModelCache(
             yolo_loader(model_file(storage, s.model_cache_dir)),
             self.metrics,

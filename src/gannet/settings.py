@@ -62,6 +62,11 @@ class Settings(BaseSettings):
         le=600,
         description="Lease per extension; a crashed pod's messages return after this long.",
     )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads for inference (default: torch's); fewer leaves cores for I/O.",
+    )
     batch_size: int = Field(8, ge=1, description="Most images one model call takes.")
     batch_window_ms: float = Field(
         5.0, ge=0, description="How long a model's batcher waits to fill a batch."

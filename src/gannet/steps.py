@@ -291,14 +291,14 @@ def merge_tiles(candidates: list[dict[str, Any]], threshold: float) -> list[dict
     Overlap is measured as intersection over the smaller box, not IoU: a shape cut by a
     tile edge yields a partial box that lies inside the whole one but has a low IoU with
     it. Whole boxes (not touching an inner tile edge) win over cut ones, then confidence.
+    The merge ignores the class: a shape cut by a tile edge is often mistaken for another
+    class (a cut square looks like a rectangle), and the whole view's class is the one to
+    keep.
     """
     ordered = sorted(candidates, key=lambda d: (d["_cut"], -d["confidence"]))
     kept: list[dict[str, Any]] = []
     for det in ordered:
-        if all(
-            other["class"] != det["class"] or _ios(other["box"], det["box"]) <= threshold
-            for other in kept
-        ):
+        if all(_ios(other["box"], det["box"]) <= threshold for other in kept):
             kept.append(det)
     for det in kept:
         del det["_cut"]
