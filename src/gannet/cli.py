@@ -161,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         "PostgreSQL, (c) a one-message-at-a-time worker. Prints b/a and b/c and "
         "writes JSON.",
     )
-    p.add_argument("--images", type=int, default=64, help="tasks per measurement (default 64)")
-    p.add_argument("--runners", type=int, default=4, help="daemon runner threads (default 4)")
+    p.add_argument("--images", type=int, default=128, help="tasks per measurement (default 128)")
+    p.add_argument("--runners", type=int, default=8, help="daemon runner threads (default 8)")
     p.add_argument(
         "--output",
         type=Path,

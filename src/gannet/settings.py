@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     )
     batch_size: int = Field(8, ge=1, description="Most images one model call takes.")
     batch_window_ms: float = Field(
-        5.0, ge=0, description="How long a model's batcher waits to fill a batch."
+        10.0, ge=0, description="How long a model's batcher waits to fill a batch."
     )
     max_body_bytes: int = Field(256 * 1024, description="Largest accepted message body.")
     max_image_bytes: int = Field(25 * 1024 * 1024, description="Largest accepted image file.")

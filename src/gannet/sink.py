@@ -92,7 +92,9 @@ class Sink:
             timeout=timeout_s,
             open=False,
             kwargs={"autocommit": False, "connect_timeout": 5},
-            check=ConnectionPool.check_connection,
+            # No check on every checkout (a round trip per transaction): a broken
+            # connection fails its transaction, the task is nacked and retried, and the
+            # pool replaces the connection.
         )
 
     def open(self, wait_s: float = 10.0) -> None:
