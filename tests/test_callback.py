@@ -341,6 +341,27 @@ def test_a_failing_callback_is_recorded_and_the_task_stays_acked(processor_parts
     assert metrics.registry.get_sample_value("gannet_callbacks_total", {"result": "failed"}) == 1
 
 
+def test_a_callback_lost_with_its_pod_is_sent_on_redelivery(processor_parts, receiver_factory):
+    """A pod that dies after the commit but before the callback: the redelivered message
+    is a duplicate (no inference), and the callback that never went out is sent then."""
+    settings, storage, processor, _, metrics = processor_parts
+    receiver = receiver_factory([200])
+    tenant = f"cb-{uuid.uuid4().hex[:6]}"
+    without_callbacks = Processor(
+        processor.pipeline, processor.sink, storage, settings.results_bucket, metrics
+    )
+    task, first = _run(settings, storage, without_callbacks, tenant, receiver.url())
+    assert first.label == "succeeded" and receiver.requests == []
+    again = processor.process(task, processor.pipeline.check(task), 2, "cpu")
+    assert again.decision is Decision.ACK and again.label == "duplicate"
+    assert _callback_status(settings, tenant, task.task_id) == "delivered: HTTP 200"
+    (request,) = receiver.requests
+    assert request["body"]["counts"]["detection"] == expected_counts(SCENES[0])
+    processor.process(task, processor.pipeline.check(task), 3, "cpu")
+    time.sleep(0.3)
+    assert len(receiver.requests) == 1, "a recorded callback is not sent again"
+
+
 def test_a_refused_callback_is_recorded(processor_parts):
     settings, storage, processor, callbacks, _ = processor_parts
     callbacks.client = CallbackClient(CallbackPolicy())  # the production default

@@ -90,6 +90,10 @@ class Processor:
             with timer.stage("lookup"):
                 existing = self.sink.find_success(task.task_id, task.tenant_id)
             if existing is not None:
+                if task.callback_url and existing["callback_status"] is None:
+                    # The last pod stopped between the commit and the callback: send it
+                    # now (callbacks are at least once; receivers dedupe on task_id).
+                    self._callback(task, existing["result"], existing["result_uri"])
                 return Outcome(
                     Decision.ACK,
                     "duplicate",

@@ -121,7 +121,7 @@ class Sink:
     def find_success(self, task_id: str, tenant_id: str) -> dict[str, Any] | None:
         with self.tenant_transaction(tenant_id) as cur:
             cur.execute(
-                "SELECT task_id, result_uri, updated_at FROM task_results"
+                "SELECT task_id, result, result_uri, callback_status, updated_at FROM task_results"
                 " WHERE task_id = %s AND status = 'succeeded'",
                 (task_id,),
             )
