@@ -281,10 +281,14 @@ def main(args: argparse.Namespace) -> int:
         daemon = DaemonProcess(env, state / "daemon.log")
         print(f"Started `gannet run` (JSON logs in {daemon.log_path}); waiting ...", flush=True)
         try:
+            daemon.wait_ready()
             by_tenant: dict[str, list[str]] = {}
             for item, task in published:
                 by_tenant.setdefault(item.tenant, []).append(task.task_id)
             rows = wait_for_rows(settings.database_url, by_tenant, timeout_s=300)
+        except RuntimeError as exc:  # the daemon could not start: say why, stop everything
+            print(f"\n{exc}", flush=True)
+            return 1
         finally:
             code = daemon.stop()
         print(f"Daemon stopped on SIGTERM with exit code {code}.\n")
