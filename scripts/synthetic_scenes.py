@@ -212,11 +212,16 @@ def make_scene(
     height: int = 480,
     n_patches: int | None = None,
     n_shapes: int | None = None,
+    small_bias: bool = False,
+    on_patch_prob: float = 0.45,
 ) -> Scene:
     """Draw one scene; ``None`` counts are drawn at random (0-3 patches, 0-8 shapes at 640x480).
 
     The requested counts are targets: a patch or shape that cannot be placed without breaking
     the non-overlap rules is dropped, and the returned ground truth lists only what was drawn.
+    ``small_bias`` draws shape sizes log-uniformly (same range, more small shapes): the
+    smallest shapes are the hardest to tell apart, so training sees more of them.
+    ``on_patch_prob`` is the chance that a shape is put on a patch (when there is one).
     """
     if n_patches is None:
         n_patches = int(rng.integers(0, 4))
@@ -256,9 +261,12 @@ def make_scene(
     for _ in range(n_shapes):
         cls = DETECT_CLASSES[int(rng.integers(0, len(DETECT_CLASSES)))]
         color_name = COLOR_CLASSES[int(rng.integers(0, len(COLOR_CLASSES)))]
-        want_patch = bool(patches) and rng.random() < 0.45
+        want_patch = bool(patches) and rng.random() < on_patch_prob
         for _attempt in range(80):
-            size = rng.uniform(SHAPE_MIN_PX, SHAPE_MAX_PX)
+            if small_bias:
+                size = float(np.exp(rng.uniform(np.log(SHAPE_MIN_PX), np.log(SHAPE_MAX_PX))))
+            else:
+                size = rng.uniform(SHAPE_MIN_PX, SHAPE_MAX_PX)
             local = _shape_polygon(rng, cls, size)
             if want_patch:
                 p = patches[int(rng.integers(0, len(patches)))].polygon
