@@ -21,10 +21,11 @@ check_font("Arial.ttf"), which looks in YOLO_CONFIG_DIR/Ultralytics/ first and o
 tries to download the font; we put a copy of DejaVuSans.ttf (from matplotlib, which
 ultralytics depends on, or from /usr/share/fonts) there under the name Arial.ttf, so the
 check is satisfied locally. plots=False keeps the trainer from drawing anything else.
-amp=False also skips check_amp(), which would otherwise want to fetch a model to test AMP.
+amp=False skips check_amp(), which on a GPU would fetch yolo26n.pt to test AMP.
 
-Deterministic: scenes come from fixed seeds (training --seed, samples a different one),
-and ultralytics trains with seed=0, deterministic=True, workers=0 on the CPU.
+Reproducible: scenes, datasets and samples are bit-for-bit functions of their seeds
+(training --seed, samples a different, fixed one), and ultralytics trains with seed=0,
+deterministic=True, workers=0 on the CPU. A run continued with --resume is not bit-exact.
 """
 
 from __future__ import annotations
@@ -527,7 +528,10 @@ def write_readme(out: Path, records: dict[str, Any]) -> None:
         "  slice into 640x480 tiles overlapping by at least 120 px (more than the largest shape,",
         "  70 px, so every shape lies whole in some tile), drop boxes that touch an interior",
         "  tile edge (they are cut shapes, which the model still reports, sometimes as another",
-        "  class), then merge the rest with NMS at IoU 0.5.",
+        "  class), then merge the rest with NMS at IoU 0.5. The `info` line under detect below",
+        "  shows how close that gets (`sliced_counts()` in the training script): not always",
+        "  exact, because a few small squares crowded on a patch flip to circle depending on",
+        "  where the tile cuts, so compare sliced counts on it with a small tolerance.",
         "- segment: `predict(image, imgsz=320, conf=0.5, retina_masks=True)`: one mask per",
         "  patch; with `retina_masks` the mask pixel count is directly comparable to the",
         "  manifest's `area`.",
@@ -535,7 +539,8 @@ def write_readme(out: Path, records: dict[str, Any]) -> None:
         "  (20% padding each side; `shape_crop()` in `scripts/synthetic_scenes.py`), at imgsz 64.",
         "  Padding from 0 to 40% works as well.",
         "",
-        "Retrain everything (samples, then the three models):",
+        "Retrain everything (samples, then the three models; ~30 min on 2 CPU cores). If a",
+        "run is killed, add `--resume` to the same `--task` command to continue it:",
         "",
         "```",
         "YOLO_OFFLINE=1 .venv/bin/python scripts/train_demo_model.py --task all --out models/demo",
@@ -556,7 +561,13 @@ def write_readme(out: Path, records: dict[str, Any]) -> None:
             f"- architecture: `{rec['architecture']}`, {rec['size_bytes'] / 1e6:.1f} MB",
             f"- trained: {rec['epochs']} epochs on {rec['images']} synthetic scenes "
             f"(seed {rec['seed']}, {VAL_FRACTION:.0%} held out for validation) in "
-            f"{rec['train_seconds'] / 60:.1f} min on {rec['machine']} "
+            f"{rec['train_seconds'] / 60:.1f} min"
+            + (
+                " (killed once and continued with --resume; time of both parts)"
+                if rec.get("resumed")
+                else ""
+            )
+            + f" on {rec['machine']} "
             f"(ultralytics {rec['versions']['ultralytics']}, torch {rec['versions']['torch']})",
             f"- retrain: `{rec['command']}`",
             "- validation metrics:",
