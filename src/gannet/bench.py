@@ -9,6 +9,11 @@ In one run, on the same images and the same model:
       same result, ack, repeat.
 It prints b/a and b/c and writes everything as JSON. Absolute numbers depend on the
 machine; the ratios are what the daemon's design is responsible for.
+
+A shared VM's speed drifts by 10-20 % from minute to minute, so one pass of each can
+mislead: `--rounds` repeats (a), (c), (b) back to back and reports each round's ratios
+and their median. During (b) it also counts the CPU every process spent per image, because
+on a small machine the emulators share the cores that (a) has to itself.
 """
 
 from __future__ import annotations
@@ -17,10 +22,14 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+import psutil
+import psycopg
 
 from gannet import clients, demo, provision
 from gannet.local_services import LocalServices, Ports
@@ -45,8 +54,12 @@ def scene_files(count: int) -> list[Path]:
 
 
 def bare_model(settings: Settings, files: list[Path], batch: int) -> dict[str, float]:
-    """(a): the model alone, on images already decoded in memory."""
+    """(a): the model alone, on images already decoded in memory, as ultralytics runs it
+    out of the box. For reference, also in batches, and with the daemon's traced forward
+    pass (traced.py), so a reader can tell the daemon's plumbing from its model speed-up."""
     from ultralytics import YOLO
+
+    from gannet.traced import trace_forward
 
     configs = ConfigSource(settings.config_uri, read_local, local_version)
     loaded = configs.current()
@@ -59,28 +72,89 @@ def bare_model(settings: Settings, files: list[Path], batch: int) -> dict[str, f
         "device": "cpu",
         "verbose": False,
     }
-    model.predict(images[0], **kwargs)  # warm-up, not timed
-    started = time.perf_counter()
-    for image in images:
-        model.predict(image, **kwargs)
-    single = time.perf_counter() - started
+
+    def per_image() -> float:
+        model.predict(images[0], **kwargs)  # warm-up, not timed
+        started = time.perf_counter()
+        for image in images:
+            model.predict(image, **kwargs)
+        return time.perf_counter() - started
+
+    single = per_image()
     started = time.perf_counter()
     for i in range(0, len(images), batch):
         model.predict(images[i : i + batch], **kwargs)
     batched = time.perf_counter() - started
-    return {
+    report = {
         "per_image_s": single,
         "batched_s": batched,
         "images_per_s": len(images) / single,
         "batched_images_per_s": len(images) / batched,
     }
+    if trace_forward(model, spec.imgsz, "cpu", half=False):
+        report["traced_images_per_s"] = len(images) / per_image()
+    return report
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User + system CPU of each named process and its live descendants, so far.
+
+    Only this process is counted without its descendants: they are the others."""
+    totals: dict[str, float] = {}
+    for name, pid in pids.items():
+        try:
+            root = psutil.Process(pid)
+            procs = [root] if pid == os.getpid() else [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        total = 0.0
+        for proc in procs:
+            try:
+                times = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system
+        totals[name] = total
+    return totals
+
+
+def wait_committed(
+    database_url: str, tenant: str, task_ids: list[str], timeout_s: float
+) -> tuple[float, int]:
+    """(wall-clock time of the last commit, failed rows) once every task has a row.
+
+    The end time comes from the rows' own updated_at, not from when a poll noticed, so
+    the poll can be slow and cheap: it shares the machine with what it measures.
+    """
+    deadline = time.monotonic() + timeout_s
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            with conn.transaction():
+                conn.execute("SELECT set_config('app.current_tenant', %s, true)", (tenant,))
+                row = conn.execute(
+                    "SELECT count(*), count(*) FILTER (WHERE status <> 'succeeded'),"
+                    " extract(epoch FROM max(updated_at))"
+                    " FROM task_results WHERE task_id = ANY(%s)",
+                    (task_ids,),
+                ).fetchone()
+            assert row is not None
+            done, failed, last = row
+            if done >= len(task_ids):
+                return float(last), int(failed)
+            time.sleep(0.5)
+    raise RuntimeError(f"only {done}/{len(task_ids)} tasks had a row after {timeout_s:.0f}s")
 
 
 def daemon_end_to_end(
-    services: LocalServices, settings: Settings, urls: list[str], runners: int, log_path: Path
-) -> dict[str, float]:
+    services: LocalServices,
+    settings: Settings,
+    urls: list[str],
+    runners: int,
+    log_path: Path,
+    prefix: str = "b",
+) -> dict[str, Any]:
     """(b): `gannet run` as a pod runs it, fed through the emulator."""
-    tasks = [make_task(TENANT, url, "DETECTION", f"b-{uuid.uuid4().hex}") for url in urls]
+    tasks = [make_task(TENANT, url, "DETECTION", f"{prefix}-{uuid.uuid4().hex}") for url in urls]
     env = {
         **services.env(),
         "GANNET_RUNNERS": str(runners),
@@ -92,23 +166,29 @@ def daemon_end_to_end(
     try:
         daemon.wait_ready()
         publisher, _ = clients.pubsub_clients(settings)
-        started = time.perf_counter()
+        pids = {"daemon": daemon.proc.pid, **services.pids(), "bench": os.getpid()}
+        cpu_before = cpu_seconds(pids)
+        started = time.time()
         publish_tasks(publisher, settings.topic_path(), tasks)
-        rows = demo.wait_for_rows(
-            settings.database_url,
-            {TENANT: [t.task_id for t in tasks]},
-            timeout_s=600,
-            progress=False,
+        finished, failed = wait_committed(
+            settings.database_url, TENANT, [t.task_id for t in tasks], timeout_s=600
         )
-        elapsed = time.perf_counter() - started
+        cpu_after = cpu_seconds(pids)
     finally:
         daemon.stop()
-    failed = sum(r["status"] != "succeeded" for r in rows.values())
-    if len(rows) != len(tasks) or failed:
-        raise RuntimeError(
-            f"daemon finished {len(rows)}/{len(tasks)} ({failed} failed); see {log_path}"
-        )
-    return {"seconds": elapsed, "images_per_s": len(tasks) / elapsed}
+    if failed:
+        raise RuntimeError(f"{failed} of {len(tasks)} daemon tasks failed; see {log_path}")
+    elapsed = finished - started
+    cpu_ms = {
+        name: round((cpu_after[name] - cpu_before.get(name, 0.0)) * 1000 / len(tasks), 2)
+        for name in cpu_after
+    }
+    return {
+        "seconds": elapsed,
+        "images_per_s": len(tasks) / elapsed,
+        "cpu_ms_per_image": cpu_ms,
+        "cores_busy": round(sum(cpu_ms.values()) * len(tasks) / 1000 / elapsed, 2),
+    }
 
 
 def one_at_a_time(settings: Settings, urls: list[str]) -> dict[str, float]:
@@ -120,7 +200,10 @@ def one_at_a_time(settings: Settings, urls: list[str]) -> dict[str, float]:
     metrics = Metrics()
     configs = ConfigSource(settings.config_uri, read_local, local_version)
     cache = ModelCache(
-        yolo_loader(lambda uri, version: Path(uri)), metrics, max_batch=1, window_s=0.0
+        yolo_loader(lambda uri, version: Path(uri), trace=settings.torchscript),
+        metrics,
+        max_batch=1,
+        window_s=0.0,
     )
     pipeline = Pipeline(
         configs,
@@ -169,64 +252,121 @@ def fresh_queue(services: LocalServices, name: str, ack_deadline_s: int = 30) ->
     return settings
 
 
-def main(args: argparse.Namespace) -> int:
-    files = scene_files(args.images)
-    ports = Ports(args.pubsub_port, args.gcs_port, args.postgres_port)
+def upload_fresh(services: LocalServices, settings: Settings, files: list[Path]) -> list[str]:
+    """The images' gs:// URLs, in an otherwise empty GCS emulator (see `empty_storage`)."""
+    services.empty_storage()
+    storage = Storage(clients.storage_client(settings))
+    bucket = settings.allowed_buckets[0]
+    uploaded = {f: upload_image(storage, bucket, TENANT, f, "bench") for f in set(files)}
+    return [uploaded[f] for f in files]
+
+
+def one_round(
+    services: LocalServices, base: Settings, files: list[Path], args: Any, n: int
+) -> dict[str, Any]:
+    """(a), (c) and (b) back to back, each on a fresh queue, and their ratios."""
     state = args.state_dir / "bench"
-    report: dict[str, Any] = {
-        "images": len(files),
-        "runners": args.runners,
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
-    }
-    with LocalServices(state, ports) as services:
-        base = demo.local_settings(services)
-        demo.prepare(services, base)
-        storage = Storage(clients.storage_client(base))
-        uploaded = {
-            f: upload_image(storage, base.allowed_buckets[0], TENANT, f, "bench")
-            for f in set(files)
-        }
-        urls = [uploaded[f] for f in files]
-
-        print(f"(a) bare model on {len(files)} decoded images ...", flush=True)
-        report["bare_model"] = bare_model(base, files, base.batch_size)
-        print("(c) one-message-at-a-time worker ...", flush=True)
-        report["one_at_a_time"] = one_at_a_time(fresh_queue(services, "bench-c"), urls)
-        print(f"(b) daemon end to end with {args.runners} runners ...", flush=True)
-        report["daemon"] = daemon_end_to_end(
-            services, fresh_queue(services, "bench-b"), urls, args.runners, state / "daemon.log"
-        )
-
-    a = report["bare_model"]["images_per_s"]
-    b = report["daemon"]["images_per_s"]
-    c = report["one_at_a_time"]["images_per_s"]
-    report["ratios"] = {
-        "daemon_vs_bare_model": b / a,
-        "daemon_vs_bare_model_batched": b / report["bare_model"]["batched_images_per_s"],
-        "daemon_vs_one_at_a_time": b / c,
-    }
-    print()
-    print(
-        demo.format_table(
-            ["measurement", "images/s"],
-            [
-                ["(a) bare model, one image per call", f"{a:.2f}"],
-                [
-                    f"    bare model, batches of {base.batch_size}",
-                    f"{report['bare_model']['batched_images_per_s']:.2f}",
-                ],
-                ["(b) daemon end to end", f"{b:.2f}"],
-                ["(c) one message at a time", f"{c:.2f}"],
-            ],
-        )
+    print(f"round {n}: (a) bare model on {len(files)} decoded images ...", flush=True)
+    bare = bare_model(base, files, base.batch_size)
+    print(f"round {n}: (c) one-message-at-a-time worker ...", flush=True)
+    urls = upload_fresh(services, base, files)
+    single = one_at_a_time(fresh_queue(services, f"bench-c{n}"), urls)
+    print(f"round {n}: (b) daemon end to end with {args.runners} runners ...", flush=True)
+    daemon = daemon_end_to_end(
+        services,
+        fresh_queue(services, f"bench-b{n}"),
+        upload_fresh(services, base, files),
+        args.runners,
+        state / "daemon.log",
+        prefix=f"b{n}",
     )
-    r = report["ratios"]
-    print(
-        f"\nb/a = {r['daemon_vs_bare_model']:.2f}   (target >= 0.9)"
-        f"\nb/a(batched) = {r['daemon_vs_bare_model_batched']:.2f}"
-        f"\nb/c = {r['daemon_vs_one_at_a_time']:.2f}   (target >= 1.3)"
-    )
+    a, b, c = bare["images_per_s"], daemon["images_per_s"], single["images_per_s"]
+    return {
+        "bare_model": bare,
+        "one_at_a_time": single,
+        "daemon": daemon,
+        "ratios": {
+            "daemon_vs_bare_model": b / a,
+            "daemon_vs_bare_model_batched": b / bare["batched_images_per_s"],
+            "daemon_vs_bare_model_traced": b / bare.get("traced_images_per_s", a),
+            "daemon_vs_one_at_a_time": b / c,
+        },
+    }
+
+
+def main(args: argparse.Namespace) -> int:
+    ports = Ports(args.pubsub_port, args.gcs_port, args.postgres_port)
+    with LocalServices(args.state_dir / "bench", ports) as services:
+        report = run(services, args)
+    print_report(report)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))
     print(f"\nJSON report: {args.output}")
     return 0
+
+
+def run(services: LocalServices, args: argparse.Namespace) -> dict[str, Any]:
+    """Every round on already running services; the report as `main` writes it."""
+    files = scene_files(args.images)
+    base = demo.local_settings(services)
+    demo.prepare(services, base)
+    report: dict[str, Any] = {
+        "images": len(files),
+        "runners": args.runners,
+        "rounds": [],
+        "batch_size": base.batch_size,
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+    }
+    for n in range(1, args.rounds + 1):
+        report["rounds"].append(one_round(services, base, files, args, n))
+    rounds = report["rounds"]
+    report["median_ratios"] = {
+        key: statistics.median(r["ratios"][key] for r in rounds) for key in rounds[0]["ratios"]
+    }
+    return report
+
+
+def print_report(report: dict[str, Any]) -> None:
+    rounds = report["rounds"]
+    median = report["median_ratios"]
+    print()
+    print(
+        demo.format_table(
+            [
+                "round",
+                "(a) bare, 1/call",
+                f"bare, batch {report['batch_size']}",
+                "bare, traced",
+                "(b) daemon",
+                "(c) one at a time",
+                "b/a",
+                "b/c",
+            ],
+            [
+                [
+                    str(n),
+                    f"{r['bare_model']['images_per_s']:.2f}",
+                    f"{r['bare_model']['batched_images_per_s']:.2f}",
+                    f"{r['bare_model'].get('traced_images_per_s', 0):.2f}",
+                    f"{r['daemon']['images_per_s']:.2f}",
+                    f"{r['one_at_a_time']['images_per_s']:.2f}",
+                    f"{r['ratios']['daemon_vs_bare_model']:.2f}",
+                    f"{r['ratios']['daemon_vs_one_at_a_time']:.2f}",
+                ]
+                for n, r in enumerate(rounds, 1)
+            ],
+        )
+    )
+    print("(images/s)")
+    cpu = sorted(rounds[-1]["daemon"]["cpu_ms_per_image"].items(), key=lambda kv: -kv[1])
+    print(
+        "\nCPU per image during (b), last round: "
+        + ", ".join(f"{name} {ms:.1f} ms" for name, ms in cpu)
+        + f" ({rounds[-1]['daemon']['cores_busy']:.2f} of {os.cpu_count()} cores busy)"
+    )
+    print(
+        f"\nmedian b/a = {median['daemon_vs_bare_model']:.2f}   (target >= 0.9)"
+        f"\nmedian b/a(batched) = {median['daemon_vs_bare_model_batched']:.2f}"
+        f"\nmedian b/a(traced) = {median['daemon_vs_bare_model_traced']:.2f}"
+        f"\nmedian b/c = {median['daemon_vs_one_at_a_time']:.2f}   (target >= 1.3)"
+    )

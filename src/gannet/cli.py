@@ -158,11 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure bare model vs daemon vs one-at-a-time worker",
         description="On the same images and model, in one run: (a) bare model "
         "predict throughput, (b) the daemon end to end through the emulators and "
-        "PostgreSQL, (c) a one-message-at-a-time worker. Prints b/a and b/c and "
+        "PostgreSQL, (c) a one-message-at-a-time worker. Prints b/a and b/c per round "
+        "and their medians, the CPU each process spent per image during (b), and "
         "writes JSON.",
     )
-    p.add_argument("--images", type=int, default=128, help="tasks per measurement (default 128)")
+    p.add_argument("--images", type=int, default=256, help="tasks per measurement (default 256)")
     p.add_argument("--runners", type=int, default=8, help="daemon runner threads (default 8)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="repeat (a), (c), (b) this many times and report the median ratios (default 3)",
+    )
     p.add_argument(
         "--output",
         type=Path,

@@ -103,7 +103,7 @@ class Daemon:
 
             torch.set_num_threads(s.torch_threads)
         cache = ModelCache(
-            yolo_loader(model_file(storage, s.model_cache_dir)),
+            yolo_loader(model_file(storage, s.model_cache_dir), trace=s.torchscript),
             self.metrics,
             max_batch=s.batch_size,
             window_s=s.batch_window_ms / 1000,

@@ -97,6 +97,20 @@ class LocalServices:
             "GANNET_DATABASE_URL": self.database_url,
         }
 
+    def pids(self) -> dict[str, int]:
+        """The process started for each service (its children are the service too)."""
+        return {name: proc.pid for name, proc in self._procs.items() if proc.poll() is None}
+
+    def empty_storage(self) -> None:
+        """Delete every object in the GCS emulator, keeping the buckets.
+
+        gcp-storage-emulator rewrites its whole object index as JSON on every write, so
+        the CPU each write costs grows with the objects it holds. The bench empties it
+        before each measurement so that cost does not depend on what ran before.
+        """
+        with urllib.request.urlopen(f"{self.gcs_endpoint}/wipe?keep-buckets=true", timeout=30):
+            pass
+
     def __enter__(self) -> LocalServices:
         self.start()
         return self

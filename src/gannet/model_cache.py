@@ -326,21 +326,26 @@ class ModelResolver:
         return ModelKey(uri, self.version(uri), device, spec.imgsz, task)
 
 
-def yolo_loader(local_path: Callable[[str, str], Path]) -> Loader:
-    """Loads weights with ultralytics and runs one warm-up prediction on the device."""
+def yolo_loader(local_path: Callable[[str, str], Path], trace: bool = True) -> Loader:
+    """Loads weights with ultralytics, warms the model up on the device and, with
+    `trace`, runs its forward pass as a verified TorchScript trace (see traced.py)."""
 
     def load(key: ModelKey) -> tuple[Any, int]:
         import torch
         from ultralytics import YOLO
+
+        from gannet.traced import trace_forward
 
         path = local_path(key.uri, key.version)
         cuda = key.device.startswith("cuda")
         before = torch.cuda.memory_allocated(key.device) if cuda else 0
         model = YOLO(str(path), task=key.task)
         blank = np.zeros((key.imgsz, key.imgsz, 3), dtype=np.uint8)
-        model.predict(
-            blank, imgsz=key.imgsz, device=key.device, verbose=False, **_precision(key.device)
-        )
+        warm = {"imgsz": key.imgsz, "device": key.device, "verbose": False}
+        model.predict(blank, **warm, **_precision(key.device))
+        if trace and trace_forward(model, key.imgsz, key.device, half=cuda):
+            model.predict(blank, **warm, **_precision(key.device))  # the trace's first run
+            log.info("model traced", extra={"model": key.label(), "device": key.device})
         if cuda:
             nbytes = torch.cuda.memory_allocated(key.device) - before
         elif isinstance(model.model, torch.nn.Module):

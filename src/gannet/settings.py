@@ -67,6 +67,11 @@ class Settings(BaseSettings):
         ge=1,
         description="CPU threads for inference (default: torch's); fewer leaves cores for I/O.",
     )
+    torchscript: bool = Field(
+        True,
+        description="Run forward passes as TorchScript traces, which release the GIL "
+        "(a model whose trace disagrees with eager mode stays eager).",
+    )
     batch_size: int = Field(8, ge=1, description="Most images one model call takes.")
     batch_window_ms: float = Field(
         10.0, ge=0, description="How long a model's batcher waits to fill a batch."

@@ -1,0 +1,43 @@
+"""`gannet bench` on real services of its own, small enough to be a test.
+
+Its own services, because the bench empties the GCS emulator before each measurement.
+
+The figures are not checked against any target (speed lives in the benchmark, not in
+assertions); what is checked is that every measurement ran on every image and that the
+report a user reads adds up.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from gannet import bench
+from gannet.local_services import LocalServices, Ports
+
+
+@pytest.mark.slow
+def test_bench_runs_every_measurement_and_reports_consistent_ratios(tmp_path, capsys):
+    args = argparse.Namespace(images=6, runners=2, rounds=2, state_dir=tmp_path)
+    with LocalServices(tmp_path / "services", Ports.free()) as services:
+        report = bench.run(services, args)
+
+    assert len(report["rounds"]) == 2
+    for r in report["rounds"]:
+        a = r["bare_model"]["images_per_s"]
+        b = r["daemon"]["images_per_s"]
+        c = r["one_at_a_time"]["images_per_s"]
+        assert min(a, b, c, r["bare_model"]["batched_images_per_s"]) > 0
+        assert r["ratios"]["daemon_vs_bare_model"] == pytest.approx(b / a)
+        assert r["ratios"]["daemon_vs_one_at_a_time"] == pytest.approx(b / c)
+        cpu = r["daemon"]["cpu_ms_per_image"]
+        # Where the CPU went: the daemon and every emulator must be accounted for.
+        assert {"daemon", "pubsub", "gcs", "postgres", "bench"} <= cpu.keys()
+        assert cpu["daemon"] > 0
+    ratios = [r["ratios"]["daemon_vs_bare_model"] for r in report["rounds"]]
+    assert report["median_ratios"]["daemon_vs_bare_model"] == pytest.approx(sum(ratios) / 2)
+
+    bench.print_report(report)
+    out = capsys.readouterr().out
+    assert "median b/a" in out and "CPU per image during (b)" in out
