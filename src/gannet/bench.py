@@ -127,6 +127,7 @@ def wait_committed(
     the poll can be slow and cheap: it shares the machine with what it measures.
     """
     deadline = time.monotonic() + timeout_s
+    done = 0
     with psycopg.connect(database_url, autocommit=True) as conn:
         while time.monotonic() < deadline:
             with conn.transaction():

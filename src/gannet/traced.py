@@ -80,7 +80,7 @@ def trace_forward(model: Any, imgsz: int, device: str, half: bool) -> bool:
             # part of the traced graph instead of constants of the example's shape.
             module.dynamic = True
     dtype = torch.float16 if half else torch.float32
-    stride = 32
+    stride = int(getattr(backend, "stride", 32))
     short = max(stride, (imgsz * 3 // 4) // stride * stride)
     example = torch.rand(1, 3, imgsz, imgsz, device=device, dtype=dtype)
     check = torch.rand(2, 3, short, imgsz, device=device, dtype=dtype)
