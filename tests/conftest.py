@@ -10,6 +10,7 @@ import json
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,15 +32,21 @@ MANIFEST = json.loads((SAMPLES / "manifest.json").read_text())
 SCENES = [e for e in MANIFEST["images"] if e.get("kind", "scene") != "large"]
 
 
-@pytest.fixture(scope="session")
-def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServices]:
-    state = tmp_path_factory.mktemp("services")
+@contextmanager
+def prepared_services(state: Path) -> Iterator[LocalServices]:
+    """Services on free ports with the schema and the buckets every test expects."""
     with LocalServices(state, Ports.free()) as running:
         base = demo.local_settings(running)
         sink.migrate(base.database_url)
         provision.ensure_buckets(
             clients.storage_client(base), [*base.allowed_buckets, base.results_bucket]
         )
+        yield running
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServices]:
+    with prepared_services(tmp_path_factory.mktemp("services")) as running:
         yield running
 
 

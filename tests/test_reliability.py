@@ -17,10 +17,7 @@ from collections import Counter
 
 import psycopg
 import pytest
-from conftest import SCENES, make_stack
-
-from gannet import clients, demo, provision, sink
-from gannet.local_services import LocalServices, Ports
+from conftest import SCENES, make_stack, prepared_services
 
 
 def _wait_for_some(stack, task_ids, at_least, timeout_s=120):
@@ -58,13 +55,7 @@ def _outcomes(daemons, task_ids):
 
 @pytest.fixture(scope="module")
 def own_services(tmp_path_factory):
-    state = tmp_path_factory.mktemp("reliability-services")
-    with LocalServices(state, Ports.free()) as running:
-        settings = demo.local_settings(running)
-        sink.migrate(settings.database_url)
-        provision.ensure_buckets(
-            clients.storage_client(settings), [*settings.allowed_buckets, settings.results_bucket]
-        )
+    with prepared_services(tmp_path_factory.mktemp("reliability-services")) as running:
         yield running
 
 
