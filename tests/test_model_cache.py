@@ -7,6 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
+import pytest
+import torch
 from conftest import SAMPLES, SCENES
 
 from gannet.metrics import Metrics
@@ -26,14 +28,15 @@ def counting_loader(calls: list[str]):
     def counted(k: ModelKey):
         calls.append(k.version)
         model, nbytes = load(k)
-        original = model.predict
+        network = model.predictor.model
+        original = network.forward
         threads: set[str] = set()
 
-        def predict(*args, **kwargs):  # records who drives the model; runs the real thing
+        def forward(*args, **kwargs):  # records who runs the network; runs the real thing
             threads.add(threading.current_thread().name)
             return original(*args, **kwargs)
 
-        model.predict = predict
+        network.forward = forward
         model.driven_by = threads
         return model, nbytes
 
@@ -96,3 +99,83 @@ def test_a_new_version_is_a_new_model_and_the_budget_evicts_the_oldest():
         assert cache.loaded() == [key("v2", tenant="acme")]
     finally:
         cache.close()
+
+
+SEGMENT = REPO_ROOT / "models" / "demo" / "segment.pt"
+CLASSIFY = REPO_ROOT / "models" / "demo" / "classify.pt"
+
+
+@pytest.mark.parametrize(
+    ("weights", "task", "imgsz", "extra"),
+    [
+        (MODEL, "detect", 416, {}),
+        (SEGMENT, "segment", 320, {"retina_masks": True}),
+        (CLASSIFY, "classify", 64, {}),
+    ],
+)
+def test_answers_through_the_cache_are_ultralytics_own(weights, task, imgsz, extra):
+    """Runners letterbox and run NMS themselves (split_predictor.py); whatever mix of
+    images and thresholds runners send at once, each gets what `model.predict` gives."""
+    from ultralytics import YOLO
+
+    images = [cv2.imread(str(SAMPLES / e["file"])) for e in SCENES]
+    portrait = images[0][:, :300]  # another input shape: its own forward pass
+    jobs = [(image, conf) for image in [*images, portrait] for conf in (0.25, 0.6)]
+    plain = YOLO(str(weights), task=task)
+
+    def expected(image, conf):
+        return plain.predict(image, imgsz=imgsz, conf=conf, verbose=False, **extra)[0]
+
+    metrics = Metrics()
+    cache = ModelCache(yolo_loader(lambda uri, version: Path(uri)), metrics, window_s=0.05)
+    k = ModelKey(str(weights), "v1", "cpu", imgsz, task)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda job: cache.predict(k, [job[0]], job[1])[0], jobs))
+    finally:
+        cache.close()
+    boxes = 0
+    for (image, conf), result in zip(jobs, got, strict=True):
+        want = expected(image, conf)
+        assert result.orig_shape == image.shape[:2]
+        if task == "classify":
+            assert result.probs.top1 == want.probs.top1
+            assert float(result.probs.top1conf) == pytest.approx(float(want.probs.top1conf), 1e-3)
+            continue
+        boxes += len(want.boxes)
+        assert result.boxes.cls.tolist() == want.boxes.cls.tolist(), f"conf {conf}"
+        assert min(result.boxes.conf.tolist(), default=1.0) >= conf
+        assert torch.allclose(result.boxes.xyxy, want.boxes.xyxy, atol=0.1)
+        if task == "segment" and len(want.boxes):
+            assert (result.masks.data == want.masks.data).float().mean() > 0.999
+    assert task == "classify" or boxes > 0, "a comparison of empty answers proves nothing"
+    passes = metrics.registry.get_sample_value("gannet_batch_size_count")
+    assert passes < len(jobs), "same-shaped requests share forward passes"
+
+
+def test_the_torch_threads_setting_reaches_the_thread_that_runs_the_model():
+    """Ultralytics sets torch's CPU threads to cores - 1 in whichever thread loads a
+    model, and the setting is per thread, so the cache must set it in the batcher's own."""
+    seen: list[int] = []
+    load = yolo_loader(lambda uri, version: Path(uri))
+
+    def recording(k: ModelKey):
+        model, nbytes = load(k)
+        network = model.predictor.model
+        original = network.forward
+
+        def forward(*args, **kwargs):
+            seen.append(torch.get_num_threads())
+            return original(*args, **kwargs)
+
+        network.forward = forward
+        return model, nbytes
+
+    image = cv2.imread(str(SAMPLES / SCENES[0]["file"]))
+    for threads in (1, 2):
+        cache = ModelCache(recording, Metrics(), cpu_threads=threads)
+        try:
+            cache.predict(key(), [image], 0.5)
+        finally:
+            cache.close()
+        assert seen[-1] == threads

@@ -1,8 +1,9 @@
 """One thread per (model, device) that owns the model and runs requests as batches.
 
 Ultralytics models are not thread-safe, so exactly one thread ever calls a model. Runner
-threads hand it images and wait on a future; requests that arrive within a few
-milliseconds of each other share one forward pass, which is where a GPU earns its keep.
+threads hand it prepared inputs and wait on a future; requests that arrive within a few
+milliseconds of each other and have the same shape share one forward pass, which is
+where a GPU earns its keep.
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-PredictFn = Callable[[list[Any], float], Sequence[Any]]
+ForwardFn = Callable[[list[Any]], Sequence[Any]]  # inputs of one group -> one answer each
 
 
 class BatcherClosed(RuntimeError):
@@ -27,8 +28,7 @@ class BatcherClosed(RuntimeError):
 
 @dataclass
 class _Request:
-    image: Any
-    conf: float
+    item: Any
     future: Future[Any] = field(default_factory=Future)
 
 
@@ -39,13 +39,20 @@ class Batcher:
     def __init__(
         self,
         name: str,
-        predict: PredictFn,
+        forward: ForwardFn,
         max_batch: int,
         window_s: float,
         on_batch: Callable[[int, float], None] | None = None,
+        group: Callable[[Any], Hashable] = lambda item: None,
+        on_start: Callable[[], None] = lambda: None,
     ) -> None:
+        """`group` says which inputs can share one call of `forward` (same tensor shape);
+        `on_start` runs in the batcher's own thread before anything else (torch's CPU
+        thread count is a per-thread setting)."""
         self.name = name
-        self._predict = predict
+        self._on_start = on_start
+        self._forward = forward
+        self._group = group
         self._max_batch = max_batch
         self._window_s = window_s
         self._on_batch = on_batch or (lambda size, seconds: None)
@@ -55,11 +62,11 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, images: Sequence[Any], conf: float) -> list[Future[Any]]:
+    def submit(self, items: Sequence[Any]) -> list[Future[Any]]:
         with self._close_lock:
             if self._closed:
                 raise BatcherClosed(self.name)
-            requests = [_Request(image, conf) for image in images]
+            requests = [_Request(item) for item in items]
             for request in requests:
                 self._queue.put(request)
         return [r.future for r in requests]
@@ -95,7 +102,22 @@ class Batcher:
             batch.append(item)
         return batch, False
 
+    def _run(self, batch: list[_Request]) -> None:
+        started = time.perf_counter()
+        try:
+            results = self._forward([r.item for r in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"model returned {len(results)} results for {len(batch)}")
+        except Exception as exc:  # noqa: BLE001 - handed to every waiting runner
+            for request in batch:
+                request.future.set_exception(exc)
+            return
+        self._on_batch(len(batch), time.perf_counter() - started)
+        for request, result in zip(batch, results, strict=True):
+            request.future.set_result(result)
+
     def _loop(self) -> None:
+        self._on_start()
         stopping = False
         while not stopping:
             item = self._queue.get()
@@ -103,18 +125,11 @@ class Batcher:
                 break
             assert isinstance(item, _Request)
             batch, stopping = self._collect(item)
-            started = time.perf_counter()
-            try:
-                results = self._predict([r.image for r in batch], min(r.conf for r in batch))
-                if len(results) != len(batch):
-                    raise RuntimeError(f"model returned {len(results)} results for {len(batch)}")
-            except Exception as exc:  # noqa: BLE001 - handed to every waiting runner
-                for request in batch:
-                    request.future.set_exception(exc)
-                continue
-            self._on_batch(len(batch), time.perf_counter() - started)
-            for request, result in zip(batch, results, strict=True):
-                request.future.set_result(result)
+            groups: dict[Hashable, list[_Request]] = {}
+            for request in batch:
+                groups.setdefault(self._group(request.item), []).append(request)
+            for group in groups.values():
+                self._run(group)
         # Anything submitted after close (cannot happen) or left behind gets an answer.
         while True:
             try:

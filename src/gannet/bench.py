@@ -205,6 +205,7 @@ def one_at_a_time(settings: Settings, urls: list[str]) -> dict[str, float]:
         metrics,
         max_batch=1,
         window_s=0.0,
+        cpu_threads=settings.torch_threads,  # the daemon's, so b/c compares plumbing
     )
     pipeline = Pipeline(
         configs,

@@ -98,16 +98,13 @@ class Daemon:
         except (ValueError, OSError) as exc:
             raise StartupError(f"cannot load GANNET_CONFIG_URI: {exc}") from exc
         devices = resolve_devices(s.devices)
-        if s.torch_threads:
-            import torch
-
-            torch.set_num_threads(s.torch_threads)
         cache = ModelCache(
             yolo_loader(model_file(storage, s.model_cache_dir), trace=s.torchscript),
             self.metrics,
             max_batch=s.batch_size,
             window_s=s.batch_window_ms / 1000,
             budget_bytes=s.model_memory_budget_mb * 1024 * 1024 or None,
+            cpu_threads=s.torch_threads,
         )
         pipeline = Pipeline(
             configs,

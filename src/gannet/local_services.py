@@ -28,6 +28,19 @@ import psycopg
 log = logging.getLogger(__name__)
 
 
+# gcp-storage-emulator serves one request at a time from a listen queue of 5 (Python's
+# default). Eight runners reading and writing at once overflow it, the kernel drops the
+# SYN, and the client's retry comes a full second later: measured as 1 s stalls on 1 in
+# ~50 tasks (TcpExtListenOverflows counted them). A deeper queue only lets requests wait.
+_GCS_EMULATOR = """
+import sys
+from http.server import HTTPServer
+HTTPServer.request_queue_size = 128
+from gcp_storage_emulator.__main__ import main
+sys.exit(main())
+"""
+
+
 class ServiceError(RuntimeError):
     """A local service did not start; the text says which and where its log is."""
 
@@ -208,11 +221,12 @@ class LocalServices:
             return resp.status == 200
 
     def _start_gcs(self) -> None:
-        emulator = Path(sys.executable).parent / "gcp-storage-emulator"
         self._spawn(
             "gcs",
             [
-                str(emulator),
+                sys.executable,
+                "-c",
+                _GCS_EMULATOR,
                 "start",
                 "--host",
                 "127.0.0.1",

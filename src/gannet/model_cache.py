@@ -24,6 +24,7 @@ from gannet.batcher import Batcher, BatcherClosed
 from gannet.errors import ErrorCode, TransientError
 from gannet.metrics import Metrics
 from gannet.pipeline_config import LoadedConfig, ModelKind
+from gannet.split_predictor import SplitPredictor
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ class ModelKey:
 @dataclass
 class LoadedModel:
     key: ModelKey
-    model: Any  # an ultralytics YOLO; only the batcher thread calls it
+    model: Any  # an ultralytics YOLO; only the batcher thread runs its network
+    predictor: SplitPredictor
     batcher: Batcher
     nbytes: int
     names: dict[int, str]
@@ -67,8 +69,11 @@ class ModelCache:
         max_batch: int = 8,
         window_s: float = 0.005,
         budget_bytes: int | None = None,
+        cpu_threads: int | None = None,
     ) -> None:
+        """`cpu_threads`: torch CPU threads for each model's forward passes."""
         self._load = load
+        self._cpu_threads = cpu_threads
         self._metrics = metrics
         self._max_batch = max_batch
         self._window_s = window_s
@@ -120,13 +125,17 @@ class ModelCache:
             raise TransientError(
                 ErrorCode.MODEL_UNAVAILABLE, f"cannot load model {key.uri}: {exc}"
             ) from exc
-        predict = _predict_fn(model, key)
+        predictor = SplitPredictor(
+            model, fixed_batch_one=key.uri.endswith(".onnx"), cpu_threads=self._cpu_threads
+        )
         batcher = Batcher(
             f"{key.label()}@{key.device}",
-            predict,
+            predictor.forward,
             self._max_batch,
             self._window_s,
             on_batch=lambda size, seconds: self._metrics.batch_size.observe(size),
+            group=predictor.shape,
+            on_start=predictor.start_forward_thread,
         )
         self._metrics.model_loads.labels(key.label(), key.device).inc()
         log.info(
@@ -141,6 +150,7 @@ class ModelCache:
         return LoadedModel(
             key=key,
             model=model,
+            predictor=predictor,
             batcher=batcher,
             nbytes=nbytes,
             names=dict(model.names),
@@ -164,14 +174,21 @@ class ModelCache:
         return evicted
 
     def predict(self, key: ModelKey, images: Sequence[Any], conf: float) -> list[Any]:
-        """Run images through the model on its device; blocks the calling runner only."""
+        """Run images through the model on its device; blocks the calling runner only.
+
+        The calling runner letterboxes its images and does NMS on the answers itself, so
+        the model's batcher thread spends its time on forward passes alone."""
         for _ in range(3):
             entry = self.get(key)
+            inputs = [entry.predictor.preprocess(image) for image in images]
             try:
-                futures = entry.batcher.submit(images, conf)
+                futures = entry.batcher.submit(inputs)
             except BatcherClosed:
                 continue  # evicted between get() and submit(): load it again
-            return [f.result() for f in futures]
+            return [
+                entry.predictor.postprocess(f.result(), x, image, conf)
+                for f, x, image in zip(futures, inputs, images, strict=True)
+            ]
         raise TransientError(ErrorCode.MODEL_UNAVAILABLE, f"model {key.uri} keeps being evicted")
 
     def loaded(self) -> list[ModelKey]:
@@ -188,7 +205,8 @@ class ModelCache:
             entry.batcher.join(timeout=30)
 
 
-def _predict_fn(model: Any, key: ModelKey) -> Callable[[list[Any], float], Sequence[Any]]:
+def _predict_options(key: ModelKey) -> dict[str, Any]:
+    """What every answer of this model is computed with; the warm-up sets them."""
     options: dict[str, Any] = {
         "imgsz": key.imgsz,
         "device": key.device,
@@ -197,14 +215,7 @@ def _predict_fn(model: Any, key: ModelKey) -> Callable[[list[Any], float], Seque
     }
     if key.task == "segment":
         options["retina_masks"] = True  # masks at image resolution: areas in real pixels
-    one_by_one = key.uri.endswith(".onnx")  # exported with a fixed batch of one
-
-    def predict(images: list[Any], conf: float) -> Sequence[Any]:
-        if one_by_one:
-            return [r for image in images for r in model.predict(image, conf=conf, **options)]
-        return model.predict(images, conf=conf, **options)
-
-    return predict
+    return options
 
 
 def _precision(device: str) -> dict[str, Any]:
@@ -341,10 +352,10 @@ def yolo_loader(local_path: Callable[[str, str], Path], trace: bool = True) -> L
         before = torch.cuda.memory_allocated(key.device) if cuda else 0
         model = YOLO(str(path), task=key.task)
         blank = np.zeros((key.imgsz, key.imgsz, 3), dtype=np.uint8)
-        warm = {"imgsz": key.imgsz, "device": key.device, "verbose": False}
-        model.predict(blank, **warm, **_precision(key.device))
+        # Also sets up the predictor that SplitPredictor later copies, options included.
+        model.predict(blank, **_predict_options(key))
         if trace and trace_forward(model, key.imgsz, key.device, half=cuda):
-            model.predict(blank, **warm, **_precision(key.device))  # the trace's first run
+            model.predict(blank, **_predict_options(key))  # the trace's first run
             log.info("model traced", extra={"model": key.label(), "device": key.device})
         if cuda:
             nbytes = torch.cuda.memory_allocated(key.device) - before

@@ -65,7 +65,8 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None,
         ge=1,
-        description="CPU threads for inference (default: torch's); fewer leaves cores for I/O.",
+        description="CPU threads of each model's forward pass (default: ultralytics' "
+        "choice, all cores but one).",
     )
     torchscript: bool = Field(
         True,
@@ -74,7 +75,10 @@ class Settings(BaseSettings):
     )
     batch_size: int = Field(8, ge=1, description="Most images one model call takes.")
     batch_window_ms: float = Field(
-        10.0, ge=0, description="How long a model's batcher waits to fill a batch."
+        0.0,
+        ge=0,
+        description="How long a model's batcher waits to fill a batch (0: a batch is "
+        "what queued during the last forward pass).",
     )
     max_body_bytes: int = Field(256 * 1024, description="Largest accepted message body.")
     max_image_bytes: int = Field(25 * 1024 * 1024, description="Largest accepted image file.")

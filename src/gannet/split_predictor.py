@@ -1,0 +1,91 @@
+"""Ultralytics' predict split at the forward pass: runners pre- and post-process, the
+model's batcher thread only runs the network.
+
+Why: `model.predict` letterboxes, runs the network, then does NMS, masks and Results,
+all in the thread that calls it. With one batcher thread per model that thread did all
+of it for every image, and the runners waited on it (DESIGN.md: runners overlap
+pre/post-processing with inference). Here each runner prepares its own images and turns
+its own raw outputs into Results, with ultralytics' own predictor code, while the batcher
+thread concatenates same-shaped inputs and runs one forward pass.
+
+The predictor holds per-call state (the confidence threshold, the batch's paths), so
+each runner thread works on its own shallow copy of it; the copies share the network,
+and only the batcher thread ever calls the network.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _row(out: Any, i: int) -> Any:
+    """Image i's part of a batched output, keeping ultralytics' tuple/list nesting."""
+    if isinstance(out, torch.Tensor):
+        return out[i : i + 1]
+    if isinstance(out, (tuple, list)):
+        return type(out)(_row(item, i) for item in out)
+    if isinstance(out, dict):
+        return {k: _row(v, i) for k, v in out.items()}
+    return out
+
+
+class SplitPredictor:
+    def __init__(
+        self, model: Any, fixed_batch_one: bool = False, cpu_threads: int | None = None
+    ) -> None:
+        """`model` is an ultralytics YOLO that has predicted once with the options every
+        later answer should use (imgsz, device, precision, retina_masks), so its
+        predictor is set up; `fixed_batch_one` for exports that take one image per call;
+        `cpu_threads` for the forward pass (None: leave torch's setting alone)."""
+        self._predictor = model.predictor
+        self._one_by_one = fixed_batch_one
+        self._cpu_threads = cpu_threads
+        self._local = threading.local()
+
+    def start_forward_thread(self) -> None:
+        """Called once by the batcher thread. torch's CPU thread count is per OS thread,
+        and ultralytics sets it to cores - 1 in whichever thread loads a model, so the
+        thread that runs the forward passes sets its own."""
+        if self._cpu_threads:
+            torch.set_num_threads(self._cpu_threads)
+
+    def _own_copy(self) -> Any:
+        view = getattr(self._local, "predictor", None)
+        if view is None:
+            view = copy.copy(self._predictor)
+            view.args = copy.copy(self._predictor.args)
+            view.batch = ([""], None, None)  # Results take their path from batch[0]
+            self._local.predictor = view
+        return view
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """Runner thread: one BGR image to the (1, 3, H, W) input the network takes,
+        letterboxed exactly as a one-image `model.predict` would."""
+        with torch.inference_mode():
+            return self._own_copy().preprocess([image])
+
+    @staticmethod
+    def shape(inputs: torch.Tensor) -> tuple[int, ...]:
+        """Inputs of one shape can share a forward pass."""
+        return tuple(inputs.shape)
+
+    def forward(self, inputs: list[torch.Tensor]) -> list[Any]:
+        """Batcher thread only: one forward pass over same-shaped inputs, answered per input."""
+        with torch.inference_mode():
+            if self._one_by_one:
+                return [self._predictor.inference(x) for x in inputs]
+            out = self._predictor.inference(torch.cat(inputs) if len(inputs) > 1 else inputs[0])
+            return [_row(out, i) for i in range(len(inputs))]
+
+    def postprocess(self, output: Any, inputs: torch.Tensor, image: np.ndarray, conf: float) -> Any:
+        """Runner thread: NMS, masks and the Results object for one image."""
+        view = self._own_copy()
+        view.args.conf = conf
+        with torch.inference_mode():
+            (result,) = view.postprocess(output, inputs, [image])
+        return result
