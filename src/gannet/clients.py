@@ -26,7 +26,11 @@ def pubsub_clients(
 
 def storage_client(settings: Settings) -> storage.Client:
     try:
-        return gannet_storage.make_client(settings.project, settings.storage_emulator_host)
+        return gannet_storage.make_client(
+            settings.project,
+            settings.storage_emulator_host,
+            connections=max(10, settings.runners + 2),  # + config and model downloads
+        )
     except DefaultCredentialsError as exc:
         raise NoCredentials(str(exc)) from exc
 

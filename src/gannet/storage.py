@@ -13,10 +13,13 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+import google.auth
 from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
+from google.auth.transport.requests import AuthorizedSession
 from google.cloud import storage
 from requests import exceptions as rexc
+from requests.adapters import HTTPAdapter
 
 from gannet.errors import ErrorCode, PermanentError, TransientError
 from gannet.task import GS_URL
@@ -33,14 +36,24 @@ TRANSIENT_GCS = (
 )
 
 
-def make_client(project: str, emulator_host: str | None) -> storage.Client:
+def make_client(project: str, emulator_host: str | None, connections: int = 10) -> storage.Client:
+    """`connections`: HTTP connections kept open for reuse, one per thread that uses the
+    client at once. Past requests' default of 10, every runner beyond the tenth opened
+    (on GCS: TLS-handshook) a new connection per request and logged "Connection pool is
+    full" (googleapis/python-storage#253)."""
     if emulator_host:
-        return storage.Client(
-            project=project,
-            credentials=AnonymousCredentials(),
-            client_options={"api_endpoint": emulator_host},
-        )
-    return storage.Client(project=project)
+        credentials = AnonymousCredentials()
+        options: dict[str, str] | None = {"api_endpoint": emulator_host}
+    else:
+        credentials, _ = google.auth.default(scopes=storage.Client.SCOPE)
+        options = None
+    session = AuthorizedSession(credentials)
+    pool = HTTPAdapter(pool_connections=connections, pool_maxsize=connections)
+    session.mount("https://", pool)
+    session.mount("http://", pool)
+    return storage.Client(
+        project=project, credentials=credentials, client_options=options, _http=session
+    )
 
 
 def split_gs_url(url: str) -> tuple[str, str]:
