@@ -1,9 +1,9 @@
 """One thread per (model, device) that owns the model and runs requests as batches.
 
 Ultralytics models are not thread-safe, so exactly one thread ever calls a model. Runner
-threads hand it prepared inputs and wait on a future; requests that arrive within a few
-milliseconds of each other and have the same shape share one forward pass, which is
-where a GPU earns its keep.
+threads hand it prepared inputs and wait on a future; requests that queued while the last
+forward pass ran (or within `window_s` of each other) and have the same shape share one
+forward pass, which is where a GPU earns its keep.
 """
 
 from __future__ import annotations
