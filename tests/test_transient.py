@@ -1,0 +1,164 @@
+"""Transient failures are nacked and retried, never quarantined and never lost.
+
+PostgreSQL is taken away by cutting the network between the daemon and a real server
+(`Relay` below), which is what a database restart or a failover looks like to the
+daemon: open connections reset, new ones refused. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+from conftest import SCENES, expected_counts
+
+
+class Relay:
+    """A TCP relay to a real server that can be cut and restored."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.upstream = (host, port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._cut = threading.Event()
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut(self) -> None:
+        """Reset every open connection and refuse new ones."""
+        self._cut.set()
+        with self._lock:
+            for sock in self._open:
+                _close(sock)
+            self._open.clear()
+
+    def restore(self) -> None:
+        self._cut.clear()
+
+    def close(self) -> None:
+        self.cut()
+        _close(self._listener)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            if self._cut.is_set():
+                _close(client)
+                continue
+            try:
+                server = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                _close(client)
+                continue
+            with self._lock:
+                self._open.update((client, server))
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while chunk := src.recv(65536):
+                dst.sendall(chunk)
+        except OSError:
+            pass  # the other side closed, or cut() did
+        finally:
+            _close(src)
+            _close(dst)
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # not connected, or already shut
+    sock.close()
+
+
+@pytest.fixture
+def db_relay(stack) -> Iterator[tuple[Relay, str]]:
+    """A relay to the test PostgreSQL and the database URL that goes through it."""
+    url = urlsplit(stack.settings.database_url)
+    relay = Relay(url.hostname or "127.0.0.1", url.port or 5432)
+    through = url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{relay.port}")
+    yield relay, urlunsplit(through)
+    relay.close()
+
+
+def _outcomes(daemon, task_ids: set[str]) -> list[tuple[str, str, str | None]]:
+    """(task_id, outcome, error_code) for each settled delivery, in log order."""
+    return [
+        (e["task_id"], e["outcome"], e.get("error_code"))
+        for e in daemon.log_entries()
+        if e.get("task_id") in task_ids and e.get("outcome")
+    ]
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"not seen within {timeout_s}s: {what}")
+
+
+def test_database_outage_nacks_and_the_tasks_succeed_when_it_returns(stack, db_relay):
+    """While PostgreSQL is unreachable every delivery is nacked (outcome retry,
+    dependency_unavailable), nothing is dead-lettered and the daemon keeps running;
+    when the database is back the same messages are redelivered and succeed."""
+    relay, db_url = db_relay
+    daemon = stack.start_daemon(GANNET_DATABASE_URL=db_url)
+    url = stack.upload(SCENES[0]["file"])
+    tasks = [stack.task(url) for _ in range(2)]
+    ids = {t.task_id for t in tasks}
+
+    relay.cut()
+    stack.publish(tasks)
+    _wait_for(
+        lambda: {t for t, o, _ in _outcomes(daemon, ids) if o == "retry"} == ids,
+        60,
+        "a nack of each task while the database is down",
+    )
+    assert stack.rows(list(ids)) == {}
+    for _, outcome, code in _outcomes(daemon, ids):
+        assert (outcome, code) == ("retry", "dependency_unavailable")
+    assert daemon.proc.poll() is None, "an outage must not crash the daemon"
+
+    relay.restore()
+    rows = stack.wait_rows(list(ids), timeout_s=90)
+    assert set(rows) == ids, "every nacked task comes back and succeeds"
+    for row in rows.values():
+        assert row["status"] == "succeeded"
+        assert row["result"]["detection"]["counts"] == expected_counts(SCENES[0])
+        assert row["delivery_attempt"] >= 2, "the success is a redelivery of the nacked one"
+    assert stack.pull_dead_letters(1, timeout_s=3) == [], "an outage is not poison"
+    assert daemon.stop() == 0
+
+
+@pytest.mark.slow
+def test_an_outage_that_outlasts_the_retries_ends_in_the_dead_letter_topic(stack, db_relay):
+    """Nothing is lost when a dependency stays down: after the subscription's
+    max_delivery_attempts (5) Pub/Sub's dead-letter policy moves the message, body
+    intact, to the dead-letter topic, where an operator can replay it."""
+    relay, db_url = db_relay
+    daemon = stack.start_daemon(GANNET_DATABASE_URL=db_url)
+    task = stack.task(stack.upload(SCENES[0]["file"]))
+    relay.cut()
+    stack.publish([task])
+
+    dead = stack.pull_dead_letters(1, timeout_s=150)
+    assert [m.data for m in dead] == [task.model_dump_json(exclude_none=True).encode()]
+    retries = [o for t, o, _ in _outcomes(daemon, {task.task_id}) if o == "retry"]
+    assert len(retries) == 5, "one nack per delivery attempt"
+    assert daemon.proc.poll() is None
+    relay.restore()
+    assert stack.rows([task.task_id]) == {}, "no result row for a task never processed"
+    assert daemon.stop() == 0
