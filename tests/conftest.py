@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -133,6 +135,31 @@ class Stack:
                 }
             )
         return [m.message for m in response.received_messages]
+
+    def gannet(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """A `gannet` command as an operator runs it, against this test's own queues."""
+        return subprocess.run(
+            [sys.executable, "-m", "gannet", *args],
+            env={**os.environ, **self.env()},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    def dead_letters(self, count: int, timeout_s: float = 60) -> list[dict[str, Any]]:
+        """`gannet dead-letters --json` once it lists `count`; listing removes nothing."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        letters: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            done = self.gannet("dead-letters", "--json")
+            assert done.returncode == 0, done.stderr
+            letters = [json.loads(line) for line in done.stdout.splitlines()]
+            if len(letters) >= count:
+                return letters
+            time.sleep(0.5)
+        raise AssertionError(f"{len(letters)} dead letters after {timeout_s}s, not {count}")
 
     def pull_dead_letters(self, expected: int, timeout_s: float = 30) -> list[Any]:
         import time

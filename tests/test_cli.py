@@ -32,6 +32,7 @@ def test_help_lists_every_command():
         "settings",
         "ops",
         "scaling",
+        "dead-letters",
     ):
         assert f"    {command}" in out.stdout
 

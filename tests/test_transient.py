@@ -144,21 +144,34 @@ def test_database_outage_nacks_and_the_tasks_succeed_when_it_returns(stack, db_r
 
 
 @pytest.mark.slow
-def test_an_outage_that_outlasts_the_retries_ends_in_the_dead_letter_topic(stack, db_relay):
+def test_an_outage_that_outlasts_the_retries_is_dead_lettered_and_replays(stack, db_relay):
     """Nothing is lost when a dependency stays down: after the subscription's
     max_delivery_attempts (5) Pub/Sub's dead-letter policy moves the message, body
-    intact, to the dead-letter topic, where an operator can replay it."""
+    intact, to the dead-letter topic; after the outage an operator replays it with
+    `gannet dead-letters --replay --code retries_exhausted` and the task succeeds."""
     relay, db_url = db_relay
     daemon = stack.start_daemon(GANNET_DATABASE_URL=db_url)
     task = stack.task(stack.upload(SCENES[0]["file"]))
     relay.cut()
     stack.publish([task])
 
-    dead = stack.pull_dead_letters(1, timeout_s=150)
-    assert [m.data for m in dead] == [task.model_dump_json(exclude_none=True).encode()]
-    retries = [o for t, o, _ in _outcomes(daemon, {task.task_id}) if o == "retry"]
-    assert len(retries) == 5, "one nack per delivery attempt"
+    (letter,) = stack.dead_letters(1, timeout_s=150)
+    assert letter["error_code"] == "retries_exhausted" and letter["task_id"] == task.task_id
+
+    def retries() -> int:
+        return sum(o == "retry" for _, o, _ in _outcomes(daemon, {task.task_id}))
+
+    # The nack goes out a moment before its log line is written.
+    _wait_for(lambda: retries() >= 5, 5, "five logged nacks")
+    assert retries() == 5, "one nack per delivery attempt, then Pub/Sub gives up"
     assert daemon.proc.poll() is None
-    relay.restore()
     assert stack.rows([task.task_id]) == {}, "no result row for a task never processed"
+
+    relay.restore()
+    replayed = stack.gannet("dead-letters", "--replay", "--code", "retries_exhausted")
+    assert replayed.returncode == 0 and "replayed 1 of 1" in replayed.stdout, replayed
+    row = stack.wait_rows([task.task_id], timeout_s=60).get(task.task_id)
+    assert row is not None and row["status"] == "succeeded", row
+    assert row["result"]["detection"]["counts"] == expected_counts(SCENES[0])
+    assert stack.pull_dead_letters(1, timeout_s=3) == []
     assert daemon.stop() == 0

@@ -77,6 +77,21 @@ def cmd_services(args: argparse.Namespace) -> int:
     return demo.serve(args)
 
 
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    from gannet import clients, dead_letters, provision
+
+    settings = Settings()
+    publisher, subscriber = clients.pubsub_clients(settings)
+    name = args.subscription or provision.dead_letter_subscription(settings)
+    return dead_letters.main(
+        args,
+        publisher,
+        subscriber,
+        settings.topic_path(),
+        subscriber.subscription_path(settings.project, name),
+    )
+
+
 def cmd_settings(args: argparse.Namespace) -> int:
     if args.markdown:
         print(settings_table())
@@ -178,6 +193,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_service_ports(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "dead-letters",
+        help="list the dead-letter subscription; replay tasks once the cause is fixed",
+        description="List what is in the dead-letter subscription, with each message's "
+        "error_code and reason (retries_exhausted: Pub/Sub gave up after "
+        "max_delivery_attempts transient failures, e.g. a database outage). Listing "
+        "removes nothing. With --replay, the chosen messages are republished to "
+        "GANNET_TOPIC and only then acked. Replaying a task that already succeeded is "
+        "harmless: the daemon acks it without running the models.",
+    )
+    p.add_argument(
+        "--code",
+        action="append",
+        metavar="CODE",
+        help="only messages with this error_code (repeatable), e.g. retries_exhausted, "
+        "image_not_found, unknown_pipeline",
+    )
+    p.add_argument("--tenant", help="only this tenant's messages")
+    p.add_argument("--replay", action="store_true", help="republish the chosen messages")
+    p.add_argument("--all", action="store_true", help="with --replay: every message, any code")
+    p.add_argument(
+        "--limit", type=int, default=1000, help="look at this many messages at most (default 1000)"
+    )
+    p.add_argument(
+        "--subscription",
+        help="dead-letter subscription id (default: GANNET_DEAD_LETTER_TOPIC + '-sub', "
+        "as terraform creates it)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per message")
+    p.set_defaults(func=cmd_dead_letters)
 
     p = sub.add_parser("settings", help="show the effective GANNET_* settings")
     p.add_argument("--markdown", action="store_true", help="print the README table instead")

@@ -1,0 +1,52 @@
+"""`gannet dead-letters`: an operator lists what was dead-lettered and replays it."""
+
+from __future__ import annotations
+
+import time
+
+from conftest import SAMPLES, SCENES, expected_counts
+
+
+def test_listing_removes_nothing_and_a_fixed_task_replays_to_success(stack):
+    """Two poison messages are listed with their reasons, twice (listing removes
+    nothing); once the missing image is uploaded, replaying that code alone turns the
+    task's failed row into a succeeded one, and only the other message is left."""
+    late = stack.task(f"gs://gannet-images/{stack.tenant}/late/scene.jpg")
+    daemon = stack.start_daemon()
+    stack.publish([late])
+    stack.publish_raw(b"{not json")
+
+    letters = stack.dead_letters(2)
+    assert stack.dead_letters(2) == letters, "listing must leave the messages where they are"
+    by_code = {d["error_code"]: d for d in letters}
+    assert set(by_code) == {"image_not_found", "bad_json"}
+    assert by_code["image_not_found"]["task_id"] == late.task_id
+    assert by_code["image_not_found"]["tenant_id"] == stack.tenant
+    assert "does not exist" in by_code["image_not_found"]["error"]
+    assert stack.rows([late.task_id])[late.task_id]["status"] == "failed"
+
+    table = stack.gannet("dead-letters")
+    assert table.returncode == 0, table.stderr
+    assert late.task_id in table.stdout and "2 of 2 dead letters shown" in table.stdout
+
+    refused = stack.gannet("dead-letters", "--replay")
+    assert refused.returncode == 2 and "--code" in refused.stderr, "replay must say what"
+
+    stack.storage.client.bucket("gannet-images").blob(
+        f"{stack.tenant}/late/scene.jpg"
+    ).upload_from_filename(str(SAMPLES / SCENES[0]["file"]))
+    replayed = stack.gannet("dead-letters", "--replay", "--code", "image_not_found")
+    assert replayed.returncode == 0, replayed.stderr
+    assert "replayed 1 of 1" in replayed.stdout
+
+    deadline = time.monotonic() + 60
+    row = {}
+    while time.monotonic() < deadline:
+        row = stack.rows([late.task_id])[late.task_id]
+        if row["status"] == "succeeded":
+            break
+        time.sleep(0.3)
+    assert row["status"] == "succeeded", row
+    assert row["result"]["detection"]["counts"] == expected_counts(SCENES[0])
+    assert [d["error_code"] for d in stack.dead_letters(1)] == ["bad_json"]
+    assert daemon.stop() == 0
