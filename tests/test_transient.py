@@ -115,7 +115,7 @@ def test_database_outage_nacks_and_the_tasks_succeed_when_it_returns(stack, db_r
     dependency_unavailable), nothing is dead-lettered and the daemon keeps running;
     when the database is back the same messages are redelivered and succeed."""
     relay, db_url = db_relay
-    daemon = stack.start_daemon(GANNET_DATABASE_URL=db_url)
+    daemon = stack.start_daemon(GANNET_DATABASE_URL=db_url, GANNET_DB_TIMEOUT_S="2")
     url = stack.upload(SCENES[0]["file"])
     tasks = [stack.task(url) for _ in range(2)]
     ids = {t.task_id for t in tasks}
@@ -150,7 +150,7 @@ def test_an_outage_that_outlasts_the_retries_is_dead_lettered_and_replays(stack,
     intact, to the dead-letter topic; after the outage an operator replays it with
     `gannet dead-letters --replay --code retries_exhausted` and the task succeeds."""
     relay, db_url = db_relay
-    daemon = stack.start_daemon(GANNET_DATABASE_URL=db_url)
+    daemon = stack.start_daemon(GANNET_DATABASE_URL=db_url, GANNET_DB_TIMEOUT_S="2")
     task = stack.task(stack.upload(SCENES[0]["file"]))
     relay.cut()
     stack.publish([task])

@@ -84,7 +84,7 @@ class Daemon:
             storage = Storage(clients.storage_client(s))
         except clients.NoCredentials as exc:
             raise StartupError(str(exc)) from exc
-        sink = Sink(s.database_url, pool_size=s.db_pool_size)
+        sink = Sink(s.database_url, pool_size=s.db_pool_size, timeout_s=s.db_timeout_s)
         try:
             sink.open(wait_s=15)
         except Exception as exc:

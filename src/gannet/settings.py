@@ -30,6 +30,11 @@ class Settings(BaseSettings):
         description="PostgreSQL URL (libpq form). The role must not be a superuser: RLS.",
     )
     db_pool_size: int = Field(8, ge=1, description="PostgreSQL connections in the pool.")
+    db_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="How long a task waits for a PostgreSQL connection before it is nacked.",
+    )
     results_bucket: str = Field("gannet-results", description="Bucket for result JSON.")
     allowed_buckets: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["gannet-images"],
