@@ -198,6 +198,14 @@ def main(
             file=sys.stderr,
         )
         return 2
+    except gexc.PermissionDenied as exc:
+        print(
+            f"error: not allowed to pull {subscription_path} ({exc.message}); your account "
+            "needs roles/pubsub.subscriber there (and roles/pubsub.publisher on the tasks "
+            "topic to replay)",
+            file=sys.stderr,
+        )
+        return 2
     chosen = select(letters, args.code, args.tenant)
     chosen_ids = {d.ack_id for d in chosen}
     others = [d for d in letters if d.ack_id not in chosen_ids]
