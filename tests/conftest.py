@@ -138,13 +138,7 @@ class Stack:
 
     def gannet(self, *args: str) -> subprocess.CompletedProcess[str]:
         """A `gannet` command as an operator runs it, against this test's own queues."""
-        return subprocess.run(
-            [sys.executable, "-m", "gannet", *args],
-            env={**os.environ, **self.env()},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        return gannet(*args, env=self.env(), timeout=120)
 
     def dead_letters(self, count: int, timeout_s: float = 60) -> list[dict[str, Any]]:
         """`gannet dead-letters --json` once it lists `count`; listing removes nothing."""
@@ -169,6 +163,31 @@ class Stack:
         while len(got) < expected and time.monotonic() < deadline:
             got += self.pull(provision.dead_letter_subscription(self.settings))
         return got
+
+
+def gannet(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """The `gannet` command in a child process, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "gannet", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def settled(
+    daemons: list[demo.DaemonProcess], task_ids: set[str]
+) -> list[tuple[str, str, str | None]]:
+    """(task_id, outcome, error_code) of each settled delivery, from the daemons' logs."""
+    return [
+        (e["task_id"], e["outcome"], e.get("error_code"))
+        for daemon in daemons
+        for e in daemon.log_entries()
+        if e.get("task_id") in task_ids and e.get("outcome")
+    ]
 
 
 def make_stack(services: LocalServices, tmp_path: Path, ack_deadline_s: int = 30) -> Stack:

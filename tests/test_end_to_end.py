@@ -6,7 +6,7 @@ import json
 import time
 import urllib.request
 
-from conftest import SCENES, expected_counts
+from conftest import SCENES, expected_counts, settled
 
 
 def metric(port: int, series: str) -> float:
@@ -58,11 +58,7 @@ def test_redelivered_task_with_result_is_acked_without_inference(stack):
     deadline = time.monotonic() + 30
     outcomes: list[str] = []
     while time.monotonic() < deadline:
-        outcomes = [
-            e.get("outcome")
-            for e in daemon.log_entries()
-            if e.get("task_id") == task.task_id and e.get("outcome")
-        ]
+        outcomes = [o for _, o, _ in settled([daemon], {task.task_id})]
         if len(outcomes) >= 2:
             break
         time.sleep(0.2)

@@ -17,7 +17,7 @@ from collections import Counter
 
 import psycopg
 import pytest
-from conftest import SCENES, make_stack, prepared_services
+from conftest import SCENES, make_stack, prepared_services, settled
 
 
 def _wait_for_some(stack, task_ids, at_least, timeout_s=120):
@@ -42,15 +42,6 @@ def _readyz(port: int) -> int:
             return exc.code
         time.sleep(0.02)
     return status
-
-
-def _outcomes(daemons, task_ids):
-    counts: Counter[tuple[str, str]] = Counter()
-    for daemon in daemons:
-        for entry in daemon.log_entries():
-            if entry.get("task_id") in task_ids and entry.get("outcome"):
-                counts[(entry["task_id"], entry["outcome"])] += 1
-    return counts
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +141,7 @@ def test_sigterm_mid_batch_then_restart_loses_and_duplicates_nothing(own_stack):
     finally:
         second.stop()
     assert set(rows) == set(ids) and all(r["status"] == "succeeded" for r in rows.values())
-    outcomes = _outcomes(stack.daemons, set(ids))
+    outcomes = Counter((t, o) for t, o, _ in settled(stack.daemons, set(ids)))
     for task_id in ids:
         assert outcomes[(task_id, "succeeded")] == 1, task_id
         # Acks of finished work reached Pub/Sub before exit: nothing came back as a duplicate.

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from conftest import SCENES, expected_counts
+from conftest import SCENES, expected_counts, settled
 
 
 class Relay:
@@ -92,15 +92,6 @@ def db_relay(stack) -> Iterator[tuple[Relay, str]]:
     relay.close()
 
 
-def _outcomes(daemon, task_ids: set[str]) -> list[tuple[str, str, str | None]]:
-    """(task_id, outcome, error_code) for each settled delivery, in log order."""
-    return [
-        (e["task_id"], e["outcome"], e.get("error_code"))
-        for e in daemon.log_entries()
-        if e.get("task_id") in task_ids and e.get("outcome")
-    ]
-
-
 def _wait_for(predicate, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -123,12 +114,12 @@ def test_database_outage_nacks_and_the_tasks_succeed_when_it_returns(stack, db_r
     relay.cut()
     stack.publish(tasks)
     _wait_for(
-        lambda: {t for t, o, _ in _outcomes(daemon, ids) if o == "retry"} == ids,
+        lambda: {t for t, o, _ in settled([daemon], ids) if o == "retry"} == ids,
         60,
         "a nack of each task while the database is down",
     )
     assert stack.rows(list(ids)) == {}
-    for _, outcome, code in _outcomes(daemon, ids):
+    for _, outcome, code in settled([daemon], ids):
         assert (outcome, code) == ("retry", "dependency_unavailable")
     assert daemon.proc.poll() is None, "an outage must not crash the daemon"
 
@@ -159,7 +150,7 @@ def test_an_outage_that_outlasts_the_retries_is_dead_lettered_and_replays(stack,
     assert letter["error_code"] == "retries_exhausted" and letter["task_id"] == task.task_id
 
     def retries() -> int:
-        return sum(o == "retry" for _, o, _ in _outcomes(daemon, {task.task_id}))
+        return sum(o == "retry" for _, o, _ in settled([daemon], {task.task_id}))
 
     # The nack goes out a moment before its log line is written.
     _wait_for(lambda: retries() >= 5, 5, "five logged nacks")

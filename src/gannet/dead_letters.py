@@ -95,13 +95,7 @@ def pull(subscriber: pubsub_v1.SubscriberClient, path: str, limit: int) -> list[
         if not response.received_messages:
             break
         batch = [_letter(r) for r in response.received_messages]
-        subscriber.modify_ack_deadline(
-            request={
-                "subscription": path,
-                "ack_ids": [d.ack_id for d in batch],
-                "ack_deadline_seconds": _LEASE_S,
-            }
-        )
+        _set_lease(subscriber, path, batch, _LEASE_S)
         letters += batch
     return letters
 
@@ -111,12 +105,18 @@ def _chunks(letters: list[DeadLetter]) -> list[list[str]]:
     return [ids[i : i + _PULL_BATCH] for i in range(0, len(ids), _PULL_BATCH)]
 
 
-def release(subscriber: pubsub_v1.SubscriberClient, path: str, letters: list[DeadLetter]) -> None:
-    """Give the leases back: the messages are at once available again, untouched."""
+def _set_lease(
+    subscriber: pubsub_v1.SubscriberClient, path: str, letters: list[DeadLetter], seconds: int
+) -> None:
     for ack_ids in _chunks(letters):
         subscriber.modify_ack_deadline(
-            request={"subscription": path, "ack_ids": ack_ids, "ack_deadline_seconds": 0}
+            request={"subscription": path, "ack_ids": ack_ids, "ack_deadline_seconds": seconds}
         )
+
+
+def release(subscriber: pubsub_v1.SubscriberClient, path: str, letters: list[DeadLetter]) -> None:
+    """Give the leases back: the messages are at once available again, untouched."""
+    _set_lease(subscriber, path, letters, 0)
 
 
 def replay(
