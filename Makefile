@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	@echo "Installing Gannet into $(VENV) (torch 2.14.1 from the local wheels; takes ~2-3 min the first time) ..."
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --progress-bar off -q --upgrade pip 2>&1 | $(QUIET_PIP)
-	$(VENV)/bin/pip install --progress-bar off -q -e '.[dev]' 2>&1 | $(QUIET_PIP)
+	$(VENV)/bin/pip install --progress-bar off -q -e '.[dev,cluster]' 2>&1 | $(QUIET_PIP)
 	$(VENV)/bin/python -c "import gannet, torch, ultralytics, google.cloud.pubsub" 
 	touch $@
 
@@ -28,9 +28,11 @@ install: $(VENV)/.installed $(INFRA)/.installed
 demo: $(VENV)/.installed
 	YOLO_OFFLINE=1 $(VENV)/bin/gannet demo
 
+# Before the tests: ruff (style, imports, complexity <= 15) and mypy (strict on the core).
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests scripts
 	$(VENV)/bin/ruff format --check src tests scripts
+	$(VENV)/bin/mypy
 
 test: $(VENV)/.installed $(INFRA)/.installed lint
 	YOLO_OFFLINE=1 $(VENV)/bin/pytest

@@ -296,7 +296,7 @@ def write_samples(samples_dir: Path, seed: int = SAMPLES_SEED) -> dict[str, Any]
 
 
 def sliced_counts(model: Any, image: np.ndarray, imgsz: int) -> dict[str, int]:
-    """Per-class counts on a large image from 640x480 tiles, the way README.md describes.
+    """Per-class counts on a large image from 640x480 tiles, the way docs/pipelines.md describes.
 
     Tiles overlap by at least 120 px (more than the largest shape), so every shape lies
     whole in some tile; boxes touching an interior tile edge are cut shapes and dropped.

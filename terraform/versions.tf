@@ -12,7 +12,7 @@ terraform {
     }
   }
 
-  # State lives in a GCS bucket created once by hand (see README.md):
+  # State lives in a GCS bucket created once by hand (see docs/operating.md):
   #   terraform init -backend-config="bucket=PROJECT-tfstate" -backend-config="prefix=gannet"
   backend "gcs" {}
 }

@@ -13,8 +13,8 @@ import argparse
 
 import pytest
 
-from gannet import bench
-from gannet.local_services import LocalServices, Ports
+from gannet.dev import bench
+from gannet.dev.local_services import LocalServices, Ports
 
 
 @pytest.mark.slow

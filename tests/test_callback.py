@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from conftest import SAMPLES, SCENES, expected_counts
 
-from gannet import clients
+from gannet import daemon
 from gannet.callback import (
     CallbackClient,
     CallbackPolicy,
@@ -31,15 +31,9 @@ from gannet.callback import (
     blocked_reason,
     resolve,
 )
+from gannet.dev.publish import make_task, upload_image
 from gannet.metrics import Metrics
-from gannet.model_cache import ModelCache, ModelResolver, yolo_loader
-from gannet.outcome import Decision, Processor
-from gannet.pipeline import Limits, Pipeline
-from gannet.pipeline_config import open_configs
-from gannet.publish import make_task, upload_image
-from gannet.settings import REPO_ROOT
-from gannet.sink import Sink
-from gannet.storage import Storage, local_version, read_local
+from gannet.outcome import Decision
 
 LOCAL = CallbackPolicy(
     timeout_s=2.0, retries=2, backoff_s=0.01, allow_http=True, allow_private=True
@@ -259,45 +253,38 @@ def test_https_verifies_the_certificate_for_the_host_name(receiver_factory, tmp_
 
 @pytest.fixture
 def processor_parts(services, tmp_path):
-    """A Processor built from real parts: the demo config and model, the GCS emulator,
+    """The daemon's own parts (daemon.build): the demo config and model, the GCS emulator,
     PostgreSQL. It is the daemon's code path without Pub/Sub around it."""
-    from gannet import demo
+    from gannet.dev import demo
 
     settings = demo.local_settings(services)
-    storage = Storage(clients.storage_client(settings))
-    sink = Sink(settings.database_url, pool_size=2)
-    sink.open()
     metrics = Metrics()
-    cache = ModelCache(yolo_loader(lambda uri, version: Path(uri)), metrics)
-    configs = open_configs(str(REPO_ROOT / "configs" / "demo.yaml"), read_local, local_version)
-    pipeline = Pipeline(
-        configs,
-        storage,
-        cache,
-        ModelResolver(local_version),
-        Limits(settings.allowed_buckets, 10**8, 10**8),
-    )
-    callbacks = Callbacks(CallbackClient(LOCAL), sink.set_callback_status, metrics, workers=2)
-    processor = Processor(pipeline, sink, storage, settings.results_bucket, metrics, callbacks)
-    yield settings, storage, processor, callbacks, metrics
+    parts = daemon.build(settings, metrics)
+    callbacks = Callbacks(CallbackClient(LOCAL), parts.sink.set_callback_status, metrics, workers=2)
+    parts.dispatcher.callbacks = callbacks
+    yield settings, parts.storage, parts.dispatcher, callbacks, metrics
     callbacks.close()
-    cache.close()
-    sink.close()
+    parts.callbacks.close()
+    parts.close(timeout_s=30)
 
 
-def _run(settings, storage, processor, tenant: str, callback_url: str | None):
+def _process(dispatcher, task, attempt: int):
+    """One task through the runner's part of the path, on this thread."""
+    return dispatcher.outcome_here(task.model_dump_json().encode(), attempt, "cpu")
+
+
+def _run(settings, storage, dispatcher, tenant: str, callback_url: str | None):
     url = upload_image(
         storage, settings.allowed_buckets[0], tenant, SAMPLES / SCENES[0]["file"], "cb"
     )
     task = make_task(
         tenant, url, "DETECTION", f"{tenant}-{uuid.uuid4().hex[:8]}", callback_url=callback_url
     )
-    loaded = processor.pipeline.check(task)
-    return task, processor.process(task, loaded, 1, "cpu")
+    return task, _process(dispatcher, task, 1)
 
 
 def _callback_status(settings, tenant: str, task_id: str, timeout_s: float = 20) -> str | None:
-    from gannet import demo
+    from gannet.dev import demo
 
     deadline = time.monotonic() + timeout_s
     status = None
@@ -334,7 +321,7 @@ def test_a_failing_callback_is_recorded_and_the_task_stays_acked(processor_parts
     assert outcome.decision is Decision.ACK
     assert _callback_status(settings, tenant, task.task_id) == "failed: HTTP 500 after 3 attempts"
     assert len(receiver.requests) == 3
-    again = processor.process(task, processor.pipeline.check(task), 2, "cpu")
+    again = _process(processor, task, 2)
     assert again.decision is Decision.ACK and again.label == "duplicate"
     time.sleep(0.3)
     assert len(receiver.requests) == 3
@@ -344,20 +331,19 @@ def test_a_failing_callback_is_recorded_and_the_task_stays_acked(processor_parts
 def test_a_callback_lost_with_its_pod_is_sent_on_redelivery(processor_parts, receiver_factory):
     """A pod that dies after the commit but before the callback: the redelivered message
     is a duplicate (no inference), and the callback that never went out is sent then."""
-    settings, storage, processor, _, metrics = processor_parts
+    settings, storage, processor, _, _ = processor_parts
     receiver = receiver_factory([200])
     tenant = f"cb-{uuid.uuid4().hex[:6]}"
-    without_callbacks = Processor(
-        processor.pipeline, processor.sink, storage, settings.results_bucket, metrics
-    )
-    task, first = _run(settings, storage, without_callbacks, tenant, receiver.url())
+    callbacks, processor.callbacks = processor.callbacks, None  # the pod that died
+    task, first = _run(settings, storage, processor, tenant, receiver.url())
+    processor.callbacks = callbacks
     assert first.label == "succeeded" and receiver.requests == []
-    again = processor.process(task, processor.pipeline.check(task), 2, "cpu")
+    again = _process(processor, task, 2)
     assert again.decision is Decision.ACK and again.label == "duplicate"
     assert _callback_status(settings, tenant, task.task_id) == "delivered: HTTP 200"
     (request,) = receiver.requests
     assert request["body"]["counts"]["detection"] == expected_counts(SCENES[0])
-    processor.process(task, processor.pipeline.check(task), 3, "cpu")
+    _process(processor, task, 3)
     time.sleep(0.3)
     assert len(receiver.requests) == 1, "a recorded callback is not sent again"
 

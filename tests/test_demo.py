@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from gannet.local_services import Ports
+from gannet.dev.local_services import Ports
 
 
 def test_gannet_demo_runs_the_whole_path_and_the_counts_match(tmp_path):
@@ -37,6 +37,6 @@ def test_gannet_demo_runs_the_whole_path_and_the_counts_match(tmp_path):
     assert "results match the known contents" in out.stdout
     assert "gs://gannet-results/" in out.stdout
     # Services are stopped afterwards: the ports are free again.
-    from gannet.local_services import port_in_use
+    from gannet.dev.local_services import port_in_use
 
     assert not any(port_in_use(p) for p in (ports.pubsub, ports.gcs, ports.postgres))

@@ -11,17 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from gannet import clients, demo
-from gannet.errors import ErrorCode, PermanentError
-from gannet.metrics import Metrics
-from gannet.pipeline import build_configs, config_uri
-from gannet.pipeline_config import (
-    ConfigError,
+from gannet import clients
+from gannet.config_schema import ConfigError
+from gannet.config_sources import (
     ConfigSource,
     DeploymentSource,
     open_configs,
     parse_config,
 )
+from gannet.daemon import build_configs, config_uri
+from gannet.dev import demo
+from gannet.errors import ErrorCode, PermanentError
+from gannet.metrics import Metrics
 from gannet.settings import REPO_ROOT, Settings
 from gannet.steps import SlicedDetectionParams
 from gannet.storage import Storage, local_version, read_local
@@ -50,16 +51,16 @@ def test_the_shipped_configs_are_valid_and_have_the_promised_pipelines():
         config = source.current().config
         assert config.industry == industry and set(config.pipelines) == pipelines
     agro = parse_config((CONFIGS / "agro.yaml").read_text(), "agro.yaml")
-    assert [s.name for s in agro.pipelines["FULL_PIPELINE"]] == [
+    assert [s.name for s in agro.plan("FULL_PIPELINE")] == [
         "segmentation",
         "detection",
         "estimation",
     ]
-    field = agro.pipelines["FIELD_ANALYSIS"]
+    field = agro.plan("FIELD_ANALYSIS")
     sliced = next(s for s in field if s.name == "sliced_detection")
-    assert isinstance(sliced.parsed, SlicedDetectionParams) and sliced.parsed.slice_size == 512
+    assert isinstance(sliced.params, SlicedDetectionParams) and sliced.params.slice_size == 512
     vending = parse_config((CONFIGS / "vending.yaml").read_text(), "vending.yaml")
-    assert [s.name for s in vending.pipelines["SHELF_AUDIT"]] == [
+    assert [s.name for s in vending.plan("SHELF_AUDIT")] == [
         "segmentation",
         "detection",
         "classification",

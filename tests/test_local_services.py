@@ -6,7 +6,7 @@ import contextlib
 import socket
 import urllib.request
 
-from gannet.local_services import LocalServices
+from gannet.dev.local_services import LocalServices
 
 
 def test_the_gcs_emulator_queues_many_connections_at_once(services: LocalServices):

@@ -26,8 +26,9 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 
-from gannet import ops
-from gannet.ops import OpsError, format_status, get_status, scale
+from gannet.cluster import cli as cluster_cli
+from gannet.cluster import ops
+from gannet.cluster.ops import OpsError, format_status, get_status, scale
 
 FIXTURES = Path(__file__).parent / "fixtures" / "k8s"
 NS = "/api/v1/namespaces/gannet"
@@ -134,7 +135,7 @@ def server() -> Iterator[FakeApiServer]:
 
 def cli(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gannet")
-    ops.add_commands(parser.add_subparsers(dest="command"))
+    cluster_cli.add_commands(parser.add_subparsers(dest="command"))
     return parser.parse_args(argv)
 
 
@@ -335,7 +336,7 @@ def test_scale_cli(server: FakeApiServer, tmp_path: Path, capsys: pytest.Capture
 def test_help_explains_every_option() -> None:
     parser = argparse.ArgumentParser(prog="gannet")
     sub = parser.add_subparsers(dest="command")
-    ops.add_commands(sub)
+    cluster_cli.add_commands(sub)
     verbs = sub.choices["ops"]._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     for name in ("status", "scale"):
         for action in verbs[name]._actions:

@@ -9,7 +9,10 @@ redelivery arrives.
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -148,3 +151,66 @@ def test_sigterm_mid_batch_then_restart_loses_and_duplicates_nothing(own_stack):
         assert outcomes[(task_id, "duplicate")] == 0, task_id
     nacked = sum(n for (_, outcome), n in outcomes.items() if outcome == "shutdown")
     assert nacked >= 1, "queued messages are nacked on shutdown, not held"
+
+
+class _BlackHole:
+    """A TCP server that accepts connections and never answers: a GCS that hangs."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def close(self) -> None:
+        for conn in [*self.accepted, self.server]:
+            conn.close()
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_nacks_running_work_at_once_and_exits(own_stack):
+    """Two tasks stuck on a GCS read that never returns: the first SIGTERM waits for
+    them (60 s of grace), a second one stops waiting, nacks them and exits 0 within
+    seconds; the nacked messages come straight back for another pod."""
+    hole = _BlackHole()
+    try:
+        daemon = own_stack.start_daemon(
+            GANNET_STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{hole.port}",
+            GANNET_SHUTDOWN_GRACE_S="60",
+            GANNET_RUNNERS="2",
+        )
+        bucket, tenant = own_stack.settings.allowed_buckets[0], own_stack.tenant
+        tasks = [own_stack.task(f"gs://{bucket}/{tenant}/hang-{i}.jpg") for i in range(2)]
+        own_stack.publish(tasks)
+        deadline = time.monotonic() + 60
+        while len(hole.accepted) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(hole.accepted) >= 2, "both runners must be stuck reading the image"
+
+        daemon.proc.send_signal(signal.SIGTERM)
+        time.sleep(3)
+        assert daemon.proc.poll() is None, "the first SIGTERM waits for running work"
+        second = time.monotonic()
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.stop(timeout_s=30) == 0
+        assert time.monotonic() - second < 10, "a second SIGTERM must not wait out the grace"
+    finally:
+        hole.close()
+    ids = {t.task_id for t in tasks}
+    assert sorted(o for _, o, _ in settled([daemon], ids)) == ["shutdown", "shutdown"]
+    assert any("second stop signal" in e.get("message", "") for e in daemon.log_entries())
+    back: set[str] = set()
+    deadline = time.monotonic() + 30
+    while back != ids and time.monotonic() < deadline:
+        back |= {
+            json.loads(m.data)["task_id"] for m in own_stack.pull(own_stack.settings.subscription)
+        }
+    assert back == ids, "nacked messages are redelivered at once, not after their lease"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gannet import scaling
-from gannet.scaling import (
+from gannet.cluster import scaling
+from gannet.cluster.scaling import (
     PRESETS,
     ClusterModel,
     HpaConfig,

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 from conftest import MANIFEST, SAMPLES, SCENES, expected_counts
 
+from gannet.config_sources import open_configs
+from gannet.dev.publish import make_task
 from gannet.metrics import Metrics
-from gannet.model_cache import ModelCache, ModelResolver, yolo_loader
+from gannet.model_cache import ModelCache, yolo_loader
+from gannet.model_resolver import ModelResolver
 from gannet.pipeline import Limits, Pipeline, Timer
-from gannet.pipeline_config import open_configs
-from gannet.publish import make_task
 from gannet.settings import REPO_ROOT
 from gannet.steps import merge_tiles, tile_origins
 from gannet.storage import local_version, read_local

@@ -8,9 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from gannet import clients, demo
-from gannet.local_services import LocalServices
+from gannet import clients
+from gannet.dev import demo
+from gannet.dev.local_services import LocalServices
 from gannet.storage import Storage
+from gannet.task import GsUrl
 
 
 def test_sixteen_runners_at_once_keep_their_connections(
@@ -27,6 +29,8 @@ def test_sixteen_runners_at_once_keep_their_connections(
     with caplog.at_level(logging.WARNING, logger="urllib3.connectionpool"):
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(lambda n: storage.write_json(bucket, n, {"n": n}), names))
-            read = list(pool.map(lambda n: storage.read(bucket, n, 1000), names))
+            read = list(
+                pool.map(lambda n: storage.read(GsUrl.parse(f"gs://{bucket}/{n}"), 1000), names)
+            )
     assert read == [f'{{"n":"{n}"}}'.encode() for n in names]
     assert not [r for r in caplog.records if "pool is full" in r.getMessage()]

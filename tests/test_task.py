@@ -8,7 +8,7 @@ import pytest
 
 from gannet.errors import ErrorCode, PermanentError
 from gannet.storage import check_image_url
-from gannet.task import identify, parse_task
+from gannet.task import GsUrl, identify, parse_task
 
 LIMIT = 256 * 1024
 GOOD = {
@@ -95,11 +95,20 @@ def test_identify_finds_ids_of_invalid_bodies_only_when_safe():
 )
 def test_image_must_be_in_an_allowed_bucket_under_the_tenant_prefix(url, code):
     with pytest.raises(PermanentError) as err:
-        check_image_url(url, "acme-farms", ["gannet-images"])
+        check_image_url(GsUrl.parse(url), "acme-farms", ["gannet-images"])
     assert err.value.code is code
 
 
-def test_image_under_the_tenant_prefix_is_allowed():
-    assert check_image_url(
-        "gs://gannet-images/acme-farms/2026/field 1/a.jpg", "acme-farms", ["gannet-images"]
-    ) == ("gannet-images", "acme-farms/2026/field 1/a.jpg")
+def test_image_under_the_tenant_prefix_is_allowed_and_parsed_once():
+    task = parse_task(
+        json.dumps(
+            {**GOOD, "image_url": "gs://gannet-images/acme-farms/2026/field 1/a.jpg"}
+        ).encode(),
+        LIMIT,
+    )
+    check_image_url(task.image_url, "acme-farms", ["gannet-images"])
+    assert (task.image_url.bucket, task.image_url.name) == (
+        "gannet-images",
+        "acme-farms/2026/field 1/a.jpg",
+    )
+    assert json.loads(task.model_dump_json())["image_url"] == str(task.image_url)

@@ -14,13 +14,15 @@ import cv2
 import pytest
 from conftest import SAMPLES, SCENES, expected_counts
 
-from gannet import clients, demo
+from gannet import clients
+from gannet.config_sources import open_configs
 from gannet.daemon import model_file, model_version
+from gannet.dev import demo
+from gannet.dev.publish import make_task
 from gannet.metrics import Metrics
-from gannet.model_cache import ModelCache, ModelResolver, tenant_model_lister, yolo_loader
+from gannet.model_cache import ModelCache, yolo_loader
+from gannet.model_resolver import ModelResolver, tenant_model_lister
 from gannet.pipeline import Limits, Pipeline, Timer
-from gannet.pipeline_config import open_configs
-from gannet.publish import make_task
 from gannet.settings import REPO_ROOT
 from gannet.storage import Storage, local_version, read_local
 
@@ -81,8 +83,8 @@ def world(services, tmp_path):
 
     def run(tenant: str) -> dict:
         task = make_task(tenant, f"gs://gannet-images/{tenant}/x.jpg", "DETECTION", "t-1")
-        loaded = pipeline.check(task)
-        result = pipeline.run_image(task, loaded, image, "cpu", Timer(lambda s, v: None))
+        route = pipeline.check(task)
+        result = pipeline.run_image(task, route, image, "cpu", Timer(lambda s, v: None))
         return result["detection"]["counts"]
 
     def upload(tenant: str, path: Path, name: str) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 
+import google.cloud.pubsub_v1 as pubsub_v1
+import google.cloud.storage as storage
 from google.auth.exceptions import DefaultCredentialsError
-from google.cloud import pubsub_v1, storage
 
 from gannet import storage as gannet_storage
+from gannet.errors import CommandError
 from gannet.settings import Settings
 
 
@@ -35,7 +37,7 @@ def storage_client(settings: Settings) -> storage.Client:
         raise NoCredentials(str(exc)) from exc
 
 
-class NoCredentials(RuntimeError):
+class NoCredentials(CommandError):
     """No Google credentials and no emulator: say how to get either."""
 
     def __str__(self) -> str:

@@ -1,9 +1,12 @@
-"""`gannet run`: wires the parts of DESIGN.md together and owns start-up and shutdown.
+"""`gannet run`: builds the parts (`build`), then owns start-up and shutdown.
 
-Shutdown order matters (SIGTERM from kubectl scale, node drain or spot preemption):
-readiness goes false at once, the stream stops pulling, queued-but-unstarted messages are
-nacked so another pod gets them now, in-flight work gets the grace period to finish and
-ack, whatever is still running after it is nacked, then the process exits 0.
+The path of one message is dispatch.py's; this module only wires and sequences. Shutdown
+order matters (SIGTERM from kubectl scale, node drain or spot preemption): readiness goes
+false at once, the stream stops pulling, queued-but-unstarted messages are nacked so
+another pod gets them now, in-flight work gets what is left of GANNET_SHUTDOWN_GRACE_S
+to finish and ack, whatever is still running after it is nacked, then the process exits
+0. Every wait after the first SIGTERM comes out of that one budget. A second SIGTERM (or
+Ctrl-C) stops waiting: running work is nacked at once and the process exits.
 """
 
 from __future__ import annotations
@@ -12,43 +15,50 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
+import google.cloud.pubsub_v1 as pubsub_v1
 from google.api_core import exceptions as gexc
 
 from gannet import clients, logs
 from gannet.backlog import BacklogMonitor
 from gannet.callback import Callbacks, build_callbacks
-from gannet.errors import PermanentError
+from gannet.config_sources import Configs, open_configs
+from gannet.dispatch import Dispatcher
 from gannet.health import Health, HealthServer
 from gannet.metrics import Metrics
-from gannet.model_cache import ModelCache, ModelResolver, tenant_model_lister, yolo_loader
-from gannet.outcome import Decision, Outcome, Processor, Settler, shutdown
-from gannet.pipeline import Limits, Pipeline, build_configs
-from gannet.pool import Job, RunnerPool, resolve_devices
+from gannet.model_cache import ModelCache, yolo_loader
+from gannet.model_resolver import ModelResolver, tenant_model_lister
+from gannet.outcome import Settler, shutdown
+from gannet.pipeline import Limits, Pipeline
+from gannet.pool import resolve_devices
 from gannet.settings import Settings
 from gannet.sink import SCHEMA_VERSION, Sink
-from gannet.storage import Storage, local_version
+from gannet.storage import Storage, local_version, read_local
 from gannet.subscriber import Subscriber
-from gannet.task import parse_task
 
 log = logging.getLogger(__name__)
+
+# Of the grace period, what is kept for after the running work: the final acks and nacks
+# reaching Pub/Sub, queued result callbacks, the model threads. The rest is the work's.
+SETTLE_RESERVE_S = 5.0
 
 
 class StartupError(RuntimeError):
     """The daemon cannot start; the text says what to fix."""
 
 
-def model_version(storage: Storage) -> Any:
+def model_version(storage: Storage) -> Callable[[str], str]:
     def version_of(uri: str) -> str:
         return storage.generation(uri) if uri.startswith("gs://") else local_version(uri)
 
     return version_of
 
 
-def model_file(storage: Storage, cache_dir: Path) -> Any:
+def model_file(storage: Storage, cache_dir: Path) -> Callable[[str, str], Path]:
     def local_path(uri: str, version: str) -> Path:
         if uri.startswith("gs://"):
             return storage.download_to(uri, version, cache_dir)
@@ -57,142 +67,197 @@ def model_file(storage: Storage, cache_dir: Path) -> Any:
     return local_path
 
 
+def config_uri(settings: Settings) -> str:
+    """GANNET_CONFIG_URI, or gs://MODELS_BUCKET/INDUSTRY/config.yaml when only the
+    industry and the models bucket are given (the usual single-industry deployment)."""
+    explicit = "config_uri" in settings.model_fields_set
+    if not explicit and settings.industry and settings.models_bucket:
+        return f"gs://{settings.models_bucket}/{settings.industry}/config.yaml"
+    return settings.config_uri
+
+
+def build_configs(settings: Settings, storage: Storage, metrics: Metrics) -> Configs:
+    """The daemon's config source: one industry, or a deployment naming several, from a
+    local path (checked every 5 s) or gs:// (checked every 30 s, by generation)."""
+    uri = config_uri(settings)
+
+    def on_reload(result: str) -> None:
+        metrics.config_reloads.labels(result).inc()
+
+    if uri.startswith("gs://"):
+        return open_configs(
+            uri, storage.read_url, storage.generation, settings.industry, 30.0, on_reload
+        )
+    return open_configs(uri, read_local, local_version, settings.industry, 5.0, on_reload)
+
+
+@dataclass
+class Parts:
+    """Everything `gannet run` wires together, built and connected but not started."""
+
+    settings: Settings
+    metrics: Metrics
+    publisher: pubsub_v1.PublisherClient
+    subscriber_client: pubsub_v1.SubscriberClient
+    storage: Storage
+    sink: Sink
+    cache: ModelCache
+    pipeline: Pipeline
+    callbacks: Callbacks
+    dispatcher: Dispatcher
+    devices: list[str]
+
+    def close(self, timeout_s: float = 0.0) -> None:
+        """Stop the model threads and release the database pool (callbacks are closed
+        by the shutdown, which knows how long they may take)."""
+        self.cache.close(timeout_s)
+        self.sink.close()
+
+
+def build(settings: Settings, metrics: Metrics) -> Parts:
+    """Connects to Pub/Sub, GCS and PostgreSQL and builds the pipeline; loads no model.
+
+    `gannet bench` builds its one-at-a-time worker with this too, so it measures the same
+    parts the daemon runs. Raises StartupError with what to fix.
+    """
+    s = settings
+    try:
+        publisher, subscriber_client = clients.pubsub_clients(s)
+        storage = Storage(clients.storage_client(s))
+    except clients.NoCredentials as exc:
+        raise StartupError(str(exc)) from exc
+    sink = Sink(s.database_url, pool_size=s.db_pool_size, timeout_s=s.db_timeout_s)
+    try:
+        sink.open(wait_s=15)
+    except Exception as exc:
+        raise StartupError(
+            f"cannot connect to PostgreSQL at GANNET_DATABASE_URL ({exc}); is it running?"
+        ) from exc
+    if sink.schema_version() < SCHEMA_VERSION:
+        sink.close()
+        raise StartupError("database schema is not current: run `gannet db migrate` first")
+    try:
+        configs = build_configs(s, storage, metrics)
+    except (ValueError, OSError) as exc:
+        sink.close()
+        raise StartupError(f"cannot load GANNET_CONFIG_URI: {exc}") from exc
+    devices = resolve_devices(s.devices)
+    cache = ModelCache(
+        yolo_loader(model_file(storage, s.model_cache_dir), trace=s.torchscript),
+        metrics,
+        max_batch=s.batch_size,
+        window_s=s.batch_window_ms / 1000,
+        budget_bytes=s.model_memory_budget_mb * 1024 * 1024 or None,
+        cpu_threads=s.torch_threads,
+    )
+    lister = tenant_model_lister(storage.client, s.models_bucket) if s.models_bucket else None
+    resolver = ModelResolver(
+        model_version(storage), ttl_s=s.model_check_s, list_tenant_models=lister
+    )
+    limits = Limits(s.allowed_buckets, s.max_image_bytes, s.max_image_pixels)
+    pipeline = Pipeline(configs, storage, cache, resolver, limits)
+    callbacks = build_callbacks(s, sink.set_callback_status, metrics)
+    settler = Settler(publisher, s.dead_letter_topic_path(), s.subscription, metrics)
+    dispatcher = Dispatcher(
+        pipeline,
+        sink,
+        storage,
+        settler,
+        metrics,
+        s.results_bucket,
+        s.max_body_bytes,
+        devices,
+        s.runners,
+        callbacks,
+    )
+    return Parts(
+        s,
+        metrics,
+        publisher,
+        subscriber_client,
+        storage,
+        sink,
+        cache,
+        pipeline,
+        callbacks,
+        dispatcher,
+        devices,
+    )
+
+
+class Budget:
+    """The one shutdown grace period that every wait after SIGTERM draws from."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.reserve = min(SETTLE_RESERVE_S, seconds / 5)
+        self._deadline = time.monotonic() + seconds
+
+    def left(self, cap: float | None = None) -> float:
+        left = max(0.0, self._deadline - time.monotonic())
+        return left if cap is None else min(left, cap)
+
+    def for_work(self) -> float:
+        """What running tasks may still take, keeping the reserve for settling."""
+        return max(0.0, self.left() - self.reserve)
+
+
 class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.health = Health()
         self.stop_requested = threading.Event()
+        self.stop_now = threading.Event()  # a second SIGTERM: stop waiting
 
     def run(self) -> int:
-        s = self.settings
-        server = HealthServer(self.health, self.metrics, s.metrics_port)
+        server = HealthServer(self.health, self.metrics, self.settings.metrics_port)
         server.start()
+        self._install_signal_handlers()
         try:
-            return self._run(server)
+            parts = build(self.settings, self.metrics)
+            return self._serve(parts, server.port)
         except StartupError as exc:
             log.critical(str(exc))
             return 2
         finally:
             server.stop()
 
-    def _run(self, server: HealthServer) -> int:
+    def _serve(self, parts: Parts, metrics_port: int) -> int:
         s = self.settings
-        self._install_signal_handlers()
-        try:
-            publisher, subscriber_client = clients.pubsub_clients(s)
-            storage = Storage(clients.storage_client(s))
-        except clients.NoCredentials as exc:
-            raise StartupError(str(exc)) from exc
-        sink = Sink(s.database_url, pool_size=s.db_pool_size, timeout_s=s.db_timeout_s)
-        try:
-            sink.open(wait_s=15)
-        except Exception as exc:
-            raise StartupError(
-                f"cannot connect to PostgreSQL at GANNET_DATABASE_URL ({exc}); is it running?"
-            ) from exc
-        if sink.schema_version() < SCHEMA_VERSION:
-            raise StartupError("database schema is not current: run `gannet db migrate` first")
-        try:
-            configs = build_configs(s, storage, self.metrics)
-        except (ValueError, OSError) as exc:
-            raise StartupError(f"cannot load GANNET_CONFIG_URI: {exc}") from exc
-        devices = resolve_devices(s.devices)
-        cache = ModelCache(
-            yolo_loader(model_file(storage, s.model_cache_dir), trace=s.torchscript),
-            self.metrics,
-            max_batch=s.batch_size,
-            window_s=s.batch_window_ms / 1000,
-            budget_bytes=s.model_memory_budget_mb * 1024 * 1024 or None,
-            cpu_threads=s.torch_threads,
+        log.info(
+            "warming models", extra={"fields": {"devices": parts.devices, "config": config_uri(s)}}
         )
-        pipeline = Pipeline(
-            configs,
-            storage,
-            cache,
-            ModelResolver(
-                model_version(storage),
-                ttl_s=s.model_check_s,
-                list_tenant_models=(
-                    tenant_model_lister(storage.client, s.models_bucket)
-                    if s.models_bucket
-                    else None
-                ),
-            ),
-            Limits(s.allowed_buckets, s.max_image_bytes, s.max_image_pixels),
-        )
-        log.info("warming models", extra={"fields": {"devices": devices, "config": configs.uri}})
         try:
-            pipeline.warm(devices)
+            parts.pipeline.warm(parts.devices)
         except Exception as exc:
+            parts.close()
             raise StartupError(f"cannot load the models named in the config: {exc}") from exc
         self.health.set(models_warm=True)
         if self.stop_requested.is_set():
             log.info("stop requested during start-up; exiting before pulling")
-            cache.close()
-            sink.close()
+            parts.close()
             return 0
-
-        callbacks = build_callbacks(s, sink.set_callback_status, self.metrics)
-        processor = Processor(pipeline, sink, storage, s.results_bucket, self.metrics, callbacks)
-        settler = Settler(publisher, s.dead_letter_topic_path(), s.subscription, self.metrics)
-        pool = RunnerPool(
-            devices,
-            s.runners,
-            handle=lambda job, device: processor.process(*job.payload, device),
-            on_abandon=lambda job: shutdown(job.payload[0]),
-        )
-        self.metrics.leased_waiting.set_function(pool.waiting)
-        self.metrics.in_flight.set_function(pool.running)
-        self.metrics.outstanding.set_function(lambda: pool.waiting() + pool.running())
-
-        def on_message(message: Any) -> None:
-            started = time.perf_counter()
-            attempt = message.delivery_attempt
-            try:
-                task = parse_task(message.data, s.max_body_bytes)
-            except PermanentError as err:
-                outcome = processor.reject_body(message.data, err, attempt)
-                settler.settle(message, outcome, time.perf_counter() - started)
-                return
-            try:
-                loaded = pipeline.check(task)  # cheap checks: poison never takes a runner
-            except PermanentError as err:
-                outcome = processor.reject(task, err, attempt)
-            else:
-                job = Job(payload=(task, loaded, attempt))
-                if pool.submit(job):
-                    job.done.wait()
-                    outcome = job.outcome or Outcome(Decision.NACK, "error", task=task)
-                else:
-                    outcome = shutdown(task)
-            settler.settle(message, outcome, time.perf_counter() - started)
-
         subscriber = Subscriber(
-            subscriber_client,
+            parts.subscriber_client,
             s.subscription_path(),
             s.flow_control_messages,
-            on_message,
+            parts.dispatcher.on_message,
             stream_ack_deadline_s=s.stream_ack_deadline_s,
         )
         try:
             subscriber.check_exists()
         except gexc.GoogleAPICallError as exc:
+            parts.close()
             raise StartupError(
                 f"subscription {s.subscription_path()} is not usable ({exc.message}); "
                 "check GANNET_PROJECT / GANNET_SUBSCRIPTION"
             ) from exc
-        backlog = None
-        if s.backlog_from_monitoring:
-            backlog = BacklogMonitor(
-                s.project,
-                s.subscription,
-                self.metrics.backlog,
-                self.metrics.oldest_unacked_age,
-                s.backlog_poll_s,
-                error_counter=self.metrics.backlog_poll_errors,
-            )
-            backlog.start()
+        pool = parts.dispatcher.pool
+        self.metrics.leased_waiting.set_function(pool.waiting)
+        self.metrics.in_flight.set_function(pool.running)
+        self.metrics.outstanding.set_function(lambda: pool.waiting() + pool.running())
+        backlog = self._start_backlog_monitor()
         pool.start()
         stream = subscriber.start()
         self.health.set(stream_open=True)
@@ -202,12 +267,11 @@ class Daemon:
                 "fields": {
                     "subscription": s.subscription_path(),
                     "runners": s.runners,
-                    "devices": devices,
-                    "metrics_port": server.port,
+                    "devices": parts.devices,
+                    "metrics_port": metrics_port,
                 }
             },
         )
-
         exit_code = 0
         while not self.stop_requested.wait(0.5):
             if stream.done():
@@ -218,50 +282,63 @@ class Daemon:
                 )
                 exit_code = 1
                 break
-        self._shutdown(subscriber, pool, cache, sink, callbacks)
+        self._shutdown(parts, subscriber)
         if backlog is not None:
             backlog.stop()
         return exit_code
 
+    def _start_backlog_monitor(self) -> BacklogMonitor | None:
+        s = self.settings
+        if not s.backlog_from_monitoring:
+            return None
+        backlog = BacklogMonitor(
+            s.project,
+            s.subscription,
+            self.metrics.backlog,
+            self.metrics.oldest_unacked_age,
+            s.backlog_poll_s,
+            error_counter=self.metrics.backlog_poll_errors,
+        )
+        backlog.start()
+        return backlog
+
     def _install_signal_handlers(self) -> None:
         def request_stop(signum: int, frame: FrameType | None) -> None:
+            if self.stop_requested.is_set():
+                self.stop_now.set()
+                return
             self.health.set(shutting_down=True)  # readiness false at once
             self.stop_requested.set()
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
 
-    def _shutdown(
-        self,
-        subscriber: Subscriber,
-        pool: RunnerPool,
-        cache: ModelCache,
-        sink: Sink,
-        callbacks: Callbacks,
-    ) -> None:
-        grace = self.settings.shutdown_grace_s
-        deadline = time.monotonic() + grace
+    def _shutdown(self, parts: Parts, subscriber: Subscriber) -> None:
+        budget = Budget(self.settings.shutdown_grace_s)
+        pool = parts.dispatcher.pool
         self.health.set(shutting_down=True)
         unstarted = pool.stop_accepting()
-        if not subscriber.stop_pulling():
+        if not subscriber.stop_pulling(timeout=budget.left(cap=10.0)):
             log.warning("stream did not confirm it stopped; nacking anyway")
         for job in unstarted:
-            job.finish(shutdown(job.payload[0]))
+            job.finish(shutdown(job.item.task))
         log.info(
             "shutting down: stream stopped, queued messages nacked",
-            extra={"fields": {"nacked": len(unstarted), "grace_s": grace}},
+            extra={"fields": {"nacked": len(unstarted), "grace_s": budget.seconds}},
         )
-        if not pool.join(max(0.0, deadline - time.monotonic())):
+        if not pool.join(budget.for_work(), abort=self.stop_now):
             abandoned = pool.abandon_running()
+            reason = "second stop signal" if self.stop_now.is_set() else "grace period over"
             log.warning(
-                "grace period over; nacking tasks still running",
-                extra={"fields": {"nacked": abandoned}},
+                f"{reason}; nacking tasks still running", extra={"fields": {"nacked": abandoned}}
             )
-        subscriber.wait_closed(timeout=10)
-        callbacks.close(timeout_s=max(1.0, deadline - time.monotonic()))
-        cache.close()
-        sink.close()
-        log.info("gannet stopped")
+        # The nacks of abandoned work are sent even after a second signal: that is what
+        # gives those messages to another pod now instead of after their lease.
+        subscriber.wait_closed(timeout=budget.left())
+        forced = self.stop_now.is_set()
+        parts.callbacks.close(timeout_s=0.0 if forced else budget.left())
+        parts.close(timeout_s=0.0 if forced else budget.left())
+        log.info("gannet stopped", extra={"fields": {"forced": forced}})
 
 
 def run(settings: Settings) -> int:

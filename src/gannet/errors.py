@@ -51,3 +51,8 @@ class PermanentError(GannetError):
 
 class TransientError(GannetError):
     """Retrying may help: nack so Pub/Sub redelivers with backoff."""
+
+
+class CommandError(RuntimeError):
+    """A command cannot go on (no credentials, a service that did not start); the text
+    says what to do next. The CLI prints it and exits 2 instead of a traceback."""

@@ -34,7 +34,7 @@ class Health:
 
     def ready(self) -> tuple[bool, dict[str, object]]:
         with self._lock:
-            state = {
+            state: dict[str, object] = {
                 "models_warm": self.models_warm,
                 "stream_open": self.stream_open,
                 "shutting_down": self.shutting_down,

@@ -23,7 +23,6 @@ import numpy as np
 from gannet.batcher import Batcher, BatcherClosed
 from gannet.errors import ErrorCode, TransientError
 from gannet.metrics import Metrics
-from gannet.pipeline_config import LoadedConfig, ModelKind
 from gannet.split_predictor import SplitPredictor
 
 log = logging.getLogger(__name__)
@@ -195,14 +194,16 @@ class ModelCache:
         with self._lock:
             return list(self._loaded)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Let every model's thread finish what it was given, for up to timeout_s in all."""
         with self._lock:
             entries = list(self._loaded.values())
             self._loaded.clear()
         for entry in entries:
             entry.batcher.close()
+        deadline = time.monotonic() + timeout_s
         for entry in entries:
-            entry.batcher.join(timeout=30)
+            entry.batcher.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _predict_options(key: ModelKey) -> dict[str, Any]:
@@ -223,127 +224,13 @@ def _precision(device: str) -> dict[str, Any]:
     return {"quantize": 16} if device.startswith("cuda") else {}
 
 
-ULTRALYTICS_TASK: dict[ModelKind, str] = {
-    "detection": "detect",
-    "segmentation": "segment",
-    "classification": "classify",
-}
-
-
-MODEL_FILE_STEM: dict[ModelKind, str] = {
-    "detection": "detect",
-    "segmentation": "segment",
-    "classification": "classify",
-}
-MODEL_SUFFIXES = (".pt", ".onnx")  # when both exist, .pt wins
-
-ListTenantModels = Callable[[str], dict[str, str]]  # tenant -> {gs:// uri: generation}
-
-
-def tenant_model_lister(client: Any, bucket: str) -> ListTenantModels:
-    """Lists gs://BUCKET/models/TENANT/ (one call per tenant, not one per model kind).
-
-    `client` is a google.cloud.storage.Client; the prefix ends with '/' so tenant 'acme'
-    never sees 'acme-2/' objects.
-    """
-    from google.api_core import exceptions as gexc
-
-    def list_models(tenant: str) -> dict[str, str]:
-        prefix = f"models/{tenant}/"
-        try:
-            blobs = list(client.list_blobs(bucket, prefix=prefix))
-        except gexc.NotFound:
-            return {}
-        except (gexc.GoogleAPICallError, gexc.RetryError, OSError) as exc:
-            raise TransientError(
-                ErrorCode.MODEL_UNAVAILABLE, f"cannot list gs://{bucket}/{prefix}: {exc}"
-            ) from exc
-        return {f"gs://{bucket}/{b.name}": str(b.generation) for b in blobs}
-
-    return list_models
-
-
-class ModelResolver:
-    """Which weights serve (model kind, tenant) on a device, as a cache key.
-
-    A tenant's own model (gs://MODELS_BUCKET/models/TENANT/{detect,segment,classify}
-    .{pt,onnx}) wins over the industry's, and the key then carries the tenant, so that
-    copy is never handed to another tenant. Versions and listings are looked up at most
-    every `ttl_s`, so a new upload is noticed within that time without a metadata call
-    per task, and its new generation is a new key: no restart.
-    """
-
-    def __init__(
-        self,
-        version_of: Callable[[str], str],
-        ttl_s: float = 30.0,
-        list_tenant_models: ListTenantModels | None = None,
-    ) -> None:
-        self._version_of = version_of
-        self._ttl_s = ttl_s
-        self._list_tenant_models = list_tenant_models
-        self._lock = threading.Lock()
-        self._versions: dict[str, tuple[float, str]] = {}
-        self._listings: dict[str, tuple[float, dict[str, str]]] = {}
-
-    def version(self, uri: str) -> str:
-        now = time.monotonic()
-        with self._lock:
-            cached = self._versions.get(uri)
-            if cached and now - cached[0] < self._ttl_s:
-                return cached[1]
-        try:
-            version = self._version_of(uri)
-        except FileNotFoundError as exc:
-            raise TransientError(ErrorCode.MODEL_UNAVAILABLE, f"model {uri} is missing") from exc
-        with self._lock:
-            self._versions[uri] = (now, version)
-        return version
-
-    def tenant_models(self, tenant: str) -> dict[str, str]:
-        if self._list_tenant_models is None:
-            return {}
-        now = time.monotonic()
-        with self._lock:
-            cached = self._listings.get(tenant)
-            if cached and now - cached[0] < self._ttl_s:
-                return cached[1]
-        listing = self._list_tenant_models(tenant)
-        with self._lock:
-            self._listings[tenant] = (now, listing)
-        return listing
-
-    def tenant_override(self, kind: ModelKind, tenant: str) -> tuple[str, str] | None:
-        """(uri, generation) of the tenant's own model of this kind, if it has one."""
-        listing = self.tenant_models(tenant)
-        stem = MODEL_FILE_STEM[kind]
-        for suffix in MODEL_SUFFIXES:
-            for uri, generation in listing.items():
-                if uri.endswith(f"/models/{tenant}/{stem}{suffix}"):
-                    return uri, generation
-        return None
-
-    def key(
-        self, loaded: LoadedConfig, kind: ModelKind, tenant: str | None, device: str
-    ) -> ModelKey:
-        spec = loaded.config.models[kind]
-        task = ULTRALYTICS_TASK[kind]
-        if tenant is not None:
-            override = self.tenant_override(kind, tenant)
-            if override is not None:
-                uri, generation = override
-                return ModelKey(uri, generation, device, spec.imgsz, task, tenant)
-        uri = loaded.model_uri(spec)
-        return ModelKey(uri, self.version(uri), device, spec.imgsz, task)
-
-
 def yolo_loader(local_path: Callable[[str, str], Path], trace: bool = True) -> Loader:
     """Loads weights with ultralytics, warms the model up on the device and, with
     `trace`, runs its forward pass as a verified TorchScript trace (see traced.py)."""
 
     def load(key: ModelKey) -> tuple[Any, int]:
         import torch
-        from ultralytics import YOLO
+        from ultralytics.models import YOLO
 
         from gannet.traced import trace_forward
 

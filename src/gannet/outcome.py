@@ -1,5 +1,8 @@
 """Where the ack is decided: every message ends as ack, nack or quarantine, nothing else.
 
+dispatch.py turns a message into an Outcome; the Settler here applies it, and is the only
+code that acks, nacks or dead-letters.
+
 - success: result committed, then ack.
 - TransientError (database, GCS, timeout, out of memory): nack; the subscription's retry
   policy backs off and its dead-letter policy takes over after max delivery attempts.
@@ -11,23 +14,17 @@
 from __future__ import annotations
 
 import logging
-import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+import google.cloud.pubsub_v1 as pubsub_v1
 from google.api_core import exceptions as gexc
-from google.cloud import pubsub_v1
 
-from gannet.callback import Callbacks
-from gannet.errors import ErrorCode, GannetError, PermanentError, TransientError
+from gannet.errors import ErrorCode, GannetError, TransientError
 from gannet.metrics import Metrics
-from gannet.pipeline import Pipeline, Timer
-from gannet.pipeline_config import LoadedConfig
-from gannet.sink import Sink
-from gannet.storage import Storage
-from gannet.task import Task, TaskResult, identify
+from gannet.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -55,157 +52,6 @@ def shutdown(task: Task | None) -> Outcome:
         TransientError(ErrorCode.SHUTDOWN, "worker is shutting down"),
         task,
     )
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    return exc.__class__.__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
-
-
-class Processor:
-    """Turns one task into an Outcome, on a runner thread; never raises."""
-
-    def __init__(
-        self,
-        pipeline: Pipeline,
-        sink: Sink,
-        storage: Storage,
-        results_bucket: str,
-        metrics: Metrics,
-        callbacks: Callbacks | None = None,
-    ) -> None:
-        self.pipeline = pipeline
-        self.sink = sink
-        self.storage = storage
-        self.results_bucket = results_bucket
-        self.metrics = metrics
-        self.callbacks = callbacks
-
-    def process(
-        self, task: Task, loaded: LoadedConfig, delivery_attempt: int | None, device: str
-    ) -> Outcome:
-        """Runs on a runner thread, after the callback's cheap checks passed."""
-        timer = Timer(lambda stage, s: self.metrics.stage_seconds.labels(stage).observe(s))
-        started = time.perf_counter()
-        try:
-            with timer.stage("lookup"):
-                existing = self.sink.find_success(task.task_id, task.tenant_id)
-            if existing is not None:
-                if task.callback_url and existing["callback_status"] is None:
-                    # The last pod stopped between the commit and the callback: send it
-                    # now (callbacks are at least once; receivers dedupe on task_id).
-                    self._callback(task, existing["result"], existing["result_uri"])
-                return Outcome(
-                    Decision.ACK,
-                    "duplicate",
-                    task=task,
-                    fields={"result_uri": existing["result_uri"]},
-                )
-            result = self.pipeline.run(task, loaded, device, timer)
-            with timer.stage("sink"):
-                uri = self.storage.write_json(
-                    self.results_bucket, f"{task.tenant_id}/{task.task_id}.json", result
-                )
-                timings = {
-                    **timer.timings,
-                    "total_ms": round((time.perf_counter() - started) * 1000, 2),
-                }
-                saved = self.sink.save(
-                    TaskResult(
-                        task_id=task.task_id,
-                        tenant_id=task.tenant_id,
-                        pipeline=task.pipeline,
-                        status="succeeded",
-                        result=result,
-                        result_uri=uri,
-                        delivery_attempt=delivery_attempt,
-                        timings=timings,
-                        session_id=task.session_id,
-                        image_id=task.image_id,
-                        image_url=task.image_url,
-                    )
-                )
-            self.metrics.stage_seconds.labels("total").observe(time.perf_counter() - started)
-            if saved:
-                self._callback(task, result, uri)
-            return Outcome(
-                Decision.ACK,
-                "succeeded" if saved else "duplicate",
-                task=task,
-                fields={"result_uri": uri, "counts": _counts(result), **timings},
-            )
-        except PermanentError as err:
-            return self.reject(task, err, delivery_attempt)
-        except TransientError as err:
-            return Outcome(Decision.NACK, "retry", err, task)
-        except Exception as exc:
-            if _is_out_of_memory(exc):
-                return Outcome(
-                    Decision.NACK, "retry", TransientError(ErrorCode.OUT_OF_MEMORY, str(exc)), task
-                )
-            log.exception(
-                "unexpected error; the message will be retried",
-                extra={"task_id": task.task_id, "tenant_id": task.tenant_id},
-            )
-            return Outcome(
-                Decision.NACK,
-                "error",
-                TransientError(ErrorCode.DEPENDENCY_UNAVAILABLE, repr(exc)),
-                task,
-            )
-
-    def _callback(self, task: Task, result: dict[str, Any], uri: str) -> None:
-        """After the commit, never before; whatever happens here, the task stays acked."""
-        if self.callbacks is None or not task.callback_url:
-            return
-        try:
-            self.callbacks.submit(task, result, uri)
-        except Exception:
-            log.exception(
-                "could not queue the callback; the committed result stands",
-                extra={"task_id": task.task_id, "tenant_id": task.tenant_id},
-            )
-
-    def reject_body(
-        self, body: bytes, err: PermanentError, delivery_attempt: int | None
-    ) -> Outcome:
-        """A body that is not a valid Task: record what can be identified, quarantine."""
-        task_id, tenant_id = identify(body)
-        return self._reject(task_id, tenant_id, None, err, delivery_attempt)
-
-    def reject(self, task: Task, err: PermanentError, delivery_attempt: int | None) -> Outcome:
-        return self._reject(task.task_id, task.tenant_id, task, err, delivery_attempt)
-
-    def _reject(
-        self,
-        task_id: str | None,
-        tenant_id: str | None,
-        task: Task | None,
-        err: PermanentError,
-        delivery_attempt: int | None,
-    ) -> Outcome:
-        """Record a failed row where the task is identifiable, then quarantine."""
-        fields: dict[str, Any] = {"task_id": task_id, "tenant_id": tenant_id}
-        if task_id and tenant_id:
-            try:
-                self.sink.save(
-                    TaskResult(
-                        task_id=task_id,
-                        tenant_id=tenant_id,
-                        pipeline=task.pipeline if task else None,
-                        status="failed",
-                        error_code=str(err.code),
-                        error=err.message,
-                        delivery_attempt=delivery_attempt,
-                        image_url=task.image_url if task else None,
-                        session_id=task.session_id if task else None,
-                        image_id=task.image_id if task else None,
-                    )
-                )
-            except TransientError as db_err:
-                return Outcome(Decision.NACK, "retry", db_err, task, fields)
-            except PermanentError as conflict:
-                fields["row_error"] = str(conflict)
-        return Outcome(Decision.QUARANTINE, "quarantined", err, task, fields)
 
 
 class Settler:
@@ -283,11 +129,3 @@ class Settler:
             "shutdown": logging.INFO,
         }.get(outcome.label, logging.WARNING)
         log.log(level, f"task {outcome.label}", extra=extra)
-
-
-def _counts(result: dict[str, Any]) -> dict[str, int]:
-    for key in ("estimation", "detection"):
-        section = result.get(key)
-        if isinstance(section, dict) and isinstance(section.get("counts"), dict):
-            return section["counts"]
-    return {}

@@ -19,16 +19,25 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from gannet.config_schema import ModelKind
+from gannet.config_sources import Configs, LoadedConfig
 from gannet.errors import ErrorCode, PermanentError
-from gannet.metrics import Metrics
-from gannet.model_cache import ModelCache, ModelResolver
-from gannet.pipeline_config import Configs, LoadedConfig, ModelKind, open_configs
-from gannet.settings import Settings
-from gannet.steps import STEPS, StepContext
-from gannet.storage import Storage, check_image_url, local_version, read_local
+from gannet.model_cache import ModelCache
+from gannet.model_resolver import ModelResolver
+from gannet.step_registry import Plan, StepContext
+from gannet.storage import Storage, check_image_url
 from gannet.task import Task, utc_now_iso
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a task goes: the config that serves its tenant and its pipeline's steps,
+    looked up once by the cheap checks and carried to the runner."""
+
+    loaded: LoadedConfig
+    plan: Plan
 
 
 @dataclass(frozen=True)
@@ -111,45 +120,44 @@ class Pipeline:
         self.resolver = resolver
         self.limits = limits
 
-    def check(self, task: Task) -> LoadedConfig:
-        """The cheap permanent checks, done before any download."""
+    def check(self, task: Task) -> Route:
+        """The cheap permanent checks, done before any download: tenant, pipeline, image
+        URL. Poison never takes a runner."""
         loaded = self.configs.for_tenant(task.tenant_id)
-        loaded.config.steps_for(task.pipeline)
+        plan = loaded.plan(task.pipeline)
         check_image_url(task.image_url, task.tenant_id, self.limits.allowed_buckets)
-        return loaded
+        return Route(loaded, plan)
 
-    def run(self, task: Task, loaded: LoadedConfig, device: str, timer: Timer) -> dict[str, Any]:
-        """Fetch and run the steps; `loaded` is what check() returned for this task."""
+    def run(self, task: Task, route: Route, device: str, timer: Timer) -> dict[str, Any]:
+        """Fetch, decode and run the steps; `route` is what check() returned for this task."""
         started = time.perf_counter()
-        bucket, name = check_image_url(task.image_url, task.tenant_id, self.limits.allowed_buckets)
         with timer.stage("fetch"):
-            data = self.storage.read(bucket, name, self.limits.max_image_bytes)
+            data = self.storage.read(task.image_url, self.limits.max_image_bytes)
         with timer.stage("decode"):
             image = decode_image(data, self.limits.max_image_pixels)
-        return self.run_image(task, loaded, image, device, timer, started)
+        return self.run_image(task, route, image, device, timer, started)
 
     def run_image(
         self,
         task: Task,
-        loaded: LoadedConfig,
+        route: Route,
         image: np.ndarray,
         device: str,
         timer: Timer,
         started: float | None = None,
     ) -> dict[str, Any]:
-        """The steps of task.pipeline on a decoded image, as the result JSON."""
+        """The steps of the task's pipeline on a decoded image, as the result JSON."""
         started = time.perf_counter() if started is None else started
+        loaded = route.loaded
 
         def predict(kind: ModelKind, images: list[np.ndarray], conf: float) -> list[Any]:
             key = self.resolver.key(loaded, kind, task.tenant_id, device)
             return self.cache.predict(key, images, conf)
 
         ctx = StepContext(task=task, image=image, config=loaded.config, predict=predict)
-        for spec in loaded.config.steps_for(task.pipeline):
-            step = STEPS[spec.name]
-            ctx.params = spec.parsed or step.params.model_validate(spec.params)
-            with timer.stage(spec.name):
-                step.fn(ctx)
+        for step in route.plan:
+            with timer.stage(step.name):
+                step.run(ctx)
         return {
             "task_id": task.task_id,
             "tenant_id": task.tenant_id,
@@ -171,24 +179,3 @@ class Pipeline:
             for device in devices:
                 for kind in loaded.config.enabled_models():
                     self.cache.get(self.resolver.key(loaded, kind, None, device))
-
-
-def config_uri(settings: Settings) -> str:
-    """GANNET_CONFIG_URI, or gs://MODELS_BUCKET/INDUSTRY/config.yaml when only the
-    industry and the models bucket are given (the usual single-industry deployment)."""
-    explicit = "config_uri" in settings.model_fields_set
-    if not explicit and settings.industry and settings.models_bucket:
-        return f"gs://{settings.models_bucket}/{settings.industry}/config.yaml"
-    return settings.config_uri
-
-
-def build_configs(settings: Settings, storage: Storage, metrics: Metrics) -> Configs:
-    """The daemon's config source: one industry, or a deployment naming several, from a
-    local path (checked every 5 s) or gs:// (checked every 30 s, by generation)."""
-    uri = config_uri(settings)
-    on_reload = lambda result: metrics.config_reloads.labels(result).inc()  # noqa: E731
-    if uri.startswith("gs://"):
-        read, version_of, every = storage.read_url, storage.generation, 30.0
-    else:
-        read, version_of, every = read_local, local_version, 5.0
-    return open_configs(uri, read, version_of, settings.industry, every, on_reload)

@@ -13,7 +13,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Generic, TypeVar
+
+from gannet.outcome import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +35,22 @@ def assign_devices(devices: list[str], runners: int) -> list[str]:
     return [devices[i % len(devices)] for i in range(runners)]
 
 
-@dataclass(eq=False)
-class Job:
-    """One task handed from a subscriber callback to a runner; the callback waits on it."""
+ItemT = TypeVar("ItemT")
 
-    payload: Any
+
+@dataclass(eq=False)
+class Job(Generic[ItemT]):
+    """One work item handed from a subscriber callback to a runner; the callback waits
+    on it. The item is the caller's (dispatch.WorkItem); the pool only moves it."""
+
+    item: ItemT
     enqueued_at: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
-    outcome: Any = None
+    outcome: Outcome | None = None
     started: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def finish(self, outcome: Any) -> bool:
+    def finish(self, outcome: Outcome | None) -> bool:
         """First finisher wins: a shutdown nack and a late runner result cannot both apply."""
         with self._lock:
             if self.done.is_set():
@@ -62,23 +68,22 @@ class Job:
             return True
 
 
-Handler = Callable[[Job, str], Any]  # (job, device) -> outcome
-
-
-class RunnerPool:
+class RunnerPool(Generic[ItemT]):
     def __init__(
         self,
         devices: list[str],
         runners: int,
-        handle: Handler,
-        on_abandon: Callable[[Job], Any] = lambda job: None,
+        handle: Callable[[ItemT, str], Outcome],
+        on_abandon: Callable[[ItemT], Outcome],
     ) -> None:
+        """`handle(item, device)` runs on a runner thread; `on_abandon(item)` answers a
+        job still running when the grace period is over (a nack)."""
         self._handle = handle
         self._on_abandon = on_abandon
-        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._queue: queue.Queue[Job[ItemT] | None] = queue.Queue()
         self._accepting = True
         self._lock = threading.Lock()
-        self._in_flight: set[Job] = set()
+        self._in_flight: set[Job[ItemT]] = set()
         self.devices = assign_devices(devices, runners)
         self._threads = [
             threading.Thread(
@@ -92,7 +97,7 @@ class RunnerPool:
             thread.start()
         log.info("runners started", extra={"fields": {"devices": self.devices}})
 
-    def submit(self, job: Job) -> bool:
+    def submit(self, job: Job[ItemT]) -> bool:
         with self._lock:
             if not self._accepting:
                 return False
@@ -116,8 +121,9 @@ class RunnerPool:
                 continue
             with self._lock:
                 self._in_flight.add(job)
+            outcome: Outcome | None
             try:
-                outcome = self._handle(job, device)
+                outcome = self._handle(job.item, device)
             except Exception:
                 log.exception("runner crashed on a job; it will be nacked")
                 outcome = None
@@ -126,11 +132,11 @@ class RunnerPool:
                     self._in_flight.discard(job)
             job.finish(outcome)
 
-    def stop_accepting(self) -> list[Job]:
+    def stop_accepting(self) -> list[Job[ItemT]]:
         """Stop taking jobs and return the ones no runner has started yet."""
         with self._lock:
             self._accepting = False
-        left: list[Job] = []
+        left: list[Job[ItemT]] = []
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -146,11 +152,16 @@ class RunnerPool:
         """Answer jobs still running past the grace period, so their callbacks can nack."""
         with self._lock:
             running = list(self._in_flight)
-        return sum(job.finish(self._on_abandon(job)) for job in running)
+        return sum(job.finish(self._on_abandon(job.item)) for job in running)
 
-    def join(self, timeout: float) -> bool:
-        """Wait for running jobs; True when every runner finished within `timeout`."""
+    def join(self, timeout: float, abort: threading.Event | None = None) -> bool:
+        """Wait for running jobs; True when every runner finished within `timeout`.
+        `abort` (a second SIGTERM) ends the wait early."""
         deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            while thread.is_alive() and not (abort is not None and abort.is_set()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                thread.join(min(left, 0.1))
         return not any(t.is_alive() for t in self._threads)

@@ -150,6 +150,11 @@ class Settings(BaseSettings):
     def topic_path(self) -> str:
         return f"projects/{self.project}/topics/{self.topic}"
 
+    @property
+    def dead_letter_subscription(self) -> str:
+        """The dead-letter topic's subscription, named as terraform names it."""
+        return f"{self.dead_letter_topic}-sub"
+
     def dead_letter_topic_path(self) -> str:
         return f"projects/{self.project}/topics/{self.dead_letter_topic}"
 

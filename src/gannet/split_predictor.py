@@ -67,7 +67,8 @@ class SplitPredictor:
         """Runner thread: one BGR image to the (1, 3, H, W) input the network takes,
         letterboxed exactly as a one-image `model.predict` would."""
         with torch.inference_mode():
-            return self._own_copy().preprocess([image])
+            inputs: torch.Tensor = self._own_copy().preprocess([image])
+        return inputs
 
     @staticmethod
     def shape(inputs: torch.Tensor) -> tuple[int, ...]:

@@ -1,8 +1,8 @@
 """The processors a pipeline is made of, registered by name for the industry config.
 
-Each step is a function of a StepContext: it reads the image and earlier steps' output,
-asks for model predictions through the context (which knows tenant and device), and
-writes its own key of the result. Steps know nothing about Pub/Sub or SQL.
+Each step is a function of a StepContext and its own typed params: it reads the image
+and earlier steps' output, asks for model predictions through the context (which knows
+tenant and device), and writes its own key of the result. Steps know nothing about Pub/Sub or SQL.
 
 A step's params are a pydantic model registered with it, so a config that misspells a
 param is refused when it is loaded, not when a task reaches the step. The result has one
@@ -13,32 +13,14 @@ detection writes `detection` too, so later steps need not care how boxes were fo
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from gannet.pipeline_config import IndustryConfig, ModelKind, ModelSpec
-from gannet.task import Task
-
-Predict = Callable[[ModelKind, list[np.ndarray], float], list[Any]]
-
-
-class StepParams(BaseModel):
-    """Params every step accepts: none. Subclasses add their own."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelStepParams(StepParams):
-    """A step's own threshold and class filter win over its model's (the task's
-    options.confidence_override still wins over both)."""
-
-    confidence_threshold: float | None = Field(None, ge=0.0, le=1.0)
-    classes: list[str] | None = None
+from gannet.step_registry import ModelStepParams, Registry, StepContext, StepParams
 
 
 class SegmentationParams(ModelStepParams):
@@ -79,60 +61,7 @@ class EstimationParams(StepParams):
     px_per_cm: float | None = Field(None, gt=0, description="Overrides the config's px_per_cm.")
 
 
-@dataclass
-class StepContext:
-    task: Task
-    image: np.ndarray  # HxWx3 BGR, as ultralytics expects
-    config: IndustryConfig
-    predict: Predict
-    params: Any = None  # the step's parsed params (a StepParams subclass)
-    result: dict[str, Any] = field(default_factory=dict)
-    # Between steps, never serialised: segment masks at image resolution.
-    state: dict[str, Any] = field(default_factory=dict)
-
-    def threshold(self, spec: ModelSpec) -> float:
-        """confidence_override (task) > the step's threshold > the model's threshold."""
-        override = self.task.options.confidence_override
-        if override is not None:
-            return override
-        step = getattr(self.params, "confidence_threshold", None)
-        return spec.confidence_threshold if step is None else step
-
-    def classes(self, spec: ModelSpec) -> list[str]:
-        """The step's class filter if it has one, else the model's; empty keeps all."""
-        step = getattr(self.params, "classes", None)
-        return spec.classes if step is None else step
-
-    def model_spec(self, kind: ModelKind) -> ModelSpec:
-        return self.config.models[kind]
-
-
-StepFn = Callable[[StepContext], None]
-
-
-@dataclass(frozen=True)
-class Step:
-    name: str
-    fn: StepFn
-    needs: tuple[ModelKind, ...]
-    params: type[StepParams] = StepParams
-    after: tuple[str, ...] = ()  # at least one of these must run earlier in the pipeline
-
-
-STEPS: dict[str, Step] = {}
-
-
-def register(
-    name: str,
-    needs: tuple[ModelKind, ...] = (),
-    params: type[StepParams] = StepParams,
-    after: tuple[str, ...] = (),
-) -> Callable[[StepFn], StepFn]:
-    def add(fn: StepFn) -> StepFn:
-        STEPS[name] = Step(name, fn, needs, params, after)
-        return fn
-
-    return add
+STEPS = Registry()
 
 
 def boxes_to_detections(
@@ -172,13 +101,12 @@ def _image_size(image: np.ndarray) -> list[int]:
 # --------------------------------------------------------------------------- segmentation
 
 
-@register("segmentation", needs=("segmentation",), params=SegmentationParams)
-def segmentation(ctx: StepContext) -> None:
+@STEPS.register("segmentation", SegmentationParams, needs=("segmentation",))
+def segmentation(ctx: StepContext, params: SegmentationParams) -> None:
     """Instance masks -> segments with class, area and polygon; masks kept for later steps."""
     spec = ctx.model_spec("segmentation")
-    params: SegmentationParams = ctx.params or SegmentationParams()
-    conf = ctx.threshold(spec)
-    keep = ctx.classes(spec)
+    conf = ctx.threshold(spec, params)
+    keep = ctx.classes(spec, params)
     (result,) = ctx.predict("segmentation", [ctx.image], conf)
     height, width = ctx.image.shape[:2]
     segments: list[dict[str, Any]] = []
@@ -209,7 +137,7 @@ def segmentation(ctx: StepContext) -> None:
                 }
             )
             masks.append(binary)
-    ctx.state["segment_masks"] = masks
+    ctx.segment_masks = masks
     ctx.result["segmentation"] = {
         "segments": segments,
         "counts": count_by_class(segments),
@@ -250,12 +178,15 @@ def _assign_segments(
 
 
 def _detection_result(
-    ctx: StepContext, found: list[dict[str, Any]], conf: float, extra: dict[str, Any]
+    ctx: StepContext,
+    params: DetectionParams,
+    found: list[dict[str, Any]],
+    conf: float,
+    extra: dict[str, Any],
 ) -> None:
-    params = ctx.params
-    masks = ctx.state.get("segment_masks")
-    if masks is not None and getattr(params, "assign_to_segments", True):
-        _assign_segments(found, masks, getattr(params, "min_segment_overlap", 0.5))
+    masks = ctx.segment_masks
+    if masks is not None and params.assign_to_segments:
+        _assign_segments(found, masks, params.min_segment_overlap)
     ctx.result["detection"] = {
         "detections": found,
         "counts": count_by_class(found),
@@ -265,14 +196,14 @@ def _detection_result(
     }
 
 
-@register("detection", needs=("detection",), params=DetectionParams)
-def detection(ctx: StepContext) -> None:
+@STEPS.register("detection", DetectionParams, needs=("detection",))
+def detection(ctx: StepContext, params: DetectionParams) -> None:
     """Boxes on the whole image; segment-aware when segmentation ran before it."""
     spec = ctx.model_spec("detection")
-    conf = ctx.threshold(spec)
+    conf = ctx.threshold(spec, params)
     (result,) = ctx.predict("detection", [ctx.image], conf)
-    found = boxes_to_detections(result, conf, ctx.classes(spec))
-    _detection_result(ctx, found, conf, {})
+    found = boxes_to_detections(result, conf, ctx.classes(spec, params))
+    _detection_result(ctx, params, found, conf, {})
 
 
 def tile_origins(length: int, size: int, overlap: float) -> list[int]:
@@ -314,14 +245,14 @@ def _ios(a: list[float], b: list[float]) -> float:
     return iw * ih / max(smaller, 1e-6)
 
 
-@register("sliced_detection", needs=("detection",), params=SlicedDetectionParams)
-def sliced_detection(ctx: StepContext) -> None:
+@STEPS.register("sliced_detection", SlicedDetectionParams, needs=("detection",))
+def sliced_detection(ctx: StepContext, params: SlicedDetectionParams) -> None:
     """Detection on overlapping tiles, for images much larger than the model's input:
     small objects keep their pixels instead of being shrunk away. All tiles go to the
     model in one call, so its batcher runs them as batches."""
     spec = ctx.model_spec("detection")
-    params: SlicedDetectionParams = ctx.params or SlicedDetectionParams()
-    conf = ctx.threshold(spec)
+    conf = ctx.threshold(spec, params)
+    keep = ctx.classes(spec, params)
     height, width = ctx.image.shape[:2]
     size = params.slice_size
     tiles = [
@@ -334,7 +265,7 @@ def sliced_detection(ctx: StepContext) -> None:
     candidates: list[dict[str, Any]] = []
     edge = 2.0  # px: a box this close to an inner tile edge was cut by it
     for (x0, y0, x1, y1), result in zip(tiles, results, strict=True):
-        for det in boxes_to_detections(result, conf, ctx.classes(spec), offset=(x0, y0)):
+        for det in boxes_to_detections(result, conf, keep, offset=(x0, y0)):
             bx1, by1, bx2, by2 = det["box"]
             det["_cut"] = (
                 (x0 > 0 and bx1 <= x0 + edge)
@@ -346,6 +277,7 @@ def sliced_detection(ctx: StepContext) -> None:
     found = merge_tiles(candidates, params.merge_threshold)
     _detection_result(
         ctx,
+        params,
         found,
         conf,
         {"slices": {"count": len(tiles), "size": size, "overlap": params.overlap}},
@@ -367,18 +299,17 @@ def square_crop(image: np.ndarray, box: Sequence[float], padding: float) -> np.n
     return np.ascontiguousarray(image[ya:yb, xa:xb])
 
 
-@register(
+@STEPS.register(
     "classification",
+    ClassificationParams,
     needs=("classification",),
-    params=ClassificationParams,
     after=("detection", "sliced_detection"),
 )
-def classification(ctx: StepContext) -> None:
+def classification(ctx: StepContext, params: ClassificationParams) -> None:
     """A label per detection from its crop; all crops in one (batched) model call."""
     spec = ctx.model_spec("classification")
-    params: ClassificationParams = ctx.params or ClassificationParams()
-    conf = ctx.threshold(spec)
-    keep = ctx.classes(spec)
+    conf = ctx.threshold(spec, params)
+    keep = ctx.classes(spec, params)
     detections = ctx.result["detection"]["detections"]
     crops = [square_crop(ctx.image, d["box"], params.crop_padding) for d in detections]
     results = ctx.predict("classification", crops, conf) if crops else []
@@ -408,14 +339,13 @@ def classification(ctx: StepContext) -> None:
 # --------------------------------------------------------------------------- estimation
 
 
-@register(
+@STEPS.register(
     "estimation",
-    params=EstimationParams,
+    EstimationParams,
     after=("detection", "sliced_detection", "segmentation"),
 )
-def estimation(ctx: StepContext) -> None:
+def estimation(ctx: StepContext, params: EstimationParams) -> None:
     """Counts per class and per segment, mask coverage, and sizes (cm with px_per_cm)."""
-    params: EstimationParams = ctx.params or EstimationParams()
     px_per_cm = params.px_per_cm or ctx.config.px_per_cm
     detections = (ctx.result.get("detection") or {}).get("detections", [])
     height, width = ctx.image.shape[:2]
@@ -427,7 +357,7 @@ def estimation(ctx: StepContext) -> None:
     }
     segmentation_result = ctx.result.get("segmentation")
     if segmentation_result is not None:
-        masks: list[np.ndarray] = ctx.state.get("segment_masks", [])
+        masks = ctx.segment_masks or []
         covered = int(np.logical_or.reduce(masks).sum()) if masks else 0
         out["coverage_percent"] = round(100.0 * covered / (height * width), 2)
         out["covered_px"] = covered

@@ -14,15 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import google.auth
+import google.cloud.storage as storage
 from google.api_core import exceptions as gexc
-from google.auth.credentials import AnonymousCredentials
+from google.auth.credentials import AnonymousCredentials, Credentials
 from google.auth.transport.requests import AuthorizedSession
-from google.cloud import storage
 from requests import exceptions as rexc
 from requests.adapters import HTTPAdapter
 
 from gannet.errors import ErrorCode, PermanentError, TransientError
-from gannet.task import GS_URL
+from gannet.task import GsUrl
 
 TRANSIENT_GCS = (
     gexc.ServerError,
@@ -41,13 +41,14 @@ def make_client(project: str, emulator_host: str | None, connections: int = 10) 
     client at once. Past requests' default of 10, every runner beyond the tenth opened
     (on GCS: TLS-handshook) a new connection per request and logged "Connection pool is
     full" (googleapis/python-storage#253)."""
+    credentials: Credentials
     if emulator_host:
-        credentials = AnonymousCredentials()
+        credentials = AnonymousCredentials()  # type: ignore[no-untyped-call]
         options: dict[str, str] | None = {"api_endpoint": emulator_host}
     else:
         credentials, _ = google.auth.default(scopes=storage.Client.SCOPE)
         options = None
-    session = AuthorizedSession(credentials)
+    session = AuthorizedSession(credentials)  # type: ignore[no-untyped-call]
     pool = HTTPAdapter(pool_connections=connections, pool_maxsize=connections)
     session.mount("https://", pool)
     session.mount("http://", pool)
@@ -57,18 +58,20 @@ def make_client(project: str, emulator_host: str | None, connections: int = 10) 
 
 
 def split_gs_url(url: str) -> tuple[str, str]:
-    match = GS_URL.match(url)
-    if not match:
-        raise PermanentError(ErrorCode.SCHEMA_ERROR, f"not a gs:// URL: {url!r}")
-    return match["bucket"], match["name"]
+    """(bucket, object name) of a config's or model's gs:// URL."""
+    try:
+        parsed = GsUrl.parse(url)
+    except ValueError:
+        raise PermanentError(ErrorCode.SCHEMA_ERROR, f"not a gs:// URL: {url!r}") from None
+    return parsed.bucket, parsed.name
 
 
 _BAD_NAME = re.compile(r"%2f|%5c|\\|[\x00-\x1f\x7f]", re.IGNORECASE)
 
 
-def check_image_url(url: str, tenant_id: str, allowed_buckets: list[str]) -> tuple[str, str]:
-    """(bucket, object name) of an image the tenant may read, or a PermanentError."""
-    bucket, name = split_gs_url(url)
+def check_image_url(url: GsUrl, tenant_id: str, allowed_buckets: list[str]) -> None:
+    """PermanentError unless the tenant may read this image."""
+    bucket, name = url.bucket, url.name
     if bucket not in allowed_buckets:
         raise PermanentError(
             ErrorCode.BUCKET_NOT_ALLOWED,
@@ -89,18 +92,18 @@ def check_image_url(url: str, tenant_id: str, allowed_buckets: list[str]) -> tup
             ErrorCode.IMAGE_OUTSIDE_TENANT,
             f"image must be under gs://{bucket}/{tenant_id}/ (the tenant's own prefix)",
         )
-    return bucket, name
 
 
 class Storage:
     def __init__(self, client: storage.Client) -> None:
         self.client = client
 
-    def read(self, bucket: str, name: str, max_bytes: int) -> bytes:
+    def read(self, url: GsUrl, max_bytes: int) -> bytes:
         """Object bytes, in one request: asking for one byte more than the limit tells us
         an object is too large without downloading all of it."""
+        bucket, name = url.bucket, url.name
         try:
-            data = (
+            data: bytes = (
                 self.client.bucket(bucket)
                 .blob(name)
                 .download_as_bytes(start=0, end=max_bytes, checksum=None)

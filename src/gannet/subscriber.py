@@ -15,8 +15,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import google.cloud.pubsub_v1 as pubsub_v1
 from google.api_core import bidi
-from google.cloud import pubsub_v1
 from google.cloud.pubsub_v1.subscriber.futures import StreamingPullFuture
 from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
 from google.cloud.pubsub_v1.types import FlowControl
@@ -52,7 +52,7 @@ if not hasattr(bidi.BidiRpc.close, "__wrapped__"):
     bidi.BidiRpc.close = _close_politely(bidi.BidiRpc.close)  # type: ignore[method-assign]
 
 
-class _Scheduler(ThreadScheduler):
+class _Scheduler(ThreadScheduler):  # type: ignore[misc] # the client library is untyped
     """Tells us when the stream has stopped: the client library shuts the scheduler down
     right after it stops consuming, before it waits for running callbacks."""
 
@@ -62,7 +62,8 @@ class _Scheduler(ThreadScheduler):
 
     def shutdown(self, await_msg_callbacks: bool = False) -> list[Any]:
         self._stream_closed.set()
-        return super().shutdown(await_msg_callbacks=await_msg_callbacks)
+        dropped: list[Any] = super().shutdown(await_msg_callbacks=await_msg_callbacks)
+        return dropped
 
 
 class Subscriber:

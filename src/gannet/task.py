@@ -9,15 +9,56 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
 
 from gannet.errors import ErrorCode, PermanentError
 
 SCHEMA_VERSION = 1
 TENANT_ID_PATTERN = r"^[a-z0-9-]{1,63}$"
 GS_URL = re.compile(r"^gs://(?P<bucket>[a-z0-9][a-z0-9._-]{1,220}[a-z0-9])/(?P<name>.+)$")
+MAX_URL_LENGTH = 2048
+
+
+class GsUrl(str):
+    """A gs:// URL, parsed once: it is still the string the publisher sent (results and
+    rows carry it as is), and it knows its bucket and object name."""
+
+    bucket: str
+    name: str
+
+    @classmethod
+    def parse(cls, url: str) -> GsUrl:
+        """The URL as a GsUrl, or ValueError saying what a valid one looks like."""
+        match = GS_URL.match(url) if len(url) <= MAX_URL_LENGTH else None
+        if match is None:
+            raise ValueError(
+                "must look like gs://BUCKET/TENANT_ID/path/to/image.jpg "
+                f"(at most {MAX_URL_LENGTH} characters)"
+            )
+        parsed = cls(url)
+        parsed.bucket, parsed.name = match["bucket"], match["name"]
+        return parsed
+
+
+def _gs_url(value: object) -> GsUrl:
+    if isinstance(value, GsUrl):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return GsUrl.parse(value.strip())
+
+
+ImageUrl = Annotated[GsUrl, PlainValidator(_gs_url), WithJsonSchema({"type": "string"})]
 
 
 class TaskOptions(BaseModel):
@@ -31,22 +72,15 @@ class Task(BaseModel):
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    version: Literal[1] = SCHEMA_VERSION
+    version: Literal[1] = 1
     task_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/@-]+$")
     tenant_id: str = Field(pattern=TENANT_ID_PATTERN)
-    image_url: str = Field(max_length=2048)
+    image_url: ImageUrl
     pipeline: str = Field(min_length=1, max_length=64)
     session_id: str | None = Field(None, max_length=128)
     image_id: str | None = Field(None, max_length=128)
     options: TaskOptions = Field(default_factory=TaskOptions)
     callback_url: str | None = Field(None, max_length=2048)
-
-    @field_validator("image_url")
-    @classmethod
-    def _gs_url(cls, value: str) -> str:
-        if not GS_URL.match(value):
-            raise ValueError("must look like gs://BUCKET/TENANT_ID/path/to/image.jpg")
-        return value
 
     @field_validator("callback_url")
     @classmethod

@@ -5,7 +5,7 @@ before it runs, and runner threads doing Python work (GCS, PostgreSQL, JSON) hol
 up to the interpreter's switch interval each time, so the batcher's forward pass queues
 for the GIL hundreds of times per batch. A traced module runs the whole graph in C++ with
 the GIL released, and the runners' work overlaps it. Side by side in `gannet bench` the
-daemon gets faster (see README, "Benchmark").
+daemon gets faster (see docs/benchmark.md).
 
 Only the network inside ultralytics' predictor is swapped: letterboxing, NMS, masks and
 Results stay ultralytics' own. A trace records the control flow of one input, so every
@@ -51,9 +51,11 @@ def verified_trace(
     """`net` traced on `example`, or None unless the trace matches `net` on `check`."""
     with torch.inference_mode(), warnings.catch_warnings():
         # TracerWarnings flag Python-side branches; the check below is what decides.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # type: ignore[attr-defined]
         warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated")
-        traced = torch.jit.trace(net, example, check_trace=False)
+        traced: torch.jit.ScriptModule = torch.jit.trace(  # type: ignore[no-untyped-call]
+            net, example, check_trace=False
+        )
         expected, got = _tensors(net(check)), _tensors(traced(check))
     if len(expected) != len(got):
         return None
@@ -78,7 +80,7 @@ def trace_forward(model: Any, imgsz: int, device: str, half: bool) -> bool:
         if hasattr(module, "dynamic"):
             # Detection heads cache anchors for the last input shape; dynamic makes them
             # part of the traced graph instead of constants of the example's shape.
-            module.dynamic = True
+            setattr(module, "dynamic", True)  # noqa: B010 - a torch Module attribute
     dtype = torch.float16 if half else torch.float32
     stride = int(getattr(backend, "stride", 32))
     short = max(stride, (imgsz * 3 // 4) // stride * stride)
@@ -94,7 +96,7 @@ def trace_forward(model: Any, imgsz: int, device: str, half: bool) -> bool:
     if traced is None:
         log.warning("the traced model disagrees with the eager one; it runs eager")
         return False
-    backend.model = traced
+    setattr(backend, "model", traced)  # noqa: B010 - backend is ultralytics' (untyped)
     # Ultralytics then calls it as model(im), without the eager-only augment/embed.
-    backend.base_model = False
+    setattr(backend, "base_model", False)  # noqa: B010
     return True

@@ -1,6 +1,6 @@
 """`gannet dead-letters`: what sits in the dead-letter subscription, and replaying it.
 
-Two kinds of message end up there (DESIGN.md, outcomes). Poison that the daemon
+Two kinds of message end up there (docs/architecture.md, outcomes). Poison that the daemon
 quarantined carries `error_code` / `error` attributes. A task that failed
 max_delivery_attempts times on a transient error (database or GCS down) is forwarded by
 Pub/Sub's dead-letter policy without them; it is listed as `retries_exhausted`. Once the
@@ -22,10 +22,11 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import google.cloud.pubsub_v1 as pubsub_v1
 from google.api_core import exceptions as gexc
-from google.cloud import pubsub_v1
 
 from gannet.task import identify
+from gannet.text import format_table
 
 RETRIES_EXHAUSTED = "retries_exhausted"
 _PULL_BATCH = 100
@@ -157,8 +158,6 @@ def select(
 
 
 def _table(letters: list[DeadLetter]) -> str:
-    from gannet.demo import format_table
-
     rows = [
         [
             d.message_id,

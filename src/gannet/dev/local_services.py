@@ -25,6 +25,8 @@ from pathlib import Path
 
 import psycopg
 
+from gannet.errors import CommandError
+
 log = logging.getLogger(__name__)
 
 
@@ -48,7 +50,7 @@ sys.exit(main())
 """
 
 
-class ServiceError(RuntimeError):
+class ServiceError(CommandError):
     """A local service did not start; the text says which and where its log is."""
 
 

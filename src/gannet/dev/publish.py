@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from google.cloud import pubsub_v1
+import google.cloud.pubsub_v1 as pubsub_v1
 
 from gannet import clients
 from gannet.settings import Settings

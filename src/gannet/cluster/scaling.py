@@ -25,7 +25,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 PolicyKind = Literal["Pods", "Percent"]
 SelectPolicy = Literal["Max", "Min", "Disabled"]
@@ -377,7 +377,7 @@ class _Pod:
 
 @dataclass
 class SimResult:
-    """Time series (one sample per second) and the figures the README quotes."""
+    """Time series (one sample per second) and the figures docs/autoscaling.md quotes."""
 
     profile: ArrivalProfile
     hpa: HpaConfig
@@ -721,11 +721,13 @@ def _with_field(
     if name in _HPA_FIELDS:
         current = getattr(hpa, name)
         cast = int if isinstance(current, int) and not isinstance(current, bool) else float
-        return dataclasses.replace(hpa, **{name: cast(value)}), cluster
+        changed: dict[str, Any] = {name: cast(value)}
+        return dataclasses.replace(hpa, **changed), cluster
     if name in _CLUSTER_FIELDS:
         current = getattr(cluster, name)
         cast = int if isinstance(current, int) else float
-        return hpa, dataclasses.replace(cluster, **{name: cast(value)})
+        update: dict[str, Any] = {name: cast(value)}
+        return hpa, dataclasses.replace(cluster, **update)
     raise ValueError(
         f"--sweep: unknown parameter {name!r}; one of: "
         + ", ".join(sorted(_HPA_FIELDS | _CLUSTER_FIELDS))

@@ -1,161 +1,30 @@
-"""Industry config: which models exist and which steps each pipeline runs.
+"""Where configs come from: a local file or gs:// object, read, compiled and reloaded.
 
-Pipelines are configuration, not code: a YAML names models (path, threshold, classes) and
-pipelines (NAME -> steps). The file is validated up front so that a typo is an error
-naming the field and the file, never a task failing at 3 a.m.
+A config source serves the last good config and picks up a changed one without a
+restart; the schema of the files is config_schema.py's, the step checks the registry's
+(step_registry.py). Loading compiles every pipeline once, so a task looks its pipeline
+up in one dict and finds its steps bound to typed params.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import ValidationError
 
+from gannet.config_schema import ConfigError, DeploymentConfig, IndustryConfig, ModelSpec
 from gannet.errors import ErrorCode, PermanentError
-from gannet.task import TENANT_ID_PATTERN
+from gannet.step_registry import Plan
+from gannet.steps import STEPS
 
 log = logging.getLogger(__name__)
-
-ModelKind = Literal["detection", "segmentation", "classification"]
-MODEL_KINDS: tuple[ModelKind, ...] = ("detection", "segmentation", "classification")
-
-
-class ConfigError(ValueError):
-    """An industry config that must not be served; the text names the file and field."""
-
-
-class ModelSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    path: str = Field(description="Weights (.pt or .onnx): a path relative to the config, or gs://")
-    confidence_threshold: float = Field(0.25, ge=0.0, le=1.0)
-    classes: list[str] = Field(default_factory=list, description="Keep only these; empty = all.")
-    enabled: bool = True
-    imgsz: int = Field(640, ge=32, le=4096)
-
-
-class StepSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
-    # The params validated by the step's own model (set when the config is validated),
-    # so a step reads typed values and a typo in a param is a config error, not a task's.
-    _parsed: Any = PrivateAttr(default=None)
-
-    @property
-    def parsed(self) -> Any:
-        return self._parsed
-
-
-class IndustryConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    industry: str = Field(pattern=r"^[a-z0-9_-]{1,63}$")
-    version: str | int
-    px_per_cm: float | None = Field(None, gt=0)
-    models: dict[ModelKind, ModelSpec]
-    pipelines: dict[str, list[StepSpec]]
-    tenants: list[str] | None = Field(
-        None, description="Tenants allowed to use this industry; omitted = any tenant."
-    )
-
-    @field_validator("pipelines", mode="before")
-    @classmethod
-    def _step_shorthand(cls, value: object) -> object:
-        """Accept `- detection` as well as `- sliced_detection: {slice_size: 640}`."""
-        if not isinstance(value, dict):
-            return value
-        out: dict[str, list[dict[str, Any]]] = {}
-        for name, steps in value.items():
-            if not isinstance(steps, list):
-                raise ValueError(f"pipeline {name!r} must be a list of steps")
-            normalised = []
-            for step in steps:
-                if isinstance(step, str):
-                    normalised.append({"name": step})
-                elif isinstance(step, dict) and len(step) == 1 and "name" not in step:
-                    ((step_name, params),) = step.items()
-                    normalised.append({"name": step_name, "params": params or {}})
-                else:
-                    normalised.append(step)
-            out[name] = normalised
-        return out
-
-    @model_validator(mode="after")
-    def _steps_exist(self) -> IndustryConfig:
-        from gannet.steps import STEPS  # the registry; imported late to avoid a cycle
-
-        for pipeline, steps in self.pipelines.items():
-            if not steps:
-                raise ValueError(f"pipeline {pipeline!r} has no steps")
-            before: list[str] = []
-            for i, step in enumerate(steps):
-                if step.name not in STEPS:
-                    known = ", ".join(sorted(STEPS))
-                    raise ValueError(
-                        f"pipeline {pipeline!r}: unknown step {step.name!r} (known: {known})"
-                    )
-                registered = STEPS[step.name]
-                for kind in registered.needs:
-                    spec = self.models.get(kind)
-                    if spec is None or not spec.enabled:
-                        raise ValueError(
-                            f"pipeline {pipeline!r}: step {step.name!r} needs an enabled "
-                            f"models.{kind}"
-                        )
-                if registered.after and not any(name in before for name in registered.after):
-                    raise ValueError(
-                        f"pipeline {pipeline!r}: step {step.name!r} must come after one of "
-                        f"{', '.join(registered.after)}"
-                    )
-                try:
-                    step._parsed = registered.params.model_validate(step.params)
-                except ValidationError as exc:
-                    problems = "; ".join(
-                        f"pipelines.{pipeline}.{i}.params."
-                        f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-                        for err in exc.errors()
-                    )
-                    raise ValueError(problems) from None
-                before.append(step.name)
-        return self
-
-    def steps_for(self, pipeline: str) -> list[StepSpec]:
-        try:
-            return self.pipelines[pipeline]
-        except KeyError:
-            known = ", ".join(sorted(self.pipelines))
-            raise PermanentError(
-                ErrorCode.UNKNOWN_PIPELINE,
-                f"pipeline {pipeline!r} is not in industry {self.industry!r} (known: {known})",
-            ) from None
-
-    def check_tenant(self, tenant_id: str) -> None:
-        if self.tenants is not None and tenant_id not in self.tenants:
-            raise PermanentError(
-                ErrorCode.UNKNOWN_TENANT,
-                f"tenant {tenant_id!r} is not configured for industry {self.industry!r}",
-            )
-
-    def enabled_models(self) -> dict[ModelKind, ModelSpec]:
-        return {kind: spec for kind, spec in self.models.items() if spec.enabled}
 
 
 def _yaml_mapping(text: str, source: str) -> dict[str, Any]:
@@ -174,20 +43,41 @@ def _problems(exc: ValidationError) -> str:
     )
 
 
-def parse_config(text: str, source: str) -> IndustryConfig:
-    """Validate YAML text; `source` names the file in every error message."""
+def parse_config(text: str, source: str, version: str = "") -> LoadedConfig:
+    """Validate YAML text and compile its pipelines; `source` names the file in every
+    error message."""
     data = _yaml_mapping(text, source)
     try:
-        return IndustryConfig.model_validate(data)
+        config = IndustryConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_problems(exc)}") from exc
+    try:
+        plans = STEPS.compile(config)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+    return LoadedConfig(config=config, plans=plans, uri=source, version=version)
 
 
 @dataclass(frozen=True)
 class LoadedConfig:
+    """One validated industry config, its pipelines compiled, at one version."""
+
     config: IndustryConfig
+    plans: Mapping[str, Plan]
     uri: str
     version: str  # mtime/size for files, object generation for gs://
+
+    def plan(self, pipeline: str) -> Plan:
+        """The pipeline's bound steps, or PermanentError(unknown_pipeline)."""
+        try:
+            return self.plans[pipeline]
+        except KeyError:
+            known = ", ".join(sorted(self.plans))
+            raise PermanentError(
+                ErrorCode.UNKNOWN_PIPELINE,
+                f"pipeline {pipeline!r} is not in industry {self.config.industry!r} "
+                f"(known: {known})",
+            ) from None
 
     def model_uri(self, spec: ModelSpec) -> str:
         """Model paths are relative to the config's own location, so a config and its
@@ -303,13 +193,14 @@ class ConfigSource(_Watched[LoadedConfig]):
             content, version = self._read(self.uri)
         except FileNotFoundError as exc:
             raise ConfigError(f"{self.uri}: does not exist") from exc
-        config = parse_config(content.decode("utf-8", errors="replace"), self.uri)
-        if self._expect_industry and config.industry != self._expect_industry:
+        loaded = parse_config(content.decode("utf-8", errors="replace"), self.uri, version)
+        industry = loaded.config.industry
+        if self._expect_industry and industry != self._expect_industry:
             raise ConfigError(
-                f"{self.uri}: industry: is {config.industry!r}, but this deployment serves "
+                f"{self.uri}: industry: is {industry!r}, but this deployment serves "
                 f"{self._expect_industry!r} here"
             )
-        return LoadedConfig(config=config, uri=self.uri, version=version)
+        return loaded
 
     def for_tenant(self, tenant_id: str) -> LoadedConfig:
         """The config that serves this tenant, or PermanentError(unknown_tenant)."""
@@ -319,38 +210,6 @@ class ConfigSource(_Watched[LoadedConfig]):
 
     def served(self) -> list[LoadedConfig]:
         return [self.current()]
-
-
-class DeploymentConfig(BaseModel):
-    """One deployment serving several industries: which config serves which tenant."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    deployment: str = Field(pattern=r"^[a-z0-9_-]{1,63}$")
-    industries: dict[str, str] = Field(
-        min_length=1,
-        description="industry -> its config (a path relative to this file, or gs://).",
-    )
-    tenants: dict[str, str] = Field(default_factory=dict, description="tenant -> industry")
-    default_industry: str | None = Field(
-        None, description="Industry of tenants not listed; omitted = unlisted tenants are refused."
-    )
-
-    @field_validator("tenants", mode="before")
-    @classmethod
-    def _empty_tenants(cls, value: object) -> object:
-        return {} if value is None else value  # `tenants:` with nothing under it
-
-    @model_validator(mode="after")
-    def _industries_exist(self) -> DeploymentConfig:
-        for tenant, industry in self.tenants.items():
-            if not re.match(TENANT_ID_PATTERN, tenant):
-                raise ValueError(f"tenants.{tenant}: not a valid tenant id")
-            if industry not in self.industries:
-                raise ValueError(f"tenants.{tenant}: industry {industry!r} is not in industries")
-        if self.default_industry is not None and self.default_industry not in self.industries:
-            raise ValueError(f"default_industry: {self.default_industry!r} is not in industries")
-        return self
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,13 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from gannet import clients, provision, sink
-from gannet.local_services import LocalServices, Ports, free_port
-from gannet.publish import make_task, publish_tasks, upload_image
+from gannet import clients, sink
+from gannet.dev import provision
+from gannet.dev.local_services import LocalServices, Ports, free_port
+from gannet.dev.publish import make_task, publish_tasks, upload_image
 from gannet.settings import REPO_ROOT, Settings
 from gannet.storage import Storage
+from gannet.text import format_table
 
 SAMPLES = REPO_ROOT / "samples"
 DEMO_TENANT = "demo-tenant"
@@ -233,12 +235,6 @@ def wait_for_rows(
             return rows
         time.sleep(0.3)
     return rows
-
-
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 def counts_text(counts: dict[str, int]) -> str:

@@ -7,9 +7,10 @@ import time
 
 import pytest
 
+from gannet.config_schema import ConfigError
+from gannet.config_sources import ConfigSource, parse_config
 from gannet.errors import ErrorCode, PermanentError
 from gannet.metrics import Metrics
-from gannet.pipeline_config import ConfigError, ConfigSource, parse_config
 from gannet.settings import REPO_ROOT
 from gannet.storage import local_version, read_local
 
@@ -58,9 +59,10 @@ def test_a_step_needing_a_disabled_model_is_refused():
 
 
 def test_unknown_pipeline_and_tenant_are_permanent_errors():
-    config = parse_config(VALID + "tenants: [acme]\n", "c.yaml")
+    loaded = parse_config(VALID + "tenants: [acme]\n", "c.yaml")
+    config = loaded.config
     with pytest.raises(PermanentError) as err:
-        config.steps_for("NOPE")
+        loaded.plan("NOPE")
     assert err.value.code is ErrorCode.UNKNOWN_PIPELINE and "DETECTION" in err.value.message
     with pytest.raises(PermanentError) as err:
         config.check_tenant("globex")

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import logging
 
+import google.cloud.pubsub_v1 as pubsub_v1
+import google.cloud.storage as storage
 from google.api_core import exceptions as gexc
-from google.cloud import pubsub_v1, storage
 from google.protobuf import duration_pb2
 
 from gannet.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def dead_letter_subscription(settings: Settings) -> str:
-    return f"{settings.dead_letter_topic}-sub"
 
 
 def ensure_pubsub(
@@ -37,7 +34,7 @@ def ensure_pubsub(
             publisher.create_topic(request={"name": publisher.topic_path(project, topic)})
         except gexc.AlreadyExists:
             pass
-    dlq_sub = subscriber.subscription_path(project, dead_letter_subscription(settings))
+    dlq_sub = subscriber.subscription_path(project, settings.dead_letter_subscription)
     try:
         subscriber.create_subscription(
             request={

@@ -31,18 +31,17 @@ from typing import Any
 import psutil
 import psycopg
 
-from gannet import clients, demo, provision
-from gannet.local_services import LocalServices, Ports
+from gannet import clients, daemon
+from gannet.config_sources import ConfigSource
+from gannet.dev import demo, stack
+from gannet.dev.local_services import LocalServices, Ports
+from gannet.dev.publish import make_task, publish_tasks, upload_image
 from gannet.metrics import Metrics
-from gannet.model_cache import ModelCache, ModelResolver, yolo_loader
-from gannet.outcome import Decision, Processor
-from gannet.pipeline import Limits, Pipeline, decode_image
-from gannet.pipeline_config import ConfigSource
-from gannet.publish import make_task, publish_tasks, upload_image
+from gannet.outcome import Decision
+from gannet.pipeline import decode_image
 from gannet.settings import Settings
-from gannet.sink import Sink
 from gannet.storage import Storage, local_version, read_local
-from gannet.task import parse_task
+from gannet.text import format_table
 
 TENANT = "bench-tenant"
 
@@ -57,7 +56,7 @@ def bare_model(settings: Settings, files: list[Path], batch: int) -> dict[str, f
     """(a): the model alone, on images already decoded in memory, as ultralytics runs it
     out of the box. For reference, also in batches, and with the daemon's traced forward
     pass (traced.py), so a reader can tell the daemon's plumbing from its model speed-up."""
-    from ultralytics import YOLO
+    from ultralytics.models import YOLO
 
     from gannet.traced import trace_forward
 
@@ -66,7 +65,7 @@ def bare_model(settings: Settings, files: list[Path], batch: int) -> dict[str, f
     spec = loaded.config.models["detection"]
     model = YOLO(loaded.model_uri(spec))
     images = [decode_image(f.read_bytes(), settings.max_image_pixels) for f in files]
-    kwargs = {
+    kwargs: dict[str, Any] = {
         "imgsz": spec.imgsz,
         "conf": spec.confidence_threshold,
         "device": "cpu",
@@ -193,32 +192,18 @@ def daemon_end_to_end(
 
 
 def one_at_a_time(settings: Settings, urls: list[str]) -> dict[str, float]:
-    """(c): the simplest correct worker: pull one, process, write, ack, repeat."""
-    publisher, subscriber = clients.pubsub_clients(settings)
-    storage = Storage(clients.storage_client(settings))
-    sink = Sink(settings.database_url, pool_size=2)
-    sink.open()
-    metrics = Metrics()
-    configs = ConfigSource(settings.config_uri, read_local, local_version)
-    cache = ModelCache(
-        yolo_loader(lambda uri, version: Path(uri), trace=settings.torchscript),
-        metrics,
-        max_batch=1,
-        window_s=0.0,
-        cpu_threads=settings.torch_threads,  # the daemon's, so b/c compares plumbing
-    )
-    pipeline = Pipeline(
-        configs,
-        storage,
-        cache,
-        ModelResolver(local_version),
-        Limits(settings.allowed_buckets, settings.max_image_bytes, settings.max_image_pixels),
-    )
-    processor = Processor(pipeline, sink, storage, settings.results_bucket, metrics)
-    pipeline.warm(["cpu"])
+    """(c): the simplest correct worker: pull one, process, write, ack, repeat.
+
+    Built by the daemon's own `build`, so (b) and (c) differ only in how messages reach
+    the pipeline: streaming pull and runners, or one synchronous pull at a time."""
+    one = settings.model_copy(update={"runners": 1, "batch_size": 1, "batch_window_ms": 0.0})
+    parts = daemon.build(one, Metrics())
+    dispatcher = parts.dispatcher
+    device = parts.devices[0]
+    parts.pipeline.warm([device])
     tasks = [make_task(TENANT, url, "DETECTION", f"c-{uuid.uuid4().hex}") for url in urls]
-    publish_tasks(publisher, settings.topic_path(), tasks)
-    path = settings.subscription_path()
+    publish_tasks(parts.publisher, settings.topic_path(), tasks)
+    subscriber, path = parts.subscriber_client, settings.subscription_path()
     done = 0
     started = time.perf_counter()
     try:
@@ -227,31 +212,18 @@ def one_at_a_time(settings: Settings, urls: list[str]) -> dict[str, float]:
                 request={"subscription": path, "max_messages": 1}, timeout=30
             )
             for received in response.received_messages:
-                task = parse_task(received.message.data, settings.max_body_bytes)
-                loaded = pipeline.check(task)
-                outcome = processor.process(task, loaded, received.delivery_attempt, "cpu")
+                outcome = dispatcher.outcome_here(
+                    received.message.data, received.delivery_attempt, device
+                )
                 if outcome.decision is not Decision.ACK:
                     raise RuntimeError(f"one-at-a-time worker failed: {outcome.error}")
                 subscriber.acknowledge(request={"subscription": path, "ack_ids": [received.ack_id]})
                 done += 1
         elapsed = time.perf_counter() - started
     finally:
-        cache.close()
-        sink.close()
+        parts.callbacks.close(timeout_s=0.0)
+        parts.close(timeout_s=30.0)
     return {"seconds": elapsed, "images_per_s": len(tasks) / elapsed}
-
-
-def fresh_queue(services: LocalServices, name: str, ack_deadline_s: int = 30) -> Settings:
-    """Settings with a topic, subscription and dead-letter topic of their own, created."""
-    settings = demo.local_settings(
-        services,
-        topic=f"{name}-tasks",
-        subscription=f"{name}-tasks-sub",
-        dead_letter_topic=f"{name}-dead",
-    )
-    publisher, subscriber = clients.pubsub_clients(settings)
-    provision.ensure_pubsub(settings, publisher, subscriber, ack_deadline_s=ack_deadline_s)
-    return settings
 
 
 def upload_fresh(services: LocalServices, settings: Settings, files: list[Path]) -> list[str]:
@@ -272,11 +244,11 @@ def one_round(
     bare = bare_model(base, files, base.batch_size)
     print(f"round {n}: (c) one-message-at-a-time worker ...", flush=True)
     urls = upload_fresh(services, base, files)
-    single = one_at_a_time(fresh_queue(services, f"bench-c{n}"), urls)
+    single = one_at_a_time(stack.fresh_queue(services, f"bench-c{n}"), urls)
     print(f"round {n}: (b) daemon end to end with {args.runners} runners ...", flush=True)
     daemon = daemon_end_to_end(
         services,
-        fresh_queue(services, f"bench-b{n}"),
+        stack.fresh_queue(services, f"bench-b{n}"),
         upload_fresh(services, base, files),
         args.runners,
         state / "daemon.log",
@@ -333,7 +305,7 @@ def print_report(report: dict[str, Any]) -> None:
     median = report["median_ratios"]
     print()
     print(
-        demo.format_table(
+        format_table(
             [
                 "round",
                 "(a) bare, 1/call",

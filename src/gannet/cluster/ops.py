@@ -20,7 +20,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
@@ -128,7 +128,8 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None) -
 
 
 def _body(response: Any) -> Any:
-    return json.loads(response.data)
+    body: Any = json.loads(response.data)
+    return body
 
 
 def _get_raw(api: k8s.ApiClient, path: str, path_params: dict[str, str], query: list) -> Any:
@@ -145,7 +146,7 @@ def _get_raw(api: k8s.ApiClient, path: str, path_params: dict[str, str], query: 
     response.read()
     if not 200 <= response.status <= 299:
         raise ApiException(status=response.status, reason=response.reason)
-    return json.loads(response.data)
+    return json.loads(cast(bytes, response.data))  # the client's stubs say None
 
 
 def _describe_api_error(exc: ApiException | HTTPError, what: str) -> str:
@@ -628,69 +629,3 @@ def run_scale(args: argparse.Namespace) -> int:
         return 1
     print(format_scale(result, args.namespace, args.deployment))
     return 0
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--namespace", "-n", default="gannet", help="namespace of the worker (default: gannet)"
-    )
-    p.add_argument(
-        "--deployment",
-        default="gannet-worker",
-        help="name of the worker Deployment (default: gannet-worker)",
-    )
-    p.add_argument(
-        "--kubeconfig",
-        default=None,
-        help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config, else in-cluster)",
-    )
-    p.add_argument("--context", default=None, help="kubeconfig context (default: current)")
-
-
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Registers `gannet ops status` and `gannet ops scale`."""
-    ops = subparsers.add_parser(
-        "ops",
-        help="Operator commands for the worker on Kubernetes.",
-        description="Operator commands for the worker on Kubernetes (uses your kubeconfig).",
-    )
-    verbs = ops.add_subparsers(dest="ops_command", required=True, metavar="VERB")
-    st = verbs.add_parser(
-        "status",
-        help="Replicas, HPA metrics vs targets, GPU nodes, backlog, pods.",
-        description=(
-            "Show ready/desired workers, what the HPA sees against its targets and its "
-            "conditions, the T4 nodes, the subscription backlog from the external metrics "
-            "API, and each pod with its outstanding messages."
-        ),
-    )
-    _common(st)
-    st.add_argument(
-        "--subscription",
-        default="gannet-tasks-sub",
-        help="Pub/Sub subscription id whose backlog to show (default: gannet-tasks-sub)",
-    )
-    st.add_argument("--json", action="store_true", help="print JSON instead of text")
-    st.set_defaults(func=run_status)
-
-    sc = verbs.add_parser(
-        "scale",
-        help="Set the number of workers (or the HPA's floor).",
-        description=(
-            "Set the worker Deployment's replicas. When an HPA manages it, this refuses "
-            "(the HPA would undo it within ~15 s) unless --force; --hpa-min sets the HPA's "
-            "minReplicas instead, e.g. to pre-warm GPU nodes before a known batch."
-        ),
-    )
-    sc.add_argument("replicas", type=int, help="number of workers (or the HPA floor)")
-    _common(sc)
-    sc.add_argument(
-        "--hpa-min", action="store_true", help="set the HPA's minReplicas instead of replicas"
-    )
-    sc.add_argument(
-        "--force", action="store_true", help="scale the Deployment even though an HPA owns it"
-    )
-    sc.add_argument(
-        "--dry-run", action="store_true", help="print what would change, change nothing"
-    )
-    sc.set_defaults(func=run_scale)

@@ -1,0 +1,146 @@
+"""The operator's commands (`gannet ops`, `gannet scaling`, `gannet dead-letters`).
+
+Only the argument definitions live here, so that building the parser imports nothing
+heavy: each command imports its module (and with it the kubernetes client) when it runs,
+and `gannet run` never pays for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from gannet.cluster import scaling
+from gannet.settings import Settings
+
+
+def cmd_ops_status(args: argparse.Namespace) -> int:
+    from gannet.cluster import ops
+
+    return ops.run_status(args)
+
+
+def cmd_ops_scale(args: argparse.Namespace) -> int:
+    from gannet.cluster import ops
+
+    return ops.run_scale(args)
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    from gannet import clients
+    from gannet.cluster import dead_letters
+
+    settings = Settings()
+    publisher, subscriber = clients.pubsub_clients(settings)
+    name = args.subscription or settings.dead_letter_subscription
+    return dead_letters.main(
+        args,
+        publisher,
+        subscriber,
+        settings.topic_path(),
+        subscriber.subscription_path(settings.project, name),
+    )
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    _add_dead_letters(sub)
+    scaling.add_commands(sub)
+    _add_ops(sub)
+
+
+def _add_dead_letters(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "dead-letters",
+        help="list the dead-letter subscription; replay tasks once the cause is fixed",
+        description="List what is in the dead-letter subscription, with each message's "
+        "error_code and reason (retries_exhausted: Pub/Sub gave up after "
+        "max_delivery_attempts transient failures, e.g. a database outage). Listing "
+        "removes nothing. With --replay, the chosen messages are republished to "
+        "GANNET_TOPIC and only then acked. Replaying a task that already succeeded is "
+        "harmless: the daemon acks it without running the models.",
+    )
+    p.add_argument(
+        "--code",
+        action="append",
+        metavar="CODE",
+        help="only messages with this error_code (repeatable), e.g. retries_exhausted, "
+        "image_not_found, unknown_pipeline",
+    )
+    p.add_argument("--tenant", help="only this tenant's messages")
+    p.add_argument("--replay", action="store_true", help="republish the chosen messages")
+    p.add_argument("--all", action="store_true", help="with --replay: every message, any code")
+    p.add_argument(
+        "--limit", type=int, default=1000, help="look at this many messages at most (default 1000)"
+    )
+    p.add_argument(
+        "--subscription",
+        help="dead-letter subscription id (default: GANNET_DEAD_LETTER_TOPIC + '-sub', "
+        "as terraform creates it)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per message")
+    p.set_defaults(func=cmd_dead_letters)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--namespace", "-n", default="gannet", help="namespace of the worker (default: gannet)"
+    )
+    p.add_argument(
+        "--deployment",
+        default="gannet-worker",
+        help="name of the worker Deployment (default: gannet-worker)",
+    )
+    p.add_argument(
+        "--kubeconfig",
+        default=None,
+        help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config, else in-cluster)",
+    )
+    p.add_argument("--context", default=None, help="kubeconfig context (default: current)")
+
+
+def _add_ops(subparsers: argparse._SubParsersAction) -> None:
+    """`gannet ops status` and `gannet ops scale`."""
+    ops = subparsers.add_parser(
+        "ops",
+        help="Operator commands for the worker on Kubernetes.",
+        description="Operator commands for the worker on Kubernetes (uses your kubeconfig).",
+    )
+    verbs = ops.add_subparsers(dest="ops_command", required=True, metavar="VERB")
+    st = verbs.add_parser(
+        "status",
+        help="Replicas, HPA metrics vs targets, GPU nodes, backlog, pods.",
+        description=(
+            "Show ready/desired workers, what the HPA sees against its targets and its "
+            "conditions, the T4 nodes, the subscription backlog from the external metrics "
+            "API, and each pod with its outstanding messages."
+        ),
+    )
+    _common(st)
+    st.add_argument(
+        "--subscription",
+        default="gannet-tasks-sub",
+        help="Pub/Sub subscription id whose backlog to show (default: gannet-tasks-sub)",
+    )
+    st.add_argument("--json", action="store_true", help="print JSON instead of text")
+    st.set_defaults(func=cmd_ops_status)
+
+    sc = verbs.add_parser(
+        "scale",
+        help="Set the number of workers (or the HPA's floor).",
+        description=(
+            "Set the worker Deployment's replicas. When an HPA manages it, this refuses "
+            "(the HPA would undo it within ~15 s) unless --force; --hpa-min sets the HPA's "
+            "minReplicas instead, e.g. to pre-warm GPU nodes before a known batch."
+        ),
+    )
+    sc.add_argument("replicas", type=int, help="number of workers (or the HPA floor)")
+    _common(sc)
+    sc.add_argument(
+        "--hpa-min", action="store_true", help="set the HPA's minReplicas instead of replicas"
+    )
+    sc.add_argument(
+        "--force", action="store_true", help="scale the Deployment even though an HPA owns it"
+    )
+    sc.add_argument(
+        "--dry-run", action="store_true", help="print what would change, change nothing"
+    )
+    sc.set_defaults(func=cmd_ops_scale)

@@ -1,0 +1,244 @@
+"""The path of one message, start to end, in one place.
+
+On the subscriber's callback thread (one per leased message):
+  1. parse: the body becomes a Task (its gs:// URL parsed once, into a GsUrl), or the
+     message is quarantined as bad input;
+  2. cheap checks: the tenant's config, the pipeline's steps (looked up once) and the image
+     URL's bucket and prefix. Poison is quarantined here and never takes a runner;
+  3. hand a frozen WorkItem to the runner pool and wait; while it waits the client library
+     keeps extending the message's lease;
+  4. settle: the Settler (outcome.py) acks, nacks or dead-letters.
+On a runner thread, `process` does the work that costs: the committed-result lookup,
+fetch, decode, the steps (models through the ModelCache), the result JSON, the row, and
+the result callback after the commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from google.cloud.pubsub_v1.subscriber.message import Message
+
+from gannet.callback import Callbacks
+from gannet.errors import ErrorCode, PermanentError, TransientError
+from gannet.metrics import Metrics
+from gannet.outcome import Decision, Outcome, Settler, shutdown
+from gannet.pipeline import Pipeline, Route, Timer
+from gannet.pool import Job, RunnerPool
+from gannet.sink import Sink
+from gannet.storage import Storage
+from gannet.task import Task, TaskResult, identify, parse_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """What a runner needs for one task, checked and looked up by the callback thread."""
+
+    task: Task
+    route: Route
+    delivery_attempt: int | None
+
+
+class Dispatcher:
+    """Turns messages into Outcomes and hands them to the Settler; never raises."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        sink: Sink,
+        storage: Storage,
+        settler: Settler,
+        metrics: Metrics,
+        results_bucket: str,
+        max_body_bytes: int,
+        devices: list[str],
+        runners: int,
+        callbacks: Callbacks | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.sink = sink
+        self.storage = storage
+        self.settler = settler
+        self.metrics = metrics
+        self.results_bucket = results_bucket
+        self.max_body_bytes = max_body_bytes
+        self.callbacks = callbacks
+        # Started by the daemon; a job still running after the grace period is nacked.
+        self.pool: RunnerPool[WorkItem] = RunnerPool(
+            devices, runners, self.process, on_abandon=lambda item: shutdown(item.task)
+        )
+
+    # ------------------------------------------------------------ callback thread
+
+    def on_message(self, message: Message) -> None:
+        """The subscriber's callback: one message from lease to ack, nack or quarantine."""
+        started = time.perf_counter()
+        outcome = self.outcome_of(message.data, message.delivery_attempt, self._run_on_pool)
+        self.settler.settle(message, outcome, time.perf_counter() - started)
+
+    def outcome_of(
+        self,
+        body: bytes,
+        delivery_attempt: int | None,
+        run: Callable[[WorkItem], Outcome],
+    ) -> Outcome:
+        """Parse, check, then `run(item)` (hand to a runner and wait, or run here)."""
+        try:
+            task = parse_task(body, self.max_body_bytes)
+        except PermanentError as err:
+            task_id, tenant_id = identify(body)
+            return self._reject(task_id, tenant_id, None, err, delivery_attempt)
+        try:
+            route = self.pipeline.check(task)
+        except PermanentError as err:
+            return self.reject(task, err, delivery_attempt)
+        return run(WorkItem(task, route, delivery_attempt))
+
+    def outcome_here(self, body: bytes, delivery_attempt: int | None, device: str) -> Outcome:
+        """The whole path on the calling thread, without runners: the bench's
+        one-message-at-a-time worker and the tests use it."""
+        return self.outcome_of(body, delivery_attempt, lambda item: self.process(item, device))
+
+    def _run_on_pool(self, item: WorkItem) -> Outcome:
+        job = Job(item)
+        if not self.pool.submit(job):
+            return shutdown(item.task)
+        job.done.wait()
+        return job.outcome or Outcome(Decision.NACK, "error", task=item.task)
+
+    # ------------------------------------------------------------ runner thread
+
+    def process(self, item: WorkItem, device: str) -> Outcome:
+        """The costly part of one task, on a runner thread pinned to `device`."""
+        task = item.task
+        try:
+            return self._process(item, device)
+        except PermanentError as err:
+            return self.reject(task, err, item.delivery_attempt)
+        except TransientError as err:
+            return Outcome(Decision.NACK, "retry", err, task)
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                oom = TransientError(ErrorCode.OUT_OF_MEMORY, str(exc))
+                return Outcome(Decision.NACK, "retry", oom, task)
+            log.exception(
+                "unexpected error; the message will be retried",
+                extra={"task_id": task.task_id, "tenant_id": task.tenant_id},
+            )
+            unknown = TransientError(ErrorCode.DEPENDENCY_UNAVAILABLE, repr(exc))
+            return Outcome(Decision.NACK, "error", unknown, task)
+
+    def _process(self, item: WorkItem, device: str) -> Outcome:
+        task = item.task
+        timer = Timer(lambda stage, s: self.metrics.stage_seconds.labels(stage).observe(s))
+        started = time.perf_counter()
+        with timer.stage("lookup"):
+            existing = self.sink.find_success(task.task_id, task.tenant_id)
+        if existing is not None:
+            if task.callback_url and existing["callback_status"] is None:
+                # The last pod stopped between the commit and the callback: send it
+                # now (callbacks are at least once; receivers dedupe on task_id).
+                self._callback(task, existing["result"], existing["result_uri"])
+            fields = {"result_uri": existing["result_uri"]}
+            return Outcome(Decision.ACK, "duplicate", task=task, fields=fields)
+        result = self.pipeline.run(task, item.route, device, timer)
+        with timer.stage("sink"):
+            uri = self.storage.write_json(
+                self.results_bucket, f"{task.tenant_id}/{task.task_id}.json", result
+            )
+            timings = {
+                **timer.timings,
+                "total_ms": round((time.perf_counter() - started) * 1000, 2),
+            }
+            saved = self.sink.save(
+                TaskResult(
+                    task_id=task.task_id,
+                    tenant_id=task.tenant_id,
+                    pipeline=task.pipeline,
+                    status="succeeded",
+                    result=result,
+                    result_uri=uri,
+                    delivery_attempt=item.delivery_attempt,
+                    timings=timings,
+                    session_id=task.session_id,
+                    image_id=task.image_id,
+                    image_url=task.image_url,
+                )
+            )
+        self.metrics.stage_seconds.labels("total").observe(time.perf_counter() - started)
+        if saved:
+            self._callback(task, result, uri)
+        return Outcome(
+            Decision.ACK,
+            "succeeded" if saved else "duplicate",
+            task=task,
+            fields={"result_uri": uri, "counts": _counts(result), **timings},
+        )
+
+    def _callback(self, task: Task, result: dict[str, Any], uri: str) -> None:
+        """After the commit, never before; whatever happens here, the task stays acked."""
+        if self.callbacks is None or not task.callback_url:
+            return
+        try:
+            self.callbacks.submit(task, result, uri)
+        except Exception:
+            log.exception(
+                "could not queue the callback; the committed result stands",
+                extra={"task_id": task.task_id, "tenant_id": task.tenant_id},
+            )
+
+    # ------------------------------------------------------------ bad input
+
+    def reject(self, task: Task, err: PermanentError, delivery_attempt: int | None) -> Outcome:
+        return self._reject(task.task_id, task.tenant_id, task, err, delivery_attempt)
+
+    def _reject(
+        self,
+        task_id: str | None,
+        tenant_id: str | None,
+        task: Task | None,
+        err: PermanentError,
+        delivery_attempt: int | None,
+    ) -> Outcome:
+        """Record a failed row where the task is identifiable, then quarantine."""
+        fields: dict[str, Any] = {"task_id": task_id, "tenant_id": tenant_id}
+        if task_id and tenant_id:
+            try:
+                self.sink.save(
+                    TaskResult(
+                        task_id=task_id,
+                        tenant_id=tenant_id,
+                        pipeline=task.pipeline if task else None,
+                        status="failed",
+                        error_code=str(err.code),
+                        error=err.message,
+                        delivery_attempt=delivery_attempt,
+                        image_url=task.image_url if task else None,
+                        session_id=task.session_id if task else None,
+                        image_id=task.image_id if task else None,
+                    )
+                )
+            except TransientError as db_err:
+                return Outcome(Decision.NACK, "retry", db_err, task, fields)
+            except PermanentError as conflict:
+                fields["row_error"] = str(conflict)
+        return Outcome(Decision.QUARANTINE, "quarantined", err, task, fields)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return exc.__class__.__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+def _counts(result: dict[str, Any]) -> dict[str, int]:
+    for key in ("estimation", "detection"):
+        section = result.get(key)
+        if isinstance(section, dict) and isinstance(section.get("counts"), dict):
+            counts: dict[str, int] = section["counts"]
+            return counts
+    return {}

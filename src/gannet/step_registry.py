@@ -1,0 +1,162 @@
+"""The step registry: what a step is, and the check that turns a config's pipelines into
+plans of typed, bound steps.
+
+A config names steps by string; the registry is the one place that knows which names
+exist, which models they need, which steps must come before them and what params they
+take. It compiles every pipeline once, when the config loads, into a Plan: each step
+bound to its own validated params model. A typo in a param is then a config error naming
+the file and field, never a task failing at 3 a.m., and a step at run time receives its
+typed params and never re-validates or defaults them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gannet.config_schema import IndustryConfig, ModelKind, ModelSpec
+from gannet.task import Task
+
+Predict = Callable[[ModelKind, list[np.ndarray], float], list[Any]]
+
+
+class StepParams(BaseModel):
+    """Params every step accepts: none. Subclasses add their own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelStepParams(StepParams):
+    """A step's own threshold and class filter win over its model's (the task's
+    options.confidence_override still wins over both)."""
+
+    confidence_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    classes: list[str] | None = None
+
+
+@dataclass
+class StepContext:
+    """One task's image and what its steps have produced so far."""
+
+    task: Task
+    image: np.ndarray  # HxWx3 BGR, as ultralytics expects
+    config: IndustryConfig
+    predict: Predict
+    result: dict[str, Any] = field(default_factory=dict)
+    # Between steps, never serialised: segment masks at image resolution.
+    segment_masks: list[np.ndarray] | None = None
+
+    def threshold(self, spec: ModelSpec, params: ModelStepParams) -> float:
+        """confidence_override (task) > the step's threshold > the model's threshold."""
+        override = self.task.options.confidence_override
+        if override is not None:
+            return override
+        step = params.confidence_threshold
+        return spec.confidence_threshold if step is None else step
+
+    def classes(self, spec: ModelSpec, params: ModelStepParams) -> list[str]:
+        """The step's class filter if it has one, else the model's; empty keeps all."""
+        return spec.classes if params.classes is None else params.classes
+
+    def model_spec(self, kind: ModelKind) -> ModelSpec:
+        return self.config.models[kind]
+
+
+P = TypeVar("P", bound=StepParams)
+StepFn = Callable[[StepContext, P], None]
+
+
+@dataclass(frozen=True)
+class Step(Generic[P]):
+    name: str
+    fn: Callable[[StepContext, P], None]
+    params: type[P]
+    needs: tuple[ModelKind, ...] = ()
+    after: tuple[str, ...] = ()  # at least one of these must run earlier in the pipeline
+
+
+@dataclass(frozen=True)
+class BoundStep(Generic[P]):
+    """A step of one pipeline with the params the config gave it, validated."""
+
+    step: Step[P]
+    params: P
+
+    @property
+    def name(self) -> str:
+        return self.step.name
+
+    def run(self, ctx: StepContext) -> None:
+        self.step.fn(ctx, self.params)
+
+
+Plan = tuple[BoundStep[Any], ...]
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._steps: dict[str, Step[Any]] = {}
+
+    def register(
+        self,
+        name: str,
+        params: type[P],
+        needs: tuple[ModelKind, ...] = (),
+        after: tuple[str, ...] = (),
+    ) -> Callable[[StepFn[P]], StepFn[P]]:
+        def add(fn: StepFn[P]) -> StepFn[P]:
+            self._steps[name] = Step(name, fn, params, needs, after)
+            return fn
+
+        return add
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._steps
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._steps))
+
+    def compile(self, config: IndustryConfig) -> Mapping[str, Plan]:
+        """Every pipeline of `config` as a plan, or ValueError naming the pipeline, the
+        step and (for params) the field."""
+        return {name: self._plan(config, name) for name in config.pipelines}
+
+    def _plan(self, config: IndustryConfig, pipeline: str) -> Plan:
+        specs = config.pipelines[pipeline]
+        if not specs:
+            raise ValueError(f"pipeline {pipeline!r} has no steps")
+        plan: list[BoundStep[Any]] = []
+        for i, spec in enumerate(specs):
+            step = self._steps.get(spec.name)
+            if step is None:
+                known = ", ".join(self)
+                raise ValueError(
+                    f"pipeline {pipeline!r}: unknown step {spec.name!r} (known: {known})"
+                )
+            for kind in step.needs:
+                model = config.models.get(kind)
+                if model is None or not model.enabled:
+                    raise ValueError(
+                        f"pipeline {pipeline!r}: step {spec.name!r} needs an enabled models.{kind}"
+                    )
+            if step.after and not any(b.name in step.after for b in plan):
+                raise ValueError(
+                    f"pipeline {pipeline!r}: step {spec.name!r} must come after one of "
+                    f"{', '.join(step.after)}"
+                )
+            try:
+                params = step.params.model_validate(spec.params)
+            except ValidationError as exc:
+                raise ValueError(
+                    "; ".join(
+                        f"pipelines.{pipeline}.{i}.params."
+                        f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+                        for err in exc.errors()
+                    )
+                ) from None
+            plan.append(BoundStep(step, params))
+        return tuple(plan)

@@ -1,0 +1,206 @@
+"""The streaming-pull subscriber in-process, against the real Pub/Sub emulator.
+
+What a pod's users notice of it: every message is delivered and its ack sticks; no more
+messages run at once than flow control allows; on stop, a callback still running gets
+to settle its ack and new messages go to the next puller instead of a dead stream; a
+nack brings the message back with a higher delivery attempt.
+
+An unacked message stays invisible while its lease lasts, so "a pull gets nothing" alone
+cannot tell an ack from a lost one. `leftover` therefore first ends every lease the
+test's messages still have (ack deadline 0, as if it ran out) and then pulls: an acked
+message stays gone, any other comes back.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from google.api_core import exceptions as gexc
+
+from gannet import clients
+from gannet.subscriber import Subscriber
+
+WAIT_S = 15
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s}s: {what}")
+        time.sleep(0.02)
+
+
+@contextmanager
+def subscribed(
+    stack, max_messages: int, on_message: Callable[[Any], None], gate: threading.Event | None
+) -> Iterator[Subscriber]:
+    """A started Subscriber on the stack's subscription, always stopped at the end."""
+    subscriber = Subscriber(
+        clients.pubsub_clients(stack.settings)[1],
+        stack.settings.subscription_path(),
+        max_messages,
+        on_message,
+    )
+    subscriber.start()
+    try:
+        yield subscriber
+    finally:
+        if gate is not None:
+            gate.set()  # a failed assertion must not leave callbacks blocked
+        subscriber.stop_pulling(timeout=10)
+        subscriber.wait_closed(timeout=10)
+
+
+def leftover(stack, messages: list[Any]) -> list[bytes]:
+    """End the leases of `messages`, then pull: what was not acked comes back."""
+    if messages:
+        stack.subscriber.modify_ack_deadline(
+            request={
+                "subscription": stack.settings.subscription_path(),
+                "ack_ids": [m.ack_id for m in messages],
+                "ack_deadline_seconds": 0,
+            }
+        )
+    return sorted(m.data for m in stack.pull(stack.settings.subscription, timeout_s=5))
+
+
+class Recorder:
+    """A callback that records each delivery, optionally waits on `gate`, then does
+    `settle(message)` (ack by default). Tracks how many callbacks run at once."""
+
+    def __init__(
+        self,
+        gate: threading.Event | None = None,
+        settle: Callable[[Any], None] = lambda m: m.ack(),
+    ) -> None:
+        self.gate = gate
+        self.settle = settle
+        self.delivered: list[Any] = []
+        self.finished: list[Any] = []
+        self.running = 0
+        self.peak = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, message: Any) -> None:
+        with self._lock:
+            self.delivered.append(message)
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        try:
+            if self.gate is not None:
+                assert self.gate.wait(WAIT_S), "the test never opened the gate"
+            self.settle(message)
+        finally:
+            with self._lock:
+                self.running -= 1
+                self.finished.append(message)
+
+    def data(self) -> list[bytes]:
+        with self._lock:
+            return sorted(m.data for m in self.delivered)
+
+
+def test_every_message_is_delivered_once_and_its_ack_sticks(stack):
+    """Five messages, a callback that acks: each is delivered exactly once, and none
+    comes back even when every lease is ended."""
+    bodies = sorted(f"message-{i}".encode() for i in range(5))
+    recorder = Recorder()
+    with subscribed(stack, 4, recorder, None) as subscriber:
+        for body in bodies:
+            stack.publish_raw(body)
+        wait_until(lambda: len(recorder.finished) == len(bodies), "five messages acked")
+        assert subscriber.stop_pulling(timeout=10) is True
+        assert subscriber.wait_closed(timeout=10) is True
+    assert recorder.data() == bodies
+    assert all(m.delivery_attempt == 1 for m in recorder.delivered)
+    assert leftover(stack, recorder.delivered) == []
+
+
+def test_flow_control_runs_at_most_max_messages_callbacks_at_once(stack):
+    """max_messages=2 and six messages whose callbacks block: two run, the other four
+    wait their turn; once the work can finish, all six run (never more than two at
+    once) and each is acked."""
+    gate = threading.Event()
+    recorder = Recorder(gate)
+    bodies = sorted(f"held-{i}".encode() for i in range(6))
+    with subscribed(stack, 2, recorder, gate):
+        for body in bodies:
+            stack.publish_raw(body)
+        wait_until(lambda: len(recorder.delivered) >= 2, "two callbacks running")
+        time.sleep(1.0)  # room for a third callback to start, if flow control let it
+        assert len(recorder.delivered) == 2 and recorder.running == 2
+
+        gate.set()
+        wait_until(lambda: len(recorder.finished) == len(bodies), "all six acked")
+    assert recorder.data() == bodies
+    assert recorder.peak == 2
+    assert leftover(stack, recorder.delivered) == []
+
+
+def test_stop_waits_for_a_running_callback_and_its_ack_sticks(stack):
+    """stop_pulling returns while a callback is still working; wait_closed then waits for
+    it, and the ack it sends after the stream stopped still reaches Pub/Sub."""
+    gate = threading.Event()
+    recorder = Recorder(gate)
+    with subscribed(stack, 4, recorder, gate) as subscriber:
+        stack.publish_raw(b"in flight at shutdown")
+        wait_until(lambda: len(recorder.delivered) == 1, "the callback running")
+        assert subscriber.stop_pulling(timeout=10) is True
+        assert recorder.finished == []
+
+        opener = threading.Timer(0.5, gate.set)  # the work finishes after the stop
+        opener.start()
+        assert subscriber.wait_closed(timeout=10) is True
+        assert len(recorder.finished) == 1, "wait_closed returned before the callback"
+    assert leftover(stack, recorder.delivered) == []
+
+
+def test_a_nacked_message_comes_back_with_a_higher_delivery_attempt(stack):
+    """A nack (a transient error) returns the message to the subscription; it is
+    delivered again, counted as attempt 2, and the ack of that attempt sticks."""
+
+    def nack_first(message: Any) -> None:
+        if message.delivery_attempt == 1:
+            message.nack()
+        else:
+            message.ack()
+
+    recorder = Recorder(settle=nack_first)
+    with subscribed(stack, 4, recorder, None):
+        stack.publish_raw(b"retry me")
+        wait_until(lambda: len(recorder.finished) >= 2, "a second delivery")
+    attempts = [(m.data, m.delivery_attempt) for m in recorder.delivered]
+    assert attempts[:2] == [(b"retry me", 1), (b"retry me", 2)]
+    assert leftover(stack, recorder.delivered) == []
+
+
+def test_after_stop_new_messages_go_to_the_next_puller_at_once(stack):
+    """Once stopped, the subscriber's stream is really gone: a message published next is
+    pulled by another pod at once, not leased to a dead stream until its deadline."""
+    recorder = Recorder()
+    with subscribed(stack, 4, recorder, None) as subscriber:
+        stack.publish_raw(b"before the stop")
+        wait_until(lambda: len(recorder.finished) == 1, "the first message acked")
+        assert subscriber.stop_pulling(timeout=10) is True
+        assert subscriber.wait_closed(timeout=10) is True
+
+    stack.publish_raw(b"after the stop")
+    pulled = stack.pull(stack.settings.subscription, timeout_s=5)
+    assert [m.data for m in pulled] == [b"after the stop"]
+    assert recorder.data() == [b"before the stop"]
+
+
+def test_a_missing_subscription_fails_the_start_up_check(stack):
+    """A wrong GANNET_SUBSCRIPTION is an error at start-up, not a silently dead stream."""
+    client = clients.pubsub_clients(stack.settings)[1]
+    project = stack.settings.project
+    missing = Subscriber(client, f"projects/{project}/subscriptions/no-such-sub", 4, print)
+    with pytest.raises(gexc.NotFound):
+        missing.check_exists()
+    Subscriber(client, stack.settings.subscription_path(), 4, print).check_exists()
