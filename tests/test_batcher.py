@@ -56,11 +56,11 @@ def answer(item: np.ndarray) -> float:
 
 
 def start_behind_a_running_call(
-    forward: Forward, **kw: Any
+    forward: Forward, name: str = "test", **kw: Any
 ) -> tuple[Batcher, Callable[[list[Any]], list[Any]]]:
     """A batcher whose first call is running (held by the gate); returns it and a
     submit that the test uses for the requests that queue behind that call."""
-    batcher = Batcher("test", forward, window_s=0.0, **{"max_batch": 8, **kw})
+    batcher = Batcher(name, forward, window_s=0.0, **{"max_batch": 8, **kw})
     first = batcher.submit([image(100)])
     assert forward.entered.wait(WAIT_S)
     return batcher, lambda items: first + batcher.submit(items)
@@ -150,7 +150,7 @@ def test_close_finishes_what_was_submitted_then_refuses_new_requests():
     answers, a later submit raises BatcherClosed (the runner asks the cache again), and
     the batcher's thread ends."""
     forward = Forward()
-    batcher, submit = start_behind_a_running_call(forward)
+    batcher, submit = start_behind_a_running_call(forward, name="closing")
     futures = submit([image(1), image(2)])
     batcher.close()
     with pytest.raises(BatcherClosed):
@@ -160,7 +160,7 @@ def test_close_finishes_what_was_submitted_then_refuses_new_requests():
     batcher.join(WAIT_S)
 
     assert results == [answer(image(100)), answer(image(1)), answer(image(2))]
-    assert not any(t.name == "batcher-test" for t in threading.enumerate())
+    assert not any(t.name == "batcher-closing" for t in threading.enumerate())
 
 
 def test_on_start_runs_in_the_batcher_thread_before_the_first_call():

@@ -1,0 +1,219 @@
+"""The path of a message through the daemon's own parts, in-process: the real pipeline
+and model, the runner pool, the Settler, PostgreSQL, the GCS emulator and a streaming
+pull from the Pub/Sub emulator. Only the process around them (`gannet run`) is missing,
+so these run in seconds where the daemon tests take tens of seconds.
+
+The parts are built and the model warmed once for the module (daemon.build, as the
+daemon does); each test opens its own stream on the module's subscription and closes it
+before looking at what was acked. An unacked message stays invisible while its lease
+lasts, so `leftover` ends the leases of the test's messages first (ack deadline 0):
+an acked message stays gone, any other comes back.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from conftest import SCENES, expected_counts, make_stack
+
+from gannet import daemon
+from gannet.dispatch import Dispatcher
+from gannet.metrics import Metrics
+from gannet.outcome import Decision
+from gannet.subscriber import Subscriber
+
+
+@pytest.fixture(scope="module")
+def served(services, tmp_path_factory):
+    """One module-wide Stack and the daemon's parts on it, warmed, runners started."""
+    stack = make_stack(services, tmp_path_factory.mktemp("dispatch"))
+    parts = daemon.build(stack.settings, Metrics())
+    pool = parts.dispatcher.pool
+    try:
+        parts.pipeline.warm(parts.devices)
+        pool.start()
+        yield stack, parts
+    finally:
+        pool.stop_accepting()
+        pool.join(10)
+        parts.callbacks.close()
+        parts.close(30)
+
+
+class Delivered:
+    """Records each message the stream delivers, then hands it to the real callback."""
+
+    def __init__(self, on_message: Any) -> None:
+        self.on_message = on_message
+        self.messages: list[Any] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, message: Any) -> None:
+        with self._lock:
+            self.messages.append(message)
+        self.on_message(message)
+
+
+@contextmanager
+def pulling(stack, dispatcher: Dispatcher) -> Iterator[Delivered]:
+    """A stream feeding `dispatcher`, as `gannet run` opens it; closed at the end after
+    every running callback has settled its message."""
+    delivered = Delivered(dispatcher.on_message)
+    subscriber = Subscriber(stack.subscriber, stack.settings.subscription_path(), 4, delivered)
+    subscriber.start()
+    try:
+        yield delivered
+    finally:
+        assert subscriber.stop_pulling(timeout=10)
+        assert subscriber.wait_closed(timeout=30)
+
+
+def leftover(stack, messages: list[Any]) -> list[Any]:
+    """End the leases of `messages`, then pull: what was not acked comes back."""
+    if messages:
+        stack.subscriber.modify_ack_deadline(
+            request={
+                "subscription": stack.settings.subscription_path(),
+                "ack_ids": [m.ack_id for m in messages],
+                "ack_deadline_seconds": 0,
+            }
+        )
+    return stack.pull(stack.settings.subscription, timeout_s=2)
+
+
+def count(parts, name: str, **labels: str) -> float:
+    return parts.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def runner_starts(parts) -> float:
+    """Tasks a runner began: the committed-result lookup is a runner's first stage."""
+    return count(parts, "gannet_stage_seconds_count", stage="lookup")
+
+
+def without_runners(stack, parts) -> Dispatcher:
+    """A Dispatcher on the module's parts whose runner pool takes no more work, as
+    during a shutdown."""
+    dispatcher = Dispatcher(
+        parts.pipeline,
+        parts.sink,
+        parts.storage,
+        parts.dispatcher.settler,
+        parts.metrics,
+        stack.settings.results_bucket,
+        stack.settings.max_body_bytes,
+        parts.devices,
+        1,
+    )
+    assert dispatcher.pool.stop_accepting() == []
+    return dispatcher
+
+
+def test_a_valid_task_gets_a_succeeded_row_with_the_right_counts_and_is_acked(served):
+    stack, parts = served
+    task = stack.task(stack.upload(SCENES[0]["file"]))
+    succeeded = count(parts, "gannet_messages_total", outcome="succeeded")
+    with pulling(stack, parts.dispatcher) as delivered:
+        stack.publish([task])
+        row = stack.wait_rows([task.task_id], timeout_s=60)[task.task_id]
+
+    assert row["status"] == "succeeded", row
+    assert row["result"]["detection"]["counts"] == expected_counts(SCENES[0])
+    assert row["delivery_attempt"] == 1
+    assert row["result_uri"] == f"gs://gannet-results/{stack.tenant}/{task.task_id}.json"
+    assert count(parts, "gannet_messages_total", outcome="succeeded") == succeeded + 1
+    assert len(delivered.messages) == 1
+    assert leftover(stack, delivered.messages) == []
+
+
+def test_a_body_that_is_not_json_is_quarantined_without_taking_a_runner(served):
+    """Bad JSON goes to the dead-letter topic with error_code bad_json and is acked; no
+    runner ever starts on it."""
+    stack, parts = served
+    started = runner_starts(parts)
+    with pulling(stack, parts.dispatcher) as delivered:
+        message_id = stack.publish_raw(b"{not json")
+        dead = stack.pull_dead_letters(1, timeout_s=15)
+
+    assert [m.data for m in dead] == [b"{not json"]
+    attributes = dead[0].attributes
+    assert attributes["error_code"] == "bad_json" and attributes["error"]
+    assert attributes["original_message_id"] == message_id
+    assert attributes["subscription"] == stack.settings.subscription
+    assert runner_starts(parts) == started
+    assert leftover(stack, delivered.messages) == []
+
+
+def test_an_unknown_pipeline_is_quarantined_with_a_failed_row(served):
+    """A task naming a pipeline its tenant's config does not have: a failed row with the
+    reason, the message dead-lettered with the task id and acked, no runner used."""
+    stack, parts = served
+    task = stack.task(stack.upload(SCENES[0]["file"]))
+    body = json.dumps({**json.loads(task.model_dump_json()), "pipeline": "NO_SUCH_PIPELINE"})
+    started = runner_starts(parts)
+    with pulling(stack, parts.dispatcher) as delivered:
+        stack.publish_raw(body.encode())
+        dead = stack.pull_dead_letters(1, timeout_s=15)
+
+    assert [m.data for m in dead] == [body.encode()]
+    assert dead[0].attributes["error_code"] == "unknown_pipeline"
+    assert dead[0].attributes["task_id"] == task.task_id
+    row = stack.rows([task.task_id])[task.task_id]
+    assert (row["status"], row["error_code"]) == ("failed", "unknown_pipeline")
+    assert runner_starts(parts) == started
+    assert leftover(stack, delivered.messages) == []
+
+
+def test_a_message_that_arrives_while_the_runners_stop_is_nacked_for_another_pod(served):
+    """A pod whose runners no longer take work (shutting down) nacks what still arrives:
+    the task is not run, and the message is redelivered to the next puller."""
+    stack, parts = served
+    stopping = without_runners(stack, parts)
+    task = stack.task(stack.upload(SCENES[0]["file"]))
+    shutdowns = count(parts, "gannet_messages_total", outcome="shutdown")
+    started = runner_starts(parts)
+    with pulling(stack, stopping) as delivered:
+        stack.publish([task])
+        deadline = time.monotonic() + 15
+        while count(parts, "gannet_messages_total", outcome="shutdown") == shutdowns:
+            assert time.monotonic() < deadline, "the message was never settled"
+            time.sleep(0.05)
+
+    again: list[Any] = []
+    for _ in range(10):
+        again = leftover(stack, delivered.messages)
+        if again:
+            break
+    assert [json.loads(m.data)["task_id"] for m in again] == [task.task_id]
+    assert runner_starts(parts) == started
+    assert stack.rows([task.task_id]) == {}
+
+
+def test_outcome_here_runs_a_task_on_the_calling_thread_and_a_repeat_is_a_duplicate(served):
+    """The one-at-a-time path (the bench's worker) needs no runner: on a dispatcher whose
+    runners take no work, the task runs to a succeeded row on this thread. The same task
+    again is a duplicate, answered from the committed row without another model call."""
+    stack, parts = served
+    dispatcher = without_runners(stack, parts)
+    task = stack.task(stack.upload(SCENES[0]["file"]))
+    body = task.model_dump_json().encode()
+    model_calls = count(parts, "gannet_batch_size_count")
+
+    first = dispatcher.outcome_here(body, 1, "cpu")
+    assert (first.decision, first.label) == (Decision.ACK, "succeeded")
+    assert first.fields["counts"] == expected_counts(SCENES[0])
+    row = stack.rows([task.task_id])[task.task_id]
+    assert row["status"] == "succeeded"
+    assert row["result"]["detection"]["counts"] == expected_counts(SCENES[0])
+    assert count(parts, "gannet_batch_size_count") == model_calls + 1
+
+    again = dispatcher.outcome_here(body, 2, "cpu")
+    assert (again.decision, again.label) == (Decision.ACK, "duplicate")
+    assert again.fields["result_uri"] == row["result_uri"]
+    assert count(parts, "gannet_batch_size_count") == model_calls + 1
+    assert stack.rows([task.task_id])[task.task_id]["updated_at"] == row["updated_at"]
