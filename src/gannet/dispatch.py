@@ -110,7 +110,10 @@ class Dispatcher:
         if not self.pool.submit(job):
             return shutdown(item.task)
         job.done.wait()
-        return job.outcome or Outcome(Decision.NACK, "error", task=item.task)
+        if job.outcome is None:  # the runner crashed outside process(); logged there
+            crashed = TransientError(ErrorCode.DEPENDENCY_UNAVAILABLE, "the runner crashed")
+            return Outcome(Decision.NACK, "error", crashed, item.task)
+        return job.outcome
 
     # ------------------------------------------------------------ runner thread
 

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -68,15 +69,15 @@ class Stack:
     tmp: Path
     daemons: list[DaemonProcess] = field(default_factory=list)
 
-    @property
+    @cached_property
     def publisher(self) -> pubsub_v1.PublisherClient:
         return clients.pubsub_clients(self.settings)[0]
 
-    @property
+    @cached_property
     def subscriber(self) -> pubsub_v1.SubscriberClient:
         return clients.pubsub_clients(self.settings)[1]
 
-    @property
+    @cached_property
     def storage(self) -> Storage:
         return Storage(clients.storage_client(self.settings))
 
