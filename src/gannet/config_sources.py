@@ -26,6 +26,17 @@ from gannet.steps import STEPS
 
 log = logging.getLogger(__name__)
 
+Reader = Callable[[str], tuple[bytes, str]]  # uri -> (content, version)
+
+
+def _read_text(read: Reader, uri: str) -> tuple[str, str]:
+    """(text, version) of a config; a missing one is a ConfigError naming it."""
+    try:
+        content, version = read(uri)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{uri}: does not exist") from exc
+    return content.decode("utf-8", errors="replace"), version
+
 
 def _yaml_mapping(text: str, source: str) -> dict[str, Any]:
     try:
@@ -85,7 +96,6 @@ class LoadedConfig:
         return _relative(self.uri, spec.path)
 
 
-Reader = Callable[[str], tuple[bytes, str]]  # uri -> (content, version)
 VersionOf = Callable[[str], str]
 _Loaded = TypeVar("_Loaded", bound="LoadedConfig | LoadedDeployment")
 
@@ -189,11 +199,8 @@ class ConfigSource(_Watched[LoadedConfig]):
         super().__init__(uri, read, version_of, check_every_s, on_reload)
 
     def _load(self) -> LoadedConfig:
-        try:
-            content, version = self._read(self.uri)
-        except FileNotFoundError as exc:
-            raise ConfigError(f"{self.uri}: does not exist") from exc
-        loaded = parse_config(content.decode("utf-8", errors="replace"), self.uri, version)
+        text, version = _read_text(self._read, self.uri)
+        loaded = parse_config(text, self.uri, version)
         industry = loaded.config.industry
         if self._expect_industry and industry != self._expect_industry:
             raise ConfigError(
@@ -252,11 +259,8 @@ class DeploymentSource(_Watched[LoadedDeployment]):
         super().__init__(uri, read, version_of, check_every_s, on_reload)
 
     def _load(self) -> LoadedDeployment:
-        try:
-            content, version = self._read(self.uri)
-        except FileNotFoundError as exc:
-            raise ConfigError(f"{self.uri}: does not exist") from exc
-        data = _yaml_mapping(content.decode("utf-8", errors="replace"), self.uri)
+        text, version = _read_text(self._read, self.uri)
+        data = _yaml_mapping(text, self.uri)
         try:
             config = DeploymentConfig.model_validate(data)
         except ValidationError as exc:
@@ -326,11 +330,8 @@ def open_configs(
     single industry config must be that industry: a pod never serves what it was not
     deployed for.
     """
-    try:
-        content, _ = read(uri)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{uri}: does not exist") from exc
-    data = _yaml_mapping(content.decode("utf-8", errors="replace"), uri)
+    text, _ = _read_text(read, uri)
+    data = _yaml_mapping(text, uri)
     if "industries" in data:
         return DeploymentSource(uri, read, version_of, check_every_s, on_reload, industry)
     return ConfigSource(uri, read, version_of, check_every_s, on_reload, industry)
