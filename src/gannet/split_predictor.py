@@ -3,7 +3,7 @@ model's batcher thread only runs the network.
 
 Why: `model.predict` letterboxes, runs the network, then does NMS, masks and Results,
 all in the thread that calls it. With one batcher thread per model that thread did all
-of it for every image, and the runners waited on it (DESIGN.md: runners overlap
+of it for every image, and the runners waited on it (docs/architecture.md: runners overlap
 pre/post-processing with inference). Here each runner prepares its own images and turns
 its own raw outputs into Results, with ultralytics' own predictor code, while the batcher
 thread concatenates same-shaped inputs and runs one forward pass.
