@@ -6,7 +6,7 @@ so these run in seconds where the daemon tests take tens of seconds.
 The parts are built and the model warmed once for the module (daemon.build, as the
 daemon does); each test opens its own stream on the module's subscription and closes it
 before looking at what was acked. An unacked message stays invisible while its lease
-lasts, so `leftover` ends the leases of the test's messages first (ack deadline 0):
+lasts, so `Stack.unacked` ends the leases of the test's messages first (ack deadline 0):
 an acked message stays gone, any other comes back.
 """
 
@@ -53,7 +53,7 @@ def streams(served):
     opened: list[Delivered] = []
     yield opened
     stack, _ = served
-    leftover(stack, [m for delivered in opened for m in delivered.messages], wait_s=0)
+    stack.unacked([m for delivered in opened for m in delivered.messages], wait_s=0)
     stack.pull(stack.settings.dead_letter_subscription, timeout_s=1)  # returns at once
 
 
@@ -90,20 +90,6 @@ def pulling(
         stopped = subscriber.stop_pulling(timeout=10)
         closed = subscriber.wait_closed(timeout=30)
     assert stopped and closed, "the stream did not close"
-
-
-def leftover(stack, messages: list[Any], wait_s: float = 1.0) -> list[Any]:
-    """End the leases of `messages`, then pull: what was not acked comes back."""
-    if messages:
-        stack.subscriber.modify_ack_deadline(
-            request={
-                "subscription": stack.settings.subscription_path(),
-                "ack_ids": [m.ack_id for m in messages],
-                "ack_deadline_seconds": 0,
-            }
-        )
-    # The emulator answers an empty pull a second before its deadline.
-    return stack.pull(stack.settings.subscription, timeout_s=1 + wait_s)
 
 
 def count(parts, name: str, **labels: str) -> float:
@@ -149,7 +135,7 @@ def test_a_valid_task_gets_a_succeeded_row_with_the_right_counts_and_is_acked(se
     assert row["result_uri"] == f"gs://gannet-results/{stack.tenant}/{task.task_id}.json"
     assert count(parts, "gannet_messages_total", outcome="succeeded") == succeeded + 1
     assert len(delivered.messages) == 1
-    assert leftover(stack, delivered.messages) == []
+    assert stack.unacked(delivered.messages) == []
 
 
 def test_a_body_that_is_not_json_is_quarantined_without_taking_a_runner(served, streams):
@@ -167,7 +153,7 @@ def test_a_body_that_is_not_json_is_quarantined_without_taking_a_runner(served, 
     assert attributes["original_message_id"] == message_id
     assert attributes["subscription"] == stack.settings.subscription
     assert runner_starts(parts) == started
-    assert leftover(stack, delivered.messages) == []
+    assert stack.unacked(delivered.messages) == []
 
 
 def test_an_unknown_pipeline_is_quarantined_with_a_failed_row(served, streams):
@@ -187,7 +173,7 @@ def test_an_unknown_pipeline_is_quarantined_with_a_failed_row(served, streams):
     row = stack.rows([task.task_id])[task.task_id]
     assert (row["status"], row["error_code"]) == ("failed", "unknown_pipeline")
     assert runner_starts(parts) == started
-    assert leftover(stack, delivered.messages) == []
+    assert stack.unacked(delivered.messages) == []
 
 
 def test_a_message_that_arrives_while_the_runners_stop_is_nacked_for_another_pod(served, streams):
@@ -207,7 +193,7 @@ def test_a_message_that_arrives_while_the_runners_stop_is_nacked_for_another_pod
 
     again: list[Any] = []
     for _ in range(10):
-        again = leftover(stack, delivered.messages)
+        again = stack.unacked(delivered.messages)
         if again:
             break
     assert [json.loads(m.data)["task_id"] for m in again] == [task.task_id]

@@ -6,7 +6,7 @@ to settle its ack and new messages go to the next puller instead of a dead strea
 nack brings the message back with a higher delivery attempt.
 
 An unacked message stays invisible while its lease lasts, so "a pull gets nothing" alone
-cannot tell an ack from a lost one. `leftover` therefore first ends every lease the
+cannot tell an ack from a lost one. `Stack.unacked` therefore first ends every lease the
 test's messages still have (ack deadline 0, as if it ran out) and then pulls: an acked
 message stays gone, any other comes back.
 """
@@ -55,20 +55,6 @@ def subscribed(
             gate.set()  # a failed assertion must not leave callbacks blocked
         subscriber.stop_pulling(timeout=10)
         subscriber.wait_closed(timeout=10)
-
-
-def leftover(stack, messages: list[Any]) -> list[bytes]:
-    """End the leases of `messages`, then pull: what was not acked comes back."""
-    if messages:
-        stack.subscriber.modify_ack_deadline(
-            request={
-                "subscription": stack.settings.subscription_path(),
-                "ack_ids": [m.ack_id for m in messages],
-                "ack_deadline_seconds": 0,
-            }
-        )
-    # The emulator answers an empty pull a second before its deadline: a second's wait.
-    return sorted(m.data for m in stack.pull(stack.settings.subscription, timeout_s=2))
 
 
 class Recorder:
@@ -120,7 +106,7 @@ def test_every_message_is_delivered_once_and_its_ack_sticks(stack):
         assert subscriber.wait_closed(timeout=10) is True
     assert recorder.data() == bodies
     assert all(m.delivery_attempt == 1 for m in recorder.delivered)
-    assert leftover(stack, recorder.delivered) == []
+    assert stack.unacked(recorder.delivered) == []
 
 
 def test_flow_control_runs_at_most_max_messages_callbacks_at_once(stack):
@@ -141,7 +127,7 @@ def test_flow_control_runs_at_most_max_messages_callbacks_at_once(stack):
         wait_until(lambda: len(recorder.finished) == len(bodies), "all six acked")
     assert recorder.data() == bodies
     assert recorder.peak == 2
-    assert leftover(stack, recorder.delivered) == []
+    assert stack.unacked(recorder.delivered) == []
 
 
 def test_stop_waits_for_a_running_callback_and_its_ack_sticks(stack):
@@ -159,7 +145,7 @@ def test_stop_waits_for_a_running_callback_and_its_ack_sticks(stack):
         opener.start()
         assert subscriber.wait_closed(timeout=10) is True
         assert len(recorder.finished) == 1, "wait_closed returned before the callback"
-    assert leftover(stack, recorder.delivered) == []
+    assert stack.unacked(recorder.delivered) == []
 
 
 def test_a_nacked_message_comes_back_with_a_higher_delivery_attempt(stack):
@@ -178,7 +164,7 @@ def test_a_nacked_message_comes_back_with_a_higher_delivery_attempt(stack):
         wait_until(lambda: len(recorder.finished) >= 2, "a second delivery")
     attempts = [(m.data, m.delivery_attempt) for m in recorder.delivered]
     assert attempts[:2] == [(b"retry me", 1), (b"retry me", 2)]
-    assert leftover(stack, recorder.delivered) == []
+    assert stack.unacked(recorder.delivered) == []
 
 
 def test_after_stop_new_messages_go_to_the_next_puller_at_once(stack):

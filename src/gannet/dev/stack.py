@@ -160,6 +160,21 @@ class Stack:
             time.sleep(0.5)
         raise AssertionError(f"{len(letters)} dead letters after {timeout_s}s, not {count}")
 
+    def unacked(self, messages: list[Any], wait_s: float = 1.0) -> list[Any]:
+        """Of `messages` (received in this process), those not acked: their leases are
+        ended (ack deadline 0), then a pull gets back whatever was not acked. An empty
+        pull alone proves nothing: an unacked message stays invisible while leased."""
+        if messages:
+            self.subscriber.modify_ack_deadline(
+                request={
+                    "subscription": self.settings.subscription_path(),
+                    "ack_ids": [m.ack_id for m in messages],
+                    "ack_deadline_seconds": 0,
+                }
+            )
+        # The emulator answers an empty pull about a second before its deadline.
+        return self.pull(self.settings.subscription, timeout_s=1 + wait_s)
+
     def pull_dead_letters(self, expected: int, timeout_s: float = 30) -> list[Any]:
         got: list[Any] = []
         deadline = time.monotonic() + timeout_s
