@@ -20,12 +20,14 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from conftest import SCENES, expected_counts, make_stack
+from conftest import SAMPLES, SCENES, expected_counts, make_stack
 
 from gannet import daemon
+from gannet.dev.publish import make_task
 from gannet.dispatch import Dispatcher
+from gannet.errors import ErrorCode
 from gannet.metrics import Metrics
-from gannet.outcome import Decision
+from gannet.outcome import Decision, shutdown
 from gannet.subscriber import Subscriber
 
 
@@ -101,10 +103,10 @@ def runner_starts(parts) -> float:
     return count(parts, "gannet_stage_seconds_count", stage="lookup")
 
 
-def without_runners(stack, parts) -> Dispatcher:
-    """A Dispatcher on the module's parts whose runner pool takes no more work, as
-    during a shutdown."""
-    dispatcher = Dispatcher(
+def pod(stack, parts, holder: str = "pod-b", claim_ttl_s: float = 60) -> Dispatcher:
+    """Another worker on the module's parts (its own runners, not started, and its own
+    name in task claims), as a second pod would be."""
+    return Dispatcher(
         parts.pipeline,
         parts.sink,
         parts.storage,
@@ -114,7 +116,15 @@ def without_runners(stack, parts) -> Dispatcher:
         stack.settings.max_body_bytes,
         parts.devices,
         1,
+        holder=holder,
+        claim_ttl_s=claim_ttl_s,
     )
+
+
+def without_runners(stack, parts) -> Dispatcher:
+    """A Dispatcher on the module's parts whose runner pool takes no more work, as
+    during a shutdown."""
+    dispatcher = pod(stack, parts)
     assert dispatcher.pool.stop_accepting() == []
     return dispatcher
 
@@ -224,3 +234,130 @@ def test_outcome_here_runs_a_task_on_the_calling_thread_and_a_repeat_is_a_duplic
     assert again.fields["result_uri"] == row["result_uri"]
     assert count(parts, "gannet_batch_size_count") == model_calls + 1
     assert stack.rows([task.task_id])[task.task_id]["updated_at"] == row["updated_at"]
+
+
+def model_calls(parts) -> float:
+    return count(parts, "gannet_stage_seconds_count", stage="detection")
+
+
+def result_object(parts, uri: str) -> dict[str, Any]:
+    bucket, name = uri.removeprefix("gs://").split("/", 1)
+    return json.loads(parts.storage.client.bucket(bucket).blob(name).download_as_bytes())
+
+
+class TwoAtOnce:
+    """Two deliveries of one body in flight together, deterministically: the first is
+    queued on runners that have not started, then the second arrives, and must not
+    queue a job of its own. `release()` starts the runners; `outcomes` fill in after."""
+
+    def __init__(self, dispatcher: Dispatcher, body: bytes) -> None:
+        self.dispatcher = dispatcher
+        self.outcomes: list[Any] = []
+        self.threads = [threading.Thread(target=self._deliver, args=(body, n)) for n in (1, 2)]
+        self.threads[0].start()
+        deadline = time.monotonic() + 10
+        while dispatcher.pool.waiting() < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.threads[1].start()
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            assert dispatcher.pool.waiting() == 1, "the second delivery queued its own job"
+            time.sleep(0.01)
+
+    def _deliver(self, body: bytes, attempt: int) -> None:
+        self.outcomes.append(
+            self.dispatcher.outcome_of(body, attempt, self.dispatcher._run_on_pool)
+        )
+
+    def wait(self) -> list[Any]:
+        for thread in self.threads:
+            thread.join(60)
+        return self.outcomes
+
+
+def test_a_task_delivered_twice_at_once_runs_the_model_once(served):
+    """Pub/Sub is at least once and a publisher's retry delivers the same task twice at
+    once: the second delivery waits for the first, is acked as a duplicate, and the
+    result object at result_uri is the committed row's."""
+    stack, parts = served
+    task = stack.task(stack.upload(SCENES[1]["file"]))
+    dispatcher = pod(stack, parts, holder="pod-single-flight")
+    calls = model_calls(parts)
+    both = TwoAtOnce(dispatcher, task.model_dump_json().encode())
+    dispatcher.pool.start()
+    try:
+        outcomes = both.wait()
+    finally:
+        dispatcher.pool.stop_accepting()
+        dispatcher.pool.join(10)
+    assert sorted(o.label for o in outcomes) == ["duplicate", "succeeded"]
+    assert all(o.decision is Decision.ACK for o in outcomes)
+    assert model_calls(parts) == calls + 1
+    row = stack.rows([task.task_id])[task.task_id]
+    assert result_object(parts, row["result_uri"]) == row["result"]
+
+
+def test_a_delivery_that_waited_is_nacked_when_the_first_is(served):
+    """The first delivery is nacked (here: the pod stops before a runner took it); the
+    one that waited on it is nacked too, so neither is lost."""
+    stack, parts = served
+    task = stack.task(stack.upload(SCENES[1]["file"]))
+    dispatcher = pod(stack, parts, holder="pod-stopping")
+    both = TwoAtOnce(dispatcher, task.model_dump_json().encode())
+    for job in dispatcher.pool.stop_accepting():
+        job.finish(shutdown(job.item.task))
+    outcomes = both.wait()
+    assert [o.decision for o in outcomes] == [Decision.NACK, Decision.NACK]
+    assert stack.rows([task.task_id]) == {}
+
+
+def test_a_task_another_pod_runs_is_nacked_with_a_delay_and_taken_over_after_a_crash(served):
+    """Across pods the claim in PostgreSQL decides: pod A claimed the task and died
+    without committing. Pod B never infers while A's claim holds; its nack asks to come
+    back when the claim runs out, and then B takes the task over."""
+    stack, parts = served
+    task = stack.task(stack.upload(SCENES[1]["file"]))
+    assert parts.sink.start(task.task_id, task.tenant_id, "pod-a", ttl_s=2.0).claimed
+    pod_b = pod(stack, parts, holder="pod-b")
+    body = task.model_dump_json().encode()
+    calls = model_calls(parts)
+
+    busy = pod_b.outcome_here(body, 1, "cpu")
+    assert (busy.decision, busy.label) == (Decision.NACK, "busy")
+    assert busy.retry_after_s is not None and 0 < busy.retry_after_s <= 2.0
+    assert model_calls(parts) == calls
+    assert stack.rows([task.task_id]) == {}
+
+    time.sleep(busy.retry_after_s + 0.2)
+    done = pod_b.outcome_here(body, 2, "cpu")
+    assert (done.decision, done.label) == (Decision.ACK, "succeeded")
+    assert model_calls(parts) == calls + 1
+
+
+def test_a_task_id_owned_by_another_tenant_is_refused_before_any_download(served):
+    """The owner's task_id, published for another tenant: refused as task_id_conflict
+    before the image is read or a model runs, nothing written under the other tenant's
+    prefix, and the owner's row untouched."""
+    stack, parts = served
+    owner_task = stack.task(stack.upload(SCENES[0]["file"]))
+    assert parts.dispatcher.outcome_here(owner_task.model_dump_json().encode(), 1, "cpu").label == (
+        "succeeded"
+    )
+    owner_row = stack.rows([owner_task.task_id])[owner_task.task_id]
+    other = f"other-{stack.tenant}"
+    bucket = stack.settings.allowed_buckets[0]
+    parts.storage.client.bucket(bucket).blob(f"{other}/x.jpg").upload_from_filename(
+        str(SAMPLES / SCENES[0]["file"])
+    )
+    stolen = make_task(other, f"gs://{bucket}/{other}/x.jpg", "DETECTION", owner_task.task_id)
+    reads, calls = count(parts, "gannet_stage_seconds_count", stage="fetch"), model_calls(parts)
+
+    refused = parts.dispatcher.outcome_here(stolen.model_dump_json().encode(), 1, "cpu")
+    assert refused.decision is Decision.QUARANTINE
+    assert refused.error is not None and refused.error.code is ErrorCode.TASK_ID_CONFLICT
+    assert owner_task.tenant_id not in refused.error.message
+    assert count(parts, "gannet_stage_seconds_count", stage="fetch") == reads
+    assert model_calls(parts) == calls
+    results = parts.storage.client.list_blobs(stack.settings.results_bucket, prefix=f"{other}/")
+    assert list(results) == []
+    assert stack.rows([owner_task.task_id])[owner_task.task_id] == owner_row

@@ -12,9 +12,12 @@ Ctrl-C) stops waiting: running work is nacked at once and the process exits.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +68,12 @@ def model_file(storage: Storage, cache_dir: Path) -> Callable[[str, str], Path]:
         return Path(uri)
 
     return local_path
+
+
+def worker_id() -> str:
+    """This process in task claims: the pod (hostname), the process, and a random part
+    so that a restarted container never inherits its predecessor's claims."""
+    return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
 
 
 def config_uri(settings: Settings) -> str:
@@ -169,6 +178,8 @@ def build(settings: Settings, metrics: Metrics) -> Parts:
         devices,
         s.runners,
         callbacks,
+        holder=worker_id(),
+        claim_ttl_s=s.claim_ttl_s,
     )
     return Parts(
         s,

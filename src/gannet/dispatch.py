@@ -6,9 +6,11 @@ On the subscriber's callback thread (one per leased message):
   2. cheap checks: the tenant's config, the pipeline's steps (looked up once) and the image
      URL's bucket and prefix. Poison is quarantined here and never takes a runner;
   3. hand a frozen WorkItem to the runner pool and wait; while it waits the client library
-     keeps extending the message's lease;
+     keeps extending the message's lease. A second delivery of a task already running in
+     this pod waits for the first and follows its outcome instead (single flight);
   4. settle: the Settler (outcome.py) acks, nacks or dead-letters.
-On a runner thread, `process` does the work that costs: the committed-result lookup,
+On a runner thread, `process` does the work that costs: the committed-result lookup and
+the task's claim (one transaction; another pod's live claim is a nack with a delay),
 fetch, decode, the steps (models through the ModelCache), the result JSON, the row, and
 the result callback after the commit.
 """
@@ -16,6 +18,7 @@ the result callback after the commit.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +27,7 @@ from typing import Any
 from google.cloud.pubsub_v1.subscriber.message import Message
 
 from gannet.callback import Callbacks
-from gannet.errors import ErrorCode, PermanentError, TransientError
+from gannet.errors import ErrorCode, GannetError, PermanentError, TransientError
 from gannet.metrics import Metrics
 from gannet.outcome import Decision, Outcome, Settler, shutdown
 from gannet.pipeline import Pipeline, Route, Timer
@@ -60,7 +63,12 @@ class Dispatcher:
         devices: list[str],
         runners: int,
         callbacks: Callbacks | None = None,
+        *,
+        holder: str,
+        claim_ttl_s: float,
     ) -> None:
+        """`holder` names this worker in task claims (unique per process); a claim keeps
+        other workers off a task for `claim_ttl_s` unless released earlier."""
         self.pipeline = pipeline
         self.sink = sink
         self.storage = storage
@@ -69,6 +77,11 @@ class Dispatcher:
         self.results_bucket = results_bucket
         self.max_body_bytes = max_body_bytes
         self.callbacks = callbacks
+        self.holder = holder
+        self.claim_ttl_s = claim_ttl_s
+        # Single flight within the pod: task_id -> the job of the delivery being run.
+        self._in_flight: dict[str, Job[WorkItem]] = {}
+        self._in_flight_lock = threading.Lock()
         # Started by the daemon; a job still running after the grace period is nacked.
         self.pool: RunnerPool[WorkItem] = RunnerPool(
             devices, runners, self.process, on_abandon=lambda item: shutdown(item.task)
@@ -106,14 +119,29 @@ class Dispatcher:
         return self.outcome_of(body, delivery_attempt, lambda item: self.process(item, device))
 
     def _run_on_pool(self, item: WorkItem) -> Outcome:
+        """Hand the item to a runner and wait; a second delivery of a task this pod is
+        already running waits for the first and follows its outcome instead."""
+        task = item.task
         job = Job(item)
-        if not self.pool.submit(job):
-            return shutdown(item.task)
-        job.done.wait()
-        if job.outcome is None:  # the runner crashed outside process(); logged there
-            crashed = TransientError(ErrorCode.DEPENDENCY_UNAVAILABLE, "the runner crashed")
-            return Outcome(Decision.NACK, "error", crashed, item.task)
-        return job.outcome
+        with self._in_flight_lock:
+            first = self._in_flight.setdefault(task.task_id, job)
+        if first is not job:
+            if first.item.task.tenant_id == task.tenant_id:
+                first.done.wait()
+                return _follow(first.outcome, task)
+            job = Job(item)  # another tenant's task_id: its claim will refuse it
+        try:
+            if not self.pool.submit(job):
+                return shutdown(task)
+            job.done.wait()
+            if job.outcome is None:  # the runner crashed outside process(); logged there
+                crashed = TransientError(ErrorCode.DEPENDENCY_UNAVAILABLE, "the runner crashed")
+                return Outcome(Decision.NACK, "error", crashed, task)
+            return job.outcome
+        finally:
+            with self._in_flight_lock:
+                if self._in_flight.get(task.task_id) is job:
+                    del self._in_flight[task.task_id]
 
     # ------------------------------------------------------------ runner thread
 
@@ -142,7 +170,8 @@ class Dispatcher:
         timer = Timer(lambda stage, s: self.metrics.stage_seconds.labels(stage).observe(s))
         started = time.perf_counter()
         with timer.stage("lookup"):
-            existing = self.sink.find_success(task.task_id, task.tenant_id)
+            start = self.sink.start(task.task_id, task.tenant_id, self.holder, self.claim_ttl_s)
+        existing = start.success
         if existing is not None:
             if task.callback_url and existing["callback_status"] is None:
                 # The last pod stopped between the commit and the callback: send it
@@ -150,6 +179,18 @@ class Dispatcher:
                 self._callback(task, existing["result"], existing["result_uri"])
             fields = {"result_uri": existing["result_uri"]}
             return Outcome(Decision.ACK, "duplicate", task=task, fields=fields)
+        if not start.claimed:  # another pod runs it now: come back when its claim ends
+            busy = TransientError(ErrorCode.TASK_BUSY, "another worker is running this task")
+            return Outcome(Decision.NACK, "busy", busy, task, retry_after_s=start.retry_after_s)
+        try:
+            return self._run_claimed(item, device, timer, started)
+        except BaseException:
+            self._release(task)
+            raise
+
+    def _run_claimed(self, item: WorkItem, device: str, timer: Timer, started: float) -> Outcome:
+        """The task's claim is ours: run it, write the result, commit (which releases it)."""
+        task = item.task
         result = self.pipeline.run(task, item.route, device, timer)
         with timer.stage("sink"):
             uri = self.storage.write_json(
@@ -172,7 +213,8 @@ class Dispatcher:
                     session_id=task.session_id,
                     image_id=task.image_id,
                     image_url=task.image_url,
-                )
+                ),
+                holder=self.holder,
             )
         self.metrics.stage_seconds.labels("total").observe(time.perf_counter() - started)
         if saved:
@@ -183,6 +225,17 @@ class Dispatcher:
             task=task,
             fields={"result_uri": uri, "counts": _counts(result), **timings},
         )
+
+    def _release(self, task: Task) -> None:
+        """The task failed under our claim: give the claim up so that its redelivery (or
+        another pod) need not wait for it to expire."""
+        try:
+            self.sink.release(task.task_id, task.tenant_id, self.holder)
+        except GannetError as err:
+            log.warning(
+                "could not release the task's claim; it expires on its own",
+                extra={"task_id": task.task_id, "fields": {"error": str(err)}},
+            )
 
     def _callback(self, task: Task, result: dict[str, Any], uri: str) -> None:
         """After the commit, never before; whatever happens here, the task stays acked."""
@@ -232,6 +285,16 @@ class Dispatcher:
             except PermanentError as conflict:
                 fields["row_error"] = str(conflict)
         return Outcome(Decision.QUARANTINE, "quarantined", err, task, fields)
+
+
+def _follow(first: Outcome | None, task: Task) -> Outcome:
+    """The outcome of a delivery that waited for the same task's delivery in this pod:
+    acked as a duplicate once the first settled for good, nacked if the first was."""
+    if first is None or first.decision is Decision.NACK:
+        label = first.label if first else "error"
+        error = first.error if first else None
+        return Outcome(Decision.NACK, label, error, task)
+    return Outcome(Decision.ACK, "duplicate", task=task, fields={"followed": first.label})
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -31,6 +31,7 @@ class ErrorCode(StrEnum):
     OUT_OF_MEMORY = "out_of_memory"
     TIMEOUT = "timeout"
     SHUTDOWN = "shutdown"
+    TASK_BUSY = "task_busy"  # another worker holds the task's claim
 
 
 class GannetError(Exception):

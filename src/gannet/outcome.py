@@ -14,6 +14,7 @@ code that acks, nacks or dead-letters.
 from __future__ import annotations
 
 import logging
+import math
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -27,6 +28,8 @@ from gannet.metrics import Metrics
 from gannet.task import Task
 
 log = logging.getLogger(__name__)
+
+MAX_ACK_DEADLINE_S = 600
 
 
 class Decision(StrEnum):
@@ -42,6 +45,8 @@ class Outcome:
     error: GannetError | None = None
     task: Task | None = None
     fields: dict[str, Any] = field(default_factory=dict)
+    # A nack that should not come back before this (another worker holds the task).
+    retry_after_s: float | None = None
 
 
 def shutdown(task: Task | None) -> Outcome:
@@ -74,7 +79,12 @@ class Settler:
         if decision is Decision.QUARANTINE and not self._quarantine(message, outcome):
             decision = Decision.NACK  # not dead-lettered: keep it, never lose a message
             outcome = Outcome(Decision.NACK, "retry", outcome.error, outcome.task, outcome.fields)
-        if decision is Decision.NACK:
+        if decision is Decision.NACK and outcome.retry_after_s:
+            # A nack with a delay: the lease is set to end when the other worker's claim
+            # does, and the client stops extending it. Pub/Sub allows at most 600 s.
+            message.modify_ack_deadline(min(MAX_ACK_DEADLINE_S, math.ceil(outcome.retry_after_s)))
+            message.drop()
+        elif decision is Decision.NACK:
             message.nack()
         else:
             message.ack()
@@ -127,5 +137,6 @@ class Settler:
             "duplicate": logging.INFO,
             "quarantined": logging.WARNING,
             "shutdown": logging.INFO,
+            "busy": logging.INFO,
         }.get(outcome.label, logging.WARNING)
         log.log(level, f"task {outcome.label}", extra=extra)

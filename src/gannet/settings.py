@@ -89,6 +89,12 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(25 * 1024 * 1024, description="Largest accepted image file.")
     max_image_pixels: int = Field(50_000_000, description="Largest accepted width x height.")
     metrics_port: int = Field(9090, description="Port of /metrics, /healthz and /readyz.")
+    claim_ttl_s: float = Field(
+        60.0,
+        gt=0,
+        description="How long a task's claim keeps other pods from running it; a crashed "
+        "pod's claim is taken over after this.",
+    )
     shutdown_grace_s: float = Field(
         25.0, ge=0, description="On SIGTERM, how long in-flight work may finish."
     )

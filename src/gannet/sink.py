@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -57,6 +58,27 @@ MIGRATIONS: list[tuple[int, str]] = [
         """,
     ),
 ]
+MIGRATIONS.append(
+    (
+        2,
+        """
+        -- Who runs a task now, and which tenant owns its task_id. A row is written when a
+        -- worker starts a task and kept: it is how a task_id taken by another tenant is
+        -- refused before any model runs (RLS hides the owner's row; the insert fails).
+        CREATE TABLE task_claims (
+            task_id     text PRIMARY KEY,
+            tenant_id   text NOT NULL,
+            holder      text NOT NULL,
+            expires_at  timestamptz NOT NULL
+        );
+        ALTER TABLE task_claims ENABLE ROW LEVEL SECURITY;
+        ALTER TABLE task_claims FORCE ROW LEVEL SECURITY;
+        CREATE POLICY tenant_isolation ON task_claims
+            USING (tenant_id = current_setting('app.current_tenant', true))
+            WITH CHECK (tenant_id = current_setting('app.current_tenant', true));
+        """,
+    )
+)
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 _MIGRATION_LOCK = 0x6A4E_E7  # pg_advisory_xact_lock key: one migrator at a time
 
@@ -76,7 +98,33 @@ RETURNING task_id
 """
 
 
+_SUCCESS = (
+    "SELECT task_id, result, result_uri, callback_status, updated_at FROM task_results"
+    " WHERE task_id = %s AND status = 'succeeded'"
+)
+
+# Take the claim if it is free, expired or already ours. On another tenant's row the
+# UPDATE's RLS check fails (InsufficientPrivilege): the task_id is not this tenant's.
+_CLAIM = """
+INSERT INTO task_claims AS c (task_id, tenant_id, holder, expires_at)
+VALUES (%(task_id)s, %(tenant_id)s, %(holder)s, now() + make_interval(secs => %(ttl_s)s))
+ON CONFLICT (task_id) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
+WHERE c.holder = EXCLUDED.holder OR c.expires_at <= now()
+RETURNING task_id
+"""
+_RELEASE = "UPDATE task_claims SET expires_at = now() WHERE task_id = %s AND holder = %s"
+
 _CONFLICT = "task_id is already used by another tenant; task ids must be globally unique"
+
+
+@dataclass(frozen=True)
+class Start:
+    """What a worker finds when it starts a task: a committed success (then nothing runs),
+    or whether it now holds the task's claim (if not, another worker is running it)."""
+
+    success: dict[str, Any] | None
+    claimed: bool
+    retry_after_s: float | None = None  # not claimed: when the holder's claim runs out
 
 
 def _transient(exc: Exception) -> TransientError:
@@ -120,21 +168,46 @@ class Sink:
 
     def find_success(self, task_id: str, tenant_id: str) -> dict[str, Any] | None:
         with self.tenant_transaction(tenant_id) as cur:
-            cur.execute(
-                "SELECT task_id, result, result_uri, callback_status, updated_at FROM task_results"
-                " WHERE task_id = %s AND status = 'succeeded'",
-                (task_id,),
-            )
+            cur.execute(_SUCCESS, (task_id,))
             return cur.fetchone()
 
-    def save(self, record: TaskResult) -> bool:
-        """Upsert the row; False when a committed success already stands (not overwritten)."""
+    def start(self, task_id: str, tenant_id: str, holder: str, ttl_s: float) -> Start:
+        """One transaction before any download: a committed success, else the task's claim
+        for `ttl_s`. PermanentError(task_id_conflict) when another tenant owns the id."""
+        with self.tenant_transaction(tenant_id) as cur:
+            cur.execute(_SUCCESS, (task_id,))
+            success = cur.fetchone()
+            if success is not None:
+                return Start(success, claimed=False)
+            params = {"task_id": task_id, "tenant_id": tenant_id, "holder": holder, "ttl_s": ttl_s}
+            cur.execute(_CLAIM, params)
+            if cur.fetchone() is not None:
+                return Start(None, claimed=True)
+            cur.execute(
+                "SELECT greatest(0, extract(epoch FROM expires_at - now()))::float AS left_s"
+                " FROM task_claims WHERE task_id = %s",
+                (task_id,),
+            )
+            held = cur.fetchone()
+            return Start(None, claimed=False, retry_after_s=held["left_s"] if held else 0.0)
+
+    def release(self, task_id: str, tenant_id: str, holder: str) -> None:
+        """Give the claim up now (the task was nacked), so a redelivery need not wait."""
+        with self.tenant_transaction(tenant_id) as cur:
+            cur.execute(_RELEASE, (task_id, holder))
+
+    def save(self, record: TaskResult, holder: str | None = None) -> bool:
+        """Upsert the row; False when a committed success already stands (not overwritten).
+        With `holder`, the same transaction gives that worker's claim up."""
         params = record.model_dump()
         params["result"] = Jsonb(record.result) if record.result is not None else None
         params["timings"] = Jsonb(record.timings)
         with self.tenant_transaction(record.tenant_id) as cur:
             cur.execute(_UPSERT, params)
-            if cur.fetchone() is not None:
+            written = cur.fetchone() is not None
+            if holder is not None:
+                cur.execute(_RELEASE, (record.task_id, holder))
+            if written:
                 return True
             # Nothing written: a success stands. If this tenant cannot see it, the
             # task_id belongs to another tenant, and acking would lose this task.
