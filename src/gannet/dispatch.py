@@ -290,10 +290,13 @@ class Dispatcher:
 def _follow(first: Outcome | None, task: Task) -> Outcome:
     """The outcome of a delivery that waited for the same task's delivery in this pod:
     acked as a duplicate once the first settled for good, nacked if the first was."""
-    if first is None or first.decision is Decision.NACK:
-        label = first.label if first else "error"
-        error = first.error if first else None
-        return Outcome(Decision.NACK, label, error, task)
+    if first is None:
+        crashed = TransientError(ErrorCode.DEPENDENCY_UNAVAILABLE, "the runner crashed")
+        return Outcome(Decision.NACK, "error", crashed, task)
+    if first.decision is Decision.NACK:
+        return Outcome(
+            Decision.NACK, first.label, first.error, task, retry_after_s=first.retry_after_s
+        )
     return Outcome(Decision.ACK, "duplicate", task=task, fields={"followed": first.label})
 
 
