@@ -361,3 +361,20 @@ def test_a_task_id_owned_by_another_tenant_is_refused_before_any_download(served
     results = parts.storage.client.list_blobs(stack.settings.results_bucket, prefix=f"{other}/")
     assert list(results) == []
     assert stack.rows([owner_task.task_id])[owner_task.task_id] == owner_row
+
+
+def test_a_busy_task_comes_back_when_the_claim_ends_not_in_a_nack_storm(served, streams):
+    """Through the real stream: another pod holds the task's claim for 5 s. The nack
+    asks Pub/Sub to keep the message away until then (modack to the claim's end, then
+    the client lets go), so it comes back once, after the claim ended, and succeeds;
+    a plain nack would have come back every second or two and been busy each time."""
+    stack, parts = served
+    task = stack.task(stack.upload(SCENES[1]["file"]))
+    assert parts.sink.start(task.task_id, task.tenant_id, "pod-a", ttl_s=5.0).claimed
+    busy = count(parts, "gannet_messages_total", outcome="busy")
+    with pulling(served, streams) as delivered:
+        stack.publish([task])
+        row = stack.wait_rows([task.task_id], timeout_s=60)[task.task_id]
+    assert row["status"] == "succeeded" and row["delivery_attempt"] == 2
+    assert count(parts, "gannet_messages_total", outcome="busy") == busy + 1
+    assert len(delivered.messages) == 2
