@@ -125,19 +125,15 @@ class Dispatcher:
         job = Job(item)
         with self._in_flight_lock:
             first = self._in_flight.setdefault(task.task_id, job)
-        if first is not job:
-            if first.item.task.tenant_id == task.tenant_id:
-                first.done.wait()
-                return _follow(first.outcome, task)
-            job = Job(item)  # another tenant's task_id: its claim will refuse it
+        if first is not job and first.item.task.tenant_id == task.tenant_id:
+            first.done.wait()
+            return _follow(first.outcome, task)
+        # A task_id another tenant is running here does not wait: its claim refuses it.
         try:
             if not self.pool.submit(job):
                 return shutdown(task)
             job.done.wait()
-            if job.outcome is None:  # the runner crashed outside process(); logged there
-                crashed = TransientError(ErrorCode.DEPENDENCY_UNAVAILABLE, "the runner crashed")
-                return Outcome(Decision.NACK, "error", crashed, task)
-            return job.outcome
+            return job.outcome or _runner_crashed(task)
         finally:
             with self._in_flight_lock:
                 if self._in_flight.get(task.task_id) is job:
@@ -287,12 +283,18 @@ class Dispatcher:
         return Outcome(Decision.QUARANTINE, "quarantined", err, task, fields)
 
 
+def _runner_crashed(task: Task) -> Outcome:
+    """A job the pool answered with no outcome: its runner crashed outside `process`
+    (logged there). Nack: another delivery may succeed."""
+    crashed = TransientError(ErrorCode.DEPENDENCY_UNAVAILABLE, "the runner crashed")
+    return Outcome(Decision.NACK, "error", crashed, task)
+
+
 def _follow(first: Outcome | None, task: Task) -> Outcome:
     """The outcome of a delivery that waited for the same task's delivery in this pod:
     acked as a duplicate once the first settled for good, nacked if the first was."""
     if first is None:
-        crashed = TransientError(ErrorCode.DEPENDENCY_UNAVAILABLE, "the runner crashed")
-        return Outcome(Decision.NACK, "error", crashed, task)
+        return _runner_crashed(task)
     if first.decision is Decision.NACK:
         return Outcome(
             Decision.NACK, first.label, first.error, task, retry_after_s=first.retry_after_s

@@ -57,14 +57,13 @@ MIGRATIONS: list[tuple[int, str]] = [
             WITH CHECK (tenant_id = current_setting('app.current_tenant', true));
         """,
     ),
-]
-MIGRATIONS.append(
     (
         2,
         """
         -- Who runs a task now, and which tenant owns its task_id. A row is written when a
         -- worker starts a task and kept: it is how a task_id taken by another tenant is
-        -- refused before any model runs (RLS hides the owner's row; the insert fails).
+        -- refused before any model runs (RLS hides the owner's row; the claim's update
+        -- fails its policy check).
         CREATE TABLE task_claims (
             task_id     text PRIMARY KEY,
             tenant_id   text NOT NULL,
@@ -77,8 +76,8 @@ MIGRATIONS.append(
             USING (tenant_id = current_setting('app.current_tenant', true))
             WITH CHECK (tenant_id = current_setting('app.current_tenant', true));
         """,
-    )
-)
+    ),
+]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 _MIGRATION_LOCK = 0x6A4E_E7  # pg_advisory_xact_lock key: one migrator at a time
 
