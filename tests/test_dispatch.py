@@ -378,3 +378,65 @@ def test_a_busy_task_comes_back_when_the_claim_ends_not_in_a_nack_storm(served, 
     assert row["status"] == "succeeded" and row["delivery_attempt"] == 2
     assert count(parts, "gannet_messages_total", outcome="busy") == busy + 1
     assert len(delivered.messages) == 2
+
+
+class Paused:
+    """Pod A's pipeline, paused after the model ran and before the result is written:
+    as a task that runs longer than its claim's TTL. The model and steps are real."""
+
+    def __init__(self, pipeline: Any) -> None:
+        self.pipeline = pipeline
+        self.ran = threading.Event()
+        self.go_on = threading.Event()
+
+    def check(self, task: Any) -> Any:
+        return self.pipeline.check(task)
+
+    def run(self, *args: Any) -> Any:
+        result = self.pipeline.run(*args)
+        self.ran.set()
+        assert self.go_on.wait(60)
+        return result
+
+
+def test_a_task_taken_over_after_its_claim_ran_out_keeps_the_committed_attempts_object(served):
+    """Pod A runs past its 1 s claim; pod B takes the task over and commits. When A
+    finishes it writes nothing: the row is B's, the object at result_uri is B's (the
+    same processed_at), and A's delivery is acked as a duplicate of B's."""
+    stack, parts = served
+    task = stack.task(stack.upload(SCENES[1]["file"]))
+    body = task.model_dump_json().encode()
+    pod_a = pod(stack, parts, holder="pod-slow", claim_ttl_s=1.0)
+    pod_a.pipeline = paused = Paused(parts.pipeline)  # type: ignore[assignment]
+    outcomes: list[Any] = []
+    slow = threading.Thread(target=lambda: outcomes.append(pod_a.outcome_here(body, 1, "cpu")))
+    slow.start()
+    try:
+        assert paused.ran.wait(60)
+        time.sleep(1.2)  # A's claim has run out
+        taken_over = pod(stack, parts, holder="pod-fast").outcome_here(body, 2, "cpu")
+        assert taken_over.label == "succeeded"
+    finally:
+        paused.go_on.set()
+        slow.join(60)
+    [late] = outcomes
+    assert (late.decision, late.label) == (Decision.ACK, "duplicate"), (late.error, late.fields)
+    row = stack.rows([task.task_id])[task.task_id]
+    assert row["delivery_attempt"] == 2
+    assert result_object(parts, row["result_uri"]) == row["result"]
+
+
+def test_a_redelivery_after_the_commit_leaves_the_result_object_alone(served):
+    """A late duplicate (the first pod's ack was lost) is acked as a duplicate without a
+    model call, and the object at result_uri still equals the committed row."""
+    stack, parts = served
+    task = stack.task(stack.upload(SCENES[1]["file"]))
+    body = task.model_dump_json().encode()
+    assert pod(stack, parts, holder="pod-first").outcome_here(body, 1, "cpu").label == "succeeded"
+    calls = model_calls(parts)
+    again = pod(stack, parts, holder="pod-second").outcome_here(body, 2, "cpu")
+    assert (again.decision, again.label) == (Decision.ACK, "duplicate")
+    assert model_calls(parts) == calls
+    row = stack.rows([task.task_id])[task.task_id]
+    assert row["delivery_attempt"] == 1
+    assert result_object(parts, row["result_uri"]) == row["result"]

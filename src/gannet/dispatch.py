@@ -32,7 +32,7 @@ from gannet.metrics import Metrics
 from gannet.outcome import Decision, Outcome, Settler, shutdown
 from gannet.pipeline import Pipeline, Route, Timer
 from gannet.pool import Job, RunnerPool
-from gannet.sink import Sink
+from gannet.sink import ClaimLost, Sink
 from gannet.storage import Storage
 from gannet.task import Task, TaskResult, identify, parse_task
 
@@ -185,33 +185,45 @@ class Dispatcher:
             raise
 
     def _run_claimed(self, item: WorkItem, device: str, timer: Timer, started: float) -> Outcome:
-        """The task's claim is ours: run it, write the result, commit (which releases it)."""
+        """The task's claim is ours: run it, then write the result object and commit the
+        row in one fenced step (sink.save_claimed), so the object at result_uri is
+        always the committed attempt's, even if the claim passed on while we ran."""
         task = item.task
         result = self.pipeline.run(task, item.route, device, timer)
+        inferred = {"inferred": True}  # in the outcome's log line: the model ran to the end
+        name = f"{task.tenant_id}/{task.task_id}.json"
+        uri = f"gs://{self.results_bucket}/{name}"
         with timer.stage("sink"):
-            uri = self.storage.write_json(
-                self.results_bucket, f"{task.tenant_id}/{task.task_id}.json", result
-            )
             timings = {
                 **timer.timings,
                 "total_ms": round((time.perf_counter() - started) * 1000, 2),
             }
-            saved = self.sink.save(
-                TaskResult(
-                    task_id=task.task_id,
-                    tenant_id=task.tenant_id,
-                    pipeline=task.pipeline,
-                    status="succeeded",
-                    result=result,
-                    result_uri=uri,
-                    delivery_attempt=item.delivery_attempt,
-                    timings=timings,
-                    session_id=task.session_id,
-                    image_id=task.image_id,
-                    image_url=task.image_url,
-                ),
-                holder=self.holder,
+            record = TaskResult(
+                task_id=task.task_id,
+                tenant_id=task.tenant_id,
+                pipeline=task.pipeline,
+                status="succeeded",
+                result=result,
+                result_uri=uri,
+                delivery_attempt=item.delivery_attempt,
+                timings=timings,
+                session_id=task.session_id,
+                image_id=task.image_id,
+                image_url=task.image_url,
             )
+            try:
+                saved = self.sink.save_claimed(
+                    record,
+                    self.holder,
+                    lambda: self.storage.write_json(self.results_bucket, name, result),
+                )
+            except ClaimLost as lost:  # ran past the claim's TTL and another pod took over
+                return Outcome(
+                    Decision.NACK, "busy", lost, task, inferred, retry_after_s=lost.retry_after_s
+                )
+            except TransientError as err:  # nothing committed: the next delivery reruns it
+                self._release(task)
+                return Outcome(Decision.NACK, "retry", err, task, inferred)
         self.metrics.stage_seconds.labels("total").observe(time.perf_counter() - started)
         if saved:
             self._callback(task, result, uri)
@@ -219,7 +231,7 @@ class Dispatcher:
             Decision.ACK,
             "succeeded" if saved else "duplicate",
             task=task,
-            fields={"result_uri": uri, "counts": _counts(result), **timings},
+            fields={"result_uri": uri, "counts": _counts(result), **timings, **inferred},
         )
 
     def _release(self, task: Task) -> None:

@@ -9,7 +9,7 @@ whose success is committed is recognised before any model runs.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -112,6 +112,14 @@ WHERE c.holder = EXCLUDED.holder OR c.expires_at <= now()
 RETURNING task_id
 """
 _RELEASE = "UPDATE task_claims SET expires_at = now() WHERE task_id = %s AND holder = %s"
+# A committed success keeps its claim for good: a worker waiting on the claim's row lock
+# then finds it held, looks again and sees the success, instead of running the task twice.
+_DONE = "UPDATE task_claims SET expires_at = 'infinity' WHERE task_id = %s AND holder = %s"
+# The fence: whoever holds the claim row's lock is the only one who may write the result
+# object and commit, so the object at result_uri is always the committed attempt's.
+_LEFT_S = "greatest(0, extract(epoch FROM least(expires_at, now() + interval '1 hour') - now()))"
+_FENCE = f"SELECT holder, {_LEFT_S}::float AS left_s FROM task_claims WHERE task_id = %s FOR UPDATE"
+_LEFT = f"SELECT {_LEFT_S}::float AS left_s FROM task_claims WHERE task_id = %s"
 
 _CONFLICT = "task_id is already used by another tenant; task ids must be globally unique"
 
@@ -124,6 +132,15 @@ class Start:
     success: dict[str, Any] | None
     claimed: bool
     retry_after_s: float | None = None  # not claimed: when the holder's claim runs out
+
+
+class ClaimLost(TransientError):
+    """The task's claim passed to another worker while this one ran it (it ran longer
+    than the claim's TTL): this attempt must not write or commit anything."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(ErrorCode.TASK_BUSY, "another worker took the task over")
+        self.retry_after_s = retry_after_s
 
 
 def _transient(exc: Exception) -> TransientError:
@@ -182,11 +199,13 @@ class Sink:
             cur.execute(_CLAIM, params)
             if cur.fetchone() is not None:
                 return Start(None, claimed=True)
-            cur.execute(
-                "SELECT greatest(0, extract(epoch FROM expires_at - now()))::float AS left_s"
-                " FROM task_claims WHERE task_id = %s",
-                (task_id,),
-            )
+            # Not ours. The holder may have committed while we waited for its lock; each
+            # statement sees what is committed when it starts, so this one would see it.
+            cur.execute(_SUCCESS, (task_id,))
+            success = cur.fetchone()
+            if success is not None:
+                return Start(success, claimed=False)
+            cur.execute(_LEFT, (task_id,))
             held = cur.fetchone()
             return Start(None, claimed=False, retry_after_s=held["left_s"] if held else 0.0)
 
@@ -195,25 +214,28 @@ class Sink:
         with self.tenant_transaction(tenant_id) as cur:
             cur.execute(_RELEASE, (task_id, holder))
 
-    def save(self, record: TaskResult, holder: str | None = None) -> bool:
-        """Upsert the row; False when a committed success already stands (not overwritten).
-        With `holder`, the same transaction gives that worker's claim up."""
-        params = record.model_dump()
-        params["result"] = Jsonb(record.result) if record.result is not None else None
-        params["timings"] = Jsonb(record.timings)
+    def save(self, record: TaskResult) -> bool:
+        """Upsert the row; False when a committed success already stands (not overwritten)."""
         with self.tenant_transaction(record.tenant_id) as cur:
-            cur.execute(_UPSERT, params)
-            written = cur.fetchone() is not None
-            if holder is not None:
-                cur.execute(_RELEASE, (record.task_id, holder))
-            if written:
-                return True
-            # Nothing written: a success stands. If this tenant cannot see it, the
-            # task_id belongs to another tenant, and acking would lose this task.
-            cur.execute("SELECT 1 FROM task_results WHERE task_id = %s", (record.task_id,))
-            if cur.fetchone() is None:
-                raise PermanentError(ErrorCode.TASK_ID_CONFLICT, _CONFLICT)
-            return False
+            return _upsert(cur, record)
+
+    def save_claimed(self, record: TaskResult, holder: str, write: Callable[[], object]) -> bool:
+        """Commit a success under `holder`'s claim: `write()` (the result object) runs
+        inside the transaction while the claim row is locked, then the row is upserted
+        and the claim kept for good. When another worker holds the claim now, nothing is
+        written: False if that worker committed a success, else ClaimLost."""
+        with self.tenant_transaction(record.tenant_id) as cur:
+            cur.execute(_FENCE, (record.task_id,))
+            claim = cur.fetchone()
+            if claim is None or claim["holder"] != holder:
+                cur.execute(_SUCCESS, (record.task_id,))
+                if cur.fetchone() is not None:
+                    return False
+                raise ClaimLost(claim["left_s"] if claim else 0.0)
+            write()
+            written = _upsert(cur, record)
+            cur.execute(_DONE, (record.task_id, holder))
+            return written
 
     def set_callback_status(self, task_id: str, tenant_id: str, status: str) -> None:
         with self.tenant_transaction(tenant_id) as cur:
@@ -233,6 +255,21 @@ class Sink:
                 return int(version[0] or 0) if version else 0
         except (PoolTimeout, psycopg.OperationalError) as exc:
             raise _transient(exc) from exc
+
+
+def _upsert(cur: psycopg.Cursor[dict[str, Any]], record: TaskResult) -> bool:
+    params = record.model_dump()
+    params["result"] = Jsonb(record.result) if record.result is not None else None
+    params["timings"] = Jsonb(record.timings)
+    cur.execute(_UPSERT, params)
+    if cur.fetchone() is not None:
+        return True
+    # Nothing written: a success stands. If this tenant cannot see it, the task_id
+    # belongs to another tenant, and acking would lose this task.
+    cur.execute("SELECT 1 FROM task_results WHERE task_id = %s", (record.task_id,))
+    if cur.fetchone() is None:
+        raise PermanentError(ErrorCode.TASK_ID_CONFLICT, _CONFLICT)
+    return False
 
 
 def migrate(database_url: str) -> list[int]:
