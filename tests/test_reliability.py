@@ -1,10 +1,8 @@
 """Crashes and shutdowns lose nothing and duplicate nothing.
 
 These start and kill real daemons against the emulators, so they are marked slow; they
-still run in CI (`make test` runs every test). They get emulators of their own: the
-gcloud 528 Pub/Sub emulator mishandles streams that end abruptly (NoSuchMethodError in
-its stream-close path), and a long session's leftovers must not decide whether a
-redelivery arrives.
+still run in CI (`make test` runs every test). They get services of their own, so that
+another module's leftover leases cannot decide whether a redelivery arrives.
 """
 
 from __future__ import annotations
@@ -63,8 +61,14 @@ def own_stack(own_services, tmp_path):
             daemon.proc.wait(timeout=30)
 
 
-def _kill_9_then_restart(stack) -> set[str]:
-    """One round; returns the task ids that never came back to the restarted daemon."""
+@pytest.mark.slow
+def test_kill_9_mid_task_then_restart_leaves_exactly_one_row_per_task(own_stack):
+    """SIGKILL gives no chance to clean up: unacked messages come back after the ack
+    deadline, and the restarted daemon finishes them; no task is lost or doubled.
+
+    The local Pub/Sub emulator sits behind gannet.dev.relay: the emulator never notices
+    a killed subscriber's stream on its own and keeps handing messages to it."""
+    stack = own_stack
     url = stack.upload(SCENES[1]["file"])
     tasks = [stack.task(url) for _ in range(16)]
     ids = [t.task_id for t in tasks]
@@ -80,6 +84,7 @@ def _kill_9_then_restart(stack) -> set[str]:
         rows = stack.wait_rows(ids, timeout_s=60)
     finally:
         second.stop()
+    assert set(rows) == set(ids), f"lost after kill -9: {set(ids) - set(rows)}"
     assert all(r["status"] == "succeeded" for r in rows.values())
     with psycopg.connect(stack.settings.database_url) as conn:
         conn.execute("SELECT set_config('app.current_tenant', %s, false)", (stack.tenant,))
@@ -88,35 +93,8 @@ def _kill_9_then_restart(stack) -> set[str]:
             (ids,),
         ).fetchall()
     assert all(n == 1 for _, n in per_task), "a task has more than one row"
-    missing = set(ids) - set(rows)
-    if not missing:  # the second daemon got them as redeliveries (attempt > 1)
-        assert any(r["delivery_attempt"] and r["delivery_attempt"] > 1 for r in rows.values())
-    return missing
-
-
-@pytest.mark.slow
-def test_kill_9_mid_task_then_restart_leaves_exactly_one_row_per_task(own_services, tmp_path):
-    """SIGKILL gives no chance to clean up: unacked messages come back after the ack
-    deadline, and the restarted daemon finishes them; no task is lost or doubled.
-
-    The gcloud 528 emulator sometimes keeps part of a killed stream's messages leased
-    for minutes (its stream-close path throws NoSuchMethodError). A round where that
-    happens is run again on a fresh queue, up to three rounds; every round must still
-    show no duplicate rows and no failed task, and one round must recover every task.
-    """
-    missing: set[str] = set()
-    for round_ in range(3):
-        stack = make_stack(own_services, tmp_path / f"round-{round_}", ack_deadline_s=10)
-        try:
-            missing = _kill_9_then_restart(stack)
-        finally:
-            for daemon in stack.daemons:
-                if daemon.proc.poll() is None:
-                    daemon.proc.kill()
-                    daemon.proc.wait(timeout=30)
-        if not missing:
-            return
-    raise AssertionError(f"{len(missing)} tasks never came back after kill -9: {missing}")
+    # The second daemon got the killed daemon's leases as redeliveries (attempt > 1).
+    assert any(r["delivery_attempt"] and r["delivery_attempt"] > 1 for r in rows.values())
 
 
 @pytest.mark.slow

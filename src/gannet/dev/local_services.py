@@ -1,8 +1,10 @@
 """The local stand-ins for Google Cloud, started by `gannet demo`, the tests and the bench.
 
-- Pub/Sub: the official emulator (`gcloud beta emulators pubsub start`). It is started in
-  its own process group, because stopping only the gcloud wrapper leaves the emulator's
-  java process running.
+- Pub/Sub: the official emulator (`gcloud beta emulators pubsub start`), behind a TCP relay
+  (gannet.dev.relay) so that a killed subscriber's messages come back after their ack
+  deadline, as on real Pub/Sub. Clients use the relay's port; the emulator listens on a
+  free port of its own. It is started in its own process group, because stopping only the
+  gcloud wrapper leaves the emulator's java process running.
 - Cloud Storage: gcp-storage-emulator from PyPI, in memory.
 - PostgreSQL 15: a throwaway cluster (initdb) run as the `postgres` user when we are root.
 """
@@ -21,6 +23,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import psycopg
@@ -92,6 +95,7 @@ class LocalServices:
     project: str = "gannet-local"
     _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _cleanup: list[Path] = field(default_factory=list)
+    _postgres_cmd: list[str] = field(default_factory=list)
 
     @property
     def database_url(self) -> str:
@@ -151,6 +155,7 @@ class LocalServices:
         started = time.monotonic()
         try:
             self._start_pubsub()  # slowest (JVM); the others start while it boots
+            self._start_relay()
             self._start_gcs()
             self._start_postgres()
             self._wait("pubsub", self._pubsub_ready, 90)
@@ -165,22 +170,7 @@ class LocalServices:
 
     def stop(self) -> None:
         for name, proc in reversed(list(self._procs.items())):
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    continue
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    log.warning("%s did not stop on SIGTERM; killing it", name)
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=10)
-            # The group may outlive its leader (the emulator's java child): kill leftovers.
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            _stop_group(name, proc, signal.SIGTERM)
         self._procs.clear()
         for path in self._cleanup:
             shutil.rmtree(path, ignore_errors=True)
@@ -199,6 +189,15 @@ class LocalServices:
                 start_new_session=True,
                 env={**os.environ, **(env or {})},
             )
+
+    def restart_postgres(self) -> float:
+        """Stop PostgreSQL (fast shutdown: open connections are cut, as in a failover) and
+        start it again on the same data and port; returns the seconds it was down."""
+        started = time.monotonic()
+        _stop_group("postgres", self._procs.pop("postgres"), signal.SIGINT)
+        self._spawn("postgres", self._postgres_cmd)
+        self._wait("postgres", self._postgres_ready, 30)
+        return time.monotonic() - started
 
     def _start_pubsub(self) -> None:
         gcloud = shutil.which("gcloud")
@@ -219,9 +218,25 @@ class LocalServices:
                 "pubsub",
                 "start",
                 "--quiet",
-                f"--host-port=127.0.0.1:{self.ports.pubsub}",
+                f"--host-port=127.0.0.1:{self._emulator_port}",
                 f"--data-dir={data_dir}",
                 f"--project={self.project}",
+            ],
+        )
+
+    @cached_property
+    def _emulator_port(self) -> int:
+        return free_port()
+
+    def _start_relay(self) -> None:
+        self._spawn(
+            "pubsub-relay",
+            [
+                sys.executable,
+                "-m",
+                "gannet.dev.relay",
+                str(self.ports.pubsub),
+                str(self._emulator_port),
             ],
         )
 
@@ -284,29 +299,27 @@ class LocalServices:
         )
         if init.returncode != 0:
             raise ServiceError(f"initdb failed: {init.stderr.strip() or init.stdout.strip()}")
-        self._spawn(
-            "postgres",
-            [
-                *prefix,
-                _find_binary("postgres"),
-                "-D",
-                str(data),
-                "-p",
-                str(self.ports.postgres),
-                "-k",
-                str(data),
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "full_page_writes=off",
-                "-c",
-                "max_connections=200",
-            ],
-        )
+        self._postgres_cmd = [
+            *prefix,
+            _find_binary("postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(self.ports.postgres),
+            "-k",
+            str(data),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+            "-c",
+            "max_connections=200",
+        ]
+        self._spawn("postgres", self._postgres_cmd)
         self._wait("postgres", self._postgres_ready, 30)
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
             conn.execute("CREATE ROLE gannet LOGIN PASSWORD 'gannet' NOSUPERUSER NOBYPASSRLS")
@@ -336,3 +349,22 @@ class LocalServices:
         if log_path.exists():
             tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
         return f"{name} {what}; its log is {log_path}:\n{tail}"
+
+
+def _stop_group(name: str, proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    """Stop a service's process group with `sig`, then SIGKILL whatever is left (the
+    emulator's java child outlives the gcloud wrapper)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop on %s; killing it", name, sig.name)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

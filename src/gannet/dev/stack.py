@@ -90,8 +90,10 @@ class Stack:
             "GANNET_DEAD_LETTER_TOPIC": s.dead_letter_topic,
             "GANNET_RUNNERS": "2",
             "GANNET_SHUTDOWN_GRACE_S": "20",
-            # Messages leased by a killed daemon come back after this (default 60 s).
+            # Messages leased by a killed daemon come back after this (default 60 s), and
+            # its claims end as soon (both default to 60 s in production).
             "GANNET_STREAM_ACK_DEADLINE_S": "10",
+            "GANNET_CLAIM_TTL_S": "10",
             **extra,
         }
 
