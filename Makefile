@@ -7,7 +7,7 @@ INFRA := .venv-infra
 # pip prints a warning per missing local mirror folder; keep the real errors.
 QUIET_PIP := grep -v -E "^WARNING: Location '.*' is ignored" || true
 
-.PHONY: demo test bench lint install clean
+.PHONY: demo test bench soak lint install clean
 
 $(VENV)/.installed: pyproject.toml
 	@echo "Installing Gannet into $(VENV) (torch 2.14.1 from the local wheels; takes ~2-3 min the first time) ..."
@@ -39,6 +39,11 @@ test: $(VENV)/.installed $(INFRA)/.installed lint
 
 bench: $(VENV)/.installed
 	YOLO_OFFLINE=1 $(VENV)/bin/gannet bench
+
+# 2000 tasks, 10 % poison, kill -9 twice, SIGTERM and a PostgreSQL restart once; exit 1
+# if a task is lost or inferred twice. `gannet soak --help` for the knobs.
+soak: $(VENV)/.installed
+	YOLO_OFFLINE=1 $(VENV)/bin/gannet soak
 
 clean:
 	rm -rf $(VENV) $(INFRA) .state build bench-results

@@ -15,6 +15,7 @@ def test_help_lists_every_command():
         "publish",
         "demo",
         "bench",
+        "soak",
         "db",
         "services",
         "settings",

@@ -1,4 +1,4 @@
-"""The local harness's commands: `gannet publish`, `demo`, `services` and `bench`.
+"""The local harness's commands: `gannet publish`, `demo`, `services`, `bench` and `soak`.
 
 Argument definitions only; each command imports its module when it runs.
 """
@@ -45,6 +45,51 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from gannet.dev import bench
 
     return bench.main(args)
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    from gannet.dev import soak
+
+    return soak.main(args)
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in [0, 1)")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+SOAK_DESCRIPTION = """\
+Soak the daemon: on services of its own (free ports), publish --tasks tasks, of which
+--poison are poison of every kind the README calls a permanent failure, and run one
+daemon at a time while, at random moments, it is killed with -9 (--kills), stopped with
+SIGTERM (--sigterms) and PostgreSQL is restarted (--postgres-restarts). A stopped daemon
+is replaced at once, as Kubernetes would. Each moment is a random fraction (5-90 %) of
+the valid tasks succeeded, drawn from --seed: the same seed repeats the same run.
+
+Once every valid task has succeeded and every poison message is on the dead-letter
+topic (or --settle-timeout-s passed), it prints and writes (--report) what it found:
+tasks lost, tasks inferred more than once (two inferences that both ended acked),
+re-runs caused by a fault, poison dead-lettered per error_code, throughput and the
+daemons' peak RSS.
+
+Exit status: 0 when nothing was lost and nothing was inferred more than once, 1
+otherwise (or when the soak itself failed), 2 when a service would not start."""
 
 
 def cmd_services(args: argparse.Namespace) -> int:
@@ -120,3 +165,52 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     _add_service_ports(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "soak",
+        help="many tasks and poison under kill -9, SIGTERM and a database restart",
+        description=SOAK_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--tasks", type=_positive, default=2000, help="tasks to publish (default 2000)")
+    p.add_argument(
+        "--poison",
+        type=_fraction,
+        default=0.10,
+        help="fraction of the tasks that are poison (default 0.10)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=20261201,
+        help="seed of every random choice; printed in the report (default 20261201)",
+    )
+    p.add_argument("--kills", type=_count, default=2, help="kill -9 of the daemon (default 2)")
+    p.add_argument("--sigterms", type=_count, default=1, help="SIGTERM of the daemon (default 1)")
+    p.add_argument(
+        "--postgres-restarts",
+        type=_count,
+        default=1,
+        help="PostgreSQL restarts, fast shutdown (default 1)",
+    )
+    p.add_argument("--runners", type=_positive, default=2, help="daemon runner threads (default 2)")
+    p.add_argument(
+        "--settle-timeout-s",
+        type=float,
+        default=600.0,
+        help="give up waiting for every task to settle after this, from the first "
+        "publish (default 600)",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where service data and daemon logs go (default: a new temp dir)",
+    )
+    p.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        help="where the JSON report goes (default STATE_DIR/soak-report.json)",
+    )
+    p.set_defaults(func=cmd_soak)

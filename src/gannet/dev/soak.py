@@ -1,0 +1,771 @@
+"""`gannet soak`: many tasks, poison among them, crashes and a database restart; then count.
+
+One run on services of its own: publish N tasks (valid DETECTION tasks on the sample
+images, and a fraction of poison of every kind the README calls a permanent failure),
+run one daemon at a time and hurt it at random moments: kill -9 (twice), SIGTERM (once)
+and a PostgreSQL restart (once). A killed or stopped daemon is replaced at once, as
+Kubernetes would. Once every task has settled, the report says what a user would ask:
+was anything lost, did any task run the model twice to an ack, did every poison message
+reach the dead-letter topic with its reason, how fast, and how much memory.
+
+Every random choice (which tasks are poison, their order, each fault's moment) comes from
+one seeded RNG, and the seed is in the report, so a run that found something can be
+repeated. The moments are fractions of the valid tasks committed, not times, so the same
+seed hurts the daemon at the same point of the work on a faster or slower machine.
+
+How double inference is told apart from an expected re-run (see `classify_inferences`):
+each settled delivery logs one JSON line with its outcome, and `"inferred": true` when
+the model ran to completion in it. A daemon killed with -9 logs nothing for what it was
+running, so those re-runs leave no trace and are not counted. A task whose earlier
+inferences all ended in a nack (PostgreSQL down at its commit, a shutdown) was re-run
+because of a fault; a task with two inferences that both ended acked ran twice for
+nothing, and that is a defect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import signal
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import psycopg
+from google.api_core import exceptions as gexc
+
+from gannet.dev.demo import DaemonProcess
+from gannet.dev.publish import make_task
+from gannet.dev.stack import SAMPLES, Stack, make_stack, prepared_services
+from gannet.errors import CommandError
+from gannet.text import format_table
+
+VALID = "valid"
+# Poison kind -> the error_code the daemon must dead-letter it with (README, outcomes).
+POISON_KINDS: dict[str, str] = {
+    "bad_json": "bad_json",
+    "unknown_field": "schema_error",
+    "bad_tenant_id": "schema_error",
+    "unknown_pipeline": "unknown_pipeline",
+    "other_tenant_prefix": "image_outside_tenant",
+    "bucket_not_allowed": "bucket_not_allowed",
+    "missing_image": "image_not_found",
+    "undecodable_image": "image_undecodable",
+    "image_too_large": "image_too_large",
+}
+FAULT_LABELS = {
+    "kill9": "kill -9",
+    "sigterm": "SIGTERM",
+    "postgres_restart": "PostgreSQL restart",
+}
+# Outcomes of a settled delivery (outcome.py): acked, or nacked for another try.
+ACKED = frozenset({"succeeded", "duplicate", "quarantined"})
+NACKED = frozenset({"retry", "error", "busy", "shutdown"})
+# Faults fire between these fractions of the valid tasks committed: not before the
+# daemon is busy, and not so late that nothing is left to recover.
+FAULT_WINDOW = (0.05, 0.90)
+POLL_S = 0.5  # a fault fires within ~10 tasks of its moment at 20 tasks/s
+PROGRESS_S = 5.0
+QUIET_PROGRESS_S = 30.0  # while nothing moves, a line this often still shows it is alive
+RSS_POLL_S = 0.5
+STOP_TIMEOUT_S = 60.0  # above the Stack's 20 s shutdown grace
+
+
+# -- counting inferences (pure) ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Inferences:
+    """Per task, the outcome of every delivery that ran the model to completion."""
+
+    per_task: dict[str, list[str]]
+    rerun_after_fault: list[str]
+    inferred_more_than_once: list[str]
+    other_repeats: list[str]  # >1 inference, neither of the above (reported, not judged)
+    flag_seen: bool  # whether any line carried `inferred` at all
+
+
+def classify_inferences(entries: Iterable[Mapping[str, Any]]) -> Inferences:
+    """Sort tasks that ran the model more than once into expected re-runs and defects.
+
+    `entries` are the daemons' JSON log lines in the order they were written (daemon
+    after daemon). A re-run after a fault: every inference before the last ended in a
+    nack, so its result never reached an ack. Inferred more than once: two or more
+    inferences ended acked, so the model ran again on a task already settled.
+    """
+    per_task: dict[str, list[str]] = {}
+    flag_seen = False
+    for entry in entries:
+        flag_seen = flag_seen or "inferred" in entry
+        task_id, outcome = entry.get("task_id"), entry.get("outcome")
+        if entry.get("inferred") is True and task_id and outcome:
+            per_task.setdefault(str(task_id), []).append(str(outcome))
+    rerun, twice, other = [], [], []
+    for task_id, outcomes in per_task.items():
+        if len(outcomes) < 2:
+            continue
+        if sum(o in ACKED for o in outcomes) >= 2:
+            twice.append(task_id)
+        elif all(o in NACKED for o in outcomes[:-1]):
+            rerun.append(task_id)
+        else:
+            other.append(task_id)
+    return Inferences(per_task, sorted(rerun), sorted(twice), sorted(other), flag_seen)
+
+
+# -- the workload -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Assets:
+    """What the tasks point at, uploaded once and shared by every task."""
+
+    bucket: str
+    scenes: list[str]
+    not_an_image: str
+    too_large: str
+
+
+@dataclass(frozen=True)
+class Message:
+    body: bytes
+    kind: str  # VALID or a key of POISON_KINDS
+    task_id: str
+
+    @property
+    def valid(self) -> bool:
+        return self.kind == VALID
+
+    @property
+    def expected_code(self) -> str | None:
+        return POISON_KINDS.get(self.kind)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that is only a header: claims width x height pixels in 45 bytes, so it is
+    refused as too large before anything is decoded (and costs nothing to upload)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def upload_assets(stack: Stack) -> Assets:
+    manifest = json.loads((SAMPLES / "manifest.json").read_text())
+    scenes = [e["file"] for e in manifest["images"] if e.get("kind", "scene") != "large"]
+    return Assets(
+        bucket=stack.settings.allowed_buckets[0],
+        scenes=[stack.upload(name) for name in scenes],
+        not_an_image=stack.upload("notes.jpg", data=b"this is a text file, not a JPEG"),
+        too_large=stack.upload("huge.png", data=png_header(8000, 8000)),
+    )
+
+
+def build_workload(
+    rng: random.Random, tenant: str, assets: Assets, tasks: int, poison_fraction: float
+) -> list[Message]:
+    """Valid tasks and poison (every kind in turn), shuffled: the publish order."""
+    poison = round(tasks * poison_fraction)
+    kinds = list(POISON_KINDS)
+    order = [VALID] * (tasks - poison) + [kinds[i % len(kinds)] for i in range(poison)]
+    rng.shuffle(order)
+    return [
+        _message(kind, f"{tenant}-{i:05d}", tenant, assets, rng) for i, kind in enumerate(order)
+    ]
+
+
+def _message(kind: str, task_id: str, tenant: str, assets: Assets, rng: random.Random) -> Message:
+    task = make_task(tenant, rng.choice(assets.scenes), "DETECTION", task_id)
+    body = task.model_dump_json(exclude_none=True)
+    if kind == VALID:
+        return Message(body.encode(), kind, task_id)
+    return Message(_poison_body(kind, json.loads(body), assets), kind, task_id)
+
+
+def _poison_body(kind: str, body: dict[str, Any], assets: Assets) -> bytes:
+    """The valid body with one thing wrong, as test_poison.py makes each kind."""
+    if kind == "bad_json":
+        return f'{{"task_id": "{body["task_id"]}", "tenant_id": '.encode()
+    tenant, bucket = body["tenant_id"], assets.bucket
+    changes: dict[str, dict[str, Any]] = {
+        "unknown_field": {"colour": "red"},
+        "bad_tenant_id": {"tenant_id": "Not A Tenant!"},
+        "unknown_pipeline": {"pipeline": "NO_SUCH_PIPELINE"},
+        "other_tenant_prefix": {"image_url": f"gs://{bucket}/someone-else/samples/scene_01.jpg"},
+        "bucket_not_allowed": {"image_url": f"gs://not-an-image-bucket/{tenant}/scene_01.jpg"},
+        "missing_image": {"image_url": f"gs://{bucket}/{tenant}/missing/{body['task_id']}.jpg"},
+        "undecodable_image": {"image_url": assets.not_an_image},
+        "image_too_large": {"image_url": assets.too_large},
+    }
+    return json.dumps({**body, **changes[kind]}).encode()
+
+
+# -- faults -----------------------------------------------------------------------------
+
+
+@dataclass
+class Fault:
+    kind: str  # a key of FAULT_LABELS
+    fraction: float  # of the valid tasks committed
+    trigger: int  # ... as a count: fires once this many valid tasks have succeeded
+    fired_at_s: float | None = None  # since the first publish
+    fired_at_succeeded: int | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return FAULT_LABELS[self.kind]
+
+
+def fault_counts(args: argparse.Namespace) -> dict[str, int]:
+    return {
+        "kill9": args.kills,
+        "sigterm": args.sigterms,
+        "postgres_restart": args.postgres_restarts,
+    }
+
+
+def plan_faults(rng: random.Random, valid: int, counts: Mapping[str, int]) -> list[Fault]:
+    """Each fault's moment, drawn uniformly in FAULT_WINDOW; no two at the same count."""
+    kinds = [kind for kind, n in counts.items() for _ in range(n)]
+    low, high = (max(1, round(f * valid)) for f in FAULT_WINDOW)
+    if len(kinds) > high - low + 1:
+        raise CommandError(
+            f"{len(kinds)} faults need as many distinct moments between {low} and {high} "
+            f"valid tasks: publish more tasks or ask for fewer faults"
+        )
+    faults: list[Fault] = []
+    for kind in kinds:
+        taken = {f.trigger for f in faults}
+        while True:
+            fraction = rng.uniform(*FAULT_WINDOW)
+            trigger = min(high, max(low, round(fraction * valid)))
+            if trigger not in taken:
+                break
+        faults.append(Fault(kind, round(fraction, 4), trigger))
+    return sorted(faults, key=lambda f: f.trigger)
+
+
+# -- what the soak watches --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    status: str
+    updated_at: float
+    delivery_attempt: int | None
+
+
+def committed_rows(database_url: str, tenant: str) -> dict[str, Row]:
+    """Every row of the soak's tenant, without the results: the poll shares two cores
+    with what it watches, so it reads only what it counts."""
+    with psycopg.connect(database_url) as conn, conn.transaction():
+        conn.execute("SELECT set_config('app.current_tenant', %s, true)", (tenant,))
+        found = conn.execute(
+            "SELECT task_id, status, extract(epoch FROM updated_at)::float8, delivery_attempt"
+            " FROM task_results WHERE tenant_id = %s",
+            (tenant,),
+        ).fetchall()
+    return {task_id: Row(status, updated, attempt) for task_id, status, updated, attempt in found}
+
+
+@dataclass(frozen=True)
+class Letter:
+    body: bytes
+    attributes: dict[str, str]
+
+
+class DeadLetterReader:
+    """Pulls (and acks) the dead-letter subscription on a thread of its own: an empty
+    pull on the emulator blocks for seconds, and the fault loop must not wait for it."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.error: gexc.GoogleAPICallError | None = None
+        self._letters: list[Letter] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="soak-dead-letters", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        subscription = self.stack.settings.dead_letter_subscription
+        while not self._stop.is_set():
+            try:
+                got = self.stack.pull(subscription, max_messages=100, timeout_s=3)
+            except gexc.DeadlineExceeded:
+                continue  # nothing there yet
+            except gexc.GoogleAPICallError as exc:  # raised again on the main thread
+                self.error = exc
+                return
+            with self._lock:
+                self._letters += [Letter(m.data, dict(m.attributes)) for m in got]
+
+    def letters(self) -> list[Letter]:
+        if self.error is not None:
+            raise RuntimeError(f"reading the dead-letter subscription failed: {self.error}")
+        with self._lock:
+            return list(self._letters)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+def _proc_status_kib(pid: int) -> dict[str, int]:
+    """VmHWM (the kernel's high-water mark) and VmRSS of one process, in KiB."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return {}  # it exited between listing and reading
+    found = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS"):
+            found[key] = int(value.split()[0])
+    return found
+
+
+def tree_rss_kib(pid: int) -> int:
+    """The daemon's own peak, or what it and its children hold now, whichever is more."""
+    try:
+        children = [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    statuses = [_proc_status_kib(p) for p in (pid, *children)]
+    return max(statuses[0].get("VmHWM", 0), sum(s.get("VmRSS", 0) for s in statuses))
+
+
+class RssSampler:
+    """Samples every live daemon's memory every RSS_POLL_S on a thread of its own, so
+    samples go on while the main thread waits for a daemon to start or stop."""
+
+    def __init__(self, daemons: list[DaemonProcess]) -> None:
+        self.daemons = daemons
+        self.peak_kib: dict[int, int] = {}  # pid -> peak
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="soak-rss", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(RSS_POLL_S):
+            for daemon in list(self.daemons):
+                if daemon.proc.poll() is None:
+                    pid = daemon.proc.pid
+                    self.peak_kib[pid] = max(self.peak_kib.get(pid, 0), tree_rss_kib(pid))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+# -- where the run stands ---------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    """The valid and poison tasks as rows and dead letters show them now."""
+
+    succeeded: dict[str, Row]  # valid task -> its succeeded row
+    valid_dead: set[str]  # valid tasks that reached the dead-letter topic
+    poison_codes: dict[str, list[str | None]]  # poison task -> error_code of each letter
+    foreign_letters: int  # letters whose body the soak never published
+
+    def settled(self, valid: set[str], poison: set[str]) -> bool:
+        """Everything settled for good: success, or a dead letter (for poison, with a
+        reason). A valid task on the dead-letter topic is lost, but settled all the same."""
+        with_reason = {t for t, codes in self.poison_codes.items() if any(codes)}
+        return valid <= set(self.succeeded) | self.valid_dead and poison <= with_reason
+
+
+def tally(messages: list[Message], rows: dict[str, Row], letters: list[Letter]) -> Tally:
+    by_body = {m.body: m for m in messages}
+    valid = {m.task_id for m in messages if m.valid}
+    result = Tally(
+        succeeded={t: r for t, r in rows.items() if t in valid and r.status == "succeeded"},
+        valid_dead=set(),
+        poison_codes={},
+        foreign_letters=0,
+    )
+    for letter in letters:
+        message = by_body.get(letter.body)
+        if message is None:
+            result.foreign_letters += 1
+        elif message.valid:
+            result.valid_dead.add(message.task_id)
+        else:
+            codes = result.poison_codes.setdefault(message.task_id, [])
+            codes.append(letter.attributes.get("error_code"))
+    return result
+
+
+# -- the run ----------------------------------------------------------------------------
+
+
+class Soak:
+    """One soak on one Stack: publish, drive the faults, wait for everything to settle."""
+
+    def __init__(self, stack: Stack, args: argparse.Namespace) -> None:
+        self.stack = stack
+        self.args = args
+        rng = random.Random(args.seed)
+        self.messages = build_workload(
+            rng, stack.tenant, upload_assets(stack), args.tasks, args.poison
+        )
+        self.valid = {m.task_id for m in self.messages if m.valid}
+        self.poison = {m.task_id for m in self.messages if not m.valid}
+        self.faults = plan_faults(rng, len(self.valid), fault_counts(args))
+        self.crashes: list[dict[str, Any]] = []  # daemons that exited without being told
+        self.daemon: DaemonProcess | None = None
+        self.first_publish = 0.0  # wall clock, comparable to the rows' updated_at
+        self._started = 0.0  # monotonic, at the first publish
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._started
+
+    def start_daemon(self) -> DaemonProcess:
+        self.daemon = self.stack.start_daemon(GANNET_RUNNERS=str(self.args.runners))
+        return self.daemon
+
+    def publish(self) -> None:
+        self.first_publish, self._started = time.time(), time.monotonic()
+        topic = self.stack.settings.topic_path()
+        futures = [self.stack.publisher.publish(topic, m.body) for m in self.messages]
+        for future in futures:
+            future.result(timeout=120)
+        print(
+            f"[{self.elapsed():5.0f}s] published {len(self.messages)} tasks "
+            f"({len(self.valid)} valid, {len(self.poison)} poison)",
+            flush=True,
+        )
+
+    def drive(self, letters: DeadLetterReader) -> Tally:
+        """Fire each fault when its moment comes; return once everything settled or the
+        settle timeout passed (the caller tells which from the tally)."""
+        deadline = time.monotonic() + self.args.settle_timeout_s
+        progress = _Progress(self)
+        while True:
+            now = tally(self.messages, self.rows(), letters.letters())
+            if now.settled(self.valid, self.poison) or time.monotonic() > deadline:
+                return now
+            self.fire_due(len(now.succeeded))
+            self.replace_if_exited()
+            progress.maybe_print(now)
+            time.sleep(POLL_S)
+
+    def rows(self) -> dict[str, Row]:
+        return committed_rows(self.stack.settings.database_url, self.stack.tenant)
+
+    def fire_due(self, succeeded: int) -> None:
+        """The next fault whose moment has come, once something was committed since the
+        last one: a moment that passed while a daemon was starting then hits a daemon at
+        work, not one that has not taken a message yet."""
+        fired = [f.fired_at_succeeded for f in self.faults if f.fired_at_succeeded is not None]
+        due = [f for f in self.faults if f.fired_at_s is None and f.trigger <= succeeded]
+        if due and succeeded > max(fired, default=-1):
+            self.fire(due[0], succeeded)
+
+    def fire(self, fault: Fault, succeeded: int) -> None:
+        fault.fired_at_s = round(self.elapsed(), 1)
+        fault.fired_at_succeeded = succeeded
+        print(
+            f"[{self.elapsed():5.0f}s] fault: {fault.label} at {succeeded}/{len(self.valid)} "
+            f"valid succeeded (drawn: {fault.trigger}, {fault.fraction:.0%})",
+            flush=True,
+        )
+        if fault.kind == "postgres_restart":
+            fault.detail["down_s"] = round(self.stack.services.restart_postgres(), 2)
+        else:
+            sig = signal.SIGKILL if fault.kind == "kill9" else signal.SIGTERM
+            fault.detail.update(self.stop_daemon(sig))
+            fault.detail["replaced_by_pid"] = self.start_daemon().proc.pid
+        print(f"[{self.elapsed():5.0f}s]        done: {_detail_text(fault.detail)}", flush=True)
+
+    def stop_daemon(self, sig: signal.Signals) -> dict[str, Any]:
+        """Signal the running daemon and wait for it to exit."""
+        daemon = self.daemon
+        assert daemon is not None
+        started = time.monotonic()
+        try:
+            code = daemon.stop(sig, timeout_s=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeError(
+                f"daemon {daemon.proc.pid} did not exit within {STOP_TIMEOUT_S:.0f}s of "
+                f"{sig.name}; see {daemon.log_path}"
+            ) from exc
+        return {
+            "pid": daemon.proc.pid,
+            "exit_code": code,
+            "exit_s": round(time.monotonic() - started, 2),
+        }
+
+    def replace_if_exited(self) -> None:
+        """A daemon that exits on its own is a finding: record it, start another."""
+        daemon = self.daemon
+        if daemon is None or daemon.proc.poll() is None:
+            return
+        crash = {
+            "pid": daemon.proc.pid,
+            "exit_code": daemon.proc.returncode,
+            "at_s": round(self.elapsed(), 1),
+            "log": str(daemon.log_path),
+        }
+        self.crashes.append(crash)
+        print(f"[{self.elapsed():5.0f}s] daemon exited on its own: {crash}", flush=True)
+        self.start_daemon()
+
+
+class _Progress:
+    """A line every PROGRESS_S while tasks settle (every QUIET_PROGRESS_S while none do),
+    so a user sees the soak is alive and how fast it goes."""
+
+    def __init__(self, soak: Soak) -> None:
+        self.soak = soak
+        self.last_at = time.monotonic()
+        self.last_succeeded = 0
+        self.last_dead = 0
+
+    def maybe_print(self, now: Tally) -> None:
+        at = time.monotonic()
+        soak, succeeded = self.soak, len(now.succeeded)
+        dead = sum(1 for codes in now.poison_codes.values() if any(codes))
+        moved = (succeeded, dead) != (self.last_succeeded, self.last_dead)
+        if at - self.last_at < (PROGRESS_S if moved else QUIET_PROGRESS_S):
+            return
+        rate = (succeeded - self.last_succeeded) / (at - self.last_at)
+        pid = soak.daemon.proc.pid if soak.daemon else "-"
+        print(
+            f"[{soak.elapsed():5.0f}s] {succeeded}/{len(soak.valid)} valid succeeded, "
+            f"{dead}/{len(soak.poison)} poison dead-lettered, {rate:.1f} tasks/s, "
+            f"daemon #{len(soak.stack.daemons)} (pid {pid})",
+            flush=True,
+        )
+        self.last_at, self.last_succeeded, self.last_dead = at, succeeded, dead
+
+
+def _detail_text(detail: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in detail.items())
+
+
+# -- the report -------------------------------------------------------------------------
+
+
+def build_report(
+    soak: Soak,
+    final: Tally,
+    entries: list[dict[str, Any]],
+    peak_kib: Mapping[int, int],
+) -> dict[str, Any]:
+    """What the run showed, as the JSON report holds it; `ok` decides the exit status."""
+    args = soak.args
+    inferences = classify_inferences(entries)
+    missing = sorted(soak.valid - set(final.succeeded) - final.valid_dead)
+    # Where to look for a lost task: the outcome its last settled delivery logged. None
+    # at all: it reached only killed daemons, or no daemon; a nack (retry, busy): it was
+    # never redelivered. Either points at Pub/Sub's redelivery rather than the daemon.
+    last_outcome = {e.get("task_id"): e["outcome"] for e in entries if e.get("outcome")}
+    undead = sorted(t for t in soak.poison if not any(final.poison_codes.get(t, [])))
+    lost = len(missing) + len(final.valid_dead) + len(undead)
+    last_commit = max((r.updated_at for r in final.succeeded.values()), default=None)
+    seconds = (last_commit - soak.first_publish) if last_commit else None
+    codes = Counter(c or "(none)" for cs in final.poison_codes.values() for c in cs)
+    report: dict[str, Any] = {
+        "seed": args.seed,
+        "tasks": len(soak.messages),
+        "valid": len(soak.valid),
+        "poison": len(soak.poison),
+        "poison_kinds": dict(Counter(m.kind for m in soak.messages if not m.valid)),
+        "settled": final.settled(soak.valid, soak.poison),
+        "faults": [asdict(f) | {"label": f.label} for f in soak.faults],
+        "daemons_started": len(soak.stack.daemons),
+        "unexpected_daemon_exits": soak.crashes,
+        "succeeded": len(final.succeeded),
+        "redelivered": sum(1 for r in final.succeeded.values() if (r.delivery_attempt or 1) > 1),
+        "lost": lost,
+        "lost_detail": {
+            "valid_without_success": missing,
+            "valid_dead_lettered": sorted(final.valid_dead),
+            "poison_not_dead_lettered": undead,
+        },
+        "lost_by_last_outcome": dict(
+            Counter(last_outcome.get(t, "never settled by a daemon") for t in missing)
+        ),
+        "inferred_more_than_once": inferences.inferred_more_than_once,
+        "rerun_after_fault": inferences.rerun_after_fault,
+        "other_repeated_inference": inferences.other_repeats,
+        "inferred_flag_in_logs": inferences.flag_seen,
+        "poison_dead_lettered": len(soak.poison) - len(undead),
+        "dead_letters_by_code": dict(sorted(codes.items())),
+        "unexpected_reasons": _unexpected_reasons(soak.messages, final),
+        "dead_lettered_more_than_once": sum(1 for c in final.poison_codes.values() if len(c) > 1),
+        "foreign_dead_letters": final.foreign_letters,
+        "seconds": round(seconds, 1) if seconds else None,
+        "valid_per_s": round(len(final.succeeded) / seconds, 2) if seconds else None,
+        "peak_rss_mib": round(max(peak_kib.values(), default=0) / 1024, 1),
+        "peak_rss_mib_per_daemon": {str(p): round(k / 1024, 1) for p, k in peak_kib.items()},
+        "daemon_logs": [str(d.log_path) for d in soak.stack.daemons],
+    }
+    report["ok"] = lost == 0 and not inferences.inferred_more_than_once
+    return report
+
+
+def _unexpected_reasons(messages: list[Message], final: Tally) -> dict[str, list[str | None]]:
+    """Poison kind -> codes seen other than the one its kind must get (first few)."""
+    wrong: dict[str, list[str | None]] = {}
+    for message in messages:
+        for code in final.poison_codes.get(message.task_id, []):
+            if not message.valid and code != message.expected_code:
+                wrong.setdefault(message.kind, []).append(code)
+    return {kind: codes[:5] for kind, codes in wrong.items()}
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print()
+    print(
+        format_table(
+            ["fault", "drawn at", "fired at (valid succeeded)", "at s", "what happened"],
+            [
+                [
+                    f["label"],
+                    f"{f['trigger']} ({f['fraction']:.0%})",
+                    "NOT FIRED" if f["fired_at_s"] is None else str(f["fired_at_succeeded"]),
+                    "-" if f["fired_at_s"] is None else f"{f['fired_at_s']:.1f}",
+                    _detail_text(f["detail"]),
+                ]
+                for f in report["faults"]
+            ],
+        )
+    )
+    print()
+    print(format_table(["result", "value"], [[k, v] for k, v in _summary(report)]))
+    codes = report["dead_letters_by_code"]
+    print("\ndead letters by error_code: " + (_detail_text(codes) or "none"))
+    for problem in _problems(report):
+        print(f"  ! {problem}")
+    verdict = "OK" if report["ok"] else "FAILED"
+    print(
+        f"\n{verdict}: {report['lost']} lost, "
+        f"{len(report['inferred_more_than_once'])} inferred more than once."
+    )
+
+
+def _summary(report: dict[str, Any]) -> list[tuple[str, str]]:
+    rate, poison = report["valid_per_s"], report["poison"]
+    return [
+        ("seed", str(report["seed"])),
+        ("tasks", f"{report['tasks']} ({report['valid']} valid, {poison} poison)"),
+        ("valid succeeded", f"{report['succeeded']}/{report['valid']}"),
+        ("lost", str(report["lost"])),
+        ("inferred more than once", str(len(report["inferred_more_than_once"]))),
+        ("re-run after a fault", str(len(report["rerun_after_fault"]))),
+        ("valid redelivered (attempt > 1)", str(report["redelivered"])),
+        ("poison dead-lettered with a reason", f"{report['poison_dead_lettered']}/{poison}"),
+        ("daemons started", str(report["daemons_started"])),
+        ("throughput", f"{rate} valid tasks/s over {report['seconds']} s" if rate else "-"),
+        ("peak RSS of a daemon", f"{report['peak_rss_mib']} MiB"),
+    ]
+
+
+def _problems(report: dict[str, Any]) -> list[str]:
+    """Lines that name what went wrong, with a few task ids to grep the logs for."""
+    problems = [f"{k}: {len(v)} e.g. {v[:3]}" for k, v in report["lost_detail"].items() if v]
+    if report["lost_by_last_outcome"]:
+        problems.append(
+            "valid tasks without success, by the last outcome a daemon logged for them: "
+            + _detail_text(report["lost_by_last_outcome"])
+        )
+    if report["inferred_more_than_once"]:
+        problems.append(f"inferred more than once: e.g. {report['inferred_more_than_once'][:3]}")
+    if report["other_repeated_inference"]:
+        problems.append(f"other repeated inference: e.g. {report['other_repeated_inference'][:3]}")
+    if not report["inferred_flag_in_logs"]:
+        problems.append("no log line carries `inferred`: double inference could not be counted")
+    if report["unexpected_reasons"]:
+        problems.append(f"unexpected error_code per poison kind: {report['unexpected_reasons']}")
+    if report["unexpected_daemon_exits"]:
+        problems.append(f"daemons exited on their own: {report['unexpected_daemon_exits']}")
+    if not report["settled"]:
+        problems.append("not everything settled before --settle-timeout-s")
+    return problems
+
+
+# -- the command ------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> int:
+    state = args.state_dir or Path(tempfile.mkdtemp(prefix="gannet-soak-"))
+    report_path = args.report or state / "soak-report.json"
+    print(f"Soak: seed {args.seed}, {args.tasks} tasks; services, logs and report in {state}")
+    # Refuse a plan that cannot be drawn now, not after the services took a minute.
+    plan_faults(
+        random.Random(args.seed), args.tasks - round(args.tasks * args.poison), fault_counts(args)
+    )
+    try:
+        report = run(args, state)
+    except RuntimeError as exc:
+        print(f"\nsoak failed: {exc}\nlogs: {state}", flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; logs: {state}", flush=True)
+        raise
+    report["state_dir"] = str(state)
+    print_report(report)
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps(report, indent=2))
+    print(f"\nJSON report: {report_path}")
+    if not report["ok"]:
+        print(f"daemon logs: {state}")
+    return 0 if report["ok"] else 1
+
+
+def run(args: argparse.Namespace, state: Path) -> dict[str, Any]:
+    """The whole soak on services of its own; everything it started is stopped again,
+    whatever happens (an error, Ctrl-C)."""
+    print("Starting Pub/Sub emulator, GCS emulator and PostgreSQL ...", flush=True)
+    with prepared_services(state / "services") as services:
+        stack = make_stack(services, state, ack_deadline_s=10)
+        soak = Soak(stack, args)
+        _print_plan(soak)
+        sampler = RssSampler(stack.daemons)
+        letters = DeadLetterReader(stack)
+        try:
+            soak.start_daemon()
+            soak.publish()
+            final = soak.drive(letters)
+            done = "settled" if final.settled(soak.valid, soak.poison) else "settle timeout"
+            print(f"[{soak.elapsed():5.0f}s] {done}; stopping the daemon with SIGTERM", flush=True)
+            soak.stop_daemon(signal.SIGTERM)
+            final = tally(soak.messages, soak.rows(), letters.letters())
+        finally:
+            letters.stop()
+            sampler.stop()
+            _kill_leftovers(stack.daemons)
+        entries = [e for daemon in stack.daemons for e in daemon.log_entries()]
+        return build_report(soak, final, entries, sampler.peak_kib)
+
+
+def _print_plan(soak: Soak) -> None:
+    plan = ", ".join(f"{f.label} at {f.trigger} ({f.fraction:.0%})" for f in soak.faults)
+    print(f"faults, by valid tasks succeeded: {plan or 'none'}", flush=True)
+
+
+def _kill_leftovers(daemons: list[DaemonProcess]) -> None:
+    """Daemons still running after an error or Ctrl-C: nothing of theirs matters now."""
+    for daemon in daemons:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.stop(signal.SIGKILL, timeout_s=30)

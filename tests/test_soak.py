@@ -1,0 +1,117 @@
+"""`gannet soak`: its help, how it tells a re-run from double inference, and one small
+soak on services of its own (it starts them itself), checked as a user reads the report."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from gannet.cli import build_parser
+from gannet.dev import soak
+
+
+def _entry(task_id, outcome, inferred=True):
+    entry = {"task_id": task_id, "outcome": outcome, "message": f"task {outcome}"}
+    if inferred:
+        entry["inferred"] = True
+    return entry
+
+
+def test_soak_help_says_what_it_does_and_what_the_exit_status_means(capsys):
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(["soak", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--tasks", "--poison", "--seed", "--kills", "--sigterms"):
+        assert option in out
+    for option in ("--postgres-restarts", "--settle-timeout-s", "--report"):
+        assert option in out
+    assert "kill" in out and "SIGTERM" in out and "PostgreSQL" in out
+    assert "Exit status: 0 when nothing was lost" in out
+
+
+def test_a_nacked_inference_then_a_success_is_a_rerun_not_double_inference():
+    entries = [
+        _entry("pg-down", "retry"),  # PostgreSQL down at the commit: nacked
+        _entry("other", "succeeded"),
+        _entry("pg-down", "succeeded"),
+        _entry("stopped", "shutdown"),
+        _entry("stopped", "busy"),
+        _entry("stopped", "duplicate"),
+    ]
+    found = soak.classify_inferences(entries)
+    assert found.rerun_after_fault == ["pg-down", "stopped"]
+    assert found.inferred_more_than_once == []
+    assert found.per_task["other"] == ["succeeded"]
+    assert found.flag_seen
+
+
+def test_two_acked_inferences_are_double_inference_and_uninferred_lines_do_not_count():
+    entries = [
+        _entry("twice", "succeeded"),
+        _entry("twice", "duplicate"),  # ran the model again, then found the commit
+        _entry("once", "succeeded"),
+        _entry("once", "duplicate", inferred=False),  # acked without running the model
+        _entry("odd", "succeeded"),
+        _entry("odd", "retry"),  # ran again after its success, then failed
+        {"message": "gannet is ready"},
+    ]
+    found = soak.classify_inferences(entries)
+    assert found.inferred_more_than_once == ["twice"]
+    assert found.rerun_after_fault == []
+    assert found.other_repeats == ["odd"]
+    assert found.per_task["once"] == ["succeeded"]
+
+
+def test_logs_without_the_inferred_field_are_noticed():
+    found = soak.classify_inferences([{"task_id": "t", "outcome": "succeeded"}])
+    assert not found.flag_seen and found.per_task == {}
+
+
+def test_fault_moments_are_distinct_inside_the_window_and_repeat_with_the_seed():
+    counts = {"kill9": 2, "sigterm": 1, "postgres_restart": 1}
+    plans = [soak.plan_faults(random.Random(7), 180, counts) for _ in range(2)]
+    assert plans[0] == plans[1]
+    triggers = [f.trigger for f in plans[0]]
+    assert len(set(triggers)) == 4 and triggers == sorted(triggers)
+    assert all(9 <= t <= 162 for t in triggers)  # 5 % .. 90 % of 180
+    assert sorted(f.kind for f in plans[0]) == ["kill9", "kill9", "postgres_restart", "sigterm"]
+
+
+@pytest.mark.slow
+def test_a_small_soak_loses_nothing_and_infers_nothing_twice(tmp_path, capsys):
+    """200 tasks, a tenth of them poison, each fault once, a fixed seed."""
+    report_path = tmp_path / "report.json"
+    args = build_parser().parse_args(
+        [
+            "soak",
+            "--tasks=200",
+            "--poison=0.1",
+            "--seed=7",
+            "--settle-timeout-s=150",
+            f"--state-dir={tmp_path}",
+            f"--report={report_path}",
+        ]
+    )
+    code = soak.main(args)
+    out = capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+
+    assert code == 0, out
+    assert report["seed"] == 7 and report["valid"] == 180 and report["poison"] == 20
+    assert report["lost"] == 0, report["lost_detail"]
+    assert report["inferred_more_than_once"] == []
+    assert report["inferred_flag_in_logs"], "the daemons' log lines must say when they inferred"
+    assert report["succeeded"] == 180
+    assert report["poison_dead_lettered"] == 20
+    assert report["unexpected_reasons"] == {}, "each kind of poison gets its own reason"
+    assert sum(report["dead_letters_by_code"].values()) >= 20
+    assert set(report["poison_kinds"]) == set(soak.POISON_KINDS)
+    fired = sorted(f["kind"] for f in report["faults"] if f["fired_at_s"] is not None)
+    assert fired == ["kill9", "kill9", "postgres_restart", "sigterm"]
+    assert report["daemons_started"] == 4  # the first, and one after each kill and SIGTERM
+    assert report["unexpected_daemon_exits"] == []
+    assert report["peak_rss_mib"] > 0 and report["valid_per_s"] > 0
+    assert "OK: 0 lost, 0 inferred more than once." in out
