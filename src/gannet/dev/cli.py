@@ -195,6 +195,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--runners", type=_positive, default=2, help="daemon runner threads (default 2)")
     p.add_argument(
+        "--window",
+        type=_positive,
+        default=100,
+        help="at most this many published tasks unsettled at once (default 100): the "
+        "emulator ignores flow control and leases all it has to one daemon",
+    )
+    p.add_argument(
         "--settle-timeout-s",
         type=float,
         default=600.0,

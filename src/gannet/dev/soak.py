@@ -385,6 +385,10 @@ class Tally:
     poison_codes: dict[str, list[str | None]]  # poison task -> error_code of each letter
     foreign_letters: int  # letters whose body the soak never published
 
+    def count(self) -> int:
+        """Tasks settled for good so far (succeeded or dead-lettered)."""
+        return len(self.succeeded) + len(self.valid_dead) + len(self.poison_codes)
+
     def settled(self, valid: set[str], poison: set[str]) -> bool:
         """Everything settled for good: success, or a dead letter (for poison, with a
         reason). A valid task on the dead-letter topic is lost, but settled all the same."""
@@ -433,6 +437,7 @@ class Soak:
         self.daemon: DaemonProcess | None = None
         self.first_publish = 0.0  # wall clock, comparable to the rows' updated_at
         self._started = 0.0  # monotonic, at the first publish
+        self.published = 0  # of self.messages, in order
 
     def elapsed(self) -> float:
         return time.monotonic() - self._started
@@ -441,17 +446,27 @@ class Soak:
         self.daemon = self.stack.start_daemon(GANNET_RUNNERS=str(self.args.runners))
         return self.daemon
 
-    def publish(self) -> None:
-        self.first_publish, self._started = time.time(), time.monotonic()
+    def publish_more(self, settled: int) -> None:
+        """Keep at most --window published tasks unsettled, as backends that publish as
+        work arrives would. The emulator pushes every message it has to one stream,
+        ignoring the subscriber's flow control, so an unbounded backlog would all sit
+        leased on whichever daemon a fault hits, which real Pub/Sub never does."""
+        if not self._started:
+            self.first_publish, self._started = time.time(), time.monotonic()
+        room = settled + self.args.window - self.published
+        batch = self.messages[self.published : self.published + max(0, room)]
+        if not batch:
+            return
         topic = self.stack.settings.topic_path()
-        futures = [self.stack.publisher.publish(topic, m.body) for m in self.messages]
-        for future in futures:
+        for future in [self.stack.publisher.publish(topic, m.body) for m in batch]:
             future.result(timeout=120)
-        print(
-            f"[{self.elapsed():5.0f}s] published {len(self.messages)} tasks "
-            f"({len(self.valid)} valid, {len(self.poison)} poison)",
-            flush=True,
-        )
+        self.published += len(batch)
+        if self.published == len(self.messages):
+            print(
+                f"[{self.elapsed():5.0f}s] published all {len(self.messages)} tasks "
+                f"({len(self.valid)} valid, {len(self.poison)} poison)",
+                flush=True,
+            )
 
     def drive(self, letters: DeadLetterReader) -> Tally:
         """Fire each fault when its moment comes; return once everything settled or the
@@ -460,6 +475,7 @@ class Soak:
         progress = _Progress(self)
         while True:
             now = tally(self.messages, self.rows(), letters.letters())
+            self.publish_more(now.count())
             if now.settled(self.valid, self.poison) or time.monotonic() > deadline:
                 return now
             self.fire_due(len(now.succeeded))
@@ -744,7 +760,6 @@ def run(args: argparse.Namespace, state: Path) -> dict[str, Any]:
         letters = DeadLetterReader(stack)
         try:
             soak.start_daemon()
-            soak.publish()
             final = soak.drive(letters)
             done = "settled" if final.settled(soak.valid, soak.poison) else "settle timeout"
             print(f"[{soak.elapsed():5.0f}s] {done}; stopping the daemon with SIGTERM", flush=True)
