@@ -41,7 +41,7 @@ class Decision(StrEnum):
 @dataclass
 class Outcome:
     decision: Decision
-    label: str  # succeeded | duplicate | quarantined | retry | shutdown | error
+    label: str  # succeeded | duplicate | quarantined | retry | busy | shutdown | error
     error: GannetError | None = None
     task: Task | None = None
     fields: dict[str, Any] = field(default_factory=dict)

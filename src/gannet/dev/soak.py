@@ -40,7 +40,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import psycopg
 from google.api_core import exceptions as gexc
 
@@ -326,28 +325,18 @@ class DeadLetterReader:
         self._thread.join(timeout=30)
 
 
-def _proc_status_kib(pid: int) -> dict[str, int]:
-    """VmHWM (the kernel's high-water mark) and VmRSS of one process, in KiB."""
+def peak_rss_kib(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM, the kernel's high-water mark),
+    in KiB; 0 once it has exited. `gannet run` starts no child processes."""
     try:
         text = Path(f"/proc/{pid}/status").read_text()
     except (FileNotFoundError, ProcessLookupError):
-        return {}  # it exited between listing and reading
-    found = {}
+        return 0
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key in ("VmHWM", "VmRSS"):
-            found[key] = int(value.split()[0])
-    return found
-
-
-def tree_rss_kib(pid: int) -> int:
-    """The daemon's own peak, or what it and its children hold now, whichever is more."""
-    try:
-        children = [c.pid for c in psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    statuses = [_proc_status_kib(p) for p in (pid, *children)]
-    return max(statuses[0].get("VmHWM", 0), sum(s.get("VmRSS", 0) for s in statuses))
+        if key == "VmHWM":
+            return int(value.split()[0])
+    return 0
 
 
 class RssSampler:
@@ -366,7 +355,7 @@ class RssSampler:
             for daemon in list(self.daemons):
                 if daemon.proc.poll() is None:
                     pid = daemon.proc.pid
-                    self.peak_kib[pid] = max(self.peak_kib.get(pid, 0), tree_rss_kib(pid))
+                    self.peak_kib[pid] = max(self.peak_kib.get(pid, 0), peak_rss_kib(pid))
 
     def stop(self) -> None:
         self._stop.set()
