@@ -21,8 +21,9 @@ from gannet.dev.publish import make_task
 from gannet.metrics import Metrics
 from gannet.model_cache import ModelCache, yolo_loader
 from gannet.model_resolver import ModelResolver
-from gannet.pipeline import Limits, Pipeline, Timer
+from gannet.pipeline import Limits, Pipeline
 from gannet.settings import REPO_ROOT
+from gannet.stages import Timer
 from gannet.steps import merge_tiles, tile_origins
 from gannet.storage import local_version, read_local
 

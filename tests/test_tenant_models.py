@@ -23,8 +23,9 @@ from gannet.dev.publish import make_task
 from gannet.metrics import Metrics
 from gannet.model_cache import ModelCache, yolo_loader
 from gannet.model_resolver import ModelResolver, tenant_model_lister
-from gannet.pipeline import Limits, Pipeline, Timer
+from gannet.pipeline import Limits, Pipeline
 from gannet.settings import REPO_ROOT
+from gannet.stages import Timer
 from gannet.storage import Storage, local_version, read_local
 
 DETECT = REPO_ROOT / "models" / "demo" / "detect.pt"

@@ -33,7 +33,7 @@ from gannet.config_sources import Configs, open_configs
 from gannet.dispatch import Dispatcher
 from gannet.health import Health, HealthServer
 from gannet.metrics import Metrics
-from gannet.model_cache import ModelCache, yolo_loader
+from gannet.model_cache import Loader, ModelCache, yolo_loader
 from gannet.model_resolver import ModelResolver, tenant_model_lister
 from gannet.outcome import Settler, shutdown
 from gannet.pipeline import Limits, Pipeline
@@ -123,11 +123,14 @@ class Parts:
         self.sink.close()
 
 
-def build(settings: Settings, metrics: Metrics) -> Parts:
+def build(
+    settings: Settings, metrics: Metrics, wrap_loader: Callable[[Loader], Loader] | None = None
+) -> Parts:
     """Connects to Pub/Sub, GCS and PostgreSQL and builds the pipeline; loads no model.
 
     `gannet bench` builds its one-at-a-time worker with this too, so it measures the same
-    parts the daemon runs. Raises StartupError with what to fix.
+    parts the daemon runs; its plumbing mode passes `wrap_loader` to replay recorded model
+    outputs instead of running the network. Raises StartupError with what to fix.
     """
     s = settings
     try:
@@ -151,8 +154,9 @@ def build(settings: Settings, metrics: Metrics) -> Parts:
         sink.close()
         raise StartupError(f"cannot load GANNET_CONFIG_URI: {exc}") from exc
     devices = resolve_devices(s.devices)
+    loader = yolo_loader(model_file(storage, s.model_cache_dir), trace=s.torchscript)
     cache = ModelCache(
-        yolo_loader(model_file(storage, s.model_cache_dir), trace=s.torchscript),
+        wrap_loader(loader) if wrap_loader else loader,
         metrics,
         max_batch=s.batch_size,
         window_s=s.batch_window_ms / 1000,
@@ -214,8 +218,11 @@ class Budget:
 
 
 class Daemon:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, wrap_loader: Callable[[Loader], Loader] | None = None
+    ) -> None:
         self.settings = settings
+        self.wrap_loader = wrap_loader
         self.metrics = Metrics()
         self.health = Health()
         self.stop_requested = threading.Event()
@@ -226,7 +233,7 @@ class Daemon:
         server.start()
         self._install_signal_handlers()
         try:
-            parts = build(self.settings, self.metrics)
+            parts = build(self.settings, self.metrics, self.wrap_loader)
             return self._serve(parts, server.port)
         except StartupError as exc:
             log.critical(str(exc))
@@ -352,6 +359,6 @@ class Daemon:
         log.info("gannet stopped", extra={"fields": {"forced": forced}})
 
 
-def run(settings: Settings) -> int:
+def run(settings: Settings, wrap_loader: Callable[[Loader], Loader] | None = None) -> int:
     logs.configure(settings.log_level)
-    return Daemon(settings).run()
+    return Daemon(settings, wrap_loader).run()

@@ -30,10 +30,11 @@ from gannet.callback import Callbacks
 from gannet.errors import ErrorCode, GannetError, PermanentError, TransientError
 from gannet.metrics import Metrics
 from gannet.outcome import Decision, Outcome, Settler, shutdown
-from gannet.pipeline import Pipeline, Route, Timer
+from gannet.pipeline import Pipeline, Route
 from gannet.pool import Job, RunnerPool
 from gannet.sink import ClaimLost, Sink
-from gannet.storage import Storage
+from gannet.stages import Timer
+from gannet.storage import Storage, encode_json
 from gannet.task import Task, TaskResult, identify, parse_task
 
 log = logging.getLogger(__name__)
@@ -92,26 +93,38 @@ class Dispatcher:
     def on_message(self, message: Message) -> None:
         """The subscriber's callback: one message from lease to ack, nack or quarantine."""
         started = time.perf_counter()
-        outcome = self.outcome_of(message.data, message.delivery_attempt, self._run_on_pool)
-        self.settler.settle(message, outcome, time.perf_counter() - started)
+        timer = self._timer()
+        outcome = self.outcome_of(message.data, message.delivery_attempt, self._run_on_pool, timer)
+        with timer.stage("settle"):
+            self.settler.settle(message, outcome, time.perf_counter() - started)
 
     def outcome_of(
         self,
         body: bytes,
         delivery_attempt: int | None,
         run: Callable[[WorkItem], Outcome],
+        timer: Timer | None = None,
     ) -> Outcome:
         """Parse, check, then `run(item)` (hand to a runner and wait, or run here)."""
-        try:
-            task = parse_task(body, self.max_body_bytes)
-        except PermanentError as err:
-            task_id, tenant_id = identify(body)
-            return self._reject(task_id, tenant_id, None, err, delivery_attempt)
-        try:
-            route = self.pipeline.check(task)
-        except PermanentError as err:
-            return self.reject(task, err, delivery_attempt)
+        with (timer or self._timer()).stage("receive"):
+            try:
+                task = parse_task(body, self.max_body_bytes)
+            except PermanentError as err:
+                task_id, tenant_id = identify(body)
+                return self._reject(task_id, tenant_id, None, err, delivery_attempt)
+            try:
+                route = self.pipeline.check(task)
+            except PermanentError as err:
+                return self.reject(task, err, delivery_attempt)
         return run(WorkItem(task, route, delivery_attempt))
+
+    def _timer(self) -> Timer:
+        """A Timer that feeds the stage histogram and the stage CPU counter."""
+        wall, cpu = self.metrics.stage_seconds, self.metrics.stage_cpu_seconds
+        return Timer(
+            lambda stage, s: wall.labels(stage).observe(s),
+            lambda stage, s: cpu.labels(stage).inc(s),
+        )
 
     def outcome_here(self, body: bytes, delivery_attempt: int | None, device: str) -> Outcome:
         """The whole path on the calling thread, without runners: the bench's
@@ -163,7 +176,7 @@ class Dispatcher:
 
     def _process(self, item: WorkItem, device: str) -> Outcome:
         task = item.task
-        timer = Timer(lambda stage, s: self.metrics.stage_seconds.labels(stage).observe(s))
+        timer = self._timer()
         started = time.perf_counter()
         with timer.stage("lookup"):
             start = self.sink.start(task.task_id, task.tenant_id, self.holder, self.claim_ttl_s)
@@ -193,6 +206,8 @@ class Dispatcher:
         inferred = {"inferred": True}  # in the outcome's log line: the model ran to the end
         name = f"{task.tenant_id}/{task.task_id}.json"
         uri = f"gs://{self.results_bucket}/{name}"
+        with timer.stage("result_json"):
+            body = encode_json(result)
         with timer.stage("sink"):
             timings = {
                 **timer.timings,
@@ -215,7 +230,7 @@ class Dispatcher:
                 saved = self.sink.save_claimed(
                     record,
                     self.holder,
-                    lambda: self.storage.write_json(self.results_bucket, name, result),
+                    lambda: self._write_result(name, body, timer),
                 )
             except ClaimLost as lost:  # ran past the claim's TTL and another pod took over
                 return Outcome(
@@ -233,6 +248,10 @@ class Dispatcher:
             task=task,
             fields={"result_uri": uri, "counts": _counts(result), **timings, **inferred},
         )
+
+    def _write_result(self, name: str, body: bytes, timer: Timer) -> None:
+        with timer.stage("gcs_write"):
+            self.storage.write(self.results_bucket, name, body, "application/json")
 
     def _release(self, task: Task) -> None:
         """The task failed under our claim: give the claim up so that its redelivery (or

@@ -25,6 +25,13 @@ class Metrics:
             buckets=STAGE_BUCKETS,
             registry=r,
         )
+        self.stage_cpu_seconds = Counter(
+            "gannet_stage_cpu_seconds",
+            "CPU time per stage, of the thread doing it, without the stages nested in it "
+            "(forward: the model thread's own CPU, not torch's worker threads).",
+            ["stage"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "gannet_messages_in_flight", "Tasks a runner is working on now.", registry=r
         )

@@ -24,6 +24,7 @@ from gannet.batcher import Batcher, BatcherClosed
 from gannet.errors import ErrorCode, TransientError
 from gannet.metrics import Metrics
 from gannet.split_predictor import SplitPredictor
+from gannet.stages import Timer
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class ModelCache:
             predictor.forward,
             self._max_batch,
             self._window_s,
-            on_batch=lambda size, seconds: self._metrics.batch_size.observe(size),
+            on_batch=self._on_batch,
             group=predictor.shape,
             on_start=predictor.start_forward_thread,
         )
@@ -157,6 +158,10 @@ class ModelCache:
             last_used=time.monotonic(),
         )
 
+    def _on_batch(self, size: int, seconds: float, cpu_seconds: float) -> None:
+        self._metrics.batch_size.observe(size)
+        self._metrics.stage_cpu_seconds.labels("forward").inc(cpu_seconds)
+
     def _evict_over_budget(self, keep: ModelKey) -> list[LoadedModel]:
         if self._budget is None:
             return []
@@ -172,22 +177,29 @@ class ModelCache:
                 evicted.append(self._loaded.pop(key))
         return evicted
 
-    def predict(self, key: ModelKey, images: Sequence[Any], conf: float) -> list[Any]:
+    def predict(
+        self, key: ModelKey, images: Sequence[Any], conf: float, timer: Timer | None = None
+    ) -> list[Any]:
         """Run images through the model on its device; blocks the calling runner only.
 
         The calling runner letterboxes its images and does NMS on the answers itself, so
         the model's batcher thread spends its time on forward passes alone."""
+        timer = timer or Timer(_ignore)
         for _ in range(3):
             entry = self.get(key)
-            inputs = [entry.predictor.preprocess(image) for image in images]
+            with timer.stage("preprocess"):
+                inputs = [entry.predictor.preprocess(image) for image in images]
             try:
                 futures = entry.batcher.submit(inputs)
             except BatcherClosed:
                 continue  # evicted between get() and submit(): load it again
-            return [
-                entry.predictor.postprocess(f.result(), x, image, conf)
-                for f, x, image in zip(futures, inputs, images, strict=True)
-            ]
+            with timer.stage("inference"):  # waiting for the batcher's forward passes
+                outputs = [f.result() for f in futures]
+            with timer.stage("postprocess"):
+                return [
+                    entry.predictor.postprocess(out, x, image, conf)
+                    for out, x, image in zip(outputs, inputs, images, strict=True)
+                ]
         raise TransientError(ErrorCode.MODEL_UNAVAILABLE, f"model {key.uri} keeps being evicted")
 
     def loaded(self) -> list[ModelKey]:
@@ -204,6 +216,10 @@ class ModelCache:
         deadline = time.monotonic() + timeout_s
         for entry in entries:
             entry.batcher.join(timeout=max(0.0, deadline - time.monotonic()))
+
+
+def _ignore(stage: str, seconds: float) -> None:
+    """Callers without a task's Timer (warm-up, tools) keep no timings."""
 
 
 def _predict_options(key: ModelKey) -> dict[str, Any]:

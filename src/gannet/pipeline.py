@@ -24,6 +24,7 @@ from gannet.config_sources import Configs, LoadedConfig
 from gannet.errors import ErrorCode, PermanentError
 from gannet.model_cache import ModelCache
 from gannet.model_resolver import ModelResolver
+from gannet.stages import Timer
 from gannet.step_registry import Plan, StepContext
 from gannet.storage import Storage, check_image_url
 from gannet.task import Task, utc_now_iso
@@ -83,28 +84,6 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     return image
 
 
-class Timer:
-    def __init__(self, observe: Callable[[str, float], None]) -> None:
-        self.timings: dict[str, float] = {}
-        self._observe = observe
-
-    def stage(self, name: str) -> _Stage:
-        return _Stage(self, name)
-
-
-class _Stage:
-    def __init__(self, timer: Timer, name: str) -> None:
-        self.timer, self.name = timer, name
-
-    def __enter__(self) -> None:
-        self.started = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        seconds = time.perf_counter() - self.started
-        self.timer.timings[f"{self.name}_ms"] = round(seconds * 1000, 2)
-        self.timer._observe(self.name, seconds)
-
-
 class Pipeline:
     def __init__(
         self,
@@ -152,7 +131,7 @@ class Pipeline:
 
         def predict(kind: ModelKind, images: list[np.ndarray], conf: float) -> list[Any]:
             key = self.resolver.key(loaded, kind, task.tenant_id, device)
-            return self.cache.predict(key, images, conf)
+            return self.cache.predict(key, images, conf, timer)
 
         ctx = StepContext(task=task, image=image, config=loaded.config, predict=predict)
         for step in route.plan:

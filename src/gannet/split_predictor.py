@@ -23,14 +23,14 @@ import numpy as np
 import torch
 
 
-def _row(out: Any, i: int) -> Any:
+def output_row(out: Any, i: int) -> Any:
     """Image i's part of a batched output, keeping ultralytics' tuple/list nesting."""
     if isinstance(out, torch.Tensor):
         return out[i : i + 1]
     if isinstance(out, (tuple, list)):
-        return type(out)(_row(item, i) for item in out)
+        return type(out)(output_row(item, i) for item in out)
     if isinstance(out, dict):
-        return {k: _row(v, i) for k, v in out.items()}
+        return {k: output_row(v, i) for k, v in out.items()}
     return out
 
 
@@ -81,7 +81,7 @@ class SplitPredictor:
             if self._one_by_one:
                 return [self._predictor.inference(x) for x in inputs]
             out = self._predictor.inference(torch.cat(inputs) if len(inputs) > 1 else inputs[0])
-            return [_row(out, i) for i in range(len(inputs))]
+            return [output_row(out, i) for i in range(len(inputs))]
 
     def postprocess(self, output: Any, inputs: torch.Tensor, image: np.ndarray, conf: float) -> Any:
         """Runner thread: NMS, masks and the Results object for one image."""

@@ -57,6 +57,11 @@ def make_client(project: str, emulator_host: str | None, connections: int = 10) 
     )
 
 
+def encode_json(data: dict[str, Any]) -> bytes:
+    """Compact JSON, as result objects are stored."""
+    return json.dumps(data, separators=(",", ":"), default=str).encode()
+
+
 def split_gs_url(url: str) -> tuple[str, str]:
     """(bucket, object name) of a config's or model's gs:// URL."""
     try:
@@ -124,10 +129,12 @@ class Storage:
         return data
 
     def write_json(self, bucket: str, name: str, data: dict[str, Any]) -> str:
-        body = json.dumps(data, separators=(",", ":"), default=str)
+        return self.write(bucket, name, encode_json(data), "application/json")
+
+    def write(self, bucket: str, name: str, body: bytes, content_type: str) -> str:
         try:
             blob = self.client.bucket(bucket).blob(name)
-            blob.upload_from_string(body, content_type="application/json")
+            blob.upload_from_string(body, content_type=content_type)
         except (*TRANSIENT_GCS, gexc.NotFound) as exc:
             raise TransientError(
                 ErrorCode.DEPENDENCY_UNAVAILABLE, f"writing gs://{bucket}/{name}: {exc}"

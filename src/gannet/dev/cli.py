@@ -42,6 +42,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.plumbing:
+        from gannet.dev import bench_plumbing
+
+        return bench_plumbing.main(args)
     from gannet.dev import bench
 
     return bench.main(args)
@@ -147,7 +151,33 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "predict throughput, (b) the daemon end to end through the emulators and "
         "PostgreSQL, (c) a one-message-at-a-time worker. Prints b/a and b/c per round "
         "and their medians, the CPU each process spent per image during (b), and "
-        "writes JSON.",
+        "writes JSON. With --plumbing: the daemon's own cost around the model instead "
+        "(the network's answers recorded once per input and replayed, everything else "
+        "real) on 640x480, 1920x1080, 4032x3024 and mixed-shape JPEGs: images/s on one "
+        "and two cores, CPU ms per image by stage, GIL-held ms per image (py-spy).",
+    )
+    p.add_argument(
+        "--plumbing",
+        action="store_true",
+        help="measure the daemon around a replayed model (see above)",
+    )
+    p.add_argument(
+        "--sizes",
+        type=lambda v: v.split(","),
+        default=None,
+        help="--plumbing: comma-separated image sets (default 640x480,1920x1080,4032x3024,mix)",
+    )
+    p.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="--plumbing: also measure the daemon of git commit REV, interleaved with "
+        "this tree's (REV must have gannet/dev/replay.py)",
+    )
+    p.add_argument(
+        "--no-gil",
+        dest="gil",
+        action="store_false",
+        help="--plumbing: skip the py-spy run that measures GIL-held time",
     )
     p.add_argument("--images", type=int, default=256, help="tasks per measurement (default 256)")
     p.add_argument("--runners", type=int, default=8, help="daemon runner threads (default 8)")

@@ -146,7 +146,10 @@ def prepare(services: LocalServices, settings: Settings, ack_deadline_s: int = 3
 class DaemonProcess:
     """`gannet run` as a child process, the way a pod runs it."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, env: dict[str, str], log_path: Path, command: list[str] | None = None
+    ) -> None:
+        """`command` replaces `python -m gannet run` (the bench's plumbing mode)."""
         self.log_path = log_path
         self.metrics_port = int(env.get("GANNET_METRICS_PORT") or free_port())
         env = {
@@ -158,7 +161,7 @@ class DaemonProcess:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gannet", "run"],
+            command or [sys.executable, "-m", "gannet", "run"],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -1,0 +1,409 @@
+"""`gannet bench --plumbing`: what the daemon itself spends per image, around the model.
+
+On a GPU the forward pass costs a few milliseconds; whatever the daemon spends around it
+(Pub/Sub, GCS, decode, pre- and post-processing, JSON, PostgreSQL) decides whether the
+GPU is fed or idle. This mode measures exactly that: the daemon runs with the network's
+answers recorded once per input and replayed (gannet/dev/replay.py), everything else
+real, through the emulators and PostgreSQL, on JPEGs of several sizes:
+
+  640x480, 1920x1080, 4032x3024, and a mix of phone, drone and shelf shapes (4:3, 16:9,
+  3:2 and portrait), generated from the synthetic scene generator at bench time.
+
+For each size it reports images/s and the daemon's CPU ms per image split by stage (from
+the daemon's own gannet_stage_cpu_seconds counter; what no stage accounts for is the
+Pub/Sub client's and other background threads), with the daemon pinned to one core and
+to two (`taskset`), and the time a thread held the GIL per image (py-spy --gil, sampled at
+RATE Hz in a separate run: GIL-held seconds = samples / RATE).
+
+With `--baseline REV` the daemon of commit REV (its src/ from `git archive`) is measured
+the same way in the same run, interleaved with this tree's, so a change is judged side
+by side rather than against figures from another hour of this drifting VM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import cv2
+import numpy as np
+import psutil
+
+from gannet import clients
+from gannet.dev import demo, stack
+from gannet.dev.bench import TENANT, wait_committed
+from gannet.dev.local_services import LocalServices, Ports
+from gannet.dev.publish import make_task, publish_tasks
+from gannet.settings import REPO_ROOT, Settings
+from gannet.storage import Storage
+from gannet.text import format_table
+
+SIZES = ("640x480", "1920x1080", "4032x3024", "mix")
+# The mix: phone 4:3, drone 16:9, camera 3:2, phone portrait 3:4, shelf 2:3 portrait.
+MIX = ((1600, 1200), (1920, 1080), (1800, 1200), (1200, 1600), (1000, 1500))
+DISTINCT = 6  # distinct images per size; the tasks cycle through them
+GIL_RATE = 250  # py-spy samples per second
+IMGSZ = 640  # the detector's input size in this mode (the demo config's is 416)
+
+# Stage counter names -> what the report calls them, in the order of a message's path.
+STAGES = {
+    "receive": "parse + checks",
+    "lookup": "PG lookup/claim",
+    "fetch": "GCS read",
+    "decode": "decode",
+    "preprocess": "pre-process",
+    "forward": "forward (replayed)",  # the replay itself: a hash of the input
+    "inference": "wait for forward",
+    "postprocess": "post-process",
+    "detection": "step's own",
+    "result_json": "result JSON",
+    "gcs_write": "GCS write",
+    "sink": "PG commit",
+    "settle": "ack + log",
+}
+
+
+@dataclass(frozen=True)
+class Daemon:
+    """One daemon to measure: this tree's, or a baseline commit's src/."""
+
+    name: str
+    src: Path | None  # None: this tree as installed
+
+
+def synthetic_module() -> ModuleType:
+    """scripts/synthetic_scenes.py, the generator the demo's samples came from."""
+    path = REPO_ROOT / "scripts" / "synthetic_scenes.py"
+    spec = importlib.util.spec_from_file_location("synthetic_scenes", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def images_for(size: str, out: Path) -> list[Path]:
+    """DISTINCT JPEGs of `size`: the demo's own samples at 640x480; larger ones are scenes
+    drawn at a quarter or half the size and scaled up (the shapes stay large enough for a
+    640-pixel model input to see), JPEG quality 90 as a phone writes them."""
+    if size == "640x480":
+        return demo_scenes()
+    out.mkdir(parents=True, exist_ok=True)
+    dims = list(MIX) if size == "mix" else [tuple(int(v) for v in size.split("x"))] * DISTINCT
+    scenes = synthetic_module()
+    rng = np.random.default_rng(20261201)
+    files = []
+    for i, (width, height) in enumerate(dims[:DISTINCT]):
+        path = out / f"{size}-{i}.jpg"
+        if not path.exists():
+            factor = 4 if width * height > 4_000_000 else 2
+            scene = scenes.make_scene(rng, width // factor, height // factor)
+            image = cv2.resize(scene.image, (width, height), interpolation=cv2.INTER_CUBIC)
+            ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+            assert ok
+            path.write_bytes(data.tobytes())
+        files.append(path)
+    return files
+
+
+def demo_scenes() -> list[Path]:
+    manifest = json.loads((demo.SAMPLES / "manifest.json").read_text())
+    return [demo.SAMPLES / e["file"] for e in manifest["images"] if e.get("kind") != "large"]
+
+
+def write_config(out: Path) -> Path:
+    """The demo detector in a one-step DETECTION pipeline at imgsz IMGSZ."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "plumbing.yaml"
+    path.write_text(
+        "industry: plumbing\nversion: 1\nmodels:\n  detection:\n"
+        f"    path: {REPO_ROOT / 'models' / 'demo' / 'detect.pt'}\n"
+        "    confidence_threshold: 0.5\n    classes: [circle, square, triangle]\n"
+        f"    imgsz: {IMGSZ}\npipelines:\n  DETECTION:\n    - detection\n"
+    )
+    return path
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The daemon's stage CPU counters and batch-size histogram, from /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith('gannet_stage_cpu_seconds_total{stage="'):
+            stage = line.split('"')[1]
+            values[f"cpu:{stage}"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(("gannet_batch_size_sum ", "gannet_batch_size_count ")):
+            name, value = line.split(" ")
+            values[name] = float(value)
+    return values
+
+
+def process_cpu(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def measure(
+    services: LocalServices,
+    queue: Settings,
+    urls: list[str],
+    daemon: Daemon,
+    cpus: str,
+    args: argparse.Namespace,
+    log_path: Path,
+    gil: bool = False,
+) -> dict[str, Any]:
+    """One daemon on `cpus`: warm up on every distinct image (recording the network's
+    answers), then publish the tasks and time them to the last committed row."""
+    env = {
+        **services.env(),
+        "GANNET_RUNNERS": str(args.runners),
+        "GANNET_TOPIC": queue.topic,
+        "GANNET_SUBSCRIPTION": queue.subscription,
+        "GANNET_DEAD_LETTER_TOPIC": queue.dead_letter_topic,
+        "GANNET_CONFIG_URI": str(write_config(args.state_dir / "bench")),
+        "GANNET_TORCH_THREADS": "1",
+    }
+    if daemon.src is not None:
+        env["PYTHONPATH"] = str(daemon.src)
+    command = ["taskset", "-c", cpus, sys.executable, "-m", "gannet.dev.replay"]
+    proc = demo.DaemonProcess(env, log_path, command=command)
+    publisher, _ = clients.pubsub_clients(queue)
+    spy: subprocess.Popen[bytes] | None = None
+    try:
+        proc.wait_ready(timeout_s=300)
+        distinct = sorted(set(urls))
+        warm = [make_task(TENANT, u, "DETECTION", f"w-{uuid.uuid4().hex}") for u in distinct]
+        publish_tasks(publisher, queue.topic_path(), warm)
+        wait_committed(queue.database_url, TENANT, [t.task_id for t in warm], timeout_s=300)
+        tasks = [make_task(TENANT, u, "DETECTION", f"p-{uuid.uuid4().hex}") for u in urls]
+        gil_file = log_path.with_suffix(".gil.txt")
+        if gil:
+            spy = start_py_spy(proc.proc.pid, gil_file)
+        before, cpu_before = scrape(proc.metrics_port), process_cpu(proc.proc.pid)
+        started = time.time()
+        publish_tasks(publisher, queue.topic_path(), tasks)
+        finished, failed = wait_committed(
+            queue.database_url, TENANT, [t.task_id for t in tasks], timeout_s=900
+        )
+        after, cpu_after = scrape(proc.metrics_port), process_cpu(proc.proc.pid)
+        gil_samples = stop_py_spy(spy, gil_file) if spy else None
+    finally:
+        if spy is not None and spy.poll() is None:
+            spy.kill()
+        proc.stop()
+    if failed:
+        raise RuntimeError(f"{failed} of {len(tasks)} tasks failed; see {log_path}")
+    n = len(tasks)
+    seconds = finished - started
+    stages = {
+        key[4:]: (after[key] - before.get(key, 0.0)) * 1000 / n
+        for key in after
+        if key.startswith("cpu:")
+    }
+    total = (cpu_after - cpu_before) * 1000 / n
+    batches = after["gannet_batch_size_count"] - before.get("gannet_batch_size_count", 0.0)
+    images = after["gannet_batch_size_sum"] - before.get("gannet_batch_size_sum", 0.0)
+    report: dict[str, Any] = {
+        "images_per_s": n / seconds,
+        "cpu_ms_per_image": total,
+        "stages_cpu_ms_per_image": stages,
+        "other_threads_cpu_ms_per_image": total - sum(stages.values()),
+        "mean_batch_size": images / batches if batches else 0.0,
+    }
+    if gil_samples is not None:
+        report["gil_ms_per_image"] = gil_samples / GIL_RATE * 1000 / n
+    return report
+
+
+def start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling only the thread that holds the GIL, without pausing the daemon."""
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
+    rate = str(GIL_RATE)
+    command = [spy, "record", "--gil", "--nonblocking", "--rate", rate, "--format", "raw"]
+    proc = subprocess.Popen(
+        [*command, "-o", str(out), "--pid", str(pid)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)  # py-spy attaches
+    if proc.poll() is not None:
+        raise RuntimeError(
+            "py-spy could not attach (needs ptrace: run as root or with CAP_SYS_PTRACE)"
+        )
+    return proc
+
+
+def stop_py_spy(proc: subprocess.Popen[bytes], out: Path) -> int:
+    """Samples in which some thread held the GIL."""
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    return sum(int(line.rsplit(" ", 1)[1]) for line in out.read_text().splitlines() if line)
+
+
+def baseline_src(rev: str, out: Path) -> Path:
+    """Commit `rev`'s src/ tree, to run its daemon beside this one."""
+    target = out / f"baseline-{rev}"
+    if not target.exists():
+        target.mkdir(parents=True)
+        archive = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "archive", rev, "src"],
+            check=True,
+            capture_output=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target / "src"
+
+
+def one_size(
+    services: LocalServices,
+    base: Settings,
+    size: str,
+    daemons: list[Daemon],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    files = images_for(size, args.state_dir / "bench" / "images")
+    services.empty_storage()
+    storage = Storage(clients.storage_client(base))
+    bucket = base.allowed_buckets[0]
+    uploaded = [upload(storage, bucket, f) for f in files]
+    urls = [uploaded[i % len(uploaded)] for i in range(args.images)]
+    rounds: dict[str, list[dict[str, Any]]] = {d.name: [] for d in daemons}
+    cores = [("2 cores", "0,1", False), ("1 core", "1", False)]
+    if args.gil:
+        cores.append(("2 cores, py-spy --gil", "0,1", True))
+    for n in range(1, args.rounds + 1):
+        for daemon in daemons:
+            result: dict[str, Any] = {}
+            for label, cpus, gil in cores:
+                print(f"  {size} round {n}: {daemon.name} daemon, {label} ...", flush=True)
+                queue = stack.fresh_queue(services, f"pl-{uuid.uuid4().hex[:8]}")
+                log = args.state_dir / "bench" / f"plumbing-{daemon.name}.log"
+                result[label] = measure(services, queue, urls, daemon, cpus, args, log, gil)
+            rounds[daemon.name].append(result)
+    return {name: summarize(results) for name, results in rounds.items()}
+
+
+def upload(storage: Storage, bucket: str, path: Path) -> str:
+    name = f"{TENANT}/plumbing/{path.name}"
+    storage.client.bucket(bucket).blob(name).upload_from_filename(str(path))
+    return f"gs://{bucket}/{name}"
+
+
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over rounds of every figure the report shows."""
+    two = [r["2 cores"] for r in rounds]
+    one = [r["1 core"] for r in rounds]
+    summary: dict[str, Any] = {
+        "rounds": rounds,
+        "images_per_s": statistics.median(r["images_per_s"] for r in two),
+        "images_per_s_1_core": statistics.median(r["images_per_s"] for r in one),
+        "cpu_ms_per_image": statistics.median(r["cpu_ms_per_image"] for r in two),
+        "scaling_2_over_1_core": statistics.median(
+            a["images_per_s"] / b["images_per_s"] for a, b in zip(two, one, strict=True)
+        ),
+        "mean_batch_size": statistics.median(r["mean_batch_size"] for r in two),
+        "stages_cpu_ms_per_image": {
+            stage: statistics.median(r["stages_cpu_ms_per_image"].get(stage, 0.0) for r in two)
+            for stage in two[0]["stages_cpu_ms_per_image"]
+        },
+        "other_threads_cpu_ms_per_image": statistics.median(
+            r["other_threads_cpu_ms_per_image"] for r in two
+        ),
+    }
+    gil = [r["2 cores, py-spy --gil"]["gil_ms_per_image"] for r in rounds if len(r) > 2]
+    if gil:
+        summary["gil_ms_per_image"] = statistics.median(gil)
+    return summary
+
+
+def run(services: LocalServices, args: argparse.Namespace) -> dict[str, Any]:
+    base = demo.local_settings(services)
+    demo.prepare(services, base)
+    daemons = [Daemon("this tree", None)]
+    if args.baseline:
+        src = baseline_src(args.baseline, args.state_dir / "bench")
+        daemons.insert(0, Daemon(f"baseline {args.baseline}", src))
+    report: dict[str, Any] = {
+        "mode": "plumbing",
+        "images": args.images,
+        "runners": args.runners,
+        "rounds": args.rounds,
+        "imgsz": IMGSZ,
+        "machine": {"cpu_count": os.cpu_count()},
+        "sizes": {},
+    }
+    for size in args.sizes or SIZES:
+        print(f"plumbing mode, {size}:", flush=True)
+        report["sizes"][size] = one_size(services, base, size, daemons, args)
+    return report
+
+
+def print_report(report: dict[str, Any]) -> None:
+    header = ["size", "daemon", "img/s", "1 core", "2/1", "CPU ms/img", "GIL ms/img", "batch"]
+    rows = []
+    for size, by_daemon in report["sizes"].items():
+        for name, s in by_daemon.items():
+            gil = s.get("gil_ms_per_image")
+            rows.append(
+                [
+                    size,
+                    name,
+                    f"{s['images_per_s']:.1f}",
+                    f"{s['images_per_s_1_core']:.1f}",
+                    f"{s['scaling_2_over_1_core']:.2f}",
+                    f"{s['cpu_ms_per_image']:.2f}",
+                    "-" if gil is None else f"{gil:.2f}",
+                    f"{s['mean_batch_size']:.1f}",
+                ]
+            )
+    print()
+    print(format_table(header, rows))
+    print(
+        f"(medians of {report['rounds']} rounds; {report['images']} tasks each; daemon on "
+        "2 cores unless said; 2/1: images/s on 2 cores over 1 core)"
+    )
+    for size, by_daemon in report["sizes"].items():
+        names = list(by_daemon)
+        stage_rows = [
+            [label, *(f"{by_daemon[n]['stages_cpu_ms_per_image'].get(k, 0.0):.2f}" for n in names)]
+            for k, label in STAGES.items()
+        ]
+        stage_rows.append(
+            [
+                "other threads",
+                *(f"{by_daemon[n]['other_threads_cpu_ms_per_image']:.2f}" for n in names),
+            ]
+        )
+        stage_rows.append(["total", *(f"{by_daemon[n]['cpu_ms_per_image']:.2f}" for n in names)])
+        print(f"\n{size}: daemon CPU ms per image by stage (2 cores)")
+        print(format_table(["stage", *names], stage_rows))
+
+
+def main(args: argparse.Namespace) -> int:
+    ports = Ports(args.pubsub_port, args.gcs_port, args.postgres_port)
+    with LocalServices(args.state_dir / "bench", ports) as services:
+        report = run(services, args)
+    print_report(report)
+    output = args.output
+    if output.name == "bench.json":  # the default: keep the model bench's report
+        output = output.with_name("plumbing.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2))
+    print(f"\nJSON report: {output}")
+    return 0

@@ -1,0 +1,64 @@
+"""Where one task's time and CPU go, stage by stage.
+
+Wall time per stage is what a task's `timings` and the stage histogram show: how long a
+user waited, and on what. CPU per stage is what decides how many images one pod can feed
+its GPU: a stage's CPU is the thread CPU of the thread doing it, exclusive of the stages
+nested in it (a step's own work, without the pre- and post-processing inside it), summed
+into one counter per stage. `gannet bench --plumbing` reads that counter to split the
+daemon's CPU per image by stage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+Observe = Callable[[str, float], None]  # (stage, seconds)
+
+
+def _ignore(stage: str, seconds: float) -> None:
+    """The default sink for CPU seconds: tests and tools that only want wall time."""
+
+
+class Timer:
+    """One task's stages on one thread; not shared between threads."""
+
+    def __init__(self, observe: Observe, charge_cpu: Observe = _ignore) -> None:
+        """`observe(stage, wall seconds)` once per stage; `charge_cpu(stage, cpu
+        seconds)` whenever a stage ends or a nested one begins."""
+        self.timings: dict[str, float] = {}
+        self._observe = observe
+        self._charge = charge_cpu
+        self._open: list[str] = []
+        self._cpu_mark = 0.0
+
+    def stage(self, name: str) -> _Stage:
+        return _Stage(self, name)
+
+    def _switch(self, to: str | None) -> None:
+        """Charge the CPU since the last switch to the stage open until now."""
+        now = time.thread_time()
+        if self._open:
+            self._charge(self._open[-1], now - self._cpu_mark)
+        self._cpu_mark = now
+        if to is not None:
+            self._open.append(to)
+
+    def _close(self, name: str, seconds: float) -> None:
+        self._switch(None)
+        self._open.pop()
+        key = f"{name}_ms"  # a stage run more than once per task (tiles, crops) adds up
+        self.timings[key] = round(self.timings.get(key, 0.0) + seconds * 1000, 2)
+        self._observe(name, seconds)
+
+
+class _Stage:
+    def __init__(self, timer: Timer, name: str) -> None:
+        self.timer, self.name = timer, name
+
+    def __enter__(self) -> None:
+        self.timer._switch(self.name)
+        self.started = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer._close(self.name, time.perf_counter() - self.started)

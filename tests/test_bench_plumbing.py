@@ -1,0 +1,73 @@
+"""`gannet bench --plumbing`: the replayed network, and the bench run small on services
+of its own (it empties the GCS emulator before each image set).
+
+No figure is checked against a target; what is checked is that replaying gives the
+network's own answers without running it again, and that the report a user reads is
+measured from the daemon (every stage's CPU counted, on each daemon it names).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from gannet.dev import bench_plumbing
+from gannet.dev.local_services import LocalServices, Ports
+from gannet.dev.replay import Replay
+from gannet.split_predictor import output_row
+
+
+def test_replay_answers_a_known_input_without_the_network_and_batches_it_back():
+    calls: list[int] = []
+
+    def network(x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        calls.append(len(x))
+        return x.mean(dim=(2, 3)) * 3, [x[:, :1] + 1]
+
+    replay = Replay(network)
+    a, b = torch.rand(1, 3, 64, 96), torch.rand(1, 3, 64, 96)
+    first = replay(torch.cat([a, b]))
+    again = replay(torch.cat([b, a]))  # both known, in another order and batch
+    assert calls == [2]
+    expected = network(torch.cat([b, a]))
+    assert torch.equal(again[0], expected[0]) and torch.equal(again[1][0], expected[1][0])
+    assert torch.equal(output_row(first, 0)[0], output_row(again, 1)[0])
+    replay(torch.cat([a, torch.rand(1, 3, 64, 96)]))  # one new input: the network runs
+    assert calls == [2, 2, 2] and replay.recorded == 4 and replay.replayed == 2
+
+
+@pytest.mark.slow
+def test_plumbing_bench_measures_each_daemon_by_stage_on_one_and_two_cores(tmp_path, capsys):
+    args = argparse.Namespace(
+        images=8,
+        runners=2,
+        rounds=1,
+        sizes=["640x480"],
+        baseline="HEAD",
+        gil=True,
+        state_dir=tmp_path,
+    )
+    with LocalServices(tmp_path / "services", Ports.free()) as services:
+        report = bench_plumbing.run(services, args)
+
+    by_daemon = report["sizes"]["640x480"]
+    assert list(by_daemon) == ["baseline HEAD", "this tree"]
+    for summary in by_daemon.values():
+        assert summary["images_per_s"] > 0 and summary["images_per_s_1_core"] > 0
+        stages = summary["stages_cpu_ms_per_image"]
+        # Every stage of a message's path ran on every image and was charged its CPU.
+        for stage in ("receive", "lookup", "fetch", "decode", "preprocess", "postprocess"):
+            assert stages[stage] > 0, stage
+        for stage in ("result_json", "gcs_write", "sink", "settle", "forward"):
+            assert stages[stage] > 0, stage
+        # The stages and the rest add up to the process's own CPU per image.
+        total = sum(stages.values()) + summary["other_threads_cpu_ms_per_image"]
+        assert total == pytest.approx(summary["cpu_ms_per_image"])
+        assert 0 < summary["gil_ms_per_image"] < summary["cpu_ms_per_image"]
+        assert summary["mean_batch_size"] >= 1
+
+    bench_plumbing.print_report(report)
+    out = capsys.readouterr().out
+    assert "daemon CPU ms per image by stage" in out and "GCS read" in out
