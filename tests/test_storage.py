@@ -34,3 +34,30 @@ def test_sixteen_runners_at_once_keep_their_connections(
             )
     assert read == [f'{{"n":"{n}"}}'.encode() for n in names]
     assert not [r for r in caplog.records if "pool is full" in r.getMessage()]
+
+
+def test_image_reads_say_what_is_wrong_with_the_object(services: LocalServices):
+    """Missing, empty and oversized images are permanent (quarantined with their code);
+    a result written by the daemon is what the client library reads back."""
+    from gannet.errors import ErrorCode, PermanentError
+
+    settings = demo.local_settings(services)
+    storage = Storage(clients.storage_client(settings))
+    bucket = settings.results_bucket
+    prefix = f"reads-{uuid.uuid4().hex[:8]}"
+    blobs = storage.client.bucket(bucket)
+    blobs.blob(f"{prefix}/empty.jpg").upload_from_string(b"")
+    blobs.blob(f"{prefix}/big.jpg").upload_from_string(b"x" * 101)
+    blobs.blob(f"{prefix}/fits.jpg").upload_from_string(b"y" * 100)
+    cases = {"missing.jpg": ErrorCode.IMAGE_NOT_FOUND, "empty.jpg": ErrorCode.IMAGE_UNDECODABLE}
+    cases["big.jpg"] = ErrorCode.IMAGE_TOO_LARGE
+    for name, code in cases.items():
+        with pytest.raises(PermanentError) as err:
+            storage.read(GsUrl.parse(f"gs://{bucket}/{prefix}/{name}"), 100)
+        assert err.value.code == code and name in err.value.message
+    assert storage.read(GsUrl.parse(f"gs://{bucket}/{prefix}/fits.jpg"), 100) == b"y" * 100
+
+    storage.write(bucket, f"{prefix}/r.json", b'{"a":1}', "application/json")
+    blob = blobs.get_blob(f"{prefix}/r.json")
+    assert blob is not None and blob.content_type == "application/json"
+    assert blob.download_as_bytes() == b'{"a":1}'

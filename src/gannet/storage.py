@@ -7,33 +7,26 @@ walk out of it. Storage raises typed errors; it never decides what happens to a 
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import urllib.parse
+import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import google.auth
 import google.cloud.storage as storage
-from google.api_core import exceptions as gexc
+import google_crc32c
+import urllib3
 from google.auth.credentials import AnonymousCredentials, Credentials
 from google.auth.transport.requests import AuthorizedSession
-from requests import exceptions as rexc
+from google.auth.transport.urllib3 import AuthorizedHttp
 from requests.adapters import HTTPAdapter
 
 from gannet.errors import ErrorCode, PermanentError, TransientError
 from gannet.task import GsUrl
-
-TRANSIENT_GCS = (
-    gexc.ServerError,
-    gexc.TooManyRequests,
-    gexc.RequestRangeNotSatisfiable,
-    gexc.Forbidden,  # IAM is fixable without republishing: let the retry policy retry
-    rexc.ConnectionError,
-    rexc.Timeout,
-    ConnectionError,
-    TimeoutError,
-)
 
 
 def make_client(project: str, emulator_host: str | None, connections: int = 10) -> storage.Client:
@@ -100,31 +93,42 @@ def check_image_url(url: GsUrl, tenant_id: str, allowed_buckets: list[str]) -> N
 
 
 class Storage:
-    def __init__(self, client: storage.Client) -> None:
+    def __init__(self, client: storage.Client, connections: int = 16) -> None:
+        """`client` serves configs, models and listings. Image reads and result writes,
+        once per task, go over urllib3 with the client's credentials instead: the client
+        library spent 2.9 ms of CPU per read and per write (about 9 ms of the daemon's 27 ms
+        per image in `gannet bench --plumbing`), urllib3 0.8 ms, with the same requests."""
         self.client = client
+        self._endpoint = client.api_endpoint.rstrip("/")
+        pool = urllib3.PoolManager(
+            maxsize=connections,
+            timeout=urllib3.Timeout(connect=10.0, read=60.0),
+            # A kept-alive connection the server closed is retried once; a response is not.
+            retries=urllib3.Retry(total=2, connect=2, read=1, status=0, redirect=0),
+        )
+        self._http = AuthorizedHttp(client._credentials, http=pool)  # type: ignore[no-untyped-call]
 
     def read(self, url: GsUrl, max_bytes: int) -> bytes:
         """Object bytes, in one request: asking for one byte more than the limit tells us
         an object is too large without downloading all of it."""
         bucket, name = url.bucket, url.name
-        try:
-            data: bytes = (
-                self.client.bucket(bucket)
-                .blob(name)
-                .download_as_bytes(start=0, end=max_bytes, checksum=None)
-            )
-        except gexc.NotFound as exc:
-            raise PermanentError(
-                ErrorCode.IMAGE_NOT_FOUND, f"gs://{bucket}/{name} does not exist"
-            ) from exc
-        except TRANSIENT_GCS as exc:
-            raise TransientError(
-                ErrorCode.DEPENDENCY_UNAVAILABLE, f"reading gs://{bucket}/{name}: {exc}"
-            ) from exc
+        where = f"gs://{bucket}/{name}"
+        media = (
+            f"{self._endpoint}/download/storage/v1/b/{quote(bucket, safe='')}"
+            f"/o/{quote(name, safe='')}?alt=media"
+        )
+        response = self._request("GET", media, where, headers={"Range": f"bytes=0-{max_bytes}"})
+        if response.status == 404:
+            raise PermanentError(ErrorCode.IMAGE_NOT_FOUND, f"{where} does not exist")
+        if response.status == 416:  # GCS: there is no byte 0 to send
+            raise PermanentError(ErrorCode.IMAGE_UNDECODABLE, f"{where} is empty")
+        _check(response, where)
+        data: bytes = response.data
+        if not data:
+            raise PermanentError(ErrorCode.IMAGE_UNDECODABLE, f"{where} is empty")
         if len(data) > max_bytes:
             raise PermanentError(
-                ErrorCode.IMAGE_TOO_LARGE,
-                f"gs://{bucket}/{name} is larger than the {max_bytes}-byte limit",
+                ErrorCode.IMAGE_TOO_LARGE, f"{where} is larger than the {max_bytes}-byte limit"
             )
         return data
 
@@ -132,14 +136,39 @@ class Storage:
         return self.write(bucket, name, encode_json(data), "application/json")
 
     def write(self, bucket: str, name: str, body: bytes, content_type: str) -> str:
+        """One multipart upload (metadata and content in one request, as the client
+        library sends it), with the content's CRC32C for the server to check."""
+        where = f"gs://{bucket}/{name}"
+        checksum = google_crc32c.Checksum(body)  # type: ignore[no-untyped-call]
+        crc = base64.b64encode(checksum.digest()).decode()  # type: ignore[no-untyped-call]
+        meta = json.dumps({"name": name, "contentType": content_type, "crc32c": crc})
+        boundary = "gannet-" + uuid.uuid4().hex
+        payload = b"".join(
+            [
+                f"--{boundary}\r\ncontent-type: application/json; charset=UTF-8\r\n\r\n"
+                f"{meta}\r\n--{boundary}\r\ncontent-type: {content_type}\r\n\r\n".encode(),
+                body,
+                f"\r\n--{boundary}--".encode(),
+            ]
+        )
+        upload = (
+            f"{self._endpoint}/upload/storage/v1/b/{quote(bucket, safe='')}/o?uploadType=multipart"
+        )
+        headers = {"Content-Type": f'multipart/related; boundary="{boundary}"'}
+        response = self._request("POST", upload, where, body=payload, headers=headers)
+        _check(response, where)  # a missing bucket too: fixable without republishing
+        return where
+
+    def _request(
+        self, method: str, url: str, where: str, **kwargs: Any
+    ) -> urllib3.BaseHTTPResponse:
         try:
-            blob = self.client.bucket(bucket).blob(name)
-            blob.upload_from_string(body, content_type=content_type)
-        except (*TRANSIENT_GCS, gexc.NotFound) as exc:
+            response: urllib3.BaseHTTPResponse = self._http.request(method, url, **kwargs)
+        except urllib3.exceptions.HTTPError as exc:
             raise TransientError(
-                ErrorCode.DEPENDENCY_UNAVAILABLE, f"writing gs://{bucket}/{name}: {exc}"
+                ErrorCode.DEPENDENCY_UNAVAILABLE, f"{method} {where}: {exc}"
             ) from exc
-        return f"gs://{bucket}/{name}"
+        return response
 
     def generation(self, url: str) -> str:
         """Object generation: changes on every overwrite, so it versions configs and models."""
@@ -174,6 +203,16 @@ class Storage:
         blob.download_to_filename(str(tmp))
         tmp.rename(target)
         return target
+
+
+def _check(response: urllib3.BaseHTTPResponse, where: str) -> None:
+    """Any other failure is transient: throttling, server errors, IAM and missing
+    buckets are all fixable without republishing, and the retry policy retries."""
+    if response.status not in (200, 206):
+        detail = response.data[:200].decode(errors="replace")
+        raise TransientError(
+            ErrorCode.DEPENDENCY_UNAVAILABLE, f"{where}: HTTP {response.status} {detail}"
+        )
 
 
 def local_version(path: str) -> str:
