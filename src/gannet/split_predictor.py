@@ -19,6 +19,7 @@ import copy
 import threading
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
@@ -46,6 +47,10 @@ class SplitPredictor:
         self._one_by_one = fixed_batch_one
         self._cpu_threads = cpu_threads
         self._local = threading.local()
+        # Detect and segment predictors letterbox in BasePredictor.preprocess; classify
+        # has its own transforms.
+        preprocess = type(self._predictor).preprocess
+        self._letterboxes = preprocess.__qualname__ == "BasePredictor.preprocess"
 
     def start_forward_thread(self) -> None:
         """Called once by the batcher thread. torch's CPU thread count is per OS thread,
@@ -64,11 +69,30 @@ class SplitPredictor:
         return view
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """Runner thread: one BGR image to the (1, 3, H, W) input the network takes,
-        letterboxed exactly as a one-image `model.predict` would."""
+        """Runner thread: one BGR image to a (1, 3, H, W) input, letterboxed exactly as a
+        one-image `model.predict` would (ultralytics' own LetterBox).
+
+        For the predictors that letterbox (detect, segment), the runner stops at RGB
+        uint8: OpenCV splits the channels (2.9 ms down to 0.4 ms per 640x480 image against
+        ultralytics' torch permute, flip and divide, the same values), and the batcher
+        thread makes the batch float on the model's device (4x fewer bytes to a GPU).
+        Others (classify's own transforms) keep ultralytics' preprocess."""
+        view = self._own_copy()
+        if self._letterboxes and image.ndim == 3 and image.shape[2] == 3:
+            (boxed,) = view.pre_transform([image])
+            planes = cv2.split(boxed)  # B, G, R
+            return torch.from_numpy(np.stack(planes[::-1])).unsqueeze(0)
         with torch.inference_mode():
-            inputs: torch.Tensor = self._own_copy().preprocess([image])
+            inputs: torch.Tensor = view.preprocess([image])
         return inputs
+
+    def _model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Batcher thread: a uint8 batch from `preprocess` as the network's float input,
+        as ultralytics computes it (x / 255, FP16 when the model is)."""
+        if x.dtype != torch.uint8:
+            return x
+        x = x.to(self._predictor.device)
+        return (x.half() if self._predictor.model.fp16 else x.float()).div_(255)
 
     @staticmethod
     def shape(inputs: torch.Tensor) -> tuple[int, ...]:
@@ -79,8 +103,9 @@ class SplitPredictor:
         """Batcher thread only: one forward pass over same-shaped inputs, answered per input."""
         with torch.inference_mode():
             if self._one_by_one:
-                return [self._predictor.inference(x) for x in inputs]
-            out = self._predictor.inference(torch.cat(inputs) if len(inputs) > 1 else inputs[0])
+                return [self._predictor.inference(self._model_input(x)) for x in inputs]
+            batch = torch.cat(inputs) if len(inputs) > 1 else inputs[0]
+            out = self._predictor.inference(self._model_input(batch))
             return [output_row(out, i) for i in range(len(inputs))]
 
     def postprocess(self, output: Any, inputs: torch.Tensor, image: np.ndarray, conf: float) -> Any:
