@@ -184,6 +184,7 @@ def build(
         callbacks,
         holder=worker_id(),
         claim_ttl_s=s.claim_ttl_s,
+        stage_cpu=s.stage_cpu,
     )
     return Parts(
         s,

@@ -78,6 +78,12 @@ class Settings(BaseSettings):
         description="Run forward passes as TorchScript traces, which release the GIL "
         "(a model whose trace disagrees with eager mode stays eager).",
     )
+    stage_cpu: bool = Field(
+        False,
+        description="Count each stage's thread CPU in gannet_stage_cpu_seconds (for "
+        "profiling: two clock syscalls per stage, each a point where the kernel can "
+        "preempt a thread that holds the GIL; gannet bench --plumbing turns it on).",
+    )
     batch_size: int = Field(8, ge=1, description="Most images one model call takes.")
     batch_window_ms: float = Field(
         0.0,

@@ -78,6 +78,74 @@ MIGRATIONS: list[tuple[int, str]] = [
         """,
     ),
 ]
+MIGRATIONS.append(
+    (
+        3,
+        """
+        -- A task's two transactions as one call each: the claim (gannet_start) in one
+        -- round trip, the fenced commit in four (BEGIN, gannet_fence, gannet_finish,
+        -- COMMIT) instead of six. Each round trip also costs the daemon a GIL handoff;
+        -- see docs/benchmark.md. SECURITY INVOKER (the default): row-level security
+        -- applies inside, checked against the tenant each function sets first.
+        CREATE FUNCTION gannet_start(p_task text, p_tenant text, p_holder text, p_ttl_s float8)
+        RETURNS TABLE (claimed boolean, task_id text, result jsonb, result_uri text,
+                       callback_status text, left_s float8)
+        LANGUAGE plpgsql AS $fn$
+        BEGIN
+            PERFORM set_config('app.current_tenant', p_tenant, true);
+            RETURN QUERY SELECT false, r.task_id, r.result, r.result_uri, r.callback_status,
+                NULL::float8
+                FROM task_results r WHERE r.task_id = p_task AND r.status = 'succeeded';
+            IF FOUND THEN RETURN; END IF;
+            -- Free, expired or already ours. Another tenant's row fails the update's
+            -- policy check (insufficient_privilege): the task_id is not this tenant's.
+            INSERT INTO task_claims AS c (task_id, tenant_id, holder, expires_at)
+            VALUES (p_task, p_tenant, p_holder, now() + make_interval(secs => p_ttl_s))
+            ON CONFLICT ON CONSTRAINT task_claims_pkey DO UPDATE
+                SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
+                WHERE c.holder = EXCLUDED.holder OR c.expires_at <= now();
+            IF FOUND THEN
+                RETURN QUERY SELECT true, p_task, NULL::jsonb, NULL::text, NULL::text,
+                    NULL::float8;
+                RETURN;
+            END IF;
+            -- Not ours. The holder may have committed while we waited for its lock;
+            -- each statement of a volatile function sees what is committed when it starts.
+            RETURN QUERY SELECT false, r.task_id, r.result, r.result_uri, r.callback_status,
+                NULL::float8
+                FROM task_results r WHERE r.task_id = p_task AND r.status = 'succeeded';
+            IF FOUND THEN RETURN; END IF;
+            RETURN QUERY SELECT false, NULL::text, NULL::jsonb, NULL::text, NULL::text,
+                coalesce((SELECT greatest(0, extract(epoch FROM
+                    least(c.expires_at, now() + interval '1 hour') - now()))::float8
+                    FROM task_claims c WHERE c.task_id = p_task), 0);
+        END
+        $fn$;
+
+        -- The fence: lock the claim row; ours, or (not ours) whether a success stands.
+        CREATE FUNCTION gannet_fence(p_task text, p_tenant text, p_holder text)
+        RETURNS TABLE (mine boolean, committed boolean, left_s float8)
+        LANGUAGE plpgsql AS $fn$
+        DECLARE
+            v_holder text;
+            v_left float8;
+        BEGIN
+            PERFORM set_config('app.current_tenant', p_tenant, true);
+            SELECT c.holder, greatest(0, extract(epoch FROM
+                    least(c.expires_at, now() + interval '1 hour') - now()))::float8
+                INTO v_holder, v_left
+                FROM task_claims c WHERE c.task_id = p_task FOR UPDATE;
+            IF v_holder = p_holder THEN
+                RETURN QUERY SELECT true, false, v_left;
+                RETURN;
+            END IF;
+            RETURN QUERY SELECT false, EXISTS (SELECT 1 FROM task_results r
+                WHERE r.task_id = p_task AND r.status = 'succeeded'), coalesce(v_left, 0);
+        END
+        $fn$;
+        """,
+    )
+)
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 _MIGRATION_LOCK = 0x6A4E_E7  # pg_advisory_xact_lock key: one migrator at a time
 
@@ -102,24 +170,14 @@ _SUCCESS = (
     " WHERE task_id = %s AND status = 'succeeded'"
 )
 
-# Take the claim if it is free, expired or already ours. On another tenant's row the
-# UPDATE's RLS check fails (InsufficientPrivilege): the task_id is not this tenant's.
-_CLAIM = """
-INSERT INTO task_claims AS c (task_id, tenant_id, holder, expires_at)
-VALUES (%(task_id)s, %(tenant_id)s, %(holder)s, now() + make_interval(secs => %(ttl_s)s))
-ON CONFLICT (task_id) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
-WHERE c.holder = EXCLUDED.holder OR c.expires_at <= now()
-RETURNING task_id
-"""
+_START = "SELECT * FROM gannet_start(%s, %s, %s, %s)"
 _RELEASE = "UPDATE task_claims SET expires_at = now() WHERE task_id = %s AND holder = %s"
 # A committed success keeps its claim for good: a worker waiting on the claim's row lock
 # then finds it held, looks again and sees the success, instead of running the task twice.
 _DONE = "UPDATE task_claims SET expires_at = 'infinity' WHERE task_id = %s AND holder = %s"
 # The fence: whoever holds the claim row's lock is the only one who may write the result
 # object and commit, so the object at result_uri is always the committed attempt's.
-_LEFT_S = "greatest(0, extract(epoch FROM least(expires_at, now() + interval '1 hour') - now()))"
-_FENCE = f"SELECT holder, {_LEFT_S}::float AS left_s FROM task_claims WHERE task_id = %s FOR UPDATE"
-_LEFT = f"SELECT {_LEFT_S}::float AS left_s FROM task_claims WHERE task_id = %s"
+_FENCE = "SELECT * FROM gannet_fence(%s, %s, %s)"
 
 _CONFLICT = "task_id is already used by another tenant; task ids must be globally unique"
 
@@ -155,7 +213,9 @@ class Sink:
             max_size=pool_size,
             timeout=timeout_s,
             open=False,
-            kwargs={"autocommit": False, "connect_timeout": 5},
+            # Autocommit: a single statement (gannet_start) is its own transaction, in one
+            # round trip; everything longer runs in conn.transaction() (BEGIN ... COMMIT).
+            kwargs={"autocommit": True, "connect_timeout": 5},
             # No check on every checkout (a round trip per transaction): a broken
             # connection fails its transaction, the task is nacked and retried, and the
             # pool replaces the connection.
@@ -170,11 +230,17 @@ class Sink:
     @contextmanager
     def tenant_transaction(self, tenant_id: str) -> Iterator[psycopg.Cursor[dict[str, Any]]]:
         """A transaction in which RLS sees only `tenant_id`'s rows."""
+        with self._errors(), self.pool.connection() as conn, conn.transaction():
+            cur = conn.cursor(row_factory=dict_row)
+            cur.execute("SELECT set_config('app.current_tenant', %s, true)", (tenant_id,))
+            yield cur
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """PostgreSQL's errors as ours: another tenant's row is permanent, the rest
+        (pool timeouts, lost connections) transient."""
         try:
-            with self.pool.connection() as conn, conn.transaction():
-                cur = conn.cursor(row_factory=dict_row)
-                cur.execute("SELECT set_config('app.current_tenant', %s, true)", (tenant_id,))
-                yield cur
+            yield
         except PoolTimeout as exc:
             raise _transient(exc) from exc
         except psycopg.errors.InsufficientPrivilege as exc:
@@ -188,26 +254,19 @@ class Sink:
             return cur.fetchone()
 
     def start(self, task_id: str, tenant_id: str, holder: str, ttl_s: float) -> Start:
-        """One transaction before any download: a committed success, else the task's claim
-        for `ttl_s`. PermanentError(task_id_conflict) when another tenant owns the id."""
-        with self.tenant_transaction(tenant_id) as cur:
-            cur.execute(_SUCCESS, (task_id,))
-            success = cur.fetchone()
-            if success is not None:
-                return Start(success, claimed=False)
-            params = {"task_id": task_id, "tenant_id": tenant_id, "holder": holder, "ttl_s": ttl_s}
-            cur.execute(_CLAIM, params)
-            if cur.fetchone() is not None:
-                return Start(None, claimed=True)
-            # Not ours. The holder may have committed while we waited for its lock; each
-            # statement sees what is committed when it starts, so this one would see it.
-            cur.execute(_SUCCESS, (task_id,))
-            success = cur.fetchone()
-            if success is not None:
-                return Start(success, claimed=False)
-            cur.execute(_LEFT, (task_id,))
-            held = cur.fetchone()
-            return Start(None, claimed=False, retry_after_s=held["left_s"] if held else 0.0)
+        """One transaction (one round trip, gannet_start) before any download: a committed
+        success, else the task's claim for `ttl_s`. PermanentError(task_id_conflict) when
+        another tenant owns the id."""
+        with self._errors(), self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            cur.execute(_START, (task_id, tenant_id, holder, ttl_s))
+            row = cur.fetchone()
+        assert row is not None  # gannet_start always returns one row
+        if row["claimed"]:
+            return Start(None, claimed=True)
+        if row["task_id"] is not None:
+            return Start(row, claimed=False)
+        return Start(None, claimed=False, retry_after_s=row["left_s"])
 
     def release(self, task_id: str, tenant_id: str, holder: str) -> None:
         """Give the claim up now (the task was nacked), so a redelivery need not wait."""
@@ -224,14 +283,15 @@ class Sink:
         inside the transaction while the claim row is locked, then the row is upserted
         and the claim kept for good. When another worker holds the claim now, nothing is
         written: False if that worker committed a success, else ClaimLost."""
-        with self.tenant_transaction(record.tenant_id) as cur:
-            cur.execute(_FENCE, (record.task_id,))
+        with self._errors(), self.pool.connection() as conn, conn.transaction():
+            cur = conn.cursor(row_factory=dict_row)
+            cur.execute(_FENCE, (record.task_id, record.tenant_id, holder))
             claim = cur.fetchone()
-            if claim is None or claim["holder"] != holder:
-                cur.execute(_SUCCESS, (record.task_id,))
-                if cur.fetchone() is not None:
+            assert claim is not None  # gannet_fence always returns one row
+            if not claim["mine"]:
+                if claim["committed"]:
                     return False
-                raise ClaimLost(claim["left_s"] if claim else 0.0)
+                raise ClaimLost(claim["left_s"])
             write()
             written = _upsert(cur, record)
             cur.execute(_DONE, (record.task_id, holder))

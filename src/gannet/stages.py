@@ -31,16 +31,18 @@ class Timer:
         self._charge = charge_cpu
         self._open: list[str] = []
         self._cpu_mark = 0.0
+        self._cpu = charge_cpu is not _ignore  # the clock is a syscall: only when asked
 
     def stage(self, name: str) -> _Stage:
         return _Stage(self, name)
 
     def _switch(self, to: str | None) -> None:
         """Charge the CPU since the last switch to the stage open until now."""
-        now = time.thread_time()
-        if self._open:
-            self._charge(self._open[-1], now - self._cpu_mark)
-        self._cpu_mark = now
+        if self._cpu:
+            now = time.thread_time()
+            if self._open:
+                self._charge(self._open[-1], now - self._cpu_mark)
+            self._cpu_mark = now
         if to is not None:
             self._open.append(to)
 
