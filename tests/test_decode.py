@@ -42,3 +42,77 @@ def test_pixels_are_bgr_and_upright_per_exif():
     assert red > 150 and blue < 80  # BGR order, as ultralytics expects
     rotated = decode_image(jpeg(64, 32, orientation=6), 10**8)  # phone held upright
     assert rotated.shape == (64, 32, 3)
+
+
+def test_reduced_scale_decode_finds_the_same_objects_within_two_pixels(tmp_path):
+    """A 4032x3024 photo for a 640-pixel detector is decoded at 1/4 scale (about 4x less
+    CPU); the answer must be the one full-size decoding gives: the same detections, each
+    box within 2 px in the photo's own pixels, and the photo's size reported."""
+    from pathlib import Path
+
+    from gannet.config_sources import open_configs
+    from gannet.dev.bench_plumbing import images_for, write_config
+    from gannet.dev.publish import make_task
+    from gannet.metrics import Metrics
+    from gannet.model_cache import ModelCache, yolo_loader
+    from gannet.model_resolver import ModelResolver
+    from gannet.pipeline import Limits, Pipeline, decode_scaled
+    from gannet.stages import Timer
+    from gannet.storage import local_version, read_local
+
+    config = str(write_config(tmp_path))  # the demo detector at imgsz 640, DETECTION
+    cache = ModelCache(yolo_loader(lambda uri, v: Path(uri)), Metrics(), max_batch=1)
+    pipeline = Pipeline(
+        open_configs(config, read_local, local_version),
+        None,  # type: ignore[arg-type] # no GCS: images are decoded here
+        cache,
+        ModelResolver(local_version),
+        Limits(["gannet-images"], 1, 1),
+    )
+    task = make_task("tenant-a", "gs://gannet-images/tenant-a/x.jpg", "DETECTION", "t")
+    route = pipeline.check(task)
+    assert route.decode_floor == 640
+    compared = 0
+    try:
+        for photo in images_for("4032x3024", tmp_path / "images")[:4]:
+            data = photo.read_bytes()
+            answers = []
+            for floor in (None, route.decode_floor):
+                image, scale = decode_scaled(data, 10**8, floor)
+                result = pipeline.run_image(
+                    task, route, image, "cpu", Timer(lambda s, v: None), scale=scale
+                )
+                answers.append(result["detection"])
+            full, reduced = answers
+            assert reduced["image_size"] == full["image_size"] == [4032, 3024]
+            assert len(reduced["detections"]) == len(full["detections"])
+            for a in full["detections"]:  # confidences differ in the third digit: pair by box
+                b = min(reduced["detections"], key=lambda d: _box_distance(a["box"], d["box"]))
+                assert b["class"] == a["class"], (photo.name, a, b)
+                assert _box_distance(a["box"], b["box"]) <= 2.0, (photo.name, a, b)
+                compared += 1
+    finally:
+        cache.close()
+    assert compared >= 8  # the photos do contain objects to compare
+
+
+def test_only_plans_that_report_in_photo_pixels_decode_reduced():
+    from gannet.config_sources import open_configs
+    from gannet.pipeline import decode_floor
+    from gannet.settings import REPO_ROOT
+    from gannet.storage import local_version, read_local
+
+    floors = {}
+    for name in ("demo.yaml", "agro.yaml", "vending.yaml"):
+        loaded = open_configs(str(REPO_ROOT / "configs" / name), read_local, local_version)
+        config = loaded.current()
+        for pipeline in config.config.pipelines:
+            floors[f"{name}:{pipeline}"] = decode_floor(config, config.plan(pipeline))
+    detection_only = {"demo.yaml:DETECTION", "agro.yaml:DETECTION", "vending.yaml:DETECTION"}
+    assert {k: v for k, v in floors.items() if v is not None} == dict.fromkeys(detection_only, 416)
+    # Segmentation (masks, areas), sliced detection and classification crops: full size.
+    assert {"agro.yaml:FIELD_ANALYSIS", "vending.yaml:SHELF_AUDIT"} <= floors.keys()
+
+
+def _box_distance(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))

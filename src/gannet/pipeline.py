@@ -39,6 +39,7 @@ class Route:
 
     loaded: LoadedConfig
     plan: Plan
+    decode_floor: int | None = None  # see decode_scaled; None: decode at full size
 
 
 @dataclass(frozen=True)
@@ -57,16 +58,37 @@ def _pil_open() -> Callable[..., Image.Image]:
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """BGR pixels, upright per EXIF, as ultralytics wants them.
+    """BGR pixels at full size, upright per EXIF, as ultralytics wants them."""
+    return decode_scaled(data, max_pixels, None)[0]
+
+
+# OpenCV's JPEG decode at 1/2, 1/4 and 1/8 of the size (libjpeg's DCT scaling).
+_REDUCED: tuple[tuple[int, int], ...] = (
+    (8, cv2.IMREAD_REDUCED_COLOR_8),
+    (4, cv2.IMREAD_REDUCED_COLOR_4),
+    (2, cv2.IMREAD_REDUCED_COLOR_2),
+)
+
+
+def decode_scaled(
+    data: bytes, max_pixels: int, floor: int | None
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """BGR pixels, upright per EXIF, and the (x, y) factors back to the photo's pixels.
 
     The header is read first (PIL, lazy) so an oversized image is refused before its
     pixels are decoded; OpenCV then decodes about 4x faster than PIL would, straight to
-    BGR, and applies the EXIF orientation itself.
+    BGR, and applies the EXIF orientation itself. With a `floor` (the model input's side,
+    for plans whose steps all report in the photo's pixels), a JPEG whose longer side is
+    at least twice the floor is decoded at 1/2, 1/4 or 1/8 scale, never below the floor:
+    the model would shrink it that far anyway, and the decoder skips most of the work
+    (a 4032x3024 photo: 110 ms of CPU at full size, about 25 ms at 1/4).
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            width, height = _pil_open()(io.BytesIO(data)).size
+            header = _pil_open()(io.BytesIO(data))
+            (width, height), kind = header.size, header.format
+            upright = header.getexif().get(_ORIENTATION, 1) not in (5, 6, 7, 8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PermanentError(ErrorCode.IMAGE_TOO_LARGE, str(exc)) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -78,10 +100,29 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             ErrorCode.IMAGE_TOO_LARGE,
             f"image is {width}x{height} pixels; the limit is {max_pixels} pixels",
         )
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    flags = cv2.IMREAD_COLOR
+    if floor and kind == "JPEG":  # other formats decode in full, then resize: no gain
+        longer = max(width, height)
+        flags = next((f for factor, f in _REDUCED if longer // factor >= floor), flags)
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
     if image is None:
         raise PermanentError(ErrorCode.IMAGE_UNDECODABLE, "the image data is corrupt")
-    return image
+    out_w, out_h = (width, height) if upright else (height, width)
+    return image, (out_w / image.shape[1], out_h / image.shape[0])
+
+
+_ORIENTATION = 0x0112  # EXIF tag: 5-8 turn the photo a quarter
+
+
+def decode_floor(loaded: LoadedConfig, plan: Plan) -> int | None:
+    """The smallest side a photo may be decoded at for this plan: the largest input of
+    the models it uses, when every step reports in the photo's pixels from a reduced
+    image (detection, estimation); None (full size) when a step needs every pixel
+    (sliced detection, segmentation masks and areas, classification crops)."""
+    if not all(bound.step.scalable for bound in plan):
+        return None
+    sizes = [loaded.config.models[kind].imgsz for bound in plan for kind in bound.step.needs]
+    return max(sizes, default=None)
 
 
 class Pipeline:
@@ -105,7 +146,7 @@ class Pipeline:
         loaded = self.configs.for_tenant(task.tenant_id)
         plan = loaded.plan(task.pipeline)
         check_image_url(task.image_url, task.tenant_id, self.limits.allowed_buckets)
-        return Route(loaded, plan)
+        return Route(loaded, plan, decode_floor(loaded, plan))
 
     def run(self, task: Task, route: Route, device: str, timer: Timer) -> dict[str, Any]:
         """Fetch, decode and run the steps; `route` is what check() returned for this task."""
@@ -113,8 +154,8 @@ class Pipeline:
         with timer.stage("fetch"):
             data = self.storage.read(task.image_url, self.limits.max_image_bytes)
         with timer.stage("decode"):
-            image = decode_image(data, self.limits.max_image_pixels)
-        return self.run_image(task, route, image, device, timer, started)
+            image, scale = decode_scaled(data, self.limits.max_image_pixels, route.decode_floor)
+        return self.run_image(task, route, image, device, timer, started, scale)
 
     def run_image(
         self,
@@ -124,8 +165,10 @@ class Pipeline:
         device: str,
         timer: Timer,
         started: float | None = None,
+        scale: tuple[float, float] = (1.0, 1.0),
     ) -> dict[str, Any]:
-        """The steps of the task's pipeline on a decoded image, as the result JSON."""
+        """The steps of the task's pipeline on a decoded image, as the result JSON;
+        `scale` maps the image's pixels to the photo's (see decode_scaled)."""
         started = time.perf_counter() if started is None else started
         loaded = route.loaded
 
@@ -133,7 +176,9 @@ class Pipeline:
             key = self.resolver.key(loaded, kind, task.tenant_id, device)
             return self.cache.predict(key, images, conf, timer)
 
-        ctx = StepContext(task=task, image=image, config=loaded.config, predict=predict)
+        ctx = StepContext(
+            task=task, image=image, config=loaded.config, predict=predict, scale=scale
+        )
         for step in route.plan:
             with timer.stage(step.name):
                 step.run(ctx)

@@ -49,6 +49,15 @@ class StepContext:
     result: dict[str, Any] = field(default_factory=dict)
     # Between steps, never serialised: segment masks at image resolution.
     segment_masks: list[np.ndarray] | None = None
+    # (x, y) from the image's pixels to the photo's: not 1 when the photo was decoded at
+    # a reduced scale (only for plans of scalable steps; pipeline.decode_scaled).
+    scale: tuple[float, float] = (1.0, 1.0)
+
+    @property
+    def image_size(self) -> list[int]:
+        """The photo's [width, height], whatever scale it was decoded at."""
+        height, width = self.image.shape[:2]
+        return [round(width * self.scale[0]), round(height * self.scale[1])]
 
     def threshold(self, spec: ModelSpec, params: ModelStepParams) -> float:
         """confidence_override (task) > the step's threshold > the model's threshold."""
@@ -77,6 +86,9 @@ class Step(Generic[P]):
     params: type[P]
     needs: tuple[ModelKind, ...] = ()
     after: tuple[str, ...] = ()  # at least one of these must run earlier in the pipeline
+    # Right on an image decoded at a reduced scale: it reports pixels through ctx.scale
+    # and its models would shrink the photo to their input anyway.
+    scalable: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,9 +119,10 @@ class Registry:
         params: type[P],
         needs: tuple[ModelKind, ...] = (),
         after: tuple[str, ...] = (),
+        scalable: bool = False,
     ) -> Callable[[StepFn[P]], StepFn[P]]:
         def add(fn: StepFn[P]) -> StepFn[P]:
-            self._steps[name] = Step(name, fn, params, needs, after)
+            self._steps[name] = Step(name, fn, params, needs, after, scalable)
             return fn
 
         return add

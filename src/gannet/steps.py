@@ -65,9 +65,14 @@ STEPS = Registry()
 
 
 def boxes_to_detections(
-    result: Any, conf: float, keep: list[str], offset: tuple[float, float] = (0.0, 0.0)
+    result: Any,
+    conf: float,
+    keep: list[str],
+    offset: tuple[float, float] = (0.0, 0.0),
+    scale: tuple[float, float] = (1.0, 1.0),
 ) -> list[dict[str, Any]]:
-    """Plain-JSON detections from one ultralytics result, filtered by threshold and class."""
+    """Plain-JSON detections from one ultralytics result, filtered by threshold and class;
+    boxes scaled by `scale`, then moved by `offset`, into the photo's pixels."""
     boxes = result.boxes
     if boxes is None or len(boxes) == 0:
         return []
@@ -75,6 +80,7 @@ def boxes_to_detections(
     confs = boxes.conf.cpu().numpy()
     classes = boxes.cls.cpu().numpy().astype(int)
     dx, dy = offset
+    sx, sy = scale
     out = []
     for (x1, y1, x2, y2), score, cls in zip(xyxy, confs, classes, strict=True):
         name = result.names[int(cls)]
@@ -84,7 +90,10 @@ def boxes_to_detections(
             {
                 "class": name,
                 "confidence": round(float(score), 4),
-                "box": [round(float(v), 1) for v in (x1 + dx, y1 + dy, x2 + dx, y2 + dy)],
+                "box": [
+                    round(float(v), 1)
+                    for v in (x1 * sx + dx, y1 * sy + dy, x2 * sx + dx, y2 * sy + dy)
+                ],
             }
         )
     return out
@@ -92,10 +101,6 @@ def boxes_to_detections(
 
 def count_by_class(items: list[dict[str, Any]], key: str = "class") -> dict[str, int]:
     return dict(sorted(Counter(item[key] for item in items if item[key] is not None).items()))
-
-
-def _image_size(image: np.ndarray) -> list[int]:
-    return [int(image.shape[1]), int(image.shape[0])]
 
 
 # --------------------------------------------------------------------------- segmentation
@@ -191,18 +196,18 @@ def _detection_result(
         "detections": found,
         "counts": count_by_class(found),
         "confidence_threshold": conf,
-        "image_size": _image_size(ctx.image),
+        "image_size": ctx.image_size,
         **extra,
     }
 
 
-@STEPS.register("detection", DetectionParams, needs=("detection",))
+@STEPS.register("detection", DetectionParams, needs=("detection",), scalable=True)
 def detection(ctx: StepContext, params: DetectionParams) -> None:
     """Boxes on the whole image; segment-aware when segmentation ran before it."""
     spec = ctx.model_spec("detection")
     conf = ctx.threshold(spec, params)
     (result,) = ctx.predict("detection", [ctx.image], conf)
-    found = boxes_to_detections(result, conf, ctx.classes(spec, params))
+    found = boxes_to_detections(result, conf, ctx.classes(spec, params), scale=ctx.scale)
     _detection_result(ctx, params, found, conf, {})
 
 
@@ -343,6 +348,7 @@ def classification(ctx: StepContext, params: ClassificationParams) -> None:
     "estimation",
     EstimationParams,
     after=("detection", "sliced_detection", "segmentation"),
+    scalable=True,  # boxes come in the photo's pixels; coverage needs segmentation (full)
 )
 def estimation(ctx: StepContext, params: EstimationParams) -> None:
     """Counts per class and per segment, mask coverage, and sizes (cm with px_per_cm)."""
