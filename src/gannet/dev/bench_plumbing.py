@@ -82,7 +82,7 @@ class Daemon:
     """One daemon to measure: this tree's, or a baseline commit's src/."""
 
     name: str
-    src: Path | None  # None: this tree as installed
+    src: Path  # its src/, first on PYTHONPATH
 
 
 def synthetic_module() -> ModuleType:
@@ -181,8 +181,7 @@ def measure(
         "GANNET_TORCH_THREADS": "1",
         "GANNET_STAGE_CPU": "1" if stage_cpu else "0",
     }
-    if daemon.src is not None:
-        env["PYTHONPATH"] = str(daemon.src)
+    env["PYTHONPATH"] = str(daemon.src)
     command = ["taskset", "-c", cpus, sys.executable, "-m", "gannet.dev.replay"]
     proc = demo.DaemonProcess(env, log_path, command=command)
     publisher, _ = clients.pubsub_clients(queue)
@@ -345,7 +344,12 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 def run(services: LocalServices, args: argparse.Namespace) -> dict[str, Any]:
     base = demo.local_settings(services)
     demo.prepare(services, base)
-    daemons = [Daemon("this tree", None)]
+    # The daemon under test runs from a copy of src/ taken now, so editing the tree
+    # while the bench runs (the package is installed editable) cannot change it midway.
+    snapshot = args.state_dir / "bench" / "this-tree"
+    shutil.rmtree(snapshot, ignore_errors=True)
+    shutil.copytree(REPO_ROOT / "src", snapshot / "src")
+    daemons = [Daemon("this tree", snapshot / "src")]
     if args.baseline:
         src = baseline_src(args.baseline, args.state_dir / "bench")
         daemons.insert(0, Daemon(f"baseline {args.baseline}", src))
