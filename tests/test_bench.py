@@ -31,6 +31,12 @@ def test_bench_runs_every_measurement_and_reports_consistent_ratios(tmp_path, ca
         assert min(a, b, c, r["bare_model"]["batched_images_per_s"]) > 0
         assert r["ratios"]["daemon_vs_bare_model"] == pytest.approx(b / a)
         assert r["ratios"]["daemon_vs_one_at_a_time"] == pytest.approx(b / c)
+        best = max(
+            a,
+            r["bare_model"]["batched_images_per_s"],
+            r["bare_model"].get("traced_images_per_s", a),
+        )
+        assert r["ratios"]["daemon_vs_best_bare_model"] == pytest.approx(b / best)
         cpu = r["daemon"]["cpu_ms_per_image"]
         # Where the CPU went: the daemon and every emulator must be accounted for.
         assert {"daemon", "pubsub", "gcs", "postgres", "bench"} <= cpu.keys()
@@ -41,3 +47,4 @@ def test_bench_runs_every_measurement_and_reports_consistent_ratios(tmp_path, ca
     bench.print_report(report)
     out = capsys.readouterr().out
     assert "median b/a" in out and "CPU per image during (b)" in out
+    assert "b/a(best bare" in out

@@ -263,6 +263,9 @@ def one_round(
             "daemon_vs_bare_model": b / a,
             "daemon_vs_bare_model_batched": b / bare["batched_images_per_s"],
             "daemon_vs_bare_model_traced": b / bare.get("traced_images_per_s", a),
+            # Against whichever bare figure is highest: the model alone at its best.
+            "daemon_vs_best_bare_model": b
+            / max(a, bare["batched_images_per_s"], bare.get("traced_images_per_s", a)),
             "daemon_vs_one_at_a_time": b / c,
         },
     }
@@ -339,7 +342,9 @@ def print_report(report: dict[str, Any]) -> None:
         + f" ({rounds[-1]['daemon']['cores_busy']:.2f} of {os.cpu_count()} cores busy)"
     )
     print(
-        f"\nmedian b/a = {median['daemon_vs_bare_model']:.2f}   (target >= 0.9)"
+        f"\nmedian b/a = {median['daemon_vs_bare_model']:.2f}"
+        f"\nmedian b/a(best bare: per call, batched or traced) = "
+        f"{median['daemon_vs_best_bare_model']:.2f}   (target >= 0.9)"
         f"\nmedian b/a(batched) = {median['daemon_vs_bare_model_batched']:.2f}"
         f"\nmedian b/a(traced) = {median['daemon_vs_bare_model_traced']:.2f}"
         f"\nmedian b/c = {median['daemon_vs_one_at_a_time']:.2f}   (target >= 1.3)"

@@ -45,7 +45,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plumbing:
         from gannet.dev import bench_plumbing
 
+        args.runners = args.runners or Settings().runners
         return bench_plumbing.main(args)
+    args.runners = args.runners or 8
     from gannet.dev import bench
 
     return bench.main(args)
@@ -180,7 +182,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="--plumbing: skip the py-spy run that measures GIL-held time",
     )
     p.add_argument("--images", type=int, default=256, help="tasks per measurement (default 256)")
-    p.add_argument("--runners", type=int, default=8, help="daemon runner threads (default 8)")
+    p.add_argument(
+        "--runners",
+        type=int,
+        default=None,
+        help="daemon runner threads (default 8; with --plumbing the daemon's own default, "
+        "GANNET_RUNNERS)",
+    )
     p.add_argument(
         "--rounds",
         type=int,
