@@ -116,3 +116,15 @@ def test_only_plans_that_report_in_photo_pixels_decode_reduced():
 
 def _box_distance(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def test_reduced_decode_scales_back_to_the_upright_photo():
+    """A phone photo stored landscape with an EXIF quarter turn: decoded reduced and
+    upright, its factors map the image back onto the upright photo's own pixels."""
+    from gannet.pipeline import decode_scaled
+
+    image, (sx, sy) = decode_scaled(jpeg(2001, 1001, orientation=8), 10**8, floor=400)
+    assert image.shape[:2] == (501, 251)  # upright: 1001 wide, 2001 high, at 1/4
+    assert (sx * 251, sy * 501) == pytest.approx((1001, 2001))
+    full, scale = decode_scaled(jpeg(2001, 1001), 10**8, floor=None)
+    assert full.shape[:2] == (1001, 2001) and scale == (1.0, 1.0)

@@ -88,7 +88,6 @@ def decode_scaled(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             header = _pil_open()(io.BytesIO(data))
             (width, height), kind = header.size, header.format
-            upright = header.getexif().get(_ORIENTATION, 1) not in (5, 6, 7, 8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PermanentError(ErrorCode.IMAGE_TOO_LARGE, str(exc)) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -100,18 +99,22 @@ def decode_scaled(
             ErrorCode.IMAGE_TOO_LARGE,
             f"image is {width}x{height} pixels; the limit is {max_pixels} pixels",
         )
-    flags = cv2.IMREAD_COLOR
+    factor, flags = 1, cv2.IMREAD_COLOR
     if floor and kind == "JPEG":  # other formats decode in full, then resize: no gain
         longer = max(width, height)
-        flags = next((f for factor, f in _REDUCED if longer // factor >= floor), flags)
+        factor, flags = next(((f, m) for f, m in _REDUCED if longer // f >= floor), (1, flags))
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
     if image is None:
         raise PermanentError(ErrorCode.IMAGE_UNDECODABLE, "the image data is corrupt")
-    out_w, out_h = (width, height) if upright else (height, width)
-    return image, (out_w / image.shape[1], out_h / image.shape[0])
-
-
-_ORIENTATION = 0x0112  # EXIF tag: 5-8 turn the photo a quarter
+    if factor == 1:
+        return image, (1.0, 1.0)
+    # The photo is width x height before its EXIF turn; OpenCV turned it upright after
+    # scaling (rounding each side up). Of the two ways to pair the sides, the right one
+    # gives factors near `factor` on both axes (for a square photo both are the same).
+    out_h, out_w = image.shape[:2]
+    pairs = [(width / out_w, height / out_h), (height / out_w, width / out_h)]
+    scale = min(pairs, key=lambda p: abs(p[0] - factor) + abs(p[1] - factor))
+    return image, scale
 
 
 def decode_floor(loaded: LoadedConfig, plan: Plan) -> int | None:
