@@ -38,6 +38,20 @@ def test_replay_answers_a_known_input_without_the_network_and_batches_it_back():
     assert calls == [2, 2, 2] and replay.recorded == 4 and replay.replayed == 2
 
 
+def test_a_wrong_image_set_or_baseline_is_refused_before_anything_starts():
+    from gannet.errors import CommandError
+
+    def args(**kw: object) -> argparse.Namespace:
+        return argparse.Namespace(**{"sizes": None, "baseline": None, **kw})
+
+    with pytest.raises(CommandError, match="choose from 640x480"):
+        bench_plumbing.check_args(args(sizes=["640x48"]))
+    # 87be843 is this project's commit just before the plumbing mode existed.
+    with pytest.raises(CommandError, match="plumbing-baseline"):
+        bench_plumbing.check_args(args(baseline="87be843"))
+    bench_plumbing.check_args(args(sizes=["mix"], baseline="HEAD"))
+
+
 @pytest.mark.slow
 def test_plumbing_bench_measures_each_daemon_by_stage_on_one_and_two_cores(tmp_path, capsys):
     args = argparse.Namespace(

@@ -48,6 +48,7 @@ from gannet.dev import demo, stack
 from gannet.dev.bench import TENANT, wait_committed
 from gannet.dev.local_services import LocalServices, Ports
 from gannet.dev.publish import make_task, publish_tasks
+from gannet.errors import CommandError
 from gannet.settings import REPO_ROOT, Settings
 from gannet.storage import Storage
 from gannet.text import format_table
@@ -411,7 +412,28 @@ def print_report(report: dict[str, Any]) -> None:
         print(format_table(["stage", *names], stage_rows))
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse a typo before minutes of services and daemons, saying what would work."""
+    unknown = [size for size in args.sizes or () if size not in SIZES]
+    if unknown:
+        raise CommandError(
+            f"unknown image set {', '.join(unknown)}; choose from {', '.join(SIZES)}"
+        )
+    if args.baseline:
+        spec = f"{args.baseline}:src/gannet/dev/replay.py"
+        found = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "cat-file", "-e", spec], capture_output=True
+        )
+        if found.returncode != 0:
+            raise CommandError(
+                f"--baseline {args.baseline}: no such commit in this clone, or it predates "
+                "the plumbing mode (no src/gannet/dev/replay.py). The daemon from before "
+                "the hot-path work is the tag plumbing-baseline."
+            )
+
+
 def main(args: argparse.Namespace) -> int:
+    check_args(args)
     ports = Ports(args.pubsub_port, args.gcs_port, args.postgres_port)
     with LocalServices(args.state_dir / "bench", ports) as services:
         report = run(services, args)

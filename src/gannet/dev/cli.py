@@ -173,7 +173,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--baseline",
         metavar="REV",
         help="--plumbing: also measure the daemon of git commit REV, interleaved with "
-        "this tree's (REV must have gannet/dev/replay.py)",
+        "this tree's (REV must have gannet/dev/replay.py; the tag plumbing-baseline is "
+        "the daemon before the hot-path work)",
     )
     p.add_argument(
         "--no-gil",
