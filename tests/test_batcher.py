@@ -72,7 +72,7 @@ def test_requests_queued_during_a_forward_pass_share_the_next_call():
     forward = Forward()
     sizes: list[int] = []
     batcher, submit = start_behind_a_running_call(
-        forward, on_batch=lambda size, seconds, cpu: sizes.append(size)
+        forward, on_batch=lambda size, seconds: sizes.append(size)
     )
     items = [image(i) for i in range(1, 5)]
     futures = submit(items[:1]) + batcher.submit(items[1:3]) + batcher.submit(items[3:])

@@ -98,7 +98,6 @@ def test_reduced_scale_decode_finds_the_same_objects_within_two_pixels(tmp_path)
 
 def test_only_plans_that_report_in_photo_pixels_decode_reduced():
     from gannet.config_sources import open_configs
-    from gannet.pipeline import decode_floor
     from gannet.settings import REPO_ROOT
     from gannet.storage import local_version, read_local
 
@@ -107,7 +106,7 @@ def test_only_plans_that_report_in_photo_pixels_decode_reduced():
         loaded = open_configs(str(REPO_ROOT / "configs" / name), read_local, local_version)
         config = loaded.current()
         for pipeline in config.config.pipelines:
-            floors[f"{name}:{pipeline}"] = decode_floor(config, config.plan(pipeline))
+            floors[f"{name}:{pipeline}"] = config.decode_floors[pipeline]
     detection_only = {"demo.yaml:DETECTION", "agro.yaml:DETECTION", "vending.yaml:DETECTION"}
     assert {k: v for k, v in floors.items() if v is not None} == dict.fromkeys(detection_only, 416)
     # Segmentation (masks, areas), sliced detection and classification crops: full size.

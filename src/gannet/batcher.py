@@ -42,21 +42,24 @@ class Batcher:
         forward: ForwardFn,
         max_batch: int,
         window_s: float,
-        on_batch: Callable[[int, float, float], None] | None = None,
+        on_batch: Callable[[int, float], None] | None = None,
         group: Callable[[Any], Hashable] = lambda item: None,
         on_start: Callable[[], None] = lambda: None,
+        on_cpu: Callable[[float], None] | None = None,
     ) -> None:
         """`group` says which inputs can share one call of `forward` (same tensor shape);
         `on_start` runs in the batcher's own thread before anything else (torch's CPU
-        thread count is a per-thread setting); `on_batch(size, wall s, this thread's CPU s)`
-        after each forward pass (torch's own worker threads are not in that CPU)."""
+        thread count is a per-thread setting); `on_batch(size, wall seconds)` after each
+        forward pass, and `on_cpu(this thread's CPU seconds)` when given (its clock is a
+        syscall; torch's own worker threads are not in that CPU)."""
         self.name = name
         self._on_start = on_start
         self._forward = forward
         self._group = group
         self._max_batch = max_batch
         self._window_s = window_s
-        self._on_batch = on_batch or (lambda size, seconds, cpu_seconds: None)
+        self._on_batch = on_batch or (lambda size, seconds: None)
+        self._on_cpu = on_cpu
         self._queue: queue.Queue[_Request | object] = queue.Queue()
         self._closed = False
         self._close_lock = threading.Lock()
@@ -104,7 +107,8 @@ class Batcher:
         return batch, False
 
     def _run(self, batch: list[_Request]) -> None:
-        started, cpu_started = time.perf_counter(), time.thread_time()
+        started = time.perf_counter()
+        cpu_started = time.thread_time() if self._on_cpu else 0.0
         try:
             results = self._forward([r.item for r in batch])
             if len(results) != len(batch):
@@ -113,7 +117,9 @@ class Batcher:
             for request in batch:
                 request.future.set_exception(exc)
             return
-        self._on_batch(len(batch), time.perf_counter() - started, time.thread_time() - cpu_started)
+        self._on_batch(len(batch), time.perf_counter() - started)
+        if self._on_cpu:
+            self._on_cpu(time.thread_time() - cpu_started)
         for request, result in zip(batch, results, strict=True):
             request.future.set_result(result)
 

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from gannet.config_schema import ConfigError, DeploymentConfig, IndustryConfig, ModelSpec
 from gannet.errors import ErrorCode, PermanentError
-from gannet.step_registry import Plan
+from gannet.step_registry import Plan, decode_floor
 from gannet.steps import STEPS
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,10 @@ def parse_config(text: str, source: str, version: str = "") -> LoadedConfig:
         plans = STEPS.compile(config)
     except ValueError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
-    return LoadedConfig(config=config, plans=plans, uri=source, version=version)
+    floors = {name: decode_floor(config, plan) for name, plan in plans.items()}
+    return LoadedConfig(
+        config=config, plans=plans, uri=source, version=version, decode_floors=floors
+    )
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ class LoadedConfig:
     plans: Mapping[str, Plan]
     uri: str
     version: str  # mtime/size for files, object generation for gs://
+    # Per pipeline, once per load rather than per message: see step_registry.decode_floor.
+    decode_floors: Mapping[str, int | None]
 
     def plan(self, pipeline: str) -> Plan:
         """The pipeline's bound steps, or PermanentError(unknown_pipeline)."""

@@ -162,6 +162,7 @@ def build(
         window_s=s.batch_window_ms / 1000,
         budget_bytes=s.model_memory_budget_mb * 1024 * 1024 or None,
         cpu_threads=s.torch_threads,
+        stage_cpu=s.stage_cpu,
     )
     lister = tenant_model_lister(storage.client, s.models_bucket) if s.models_bucket else None
     resolver = ModelResolver(

@@ -24,7 +24,7 @@ from gannet.batcher import Batcher, BatcherClosed
 from gannet.errors import ErrorCode, TransientError
 from gannet.metrics import Metrics
 from gannet.split_predictor import SplitPredictor
-from gannet.stages import Timer
+from gannet.stages import Timer, ignore
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,13 @@ class ModelCache:
         window_s: float = 0.005,
         budget_bytes: int | None = None,
         cpu_threads: int | None = None,
+        stage_cpu: bool = False,
     ) -> None:
-        """`cpu_threads`: torch CPU threads for each model's forward passes."""
+        """`cpu_threads`: torch CPU threads for each model's forward passes; `stage_cpu`:
+        charge their thread CPU to the stage counter (GANNET_STAGE_CPU)."""
         self._load = load
         self._cpu_threads = cpu_threads
+        self._stage_cpu = stage_cpu
         self._metrics = metrics
         self._max_batch = max_batch
         self._window_s = window_s
@@ -133,9 +136,12 @@ class ModelCache:
             predictor.forward,
             self._max_batch,
             self._window_s,
-            on_batch=self._on_batch,
+            on_batch=lambda size, seconds: self._metrics.batch_size.observe(size),
             group=predictor.shape,
             on_start=predictor.start_forward_thread,
+            on_cpu=self._metrics.stage_cpu_seconds.labels("forward").inc
+            if self._stage_cpu
+            else None,
         )
         self._metrics.model_loads.labels(key.label(), key.device).inc()
         log.info(
@@ -157,10 +163,6 @@ class ModelCache:
             task=str(model.task),
             last_used=time.monotonic(),
         )
-
-    def _on_batch(self, size: int, seconds: float, cpu_seconds: float) -> None:
-        self._metrics.batch_size.observe(size)
-        self._metrics.stage_cpu_seconds.labels("forward").inc(cpu_seconds)
 
     def _evict_over_budget(self, keep: ModelKey) -> list[LoadedModel]:
         if self._budget is None:
@@ -184,7 +186,7 @@ class ModelCache:
 
         The calling runner letterboxes its images and does NMS on the answers itself, so
         the model's batcher thread spends its time on forward passes alone."""
-        timer = timer or Timer(_ignore)
+        timer = timer or Timer(ignore)
         for _ in range(3):
             entry = self.get(key)
             with timer.stage("preprocess"):
@@ -216,10 +218,6 @@ class ModelCache:
         deadline = time.monotonic() + timeout_s
         for entry in entries:
             entry.batcher.join(timeout=max(0.0, deadline - time.monotonic()))
-
-
-def _ignore(stage: str, seconds: float) -> None:
-    """Callers without a task's Timer (warm-up, tools) keep no timings."""
 
 
 def _predict_options(key: ModelKey) -> dict[str, Any]:

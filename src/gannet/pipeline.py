@@ -117,17 +117,6 @@ def decode_scaled(
     return image, scale
 
 
-def decode_floor(loaded: LoadedConfig, plan: Plan) -> int | None:
-    """The smallest side a photo may be decoded at for this plan: the largest input of
-    the models it uses, when every step reports in the photo's pixels from a reduced
-    image (detection, estimation); None (full size) when a step needs every pixel
-    (sliced detection, segmentation masks and areas, classification crops)."""
-    if not all(bound.step.scalable for bound in plan):
-        return None
-    sizes = [loaded.config.models[kind].imgsz for bound in plan for kind in bound.step.needs]
-    return max(sizes, default=None)
-
-
 class Pipeline:
     def __init__(
         self,
@@ -149,7 +138,7 @@ class Pipeline:
         loaded = self.configs.for_tenant(task.tenant_id)
         plan = loaded.plan(task.pipeline)
         check_image_url(task.image_url, task.tenant_id, self.limits.allowed_buckets)
-        return Route(loaded, plan, decode_floor(loaded, plan))
+        return Route(loaded, plan, loaded.decode_floors[task.pipeline])
 
     def run(self, task: Task, route: Route, device: str, timer: Timer) -> dict[str, Any]:
         """Fetch, decode and run the steps; `route` is what check() returned for this task."""

@@ -77,8 +77,6 @@ MIGRATIONS: list[tuple[int, str]] = [
             WITH CHECK (tenant_id = current_setting('app.current_tenant', true));
         """,
     ),
-]
-MIGRATIONS.append(
     (
         3,
         """
@@ -179,8 +177,8 @@ MIGRATIONS.append(
         END
         $fn$;
         """,
-    )
-)
+    ),
+]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 _MIGRATION_LOCK = 0x6A4E_E7  # pg_advisory_xact_lock key: one migrator at a time
 
@@ -334,7 +332,7 @@ class Sink:
                     return False
                 raise ClaimLost(claim["left_s"])
             write()
-            cur.execute(_FINISH, _finish_params(record, holder))
+            cur.execute(_FINISH, {**_params(record), "holder": holder})
             row = cur.fetchone()
         assert row is not None
         return bool(row["written"])
@@ -365,10 +363,6 @@ def _params(record: TaskResult) -> dict[str, Any]:
     params["result"] = Jsonb(record.result) if record.result is not None else None
     params["timings"] = Jsonb(record.timings)
     return params
-
-
-def _finish_params(record: TaskResult, holder: str) -> dict[str, Any]:
-    return {**_params(record), "holder": holder}
 
 
 def _upsert(cur: psycopg.Cursor[dict[str, Any]], record: TaskResult) -> bool:

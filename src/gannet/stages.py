@@ -16,14 +16,15 @@ from collections.abc import Callable
 Observe = Callable[[str, float], None]  # (stage, seconds)
 
 
-def _ignore(stage: str, seconds: float) -> None:
-    """The default sink for CPU seconds: tests and tools that only want wall time."""
+def ignore(stage: str, seconds: float) -> None:
+    """Keeps nothing: the default sink for CPU seconds, and the observer of callers that
+    want no timings at all (warm-up, tools)."""
 
 
 class Timer:
     """One task's stages on one thread; not shared between threads."""
 
-    def __init__(self, observe: Observe, charge_cpu: Observe = _ignore) -> None:
+    def __init__(self, observe: Observe, charge_cpu: Observe = ignore) -> None:
         """`observe(stage, wall seconds)` once per stage; `charge_cpu(stage, cpu
         seconds)` whenever a stage ends or a nested one begins."""
         self.timings: dict[str, float] = {}
@@ -31,7 +32,7 @@ class Timer:
         self._charge = charge_cpu
         self._open: list[str] = []
         self._cpu_mark = 0.0
-        self._cpu = charge_cpu is not _ignore  # the clock is a syscall: only when asked
+        self._cpu = charge_cpu is not ignore  # the clock is a syscall: only when asked
 
     def stage(self, name: str) -> _Stage:
         return _Stage(self, name)

@@ -109,6 +109,17 @@ class BoundStep(Generic[P]):
 Plan = tuple[BoundStep[Any], ...]
 
 
+def decode_floor(config: IndustryConfig, plan: Plan) -> int | None:
+    """The smallest side a photo may be decoded at for this plan: the largest input of
+    the models it uses, when every step reports in the photo's pixels from a reduced
+    image (detection, estimation); None (full size) when a step needs every pixel
+    (sliced detection, segmentation masks and areas, classification crops)."""
+    if not all(bound.step.scalable for bound in plan):
+        return None
+    sizes = [config.models[kind].imgsz for bound in plan for kind in bound.step.needs]
+    return max(sizes, default=None)
+
+
 class Registry:
     def __init__(self) -> None:
         self._steps: dict[str, Step[Any]] = {}

@@ -14,7 +14,6 @@ import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import google.auth
 import google.cloud.storage as storage
@@ -113,10 +112,7 @@ class Storage:
         an object is too large without downloading all of it."""
         bucket, name = url.bucket, url.name
         where = f"gs://{bucket}/{name}"
-        media = (
-            f"{self._endpoint}/download/storage/v1/b/{quote(bucket, safe='')}"
-            f"/o/{quote(name, safe='')}?alt=media"
-        )
+        media = f"{self._objects('download', bucket)}/{urllib.parse.quote(name, safe='')}?alt=media"
         response = self._request("GET", media, where, headers={"Range": f"bytes=0-{max_bytes}"})
         if response.status == 404:
             raise PermanentError(ErrorCode.IMAGE_NOT_FOUND, f"{where} does not exist")
@@ -151,13 +147,15 @@ class Storage:
                 f"\r\n--{boundary}--".encode(),
             ]
         )
-        upload = (
-            f"{self._endpoint}/upload/storage/v1/b/{quote(bucket, safe='')}/o?uploadType=multipart"
-        )
+        upload = f"{self._objects('upload', bucket)}?uploadType=multipart"
         headers = {"Content-Type": f'multipart/related; boundary="{boundary}"'}
         response = self._request("POST", upload, where, body=payload, headers=headers)
         _check(response, where)  # a missing bucket too: fixable without republishing
         return where
+
+    def _objects(self, api: str, bucket: str) -> str:
+        """The JSON API's object collection of `bucket`, for media downloads or uploads."""
+        return f"{self._endpoint}/{api}/storage/v1/b/{urllib.parse.quote(bucket, safe='')}/o"
 
     def _request(
         self, method: str, url: str, where: str, **kwargs: Any

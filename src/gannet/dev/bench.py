@@ -46,9 +46,14 @@ from gannet.text import format_table
 TENANT = "bench-tenant"
 
 
-def scene_files(count: int) -> list[Path]:
+def demo_scenes() -> list[Path]:
+    """The demo's 640x480 sample scenes (not the large image meant for slicing)."""
     manifest = json.loads((demo.SAMPLES / "manifest.json").read_text())
-    scenes = [demo.SAMPLES / e["file"] for e in manifest["images"] if e.get("kind") != "large"]
+    return [demo.SAMPLES / e["file"] for e in manifest["images"] if e.get("kind") != "large"]
+
+
+def scene_files(count: int) -> list[Path]:
+    scenes = demo_scenes()
     return [scenes[i % len(scenes)] for i in range(count)]
 
 

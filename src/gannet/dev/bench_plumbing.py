@@ -45,9 +45,9 @@ import psutil
 
 from gannet import clients
 from gannet.dev import demo, stack
-from gannet.dev.bench import TENANT, wait_committed
+from gannet.dev.bench import TENANT, demo_scenes, wait_committed
 from gannet.dev.local_services import LocalServices, Ports
-from gannet.dev.publish import make_task, publish_tasks
+from gannet.dev.publish import make_task, publish_tasks, upload_image
 from gannet.errors import CommandError
 from gannet.settings import REPO_ROOT, Settings
 from gannet.storage import Storage
@@ -58,6 +58,7 @@ SIZES = ("640x480", "1920x1080", "4032x3024", "mix")
 MIX = ((1600, 1200), (1920, 1080), (1800, 1200), (1200, 1600), (1000, 1500))
 DISTINCT = 6  # distinct images per size; the tasks cycle through them
 GIL_RATE = 250  # py-spy samples per second
+GIL_RUN = "2 cores, py-spy --gil"
 IMGSZ = 640  # the detector's input size in this mode (the demo config's is 416)
 
 # Stage counter names -> what the report calls them, in the order of a message's path.
@@ -121,11 +122,6 @@ def images_for(size: str, out: Path) -> list[Path]:
     return files
 
 
-def demo_scenes() -> list[Path]:
-    manifest = json.loads((demo.SAMPLES / "manifest.json").read_text())
-    return [demo.SAMPLES / e["file"] for e in manifest["images"] if e.get("kind") != "large"]
-
-
 def write_config(out: Path) -> Path:
     """The demo detector in a one-step DETECTION pipeline at imgsz IMGSZ."""
     out.mkdir(parents=True, exist_ok=True)
@@ -181,8 +177,8 @@ def measure(
         "GANNET_CONFIG_URI": str(write_config(args.state_dir / "bench")),
         "GANNET_TORCH_THREADS": "1",
         "GANNET_STAGE_CPU": "1" if stage_cpu else "0",
+        "PYTHONPATH": str(daemon.src),
     }
-    env["PYTHONPATH"] = str(daemon.src)
     command = ["taskset", "-c", cpus, sys.executable, "-m", "gannet.dev.replay"]
     proc = demo.DaemonProcess(env, log_path, command=command)
     publisher, _ = clients.pubsub_clients(queue)
@@ -283,7 +279,7 @@ def one_size(
     services.empty_storage()
     storage = Storage(clients.storage_client(base))
     bucket = base.allowed_buckets[0]
-    uploaded = [upload(storage, bucket, f) for f in files]
+    uploaded = [upload_image(storage, bucket, TENANT, f, "plumbing") for f in files]
     urls = [uploaded[i % len(uploaded)] for i in range(args.images)]
     rounds: dict[str, list[dict[str, Any]]] = {d.name: [] for d in daemons}
     # (label, cpus, py-spy --gil, GANNET_STAGE_CPU): the clean runs give images/s and
@@ -292,7 +288,7 @@ def one_size(
     cores = [("2 cores", "0,1", False, False), ("1 core", "1", False, False)]
     cores.append(("2 cores, stage CPU", "0,1", False, True))
     if args.gil:
-        cores.append(("2 cores, py-spy --gil", "0,1", True, False))
+        cores.append((GIL_RUN, "0,1", True, False))
     for n in range(1, args.rounds + 1):
         for daemon in daemons:
             result: dict[str, Any] = {}
@@ -303,12 +299,6 @@ def one_size(
                 result[label] = measure(services, queue, urls, daemon, cpus, args, log, gil, split)
             rounds[daemon.name].append(result)
     return {name: summarize(results) for name, results in rounds.items()}
-
-
-def upload(storage: Storage, bucket: str, path: Path) -> str:
-    name = f"{TENANT}/plumbing/{path.name}"
-    storage.client.bucket(bucket).blob(name).upload_from_filename(str(path))
-    return f"gs://{bucket}/{name}"
 
 
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -336,7 +326,7 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         ),
         "split_run_cpu_ms_per_image": statistics.median(r["cpu_ms_per_image"] for r in split),
     }
-    gil = [r["2 cores, py-spy --gil"]["gil_ms_per_image"] for r in rounds if len(r) > 3]
+    gil = [r[GIL_RUN]["gil_ms_per_image"] for r in rounds if GIL_RUN in r]
     if gil:
         summary["gil_ms_per_image"] = statistics.median(gil)
     return summary
