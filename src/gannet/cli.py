@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run the daemon (the GKE container's entrypoint)",
         description="Pull tasks and process them until SIGTERM. "
-        "Readiness on /readyz, metrics on /metrics (GANNET_METRICS_PORT).",
+        "Readiness on /readyz, metrics on /metrics (GANNET_METRICS_PORT). "
+        "With GANNET_PROCESSES=N (default 1) it runs N daemon processes, each pinned to "
+        "its share of the CPUs, behind a supervisor that serves that port for all of them.",
     )
     p.set_defaults(func=cmd_run)
 

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -231,7 +232,8 @@ class Daemon:
         self.stop_now = threading.Event()  # a second SIGTERM: stop waiting
 
     def run(self) -> int:
-        server = HealthServer(self.health, self.metrics, self.settings.metrics_port)
+        h = self.health
+        server = HealthServer(h.live, h.ready, self.metrics.registry, self.settings.metrics_port)
         server.start()
         self._install_signal_handlers()
         try:
@@ -293,7 +295,12 @@ class Daemon:
             },
         )
         exit_code = 0
+        supervisor = os.getppid() if s.process_index is not None else None
         while not self.stop_requested.wait(0.5):
+            if supervisor is not None and os.getppid() != supervisor:
+                log.error("the supervisor process is gone; draining as on SIGTERM")
+                self.health.set(shutting_down=True)
+                break
             if stream.done():
                 self.health.set(stream_open=False, broken="streaming pull stopped")
                 log.critical(
@@ -361,6 +368,17 @@ class Daemon:
         log.info("gannet stopped", extra={"fields": {"forced": forced}})
 
 
-def run(settings: Settings, wrap_loader: Callable[[Loader], Loader] | None = None) -> int:
-    logs.configure(settings.log_level)
+def run(
+    settings: Settings,
+    wrap_loader: Callable[[Loader], Loader] | None = None,
+    command: list[str] | None = None,
+) -> int:
+    """The daemon, or with GANNET_PROCESSES > 1 a supervisor of that many daemons, each
+    started with `command` (default: `python -m gannet run`)."""
+    fields = {} if settings.process_index is None else {"process": settings.process_index}
+    logs.configure(settings.log_level, fields)
+    if settings.processes > 1 and settings.process_index is None:
+        from gannet.supervisor import Supervisor
+
+        return Supervisor(settings, command or [sys.executable, "-m", "gannet", "run"]).run()
     return Daemon(settings, wrap_loader).run()

@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-from gannet.metrics import Metrics
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +47,21 @@ class Health:
             return self.broken is None, {"broken": self.broken}
 
 
+Probe = Callable[[], tuple[bool, dict[str, object]]]
+
+
 class HealthServer:
-    def __init__(self, health: Health, metrics: Metrics, port: int, host: str = "0.0.0.0") -> None:
-        self.health = health
-        self.metrics = metrics
-        handler = self._handler()
+    def __init__(
+        self,
+        live: Probe,
+        ready: Probe,
+        registry: CollectorRegistry,
+        port: int,
+        host: str = "0.0.0.0",
+    ) -> None:
+        """`live` and `ready` answer /healthz and /readyz; /metrics is `registry`. A
+        daemon passes its Health and Metrics; the supervisor its processes' (supervisor.py)."""
+        handler = self._handler(live, ready, registry)
         self.server = ThreadingHTTPServer((host, port), handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
@@ -60,15 +69,16 @@ class HealthServer:
             target=self.server.serve_forever, name="health-http", daemon=True
         )
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        health, metrics = self.health, self.metrics
-
+    @staticmethod
+    def _handler(
+        live: Probe, ready: Probe, registry: CollectorRegistry
+    ) -> type[BaseHTTPRequestHandler]:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 if self.path == "/metrics":
-                    self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
+                    self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
                 elif self.path in ("/healthz", "/readyz"):
-                    ok, state = health.live() if self.path == "/healthz" else health.ready()
+                    ok, state = live() if self.path == "/healthz" else ready()
                     body = json.dumps({"ok": ok, **state}).encode()
                     self._send(200 if ok else 503, body, "application/json")
                 else:

@@ -28,6 +28,11 @@ TASK_FIELDS = (
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, fields: dict[str, Any] | None = None) -> None:
+        """`fields` go on every line (a supervised process's index)."""
+        super().__init__()
+        self._fields = fields or {}
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "severity": record.levelname,
@@ -35,6 +40,7 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "logger": record.name,
             "thread": record.threadName,
+            **self._fields,
         }
         for field in TASK_FIELDS:
             value = getattr(record, field, None)
@@ -48,9 +54,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure(level: str = "INFO") -> None:
+def configure(level: str = "INFO", fields: dict[str, Any] | None = None) -> None:
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(fields))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

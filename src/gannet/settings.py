@@ -51,6 +51,17 @@ class Settings(BaseSettings):
     model_cache_dir: Path = Field(
         Path("/tmp/gannet-models"), description="Where weights from gs:// are cached."
     )
+    processes: int = Field(
+        1,
+        ge=1,
+        description="Daemon processes in the pod, each with its own runners, stream and "
+        "models, pinned to its own share of the CPUs: one Python interpreter per core or two "
+        "instead of one for all (docs/architecture.md, Processes). Above 1 a supervisor "
+        "starts them and serves the pod's probes and summed metrics.",
+    )
+    process_index: int | None = Field(
+        None, ge=0, description="Set by the supervisor on the processes it starts (not by hand)."
+    )
     runners: int = Field(4, ge=1, description="Runner threads (spread over the devices).")
     devices: str = Field(
         "auto", description="'auto' (every cuda:i, else cpu) or a list like 'cuda:0,cuda:1'."

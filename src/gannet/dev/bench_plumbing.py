@@ -59,6 +59,8 @@ MIX = ((1600, 1200), (1920, 1080), (1800, 1200), (1200, 1600), (1000, 1500))
 DISTINCT = 6  # distinct images per size; the tasks cycle through them
 GIL_RATE = 250  # py-spy samples per second
 GIL_RUN = "2 cores, py-spy --gil"
+PER_CORE_RUN = "GANNET_PROCESSES=2, a core each"
+THIS_TREE = "this tree"
 IMGSZ = 640  # the detector's input size in this mode (the demo config's is 416)
 
 # Stage counter names -> what the report calls them, in the order of a message's path.
@@ -151,8 +153,14 @@ def scrape(port: int) -> dict[str, float]:
 
 
 def process_cpu(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
+    """CPU seconds of the daemon: its process and, under a supervisor, every daemon
+    process it runs (while they run: psutil counts a child's only once it is reaped)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        times = proc.cpu_times()
+        total += times.user + times.system
+    return total
 
 
 def measure(
@@ -165,9 +173,11 @@ def measure(
     log_path: Path,
     gil: bool = False,
     stage_cpu: bool = False,
+    processes: int = 1,
 ) -> dict[str, Any]:
-    """One daemon on `cpus`: warm up on every distinct image (recording the network's
-    answers), then publish the tasks and time them to the last committed row."""
+    """One daemon on `cpus` (with `processes` > 1, its supervisor and that many daemon
+    processes, each pinned to its share): warm up on every distinct image (recording the
+    network's answers), then publish the tasks and time them to the last committed row."""
     env = {
         **services.env(),
         "GANNET_RUNNERS": str(args.runners),
@@ -177,16 +187,25 @@ def measure(
         "GANNET_CONFIG_URI": str(write_config(args.state_dir / "bench")),
         "GANNET_TORCH_THREADS": "1",
         "GANNET_STAGE_CPU": "1" if stage_cpu else "0",
+        "GANNET_PROCESSES": str(processes),
         "PYTHONPATH": str(daemon.src),
     }
     command = ["taskset", "-c", cpus, sys.executable, "-m", "gannet.dev.replay"]
+    # Processes share what any of them recorded (replay.py --answers), in a store of this
+    # measurement's own, so no answer outlives the run that recorded it.
+    answers = log_path.with_suffix(f".answers-{uuid.uuid4().hex[:8]}")
+    if processes > 1:
+        command += ["--answers", str(answers)]
     proc = demo.DaemonProcess(env, log_path, command=command)
     publisher, _ = clients.pubsub_clients(queue)
     spy: subprocess.Popen[bytes] | None = None
     try:
         proc.wait_ready(timeout_s=300)
         distinct = sorted(set(urls))
-        warm = [make_task(TENANT, u, "DETECTION", f"w-{uuid.uuid4().hex}") for u in distinct]
+        # One round per process: the first records each answer, the others load it.
+        warm = [
+            make_task(TENANT, u, "DETECTION", f"w-{uuid.uuid4().hex}") for u in distinct * processes
+        ]
         publish_tasks(publisher, queue.topic_path(), warm)
         wait_committed(queue.database_url, TENANT, [t.task_id for t in warm], timeout_s=300)
         tasks = [make_task(TENANT, u, "DETECTION", f"p-{uuid.uuid4().hex}") for u in urls]
@@ -205,6 +224,7 @@ def measure(
         if spy is not None and spy.poll() is None:
             spy.kill()
         proc.stop()
+        shutil.rmtree(answers, ignore_errors=True)
     if failed:
         raise RuntimeError(f"{failed} of {len(tasks)} tasks failed; see {log_path}")
     n = len(tasks)
@@ -285,18 +305,24 @@ def one_size(
     # (label, cpus, py-spy --gil, GANNET_STAGE_CPU): the clean runs give images/s and
     # CPU per image; the stage split and the GIL each perturb what they measure (clock
     # syscalls, sampling), so each gets a run of its own.
-    cores = [("2 cores", "0,1", False, False), ("1 core", "1", False, False)]
-    cores.append(("2 cores, stage CPU", "0,1", False, True))
+    cores = [("2 cores", "0,1", False, False, 1), ("1 core", "1", False, False, 1)]
+    cores.append(("2 cores, stage CPU", "0,1", False, True, 1))
     if args.gil:
-        cores.append((GIL_RUN, "0,1", True, False))
+        cores.append((GIL_RUN, "0,1", True, False, 1))
+    # One daemon process per core (GANNET_PROCESSES=2) instead of one for both. This
+    # tree's daemon only: a baseline's has no supervisor.
+    per_core = (PER_CORE_RUN, "0,1", False, False, 2)
     for n in range(1, args.rounds + 1):
         for daemon in daemons:
             result: dict[str, Any] = {}
-            for label, cpus, gil, split in cores:
+            runs = [*cores, per_core] if daemon.name == THIS_TREE else cores
+            for label, cpus, gil, split, processes in runs:
                 print(f"  {size} round {n}: {daemon.name} daemon, {label} ...", flush=True)
                 queue = stack.fresh_queue(services, f"pl-{uuid.uuid4().hex[:8]}")
                 log = args.state_dir / "bench" / f"plumbing-{daemon.name.replace(' ', '-')}.log"
-                result[label] = measure(services, queue, urls, daemon, cpus, args, log, gil, split)
+                result[label] = measure(
+                    services, queue, urls, daemon, cpus, args, log, gil, split, processes
+                )
             rounds[daemon.name].append(result)
     return {name: summarize(results) for name, results in rounds.items()}
 
@@ -326,6 +352,17 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         ),
         "split_run_cpu_ms_per_image": statistics.median(r["cpu_ms_per_image"] for r in split),
     }
+    per_core = [r[PER_CORE_RUN] for r in rounds if PER_CORE_RUN in r]
+    if per_core:
+        summary["per_core"] = {
+            "images_per_s": statistics.median(r["images_per_s"] for r in per_core),
+            "cpu_ms_per_image": statistics.median(r["cpu_ms_per_image"] for r in per_core),
+            "over_1_core": statistics.median(
+                r[PER_CORE_RUN]["images_per_s"] / r["1 core"]["images_per_s"]
+                for r in rounds
+                if PER_CORE_RUN in r
+            ),
+        }
     gil = [r[GIL_RUN]["gil_ms_per_image"] for r in rounds if GIL_RUN in r]
     if gil:
         summary["gil_ms_per_image"] = statistics.median(gil)
@@ -340,7 +377,7 @@ def run(services: LocalServices, args: argparse.Namespace) -> dict[str, Any]:
     snapshot = args.state_dir / "bench" / "this-tree"
     shutil.rmtree(snapshot, ignore_errors=True)
     shutil.copytree(REPO_ROOT / "src", snapshot / "src")
-    daemons = [Daemon("this tree", snapshot / "src")]
+    daemons = [Daemon(THIS_TREE, snapshot / "src")]
     if args.baseline:
         src = baseline_src(args.baseline, args.state_dir / "bench")
         daemons.insert(0, Daemon(f"baseline {args.baseline}", src))
@@ -383,6 +420,22 @@ def print_report(report: dict[str, Any]) -> None:
         f"(medians of {report['rounds']} rounds; {report['images']} tasks each; daemon on "
         "2 cores unless said; 2/1: images/s on 2 cores over 1 core)"
     )
+    per_core = [
+        [
+            size,
+            f"{by_daemon[THIS_TREE]['images_per_s_1_core']:.1f}",
+            f"{by_daemon[THIS_TREE]['images_per_s']:.1f}",
+            f"{pc['images_per_s']:.1f}",
+            f"{pc['over_1_core']:.2f}",
+            f"{pc['cpu_ms_per_image']:.2f}",
+        ]
+        for size, by_daemon in report["sizes"].items()
+        if (pc := by_daemon[THIS_TREE].get("per_core"))
+    ]
+    if per_core:
+        print("\nOne daemon process per core (this tree, GANNET_PROCESSES=2): images/s of")
+        header = ["size", "1 process, 1 core", "1 process, 2 cores", "2 processes, a core each"]
+        print(format_table([*header, "÷ 1 core", "CPU ms/img"], per_core))
     for size, by_daemon in report["sizes"].items():
         names = list(by_daemon)
         stage_rows = [

@@ -8,17 +8,23 @@ on the model's own outputs, GCS, PostgreSQL and Pub/Sub.
 
 The first time an input is seen (its letterboxed tensor, fingerprinted) the real network
 runs and its answer is kept; later the same input gets the kept answer. The bench sends
-every distinct image once before it starts measuring.
+every distinct image once before it starts measuring. With `--answers DIR` answers are
+also written to DIR and looked up there, so that several daemons on one subscription
+(the bench's one-daemon-per-core run) share what any of them recorded.
 
-Run as `python -m gannet.dev.replay`, with the same environment as `gannet run`.
+Run as `python -m gannet.dev.replay [--answers DIR]`, with the same environment as
+`gannet run`.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,31 +62,49 @@ def concat(rows: list[Any]) -> Any:
 class Replay:
     """Stands in for the predictor's `inference` (the batcher thread's only call)."""
 
-    def __init__(self, real: Callable[..., Any]) -> None:
+    def __init__(self, real: Callable[..., Any], store: Path | None = None) -> None:
         self._real = real
         self._answers: dict[bytes, Any] = {}
+        self._store = store
         self.recorded = 0
         self.replayed = 0
 
+    def _known(self, key: bytes) -> Any:
+        answer = self._answers.get(key)
+        if answer is None and self._store is not None:
+            path = self._store / f"{key.hex()}.pt"
+            if path.exists():
+                answer = self._answers[key] = torch.load(path)
+        return answer
+
+    def _keep(self, key: bytes, answer: Any) -> None:
+        self._answers[key] = answer
+        if self._store is not None:
+            self._store.mkdir(parents=True, exist_ok=True)
+            path = self._store / f"{key.hex()}.pt"
+            partial = path.with_suffix(f".{os.getpid()}.tmp")
+            torch.save(answer, partial)
+            partial.replace(path)  # another daemon never reads half a file
+
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         keys = [fingerprint(x[i]) for i in range(len(x))]
-        known = [self._answers.get(k) for k in keys]
+        known = [self._known(k) for k in keys]
         if all(answer is not None for answer in known):
             self.replayed += len(keys)
             return concat(known)
         out = self._real(x, *args, **kwargs)
         for i, key in enumerate(keys):
-            self._answers[key] = output_row(out, i)
+            self._keep(key, output_row(out, i))
         self.recorded += len(keys)
         return out
 
 
-def replaying(load: Loader) -> Loader:
+def replaying(load: Loader, store: Path | None = None) -> Loader:
     """A loader whose models replay recorded answers (see the module docstring)."""
 
     def load_replaying(key: ModelKey) -> tuple[Any, int]:
         model, nbytes = load(key)
-        model.predictor.inference = Replay(model.predictor.inference)
+        model.predictor.inference = Replay(model.predictor.inference, store)
         log.warning(
             "plumbing mode: this model's network runs once per distinct input, then its "
             "answers are replayed (gannet bench --plumbing)",
@@ -91,8 +115,14 @@ def replaying(load: Loader) -> Loader:
     return load_replaying
 
 
-def main() -> int:
-    return daemon.run(Settings(), wrap_loader=replaying)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gannet.dev.replay", description=__doc__)
+    parser.add_argument("--answers", type=Path, help="share recorded answers through DIR")
+    args = parser.parse_args(argv)
+    # With GANNET_PROCESSES > 1 the supervisor starts each process as this same command.
+    command = [sys.executable, "-m", "gannet.dev.replay", *(argv or sys.argv[1:])]
+    wrap = lambda load: replaying(load, args.answers)  # noqa: E731
+    return daemon.run(Settings(), wrap_loader=wrap, command=command)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,306 @@
+"""Several daemon processes in one pod, so that one interpreter's GIL does not cap it.
+
+Why: a daemon holds the GIL for most of its own work per image (parsing, the Pub/Sub
+client, urllib3, psycopg, pre- and post-processing), and one process's threads fighting
+for it on several cores spend more CPU per image than they do on one core
+(docs/benchmark.md). With `GANNET_PROCESSES=N` the pod's entry point becomes this
+supervisor: it starts N ordinary daemons (`GANNET_PROCESSES=1`), each with its own
+streaming pull, runners, database pool and copy of the models, pins each to its own
+share of the pod's CPUs, and shares nothing else with them. Every guarantee stays what it
+is per process: a message belongs to the one process that leased it, and is acked only
+after that process committed its row.
+
+What the supervisor does itself:
+- serves the pod's port: /healthz (live while no process reports itself broken),
+  /readyz (ready when every process is), /metrics (the processes' metrics summed, so the
+  HPA and dashboards read the same series as from a one-process pod);
+- passes SIGTERM on (a second one too: each process's own drain decides what it acks
+  or nacks), and exits when all have exited, with the worst exit code;
+- starts a process again when it dies while the pod is not stopping (its leased messages
+  come back from Pub/Sub after their lease, as after a pod's kill -9), backing off when
+  one keeps dying.
+
+A process notices its supervisor is gone (os.getppid changes) and drains itself
+(daemon.py), so no daemon outlives the pod's entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from types import FrameType
+
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.samples import Sample
+
+from gannet.health import HealthServer
+from gannet.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# A figure about the whole subscription (from Cloud Monitoring), the same in every
+# process: the pod reports it once, not once per process.
+SHARED_GAUGE_PREFIX = "gannet_subscription_"
+SCRAPE_TIMEOUT_S = 2.0
+BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+def cpu_shares(cpus: Iterable[int], n: int) -> list[list[int]]:
+    """The pod's CPUs in n contiguous groups, as even as they go; with fewer CPUs than
+    processes, every process may use all of them (nothing to pin to)."""
+    ordered = sorted(cpus)
+    if len(ordered) < n:
+        return [ordered] * n
+    size, extra = divmod(len(ordered), n)
+    groups, start = [], 0
+    for i in range(n):
+        end = start + size + (1 if i < extra else 0)
+        groups.append(ordered[start:end])
+        start = end
+    return groups
+
+
+def merge_metrics(texts: Iterable[str]) -> list[Metric]:
+    """The processes' metrics as one pod's: every sample summed over the processes that
+    have it, except the subscription-wide gauges (the largest); `_created` samples are
+    dropped (a sum of creation times means nothing)."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type)
+                values[family.name] = {}
+            shared = family.type == "gauge" and family.name.startswith(SHARED_GAUGE_PREFIX)
+            into = values[family.name]
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key in into:
+                    into[key] = max(into[key], sample.value) if shared else into[key] + sample.value
+                else:
+                    into[key] = sample.value
+    for name, metric in families.items():
+        metric.samples = [Sample(s, dict(labels), v) for (s, labels), v in values[name].items()]
+    return list(families.values())
+
+
+@dataclass
+class Child:
+    """One daemon process and what the supervisor knows of it."""
+
+    index: int
+    cpus: list[int]
+    metrics_port: int
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    exit_codes: list[int] = field(default_factory=list)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}{path}"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    """Status and body of a child's endpoint; (0, b"") when it does not answer."""
+    try:
+        with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as resp:
+            return int(resp.status), resp.read()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read()
+    except (OSError, urllib.error.URLError):
+        return 0, b""
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, command: list[str]) -> None:
+        """`command` starts one daemon (`python -m gannet run`, or the bench's replay)."""
+        self.settings = settings
+        self.command = command
+        shares = cpu_shares(os.sched_getaffinity(0), settings.processes)
+        base = settings.metrics_port
+        self.children = [
+            Child(index=i, cpus=share, metrics_port=_child_port(base, i))
+            for i, share in enumerate(shares)
+        ]
+        self.stopping = threading.Event()
+        self.stop_signals = 0
+        self._lock = threading.Lock()
+
+    # --------------------------------------------------------------- processes
+
+    def _start(self, child: Child) -> None:
+        env = {
+            **os.environ,
+            "GANNET_PROCESSES": "1",
+            "GANNET_PROCESS_INDEX": str(child.index),
+            "GANNET_METRICS_PORT": str(child.metrics_port),
+            # Only the first process polls Cloud Monitoring for the backlog gauges.
+            "GANNET_BACKLOG_FROM_MONITORING": str(
+                self.settings.backlog_from_monitoring and child.index == 0
+            ).lower(),
+        }
+        child.proc = subprocess.Popen(self.command, env=env, stdin=subprocess.DEVNULL)
+        child.started_at = time.monotonic()
+        if self.stopping.is_set():  # a stop signal came while it was being started
+            child.proc.send_signal(signal.SIGTERM)
+        try:
+            # Before its first thread starts: threads take their CPUs from the main one.
+            os.sched_setaffinity(child.proc.pid, child.cpus)
+        except OSError as exc:  # it died at once; the loop restarts it
+            log.warning("cannot pin a daemon process", extra={"fields": {"error": str(exc)}})
+        log.info(
+            "daemon process started",
+            extra={
+                "fields": {
+                    "process": child.index,
+                    "pid": child.proc.pid,
+                    "cpus": child.cpus,
+                    "metrics_port": child.metrics_port,
+                }
+            },
+        )
+
+    def _reap(self, now: float) -> None:
+        """Start again any process that died while the pod is not stopping."""
+        for child in self.children:
+            if child.proc is None or child.proc.poll() is None:
+                continue
+            code = child.proc.returncode
+            child.exit_codes.append(code)
+            child.proc = None
+            if self.stopping.is_set():
+                continue
+            wait = BACKOFF_S[min(child.restarts, len(BACKOFF_S) - 1)]
+            if now - child.started_at > 300:  # it ran a while: a fresh failure
+                child.restarts, wait = 0, BACKOFF_S[0]
+            child.restarts += 1
+            log.error(
+                "daemon process exited; starting it again",
+                extra={
+                    "fields": {
+                        "process": child.index,
+                        "exit_code": code,
+                        "restart_in_s": wait,
+                        "restarts": child.restarts,
+                    }
+                },
+            )
+            child.started_at = now + wait  # _loop starts it once this time has come
+
+    def _loop(self) -> None:
+        while not self.stopping.wait(0.5):
+            now = time.monotonic()
+            self._reap(now)
+            for child in self.children:
+                if child.proc is None and child.exit_codes and now >= child.started_at:
+                    self._start(child)
+
+    # --------------------------------------------------------------- probes
+
+    def live(self) -> tuple[bool, dict[str, object]]:
+        states = {}
+        broken = None
+        for child in self.children:
+            code, body = _get(child.url("/healthz")) if child.alive() else (0, b"")
+            states[str(child.index)] = code or ("restarting" if child.exit_codes else "starting")
+            if code == 503:
+                broken = f"process {child.index}: {json.loads(body or b'{}').get('broken')}"
+        return broken is None, {"broken": broken, "processes": states}
+
+    def ready(self) -> tuple[bool, dict[str, object]]:
+        states = {}
+        for child in self.children:
+            code, _ = _get(child.url("/readyz")) if child.alive() else (0, b"")
+            states[str(child.index)] = code == 200
+        ok = all(states.values()) and not self.stopping.is_set()
+        return ok, {"processes": states, "shutting_down": self.stopping.is_set()}
+
+    def collect(self) -> list[Metric]:
+        texts = []
+        for child in self.children:
+            if child.alive():
+                code, body = _get(child.url("/metrics"))
+                if code == 200:
+                    texts.append(body.decode())
+        return merge_metrics(texts)
+
+    # --------------------------------------------------------------- run
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping.set()
+        with self._lock:
+            self.stop_signals += 1
+        for child in self.children:
+            if child.alive():
+                assert child.proc is not None
+                child.proc.send_signal(signal.SIGTERM)
+
+    def run(self) -> int:
+        registry = CollectorRegistry()
+        registry.register(_Merged(self))
+        server = HealthServer(self.live, self.ready, registry, self.settings.metrics_port)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        log.info(
+            "starting daemon processes",
+            extra={
+                "fields": {
+                    "processes": len(self.children),
+                    "runners_each": self.settings.runners,
+                    "metrics_port": server.port,
+                }
+            },
+        )
+        for child in self.children:
+            self._start(child)
+        server.start()
+        try:
+            self._loop()
+            for child in self.children:
+                if child.proc is not None:
+                    child.proc.wait()
+                    child.exit_codes.append(child.proc.returncode)
+        finally:
+            server.stop()
+        last = [c.exit_codes[-1] for c in self.children if c.exit_codes]
+        worst = next((code for code in last if code != 0), 0)
+        if worst < 0:  # killed by a signal: report it as a shell would
+            worst = 128 - worst
+        log.info("daemon processes stopped", extra={"fields": {"exit_codes": last}})
+        return worst
+
+
+class _Merged(Collector):
+    """/metrics of the pod: its processes' metrics, scraped and merged on each request."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._supervisor = supervisor
+
+    def collect(self) -> Iterable[Metric]:
+        return self._supervisor.collect()
+
+
+def _child_port(base: int, index: int) -> int:
+    """Each process's own health/metrics port, next to the pod's; 0 (tests): any free one."""
+    if base != 0:
+        return base + 1 + index
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -1,0 +1,173 @@
+"""GANNET_PROCESSES: several daemon processes in one pod behind one supervisor.
+
+The end-to-end test runs the real `gannet run` with two processes against the
+emulators: the pod's port must answer as one daemon's would (summed metrics, readiness),
+a process killed with -9 must come back, and SIGTERM must drain every process and
+leave none behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+
+import psutil
+import pytest
+from conftest import SCENES, settled
+from prometheus_client import generate_latest
+
+from gannet.metrics import Metrics
+from gannet.supervisor import cpu_shares, merge_metrics
+
+
+def test_cpus_are_shared_out_in_contiguous_groups_or_not_at_all():
+    assert cpu_shares([3, 2, 1, 0], 2) == [[0, 1], [2, 3]]
+    assert cpu_shares(range(5), 2) == [[0, 1, 2], [3, 4]]
+    assert cpu_shares(range(4), 4) == [[0], [1], [2], [3]]
+    # Fewer CPUs than processes: nothing to pin to; every process may use them all.
+    assert cpu_shares([0, 1], 3) == [[0, 1], [0, 1], [0, 1]]
+
+
+def _value(families, sample_name: str, **labels: str) -> float:
+    for family in families:
+        for sample in family.samples:
+            if sample.name == sample_name and sample.labels == labels:
+                return float(sample.value)
+    raise AssertionError(f"no sample {sample_name} {labels}")
+
+
+def test_the_pods_metrics_are_the_processes_summed_and_the_subscription_gauges_once():
+    """What the HPA and dashboards read from a pod with two processes: outstanding
+    messages and counters add up; the subscription backlog is not counted twice."""
+    first, second = Metrics(), Metrics()
+    first.outstanding.set(3)
+    second.outstanding.set(5)
+    first.messages.labels(outcome="succeeded").inc(10)
+    second.messages.labels(outcome="succeeded").inc(4)
+    second.messages.labels(outcome="quarantined").inc(1)
+    for value in (1, 2, 8):
+        first.batch_size.observe(value)
+    second.batch_size.observe(4)
+    first.backlog.set(120)
+    second.backlog.set(0)  # only the first process polls Cloud Monitoring
+
+    merged = merge_metrics(generate_latest(m.registry).decode() for m in (first, second))
+
+    assert _value(merged, "gannet_messages_outstanding") == 8
+    assert _value(merged, "gannet_messages_total", outcome="succeeded") == 14
+    assert _value(merged, "gannet_messages_total", outcome="quarantined") == 1
+    assert _value(merged, "gannet_batch_size_count") == 4
+    assert _value(merged, "gannet_batch_size_sum") == 15
+    assert _value(merged, "gannet_batch_size_bucket", le="4.0") == 3
+    assert _value(merged, "gannet_subscription_backlog_messages") == 120
+    assert not any(s.name.endswith("_created") for f in merged for s in f.samples)
+
+
+def _get(port: int, path: str) -> tuple[int, dict | str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            body = resp.read().decode()
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        body, status = exc.read().decode(), exc.code
+    return status, json.loads(body) if path != "/metrics" else body
+
+
+def _wait_ready(port: int, timeout_s: float = 180) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status, state = _get(port, "/readyz")
+        if status == 200:
+            return state  # type: ignore[return-value]
+        time.sleep(0.5)
+    raise AssertionError(f"pod not ready after {timeout_s}s: {state}")
+
+
+def _succeeded(metrics_text: str) -> float:
+    for line in metrics_text.splitlines():
+        if line.startswith('gannet_messages_total{outcome="succeeded"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_work_survive_a_kill_9_and_drain_on_sigterm(stack):
+    url = stack.upload(SCENES[0]["file"])
+    pod = stack.start_daemon(GANNET_PROCESSES="2", GANNET_RUNNERS="2")
+    try:
+        state = _wait_ready(pod.metrics_port)
+        assert state["processes"] == {"0": True, "1": True}
+        children = psutil.Process(pod.proc.pid).children()
+        assert len(children) == 2
+        if len(os.sched_getaffinity(0)) >= 2:  # each pinned to its own share of the CPUs
+            pinned = [set(os.sched_getaffinity(c.pid)) for c in children]
+            assert pinned[0].isdisjoint(pinned[1]), pinned
+
+        tasks = [stack.task(url) for _ in range(24)]
+        ids = [t.task_id for t in tasks]
+        # One by one: the emulator hands all it has to one stream, whatever its flow
+        # control says (real Pub/Sub does not), so a burst would go to one process.
+        for task in tasks:
+            stack.publish([task])
+            time.sleep(0.1)
+        rows = stack.wait_rows(ids, timeout_s=180)
+        assert all(r["status"] == "succeeded" for r in rows.values())
+        # Both processes pulled work, and the pod's /metrics counts all of it once.
+        by_process = Counter(
+            e["process"]
+            for e in pod.log_entries()
+            if e.get("task_id") in set(ids) and e.get("outcome") == "succeeded"
+        )
+        assert set(by_process) == {0, 1} and sum(by_process.values()) == 24, by_process
+        _, metrics = _get(pod.metrics_port, "/metrics")
+        assert _succeeded(metrics) == 24  # type: ignore[arg-type]
+
+        # kill -9 one process: the supervisor starts it again and the pod is ready again.
+        victim = children[0]
+        victim.kill()
+        victim.wait(timeout=10)
+        time.sleep(1)
+        status, _ = _get(pod.metrics_port, "/readyz")
+        assert status == 503, "a pod missing a process is not ready"
+        state = _wait_ready(pod.metrics_port)
+        restarted = [e for e in pod.log_entries() if "starting it again" in e["message"]]
+        assert len(restarted) == 1 and restarted[0]["exit_code"] == -9
+        more = [stack.task(url) for _ in range(8)]
+        stack.publish(more)
+        assert len(stack.wait_rows([t.task_id for t in more], timeout_s=180)) == 8
+
+        # SIGTERM: readiness drops at once, every process drains, nothing is left running.
+        now = psutil.Process(pod.proc.pid).children()
+        pod.proc.send_signal(signal.SIGTERM)
+        status, _ = _get(pod.metrics_port, "/readyz")
+        assert status == 503
+        assert pod.proc.wait(timeout=60) == 0
+        assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in now)
+    finally:
+        pod.stop(signal.SIGKILL)
+    everything = {t.task_id for t in [*tasks, *more]}
+    outcomes = Counter(o for _, o, _ in settled([pod], everything))
+    assert outcomes["succeeded"] == len(everything), outcomes
+
+
+@pytest.mark.slow
+def test_daemon_processes_do_not_outlive_a_killed_supervisor(stack):
+    """kill -9 of the pod's entry point (a local run's Ctrl-\\, an OOM kill): its daemon
+    processes notice and drain themselves instead of pulling on as orphans."""
+    pod = stack.start_daemon(GANNET_PROCESSES="2", GANNET_RUNNERS="1")
+    try:
+        _wait_ready(pod.metrics_port)
+        children = psutil.Process(pod.proc.pid).children()
+        pod.proc.kill()
+        pod.proc.wait(timeout=10)
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"still running after their supervisor died: {alive}"
+        drained = [e for e in pod.log_entries() if "supervisor process is gone" in e["message"]]
+        assert len(drained) == 2
+    finally:
+        pod.stop(signal.SIGKILL)
