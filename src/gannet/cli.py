@@ -27,9 +27,14 @@ Settings come from GANNET_* environment variables (`gannet settings` lists them)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    settings = Settings()
+    if settings.supervises:
+        from gannet.supervisor import supervise
+
+        return supervise(settings, [sys.executable, "-m", "gannet", "run"])
     from gannet import daemon
 
-    return daemon.run(Settings())
+    return daemon.run(settings)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -368,17 +367,8 @@ class Daemon:
         log.info("gannet stopped", extra={"fields": {"forced": forced}})
 
 
-def run(
-    settings: Settings,
-    wrap_loader: Callable[[Loader], Loader] | None = None,
-    command: list[str] | None = None,
-) -> int:
-    """The daemon, or with GANNET_PROCESSES > 1 a supervisor of that many daemons, each
-    started with `command` (default: `python -m gannet run`)."""
+def run(settings: Settings, wrap_loader: Callable[[Loader], Loader] | None = None) -> int:
+    """One daemon (under a supervisor, its log lines say which process it is)."""
     fields = {} if settings.process_index is None else {"process": settings.process_index}
     logs.configure(settings.log_level, fields)
-    if settings.processes > 1 and settings.process_index is None:
-        from gannet.supervisor import Supervisor
-
-        return Supervisor(settings, command or [sys.executable, "-m", "gannet", "run"]).run()
     return Daemon(settings, wrap_loader).run()

@@ -164,6 +164,11 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def supervises(self) -> bool:
+        """This process is the supervisor of GANNET_PROCESSES daemons (supervisor.py)."""
+        return self.processes > 1 and self.process_index is None
+
+    @property
     def flow_control_messages(self) -> int:
         return self.max_messages or 2 * self.runners
 

@@ -45,6 +45,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Sample
 
+from gannet import logs
 from gannet.health import HealthServer
 from gannet.settings import Settings
 
@@ -285,6 +286,13 @@ class Supervisor:
             worst = 128 - worst
         log.info("daemon processes stopped", extra={"fields": {"exit_codes": last}})
         return worst
+
+
+def supervise(settings: Settings, command: list[str]) -> int:
+    """The pod's entry point when settings.supervises. Imports nothing of the daemon's
+    (no torch): the supervisor stays a small process."""
+    logs.configure(settings.log_level)
+    return Supervisor(settings, command).run()
 
 
 class _Merged(Collector):

@@ -33,6 +33,7 @@ from gannet import daemon
 from gannet.model_cache import Loader, ModelKey
 from gannet.settings import Settings
 from gannet.split_predictor import output_row
+from gannet.supervisor import supervise
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gannet.dev.replay", description=__doc__)
     parser.add_argument("--answers", type=Path, help="share recorded answers through DIR")
     args = parser.parse_args(argv)
-    # With GANNET_PROCESSES > 1 the supervisor starts each process as this same command.
-    command = [sys.executable, "-m", "gannet.dev.replay", *(argv or sys.argv[1:])]
-    wrap = lambda load: replaying(load, args.answers)  # noqa: E731
-    return daemon.run(Settings(), wrap_loader=wrap, command=command)
+    settings = Settings()
+    if settings.supervises:  # each process it starts is this same command
+        command = [sys.executable, "-m", "gannet.dev.replay", *(argv or sys.argv[1:])]
+        return supervise(settings, command)
+    return daemon.run(settings, wrap_loader=lambda load: replaying(load, args.answers))
 
 
 if __name__ == "__main__":
