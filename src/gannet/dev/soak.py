@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 from google.api_core import exceptions as gexc
 
@@ -326,8 +327,17 @@ class DeadLetterReader:
 
 
 def peak_rss_kib(pid: int) -> int:
-    """The process's peak resident memory so far (VmHWM, the kernel's high-water mark),
-    in KiB; 0 once it has exited. `gannet run` starts no child processes."""
+    """The daemon's peak resident memory so far (VmHWM, the kernel's high-water mark), in
+    KiB; 0 once it has exited. With GANNET_PROCESSES > 1, the supervisor's and each
+    daemon process's peaks summed (an upper bound: their peaks need not coincide)."""
+    try:
+        children = [c.pid for c in psutil.Process(pid).children()]
+    except psutil.NoSuchProcess:
+        return 0
+    return sum(_vm_hwm_kib(p) for p in [pid, *children])
+
+
+def _vm_hwm_kib(pid: int) -> int:
     try:
         text = Path(f"/proc/{pid}/status").read_text()
     except (FileNotFoundError, ProcessLookupError):
