@@ -137,6 +137,8 @@ def test_two_processes_share_the_work_survive_a_kill_9_and_drain_on_sigterm(stac
         state = _wait_ready(pod.metrics_port)
         restarted = [e for e in pod.log_entries() if "starting it again" in e["message"]]
         assert len(restarted) == 1 and restarted[0]["exit_code"] == -9
+        _, metrics = _get(pod.metrics_port, "/metrics")
+        assert "gannet_daemon_process_restarts_total 1.0" in metrics  # type: ignore[operator]
         more = [stack.task(url) for _ in range(8)]
         stack.publish(more)
         assert len(stack.wait_rows([t.task_id for t in more], timeout_s=180)) == 8

@@ -18,7 +18,7 @@ What the supervisor does itself:
   or nacks), and exits when all have exited, with the worst exit code;
 - starts a process again when it dies while the pod is not stopping (its leased messages
   come back from Pub/Sub after their lease, as after a pod's kill -9), backing off when
-  one keeps dying.
+  one keeps dying, and counts it (gannet_daemon_process_restarts_total).
 
 A process notices its supervisor is gone (os.getppid changes) and drains itself
 (daemon.py), so no daemon outlives the pod's entry point.
@@ -37,6 +37,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -108,7 +109,8 @@ class Child:
     metrics_port: int
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
-    restarts: int = 0
+    restarts: int = 0  # in a row, for the back-off
+    restarts_total: int = 0
     exit_codes: list[int] = field(default_factory=list)
 
     def url(self, path: str) -> str:
@@ -141,8 +143,7 @@ class Supervisor:
             for i, share in enumerate(shares)
         ]
         self.stopping = threading.Event()
-        self.stop_signals = 0
-        self._lock = threading.Lock()
+        self._asking = ThreadPoolExecutor(len(self.children), thread_name_prefix="ask")
 
     # --------------------------------------------------------------- processes
 
@@ -192,6 +193,7 @@ class Supervisor:
             if now - child.started_at > 300:  # it ran a while: a fresh failure
                 child.restarts, wait = 0, BACKOFF_S[0]
             child.restarts += 1
+            child.restarts_total += 1
             log.error(
                 "daemon process exited; starting it again",
                 extra={
@@ -215,39 +217,47 @@ class Supervisor:
 
     # --------------------------------------------------------------- probes
 
+    def _ask(self, path: str) -> list[tuple[int, bytes]]:
+        """Every process's answer on `path`, asked at once (a slow one must not make the
+        pod's probe time out); (0, b"") for a process not running or not answering."""
+        alive = [c.alive() for c in self.children]
+        futures = [
+            self._asking.submit(_get, c.url(path)) if up else None
+            for c, up in zip(self.children, alive, strict=True)
+        ]
+        return [f.result() if f is not None else (0, b"") for f in futures]
+
     def live(self) -> tuple[bool, dict[str, object]]:
-        states = {}
+        states: dict[str, object] = {}
         broken = None
-        for child in self.children:
-            code, body = _get(child.url("/healthz")) if child.alive() else (0, b"")
+        for child, (code, body) in zip(self.children, self._ask("/healthz"), strict=True):
             states[str(child.index)] = code or ("restarting" if child.exit_codes else "starting")
             if code == 503:
                 broken = f"process {child.index}: {json.loads(body or b'{}').get('broken')}"
         return broken is None, {"broken": broken, "processes": states}
 
     def ready(self) -> tuple[bool, dict[str, object]]:
-        states = {}
-        for child in self.children:
-            code, _ = _get(child.url("/readyz")) if child.alive() else (0, b"")
-            states[str(child.index)] = code == 200
+        answers = zip(self.children, self._ask("/readyz"), strict=True)
+        states = {str(c.index): code == 200 for c, (code, _) in answers}
         ok = all(states.values()) and not self.stopping.is_set()
         return ok, {"processes": states, "shutting_down": self.stopping.is_set()}
 
     def collect(self) -> list[Metric]:
-        texts = []
-        for child in self.children:
-            if child.alive():
-                code, body = _get(child.url("/metrics"))
-                if code == 200:
-                    texts.append(body.decode())
-        return merge_metrics(texts)
+        texts = [body.decode() for code, body in self._ask("/metrics") if code == 200]
+        restarts = Metric(
+            "gannet_daemon_process_restarts",
+            "Daemon processes the supervisor started again after they died.",
+            "counter",
+        )
+        restarts.add_sample(
+            "gannet_daemon_process_restarts_total", {}, sum(c.restarts_total for c in self.children)
+        )
+        return [*merge_metrics(texts), restarts]
 
     # --------------------------------------------------------------- run
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stopping.set()
-        with self._lock:
-            self.stop_signals += 1
         for child in self.children:
             if child.alive():
                 assert child.proc is not None
@@ -280,6 +290,7 @@ class Supervisor:
                     child.exit_codes.append(child.proc.returncode)
         finally:
             server.stop()
+            self._asking.shutdown(wait=False)
         last = [c.exit_codes[-1] for c in self.children if c.exit_codes]
         worst = next((code for code in last if code != 0), 0)
         if worst < 0:  # killed by a signal: report it as a shell would
