@@ -78,16 +78,6 @@ def _get(port: int, path: str) -> tuple[int, dict | str]:
     return status, json.loads(body) if path != "/metrics" else body
 
 
-def _wait_ready(port: int, timeout_s: float = 180) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status, state = _get(port, "/readyz")
-        if status == 200:
-            return state  # type: ignore[return-value]
-        time.sleep(0.5)
-    raise AssertionError(f"pod not ready after {timeout_s}s: {state}")
-
-
 def _succeeded(metrics_text: str) -> float:
     for line in metrics_text.splitlines():
         if line.startswith('gannet_messages_total{outcome="succeeded"}'):
@@ -98,10 +88,10 @@ def _succeeded(metrics_text: str) -> float:
 @pytest.mark.slow
 def test_two_processes_share_the_work_survive_a_kill_9_and_drain_on_sigterm(stack):
     url = stack.upload(SCENES[0]["file"])
-    pod = stack.start_daemon(GANNET_PROCESSES="2", GANNET_RUNNERS="2")
+    pod = stack.start_daemon(GANNET_PROCESSES="2", GANNET_RUNNERS="2")  # waits for /readyz
     try:
-        state = _wait_ready(pod.metrics_port)
-        assert state["processes"] == {"0": True, "1": True}
+        _, state = _get(pod.metrics_port, "/readyz")
+        assert state["processes"] == {"0": True, "1": True}  # type: ignore[index]
         children = psutil.Process(pod.proc.pid).children()
         assert len(children) == 2
         if len(os.sched_getaffinity(0)) >= 2:  # each pinned to its own share of the CPUs
@@ -134,7 +124,7 @@ def test_two_processes_share_the_work_survive_a_kill_9_and_drain_on_sigterm(stac
         time.sleep(1)
         status, _ = _get(pod.metrics_port, "/readyz")
         assert status == 503, "a pod missing a process is not ready"
-        state = _wait_ready(pod.metrics_port)
+        pod.wait_ready(timeout_s=180)
         restarted = [e for e in pod.log_entries() if "starting it again" in e["message"]]
         assert len(restarted) == 1 and restarted[0]["exit_code"] == -9
         _, metrics = _get(pod.metrics_port, "/metrics")
@@ -161,9 +151,8 @@ def test_two_processes_share_the_work_survive_a_kill_9_and_drain_on_sigterm(stac
 def test_daemon_processes_do_not_outlive_a_killed_supervisor(stack):
     """kill -9 of the pod's entry point (a local run's Ctrl-\\, an OOM kill): its daemon
     processes notice and drain themselves instead of pulling on as orphans."""
-    pod = stack.start_daemon(GANNET_PROCESSES="2", GANNET_RUNNERS="1")
+    pod = stack.start_daemon(GANNET_PROCESSES="2", GANNET_RUNNERS="1")  # waits for /readyz
     try:
-        _wait_ready(pod.metrics_port)
         children = psutil.Process(pod.proc.pid).children()
         pod.proc.kill()
         pod.proc.wait(timeout=10)

@@ -41,11 +41,10 @@ from typing import Any
 
 import cv2
 import numpy as np
-import psutil
 
 from gannet import clients
 from gannet.dev import demo, stack
-from gannet.dev.bench import TENANT, demo_scenes, wait_committed
+from gannet.dev.bench import TENANT, cpu_seconds, demo_scenes, wait_committed
 from gannet.dev.local_services import LocalServices, Ports
 from gannet.dev.publish import make_task, publish_tasks, upload_image
 from gannet.errors import CommandError
@@ -152,17 +151,6 @@ def scrape(port: int) -> dict[str, float]:
     return values
 
 
-def process_cpu(pid: int) -> float:
-    """CPU seconds of the daemon: its process and, under a supervisor, every daemon
-    process it runs (while they run: psutil counts a child's only once it is reaped)."""
-    root = psutil.Process(pid)
-    total = 0.0
-    for proc in [root, *root.children(recursive=True)]:
-        times = proc.cpu_times()
-        total += times.user + times.system
-    return total
-
-
 def measure(
     services: LocalServices,
     queue: Settings,
@@ -212,13 +200,15 @@ def measure(
         gil_file = log_path.with_suffix(".gil.txt")
         if gil:
             spy = start_py_spy(proc.proc.pid, gil_file)
-        before, cpu_before = scrape(proc.metrics_port), process_cpu(proc.proc.pid)
+        # CPU of the daemon and, under a supervisor, of every daemon process it runs.
+        pid = {"daemon": proc.proc.pid}
+        before, cpu_before = scrape(proc.metrics_port), cpu_seconds(pid)["daemon"]
         started = time.time()
         publish_tasks(publisher, queue.topic_path(), tasks)
         finished, failed = wait_committed(
             queue.database_url, TENANT, [t.task_id for t in tasks], timeout_s=900
         )
-        after, cpu_after = scrape(proc.metrics_port), process_cpu(proc.proc.pid)
+        after, cpu_after = scrape(proc.metrics_port), cpu_seconds(pid)["daemon"]
         gil_samples = stop_py_spy(spy, gil_file) if spy else None
     finally:
         if spy is not None and spy.poll() is None:
