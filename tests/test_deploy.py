@@ -30,13 +30,10 @@ def deploy(argv: list[str]) -> int:
 
 
 def worker_images(text: str) -> list[str]:
+    """The images of the worker's init containers, then its containers."""
     objects = [d for d in yaml.safe_load_all(text) if d]
-    return [
-        c["image"]
-        for o in objects
-        if o["kind"] == "Deployment"
-        for c in o["spec"]["template"]["spec"]["containers"]
-    ]
+    (pod,) = [o["spec"]["template"]["spec"] for o in objects if o["kind"] == "Deployment"]
+    return [c["image"] for c in [*pod["initContainers"], *pod["containers"]]]
 
 
 @pytest.mark.parametrize(("overlay", "repo"), [("prod", PROD_REPO), ("dev", DEV_REPO)])
@@ -46,7 +43,8 @@ def test_dry_run_pins_the_worker_to_the_digest(
     image = f"{repo}@{DIGEST}"
     assert deploy([str(ROOT / "k8s" / "overlays" / overlay), "--image", image, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert worker_images(out) == [image]
+    # The migrate init container runs the release's migrations with the same image.
+    assert worker_images(out) == [image, image]
     kinds = {d["kind"] for d in yaml.safe_load_all(out) if d}
     assert {"Deployment", "ConfigMap", "ServiceAccount", "Namespace"} <= kinds
 
@@ -106,7 +104,7 @@ def test_deploy_applies_waits_and_shows_status(
     )
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert worker_images((tmp_path / "applied.yaml").read_text()) == [image]
+    assert worker_images((tmp_path / "applied.yaml").read_text()) == [image, image]
     apply_call, rollout_call = (tmp_path / "calls").read_text().splitlines()
     assert apply_call == f"--kubeconfig {config} apply -f -"
     assert rollout_call == (

@@ -475,6 +475,17 @@ def test_pdb_podmonitoring_and_networkpolicy_select_the_worker(rendered: dict[st
     assert any(port == 443 for port, _ in egress)
 
 
+def test_pods_migrate_the_schema_before_the_daemon_starts(rendered: dict[str, Path]) -> None:
+    """A deploy needs no separate migration step: the init container runs it first."""
+    for overlay, path in rendered.items():
+        pod = one_of_kind(docs(path), "Deployment")["spec"]["template"]["spec"]
+        (init,) = pod["initContainers"]
+        worker = worker_container(docs(path))
+        assert init["args"] == ["db", "migrate"], overlay
+        assert init["image"] == worker["image"]
+        assert init["envFrom"] == worker["envFrom"] and init["env"] == worker["env"]
+
+
 def test_dev_is_one_cpu_worker_without_autoscaler(rendered: dict[str, Path]) -> None:
     objects = docs(rendered["dev"])
     deployment = one_of_kind(objects, "Deployment")
