@@ -116,16 +116,20 @@ def unjustified(reports: list[dict[str, Any]]) -> list[str]:
 # ---- rendering ----------------------------------------------------------------------------
 
 
+def kustomize_all(parent: Path, names: tuple[str, ...], out: Path) -> dict[str, Path]:
+    """`kubectl kustomize parent/NAME` for each name, written to out/NAME.yaml."""
+    files = {}
+    for name in names:
+        proc = run([kubectl(), "kustomize", parent / name])
+        assert proc.returncode == 0, f"kubectl kustomize {parent / name} failed:\n{proc.stderr}"
+        files[name] = out / f"{name}.yaml"
+        files[name].write_text(proc.stdout)
+    return files
+
+
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("k8s")
-    files = {}
-    for overlay in OVERLAYS:
-        proc = run([kubectl(), "kustomize", ROOT / "k8s" / "overlays" / overlay])
-        assert proc.returncode == 0, f"kubectl kustomize {overlay} failed:\n{proc.stderr}"
-        files[overlay] = out / f"{overlay}.yaml"
-        files[overlay].write_text(proc.stdout)
-    return files
+    return kustomize_all(ROOT / "k8s" / "overlays", OVERLAYS, tmp_path_factory.mktemp("k8s"))
 
 
 def docs(path: Path) -> list[dict[str, Any]]:
