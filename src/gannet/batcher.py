@@ -17,6 +17,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry.trace import SpanContext
+
+from gannet.tracing import forward_span
+
 log = logging.getLogger(__name__)
 
 ForwardFn = Callable[[list[Any]], Sequence[Any]]  # inputs of one group -> one answer each
@@ -29,6 +33,7 @@ class BatcherClosed(RuntimeError):
 @dataclass
 class _Request:
     item: Any
+    link: SpanContext | None = None  # tracing on: the submitting task's span
     future: Future[Any] = field(default_factory=Future)
 
 
@@ -66,11 +71,12 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, items: Sequence[Any]) -> list[Future[Any]]:
+    def submit(self, items: Sequence[Any], link: SpanContext | None = None) -> list[Future[Any]]:
+        """`link`: the span a traced forward pass links back to (tracing.current_link)."""
         with self._close_lock:
             if self._closed:
                 raise BatcherClosed(self.name)
-            requests = [_Request(item) for item in items]
+            requests = [_Request(item, link) for item in items]
             for request in requests:
                 self._queue.put(request)
         return [r.future for r in requests]
@@ -109,8 +115,13 @@ class Batcher:
     def _run(self, batch: list[_Request]) -> None:
         started = time.perf_counter()
         cpu_started = time.thread_time() if self._on_cpu else 0.0
+        links = [r.link for r in batch if r.link is not None]
         try:
-            results = self._forward([r.item for r in batch])
+            if links:
+                with forward_span(self.name, links, len(batch)):
+                    results = self._forward([r.item for r in batch])
+            else:
+                results = self._forward([r.item for r in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"model returned {len(results)} results for {len(batch)}")
         except Exception as exc:  # noqa: BLE001 - handed to every waiting runner

@@ -16,6 +16,7 @@ small thread pool so a slow receiver holds neither a runner nor the ack.
 
 from __future__ import annotations
 
+import contextvars
 import http.client
 import ipaddress
 import json
@@ -29,6 +30,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
+from opentelemetry import trace
 
 from gannet.errors import ErrorCode, GannetError, PermanentError, TransientError
 from gannet.metrics import Metrics
@@ -275,7 +278,9 @@ class Callbacks:
         with self._lock:
             self._pending += 1
         try:
-            self._pool.submit(self._deliver, task, payload)
+            # In a copy of this thread's context: with tracing on, the callback's span
+            # joins the task's trace.
+            self._pool.submit(contextvars.copy_context().run, self._deliver, task, payload)
         except RuntimeError:  # shutting down: the pool takes no more work
             with self._lock:
                 self._pending -= 1
@@ -291,7 +296,10 @@ class Callbacks:
             if self._abort:
                 delivery = Delivery("failed", "worker shut down before sending", 0)
             else:
-                delivery = self.client.send(task.callback_url, payload)
+                # A no-op span unless tracing is on (tracing.py).
+                with trace.get_tracer("gannet").start_as_current_span("callback") as span:
+                    delivery = self.client.send(task.callback_url, payload)
+                    span.set_attribute("gannet.callback_status", delivery.status)
             self._save(task, delivery)
         finally:
             with self._lock:

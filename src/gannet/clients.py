@@ -7,6 +7,7 @@ import os
 import google.cloud.pubsub_v1 as pubsub_v1
 import google.cloud.storage as storage
 from google.auth.exceptions import DefaultCredentialsError
+from google.cloud.pubsub_v1 import types
 
 from gannet import storage as gannet_storage
 from gannet.errors import CommandError
@@ -20,8 +21,18 @@ def pubsub_clients(
         # The client library reads this variable itself to pick an insecure channel;
         # we only write it, from the one settings object.
         os.environ["PUBSUB_EMULATOR_HOST"] = settings.pubsub_emulator_host
+    # With tracing on, the client carries the trace context in the message (publisher)
+    # and continues it (subscriber): tracing.py.
+    traced = settings.trace_exporter != "off"
     try:
-        return pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+        return (
+            pubsub_v1.PublisherClient(
+                publisher_options=types.PublisherOptions(enable_open_telemetry_tracing=traced)
+            ),
+            pubsub_v1.SubscriberClient(
+                subscriber_options=types.SubscriberOptions(enable_open_telemetry_tracing=traced)
+            ),
+        )
     except DefaultCredentialsError as exc:
         raise NoCredentials(str(exc)) from exc
 

@@ -42,6 +42,7 @@ from gannet.settings import Settings
 from gannet.sink import SCHEMA_VERSION, Sink
 from gannet.storage import Storage, local_version, read_local
 from gannet.subscriber import Subscriber
+from gannet.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +116,15 @@ class Parts:
     callbacks: Callbacks
     dispatcher: Dispatcher
     devices: list[str]
+    tracing: Tracing | None = None
 
     def close(self, timeout_s: float = 0.0) -> None:
         """Stop the model threads and release the database pool (callbacks are closed
-        by the shutdown, which knows how long they may take)."""
+        by the shutdown, which knows how long they may take); send the last spans."""
         self.cache.close(timeout_s)
         self.sink.close()
+        if self.tracing is not None:
+            self.tracing.shutdown(timeout_s=min(5.0, timeout_s) or 1.0)
 
 
 def build(
@@ -172,6 +176,8 @@ def build(
     pipeline = Pipeline(configs, storage, cache, resolver, limits)
     callbacks = build_callbacks(s, sink.set_callback_status, metrics)
     settler = Settler(publisher, s.dead_letter_topic_path(), s.subscription, metrics)
+    holder = worker_id()
+    tracing = Tracing.from_settings(s, holder)
     dispatcher = Dispatcher(
         pipeline,
         sink,
@@ -183,9 +189,10 @@ def build(
         devices,
         s.runners,
         callbacks,
-        holder=worker_id(),
+        holder=holder,
         claim_ttl_s=s.claim_ttl_s,
         stage_cpu=s.stage_cpu,
+        tracing=tracing,
     )
     return Parts(
         s,
@@ -199,6 +206,7 @@ def build(
         callbacks,
         dispatcher,
         devices,
+        tracing,
     )
 
 
@@ -370,5 +378,6 @@ class Daemon:
 def run(settings: Settings, wrap_loader: Callable[[Loader], Loader] | None = None) -> int:
     """One daemon (under a supervisor, its log lines say which process it is)."""
     fields = {} if settings.process_index is None else {"process": settings.process_index}
-    logs.configure(settings.log_level, fields)
+    traced = settings.trace_exporter != "off"
+    logs.configure(settings.log_level, fields, trace_project=settings.project if traced else None)
     return Daemon(settings, wrap_loader).run()

@@ -9,6 +9,8 @@ On the subscriber's callback thread (one per leased message):
      keeps extending the message's lease. A second delivery of a task already running in
      this pod waits for the first and follows its outcome instead (single flight);
   4. settle: the Settler (outcome.py) acks, nacks or dead-letters.
+With tracing on (tracing.py), the message's span is current on the callback thread and,
+handed over in the WorkItem, on its runner; each stage is a span under it.
 On a runner thread, `process` does the work that costs: the committed-result lookup and
 the task's claim (one transaction; another pod's live claim is a nack with a delay),
 fetch, decode, the steps (models through the ModelCache), the result JSON, the row, and
@@ -21,8 +23,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from google.cloud.pubsub_v1.subscriber.message import Message
 
@@ -37,6 +39,9 @@ from gannet.stages import Timer
 from gannet.storage import Storage, encode_json
 from gannet.task import Task, TaskResult, identify, parse_task
 
+if TYPE_CHECKING:
+    from gannet.tracing import TaskSpan, Tracing
+
 log = logging.getLogger(__name__)
 
 
@@ -47,6 +52,8 @@ class WorkItem:
     task: Task
     route: Route
     delivery_attempt: int | None
+    trace: TaskSpan | None = None  # tracing on: the message's span
+    queued_ns: int = 0  # tracing on: when it was handed to the pool
 
 
 class Dispatcher:
@@ -68,6 +75,7 @@ class Dispatcher:
         holder: str,
         claim_ttl_s: float,
         stage_cpu: bool = False,
+        tracing: Tracing | None = None,
     ) -> None:
         """`holder` names this worker in task claims (unique per process); a claim keeps
         other workers off a task for `claim_ttl_s` unless released earlier."""
@@ -82,6 +90,7 @@ class Dispatcher:
         self.holder = holder
         self.claim_ttl_s = claim_ttl_s
         self.stage_cpu = stage_cpu
+        self.tracing = tracing
         # Single flight within the pod: task_id -> the job of the delivery being run.
         self._in_flight: dict[str, Job[WorkItem]] = {}
         self._in_flight_lock = threading.Lock()
@@ -94,11 +103,29 @@ class Dispatcher:
 
     def on_message(self, message: Message) -> None:
         """The subscriber's callback: one message from lease to ack, nack or quarantine."""
+        if self.tracing is not None:
+            self._on_message_traced(message, self.tracing)
+            return
         started = time.perf_counter()
         timer = self._timer()
         outcome = self.outcome_of(message.data, message.delivery_attempt, self._run_on_pool, timer)
         with timer.stage("settle"):
             self.settler.settle(message, outcome, time.perf_counter() - started)
+
+    def _on_message_traced(self, message: Message, tracing: Tracing) -> None:
+        """on_message inside the message's span, which the runner continues."""
+        started = time.perf_counter()
+        span = tracing.start_task(message)
+        with span.active():
+            timer = self._timer()
+
+            def run(item: WorkItem) -> Outcome:
+                return self._run_on_pool(replace(item, trace=span, queued_ns=time.time_ns()))
+
+            outcome = self.outcome_of(message.data, message.delivery_attempt, run, timer)
+            with timer.stage("settle"):
+                self.settler.settle(message, outcome, time.perf_counter() - started)
+            span.finish(outcome)
 
     def outcome_of(
         self,
@@ -124,11 +151,13 @@ class Dispatcher:
         """A Timer that feeds the stage histogram (and, with GANNET_STAGE_CPU, the stage
         CPU counter)."""
         wall, cpu = self.metrics.stage_seconds, self.metrics.stage_cpu_seconds
+        spans = self.tracing.stages if self.tracing is not None else None
         if not self.stage_cpu:
-            return Timer(lambda stage, s: wall.labels(stage).observe(s))
+            return Timer(lambda stage, s: wall.labels(stage).observe(s), spans=spans)
         return Timer(
             lambda stage, s: wall.labels(stage).observe(s),
             lambda stage, s: cpu.labels(stage).inc(s),
+            spans,
         )
 
     def outcome_here(self, body: bytes, delivery_attempt: int | None, device: str) -> Outcome:
@@ -161,6 +190,14 @@ class Dispatcher:
 
     def process(self, item: WorkItem, device: str) -> Outcome:
         """The costly part of one task, on a runner thread pinned to `device`."""
+        if item.trace is None:
+            return self._process_guarded(item, device)
+        with item.trace.active():
+            item.trace.waited(item.queued_ns)
+            return self._process_guarded(item, device)
+
+    def _process_guarded(self, item: WorkItem, device: str) -> Outcome:
+        """`process`, every exception turned into an Outcome."""
         task = item.task
         try:
             return self._process(item, device)

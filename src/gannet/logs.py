@@ -13,6 +13,8 @@ import traceback
 from datetime import UTC, datetime
 from typing import Any
 
+from opentelemetry import trace
+
 TASK_FIELDS = (
     "task_id",
     "tenant_id",
@@ -28,10 +30,16 @@ TASK_FIELDS = (
 
 
 class JsonFormatter(logging.Formatter):
-    def __init__(self, fields: dict[str, Any] | None = None) -> None:
-        """`fields` go on every line (a supervised process's index)."""
+    def __init__(
+        self, fields: dict[str, Any] | None = None, trace_project: str | None = None
+    ) -> None:
+        """`fields` go on every line (a supervised process's index). With tracing on,
+        `trace_project` is the project whose Cloud Trace holds the traces: a line written
+        while a span is current carries its trace and span ids, and Cloud Logging shows it
+        with that trace."""
         super().__init__()
         self._fields = fields or {}
+        self._trace_project = trace_project
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -49,14 +57,23 @@ class JsonFormatter(logging.Formatter):
         extra = getattr(record, "fields", None)
         if isinstance(extra, dict):
             entry.update(extra)
+        if self._trace_project is not None:
+            span = trace.get_current_span().get_span_context()
+            if span.is_valid:
+                trace_id = f"projects/{self._trace_project}/traces/{span.trace_id:032x}"
+                entry["logging.googleapis.com/trace"] = trace_id
+                entry["logging.googleapis.com/spanId"] = f"{span.span_id:016x}"
+                entry["logging.googleapis.com/trace_sampled"] = span.trace_flags.sampled
         if record.exc_info:
             entry["stack_trace"] = "".join(traceback.format_exception(*record.exc_info))
         return json.dumps(entry, default=str)
 
 
-def configure(level: str = "INFO", fields: dict[str, Any] | None = None) -> None:
+def configure(
+    level: str = "INFO", fields: dict[str, Any] | None = None, trace_project: str | None = None
+) -> None:
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter(fields))
+    handler.setFormatter(JsonFormatter(fields, trace_project))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -25,6 +25,7 @@ from gannet.errors import ErrorCode, TransientError
 from gannet.metrics import Metrics
 from gannet.split_predictor import SplitPredictor
 from gannet.stages import Timer, ignore
+from gannet.tracing import current_link
 
 log = logging.getLogger(__name__)
 
@@ -191,11 +192,13 @@ class ModelCache:
             entry = self.get(key)
             with timer.stage("preprocess"):
                 inputs = [entry.predictor.preprocess(image) for image in images]
-            try:
-                futures = entry.batcher.submit(inputs)
-            except BatcherClosed:
-                continue  # evicted between get() and submit(): load it again
             with timer.stage("inference"):  # waiting for the batcher's forward passes
+                # Tracing on: the batch's forward span links to this stage's span.
+                link = current_link() if timer.spans is not None else None
+                try:
+                    futures = entry.batcher.submit(inputs, link)
+                except BatcherClosed:
+                    continue  # evicted between get() and submit(): load it again
                 outputs = [f.result() for f in futures]
             with timer.stage("postprocess"):
                 return [

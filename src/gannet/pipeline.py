@@ -28,6 +28,7 @@ from gannet.stages import Timer
 from gannet.step_registry import Plan, StepContext
 from gannet.storage import Storage, check_image_url
 from gannet.task import Task, utc_now_iso
+from gannet.tracing import annotate
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,14 @@ class Pipeline:
             data = self.storage.read(task.image_url, self.limits.max_image_bytes)
         with timer.stage("decode"):
             image, scale = decode_scaled(data, self.limits.max_image_pixels, route.decode_floor)
+            if timer.spans is not None:
+                annotate(
+                    {
+                        "image.bytes": len(data),
+                        "image.width": image.shape[1],
+                        "image.height": image.shape[0],
+                    }
+                )
         return self.run_image(task, route, image, device, timer, started, scale)
 
     def run_image(

@@ -8,7 +8,7 @@ Only the entry point (cli) builds a Settings; everything else receives values fr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -154,6 +154,20 @@ class Settings(BaseSettings):
     )
     callback_ca_file: str | None = Field(
         None, description="Extra CA bundle (PEM) to trust for https callbacks (optional)."
+    )
+    trace_exporter: Literal["off", "otlp", "cloud_trace"] = Field(
+        "off",
+        description="Where task traces go: off (no cost), otlp (GANNET_TRACE_OTLP_ENDPOINT) "
+        "or cloud_trace (Cloud Trace, with the pod's Workload Identity).",
+    )
+    trace_otlp_endpoint: str = Field(
+        "http://localhost:4317", description="OTLP gRPC endpoint when GANNET_TRACE_EXPORTER=otlp."
+    )
+    trace_sample_ratio: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of new traces kept; a task whose publisher sampled it is kept.",
     )
 
     @field_validator("allowed_buckets", mode="before")

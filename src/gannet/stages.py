@@ -5,15 +5,25 @@ user waited, and on what. CPU per stage is what decides how many images one pod 
 its GPU: a stage's CPU is the thread CPU of the thread doing it, exclusive of the stages
 nested in it (a step's own work, without the pre- and post-processing inside it), summed
 into one counter per stage. `gannet bench --plumbing` reads that counter to split the
-daemon's CPU per image by stage.
+daemon's CPU per image by stage. With tracing on, each stage is also a span
+(tracing.py); with it off, a stage pays one `is None` check for it.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 Observe = Callable[[str, float], None]  # (stage, seconds)
+
+
+class Spans(Protocol):
+    """Opens a span per stage (tracing.StageSpans)."""
+
+    def enter(self, name: str) -> object: ...
+
+    def exit(self, opened: object, error: BaseException | None) -> None: ...
 
 
 def ignore(stage: str, seconds: float) -> None:
@@ -24,12 +34,15 @@ def ignore(stage: str, seconds: float) -> None:
 class Timer:
     """One task's stages on one thread; not shared between threads."""
 
-    def __init__(self, observe: Observe, charge_cpu: Observe = ignore) -> None:
+    def __init__(
+        self, observe: Observe, charge_cpu: Observe = ignore, spans: Spans | None = None
+    ) -> None:
         """`observe(stage, wall seconds)` once per stage; `charge_cpu(stage, cpu
-        seconds)` whenever a stage ends or a nested one begins."""
+        seconds)` whenever a stage ends or a nested one begins; `spans` when tracing."""
         self.timings: dict[str, float] = {}
         self._observe = observe
         self._charge = charge_cpu
+        self.spans = spans
         self._open: list[str] = []
         self._cpu_mark = 0.0
         self._cpu = charge_cpu is not ignore  # the clock is a syscall: only when asked
@@ -60,8 +73,12 @@ class _Stage:
         self.timer, self.name = timer, name
 
     def __enter__(self) -> None:
+        spans = self.timer.spans
+        self.opened = spans.enter(self.name) if spans is not None else None
         self.timer._switch(self.name)
         self.started = time.perf_counter()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
         self.timer._close(self.name, time.perf_counter() - self.started)
+        if self.opened is not None:
+            self.timer.spans.exit(self.opened, error)  # type: ignore[union-attr]

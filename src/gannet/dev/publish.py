@@ -14,6 +14,7 @@ from gannet import clients
 from gannet.settings import Settings
 from gannet.storage import Storage
 from gannet.task import Task
+from gannet.tracing import Tracing
 
 
 def make_task(
@@ -57,6 +58,17 @@ def upload_image(storage: Storage, bucket: str, tenant: str, path: Path, prefix:
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
+    # With GANNET_TRACE_EXPORTER set, each task starts a trace here that the daemon
+    # continues, as a traced backend's would.
+    tracing = Tracing.from_settings(settings, "gannet-publish")
+    try:
+        return _publish(settings, args)
+    finally:
+        if tracing is not None:
+            tracing.shutdown()
+
+
+def _publish(settings: Settings, args: argparse.Namespace) -> int:
     publisher, _ = clients.pubsub_clients(settings)
     storage = Storage(clients.storage_client(settings))
     tasks = []

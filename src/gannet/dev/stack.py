@@ -145,9 +145,10 @@ class Stack:
             )
         return [m.message for m in response.received_messages]
 
-    def gannet(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """A `gannet` command as an operator runs it, against this test's own queues."""
-        return gannet(*args, env=self.env(), timeout=120)
+    def gannet(self, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        """A `gannet` command as an operator runs it, against this test's own queues
+        (`extra`: more GANNET_* variables)."""
+        return gannet(*args, env=self.env(**extra), timeout=120)
 
     def dead_letters(self, count: int, timeout_s: float = 60) -> list[dict[str, Any]]:
         """`gannet dead-letters --json` once it lists `count`; listing removes nothing."""

@@ -1,0 +1,196 @@
+"""One trace per task, from the backend's publish to the committed row.
+
+Off by default (GANNET_TRACE_EXPORTER=off): then the daemon builds no Tracing, every
+`tracing` is None, and a stage pays one `is None` check. On, with `otlp` (a collector)
+or `cloud_trace` (Cloud Trace, authenticated by the pod's Workload Identity):
+
+- the Pub/Sub client's own OpenTelemetry support is turned on (clients.py), so a task
+  published by a traced backend continues the backend's trace: the client's `subscribe`
+  span is a child of the publisher's span, and a message without that context starts a
+  trace of its own;
+- each message gets a `gannet task` span under the client's `subscribe` span, carrying
+  task_id, tenant_id, pipeline, delivery_attempt, outcome and error_code;
+- every Timer stage (stages.py: receive, lookup, fetch, decode, the steps, preprocess,
+  inference, postprocess, result_json, sink, gcs_write, settle) is a child span of the
+  stage or task it runs in, on whichever thread runs it: the runner attaches the task's
+  context before it starts, after a `wait for a runner` span;
+- a batched forward pass is one span in the model's batcher thread, linked to the
+  `inference` span of every task in the batch, with the batch size;
+- log lines written inside a task carry its trace and span ids in the fields Cloud
+  Logging links on (logs.py).
+
+Spans leave through a BatchSpanProcessor (a background thread, in batches): the message
+path only records them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import Token
+from typing import TYPE_CHECKING, Any, cast
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import Link, SpanContext, Status, StatusCode
+
+from gannet import __version__
+
+if TYPE_CHECKING:
+    from gannet.outcome import Outcome
+    from gannet.settings import Settings
+
+TRACER = "gannet"
+
+
+class Tracing:
+    """The daemon's tracer provider and what the message path asks of it."""
+
+    def __init__(self, provider: TracerProvider) -> None:
+        self.provider = provider
+        self.tracer = provider.get_tracer(TRACER, __version__)
+        self.stages = StageSpans(self.tracer)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, instance: str) -> Tracing | None:
+        """None when tracing is off. Sets the global provider, which the Pub/Sub client's
+        spans use."""
+        if settings.trace_exporter == "off":
+            return None
+        provider = TracerProvider(
+            resource=Resource.create(
+                {
+                    "service.name": "gannet",
+                    "service.version": __version__,
+                    "service.instance.id": instance,
+                    "gcp.project_id": settings.project,
+                }
+            ),
+            # Follow the publisher's decision; sample new traces at the ratio.
+            sampler=ParentBased(TraceIdRatioBased(settings.trace_sample_ratio)),
+        )
+        provider.add_span_processor(BatchSpanProcessor(_exporter(settings)))
+        trace.set_tracer_provider(provider)
+        return cls(provider)
+
+    def start_task(self, message: Any) -> TaskSpan:
+        """The span of one message, under the Pub/Sub client's `subscribe` span (which
+        continues the publisher's trace) when the client traced the message."""
+        data = getattr(message, "opentelemetry_data", None)
+        subscribe = data.subscribe_span if data is not None else None
+        parent = trace.set_span_in_context(subscribe) if subscribe is not None else None
+        span = self.tracer.start_span(
+            "gannet task",
+            context=parent if parent is not None else otel_context.Context(),
+            kind=trace.SpanKind.CONSUMER,
+            attributes={
+                "messaging.message.id": str(getattr(message, "message_id", "")),
+                "gannet.delivery_attempt": message.delivery_attempt or 1,
+            },
+        )
+        return TaskSpan(self.tracer, span)
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        """Send what is buffered; spans recorded after this are dropped."""
+        self.provider.force_flush(int(timeout_s * 1000))
+        self.provider.shutdown()
+
+
+class TaskSpan:
+    """One message's span, handed from the callback thread to its runner."""
+
+    def __init__(self, tracer: trace.Tracer, span: trace.Span) -> None:
+        self._tracer = tracer
+        self.span = span
+        self.context = trace.set_span_in_context(span)
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Make the task the current span on this thread (log lines, stage spans)."""
+        token = otel_context.attach(self.context)
+        try:
+            yield
+        finally:
+            otel_context.detach(token)
+
+    def waited(self, since_ns: int) -> None:
+        """The time the task queued for a runner, as a span of its own."""
+        self._tracer.start_span("wait for a runner", start_time=since_ns).end()
+
+    def finish(self, outcome: Outcome) -> None:
+        span = self.span
+        task = outcome.task
+        if task is not None:
+            span.set_attributes(
+                {
+                    "gannet.task_id": task.task_id,
+                    "gannet.tenant_id": task.tenant_id,
+                    "gannet.pipeline": task.pipeline,
+                }
+            )
+        span.set_attribute("gannet.outcome", outcome.label)
+        if outcome.error is not None:
+            span.set_attribute("gannet.error_code", outcome.error.code.value)
+            span.set_status(Status(StatusCode.ERROR, outcome.error.code.value))
+        span.end()
+
+
+class StageSpans:
+    """Spans for Timer stages (stages.py): each a child of whatever span is current on
+    the thread, and current itself while it runs, so stages nest."""
+
+    def __init__(self, tracer: trace.Tracer) -> None:
+        self._tracer = tracer
+
+    def enter(self, name: str) -> object:
+        span = self._tracer.start_span(name)
+        return span, otel_context.attach(trace.set_span_in_context(span))
+
+    def exit(self, opened: object, error: BaseException | None) -> None:
+        span, token = cast("tuple[trace.Span, Token[otel_context.Context]]", opened)
+        otel_context.detach(token)
+        if error is not None:
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+        span.end()
+
+
+def current_link() -> SpanContext | None:
+    """The current span's context, to link a batched forward pass to it (None when
+    tracing is off: the current span is then the invalid one)."""
+    context = trace.get_current_span().get_span_context()
+    return context if context.is_valid else None
+
+
+def annotate(attributes: dict[str, Any]) -> None:
+    """Attributes on the current span, when one is recording."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attributes(attributes)
+
+
+@contextmanager
+def forward_span(model: str, links: list[SpanContext], size: int) -> Iterator[None]:
+    """A batched forward pass, linked to the span of every task that rode in it."""
+    tracer = trace.get_tracer(TRACER, __version__)
+    with tracer.start_as_current_span(
+        "forward",
+        links=[Link(c) for c in links],
+        attributes={"gannet.model": model, "gannet.batch_size": size},
+    ):
+        yield
+
+
+def _exporter(settings: Settings) -> SpanExporter:
+    if settings.trace_exporter == "cloud_trace":
+        from opentelemetry.exporter.cloud_trace import CloudTraceSpanExporter
+
+        return CloudTraceSpanExporter(project_id=settings.project)  # type: ignore[no-untyped-call]
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    endpoint = settings.trace_otlp_endpoint
+    return OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))

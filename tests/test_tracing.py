@@ -1,0 +1,237 @@
+"""One trace per task, received by a real OTLP gRPC server.
+
+The daemon and `gannet publish` run as processes with GANNET_TRACE_EXPORTER=otlp and
+export, through the OpenTelemetry SDK's own OTLP exporter, to a TraceService server in
+this test (the collector's wire protocol, from opentelemetry-proto): nothing of the SDK
+is mocked, and the Pub/Sub client's own tracing carries the context through the real
+emulator.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+from conftest import SCENES
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.common.v1 import common_pb2
+from opentelemetry.proto.trace.v1 import trace_pb2
+
+from gannet.dev.stack import Stack
+
+
+@dataclass
+class Span:
+    name: str
+    trace_id: str
+    span_id: str
+    parent_id: str
+    instance: str
+    attributes: dict[str, Any]
+    links: list[tuple[str, str]]
+    error: bool
+
+
+def _value(v: common_pb2.AnyValue) -> Any:
+    kind = v.WhichOneof("value")
+    return getattr(v, kind) if kind else None
+
+
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP trace endpoint that keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.spans: list[Span] = []
+        self._lock = threading.Lock()
+
+    def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        received = []
+        for rs in request.resource_spans:
+            resource = {a.key: _value(a.value) for a in rs.resource.attributes}
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    received.append(
+                        Span(
+                            name=s.name,
+                            trace_id=s.trace_id.hex(),
+                            span_id=s.span_id.hex(),
+                            parent_id=s.parent_span_id.hex(),
+                            instance=str(resource.get("service.instance.id")),
+                            attributes={a.key: _value(a.value) for a in s.attributes},
+                            links=[(lk.trace_id.hex(), lk.span_id.hex()) for lk in s.links],
+                            error=s.status.code == trace_pb2.Status.STATUS_CODE_ERROR,
+                        )
+                    )
+        with self._lock:
+            self.spans.extend(received)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def wait_for(self, predicate: Any, timeout_s: float = 30) -> list[Span]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                spans = list(self.spans)
+            if predicate(spans):
+                return spans
+            time.sleep(0.2)
+        pytest.fail(f"spans never arrived; got {sorted({s.name for s in spans})}")
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[Receiver, str]]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    recv = Receiver()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(recv, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield recv, f"http://127.0.0.1:{port}"
+    server.stop(grace=None)
+
+
+def traced(endpoint: str) -> dict[str, str]:
+    return {"GANNET_TRACE_EXPORTER": "otlp", "GANNET_TRACE_OTLP_ENDPOINT": endpoint}
+
+
+def task_span(spans: list[Span], task_id: str) -> Span:
+    (span,) = [
+        s
+        for s in spans
+        if s.name == "gannet task" and s.attributes.get("gannet.task_id") == task_id
+    ]
+    return span
+
+
+def test_a_published_task_is_one_trace_from_the_publisher_to_the_commit(
+    stack: Stack, receiver: tuple[Receiver, str]
+) -> None:
+    recv, endpoint = receiver
+    url = stack.upload(SCENES[0]["file"])
+    daemon = stack.start_daemon(**traced(endpoint))
+    done = stack.gannet(
+        "publish", "--tenant", stack.tenant, "--pipeline", "DETECTION", url, **traced(endpoint)
+    )
+    assert done.returncode == 0, done.stderr
+    task_id = json.loads(done.stdout.splitlines()[-1])["task_id"]
+    stack.wait_rows([task_id])
+    assert daemon.stop() == 0  # the daemon sends what it buffered before it exits
+
+    spans = recv.wait_for(
+        lambda got: any(s.attributes.get("gannet.task_id") == task_id for s in got)
+    )
+    task = task_span(spans, task_id)
+    in_trace = [s for s in spans if s.trace_id == task.trace_id]
+    by_id = {s.span_id: s for s in in_trace}
+
+    # The root is the publisher's span, in the publishing process; the daemon continues it.
+    (root,) = [s for s in in_trace if not s.parent_id]
+    assert root.instance == "gannet-publish" and root.name.endswith(" create")
+    chain, span = [], task
+    while span.parent_id:
+        span = by_id[span.parent_id]
+        chain.append(span.name)
+    assert chain == [f"{stack.settings.subscription} subscribe", root.name]
+
+    assert task.attributes["gannet.tenant_id"] == stack.tenant
+    assert task.attributes["gannet.pipeline"] == "DETECTION"
+    assert task.attributes["gannet.outcome"] == "succeeded"
+    assert task.attributes["gannet.delivery_attempt"] == 1
+    assert not task.error
+
+    def under_task(s: Span) -> bool:
+        while s.parent_id in by_id:
+            if s.parent_id == task.span_id:
+                return True
+            s = by_id[s.parent_id]
+        return False
+
+    stages = {s.name for s in in_trace if under_task(s)}
+    for stage in (
+        "receive",
+        "wait for a runner",
+        "lookup",
+        "fetch",
+        "decode",
+        "preprocess",
+        "inference",
+        "postprocess",
+        "result_json",
+        "sink",
+        "gcs_write",
+        "settle",
+    ):
+        assert stage in stages, f"{stage} missing from {sorted(stages)}"
+    (decode,) = [s for s in in_trace if s.name == "decode"]
+    assert decode.attributes["image.width"] > 0 and decode.attributes["image.bytes"] > 0
+
+    # The model ran in a batch: its span links back to this task's inference span.
+    (inference,) = [s for s in in_trace if s.name == "inference"]
+    linked = (inference.trace_id, inference.span_id)
+    forwards = [s for s in spans if s.name == "forward" and linked in s.links]
+    assert forwards and forwards[0].attributes["gannet.batch_size"] >= 1
+
+    # The task's log lines carry the ids Cloud Logging joins on.
+    lines = [
+        json.loads(line)
+        for line in daemon.log_path.read_text().splitlines()
+        if line.startswith("{")
+    ]
+    mine = [line for line in lines if line.get("task_id") == task_id]
+    assert mine, "no log line for the task"
+    for line in mine:
+        assert line["logging.googleapis.com/trace"] == (
+            f"projects/{stack.settings.project}/traces/{task.trace_id}"
+        )
+        assert line["logging.googleapis.com/spanId"] in by_id
+
+
+def test_a_batched_forward_pass_links_every_task_in_it(
+    stack: Stack, receiver: tuple[Receiver, str]
+) -> None:
+    recv, endpoint = receiver
+    tasks = [stack.task(stack.upload(e["file"])) for e in SCENES[:6]]
+    stack.publish(tasks)  # published before the daemon starts: they arrive together
+    daemon = stack.start_daemon(**traced(endpoint), GANNET_RUNNERS="4")
+    stack.wait_rows([t.task_id for t in tasks])
+    assert daemon.stop() == 0
+    ids = {t.task_id for t in tasks}
+    spans = recv.wait_for(lambda got: ids <= {s.attributes.get("gannet.task_id") for s in got})
+    inference = {}
+    for t in tasks:
+        task = task_span(spans, t.task_id)
+        # Published untraced: each message starts a trace of its own at the subscriber.
+        (span,) = [s for s in spans if s.trace_id == task.trace_id and s.name == "inference"]
+        inference[(span.trace_id, span.span_id)] = t.task_id
+    forwards = [s for s in spans if s.name == "forward"]
+    linked = [link for f in forwards for link in f.links]
+    assert sorted(linked) == sorted(inference), "every inference is linked by one forward"
+    for f in forwards:
+        assert f.attributes["gannet.batch_size"] == len(f.links)
+    assert max(len(f.links) for f in forwards) > 1, "the tasks never shared a forward pass"
+
+
+def test_a_poisoned_message_span_carries_its_error_code(
+    stack: Stack, receiver: tuple[Receiver, str]
+) -> None:
+    recv, endpoint = receiver
+    daemon = stack.start_daemon(**traced(endpoint))
+    task = stack.task(f"gs://not-allowed/{stack.tenant}/x.jpg")
+    stack.publish([task])
+    letters = stack.pull_dead_letters(1)
+    assert letters
+    assert daemon.stop() == 0
+    spans = recv.wait_for(
+        lambda got: any(s.attributes.get("gannet.task_id") == task.task_id for s in got)
+    )
+    span = task_span(spans, task.task_id)
+    assert span.error
+    assert span.attributes["gannet.outcome"] == "quarantined"
+    assert span.attributes["gannet.error_code"] == "bucket_not_allowed"
