@@ -1,104 +1,29 @@
 """One trace per task, received by a real OTLP gRPC server.
 
 The daemon and `gannet publish` run as processes with GANNET_TRACE_EXPORTER=otlp and
-export, through the OpenTelemetry SDK's own OTLP exporter, to a TraceService server in
-this test (the collector's wire protocol, from opentelemetry-proto): nothing of the SDK
-is mocked, and the Pub/Sub client's own tracing carries the context through the real
-emulator.
+export, through the OpenTelemetry SDK's own OTLP exporter, to a TraceService gRPC server
+in the test process (gannet.dev.trace_receiver: the collector's wire protocol, from
+opentelemetry-proto): nothing of the SDK is mocked, and the Pub/Sub client's own tracing
+carries the context through the real emulator.
 """
 
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Iterator
-from concurrent import futures
-from dataclasses import dataclass
-from typing import Any
 
-import grpc
 import pytest
 from conftest import SCENES
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-from opentelemetry.proto.common.v1 import common_pb2
-from opentelemetry.proto.trace.v1 import trace_pb2
 
 from gannet.dev.stack import Stack
-
-
-@dataclass
-class Span:
-    name: str
-    trace_id: str
-    span_id: str
-    parent_id: str
-    instance: str
-    attributes: dict[str, Any]
-    links: list[tuple[str, str]]
-    error: bool
-
-
-def _value(v: common_pb2.AnyValue) -> Any:
-    kind = v.WhichOneof("value")
-    return getattr(v, kind) if kind else None
-
-
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """An OTLP trace endpoint that keeps what it is sent."""
-
-    def __init__(self) -> None:
-        self.spans: list[Span] = []
-        self._lock = threading.Lock()
-
-    def Export(
-        self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
-    ) -> trace_service_pb2.ExportTraceServiceResponse:
-        received = []
-        for rs in request.resource_spans:
-            resource = {a.key: _value(a.value) for a in rs.resource.attributes}
-            for ss in rs.scope_spans:
-                for s in ss.spans:
-                    received.append(
-                        Span(
-                            name=s.name,
-                            trace_id=s.trace_id.hex(),
-                            span_id=s.span_id.hex(),
-                            parent_id=s.parent_span_id.hex(),
-                            instance=str(resource.get("service.instance.id")),
-                            attributes={a.key: _value(a.value) for a in s.attributes},
-                            links=[(lk.trace_id.hex(), lk.span_id.hex()) for lk in s.links],
-                            error=s.status.code == trace_pb2.Status.STATUS_CODE_ERROR,
-                        )
-                    )
-        with self._lock:
-            self.spans.extend(received)
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-    def wait_for(self, predicate: Any, timeout_s: float = 30) -> list[Span]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                spans = list(self.spans)
-            if predicate(spans):
-                return spans
-            time.sleep(0.2)
-        pytest.fail(f"spans never arrived; got {sorted({s.name for s in spans})}")
+from gannet.dev.trace_receiver import Span, TraceReceiver, format_tree, task_trace
 
 
 @pytest.fixture
-def receiver() -> Iterator[tuple[Receiver, str]]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    recv = Receiver()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(recv, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield recv, f"http://127.0.0.1:{port}"
-    server.stop(grace=None)
-
-
-def traced(endpoint: str) -> dict[str, str]:
-    return {"GANNET_TRACE_EXPORTER": "otlp", "GANNET_TRACE_OTLP_ENDPOINT": endpoint}
+def receiver() -> Iterator[TraceReceiver]:
+    recv = TraceReceiver()
+    yield recv
+    recv.stop()
 
 
 def task_span(spans: list[Span], task_id: str) -> Span:
@@ -111,13 +36,13 @@ def task_span(spans: list[Span], task_id: str) -> Span:
 
 
 def test_a_published_task_is_one_trace_from_the_publisher_to_the_commit(
-    stack: Stack, receiver: tuple[Receiver, str]
+    stack: Stack, receiver: TraceReceiver
 ) -> None:
-    recv, endpoint = receiver
+    recv = receiver
     url = stack.upload(SCENES[0]["file"])
-    daemon = stack.start_daemon(**traced(endpoint))
+    daemon = stack.start_daemon(**recv.env())
     done = stack.gannet(
-        "publish", "--tenant", stack.tenant, "--pipeline", "DETECTION", url, **traced(endpoint)
+        "publish", "--tenant", stack.tenant, "--pipeline", "DETECTION", url, **recv.env()
     )
     assert done.returncode == 0, done.stderr
     task_id = json.loads(done.stdout.splitlines()[-1])["task_id"]
@@ -128,7 +53,8 @@ def test_a_published_task_is_one_trace_from_the_publisher_to_the_commit(
         lambda got: any(s.attributes.get("gannet.task_id") == task_id for s in got)
     )
     task = task_span(spans, task_id)
-    in_trace = [s for s in spans if s.trace_id == task.trace_id]
+    in_trace = task_trace(spans, task_id)
+    assert {s.trace_id for s in in_trace} == {task.trace_id}
     by_id = {s.span_id: s for s in in_trace}
 
     # The root is the publisher's span, in the publishing process; the daemon continues it.
@@ -178,6 +104,11 @@ def test_a_published_task_is_one_trace_from_the_publisher_to_the_commit(
     forwards = [s for s in spans if s.name == "forward" and linked in s.links]
     assert forwards and forwards[0].attributes["gannet.batch_size"] >= 1
 
+    # What `gannet demo --trace` prints: the tree, the task under the publisher's span.
+    tree = format_tree(in_trace).splitlines()
+    assert tree[0].startswith(root.name)
+    assert any(line.startswith("    gannet task") and "outcome=succeeded" in line for line in tree)
+
     # The task's log lines carry the ids Cloud Logging joins on.
     lines = [
         json.loads(line)
@@ -194,12 +125,12 @@ def test_a_published_task_is_one_trace_from_the_publisher_to_the_commit(
 
 
 def test_a_batched_forward_pass_links_every_task_in_it(
-    stack: Stack, receiver: tuple[Receiver, str]
+    stack: Stack, receiver: TraceReceiver
 ) -> None:
-    recv, endpoint = receiver
+    recv = receiver
     tasks = [stack.task(stack.upload(e["file"])) for e in SCENES[:6]]
     stack.publish(tasks)  # published before the daemon starts: they arrive together
-    daemon = stack.start_daemon(**traced(endpoint), GANNET_RUNNERS="4")
+    daemon = stack.start_daemon(**recv.env(), GANNET_RUNNERS="4")
     stack.wait_rows([t.task_id for t in tasks])
     assert daemon.stop() == 0
     ids = {t.task_id for t in tasks}
@@ -219,10 +150,10 @@ def test_a_batched_forward_pass_links_every_task_in_it(
 
 
 def test_a_poisoned_message_span_carries_its_error_code(
-    stack: Stack, receiver: tuple[Receiver, str]
+    stack: Stack, receiver: TraceReceiver
 ) -> None:
-    recv, endpoint = receiver
-    daemon = stack.start_daemon(**traced(endpoint))
+    recv = receiver
+    daemon = stack.start_daemon(**recv.env())
     task = stack.task(f"gs://not-allowed/{stack.tenant}/x.jpg")
     stack.publish([task])
     letters = stack.pull_dead_letters(1)

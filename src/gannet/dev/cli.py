@@ -134,6 +134,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     _add_service_ports(p)
     p.add_argument("--runners", type=int, default=2, help="runner threads (default 2)")
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="trace every task (GANNET_TRACE_EXPORTER=otlp to a local OTLP receiver) and "
+        "print one task's trace, from its publish to its ack",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(

@@ -25,9 +25,12 @@ from gannet import clients, sink
 from gannet.dev import provision
 from gannet.dev.local_services import LocalServices, Ports, free_port
 from gannet.dev.publish import make_task, publish_tasks, upload_image
+from gannet.dev.trace_receiver import TraceReceiver, format_tree, task_trace
 from gannet.settings import REPO_ROOT, Settings
 from gannet.storage import Storage
+from gannet.task import Task
 from gannet.text import format_table
+from gannet.tracing import Tracing
 
 SAMPLES = REPO_ROOT / "samples"
 DEMO_TENANT = "demo-tenant"
@@ -257,8 +260,15 @@ def main(args: argparse.Namespace) -> int:
     print(
         f"Starting Pub/Sub emulator, GCS emulator and PostgreSQL (logs in {state}) ...", flush=True
     )
+    receiver = TraceReceiver() if args.trace else None
     with LocalServices(state, ports) as services:
-        settings = local_settings(services)
+        traced = receiver.env() if receiver else {}
+        settings = local_settings(
+            services, **{k[len("GANNET_") :].lower(): v for k, v in traced.items()}
+        )
+        # With --trace the demo publishes as a traced backend would: each task's trace
+        # starts at its publish, and the daemon continues it.
+        tracing = Tracing.from_settings(settings, "gannet-publish")
         prepare(services, settings)
         storage = Storage(clients.storage_client(settings))
         publisher, _ = clients.pubsub_clients(settings)
@@ -271,11 +281,14 @@ def main(args: argparse.Namespace) -> int:
             published.append((item, task))
         publish_tasks(publisher, settings.topic_path(), [t for _, t in published])
         print(f"Published {len(published)} tasks to {settings.topic_path()}", flush=True)
+        if tracing is not None:
+            tracing.shutdown()
 
         env = {
             **services.env(),
             "GANNET_RUNNERS": str(args.runners),
             "GANNET_CONFIG_URI": str(DEPLOYMENT_CONFIG),
+            **traced,
         }
         daemon = DaemonProcess(env, state / "daemon.log")
         print(f"Started `gannet run` (JSON logs in {daemon.log_path}); waiting ...", flush=True)
@@ -362,11 +375,29 @@ def main(args: argparse.Namespace) -> int:
             f"\nRows live in PostgreSQL table task_results ({settings.database_url}); "
             f"result JSON in gs://{settings.results_bucket}/."
         )
+        if receiver is not None:
+            print_trace(receiver, next(t for i, t in published if i.pipeline == "FULL_PIPELINE"))
+            receiver.stop()
         if mismatches:
             print(f"\n{mismatches} task(s) did not match the known contents; see {daemon.log_path}")
             return 1
         print(f"\nAll {len(table)} results match the known contents.")
         return 0
+
+
+def print_trace(receiver: TraceReceiver, task: Task) -> None:
+    """One task's trace as the local OTLP receiver got it, from publish to ack."""
+    try:
+        spans = receiver.wait_for(lambda got: len(task_trace(got, task.task_id)) > 5)
+    except TimeoutError as exc:
+        print(f"\nno trace for {task.task_id}: {exc}")
+        return
+    trace = task_trace(spans, task.task_id)
+    print(
+        f"\nTrace {trace[0].trace_id} of task {task.task_id} ({len(trace)} spans, "
+        f"{len(spans)} received in all; ms are each span's wall time):"
+    )
+    print(format_tree(trace))
 
 
 def serve(args: argparse.Namespace) -> int:
