@@ -75,6 +75,7 @@ def test_plumbing_bench_measures_each_daemon_by_stage_on_one_and_two_cores(tmp_p
         sizes=["640x480"],
         baseline="HEAD",
         gil=True,
+        trace=True,
         state_dir=tmp_path,
     )
     with LocalServices(tmp_path / "services", Ports.free()) as services:
@@ -103,8 +104,15 @@ def test_plumbing_bench_measures_each_daemon_by_stage_on_one_and_two_cores(tmp_p
     assert "per_core" not in by_daemon["baseline HEAD"]
     per_core = by_daemon["this tree"]["per_core"]
     assert per_core["images_per_s"] > 0 and per_core["cpu_ms_per_image"] > 0
+    # The traced run traced every task (one task span each) and is reported beside the
+    # untraced one; this tree's only (a baseline may predate tracing).
+    assert "traced" not in by_daemon["baseline HEAD"]
+    traced = by_daemon["this tree"]["traced"]
+    assert traced["tasks_traced"] == 1.0
+    assert traced["over_untraced"] > 0 and traced["cpu_ms_per_image"] > 0
 
     bench_plumbing.print_report(report)
     out = capsys.readouterr().out
     assert "daemon CPU ms per image by stage" in out and "GCS read" in out
     assert "2 processes, a core each" in out
+    assert "traced/off" in out

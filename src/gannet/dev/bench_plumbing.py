@@ -47,6 +47,7 @@ from gannet.dev import demo, stack
 from gannet.dev.bench import TENANT, cpu_seconds, demo_scenes, wait_committed
 from gannet.dev.local_services import LocalServices, Ports
 from gannet.dev.publish import make_task, publish_tasks, upload_image
+from gannet.dev.trace_receiver import TraceReceiver
 from gannet.errors import CommandError
 from gannet.settings import REPO_ROOT, Settings
 from gannet.storage import Storage
@@ -59,6 +60,7 @@ DISTINCT = 6  # distinct images per size; the tasks cycle through them
 GIL_RATE = 250  # py-spy samples per second
 GIL_RUN = "2 cores, py-spy --gil"
 PER_CORE_RUN = "GANNET_PROCESSES=2, a core each"
+TRACED_RUN = "2 cores, traced at sampling 1.0"
 THIS_TREE = "this tree"
 IMGSZ = 640  # the detector's input size in this mode (the demo config's is 416)
 
@@ -162,10 +164,12 @@ def measure(
     gil: bool = False,
     stage_cpu: bool = False,
     processes: int = 1,
+    receiver: TraceReceiver | None = None,
 ) -> dict[str, Any]:
     """One daemon on `cpus` (with `processes` > 1, its supervisor and that many daemon
     processes, each pinned to its share): warm up on every distinct image (recording the
-    network's answers), then publish the tasks and time them to the last committed row."""
+    network's answers), then publish the tasks and time them to the last committed row.
+    With a `receiver`, the daemon traces every task to it."""
     env = {
         **services.env(),
         "GANNET_RUNNERS": str(args.runners),
@@ -177,6 +181,8 @@ def measure(
         "GANNET_STAGE_CPU": "1" if stage_cpu else "0",
         "GANNET_PROCESSES": str(processes),
         "PYTHONPATH": str(daemon.src),
+        **(receiver.env() if receiver else {}),
+        "GANNET_TRACE_SAMPLE_RATIO": "1.0",
     }
     command = ["taskset", "-c", cpus, sys.executable, "-m", "gannet.dev.replay"]
     # Processes share what any of them recorded (replay.py --answers), in a store of this
@@ -217,6 +223,13 @@ def measure(
         shutil.rmtree(answers, ignore_errors=True)
     if failed:
         raise RuntimeError(f"{failed} of {len(tasks)} tasks failed; see {log_path}")
+    traced = None
+    if receiver is not None:  # every task's span arrived: the run did trace them all
+        ids = {t.task_id for t in tasks}
+        spans = receiver.wait_for(
+            lambda got: ids <= {s.attributes.get("gannet.task_id") for s in got}, 60
+        )
+        traced = sum(1 for s in spans if s.attributes.get("gannet.task_id") in ids) / len(ids)
     n = len(tasks)
     seconds = finished - started
     stages = {
@@ -236,6 +249,8 @@ def measure(
     }
     if gil_samples is not None:
         report["gil_ms_per_image"] = gil_samples / GIL_RATE * 1000 / n
+    if traced is not None:
+        report["spans_per_image_with_task_id"] = traced
     return report
 
 
@@ -284,6 +299,7 @@ def one_size(
     size: str,
     daemons: list[Daemon],
     args: argparse.Namespace,
+    receiver: TraceReceiver | None = None,
 ) -> dict[str, Any]:
     files = images_for(size, args.state_dir / "bench" / "images")
     services.empty_storage()
@@ -292,26 +308,38 @@ def one_size(
     uploaded = [upload_image(storage, bucket, TENANT, f, "plumbing") for f in files]
     urls = [uploaded[i % len(uploaded)] for i in range(args.images)]
     rounds: dict[str, list[dict[str, Any]]] = {d.name: [] for d in daemons}
-    # (label, cpus, py-spy --gil, GANNET_STAGE_CPU): the clean runs give images/s and
-    # CPU per image; the stage split and the GIL each perturb what they measure (clock
-    # syscalls, sampling), so each gets a run of its own.
-    cores = [("2 cores", "0,1", False, False, 1), ("1 core", "1", False, False, 1)]
-    cores.append(("2 cores, stage CPU", "0,1", False, True, 1))
+    # (label, cpus, py-spy --gil, GANNET_STAGE_CPU, processes, traced): the clean runs
+    # give images/s and CPU per image; the stage split, the GIL and tracing each perturb
+    # what they measure (clock syscalls, sampling, spans), so each gets a run of its own.
+    cores = [("2 cores", "0,1", False, False, 1, False), ("1 core", "1", False, False, 1, False)]
+    cores.append(("2 cores, stage CPU", "0,1", False, True, 1, False))
     if args.gil:
-        cores.append((GIL_RUN, "0,1", True, False, 1))
-    # One daemon process per core (GANNET_PROCESSES=2) instead of one for both. This
-    # tree's daemon only: a baseline's has no supervisor.
-    per_core = (PER_CORE_RUN, "0,1", False, False, 2)
+        cores.append((GIL_RUN, "0,1", True, False, 1, False))
+    # This tree's daemon only (a baseline's has neither): one daemon process per core
+    # (GANNET_PROCESSES=2) instead of one for both, and every task traced.
+    ours = [(PER_CORE_RUN, "0,1", False, False, 2, False)]
+    if receiver is not None:
+        ours.append((TRACED_RUN, "0,1", False, False, 1, True))
     for n in range(1, args.rounds + 1):
         for daemon in daemons:
             result: dict[str, Any] = {}
-            runs = [*cores, per_core] if daemon.name == THIS_TREE else cores
-            for label, cpus, gil, split, processes in runs:
+            runs = [*cores, *ours] if daemon.name == THIS_TREE else cores
+            for label, cpus, gil, split, processes, traced in runs:
                 print(f"  {size} round {n}: {daemon.name} daemon, {label} ...", flush=True)
                 queue = stack.fresh_queue(services, f"pl-{uuid.uuid4().hex[:8]}")
                 log = args.state_dir / "bench" / f"plumbing-{daemon.name.replace(' ', '-')}.log"
                 result[label] = measure(
-                    services, queue, urls, daemon, cpus, args, log, gil, split, processes
+                    services,
+                    queue,
+                    urls,
+                    daemon,
+                    cpus,
+                    args,
+                    log,
+                    gil,
+                    split,
+                    processes,
+                    receiver if traced else None,
                 )
             rounds[daemon.name].append(result)
     return {name: summarize(results) for name, results in rounds.items()}
@@ -353,6 +381,22 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
                 if PER_CORE_RUN in r
             ),
         }
+    traced = [r for r in rounds if TRACED_RUN in r]
+    if traced:
+        summary["traced"] = {
+            "images_per_s": statistics.median(r[TRACED_RUN]["images_per_s"] for r in traced),
+            "cpu_ms_per_image": statistics.median(
+                r[TRACED_RUN]["cpu_ms_per_image"] for r in traced
+            ),
+            # Side by side in each round: traced over untraced, both on 2 cores.
+            "over_untraced": statistics.median(
+                r[TRACED_RUN]["images_per_s"] / r["2 cores"]["images_per_s"] for r in traced
+            ),
+            "cpu_over_untraced": statistics.median(
+                r[TRACED_RUN]["cpu_ms_per_image"] / r["2 cores"]["cpu_ms_per_image"] for r in traced
+            ),
+            "tasks_traced": min(r[TRACED_RUN]["spans_per_image_with_task_id"] for r in traced),
+        }
     gil = [r[GIL_RUN]["gil_ms_per_image"] for r in rounds if GIL_RUN in r]
     if gil:
         summary["gil_ms_per_image"] = statistics.median(gil)
@@ -380,9 +424,15 @@ def run(services: LocalServices, args: argparse.Namespace) -> dict[str, Any]:
         "machine": {"cpu_count": os.cpu_count()},
         "sizes": {},
     }
-    for size in args.sizes or SIZES:
-        print(f"plumbing mode, {size}:", flush=True)
-        report["sizes"][size] = one_size(services, base, size, daemons, args)
+    # The OTLP endpoint of the traced run, in this process: what a collector would do.
+    receiver = TraceReceiver() if args.trace else None
+    try:
+        for size in args.sizes or SIZES:
+            print(f"plumbing mode, {size}:", flush=True)
+            report["sizes"][size] = one_size(services, base, size, daemons, args, receiver)
+    finally:
+        if receiver is not None:
+            receiver.stop()
     return report
 
 
@@ -426,6 +476,25 @@ def print_report(report: dict[str, Any]) -> None:
         print("\nOne daemon process per core (this tree, GANNET_PROCESSES=2): images/s of")
         header = ["size", "1 process, 1 core", "1 process, 2 cores", "2 processes, a core each"]
         print(format_table([*header, "÷ 1 core", "CPU ms/img"], per_core))
+    traced = [
+        [
+            size,
+            f"{by_daemon[THIS_TREE]['images_per_s']:.1f}",
+            f"{t['images_per_s']:.1f}",
+            f"{t['over_untraced']:.2f}",
+            f"{by_daemon[THIS_TREE]['cpu_ms_per_image']:.2f}",
+            f"{t['cpu_ms_per_image']:.2f}",
+        ]
+        for size, by_daemon in report["sizes"].items()
+        if (t := by_daemon[THIS_TREE].get("traced"))
+    ]
+    if traced:
+        print(
+            "\nTracing (this tree, 2 cores): every task traced (GANNET_TRACE_SAMPLE_RATIO=1.0, "
+            "OTLP to a receiver in the bench process) against tracing off, side by side"
+        )
+        header = ["size", "off img/s", "traced img/s", "traced/off", "off CPU ms", "traced CPU ms"]
+        print(format_table(header, traced))
     for size, by_daemon in report["sizes"].items():
         names = list(by_daemon)
         stage_rows = [

@@ -188,6 +188,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         action="store_false",
         help="--plumbing: skip the py-spy run that measures GIL-held time",
     )
+    p.add_argument(
+        "--no-trace",
+        dest="trace",
+        action="store_false",
+        help="--plumbing: skip the run with tracing on at sampling 1.0 (OTLP to a local "
+        "receiver) that measures what tracing costs",
+    )
     p.add_argument("--images", type=int, default=256, help="tasks per measurement (default 256)")
     p.add_argument(
         "--runners",
