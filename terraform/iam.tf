@@ -79,6 +79,13 @@ resource "google_project_iam_member" "worker_reads_monitoring" {
   member  = "serviceAccount:${google_service_account.worker.email}"
 }
 
+# GANNET_TRACE_EXPORTER=cloud_trace: the daemon writes its task traces to Cloud Trace.
+resource "google_project_iam_member" "worker_writes_traces" {
+  project = var.project_id
+  role    = "roles/cloudtrace.agent"
+  member  = "serviceAccount:${google_service_account.worker.email}"
+}
+
 # The Custom Metrics Stackdriver Adapter (External Pub/Sub metric, Pods metric from
 # Managed Prometheus) and KEDA's operator read Cloud Monitoring as their own
 # Kubernetes service accounts, bound directly by Workload Identity Federation.

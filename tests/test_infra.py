@@ -647,6 +647,13 @@ def test_terraform_builds_what_the_manifests_expect(
     binding = res["google_service_account_iam_member.worker_workload_identity"]
     sa = one_of_kind(prod, "ServiceAccount")["metadata"]
     assert one(binding["member"]).endswith(f"[{sa['namespace']}/{sa['name']}]")
+    # Prod traces to Cloud Trace as the worker's Google service account.
+    assert config["GANNET_TRACE_EXPORTER"] == "cloud_trace"
+    assert 0 < float(config["GANNET_TRACE_SAMPLE_RATIO"]) <= 1
+    tracer = res["google_project_iam_member.worker_writes_traces"]
+    assert one(tracer["role"]) == "roles/cloudtrace.agent"
+    assert one(tracer["member"]) == "serviceAccount:${google_service_account.worker.email}"
+    assert "cloudtrace.googleapis.com" in json.dumps(terraform["files"]["main.tf"])
     readers = json.dumps(res["google_project_iam_member.metrics_readers"])
     assert "custom-metrics-stackdriver-adapter" in readers and "keda-operator" in readers
 
