@@ -68,6 +68,7 @@ def test_a_published_task_is_one_trace_from_the_publisher_to_the_commit(
 
     assert task.attributes["gannet.tenant_id"] == stack.tenant
     assert task.attributes["gannet.pipeline"] == "DETECTION"
+    assert task.attributes["gannet.industry"] == "demo"  # configs/demo.yaml
     assert task.attributes["gannet.outcome"] == "succeeded"
     assert task.attributes["gannet.delivery_attempt"] == 1
     assert not task.error

@@ -193,7 +193,7 @@ class Dispatcher:
         if item.trace is None:
             return self._process_guarded(item, device)
         with item.trace.active():
-            item.trace.waited(item.queued_ns)
+            item.trace.waited(item.queued_ns, item.route.loaded.config.industry)
             return self._process_guarded(item, device)
 
     def _process_guarded(self, item: WorkItem, device: str) -> Outcome:

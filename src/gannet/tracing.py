@@ -117,9 +117,10 @@ class TaskSpan:
         finally:
             otel_context.detach(token)
 
-    def waited(self, since_ns: int) -> None:
-        """The time the task queued for a runner, as a span of its own."""
+    def waited(self, since_ns: int, industry: str) -> None:
+        """On the runner: the time the task queued for it, as a span of its own."""
         self._tracer.start_span("wait for a runner", start_time=since_ns).end()
+        self.span.set_attribute("gannet.industry", industry)
 
     def finish(self, outcome: Outcome) -> None:
         span = self.span
