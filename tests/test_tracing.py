@@ -87,15 +87,15 @@ def test_a_published_task_is_one_trace_from_the_publisher_to_the_commit(
         "lookup",
         "fetch",
         "decode",
-        "preprocess",
+        "detection",  # the pipeline's step
         "inference",
-        "postprocess",
-        "result_json",
         "sink",
         "gcs_write",
         "settle",
     ):
         assert stage in stages, f"{stage} missing from {sorted(stages)}"
+    # Sub-millisecond stages stay in the task's timings, not in spans (tracing.py).
+    assert not stages & {"preprocess", "postprocess", "result_json"}
     (decode,) = [s for s in in_trace if s.name == "decode"]
     assert decode.attributes["image.width"] > 0 and decode.attributes["image.bytes"] > 0
 
