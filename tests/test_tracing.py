@@ -167,3 +167,23 @@ def test_a_poisoned_message_span_carries_its_error_code(
     assert span.error
     assert span.attributes["gannet.outcome"] == "quarantined"
     assert span.attributes["gannet.error_code"] == "bucket_not_allowed"
+
+
+@pytest.mark.parametrize(("ratio", "linked"), [(0.0, False), (1.0, True)])
+def test_only_a_sampled_task_is_linked_from_a_forward_pass(ratio: float, linked: bool) -> None:
+    """At prod's 1 %, most tasks are unsampled: their inference must not make the
+    batch's forward pass record a span that links to nothing anyone will see."""
+    from opentelemetry import context, trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    from gannet.tracing import current_link
+
+    tracer = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio))).get_tracer("test")
+    span = tracer.start_span("inference")
+    token = context.attach(trace.set_span_in_context(span))
+    try:
+        assert (current_link() is not None) is linked
+    finally:
+        context.detach(token)
+    assert current_link() is None  # no span current: tracing off

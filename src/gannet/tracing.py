@@ -171,10 +171,11 @@ class StageSpans:
 
 
 def current_link() -> SpanContext | None:
-    """The current span's context, to link a batched forward pass to it (None when
-    tracing is off: the current span is then the invalid one)."""
+    """The current span's context, to link a batched forward pass to it; None when
+    tracing is off or this task's trace is not sampled (a forward pass whose tasks are
+    all unsampled records no span)."""
     context = trace.get_current_span().get_span_context()
-    return context if context.is_valid else None
+    return context if context.is_valid and context.trace_flags.sampled else None
 
 
 def annotate(attributes: dict[str, Any]) -> None:
