@@ -116,16 +116,19 @@ class Dispatcher:
         """on_message inside the message's span, which the runner continues."""
         started = time.perf_counter()
         span = tracing.start_task(message)
+        outcome: Outcome | None = None
         with span.active():
             timer = self._timer()
 
             def run(item: WorkItem) -> Outcome:
                 return self._run_on_pool(replace(item, trace=span, queued_ns=time.time_ns()))
 
-            outcome = self.outcome_of(message.data, message.delivery_attempt, run, timer)
-            with timer.stage("settle"):
-                self.settler.settle(message, outcome, time.perf_counter() - started)
-            span.finish(outcome)
+            try:
+                outcome = self.outcome_of(message.data, message.delivery_attempt, run, timer)
+                with timer.stage("settle"):
+                    self.settler.settle(message, outcome, time.perf_counter() - started)
+            finally:
+                span.finish(outcome)  # ended even if something escaped (then: no outcome)
 
     def outcome_of(
         self,

@@ -122,8 +122,12 @@ class TaskSpan:
         self._tracer.start_span("wait for a runner", start_time=since_ns).end()
         self.span.set_attribute("gannet.industry", industry)
 
-    def finish(self, outcome: Outcome) -> None:
+    def finish(self, outcome: Outcome | None) -> None:
         span = self.span
+        if outcome is None:  # an exception left on_message: the client nacks the message
+            span.set_status(Status(StatusCode.ERROR, "no outcome"))
+            span.end()
+            return
         task = outcome.task
         if task is not None:
             span.set_attributes(
