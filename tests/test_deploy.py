@@ -62,9 +62,9 @@ def test_an_image_from_another_registry_is_refused_before_anything_is_applied(
     """The dev image on prod's overlay: drift between terraform and the overlay."""
     overlay = str(ROOT / "k8s" / "overlays" / "prod")
     assert deploy([overlay, "--image", f"{DEV_REPO}@{DIGEST}", "--dry-run"]) == 1
-    err = capsys.readouterr().err
-    assert f"the overlay runs {PROD_REPO}, not {DEV_REPO}" in err
-    assert capsys.readouterr().out == ""
+    captured = capsys.readouterr()
+    assert f"the overlay runs {PROD_REPO}, not {DEV_REPO}" in captured.err
+    assert captured.out == ""  # no manifest printed
 
 
 def fake_kubectl(tmp_path: Path, rollout_rc: int) -> Path:

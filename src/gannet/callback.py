@@ -37,6 +37,7 @@ from gannet.errors import ErrorCode, GannetError, PermanentError, TransientError
 from gannet.metrics import Metrics
 from gannet.settings import Settings
 from gannet.task import Task
+from gannet.tracing import TRACER
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +298,7 @@ class Callbacks:
                 delivery = Delivery("failed", "worker shut down before sending", 0)
             else:
                 # A no-op span unless tracing is on (tracing.py).
-                with trace.get_tracer("gannet").start_as_current_span("callback") as span:
+                with trace.get_tracer(TRACER).start_as_current_span("callback") as span:
                     delivery = self.client.send(task.callback_url, payload)
                     span.set_attribute("gannet.callback_status", delivery.status)
             self._save(task, delivery)

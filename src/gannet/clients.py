@@ -23,7 +23,7 @@ def pubsub_clients(
         os.environ["PUBSUB_EMULATOR_HOST"] = settings.pubsub_emulator_host
     # With tracing on, the client carries the trace context in the message (publisher)
     # and continues it (subscriber): tracing.py.
-    traced = settings.trace_exporter != "off"
+    traced = settings.traced
     try:
         return (
             pubsub_v1.PublisherClient(

@@ -378,6 +378,6 @@ class Daemon:
 def run(settings: Settings, wrap_loader: Callable[[Loader], Loader] | None = None) -> int:
     """One daemon (under a supervisor, its log lines say which process it is)."""
     fields = {} if settings.process_index is None else {"process": settings.process_index}
-    traced = settings.trace_exporter != "off"
-    logs.configure(settings.log_level, fields, trace_project=settings.project if traced else None)
+    trace_project = settings.project if settings.traced else None
+    logs.configure(settings.log_level, fields, trace_project=trace_project)
     return Daemon(settings, wrap_loader).run()

@@ -103,32 +103,30 @@ class Dispatcher:
 
     def on_message(self, message: Message) -> None:
         """The subscriber's callback: one message from lease to ack, nack or quarantine."""
-        if self.tracing is not None:
-            self._on_message_traced(message, self.tracing)
+        if self.tracing is None:
+            self._settle(message, self._run_on_pool)
             return
-        started = time.perf_counter()
-        timer = self._timer()
-        outcome = self.outcome_of(message.data, message.delivery_attempt, self._run_on_pool, timer)
-        with timer.stage("settle"):
-            self.settler.settle(message, outcome, time.perf_counter() - started)
-
-    def _on_message_traced(self, message: Message, tracing: Tracing) -> None:
-        """on_message inside the message's span, which the runner continues."""
-        started = time.perf_counter()
-        span = tracing.start_task(message)
+        # Traced: inside the message's span, which the WorkItem carries to its runner.
+        span = self.tracing.start_task(message)
         outcome: Outcome | None = None
         with span.active():
-            timer = self._timer()
 
             def run(item: WorkItem) -> Outcome:
                 return self._run_on_pool(replace(item, trace=span, queued_ns=time.time_ns()))
 
             try:
-                outcome = self.outcome_of(message.data, message.delivery_attempt, run, timer)
-                with timer.stage("settle"):
-                    self.settler.settle(message, outcome, time.perf_counter() - started)
+                outcome = self._settle(message, run)
             finally:
                 span.finish(outcome)  # ended even if something escaped (then: no outcome)
+
+    def _settle(self, message: Message, run: Callable[[WorkItem], Outcome]) -> Outcome:
+        """Parse, check, `run`, then ack, nack or quarantine the message."""
+        started = time.perf_counter()
+        timer = self._timer()
+        outcome = self.outcome_of(message.data, message.delivery_attempt, run, timer)
+        with timer.stage("settle"):
+            self.settler.settle(message, outcome, time.perf_counter() - started)
+        return outcome
 
     def outcome_of(
         self,

@@ -178,6 +178,11 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def traced(self) -> bool:
+        """Tasks are traced (tracing.py); the Pub/Sub clients carry the context."""
+        return self.trace_exporter != "off"
+
+    @property
     def supervises(self) -> bool:
         """This process is the supervisor of GANNET_PROCESSES daemons (supervisor.py)."""
         return self.processes > 1 and self.process_index is None

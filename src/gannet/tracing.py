@@ -10,10 +10,10 @@ or `cloud_trace` (Cloud Trace, authenticated by the pod's Workload Identity):
   trace of its own;
 - each message gets a `gannet task` span under the client's `subscribe` span, carrying
   task_id, tenant_id, pipeline, delivery_attempt, outcome and error_code;
-- every Timer stage (stages.py: receive, lookup, fetch, decode, the steps, preprocess,
-  inference, postprocess, result_json, sink, gcs_write, settle) is a child span of the
-  stage or task it runs in, on whichever thread runs it: the runner attaches the task's
-  context before it starts, after a `wait for a runner` span;
+- every Timer stage (stages.py: receive, lookup, fetch, decode, the steps, inference,
+  sink, gcs_write, settle; not the sub-millisecond UNTRACED_STAGES) is a child span of
+  the stage or task it runs in, on whichever thread runs it: the runner attaches the
+  task's context before it starts, after a `wait for a runner` span;
 - a batched forward pass is one span in the model's batcher thread, linked to the
   `inference` span of every task in the batch, with the batch size;
 - log lines written inside a task carry its trace and span ids in the fields Cloud
@@ -59,7 +59,7 @@ class Tracing:
     def from_settings(cls, settings: Settings, instance: str) -> Tracing | None:
         """None when tracing is off. Sets the global provider, which the Pub/Sub client's
         spans use."""
-        if settings.trace_exporter == "off":
+        if not settings.traced:
             return None
         provider = TracerProvider(
             resource=Resource.create(
@@ -164,8 +164,7 @@ class StageSpans:
         return span, otel_context.attach(trace.set_span_in_context(span))
 
     def exit(self, opened: object, error: BaseException | None) -> None:
-        if opened is None:
-            return
+        """Only for what `enter` opened (the Timer skips its Nones)."""
         span, token = cast("tuple[trace.Span, Token[otel_context.Context]]", opened)
         otel_context.detach(token)
         if error is not None:

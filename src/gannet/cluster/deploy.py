@@ -66,8 +66,9 @@ def pin_image(objects: list[dict[str, Any]], image: str) -> list[str]:
             continue
         pod = obj["spec"]["template"]["spec"]
         for container in [*pod.get("initContainers", []), *pod.get("containers", [])]:
-            seen.add(repository_of(container["image"]))
-            if repository_of(container["image"]) == repository:
+            runs = repository_of(container["image"])
+            seen.add(runs)
+            if runs == repository:
                 container["image"] = image
                 changed.append(f"{obj['kind']}/{obj['metadata']['name']}:{container['name']}")
     if not changed:

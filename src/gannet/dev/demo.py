@@ -263,9 +263,7 @@ def main(args: argparse.Namespace) -> int:
     receiver = TraceReceiver() if args.trace else None
     with LocalServices(state, ports) as services:
         traced = receiver.env() if receiver else {}
-        settings = local_settings(
-            services, **{k[len("GANNET_") :].lower(): v for k, v in traced.items()}
-        )
+        settings = local_settings(services, **receiver.settings() if receiver else {})
         # With --trace the demo publishes as a traced backend would: each task's trace
         # starts at its publish, and the daemon continues it.
         tracing = Tracing.from_settings(settings, "gannet-publish")

@@ -97,9 +97,13 @@ class TraceReceiver:
         with self._lock:
             return list(self._spans)
 
+    def settings(self) -> dict[str, str]:
+        """The Settings fields that send a process's traces here."""
+        return {"trace_exporter": "otlp", "trace_otlp_endpoint": self.endpoint}
+
     def env(self) -> dict[str, str]:
-        """The settings that send a process's traces here."""
-        return {"GANNET_TRACE_EXPORTER": "otlp", "GANNET_TRACE_OTLP_ENDPOINT": self.endpoint}
+        """The same, as a child process's environment."""
+        return {f"GANNET_{k.upper()}": v for k, v in self.settings().items()}
 
     def wait_for(self, done: Callable[[list[Span]], bool], timeout_s: float = 30) -> list[Span]:
         """The spans once `done(spans)`; raises TimeoutError with what did arrive."""
