@@ -166,3 +166,13 @@ variable "registry_readers" {
   type        = list(string)
   default     = []
 }
+
+variable "extra_lanes" {
+  description = "Lanes after the first (GANNET_LANES' names, in order): each gets gannet-tasks-NAME, gannet-tasks-sub-NAME and gannet-dead-letter-NAME (lanes.tf). The first lane is the resources in pubsub.tf."
+  type        = list(string)
+  default     = []
+  validation {
+    condition     = alltrue([for lane in var.extra_lanes : can(regex("^[a-z][a-z0-9]{0,19}$", lane))])
+    error_message = "A lane name is lowercase letters and digits, at most 20, starting with a letter."
+  }
+}

@@ -110,7 +110,7 @@ def pod(stack, parts, holder: str = "pod-b", claim_ttl_s: float = 60) -> Dispatc
         parts.pipeline,
         parts.sink,
         parts.storage,
-        parts.dispatcher.settler,
+        parts.dispatcher.settlers,
         parts.metrics,
         stack.settings.results_bucket,
         stack.settings.max_body_bytes,

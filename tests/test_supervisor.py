@@ -53,8 +53,10 @@ def test_the_pods_metrics_are_the_processes_summed_and_the_subscription_gauges_o
     for value in (1, 2, 8):
         first.batch_size.observe(value)
     second.batch_size.observe(4)
-    first.backlog.set(120)
-    second.backlog.set(0)  # only the first process polls Cloud Monitoring
+    first.backlog.labels("bulk").set(120)
+    second.backlog.labels("bulk").set(0)  # only the first process polls Cloud Monitoring
+    first.lane_waiting.labels("bulk").set(2)
+    second.lane_waiting.labels("bulk").set(3)
 
     merged = merge_metrics(generate_latest(m.registry).decode() for m in (first, second))
 
@@ -64,7 +66,8 @@ def test_the_pods_metrics_are_the_processes_summed_and_the_subscription_gauges_o
     assert _value(merged, "gannet_batch_size_count") == 4
     assert _value(merged, "gannet_batch_size_sum") == 15
     assert _value(merged, "gannet_batch_size_bucket", le="4.0") == 3
-    assert _value(merged, "gannet_subscription_backlog_messages") == 120
+    assert _value(merged, "gannet_subscription_backlog_messages", lane="bulk") == 120
+    assert _value(merged, "gannet_lane_messages_waiting", lane="bulk") == 5
     assert not any(s.name.endswith("_created") for f in merged for s in f.samples)
 
 

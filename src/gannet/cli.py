@@ -13,6 +13,8 @@ import os
 import signal
 import sys
 
+from pydantic import ValidationError
+
 from gannet.cluster import cli as cluster_cli
 from gannet.dev import cli as dev_cli
 from gannet.errors import CommandError
@@ -109,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except CommandError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:  # a GANNET_* variable that Settings refuses
+        print(f"error: a GANNET_* setting is not valid: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

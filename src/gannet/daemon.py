@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import FrameType
 
@@ -32,6 +33,7 @@ from gannet.callback import Callbacks, build_callbacks
 from gannet.config_sources import Configs, open_configs
 from gannet.dispatch import Dispatcher
 from gannet.health import Health, HealthServer
+from gannet.lanes import Lane
 from gannet.metrics import Metrics
 from gannet.model_cache import Loader, ModelCache, yolo_loader
 from gannet.model_resolver import ModelResolver, tenant_model_lister
@@ -175,14 +177,24 @@ def build(
     limits = Limits(s.allowed_buckets, s.max_image_bytes, s.max_image_pixels)
     pipeline = Pipeline(configs, storage, cache, resolver, limits)
     callbacks = build_callbacks(s, sink.set_callback_status, metrics)
-    settler = Settler(publisher, s.dead_letter_topic_path(), s.subscription, metrics)
+    lanes = s.lane_list()
+    settlers = {
+        lane.name: Settler(
+            publisher,
+            s.path("topics", lane.dead_letter_topic),
+            lane.subscription,
+            metrics,
+            lane.name,
+        )
+        for lane in lanes
+    }
     holder = worker_id()
     tracing = Tracing.from_settings(s, holder)
     dispatcher = Dispatcher(
         pipeline,
         sink,
         storage,
-        settler,
+        settlers,
         metrics,
         s.results_bucket,
         s.max_body_bytes,
@@ -193,6 +205,7 @@ def build(
         claim_ttl_s=s.claim_ttl_s,
         stage_cpu=s.stage_cpu,
         tracing=tracing,
+        lanes={lane.name: (lane.weight, lane.cap) for lane in lanes},
     )
     return Parts(
         s,
@@ -267,34 +280,38 @@ class Daemon:
             log.info("stop requested during start-up; exiting before pulling")
             parts.close()
             return 0
-        subscriber = Subscriber(
-            parts.subscriber_client,
-            s.subscription_path(),
-            s.flow_control_messages,
-            parts.dispatcher.on_message,
-            stream_ack_deadline_s=s.stream_ack_deadline_s,
-        )
-        try:
-            subscriber.check_exists()
-        except gexc.GoogleAPICallError as exc:
-            parts.close()
-            raise StartupError(
-                f"subscription {s.subscription_path()} is not usable ({exc.message}); "
-                "check GANNET_PROJECT / GANNET_SUBSCRIPTION"
-            ) from exc
-        pool = parts.dispatcher.pool
-        self.metrics.leased_waiting.set_function(pool.waiting)
-        self.metrics.in_flight.set_function(pool.running)
-        self.metrics.outstanding.set_function(lambda: pool.waiting() + pool.running())
-        backlog = self._start_backlog_monitor()
-        pool.start()
-        stream = subscriber.start()
+        lanes = s.lane_list()
+        subscribers = [
+            Subscriber(
+                parts.subscriber_client,
+                s.path("subscriptions", lane.subscription),
+                s.lane_flow_control(lane),
+                parts.dispatcher.on_message_of(lane.name),
+                stream_ack_deadline_s=s.stream_ack_deadline_s,
+            )
+            for lane in lanes
+        ]
+        for subscriber in subscribers:
+            try:
+                subscriber.check_exists()
+            except gexc.GoogleAPICallError as exc:
+                parts.close()
+                raise StartupError(
+                    f"subscription {subscriber.subscription_path} is not usable "
+                    f"({exc.message}); check GANNET_PROJECT, GANNET_SUBSCRIPTION and "
+                    "GANNET_LANES (lane L's subscription is GANNET_SUBSCRIPTION-L)"
+                ) from exc
+        self._lane_gauges(parts, lanes)
+        backlogs = self._start_backlog_monitors(lanes)
+        parts.dispatcher.pool.start()
+        streams = [subscriber.start() for subscriber in subscribers]
         self.health.set(stream_open=True)
         log.info(
             "gannet is ready",
             extra={
                 "fields": {
-                    "subscription": s.subscription_path(),
+                    "subscriptions": [sub.subscription_path for sub in subscribers],
+                    "lanes": s.lanes or "default",
                     "runners": s.runners,
                     "devices": parts.devices,
                     "metrics_port": metrics_port,
@@ -308,33 +325,51 @@ class Daemon:
                 log.error("the supervisor process is gone; draining as on SIGTERM")
                 self.health.set(shutting_down=True)
                 break
-            if stream.done():
+            if stopped := [i for i, stream in enumerate(streams) if stream.done()]:
                 self.health.set(stream_open=False, broken="streaming pull stopped")
                 log.critical(
                     "streaming pull stopped unexpectedly",
-                    extra={"fields": {"error": repr(stream.exception())}},
+                    extra={
+                        "fields": {
+                            "subscription": subscribers[stopped[0]].subscription_path,
+                            "error": repr(streams[stopped[0]].exception()),
+                        }
+                    },
                 )
                 exit_code = 1
                 break
-        self._shutdown(parts, subscriber)
-        if backlog is not None:
+        self._shutdown(parts, subscribers)
+        for backlog in backlogs:
             backlog.stop()
         return exit_code
 
-    def _start_backlog_monitor(self) -> BacklogMonitor | None:
+    def _lane_gauges(self, parts: Parts, lanes: list[Lane]) -> None:
+        pool, m = parts.dispatcher.pool, self.metrics
+        m.leased_waiting.set_function(pool.waiting)
+        m.in_flight.set_function(pool.running)
+        m.outstanding.set_function(lambda: pool.waiting() + pool.running())
+        for lane in lanes:
+            m.lane_waiting.labels(lane.name).set_function(partial(pool.waiting, lane.name))
+            m.lane_in_flight.labels(lane.name).set_function(partial(pool.running, lane.name))
+
+    def _start_backlog_monitors(self, lanes: list[Lane]) -> list[BacklogMonitor]:
         s = self.settings
         if not s.backlog_from_monitoring:
-            return None
-        backlog = BacklogMonitor(
-            s.project,
-            s.subscription,
-            self.metrics.backlog,
-            self.metrics.oldest_unacked_age,
-            s.backlog_poll_s,
-            error_counter=self.metrics.backlog_poll_errors,
-        )
-        backlog.start()
-        return backlog
+            return []
+        monitors = [
+            BacklogMonitor(
+                s.project,
+                lane.subscription,
+                self.metrics.backlog.labels(lane.name),
+                self.metrics.oldest_unacked_age.labels(lane.name),
+                s.backlog_poll_s,
+                error_counter=self.metrics.backlog_poll_errors,
+            )
+            for lane in lanes
+        ]
+        for monitor in monitors:
+            monitor.start()
+        return monitors
 
     def _install_signal_handlers(self) -> None:
         def request_stop(signum: int, frame: FrameType | None) -> None:
@@ -347,13 +382,19 @@ class Daemon:
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
 
-    def _shutdown(self, parts: Parts, subscriber: Subscriber) -> None:
+    def _shutdown(self, parts: Parts, subscribers: list[Subscriber]) -> None:
         budget = Budget(self.settings.shutdown_grace_s)
         pool = parts.dispatcher.pool
         self.health.set(shutting_down=True)
         unstarted = pool.stop_accepting()
-        if not subscriber.stop_pulling(timeout=budget.left(cap=10.0)):
-            log.warning("stream did not confirm it stopped; nacking anyway")
+        for subscriber in subscribers:  # every lane's stream stops before any nack
+            subscriber.stop_pulling_async()
+        for subscriber in subscribers:
+            if not subscriber.stream_closed.wait(budget.left(cap=10.0)):
+                log.warning(
+                    "stream did not confirm it stopped; nacking anyway",
+                    extra={"fields": {"subscription": subscriber.subscription_path}},
+                )
         for job in unstarted:
             job.finish(shutdown(job.item.task))
         log.info(
@@ -368,7 +409,8 @@ class Daemon:
             )
         # The nacks of abandoned work are sent even after a second signal: that is what
         # gives those messages to another pod now instead of after their lease.
-        subscriber.wait_closed(timeout=budget.left())
+        for subscriber in subscribers:
+            subscriber.wait_closed(timeout=budget.left())
         forced = self.stop_now.is_set()
         parts.callbacks.close(timeout_s=0.0 if forced else budget.left())
         parts.close(timeout_s=0.0 if forced else budget.left())

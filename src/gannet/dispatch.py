@@ -1,14 +1,15 @@
 """The path of one message, start to end, in one place.
 
-On the subscriber's callback thread (one per leased message):
+On the subscriber's callback thread (one per leased message, of one lane's stream):
   1. parse: the body becomes a Task (its gs:// URL parsed once, into a GsUrl), or the
      message is quarantined as bad input;
   2. cheap checks: the tenant's config, the pipeline's steps (looked up once) and the image
      URL's bucket and prefix. Poison is quarantined here and never takes a runner;
-  3. hand a frozen WorkItem to the runner pool and wait; while it waits the client library
-     keeps extending the message's lease. A second delivery of a task already running in
-     this pod waits for the first and follows its outcome instead (single flight);
-  4. settle: the Settler (outcome.py) acks, nacks or dead-letters.
+  3. hand a frozen WorkItem to the runner pool, in the message's lane, and wait; while it
+     waits the client library keeps extending the message's lease. Which lane a free
+     runner serves next is lanes.py's choice. A second delivery of a task already running
+     in this pod waits for the first and follows its outcome instead (single flight);
+  4. settle: the lane's Settler (outcome.py) acks, nacks or dead-letters.
 With tracing on (tracing.py), the message's span is current on the callback thread and,
 handed over in the WorkItem, on its runner; each stage is a span under it.
 On a runner thread, `process` does the work that costs: the committed-result lookup and
@@ -64,7 +65,7 @@ class Dispatcher:
         pipeline: Pipeline,
         sink: Sink,
         storage: Storage,
-        settler: Settler,
+        settlers: dict[str, Settler],
         metrics: Metrics,
         results_bucket: str,
         max_body_bytes: int,
@@ -76,13 +77,17 @@ class Dispatcher:
         claim_ttl_s: float,
         stage_cpu: bool = False,
         tracing: Tracing | None = None,
+        lanes: dict[str, tuple[int, int | None]] | None = None,
     ) -> None:
-        """`holder` names this worker in task claims (unique per process); a claim keeps
+        """`settlers`: each lane's Settler, by lane name, the first lane's first; `lanes`:
+        name -> (weight, cap) (default: one lane per settler, weight 1, no cap).
+        `holder` names this worker in task claims (unique per process); a claim keeps
         other workers off a task for `claim_ttl_s` unless released earlier."""
         self.pipeline = pipeline
         self.sink = sink
         self.storage = storage
-        self.settler = settler
+        self.settlers = settlers
+        self.first_lane = next(iter(settlers))
         self.metrics = metrics
         self.results_bucket = results_bucket
         self.max_body_bytes = max_body_bytes
@@ -96,15 +101,24 @@ class Dispatcher:
         self._in_flight_lock = threading.Lock()
         # Started by the daemon; a job still running after the grace period is nacked.
         self.pool: RunnerPool[WorkItem] = RunnerPool(
-            devices, runners, self.process, on_abandon=lambda item: shutdown(item.task)
+            devices,
+            runners,
+            self.process,
+            on_abandon=lambda item: shutdown(item.task),
+            lanes=lanes or {name: (1, None) for name in settlers},
         )
 
     # ------------------------------------------------------------ callback thread
 
-    def on_message(self, message: Message) -> None:
+    def on_message_of(self, lane: str) -> Callable[[Message], None]:
+        """The callback of one lane's stream."""
+        return lambda message: self.on_message(message, lane)
+
+    def on_message(self, message: Message, lane: str | None = None) -> None:
         """The subscriber's callback: one message from lease to ack, nack or quarantine."""
+        lane = lane or self.first_lane
         if self.tracing is None:
-            self._settle(message, self._run_on_pool)
+            self._settle(message, lane, lambda item: self._run_on_pool(item, lane))
             return
         # Traced: inside the message's span, which the WorkItem carries to its runner.
         span = self.tracing.start_task(message)
@@ -112,20 +126,21 @@ class Dispatcher:
         with span.active():
 
             def run(item: WorkItem) -> Outcome:
-                return self._run_on_pool(replace(item, trace=span, queued_ns=time.time_ns()))
+                traced = replace(item, trace=span, queued_ns=time.time_ns())
+                return self._run_on_pool(traced, lane)
 
             try:
-                outcome = self._settle(message, run)
+                outcome = self._settle(message, lane, run)
             finally:
                 span.finish(outcome)  # ended even if something escaped (then: no outcome)
 
-    def _settle(self, message: Message, run: Callable[[WorkItem], Outcome]) -> Outcome:
+    def _settle(self, message: Message, lane: str, run: Callable[[WorkItem], Outcome]) -> Outcome:
         """Parse, check, `run`, then ack, nack or quarantine the message."""
         started = time.perf_counter()
         timer = self._timer()
         outcome = self.outcome_of(message.data, message.delivery_attempt, run, timer)
         with timer.stage("settle"):
-            self.settler.settle(message, outcome, time.perf_counter() - started)
+            self.settlers[lane].settle(message, outcome, time.perf_counter() - started)
         return outcome
 
     def outcome_of(
@@ -166,11 +181,12 @@ class Dispatcher:
         one-message-at-a-time worker and the tests use it."""
         return self.outcome_of(body, delivery_attempt, lambda item: self.process(item, device))
 
-    def _run_on_pool(self, item: WorkItem) -> Outcome:
-        """Hand the item to a runner and wait; a second delivery of a task this pod is
-        already running waits for the first and follows its outcome instead."""
+    def _run_on_pool(self, item: WorkItem, lane: str | None = None) -> Outcome:
+        """Hand the item to a runner (in its lane's queue) and wait; a second delivery of
+        a task this pod is already running waits for the first and follows its outcome
+        instead."""
         task = item.task
-        job = Job(item)
+        job = Job(item, lane or self.first_lane)
         with self._in_flight_lock:
             first = self._in_flight.setdefault(task.task_id, job)
         if first is not job and first.item.task.tenant_id == task.tenant_id:

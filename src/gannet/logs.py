@@ -26,6 +26,7 @@ TASK_FIELDS = (
     "device",
     "model",
     "message_id",
+    "lane",
 )
 
 

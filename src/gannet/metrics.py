@@ -9,6 +9,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Publish to commit: from a task that never waited to one that waited out a backfill.
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 
 
 class Metrics:
@@ -45,6 +47,25 @@ class Metrics:
             "Leased-but-waiting plus in flight: the per-pod HPA signal.",
             registry=r,
         )
+        self.lane_waiting = Gauge(
+            "gannet_lane_messages_waiting",
+            "Messages of the lane leased and waiting for a free runner.",
+            ["lane"],
+            registry=r,
+        )
+        self.lane_in_flight = Gauge(
+            "gannet_lane_messages_in_flight",
+            "Tasks of the lane a runner is working on now.",
+            ["lane"],
+            registry=r,
+        )
+        self.lane_latency = Histogram(
+            "gannet_lane_latency_seconds",
+            "From the task's publish to its committed row (succeeded tasks), by lane.",
+            ["lane"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.model_loads = Counter(
             "gannet_model_loads",
             "Model loads, by model and device.",
@@ -74,7 +95,8 @@ class Metrics:
         )
         self.backlog = Gauge(
             "gannet_subscription_backlog_messages",
-            "Undelivered messages in the subscription (Cloud Monitoring, when enabled).",
+            "Undelivered messages in the lane's subscription (Cloud Monitoring, when enabled).",
+            ["lane"],
             registry=r,
         )
         self.backlog_poll_errors = Counter(
@@ -82,6 +104,7 @@ class Metrics:
         )
         self.oldest_unacked_age = Gauge(
             "gannet_subscription_oldest_unacked_age_seconds",
-            "Age of the oldest unacked message (Cloud Monitoring, when enabled).",
+            "Age of the lane's oldest unacked message (Cloud Monitoring, when enabled).",
+            ["lane"],
             registry=r,
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -60,7 +61,8 @@ def shutdown(task: Task | None) -> Outcome:
 
 
 class Settler:
-    """Applies an Outcome to the Pub/Sub message; the only place that acks or nacks."""
+    """Applies an Outcome to the Pub/Sub message; the only place that acks or nacks.
+    One per lane: poison goes to the lane's own dead-letter topic."""
 
     def __init__(
         self,
@@ -68,11 +70,14 @@ class Settler:
         dead_letter_topic_path: str,
         subscription: str,
         metrics: Metrics,
+        lane: str = "default",
     ) -> None:
         self.publisher = publisher
         self.dead_letter_topic_path = dead_letter_topic_path
         self.subscription = subscription
         self.metrics = metrics
+        self.lane = lane
+        self._latency = metrics.lane_latency.labels(lane)
 
     def settle(self, message: Any, outcome: Outcome, duration_s: float) -> None:
         decision = outcome.decision
@@ -88,6 +93,8 @@ class Settler:
             message.nack()
         else:
             message.ack()
+            if outcome.label == "succeeded":  # committed just now: publish -> commit
+                self._latency.observe(max(0.0, time.time() - message.publish_time.timestamp()))
         self.metrics.messages.labels(outcome.label).inc()
         self._log(message, outcome, duration_s)
 
@@ -125,6 +132,7 @@ class Settler:
             "task_id": task.task_id if task else outcome.fields.get("task_id"),
             "tenant_id": task.tenant_id if task else outcome.fields.get("tenant_id"),
             "pipeline": task.pipeline if task else None,
+            "lane": self.lane,
             "fields": {
                 k: v for k, v in outcome.fields.items() if k not in ("task_id", "tenant_id")
             },

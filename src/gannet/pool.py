@@ -1,20 +1,21 @@
-"""Runner threads, each pinned to one device, fed from one queue of jobs.
+"""Runner threads, each pinned to one device, fed from the lanes' queue of jobs.
 
 Several runners per device let download, decode, post-processing and database writes of
 one task overlap with inference of another, so the device does not wait for I/O. Pinning
-keeps every model a runner touches on its own device.
+keeps every model a runner touches on its own device. Which lane's job a free runner
+takes next is lanes.LaneQueue's choice (by weight, under each lane's cap).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from gannet.lanes import LaneQueue
 from gannet.outcome import Outcome
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class Job(Generic[ItemT]):
     on it. The item is the caller's (dispatch.WorkItem); the pool only moves it."""
 
     item: ItemT
+    lane: str = "default"
     enqueued_at: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
     outcome: Outcome | None = None
@@ -75,12 +77,14 @@ class RunnerPool(Generic[ItemT]):
         runners: int,
         handle: Callable[[ItemT, str], Outcome],
         on_abandon: Callable[[ItemT], Outcome],
+        lanes: dict[str, tuple[int, int | None]] | None = None,
     ) -> None:
         """`handle(item, device)` runs on a runner thread; `on_abandon(item)` answers a
-        job still running when the grace period is over (a nack)."""
+        job still running when the grace period is over (a nack). `lanes`: name ->
+        (weight, cap); by default one lane, "default", without a cap."""
         self._handle = handle
         self._on_abandon = on_abandon
-        self._queue: queue.Queue[Job[ItemT] | None] = queue.Queue()
+        self.queue: LaneQueue[Job[ItemT]] = LaneQueue(lanes or {"default": (1, None)})
         self._accepting = True
         self._lock = threading.Lock()
         self._in_flight: set[Job[ItemT]] = set()
@@ -101,52 +105,44 @@ class RunnerPool(Generic[ItemT]):
         with self._lock:
             if not self._accepting:
                 return False
-            self._queue.put(job)
+            self.queue.put(job.lane, job)
             return True
 
-    def waiting(self) -> int:
-        """Jobs leased from Pub/Sub that no runner has started."""
-        return self._queue.qsize()
+    def waiting(self, lane: str | None = None) -> int:
+        """Jobs leased from Pub/Sub that no runner has started (of one lane, or all)."""
+        return self.queue.waiting(lane)
 
-    def running(self) -> int:
-        with self._lock:
-            return len(self._in_flight)
+    def running(self, lane: str | None = None) -> int:
+        return self.queue.running(lane)
 
     def _loop(self, device: str) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            if not job.claim():
-                continue
-            with self._lock:
-                self._in_flight.add(job)
-            outcome: Outcome | None
+        while (got := self.queue.get()) is not None:
+            lane, job = got
             try:
-                outcome = self._handle(job.item, device)
-            except Exception:
-                log.exception("runner crashed on a job; it will be nacked")
-                outcome = None
+                if job.claim():
+                    self._run(job, device)
             finally:
-                with self._lock:
-                    self._in_flight.discard(job)
-            job.finish(outcome)
+                self.queue.finished(lane)
+
+    def _run(self, job: Job[ItemT], device: str) -> None:
+        with self._lock:
+            self._in_flight.add(job)
+        outcome: Outcome | None
+        try:
+            outcome = self._handle(job.item, device)
+        except Exception:
+            log.exception("runner crashed on a job; it will be nacked")
+            outcome = None
+        finally:
+            with self._lock:
+                self._in_flight.discard(job)
+        job.finish(outcome)
 
     def stop_accepting(self) -> list[Job[ItemT]]:
         """Stop taking jobs and return the ones no runner has started yet."""
         with self._lock:
             self._accepting = False
-        left: list[Job[ItemT]] = []
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                left.append(job)
-        for _ in self._threads:
-            self._queue.put(None)
-        return left
+        return self.queue.close()
 
     def abandon_running(self) -> int:
         """Answer jobs still running past the grace period, so their callbacks can nack."""

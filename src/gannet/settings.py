@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from gannet.lanes import Lane, parse_lanes
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -24,6 +26,15 @@ class Settings(BaseSettings):
     subscription: str = Field("gannet-tasks-sub", description="Subscription the daemon pulls.")
     dead_letter_topic: str = Field(
         "gannet-dead-letter", description="Topic that quarantined (poison) messages go to."
+    )
+    lanes: str = Field(
+        "",
+        description="Lanes sharing the runners, as name:weight[:cap], e.g. "
+        "'interactive:4,bulk:1:2' (empty: one lane, 'default'). Each lane is its own "
+        "topic, subscription and dead-letter topic: the first lane's are the three above, "
+        "lane L's add '-L'. When every lane has work, runners go to lanes by weight; an "
+        "idle lane's share goes to the others; cap: most of the lane's tasks running at "
+        "once per process (docs/architecture.md, Lanes).",
     )
     database_url: str = Field(
         "postgresql://gannet:gannet@127.0.0.1:54329/gannet",
@@ -67,7 +78,10 @@ class Settings(BaseSettings):
         "auto", description="'auto' (every cuda:i, else cpu) or a list like 'cuda:0,cuda:1'."
     )
     max_messages: int | None = Field(
-        None, ge=1, description="Flow control: messages leased at once (default 2 x runners)."
+        None,
+        ge=1,
+        description="Flow control: messages leased at once, per lane (default 2 x runners; "
+        "a lane with a cap leases at most 2 x its cap).",
     )
     model_memory_budget_mb: int = Field(
         0, ge=0, description="Per-device MB for loaded models; LRU eviction above (0 = no limit)."
@@ -177,6 +191,25 @@ class Settings(BaseSettings):
             return [b.strip() for b in value.split(",") if b.strip()]
         return value
 
+    @field_validator("lanes")
+    @classmethod
+    def _check_lanes(cls, value: str) -> str:
+        parse_lanes(value, "t", "s", "d")  # raises ValueError with what to write
+        return value
+
+    def lane_list(self) -> list[Lane]:
+        """The lanes, first (today's topic and subscription) first."""
+        return parse_lanes(self.lanes, self.topic, self.subscription, self.dead_letter_topic)
+
+    def lane_flow_control(self, lane: Lane) -> int:
+        """Messages one lane's stream leases at once."""
+        leased = self.max_messages or 2 * self.runners
+        # A capped lane leasing more than it may run would hide work from other pods.
+        return min(leased, 2 * lane.cap) if lane.cap else leased
+
+    def path(self, kind: Literal["topics", "subscriptions"], name: str) -> str:
+        return f"projects/{self.project}/{kind}/{name}"
+
     @property
     def traced(self) -> bool:
         """Tasks are traced (tracing.py); the Pub/Sub clients carry the context."""
@@ -186,10 +219,6 @@ class Settings(BaseSettings):
     def supervises(self) -> bool:
         """This process is the supervisor of GANNET_PROCESSES daemons (supervisor.py)."""
         return self.processes > 1 and self.process_index is None
-
-    @property
-    def flow_control_messages(self) -> int:
-        return self.max_messages or 2 * self.runners
 
     def subscription_path(self) -> str:
         return f"projects/{self.project}/subscriptions/{self.subscription}"

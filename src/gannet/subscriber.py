@@ -130,8 +130,17 @@ class Subscriber:
         """
         if self._future is None:
             return True
-        self._future.cancel()
+        self.stop_pulling_async()
         return self.stream_closed.wait(timeout)
+
+    def stop_pulling_async(self) -> None:
+        """Start closing the stream (the client library closes it on a thread of its
+        own); `stream_closed` is set once no more messages can arrive. Several lanes'
+        streams close at once this way."""
+        if self._future is None:
+            self.stream_closed.set()
+            return
+        self._future.cancel()
 
     def wait_closed(self, timeout: float) -> bool:
         """Wait up to `timeout` for running callbacks to ack or nack, and the stream to end."""

@@ -42,6 +42,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.flood:
+        from gannet.dev import bench_flood
+
+        args.runners = args.runners or Settings().runners
+        return bench_flood.main(args)
     if args.plumbing:
         from gannet.dev import bench_plumbing
 
@@ -108,7 +113,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "publish",
         help="publish tasks for local image files or gs:// URLs",
-        description="Publish one task per image to GANNET_TOPIC and print the "
+        description="Publish one task per image to the lane's topic (GANNET_TOPIC for "
+        "the first lane of GANNET_LANES, GANNET_TOPIC-LANE for the others) and print the "
         "task ids. Local files are first uploaded to "
         "gs://BUCKET/TENANT/uploads/ (BUCKET: the first GANNET_ALLOWED_BUCKETS).",
     )
@@ -118,6 +124,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--session-id", help="optional session id stored with each result")
     p.add_argument("--confidence", type=float, help="options.confidence_override (0..1)")
     p.add_argument("--callback-url", help="optional https URL that receives the summary")
+    p.add_argument(
+        "--lane",
+        help="lane of GANNET_LANES to publish to (default: the first, e.g. interactive; "
+        "a bulk backfill goes to its bulk lane)",
+    )
     p.add_argument(
         "--task-id-prefix",
         default="",
@@ -162,7 +173,31 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "writes JSON. With --plumbing: the daemon's own cost around the model instead "
         "(the network's answers recorded once per input and replayed, everything else "
         "real) on 640x480, 1920x1080, 4032x3024 and mixed-shape JPEGs: images/s on one "
-        "and two cores, CPU ms per image by stage, GIL-held ms per image (py-spy).",
+        "and two cores, CPU ms per image by stage, GIL-held ms per image (py-spy). "
+        "With --flood: how long interactive tasks wait behind a bulk backfill, with lanes "
+        "and on one subscription, against no backfill at all.",
+    )
+    p.add_argument(
+        "--flood",
+        action="store_true",
+        help="tenant A floods the bulk lane while tenant B trickles interactive tasks: "
+        "B's latency with lanes, on one subscription and alone; A's throughput",
+    )
+    p.add_argument(
+        "--bulk", type=int, default=2000, help="--flood: A's backfill tasks (default 2000)"
+    )
+    p.add_argument("--interactive", type=int, default=20, help="--flood: B's tasks (default 20)")
+    p.add_argument(
+        "--spacing",
+        type=float,
+        default=0.5,
+        help="--flood: seconds between B's publishes (default 0.5)",
+    )
+    p.add_argument(
+        "--lanes",
+        default="interactive:4,bulk:1",
+        help="--flood: GANNET_LANES of the lanes run; B uses the first lane, A the last "
+        "(default interactive:4,bulk:1)",
     )
     p.add_argument(
         "--plumbing",
@@ -200,8 +235,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--runners",
         type=int,
         default=None,
-        help="daemon runner threads (default 8; with --plumbing the daemon's own default, "
-        "GANNET_RUNNERS)",
+        help="daemon runner threads (default 8; with --plumbing or --flood the daemon's own "
+        "default, GANNET_RUNNERS)",
     )
     p.add_argument(
         "--rounds",

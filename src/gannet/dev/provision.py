@@ -13,6 +13,7 @@ import google.cloud.pubsub_v1 as pubsub_v1
 import google.cloud.storage as storage
 from google.api_core import exceptions as gexc
 
+from gannet.lanes import Lane
 from gannet.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,9 @@ def ensure_pubsub(
     ack_deadline_s: int = 30,
     max_delivery_attempts: int = 5,
 ) -> None:
-    """The tasks topic and subscription (with the dead-letter policy), the dead-letter
-    topic and a subscription on it to read dead letters back.
+    """For each lane (GANNET_LANES; one by default): the tasks topic and subscription
+    (with the dead-letter policy), the dead-letter topic and a subscription on it to read
+    dead letters back.
 
     No retry policy here, unlike the real subscription (terraform): the gcloud 528
     emulator's backoff queue stalls the whole subscription under load. Expired or nacked
@@ -37,37 +39,44 @@ def ensure_pubsub(
     kill -9 lost half its tasks to it; without the policy, none. Nacked messages then
     come back at once, as with a retry policy of zero backoff.
     """
-    project = settings.project
-    for topic in (settings.topic, settings.dead_letter_topic):
+    for lane in settings.lane_list():
+        ensure_lane(settings, lane, publisher, subscriber, ack_deadline_s, max_delivery_attempts)
+
+
+def ensure_lane(
+    settings: Settings,
+    lane: Lane,
+    publisher: pubsub_v1.PublisherClient,
+    subscriber: pubsub_v1.SubscriberClient,
+    ack_deadline_s: int,
+    max_delivery_attempts: int,
+) -> None:
+    """One lane's topic, subscription, dead-letter topic and dead-letter subscription."""
+    for topic in (lane.topic, lane.dead_letter_topic):
         try:
-            publisher.create_topic(request={"name": publisher.topic_path(project, topic)})
+            publisher.create_topic(request={"name": settings.path("topics", topic)})
         except gexc.AlreadyExists:
             pass
-    dlq_sub = subscriber.subscription_path(project, settings.dead_letter_subscription)
-    try:
-        subscriber.create_subscription(
-            request={
-                "name": dlq_sub,
-                "topic": settings.dead_letter_topic_path(),
-                "ack_deadline_seconds": 60,
-            }
-        )
-    except gexc.AlreadyExists:
-        pass
-    try:
-        subscriber.create_subscription(
-            request={
-                "name": settings.subscription_path(),
-                "topic": settings.topic_path(),
-                "ack_deadline_seconds": ack_deadline_s,
-                "dead_letter_policy": {
-                    "dead_letter_topic": settings.dead_letter_topic_path(),
-                    "max_delivery_attempts": max_delivery_attempts,
-                },
-            }
-        )
-    except gexc.AlreadyExists:
-        pass
+    subscriptions = {
+        lane.dead_letter_subscription: {
+            "topic": settings.path("topics", lane.dead_letter_topic),
+            "ack_deadline_seconds": 60,
+        },
+        lane.subscription: {
+            "topic": settings.path("topics", lane.topic),
+            "ack_deadline_seconds": ack_deadline_s,
+            "dead_letter_policy": {
+                "dead_letter_topic": settings.path("topics", lane.dead_letter_topic),
+                "max_delivery_attempts": max_delivery_attempts,
+            },
+        },
+    }
+    for name, request in subscriptions.items():
+        try:
+            path = settings.path("subscriptions", name)
+            subscriber.create_subscription(request={"name": path, **request})
+        except gexc.AlreadyExists:
+            pass
 
 
 def ensure_buckets(client: storage.Client, names: list[str]) -> None:

@@ -68,7 +68,24 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
             tracing.shutdown()
 
 
+def lane_topic(settings: Settings, lane: str | None) -> str:
+    """The topic path of a lane of GANNET_LANES (None: the first); ValueError names them."""
+    lanes = settings.lane_list()
+    if lane is None:
+        return settings.path("topics", lanes[0].topic)
+    for known in lanes:
+        if known.name == lane:
+            return settings.path("topics", known.topic)
+    names = ", ".join(known.name for known in lanes)
+    raise ValueError(f"no lane {lane!r} in GANNET_LANES (lanes: {names})")
+
+
 def _publish(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        topic = lane_topic(settings, args.lane)
+    except ValueError as exc:
+        print(f"error: {exc}", flush=True)
+        return 2
     publisher, _ = clients.pubsub_clients(settings)
     storage = Storage(clients.storage_client(settings))
     tasks = []
@@ -93,7 +110,7 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
                 callback_url=args.callback_url,
             )
         )
-    publish_tasks(publisher, settings.topic_path(), tasks)
+    publish_tasks(publisher, topic, tasks)
     for task in tasks:
         print(json.dumps({"task_id": task.task_id, "image_url": task.image_url}))
     return 0

@@ -26,7 +26,7 @@ from gannet import clients, sink
 from gannet.dev import provision
 from gannet.dev.demo import DaemonProcess, fetch_rows, local_settings, wait_for_rows
 from gannet.dev.local_services import LocalServices, Ports
-from gannet.dev.publish import make_task, publish_tasks, upload_image
+from gannet.dev.publish import lane_topic, make_task, publish_tasks, upload_image
 from gannet.settings import REPO_ROOT, Settings
 from gannet.storage import Storage
 from gannet.task import Task
@@ -34,13 +34,17 @@ from gannet.task import Task
 SAMPLES = REPO_ROOT / "samples"
 
 
-def fresh_queue(services: LocalServices, name: str, ack_deadline_s: int = 30) -> Settings:
-    """Settings with a topic, subscription and dead-letter topic of their own, created."""
+def fresh_queue(
+    services: LocalServices, name: str, ack_deadline_s: int = 30, lanes: str = ""
+) -> Settings:
+    """Settings with a topic, subscription and dead-letter topic of their own (one per
+    lane of `lanes`, GANNET_LANES' form), created."""
     settings = local_settings(
         services,
         topic=f"{name}-tasks",
         subscription=f"{name}-tasks-sub",
         dead_letter_topic=f"{name}-dead",
+        lanes=lanes,
     )
     publisher, subscriber = clients.pubsub_clients(settings)
     provision.ensure_pubsub(settings, publisher, subscriber, ack_deadline_s=ack_deadline_s)
@@ -88,6 +92,7 @@ class Stack:
             "GANNET_TOPIC": s.topic,
             "GANNET_SUBSCRIPTION": s.subscription,
             "GANNET_DEAD_LETTER_TOPIC": s.dead_letter_topic,
+            "GANNET_LANES": s.lanes,
             "GANNET_RUNNERS": "2",
             "GANNET_SHUTDOWN_GRACE_S": "20",
             # Messages leased by a killed daemon come back after this (default 60 s), and
@@ -116,8 +121,8 @@ class Stack:
             self.tenant, image_url, pipeline, f"{self.tenant}-{uuid.uuid4().hex[:10]}", **kw
         )
 
-    def publish(self, tasks: list[Task]) -> list[str]:
-        return publish_tasks(self.publisher, self.settings.topic_path(), tasks)
+    def publish(self, tasks: list[Task], lane: str | None = None) -> list[str]:
+        return publish_tasks(self.publisher, lane_topic(self.settings, lane), tasks)
 
     def publish_raw(self, body: bytes) -> str:
         return self.publisher.publish(self.settings.topic_path(), body).result(timeout=30)
@@ -209,7 +214,9 @@ def settled(daemons: list[DaemonProcess], task_ids: set[str]) -> list[tuple[str,
     ]
 
 
-def make_stack(services: LocalServices, tmp_path: Path, ack_deadline_s: int = 30) -> Stack:
+def make_stack(
+    services: LocalServices, tmp_path: Path, ack_deadline_s: int = 30, lanes: str = ""
+) -> Stack:
     suffix = f"q{uuid.uuid4().hex[:8]}"  # Pub/Sub names start with a letter
-    settings = fresh_queue(services, suffix, ack_deadline_s)
+    settings = fresh_queue(services, suffix, ack_deadline_s, lanes)
     return Stack(services, settings, f"tenant-{suffix}", tmp_path)

@@ -1,0 +1,248 @@
+"""Lanes: runners shared by weight, work-conserving, under caps; each lane's stream,
+dead-letter topic and shutdown nacks, against the emulators."""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+import urllib.request
+from collections import Counter
+from typing import Any
+
+import pytest
+from conftest import SCENES
+
+from gannet.dev.stack import make_stack
+from gannet.lanes import parse_lanes
+from gannet.outcome import Decision, Outcome, shutdown
+from gannet.pool import Job, RunnerPool
+
+# ------------------------------------------------------------------ declaring lanes
+
+
+def test_one_lane_by_default_keeps_todays_names_and_others_add_their_name():
+    assert [(lane.name, lane.subscription) for lane in parse_lanes("", "t", "s", "d")] == [
+        ("default", "s")
+    ]
+    interactive, bulk = parse_lanes("interactive:4, bulk:1:2", "tasks", "tasks-sub", "dead")
+    assert (interactive.topic, interactive.subscription, interactive.dead_letter_topic) == (
+        "tasks",
+        "tasks-sub",
+        "dead",
+    )
+    assert (bulk.topic, bulk.subscription, bulk.dead_letter_topic) == (
+        "tasks-bulk",
+        "tasks-sub-bulk",
+        "dead-bulk",
+    )
+    assert (interactive.weight, interactive.cap, bulk.weight, bulk.cap) == (4, None, 1, 2)
+    assert bulk.dead_letter_subscription == "dead-bulk-sub"
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        ("interactive", "name:weight[:cap]"),
+        ("Bulk:1", "lowercase"),
+        ("bulk:one", "whole numbers"),
+        ("bulk:0", "at least 1"),
+        ("bulk:1:0", "at least 1"),
+        ("bulk:1,bulk:2", "declared twice"),
+    ],
+)
+def test_a_bad_lane_spec_says_what_is_wrong_and_what_to_write(spec, says):
+    with pytest.raises(ValueError, match=re.escape(says)) as caught:
+        parse_lanes(spec, "t", "s", "d")
+    assert "interactive:4,bulk:1:2" in str(caught.value) or "twice" in str(caught.value)
+
+
+def test_gannet_run_refuses_a_bad_gannet_lanes_at_start(stack):
+    done = stack.gannet("run", GANNET_LANES="bulk:x")
+    assert done.returncode == 2
+    assert "lanes" in done.stderr and "whole numbers" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# ------------------------------------------------------------------ sharing runners
+
+
+class Recorder:
+    """A handler that records which lane's job started when, and how many of each lane
+    ran at once."""
+
+    def __init__(self, seconds: float, gate: threading.Event | None = None) -> None:
+        self.seconds = seconds
+        self.gate = gate
+        self.order: list[str] = []
+        self.running: Counter[str] = Counter()
+        self.most: Counter[str] = Counter()
+        self.lock = threading.Lock()
+
+    def __call__(self, item: str, device: str) -> Outcome:
+        lane = item.split("-")[0]
+        with self.lock:
+            self.order.append(lane)
+            self.running[lane] += 1
+            self.most[lane] = max(self.most[lane], self.running[lane])
+        if self.gate is not None:
+            self.gate.wait(10)
+        time.sleep(self.seconds)
+        with self.lock:
+            self.running[lane] -= 1
+        return Outcome(Decision.ACK, "succeeded")
+
+
+def pool_of(recorder: Recorder, runners: int, lanes: dict[str, tuple[int, int | None]]):
+    pool: RunnerPool[str] = RunnerPool(["cpu"], runners, recorder, shutdown, lanes)
+    return pool
+
+
+def submit(pool: RunnerPool[str], lane: str, n: int) -> list[Job[str]]:
+    jobs = [Job(f"{lane}-{i}", lane) for i in range(n)]
+    assert all(pool.submit(job) for job in jobs)
+    return jobs
+
+
+def drain(pool: RunnerPool[str], jobs: list[Job[str]]) -> None:
+    for job in jobs:
+        assert job.done.wait(30)
+    pool.stop_accepting()
+    assert pool.join(10)
+
+
+def test_when_every_lane_has_work_runners_go_to_lanes_by_weight():
+    gate = threading.Event()
+    recorder = Recorder(0.001, gate)
+    pool = pool_of(recorder, 2, {"interactive": (4, None), "bulk": (1, None)})
+    # Both lanes have far more work than the window counts, queued before any starts.
+    jobs = submit(pool, "bulk", 150) + submit(pool, "interactive", 150)
+    pool.start()
+    gate.set()
+    drain(pool, jobs)
+    window = Counter(recorder.order[:100])
+    assert 76 <= window["interactive"] <= 84, window  # 4 : 1
+    assert recorder.order[100:].count("bulk") > 0
+
+
+def test_an_idle_lanes_share_goes_to_the_busy_one_work_conserving():
+    recorder = Recorder(0.05)
+    pool = pool_of(recorder, 3, {"interactive": (4, None), "bulk": (1, None)})
+    pool.start()
+    jobs = submit(pool, "bulk", 9)
+    drain(pool, jobs)
+    assert recorder.most["bulk"] == 3  # every runner, although its weight is 1 of 5
+
+
+def test_a_lanes_cap_holds_and_the_other_lanes_use_the_rest():
+    recorder = Recorder(0.03)
+    pool = pool_of(recorder, 3, {"interactive": (1, None), "bulk": (4, 1)})
+    pool.start()
+    jobs = submit(pool, "bulk", 12)
+    time.sleep(0.1)
+    jobs += submit(pool, "interactive", 12)
+    drain(pool, jobs)
+    assert recorder.most["bulk"] == 1  # its weight alone would give it 4 of 5
+    assert recorder.most["interactive"] >= 2
+
+
+def test_a_lane_that_was_idle_does_not_starve_the_busy_one_when_it_comes_back():
+    """Idle time banks no credit: after bulk ran alone for a while, interactive work that
+    arrives gets its 4 : 1 share, not every runner until it has caught up."""
+    recorder = Recorder(0.002)
+    pool = pool_of(recorder, 1, {"interactive": (4, None), "bulk": (1, None)})
+    pool.start()
+    jobs = submit(pool, "bulk", 200)
+    deadline = time.monotonic() + 20
+    while len(recorder.order) < 60 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    start = len(recorder.order)
+    jobs += submit(pool, "interactive", 100)
+    drain(pool, jobs)
+    after = Counter(recorder.order[start + 5 : start + 55])
+    assert 6 <= after["bulk"] <= 14, after
+
+
+# ------------------------------------------------------------------ against the emulators
+
+
+@pytest.fixture
+def lanes_stack(services, tmp_path):
+    return make_stack(services, tmp_path, lanes="interactive:4,bulk:1")
+
+
+def test_poison_in_any_lane_goes_to_that_lanes_dead_letter_topic(lanes_stack):
+    stack = lanes_stack
+    url = stack.upload(SCENES[0]["file"])
+    daemon = stack.start_daemon()
+    good = {lane: [stack.task(url) for _ in range(2)] for lane in ("interactive", "bulk")}
+    bad = {lane: stack.task(url, pipeline=f"NO_PIPELINE_{lane.upper()}") for lane in good}
+    for lane, tasks in good.items():
+        stack.publish([*tasks, bad[lane]], lane=lane)
+
+    rows = stack.wait_rows([t.task_id for tasks in good.values() for t in tasks])
+    assert {r["status"] for r in rows.values()} == {"succeeded"}
+    for lane in ("interactive", "bulk"):
+        letters = _pull_all(stack, f"{_lane(stack, lane).dead_letter_subscription}", 1)
+        assert [m.attributes["task_id"] for m in letters] == [bad[lane].task_id]
+        assert letters[0].attributes["error_code"] == "unknown_pipeline"
+        assert letters[0].attributes["subscription"] == _lane(stack, lane).subscription
+    logged = {
+        e["task_id"]: e["lane"] for e in daemon.log_entries() if e.get("outcome") == "succeeded"
+    }
+    assert {logged[t.task_id] for t in good["bulk"]} == {"bulk"}
+    assert {logged[t.task_id] for t in good["interactive"]} == {"interactive"}
+    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics") as resp:
+        metrics = resp.read().decode()
+    assert 'gannet_lane_latency_seconds_count{lane="bulk"} 2.0' in metrics
+    assert 'gannet_lane_latency_seconds_count{lane="interactive"} 2.0' in metrics
+    assert daemon.stop() == 0
+
+
+@pytest.mark.slow
+def test_sigterm_nacks_the_leased_messages_of_every_lane(lanes_stack):
+    """Messages both lanes leased but did not start come back at once after a SIGTERM
+    (nacked), not after their lease; nothing is lost."""
+    stack = lanes_stack
+    url = stack.upload(SCENES[0]["file"])
+    daemon = stack.start_daemon(GANNET_RUNNERS="1", GANNET_MAX_MESSAGES="4")
+    tasks = {lane: [stack.task(url) for _ in range(6)] for lane in ("interactive", "bulk")}
+    for lane, batch in tasks.items():
+        stack.publish(batch, lane=lane)
+    every = [t.task_id for batch in tasks.values() for t in batch]
+    deadline = time.monotonic() + 60
+    while not stack.rows(every) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert daemon.stop(signal.SIGTERM) == 0
+    nacked = [e for e in daemon.log_entries() if e.get("outcome") == "shutdown"]
+    assert {e["lane"] for e in nacked} == {"interactive", "bulk"}, "both lanes held leases"
+    done = set(stack.rows(every))
+    # The stream ack deadline is 10 s: what comes back within 3 s was nacked.
+    back = {
+        lane: {_task_id(m) for m in _pull_all(stack, _lane(stack, lane).subscription, 1, 3)}
+        for lane in tasks
+    }
+    for lane, batch in tasks.items():
+        assert {t.task_id for t in batch} - done <= back[lane], lane
+
+
+def _lane(stack: Any, name: str) -> Any:
+    return next(lane for lane in stack.settings.lane_list() if lane.name == name)
+
+
+def _task_id(message: Any) -> str:
+    import json
+
+    return str(json.loads(message.data)["task_id"])
+
+
+def _pull_all(stack: Any, subscription: str, at_least: int, timeout_s: float = 30) -> list[Any]:
+    got: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        batch = stack.pull(subscription, timeout_s=2)
+        got += batch
+        if len(got) >= at_least and not batch:
+            break
+    return got
