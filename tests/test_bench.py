@@ -13,7 +13,7 @@ import argparse
 
 import pytest
 
-from gannet.dev import bench
+from gannet.dev import bench, bench_flood
 from gannet.dev.local_services import LocalServices, Ports
 
 
@@ -48,3 +48,38 @@ def test_bench_runs_every_measurement_and_reports_consistent_ratios(tmp_path, ca
     out = capsys.readouterr().out
     assert "median b/a" in out and "CPU per image during (b)" in out
     assert "b/a(best bare" in out
+
+
+@pytest.mark.slow
+def test_bench_flood_runs_every_measurement_and_reports_its_ratios(tmp_path, capsys):
+    """`gannet bench --flood`, small: every run committed every task of A and B, and the
+    ratios a user reads are the runs' own figures."""
+    args = argparse.Namespace(
+        bulk=24,
+        interactive=3,
+        spacing=0.05,
+        lanes="interactive:4,bulk:1",
+        runners=2,
+        rounds=1,
+        state_dir=tmp_path,
+    )
+    with LocalServices(tmp_path / "services", Ports.free()) as services:
+        report = bench_flood.run(services, args)
+
+    runs = report["rounds"][0]["runs"]
+    assert runs["b_alone"]["b_tasks"] == 3 and runs["b_alone"]["a_tasks"] == 0
+    assert runs["a_alone"]["a_tasks"] == 24 and runs["a_alone"]["b_tasks"] == 0
+    for name in ("one_subscription", "lanes"):
+        assert (runs[name]["a_tasks"], runs[name]["b_tasks"]) == (24, 3), name
+    assert runs["lanes"]["lanes"] == "interactive:4,bulk:1"
+    assert runs["one_subscription"]["lanes"] == "(one subscription)"
+    ratios = report["median_ratios"]
+    alone = runs["b_alone"]["b_latency_s"]["p95"]
+    assert ratios["lanes_b_p95_vs_alone"] == pytest.approx(
+        runs["lanes"]["b_latency_s"]["p95"] / alone
+    )
+    assert ratios["lanes_a_throughput_vs_alone"] == pytest.approx(
+        runs["lanes"]["a_images_per_s"] / runs["a_alone"]["a_images_per_s"]
+    )
+    bench_flood.print_report(report)
+    assert "median B p95 with lanes / alone" in capsys.readouterr().out

@@ -28,6 +28,8 @@ from typing import Any
 import pytest
 import yaml
 
+from gannet.settings import Settings
+
 ROOT = Path(__file__).resolve().parents[1]
 INFRA_BIN = ROOT / ".venv-infra" / "bin"
 VALIDATOR = ROOT / "tests" / "fixtures" / "infra" / "validate_manifests.py"
@@ -434,13 +436,21 @@ def test_prod_hpa_scales_on_the_subscription_backlog(rendered: dict[str, Path]) 
         == one_of_kind(objects, "Deployment")["metadata"]["name"]
     )
     metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
-    external = metrics["External"]["external"]
-    assert external["metric"]["name"] == (
-        "pubsub.googleapis.com|subscription|num_undelivered_messages"
-    )
-    assert external["metric"]["selector"]["matchLabels"] == {
-        "resource.labels.subscription_id": config["GANNET_SUBSCRIPTION"]
+    # One backlog metric per lane: the HPA takes the largest of their proposals.
+    by_subscription = {
+        m["external"]["metric"]["selector"]["matchLabels"]["resource.labels.subscription_id"]: m[
+            "external"
+        ]
+        for m in hpa["spec"]["metrics"]
+        if m["type"] == "External"
     }
+    lanes = Settings(**{"lanes": config["GANNET_LANES"], **_names(config)}).lane_list()
+    assert set(by_subscription) == {lane.subscription for lane in lanes}
+    assert all(
+        e["metric"]["name"] == "pubsub.googleapis.com|subscription|num_undelivered_messages"
+        for e in by_subscription.values()
+    )
+    external = by_subscription[config["GANNET_SUBSCRIPTION"]]  # the first lane's
     assert external["target"] == {"type": "AverageValue", "averageValue": "2"}
     pods = metrics["Pods"]["pods"]
     assert pods["metric"]["name"] == "prometheus.googleapis.com|gannet_messages_outstanding|gauge"
@@ -515,12 +525,18 @@ def test_keda_overlay_replaces_the_hpa_with_a_scaledobject(rendered: dict[str, P
     assert so["advanced"]["horizontalPodAutoscalerConfig"]["behavior"] == hpa["behavior"]
     assert auth["spec"]["podIdentity"]["provider"] == "gcp"
     modes = set()
+    lanes = Settings(**{"lanes": config["GANNET_LANES"], **_names(config)}).lane_list()
+    sized = set()
     for trigger in so["triggers"]:
         assert trigger["type"] == "gcp-pubsub"
-        assert trigger["metadata"]["subscriptionName"] == config["GANNET_SUBSCRIPTION"]
         assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
         modes.add(trigger["metadata"]["mode"])
+        if trigger["metadata"]["mode"] == "SubscriptionSize":
+            sized.add(trigger["metadata"]["subscriptionName"])
+        else:
+            assert trigger["metadata"]["subscriptionName"] == config["GANNET_SUBSCRIPTION"]
     assert modes == {"SubscriptionSize", "OldestUnackedMessageAge"}
+    assert sized == {lane.subscription for lane in lanes}  # every lane's backlog
 
 
 def test_every_configmap_variable_is_a_daemon_setting(rendered: dict[str, Path]) -> None:
@@ -615,6 +631,30 @@ def test_terraform_builds_what_the_manifests_expect(
     hpa = one_of_kind(prod, "HorizontalPodAutoscaler")["spec"]
     assert one(prod_vars["gpu_max_nodes"]) >= hpa["maxReplicas"]
 
+    # Every lane of the overlay has its topic, subscription and dead-letter topic, named
+    # as the daemon names them (the first lane: the resources below; the rest: lanes.tf).
+    lanes = Settings(**{"lanes": config["GANNET_LANES"], **_names(config)}).lane_list()
+    assert prod_vars["extra_lanes"] == [[lane.name for lane in lanes[1:]]]
+    lane_tf = {
+        kind: one(res[f"google_pubsub_{kind}"]["name"]).replace("${each.key}", "{}")
+        for kind in ("topic.lane", "subscription.lane", "topic.lane_dead_letter")
+    }
+    for lane in lanes[1:]:
+        assert lane_tf["topic.lane"].format(lane.name) == lane.topic
+        assert lane_tf["subscription.lane"].format(lane.name) == lane.subscription
+        assert lane_tf["topic.lane_dead_letter"].format(lane.name) == lane.dead_letter_topic
+    for name in (
+        "google_pubsub_subscription_iam_member.worker_subscribes_lane",
+        "google_pubsub_topic_iam_member.worker_quarantines_lane",
+        "google_pubsub_topic_iam_member.agent_publishes_lane_dead_letter",
+        "google_pubsub_subscription_iam_member.agent_subscribes_lane",
+    ):
+        assert one(res[name]["for_each"]) == "${toset(var.extra_lanes)}", name
+    lane_sub = res["google_pubsub_subscription.lane"]
+    assert one(one(lane_sub["dead_letter_policy"])["dead_letter_topic"]) == (
+        "${google_pubsub_topic.lane_dead_letter[each.key].id}"
+    )
+
     sub = res["google_pubsub_subscription.tasks"]
     assert one(sub["name"]) == config["GANNET_SUBSCRIPTION"]
     assert one(res["google_pubsub_topic.tasks"]["name"]) == config["GANNET_TOPIC"]
@@ -664,3 +704,12 @@ def test_terraform_builds_what_the_manifests_expect(
         t["ipBlock"]["cidr"] for r in policy["egress"] for t in r.get("to", []) if "ipBlock" in t
     }
     assert sql_range in cidrs
+
+
+def _names(config: dict[str, str]) -> dict[str, str]:
+    """The first lane's names from a rendered ConfigMap, as Settings fields."""
+    return {
+        "topic": config["GANNET_TOPIC"],
+        "subscription": config["GANNET_SUBSCRIPTION"],
+        "dead_letter_topic": config["GANNET_DEAD_LETTER_TOPIC"],
+    }

@@ -23,3 +23,6 @@ deletion_protection    = true
 github_repository          = "gannet-team/gannet"
 github_repository_owner_id = "123456789"
 github_environment         = "prod"
+
+# The lanes after the first, as in the prod overlay's GANNET_LANES (interactive, bulk).
+extra_lanes = ["bulk"]
