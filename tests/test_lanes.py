@@ -3,6 +3,7 @@ dead-letter topic and shutdown nacks, against the emulators."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import threading
@@ -183,6 +184,12 @@ def test_poison_in_any_lane_goes_to_that_lanes_dead_letter_topic(lanes_stack):
 
     rows = stack.wait_rows([t.task_id for tasks in good.values() for t in tasks])
     assert {r["status"] for r in rows.values()} == {"succeeded"}
+    listed = stack.dead_letters(2)  # `gannet dead-letters --json`: every lane's, by lane
+    assert {(d["lane"], d["task_id"], d["error_code"]) for d in listed} == {
+        (lane, task.task_id, "unknown_pipeline") for lane, task in bad.items()
+    }
+    only_bulk = stack.gannet("dead-letters", "--json", "--lane", "bulk").stdout.splitlines()
+    assert [json.loads(line)["task_id"] for line in only_bulk] == [bad["bulk"].task_id]
     for lane in ("interactive", "bulk"):
         letters = _pull_all(stack, f"{_lane(stack, lane).dead_letter_subscription}", 1)
         assert [m.attributes["task_id"] for m in letters] == [bad[lane].task_id]
@@ -232,8 +239,6 @@ def _lane(stack: Any, name: str) -> Any:
 
 
 def _task_id(message: Any) -> str:
-    import json
-
     return str(json.loads(message.data)["task_id"])
 
 

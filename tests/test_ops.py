@@ -38,6 +38,7 @@ EXTERNAL = (
     "/apis/external.metrics.k8s.io/v1beta1/namespaces/gannet/"
     "pubsub.googleapis.com|subscription|num_undelivered_messages"
 )
+BULK = "resource.labels.subscription_id=gannet-tasks-sub-bulk"
 CUSTOM = (
     "/apis/custom.metrics.k8s.io/v1beta2/namespaces/gannet/pods/*/"
     "prometheus.googleapis.com|gannet_messages_outstanding|gauge"
@@ -67,6 +68,8 @@ class FakeApiServer:
                 ("GET", "/api/v1/nodes"): (200, "nodes-gpu.json"),
                 ("GET", f"{NS}/pods"): (200, "pods.json"),
                 ("GET", EXTERNAL): (200, "external-backlog.json"),
+                ("GET", f"{EXTERNAL}?{BULK}"): (200, "external-backlog-bulk.json"),
+                ("GET", f"{NS}/configmaps/gannet-config-7g2k9m5c4t"): (200, "configmap.json"),
                 ("GET", CUSTOM): (200, "custom-outstanding.json"),
                 ("PATCH", f"{DEPLOYMENT}/scale"): (200, "scale.json"),
                 ("PATCH", f"{HPAS}/gannet-worker"): (200, "<patched-hpa>"),
@@ -91,7 +94,11 @@ class FakeApiServer:
                         self.headers.get("Authorization"),
                     )
                 )
-                code, fixture = owner.routes.get((self.command, path), (404, "not-found.json"))
+                selector = urllib.parse.parse_qs(parsed.query).get("labelSelector", [""])[0]
+                code, fixture = owner.routes.get(
+                    (self.command, f"{path}?{selector}"),
+                    owner.routes.get((self.command, path), (404, "not-found.json")),
+                )
                 if fixture == "<patched-hpa>":
                     hpa = json.loads((FIXTURES / "hpa-list.json").read_text())["items"][0]
                     hpa["spec"].update((body or {}).get("spec", {}))
@@ -179,7 +186,9 @@ def test_status_reads_replicas_hpa_nodes_backlog_and_pods(server: FakeApiServer)
     limited = next(c for c in h.conditions if c["type"] == "ScalingLimited")
     assert limited["reason"] == "ScaleUpLimit"
 
-    assert status.backlog == 30
+    # Every lane of the worker's ConfigMap (GANNET_LANES), summed and each.
+    assert status.lanes == {"interactive": 30, "bulk": 1200}
+    assert status.backlog == 1230
     assert [n.ready for n in status.gpu_nodes] == [True, True, False]
     assert all(n.spot for n in status.gpu_nodes)
     by_name = {p.name: p for p in status.pods}
@@ -197,11 +206,28 @@ def test_status_asks_the_api_the_right_questions(server: FakeApiServer) -> None:
     assert by_path["/api/v1/nodes"].query["labelSelector"] == ["cloud.google.com/gke-accelerator"]
     selector = "app.kubernetes.io/component=worker,app.kubernetes.io/name=gannet"
     assert by_path[f"{NS}/pods"].query["labelSelector"] == [selector]
-    assert by_path[EXTERNAL].query["labelSelector"] == [
-        "resource.labels.subscription_id=gannet-tasks-sub"
-    ]
+    asked = [r.query["labelSelector"] for r in server.requests if r.path == EXTERNAL]
+    assert asked == [["resource.labels.subscription_id=gannet-tasks-sub"]]
     assert by_path[CUSTOM].query["labelSelector"] == [selector]
     assert not server.patches(), "status must not change anything"
+
+
+def test_status_shows_every_lane_of_the_workers_configmap(server: FakeApiServer) -> None:
+    """The lanes come from the ConfigMap the worker's container reads (GANNET_LANES), so
+    an operator need not know them; the backlog of each lane's subscription is asked."""
+    get_status(server.api())
+    asked = {r.query["labelSelector"][0] for r in server.requests if r.path == EXTERNAL}
+    assert asked == {"resource.labels.subscription_id=gannet-tasks-sub", BULK}
+    assert any(r.path.endswith("/configmaps/gannet-config-7g2k9m5c4t") for r in server.requests)
+
+
+def test_status_without_the_configmap_says_so_and_shows_the_first_lane(
+    server: FakeApiServer,
+) -> None:
+    server.routes[("GET", f"{NS}/configmaps/gannet-config-7g2k9m5c4t")] = (403, "forbidden.json")
+    status = get_status(server.api())
+    assert status.lanes == {"default": 30}
+    assert any("configmap gannet-config-7g2k9m5c4t" in p for p in status.problems)
 
 
 def test_status_text_shows_what_an_operator_needs(server: FakeApiServer) -> None:
@@ -210,16 +236,18 @@ def test_status_text_shows_what_an_operator_needs(server: FakeApiServer) -> None
     assert "hpa gannet-worker: 4 replicas, desired 8 (min 1, max 12)" in text
     assert "current 7.5 per pod / target 2 per pod" in text
     assert "ScalingLimited=True (ScaleUpLimit)" in text and "<--" in text
-    assert "backlog: 30 undelivered messages" in text
+    assert "backlog: 1230 undelivered messages (interactive 30, bulk 1200)" in text
     assert "gpu nodes: 3 (ready 2, spot 3), GPUs allocatable 2" in text
     assert "(Unschedulable)" in text
 
 
 def test_status_without_metrics_adapter_still_reports(server: FakeApiServer) -> None:
     server.routes[("GET", EXTERNAL)] = (404, "external-metrics-unavailable.json")
+    server.routes[("GET", f"{EXTERNAL}?{BULK}")] = (404, "external-metrics-unavailable.json")
     server.routes[("GET", CUSTOM)] = (404, "external-metrics-unavailable.json")
     status = get_status(server.api())
     assert status.backlog is None
+    assert status.lanes == {"interactive": None, "bulk": None}
     assert any("Custom Metrics Stackdriver Adapter" in p for p in status.problems)
     assert "backlog: ?" in format_status(status)
 
@@ -244,7 +272,8 @@ def test_status_cli_uses_the_kubeconfig(
     args = cli(["ops", "status", "--kubeconfig", str(config), "--json"])
     assert args.func(args) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["deployment"]["ready"] == 3 and data["backlog"] == 30
+    assert data["deployment"]["ready"] == 3 and data["backlog"] == 1230
+    assert data["lanes"] == {"interactive": 30, "bulk": 1200}
     # The credentials from the kubeconfig reached the API server.
     assert {r.authorization for r in server.requests} == {"Bearer test-token"}
     assert all(r.method == "GET" for r in server.requests)

@@ -37,14 +37,31 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 
     settings = Settings()
     publisher, subscriber = clients.pubsub_clients(settings)
-    name = args.subscription or settings.dead_letter_subscription
-    return dead_letters.main(
-        args,
-        publisher,
-        subscriber,
-        settings.topic_path(),
-        subscriber.subscription_path(settings.project, name),
-    )
+    lanes = settings.lane_list()
+    if args.lane is not None:
+        lanes = [lane for lane in lanes if lane.name == args.lane]
+        if not lanes:
+            names = ", ".join(lane.name for lane in settings.lane_list())
+            print(f"error: no lane {args.lane!r} in GANNET_LANES (lanes: {names})")
+            return 2
+    if args.subscription and len(lanes) > 1:
+        print("error: --subscription names one dead-letter subscription: add --lane NAME")
+        return 2
+    worst = 0
+    for lane in lanes:
+        if len(lanes) > 1 and not args.json:
+            print(f"lane {lane.name}:")
+        name = args.subscription or lane.dead_letter_subscription
+        rc = dead_letters.main(
+            args,
+            publisher,
+            subscriber,
+            settings.path("topics", lane.topic),
+            settings.path("subscriptions", name),
+            lane.name if len(settings.lane_list()) > 1 else None,
+        )
+        worst = max(worst, rc)
+    return worst
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -62,8 +79,11 @@ def _add_dead_letters(sub: argparse._SubParsersAction) -> None:
         "max_delivery_attempts transient failures, e.g. a database outage). Listing "
         "removes nothing. With --replay, the chosen messages are republished to "
         "GANNET_TOPIC and only then acked. Replaying a task that already succeeded is "
-        "harmless: the daemon acks it without running the models.",
+        "harmless: the daemon acks it without running the models. With several lanes "
+        "(GANNET_LANES) each lane's dead letters are listed in turn and replayed to that "
+        "lane's own topic.",
     )
+    p.add_argument("--lane", help="only this lane of GANNET_LANES (default: every lane)")
     p.add_argument(
         "--code",
         action="append",
@@ -123,8 +143,9 @@ def _add_ops(subparsers: argparse._SubParsersAction) -> None:
     _common(st)
     st.add_argument(
         "--subscription",
-        default="gannet-tasks-sub",
-        help="Pub/Sub subscription id whose backlog to show (default: gannet-tasks-sub)",
+        default=None,
+        help="Pub/Sub subscription id whose backlog to show (default: every lane's, from "
+        "the worker's ConfigMap: GANNET_SUBSCRIPTION and GANNET_LANES)",
     )
     st.add_argument("--json", action="store_true", help="print JSON instead of text")
     st.set_defaults(func=cmd_ops_status)
@@ -180,8 +201,9 @@ def _add_ops(subparsers: argparse._SubParsersAction) -> None:
     )
     dp.add_argument(
         "--subscription",
-        default="gannet-tasks-sub",
-        help="subscription whose backlog the status shows (default: gannet-tasks-sub)",
+        default=None,
+        help="subscription whose backlog the status shows (default: every lane's, from "
+        "the worker's ConfigMap)",
     )
     dp.add_argument(
         "--dry-run", action="store_true", help="print the pinned manifests, apply nothing"

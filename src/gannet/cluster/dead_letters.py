@@ -180,7 +180,10 @@ def main(
     subscriber: pubsub_v1.SubscriberClient,
     topic_path: str,
     subscription_path: str,
+    lane: str | None = None,
 ) -> int:
+    """One lane's dead letters (`lane` names it in the output when there are several):
+    listed, or replayed to that lane's own topic."""
     if args.replay and not (args.code or args.all):
         print(
             "error: say what to replay: --code CODE (repeatable; e.g. "
@@ -220,7 +223,9 @@ def main(
 
     if args.json:
         for letter in replayed if args.replay else chosen:
-            extra = {"replayed_to": topic_path} if args.replay else {}
+            extra: dict[str, Any] = {"replayed_to": topic_path} if args.replay else {}
+            if lane is not None:
+                extra["lane"] = lane
             print(json.dumps({**letter.summary(), **extra}))
     elif args.replay:
         print(f"replayed {len(replayed)} of {len(chosen)} to {topic_path}; dead letters acked")

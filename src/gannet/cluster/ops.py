@@ -28,6 +28,9 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.utils import parse_quantity
 from urllib3.exceptions import HTTPError
 
+from gannet.lanes import parse_lanes
+
+DEFAULT_SUBSCRIPTION = "gannet-tasks-sub"
 BACKLOG_METRIC = "pubsub.googleapis.com|subscription|num_undelivered_messages"
 OUTSTANDING_METRIC = "prometheus.googleapis.com|gannet_messages_outstanding|gauge"
 GPU_LABEL = "cloud.google.com/gke-accelerator"
@@ -97,8 +100,9 @@ class ClusterStatus:
     hpa: HpaState | None
     gpu_nodes: list[NodeState]
     pods: list[PodState]
-    backlog: float | None
+    backlog: float | None  # every lane's together
     problems: list[str] = field(default_factory=list)
+    lanes: dict[str, float | None] = field(default_factory=dict)  # lane -> its backlog
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -320,9 +324,10 @@ def get_status(
     api: k8s.ApiClient,
     namespace: str = "gannet",
     deployment: str = "gannet-worker",
-    subscription: str = "gannet-tasks-sub",
+    subscription: str | None = None,
 ) -> ClusterStatus:
-    """Reads everything `ops status` prints; only a missing deployment is fatal."""
+    """Reads everything `ops status` prints; only a missing deployment is fatal. The
+    backlog is every lane's (from the worker's ConfigMap) unless `subscription` names one."""
     apps, core = k8s.AppsV1Api(api), k8s.CoreV1Api(api)
     autoscaling, custom = k8s.AutoscalingV2Api(api), k8s.CustomObjectsApi(api)
     problems: list[str] = []
@@ -381,27 +386,16 @@ def get_status(
     except (ApiException, HTTPError) as exc:
         problems.append(_describe_api_error(exc, "worker pods"))
 
-    backlog: float | None = None
-    try:
-        values = _body(
-            custom.list_namespaced_custom_object(
-                "external.metrics.k8s.io",
-                "v1beta1",
-                namespace,
-                BACKLOG_METRIC,
-                label_selector=f"resource.labels.subscription_id={subscription}",
-                _preload_content=False,
-                _request_timeout=TIMEOUT_S,
-            )
-        )
-        items = values.get("items", [])
-        if items:
-            backlog = float(sum(parse_quantity(i["value"]) for i in items))
-    except (ApiException, HTTPError) as exc:
-        problems.append(
-            _describe_api_error(exc, "backlog from the external metrics API")
-            + " (is the Custom Metrics Stackdriver Adapter installed?)"
-        )
+    subscriptions = (
+        {"default": subscription}
+        if subscription
+        else lane_subscriptions(core, namespace, dep_obj, problems)
+    )
+    lanes = {
+        lane: lane_backlog(custom, namespace, sub, problems) for lane, sub in subscriptions.items()
+    }
+    known = [v for v in lanes.values() if v is not None]
+    backlog = sum(known) if known else None
 
     try:
         per_pod = _get_raw(
@@ -419,7 +413,63 @@ def get_status(
     except (ApiException, HTTPError) as exc:
         problems.append(_describe_api_error(exc, "per-pod outstanding messages"))
 
-    return ClusterStatus(namespace, dep, hpa, nodes, pods, backlog, problems)
+    return ClusterStatus(namespace, dep, hpa, nodes, pods, backlog, problems, lanes)
+
+
+def lane_subscriptions(
+    core: k8s.CoreV1Api, namespace: str, dep_obj: dict[str, Any], problems: list[str]
+) -> dict[str, str]:
+    """lane -> subscription, from the ConfigMap the worker reads its settings from
+    (GANNET_SUBSCRIPTION, GANNET_LANES), named as the daemon names them."""
+    refs = [
+        ref["configMapRef"]["name"]
+        for container in dep_obj["spec"]["template"]["spec"].get("containers", [])
+        for ref in container.get("envFrom", [])
+        if "configMapRef" in ref
+    ]
+    data: dict[str, str] = {}
+    if refs:
+        try:
+            data = _body(
+                core.read_namespaced_config_map(
+                    refs[0], namespace, _preload_content=False, _request_timeout=TIMEOUT_S
+                )
+            ).get("data", {})
+        except (ApiException, HTTPError) as exc:
+            problems.append(_describe_api_error(exc, f"configmap {refs[0]} (the lanes)"))
+    first = data.get("GANNET_SUBSCRIPTION", DEFAULT_SUBSCRIPTION)
+    try:
+        declared = parse_lanes(data.get("GANNET_LANES", ""), "-", first, "-")
+    except ValueError as exc:
+        problems.append(f"GANNET_LANES in configmap {refs[0]}: {exc}")
+        declared = parse_lanes("", "-", first, "-")
+    return {lane.name: lane.subscription for lane in declared}
+
+
+def lane_backlog(
+    custom: k8s.CustomObjectsApi, namespace: str, subscription: str, problems: list[str]
+) -> float | None:
+    """A subscription's undelivered messages as the HPA sees them (None: unknown)."""
+    try:
+        values = _body(
+            custom.list_namespaced_custom_object(
+                "external.metrics.k8s.io",
+                "v1beta1",
+                namespace,
+                BACKLOG_METRIC,
+                label_selector=f"resource.labels.subscription_id={subscription}",
+                _preload_content=False,
+                _request_timeout=TIMEOUT_S,
+            )
+        )
+    except (ApiException, HTTPError) as exc:
+        problems.append(
+            _describe_api_error(exc, f"backlog of {subscription} from the external metrics API")
+            + " (is the Custom Metrics Stackdriver Adapter installed?)"
+        )
+        return None
+    items = values.get("items", [])
+    return float(sum(parse_quantity(i["value"]) for i in items)) if items else None
 
 
 def format_status(status: ClusterStatus) -> str:
@@ -447,6 +497,14 @@ def format_status(status: ClusterStatus) -> str:
             flag = "  <--" if wrong else ""
             lines.append(f"  {c['type']}={c['status']} ({c['reason']}): {c['message']}{flag}")
     backlog = f"{status.backlog:g} undelivered messages" if status.backlog is not None else "?"
+    if len(status.lanes) > 1:
+        backlog += (
+            " ("
+            + ", ".join(
+                f"{lane} {'?' if v is None else f'{v:g}'}" for lane, v in status.lanes.items()
+            )
+            + ")"
+        )
     lines.append(f"backlog: {backlog} (as the HPA sees it; Cloud Monitoring lags 1-3 min)")
     ready = sum(1 for n in status.gpu_nodes if n.ready)
     spot = sum(1 for n in status.gpu_nodes if n.spot)
