@@ -114,7 +114,7 @@ def test_deploy_applies_waits_and_shows_status(
     # The status an operator reads after a deploy, from the API server.
     assert "deploying " + image in out
     assert "deployment gannet/gannet-worker: 3/4 ready" in out
-    assert "backlog: 30 undelivered messages" in out
+    assert "backlog: 1230 undelivered messages (interactive 30, bulk 1200)" in out
     assert {r.authorization for r in server.requests} == {"Bearer test-token"}
 
 
