@@ -204,6 +204,42 @@ def test_cli_prints_figures_and_writes_png(tmp_path: Path, capsys: pytest.Captur
     assert png.stat().st_size > 10_000
 
 
+def test_lanes_keep_interactive_work_moving_while_a_backfill_drains() -> None:
+    """A 20,000-message backfill beside light interactive traffic: with lanes the
+    interactive lane waits seconds; on one subscription it waits behind the backfill.
+    The bulk lane's own metric scales the pool, and the backfill drains as fast."""
+    light = parse_profile("3600:1")
+    lanes = simulate(light, bulk=PRESETS["backfill"])
+    one = simulate(light, bulk=PRESETS["backfill"], one_queue=True)
+    alone = simulate(light)
+    assert lanes.worst_wait_s < 30 < 600 < one.worst_wait_s
+    assert lanes.max_replicas_reached == HpaConfig().max_replicas > alone.max_replicas_reached
+    assert lanes.bulk_drain_time_s is not None and one.drain_time_s is not None
+    assert lanes.bulk_drain_time_s <= one.drain_time_s * 1.05
+    assert lanes.processed == pytest.approx(one.processed, rel=0.01)
+    assert lanes.processed == pytest.approx(20000 + 3600, rel=0.01)
+
+
+def test_a_bulk_cap_leaves_runners_idle_when_only_bulk_has_work() -> None:
+    light = parse_profile("3600:1")
+    free = simulate(light, bulk=PRESETS["backfill"])
+    capped = simulate(light, cluster=ClusterModel(bulk_cap=2), bulk=PRESETS["backfill"])
+    assert capped.bulk_drain_time_s is not None and free.bulk_drain_time_s is not None
+    assert capped.bulk_drain_time_s > free.bulk_drain_time_s * 1.3
+
+
+def test_cli_bulk_profile_prints_lanes_beside_one_subscription(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    args = parser().parse_args(
+        ["scaling", "simulate", "--profile", "3600:1", "--bulk-profile", "backfill", "--no-png"]
+    )
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "== two lanes ==" in out and "== the same work on one subscription ==" in out
+    assert "interactive worst wait:" in out and "bulk lane   empty after" in out
+
+
 def test_cli_sweep_prints_a_row_per_value(capsys: pytest.CaptureFixture) -> None:
     args = parser().parse_args(
         ["scaling", "simulate", "--sweep", "max_replicas=2,6", "--no-png", "--json"]
@@ -255,3 +291,19 @@ def test_defaults_match_the_hpa_in_k8s() -> None:
     assert prod["spec"]["maxReplicas"] == d.max_replicas
     assert prod["spec"]["minReplicas"] == d.min_replicas
     assert dataclasses.asdict(ClusterModel())["max_messages"] == 8
+    # Prod's lanes: the bulk lane's metric target and GANNET_LANES' weights and cap.
+    bulk = next(
+        m["external"]
+        for m in prod["spec"]["metrics"]
+        if m["type"] == "External"
+        and m["external"]["metric"]["selector"]["matchLabels"][
+            "resource.labels.subscription_id"
+        ].endswith("-bulk")
+    )
+    assert float(bulk["target"]["averageValue"]) == d.bulk_target_per_pod
+    kustomization = (root / "k8s" / "overlays" / "prod" / "kustomization.yaml").read_text()
+    lanes = next(
+        line.split("=", 1)[1] for line in kustomization.splitlines() if "GANNET_LANES=" in line
+    )
+    c = ClusterModel()
+    assert scaling.lanes_from_spec(c, lanes) == c

@@ -13,6 +13,12 @@ messages per second when it has enough work, and each message spends runners/thr
 seconds in service. Unacked messages (waiting *and* leased) are what Pub/Sub reports
 as num_undelivered_messages, so at a steady arrival rate the metric settles at
 rate x service time, which is why a per-pod target maps to a pod utilization.
+
+With a bulk profile (`--bulk-profile`), the work arrives in two lanes (GANNET_LANES): the
+pods share their capacity by weight, work-conserving, with the bulk lane under its cap
+(a share of each pod's runners), and the HPA has one External metric per lane's
+subscription and takes the largest proposal. The same arrivals on one subscription (one
+FIFO queue, one metric) are simulated beside it, so the report shows what lanes buy.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from gannet.lanes import parse_lanes
 
 PolicyKind = Literal["Pods", "Percent"]
 SelectPolicy = Literal["Max", "Min", "Disabled"]
@@ -49,6 +57,8 @@ class HpaConfig:
     # External metric pubsub.googleapis.com|subscription|num_undelivered_messages,
     # target type AverageValue: desired = ceil(backlog / target).
     target_per_pod: float = 2.0
+    # The bulk lane's subscription, its own External metric (with a bulk profile).
+    bulk_target_per_pod: float = 8.0
     # Pods metric gannet_messages_outstanding (via Managed Prometheus), AverageValue.
     # None disables the second signal.
     pods_metric_target: float | None = 6.0
@@ -94,6 +104,10 @@ class ClusterModel:
     metric_sample_s: float = 60.0  # Pub/Sub metric sampling period
     pods_metric_lag_s: float = 45.0  # scrape interval + Managed Prometheus ingestion
     warm_nodes: int | None = None  # GPU nodes up at t=0 (default: min replicas, at least 0)
+    # GANNET_LANES with a bulk profile: the lanes' weights and the bulk lane's cap (runners).
+    interactive_weight: int = 4
+    bulk_weight: int = 1
+    bulk_cap: int | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +148,8 @@ PRESETS: dict[str, ArrivalProfile] = {
     "steady": ArrivalProfile("steady", ((3600.0, 7.0),)),
     # Half an hour of work, then a quiet night: where scale to zero (KEDA) pays.
     "quiet": ArrivalProfile("quiet", ((1800.0, 3.0), (5400.0, 0.0))),
+    # A tenant's archive backfill, all published at once (a --bulk-profile).
+    "backfill": ArrivalProfile("backfill", ((60.0, 0.0),), initial_backlog=20000.0),
     # Short spikes every 20 minutes: what makes a flappy HPA flap.
     "spiky": ArrivalProfile(
         "spiky", tuple(seg for _ in range(4) for seg in ((120.0, 20.0), (1080.0, 1.0)))
@@ -337,13 +353,19 @@ class HpaController:
         backlog_seen: float | None,
         pods_values: Sequence[float] | None,
         pods_missing: int,
+        bulk_seen: float | None = None,
     ) -> int:
-        """One sync of the HPA: the max over metrics, then normalize()."""
+        """One sync of the HPA: the max over metrics (one External per lane), then
+        normalize()."""
         cfg = self.config
         proposals = []
         if backlog_seen is not None:
             proposals.append(
                 replicas_for_external(backlog_seen, cfg.target_per_pod, current, cfg.tolerance)
+            )
+        if bulk_seen is not None:
+            proposals.append(
+                replicas_for_external(bulk_seen, cfg.bulk_target_per_pod, current, cfg.tolerance)
             )
         if cfg.pods_metric_target is not None and pods_values:
             proposal = replicas_for_pods(
@@ -396,6 +418,11 @@ class SimResult:
     max_replicas_reached: int
     first_scale_up_s: float | None
     processed: float
+    # With a bulk lane: its backlog, worst wait and the time until it was empty.
+    bulk_backlog: list[float] = field(default_factory=list)
+    bulk_worst_wait_s: float | None = None
+    bulk_drain_time_s: float | None = None
+    one_queue: bool = False  # a bulk profile on the same subscription as the rest
 
     def summary(self) -> dict[str, float | int | None]:
         return {
@@ -407,7 +434,30 @@ class SimResult:
             "max_replicas_reached": self.max_replicas_reached,
             "first_scale_up_s": self.first_scale_up_s,
             "processed": round(self.processed, 1),
+            **(
+                {
+                    "bulk_worst_wait_s": round(self.bulk_worst_wait_s, 1),
+                    "bulk_drain_time_s": self.bulk_drain_time_s,
+                }
+                if self.bulk_worst_wait_s is not None
+                else {}
+            ),
         }
+
+
+def lane_service(
+    capacity: float, queue: float, bulk_queue: float, service_s: float, cluster: ClusterModel
+) -> tuple[float, float]:
+    """Messages each lane finishes this second: capacity shared by weight among the lanes
+    with work, an idle lane's share to the other, the bulk lane under its cap."""
+    cap_share = min(1.0, (cluster.bulk_cap or cluster.runners) / cluster.runners)
+    want = queue / service_s
+    want_bulk = min(bulk_queue / service_s, capacity * cap_share)
+    weights = cluster.interactive_weight + cluster.bulk_weight
+    give = min(want, capacity * cluster.interactive_weight / weights)
+    give_bulk = min(want_bulk, capacity - give)
+    give = min(want, capacity - give_bulk)
+    return min(queue, give), min(bulk_queue, give_bulk)
 
 
 def simulate(
@@ -417,8 +467,13 @@ def simulate(
     *,
     duration_s: float | None = None,
     drained_at: float = 10.0,
+    bulk: ArrivalProfile | None = None,
+    one_queue: bool = False,
 ) -> SimResult:
-    """Runs the model one second at a time; deterministic, ~0.1 s for two hours."""
+    """Runs the model one second at a time; deterministic, ~0.1 s for two hours.
+
+    `bulk`: a second lane's arrivals, in a lane of its own, or with `one_queue` on the
+    same subscription as `profile`'s (one FIFO queue, one metric)."""
     hpa = hpa or HpaConfig()
     cluster = cluster or ClusterModel()
     if hpa.min_replicas < 0 or hpa.max_replicas < max(hpa.min_replicas, 1):
@@ -432,6 +487,8 @@ def simulate(
             "metric targets must be > 0 (use None/0 on the CLI to drop the pods metric)"
         )
     horizon = duration_s if duration_s is not None else profile.duration_s + 1800.0
+    lanes = bulk is not None and not one_queue
+    merged = bulk if bulk is not None and one_queue else None
     controller = HpaController(hpa)
     keda = hpa.min_replicas == 0
 
@@ -445,9 +502,11 @@ def simulate(
         node.empty_since = 0.0
 
     service_s = cluster.runners / cluster.pod_throughput
-    queue = profile.initial_backlog
-    arrived = [profile.initial_backlog]  # cumulative, per second
+    queue = profile.initial_backlog + (merged.initial_backlog if merged else 0.0)
+    arrived = [queue]  # cumulative, per second
     departed = [0.0]
+    bulk_queue = bulk.initial_backlog if lanes and bulk else 0.0
+    bulk_arrived, bulk_departed, res_qb = [bulk_queue], [0.0], []
     res_t: list[float] = []
     res_q: list[float] = []
     res_seen: list[float] = []
@@ -460,16 +519,16 @@ def simulate(
     last_active = -math.inf
     steps = int(horizon)
 
-    def seen_backlog(t: float) -> float | None:
+    def seen_backlog(t: float, series: list[float]) -> float | None:
         # Cloud Monitoring keeps one sample per period; the HPA sees the newest one
         # whose sample time + ingestion lag has passed.
         newest = math.floor((t - cluster.metric_lag_s) / cluster.metric_sample_s)
         sample_t = newest * cluster.metric_sample_s
         if sample_t < 0:
             return None
-        if int(sample_t) >= len(res_q):
+        if int(sample_t) >= len(series):
             return None
-        return float(round(res_q[int(sample_t)]))  # Pub/Sub reports whole messages
+        return float(round(series[int(sample_t)]))  # Pub/Sub reports whole messages
 
     def set_replicas(now: float, want: int) -> None:
         nonlocal pods
@@ -499,20 +558,36 @@ def simulate(
         ready = sum(1 for p in pods if p.ready_at <= t)
         # Work: each ready pod serves up to `runners` messages at once.
         capacity = ready * cluster.pod_throughput
-        rate = min(capacity, queue / service_s) if ready else 0.0
-        done = min(queue, rate)
+        if lanes:
+            done, done_bulk = lane_service(capacity, queue, bulk_queue, service_s, cluster)
+        else:
+            rate = min(capacity, queue / service_s) if ready else 0.0
+            done, done_bulk = min(queue, rate), 0.0
         queue -= done
         if queue < 1e-3:  # the fluid model's tail; a real queue is whole messages
             queue = 0.0
-        queue += profile.rate_at(t)
-        arrived.append(arrived[-1] + profile.rate_at(t))
+        arriving = profile.rate_at(t) + (merged.rate_at(t) if merged else 0.0)
+        queue += arriving
+        arrived.append(arrived[-1] + arriving)
         departed.append(departed[-1] + done)
         outstanding = min(cluster.max_messages, queue / ready) if ready else 0.0
+        bulk_seen: float | None = None
+        if lanes and bulk is not None:
+            bulk_queue -= done_bulk
+            if bulk_queue < 1e-3:
+                bulk_queue = 0.0
+            bulk_queue += bulk.rate_at(t)
+            bulk_arrived.append(bulk_arrived[-1] + bulk.rate_at(t))
+            bulk_departed.append(bulk_departed[-1] + done_bulk)
+            res_qb.append(bulk_queue)
+            bulk_seen = seen_backlog(t, res_qb)
+            if ready:  # each lane's stream leases up to its own flow-control limit
+                outstanding += min(cluster.max_messages, bulk_queue / ready)
         pods_hist.append(outstanding)
 
         res_t.append(t)
         res_q.append(queue)
-        seen = seen_backlog(t)
+        seen = seen_backlog(t, res_q)
         res_seen.append(seen if seen is not None else math.nan)
         res_rep.append(len(pods))
         res_ready.append(ready)
@@ -521,9 +596,9 @@ def simulate(
 
         # Controllers.
         if keda and step % max(int(hpa.keda_polling_s), 1) == 0:
-            if seen is not None and seen > 0:
+            if (seen or 0) > 0 or (bulk_seen or 0) > 0:
                 last_active = t
-            if not pods and seen is not None and seen > 0:
+            if not pods and ((seen or 0) > 0 or (bulk_seen or 0) > 0):
                 set_replicas(t, 1)
                 controller.record_scale(t, 0, 1)
                 first_up = first_up if first_up is not None else t
@@ -538,7 +613,7 @@ def simulate(
                 pods_values = [pods_hist[lag_index]] * ready
                 missing = len(pods) - ready
             current = len(pods)
-            want = controller.desired_replicas(t, current, seen, pods_values, missing)
+            want = controller.desired_replicas(t, current, seen, pods_values, missing, bulk_seen)
             if want != current:
                 if want > current and first_up is None:
                     first_up = t
@@ -568,7 +643,13 @@ def simulate(
     if episode_start is not None:
         drain = None  # still backed up when the simulation ended
     worst = _worst_wait(arrived, departed)
-    processed = departed[-1]
+    processed = departed[-1] + bulk_departed[-1]
+    bulk_drain: float | None = None
+    if lanes:
+        left = [t_i for t_i, q in zip(res_t, res_qb, strict=True) if q > drained_at]
+        bulk_drain = left[-1] + 1 if left else 0.0
+        if res_qb and res_qb[-1] > drained_at:
+            bulk_drain = None
     return SimResult(
         profile=profile,
         hpa=hpa,
@@ -587,6 +668,10 @@ def simulate(
         max_replicas_reached=max(res_rep) if res_rep else 0,
         first_scale_up_s=first_up,
         processed=processed,
+        bulk_backlog=res_qb,
+        bulk_worst_wait_s=_worst_wait(bulk_arrived, bulk_departed) if lanes else None,
+        bulk_drain_time_s=bulk_drain,
+        one_queue=merged is not None,
     )
 
 
@@ -621,7 +706,10 @@ def write_png(result: SimResult, path: Path) -> Path:
         ) from exc
     minutes = [t / 60 for t in result.times]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
-    ax1.plot(minutes, result.backlog, label="unacked backlog", color="tab:blue")
+    first = "interactive lane backlog" if result.bulk_backlog else "unacked backlog"
+    ax1.plot(minutes, result.backlog, label=first, color="tab:blue")
+    if result.bulk_backlog:
+        ax1.plot(minutes, result.bulk_backlog, label="bulk lane backlog", color="tab:purple")
     ax1.plot(
         minutes,
         result.backlog_seen,
@@ -675,6 +763,25 @@ def format_report(result: SimResult) -> str:
         f"GPU-hours   {result.gpu_hours:.2f} (ideal {result.ideal_gpu_hours:.2f}, "
         f"efficiency {efficiency:.0%})",
     ]
+    if result.bulk_worst_wait_s is not None:
+        bulk_drain = (
+            f"{result.bulk_drain_time_s:.0f} s"
+            if result.bulk_drain_time_s is not None
+            else "not drained"
+        )
+        lines[1:1] = [
+            f"lanes       interactive weight {cl.interactive_weight}, bulk weight "
+            f"{cl.bulk_weight}, "
+            + (f"bulk cap {cl.bulk_cap} of {cl.runners} runners" if cl.bulk_cap else "no cap")
+            + f"; bulk backlog target {hpa.bulk_target_per_pod:g}/pod (HPA: the largest "
+            "proposal)"
+        ]
+        lines.append(
+            f"bulk lane   empty after {bulk_drain}; worst wait "
+            f"{result.bulk_worst_wait_s:.0f} s (the lines above: the interactive lane)"
+        )
+    if result.one_queue:
+        lines[0] += " (everything on one subscription)"
     return "\n".join(lines)
 
 
@@ -691,6 +798,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[HpaConfig, ClusterModel
         min_replicas=args.min_replicas,
         max_replicas=args.max_replicas,
         target_per_pod=args.target_per_pod,
+        bulk_target_per_pod=args.bulk_target_per_pod,
         pods_metric_target=args.pods_metric_target or None,
         tolerance=args.tolerance,
         scale_up_window_s=args.scale_up_window,
@@ -764,10 +872,56 @@ def format_sweep(name: str, rows: Sequence[tuple[float, SimResult]]) -> str:
     return "\n".join(out)
 
 
+def lanes_from_spec(cluster: ClusterModel, spec: str) -> ClusterModel:
+    """GANNET_LANES' weights and the second lane's cap, as the simulator's model."""
+    lanes = parse_lanes(spec, "-", "-", "-")
+    if len(lanes) != 2:
+        raise ValueError(f"--lanes: want two lanes (interactive, then bulk), got {spec!r}")
+    first, second = lanes
+    return dataclasses.replace(
+        cluster,
+        interactive_weight=first.weight,
+        bulk_weight=second.weight,
+        bulk_cap=second.cap,
+    )
+
+
+def run_lanes(
+    profile: ArrivalProfile, bulk: ArrivalProfile, hpa: HpaConfig, cluster: ClusterModel, args: Any
+) -> int:
+    """The two lanes, and the same arrivals on one subscription, side by side."""
+    lanes = simulate(profile, hpa, cluster, duration_s=args.duration, bulk=bulk)
+    one = simulate(profile, hpa, cluster, duration_s=args.duration, bulk=bulk, one_queue=True)
+    print(f"bulk        {bulk.describe()}")
+    print("\n== two lanes ==")
+    print(format_report(lanes))
+    print("\n== the same work on one subscription ==")
+    print(format_report(one))
+    print(
+        f"\ninteractive worst wait: {lanes.worst_wait_s:.0f} s with lanes, "
+        f"{one.worst_wait_s:.0f} s on one subscription"
+    )
+    if args.json:
+        print(json.dumps({"lanes": lanes.summary(), "one_subscription": one.summary()}, indent=2))
+    if not args.no_png:
+        try:
+            path = write_png(lanes, Path(args.png))
+        except RuntimeError as exc:
+            print(f"gannet scaling simulate: {exc}", file=sys.stderr)
+            return 1
+        print(f"png         {path}")
+    return 0
+
+
 def run_simulate(args: argparse.Namespace) -> int:
     try:
         profile = parse_profile(args.profile, args.initial_backlog)
         hpa, cluster = configs_from_args(args)
+        if args.bulk_profile:
+            if args.sweep:
+                raise ValueError("--sweep and --bulk-profile do not combine; run one each")
+            bulk = parse_profile(args.bulk_profile)
+            return run_lanes(profile, bulk, hpa, lanes_from_spec(cluster, args.lanes), args)
         if args.sweep:
             name, _, raw = args.sweep.partition("=")
             values = [float(v) for v in raw.split(",") if v]
@@ -834,6 +988,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="seconds to simulate (default: the profile's length + 1800)",
     )
+    p.add_argument(
+        "--bulk-profile",
+        default=None,
+        help="a second lane's arrivals (a preset, e.g. backfill, or segments): simulates "
+        "two lanes and, beside it, the same work on one subscription",
+    )
+    p.add_argument(
+        "--lanes",
+        default="interactive:4,bulk:1",
+        help="with --bulk-profile: GANNET_LANES (weights, and the bulk lane's cap if any)",
+    )
     g = p.add_argument_group("HPA (what k8s/ configures)")
     g.add_argument(
         "--min-replicas",
@@ -852,6 +1017,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         default=d_hpa.target_per_pod,
         help="AverageValue target of num_undelivered_messages per pod",
+    )
+    g.add_argument(
+        "--bulk-target-per-pod",
+        type=float,
+        default=d_hpa.bulk_target_per_pod,
+        help="with --bulk-profile: AverageValue target of the bulk lane's backlog per pod",
     )
     g.add_argument(
         "--pods-metric-target",
