@@ -200,3 +200,45 @@ def test_with_a_window_a_request_waits_for_company():
     assert [f.result(WAIT_S) for f in first + second] == [answer(image(1)), answer(image(2))]
     batcher.close()
     assert forward_calls == [2]
+
+
+def test_the_most_urgent_requests_run_first_and_the_rest_wait_one_pass_only():
+    """Lanes: of what queued behind a running call, the interactive lane's requests
+    (urgency 4) get a pass of their own before the bulk lane's (urgency 1); the bulk ones
+    then run in the next pass, together with a newer urgent request: held once, they are
+    not held again."""
+    forward = Forward()
+    batcher, _ = start_behind_a_running_call(forward)
+    bulk = batcher.submit([image(1), image(2), image(3)], urgency=1)
+    urgent = batcher.submit([image(40)], urgency=4)
+    forward.release.set()
+    assert [f.result(WAIT_S) for f in urgent] == [answer(image(40))]
+    assert [f.result(WAIT_S) for f in bulk] == [answer(image(v)) for v in (1, 2, 3)]
+    batcher.close()
+    batcher.join(WAIT_S)
+    sums = [[answer(item) for item in call] for call in forward.calls]
+    assert sums == [[400.0], [160.0], [4.0, 8.0, 12.0]]
+
+
+def test_held_requests_go_with_the_next_urgent_ones():
+    forward = Forward()
+    gate = threading.Event()
+    seen: list[int] = []
+
+    def on_batch(size: int, seconds: float) -> None:
+        seen.append(size)
+        if len(seen) == 2:  # the urgent pass ran; queue another urgent one behind it
+            later.extend(batcher.submit([image(50)], urgency=4))
+            gate.set()
+
+    later: list[Any] = []
+    batcher, _ = start_behind_a_running_call(forward, on_batch=on_batch)
+    bulk = batcher.submit([image(1)], urgency=1)
+    batcher.submit([image(40)], urgency=4)
+    forward.release.set()
+    assert gate.wait(WAIT_S)
+    wait(bulk + later, WAIT_S)
+    batcher.close()
+    batcher.join(WAIT_S)
+    sums = [sorted(answer(item) for item in call) for call in forward.calls]
+    assert sums == [[400.0], [160.0], [4.0, 200.0]]

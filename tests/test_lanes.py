@@ -251,3 +251,87 @@ def _pull_all(stack: Any, subscription: str, at_least: int, timeout_s: float = 3
         if len(got) >= at_least and not batch:
             break
     return got
+
+
+@pytest.mark.slow
+def test_messages_waiting_for_their_lanes_turn_keep_their_leases(services, tmp_path):
+    """Bulk messages leased while a much heavier lane keeps the only runner busy wait
+    longer than the stream's 10 s lease; the client library keeps extending it, so they
+    run once, on their first delivery, instead of going back to Pub/Sub."""
+    stack = make_stack(services, tmp_path, lanes="interactive:1000,bulk:1")
+    url = stack.upload(SCENES[0]["file"])
+    bulk = [stack.task(url) for _ in range(3)]
+    interactive = [stack.task(url) for _ in range(400)]
+    daemon = stack.start_daemon(GANNET_RUNNERS="1", GANNET_MAX_MESSAGES="4")
+    stack.publish(interactive, lane="interactive")
+    stack.publish(bulk, lane="bulk")
+    stack.wait_rows([t.task_id for t in bulk], timeout_s=300)
+    ids = {t.task_id for t in bulk}
+    settled = [e for e in daemon.log_entries() if e.get("task_id") in ids and e.get("outcome")]
+    assert sorted(e["task_id"] for e in settled) == sorted(ids), "each settled once"
+    assert {e["outcome"] for e in settled} == {"succeeded"}
+    assert {e["delivery_attempt"] for e in settled} == {1}
+    # The proof is only one if they waited past the lease (stack: 10 s).
+    assert max(e["duration_ms"] for e in settled) > 12_000, settled
+    daemon.stop()
+
+
+class InFlight:
+    """Samples a daemon's `gannet_lane_messages_in_flight{lane}` from /metrics until
+    stopped, keeping the most each lane had running at once."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.most: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        pattern = re.compile(r'^gannet_lane_messages_in_flight\{lane="(\w+)"\} (\S+)$', re.M)
+        while not self._stop.wait(0.02):
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics") as resp:
+                text = resp.read().decode()
+            for lane, value in pattern.findall(text):
+                self.most[lane] = max(self.most[lane], int(float(value)))
+
+    def stop(self) -> Counter[str]:
+        self._stop.set()
+        self._thread.join(5)
+        return self.most
+
+
+@pytest.mark.slow
+def test_the_daemon_shares_runners_by_weight_and_holds_a_lanes_cap(services, tmp_path):
+    """Both lanes full from the start, 2 runners, bulk capped at 1: in the order rows are
+    committed, interactive takes about 4 of every 5 while both have work, and bulk never
+    has more than 1 task running."""
+    stack = make_stack(services, tmp_path, lanes="interactive:4,bulk:1:1")
+    url = stack.upload(SCENES[0]["file"])
+    tasks = {lane: [stack.task(url) for _ in range(30)] for lane in ("interactive", "bulk")}
+    for lane, batch in tasks.items():
+        stack.publish(batch, lane=lane)
+    daemon = stack.start_daemon(GANNET_RUNNERS="2", GANNET_MAX_MESSAGES="6")
+    sampler = InFlight(daemon.metrics_port)
+    rows = stack.wait_rows([t.task_id for batch in tasks.values() for t in batch])
+    most = sampler.stop()
+    daemon.stop()
+    assert most["bulk"] == 1 and most["interactive"] >= 1, most
+    lane_of = {t.task_id: lane for lane, batch in tasks.items() for t in batch}
+    order = [lane_of[r["task_id"]] for r in sorted(rows.values(), key=lambda r: r["updated_at"])]
+    window = Counter(order[5:30])  # both lanes have work all along this window
+    assert 16 <= window["interactive"] <= 23, order
+
+
+@pytest.mark.slow
+def test_the_daemon_gives_an_empty_lanes_runners_to_the_other(services, tmp_path):
+    stack = make_stack(services, tmp_path, lanes="interactive:4,bulk:1")
+    url = stack.upload(SCENES[0]["file"])
+    bulk = [stack.task(url) for _ in range(30)]
+    stack.publish(bulk, lane="bulk")
+    daemon = stack.start_daemon(GANNET_RUNNERS="2", GANNET_MAX_MESSAGES="6")
+    sampler = InFlight(daemon.metrics_port)
+    stack.wait_rows([t.task_id for t in bulk])
+    most = sampler.stop()
+    daemon.stop()
+    assert most["bulk"] == 2, most  # both runners, though its weight is 1 of 5

@@ -209,8 +209,9 @@ def test_lanes_keep_interactive_work_moving_while_a_backfill_drains() -> None:
     interactive lane waits seconds; on one subscription it waits behind the backfill.
     The bulk lane's own metric scales the pool, and the backfill drains as fast."""
     light = parse_profile("3600:1")
-    lanes = simulate(light, bulk=PRESETS["backfill"])
-    one = simulate(light, bulk=PRESETS["backfill"], one_queue=True)
+    free = ClusterModel(bulk_cap=None)  # without a cap, lanes are work-conserving
+    lanes = simulate(light, cluster=free, bulk=PRESETS["backfill"])
+    one = simulate(light, cluster=free, bulk=PRESETS["backfill"], one_queue=True)
     alone = simulate(light)
     assert lanes.worst_wait_s < 30 < 600 < one.worst_wait_s
     assert lanes.max_replicas_reached == HpaConfig().max_replicas > alone.max_replicas_reached
@@ -222,7 +223,7 @@ def test_lanes_keep_interactive_work_moving_while_a_backfill_drains() -> None:
 
 def test_a_bulk_cap_leaves_runners_idle_when_only_bulk_has_work() -> None:
     light = parse_profile("3600:1")
-    free = simulate(light, bulk=PRESETS["backfill"])
+    free = simulate(light, cluster=ClusterModel(bulk_cap=None), bulk=PRESETS["backfill"])
     capped = simulate(light, cluster=ClusterModel(bulk_cap=2), bulk=PRESETS["backfill"])
     assert capped.bulk_drain_time_s is not None and free.bulk_drain_time_s is not None
     assert capped.bulk_drain_time_s > free.bulk_drain_time_s * 1.3

@@ -4,6 +4,12 @@ Ultralytics models are not thread-safe, so exactly one thread ever calls a model
 threads hand it prepared inputs and wait on a future; requests that queued while the last
 forward pass ran (or within `window_s` of each other) and have the same shape share one
 forward pass, which is where a GPU earns its keep.
+
+With lanes, a request carries its task's urgency (its lane's weight, lanes.URGENCY): of
+what is queued, the most urgent requests run first, in a pass of their own, and the rest
+wait for the next pass (once: then they run with whatever comes). So an interactive task
+does not share, and wait for, a forward pass full of bulk images, and bulk is delayed by
+at most one pass. With one lane every request is equally urgent and nothing changes.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ class BatcherClosed(RuntimeError):
 class _Request:
     item: Any
     link: SpanContext | None = None  # tracing on: the submitting task's span
+    urgency: int = 0  # its lane's weight: the most urgent requests queued run first
     future: Future[Any] = field(default_factory=Future)
 
 
@@ -71,12 +78,15 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, items: Sequence[Any], link: SpanContext | None = None) -> list[Future[Any]]:
-        """`link`: the span a traced forward pass links back to (tracing.current_link)."""
+    def submit(
+        self, items: Sequence[Any], link: SpanContext | None = None, urgency: int = 0
+    ) -> list[Future[Any]]:
+        """`link`: the span a traced forward pass links back to (tracing.current_link);
+        `urgency`: the task's lane weight (lanes.URGENCY)."""
         with self._close_lock:
             if self._closed:
                 raise BatcherClosed(self.name)
-            requests = [_Request(item, link) for item in items]
+            requests = [_Request(item, link, urgency) for item in items]
             for request in requests:
                 self._queue.put(request)
         return [r.future for r in requests]
@@ -92,8 +102,8 @@ class Batcher:
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 
-    def _collect(self, first: _Request) -> tuple[list[_Request], bool]:
-        batch = [first]
+    def _collect(self, held: list[_Request]) -> tuple[list[_Request], bool]:
+        batch = list(held)
         deadline = time.monotonic() + self._window_s
         while len(batch) < self._max_batch:
             try:
@@ -137,14 +147,24 @@ class Batcher:
     def _loop(self) -> None:
         self._on_start()
         stopping = False
-        while not stopping:
-            item = self._queue.get()
-            if item is _STOP:
-                break
-            assert isinstance(item, _Request)
-            batch, stopping = self._collect(item)
+        held: list[_Request] = []  # less urgent requests that wait for the next pass
+        while held or not stopping:
+            if not held:
+                item = self._queue.get()
+                if item is _STOP:
+                    break
+                assert isinstance(item, _Request)
+                held = [item]
+            batch = held
+            if not stopping:
+                batch, stopping = self._collect(held)
+            urgent = max(r.urgency for r in batch)
+            now = [r for r in batch if r.urgency == urgent]
+            held = [r for r in batch if r.urgency != urgent]
+            for request in held:  # held once: next time they go with whatever comes
+                request.urgency = urgent
             groups: dict[Hashable, list[_Request]] = {}
-            for request in batch:
+            for request in now:
                 groups.setdefault(self._group(request.item), []).append(request)
             for group in groups.values():
                 self._run(group)

@@ -23,11 +23,16 @@ from __future__ import annotations
 import re
 import threading
 from collections import deque
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 NAME = re.compile(r"^[a-z][a-z0-9]{0,19}$")
 ItemT = TypeVar("ItemT")
+
+# The weight of the lane whose task this thread runs (a runner sets it per job): the
+# batcher runs the most urgent queued requests first (batcher.py).
+URGENCY: ContextVar[int] = ContextVar("gannet_lane_urgency", default=0)
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,9 @@ class LaneQueue(Generic[ItemT]):
             state.running += 1
             state.started += 1
             return name, state.jobs.popleft()
+
+    def weight(self, lane: str) -> int:
+        return self._lanes[lane].weight
 
     def finished(self, lane: str) -> None:
         """A job `get` handed out is over: its lane may start another under its cap."""

@@ -22,6 +22,7 @@ import numpy as np
 
 from gannet.batcher import Batcher, BatcherClosed
 from gannet.errors import ErrorCode, TransientError
+from gannet.lanes import URGENCY
 from gannet.metrics import Metrics
 from gannet.split_predictor import SplitPredictor
 from gannet.stages import Timer, ignore
@@ -196,7 +197,7 @@ class ModelCache:
                 # Tracing on: the batch's forward span links to this stage's span.
                 link = current_link() if timer.spans is not None else None
                 try:
-                    futures = entry.batcher.submit(inputs, link)
+                    futures = entry.batcher.submit(inputs, link, URGENCY.get())
                 except BatcherClosed:
                     continue  # evicted between get() and submit(): load it again
                 outputs = [f.result() for f in futures]

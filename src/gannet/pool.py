@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from gannet.lanes import LaneQueue
+from gannet.lanes import URGENCY, LaneQueue
 from gannet.outcome import Outcome
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ class RunnerPool(Generic[ItemT]):
     def _loop(self, device: str) -> None:
         while (got := self.queue.get()) is not None:
             lane, job = got
+            URGENCY.set(self.queue.weight(lane))  # for the batcher: this job's lane
             try:
                 if job.claim():
                     self._run(job, device)

@@ -107,7 +107,7 @@ class ClusterModel:
     # GANNET_LANES with a bulk profile: the lanes' weights and the bulk lane's cap (runners).
     interactive_weight: int = 4
     bulk_weight: int = 1
-    bulk_cap: int | None = None
+    bulk_cap: int | None = 3
 
 
 @dataclass(frozen=True)
@@ -996,7 +996,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--lanes",
-        default="interactive:4,bulk:1",
+        default="interactive:4,bulk:1:3",
         help="with --bulk-profile: GANNET_LANES (weights, and the bulk lane's cap if any)",
     )
     g = p.add_argument_group("HPA (what k8s/ configures)")

@@ -195,9 +195,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--lanes",
-        default="interactive:4,bulk:1",
+        default="interactive:4,bulk:1:3",
         help="--flood: GANNET_LANES of the lanes run; B uses the first lane, A the last "
-        "(default interactive:4,bulk:1)",
+        "(default interactive:4,bulk:1:3, prod's)",
     )
     p.add_argument(
         "--plumbing",
