@@ -903,9 +903,14 @@ def run_lanes(
     )
     if args.json:
         print(json.dumps({"lanes": lanes.summary(), "one_subscription": one.summary()}, indent=2))
+    return _png(lanes, args)
+
+
+def _png(result: SimResult, args: Any) -> int:
+    """Writes the PNG unless --no-png; 1 when matplotlib is missing."""
     if not args.no_png:
         try:
-            path = write_png(lanes, Path(args.png))
+            path = write_png(result, Path(args.png))
         except RuntimeError as exc:
             print(f"gannet scaling simulate: {exc}", file=sys.stderr)
             return 1
@@ -940,14 +945,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     print(format_report(result))
     if args.json:
         print(json.dumps(result.summary(), indent=2))
-    if not args.no_png:
-        try:
-            path = write_png(result, Path(args.png))
-        except RuntimeError as exc:
-            print(f"gannet scaling simulate: {exc}", file=sys.stderr)
-            return 1
-        print(f"png         {path}")
-    return 0
+    return _png(result, args)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:

@@ -25,6 +25,7 @@ import platform
 import statistics
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +278,15 @@ def one_round(
 
 
 def main(args: argparse.Namespace) -> int:
+    return run_and_report(args, run, print_report)
+
+
+def run_and_report(
+    args: argparse.Namespace,
+    run: Callable[[LocalServices, argparse.Namespace], dict[str, Any]],
+    print_report: Callable[[dict[str, Any]], None],
+) -> int:
+    """A bench's rounds on services of its own; the report printed and written as JSON."""
     ports = Ports(args.pubsub_port, args.gcs_port, args.postgres_port)
     with LocalServices(args.state_dir / "bench", ports) as services:
         report = run(services, args)

@@ -15,7 +15,6 @@ Targets (the lanes issue): with lanes, B's p95 <= 2x its p95 alone, and A's thro
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -28,7 +27,7 @@ import psycopg
 
 from gannet import clients
 from gannet.dev import bench, demo, stack
-from gannet.dev.local_services import LocalServices, Ports
+from gannet.dev.local_services import LocalServices
 from gannet.dev.publish import lane_topic, make_task, publish_tasks, upload_image
 from gannet.settings import Settings
 from gannet.storage import Storage
@@ -212,14 +211,7 @@ def summary(run: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    ports = Ports(args.pubsub_port, args.gcs_port, args.postgres_port)
-    with LocalServices(args.state_dir / "bench", ports) as services:
-        report = run(services, args)
-    print_report(report)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
-    print(f"\nJSON report: {args.output}")
-    return 0
+    return bench.run_and_report(args, run, print_report)
 
 
 def run(services: LocalServices, args: argparse.Namespace) -> dict[str, Any]:
