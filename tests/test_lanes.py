@@ -207,6 +207,22 @@ def test_poison_in_any_lane_goes_to_that_lanes_dead_letter_topic(lanes_stack):
     assert daemon.stop() == 0
 
 
+def test_gannet_publish_lane_goes_to_that_lanes_topic(lanes_stack):
+    stack = lanes_stack
+    url = stack.upload(SCENES[0]["file"])
+    args = ("publish", "--tenant", stack.tenant, "--pipeline", "DETECTION")
+    done = stack.gannet(*args, "--lane", "bulk", url)
+    assert done.returncode == 0, done.stdout + done.stderr
+    task_id = json.loads(done.stdout.splitlines()[0])["task_id"]
+    assert [_task_id(m) for m in _pull_all(stack, _lane(stack, "bulk").subscription, 1)] == [
+        task_id
+    ]
+    assert stack.pull(stack.settings.subscription, timeout_s=2) == []  # not the first lane
+    wrong = stack.gannet(*args, "--lane", "urgent", url)
+    assert wrong.returncode == 2
+    assert "no lane 'urgent'" in wrong.stdout and "interactive, bulk" in wrong.stdout
+
+
 @pytest.mark.slow
 def test_sigterm_nacks_the_leased_messages_of_every_lane(lanes_stack):
     """Messages both lanes leased but did not start come back at once after a SIGTERM
