@@ -271,24 +271,35 @@ def _pull_all(stack: Any, subscription: str, at_least: int, timeout_s: float = 3
 
 @pytest.mark.slow
 def test_messages_waiting_for_their_lanes_turn_keep_their_leases(services, tmp_path):
-    """Bulk messages leased while a much heavier lane keeps the only runner busy wait
-    longer than the stream's 10 s lease; the client library keeps extending it, so they
-    run once, on their first delivery, instead of going back to Pub/Sub."""
+    """Bulk messages leased while a much heavier lane keeps the only runner busy for 14 s
+    wait longer than the stream's 10 s lease; the client library keeps extending it, so
+    they run once, on their first delivery, instead of going back to Pub/Sub. The
+    interactive lane is kept from running dry by topping it up from its own gauge, so the
+    wait is 14 s on a machine of any speed."""
     stack = make_stack(services, tmp_path, lanes="interactive:1000,bulk:1")
     url = stack.upload(SCENES[0]["file"])
     bulk = [stack.task(url) for _ in range(3)]
-    interactive = [stack.task(url) for _ in range(400)]
     daemon = stack.start_daemon(GANNET_RUNNERS="1", GANNET_MAX_MESSAGES="4")
-    stack.publish(interactive, lane="interactive")
+    stack.publish([stack.task(url) for _ in range(8)], lane="interactive")
     stack.publish(bulk, lane="bulk")
+    waiting = re.compile(r'^gannet_lane_messages_waiting\{lane="interactive"\} (\S+)$', re.M)
+    until = time.monotonic() + 14
+    while time.monotonic() < until:
+        with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics") as resp:
+            found = waiting.search(resp.read().decode())
+        if found is not None and float(found.group(1)) < 3:
+            stack.publish([stack.task(url) for _ in range(4)], lane="interactive")
+        time.sleep(0.05)
     stack.wait_rows([t.task_id for t in bulk], timeout_s=300)
     ids = {t.task_id for t in bulk}
     settled = [e for e in daemon.log_entries() if e.get("task_id") in ids and e.get("outcome")]
     assert sorted(e["task_id"] for e in settled) == sorted(ids), "each settled once"
     assert {e["outcome"] for e in settled} == {"succeeded"}
     assert {e["delivery_attempt"] for e in settled} == {1}
-    # The proof is only one if they waited past the lease (stack: 10 s).
-    assert max(e["duration_ms"] for e in settled) > 12_000, settled
+    # The proof is only one if they waited past the lease (stack: 10 s). Stride
+    # scheduling may give bulk its 1-in-1001 turn at once; the other two wait.
+    waited = [e for e in settled if e["duration_ms"] > 12_000]
+    assert len(waited) >= 2, [e["duration_ms"] for e in settled]
     daemon.stop()
 
 
