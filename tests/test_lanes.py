@@ -169,8 +169,25 @@ def test_a_lane_that_was_idle_does_not_starve_the_busy_one_when_it_comes_back():
 
 
 @pytest.fixture
-def lanes_stack(services, tmp_path):
-    return make_stack(services, tmp_path, lanes="interactive:4,bulk:1")
+def lanes_of(services, tmp_path):
+    """Stacks with the given GANNET_LANES; their daemons are stopped afterwards, even
+    when a test fails half-way."""
+    made = []
+
+    def make(lanes: str) -> Any:
+        made.append(make_stack(services, tmp_path, lanes=lanes))
+        return made[-1]
+
+    yield make
+    for stack in made:
+        for daemon in stack.daemons:
+            if daemon.proc.poll() is None:
+                daemon.stop(timeout_s=30)
+
+
+@pytest.fixture
+def lanes_stack(lanes_of):
+    return lanes_of("interactive:4,bulk:1")
 
 
 def test_poison_in_any_lane_goes_to_that_lanes_dead_letter_topic(lanes_stack):
@@ -270,26 +287,28 @@ def _pull_all(stack: Any, subscription: str, at_least: int, timeout_s: float = 3
 
 
 @pytest.mark.slow
-def test_messages_waiting_for_their_lanes_turn_keep_their_leases(services, tmp_path):
+def test_messages_waiting_for_their_lanes_turn_keep_their_leases(lanes_of):
     """Bulk messages leased while a much heavier lane keeps the only runner busy for 14 s
     wait longer than the stream's 10 s lease; the client library keeps extending it, so
     they run once, on their first delivery, instead of going back to Pub/Sub. The
     interactive lane is kept from running dry by topping it up from its own gauge, so the
     wait is 14 s on a machine of any speed."""
-    stack = make_stack(services, tmp_path, lanes="interactive:1000,bulk:1")
+    stack = lanes_of("interactive:1000,bulk:1")
     url = stack.upload(SCENES[0]["file"])
     bulk = [stack.task(url) for _ in range(3)]
-    daemon = stack.start_daemon(GANNET_RUNNERS="1", GANNET_MAX_MESSAGES="4")
-    stack.publish([stack.task(url) for _ in range(8)], lane="interactive")
+    # 20 leased per lane: the interactive lane keeps a local queue that a slow delivery
+    # from the emulator cannot empty, which would give the runner to bulk.
+    daemon = stack.start_daemon(GANNET_RUNNERS="1", GANNET_MAX_MESSAGES="20")
+    stack.publish([stack.task(url) for _ in range(30)], lane="interactive")
     stack.publish(bulk, lane="bulk")
     waiting = re.compile(r'^gannet_lane_messages_waiting\{lane="interactive"\} (\S+)$', re.M)
     until = time.monotonic() + 14
     while time.monotonic() < until:
         with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics") as resp:
             found = waiting.search(resp.read().decode())
-        if found is not None and float(found.group(1)) < 3:
-            stack.publish([stack.task(url) for _ in range(4)], lane="interactive")
-        time.sleep(0.05)
+        if found is not None and float(found.group(1)) < 12:
+            stack.publish([stack.task(url) for _ in range(10)], lane="interactive")
+        time.sleep(0.1)
     stack.wait_rows([t.task_id for t in bulk], timeout_s=300)
     ids = {t.task_id for t in bulk}
     settled = [e for e in daemon.log_entries() if e.get("task_id") in ids and e.get("outcome")]
@@ -329,11 +348,11 @@ class InFlight:
 
 
 @pytest.mark.slow
-def test_the_daemon_shares_runners_by_weight_and_holds_a_lanes_cap(services, tmp_path):
+def test_the_daemon_shares_runners_by_weight_and_holds_a_lanes_cap(lanes_of):
     """Both lanes full from the start, 2 runners, bulk capped at 1: in the order rows are
     committed, interactive takes about 4 of every 5 while both have work, and bulk never
     has more than 1 task running."""
-    stack = make_stack(services, tmp_path, lanes="interactive:4,bulk:1:1")
+    stack = lanes_of("interactive:4,bulk:1:1")
     url = stack.upload(SCENES[0]["file"])
     tasks = {lane: [stack.task(url) for _ in range(30)] for lane in ("interactive", "bulk")}
     for lane, batch in tasks.items():
@@ -351,8 +370,8 @@ def test_the_daemon_shares_runners_by_weight_and_holds_a_lanes_cap(services, tmp
 
 
 @pytest.mark.slow
-def test_the_daemon_gives_an_empty_lanes_runners_to_the_other(services, tmp_path):
-    stack = make_stack(services, tmp_path, lanes="interactive:4,bulk:1")
+def test_the_daemon_gives_an_empty_lanes_runners_to_the_other(lanes_of):
+    stack = lanes_of("interactive:4,bulk:1")
     url = stack.upload(SCENES[0]["file"])
     bulk = [stack.task(url) for _ in range(30)]
     stack.publish(bulk, lane="bulk")
