@@ -201,6 +201,17 @@ class Settings(BaseSettings):
         """The lanes, first (today's topic and subscription) first."""
         return parse_lanes(self.lanes, self.topic, self.subscription, self.dead_letter_topic)
 
+    def lane(self, name: str | None) -> Lane:
+        """The lane of that name (None: the first); a ValueError names the lanes."""
+        lanes = self.lane_list()
+        if name is None:
+            return lanes[0]
+        for lane in lanes:
+            if lane.name == name:
+                return lane
+        names = ", ".join(lane.name for lane in lanes)
+        raise ValueError(f"no lane {name!r} in GANNET_LANES (lanes: {names})")
+
     def lane_flow_control(self, lane: Lane) -> int:
         """Messages one lane's stream leases at once."""
         leased = self.max_messages or 2 * self.runners
@@ -221,18 +232,17 @@ class Settings(BaseSettings):
         return self.processes > 1 and self.process_index is None
 
     def subscription_path(self) -> str:
-        return f"projects/{self.project}/subscriptions/{self.subscription}"
+        """The first lane's subscription."""
+        return self.path("subscriptions", self.subscription)
 
     def topic_path(self) -> str:
-        return f"projects/{self.project}/topics/{self.topic}"
+        """The first lane's topic."""
+        return self.path("topics", self.topic)
 
     @property
     def dead_letter_subscription(self) -> str:
-        """The dead-letter topic's subscription, named as terraform names it."""
-        return f"{self.dead_letter_topic}-sub"
-
-    def dead_letter_topic_path(self) -> str:
-        return f"projects/{self.project}/topics/{self.dead_letter_topic}"
+        """The first lane's dead-letter subscription, named as terraform names it."""
+        return self.lane_list()[0].dead_letter_subscription
 
 
 def settings_table() -> str:

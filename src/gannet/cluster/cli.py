@@ -37,13 +37,12 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 
     settings = Settings()
     publisher, subscriber = clients.pubsub_clients(settings)
-    lanes = settings.lane_list()
-    if args.lane is not None:
-        lanes = [lane for lane in lanes if lane.name == args.lane]
-        if not lanes:
-            names = ", ".join(lane.name for lane in settings.lane_list())
-            print(f"error: no lane {args.lane!r} in GANNET_LANES (lanes: {names})")
-            return 2
+    declared = settings.lane_list()
+    try:
+        lanes = declared if args.lane is None else [settings.lane(args.lane)]
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 2
     if args.subscription and len(lanes) > 1:
         print("error: --subscription names one dead-letter subscription: add --lane NAME")
         return 2
@@ -58,7 +57,7 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
             subscriber,
             settings.path("topics", lane.topic),
             settings.path("subscriptions", name),
-            lane.name if len(settings.lane_list()) > 1 else None,
+            lane.name if len(declared) > 1 else None,
         )
         worst = max(worst, rc)
     return worst

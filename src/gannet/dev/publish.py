@@ -70,14 +70,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
 
 def lane_topic(settings: Settings, lane: str | None) -> str:
     """The topic path of a lane of GANNET_LANES (None: the first); ValueError names them."""
-    lanes = settings.lane_list()
-    if lane is None:
-        return settings.path("topics", lanes[0].topic)
-    for known in lanes:
-        if known.name == lane:
-            return settings.path("topics", known.topic)
-    names = ", ".join(known.name for known in lanes)
-    raise ValueError(f"no lane {lane!r} in GANNET_LANES (lanes: {names})")
+    return settings.path("topics", settings.lane(lane).topic)
 
 
 def _publish(settings: Settings, args: argparse.Namespace) -> int:
