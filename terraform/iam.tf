@@ -79,10 +79,11 @@ resource "google_project_iam_member" "worker_reads_monitoring" {
   member  = "serviceAccount:${google_service_account.worker.email}"
 }
 
-# GANNET_TRACE_EXPORTER=cloud_trace: the daemon writes its task traces to Cloud Trace.
+# GANNET_TRACE_EXPORTER=cloud_trace: the daemon writes its task traces to Cloud Trace
+# through its OTLP endpoint (telemetry.googleapis.com), which takes this role.
 resource "google_project_iam_member" "worker_writes_traces" {
   project = var.project_id
-  role    = "roles/cloudtrace.agent"
+  role    = "roles/telemetry.tracesWriter"
   member  = "serviceAccount:${google_service_account.worker.email}"
 }
 

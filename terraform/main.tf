@@ -26,6 +26,7 @@ resource "google_project_service" "apis" {
     "iam.googleapis.com",
     "iamcredentials.googleapis.com", # service account tokens for GitHub Actions
     "sts.googleapis.com",            # Workload Identity Federation token exchange
+    "telemetry.googleapis.com",      # Cloud Trace's OTLP endpoint (GANNET_TRACE_EXPORTER)
     "monitoring.googleapis.com",
     "pubsub.googleapis.com",
     "secretmanager.googleapis.com",

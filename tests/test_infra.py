@@ -691,9 +691,9 @@ def test_terraform_builds_what_the_manifests_expect(
     assert config["GANNET_TRACE_EXPORTER"] == "cloud_trace"
     assert 0 < float(config["GANNET_TRACE_SAMPLE_RATIO"]) <= 1
     tracer = res["google_project_iam_member.worker_writes_traces"]
-    assert one(tracer["role"]) == "roles/cloudtrace.agent"
+    assert one(tracer["role"]) == "roles/telemetry.tracesWriter"
     assert one(tracer["member"]) == "serviceAccount:${google_service_account.worker.email}"
-    assert "cloudtrace.googleapis.com" in json.dumps(terraform["files"]["main.tf"])
+    assert "telemetry.googleapis.com" in json.dumps(terraform["files"]["main.tf"])
     readers = json.dumps(res["google_project_iam_member.metrics_readers"])
     assert "custom-metrics-stackdriver-adapter" in readers and "keda-operator" in readers
 

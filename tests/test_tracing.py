@@ -174,16 +174,16 @@ def test_only_a_sampled_task_is_linked_from_a_forward_pass(ratio: float, linked:
     """At prod's 1 %, most tasks are unsampled: their inference must not make the
     batch's forward pass record a span that links to nothing anyone will see."""
     from opentelemetry import context, trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
+    from gannet.spans import Recorder
     from gannet.tracing import current_link
 
-    tracer = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio))).get_tracer("test")
-    span = tracer.start_span("inference")
+    recorder = Recorder({}, ratio, send=lambda request, timeout_s: None)
+    span = recorder.get_tracer("test").start_span("inference")
     token = context.attach(trace.set_span_in_context(span))
     try:
         assert (current_link() is not None) is linked
     finally:
         context.detach(token)
+        recorder.shutdown()
     assert current_link() is None  # no span current: tracing off

@@ -172,7 +172,7 @@ class Settings(BaseSettings):
     trace_exporter: Literal["off", "otlp", "cloud_trace"] = Field(
         "off",
         description="Where task traces go: off (no cost), otlp (GANNET_TRACE_OTLP_ENDPOINT) "
-        "or cloud_trace (Cloud Trace, with the pod's Workload Identity).",
+        "or cloud_trace (Cloud Trace's OTLP endpoint, with the pod's Workload Identity).",
     )
     trace_otlp_endpoint: str = Field(
         "http://localhost:4317", description="OTLP gRPC endpoint when GANNET_TRACE_EXPORTER=otlp."

@@ -32,13 +32,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Link, SpanContext, Status, StatusCode
 
 from gannet import __version__
+from gannet.spans import Recorder, cloud_trace_channel, otlp_channel, otlp_sender
 
 if TYPE_CHECKING:
     from gannet.outcome import Outcome
@@ -50,7 +47,7 @@ TRACER = "gannet"
 class Tracing:
     """The daemon's tracer provider and what the message path asks of it."""
 
-    def __init__(self, provider: TracerProvider) -> None:
+    def __init__(self, provider: Recorder) -> None:
         self.provider = provider
         self.tracer = provider.get_tracer(TRACER, __version__)
         self.stages = StageSpans(self.tracer)
@@ -61,19 +58,21 @@ class Tracing:
         spans use."""
         if not settings.traced:
             return None
-        provider = TracerProvider(
-            resource=Resource.create(
-                {
-                    "service.name": "gannet",
-                    "service.version": __version__,
-                    "service.instance.id": instance,
-                    "gcp.project_id": settings.project,
-                }
-            ),
+        if settings.trace_exporter == "cloud_trace":
+            channel = cloud_trace_channel()
+        else:
+            channel = otlp_channel(settings.trace_otlp_endpoint)
+        provider = Recorder(
+            {
+                "service.name": "gannet",
+                "service.version": __version__,
+                "service.instance.id": instance,
+                "gcp.project_id": settings.project,  # Cloud Trace's OTLP endpoint needs it
+            },
             # Follow the publisher's decision; sample new traces at the ratio.
-            sampler=ParentBased(TraceIdRatioBased(settings.trace_sample_ratio)),
+            settings.trace_sample_ratio,
+            otlp_sender(channel),
         )
-        provider.add_span_processor(BatchSpanProcessor(_exporter(settings)))
         trace.set_tracer_provider(provider)
         return cls(provider)
 
@@ -96,8 +95,7 @@ class Tracing:
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         """Send what is buffered; spans recorded after this are dropped."""
-        self.provider.force_flush(int(timeout_s * 1000))
-        self.provider.shutdown()
+        self.provider.shutdown(timeout_s)
 
 
 class TaskSpan:
@@ -198,14 +196,3 @@ def forward_span(model: str, links: list[SpanContext], size: int) -> Iterator[No
         attributes={"gannet.model": model, "gannet.batch_size": size},
     ):
         yield
-
-
-def _exporter(settings: Settings) -> SpanExporter:
-    if settings.trace_exporter == "cloud_trace":
-        from opentelemetry.exporter.cloud_trace import CloudTraceSpanExporter
-
-        return CloudTraceSpanExporter(project_id=settings.project)  # type: ignore[no-untyped-call]
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-    endpoint = settings.trace_otlp_endpoint
-    return OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))

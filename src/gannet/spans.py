@@ -1,0 +1,401 @@
+"""Spans that cost the message path microseconds, and their export over OTLP.
+
+Why not the OpenTelemetry SDK's TracerProvider: at about 25 spans per task (ours and the
+Pub/Sub client's), the SDK's span (a lock, attribute validation, a processor chain) and
+its OTLP encoder cost the daemon 5-7 ms of CPU per image, about 30 % of its throughput
+(docs/benchmark.md, "What tracing costs"). Here a span is a small object that keeps its
+name, ids, times and attributes; ending it appends it to a queue. A shipper thread, a
+few times a second, encodes what ended into one OTLP ExportTraceServiceRequest
+(opentelemetry-proto, whose protobuf runtime is C) and sends it over gRPC: to a
+collector, or to Cloud Trace's own OTLP endpoint (telemetry.googleapis.com).
+
+`Recorder` implements the OpenTelemetry API's TracerProvider, so the Pub/Sub client's
+spans and its context propagation run on it unchanged, and so does every
+`trace.get_current_span()` (logs.py). What it leaves out of the SDK: span limits (our
+attributes are few and known), span processors, trace state and retrying a failed
+export. A batch the receiver refuses, or a queue over MAX_QUEUED spans, is dropped and
+counted in a warning: tracing never holds up a task or grows without bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, cast
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.common.v1 import common_pb2
+from opentelemetry.proto.resource.v1 import resource_pb2
+from opentelemetry.proto.trace.v1 import trace_pb2
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
+from opentelemetry.util._decorator import _agnosticcontextmanager
+
+log = logging.getLogger(__name__)
+
+MAX_QUEUED = 50_000  # ended spans waiting for the shipper; beyond it they are dropped
+MAX_PER_REQUEST = 2_000  # spans per ExportTraceServiceRequest (well under gRPC's 4 MB)
+SHIP_EVERY_S = 0.5
+EXPORT_TIMEOUT_S = 10.0
+CLOUD_TRACE_OTLP = "telemetry.googleapis.com:443"
+
+SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+_ID_BOUND = 2**64
+_getrandbits = random.getrandbits
+
+Send = Callable[[trace_service_pb2.ExportTraceServiceRequest, float], None]  # (request, timeout_s)
+Scope = tuple[str, str]  # instrumentation scope: (name, version)
+
+
+class RecordedSpan(trace.Span):
+    """A sampled span: what OTLP needs of it and nothing more."""
+
+    __slots__ = (
+        "_context",
+        "_recorder",
+        "_scope",
+        "attributes",
+        "end_ns",
+        "events",
+        "kind",
+        "links",
+        "name",
+        "parent_id",
+        "start_ns",
+        "status",
+    )
+
+    def __init__(
+        self,
+        recorder: Recorder,
+        scope: Scope,
+        name: str,
+        context: SpanContext,
+        parent_id: int,
+        kind: SpanKind,
+        attributes: dict[str, Any],
+        links: Sequence[Link] | None,
+        start_ns: int | None,
+    ) -> None:
+        self._recorder = recorder
+        self._scope = scope
+        self._context = context
+        self.name = name
+        self.parent_id = parent_id
+        self.kind = kind
+        self.attributes = attributes
+        self.links = links
+        self.events: list[tuple[str, int, Mapping[str, Any] | None]] | None = None
+        self.status: tuple[StatusCode, str] | None = None
+        self.start_ns = start_ns or time.time_ns()
+        self.end_ns = 0
+
+    def end(self, end_time: int | None = None) -> None:
+        if self.end_ns:
+            return
+        self.end_ns = end_time or time.time_ns()
+        self._recorder.ended(self)
+
+    def get_span_context(self) -> SpanContext:
+        return self._context
+
+    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
+        self.attributes.update(attributes)
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        self.attributes[key] = value
+
+    def add_event(
+        self, name: str, attributes: Mapping[str, Any] | None = None, timestamp: int | None = None
+    ) -> None:
+        if self.events is None:
+            self.events = []
+        self.events.append((name, timestamp or time.time_ns(), attributes))
+
+    def add_link(self, context: SpanContext, attributes: Mapping[str, Any] | None = None) -> None:
+        self.links = [*(self.links or ()), Link(context, attributes)]
+
+    def update_name(self, name: str) -> None:
+        self.name = name
+
+    def is_recording(self) -> bool:
+        return not self.end_ns
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        if isinstance(status, Status):
+            self.status = (status.status_code, status.description or "")
+        else:
+            self.status = (status, description or "")
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: Mapping[str, Any] | None = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        self.add_event(
+            "exception",
+            {
+                "exception.type": type(exception).__name__,
+                "exception.message": str(exception),
+                "exception.stacktrace": "".join(traceback.format_exception(exception)),
+                "exception.escaped": escaped,
+                **(attributes or {}),
+            },
+            timestamp,
+        )
+
+
+class _Tracer(trace.Tracer):
+    def __init__(self, recorder: Recorder, scope: Scope) -> None:
+        self._recorder = recorder
+        self._scope = scope
+
+    def start_span(
+        self,
+        name: str,
+        context: Context | None = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: Mapping[str, Any] | None = None,
+        links: Sequence[Link] | None = None,
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+    ) -> trace.Span:
+        parent = trace.get_current_span(context).get_span_context()
+        if parent.is_valid:  # parent-based: follow the parent's (or the publisher's) choice
+            trace_id, parent_id, sampled = parent.trace_id, parent.span_id, parent.trace_flags
+        else:  # a new trace, kept at the ratio (as the SDK's TraceIdRatioBased decides)
+            trace_id, parent_id = _getrandbits(128), 0
+            sampled = SAMPLED if trace_id % _ID_BOUND < self._recorder.bound else NOT_SAMPLED
+        span_context = SpanContext(trace_id, _getrandbits(64), False, sampled)
+        if not sampled.sampled:
+            return NonRecordingSpan(span_context)
+        return RecordedSpan(
+            self._recorder,
+            self._scope,
+            name,
+            span_context,
+            parent_id,
+            kind,
+            dict(attributes) if attributes else {},
+            links,
+            start_time,
+        )
+
+    @_agnosticcontextmanager  # the API's own decorator for this method
+    def start_as_current_span(
+        self,
+        name: str,
+        context: Context | None = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: Mapping[str, Any] | None = None,
+        links: Sequence[Link] | None = None,
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+        end_on_exit: bool = True,
+    ) -> Iterator[trace.Span]:
+        span = self.start_span(name, context, kind, attributes, links, start_time)
+        with trace.use_span(span, end_on_exit, record_exception, set_status_on_exception):
+            yield span
+
+
+class Recorder(trace.TracerProvider):
+    """The process's tracer provider: records sampled spans, ships them in batches."""
+
+    def __init__(
+        self,
+        resource: Mapping[str, Any],
+        sample_ratio: float,
+        send: Send,
+        every_s: float = SHIP_EVERY_S,
+    ) -> None:
+        self.bound = round(min(max(sample_ratio, 0.0), 1.0) * _ID_BOUND)
+        self._resource = resource_pb2.Resource(attributes=_key_values(resource))
+        self._send = send
+        self._timeout_s = EXPORT_TIMEOUT_S
+        self._tracers: dict[Scope, _Tracer] = {}
+        self._queue: deque[RecordedSpan] = deque()
+        self._dropped = 0
+        self._failed = 0
+        self._ship_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(every_s,), name="gannet-spans", daemon=True
+        )
+        self._thread.start()
+
+    def get_tracer(
+        self,
+        instrumenting_module_name: str,
+        instrumenting_library_version: str | None = None,
+        schema_url: str | None = None,
+        attributes: Any = None,
+    ) -> trace.Tracer:
+        scope = (instrumenting_module_name, instrumenting_library_version or "")
+        tracer = self._tracers.get(scope)
+        if tracer is None:
+            tracer = self._tracers.setdefault(scope, _Tracer(self, scope))
+        return tracer
+
+    def ended(self, span: RecordedSpan) -> None:
+        if len(self._queue) >= MAX_QUEUED:
+            self._dropped += 1
+            return
+        self._queue.append(span)
+
+    def flush(self) -> None:
+        """Send every span ended so far (the shipper's job, done now)."""
+        with self._ship_lock:
+            while self._queue:
+                spans: list[RecordedSpan] = []
+                while self._queue and len(spans) < MAX_PER_REQUEST:
+                    spans.append(self._queue.popleft())
+                self._ship(spans)
+        if self._dropped or self._failed:
+            log.warning(
+                "trace spans lost: %d over the queue's %d, %d in exports that failed",
+                self._dropped,
+                MAX_QUEUED,
+                self._failed,
+            )
+            self._dropped = self._failed = 0
+
+    def shutdown(self, timeout_s: float = EXPORT_TIMEOUT_S) -> None:
+        """Send what is queued and stop the shipper; spans ended later are not sent."""
+        self._timeout_s = timeout_s
+        self._stop.set()
+        self._thread.join(timeout=timeout_s)
+        self.flush()
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            self.flush()
+
+    def _ship(self, spans: list[RecordedSpan]) -> None:
+        by_scope: dict[Scope, list[trace_pb2.Span]] = {}
+        for span in spans:
+            by_scope.setdefault(span._scope, []).append(_encode(span))
+        request = trace_service_pb2.ExportTraceServiceRequest(
+            resource_spans=[
+                trace_pb2.ResourceSpans(
+                    resource=self._resource,
+                    scope_spans=[
+                        trace_pb2.ScopeSpans(
+                            scope=common_pb2.InstrumentationScope(name=name, version=version),
+                            spans=encoded,
+                        )
+                        for (name, version), encoded in by_scope.items()
+                    ],
+                )
+            ]
+        )
+        try:
+            self._send(request, self._timeout_s)
+        except grpc.RpcError as exc:
+            self._failed += len(spans)
+            log.warning("trace export failed (%s); %d spans dropped", exc.code(), len(spans))
+
+
+def otlp_sender(channel: grpc.Channel) -> Send:
+    """Export through an OTLP TraceService (a collector, or Cloud Trace's endpoint)."""
+    stub = trace_service_pb2_grpc.TraceServiceStub(channel)  # type: ignore[no-untyped-call]
+
+    def send(request: trace_service_pb2.ExportTraceServiceRequest, timeout_s: float) -> None:
+        stub.Export(request, timeout=timeout_s)
+
+    return send
+
+
+def otlp_channel(endpoint: str) -> grpc.Channel:
+    """`http://host:port` is plaintext (a collector beside the pod); anything else TLS."""
+    if endpoint.startswith("http://"):
+        return grpc.insecure_channel(endpoint.removeprefix("http://"))
+    return grpc.secure_channel(endpoint.removeprefix("https://"), grpc.ssl_channel_credentials())
+
+
+def cloud_trace_channel() -> grpc.Channel:
+    """Cloud Trace's OTLP endpoint, authenticated with Application Default Credentials
+    (the pod's Workload Identity on GKE): Google's recommended path since it ingests
+    OTLP as it is, where the older Cloud Trace exporter converted every span."""
+    import google.auth
+    from google.auth.transport.grpc import secure_authorized_channel
+    from google.auth.transport.requests import Request
+
+    credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+    return secure_authorized_channel(credentials, Request(), CLOUD_TRACE_OTLP)  # type: ignore[no-untyped-call]
+
+
+def _encode(span: RecordedSpan) -> trace_pb2.Span:
+    context = span._context
+    encoded = trace_pb2.Span(
+        trace_id=context.trace_id.to_bytes(16, "big"),
+        span_id=context.span_id.to_bytes(8, "big"),
+        parent_span_id=span.parent_id.to_bytes(8, "big") if span.parent_id else b"",
+        name=span.name,
+        kind=cast(
+            "trace_pb2.Span.SpanKind.ValueType", span.kind.value + 1
+        ),  # OTLP: 0 = UNSPECIFIED
+        start_time_unix_nano=span.start_ns,
+        end_time_unix_nano=span.end_ns,
+        attributes=_key_values(span.attributes),
+    )
+    if span.events:
+        encoded.events.extend(
+            trace_pb2.Span.Event(name=name, time_unix_nano=at, attributes=_key_values(attrs))
+            for name, at, attrs in span.events
+        )
+    if span.links:
+        encoded.links.extend(
+            trace_pb2.Span.Link(
+                trace_id=link.context.trace_id.to_bytes(16, "big"),
+                span_id=link.context.span_id.to_bytes(8, "big"),
+                attributes=_key_values(link.attributes),
+            )
+            for link in span.links
+        )
+    if span.status is not None:
+        code, message = span.status
+        encoded.status.code = cast("trace_pb2.Status.StatusCode.ValueType", code.value)
+        encoded.status.message = message
+    return encoded
+
+
+def _key_values(attributes: Mapping[str, Any] | None) -> list[common_pb2.KeyValue]:
+    if not attributes:
+        return []
+    return [common_pb2.KeyValue(key=k, value=_any_value(v)) for k, v in attributes.items()]
+
+
+def _any_value(value: Any) -> common_pb2.AnyValue:
+    if isinstance(value, str):
+        return common_pb2.AnyValue(string_value=value)
+    if isinstance(value, bool):  # before int: a bool is an int
+        return common_pb2.AnyValue(bool_value=value)
+    if isinstance(value, int):
+        return common_pb2.AnyValue(int_value=value)
+    if isinstance(value, float):
+        return common_pb2.AnyValue(double_value=value)
+    if isinstance(value, list | tuple):
+        return common_pb2.AnyValue(
+            array_value=common_pb2.ArrayValue(values=[_any_value(v) for v in value])
+        )
+    return common_pb2.AnyValue(string_value=str(value))

@@ -1,0 +1,142 @@
+"""The span recorder (spans.py) against a real OTLP gRPC receiver.
+
+The daemon's traces are checked end to end in test_tracing.py; here, what the recorder
+itself promises: what a span carries arrives as OTLP says it should, sampling follows
+the parent (the publisher's choice) and the ratio, and a receiver that is down or a
+queue that overflows costs spans, never a task.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry import context, trace
+from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
+
+from gannet import spans as spans_module
+from gannet.dev.trace_receiver import TraceReceiver
+from gannet.spans import Recorder, otlp_channel, otlp_sender
+
+
+@pytest.fixture
+def receiver() -> Iterator[TraceReceiver]:
+    recv = TraceReceiver()
+    yield recv
+    recv.stop()
+
+
+def recorder_to(endpoint: str, ratio: float = 1.0) -> Recorder:
+    return Recorder({"service.instance.id": "test-1"}, ratio, otlp_sender(otlp_channel(endpoint)))
+
+
+def test_a_span_arrives_with_its_parent_kind_attributes_events_links_and_status(
+    receiver: TraceReceiver,
+) -> None:
+    recorder = recorder_to(receiver.endpoint)
+    tracer = recorder.get_tracer("gannet", "1")
+    elsewhere = SpanContext(0xAB, 0xCD, is_remote=True, trace_flags=TraceFlags(1))
+    with tracer.start_as_current_span(
+        "task", kind=SpanKind.CONSUMER, attributes={"gannet.task_id": "t-1", "n": 3}
+    ) as parent:
+        with (
+            pytest.raises(ValueError),
+            tracer.start_as_current_span("decode", links=[Link(elsewhere)]) as child,
+        ):
+            child.set_attribute("ratio", 0.5)
+            child.set_attribute("flags", ["a", "b"])
+            child.add_event("halfway")
+            raise ValueError("not a JPEG")
+        parent.set_attribute("ok", True)
+    recorder.shutdown()
+    got = {s.name: s for s in receiver.spans}
+    task, decode = got["task"], got["decode"]
+    assert decode.trace_id == task.trace_id and decode.parent_id == task.span_id
+    assert task.parent_id == ""
+    assert task.kind == "SPAN_KIND_CONSUMER" and decode.kind == "SPAN_KIND_INTERNAL"
+    assert task.attributes == {"gannet.task_id": "t-1", "n": 3, "ok": True}
+    assert task.instance == "test-1" and task.scope == "gannet"
+    assert decode.attributes["ratio"] == 0.5
+    assert decode.error and not task.error
+    assert decode.events == ["halfway", "exception"]
+    assert decode.links == [(f"{0xAB:032x}", f"{0xCD:016x}")]
+    assert task.start_ns <= decode.start_ns <= decode.end_ns <= task.end_ns
+
+
+def test_sampling_follows_the_publisher_and_keeps_new_traces_at_the_ratio(
+    receiver: TraceReceiver,
+) -> None:
+    recorder = recorder_to(receiver.endpoint, ratio=0.0)
+    tracer = recorder.get_tracer("gannet")
+    unsampled = tracer.start_span("new trace at ratio 0")
+    assert not unsampled.is_recording()
+    child = tracer.start_span("its child", context=trace.set_span_in_context(unsampled))
+    assert not child.is_recording()
+    assert child.get_span_context().trace_id == unsampled.get_span_context().trace_id
+    # A publisher that sampled its trace: the task is kept whatever the ratio.
+    published = SpanContext(0x1234, 0x5678, is_remote=True, trace_flags=TraceFlags(1))
+    kept = tracer.start_span(
+        "continued", context=trace.set_span_in_context(trace.NonRecordingSpan(published))
+    )
+    assert kept.is_recording()
+    for span in (unsampled, child, kept):
+        span.end()
+    recorder.shutdown()
+    assert [(s.name, s.trace_id, s.parent_id) for s in receiver.spans] == [
+        ("continued", f"{0x1234:032x}", f"{0x5678:016x}")
+    ]
+    ratio_half = Recorder({}, 0.5, send=lambda request, timeout_s: None)
+    kept_share = (
+        sum(ratio_half.get_tracer("t").start_span("s").is_recording() for _ in range(4000)) / 4000
+    )
+    ratio_half.shutdown()
+    assert 0.45 < kept_share < 0.55
+
+
+def test_a_receiver_that_is_down_costs_spans_not_tasks(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    recorder = recorder_to(f"http://127.0.0.1:{port}")
+    tracer = recorder.get_tracer("gannet")
+    started = time.monotonic()
+    for _ in range(100):
+        with tracer.start_as_current_span("step"):
+            pass
+    assert time.monotonic() - started < 1.0, "recording waited on the export"
+    with caplog.at_level(logging.WARNING, logger="gannet.spans"):
+        recorder.shutdown(timeout_s=2)
+    assert "trace export failed" in caplog.text
+    assert "in exports that failed" in caplog.text
+
+
+def test_spans_over_the_queue_limit_are_dropped_and_said(
+    receiver: TraceReceiver, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(spans_module, "MAX_QUEUED", 10)
+    recorder = Recorder({}, 1.0, otlp_sender(otlp_channel(receiver.endpoint)), every_s=60)
+    tracer = recorder.get_tracer("gannet")
+    for _ in range(25):
+        tracer.start_span("step").end()
+    with caplog.at_level(logging.WARNING, logger="gannet.spans"):
+        recorder.shutdown()
+    assert len(receiver.spans) == 10
+    assert "15 over the queue's 10" in caplog.text
+
+
+def test_the_current_span_is_the_recorders_for_log_lines() -> None:
+    """logs.py reads trace.get_current_span(): it must see a RecordedSpan's ids."""
+    recorder = Recorder({}, 1.0, send=lambda request, timeout_s: None)
+    span = recorder.get_tracer("gannet").start_span("task")
+    token = context.attach(trace.set_span_in_context(span))
+    try:
+        current = trace.get_current_span().get_span_context()
+        assert current.span_id == span.get_span_context().span_id
+        assert current.trace_flags.sampled
+    finally:
+        context.detach(token)
+        span.end()
+        recorder.shutdown()
