@@ -48,6 +48,7 @@ def test_a_span_arrives_with_its_parent_kind_attributes_events_links_and_status(
         ):
             child.set_attribute("ratio", 0.5)
             child.set_attribute("flags", ["a", "b"])
+            child.set_attribute("delta", -2)
             child.add_event("halfway")
             raise ValueError("not a JPEG")
         parent.set_attribute("ok", True)
@@ -60,6 +61,8 @@ def test_a_span_arrives_with_its_parent_kind_attributes_events_links_and_status(
     assert task.attributes == {"gannet.task_id": "t-1", "n": 3, "ok": True}
     assert task.instance == "test-1" and task.scope == "gannet"
     assert decode.attributes["ratio"] == 0.5
+    assert decode.attributes["delta"] == -2
+    assert [v.string_value for v in decode.attributes["flags"].values] == ["a", "b"]
     assert decode.error and not task.error
     assert decode.events == ["halfway", "exception"]
     assert decode.links == [(f"{0xAB:032x}", f"{0xCD:016x}")]

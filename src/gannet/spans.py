@@ -26,15 +26,12 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 import grpc
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-from opentelemetry.proto.common.v1 import common_pb2
-from opentelemetry.proto.resource.v1 import resource_pb2
-from opentelemetry.proto.trace.v1 import trace_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.trace import (
     Link,
     NonRecordingSpan,
@@ -45,6 +42,8 @@ from opentelemetry.trace import (
     TraceFlags,
 )
 from opentelemetry.util._decorator import _agnosticcontextmanager
+
+from gannet import otlp
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _ID_BOUND = 2**64
 _getrandbits = random.getrandbits
 
-Send = Callable[[trace_service_pb2.ExportTraceServiceRequest, float], None]  # (request, timeout_s)
+Send = Callable[[bytes, float], None]  # (an ExportTraceServiceRequest's bytes, timeout_s)
 Scope = tuple[str, str]  # instrumentation scope: (name, version)
 
 
@@ -229,7 +228,7 @@ class Recorder(trace.TracerProvider):
         every_s: float = SHIP_EVERY_S,
     ) -> None:
         self.bound = round(min(max(sample_ratio, 0.0), 1.0) * _ID_BOUND)
-        self._resource = resource_pb2.Resource(attributes=_key_values(resource))
+        self._resource = otlp.resource(resource)
         self._send = send
         self._timeout_s = EXPORT_TIMEOUT_S
         self._tracers: dict[Scope, _Tracer] = {}
@@ -291,36 +290,27 @@ class Recorder(trace.TracerProvider):
             self.flush()
 
     def _ship(self, spans: list[RecordedSpan]) -> None:
-        by_scope: dict[Scope, list[trace_pb2.Span]] = {}
+        by_scope: dict[Scope, list[bytes]] = {}
         for span in spans:
             by_scope.setdefault(span._scope, []).append(_encode(span))
-        request = trace_service_pb2.ExportTraceServiceRequest(
-            resource_spans=[
-                trace_pb2.ResourceSpans(
-                    resource=self._resource,
-                    scope_spans=[
-                        trace_pb2.ScopeSpans(
-                            scope=common_pb2.InstrumentationScope(name=name, version=version),
-                            spans=encoded,
-                        )
-                        for (name, version), encoded in by_scope.items()
-                    ],
-                )
-            ]
-        )
         try:
-            self._send(request, self._timeout_s)
+            self._send(otlp.request(self._resource, by_scope), self._timeout_s)
         except grpc.RpcError as exc:
             self._failed += len(spans)
             log.warning("trace export failed (%s); %d spans dropped", exc.code(), len(spans))
 
 
 def otlp_sender(channel: grpc.Channel) -> Send:
-    """Export through an OTLP TraceService (a collector, or Cloud Trace's endpoint)."""
-    stub = trace_service_pb2_grpc.TraceServiceStub(channel)  # type: ignore[no-untyped-call]
+    """Export through an OTLP TraceService (a collector, or Cloud Trace's endpoint): the
+    request is already bytes (otlp.py), so the call sends them as they are."""
+    export = channel.unary_unary(
+        "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+        request_serializer=None,
+        response_deserializer=trace_service_pb2.ExportTraceServiceResponse.FromString,
+    )
 
-    def send(request: trace_service_pb2.ExportTraceServiceRequest, timeout_s: float) -> None:
-        stub.Export(request, timeout=timeout_s)
+    def send(request: bytes, timeout_s: float) -> None:
+        export(request, timeout=timeout_s)
 
     return send
 
@@ -344,58 +334,25 @@ def cloud_trace_channel() -> grpc.Channel:
     return secure_authorized_channel(credentials, Request(), CLOUD_TRACE_OTLP)  # type: ignore[no-untyped-call]
 
 
-def _encode(span: RecordedSpan) -> trace_pb2.Span:
+def _encode(span: RecordedSpan) -> bytes:
     context = span._context
-    encoded = trace_pb2.Span(
-        trace_id=context.trace_id.to_bytes(16, "big"),
-        span_id=context.span_id.to_bytes(8, "big"),
-        parent_span_id=span.parent_id.to_bytes(8, "big") if span.parent_id else b"",
-        name=span.name,
-        kind=cast(
-            "trace_pb2.Span.SpanKind.ValueType", span.kind.value + 1
-        ),  # OTLP: 0 = UNSPECIFIED
-        start_time_unix_nano=span.start_ns,
-        end_time_unix_nano=span.end_ns,
-        attributes=_key_values(span.attributes),
-    )
-    if span.events:
-        encoded.events.extend(
-            trace_pb2.Span.Event(name=name, time_unix_nano=at, attributes=_key_values(attrs))
-            for name, at, attrs in span.events
-        )
-    if span.links:
-        encoded.links.extend(
-            trace_pb2.Span.Link(
-                trace_id=link.context.trace_id.to_bytes(16, "big"),
-                span_id=link.context.span_id.to_bytes(8, "big"),
-                attributes=_key_values(link.attributes),
+    return otlp.span(
+        context.trace_id.to_bytes(16, "big"),
+        context.span_id.to_bytes(8, "big"),
+        span.parent_id.to_bytes(8, "big") if span.parent_id else b"",
+        span.name,
+        span.kind.value + 1,  # OTLP counts kinds from UNSPECIFIED = 0, the API from INTERNAL
+        span.start_ns,
+        span.end_ns,
+        span.attributes,
+        span.events or (),
+        [
+            (
+                link.context.trace_id.to_bytes(16, "big"),
+                link.context.span_id.to_bytes(8, "big"),
+                link.attributes,
             )
-            for link in span.links
-        )
-    if span.status is not None:
-        code, message = span.status
-        encoded.status.code = cast("trace_pb2.Status.StatusCode.ValueType", code.value)
-        encoded.status.message = message
-    return encoded
-
-
-def _key_values(attributes: Mapping[str, Any] | None) -> list[common_pb2.KeyValue]:
-    if not attributes:
-        return []
-    return [common_pb2.KeyValue(key=k, value=_any_value(v)) for k, v in attributes.items()]
-
-
-def _any_value(value: Any) -> common_pb2.AnyValue:
-    if isinstance(value, str):
-        return common_pb2.AnyValue(string_value=value)
-    if isinstance(value, bool):  # before int: a bool is an int
-        return common_pb2.AnyValue(bool_value=value)
-    if isinstance(value, int):
-        return common_pb2.AnyValue(int_value=value)
-    if isinstance(value, float):
-        return common_pb2.AnyValue(double_value=value)
-    if isinstance(value, list | tuple):
-        return common_pb2.AnyValue(
-            array_value=common_pb2.ArrayValue(values=[_any_value(v) for v in value])
-        )
-    return common_pb2.AnyValue(string_value=str(value))
+            for link in span.links or ()
+        ],
+        None if span.status is None else (span.status[0].value, span.status[1]),
+    )
