@@ -1,10 +1,10 @@
 """One trace per task, received by a real OTLP gRPC server.
 
 The daemon and `gannet publish` run as processes with GANNET_TRACE_EXPORTER=otlp and
-export, through the OpenTelemetry SDK's own OTLP exporter, to a TraceService gRPC server
-in the test process (gannet.dev.trace_receiver: the collector's wire protocol, from
-opentelemetry-proto): nothing of the SDK is mocked, and the Pub/Sub client's own tracing
-carries the context through the real emulator.
+export, through their own OTLP exporter (spans.py), to a TraceService gRPC server in the
+test process (gannet.dev.trace_receiver: the collector's wire protocol, parsed by
+opentelemetry-proto): nothing is mocked, and the Pub/Sub client's own tracing carries the
+context through the real emulator.
 """
 
 from __future__ import annotations

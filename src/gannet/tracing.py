@@ -19,8 +19,8 @@ or `cloud_trace` (Cloud Trace, authenticated by the pod's Workload Identity):
 - log lines written inside a task carry its trace and span ids in the fields Cloud
   Logging links on (logs.py).
 
-Spans leave through a BatchSpanProcessor (a background thread, in batches): the message
-path only records them.
+The tracer provider is spans.py's Recorder: the message path only records spans, in
+microseconds; one thread sends them as OTLP, in batches.
 """
 
 from __future__ import annotations
@@ -143,8 +143,8 @@ class TaskSpan:
 
 
 # Stages that are no span of their own: sub-millisecond CPU work whose time the task's
-# `timings` and the stage histogram already show. A span costs the daemon about 0.1-0.3 ms
-# of CPU here (the SDK's span, then its OTLP encoding), more than these stages take.
+# `timings` and the stage histogram already show. Three more spans per task would add
+# about a tenth to what tracing costs the daemon (docs/benchmark.md).
 UNTRACED_STAGES = frozenset({"preprocess", "postprocess", "result_json"})
 
 
