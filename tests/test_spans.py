@@ -143,3 +143,33 @@ def test_the_current_span_is_the_recorders_for_log_lines() -> None:
         context.detach(token)
         span.end()
         recorder.shutdown()
+
+
+def test_a_tasks_stages_are_spans_nested_as_they_ran(receiver: TraceReceiver) -> None:
+    """Stages are recorded as tuples (tracing.StageSpans), not span objects: they must
+    still arrive as spans under the task, nested, with a failed stage marked."""
+    from gannet.stages import Timer
+    from gannet.tracing import UNTRACED_STAGES, StageSpans
+
+    recorder = recorder_to(receiver.endpoint)
+    task = recorder.get_tracer("gannet").start_span("gannet task")
+    timer = Timer(lambda stage, s: None, spans=StageSpans(recorder, task.get_span_context()))
+    with timer.stage("fetch"):
+        pass
+    with pytest.raises(OSError), timer.stage("detection"):
+        with timer.stage(next(iter(UNTRACED_STAGES))):
+            pass
+        with timer.stage("inference"):
+            pass
+        raise OSError("disk gone")
+    task.end()
+    recorder.shutdown()
+    got = {s.name: s for s in receiver.spans}
+    assert set(got) == {"gannet task", "fetch", "detection", "inference"}
+    root = got["gannet task"]
+    assert got["fetch"].parent_id == root.span_id and not got["fetch"].error
+    assert got["detection"].parent_id == root.span_id and got["detection"].error
+    assert got["inference"].parent_id == got["detection"].span_id
+    assert {s.trace_id for s in got.values()} == {root.trace_id}
+    assert got["detection"].start_ns <= got["inference"].start_ns
+    assert got["inference"].end_ns <= got["detection"].end_ns

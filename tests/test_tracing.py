@@ -96,12 +96,14 @@ def test_a_published_task_is_one_trace_from_the_publisher_to_the_commit(
         assert stage in stages, f"{stage} missing from {sorted(stages)}"
     # Sub-millisecond stages stay in the task's timings, not in spans (tracing.py).
     assert not stages & {"preprocess", "postprocess", "result_json"}
-    (decode,) = [s for s in in_trace if s.name == "decode"]
-    assert decode.attributes["image.width"] > 0 and decode.attributes["image.bytes"] > 0
-
-    # The model ran in a batch: its span links back to this task's inference span.
     (inference,) = [s for s in in_trace if s.name == "inference"]
-    linked = (inference.trace_id, inference.span_id)
+    (detection,) = [s for s in in_trace if s.name == "detection"]
+    assert inference.parent_id == detection.span_id  # the model call, inside its step
+    assert detection.start_ns <= inference.start_ns <= inference.end_ns <= detection.end_ns
+    assert task.attributes["image.width"] > 0 and task.attributes["image.bytes"] > 0
+
+    # The model ran in a batch: its span links back to this task's span.
+    linked = (task.trace_id, task.span_id)
     forwards = [s for s in spans if s.name == "forward" and linked in s.links]
     assert forwards and forwards[0].attributes["gannet.batch_size"] >= 1
 
@@ -136,15 +138,13 @@ def test_a_batched_forward_pass_links_every_task_in_it(
     assert daemon.stop() == 0
     ids = {t.task_id for t in tasks}
     spans = recv.wait_for(lambda got: ids <= {s.attributes.get("gannet.task_id") for s in got})
-    inference = {}
-    for t in tasks:
-        task = task_span(spans, t.task_id)
-        # Published untraced: each message starts a trace of its own at the subscriber.
-        (span,) = [s for s in spans if s.trace_id == task.trace_id and s.name == "inference"]
-        inference[(span.trace_id, span.span_id)] = t.task_id
+    task_spans = [task_span(spans, t.task_id) for t in tasks]
+    # Published untraced: each message starts a trace of its own at the subscriber.
+    assert len({s.trace_id for s in task_spans}) == len(tasks)
     forwards = [s for s in spans if s.name == "forward"]
     linked = [link for f in forwards for link in f.links]
-    assert sorted(linked) == sorted(inference), "every inference is linked by one forward"
+    expected = [(s.trace_id, s.span_id) for s in task_spans]
+    assert sorted(linked) == sorted(expected), "every task is linked by one forward pass"
     for f in forwards:
         assert f.attributes["gannet.batch_size"] == len(f.links)
     assert max(len(f.links) for f in forwards) > 1, "the tasks never shared a forward pass"

@@ -167,7 +167,7 @@ class Dispatcher:
         """A Timer that feeds the stage histogram (and, with GANNET_STAGE_CPU, the stage
         CPU counter)."""
         wall, cpu = self.metrics.stage_seconds, self.metrics.stage_cpu_seconds
-        spans = self.tracing.stages if self.tracing is not None else None
+        spans = self.tracing.stage_spans() if self.tracing is not None else None
         if not self.stage_cpu:
             return Timer(lambda stage, s: wall.labels(stage).observe(s), spans=spans)
         return Timer(

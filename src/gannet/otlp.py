@@ -40,6 +40,20 @@ def field(tag: bytes, payload: bytes) -> bytes:
     return tag + varint(len(payload)) + payload
 
 
+_texts: dict[tuple[bytes, str], bytes] = {}
+
+
+def text_field(tag: bytes, text: str) -> bytes:
+    """A string field whose text repeats (attribute keys, span names): encoded once.
+    Bounded all the same, in case some caller makes its names up as it goes."""
+    encoded = _texts.get((tag, text))
+    if encoded is None:
+        encoded = field(tag, text.encode())
+        if len(_texts) < 4096:
+            _texts[(tag, text)] = encoded
+    return encoded
+
+
 def any_value(value: Any) -> bytes:
     """AnyValue: string 1, bool 2, int64 3, double 4, ArrayValue 5."""
     if isinstance(value, str):
@@ -60,7 +74,7 @@ def key_values(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
     if not attributes:
         return b""
     return b"".join(
-        field(tag, field(b"\x0a", k.encode()) + field(b"\x12", any_value(v)))
+        field(tag, text_field(b"\x0a", k) + field(b"\x12", any_value(v)))
         for k, v in attributes.items()
     )
 
@@ -87,7 +101,7 @@ def span(
         b"\x12\x08",
         span_id,
         b"\x22\x08" + parent_id if parent_id else b"",
-        field(b"\x2a", name.encode()),
+        text_field(b"\x2a", name),
         b"\x30" + varint(kind),
         b"\x39" + _fixed64(start_ns),
         b"\x41" + _fixed64(end_ns),

@@ -58,8 +58,11 @@ NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _ID_BOUND = 2**64
 _getrandbits = random.getrandbits
 
-Send = Callable[[bytes, float], None]  # (an ExportTraceServiceRequest's bytes, timeout_s)
 Scope = tuple[str, str]  # instrumentation scope: (name, version)
+# A span recorded as a tuple, without an object or a context switch: a stage of a task
+# (tracing.StageSpans). (scope, trace_id, span_id, parent_id, name, start_ns, end_ns, error)
+Record = tuple[Scope, int, int, int, str, int, int, str | None]
+Send = Callable[[bytes, float], None]  # (an ExportTraceServiceRequest's bytes, timeout_s)
 
 
 class RecordedSpan(trace.Span):
@@ -232,7 +235,7 @@ class Recorder(trace.TracerProvider):
         self._send = send
         self._timeout_s = EXPORT_TIMEOUT_S
         self._tracers: dict[Scope, _Tracer] = {}
-        self._queue: deque[RecordedSpan] = deque()
+        self._queue: deque[RecordedSpan | Record] = deque()
         self._dropped = 0
         self._failed = 0
         self._ship_lock = threading.Lock()
@@ -255,7 +258,8 @@ class Recorder(trace.TracerProvider):
             tracer = self._tracers.setdefault(scope, _Tracer(self, scope))
         return tracer
 
-    def ended(self, span: RecordedSpan) -> None:
+    def ended(self, span: RecordedSpan | Record) -> None:
+        """Queue a span that ended (a RecordedSpan's `end`, or a stage's Record)."""
         if len(self._queue) >= MAX_QUEUED:
             self._dropped += 1
             return
@@ -265,7 +269,7 @@ class Recorder(trace.TracerProvider):
         """Send every span ended so far (the shipper's job, done now)."""
         with self._ship_lock:
             while self._queue:
-                spans: list[RecordedSpan] = []
+                spans: list[RecordedSpan | Record] = []
                 while self._queue and len(spans) < MAX_PER_REQUEST:
                     spans.append(self._queue.popleft())
                 self._ship(spans)
@@ -289,10 +293,13 @@ class Recorder(trace.TracerProvider):
         while not self._stop.wait(every_s):
             self.flush()
 
-    def _ship(self, spans: list[RecordedSpan]) -> None:
+    def _ship(self, spans: list[RecordedSpan | Record]) -> None:
         by_scope: dict[Scope, list[bytes]] = {}
         for span in spans:
-            by_scope.setdefault(span._scope, []).append(_encode(span))
+            if isinstance(span, RecordedSpan):
+                by_scope.setdefault(span._scope, []).append(_encode(span))
+            else:
+                by_scope.setdefault(span[0], []).append(_encode_record(span))
         try:
             self._send(otlp.request(self._resource, by_scope), self._timeout_s)
         except grpc.RpcError as exc:
@@ -332,6 +339,21 @@ def cloud_trace_channel() -> grpc.Channel:
 
     credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
     return secure_authorized_channel(credentials, Request(), CLOUD_TRACE_OTLP)  # type: ignore[no-untyped-call]
+
+
+def _encode_record(record: Record) -> bytes:
+    _, trace_id, span_id, parent_id, name, start_ns, end_ns, error = record
+    return otlp.span(
+        trace_id.to_bytes(16, "big"),
+        span_id.to_bytes(8, "big"),
+        parent_id.to_bytes(8, "big"),
+        name,
+        1,  # INTERNAL
+        start_ns,
+        end_ns,
+        {},
+        status=None if error is None else (StatusCode.ERROR.value, error),
+    )
 
 
 def _encode(span: RecordedSpan) -> bytes:

@@ -13,9 +13,11 @@ or `cloud_trace` (Cloud Trace, authenticated by the pod's Workload Identity):
 - every Timer stage (stages.py: receive, lookup, fetch, decode, the steps, inference,
   sink, gcs_write, settle; not the sub-millisecond UNTRACED_STAGES) is a child span of
   the stage or task it runs in, on whichever thread runs it: the runner attaches the
-  task's context before it starts, after a `wait for a runner` span;
+  task's context before it starts, after a `wait for a runner` span. A stage is
+  recorded as a tuple when it ends (StageSpans), and never becomes the current span:
+  the task's span is the one log lines and links name;
 - a batched forward pass is one span in the model's batcher thread, linked to the
-  `inference` span of every task in the batch, with the batch size;
+  `gannet task` span of every task in the batch, with the batch size;
 - log lines written inside a task carry its trace and span ids in the fields Cloud
   Logging links on (logs.py).
 
@@ -25,9 +27,10 @@ microseconds; one thread sends them as OTLP, in batches.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import Token
+from random import getrandbits
 from typing import TYPE_CHECKING, Any, cast
 
 from opentelemetry import context as otel_context
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
     from gannet.settings import Settings
 
 TRACER = "gannet"
+SCOPE = (TRACER, __version__)  # the instrumentation scope of our spans
 
 
 class Tracing:
@@ -49,8 +53,7 @@ class Tracing:
 
     def __init__(self, provider: Recorder) -> None:
         self.provider = provider
-        self.tracer = provider.get_tracer(TRACER, __version__)
-        self.stages = StageSpans(self.tracer)
+        self.tracer = provider.get_tracer(*SCOPE)
 
     @classmethod
     def from_settings(cls, settings: Settings, instance: str) -> Tracing | None:
@@ -91,7 +94,16 @@ class Tracing:
                 "gannet.delivery_attempt": message.delivery_attempt or 1,
             },
         )
-        return TaskSpan(self.tracer, span)
+        return TaskSpan(self.provider, span)
+
+    def stage_spans(self) -> StageSpans | None:
+        """For a Timer on this thread: the stages of the task whose span is current, or
+        None when there is none or its trace is not sampled (its stages then cost
+        nothing)."""
+        context = trace.get_current_span().get_span_context()
+        if not context.trace_flags.sampled:
+            return None
+        return StageSpans(self.provider, context)
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         """Send what is buffered; spans recorded after this are dropped."""
@@ -101,8 +113,8 @@ class Tracing:
 class TaskSpan:
     """One message's span, handed from the callback thread to its runner."""
 
-    def __init__(self, tracer: trace.Tracer, span: trace.Span) -> None:
-        self._tracer = tracer
+    def __init__(self, recorder: Recorder, span: trace.Span) -> None:
+        self._recorder = recorder
         self.span = span
         self.context = trace.set_span_in_context(span)
 
@@ -117,7 +129,11 @@ class TaskSpan:
 
     def waited(self, since_ns: int, industry: str) -> None:
         """On the runner: the time the task queued for it, as a span of its own."""
-        self._tracer.start_span("wait for a runner", start_time=since_ns).end()
+        task = self.span.get_span_context()
+        if task.trace_flags.sampled:
+            wait = "wait for a runner"
+            record = (SCOPE, task.trace_id, getrandbits(64), task.span_id, wait, since_ns)
+            self._recorder.ended((*record, time.time_ns(), None))
         self.span.set_attribute("gannet.industry", industry)
 
     def finish(self, outcome: Outcome | None) -> None:
@@ -149,26 +165,32 @@ UNTRACED_STAGES = frozenset({"preprocess", "postprocess", "result_json"})
 
 
 class StageSpans:
-    """Spans for Timer stages (stages.py): each a child of whatever span is current on
-    the thread, and current itself while it runs, so stages nest."""
+    """One task's stages on one thread, as spans: a Timer's `spans` (stages.py).
 
-    def __init__(self, tracer: trace.Tracer) -> None:
-        self._tracer = tracer
+    A stage costs the message path two clock reads and a tuple: it is recorded as a
+    spans.Record when it ends, with no span object and no switch of the current
+    context. Its parent is the stage it runs in, or the task."""
+
+    def __init__(self, recorder: Recorder, task: SpanContext) -> None:
+        self._recorder = recorder
+        self._trace_id = task.trace_id
+        self._open = [task.span_id]
 
     def enter(self, name: str) -> object:
         if name in UNTRACED_STAGES:
             return None
-        span = self._tracer.start_span(name)
-        return span, otel_context.attach(trace.set_span_in_context(span))
+        span_id = getrandbits(64)
+        opened = (name, span_id, self._open[-1], time.time_ns())
+        self._open.append(span_id)
+        return opened
 
     def exit(self, opened: object, error: BaseException | None) -> None:
         """Only for what `enter` opened (the Timer skips its Nones)."""
-        span, token = cast("tuple[trace.Span, Token[otel_context.Context]]", opened)
-        otel_context.detach(token)
-        if error is not None:
-            span.record_exception(error)
-            span.set_status(Status(StatusCode.ERROR, type(error).__name__))
-        span.end()
+        name, span_id, parent_id, start_ns = cast("tuple[str, int, int, int]", opened)
+        self._open.pop()
+        failed = None if error is None else type(error).__name__
+        record = (SCOPE, self._trace_id, span_id, parent_id, name, start_ns, time.time_ns())
+        self._recorder.ended((*record, failed))
 
 
 def current_link() -> SpanContext | None:
@@ -189,7 +211,7 @@ def annotate(attributes: dict[str, Any]) -> None:
 @contextmanager
 def forward_span(model: str, links: list[SpanContext], size: int) -> Iterator[None]:
     """A batched forward pass, linked to the span of every task that rode in it."""
-    tracer = trace.get_tracer(TRACER, __version__)
+    tracer = trace.get_tracer(*SCOPE)
     with tracer.start_as_current_span(
         "forward",
         links=[Link(c) for c in links],
