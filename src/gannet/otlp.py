@@ -3,8 +3,9 @@ straight to protobuf's wire format.
 
 Why by hand: building the request from opentelemetry-proto's message classes cost about
 15 us per span here, a KeyValue and an AnyValue object per attribute; writing the bytes
-costs about 5 us. At about 25 spans per task that is a quarter of a millisecond per
-image, on the same cores as the daemon (docs/benchmark.md, "What tracing costs").
+costs about 5 us (a stage's span 2 us). At about 17 spans per task that is a sixth of a
+millisecond per image, on the same cores as the daemon (docs/benchmark.md, "What
+tracing costs").
 
 Only the fields spans.py sets are written; each function names the message it encodes,
 and tests/test_spans.py checks the result against the real protobuf parser, through the
