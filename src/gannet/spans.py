@@ -1,13 +1,14 @@
 """Spans that cost the message path microseconds, and their export over OTLP.
 
-Why not the OpenTelemetry SDK's TracerProvider: at about 25 spans per task (ours and the
-Pub/Sub client's), the SDK's span (a lock, attribute validation, a processor chain) and
-its OTLP encoder cost the daemon 5-7 ms of CPU per image, about 30 % of its throughput
-(docs/benchmark.md, "What tracing costs"). Here a span is a small object that keeps its
-name, ids, times and attributes; ending it appends it to a queue. A shipper thread, a
-few times a second, encodes what ended into one OTLP ExportTraceServiceRequest
-(opentelemetry-proto, whose protobuf runtime is C) and sends it over gRPC: to a
-collector, or to Cloud Trace's own OTLP endpoint (telemetry.googleapis.com).
+Why not the OpenTelemetry SDK's TracerProvider: at the about 25 spans per task it was
+measured with (ours and the Pub/Sub client's), the SDK's span (a lock, attribute
+validation, a processor chain) and its OTLP encoder cost the daemon 5-7 ms of CPU per
+image, about 30 % of its throughput (docs/benchmark.md, "What tracing costs"). Here a
+span is a small object that keeps its name, ids, times and attributes; ending it appends
+it to a queue, where a task's stages go as plain tuples (Record). A shipper thread, twice
+a second, writes what ended as one OTLP ExportTraceServiceRequest (otlp.py, straight to
+protobuf's wire format) and sends it over gRPC: to a collector, or to Cloud Trace's own
+OTLP endpoint (telemetry.googleapis.com).
 
 `Recorder` implements the OpenTelemetry API's TracerProvider, so the Pub/Sub client's
 spans and its context propagation run on it unchanged, and so does every

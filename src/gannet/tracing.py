@@ -131,9 +131,8 @@ class TaskSpan:
         """On the runner: the time the task queued for it, as a span of its own."""
         task = self.span.get_span_context()
         if task.trace_flags.sampled:
-            wait = "wait for a runner"
-            record = (SCOPE, task.trace_id, getrandbits(64), task.span_id, wait, since_ns)
-            self._recorder.ended((*record, time.time_ns(), None))
+            wait = (task.trace_id, getrandbits(64), task.span_id, "wait for a runner")
+            _record(self._recorder, *wait, since_ns, None)
         self.span.set_attribute("gannet.industry", industry)
 
     def finish(self, outcome: Outcome | None) -> None:
@@ -189,8 +188,20 @@ class StageSpans:
         name, span_id, parent_id, start_ns = cast("tuple[str, int, int, int]", opened)
         self._open.pop()
         failed = None if error is None else type(error).__name__
-        record = (SCOPE, self._trace_id, span_id, parent_id, name, start_ns, time.time_ns())
-        self._recorder.ended((*record, failed))
+        _record(self._recorder, self._trace_id, span_id, parent_id, name, start_ns, failed)
+
+
+def _record(
+    recorder: Recorder,
+    trace_id: int,
+    span_id: int,
+    parent_id: int,
+    name: str,
+    start_ns: int,
+    error: str | None,
+) -> None:
+    """One of our spans that ends now, queued as a spans.Record (no span object)."""
+    recorder.ended((SCOPE, trace_id, span_id, parent_id, name, start_ns, time.time_ns(), error))
 
 
 def current_link() -> SpanContext | None:
