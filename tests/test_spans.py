@@ -173,3 +173,41 @@ def test_a_tasks_stages_are_spans_nested_as_they_ran(receiver: TraceReceiver) ->
     assert {s.trace_id for s in got.values()} == {root.trace_id}
     assert got["detection"].start_ns <= got["inference"].start_ns
     assert got["inference"].end_ns <= got["detection"].end_ns
+
+
+def test_an_elided_span_is_not_sent_and_its_children_join_its_parent(
+    receiver: TraceReceiver,
+) -> None:
+    """The Pub/Sub client's queue spans are elided (tracing.PUBSUB_INTERNAL_SPANS): they
+    cost more than they tell, but nothing under them may lose its place in the trace."""
+    recorder = Recorder(
+        {}, 1.0, otlp_sender(otlp_channel(receiver.endpoint)), elided=frozenset({"scheduler"})
+    )
+    tracer = recorder.get_tracer("google.cloud.pubsub_v1")
+    with tracer.start_as_current_span("subscribe"):
+        with tracer.start_as_current_span("scheduler") as elided:
+            assert not elided.is_recording()
+            with tracer.start_as_current_span("callback"):
+                pass
+    recorder.shutdown()
+    got = {s.name: s for s in receiver.spans}
+    assert set(got) == {"subscribe", "callback"}
+    assert got["callback"].parent_id == got["subscribe"].span_id
+
+
+def test_repeated_attributes_keep_their_types(receiver: TraceReceiver) -> None:
+    """otlp.key_values encodes a repeated (key, value) once; True and 1 are equal in
+    Python and must still arrive as a bool and an int."""
+    recorder = recorder_to(receiver.endpoint)
+    tracer = recorder.get_tracer("gannet")
+    for value in (True, 1, 1.0, "1", True):
+        tracer.start_span("s", attributes={"v": value}).end()
+    recorder.shutdown()
+    got = [s.attributes["v"] for s in receiver.spans]
+    assert [(type(v), v) for v in got] == [
+        (bool, True),
+        (int, 1),
+        (float, 1.0),
+        (str, "1"),
+        (bool, True),
+    ]
