@@ -32,6 +32,7 @@ from gannet import clients, logs
 from gannet.backlog import BacklogMonitor
 from gannet.callback import Callbacks, build_callbacks
 from gannet.config_sources import Configs, open_configs
+from gannet.device_decode import DeviceDecoder
 from gannet.dispatch import Dispatcher
 from gannet.health import Health, HealthServer
 from gannet.lanes import Lane
@@ -125,6 +126,8 @@ class Parts:
         """Stop the model threads and release the database pool (callbacks are closed
         by the shutdown, which knows how long they may take); send the last spans."""
         self.cache.close(timeout_s)
+        for decoder in self.pipeline.decoders.values():
+            decoder.close()
         self.sink.close()
         if self.tracing is not None:
             self.tracing.shutdown(timeout_s=min(5.0, timeout_s) or 1.0)
@@ -176,7 +179,13 @@ def build(
         model_version(storage), ttl_s=s.model_check_s, list_tenant_models=lister
     )
     limits = Limits(s.allowed_buckets, s.max_image_bytes, s.max_image_pixels)
-    pipeline = Pipeline(configs, storage, cache, resolver, limits)
+    # nvJPEG on each GPU: its photos' pixels never pass through the CPU.
+    decoders = {
+        device: DeviceDecoder(device, max_batch=s.batch_size)
+        for device in devices
+        if s.gpu_decode and device.startswith("cuda")
+    }
+    pipeline = Pipeline(configs, storage, cache, resolver, limits, decoders)
     callbacks = build_callbacks(s, sink.set_callback_status, metrics)
     lanes = s.lane_list()
     settlers = {

@@ -22,6 +22,7 @@ import numpy as np
 
 from gannet.batcher import Batcher, BatcherClosed
 from gannet.errors import ErrorCode, TransientError
+from gannet.frames import Frame
 from gannet.lanes import URGENCY
 from gannet.metrics import Metrics
 from gannet.split_predictor import SplitPredictor
@@ -182,9 +183,9 @@ class ModelCache:
         return evicted
 
     def predict(
-        self, key: ModelKey, images: Sequence[Any], conf: float, timer: Timer | None = None
+        self, key: ModelKey, images: Sequence[Frame], conf: float, timer: Timer | None = None
     ) -> list[Any]:
-        """Run images through the model on its device; blocks the calling runner only.
+        """Run frames through the model on its device; blocks the calling runner only.
 
         The calling runner letterboxes its images and does NMS on the answers itself, so
         the model's batcher thread spends its time on forward passes alone."""

@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,9 @@ from PIL import Image, UnidentifiedImageError
 
 from gannet.config_schema import ModelKind
 from gannet.config_sources import Configs, LoadedConfig
+from gannet.device_decode import DeviceDecoder
 from gannet.errors import ErrorCode, PermanentError
+from gannet.frames import Frame, frame_size
 from gannet.model_cache import ModelCache
 from gannet.model_resolver import ModelResolver
 from gannet.stages import Timer
@@ -71,8 +73,30 @@ _REDUCED: tuple[tuple[int, int], ...] = (
 )
 
 
+def read_header(data: bytes, max_pixels: int) -> Image.Image:
+    """The image's header (PIL, lazy: no pixels decoded), or PermanentError when it is no
+    image or has more than `max_pixels` pixels: refused before any pixel is decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            header = _pil_open()(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PermanentError(ErrorCode.IMAGE_TOO_LARGE, str(exc)) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise PermanentError(
+            ErrorCode.IMAGE_UNDECODABLE, f"not a decodable image ({exc.__class__.__name__})"
+        ) from exc
+    width, height = header.size
+    if width * height > max_pixels:
+        raise PermanentError(
+            ErrorCode.IMAGE_TOO_LARGE,
+            f"image is {width}x{height} pixels; the limit is {max_pixels} pixels",
+        )
+    return header
+
+
 def decode_scaled(
-    data: bytes, max_pixels: int, floor: int | None
+    data: bytes, max_pixels: int, floor: int | None, header: Image.Image | None = None
 ) -> tuple[np.ndarray, tuple[float, float]]:
     """BGR pixels, upright per EXIF, and the (x, y) factors back to the photo's pixels.
 
@@ -82,24 +106,11 @@ def decode_scaled(
     for plans whose steps all report in the photo's pixels), a JPEG whose longer side is
     at least twice the floor is decoded at 1/2, 1/4 or 1/8 scale, never below the floor:
     the model would shrink it that far anyway, and the decoder skips most of the work
-    (a 4032x3024 photo: 110 ms of CPU at full size, about 25 ms at 1/4).
+    (a 4032x3024 photo: 110 ms of CPU at full size, about 25 ms at 1/4). `header`: what
+    read_header returned for `data`, when the caller has it.
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            header = _pil_open()(io.BytesIO(data))
-            (width, height), kind = header.size, header.format
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise PermanentError(ErrorCode.IMAGE_TOO_LARGE, str(exc)) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise PermanentError(
-            ErrorCode.IMAGE_UNDECODABLE, f"not a decodable image ({exc.__class__.__name__})"
-        ) from exc
-    if width * height > max_pixels:
-        raise PermanentError(
-            ErrorCode.IMAGE_TOO_LARGE,
-            f"image is {width}x{height} pixels; the limit is {max_pixels} pixels",
-        )
+    header = header or read_header(data, max_pixels)
+    (width, height), kind = header.size, header.format
     factor, flags = 1, cv2.IMREAD_COLOR
     if floor and kind == "JPEG":  # other formats decode in full, then resize: no gain
         longer = max(width, height)
@@ -126,7 +137,11 @@ class Pipeline:
         cache: ModelCache,
         resolver: ModelResolver,
         limits: Limits,
+        decoders: Mapping[str, DeviceDecoder] | None = None,
     ) -> None:
+        """`decoders`: by runner device, where JPEGs are decoded on the device itself
+        (the daemon's CUDA devices, unless GANNET_GPU_DECODE is off)."""
+        self.decoders = decoders or {}
         self.configs = configs
         self.storage = storage
         self.cache = cache
@@ -147,38 +162,46 @@ class Pipeline:
         with timer.stage("fetch"):
             data = self.storage.read(task.image_url, self.limits.max_image_bytes)
         with timer.stage("decode"):
-            image, scale = decode_scaled(data, self.limits.max_image_pixels, route.decode_floor)
+            frame, scale = self.decode(data, route, device)
             if timer.spans is not None:
-                annotate(
-                    {
-                        "image.bytes": len(data),
-                        "image.width": image.shape[1],
-                        "image.height": image.shape[0],
-                    }
-                )
-        return self.run_image(task, route, image, device, timer, started, scale)
+                height, width = frame_size(frame)
+                annotate({"image.bytes": len(data), "image.width": width, "image.height": height})
+        return self.run_image(task, route, frame, device, timer, started, scale)
+
+    def decode(self, data: bytes, route: Route, device: str) -> tuple[Frame, tuple[float, float]]:
+        """On a device with a decoder, a JPEG becomes a frame in device memory at full
+        size (the GPU letterboxes it); anything else, or a JPEG the device refuses, is
+        decoded on the CPU (decode_scaled)."""
+        header = read_header(data, self.limits.max_image_pixels)
+        decoder = self.decoders.get(device)
+        if decoder is not None and header.format == "JPEG":
+            orientation = header.getexif().get(0x0112, 1)
+            frame = decoder.decode(data, orientation)
+            if frame is not None:
+                return frame, (1.0, 1.0)
+        return decode_scaled(data, self.limits.max_image_pixels, route.decode_floor, header)
 
     def run_image(
         self,
         task: Task,
         route: Route,
-        image: np.ndarray,
+        frame: Frame,
         device: str,
         timer: Timer,
         started: float | None = None,
         scale: tuple[float, float] = (1.0, 1.0),
     ) -> dict[str, Any]:
-        """The steps of the task's pipeline on a decoded image, as the result JSON;
-        `scale` maps the image's pixels to the photo's (see decode_scaled)."""
+        """The steps of the task's pipeline on a decoded frame, as the result JSON;
+        `scale` maps the frame's pixels to the photo's (see decode_scaled)."""
         started = time.perf_counter() if started is None else started
         loaded = route.loaded
 
-        def predict(kind: ModelKind, images: list[np.ndarray], conf: float) -> list[Any]:
+        def predict(kind: ModelKind, frames: list[Frame], conf: float) -> list[Any]:
             key = self.resolver.key(loaded, kind, task.tenant_id, device)
-            return self.cache.predict(key, images, conf, timer)
+            return self.cache.predict(key, frames, conf, timer)
 
         ctx = StepContext(
-            task=task, image=image, config=loaded.config, predict=predict, scale=scale
+            task=task, frame=frame, config=loaded.config, predict=predict, scale=scale
         )
         for step in route.plan:
             with timer.stage(step.name):

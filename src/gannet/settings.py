@@ -109,6 +109,12 @@ class Settings(BaseSettings):
         "profiling: two clock syscalls per stage, each a point where the kernel can "
         "preempt a thread that holds the GIL; gannet bench --plumbing turns it on).",
     )
+    gpu_decode: bool = Field(
+        True,
+        description="On a CUDA device, decode JPEGs there (nvJPEG, in batches) and "
+        "letterbox them there: their pixels never pass through the CPU. Other formats, "
+        "and JPEGs nvJPEG refuses, are decoded on the CPU.",
+    )
     batch_size: int = Field(8, ge=1, description="Most images one model call takes.")
     batch_window_ms: float = Field(
         0.0,

@@ -22,6 +22,10 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
+from ultralytics.data.augment import LetterBox
+
+from gannet.frames import Frame, shape_only, to_host
 
 
 def output_row(out: Any, i: int) -> Any:
@@ -51,6 +55,22 @@ class SplitPredictor:
         # has its own transforms.
         preprocess = type(self._predictor).preprocess
         self._letterboxes = preprocess.__qualname__ == "BasePredictor.preprocess"
+        self._geometry = self._letterbox_geometry() if self._letterboxes else None
+
+    def _letterbox_geometry(self) -> LetterBox:
+        """The LetterBox a one-image predict builds, for frames on a device: its sizes
+        and padding, applied there with torch. Whether it pads to a minimal rectangle
+        ("auto") depends on the model's format; ultralytics' own pre_transform says so on
+        a blank 2:1 image (a square result: no)."""
+        predictor = self._predictor
+        (boxed,) = predictor.pre_transform([np.zeros((32, 64, 3), np.uint8)])
+        square = boxed.shape[0] == boxed.shape[1]
+        return LetterBox(
+            predictor.imgsz,
+            auto=not square and not predictor.scale_fill,
+            scale_fill=predictor.scale_fill,
+            stride=predictor.model.stride,
+        )
 
     def start_forward_thread(self) -> None:
         """Called once by the batcher thread. torch's CPU thread count is per OS thread,
@@ -68,15 +88,24 @@ class SplitPredictor:
             self._local.predictor = view
         return view
 
-    def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """Runner thread: one BGR image to a (1, 3, H, W) input, letterboxed exactly as a
+    def preprocess(self, frame: Frame) -> torch.Tensor:
+        """Runner thread: one frame to a (1, 3, H, W) input, letterboxed exactly as a
         one-image `model.predict` would (ultralytics' own LetterBox).
+
+        A frame on a device (nvJPEG's) is letterboxed there, with torch: the same sizes
+        and padding, bilinear resizing as OpenCV's INTER_LINEAR (values within a grey
+        level or two of OpenCV's fixed-point arithmetic).
 
         For the predictors that letterbox (detect, segment), the runner stops at RGB
         uint8: OpenCV splits the channels (2.9 ms down to 0.4 ms per 640x480 image against
         ultralytics' torch permute, flip and divide, the same values), and the batcher
         thread makes the batch float on the model's device (4x fewer bytes to a GPU).
         Others (classify's own transforms) keep ultralytics' preprocess."""
+        if isinstance(frame, torch.Tensor):
+            if self._geometry is not None:
+                return self._letterbox_on_device(frame, self._geometry)
+            frame = to_host(frame)
+        image = frame
         view = self._own_copy()
         if self._letterboxes and image.ndim == 3 and image.shape[2] == 3:
             (boxed,) = view.pre_transform([image])
@@ -85,6 +114,17 @@ class SplitPredictor:
         with torch.inference_mode():
             inputs: torch.Tensor = view.preprocess([image])
         return inputs
+
+    @staticmethod
+    def _letterbox_on_device(frame: torch.Tensor, geometry: LetterBox) -> torch.Tensor:
+        box = geometry.get_params({"img": shape_only(frame)})
+        width, height = box["new_unpad"]
+        x = frame.unsqueeze(0)
+        if (x.shape[2], x.shape[3]) != (height, width):
+            resized = F.interpolate(x.float(), size=(height, width), mode="bilinear")
+            x = resized.round_().clamp_(0, 255).to(torch.uint8)
+        padding = (box["left"], box["right"], box["top"], box["bottom"])
+        return F.pad(x, padding, value=float(geometry.padding_value))
 
     def _model_input(self, x: torch.Tensor) -> torch.Tensor:
         """Batcher thread: a uint8 batch from `preprocess` as the network's float input,
@@ -95,9 +135,10 @@ class SplitPredictor:
         return (x.half() if self._predictor.model.fp16 else x.float()).div_(255)
 
     @staticmethod
-    def shape(inputs: torch.Tensor) -> tuple[int, ...]:
-        """Inputs of one shape can share a forward pass."""
-        return tuple(inputs.shape)
+    def shape(inputs: torch.Tensor) -> tuple[tuple[int, ...], torch.device]:
+        """Inputs of one shape can share a forward pass (on a GPU, those letterboxed
+        there and those from the CPU decode fallback are concatenated apart)."""
+        return tuple(inputs.shape), inputs.device
 
     def forward(self, inputs: list[torch.Tensor]) -> list[Any]:
         """Batcher thread only: one forward pass over same-shaped inputs, answered per input."""
@@ -108,10 +149,10 @@ class SplitPredictor:
             out = self._predictor.inference(self._model_input(batch))
             return [output_row(out, i) for i in range(len(inputs))]
 
-    def postprocess(self, output: Any, inputs: torch.Tensor, image: np.ndarray, conf: float) -> Any:
+    def postprocess(self, output: Any, inputs: torch.Tensor, frame: Frame, conf: float) -> Any:
         """Runner thread: NMS, masks and the Results object for one image."""
         view = self._own_copy()
         view.args.conf = conf
         with torch.inference_mode():
-            (result,) = view.postprocess(output, inputs, [image])
+            (result,) = view.postprocess(output, inputs, [shape_only(frame)])
         return result

@@ -19,9 +19,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gannet.config_schema import IndustryConfig, ModelKind, ModelSpec
+from gannet.frames import Frame, frame_size
 from gannet.task import Task
 
-Predict = Callable[[ModelKind, list[np.ndarray], float], list[Any]]
+Predict = Callable[[ModelKind, list[Frame], float], list[Any]]
 
 
 class StepParams(BaseModel):
@@ -43,20 +44,25 @@ class StepContext:
     """One task's image and what its steps have produced so far."""
 
     task: Task
-    image: np.ndarray  # HxWx3 BGR, as ultralytics expects
+    frame: Frame  # the decoded photo, on the host or the model's device (frames.py)
     config: IndustryConfig
     predict: Predict
     result: dict[str, Any] = field(default_factory=dict)
     # Between steps, never serialised: segment masks at image resolution.
     segment_masks: list[np.ndarray] | None = None
-    # (x, y) from the image's pixels to the photo's: not 1 when the photo was decoded at
+    # (x, y) from the frame's pixels to the photo's: not 1 when the photo was decoded at
     # a reduced scale (only for plans of scalable steps; pipeline.decode_scaled).
     scale: tuple[float, float] = (1.0, 1.0)
 
     @property
+    def size(self) -> tuple[int, int]:
+        """The frame's (height, width) in pixels."""
+        return frame_size(self.frame)
+
+    @property
     def image_size(self) -> list[int]:
         """The photo's [width, height], whatever scale it was decoded at."""
-        height, width = self.image.shape[:2]
+        height, width = self.size
         return [round(width * self.scale[0]), round(height * self.scale[1])]
 
     def threshold(self, spec: ModelSpec, params: ModelStepParams) -> float:

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 from pydantic import Field
 
+from gannet.frames import Frame, crop, frame_size
 from gannet.step_registry import ModelStepParams, Registry, StepContext, StepParams
 
 
@@ -112,8 +113,8 @@ def segmentation(ctx: StepContext, params: SegmentationParams) -> None:
     spec = ctx.model_spec("segmentation")
     conf = ctx.threshold(spec, params)
     keep = ctx.classes(spec, params)
-    (result,) = ctx.predict("segmentation", [ctx.image], conf)
-    height, width = ctx.image.shape[:2]
+    (result,) = ctx.predict("segmentation", [ctx.frame], conf)
+    height, width = ctx.size
     segments: list[dict[str, Any]] = []
     masks: list[np.ndarray] = []
     if result.masks is not None and result.boxes is not None:
@@ -206,7 +207,7 @@ def detection(ctx: StepContext, params: DetectionParams) -> None:
     """Boxes on the whole image; segment-aware when segmentation ran before it."""
     spec = ctx.model_spec("detection")
     conf = ctx.threshold(spec, params)
-    (result,) = ctx.predict("detection", [ctx.image], conf)
+    (result,) = ctx.predict("detection", [ctx.frame], conf)
     found = boxes_to_detections(result, conf, ctx.classes(spec, params), scale=ctx.scale)
     _detection_result(ctx, params, found, conf, {})
 
@@ -258,14 +259,14 @@ def sliced_detection(ctx: StepContext, params: SlicedDetectionParams) -> None:
     spec = ctx.model_spec("detection")
     conf = ctx.threshold(spec, params)
     keep = ctx.classes(spec, params)
-    height, width = ctx.image.shape[:2]
+    height, width = ctx.size
     size = params.slice_size
     tiles = [
         (x, y, min(x + size, width), min(y + size, height))
         for y in tile_origins(height, size, params.overlap)
         for x in tile_origins(width, size, params.overlap)
     ]
-    crops = [np.ascontiguousarray(ctx.image[y0:y1, x0:x1]) for x0, y0, x1, y1 in tiles]
+    crops = [crop(ctx.frame, *tile) for tile in tiles]
     results = ctx.predict("detection", crops, conf)
     candidates: list[dict[str, Any]] = []
     edge = 2.0  # px: a box this close to an inner tile edge was cut by it
@@ -292,16 +293,16 @@ def sliced_detection(ctx: StepContext, params: SlicedDetectionParams) -> None:
 # --------------------------------------------------------------------------- classification
 
 
-def square_crop(image: np.ndarray, box: Sequence[float], padding: float) -> np.ndarray:
+def square_crop(frame: Frame, box: Sequence[float], padding: float) -> Frame:
     """The framing the demo classifier is trained on: a square around the box, grown by
     `padding` of its longer side on each side, clipped to the image."""
     x1, y1, x2, y2 = box
     side = max(x2 - x1, y2 - y1) * (1.0 + 2.0 * padding)
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    h, w = image.shape[:2]
+    h, w = frame_size(frame)
     xa, ya = max(0, round(cx - side / 2)), max(0, round(cy - side / 2))
     xb, yb = min(w, round(cx + side / 2)), min(h, round(cy + side / 2))
-    return np.ascontiguousarray(image[ya:yb, xa:xb])
+    return crop(frame, xa, ya, xb, yb)
 
 
 @STEPS.register(
@@ -316,7 +317,7 @@ def classification(ctx: StepContext, params: ClassificationParams) -> None:
     conf = ctx.threshold(spec, params)
     keep = ctx.classes(spec, params)
     detections = ctx.result["detection"]["detections"]
-    crops = [square_crop(ctx.image, d["box"], params.crop_padding) for d in detections]
+    crops = [square_crop(ctx.frame, d["box"], params.crop_padding) for d in detections]
     results = ctx.predict("classification", crops, conf) if crops else []
     items = []
     for i, (det, result) in enumerate(zip(detections, results, strict=True)):
@@ -354,7 +355,7 @@ def estimation(ctx: StepContext, params: EstimationParams) -> None:
     """Counts per class and per segment, mask coverage, and sizes (cm with px_per_cm)."""
     px_per_cm = params.px_per_cm or ctx.config.px_per_cm
     detections = (ctx.result.get("detection") or {}).get("detections", [])
-    height, width = ctx.image.shape[:2]
+    height, width = ctx.size
     out: dict[str, Any] = {
         "counts": count_by_class(detections),
         "total": len(detections),

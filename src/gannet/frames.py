@@ -1,0 +1,73 @@
+"""A decoded photo as the steps see it: BGR pixels on the host, or RGB pixels on the
+model's device.
+
+Why two kinds: on a CPU runner OpenCV decodes to an HxWx3 BGR array, which is what
+ultralytics' own transforms take. On a GPU, nvJPEG decodes straight into device memory
+(device_decode.py) as a 3xHxW RGB tensor; copying it back to the host only for the
+letterbox to send it to the device again would cost the CPU time the GPU saved. Steps
+ask for a frame's size and crops through this module, so one step works on either, and
+pixels come to the host only where a step needs them there (classification's own
+transforms).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+Frame = np.ndarray | torch.Tensor  # HxWx3 BGR uint8 on the host, or 3xHxW RGB uint8 on a device
+
+
+def frame_size(frame: Frame) -> tuple[int, int]:
+    """(height, width) in pixels."""
+    if isinstance(frame, np.ndarray):
+        return frame.shape[0], frame.shape[1]
+    return int(frame.shape[1]), int(frame.shape[2])
+
+
+def crop(frame: Frame, x0: int, y0: int, x1: int, y1: int) -> Frame:
+    """The pixels of [x0, x1) x [y0, y1), on the frame's side (a device crop is a view)."""
+    if isinstance(frame, np.ndarray):
+        return np.ascontiguousarray(frame[y0:y1, x0:x1])
+    return frame[:, y0:y1, x0:x1]
+
+
+def to_host(frame: Frame) -> np.ndarray:
+    """HxWx3 BGR on the host; a device frame is converted on its device, then copied."""
+    if isinstance(frame, np.ndarray):
+        return frame
+    return np.ascontiguousarray(frame.flip(0).permute(1, 2, 0).cpu().numpy())
+
+
+def shape_only(frame: Frame) -> np.ndarray:
+    """What ultralytics' Results keep as the original image. Its post-processing reads
+    only the shape of it (to scale boxes and masks back), so a device frame stands in as
+    an array of its shape that holds no pixels (zero strides, read-only)."""
+    if isinstance(frame, np.ndarray):
+        return frame
+    height, width = frame_size(frame)
+    return np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (height, width, 3))
+
+
+# EXIF orientation (tag 0x0112) -> how to turn a 3xHxW tensor upright, as OpenCV does
+# on the host: (transpose H and W first, then flip these dims).
+_UPRIGHT: dict[int, tuple[bool, tuple[int, ...]]] = {
+    2: (False, (2,)),  # mirrored left-right
+    3: (False, (1, 2)),  # rotated 180
+    4: (False, (1,)),  # mirrored top-bottom
+    5: (True, ()),  # transposed
+    6: (True, (2,)),  # rotated 90 clockwise to be upright
+    7: (True, (1, 2)),  # transversed
+    8: (True, (1,)),  # rotated 90 counter-clockwise to be upright
+}
+
+
+def upright(frame: torch.Tensor, orientation: int) -> torch.Tensor:
+    """A device frame turned per its EXIF orientation (nvJPEG does not apply it)."""
+    turn = _UPRIGHT.get(orientation)
+    if turn is None:
+        return frame
+    transpose, dims = turn
+    if transpose:
+        frame = frame.transpose(1, 2)
+    return frame.flip(dims).contiguous() if dims else frame.contiguous()

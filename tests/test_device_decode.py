@@ -1,0 +1,213 @@
+"""Photos decoded on the model's device (device_decode.py) and letterboxed there.
+
+The daemon builds a DeviceDecoder only for CUDA devices (nvJPEG). This machine has no
+GPU, so most tests here run the same code on a CPU device: torchvision's libjpeg-turbo
+instead of nvJPEG, torch's resize on the CPU. On a GPU only where the tensors live
+differs; the last test checks that there and skips without one.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gannet.config_sources import open_configs
+from gannet.dev.publish import make_task
+from gannet.device_decode import DeviceDecoder
+from gannet.errors import ErrorCode, PermanentError
+from gannet.frames import to_host
+from gannet.metrics import Metrics
+from gannet.model_cache import ModelCache, yolo_loader
+from gannet.model_resolver import ModelResolver
+from gannet.pipeline import Limits, Pipeline, decode_scaled
+from gannet.settings import REPO_ROOT
+from gannet.stages import Timer
+from gannet.storage import local_version, read_local
+
+SAMPLES = REPO_ROOT / "samples"
+
+
+def jpeg(image_bgr: np.ndarray, orientation: int | None = None) -> bytes:
+    out = io.BytesIO()
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    Image.fromarray(image_bgr[..., ::-1]).save(out, "JPEG", quality=95, exif=exif.tobytes())
+    return out.getvalue()
+
+
+@pytest.fixture
+def decoder() -> Iterator[DeviceDecoder]:
+    dec = DeviceDecoder("cpu")
+    yield dec
+    dec.close()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_device_frame_is_upright_as_opencv_turns_it(
+    decoder: DeviceDecoder, orientation: int
+) -> None:
+    """nvJPEG ignores EXIF orientation, so the decoder turns frames itself; a phone
+    photo must come out as OpenCV's host decode gives it, for each of the 8 tags."""
+    ys, xs = np.mgrid[0:48, 0:80]
+    image = np.dstack([xs * 3, ys * 5, (xs + ys) * 2]).astype(np.uint8)  # no symmetry
+    data = jpeg(image, orientation)
+    frame = decoder.decode(data, orientation)
+    assert frame is not None
+    expected = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    got = to_host(frame)
+    assert got.shape == expected.shape
+    assert np.abs(got.astype(int) - expected.astype(int)).mean() < 1.0
+
+
+def test_one_bad_jpeg_in_a_batch_is_refused_alone(decoder: DeviceDecoder) -> None:
+    """One call decodes a batch, and one bad file fails the call: the others must still
+    come back decoded, and only the bad one go to the CPU fallback."""
+    good = torch.frombuffer(bytearray(jpeg(np.full((16, 24, 3), 90, np.uint8))), dtype=torch.uint8)
+    bad = torch.frombuffer(bytearray(b"\xff\xd8\xff\xe0 not really a jpeg"), dtype=torch.uint8)
+    first, refused, last = decoder._decode_batch([good, bad, good])
+    assert isinstance(refused, RuntimeError)
+    assert isinstance(first, torch.Tensor) and first.shape == (3, 16, 24)
+    assert isinstance(last, torch.Tensor) and last.shape == (3, 16, 24)
+
+
+def _pipeline(config: str, decoder: DeviceDecoder | None, device: str = "cpu") -> Pipeline:
+    cache = ModelCache(yolo_loader(lambda uri, v: Path(uri)), Metrics(), max_batch=4)
+    return Pipeline(
+        open_configs(config, read_local, local_version),
+        None,  # type: ignore[arg-type] # no GCS: the tests hand the bytes over
+        cache,
+        ModelResolver(local_version),
+        Limits(["gannet-images"], 10**8, 10**8),
+        {device: decoder} if decoder is not None else None,
+    )
+
+
+def test_formats_the_device_does_not_take_are_decoded_on_the_cpu(
+    decoder: DeviceDecoder,
+) -> None:
+    pipeline = _pipeline(str(REPO_ROOT / "configs" / "demo.yaml"), decoder)
+    route = pipeline.check(make_task("t-a", "gs://gannet-images/t-a/x.jpg", "DETECTION", "t"))
+    try:
+        photo = cv2.imread(str(SAMPLES / "scene_01.jpg"))
+        png = cv2.imencode(".png", photo)[1].tobytes()
+        frame, _ = pipeline.decode(png, route, "cpu")
+        assert isinstance(frame, np.ndarray) and frame.shape == photo.shape
+        on_device, _ = pipeline.decode(jpeg(photo), route, "cpu")
+        assert isinstance(on_device, torch.Tensor) and on_device.shape == (3, 480, 640)
+        with pytest.raises(PermanentError) as err:
+            pipeline.decode(b"\xff\xd8\xff\xe0 not really a jpeg", route, "cpu")
+        assert err.value.code is ErrorCode.IMAGE_UNDECODABLE
+    finally:
+        pipeline.cache.close()
+
+
+def _close(a: Any, b: Any, where: str) -> None:
+    """Two answers agree: the same keys, lists and strings, numbers within 2 units or
+    3 % (boxes in pixels, areas, confidences), polygons by their point count only
+    loosely (a contour of a mask a grey level apart can gain or lose a vertex)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            if key in ("duration_ms", "processed_at"):
+                continue
+            if key == "polygon":
+                assert abs(len(a[key]) - len(b[key])) <= max(2, len(a[key]) // 5), where
+                continue
+            _close(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, x in enumerate(a):
+            y = b[i]
+            if isinstance(x, dict) and "box" in x:  # confidences a hair apart reorder them
+                y = min(b, key=lambda d: max(abs(p - q) for p, q in zip(x["box"], d["box"])))
+            _close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float | int) and not isinstance(a, bool):
+        assert abs(a - b) <= max(2.0, 0.03 * abs(a)), (where, a, b)
+    else:
+        assert a == b, (where, a, b)
+
+
+@pytest.mark.parametrize(
+    ("config", "pipeline_name", "photo"),
+    [
+        ("demo.yaml", "DETECTION", "scene_02.jpg"),
+        ("agro.yaml", "FULL_PIPELINE", "scene_01.jpg"),
+        ("agro.yaml", "FIELD_ANALYSIS", "large_01.jpg"),
+        ("vending.yaml", "SHELF_AUDIT", "scene_03.jpg"),
+    ],
+)
+def test_every_step_answers_on_a_device_frame_as_on_the_host(
+    decoder: DeviceDecoder, config: str, pipeline_name: str, photo: str
+) -> None:
+    """Detection, segmentation (masks, areas), sliced detection (crops of the frame),
+    classification (crops brought to the host) and estimation: the same answer from a
+    frame decoded and letterboxed on the device as from OpenCV's decode on the host."""
+    pipeline = _pipeline(str(REPO_ROOT / "configs" / config), decoder)
+    task = make_task("t-a", f"gs://gannet-images/t-a/{photo}", pipeline_name, "t")
+    route = pipeline.check(task)
+    data = (SAMPLES / photo).read_bytes()
+    try:
+        host, _ = decode_scaled(data, 10**8, None)
+        frame, _ = pipeline.decode(data, route, "cpu")
+        assert isinstance(frame, torch.Tensor)
+        answers = [
+            pipeline.run_image(task, route, f, "cpu", Timer(lambda s, v: None))
+            for f in (host, frame)
+        ]
+    finally:
+        pipeline.cache.close()
+    found = sum(len(v.get("detections", ())) for v in answers[0].values() if isinstance(v, dict))
+    assert found > 0, "the photo must hold objects for the comparison to mean anything"
+    _close(answers[0], answers[1], pipeline_name)
+
+
+def test_the_letterbox_on_the_device_matches_opencvs(decoder: DeviceDecoder) -> None:
+    """The model's input from a device frame against ultralytics' own letterbox on the
+    host: same shape and padding, pixels within OpenCV's fixed-point rounding."""
+    config = str(REPO_ROOT / "configs" / "demo.yaml")
+    pipeline = _pipeline(config, decoder)
+    try:
+        key = pipeline.resolver.key(pipeline.configs.current(), "detection", None, "cpu")
+        predictor = pipeline.cache.get(key).predictor
+        for photo in ("scene_01.jpg", "large_01.jpg"):
+            data = (SAMPLES / photo).read_bytes()
+            host = predictor.preprocess(decode_scaled(data, 10**8, None)[0])
+            frame = decoder.decode(data)
+            assert frame is not None
+            device = predictor.preprocess(frame)
+            assert device.shape == host.shape and device.dtype == host.dtype == torch.uint8
+            diff = (device.int() - host.int()).abs()
+            assert diff.float().mean() < 1.0 and diff.max() <= 8, photo
+    finally:
+        pipeline.cache.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG)")
+def test_on_a_gpu_nvjpeg_frames_give_the_host_answer() -> None:
+    decoder = DeviceDecoder("cuda:0")
+    pipeline = _pipeline(str(REPO_ROOT / "configs" / "agro.yaml"), decoder, "cuda:0")
+    task = make_task("t-a", "gs://gannet-images/t-a/x.jpg", "FULL_PIPELINE", "t")
+    route = pipeline.check(task)
+    try:
+        for photo in ("scene_01.jpg", "scene_04.jpg"):
+            data = (SAMPLES / photo).read_bytes()
+            frame, _ = pipeline.decode(data, route, "cuda:0")
+            assert isinstance(frame, torch.Tensor) and frame.is_cuda
+            host, _ = decode_scaled(data, 10**8, None)
+            answers = [
+                pipeline.run_image(task, route, f, "cuda:0", Timer(lambda s, v: None))
+                for f in (host, frame)
+            ]
+            _close(answers[0], answers[1], photo)
+    finally:
+        pipeline.cache.close()
+        decoder.close()
