@@ -56,7 +56,8 @@ def test_a_wrong_image_set_or_baseline_is_refused_before_anything_starts():
     from gannet.errors import CommandError
 
     def args(**kw: object) -> argparse.Namespace:
-        return argparse.Namespace(**{"sizes": None, "baseline": None, **kw})
+        defaults = {"sizes": None, "baseline": None, "trace": True, "trace_only": False}
+        return argparse.Namespace(**{**defaults, **kw})
 
     with pytest.raises(CommandError, match="choose from 640x480"):
         bench_plumbing.check_args(args(sizes=["640x48"]))
@@ -64,6 +65,8 @@ def test_a_wrong_image_set_or_baseline_is_refused_before_anything_starts():
     with pytest.raises(CommandError, match="plumbing-baseline"):
         bench_plumbing.check_args(args(baseline="87be843"))
     bench_plumbing.check_args(args(sizes=["mix"], baseline="HEAD"))
+    with pytest.raises(CommandError, match="leave out --no-trace"):
+        bench_plumbing.check_args(args(trace_only=True, trace=False))
 
 
 @pytest.mark.slow
@@ -76,6 +79,7 @@ def test_plumbing_bench_measures_each_daemon_by_stage_on_one_and_two_cores(tmp_p
         baseline="HEAD",
         gil=True,
         trace=True,
+        trace_only=False,
         state_dir=tmp_path,
     )
     with LocalServices(tmp_path / "services", Ports.free()) as services:

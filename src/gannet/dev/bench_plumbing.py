@@ -315,15 +315,19 @@ def one_size(
     cores.append(("2 cores, stage CPU", "0,1", False, True, 1, False))
     if args.gil:
         cores.append((GIL_RUN, "0,1", True, False, 1, False))
-    # This tree's daemon only (a baseline's has neither): every task traced, right after
+    # This tree's daemon only (a baseline's has neither): every task traced, next to
     # the clean 2-core run it is compared with, so the VM's drift within a round falls
     # on both alike; and one daemon process per core (GANNET_PROCESSES=2).
     traced_run = [(TRACED_RUN, "0,1", False, False, 1, True)] if receiver is not None else []
     ours = [cores[0], *traced_run, *cores[1:], (PER_CORE_RUN, "0,1", False, False, 2, False)]
+    if args.trace_only:
+        ours = [cores[0], *traced_run]
     for n in range(1, args.rounds + 1):
         for daemon in daemons:
             result: dict[str, Any] = {}
             runs = ours if daemon.name == THIS_TREE else cores
+            if traced_run and n % 2 == 0:  # every other round traced first: the second
+                runs = [runs[1], runs[0], *runs[2:]]  # run of a pair is not always it
             for label, cpus, gil, split, processes, traced in runs:
                 print(f"  {size} round {n}: {daemon.name} daemon, {label} ...", flush=True)
                 queue = stack.fresh_queue(services, f"pl-{uuid.uuid4().hex[:8]}")
@@ -348,28 +352,32 @@ def one_size(
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over rounds of every figure the report shows."""
     two = [r["2 cores"] for r in rounds]
-    one = [r["1 core"] for r in rounds]
-    split = [r["2 cores, stage CPU"] for r in rounds]
     summary: dict[str, Any] = {
         "rounds": rounds,
         "images_per_s": statistics.median(r["images_per_s"] for r in two),
-        "images_per_s_1_core": statistics.median(r["images_per_s"] for r in one),
         "cpu_ms_per_image": statistics.median(r["cpu_ms_per_image"] for r in two),
-        "scaling_2_over_1_core": statistics.median(
-            a["images_per_s"] / b["images_per_s"] for a, b in zip(two, one, strict=True)
-        ),
         "mean_batch_size": statistics.median(r["mean_batch_size"] for r in two),
+    }
+    one = [r["1 core"] for r in rounds if "1 core" in r]
+    if one:  # not with --trace-only
+        summary["images_per_s_1_core"] = statistics.median(r["images_per_s"] for r in one)
+        summary["scaling_2_over_1_core"] = statistics.median(
+            a["images_per_s"] / b["images_per_s"] for a, b in zip(two, one, strict=True)
+        )
+    split = [r["2 cores, stage CPU"] for r in rounds if "2 cores, stage CPU" in r]
+    if split:
         # From the run with GANNET_STAGE_CPU on: its own total, which the clock
         # syscalls make a little higher than the clean run's.
-        "stages_cpu_ms_per_image": {
+        summary["stages_cpu_ms_per_image"] = {
             stage: statistics.median(r["stages_cpu_ms_per_image"].get(stage, 0.0) for r in split)
             for stage in split[0]["stages_cpu_ms_per_image"]
-        },
-        "other_threads_cpu_ms_per_image": statistics.median(
+        }
+        summary["other_threads_cpu_ms_per_image"] = statistics.median(
             r["other_threads_cpu_ms_per_image"] for r in split
-        ),
-        "split_run_cpu_ms_per_image": statistics.median(r["cpu_ms_per_image"] for r in split),
-    }
+        )
+        summary["split_run_cpu_ms_per_image"] = statistics.median(
+            r["cpu_ms_per_image"] for r in split
+        )
     per_core = [r[PER_CORE_RUN] for r in rounds if PER_CORE_RUN in r]
     if per_core:
         summary["per_core"] = {
@@ -442,13 +450,14 @@ def print_report(report: dict[str, Any]) -> None:
     for size, by_daemon in report["sizes"].items():
         for name, s in by_daemon.items():
             gil = s.get("gil_ms_per_image")
+            one, scaling = s.get("images_per_s_1_core"), s.get("scaling_2_over_1_core")
             rows.append(
                 [
                     size,
                     name,
                     f"{s['images_per_s']:.1f}",
-                    f"{s['images_per_s_1_core']:.1f}",
-                    f"{s['scaling_2_over_1_core']:.2f}",
+                    "-" if one is None else f"{one:.1f}",
+                    "-" if scaling is None else f"{scaling:.2f}",
                     f"{s['cpu_ms_per_image']:.2f}",
                     "-" if gil is None else f"{gil:.2f}",
                     f"{s['mean_batch_size']:.1f}",
@@ -497,6 +506,8 @@ def print_report(report: dict[str, Any]) -> None:
         print(format_table(header, traced))
     for size, by_daemon in report["sizes"].items():
         names = list(by_daemon)
+        if "stages_cpu_ms_per_image" not in by_daemon[names[0]]:
+            continue
         stage_rows = [
             [label, *(f"{by_daemon[n]['stages_cpu_ms_per_image'].get(k, 0.0):.2f}" for n in names)]
             for k, label in STAGES.items()
@@ -516,6 +527,11 @@ def print_report(report: dict[str, Any]) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse a typo before minutes of services and daemons, saying what would work."""
+    if args.trace_only and (not args.trace or args.baseline):
+        raise CommandError(
+            "--trace-only measures this tree with tracing off and on: leave out --no-trace "
+            "and --baseline"
+        )
     unknown = [size for size in args.sizes or () if size not in SIZES]
     if unknown:
         raise CommandError(

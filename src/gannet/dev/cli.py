@@ -230,6 +230,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="--plumbing: skip the run with tracing on at sampling 1.0 (OTLP to a local "
         "receiver) that measures what tracing costs",
     )
+    p.add_argument(
+        "--trace-only",
+        action="store_true",
+        help="--plumbing: only the two runs that tracing's cost is read from (2 cores, "
+        "tracing off and at sampling 1.0, in alternating order), for many rounds quickly",
+    )
     p.add_argument("--images", type=int, default=256, help="tasks per measurement (default 256)")
     p.add_argument(
         "--runners",
