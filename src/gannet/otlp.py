@@ -36,13 +36,9 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
-_ONE_BYTE = [bytes((n,)) for n in range(0x80)]  # the varint of every length below 128
-
-
 def field(tag: bytes, payload: bytes) -> bytes:
     """A length-delimited field: a string, bytes or a nested message."""
-    n = len(payload)
-    return tag + (_ONE_BYTE[n] if n < 0x80 else varint(n)) + payload
+    return tag + varint(len(payload)) + payload
 
 
 _texts: dict[tuple[bytes, str], bytes] = {}
@@ -74,32 +70,14 @@ def any_value(value: Any) -> bytes:
     return field(b"\x0a", str(value).encode())
 
 
-_pairs: dict[tuple[bytes, str, type, Any], bytes] = {}
-_SCALARS = (str, bool, int, float)
-
-
 def key_values(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
-    """Repeated KeyValue (key 1, value 2) under `tag`.
-
-    Most attributes repeat from span to span (the subscription, the project, the
-    pipeline, a delivery attempt of 1), so a scalar pair is encoded once and looked up
-    after; the cache starts over when full, as the unique ones (ids) fill it."""
+    """Repeated KeyValue (key 1, value 2) under `tag`."""
     if not attributes:
         return b""
-    out = []
-    for k, v in attributes.items():
-        kind = type(v)
-        if kind not in _SCALARS:
-            out.append(field(tag, text_field(b"\x0a", k) + field(b"\x12", any_value(v))))
-            continue
-        encoded = _pairs.get((tag, k, kind, v))  # the type: True == 1, not the same bytes
-        if encoded is None:
-            encoded = field(tag, text_field(b"\x0a", k) + field(b"\x12", any_value(v)))
-            if len(_pairs) >= 4096:
-                _pairs.clear()
-            _pairs[(tag, k, kind, v)] = encoded
-        out.append(encoded)
-    return b"".join(out)
+    return b"".join(
+        field(tag, text_field(b"\x0a", k) + field(b"\x12", any_value(v)))
+        for k, v in attributes.items()
+    )
 
 
 def span(

@@ -34,7 +34,6 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.trace import (
-    INVALID_SPAN_CONTEXT,
     Link,
     NonRecordingSpan,
     SpanContext,
@@ -189,8 +188,6 @@ class _Tracer(trace.Tracer):
         else:  # a new trace, kept at the ratio (as the SDK's TraceIdRatioBased decides)
             trace_id, parent_id = _getrandbits(128), 0
             sampled = SAMPLED if trace_id % _ID_BOUND < self._recorder.bound else NOT_SAMPLED
-        if name in self._recorder.elided:  # its time shows as a gap in its parent's
-            return NonRecordingSpan(parent if parent.is_valid else INVALID_SPAN_CONTEXT)
         span_context = SpanContext(trace_id, _getrandbits(64), False, sampled)
         if not sampled.sampled:
             return NonRecordingSpan(span_context)
@@ -233,11 +230,7 @@ class Recorder(trace.TracerProvider):
         sample_ratio: float,
         send: Send,
         every_s: float = SHIP_EVERY_S,
-        elided: frozenset[str] = frozenset(),
     ) -> None:
-        """`elided`: names of other libraries' spans not worth their cost; such a span is
-        not recorded, and anything started under it becomes a child of its parent."""
-        self.elided = elided
         self.bound = round(min(max(sample_ratio, 0.0), 1.0) * _ID_BOUND)
         self._resource = otlp.resource(resource)
         self._send = send

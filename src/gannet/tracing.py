@@ -45,11 +45,6 @@ if TYPE_CHECKING:
     from gannet.settings import Settings
 
 TRACER = "gannet"
-# The Pub/Sub client's spans around its own queues, two of the four it opens for each
-# message. Their time is still in the trace, as the gap between the client's `subscribe`
-# span and our `gannet task`; recording and shipping them cost more than all our stages
-# together (docs/benchmark.md, "What tracing costs").
-PUBSUB_INTERNAL_SPANS = frozenset({"subscriber concurrency control", "subscriber scheduler"})
 SCOPE = (TRACER, __version__)  # the instrumentation scope of our spans
 
 
@@ -80,7 +75,6 @@ class Tracing:
             # Follow the publisher's decision; sample new traces at the ratio.
             settings.trace_sample_ratio,
             otlp_sender(channel),
-            elided=PUBSUB_INTERNAL_SPANS,
         )
         trace.set_tracer_provider(provider)
         return cls(provider)
