@@ -202,6 +202,7 @@ def test_on_a_gpu_nvjpeg_frames_give_the_host_answer() -> None:
     task = make_task("t-a", "gs://gannet-images/t-a/x.jpg", "FULL_PIPELINE", "t")
     route = pipeline.check(task)
     try:
+        pipeline.warm(["cuda:0"])  # the models, and nvJPEG's first call
         for photo in ("scene_01.jpg", "scene_04.jpg"):
             data = (SAMPLES / photo).read_bytes()
             frame, _ = pipeline.decode(data, route, "cuda:0")

@@ -222,7 +222,11 @@ class Pipeline:
 
     def warm(self, devices: list[str]) -> None:
         """Load every enabled model of every served industry on every device before the
-        stream opens (per-tenant models load on first use)."""
+        stream opens (per-tenant models load on first use); and each device's JPEG
+        decoder, whose first call sets nvJPEG up."""
+        blank = cv2.imencode(".jpg", np.zeros((16, 16, 3), np.uint8))[1].tobytes()
+        for decoder in self.decoders.values():
+            decoder.decode(blank)
         for loaded in self.configs.served():
             for device in devices:
                 for kind in loaded.config.enabled_models():
