@@ -65,8 +65,18 @@ def test_a_wrong_image_set_or_baseline_is_refused_before_anything_starts():
     with pytest.raises(CommandError, match="plumbing-baseline"):
         bench_plumbing.check_args(args(baseline="87be843"))
     bench_plumbing.check_args(args(sizes=["mix"], baseline="HEAD"))
+    bench_plumbing.check_args(args(baseline="plumbing-baseline"))
     with pytest.raises(CommandError, match="leave out --no-trace"):
         bench_plumbing.check_args(args(trace_only=True, trace=False))
+
+
+def test_the_plumbing_baseline_is_built_from_its_commit_and_patch(tmp_path):
+    """plumbing-baseline is a name, not a tag (a clone does not always carry tags): the
+    daemon of 88ae9f0 with its stage CPU clock switched off unless asked for."""
+    src = bench_plumbing.baseline_src(bench_plumbing.BASELINE, tmp_path)
+    assert (src / "gannet" / "dev" / "replay.py").is_file()
+    assert "stage CPU off: no clock syscall" in (src / "gannet" / "stages.py").read_text()
+    assert 'GANNET_STAGE_CPU") != "1"' in (src / "gannet" / "dispatch.py").read_text()
 
 
 @pytest.mark.slow

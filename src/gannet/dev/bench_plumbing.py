@@ -279,17 +279,32 @@ def stop_py_spy(proc: subprocess.Popen[bytes], out: Path) -> int:
     return sum(int(line.rsplit(" ", 1)[1]) for line in out.read_text().splitlines() if line)
 
 
+# The daemon before any change to the hot path: 88ae9f0, where this mode was added, with
+# only the switch that later kept the stage CPU clock off unless GANNET_STAGE_CPU=1
+# (plumbing_baseline.patch), so both daemons are measured alike. A name rather than a
+# git tag: a clone does not always carry tags.
+BASELINE = "plumbing-baseline"
+BASELINE_COMMIT = "88ae9f0"
+BASELINE_PATCH = Path(__file__).with_name("plumbing_baseline.patch")
+
+
 def baseline_src(rev: str, out: Path) -> Path:
-    """Commit `rev`'s src/ tree, to run its daemon beside this one."""
+    """Commit `rev`'s src/ tree (or the plumbing baseline's), to run its daemon beside
+    this one."""
     target = out / f"baseline-{rev}"
     if not target.exists():
         target.mkdir(parents=True)
+        commit = BASELINE_COMMIT if rev == BASELINE else rev
         archive = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "archive", rev, "src"],
+            ["git", "-C", str(REPO_ROOT), "archive", commit, "src"],
             check=True,
             capture_output=True,
         ).stdout
         subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+        if rev == BASELINE:  # outside any repository (the state dir is inside this one)
+            env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(target.parent)}
+            apply = ["git", "apply", str(BASELINE_PATCH)]
+            subprocess.run(apply, cwd=target, env=env, check=True, capture_output=True)
     return target / "src"
 
 
@@ -538,7 +553,8 @@ def check_args(args: argparse.Namespace) -> None:
             f"unknown image set {', '.join(unknown)}; choose from {', '.join(SIZES)}"
         )
     if args.baseline:
-        spec = f"{args.baseline}:src/gannet/dev/replay.py"
+        commit = BASELINE_COMMIT if args.baseline == BASELINE else args.baseline
+        spec = f"{commit}:src/gannet/dev/replay.py"
         found = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "cat-file", "-e", spec], capture_output=True
         )
@@ -546,7 +562,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise CommandError(
                 f"--baseline {args.baseline}: no such commit in this clone, or it predates "
                 "the plumbing mode (no src/gannet/dev/replay.py). The daemon from before "
-                "the hot-path work is the tag plumbing-baseline."
+                f"the hot-path work is {BASELINE}."
             )
 
 
