@@ -23,6 +23,7 @@ import pytest
 from google.api_core import exceptions as gexc
 
 from gannet import clients
+from gannet.acks import Acks
 from gannet.subscriber import Subscriber
 
 WAIT_S = 15
@@ -145,6 +146,35 @@ def test_stop_waits_for_a_running_callback_and_its_ack_sticks(stack):
         opener.start()
         assert subscriber.wait_closed(timeout=10) is True
         assert len(recorder.finished) == 1, "wait_closed returned before the callback"
+    assert stack.unacked(recorder.delivered) == []
+
+
+def test_acks_held_for_a_batch_are_sent_before_the_stream_stops(stack):
+    """The daemon hands acks over together (acks.py). One still waiting when the stream
+    stops must reach Pub/Sub before the client stops sending: with a window far longer
+    than the test, only the flush at shutdown can send it."""
+    gate = threading.Event()
+    acks = Acks(window_s=3600)
+    recorder = Recorder(gate, settle=acks.ack)
+    subscriber = Subscriber(
+        clients.pubsub_clients(stack.settings)[1],
+        stack.settings.subscription_path(),
+        4,
+        recorder,
+        acks=acks,
+    )
+    subscriber.start()
+    try:
+        for body in (b"first", b"second", b"in flight at shutdown"):
+            stack.publish_raw(body)
+        wait_until(lambda: len(recorder.delivered) == 3, "three callbacks running")
+        assert subscriber.stop_pulling(timeout=10) is True
+        threading.Timer(0.3, gate.set).start()  # they settle after the stop
+        assert subscriber.wait_closed(timeout=10) is True
+    finally:
+        gate.set()
+        acks.close()
+    assert len(recorder.finished) == 3
     assert stack.unacked(recorder.delivered) == []
 
 

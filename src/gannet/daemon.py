@@ -29,6 +29,7 @@ import google.cloud.pubsub_v1 as pubsub_v1
 from google.api_core import exceptions as gexc
 
 from gannet import clients, logs
+from gannet.acks import Acks
 from gannet.backlog import BacklogMonitor
 from gannet.callback import Callbacks, build_callbacks
 from gannet.config_sources import Configs, open_configs
@@ -120,11 +121,14 @@ class Parts:
     callbacks: Callbacks
     dispatcher: Dispatcher
     devices: list[str]
+    acks: dict[str, Acks]
     tracing: Tracing | None = None
 
     def close(self, timeout_s: float = 0.0) -> None:
         """Stop the model threads and release the database pool (callbacks are closed
         by the shutdown, which knows how long they may take); send the last spans."""
+        for acks in self.acks.values():  # any left: the streams are closed by now
+            acks.close()
         self.cache.close(timeout_s)
         for decoder in self.pipeline.decoders.values():
             decoder.close()
@@ -188,12 +192,14 @@ def build(
     pipeline = Pipeline(configs, storage, cache, resolver, limits, decoders)
     callbacks = build_callbacks(s, sink.set_callback_status, metrics)
     lanes = s.lane_list()
+    acks = {lane.name: Acks() for lane in lanes}  # handed to each lane's Subscriber too
     settlers = {
         lane.name: Settler(
             publisher,
             s.path("topics", lane.dead_letter_topic),
             lane.subscription,
             metrics,
+            acks[lane.name],
             lane.name,
         )
         for lane in lanes
@@ -229,6 +235,7 @@ def build(
         callbacks,
         dispatcher,
         devices,
+        acks,
         tracing,
     )
 
@@ -298,6 +305,7 @@ class Daemon:
                 s.lane_flow_control(lane),
                 parts.dispatcher.on_message_of(lane.name),
                 stream_ack_deadline_s=s.stream_ack_deadline_s,
+                acks=parts.acks[lane.name],
             )
             for lane in lanes
         ]

@@ -24,6 +24,7 @@ from typing import Any
 import google.cloud.pubsub_v1 as pubsub_v1
 from google.api_core import exceptions as gexc
 
+from gannet.acks import Acks
 from gannet.errors import ErrorCode, GannetError, TransientError
 from gannet.metrics import Metrics
 from gannet.task import Task
@@ -70,8 +71,11 @@ class Settler:
         dead_letter_topic_path: str,
         subscription: str,
         metrics: Metrics,
+        acks: Acks,
         lane: str = "default",
     ) -> None:
+        """`acks`: where acks wait a few milliseconds to go out together (acks.py)."""
+        self.acks = acks
         self.publisher = publisher
         self.dead_letter_topic_path = dead_letter_topic_path
         self.subscription = subscription
@@ -92,7 +96,7 @@ class Settler:
         elif decision is Decision.NACK:
             message.nack()
         else:
-            message.ack()
+            self.acks.ack(message)
             if outcome.label == "succeeded":  # committed just now: publish -> commit
                 self._latency.observe(max(0.0, time.time() - message.publish_time.timestamp()))
         self.metrics.messages.labels(outcome.label).inc()

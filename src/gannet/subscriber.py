@@ -21,6 +21,8 @@ from google.cloud.pubsub_v1.subscriber.futures import StreamingPullFuture
 from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
 from google.cloud.pubsub_v1.types import FlowControl
 
+from gannet.acks import Acks
+
 log = logging.getLogger(__name__)
 
 
@@ -54,15 +56,22 @@ if not hasattr(bidi.BidiRpc.close, "__wrapped__"):
 
 class _Scheduler(ThreadScheduler):  # type: ignore[misc] # the client library is untyped
     """Tells us when the stream has stopped: the client library shuts the scheduler down
-    right after it stops consuming, before it waits for running callbacks."""
+    right after it stops consuming, before it waits for running callbacks. Once they
+    have settled, the acks they queued (acks.py) go to the client, before it stops the
+    thread that sends them."""
 
-    def __init__(self, executor: ThreadPoolExecutor, stream_closed: threading.Event) -> None:
+    def __init__(
+        self, executor: ThreadPoolExecutor, stream_closed: threading.Event, acks: Acks | None
+    ) -> None:
         super().__init__(executor=executor)
         self._stream_closed = stream_closed
+        self._acks = acks
 
     def shutdown(self, await_msg_callbacks: bool = False) -> list[Any]:
         self._stream_closed.set()
         dropped: list[Any] = super().shutdown(await_msg_callbacks=await_msg_callbacks)
+        if self._acks is not None:
+            self._acks.flush()
         return dropped
 
 
@@ -75,7 +84,11 @@ class Subscriber:
         on_message: Callable[[Any], None],
         stream_ack_deadline_s: int = 60,
         max_lease_s: int = 3600,
+        acks: Acks | None = None,
     ) -> None:
+        """`acks`: where on_message's acks wait to go out together; flushed when the
+        stream stops."""
+        self.acks = acks
         self.client = client
         self.subscription_path = subscription_path
         self.max_messages = max_messages
@@ -103,7 +116,7 @@ class Subscriber:
             self.subscription_path,
             callback=self.on_message,
             flow_control=flow,
-            scheduler=_Scheduler(self._executor, self.stream_closed),
+            scheduler=_Scheduler(self._executor, self.stream_closed, self.acks),
             await_callbacks_on_shutdown=True,
         )
         log.info(
