@@ -129,6 +129,16 @@ def decode_scaled(
     return image, scale
 
 
+def _orientation(header: Image.Image) -> int | None:
+    """The EXIF orientation tag (1, upright, when there is none); None when the EXIF
+    block cannot be read, so the photo goes to OpenCV, which reads it its own way."""
+    try:
+        return int(header.getexif().get(0x0112, 1))
+    except (SyntaxError, ValueError, TypeError, OSError) as exc:
+        log.debug("unreadable EXIF (%s); decoding on the CPU", exc)
+        return None
+
+
 class Pipeline:
     def __init__(
         self,
@@ -175,8 +185,8 @@ class Pipeline:
         header = read_header(data, self.limits.max_image_pixels)
         decoder = self.decoders.get(device)
         if decoder is not None and header.format == "JPEG":
-            orientation = header.getexif().get(0x0112, 1)
-            frame = decoder.decode(data, orientation)
+            orientation = _orientation(header)
+            frame = decoder.decode(data, orientation) if orientation is not None else None
             if frame is not None:
                 return frame, (1.0, 1.0)
         return decode_scaled(data, self.limits.max_image_pixels, route.decode_floor, header)
