@@ -288,15 +288,19 @@ BASELINE_COMMIT = "88ae9f0"
 BASELINE_PATCH = Path(__file__).with_name("plumbing_baseline.patch")
 
 
+def baseline_commit(rev: str) -> str:
+    """The commit whose src/ a --baseline REV runs (before the baseline's patch)."""
+    return BASELINE_COMMIT if rev == BASELINE else rev
+
+
 def baseline_src(rev: str, out: Path) -> Path:
     """Commit `rev`'s src/ tree (or the plumbing baseline's), to run its daemon beside
     this one."""
     target = out / f"baseline-{rev}"
     if not target.exists():
         target.mkdir(parents=True)
-        commit = BASELINE_COMMIT if rev == BASELINE else rev
         archive = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "archive", commit, "src"],
+            ["git", "-C", str(REPO_ROOT), "archive", baseline_commit(rev), "src"],
             check=True,
             capture_output=True,
         ).stdout
@@ -553,8 +557,7 @@ def check_args(args: argparse.Namespace) -> None:
             f"unknown image set {', '.join(unknown)}; choose from {', '.join(SIZES)}"
         )
     if args.baseline:
-        commit = BASELINE_COMMIT if args.baseline == BASELINE else args.baseline
-        spec = f"{commit}:src/gannet/dev/replay.py"
+        spec = f"{baseline_commit(args.baseline)}:src/gannet/dev/replay.py"
         found = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "cat-file", "-e", spec], capture_output=True
         )
