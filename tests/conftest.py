@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -25,7 +25,21 @@ from gannet.dev.stack import (
     settled,
 )
 
-__all__ = ["MANIFEST", "SAMPLES", "SCENES", "gannet", "make_stack", "prepared_services", "settled"]
+__all__ = [
+    "MANIFEST",
+    "SAMPLES",
+    "SCENES",
+    "box_distance",
+    "gannet",
+    "local_pipeline",
+    "make_stack",
+    "prepared_services",
+    "settled",
+]
+
+if TYPE_CHECKING:
+    from gannet.device_decode import DeviceDecoder
+    from gannet.pipeline import Pipeline
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 MANIFEST = json.loads((SAMPLES / "manifest.json").read_text())
@@ -49,3 +63,33 @@ def stack(services: LocalServices, tmp_path: Path) -> Iterator[Stack]:
 
 def expected_counts(entry: dict[str, Any]) -> dict[str, int]:
     return {k: v for k, v in entry["counts"].items() if v}
+
+
+def box_distance(a: list[float], b: list[float]) -> float:
+    """How far apart two [x0, y0, x1, y1] boxes are: their largest corner difference."""
+    return max(abs(p - q) for p, q in zip(a, b, strict=True))
+
+
+def local_pipeline(
+    config: str,
+    max_batch: int = 4,
+    decoders: dict[str, DeviceDecoder] | None = None,
+) -> Pipeline:
+    """A Pipeline on a local config and its local model files, without GCS: the test
+    hands it image bytes or decoded frames. Close `pipeline.cache` after."""
+    from gannet.config_sources import open_configs
+    from gannet.metrics import Metrics
+    from gannet.model_cache import ModelCache, yolo_loader
+    from gannet.model_resolver import ModelResolver
+    from gannet.pipeline import Limits, Pipeline
+    from gannet.storage import local_version, read_local
+
+    cache = ModelCache(yolo_loader(lambda uri, v: Path(uri)), Metrics(), max_batch=max_batch)
+    return Pipeline(
+        open_configs(config, read_local, local_version),
+        None,  # type: ignore[arg-type] # no GCS: the tests hand the bytes over
+        cache,
+        ModelResolver(local_version),
+        Limits(["gannet-images"], 10**8, 10**8),
+        decoders,
+    )

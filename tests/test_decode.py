@@ -6,6 +6,7 @@ import io
 
 import pytest
 import ultralytics  # noqa: F401 - it patches PIL.Image.open; decoding must not care
+from conftest import box_distance, local_pipeline
 from PIL import Image
 
 from gannet.errors import ErrorCode, PermanentError
@@ -48,27 +49,13 @@ def test_reduced_scale_decode_finds_the_same_objects_within_two_pixels(tmp_path)
     """A 4032x3024 photo for a 640-pixel detector is decoded at 1/4 scale (about 4x less
     CPU); the answer must be the one full-size decoding gives: the same detections, each
     box within 2 px in the photo's own pixels, and the photo's size reported."""
-    from pathlib import Path
-
-    from gannet.config_sources import open_configs
     from gannet.dev.bench_plumbing import images_for, write_config
     from gannet.dev.publish import make_task
-    from gannet.metrics import Metrics
-    from gannet.model_cache import ModelCache, yolo_loader
-    from gannet.model_resolver import ModelResolver
-    from gannet.pipeline import Limits, Pipeline, decode_scaled
+    from gannet.pipeline import decode_scaled
     from gannet.stages import Timer
-    from gannet.storage import local_version, read_local
 
     config = str(write_config(tmp_path))  # the demo detector at imgsz 640, DETECTION
-    cache = ModelCache(yolo_loader(lambda uri, v: Path(uri)), Metrics(), max_batch=1)
-    pipeline = Pipeline(
-        open_configs(config, read_local, local_version),
-        None,  # type: ignore[arg-type] # no GCS: images are decoded here
-        cache,
-        ModelResolver(local_version),
-        Limits(["gannet-images"], 1, 1),
-    )
+    pipeline = local_pipeline(config, max_batch=1)
     task = make_task("tenant-a", "gs://gannet-images/tenant-a/x.jpg", "DETECTION", "t")
     route = pipeline.check(task)
     assert route.decode_floor == 640
@@ -87,12 +74,12 @@ def test_reduced_scale_decode_finds_the_same_objects_within_two_pixels(tmp_path)
             assert reduced["image_size"] == full["image_size"] == [4032, 3024]
             assert len(reduced["detections"]) == len(full["detections"])
             for a in full["detections"]:  # confidences differ in the third digit: pair by box
-                b = min(reduced["detections"], key=lambda d: _box_distance(a["box"], d["box"]))
+                b = min(reduced["detections"], key=lambda d: box_distance(a["box"], d["box"]))
                 assert b["class"] == a["class"], (photo.name, a, b)
-                assert _box_distance(a["box"], b["box"]) <= 2.0, (photo.name, a, b)
+                assert box_distance(a["box"], b["box"]) <= 2.0, (photo.name, a, b)
                 compared += 1
     finally:
-        cache.close()
+        pipeline.cache.close()
     assert compared >= 8  # the photos do contain objects to compare
 
 
@@ -111,10 +98,6 @@ def test_only_plans_that_report_in_photo_pixels_decode_reduced():
     assert {k: v for k, v in floors.items() if v is not None} == dict.fromkeys(detection_only, 416)
     # Segmentation (masks, areas), sliced detection and classification crops: full size.
     assert {"agro.yaml:FIELD_ANALYSIS", "vending.yaml:SHELF_AUDIT"} <= floors.keys()
-
-
-def _box_distance(a: list[float], b: list[float]) -> float:
-    return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
 def test_reduced_decode_scales_back_to_the_upright_photo():

@@ -10,27 +10,22 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import box_distance, local_pipeline
 from PIL import Image
 
-from gannet.config_sources import open_configs
 from gannet.dev.publish import make_task
 from gannet.device_decode import DeviceDecoder
 from gannet.errors import ErrorCode, PermanentError
 from gannet.frames import to_host
-from gannet.metrics import Metrics
-from gannet.model_cache import ModelCache, yolo_loader
-from gannet.model_resolver import ModelResolver
-from gannet.pipeline import Limits, Pipeline, decode_scaled
+from gannet.pipeline import Pipeline, decode_scaled
 from gannet.settings import REPO_ROOT
 from gannet.stages import Timer
-from gannet.storage import local_version, read_local
 
 SAMPLES = REPO_ROOT / "samples"
 
@@ -80,15 +75,7 @@ def test_one_bad_jpeg_in_a_batch_is_refused_alone(decoder: DeviceDecoder) -> Non
 
 
 def _pipeline(config: str, decoder: DeviceDecoder | None, device: str = "cpu") -> Pipeline:
-    cache = ModelCache(yolo_loader(lambda uri, v: Path(uri)), Metrics(), max_batch=4)
-    return Pipeline(
-        open_configs(config, read_local, local_version),
-        None,  # type: ignore[arg-type] # no GCS: the tests hand the bytes over
-        cache,
-        ModelResolver(local_version),
-        Limits(["gannet-images"], 10**8, 10**8),
-        {device: decoder} if decoder is not None else None,
-    )
+    return local_pipeline(config, decoders={device: decoder} if decoder is not None else None)
 
 
 def test_formats_the_device_does_not_take_are_decoded_on_the_cpu(
@@ -128,16 +115,12 @@ def _close(a: Any, b: Any, where: str) -> None:
         for i, x in enumerate(a):
             y = b[i]
             if isinstance(x, dict) and "box" in x:  # confidences a hair apart reorder them
-                y = min(b, key=lambda d, box=x["box"]: _box_distance(box, d["box"]))
+                y = min(b, key=lambda d, box=x["box"]: box_distance(box, d["box"]))
             _close(x, y, f"{where}[{i}]")
     elif isinstance(a, float | int) and not isinstance(a, bool):
         assert abs(a - b) <= max(2.0, 0.03 * abs(a)), (where, a, b)
     else:
         assert a == b, (where, a, b)
-
-
-def _box_distance(a: list[float], b: list[float]) -> float:
-    return max(abs(p - q) for p, q in zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize(

@@ -33,10 +33,11 @@ def crop(frame: Frame, x0: int, y0: int, x1: int, y1: int) -> Frame:
 
 
 def to_host(frame: Frame) -> np.ndarray:
-    """HxWx3 BGR on the host; a device frame is converted on its device, then copied."""
+    """HxWx3 BGR on the host. A device frame is laid out HxWx3 on its device, then copied
+    once: the host only receives bytes (it used to get a strided view and copy it again)."""
     if isinstance(frame, np.ndarray):
         return frame
-    return np.ascontiguousarray(frame.flip(0).permute(1, 2, 0).cpu().numpy())
+    return frame.permute(1, 2, 0).flip(2).contiguous().cpu().numpy()
 
 
 def shape_only(frame: Frame) -> np.ndarray:
