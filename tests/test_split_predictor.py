@@ -42,3 +42,33 @@ def test_classifier_keeps_ultralytics_own_transforms():
     crop = np.full((50, 70, 3), 200, dtype=np.uint8)
     ours = SplitPredictor(model).preprocess(crop)
     assert torch.equal(ours, model.predictor.preprocess([crop]))
+
+
+@pytest.mark.parametrize("conf", [0.01, 0.25])
+def test_detector_nms_on_the_host_gives_ultralytics_answer(conf: float):
+    """The runners do a plain detector's NMS in a few calls on the host
+    (split_predictor.detect_on_host) instead of ultralytics' postprocess: the same boxes,
+    confidences and classes, in the same order, on photos that are letterboxed with and
+    without padding, with a few boxes each and (at conf 0.01) a few dozen."""
+    load = yolo_loader(lambda uri, version: Path(uri), trace=False)
+    model, _ = load(ModelKey(str(MODELS / "detect.pt"), "v", "cpu", 640, "detect"))
+    split = SplitPredictor(model)
+    assert split._nms_on_host
+    compared = 0
+    for name in ("scene_01.jpg", "scene_02.jpg", "scene_03.jpg"):
+        scene = cv2.imread(str(REPO_ROOT / "samples" / name))
+        for width, height in [(640, 480), (1920, 1080), (1200, 1600)]:
+            image = cv2.resize(scene, (width, height))
+            inputs = split.preprocess(image)
+            (output,) = split.forward([inputs])
+            ours = split.postprocess(output, inputs, image, conf)
+            view = split._own_copy()
+            with torch.inference_mode():
+                (theirs,) = view.postprocess(output, split._model_input(inputs), [image])
+            assert ours.boxes.data.shape == theirs.boxes.data.shape, (name, width, height)
+            np.testing.assert_allclose(
+                ours.boxes.data.numpy(), theirs.boxes.data.numpy(), rtol=0, atol=1e-3
+            )
+            assert ours.orig_shape == theirs.orig_shape and ours.names == theirs.names
+            compared += len(theirs.boxes)
+    assert compared >= (200 if conf < 0.1 else 20)  # there were boxes to compare

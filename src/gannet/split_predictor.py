@@ -23,9 +23,13 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 from ultralytics.data.augment import LetterBox
+from ultralytics.engine.results import Results
+from ultralytics.models.yolo.detect import DetectionPredictor
+from ultralytics.utils.ops import scale_boxes, xywh2xyxy
 
-from gannet.frames import Frame, shape_only, to_host
+from gannet.frames import Frame, frame_size, shape_only, to_host
 
 
 def output_row(out: Any, i: int) -> Any:
@@ -56,6 +60,13 @@ class SplitPredictor:
         preprocess = type(self._predictor).preprocess
         self._letterboxes = preprocess.__qualname__ == "BasePredictor.preprocess"
         self._geometry = self._letterbox_geometry() if self._letterboxes else None
+        # A plain detector (not segment, pose or obb, which subclass it; not end-to-end):
+        # its NMS runs on the host in a few calls (detect_on_host).
+        self._nms_on_host = (
+            type(self._predictor) is DetectionPredictor
+            and not getattr(self._predictor.model, "end2end", False)
+            and self._predictor.args.classes is None
+        )
 
     def _letterbox_geometry(self) -> LetterBox:
         """The LetterBox a one-image predict builds, for frames on a device: its sizes
@@ -153,6 +164,46 @@ class SplitPredictor:
         """Runner thread: NMS, masks and the Results object for one image."""
         view = self._own_copy()
         view.args.conf = conf
+        prediction = output[0] if isinstance(output, (tuple, list)) else output
+        if self._nms_on_host and isinstance(prediction, torch.Tensor) and prediction.ndim == 3:
+            return detect_on_host(view, prediction, inputs, frame)
         with torch.inference_mode():
             (result,) = view.postprocess(output, inputs, [shape_only(frame)])
         return result
+
+
+def detect_on_host(predictor: Any, prediction: torch.Tensor, inputs: Any, frame: Frame) -> Results:
+    """A detector's NMS and Results as ultralytics' DetectionPredictor.postprocess makes
+    them (non_max_suppression, then scale_boxes), in about ten torch calls instead of
+    about ninety.
+
+    Why: every torch call releases the GIL, and a thread that lets go of it waits to get
+    it back while the daemon's other threads run. With a second core that wait is paid
+    per call: ultralytics' post-processing of a 640x480 image cost 0.5-0.8 ms of CPU alone
+    and 7-9 ms with one busy Python thread on the other core; this, the same answer, 0.3
+    and 1.6-2.3 ms (scripts/measure_gil_convoy.py, docs/benchmark.md). The candidates above the threshold are picked on the
+    prediction's device (on a GPU only they are copied to the host), and the rest runs
+    in NumPy on a few dozen rows: the same float32 arithmetic, ultralytics' own
+    xywh2xyxy and scale_boxes, torchvision's NMS. (An FP16 model's candidates are made
+    float32 first, where ultralytics stays in FP16: boxes then differ in the fourth
+    significant digit.)"""
+    args = predictor.args
+    scores = prediction[0, 4:]  # (classes, anchors)
+    picked = prediction[0][:, scores.amax(0) > args.conf]
+    x = picked.T.float().cpu().numpy()  # (candidates, 4 + classes)
+    classes = x[:, 4:].argmax(1)
+    confidence = x[np.arange(len(x)), 4 + classes]
+    if len(x) > 30000:  # ultralytics' max_nms: the most confident first
+        order = torch.from_numpy(confidence).argsort(descending=True)[:30000].numpy()
+        x, classes, confidence = x[order], classes[order], confidence[order]
+    boxes = xywh2xyxy(x[:, :4])  # type: ignore[no-untyped-call]
+    offset = classes.astype(np.float32)[:, None] * (0 if args.agnostic_nms else 7680)
+    kept = torchvision.ops.nms(
+        torch.from_numpy(boxes + offset), torch.from_numpy(confidence), args.iou
+    )[: args.max_det].numpy()
+    found = np.empty((len(kept), 6), np.float32)
+    found[:, :4] = scale_boxes(inputs.shape[2:], boxes[kept], frame_size(frame))
+    found[:, 4] = confidence[kept]
+    found[:, 5] = classes[kept]
+    names = predictor.model.names
+    return Results(shape_only(frame), path="", names=names, boxes=torch.from_numpy(found))

@@ -77,9 +77,8 @@ def boxes_to_detections(
     boxes = result.boxes
     if boxes is None or len(boxes) == 0:
         return []
-    xyxy = boxes.xyxy.cpu().numpy()
-    confs = boxes.conf.cpu().numpy()
-    classes = boxes.cls.cpu().numpy().astype(int)
+    data = boxes.data.cpu().numpy()  # one copy: x0, y0, x1, y1, (a track id), conf, class
+    xyxy, confs, classes = data[:, :4], data[:, -2], data[:, -1].astype(int)
     dx, dy = offset
     sx, sy = scale
     out = []
