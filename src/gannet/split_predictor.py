@@ -181,12 +181,12 @@ def detect_on_host(predictor: Any, prediction: torch.Tensor, inputs: Any, frame:
     it back while the daemon's other threads run. With a second core that wait is paid
     per call: ultralytics' post-processing of a 640x480 image cost 0.5-0.8 ms of CPU alone
     and 7-9 ms with one busy Python thread on the other core; this, the same answer, 0.3
-    and 1.6-2.3 ms (scripts/measure_gil_convoy.py, docs/benchmark.md). The candidates above the threshold are picked on the
-    prediction's device (on a GPU only they are copied to the host), and the rest runs
-    in NumPy on a few dozen rows: the same float32 arithmetic, ultralytics' own
-    xywh2xyxy and scale_boxes, torchvision's NMS. (An FP16 model's candidates are made
-    float32 first, where ultralytics stays in FP16: boxes then differ in the fourth
-    significant digit.)"""
+    and 1.6-2.3 ms (scripts/measure_gil_convoy.py, docs/benchmark.md). The candidates
+    above the threshold are picked on the prediction's device (on a GPU only they are
+    copied to the host), and the rest runs in NumPy on a few dozen rows: the same
+    float32 arithmetic, ultralytics' own xywh2xyxy and scale_boxes, torchvision's NMS.
+    (An FP16 model's candidates are made float32 first, where ultralytics stays in
+    FP16: boxes then differ in the fourth significant digit.)"""
     args = predictor.args
     scores = prediction[0, 4:]  # (classes, anchors)
     picked = prediction[0][:, scores.amax(0) > args.conf]
