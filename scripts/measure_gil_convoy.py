@@ -1,26 +1,33 @@
 #!/usr/bin/env python3
-"""What a detector's post-processing costs a runner when another thread wants the GIL.
+"""What a runner's steps cost when another thread wants the GIL.
 
-Every torch call releases the GIL. With a second core, another thread takes it at once,
-and the caller waits to get it back: a cost per call that a measurement in one thread
-never shows (docs/benchmark.md: the GIL convoy). This runs the demo detector once on
-samples/scene_01.jpg and then post-processes its output 100 times in one thread, both
-ways: ultralytics' postprocess, and gannet's (split_predictor.detect_on_host), each
-followed by boxes_to_detections. It measures each alone and with a second Python thread
+Every torch call, socket call and database round trip releases the GIL. With a second
+core, another thread takes it at once, and the caller waits to get it back: a cost per
+release that a measurement in one thread never shows (docs/benchmark.md: the GIL
+convoy). Each step runs 100 times in one thread, alone and with a second Python thread
 that takes the GIL in short bursts, as the daemon's other threads do. Printed: thread
-CPU and wall ms per image.
+CPU and wall ms per call.
 
     YOLO_OFFLINE=1 .venv/bin/python scripts/measure_gil_convoy.py [rounds]
+    YOLO_OFFLINE=1 .venv/bin/python scripts/measure_gil_convoy.py io [rounds]
 
+The first: the demo detector's output for samples/scene_01.jpg post-processed both
+ways, ultralytics' postprocess and gannet's (split_predictor.detect_on_host), each
+followed by boxes_to_detections. `io`: on local services of its own (the GCS emulator
+and PostgreSQL, started in a temporary directory), a GCS read of that photo, a result
+write, the claim (Sink.start) and the claim plus the fenced commit (Sink.save_claimed).
 Run it on two cores, and under `taskset -c 0` to see the same on one.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from itertools import count
 from pathlib import Path
 
 import cv2
@@ -35,7 +42,11 @@ CALLS = 100
 
 
 def main() -> None:
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    args = sys.argv[1:]
+    if args[:1] == ["io"]:
+        io(int(args[1]) if len(args) > 1 else 2)
+        return
+    rounds = int(args[0]) if args else 3
     load = yolo_loader(lambda uri, version: Path(uri), trace=False)
     weights = REPO_ROOT / "models" / "demo" / "detect.pt"
     model, _ = load(ModelKey(str(weights), "v", "cpu", 640, "detect"))
@@ -60,7 +71,56 @@ def main() -> None:
             print(f"{label:18}  ultralytics {old}  gannet {new}")
 
 
-def measure(post: Callable[[], None], busy: bool) -> str:
+def io(rounds: int) -> None:
+    from gannet import clients
+    from gannet.dev.demo import local_settings
+    from gannet.dev.stack import prepared_services
+    from gannet.sink import Sink
+    from gannet.storage import Storage
+    from gannet.task import GsUrl, TaskResult
+
+    with prepared_services(Path(tempfile.mkdtemp(prefix="gannet-convoy-"))) as services:
+        settings = local_settings(services)
+        storage = Storage(clients.storage_client(settings))
+        bucket = settings.allowed_buckets[0]
+        photo = (REPO_ROOT / "samples" / "scene_01.jpg").read_bytes()
+        storage.write(bucket, "t/scene_01.jpg", photo, "image/jpeg")
+        url = GsUrl.parse(f"gs://{bucket}/t/scene_01.jpg")
+        detections = [{"class": "circle", "confidence": 0.9, "box": [1.0, 2.0, 3.0, 4.0]}]
+        body = json.dumps({"detection": {"detections": detections * 20}}).encode()
+        sink = Sink(settings.database_url)
+        sink.open()
+        ids: Iterator[int] = count()
+
+        def claim() -> str:
+            task_id = f"convoy-{next(ids)}"
+            assert sink.start(task_id, "t", "convoy", 60).claimed
+            return task_id
+
+        def commit() -> None:
+            task_id = claim()
+            record = TaskResult(
+                task_id=task_id, tenant_id="t", pipeline="DETECTION", status="succeeded"
+            )
+            sink.save_claimed(record, "convoy", lambda: None)
+
+        steps: dict[str, Callable[[], object]] = {
+            "GCS read": lambda: storage.read(url, 10**8),
+            "GCS write": lambda: storage.write(
+                settings.results_bucket, "t/r.json", body, "application/json"
+            ),
+            "claim": claim,
+            "claim + commit": commit,
+        }
+        try:
+            for _ in range(rounds):
+                for name, step in steps.items():
+                    print(f"{name:15} alone {measure(step, False)}  busy {measure(step, True)}")
+        finally:
+            sink.close()
+
+
+def measure(post: Callable[[], object], busy: bool) -> str:
     stop = threading.Event()
 
     def spin() -> None:  # short GIL holds, one after another

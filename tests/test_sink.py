@@ -85,3 +85,33 @@ def test_a_task_id_taken_by_another_tenant_is_a_permanent_conflict(db):
     with pytest.raises(PermanentError) as err:
         db.save(result(b, f"shared-{a}"))
     assert err.value.code is ErrorCode.TASK_ID_CONFLICT
+
+
+def test_a_claimed_commit_writes_only_under_its_claim_and_rolls_back_cleanly(db):
+    """save_claimed sends its transaction in two round trips ("BEGIN; fence" and
+    "finish; COMMIT", bound client-side). What must hold: a result with quotes,
+    backslashes and non-ASCII text is stored as it was; a failed object write commits
+    nothing and leaves the pool's connections usable; another worker's live claim
+    writes nothing (ClaimLost); and a committed success is not overwritten (False)."""
+    tenant = f"t-{uuid.uuid4().hex[:6]}"
+    task_id = f"{tenant}-c"
+    assert db.start(task_id, tenant, "pod-a", 60).claimed
+    awkward = {"note": 'it\'s a "quote", a back\\slash, ünïcode; COMMIT; --', "n": [1, 2]}
+    record = result(tenant, task_id).model_copy(update={"result": awkward})
+
+    def failing_write() -> None:
+        raise OSError("GCS is down")
+
+    with pytest.raises(OSError):
+        db.save_claimed(record, "pod-a", failing_write)
+    assert db.find_success(task_id, tenant) is None  # nothing committed
+    for _ in range(3):  # every pooled connection is out of its transaction again
+        assert db.find_success(task_id, tenant) is None
+
+    with pytest.raises(sink.ClaimLost):  # pod-a's claim is live: pod-b writes nothing
+        db.save_claimed(record, "pod-b", lambda: pytest.fail("pod-b wrote the object"))
+    written: list[bool] = []
+    assert db.save_claimed(record, "pod-a", lambda: written.append(True))
+    assert written == [True]
+    assert db.find_success(task_id, tenant)["result"] == awkward
+    assert not db.save_claimed(record, "pod-b", lambda: pytest.fail("overwrote a success"))
