@@ -19,6 +19,21 @@ from gannet.dev.replay import Replay
 from gannet.split_predictor import output_row
 
 
+def test_gil_samples_are_counted_even_when_a_frame_name_was_read_half_written():
+    """py-spy samples the running daemon without pausing it, and once read a frame name
+    that held a line of the /metrics page: the sample's count is still on its last line,
+    and the bench must neither crash on the stray lines nor count them."""
+    raw = (
+        "Thread.run (threading.py:982);RunnerPool._loop (gannet/pool.py:124) 3\n"
+        "Thread.run (threading.py:982);Handler.do_GET\n"
+        ' (gannet_stage_seconds_bucket{le="30.0",stage="gcs_write"} 6.0\n'
+        "gannet_messages_total 12\n"
+        ");PurePath._parse_args (pathlib.py:502) 1\n"
+        "\n"
+    )
+    assert bench_plumbing.count_samples(raw) == 4
+
+
 def test_replay_answers_a_known_input_without_the_network_and_batches_it_back():
     calls: list[int] = []
 

@@ -26,6 +26,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -276,7 +277,19 @@ def stop_py_spy(proc: subprocess.Popen[bytes], out: Path) -> int:
     """Samples in which some thread held the GIL."""
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=60)
-    return sum(int(line.rsplit(" ", 1)[1]) for line in out.read_text().splitlines() if line)
+    return count_samples(out.read_text(errors="replace"))
+
+
+# A raw sample is "frame;frame;... (file.py:N) COUNT". Sampling without pausing the
+# daemon (--nonblocking) now and then reads a frame's name while it changes, and the
+# garbage can hold newlines (once, a line of the /metrics page): only a line that ends
+# in a frame's ")" and a count ends a sample.
+_SAMPLE_END = re.compile(r"\) (\d+)$")
+
+
+def count_samples(raw: str) -> int:
+    """The samples in py-spy's raw output."""
+    return sum(int(m.group(1)) for line in raw.splitlines() if (m := _SAMPLE_END.search(line)))
 
 
 # The daemon before any change to the hot path: 88ae9f0, where this mode was added, with
