@@ -149,7 +149,7 @@ def build(
     s = settings
     try:
         publisher, subscriber_client = clients.pubsub_clients(s)
-        storage = Storage(clients.storage_client(s), connections=max(10, s.runners + 2))
+        storage = Storage(clients.storage_client(s))
     except clients.NoCredentials as exc:
         raise StartupError(str(exc)) from exc
     sink = Sink(s.database_url, pool_size=s.db_pool_size, timeout_s=s.db_timeout_s)

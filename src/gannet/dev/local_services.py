@@ -33,20 +33,36 @@ from gannet.errors import CommandError
 log = logging.getLogger(__name__)
 
 
-# How the local services run gcp-storage-emulator, with two fixes to its costs:
-# - It serves one request at a time from a listen queue of 5 (Python's default). Eight
-#   runners reading and writing at once overflowed it, the kernel dropped the SYN and
-#   the client retried a full second later: 1 s stalls, counted by the kernel's
-#   TcpExtListenOverflows. A deeper queue lets requests wait their turn instead.
+# How the local services run gcp-storage-emulator, with three fixes to its costs:
+# - It served one request at a time, HTTP/1.0, from a listen queue of 5 (Python's
+#   default). Every request was a new TCP connection, which real GCS never asks of a
+#   client that keeps its connections alive: the connect cost the daemon under test
+#   CPU and GIL time that it does not spend in production. Eight runners at once also
+#   overflowed the queue, the kernel dropped the SYN and the client retried a full
+#   second later. Now a thread per connection keeps it alive (HTTP/1.1, with Nagle off:
+#   the handler writes headers and body apart, and Nagle held the body back for the
+#   client's delayed ACK, 40 ms a request), and one lock still runs the handlers one
+#   at a time, as before: the emulator's storage is not thread-safe.
 # - On every write it serialized its whole object index to JSON, which it reads back
 #   only when it starts. In memory (--in-memory, always here) nothing ever reads it, yet
 #   each write cost more than the last (3.4 ms of CPU per image on an empty emulator,
 #   17 ms after two bench runs), CPU taken from the daemon under test.
 _GCS_EMULATOR = """
 import sys
-from http.server import HTTPServer
+import threading
+from http import server
+from gcp_storage_emulator import server as emulator
 from gcp_storage_emulator.storage import Storage
-HTTPServer.request_queue_size = 128
+server.ThreadingHTTPServer.request_queue_size = 128
+server.HTTPServer = server.ThreadingHTTPServer
+emulator.RequestHandler.protocol_version = "HTTP/1.1"
+emulator.RequestHandler.disable_nagle_algorithm = True
+_one_at_a_time = threading.Lock()
+_handle = emulator.Router.handle
+def handle(self, method):
+    with _one_at_a_time:
+        _handle(self, method)
+emulator.Router.handle = handle
 Storage._write_config_to_file = lambda self: None
 from gcp_storage_emulator.__main__ import main
 sys.exit(main())

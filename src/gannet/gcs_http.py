@@ -1,0 +1,147 @@
+"""The two Cloud Storage requests every task makes (its image, its result), over
+kept-alive HTTP connections.
+
+Why not urllib3, which the client library's transport and google-auth's AuthorizedHttp
+use: its pool manager, URL parsing, retry and response objects cost about 0.15 ms of
+CPU per request in one thread, and 0.3-0.5 ms more with another thread wanting the GIL
+(scripts/measure_gil_convoy.py io), twice per task. http.client sends the same request
+and reads the same response.
+
+A kept-alive connection that the server has since closed fails on send or on the
+status line; the request then goes once more on a new connection. Both requests are
+safe to repeat: a read, and an upload of the same bytes to the same name. A 401 (an
+access token that expired in flight) refreshes the credentials and repeats once, as
+google-auth's own transports do. Configs, models and listings stay on the client
+library (storage.Storage.client).
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import ssl
+import threading
+import urllib.parse
+import weakref
+from dataclasses import dataclass
+
+import urllib3
+from google.auth.credentials import Credentials
+from google.auth.transport.urllib3 import Request as AuthRequest
+
+HTTPError = (OSError, http.client.HTTPException)  # what a failed request raises
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    data: bytes
+
+
+class Endpoint:
+    def __init__(
+        self,
+        base_url: str,
+        credentials: Credentials,
+        connect_timeout_s: float = 10.0,
+        read_timeout_s: float = 60.0,
+    ) -> None:
+        """`base_url`: the JSON API's endpoint (https://storage.googleapis.com, or an
+        emulator's http:// address)."""
+        parts = urllib.parse.urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) endpoint: {base_url!r}")
+        self._base = base_url.rstrip("/")
+        self._prefix = parts.path.rstrip("/")
+        self._host = parts.hostname
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._tls = ssl.create_default_context() if parts.scheme == "https" else None
+        self._credentials = credentials
+        self._auth = AuthRequest(urllib3.PoolManager())  # type: ignore[no-untyped-call]
+        self._connect_timeout_s = connect_timeout_s
+        self._read_timeout_s = read_timeout_s
+        # Idle kept-alive connections: a request takes one (or opens one) and puts it
+        # back, so there are as many as requests ever ran at once (one per runner).
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+        # Runs before the garbage collector finalizes the sockets, which would warn.
+        self._closer = weakref.finalize(self, _close_all, self._idle)
+        self.connections_opened = 0  # over the endpoint's life
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Reply:
+        """`path` under the endpoint, with its query. Raises one of HTTPError when the
+        request failed twice (the second time on a new connection), or timed out."""
+        url = self._base + path
+        for attempt in (1, 2):
+            sent = dict(headers or {})
+            self._credentials.before_request(self._auth, method, url, sent)  # type: ignore[no-untyped-call]
+            conn: http.client.HTTPConnection | None = None
+            try:
+                conn = self._take(fresh=attempt == 2)
+                conn.request(method, self._prefix + path, body=body, headers=sent)
+                response = conn.getresponse()
+                data = response.read()
+            except TimeoutError:
+                if conn is not None:
+                    conn.close()
+                raise  # no answer within the timeout: not worth a second wait here
+            except HTTPError:
+                if conn is not None:
+                    conn.close()
+                if attempt == 1:  # most likely a kept-alive connection the server closed
+                    continue
+                raise
+            if response.will_close:
+                conn.close()
+            else:
+                with self._lock:
+                    self._idle.append(conn)
+            if response.status == 401 and attempt == 1:
+                self._credentials.refresh(self._auth)  # type: ignore[no-untyped-call]
+                continue
+            return Reply(response.status, data)
+        raise AssertionError("unreachable: the second attempt returns or raises")
+
+    def close(self) -> None:
+        """Close the idle connections (also done when the endpoint is collected)."""
+        self._closer()
+
+    def _take(self, fresh: bool) -> http.client.HTTPConnection:
+        """An idle connection, the most recently used first, or a new one (`fresh`:
+        always; the idle ones may all have been closed by the server)."""
+        with self._lock:
+            if self._idle and not fresh:
+                return self._idle.pop()
+        conn: http.client.HTTPConnection
+        if self._tls is not None:
+            conn = http.client.HTTPSConnection(
+                self._host, self._port, timeout=self._connect_timeout_s, context=self._tls
+            )
+        else:
+            conn = http.client.HTTPConnection(
+                self._host, self._port, timeout=self._connect_timeout_s
+            )
+        try:
+            conn.connect()
+            assert conn.sock is not None
+            conn.sock.settimeout(self._read_timeout_s)
+            # http.client sends a request's headers and body in two writes: with Nagle
+            # on, the body waits for the server's delayed ACK of the headers (40 ms).
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except BaseException:
+            conn.close()
+            raise
+        with self._lock:
+            self.connections_opened += 1
+        return conn
+
+
+def _close_all(idle: list[http.client.HTTPConnection]) -> None:
+    while idle:
+        idle.pop().close()
