@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 from collections.abc import Iterator
 from http import server
@@ -120,3 +121,19 @@ def test_a_server_that_is_not_there_fails_the_request():
     endpoint = Endpoint("http://127.0.0.1:9", AnonymousCredentials(), connect_timeout_s=2)
     with pytest.raises(ConnectionRefusedError):
         endpoint.request("GET", "/o/x")
+
+
+def test_an_https_endpoint_speaks_tls_and_never_falls_back_to_plain_http(serve):
+    """GCS is https: a server that answers in plain HTTP fails the TLS handshake, and
+    the request fails rather than going out unencrypted (tokens ride in its headers)."""
+
+    class PlainHttp(_Handler):
+        def do_GET(self) -> None:
+            self.reply(200, b"plain")
+
+    url, httpd = serve(PlainHttp)
+    endpoint = Endpoint(url.replace("http://", "https://"), AnonymousCredentials())
+    with pytest.raises(ssl.SSLError):
+        endpoint.request("GET", "/o/x")
+    # Tried twice, the second time on a new connection; neither got past the handshake.
+    assert endpoint.connections_opened == 0 and httpd.connections == 2
