@@ -2,10 +2,10 @@
 kept-alive HTTP connections.
 
 Why not urllib3, which the client library's transport and google-auth's AuthorizedHttp
-use: its pool manager, URL parsing, retry and response objects cost about 0.15 ms of
-CPU per request in one thread, and 0.3-0.5 ms more with another thread wanting the GIL
-(scripts/measure_gil_convoy.py io), twice per task. http.client sends the same request
-and reads the same response.
+use: its pool manager, URL parsing, retry and response objects cost 0.2-0.3 ms of CPU
+per request more than http.client in one thread, and 0.4-0.5 ms more with another
+thread wanting the GIL (docs/benchmark.md, "GCS over http.client"), twice per task.
+http.client sends the same request and reads the same response.
 
 A kept-alive connection that the server has since closed fails on send or on the
 status line; the request then goes once more on a new connection. Both requests are
@@ -87,16 +87,14 @@ class Endpoint:
                 conn.request(method, self._prefix + path, body=body, headers=sent)
                 response = conn.getresponse()
                 data = response.read()
-            except TimeoutError:
+            except HTTPError as exc:
                 if conn is not None:
                     conn.close()
-                raise  # no answer within the timeout: not worth a second wait here
-            except HTTPError:
-                if conn is not None:
-                    conn.close()
-                if attempt == 1:  # most likely a kept-alive connection the server closed
-                    continue
-                raise
+                # Most likely a kept-alive connection the server closed: once more on a
+                # new one. Not after a timeout: not worth a second wait.
+                if attempt == 2 or isinstance(exc, TimeoutError):
+                    raise
+                continue
             if response.will_close:
                 conn.close()
             else:
