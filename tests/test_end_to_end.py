@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.request
+from pathlib import Path
 
 from conftest import SCENES, expected_counts, settled
 
@@ -45,6 +47,29 @@ def test_publish_to_row_to_ack(stack):
     assert daemon.stop() == 0
     # Acked: nothing is redelivered to a new puller of the subscription.
     assert stack.pull(stack.settings.subscription, timeout_s=3) == []
+
+
+def thread_policies(pid: int) -> set[int]:
+    """The scheduling policy of every thread of process `pid`."""
+    policies = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            policies.add(os.sched_getscheduler(int(task.name)))
+        except ProcessLookupError:  # a thread that ended meanwhile
+            continue
+    return policies
+
+
+def test_daemon_threads_run_under_sched_batch_unless_turned_off(stack):
+    """By default every thread of a running daemon (runners, batcher, Pub/Sub client,
+    health server) is SCHED_BATCH, as `chrt -p` shows an operator; with
+    GANNET_SCHED_BATCH=false they keep SCHED_OTHER."""
+    daemon = stack.start_daemon()
+    assert thread_policies(daemon.proc.pid) == {os.SCHED_BATCH}
+    assert daemon.stop() == 0
+    daemon = stack.start_daemon(GANNET_SCHED_BATCH="false")
+    assert thread_policies(daemon.proc.pid) == {os.SCHED_OTHER}
+    assert daemon.stop() == 0
 
 
 def test_redelivered_task_with_result_is_acked_without_inference(stack):

@@ -109,6 +109,13 @@ class Settings(BaseSettings):
         "profiling: two clock syscalls per stage, each a point where the kernel can "
         "preempt a thread that holds the GIL; gannet bench --plumbing turns it on).",
     )
+    sched_batch: bool = Field(
+        True,
+        description="Run the daemon's threads under Linux's SCHED_BATCH policy: a thread "
+        "that wakes another (handing over the GIL, a queued task, a result) keeps its core "
+        "instead of being preempted by it, which cut the daemon's CPU per image by about a "
+        "quarter (docs/benchmark.md). Off: the default policy, SCHED_OTHER.",
+    )
     gpu_decode: bool = Field(
         True,
         description="On a CUDA device, decode JPEGs there (nvJPEG, in batches) and "
