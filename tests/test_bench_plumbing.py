@@ -131,6 +131,8 @@ def test_plumbing_bench_measures_each_daemon_by_stage_on_one_and_two_cores(tmp_p
         assert summary["mean_batch_size"] >= 1
         # The emulators, PostgreSQL and the bench worked for these tasks on the same cores.
         assert summary["services_cpu_ms_per_image"] > 0
+        # Each image passed between threads (callback, runner, batcher): they waited.
+        assert summary["switches_per_image"] >= 2
     # GANNET_PROCESSES=2, a core each: this tree's only (a baseline has no supervisor).
     assert "per_core" not in by_daemon["baseline HEAD"]
     per_core = by_daemon["this tree"]["per_core"]
@@ -147,4 +149,4 @@ def test_plumbing_bench_measures_each_daemon_by_stage_on_one_and_two_cores(tmp_p
     assert "daemon CPU ms per image by stage" in out and "GCS read" in out
     assert "2 processes, a core each" in out
     assert "traced/off" in out
-    assert "CPU cap img/s" in out
+    assert "CPU cap img/s" in out and "switches/img" in out

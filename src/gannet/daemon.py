@@ -449,9 +449,9 @@ def batch_scheduling() -> None:
     and each hand-off wakes a thread. Under the default policy the woken thread often
     preempts the one that woke it, which then waits to get the GIL back: two context
     switches where none was needed. SCHED_BATCH turns that wake-up preemption off and
-    keeps fair sharing; in the plumbing bench the daemon spent 5.7 instead of 7.4 ms of
-    CPU per image (docs/benchmark.md). Any process may lower itself to it (no privilege),
-    and the container runtimes' default seccomp profiles allow the call."""
+    keeps fair sharing: in the plumbing bench, a quarter fewer context switches and about
+    14 % less CPU per image (docs/benchmark.md). Any process may lower itself to it (no
+    privilege), and the container runtimes' default seccomp profiles allow the call."""
     policy = getattr(os, "SCHED_BATCH", None)
     if policy is None:  # not Linux
         log.warning("SCHED_BATCH is Linux only; threads keep the default policy")

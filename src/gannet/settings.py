@@ -113,8 +113,9 @@ class Settings(BaseSettings):
         True,
         description="Run the daemon's threads under Linux's SCHED_BATCH policy: a thread "
         "that wakes another (handing over the GIL, a queued task, a result) keeps its core "
-        "instead of being preempted by it, which cut the daemon's CPU per image by about a "
-        "quarter (docs/benchmark.md). Off: the default policy, SCHED_OTHER.",
+        "instead of being preempted by it: a quarter fewer context switches and about 14 % "
+        "less CPU per image in the plumbing bench (docs/benchmark.md). Off: the default "
+        "policy, SCHED_OTHER.",
     )
     gpu_decode: bool = Field(
         True,

@@ -42,6 +42,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import psutil
 
 from gannet import clients
 from gannet.dev import demo, stack
@@ -214,6 +215,7 @@ def measure(
         rest = {**services.pids(), "bench": os.getpid()}
         before, cpu_before = scrape(proc.metrics_port), cpu_seconds(pid)["daemon"]
         rest_before = sum(cpu_seconds(rest).values())
+        switches_before = context_switches(proc.proc.pid)
         started = time.time()
         publish_tasks(publisher, queue.topic_path(), tasks)
         finished, failed = wait_committed(
@@ -221,6 +223,7 @@ def measure(
         )
         after, cpu_after = scrape(proc.metrics_port), cpu_seconds(pid)["daemon"]
         rest_after = sum(cpu_seconds(rest).values())
+        switches = context_switches(proc.proc.pid) - switches_before
         gil_samples = stop_py_spy(spy, gil_file) if spy else None
     finally:
         if spy is not None and spy.poll() is None:
@@ -253,12 +256,38 @@ def measure(
         "stages_cpu_ms_per_image": stages,
         "other_threads_cpu_ms_per_image": total - sum(stages.values()),
         "mean_batch_size": images / batches if batches else 0.0,
+        "switches_per_image": switches / n,
     }
     if gil_samples is not None:
         report["gil_ms_per_image"] = gil_samples / GIL_RATE * 1000 / n
     if traced is not None:
         report["spans_per_image_with_task_id"] = traced
     return report
+
+
+def context_switches(pid: int) -> int:
+    """Context switches so far of every live thread of `pid` and its descendants (Linux
+    counts them per thread; one that ended meanwhile is missed). Voluntary ones are waits
+    (for the GIL, a lock, a socket), involuntary ones preemptions: each costs a few
+    microseconds of CPU, and the daemon's threads hand work to each other dozens of times
+    per image."""
+    try:
+        root = psutil.Process(pid)
+        pids = [pid, *(child.pid for child in root.children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for each in pids:
+        for status in Path(f"/proc/{each}/task").glob("*/status"):
+            try:
+                text = status.read_text()
+            except OSError:  # the thread ended between the listing and the read
+                continue
+            total += sum(int(n) for n in _SWITCHES.findall(text))
+    return total
+
+
+_SWITCHES = re.compile(r"^(?:non)?voluntary_ctxt_switches:\s+(\d+)$", re.M)
 
 
 def start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
@@ -396,6 +425,7 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "cpu_ms_per_image": statistics.median(r["cpu_ms_per_image"] for r in two),
         "services_cpu_ms_per_image": statistics.median(r["services_cpu_ms_per_image"] for r in two),
         "mean_batch_size": statistics.median(r["mean_batch_size"] for r in two),
+        "switches_per_image": statistics.median(r.get("switches_per_image", 0.0) for r in two),
     }
     one = [r["1 core"] for r in rounds if "1 core" in r]
     if one:  # not with --trace-only
@@ -484,8 +514,8 @@ def run(services: LocalServices, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_report(report: dict[str, Any]) -> None:
-    header = ["size", "daemon", "img/s", "1 core", "2/1", "CPU ms/img", "GIL ms/img", "batch"]
-    header += ["services ms/img", "CPU cap img/s"]
+    header = ["size", "daemon", "img/s", "1 core", "2/1", "CPU ms/img", "GIL ms/img"]
+    header += ["switches/img", "batch", "services ms/img", "CPU cap img/s"]
     cores = report["machine"]["cpu_count"]
     rows = []
     for size, by_daemon in report["sizes"].items():
@@ -502,6 +532,7 @@ def print_report(report: dict[str, Any]) -> None:
                     "-" if scaling is None else f"{scaling:.2f}",
                     f"{s['cpu_ms_per_image']:.2f}",
                     "-" if gil is None else f"{gil:.2f}",
+                    f"{s['switches_per_image']:.0f}",
                     f"{s['mean_batch_size']:.1f}",
                     f"{services:.2f}",
                     f"{cores * 1000 / (s['cpu_ms_per_image'] + services):.0f}",
@@ -511,7 +542,8 @@ def print_report(report: dict[str, Any]) -> None:
     print(format_table(header, rows))
     print(
         f"(medians of {report['rounds']} rounds; {report['images']} tasks each; daemon on "
-        "2 cores unless said; 2/1: images/s on 2 cores over 1 core; services: the "
+        "2 cores unless said; 2/1: images/s on 2 cores over 1 core; switches: context "
+        "switches of the daemon's threads; services: the "
         "emulators', PostgreSQL's and the bench's own CPU per image, on the same cores; "
         f"CPU cap: what {cores} cores could do at the daemon's and the services' CPU per "
         "image, with no GIL and no waiting)"
