@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import urllib.request
 from pathlib import Path
 
 from conftest import SCENES, expected_counts, settled
+
+from gannet.daemon import batch_scheduling
 
 
 def metric(port: int, series: str) -> float:
@@ -70,6 +73,20 @@ def test_daemon_threads_run_under_sched_batch_unless_turned_off(stack):
     daemon = stack.start_daemon(GANNET_SCHED_BATCH="false")
     assert thread_policies(daemon.proc.pid) == {os.SCHED_OTHER}
     assert daemon.stop() == 0
+
+
+def test_a_refused_sched_batch_is_a_warning_not_a_failed_start(monkeypatch, caplog):
+    """A pod whose seccomp profile refuses sched_setscheduler still starts, and its log
+    says why its threads keep the default policy. (The refusal is simulated: this
+    machine's kernel lets any process lower its own policy.)"""
+
+    def refuse(*args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    with caplog.at_level(logging.WARNING, logger="gannet.daemon"):
+        batch_scheduling()
+    assert "could not switch to SCHED_BATCH" in caplog.text
 
 
 def test_redelivered_task_with_result_is_acked_without_inference(stack):
