@@ -115,6 +115,8 @@ def test_an_access_token_refused_as_expired_is_refreshed_and_the_request_repeate
     endpoint = Endpoint(url, Rotating())
     assert endpoint.request("GET", "/o/x").status == 200
     assert httpd.seen_tokens == ["Bearer stale", "Bearer fresh"]
+    # The 401 came over a kept-alive connection: the repeat goes over the same one.
+    assert endpoint.connections_opened == httpd.connections == 1
 
 
 def test_a_server_that_is_not_there_fails_the_request():

@@ -78,12 +78,13 @@ class Endpoint:
         """`path` under the endpoint, with its query. Raises one of HTTPError when the
         request failed twice (the second time on a new connection), or timed out."""
         url = self._base + path
+        fresh = False  # after a failed connection: a new one, the idle ones may be dead too
         for attempt in (1, 2):
             sent = dict(headers or {})
             self._credentials.before_request(self._auth, method, url, sent)  # type: ignore[no-untyped-call]
             conn: http.client.HTTPConnection | None = None
             try:
-                conn = self._take(fresh=attempt == 2)
+                conn = self._take(fresh)
                 conn.request(method, self._prefix + path, body=body, headers=sent)
                 response = conn.getresponse()
                 data = response.read()
@@ -94,6 +95,7 @@ class Endpoint:
                 # new one. Not after a timeout: not worth a second wait.
                 if attempt == 2 or isinstance(exc, TimeoutError):
                     raise
+                fresh = True
                 continue
             if response.will_close:
                 conn.close()

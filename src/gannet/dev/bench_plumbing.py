@@ -425,7 +425,7 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "cpu_ms_per_image": statistics.median(r["cpu_ms_per_image"] for r in two),
         "services_cpu_ms_per_image": statistics.median(r["services_cpu_ms_per_image"] for r in two),
         "mean_batch_size": statistics.median(r["mean_batch_size"] for r in two),
-        "switches_per_image": statistics.median(r.get("switches_per_image", 0.0) for r in two),
+        "switches_per_image": statistics.median(r["switches_per_image"] for r in two),
     }
     one = [r["1 core"] for r in rounds if "1 core" in r]
     if one:  # not with --trace-only
