@@ -9,6 +9,7 @@ measured from the daemon (every stage's CPU counted, on each daemon it names).
 from __future__ import annotations
 
 import argparse
+import subprocess
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import torch
 from gannet.dev import bench_plumbing
 from gannet.dev.local_services import LocalServices, Ports
 from gannet.dev.replay import Replay
+from gannet.settings import REPO_ROOT
 from gannet.split_predictor import output_row
 
 
@@ -92,6 +94,22 @@ def test_the_plumbing_baseline_is_built_from_its_commit_and_patch(tmp_path):
     assert (src / "gannet" / "dev" / "replay.py").is_file()
     assert "stage CPU off: no clock syscall" in (src / "gannet" / "stages.py").read_text()
     assert 'GANNET_STAGE_CPU") != "1"' in (src / "gannet" / "dispatch.py").read_text()
+
+
+def test_a_baseline_named_by_a_moving_ref_is_that_ref_s_commit_now(tmp_path):
+    """--baseline HEAD measured yesterday's HEAD for as long as a tree extracted under
+    the name stayed in the state dir: the trees are kept under the commit's hash."""
+    stale = tmp_path / "baseline-HEAD" / "src" / "gannet"
+    stale.mkdir(parents=True)
+    (stale / "daemon.py").write_text("# an older HEAD\n")
+    src = bench_plumbing.baseline_src("HEAD", tmp_path)
+    head = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "show", "HEAD:src/gannet/daemon.py"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert (src / "gannet" / "daemon.py").read_text() == head
 
 
 @pytest.mark.slow

@@ -343,12 +343,26 @@ def baseline_commit(rev: str) -> str:
 
 def baseline_src(rev: str, out: Path) -> Path:
     """Commit `rev`'s src/ tree (or the plumbing baseline's), to run its daemon beside
-    this one."""
-    target = out / f"baseline-{rev}"
+    this one. Kept under the commit's hash, not `rev`: a name such as HEAD moves, and a
+    tree extracted under it would be measured as the baseline long after."""
+    commit = subprocess.run(
+        [
+            "git",
+            "-C",
+            str(REPO_ROOT),
+            "rev-parse",
+            "--verify",
+            f"{baseline_commit(rev)}^{{commit}}",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    target = out / (f"baseline-{rev}" if rev == BASELINE else f"baseline-{commit}")
     if not target.exists():
         target.mkdir(parents=True)
         archive = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "archive", baseline_commit(rev), "src"],
+            ["git", "-C", str(REPO_ROOT), "archive", commit, "src"],
             check=True,
             capture_output=True,
         ).stdout
