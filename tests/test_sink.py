@@ -8,7 +8,7 @@ import psycopg
 import pytest
 
 from gannet import sink
-from gannet.errors import ErrorCode, PermanentError
+from gannet.errors import ErrorCode, PermanentError, TransientError
 from gannet.task import TaskResult
 
 
@@ -115,3 +115,24 @@ def test_a_claimed_commit_writes_only_under_its_claim_and_rolls_back_cleanly(db)
     assert written == [True]
     assert db.find_success(task_id, tenant)["result"] == awkward
     assert not db.save_claimed(record, "pod-b", lambda: pytest.fail("overwrote a success"))
+
+
+def test_a_connection_dropped_between_tasks_fails_one_task_as_retryable(services):
+    """A task's statements go as blocking libpq calls (pgexec.py), outside psycopg's
+    cursors. A pooled connection the server dropped since its last use (a restart, an
+    idle timeout) must fail that one task as transient, so it is nacked and retried, and
+    the pool must replace the connection for the next task."""
+    store = sink.Sink(services.database_url, pool_size=1)
+    store.open()
+    try:
+        tenant = f"t-{uuid.uuid4().hex[:6]}"
+        with store.pool.connection() as conn:
+            pid = conn.info.backend_pid
+        with psycopg.connect(services.database_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(TransientError) as err:
+            store.start(f"{tenant}-1", tenant, "pod-a", 60)
+        assert err.value.code is ErrorCode.DEPENDENCY_UNAVAILABLE
+        assert store.start(f"{tenant}-1", tenant, "pod-a", 60).claimed
+    finally:
+        store.close()

@@ -290,6 +290,7 @@ class Dispatcher:
                     record,
                     self.holder,
                     lambda: self._write_result(name, body, timer),
+                    result_json=body,
                 )
             except ClaimLost as lost:  # ran past the claim's TTL and another pod took over
                 return Outcome(

@@ -19,6 +19,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from gannet import pgexec
 from gannet.errors import ErrorCode, PermanentError, TransientError
 from gannet.task import TaskResult
 
@@ -203,17 +204,17 @@ _SUCCESS = (
     " WHERE task_id = %s AND status = 'succeeded'"
 )
 
-_START = "SELECT * FROM gannet_start(%s, %s, %s, %s)"
+_START = b"SELECT * FROM gannet_start($1, $2, $3, $4)"
 _RELEASE = "UPDATE task_claims SET expires_at = now() WHERE task_id = %s AND holder = %s"
 # The fence: whoever holds the claim row's lock is the only one who may write the result
 # object and commit, so the object at result_uri is always the committed attempt's.
-_FENCE = "SELECT * FROM gannet_fence(%s, %s, %s)"
+# Sent after BEGIN in the same call, with its three values quoted in (pgexec.literal).
+_FENCE = b"SELECT * FROM gannet_fence(%b, %b, %b)"
 # A committed success keeps its claim for good (gannet_finish): a worker waiting on the
 # claim's row lock then finds it held, looks again and sees the success, instead of
 # running the task twice.
-_FINISH = """SELECT gannet_finish(%(holder)s, %(task_id)s, %(tenant_id)s, %(status)s,
-    %(pipeline)s, %(session_id)s, %(image_id)s, %(image_url)s, %(result)s, %(result_uri)s,
-    %(delivery_attempt)s::integer, %(timings)s) AS written"""
+_FINISH = b"""SELECT gannet_finish($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+    AS written"""
 
 _CONFLICT = "task_id is already used by another tenant; task ids must be globally unique"
 
@@ -294,10 +295,7 @@ class Sink:
         success, else the task's claim for `ttl_s`. PermanentError(task_id_conflict) when
         another tenant owns the id."""
         with self._errors(), self.pool.connection() as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            cur.execute(_START, (task_id, tenant_id, holder, ttl_s))
-            row = cur.fetchone()
-        assert row is not None  # gannet_start always returns one row
+            row = pgexec.one(conn, _START, (task_id, tenant_id, holder, ttl_s))
         if row["claimed"]:
             return Start(None, claimed=True)
         if row["task_id"] is not None:
@@ -314,37 +312,40 @@ class Sink:
         with self.tenant_transaction(record.tenant_id) as cur:
             return _upsert(cur, record)
 
-    def save_claimed(self, record: TaskResult, holder: str, write: Callable[[], object]) -> bool:
+    def save_claimed(
+        self,
+        record: TaskResult,
+        holder: str,
+        write: Callable[[], object],
+        result_json: bytes | None = None,
+    ) -> bool:
         """Commit a success under `holder`'s claim: `write()` (the result object) runs
         inside the transaction while the claim row is locked, then the row is upserted
         and the claim kept for good. When another worker holds the claim now, nothing is
-        written: False if that worker committed a success, else ClaimLost."""
-        # Two round trips, "BEGIN; gannet_fence" and "gannet_finish; COMMIT": several
-        # statements in one query need client-side binding (ClientCursor). Each round trip
-        # lets go of the GIL, and on a busy daemon getting it back costs a wait: with
-        # another thread busy the commit took 1.4-1.8 ms of CPU and 40 ms wall in four
-        # round trips, 1.0-1.1 ms and 19 ms in two; 0.3-0.4 ms alone either way
-        # (scripts/measure_gil_convoy.py io). An error anywhere rolls the transaction
-        # back before the connection goes back to the pool.
+        written: False if that worker committed a success, else ClaimLost.
+        `result_json`: `record.result` already encoded as JSON (the result object's
+        bytes), stored as it is instead of encoding it again."""
+        # Three round trips, each one blocking libpq call (pgexec.py): "BEGIN; fence"
+        # (two statements in one call: the values quoted into it), gannet_finish, COMMIT.
+        # An error anywhere rolls the transaction back before the connection goes back
+        # to the pool.
         with self._errors(), self.pool.connection() as conn:
-            cur = psycopg.ClientCursor(conn, row_factory=dict_row)
             try:
-                cur.execute("BEGIN; " + _FENCE, (record.task_id, record.tenant_id, holder))
-                cur.nextset()  # past BEGIN's result, to the fence's row
-                claim = cur.fetchone()
-                assert claim is not None  # gannet_fence always returns one row
+                ids = (record.task_id, record.tenant_id, holder)
+                claim = pgexec.one(
+                    conn, b"BEGIN; " + _FENCE % tuple(pgexec.literal(conn, v) for v in ids)
+                )
                 if not claim["mine"]:
-                    conn.execute("ROLLBACK")
+                    pgexec.execute(conn, b"ROLLBACK")
                     if claim["committed"]:
                         return False
                     raise ClaimLost(claim["left_s"])
                 write()
-                cur.execute(_FINISH + "; COMMIT", {**_params(record), "holder": holder})
-                row = cur.fetchone()  # the first result: gannet_finish's
+                row = pgexec.one(conn, _FINISH, _finish_params(record, holder, result_json))
+                pgexec.execute(conn, b"COMMIT")
             except BaseException:
                 _roll_back(conn)
                 raise
-        assert row is not None
         return bool(row["written"])
 
     def set_callback_status(self, task_id: str, tenant_id: str, status: str) -> None:
@@ -385,6 +386,25 @@ def _params(record: TaskResult) -> dict[str, Any]:
     params["result"] = Jsonb(record.result) if record.result is not None else None
     params["timings"] = Jsonb(record.timings)
     return params
+
+
+def _finish_params(record: TaskResult, holder: str, result_json: bytes | None) -> list[object]:
+    """gannet_finish's arguments, in its order."""
+    result: object = result_json if result_json is not None else record.result
+    return [
+        holder,
+        record.task_id,
+        record.tenant_id,
+        record.status,
+        record.pipeline,
+        record.session_id,
+        record.image_id,
+        record.image_url,
+        result,
+        record.result_uri,
+        record.delivery_attempt,
+        record.timings,
+    ]
 
 
 def _upsert(cur: psycopg.Cursor[dict[str, Any]], record: TaskResult) -> bool:
