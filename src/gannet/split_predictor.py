@@ -23,11 +23,11 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
+import torchvision  # noqa: F401  (registers torch.ops.torchvision.nms)
 from ultralytics.data.augment import LetterBox
 from ultralytics.engine.results import Results
 from ultralytics.models.yolo.detect import DetectionPredictor
-from ultralytics.utils.ops import scale_boxes, xywh2xyxy
+from ultralytics.utils.ops import xywh2xyxy
 
 from gannet.frames import Frame, frame_size, shape_only, to_host
 
@@ -60,6 +60,7 @@ class SplitPredictor:
         preprocess = type(self._predictor).preprocess
         self._letterboxes = preprocess.__qualname__ == "BasePredictor.preprocess"
         self._geometry = self._letterbox_geometry() if self._letterboxes else None
+        self._boxes: dict[tuple[int, int], dict[str, Any]] = {}  # the geometry per shape
         # A plain detector (not segment, pose or obb, which subclass it; not end-to-end):
         # its NMS runs on the host in a few calls (detect_on_host).
         self._nms_on_host = (
@@ -117,14 +118,31 @@ class SplitPredictor:
                 return self._letterbox_on_device(frame, self._geometry)
             frame = to_host(frame)
         image = frame
-        view = self._own_copy()
-        if self._letterboxes and image.ndim == 3 and image.shape[2] == 3:
-            (boxed,) = view.pre_transform([image])
-            planes = cv2.split(boxed)  # B, G, R
-            return torch.from_numpy(np.stack(planes[::-1])).unsqueeze(0)
+        if self._geometry is not None and image.ndim == 3 and image.shape[2] == 3:
+            return self._letterbox_on_host(image, self._geometry)
         with torch.inference_mode():
-            inputs: torch.Tensor = view.preprocess([image])
+            inputs: torch.Tensor = self._own_copy().preprocess([image])
         return inputs
+
+    def _letterbox_on_host(self, image: np.ndarray, geometry: LetterBox) -> torch.Tensor:
+        """ultralytics' LetterBox.apply_image (cv2.resize, then copyMakeBorder), its
+        sizes and padding worked out once per photo shape, then the channels split to
+        RGB planes (OpenCV, straight into the tensor's memory), as a (1, 3, H, W) uint8
+        tensor."""
+        height, width = image.shape[:2]
+        box = self._boxes.get((height, width))
+        if box is None:
+            if len(self._boxes) >= 1024:  # crops come in any shape: keep it bounded
+                self._boxes.clear()
+            box = self._boxes.setdefault((height, width), geometry.get_params({"img": image}))
+        if (width, height) != box["new_unpad"]:
+            image = cv2.resize(image, box["new_unpad"], interpolation=geometry.interpolation)
+        padding = (box["top"], box["bottom"], box["left"], box["right"])
+        value = (geometry.padding_value,) * 3
+        boxed = cv2.copyMakeBorder(image, *padding, cv2.BORDER_CONSTANT, value=value)
+        planes = np.empty((1, 3, *boxed.shape[:2]), np.uint8)
+        cv2.split(boxed, [planes[0, 2], planes[0, 1], planes[0, 0]])  # B, G, R in place
+        return torch.from_numpy(planes)
 
     @staticmethod
     def _letterbox_on_device(frame: torch.Tensor, geometry: LetterBox) -> torch.Tensor:
@@ -142,8 +160,11 @@ class SplitPredictor:
         as ultralytics computes it (x / 255, FP16 when the model is)."""
         if x.dtype != torch.uint8:
             return x
-        x = x.to(self._predictor.device)
-        return (x.half() if self._predictor.model.fp16 else x.float()).div_(255)
+        if x.device != self._predictor.device:
+            x = x.to(self._predictor.device)
+        # Out of place: an in-place op (div_) hands back the tensor it was given, and
+        # torch takes the GIL again inside it for that tensor's Python object.
+        return (x.half() if self._predictor.model.fp16 else x.float()) / 255
 
     @staticmethod
     def shape(inputs: torch.Tensor) -> tuple[tuple[int, ...], torch.device]:
@@ -156,8 +177,9 @@ class SplitPredictor:
         with torch.inference_mode():
             if self._one_by_one:
                 return [self._predictor.inference(self._model_input(x)) for x in inputs]
-            batch = torch.cat(inputs) if len(inputs) > 1 else inputs[0]
-            out = self._predictor.inference(self._model_input(batch))
+            if len(inputs) == 1:  # its output is already one row: no views to make
+                return [self._predictor.inference(self._model_input(inputs[0]))]
+            out = self._predictor.inference(self._model_input(torch.cat(inputs)))
             return [output_row(out, i) for i in range(len(inputs))]
 
     def postprocess(self, output: Any, inputs: torch.Tensor, frame: Frame, conf: float) -> Any:
@@ -174,23 +196,30 @@ class SplitPredictor:
 
 def detect_on_host(predictor: Any, prediction: torch.Tensor, inputs: Any, frame: Frame) -> Results:
     """A detector's NMS and Results as ultralytics' DetectionPredictor.postprocess makes
-    them (non_max_suppression, then scale_boxes), in about ten torch calls instead of
-    about ninety.
+    them (non_max_suppression, then scale_boxes), in a few torch calls instead of about
+    ninety.
 
     Why: every torch call releases the GIL, and a thread that lets go of it waits to get
     it back while the daemon's other threads run. With a second core that wait is paid
     per call: ultralytics' post-processing of a 640x480 image cost 0.5-0.8 ms of CPU alone
     and 7-9 ms with one busy Python thread on the other core; this, the same answer, 0.3
-    and 1.6-2.3 ms (scripts/measure_gil_convoy.py, docs/benchmark.md). The candidates
-    above the threshold are picked on the prediction's device (on a GPU only they are
-    copied to the host), and the rest runs in NumPy on a few dozen rows: the same
-    float32 arithmetic, ultralytics' own xywh2xyxy and scale_boxes, torchvision's NMS.
+    and 1.6-2.3 ms (scripts/measure_gil_convoy.py, docs/benchmark.md). Creating and
+    freeing a tensor lets go of the GIL too, so on the CPU the candidates above the
+    threshold are picked in NumPy, on the prediction's own memory (on a GPU, with torch
+    there, and only they are copied to the host): 41 releases of the GIL per image
+    before, 29 after (a probe on PyEval_SaveThread). The rest runs in NumPy on a few
+    dozen rows: the same
+    float32 arithmetic, ultralytics' own xywh2xyxy, its scale_boxes (to_photo), torchvision's NMS.
     (An FP16 model's candidates are made float32 first, where ultralytics stays in
     FP16: boxes then differ in the fourth significant digit.)"""
     args = predictor.args
-    scores = prediction[0, 4:]  # (classes, anchors)
-    picked = prediction[0][:, scores.amax(0) > args.conf]
-    x = picked.T.float().cpu().numpy()  # (candidates, 4 + classes)
+    if prediction.device.type == "cpu" and prediction.dtype == torch.float32:
+        p = prediction.numpy()[0]  # (4 + classes, anchors): no torch call, no copy
+        x = p[:, p[4:].max(0) > args.conf].T  # (candidates, 4 + classes)
+    else:  # on a GPU: the candidates are picked there, and only they are copied
+        scores = prediction[0, 4:]
+        picked = prediction[0][:, scores.amax(0) > args.conf]
+        x = picked.T.float().cpu().numpy()
     classes = x[:, 4:].argmax(1)
     confidence = x[np.arange(len(x)), 4 + classes]
     if len(x) > 30000:  # ultralytics' max_nms: the most confident first
@@ -198,12 +227,29 @@ def detect_on_host(predictor: Any, prediction: torch.Tensor, inputs: Any, frame:
         x, classes, confidence = x[order], classes[order], confidence[order]
     boxes = xywh2xyxy(x[:, :4])  # type: ignore[no-untyped-call]
     offset = classes.astype(np.float32)[:, None] * (0 if args.agnostic_nms else 7680)
-    kept = torchvision.ops.nms(
+    kept = torch.ops.torchvision.nms(
         torch.from_numpy(boxes + offset), torch.from_numpy(confidence), args.iou
-    )[: args.max_det].numpy()
+    ).numpy()[: args.max_det]
     found = np.empty((len(kept), 6), np.float32)
-    found[:, :4] = scale_boxes(inputs.shape[2:], boxes[kept], frame_size(frame))
+    found[:, :4] = to_photo(boxes[kept], inputs.shape[2:], frame_size(frame))
     found[:, 4] = confidence[kept]
     found[:, 5] = classes[kept]
     names = predictor.model.names
     return Results(shape_only(frame), path="", names=names, boxes=torch.from_numpy(found))
+
+
+def to_photo(boxes: np.ndarray, input_hw: tuple[int, ...], photo_hw: tuple[int, int]) -> np.ndarray:
+    """xyxy float32 boxes in the letterboxed input to the photo's pixels, clipped to it:
+    ultralytics' scale_boxes and clip_boxes (the same float32 arithmetic, so the same
+    values) in three NumPy calls instead of ten, each of which lets go of the GIL."""
+    height, width = photo_hw
+    gain = min(input_hw[0] / height, input_hw[1] / width)
+    new_h, new_w = max(round(height * gain), 1), max(round(width * gain), 1)
+    pad_x = round((input_hw[1] - new_w) / 2 - 0.1)
+    pad_y = round((input_hw[0] - new_h) / 2 - 0.1)
+    gain_x, gain_y = new_w / width, new_h / height
+    pad = np.array([pad_x, pad_y, pad_x, pad_y], np.float32)
+    gains = np.array([gain_x, gain_y, gain_x, gain_y], np.float32)
+    limits = np.array([width, height, width, height], np.float32)
+    clipped: np.ndarray = np.clip((boxes - pad) / gains, 0, limits)
+    return clipped

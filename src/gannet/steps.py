@@ -77,7 +77,9 @@ def boxes_to_detections(
     boxes = result.boxes
     if boxes is None or len(boxes) == 0:
         return []
-    data = boxes.data.cpu().numpy()  # one copy: x0, y0, x1, y1, (a track id), conf, class
+    data = boxes.data  # x0, y0, x1, y1, (a track id), conf, class
+    # On the host already: no torch call (each one lets go of the GIL); else one copy.
+    data = data.numpy() if data.device.type == "cpu" else data.cpu().numpy()
     xyxy, confs, classes = data[:, :4], data[:, -2], data[:, -1].astype(int)
     dx, dy = offset
     sx, sy = scale

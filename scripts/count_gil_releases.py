@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""How many times each step of a runner's work lets go of the GIL, counted exactly.
+
+On a busy daemon every release of the GIL can cost the thread a wait and a context
+switch to get it back (docs/benchmark.md: the GIL convoy), so the count per image is a
+figure that does not drift with the VM. Each step runs 500 times in this process while
+`perf stat` counts calls of CPython's PyEval_SaveThread (a uprobe: needs perf and root;
+the probe is added once and left in place).
+
+    YOLO_OFFLINE=1 .venv/bin/python scripts/count_gil_releases.py
+    YOLO_OFFLINE=1 .venv/bin/python scripts/count_gil_releases.py io
+
+The first: the demo detector's pre-processing, the batcher's float conversion and the
+post-processing of samples/scene_01.jpg (split_predictor) with boxes_to_detections.
+`io`: on local services of its own, a task's claim (Sink.start) and its fenced commit
+(Sink.save_claimed), as the runners send them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+CALLS = 500
+EVENT = "probe_libpython3:PyEval_SaveThread"
+
+
+def add_probe() -> None:
+    library = Path(sysconfig.get_config_var("LIBDIR")) / str(sysconfig.get_config_var("LDLIBRARY"))
+    listed = subprocess.run(["perf", "probe", "-l"], capture_output=True, text=True).stdout
+    if "PyEval_SaveThread" not in listed:
+        subprocess.run(["perf", "probe", "-x", str(library), "PyEval_SaveThread"], check=True)
+
+
+def count(step: Callable[[], object]) -> float:
+    """GIL releases per call of `step`, in this process."""
+    for _ in range(20):
+        step()
+    perf = subprocess.Popen(
+        ["perf", "stat", "-x", ",", "-e", EVENT, "-p", str(os.getpid())],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)  # perf attaches
+    for _ in range(CALLS):
+        step()
+    perf.send_signal(signal.SIGINT)
+    _, err = perf.communicate()
+    line = next(x for x in err.splitlines() if EVENT in x)
+    return int(line.split(",")[0]) / CALLS
+
+
+def model_steps() -> dict[str, Callable[[], object]]:
+    import cv2
+
+    from gannet.model_cache import ModelKey, yolo_loader
+    from gannet.settings import REPO_ROOT
+    from gannet.split_predictor import SplitPredictor
+    from gannet.steps import boxes_to_detections
+
+    load = yolo_loader(lambda uri, version: Path(uri), trace=False)
+    model, _ = load(ModelKey(str(REPO_ROOT / "models/demo/detect.pt"), "v", "cpu", 640, "detect"))
+    split = SplitPredictor(model)
+    image = cv2.imread(str(REPO_ROOT / "samples" / "scene_01.jpg"))
+    inputs = split.preprocess(image)
+    (output,) = split.forward([inputs])
+    return {
+        "pre-process (runner)": lambda: split.preprocess(image),
+        "float input (batcher)": lambda: split._model_input(inputs),
+        "post-process + detections (runner)": lambda: boxes_to_detections(
+            split.postprocess(output, inputs, image, 0.25), 0.25, []
+        ),
+    }
+
+
+def main() -> None:
+    add_probe()
+    if sys.argv[1:2] == ["io"]:
+        io()
+        return
+    for name, step in model_steps().items():
+        print(f"{name:36} {count(step):6.1f} GIL releases per call")
+
+
+def io() -> None:
+    from itertools import count as numbers
+
+    from gannet.dev.demo import local_settings
+    from gannet.dev.stack import prepared_services
+    from gannet.sink import Sink
+    from gannet.task import TaskResult
+
+    with prepared_services(Path(tempfile.mkdtemp(prefix="gannet-gil-"))) as services:
+        sink = Sink(local_settings(services).database_url)
+        sink.open()
+        ids = numbers()
+        claimed: list[str] = []
+
+        def claim() -> None:
+            task_id = f"gil-{next(ids)}"
+            assert sink.start(task_id, "t", "gil", 60).claimed
+            claimed.append(task_id)
+
+        def commit() -> None:
+            record = TaskResult(
+                task_id=claimed.pop(), tenant_id="t", pipeline="DETECTION", status="succeeded"
+            )
+            sink.save_claimed(record, "gil", lambda: None)
+
+        steps = {"claim (Sink.start)": claim, "fenced commit (Sink.save_claimed)": commit}
+        try:
+            for name, step in steps.items():  # in this order: each commit needs a claim
+                print(f"{name:36} {count(step):6.1f} GIL releases per call")
+        finally:
+            sink.close()
+
+
+if __name__ == "__main__":
+    main()
