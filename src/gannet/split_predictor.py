@@ -162,9 +162,9 @@ class SplitPredictor:
             return x
         if x.device != self._predictor.device:
             x = x.to(self._predictor.device)
-        # Out of place: an in-place op (div_) hands back the tensor it was given, and
-        # torch takes the GIL again inside it for that tensor's Python object.
-        return (x.half() if self._predictor.model.fp16 else x.float()) / 255
+        # In place: out of place (one GIL release fewer) cost the batcher thread more
+        # CPU than it saved, a second float copy of the batch (docs/benchmark.md).
+        return (x.half() if self._predictor.model.fp16 else x.float()).div_(255)
 
     @staticmethod
     def shape(inputs: torch.Tensor) -> tuple[tuple[int, ...], torch.device]:
