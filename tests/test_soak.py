@@ -80,6 +80,33 @@ def test_fault_moments_are_distinct_inside_the_window_and_repeat_with_the_seed()
     assert sorted(f.kind for f in plans[0]) == ["kill9", "kill9", "postgres_restart", "sigterm"]
 
 
+def test_a_fault_waiting_for_its_moment_holds_back_publishing_so_it_fires_with_work_left():
+    """A daemon faster than the soak's poll once finished all 180 tasks before the last
+    two faults fired: publishing now waits for each fault."""
+    valid = [i % 10 != 0 for i in range(110)]  # 99 valid, every tenth poison
+    early, late = soak.Fault("kill9", 0.3, 30), soak.Fault("sigterm", 0.95, 95)
+
+    upto = soak.publishable(valid, [early, late], 0, 0, window=200)
+    assert sum(valid[:upto]) == 30 + soak.FAULT_LEAD  # held back until the kill fires
+    assert soak.publishable(valid, [early, late], upto, upto, window=200) == upto
+
+    early.fired_at_s, early.fired_at_succeeded = 3.0, 31
+    upto = soak.publishable(valid, [early, late], upto, upto, window=200)
+    assert sum(valid[:upto]) == 98  # the last valid task waits for the late fault
+    late.fired_at_s, late.fired_at_succeeded = 9.0, 98
+    assert soak.publishable(valid, [early, late], upto, upto, window=200) == 110
+    assert soak.publishable(valid, [], 0, 5, window=40) == 45  # no faults: the window only
+
+
+def test_a_fault_due_right_after_another_can_still_fire():
+    """The next fault fires only once more was committed than at the last one, so one
+    more valid task must go out even when the first fired past the second's moment."""
+    valid = [True] * 50
+    first, second = soak.Fault("kill9", 0.5, 25), soak.Fault("postgres_restart", 0.52, 26)
+    first.fired_at_s, first.fired_at_succeeded = 4.0, 49  # fired late, everything done
+    assert soak.publishable(valid, [first, second], 49, 49, window=100) == 50
+
+
 @pytest.mark.slow
 def test_a_small_soak_loses_nothing_and_infers_nothing_twice(tmp_path, capsys):
     """200 tasks, a tenth of them poison, each fault once, a fixed seed."""

@@ -75,6 +75,9 @@ NACKED = frozenset({"retry", "error", "busy", "shutdown"})
 # daemon is busy, and not so late that nothing is left to recover.
 FAULT_WINDOW = (0.05, 0.90)
 POLL_S = 0.5  # a fault fires within ~10 tasks of its moment at 20 tasks/s
+# While a fault waits for its moment, at most this many valid tasks are published past
+# it: enough that the daemon it hits is at work, and the work cannot all settle first.
+FAULT_LEAD = 20
 PROGRESS_S = 5.0
 QUIET_PROGRESS_S = 30.0  # while nothing moves, a line this often still shows it is alive
 RSS_POLL_S = 0.5
@@ -258,6 +261,31 @@ def plan_faults(rng: random.Random, valid: int, counts: Mapping[str, int]) -> li
                 break
         faults.append(Fault(kind, round(fraction, 4), trigger))
     return sorted(faults, key=lambda f: f.trigger)
+
+
+def publishable(
+    valid: list[bool], faults: list[Fault], published: int, settled: int, window: int
+) -> int:
+    """How many of the messages (in publish order; `valid` says which are valid) may be
+    published now. At most `window` unsettled, as backends that publish as work arrives
+    would; and while a fault has not fired, no more than FAULT_LEAD valid tasks past its
+    moment, nor the last valid task. Without that a daemon faster than the poll could
+    finish every task before a late fault fired, and the soak would not test it. Always
+    one valid task past the last fault fired, since the next fires only once something
+    more was committed (`Soak.fire_due`)."""
+    limit = min(len(valid), max(published, settled + window))
+    waiting = [f.trigger for f in faults if f.fired_at_s is None]
+    if not waiting:
+        return limit
+    fired = [f.fired_at_succeeded or 0 for f in faults if f.fired_at_s is not None]
+    nearest = min(waiting)
+    cap = max(min(nearest + FAULT_LEAD, sum(valid) - 1), nearest, max(fired, default=0) + 1)
+    seen = 0
+    for i in range(limit):
+        seen += valid[i]
+        if seen > cap:
+            return max(published, i)
+    return limit
 
 
 # -- what the soak watches --------------------------------------------------------------
@@ -449,11 +477,13 @@ class Soak:
         """Keep at most --window published tasks unsettled, as backends that publish as
         work arrives would. The emulator pushes every message it has to one stream,
         ignoring the subscriber's flow control, so an unbounded backlog would all sit
-        leased on whichever daemon a fault hits, which real Pub/Sub never does."""
+        leased on whichever daemon a fault hits, which real Pub/Sub never does. A fault
+        that has not fired holds publishing back (`publishable`)."""
         if not self._started:
             self.first_publish, self._started = time.time(), time.monotonic()
-        room = settled + self.args.window - self.published
-        batch = self.messages[self.published : self.published + max(0, room)]
+        valid = [m.valid for m in self.messages]
+        upto = publishable(valid, self.faults, self.published, settled, self.args.window)
+        batch = self.messages[self.published : upto]
         if not batch:
             return
         topic = self.stack.settings.topic_path()
@@ -474,10 +504,10 @@ class Soak:
         progress = _Progress(self)
         while True:
             now = tally(self.messages, self.rows(), letters.letters())
+            self.fire_due(len(now.succeeded))  # before: the last task may have settled
             self.publish_more(now.count())
             if now.settled(self.valid, self.poison) or time.monotonic() > deadline:
                 return now
-            self.fire_due(len(now.succeeded))
             self.replace_if_exited()
             progress.maybe_print(now)
             time.sleep(POLL_S)
