@@ -88,8 +88,9 @@ def test_a_task_id_taken_by_another_tenant_is_a_permanent_conflict(db):
 
 
 def test_a_claimed_commit_writes_only_under_its_claim_and_rolls_back_cleanly(db):
-    """save_claimed sends its transaction in two round trips ("BEGIN; fence" and
-    "finish; COMMIT", bound client-side). What must hold: a result with quotes,
+    """save_claimed sends its transaction as three blocking libpq calls ("BEGIN; fence"
+    with its values quoted in, finish with parameters, COMMIT). What must hold: a result
+    with quotes,
     backslashes and non-ASCII text is stored as it was; a failed object write commits
     nothing and leaves the pool's connections usable; another worker's live claim
     writes nothing (ClaimLost); and a committed success is not overwritten (False)."""
@@ -136,3 +137,29 @@ def test_a_connection_dropped_between_tasks_fails_one_task_as_retryable(services
         assert store.start(f"{tenant}-1", tenant, "pod-a", 60).claimed
     finally:
         store.close()
+
+
+def test_non_ascii_text_is_stored_as_sent_whatever_the_client_encoding(services, monkeypatch):
+    """A task's statements send text parameters as UTF-8 (pgexec.py), so the pool's
+    connections must speak UTF-8 even where the environment asks libpq for another
+    client encoding (PGCLIENTENCODING): an object name with non-ASCII letters must come
+    back as it was, not as mojibake."""
+    monkeypatch.setenv("PGCLIENTENCODING", "LATIN1")
+    store = sink.Sink(services.database_url, pool_size=1)
+    store.open()
+    try:
+        tenant = f"t-{uuid.uuid4().hex[:6]}"
+        task_id = f"{tenant}-ü"
+        url = f"gs://gannet-images/{tenant}/champs/blé-été.jpg"
+        assert store.start(task_id, tenant, "pod-a", 60).claimed
+        record = result(tenant, task_id, image_url=url)
+        assert store.save_claimed(record, "pod-a", lambda: None)
+    finally:
+        store.close()
+    monkeypatch.delenv("PGCLIENTENCODING")
+    with psycopg.connect(services.database_url, client_encoding="UTF8") as conn:
+        conn.execute("SELECT set_config('app.current_tenant', %s, false)", (tenant,))
+        row = conn.execute(
+            "SELECT task_id, image_url FROM task_results WHERE tenant_id = %s", (tenant,)
+        ).fetchone()
+    assert row == (task_id, url)

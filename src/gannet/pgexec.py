@@ -41,8 +41,9 @@ _DONE = (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK)
 
 
 def param(value: object) -> bytes | None:
-    """A parameter in text format; bytes pass as they are (a JSON document already
-    encoded), dicts and lists as JSON (plain ASCII, whatever the client encoding)."""
+    """A parameter in text format, as UTF-8 (the connection's client encoding must be
+    UTF8: Sink's pool sets it); bytes pass as they are (a JSON document already
+    encoded), dicts and lists as JSON."""
     if value is None or isinstance(value, bytes):
         return value
     if isinstance(value, bool):

@@ -252,7 +252,9 @@ class Sink:
             open=False,
             # Autocommit: a single statement (gannet_start) is its own transaction, in one
             # round trip; everything longer runs in conn.transaction() (BEGIN ... COMMIT).
-            kwargs={"autocommit": True, "connect_timeout": 5},
+            # UTF-8 whatever the environment asks (PGCLIENTENCODING): pgexec sends text
+            # parameters as UTF-8.
+            kwargs={"autocommit": True, "connect_timeout": 5, "client_encoding": "UTF8"},
             # No check on every checkout (a round trip per transaction): a broken
             # connection fails its transaction, the task is nacked and retried, and the
             # pool replaces the connection.
