@@ -206,10 +206,10 @@ def detect_on_host(predictor: Any, prediction: torch.Tensor, inputs: Any, frame:
     and 1.6-2.3 ms (scripts/measure_gil_convoy.py, docs/benchmark.md). Creating and
     freeing a tensor lets go of the GIL too, so on the CPU the candidates above the
     threshold are picked in NumPy, on the prediction's own memory (on a GPU, with torch
-    there, and only they are copied to the host): 41 releases of the GIL per image
-    before, 29 after (a probe on PyEval_SaveThread). The rest runs in NumPy on a few
-    dozen rows: the same
-    float32 arithmetic, ultralytics' own xywh2xyxy, its scale_boxes (to_photo), torchvision's NMS.
+    there, and only they are copied to the host). The rest runs in NumPy on a few dozen
+    rows: the same float32 arithmetic, ultralytics' own xywh2xyxy, its scale_boxes
+    (to_photo), torchvision's NMS. With boxes_to_detections: 44 releases of the GIL per
+    image before, 24 after (scripts/count_gil_releases.py).
     (An FP16 model's candidates are made float32 first, where ultralytics stays in
     FP16: boxes then differ in the fourth significant digit.)"""
     args = predictor.args
