@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import subprocess
+import time
+import urllib.request
 
 import pytest
 import torch
@@ -73,7 +75,14 @@ def test_a_wrong_image_set_or_baseline_is_refused_before_anything_starts():
     from gannet.errors import CommandError
 
     def args(**kw: object) -> argparse.Namespace:
-        defaults = {"sizes": None, "baseline": None, "trace": True, "trace_only": False}
+        defaults = {
+            "sizes": None,
+            "baseline": None,
+            "trace": True,
+            "trace_only": False,
+            "runners_sweep": None,
+            "gcs_latency_ms": 0.0,
+        }
         return argparse.Namespace(**{**defaults, **kw})
 
     with pytest.raises(CommandError, match="choose from 640x480"):
@@ -85,6 +94,10 @@ def test_a_wrong_image_set_or_baseline_is_refused_before_anything_starts():
     bench_plumbing.check_args(args(baseline="plumbing-baseline"))
     with pytest.raises(CommandError, match="leave out --no-trace"):
         bench_plumbing.check_args(args(trace_only=True, trace=False))
+    with pytest.raises(CommandError, match="measures this tree alone"):
+        bench_plumbing.check_args(args(runners_sweep=[4, 8], baseline="HEAD"))
+    with pytest.raises(CommandError, match="at least 0"):
+        bench_plumbing.check_args(args(gcs_latency_ms=-1.0))
 
 
 def test_the_plumbing_baseline_is_built_from_its_commit_and_patch(tmp_path):
@@ -123,6 +136,8 @@ def test_plumbing_bench_measures_each_daemon_by_stage_on_one_and_two_cores(tmp_p
         gil=True,
         trace=True,
         trace_only=False,
+        runners_sweep=None,
+        gcs_latency_ms=0.0,
         state_dir=tmp_path,
     )
     with LocalServices(tmp_path / "services", Ports.free()) as services:
@@ -149,6 +164,9 @@ def test_plumbing_bench_measures_each_daemon_by_stage_on_one_and_two_cores(tmp_p
         assert summary["mean_batch_size"] >= 1
         # The emulators, PostgreSQL and the bench worked for these tasks on the same cores.
         assert summary["services_cpu_ms_per_image"] > 0
+        by_name = summary["services_cpu_ms_per_image_by_name"]
+        assert {"pubsub", "gcs", "postgres", "bench"} <= set(by_name)
+        assert sum(by_name.values()) == pytest.approx(summary["services_cpu_ms_per_image"])
         # Each image passed between threads (callback, runner, batcher): they waited.
         assert summary["switches_per_image"] >= 2
     # GANNET_PROCESSES=2, a core each: this tree's only (a baseline has no supervisor).
@@ -168,3 +186,40 @@ def test_plumbing_bench_measures_each_daemon_by_stage_on_one_and_two_cores(tmp_p
     assert "2 processes, a core each" in out
     assert "traced/off" in out
     assert "CPU cap img/s" in out and "switches/img" in out
+    assert "by process" in out and "postgres" in out
+
+
+@pytest.mark.slow
+def test_a_runners_sweep_measures_each_count_against_a_slower_bucket(tmp_path, capsys):
+    """`--gcs-latency-ms` makes every GCS request at least that much slower, as a real
+    bucket's round trip is; `--runners-sweep` runs this tree once per runner count."""
+    args = argparse.Namespace(
+        images=6,
+        runners=4,
+        rounds=1,
+        sizes=["640x480"],
+        baseline=None,
+        gil=False,
+        trace=False,
+        trace_only=False,
+        runners_sweep=[1, 3],
+        gcs_latency_ms=150.0,
+        state_dir=tmp_path,
+    )
+    services = LocalServices(tmp_path / "services", Ports.free(), gcs_latency_ms=150.0)
+    with services:
+        url = f"{services.gcs_endpoint}/storage/v1/b?project={services.project}"
+        started = time.monotonic()
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            assert reply.status == 200
+        assert time.monotonic() - started >= 0.15
+        report = bench_plumbing.run(services, args)
+
+    sweep = report["sizes"]["640x480"]["this tree"]["sweep"]
+    assert list(sweep) == ["1", "3"]
+    for by_count in sweep.values():
+        assert by_count["images_per_s"] > 0 and by_count["cpu_ms_per_image"] > 0
+        assert len(by_count["rounds"]) == 1
+    bench_plumbing.print_report(report)
+    out = capsys.readouterr().out
+    assert "runners" in out and "leased" in out and "150 ms slower" in out

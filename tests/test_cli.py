@@ -82,3 +82,14 @@ def test_run_against_an_unmigrated_database_says_to_migrate(services):
         timeout=120,
     )
     assert out.returncode == 2 and "gannet db migrate" in out.stdout
+
+
+def test_bench_latency_options_without_plumbing_are_refused_not_ignored():
+    """The model bench and --flood run their own services: a latency they would not
+    apply is refused before anything starts, saying what the options go with."""
+    out = gannet("bench", "--gcs-latency-ms", "20")
+    assert out.returncode == 2
+    assert "go with --plumbing" in out.stdout + out.stderr
+    out = gannet("bench", "--plumbing", "--runners-sweep", "4,0")
+    assert out.returncode == 2
+    assert "not a positive number" in out.stderr

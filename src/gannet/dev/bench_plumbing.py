@@ -167,14 +167,16 @@ def measure(
     stage_cpu: bool = False,
     processes: int = 1,
     receiver: TraceReceiver | None = None,
+    runners: int | None = None,
 ) -> dict[str, Any]:
     """One daemon on `cpus` (with `processes` > 1, its supervisor and that many daemon
     processes, each pinned to its share): warm up on every distinct image (recording the
     network's answers), then publish the tasks and time them to the last committed row.
-    With a `receiver`, the daemon traces every task to it."""
+    With a `receiver`, the daemon traces every task to it. `runners`: instead of
+    args.runners."""
     env = {
         **services.env(),
-        "GANNET_RUNNERS": str(args.runners),
+        "GANNET_RUNNERS": str(runners or args.runners),
         "GANNET_TOPIC": queue.topic,
         "GANNET_SUBSCRIPTION": queue.subscription,
         "GANNET_DEAD_LETTER_TOPIC": queue.dead_letter_topic,
@@ -214,7 +216,8 @@ def measure(
         # emulators, PostgreSQL and this process (which publishes and polls).
         rest = {**services.pids(), "bench": os.getpid()}
         before, cpu_before = scrape(proc.metrics_port), cpu_seconds(pid)["daemon"]
-        rest_before = sum(cpu_seconds(rest).values())
+        rest_before_by = cpu_seconds(rest)
+        rest_before = sum(rest_before_by.values())
         switches_before = context_switches(proc.proc.pid)
         started = time.time()
         publish_tasks(publisher, queue.topic_path(), tasks)
@@ -222,7 +225,8 @@ def measure(
             queue.database_url, TENANT, [t.task_id for t in tasks], timeout_s=900
         )
         after, cpu_after = scrape(proc.metrics_port), cpu_seconds(pid)["daemon"]
-        rest_after = sum(cpu_seconds(rest).values())
+        rest_after_by = cpu_seconds(rest)
+        rest_after = sum(rest_after_by.values())
         switches = context_switches(proc.proc.pid) - switches_before
         gil_samples = stop_py_spy(spy, gil_file) if spy else None
     finally:
@@ -253,6 +257,10 @@ def measure(
         "images_per_s": n / seconds,
         "cpu_ms_per_image": total,
         "services_cpu_ms_per_image": (rest_after - rest_before) * 1000 / n,
+        "services_cpu_ms_per_image_by_name": {
+            name: (rest_after_by[name] - rest_before_by.get(name, 0.0)) * 1000 / n
+            for name in rest_after_by
+        },
         "stages_cpu_ms_per_image": stages,
         "other_threads_cpu_ms_per_image": total - sum(stages.values()),
         "mean_batch_size": images / batches if batches else 0.0,
@@ -403,6 +411,8 @@ def one_size(
     ours = [cores[0], *traced_run, *cores[1:], (PER_CORE_RUN, "0,1", False, False, 2, False)]
     if args.trace_only:
         ours = [cores[0], *traced_run]
+    if args.runners_sweep:
+        return {THIS_TREE: sweep(services, urls, daemons[-1], size, args)}
     for n in range(1, args.rounds + 1):
         for daemon in daemons:
             result: dict[str, Any] = {}
@@ -430,6 +440,35 @@ def one_size(
     return {name: summarize(results) for name, results in rounds.items()}
 
 
+def sweep(
+    services: LocalServices, urls: list[str], daemon: Daemon, size: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    """`--runners-sweep`: this tree on 2 cores at each runner count, the counts in turn
+    within each round (so the VM's drift falls on all of them alike); medians by count.
+
+    With GCS taking tens of milliseconds a request, a runner spends most of a task
+    waiting on it: images/s then grows with the runners until the CPU binds, which a
+    bench against emulators that answer at once cannot show."""
+    log = args.state_dir / "bench" / "plumbing-sweep.log"
+    by_count: dict[int, list[dict[str, Any]]] = {n: [] for n in args.runners_sweep}
+    for n in range(1, args.rounds + 1):
+        for runners in args.runners_sweep:
+            print(f"  {size} round {n}: {runners} runners, 2 cores ...", flush=True)
+            queue = stack.fresh_queue(services, f"pl-{uuid.uuid4().hex[:8]}")
+            result = measure(services, queue, urls, daemon, "0,1", args, log, runners=runners)
+            by_count[runners].append(result)
+    return {
+        "sweep": {
+            str(runners): {
+                key: statistics.median(r[key] for r in results)
+                for key in ("images_per_s", "cpu_ms_per_image", "mean_batch_size")
+            }
+            | {"rounds": results}
+            for runners, results in by_count.items()
+        }
+    }
+
+
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over rounds of every figure the report shows."""
     two = [r["2 cores"] for r in rounds]
@@ -438,6 +477,10 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "images_per_s": statistics.median(r["images_per_s"] for r in two),
         "cpu_ms_per_image": statistics.median(r["cpu_ms_per_image"] for r in two),
         "services_cpu_ms_per_image": statistics.median(r["services_cpu_ms_per_image"] for r in two),
+        "services_cpu_ms_per_image_by_name": {
+            name: statistics.median(r["services_cpu_ms_per_image_by_name"][name] for r in two)
+            for name in two[0]["services_cpu_ms_per_image_by_name"]
+        },
         "mean_batch_size": statistics.median(r["mean_batch_size"] for r in two),
         "switches_per_image": statistics.median(r["switches_per_image"] for r in two),
     }
@@ -510,6 +553,8 @@ def run(services: LocalServices, args: argparse.Namespace) -> dict[str, Any]:
         "mode": "plumbing",
         "images": args.images,
         "runners": args.runners,
+        "runners_sweep": args.runners_sweep,
+        "gcs_latency_ms": args.gcs_latency_ms,
         "rounds": args.rounds,
         "imgsz": IMGSZ,
         "machine": {"cpu_count": os.cpu_count()},
@@ -527,7 +572,32 @@ def run(services: LocalServices, args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def print_sweep(report: dict[str, Any]) -> None:
+    rows = [
+        [
+            size,
+            runners,
+            f"{2 * int(runners)}",
+            f"{s['images_per_s']:.1f}",
+            f"{s['cpu_ms_per_image']:.2f}",
+            f"{s['mean_batch_size']:.1f}",
+        ]
+        for size, by_daemon in report["sizes"].items()
+        for runners, s in by_daemon[THIS_TREE]["sweep"].items()
+    ]
+    print()
+    print(format_table(["size", "runners", "leased", "img/s", "CPU ms/img", "batch"], rows))
+    print(
+        f"(this tree on 2 cores; medians of {report['rounds']} rounds; {report['images']} "
+        f"tasks each; every GCS request {report['gcs_latency_ms']:g} ms slower than the "
+        "emulator's own)"
+    )
+
+
 def print_report(report: dict[str, Any]) -> None:
+    if report.get("runners_sweep"):
+        print_sweep(report)
+        return
     header = ["size", "daemon", "img/s", "1 core", "2/1", "CPU ms/img", "GIL ms/img"]
     header += ["switches/img", "batch", "services ms/img", "CPU cap img/s"]
     cores = report["machine"]["cpu_count"]
@@ -562,6 +632,14 @@ def print_report(report: dict[str, Any]) -> None:
         f"CPU cap: what {cores} cores could do at the daemon's and the services' CPU per "
         "image, with no GIL and no waiting)"
     )
+    print("Services' CPU ms per image, by process (2 cores):")
+    for size, by_daemon in report["sizes"].items():
+        for name, s in by_daemon.items():
+            parts = ", ".join(
+                f"{service} {ms:.2f}"
+                for service, ms in s["services_cpu_ms_per_image_by_name"].items()
+            )
+            print(f"  {size}, {name}: {parts}")
     per_core = [
         [
             size,
@@ -625,6 +703,12 @@ def check_args(args: argparse.Namespace) -> None:
             "--trace-only measures this tree with tracing off and on: leave out --no-trace "
             "and --baseline"
         )
+    if args.runners_sweep and (args.baseline or args.trace_only):
+        raise CommandError(
+            "--runners-sweep measures this tree alone: leave out --baseline and --trace-only"
+        )
+    if args.gcs_latency_ms < 0:
+        raise CommandError("--gcs-latency-ms is at least 0, e.g. 20")
     unknown = [size for size in args.sizes or () if size not in SIZES]
     if unknown:
         raise CommandError(
@@ -646,7 +730,8 @@ def check_args(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> int:
     check_args(args)
     ports = Ports(args.pubsub_port, args.gcs_port, args.postgres_port)
-    with LocalServices(args.state_dir / "bench", ports) as services:
+    state = args.state_dir / "bench"
+    with LocalServices(state, ports, gcs_latency_ms=args.gcs_latency_ms) as services:
         report = run(services, args)
     print_report(report)
     output = args.output

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from gannet.errors import CommandError
 from gannet.settings import REPO_ROOT, Settings
 
 
@@ -42,6 +43,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if not args.plumbing and (args.gcs_latency_ms or args.runners_sweep):
+        raise CommandError("--gcs-latency-ms and --runners-sweep go with --plumbing")
     if args.flood:
         from gannet.dev import bench_flood
 
@@ -235,6 +238,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="--plumbing: only the two runs that tracing's cost is read from (2 cores, "
         "tracing off and at sampling 1.0, in alternating order), for many rounds quickly",
+    )
+    p.add_argument(
+        "--gcs-latency-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="--plumbing: add MS to every request the GCS emulator answers, as a real "
+        "bucket's round trip would (default 0: the emulator's own, well under 1 ms)",
+    )
+    p.add_argument(
+        "--runners-sweep",
+        type=lambda v: [_positive(n) for n in v.split(",")],
+        default=None,
+        metavar="N,N,...",
+        help="--plumbing: only this tree on 2 cores, once per runner count in each round "
+        "(GANNET_RUNNERS=N, and the default 2N messages leased), e.g. 4,8,16 with "
+        "--gcs-latency-ms 20: how many runners keep up with that latency",
     )
     p.add_argument("--images", type=int, default=256, help="tasks per measurement (default 256)")
     p.add_argument(

@@ -33,7 +33,8 @@ from gannet.errors import CommandError
 log = logging.getLogger(__name__)
 
 
-# How the local services run gcp-storage-emulator, with three fixes to its costs:
+# How the local services run gcp-storage-emulator (argv[1]: milliseconds added to each
+# request, see LocalServices.gcs_latency_ms), with three fixes to its costs:
 # - It served one request at a time, HTTP/1.0, from a listen queue of 5 (Python's
 #   default). Every request was a new TCP connection, which real GCS never asks of a
 #   client that keeps its connections alive: the connect cost the daemon under test
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 _GCS_EMULATOR = """
 import sys
 import threading
+import time
 from http import server
 from gcp_storage_emulator import server as emulator
 from gcp_storage_emulator.storage import Storage
@@ -59,7 +61,10 @@ emulator.RequestHandler.protocol_version = "HTTP/1.1"
 emulator.RequestHandler.disable_nagle_algorithm = True
 _one_at_a_time = threading.Lock()
 _handle = emulator.Router.handle
+_latency_s = float(sys.argv.pop(1)) / 1000
 def handle(self, method):
+    if _latency_s:
+        time.sleep(_latency_s)  # outside the lock: requests wait side by side
     with _one_at_a_time:
         _handle(self, method)
 emulator.Router.handle = handle
@@ -109,6 +114,9 @@ class LocalServices:
     state_dir: Path
     ports: Ports = field(default_factory=Ports)
     project: str = "gannet-local"
+    # Added to every GCS request, as a real bucket's round trip would be (the emulator
+    # answers in well under a millisecond): `gannet bench --plumbing --gcs-latency-ms`.
+    gcs_latency_ms: float = 0.0
     _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _cleanup: list[Path] = field(default_factory=list)
     _postgres_cmd: list[str] = field(default_factory=list)
@@ -267,6 +275,7 @@ class LocalServices:
                 sys.executable,
                 "-c",
                 _GCS_EMULATOR,
+                str(self.gcs_latency_ms),
                 "start",
                 "--host",
                 "127.0.0.1",
