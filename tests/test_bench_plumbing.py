@@ -94,8 +94,8 @@ def test_a_wrong_image_set_or_baseline_is_refused_before_anything_starts():
     bench_plumbing.check_args(args(baseline="plumbing-baseline"))
     with pytest.raises(CommandError, match="leave out --no-trace"):
         bench_plumbing.check_args(args(trace_only=True, trace=False))
-    with pytest.raises(CommandError, match="measures this tree alone"):
-        bench_plumbing.check_args(args(runners_sweep=[4, 8], baseline="HEAD"))
+    with pytest.raises(CommandError, match="pick one"):
+        bench_plumbing.check_args(args(runners_sweep=[(4, None)], trace_only=True))
     with pytest.raises(CommandError, match="at least 0"):
         bench_plumbing.check_args(args(gcs_latency_ms=-1.0))
 
@@ -192,17 +192,17 @@ def test_plumbing_bench_measures_each_daemon_by_stage_on_one_and_two_cores(tmp_p
 @pytest.mark.slow
 def test_a_runners_sweep_measures_each_count_against_a_slower_bucket(tmp_path, capsys):
     """`--gcs-latency-ms` makes every GCS request at least that much slower, as a real
-    bucket's round trip is; `--runners-sweep` runs this tree once per runner count."""
+    bucket's round trip is; `--runners-sweep` runs each daemon once per runner count."""
     args = argparse.Namespace(
         images=6,
         runners=4,
         rounds=1,
         sizes=["640x480"],
-        baseline=None,
+        baseline="HEAD",
         gil=False,
         trace=False,
         trace_only=False,
-        runners_sweep=[1, 3],
+        runners_sweep=[(1, None), (2, 6)],
         gcs_latency_ms=150.0,
         state_dir=tmp_path,
     )
@@ -215,11 +215,13 @@ def test_a_runners_sweep_measures_each_count_against_a_slower_bucket(tmp_path, c
         assert time.monotonic() - started >= 0.15
         report = bench_plumbing.run(services, args)
 
-    sweep = report["sizes"]["640x480"]["this tree"]["sweep"]
-    assert list(sweep) == ["1", "3"]
-    for by_count in sweep.values():
-        assert by_count["images_per_s"] > 0 and by_count["cpu_ms_per_image"] > 0
-        assert len(by_count["rounds"]) == 1
+    by_daemon = report["sizes"]["640x480"]
+    assert list(by_daemon) == ["baseline HEAD", "this tree"]
+    for summary in by_daemon.values():
+        assert list(summary["sweep"]) == ["1:2", "2:6"]
+        for by_count in summary["sweep"].values():
+            assert by_count["images_per_s"] > 0 and by_count["cpu_ms_per_image"] > 0
+            assert len(by_count["rounds"]) == 1
     bench_plumbing.print_report(report)
     out = capsys.readouterr().out
     assert "runners" in out and "leased" in out and "150 ms slower" in out

@@ -90,6 +90,6 @@ def test_bench_latency_options_without_plumbing_are_refused_not_ignored():
     out = gannet("bench", "--gcs-latency-ms", "20")
     assert out.returncode == 2
     assert "go with --plumbing" in out.stdout + out.stderr
-    out = gannet("bench", "--plumbing", "--runners-sweep", "4,0")
+    out = gannet("bench", "--plumbing", "--runners-sweep", "4,2:0")
     assert out.returncode == 2
     assert "not a positive number" in out.stderr

@@ -168,12 +168,13 @@ def measure(
     processes: int = 1,
     receiver: TraceReceiver | None = None,
     runners: int | None = None,
+    leased: int | None = None,
 ) -> dict[str, Any]:
     """One daemon on `cpus` (with `processes` > 1, its supervisor and that many daemon
     processes, each pinned to its share): warm up on every distinct image (recording the
     network's answers), then publish the tasks and time them to the last committed row.
     With a `receiver`, the daemon traces every task to it. `runners`: instead of
-    args.runners."""
+    args.runners; `leased`: GANNET_MAX_MESSAGES (default: the daemon's, 2 x runners)."""
     env = {
         **services.env(),
         "GANNET_RUNNERS": str(runners or args.runners),
@@ -187,6 +188,7 @@ def measure(
         "PYTHONPATH": str(daemon.src),
         **(receiver.env() if receiver else {}),
         "GANNET_TRACE_SAMPLE_RATIO": "1.0",
+        **({"GANNET_MAX_MESSAGES": str(leased)} if leased else {}),
     }
     command = ["taskset", "-c", cpus, sys.executable, "-m", "gannet.dev.replay"]
     # Processes share what any of them recorded (replay.py --answers), in a store of this
@@ -412,7 +414,7 @@ def one_size(
     if args.trace_only:
         ours = [cores[0], *traced_run]
     if args.runners_sweep:
-        return {THIS_TREE: sweep(services, urls, daemons[-1], size, args)}
+        return sweep(services, urls, daemons, size, args)
     for n in range(1, args.rounds + 1):
         for daemon in daemons:
             result: dict[str, Any] = {}
@@ -441,31 +443,47 @@ def one_size(
 
 
 def sweep(
-    services: LocalServices, urls: list[str], daemon: Daemon, size: str, args: argparse.Namespace
+    services: LocalServices,
+    urls: list[str],
+    daemons: list[Daemon],
+    size: str,
+    args: argparse.Namespace,
 ) -> dict[str, Any]:
-    """`--runners-sweep`: this tree on 2 cores at each runner count, the counts in turn
-    within each round (so the VM's drift falls on all of them alike); medians by count.
+    """`--runners-sweep`: each daemon on 2 cores at each runner count, the daemons and
+    counts in turn within each round (so the VM's drift falls on all of them alike);
+    medians by daemon and count.
 
     With GCS taking tens of milliseconds a request, a runner spends most of a task
     waiting on it: images/s then grows with the runners until the CPU binds, which a
     bench against emulators that answer at once cannot show."""
     log = args.state_dir / "bench" / "plumbing-sweep.log"
-    by_count: dict[int, list[dict[str, Any]]] = {n: [] for n in args.runners_sweep}
+    # An entry is runners, or runners:leased (GANNET_MAX_MESSAGES; default 2 x runners).
+    counts = [(r, m or 2 * r) for r, m in args.runners_sweep]
+    runs: dict[str, dict[tuple[int, int], list[dict[str, Any]]]] = {
+        d.name: {c: [] for c in counts} for d in daemons
+    }
     for n in range(1, args.rounds + 1):
-        for runners in args.runners_sweep:
-            print(f"  {size} round {n}: {runners} runners, 2 cores ...", flush=True)
-            queue = stack.fresh_queue(services, f"pl-{uuid.uuid4().hex[:8]}")
-            result = measure(services, queue, urls, daemon, "0,1", args, log, runners=runners)
-            by_count[runners].append(result)
+        for runners, leased in counts:
+            for daemon in daemons:
+                what = f"{runners} runners, {leased} leased"
+                print(f"  {size} round {n}: {daemon.name}, {what} ...", flush=True)
+                queue = stack.fresh_queue(services, f"pl-{uuid.uuid4().hex[:8]}")
+                result = measure(
+                    services, queue, urls, daemon, "0,1", args, log, runners=runners, leased=leased
+                )
+                runs[daemon.name][(runners, leased)].append(result)
     return {
-        "sweep": {
-            str(runners): {
-                key: statistics.median(r[key] for r in results)
-                for key in ("images_per_s", "cpu_ms_per_image", "mean_batch_size")
+        name: {
+            "sweep": {
+                f"{runners}:{leased}": {
+                    key: statistics.median(r[key] for r in results)
+                    for key in ("images_per_s", "cpu_ms_per_image", "mean_batch_size")
+                }
+                | {"runners": runners, "leased": leased, "rounds": results}
+                for (runners, leased), results in by_count.items()
             }
-            | {"rounds": results}
-            for runners, results in by_count.items()
         }
+        for name, by_count in runs.items()
     }
 
 
@@ -576,19 +594,23 @@ def print_sweep(report: dict[str, Any]) -> None:
     rows = [
         [
             size,
-            runners,
-            f"{2 * int(runners)}",
+            name,
+            str(s["runners"]),
+            str(s["leased"]),
             f"{s['images_per_s']:.1f}",
             f"{s['cpu_ms_per_image']:.2f}",
             f"{s['mean_batch_size']:.1f}",
         ]
         for size, by_daemon in report["sizes"].items()
-        for runners, s in by_daemon[THIS_TREE]["sweep"].items()
+        for count in next(iter(by_daemon.values()))["sweep"]
+        for name, d in by_daemon.items()
+        if (s := d["sweep"][count])
     ]
     print()
-    print(format_table(["size", "runners", "leased", "img/s", "CPU ms/img", "batch"], rows))
+    header = ["size", "daemon", "runners", "leased", "img/s", "CPU ms/img", "batch"]
+    print(format_table(header, rows))
     print(
-        f"(this tree on 2 cores; medians of {report['rounds']} rounds; {report['images']} "
+        f"(on 2 cores; medians of {report['rounds']} rounds; {report['images']} "
         f"tasks each; every GCS request {report['gcs_latency_ms']:g} ms slower than the "
         "emulator's own)"
     )
@@ -703,10 +725,8 @@ def check_args(args: argparse.Namespace) -> None:
             "--trace-only measures this tree with tracing off and on: leave out --no-trace "
             "and --baseline"
         )
-    if args.runners_sweep and (args.baseline or args.trace_only):
-        raise CommandError(
-            "--runners-sweep measures this tree alone: leave out --baseline and --trace-only"
-        )
+    if args.runners_sweep and args.trace_only:
+        raise CommandError("--runners-sweep and --trace-only are two different runs: pick one")
     if args.gcs_latency_ms < 0:
         raise CommandError("--gcs-latency-ms is at least 0, e.g. 20")
     unknown = [size for size in args.sizes or () if size not in SIZES]

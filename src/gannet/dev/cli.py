@@ -88,6 +88,15 @@ def _positive(text: str) -> int:
     return value
 
 
+def _sweep(text: str) -> list[tuple[int, int | None]]:
+    """'4,8,4:32' -> [(4, None), (8, None), (4, 32)]: runners, and messages leased."""
+    entries: list[tuple[int, int | None]] = []
+    for entry in text.split(","):
+        runners, _, leased = entry.partition(":")
+        entries.append((_positive(runners), _positive(leased) if leased else None))
+    return entries
+
+
 SOAK_DESCRIPTION = """\
 Soak the daemon: on services of its own (free ports), publish --tasks tasks, of which
 --poison are poison of every kind the README calls a permanent failure, and run one
@@ -249,12 +258,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--runners-sweep",
-        type=lambda v: [_positive(n) for n in v.split(",")],
+        type=_sweep,
         default=None,
-        metavar="N,N,...",
-        help="--plumbing: only this tree on 2 cores, once per runner count in each round "
-        "(GANNET_RUNNERS=N, and the default 2N messages leased), e.g. 4,8,16 with "
-        "--gcs-latency-ms 20: how many runners keep up with that latency",
+        metavar="N[:M],...",
+        help="--plumbing: only images/s on 2 cores, once per entry in each round: N "
+        "runners (GANNET_RUNNERS) and M messages leased (GANNET_MAX_MESSAGES, default 2N); "
+        "with --baseline, both daemons. E.g. 4,8,4:32 with --gcs-latency-ms 20: what "
+        "keeps up with that latency",
     )
     p.add_argument("--images", type=int, default=256, help="tasks per measurement (default 256)")
     p.add_argument(
