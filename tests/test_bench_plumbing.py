@@ -12,6 +12,7 @@ import argparse
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,21 +126,28 @@ def test_a_baseline_named_by_a_moving_ref_is_that_ref_s_commit_now(tmp_path):
     assert (src / "gannet" / "daemon.py").read_text() == head
 
 
+def bench_args(tmp_path: Path, **kw: object) -> argparse.Namespace:
+    """What `gannet bench --plumbing` parses, small: one round of a few 640x480 tasks,
+    against the daemon of HEAD as the baseline."""
+    defaults = {
+        "images": 8,
+        "runners": 2,
+        "rounds": 1,
+        "sizes": ["640x480"],
+        "baseline": "HEAD",
+        "gil": False,
+        "trace": False,
+        "trace_only": False,
+        "runners_sweep": None,
+        "gcs_latency_ms": 0.0,
+        "state_dir": tmp_path,
+    }
+    return argparse.Namespace(**{**defaults, **kw})
+
+
 @pytest.mark.slow
 def test_plumbing_bench_measures_each_daemon_by_stage_on_one_and_two_cores(tmp_path, capsys):
-    args = argparse.Namespace(
-        images=8,
-        runners=2,
-        rounds=1,
-        sizes=["640x480"],
-        baseline="HEAD",
-        gil=True,
-        trace=True,
-        trace_only=False,
-        runners_sweep=None,
-        gcs_latency_ms=0.0,
-        state_dir=tmp_path,
-    )
+    args = bench_args(tmp_path, gil=True, trace=True)
     with LocalServices(tmp_path / "services", Ports.free()) as services:
         report = bench_plumbing.run(services, args)
 
@@ -193,19 +201,7 @@ def test_plumbing_bench_measures_each_daemon_by_stage_on_one_and_two_cores(tmp_p
 def test_a_runners_sweep_measures_each_count_against_a_slower_bucket(tmp_path, capsys):
     """`--gcs-latency-ms` makes every GCS request at least that much slower, as a real
     bucket's round trip is; `--runners-sweep` runs each daemon once per runner count."""
-    args = argparse.Namespace(
-        images=6,
-        runners=4,
-        rounds=1,
-        sizes=["640x480"],
-        baseline="HEAD",
-        gil=False,
-        trace=False,
-        trace_only=False,
-        runners_sweep=[(1, None), (2, 6)],
-        gcs_latency_ms=150.0,
-        state_dir=tmp_path,
-    )
+    args = bench_args(tmp_path, images=6, runners_sweep=[(1, None), (2, 6)], gcs_latency_ms=150.0)
     services = LocalServices(tmp_path / "services", Ports.free(), gcs_latency_ms=150.0)
     with services:
         url = f"{services.gcs_endpoint}/storage/v1/b?project={services.project}"
