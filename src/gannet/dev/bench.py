@@ -123,6 +123,13 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return totals
 
 
+def cpu_ms_per_image(
+    before: dict[str, float], after: dict[str, float], images: int
+) -> dict[str, float]:
+    """Each named process's CPU ms per image between two cpu_seconds() readings."""
+    return {name: (after[name] - before.get(name, 0.0)) * 1000 / images for name in after}
+
+
 def wait_committed(
     database_url: str, tenant: str, task_ids: list[str], timeout_s: float
 ) -> tuple[float, int]:
@@ -185,10 +192,8 @@ def daemon_end_to_end(
     if failed:
         raise RuntimeError(f"{failed} of {len(tasks)} daemon tasks failed; see {log_path}")
     elapsed = finished - started
-    cpu_ms = {
-        name: round((cpu_after[name] - cpu_before.get(name, 0.0)) * 1000 / len(tasks), 2)
-        for name in cpu_after
-    }
+    per_image = cpu_ms_per_image(cpu_before, cpu_after, len(tasks))
+    cpu_ms = {name: round(ms, 2) for name, ms in per_image.items()}
     return {
         "seconds": elapsed,
         "images_per_s": len(tasks) / elapsed,

@@ -46,7 +46,7 @@ import psutil
 
 from gannet import clients
 from gannet.dev import demo, stack
-from gannet.dev.bench import TENANT, cpu_seconds, demo_scenes, wait_committed
+from gannet.dev.bench import TENANT, cpu_ms_per_image, cpu_seconds, demo_scenes, wait_committed
 from gannet.dev.local_services import LocalServices, Ports
 from gannet.dev.publish import make_task, publish_tasks, upload_image
 from gannet.dev.trace_receiver import TraceReceiver
@@ -218,8 +218,7 @@ def measure(
         # emulators, PostgreSQL and this process (which publishes and polls).
         rest = {**services.pids(), "bench": os.getpid()}
         before, cpu_before = scrape(proc.metrics_port), cpu_seconds(pid)["daemon"]
-        rest_before_by = cpu_seconds(rest)
-        rest_before = sum(rest_before_by.values())
+        rest_before = cpu_seconds(rest)
         switches_before = context_switches(proc.proc.pid)
         started = time.time()
         publish_tasks(publisher, queue.topic_path(), tasks)
@@ -227,8 +226,7 @@ def measure(
             queue.database_url, TENANT, [t.task_id for t in tasks], timeout_s=900
         )
         after, cpu_after = scrape(proc.metrics_port), cpu_seconds(pid)["daemon"]
-        rest_after_by = cpu_seconds(rest)
-        rest_after = sum(rest_after_by.values())
+        rest_after = cpu_seconds(rest)
         switches = context_switches(proc.proc.pid) - switches_before
         gil_samples = stop_py_spy(spy, gil_file) if spy else None
     finally:
@@ -247,6 +245,7 @@ def measure(
         traced = sum(1 for s in spans if s.attributes.get("gannet.task_id") in ids) / len(ids)
     n = len(tasks)
     seconds = finished - started
+    services_by_name = cpu_ms_per_image(rest_before, rest_after, n)
     stages = {
         key[4:]: (after[key] - before.get(key, 0.0)) * 1000 / n
         for key in after
@@ -258,11 +257,8 @@ def measure(
     report: dict[str, Any] = {
         "images_per_s": n / seconds,
         "cpu_ms_per_image": total,
-        "services_cpu_ms_per_image": (rest_after - rest_before) * 1000 / n,
-        "services_cpu_ms_per_image_by_name": {
-            name: (rest_after_by[name] - rest_before_by.get(name, 0.0)) * 1000 / n
-            for name in rest_after_by
-        },
+        "services_cpu_ms_per_image": sum(services_by_name.values()),
+        "services_cpu_ms_per_image_by_name": services_by_name,
         "stages_cpu_ms_per_image": stages,
         "other_threads_cpu_ms_per_image": total - sum(stages.values()),
         "mean_batch_size": images / batches if batches else 0.0,
@@ -398,6 +394,8 @@ def one_size(
     bucket = base.allowed_buckets[0]
     uploaded = [upload_image(storage, bucket, TENANT, f, "plumbing") for f in files]
     urls = [uploaded[i % len(uploaded)] for i in range(args.images)]
+    if args.runners_sweep:
+        return sweep(services, urls, daemons, size, args)
     rounds: dict[str, list[dict[str, Any]]] = {d.name: [] for d in daemons}
     # (label, cpus, py-spy --gil, GANNET_STAGE_CPU, processes, traced): the clean runs
     # give images/s and CPU per image; the stage split, the GIL and tracing each perturb
@@ -413,8 +411,6 @@ def one_size(
     ours = [cores[0], *traced_run, *cores[1:], (PER_CORE_RUN, "0,1", False, False, 2, False)]
     if args.trace_only:
         ours = [cores[0], *traced_run]
-    if args.runners_sweep:
-        return sweep(services, urls, daemons, size, args)
     for n in range(1, args.rounds + 1):
         for daemon in daemons:
             result: dict[str, Any] = {}
@@ -591,21 +587,23 @@ def run(services: LocalServices, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_sweep(report: dict[str, Any]) -> None:
-    rows = [
-        [
-            size,
-            name,
-            str(s["runners"]),
-            str(s["leased"]),
-            f"{s['images_per_s']:.1f}",
-            f"{s['cpu_ms_per_image']:.2f}",
-            f"{s['mean_batch_size']:.1f}",
-        ]
-        for size, by_daemon in report["sizes"].items()
-        for count in next(iter(by_daemon.values()))["sweep"]
-        for name, d in by_daemon.items()
-        if (s := d["sweep"][count])
-    ]
+    rows = []
+    for size, by_daemon in report["sizes"].items():
+        counts = next(iter(by_daemon.values()))["sweep"]
+        for count in counts:  # the daemons side by side at each count
+            for name, summary in by_daemon.items():
+                s = summary["sweep"][count]
+                rows.append(
+                    [
+                        size,
+                        name,
+                        str(s["runners"]),
+                        str(s["leased"]),
+                        f"{s['images_per_s']:.1f}",
+                        f"{s['cpu_ms_per_image']:.2f}",
+                        f"{s['mean_batch_size']:.1f}",
+                    ]
+                )
     print()
     header = ["size", "daemon", "runners", "leased", "img/s", "CPU ms/img", "batch"]
     print(format_table(header, rows))
