@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 
+import cv2
+import numpy as np
 import pytest
 import ultralytics  # noqa: F401 - it patches PIL.Image.open; decoding must not care
 from conftest import box_distance, local_pipeline
@@ -110,3 +112,68 @@ def test_reduced_decode_scales_back_to_the_upright_photo():
     assert (sx * 251, sy * 501) == pytest.approx((1001, 2001))
     full, scale = decode_scaled(jpeg(2001, 1001), 10**8, floor=None)
     assert full.shape[:2] == (1001, 2001) and scale == (1.0, 1.0)
+
+
+def _noise_jpeg(width: int, height: int, orientation: int = 1, **save: object) -> bytes:
+    """A JPEG with no symmetry (a gradient and noise), so any wrong turn shows."""
+    rng = np.random.default_rng(orientation)
+    ys, xs = np.mgrid[0:height, 0:width]
+    rgb = np.dstack([xs * 255 // width, ys * 255 // height, rng.integers(0, 255, (height, width))])
+    image = Image.fromarray(rgb.astype(np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    out = io.BytesIO()
+    image.save(out, "JPEG", exif=exif.tobytes(), **save)
+    return out.getvalue()
+
+
+def _opencv(data: bytes, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_jpegs_decode_to_opencvs_pixels_bit_for_bit_in_every_orientation(orientation):
+    """JPEGs are decoded by libjpeg-turbo through simplejpeg (half OpenCV's CPU), which
+    ignores EXIF: the pixels must still be exactly OpenCV's, upright, at full size and
+    at reduced scale, for each of the 8 tags, so every answer stays the same."""
+    from gannet.pipeline import _decode_jpeg, decode_scaled, read_header
+
+    small = _noise_jpeg(97, 61, orientation)
+    assert _decode_jpeg(small, read_header(small, 10**8), 1) is not None  # not OpenCV's
+    image, scale = decode_scaled(small, 10**8, floor=None)
+    assert np.array_equal(image, _opencv(small)) and scale == (1.0, 1.0)
+
+    large = _noise_jpeg(1301, 701, orientation)  # decoded at 1/4 for a floor of 300
+    reduced, (sx, sy) = decode_scaled(large, 10**8, floor=300)
+    assert np.array_equal(reduced, _opencv(large, cv2.IMREAD_REDUCED_COLOR_4))
+    upright_w, upright_h = (701, 1301) if orientation >= 5 else (1301, 701)
+    assert (sx * reduced.shape[1], sy * reduced.shape[0]) == pytest.approx((upright_w, upright_h))
+
+
+@pytest.mark.parametrize("kind", ["progressive", "grayscale", "cmyk", "truncated"])
+def test_unusual_jpegs_decode_as_opencv_decodes_them(kind):
+    """Progressive, grayscale and CMYK JPEGs come out as OpenCV's pixels; what simplejpeg
+    refuses (a truncated file: strict, it refuses what libjpeg only warns about) goes to
+    OpenCV, so the permanent error is the one it was before simplejpeg."""
+    from gannet.pipeline import decode_scaled
+
+    data = {
+        "progressive": lambda: _noise_jpeg(120, 80, progressive=True),
+        "grayscale": lambda: _jpeg_of(Image.new("L", (120, 80), 77)),
+        "cmyk": lambda: _jpeg_of(Image.new("CMYK", (120, 80), (10, 200, 30, 40))),
+        "truncated": lambda: _noise_jpeg(120, 80)[:-400],
+    }[kind]()
+    expected = _opencv(data)
+    if expected is None:
+        with pytest.raises(PermanentError) as err:
+            decode_scaled(data, 10**8, floor=None)
+        assert err.value.code is ErrorCode.IMAGE_UNDECODABLE
+    else:
+        image, _scale = decode_scaled(data, 10**8, floor=None)
+        assert np.array_equal(image, expected)
+
+
+def _jpeg_of(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "JPEG")
+    return out.getvalue()

@@ -54,7 +54,8 @@ class DeviceDecoder:
         if isinstance(decoded, RuntimeError):
             log.debug("device decode refused a JPEG (%s); decoding on the CPU", decoded)
             return None
-        return upright(decoded, orientation)
+        turned: torch.Tensor = upright(decoded, orientation)
+        return turned
 
     def close(self) -> None:
         self._batcher.close()

@@ -12,6 +12,10 @@ transforms).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import overload
+
+import cv2
 import numpy as np
 import torch
 
@@ -62,9 +66,33 @@ _UPRIGHT: dict[int, tuple[bool, tuple[int, ...]]] = {
     8: (True, (1,)),  # rotated 90 counter-clockwise to be upright
 }
 
+# The same turns of an HxWx3 array, with OpenCV's own (vectorised) flips and rotations.
+_UPRIGHT_HOST: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    2: lambda image: cv2.flip(image, 1),
+    3: lambda image: cv2.rotate(image, cv2.ROTATE_180),
+    4: lambda image: cv2.flip(image, 0),
+    5: cv2.transpose,
+    6: lambda image: cv2.rotate(image, cv2.ROTATE_90_CLOCKWISE),
+    7: lambda image: cv2.flip(cv2.transpose(image), -1),
+    8: lambda image: cv2.rotate(image, cv2.ROTATE_90_COUNTERCLOCKWISE),
+}
 
-def upright(frame: torch.Tensor, orientation: int) -> torch.Tensor:
-    """A device frame turned per its EXIF orientation (nvJPEG does not apply it)."""
+
+def turns_sideways(orientation: int) -> bool:
+    """Whether turning upright swaps the photo's width and height."""
+    return _UPRIGHT.get(orientation, (False, ()))[0]
+
+
+@overload
+def upright(frame: np.ndarray, orientation: int) -> np.ndarray: ...
+@overload
+def upright(frame: torch.Tensor, orientation: int) -> torch.Tensor: ...
+def upright(frame: Frame, orientation: int) -> Frame:
+    """A frame turned per its EXIF orientation, as OpenCV's imdecode turns it (neither
+    nvJPEG nor the host's libjpeg-turbo decoder applies it)."""
+    if isinstance(frame, np.ndarray):
+        turn_host = _UPRIGHT_HOST.get(orientation)
+        return frame if turn_host is None else turn_host(frame)
     turn = _UPRIGHT.get(orientation)
     if turn is None:
         return frame

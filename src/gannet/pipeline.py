@@ -17,13 +17,14 @@ from typing import Any
 
 import cv2
 import numpy as np
+import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
 from gannet.config_schema import ModelKind
 from gannet.config_sources import Configs, LoadedConfig
 from gannet.device_decode import DeviceDecoder
 from gannet.errors import ErrorCode, PermanentError
-from gannet.frames import Frame, frame_size
+from gannet.frames import Frame, frame_size, turns_sideways, upright
 from gannet.model_cache import ModelCache
 from gannet.model_resolver import ModelResolver
 from gannet.stages import Timer
@@ -65,7 +66,8 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     return decode_scaled(data, max_pixels, None)[0]
 
 
-# OpenCV's JPEG decode at 1/2, 1/4 and 1/8 of the size (libjpeg's DCT scaling).
+# JPEGs are decoded at 1/2, 1/4 or 1/8 of the size (libjpeg's DCT scaling), OpenCV's
+# flag for each when OpenCV decodes.
 _REDUCED: tuple[tuple[int, int], ...] = (
     (8, cv2.IMREAD_REDUCED_COLOR_8),
     (4, cv2.IMREAD_REDUCED_COLOR_4),
@@ -101,13 +103,15 @@ def decode_scaled(
     """BGR pixels, upright per EXIF, and the (x, y) factors back to the photo's pixels.
 
     The header is read first (PIL, lazy) so an oversized image is refused before its
-    pixels are decoded; OpenCV then decodes about 4x faster than PIL would, straight to
-    BGR, and applies the EXIF orientation itself. With a `floor` (the model input's side,
-    for plans whose steps all report in the photo's pixels), a JPEG whose longer side is
-    at least twice the floor is decoded at 1/2, 1/4 or 1/8 scale, never below the floor:
-    the model would shrink it that far anyway, and the decoder skips most of the work
-    (a 4032x3024 photo: 110 ms of CPU at full size, about 25 ms at 1/4). `header`: what
-    read_header returned for `data`, when the caller has it.
+    pixels are decoded. With a `floor` (the model input's side, for plans whose steps all
+    report in the photo's pixels), a JPEG whose longer side is at least twice the floor
+    is decoded at 1/2, 1/4 or 1/8 scale, never below the floor: the model would shrink it
+    that far anyway, and the decoder skips most of the work (a 4032x3024 photo: 64 ms of
+    CPU at full size, about 17 ms at 1/4). `header`: what read_header returned for
+    `data`, when the caller has it.
+
+    A JPEG goes to libjpeg-turbo through simplejpeg (_decode_jpeg); anything else, and
+    any JPEG it refuses, to OpenCV, which also decodes about 4x faster than PIL would.
     """
     header = header or read_header(data, max_pixels)
     (width, height), kind = header.size, header.format
@@ -115,6 +119,10 @@ def decode_scaled(
     if floor and kind == "JPEG":  # other formats decode in full, then resize: no gain
         longer = max(width, height)
         factor, flags = next(((f, m) for f, m in _REDUCED if longer // f >= floor), (1, flags))
+    if kind == "JPEG":
+        decoded = _decode_jpeg(data, header, factor)
+        if decoded is not None:
+            return decoded
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
     if image is None:
         raise PermanentError(ErrorCode.IMAGE_UNDECODABLE, "the image data is corrupt")
@@ -129,13 +137,43 @@ def decode_scaled(
     return image, scale
 
 
+def _decode_jpeg(
+    data: bytes, header: Image.Image, factor: int
+) -> tuple[np.ndarray, tuple[float, float]] | None:
+    """A JPEG decoded by libjpeg-turbo straight to BGR at 1/`factor` scale, then turned
+    upright as OpenCV would; None when simplejpeg refuses it (corrupt or truncated data:
+    strict, so a file libjpeg only warns about is refused too) or its EXIF cannot be
+    read, and OpenCV then decodes it, or fails, exactly as before.
+
+    Why not OpenCV for these: the pixels are the same bit for bit (tests/test_decode.py),
+    but OpenCV spends about twice the CPU on a full-size decode (640x480: 1.75 against
+    0.94 ms; 4032x3024: 64 against 34 ms, what sliced detection pays), and about 5 %
+    more at reduced scale (docs/benchmark.md). Both release the GIL while they decode.
+    """
+    orientation = _orientation(header)
+    if orientation is None:
+        return None
+    width, height = header.size
+    try:
+        image = simplejpeg.decode_jpeg(
+            data, "BGR", min_height=-(-height // factor), min_width=-(-width // factor)
+        )
+    except ValueError as exc:
+        log.debug("libjpeg-turbo refused a JPEG (%s); decoding with OpenCV", exc)
+        return None
+    out_h, out_w = image.shape[:2]
+    if turns_sideways(orientation):
+        return upright(image, orientation), (height / out_h, width / out_w)
+    return upright(image, orientation), (width / out_w, height / out_h)
+
+
 def _orientation(header: Image.Image) -> int | None:
     """The EXIF orientation tag (1, upright, when there is none); None when the EXIF
     block cannot be read, so the photo goes to OpenCV, which reads it its own way."""
     try:
         return int(header.getexif().get(0x0112, 1))
     except (SyntaxError, ValueError, TypeError, OSError) as exc:
-        log.debug("unreadable EXIF (%s); decoding on the CPU", exc)
+        log.debug("unreadable EXIF (%s); decoding with OpenCV", exc)
         return None
 
 
