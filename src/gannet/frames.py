@@ -1,13 +1,13 @@
 """A decoded photo as the steps see it: BGR pixels on the host, or RGB pixels on the
 model's device.
 
-Why two kinds: on a CPU runner OpenCV decodes to an HxWx3 BGR array, which is what
-ultralytics' own transforms take. On a GPU, nvJPEG decodes straight into device memory
-(device_decode.py) as a 3xHxW RGB tensor; copying it back to the host only for the
-letterbox to send it to the device again would cost the CPU time the GPU saved. Steps
-ask for a frame's size and crops through this module, so one step works on either, and
-pixels come to the host only where a step needs them there (classification's own
-transforms).
+Why two kinds: on a CPU runner a photo decodes to an HxWx3 BGR array (libjpeg-turbo or
+OpenCV, pipeline.decode_scaled), which is what ultralytics' own transforms take. On a
+GPU, nvJPEG decodes straight into device memory (device_decode.py) as a 3xHxW RGB
+tensor; copying it back to the host only for the letterbox to send it to the device
+again would cost the CPU time the GPU saved. Steps ask for a frame's size and crops
+through this module, so one step works on either, and pixels come to the host only
+where a step needs them there (classification's own transforms).
 """
 
 from __future__ import annotations
