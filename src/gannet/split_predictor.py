@@ -16,8 +16,9 @@ and only the batcher thread ever calls the network.
 from __future__ import annotations
 
 import copy
+import functools
 import threading
-from typing import Any
+from typing import Any, cast
 
 import cv2
 import numpy as np
@@ -27,9 +28,11 @@ import torchvision  # noqa: F401  (registers torch.ops.torchvision.nms)
 from ultralytics.data.augment import LetterBox
 from ultralytics.engine.results import Results
 from ultralytics.models.yolo.detect import DetectionPredictor
-from ultralytics.utils.ops import xywh2xyxy
+from ultralytics.models.yolo.segment import SegmentationPredictor
+from ultralytics.utils.ops import scale_boxes, xywh2xyxy
 
 from gannet.frames import Frame, frame_size, shape_only, to_host
+from gannet.masks import planes_in_boxes
 
 
 def output_row(out: Any, i: int) -> Any:
@@ -68,6 +71,14 @@ class SplitPredictor:
             and not getattr(self._predictor.model, "end2end", False)
             and self._predictor.args.classes is None
         )
+        # A segmenter's retina masks on the host: upsampled inside their boxes only
+        # (segment_result; on a GPU ultralytics' own upsampling is cheap for the CPU).
+        on_host = self._predictor.device.type == "cpu"
+        self._masks_in_boxes = (
+            on_host
+            and bool(self._predictor.args.retina_masks)
+            and type(self._predictor) is SegmentationPredictor
+        )
 
     def _letterbox_geometry(self) -> LetterBox:
         """The LetterBox a one-image predict builds, for frames on a device: its sizes
@@ -97,6 +108,8 @@ class SplitPredictor:
             view = copy.copy(self._predictor)
             view.args = copy.copy(self._predictor.args)
             view.batch = ([""], None, None)  # Results take their path from batch[0]
+            if self._masks_in_boxes:
+                view.construct_result = functools.partial(segment_result, view)
             self._local.predictor = view
         return view
 
@@ -192,6 +205,23 @@ class SplitPredictor:
         with torch.inference_mode():
             (result,) = view.postprocess(output, inputs, [shape_only(frame)])
         return result
+
+
+def segment_result(
+    predictor: Any, pred: torch.Tensor, img: torch.Tensor, orig_img: Any, path: str, proto: Any
+) -> Results:
+    """SegmentationPredictor.construct_result with retina masks (the ModelCache always
+    asks a segmenter for them), its masks from masks.planes_in_boxes: the same planes,
+    at a fraction of the CPU on a large photo."""
+    masks = None
+    if pred.shape[0]:
+        input_hw = (int(img.shape[2]), int(img.shape[3]))
+        pred[:, :4] = cast(torch.Tensor, scale_boxes(input_hw, pred[:, :4], orig_img.shape))
+        masks, nonempty = planes_in_boxes(proto, pred[:, 6:], pred[:, :4], orig_img.shape[:2])
+        if getattr(predictor, "_feats", None) is None and not nonempty.all():
+            pred, masks = pred[nonempty], masks[nonempty]  # only predictions with a mask
+    names = predictor.model.names
+    return Results(orig_img, path=path, names=names, boxes=pred[:, :6], masks=masks)
 
 
 def detect_on_host(predictor: Any, prediction: torch.Tensor, inputs: Any, frame: Frame) -> Results:

@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gannet.config_schema import IndustryConfig, ModelKind, ModelSpec
 from gannet.frames import Frame, frame_size
+from gannet.masks import SegmentMask
 from gannet.task import Task
 
 Predict = Callable[[ModelKind, list[Frame], float], list[Any]]
@@ -48,8 +48,9 @@ class StepContext:
     config: IndustryConfig
     predict: Predict
     result: dict[str, Any] = field(default_factory=dict)
-    # Between steps, never serialised: segment masks at image resolution.
-    segment_masks: list[np.ndarray] | None = None
+    # Between steps, never serialised: segment masks at image resolution, each the crop
+    # of its box.
+    segment_masks: list[SegmentMask] | None = None
     # (x, y) from the frame's pixels to the photo's: not 1 when the photo was decoded at
     # a reduced scale (only for plans of scalable steps; pipeline.decode_scaled).
     scale: tuple[float, float] = (1.0, 1.0)

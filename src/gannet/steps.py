@@ -21,6 +21,8 @@ import numpy as np
 from pydantic import Field
 
 from gannet.frames import Frame, crop, frame_size
+from gannet.masks import SegmentMask, outline, segment_of, tight
+from gannet.masks import covered as covered_pixels
 from gannet.step_registry import ModelStepParams, Registry, StepContext, StepParams
 
 
@@ -110,41 +112,45 @@ def count_by_class(items: list[dict[str, Any]], key: str = "class") -> dict[str,
 
 @STEPS.register("segmentation", SegmentationParams, needs=("segmentation",))
 def segmentation(ctx: StepContext, params: SegmentationParams) -> None:
-    """Instance masks -> segments with class, area and polygon; masks kept for later steps."""
+    """Instance masks -> segments with class, area and polygon; masks kept for later
+    steps, each as the crop of its box (masks.py)."""
     spec = ctx.model_spec("segmentation")
     conf = ctx.threshold(spec, params)
     keep = ctx.classes(spec, params)
     (result,) = ctx.predict("segmentation", [ctx.frame], conf)
     height, width = ctx.size
     segments: list[dict[str, Any]] = []
-    masks: list[np.ndarray] = []
+    kept: list[SegmentMask] = []
     if result.masks is not None and result.boxes is not None:
-        data = result.masks.data.cpu().numpy()
+        planes = result.masks.data  # one full-size plane per segment, where the model ran
         confs = result.boxes.conf.cpu().numpy()
         classes = result.boxes.cls.cpu().numpy().astype(int)
-        for mask, score, cls in zip(data, confs, classes, strict=True):
+        boxes = result.boxes.xyxy.cpu().numpy()
+        for plane, box, score, cls in zip(planes, boxes, confs, classes, strict=True):
             name = result.names[int(cls)]
             if score < conf or (keep and name not in keep):
                 continue
-            if mask.shape != (height, width):  # not retina: scale to the image
-                mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_LINEAR)
-            binary = mask > 0.5
-            area = int(binary.sum())
-            if area == 0 or area < params.min_area_px:
+            if plane.shape != (height, width):  # not retina: scale the plane to the image
+                full = cv2.resize(plane.cpu().numpy(), (width, height))
+                segment = tight(segment_of(full, (0, 0, width, height), height, width))
+            else:
+                segment = tight(segment_of(plane, box, height, width))
+            if segment is None or segment.area < params.min_area_px:
                 continue
-            ys, xs = np.nonzero(binary)
+            x0, y0 = segment.x0, segment.y0
+            rows, cols = segment.bits.shape
             segments.append(
                 {
                     "id": len(segments),
                     "class": name,
                     "confidence": round(float(score), 4),
-                    "area_px": area,
-                    "box": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
-                    "polygon": _polygon(binary, params.polygon_tolerance_px),
+                    "area_px": segment.area,
+                    "box": [x0, y0, x0 + cols, y0 + rows],
+                    "polygon": outline(segment, params.polygon_tolerance_px),
                 }
             )
-            masks.append(binary)
-    ctx.segment_masks = masks
+            kept.append(segment)
+    ctx.segment_masks = kept
     ctx.result["segmentation"] = {
         "segments": segments,
         "counts": count_by_class(segments),
@@ -153,21 +159,8 @@ def segmentation(ctx: StepContext, params: SegmentationParams) -> None:
     }
 
 
-def _polygon(mask: np.ndarray, tolerance: float) -> list[list[int]]:
-    """The outline of the mask's largest region, simplified so the JSON stays small."""
-    contours, _ = cv2.findContours(
-        mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
-    )
-    if not contours:
-        return []
-    largest = max(contours, key=cv2.contourArea)
-    if tolerance > 0:
-        largest = cv2.approxPolyDP(largest, tolerance, True)
-    return [[int(x), int(y)] for x, y in largest.reshape(-1, 2)]
-
-
 def _assign_segments(
-    detections: list[dict[str, Any]], masks: Sequence[np.ndarray], min_overlap: float
+    detections: list[dict[str, Any]], masks: Sequence[SegmentMask], min_overlap: float
 ) -> None:
     """Each detection belongs to the segment that covers most of its box, if enough."""
     for det in detections:
@@ -175,7 +168,7 @@ def _assign_segments(
         best, best_share = None, 0.0
         box_area = max(1, (x2 - x1) * (y2 - y1))
         for i, mask in enumerate(masks):
-            share = float(mask[max(0, y1) : y2, max(0, x1) : x2].sum()) / box_area
+            share = mask.covered_in(max(0, x1), max(0, y1), x2, y2) / box_area
             if share > best_share:
                 best, best_share = i, share
         det["segment"] = best if best_share >= min_overlap else None
@@ -365,8 +358,7 @@ def estimation(ctx: StepContext, params: EstimationParams) -> None:
     }
     segmentation_result = ctx.result.get("segmentation")
     if segmentation_result is not None:
-        masks = ctx.segment_masks or []
-        covered = int(np.logical_or.reduce(masks).sum()) if masks else 0
+        covered = covered_pixels(ctx.segment_masks or [])
         out["coverage_percent"] = round(100.0 * covered / (height * width), 2)
         out["covered_px"] = covered
         if px_per_cm:

@@ -1,0 +1,154 @@
+"""Segments worked out from their boxes' pixels give the full mask planes' answers.
+
+ultralytics upsamples each segment's mask to the whole photo and zeroes it outside the
+segment's box; the segmentation step then took every segment's area, box and outline,
+the photo's coverage and each detection's segment from those full planes (12 million
+pixels each on a 12 MP photo). Now both look at each segment's box only (masks.py). The
+references here are ultralytics' own planes and the old arithmetic on full planes, and
+the answers must be the same exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from conftest import SAMPLES, SCENES, local_pipeline
+
+from gannet.dev.publish import make_task
+from gannet.masks import covered, outline, planes_in_boxes, segment_of, tight
+from gannet.settings import REPO_ROOT
+from gannet.stages import Timer
+
+TOLERANCE = 1.5  # the segmentation step's default polygon tolerance
+
+
+def full_plane_segment(binary: np.ndarray) -> dict[str, Any]:
+    """Area, box and outline of one full-size bool plane, as the step computed them."""
+    ys, xs = np.nonzero(binary)
+    contours, _ = cv2.findContours(
+        binary.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+    )
+    largest = cv2.approxPolyDP(max(contours, key=cv2.contourArea), TOLERANCE, True)
+    return {
+        "area_px": int(binary.sum()),
+        "box": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
+        "polygon": [[int(x), int(y)] for x, y in largest.reshape(-1, 2)],
+    }
+
+
+def from_box(plane: np.ndarray, box: tuple[float, ...]) -> dict[str, Any]:
+    segment = tight(segment_of(plane, box, *plane.shape))
+    assert segment is not None
+    x0, y0 = segment.x0, segment.y0
+    rows, cols = segment.bits.shape
+    return {
+        "area_px": segment.area,
+        "box": [x0, y0, x0 + cols, y0 + rows],
+        "polygon": outline(segment, TOLERANCE),
+    }
+
+
+def test_planes_upsampled_in_their_boxes_are_ultralytics_own(monkeypatch: pytest.MonkeyPatch):
+    """planes_in_boxes against ultralytics' process_mask_native, on the inputs the demo
+    segmenter gives it for the demo scenes in photo shapes that letterbox with and
+    without padding (12 MP, portrait, odd sizes), and at a low threshold (many
+    overlapping segments): the same uint8 planes, bit for bit."""
+    from ultralytics import YOLO
+    from ultralytics.models.yolo.segment import predict as segment_predict
+
+    native = segment_predict.ops.process_mask_native
+    calls: list[tuple[torch.Tensor, ...]] = []
+
+    def recording(protos, coeffs, boxes, shape):  # type: ignore[no-untyped-def]
+        calls.append((protos.clone(), coeffs.clone(), boxes.clone(), shape))
+        return native(protos, coeffs, boxes, shape)
+
+    monkeypatch.setattr(segment_predict.ops, "process_mask_native", recording)
+    model = YOLO(str(REPO_ROOT / "models" / "demo" / "segment.pt"), task="segment")
+    for entry in SCENES[:4]:
+        scene = cv2.imread(str(SAMPLES / entry["file"]))
+        for size in [None, (4032, 3024), (1200, 1600), (333, 517), (1920, 1080)]:
+            image = scene if size is None else cv2.resize(scene, size)
+            for conf in (0.5, 0.01):
+                model.predict(image, imgsz=320, conf=conf, retina_masks=True, verbose=False)
+    segments = 0
+    for protos, coeffs, boxes, shape in calls:
+        theirs = native(protos, coeffs, boxes.clone(), shape)
+        ours, nonempty = planes_in_boxes(protos, coeffs, boxes, shape)
+        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), shape
+        assert torch.equal(nonempty, theirs.amax((-2, -1)) > 0)
+        segments += len(coeffs)
+    assert segments >= 50  # many segments, of many shapes, were compared
+
+
+def test_segments_at_the_photo_edges_and_in_pieces_are_the_full_planes():
+    """Shapes a model's output rarely shows: a segment cut by the photo's edge on every
+    side, one in two pieces (the larger piece is the outline), boxes with fractional
+    edges; and the photo's coverage and a box's share of each."""
+    height, width = 300, 400
+    planes, boxes = [], []
+    for x1, y1, x2, y2 in [(0, 0, 90, 70), (330, 240, 400, 300), (150.4, 100.6, 260.2, 190.9)]:
+        plane = np.zeros((height, width), np.uint8)
+        cols = np.arange(width)
+        rows = np.arange(height)[:, None]
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        inside = ((cols - cx) / ((x2 - x1) / 1.8)) ** 2 + ((rows - cy) / ((y2 - y1) / 1.8)) ** 2
+        plane[inside <= 1] = 1
+        plane[:, (cols < x1) | (cols >= x2)] = 0  # as ultralytics' crop_mask leaves it
+        plane[(rows[:, 0] < y1) | (rows[:, 0] >= y2)] = 0
+        planes.append(plane)
+        boxes.append((x1, y1, x2, y2))
+    pieces = planes[2].copy()
+    pieces[:, 200:203] = 0  # one segment in two pieces
+    planes.append(pieces)
+    boxes.append(boxes[2])
+    segments = []
+    for plane, box in zip(planes, boxes, strict=True):
+        assert from_box(plane, box) == full_plane_segment(plane > 0.5)
+        segment = tight(segment_of(plane, box, height, width))
+        assert segment is not None
+        segments.append(segment)
+    union = np.logical_or.reduce([p > 0.5 for p in planes])
+    assert covered(segments) == int(union.sum())
+    for x1, y1, x2, y2 in [(0, 0, 400, 300), (50, 40, 170, 130), (390, 290, 420, 330)]:
+        for segment, plane in zip(segments, planes, strict=True):
+            assert segment.covered_in(x1, y1, x2, y2) == int((plane[y1:y2, x1:x2] > 0.5).sum())
+
+
+def test_the_pipeline_answers_as_the_full_planes_on_small_and_large_photos():
+    """agro's FULL_PIPELINE (segmentation, detection, estimation) on the demo scenes as
+    they are and enlarged to 12 MP and to a portrait shape: segments, coverage and each
+    detection's segment are what the full planes of the same model answer give."""
+    pipeline = local_pipeline(str(REPO_ROOT / "configs" / "agro.yaml"), max_batch=1)
+    task = make_task("tenant-a", "gs://gannet-images/tenant-a/x.jpg", "FULL_PIPELINE", "t")
+    route = pipeline.check(task)
+    key = pipeline.resolver.key(route.loaded, "segmentation", task.tenant_id, "cpu")
+    conf = route.loaded.config.models["segmentation"].confidence_threshold
+    compared = 0
+    try:
+        for entry in SCENES:
+            scene = cv2.imread(str(SAMPLES / entry["file"]))
+            for size in [None, (4032, 3024), (1200, 1600)]:
+                image = scene if size is None else cv2.resize(scene, size)
+                answer = pipeline.run_image(task, route, image, "cpu", Timer(lambda s, v: None))
+                (result,) = pipeline.cache.predict(key, [image], conf)
+                planes = [] if result.masks is None else list(result.masks.data.numpy() > 0.5)
+                want = [full_plane_segment(p) for p in planes if p.any()]
+                got = answer["segmentation"]["segments"]
+                assert [{k: s[k] for k in ("area_px", "box", "polygon")} for s in got] == want
+                union = np.logical_or.reduce(planes) if planes else np.zeros(1, bool)
+                assert answer["estimation"]["covered_px"] == int(union.sum())
+                for det in answer["detection"]["detections"]:
+                    x1, y1, x2, y2 = (round(v) for v in det["box"])
+                    area = max(1, (x2 - x1) * (y2 - y1))
+                    shares = [(p[max(0, y1) : y2, max(0, x1) : x2]).sum() / area for p in planes]
+                    best = int(np.argmax(shares)) if shares else None
+                    assert det["segment"] == (best if shares and shares[best] >= 0.5 else None)
+                compared += len(want)
+    finally:
+        pipeline.cache.close()
+    assert compared >= 20  # there were segments to compare
