@@ -50,7 +50,7 @@ from gannet.dev.bench import TENANT, cpu_ms_per_image, cpu_seconds, demo_scenes,
 from gannet.dev.local_services import LocalServices, Ports
 from gannet.dev.publish import make_task, publish_tasks, upload_image
 from gannet.dev.trace_receiver import TraceReceiver
-from gannet.errors import CommandError
+from gannet.errors import CommandError, GannetError
 from gannet.settings import REPO_ROOT, Settings
 from gannet.storage import Storage
 from gannet.text import format_table
@@ -127,6 +127,15 @@ def images_for(size: str, out: Path) -> list[Path]:
     return files
 
 
+def pipeline_under_test(args: argparse.Namespace) -> tuple[Path, str]:
+    """The config file and pipeline the tasks ask for: `--pipeline CONFIG:NAME`, or by
+    default the demo detector alone at imgsz IMGSZ (write_config)."""
+    if args.pipeline:
+        config, name = args.pipeline.rsplit(":", 1)
+        return Path(config).resolve(), name
+    return write_config(args.state_dir / "bench"), "DETECTION"
+
+
 def write_config(out: Path) -> Path:
     """The demo detector in a one-step DETECTION pipeline at imgsz IMGSZ."""
     out.mkdir(parents=True, exist_ok=True)
@@ -175,13 +184,14 @@ def measure(
     network's answers), then publish the tasks and time them to the last committed row.
     With a `receiver`, the daemon traces every task to it. `runners`: instead of
     args.runners; `leased`: GANNET_MAX_MESSAGES (default: the daemon's, 2 x runners)."""
+    config, pipeline = pipeline_under_test(args)
     env = {
         **services.env(),
         "GANNET_RUNNERS": str(runners or args.runners),
         "GANNET_TOPIC": queue.topic,
         "GANNET_SUBSCRIPTION": queue.subscription,
         "GANNET_DEAD_LETTER_TOPIC": queue.dead_letter_topic,
-        "GANNET_CONFIG_URI": str(write_config(args.state_dir / "bench")),
+        "GANNET_CONFIG_URI": str(config),
         "GANNET_TORCH_THREADS": "1",
         "GANNET_STAGE_CPU": "1" if stage_cpu else "0",
         "GANNET_PROCESSES": str(processes),
@@ -204,11 +214,11 @@ def measure(
         distinct = sorted(set(urls))
         # One round per process: the first records each answer, the others load it.
         warm = [
-            make_task(TENANT, u, "DETECTION", f"w-{uuid.uuid4().hex}") for u in distinct * processes
+            make_task(TENANT, u, pipeline, f"w-{uuid.uuid4().hex}") for u in distinct * processes
         ]
         publish_tasks(publisher, queue.topic_path(), warm)
         wait_committed(queue.database_url, TENANT, [t.task_id for t in warm], timeout_s=300)
-        tasks = [make_task(TENANT, u, "DETECTION", f"p-{uuid.uuid4().hex}") for u in urls]
+        tasks = [make_task(TENANT, u, pipeline, f"p-{uuid.uuid4().hex}") for u in urls]
         gil_file = log_path.with_suffix(".gil.txt")
         if gil:
             spy = start_py_spy(proc.proc.pid, gil_file)
@@ -570,7 +580,7 @@ def run(services: LocalServices, args: argparse.Namespace) -> dict[str, Any]:
         "runners_sweep": args.runners_sweep,
         "gcs_latency_ms": args.gcs_latency_ms,
         "rounds": args.rounds,
-        "imgsz": IMGSZ,
+        "pipeline": args.pipeline or f"DETECTION, the demo detector at imgsz {IMGSZ}",
         "machine": {"cpu_count": os.cpu_count()},
         "sizes": {},
     }
@@ -578,7 +588,7 @@ def run(services: LocalServices, args: argparse.Namespace) -> dict[str, Any]:
     receiver = TraceReceiver() if args.trace else None
     try:
         for size in args.sizes or SIZES:
-            print(f"plumbing mode, {size}:", flush=True)
+            print(f"plumbing mode, {size}, {report['pipeline']}:", flush=True)
             report["sizes"][size] = one_size(services, base, size, daemons, args, receiver)
     finally:
         if receiver is not None:
@@ -727,6 +737,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise CommandError("--runners-sweep and --trace-only are two different runs: pick one")
     if args.gcs_latency_ms < 0:
         raise CommandError("--gcs-latency-ms is at least 0, e.g. 20")
+    if args.pipeline:
+        check_pipeline(args.pipeline)
     unknown = [size for size in args.sizes or () if size not in SIZES]
     if unknown:
         raise CommandError(
@@ -743,6 +755,23 @@ def check_args(args: argparse.Namespace) -> None:
                 "the plumbing mode (no src/gannet/dev/replay.py). The daemon from before "
                 f"the hot-path work is {BASELINE}."
             )
+
+
+def check_pipeline(spec: str) -> None:
+    """`--pipeline CONFIG:NAME` names a config file that loads and one of its pipelines."""
+    from gannet.config_sources import open_configs
+    from gannet.storage import local_version, read_local
+
+    config, _, name = spec.rpartition(":")
+    if not config or not Path(config).is_file():
+        raise CommandError(
+            f"--pipeline {spec}: give a config file and one of its pipelines, e.g. "
+            "configs/agro.yaml:FULL_PIPELINE"
+        )
+    try:
+        open_configs(config, read_local, local_version).for_tenant(TENANT).plan(name)
+    except GannetError as exc:
+        raise CommandError(f"--pipeline {spec}: {exc.message}") from exc
 
 
 def main(args: argparse.Namespace) -> int:

@@ -43,8 +43,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if not args.plumbing and (args.gcs_latency_ms or args.runners_sweep):
-        raise CommandError("--gcs-latency-ms and --runners-sweep go with --plumbing")
+    if not args.plumbing and (args.gcs_latency_ms or args.runners_sweep or args.pipeline):
+        raise CommandError("--gcs-latency-ms, --runners-sweep and --pipeline go with --plumbing")
     if args.flood:
         from gannet.dev import bench_flood
 
@@ -265,6 +265,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "runners (GANNET_RUNNERS) and M messages leased (GANNET_MAX_MESSAGES, default 2N); "
         "with --baseline, both daemons. E.g. 4,8,4:32 with --gcs-latency-ms 20: what "
         "keeps up with that latency",
+    )
+    p.add_argument(
+        "--pipeline",
+        metavar="CONFIG:NAME",
+        help="--plumbing: the tasks run pipeline NAME of config file CONFIG, e.g. "
+        "configs/agro.yaml:FULL_PIPELINE (default: the demo detector alone at imgsz 640)",
     )
     p.add_argument("--images", type=int, default=256, help="tasks per measurement (default 256)")
     p.add_argument(
