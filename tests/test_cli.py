@@ -93,3 +93,6 @@ def test_bench_latency_options_without_plumbing_are_refused_not_ignored():
     out = gannet("bench", "--plumbing", "--runners-sweep", "4,2:0")
     assert out.returncode == 2
     assert "not a positive number" in out.stderr
+    out = gannet("bench", "--plumbing", "--pipeline", "configs/agro.yaml:FULL_PIPELIN")
+    assert out.returncode == 2
+    assert "known: DETECTION, FIELD_ANALYSIS, FULL_PIPELINE" in out.stdout + out.stderr

@@ -35,6 +35,13 @@ def test_runner_inputs_equal_ultralytics_preprocess(weights: str, task: str):
         assert ours.dtype == torch.uint8  # the cheap path was taken
         theirs = model.predictor.preprocess([image])
         assert torch.equal(split._model_input(ours), theirs), (width, height)
+    # Sliced detection's tiles are views into the photo (frames.crop), never copies.
+    photo = cv2.resize(scene, (1600, 1200))
+    for x0, y0, size in [(0, 0, 512), (410, 820, 512), (1230, 820, 370)]:
+        tile = photo[y0 : y0 + size, x0 : x0 + size]
+        ours = split.preprocess(tile)
+        theirs = model.predictor.preprocess([np.ascontiguousarray(tile)])
+        assert torch.equal(split._model_input(ours), theirs), (x0, y0, size)
 
 
 def test_classifier_keeps_ultralytics_own_transforms():

@@ -30,9 +30,11 @@ def frame_size(frame: Frame) -> tuple[int, int]:
 
 
 def crop(frame: Frame, x0: int, y0: int, x1: int, y1: int) -> Frame:
-    """The pixels of [x0, x1) x [y0, y1), on the frame's side (a device crop is a view)."""
+    """The pixels of [x0, x1) x [y0, y1), on the frame's side: a view, never a copy
+    (sliced detection cuts about 80 tiles from a 12 MP photo, 60 MB of copies, and the
+    letterbox makes its own array from a view anyway)."""
     if isinstance(frame, np.ndarray):
-        return np.ascontiguousarray(frame[y0:y1, x0:x1])
+        return frame[y0:y1, x0:x1]
     return frame[:, y0:y1, x0:x1]
 
 

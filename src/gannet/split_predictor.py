@@ -152,7 +152,9 @@ class SplitPredictor:
             image = cv2.resize(image, box["new_unpad"], interpolation=geometry.interpolation)
         padding = (box["top"], box["bottom"], box["left"], box["right"])
         value = (geometry.padding_value,) * 3
-        boxed = cv2.copyMakeBorder(image, *padding, cv2.BORDER_CONSTANT, value=value)
+        boxed = image  # a 4:3 photo at a 640 input, a square tile: nothing to pad
+        if any(padding):
+            boxed = cv2.copyMakeBorder(image, *padding, cv2.BORDER_CONSTANT, value=value)
         planes = np.empty((1, 3, *boxed.shape[:2]), np.uint8)
         cv2.split(boxed, [planes[0, 2], planes[0, 1], planes[0, 0]])  # B, G, R in place
         return torch.from_numpy(planes)
