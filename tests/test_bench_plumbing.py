@@ -140,6 +140,7 @@ def bench_args(tmp_path: Path, **kw: object) -> argparse.Namespace:
         "trace_only": False,
         "runners_sweep": None,
         "gcs_latency_ms": 0.0,
+        "pipeline": None,
         "state_dir": tmp_path,
     }
     return argparse.Namespace(**{**defaults, **kw})
@@ -200,8 +201,15 @@ def test_plumbing_bench_measures_each_daemon_by_stage_on_one_and_two_cores(tmp_p
 @pytest.mark.slow
 def test_a_runners_sweep_measures_each_count_against_a_slower_bucket(tmp_path, capsys):
     """`--gcs-latency-ms` makes every GCS request at least that much slower, as a real
-    bucket's round trip is; `--runners-sweep` runs each daemon once per runner count."""
-    args = bench_args(tmp_path, images=6, runners_sweep=[(1, None), (2, 6)], gcs_latency_ms=150.0)
+    bucket's round trip is; `--runners-sweep` runs each daemon once per runner count.
+    The tasks run a shipped pipeline (`--pipeline`), segmentation included."""
+    args = bench_args(
+        tmp_path,
+        images=6,
+        runners_sweep=[(1, None), (2, 6)],
+        gcs_latency_ms=150.0,
+        pipeline=f"{REPO_ROOT / 'configs' / 'agro.yaml'}:FULL_PIPELINE",
+    )
     services = LocalServices(tmp_path / "services", Ports.free(), gcs_latency_ms=150.0)
     with services:
         url = f"{services.gcs_endpoint}/storage/v1/b?project={services.project}"
@@ -211,6 +219,7 @@ def test_a_runners_sweep_measures_each_count_against_a_slower_bucket(tmp_path, c
         assert time.monotonic() - started >= 0.15
         report = bench_plumbing.run(services, args)
 
+    assert report["pipeline"].endswith("agro.yaml:FULL_PIPELINE")  # every task succeeded
     by_daemon = report["sizes"]["640x480"]
     assert list(by_daemon) == ["baseline HEAD", "this tree"]
     for summary in by_daemon.values():
