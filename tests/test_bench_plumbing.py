@@ -83,6 +83,7 @@ def test_a_wrong_image_set_or_baseline_is_refused_before_anything_starts():
             "trace_only": False,
             "runners_sweep": None,
             "gcs_latency_ms": 0.0,
+            "pipeline": None,
         }
         return argparse.Namespace(**{**defaults, **kw})
 
@@ -97,6 +98,12 @@ def test_a_wrong_image_set_or_baseline_is_refused_before_anything_starts():
         bench_plumbing.check_args(args(trace_only=True, trace=False))
     with pytest.raises(CommandError, match="pick one"):
         bench_plumbing.check_args(args(runners_sweep=[(4, None)], trace_only=True))
+    agro = REPO_ROOT / "configs" / "agro.yaml"
+    bench_plumbing.check_args(args(pipeline=f"{agro}:FIELD_ANALYSIS"))
+    with pytest.raises(CommandError, match="known: DETECTION, FIELD_ANALYSIS, FULL_PIPELINE"):
+        bench_plumbing.check_args(args(pipeline=f"{agro}:SHELF_AUDIT"))
+    with pytest.raises(CommandError, match="give a config file"):
+        bench_plumbing.check_args(args(pipeline="configs/nothing.yaml:FULL_PIPELINE"))
     with pytest.raises(CommandError, match="at least 0"):
         bench_plumbing.check_args(args(gcs_latency_ms=-1.0))
 

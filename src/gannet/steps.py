@@ -135,7 +135,8 @@ def segmentation(ctx: StepContext, params: SegmentationParams) -> None:
                 segment = tight(segment_of(full, (0, 0, width, height), height, width))
             else:
                 segment = tight(segment_of(plane, box, height, width))
-            if segment is None or segment.area < params.min_area_px:
+            area = 0 if segment is None else segment.area
+            if segment is None or area < params.min_area_px:
                 continue
             x0, y0 = segment.x0, segment.y0
             rows, cols = segment.bits.shape
@@ -144,7 +145,7 @@ def segmentation(ctx: StepContext, params: SegmentationParams) -> None:
                     "id": len(segments),
                     "class": name,
                     "confidence": round(float(score), 4),
-                    "area_px": segment.area,
+                    "area_px": area,
                     "box": [x0, y0, x0 + cols, y0 + rows],
                     "polygon": outline(segment, params.polygon_tolerance_px),
                 }
