@@ -47,11 +47,11 @@ class SegmentMask:
 
 
 def box_region(box: Any, height: int, width: int) -> tuple[int, int, int, int]:
-    """The whole pixels of the photo a box in photo pixels (float x1, y1, x2, y2) can
-    hold: (x0, y0, x1, y1). ultralytics keeps a mask's pixels at columns c with
-    x1 <= c < x2 (rows alike), all in [floor(x1), ceil(x2))."""
+    """The whole pixels of the photo a box in photo pixels (float x1, y1, x2, y2) keeps
+    of its mask: (x0, y0, x1, y1), possibly empty. ultralytics keeps the columns c with
+    x1 <= c < x2 (rows alike: crop_mask), which are [ceil(x1), ceil(x2))."""
     bx1, by1, bx2, by2 = (float(v) for v in box)
-    x0, y0 = max(0, math.floor(bx1)), max(0, math.floor(by1))
+    x0, y0 = max(0, math.ceil(bx1)), max(0, math.ceil(by1))
     x1, y1 = min(width, math.ceil(bx2)), min(height, math.ceil(by2))
     return x0, y0, max(x0, x1), max(y0, y1)
 
@@ -148,11 +148,9 @@ def planes_in_boxes(
     content = logits[0, :, top : top + content_h, left : left + content_w]
     rows = _Bilinear(content_h, h, content.device)
     cols = _Bilinear(content_w, w, content.device)
-    for i, (bx1, by1, bx2, by2) in enumerate(boxes.tolist()):
-        # ultralytics keeps columns c with x1 <= c < x2, rows alike (crop_mask)
-        x0, y0 = max(0, math.ceil(bx1)), max(0, math.ceil(by1))
-        x1, y1 = min(w, math.ceil(bx2)), min(h, math.ceil(by2))
-        if x1 <= x0 or y1 <= y0:
+    for i, box in enumerate(boxes.tolist()):
+        x0, y0, x1, y1 = box_region(box, h, w)
+        if x1 == x0 or y1 == y0:
             continue
         (r0, r1, u0, u1), (c0, c1, v0, v1) = rows[y0:y1], cols[x0:x1]
         first, last = int(r0[0]), int(r1[-1]) + 1  # the source rows the box reads

@@ -131,9 +131,15 @@ def pipeline_under_test(args: argparse.Namespace) -> tuple[Path, str]:
     """The config file and pipeline the tasks ask for: `--pipeline CONFIG:NAME`, or by
     default the demo detector alone at imgsz IMGSZ (write_config)."""
     if args.pipeline:
-        config, name = args.pipeline.rsplit(":", 1)
-        return Path(config).resolve(), name
+        config, name = split_pipeline(args.pipeline)
+        return config.resolve(), name
     return write_config(args.state_dir / "bench"), "DETECTION"
+
+
+def split_pipeline(spec: str) -> tuple[Path, str]:
+    """'configs/agro.yaml:FULL_PIPELINE' -> (its config file, its pipeline's name)."""
+    config, _, name = spec.rpartition(":")
+    return Path(config), name
 
 
 def write_config(out: Path) -> Path:
@@ -762,14 +768,14 @@ def check_pipeline(spec: str) -> None:
     from gannet.config_sources import open_configs
     from gannet.storage import local_version, read_local
 
-    config, _, name = spec.rpartition(":")
-    if not config or not Path(config).is_file():
+    config, name = split_pipeline(spec)
+    if not config.is_file():
         raise CommandError(
             f"--pipeline {spec}: give a config file and one of its pipelines, e.g. "
             "configs/agro.yaml:FULL_PIPELINE"
         )
     try:
-        open_configs(config, read_local, local_version).for_tenant(TENANT).plan(name)
+        open_configs(str(config), read_local, local_version).for_tenant(TENANT).plan(name)
     except GannetError as exc:
         raise CommandError(f"--pipeline {spec}: {exc.message}") from exc
 
