@@ -60,7 +60,7 @@ def test_reduced_scale_decode_finds_the_same_objects_within_two_pixels(tmp_path)
     pipeline = local_pipeline(config, max_batch=1)
     task = make_task("tenant-a", "gs://gannet-images/tenant-a/x.jpg", "DETECTION", "t")
     route = pipeline.check(task)
-    assert route.decode_floor == 640
+    assert route.decode_floor == 960  # 1.5 times the model's input: 1/4 scale, 1008x756
     compared = 0
     try:
         for photo in images_for("4032x3024", tmp_path / "images")[:4]:
@@ -96,10 +96,60 @@ def test_only_plans_that_report_in_photo_pixels_decode_reduced():
         config = loaded.current()
         for pipeline in config.config.pipelines:
             floors[f"{name}:{pipeline}"] = config.decode_floors[pipeline]
-    detection_only = {"demo.yaml:DETECTION", "agro.yaml:DETECTION", "vending.yaml:DETECTION"}
-    assert {k: v for k, v in floors.items() if v is not None} == dict.fromkeys(detection_only, 416)
-    # Segmentation (masks, areas), sliced detection and classification crops: full size.
+    # Detection and segmentation report in the photo's pixels: decoded reduced, to 1.5
+    # times the largest model input (416). Sliced detection's tiles and classification's
+    # crops need every pixel: full size.
+    scalable = {
+        "demo.yaml:DETECTION",
+        "agro.yaml:DETECTION",
+        "vending.yaml:DETECTION",
+        "agro.yaml:FULL_PIPELINE",
+    }
+    assert {k: v for k, v in floors.items() if v is not None} == dict.fromkeys(scalable, 624)
     assert {"agro.yaml:FIELD_ANALYSIS", "vending.yaml:SHELF_AUDIT"} <= floors.keys()
+
+
+def test_segments_of_a_reduced_decode_keep_the_photos_pixels(tmp_path):
+    """agro's FULL_PIPELINE (segmentation, detection, estimation) on 4032x3024 photos is
+    decoded at 1/4 scale; its masks are still made at the photo's size, so each segment's
+    area, box and the photo's coverage are what full-size decoding gives, within what
+    the model's slightly different input moves them (areas 1 %, boxes 4 px)."""
+    from gannet.dev.bench_plumbing import images_for
+    from gannet.dev.publish import make_task
+    from gannet.pipeline import decode_scaled
+    from gannet.settings import REPO_ROOT
+    from gannet.stages import Timer
+
+    pipeline = local_pipeline(str(REPO_ROOT / "configs" / "agro.yaml"), max_batch=1)
+    task = make_task("tenant-a", "gs://gannet-images/tenant-a/x.jpg", "FULL_PIPELINE", "t")
+    route = pipeline.check(task)
+    compared = 0
+    try:
+        for photo in images_for("4032x3024", tmp_path / "images"):
+            data = photo.read_bytes()
+            answers = []
+            for floor in (None, route.decode_floor):
+                image, scale = decode_scaled(data, 10**8, floor)
+                answers.append(
+                    pipeline.run_image(
+                        task, route, image, "cpu", Timer(lambda s, v: None), scale=scale
+                    )
+                )
+            assert image.shape[:2] == (756, 1008)
+            full, reduced = answers
+            for key in ("segmentation", "detection"):
+                assert reduced[key]["image_size"] == full[key]["image_size"] == [4032, 3024]
+            theirs, ours = full["segmentation"]["segments"], reduced["segmentation"]["segments"]
+            assert [s["class"] for s in ours] == [s["class"] for s in theirs], photo.name
+            for a, b in zip(theirs, ours, strict=True):
+                assert b["area_px"] == pytest.approx(a["area_px"], rel=0.01), (photo.name, a, b)
+                assert box_distance(a["box"], b["box"]) <= 4, (photo.name, a["box"], b["box"])
+                compared += 1
+            coverage = [answer["estimation"]["coverage_percent"] for answer in answers]
+            assert coverage[1] == pytest.approx(coverage[0], abs=0.05)
+    finally:
+        pipeline.cache.close()
+    assert compared >= 5  # the photos do contain segments to compare
 
 
 def test_reduced_decode_scales_back_to_the_upright_photo():

@@ -85,6 +85,55 @@ def test_planes_upsampled_in_their_boxes_are_ultralytics_own(monkeypatch: pytest
     assert segments >= 50  # many segments, of many shapes, were compared
 
 
+def test_planes_of_a_reduced_decode_are_made_at_the_photos_size(monkeypatch: pytest.MonkeyPatch):
+    """A 12 MP photo decoded at 1/4 or 1/8 scale: the model sees the reduced frame, and
+    its masks are made at the photo's size (planes_in_boxes with `out`), from the same
+    prototypes. Where the frame letterboxes as the photo would, they are the planes
+    ultralytics makes at the photo's size from that answer: a reduced decode loses none
+    of the masks' detail, and areas stay in the photo's pixels. Bit for bit but where
+    ultralytics' own logit is within 1e-4 of the threshold: a sum of terms of about ten
+    rounds differently in the last place (one pixel in these 12 MP planes)."""
+    from ultralytics import YOLO
+    from ultralytics.models.yolo.segment import predict as segment_predict
+    from ultralytics.utils.ops import scale_masks
+
+    native = segment_predict.ops.process_mask_native
+    calls: list[tuple[torch.Tensor, ...]] = []
+
+    def recording(protos, coeffs, boxes, shape):  # type: ignore[no-untyped-def]
+        calls.append((protos.clone(), coeffs.clone(), boxes.clone(), shape))
+        return native(protos, coeffs, boxes, shape)
+
+    monkeypatch.setattr(segment_predict.ops, "process_mask_native", recording)
+    model = YOLO(str(REPO_ROOT / "models" / "demo" / "segment.pt"), task="segment")
+    photos = {(4032, 3024): [(1008, 756), (504, 378)], (3024, 4032): [(756, 1008)]}
+    for entry in SCENES[:8]:
+        scene = cv2.imread(str(SAMPLES / entry["file"]))
+        for photo, frames in photos.items():
+            for frame in frames:
+                upright = scene if photo[0] > photo[1] else cv2.transpose(scene)
+                image = cv2.resize(upright, frame)
+                model.predict(image, imgsz=320, conf=0.1, retina_masks=True, verbose=False)
+    segments = 0
+    for protos, coeffs, boxes, shape in calls:
+        frame_h, frame_w = shape
+        photo_hw = (frame_h * 4032 // max(shape), frame_w * 4032 // max(shape))
+        factor = photo_hw[0] / frame_h
+        in_photo = boxes * factor
+        theirs = native(protos, coeffs, in_photo.clone(), photo_hw)
+        ours, nonempty = planes_in_boxes(protos, coeffs, in_photo, shape, photo_hw)
+        assert ours.shape[1:] == photo_hw
+        differ = (ours != theirs).nonzero()
+        if len(differ):
+            c, mh, mw = protos.shape
+            logits = (coeffs @ protos.float().view(c, -1)).view(1, -1, mh, mw)
+            ties = scale_masks(logits, photo_hw)[0][tuple(differ.T)]
+            assert len(differ) <= 10 and bool((ties.abs() < 1e-4).all()), (shape, ties)
+        assert torch.equal(nonempty, theirs.amax((-2, -1)) > 0)
+        segments += len(coeffs)
+    assert segments >= 20
+
+
 def test_segments_at_the_photo_edges_and_in_pieces_are_the_full_planes():
     """Shapes a model's output rarely shows: a segment cut by the photo's edge on every
     side, one in two pieces (the larger piece is the outline), boxes with fractional

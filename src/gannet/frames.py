@@ -52,7 +52,12 @@ def shape_only(frame: Frame) -> np.ndarray:
     an array of its shape that holds no pixels (zero strides, read-only)."""
     if isinstance(frame, np.ndarray):
         return frame
-    height, width = frame_size(frame)
+    return blank(*frame_size(frame))
+
+
+def blank(height: int, width: int) -> np.ndarray:
+    """An HxWx3 array that holds no pixels (zero strides, read-only): a shape for
+    ultralytics' Results to keep."""
     return np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (height, width, 3))
 
 

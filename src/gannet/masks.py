@@ -115,7 +115,11 @@ def covered(segments: list[SegmentMask]) -> int:
 
 
 def planes_in_boxes(
-    protos: torch.Tensor, coeffs: torch.Tensor, boxes: torch.Tensor, shape: tuple[int, int]
+    protos: torch.Tensor,
+    coeffs: torch.Tensor,
+    boxes: torch.Tensor,
+    shape: tuple[int, int],
+    out: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ultralytics' process_mask_native (retina masks: uint8 planes at the photo's size,
     zero outside each box), with the bilinear upsampling done inside each box only.
@@ -126,10 +130,17 @@ def planes_in_boxes(
     upsampling and crop of the letterbox padding, then PyTorch's bilinear source indices
     and weights, align_corners=False) runs on the box's pixels alone, and the planes are
     ultralytics' (tests/test_masks.py). Also which planes have a pixel set (ultralytics
-    drops the others), found in the boxes too rather than in the planes."""
+    drops the others), found in the boxes too rather than in the planes.
+
+    `shape` is the (height, width) of the image the model was given, letterboxed: it says
+    which part of the masks is padding. `out` (default `shape`) is the planes' size, and
+    `boxes` are in its pixels: the photo's, when the image is a reduced decode of it.
+    The masks are the model's prototypes (a quarter of its input's side), upsampled; a
+    photo decoded at 1/8 scale gives them no less detail than at full size."""
     c, mh, mw = protos.shape
     h, w = shape
-    planes = torch.zeros((len(coeffs), h, w), dtype=torch.uint8, device=coeffs.device)
+    out_h, out_w = out or shape
+    planes = torch.zeros((len(coeffs), out_h, out_w), dtype=torch.uint8, device=coeffs.device)
     nonempty = torch.zeros(len(coeffs), dtype=torch.bool)
     if len(coeffs) == 0:
         return planes, nonempty
@@ -146,10 +157,10 @@ def planes_in_boxes(
     content_h, content_w = max(round(h * gain), 1), max(round(w * gain), 1)
     top, left = round((in_h - content_h) / 2 - 0.1), round((in_w - content_w) / 2 - 0.1)
     content = logits[0, :, top : top + content_h, left : left + content_w]
-    rows = _Bilinear(content_h, h, content.device)
-    cols = _Bilinear(content_w, w, content.device)
+    rows = _Bilinear(content_h, out_h, content.device)
+    cols = _Bilinear(content_w, out_w, content.device)
     for i, box in enumerate(boxes.tolist()):
-        x0, y0, x1, y1 = box_region(box, h, w)
+        x0, y0, x1, y1 = box_region(box, out_h, out_w)
         if x1 == x0 or y1 == y0:
             continue
         (r0, r1, u0, u1), (c0, c1, v0, v1) = rows[y0:y1], cols[x0:x1]

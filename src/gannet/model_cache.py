@@ -183,12 +183,18 @@ class ModelCache:
         return evicted
 
     def predict(
-        self, key: ModelKey, images: Sequence[Frame], conf: float, timer: Timer | None = None
+        self,
+        key: ModelKey,
+        images: Sequence[Frame],
+        conf: float,
+        timer: Timer | None = None,
+        photo_hw: tuple[int, int] | None = None,
     ) -> list[Any]:
         """Run frames through the model on its device; blocks the calling runner only.
 
         The calling runner letterboxes its images and does NMS on the answers itself, so
-        the model's batcher thread spends its time on forward passes alone."""
+        the model's batcher thread spends its time on forward passes alone. `photo_hw`:
+        see SplitPredictor.postprocess (one image, a reduced decode of the photo)."""
         timer = timer or Timer(ignore)
         for _ in range(3):
             entry = self.get(key)
@@ -204,7 +210,7 @@ class ModelCache:
                 outputs = [f.result() for f in futures]
             with timer.stage("postprocess"):
                 return [
-                    entry.predictor.postprocess(out, x, image, conf)
+                    entry.predictor.postprocess(out, x, image, conf, photo_hw)
                     for out, x, image in zip(outputs, inputs, images, strict=True)
                 ]
         raise TransientError(ErrorCode.MODEL_UNAVAILABLE, f"model {key.uri} keeps being evicted")

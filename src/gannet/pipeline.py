@@ -103,12 +103,12 @@ def decode_scaled(
     """BGR pixels, upright per EXIF, and the (x, y) factors back to the photo's pixels.
 
     The header is read first (PIL, lazy) so an oversized image is refused before its
-    pixels are decoded. With a `floor` (the model input's side, for plans whose steps all
-    report in the photo's pixels), a JPEG whose longer side is at least twice the floor
-    is decoded at 1/2, 1/4 or 1/8 scale, never below the floor: the model would shrink it
-    that far anyway, and the decoder skips most of the work (a 4032x3024 photo: 64 ms of
-    CPU at full size, about 17 ms at 1/4). `header`: what read_header returned for
-    `data`, when the caller has it.
+    pixels are decoded. With a `floor` (step_registry.decode_floor: a margin over the
+    model input's side, for plans whose steps all report in the photo's pixels), a JPEG
+    whose longer side is at least twice the floor is decoded at 1/2, 1/4 or 1/8 scale,
+    never below the floor: the model would shrink it that far anyway, and the decoder
+    skips most of the work (a 4032x3024 photo: 36 ms of CPU at full size, 17.5 at 1/4).
+    `header`: what read_header returned for `data`, when the caller has it.
 
     A JPEG goes to libjpeg-turbo through simplejpeg (_decode_jpeg); anything else, and
     any JPEG it refuses, to OpenCV, which also decodes about 4x faster than PIL would.
@@ -245,9 +245,14 @@ class Pipeline:
         started = time.perf_counter() if started is None else started
         loaded = route.loaded
 
-        def predict(kind: ModelKind, frames: list[Frame], conf: float) -> list[Any]:
+        def predict(
+            kind: ModelKind,
+            frames: list[Frame],
+            conf: float,
+            photo_hw: tuple[int, int] | None = None,
+        ) -> list[Any]:
             key = self.resolver.key(loaded, kind, task.tenant_id, device)
-            return self.cache.predict(key, frames, conf, timer)
+            return self.cache.predict(key, frames, conf, timer, photo_hw)
 
         ctx = StepContext(
             task=task, frame=frame, config=loaded.config, predict=predict, scale=scale

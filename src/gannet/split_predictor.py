@@ -31,7 +31,7 @@ from ultralytics.models.yolo.detect import DetectionPredictor
 from ultralytics.models.yolo.segment import SegmentationPredictor
 from ultralytics.utils.ops import scale_boxes, xywh2xyxy
 
-from gannet.frames import Frame, frame_size, shape_only, to_host
+from gannet.frames import Frame, blank, frame_size, shape_only, to_host
 from gannet.masks import planes_in_boxes
 
 
@@ -197,10 +197,21 @@ class SplitPredictor:
             out = self._predictor.inference(self._model_input(torch.cat(inputs)))
             return [output_row(out, i) for i in range(len(inputs))]
 
-    def postprocess(self, output: Any, inputs: torch.Tensor, frame: Frame, conf: float) -> Any:
-        """Runner thread: NMS, masks and the Results object for one image."""
+    def postprocess(
+        self,
+        output: Any,
+        inputs: torch.Tensor,
+        frame: Frame,
+        conf: float,
+        photo_hw: tuple[int, int] | None = None,
+    ) -> Any:
+        """Runner thread: NMS, masks and the Results object for one image. `photo_hw`:
+        the photo's (height, width) when `frame` is a reduced decode of it; a segmenter's
+        masks on the host are then made at the photo's size, and its boxes given in the
+        photo's pixels (segment_result). Any other answer is in the frame's pixels."""
         view = self._own_copy()
         view.args.conf = conf
+        view.photo_hw = photo_hw
         prediction = output[0] if isinstance(output, (tuple, list)) else output
         if self._nms_on_host and isinstance(prediction, torch.Tensor) and prediction.ndim == 3:
             return detect_on_host(view, prediction, inputs, frame)
@@ -214,16 +225,28 @@ def segment_result(
 ) -> Results:
     """SegmentationPredictor.construct_result with retina masks (the ModelCache always
     asks a segmenter for them), its masks from masks.planes_in_boxes: the same planes,
-    at a fraction of the CPU on a large photo."""
+    at a fraction of the CPU on a large photo.
+
+    With `predictor.photo_hw` set (postprocess) and unlike the frame's size, the frame is
+    a reduced decode of the photo: boxes are scaled from the frame's pixels to the
+    photo's, as a detector's are (steps.boxes_to_detections), and the masks are made at
+    the photo's size, so that areas and outlines stay in the photo's own pixels."""
+    frame_hw = (int(orig_img.shape[0]), int(orig_img.shape[1]))
+    photo_hw = getattr(predictor, "photo_hw", None) or frame_hw
     masks = None
     if pred.shape[0]:
         input_hw = (int(img.shape[2]), int(img.shape[3]))
-        pred[:, :4] = cast(torch.Tensor, scale_boxes(input_hw, pred[:, :4], orig_img.shape))
-        masks, nonempty = planes_in_boxes(proto, pred[:, 6:], pred[:, :4], orig_img.shape[:2])
+        boxes = cast(torch.Tensor, scale_boxes(input_hw, pred[:, :4], orig_img.shape))
+        if photo_hw != frame_hw:
+            sx, sy = photo_hw[1] / frame_hw[1], photo_hw[0] / frame_hw[0]
+            boxes *= boxes.new_tensor([sx, sy, sx, sy])
+        pred[:, :4] = boxes
+        masks, nonempty = planes_in_boxes(proto, pred[:, 6:], boxes, frame_hw, photo_hw)
         if getattr(predictor, "_feats", None) is None and not nonempty.all():
             pred, masks = pred[nonempty], masks[nonempty]  # only predictions with a mask
+    photo = orig_img if photo_hw == frame_hw else blank(*photo_hw)
     names = predictor.model.names
-    return Results(orig_img, path=path, names=names, boxes=pred[:, :6], masks=masks)
+    return Results(photo, path=path, names=names, boxes=pred[:, :6], masks=masks)
 
 
 def detect_on_host(predictor: Any, prediction: torch.Tensor, inputs: Any, frame: Frame) -> Results:

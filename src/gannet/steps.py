@@ -110,15 +110,17 @@ def count_by_class(items: list[dict[str, Any]], key: str = "class") -> dict[str,
 # --------------------------------------------------------------------------- segmentation
 
 
-@STEPS.register("segmentation", SegmentationParams, needs=("segmentation",))
+@STEPS.register("segmentation", SegmentationParams, needs=("segmentation",), scalable=True)
 def segmentation(ctx: StepContext, params: SegmentationParams) -> None:
     """Instance masks -> segments with class, area and polygon; masks kept for later
-    steps, each as the crop of its box (masks.py)."""
+    steps, each as the crop of its box (masks.py). Masks, areas and outlines are in the
+    photo's pixels even when it was decoded at a reduced scale: the masks are made at
+    its size (split_predictor.segment_result)."""
     spec = ctx.model_spec("segmentation")
     conf = ctx.threshold(spec, params)
     keep = ctx.classes(spec, params)
-    (result,) = ctx.predict("segmentation", [ctx.frame], conf)
-    height, width = ctx.size
+    height, width = ctx.photo_hw
+    (result,) = ctx.predict("segmentation", [ctx.frame], conf, (height, width))
     segments: list[dict[str, Any]] = []
     kept: list[SegmentMask] = []
     if result.masks is not None and result.boxes is not None:
@@ -130,7 +132,9 @@ def segmentation(ctx: StepContext, params: SegmentationParams) -> None:
             name = result.names[int(cls)]
             if score < conf or (keep and name not in keep):
                 continue
-            if plane.shape != (height, width):  # not retina: scale the plane to the image
+            if plane.shape != (height, width):
+                # Not at the photo's size: not retina, or ultralytics' own masks (on a
+                # GPU) of a frame decoded reduced. Scale the whole plane to the photo.
                 full = cv2.resize(plane.cpu().numpy(), (width, height))
                 segment = tight(segment_of(full, (0, 0, width, height), height, width))
             else:
@@ -156,7 +160,7 @@ def segmentation(ctx: StepContext, params: SegmentationParams) -> None:
         "segments": segments,
         "counts": count_by_class(segments),
         "confidence_threshold": conf,
-        "image_size": [width, height],
+        "image_size": ctx.image_size,
     }
 
 
@@ -344,13 +348,13 @@ def classification(ctx: StepContext, params: ClassificationParams) -> None:
     "estimation",
     EstimationParams,
     after=("detection", "sliced_detection", "segmentation"),
-    scalable=True,  # boxes come in the photo's pixels; coverage needs segmentation (full)
+    scalable=True,  # boxes and masks come in the photo's pixels
 )
 def estimation(ctx: StepContext, params: EstimationParams) -> None:
     """Counts per class and per segment, mask coverage, and sizes (cm with px_per_cm)."""
     px_per_cm = params.px_per_cm or ctx.config.px_per_cm
     detections = (ctx.result.get("detection") or {}).get("detections", [])
-    height, width = ctx.size
+    height, width = ctx.photo_hw
     out: dict[str, Any] = {
         "counts": count_by_class(detections),
         "total": len(detections),
