@@ -189,6 +189,9 @@ def test_plumbing_bench_measures_each_daemon_by_stage_on_one_and_two_cores(tmp_p
     assert "per_core" not in by_daemon["baseline HEAD"]
     per_core = by_daemon["this tree"]["per_core"]
     assert per_core["images_per_s"] > 0 and per_core["cpu_ms_per_image"] > 0
+    # Which share of the tasks the busier process ran, from the claims' holders: half
+    # at least, all of them at most.
+    assert 0.5 <= per_core["busiest_process_share"] <= 1.0
     # The traced run traced every task (one task span each) and is reported beside the
     # untraced one; this tree's only (a baseline may predate tracing).
     assert "traced" not in by_daemon["baseline HEAD"]
@@ -199,7 +202,7 @@ def test_plumbing_bench_measures_each_daemon_by_stage_on_one_and_two_cores(tmp_p
     bench_plumbing.print_report(report)
     out = capsys.readouterr().out
     assert "daemon CPU ms per image by stage" in out and "GCS read" in out
-    assert "2 processes, a core each" in out
+    assert "2 processes, a core each" in out and "busiest's tasks" in out
     assert "traced/off" in out
     assert "CPU cap img/s" in out and "switches/img" in out
     assert "by process" in out and "postgres" in out

@@ -158,6 +158,18 @@ def wait_committed(
     raise RuntimeError(f"only {done}/{len(task_ids)} tasks had a row after {timeout_s:.0f}s")
 
 
+def shares_by_worker(database_url: str, tenant: str, task_ids: list[str]) -> list[float]:
+    """The share of `task_ids` each worker process committed, largest first (a committed
+    task keeps its claim, with its worker as holder)."""
+    with psycopg.connect(database_url, autocommit=True) as conn, conn.transaction():
+        conn.execute("SELECT set_config('app.current_tenant', %s, true)", (tenant,))
+        rows = conn.execute(
+            "SELECT count(*) FROM task_claims WHERE task_id = ANY(%s) GROUP BY holder",
+            (task_ids,),
+        ).fetchall()
+    return sorted((count / len(task_ids) for (count,) in rows), reverse=True)
+
+
 def daemon_end_to_end(
     services: LocalServices,
     settings: Settings,
