@@ -136,7 +136,8 @@ def planes_in_boxes(
     which part of the masks is padding. `out` (default `shape`) is the planes' size, and
     `boxes` are in its pixels: the photo's, when the image is a reduced decode of it.
     The masks are the model's prototypes (a quarter of its input's side), upsampled; a
-    photo decoded at 1/8 scale gives them no less detail than at full size."""
+    photo decoded at a reduced scale, still larger than the model's input, gives them no
+    less detail than at full size."""
     c, mh, mw = protos.shape
     h, w = shape
     out_h, out_w = out or shape
