@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SAMPLES, SCENES, local_pipeline
+from ultralytics.utils.ops import process_mask_native as native_planes  # before any patch
 
 from gannet.dev.publish import make_task
 from gannet.masks import covered, outline, planes_in_boxes, segment_of, tight
@@ -52,32 +53,42 @@ def from_box(plane: np.ndarray, box: tuple[float, ...]) -> dict[str, Any]:
     }
 
 
+def mask_inputs(
+    monkeypatch: pytest.MonkeyPatch, images: list[np.ndarray], confs: tuple[float, ...]
+) -> list[tuple[Any, ...]]:
+    """What ultralytics' process_mask_native is given (prototypes, coefficients, boxes,
+    the image's shape) when the demo segmenter predicts `images` at imgsz 320 with
+    retina masks, at each threshold in `confs`."""
+    from ultralytics import YOLO
+    from ultralytics.models.yolo.segment import predict as segment_predict
+
+    calls: list[tuple[Any, ...]] = []
+
+    def recording(protos, coeffs, boxes, shape):  # type: ignore[no-untyped-def]
+        calls.append((protos.clone(), coeffs.clone(), boxes.clone(), shape))
+        return native_planes(protos, coeffs, boxes, shape)
+
+    monkeypatch.setattr(segment_predict.ops, "process_mask_native", recording)
+    model = YOLO(str(REPO_ROOT / "models" / "demo" / "segment.pt"), task="segment")
+    for image in images:
+        for conf in confs:
+            model.predict(image, imgsz=320, conf=conf, retina_masks=True, verbose=False)
+    return calls
+
+
 def test_planes_upsampled_in_their_boxes_are_ultralytics_own(monkeypatch: pytest.MonkeyPatch):
     """planes_in_boxes against ultralytics' process_mask_native, on the inputs the demo
     segmenter gives it for the demo scenes in photo shapes that letterbox with and
     without padding (12 MP, portrait, odd sizes), and at a low threshold (many
     overlapping segments): the same uint8 planes, bit for bit."""
-    from ultralytics import YOLO
-    from ultralytics.models.yolo.segment import predict as segment_predict
-
-    native = segment_predict.ops.process_mask_native
-    calls: list[tuple[torch.Tensor, ...]] = []
-
-    def recording(protos, coeffs, boxes, shape):  # type: ignore[no-untyped-def]
-        calls.append((protos.clone(), coeffs.clone(), boxes.clone(), shape))
-        return native(protos, coeffs, boxes, shape)
-
-    monkeypatch.setattr(segment_predict.ops, "process_mask_native", recording)
-    model = YOLO(str(REPO_ROOT / "models" / "demo" / "segment.pt"), task="segment")
+    images = []
     for entry in SCENES[:4]:
         scene = cv2.imread(str(SAMPLES / entry["file"]))
         for size in [None, (4032, 3024), (1200, 1600), (333, 517), (1920, 1080)]:
-            image = scene if size is None else cv2.resize(scene, size)
-            for conf in (0.5, 0.01):
-                model.predict(image, imgsz=320, conf=conf, retina_masks=True, verbose=False)
+            images.append(scene if size is None else cv2.resize(scene, size))
     segments = 0
-    for protos, coeffs, boxes, shape in calls:
-        theirs = native(protos, coeffs, boxes.clone(), shape)
+    for protos, coeffs, boxes, shape in mask_inputs(monkeypatch, images, (0.5, 0.01)):
+        theirs = native_planes(protos, coeffs, boxes.clone(), shape)
         ours, nonempty = planes_in_boxes(protos, coeffs, boxes, shape)
         assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), shape
         assert torch.equal(nonempty, theirs.amax((-2, -1)) > 0)
@@ -93,34 +104,22 @@ def test_planes_of_a_reduced_decode_are_made_at_the_photos_size(monkeypatch: pyt
     of the masks' detail, and areas stay in the photo's pixels. Bit for bit but where
     ultralytics' own logit is within 1e-4 of the threshold: a sum of terms of about ten
     rounds differently in the last place (one pixel in these 12 MP planes)."""
-    from ultralytics import YOLO
-    from ultralytics.models.yolo.segment import predict as segment_predict
     from ultralytics.utils.ops import scale_masks
 
-    native = segment_predict.ops.process_mask_native
-    calls: list[tuple[torch.Tensor, ...]] = []
-
-    def recording(protos, coeffs, boxes, shape):  # type: ignore[no-untyped-def]
-        calls.append((protos.clone(), coeffs.clone(), boxes.clone(), shape))
-        return native(protos, coeffs, boxes, shape)
-
-    monkeypatch.setattr(segment_predict.ops, "process_mask_native", recording)
-    model = YOLO(str(REPO_ROOT / "models" / "demo" / "segment.pt"), task="segment")
     photos = {(4032, 3024): [(1008, 756), (504, 378)], (3024, 4032): [(756, 1008)]}
+    images = []
     for entry in SCENES[:8]:
         scene = cv2.imread(str(SAMPLES / entry["file"]))
         for photo, frames in photos.items():
-            for frame in frames:
-                upright = scene if photo[0] > photo[1] else cv2.transpose(scene)
-                image = cv2.resize(upright, frame)
-                model.predict(image, imgsz=320, conf=0.1, retina_masks=True, verbose=False)
+            upright = scene if photo[0] > photo[1] else cv2.transpose(scene)
+            images += [cv2.resize(upright, frame) for frame in frames]
     segments = 0
-    for protos, coeffs, boxes, shape in calls:
+    for protos, coeffs, boxes, shape in mask_inputs(monkeypatch, images, (0.1,)):
         frame_h, frame_w = shape
         photo_hw = (frame_h * 4032 // max(shape), frame_w * 4032 // max(shape))
         factor = photo_hw[0] / frame_h
         in_photo = boxes * factor
-        theirs = native(protos, coeffs, in_photo.clone(), photo_hw)
+        theirs = native_planes(protos, coeffs, in_photo.clone(), photo_hw)
         ours, nonempty = planes_in_boxes(protos, coeffs, in_photo, shape, photo_hw)
         assert ours.shape[1:] == photo_hw
         differ = (ours != theirs).nonzero()
