@@ -232,6 +232,7 @@ def measure(
         publish_tasks(publisher, queue.topic_path(), warm)
         wait_committed(queue.database_url, TENANT, [t.task_id for t in warm], timeout_s=300)
         tasks = [make_task(TENANT, u, pipeline, f"p-{uuid.uuid4().hex}") for u in urls]
+        task_ids = [t.task_id for t in tasks]
         gil_file = log_path.with_suffix(".gil.txt")
         if gil:
             spy = start_py_spy(proc.proc.pid, gil_file)
@@ -245,14 +246,13 @@ def measure(
         switches_before = context_switches(proc.proc.pid)
         started = time.time()
         publish_tasks(publisher, queue.topic_path(), tasks)
-        finished, failed = wait_committed(
-            queue.database_url, TENANT, [t.task_id for t in tasks], timeout_s=900
-        )
-        shares = shares_by_worker(queue.database_url, TENANT, [t.task_id for t in tasks])
+        finished, failed = wait_committed(queue.database_url, TENANT, task_ids, timeout_s=900)
         after, cpu_after = scrape(proc.metrics_port), cpu_seconds(pid)["daemon"]
         rest_after = cpu_seconds(rest)
         switches = context_switches(proc.proc.pid) - switches_before
         gil_samples = stop_py_spy(spy, gil_file) if spy else None
+        # After the CPU readings, so that this query is not charged to the services.
+        shares = shares_by_worker(queue.database_url, TENANT, task_ids) if processes > 1 else []
     finally:
         if spy is not None and spy.poll() is None:
             spy.kill()
@@ -555,7 +555,7 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
                 if PER_CORE_RUN in r
             ),
             "busiest_process_share": statistics.median(
-                r.get("busiest_process_share", 0.0) for r in per_core
+                r["busiest_process_share"] for r in per_core
             ),
         }
     traced = [r for r in rounds if TRACED_RUN in r]
@@ -697,7 +697,7 @@ def print_report(report: dict[str, Any]) -> None:
             f"{pc['images_per_s']:.1f}",
             f"{pc['over_1_core']:.2f}",
             f"{pc['cpu_ms_per_image']:.2f}",
-            f"{100 * pc.get('busiest_process_share', 0.0):.0f} %",
+            f"{100 * pc['busiest_process_share']:.0f} %",
         ]
         for size, by_daemon in report["sizes"].items()
         if (pc := by_daemon[THIS_TREE].get("per_core"))
