@@ -9,6 +9,7 @@ measured from the daemon (every stage's CPU counted, on each daemon it names).
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import time
 import urllib.request
@@ -185,6 +186,11 @@ def test_plumbing_bench_measures_each_daemon_by_stage_on_one_and_two_cores(tmp_p
         assert sum(by_name.values()) == pytest.approx(summary["services_cpu_ms_per_image"])
         # Each image passed between threads (callback, runner, batcher): they waited.
         assert summary["switches_per_image"] >= 2
+        # Pinned to one core, the threads that wake each other per image (callback,
+        # runner, batcher) waited for it; nothing idles more cores than the machine has.
+        assert summary["rounds"][0]["1 core"]["cpu_wait_ms_per_image"] > 0
+        assert summary["cpu_wait_ms_per_image"] >= 0
+        assert 0 <= summary["idle_cores"] <= (os.cpu_count() or 1)
     # GANNET_PROCESSES=2, a core each: this tree's only (a baseline has no supervisor).
     assert "per_core" not in by_daemon["baseline HEAD"]
     per_core = by_daemon["this tree"]["per_core"]

@@ -243,13 +243,15 @@ def measure(
         rest = {**services.pids(), "bench": os.getpid()}
         before, cpu_before = scrape(proc.metrics_port), cpu_seconds(pid)["daemon"]
         rest_before = cpu_seconds(rest)
-        switches_before = context_switches(proc.proc.pid)
+        threads_before, idle_before = threads(proc.proc.pid), idle_cpu_seconds()
+        clock_before = time.monotonic()
         started = time.time()
         publish_tasks(publisher, queue.topic_path(), tasks)
         finished, failed = wait_committed(queue.database_url, TENANT, task_ids, timeout_s=900)
         after, cpu_after = scrape(proc.metrics_port), cpu_seconds(pid)["daemon"]
         rest_after = cpu_seconds(rest)
-        switches = context_switches(proc.proc.pid) - switches_before
+        counted = threads(proc.proc.pid) - threads_before
+        idle_cores = (idle_cpu_seconds() - idle_before) / (time.monotonic() - clock_before)
         gil_samples = stop_py_spy(spy, gil_file) if spy else None
         # After the CPU readings, so that this query is not charged to the services.
         shares = shares_by_worker(queue.database_url, TENANT, task_ids) if processes > 1 else []
@@ -286,7 +288,9 @@ def measure(
         "stages_cpu_ms_per_image": stages,
         "other_threads_cpu_ms_per_image": total - sum(stages.values()),
         "mean_batch_size": images / batches if batches else 0.0,
-        "switches_per_image": switches / n,
+        "switches_per_image": counted.switches / n,
+        "cpu_wait_ms_per_image": counted.cpu_wait_s * 1000 / n,
+        "idle_cores": idle_cores,
     }
     if processes > 1:  # the Pub/Sub emulator may give one process every message
         report["busiest_process_share"] = shares[0] if shares else 0.0
@@ -297,26 +301,45 @@ def measure(
     return report
 
 
-def context_switches(pid: int) -> int:
-    """Context switches so far of every live thread of `pid` and its descendants (Linux
-    counts them per thread; one that ended meanwhile is missed). Voluntary ones are waits
-    (for the GIL, a lock, a socket), involuntary ones preemptions: each costs a few
-    microseconds of CPU, and the daemon's threads hand work to each other dozens of times
-    per image."""
+@dataclass(frozen=True)
+class Threads:
+    """Linux's per-thread counters, summed over every live thread of a process tree (a
+    thread that ended meanwhile is missed)."""
+
+    switches: int  # voluntary (waits: the GIL, a lock, a socket) and involuntary ones
+    cpu_wait_s: float  # runnable but not running: time spent waiting for a CPU
+
+    def __sub__(self, other: Threads) -> Threads:
+        return Threads(self.switches - other.switches, self.cpu_wait_s - other.cpu_wait_s)
+
+
+def threads(pid: int) -> Threads:
+    """`pid`'s and its descendants' thread counters so far. Context switches each cost a
+    few microseconds of CPU, and the daemon's threads hand work to each other dozens of
+    times per image. The wait for a CPU (the second field of schedstat) says whether the
+    cores bind: a thread waiting for the GIL sleeps and is not counted there."""
     try:
         root = psutil.Process(pid)
         pids = [pid, *(child.pid for child in root.children(recursive=True))]
     except psutil.NoSuchProcess:
-        return 0
-    total = 0
+        return Threads(0, 0.0)
+    switches, waited_ns = 0, 0
     for each in pids:
-        for status in Path(f"/proc/{each}/task").glob("*/status"):
+        for task in Path(f"/proc/{each}/task").glob("*"):
             try:
-                text = status.read_text()
+                status = (task / "status").read_text()
+                schedstat = (task / "schedstat").read_text().split()
             except OSError:  # the thread ended between the listing and the read
                 continue
-            total += sum(int(n) for n in _SWITCHES.findall(text))
-    return total
+            switches += sum(int(n) for n in _SWITCHES.findall(status))
+            waited_ns += int(schedstat[1])
+    return Threads(switches, waited_ns / 1e9)
+
+
+def idle_cpu_seconds() -> float:
+    """Idle (and I/O wait) time of all of this machine's CPUs so far, from /proc/stat."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
 
 
 _SWITCHES = re.compile(r"^(?:non)?voluntary_ctxt_switches:\s+(\d+)$", re.M)
@@ -523,6 +546,8 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         },
         "mean_batch_size": statistics.median(r["mean_batch_size"] for r in two),
         "switches_per_image": statistics.median(r["switches_per_image"] for r in two),
+        "cpu_wait_ms_per_image": statistics.median(r["cpu_wait_ms_per_image"] for r in two),
+        "idle_cores": statistics.median(r["idle_cores"] for r in two),
     }
     one = [r["1 core"] for r in rounds if "1 core" in r]
     if one:  # not with --trace-only
@@ -648,7 +673,8 @@ def print_report(report: dict[str, Any]) -> None:
         print_sweep(report)
         return
     header = ["size", "daemon", "img/s", "1 core", "2/1", "CPU ms/img", "GIL ms/img"]
-    header += ["switches/img", "batch", "services ms/img", "CPU cap img/s"]
+    header += ["switches/img", "CPU wait ms/img", "idle cores", "batch", "services ms/img"]
+    header += ["CPU cap img/s"]
     cores = report["machine"]["cpu_count"]
     rows = []
     for size, by_daemon in report["sizes"].items():
@@ -666,6 +692,8 @@ def print_report(report: dict[str, Any]) -> None:
                     f"{s['cpu_ms_per_image']:.2f}",
                     "-" if gil is None else f"{gil:.2f}",
                     f"{s['switches_per_image']:.0f}",
+                    f"{s['cpu_wait_ms_per_image']:.2f}",
+                    f"{s['idle_cores']:.2f}",
                     f"{s['mean_batch_size']:.1f}",
                     f"{services:.2f}",
                     f"{cores * 1000 / (s['cpu_ms_per_image'] + services):.0f}",
@@ -676,7 +704,9 @@ def print_report(report: dict[str, Any]) -> None:
     print(
         f"(medians of {report['rounds']} rounds; {report['images']} tasks each; daemon on "
         "2 cores unless said; 2/1: images/s on 2 cores over 1 core; switches: context "
-        "switches of the daemon's threads; services: the "
+        "switches of the daemon's threads; CPU wait: the time its threads were ready to run "
+        "but waited for a core (not for the GIL: a thread waiting for it sleeps); idle "
+        "cores: how much of the machine nothing ran on, on average; services: the "
         "emulators', PostgreSQL's and the bench's own CPU per image, on the same cores; "
         f"CPU cap: what {cores} cores could do at the daemon's and the services' CPU per "
         "image, with no GIL and no waiting)"
