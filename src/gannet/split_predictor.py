@@ -24,7 +24,6 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision  # noqa: F401  (registers torch.ops.torchvision.nms)
 from ultralytics.data.augment import LetterBox
 from ultralytics.engine.results import Results
 from ultralytics.models.yolo.detect import DetectionPredictor
@@ -263,8 +262,8 @@ def detect_on_host(predictor: Any, prediction: torch.Tensor, inputs: Any, frame:
     threshold are picked in NumPy, on the prediction's own memory (on a GPU, with torch
     there, and only they are copied to the host). The rest runs in NumPy on a few dozen
     rows: the same float32 arithmetic, ultralytics' own xywh2xyxy, its scale_boxes
-    (to_photo), torchvision's NMS. With boxes_to_detections: 44 releases of the GIL per
-    image before, 24 after (scripts/count_gil_releases.py).
+    (to_photo), its NMS (nms, through OpenCV). With boxes_to_detections: 44 releases of
+    the GIL per image with ultralytics' code, 13 now (scripts/count_gil_releases.py).
     (An FP16 model's candidates are made float32 first, where ultralytics stays in
     FP16: boxes then differ in the fourth significant digit.)"""
     args = predictor.args
@@ -276,21 +275,39 @@ def detect_on_host(predictor: Any, prediction: torch.Tensor, inputs: Any, frame:
         picked = prediction[0][:, scores.amax(0) > args.conf]
         x = picked.T.float().cpu().numpy()
     classes = x[:, 4:].argmax(1)
-    confidence = x[np.arange(len(x)), 4 + classes]
+    confidence = x[:, 4:].max(1)  # the same values as indexing at classes, no GIL release
     if len(x) > 30000:  # ultralytics' max_nms: the most confident first
         order = torch.from_numpy(confidence).argsort(descending=True)[:30000].numpy()
         x, classes, confidence = x[order], classes[order], confidence[order]
     boxes = xywh2xyxy(x[:, :4])  # type: ignore[no-untyped-call]
-    offset = classes.astype(np.float32)[:, None] * (0 if args.agnostic_nms else 7680)
-    kept = torch.ops.torchvision.nms(
-        torch.from_numpy(boxes + offset), torch.from_numpy(confidence), args.iou
-    ).numpy()[: args.max_det]
+    kept = nms(boxes, confidence, None if args.agnostic_nms else classes, args.iou)
+    kept = kept[: args.max_det]
     found = np.empty((len(kept), 6), np.float32)
     found[:, :4] = to_photo(boxes[kept], inputs.shape[2:], frame_size(frame))
     found[:, 4] = confidence[kept]
     found[:, 5] = classes[kept]
     names = predictor.model.names
     return Results(shape_only(frame), path="", names=names, boxes=torch.from_numpy(found))
+
+
+def nms(
+    boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray | None, iou: float
+) -> np.ndarray:
+    """Indices of the boxes (xyxy float32) that ultralytics' non_max_suppression keeps,
+    most confident first: its boxes shifted by class times 7680 (float32), so boxes of two
+    classes never overlap, then greedy NMS over the IoU threshold, as torchvision's
+    `nms`.
+
+    OpenCV's NMSBoxes does it in one call, where torchvision's takes three tensors, and
+    each tensor freed lets go of the GIL: 9 releases per image, 1 with OpenCV. OpenCV
+    works out the overlaps in double precision from the same float32 boxes, torchvision
+    in float32: a pair whose overlap is within about 1e-7 of the threshold could go the
+    other way (tests/test_split_predictor.py compares the two on thousands of boxes).
+    `scores` must be above 0, as the candidates of a confidence threshold are."""
+    shifted = boxes + (0 if classes is None else classes.astype(np.float32)[:, None] * 7680)
+    shifted[:, 2:] -= shifted[:, :2]  # x, y, w, h, as OpenCV takes them
+    kept = cv2.dnn.NMSBoxes(cast(Any, shifted), cast(Any, scores), 0.0, iou)
+    return np.asarray(kept, np.int64).reshape(-1)
 
 
 def to_photo(boxes: np.ndarray, input_hw: tuple[int, ...], photo_hw: tuple[int, int]) -> np.ndarray:
