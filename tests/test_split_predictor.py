@@ -110,6 +110,9 @@ def test_nms_keeps_the_boxes_torchvision_keeps_for_ultralytics(agnostic: bool):
         assert ours.tolist() == theirs.tolist(), trial
         kept_in_all += len(theirs)
     assert kept_in_all > 10_000  # many boxes kept, and many suppressed
+    # A photo without candidates: nothing to keep, and no error.
+    none = np.zeros((0, 4), np.float32)
+    assert nms(none, np.zeros(0, np.float32), np.zeros(0, np.int64), 0.7).tolist() == []
 
 
 def test_boxes_go_back_to_the_photo_exactly_as_ultralytics_puts_them():
