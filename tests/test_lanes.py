@@ -247,7 +247,9 @@ def test_sigterm_nacks_the_leased_messages_of_every_lane(lanes_stack):
     stack = lanes_stack
     url = stack.upload(SCENES[0]["file"])
     daemon = stack.start_daemon(GANNET_RUNNERS="1", GANNET_MAX_MESSAGES="4")
-    tasks = {lane: [stack.task(url) for _ in range(6)] for lane in ("interactive", "bulk")}
+    # More than the daemon can finish between two polls on a fast hour (6 per lane once
+    # all went before the SIGTERM), so both lanes still hold leases when it lands.
+    tasks = {lane: [stack.task(url) for _ in range(16)] for lane in ("interactive", "bulk")}
     for lane, batch in tasks.items():
         stack.publish(batch, lane=lane)
     every = [t.task_id for batch in tasks.values() for t in batch]

@@ -70,7 +70,7 @@ def test_kill_9_mid_task_then_restart_leaves_exactly_one_row_per_task(own_stack)
     a killed subscriber's stream on its own and keeps handing messages to it."""
     stack = own_stack
     url = stack.upload(SCENES[1]["file"])
-    tasks = [stack.task(url) for _ in range(16)]
+    tasks = [stack.task(url) for _ in range(48)]  # enough that the kill lands mid-batch
     ids = [t.task_id for t in tasks]
     first = stack.start_daemon(GANNET_RUNNERS="2")
     stack.publish(tasks)
@@ -103,7 +103,9 @@ def test_sigterm_mid_batch_then_restart_loses_and_duplicates_nothing(own_stack):
     are nacked and go to the next daemon; no task is processed to success twice."""
     stack = own_stack
     url = stack.upload(SCENES[2]["file"])
-    tasks = [stack.task(url) for _ in range(16)]
+    # Enough tasks that the SIGTERM lands mid-batch however fast this machine runs
+    # them: with 16, a fast hour once finished them all before the poll saw two.
+    tasks = [stack.task(url) for _ in range(48)]
     ids = [t.task_id for t in tasks]
     first = stack.start_daemon(GANNET_RUNNERS="2", GANNET_MAX_MESSAGES="8")
     stack.publish(tasks)
