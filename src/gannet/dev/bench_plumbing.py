@@ -32,6 +32,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -222,6 +223,7 @@ def measure(
     proc = demo.DaemonProcess(env, log_path, command=command)
     publisher, _ = clients.pubsub_clients(queue)
     spy: subprocess.Popen[bytes] | None = None
+    idle: IdleClock | None = None
     try:
         proc.wait_ready(timeout_s=300)
         distinct = sorted(set(urls))
@@ -243,21 +245,22 @@ def measure(
         rest = {**services.pids(), "bench": os.getpid()}
         before, cpu_before = scrape(proc.metrics_port), cpu_seconds(pid)["daemon"]
         rest_before = cpu_seconds(rest)
-        threads_before, idle_before = threads(proc.proc.pid), idle_cpu_seconds()
-        clock_before = time.monotonic()
+        threads_before, idle = threads(proc.proc.pid), IdleClock()
         started = time.time()
         publish_tasks(publisher, queue.topic_path(), tasks)
         finished, failed = wait_committed(queue.database_url, TENANT, task_ids, timeout_s=900)
         after, cpu_after = scrape(proc.metrics_port), cpu_seconds(pid)["daemon"]
         rest_after = cpu_seconds(rest)
         counted = threads(proc.proc.pid) - threads_before
-        idle_cores = (idle_cpu_seconds() - idle_before) / (time.monotonic() - clock_before)
+        idle_cores = idle.cores_between(started, finished)
         gil_samples = stop_py_spy(spy, gil_file) if spy else None
         # After the CPU readings, so that this query is not charged to the services.
         shares = shares_by_worker(queue.database_url, TENANT, task_ids) if processes > 1 else []
     finally:
         if spy is not None and spy.poll() is None:
             spy.kill()
+        if idle is not None:
+            idle.stop()
         proc.stop()
         shutil.rmtree(answers, ignore_errors=True)
     if failed:
@@ -340,6 +343,40 @@ def idle_cpu_seconds() -> float:
     """Idle (and I/O wait) time of all of this machine's CPUs so far, from /proc/stat."""
     fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
     return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
+
+
+class IdleClock:
+    """The machine's idle CPU time, read every 50 ms on a thread of its own until asked.
+
+    Why: a run ends at its last commit (the rows' own time), and the poll that notices it
+    sleeps 0.5 s; read once after the poll, the idle time would include that drain, up
+    to half a second of idle cores added to a run of a few seconds."""
+
+    def __init__(self, every_s: float = 0.05) -> None:
+        self._samples = [(time.time(), idle_cpu_seconds())]
+        self._stop = threading.Event()
+        self._every_s = every_s
+        self._thread = threading.Thread(target=self._sample, name="idle-clock", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._every_s):
+            self._samples.append((time.time(), idle_cpu_seconds()))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def cores_between(self, start: float, end: float) -> float:
+        """Idle cores on average from wall-clock `start` to `end` (the samples nearest
+        to each), once sampling has stopped."""
+        self.stop()
+
+        def nearest(t: float) -> tuple[float, float]:
+            return min(self._samples, key=lambda sample: abs(sample[0] - t))
+
+        (t0, idle0), (t1, idle1) = nearest(start), nearest(end)
+        return (idle1 - idle0) / (t1 - t0) if t1 > t0 else 0.0
 
 
 _SWITCHES = re.compile(r"^(?:non)?voluntary_ctxt_switches:\s+(\d+)$", re.M)
