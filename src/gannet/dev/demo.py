@@ -23,7 +23,7 @@ from psycopg.rows import dict_row
 
 from gannet import clients, sink
 from gannet.dev import provision
-from gannet.dev.local_services import LocalServices, Ports, free_port
+from gannet.dev.local_services import LocalServices, Ports, free_ports
 from gannet.dev.publish import make_task, publish_tasks, upload_image
 from gannet.dev.trace_receiver import TraceReceiver, format_tree, task_trace
 from gannet.settings import REPO_ROOT, Settings
@@ -154,9 +154,12 @@ class DaemonProcess:
     ) -> None:
         """`command` replaces `python -m gannet run` (the bench's plumbing mode)."""
         self.log_path = log_path
-        self.metrics_port = int(env.get("GANNET_METRICS_PORT") or free_port())
+        env = {**os.environ, **env}
+        processes = int(env.get("GANNET_PROCESSES") or 1)  # each its own port after ours
+        self.metrics_port = int(
+            env.get("GANNET_METRICS_PORT") or free_ports(1 + processes if processes > 1 else 1)
+        )
         env = {
-            **os.environ,
             **env,
             "GANNET_METRICS_PORT": str(self.metrics_port),
             "PYTHONUNBUFFERED": "1",

@@ -84,6 +84,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive ports that are all free now: a supervisor's port,
+    then one per daemon process (GANNET_METRICS_PORT + 1 + i). Free_port alone checks
+    only the first, and the next may be a kept-alive connection's local port."""
+    for _ in range(100):
+        base = free_port()
+        if base + count <= 65536 and all(_bindable(base + i) for i in range(1, count)):
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports found on 127.0.0.1")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def port_in_use(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
