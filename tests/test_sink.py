@@ -88,12 +88,12 @@ def test_a_task_id_taken_by_another_tenant_is_a_permanent_conflict(db):
 
 
 def test_a_claimed_commit_writes_only_under_its_claim_and_rolls_back_cleanly(db):
-    """save_claimed sends its transaction as three blocking libpq calls ("BEGIN; fence"
-    with its values quoted in, finish with parameters, COMMIT). What must hold: a result
-    with quotes,
+    """save_claimed sends its transaction as two blocking libpq calls ("BEGIN; fence",
+    then "finish; COMMIT", their values quoted in). What must hold: a result with quotes,
     backslashes and non-ASCII text is stored as it was; a failed object write commits
     nothing and leaves the pool's connections usable; another worker's live claim
-    writes nothing (ClaimLost); and a committed success is not overwritten (False)."""
+    writes nothing (ClaimLost); and a committed success is not overwritten (False), by
+    another worker or by the one that committed it."""
     tenant = f"t-{uuid.uuid4().hex[:6]}"
     task_id = f"{tenant}-c"
     assert db.start(task_id, tenant, "pod-a", 60).claimed
@@ -116,6 +116,9 @@ def test_a_claimed_commit_writes_only_under_its_claim_and_rolls_back_cleanly(db)
     assert written == [True]
     assert db.find_success(task_id, tenant)["result"] == awkward
     assert not db.save_claimed(record, "pod-b", lambda: pytest.fail("overwrote a success"))
+    again = record.model_copy(update={"result": {"n": 3}})
+    assert not db.save_claimed(again, "pod-a", lambda: None)
+    assert db.find_success(task_id, tenant)["result"] == awkward
 
 
 def test_a_connection_dropped_between_tasks_fails_one_task_as_retryable(services):

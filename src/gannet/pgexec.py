@@ -5,7 +5,7 @@ loop (send, flush, busy check, poll, read, each result and the end of the result
 go of the GIL. On a busy daemon a thread that lets go of the GIL waits to get it back
 while the others run, so each step can cost a context switch. Counted with a probe on
 PyEval_SaveThread, a task's claim (gannet_start) let go of the GIL 9 times through a
-cursor and its fenced commit 24 times; as blocking calls, once per round trip: 1 and 3.
+cursor and its fenced commit 24 times; as blocking calls, once per round trip: 1 and 2.
 In the plumbing bench the two PostgreSQL stages' CPU per image fell by half
 (docs/benchmark.md, "PostgreSQL in blocking libpq calls").
 
@@ -53,11 +53,16 @@ def param(value: object) -> bytes | None:
     return str(value).encode()
 
 
-def literal(conn: Conn, value: str) -> bytes:
-    """`value` quoted for a statement's text (libpq's escaping, by the connection's
-    encoding): for several statements in one call, where parameters cannot go."""
-    escaped: bytes = pq.Escaping(conn.pgconn).escape_literal(value.encode(conn.info.encoding))
-    return escaped
+def literals(conn: Conn, values: Sequence[object]) -> tuple[bytes, ...]:
+    """`values` as quoted literals, converted as `param` converts them (NULL for None).
+    Their types are left for PostgreSQL to resolve, as with untyped parameters: from the
+    function they are passed to."""
+    escaping = pq.Escaping(conn.pgconn)
+    out = []
+    for value in values:
+        text = param(value)
+        out.append(b"NULL" if text is None else escaping.escape_literal(text))
+    return tuple(out)
 
 
 def execute(conn: Conn, query: bytes, params: Sequence[object] | None = None) -> pq.abc.PGresult:
