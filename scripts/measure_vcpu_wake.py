@@ -22,8 +22,8 @@ ROUNDS = 5000
 
 def round_trip_us(first: int, second: int) -> float:
     """Mean µs for a byte to go from a process on CPU `first` to one on `second` and back."""
-    to_child, from_parent = os.pipe()[::-1]
-    to_parent, from_child = os.pipe()[::-1]
+    from_parent, to_child = os.pipe()  # (read end, write end)
+    from_child, to_parent = os.pipe()
     pid = os.fork()
     if pid == 0:  # the echo, on `second`
         os.sched_setaffinity(0, {second})
