@@ -12,6 +12,7 @@ an acked message stays gone, any other comes back.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -80,10 +81,16 @@ def pulling(
     """A stream feeding the daemon's dispatcher (or `dispatcher`), opened as `gannet run`
     opens it; closed at the end after every running callback has settled its message."""
     stack, parts = served
-    delivered = Delivered((dispatcher or parts.dispatcher).on_message)
+    dispatcher = dispatcher or parts.dispatcher
+    delivered = Delivered(dispatcher.on_message)
     streams.append(delivered)
     subscriber = Subscriber(
-        parts.subscriber_client, stack.settings.subscription_path(), 4, delivered
+        parts.subscriber_client,
+        stack.settings.subscription_path(),
+        4,
+        delivered,
+        acks=dispatcher.settlers[dispatcher.first_lane].acks,
+        settled=dispatcher.wait_settled,
     )
     subscriber.start()
     try:
@@ -211,6 +218,48 @@ def test_a_message_that_arrives_while_the_runners_stop_is_nacked_for_another_pod
     assert stack.rows([task.task_id]) == {}
 
 
+def test_a_message_still_running_when_its_stream_stops_is_acked_before_the_stream_ends(
+    served, streams
+):
+    """The callback returns once a runner has the message, and the runner settles it. A
+    stream that stops meanwhile (SIGTERM) waits for that: it ends only after the task is
+    committed and its ack sent, so the message is not delivered again."""
+    stack, parts = served
+    dispatcher = pod(stack, parts, holder="pod-stopping-stream")  # its runner waits
+    task = stack.task(stack.upload(SCENES[0]["file"]))
+    delivered = Delivered(dispatcher.on_message)
+    streams.append(delivered)
+    subscriber = Subscriber(
+        parts.subscriber_client,
+        stack.settings.subscription_path(),
+        4,
+        delivered,
+        acks=dispatcher.settlers[dispatcher.first_lane].acks,
+        settled=dispatcher.wait_settled,
+    )
+    subscriber.start()
+    try:
+        stack.publish([task])
+        deadline = time.monotonic() + 15
+        while dispatcher.pool.waiting() < 1:
+            assert time.monotonic() < deadline, "the message never reached the pool"
+            time.sleep(0.02)
+        subscriber.stop_pulling_async()
+        assert subscriber.stream_closed.wait(10), "the stream did not stop pulling"
+        assert not subscriber.wait_closed(timeout=1), "ended with a message unsettled"
+    finally:
+        dispatcher.pool.start()
+    try:
+        assert subscriber.wait_closed(timeout=60), "the stream did not end once settled"
+    finally:
+        dispatcher.pool.stop_accepting()
+        dispatcher.pool.join(10)
+
+    assert stack.rows([task.task_id])[task.task_id]["status"] == "succeeded"
+    assert len(delivered.messages) == 1
+    assert stack.unacked(delivered.messages) == []
+
+
 def test_outcome_here_runs_a_task_on_the_calling_thread_and_a_repeat_is_a_duplicate(served):
     """The one-at-a-time path (the bench's worker) needs no runner: on a dispatcher whose
     runners take no work, the task runs to a succeeded row on this thread. The same task
@@ -265,9 +314,18 @@ class TwoAtOnce:
             time.sleep(0.01)
 
     def _deliver(self, body: bytes, attempt: int) -> None:
-        self.outcomes.append(
-            self.dispatcher.outcome_of(body, attempt, self.dispatcher._run_on_pool)
-        )
+        settled = threading.Event()
+
+        def settle(outcome: Any) -> None:
+            self.outcomes.append(outcome)
+            settled.set()
+
+        lane = self.dispatcher.first_lane
+        run = functools.partial(self.dispatcher.hand_over, lane=lane, span=None, settle=settle)
+        outcome = self.dispatcher.outcome_of(body, attempt, run)
+        if outcome is not None:  # answered on this thread (the second delivery)
+            settle(outcome)
+        settled.wait(60)
 
     def wait(self) -> list[Any]:
         for thread in self.threads:

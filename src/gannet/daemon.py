@@ -306,6 +306,7 @@ class Daemon:
                 parts.dispatcher.on_message_of(lane.name),
                 stream_ack_deadline_s=s.stream_ack_deadline_s,
                 acks=parts.acks[lane.name],
+                settled=partial(parts.dispatcher.wait_settled, lane.name),
             )
             for lane in lanes
         ]

@@ -50,6 +50,9 @@ class Job(Generic[ItemT]):
     done: threading.Event = field(default_factory=threading.Event)
     outcome: Outcome | None = None
     started: bool = False
+    # Called once with the outcome, on the thread that finishes the job (its runner, or
+    # the one that nacks it at shutdown): there the message is settled.
+    on_finish: Callable[[Outcome | None], None] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def finish(self, outcome: Outcome | None) -> bool:
@@ -59,7 +62,9 @@ class Job(Generic[ItemT]):
                 return False
             self.outcome = outcome
             self.done.set()
-            return True
+        if self.on_finish is not None:
+            self.on_finish(outcome)
+        return True
 
     def claim(self) -> bool:
         """A runner takes the job unless shutdown already answered it."""

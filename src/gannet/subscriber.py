@@ -56,20 +56,28 @@ if not hasattr(bidi.BidiRpc.close, "__wrapped__"):
 
 class _Scheduler(ThreadScheduler):  # type: ignore[misc] # the client library is untyped
     """Tells us when the stream has stopped: the client library shuts the scheduler down
-    right after it stops consuming, before it waits for running callbacks. Once they
-    have settled, the acks they queued (acks.py) go to the client, before it stops the
-    thread that sends them."""
+    right after it stops consuming, before it waits for running callbacks and before it
+    stops the threads that extend leases and send acks. A callback returns once it has
+    handed its message to a runner, so this also waits until every message is settled
+    (`settled`); then the acks they queued (acks.py) go to the client."""
 
     def __init__(
-        self, executor: ThreadPoolExecutor, stream_closed: threading.Event, acks: Acks | None
+        self,
+        executor: ThreadPoolExecutor,
+        stream_closed: threading.Event,
+        acks: Acks | None,
+        settled: Callable[[], None] | None,
     ) -> None:
         super().__init__(executor=executor)
         self._stream_closed = stream_closed
         self._acks = acks
+        self._settled = settled
 
     def shutdown(self, await_msg_callbacks: bool = False) -> list[Any]:
         self._stream_closed.set()
         dropped: list[Any] = super().shutdown(await_msg_callbacks=await_msg_callbacks)
+        if await_msg_callbacks and self._settled is not None:
+            self._settled()
         if self._acks is not None:
             self._acks.flush()
         return dropped
@@ -85,10 +93,13 @@ class Subscriber:
         stream_ack_deadline_s: int = 60,
         max_lease_s: int = 3600,
         acks: Acks | None = None,
+        settled: Callable[[], None] | None = None,
     ) -> None:
         """`acks`: where on_message's acks wait to go out together; flushed when the
-        stream stops."""
+        stream stops. `settled`: blocks until every message on_message took is settled
+        (Dispatcher.wait_settled), for a callback that returns before that."""
         self.acks = acks
+        self.settled = settled
         self.client = client
         self.subscription_path = subscription_path
         self.max_messages = max_messages
@@ -116,7 +127,7 @@ class Subscriber:
             self.subscription_path,
             callback=self.on_message,
             flow_control=flow,
-            scheduler=_Scheduler(self._executor, self.stream_closed, self.acks),
+            scheduler=_Scheduler(self._executor, self.stream_closed, self.acks, self.settled),
             await_callbacks_on_shutdown=True,
         )
         log.info(
