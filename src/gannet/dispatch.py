@@ -134,13 +134,13 @@ class Dispatcher:
         lane = lane or self.first_lane
         span = self.tracing.start_task(message) if self.tracing is not None else None
         with span.active() if span is not None else nullcontext():
-            delivery = Delivery(self, message, lane, span, self._timer())
+            delivery = Delivery(self, message, lane, span)
             try:
                 outcome = self.outcome_of(
                     message.data,
                     message.delivery_attempt,
                     lambda item: self.hand_over(item, lane, span, delivery.settle),
-                    delivery.timer,
+                    self._timer(),
                 )
             except BaseException:
                 delivery.escaped()
@@ -240,28 +240,6 @@ class Dispatcher:
         outcome = self.outcome_of(body, delivery_attempt, lambda item: self.process(item, device))
         assert outcome is not None  # process always answers
         return outcome
-
-    def _run_on_pool(self, item: WorkItem, lane: str | None = None) -> Outcome:
-        """Hand the item to a runner (in its lane's queue) and wait; a second delivery of
-        a task this pod is already running waits for the first and follows its outcome
-        instead."""
-        task = item.task
-        job = Job(item, lane or self.first_lane)
-        with self._in_flight_lock:
-            first = self._in_flight.setdefault(task.task_id, job)
-        if first is not job and first.item.task.tenant_id == task.tenant_id:
-            first.done.wait()
-            return _follow(first.outcome, task)
-        # A task_id another tenant is running here does not wait: its claim refuses it.
-        try:
-            if not self.pool.submit(job):
-                return shutdown(task)
-            job.done.wait()
-            return job.outcome or _runner_crashed(task)
-        finally:
-            with self._in_flight_lock:
-                if self._in_flight.get(task.task_id) is job:
-                    del self._in_flight[task.task_id]
 
     # ------------------------------------------------------------ runner thread
 
@@ -444,12 +422,10 @@ class Delivery:
         message: Message,
         lane: str,
         span: TaskSpan | None,
-        timer: Timer,
     ) -> None:
         self.message = message
         self.lane = lane
         self.span = span
-        self.timer = timer
         self._settler = dispatcher.settlers[lane]
         self._started = time.perf_counter()
         self._dispatcher = dispatcher
@@ -460,14 +436,15 @@ class Delivery:
         would end the runner's thread."""
         try:
             with self.span.active() if self.span is not None else nullcontext():
-                with self.timer.stage("settle"):
+                with self._dispatcher._timer().stage("settle"):  # a Timer is per thread
                     elapsed = time.perf_counter() - self._started
                     self._settler.settle(self.message, outcome, elapsed)
-        except Exception:
+        except Exception:  # as the client does for a callback that raises: nack
             log.exception(
-                "could not settle the message; its lease runs out and it is redelivered",
+                "could not settle the message; nacking it for redelivery",
                 extra={"fields": {"message_id": self.message.message_id}},
             )
+            self.message.nack()  # only queues the request: does not raise
         finally:
             if self.span is not None:
                 self.span.finish(outcome)
