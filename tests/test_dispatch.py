@@ -74,14 +74,12 @@ class Delivered:
         self.on_message(message)
 
 
-@contextmanager
-def pulling(
-    served, streams: list[Delivered], dispatcher: Dispatcher | None = None
-) -> Iterator[Delivered]:
-    """A stream feeding the daemon's dispatcher (or `dispatcher`), opened as `gannet run`
-    opens it; closed at the end after every running callback has settled its message."""
+def open_stream(
+    served, streams: list[Delivered], dispatcher: Dispatcher
+) -> tuple[Delivered, Subscriber]:
+    """A started stream feeding `dispatcher`, opened as `gannet run` opens it: its acks
+    go out together, and its stop waits until every message it delivered is settled."""
     stack, parts = served
-    dispatcher = dispatcher or parts.dispatcher
     delivered = Delivered(dispatcher.on_message)
     streams.append(delivered)
     subscriber = Subscriber(
@@ -93,6 +91,16 @@ def pulling(
         settled=dispatcher.wait_settled,
     )
     subscriber.start()
+    return delivered, subscriber
+
+
+@contextmanager
+def pulling(
+    served, streams: list[Delivered], dispatcher: Dispatcher | None = None
+) -> Iterator[Delivered]:
+    """A stream feeding the daemon's dispatcher (or `dispatcher`); closed at the end after
+    every message it delivered has been settled."""
+    delivered, subscriber = open_stream(served, streams, dispatcher or served[1].dispatcher)
     try:
         yield delivered
     finally:
@@ -227,17 +235,7 @@ def test_a_message_still_running_when_its_stream_stops_is_acked_before_the_strea
     stack, parts = served
     dispatcher = pod(stack, parts, holder="pod-stopping-stream")  # its runner waits
     task = stack.task(stack.upload(SCENES[0]["file"]))
-    delivered = Delivered(dispatcher.on_message)
-    streams.append(delivered)
-    subscriber = Subscriber(
-        parts.subscriber_client,
-        stack.settings.subscription_path(),
-        4,
-        delivered,
-        acks=dispatcher.settlers[dispatcher.first_lane].acks,
-        settled=dispatcher.wait_settled,
-    )
-    subscriber.start()
+    delivered, subscriber = open_stream(served, streams, dispatcher)
     try:
         stack.publish([task])
         deadline = time.monotonic() + 15
