@@ -258,6 +258,42 @@ def test_a_message_still_running_when_its_stream_stops_is_acked_before_the_strea
     assert stack.unacked(delivered.messages) == []
 
 
+def test_a_settle_that_raises_nacks_the_message_and_keeps_the_runner(served, streams, monkeypatch):
+    """A runner settles its message; a bug there (the Settler raising, injected once)
+    must neither end the runner's thread nor leave the message leased until its lease
+    runs out: it is logged and nacked, comes back at once, and the same runner answers
+    the redelivery (a duplicate: the row was committed before the settle)."""
+    stack, parts = served
+    dispatcher = pod(stack, parts, holder="pod-settle-raises")  # one runner
+    settler = dispatcher.settlers[dispatcher.first_lane]
+    settle = settler.settle
+    labels: list[str] = []
+
+    def raises_once(message: Any, outcome: Any, duration_s: float) -> None:
+        labels.append(outcome.label)
+        if len(labels) == 1:
+            raise RuntimeError("injected: the settle failed")
+        settle(message, outcome, duration_s)
+
+    monkeypatch.setattr(settler, "settle", raises_once)
+    task = stack.task(stack.upload(SCENES[0]["file"]))
+    dispatcher.pool.start()
+    try:
+        with pulling(served, streams, dispatcher) as delivered:
+            stack.publish([task])
+            deadline = time.monotonic() + 30
+            while len(labels) < 2:
+                assert time.monotonic() < deadline, f"not redelivered and settled: {labels}"
+                time.sleep(0.05)
+    finally:
+        dispatcher.pool.stop_accepting()
+        dispatcher.pool.join(10)
+
+    assert labels == ["succeeded", "duplicate"]
+    assert len(delivered.messages) == 2
+    assert stack.unacked(delivered.messages) == []
+
+
 def test_outcome_here_runs_a_task_on_the_calling_thread_and_a_repeat_is_a_duplicate(served):
     """The one-at-a-time path (the bench's worker) needs no runner: on a dispatcher whose
     runners take no work, the task runs to a succeeded row on this thread. The same task
