@@ -446,15 +446,16 @@ class Delivery:
             )
             self.message.nack()  # only queues the request: does not raise
         finally:
-            if self.span is not None:
-                self.span.finish(outcome)
-            self._dispatcher._count_unsettled(self.lane, -1)
+            self._done(outcome)
 
     def escaped(self) -> None:
         """An exception left the callback before any outcome: the client library logs
-        it; the message is redelivered when its lease runs out."""
+        it, nacks the message and stops the stream (the daemon then shuts down)."""
+        self._done(None)
+
+    def _done(self, outcome: Outcome | None) -> None:
         if self.span is not None:
-            self.span.finish(None)
+            self.span.finish(outcome)
         self._dispatcher._count_unsettled(self.lane, -1)
 
 
