@@ -40,6 +40,30 @@ def test_gil_samples_are_counted_even_when_a_frame_name_was_read_half_written():
     assert bench_plumbing.count_samples(raw) == 4
 
 
+def test_gil_ticks_that_py_spy_could_not_read_count_as_held(tmp_path):
+    """Without pausing the daemon, py-spy --gil fails now and then to read the stack of
+    the thread holding the GIL and counts an error instead of a sample: those ticks
+    count as held (paused, the same load gave as many held ticks as samples plus
+    errors). A py-spy that prints no such summary is an error, not an undercount."""
+    raw = tmp_path / "gil.txt"
+    raw.write_text("Thread.run (threading.py:982);RunnerPool._loop (gannet/pool.py:124) 347\n")
+    summary = bench_plumbing.summary_path(raw)
+    summary.write_text(
+        "\npy-spy> Stopped sampling because Control-C pressed\n"
+        f"py-spy> Wrote raw flamegraph data to '{raw}'. Samples: 347 Errors: 96\n"
+    )
+
+    class Stopped:
+        def send_signal(self, _sig: int) -> None: ...
+        def wait(self, timeout: float) -> int:
+            return 0
+
+    assert bench_plumbing.stop_py_spy(Stopped(), raw) == 347 + 96  # type: ignore[arg-type]
+    summary.write_text("Error: Failed to find python version from target process\n")
+    with pytest.raises(RuntimeError, match="Samples: N Errors: M"):
+        bench_plumbing.stop_py_spy(Stopped(), raw)  # type: ignore[arg-type]
+
+
 def test_replay_answers_a_known_input_without_the_network_and_batches_it_back():
     calls: list[int] = []
 

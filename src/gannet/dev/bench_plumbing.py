@@ -13,7 +13,7 @@ For each size it reports images/s and the daemon's CPU ms per image split by sta
 the daemon's own gannet_stage_cpu_seconds counter; what no stage accounts for is the
 Pub/Sub client's and other background threads), with the daemon pinned to one core and
 to two (`taskset`), and the time a thread held the GIL per image (py-spy --gil, sampled at
-RATE Hz in a separate run: GIL-held seconds = samples / RATE).
+RATE Hz in a separate run: GIL-held seconds = (samples + errors) / RATE, see stop_py_spy).
 
 With `--baseline REV` the daemon of commit REV (its src/ from `git archive`) is measured
 the same way in the same run, interleaved with this tree's, so a change is judged side
@@ -383,15 +383,17 @@ _SWITCHES = re.compile(r"^(?:non)?voluntary_ctxt_switches:\s+(\d+)$", re.M)
 
 
 def start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
-    """py-spy sampling only the thread that holds the GIL, without pausing the daemon."""
+    """py-spy sampling only the thread that holds the GIL, without pausing the daemon.
+    Its summary line (samples and errors) goes to `out` with ".summary" added."""
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
     rate = str(GIL_RATE)
     command = [spy, "record", "--gil", "--nonblocking", "--rate", rate, "--format", "raw"]
-    proc = subprocess.Popen(
-        [*command, "-o", str(out), "--pid", str(pid)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with summary_path(out).open("wb") as summary:
+        proc = subprocess.Popen(
+            [*command, "-o", str(out), "--pid", str(pid)],
+            stdout=summary,
+            stderr=subprocess.STDOUT,
+        )
     time.sleep(1.0)  # py-spy attaches
     if proc.poll() is not None:
         raise RuntimeError(
@@ -400,11 +402,26 @@ def start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
+def summary_path(out: Path) -> Path:
+    return out.with_name(out.name + ".summary")
+
+
 def stop_py_spy(proc: subprocess.Popen[bytes], out: Path) -> int:
-    """Samples in which some thread held the GIL."""
+    """Sampling ticks at which some thread held the GIL: the samples py-spy wrote plus
+    the ticks it reported as errors.
+
+    Why the errors count: with --gil, py-spy reads only the stack of the thread that
+    holds the GIL, and without pausing the daemon that read fails now and then, because
+    that thread's frames change while they are read. Such a tick is an error and writes
+    no sample, though the GIL was held. Measured against py-spy pausing the daemon at
+    each tick (no errors), 10 s each in turns at 100 Hz on a 640x480 run: 478 and 448
+    GIL-held ticks paused; 347 and 386 samples plus 96 and 84 errors without pausing.
+    Counting the samples alone read the GIL-held time about a fifth too low
+    (docs/benchmark.md, "The GIL-held figure counted py-spy's errors out")."""
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=60)
-    return count_samples(out.read_text(errors="replace"))
+    summary = summary_path(out).read_text(errors="replace")
+    return count_samples(out.read_text(errors="replace")) + count_errors(summary)
 
 
 # A raw sample is "frame;frame;... (file.py:N) COUNT". Sampling without pausing the
@@ -417,6 +434,21 @@ _SAMPLE_END = re.compile(r"\) (\d+)$")
 def count_samples(raw: str) -> int:
     """The samples in py-spy's raw output."""
     return sum(int(m.group(1)) for line in raw.splitlines() if (m := _SAMPLE_END.search(line)))
+
+
+_ERRORS = re.compile(r"Samples: \d+ Errors: (\d+)")
+
+
+def count_errors(summary: str) -> int:
+    """The ticks py-spy could not sample, from the line it prints when it stops
+    ("... Samples: N Errors: M")."""
+    found = _ERRORS.findall(summary)
+    if not found:
+        raise RuntimeError(
+            "py-spy printed no 'Samples: N Errors: M' line, so the GIL-held time cannot be "
+            f"counted; its output: {summary.strip()[-500:]!r}"
+        )
+    return int(found[-1])
 
 
 # The daemon before any change to the hot path: 88ae9f0, where this mode was added, with
