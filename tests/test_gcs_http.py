@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import ssl
 import threading
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 from google.auth.credentials import AnonymousCredentials, Credentials
 
-from gannet.gcs_http import Endpoint
+from gannet.gcs_http import Endpoint, Reply, Response
 
 
 class _Server(server.ThreadingHTTPServer):
@@ -139,3 +140,58 @@ def test_an_https_endpoint_speaks_tls_and_never_falls_back_to_plain_http(serve):
         endpoint.request("GET", "/o/x")
     # Tried twice, the second time on a new connection; neither got past the handshake.
     assert endpoint.connections_opened == 0 and httpd.connections == 2
+
+
+def test_responses_are_read_whatever_framing_the_server_chooses(serve):
+    """The response's headers are read without http.client's email parser (gcs_http.
+    Response), so the framing it decides from them is checked here on a real socket:
+    a chunked body, a 100 Continue before the answer, folded and repeated headers, a
+    body that ends where the server closes, and "Connection: close", after which the
+    next request opens a new connection instead of failing."""
+
+    class Framings(_Handler):
+        def do_GET(self) -> None:
+            raw = self.wfile.write
+            if self.path == "/chunked":
+                raw(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                raw(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+            elif self.path == "/continue":
+                raw(b"HTTP/1.1 100 Continue\r\nX-Skipped: 1\r\n\r\n")
+                raw(b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok")
+            elif self.path == "/folded":
+                raw(b"HTTP/1.1 200 OK\r\nX-Goog-Hash: crc32c=a\r\nX-Goog-Hash: md5=b\r\n")
+                raw(b"X-Long: one\r\n two\r\nContent-Length: 3\r\n\r\nabc")
+            elif self.path == "/until-close":
+                raw(b"HTTP/1.0 200 OK\r\n\r\nto the end")
+                self.close_connection = True
+            else:
+                raw(b"HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 4\r\n\r\ngone")
+                self.close_connection = True
+
+    url, httpd = serve(Framings)
+    endpoint = Endpoint(url, AnonymousCredentials())
+    assert endpoint.request("GET", "/chunked").data == b"hello world"
+    assert endpoint.request("GET", "/continue") == Reply(201, b"ok")
+    assert endpoint.request("GET", "/folded").data == b"abc"
+    assert endpoint.connections_opened == 1  # all three on one kept-alive connection
+    assert endpoint.request("GET", "/until-close").data == b"to the end"
+    assert endpoint.request("GET", "/missing") == Reply(404, b"gone")
+    assert endpoint.request("GET", "/chunked").data == b"hello world"
+    assert endpoint.connections_opened == httpd.connections == 3
+
+
+def test_response_headers_are_found_by_any_case_and_joined_when_repeated():
+
+    class Sock:
+        def makefile(self, mode: str) -> io.BytesIO:
+            return io.BytesIO(
+                b"HTTP/1.1 200 OK\r\nX-Goog-Hash: crc32c=a\r\nx-goog-hash: md5=b\r\n"
+                b"X-Long: one\r\n\ttwo\r\nContent-Length: 0\r\n\r\n"
+            )
+
+    response = Response(Sock(), method="GET")  # type: ignore[arg-type]
+    response.begin()
+    assert response.getheader("X-GOOG-HASH") == "crc32c=a, md5=b"
+    assert response.getheader("x-long") == "one two"
+    assert response.getheader("missing", "none") == "none"
+    assert dict(response.getheaders())["content-length"] == "0"

@@ -45,7 +45,7 @@ from gannet.outcome import Decision, Outcome, Settler, shutdown
 from gannet.pipeline import Pipeline, Route
 from gannet.pool import Job, RunnerPool
 from gannet.sink import ClaimLost, Sink
-from gannet.stages import Timer
+from gannet.stages import Timer, by_stage, ignore
 from gannet.storage import Storage, encode_json
 from gannet.task import Task, TaskResult, identify, parse_task
 
@@ -103,8 +103,9 @@ class Dispatcher:
         self.callbacks = callbacks
         self.holder = holder
         self.claim_ttl_s = claim_ttl_s
-        self.stage_cpu = stage_cpu
         self.tracing = tracing
+        self._observe_wall = by_stage(metrics.stage_seconds, "observe")
+        self._charge_cpu = by_stage(metrics.stage_cpu_seconds, "inc") if stage_cpu else ignore
         # Single flight within the pod: task_id -> the job of the delivery being run.
         self._in_flight: dict[str, Job[WorkItem]] = {}
         self._in_flight_lock = threading.Lock()
@@ -224,15 +225,8 @@ class Dispatcher:
     def _timer(self) -> Timer:
         """A Timer that feeds the stage histogram (and, with GANNET_STAGE_CPU, the stage
         CPU counter)."""
-        wall, cpu = self.metrics.stage_seconds, self.metrics.stage_cpu_seconds
         spans = self.tracing.stage_spans() if self.tracing is not None else None
-        if not self.stage_cpu:
-            return Timer(lambda stage, s: wall.labels(stage).observe(s), spans=spans)
-        return Timer(
-            lambda stage, s: wall.labels(stage).observe(s),
-            lambda stage, s: cpu.labels(stage).inc(s),
-            spans,
-        )
+        return Timer(self._observe_wall, self._charge_cpu, spans)
 
     def outcome_here(self, body: bytes, delivery_attempt: int | None, device: str) -> Outcome:
         """The whole path on the calling thread, without runners: the bench's
@@ -337,7 +331,7 @@ class Dispatcher:
             except TransientError as err:  # nothing committed: the next delivery reruns it
                 self._release(task)
                 return Outcome(Decision.NACK, "retry", err, task, inferred)
-        self.metrics.stage_seconds.labels("total").observe(time.perf_counter() - started)
+        self._observe_wall("total", time.perf_counter() - started)
         if saved:
             self._callback(task, result, uri)
         return Outcome(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 Observe = Callable[[str, float], None]  # (stage, seconds)
 
@@ -31,6 +31,22 @@ def ignore(stage: str, seconds: float) -> None:
     want no timings at all (warm-up, tools)."""
 
 
+def by_stage(metric: Any, method: str) -> Observe:
+    """`metric.labels(stage).<method>(value)` as an Observe, each stage's child (and its
+    bound method) looked up once. Why: prometheus_client's labels() checks its arguments
+    and takes a lock on every call, a dozen times per task on the runner, under the GIL
+    (docs/benchmark.md, "The GIL-held figure")."""
+    children: dict[str, Callable[[float], None]] = {}
+
+    def observe(stage: str, value: float) -> None:
+        record = children.get(stage)
+        if record is None:
+            record = children.setdefault(stage, getattr(metric.labels(stage), method))
+        record(value)
+
+    return observe
+
+
 class Timer:
     """One task's stages on one thread; not shared between threads."""
 
@@ -39,13 +55,20 @@ class Timer:
     ) -> None:
         """`observe(stage, wall seconds)` once per stage; `charge_cpu(stage, cpu
         seconds)` whenever a stage ends or a nested one begins; `spans` when tracing."""
-        self.timings: dict[str, float] = {}
+        self._seconds: dict[str, float] = {}
         self._observe = observe
         self._charge = charge_cpu
         self.spans = spans
         self._open: list[str] = []
         self._cpu_mark = 0.0
         self._cpu = charge_cpu is not ignore  # the clock is a syscall: only when asked
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Milliseconds per stage, as "<stage>_ms", rounded to 0.01 (a stage run more than
+        once per task, such as tiles or crops, adds up). Rounded here, once per read,
+        rather than at every stage's end."""
+        return {f"{name}_ms": round(s * 1000, 2) for name, s in self._seconds.items()}
 
     def stage(self, name: str) -> _Stage:
         return _Stage(self, name)
@@ -63,8 +86,7 @@ class Timer:
     def _close(self, name: str, seconds: float) -> None:
         self._switch(None)
         self._open.pop()
-        key = f"{name}_ms"  # a stage run more than once per task (tiles, crops) adds up
-        self.timings[key] = round(self.timings.get(key, 0.0) + seconds * 1000, 2)
+        self._seconds[name] = self._seconds.get(name, 0.0) + seconds
         self._observe(name, seconds)
 
 
