@@ -46,16 +46,27 @@ def decoder() -> Iterator[DeviceDecoder]:
     dec.close()
 
 
+NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG)")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda:0", marks=NEEDS_GPU)])
+def any_decoder(request: pytest.FixtureRequest) -> Iterator[DeviceDecoder]:
+    """The decoder on the CPU (libjpeg-turbo) and, where there is a GPU, nvJPEG."""
+    dec = DeviceDecoder(request.param)
+    yield dec
+    dec.close()
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_a_device_frame_is_upright_as_opencv_turns_it(
-    decoder: DeviceDecoder, orientation: int
+    any_decoder: DeviceDecoder, orientation: int
 ) -> None:
     """nvJPEG ignores EXIF orientation, so the decoder turns frames itself; a phone
     photo must come out as OpenCV's host decode gives it, for each of the 8 tags."""
     ys, xs = np.mgrid[0:48, 0:80]
     image = np.dstack([xs * 3, ys * 5, (xs + ys) * 2]).astype(np.uint8)  # no symmetry
     data = jpeg(image, orientation)
-    frame = decoder.decode(data, orientation)
+    frame = any_decoder.decode(data, orientation)
     assert frame is not None
     expected = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     got = to_host(frame)
@@ -63,12 +74,12 @@ def test_a_device_frame_is_upright_as_opencv_turns_it(
     assert np.abs(got.astype(int) - expected.astype(int)).mean() < 1.0
 
 
-def test_one_bad_jpeg_in_a_batch_is_refused_alone(decoder: DeviceDecoder) -> None:
+def test_one_bad_jpeg_in_a_batch_is_refused_alone(any_decoder: DeviceDecoder) -> None:
     """One call decodes a batch, and one bad file fails the call: the others must still
     come back decoded, and only the bad one go to the CPU fallback."""
     good = torch.frombuffer(bytearray(jpeg(np.full((16, 24, 3), 90, np.uint8))), dtype=torch.uint8)
     bad = torch.frombuffer(bytearray(b"\xff\xd8\xff\xe0 not really a jpeg"), dtype=torch.uint8)
-    first, refused, last = decoder._decode_batch([good, bad, good])
+    first, refused, last = any_decoder._decode_batch([good, bad, good])
     assert isinstance(refused, RuntimeError)
     assert isinstance(first, torch.Tensor) and first.shape == (3, 16, 24)
     assert isinstance(last, torch.Tensor) and last.shape == (3, 16, 24)
@@ -178,7 +189,7 @@ def test_the_letterbox_on_the_device_matches_opencvs(decoder: DeviceDecoder) -> 
         pipeline.cache.close()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG)")
+@NEEDS_GPU
 def test_on_a_gpu_nvjpeg_frames_give_the_host_answer() -> None:
     decoder = DeviceDecoder("cuda:0")
     pipeline = _pipeline(str(REPO_ROOT / "configs" / "agro.yaml"), decoder, "cuda:0")

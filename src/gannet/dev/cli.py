@@ -45,6 +45,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     if not args.plumbing and (args.gcs_latency_ms or args.runners_sweep or args.pipeline):
         raise CommandError("--gcs-latency-ms, --runners-sweep and --pipeline go with --plumbing")
+    if args.in_process:
+        from gannet.dev import bench_device
+
+        args.images = args.images or 500
+        return bench_device.main(args)
     if args.flood:
         from gannet.dev import bench_flood
 
@@ -189,7 +194,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "real) on 640x480, 1920x1080, 4032x3024 and mixed-shape JPEGs: images/s on one "
         "and two cores, CPU ms per image by stage, GIL-held ms per image (py-spy). "
         "With --flood: how long interactive tasks wait behind a bulk backfill, with lanes "
-        "and on one subscription, against no backfill at all.",
+        "and on one subscription, against no backfill at all. With --in-process: the "
+        "daemon's model path alone (decode to result JSON) against the bare model, "
+        "without the services, for a GPU host.",
     )
     p.add_argument(
         "--flood",
@@ -222,7 +229,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--sizes",
         type=lambda v: v.split(","),
         default=None,
-        help="--plumbing: comma-separated image sets (default 640x480,1920x1080,4032x3024,mix)",
+        help="--plumbing or --in-process: comma-separated image sets (default "
+        "640x480,1920x1080,4032x3024,mix; with --in-process 640x480,4032x3024)",
+    )
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="the daemon's model path alone, in this process: GANNET_RUNNERS threads "
+        "from JPEG bytes in memory to result JSON (decode, nvJPEG on CUDA, letterbox, "
+        "batched forward, NMS), against the bare model, per call and batched; no Pub/Sub, "
+        "GCS or PostgreSQL, so it runs where the emulators cannot (a GPU host)",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="--in-process: the device to run on (default: the first of GANNET_DEVICES)",
     )
     p.add_argument(
         "--baseline",
@@ -280,7 +301,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="tasks per measurement (default 256; with --plumbing 1000: at a few hundred "
         "images/s a shorter run is mostly the daemon starting and finishing, and the "
-        "Pub/Sub emulator's first burst going to one of two processes)",
+        "Pub/Sub emulator's first burst going to one of two processes; with --in-process "
+        "500)",
     )
     p.add_argument(
         "--runners",

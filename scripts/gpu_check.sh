@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The checks that need an NVIDIA GPU, in one go, for a GPU host lent for a few minutes:
+#   1. the GPU's and the libraries' versions;
+#   2. the tests that run on CUDA (nvJPEG decode, device letterbox, answers against the
+#      host's), the rest of tests/test_device_decode.py beside them;
+#   3. `gannet bench --in-process` on cuda:0: the daemon's model path (nvJPEG, device
+#      letterbox, FP16 batched forward, NMS, result JSON; GANNET_RUNNERS threads) against
+#      the bare model per call and batched, 640x480 and 4032x3024 photos;
+#   4. the same at 640x480 with 8 runners.
+# Usage: scripts/gpu_check.sh OUT_DIR [DEVICE [IMAGES]], from the repo root, with gannet's
+# dependencies importable (PYTHONPATH or a venv); DEVICE defaults to cuda:0 (cpu tries the
+# script out), IMAGES per measurement to 1000. Each step's log goes to OUT_DIR; a failed
+# step does not stop the next one, and the script exits non-zero if any failed.
+set -uo pipefail
+out=${1:?usage: scripts/gpu_check.sh OUT_DIR [DEVICE [IMAGES]]}
+device=${2:-cuda:0}
+images=${3:-1000}
+mkdir -p "$out"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" YOLO_OFFLINE=1 PYTHONUNBUFFERED=1
+failed=0
+step() {  # step NAME SECONDS COMMAND...: run it under a time limit, log to OUT_DIR/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name ($(date +%T))"
+    timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" = 0 ] || { echo "== $name FAILED (exit $rc)"; failed=1; }
+}
+step versions 60 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv;
+  nproc; python3 -c "import sys, torch, torchvision, ultralytics;
+print(sys.version.split()[0], torch.__version__, torchvision.__version__, ultralytics.__version__,
+torch.cuda.is_available())"'
+# -W default: the suite turns warnings into errors against its pinned versions; a GPU
+# host's other torch shows warnings instead of failing on them.
+step pytest 150 python3 -m pytest -q -p no:cacheprovider -W default -rs tests/test_device_decode.py
+step bench 260 python3 -m gannet bench --in-process --device "$device" --images "$images" --rounds 3 \
+    --output "$out/bench-in-process.json"
+step bench-8-runners 80 env GANNET_RUNNERS=8 python3 -m gannet bench --in-process \
+    --device "$device" --sizes 640x480 --images "$images" --rounds 3 --output "$out/bench-8-runners.json"
+exit $failed

@@ -1,0 +1,295 @@
+"""`gannet bench --in-process`: the daemon's model path on one device against the bare model.
+
+Why: on a GPU the question is whether what the daemon does around the model keeps the
+GPU busy: decode (nvJPEG on CUDA), letterbox, batching the runners' images, NMS and the
+result JSON. A GPU host cannot always run the emulators (one lent to this project has
+no Java and no network), so this mode runs that part alone, in one process:
+
+  bare:   ultralytics' `predict` on frames decoded beforehand, one per call and in
+          batches of GANNET_BATCH_SIZE, FP16 on CUDA (_precision, as the daemon's);
+  daemon: GANNET_RUNNERS threads, each taking JPEG bytes from memory through
+          Pipeline.decode, Pipeline.run_image and encode_json, sharing one ModelCache
+          (one batcher thread per model and device) and, on CUDA with GANNET_GPU_DECODE,
+          one nvJPEG decoder, exactly as the daemon's runners do.
+
+Rounds alternate the two; the report gives daemon / best bare per round and their
+median, the process's CPU ms per image on each side, the batch sizes the runners
+reached, and whether the daemon's detections agree with the bare model's.
+
+What it leaves out: the GCS read and write, the claim and commit in PostgreSQL, the
+pull and ack of Pub/Sub. `gannet bench --plumbing` measures those, with the emulators.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gannet.config_sources import open_configs
+from gannet.dev.bench_plumbing import IMGSZ, images_for, write_config
+from gannet.dev.publish import make_task
+from gannet.device_decode import DeviceDecoder
+from gannet.metrics import Metrics
+from gannet.model_cache import ModelCache, _precision, yolo_loader
+from gannet.model_resolver import ModelResolver
+from gannet.pipeline import Limits, Pipeline, decode_image
+from gannet.pool import resolve_devices
+from gannet.settings import REPO_ROOT, Settings
+from gannet.stages import Timer
+from gannet.storage import encode_json, local_version, read_local
+from gannet.text import format_table
+
+WEIGHTS = REPO_ROOT / "models" / "demo" / "detect.pt"  # write_config's detector
+
+
+def build_pipeline(s: Settings, config: Path, device: str) -> Pipeline:
+    """The daemon's Pipeline and ModelCache (daemon.build's settings), on local files."""
+    cache = ModelCache(
+        yolo_loader(lambda uri, version: Path(uri), trace=s.torchscript),
+        Metrics(),
+        max_batch=s.batch_size,
+        window_s=s.batch_window_ms / 1000,
+        cpu_threads=s.torch_threads,
+    )
+    decoders = {}
+    if s.gpu_decode and device.startswith("cuda"):
+        decoders[device] = DeviceDecoder(device, max_batch=s.batch_size)
+    return Pipeline(
+        open_configs(str(config), read_local, local_version),
+        None,  # type: ignore[arg-type] # no GCS here: the runners get the bytes in memory
+        cache,
+        ModelResolver(local_version),
+        Limits(["bench"], s.max_image_bytes, s.max_image_pixels),
+        decoders,
+    )
+
+
+def run_daemon(pipeline: Pipeline, photos: list[bytes], runners: int, device: str) -> dict:
+    """The runners' path from JPEG bytes to result JSON, `runners` threads at once."""
+    task = make_task("bench-device", "gs://bench/bench-device/x.jpg", "DETECTION", "bench")
+    route = pipeline.check(task)
+    results: list[dict[str, Any] | None] = [None] * len(photos)
+
+    def runner(first: int) -> None:
+        for i in range(first, len(photos), runners):
+            timer = Timer(lambda stage, seconds: None)
+            frame, scale = pipeline.decode(photos[i], route, device)
+            result = pipeline.run_image(task, route, frame, device, timer, None, scale)
+            encode_json(result)
+            results[i] = result
+
+    cpu, wall = time.process_time(), time.perf_counter()
+    with ThreadPoolExecutor(runners, thread_name_prefix="runner") as pool:
+        for future in [pool.submit(runner, i) for i in range(runners)]:
+            future.result()  # a runner's error fails the bench
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"wall_s": wall, "cpu_s": cpu, "results": results}
+
+
+def run_bare(model: Any, frames: list[np.ndarray], batch: int, kwargs: dict) -> dict:
+    cpu, wall = time.process_time(), time.perf_counter()
+    answers = []
+    for i in range(0, len(frames), batch):
+        answers.extend(model.predict(frames[i : i + batch], **kwargs))
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"wall_s": wall, "cpu_s": cpu, "answers": answers}
+
+
+def agreement(bare: list[Any], daemon: list[dict[str, Any]], conf: float) -> dict[str, Any]:
+    """Per distinct photo: the same number of detections, and the largest corner
+    difference between each bare box and its nearest daemon box."""
+    same, worst = 0, 0.0
+    for answer, result in zip(bare, daemon, strict=True):
+        data = answer.boxes.data.cpu().numpy()
+        ours = [row[:4].tolist() for row in data if row[-2] >= conf]
+        theirs = [d["box"] for d in result["detection"]["detections"]]
+        if len(ours) != len(theirs):
+            continue
+        same += 1
+        for box in ours:
+            worst = max(worst, min(corner_diff(box, other) for other in theirs))
+    return {"photos": len(bare), "same_count": same, "largest_box_diff_px": round(worst, 2)}
+
+
+def corner_diff(a: list[float], b: list[float]) -> float:
+    return max(abs(p - q) for p, q in zip(a, b, strict=True))
+
+
+def one_size(
+    s: Settings, args: argparse.Namespace, size: str, config: Path, work: Path
+) -> dict[str, Any]:
+    from ultralytics.models import YOLO
+
+    from gannet.traced import trace_forward
+
+    device = args.device
+    files = images_for(size, work / "images")
+    distinct = [f.read_bytes() for f in files]
+    photos = [distinct[i % len(distinct)] for i in range(args.images)]
+    decoded = [decode_image(d, s.max_image_pixels) for d in distinct]
+    frames = [decoded[i % len(decoded)] for i in range(args.images)]
+    kwargs = {"imgsz": IMGSZ, "conf": 0.5, "device": device, "verbose": False}
+    kwargs |= _precision(device)
+    bare_model = YOLO(str(WEIGHTS))
+    bare_model.predict(frames[: s.batch_size], **kwargs)  # warm-up, not timed
+    traced_model = YOLO(str(WEIGHTS))
+    traced_model.predict(frames[:1], **kwargs)
+    traced = trace_forward(traced_model, IMGSZ, device, half=device.startswith("cuda"))
+    if traced:
+        traced_model.predict(frames[: s.batch_size], **kwargs)
+
+    pipeline = build_pipeline(s, config, device)
+    try:
+        pipeline.warm([device])
+        run_daemon(pipeline, photos[: 4 * args.runners], args.runners, device)  # warm-up
+        rounds = []
+        for r in range(args.rounds):
+            bare = {
+                "per_call": run_bare(bare_model, frames, 1, kwargs),
+                "batched": run_bare(bare_model, frames, s.batch_size, kwargs),
+            }
+            if traced:
+                bare["traced_batched"] = run_bare(traced_model, frames, s.batch_size, kwargs)
+            before = batch_counts(pipeline)
+            daemon = run_daemon(pipeline, photos, args.runners, device)
+            after = batch_counts(pipeline)
+            rates = {k: args.images / v["wall_s"] for k, v in bare.items()}
+            best = max(rates, key=rates.__getitem__)
+            rate = args.images / daemon["wall_s"]
+            calls = after[1] - before[1]
+            rounds.append(
+                {
+                    "bare_images_per_s": {k: round(v, 1) for k, v in rates.items()},
+                    "bare_cpu_ms": {
+                        k: round(v["cpu_s"] * 1000 / args.images, 2) for k, v in bare.items()
+                    },
+                    "best_bare": best,
+                    "daemon_images_per_s": round(rate, 1),
+                    "daemon_cpu_ms": round(daemon["cpu_s"] * 1000 / args.images, 2),
+                    "ratio": round(rate / rates[best], 3),
+                    "mean_batch": round((after[0] - before[0]) / calls, 2) if calls else None,
+                    "agreement": agreement(
+                        bare["batched"]["answers"][: len(distinct)],
+                        daemon["results"][: len(distinct)],
+                        0.5,
+                    ),
+                }
+            )
+            print(f"  {size} round {r + 1}: {format_round(rounds[-1])}", flush=True)
+    finally:
+        pipeline.cache.close()
+        for decoder in pipeline.decoders.values():
+            decoder.close()
+    return {"size": size, "rounds": rounds, "median": medians(rounds)}
+
+
+def batch_counts(pipeline: Pipeline) -> tuple[float, float]:
+    """(images, model calls) so far, summed over the cache's models: from the histogram
+    the daemon exports as gannet_batch_size."""
+    histogram = pipeline.cache._metrics.batch_size
+    samples = {s.name: s.value for m in histogram.collect() for s in m.samples}
+    return samples.get("gannet_batch_size_sum", 0.0), samples.get("gannet_batch_size_count", 0.0)
+
+
+def medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    def med(key: str) -> float:
+        return round(statistics.median(r[key] for r in rounds), 3)
+
+    best = {
+        k: round(statistics.median(r["bare_images_per_s"][k] for r in rounds), 1)
+        for k in rounds[0]["bare_images_per_s"]
+    }
+    return {
+        "bare_images_per_s": best,
+        "daemon_images_per_s": med("daemon_images_per_s"),
+        "daemon_cpu_ms": med("daemon_cpu_ms"),
+        "ratio": med("ratio"),
+        "ratios": [r["ratio"] for r in rounds],
+    }
+
+
+def format_round(r: dict[str, Any]) -> str:
+    bare = ", ".join(f"{k} {v}" for k, v in r["bare_images_per_s"].items())
+    agree = r["agreement"]
+    return (
+        f"bare {bare} img/s; daemon {r['daemon_images_per_s']} img/s, "
+        f"{r['daemon_cpu_ms']} CPU ms/image, mean batch {r['mean_batch']}; "
+        f"daemon/best bare {r['ratio']}; same detections on "
+        f"{agree['same_count']}/{agree['photos']} photos, boxes within "
+        f"{agree['largest_box_diff_px']} px"
+    )
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print(
+        f"\nin-process bench on {report['device']}, {report['runners']} runners, "
+        f"{report['images']} images per measurement, median of {report['rounds']} rounds"
+    )
+    rows = []
+    for entry in report["sizes"]:
+        m = entry["median"]
+        bare = m["bare_images_per_s"]
+        rows.append(
+            [
+                entry["size"],
+                bare.get("per_call"),
+                bare.get("batched"),
+                bare.get("traced_batched", "-"),
+                m["daemon_images_per_s"],
+                m["daemon_cpu_ms"],
+                f"{m['ratio']} ({', '.join(str(x) for x in m['ratios'])})",
+            ]
+        )
+    print(
+        format_table(
+            [
+                "images",
+                "bare per call",
+                "bare batched",
+                "bare traced",
+                "daemon img/s",
+                "daemon CPU ms/img",
+                "daemon / best bare (rounds)",
+            ],
+            rows,
+        )
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    s = Settings()
+    args.device = args.device or resolve_devices(s.devices)[0]
+    args.runners = args.runners or s.runners
+    sizes = [x.strip() for x in args.sizes or ("640x480", "4032x3024") if x.strip()]
+    work = Path(tempfile.mkdtemp(prefix="gannet-bench-device-"))
+    config = write_config(work)
+    report: dict[str, Any] = {
+        "device": args.device,
+        "runners": args.runners,
+        "images": args.images,
+        "rounds": args.rounds,
+        "batch_size": s.batch_size,
+        "gpu_decode": s.gpu_decode and args.device.startswith("cuda"),
+        "torchscript": s.torchscript,
+        "sizes": [],
+    }
+    if args.device.startswith("cuda"):
+        import torch
+
+        report["gpu"] = torch.cuda.get_device_name(args.device)
+    print(f"in-process bench: {json.dumps({k: v for k, v in report.items() if k != 'sizes'})}")
+    for size in sizes:
+        report["sizes"].append(one_size(s, args, size, config, work))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2))
+    print_report(report)
+    print(f"\nreport: {args.output}")
+    return 0
