@@ -4,13 +4,14 @@
 #   2. the tests that run on CUDA (nvJPEG decode, device letterbox, answers against the
 #      host's), the rest of tests/test_device_decode.py beside them;
 #   3. `gannet bench --in-process` on cuda:0: the daemon's model path (nvJPEG, device
-#      letterbox, FP16 batched forward, NMS, result JSON; GANNET_RUNNERS threads) against
-#      the bare model per call and batched, 640x480 and 4032x3024 photos;
-#   4. the same at 640x480 with 8 runners.
+#      letterbox, FP16 batched forward, NMS, result JSON) with 4, 8 and 16 runners
+#      against the bare model per call and batched on 640x480 photos, 8 on 4032x3024;
+#   4. py-spy profiles (CPU, then GIL holders) of the daemon's path at 640x480.
 # Usage: scripts/gpu_check.sh OUT_DIR [DEVICE [IMAGES]], from the repo root, with gannet's
 # dependencies importable (PYTHONPATH or a venv); DEVICE defaults to cuda:0 (cpu tries the
-# script out), IMAGES per measurement to 1000. Each step's log goes to OUT_DIR; a failed
-# step does not stop the next one, and the script exits non-zero if any failed.
+# script out), IMAGES per measurement to 1000. Every step's output goes to OUT_DIR/steps.log,
+# beside the benches' JSON and the profiles; a failed step does not stop the next one, and
+# the script exits non-zero if any failed.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR [DEVICE [IMAGES]]}
 device=${2:-cuda:0}
@@ -18,13 +19,13 @@ images=${3:-1000}
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" YOLO_OFFLINE=1 PYTHONUNBUFFERED=1
 failed=0
-step() {  # step NAME SECONDS COMMAND...: run it under a time limit, log to OUT_DIR/NAME.log
+step() {  # step NAME SECONDS COMMAND...: run it under a time limit, log to OUT_DIR/steps.log
     local name=$1 limit=$2
     shift 2
-    echo "== $name ($(date +%T))"
-    timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
+    echo "== $name ($(date +%T))" | tee -a "$out/steps.log"
+    timeout "$limit" "$@" 2>&1 | tee -a "$out/steps.log"
     local rc=${PIPESTATUS[0]}
-    [ "$rc" = 0 ] || { echo "== $name FAILED (exit $rc)"; failed=1; }
+    [ "$rc" = 0 ] || { echo "== $name FAILED (exit $rc)" | tee -a "$out/steps.log"; failed=1; }
 }
 step versions 60 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv;
   nproc; python3 -c "import sys, torch, torchvision, ultralytics;
@@ -32,9 +33,21 @@ print(sys.version.split()[0], torch.__version__, torchvision.__version__, ultral
 torch.cuda.is_available())"'
 # -W default: the suite turns warnings into errors against its pinned versions; a GPU
 # host's other torch shows warnings instead of failing on them.
-step pytest 150 python3 -m pytest -q -p no:cacheprovider -W default -rs tests/test_device_decode.py
-step bench 260 python3 -m gannet bench --in-process --device "$device" --images "$images" --rounds 3 \
-    --output "$out/bench-in-process.json"
-step bench-8-runners 80 env GANNET_RUNNERS=8 python3 -m gannet bench --in-process \
-    --device "$device" --sizes 640x480 --images "$images" --rounds 3 --output "$out/bench-8-runners.json"
+step pytest 90 python3 -m pytest -q -p no:cacheprovider -W default -rs tests/test_device_decode.py
+step bench 120 python3 -m gannet bench --in-process --device "$device" --images "$images" \
+    --rounds 3 --sizes 640x480 --runners-sweep 4,8,16 --output "$out/bench.json"
+step bench-large 90 python3 -m gannet bench --in-process --device "$device" --images "$images" \
+    --rounds 2 --sizes 4032x3024 --runners-sweep 8 --output "$out/bench-large.json"
+# Where the daemon's threads spend the CPU and hold the GIL at 640x480 with 8 runners
+# (py-spy raw stacks; the runners' and batchers' stacks are the daemon's, the main
+# thread's run_bare the bare model's).
+profile() {  # profile NAME PY_SPY_OPTIONS...
+    local name=$1
+    shift
+    step "$name" 80 py-spy record -r 200 --nonblocking -f raw -o "$out/$name.txt" "$@" -- \
+        python3 -m gannet bench --in-process --device "$device" --sizes 640x480 \
+        --images "$images" --rounds 1 --runners-sweep 8 --output "/tmp/$name.json"
+}
+profile profile-cpu
+profile profile-gil --gil
 exit $failed

@@ -71,7 +71,9 @@ def test_a_device_frame_is_upright_as_opencv_turns_it(
     expected = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     got = to_host(frame)
     assert got.shape == expected.shape
-    assert np.abs(got.astype(int) - expected.astype(int)).mean() < 1.0
+    # nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a level or two
+    # (a mean of 1.04 on an H200); a wrong turn differs by 56 or more.
+    assert np.abs(got.astype(int) - expected.astype(int)).mean() < 2.0
 
 
 def test_one_bad_jpeg_in_a_batch_is_refused_alone(any_decoder: DeviceDecoder) -> None:

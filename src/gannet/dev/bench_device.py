@@ -105,18 +105,32 @@ def run_bare(model: Any, frames: list[np.ndarray], batch: int, kwargs: dict) -> 
 
 def agreement(bare: list[Any], daemon: list[dict[str, Any]], conf: float) -> dict[str, Any]:
     """Per distinct photo: the same number of detections, and the largest corner
-    difference between each bare box and its nearest daemon box."""
-    same, worst = 0, 0.0
-    for answer, result in zip(bare, daemon, strict=True):
+    difference between each bare box and its nearest daemon box. Where the counts
+    differ, both sides' (class, confidence) lists, to tell a borderline score from a miss."""
+    same, worst, differ = 0, 0.0, []
+    for photo, (answer, result) in enumerate(zip(bare, daemon, strict=True)):
         data = answer.boxes.data.cpu().numpy()
-        ours = [row[:4].tolist() for row in data if row[-2] >= conf]
-        theirs = [d["box"] for d in result["detection"]["detections"]]
+        ours = [row for row in data if row[-2] >= conf]
+        theirs = result["detection"]["detections"]
         if len(ours) != len(theirs):
+            differ.append(
+                {
+                    "photo": photo,
+                    "bare": sorted(round(float(row[-2]), 3) for row in ours),
+                    "daemon": sorted(d["confidence"] for d in theirs),
+                }
+            )
             continue
         same += 1
-        for box in ours:
-            worst = max(worst, min(corner_diff(box, other) for other in theirs))
-    return {"photos": len(bare), "same_count": same, "largest_box_diff_px": round(worst, 2)}
+        for row in ours:
+            box = row[:4].tolist()
+            worst = max(worst, min(corner_diff(box, d["box"]) for d in theirs))
+    return {
+        "photos": len(bare),
+        "same_count": same,
+        "largest_box_diff_px": round(worst, 2),
+        "differ": differ,
+    }
 
 
 def corner_diff(a: list[float], b: list[float]) -> float:
@@ -126,6 +140,7 @@ def corner_diff(a: list[float], b: list[float]) -> float:
 def one_size(
     s: Settings, args: argparse.Namespace, size: str, config: Path, work: Path
 ) -> dict[str, Any]:
+    """Each round: the bare model three ways, then the daemon once per runner count."""
     from ultralytics.models import YOLO
 
     from gannet.traced import trace_forward
@@ -149,7 +164,8 @@ def one_size(
     pipeline = build_pipeline(s, config, device)
     try:
         pipeline.warm([device])
-        run_daemon(pipeline, photos[: 4 * args.runners], args.runners, device)  # warm-up
+        for runners in args.runner_counts:  # warm-up, not timed
+            run_daemon(pipeline, photos[: 4 * runners], runners, device)
         rounds = []
         for r in range(args.rounds):
             bare = {
@@ -158,22 +174,25 @@ def one_size(
             }
             if traced:
                 bare["traced_batched"] = run_bare(traced_model, frames, s.batch_size, kwargs)
-            before = batch_counts(pipeline)
-            daemon = run_daemon(pipeline, photos, args.runners, device)
-            after = batch_counts(pipeline)
             rates = {k: args.images / v["wall_s"] for k, v in bare.items()}
             best = max(rates, key=rates.__getitem__)
-            rate = args.images / daemon["wall_s"]
-            calls = after[1] - before[1]
-            rounds.append(
-                {
-                    "bare_images_per_s": {k: round(v, 1) for k, v in rates.items()},
-                    "bare_cpu_ms": {
-                        k: round(v["cpu_s"] * 1000 / args.images, 2) for k, v in bare.items()
-                    },
-                    "best_bare": best,
-                    "daemon_images_per_s": round(rate, 1),
-                    "daemon_cpu_ms": round(daemon["cpu_s"] * 1000 / args.images, 2),
+            result: dict[str, Any] = {
+                "bare_images_per_s": {k: round(v, 1) for k, v in rates.items()},
+                "bare_cpu_ms": {
+                    k: round(v["cpu_s"] * 1000 / args.images, 2) for k, v in bare.items()
+                },
+                "best_bare": best,
+                "daemon": {},
+            }
+            for runners in args.runner_counts:
+                before = batch_counts(pipeline)
+                daemon = run_daemon(pipeline, photos, runners, device)
+                after = batch_counts(pipeline)
+                rate = args.images / daemon["wall_s"]
+                calls = after[1] - before[1]
+                result["daemon"][str(runners)] = {
+                    "images_per_s": round(rate, 1),
+                    "cpu_ms": round(daemon["cpu_s"] * 1000 / args.images, 2),
                     "ratio": round(rate / rates[best], 3),
                     "mean_batch": round((after[0] - before[0]) / calls, 2) if calls else None,
                     "agreement": agreement(
@@ -182,8 +201,8 @@ def one_size(
                         0.5,
                     ),
                 }
-            )
-            print(f"  {size} round {r + 1}: {format_round(rounds[-1])}", flush=True)
+            rounds.append(result)
+            print(f"  {size} round {r + 1}: {format_round(result)}", flush=True)
     finally:
         pipeline.cache.close()
         for decoder in pipeline.decoders.values():
@@ -200,54 +219,56 @@ def batch_counts(pipeline: Pipeline) -> tuple[float, float]:
 
 
 def medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    def med(key: str) -> float:
-        return round(statistics.median(r[key] for r in rounds), 3)
-
-    best = {
+    bare = {
         k: round(statistics.median(r["bare_images_per_s"][k] for r in rounds), 1)
         for k in rounds[0]["bare_images_per_s"]
     }
-    return {
-        "bare_images_per_s": best,
-        "daemon_images_per_s": med("daemon_images_per_s"),
-        "daemon_cpu_ms": med("daemon_cpu_ms"),
-        "ratio": med("ratio"),
-        "ratios": [r["ratio"] for r in rounds],
-    }
+    daemon = {}
+    for runners in rounds[0]["daemon"]:
+        each = [r["daemon"][runners] for r in rounds]
+        daemon[runners] = {
+            key: round(statistics.median(d[key] for d in each), 3)
+            for key in ("images_per_s", "cpu_ms", "ratio")
+        } | {"ratios": [d["ratio"] for d in each]}
+    return {"bare_images_per_s": bare, "daemon": daemon}
 
 
 def format_round(r: dict[str, Any]) -> str:
     bare = ", ".join(f"{k} {v}" for k, v in r["bare_images_per_s"].items())
-    agree = r["agreement"]
-    return (
-        f"bare {bare} img/s; daemon {r['daemon_images_per_s']} img/s, "
-        f"{r['daemon_cpu_ms']} CPU ms/image, mean batch {r['mean_batch']}; "
-        f"daemon/best bare {r['ratio']}; same detections on "
-        f"{agree['same_count']}/{agree['photos']} photos, boxes within "
-        f"{agree['largest_box_diff_px']} px"
-    )
+    parts = [f"bare {bare} img/s"]
+    for runners, d in r["daemon"].items():
+        agree = d["agreement"]
+        differ = f" differ: {agree['differ']}" if agree["differ"] else ""
+        parts.append(
+            f"daemon, {runners} runners: {d['images_per_s']} img/s, {d['cpu_ms']} CPU "
+            f"ms/image, mean batch {d['mean_batch']}, / best bare {d['ratio']}, same "
+            f"detections on {agree['same_count']}/{agree['photos']} photos (boxes within "
+            f"{agree['largest_box_diff_px']} px){differ}"
+        )
+    return "\n    ".join(parts)
 
 
 def print_report(report: dict[str, Any]) -> None:
     print(
-        f"\nin-process bench on {report['device']}, {report['runners']} runners, "
+        f"\nin-process bench on {report.get('gpu', report['device'])}, "
         f"{report['images']} images per measurement, median of {report['rounds']} rounds"
     )
     rows = []
     for entry in report["sizes"]:
-        m = entry["median"]
-        bare = m["bare_images_per_s"]
-        rows.append(
-            [
-                entry["size"],
-                bare.get("per_call"),
-                bare.get("batched"),
-                bare.get("traced_batched", "-"),
-                m["daemon_images_per_s"],
-                m["daemon_cpu_ms"],
-                f"{m['ratio']} ({', '.join(str(x) for x in m['ratios'])})",
-            ]
-        )
+        bare = entry["median"]["bare_images_per_s"]
+        for runners, d in entry["median"]["daemon"].items():
+            rows.append(
+                [
+                    entry["size"],
+                    bare.get("per_call"),
+                    bare.get("batched"),
+                    bare.get("traced_batched", "-"),
+                    runners,
+                    d["images_per_s"],
+                    d["cpu_ms"],
+                    f"{d['ratio']} ({', '.join(str(x) for x in d['ratios'])})",
+                ]
+            )
     print(
         format_table(
             [
@@ -255,6 +276,7 @@ def print_report(report: dict[str, Any]) -> None:
                 "bare per call",
                 "bare batched",
                 "bare traced",
+                "runners",
                 "daemon img/s",
                 "daemon CPU ms/img",
                 "daemon / best bare (rounds)",
@@ -267,13 +289,13 @@ def print_report(report: dict[str, Any]) -> None:
 def main(args: argparse.Namespace) -> int:
     s = Settings()
     args.device = args.device or resolve_devices(s.devices)[0]
-    args.runners = args.runners or s.runners
+    args.runner_counts = [n for n, _ in args.runners_sweep or []] or [args.runners or s.runners]
     sizes = [x.strip() for x in args.sizes or ("640x480", "4032x3024") if x.strip()]
     work = Path(tempfile.mkdtemp(prefix="gannet-bench-device-"))
     config = write_config(work)
     report: dict[str, Any] = {
         "device": args.device,
-        "runners": args.runners,
+        "runners": args.runner_counts,
         "images": args.images,
         "rounds": args.rounds,
         "batch_size": s.batch_size,

@@ -43,13 +43,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if not args.plumbing and (args.gcs_latency_ms or args.runners_sweep or args.pipeline):
-        raise CommandError("--gcs-latency-ms, --runners-sweep and --pipeline go with --plumbing")
     if args.in_process:
+        if args.gcs_latency_ms or args.pipeline:
+            raise CommandError("--gcs-latency-ms and --pipeline go with --plumbing")
         from gannet.dev import bench_device
 
         args.images = args.images or 500
         return bench_device.main(args)
+    if not args.plumbing and (args.gcs_latency_ms or args.runners_sweep or args.pipeline):
+        raise CommandError("--gcs-latency-ms, --runners-sweep and --pipeline go with --plumbing")
     if args.flood:
         from gannet.dev import bench_flood
 
@@ -287,7 +289,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="--plumbing: only images/s on 2 cores, once per entry in each round: N "
         "runners (GANNET_RUNNERS) and M messages leased (GANNET_MAX_MESSAGES, default 2N); "
         "with --baseline, both daemons. E.g. 4,8,4:32 with --gcs-latency-ms 20: what "
-        "keeps up with that latency",
+        "keeps up with that latency. With --in-process: the daemon once per N runners "
+        "in each round, against one bare measurement",
     )
     p.add_argument(
         "--pipeline",
