@@ -168,9 +168,7 @@ def build(
         sink.close()
         raise StartupError(f"cannot load GANNET_CONFIG_URI: {exc}") from exc
     devices = resolve_devices(s.devices)
-    loader = yolo_loader(
-        model_file(storage, s.model_cache_dir), trace=s.torchscript, cuda_graphs=s.cuda_graphs
-    )
+    loader = yolo_loader(model_file(storage, s.model_cache_dir), trace=s.torchscript)
     cache = ModelCache(
         wrap_loader(loader) if wrap_loader else loader,
         metrics,

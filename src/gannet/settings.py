@@ -103,13 +103,6 @@ class Settings(BaseSettings):
         description="Run forward passes as TorchScript traces, which release the GIL "
         "(a model whose trace disagrees with eager mode stays eager).",
     )
-    cuda_graphs: bool = Field(
-        True,
-        description="On a CUDA device, replay each traced model's forward pass as CUDA "
-        "graphs, one per input shape: one launch instead of one per kernel, which set "
-        "the pace of a small model on a fast GPU (docs/benchmark.md). Needs "
-        "GANNET_TORCHSCRIPT.",
-    )
     stage_cpu: bool = Field(
         False,
         description="Count each stage's thread CPU in gannet_stage_cpu_seconds (for "

@@ -21,8 +21,6 @@ from typing import Any
 
 import torch
 
-from gannet.cuda_graphs import GraphedForward
-
 log = logging.getLogger(__name__)
 
 
@@ -67,11 +65,8 @@ def verified_trace(
     return traced
 
 
-def trace_forward(
-    model: Any, imgsz: int, device: str, half: bool, cuda_graphs: bool = False
-) -> bool:
-    """Swap the eager network behind `model.predict` for a verified trace; on a CUDA
-    device with `cuda_graphs`, one replayed as CUDA graphs (cuda_graphs.py).
+def trace_forward(model: Any, imgsz: int, device: str, half: bool) -> bool:
+    """Swap the eager network behind `model.predict` for a verified trace.
 
     `model` is an ultralytics YOLO that has predicted once, so its predictor exists.
     False when the model stays eager: exported formats (.onnx) already run outside
@@ -101,10 +96,7 @@ def trace_forward(
     if traced is None:
         log.warning("the traced model disagrees with the eager one; it runs eager")
         return False
-    forward: torch.nn.Module = traced
-    if cuda_graphs and device.startswith("cuda"):
-        forward = GraphedForward(traced, atol=1e-2 if half else 1e-4)
-    setattr(backend, "model", forward)  # noqa: B010 - backend is ultralytics' (untyped)
+    setattr(backend, "model", traced)  # noqa: B010 - backend is ultralytics' (untyped)
     # Ultralytics then calls it as model(im), without the eager-only augment/embed.
     setattr(backend, "base_model", False)  # noqa: B010
     return True

@@ -28,7 +28,6 @@ import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +50,10 @@ from gannet.text import format_table
 WEIGHTS = REPO_ROOT / "models" / "demo" / "detect.pt"  # write_config's detector
 
 
-def build_pipeline(s: Settings, config: Path, device: str, cuda_graphs: bool) -> Pipeline:
+def build_pipeline(s: Settings, config: Path, device: str) -> Pipeline:
     """The daemon's Pipeline and ModelCache (daemon.build's settings), on local files."""
     cache = ModelCache(
-        yolo_loader(lambda uri, version: Path(uri), trace=s.torchscript, cuda_graphs=cuda_graphs),
+        yolo_loader(lambda uri, version: Path(uri), trace=s.torchscript),
         Metrics(),
         max_batch=s.batch_size,
         window_s=s.batch_window_ms / 1000,
@@ -162,16 +161,11 @@ def one_size(
     if traced:
         traced_model.predict(frames[: s.batch_size], **kwargs)
 
-    # On a GPU, the daemon with CUDA graphs and without, side by side (cuda_graphs.py).
-    variants = {"": s.cuda_graphs}
-    if device.startswith("cuda") and s.cuda_graphs and s.torchscript:
-        variants = {"graphs": True, "no graphs": False}
-    pipelines = {label: build_pipeline(s, config, device, on) for label, on in variants.items()}
+    pipeline = build_pipeline(s, config, device)
     try:
-        for pipeline in pipelines.values():
-            pipeline.warm([device])
-            for runners in args.runner_counts:  # warm-up, not timed (graphs are recorded)
-                run_daemon(pipeline, photos[: 4 * runners], runners, device)
+        pipeline.warm([device])
+        for runners in args.runner_counts:  # warm-up, not timed
+            run_daemon(pipeline, photos[: 4 * runners], runners, device)
         rounds = []
         for r in range(args.rounds):
             bare = {
@@ -190,13 +184,13 @@ def one_size(
                 "best_bare": best,
                 "daemon": {},
             }
-            for (label, pipeline), runners in product(pipelines.items(), args.runner_counts):
+            for runners in args.runner_counts:
                 before = batch_counts(pipeline)
                 daemon = run_daemon(pipeline, photos, runners, device)
                 after = batch_counts(pipeline)
                 rate = args.images / daemon["wall_s"]
                 calls = after[1] - before[1]
-                result["daemon"][f"{runners}{', ' + label if label else ''}"] = {
+                result["daemon"][str(runners)] = {
                     "images_per_s": round(rate, 1),
                     "cpu_ms": round(daemon["cpu_s"] * 1000 / args.images, 2),
                     "ratio": round(rate / rates[best], 3),
@@ -210,10 +204,9 @@ def one_size(
             rounds.append(result)
             print(f"  {size} round {r + 1}: {format_round(result)}", flush=True)
     finally:
-        for pipeline in pipelines.values():
-            pipeline.cache.close()
-            for decoder in pipeline.decoders.values():
-                decoder.close()
+        pipeline.cache.close()
+        for decoder in pipeline.decoders.values():
+            decoder.close()
     return {"size": size, "rounds": rounds, "median": medians(rounds)}
 
 
