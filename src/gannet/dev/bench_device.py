@@ -291,7 +291,12 @@ def main(args: argparse.Namespace) -> int:
     args.device = args.device or resolve_devices(s.devices)[0]
     args.runner_counts = [n for n, _ in args.runners_sweep or []] or [args.runners or s.runners]
     sizes = [x.strip() for x in args.sizes or ("640x480", "4032x3024") if x.strip()]
-    work = Path(tempfile.mkdtemp(prefix="gannet-bench-device-"))
+    with tempfile.TemporaryDirectory(prefix="gannet-bench-device-") as tmp:
+        return run(s, args, sizes, Path(tmp))
+
+
+def run(s: Settings, args: argparse.Namespace, sizes: list[str], work: Path) -> int:
+    """The bench, its config and generated photos under `work`."""
     config = write_config(work)
     report: dict[str, Any] = {
         "device": args.device,
