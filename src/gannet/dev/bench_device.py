@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from gannet import logs
 from gannet.config_sources import open_configs
 from gannet.dev.bench_plumbing import IMGSZ, images_for, write_config
 from gannet.dev.publish import make_task
@@ -288,6 +289,9 @@ def print_report(report: dict[str, Any]) -> None:
 
 def main(args: argparse.Namespace) -> int:
     s = Settings()
+    # Warnings as the daemon writes them, fields included: a GPU host is lent for minutes,
+    # and a warning's error text is what the next try needs.
+    logs.configure("WARNING")
     args.device = args.device or resolve_devices(s.devices)[0]
     args.runner_counts = [n for n, _ in args.runners_sweep or []] or [args.runners or s.runners]
     sizes = [x.strip() for x in args.sizes or ("640x480", "4032x3024") if x.strip()]
