@@ -107,7 +107,7 @@ def run_bare(model: Any, frames: list[np.ndarray], batch: int, kwargs: dict) -> 
 def agreement(bare: list[Any], daemon: list[dict[str, Any]], conf: float) -> dict[str, Any]:
     """Per distinct photo: the same number of detections, and the largest corner
     difference between each bare box and its nearest daemon box. Where the counts
-    differ, both sides' (class, confidence) lists, to tell a borderline score from a miss."""
+    differ, both sides' confidences, to tell a borderline score from a miss."""
     same, worst, differ = 0, 0.0, []
     for photo, (answer, result) in enumerate(zip(bare, daemon, strict=True)):
         data = answer.boxes.data.cpu().numpy()
