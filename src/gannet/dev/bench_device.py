@@ -35,7 +35,7 @@ import numpy as np
 
 from gannet import logs
 from gannet.config_sources import open_configs
-from gannet.dev.bench_plumbing import IMGSZ, images_for, write_config
+from gannet.dev.bench_plumbing import DETECTOR, IMGSZ, images_for, write_config
 from gannet.dev.publish import make_task
 from gannet.device_decode import DeviceDecoder
 from gannet.metrics import Metrics
@@ -43,19 +43,17 @@ from gannet.model_cache import ModelCache, _precision, yolo_loader
 from gannet.model_resolver import ModelResolver
 from gannet.pipeline import Limits, Pipeline, decode_image
 from gannet.pool import resolve_devices
-from gannet.settings import REPO_ROOT, Settings
+from gannet.settings import Settings
 from gannet.stages import Timer
 from gannet.storage import encode_json, local_version, read_local
 from gannet.text import format_table
 
-WEIGHTS = REPO_ROOT / "models" / "demo" / "detect.pt"  # write_config's detector
 
-
-def build_pipeline(s: Settings, config: Path, device: str) -> Pipeline:
+def build_pipeline(s: Settings, config: Path, device: str, metrics: Metrics) -> Pipeline:
     """The daemon's Pipeline and ModelCache (daemon.build's settings), on local files."""
     cache = ModelCache(
         yolo_loader(lambda uri, version: Path(uri), trace=s.torchscript),
-        Metrics(),
+        metrics,
         max_batch=s.batch_size,
         window_s=s.batch_window_ms / 1000,
         cpu_threads=s.torch_threads,
@@ -154,15 +152,16 @@ def one_size(
     frames = [decoded[i % len(decoded)] for i in range(args.images)]
     kwargs = {"imgsz": IMGSZ, "conf": 0.5, "device": device, "verbose": False}
     kwargs |= _precision(device)
-    bare_model = YOLO(str(WEIGHTS))
+    bare_model = YOLO(str(DETECTOR))
     bare_model.predict(frames[: s.batch_size], **kwargs)  # warm-up, not timed
-    traced_model = YOLO(str(WEIGHTS))
+    traced_model = YOLO(str(DETECTOR))
     traced_model.predict(frames[:1], **kwargs)
     traced = trace_forward(traced_model, IMGSZ, device, half=device.startswith("cuda"))
     if traced:
         traced_model.predict(frames[: s.batch_size], **kwargs)
 
-    pipeline = build_pipeline(s, config, device)
+    metrics = Metrics()
+    pipeline = build_pipeline(s, config, device, metrics)
     try:
         pipeline.warm([device])
         for runners in args.runner_counts:  # warm-up, not timed
@@ -186,9 +185,9 @@ def one_size(
                 "daemon": {},
             }
             for runners in args.runner_counts:
-                before = batch_counts(pipeline)
+                before = batch_counts(metrics)
                 daemon = run_daemon(pipeline, photos, runners, device)
-                after = batch_counts(pipeline)
+                after = batch_counts(metrics)
                 rate = args.images / daemon["wall_s"]
                 calls = after[1] - before[1]
                 result["daemon"][str(runners)] = {
@@ -211,10 +210,10 @@ def one_size(
     return {"size": size, "rounds": rounds, "median": medians(rounds)}
 
 
-def batch_counts(pipeline: Pipeline) -> tuple[float, float]:
+def batch_counts(metrics: Metrics) -> tuple[float, float]:
     """(images, model calls) so far, summed over the cache's models: from the histogram
     the daemon exports as gannet_batch_size."""
-    histogram = pipeline.cache._metrics.batch_size
+    histogram = metrics.batch_size
     samples = {s.name: s.value for m in histogram.collect() for s in m.samples}
     return samples.get("gannet_batch_size_sum", 0.0), samples.get("gannet_batch_size_count", 0.0)
 

@@ -73,6 +73,7 @@ PER_CORE_RUN = "GANNET_PROCESSES=2, a core each"
 TRACED_RUN = "2 cores, traced at sampling 1.0"
 THIS_TREE = "this tree"
 IMGSZ = 640  # the detector's input size in this mode (the demo config's is 416)
+DETECTOR = REPO_ROOT / "models" / "demo" / "detect.pt"  # the demo's detector (write_config)
 
 # Stage counter names -> what the report calls them, in the order of a message's path.
 STAGES = {
@@ -156,7 +157,7 @@ def write_config(out: Path) -> Path:
     path = out / "plumbing.yaml"
     path.write_text(
         "industry: plumbing\nversion: 1\nmodels:\n  detection:\n"
-        f"    path: {REPO_ROOT / 'models' / 'demo' / 'detect.pt'}\n"
+        f"    path: {DETECTOR}\n"
         "    confidence_threshold: 0.5\n    classes: [circle, square, triangle]\n"
         f"    imgsz: {IMGSZ}\npipelines:\n  DETECTION:\n    - detection\n"
     )
