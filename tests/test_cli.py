@@ -96,3 +96,10 @@ def test_bench_latency_options_without_plumbing_are_refused_not_ignored():
     out = gannet("bench", "--plumbing", "--pipeline", "configs/agro.yaml:FULL_PIPELIN")
     assert out.returncode == 2
     assert "known: DETECTION, FIELD_ANALYSIS, FULL_PIPELINE" in out.stdout + out.stderr
+
+
+def test_bench_in_process_with_another_mode_is_refused_not_ignored():
+    """--in-process runs no services; with --plumbing it would silently drop that mode."""
+    out = gannet("bench", "--in-process", "--plumbing")
+    assert out.returncode == 2
+    assert "--in-process is a mode of its own" in out.stdout + out.stderr

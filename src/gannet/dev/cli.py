@@ -44,6 +44,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.in_process:
+        if args.plumbing or args.flood or args.baseline:
+            raise CommandError(
+                "--in-process is a mode of its own: drop --plumbing, --flood, --baseline"
+            )
         if args.gcs_latency_ms or args.pipeline:
             raise CommandError("--gcs-latency-ms and --pipeline go with --plumbing")
         from gannet.dev import bench_device
