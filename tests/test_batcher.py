@@ -242,3 +242,35 @@ def test_held_requests_go_with_the_next_urgent_ones():
     batcher.join(WAIT_S)
     sums = [sorted(answer(item) for item in call) for call in forward.calls]
     assert sums == [[400.0], [160.0], [4.0, 200.0]]
+
+
+@pytest.mark.parametrize("window_s", [0.0, 0.0005])
+def test_runners_handing_inputs_to_a_batcher_that_keeps_falling_asleep_all_get_answers(
+    window_s: float,
+) -> None:
+    """A runner wakes the batcher only when it sleeps (batcher._Inbox); a wake-up lost
+    between the batcher finding nothing queued and going to sleep would leave a runner
+    waiting for ever. Eight threads submit one input at a time, 300 each, so the batcher
+    goes to sleep and is woken thousands of times, with and without a window."""
+    batcher = Batcher("sleepy", lambda items: [answer(item) for item in items], 4, window_s)
+    failures: list[str] = []
+
+    def runner(offset: int) -> None:
+        for i in range(300):
+            item = image(offset + i)
+            try:
+                (future,) = batcher.submit([item])
+                if future.result(WAIT_S) != answer(item):
+                    failures.append(f"wrong answer for {offset + i}")
+            except Exception as exc:  # noqa: BLE001 - reported by the assert below
+                failures.append(f"{offset + i}: {exc!r}")
+                return
+
+    threads = [threading.Thread(target=runner, args=(1000 * n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    batcher.close()
+    batcher.join(WAIT_S)
+    assert failures == []
