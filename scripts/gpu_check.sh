@@ -6,7 +6,11 @@
 #   3. `gannet bench --in-process` on cuda:0: the daemon's model path (nvJPEG, device
 #      letterbox, FP16 batched forward, NMS, result JSON) with 4, 8 and 16 runners
 #      against the bare model per call and batched on 640x480 photos, 8 on 4032x3024;
-#   4. py-spy profiles (CPU, then GIL holders) of the daemon's path at 640x480.
+#   4. py-spy profiles (CPU, then GIL holders) of the daemon's path at 640x480;
+#   5. the bench's agreement at 640x480 with nvJPEG and the device letterbox off
+#      (GANNET_GPU_DECODE=0), then with the eager model (GANNET_TORCHSCRIPT=0): on an
+#      H200 the default path missed one of scene_02's detections (confidence 0.658) that
+#      the bare model finds, and these two runs say which part changes it.
 # Usage: scripts/gpu_check.sh OUT_DIR [DEVICE [IMAGES]], from the repo root, with gannet's
 # dependencies importable (PYTHONPATH or a venv); DEVICE defaults to cuda:0 (cpu tries the
 # script out), IMAGES per measurement to 1000. Every step's output goes to OUT_DIR/steps.log,
@@ -50,4 +54,10 @@ profile() {  # profile NAME PY_SPY_OPTIONS...
 }
 profile profile-cpu
 profile profile-gil --gil
+variant() {  # variant NAME SETTING: the agreement with one part of the GPU path changed
+    step "$1" 60 env "$2" python3 -m gannet bench --in-process --device "$device" \
+        --sizes 640x480 --images 96 --rounds 1 --runners-sweep 4 --output "$out/$1.json"
+}
+variant agree-host-decode GANNET_GPU_DECODE=0
+variant agree-eager GANNET_TORCHSCRIPT=0
 exit $failed
