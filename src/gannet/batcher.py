@@ -56,7 +56,8 @@ class _Inbox:
     futex wake made with the GIL held. With a mean batch near 1 the batcher sleeps before
     nearly every photo, and py-spy --gil put 14 % of the daemon's GIL-held time at
     4032x3024 in that one call (docs/benchmark.md). Here a put wakes the batcher only
-    when it sleeps, by an eventfd write, during which the GIL is free."""
+    when it sleeps, by an eventfd write (Linux), during which the GIL is free; a wake
+    that comes after the batcher stopped waiting is read, and ignored, at its next wait."""
 
     def __init__(self) -> None:
         self._items: deque[_Request | object] = deque()
@@ -86,11 +87,8 @@ class _Inbox:
                     return None
                 self._sleeping = True
             wait_ms = None if deadline is None else max(0.0, deadline - time.monotonic()) * 1000
-            if self._poll.poll(wait_ms):
-                try:
-                    os.eventfd_read(self._fd)
-                except BlockingIOError:  # a wake already taken by an earlier read
-                    pass
+            if self._poll.poll(wait_ms):  # the batcher is the only reader: a count waits
+                os.eventfd_read(self._fd)
 
     def close(self) -> None:
         os.close(self._fd)
