@@ -6,11 +6,13 @@
 #   3. `gannet bench --in-process` on cuda:0: the daemon's model path (nvJPEG, device
 #      letterbox, FP16 batched forward, NMS, result JSON) with 4, 8 and 16 runners
 #      against the bare model per call and batched on 640x480 photos, 8 on 4032x3024;
-#   4. py-spy profiles (CPU, then GIL holders) of the daemon's path at 640x480;
+#   4. the same on the bench's mix of photo shapes, with 8 and 16 runners: the batches a
+#      mix reaches;
 #   5. the bench's agreement at 640x480 with nvJPEG and the device letterbox off
 #      (GANNET_GPU_DECODE=0), then with the eager model (GANNET_TORCHSCRIPT=0): on an
 #      H200 the default path missed one of scene_02's detections (confidence 0.658) that
-#      the bare model finds, and these two runs say which part changes it.
+#      the bare model finds, and these two runs say which part changes it;
+#   6. py-spy profiles (CPU, then GIL holders) of the daemon's path at 640x480.
 # Usage: scripts/gpu_check.sh OUT_DIR [DEVICE [IMAGES]], from the repo root, with gannet's
 # dependencies importable (PYTHONPATH or a venv); DEVICE defaults to cuda:0 (cpu tries the
 # script out), IMAGES per measurement to 1000. Every step's output goes to OUT_DIR/steps.log,
@@ -42,6 +44,16 @@ step bench 120 python3 -m gannet bench --in-process --device "$device" --images 
     --rounds 3 --sizes 640x480 --runners-sweep 4,8,16 --output "$out/bench.json"
 step bench-large 90 python3 -m gannet bench --in-process --device "$device" --images "$images" \
     --rounds 2 --sizes 4032x3024 --runners-sweep 8 --output "$out/bench-large.json"
+# A mix of phone, drone and shelf shapes: batches form only among same-shaped inputs, so
+# this is where the GPU's batches can stay small (the report's mean batch).
+step bench-mix 90 python3 -m gannet bench --in-process --device "$device" --images "$images" \
+    --rounds 2 --sizes mix --runners-sweep 8,16 --output "$out/bench-mix.json"
+variant() {  # variant NAME SETTING: the agreement with one part of the GPU path changed
+    step "$1" 60 env "$2" python3 -m gannet bench --in-process --device "$device" \
+        --sizes 640x480 --images 96 --rounds 1 --runners-sweep 4 --output "$out/$1.json"
+}
+variant agree-host-decode GANNET_GPU_DECODE=0
+variant agree-eager GANNET_TORCHSCRIPT=0
 # Where the daemon's threads spend the CPU and hold the GIL at 640x480 with 8 runners
 # (py-spy raw stacks; the runners' and batchers' stacks are the daemon's, the main
 # thread's run_bare the bare model's).
@@ -54,10 +66,4 @@ profile() {  # profile NAME PY_SPY_OPTIONS...
 }
 profile profile-cpu
 profile profile-gil --gil
-variant() {  # variant NAME SETTING: the agreement with one part of the GPU path changed
-    step "$1" 60 env "$2" python3 -m gannet bench --in-process --device "$device" \
-        --sizes 640x480 --images 96 --rounds 1 --runners-sweep 4 --output "$out/$1.json"
-}
-variant agree-host-decode GANNET_GPU_DECODE=0
-variant agree-eager GANNET_TORCHSCRIPT=0
 exit $failed
