@@ -2,10 +2,11 @@
 # The checks that need an NVIDIA GPU, in one go, for a GPU host lent for a few minutes:
 #   1. the GPU's and the libraries' versions;
 #   2. the tests that run on CUDA (nvJPEG decode, device letterbox, answers against the
-#      host's), the rest of tests/test_device_decode.py beside them;
+#      host's, CUDA graphs), the rest of tests/test_device_decode.py beside them;
 #   3. `gannet bench --in-process` on cuda:0: the daemon's model path (nvJPEG, device
-#      letterbox, FP16 batched forward, NMS, result JSON) with 4, 8 and 16 runners
-#      against the bare model per call and batched on 640x480 photos, 8 on 4032x3024;
+#      letterbox, FP16 batched forward, NMS, result JSON), with CUDA graphs and without,
+#      with 4, 8 and 16 runners against the bare model per call and batched on 640x480
+#      photos, 8 on 4032x3024;
 #   4. the same on the bench's mix of photo shapes, with 8 and 16 runners: the batches a
 #      mix reaches;
 #   5. the bench's agreement at 640x480 with nvJPEG and the device letterbox off
@@ -43,7 +44,8 @@ print(sys.version.split()[0], torch.__version__, torchvision.__version__, ultral
 torch.cuda.is_available())"'
 # -W default: the suite turns warnings into errors against its pinned versions; a GPU
 # host's other torch shows warnings instead of failing on them.
-step pytest 90 python3 -m pytest -q -p no:cacheprovider -W default -rs tests/test_device_decode.py
+step pytest 120 python3 -m pytest -q -p no:cacheprovider -W default -rs tests/test_device_decode.py \
+    tests/test_cuda_graphs.py
 step bench 120 python3 -m gannet bench --in-process --device "$device" --images "$images" \
     --rounds 3 --sizes 640x480 --runners-sweep 4,8,16 --output "$out/bench.json"
 step bench-large 90 python3 -m gannet bench --in-process --device "$device" --images "$images" \

@@ -168,7 +168,9 @@ def build(
         sink.close()
         raise StartupError(f"cannot load GANNET_CONFIG_URI: {exc}") from exc
     devices = resolve_devices(s.devices)
-    loader = yolo_loader(model_file(storage, s.model_cache_dir), trace=s.torchscript)
+    loader = yolo_loader(
+        model_file(storage, s.model_cache_dir), trace=s.torchscript, cuda_graphs=s.cuda_graphs
+    )
     cache = ModelCache(
         wrap_loader(loader) if wrap_loader else loader,
         metrics,

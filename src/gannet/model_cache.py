@@ -249,9 +249,12 @@ def _precision(device: str) -> dict[str, Any]:
     return {"quantize": 16} if device.startswith("cuda") else {}
 
 
-def yolo_loader(local_path: Callable[[str, str], Path], trace: bool = True) -> Loader:
+def yolo_loader(
+    local_path: Callable[[str, str], Path], trace: bool = True, cuda_graphs: bool = True
+) -> Loader:
     """Loads weights with ultralytics, warms the model up on the device and, with
-    `trace`, runs its forward pass as a verified TorchScript trace (see traced.py)."""
+    `trace`, runs its forward pass as a verified TorchScript trace (see traced.py),
+    replayed as CUDA graphs on a GPU with `cuda_graphs` (cuda_graphs.py)."""
 
     def load(key: ModelKey) -> tuple[Any, int]:
         import torch
@@ -266,7 +269,7 @@ def yolo_loader(local_path: Callable[[str, str], Path], trace: bool = True) -> L
         blank = np.zeros((key.imgsz, key.imgsz, 3), dtype=np.uint8)
         # Also sets up the predictor that SplitPredictor later copies, options included.
         model.predict(blank, **_predict_options(key))
-        if trace and trace_forward(model, key.imgsz, key.device, half=cuda):
+        if trace and trace_forward(model, key.imgsz, key.device, cuda, cuda_graphs):
             model.predict(blank, **_predict_options(key))  # the trace's first run
             log.info("model traced", extra={"model": key.label(), "device": key.device})
         if cuda:

@@ -103,6 +103,14 @@ class Settings(BaseSettings):
         description="Run forward passes as TorchScript traces, which release the GIL "
         "(a model whose trace disagrees with eager mode stays eager).",
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="On a CUDA device, replay each model's forward pass as CUDA graphs, "
+        "one per input shape, recorded the first time a shape comes: one launch instead "
+        "of one per kernel, which set the pace of a small model on a fast GPU "
+        "(docs/benchmark.md). A shape whose graph fails to record or disagrees with the "
+        "trace runs the trace. Needs GANNET_TORCHSCRIPT.",
+    )
     stage_cpu: bool = Field(
         False,
         description="Count each stage's thread CPU in gannet_stage_cpu_seconds (for "

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from gannet.cuda_graphs import GraphedForward
+
 log = logging.getLogger(__name__)
 
 
@@ -65,8 +67,11 @@ def verified_trace(
     return traced
 
 
-def trace_forward(model: Any, imgsz: int, device: str, half: bool) -> bool:
-    """Swap the eager network behind `model.predict` for a verified trace.
+def trace_forward(
+    model: Any, imgsz: int, device: str, half: bool, cuda_graphs: bool = False
+) -> bool:
+    """Swap the eager network behind `model.predict` for a verified trace; on a CUDA
+    device with `cuda_graphs`, one replayed as CUDA graphs (cuda_graphs.py).
 
     `model` is an ultralytics YOLO that has predicted once, so its predictor exists.
     False when the model stays eager: exported formats (.onnx) already run outside
@@ -76,27 +81,36 @@ def trace_forward(model: Any, imgsz: int, device: str, half: bool) -> bool:
     net = getattr(backend, "model", None)
     if not isinstance(net, torch.nn.Module) or not getattr(backend, "base_model", False):
         return False
-    for module in net.modules():
-        if hasattr(module, "dynamic"):
-            # Detection heads cache anchors for the last input shape; dynamic makes them
-            # part of the traced graph instead of constants of the example's shape.
-            setattr(module, "dynamic", True)  # noqa: B010 - a torch Module attribute
+    heads = [m for m in net.modules() if hasattr(m, "dynamic")]
+    cached = [bool(getattr(m, "dynamic")) for m in heads]  # noqa: B009
+    for head in heads:
+        # Detection heads cache anchors for the last input shape; dynamic makes them
+        # part of the traced graph instead of constants of the example's shape.
+        setattr(head, "dynamic", True)  # noqa: B010 - a torch Module attribute
     dtype = torch.float16 if half else torch.float32
     stride = int(getattr(backend, "stride", 32))
     short = max(stride, (imgsz * 3 // 4) // stride * stride)
     example = torch.rand(1, 3, imgsz, imgsz, device=device, dtype=dtype)
     check = torch.rand(2, 3, short, imgsz, device=device, dtype=dtype)
+    atol = 1e-2 if half else 1e-4
+    eager = _InferenceOutputs(net).eval()
     try:
-        traced = verified_trace(
-            _InferenceOutputs(net).eval(), example, check, atol=1e-2 if half else 1e-4
-        )
+        traced = verified_trace(eager, example, check, atol=atol)
     except Exception as exc:  # noqa: BLE001 - any failure means: stay eager, and say so
         log.warning("cannot trace the model; it runs eager", extra={"fields": {"error": repr(exc)}})
         return False
+    finally:
+        # The eager network caches its anchors again: the trace no longer depends on it,
+        # and CUDA graphs record it with the anchors of each shape built beforehand.
+        for head, was in zip(heads, cached, strict=True):
+            setattr(head, "dynamic", was)  # noqa: B010
     if traced is None:
         log.warning("the traced model disagrees with the eager one; it runs eager")
         return False
-    setattr(backend, "model", traced)  # noqa: B010 - backend is ultralytics' (untyped)
+    forward: torch.nn.Module = traced
+    if cuda_graphs and device.startswith("cuda"):
+        forward = GraphedForward(eager, traced, atol)
+    setattr(backend, "model", forward)  # noqa: B010 - backend is ultralytics' (untyped)
     # Ultralytics then calls it as model(im), without the eager-only augment/embed.
     setattr(backend, "base_model", False)  # noqa: B010
     return True

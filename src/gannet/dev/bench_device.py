@@ -28,6 +28,7 @@ import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,12 @@ from gannet.storage import encode_json, local_version, read_local
 from gannet.text import format_table
 
 
-def build_pipeline(s: Settings, config: Path, device: str, metrics: Metrics) -> Pipeline:
+def build_pipeline(
+    s: Settings, config: Path, device: str, metrics: Metrics, cuda_graphs: bool
+) -> Pipeline:
     """The daemon's Pipeline and ModelCache (daemon.build's settings), on local files."""
     cache = ModelCache(
-        yolo_loader(lambda uri, version: Path(uri), trace=s.torchscript),
+        yolo_loader(lambda uri, version: Path(uri), trace=s.torchscript, cuda_graphs=cuda_graphs),
         metrics,
         max_batch=s.batch_size,
         window_s=s.batch_window_ms / 1000,
@@ -160,12 +163,23 @@ def one_size(
     if traced:
         traced_model.predict(frames[: s.batch_size], **kwargs)
 
-    metrics = Metrics()
-    pipeline = build_pipeline(s, config, device, metrics)
+    # On a GPU, the daemon with CUDA graphs and without, side by side (cuda_graphs.py).
+    variants = {"": s.cuda_graphs}
+    if device.startswith("cuda") and s.cuda_graphs and s.torchscript:
+        variants = {"graphs": True, "no graphs": False}
+    pipelines = {
+        label: (build_pipeline(s, config, device, metrics, on), metrics)
+        for label, on in variants.items()
+        for metrics in [Metrics()]
+    }
     try:
-        pipeline.warm([device])
-        for runners in args.runner_counts:  # warm-up, not timed
-            run_daemon(pipeline, photos[: 4 * runners], runners, device)
+        for pipeline, _ in pipelines.values():
+            pipeline.warm([device])
+            for runners in args.runner_counts:  # warm-up, not timed
+                # On a GPU, all the photos: each batch shape's CUDA graph is recorded
+                # before the clock starts, as a daemon records it once in its life.
+                warm = photos if device.startswith("cuda") else photos[: 4 * runners]
+                run_daemon(pipeline, warm, runners, device)
         rounds = []
         for r in range(args.rounds):
             bare = {
@@ -184,13 +198,15 @@ def one_size(
                 "best_bare": best,
                 "daemon": {},
             }
-            for runners in args.runner_counts:
+            for (label, (pipeline, metrics)), runners in product(
+                pipelines.items(), args.runner_counts
+            ):
                 before = batch_counts(metrics)
                 daemon = run_daemon(pipeline, photos, runners, device)
                 after = batch_counts(metrics)
                 rate = args.images / daemon["wall_s"]
                 calls = after[1] - before[1]
-                result["daemon"][str(runners)] = {
+                result["daemon"][f"{runners}{', ' + label if label else ''}"] = {
                     "images_per_s": round(rate, 1),
                     "cpu_ms": round(daemon["cpu_s"] * 1000 / args.images, 2),
                     "ratio": round(rate / rates[best], 3),
@@ -204,9 +220,10 @@ def one_size(
             rounds.append(result)
             print(f"  {size} round {r + 1}: {format_round(result)}", flush=True)
     finally:
-        pipeline.cache.close()
-        for decoder in pipeline.decoders.values():
-            decoder.close()
+        for pipeline, _ in pipelines.values():
+            pipeline.cache.close()
+            for decoder in pipeline.decoders.values():
+                decoder.close()
     return {"size": size, "rounds": rounds, "median": medians(rounds)}
 
 
