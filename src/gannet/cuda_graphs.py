@@ -1,6 +1,6 @@
 """A model's forward pass replayed as CUDA graphs, on a GPU.
 
-Why: measured on an H200 (docs/benchmark.md, "CUDA graphs"), one traced forward pass of
+Why: measured on an H200 (docs/benchmark.md, "On a GPU again"), one traced forward pass of
 the demo detector at imgsz 640 kept the model's batcher thread busy for 2.6-3.1 ms of CPU
 whatever the batch size, and the GPU waited on it: the TorchScript interpreter launches
 the network's kernels one at a time. The batcher thread is the one way to the GPU, so

@@ -167,11 +167,10 @@ def one_size(
     variants = {"": s.cuda_graphs}
     if device.startswith("cuda") and s.cuda_graphs and s.torchscript:
         variants = {"graphs": True, "no graphs": False}
-    pipelines = {
-        label: (build_pipeline(s, config, device, metrics, on), metrics)
-        for label, on in variants.items()
-        for metrics in [Metrics()]
-    }
+    pipelines: dict[str, tuple[Pipeline, Metrics]] = {}
+    for label, on in variants.items():
+        metrics = Metrics()  # each its own, for its batches' sizes
+        pipelines[label] = (build_pipeline(s, config, device, metrics, on), metrics)
     try:
         for pipeline, _ in pipelines.values():
             pipeline.warm([device])
