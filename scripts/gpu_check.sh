@@ -9,11 +9,13 @@
 #      photos, 8 on 4032x3024;
 #   4. the same on the bench's mix of photo shapes, with 8 and 16 runners: the batches a
 #      mix reaches;
-#   5. the bench's agreement at 640x480 with nvJPEG and the device letterbox off
-#      (GANNET_GPU_DECODE=0), then with the eager model (GANNET_TORCHSCRIPT=0): on an
-#      H200 the default path missed one of scene_02's detections (confidence 0.658) that
-#      the bare model finds, and these two runs say which part changes it;
-#   6. py-spy profiles (CPU, then GIL holders) of the daemon's path at 640x480.
+#   5. py-spy profiles (CPU, then GIL holders) of the daemon's path at 640x480 with 16
+#      runners, where on an H200 the runners' GIL-held work binds.
+# (The agreement runs that found scene_02's missing detection to be nvJPEG's pixels,
+# docs/benchmark.md "On a GPU again", are the bench with GANNET_GPU_DECODE=0, then with
+# GANNET_TORCHSCRIPT=0.) On an H200, before the benches ran graphs and none side by
+# side, the steps took about 10, 30, 55, 50 and 50 s; both variants about double the
+# benches and the profiles: about 8 minutes in all, one call of the device tool.
 # Usage: scripts/gpu_check.sh OUT_DIR [DEVICE [IMAGES]], from the repo root, with gannet's
 # dependencies importable (PYTHONPATH or a venv); DEVICE defaults to cuda:0 (cpu tries the
 # script out), IMAGES per measurement to 1000. Every step's output goes to OUT_DIR/steps.log,
@@ -46,29 +48,23 @@ torch.cuda.is_available())"'
 # host's other torch shows warnings instead of failing on them.
 step pytest 120 python3 -m pytest -q -p no:cacheprovider -W default -rs tests/test_device_decode.py \
     tests/test_cuda_graphs.py
-step bench 120 python3 -m gannet bench --in-process --device "$device" --images "$images" \
+step bench 180 python3 -m gannet bench --in-process --device "$device" --images "$images" \
     --rounds 3 --sizes 640x480 --runners-sweep 4,8,16 --output "$out/bench.json"
-step bench-large 90 python3 -m gannet bench --in-process --device "$device" --images "$images" \
+step bench-large 120 python3 -m gannet bench --in-process --device "$device" --images "$images" \
     --rounds 2 --sizes 4032x3024 --runners-sweep 8 --output "$out/bench-large.json"
 # A mix of phone, drone and shelf shapes: batches form only among same-shaped inputs, so
 # this is where the GPU's batches can stay small (the report's mean batch).
-step bench-mix 90 python3 -m gannet bench --in-process --device "$device" --images "$images" \
+step bench-mix 120 python3 -m gannet bench --in-process --device "$device" --images "$images" \
     --rounds 2 --sizes mix --runners-sweep 8,16 --output "$out/bench-mix.json"
-variant() {  # variant NAME SETTING: the agreement with one part of the GPU path changed
-    step "$1" 60 env "$2" python3 -m gannet bench --in-process --device "$device" \
-        --sizes 640x480 --images 96 --rounds 1 --runners-sweep 4 --output "$out/$1.json"
-}
-variant agree-host-decode GANNET_GPU_DECODE=0
-variant agree-eager GANNET_TORCHSCRIPT=0
-# Where the daemon's threads spend the CPU and hold the GIL at 640x480 with 8 runners
-# (py-spy raw stacks; the runners' and batchers' stacks are the daemon's, the main
-# thread's run_bare the bare model's).
+# Where the daemon's threads spend the CPU and hold the GIL at 640x480 with 16 runners
+# (py-spy raw stacks; the runners' and batchers' stacks are the daemon's, with CUDA
+# graphs and without in turns, the main thread's run_bare the bare model's).
 profile() {  # profile NAME PY_SPY_OPTIONS...
     local name=$1
     shift
     step "$name" 80 py-spy record -r 200 --nonblocking -f raw -o "$out/$name.txt" "$@" -- \
         python3 -m gannet bench --in-process --device "$device" --sizes 640x480 \
-        --images "$images" --rounds 1 --runners-sweep 8 --output "/tmp/$name.json"
+        --images "$images" --rounds 1 --runners-sweep 16 --output "/tmp/$name.json"
 }
 profile profile-cpu
 profile profile-gil --gil
