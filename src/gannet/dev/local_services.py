@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -78,8 +79,28 @@ class ServiceError(CommandError):
     """A local service did not start; the text says which and where its log is."""
 
 
+PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A port free now, below the kernel's range for connections' local ports.
+
+    Why: bind(0) picks from that range, and between our check and a service's own bind
+    (the Pub/Sub emulator's JVM takes seconds to start) any outgoing connection of the
+    test run may take the same port as its local end: once a whole reliability fixture
+    failed on "Address already in use". A port below the range can only be taken by
+    another listener."""
+    try:
+        low = int(PORT_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    start = max(1024, low - 12000)
+    if low - start >= 1000:
+        for _ in range(200):
+            port = random.randrange(start, low)
+            if _bindable(port):
+                return port
+    with socket.socket() as sock:  # a tight range: any port the kernel gives
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
