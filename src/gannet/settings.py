@@ -109,7 +109,10 @@ class Settings(BaseSettings):
         "one per input shape, recorded the first time a shape comes: one launch instead "
         "of one per kernel, which set the pace of a small model on a fast GPU "
         "(docs/benchmark.md). A shape whose graph fails to record or disagrees with the "
-        "trace runs the trace. Needs GANNET_TORCHSCRIPT.",
+        "trace runs the trace. Each graph keeps its batch's input and outputs on the GPU "
+        "(about 2.5 MB per photo at imgsz 640 in FP16), a model's graphs share one pool "
+        "for their work, at most 32 shapes per model: memory outside "
+        "GANNET_MODEL_MEMORY_BUDGET_MB. Needs GANNET_TORCHSCRIPT.",
     )
     stage_cpu: bool = Field(
         False,
