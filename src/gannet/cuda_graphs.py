@@ -53,7 +53,7 @@ _recording = threading.Lock()  # one capture in the process at a time (several m
 def difference(expected: Any, got: Any, atol: float) -> tuple[float, float]:
     """(share of outputs outside atol + RTOL * |expected|, largest difference) between
     two outputs of the network; (1, inf) when their structures differ."""
-    want, have = _tensors(expected), _tensors(got)
+    want, have = tensors(expected), tensors(got)
     if len(want) != len(have) or any(w.shape != h.shape for w, h in zip(want, have, strict=True)):
         return 1.0, float("inf")
     outside, total, worst = 0, 0, 0.0
@@ -65,10 +65,14 @@ def difference(expected: Any, got: Any, atol: float) -> tuple[float, float]:
     return outside / max(total, 1), worst
 
 
+def within_tolerance(share: float, worst: float) -> bool:
+    """Whether a graph whose answer is `difference` apart can stand for the trace (RTOL)."""
+    return share <= MAX_OUTLIERS and worst <= MAX_DIFFERENCE
+
+
 def agrees(expected: Any, got: Any, atol: float) -> bool:
     """Whether a graph's answer can stand for the trace's (see RTOL)."""
-    share, worst = difference(expected, got, atol)
-    return share <= MAX_OUTLIERS and worst <= MAX_DIFFERENCE
+    return within_tolerance(*difference(expected, got, atol))
 
 
 @dataclass
@@ -87,11 +91,12 @@ def _map(out: Any, fn: Any) -> Any:
     return out
 
 
-def _tensors(out: Any) -> list[torch.Tensor]:
+def tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors of a network's output (a tensor, or tuples and lists of them)."""
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, (tuple, list)):
-        return [t for item in out for t in _tensors(item)]
+        return [t for item in out for t in tensors(item)]
     return []
 
 
@@ -160,8 +165,8 @@ class GraphedForward(torch.nn.Module):
                 exc,
             )
             return None
-        if not agrees(expected, output, self._atol):
-            share, worst = difference(expected, output, self._atol)
+        share, worst = difference(expected, output, self._atol)
+        if not within_tolerance(share, worst):
             log.warning(
                 "a CUDA graph for shape %s disagrees with the traced pass (%.2g %% of outputs "
                 "apart, by up to %.4g); it runs the trace",

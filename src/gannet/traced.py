@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from gannet.cuda_graphs import GraphedForward
+from gannet.cuda_graphs import GraphedForward, tensors
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,6 @@ class _InferenceOutputs(torch.nn.Module):
         return out
 
 
-def _tensors(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    return [t for item in out for t in _tensors(item)]
-
-
 def verified_trace(
     net: torch.nn.Module, example: torch.Tensor, check: torch.Tensor, atol: float
 ) -> torch.jit.ScriptModule | None:
@@ -58,7 +52,7 @@ def verified_trace(
         traced: torch.jit.ScriptModule = torch.jit.trace(  # type: ignore[no-untyped-call]
             net, example, check_trace=False
         )
-        expected, got = _tensors(net(check)), _tensors(traced(check))
+        expected, got = tensors(net(check)), tensors(traced(check))
     if len(expected) != len(got):
         return None
     for want, have in zip(expected, got, strict=True):
@@ -82,7 +76,7 @@ def trace_forward(
     if not isinstance(net, torch.nn.Module) or not getattr(backend, "base_model", False):
         return False
     heads = [m for m in net.modules() if hasattr(m, "dynamic")]
-    cached = [bool(getattr(m, "dynamic")) for m in heads]  # noqa: B009
+    was_dynamic = [bool(m.dynamic) for m in heads]
     for head in heads:
         # Detection heads cache anchors for the last input shape; dynamic makes them
         # part of the traced graph instead of constants of the example's shape.
@@ -102,7 +96,7 @@ def trace_forward(
     finally:
         # The eager network caches its anchors again: the trace no longer depends on it,
         # and CUDA graphs record it with the anchors of each shape built beforehand.
-        for head, was in zip(heads, cached, strict=True):
+        for head, was in zip(heads, was_dynamic, strict=True):
             setattr(head, "dynamic", was)  # noqa: B010
     if traced is None:
         log.warning("the traced model disagrees with the eager one; it runs eager")
