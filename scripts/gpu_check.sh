@@ -17,7 +17,8 @@
 # side, the steps took about 10, 30, 55, 50 and 50 s; both variants about double the
 # benches and the profiles: about 8 minutes in all, one call of the device tool.
 # Usage: scripts/gpu_check.sh OUT_DIR [DEVICE [IMAGES]], from the repo root, with gannet's
-# dependencies importable (PYTHONPATH or a venv); DEVICE defaults to cuda:0 (cpu tries the
+# dependencies importable (PYTHONPATH or a venv) and py-spy on PATH (`pip install --target
+# DIR` puts it in DIR/bin); DEVICE defaults to cuda:0 (cpu tries the
 # script out), IMAGES per measurement to 1000. Every step's output goes to OUT_DIR/steps.log,
 # beside the benches' JSON and the profiles; a failed step does not stop the next one, and
 # the script exits non-zero if any failed. GPU_CHECK_STEPS="versions pytest bench ..." runs

@@ -57,6 +57,35 @@ def test_replayed_graphs_answer_as_the_plain_pass_and_keep_earlier_answers(
             torch.testing.assert_close(answer, first, atol=0, rtol=0)
     graphs = graphed._graphs  # type: ignore[attr-defined]
     assert len(graphs) == 3 and all(g is not None for g in graphs.values()), graphs
+    # The memory `gannet bench` reports: the three inputs (FP16), and the pool beside.
+    inputs = sum(
+        2 * rows * 3 * height * imgsz for rows, height in {(1, imgsz), (3, short), (8, imgsz)}
+    )
+    assert graphed.held_bytes() > inputs  # type: ignore[operator]
+
+
+@needs_cuda
+def test_shapes_past_the_cap_run_the_trace_and_say_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model keeps at most MAX_GRAPHS graphs (each holds GPU memory); a shape past the
+    cap still gets the trace's answer, and the operator reads one warning, not one per
+    batch."""
+    import gannet.cuda_graphs as cuda_graphs
+
+    graphed = _network(True, "detect.pt", "detect", 640)
+    plain = _network(False, "detect.pt", "detect", 640)
+    known = len(graphed._graphs)  # type: ignore[attr-defined] # the loader's warm-up shape
+    monkeypatch.setattr(cuda_graphs, "MAX_GRAPHS", known + 1)
+    with torch.inference_mode(), caplog.at_level("WARNING", logger="gannet.cuda_graphs"):
+        for rows in (1, 2, 3, 2, 3):  # 1: the cap's last graph; 2 and 3 past it
+            x = torch.rand(rows, 3, 480, 640, device="cuda:0", dtype=torch.float16)
+            got, want = _first(graphed(x)), _first(plain(x))
+            assert agrees(want, got, atol=1e-2), difference(want, got, atol=1e-2)
+    assert graphed.recorded() == known + 1  # type: ignore[operator]
+    assert len(graphed._graphs) == known + 3  # type: ignore[attr-defined]
+    warned = [r for r in caplog.records if "run the traced pass" in r.getMessage()]
+    assert len(warned) == 1, caplog.text
 
 
 def test_the_check_takes_fp16_noise_and_refuses_a_grid_of_another_shape() -> None:

@@ -23,7 +23,7 @@ overwritten by the next batch. All graphs of a model share one memory pool: they
 at a time, on one stream, and each one's outputs are copied out before the next replays.
 Each new graph's answer is compared with the trace's on the same batch; a graph that
 differs or fails to record is not used, and nor is one past MAX_GRAPHS shapes: those
-batches take the traced pass.
+batches take the traced pass (a warning names the first shape past the cap).
 """
 
 from __future__ import annotations
@@ -120,11 +120,38 @@ class GraphedForward(torch.nn.Module):
         self._graphs: dict[tuple[Any, ...], _Graph | None] = {}  # None: the plain pass
         self._pool: Any = None
 
+    def held_bytes(self) -> int:
+        """GPU memory the recorded graphs keep: the segments of their shared pool (every
+        graph's outputs and work space, reserved while the graphs live) and each graph's
+        input. Outside the model's size that the ModelCache counts; `gannet bench
+        --in-process` reports it (docs/benchmark.md)."""
+        if self._pool is None:
+            return 0
+        pool = tuple(self._pool)
+        segments: list[dict[str, Any]] = torch.cuda.memory_snapshot()  # type: ignore[no-untyped-call]
+        in_pool = sum(
+            int(segment["total_size"])
+            for segment in segments
+            if tuple(segment["segment_pool_id"]) == pool
+        )
+        return in_pool + sum(g.input.nbytes for g in self._graphs.values() if g is not None)
+
+    def recorded(self) -> int:
+        """How many input shapes replay a graph (the others run the trace)."""
+        return sum(g is not None for g in self._graphs.values())
+
     def forward(self, x: torch.Tensor) -> Any:
         if not x.is_cuda:
             return self.plain(x)
         key = (tuple(x.shape), x.dtype, x.device)
         if key not in self._graphs:
+            if len(self._graphs) == MAX_GRAPHS:  # said once: the first shape past the cap
+                log.warning(
+                    "a model has %d input shapes with CUDA graphs or without; shape %s and any "
+                    "later new shape run the traced pass",
+                    MAX_GRAPHS,
+                    list(x.shape),
+                )
             self._graphs[key] = self._record(x) if len(self._graphs) < MAX_GRAPHS else None
         entry = self._graphs[key]
         if entry is None:

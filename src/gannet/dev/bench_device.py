@@ -36,6 +36,7 @@ import numpy as np
 
 from gannet import logs
 from gannet.config_sources import open_configs
+from gannet.cuda_graphs import GraphedForward
 from gannet.dev.bench_plumbing import DETECTOR, IMGSZ, images_for, write_config
 from gannet.dev.publish import make_task
 from gannet.device_decode import DeviceDecoder
@@ -179,6 +180,10 @@ def one_size(
                 # before the clock starts, as a daemon records it once in its life.
                 warm = photos if device.startswith("cuda") else photos[: 4 * runners]
                 run_daemon(pipeline, warm, runners, device)
+        graphs = {label: graph_memory(p) for label, (p, _) in pipelines.items() if variants[label]}
+        for label, (count, held) in graphs.items():
+            if count:
+                print(f"  {size}: {count} CUDA graphs ({label}) hold {held / 2**20:.1f} MiB")
         rounds = []
         for r in range(args.rounds):
             bare = {
@@ -223,7 +228,26 @@ def one_size(
             pipeline.cache.close()
             for decoder in pipeline.decoders.values():
                 decoder.close()
-    return {"size": size, "rounds": rounds, "median": medians(rounds)}
+    return {
+        "size": size,
+        "rounds": rounds,
+        "median": medians(rounds),
+        "cuda_graphs": {
+            k: {"graphs": n, "mib": round(b / 2**20, 1)} for k, (n, b) in graphs.items()
+        },
+    }
+
+
+def graph_memory(pipeline: Pipeline) -> tuple[int, int]:
+    """(CUDA graphs recorded, GPU bytes they hold) over the pipeline's loaded models: what
+    GANNET_CUDA_GRAPHS costs in memory beside the models themselves."""
+    count = held = 0
+    for key in pipeline.cache.loaded():
+        network = pipeline.cache.get(key).model.predictor.model.backend.model
+        if isinstance(network, GraphedForward):
+            count += network.recorded()
+            held += network.held_bytes()
+    return count, held
 
 
 def batch_counts(metrics: Metrics) -> tuple[float, float]:
