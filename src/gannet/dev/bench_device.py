@@ -180,7 +180,8 @@ def one_size(
                 # before the clock starts, as a daemon records it once in its life.
                 warm = photos if device.startswith("cuda") else photos[: 4 * runners]
                 run_daemon(pipeline, warm, runners, device)
-        graphs = {label: graph_memory(p) for label, (p, _) in pipelines.items() if variants[label]}
+        on_cuda = device.startswith("cuda")
+        graphs = {k: graph_memory(p) for k, (p, _) in pipelines.items() if variants[k] and on_cuda}
         for label, (count, held) in graphs.items():
             if count:
                 print(f"  {size}: {count} CUDA graphs ({label}) hold {held / 2**20:.1f} MiB")
