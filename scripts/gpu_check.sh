@@ -17,9 +17,10 @@
 # side, the steps took about 10, 30, 55, 50 and 50 s; both variants about double the
 # benches and the profiles: about 8 minutes in all, one call of the device tool.
 # Usage: scripts/gpu_check.sh OUT_DIR [DEVICE [IMAGES]], from the repo root, with gannet's
-# dependencies importable (PYTHONPATH or a venv) and py-spy on PATH (`pip install --target
-# DIR` puts it in DIR/bin); DEVICE defaults to cuda:0 (cpu tries the
-# script out), IMAGES per measurement to 1000. Every step's output goes to OUT_DIR/steps.log,
+# dependencies importable (PYTHONPATH or a venv) and py-spy on PATH; or, on a host without
+# PyPI, GPU_CHECK_WHEELS=DIR with the wheels scripts/gpu_wheels.sh fetched into DIR: they
+# are installed first, outside the host's own packages. DEVICE defaults to cuda:0 (cpu
+# tries the script out), IMAGES per measurement to 1000. Every step's output goes to OUT_DIR/steps.log,
 # beside the benches' JSON and the profiles; a failed step does not stop the next one, and
 # the script exits non-zero if any failed. GPU_CHECK_STEPS="versions pytest bench ..." runs
 # only the steps it names (in the script's order), for a lease too short for all of them.
@@ -28,6 +29,12 @@ out=${1:?usage: scripts/gpu_check.sh OUT_DIR [DEVICE [IMAGES]]}
 device=${2:-cuda:0}
 images=${3:-1000}
 mkdir -p "$out"
+if [ -n "${GPU_CHECK_WHEELS:-}" ]; then
+    site=$(mktemp -d)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
+        "$GPU_CHECK_WHEELS"/*.whl || { echo "cannot install $GPU_CHECK_WHEELS/*.whl" >&2; exit 1; }
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH"
+fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" YOLO_OFFLINE=1 PYTHONUNBUFFERED=1
 failed=0
 step() {  # step NAME SECONDS COMMAND...: run it under a time limit, log to OUT_DIR/steps.log
