@@ -101,6 +101,36 @@ def test_a_new_version_is_a_new_model_and_the_budget_evicts_the_oldest():
         cache.close()
 
 
+def test_the_budget_counts_what_a_model_took_on_its_device_since_it_loaded():
+    """A model's CUDA graphs, recorded per input shape as batches come, hold device memory
+    beside its weights: the next load counts them against the budget, so the model that
+    grew is evicted where its load size alone would have fitted. This machine has no GPU
+    to record graphs on, so `held` stands in for their bytes here (on a GPU it is
+    traced.graph_bytes, whose figure tests/test_cuda_graphs.py checks there)."""
+    calls: list[str] = []
+    metrics = Metrics()
+    probe = ModelCache(counting_loader(calls), metrics)
+    one_model = probe.get(key("probe")).nbytes
+    probe.close()
+    grown: dict[int, int] = {}
+    cache = ModelCache(
+        counting_loader(calls),
+        metrics,
+        budget_bytes=int(one_model * 3.5),  # room for three copies, not four
+        held=lambda model: grown.get(id(model), 0),
+    )
+    try:
+        first = cache.get(key("v1"))
+        cache.get(key("v2"))
+        grown[id(first.model)] = one_model  # v1's graphs: as much again as its weights
+        cache.get(key("v3"))
+        assert cache.loaded() == [key("v2"), key("v3")]
+        cache.get(key("v4"))  # nothing grew: three copies fit
+        assert cache.loaded() == [key("v2"), key("v3"), key("v4")]
+    finally:
+        cache.close()
+
+
 SEGMENT = REPO_ROOT / "models" / "demo" / "segment.pt"
 CLASSIFY = REPO_ROOT / "models" / "demo" / "classify.pt"
 

@@ -123,8 +123,8 @@ class GraphedForward(torch.nn.Module):
     def held_bytes(self) -> int:
         """GPU memory the recorded graphs keep: the segments of their shared pool (every
         graph's outputs and work space, reserved while the graphs live) and each graph's
-        input. Outside the model's size that the ModelCache counts; `gannet bench
-        --in-process` reports it (docs/benchmark.md)."""
+        input. The ModelCache counts it against its budget when a model loads, and
+        `gannet bench --in-process` reports it (docs/benchmark.md)."""
         if self._pool is None:
             return 0
         pool = tuple(self._pool)
@@ -134,7 +134,10 @@ class GraphedForward(torch.nn.Module):
             for segment in segments
             if tuple(segment["segment_pool_id"]) == pool
         )
-        return in_pool + sum(g.input.nbytes for g in self._graphs.values() if g is not None)
+        # A list first: the batcher thread may add a graph meanwhile (the cache asks from
+        # the thread that loads another model).
+        graphs = list(self._graphs.values())
+        return in_pool + sum(g.input.nbytes for g in graphs if g is not None)
 
     def recorded(self) -> int:
         """How many input shapes replay a graph (the others run the trace)."""

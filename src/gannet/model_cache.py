@@ -27,6 +27,7 @@ from gannet.lanes import URGENCY
 from gannet.metrics import Metrics
 from gannet.split_predictor import SplitPredictor
 from gannet.stages import Timer, ignore
+from gannet.traced import graph_bytes, trace_forward
 from gannet.tracing import current_link
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class LoadedModel:
 
 
 Loader = Callable[[ModelKey], tuple[Any, int]]  # key -> (warm model, bytes it holds)
+Held = Callable[[Any], int]  # a loaded model -> device bytes it took since (its CUDA graphs)
 
 
 class ModelCache:
@@ -74,10 +76,14 @@ class ModelCache:
         budget_bytes: int | None = None,
         cpu_threads: int | None = None,
         stage_cpu: bool = False,
+        held: Held = graph_bytes,
     ) -> None:
         """`cpu_threads`: torch CPU threads for each model's forward passes; `stage_cpu`:
-        charge their thread CPU to the stage counter (GANNET_STAGE_CPU)."""
+        charge their thread CPU to the stage counter (GANNET_STAGE_CPU); `held`: what a
+        model holds on its device beyond its load's bytes, counted against the budget
+        (its CUDA graphs, recorded per input shape as batches come: at the next load)."""
         self._load = load
+        self._held = held
         self._cpu_threads = cpu_threads
         self._stage_cpu = stage_cpu
         self._metrics = metrics
@@ -171,15 +177,18 @@ class ModelCache:
         if self._budget is None:
             return []
         evicted: list[LoadedModel] = []
-
-        def used() -> int:
-            return sum(e.nbytes for k, e in self._loaded.items() if k.device == keep.device)
-
-        for key in list(self._loaded):
-            if used() <= self._budget:
+        sizes = {
+            k: e.nbytes + self._held(e.model)
+            for k, e in self._loaded.items()
+            if k.device == keep.device
+        }
+        used = sum(sizes.values())
+        for key in list(self._loaded):  # the least recently used first
+            if used <= self._budget:
                 break
-            if key != keep and key.device == keep.device:
+            if key != keep and key in sizes:
                 evicted.append(self._loaded.pop(key))
+                used -= sizes[key]
         return evicted
 
     def predict(
@@ -259,8 +268,6 @@ def yolo_loader(
     def load(key: ModelKey) -> tuple[Any, int]:
         import torch
         from ultralytics.models import YOLO
-
-        from gannet.traced import trace_forward
 
         path = local_path(key.uri, key.version)
         cuda = key.device.startswith("cuda")

@@ -84,7 +84,10 @@ class Settings(BaseSettings):
         "a lane with a cap leases at most 2 x its cap).",
     )
     model_memory_budget_mb: int = Field(
-        0, ge=0, description="Per-device MB for loaded models; LRU eviction above (0 = no limit)."
+        0,
+        ge=0,
+        description="Per-device MB for loaded models, their CUDA graphs included (counted "
+        "as each model loads); LRU eviction above (0 = no limit).",
     )
     stream_ack_deadline_s: int = Field(
         60,
@@ -110,7 +113,7 @@ class Settings(BaseSettings):
         "of one per kernel, which set the pace of a small model on a fast GPU "
         "(docs/benchmark.md). A shape whose graph fails to record or disagrees with the "
         "trace runs the trace. At most 32 shapes per model (a warning names the first "
-        "past that); graphs hold GPU memory outside GANNET_MODEL_MEMORY_BUDGET_MB: "
+        "past that). Graphs hold GPU memory, counted in GANNET_MODEL_MEMORY_BUDGET_MB: "
         "measured on an H200 with the demo detector at imgsz 640, 9 graphs of 640x480 "
         "photos 116 MiB, 30 of a mix of five shapes 224 MiB. Needs GANNET_TORCHSCRIPT.",
     )

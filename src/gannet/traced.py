@@ -61,6 +61,19 @@ def verified_trace(
     return traced
 
 
+def graphs_of(model: Any) -> GraphedForward | None:
+    """The CUDA graphs trace_forward put behind `model.predict` (on a CUDA device), if any."""
+    backend = getattr(getattr(getattr(model, "predictor", None), "model", None), "backend", None)
+    network = getattr(backend, "model", None)
+    return network if isinstance(network, GraphedForward) else None
+
+
+def graph_bytes(model: Any) -> int:
+    """GPU memory `model`'s CUDA graphs hold beside its weights (0 without graphs)."""
+    graphs = graphs_of(model)
+    return graphs.held_bytes() if graphs is not None else 0
+
+
 def trace_forward(
     model: Any, imgsz: int, device: str, half: bool, cuda_graphs: bool = False
 ) -> bool:

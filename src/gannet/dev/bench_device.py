@@ -36,7 +36,6 @@ import numpy as np
 
 from gannet import logs
 from gannet.config_sources import open_configs
-from gannet.cuda_graphs import GraphedForward
 from gannet.dev.bench_plumbing import DETECTOR, IMGSZ, images_for, write_config
 from gannet.dev.publish import make_task
 from gannet.device_decode import DeviceDecoder
@@ -49,6 +48,7 @@ from gannet.settings import Settings
 from gannet.stages import Timer
 from gannet.storage import encode_json, local_version, read_local
 from gannet.text import format_table
+from gannet.traced import graphs_of, trace_forward
 
 
 def build_pipeline(
@@ -146,8 +146,6 @@ def one_size(
     """Each round: the bare model three ways, then the daemon once per runner count."""
     from ultralytics.models import YOLO
 
-    from gannet.traced import trace_forward
-
     device = args.device
     files = images_for(size, work / "images")
     distinct = [f.read_bytes() for f in files]
@@ -244,10 +242,10 @@ def graph_memory(pipeline: Pipeline) -> tuple[int, int]:
     GANNET_CUDA_GRAPHS costs in memory beside the models themselves."""
     count = held = 0
     for key in pipeline.cache.loaded():
-        network = pipeline.cache.get(key).model.predictor.model.backend.model
-        if isinstance(network, GraphedForward):
-            count += network.recorded()
-            held += network.held_bytes()
+        graphs = graphs_of(pipeline.cache.get(key).model)
+        if graphs is not None:
+            count += graphs.recorded()
+            held += graphs.held_bytes()
     return count, held
 
 
