@@ -15,7 +15,9 @@
 # docs/benchmark.md "On a GPU again", are the bench with GANNET_GPU_DECODE=0, then with
 # GANNET_TORCHSCRIPT=0.) On an H200, before the benches ran graphs and none side by
 # side, the steps took about 10, 30, 55, 50 and 50 s; both variants about double the
-# benches and the profiles: about 8 minutes in all, one call of the device tool.
+# benches and the profiles, and the bare model's second pass per round adds about a tenth
+# (the third lease ran them in 12, 36, 88, 63, 85 and 2 x 45 s before that pass): about 8
+# minutes in all, one call of the device tool.
 # Usage: scripts/gpu_check.sh OUT_DIR [DEVICE [IMAGES]], from the repo root, with gannet's
 # dependencies importable (PYTHONPATH or a venv) and py-spy on PATH; or, on a host without
 # PyPI, GPU_CHECK_WHEELS=DIR with the wheels scripts/gpu_wheels.sh fetched into DIR: they
@@ -56,13 +58,13 @@ torch.cuda.is_available())"'
 # host's other torch shows warnings instead of failing on them.
 step pytest 120 python3 -m pytest -q -p no:cacheprovider -W default -rs tests/test_device_decode.py \
     tests/test_cuda_graphs.py
-step bench 180 python3 -m gannet bench --in-process --device "$device" --images "$images" \
+step bench 240 python3 -m gannet bench --in-process --device "$device" --images "$images" \
     --rounds 3 --sizes 640x480 --runners-sweep 4,8,16 --output "$out/bench.json"
-step bench-large 120 python3 -m gannet bench --in-process --device "$device" --images "$images" \
+step bench-large 150 python3 -m gannet bench --in-process --device "$device" --images "$images" \
     --rounds 2 --sizes 4032x3024 --runners-sweep 8 --output "$out/bench-large.json"
 # A mix of phone, drone and shelf shapes: batches form only among same-shaped inputs, so
 # this is where the GPU's batches can stay small (the report's mean batch).
-step bench-mix 120 python3 -m gannet bench --in-process --device "$device" --images "$images" \
+step bench-mix 150 python3 -m gannet bench --in-process --device "$device" --images "$images" \
     --rounds 2 --sizes mix --runners-sweep 8,16 --output "$out/bench-mix.json"
 # Where the daemon's threads spend the CPU and hold the GIL at 640x480 with 16 runners
 # (py-spy raw stacks; the runners' and batchers' stacks are the daemon's, with CUDA
