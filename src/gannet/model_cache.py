@@ -81,7 +81,8 @@ class ModelCache:
         """`cpu_threads`: torch CPU threads for each model's forward passes; `stage_cpu`:
         charge their thread CPU to the stage counter (GANNET_STAGE_CPU); `held`: what a
         model holds on its device beyond its load's bytes, counted against the budget
-        (its CUDA graphs, recorded per input shape as batches come: at the next load)."""
+        (its CUDA graphs, recorded per input shape as batches come: at the next load; the
+        load's warm-up graph is in both figures, a few MB counted twice, on the safe side)."""
         self._load = load
         self._held = held
         self._cpu_threads = cpu_threads
