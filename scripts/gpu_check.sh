@@ -22,10 +22,11 @@
 # dependencies importable (PYTHONPATH or a venv) and py-spy on PATH; or, on a host without
 # PyPI, GPU_CHECK_WHEELS=DIR with the wheels scripts/gpu_wheels.sh fetched into DIR: they
 # are installed first, outside the host's own packages. DEVICE defaults to cuda:0 (cpu
-# tries the script out), IMAGES per measurement to 1000. Every step's output goes to OUT_DIR/steps.log,
-# beside the benches' JSON and the profiles; a failed step does not stop the next one, and
-# the script exits non-zero if any failed. GPU_CHECK_STEPS="versions pytest bench ..." runs
-# only the steps it names (in the script's order), for a lease too short for all of them.
+# tries the script out), IMAGES per measurement to 1000. Every step's output goes to
+# OUT_DIR/steps.log, beside the benches' JSON and the profiles; a failed step does not
+# stop the next one, and the script exits non-zero if any failed.
+# GPU_CHECK_STEPS="versions pytest bench ..." runs only the steps it names (in the
+# script's order), for a lease too short for all of them.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR [DEVICE [IMAGES]]}
 device=${2:-cuda:0}
@@ -72,7 +73,7 @@ step bench-mix 150 python3 -m gannet bench --in-process --device "$device" --ima
 profile() {  # profile NAME PY_SPY_OPTIONS...
     local name=$1
     shift
-    step "$name" 80 py-spy record -r 200 --nonblocking -f raw -o "$out/$name.txt" "$@" -- \
+    step "$name" 100 py-spy record -r 200 --nonblocking -f raw -o "$out/$name.txt" "$@" -- \
         python3 -m gannet bench --in-process --device "$device" --sizes 640x480 \
         --images "$images" --rounds 1 --runners-sweep 16 --output "/tmp/$name.json"
 }

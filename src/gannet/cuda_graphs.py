@@ -165,11 +165,11 @@ class GraphedForward(torch.nn.Module):
 
     def _record(self, x: torch.Tensor) -> _Graph | None:
         """A graph for batches shaped like `x`, checked against the trace on `x`."""
-        shape = list(x.shape)
         with _recording:
-            return self._record_alone(x, shape)
+            return self._record_alone(x)
 
-    def _record_alone(self, x: torch.Tensor, shape: list[int]) -> _Graph | None:
+    def _record_alone(self, x: torch.Tensor) -> _Graph | None:
+        shape = list(x.shape)
         try:
             static = x.clone()
             stream = torch.cuda.current_stream(x.device)

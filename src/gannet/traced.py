@@ -61,10 +61,15 @@ def verified_trace(
     return traced
 
 
+def _backend(model: Any) -> Any:
+    """ultralytics' backend behind `model.predict` (its `model` is the network that runs),
+    or None before the model has predicted."""
+    return getattr(getattr(getattr(model, "predictor", None), "model", None), "backend", None)
+
+
 def graphs_of(model: Any) -> GraphedForward | None:
     """The CUDA graphs trace_forward put behind `model.predict` (on a CUDA device), if any."""
-    backend = getattr(getattr(getattr(model, "predictor", None), "model", None), "backend", None)
-    network = getattr(backend, "model", None)
+    network = getattr(_backend(model), "model", None)
     return network if isinstance(network, GraphedForward) else None
 
 
@@ -84,7 +89,7 @@ def trace_forward(
     False when the model stays eager: exported formats (.onnx) already run outside
     Python, and a trace that disagrees with the eager model is never used.
     """
-    backend = getattr(getattr(model.predictor, "model", None), "backend", None)
+    backend = _backend(model)
     net = getattr(backend, "model", None)
     if not isinstance(net, torch.nn.Module) or not getattr(backend, "base_model", False):
         return False

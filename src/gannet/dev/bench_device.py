@@ -148,6 +148,7 @@ def one_size(
     from ultralytics.models import YOLO
 
     device = args.device
+    on_cuda = device.startswith("cuda")
     files = images_for(size, work / "images")
     distinct = [f.read_bytes() for f in files]
     photos = [distinct[i % len(distinct)] for i in range(args.images)]
@@ -159,13 +160,23 @@ def one_size(
     bare_model.predict(frames[: s.batch_size], **kwargs)  # warm-up, not timed
     traced_model = YOLO(str(DETECTOR))
     traced_model.predict(frames[:1], **kwargs)
-    traced = trace_forward(traced_model, IMGSZ, device, half=device.startswith("cuda"))
+    traced = trace_forward(traced_model, IMGSZ, device, half=on_cuda)
     if traced:
         traced_model.predict(frames[: s.batch_size], **kwargs)
 
+    def measure_bare() -> dict[str, dict]:
+        """The bare model per call, in batches and (when it traced) traced, once each."""
+        runs = {
+            "per_call": run_bare(bare_model, frames, 1, kwargs),
+            "batched": run_bare(bare_model, frames, s.batch_size, kwargs),
+        }
+        if traced:
+            runs["traced_batched"] = run_bare(traced_model, frames, s.batch_size, kwargs)
+        return runs
+
     # On a GPU, the daemon with CUDA graphs and without, side by side (cuda_graphs.py).
     variants = {"": s.cuda_graphs}
-    if device.startswith("cuda") and s.cuda_graphs and s.torchscript:
+    if on_cuda and s.cuda_graphs and s.torchscript:
         variants = {"graphs": True, "no graphs": False}
     pipelines: dict[str, tuple[Pipeline, Metrics]] = {}
     for label, on in variants.items():
@@ -177,21 +188,15 @@ def one_size(
             for runners in args.runner_counts:  # warm-up, not timed
                 # On a GPU, all the photos: each batch shape's CUDA graph is recorded
                 # before the clock starts, as a daemon records it once in its life.
-                warm = photos if device.startswith("cuda") else photos[: 4 * runners]
+                warm = photos if on_cuda else photos[: 4 * runners]
                 run_daemon(pipeline, warm, runners, device)
-        on_cuda = device.startswith("cuda")
         graphs = {k: graph_memory(p) for k, (p, _) in pipelines.items() if variants[k] and on_cuda}
         for label, (count, held) in graphs.items():
             if count:
                 print(f"  {size}: {count} CUDA graphs ({label}) hold {held / 2**20:.1f} MiB")
         rounds = []
         for r in range(args.rounds):
-            bare = {
-                "per_call": run_bare(bare_model, frames, 1, kwargs),
-                "batched": run_bare(bare_model, frames, s.batch_size, kwargs),
-            }
-            if traced:
-                bare["traced_batched"] = run_bare(traced_model, frames, s.batch_size, kwargs)
+            bare = measure_bare()
             daemons = {}
             for (label, (pipeline, metrics)), runners in product(
                 pipelines.items(), args.runner_counts
@@ -213,12 +218,7 @@ def one_size(
             # The bare model once more, after the daemon: on an H200 its one Python thread's
             # pace moved by up to 1.4x between rounds where the daemon's moved by 6 %. The
             # faster pass of each is the figure, the stricter one for the daemon.
-            again = {
-                "per_call": run_bare(bare_model, frames, 1, kwargs),
-                "batched": run_bare(bare_model, frames, s.batch_size, kwargs),
-            }
-            if traced:
-                again["traced_batched"] = run_bare(traced_model, frames, s.batch_size, kwargs)
+            again = measure_bare()
             passes = {k: [args.images / v["wall_s"] for v in (bare[k], again[k])] for k in bare}
             rates = {k: max(v) for k, v in passes.items()}
             best = max(rates, key=rates.__getitem__)
