@@ -9,7 +9,9 @@
 #      photos, 8 on 4032x3024;
 #   4. the same on the bench's mix of photo shapes, with 8 and 16 runners: the batches a
 #      mix reaches;
-#   5. py-spy profiles (CPU, then GIL holders) of the daemon's path at 640x480 with 16
+#   5. the shipped pipelines (agro's FULL_PIPELINE and FIELD_ANALYSIS, vending's
+#      SHELF_AUDIT) with 4 and 8 runners: how much of the time their models run;
+#   6. py-spy profiles (CPU, then GIL holders) of the daemon's path at 640x480 with 16
 #      runners, where on an H200 the runners' GIL-held work binds.
 # (The agreement runs that found scene_02's missing detection to be nvJPEG's pixels,
 # docs/benchmark.md "On a GPU again", are the bench with GANNET_GPU_DECODE=0, then with
@@ -17,7 +19,9 @@
 # side, the steps took about 10, 30, 55, 50 and 50 s; both variants about double the
 # benches and the profiles, and the bare model's second pass per round adds about a tenth
 # (the third lease ran them in 12, 36, 88, 63, 85 and 2 x 45 s before that pass): about 8
-# minutes in all, one call of the device tool.
+# minutes before the pipeline steps were added. With them the script outgrows one call
+# of the device tool (at most 10 minutes): run it in two, e.g. GPU_CHECK_STEPS="versions
+# pytest bench pipeline-agro pipeline-sliced pipeline-vending", then the rest.
 # Usage: scripts/gpu_check.sh OUT_DIR [DEVICE [IMAGES]], from the repo root, with gannet's
 # dependencies importable (PYTHONPATH or a venv) and py-spy on PATH; or, on a host without
 # PyPI, GPU_CHECK_WHEELS=DIR with the wheels scripts/gpu_wheels.sh fetched into DIR: they
@@ -67,6 +71,17 @@ step bench-large 150 python3 -m gannet bench --in-process --device "$device" --i
 # this is where the GPU's batches can stay small (the report's mean batch).
 step bench-mix 150 python3 -m gannet bench --in-process --device "$device" --images "$images" \
     --rounds 2 --sizes mix --runners-sweep 8,16 --output "$out/bench-mix.json"
+# The shipped pipelines, the work a T4 pod does: several models per photo (segmentation,
+# detection, classification of crops) and sliced detection (about 80 tiles of a 12 MP
+# photo). No bare model to compare: the report's "GPU busy" (NVML's utilisation) and "in
+# forward" (the batchers' share of the time) say whether the daemon keeps the GPU busy.
+pipeline() {  # pipeline NAME CONFIG:PIPELINE SIZES IMAGES
+    step "$1" 150 python3 -m gannet bench --in-process --device "$device" --pipeline "$2" \
+        --sizes "$3" --images "$4" --rounds 2 --runners-sweep 4,8 --output "$out/$1.json"
+}
+pipeline pipeline-agro configs/agro.yaml:FULL_PIPELINE 4032x3024,mix $((images / 4))
+pipeline pipeline-sliced configs/agro.yaml:FIELD_ANALYSIS 4032x3024 $((images / 20))
+pipeline pipeline-vending configs/vending.yaml:SHELF_AUDIT mix $((images / 4))
 # Where the daemon's threads spend the CPU and hold the GIL at 640x480 with 16 runners
 # (py-spy raw stacks; the runners' and batchers' stacks are the daemon's, with CUDA
 # graphs and without in turns, the main thread's run_bare the bare model's).

@@ -72,6 +72,10 @@ def test_concurrent_gets_load_once_and_only_the_batcher_thread_drives_the_model(
         sizes = metrics.registry.get_sample_value("gannet_batch_size_sum")
         batches = metrics.registry.get_sample_value("gannet_batch_size_count")
         assert sizes == len(images) and batches < len(images), "concurrent requests batch"
+        # Each forward pass's wall time, for the share of the time the model runs.
+        passes = metrics.registry.get_sample_value("gannet_forward_seconds_count")
+        assert passes == batches
+        assert metrics.registry.get_sample_value("gannet_forward_seconds_sum") > 0
     finally:
         cache.close()
 

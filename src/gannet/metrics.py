@@ -84,6 +84,14 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32),
             registry=r,
         )
+        # Its rate is the share of the time a pod's models run: on a GPU, how busy the
+        # daemon keeps it (operating.md#runners-for-a-fast-model).
+        self.forward_seconds = Histogram(
+            "gannet_forward_seconds",
+            "Wall seconds per model call (one forward pass over a batch).",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
+            registry=r,
+        )
         self.config_reloads = Counter(
             "gannet_config_reloads",
             "Industry config reloads, by result.",

@@ -146,7 +146,7 @@ class ModelCache:
             predictor.forward,
             self._max_batch,
             self._window_s,
-            on_batch=lambda size, seconds: self._metrics.batch_size.observe(size),
+            on_batch=self._observe_batch,
             group=predictor.shape,
             on_start=predictor.start_forward_thread,
             on_cpu=self._metrics.stage_cpu_seconds.labels("forward").inc
@@ -173,6 +173,11 @@ class ModelCache:
             task=str(model.task),
             last_used=time.monotonic(),
         )
+
+    def _observe_batch(self, size: int, seconds: float) -> None:
+        """After each forward pass, on its batcher thread."""
+        self._metrics.batch_size.observe(size)
+        self._metrics.forward_seconds.observe(seconds)
 
     def _evict_over_budget(self, keep: ModelKey) -> list[LoadedModel]:
         if self._budget is None:

@@ -24,9 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
+import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from itertools import product
 from pathlib import Path
@@ -36,7 +40,7 @@ import numpy as np
 
 from gannet import logs
 from gannet.config_sources import open_configs
-from gannet.dev.bench_plumbing import DETECTOR, IMGSZ, images_for, write_config
+from gannet.dev.bench_plumbing import DETECTOR, IMGSZ, images_for, split_pipeline, write_config
 from gannet.dev.publish import make_task
 from gannet.device_decode import DeviceDecoder
 from gannet.metrics import Metrics
@@ -75,9 +79,12 @@ def build_pipeline(
     )
 
 
-def run_daemon(pipeline: Pipeline, photos: list[bytes], runners: int, device: str) -> dict:
-    """The runners' path from JPEG bytes to result JSON, `runners` threads at once."""
-    task = make_task("bench-device", "gs://bench/bench-device/x.jpg", "DETECTION", "bench")
+def run_daemon(
+    pipeline: Pipeline, photos: list[bytes], runners: int, device: str, name: str = "DETECTION"
+) -> dict:
+    """The runners' path from JPEG bytes to result JSON, `runners` threads at once, for
+    pipeline `name` of the pipeline's config."""
+    task = make_task("bench-device", "gs://bench/bench-device/x.jpg", name, "bench")
     route = pipeline.check(task)
     results: list[dict[str, Any] | None] = [None] * len(photos)
 
@@ -141,38 +148,20 @@ def corner_diff(a: list[float], b: list[float]) -> float:
 
 
 def one_size(
-    s: Settings, args: argparse.Namespace, size: str, config: Path, work: Path
+    s: Settings, args: argparse.Namespace, size: str, config: Path, name: str, work: Path
 ) -> dict[str, Any]:
     """Each round: the bare model three ways, the daemon once per runner count (and with
-    CUDA graphs and without, on a GPU), then the bare model again."""
-    from ultralytics.models import YOLO
-
+    CUDA graphs and without, on a GPU), then the bare model again. With `--pipeline`
+    (a config's pipeline, often several models) there is no bare model to compare: the
+    daemon's own figures, the share of its wall time its models' forward passes took and,
+    on a GPU, how busy the device was say whether it kept the models busy."""
     device = args.device
     on_cuda = device.startswith("cuda")
+    compare = not args.pipeline
     files = images_for(size, work / "images")
     distinct = [f.read_bytes() for f in files]
     photos = [distinct[i % len(distinct)] for i in range(args.images)]
-    decoded = [decode_image(d, s.max_image_pixels) for d in distinct]
-    frames = [decoded[i % len(decoded)] for i in range(args.images)]
-    kwargs = {"imgsz": IMGSZ, "conf": 0.5, "device": device, "verbose": False}
-    kwargs |= _precision(device)
-    bare_model = YOLO(str(DETECTOR))
-    bare_model.predict(frames[: s.batch_size], **kwargs)  # warm-up, not timed
-    traced_model = YOLO(str(DETECTOR))
-    traced_model.predict(frames[:1], **kwargs)
-    traced = trace_forward(traced_model, IMGSZ, device, half=on_cuda)
-    if traced:
-        traced_model.predict(frames[: s.batch_size], **kwargs)
-
-    def measure_bare() -> dict[str, dict]:
-        """The bare model per call, in batches and (when it traced) traced, once each."""
-        runs = {
-            "per_call": run_bare(bare_model, frames, 1, kwargs),
-            "batched": run_bare(bare_model, frames, s.batch_size, kwargs),
-        }
-        if traced:
-            runs["traced_batched"] = run_bare(traced_model, frames, s.batch_size, kwargs)
-        return runs
+    measure_bare = bare_measure(s, args, distinct) if compare else None
 
     # On a GPU, the daemon with CUDA graphs and without, side by side (cuda_graphs.py).
     variants = {"": s.cuda_graphs}
@@ -180,7 +169,7 @@ def one_size(
         variants = {"graphs": True, "no graphs": False}
     pipelines: dict[str, tuple[Pipeline, Metrics]] = {}
     for label, on in variants.items():
-        metrics = Metrics()  # each its own, for its batches' sizes
+        metrics = Metrics()  # each its own, for its batches' sizes and forward time
         pipelines[label] = (build_pipeline(s, config, device, metrics, on), metrics)
     try:
         for pipeline, _ in pipelines.values():
@@ -189,55 +178,62 @@ def one_size(
                 # On a GPU, all the photos: each batch shape's CUDA graph is recorded
                 # before the clock starts, as a daemon records it once in its life.
                 warm = photos if on_cuda else photos[: 4 * runners]
-                run_daemon(pipeline, warm, runners, device)
+                run_daemon(pipeline, warm, runners, device, name)
         graphs = {k: graph_memory(p) for k, (p, _) in pipelines.items() if variants[k] and on_cuda}
         for label, (count, held) in graphs.items():
             if count:
                 print(f"  {size}: {count} CUDA graphs ({label}) hold {held / 2**20:.1f} MiB")
         rounds = []
         for r in range(args.rounds):
-            bare = measure_bare()
+            bare = measure_bare() if measure_bare else None
             daemons = {}
             for (label, (pipeline, metrics)), runners in product(
                 pipelines.items(), args.runner_counts
             ):
-                before = batch_counts(metrics)
-                daemon = run_daemon(pipeline, photos, runners, device)
-                after = batch_counts(metrics)
-                calls = after[1] - before[1]
-                daemons[f"{runners}{', ' + label if label else ''}"] = {
+                before = forward_totals(metrics)
+                with GpuBusy(device) as gpu:
+                    daemon = run_daemon(pipeline, photos, runners, device, name)
+                images, calls, seconds = (
+                    a - b for a, b in zip(forward_totals(metrics), before, strict=True)
+                )
+                figures: dict[str, Any] = {
                     "images_per_s": args.images / daemon["wall_s"],
                     "cpu_ms": round(daemon["cpu_s"] * 1000 / args.images, 2),
-                    "mean_batch": round((after[0] - before[0]) / calls, 2) if calls else None,
-                    "agreement": agreement(
+                    "mean_batch": round(images / calls, 2) if calls else None,
+                    "forward_share": round(seconds / daemon["wall_s"], 3),
+                    "gpu_busy": gpu.share(),
+                }
+                if bare:
+                    figures["agreement"] = agreement(
                         bare["batched"]["answers"][: len(distinct)],
                         daemon["results"][: len(distinct)],
                         0.5,
-                    ),
+                    )
+                daemons[f"{runners}{', ' + label if label else ''}"] = figures
+            result: dict[str, Any] = {"daemon": daemons}
+            if measure_bare and bare:
+                # The bare model once more, after the daemon: on an H200 its one Python
+                # thread's pace moved by up to 1.4x between rounds where the daemon's
+                # moved by 6 %. The faster pass of each is the figure, the stricter one
+                # for the daemon.
+                again = measure_bare()
+                passes = {k: [args.images / v["wall_s"] for v in (bare[k], again[k])] for k in bare}
+                rates = {k: max(v) for k, v in passes.items()}
+                best = max(rates, key=rates.__getitem__)
+                result = {
+                    "bare_images_per_s": {k: round(v, 1) for k, v in rates.items()},
+                    "bare_passes": {k: [round(p, 1) for p in v] for k, v in passes.items()},
+                    "bare_cpu_ms": {
+                        k: round(v["cpu_s"] * 1000 / args.images, 2) for k, v in bare.items()
+                    },
+                    "best_bare": best,
+                    "daemon": {
+                        label: d | {"ratio": round(d["images_per_s"] / rates[best], 3)}
+                        for label, d in daemons.items()
+                    },
                 }
-            # The bare model once more, after the daemon: on an H200 its one Python thread's
-            # pace moved by up to 1.4x between rounds where the daemon's moved by 6 %. The
-            # faster pass of each is the figure, the stricter one for the daemon.
-            again = measure_bare()
-            passes = {k: [args.images / v["wall_s"] for v in (bare[k], again[k])] for k in bare}
-            rates = {k: max(v) for k, v in passes.items()}
-            best = max(rates, key=rates.__getitem__)
-            result: dict[str, Any] = {
-                "bare_images_per_s": {k: round(v, 1) for k, v in rates.items()},
-                "bare_passes": {k: [round(p, 1) for p in v] for k, v in passes.items()},
-                "bare_cpu_ms": {
-                    k: round(v["cpu_s"] * 1000 / args.images, 2) for k, v in bare.items()
-                },
-                "best_bare": best,
-                "daemon": {
-                    name: d
-                    | {
-                        "images_per_s": round(d["images_per_s"], 1),
-                        "ratio": round(d["images_per_s"] / rates[best], 3),
-                    }
-                    for name, d in daemons.items()
-                },
-            }
+            for d in result["daemon"].values():
+                d["images_per_s"] = round(d["images_per_s"], 1)
             rounds.append(result)
             print(f"  {size} round {r + 1}: {format_round(result)}", flush=True)
     finally:
@@ -255,6 +251,38 @@ def one_size(
     }
 
 
+def bare_measure(
+    s: Settings, args: argparse.Namespace, distinct: list[bytes]
+) -> Callable[[], dict[str, dict]]:
+    """The demo detector bare, warmed up: a function that measures it per call, in
+    batches and (when it traced) traced, once each, on the photos decoded beforehand."""
+    from ultralytics.models import YOLO
+
+    device = args.device
+    decoded = [decode_image(d, s.max_image_pixels) for d in distinct]
+    frames = [decoded[i % len(decoded)] for i in range(args.images)]
+    kwargs = {"imgsz": IMGSZ, "conf": 0.5, "device": device, "verbose": False}
+    kwargs |= _precision(device)
+    bare_model = YOLO(str(DETECTOR))
+    bare_model.predict(frames[: s.batch_size], **kwargs)  # warm-up, not timed
+    traced_model = YOLO(str(DETECTOR))
+    traced_model.predict(frames[:1], **kwargs)
+    traced = trace_forward(traced_model, IMGSZ, device, half=device.startswith("cuda"))
+    if traced:
+        traced_model.predict(frames[: s.batch_size], **kwargs)
+
+    def measure() -> dict[str, dict]:
+        runs = {
+            "per_call": run_bare(bare_model, frames, 1, kwargs),
+            "batched": run_bare(bare_model, frames, s.batch_size, kwargs),
+        }
+        if traced:
+            runs["traced_batched"] = run_bare(traced_model, frames, s.batch_size, kwargs)
+        return runs
+
+    return measure
+
+
 def graph_memory(pipeline: Pipeline) -> tuple[int, int]:
     """(CUDA graphs recorded, GPU bytes they hold) over the pipeline's loaded models: what
     GANNET_CUDA_GRAPHS costs in memory beside the models themselves."""
@@ -267,79 +295,153 @@ def graph_memory(pipeline: Pipeline) -> tuple[int, int]:
     return count, held
 
 
-def batch_counts(metrics: Metrics) -> tuple[float, float]:
-    """(images, model calls) so far, summed over the cache's models: from the histogram
-    the daemon exports as gannet_batch_size."""
-    histogram = metrics.batch_size
-    samples = {s.name: s.value for m in histogram.collect() for s in m.samples}
-    return samples.get("gannet_batch_size_sum", 0.0), samples.get("gannet_batch_size_count", 0.0)
+class GpuBusy:
+    """NVML's utilisation of the device over a run (nvidia-smi sampling every 100 ms): the
+    share of the time a kernel ran on it. Why not the forward passes' wall time alone: on
+    CUDA the batcher thread only launches them, and the device runs them asynchronously.
+    None on the CPU, or where nvidia-smi is missing or fails (the bench goes on without).
+    It assumes nvidia-smi numbers the GPUs as torch does (one GPU, or CUDA_DEVICE_ORDER
+    =PCI_BUS_ID)."""
+
+    def __init__(self, device: str) -> None:
+        self._index = (device.partition(":")[2] or "0") if device.startswith("cuda") else None
+        self._samples: list[float] = []
+        self._proc: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
+
+    def __enter__(self) -> GpuBusy:
+        if self._index is None or shutil.which("nvidia-smi") is None:
+            return self
+        command = ["nvidia-smi", f"--id={self._index}", "--query-gpu=utilization.gpu"]
+        command += ["--format=csv,noheader,nounits", "--loop-ms=100"]
+        try:
+            self._proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        except OSError as exc:
+            print(f"  (no GPU utilisation: {exc})")
+            return self
+        self._reader = threading.Thread(target=self._read, args=(self._proc,), daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                self._samples.append(float(line) / 100)
+            except ValueError:  # a line that is not a number ("[N/A]", an error)
+                continue
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=5)
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        if self._proc is not None and self._proc.stdout is not None:
+            self._proc.stdout.close()
+
+    def share(self) -> float | None:
+        if not self._samples:
+            return None
+        return round(statistics.fmean(self._samples), 3)
+
+
+def forward_totals(metrics: Metrics) -> tuple[float, float, float]:
+    """(images, model calls, forward seconds) so far, summed over the cache's models: from
+    the histograms the daemon exports as gannet_batch_size and gannet_forward_seconds."""
+    samples = {
+        s.name: s.value
+        for histogram in (metrics.batch_size, metrics.forward_seconds)
+        for m in histogram.collect()
+        for s in m.samples
+    }
+    return (
+        samples.get("gannet_batch_size_sum", 0.0),
+        samples.get("gannet_batch_size_count", 0.0),
+        samples.get("gannet_forward_seconds_sum", 0.0),
+    )
 
 
 def medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    compare = "bare_images_per_s" in rounds[0]
     bare = {
         k: round(statistics.median(r["bare_images_per_s"][k] for r in rounds), 1)
-        for k in rounds[0]["bare_images_per_s"]
+        for k in rounds[0].get("bare_images_per_s", {})
     }
-    daemon = {}
+    daemon: dict[str, dict[str, Any]] = {}
+    keys = ["images_per_s", "cpu_ms", "forward_share", "gpu_busy"] + (["ratio"] if compare else [])
     for runners in rounds[0]["daemon"]:
         each = [r["daemon"][runners] for r in rounds]
-        daemon[runners] = {
-            key: round(statistics.median(d[key] for d in each), 3)
-            for key in ("images_per_s", "cpu_ms", "ratio")
-        } | {"ratios": [d["ratio"] for d in each]}
-    return {"bare_images_per_s": bare, "daemon": daemon}
+        daemon[runners] = {key: _median([d[key] for d in each]) for key in keys}
+        if compare:
+            daemon[runners]["ratios"] = [d["ratio"] for d in each]
+    return {"bare_images_per_s": bare, "daemon": daemon} if compare else {"daemon": daemon}
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(statistics.median(known), 3) if known else None
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{share:.0%}"
 
 
 def format_round(r: dict[str, Any]) -> str:
-    bare = ", ".join(f"{k} {v}" for k, v in r["bare_images_per_s"].items())
-    parts = [f"bare {bare} img/s"]
-    for runners, d in r["daemon"].items():
-        agree = d["agreement"]
-        differ = f" differ: {agree['differ']}" if agree["differ"] else ""
+    parts = []
+    if "bare_images_per_s" in r:
         parts.append(
-            f"daemon, {runners} runners: {d['images_per_s']} img/s, {d['cpu_ms']} CPU "
-            f"ms/image, mean batch {d['mean_batch']}, / best bare {d['ratio']}, same "
-            f"detections on {agree['same_count']}/{agree['photos']} photos (boxes within "
-            f"{agree['largest_box_diff_px']} px){differ}"
+            f"bare {', '.join(f'{k} {v}' for k, v in r['bare_images_per_s'].items())} img/s"
         )
+    for runners, d in r["daemon"].items():
+        line = (
+            f"daemon, {runners} runners: {d['images_per_s']} img/s, {d['cpu_ms']} CPU "
+            f"ms/image, mean batch {d['mean_batch']}, in forward passes "
+            f"{d['forward_share']:.0%} of the time, GPU busy {_percent(d['gpu_busy'])}"
+        )
+        if "ratio" in d:
+            agree = d["agreement"]
+            differ = f" differ: {agree['differ']}" if agree["differ"] else ""
+            line += (
+                f", / best bare {d['ratio']}, same detections on {agree['same_count']}/"
+                f"{agree['photos']} photos (boxes within {agree['largest_box_diff_px']} px)"
+                f"{differ}"
+            )
+        parts.append(line)
     return "\n    ".join(parts)
 
 
 def print_report(report: dict[str, Any]) -> None:
     print(
         f"\nin-process bench on {report.get('gpu', report['device'])}, "
-        f"{report['images']} images per measurement, median of {report['rounds']} rounds"
+        f"{report['pipeline']}, {report['images']} images per measurement, median of "
+        f"{report['rounds']} rounds"
     )
+    compare = "bare_images_per_s" in report["sizes"][0]["median"]
     rows = []
     for entry in report["sizes"]:
-        bare = entry["median"]["bare_images_per_s"]
+        bare = entry["median"].get("bare_images_per_s", {})
         for runners, d in entry["median"]["daemon"].items():
-            rows.append(
-                [
-                    entry["size"],
-                    bare.get("per_call"),
-                    bare.get("batched"),
-                    bare.get("traced_batched", "-"),
-                    runners,
-                    d["images_per_s"],
-                    d["cpu_ms"],
-                    f"{d['ratio']} ({', '.join(str(x) for x in d['ratios'])})",
-                ]
-            )
+            row = [entry["size"]]
+            if compare:
+                row += [bare.get("per_call"), bare.get("batched"), bare.get("traced_batched", "-")]
+            row += [runners, d["images_per_s"], d["cpu_ms"], f"{d['forward_share']:.0%}"]
+            row.append(_percent(d["gpu_busy"]))
+            if compare:
+                row.append(f"{d['ratio']} ({', '.join(str(x) for x in d['ratios'])})")
+            rows.append(row)
+    head = ["images"]
+    if compare:
+        head += ["bare per call", "bare batched", "bare traced"]
+    head += ["runners", "daemon img/s", "daemon CPU ms/img", "in forward", "GPU busy"]
+    if compare:
+        head.append("daemon / best bare (rounds)")
+    print(format_table(head, rows))
     print(
-        format_table(
-            [
-                "images",
-                "bare per call",
-                "bare batched",
-                "bare traced",
-                "runners",
-                "daemon img/s",
-                "daemon CPU ms/img",
-                "daemon / best bare (rounds)",
-            ],
-            rows,
-        )
+        "(in forward: the share of the daemon's wall time its models' batcher threads spent "
+        "in forward passes, summed over the models; on a GPU that is the time to launch "
+        "them, which the device runs later. GPU busy: NVML's utilisation, the share of the "
+        "time a kernel ran, sampled by nvidia-smi every 100 ms; '-' without a GPU)"
     )
 
 
@@ -357,9 +459,14 @@ def main(args: argparse.Namespace) -> int:
 
 def run(s: Settings, args: argparse.Namespace, sizes: list[str], work: Path) -> int:
     """The bench, its config and generated photos under `work`."""
-    config = write_config(work)
+    if args.pipeline:
+        config, name = split_pipeline(args.pipeline)
+        config = config.resolve()
+    else:
+        config, name = write_config(work), "DETECTION"
     report: dict[str, Any] = {
         "device": args.device,
+        "pipeline": args.pipeline or f"DETECTION, the demo detector at imgsz {IMGSZ}",
         "runners": args.runner_counts,
         "images": args.images,
         "rounds": args.rounds,
@@ -374,7 +481,7 @@ def run(s: Settings, args: argparse.Namespace, sizes: list[str], work: Path) -> 
         report["gpu"] = torch.cuda.get_device_name(args.device)
     print(f"in-process bench: {json.dumps({k: v for k, v in report.items() if k != 'sizes'})}")
     for size in sizes:
-        report["sizes"].append(one_size(s, args, size, config, work))
+        report["sizes"].append(one_size(s, args, size, config, name, work))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))
     print_report(report)

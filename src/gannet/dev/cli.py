@@ -48,14 +48,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise CommandError(
                 "--in-process is a mode of its own: drop --plumbing, --flood, --baseline"
             )
-        if args.gcs_latency_ms or args.pipeline:
-            raise CommandError("--gcs-latency-ms and --pipeline go with --plumbing")
+        if args.gcs_latency_ms:
+            raise CommandError("--gcs-latency-ms goes with --plumbing")
         from gannet.dev import bench_device
+
+        if args.pipeline:
+            from gannet.dev.bench_plumbing import check_pipeline
+
+            check_pipeline(args.pipeline)
 
         args.images = args.images or 500
         return bench_device.main(args)
     if not args.plumbing and (args.gcs_latency_ms or args.runners_sweep or args.pipeline):
-        raise CommandError("--gcs-latency-ms, --runners-sweep and --pipeline go with --plumbing")
+        raise CommandError(
+            "--gcs-latency-ms, --runners-sweep and --pipeline go with --plumbing (the last "
+            "two also with --in-process)"
+        )
     if args.flood:
         from gannet.dev import bench_flood
 
@@ -299,8 +307,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--pipeline",
         metavar="CONFIG:NAME",
-        help="--plumbing: the tasks run pipeline NAME of config file CONFIG, e.g. "
-        "configs/agro.yaml:FULL_PIPELINE (default: the demo detector alone at imgsz 640)",
+        help="--plumbing or --in-process: the tasks run pipeline NAME of config file "
+        "CONFIG, e.g. configs/agro.yaml:FULL_PIPELINE (default: the demo detector alone at "
+        "imgsz 640); with --in-process there is no bare model to compare, and the report "
+        "gives the share of the time the models ran",
     )
     p.add_argument(
         "--images",
