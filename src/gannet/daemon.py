@@ -14,7 +14,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -23,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from types import FrameType
 
 import google.cloud.pubsub_v1 as pubsub_v1
 from google.api_core import exceptions as gexc
@@ -44,6 +42,7 @@ from gannet.outcome import Settler, shutdown
 from gannet.pipeline import Limits, Pipeline
 from gannet.pool import resolve_devices
 from gannet.settings import Settings
+from gannet.signals import on_signals
 from gannet.sink import SCHEMA_VERSION, Sink
 from gannet.storage import Storage, local_version, read_local
 from gannet.subscriber import Subscriber
@@ -399,15 +398,16 @@ class Daemon:
         return monitors
 
     def _install_signal_handlers(self) -> None:
-        def request_stop(signum: int, frame: FrameType | None) -> None:
-            if self.stop_requested.is_set():
-                self.stop_now.set()
-                return
-            self.health.set(shutting_down=True)  # readiness false at once
-            self.stop_requested.set()
+        on_signals(self._request_stop)  # not in the handler itself: signals.py says why
 
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
+    def _request_stop(self, signum: int) -> None:
+        """On the signals thread: the first SIGTERM or SIGINT drains, a second stops
+        waiting for running work."""
+        if self.stop_requested.is_set():
+            self.stop_now.set()
+            return
+        self.health.set(shutting_down=True)  # readiness false at once
+        self.stop_requested.set()
 
     def _shutdown(self, parts: Parts, subscribers: list[Subscriber]) -> None:
         budget = Budget(self.settings.shutdown_grace_s)

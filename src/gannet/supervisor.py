@@ -39,7 +39,6 @@ import urllib.request
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from types import FrameType
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -49,6 +48,7 @@ from prometheus_client.samples import Sample
 from gannet import logs
 from gannet.health import HealthServer
 from gannet.settings import Settings
+from gannet.signals import on_signals
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,9 @@ class Supervisor:
 
     # --------------------------------------------------------------- run
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+    def _on_signal(self, signum: int) -> None:
+        """On the signals thread (signals.py: not in the handler, which could deadlock
+        on the lock Popen.wait holds in the main thread)."""
         self.stopping.set()
         for child in self.children:
             if child.alive():
@@ -267,8 +269,7 @@ class Supervisor:
         registry = CollectorRegistry()
         registry.register(_Merged(self))
         server = HealthServer(self.live, self.ready, registry, self.settings.metrics_port)
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        on_signals(self._on_signal)
         log.info(
             "starting daemon processes",
             extra={

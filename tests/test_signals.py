@@ -1,0 +1,80 @@
+"""A stop signal that lands while the main thread holds a lock must still stop the process
+(signals.py). Each case runs in a child interpreter: a deadlock there is a timeout here,
+and this process's own signal handlers stay as they are."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+# The main thread holds the lock that Event.set takes, as it does for a moment inside
+# Event.wait each time the daemon's main loop wakes, and gets SIGTERM right then: Python
+# runs the handler in that thread, inside the `with`. The stop must take effect once the
+# lock is let go.
+HOLD_THE_LOCK_AND_SIGNAL = """
+import os, signal, threading, time
+{install}
+with stop._cond:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)  # the handler runs in here, the lock held
+print("stopped" if stop.wait(5) else "not stopped", flush=True)
+"""
+
+WATCHED = """
+from gannet.signals import on_signals
+stop = threading.Event()
+on_signals(lambda signum: stop.set())
+"""
+
+IN_THE_HANDLER = """
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+"""
+
+
+def run_child(install: str, timeout_s: float) -> subprocess.CompletedProcess[str] | None:
+    code = HOLD_THE_LOCK_AND_SIGNAL.format(install=textwrap.dedent(install))
+    try:
+        return subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired:
+        return None  # deadlocked (the child is killed on timeout)
+
+
+def test_a_stop_signal_during_a_held_lock_is_handled_once_the_lock_is_free() -> None:
+    done = run_child(WATCHED, timeout_s=20)
+    assert done is not None, "the process deadlocked on its own lock"
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "stopped"
+
+
+def test_the_same_signal_handled_inside_the_handler_deadlocks() -> None:
+    """Why signals.py exists: the handler the daemon had (Event.set in the handler)
+    never returns here (a child that stops answers within a second). If this ever fails,
+    Python changed and signals.py may go."""
+    assert run_child(IN_THE_HANDLER, timeout_s=5) is None
+
+
+def test_every_signal_reaches_the_callback_with_its_number() -> None:
+    code = textwrap.dedent(
+        """
+        import os, signal, threading
+        from gannet.signals import on_signals
+        got = []
+        both = threading.Event()
+        def on_signal(signum):
+            got.append(signum)
+            if len(got) == 2:
+                both.set()
+        on_signals(on_signal)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert both.wait(5), got
+        print(sorted(got) == sorted([signal.SIGTERM, signal.SIGINT]), flush=True)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
