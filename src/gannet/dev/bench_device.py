@@ -14,7 +14,11 @@ no Java and no network), so this mode runs that part alone, in one process:
 
 Rounds alternate the two; the report gives daemon / best bare per round and their
 median, the process's CPU ms per image on each side, the batch sizes the runners
-reached, and whether the daemon's detections agree with the bare model's.
+reached, and whether the daemon's detections agree with the bare model's. Each daemon
+run also says how busy the GPU was (GpuBusy) and what share of the time the batcher
+threads spent in forward passes. With `--pipeline CONFIG:NAME` the runners run a
+config's pipeline instead (several models, sliced detection), and there is no bare model
+to compare: those two figures are the answer there.
 
 What it leaves out: the GCS read and write, the claim and commit in PostgreSQL, the
 pull and ack of Pub/Sub. `gannet bench --plumbing` measures those, with the emulators.
@@ -185,7 +189,7 @@ def one_size(
                 print(f"  {size}: {count} CUDA graphs ({label}) hold {held / 2**20:.1f} MiB")
         rounds = []
         for r in range(args.rounds):
-            bare = measure_bare() if measure_bare else None
+            bare = measure_bare() if measure_bare is not None else None
             daemons = {}
             for (label, (pipeline, metrics)), runners in product(
                 pipelines.items(), args.runner_counts
@@ -203,7 +207,7 @@ def one_size(
                     "forward_share": round(seconds / daemon["wall_s"], 3),
                     "gpu_busy": gpu.share(),
                 }
-                if bare:
+                if bare is not None:
                     figures["agreement"] = agreement(
                         bare["batched"]["answers"][: len(distinct)],
                         daemon["results"][: len(distinct)],
@@ -211,7 +215,7 @@ def one_size(
                     )
                 daemons[f"{runners}{', ' + label if label else ''}"] = figures
             result: dict[str, Any] = {"daemon": daemons}
-            if measure_bare and bare:
+            if measure_bare is not None and bare is not None:
                 # The bare model once more, after the daemon: on an H200 its one Python
                 # thread's pace moved by up to 1.4x between rounds where the daemon's
                 # moved by 6 %. The faster pass of each is the figure, the stricter one
@@ -390,9 +394,8 @@ def _percent(share: float | None) -> str:
 def format_round(r: dict[str, Any]) -> str:
     parts = []
     if "bare_images_per_s" in r:
-        parts.append(
-            f"bare {', '.join(f'{k} {v}' for k, v in r['bare_images_per_s'].items())} img/s"
-        )
+        bare = ", ".join(f"{k} {v}" for k, v in r["bare_images_per_s"].items())
+        parts.append(f"bare {bare} img/s")
     for runners, d in r["daemon"].items():
         line = (
             f"daemon, {runners} runners: {d['images_per_s']} img/s, {d['cpu_ms']} CPU "
