@@ -210,7 +210,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "With --flood: how long interactive tasks wait behind a bulk backfill, with lanes "
         "and on one subscription, against no backfill at all. With --in-process: the "
         "daemon's model path alone (decode to result JSON) against the bare model, "
-        "without the services, for a GPU host.",
+        "or a config's pipeline with --pipeline, and how busy it kept the GPU, without "
+        "the services, for a GPU host.",
     )
     p.add_argument(
         "--flood",
@@ -310,7 +311,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="--plumbing or --in-process: the tasks run pipeline NAME of config file "
         "CONFIG, e.g. configs/agro.yaml:FULL_PIPELINE (default: the demo detector alone at "
         "imgsz 640); with --in-process there is no bare model to compare, and the report "
-        "gives the share of the time the models ran",
+        "says how busy the GPU was (nvidia-smi) and the share of the time the models' "
+        "batcher threads spent in forward passes",
     )
     p.add_argument(
         "--images",
