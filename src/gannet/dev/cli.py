@@ -327,8 +327,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--runners",
         type=int,
         default=None,
-        help="daemon runner threads (default 8; with --plumbing or --flood the daemon's own "
-        "default, GANNET_RUNNERS)",
+        help="daemon runner threads (default 8; with --plumbing, --flood or --in-process "
+        "the daemon's own default, GANNET_RUNNERS)",
     )
     p.add_argument(
         "--rounds",
