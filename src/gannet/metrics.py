@@ -84,11 +84,12 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32),
             registry=r,
         )
-        # Its rate is the share of the time a pod's models run: on a GPU, how busy the
-        # daemon keeps it (operating.md#runners-for-a-fast-model).
+        # Its rate is the share of the time a model's batcher thread spends in forward
+        # passes: on the CPU the passes, on a GPU their launch (operating.md).
         self.forward_seconds = Histogram(
             "gannet_forward_seconds",
-            "Wall seconds per model call (one forward pass over a batch).",
+            "Wall seconds per model call (one forward pass over a batch), by model.",
+            ["model", "device"],
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
             registry=r,
         )

@@ -15,10 +15,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prometheus_client import Histogram
 
 from gannet.batcher import Batcher, BatcherClosed
 from gannet.errors import ErrorCode, TransientError
@@ -146,7 +148,9 @@ class ModelCache:
             predictor.forward,
             self._max_batch,
             self._window_s,
-            on_batch=self._observe_batch,
+            on_batch=partial(
+                self._observe_batch, self._metrics.forward_seconds.labels(key.label(), key.device)
+            ),
             group=predictor.shape,
             on_start=predictor.start_forward_thread,
             on_cpu=self._metrics.stage_cpu_seconds.labels("forward").inc
@@ -174,10 +178,11 @@ class ModelCache:
             last_used=time.monotonic(),
         )
 
-    def _observe_batch(self, size: int, seconds: float) -> None:
-        """After each forward pass, on its batcher thread."""
+    def _observe_batch(self, forward: Histogram, size: int, seconds: float) -> None:
+        """After each forward pass, on its batcher thread; `forward`: the model's child of
+        gannet_forward_seconds, looked up once."""
         self._metrics.batch_size.observe(size)
-        self._metrics.forward_seconds.observe(seconds)
+        forward.observe(seconds)
 
     def _evict_over_budget(self, keep: ModelKey) -> list[LoadedModel]:
         if self._budget is None:

@@ -353,16 +353,15 @@ class GpuBusy:
 def forward_totals(metrics: Metrics) -> tuple[float, float, float]:
     """(images, model calls, forward seconds) so far, summed over the cache's models: from
     the histograms the daemon exports as gannet_batch_size and gannet_forward_seconds."""
-    samples = {
-        s.name: s.value
-        for histogram in (metrics.batch_size, metrics.forward_seconds)
-        for m in histogram.collect()
-        for s in m.samples
-    }
+    sums: dict[str, float] = {}
+    for histogram in (metrics.batch_size, metrics.forward_seconds):
+        for metric in histogram.collect():
+            for sample in metric.samples:  # one per model for the forward seconds
+                sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
     return (
-        samples.get("gannet_batch_size_sum", 0.0),
-        samples.get("gannet_batch_size_count", 0.0),
-        samples.get("gannet_forward_seconds_sum", 0.0),
+        sums.get("gannet_batch_size_sum", 0.0),
+        sums.get("gannet_batch_size_count", 0.0),
+        sums.get("gannet_forward_seconds_sum", 0.0),
     )
 
 
