@@ -15,22 +15,30 @@ from gannet.dev import bench_device
 from gannet.settings import REPO_ROOT
 
 
-def test_the_runners_path_answers_as_the_bare_model_and_reports_each_runner_count(
-    tmp_path: Path,
-) -> None:
+def run_bench(
+    tmp_path: Path, images: int, runner_counts: list[int], pipeline: str | None = None
+) -> dict:
+    """`gannet bench --in-process --device cpu --sizes 640x480 --rounds 1`, its report."""
     output = tmp_path / "report.json"
     args = argparse.Namespace(
         device="cpu",
         sizes=["640x480"],
-        images=12,
+        images=images,
         rounds=1,
         runners=None,
-        runners_sweep=[(1, None), (3, None)],
-        pipeline=None,
+        runners_sweep=[(n, None) for n in runner_counts],
+        pipeline=pipeline,
         output=output,
     )
     assert bench_device.main(args) == 0
-    report = json.loads(output.read_text())
+    report: dict = json.loads(output.read_text())
+    return report
+
+
+def test_the_runners_path_answers_as_the_bare_model_and_reports_each_runner_count(
+    tmp_path: Path,
+) -> None:
+    report = run_bench(tmp_path, images=12, runner_counts=[1, 3])
     (size,) = report["sizes"]
     (round_,) = size["rounds"]
     assert set(round_["bare_images_per_s"]) == {"per_call", "batched", "traced_batched"}
@@ -54,19 +62,8 @@ def test_a_configs_pipeline_runs_its_models_and_reports_their_share_of_the_time(
     """`--pipeline` runs a shipped pipeline (two models here) on the runners' path; there is
     no bare model to compare, so the report says how much of the time the models' forward
     passes took."""
-    output = tmp_path / "report.json"
-    args = argparse.Namespace(
-        device="cpu",
-        sizes=["640x480"],
-        images=6,
-        rounds=1,
-        runners=None,
-        runners_sweep=[(2, None)],
-        pipeline=f"{REPO_ROOT / 'configs' / 'agro.yaml'}:FULL_PIPELINE",
-        output=output,
-    )
-    assert bench_device.main(args) == 0
-    report = json.loads(output.read_text())
+    agro = REPO_ROOT / "configs" / "agro.yaml"
+    report = run_bench(tmp_path, images=6, runner_counts=[2], pipeline=f"{agro}:FULL_PIPELINE")
     assert report["pipeline"].endswith("agro.yaml:FULL_PIPELINE")
     (size,) = report["sizes"]
     (round_,) = size["rounds"]
