@@ -161,11 +161,10 @@ def one_size(
     on a GPU, how busy the device was say whether it kept the models busy."""
     device = args.device
     on_cuda = device.startswith("cuda")
-    compare = not args.pipeline
     files = images_for(size, work / "images")
     distinct = [f.read_bytes() for f in files]
     photos = [distinct[i % len(distinct)] for i in range(args.images)]
-    measure_bare = bare_measure(s, args, distinct) if compare else None
+    measure_bare = None if args.pipeline else bare_measure(s, args, distinct)
 
     # On a GPU, the daemon with CUDA graphs and without, side by side (cuda_graphs.py).
     variants = {"": s.cuda_graphs}
