@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from conftest import gannet
 
 from gannet.settings import REPO_ROOT, settings_table
@@ -55,10 +57,13 @@ def test_run_without_credentials_or_emulator_says_what_to_do():
 
 
 def test_run_without_a_database_says_what_to_do():
+    """After GANNET_DB_CONNECT_WAIT_S (15 s by default, 2 here), not at once."""
+    started = time.monotonic()
     out = gannet(
         "run",
         env={
             "GANNET_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+            "GANNET_DB_CONNECT_WAIT_S": "2",
             "GANNET_PUBSUB_EMULATOR_HOST": "127.0.0.1:1",
             "GANNET_STORAGE_EMULATOR_HOST": "http://127.0.0.1:1",
             "GANNET_METRICS_PORT": "0",
@@ -67,6 +72,8 @@ def test_run_without_a_database_says_what_to_do():
     )
     assert out.returncode == 2
     assert "cannot connect to PostgreSQL" in out.stdout and "GANNET_DATABASE_URL" in out.stdout
+    assert "GANNET_DB_CONNECT_WAIT_S" in out.stdout
+    assert time.monotonic() - started < 15  # the setting, not the default, was waited out
 
 
 def test_run_against_an_unmigrated_database_says_to_migrate(services):

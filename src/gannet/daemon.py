@@ -153,10 +153,11 @@ def build(
         raise StartupError(str(exc)) from exc
     sink = Sink(s.database_url, pool_size=s.db_pool_size, timeout_s=s.db_timeout_s)
     try:
-        sink.open(wait_s=15)
+        sink.open(wait_s=s.db_connect_wait_s)
     except Exception as exc:
         raise StartupError(
-            f"cannot connect to PostgreSQL at GANNET_DATABASE_URL ({exc}); is it running?"
+            f"cannot connect to PostgreSQL at GANNET_DATABASE_URL ({exc}); is it running? "
+            "If it only starts slowly, raise GANNET_DB_CONNECT_WAIT_S"
         ) from exc
     if sink.schema_version() < SCHEMA_VERSION:
         sink.close()
