@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import wait
 from typing import Any
 
 import numpy as np
@@ -133,12 +132,11 @@ def test_a_failed_call_is_reported_to_every_request_in_it(failure, message):
     batcher, submit = start_behind_a_running_call(forward)
     futures = submit([image(1), image(2), image(3)])
     forward.release.set()
-    wait(futures, timeout=WAIT_S)
     failed = futures[1:]
-    assert all(f.done() for f in futures)
     for future in failed:
         with pytest.raises(RuntimeError, match=message):
-            future.result(0)
+            future.result(WAIT_S)
+    assert all(f.done() for f in futures)
 
     forward.fail_on_call, forward.short_by = None, 0
     assert batcher.submit([image(5)])[0].result(WAIT_S) == answer(image(5))
@@ -237,7 +235,8 @@ def test_held_requests_go_with_the_next_urgent_ones():
     batcher.submit([image(40)], urgency=4)
     forward.release.set()
     assert gate.wait(WAIT_S)
-    wait(bulk + later, WAIT_S)
+    for future in bulk + later:
+        future.result(WAIT_S)
     batcher.close()
     batcher.join(WAIT_S)
     sums = [sorted(answer(item) for item in call) for call in forward.calls]
@@ -248,10 +247,12 @@ def test_held_requests_go_with_the_next_urgent_ones():
 def test_runners_handing_inputs_to_a_batcher_that_keeps_falling_asleep_all_get_answers(
     window_s: float,
 ) -> None:
-    """A runner wakes the batcher only when it sleeps (batcher._Inbox); a wake-up lost
-    between the batcher finding nothing queued and going to sleep would leave a runner
-    waiting for ever. Eight threads submit one input at a time, 300 each, so the batcher
-    goes to sleep and is woken thousands of times, with and without a window."""
+    """A runner wakes the batcher only when it sleeps (batcher._Inbox), and the batcher
+    wakes a runner waiting for its answer (batcher.Answer); a wake-up lost on either side
+    would leave a thread waiting for ever (here: each answer WAIT_S late, and the test
+    past its timeout). Eight threads submit one input at a time, 300 each, so the batcher
+    and the runners go to sleep and are woken thousands of times, with and without a
+    window."""
     batcher = Batcher("sleepy", lambda items: [answer(item) for item in items], 4, window_s)
     failures: list[str] = []
 

@@ -1,7 +1,7 @@
 """One thread per (model, device) that owns the model and runs requests as batches.
 
 Ultralytics models are not thread-safe, so exactly one thread ever calls a model. Runner
-threads hand it prepared inputs and wait on a future; requests that queued while the last
+threads hand it prepared inputs and wait on an Answer; requests that queued while the last
 forward pass ran (or within `window_s` of each other) and have the same shape share one
 forward pass, which is where a GPU earns its keep.
 
@@ -21,7 +21,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,12 +37,116 @@ class BatcherClosed(RuntimeError):
     """The model was evicted or the daemon is stopping; ask the cache again."""
 
 
+class _Eventfd:
+    """A wake-up that lets go of the GIL on both sides: an eventfd, and a poll on it.
+    Closed when nothing refers to it any more."""
+
+    __slots__ = ("_poll", "fd")
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._poll = select.poll()
+        self._poll.register(self.fd, select.POLLIN)
+
+    def wake(self) -> None:
+        os.eventfd_write(self.fd, 1)
+
+    def wait(self, timeout_s: float | None) -> None:
+        """Until woken or `timeout_s` passes. A wake that came before the wait counts:
+        then it returns at once (one reader per eventfd, so the count waits for it)."""
+        if self._poll.poll(None if timeout_s is None else timeout_s * 1000):
+            os.eventfd_read(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class _ThreadWake(threading.local):
+    """Each waiting thread's _Eventfd, made at its first wait."""
+
+    wake: _Eventfd | None = None
+
+    def get(self) -> _Eventfd:
+        if self.wake is None:
+            self.wake = _Eventfd()
+        return self.wake
+
+
+_THREAD_WAKE = _ThreadWake()
+
+
+class Answer:
+    """One request's answer.
+
+    Why not concurrent.futures.Future: its set_result wakes the waiting runner inside
+    Condition.notify_all, a futex wake made with the GIL held, once per image. py-spy
+    --gil put 2.9 % of the daemon's GIL-held samples at 640x480 in that call
+    (docs/benchmark.md). Here the batcher sets the answer, then writes the waiting
+    thread's eventfd, and os.eventfd_write lets go of the GIL around the system call, as
+    the batcher's own wake-up does (_Inbox).
+
+    No lock: a waiter names itself before it looks at `_done`, and the batcher sets
+    `_done` before it looks for a waiter, so (each step whole under the GIL) at least
+    one of them sees the other. A wake that finds the answer already read is harmless."""
+
+    __slots__ = ("_done", "_error", "_value", "_waiter")
+
+    def __init__(self) -> None:
+        self._done = False
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._waiter: _Eventfd | None = None
+
+    def done(self) -> bool:
+        return self._done
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The answer, or the error the model call raised; TimeoutError after `timeout`
+        seconds. One thread waits on an answer (its runner)."""
+        if not self._done:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            self._waiter = wake = _THREAD_WAKE.get()
+            while not self._done:
+                wait_s = None if deadline is None else deadline - time.monotonic()
+                if wait_s is not None and wait_s <= 0:
+                    raise TimeoutError("no answer from the batcher in time")
+                # A wake meant for an earlier answer may still be counted: then this
+                # returns at once and the loop looks again.
+                wake.wait(wait_s)
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def _set(self, value: Any, error: BaseException | None) -> _Eventfd | None:
+        """Sets the answer; returns who to wake (_answer wakes each thread once)."""
+        self._value, self._error = value, error
+        self._done = True
+        return self._waiter
+
+
+def _answer(requests: Sequence[_Request], values: Sequence[Any] | BaseException) -> None:
+    """Each request's answer (or all the same error), then one wake per waiting thread:
+    a runner that submitted several inputs (a sliced photo's tiles) is woken once."""
+    if isinstance(values, BaseException):
+        wakes = {r.answer._set(None, values) for r in requests}
+    else:
+        wakes = {r.answer._set(v, None) for r, v in zip(requests, values, strict=True)}
+    for wake in wakes:
+        if wake is not None:
+            wake.wake()
+
+
 @dataclass
 class _Request:
     item: Any
     link: SpanContext | None = None  # tracing on: the submitting task's span
     urgency: int = 0  # its lane's weight: the most urgent requests queued run first
-    future: Future[Any] = field(default_factory=Future)
+    answer: Answer = field(default_factory=Answer)
 
 
 _STOP = object()
@@ -63,16 +166,14 @@ class _Inbox:
         self._items: deque[_Request | object] = deque()
         self._lock = threading.Lock()  # held only for a few bytecodes, never across a wait
         self._sleeping = False
-        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._poll = select.poll()
-        self._poll.register(self._fd, select.POLLIN)
+        self._wake = _Eventfd()
 
     def put(self, items: Sequence[_Request | object]) -> None:
         with self._lock:
             self._items.extend(items)
             wake, self._sleeping = self._sleeping, False
         if wake:
-            os.eventfd_write(self._fd, 1)
+            self._wake.wake()
 
     def get(self, timeout: float | None = None) -> _Request | object | None:
         """The oldest item; None if `timeout` seconds pass first (0: do not wait)."""
@@ -86,12 +187,10 @@ class _Inbox:
                     self._sleeping = False
                     return None
                 self._sleeping = True
-            wait_ms = None if deadline is None else max(0.0, deadline - time.monotonic()) * 1000
-            if self._poll.poll(wait_ms):  # the batcher is the only reader: a count waits
-                os.eventfd_read(self._fd)
+            self._wake.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def close(self) -> None:
-        os.close(self._fd)
+        self._wake.close()
 
 
 class Batcher:
@@ -127,7 +226,7 @@ class Batcher:
 
     def submit(
         self, items: Sequence[Any], link: SpanContext | None = None, urgency: int = 0
-    ) -> list[Future[Any]]:
+    ) -> list[Answer]:
         """`link`: the span a traced forward pass links back to (tracing.current_link);
         `urgency`: the task's lane weight (lanes.URGENCY)."""
         with self._close_lock:
@@ -135,7 +234,7 @@ class Batcher:
                 raise BatcherClosed(self.name)
             requests = [_Request(item, link, urgency) for item in items]
             self._inbox.put(requests)
-        return [r.future for r in requests]
+        return [r.answer for r in requests]
 
     def close(self) -> None:
         """Finish what was submitted, then stop the thread."""
@@ -174,14 +273,12 @@ class Batcher:
             if len(results) != len(batch):
                 raise RuntimeError(f"model returned {len(results)} results for {len(batch)}")
         except Exception as exc:  # noqa: BLE001 - handed to every waiting runner
-            for request in batch:
-                request.future.set_exception(exc)
+            _answer(batch, exc)
             return
         self._on_batch(len(batch), time.perf_counter() - started)
         if self._on_cpu:
             self._on_cpu(time.thread_time() - cpu_started)
-        for request, result in zip(batch, results, strict=True):
-            request.future.set_result(result)
+        _answer(batch, results)
 
     def _loop(self) -> None:
         self._on_start()
@@ -210,5 +307,5 @@ class Batcher:
         # Anything submitted after close (cannot happen) or left behind gets an answer.
         while (item := self._inbox.get(timeout=0)) is not None:
             if isinstance(item, _Request):
-                item.future.set_exception(BatcherClosed(self.name))
+                _answer([item], BatcherClosed(self.name))
         self._inbox.close()
