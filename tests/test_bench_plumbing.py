@@ -172,6 +172,7 @@ def bench_args(tmp_path: Path, **kw: object) -> argparse.Namespace:
         "trace_only": False,
         "runners_sweep": None,
         "gcs_latency_ms": 0.0,
+        "gcs_tls": False,
         "pipeline": None,
         "state_dir": tmp_path,
     }

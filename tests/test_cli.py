@@ -94,9 +94,10 @@ def test_run_against_an_unmigrated_database_says_to_migrate(services):
 def test_bench_latency_options_without_plumbing_are_refused_not_ignored():
     """The model bench and --flood run their own services: a latency they would not
     apply is refused before anything starts, saying what the options go with."""
-    out = gannet("bench", "--gcs-latency-ms", "20")
-    assert out.returncode == 2
-    assert "go with --plumbing" in out.stdout + out.stderr
+    for options in (["--gcs-latency-ms", "20"], ["--gcs-tls"], ["--in-process", "--gcs-tls"]):
+        out = gannet("bench", *options)
+        assert out.returncode == 2, options
+        assert "go with --plumbing" in out.stdout + out.stderr, options
     out = gannet("bench", "--plumbing", "--runners-sweep", "4,2:0")
     assert out.returncode == 2
     assert "not a positive number" in out.stderr

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import urllib.request
 
-from gannet.dev.local_services import LocalServices
+import pytest
+from conftest import SAMPLES
+from google.auth.credentials import AnonymousCredentials
+
+from gannet.dev.local_services import LocalServices, Ports
+from gannet.gcs_http import Endpoint, HTTPError
+from gannet.storage import Storage, make_client
+from gannet.task import GsUrl
 
 
 def test_the_gcs_emulator_queues_many_connections_at_once(services: LocalServices):
@@ -27,3 +35,37 @@ def test_the_gcs_emulator_queues_many_connections_at_once(services: LocalService
         assert len(sockets) == 20
     with urllib.request.urlopen(f"{services.gcs_endpoint}/storage/v1/b", timeout=10) as resp:
         assert resp.status == 200, "the emulator serves again once the idle connections close"
+
+
+def test_the_gcs_emulator_speaks_https_with_a_certificate_only_gannet_is_told_to_trust(
+    tmp_path, monkeypatch
+):
+    """`gannet bench --plumbing --gcs-tls`: Cloud Storage is HTTPS, where a large photo is
+    read one TLS record at a time; the emulator then serves HTTPS too, and gannet's own
+    code runs unchanged, trusting its certificate through the variables OpenSSL and
+    requests read (tls_env). Only the GCS emulator is started here: the others take
+    20 s and are not what this tests."""
+    services = LocalServices(tmp_path, Ports.free(), gcs_tls=True)
+    try:
+        services._start_gcs()
+        services._wait("gcs", services._gcs_ready, 30)
+        assert services.gcs_endpoint.startswith("https://")
+        for name, value in services.tls_env().items():
+            monkeypatch.setenv(name, value)
+        client = make_client(services.project, services.gcs_endpoint)
+        client.create_bucket("images")
+        photo = (SAMPLES / "large_01.jpg").read_bytes()
+        storage = Storage(client)
+        storage.write("images", "t/photo.jpg", photo, "image/jpeg")
+        assert storage.read(GsUrl.parse("gs://images/t/photo.jpg"), len(photo)) == photo
+        assert client.bucket("images").blob("t/photo.jpg").download_as_bytes() == photo
+
+        monkeypatch.delenv("SSL_CERT_FILE")  # not trusted: refused, not read in clear
+        untrusted = Endpoint(services.gcs_endpoint, AnonymousCredentials())
+        with pytest.raises(ssl.SSLCertVerificationError):
+            untrusted.request("GET", "/storage/v1/b")
+        plain = Endpoint(services.gcs_endpoint.replace("https:", "http:"), AnonymousCredentials())
+        with pytest.raises(HTTPError):  # and no plain HTTP beside it
+            plain.request("GET", "/storage/v1/b")
+    finally:
+        services.stop()

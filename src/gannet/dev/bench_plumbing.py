@@ -705,6 +705,7 @@ def run(services: LocalServices, args: argparse.Namespace) -> dict[str, Any]:
         "runners": args.runners,
         "runners_sweep": args.runners_sweep,
         "gcs_latency_ms": args.gcs_latency_ms,
+        "gcs_tls": args.gcs_tls,
         "rounds": args.rounds,
         "pipeline": args.pipeline or f"DETECTION, the demo detector at imgsz {IMGSZ}",
         "machine": {"cpu_count": os.cpu_count()},
@@ -714,7 +715,8 @@ def run(services: LocalServices, args: argparse.Namespace) -> dict[str, Any]:
     receiver = TraceReceiver() if args.trace else None
     try:
         for size in args.sizes or SIZES:
-            print(f"plumbing mode, {size}, {report['pipeline']}:", flush=True)
+            over = ", GCS over HTTPS" if args.gcs_tls else ""
+            print(f"plumbing mode, {size}, {report['pipeline']}{over}:", flush=True)
             report["sizes"][size] = one_size(services, base, size, daemons, args, receiver)
     finally:
         if receiver is not None:
@@ -746,7 +748,7 @@ def print_sweep(report: dict[str, Any]) -> None:
     print(
         f"(on 2 cores; medians of {report['rounds']} rounds; {report['images']} "
         f"tasks each; every GCS request {report['gcs_latency_ms']:g} ms slower than the "
-        "emulator's own)"
+        "emulator's own" + (", over HTTPS)" if report.get("gcs_tls") else ")")
     )
 
 
@@ -784,8 +786,9 @@ def print_report(report: dict[str, Any]) -> None:
     print()
     print(format_table(header, rows))
     print(
-        f"(medians of {report['rounds']} rounds; {report['images']} tasks each; daemon on "
-        "2 cores unless said; 2/1: images/s on 2 cores over 1 core; switches: context "
+        f"(medians of {report['rounds']} rounds; {report['images']} tasks each; "
+        + ("GCS over HTTPS; " if report.get("gcs_tls") else "")
+        + "daemon on 2 cores unless said; 2/1: images/s on 2 cores over 1 core; switches: context "
         "switches of the daemon's threads; CPU wait: the time its threads were ready to run "
         "but waited for a core (not for the GIL: a thread waiting for it sleeps); idle "
         "cores: how much of the machine nothing ran on, on average; services: the "
@@ -916,7 +919,11 @@ def main(args: argparse.Namespace) -> int:
     check_args(args)
     ports = Ports(args.pubsub_port, args.gcs_port, args.postgres_port)
     state = args.state_dir / "bench"
-    with LocalServices(state, ports, gcs_latency_ms=args.gcs_latency_ms) as services:
+    with LocalServices(
+        state, ports, gcs_latency_ms=args.gcs_latency_ms, gcs_tls=args.gcs_tls
+    ) as services:
+        # This process uploads the images and reads the results over HTTPS too.
+        os.environ.update(services.tls_env())
         report = run(services, args)
     print_report(report)
     output = args.output

@@ -48,8 +48,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise CommandError(
                 "--in-process is a mode of its own: drop --plumbing, --flood, --baseline"
             )
-        if args.gcs_latency_ms:
-            raise CommandError("--gcs-latency-ms goes with --plumbing")
+        if args.gcs_latency_ms or args.gcs_tls:
+            raise CommandError("--gcs-latency-ms and --gcs-tls go with --plumbing")
         from gannet.dev import bench_device
 
         if args.pipeline:
@@ -59,10 +59,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         args.images = args.images or 500
         return bench_device.main(args)
-    if not args.plumbing and (args.gcs_latency_ms or args.runners_sweep or args.pipeline):
+    if not args.plumbing and (
+        args.gcs_latency_ms or args.gcs_tls or args.runners_sweep or args.pipeline
+    ):
         raise CommandError(
-            "--gcs-latency-ms, --runners-sweep and --pipeline go with --plumbing (the last "
-            "two also with --in-process)"
+            "--gcs-latency-ms, --gcs-tls, --runners-sweep and --pipeline go with --plumbing "
+            "(the last two also with --in-process)"
         )
     if args.flood:
         from gannet.dev import bench_flood
@@ -293,6 +295,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         metavar="MS",
         help="--plumbing: add MS to every request the GCS emulator answers, as a real "
         "bucket's round trip would (default 0: the emulator's own, well under 1 ms)",
+    )
+    p.add_argument(
+        "--gcs-tls",
+        action="store_true",
+        help="--plumbing: the GCS emulator speaks HTTPS, as Cloud Storage does (a "
+        "self-signed certificate that the daemons are told to trust), so a large photo "
+        "is read one TLS record (16 KiB) at a time; default plain HTTP",
     )
     p.add_argument(
         "--runners-sweep",

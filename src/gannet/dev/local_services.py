@@ -17,6 +17,7 @@ import random
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -35,7 +36,9 @@ log = logging.getLogger(__name__)
 
 
 # How the local services run gcp-storage-emulator (argv[1]: milliseconds added to each
-# request, see LocalServices.gcs_latency_ms), with three fixes to its costs:
+# request, see LocalServices.gcs_latency_ms; argv[2]: a PEM file with a certificate and
+# its key to serve HTTPS with, or "" for HTTP, see LocalServices.gcs_tls), with three
+# fixes to its costs:
 # - It served one request at a time, HTTP/1.0, from a listen queue of 5 (Python's
 #   default). Every request was a new TCP connection, which real GCS never asks of a
 #   client that keeps its connections alive: the connect cost the daemon under test
@@ -69,6 +72,18 @@ def handle(self, method):
     with _one_at_a_time:
         _handle(self, method)
 emulator.Router.handle = handle
+_pem = sys.argv.pop(1)
+if _pem:
+    import socketserver
+    import ssl
+    _tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _tls.load_cert_chain(_pem)
+    _accept = socketserver.TCPServer.get_request
+    def get_request(self):
+        sock, address = _accept(self)
+        # The handshake runs in the connection's own thread, at its first read.
+        return _tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
+    server.ThreadingHTTPServer.get_request = get_request
 Storage._write_config_to_file = lambda self: None
 from gcp_storage_emulator.__main__ import main
 sys.exit(main())
@@ -158,6 +173,9 @@ class LocalServices:
     # Added to every GCS request, as a real bucket's round trip would be (the emulator
     # answers in well under a millisecond): `gannet bench --plumbing --gcs-latency-ms`.
     gcs_latency_ms: float = 0.0
+    # HTTPS, as Cloud Storage speaks it, with a self-signed certificate that env() tells
+    # gannet's processes to trust: `gannet bench --plumbing --gcs-tls`.
+    gcs_tls: bool = False
     _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _cleanup: list[Path] = field(default_factory=list)
     _postgres_cmd: list[str] = field(default_factory=list)
@@ -176,17 +194,32 @@ class LocalServices:
 
     @property
     def gcs_endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.ports.gcs}"
+        scheme = "https" if self.gcs_tls else "http"
+        return f"{scheme}://127.0.0.1:{self.ports.gcs}"
+
+    @property
+    def gcs_ca_file(self) -> Path:
+        """The GCS emulator's certificate, when it serves HTTPS (gcs_tls)."""
+        return self.state_dir / "gcs-tls.crt"
 
     def env(self) -> dict[str, str]:
         """What a `gannet` process needs to talk to these services."""
-        return {
+        env = {
             "GANNET_PROJECT": self.project,
             "PUBSUB_EMULATOR_HOST": self.pubsub_host,
             "GANNET_PUBSUB_EMULATOR_HOST": self.pubsub_host,
             "GANNET_STORAGE_EMULATOR_HOST": self.gcs_endpoint,
             "GANNET_DATABASE_URL": self.database_url,
         }
+        return {**env, **self.tls_env()}
+
+    def tls_env(self) -> dict[str, str]:
+        """With gcs_tls: where OpenSSL (gcs_http, urllib) and requests (the client
+        library) find the emulator's certificate. They read these variables themselves,
+        so gannet's code runs unchanged, as against Cloud Storage."""
+        if not self.gcs_tls:
+            return {}
+        return {"SSL_CERT_FILE": str(self.gcs_ca_file), "REQUESTS_CA_BUNDLE": str(self.gcs_ca_file)}
 
     def pids(self) -> dict[str, int]:
         """The process started for each service (its children are the service too)."""
@@ -199,8 +232,17 @@ class LocalServices:
         the CPU each write costs grows with the objects it holds. The bench empties it
         before each measurement so that cost does not depend on what ran before.
         """
-        with urllib.request.urlopen(f"{self.gcs_endpoint}/wipe?keep-buckets=true", timeout=30):
+        url = f"{self.gcs_endpoint}/wipe?keep-buckets=true"
+        with urllib.request.urlopen(url, timeout=30, context=self._gcs_tls_context()):
             pass
+
+    @property
+    def _gcs_pem(self) -> Path:
+        """The emulator's certificate and key, when it serves HTTPS."""
+        return self.state_dir / "gcs-tls.pem"
+
+    def _gcs_tls_context(self) -> ssl.SSLContext | None:
+        return ssl.create_default_context(cafile=self.gcs_ca_file) if self.gcs_tls else None
 
     def __enter__(self) -> LocalServices:
         self.start()
@@ -310,6 +352,8 @@ class LocalServices:
             return resp.status == 200
 
     def _start_gcs(self) -> None:
+        if self.gcs_tls:
+            self._make_certificate()
         self._spawn(
             "gcs",
             [
@@ -317,6 +361,7 @@ class LocalServices:
                 "-c",
                 _GCS_EMULATOR,
                 str(self.gcs_latency_ms),
+                str(self._gcs_pem) if self.gcs_tls else "",
                 "start",
                 "--host",
                 "127.0.0.1",
@@ -329,8 +374,31 @@ class LocalServices:
 
     def _gcs_ready(self) -> bool:
         url = f"{self.gcs_endpoint}/storage/v1/b?project={self.project}"
-        with urllib.request.urlopen(url, timeout=2) as resp:
+        with urllib.request.urlopen(url, timeout=2, context=self._gcs_tls_context()) as resp:
             return resp.status == 200
+
+    def _make_certificate(self) -> None:
+        """A self-signed certificate for 127.0.0.1, which the clients trust (tls_env),
+        and the emulator's PEM file of it and its key."""
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            raise ServiceError("--gcs-tls needs the openssl command (apt-get install openssl)")
+        key, cert = self.state_dir / "gcs-tls.key", self.gcs_ca_file
+        made = subprocess.run(
+            [
+                openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                "-keyout", str(key), "-out", str(cert),
+            ],
+            capture_output=True,
+            text=True,
+        )  # fmt: skip
+        if made.returncode != 0:
+            raise ServiceError(
+                f"openssl could not make the GCS emulator's certificate: {made.stderr}"
+            )
+        self._gcs_pem.write_bytes(cert.read_bytes() + key.read_bytes())
 
     def _start_postgres(self) -> None:
         prefix: list[str] = []
