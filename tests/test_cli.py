@@ -92,8 +92,9 @@ def test_run_against_an_unmigrated_database_says_to_migrate(services):
 
 
 def test_bench_latency_options_without_plumbing_are_refused_not_ignored():
-    """The model bench and --flood run their own services: a latency they would not
-    apply is refused before anything starts, saying what the options go with."""
+    """The model bench, --flood and --in-process run their own services or none: a GCS
+    latency or HTTPS they would not apply is refused before anything starts, saying what
+    the options go with."""
     for options in (["--gcs-latency-ms", "20"], ["--gcs-tls"], ["--in-process", "--gcs-tls"]):
         out = gannet("bench", *options)
         assert out.returncode == 2, options
