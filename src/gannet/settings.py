@@ -142,7 +142,9 @@ class Settings(BaseSettings):
         True,
         description="On a CUDA device, decode JPEGs there (nvJPEG, in batches) and "
         "letterbox them there: their pixels never pass through the CPU. Other formats, "
-        "and JPEGs nvJPEG refuses, are decoded on the CPU.",
+        "and JPEGs nvJPEG refuses, are decoded on the CPU. A GPU without a JPEG engine "
+        "(a T4) decodes one photo at a time, its Huffman stage on one CPU core per "
+        "process: with photos of several MB, measure both ways (docs/runbook.md).",
     )
     batch_size: int = Field(8, ge=1, description="Most images one model call takes.")
     batch_window_ms: float = Field(

@@ -63,7 +63,11 @@ from gannet.settings import REPO_ROOT, Settings
 from gannet.storage import Storage
 from gannet.text import format_table
 
-SIZES = ("640x480", "1920x1080", "4032x3024", "mix")
+SIZES = ("640x480", "1920x1080", "4032x3024", "mix")  # the default run's image sets
+# "phone": 4032x3024 with a sensor's grain, 3.5 MB a file as a 12 MP phone writes it (the
+# smooth 4032x3024 scenes make 1.1-1.5 MB): the bytes a real bucket sends over TLS.
+IMAGE_SETS = (*SIZES, "phone")
+PHONE_GRAIN = 8.0  # the grain's standard deviation, in 8-bit levels
 # The mix: phone 4:3, drone 16:9, camera 3:2, phone portrait 3:4, shelf 2:3 portrait.
 MIX = ((1600, 1200), (1920, 1080), (1800, 1200), (1200, 1600), (1000, 1500))
 DISTINCT = 6  # distinct images per size; the tasks cycle through them
@@ -115,11 +119,16 @@ def synthetic_module() -> ModuleType:
 def images_for(size: str, out: Path) -> list[Path]:
     """DISTINCT JPEGs of `size`: the demo's own samples at 640x480; larger ones are scenes
     drawn at a quarter or half the size and scaled up (the shapes stay large enough for a
-    640-pixel model input to see), JPEG quality 90 as a phone writes them."""
+    640-pixel model input to see), JPEG quality 90 as a phone writes them; "phone" adds a
+    sensor's grain to 4032x3024 ones (PHONE_GRAIN)."""
     if size == "640x480":
         return demo_scenes()
     out.mkdir(parents=True, exist_ok=True)
-    dims = list(MIX) if size == "mix" else [tuple(int(v) for v in size.split("x"))] * DISTINCT
+    if size == "mix":
+        dims = list(MIX)
+    else:
+        across, _, down = ("4032x3024" if size == "phone" else size).partition("x")
+        dims = [(int(across), int(down))] * DISTINCT
     scenes = synthetic_module()
     rng = np.random.default_rng(20261201)
     files = []
@@ -129,6 +138,9 @@ def images_for(size: str, out: Path) -> list[Path]:
             factor = 4 if width * height > 4_000_000 else 2
             scene = scenes.make_scene(rng, width // factor, height // factor)
             image = cv2.resize(scene.image, (width, height), interpolation=cv2.INTER_CUBIC)
+            if size == "phone":
+                grain = np.asarray(rng.normal(0.0, PHONE_GRAIN, image.shape), np.float32)
+                image = np.clip(image + grain, 0, 255).astype(np.uint8)
             ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
             assert ok
             path.write_bytes(data.tobytes())
@@ -880,10 +892,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise CommandError("--gcs-latency-ms is at least 0, e.g. 20")
     if args.pipeline:
         check_pipeline(args.pipeline)
-    unknown = [size for size in args.sizes or () if size not in SIZES]
+    unknown = [size for size in args.sizes or () if size not in IMAGE_SETS]
     if unknown:
         raise CommandError(
-            f"unknown image set {', '.join(unknown)}; choose from {', '.join(SIZES)}"
+            f"unknown image set {', '.join(unknown)}; choose from {', '.join(IMAGE_SETS)}"
         )
     if args.baseline:
         spec = f"{baseline_commit(args.baseline)}:src/gannet/dev/replay.py"
