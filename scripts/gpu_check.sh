@@ -71,7 +71,8 @@ step bench-large 150 python3 -m gannet bench --in-process --device "$device" --i
 # (GANNET_GPU_DECODE=0), side by side. Where the GPU has no hardware JPEG decoder (a T4),
 # torchvision's nvJPEG path decodes one photo at a time, its Huffman stage on the CPU of
 # the calling thread, and the daemon has one such thread per process: this says whether
-# that thread or the runners' cores decode faster (docs/benchmark.md, "Phone photos").
+# that thread or the runners' cores decode faster (the first report's "decoding" column
+# near 100 %: the thread binds; docs/benchmark.md, "Phone photos").
 step bench-phone 150 python3 -m gannet bench --in-process --device "$device" \
     --images $((images / 8)) --rounds 2 --sizes phone --runners-sweep 8 \
     --output "$out/bench-phone.json"

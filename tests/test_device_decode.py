@@ -9,6 +9,7 @@ differs; the last test checks that there and skips without one.
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -85,6 +86,34 @@ def test_one_bad_jpeg_in_a_batch_is_refused_alone(any_decoder: DeviceDecoder) ->
     assert isinstance(refused, RuntimeError)
     assert isinstance(first, torch.Tensor) and first.shape == (3, 16, 24)
     assert isinstance(last, torch.Tensor) and last.shape == (3, 16, 24)
+
+
+def test_the_decoder_threads_busy_time_is_exported_by_device() -> None:
+    """On a T4 the one decoder thread per process can be what binds with large photos
+    (runbook.md): /metrics must show how much of the time it spent decoding, by device."""
+    from prometheus_client import generate_latest
+
+    from gannet.metrics import Metrics
+
+    metrics = Metrics()
+    dec = DeviceDecoder("cpu", metrics=metrics)
+    noise = np.random.default_rng(5).integers(0, 255, (768, 1024, 3), dtype=np.uint8)
+    data = jpeg(noise)
+    started = time.perf_counter()
+    try:
+        frames = [dec.decode(data) for _ in range(4)]
+    finally:
+        dec.close()
+    elapsed = time.perf_counter() - started
+    assert all(f is not None and f.shape == (3, 768, 1024) for f in frames)
+    exported = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in generate_latest(metrics.registry).decode().splitlines()
+        if line.startswith("gannet_device_decode_seconds_")
+    }
+    assert exported['gannet_device_decode_seconds_count{device="cpu"}'] == 4  # one call each
+    busy = exported['gannet_device_decode_seconds_sum{device="cpu"}']
+    assert 0 < busy <= elapsed
 
 
 def _pipeline(config: str, decoder: DeviceDecoder | None, device: str = "cpu") -> Pipeline:

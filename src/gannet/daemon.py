@@ -187,7 +187,7 @@ def build(
     limits = Limits(s.allowed_buckets, s.max_image_bytes, s.max_image_pixels)
     # nvJPEG on each GPU: its photos' pixels never pass through the CPU.
     decoders = {
-        device: DeviceDecoder(device, max_batch=s.batch_size)
+        device: DeviceDecoder(device, max_batch=s.batch_size, metrics=metrics)
         for device in devices
         if s.gpu_decode and device.startswith("cuda")
     }

@@ -31,6 +31,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from gannet.batcher import Batcher
 from gannet.frames import upright
+from gannet.metrics import Metrics
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings(
@@ -41,9 +42,22 @@ Decoded = torch.Tensor | RuntimeError  # a 3xHxW RGB frame, or why the device re
 
 
 class DeviceDecoder:
-    def __init__(self, device: str, max_batch: int = 8, window_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        device: str,
+        max_batch: int = 8,
+        window_s: float = 0.0,
+        metrics: Metrics | None = None,
+    ) -> None:
+        """`metrics`: each call's wall time goes to gannet_device_decode_seconds, whose
+        rate is how busy this one thread is. On a GPU without a JPEG engine (a T4)
+        torchvision decodes a batch one JPEG at a time, nvJPEG's Huffman stage on this
+        thread's CPU, so with large photos the thread can be what binds (runbook.md)."""
         self.device = device
-        self._batcher = Batcher(f"jpeg@{device}", self._decode_batch, max_batch, window_s)
+        self._busy = metrics.device_decode_seconds.labels(device) if metrics else None
+        self._batcher = Batcher(
+            f"jpeg@{device}", self._decode_batch, max_batch, window_s, on_batch=self._observe
+        )
 
     def decode(self, data: bytes, orientation: int = 1) -> torch.Tensor | None:
         """The JPEG as a 3xHxW RGB uint8 frame on the device, upright; None when the
@@ -60,6 +74,11 @@ class DeviceDecoder:
     def close(self) -> None:
         self._batcher.close()
         self._batcher.join(timeout=10.0)
+
+    def _observe(self, size: int, seconds: float) -> None:
+        """After each call, on the batcher thread."""
+        if self._busy is not None:
+            self._busy.observe(seconds)
 
     def _decode_batch(self, batch: list[torch.Tensor]) -> list[Decoded]:
         """Batcher thread: one call for the batch; one file that fails fails the call, so

@@ -93,6 +93,15 @@ class Metrics:
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
             registry=r,
         )
+        # Its rate is the share of the time a device's JPEG decoder thread is busy
+        # (device_decode.py): near 1, that one thread binds (runbook.md).
+        self.device_decode_seconds = Histogram(
+            "gannet_device_decode_seconds",
+            "Wall seconds per nvJPEG call (a batch of the runners' JPEGs), by device.",
+            ["device"],
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
+            registry=r,
+        )
         self.config_reloads = Counter(
             "gannet_config_reloads",
             "Industry config reloads, by result.",

@@ -72,7 +72,7 @@ def build_pipeline(
     )
     decoders = {}
     if s.gpu_decode and device.startswith("cuda"):
-        decoders[device] = DeviceDecoder(device, max_batch=s.batch_size)
+        decoders[device] = DeviceDecoder(device, max_batch=s.batch_size, metrics=metrics)
     return Pipeline(
         open_configs(str(config), read_local, local_version),
         None,  # type: ignore[arg-type] # no GCS here: the runners get the bytes in memory
@@ -194,16 +194,22 @@ def one_size(
                 pipelines.items(), args.runner_counts
             ):
                 before = forward_totals(metrics)
+                decoding = decode_seconds(metrics)
                 with GpuBusy(device) as gpu:
                     daemon = run_daemon(pipeline, photos, runners, device, name)
                 images, calls, seconds = (
                     a - b for a, b in zip(forward_totals(metrics), before, strict=True)
                 )
+                decoding = decode_seconds(metrics) - decoding
                 figures: dict[str, Any] = {
                     "images_per_s": args.images / daemon["wall_s"],
                     "cpu_ms": round(daemon["cpu_s"] * 1000 / args.images, 2),
                     "mean_batch": round(images / calls, 2) if calls else None,
                     "forward_share": round(seconds / daemon["wall_s"], 3),
+                    # None without a device decoder (on a CPU, or GANNET_GPU_DECODE=0)
+                    "decode_share": round(decoding / daemon["wall_s"], 3)
+                    if pipeline.decoders
+                    else None,
                     "gpu_busy": gpu.share(),
                 }
                 if bare is not None:
@@ -364,6 +370,17 @@ def forward_totals(metrics: Metrics) -> tuple[float, float, float]:
     )
 
 
+def decode_seconds(metrics: Metrics) -> float:
+    """Wall seconds the device decoders' threads spent in nvJPEG calls so far, from the
+    histogram the daemon exports as gannet_device_decode_seconds."""
+    return sum(
+        sample.value
+        for metric in metrics.device_decode_seconds.collect()
+        for sample in metric.samples
+        if sample.name == "gannet_device_decode_seconds_sum"
+    )
+
+
 def medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     compare = "bare_images_per_s" in rounds[0]
     bare = {
@@ -371,7 +388,8 @@ def medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         for k in rounds[0].get("bare_images_per_s", {})
     }
     daemon: dict[str, dict[str, Any]] = {}
-    keys = ["images_per_s", "cpu_ms", "forward_share", "gpu_busy"] + (["ratio"] if compare else [])
+    keys = ["images_per_s", "cpu_ms", "forward_share", "decode_share", "gpu_busy"]
+    keys += ["ratio"] if compare else []
     for runners in rounds[0]["daemon"]:
         each = [r["daemon"][runners] for r in rounds]
         daemon[runners] = {key: _median([d[key] for d in each]) for key in keys}
@@ -398,7 +416,8 @@ def format_round(r: dict[str, Any]) -> str:
         line = (
             f"daemon, {runners} runners: {d['images_per_s']} img/s, {d['cpu_ms']} CPU "
             f"ms/image, mean batch {d['mean_batch']}, in forward passes "
-            f"{d['forward_share']:.0%} of the time, GPU busy {_percent(d['gpu_busy'])}"
+            f"{d['forward_share']:.0%} of the time, decoding {_percent(d['decode_share'])}, "
+            f"GPU busy {_percent(d['gpu_busy'])}"
         )
         if "ratio" in d:
             agree = d["agreement"]
@@ -427,22 +446,25 @@ def print_report(report: dict[str, Any]) -> None:
             if compare:
                 row += [bare.get("per_call"), bare.get("batched"), bare.get("traced_batched", "-")]
             row += [runners, d["images_per_s"], d["cpu_ms"], f"{d['forward_share']:.0%}"]
-            row.append(_percent(d["gpu_busy"]))
+            row += [_percent(d["decode_share"]), _percent(d["gpu_busy"])]
             if compare:
                 row.append(f"{d['ratio']} ({', '.join(str(x) for x in d['ratios'])})")
             rows.append(row)
     head = ["images"]
     if compare:
         head += ["bare per call", "bare batched", "bare traced"]
-    head += ["runners", "daemon img/s", "daemon CPU ms/img", "in forward", "GPU busy"]
+    head += ["runners", "daemon img/s", "daemon CPU ms/img", "in forward", "decoding"]
+    head.append("GPU busy")
     if compare:
         head.append("daemon / best bare (rounds)")
     print(format_table(head, rows))
     print(
         "(in forward: the share of the daemon's wall time its models' batcher threads spent "
         "in forward passes, summed over the models; on a GPU that is the time to launch "
-        "them, which the device runs later. GPU busy: NVML's utilisation, the share of the "
-        "time a kernel ran, sampled by nvidia-smi every 100 ms; '-' without a GPU)"
+        "them, which the device runs later. decoding: the share of the time the device's "
+        "JPEG decoder thread spent in nvJPEG calls, near 100 % where it binds; '-' without "
+        "one. GPU busy: NVML's utilisation, the share of the time a kernel ran, sampled by "
+        "nvidia-smi every 100 ms; '-' without a GPU)"
     )
 
 
