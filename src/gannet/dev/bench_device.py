@@ -453,8 +453,8 @@ def print_report(report: dict[str, Any]) -> None:
     head = ["images"]
     if compare:
         head += ["bare per call", "bare batched", "bare traced"]
-    head += ["runners", "daemon img/s", "daemon CPU ms/img", "in forward", "decoding"]
-    head.append("GPU busy")
+    head += ["runners", "daemon img/s", "daemon CPU ms/img"]
+    head += ["in forward", "decoding", "GPU busy"]
     if compare:
         head.append("daemon / best bare (rounds)")
     print(format_table(head, rows))
