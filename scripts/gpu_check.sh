@@ -7,8 +7,9 @@
 #      letterbox, FP16 batched forward, NMS, result JSON), with CUDA graphs and without,
 #      with 4, 8 and 16 runners against the bare model per call and batched on 640x480
 #      photos, 8 on 4032x3024;
-#   4. the same on 3.5 MB phone photos, decoded by nvJPEG and on the CPU, and on the
-#      bench's mix of photo shapes, with 8 and 16 runners: the batches a mix reaches;
+#   4. the same on 3.5 MB phone photos, decoded as GANNET_GPU_DECODE's default (auto)
+#      chooses, all by nvJPEG, and all on the CPU, and on the bench's mix of photo
+#      shapes, with 8 and 16 runners: the batches a mix reaches;
 #   5. the shipped pipelines (agro's FULL_PIPELINE and FIELD_ANALYSIS, vending's
 #      SHELF_AUDIT) with 4 and 8 runners: how much of the time their models run;
 #   6. py-spy profiles (CPU, then GIL holders) of the daemon's path at 640x480 with 16
@@ -67,18 +68,21 @@ step bench 240 python3 -m gannet bench --in-process --device "$device" --images 
     --rounds 3 --sizes 640x480 --runners-sweep 4,8,16 --output "$out/bench.json"
 step bench-large 150 python3 -m gannet bench --in-process --device "$device" --images "$images" \
     --rounds 2 --sizes 4032x3024 --runners-sweep 8 --output "$out/bench-large.json"
-# Phone photos of 3.5 MB, decoded by nvJPEG and then on the runners' CPUs
-# (GANNET_GPU_DECODE=0), side by side. Where the GPU has no hardware JPEG decoder (a T4),
-# torchvision's nvJPEG path decodes one photo at a time, its Huffman stage on the CPU of
-# the calling thread, and the daemon has one such thread per process: this says whether
-# that thread or the runners' cores decode faster (the first report's "decoding" column
-# near 100 %: the thread binds; docs/benchmark.md, "Phone photos").
-step bench-phone 150 python3 -m gannet bench --in-process --device "$device" \
-    --images $((images / 8)) --rounds 2 --sizes phone --runners-sweep 8 \
-    --output "$out/bench-phone.json"
-step bench-phone-cpu-decode 150 env GANNET_GPU_DECODE=0 python3 -m gannet bench --in-process \
-    --device "$device" --images $((images / 8)) --rounds 2 --sizes phone --runners-sweep 8 \
-    --output "$out/bench-phone-cpu-decode.json"
+# Phone photos of 3.5 MB: as the default (GANNET_GPU_DECODE=auto) decodes them, then all
+# by nvJPEG (all), then all on the runners' CPUs (off), side by side. Where the GPU has a
+# JPEG engine (an H200), auto is all. Where it has none (a T4), torchvision's nvJPEG path
+# decodes one photo at a time, its Huffman stage on the CPU of the one calling thread per
+# process, so auto decodes these photos on the runners' cores: this says whether that
+# was right (the "all" report's "decoding" column near 100 %: the thread binds; the
+# report's jpeg_engine says what nvJPEG answered; docs/benchmark.md, "Phone photos").
+phone() {  # phone NAME GANNET_GPU_DECODE
+    step "$1" 150 env GANNET_GPU_DECODE="$2" python3 -m gannet bench --in-process \
+        --device "$device" --images $((images / 8)) --rounds 2 --sizes phone --runners-sweep 8 \
+        --output "$out/$1.json"
+}
+phone bench-phone auto
+phone bench-phone-all-device all
+phone bench-phone-cpu-decode off
 # A mix of phone, drone and shelf shapes: batches form only among same-shaped inputs, so
 # this is where the GPU's batches can stay small (the report's mean batch).
 step bench-mix 150 python3 -m gannet bench --in-process --device "$device" --images "$images" \

@@ -112,3 +112,11 @@ def test_bench_in_process_with_another_mode_is_refused_not_ignored():
     out = gannet("bench", "--in-process", "--plumbing")
     assert out.returncode == 2
     assert "--in-process is a mode of its own" in out.stdout + out.stderr
+
+
+def test_bench_in_process_refuses_an_unknown_image_set_before_it_starts():
+    """As --plumbing does: a typo in --sizes says what would work instead of a
+    traceback after the models have loaded."""
+    out = gannet("bench", "--in-process", "--sizes", "640x480, 4032x302")
+    assert out.returncode == 2
+    assert "unknown image set 4032x302; choose from 640x480," in out.stdout + out.stderr

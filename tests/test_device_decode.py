@@ -19,13 +19,14 @@ import pytest
 import torch
 from conftest import box_distance, local_pipeline
 from PIL import Image
+from pydantic import ValidationError
 
 from gannet.dev.publish import make_task
-from gannet.device_decode import DeviceDecoder
+from gannet.device_decode import DeviceDecoder, device_decoders
 from gannet.errors import ErrorCode, PermanentError
 from gannet.frames import to_host
 from gannet.pipeline import Pipeline, decode_scaled
-from gannet.settings import REPO_ROOT
+from gannet.settings import REPO_ROOT, Settings
 from gannet.stages import Timer
 
 SAMPLES = REPO_ROOT / "samples"
@@ -137,6 +138,58 @@ def test_formats_the_device_does_not_take_are_decoded_on_the_cpu(
         assert err.value.code is ErrorCode.IMAGE_UNDECODABLE
     finally:
         pipeline.cache.close()
+
+
+@pytest.mark.parametrize(
+    ("engine", "pipeline_name", "photo", "on_device", "scale"),
+    [
+        # A GPU with a JPEG engine (an H200) decodes every JPEG.
+        (True, "FULL_PIPELINE", "large_01.jpg", True, 1.0),
+        # Without one (a T4): a photo the runner decodes at 1/2 scale stays on the CPU...
+        (False, "FULL_PIPELINE", "large_01.jpg", False, 2.0),
+        # ... but not one at full size, nor any photo sliced detection needs whole.
+        (False, "FULL_PIPELINE", "scene_01.jpg", True, 1.0),
+        (False, "FIELD_ANALYSIS", "large_01.jpg", True, 1.0),
+    ],
+)
+def test_without_a_jpeg_engine_the_cpu_decodes_what_it_can_reduce(
+    engine: bool, pipeline_name: str, photo: str, on_device: bool, scale: float
+) -> None:
+    """Where nvJPEG would run the Huffman stage on one CPU thread anyway (a T4), the
+    runners decode a large photo at reduced scale on every core instead. On a CPU
+    device `engine` is only what the daemon was told: nvJPEG's answer needs a GPU."""
+    dec = DeviceDecoder("cpu", engine=engine)
+    pipeline = _pipeline(str(REPO_ROOT / "configs" / "agro.yaml"), dec)
+    route = pipeline.check(make_task("t-a", f"gs://gannet-images/t-a/{photo}", pipeline_name, "t"))
+    try:
+        frame, factors = pipeline.decode((SAMPLES / photo).read_bytes(), route, "cpu")
+    finally:
+        pipeline.cache.close()
+        dec.close()
+    assert isinstance(frame, torch.Tensor) is on_device
+    assert factors == pytest.approx((scale, scale), rel=0.01)
+
+
+@pytest.mark.parametrize(
+    ("value", "mode"),
+    [("auto", "auto"), ("all", "all"), ("off", "off"), ("true", "auto"), ("0", "off")],
+)
+def test_gpu_decode_takes_its_modes_and_the_old_switch(
+    monkeypatch: pytest.MonkeyPatch, value: str, mode: str
+) -> None:
+    monkeypatch.setenv("GANNET_GPU_DECODE", value)
+    assert Settings().gpu_decode == mode
+
+
+def test_an_unknown_gpu_decode_mode_says_which_there_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GANNET_GPU_DECODE", "sometimes")
+    with pytest.raises(ValidationError, match="'auto', 'all' or 'off'"):
+        Settings()
+
+
+def test_no_decoder_is_built_without_a_cuda_device_or_when_off() -> None:
+    assert device_decoders("auto", ["cpu"], 8, None) == {}
+    assert device_decoders("off", ["cuda:0"], 8, None) == {}
 
 
 def _close(a: Any, b: Any, where: str) -> None:

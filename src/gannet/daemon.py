@@ -31,7 +31,7 @@ from gannet.acks import Acks
 from gannet.backlog import BacklogMonitor
 from gannet.callback import Callbacks, build_callbacks
 from gannet.config_sources import Configs, open_configs
-from gannet.device_decode import DeviceDecoder
+from gannet.device_decode import device_decoders
 from gannet.dispatch import Dispatcher
 from gannet.health import Health, HealthServer
 from gannet.lanes import Lane
@@ -186,11 +186,7 @@ def build(
     )
     limits = Limits(s.allowed_buckets, s.max_image_bytes, s.max_image_pixels)
     # nvJPEG on each GPU: its photos' pixels never pass through the CPU.
-    decoders = {
-        device: DeviceDecoder(device, max_batch=s.batch_size, metrics=metrics)
-        for device in devices
-        if s.gpu_decode and device.startswith("cuda")
-    }
+    decoders = device_decoders(s.gpu_decode, devices, s.batch_size, metrics)
     pipeline = Pipeline(configs, storage, cache, resolver, limits, decoders)
     callbacks = build_callbacks(s, sink.set_callback_status, metrics)
     lanes = s.lane_list()

@@ -17,21 +17,36 @@ torchvision 0.29 (the version torch 2.14 pins) deprecates its image decoders for
 TorchCodec's and warns on every call; the warning is silenced here, and moving to
 TorchCodec's nvJPEG decoder is for when torchvision drops them.
 
+Which JPEGs come here depends on the GPU (`engine`, Pipeline.decode). One with a JPEG
+engine (A100, H100, H200) decodes a batch of them in hardware, so all do. On one without
+(a T4) torchvision decodes one photo at a time and nvJPEG runs the Huffman stage on this
+thread's CPU, under a process-wide lock. For a photo the runner would decode at reduced
+scale, that stage is nearly all its CPU decode costs (docs/benchmark.md, "Phone
+photos"), so there the runners decode such photos themselves, on every core, rather
+than queue on one; smaller ones still come here. `has_jpeg_engine` asks nvJPEG, as
+torchvision does.
+
 The same code runs with a CPU device (libjpeg-turbo through torchvision); the daemon
 only builds a decoder for CUDA devices, the tests build one on the CPU to check the path.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import warnings
+from collections.abc import Iterable
+from pathlib import Path
 
 import torch
+import torchvision
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from gannet.batcher import Batcher
 from gannet.frames import upright
 from gannet.metrics import Metrics
+from gannet.settings import GpuDecode
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings(
@@ -39,6 +54,11 @@ warnings.filterwarnings(
 )
 
 Decoded = torch.Tensor | RuntimeError  # a 3xHxW RGB frame, or why the device refused it
+
+# nvjpeg.h: nvjpegBackend_t NVJPEG_BACKEND_HARDWARE, nvjpegStatus_t values.
+_BACKEND_HARDWARE = 3
+_STATUS_SUCCESS = 0
+_STATUS_ARCH_MISMATCH = 7
 
 
 class DeviceDecoder:
@@ -48,12 +68,14 @@ class DeviceDecoder:
         max_batch: int = 8,
         window_s: float = 0.0,
         metrics: Metrics | None = None,
+        engine: bool = True,
     ) -> None:
         """`metrics`: each call's wall time goes to gannet_device_decode_seconds, whose
-        rate is how busy this one thread is. On a GPU without a JPEG engine (a T4)
-        torchvision decodes a batch one JPEG at a time, nvJPEG's Huffman stage on this
-        thread's CPU, so with large photos the thread can be what binds (runbook.md)."""
+        rate is how busy this one thread is (runbook.md). `engine`: whether the device
+        decodes JPEGs in hardware; without, only the JPEGs the runners cannot decode at
+        reduced scale are sent here (Pipeline.decode)."""
         self.device = device
+        self.engine = engine
         self._busy = metrics.device_decode_seconds.labels(device) if metrics else None
         self._batcher = Batcher(
             f"jpeg@{device}", self._decode_batch, max_batch, window_s, on_batch=self._observe
@@ -89,3 +111,62 @@ class DeviceDecoder:
             if len(batch) == 1:
                 return [exc]
             return [self._decode_batch([one])[0] for one in batch]
+
+
+@functools.cache
+def has_jpeg_engine() -> bool | None:
+    """Whether the GPU decodes JPEGs in hardware: nvJPEG's hardware backend can be
+    created (torchvision's own test before it decodes; NVJPEG_STATUS_ARCH_MISMATCH where
+    there is none). None when nvJPEG cannot say: no libnvjpeg, or no usable GPU. Asked
+    once per process: a pod has one model of GPU."""
+    bundled = Path(torchvision.__file__).parent.parent / "torchvision.libs"  # the wheel's
+    libs = sorted(bundled.glob("libnvjpeg*"))
+    try:
+        nvjpeg = ctypes.CDLL(str(libs[0]) if libs else "libnvjpeg.so")
+    except OSError as exc:
+        log.warning("cannot load nvJPEG to ask for a JPEG engine: %s", exc)
+        return None
+    handle = ctypes.c_void_p()
+    status = nvjpeg.nvjpegCreateEx(_BACKEND_HARDWARE, None, None, 0, ctypes.byref(handle))
+    if status == _STATUS_SUCCESS:
+        nvjpeg.nvjpegDestroy(handle)
+        return True
+    if status == _STATUS_ARCH_MISMATCH:
+        return False
+    log.warning("nvJPEG's hardware backend failed with status %d: no answer", status)
+    return None
+
+
+def device_decoders(
+    mode: GpuDecode,
+    devices: Iterable[str],
+    max_batch: int,
+    metrics: Metrics | None,
+) -> dict[str, DeviceDecoder]:
+    """A decoder per CUDA device unless `mode` is off; says in the log which JPEGs go
+    to it."""
+    cuda = [d for d in devices if d.startswith("cuda")]
+    if mode == "off" or not cuda:
+        return {}
+    if mode == "all":
+        engine = True
+        log.info("GANNET_GPU_DECODE=all: every JPEG is decoded on %s (nvJPEG)", ", ".join(cuda))
+    else:
+        found = has_jpeg_engine()
+        engine = found is not False  # unknown: as if it had one, every JPEG on the device
+        name = torch.cuda.get_device_name(cuda[0]) if torch.cuda.is_available() else cuda[0]
+        if found is False:
+            log.info(
+                "%s has no JPEG engine: JPEGs the runners can decode at reduced scale "
+                "(a longer side of 3x the model input's or more, in pipelines that allow "
+                "it) are decoded on the CPU, on every core; others on the GPU (nvJPEG). "
+                "GANNET_GPU_DECODE=all sends every JPEG to the GPU",
+                name,
+            )
+        else:
+            log.info(
+                "%s: every JPEG is decoded on the GPU (nvJPEG%s)",
+                name,
+                ", its JPEG engine" if found else "; whether it has a JPEG engine is unknown",
+            )
+    return {d: DeviceDecoder(d, max_batch=max_batch, metrics=metrics, engine=engine) for d in cuda}

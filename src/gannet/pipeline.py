@@ -66,13 +66,23 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     return decode_scaled(data, max_pixels, None)[0]
 
 
-# JPEGs are decoded at 1/2, 1/4 or 1/8 of the size (libjpeg's DCT scaling), OpenCV's
-# flag for each when OpenCV decodes.
-_REDUCED: tuple[tuple[int, int], ...] = (
-    (8, cv2.IMREAD_REDUCED_COLOR_8),
-    (4, cv2.IMREAD_REDUCED_COLOR_4),
-    (2, cv2.IMREAD_REDUCED_COLOR_2),
-)
+# JPEGs are decoded at 1/8, 1/4 or 1/2 of the size (libjpeg's DCT scaling), OpenCV's
+# flag for each when OpenCV decodes; the smallest that keeps the floor is taken.
+_REDUCED: dict[int, int] = {
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+}
+
+
+def reduced_factor(header: Image.Image, floor: int | None) -> int:
+    """1/factor is the scale decode_scaled decodes this image at on the CPU: 2, 4 or 8
+    for a JPEG whose longer side stays at least `floor` pixels so, else 1 (other formats
+    decode in full, then resize: no gain)."""
+    if not floor or header.format != "JPEG":
+        return 1
+    longer = max(header.size)
+    return next((f for f in _REDUCED if longer // f >= floor), 1)
 
 
 def read_header(data: bytes, max_pixels: int) -> Image.Image:
@@ -115,10 +125,8 @@ def decode_scaled(
     """
     header = header or read_header(data, max_pixels)
     (width, height), kind = header.size, header.format
-    factor, flags = 1, cv2.IMREAD_COLOR
-    if floor and kind == "JPEG":  # other formats decode in full, then resize: no gain
-        longer = max(width, height)
-        factor, flags = next(((f, m) for f, m in _REDUCED if longer // f >= floor), (1, flags))
+    factor = reduced_factor(header, floor)
+    flags = _REDUCED.get(factor, cv2.IMREAD_COLOR)
     if kind == "JPEG":
         decoded = _decode_jpeg(data, header, factor)
         if decoded is not None:
@@ -220,10 +228,16 @@ class Pipeline:
     def decode(self, data: bytes, route: Route, device: str) -> tuple[Frame, tuple[float, float]]:
         """On a device with a decoder, a JPEG becomes a frame in device memory at full
         size (the GPU letterboxes it); anything else, or a JPEG the device refuses, is
-        decoded on the CPU (decode_scaled)."""
+        decoded on the CPU (decode_scaled). Where the device has no JPEG engine, so also
+        a JPEG the CPU decodes at reduced scale: there nvJPEG would spend as much CPU on
+        its Huffman stage, but on one thread (device_decode.py)."""
         header = read_header(data, self.limits.max_image_pixels)
         decoder = self.decoders.get(device)
-        if decoder is not None and header.format == "JPEG":
+        if (
+            decoder is not None
+            and header.format == "JPEG"
+            and (decoder.engine or reduced_factor(header, route.decode_floor) == 1)
+        ):
             orientation = _orientation(header)
             frame = decoder.decode(data, orientation) if orientation is not None else None
             if frame is not None:

@@ -15,6 +15,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gannet.lanes import Lane, parse_lanes
 
+GpuDecode = Literal["auto", "all", "off"]  # where JPEGs decode on a GPU (Settings.gpu_decode)
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -138,13 +140,15 @@ class Settings(BaseSettings):
         "less CPU per image in the plumbing bench (docs/benchmark.md). Off: the default "
         "policy, SCHED_OTHER.",
     )
-    gpu_decode: bool = Field(
-        True,
-        description="On a CUDA device, decode JPEGs there (nvJPEG, in batches) and "
-        "letterbox them there: their pixels never pass through the CPU. Other formats, "
-        "and JPEGs nvJPEG refuses, are decoded on the CPU. A GPU without a JPEG engine "
-        "(a T4) decodes one photo at a time, its Huffman stage on one CPU core per "
-        "process: with photos of several MB, measure both ways (docs/runbook.md).",
+    gpu_decode: GpuDecode = Field(
+        "auto",
+        description="On a CUDA device, decode JPEGs there (nvJPEG) and letterbox them "
+        "there: their pixels never pass through the CPU. auto: every JPEG where the GPU "
+        "has a JPEG engine (A100, H100, H200: in batches, in hardware); where it has none "
+        "(a T4: one photo at a time, its Huffman stage on one CPU core per process), only "
+        "the JPEGs the runners cannot decode at reduced scale, the others on the CPU's "
+        "every core. all: every JPEG on the GPU. off: none (true and false mean auto and "
+        "off). Other formats, and JPEGs nvJPEG refuses, are decoded on the CPU.",
     )
     batch_size: int = Field(8, ge=1, description="Most images one model call takes.")
     batch_window_ms: float = Field(
@@ -226,6 +230,17 @@ class Settings(BaseSettings):
     def _split_buckets(cls, value: object) -> object:
         if isinstance(value, str):
             return [b.strip() for b in value.split(",") if b.strip()]
+        return value
+
+    @field_validator("gpu_decode", mode="before")
+    @classmethod
+    def _gpu_decode_bools(cls, value: object) -> object:
+        """It was a switch: what turned it on or off still does."""
+        if isinstance(value, bool):
+            return "auto" if value else "off"
+        if isinstance(value, str):
+            word = value.strip().lower()
+            return {"true": "auto", "1": "auto", "false": "off", "0": "off"}.get(word, word)
         return value
 
     @field_validator("lanes")

@@ -46,7 +46,7 @@ from gannet import logs
 from gannet.config_sources import open_configs
 from gannet.dev.bench_plumbing import DETECTOR, IMGSZ, images_for, split_pipeline, write_config
 from gannet.dev.publish import make_task
-from gannet.device_decode import DeviceDecoder
+from gannet.device_decode import device_decoders, has_jpeg_engine
 from gannet.metrics import Metrics
 from gannet.model_cache import ModelCache, _precision, yolo_loader
 from gannet.model_resolver import ModelResolver
@@ -70,9 +70,7 @@ def build_pipeline(
         window_s=s.batch_window_ms / 1000,
         cpu_threads=s.torch_threads,
     )
-    decoders = {}
-    if s.gpu_decode and device.startswith("cuda"):
-        decoders[device] = DeviceDecoder(device, max_batch=s.batch_size, metrics=metrics)
+    decoders = device_decoders(s.gpu_decode, [device], s.batch_size, metrics)
     return Pipeline(
         open_configs(str(config), read_local, local_version),
         None,  # type: ignore[arg-type] # no GCS here: the runners get the bytes in memory
@@ -494,7 +492,7 @@ def run(s: Settings, args: argparse.Namespace, sizes: list[str], work: Path) -> 
         "images": args.images,
         "rounds": args.rounds,
         "batch_size": s.batch_size,
-        "gpu_decode": s.gpu_decode and args.device.startswith("cuda"),
+        "gpu_decode": s.gpu_decode if args.device.startswith("cuda") else "off",
         "torchscript": s.torchscript,
         "sizes": [],
     }
@@ -502,6 +500,7 @@ def run(s: Settings, args: argparse.Namespace, sizes: list[str], work: Path) -> 
         import torch
 
         report["gpu"] = torch.cuda.get_device_name(args.device)
+        report["jpeg_engine"] = has_jpeg_engine()  # None: nvJPEG could not say
     print(f"in-process bench: {json.dumps({k: v for k, v in report.items() if k != 'sizes'})}")
     for size in sizes:
         report["sizes"].append(one_size(s, args, size, config, name, work))

@@ -879,6 +879,15 @@ def print_report(report: dict[str, Any]) -> None:
         print(format_table(["stage", *names], stage_rows))
 
 
+def check_sizes(sizes: list[str] | None) -> None:
+    """--sizes names image sets the bench can make (both modes)."""
+    unknown = [size for size in sizes or () if size not in IMAGE_SETS]
+    if unknown:
+        raise CommandError(
+            f"unknown image set {', '.join(unknown)}; choose from {', '.join(IMAGE_SETS)}"
+        )
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Refuse a typo before minutes of services and daemons, saying what would work."""
     if args.trace_only and (not args.trace or args.baseline):
@@ -892,11 +901,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise CommandError("--gcs-latency-ms is at least 0, e.g. 20")
     if args.pipeline:
         check_pipeline(args.pipeline)
-    unknown = [size for size in args.sizes or () if size not in IMAGE_SETS]
-    if unknown:
-        raise CommandError(
-            f"unknown image set {', '.join(unknown)}; choose from {', '.join(IMAGE_SETS)}"
-        )
+    check_sizes(args.sizes)
     if args.baseline:
         spec = f"{baseline_commit(args.baseline)}:src/gannet/dev/replay.py"
         found = subprocess.run(

@@ -51,10 +51,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.gcs_latency_ms or args.gcs_tls:
             raise CommandError("--gcs-latency-ms and --gcs-tls go with --plumbing")
         from gannet.dev import bench_device
+        from gannet.dev.bench_plumbing import check_pipeline, check_sizes
 
+        check_sizes(args.sizes)
         if args.pipeline:
-            from gannet.dev.bench_plumbing import check_pipeline
-
             check_pipeline(args.pipeline)
 
         args.images = args.images or 500
@@ -244,7 +244,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--sizes",
-        type=lambda v: v.split(","),
+        type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
         default=None,
         help="--plumbing or --in-process: comma-separated image sets (default "
         "640x480,1920x1080,4032x3024,mix; with --in-process 640x480,4032x3024); also "
