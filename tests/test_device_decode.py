@@ -22,7 +22,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from gannet.dev.publish import make_task
-from gannet.device_decode import DeviceDecoder, device_decoders
+from gannet.device_decode import DeviceDecoder, device_decoders, has_jpeg_engine
 from gannet.errors import ErrorCode, PermanentError
 from gannet.frames import to_host
 from gannet.pipeline import Pipeline, decode_scaled
@@ -185,6 +185,29 @@ def test_an_unknown_gpu_decode_mode_says_which_there_are(monkeypatch: pytest.Mon
     monkeypatch.setenv("GANNET_GPU_DECODE", "sometimes")
     with pytest.raises(ValidationError, match="'auto', 'all' or 'off'"):
         Settings()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the answer without a GPU")
+def test_without_a_gpu_nvjpeg_is_found_but_cannot_say(caplog: pytest.LogCaptureFixture) -> None:
+    """torchvision's libnvjpeg loads and answers (6, EXECUTION_FAILED: no GPU), so on a
+    GPU the same call gets the real answer; unknown means every JPEG on the device."""
+    has_jpeg_engine.cache_clear()
+    assert has_jpeg_engine() is None
+    assert "hardware backend failed with status 6" in caplog.text
+
+
+@NEEDS_GPU
+def test_on_a_gpu_nvjpeg_says_whether_it_has_a_jpeg_engine() -> None:
+    """What GANNET_GPU_DECODE=auto routes by: an A100, H100 or H200 has an engine, a T4
+    has none."""
+    has_jpeg_engine.cache_clear()
+    found = has_jpeg_engine()
+    assert found is not None
+    name = torch.cuda.get_device_name(0)
+    if any(model in name for model in ("A100", "H100", "H200")):
+        assert found
+    if "T4" in name:
+        assert not found
 
 
 def test_no_decoder_is_built_without_a_cuda_device_or_when_off() -> None:
