@@ -11,6 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Publish to commit: from a task that never waited to one that waited out a backfill.
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+# One batch's forward pass or nvJPEG call, milliseconds to a couple of seconds.
+CALL_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 
 class Metrics:
@@ -90,7 +92,7 @@ class Metrics:
             "gannet_forward_seconds",
             "Wall seconds per model call (one forward pass over a batch), by model.",
             ["model", "device"],
-            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
+            buckets=CALL_BUCKETS,
             registry=r,
         )
         # Its rate is the share of the time a device's JPEG decoder thread is busy
@@ -99,7 +101,7 @@ class Metrics:
             "gannet_device_decode_seconds",
             "Wall seconds per nvJPEG call (a batch of the runners' JPEGs), by device.",
             ["device"],
-            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
+            buckets=CALL_BUCKETS,
             registry=r,
         )
         self.config_reloads = Counter(

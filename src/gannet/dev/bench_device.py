@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prometheus_client import Histogram
 
 from gannet import logs
 from gannet.config_sources import open_configs
@@ -356,11 +357,7 @@ class GpuBusy:
 def forward_totals(metrics: Metrics) -> tuple[float, float, float]:
     """(images, model calls, forward seconds) so far, summed over the cache's models: from
     the histograms the daemon exports as gannet_batch_size and gannet_forward_seconds."""
-    sums: dict[str, float] = {}
-    for histogram in (metrics.batch_size, metrics.forward_seconds):
-        for metric in histogram.collect():
-            for sample in metric.samples:  # one per model for the forward seconds
-                sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+    sums = histogram_sums(metrics.batch_size, metrics.forward_seconds)
     return (
         sums.get("gannet_batch_size_sum", 0.0),
         sums.get("gannet_batch_size_count", 0.0),
@@ -371,12 +368,18 @@ def forward_totals(metrics: Metrics) -> tuple[float, float, float]:
 def decode_seconds(metrics: Metrics) -> float:
     """Wall seconds the device decoders' threads spent in nvJPEG calls so far, from the
     histogram the daemon exports as gannet_device_decode_seconds."""
-    return sum(
-        sample.value
-        for metric in metrics.device_decode_seconds.collect()
-        for sample in metric.samples
-        if sample.name == "gannet_device_decode_seconds_sum"
-    )
+    sums = histogram_sums(metrics.device_decode_seconds)
+    return sums.get("gannet_device_decode_seconds_sum", 0.0)
+
+
+def histogram_sums(*histograms: Histogram) -> dict[str, float]:
+    """Each sample name's value summed over the labels (models, devices)."""
+    sums: dict[str, float] = {}
+    for histogram in histograms:
+        for metric in histogram.collect():
+            for sample in metric.samples:
+                sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+    return sums
 
 
 def medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
