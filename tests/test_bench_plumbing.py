@@ -108,6 +108,7 @@ def test_a_wrong_image_set_or_baseline_is_refused_before_anything_starts():
             "trace_only": False,
             "runners_sweep": None,
             "gcs_latency_ms": 0.0,
+            "pubsub_latency_ms": 0.0,
             "pipeline": None,
         }
         return argparse.Namespace(**{**defaults, **kw})
@@ -132,6 +133,8 @@ def test_a_wrong_image_set_or_baseline_is_refused_before_anything_starts():
         bench_plumbing.check_args(args(pipeline="configs/nothing.yaml:FULL_PIPELINE"))
     with pytest.raises(CommandError, match="at least 0"):
         bench_plumbing.check_args(args(gcs_latency_ms=-1.0))
+    with pytest.raises(CommandError, match="at least 0"):
+        bench_plumbing.check_args(args(pubsub_latency_ms=-1.0))
 
 
 def test_the_plumbing_baseline_is_built_from_its_commit_and_patch(tmp_path):
@@ -173,6 +176,7 @@ def bench_args(tmp_path: Path, **kw: object) -> argparse.Namespace:
         "trace_only": False,
         "runners_sweep": None,
         "gcs_latency_ms": 0.0,
+        "pubsub_latency_ms": 0.0,
         "gcs_tls": False,
         "pipeline": None,
         "state_dir": tmp_path,
@@ -243,17 +247,23 @@ def test_plumbing_bench_measures_each_daemon_by_stage_on_one_and_two_cores(tmp_p
 @pytest.mark.slow
 def test_a_runners_sweep_measures_each_count_against_a_slower_bucket(tmp_path, capsys):
     """`--gcs-latency-ms` makes every GCS request at least that much slower, as a real
-    bucket's round trip is; `--runners-sweep` runs each daemon once per runner count.
-    The tasks run a shipped pipeline (`--pipeline`), segmentation included."""
+    bucket's round trip is, and `--pubsub-latency-ms` every round trip through the
+    Pub/Sub relay; `--runners-sweep` runs each daemon once per runner count. The tasks
+    run a shipped pipeline (`--pipeline`), segmentation included."""
     args = bench_args(
         tmp_path,
         images=6,
         runners_sweep=[(1, None), (2, 6)],
         gcs_latency_ms=150.0,
+        pubsub_latency_ms=40.0,
         pipeline=f"{REPO_ROOT / 'configs' / 'agro.yaml'}:FULL_PIPELINE",
     )
-    services = LocalServices(tmp_path / "services", Ports.free(), gcs_latency_ms=150.0)
+    services = LocalServices(
+        tmp_path / "services", Ports.free(), gcs_latency_ms=150.0, pubsub_latency_ms=40.0
+    )
     with services:
+        relay_log = (tmp_path / "services" / "pubsub-relay.log").read_text()
+        assert "40 ms added to each round trip" in relay_log
         url = f"{services.gcs_endpoint}/storage/v1/b?project={services.project}"
         started = time.monotonic()
         with urllib.request.urlopen(url, timeout=10) as reply:
@@ -271,4 +281,5 @@ def test_a_runners_sweep_measures_each_count_against_a_slower_bucket(tmp_path, c
             assert len(by_count["rounds"]) == 1
     bench_plumbing.print_report(report)
     out = capsys.readouterr().out
-    assert "runners" in out and "leased" in out and "150 ms slower" in out
+    assert "runners" in out and "leased" in out and "every GCS request 150 ms slower" in out
+    assert "every round trip to Pub/Sub 40 ms slower" in out

@@ -19,13 +19,16 @@ from gannet.dev.relay import _PREFACE, end_streams
 
 
 @pytest.fixture
-def relayed() -> Iterator[tuple[socket.socket, int]]:
-    """A listening server, and the port of a relay in front of it."""
+def relayed(request: pytest.FixtureRequest) -> Iterator[tuple[socket.socket, int]]:
+    """A listening server, and the port of a relay in front of it (given the relay's
+    options by indirect parametrization)."""
     server = socket.create_server(("127.0.0.1", 0))
     server.settimeout(10)
     port = free_port()
+    options = getattr(request, "param", [])
+    target = str(server.getsockname()[1])
     relay = subprocess.Popen(
-        [sys.executable, "-m", "gannet.dev.relay", str(port), str(server.getsockname()[1])]
+        [sys.executable, "-m", "gannet.dev.relay", str(port), target, *options]
     )
     try:
         deadline = time.monotonic() + 10
@@ -58,6 +61,30 @@ def test_bytes_pass_both_ways(relayed):
             while len(got) < 400_000:
                 got += client.recv(65536)
             assert got == b"pong" * 100_000
+
+
+@pytest.mark.parametrize("relayed", [["--latency-ms", "400"]], indirect=True)
+def test_latency_is_added_to_each_round_trip_and_bytes_keep_their_order(relayed):
+    """`--latency-ms` stands for the network to Pub/Sub itself: a request and its reply
+    take that much longer in all, and a stream of writes arrives whole and in order."""
+    server, port = relayed
+    with _connect(port) as client:
+        upstream, _ = server.accept()
+        with upstream:
+            started = time.monotonic()
+            client.sendall(b"ping")
+            assert upstream.recv(16) == b"ping"
+            upstream.sendall(b"pong")
+            assert client.recv(16) == b"pong"
+            assert time.monotonic() - started >= 0.4
+            sent = b"".join(i.to_bytes(4, "big") for i in range(50_000))
+            for start in range(0, len(sent), 1000):
+                client.sendall(sent[start : start + 1000])
+            got = b""
+            upstream.settimeout(10)
+            while len(got) < len(sent):
+                got += upstream.recv(65536)
+            assert got == sent
 
 
 def test_a_reset_client_reaches_the_server_as_a_normal_close(relayed):

@@ -717,6 +717,7 @@ def run(services: LocalServices, args: argparse.Namespace) -> dict[str, Any]:
         "runners": args.runners,
         "runners_sweep": args.runners_sweep,
         "gcs_latency_ms": args.gcs_latency_ms,
+        "pubsub_latency_ms": args.pubsub_latency_ms,
         "gcs_tls": args.gcs_tls,
         "rounds": args.rounds,
         "pipeline": args.pipeline or f"DETECTION, the demo detector at imgsz {IMGSZ}",
@@ -727,7 +728,7 @@ def run(services: LocalServices, args: argparse.Namespace) -> dict[str, Any]:
     receiver = TraceReceiver() if args.trace else None
     try:
         for size in args.sizes or SIZES:
-            over = ", GCS over HTTPS" if args.gcs_tls else ""
+            over = f" ({network(report).removesuffix('; ')})" if network(report) else ""
             print(f"plumbing mode, {size}, {report['pipeline']}{over}:", flush=True)
             report["sizes"][size] = one_size(services, base, size, daemons, args, receiver)
     finally:
@@ -759,9 +760,21 @@ def print_sweep(report: dict[str, Any]) -> None:
     print(format_table(header, rows))
     print(
         f"(on 2 cores; medians of {report['rounds']} rounds; {report['images']} "
-        f"tasks each; every GCS request {report['gcs_latency_ms']:g} ms slower than the "
-        "emulator's own" + (", over HTTPS)" if report.get("gcs_tls") else ")")
+        f"tasks each; {network(report) or 'the emulators as they answer; '}"
+        "CPU ms/img: the daemon's)"
     )
+
+
+def network(report: dict[str, Any]) -> str:
+    """What the run added to the emulators' answers, as a footnote's clause ("" if none)."""
+    said = []
+    if report.get("gcs_latency_ms"):
+        said.append(f"every GCS request {report['gcs_latency_ms']:g} ms slower")
+    if report.get("gcs_tls"):
+        said.append("GCS over HTTPS")
+    if report.get("pubsub_latency_ms"):
+        said.append(f"every round trip to Pub/Sub {report['pubsub_latency_ms']:g} ms slower")
+    return "".join(f"{s}; " for s in said)
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -799,7 +812,7 @@ def print_report(report: dict[str, Any]) -> None:
     print(format_table(header, rows))
     print(
         f"(medians of {report['rounds']} rounds; {report['images']} tasks each; "
-        + ("GCS over HTTPS; " if report.get("gcs_tls") else "")
+        + network(report)
         + "daemon on 2 cores unless said; 2/1: images/s on 2 cores over 1 core; switches: context "
         "switches of the daemon's threads; CPU wait: the time its threads were ready to run "
         "but waited for a core (not for the GIL: a thread waiting for it sleeps); idle "
@@ -897,8 +910,8 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if args.runners_sweep and args.trace_only:
         raise CommandError("--runners-sweep and --trace-only are two different runs: pick one")
-    if args.gcs_latency_ms < 0:
-        raise CommandError("--gcs-latency-ms is at least 0, e.g. 20")
+    if args.gcs_latency_ms < 0 or args.pubsub_latency_ms < 0:
+        raise CommandError("--gcs-latency-ms and --pubsub-latency-ms are at least 0, e.g. 20")
     if args.pipeline:
         check_pipeline(args.pipeline)
     check_sizes(args.sizes)
@@ -937,7 +950,11 @@ def main(args: argparse.Namespace) -> int:
     ports = Ports(args.pubsub_port, args.gcs_port, args.postgres_port)
     state = args.state_dir / "bench"
     with LocalServices(
-        state, ports, gcs_latency_ms=args.gcs_latency_ms, gcs_tls=args.gcs_tls
+        state,
+        ports,
+        gcs_latency_ms=args.gcs_latency_ms,
+        pubsub_latency_ms=args.pubsub_latency_ms,
+        gcs_tls=args.gcs_tls,
     ) as services:
         # This process uploads the images and reads the results over HTTPS too.
         os.environ.update(services.tls_env())

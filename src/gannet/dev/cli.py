@@ -48,8 +48,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise CommandError(
                 "--in-process is a mode of its own: drop --plumbing, --flood, --baseline"
             )
-        if args.gcs_latency_ms or args.gcs_tls:
-            raise CommandError("--gcs-latency-ms and --gcs-tls go with --plumbing")
+        if args.gcs_latency_ms or args.pubsub_latency_ms or args.gcs_tls:
+            raise CommandError(
+                "--gcs-latency-ms, --pubsub-latency-ms and --gcs-tls go with --plumbing"
+            )
         from gannet.dev import bench_device
         from gannet.dev.bench_plumbing import check_pipeline, check_sizes
 
@@ -60,11 +62,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.images = args.images or 500
         return bench_device.main(args)
     if not args.plumbing and (
-        args.gcs_latency_ms or args.gcs_tls or args.runners_sweep or args.pipeline
+        args.gcs_latency_ms
+        or args.pubsub_latency_ms
+        or args.gcs_tls
+        or args.runners_sweep
+        or args.pipeline
     ):
         raise CommandError(
-            "--gcs-latency-ms, --gcs-tls, --runners-sweep and --pipeline go with --plumbing "
-            "(the last two also with --in-process)"
+            "--gcs-latency-ms, --pubsub-latency-ms, --gcs-tls, --runners-sweep and "
+            "--pipeline go with --plumbing (the last two also with --in-process)"
         )
     if args.flood:
         from gannet.dev import bench_flood
@@ -296,6 +302,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         metavar="MS",
         help="--plumbing: add MS to every request the GCS emulator answers, as a real "
         "bucket's round trip would (default 0: the emulator's own, well under 1 ms)",
+    )
+    p.add_argument(
+        "--pubsub-latency-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="--plumbing: add MS to every round trip to the Pub/Sub emulator (the local "
+        "relay holds each byte MS/2 each way), as the network to Pub/Sub itself would: "
+        "messages arrive and acks return that much later (default 0)",
     )
     p.add_argument(
         "--gcs-tls",

@@ -173,6 +173,9 @@ class LocalServices:
     # Added to every GCS request, as a real bucket's round trip would be (the emulator
     # answers in well under a millisecond): `gannet bench --plumbing --gcs-latency-ms`.
     gcs_latency_ms: float = 0.0
+    # Added to every round trip through the Pub/Sub relay, as the network to Pub/Sub
+    # itself would be: `gannet bench --plumbing --pubsub-latency-ms`.
+    pubsub_latency_ms: float = 0.0
     # HTTPS, as Cloud Storage speaks it, with a self-signed certificate that env() tells
     # gannet's processes to trust: `gannet bench --plumbing --gcs-tls`.
     gcs_tls: bool = False
@@ -344,6 +347,7 @@ class LocalServices:
                 "gannet.dev.relay",
                 str(self.ports.pubsub),
                 str(self._emulator_port),
+                f"--latency-ms={self.pubsub_latency_ms:g}",
             ],
         )
 

@@ -18,6 +18,12 @@ frame flagged END_STREAM, as the client's half-close would, then closes the conn
 with a FIN. It keeps reading what the emulator still sends until it closes too, so the
 relay's own close never turns into a reset. Bytes are otherwise forwarded unchanged.
 Run as `python -m gannet.dev.relay LISTEN TARGET`.
+
+`--latency-ms MS` holds every byte MS/2 on its way in each direction, in order: the
+round trip to Pub/Sub itself, which the emulator next door does not have. The client
+counts a message against its flow control until its ack's request has returned, so that
+round trip decides how many leased messages a fast model needs (`gannet bench --plumbing
+--pubsub-latency-ms`).
 """
 
 from __future__ import annotations
@@ -103,27 +109,75 @@ def end_streams(streams: set[int]) -> bytes:
     )
 
 
+class _Link:
+    """One direction's way out: writes what the relay read, in order, `delay_s` after it
+    was read (a network's one-way latency; with 0, at once), and says whether the other
+    side still takes bytes."""
+
+    def __init__(self, writer: asyncio.StreamWriter, delay_s: float) -> None:
+        self.writer = writer
+        self._delay_s = delay_s
+        self._failed = False
+        self._late: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+        self._task = asyncio.ensure_future(self._run_late()) if delay_s > 0 else None
+
+    async def send(self, data: bytes) -> bool:
+        if self._task is None:
+            await self._write(data)
+        elif not self._failed:
+            self._late.put_nowait((asyncio.get_running_loop().time() + self._delay_s, data))
+        return not self._failed
+
+    async def flush(self) -> bool:
+        """Wait until everything sent has been written (or could not be)."""
+        if self._task is not None and not self._task.done():
+            self._late.put_nowait(None)
+            await self._task
+        return not self._failed
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _write(self, data: bytes) -> None:
+        try:
+            self.writer.write(data)
+            await self.writer.drain()
+        except (ConnectionError, OSError):
+            self._failed = True
+
+    async def _run_late(self) -> None:
+        loop = asyncio.get_running_loop()
+        while (item := await self._late.get()) is not None:
+            due, data = item
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            if not self._failed:
+                await self._write(data)
+
+
 async def _pump(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, frames: Http2Streams
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    frames: Http2Streams,
+    delay_s: float = 0.0,
 ) -> None:
     """Copy until `reader` ends, then end `writer` with a FIN (after ending the client's
     open streams, when `reader` is the client). When `writer` cannot take more, keep
     draining `reader` so that closing it later sends no reset."""
+    link = _Link(writer, delay_s)
     writable = True
     try:
-        while data := await reader.read(_CHUNK):
-            frames.feed(data)
-            if not writable:
-                continue
-            try:
-                writer.write(data)
-                await writer.drain()
-            except (ConnectionError, OSError):
-                writable = False
-    except (ConnectionError, OSError):
-        pass  # the reader's side was reset: treat it as its end
-    if not writable:
-        return
+        try:
+            while data := await reader.read(_CHUNK):
+                frames.feed(data)
+                if writable:
+                    writable = await link.send(data)
+        except (ConnectionError, OSError):
+            pass  # the reader's side was reset: treat it as its end
+        if not await link.flush():
+            return
+    finally:
+        link.cancel()
     with suppress(ConnectionError, OSError):
         if frames.from_client and frames.open and frames.at_frame_boundary:
             log.info("client gone; ending its streams %s", sorted(frames.open))
@@ -135,7 +189,10 @@ async def _pump(
 
 
 async def _relay(
-    client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter, target: tuple[str, int]
+    client_r: asyncio.StreamReader,
+    client_w: asyncio.StreamWriter,
+    target: tuple[str, int],
+    latency_s: float,
 ) -> None:
     try:
         upstream_r, upstream_w = await asyncio.open_connection(*target)
@@ -149,10 +206,10 @@ async def _relay(
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     streams: set[int] = set()
     to_upstream = asyncio.ensure_future(
-        _pump(client_r, upstream_w, Http2Streams(streams, from_client=True))
+        _pump(client_r, upstream_w, Http2Streams(streams, from_client=True), latency_s / 2)
     )
     to_client = asyncio.ensure_future(
-        _pump(upstream_r, client_w, Http2Streams(streams, from_client=False))
+        _pump(upstream_r, client_w, Http2Streams(streams, from_client=False), latency_s / 2)
     )
     _, pending = await asyncio.wait({to_upstream, to_client}, return_when="FIRST_COMPLETED")
     if pending:
@@ -166,11 +223,16 @@ async def _relay(
             await w.wait_closed()
 
 
-async def serve(listen: tuple[str, int], target: tuple[str, int]) -> None:
+async def serve(listen: tuple[str, int], target: tuple[str, int], latency_s: float = 0.0) -> None:
     server = await asyncio.start_server(
-        lambda r, w: _relay(r, w, target), *listen, reuse_address=True, backlog=128
+        lambda r, w: _relay(r, w, target, latency_s), *listen, reuse_address=True, backlog=128
     )
-    log.info("relaying %s:%s to %s:%s", *listen, *target)
+    log.info(
+        "relaying %s:%s to %s:%s, %g ms added to each round trip",
+        *listen,
+        *target,
+        latency_s * 1000,
+    )
     async with server:
         await server.serve_forever()
 
@@ -184,10 +246,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("listen_port", type=int, help="port clients connect to")
     parser.add_argument("target_port", type=int, help="the emulator's port")
     parser.add_argument("--host", default="127.0.0.1", help="address of both (default 127.0.0.1)")
+    parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0.0,
+        help="add this to each round trip, half each way, as the network to Pub/Sub itself "
+        "would (default 0)",
+    )
     args = parser.parse_args(argv)
+    if args.latency_ms < 0:
+        parser.error("--latency-ms is at least 0, e.g. 20")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    listen, target = (args.host, args.listen_port), (args.host, args.target_port)
     with suppress(KeyboardInterrupt):
-        asyncio.run(serve((args.host, args.listen_port), (args.host, args.target_port)))
+        asyncio.run(serve(listen, target, args.latency_ms / 1000))
 
 
 if __name__ == "__main__":
