@@ -278,8 +278,12 @@ def test_a_runners_sweep_measures_each_count_against_a_slower_bucket(tmp_path, c
         assert list(summary["sweep"]) == ["1:2", "2:6"]
         for by_count in summary["sweep"].values():
             assert by_count["images_per_s"] > 0 and by_count["cpu_ms_per_image"] > 0
+            # A task reads its image and writes its result: two requests of 150 ms.
+            assert by_count["task_wall_ms"]["total"] >= 300
+            assert by_count["task_wall_ms"]["fetch"] >= 150
             assert len(by_count["rounds"]) == 1
     bench_plumbing.print_report(report)
     out = capsys.readouterr().out
     assert "runners" in out and "leased" in out and "every GCS request 150 ms slower" in out
     assert "every round trip to Pub/Sub 40 ms slower" in out
+    assert "write+commit" in out

@@ -36,6 +36,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -185,6 +186,9 @@ def scrape(port: int) -> dict[str, float]:
         if line.startswith('gannet_stage_cpu_seconds_total{stage="'):
             stage = line.split('"')[1]
             values[f"cpu:{stage}"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith('gannet_stage_seconds_sum{stage="'):
+            stage = line.split('"')[1]
+            values[f"wall:{stage}"] = float(line.rsplit(" ", 1)[1])
         elif line.startswith(("gannet_batch_size_sum ", "gannet_batch_size_count ")):
             name, value = line.split(" ")
             values[name] = float(value)
@@ -302,6 +306,11 @@ def measure(
         "services_cpu_ms_per_image": sum(services_by_name.values()),
         "services_cpu_ms_per_image_by_name": services_by_name,
         "stages_cpu_ms_per_image": stages,
+        "stages_wall_ms_per_task": {
+            key[5:]: (after[key] - before.get(key, 0.0)) * 1000 / n
+            for key in after
+            if key.startswith("wall:")
+        },
         "other_threads_cpu_ms_per_image": total - sum(stages.values()),
         "mean_batch_size": images / batches if batches else 0.0,
         "switches_per_image": counted.switches / n,
@@ -619,11 +628,21 @@ def sweep(
                     for key in ("images_per_s", "cpu_ms_per_image", "mean_batch_size")
                 }
                 | {"runners": runners, "leased": leased, "rounds": results}
+                | {"task_wall_ms": median_stages(r["stages_wall_ms_per_task"] for r in results)}
                 for (runners, leased), results in by_count.items()
             }
         }
         for name, by_count in runs.items()
     }
+
+
+def median_stages(runs: Iterable[dict[str, float]]) -> dict[str, float]:
+    """Per stage, the median over the runs that have it."""
+    by_stage: dict[str, list[float]] = {}
+    for run in runs:
+        for stage, ms in run.items():
+            by_stage.setdefault(stage, []).append(ms)
+    return {stage: statistics.median(values) for stage, values in by_stage.items()}
 
 
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -737,6 +756,17 @@ def run(services: LocalServices, args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+# The stages of a runner's task that wait on something (gannet_stage_seconds), as the
+# sweep's table names them: what holds a runner when the runners are too few.
+TASK_STAGES = [
+    ("total", "task ms"),
+    ("lookup", "claim"),
+    ("fetch", "read"),
+    ("inference", "model"),
+    ("sink", "write+commit"),
+]
+
+
 def print_sweep(report: dict[str, Any]) -> None:
     rows = []
     for size, by_daemon in report["sizes"].items():
@@ -754,14 +784,20 @@ def print_sweep(report: dict[str, Any]) -> None:
                         f"{s['cpu_ms_per_image']:.2f}",
                         f"{s['mean_batch_size']:.1f}",
                     ]
+                    + [
+                        f"{s['task_wall_ms'][stage]:.1f}" if stage in s["task_wall_ms"] else "-"
+                        for stage, _ in TASK_STAGES
+                    ]
                 )
     print()
     header = ["size", "daemon", "runners", "leased", "img/s", "CPU ms/img", "batch"]
-    print(format_table(header, rows))
+    print(format_table(header + [label for _, label in TASK_STAGES], rows))
     print(
         f"(on 2 cores; medians of {report['rounds']} rounds; {report['images']} "
         f"tasks each; {network(report) or 'the emulators as they answer; '}"
-        "CPU ms/img: the daemon's)"
+        "CPU ms/img: the daemon's; then the wall ms a runner spent per task, in all and "
+        "on the stages that wait: the PostgreSQL claim, the GCS read, the model (its "
+        "batch's turn included), the GCS write and the commit)"
     )
 
 
