@@ -166,3 +166,19 @@ def test_non_ascii_text_is_stored_as_sent_whatever_the_client_encoding(services,
             "SELECT task_id, image_url FROM task_results WHERE tenant_id = %s", (tenant,)
         ).fetchone()
     assert row == (task_id, url)
+
+
+def test_the_pool_follows_the_runners(monkeypatch):
+    """A runner holds a connection at its claim and from the fence to the commit, the
+    result's GCS write included, so a pool smaller than the runners made them queue for
+    one (docs/benchmark.md, "The runners' connections"). By default the pool has 4 more
+    than the runners; GANNET_DB_POOL_SIZE still decides when it is set."""
+    from gannet.settings import Settings
+
+    monkeypatch.delenv("GANNET_DB_POOL_SIZE", raising=False)
+    monkeypatch.setenv("GANNET_RUNNERS", "4")
+    assert Settings().db_connections() == 8
+    monkeypatch.setenv("GANNET_RUNNERS", "16")
+    assert Settings().db_connections() == 20
+    monkeypatch.setenv("GANNET_DB_POOL_SIZE", "6")
+    assert Settings().db_connections() == 6

@@ -151,7 +151,7 @@ def build(
         storage = Storage(clients.storage_client(s))
     except clients.NoCredentials as exc:
         raise StartupError(str(exc)) from exc
-    sink = Sink(s.database_url, pool_size=s.db_pool_size, timeout_s=s.db_timeout_s)
+    sink = Sink(s.database_url, pool_size=s.db_connections(), timeout_s=s.db_timeout_s)
     try:
         sink.open(wait_s=s.db_connect_wait_s)
     except Exception as exc:

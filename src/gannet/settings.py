@@ -42,7 +42,13 @@ class Settings(BaseSettings):
         "postgresql://gannet:gannet@127.0.0.1:54329/gannet",
         description="PostgreSQL URL (libpq form). The role must not be a superuser: RLS.",
     )
-    db_pool_size: int = Field(8, ge=1, description="PostgreSQL connections in the pool.")
+    db_pool_size: int | None = Field(
+        None,
+        ge=1,
+        description="PostgreSQL connections in the pool (default runners + 4: a runner holds "
+        "one while it claims its task and from the fence to the commit, the result's GCS "
+        "write included; the rest serve failed messages' rows and callbacks' status).",
+    )
     db_timeout_s: float = Field(
         10.0,
         gt=0,
@@ -263,6 +269,13 @@ class Settings(BaseSettings):
                 return lane
         names = ", ".join(lane.name for lane in lanes)
         raise ValueError(f"no lane {name!r} in GANNET_LANES (lanes: {names})")
+
+    def db_connections(self) -> int:
+        """PostgreSQL connections one process pools. Why it follows the runners: with
+        fewer connections than runners, runners queue for one at the claim and at the
+        commit, and raising GANNET_RUNNERS for a bucket's latency bought less than it
+        should (docs/benchmark.md, "The runners' connections")."""
+        return self.db_pool_size or self.runners + 4
 
     def lane_flow_control(self, lane: Lane) -> int:
         """Messages one lane's stream leases at once."""
