@@ -115,7 +115,7 @@ class _Link:
     side still takes bytes."""
 
     def __init__(self, writer: asyncio.StreamWriter, delay_s: float) -> None:
-        self.writer = writer
+        self._writer = writer
         self._delay_s = delay_s
         self._failed = False
         self._late: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
@@ -141,8 +141,8 @@ class _Link:
 
     async def _write(self, data: bytes) -> None:
         try:
-            self.writer.write(data)
-            await self.writer.drain()
+            self._writer.write(data)
+            await self._writer.drain()
         except (ConnectionError, OSError):
             self._failed = True
 
