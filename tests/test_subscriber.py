@@ -154,15 +154,10 @@ def test_acks_held_for_a_batch_are_sent_before_the_stream_stops(stack):
     stops must reach Pub/Sub before the client stops sending: with a window far longer
     than the test, only the flush at shutdown can send it."""
     gate = threading.Event()
-    acks = Acks(window_s=3600)
+    client = clients.pubsub_clients(stack.settings)[1]
+    acks = Acks(client, stack.settings.subscription_path(), window_s=3600)
     recorder = Recorder(gate, settle=acks.ack)
-    subscriber = Subscriber(
-        clients.pubsub_clients(stack.settings)[1],
-        stack.settings.subscription_path(),
-        4,
-        recorder,
-        acks=acks,
-    )
+    subscriber = Subscriber(client, stack.settings.subscription_path(), 4, recorder, acks=acks)
     subscriber.start()
     try:
         for body in (b"first", b"second", b"in flight at shutdown"):
@@ -176,6 +171,50 @@ def test_acks_held_for_a_batch_are_sent_before_the_stream_stops(stack):
         acks.close()
     assert len(recorder.finished) == 3
     assert stack.unacked(recorder.delivered) == []
+
+
+def test_acks_sent_by_the_daemon_stick_and_free_their_flow_control_slots(stack):
+    """acks.py sends the Acknowledge requests itself and then drops each message from
+    the client's lease management. With 2 messages leased at most, 8 messages all pass
+    only if each ack frees its slot; none comes back when every lease is ended."""
+    client = clients.pubsub_clients(stack.settings)[1]
+    acks = Acks(client, stack.settings.subscription_path())
+    recorder = Recorder(settle=acks.ack)
+    bodies = sorted(f"slot {i}".encode() for i in range(8))
+    try:
+        with subscribed(stack, 2, recorder, None):
+            for body in bodies:
+                stack.publish_raw(body)
+            wait_until(lambda: len(recorder.finished) == len(bodies), "eight messages settled")
+            acks.flush()
+    finally:
+        acks.close()
+    assert recorder.data() == bodies
+    assert recorder.peak <= 2
+    assert stack.unacked(recorder.delivered) == []
+
+
+def test_an_ack_request_that_fails_is_logged_and_frees_the_slot_all_the_same(stack, caplog):
+    """Acknowledge sent for a subscription Pub/Sub does not know fails (NotFound). The
+    failure is logged, and the message is dropped from lease management anyway: the next
+    message is delivered instead of waiting behind a slot that is never freed, and the
+    unacked one comes back later, as after a crash (then acked as a duplicate)."""
+    client = clients.pubsub_clients(stack.settings)[1]
+    project = stack.settings.project
+    acks = Acks(client, f"projects/{project}/subscriptions/no-such-sub")
+    recorder = Recorder(settle=acks.ack)
+    try:
+        with subscribed(stack, 1, recorder, None):
+            stack.publish_raw(b"first")
+            stack.publish_raw(b"second")
+            wait_until(lambda: len(recorder.finished) >= 2, "the second message delivered")
+            acks.flush()
+    finally:
+        acks.close()
+    assert {m.data for m in recorder.delivered} >= {b"first", b"second"}
+    assert "acks not delivered" in caplog.text
+    came_back = {m.data for m in stack.unacked(recorder.delivered)}
+    assert came_back == {b"first", b"second"}
 
 
 def test_a_nacked_message_comes_back_with_a_higher_delivery_attempt(stack):

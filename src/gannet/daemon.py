@@ -190,7 +190,11 @@ def build(
     pipeline = Pipeline(configs, storage, cache, resolver, limits, decoders)
     callbacks = build_callbacks(s, sink.set_callback_status, metrics)
     lanes = s.lane_list()
-    acks = {lane.name: Acks() for lane in lanes}  # handed to each lane's Subscriber too
+    # Each lane's acks, sent by the daemon (acks.py); handed to its Subscriber too.
+    acks = {
+        lane.name: Acks(subscriber_client, s.path("subscriptions", lane.subscription))
+        for lane in lanes
+    }
     settlers = {
         lane.name: Settler(
             publisher,
