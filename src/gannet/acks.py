@@ -63,6 +63,10 @@ class Acks:
 
     def ack(self, message: Any) -> None:
         """Queue a settled message's ack; its request leaves within `window_s`."""
+        traced = message.opentelemetry_data
+        if traced is not None:  # as Message.ack() ends the client's process span
+            traced.add_process_span_event("ack called")
+            traced.end_process_span()
         with self._lock:
             self._pending.append(message)
 
@@ -96,6 +100,7 @@ class Acks:
                 self._in_flight.append(self._senders.submit(self._send, chunk))
 
     def _send(self, messages: list[Any]) -> None:
+        result = "acked"
         try:
             self._client.acknowledge(
                 subscription=self._subscription,
@@ -103,6 +108,7 @@ class Acks:
                 timeout=REQUEST_TIMEOUT_S,
             )
         except Exception as exc:  # noqa: BLE001 - logged; the redelivery recovers them
+            result = "ack failed"
             log.warning(
                 "acks not delivered; Pub/Sub redelivers these after their ack deadline, "
                 "and each is acked as a duplicate without inference",
@@ -110,4 +116,17 @@ class Acks:
             )
         finally:
             for message in messages:
+                _end_subscribe_span(message, result)
                 message.drop()
+
+
+def _end_subscribe_span(message: Any, result: str) -> None:
+    """With the client's OpenTelemetry tracing on (GANNET_TRACE_EXPORTER), each message
+    has a `subscribe` span that its own ack path ends once the request has returned; the
+    daemon's task span is its child (tracing.py), so it must end here instead, or the
+    trace loses its link to the publisher."""
+    traced = message.opentelemetry_data
+    if traced is not None:
+        traced.add_subscribe_span_event("ack end")
+        traced.set_subscribe_span_result(result)
+        traced.end_subscribe_span()

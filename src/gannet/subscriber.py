@@ -59,7 +59,8 @@ class _Scheduler(ThreadScheduler):  # type: ignore[misc] # the client library is
     right after it stops consuming, before it waits for running callbacks and before it
     stops the threads that extend leases and send acks. A callback returns once it has
     handed its message to a runner, so this also waits until every message is settled
-    (`settled`); then the acks they queued (acks.py) go to the client."""
+    (`settled`); then the acks they queued are sent and their requests waited for
+    (acks.py), while the client still holds the messages' leases."""
 
     def __init__(
         self,
