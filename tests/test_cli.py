@@ -95,7 +95,13 @@ def test_bench_latency_options_without_plumbing_are_refused_not_ignored():
     """The model bench, --flood and --in-process run their own services or none: a GCS
     latency or HTTPS they would not apply is refused before anything starts, saying what
     the options go with."""
-    for options in (["--gcs-latency-ms", "20"], ["--gcs-tls"], ["--in-process", "--gcs-tls"]):
+    for options in (
+        ["--gcs-latency-ms", "20"],
+        ["--gcs-tls"],
+        ["--pubsub-latency-ms", "20"],
+        ["--in-process", "--gcs-tls"],
+        ["--in-process", "--pubsub-latency-ms", "5"],
+    ):
         out = gannet("bench", *options)
         assert out.returncode == 2, options
         assert "go with --plumbing" in out.stdout + out.stderr, options

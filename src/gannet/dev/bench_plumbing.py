@@ -746,8 +746,9 @@ def run(services: LocalServices, args: argparse.Namespace) -> dict[str, Any]:
     # The OTLP endpoint of the traced run, in this process: what a collector would do.
     receiver = TraceReceiver() if args.trace else None
     try:
+        added = network(report).removesuffix("; ")
+        over = f" ({added})" if added else ""
         for size in args.sizes or SIZES:
-            over = f" ({network(report).removesuffix('; ')})" if network(report) else ""
             print(f"plumbing mode, {size}, {report['pipeline']}{over}:", flush=True)
             report["sizes"][size] = one_size(services, base, size, daemons, args, receiver)
     finally:

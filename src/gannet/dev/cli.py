@@ -43,15 +43,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    # What only the plumbing mode's own services apply: refused elsewhere, not ignored.
+    services_only = "--gcs-latency-ms, --pubsub-latency-ms, --gcs-tls"
+    services_asked = args.gcs_latency_ms or args.pubsub_latency_ms or args.gcs_tls
     if args.in_process:
         if args.plumbing or args.flood or args.baseline:
             raise CommandError(
                 "--in-process is a mode of its own: drop --plumbing, --flood, --baseline"
             )
-        if args.gcs_latency_ms or args.pubsub_latency_ms or args.gcs_tls:
-            raise CommandError(
-                "--gcs-latency-ms, --pubsub-latency-ms and --gcs-tls go with --plumbing"
-            )
+        if services_asked:
+            raise CommandError(f"{services_only}: these go with --plumbing")
         from gannet.dev import bench_device
         from gannet.dev.bench_plumbing import check_pipeline, check_sizes
 
@@ -61,16 +62,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         args.images = args.images or 500
         return bench_device.main(args)
-    if not args.plumbing and (
-        args.gcs_latency_ms
-        or args.pubsub_latency_ms
-        or args.gcs_tls
-        or args.runners_sweep
-        or args.pipeline
-    ):
+    if not args.plumbing and (services_asked or args.runners_sweep or args.pipeline):
         raise CommandError(
-            "--gcs-latency-ms, --pubsub-latency-ms, --gcs-tls, --runners-sweep and "
-            "--pipeline go with --plumbing (the last two also with --in-process)"
+            f"{services_only}, --runners-sweep and --pipeline go with --plumbing (the last "
+            "two also with --in-process)"
         )
     if args.flood:
         from gannet.dev import bench_flood
