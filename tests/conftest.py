@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from gannet.dev.local_services import LocalServices
+from gannet.dev.local_services import LocalServices, free_port, port_in_use
 from gannet.dev.stack import (
     SAMPLES,
     Stack,
@@ -35,6 +38,7 @@ __all__ = [
     "make_stack",
     "prepared_services",
     "settled",
+    "started",
 ]
 
 if TYPE_CHECKING:
@@ -59,6 +63,27 @@ def stack(services: LocalServices, tmp_path: Path) -> Iterator[Stack]:
     for daemon in made.daemons:
         if daemon.proc.poll() is None:
             daemon.stop(timeout_s=30)
+
+
+class Helper:
+    """A gannet.dev helper process (a relay, the Pub/Sub gate) on a free port of its own."""
+
+    def __init__(self, module: str, *args: str) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, "-m", module, str(self.port), *args])
+        deadline = time.monotonic() + 30
+        while not port_in_use(self.port):
+            assert self.proc.poll() is None, f"{module} exited at start"
+            assert time.monotonic() < deadline, f"{module} did not listen within 30 s"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def started(module: str, *args: str) -> Helper:
+    return Helper(module, *args)
 
 
 def expected_counts(entry: dict[str, Any]) -> dict[str, int]:

@@ -737,6 +737,7 @@ def run(services: LocalServices, args: argparse.Namespace) -> dict[str, Any]:
         "runners_sweep": args.runners_sweep,
         "gcs_latency_ms": args.gcs_latency_ms,
         "pubsub_latency_ms": args.pubsub_latency_ms,
+        "pubsub_flow_control": args.pubsub_flow_control,
         "gcs_tls": args.gcs_tls,
         "rounds": args.rounds,
         "pipeline": args.pipeline or f"DETECTION, the demo detector at imgsz {IMGSZ}",
@@ -811,6 +812,8 @@ def network(report: dict[str, Any]) -> str:
         said.append("GCS over HTTPS")
     if report.get("pubsub_latency_ms"):
         said.append(f"every round trip to Pub/Sub {report['pubsub_latency_ms']:g} ms slower")
+    if report.get("pubsub_flow_control"):
+        said.append("each stream sent at most its lease's unacked messages, as by Pub/Sub")
     return "".join(f"{s}; " for s in said)
 
 
@@ -991,6 +994,7 @@ def main(args: argparse.Namespace) -> int:
         ports,
         gcs_latency_ms=args.gcs_latency_ms,
         pubsub_latency_ms=args.pubsub_latency_ms,
+        pubsub_flow_control=args.pubsub_flow_control,
         gcs_tls=args.gcs_tls,
     ) as services:
         # This process uploads the images and reads the results over HTTPS too.

@@ -44,8 +44,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     # What only the plumbing mode's own services apply: refused elsewhere, not ignored.
-    services_only = "--gcs-latency-ms, --pubsub-latency-ms, --gcs-tls"
-    services_asked = args.gcs_latency_ms or args.pubsub_latency_ms or args.gcs_tls
+    services_only = "--gcs-latency-ms, --pubsub-latency-ms, --pubsub-flow-control, --gcs-tls"
+    services_asked = (
+        args.gcs_latency_ms or args.pubsub_latency_ms or args.pubsub_flow_control or args.gcs_tls
+    )
     if args.in_process:
         if args.plumbing or args.flood or args.baseline:
             raise CommandError(
@@ -306,6 +308,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="--plumbing: add MS to every round trip to the Pub/Sub emulator (the local "
         "relay holds each byte MS/2 each way), as the network to Pub/Sub itself would: "
         "messages arrive and acks return that much later (default 0)",
+    )
+    p.add_argument(
+        "--pubsub-flow-control",
+        action="store_true",
+        help="--plumbing: send each streaming pull at most its GANNET_MAX_MESSAGES unacked "
+        "messages, as Pub/Sub itself does (a local gate in front of the emulator, which "
+        "ignores the limit and sends all it has): the next message then leaves only when "
+        "an ack has arrived, and the client modacks it on receipt before handing it over",
     )
     p.add_argument(
         "--gcs-tls",

@@ -176,6 +176,10 @@ class LocalServices:
     # Added to every round trip through the Pub/Sub relay, as the network to Pub/Sub
     # itself would be: `gannet bench --plumbing --pubsub-latency-ms`.
     pubsub_latency_ms: float = 0.0
+    # Streaming pulls kept within their flow control, as Pub/Sub itself keeps them (the
+    # emulator ignores it): gannet.dev.pubsub_gate between the relay and the emulator,
+    # `gannet bench --plumbing --pubsub-flow-control`.
+    pubsub_flow_control: bool = False
     # HTTPS, as Cloud Storage speaks it, with a self-signed certificate that env() tells
     # gannet's processes to trust: `gannet bench --plumbing --gcs-tls`.
     gcs_tls: bool = False
@@ -265,10 +269,14 @@ class LocalServices:
         started = time.monotonic()
         try:
             self._start_pubsub()  # slowest (JVM); the others start while it boots
+            if self.pubsub_flow_control:
+                self._start_gate()
             self._start_relay()
             self._start_gcs()
             self._start_postgres()
             self._wait("pubsub", self._pubsub_ready, 90)
+            if self.pubsub_flow_control:
+                self._wait("pubsub-gate", lambda: port_in_use(self._gate_port), 30)
             self._wait("gcs", self._gcs_ready, 30)
         except BaseException:
             self.stop()
@@ -346,13 +354,31 @@ class LocalServices:
                 "-m",
                 "gannet.dev.relay",
                 str(self.ports.pubsub),
-                str(self._emulator_port),
+                str(self._gate_port if self.pubsub_flow_control else self._emulator_port),
                 f"--latency-ms={self.pubsub_latency_ms:g}",
             ],
         )
 
+    @cached_property
+    def _gate_port(self) -> int:
+        return free_port()
+
+    def _start_gate(self) -> None:
+        self._spawn(
+            "pubsub-gate",
+            [
+                sys.executable,
+                "-m",
+                "gannet.dev.pubsub_gate",
+                str(self._gate_port),
+                str(self._emulator_port),
+            ],
+        )
+
     def _pubsub_ready(self) -> bool:
-        with urllib.request.urlopen(f"http://{self.pubsub_host}/", timeout=2) as resp:
+        # The gate speaks only gRPC: ask the emulator itself, then wait for the gate's port.
+        port = self._emulator_port if self.pubsub_flow_control else self.ports.pubsub
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as resp:
             return resp.status == 200
 
     def _start_gcs(self) -> None:

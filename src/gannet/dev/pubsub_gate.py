@@ -1,0 +1,250 @@
+"""A gRPC front to the Pub/Sub emulator that keeps each streaming pull within its flow control.
+
+Why it exists: the gcloud 528 emulator ignores a stream's `max_outstanding_messages` and
+sends a subscription's messages down it as they come, so the client library holds what
+its flow control will not yet hand over, and each message is already in the process
+when a slot frees. Pub/Sub itself stops sending at the limit and sends the next message
+only when an ack has reached it; the client then modacks each response on receipt
+before it hands the messages over. Neither round trip happens against the bare
+emulator, so a bench there cannot see what they cost a pod (`gannet bench --plumbing
+--pubsub-flow-control`).
+
+What it does: StreamingPull is served here. Each stream keeps the ack ids it was sent
+and not yet acked, nacked or expired, and pulls from the emulator (unary Pull, which
+waits for messages) only as many as its limit leaves room for. Acknowledge and
+ModifyAckDeadline (unary, or within the stream) go on to the emulator and free or
+extend the slots; every other call goes on unchanged, as bytes. `max_outstanding_bytes`
+is not enforced (gannet's messages are small). Run as `python -m gannet.dev.pubsub_gate
+LISTEN TARGET`, behind gannet.dev.relay as the emulator itself would be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+from google.pubsub_v1 import types
+
+log = logging.getLogger("gannet.dev.pubsub_gate")
+
+_SUBSCRIBER = "/google.pubsub.v1.Subscriber/"
+_PULL_WAIT_S = 1.0  # one Pull's wait for messages, so that an ended stream is noticed
+_UNLIMITED = 1000  # what Pub/Sub leases to a stream that asks for no limit (0)
+
+
+class Stream:
+    """One streaming pull's unacked messages: ack id -> when its deadline passes."""
+
+    def __init__(self, limit: int, deadline_s: float) -> None:
+        self.limit = limit or _UNLIMITED
+        self.deadline_s = deadline_s
+        self.unacked: dict[str, float] = {}
+        self.ended = threading.Event()
+
+
+class Gate(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc is untyped
+    def __init__(self, upstream: grpc.Channel) -> None:
+        self._upstream = upstream
+        self._pull = upstream.unary_unary(
+            _SUBSCRIBER + "Pull",
+            request_serializer=types.PullRequest.serialize,
+            response_deserializer=types.PullResponse.deserialize,
+        )
+        self._ack = upstream.unary_unary(
+            _SUBSCRIBER + "Acknowledge", request_serializer=types.AcknowledgeRequest.serialize
+        )
+        self._modack = upstream.unary_unary(
+            _SUBSCRIBER + "ModifyAckDeadline",
+            request_serializer=types.ModifyAckDeadlineRequest.serialize,
+        )
+        self._lock = threading.Condition()
+        self._owner: dict[str, Stream] = {}  # ack id -> the stream it was sent on
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method: str = details.method
+        if method == _SUBSCRIBER + "StreamingPull":
+            return grpc.stream_stream_rpc_method_handler(
+                self._streaming_pull,
+                request_deserializer=types.StreamingPullRequest.deserialize,
+                response_serializer=types.StreamingPullResponse.serialize,
+            )
+        if method == _SUBSCRIBER + "Acknowledge":
+            return self._forward(method, self._acked, types.AcknowledgeRequest.deserialize)
+        if method == _SUBSCRIBER + "ModifyAckDeadline":
+            return self._forward(method, self._modacked, types.ModifyAckDeadlineRequest.deserialize)
+        return self._forward(method)
+
+    # -- unary calls: forwarded as bytes, acks and modacks read on the way ----------------
+
+    def _forward(
+        self,
+        method: str,
+        seen: Callable[[Any], None] | None = None,
+        parse: Callable[[bytes], Any] | None = None,
+    ) -> grpc.RpcMethodHandler:
+        call = self._upstream.unary_unary(method)
+
+        def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+            try:
+                reply: bytes = call(request, timeout=context.time_remaining())
+            except grpc.RpcError as exc:
+                context.abort(exc.code(), exc.details() or "")
+            if seen is not None and parse is not None:
+                seen(parse(request))
+            return reply
+
+        return grpc.unary_unary_rpc_method_handler(handle)
+
+    def _acked(self, request: Any) -> None:
+        self._release(request.ack_ids)
+
+    def _modacked(self, request: Any) -> None:
+        self._extend(request.ack_ids, request.ack_deadline_seconds)
+
+    def _release(self, ack_ids: Any) -> None:
+        with self._lock:
+            for ack_id in ack_ids:
+                stream = self._owner.pop(ack_id, None)
+                if stream is not None:
+                    stream.unacked.pop(ack_id, None)
+            self._lock.notify_all()
+
+    def _extend(self, ack_ids: Any, seconds: int) -> None:
+        if seconds == 0:  # a nack
+            self._release(ack_ids)
+            return
+        until = time.monotonic() + seconds
+        with self._lock:
+            for ack_id in ack_ids:
+                stream = self._owner.get(ack_id)
+                if stream is not None and ack_id in stream.unacked:
+                    stream.unacked[ack_id] = until
+
+    # -- the streaming pull ---------------------------------------------------------------
+
+    def _streaming_pull(
+        self, requests: Iterator[Any], context: grpc.ServicerContext
+    ) -> Iterator[Any]:
+        first = next(requests)
+        stream = Stream(first.max_outstanding_messages, first.stream_ack_deadline_seconds or 10)
+        subscription = first.subscription
+        reader = threading.Thread(
+            target=self._read,
+            args=(requests, stream, subscription),
+            name="gate-stream-reader",
+            daemon=True,
+        )
+        reader.start()
+        try:
+            while not stream.ended.is_set() and context.is_active():
+                room = self._room(stream)
+                if room == 0:
+                    continue
+                try:
+                    pulled = self._pull(
+                        types.PullRequest(subscription=subscription, max_messages=room),
+                        timeout=_PULL_WAIT_S,
+                    )
+                except grpc.RpcError as exc:
+                    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        continue
+                    context.abort(exc.code(), exc.details() or "")
+                if not pulled.received_messages:
+                    continue
+                until = time.monotonic() + stream.deadline_s
+                with self._lock:
+                    for received in pulled.received_messages:
+                        stream.unacked[received.ack_id] = until
+                        self._owner[received.ack_id] = stream
+                yield types.StreamingPullResponse(received_messages=pulled.received_messages)
+        finally:
+            stream.ended.set()
+            with self._lock:  # what this stream held no longer counts against anything
+                for ack_id in stream.unacked:
+                    self._owner.pop(ack_id, None)
+                stream.unacked.clear()
+
+    def _room(self, stream: Stream) -> int:
+        """How many more messages the stream may be sent, after waiting (briefly) for one
+        to be acked when it is full. Expired leases stop counting, as on Pub/Sub."""
+        with self._lock:
+            now = time.monotonic()
+            for ack_id in [a for a, until in stream.unacked.items() if until <= now]:
+                del stream.unacked[ack_id]
+                self._owner.pop(ack_id, None)
+            room = stream.limit - len(stream.unacked)
+            if room <= 0:
+                self._lock.wait(timeout=_PULL_WAIT_S)
+                return 0
+            return room
+
+    def _read(self, requests: Iterator[Any], stream: Stream, subscription: str) -> None:
+        """The client's later requests on the stream: heartbeats, a new deadline, and acks
+        or modacks when a client sends them this way."""
+        try:
+            for request in requests:
+                if request.stream_ack_deadline_seconds:
+                    stream.deadline_s = request.stream_ack_deadline_seconds
+                if request.ack_ids:
+                    self._ack(
+                        types.AcknowledgeRequest(subscription=subscription, ack_ids=request.ack_ids)
+                    )
+                    self._release(request.ack_ids)
+                for ack_id, seconds in zip(
+                    request.modify_deadline_ack_ids, request.modify_deadline_seconds, strict=True
+                ):
+                    self._modack(
+                        types.ModifyAckDeadlineRequest(
+                            subscription=subscription,
+                            ack_ids=[ack_id],
+                            ack_deadline_seconds=seconds,
+                        )
+                    )
+                    self._extend([ack_id], seconds)
+        except grpc.RpcError:
+            pass  # the client went away: the stream ends below, as it would on Pub/Sub
+        finally:
+            stream.ended.set()
+            with self._lock:
+                self._lock.notify_all()
+
+
+def serve(listen_port: int, target: str) -> grpc.Server:
+    upstream = grpc.insecure_channel(target)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64))
+    server.add_generic_rpc_handlers((Gate(upstream),))
+    server.add_insecure_port(f"127.0.0.1:{listen_port}")
+    server.start()
+    log.info(
+        "serving Pub/Sub on 127.0.0.1:%d, within each stream's flow control, from %s",
+        listen_port,
+        target,
+    )
+    return server
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m gannet.dev.pubsub_gate",
+        description="Serve the Pub/Sub emulator's streaming pulls within each stream's flow "
+        "control (max_outstanding_messages), as Pub/Sub itself does.",
+    )
+    parser.add_argument("listen_port", type=int, help="port clients (or the relay) connect to")
+    parser.add_argument("target_port", type=int, help="the emulator's port")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    server = serve(args.listen_port, f"127.0.0.1:{args.target_port}")
+    try:
+        server.wait_for_termination()
+    except KeyboardInterrupt:
+        server.stop(grace=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""gannet.dev.pubsub_gate, in front of the real Pub/Sub emulator: a streaming pull is sent
+at most its `max_outstanding_messages` unacked messages, as by Pub/Sub itself, and an
+ack or a nack frees a slot for the next. The emulator alone sends a stream all it has,
+which hides from the bench what the client's own round trips cost a pod."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import started
+from google.api_core import exceptions as gexc
+from google.cloud import pubsub_v1
+from google.pubsub_v1 import types
+
+from gannet import clients
+from gannet.dev.stack import Stack
+
+
+@pytest.fixture
+def gate_port(stack: Stack) -> Iterator[int]:
+    """A gate in front of the session's Pub/Sub (its relay, then the emulator)."""
+    gate = started("gannet.dev.pubsub_gate", str(stack.services.ports.pubsub))
+    try:
+        yield gate.port
+    finally:
+        gate.stop()
+
+
+class RawStream:
+    """A streaming pull opened by hand, so that what the server sends is seen as sent
+    (the client library holds back what its own flow control does not yet allow)."""
+
+    def __init__(self, client: pubsub_v1.SubscriberClient, subscription: str, limit: int):
+        self._requests: queue.Queue[Any] = queue.Queue()
+        self._requests.put(
+            types.StreamingPullRequest(
+                subscription=subscription,
+                stream_ack_deadline_seconds=60,
+                max_outstanding_messages=limit,
+            )
+        )
+        self.ack_ids: list[str] = []
+        self._lock = threading.Lock()
+        self._responses = client.streaming_pull(requests=iter(self._requests.get, None))
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for response in self._responses:
+                with self._lock:
+                    self.ack_ids.extend(m.ack_id for m in response.received_messages)
+        except gexc.Cancelled:
+            pass  # close()
+
+    def received(self, settle_s: float = 1.5) -> list[str]:
+        """What arrived, once nothing more has for `settle_s`."""
+        seen = -1
+        while True:
+            with self._lock:
+                now = list(self.ack_ids)
+            if len(now) == seen:
+                return now
+            seen = len(now)
+            time.sleep(settle_s)
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._responses.cancel()
+
+
+def test_a_stream_is_sent_at_most_its_limit_and_each_ack_or_nack_frees_a_slot(stack, gate_port):
+    for i in range(8):
+        stack.publish_raw(f"gated {i}".encode())
+    gated = stack.settings.model_copy(update={"pubsub_emulator_host": f"127.0.0.1:{gate_port}"})
+    client = clients.pubsub_clients(gated)[1]
+    stream = RawStream(client, stack.settings.subscription_path(), limit=3)
+    try:
+        first = stream.received()
+        assert len(first) == 3, f"sent {len(first)} unacked messages to a stream of 3"
+        path = stack.settings.subscription_path()
+        client.acknowledge(request={"subscription": path, "ack_ids": first[:2]})
+        after_acks = stream.received()
+        assert len(after_acks) == 5, "two acks should free two slots, and only two"
+        client.modify_ack_deadline(
+            request={"subscription": path, "ack_ids": [first[2]], "ack_deadline_seconds": 0}
+        )
+        assert len(stream.received()) == 6, "a nack frees its slot"
+    finally:
+        stream.close()
