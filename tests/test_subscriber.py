@@ -13,6 +13,7 @@ message stays gone, any other comes back.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,10 +21,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from conftest import started
 from google.api_core import exceptions as gexc
 
 from gannet import clients
 from gannet.acks import Acks
+from gannet.settings import Settings
 from gannet.subscriber import Subscriber
 
 WAIT_S = 15
@@ -39,11 +42,16 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = WAIT
 
 @contextmanager
 def subscribed(
-    stack, max_messages: int, on_message: Callable[[Any], None], gate: threading.Event | None
+    stack,
+    max_messages: int,
+    on_message: Callable[[Any], None],
+    gate: threading.Event | None,
+    settings: Settings | None = None,
 ) -> Iterator[Subscriber]:
-    """A started Subscriber on the stack's subscription, always stopped at the end."""
+    """A started Subscriber on the stack's subscription, always stopped at the end;
+    through `settings`' Pub/Sub when given."""
     subscriber = Subscriber(
-        clients.pubsub_clients(stack.settings)[1],
+        clients.pubsub_clients(settings or stack.settings)[1],
         stack.settings.subscription_path(),
         max_messages,
         on_message,
@@ -215,6 +223,57 @@ def test_an_ack_request_that_fails_is_logged_and_frees_the_slot_all_the_same(sta
     assert "acks not delivered" in caplog.text
     came_back = {m.data for m in stack.unacked(recorder.delivered)}
     assert came_back == {b"first", b"second"}
+
+
+ROUND_TRIP_MS = 1000
+
+
+@pytest.fixture
+def distant_pubsub(stack) -> Iterator[Settings]:
+    """The session's Pub/Sub as a pod meets Pub/Sub itself: a stream is sent a message
+    only when an ack has freed one of its slots (gannet.dev.pubsub_gate), and every
+    round trip takes ROUND_TRIP_MS (gannet.dev.relay --latency-ms)."""
+    gate = started("gannet.dev.pubsub_gate", str(stack.services.ports.pubsub))
+    relay = started("gannet.dev.relay", str(gate.port), f"--latency-ms={ROUND_TRIP_MS}")
+    try:
+        host = f"127.0.0.1:{relay.port}"
+        yield stack.settings.model_copy(update={"pubsub_emulator_host": host})
+    finally:
+        for helper in (relay, gate):
+            helper.stop()
+
+
+def test_a_message_is_handed_over_before_its_receipt_modack_returns(stack, distant_pubsub):
+    """The client library modacks each response it receives, and on its own hands the
+    messages over only when that request has returned: a round trip added to every
+    message's turn through a slot, and with Pub/Sub sending a message each time an ack
+    frees a slot, a pod's pace (subscriber._Manager).
+
+    Here Pub/Sub is a 1 s round trip away and the subscriber leases one message at a
+    time. A turn is then the ack's window (20 ms), the ack's way to Pub/Sub and the next
+    message's way back: about 1 s. Waiting for the receipt as well makes it about 2 s
+    (2.03 s each, measured with the client's own manager)."""
+    client = clients.pubsub_clients(distant_pubsub)[1]
+    acks = Acks(client, distant_pubsub.subscription_path())
+    arrived: list[float] = []
+
+    def settle(message: Any) -> None:
+        arrived.append(time.monotonic())
+        acks.ack(message)
+
+    recorder = Recorder(settle=settle)
+    bodies = sorted(f"turn {i}".encode() for i in range(4))
+    for body in bodies:
+        stack.publish_raw(body)
+    try:
+        with subscribed(stack, 1, recorder, None, settings=distant_pubsub):
+            wait_until(lambda: len(recorder.finished) == len(bodies), "four turns", 30)
+            acks.flush()
+    finally:
+        acks.close()
+    assert recorder.data() == bodies
+    turns = [round(later - earlier, 2) for earlier, later in itertools.pairwise(arrived)]
+    assert all(0.9 < turn < 1.6 for turn in turns), f"seconds between deliveries: {turns}"
 
 
 def test_a_nacked_message_comes_back_with_a_higher_delivery_attempt(stack):
