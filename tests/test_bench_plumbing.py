@@ -177,6 +177,7 @@ def bench_args(tmp_path: Path, **kw: object) -> argparse.Namespace:
         "runners_sweep": None,
         "gcs_latency_ms": 0.0,
         "pubsub_latency_ms": 0.0,
+        "pubsub_flow_control": False,
         "gcs_tls": False,
         "pipeline": None,
         "state_dir": tmp_path,
@@ -248,20 +249,27 @@ def test_plumbing_bench_measures_each_daemon_by_stage_on_one_and_two_cores(tmp_p
 def test_a_runners_sweep_measures_each_count_against_a_slower_bucket(tmp_path, capsys):
     """`--gcs-latency-ms` makes every GCS request at least that much slower, as a real
     bucket's round trip is, and `--pubsub-latency-ms` every round trip through the
-    Pub/Sub relay; `--runners-sweep` runs each daemon once per runner count. The tasks
-    run a shipped pipeline (`--pipeline`), segmentation included."""
+    Pub/Sub relay, behind which `--pubsub-flow-control` keeps each stream within its
+    lease, as Pub/Sub does; `--runners-sweep` runs each daemon once per runner count.
+    The tasks run a shipped pipeline (`--pipeline`), segmentation included."""
     args = bench_args(
         tmp_path,
         images=6,
         runners_sweep=[(1, None), (2, 6)],
         gcs_latency_ms=150.0,
         pubsub_latency_ms=40.0,
+        pubsub_flow_control=True,
         pipeline=f"{REPO_ROOT / 'configs' / 'agro.yaml'}:FULL_PIPELINE",
     )
     services = LocalServices(
-        tmp_path / "services", Ports.free(), gcs_latency_ms=150.0, pubsub_latency_ms=40.0
+        tmp_path / "services",
+        Ports.free(),
+        gcs_latency_ms=150.0,
+        pubsub_latency_ms=40.0,
+        pubsub_flow_control=True,
     )
     with services:
+        assert "pubsub-gate" in services.pids()  # its CPU is counted with the services
         relay_log = (tmp_path / "services" / "pubsub-relay.log").read_text()
         assert "40 ms added to each round trip" in relay_log
         url = f"{services.gcs_endpoint}/storage/v1/b?project={services.project}"
@@ -286,4 +294,5 @@ def test_a_runners_sweep_measures_each_count_against_a_slower_bucket(tmp_path, c
     out = capsys.readouterr().out
     assert "runners" in out and "leased" in out and "every GCS request 150 ms slower" in out
     assert "every round trip to Pub/Sub 40 ms slower" in out
+    assert "each stream sent at most its lease's unacked messages" in out
     assert "write+commit" in out
