@@ -75,7 +75,8 @@ class _Manager(StreamingPullManager):  # type: ignore[misc] # the client library
     that request has returned. Pub/Sub sends a stream a message only when an ack has
     freed one of its slots, so at a fast model's rate the responses are small and many,
     and that thread spends a round trip on each: with Pub/Sub 20 ms away, 4 runners and
-    8 leased got 51 images/s, 161 with this (docs/benchmark.md, "The receipt modack").
+    8 leased got 51 images/s, 160 with this (docs/benchmark.md, "Pub/Sub's flow
+    control, and the receipt modack").
 
     Here the receipt goes out on a sender thread of its own, and the messages go on at
     once. So that it cannot land after a later nack or deadline change of the same

@@ -890,7 +890,8 @@ def print_report(report: dict[str, Any]) -> None:
             "(busiest's tasks: the share of the tasks the busier process ran. The Pub/Sub "
             "emulator ignores each stream's flow control and sends a subscription's messages "
             "down one stream, so here one process may run nearly all of them; Pub/Sub "
-            "itself stops at GANNET_MAX_MESSAGES per stream: docs/benchmark.md)"
+            "itself stops at GANNET_MAX_MESSAGES per stream, as --pubsub-flow-control "
+            "does: docs/benchmark.md)"
         )
     traced = [
         [
