@@ -411,6 +411,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "emulator ignores flow control and leases all it has to one daemon",
     )
     p.add_argument(
+        "--pubsub-flow-control",
+        action="store_true",
+        help="hold each streaming pull to its lease (GANNET_MAX_MESSAGES unacked), as "
+        "Pub/Sub does and the emulator does not (gannet.dev.pubsub_gate): the daemon "
+        "then meets Pub/Sub's pacing, one small response per freed slot",
+    )
+    p.add_argument(
         "--settle-timeout-s",
         type=float,
         default=600.0,

@@ -630,6 +630,7 @@ def build_report(
     codes = Counter(c or "(none)" for cs in final.poison_codes.values() for c in cs)
     report: dict[str, Any] = {
         "seed": args.seed,
+        "pubsub_flow_control": args.pubsub_flow_control,
         "tasks": len(soak.messages),
         "valid": len(soak.valid),
         "poison": len(soak.poison),
@@ -754,7 +755,10 @@ def _problems(report: dict[str, Any]) -> list[str]:
 def main(args: argparse.Namespace) -> int:
     state = args.state_dir or Path(tempfile.mkdtemp(prefix="gannet-soak-"))
     report_path = args.report or state / "soak-report.json"
-    print(f"Soak: seed {args.seed}, {args.tasks} tasks; services, logs and report in {state}")
+    gated = "; each stream held to its lease, as by Pub/Sub" if args.pubsub_flow_control else ""
+    print(
+        f"Soak: seed {args.seed}, {args.tasks} tasks{gated}; services, logs and report in {state}"
+    )
     # Refuse a plan that cannot be drawn now, not after the services took a minute.
     plan_faults(
         random.Random(args.seed), args.tasks - round(args.tasks * args.poison), fault_counts(args)
@@ -781,7 +785,7 @@ def run(args: argparse.Namespace, state: Path) -> dict[str, Any]:
     """The whole soak on services of its own; everything it started is stopped again,
     whatever happens (an error, Ctrl-C)."""
     print("Starting Pub/Sub emulator, GCS emulator and PostgreSQL ...", flush=True)
-    with prepared_services(state / "services") as services:
+    with prepared_services(state / "services", args.pubsub_flow_control) as services:
         stack = make_stack(services, state, ack_deadline_s=10)
         soak = Soak(stack, args)
         _print_plan(soak)

@@ -52,9 +52,9 @@ def fresh_queue(
 
 
 @contextmanager
-def prepared_services(state: Path) -> Iterator[LocalServices]:
+def prepared_services(state: Path, pubsub_flow_control: bool = False) -> Iterator[LocalServices]:
     """Services on free ports with the schema and the buckets every test expects."""
-    with LocalServices(state, Ports.free()) as running:
+    with LocalServices(state, Ports.free(), pubsub_flow_control=pubsub_flow_control) as running:
         base = local_settings(running)
         sink.migrate(base.database_url)
         provision.ensure_buckets(
