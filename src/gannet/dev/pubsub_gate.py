@@ -75,18 +75,15 @@ class Gate(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc is untyped
                 response_serializer=types.StreamingPullResponse.serialize,
             )
         if method == _SUBSCRIBER + "Acknowledge":
-            return self._forward(method, self._acked, types.AcknowledgeRequest.deserialize)
+            return self._forward(method, self._acked)
         if method == _SUBSCRIBER + "ModifyAckDeadline":
-            return self._forward(method, self._modacked, types.ModifyAckDeadlineRequest.deserialize)
+            return self._forward(method, self._modacked)
         return self._forward(method)
 
     # -- unary calls: forwarded as bytes, acks and modacks read on the way ----------------
 
     def _forward(
-        self,
-        method: str,
-        seen: Callable[[Any], None] | None = None,
-        parse: Callable[[bytes], Any] | None = None,
+        self, method: str, seen: Callable[[bytes], None] | None = None
     ) -> grpc.RpcMethodHandler:
         call = self._upstream.unary_unary(method)
 
@@ -95,16 +92,17 @@ class Gate(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc is untyped
                 reply: bytes = call(request, timeout=context.time_remaining())
             except grpc.RpcError as exc:
                 context.abort(exc.code(), exc.details() or "")
-            if seen is not None and parse is not None:
-                seen(parse(request))
+            if seen is not None:  # once the emulator has it, as Pub/Sub frees the slot
+                seen(request)
             return reply
 
         return grpc.unary_unary_rpc_method_handler(handle)
 
-    def _acked(self, request: Any) -> None:
-        self._release(request.ack_ids)
+    def _acked(self, raw: bytes) -> None:
+        self._release(types.AcknowledgeRequest.deserialize(raw).ack_ids)
 
-    def _modacked(self, request: Any) -> None:
+    def _modacked(self, raw: bytes) -> None:
+        request = types.ModifyAckDeadlineRequest.deserialize(raw)
         self._extend(request.ack_ids, request.ack_deadline_seconds)
 
     def _release(self, ack_ids: Any) -> None:
