@@ -79,9 +79,11 @@ class _Manager(StreamingPullManager):  # type: ignore[misc] # the client library
     control, and the receipt modack").
 
     Here the receipt goes out on a sender thread of its own, and the messages go on at
-    once. So that it cannot land after a later nack or deadline change of the same
-    message (and lease it again for a minute), those wait until every receipt sent
-    before them has returned. With exactly-once delivery the client needs the receipt's
+    once. Receipts that arrive while every sender is busy leave together in one
+    request, so requests cannot pile up behind a slow Pub/Sub. So that a receipt cannot
+    land after a later nack or deadline change of the same message (and lease it again
+    for a minute), those wait until every receipt queued or sent before them has
+    returned. With exactly-once delivery the client needs the receipt's
     answer first (the ack ids that expired): there it still waits, as before.
 
     Private methods of google-cloud-pubsub 2.44 are overridden here (as `_close_politely`
@@ -95,8 +97,12 @@ class _Manager(StreamingPullManager):  # type: ignore[misc] # the client library
             thread_name_prefix="gannet-receipt",
             initializer=lambda: setattr(_receipt_thread, "is_one", True),
         )
-        self._receipts_in_flight: set[Future[None]] = set()
         self._receipts_lock = threading.Lock()
+        self._receipts_in_flight: set[Future[None]] = set()
+        # Received and not yet sent: a free sender takes them all in one request, so when
+        # responses come faster than the requests return, the requests do not pile up.
+        self._unsent_ids: list[str] = []
+        self._unsent_spans: list[Any] = []
         self.add_close_callback(lambda _manager, _reason: self._receipts.shutdown(wait=False))
 
     def _send_lease_modacks(
@@ -107,42 +113,50 @@ class _Manager(StreamingPullManager):  # type: ignore[misc] # the client library
         warn_on_invalid: bool = True,
         receipt_modack: bool = False,
     ) -> set[str]:
-        send = super()._send_lease_modacks
-        args = (ack_deadline, opentelemetry_data, warn_on_invalid, receipt_modack)
         if not receipt_modack or self._exactly_once_delivery_enabled():
-            expired: set[str] = send(ack_ids, *args)
-            return expired
-        ack_ids = list(ack_ids)
-        try:
-            sent = self._receipts.submit(_receipt, send, ack_ids, *args)
-        except RuntimeError:  # closing: its senders are shut down; send it as the client would
-            expired = send(ack_ids, *args)
+            expired: set[str] = super()._send_lease_modacks(
+                ack_ids, ack_deadline, opentelemetry_data, warn_on_invalid, receipt_modack
+            )
             return expired
         with self._receipts_lock:
-            self._receipts_in_flight.add(sent)
-        sent.add_done_callback(self._receipt_returned)
+            self._unsent_ids.extend(ack_ids)
+            self._unsent_spans.extend(opentelemetry_data or ())
+            try:
+                sent = self._receipts.submit(self._send_receipts, ack_deadline)
+                self._receipts_in_flight.add(sent)
+            except RuntimeError:  # closing, its senders shut down: send here, as the client
+                sent = None
+        if sent is None:
+            self._send_receipts(ack_deadline)
+        else:
+            sent.add_done_callback(self._receipt_returned)
         return set()
+
+    def _send_receipts(self, ack_deadline: float) -> None:
+        """A receipt modack that fails is logged, as the client logs its own: the message
+        is still handed over, and Pub/Sub keeps it leased to the stream until the stream's
+        ack deadline, which the leaser goes on extending."""
+        with self._receipts_lock:
+            ack_ids, spans = self._unsent_ids, self._unsent_spans
+            self._unsent_ids, self._unsent_spans = [], []
+        if not ack_ids:  # an earlier sender took them
+            return
+        try:
+            super()._send_lease_modacks(ack_ids, ack_deadline, spans, False, True)
+        except Exception:
+            log.exception("a receipt modack failed", extra={"fields": {"messages": len(ack_ids)}})
 
     def _receipt_returned(self, sent: Future[None]) -> None:
         with self._receipts_lock:
             self._receipts_in_flight.discard(sent)
 
     def send_unary_modack(self, *args: Any, **kwargs: Any) -> Any:
+        """Every modack but a receipt: after the receipts queued or sent before it."""
         if not getattr(_receipt_thread, "is_one", False):
             with self._receipts_lock:
                 earlier = list(self._receipts_in_flight)
             futures.wait(earlier, timeout=RECEIPT_WAIT_S)
         return super().send_unary_modack(*args, **kwargs)
-
-
-def _receipt(send: Callable[..., Any], *args: Any) -> None:
-    """A receipt modack that fails is logged, as the client logs its own: the message
-    is still handed over, and Pub/Sub keeps it leased to the stream until the stream's
-    ack deadline, which the leaser goes on extending."""
-    try:
-        send(*args)
-    except Exception:
-        log.exception("a receipt modack failed")
 
 
 class _Scheduler(ThreadScheduler):  # type: ignore[misc] # the client library is untyped
