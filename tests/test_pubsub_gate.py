@@ -57,7 +57,7 @@ class RawStream:
         except gexc.Cancelled:
             pass  # close()
 
-    def received(self, settle_s: float = 1.5) -> list[str]:
+    def received(self, settle_s: float = 0.5) -> list[str]:
         """What arrived, once nothing more has for `settle_s`."""
         seen = -1
         while True:
