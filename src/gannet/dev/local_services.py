@@ -346,34 +346,23 @@ class LocalServices:
     def _emulator_port(self) -> int:
         return free_port()
 
-    def _start_relay(self) -> None:
-        self._spawn(
-            "pubsub-relay",
-            [
-                sys.executable,
-                "-m",
-                "gannet.dev.relay",
-                str(self.ports.pubsub),
-                str(self._gate_port if self.pubsub_flow_control else self._emulator_port),
-                f"--latency-ms={self.pubsub_latency_ms:g}",
-            ],
-        )
-
     @cached_property
     def _gate_port(self) -> int:
         return free_port()
 
+    def _start_relay(self) -> None:
+        """Clients -> relay -> (the gate, with pubsub_flow_control) -> the emulator."""
+        target = self._gate_port if self.pubsub_flow_control else self._emulator_port
+        latency = f"--latency-ms={self.pubsub_latency_ms:g}"
+        self._spawn_module("pubsub-relay", "gannet.dev.relay", self.ports.pubsub, target, latency)
+
     def _start_gate(self) -> None:
-        self._spawn(
-            "pubsub-gate",
-            [
-                sys.executable,
-                "-m",
-                "gannet.dev.pubsub_gate",
-                str(self._gate_port),
-                str(self._emulator_port),
-            ],
+        self._spawn_module(
+            "pubsub-gate", "gannet.dev.pubsub_gate", self._gate_port, self._emulator_port
         )
+
+    def _spawn_module(self, name: str, module: str, *args: object) -> None:
+        self._spawn(name, [sys.executable, "-m", module, *map(str, args)])
 
     def _pubsub_ready(self) -> bool:
         # The gate speaks only gRPC: ask the emulator itself, then wait for the gate's port.
