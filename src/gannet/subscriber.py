@@ -83,8 +83,8 @@ class _Manager(StreamingPullManager):  # type: ignore[misc] # the client library
     request, so requests cannot pile up behind a slow Pub/Sub. So that a receipt cannot
     land after a later nack or deadline change of the same message (and lease it again
     for a minute), those wait until every receipt queued or sent before them has
-    returned. With exactly-once delivery the client needs the receipt's
-    answer first (the ack ids that expired): there it still waits, as before.
+    returned. With exactly-once delivery the client needs the receipt's answer first
+    (the ack ids that expired): there it still waits, as before.
 
     Private methods of google-cloud-pubsub 2.44 are overridden here (as `_close_politely`
     wraps one of api_core's): a release that renames them makes the receipt wait again,
