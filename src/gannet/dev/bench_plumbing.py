@@ -178,7 +178,8 @@ def write_config(out: Path) -> Path:
 
 
 def scrape(port: int) -> dict[str, float]:
-    """The daemon's stage CPU counters and batch-size histogram, from /metrics."""
+    """The daemon's stage counters ("cpu:STAGE" CPU seconds, "wall:STAGE" wall seconds)
+    and batch-size histogram, from /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
     values: dict[str, float] = {}
@@ -193,6 +194,19 @@ def scrape(port: int) -> dict[str, float]:
             name, value = line.split(" ")
             values[name] = float(value)
     return values
+
+
+def ms_per_task(
+    before: dict[str, float], after: dict[str, float], kind: str, n: int
+) -> dict[str, float]:
+    """Per stage, the milliseconds (of `kind`: "cpu" or "wall") two scrapes differ by,
+    per task of the `n` run between them."""
+    prefix = f"{kind}:"
+    return {
+        key.removeprefix(prefix): (after[key] - before.get(key, 0.0)) * 1000 / n
+        for key in after
+        if key.startswith(prefix)
+    }
 
 
 def measure(
@@ -292,11 +306,7 @@ def measure(
     n = len(tasks)
     seconds = finished - started
     services_by_name = cpu_ms_per_image(rest_before, rest_after, n)
-    stages = {
-        key[4:]: (after[key] - before.get(key, 0.0)) * 1000 / n
-        for key in after
-        if key.startswith("cpu:")
-    }
+    stages = ms_per_task(before, after, "cpu", n)
     total = (cpu_after - cpu_before) * 1000 / n
     batches = after["gannet_batch_size_count"] - before.get("gannet_batch_size_count", 0.0)
     images = after["gannet_batch_size_sum"] - before.get("gannet_batch_size_sum", 0.0)
@@ -306,11 +316,7 @@ def measure(
         "services_cpu_ms_per_image": sum(services_by_name.values()),
         "services_cpu_ms_per_image_by_name": services_by_name,
         "stages_cpu_ms_per_image": stages,
-        "stages_wall_ms_per_task": {
-            key[5:]: (after[key] - before.get(key, 0.0)) * 1000 / n
-            for key in after
-            if key.startswith("wall:")
-        },
+        "stages_wall_ms_per_task": ms_per_task(before, after, "wall", n),
         "other_threads_cpu_ms_per_image": total - sum(stages.values()),
         "mean_batch_size": images / batches if batches else 0.0,
         "switches_per_image": counted.switches / n,
