@@ -98,7 +98,7 @@ class _Manager(StreamingPullManager):  # type: ignore[misc] # the client library
             initializer=lambda: setattr(_receipt_thread, "is_one", True),
         )
         self._receipts_lock = threading.Lock()
-        self._receipts_in_flight: set[Future[None]] = set()
+        self._receipts_in_flight: list[Future[None]] = []
         # Received and not yet sent: a free sender takes them all in one request, so when
         # responses come faster than the requests return, the requests do not pile up.
         self._unsent_ids: list[str] = []
@@ -121,15 +121,16 @@ class _Manager(StreamingPullManager):  # type: ignore[misc] # the client library
         with self._receipts_lock:
             self._unsent_ids.extend(ack_ids)
             self._unsent_spans.extend(opentelemetry_data or ())
+            # As acks.py keeps its requests: those that returned are let go at each send.
+            self._receipts_in_flight = [f for f in self._receipts_in_flight if not f.done()]
             try:
-                sent = self._receipts.submit(self._send_receipts, ack_deadline)
-                self._receipts_in_flight.add(sent)
+                self._receipts_in_flight.append(
+                    self._receipts.submit(self._send_receipts, ack_deadline)
+                )
+                return set()
             except RuntimeError:  # closing, its senders shut down: send here, as the client
-                sent = None
-        if sent is None:
-            self._send_receipts(ack_deadline)
-        else:
-            sent.add_done_callback(self._receipt_returned)
+                pass
+        self._send_receipts(ack_deadline)
         return set()
 
     def _send_receipts(self, ack_deadline: float) -> None:
@@ -145,10 +146,6 @@ class _Manager(StreamingPullManager):  # type: ignore[misc] # the client library
             super()._send_lease_modacks(ack_ids, ack_deadline, spans, False, True)
         except Exception:
             log.exception("a receipt modack failed", extra={"fields": {"messages": len(ack_ids)}})
-
-    def _receipt_returned(self, sent: Future[None]) -> None:
-        with self._receipts_lock:
-            self._receipts_in_flight.discard(sent)
 
     def send_unary_modack(self, *args: Any, **kwargs: Any) -> Any:
         """Every modack but a receipt: after the receipts queued or sent before it."""
