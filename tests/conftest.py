@@ -32,13 +32,13 @@ __all__ = [
     "MANIFEST",
     "SAMPLES",
     "SCENES",
+    "Started",
     "box_distance",
     "gannet",
     "local_pipeline",
     "make_stack",
     "prepared_services",
     "settled",
-    "started",
 ]
 
 if TYPE_CHECKING:
@@ -65,8 +65,10 @@ def stack(services: LocalServices, tmp_path: Path) -> Iterator[Stack]:
             daemon.stop(timeout_s=30)
 
 
-class Helper:
-    """A gannet.dev helper process (a relay, the Pub/Sub gate) on a free port of its own."""
+class Started:
+    """A gannet.dev helper process (a relay, the Pub/Sub gate) listening on a free port of
+    its own, given as its first argument. Listening is checked by one connection, which
+    the helper passes on to its target."""
 
     def __init__(self, module: str, *args: str) -> None:
         self.port = free_port()
@@ -80,10 +82,6 @@ class Helper:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
-
-
-def started(module: str, *args: str) -> Helper:
-    return Helper(module, *args)
 
 
 def expected_counts(entry: dict[str, Any]) -> dict[str, int]:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import started
+from conftest import Started
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 from google.pubsub_v1 import types
@@ -24,7 +24,7 @@ from gannet.dev.stack import Stack
 @pytest.fixture
 def gate_port(stack: Stack) -> Iterator[int]:
     """A gate in front of the session's Pub/Sub (its relay, then the emulator)."""
-    gate = started("gannet.dev.pubsub_gate", str(stack.services.ports.pubsub))
+    gate = Started("gannet.dev.pubsub_gate", str(stack.services.ports.pubsub))
     try:
         yield gate.port
     finally:

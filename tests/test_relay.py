@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import socket
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
 import pytest
+from conftest import Started
 
-from gannet.dev.local_services import free_port
 from gannet.dev.relay import _PREFACE, end_streams
 
 
@@ -24,24 +22,15 @@ def relayed(request: pytest.FixtureRequest) -> Iterator[tuple[socket.socket, int
     options by indirect parametrization)."""
     server = socket.create_server(("127.0.0.1", 0))
     server.settimeout(10)
-    port = free_port()
     options = getattr(request, "param", [])
-    target = str(server.getsockname()[1])
-    relay = subprocess.Popen(
-        [sys.executable, "-m", "gannet.dev.relay", str(port), target, *options]
-    )
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
-        server.accept()[0].close()  # the probe's connection
-        yield server, port
+        relay = Started("gannet.dev.relay", str(server.getsockname()[1]), *options)
+        try:
+            server.accept()[0].close()  # the probe's connection
+            yield server, relay.port
+        finally:
+            relay.stop()
     finally:
-        relay.terminate()
-        relay.wait(10)
         server.close()
 
 

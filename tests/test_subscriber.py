@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from conftest import started
+from conftest import Started
 from google.api_core import exceptions as gexc
 
 from gannet import clients
@@ -233,8 +233,8 @@ def distant_pubsub(stack) -> Iterator[Settings]:
     """The session's Pub/Sub as a pod meets Pub/Sub itself: a stream is sent a message
     only when an ack has freed one of its slots (gannet.dev.pubsub_gate), and every
     round trip takes ROUND_TRIP_MS (gannet.dev.relay --latency-ms)."""
-    gate = started("gannet.dev.pubsub_gate", str(stack.services.ports.pubsub))
-    relay = started("gannet.dev.relay", str(gate.port), f"--latency-ms={ROUND_TRIP_MS}")
+    gate = Started("gannet.dev.pubsub_gate", str(stack.services.ports.pubsub))
+    relay = Started("gannet.dev.relay", str(gate.port), f"--latency-ms={ROUND_TRIP_MS}")
     try:
         host = f"127.0.0.1:{relay.port}"
         yield stack.settings.model_copy(update={"pubsub_emulator_host": host})
