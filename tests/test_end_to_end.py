@@ -7,6 +7,7 @@ import logging
 import os
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 from conftest import SCENES, expected_counts, settled
@@ -52,26 +53,35 @@ def test_publish_to_row_to_ack(stack):
     assert stack.pull(stack.settings.subscription, timeout_s=3) == []
 
 
-def thread_policies(pid: int) -> set[int]:
-    """The scheduling policy of every thread of process `pid`."""
-    policies = set()
+def thread_policies(pid: int) -> tuple[set[int], Counter[int]]:
+    """The scheduling policy of every thread of process `pid`, and how many threads
+    run at each nice value (`ps -L -o nice` shows an operator the same)."""
+    policies, nices = set(), Counter[int]()
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             policies.add(os.sched_getscheduler(int(task.name)))
-        except ProcessLookupError:  # a thread that ended meanwhile
+            stat = (task / "stat").read_text()
+        except (ProcessLookupError, FileNotFoundError):  # a thread that ended meanwhile
             continue
-    return policies
+        nices[int(stat.rpartition(")")[2].split()[16])] += 1
+    return policies, nices
 
 
-def test_daemon_threads_run_under_sched_batch_unless_turned_off(stack):
+def test_daemon_threads_run_under_sched_batch_and_decode_nicer_unless_turned_off(stack):
     """By default every thread of a running daemon (runners, batcher, Pub/Sub client,
-    health server) is SCHED_BATCH, as `chrt -p` shows an operator; with
-    GANNET_SCHED_BATCH=false they keep SCHED_OTHER."""
-    daemon = stack.start_daemon()
-    assert thread_policies(daemon.proc.pid) == {os.SCHED_BATCH}
+    health server) is SCHED_BATCH, as `chrt -p` shows an operator, and its JPEG decode
+    threads, one per runner, run 10 nicer than the rest (offload.py); with
+    GANNET_SCHED_BATCH=false and GANNET_DECODE_NICE=0 they keep SCHED_OTHER, and there
+    are no decode threads."""
+    daemon = stack.start_daemon(GANNET_RUNNERS="3")
+    policies, nices = thread_policies(daemon.proc.pid)
+    assert policies == {os.SCHED_BATCH}
+    assert nices[10] == 3 and set(nices) == {0, 10}
     assert daemon.stop() == 0
-    daemon = stack.start_daemon(GANNET_SCHED_BATCH="false")
-    assert thread_policies(daemon.proc.pid) == {os.SCHED_OTHER}
+    daemon = stack.start_daemon(GANNET_SCHED_BATCH="false", GANNET_DECODE_NICE="0")
+    policies, nices = thread_policies(daemon.proc.pid)
+    assert policies == {os.SCHED_OTHER}
+    assert set(nices) == {0}
     assert daemon.stop() == 0
 
 

@@ -122,6 +122,14 @@ class Answer:
             raise self._error
         return self._value
 
+    def give(self, value: Any, error: BaseException | None) -> None:
+        """Sets the answer and wakes its waiter, for an answer given on its own
+        (offload.py); the batcher sets a pass's answers first, then wakes each thread
+        once (_answer)."""
+        waiter = self._set(value, error)
+        if waiter is not None:
+            waiter.wake()
+
     def _set(self, value: Any, error: BaseException | None) -> _Eventfd | None:
         """Sets the answer; returns who to wake (_answer wakes each thread once)."""
         self._value, self._error = value, error

@@ -38,8 +38,9 @@ from gannet.lanes import Lane
 from gannet.metrics import Metrics
 from gannet.model_cache import Loader, ModelCache, yolo_loader
 from gannet.model_resolver import ModelResolver, tenant_model_lister
+from gannet.offload import Offload
 from gannet.outcome import Settler, shutdown
-from gannet.pipeline import Limits, Pipeline
+from gannet.pipeline import Limits, Pipeline, here
 from gannet.pool import resolve_devices
 from gannet.settings import Settings
 from gannet.signals import on_signals
@@ -121,6 +122,7 @@ class Parts:
     dispatcher: Dispatcher
     devices: list[str]
     acks: dict[str, Acks]
+    offload: Offload | None = None
     tracing: Tracing | None = None
 
     def close(self, timeout_s: float = 0.0) -> None:
@@ -131,6 +133,8 @@ class Parts:
         self.cache.close(timeout_s)
         for decoder in self.pipeline.decoders.values():
             decoder.close()
+        if self.offload is not None:
+            self.offload.close()
         self.sink.close()
         if self.tracing is not None:
             self.tracing.shutdown(timeout_s=min(5.0, timeout_s) or 1.0)
@@ -187,7 +191,13 @@ def build(
     limits = Limits(s.allowed_buckets, s.max_image_bytes, s.max_image_pixels)
     # nvJPEG on each GPU: its photos' pixels never pass through the CPU.
     decoders = device_decoders(s.gpu_decode, devices, s.batch_size, metrics)
-    pipeline = Pipeline(configs, storage, cache, resolver, limits, decoders)
+    offload = None
+    if s.decode_nice:
+        decode_cpu = metrics.stage_cpu_seconds.labels("decode").inc if s.stage_cpu else None
+        offload = Offload(s.runners, s.decode_nice, "gannet-decode", decode_cpu)
+    pipeline = Pipeline(
+        configs, storage, cache, resolver, limits, decoders, offload.run if offload else here
+    )
     callbacks = build_callbacks(s, sink.set_callback_status, metrics)
     lanes = s.lane_list()
     # Each lane's acks, sent by the daemon (acks.py); handed to its Subscriber too.
@@ -238,6 +248,7 @@ def build(
         dispatcher,
         devices,
         acks,
+        offload,
         tracing,
     )
 

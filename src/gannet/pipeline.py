@@ -13,7 +13,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import cv2
 import numpy as np
@@ -34,6 +34,15 @@ from gannet.task import Task, utc_now_iso
 from gannet.tracing import annotate
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class Run(Protocol):
+    """How a decode runs: `here`, or Offload.run."""
+
+    def __call__(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
 
 
 @dataclass(frozen=True)
@@ -107,8 +116,25 @@ def read_header(data: bytes, max_pixels: int) -> Image.Image:
     return header
 
 
+# Photos from this size on (phones' 12 MP, drones') are decoded by `decode_run`: their
+# decode takes several scheduler ticks, long enough to hold a core that a thread with
+# the GIL waits for. A smaller one's (an HD frame: a few ms) stays on its runner, where
+# the hand-over would cost more than it saves.
+OFFLOAD_MIN_PIXELS = 4_000_000
+
+
+def here(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+    """Runs a decode on the calling thread: how decode_scaled runs one unless given
+    Offload.run, which runs it on a thread of lower priority (offload.py)."""
+    return fn(*args, **kwargs)
+
+
 def decode_scaled(
-    data: bytes, max_pixels: int, floor: int | None, header: Image.Image | None = None
+    data: bytes,
+    max_pixels: int,
+    floor: int | None,
+    header: Image.Image | None = None,
+    run: Run = here,
 ) -> tuple[np.ndarray, tuple[float, float]]:
     """BGR pixels, upright per EXIF, and the (x, y) factors back to the photo's pixels.
 
@@ -120,15 +146,16 @@ def decode_scaled(
     skips most of the work (a 4032x3024 photo: 36 ms of CPU at full size, 17.5 at 1/4).
     `header`: what read_header returned for `data`, when the caller has it.
 
-    A JPEG goes to libjpeg-turbo through simplejpeg (_decode_jpeg); anything else, and
-    any JPEG it refuses, to OpenCV, which also decodes about 4x faster than PIL would.
+    A JPEG goes to libjpeg-turbo through simplejpeg (_decode_jpeg), by `run`; anything
+    else, and any JPEG it refuses, to OpenCV, which also decodes about 4x faster than PIL
+    would.
     """
     header = header or read_header(data, max_pixels)
     (width, height), kind = header.size, header.format
     factor = reduced_factor(header, floor)
     flags = _REDUCED.get(factor, cv2.IMREAD_COLOR)
     if kind == "JPEG":
-        decoded = _decode_jpeg(data, header, factor)
+        decoded = _decode_jpeg(data, header, factor, run)
         if decoded is not None:
             return decoded
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
@@ -146,7 +173,7 @@ def decode_scaled(
 
 
 def _decode_jpeg(
-    data: bytes, header: Image.Image, factor: int
+    data: bytes, header: Image.Image, factor: int, run: Run = here
 ) -> tuple[np.ndarray, tuple[float, float]] | None:
     """A JPEG decoded by libjpeg-turbo straight to BGR at 1/`factor` scale, then turned
     upright as OpenCV would; None when simplejpeg refuses it (corrupt or truncated data:
@@ -164,8 +191,12 @@ def _decode_jpeg(
         return None
     width, height = header.size
     try:
-        image = simplejpeg.decode_jpeg(
-            data, "BGR", min_height=-(-height // factor), min_width=-(-width // factor)
+        image = run(
+            simplejpeg.decode_jpeg,
+            data,
+            "BGR",
+            min_height=-(-height // factor),
+            min_width=-(-width // factor),
         )
     except ValueError as exc:
         log.debug("libjpeg-turbo refused a JPEG (%s); decoding with OpenCV", exc)
@@ -195,10 +226,14 @@ class Pipeline:
         resolver: ModelResolver,
         limits: Limits,
         decoders: Mapping[str, DeviceDecoder] | None = None,
+        decode_run: Run = here,
     ) -> None:
         """`decoders`: by runner device, where JPEGs are decoded on the device itself
-        (the daemon's CUDA devices, unless GANNET_GPU_DECODE is off)."""
+        (the daemon's CUDA devices, unless GANNET_GPU_DECODE is off); `decode_run`: how
+        a JPEG's decode on the CPU runs (Offload.run: on threads that yield their core
+        to the GIL's holder)."""
         self.decoders = decoders or {}
+        self.decode_run = decode_run
         self.configs = configs
         self.storage = storage
         self.cache = cache
@@ -242,7 +277,9 @@ class Pipeline:
             frame = decoder.decode(data, orientation) if orientation is not None else None
             if frame is not None:
                 return frame, (1.0, 1.0)
-        return decode_scaled(data, self.limits.max_image_pixels, route.decode_floor, header)
+        width, height = header.size
+        run = self.decode_run if width * height >= OFFLOAD_MIN_PIXELS else here
+        return decode_scaled(data, self.limits.max_image_pixels, route.decode_floor, header, run)
 
     def run_image(
         self,

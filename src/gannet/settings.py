@@ -146,6 +146,15 @@ class Settings(BaseSettings):
         "less CPU per image in the plumbing bench (docs/benchmark.md). Off: the default "
         "policy, SCHED_OTHER.",
     )
+    decode_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="Photos of 4 MP or more are decoded (on the CPU) on threads this much "
+        "nicer than the rest, one per runner, so that on busy cores the threads holding "
+        "the GIL get a core first: at 4032x3024, 0.86x the GIL-held time per image in the "
+        "plumbing bench (docs/benchmark.md). 0: each runner decodes its own photos.",
+    )
     gpu_decode: GpuDecode = Field(
         "auto",
         description="On a CUDA device, decode JPEGs there (nvJPEG) and letterbox them "
