@@ -69,7 +69,7 @@ def thread_policies(pid: int) -> tuple[set[int], Counter[int]]:
 
 def test_daemon_threads_run_under_sched_batch_and_decode_nicer_unless_turned_off(stack):
     """By default every thread of a running daemon (runners, batcher, Pub/Sub client,
-    health server) is SCHED_BATCH, as `chrt -p` shows an operator, and its JPEG decode
+    health server) is SCHED_BATCH, as `chrt -p` shows an operator, and its decode
     threads, one per runner, run 10 nicer than the rest (offload.py); with
     GANNET_SCHED_BATCH=false and GANNET_DECODE_NICE=0 they keep SCHED_OTHER, and there
     are no decode threads."""

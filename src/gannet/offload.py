@@ -1,4 +1,4 @@
-"""CPU-heavy calls that let go of the GIL (a photo's JPEG decode), run on threads of a
+"""CPU-heavy calls that let go of the GIL (a large photo's decode), run on threads of a
 lower priority, so that they yield a core to the threads that hold the GIL.
 
 Why: on a pod whose cores are all busy decoding large photos, the kernel preempts a

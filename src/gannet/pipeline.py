@@ -116,7 +116,7 @@ def read_header(data: bytes, max_pixels: int) -> Image.Image:
     return header
 
 
-# Photos from this size on (phones' 12 MP, drones') are decoded by `decode_run`: their
+# Photos from this size on (phones' 12 MP, drones') are decoded through `decode_run`: their
 # decode takes several scheduler ticks, long enough to hold a core that a thread with
 # the GIL waits for. A smaller one's (an HD frame: a few ms) stays on its runner, where
 # the hand-over would cost more than it saves.
@@ -146,9 +146,9 @@ def decode_scaled(
     skips most of the work (a 4032x3024 photo: 36 ms of CPU at full size, 17.5 at 1/4).
     `header`: what read_header returned for `data`, when the caller has it.
 
-    A JPEG goes to libjpeg-turbo through simplejpeg (_decode_jpeg), by `run`; anything
-    else, and any JPEG it refuses, to OpenCV, which also decodes about 4x faster than PIL
-    would.
+    A JPEG goes to libjpeg-turbo through simplejpeg (_decode_jpeg); anything else, and
+    any JPEG it refuses, to OpenCV, which also decodes about 4x faster than PIL would.
+    Either decoder is called through `run`.
     """
     header = header or read_header(data, max_pixels)
     (width, height), kind = header.size, header.format
@@ -158,7 +158,7 @@ def decode_scaled(
         decoded = _decode_jpeg(data, header, factor, run)
         if decoded is not None:
             return decoded
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+    image = run(cv2.imdecode, np.frombuffer(data, dtype=np.uint8), flags)
     if image is None:
         raise PermanentError(ErrorCode.IMAGE_UNDECODABLE, "the image data is corrupt")
     if factor == 1:
