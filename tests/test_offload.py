@@ -4,6 +4,7 @@ JPEG decode; the daemon's own decode threads are checked in test_end_to_end.py."
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -123,3 +124,24 @@ def test_large_photos_decode_on_the_offload_threads_to_the_same_pixels(tmp_path)
     finally:
         pool.close()
         pipeline.cache.close()
+
+
+def test_a_refused_priority_is_a_warning_and_the_calls_still_run(monkeypatch, caplog):
+    """A pod whose seccomp profile refuses setpriority still decodes its photos, at the
+    usual priority, and its log says why. (The refusal is simulated: this machine's
+    kernel lets any thread lower its own priority.)"""
+
+    def refuse(*args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "setpriority", refuse)
+    with caplog.at_level(logging.WARNING, logger="gannet.offload"):
+        pool = Offload(1, 5, "test-offload")
+        try:
+            deadline = time.monotonic() + 10  # the thread logs it as it starts
+            while "could not lower" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert "could not lower this thread's priority" in caplog.text
+            assert pool.run(own_nice) == own_nice()
+        finally:
+            pool.close()
