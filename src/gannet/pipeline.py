@@ -230,8 +230,8 @@ class Pipeline:
     ) -> None:
         """`decoders`: by runner device, where JPEGs are decoded on the device itself
         (the daemon's CUDA devices, unless GANNET_GPU_DECODE is off); `decode_run`: how
-        a JPEG's decode on the CPU runs (Offload.run: on threads that yield their core
-        to the GIL's holder)."""
+        the CPU's decode of a photo of OFFLOAD_MIN_PIXELS or more runs (Offload.run: on
+        threads that yield their core to the GIL's holder)."""
         self.decoders = decoders or {}
         self.decode_run = decode_run
         self.configs = configs
