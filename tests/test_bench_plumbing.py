@@ -106,6 +106,8 @@ def test_a_wrong_image_set_or_baseline_is_refused_before_anything_starts():
             "baseline": None,
             "trace": True,
             "trace_only": False,
+            "gil": True,
+            "gil_only": False,
             "runners_sweep": None,
             "gcs_latency_ms": 0.0,
             "pubsub_latency_ms": 0.0,
@@ -125,6 +127,10 @@ def test_a_wrong_image_set_or_baseline_is_refused_before_anything_starts():
         bench_plumbing.check_args(args(trace_only=True, trace=False))
     with pytest.raises(CommandError, match="pick one"):
         bench_plumbing.check_args(args(runners_sweep=[(4, None)], trace_only=True))
+    bench_plumbing.check_args(args(gil_only=True, baseline="HEAD"))
+    for clash in ({"gil": False}, {"trace_only": True}, {"runners_sweep": [(4, None)]}):
+        with pytest.raises(CommandError, match="--gil-only runs the 2-core and py-spy runs"):
+            bench_plumbing.check_args(args(gil_only=True, **clash))
     agro = REPO_ROOT / "configs" / "agro.yaml"
     bench_plumbing.check_args(args(pipeline=f"{agro}:FIELD_ANALYSIS"))
     with pytest.raises(CommandError, match="known: DETECTION, FIELD_ANALYSIS, FULL_PIPELINE"):
@@ -135,6 +141,58 @@ def test_a_wrong_image_set_or_baseline_is_refused_before_anything_starts():
         bench_plumbing.check_args(args(gcs_latency_ms=-1.0))
     with pytest.raises(CommandError, match="at least 0"):
         bench_plumbing.check_args(args(pubsub_latency_ms=-1.0))
+
+
+def test_each_daemon_runs_what_the_options_ask_for_in_a_round():
+    def labels(runs: list[bench_plumbing.Run]) -> list[str]:
+        return [run[0] for run in runs]
+
+    def plan(traced: bool = True, **kw: object) -> tuple[list[str], list[str]]:
+        options = {"gil": True, "gil_only": False, "trace_only": False, **kw}
+        theirs, ours = bench_plumbing.plan_runs(argparse.Namespace(**options), traced=traced)
+        return labels(theirs), labels(ours)
+
+    gil, traced = bench_plumbing.GIL_RUN, bench_plumbing.TRACED_RUN
+    split, per_core = "2 cores, stage CPU", bench_plumbing.PER_CORE_RUN
+    # By default: the baseline's clean, one-core, stage and GIL runs; this tree's also
+    # traced and one process per core.
+    assert plan() == (
+        ["2 cores", "1 core", split, gil],
+        ["2 cores", traced, "1 core", split, gil, per_core],
+    )
+    assert plan(traced=False, gil=False) == (
+        ["2 cores", "1 core", split],
+        ["2 cores", "1 core", split, per_core],
+    )
+    assert plan(trace_only=True)[1] == ["2 cores", traced]
+    # --gil-only: the same two runs for both daemons, nothing else.
+    assert plan(gil_only=True) == (["2 cores", gil], ["2 cores", gil])
+
+
+def test_the_report_puts_each_round_of_the_two_daemons_side_by_side(capsys):
+    def summary(speeds: list[float], gils: list[float]) -> dict[str, object]:
+        rounds = [
+            {"2 cores": {"images_per_s": v}, bench_plumbing.GIL_RUN: {"gil_ms_per_image": g}}
+            for v, g in zip(speeds, gils, strict=True)
+        ]
+        return {"rounds": rounds}
+
+    report = {
+        "rounds": 3,
+        "sizes": {
+            "4032x3024": {
+                "baseline HEAD": summary([50.0, 60.0, 40.0], [2.0, 2.5, 3.0]),
+                "this tree": summary([55.0, 54.0, 44.0], [1.8, 2.6, 2.4]),
+            }
+        },
+    }
+    bench_plumbing.print_rounds(report)
+    out = capsys.readouterr().out
+    assert "4032x3024, baseline HEAD: images/s 50.0, 60.0, 40.0; GIL ms/img 2.00, 2.50, 3.00" in out
+    assert (
+        "4032x3024, this tree over the baseline: images/s 1.10, 0.90, 1.10; "
+        "GIL 0.90, 1.04, 0.80 (median 0.90, lower in 2 of 3)"
+    ) in out
 
 
 def test_the_plumbing_baseline_is_built_from_its_commit_and_patch(tmp_path):
@@ -174,6 +232,7 @@ def bench_args(tmp_path: Path, **kw: object) -> argparse.Namespace:
         "gil": False,
         "trace": False,
         "trace_only": False,
+        "gil_only": False,
         "runners_sweep": None,
         "gcs_latency_ms": 0.0,
         "pubsub_latency_ms": 0.0,

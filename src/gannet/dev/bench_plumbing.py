@@ -538,6 +538,32 @@ def baseline_src(rev: str, out: Path) -> Path:
     return target / "src"
 
 
+# A run: (label, cpus, py-spy --gil, GANNET_STAGE_CPU, processes, traced).
+Run = tuple[str, str, bool, bool, int, bool]
+
+
+def plan_runs(args: argparse.Namespace, traced: bool) -> tuple[list[Run], list[Run]]:
+    """The runs of one round: a baseline's, then this tree's. The clean runs give
+    images/s and CPU per image; the stage split, the GIL and tracing each perturb what
+    they measure (clock syscalls, sampling, spans), so each gets a run of its own."""
+    two_cores: Run = ("2 cores", "0,1", False, False, 1, False)
+    gil_run: Run = (GIL_RUN, "0,1", True, False, 1, False)
+    if args.gil_only:  # the GIL beside the clean run it is read against, for many rounds
+        return [two_cores, gil_run], [two_cores, gil_run]
+    cores = [two_cores, ("1 core", "1", False, False, 1, False)]
+    cores.append(("2 cores, stage CPU", "0,1", False, True, 1, False))
+    if args.gil:
+        cores.append(gil_run)
+    # This tree's daemon only (a baseline's has neither): every task traced, next to
+    # the clean 2-core run it is compared with, so the VM's drift within a round falls
+    # on both alike; and one daemon process per core (GANNET_PROCESSES=2).
+    traced_run: list[Run] = [(TRACED_RUN, "0,1", False, False, 1, True)] if traced else []
+    if args.trace_only:
+        return cores, [two_cores, *traced_run]
+    per_core: Run = (PER_CORE_RUN, "0,1", False, False, 2, False)
+    return cores, [two_cores, *traced_run, *cores[1:], per_core]
+
+
 def one_size(
     services: LocalServices,
     base: Settings,
@@ -555,25 +581,12 @@ def one_size(
     if args.runners_sweep:
         return sweep(services, urls, daemons, size, args)
     rounds: dict[str, list[dict[str, Any]]] = {d.name: [] for d in daemons}
-    # (label, cpus, py-spy --gil, GANNET_STAGE_CPU, processes, traced): the clean runs
-    # give images/s and CPU per image; the stage split, the GIL and tracing each perturb
-    # what they measure (clock syscalls, sampling, spans), so each gets a run of its own.
-    cores = [("2 cores", "0,1", False, False, 1, False), ("1 core", "1", False, False, 1, False)]
-    cores.append(("2 cores, stage CPU", "0,1", False, True, 1, False))
-    if args.gil:
-        cores.append((GIL_RUN, "0,1", True, False, 1, False))
-    # This tree's daemon only (a baseline's has neither): every task traced, next to
-    # the clean 2-core run it is compared with, so the VM's drift within a round falls
-    # on both alike; and one daemon process per core (GANNET_PROCESSES=2).
-    traced_run = [(TRACED_RUN, "0,1", False, False, 1, True)] if receiver is not None else []
-    ours = [cores[0], *traced_run, *cores[1:], (PER_CORE_RUN, "0,1", False, False, 2, False)]
-    if args.trace_only:
-        ours = [cores[0], *traced_run]
+    theirs, ours = plan_runs(args, traced=receiver is not None)
     for n in range(1, args.rounds + 1):
         for daemon in daemons:
             result: dict[str, Any] = {}
-            runs = ours if daemon.name == THIS_TREE else cores
-            if traced_run and n % 2 == 0:  # every other round traced first: the second
+            runs = ours if daemon.name == THIS_TREE else theirs
+            if receiver is not None and n % 2 == 0:  # every other round traced first: the second
                 runs = [runs[1], runs[0], *runs[2:]]  # run of a pair is not always it
             for label, cpus, gil, split, processes, traced in runs:
                 print(f"  {size} round {n}: {daemon.name} daemon, {label} ...", flush=True)
@@ -751,7 +764,7 @@ def run(services: LocalServices, args: argparse.Namespace) -> dict[str, Any]:
         "sizes": {},
     }
     # The OTLP endpoint of the traced run, in this process: what a collector would do.
-    receiver = TraceReceiver() if args.trace else None
+    receiver = TraceReceiver() if args.trace and not args.gil_only else None
     try:
         added = network(report).removesuffix("; ")
         over = f" ({added})" if added else ""
@@ -823,6 +836,37 @@ def network(report: dict[str, Any]) -> str:
     return "".join(f"{s}; " for s in said)
 
 
+def print_rounds(report: dict[str, Any]) -> None:
+    """Each round's images/s and GIL-held ms per image, and this tree's over the
+    baseline's in the same round: the VM drifts from minute to minute, so a change shows
+    in how many rounds it wins, more than in the medians."""
+    if report["rounds"] < 2:
+        return
+    print("Per round (2 cores):")
+    for size, by_daemon in report["sizes"].items():
+        figures = {}
+        for name, s in by_daemon.items():
+            speed = [r["2 cores"]["images_per_s"] for r in s["rounds"]]
+            gil = [r[GIL_RUN]["gil_ms_per_image"] for r in s["rounds"] if GIL_RUN in r]
+            figures[name] = (speed, gil)
+            said = f"images/s {', '.join(f'{v:.1f}' for v in speed)}"
+            if gil:
+                said += f"; GIL ms/img {', '.join(f'{v:.2f}' for v in gil)}"
+            print(f"  {size}, {name}: {said}")
+        if len(figures) == 2:
+            (speed_a, gil_a), (speed_b, gil_b) = figures.values()
+            ratios = [b / a for a, b in zip(speed_a, speed_b, strict=True)]
+            said = f"images/s {', '.join(f'{r:.2f}' for r in ratios)}"
+            if gil_a and gil_b:
+                gil_ratios = [b / a for a, b in zip(gil_a, gil_b, strict=True)]
+                lower = sum(r < 1 for r in gil_ratios)
+                said += (
+                    f"; GIL {', '.join(f'{r:.2f}' for r in gil_ratios)} (median "
+                    f"{statistics.median(gil_ratios):.2f}, lower in {lower} of {len(gil_ratios)})"
+                )
+            print(f"  {size}, {THIS_TREE} over the baseline: {said}")
+
+
 def print_report(report: dict[str, Any]) -> None:
     if report.get("runners_sweep"):
         print_sweep(report)
@@ -867,6 +911,7 @@ def print_report(report: dict[str, Any]) -> None:
         f"CPU cap: what {cores} cores could do at the daemon's and the services' CPU per "
         "image, with no GIL and no waiting)"
     )
+    print_rounds(report)
     print("Services' CPU ms per image, by process (2 cores):")
     for size, by_daemon in report["sizes"].items():
         for name, s in by_daemon.items():
@@ -957,6 +1002,11 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if args.runners_sweep and args.trace_only:
         raise CommandError("--runners-sweep and --trace-only are two different runs: pick one")
+    if args.gil_only and (args.trace_only or args.runners_sweep or not args.gil):
+        raise CommandError(
+            "--gil-only runs the 2-core and py-spy runs alone: leave out --no-gil, "
+            "--trace-only and --runners-sweep"
+        )
     if args.gcs_latency_ms < 0 or args.pubsub_latency_ms < 0:
         raise CommandError("--gcs-latency-ms and --pubsub-latency-ms are at least 0, e.g. 20")
     if args.pipeline:

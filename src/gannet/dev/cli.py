@@ -293,6 +293,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "tracing off and at sampling 1.0, in alternating order), for many rounds quickly",
     )
     p.add_argument(
+        "--gil-only",
+        action="store_true",
+        help="--plumbing: only the 2-core run and the py-spy --gil run, for each daemon, "
+        "for many rounds quickly (the GIL-held figure drifts with the VM as images/s does: "
+        "compare the daemons round by round, printed per round)",
+    )
+    p.add_argument(
         "--gcs-latency-ms",
         type=float,
         default=0.0,
