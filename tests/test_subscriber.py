@@ -14,6 +14,7 @@ message stays gone, any other comes back.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -47,6 +48,7 @@ def subscribed(
     on_message: Callable[[Any], None],
     gate: threading.Event | None,
     settings: Settings | None = None,
+    most_messages: int | None = None,
 ) -> Iterator[Subscriber]:
     """A started Subscriber on the stack's subscription, always stopped at the end;
     through `settings`' Pub/Sub when given."""
@@ -55,6 +57,7 @@ def subscribed(
         stack.settings.subscription_path(),
         max_messages,
         on_message,
+        most_messages=most_messages,
     )
     subscriber.start()
     try:
@@ -274,6 +277,76 @@ def test_a_message_is_handed_over_before_its_receipt_modack_returns(stack, dista
     assert recorder.data() == bodies
     turns = [round(later - earlier, 2) for earlier, later in itertools.pairwise(arrived)]
     assert all(0.9 < turn < 1.6 for turn in turns), f"seconds between deliveries: {turns}"
+
+
+@pytest.fixture
+def gated_pubsub(stack) -> Iterator[Settings]:
+    """The session's Pub/Sub holding each stream to its lease, as Pub/Sub itself does
+    (gannet.dev.pubsub_gate), with no added latency."""
+    gate = Started("gannet.dev.pubsub_gate", str(stack.services.ports.pubsub))
+    try:
+        yield stack.settings.model_copy(update={"pubsub_emulator_host": f"127.0.0.1:{gate.port}"})
+    finally:
+        gate.stop()
+
+
+def settles_to(count: Callable[[], int], expected: int, what: str) -> None:
+    """`count()` reaches `expected` and stays there for half a second (no more arrive)."""
+    wait_until(lambda: count() >= expected, what)
+    time.sleep(0.5)
+    assert count() == expected, f"{what}: {count()}, not {expected}"
+
+
+def test_a_resized_lease_reaches_pubsub_on_a_reopened_stream_and_loses_nothing(stack, gated_pubsub):
+    """Pub/Sub reads a stream's lease only when the stream opens. Leasing 2, the pod is
+    sent 2 of 8 messages; resized to 5, its stream is reopened, Pub/Sub sends the new
+    stream more, and 3 more callbacks run while the first 2 still hold theirs (the
+    client's own flow control counts those); resized to 1, the rest come one at a time.
+    Every message is delivered exactly once and acked."""
+    client = clients.pubsub_clients(gated_pubsub)[1]
+    acks = Acks(client, gated_pubsub.subscription_path())
+    gate = threading.Event()
+    recorder = Recorder(gate, settle=acks.ack)
+    bodies = sorted(f"resized {i}".encode() for i in range(8))
+    for body in bodies:
+        stack.publish_raw(body)
+    try:
+        with subscribed(stack, 2, recorder, gate, gated_pubsub, most_messages=5) as subscriber:
+            settles_to(lambda: len(recorder.delivered), 2, "delivered while leasing 2")
+            assert subscriber.load() == 1.0
+            subscriber.resize(5)
+            settles_to(lambda: len(recorder.delivered), 5, "delivered after leasing 5")
+            subscriber.resize(1)
+            gate.set()
+            wait_until(lambda: len(recorder.finished) == len(bodies), "all eight settled")
+            acks.flush()
+            assert not subscriber._future.done(), "the stream must live on after a resize"
+    finally:
+        acks.close()
+    assert recorder.data() == bodies  # each once
+    assert stack.unacked(recorder.delivered) == []
+
+
+def test_a_resized_lease_holds_the_callbacks_the_client_runs_at_once(stack, caplog):
+    """The emulator sends all it has whatever the lease, so there the client's own flow
+    control is the lease: resized from 2 to 4, the messages it held back start at once.
+    The subscriber notices that the server ignores the lease and leaves the stream open
+    (ending it would strand what the emulator assigned to it and had not sent)."""
+    caplog.set_level(logging.INFO, logger="gannet.subscriber")
+    gate = threading.Event()
+    recorder = Recorder(gate)
+    for i in range(6):
+        stack.publish_raw(f"held {i}".encode())
+    with subscribed(stack, 2, recorder, gate, most_messages=4) as subscriber:
+        settles_to(lambda: recorder.running, 2, "callbacks running while leasing 2")
+        subscriber.resize(4)
+        settles_to(lambda: recorder.running, 4, "callbacks running after leasing 4")
+        gate.set()
+        wait_until(lambda: len(recorder.finished) == 6, "all six settled")
+        assert not subscriber._future.done(), "the stream must live on after a resize"
+    assert "more messages than its lease" in caplog.text
+    assert stack.unacked(recorder.delivered) == []
+    assert sorted(m.data for m in recorder.delivered) == [f"held {i}".encode() for i in range(6)]
 
 
 def test_a_nacked_message_comes_back_with_a_higher_delivery_attempt(stack):

@@ -35,6 +35,7 @@ from gannet.device_decode import device_decoders
 from gannet.dispatch import Dispatcher
 from gannet.health import Health, HealthServer
 from gannet.lanes import Lane
+from gannet.lease import LaneLease, LeaseSizer
 from gannet.metrics import Metrics
 from gannet.model_cache import Loader, ModelCache, yolo_loader
 from gannet.model_resolver import ModelResolver, tenant_model_lister
@@ -320,6 +321,7 @@ class Daemon:
                 stream_ack_deadline_s=s.stream_ack_deadline_s,
                 acks=parts.acks[lane.name],
                 settled=partial(parts.dispatcher.wait_settled, lane.name),
+                most_messages=s.lane_flow_control(lane) * s.lease_growth,
             )
             for lane in lanes
         ]
@@ -343,6 +345,7 @@ class Daemon:
         gc.freeze()
         parts.dispatcher.pool.start()
         streams = [subscriber.start() for subscriber in subscribers]
+        sizer = self._lease_sizer(parts, lanes, subscribers)
         self.health.set(stream_open=True)
         log.info(
             "gannet is ready",
@@ -376,10 +379,26 @@ class Daemon:
                 )
                 exit_code = 1
                 break
+        sizer.stop()
         self._shutdown(parts, subscribers)
         for backlog in backlogs:
             backlog.stop()
         return exit_code
+
+    def _lease_sizer(
+        self, parts: Parts, lanes: list[Lane], subscribers: list[Subscriber]
+    ) -> LeaseSizer:
+        """Each lane's lease, from GANNET_MAX_MESSAGES up to GANNET_LEASE_GROWTH times it
+        (started only when it may grow)."""
+        s = self.settings
+        leases = [
+            LaneLease(lane.name, sub, sub.max_messages, sub.most_messages, lane.cap)
+            for lane, sub in zip(lanes, subscribers, strict=True)
+        ]
+        sizer = LeaseSizer(leases, parts.dispatcher.pool, s.runners, self.metrics)
+        if s.lease_growth > 1:
+            sizer.start()
+        return sizer
 
     def _lane_gauges(self, parts: Parts, lanes: list[Lane]) -> None:
         pool, m = parts.dispatcher.pool, self.metrics

@@ -61,6 +61,13 @@ class Metrics:
             ["lane"],
             registry=r,
         )
+        self.lane_lease = Gauge(
+            "gannet_lane_lease_messages",
+            "Messages the lane's stream may lease now: GANNET_MAX_MESSAGES, grown while "
+            "runners wait behind a full lease (lease.py).",
+            ["lane"],
+            registry=r,
+        )
         self.lane_latency = Histogram(
             "gannet_lane_latency_seconds",
             "From the task's publish to its committed row (succeeded tasks), by lane.",

@@ -1,9 +1,11 @@
-"""Streaming pull with flow control, on our own executor, and a clean stop.
+"""Streaming pull with flow control, on our own executor, a lease that can change, and a
+clean stop.
 
-Each leased message gets a callback thread that waits for its runner, so the client
-library keeps extending the message's lease while it waits and, on shutdown,
-`await_callbacks_on_shutdown=True` lets the final ack or nack of every running callback
-reach Pub/Sub before the stream closes.
+Each leased message's callback hands it to the runners and returns; the client library
+keeps extending the message's lease until it is acked, nacked or dropped and, on
+shutdown, waits for every callback (`await_callbacks_on_shutdown=True`) and then, in
+`_Scheduler`, for every message to be settled, so that their acks reach Pub/Sub before
+the stream closes.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ if not hasattr(bidi.BidiRpc.close, "__wrapped__"):
 RECEIPT_SENDERS = 4
 # How long a nack or lease change waits for the receipt modacks sent before it.
 RECEIPT_WAIT_S = 5.0
+# How long a stream ended for a new lease may take to end before it is cancelled.
+REOPEN_WAIT_S = 2.0
 
 _receipt_thread = threading.local()
 
@@ -104,6 +108,96 @@ class _Manager(StreamingPullManager):  # type: ignore[misc] # the client library
         self._unsent_ids: list[str] = []
         self._unsent_spans: list[Any] = []
         self.add_close_callback(lambda _manager, _reason: self._receipts.shutdown(wait=False))
+        # Calls ended by `resize`: their end reopens the stream instead of closing it.
+        self._ended_calls: list[Any] = []
+        self._ended_lock = threading.Lock()
+        # The leases of the last streams opened: their messages may still be out, so
+        # Pub/Sub may have leased this client as many as their sum.
+        self._leases: list[int] = [self.flow_control.max_messages]
+        self._lease_ignored = False
+
+    def _on_response(self, response: Any) -> None:
+        """A server that sends more than the lease allows (the gcloud emulator sends all
+        it has) would lose what it assigned to a stream that `resize` ends and had not
+        sent yet, until the messages' ack deadline: a lease then changes on the client
+        alone, with the stream left open."""
+        super()._on_response(response)
+        leaser = self._leaser
+        allowed = sum(self._leases)
+        if not self._lease_ignored and leaser is not None and leaser.message_count > allowed:
+            self._lease_ignored = True
+            log.info(
+                "Pub/Sub sent this stream more messages than its lease (as the gcloud "
+                "emulator does); a new lease will be kept by the client alone",
+                extra={"fields": {"leased": leaser.message_count, "lease": allowed}},
+            )
+
+    def resize(self, max_messages: int) -> None:
+        """Lease up to `max_messages` from now on.
+
+        The client's own flow control takes the new limit at once (messages it holds
+        back go to callbacks if there is room now). Pub/Sub reads a stream's limit only
+        from the request that opens it, so the stream is ended and opened again with the
+        new one: our side of it is half-closed, the server ends the call after what it
+        has sent (nothing is lost in between), and that end is taken as one to recover
+        from, as the client recovers from Pub/Sub ending a stream. Leases are extended
+        and acks sent by requests of their own, so the messages the pod holds keep
+        theirs. The gcloud emulator and gannet.dev.pubsub_gate end a half-closed stream
+        at once; whether Pub/Sub itself does was not checked from here. A call still open
+        after REOPEN_WAIT_S is cancelled, and a message Pub/Sub had sent on it that the
+        client had not read then comes back after the stream's ack deadline. Against a
+        server that ignores the lease (`_on_response`), only the client's changes."""
+        with self._pause_resume_lock:
+            self._flow_control = self.flow_control._replace(max_messages=max_messages)
+        rpc = self._rpc
+        call = getattr(rpc, "call", None)
+        if not (self._lease_ignored or self._closed) and call is not None and call.is_active():
+            self._leases = [*self._leases[-2:], max_messages]
+            with self._ended_lock:
+                self._ended_calls = [*self._ended_calls[-3:], call]
+            rpc._request_queue.put(None)  # the request generator ends: END_STREAM
+            cancel = threading.Timer(REOPEN_WAIT_S, lambda: call.is_active() and call.cancel())
+            cancel.daemon = True
+            cancel.start()
+        self.maybe_resume_consumer()
+
+    def _ended_by_resize(self, exception: BaseException) -> bool:
+        """Whether a stream's end is one `resize` asked for. gRPC's callback passes the
+        call (the one api_core's wrapper of it wraps); reading a call that ended with an
+        error raises api_core's error for it, whose `response` is that call; one that
+        ended cleanly raises StopIteration to the thread reading it, which is then the
+        call being replaced (still current) or one replaced already (the current call is
+        the new, open one)."""
+        if self._closed:
+            return False
+        with self._ended_lock:
+            ended = list(self._ended_calls)
+        ours = {id(c) for call in ended for c in (call, getattr(call, "_wrapped", call))}
+        if id(exception) in ours or id(getattr(exception, "response", None)) in ours:
+            return True
+        if isinstance(exception, StopIteration):
+            current = getattr(self._rpc, "call", None)
+            return current is not None and (
+                any(current is call for call in ended) or current.is_active()
+            )
+        return False
+
+    def _should_recover(self, exception: BaseException) -> bool:
+        return self._ended_by_resize(exception) or bool(super()._should_recover(exception))
+
+    def _should_terminate(self, exception: BaseException) -> bool:
+        return not self._ended_by_resize(exception) and bool(super()._should_terminate(exception))
+
+    def _get_initial_request(self, stream_ack_deadline_seconds: int) -> Any:
+        """The request that opens a stream, with the lease as it is now. An end of stream
+        that `resize` queued for a call that ended first must not end the new one."""
+        requests = getattr(self._rpc, "_request_queue", None)
+        if requests is not None:
+            with requests.mutex:
+                kept = [request for request in requests.queue if request is not None]
+                requests.queue.clear()
+                requests.queue.extend(kept)
+        return super()._get_initial_request(stream_ack_deadline_seconds)
 
     def _send_lease_modacks(
         self,
@@ -197,10 +291,12 @@ class Subscriber:
         max_lease_s: int = 3600,
         acks: Acks | None = None,
         settled: Callable[[], None] | None = None,
+        most_messages: int | None = None,
     ) -> None:
         """`acks`: where on_message's acks wait to go out together; flushed when the
         stream stops. `settled`: blocks until every message on_message took is settled
-        (Dispatcher.wait_settled), for a callback that returns before that."""
+        (Dispatcher.wait_settled), for a callback that returns before that.
+        `most_messages`: the largest lease `resize` may set (default `max_messages`)."""
         self.acks = acks
         self.settled = settled
         self.client = client
@@ -209,11 +305,13 @@ class Subscriber:
         self.on_message = on_message
         self.max_lease_s = max_lease_s
         self.stream_ack_deadline_s = stream_ack_deadline_s
+        self.most_messages = max(max_messages, most_messages or 0)
         # The default scheduler runs only 10 callbacks at once; ours runs one per lease.
         self._executor = ThreadPoolExecutor(
-            max_workers=max_messages, thread_name_prefix="pubsub-callback"
+            max_workers=self.most_messages, thread_name_prefix="pubsub-callback"
         )
         self._future: StreamingPullFuture | None = None
+        self._manager: _Manager | None = None
         self.stream_closed = threading.Event()
 
     def start(self) -> StreamingPullFuture:
@@ -234,6 +332,7 @@ class Subscriber:
             await_callbacks_on_shutdown=True,
         )
         self._future = StreamingPullFuture(manager)
+        self._manager = manager
         manager.open(callback=self.on_message, on_callback_error=self._future.set_exception)
         log.info(
             "streaming pull open",
@@ -245,6 +344,17 @@ class Subscriber:
             },
         )
         return self._future
+
+    def resize(self, max_messages: int) -> None:
+        """Lease up to `max_messages` from now on (`_Manager.resize`); lease.py decides."""
+        self.max_messages = max_messages
+        if self._manager is not None:
+            self._manager.resize(max_messages)
+
+    def load(self) -> float:
+        """The client's flow-control load: leased and handed to callbacks, not yet acked
+        or nacked, over the lease (1.0: every slot taken)."""
+        return 0.0 if self._manager is None else float(self._manager.load)
 
     def check_exists(self) -> None:
         """Fail at start-up with a clear message instead of a silently dead stream."""

@@ -1,0 +1,64 @@
+"""A lane's lease follows the pod's pace (lease.py): it grows while runners sit idle
+behind a full lease, and shrinks back, never below GANNET_MAX_MESSAGES, while messages
+wait in the pod."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import SCENES, Started
+from test_end_to_end import metric
+
+from gannet.lease import next_lease
+
+
+@pytest.mark.parametrize(
+    ("lease", "starved", "crowded", "unused", "expected"),
+    [
+        (8, 0.10, 0.0, 0.0, 10),  # starved: a quarter more
+        (2, 0.5, 0.0, 0.0, 3),  # at least one more
+        (30, 0.5, 0.0, 0.0, 32),  # up to the ceiling
+        (32, 0.5, 0.0, 0.0, 32),
+        (8, 0.09, 0.0, 0.0, 8),  # idle now and then: as it is
+        (12, 0.2, 0.6, 0.0, 15),  # starved counts first: a runner idle is the cost to avoid
+        (20, 0.0, 0.5, 0.0, 19),  # crowded and never starved: one less
+        (20, 0.02, 0.9, 0.0, 19),
+        (20, 0.05, 0.9, 0.0, 20),  # crowded but starved now and then: as it is
+        (8, 0.0, 1.0, 0.0, 8),  # never below the floor
+        (12, 0.0, 0.49, 0.0, 12),
+        (20, 0.0, 0.0, 0.9, 19),  # no backlog: back towards the floor
+        (20, 0.0, 0.0, 0.89, 20),
+    ],
+)
+def test_the_next_lease_follows_the_lanes_samples(lease, starved, crowded, unused, expected):
+    assert next_lease(lease, 8, 32, starved, crowded, unused) == expected
+
+
+def test_a_daemon_behind_a_distant_pubsub_leases_more_and_loses_nothing(stack):
+    """Pub/Sub 300 ms away (gannet.dev.relay) and sending a stream a message only when an
+    ack has freed one of its slots (gannet.dev.pubsub_gate), as Pub/Sub does. A daemon
+    with 2 runners leasing 2: after each task its slot is out for the ack's window and a
+    round trip, and its runner waits for it. The daemon leases more, says so in its log
+    and in gannet_lane_lease_messages, and every task still succeeds on its first
+    delivery, acked (none comes back)."""
+    gate = Started("gannet.dev.pubsub_gate", str(stack.services.ports.pubsub))
+    relay = Started("gannet.dev.relay", str(gate.port), "--latency-ms=300")
+    try:
+        daemon = stack.start_daemon(
+            GANNET_RUNNERS="2",
+            GANNET_MAX_MESSAGES="2",
+            GANNET_PUBSUB_EMULATOR_HOST=f"127.0.0.1:{relay.port}",
+        )
+        url = stack.upload(SCENES[0]["file"])
+        tasks = [stack.task(url) for _ in range(40)]
+        stack.publish(tasks)
+        rows = stack.wait_rows([t.task_id for t in tasks])
+        assert {r["status"] for r in rows.values()} == {"succeeded"}
+        assert {r["delivery_attempt"] for r in rows.values()} == {1}
+        leased = metric(daemon.metrics_port, 'gannet_lane_lease_messages{lane="default"}')
+        assert daemon.stop() == 0
+    finally:
+        relay.stop()
+        gate.stop()
+    assert leased > 2
+    assert '"lease resized"' in daemon.log_path.read_text()
+    assert stack.pull(stack.settings.subscription, timeout_s=3) == []
