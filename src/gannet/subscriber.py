@@ -72,7 +72,8 @@ _receipt_thread = threading.local()
 
 
 class _Manager(StreamingPullManager):  # type: ignore[misc] # the client library is untyped
-    """Hands each response's messages over without waiting for their receipt modack.
+    """Hands each response's messages over without waiting for their receipt modack, and
+    takes a new lease (`resize`, below).
 
     The client sends a ModifyAckDeadline request for every response it receives, on the
     one thread that reads the stream, and hands the response's messages over only when
@@ -90,9 +91,11 @@ class _Manager(StreamingPullManager):  # type: ignore[misc] # the client library
     returned. With exactly-once delivery the client needs the receipt's answer first
     (the ack ids that expired): there it still waits, as before.
 
-    Private methods of google-cloud-pubsub 2.44 are overridden here (as `_close_politely`
-    wraps one of api_core's): a release that renames them makes the receipt wait again,
-    and `tests/test_subscriber.py`'s receipt test then fails."""
+    Private methods of google-cloud-pubsub 2.44 are overridden here, and api_core's
+    private `_request_queue` and `_wrapped` are read (as `_close_politely` wraps one of
+    api_core's methods): a release that renames them makes the receipt wait again, or a
+    resize end the stream, and `tests/test_subscriber.py`'s receipt or resize tests then
+    fail."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
