@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,7 @@ __all__ = [
     "local_pipeline",
     "make_stack",
     "prepared_services",
+    "pubsub_as_pods_meet_it",
     "settled",
 ]
 
@@ -82,6 +84,24 @@ class Started:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
+
+
+@contextmanager
+def pubsub_as_pods_meet_it(stack: Stack, latency_ms: int = 0) -> Iterator[str]:
+    """The session's Pub/Sub as a pod meets Pub/Sub itself: a stream is sent a message
+    only when an ack has freed one of its slots (gannet.dev.pubsub_gate; the emulator
+    alone sends all it has), and with `latency_ms` every round trip takes that long
+    (gannet.dev.relay). Yields the host:port to use as GANNET_PUBSUB_EMULATOR_HOST."""
+    helpers = [Started("gannet.dev.pubsub_gate", str(stack.services.ports.pubsub))]
+    try:
+        if latency_ms:
+            helpers.append(
+                Started("gannet.dev.relay", str(helpers[0].port), f"--latency-ms={latency_ms}")
+            )
+        yield f"127.0.0.1:{helpers[-1].port}"
+    finally:
+        for helper in reversed(helpers):
+            helper.stop()
 
 
 def expected_counts(entry: dict[str, Any]) -> dict[str, int]:

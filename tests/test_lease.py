@@ -5,7 +5,7 @@ wait in the pod."""
 from __future__ import annotations
 
 import pytest
-from conftest import SCENES, Started
+from conftest import SCENES, pubsub_as_pods_meet_it
 from test_end_to_end import metric
 
 from gannet.lease import next_lease
@@ -40,13 +40,9 @@ def test_a_daemon_behind_a_distant_pubsub_leases_more_and_loses_nothing(stack):
     round trip, and its runner waits for it. The daemon leases more, says so in its log
     and in gannet_lane_lease_messages, and every task still succeeds on its first
     delivery, acked (none comes back)."""
-    gate = Started("gannet.dev.pubsub_gate", str(stack.services.ports.pubsub))
-    relay = Started("gannet.dev.relay", str(gate.port), "--latency-ms=300")
-    try:
+    with pubsub_as_pods_meet_it(stack, latency_ms=300) as host:
         daemon = stack.start_daemon(
-            GANNET_RUNNERS="2",
-            GANNET_MAX_MESSAGES="2",
-            GANNET_PUBSUB_EMULATOR_HOST=f"127.0.0.1:{relay.port}",
+            GANNET_RUNNERS="2", GANNET_MAX_MESSAGES="2", GANNET_PUBSUB_EMULATOR_HOST=host
         )
         url = stack.upload(SCENES[0]["file"])
         tasks = [stack.task(url) for _ in range(40)]
@@ -56,9 +52,6 @@ def test_a_daemon_behind_a_distant_pubsub_leases_more_and_loses_nothing(stack):
         assert {r["delivery_attempt"] for r in rows.values()} == {1}
         leased = metric(daemon.metrics_port, 'gannet_lane_lease_messages{lane="default"}')
         assert daemon.stop() == 0
-    finally:
-        relay.stop()
-        gate.stop()
     assert leased > 2
     assert '"lease resized"' in daemon.log_path.read_text()
     assert stack.pull(stack.settings.subscription, timeout_s=3) == []

@@ -8,27 +8,14 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
-from conftest import Started
+from conftest import pubsub_as_pods_meet_it
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 from google.pubsub_v1 import types
 
 from gannet import clients
-from gannet.dev.stack import Stack
-
-
-@pytest.fixture
-def gate_port(stack: Stack) -> Iterator[int]:
-    """A gate in front of the session's Pub/Sub (its relay, then the emulator)."""
-    gate = Started("gannet.dev.pubsub_gate", str(stack.services.ports.pubsub))
-    try:
-        yield gate.port
-    finally:
-        gate.stop()
 
 
 class RawStream:
@@ -73,22 +60,23 @@ class RawStream:
         self._responses.cancel()
 
 
-def test_a_stream_is_sent_at_most_its_limit_and_each_ack_or_nack_frees_a_slot(stack, gate_port):
+def test_a_stream_is_sent_at_most_its_limit_and_each_ack_or_nack_frees_a_slot(stack):
     for i in range(8):
         stack.publish_raw(f"gated {i}".encode())
-    gated = stack.settings.model_copy(update={"pubsub_emulator_host": f"127.0.0.1:{gate_port}"})
-    client = clients.pubsub_clients(gated)[1]
-    stream = RawStream(client, stack.settings.subscription_path(), limit=3)
-    try:
-        first = stream.received()
-        assert len(first) == 3, f"sent {len(first)} unacked messages to a stream of 3"
-        path = stack.settings.subscription_path()
-        client.acknowledge(request={"subscription": path, "ack_ids": first[:2]})
-        after_acks = stream.received()
-        assert len(after_acks) == 5, "two acks should free two slots, and only two"
-        client.modify_ack_deadline(
-            request={"subscription": path, "ack_ids": [first[2]], "ack_deadline_seconds": 0}
-        )
-        assert len(stream.received()) == 6, "a nack frees its slot"
-    finally:
-        stream.close()
+    with pubsub_as_pods_meet_it(stack) as host:
+        gated = stack.settings.model_copy(update={"pubsub_emulator_host": host})
+        client = clients.pubsub_clients(gated)[1]
+        stream = RawStream(client, stack.settings.subscription_path(), limit=3)
+        try:
+            first = stream.received()
+            assert len(first) == 3, f"sent {len(first)} unacked messages to a stream of 3"
+            path = stack.settings.subscription_path()
+            client.acknowledge(request={"subscription": path, "ack_ids": first[:2]})
+            after_acks = stream.received()
+            assert len(after_acks) == 5, "two acks should free two slots, and only two"
+            client.modify_ack_deadline(
+                request={"subscription": path, "ack_ids": [first[2]], "ack_deadline_seconds": 0}
+            )
+            assert len(stream.received()) == 6, "a nack frees its slot"
+        finally:
+            stream.close()

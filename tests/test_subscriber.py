@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from conftest import Started
+from conftest import pubsub_as_pods_meet_it
 from google.api_core import exceptions as gexc
 
 from gannet import clients
@@ -233,17 +233,10 @@ ROUND_TRIP_MS = 1000
 
 @pytest.fixture
 def distant_pubsub(stack) -> Iterator[Settings]:
-    """The session's Pub/Sub as a pod meets Pub/Sub itself: a stream is sent a message
-    only when an ack has freed one of its slots (gannet.dev.pubsub_gate), and every
-    round trip takes ROUND_TRIP_MS (gannet.dev.relay --latency-ms)."""
-    gate = Started("gannet.dev.pubsub_gate", str(stack.services.ports.pubsub))
-    relay = Started("gannet.dev.relay", str(gate.port), f"--latency-ms={ROUND_TRIP_MS}")
-    try:
-        host = f"127.0.0.1:{relay.port}"
+    """The session's Pub/Sub as a pod meets Pub/Sub itself, every round trip taking
+    ROUND_TRIP_MS."""
+    with pubsub_as_pods_meet_it(stack, ROUND_TRIP_MS) as host:
         yield stack.settings.model_copy(update={"pubsub_emulator_host": host})
-    finally:
-        for helper in (relay, gate):
-            helper.stop()
 
 
 def test_a_message_is_handed_over_before_its_receipt_modack_returns(stack, distant_pubsub):
@@ -281,13 +274,10 @@ def test_a_message_is_handed_over_before_its_receipt_modack_returns(stack, dista
 
 @pytest.fixture
 def gated_pubsub(stack) -> Iterator[Settings]:
-    """The session's Pub/Sub holding each stream to its lease, as Pub/Sub itself does
-    (gannet.dev.pubsub_gate), with no added latency."""
-    gate = Started("gannet.dev.pubsub_gate", str(stack.services.ports.pubsub))
-    try:
-        yield stack.settings.model_copy(update={"pubsub_emulator_host": f"127.0.0.1:{gate.port}"})
-    finally:
-        gate.stop()
+    """The session's Pub/Sub holding each stream to its lease, as Pub/Sub itself does,
+    with no added latency."""
+    with pubsub_as_pods_meet_it(stack) as host:
+        yield stack.settings.model_copy(update={"pubsub_emulator_host": host})
 
 
 def settles_to(count: Callable[[], int], expected: int, what: str) -> None:
