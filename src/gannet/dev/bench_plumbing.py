@@ -13,7 +13,8 @@ For each size it reports images/s and the daemon's CPU ms per image split by sta
 the daemon's own gannet_stage_cpu_seconds counter; what no stage accounts for is the
 Pub/Sub client's and other background threads), with the daemon pinned to one core and
 to two (`taskset`), and the time a thread held the GIL per image (py-spy --gil, sampled at
-RATE Hz in a separate run: GIL-held seconds = (samples + errors) / RATE, see stop_py_spy).
+GIL_RATE Hz in a separate run, py-spy in the real-time class: GIL-held seconds = (samples +
+errors) / GIL_RATE, see start_py_spy and stop_py_spy).
 
 With `--baseline REV` the daemon of commit REV (its src/ from `git archive`) is measured
 the same way in the same run, interleaved with this tree's, so a change is judged side
@@ -23,6 +24,7 @@ by side rather than against figures from another hour of this drifting VM.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -72,7 +74,10 @@ PHONE_GRAIN = 8.0  # the grain's standard deviation, in 8-bit levels
 # The mix: phone 4:3, drone 16:9, camera 3:2, phone portrait 3:4, shelf 2:3 portrait.
 MIX = ((1600, 1200), (1920, 1080), (1800, 1200), (1200, 1600), (1000, 1500))
 DISTINCT = 6  # distinct images per size; the tasks cycle through them
-GIL_RATE = 250  # py-spy samples per second
+# py-spy's samples per second. In the real-time class (start_py_spy) each sample stops
+# a thread for well under a millisecond, now and then the GIL's holder: so not faster.
+# At 4032x3024, 25, 50, 100 and 250 Hz read the same within their noise (docs/benchmark.md).
+GIL_RATE = 100
 GIL_RUN = "2 cores, py-spy --gil"
 PER_CORE_RUN = "GANNET_PROCESSES=2, a core each"
 TRACED_RUN = "2 cores, traced at sampling 1.0"
@@ -412,10 +417,20 @@ _SWITCHES = re.compile(r"^(?:non)?voluntary_ctxt_switches:\s+(\d+)$", re.M)
 
 def start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
     """py-spy sampling only the thread that holds the GIL, without pausing the daemon.
-    Its summary line (samples and errors) goes to `out` with ".summary" added."""
+    Its summary line (samples and errors) goes to `out` with ".summary" added.
+
+    py-spy runs in the real-time class (SCHED_FIFO), so each sample is taken when its
+    tick comes. An ordinary py-spy waits for a core when both are busy and gets one when
+    a thread blocks, a moment at which that thread has just let go of the GIL: it read the
+    GIL-held time about 15 % low, at 640x480 and at 4032x3024 alike (docs/benchmark.md,
+    "The GIL-held figure read low while the cores are busy"). Where the real-time class
+    is refused, it runs as before and says so.
+    """
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
     rate = str(GIL_RATE)
     command = [spy, "record", "--gil", "--nonblocking", "--rate", rate, "--format", "raw"]
+    if real_time_allowed():
+        command = ["chrt", "--fifo", "1", *command]
     with summary_path(out).open("wb") as summary:
         proc = subprocess.Popen(
             [*command, "-o", str(out), "--pid", str(pid)],
@@ -428,6 +443,23 @@ def start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
             "py-spy could not attach (needs ptrace: run as root or with CAP_SYS_PTRACE)"
         )
     return proc
+
+
+@functools.cache
+def real_time_allowed() -> bool:
+    """Whether this process may start one in the real-time class (root, or
+    CAP_SYS_NICE); said once when it may not."""
+    try:
+        allowed = subprocess.run(["chrt", "--fifo", "1", "true"], capture_output=True).returncode
+    except FileNotFoundError:  # no util-linux
+        allowed = 1
+    if allowed != 0:
+        print(
+            "  (py-spy runs at the normal priority: `chrt --fifo` was refused or is missing; "
+            "the GIL-held figure then reads about 15 % low)",
+            flush=True,
+        )
+    return allowed == 0
 
 
 def summary_path(out: Path) -> Path:
