@@ -423,7 +423,7 @@ def start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
     tick comes. An ordinary py-spy waits for a core when both are busy and gets one when
     a thread blocks, a moment at which that thread has just let go of the GIL: it read the
     GIL-held time about 15 % low, at 640x480 and at 4032x3024 alike (docs/benchmark.md,
-    "The GIL-held figure read low while the cores are busy"). Where the real-time class
+    "The GIL-held figure read low while the cores were busy"). Where the real-time class
     is refused, it runs as before and says so.
     """
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
