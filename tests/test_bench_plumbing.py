@@ -81,8 +81,8 @@ def test_py_spy_samples_the_gil_in_the_real_time_class(tmp_path):
     finally:
         busy.kill()
         busy.wait()
-    # attached within the first second, then held at every tick
-    assert held >= 2.0 * bench_plumbing.GIL_RATE
+    # about 3 s of ticks, less py-spy's attach: held at every one of them
+    assert held >= 1.5 * bench_plumbing.GIL_RATE
 
 
 def test_replay_answers_a_known_input_without_the_network_and_batches_it_back():
