@@ -165,8 +165,9 @@ class Settings(BaseSettings):
         description="Photos of 4 MP or more are decoded (on the CPU) on threads this much "
         "nicer than the rest, one per runner, so that on busy cores the threads holding "
         "the GIL get a core first: at 4032x3024 and on phone photos, 0.87x the GIL-held "
-        "time per image in the plumbing bench (median of 20 rounds; docs/benchmark.md). "
-        "0: each runner decodes its own photos.",
+        "time per image in the plumbing bench (median of 20 rounds), as py-spy read it at "
+        "the normal priority; read in the real-time class, 1.01x against 0 (4 rounds; "
+        "docs/benchmark.md). 0: each runner decodes its own photos.",
     )
     gpu_decode: GpuDecode = Field(
         "auto",
