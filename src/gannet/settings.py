@@ -166,8 +166,9 @@ class Settings(BaseSettings):
         "nicer than the rest, one per runner, so that on busy cores the threads holding "
         "the GIL get a core first: at 4032x3024 and on phone photos, 0.87x the GIL-held "
         "time per image in the plumbing bench (median of 20 rounds), as py-spy read it at "
-        "the normal priority; read in the real-time class, 1.01x against 0 (4 rounds; "
-        "docs/benchmark.md). 0: each runner decodes its own photos.",
+        "the normal priority; read in the real-time class, 1.01x against 0 at 4032x3024 "
+        "(4 rounds) and 0.92x on phone photos (3 rounds; docs/benchmark.md). 0: each "
+        "runner decodes its own photos.",
     )
     gpu_decode: GpuDecode = Field(
         "auto",
