@@ -122,7 +122,7 @@ def split(script: str, pid: int) -> Split:
         if next_tid in off:
             since, state, taker = off.pop(next_tid)
             if next_tid in holding:
-                away = now - max(since, holding[next_tid])
+                away = now - since  # switched out while holding it, so since it took it
                 if state.startswith("R"):
                     found.preempted += away
                     found.by_whom[taker] = found.by_whom.get(taker, 0.0) + away
