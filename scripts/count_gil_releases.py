@@ -32,11 +32,14 @@ CALLS = 500
 EVENT = "probe_libpython3:PyEval_SaveThread"
 
 
-def add_probe() -> None:
+def add_probe(probe: str = "PyEval_SaveThread") -> None:
+    """A uprobe on this Python's libpython (perf's syntax: `drop_gil`, `take_gil%return`),
+    added once and left in place; its event is probe_libpython3:<probe>, with `%return`
+    as `__return`."""
     library = Path(sysconfig.get_config_var("LIBDIR")) / str(sysconfig.get_config_var("LDLIBRARY"))
     listed = subprocess.run(["perf", "probe", "-l"], capture_output=True, text=True).stdout
-    if "PyEval_SaveThread" not in listed:
-        subprocess.run(["perf", "probe", "-x", str(library), "PyEval_SaveThread"], check=True)
+    if f"probe_libpython3:{probe.replace('%return', '__return')} " not in listed:
+        subprocess.run(["perf", "probe", "-x", str(library), "-a", probe], check=True)
 
 
 def count(step: Callable[[], object]) -> float:

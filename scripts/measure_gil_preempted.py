@@ -28,10 +28,11 @@ import argparse
 import os
 import re
 import subprocess
-import sysconfig
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from count_gil_releases import add_probe  # a sibling: scripts/ is on sys.path
 
 PROBES = ("take_gil%return", "drop_gil")
 EVENTS = ("probe_libpython3:take_gil__return", "probe_libpython3:drop_gil", "sched:sched_switch")
@@ -40,14 +41,6 @@ LINE = re.compile(r"^\s*(\d+)/(\d+)\s+([\d.]+):\s+(\S+):\s*(.*)$")
 SWITCH = re.compile(
     r"prev_comm=(.*?) prev_pid=(\d+) .*?prev_state=(\S+) ==> next_comm=(.*?) next_pid=(\d+)"
 )
-
-
-def add_probes() -> None:
-    library = Path(sysconfig.get_config_var("LIBDIR")) / str(sysconfig.get_config_var("LDLIBRARY"))
-    listed = subprocess.run(["perf", "probe", "-l"], capture_output=True, text=True).stdout
-    for probe in PROBES:
-        if probe.replace("%return", "__return") not in listed:
-            subprocess.run(["perf", "probe", "-x", str(library), "-a", probe], check=True)
 
 
 def record(seconds: float, out: Path) -> str:
@@ -154,7 +147,8 @@ def main() -> None:
     args = parser.parse_args()
     for tid in os.listdir(f"/proc/{args.pid}/task"):
         _PIDS[int(tid)] = args.pid
-    add_probes()
+    for probe in PROBES:
+        add_probe(probe)
     with tempfile.TemporaryDirectory() as tmp:
         script = record(args.seconds, Path(tmp) / "gil.data")
     found = split(script, args.pid)
