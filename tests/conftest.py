@@ -46,6 +46,7 @@ __all__ = [
 if TYPE_CHECKING:
     from gannet.device_decode import DeviceDecoder
     from gannet.pipeline import Pipeline
+    from gannet.settings import Settings
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 MANIFEST = json.loads((SAMPLES / "manifest.json").read_text())
@@ -87,18 +88,20 @@ class Started:
 
 
 @contextmanager
-def pubsub_as_pods_meet_it(stack: Stack, latency_ms: int = 0) -> Iterator[str]:
+def pubsub_as_pods_meet_it(stack: Stack, latency_ms: int = 0) -> Iterator[Settings]:
     """The session's Pub/Sub as a pod meets Pub/Sub itself: a stream is sent a message
     only when an ack has freed one of its slots (gannet.dev.pubsub_gate; the emulator
     alone sends all it has), and with `latency_ms` every round trip takes that long
-    (gannet.dev.relay). Yields the host:port to use as GANNET_PUBSUB_EMULATOR_HOST."""
+    (gannet.dev.relay). Yields the stack's settings with that Pub/Sub's host:port as
+    `pubsub_emulator_host`."""
     helpers = [Started("gannet.dev.pubsub_gate", str(stack.services.ports.pubsub))]
     try:
         if latency_ms:
             helpers.append(
                 Started("gannet.dev.relay", str(helpers[0].port), f"--latency-ms={latency_ms}")
             )
-        yield f"127.0.0.1:{helpers[-1].port}"
+        host = f"127.0.0.1:{helpers[-1].port}"
+        yield stack.settings.model_copy(update={"pubsub_emulator_host": host})
     finally:
         for helper in reversed(helpers):
             helper.stop()

@@ -40,9 +40,11 @@ def test_a_daemon_behind_a_distant_pubsub_leases_more_and_loses_nothing(stack):
     round trip, and its runner waits for it. The daemon leases more, says so in its log
     and in gannet_lane_lease_messages, and every task still succeeds on its first
     delivery, acked (none comes back)."""
-    with pubsub_as_pods_meet_it(stack, latency_ms=300) as host:
+    with pubsub_as_pods_meet_it(stack, latency_ms=300) as distant:
         daemon = stack.start_daemon(
-            GANNET_RUNNERS="2", GANNET_MAX_MESSAGES="2", GANNET_PUBSUB_EMULATOR_HOST=host
+            GANNET_RUNNERS="2",
+            GANNET_MAX_MESSAGES="2",
+            GANNET_PUBSUB_EMULATOR_HOST=distant.pubsub_emulator_host,
         )
         url = stack.upload(SCENES[0]["file"])
         tasks = [stack.task(url) for _ in range(40)]

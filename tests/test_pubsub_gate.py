@@ -63,8 +63,7 @@ class RawStream:
 def test_a_stream_is_sent_at_most_its_limit_and_each_ack_or_nack_frees_a_slot(stack):
     for i in range(8):
         stack.publish_raw(f"gated {i}".encode())
-    with pubsub_as_pods_meet_it(stack) as host:
-        gated = stack.settings.model_copy(update={"pubsub_emulator_host": host})
+    with pubsub_as_pods_meet_it(stack) as gated:
         client = clients.pubsub_clients(gated)[1]
         stream = RawStream(client, stack.settings.subscription_path(), limit=3)
         try:

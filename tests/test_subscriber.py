@@ -235,8 +235,8 @@ ROUND_TRIP_MS = 1000
 def distant_pubsub(stack) -> Iterator[Settings]:
     """The session's Pub/Sub as a pod meets Pub/Sub itself, every round trip taking
     ROUND_TRIP_MS."""
-    with pubsub_as_pods_meet_it(stack, ROUND_TRIP_MS) as host:
-        yield stack.settings.model_copy(update={"pubsub_emulator_host": host})
+    with pubsub_as_pods_meet_it(stack, ROUND_TRIP_MS) as settings:
+        yield settings
 
 
 def test_a_message_is_handed_over_before_its_receipt_modack_returns(stack, distant_pubsub):
@@ -276,8 +276,8 @@ def test_a_message_is_handed_over_before_its_receipt_modack_returns(stack, dista
 def gated_pubsub(stack) -> Iterator[Settings]:
     """The session's Pub/Sub holding each stream to its lease, as Pub/Sub itself does,
     with no added latency."""
-    with pubsub_as_pods_meet_it(stack) as host:
-        yield stack.settings.model_copy(update={"pubsub_emulator_host": host})
+    with pubsub_as_pods_meet_it(stack) as settings:
+        yield settings
 
 
 def settles_to(count: Callable[[], int], expected: int, what: str) -> None:
