@@ -26,7 +26,8 @@ import cv2
 import numpy as np
 
 from gannet.dev.bench_plumbing import images_for
-from gannet.pipeline import _REDUCED, decode_scaled, read_header
+from gannet.image_header import read_header
+from gannet.pipeline import _REDUCED, decode_scaled
 from gannet.settings import REPO_ROOT
 
 FLOOR = 640  # the plumbing bench's detector input

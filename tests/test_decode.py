@@ -189,7 +189,8 @@ def test_jpegs_decode_to_opencvs_pixels_bit_for_bit_in_every_orientation(orienta
     """JPEGs are decoded by libjpeg-turbo through simplejpeg (half OpenCV's CPU), which
     ignores EXIF: the pixels must still be exactly OpenCV's, upright, at full size and
     at reduced scale, for each of the 8 tags, so every answer stays the same."""
-    from gannet.pipeline import _decode_jpeg, decode_scaled, read_header
+    from gannet.image_header import read_header
+    from gannet.pipeline import _decode_jpeg, decode_scaled
 
     small = _noise_jpeg(97, 61, orientation)
     assert _decode_jpeg(small, read_header(small, 10**8), 1) is not None  # not OpenCV's

@@ -6,11 +6,8 @@ input and TransientError for dependencies that may come back; it never acks anyt
 
 from __future__ import annotations
 
-import io
 import logging
-import sys
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ParamSpec, Protocol, TypeVar
@@ -18,13 +15,13 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 import cv2
 import numpy as np
 import simplejpeg
-from PIL import Image, UnidentifiedImageError
 
 from gannet.config_schema import ModelKind
 from gannet.config_sources import Configs, LoadedConfig
 from gannet.device_decode import DeviceDecoder
 from gannet.errors import ErrorCode, PermanentError
 from gannet.frames import Frame, frame_size, turns_sideways, upright
+from gannet.image_header import Header, read_header
 from gannet.model_cache import ModelCache
 from gannet.model_resolver import ModelResolver
 from gannet.stages import Timer
@@ -62,14 +59,6 @@ class Limits:
     max_image_pixels: int
 
 
-def _pil_open() -> Callable[..., Image.Image]:
-    """PIL's own Image.open. Importing ultralytics replaces it with a version that, on
-    bytes PIL cannot identify, tries to install and import pi-heif: decoding untrusted
-    uploads must fail as undecodable instead, and must never install anything."""
-    patches = sys.modules.get("ultralytics.utils.patches")
-    return getattr(patches, "_image_open", Image.open)
-
-
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """BGR pixels at full size, upright per EXIF, as ultralytics wants them."""
     return decode_scaled(data, max_pixels, None)[0]
@@ -84,7 +73,7 @@ _REDUCED: dict[int, int] = {
 }
 
 
-def reduced_factor(header: Image.Image, floor: int | None) -> int:
+def reduced_factor(header: Header, floor: int | None) -> int:
     """1/factor is the scale decode_scaled decodes this image at on the CPU: 2, 4 or 8
     for a JPEG whose longer side stays at least `floor` pixels so, else 1 (other formats
     decode in full, then resize: no gain)."""
@@ -92,28 +81,6 @@ def reduced_factor(header: Image.Image, floor: int | None) -> int:
         return 1
     longer = max(header.size)
     return next((f for f in _REDUCED if longer // f >= floor), 1)
-
-
-def read_header(data: bytes, max_pixels: int) -> Image.Image:
-    """The image's header (PIL, lazy: no pixels decoded), or PermanentError when it is no
-    image or has more than `max_pixels` pixels: refused before any pixel is decoded."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            header = _pil_open()(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise PermanentError(ErrorCode.IMAGE_TOO_LARGE, str(exc)) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise PermanentError(
-            ErrorCode.IMAGE_UNDECODABLE, f"not a decodable image ({exc.__class__.__name__})"
-        ) from exc
-    width, height = header.size
-    if width * height > max_pixels:
-        raise PermanentError(
-            ErrorCode.IMAGE_TOO_LARGE,
-            f"image is {width}x{height} pixels; the limit is {max_pixels} pixels",
-        )
-    return header
 
 
 # Photos from this size on (phones' 12 MP, drones') are decoded through `decode_run`: their
@@ -133,12 +100,12 @@ def decode_scaled(
     data: bytes,
     max_pixels: int,
     floor: int | None,
-    header: Image.Image | None = None,
+    header: Header | None = None,
     run: Run = here,
 ) -> tuple[np.ndarray, tuple[float, float]]:
     """BGR pixels, upright per EXIF, and the (x, y) factors back to the photo's pixels.
 
-    The header is read first (PIL, lazy) so an oversized image is refused before its
+    The header is read first (image_header.py) so an oversized image is refused before its
     pixels are decoded. With a `floor` (step_registry.decode_floor: a margin over the
     model input's side, for plans whose steps all report in the photo's pixels), a JPEG
     whose longer side is at least twice the floor is decoded at 1/2, 1/4 or 1/8 scale,
@@ -173,7 +140,7 @@ def decode_scaled(
 
 
 def _decode_jpeg(
-    data: bytes, header: Image.Image, factor: int, run: Run = here
+    data: bytes, header: Header, factor: int, run: Run = here
 ) -> tuple[np.ndarray, tuple[float, float]] | None:
     """A JPEG decoded by libjpeg-turbo straight to BGR at 1/`factor` scale, then turned
     upright as OpenCV would; None when simplejpeg refuses it (corrupt or truncated data:
@@ -186,7 +153,7 @@ def _decode_jpeg(
     a 640x480 one, and about 5 % more at reduced scale (docs/benchmark.md). Both release
     the GIL while they decode.
     """
-    orientation = _orientation(header)
+    orientation = header.orientation
     if orientation is None:
         return None
     width, height = header.size
@@ -205,16 +172,6 @@ def _decode_jpeg(
     if turns_sideways(orientation):
         return upright(image, orientation), (height / out_h, width / out_w)
     return upright(image, orientation), (width / out_w, height / out_h)
-
-
-def _orientation(header: Image.Image) -> int | None:
-    """The EXIF orientation tag (1, upright, when there is none); None when the EXIF
-    block cannot be read, so the photo goes to OpenCV, which reads it its own way."""
-    try:
-        return int(header.getexif().get(0x0112, 1))
-    except (SyntaxError, ValueError, TypeError, OSError) as exc:
-        log.debug("unreadable EXIF (%s); decoding with OpenCV", exc)
-        return None
 
 
 class Pipeline:
@@ -273,7 +230,7 @@ class Pipeline:
             and header.format == "JPEG"
             and (decoder.engine or reduced_factor(header, route.decode_floor) == 1)
         ):
-            orientation = _orientation(header)
+            orientation = header.orientation
             frame = decoder.decode(data, orientation) if orientation is not None else None
             if frame is not None:
                 return frame, (1.0, 1.0)
