@@ -73,8 +73,8 @@ class Started:
     its own, given as its first argument. Listening is checked by one connection, which
     the helper passes on to its target."""
 
-    def __init__(self, module: str, *args: str) -> None:
-        self.port = free_port()
+    def __init__(self, module: str, *args: str, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.proc = subprocess.Popen([sys.executable, "-m", module, str(self.port), *args])
         deadline = time.monotonic() + 30
         while not port_in_use(self.port):

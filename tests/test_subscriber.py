@@ -22,11 +22,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from conftest import pubsub_as_pods_meet_it
+from conftest import Started, pubsub_as_pods_meet_it
 from google.api_core import exceptions as gexc
 
 from gannet import clients
 from gannet.acks import Acks
+from gannet.dev.local_services import free_port
 from gannet.settings import Settings
 from gannet.subscriber import Subscriber
 
@@ -226,6 +227,32 @@ def test_an_ack_request_that_fails_is_logged_and_frees_the_slot_all_the_same(sta
     assert "acks not delivered" in caplog.text
     came_back = {m.data for m in stack.unacked(recorder.delivered)}
     assert came_back == {b"first", b"second"}
+
+
+def test_an_ack_request_waits_for_pubsub_within_its_time(stack, caplog):
+    """Pub/Sub is out of reach when an ack leaves: nothing listens where the acks'
+    client points until a relay to the emulator starts there a second later. The
+    request waits for the channel to connect (within acks.REQUEST_TIMEOUT_S) instead of
+    failing at once, so the ack sticks: none is logged as undelivered, and the message
+    does not come back."""
+    port = free_port()
+    unreachable = stack.settings.model_copy(update={"pubsub_emulator_host": f"127.0.0.1:{port}"})
+    acks = Acks(clients.pubsub_clients(unreachable)[1], stack.settings.subscription_path())
+    recorder = Recorder(settle=acks.ack)
+    relay = None
+    try:
+        with subscribed(stack, 1, recorder, None):
+            stack.publish_raw(b"acked late")
+            wait_until(lambda: len(recorder.finished) == 1, "the message settled")
+            time.sleep(1.0)
+            relay = Started("gannet.dev.relay", str(stack.services.ports.pubsub), port=port)
+            acks.flush()
+    finally:
+        acks.close()
+        if relay is not None:
+            relay.stop()
+    assert "acks not delivered" not in caplog.text
+    assert stack.unacked(recorder.delivered) == []
 
 
 ROUND_TRIP_MS = 1000

@@ -14,6 +14,14 @@ in flight does not hold up the next. When the request has returned, each message
 dropped from the client's lease management (`Message.drop`, the public call that frees
 its slot without another request).
 
+The request goes straight to the client's own gRPC channel (`Acknowledge`, a raw protobuf
+request, the routing and client headers the library sends, UNAVAILABLE retried here
+within REQUEST_TIMEOUT_S): the library's layers above it (proto-plus, api_core's retry,
+timeout and error wrappers, its logging interceptor) held the GIL for about as long as
+gRPC's own call, some 5 % of the daemon's GIL-held time per image at 4032x3024, where a
+request carries one or two acks (docs/benchmark.md, "Ack requests on the client's
+channel").
+
 What it costs: an ack leaves up to `window_s` later. The message's row is committed
 before it is queued here, so a crash in between, or a request that fails (logged,
 and the messages dropped all the same, as the client does with an ack it could
@@ -25,10 +33,16 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import google.cloud.pubsub_v1 as pubsub_v1
+import grpc
+from google.api_core.gapic_v1 import routing_header
+from google.protobuf import empty_pb2
+from google.pubsub_v1.services.subscriber.transports.base import DEFAULT_CLIENT_INFO
+from google.pubsub_v1.types import pubsub
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +55,12 @@ SENDERS = 4
 REQUEST_TIMEOUT_S = 5.0
 # Ack ids per request (Pub/Sub takes up to 2500, and at most 512 KB).
 MAX_IDS = 1000
+# The first wait before a request answered UNAVAILABLE is sent again, doubled each time
+# (the library's own policy retries only that code, from 0.1 s).
+RETRY_FIRST_S = 0.1
+
+ACKNOWLEDGE = "/google.pubsub.v1.Subscriber/Acknowledge"
+_REQUEST = pubsub.AcknowledgeRequest.pb()  # the protobuf class under proto-plus's
 
 
 class Acks:
@@ -50,8 +70,18 @@ class Acks:
         subscription_path: str,
         window_s: float = WINDOW_S,
     ) -> None:
-        self._client = client
         self._subscription = subscription_path
+        self._acknowledge = client.transport.grpc_channel.unary_unary(
+            ACKNOWLEDGE,
+            request_serializer=_REQUEST.SerializeToString,
+            response_deserializer=empty_pb2.Empty.FromString,
+        )
+        # What the library sends with each request: the subscription, which Pub/Sub
+        # routes by, and the client's name and versions.
+        self._metadata = (
+            routing_header.to_grpc_metadata((("subscription", subscription_path),)),  # type: ignore[no-untyped-call]
+            DEFAULT_CLIENT_INFO.to_grpc_metadata(),  # type: ignore[no-untyped-call]
+        )
         self._window_s = window_s
         self._pending: list[Any] = []
         self._in_flight: list[Future[None]] = []
@@ -102,11 +132,7 @@ class Acks:
     def _send(self, messages: list[Any]) -> None:
         result = "acked"
         try:
-            self._client.acknowledge(
-                subscription=self._subscription,
-                ack_ids=[m.ack_id for m in messages],
-                timeout=REQUEST_TIMEOUT_S,
-            )
+            self._request([m.ack_id for m in messages])
         except Exception as exc:  # noqa: BLE001 - logged; the redelivery recovers them
             result = "ack failed"
             log.warning(
@@ -118,6 +144,26 @@ class Acks:
             for message in messages:
                 _end_subscribe_span(message, result)
                 message.drop()
+
+    def _request(self, ack_ids: list[str]) -> None:
+        """One Acknowledge, sent again while Pub/Sub answers UNAVAILABLE, within
+        REQUEST_TIMEOUT_S in all. wait_for_ready: a channel still connecting (or
+        reconnecting) is waited for within that time rather than failing at once."""
+        request = _REQUEST(subscription=self._subscription, ack_ids=ack_ids)
+        deadline = time.monotonic() + REQUEST_TIMEOUT_S
+        wait = RETRY_FIRST_S
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                self._acknowledge(
+                    request, timeout=left, metadata=self._metadata, wait_for_ready=True
+                )
+                return
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or left <= wait:
+                    raise
+            time.sleep(wait)
+            wait *= 2
 
 
 def _end_subscribe_span(message: Any, result: str) -> None:
