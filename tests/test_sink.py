@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 import psycopg
@@ -98,7 +99,7 @@ def test_a_claimed_commit_writes_only_under_its_claim_and_rolls_back_cleanly(db)
     task_id = f"{tenant}-c"
     assert db.start(task_id, tenant, "pod-a", 60).claimed
     awkward = {"note": 'it\'s a "quote", a back\\slash, ünïcode; COMMIT; --', "n": [1, 2]}
-    record = result(tenant, task_id).model_copy(update={"result": awkward})
+    record = dataclasses.replace(result(tenant, task_id), result=awkward)
 
     def failing_write() -> None:
         raise OSError("GCS is down")
@@ -116,7 +117,7 @@ def test_a_claimed_commit_writes_only_under_its_claim_and_rolls_back_cleanly(db)
     assert written == [True]
     assert db.find_success(task_id, tenant)["result"] == awkward
     assert not db.save_claimed(record, "pod-b", lambda: pytest.fail("overwrote a success"))
-    again = record.model_copy(update={"result": {"n": 3}})
+    again = dataclasses.replace(record, result={"n": 3})
     assert not db.save_claimed(again, "pod-a", lambda: None)
     assert db.find_success(task_id, tenant)["result"] == awkward
 

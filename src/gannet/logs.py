@@ -78,6 +78,12 @@ def configure(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # The lines name no caller and no process: without these, each record skips walking
+    # the stack for its caller and asking for the process id (a syscall), as the
+    # logging HOWTO's "Optimization" advises; the daemon logs a line per task.
+    logging._srcfile = None
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     # Client libraries are chatty at INFO about stream reconnects; keep their warnings.
     for noisy in ("google.cloud.pubsub_v1", "google.api_core", "urllib3", "ultralytics"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import psycopg
@@ -410,8 +410,8 @@ def _roll_back(conn: psycopg.Connection[Any]) -> None:
 
 
 def _params(record: TaskResult) -> dict[str, Any]:
-    """The row's columns; the JSON ones wrapped as they are, not copied by pydantic."""
-    params = record.model_dump(exclude={"result", "timings"})
+    """The row's columns; the JSON ones wrapped as they are."""
+    params = {f.name: getattr(record, f.name) for f in fields(record)}
     params["result"] = Jsonb(record.result) if record.result is not None else None
     params["timings"] = Jsonb(record.timings)
     return params

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -129,8 +130,13 @@ def identify(body: bytes) -> tuple[str | None, str | None]:
     return task_id, tenant_id
 
 
-class TaskResult(BaseModel):
-    """What the sink stores for a task: one row in task_results, plus the result JSON."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskResult:
+    """What the sink stores for a task: one row in task_results, plus the result JSON.
+
+    A dataclass, not a pydantic model: the daemon builds it from what it has already
+    validated, once per task, and validating it again cost 30 µs of a runner's CPU per
+    image in the daemon (docs/benchmark.md, "The row's record without validation")."""
 
     task_id: str
     tenant_id: str
@@ -141,7 +147,7 @@ class TaskResult(BaseModel):
     error_code: str | None = None
     error: str | None = None
     delivery_attempt: int | None = None
-    timings: dict[str, float] = Field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
     session_id: str | None = None
     image_id: str | None = None
     image_url: str | None = None
