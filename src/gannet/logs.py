@@ -78,9 +78,9 @@ def configure(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # The lines name no caller and no process: without these, each record skips walking
-    # the stack for its caller and asking for the process id (a syscall), as the
-    # logging HOWTO's "Optimization" advises; the daemon logs a line per task.
+    # The lines show no caller and no process. With these off, as the logging HOWTO's
+    # "Optimization" section describes, a record no longer walks the stack for its
+    # caller nor asks for the process id (a syscall): the daemon logs a line per task.
     logging._srcfile = None
     logging.logProcesses = False
     logging.logMultiprocessing = False
