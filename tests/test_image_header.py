@@ -14,10 +14,15 @@ from gannet.errors import ErrorCode, PermanentError
 from gannet.image_header import _jpeg_header, _pil_header, read_header
 
 
-def _jpeg(mode: str = "RGB", size: tuple[int, int] = (97, 61), **save: object) -> bytes:
+def _encoded(kind: str, mode: str = "RGB", **save: object) -> bytes:
+    """A 97x61 image of one grey, as PIL saves it in `kind` ("JPEG", "MPO", "PNG")."""
     out = io.BytesIO()
-    Image.new(mode, size, 90).save(out, "JPEG", **save)
+    Image.new(mode, (97, 61), 90).save(out, kind, **save)
     return out.getvalue()
+
+
+def _jpeg(mode: str = "RGB", **save: object) -> bytes:
+    return _encoded("JPEG", mode, **save)
 
 
 def _segment(marker: int, body: bytes) -> bytes:
@@ -49,13 +54,6 @@ def _orientation(order: str, value: int) -> tuple[int, int, int, bytes]:
 
 MAKE = (0x010F, 2, 4, b"Cam\0")
 XMP = b'http://ns.adobe.com/xap/1.0/\0<x:xmpmeta><rdf:Description tiff:Orientation="6"/>'
-
-
-def _mpo() -> bytes:
-    out = io.BytesIO()
-    first, second = Image.new("RGB", (97, 61), 90), Image.new("RGB", (97, 61), 20)
-    first.save(out, "MPO", save_all=True, append_images=[second])
-    return out.getvalue()
 
 
 def _pil_exif(orientation: int) -> bytes:
@@ -101,11 +99,9 @@ TO_PIL = {
         _jpeg(), _segment(0xE1, _exif("II", MAKE, _orientation("II", 6), cut=10))
     ),
     "not a TIFF block": _with(_jpeg(), _segment(0xE1, b"Exif\0\0" + b"XX" + b"\0" * 20)),
-    "mpo": _mpo(),
+    "mpo": _encoded("MPO", save_all=True, append_images=[Image.new("RGB", (97, 61), 20)]),
     "junk between segments": _with(_jpeg(), _segment(0xFE, b"a comment") + b"\x00\x17"),
-    "png": (lambda out: (Image.new("RGB", (40, 30)).save(out, "PNG"), out.getvalue())[1])(
-        io.BytesIO()
-    ),
+    "png": _encoded("PNG"),
 }
 
 
