@@ -267,7 +267,9 @@ def bench_args(tmp_path: Path, **kw: object) -> argparse.Namespace:
 
 @pytest.mark.slow
 def test_plumbing_bench_measures_each_daemon_by_stage_on_one_and_two_cores(tmp_path, capsys):
-    args = bench_args(tmp_path, gil=True, trace=True)
+    # 64 tasks, not 8: at about 1.6 ms of GIL per image, 8 tasks give py-spy (100 Hz)
+    # one or two held ticks to find, and a run with none read 0 GIL (seen once).
+    args = bench_args(tmp_path, gil=True, trace=True, images=64)
     with LocalServices(tmp_path / "services", Ports.free()) as services:
         report = bench_plumbing.run(services, args)
 
