@@ -51,7 +51,8 @@ def test_the_runners_path_answers_as_the_bare_model_and_reports_each_runner_coun
         # One model, one batcher thread: its forward passes fill at most the wall time,
         # and on the CPU they are most of it.
         assert 0.5 < daemon["forward_share"] <= 1.0
-        assert daemon["decode_share"] is None  # no nvJPEG decoder thread on a CPU
+        # No nvJPEG decoder thread on a CPU: neither its busy time nor its batches.
+        assert daemon["decode_share"] is None and daemon["decode_batch"] is None
     # One runner has one photo in flight: every forward pass holds one image.
     assert round_["daemon"]["1"]["mean_batch"] == 1.0
     assert size["median"]["daemon"]["3"]["ratios"] == [round_["daemon"]["3"]["ratio"]]

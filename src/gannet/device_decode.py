@@ -71,12 +71,14 @@ class DeviceDecoder:
         engine: bool = True,
     ) -> None:
         """`metrics`: each call's wall time goes to gannet_device_decode_seconds, whose
-        rate is how busy this one thread is (runbook.md). `engine`: whether the device
+        rate is how busy this one thread is (runbook.md), and its JPEGs to
+        gannet_device_decode_batch_size. `engine`: whether the device
         decodes JPEGs in hardware; without, only the JPEGs the runners cannot decode at
         reduced scale are sent here (Pipeline.decode)."""
         self.device = device
         self.engine = engine
         self._busy = metrics.device_decode_seconds.labels(device) if metrics else None
+        self._sizes = metrics.device_decode_batch_size.labels(device) if metrics else None
         self._batcher = Batcher(
             f"jpeg@{device}", self._decode_batch, max_batch, window_s, on_batch=self._observe
         )
@@ -99,8 +101,9 @@ class DeviceDecoder:
 
     def _observe(self, size: int, seconds: float) -> None:
         """After each call, on the batcher thread."""
-        if self._busy is not None:
+        if self._busy is not None and self._sizes is not None:
             self._busy.observe(seconds)
+            self._sizes.observe(size)
 
     def _decode_batch(self, batch: list[torch.Tensor]) -> list[Decoded]:
         """Batcher thread: one call for the batch; one file that fails fails the call, so

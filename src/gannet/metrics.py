@@ -111,6 +111,15 @@ class Metrics:
             buckets=CALL_BUCKETS,
             registry=r,
         )
+        # Its mean (sum / count) is the JPEGs per call: a JPEG engine decodes a batch's
+        # photos side by side, so batches of 1-2 leave it idle while the thread binds.
+        self.device_decode_batch_size = Histogram(
+            "gannet_device_decode_batch_size",
+            "JPEGs per nvJPEG call, by device.",
+            ["device"],
+            buckets=(1, 2, 4, 8, 16, 32),
+            registry=r,
+        )
         self.config_reloads = Counter(
             "gannet_config_reloads",
             "Industry config reloads, by result.",

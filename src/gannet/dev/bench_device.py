@@ -193,13 +193,15 @@ def one_size(
                 pipelines.items(), args.runner_counts
             ):
                 before = forward_totals(metrics)
-                decoding = decode_seconds(metrics)
+                decoded_before = decode_totals(metrics)
                 with GpuBusy(device) as gpu:
                     daemon = run_daemon(pipeline, photos, runners, device, name)
                 images, calls, seconds = (
                     a - b for a, b in zip(forward_totals(metrics), before, strict=True)
                 )
-                decoding = decode_seconds(metrics) - decoding
+                jpegs, decode_calls, decoding = (
+                    a - b for a, b in zip(decode_totals(metrics), decoded_before, strict=True)
+                )
                 figures: dict[str, Any] = {
                     "images_per_s": args.images / daemon["wall_s"],
                     "cpu_ms": round(daemon["cpu_s"] * 1000 / args.images, 2),
@@ -209,6 +211,7 @@ def one_size(
                     "decode_share": round(decoding / daemon["wall_s"], 3)
                     if pipeline.decoders
                     else None,
+                    "decode_batch": round(jpegs / decode_calls, 2) if decode_calls else None,
                     "gpu_busy": gpu.share(),
                 }
                 if bare is not None:
@@ -365,11 +368,16 @@ def forward_totals(metrics: Metrics) -> tuple[float, float, float]:
     )
 
 
-def decode_seconds(metrics: Metrics) -> float:
-    """Wall seconds the device decoders' threads spent in nvJPEG calls so far, from the
-    histogram the daemon exports as gannet_device_decode_seconds."""
-    sums = histogram_sums(metrics.device_decode_seconds)
-    return sums.get("gannet_device_decode_seconds_sum", 0.0)
+def decode_totals(metrics: Metrics) -> tuple[float, float, float]:
+    """(JPEGs, nvJPEG calls, wall seconds the device decoders' threads spent in them) so
+    far, from the histograms the daemon exports as gannet_device_decode_batch_size and
+    gannet_device_decode_seconds."""
+    sums = histogram_sums(metrics.device_decode_batch_size, metrics.device_decode_seconds)
+    return (
+        sums.get("gannet_device_decode_batch_size_sum", 0.0),
+        sums.get("gannet_device_decode_batch_size_count", 0.0),
+        sums.get("gannet_device_decode_seconds_sum", 0.0),
+    )
 
 
 def histogram_sums(*histograms: Histogram) -> dict[str, float]:
@@ -389,7 +397,8 @@ def medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         for k in rounds[0].get("bare_images_per_s", {})
     }
     daemon: dict[str, dict[str, Any]] = {}
-    keys = ["images_per_s", "cpu_ms", "forward_share", "decode_share", "gpu_busy"]
+    keys = ["images_per_s", "cpu_ms", "forward_share", "decode_share", "decode_batch"]
+    keys += ["gpu_busy"]
     keys += ["ratio"] if compare else []
     for runners in rounds[0]["daemon"]:
         each = [r["daemon"][runners] for r in rounds]
@@ -408,6 +417,10 @@ def _percent(share: float | None) -> str:
     return "-" if share is None else f"{share:.0%}"
 
 
+def _per_call(jpegs: float | None) -> str:
+    return "" if jpegs is None else f" ({jpegs} a call)"
+
+
 def format_round(r: dict[str, Any]) -> str:
     parts = []
     if "bare_images_per_s" in r:
@@ -417,8 +430,8 @@ def format_round(r: dict[str, Any]) -> str:
         line = (
             f"daemon, {runners} runners: {d['images_per_s']} img/s, {d['cpu_ms']} CPU "
             f"ms/image, mean batch {d['mean_batch']}, in forward passes "
-            f"{d['forward_share']:.0%} of the time, decoding {_percent(d['decode_share'])}, "
-            f"GPU busy {_percent(d['gpu_busy'])}"
+            f"{d['forward_share']:.0%} of the time, decoding {_percent(d['decode_share'])}"
+            f"{_per_call(d['decode_batch'])}, GPU busy {_percent(d['gpu_busy'])}"
         )
         if "ratio" in d:
             agree = d["agreement"]
@@ -447,7 +460,8 @@ def print_report(report: dict[str, Any]) -> None:
             if compare:
                 row += [bare.get("per_call"), bare.get("batched"), bare.get("traced_batched", "-")]
             row += [runners, d["images_per_s"], d["cpu_ms"], f"{d['forward_share']:.0%}"]
-            row += [_percent(d["decode_share"]), _percent(d["gpu_busy"])]
+            row += [_percent(d["decode_share"]) + _per_call(d["decode_batch"])]
+            row += [_percent(d["gpu_busy"])]
             if compare:
                 row.append(f"{d['ratio']} ({', '.join(str(x) for x in d['ratios'])})")
             rows.append(row)
@@ -463,9 +477,9 @@ def print_report(report: dict[str, Any]) -> None:
         "(in forward: the share of the daemon's wall time its models' batcher threads spent "
         "in forward passes, summed over the models; on a GPU that is the time to launch "
         "them, which the device runs later. decoding: the share of the time the device's "
-        "JPEG decoder thread spent in nvJPEG calls, near 100 % where it binds; '-' without "
-        "one. GPU busy: NVML's utilisation, the share of the time a kernel ran, sampled by "
-        "nvidia-smi every 100 ms; '-' without a GPU)"
+        "JPEG decoder thread spent in nvJPEG calls, near 100 % where it binds, and its mean "
+        "JPEGs per call; '-' without one. GPU busy: NVML's utilisation, the share of the "
+        "time a kernel ran, sampled by nvidia-smi every 100 ms; '-' without a GPU)"
     )
 
 
