@@ -6,7 +6,7 @@
 #   3. `gannet bench --in-process` on cuda:0: the daemon's model path (nvJPEG, device
 #      letterbox, FP16 batched forward, NMS, result JSON), with CUDA graphs and without,
 #      with 4, 8 and 16 runners against the bare model per call and batched on 640x480
-#      photos, 8 on 4032x3024;
+#      photos, 8 on 4032x3024; 4 and 8 runners on 4 cores, as a pod;
 #   4. the same on 3.5 MB phone photos, decoded as GANNET_GPU_DECODE's default (auto)
 #      chooses, all by nvJPEG, and all on the CPU, and on the bench's mix of photo
 #      shapes, with 8 and 16 runners: the batches a mix reaches;
@@ -66,6 +66,10 @@ step pytest 120 python3 -m pytest -q -p no:cacheprovider -W default -rs tests/te
     tests/test_cuda_graphs.py
 step bench 240 python3 -m gannet bench --in-process --device "$device" --images "$images" \
     --rounds 3 --sizes 640x480 --runners-sweep 4,8,16 --output "$out/bench.json"
+# The same on 4 cores (taskset), the bare model pinned too: a production pod's 4 vCPUs.
+# On an H100 they carried the model path as far as 16 did (docs/benchmark.md, "On an H100").
+step bench-4-cores 200 taskset -c 0-3 python3 -m gannet bench --in-process --device "$device" \
+    --images "$images" --rounds 2 --sizes 640x480 --runners-sweep 4,8 --output "$out/bench-4-cores.json"
 step bench-large 150 python3 -m gannet bench --in-process --device "$device" --images "$images" \
     --rounds 2 --sizes 4032x3024 --runners-sweep 8 --output "$out/bench-large.json"
 # Phone photos of 3.5 MB: as the default (GANNET_GPU_DECODE=auto) decodes them, then all
