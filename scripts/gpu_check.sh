@@ -22,7 +22,10 @@
 # (the third lease ran them in 12, 36, 88, 63, 85 and 2 x 45 s before that pass): about 8
 # minutes before the pipeline steps were added. With them the script outgrows one call
 # of the device tool (at most 10 minutes): run it in two, e.g. GPU_CHECK_STEPS="versions
-# pytest bench pipeline-agro pipeline-sliced pipeline-vending", then the rest.
+# pytest bench pipeline-agro pipeline-sliced pipeline-vending", then the rest. On an
+# H100 (2026-12-05) versions and pytest took 8 and 25 s, the 640x480 bench with 2 runner
+# counts and 2 rounds 51 s, the same on 4 cores 52 s, bench-phone and
+# bench-phone-cpu-decode 25 and 32 s: those five steps fit one call with room to spare.
 # Usage: scripts/gpu_check.sh OUT_DIR [DEVICE [IMAGES]], from the repo root, with gannet's
 # dependencies importable (PYTHONPATH or a venv) and py-spy on PATH; or, on a host without
 # PyPI, GPU_CHECK_WHEELS=DIR with the wheels scripts/gpu_wheels.sh fetched into DIR: they
@@ -31,7 +34,8 @@
 # OUT_DIR/steps.log, beside the benches' JSON and the profiles; a failed step does not
 # stop the next one, and the script exits non-zero if any failed.
 # GPU_CHECK_STEPS="versions pytest bench ..." runs only the steps it names (in the
-# script's order), for a lease too short for all of them.
+# script's order), for a lease too short for all of them. DEVICE comes before IMAGES:
+# `gpu_check.sh OUT 1000` asks for a device named 1000, and every bench step fails.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR [DEVICE [IMAGES]]}
 device=${2:-cuda:0}
