@@ -34,12 +34,18 @@
 # OUT_DIR/steps.log, beside the benches' JSON and the profiles; a failed step does not
 # stop the next one, and the script exits non-zero if any failed.
 # GPU_CHECK_STEPS="versions pytest bench ..." runs only the steps it names (in the
-# script's order), for a lease too short for all of them. DEVICE comes before IMAGES:
-# `gpu_check.sh OUT 1000` asks for a device named 1000, and every bench step fails.
+# script's order), for a lease too short for all of them.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR [DEVICE [IMAGES]]}
 device=${2:-cuda:0}
 images=${3:-1000}
+case $device in
+    cpu | cuda | cuda:[0-9]*) ;;
+    *)  # a lease once lost two steps to `gpu_check.sh OUT 1000`: 1000 taken as the device
+        echo "DEVICE is cpu, cuda or cuda:N, not '$device'" \
+            "(usage: scripts/gpu_check.sh OUT_DIR [DEVICE [IMAGES]])" >&2
+        exit 2 ;;
+esac
 mkdir -p "$out"
 if [ -n "${GPU_CHECK_WHEELS:-}" ]; then
     site=$(mktemp -d)
