@@ -111,8 +111,9 @@ class Metrics:
             buckets=CALL_BUCKETS,
             registry=r,
         )
-        # Its mean (sum / count) is the JPEGs per call: a JPEG engine decodes a batch's
-        # photos side by side, so batches of 1-2 leave it idle while the thread binds.
+        # Its mean (sum / count) is the JPEGs per call: a JPEG engine decodes a call's
+        # photos side by side, so calls of one or two may leave part of it idle while
+        # the decoder thread binds (operating.md).
         self.device_decode_batch_size = Histogram(
             "gannet_device_decode_batch_size",
             "JPEGs per nvJPEG call, by device.",

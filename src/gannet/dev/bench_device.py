@@ -397,8 +397,14 @@ def medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         for k in rounds[0].get("bare_images_per_s", {})
     }
     daemon: dict[str, dict[str, Any]] = {}
-    keys = ["images_per_s", "cpu_ms", "forward_share", "decode_share", "decode_batch"]
-    keys += ["gpu_busy"]
+    keys = [
+        "images_per_s",
+        "cpu_ms",
+        "forward_share",
+        "decode_share",
+        "decode_batch",
+        "gpu_busy",
+    ]
     keys += ["ratio"] if compare else []
     for runners in rounds[0]["daemon"]:
         each = [r["daemon"][runners] for r in rounds]
