@@ -77,8 +77,15 @@ class DeviceDecoder:
         reduced scale are sent here (Pipeline.decode)."""
         self.device = device
         self.engine = engine
-        self._busy = metrics.device_decode_seconds.labels(device) if metrics else None
-        self._sizes = metrics.device_decode_batch_size.labels(device) if metrics else None
+        # (seconds per call, JPEGs per call): the two histograms' children for this device
+        self._observed = (
+            (
+                metrics.device_decode_seconds.labels(device),
+                metrics.device_decode_batch_size.labels(device),
+            )
+            if metrics
+            else None
+        )
         self._batcher = Batcher(
             f"jpeg@{device}", self._decode_batch, max_batch, window_s, on_batch=self._observe
         )
@@ -101,9 +108,10 @@ class DeviceDecoder:
 
     def _observe(self, size: int, seconds: float) -> None:
         """After each call, on the batcher thread."""
-        if self._busy is not None and self._sizes is not None:
-            self._busy.observe(seconds)
-            self._sizes.observe(size)
+        if self._observed is not None:
+            busy, sizes = self._observed
+            busy.observe(seconds)
+            sizes.observe(size)
 
     def _decode_batch(self, batch: list[torch.Tensor]) -> list[Decoded]:
         """Batcher thread: one call for the batch; one file that fails fails the call, so
