@@ -206,6 +206,52 @@ def test_acks_sent_by_the_daemon_stick_and_free_their_flow_control_slots(stack):
     assert stack.unacked(recorder.delivered) == []
 
 
+class CountedAcks(Acks):
+    """Acks that record how many ack ids each Acknowledge request carried."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.requests: list[int] = []
+
+    def _request(self, ack_ids: list[str]) -> None:
+        self.requests.append(len(ack_ids))
+        super()._request(ack_ids)
+
+
+def test_acks_that_trickle_in_go_a_few_to_a_request_and_a_lone_one_still_leaves(stack):
+    """At a slow pace, one settled message every 10 ms where the window is 20 ms (a pod
+    on large photos), each request used to carry one or two acks, so each image paid a
+    whole request of the daemon's GIL and Pub/Sub's CPU. Now a window with fewer than
+    `few` acks waits for more, up to the longest wait from the oldest: twelve acks go
+    in requests of four or more (but the last, which may be left with fewer), three or
+    four requests instead of about six. A lone ack still leaves within that wait, and
+    every ack sticks."""
+    client = clients.pubsub_clients(stack.settings)[1]
+    acks = CountedAcks(client, stack.settings.subscription_path(), few=4, longest_wait_s=0.3)
+    recorder = Recorder(settle=lambda message: None)  # settled below, one by one
+    bodies = sorted(f"trickle {i}".encode() for i in range(13))
+    try:
+        with subscribed(stack, len(bodies), recorder, None):
+            for body in bodies:
+                stack.publish_raw(body)
+            wait_until(lambda: len(recorder.delivered) == len(bodies), "all delivered")
+            *trickle, lone = recorder.delivered
+            for message in trickle:
+                acks.ack(message)
+                time.sleep(0.01)
+            wait_until(lambda: sum(acks.requests) == len(trickle), "the twelve acks sent")
+            assert len(acks.requests) <= 4, acks.requests
+            assert min(acks.requests[:-1]) >= 4, acks.requests
+            acks.ack(lone)
+            sent = time.monotonic()
+            wait_until(lambda: sum(acks.requests) == len(bodies), "the lone ack sent", 2)
+            assert time.monotonic() - sent < 1.0
+            assert acks.requests[-1] == 1
+    finally:
+        acks.close()
+    assert stack.unacked(recorder.delivered) == []
+
+
 def test_an_ack_request_that_fails_is_logged_and_frees_the_slot_all_the_same(stack, caplog):
     """Acknowledge sent for a subscription Pub/Sub does not know fails (NotFound). The
     failure is logged, and the message is dropped from lease management anyway: the next

@@ -7,10 +7,16 @@ behind a distant Pub/Sub every slot also waited for the requests in flight befor
 own: with a 20 ms round trip, 4 runners and 8 leased, the pod fed its model 117 images/s
 where sending the requests here gave 168 (docs/benchmark.md, "Acks sent by the daemon").
 
-So a settled message's ack waits here up to `window_s` to go with the others in one
-Acknowledge request (at about a hundred a second, one request each was a cost of its
-own on the daemon's cores and GIL), on a sender thread of this lane's, so that a request
-in flight does not hold up the next. When the request has returned, each message is
+So a settled message's ack waits here to go with the others in one Acknowledge request
+(at about a hundred a second, one request each was a cost of its own on the daemon's
+cores and GIL), on a sender thread of this lane's, so that a request in flight does not
+hold up the next. The acks leave at the end of a `window_s` window if there are at
+least `few` of them, else at the end of the first window after the oldest has waited
+`longest_wait_s`: at 4032x3024 (about 80 images/s) a 20 ms window gathered one or two,
+and each image paid nearly a request of its own; with four or more to a request the
+daemon's GIL-held time per image fell by 5 % and Pub/Sub's CPU per image by a fifth
+(docs/benchmark.md, "A few acks to a request"). At a few hundred images/s every window
+has more than `few`, and nothing waits longer than before. When the request has returned, each message is
 dropped from the client's lease management (`Message.drop`, the public call that frees
 its slot without another request).
 
@@ -22,7 +28,9 @@ gRPC's own call, some 5 % of the daemon's GIL-held time per image at 4032x3024, 
 request carries one or two acks (docs/benchmark.md, "Ack requests on the client's
 channel").
 
-What it costs: an ack leaves up to `window_s` later. The message's row is committed
+What it costs: an ack leaves up to `window_s` later, or up to `longest_wait_s` (and a
+window) at a slow pace, holding its flow-control slot meanwhile (lease.py leases more
+when the runners wait for slots). The message's row is committed
 before it is queued here, so a crash in between, or a request that fails (logged,
 and the messages dropped all the same, as the client does with an ack it could
 not send), brings the task back after its ack deadline; a redelivered task whose success
@@ -47,6 +55,10 @@ from google.pubsub_v1.types import pubsub
 log = logging.getLogger(__name__)
 
 WINDOW_S = 0.02
+# A window's acks leave at its end only if there are this many; fewer wait for more,
+# until the oldest has waited LONGEST_WAIT_S.
+FEW_ACKS = 4
+LONGEST_WAIT_S = 0.1
 # Requests in flight at once, per lane: a window's acks leave every 20 ms, so 4 keep up
 # with a round trip to Pub/Sub of up to 80 ms before one waits for another.
 SENDERS = 4
@@ -69,6 +81,8 @@ class Acks:
         client: pubsub_v1.SubscriberClient,
         subscription_path: str,
         window_s: float = WINDOW_S,
+        few: int = FEW_ACKS,
+        longest_wait_s: float = LONGEST_WAIT_S,
     ) -> None:
         self._subscription = subscription_path
         self._acknowledge = client.transport.grpc_channel.unary_unary(
@@ -83,7 +97,10 @@ class Acks:
             DEFAULT_CLIENT_INFO.to_grpc_metadata(),  # type: ignore[no-untyped-call]
         )
         self._window_s = window_s
+        self._few = few
+        self._longest_wait_s = longest_wait_s
         self._pending: list[Any] = []
+        self._oldest = 0.0  # when the first of `_pending` was queued (monotonic)
         self._in_flight: list[Future[None]] = []
         self._lock = threading.Lock()
         self._senders = ThreadPoolExecutor(SENDERS, thread_name_prefix="gannet-ack-send")
@@ -98,6 +115,8 @@ class Acks:
             traced.add_process_span_event("ack called")
             traced.end_process_span()
         with self._lock:
+            if not self._pending:
+                self._oldest = time.monotonic()
             self._pending.append(message)
 
     def flush(self) -> None:
@@ -116,7 +135,10 @@ class Acks:
 
     def _run(self) -> None:
         while not self._stop.wait(self._window_s):
-            if self._pending:
+            pending = len(self._pending)
+            if pending >= self._few or (
+                pending and time.monotonic() - self._oldest >= self._longest_wait_s
+            ):
                 self._send_pending()
 
     def _send_pending(self) -> None:
