@@ -234,6 +234,22 @@ def _change_in_period(events: Sequence[tuple[float, int]], now: float, period: f
     return sum(change for t, change in events if t > now - period)
 
 
+def _replicas_at_period_start(
+    current: int,
+    up_events: Sequence[tuple[float, int]],
+    down_events: Sequence[tuple[float, int]],
+    policy: ScalingPolicy,
+    now: float,
+) -> int:
+    """The replicas before the policy's period: what its limit is counted from, as the
+    HPA controller counts it in both directions."""
+    return (
+        current
+        - _change_in_period(up_events, now, policy.period_s)
+        + _change_in_period(down_events, now, policy.period_s)
+    )
+
+
 def scale_up_limit(
     current: int,
     up_events: Sequence[tuple[float, int]],
@@ -247,11 +263,7 @@ def scale_up_limit(
         return current
     proposals = []
     for policy in policies:
-        start = (
-            current
-            - _change_in_period(up_events, now, policy.period_s)
-            + _change_in_period(down_events, now, policy.period_s)
-        )
+        start = _replicas_at_period_start(current, up_events, down_events, policy, now)
         if policy.kind == "Pods":
             proposals.append(start + policy.value)
         else:
@@ -272,11 +284,7 @@ def scale_down_limit(
         return current
     proposals = []
     for policy in policies:
-        start = (
-            current
-            - _change_in_period(up_events, now, policy.period_s)
-            + _change_in_period(down_events, now, policy.period_s)
-        )
+        start = _replicas_at_period_start(current, up_events, down_events, policy, now)
         if policy.kind == "Pods":
             proposals.append(start - policy.value)
         else:
