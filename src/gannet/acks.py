@@ -16,25 +16,25 @@ least `few` of them, else at the end of the first window after the oldest has wa
 and each image paid nearly a request of its own; with four or more to a request the
 daemon's GIL-held time per image fell by 5 % and Pub/Sub's CPU per image by a fifth
 (docs/benchmark.md, "A few acks to a request"). At a few hundred images/s every window
-has more than `few`, and nothing waits longer than before. When the request has returned, each message is
-dropped from the client's lease management (`Message.drop`, the public call that frees
-its slot without another request).
+has more than `few`, and nothing waits longer than before. When the request has
+returned, each message is dropped from the client's lease management (`Message.drop`,
+the public call that frees its slot without another request).
 
 The request goes straight to the client's own gRPC channel (`Acknowledge`, a raw protobuf
 request, the routing and client headers the library sends, UNAVAILABLE retried here
 within REQUEST_TIMEOUT_S): the library's layers above it (proto-plus, api_core's retry,
 timeout and error wrappers, its logging interceptor) held the GIL for about as long as
 gRPC's own call, some 5 % of the daemon's GIL-held time per image at 4032x3024, where a
-request carries one or two acks (docs/benchmark.md, "Ack requests on the client's
+request then carried one or two acks (docs/benchmark.md, "Ack requests on the client's
 channel").
 
 What it costs: an ack leaves up to `window_s` later, or up to `longest_wait_s` (and a
 window) at a slow pace, holding its flow-control slot meanwhile (lease.py leases more
-when the runners wait for slots). The message's row is committed
-before it is queued here, so a crash in between, or a request that fails (logged,
-and the messages dropped all the same, as the client does with an ack it could
-not send), brings the task back after its ack deadline; a redelivered task whose success
-is committed is acked as a duplicate without inference.
+when the runners wait for slots). The message's row is committed before it is queued
+here, so a crash in between, or a request that fails (logged, and the messages dropped
+all the same, as the client does with an ack it could not send), brings the task back
+after its ack deadline; a redelivered task whose success is committed is acked as a
+duplicate without inference.
 """
 
 from __future__ import annotations
