@@ -57,3 +57,4 @@ def test_a_daemon_behind_a_distant_pubsub_leases_more_and_loses_nothing(stack):
     assert leased > 2
     assert '"lease resized"' in daemon.log_path.read_text()
     assert stack.pull(stack.settings.subscription, timeout_s=3) == []
+    assert "acks not delivered" not in daemon.log_path.read_text()

@@ -32,6 +32,9 @@ from gannet.storage import Storage
 from gannet.task import Task
 
 SAMPLES = REPO_ROOT / "samples"
+# The test daemons' stream ack deadline: what a stopped or killed daemon leased comes
+# back after this (production keeps the default, 60 s), and its claims end as soon.
+STREAM_ACK_DEADLINE_S = 10
 
 
 def fresh_queue(
@@ -95,10 +98,8 @@ class Stack:
             "GANNET_LANES": s.lanes,
             "GANNET_RUNNERS": "2",
             "GANNET_SHUTDOWN_GRACE_S": "20",
-            # Messages leased by a killed daemon come back after this (default 60 s), and
-            # its claims end as soon (both default to 60 s in production).
-            "GANNET_STREAM_ACK_DEADLINE_S": "10",
-            "GANNET_CLAIM_TTL_S": "10",
+            "GANNET_STREAM_ACK_DEADLINE_S": str(STREAM_ACK_DEADLINE_S),
+            "GANNET_CLAIM_TTL_S": str(STREAM_ACK_DEADLINE_S),
             **extra,
         }
 
@@ -182,6 +183,16 @@ class Stack:
             )
         # The emulator answers an empty pull about a second before its deadline.
         return self.pull(self.settings.subscription, timeout_s=1 + wait_s)
+
+    def left_after_leases(self, subscription: str) -> list[Any]:
+        """What `subscription` still holds once every lease a stopped daemon had on it
+        has run out (STREAM_ACK_DEADLINE_S), acking it: a message whose ack was lost
+        stays invisible while leased, so an empty pull at once proves nothing."""
+        deadline = time.monotonic() + STREAM_ACK_DEADLINE_S + 3
+        while True:
+            left = self.pull(subscription, timeout_s=2)
+            if left or time.monotonic() >= deadline:
+                return left
 
     def pull_dead_letters(self, expected: int, timeout_s: float = 30) -> list[Any]:
         got: list[Any] = []
