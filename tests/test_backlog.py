@@ -165,12 +165,16 @@ def test_server_error_and_unreachable_endpoint_do_not_raise(fake: FakeMonitoring
 
 
 def test_no_points_leaves_gauges_untouched(fake: FakeMonitoring) -> None:
+    """A reading with no points (an idle subscription Cloud Monitoring has no recent
+    sample of) keeps the values the HPA last saw instead of zeroing them."""
     monitor, registry = make_monitor(fake)
+    monitor.poll_once()
     fake.mode = "empty"
     reading = monitor.poll_once()
     assert reading == reading.__class__(None, None, None)
     assert monitor.errors == 0
-    assert value(registry, "gannet_subscription_backlog_messages") == 0
+    assert value(registry, "gannet_subscription_backlog_messages") == 137
+    assert value(registry, "gannet_subscription_oldest_unacked_age_seconds") == 58
 
 
 def test_thread_polls_until_stopped_and_survives_errors(fake: FakeMonitoring) -> None:

@@ -181,6 +181,9 @@ def test_responses_are_read_whatever_framing_the_server_chooses(serve):
 
 
 def test_response_headers_are_found_by_any_case_and_joined_when_repeated():
+    """The header lookups http.client makes, on a response's bytes read through a
+    stand-in socket: Endpoint.request answers only the status and the body, so the test
+    above, on a real socket, sees the framing these headers decide but not their values."""
 
     class Sock:
         def makefile(self, mode: str) -> io.BytesIO:
