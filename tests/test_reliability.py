@@ -87,15 +87,17 @@ def test_kill_9_mid_task_then_restart_loses_nothing_and_reruns_nothing_committed
         second.stop()
     assert set(rows) == set(ids), f"lost after kill -9: {set(ids) - set(rows)}"
     assert all(r["status"] == "succeeded" for r in rows.values())
-    # The second daemon committed each task the killed one had not, once, and never ran
-    # the model on one the killed daemon had committed.
+    # The second daemon never ran the model on a task the killed one had committed, and
+    # committed each of the others once; or found it committed, if the killed daemon's
+    # last COMMIT, sent before the kill, landed after the snapshot.
     entries = [e for e in second.log_entries() if e.get("task_id") in ids]
     inferred = Counter(e["task_id"] for e in entries if e.get("inferred") is True)
     again = {t: inferred[t] for t in committed_at_kill if inferred[t]}
     assert not again, f"committed before the kill, inferred again after it: {again}"
-    succeeded = Counter(e["task_id"] for e in entries if e.get("outcome") == "succeeded")
-    left = set(ids) - committed_at_kill
-    assert all(succeeded[t] == 1 for t in left), {t: succeeded[t] for t in left}
+    settled_as = Counter((e["task_id"], e["outcome"]) for e in entries)
+    for t in set(ids) - committed_at_kill:
+        succeeded, duplicate = settled_as[t, "succeeded"], settled_as[t, "duplicate"]
+        assert succeeded == 1 or (succeeded == 0 and duplicate), (t, succeeded, duplicate)
     # The second daemon got the killed daemon's leases as redeliveries (attempt > 1).
     assert any(r["delivery_attempt"] and r["delivery_attempt"] > 1 for r in rows.values())
 
