@@ -99,20 +99,33 @@ def test_sampling_follows_the_publisher_and_keeps_new_traces_at_the_ratio(
     assert 0.45 < kept_share < 0.55
 
 
-def test_a_receiver_that_is_down_costs_spans_not_tasks(caplog: pytest.LogCaptureFixture) -> None:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    recorder = recorder_to(f"http://127.0.0.1:{port}")
-    tracer = recorder.get_tracer("gannet")
-    started = time.monotonic()
-    for _ in range(100):
-        with tracer.start_as_current_span("step"):
+def test_a_receiver_that_hangs_costs_spans_not_tasks(caplog: pytest.LogCaptureFixture) -> None:
+    """A receiver that takes the connection and never answers, the worst a collector
+    can do (a refused port fails at once, so it could not show a wait): while the
+    shipper waits on it, spans are still recorded at once; the export times out, and
+    its spans are logged as lost."""
+    caplog.set_level(logging.WARNING, logger="gannet.spans")
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(4)  # the kernel completes the handshake; nothing ever answers
+        export = otlp_sender(otlp_channel(f"http://127.0.0.1:{hung.getsockname()[1]}"))
+        recorder = Recorder(
+            {"service.instance.id": "test-1"},
+            1.0,
+            lambda request, _timeout_s: export(request, 1.0),
+            every_s=0.05,
+        )
+        tracer = recorder.get_tracer("gannet")
+        with tracer.start_as_current_span("first"):
             pass
-    assert time.monotonic() - started < 1.0, "recording waited on the export"
-    with caplog.at_level(logging.WARNING, logger="gannet.spans"):
+        time.sleep(0.3)  # the shipper is waiting on the receiver by now, for up to 1 s
+        started = time.monotonic()
+        for _ in range(100):
+            with tracer.start_as_current_span("step"):
+                pass
+        assert time.monotonic() - started < 0.5, "recording waited on the export"
         recorder.shutdown(timeout_s=2)
-    assert "trace export failed" in caplog.text
+    assert "trace export failed (StatusCode.DEADLINE_EXCEEDED)" in caplog.text
     assert "in exports that failed" in caplog.text
 
 
