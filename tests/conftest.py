@@ -12,12 +12,14 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gannet.dev.local_services import LocalServices, free_port, port_in_use
 from gannet.dev.stack import (
@@ -105,6 +107,17 @@ def pubsub_as_pods_meet_it(stack: Stack, latency_ms: int = 0) -> Iterator[Settin
     finally:
         for helper in reversed(helpers):
             helper.stop()
+
+
+def scraped(port: int, sample: str, **labels: str) -> float:
+    """One sample from a daemon's /metrics, as Prometheus would read it (0 if absent)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == sample and found.labels == labels:
+                return float(found.value)
+    return 0.0
 
 
 def expected_counts(entry: dict[str, Any]) -> dict[str, int]:

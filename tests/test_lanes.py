@@ -13,7 +13,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from conftest import SCENES
+from conftest import SCENES, scraped
 
 from gannet.dev.stack import make_stack
 from gannet.lanes import parse_lanes
@@ -256,8 +256,8 @@ def test_sigterm_nacks_the_leased_messages_of_every_lane(lanes_stack):
     # between them, so waiting for the first row instead left it empty now and then.
     # Three each: the one runner cannot start three tasks between this read and the stop.
     deadline = time.monotonic() + 60
-    while min(_waiting(daemon.metrics_port).values(), default=0) < 3:
-        assert time.monotonic() < deadline, _waiting(daemon.metrics_port)
+    while min(_waiting(daemon, lane) for lane in tasks) < 3:
+        assert time.monotonic() < deadline, "both lanes never had 3 messages waiting"
         time.sleep(0.02)
     assert daemon.stop(signal.SIGTERM) == 0
     nacked = [e for e in daemon.log_entries() if e.get("outcome") == "shutdown"]
@@ -272,12 +272,8 @@ def test_sigterm_nacks_the_leased_messages_of_every_lane(lanes_stack):
         assert {t.task_id for t in batch} - done <= back[lane], lane
 
 
-def _waiting(metrics_port: int) -> dict[str, float]:
-    """`gannet_lane_messages_waiting` of each lane, from the daemon's /metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
-        text = resp.read().decode()
-    pattern = re.compile(r'^gannet_lane_messages_waiting\{lane="(\w+)"\} (\S+)$', re.M)
-    return {lane: float(value) for lane, value in pattern.findall(text)}
+def _waiting(daemon: Any, lane: str) -> float:
+    return scraped(daemon.metrics_port, "gannet_lane_messages_waiting", lane=lane)
 
 
 def _lane(stack: Any, name: str) -> Any:
@@ -316,7 +312,7 @@ def test_messages_waiting_for_their_lanes_turn_keep_their_leases(lanes_of):
     stack.publish(bulk, lane="bulk")
     until = time.monotonic() + 14
     while time.monotonic() < until:
-        if _waiting(daemon.metrics_port).get("interactive", 0) < 12:
+        if _waiting(daemon, "interactive") < 12:
             stack.publish([stack.task(url) for _ in range(10)], lane="interactive")
         time.sleep(0.1)
     stack.wait_rows([t.task_id for t in bulk], timeout_s=300)
