@@ -317,9 +317,10 @@ def test_a_message_is_handed_over_before_its_receipt_modack_returns(stack, dista
     frees a slot, a pod's pace (subscriber._Manager).
 
     Here Pub/Sub is a 1 s round trip away and the subscriber leases one message at a
-    time. A turn is then the ack's window (20 ms), the ack's way to Pub/Sub and the next
-    message's way back: about 1 s. Waiting for the receipt as well makes it about 2 s
-    (2.03 s each, measured with the client's own manager)."""
+    time. A turn is then the lone ack's wait in acks.py (100 ms), the ack's way to
+    Pub/Sub and the next message's way back: about 1.1 s. Waiting for the receipt as
+    well makes it about 2 s (2.03 s each with a 20 ms wait, measured with the client's
+    own manager)."""
     client = clients.pubsub_clients(distant_pubsub)[1]
     acks = Acks(client, distant_pubsub.subscription_path())
     arrived: list[float] = []
