@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import pytest
@@ -94,30 +93,3 @@ def test_changed_config_is_picked_up_and_a_bad_one_keeps_the_last_good(tmp_path)
     sample = metrics.registry.get_sample_value
     assert sample("gannet_config_reloads_total", {"result": "rejected"}) == 1
     assert sample("gannet_config_reloads_total", {"result": "loaded"}) == 1
-
-
-def test_a_check_that_hangs_holds_up_no_message(tmp_path):
-    """The daemon looks a message's config up on the Pub/Sub client's own thread
-    (`wait=False`): a due check for a change, on a bucket that does not answer, runs on
-    a thread of its own while the config served until then answers at once; the change
-    is served once the check returns."""
-    path = tmp_path / "config.yaml"
-    path.write_text(VALID)
-    answer = threading.Event()
-
-    def slow_version(uri: str) -> str:
-        assert answer.wait(10), "the test never let the check answer"
-        return local_version(uri)
-
-    source = ConfigSource(str(path), read_local, slow_version, check_every_s=0)
-    path.write_text(VALID.replace("version: 3", "version: 4"))
-    os.utime(path, (time.time() + 5, time.time() + 5))
-    started = time.monotonic()
-    assert source.for_tenant("any", wait=False).config.version == 3
-    assert source.for_tenant("any", wait=False).config.version == 3
-    assert time.monotonic() - started < 5, "the lookup waited for the check"
-    answer.set()
-    deadline = time.monotonic() + 10
-    while source.for_tenant("any", wait=False).config.version != 4:
-        assert time.monotonic() < deadline, "the change was never served"
-        time.sleep(0.01)

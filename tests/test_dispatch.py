@@ -25,7 +25,7 @@ from conftest import SAMPLES, SCENES, expected_counts, make_stack
 
 from gannet import daemon
 from gannet.dev.publish import make_task
-from gannet.dispatch import Dispatcher, answer
+from gannet.dispatch import Dispatcher
 from gannet.errors import ErrorCode
 from gannet.metrics import Metrics
 from gannet.outcome import Decision, shutdown
@@ -68,10 +68,10 @@ class Delivered:
         self.messages: list[Any] = []
         self._lock = threading.Lock()
 
-    def __call__(self, message: Any) -> Any:
+    def __call__(self, message: Any) -> None:
         with self._lock:
             self.messages.append(message)
-        return self.on_message(message)
+        self.on_message(message)
 
 
 def open_stream(
@@ -89,7 +89,6 @@ def open_stream(
         delivered,
         acks=dispatcher.settlers[dispatcher.first_lane].acks,
         settled=dispatcher.wait_settled,
-        inline=True,
     )
     subscriber.start()
     return delivered, subscriber
@@ -199,41 +198,6 @@ def test_an_unknown_pipeline_is_quarantined_with_a_failed_row(served, streams):
     row = stack.rows([task.task_id])[task.task_id]
     assert (row["status"], row["error_code"]) == ("failed", "unknown_pipeline")
     assert runner_starts(parts) == started
-    assert stack.unacked(delivered.messages) == []
-
-
-def test_poison_whose_failed_row_hangs_holds_up_no_other_message(served, streams, monkeypatch):
-    """A message is parsed and checked on the Pub/Sub client's own thread; what poison
-    then needs (its failed row saved, the dead-letter publish) runs on a thread of its
-    own. Here the failed row's save hangs (PostgreSQL slow to answer, injected) and a
-    good task published meanwhile is still run and committed; the poison is
-    dead-lettered once the save returns."""
-    stack, parts = served
-    save = parts.sink.save
-    saving, answer = threading.Event(), threading.Event()
-
-    def slow_failed_rows(result: Any) -> Any:
-        if result.status == "failed":
-            saving.set()
-            assert answer.wait(30), "the test never let the save answer"
-        return save(result)
-
-    monkeypatch.setattr(parts.sink, "save", slow_failed_rows)
-    poison = stack.task(stack.upload(SCENES[0]["file"]))
-    body = json.dumps({**json.loads(poison.model_dump_json()), "pipeline": "NO_SUCH_PIPELINE"})
-    good = stack.task(stack.upload(SCENES[0]["file"]))
-    with pulling(served, streams) as delivered:
-        try:
-            stack.publish_raw(body.encode())
-            assert saving.wait(15), "the poison's failed row was never saved"
-            stack.publish([good])
-            row = stack.wait_rows([good.task_id], timeout_s=30)[good.task_id]
-        finally:
-            answer.set()
-        dead = stack.pull_dead_letters(1, timeout_s=15)
-
-    assert row["status"] == "succeeded"
-    assert [m.attributes["task_id"] for m in dead] == [poison.task_id]
     assert stack.unacked(delivered.messages) == []
 
 
@@ -393,8 +357,8 @@ class TwoAtOnce:
         lane = self.dispatcher.first_lane
         run = functools.partial(self.dispatcher.hand_over, lane=lane, span=None, settle=settle)
         outcome = self.dispatcher.outcome_of(body, attempt, run)
-        if outcome is not None:  # the second delivery: the wait for the first, done here
-            settle(answer(outcome))
+        if outcome is not None:  # answered on this thread (the second delivery)
+            settle(outcome)
         settled.wait(60)
 
     def wait(self) -> list[Any]:

@@ -46,11 +46,10 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = WAIT
 def subscribed(
     stack,
     max_messages: int,
-    on_message: Callable[[Any], Any],
+    on_message: Callable[[Any], None],
     gate: threading.Event | None,
     settings: Settings | None = None,
     most_messages: int | None = None,
-    inline: bool = False,
 ) -> Iterator[Subscriber]:
     """A started Subscriber on the stack's subscription, always stopped at the end;
     through `settings`' Pub/Sub when given."""
@@ -60,7 +59,6 @@ def subscribed(
         max_messages,
         on_message,
         most_messages=most_messages,
-        inline=inline,
     )
     subscriber.start()
     try:
@@ -411,59 +409,6 @@ def test_a_resized_lease_holds_the_callbacks_the_client_runs_at_once(stack, capl
     assert "more messages than its lease" in caplog.text
     assert stack.unacked(recorder.delivered) == []
     assert sorted(m.data for m in recorder.delivered) == [f"held {i}".encode() for i in range(6)]
-
-
-def test_what_an_inline_callback_leaves_to_wait_holds_up_no_other_message(stack):
-    """The daemon's callback runs on the client's own thread (`inline`) and returns what
-    must wait. Here the first message's wait ends only once the three others have been
-    delivered: run where the callback ran, it would hold them back for good."""
-    others_in = threading.Event()
-    delivered: list[Any] = []
-    finished: list[Any] = []
-
-    def wait_for_the_others(message: Any) -> None:
-        assert others_in.wait(WAIT_S), "the other messages were held back"
-        message.ack()
-        finished.append(message)
-
-    def on_message(message: Any) -> Callable[[], None] | None:
-        delivered.append(message)
-        if len(delivered) == 1:
-            return lambda: wait_for_the_others(message)
-        message.ack()
-        finished.append(message)
-        if len(delivered) == 4:
-            others_in.set()
-        return None
-
-    with subscribed(stack, 4, on_message, others_in, inline=True):
-        for i in range(4):
-            stack.publish_raw(f"inline {i}".encode())
-        wait_until(lambda: len(finished) == 4, "all four acked")
-    assert stack.unacked(delivered) == []
-
-
-def test_an_inline_callback_that_raises_nacks_its_message_and_stops_the_stream(stack, caplog):
-    """A callback on the client's thread that raises is run again on a callback thread,
-    where the client library does what it does with any callback that raises: logs it,
-    nacks the message (it comes back at once) and ends the stream with the error, which
-    the daemon answers by shutting down."""
-    calls: list[threading.Thread] = []
-
-    def broken(message: Any) -> None:
-        calls.append(threading.current_thread())
-        raise RuntimeError("a bug in the callback")
-
-    with subscribed(stack, 4, broken, None, inline=True) as subscriber:
-        stack.publish_raw(b"meets a bug")
-        wait_until(lambda: len(calls) >= 2, "the callback run twice")
-        assert subscriber._future is not None
-        error = subscriber._future.exception(timeout=WAIT_S)
-    assert isinstance(error, RuntimeError) and "a bug in the callback" in str(error)
-    assert calls[1].name.startswith("pubsub-callback") and calls[0] is not calls[1]
-    assert "callback threw exception, nacking message" in caplog.text
-    again = stack.pull(stack.settings.subscription, timeout_s=5)
-    assert [m.data for m in again] == [b"meets a bug"]
 
 
 def test_a_nacked_message_comes_back_with_a_higher_delivery_attempt(stack):

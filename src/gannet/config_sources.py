@@ -136,27 +136,15 @@ class _Watched(Generic[_Loaded]):
     def _load(self) -> _Loaded:
         raise NotImplementedError
 
-    def current(self, wait: bool = True) -> _Loaded:
-        """The object to serve. Every check_every_s one caller checks for a change (its
-        version read, the new one loaded): with `wait=False` on a thread of its own,
-        returning the object served until then at once. The daemon's first steps of a
-        message run on the Pub/Sub client's own thread, which must not wait on a bucket."""
+    def current(self) -> _Loaded:
         now = time.monotonic()
         if now - self._checked_at >= self._check_every_s and self._lock.acquire(blocking=False):
-            self._checked_at = now
-            if wait:
-                self._check_and_release()
-            else:
-                threading.Thread(
-                    target=self._check_and_release, name="gannet-config-check", daemon=True
-                ).start()
+            try:
+                self._checked_at = now
+                self._maybe_reload()
+            finally:
+                self._lock.release()
         return self._current
-
-    def _check_and_release(self) -> None:
-        try:
-            self._maybe_reload()
-        finally:
-            self._lock.release()
 
     def _maybe_reload(self) -> None:
         try:
@@ -226,10 +214,9 @@ class ConfigSource(_Watched[LoadedConfig]):
             )
         return loaded
 
-    def for_tenant(self, tenant_id: str, wait: bool = True) -> LoadedConfig:
-        """The config that serves this tenant, or PermanentError(unknown_tenant); `wait`
-        as in `current`."""
-        loaded = self.current(wait)
+    def for_tenant(self, tenant_id: str) -> LoadedConfig:
+        """The config that serves this tenant, or PermanentError(unknown_tenant)."""
+        loaded = self.current()
         loaded.config.check_tenant(tenant_id)
         return loaded
 
@@ -308,8 +295,8 @@ class DeploymentSource(_Watched[LoadedDeployment]):
         self._sources = sources
         return LoadedDeployment(config=config, uri=self.uri, version=version, sources=sources)
 
-    def for_tenant(self, tenant_id: str, wait: bool = True) -> LoadedConfig:
-        deployment = self.current(wait)
+    def for_tenant(self, tenant_id: str) -> LoadedConfig:
+        deployment = self.current()
         industry = deployment.config.tenants.get(tenant_id, deployment.config.default_industry)
         if industry is None:
             raise PermanentError(
@@ -323,7 +310,7 @@ class DeploymentSource(_Watched[LoadedDeployment]):
                 f"tenant {tenant_id!r} belongs to industry {industry!r}, which this "
                 f"deployment does not serve (GANNET_INDUSTRY={self.industry})",
             )
-        loaded = source.current(wait)
+        loaded = source.current()
         loaded.config.check_tenant(tenant_id)
         return loaded
 

@@ -322,7 +322,6 @@ class Daemon:
                 acks=parts.acks[lane.name],
                 settled=partial(parts.dispatcher.wait_settled, lane.name),
                 most_messages=s.lane_flow_control(lane) * s.lease_growth,
-                inline=True,
             )
             for lane in lanes
         ]

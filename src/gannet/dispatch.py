@@ -1,34 +1,28 @@
 """The path of one message, start to end, in one place.
 
-On the Pub/Sub client's own thread (the one that reads the lane's stream; `on_message`,
-called there by subscriber._Scheduler), without waiting on anything:
+On the subscriber's callback thread (one per leased message, of one lane's stream):
   1. parse: the body becomes a Task (its gs:// URL parsed once, into a GsUrl), or the
-     message is bad input;
+     message is quarantined as bad input;
   2. cheap checks: the tenant's config, the pipeline's steps (looked up once) and the image
-     URL's bucket and prefix. Poison never takes a runner;
+     URL's bucket and prefix. Poison is quarantined here and never takes a runner;
   3. hand a frozen WorkItem to the runner pool, in the message's lane, and return; the
      client library keeps extending the message's lease until it is settled. Which lane a
-     free runner serves next is lanes.py's choice.
-What would wait there goes to a thread of its own (a "later" thread, one per leased
-message at most), returned as a Deferred: poison's failed row and quarantine, a pool
-that no longer takes work (a nack), and a second delivery of a task already running in
-this pod, which waits for the first and follows its outcome (single flight).
+     free runner serves next is lanes.py's choice. A second delivery of a task already
+     running in this pod waits for the first and follows its outcome instead (single
+     flight);
   4. settle (Delivery.settle): the lane's Settler (outcome.py) acks, nacks or
-     dead-letters, on the thread that learns the outcome: the runner, or the later
-     thread.
-With tracing on (tracing.py), the message's span is current while it is parsed and
-checked and, handed over in the WorkItem, on its runner; each stage is a span under it.
+     dead-letters, on the thread that learns the outcome: the runner, or the callback
+     thread for poison, a second delivery and a pool that no longer takes work.
+With tracing on (tracing.py), the message's span is current on the callback thread and,
+handed over in the WorkItem, on its runner; each stage is a span under it.
 On a runner thread, `process` does the work that costs: the committed-result lookup and
 the task's claim (one transaction; another pod's live claim is a nack with a delay),
 fetch, decode, the steps (models through the ModelCache), the result JSON, the row, and
 the result callback after the commit; then the runner settles the message.
 
-Why the runner settles, not a thread waiting for it: that wait was a sleep and a
-wake-up of one more thread per message; without it the daemon switches 30 times per
-image instead of 35, at 3 % less CPU. Why the client's thread parses and hands over,
-not a callback thread: that was one more hop per message; without it, at 640x480,
-1.10x the images/s at 0.92x the CPU and 0.79x the GIL-held time per image
-(docs/benchmark.md, "The message taken on the client's thread").
+Why the runner settles, not the callback thread waiting for it: that wait was a sleep
+and a wake-up of one more thread per message; without it the daemon switches 30 times
+per image instead of 35, at 3 % less CPU (docs/benchmark.md).
 """
 
 from __future__ import annotations
@@ -40,8 +34,7 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from google.cloud.pubsub_v1.subscriber.message import Message
 
@@ -54,7 +47,6 @@ from gannet.pool import Job, RunnerPool
 from gannet.sink import ClaimLost, Sink
 from gannet.stages import Timer, by_stage, ignore
 from gannet.storage import Storage, encode_json
-from gannet.subscriber import Later
 from gannet.task import Task, TaskResult, identify, parse_task
 
 if TYPE_CHECKING:
@@ -62,19 +54,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-R = TypeVar("R")
-# An outcome that takes I/O or a wait to learn (a failed row saved, the first delivery of
-# the same task waited for): never learned on the Pub/Sub client's thread.
-Deferred = Callable[[], Outcome]
-
-
-def answer(outcome: Outcome | Deferred) -> Outcome:
-    return outcome if isinstance(outcome, Outcome) else outcome()
-
 
 @dataclass(frozen=True)
 class WorkItem:
-    """What a runner needs for one task, checked and looked up before a runner takes it."""
+    """What a runner needs for one task, checked and looked up by the callback thread."""
 
     task: Task
     route: Route
@@ -139,20 +122,16 @@ class Dispatcher:
             lanes=lanes or {name: (1, None) for name in settlers},
         )
 
-    # ------------------------------------------------------------ the client's thread
+    # ------------------------------------------------------------ callback thread
 
-    def on_message_of(self, lane: str) -> Callable[[Message], Later | None]:
+    def on_message_of(self, lane: str) -> Callable[[Message], None]:
         """The callback of one lane's stream."""
         return lambda message: self.on_message(message, lane)
 
-    def on_message(self, message: Message, lane: str | None = None) -> Later | None:
+    def on_message(self, message: Message, lane: str | None = None) -> None:
         """The subscriber's callback: parse and check the message, then hand it to a
-        runner, which settles it when done. Never waits: the subscriber runs it on the
-        client library's own thread, which holds the stream's flow-control lock
-        (subscriber._Scheduler). What must not run there is returned, for a later
-        thread: settling the message without a runner (poison's failed row and
-        quarantine, a pool that takes no more work nacks), or waiting for the same task's
-        delivery this pod is running. None: a runner has the message."""
+        runner, which settles it when done (or settle it here: poison, a second delivery,
+        shutdown). Returns without waiting for the runner."""
         lane = lane or self.first_lane
         span = self.tracing.start_task(message) if self.tracing is not None else None
         with span.active() if span is not None else nullcontext():
@@ -167,9 +146,8 @@ class Dispatcher:
             except BaseException:
                 delivery.escaped()
                 raise
-        if outcome is None:
-            return None
-        return partial(delivery.settle_later, outcome)
+            if outcome is not None:
+                delivery.settle(outcome)
 
     def hand_over(
         self,
@@ -177,10 +155,10 @@ class Dispatcher:
         lane: str,
         span: TaskSpan | None,
         settle: Callable[[Outcome], None],
-    ) -> Outcome | Deferred | None:
+    ) -> Outcome | None:
         """Queue the item for a runner, which calls `settle` with the outcome (None is
-        returned). A second delivery of a task this pod is already running follows the
-        first's outcome instead: returned is the wait for it."""
+        returned); a second delivery of a task this pod is already running waits for the
+        first here and follows its outcome instead (returned)."""
         task = item.task
         if span is not None:
             item = replace(item, trace=span, queued_ns=time.time_ns())
@@ -189,7 +167,8 @@ class Dispatcher:
         with self._in_flight_lock:
             first = self._in_flight.setdefault(task.task_id, job)
         if first is not job and first.item.task.tenant_id == task.tenant_id:
-            return partial(_follow_when_done, first, task)
+            first.done.wait()
+            return _follow(first.outcome, task)
         # A task_id another tenant is running here does not wait: its claim refuses it.
         if self.pool.submit(job):
             return None
@@ -226,22 +205,21 @@ class Dispatcher:
         self,
         body: bytes,
         delivery_attempt: int | None,
-        run: Callable[[WorkItem], R],
+        run: Callable[[WorkItem], Outcome | None],
         timer: Timer | None = None,
-    ) -> Deferred | R:
-        """Parse, check, then `run(item)` (hand to a runner, or run here); returns what
-        `run` returns. Does no I/O of its own (it runs on the Pub/Sub client's thread):
-        bad input is answered by a Deferred, which records the failed row when called."""
+    ) -> Outcome | None:
+        """Parse, check, then `run(item)` (hand to a runner, or run here). None: the
+        runner settles the message."""
         with (timer or self._timer()).stage("receive"):
             try:
                 task = parse_task(body, self.max_body_bytes)
             except PermanentError as err:
                 task_id, tenant_id = identify(body)
-                return partial(self._reject, task_id, tenant_id, None, err, delivery_attempt)
+                return self._reject(task_id, tenant_id, None, err, delivery_attempt)
             try:
                 route = self.pipeline.check(task)
             except PermanentError as err:
-                return partial(self.reject, task, err, delivery_attempt)
+                return self.reject(task, err, delivery_attempt)
         return run(WorkItem(task, route, delivery_attempt))
 
     def _timer(self) -> Timer:
@@ -253,9 +231,9 @@ class Dispatcher:
     def outcome_here(self, body: bytes, delivery_attempt: int | None, device: str) -> Outcome:
         """The whole path on the calling thread, without runners: the bench's
         one-message-at-a-time worker and the tests use it."""
-        return answer(
-            self.outcome_of(body, delivery_attempt, lambda item: self.process(item, device))
-        )
+        outcome = self.outcome_of(body, delivery_attempt, lambda item: self.process(item, device))
+        assert outcome is not None  # process always answers
+        return outcome
 
     # ------------------------------------------------------------ runner thread
 
@@ -464,12 +442,6 @@ class Delivery:
         finally:
             self._done(outcome)
 
-    def settle_later(self, outcome: Outcome | Deferred) -> None:
-        """On a later thread: settle with the outcome, once a Deferred has given it."""
-        with self.span.active() if self.span is not None else nullcontext():
-            given = answer(outcome)
-        self.settle(given)
-
     def escaped(self) -> None:
         """An exception left the callback before any outcome: the client library logs
         it, nacks the message and stops the stream (the daemon then shuts down)."""
@@ -486,11 +458,6 @@ def _runner_crashed(task: Task) -> Outcome:
     (logged there). Nack: another delivery may succeed."""
     crashed = TransientError(ErrorCode.DEPENDENCY_UNAVAILABLE, "the runner crashed")
     return Outcome(Decision.NACK, "error", crashed, task)
-
-
-def _follow_when_done(first: Job[WorkItem], task: Task) -> Outcome:
-    first.done.wait()
-    return _follow(first.outcome, task)
 
 
 def _follow(first: Outcome | None, task: Task) -> Outcome:

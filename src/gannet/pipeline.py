@@ -199,9 +199,8 @@ class Pipeline:
 
     def check(self, task: Task) -> Route:
         """The cheap permanent checks, done before any download: tenant, pipeline, image
-        URL. Poison never takes a runner. Waits on nothing: a due check of the config
-        for a change runs on a thread of its own (config_sources.py)."""
-        loaded = self.configs.for_tenant(task.tenant_id, wait=False)
+        URL. Poison never takes a runner."""
+        loaded = self.configs.for_tenant(task.tenant_id)
         plan = loaded.plan(task.pipeline)
         check_image_url(task.image_url, task.tenant_id, self.limits.allowed_buckets)
         return Route(loaded, plan, loaded.decode_floors[task.pipeline])

@@ -60,9 +60,6 @@ if not hasattr(bidi.BidiRpc.close, "__wrapped__"):
     bidi.BidiRpc.close = _close_politely(bidi.BidiRpc.close)  # type: ignore[method-assign]
 
 
-# What a callback leaves for a thread of its own (it must not wait where it is called).
-Later = Callable[[], None]
-
 # Receipt modacks in flight at once, per stream: with one response every few ms and
 # Pub/Sub tens of ms away, several are on their way at a time.
 RECEIPT_SENDERS = 4
@@ -257,24 +254,12 @@ class _Manager(StreamingPullManager):  # type: ignore[misc] # the client library
 
 
 class _Scheduler(ThreadScheduler):  # type: ignore[misc] # the client library is untyped
-    """Runs the callback where the client asks for it, or on a callback thread; and tells
-    us when the stream has stopped.
-
-    With `inline`, `schedule` calls the callback (the daemon's `Dispatcher.on_message`)
-    on the client's own thread, under its flow-control lock, and only what the callback
-    returns, the part that may wait, goes to a thread of `later`: each message skips a
-    hop through a callback thread, a wake-up and a GIL hand-off (at 640x480 1.10x the
-    images/s and 0.79x the GIL-held time per image: docs/benchmark.md, "The message
-    taken on the client's thread"). Such a callback must never wait. If it raises, the
-    message goes the library's way instead: its wrapper runs the callback again on a
-    callback thread, logs the error, nacks the message and stops the stream.
-
-    The client library shuts the scheduler down right after it stops consuming, before
-    it waits for running callbacks and before it stops the threads that extend leases
-    and send acks. A callback returns once it has handed its message to a runner, so
-    this also waits until every message is settled (`settled`); then the acks they
-    queued are sent and their requests waited for (acks.py), while the client still
-    holds the messages' leases."""
+    """Tells us when the stream has stopped: the client library shuts the scheduler down
+    right after it stops consuming, before it waits for running callbacks and before it
+    stops the threads that extend leases and send acks. A callback returns once it has
+    handed its message to a runner, so this also waits until every message is settled
+    (`settled`); then the acks they queued are sent and their requests waited for
+    (acks.py), while the client still holds the messages' leases."""
 
     def __init__(
         self,
@@ -282,60 +267,20 @@ class _Scheduler(ThreadScheduler):  # type: ignore[misc] # the client library is
         stream_closed: threading.Event,
         acks: Acks | None,
         settled: Callable[[], None] | None,
-        inline: Callable[[Any], Later | None] | None = None,
-        later: ThreadPoolExecutor | None = None,
     ) -> None:
         super().__init__(executor=executor)
         self._stream_closed = stream_closed
         self._acks = acks
         self._settled = settled
-        self._inline = inline
-        self._later = later
-
-    def schedule(self, callback: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        if self._inline is None or self._later is None:
-            super().schedule(callback, *args, **kwargs)
-            return
-        (message,) = args
-        try:
-            later = _called_as_the_client_would(self._inline, message)
-        except Exception:  # noqa: BLE001 - raised again on the callback thread, logged there
-            super().schedule(callback, message)
-            return
-        if later is not None:
-            try:
-                self._later.submit(_logged, later)
-            except RuntimeError:  # shutting down: its threads are gone, run it here
-                _logged(later)
 
     def shutdown(self, await_msg_callbacks: bool = False) -> list[Any]:
         self._stream_closed.set()
         dropped: list[Any] = super().shutdown(await_msg_callbacks=await_msg_callbacks)
         if await_msg_callbacks and self._settled is not None:
             self._settled()
-        if self._later is not None:
-            self._later.shutdown(wait=await_msg_callbacks)
         if self._acks is not None:
             self._acks.flush()
         return dropped
-
-
-def _called_as_the_client_would(callback: Callable[[Any], Later | None], message: Any) -> Any:
-    """The callback as the client's wrapper calls it (`_wrap_callback_errors`), with the
-    message's OpenTelemetry spans (tracing on) ended and begun as there."""
-    traced = message.opentelemetry_data
-    if not traced:
-        return callback(message)
-    traced.end_subscribe_concurrency_control_span()
-    with traced:
-        return callback(message)
-
-
-def _logged(later: Later) -> None:
-    try:
-        later()
-    except Exception:
-        log.exception("settling a message off the client's thread failed")
 
 
 class Subscriber:
@@ -344,19 +289,16 @@ class Subscriber:
         client: pubsub_v1.SubscriberClient,
         subscription_path: str,
         max_messages: int,
-        on_message: Callable[[Any], Later | None],
+        on_message: Callable[[Any], None],
         stream_ack_deadline_s: int = 60,
         max_lease_s: int = 3600,
         acks: Acks | None = None,
         settled: Callable[[], None] | None = None,
         most_messages: int | None = None,
-        inline: bool = False,
     ) -> None:
-        """`on_message` may return what is left to do, which then runs on a thread of
-        its own. `inline`: on_message never waits, and is called on the client's thread
-        (`_Scheduler`). `acks`: where on_message's acks wait to go out together; flushed
-        when the stream stops. `settled`: blocks until every message on_message took is
-        settled (Dispatcher.wait_settled), for a callback that returns before that.
+        """`acks`: where on_message's acks wait to go out together; flushed when the
+        stream stops. `settled`: blocks until every message on_message took is settled
+        (Dispatcher.wait_settled), for a callback that returns before that.
         `most_messages`: the largest lease `resize` may set (default `max_messages`)."""
         self.acks = acks
         self.settled = settled
@@ -364,17 +306,12 @@ class Subscriber:
         self.subscription_path = subscription_path
         self.max_messages = max_messages
         self.on_message = on_message
-        self.inline = inline
         self.max_lease_s = max_lease_s
         self.stream_ack_deadline_s = stream_ack_deadline_s
         self.most_messages = max(max_messages, most_messages or 0)
         # The default scheduler runs only 10 callbacks at once; ours runs one per lease.
         self._executor = ThreadPoolExecutor(
             max_workers=self.most_messages, thread_name_prefix="pubsub-callback"
-        )
-        # With `inline`, what the callbacks leave to wait (threads start only when used).
-        self._later = ThreadPoolExecutor(
-            max_workers=self.most_messages, thread_name_prefix="pubsub-later"
         )
         self._future: StreamingPullFuture | None = None
         self._manager: _Manager | None = None
@@ -394,19 +331,12 @@ class Subscriber:
             self.client,
             self.subscription_path,
             flow_control=flow,
-            scheduler=_Scheduler(
-                self._executor,
-                self.stream_closed,
-                self.acks,
-                self.settled,
-                self.on_message if self.inline else None,
-                self._later,
-            ),
+            scheduler=_Scheduler(self._executor, self.stream_closed, self.acks, self.settled),
             await_callbacks_on_shutdown=True,
         )
         self._future = StreamingPullFuture(manager)
         self._manager = manager
-        manager.open(callback=self._callback, on_callback_error=self._future.set_exception)
+        manager.open(callback=self.on_message, on_callback_error=self._future.set_exception)
         log.info(
             "streaming pull open",
             extra={
@@ -417,12 +347,6 @@ class Subscriber:
             },
         )
         return self._future
-
-    def _callback(self, message: Any) -> None:
-        """On a callback thread: the callback, then what it left to do."""
-        later = self.on_message(message)
-        if later is not None:
-            later()
 
     def resize(self, max_messages: int) -> None:
         """Lease up to `max_messages` from now on (`_Manager.resize`); lease.py decides."""

@@ -111,7 +111,7 @@ class Tracing:
 
 
 class TaskSpan:
-    """One message's span, handed from the Pub/Sub client's thread to its runner."""
+    """One message's span, handed from the callback thread to its runner."""
 
     def __init__(self, recorder: Recorder, span: trace.Span) -> None:
         self._recorder = recorder
