@@ -6,22 +6,12 @@ import json
 import logging
 import os
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
-from conftest import SCENES, expected_counts, settled
+from conftest import SCENES, expected_counts, scraped, settled
 
 from gannet.daemon import batch_scheduling
-
-
-def metric(port: int, series: str) -> float:
-    """One sample from /metrics, e.g. 'gannet_messages_total{outcome="succeeded"}'."""
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    for line in body.splitlines():
-        if line.startswith(series + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def test_publish_to_row_to_ack(stack):
@@ -46,7 +36,7 @@ def test_publish_to_row_to_ack(stack):
         assert stored["task_id"] == task.task_id and "processed_at" in stored
         assert row["timings"]["total_ms"] > 0 and row["delivery_attempt"] == 1
 
-    succeeded = metric(daemon.metrics_port, 'gannet_messages_total{outcome="succeeded"}')
+    succeeded = scraped(daemon.metrics_port, "gannet_messages_total", outcome="succeeded")
     assert succeeded == len(tasks)
     assert daemon.stop() == 0
     # Acked: nothing comes back to a new puller, even once the daemon's leases are over.
@@ -119,4 +109,4 @@ def test_redelivered_task_with_result_is_acked_without_inference(stack):
     again = stack.rows([task.task_id])[task.task_id]
     assert again["updated_at"] == first["updated_at"]
     # One model call in all: the first delivery's (warm-up does not go through a batch).
-    assert metric(daemon.metrics_port, "gannet_batch_size_count") == 1
+    assert scraped(daemon.metrics_port, "gannet_batch_size_count") == 1

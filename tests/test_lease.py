@@ -5,8 +5,7 @@ wait in the pod."""
 from __future__ import annotations
 
 import pytest
-from conftest import SCENES, pubsub_as_pods_meet_it
-from test_end_to_end import metric
+from conftest import SCENES, pubsub_as_pods_meet_it, scraped
 
 from gannet.lease import next_lease
 
@@ -52,7 +51,7 @@ def test_a_daemon_behind_a_distant_pubsub_leases_more_and_loses_nothing(stack):
         rows = stack.wait_rows([t.task_id for t in tasks])
         assert {r["status"] for r in rows.values()} == {"succeeded"}
         assert {r["delivery_attempt"] for r in rows.values()} == {1}
-        leased = metric(daemon.metrics_port, 'gannet_lane_lease_messages{lane="default"}')
+        leased = scraped(daemon.metrics_port, "gannet_lane_lease_messages", lane="default")
         assert daemon.stop() == 0
     assert leased > 2
     assert '"lease resized"' in daemon.log_path.read_text()
