@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -9,7 +12,7 @@ from pathlib import Path
 import cv2
 import pytest
 import torch
-from conftest import SAMPLES, SCENES
+from conftest import SAMPLES, SCENES, expected_counts
 
 from gannet.metrics import Metrics
 from gannet.model_cache import ModelCache, ModelKey, yolo_loader
@@ -186,6 +189,33 @@ def test_answers_through_the_cache_are_ultralytics_own(weights, task, imgsz, ext
     assert task == "classify" or boxes > 0, "a comparison of empty answers proves nothing"
     passes = metrics.registry.get_sample_value("gannet_batch_size_count")
     assert passes < len(jobs), "same-shaped requests share forward passes"
+
+
+def test_a_cpu_daemon_of_detectors_answers_without_loading_torchvision():
+    """torchvision's import is 2 s of a daemon's start on a CPU (model_cache._skip_warmup),
+    and a detector's answers do not need it. A fresh interpreter: this one has it."""
+    scene = SCENES[0]
+    probe = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+        import cv2
+        import gannet.daemon
+        from gannet.metrics import Metrics
+        from gannet.model_cache import ModelCache, ModelKey, yolo_loader
+        cache = ModelCache(yolo_loader(lambda uri, version: Path(uri)), Metrics())
+        key = ModelKey({str(MODEL)!r}, "v1", "cpu", 416, "detect")
+        (found,) = cache.predict(key, [cv2.imread({str(SAMPLES / scene["file"])!r})], 0.5)
+        cache.close()
+        print(len(found.boxes), "torchvision" in sys.modules)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    boxes, loaded = done.stdout.split()
+    assert int(boxes) == sum(expected_counts(scene).values())
+    assert loaded == "False", "a CPU daemon of detectors imported torchvision"
 
 
 def test_the_torch_threads_setting_reaches_the_thread_that_runs_the_model():

@@ -28,6 +28,8 @@ torchvision does.
 
 The same code runs with a CPU device (libjpeg-turbo through torchvision); the daemon
 only builds a decoder for CUDA devices, the tests build one on the CPU to check the path.
+torchvision is imported only where a decoder decodes or asks nvJPEG: a daemon without
+one (on a CPU) does not load it (2 s; model_cache._skip_warmup).
 """
 
 from __future__ import annotations
@@ -40,8 +42,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-import torchvision
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from gannet.batcher import Batcher
 from gannet.frames import upright
@@ -116,6 +116,8 @@ class DeviceDecoder:
     def _decode_batch(self, batch: list[torch.Tensor]) -> list[Decoded]:
         """Batcher thread: one call for the batch; one file that fails fails the call, so
         then each is decoded alone and only the bad one is refused."""
+        from torchvision.io import ImageReadMode, decode_jpeg  # only here: see the module's doc
+
         try:
             return list(decode_jpeg(batch, mode=ImageReadMode.RGB, device=self.device))
         except RuntimeError as exc:
@@ -130,6 +132,8 @@ def has_jpeg_engine() -> bool | None:
     created (torchvision's own test before it decodes; NVJPEG_STATUS_ARCH_MISMATCH where
     there is none). None when nvJPEG cannot say: no libnvjpeg, or no usable GPU. Asked
     once per process: a pod has one model of GPU."""
+    import torchvision  # only here: see the module's doc
+
     bundled = Path(torchvision.__file__).parent.parent / "torchvision.libs"  # the wheel's
     libs = sorted(bundled.glob("libnvjpeg*"))
     try:

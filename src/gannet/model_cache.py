@@ -269,6 +269,17 @@ def _precision(device: str) -> dict[str, Any]:
     return {"quantize": 16} if device.startswith("cuda") else {}
 
 
+def _skip_warmup(predictor: Any) -> None:
+    """ultralytics' warm-up, on a CPU, runs no forward pass: it only imports
+    torchvision, for ultralytics' NMS to use torchvision's. A detector's answers do not
+    go through that NMS (split_predictor's own, on the host), so a CPU daemon of
+    detectors need not import torchvision at all: 2 s of every start here (its
+    `torchvision.models` imports `torch._dynamo`), which the test suite pays some 50
+    times. Segmenters and classifiers keep the warm-up: their answers use torchvision
+    (the NMS, classify's transforms)."""
+    predictor.done_warmup = True
+
+
 def yolo_loader(
     local_path: Callable[[str, str], Path], trace: bool = True, cuda_graphs: bool = True
 ) -> Loader:
@@ -284,6 +295,8 @@ def yolo_loader(
         cuda = key.device.startswith("cuda")
         before = torch.cuda.memory_allocated(key.device) if cuda else 0
         model = YOLO(str(path), task=key.task)
+        if key.device == "cpu" and key.task == "detect":
+            model.add_callback("on_predict_start", _skip_warmup)
         blank = np.zeros((key.imgsz, key.imgsz, 3), dtype=np.uint8)
         # Also sets up the predictor that SplitPredictor later copies, options included.
         model.predict(blank, **_predict_options(key))
