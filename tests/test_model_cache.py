@@ -192,7 +192,7 @@ def test_answers_through_the_cache_are_ultralytics_own(weights, task, imgsz, ext
 
 
 def test_a_cpu_daemon_of_detectors_answers_without_loading_torchvision():
-    """torchvision's import is 2 s of a daemon's start on a CPU (model_cache._skip_warmup),
+    """torchvision's import is 1.3 s of a daemon's start on a CPU (model_cache._skip_warmup),
     and a detector's answers do not need it. A fresh interpreter: this one has it."""
     scene = SCENES[0]
     probe = textwrap.dedent(

@@ -29,7 +29,7 @@ torchvision does.
 The same code runs with a CPU device (libjpeg-turbo through torchvision); the daemon
 only builds a decoder for CUDA devices, the tests build one on the CPU to check the path.
 torchvision is imported only where a decoder decodes or asks nvJPEG: a daemon without
-one (on a CPU) does not load it (2 s; model_cache._skip_warmup).
+one (on a CPU) does not load it (1.3 s of a start; model_cache._skip_warmup).
 """
 
 from __future__ import annotations

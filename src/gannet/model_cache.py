@@ -270,13 +270,13 @@ def _precision(device: str) -> dict[str, Any]:
 
 
 def _skip_warmup(predictor: Any) -> None:
-    """ultralytics' warm-up, on a CPU, runs no forward pass: it only imports
-    torchvision, for ultralytics' NMS to use torchvision's. A detector's answers do not
-    go through that NMS (split_predictor's own, on the host), so a CPU daemon of
-    detectors need not import torchvision at all: 2 s of every start here (its
-    `torchvision.models` imports `torch._dynamo`), which the test suite pays some 50
-    times. Segmenters and classifiers keep the warm-up: their answers use torchvision
-    (the NMS, classify's transforms)."""
+    """ultralytics' warm-up, on a CPU, runs no forward pass for the formats gannet loads
+    (.pt, .onnx): it only imports torchvision, for ultralytics' NMS to use torchvision's.
+    A detector's answers do not go through that NMS (split_predictor's own, on the
+    host), so a CPU daemon of detectors need not import torchvision at all: 1.3 s of
+    its 4.7 s start here (torchvision.models imports torch._dynamo), paid at every
+    daemon start of the test suite. Segmenters and classifiers keep the warm-up: their
+    answers use torchvision (the NMS, classify's transforms)."""
     predictor.done_warmup = True
 
 
