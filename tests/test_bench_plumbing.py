@@ -266,55 +266,55 @@ def bench_args(tmp_path: Path, **kw: object) -> argparse.Namespace:
 
 
 @pytest.mark.slow
-def test_plumbing_bench_measures_each_daemon_by_stage_on_one_and_two_cores(tmp_path, capsys):
+def test_plumbing_bench_measures_the_daemon_by_stage_on_one_and_two_cores(tmp_path, capsys):
+    """This tree's daemon alone: a baseline's tree beside it is the sweep test's (below),
+    and which runs a baseline gets, test_each_daemon_runs_what_the_options_ask_for."""
     # 64 tasks, not 8: at about 1.6 ms of GIL per image, 8 tasks give py-spy (100 Hz)
     # one or two held ticks to find, and a run with none read 0 GIL (seen once).
-    args = bench_args(tmp_path, gil=True, trace=True, images=64)
+    args = bench_args(tmp_path, gil=True, trace=True, images=64, baseline=None)
     with LocalServices(tmp_path / "services", Ports.free()) as services:
         report = bench_plumbing.run(services, args)
 
     by_daemon = report["sizes"]["640x480"]
-    assert list(by_daemon) == ["baseline HEAD", "this tree"]
-    for summary in by_daemon.values():
-        assert summary["images_per_s"] > 0 and summary["images_per_s_1_core"] > 0
-        stages = summary["stages_cpu_ms_per_image"]
-        # Every stage of a message's path ran on every image and was charged its CPU.
-        for stage in ("receive", "lookup", "fetch", "decode", "preprocess", "postprocess"):
-            assert stages[stage] > 0, stage
-        for stage in ("result_json", "gcs_write", "sink", "settle", "forward"):
-            assert stages[stage] > 0, stage
-        # The stages and the rest add up to the process's own CPU per image.
-        total = sum(stages.values()) + summary["other_threads_cpu_ms_per_image"]
-        assert total == pytest.approx(summary["split_run_cpu_ms_per_image"])
-        # One thread at a time holds the GIL: never more than the run's wall time per
-        # image (plus the second py-spy records before the tasks go out, spread over them).
-        gil_run = summary["rounds"][0][bench_plumbing.GIL_RUN]
-        wall_ms = 1000 / gil_run["images_per_s"] + 1000 / args.images
-        assert 0 < summary["gil_ms_per_image"] <= wall_ms, (summary["gil_ms_per_image"], wall_ms)
-        assert summary["mean_batch_size"] >= 1
-        # The emulators, PostgreSQL and the bench worked for these tasks on the same cores.
-        assert summary["services_cpu_ms_per_image"] > 0
-        by_name = summary["services_cpu_ms_per_image_by_name"]
-        assert {"pubsub", "gcs", "postgres", "bench"} <= set(by_name)
-        assert sum(by_name.values()) == pytest.approx(summary["services_cpu_ms_per_image"])
-        # Each image passed between threads (callback, runner, batcher): they waited.
-        assert summary["switches_per_image"] >= 2
-        # Pinned to one core, the threads that wake each other per image (callback,
-        # runner, batcher) waited for it; nothing idles more cores than the machine has.
-        assert summary["rounds"][0]["1 core"]["cpu_wait_ms_per_image"] > 0
-        assert summary["cpu_wait_ms_per_image"] >= 0
-        assert 0 <= summary["idle_cores"] <= (os.cpu_count() or 1)
-    # GANNET_PROCESSES=2, a core each: this tree's only (a baseline has no supervisor).
-    assert "per_core" not in by_daemon["baseline HEAD"]
-    per_core = by_daemon["this tree"]["per_core"]
+    assert list(by_daemon) == ["this tree"]
+    summary = by_daemon["this tree"]
+    assert summary["images_per_s"] > 0 and summary["images_per_s_1_core"] > 0
+    stages = summary["stages_cpu_ms_per_image"]
+    # Every stage of a message's path ran on every image and was charged its CPU.
+    for stage in ("receive", "lookup", "fetch", "decode", "preprocess", "postprocess"):
+        assert stages[stage] > 0, stage
+    for stage in ("result_json", "gcs_write", "sink", "settle", "forward"):
+        assert stages[stage] > 0, stage
+    # The stages and the rest add up to the process's own CPU per image.
+    total = sum(stages.values()) + summary["other_threads_cpu_ms_per_image"]
+    assert total == pytest.approx(summary["split_run_cpu_ms_per_image"])
+    # One thread at a time holds the GIL: never more than the run's wall time per
+    # image (plus the second py-spy records before the tasks go out, spread over them).
+    gil_run = summary["rounds"][0][bench_plumbing.GIL_RUN]
+    wall_ms = 1000 / gil_run["images_per_s"] + 1000 / args.images
+    assert 0 < summary["gil_ms_per_image"] <= wall_ms, (summary["gil_ms_per_image"], wall_ms)
+    assert summary["mean_batch_size"] >= 1
+    # The emulators, PostgreSQL and the bench worked for these tasks on the same cores.
+    assert summary["services_cpu_ms_per_image"] > 0
+    by_name = summary["services_cpu_ms_per_image_by_name"]
+    assert {"pubsub", "gcs", "postgres", "bench"} <= set(by_name)
+    assert sum(by_name.values()) == pytest.approx(summary["services_cpu_ms_per_image"])
+    # Each image passed between threads (callback, runner, batcher): they waited.
+    assert summary["switches_per_image"] >= 2
+    # Pinned to one core, the threads that wake each other per image (callback,
+    # runner, batcher) waited for it; nothing idles more cores than the machine has.
+    assert summary["rounds"][0]["1 core"]["cpu_wait_ms_per_image"] > 0
+    assert summary["cpu_wait_ms_per_image"] >= 0
+    assert 0 <= summary["idle_cores"] <= (os.cpu_count() or 1)
+    # GANNET_PROCESSES=2, a core each.
+    per_core = summary["per_core"]
     assert per_core["images_per_s"] > 0 and per_core["cpu_ms_per_image"] > 0
     # Which share of the tasks the busier process ran, from the claims' holders: half
     # at least, all of them at most.
     assert 0.5 <= per_core["busiest_process_share"] <= 1.0
     # The traced run traced every task (one task span each) and is reported beside the
-    # untraced one; this tree's only (a baseline may predate tracing).
-    assert "traced" not in by_daemon["baseline HEAD"]
-    traced = by_daemon["this tree"]["traced"]
+    # untraced one.
+    traced = summary["traced"]
     assert traced["tasks_traced"] == 1.0
     assert traced["over_untraced"] > 0 and traced["cpu_ms_per_image"] > 0
 
