@@ -268,7 +268,7 @@ def bench_args(tmp_path: Path, **kw: object) -> argparse.Namespace:
 @pytest.mark.slow
 def test_plumbing_bench_measures_the_daemon_by_stage_on_one_and_two_cores(tmp_path, capsys):
     """This tree's daemon alone: a baseline's tree beside it is the sweep test's (below),
-    and which runs a baseline gets, test_each_daemon_runs_what_the_options_ask_for."""
+    and which runs a baseline gets, test_each_daemon_runs_what_the_options_ask_for_in_a_round."""
     # 64 tasks, not 8: at about 1.6 ms of GIL per image, 8 tasks give py-spy (100 Hz)
     # one or two held ticks to find, and a run with none read 0 GIL (seen once).
     args = bench_args(tmp_path, gil=True, trace=True, images=64, baseline=None)
