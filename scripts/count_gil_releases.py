@@ -9,11 +9,15 @@ the probe is added once and left in place).
 
     YOLO_OFFLINE=1 .venv/bin/python scripts/count_gil_releases.py
     YOLO_OFFLINE=1 .venv/bin/python scripts/count_gil_releases.py io
+    YOLO_OFFLINE=1 .venv/bin/python scripts/count_gil_releases.py segment
 
 The first: the demo detector's pre-processing, the batcher's float conversion and the
 post-processing of samples/scene_01.jpg (split_predictor) with boxes_to_detections.
 `io`: on local services of its own, a task's claim (Sink.start) and its fenced commit
-(Sink.save_claimed), as the runners send them.
+(Sink.save_claimed), as the runners send them. `segment`: the demo segmenter's
+post-processing of the same photo, its masks made inside their boxes (segment_result, a
+CPU's path) and by ultralytics (a GPU's path), and ultralytics' NMS alone, with
+torchvision imported as in a segmenter's daemon.
 """
 
 from __future__ import annotations
@@ -88,8 +92,44 @@ def main() -> None:
     if sys.argv[1:2] == ["io"]:
         io()
         return
-    for name, step in model_steps().items():
+    steps = segment_steps() if sys.argv[1:2] == ["segment"] else model_steps()
+    for name, step in steps.items():
         print(f"{name:36} {count(step):6.1f} GIL releases per call")
+
+
+def segment_steps() -> dict[str, Callable[[], object]]:
+    import cv2
+    import torch
+    import torchvision  # noqa: F401 - ultralytics' NMS uses it when loaded, as in the daemon
+    from ultralytics.utils.nms import non_max_suppression
+
+    from gannet.model_cache import ModelKey, yolo_loader
+    from gannet.settings import REPO_ROOT
+    from gannet.split_predictor import SplitPredictor
+
+    load = yolo_loader(lambda uri, version: Path(uri), trace=False)
+    weights = REPO_ROOT / "models/demo/segment.pt"
+    model, _ = load(ModelKey(str(weights), "v", "cpu", 640, "segment"))
+    in_boxes, theirs = SplitPredictor(model), SplitPredictor(model)
+    theirs._masks_in_boxes = False  # ultralytics' construct_result, as on a GPU
+    image = cv2.imread(str(REPO_ROOT / "samples" / "scene_01.jpg"))
+    inputs = in_boxes.preprocess(image)
+    (output,) = in_boxes.forward([inputs])
+    prediction, args = output[0], in_boxes._predictor.args
+
+    def nms() -> None:
+        with torch.inference_mode():
+            non_max_suppression(
+                prediction, 0.25, args.iou, max_det=args.max_det, nc=len(model.names)
+            )
+
+    return {
+        "post-process, masks in boxes (CPU)": lambda: in_boxes.postprocess(
+            output, inputs, image, 0.25
+        ),
+        "post-process, ultralytics' masks": lambda: theirs.postprocess(output, inputs, image, 0.25),
+        "ultralytics' NMS alone": nms,
+    }
 
 
 def io() -> None:
