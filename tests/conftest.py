@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,6 +107,15 @@ def pubsub_as_pods_meet_it(stack: Stack, latency_ms: int = 0) -> Iterator[Settin
     finally:
         for helper in reversed(helpers):
             helper.stop()
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 15) -> None:
+    """Polls `predicate` every 20 ms; fails the test with `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s}s: {what}")
+        time.sleep(0.02)
 
 
 def scraped(port: int, sample: str, **labels: str) -> float:

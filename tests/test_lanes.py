@@ -13,7 +13,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from conftest import SCENES, scraped
+from conftest import SCENES, scraped, wait_until
 
 from gannet.dev.stack import make_stack
 from gannet.lanes import parse_lanes
@@ -255,10 +255,11 @@ def test_sigterm_nacks_the_leased_messages_of_every_lane(lanes_stack):
     # waiting. The emulator delivers in bursts, and the runner drains the urgent lane
     # between them, so waiting for the first row instead left it empty now and then.
     # Three each: the one runner cannot start three tasks between this read and the stop.
-    deadline = time.monotonic() + 60
-    while min(_waiting(daemon, lane) for lane in tasks) < 3:
-        assert time.monotonic() < deadline, "both lanes never had 3 messages waiting"
-        time.sleep(0.02)
+    wait_until(
+        lambda: min(_waiting(daemon, lane) for lane in tasks) >= 3,
+        "both lanes with 3 messages waiting",
+        60,
+    )
     assert daemon.stop(signal.SIGTERM) == 0
     nacked = [e for e in daemon.log_entries() if e.get("outcome") == "shutdown"]
     assert {e["lane"] for e in nacked} == {"interactive", "bulk"}, "both lanes held leases"

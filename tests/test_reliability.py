@@ -17,7 +17,7 @@ import urllib.request
 from collections import Counter
 
 import pytest
-from conftest import SCENES, make_stack, prepared_services, scraped, settled
+from conftest import SCENES, make_stack, prepared_services, scraped, settled, wait_until
 
 
 def _wait_for_some(stack, task_ids, at_least, timeout_s=120):
@@ -117,10 +117,11 @@ def test_sigterm_mid_batch_then_restart_loses_and_duplicates_nothing(own_stack):
     _wait_for_some(stack, ids, at_least=2)
     # Queued messages to nack when the signal lands: the emulator delivers in bursts, and
     # between them the queue can be empty (2 runners cannot start 3 in the moment after).
-    deadline = time.monotonic() + 60
-    while scraped(first.metrics_port, "gannet_messages_leased_waiting") < 3:
-        assert time.monotonic() < deadline, "never had 3 messages waiting"
-        time.sleep(0.02)
+    wait_until(
+        lambda: scraped(first.metrics_port, "gannet_messages_leased_waiting") >= 3,
+        "3 messages waiting",
+        60,
+    )
     first.proc.send_signal(signal.SIGTERM)
     assert _readyz(first.metrics_port) == 503, "readiness must drop as soon as SIGTERM lands"
     started = time.monotonic()

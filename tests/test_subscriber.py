@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from conftest import Started, pubsub_as_pods_meet_it
+from conftest import Started, pubsub_as_pods_meet_it, wait_until
 from google.api_core import exceptions as gexc
 
 from gannet import clients
@@ -32,14 +32,6 @@ from gannet.settings import Settings
 from gannet.subscriber import Subscriber
 
 WAIT_S = 15
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s}s: {what}")
-        time.sleep(0.02)
 
 
 @contextmanager

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from conftest import SCENES, expected_counts, settled
+from conftest import SCENES, expected_counts, settled, wait_until
 
 
 class Relay:
@@ -92,15 +91,6 @@ def db_relay(stack) -> Iterator[tuple[Relay, str]]:
     relay.close()
 
 
-def _wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"not seen within {timeout_s}s: {what}")
-
-
 def test_database_outage_nacks_and_the_tasks_succeed_when_it_returns(stack, db_relay):
     """While PostgreSQL is unreachable every delivery is nacked (outcome retry,
     dependency_unavailable), nothing is dead-lettered and the daemon keeps running;
@@ -113,10 +103,10 @@ def test_database_outage_nacks_and_the_tasks_succeed_when_it_returns(stack, db_r
 
     relay.cut()
     stack.publish(tasks)
-    _wait_for(
+    wait_until(
         lambda: {t for t, o, _ in settled([daemon], ids) if o == "retry"} == ids,
-        60,
         "a nack of each task while the database is down",
+        60,
     )
     assert stack.rows(list(ids)) == {}
     for _, outcome, code in settled([daemon], ids):
@@ -153,7 +143,7 @@ def test_an_outage_that_outlasts_the_retries_is_dead_lettered_and_replays(stack,
         return sum(o == "retry" for _, o, _ in settled([daemon], {task.task_id}))
 
     # The nack goes out a moment before its log line is written.
-    _wait_for(lambda: retries() >= 5, 5, "five logged nacks")
+    wait_until(lambda: retries() >= 5, "five logged nacks", 5)
     assert retries() == 5, "one nack per delivery attempt, then Pub/Sub gives up"
     assert daemon.proc.poll() is None
     assert stack.rows([task.task_id]) == {}, "no result row for a task never processed"
