@@ -8,6 +8,7 @@ bare model's; this compares them bit for bit on the shapes photos come in.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import cv2
@@ -53,16 +54,32 @@ def test_classifier_keeps_ultralytics_own_transforms():
     assert torch.equal(ours, model.predictor.preprocess([crop]))
 
 
+@pytest.mark.parametrize(
+    ("weights", "task", "masks_in_boxes"),
+    [
+        ("detect.pt", "detect", False),
+        ("segment.pt", "segment", True),
+        ("segment.pt", "segment", False),
+    ],
+)
 @pytest.mark.parametrize("conf", [0.01, 0.25])
-def test_detector_nms_on_the_host_gives_ultralytics_answer(conf: float):
-    """The runners do a plain detector's NMS in a few calls on the host
-    (split_predictor.detect_on_host) instead of ultralytics' postprocess: the same boxes,
-    confidences and classes, in the same order, on photos that are letterboxed with and
-    without padding, with a few boxes each and (at conf 0.01) a few dozen."""
+def test_nms_on_the_host_gives_ultralytics_answer(
+    weights: str, task: str, masks_in_boxes: bool, conf: float
+):
+    """The runners do a detector's and a segmenter's NMS in a few calls on the host
+    (split_predictor.nms_on_host) instead of ultralytics' postprocess: the same boxes,
+    confidences and classes, in the same order, and a segmenter's masks the same planes,
+    on photos that are letterboxed with and without padding, with a few boxes each and
+    (at conf 0.01) a few dozen. A segmenter's masks both ways: made inside their boxes
+    (a CPU's) and by ultralytics from the kept rows (a GPU's)."""
     load = yolo_loader(lambda uri, version: Path(uri), trace=False)
-    model, _ = load(ModelKey(str(MODELS / "detect.pt"), "v", "cpu", 640, "detect"))
+    model, _ = load(ModelKey(str(MODELS / weights), "v", "cpu", 640, task))
     split = SplitPredictor(model)
     assert split._nms_on_host
+    split._masks_in_boxes = masks_in_boxes
+    reference = copy.copy(split._predictor)  # ultralytics' own postprocess, masks and all
+    reference.args = copy.copy(reference.args)
+    reference.args.conf = conf
     compared = 0
     for name in ("scene_01.jpg", "scene_02.jpg", "scene_03.jpg"):
         scene = cv2.imread(str(REPO_ROOT / "samples" / name))
@@ -71,16 +88,18 @@ def test_detector_nms_on_the_host_gives_ultralytics_answer(conf: float):
             inputs = split.preprocess(image)
             (output,) = split.forward([inputs])
             ours = split.postprocess(output, inputs, image, conf)
-            view = split._own_copy()
             with torch.inference_mode():
-                (theirs,) = view.postprocess(output, split._model_input(inputs), [image])
+                (theirs,) = reference.postprocess(output, split._model_input(inputs), [image])
             assert ours.boxes.data.shape == theirs.boxes.data.shape, (name, width, height)
             np.testing.assert_allclose(
                 ours.boxes.data.numpy(), theirs.boxes.data.numpy(), rtol=0, atol=1e-3
             )
             assert ours.orig_shape == theirs.orig_shape and ours.names == theirs.names
+            if task == "segment" and len(theirs.boxes):
+                assert torch.equal(ours.masks.data, theirs.masks.data), (name, width, height)
             compared += len(theirs.boxes)
-    assert compared >= (200 if conf < 0.1 else 20)  # there were boxes to compare
+    many = 200 if task == "detect" else 50  # the demo segmenter finds fewer at 0.01
+    assert compared >= (many if conf < 0.1 else 20)  # there were boxes to compare
 
 
 @pytest.mark.parametrize("agnostic", [False, True])

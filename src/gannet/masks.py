@@ -14,6 +14,7 @@ the full planes', bit for bit (tests/test_masks.py).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -117,12 +118,13 @@ def covered(segments: list[SegmentMask]) -> int:
 def planes_in_boxes(
     protos: torch.Tensor,
     coeffs: torch.Tensor,
-    boxes: torch.Tensor,
+    boxes: np.ndarray,
     shape: tuple[int, int],
     out: tuple[int, int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, np.ndarray]:
     """ultralytics' process_mask_native (retina masks: uint8 planes at the photo's size,
-    zero outside each box), with the bilinear upsampling done inside each box only.
+    zero outside each box), with the bilinear upsampling done inside each box only, on
+    the CPU.
 
     ultralytics upsamples every segment's logits to the whole photo, then zeroes all but
     its box: 12 million interpolated values per segment on a 12 MP photo, about 80 ms of
@@ -130,19 +132,22 @@ def planes_in_boxes(
     upsampling and crop of the letterbox padding, then PyTorch's bilinear source indices
     and weights, align_corners=False) runs on the box's pixels alone, and the planes are
     ultralytics' (tests/test_masks.py). Also which planes have a pixel set (ultralytics
-    drops the others), found in the boxes too rather than in the planes.
+    drops the others), found in the boxes too rather than in the planes. The work per
+    box is NumPy's, on the same float32 values: in torch it took about 80 calls per
+    segment, each of which lets go of the GIL (scripts/count_gil_releases.py segment).
 
     `shape` is the (height, width) of the image the model was given, letterboxed: it says
     which part of the masks is padding. `out` (default `shape`) is the planes' size, and
-    `boxes` are in its pixels: the photo's, when the image is a reduced decode of it.
-    The masks are the model's prototypes (a quarter of its input's side), upsampled; a
-    photo decoded at a reduced scale, still larger than the model's input, gives them no
-    less detail than at full size."""
+    `boxes` (xyxy float32) are in its pixels: the photo's, when the image is a reduced
+    decode of it. The masks are the model's prototypes (a quarter of its input's side),
+    upsampled; a photo decoded at a reduced scale, still larger than the model's input,
+    gives them no less detail than at full size."""
     c, mh, mw = protos.shape
     h, w = shape
     out_h, out_w = out or shape
-    planes = torch.zeros((len(coeffs), out_h, out_w), dtype=torch.uint8, device=coeffs.device)
-    nonempty = torch.zeros(len(coeffs), dtype=torch.bool)
+    # Zeroed pages from the OS (calloc): only those inside the boxes are ever written.
+    planes = torch.from_numpy(np.zeros((len(coeffs), out_h, out_w), np.uint8))
+    nonempty = np.zeros(len(coeffs), bool)
     if len(coeffs) == 0:
         return planes, nonempty
     logits = (coeffs @ protos.float().view(c, -1)).view(1, -1, mh, mw)
@@ -157,38 +162,45 @@ def planes_in_boxes(
     gain = min(in_h / h, in_w / w)
     content_h, content_w = max(round(h * gain), 1), max(round(w * gain), 1)
     top, left = round((in_h - content_h) / 2 - 0.1), round((in_w - content_w) / 2 - 0.1)
-    content = logits[0, :, top : top + content_h, left : left + content_w]
-    rows = _Bilinear(content_h, out_h, content.device)
-    cols = _Bilinear(content_w, out_w, content.device)
-    for i, box in enumerate(boxes.tolist()):
+    content = logits[0, :, top : top + content_h, left : left + content_w].numpy()
+    rows, cols = _bilinear(content_h, out_h), _bilinear(content_w, out_w)
+    bits = planes.numpy().view(bool)  # written through: the planes are 0 and 1
+    for i, box in enumerate(boxes):
         x0, y0, x1, y1 = box_region(box, out_h, out_w)
         if x1 == x0 or y1 == y0:
             continue
-        (r0, r1, u0, u1), (c0, c1, v0, v1) = rows[y0:y1], cols[x0:x1]
-        first, last = int(r0[0]), int(r1[-1]) + 1  # the source rows the box reads
+        r0, r1, u0, u1 = (a[y0:y1] for a in rows)
+        c0, c1, v0, v1 = (a[x0:x1] for a in cols)
+        first, last = r0[0], r1[-1] + 1  # the source rows the box reads
         source = content[i, first:last]
-        across = source[:, c0] * v0 + source[:, c1] * v1  # each source row, along x
-        upper, lower = across.index_select(0, r0 - first), across.index_select(0, r1 - first)
-        inside = planes[i, y0:y1, x0:x1]
-        torch.gt(upper * u0[:, None] + lower * u1[:, None], 0, out=inside)
-        nonempty[i] = bool(inside.any())
+        # Each source row along x, then the box's rows from them; in place, on the
+        # copies that indexing makes: the same float32 operations, no temporaries.
+        across, right = source[:, c0], source[:, c1]
+        across *= v0
+        across += np.multiply(right, v1, out=right)
+        upper, lower = across[r0 - first], across[r1 - first]
+        upper *= u0[:, None]
+        upper += np.multiply(lower, u1[:, None], out=lower)
+        inside = bits[i, y0:y1, x0:x1]
+        np.greater(upper, 0, out=inside)
+        nonempty[i] = inside.any()
     return planes, nonempty
 
 
-class _Bilinear:
+@functools.lru_cache(maxsize=64)
+def _bilinear(in_size: int, out_size: int) -> tuple[np.ndarray, ...]:
     """PyTorch's bilinear (align_corners=False) source indices and weights along one
     axis, as its CPU kernel computes them (UpSample.h: area_pixel_compute_source_index,
-    guard_index_and_lambda), in float32; `[i:j]` gives those of outputs i to j."""
-
-    def __init__(self, in_size: int, out_size: int, device: torch.device) -> None:
-        scale = torch.tensor(in_size, dtype=torch.float32) / out_size
-        out = torch.arange(out_size, dtype=torch.float32, device=device)
-        source = (scale * (out + 0.5) - 0.5).clamp_(min=0)
-        index0 = source.floor().clamp_(max=in_size - 1)
-        self.weight1 = (source - index0).clamp_(0, 1)
-        self.weight0 = 1 - self.weight1
-        self.index0 = index0.long()
-        self.index1 = torch.where(self.index0 < in_size - 1, self.index0 + 1, self.index0)
-
-    def __getitem__(self, span: slice) -> tuple[torch.Tensor, ...]:
-        return self.index0[span], self.index1[span], self.weight0[span], self.weight1[span]
+    guard_index_and_lambda), in float32: (index0, index1, weight0, weight1), one entry
+    per output pixel. Kept per size: photos come in a few shapes."""
+    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
+    out = torch.arange(out_size, dtype=torch.float32)
+    source = (scale * (out + 0.5) - 0.5).clamp_(min=0)
+    index0 = source.floor().clamp_(max=in_size - 1)
+    weight1 = (source - index0).clamp_(0, 1)
+    weight0 = 1 - weight1
+    index1 = torch.where(index0 < in_size - 1, index0 + 1, index0)
+    arrays = tuple(a.numpy() for a in (index0.long(), index1.long(), weight0, weight1))
+    for a in arrays:
+        a.flags.writeable = False  # shared by every call of this size
+    return arrays

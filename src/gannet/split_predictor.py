@@ -28,7 +28,7 @@ from ultralytics.data.augment import LetterBox
 from ultralytics.engine.results import Results
 from ultralytics.models.yolo.detect import DetectionPredictor
 from ultralytics.models.yolo.segment import SegmentationPredictor
-from ultralytics.utils.ops import scale_boxes, xywh2xyxy
+from ultralytics.utils.ops import process_mask_native, xywh2xyxy
 
 from gannet.frames import Frame, blank, frame_size, shape_only, to_host
 from gannet.masks import planes_in_boxes
@@ -63,10 +63,11 @@ class SplitPredictor:
         self._letterboxes = preprocess.__qualname__ == "BasePredictor.preprocess"
         self._geometry = self._letterbox_geometry() if self._letterboxes else None
         self._boxes: dict[tuple[int, int], dict[str, Any]] = {}  # the geometry per shape
-        # A plain detector (not segment, pose or obb, which subclass it; not end-to-end):
-        # its NMS runs on the host in a few calls (detect_on_host).
+        # A plain detector or segmenter (not pose or obb, which subclass the detector;
+        # not end-to-end): its NMS runs on the host in a few calls (nms_on_host).
+        self._segments = type(self._predictor) is SegmentationPredictor
         self._nms_on_host = (
-            type(self._predictor) is DetectionPredictor
+            (self._segments or type(self._predictor) is DetectionPredictor)
             and not getattr(self._predictor.model, "end2end", False)
             and self._predictor.args.classes is None
         )
@@ -216,9 +217,21 @@ class SplitPredictor:
         view = self._own_copy()
         view.args.conf = conf
         view.photo_hw = photo_hw
-        prediction = output[0] if isinstance(output, (tuple, list)) else output
-        if self._nms_on_host and isinstance(prediction, torch.Tensor) and prediction.ndim == 3:
-            return detect_on_host(view, prediction, inputs, frame)
+        parts = _prediction_and_protos(output, self._segments) if self._nms_on_host else None
+        if parts is not None:
+            prediction, protos = parts
+            nc = len(view.model.names) if self._segments else 0
+            rows = nms_on_host(prediction, view.args, nc)
+            if protos is None:
+                rows[:, :4] = to_photo(rows[:, :4], inputs.shape[2:], frame_size(frame))
+                names = view.model.names
+                return Results(
+                    shape_only(frame), path="", names=names, boxes=torch.from_numpy(rows)
+                )
+            with torch.inference_mode():
+                return segments_from_rows(
+                    view, rows, inputs.shape[2:], frame, protos[0], self._masks_in_boxes
+                )
         with torch.inference_mode():
             (result,) = view.postprocess(output, inputs, [shape_only(frame)])
         return result
@@ -228,71 +241,119 @@ def segment_result(
     predictor: Any, pred: torch.Tensor, img: torch.Tensor, orig_img: Any, path: str, proto: Any
 ) -> Results:
     """SegmentationPredictor.construct_result with retina masks (the ModelCache always
-    asks a segmenter for them), its masks from masks.planes_in_boxes: the same planes,
-    at a fraction of the CPU on a large photo.
+    asks a segmenter for them) for a CPU's predictor, its masks made inside their boxes
+    (segments_from_rows): for the rows of ultralytics' own NMS, when the runner's
+    postprocess leaves an output to it."""
+    return segments_from_rows(predictor, pred.numpy(), img.shape[2:], orig_img, proto, True)
 
-    With `predictor.photo_hw` set (postprocess) and unlike the frame's size, the frame is
-    a reduced decode of the photo: boxes are scaled from the frame's pixels to the
-    photo's, as a detector's are (steps.boxes_to_detections), and the masks are made at
-    the photo's size, so that areas and outlines stay in the photo's own pixels."""
-    frame_hw = (int(orig_img.shape[0]), int(orig_img.shape[1]))
-    photo_hw = getattr(predictor, "photo_hw", None) or frame_hw
+
+def segments_from_rows(
+    predictor: Any,
+    rows: np.ndarray,
+    input_hw: tuple[int, ...],
+    frame: Frame,
+    proto: torch.Tensor,
+    in_boxes: bool,
+) -> Results:
+    """ultralytics' SegmentationPredictor.construct_result with retina masks, from the
+    rows its NMS keeps (nms_on_host's, float32 on the host): the boxes in the photo's
+    pixels (to_photo, in NumPy: ultralytics' scale_boxes took 56 releases of the GIL),
+    then the masks, and only the rows with a mask.
+
+    The masks: on a CPU (`in_boxes`) made inside their boxes (masks.planes_in_boxes,
+    the same planes at a fraction of the CPU on a large photo); on a GPU by ultralytics
+    (process_mask_native) where the prototypes are, cheap there. With
+    `predictor.photo_hw` set (postprocess) and unlike the frame's size, the frame is a
+    reduced decode of the photo: on a CPU, boxes are scaled from the frame's pixels to the
+    photo's, as a detector's are (steps.boxes_to_detections), and the masks made at the
+    photo's size, so that areas and outlines stay in the photo's own pixels (the
+    segmentation step scales a GPU's planes)."""
+    frame_hw = frame_size(frame)
+    photo_hw = (getattr(predictor, "photo_hw", None) if in_boxes else None) or frame_hw
     masks = None
-    if pred.shape[0]:
-        input_hw = (int(img.shape[2]), int(img.shape[3]))
-        boxes = cast(torch.Tensor, scale_boxes(input_hw, pred[:, :4], orig_img.shape))
+    if len(rows):
+        rows[:, :4] = to_photo(rows[:, :4], input_hw, frame_hw)
         if photo_hw != frame_hw:
             sx, sy = photo_hw[1] / frame_hw[1], photo_hw[0] / frame_hw[0]
-            boxes *= boxes.new_tensor([sx, sy, sx, sy])
-        pred[:, :4] = boxes
-        masks, nonempty = planes_in_boxes(proto, pred[:, 6:], boxes, frame_hw, photo_hw)
+            rows[:, :4] *= np.array([sx, sy, sx, sy], np.float32)
+        if in_boxes:
+            coeffs = torch.from_numpy(rows[:, 6:])
+            masks, nonempty = planes_in_boxes(proto, coeffs, rows[:, :4], frame_hw, photo_hw)
+        else:
+            kept = torch.from_numpy(rows).to(proto.device)
+            masks = process_mask_native(  # type: ignore[no-untyped-call]
+                proto, kept[:, 6:], kept[:, :4], frame_hw
+            )
+            nonempty = (masks.amax((-2, -1)) > 0).cpu().numpy()
         if getattr(predictor, "_feats", None) is None and not nonempty.all():
-            pred, masks = pred[nonempty], masks[nonempty]  # only predictions with a mask
-    photo = orig_img if photo_hw == frame_hw else blank(*photo_hw)
+            keep = torch.from_numpy(nonempty).to(masks.device)
+            rows, masks = rows[nonempty], masks[keep]  # only predictions with a mask
+    photo = shape_only(frame) if photo_hw == frame_hw else blank(*photo_hw)
     names = predictor.model.names
-    return Results(photo, path=path, names=names, boxes=pred[:, :6], masks=masks)
+    return Results(photo, path="", names=names, boxes=torch.from_numpy(rows[:, :6]), masks=masks)
 
 
-def detect_on_host(predictor: Any, prediction: torch.Tensor, inputs: Any, frame: Frame) -> Results:
-    """A detector's NMS and Results as ultralytics' DetectionPredictor.postprocess makes
-    them (non_max_suppression, then scale_boxes), in a few torch calls instead of about
-    ninety.
+def _prediction_and_protos(
+    output: Any, segments: bool
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The candidates (1, 4 + classes + extra, anchors) and a segmenter's prototypes
+    (1, 32, h, w) in one image's output, picked as ultralytics' postprocess picks them;
+    None for an output of another form (ultralytics' own postprocess then takes it)."""
+    protos = None
+    if segments:
+        if not isinstance(output, (tuple, list)) or len(output) < 2:
+            return None
+        protos = output[0][1] if isinstance(output[0], tuple) else output[1]
+        output = output[0]
+        if not isinstance(protos, torch.Tensor) or protos.ndim != 4:
+            return None
+    prediction = output[0] if isinstance(output, (tuple, list)) else output
+    if not isinstance(prediction, torch.Tensor) or prediction.ndim != 3:
+        return None
+    return prediction, protos
 
-    Why: every torch call releases the GIL, and a thread that lets go of it waits to get
-    it back while the daemon's other threads run. With a second core that wait is paid
-    per call: ultralytics' post-processing of a 640x480 image cost 0.5-0.8 ms of CPU alone
-    and 7-9 ms with one busy Python thread on the other core; this, the same answer, 0.3
-    and 1.6-2.3 ms (scripts/measure_gil_convoy.py, docs/benchmark.md). Creating and
-    freeing a tensor lets go of the GIL too, so on the CPU the candidates above the
-    threshold are picked in NumPy, on the prediction's own memory (on a GPU, with torch
-    there, and only they are copied to the host). The rest runs in NumPy on a few dozen
-    rows: the same float32 arithmetic, ultralytics' own xywh2xyxy, its scale_boxes
-    (to_photo), its NMS (nms, through OpenCV). With boxes_to_detections: 44 releases of
-    the GIL per image with ultralytics' code, 13 now (scripts/count_gil_releases.py).
-    (An FP16 model's candidates are made float32 first, where ultralytics stays in
-    FP16: boxes then differ in the fourth significant digit.)"""
-    args = predictor.args
+
+def nms_on_host(prediction: torch.Tensor, args: Any, nc: int) -> np.ndarray:
+    """The rows ultralytics' non_max_suppression keeps for one image, as a float32 array
+    (kept, 6 + extra): x1, y1, x2, y2 in the model's input, confidence, class, then the
+    extra columns (a segmenter's mask coefficients). `nc`: the number of classes, 0 for
+    all the columns after the box (ultralytics' own argument: a detector's 0).
+
+    Why: ultralytics' NMS and postprocess take about ninety torch calls per image (a
+    segmenter's NMS alone, 73 releases of the GIL), and every torch call releases the
+    GIL: a thread that lets go of it waits to get it back while the daemon's other
+    threads run. With a second core that wait is paid per call: a detector's
+    post-processing of a 640x480 image cost 0.5-0.8 ms of CPU alone and 7-9 ms with one
+    busy Python thread on the other core; on the host, the same answer, 0.3 and 1.6-2.3
+    ms (scripts/measure_gil_convoy.py, docs/benchmark.md). Creating and freeing a tensor
+    lets go of the GIL too, so on the CPU the candidates above the threshold are picked
+    in NumPy, on the prediction's own memory (on a GPU, with torch there, and only they
+    are copied to the host). The rest runs in NumPy on a few dozen rows: the same
+    float32 arithmetic, ultralytics' own xywh2xyxy, its NMS (nms, through OpenCV). (An
+    FP16 model's candidates are made float32 first, where ultralytics stays in FP16:
+    boxes then differ in the fourth significant digit.)"""
+    end = 4 + nc if nc else prediction.shape[1]  # the class scores' columns end here
     if prediction.device.type == "cpu" and prediction.dtype == torch.float32:
-        p = prediction.numpy()[0]  # (4 + classes, anchors): no torch call, no copy
-        x = p[:, p[4:].max(0) > args.conf].T  # (candidates, 4 + classes)
+        p = prediction.numpy()[0]  # (4 + classes + extra, anchors): no torch call, no copy
+        x = p[:, p[4:end].max(0) > args.conf].T  # (candidates, 4 + classes + extra)
     else:  # on a GPU: the candidates are picked there, and only they are copied
-        scores = prediction[0, 4:]
+        scores = prediction[0, 4:end]
         picked = prediction[0][:, scores.amax(0) > args.conf]
         x = picked.T.float().cpu().numpy()
-    classes = x[:, 4:].argmax(1)
-    confidence = x[:, 4:].max(1)  # the same values as indexing at classes, no GIL release
+    classes = x[:, 4:end].argmax(1)
+    confidence = x[:, 4:end].max(1)  # the same values as indexing at classes, no GIL release
     if len(x) > 30000:  # ultralytics' max_nms: the most confident first
         order = torch.from_numpy(confidence).argsort(descending=True)[:30000].numpy()
         x, classes, confidence = x[order], classes[order], confidence[order]
     boxes = xywh2xyxy(x[:, :4])  # type: ignore[no-untyped-call]
     kept = nms(boxes, confidence, None if args.agnostic_nms else classes, args.iou)
     kept = kept[: args.max_det]
-    found = np.empty((len(kept), 6), np.float32)
-    found[:, :4] = to_photo(boxes[kept], inputs.shape[2:], frame_size(frame))
-    found[:, 4] = confidence[kept]
-    found[:, 5] = classes[kept]
-    names = predictor.model.names
-    return Results(shape_only(frame), path="", names=names, boxes=torch.from_numpy(found))
+    rows = np.empty((len(kept), 6 + x.shape[1] - end), np.float32)
+    rows[:, :4] = boxes[kept]
+    rows[:, 4] = confidence[kept]
+    rows[:, 5] = classes[kept]
+    rows[:, 6:] = x[kept, end:]
+    return rows
 
 
 def nms(
