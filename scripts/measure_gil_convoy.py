@@ -10,12 +10,17 @@ CPU and wall ms per call.
 
     YOLO_OFFLINE=1 .venv/bin/python scripts/measure_gil_convoy.py [rounds]
     YOLO_OFFLINE=1 .venv/bin/python scripts/measure_gil_convoy.py io [rounds]
+    YOLO_OFFLINE=1 .venv/bin/python scripts/measure_gil_convoy.py segment [rounds]
 
 The first: the demo detector's output for samples/scene_01.jpg post-processed both
 ways, ultralytics' postprocess and gannet's (split_predictor.detect_on_host), each
 followed by boxes_to_detections. `io`: on local services of its own (the GCS emulator
 and PostgreSQL, started in a temporary directory), a GCS read of that photo, a result
 write, the claim (Sink.start) and the claim plus the fenced commit (Sink.save_claimed).
+`segment`: the demo segmenter's post-processing of the same photo (split_predictor's
+postprocess), its masks made inside their boxes (a CPU's path) and by ultralytics (a
+GPU's path), 20 calls a measurement; with PYTHONPATH=<an older tree>/src it measures
+that tree's.
 Run it on two cores, and under `taskset -c 0` to see the same on one.
 """
 
@@ -46,6 +51,9 @@ def main() -> None:
     if args[:1] == ["io"]:
         io(int(args[1]) if len(args) > 1 else 2)
         return
+    if args[:1] == ["segment"]:
+        segment(int(args[1]) if len(args) > 1 else 3)
+        return
     rounds = int(args[0]) if args else 3
     load = yolo_loader(lambda uri, version: Path(uri), trace=False)
     weights = REPO_ROOT / "models" / "demo" / "detect.pt"
@@ -69,6 +77,23 @@ def main() -> None:
             label = "with a busy thread" if busy else "alone"
             old, new = measure(theirs, busy), measure(ours, busy)
             print(f"{label:18}  ultralytics {old}  gannet {new}")
+
+
+def segment(rounds: int) -> None:
+    load = yolo_loader(lambda uri, version: Path(uri), trace=False)
+    weights = REPO_ROOT / "models" / "demo" / "segment.pt"
+    model, _ = load(ModelKey(str(weights), "v", "cpu", 640, "segment"))
+    in_boxes, theirs = SplitPredictor(model), SplitPredictor(model)
+    theirs._masks_in_boxes = False  # ultralytics' masks, as on a GPU
+    image = cv2.imread(str(REPO_ROOT / "samples" / "scene_01.jpg"))
+    inputs = in_boxes.preprocess(image)
+    (output,) = in_boxes.forward([inputs])
+    for _ in range(rounds):
+        for busy in (False, True):
+            label = "with a busy thread" if busy else "alone"
+            cpu = measure(lambda: in_boxes.postprocess(output, inputs, image, 0.25), busy, 20)
+            gpu = measure(lambda: theirs.postprocess(output, inputs, image, 0.25), busy, 20)
+            print(f"{label:18}  masks in boxes {cpu}  ultralytics' masks {gpu}")
 
 
 def io(rounds: int) -> None:
@@ -120,7 +145,7 @@ def io(rounds: int) -> None:
             sink.close()
 
 
-def measure(post: Callable[[], object], busy: bool) -> str:
+def measure(post: Callable[[], object], busy: bool, calls: int = CALLS) -> str:
     stop = threading.Event()
 
     def spin() -> None:  # short GIL holds, one after another
@@ -136,7 +161,7 @@ def measure(post: Callable[[], object], busy: bool) -> str:
         for _ in range(5):
             post()
         cpu, wall = time.thread_time(), time.perf_counter()
-        for _ in range(CALLS):
+        for _ in range(calls):
             post()
         figures.extend([time.thread_time() - cpu, time.perf_counter() - wall])
 
@@ -146,7 +171,7 @@ def measure(post: Callable[[], object], busy: bool) -> str:
     stop.set()
     if busy:
         other.join()
-    cpu, wall = (x / CALLS * 1000 for x in figures)
+    cpu, wall = (x / calls * 1000 for x in figures)
     return f"CPU {cpu:.2f} ms, wall {wall:.1f} ms"
 
 

@@ -19,6 +19,7 @@ from gannet.model_cache import ModelCache, ModelKey, yolo_loader
 from gannet.settings import REPO_ROOT
 
 MODEL = REPO_ROOT / "models" / "demo" / "detect.pt"
+SEGMENTER = REPO_ROOT / "models" / "demo" / "segment.pt"
 
 
 def key(version: str = "v1", tenant: str | None = None) -> ModelKey:
@@ -191,9 +192,10 @@ def test_answers_through_the_cache_are_ultralytics_own(weights, task, imgsz, ext
     assert passes < len(jobs), "same-shaped requests share forward passes"
 
 
-def test_a_cpu_daemon_of_detectors_answers_without_loading_torchvision():
+def test_a_cpu_daemon_of_detectors_and_segmenters_answers_without_loading_torchvision():
     """torchvision's import is 1.3 s of a daemon's start on a CPU (model_cache._skip_warmup),
-    and a detector's answers do not need it. A fresh interpreter: this one has it."""
+    and a detector's and a segmenter's answers do not need it. A fresh interpreter: this
+    one has it."""
     scene = SCENES[0]
     probe = textwrap.dedent(
         f"""
@@ -204,18 +206,23 @@ def test_a_cpu_daemon_of_detectors_answers_without_loading_torchvision():
         from gannet.metrics import Metrics
         from gannet.model_cache import ModelCache, ModelKey, yolo_loader
         cache = ModelCache(yolo_loader(lambda uri, version: Path(uri)), Metrics())
-        key = ModelKey({str(MODEL)!r}, "v1", "cpu", 416, "detect")
-        (found,) = cache.predict(key, [cv2.imread({str(SAMPLES / scene["file"])!r})], 0.5)
+        photo = cv2.imread({str(SAMPLES / scene["file"])!r})
+        models = [({str(MODEL)!r}, "detect", 416), ({str(SEGMENTER)!r}, "segment", 320)]
+        for weights, task, imgsz in models:
+            key = ModelKey(weights, "v1", "cpu", imgsz, task)
+            (found,) = cache.predict(key, [photo], 0.5)
+            print(len(found.boxes), 0 if found.masks is None else len(found.masks))
         cache.close()
-        print(len(found.boxes), "torchvision" in sys.modules)
+        print("torchvision" in sys.modules)
         """
     )
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
     )
-    boxes, loaded = done.stdout.split()
-    assert int(boxes) == sum(expected_counts(scene).values())
-    assert loaded == "False", "a CPU daemon of detectors imported torchvision"
+    detected, _, segmented, masks, loaded = done.stdout.split()
+    assert int(detected) == sum(expected_counts(scene).values())
+    assert int(segmented) == int(masks) == scene["patch_count"]
+    assert loaded == "False", "a CPU daemon of detectors and segmenters imported torchvision"
 
 
 def test_the_torch_threads_setting_reaches_the_thread_that_runs_the_model():

@@ -272,11 +272,11 @@ def _precision(device: str) -> dict[str, Any]:
 def _skip_warmup(predictor: Any) -> None:
     """ultralytics' warm-up, on a CPU, runs no forward pass for the formats gannet loads
     (.pt, .onnx): it only imports torchvision, for ultralytics' NMS to use torchvision's.
-    A detector's answers do not go through that NMS (split_predictor's own, on the
-    host), so a CPU daemon of detectors need not import torchvision at all: 1.3 s of
-    its 4.7 s start here (torchvision.models imports torch._dynamo), paid at every
-    daemon start of the test suite. Segmenters and classifiers keep the warm-up: their
-    answers use torchvision (the NMS, classify's transforms)."""
+    A detector's and a segmenter's answers do not go through that NMS
+    (split_predictor's own, on the host), so a CPU daemon of them need not import
+    torchvision at all: 1.3 s of its 4.7 s start here (torchvision.models imports
+    torch._dynamo), paid at every daemon start of the test suite. Classifiers keep the
+    warm-up: classify's transforms use torchvision."""
     predictor.done_warmup = True
 
 
@@ -295,7 +295,7 @@ def yolo_loader(
         cuda = key.device.startswith("cuda")
         before = torch.cuda.memory_allocated(key.device) if cuda else 0
         model = YOLO(str(path), task=key.task)
-        if key.device == "cpu" and key.task == "detect":
+        if key.device == "cpu" and key.task in ("detect", "segment"):
             model.add_callback("on_predict_start", _skip_warmup)
         blank = np.zeros((key.imgsz, key.imgsz, 3), dtype=np.uint8)
         # Also sets up the predictor that SplitPredictor later copies, options included.
