@@ -352,7 +352,8 @@ def nms_on_host(prediction: torch.Tensor, args: Any, nc: int) -> np.ndarray:
     rows[:, :4] = boxes[kept]
     rows[:, 4] = confidence[kept]
     rows[:, 5] = classes[kept]
-    rows[:, 6:] = x[kept, end:]
+    if x.shape[1] > end:  # each NumPy gather lets go of the GIL: none for nothing
+        rows[:, 6:] = x[kept, end:]
     return rows
 
 
