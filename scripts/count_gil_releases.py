@@ -10,14 +10,19 @@ the probe is added once and left in place).
     YOLO_OFFLINE=1 .venv/bin/python scripts/count_gil_releases.py
     YOLO_OFFLINE=1 .venv/bin/python scripts/count_gil_releases.py io
     YOLO_OFFLINE=1 .venv/bin/python scripts/count_gil_releases.py segment
+    YOLO_OFFLINE=1 .venv/bin/python scripts/count_gil_releases.py pipeline
 
 The first: the demo detector's pre-processing, the batcher's float conversion and the
 post-processing of samples/scene_01.jpg (split_predictor) with boxes_to_detections.
 `io`: on local services of its own, a task's claim (Sink.start) and its fenced commit
 (Sink.save_claimed), as the runners send them. `segment`: the demo segmenter's
-post-processing of the same photo, its masks made inside their boxes (segment_result, a
-CPU's path) and by ultralytics (a GPU's path), and ultralytics' NMS alone, with
-torchvision imported as in a segmenter's daemon.
+post-processing of the same photo (its NMS on the host), its masks made inside their
+boxes (a CPU's path) and by ultralytics from the kept rows (a GPU's path), and for
+comparison ultralytics' NMS alone, torchvision's (imported here for it). `pipeline`: a
+runner's whole work on one photo (decode, the pipeline's steps, the result's JSON) for
+the demo's DETECTION, agro's FULL_PIPELINE and vending's SHELF_AUDIT, at 640x480 and
+4032x3024, counted in the runner's thread only (the models' batcher threads run the
+forward passes).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,22 +52,24 @@ def add_probe(probe: str = "PyEval_SaveThread") -> None:
         subprocess.run(["perf", "probe", "-x", str(library), "-a", probe], check=True)
 
 
-def count(step: Callable[[], object]) -> float:
-    """GIL releases per call of `step`, in this process."""
+def count(step: Callable[[], object], calls: int = CALLS, thread_only: bool = False) -> float:
+    """GIL releases per call of `step`, in this process (`thread_only`: in the calling
+    thread, not the model's batcher threads)."""
     for _ in range(20):
         step()
+    target = ["-t", str(threading.get_native_id())] if thread_only else ["-p", str(os.getpid())]
     perf = subprocess.Popen(
-        ["perf", "stat", "-x", ",", "-e", EVENT, "-p", str(os.getpid())],
+        ["perf", "stat", "-x", ",", "-e", EVENT, *target],
         stderr=subprocess.PIPE,
         text=True,
     )
     time.sleep(1.0)  # perf attaches
-    for _ in range(CALLS):
+    for _ in range(calls):
         step()
     perf.send_signal(signal.SIGINT)
     _, err = perf.communicate()
     line = next(x for x in err.splitlines() if EVENT in x)
-    return int(line.split(",")[0]) / CALLS
+    return int(line.split(",")[0]) / calls
 
 
 def model_steps() -> dict[str, Callable[[], object]]:
@@ -92,6 +100,10 @@ def main() -> None:
     if sys.argv[1:2] == ["io"]:
         io()
         return
+    if sys.argv[1:2] == ["pipeline"]:
+        for name, (step, calls) in pipeline_steps().items():
+            print(f"{name:36} {count(step, calls, True):6.1f} GIL releases per photo")
+        return
     steps = segment_steps() if sys.argv[1:2] == ["segment"] else model_steps()
     for name, step in steps.items():
         print(f"{name:36} {count(step):6.1f} GIL releases per call")
@@ -100,7 +112,7 @@ def main() -> None:
 def segment_steps() -> dict[str, Callable[[], object]]:
     import cv2
     import torch
-    import torchvision  # noqa: F401 - ultralytics' NMS uses it when loaded, as in the daemon
+    import torchvision  # noqa: F401 - ultralytics' NMS uses it when loaded
     from ultralytics.utils.nms import non_max_suppression
 
     from gannet.model_cache import ModelKey, yolo_loader
@@ -130,6 +142,53 @@ def segment_steps() -> dict[str, Callable[[], object]]:
         "post-process, ultralytics' masks": lambda: theirs.postprocess(output, inputs, image, 0.25),
         "ultralytics' NMS alone": nms,
     }
+
+
+def pipeline_steps() -> dict[str, tuple[Callable[[], object], int]]:
+    """A runner's whole work on one photo (decode, the pipeline's steps, the result's
+    JSON) for the demo's and the shipped pipelines, on a 640x480 and a 4032x3024 photo,
+    and how many calls to count it over."""
+    import cv2
+
+    from gannet.config_sources import open_configs
+    from gannet.dev.publish import make_task
+    from gannet.metrics import Metrics
+    from gannet.model_cache import ModelCache, yolo_loader
+    from gannet.model_resolver import ModelResolver
+    from gannet.pipeline import Limits, Pipeline
+    from gannet.settings import REPO_ROOT
+    from gannet.stages import Timer
+    from gannet.storage import encode_json, local_version, read_local
+
+    def runner(pipeline: Pipeline, name: str, data: bytes) -> Callable[[], object]:
+        task = make_task("gil", "gs://gil/gil/x.jpg", name, "gil")
+        route = pipeline.check(task)
+
+        def step() -> None:
+            frame, scale = pipeline.decode(data, route, "cpu")
+            timer = Timer(lambda stage, seconds: None)
+            encode_json(pipeline.run_image(task, route, frame, "cpu", timer, None, scale))
+
+        return step
+
+    scene = cv2.imread(str(REPO_ROOT / "samples" / "scene_01.jpg"))
+    photos = {"640x480": scene, "4032x3024": cv2.resize(scene, (4032, 3024))}
+    steps: dict[str, tuple[Callable[[], object], int]] = {}
+    plans = [("demo", "DETECTION"), ("agro", "FULL_PIPELINE"), ("vending", "SHELF_AUDIT")]
+    for config, name in plans:
+        pipeline = Pipeline(
+            open_configs(str(REPO_ROOT / "configs" / f"{config}.yaml"), read_local, local_version),
+            None,  # type: ignore[arg-type] # no GCS: the bytes are in memory
+            ModelCache(yolo_loader(lambda uri, version: Path(uri)), Metrics()),
+            ModelResolver(local_version),
+            Limits(["gil"], 10**8, 10**9),
+            None,
+        )
+        for size, image in photos.items():
+            data = cv2.imencode(".jpg", image)[1].tobytes()
+            calls = 100 if size == "640x480" else 20
+            steps[f"{config} {name} {size}"] = (runner(pipeline, name, data), calls)
+    return steps
 
 
 def io() -> None:

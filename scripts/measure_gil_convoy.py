@@ -18,9 +18,9 @@ followed by boxes_to_detections. `io`: on local services of its own (the GCS emu
 and PostgreSQL, started in a temporary directory), a GCS read of that photo, a result
 write, the claim (Sink.start) and the claim plus the fenced commit (Sink.save_claimed).
 `segment`: the demo segmenter's post-processing of the same photo (split_predictor's
-postprocess), its masks made inside their boxes (a CPU's path) and by ultralytics (a
-GPU's path), 20 calls a measurement; with PYTHONPATH=<an older tree>/src it measures
-that tree's.
+postprocess) at 640x480 and resized to 4032x3024, its masks made inside their boxes (a
+CPU's path) and, at 640x480, by ultralytics (a GPU's path), 20 calls a measurement; with
+PYTHONPATH=<an older tree>/src it measures that tree's.
 Run it on two cores, and under `taskset -c 0` to see the same on one.
 """
 
@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from itertools import count
 from pathlib import Path
 
@@ -85,15 +86,20 @@ def segment(rounds: int) -> None:
     model, _ = load(ModelKey(str(weights), "v", "cpu", 640, "segment"))
     in_boxes, theirs = SplitPredictor(model), SplitPredictor(model)
     theirs._masks_in_boxes = False  # ultralytics' masks, as on a GPU
-    image = cv2.imread(str(REPO_ROOT / "samples" / "scene_01.jpg"))
-    inputs = in_boxes.preprocess(image)
-    (output,) = in_boxes.forward([inputs])
+    scene = cv2.imread(str(REPO_ROOT / "samples" / "scene_01.jpg"))
     for _ in range(rounds):
-        for busy in (False, True):
-            label = "with a busy thread" if busy else "alone"
-            cpu = measure(lambda: in_boxes.postprocess(output, inputs, image, 0.25), busy, 20)
-            gpu = measure(lambda: theirs.postprocess(output, inputs, image, 0.25), busy, 20)
-            print(f"{label:18}  masks in boxes {cpu}  ultralytics' masks {gpu}")
+        for size in [(640, 480), (4032, 3024)]:
+            image = cv2.resize(scene, size)
+            inputs = in_boxes.preprocess(image)
+            (output,) = in_boxes.forward([inputs])
+            ours = partial(in_boxes.postprocess, output, inputs, image, 0.25)
+            ultralytics = partial(theirs.postprocess, output, inputs, image, 0.25)
+            for busy in (False, True):
+                label = f"{size[0]}x{size[1]} " + ("with a busy thread" if busy else "alone")
+                line = f"{label:28}  masks in boxes {measure(ours, busy, 20)}"
+                if size[0] < 1000:  # ultralytics' masks at 12 MP: hundreds of ms of CPU
+                    line += f"  ultralytics' masks {measure(ultralytics, busy, 20)}"
+                print(line)
 
 
 def io(rounds: int) -> None:
