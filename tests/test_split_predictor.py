@@ -46,12 +46,34 @@ def test_runner_inputs_equal_ultralytics_preprocess(weights: str, task: str):
         assert torch.equal(split._model_input(ours), theirs), (x0, y0, size)
 
 
-def test_classifier_keeps_ultralytics_own_transforms():
+def test_classifier_inputs_and_answers_equal_ultralytics():
+    """A classifier's crops: ultralytics' own resize and centre crop (PIL), then the
+    runner stops at RGB uint8 and the batcher divides by 255, as a detector's input
+    (split_predictor._crop_on_host); the class probabilities are read on the host
+    (classes_on_host). Against ultralytics' preprocess and postprocess, bit for bit, on
+    crops of a photo as the classification step cuts them (views of the frame, square
+    and clipped at its edges, large and small), and the same probabilities in a batch."""
     load = yolo_loader(lambda uri, version: Path(uri), trace=False)
     model, _ = load(ModelKey(str(MODELS / "classify.pt"), "v", "cpu", 64, "classify"))
-    crop = np.full((50, 70, 3), 200, dtype=np.uint8)
-    ours = SplitPredictor(model).preprocess(crop)
-    assert torch.equal(ours, model.predictor.preprocess([crop]))
+    split = SplitPredictor(model)
+    assert split._crops is not None and split._normalize is None  # ultralytics' split
+    photo = cv2.imread(str(REPO_ROOT / "samples" / "scene_01.jpg"))
+    crops = [photo[y : y + h, x : x + w] for x, y, w, h in [(190, 80, 80, 80), (0, 400, 90, 80)]]
+    crops += [photo[100:131, 600:640], photo[:300, :300], np.full((50, 70, 3), 200, np.uint8)]
+    inputs = [split.preprocess(crop) for crop in crops]
+    for crop, ours in zip(crops, inputs, strict=True):
+        assert ours.dtype == torch.uint8  # the cheap path was taken
+        theirs = model.predictor.preprocess([crop])
+        assert torch.equal(split._model_input(ours), theirs), crop.shape
+    labels = set()
+    for crop, ours, output in zip(crops, inputs, split.forward(inputs), strict=True):
+        answer = split.postprocess(output, ours, crop, 0.5)
+        with torch.inference_mode():
+            (want,) = model.predictor.postprocess(output, ours, [crop])
+        assert np.array_equal(answer.probs.data, want.probs.data.numpy())
+        assert answer.probs.top1 == want.probs.top1 and answer.names == want.names
+        labels.add(answer.probs.top1)
+    assert len(labels) >= 2  # the crops are of different things
 
 
 @pytest.mark.parametrize(

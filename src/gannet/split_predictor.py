@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from ultralytics.data.augment import LetterBox
 from ultralytics.engine.results import Results
 from ultralytics.models.yolo.detect import DetectionPredictor
@@ -71,6 +72,15 @@ class SplitPredictor:
             and not getattr(self._predictor.model, "end2end", False)
             and self._predictor.args.classes is None
         )
+        # A classifier whose transforms ultralytics splits (PIL's resize and centre crop
+        # on the host, the normalisation on the model's device): the runner stops at RGB
+        # uint8 too, and the batcher normalises the batch (an identity: not at all).
+        self._crops = getattr(self._predictor, "host_transforms", None)
+        normalize = getattr(self._predictor, "device_transform", None)
+        identity = normalize is None or bool(
+            (normalize.mean == 0).all() and (normalize.std == 1).all()
+        )
+        self._normalize = None if identity else normalize
         # A segmenter's retina masks on the host: upsampled inside their boxes only
         # (segment_result; on a GPU ultralytics' own upsampling is cheap for the CPU).
         on_host = self._predictor.device.type == "cpu"
@@ -125,14 +135,18 @@ class SplitPredictor:
         uint8: OpenCV splits the channels (2.9 ms down to 0.4 ms per 640x480 image against
         ultralytics' torch permute, flip and divide, the same values), and the batcher
         thread makes the batch float on the model's device (4x fewer bytes to a GPU).
-        Others (classify's own transforms) keep ultralytics' preprocess."""
+        A classifier's crop likewise, after ultralytics' own resize and centre crop
+        (_crop_on_host). Others keep ultralytics' preprocess."""
         if isinstance(frame, torch.Tensor):
             if self._geometry is not None:
                 return self._letterbox_on_device(frame, self._geometry)
             frame = to_host(frame)
         image = frame
-        if self._geometry is not None and image.ndim == 3 and image.shape[2] == 3:
-            return self._letterbox_on_host(image, self._geometry)
+        if image.ndim == 3 and image.shape[2] == 3:
+            if self._geometry is not None:
+                return self._letterbox_on_host(image, self._geometry)
+            if self._crops is not None:
+                return self._crop_on_host(image, self._crops)
         with torch.inference_mode():
             inputs: torch.Tensor = self._own_copy().preprocess([image])
         return inputs
@@ -160,6 +174,18 @@ class SplitPredictor:
         return torch.from_numpy(planes)
 
     @staticmethod
+    def _crop_on_host(image: np.ndarray, crops: Any) -> torch.Tensor:
+        """ultralytics' classify preprocess where it splits the transforms: its host
+        transforms (PIL's resize and centre crop) on the BGR image, as its pre_transform,
+        then the channels split to RGB planes with OpenCV, uint8, as a detector's input.
+        ultralytics' torch calls (a tensor, permute, flip, divide, normalise) let go of
+        the GIL 47 times per crop (scripts/count_gil_releases.py)."""
+        boxed = np.asarray(crops(Image.fromarray(image)))
+        planes = np.empty((1, 3, *boxed.shape[:2]), np.uint8)
+        cv2.split(boxed, [planes[0, 2], planes[0, 1], planes[0, 0]])
+        return torch.from_numpy(planes)
+
+    @staticmethod
     def _letterbox_on_device(frame: torch.Tensor, geometry: LetterBox) -> torch.Tensor:
         box = geometry.get_params({"img": shape_only(frame)})
         width, height = box["new_unpad"]
@@ -172,19 +198,22 @@ class SplitPredictor:
 
     def _model_input(self, x: torch.Tensor) -> torch.Tensor:
         """Batcher thread: a uint8 batch from `preprocess` as the network's float input,
-        as ultralytics computes it (x / 255, FP16 when the model is)."""
+        as ultralytics computes it (x / 255, FP16 when the model is; a classifier's
+        normalisation after)."""
         if x.dtype != torch.uint8:
             return x
         fp16 = self._predictor.model.fp16
         if x.device.type == "cpu" and self._predictor.device.type == "cpu" and not fp16:
             # One NumPy pass, uint8 to float32 divided by 255: the same values as torch's
             # float() then div_(255), at two thirds of its CPU (docs/benchmark.md).
-            return torch.from_numpy(np.divide(x.numpy(), np.float32(255), dtype=np.float32))
-        if x.device != self._predictor.device:
-            x = x.to(self._predictor.device)
-        # In place: out of place (one GIL release fewer) cost the batcher thread more
-        # CPU than it saved, a second float copy of the batch (docs/benchmark.md).
-        return (x.half() if fp16 else x.float()).div_(255)
+            x = torch.from_numpy(np.divide(x.numpy(), np.float32(255), dtype=np.float32))
+        else:
+            if x.device != self._predictor.device:
+                x = x.to(self._predictor.device)
+            # In place: out of place (one GIL release fewer) cost the batcher thread more
+            # CPU than it saved, a second float copy of the batch (docs/benchmark.md).
+            x = (x.half() if fp16 else x.float()).div_(255)
+        return x if self._normalize is None else self._normalize(x)
 
     @staticmethod
     def shape(inputs: torch.Tensor) -> tuple[tuple[int, ...], torch.device]:
@@ -217,6 +246,10 @@ class SplitPredictor:
         view = self._own_copy()
         view.args.conf = conf
         view.photo_hw = photo_hw
+        if self._crops is not None:
+            probs = output[0] if isinstance(output, (tuple, list)) else output
+            if isinstance(probs, torch.Tensor) and probs.ndim == 2:
+                return classes_on_host(view, probs, frame)
         parts = _prediction_and_protos(output, self._segments) if self._nms_on_host else None
         if parts is not None:
             prediction, protos = parts
@@ -291,6 +324,16 @@ def segments_from_rows(
     photo = shape_only(frame) if photo_hw == frame_hw else blank(*photo_hw)
     names = predictor.model.names
     return Results(photo, path="", names=names, boxes=torch.from_numpy(rows[:, :6]), masks=masks)
+
+
+def classes_on_host(predictor: Any, probs: torch.Tensor, frame: Frame) -> Results:
+    """ultralytics' ClassificationPredictor.postprocess for one image: its class
+    probabilities (1, classes) as the Results' probs, copied (CUDA graphs and exported
+    models reuse their output's memory for the next pass), on the host, where the steps
+    read them (top1, top1conf: in NumPy, no torch call)."""
+    row = probs.numpy()[0].copy() if probs.device.type == "cpu" else probs[0].cpu().numpy()
+    names = predictor.model.names
+    return Results(shape_only(frame), path="", names=names, probs=cast(Any, row))  # Probs takes it
 
 
 def _prediction_and_protos(
