@@ -11,6 +11,7 @@ CPU and wall ms per call.
     YOLO_OFFLINE=1 .venv/bin/python scripts/measure_gil_convoy.py [rounds]
     YOLO_OFFLINE=1 .venv/bin/python scripts/measure_gil_convoy.py io [rounds]
     YOLO_OFFLINE=1 .venv/bin/python scripts/measure_gil_convoy.py segment [rounds]
+    YOLO_OFFLINE=1 .venv/bin/python scripts/measure_gil_convoy.py classify [rounds]
 
 The first: the demo detector's output for samples/scene_01.jpg post-processed both
 ways, ultralytics' postprocess and gannet's (split_predictor.detect_on_host), each
@@ -19,9 +20,11 @@ and PostgreSQL, started in a temporary directory), a GCS read of that photo, a r
 write, the claim (Sink.start) and the claim plus the fenced commit (Sink.save_claimed).
 `segment`: the demo segmenter's post-processing of the same photo (split_predictor's
 postprocess) at 640x480 and resized to 4032x3024, its masks made inside their boxes (a
-CPU's path) and, at 640x480, by ultralytics (a GPU's path), 20 calls a measurement; with
-PYTHONPATH=<an older tree>/src it measures that tree's.
-Run it on two cores, and under `taskset -c 0` to see the same on one.
+CPU's path) and, at 640x480, by ultralytics (a GPU's path), 20 calls a measurement.
+`classify`: a runner's part of classifying the six detections of that photo as the
+classification step cuts them (the demo classifier's pre- and post-processing of each
+crop, the forward pass left out). Run it on two cores, and under `taskset -c 0` to see
+the same on one; with PYTHONPATH=<an older tree>/src, to measure that tree's code.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ def main() -> None:
         return
     if args[:1] == ["segment"]:
         segment(int(args[1]) if len(args) > 1 else 3)
+        return
+    if args[:1] == ["classify"]:
+        classify(int(args[1]) if len(args) > 1 else 3)
         return
     rounds = int(args[0]) if args else 3
     load = yolo_loader(lambda uri, version: Path(uri), trace=False)
@@ -100,6 +106,31 @@ def segment(rounds: int) -> None:
                 if size[0] < 1000:  # ultralytics' masks at 12 MP: hundreds of ms of CPU
                     line += f"  ultralytics' masks {measure(ultralytics, busy, 20)}"
                 print(line)
+
+
+def classify(rounds: int) -> None:
+    from gannet.steps import square_crop
+
+    load = yolo_loader(lambda uri, version: Path(uri), trace=False)
+    weights = REPO_ROOT / "models" / "demo" / "classify.pt"
+    model, _ = load(ModelKey(str(weights), "v", "cpu", 64, "classify"))
+    split = SplitPredictor(model)
+    photo = cv2.imread(str(REPO_ROOT / "samples" / "scene_01.jpg"))
+    manifest = json.loads((REPO_ROOT / "samples" / "manifest.json").read_text())
+    shapes = next(e for e in manifest["images"] if e["file"] == "scene_01.jpg")["shapes"]
+    crops = [square_crop(photo, shape["bbox"], 0.2) for shape in shapes]
+    inputs = [split.preprocess(crop) for crop in crops]
+    outputs = split.forward(inputs)
+
+    def runner() -> None:  # a runner's part: each crop in, each answer out
+        for crop in crops:
+            split.preprocess(crop)
+        for crop, x, output in zip(crops, inputs, outputs, strict=True):
+            probs = split.postprocess(output, x, crop, 0.5).probs
+            int(probs.top1), float(probs.top1conf)
+
+    for _ in range(rounds):
+        print(f"{len(crops)} crops  alone {measure(runner, False)}  busy {measure(runner, True)}")
 
 
 def io(rounds: int) -> None:
