@@ -78,11 +78,12 @@ class SplitPredictor:
         self._crops = getattr(self._predictor, "host_transforms", None)
         normalize = getattr(self._predictor, "device_transform", None)
         identity = normalize is None or bool(
-            (normalize.mean == 0).all() and (normalize.std == 1).all()
+            (torch.as_tensor(normalize.mean) == 0).all()
+            and (torch.as_tensor(normalize.std) == 1).all()
         )
         self._normalize = None if identity else normalize
         # A segmenter's retina masks on the host: upsampled inside their boxes only
-        # (segment_result; on a GPU ultralytics' own upsampling is cheap for the CPU).
+        # (segments_from_rows; on a GPU ultralytics' own upsampling is cheap for the CPU).
         on_host = self._predictor.device.type == "cpu"
         self._masks_in_boxes = (
             on_host
@@ -242,7 +243,7 @@ class SplitPredictor:
         """Runner thread: NMS, masks and the Results object for one image. `photo_hw`:
         the photo's (height, width) when `frame` is a reduced decode of it; a segmenter's
         masks on the host are then made at the photo's size, and its boxes given in the
-        photo's pixels (segment_result). Any other answer is in the frame's pixels."""
+        photo's pixels (segments_from_rows). Any other answer is in the frame's pixels."""
         view = self._own_copy()
         view.args.conf = conf
         view.photo_hw = photo_hw
@@ -290,8 +291,8 @@ def segments_from_rows(
 ) -> Results:
     """ultralytics' SegmentationPredictor.construct_result with retina masks, from the
     rows its NMS keeps (nms_on_host's, float32 on the host): the boxes in the photo's
-    pixels (to_photo, in NumPy: ultralytics' scale_boxes took 56 releases of the GIL),
-    then the masks, and only the rows with a mask.
+    pixels (to_photo, in NumPy, where ultralytics' scale_boxes let go of the GIL about
+    55 times for five boxes), then the masks, and only the rows with a mask.
 
     The masks: on a CPU (`in_boxes`) made inside their boxes (masks.planes_in_boxes,
     the same planes at a fraction of the CPU on a large photo); on a GPU by ultralytics

@@ -115,7 +115,7 @@ def segmentation(ctx: StepContext, params: SegmentationParams) -> None:
     """Instance masks -> segments with class, area and polygon; masks kept for later
     steps, each as the crop of its box (masks.py). Masks, areas and outlines are in the
     photo's pixels even when it was decoded at a reduced scale: the masks are made at
-    its size (split_predictor.segment_result)."""
+    its size (split_predictor.segments_from_rows)."""
     spec = ctx.model_spec("segmentation")
     conf = ctx.threshold(spec, params)
     keep = ctx.classes(spec, params)
