@@ -67,6 +67,23 @@ class EstimationParams(StepParams):
 STEPS = Registry()
 
 
+def on_host(data: Any) -> np.ndarray:
+    """A result's tensor (boxes, masks) as an array: on the host already, no torch call
+    (each one lets go of the GIL, and ultralytics' Boxes properties make one per column);
+    else one copy."""
+    if isinstance(data, np.ndarray):
+        return data
+    array: np.ndarray = data.numpy() if data.device.type == "cpu" else data.cpu().numpy()
+    return array
+
+
+def box_columns(data: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """xyxy, confidences and classes (int) of a result's boxes (x0, y0, x1, y1, (a track
+    id), conf, class)."""
+    rows = on_host(data)
+    return rows[:, :4], rows[:, -2], rows[:, -1].astype(int)
+
+
 def boxes_to_detections(
     result: Any,
     conf: float,
@@ -79,10 +96,7 @@ def boxes_to_detections(
     boxes = result.boxes
     if boxes is None or len(boxes) == 0:
         return []
-    data = boxes.data  # x0, y0, x1, y1, (a track id), conf, class
-    # On the host already: no torch call (each one lets go of the GIL); else one copy.
-    data = data.numpy() if data.device.type == "cpu" else data.cpu().numpy()
-    xyxy, confs, classes = data[:, :4], data[:, -2], data[:, -1].astype(int)
+    xyxy, confs, classes = box_columns(boxes.data)
     dx, dy = offset
     sx, sy = scale
     out = []
@@ -125,9 +139,9 @@ def segmentation(ctx: StepContext, params: SegmentationParams) -> None:
     kept: list[SegmentMask] = []
     if result.masks is not None and result.boxes is not None:
         planes = result.masks.data  # one full-size plane per segment, where the model ran
-        confs = result.boxes.conf.cpu().numpy()
-        classes = result.boxes.cls.cpu().numpy().astype(int)
-        boxes = result.boxes.xyxy.cpu().numpy()
+        if planes.device.type == "cpu":
+            planes = planes.numpy()  # read in NumPy: no torch call per plane
+        boxes, confs, classes = box_columns(result.boxes.data)
         for plane, box, score, cls in zip(planes, boxes, confs, classes, strict=True):
             name = result.names[int(cls)]
             if score < conf or (keep and name not in keep):
@@ -135,7 +149,7 @@ def segmentation(ctx: StepContext, params: SegmentationParams) -> None:
             if plane.shape != (height, width):
                 # Not at the photo's size: not retina, or ultralytics' own masks (on a
                 # GPU) of a frame decoded reduced. Scale the whole plane to the photo.
-                full = cv2.resize(plane.cpu().numpy(), (width, height))
+                full = cv2.resize(on_host(plane), (width, height))
                 segment = tight(segment_of(full, (0, 0, width, height), height, width))
             else:
                 segment = tight(segment_of(plane, box, height, width))
