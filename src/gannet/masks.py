@@ -150,19 +150,23 @@ def planes_in_boxes(
     nonempty = np.zeros(len(coeffs), bool)
     if len(coeffs) == 0:
         return planes, nonempty
-    logits = (coeffs @ protos.float().view(c, -1)).view(1, -1, mh, mw)
+    # (Each torch call lets go of the GIL, a tensor's view and its freeing too: no more
+    # of them than ultralytics' arithmetic needs, and NumPy from there on.)
+    protos = protos if protos.dtype == torch.float32 else protos.float()
+    logits = coeffs @ protos.view(c, -1)
     # ultralytics first upsamples by 1, 2 or 4, so that the padding falls on whole pixels,
     gain = min(4 * mh / h, 4 * mw / w)
     pad = (4 * mh - max(round(h * gain), 1)) | (4 * mw - max(round(w * gain), 1))
     f = 4 // math.gcd(4, pad | pad // 2)
     if f > 1:
-        logits = F.interpolate(logits, scale_factor=f, mode="bilinear")
+        logits = F.interpolate(logits.view(1, -1, mh, mw), scale_factor=f, mode="bilinear")
+    upsampled = logits.numpy().reshape(len(coeffs), mh * f, mw * f)
     # then crops the padding off (scale_masks) and upsamples that to the photo's size.
-    in_h, in_w = logits.shape[2:]
+    in_h, in_w = upsampled.shape[1:]
     gain = min(in_h / h, in_w / w)
     content_h, content_w = max(round(h * gain), 1), max(round(w * gain), 1)
     top, left = round((in_h - content_h) / 2 - 0.1), round((in_w - content_w) / 2 - 0.1)
-    content = logits[0, :, top : top + content_h, left : left + content_w].numpy()
+    content = upsampled[:, top : top + content_h, left : left + content_w]
     rows, cols = _bilinear(content_h, out_h), _bilinear(content_w, out_w)
     bits = planes.numpy().view(bool)  # written through: the planes are 0 and 1
     for i, box in enumerate(boxes):
