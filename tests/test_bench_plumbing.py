@@ -188,6 +188,11 @@ def test_each_daemon_runs_what_the_options_ask_for_in_a_round():
     assert plan(trace_only=True)[1] == ["2 cores", traced]
     # --gil-only: the same two runs for both daemons, nothing else.
     assert plan(gil_only=True) == (["2 cores", gil], ["2 cores", gil])
+    # The daemons take turns going first, so that an effect of the order falls on both.
+    baseline = bench_plumbing.Daemon("baseline HEAD", Path("a"))
+    ours = bench_plumbing.Daemon(bench_plumbing.THIS_TREE, Path("b"))
+    firsts = [bench_plumbing.in_turn([baseline, ours], n)[0] for n in range(1, 5)]
+    assert firsts == [baseline, ours, baseline, ours]
 
 
 def test_the_report_puts_each_round_of_the_two_daemons_side_by_side(capsys):

@@ -270,8 +270,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--baseline",
         metavar="REV",
         help="--plumbing: also measure the daemon of git commit REV, interleaved with "
-        "this tree's (REV must have gannet/dev/replay.py; plumbing-baseline names "
-        "the daemon before the hot-path work)",
+        "this tree's, each going first in every other round (REV must have "
+        "gannet/dev/replay.py; plumbing-baseline names the daemon before the hot-path "
+        "work)",
     )
     p.add_argument(
         "--no-gil",
