@@ -14,7 +14,7 @@ CPU and wall ms per call.
     YOLO_OFFLINE=1 .venv/bin/python scripts/measure_gil_convoy.py classify [rounds]
 
 The first: the demo detector's output for samples/scene_01.jpg post-processed both
-ways, ultralytics' postprocess and gannet's (split_predictor.detect_on_host), each
+ways, ultralytics' postprocess and gannet's (split_predictor.nms_on_host's), each
 followed by boxes_to_detections. `io`: on local services of its own (the GCS emulator
 and PostgreSQL, started in a temporary directory), a GCS read of that photo, a result
 write, the claim (Sink.start) and the claim plus the fenced commit (Sink.save_claimed).
