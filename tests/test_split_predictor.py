@@ -76,6 +76,26 @@ def test_classifier_inputs_and_answers_equal_ultralytics():
     assert len(labels) >= 2  # the crops are of different things
 
 
+def test_a_classifiers_own_normalisation_is_applied_to_the_batch():
+    """A classifier trained with a mean and a standard deviation (the demo classifier's
+    are the identity, and skipped): the batcher normalises the batch as ultralytics'
+    device transform does, the same values."""
+    import torchvision.transforms as T
+
+    load = yolo_loader(lambda uri, version: Path(uri), trace=False)
+    model, _ = load(ModelKey(str(MODELS / "classify.pt"), "v", "cpu", 64, "classify"))
+    model.predictor.device_transform = T.Normalize(mean=(0.1, 0.2, 0.3), std=(0.5, 0.6, 0.7))
+    split = SplitPredictor(model)
+    assert split._normalize is not None
+    photo = cv2.imread(str(REPO_ROOT / "samples" / "scene_01.jpg"))
+    crops = [photo[80:160, 190:270], photo[:300, :300]]
+    for crop in crops:
+        ours = split._model_input(split.preprocess(crop))
+        theirs = model.predictor.preprocess([crop])
+        assert torch.equal(ours, theirs)
+        assert float(theirs.min()) < 0  # normalised: (0 - 0.1) / 0.5 and below
+
+
 @pytest.mark.parametrize(
     ("weights", "task", "masks_in_boxes"),
     [
