@@ -46,6 +46,15 @@ def output_row(out: Any, i: int) -> Any:
     return out
 
 
+def rgb_planes(image: np.ndarray) -> torch.Tensor:
+    """A BGR image (H, W, 3) as the (1, 3, H, W) RGB uint8 input tensor: OpenCV splits
+    the channels straight into the tensor's memory (no transposes, no intermediate
+    tensors, each of which would let go of the GIL when freed)."""
+    planes = np.empty((1, 3, *image.shape[:2]), np.uint8)
+    cv2.split(image, [planes[0, 2], planes[0, 1], planes[0, 0]])  # B, G, R in place
+    return torch.from_numpy(planes)
+
+
 class SplitPredictor:
     def __init__(
         self, model: Any, fixed_batch_one: bool = False, cpu_threads: int | None = None
@@ -170,9 +179,7 @@ class SplitPredictor:
         boxed = image  # a 4:3 photo at a 640 input, a square tile: nothing to pad
         if any(padding):
             boxed = cv2.copyMakeBorder(image, *padding, cv2.BORDER_CONSTANT, value=value)
-        planes = np.empty((1, 3, *boxed.shape[:2]), np.uint8)
-        cv2.split(boxed, [planes[0, 2], planes[0, 1], planes[0, 0]])  # B, G, R in place
-        return torch.from_numpy(planes)
+        return rgb_planes(boxed)
 
     @staticmethod
     def _crop_on_host(image: np.ndarray, crops: Any) -> torch.Tensor:
@@ -181,10 +188,7 @@ class SplitPredictor:
         then the channels split to RGB planes with OpenCV, uint8, as a detector's input.
         ultralytics' torch calls (a tensor, permute, flip, divide, normalise) let go of
         the GIL 47 times per crop (scripts/count_gil_releases.py)."""
-        boxed = np.asarray(crops(Image.fromarray(image)))
-        planes = np.empty((1, 3, *boxed.shape[:2]), np.uint8)
-        cv2.split(boxed, [planes[0, 2], planes[0, 1], planes[0, 0]])
-        return torch.from_numpy(planes)
+        return rgb_planes(np.asarray(crops(Image.fromarray(image))))
 
     @staticmethod
     def _letterbox_on_device(frame: torch.Tensor, geometry: LetterBox) -> torch.Tensor:
