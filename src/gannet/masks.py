@@ -146,7 +146,8 @@ def planes_in_boxes(
     h, w = shape
     out_h, out_w = out or shape
     # Zeroed pages from the OS (calloc): only those inside the boxes are ever written.
-    planes = torch.from_numpy(np.zeros((len(coeffs), out_h, out_w), np.uint8))
+    zeros = np.zeros((len(coeffs), out_h, out_w), np.uint8)
+    planes = torch.from_numpy(zeros)
     nonempty = np.zeros(len(coeffs), bool)
     if len(coeffs) == 0:
         return planes, nonempty
@@ -168,7 +169,7 @@ def planes_in_boxes(
     top, left = round((in_h - content_h) / 2 - 0.1), round((in_w - content_w) / 2 - 0.1)
     content = upsampled[:, top : top + content_h, left : left + content_w]
     rows, cols = _bilinear(content_h, out_h), _bilinear(content_w, out_w)
-    bits = planes.numpy().view(bool)  # written through: the planes are 0 and 1
+    bits = zeros.view(bool)  # the planes' memory, written through: 0 and 1
     for i, box in enumerate(boxes):
         x0, y0, x1, y1 = box_region(box, out_h, out_w)
         if x1 == x0 or y1 == y0:
