@@ -10,7 +10,7 @@ import pytest
 from gannet import clients
 from gannet.dev import demo
 from gannet.dev.local_services import LocalServices
-from gannet.storage import Storage
+from gannet.storage import Storage, encode_json
 from gannet.task import GsUrl
 
 
@@ -23,8 +23,12 @@ def test_sixteen_runners_at_once_keep_their_connections(services: LocalServices)
     bucket = settings.results_bucket
     prefix = f"pool-{uuid.uuid4().hex[:8]}"
     names = [f"{prefix}/{i}.json" for i in range(64)]
+
+    def write(name: str) -> str:
+        return storage.write(bucket, name, encode_json({"n": name}), "application/json")
+
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda n: storage.write_json(bucket, n, {"n": n}), names))
+        list(pool.map(write, names))
         read = list(
             pool.map(lambda n: storage.read(GsUrl.parse(f"gs://{bucket}/{n}"), 1000), names)
         )

@@ -79,7 +79,6 @@ class BacklogMonitor:
         self.request_timeout_s = request_timeout_s
         self.errors = 0
         self.polls = 0
-        self.last_reading: BacklogReading | None = None
         self._client = client
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -139,10 +138,8 @@ class BacklogMonitor:
             requests.RequestException,
             OSError,
         ) as exc:
-            reading = BacklogReading(None, None, error=f"{type(exc).__name__}: {exc}")
             self._record_error(exc)
-            self.last_reading = reading
-            return reading
+            return BacklogReading(None, None, error=f"{type(exc).__name__}: {exc}")
         if backlog is not None:
             self.backlog_gauge.set(backlog)
         if oldest is not None:
@@ -153,9 +150,7 @@ class BacklogMonitor:
                 "reports within a few minutes",
                 extra={"fields": {"subscription": self.subscription}},
             )
-        reading = BacklogReading(backlog, oldest)
-        self.last_reading = reading
-        return reading
+        return BacklogReading(backlog, oldest)
 
     def _record_error(self, exc: BaseException) -> None:
         self.errors += 1

@@ -17,7 +17,6 @@ from gannet.errors import ErrorCode, PermanentError
 from gannet.task import TENANT_ID_PATTERN
 
 ModelKind = Literal["detection", "segmentation", "classification"]
-MODEL_KINDS: tuple[ModelKind, ...] = ("detection", "segmentation", "classification")
 
 
 class ConfigError(ValueError):

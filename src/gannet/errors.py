@@ -25,11 +25,9 @@ class ErrorCode(StrEnum):
     IMAGE_TOO_LARGE = "image_too_large"
     TASK_ID_CONFLICT = "task_id_conflict"
     MODEL_UNAVAILABLE = "model_unavailable"
-    CONFIG_ERROR = "config_error"
     # Transient codes, recorded in logs and metrics only.
     DEPENDENCY_UNAVAILABLE = "dependency_unavailable"
     OUT_OF_MEMORY = "out_of_memory"
-    TIMEOUT = "timeout"
     SHUTDOWN = "shutdown"
     TASK_BUSY = "task_busy"  # another worker holds the task's claim
 

@@ -61,7 +61,6 @@ class LoadedModel:
     nbytes: int
     names: dict[int, str]
     task: str
-    last_used: float = 0.0
 
 
 Loader = Callable[[ModelKey], tuple[Any, int]]  # key -> (warm model, bytes it holds)
@@ -102,7 +101,6 @@ class ModelCache:
             entry = self._loaded.get(key)
             if entry is not None:
                 self._loaded.move_to_end(key)
-                entry.last_used = time.monotonic()
                 return entry
             future = self._loading.get(key)
             leader = future is None
@@ -175,7 +173,6 @@ class ModelCache:
             nbytes=nbytes,
             names=dict(model.names),
             task=str(model.task),
-            last_used=time.monotonic(),
         )
 
     def _observe_batch(self, forward: Histogram, size: int, seconds: float) -> None:

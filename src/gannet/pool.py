@@ -46,7 +46,6 @@ class Job(Generic[ItemT]):
 
     item: ItemT
     lane: str = "default"
-    enqueued_at: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
     outcome: Outcome | None = None
     started: bool = False

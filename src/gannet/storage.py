@@ -120,9 +120,6 @@ class Storage:
             )
         return data
 
-    def write_json(self, bucket: str, name: str, data: dict[str, Any]) -> str:
-        return self.write(bucket, name, encode_json(data), "application/json")
-
     def write(self, bucket: str, name: str, body: bytes, content_type: str) -> str:
         """One multipart upload (metadata and content in one request, as the client
         library sends it), with the content's CRC32C for the server to check."""
