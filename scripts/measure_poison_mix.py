@@ -13,16 +13,17 @@ its own per measurement. Each measurement publishes `--tasks` valid tasks, eithe
 with poison messages spread evenly among them, `--share` of all the messages (0.5: one
 after every valid task), and times the valid ones from the first publish to the last
 committed row. The two kinds of run take turns, a few rounds, since this VM drifts from
-minute to minute. It also prints the daemon's and the Pub/Sub emulator's CPU per poison
-message: a mixed run's CPU, less its valid tasks' at the runs without poison's rate.
+minute to minute; with `--baseline REV`, that commit's daemon too, the two in turns. It
+also prints the daemon's and the Pub/Sub emulator's CPU per poison message.
 
     YOLO_OFFLINE=1 .venv/bin/python scripts/measure_poison_mix.py [--tasks 2000]
-        [--rounds 2] [--share 0.5] [--leased N]
+        [--rounds 2] [--share 0.5] [--leased N] [--baseline REV]
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -62,13 +63,15 @@ class Run:
 
 def measure(
     services: LocalServices,
+    src: Path,
     config: Path,
     urls: list[str],
     share: float,
     log: Path,
     leased: int | None = None,
 ) -> Run:
-    """The valid tasks `urls`, with poison as `share` of all the messages."""
+    """The valid tasks `urls`, with poison as `share` of all the messages, for the daemon
+    of the `src` tree."""
     queue = stack.fresh_queue(services, f"px-{uuid.uuid4().hex[:8]}")
     env = {
         **services.env(),
@@ -78,7 +81,7 @@ def measure(
         "GANNET_DEAD_LETTER_TOPIC": queue.dead_letter_topic,
         "GANNET_CONFIG_URI": str(config),
         "GANNET_TORCH_THREADS": "1",
-        "PYTHONPATH": str(REPO_ROOT / "src"),
+        "PYTHONPATH": str(src),
         **({"GANNET_MAX_MESSAGES": str(leased)} if leased else {}),
     }
     command = ["taskset", "-c", "0,1", sys.executable, "-m", "gannet.dev.replay"]
@@ -127,12 +130,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--share", type=float, default=0.5, help="poison's share of messages")
     parser.add_argument("--leased", type=int, help="GANNET_MAX_MESSAGES (default: the daemon's)")
+    parser.add_argument("--baseline", metavar="REV", help="also measure this commit's daemon")
     args = parser.parse_args()
     if not 0 < args.share < 1:
         parser.error("--share: poison's share of all the messages, between 0 and 1")
     state = Path(tempfile.mkdtemp(prefix="gannet-poison-"))
     config = bench_plumbing.write_config(state)
-    runs: dict[float, list[Run]] = {0.0: [], args.share: []}
+    # This tree from a copy taken now, as the plumbing bench runs it.
+    trees = {"this tree": state / "this-tree" / "src"}
+    shutil.copytree(REPO_ROOT / "src", trees["this tree"])
+    if args.baseline:
+        trees = {args.baseline: bench_plumbing.baseline_src(args.baseline, state), **trees}
+    runs: dict[tuple[str, float], list[Run]] = {}
     with LocalServices(state / "services", Ports.free()) as services:
         base = demo.local_settings(services)
         demo.prepare(services, base)
@@ -141,22 +150,34 @@ def main() -> None:
         uploaded = [upload_image(storage, base.allowed_buckets[0], TENANT, f, "p") for f in files]
         urls = [uploaded[i % len(uploaded)] for i in range(args.tasks)]
         for n in range(1, args.rounds + 1):
-            for share in (0.0, args.share) if n % 2 else (args.share, 0.0):
-                log = state / f"daemon-{n}-{share}.log"
-                run = measure(services, config, urls, share, log, args.leased)
-                runs[share].append(run)
-                print(f"round {n}, poison {run.poison}: {run.valid_per_s:.1f} valid/s", flush=True)
-    clean, mixed = runs[0.0], runs[args.share]
+            names = list(trees) if n % 2 else list(trees)[::-1]  # in turns, as the bench
+            for name in names:
+                for share in (0.0, args.share) if n % 2 else (args.share, 0.0):
+                    log = state / f"daemon-{n}-{list(trees).index(name)}-{share}.log"
+                    run = measure(services, trees[name], config, urls, share, log, args.leased)
+                    runs.setdefault((name, share), []).append(run)
+                    print(
+                        f"round {n}, {name}, poison {run.poison}: {run.valid_per_s:.1f} valid/s",
+                        flush=True,
+                    )
+    for name in trees:
+        report(name, runs[name, 0.0], runs[name, args.share], args.tasks)
+
+
+def report(name: str, clean: list[Run], mixed: list[Run], tasks: int) -> None:
+    """Medians over the rounds. A poison message's CPU: a mixed run's, less its valid
+    tasks' at the runs without poison's rate."""
     rate, rate_mixed = (statistics.median(r.valid_per_s for r in rs) for rs in (clean, mixed))
-    print(f"valid tasks/s: {rate:.1f} alone, {rate_mixed:.1f} beside poison", end="")
+    print(f"{name}: valid tasks/s {rate:.1f} alone, {rate_mixed:.1f} beside poison", end="")
     print(f" ({rate_mixed / rate:.2f}x)")
-    # A poison message's CPU: the mixed run's, less its valid tasks' at the clean runs' rate.
-    for name in ("daemon", "pubsub"):
-        valid = statistics.median(getattr(r, f"{name}_cpu_s") for r in clean) / args.tasks
+    for process in ("daemon", "pubsub"):
+        valid = statistics.median(getattr(r, f"{process}_cpu_s") for r in clean) / tasks
         poison = statistics.median(
-            (getattr(r, f"{name}_cpu_s") - valid * args.tasks) / r.poison for r in mixed
+            (getattr(r, f"{process}_cpu_s") - valid * tasks) / r.poison for r in mixed
         )
-        print(f"{name} CPU ms per valid task {valid * 1000:.2f}, per poison {poison * 1000:.2f}")
+        print(
+            f"  {process} CPU ms per valid task {valid * 1000:.2f}, per poison {poison * 1000:.2f}"
+        )
 
 
 if __name__ == "__main__":

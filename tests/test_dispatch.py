@@ -21,14 +21,14 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from conftest import SAMPLES, SCENES, expected_counts, make_stack
+from conftest import SAMPLES, SCENES, expected_counts, make_stack, wait_until
 
 from gannet import daemon
 from gannet.dev.publish import make_task
 from gannet.dispatch import Dispatcher
 from gannet.errors import ErrorCode
 from gannet.metrics import Metrics
-from gannet.outcome import Decision, shutdown
+from gannet.outcome import Decision, Settler, shutdown
 from gannet.subscriber import Subscriber
 
 
@@ -118,14 +118,16 @@ def runner_starts(parts) -> float:
     return count(parts, "gannet_stage_seconds_count", stage="lookup")
 
 
-def pod(stack, parts, holder: str = "pod-b", claim_ttl_s: float = 60) -> Dispatcher:
+def pod(
+    stack, parts, holder: str = "pod-b", claim_ttl_s: float = 60, settlers: Any = None
+) -> Dispatcher:
     """Another worker on the module's parts (its own runners, not started, and its own
-    name in task claims), as a second pod would be."""
+    name in task claims), as a second pod would be; `settlers`: instead of the module's."""
     return Dispatcher(
         parts.pipeline,
         parts.sink,
         parts.storage,
-        parts.dispatcher.settlers,
+        settlers or parts.dispatcher.settlers,
         parts.metrics,
         stack.settings.results_bucket,
         stack.settings.max_body_bytes,
@@ -179,6 +181,37 @@ def test_a_body_that_is_not_json_is_quarantined_without_taking_a_runner(served, 
     assert attributes["subscription"] == stack.settings.subscription
     assert runner_starts(parts) == started
     assert stack.unacked(delivered.messages) == []
+
+
+def test_poison_whose_dead_letter_cannot_be_published_is_nacked_not_lost(served, streams, caplog):
+    """When Pub/Sub refuses the dead letter (here its topic does not exist), the poison
+    message is nacked, never acked: it comes back, and after the subscription's delivery
+    attempts Pub/Sub's own dead-letter policy moves it. The log says why."""
+    stack, parts = served
+    lane = parts.dispatcher.first_lane
+    missing = stack.settings.path("topics", "no-such-dead-letter-topic")
+    settler = Settler(
+        parts.publisher,
+        missing,
+        stack.settings.subscription,
+        parts.metrics,
+        parts.dispatcher.settlers[lane].acks,
+        lane,
+    )
+    dispatcher = pod(stack, parts, settlers={lane: settler})
+    retries = count(parts, "gannet_messages_total", outcome="retry")
+    with pulling(served, streams, dispatcher) as delivered:
+        stack.publish_raw(b"{not json, no dead letter")
+        wait_until(
+            lambda: count(parts, "gannet_messages_total", outcome="retry") > retries, "a nack"
+        )
+
+    lines = [r for r in caplog.records if r.msg.startswith("could not publish")]
+    assert lines and lines[0].msg == "could not publish to the dead-letter topic; nacking instead"
+    assert all("not found" in r.fields["error"].lower() for r in lines)  # Pub/Sub's answer
+    # Not acked: still in the subscription, or already moved there by Pub/Sub's policy.
+    back = stack.unacked(delivered.messages) or stack.pull_dead_letters(1, timeout_s=5)
+    assert b"{not json, no dead letter" in {m.data for m in back}
 
 
 def test_an_unknown_pipeline_is_quarantined_with_a_failed_row(served, streams):
