@@ -150,18 +150,16 @@ def pipeline_steps() -> dict[str, tuple[Callable[[], object], int]]:
     and how many calls to count it over."""
     import cv2
 
-    from gannet.config_sources import open_configs
+    from gannet.dev.bench_device import build_pipeline
     from gannet.dev.publish import make_task
     from gannet.metrics import Metrics
-    from gannet.model_cache import ModelCache, yolo_loader
-    from gannet.model_resolver import ModelResolver
-    from gannet.pipeline import Limits, Pipeline
-    from gannet.settings import REPO_ROOT
+    from gannet.pipeline import Pipeline
+    from gannet.settings import REPO_ROOT, Settings
     from gannet.stages import Timer
-    from gannet.storage import encode_json, local_version, read_local
+    from gannet.storage import encode_json
 
     def runner(pipeline: Pipeline, name: str, data: bytes) -> Callable[[], object]:
-        task = make_task("gil", "gs://gil/gil/x.jpg", name, "gil")
+        task = make_task("gil", "gs://bench/gil/x.jpg", name, "gil")  # build_pipeline's bucket
         route = pipeline.check(task)
 
         def step() -> None:
@@ -176,14 +174,9 @@ def pipeline_steps() -> dict[str, tuple[Callable[[], object], int]]:
     steps: dict[str, tuple[Callable[[], object], int]] = {}
     plans = [("demo", "DETECTION"), ("agro", "FULL_PIPELINE"), ("vending", "SHELF_AUDIT")]
     for config, name in plans:
-        pipeline = Pipeline(
-            open_configs(str(REPO_ROOT / "configs" / f"{config}.yaml"), read_local, local_version),
-            None,  # type: ignore[arg-type] # no GCS: the bytes are in memory
-            ModelCache(yolo_loader(lambda uri, version: Path(uri)), Metrics()),
-            ModelResolver(local_version),
-            Limits(["gil"], 10**8, 10**9),
-            None,
-        )
+        # The daemon's Pipeline on the config's local files, with its default settings.
+        path = REPO_ROOT / "configs" / f"{config}.yaml"
+        pipeline = build_pipeline(Settings(), path, "cpu", Metrics(), cuda_graphs=False)
         for size, image in photos.items():
             data = cv2.imencode(".jpg", image)[1].tobytes()
             calls = 100 if size == "640x480" else 20
