@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import urllib.request
@@ -73,19 +72,8 @@ def measure(
     """The valid tasks `urls`, with poison as `share` of all the messages, for the daemon
     of the `src` tree."""
     queue = stack.fresh_queue(services, f"px-{uuid.uuid4().hex[:8]}")
-    env = {
-        **services.env(),
-        "GANNET_RUNNERS": "4",
-        "GANNET_TOPIC": queue.topic,
-        "GANNET_SUBSCRIPTION": queue.subscription,
-        "GANNET_DEAD_LETTER_TOPIC": queue.dead_letter_topic,
-        "GANNET_CONFIG_URI": str(config),
-        "GANNET_TORCH_THREADS": "1",
-        "PYTHONPATH": str(src),
-        **({"GANNET_MAX_MESSAGES": str(leased)} if leased else {}),
-    }
-    command = ["taskset", "-c", "0,1", sys.executable, "-m", "gannet.dev.replay"]
-    daemon = demo.DaemonProcess(env, log, command=command)
+    env = bench_plumbing.daemon_env(services, queue, config, src, 4, leased)
+    daemon = demo.DaemonProcess(env, log, command=bench_plumbing.replay_command("0,1"))
     publisher, _ = clients.pubsub_clients(queue)
     try:
         daemon.wait_ready(timeout_s=300)

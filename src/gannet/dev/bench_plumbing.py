@@ -236,21 +236,13 @@ def measure(
     args.runners; `leased`: GANNET_MAX_MESSAGES (default: the daemon's, 2 x runners)."""
     config, pipeline = pipeline_under_test(args)
     env = {
-        **services.env(),
-        "GANNET_RUNNERS": str(runners or args.runners),
-        "GANNET_TOPIC": queue.topic,
-        "GANNET_SUBSCRIPTION": queue.subscription,
-        "GANNET_DEAD_LETTER_TOPIC": queue.dead_letter_topic,
-        "GANNET_CONFIG_URI": str(config),
-        "GANNET_TORCH_THREADS": "1",
+        **daemon_env(services, queue, config, daemon.src, runners or args.runners, leased),
         "GANNET_STAGE_CPU": "1" if stage_cpu else "0",
         "GANNET_PROCESSES": str(processes),
-        "PYTHONPATH": str(daemon.src),
         **(receiver.env() if receiver else {}),
         "GANNET_TRACE_SAMPLE_RATIO": "1.0",
-        **({"GANNET_MAX_MESSAGES": str(leased)} if leased else {}),
     }
-    command = ["taskset", "-c", cpus, sys.executable, "-m", "gannet.dev.replay"]
+    command = replay_command(cpus)
     # Processes share what any of them recorded (replay.py --answers), in a store of this
     # measurement's own, so no answer outlives the run that recorded it.
     answers = log_path.with_suffix(f".answers-{uuid.uuid4().hex[:8]}")
@@ -335,6 +327,35 @@ def measure(
     if traced is not None:
         report["spans_per_image_with_task_id"] = traced
     return report
+
+
+def daemon_env(
+    services: LocalServices,
+    queue: Settings,
+    config: Path,
+    src: Path,
+    runners: int,
+    leased: int | None = None,
+) -> dict[str, str]:
+    """The environment of a measured daemon: the local services, `queue`'s topic and
+    subscription, `config`, the `src` tree's code, `runners`, and `leased`
+    (GANNET_MAX_MESSAGES; default: the daemon's, 2 x runners); one torch thread."""
+    return {
+        **services.env(),
+        "GANNET_RUNNERS": str(runners),
+        "GANNET_TOPIC": queue.topic,
+        "GANNET_SUBSCRIPTION": queue.subscription,
+        "GANNET_DEAD_LETTER_TOPIC": queue.dead_letter_topic,
+        "GANNET_CONFIG_URI": str(config),
+        "GANNET_TORCH_THREADS": "1",
+        "PYTHONPATH": str(src),
+        **({"GANNET_MAX_MESSAGES": str(leased)} if leased else {}),
+    }
+
+
+def replay_command(cpus: str) -> list[str]:
+    """A daemon whose network's answers are replayed (replay.py), pinned to `cpus`."""
+    return ["taskset", "-c", cpus, sys.executable, "-m", "gannet.dev.replay"]
 
 
 @dataclass(frozen=True)
