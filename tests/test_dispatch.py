@@ -488,6 +488,35 @@ def test_a_task_id_owned_by_another_tenant_is_refused_before_any_download(served
     assert stack.rows([owner_task.task_id])[owner_task.task_id] == owner_row
 
 
+def test_a_task_id_another_tenant_is_still_running_stays_its_owners(served):
+    """The owner's task is running on another pod (its claim live, no row yet) when the
+    same task_id arrives for another tenant: that one is refused as task_id_conflict,
+    not nacked as busy, and refusing it writes no row, so the owner's commit still
+    lands."""
+    stack, parts = served
+    owner_task = stack.task(stack.upload(SCENES[0]["file"]))
+    assert parts.sink.start(owner_task.task_id, owner_task.tenant_id, "pod-a", 60).claimed
+    other = f"other-{stack.tenant}"
+    bucket = stack.settings.allowed_buckets[0]
+    parts.storage.client.bucket(bucket).blob(f"{other}/y.jpg").upload_from_filename(
+        str(SAMPLES / SCENES[0]["file"])
+    )
+    stolen = make_task(other, f"gs://{bucket}/{other}/y.jpg", "DETECTION", owner_task.task_id)
+
+    refused = pod(stack, parts, holder="pod-b").outcome_here(
+        stolen.model_dump_json().encode(), 1, "cpu"
+    )
+    assert refused.decision is Decision.QUARANTINE
+    assert refused.error is not None and refused.error.code is ErrorCode.TASK_ID_CONFLICT
+    assert stack.rows([owner_task.task_id], tenant=other) == {}
+
+    done = pod(stack, parts, holder="pod-a").outcome_here(
+        owner_task.model_dump_json().encode(), 1, "cpu"
+    )
+    assert (done.decision, done.label) == (Decision.ACK, "succeeded")
+    assert stack.rows([owner_task.task_id])[owner_task.task_id]["status"] == "succeeded"
+
+
 def test_a_busy_task_comes_back_when_the_claim_ends_not_in_a_nack_storm(served, streams):
     """Through the real stream: another pod holds the task's claim for 5 s. The nack
     asks Pub/Sub to keep the message away until then (modack to the claim's end, then

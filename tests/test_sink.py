@@ -88,6 +88,24 @@ def test_a_task_id_taken_by_another_tenant_is_a_permanent_conflict(db):
     assert err.value.code is ErrorCode.TASK_ID_CONFLICT
 
 
+def test_another_tenants_claim_on_a_task_id_is_a_conflict_not_a_busy_task(db):
+    """A claim another tenant holds, live or kept for good after its success, is found
+    by the claim's upsert, which then writes nothing: PostgreSQL checks the upsert's
+    WHERE before row-level security, so no policy error is raised there. It must still
+    be refused as task_id_conflict, not answered as a task another worker is running
+    (nacked and redelivered until Pub/Sub gives up, with no reason recorded)."""
+    a, b = f"a-{uuid.uuid4().hex[:6]}", f"b-{uuid.uuid4().hex[:6]}"
+    running, committed = f"run-{a}", f"done-{a}"
+    assert db.start(running, a, "pod-a", 60).claimed
+    assert db.start(committed, a, "pod-a", 60).claimed
+    assert db.save_claimed(result(a, committed), "pod-a", lambda: None)
+    for task_id in (running, committed):
+        with pytest.raises(PermanentError) as err:
+            db.start(task_id, b, "pod-b", 60)
+        assert err.value.code is ErrorCode.TASK_ID_CONFLICT, task_id
+    assert db.start(running, a, "pod-c", 60).retry_after_s > 0  # a's own: busy, as before
+
+
 def test_a_claimed_commit_writes_only_under_its_claim_and_rolls_back_cleanly(db):
     """save_claimed sends its transaction as two blocking libpq calls ("BEGIN; fence",
     then "finish; COMMIT", their values quoted in). What must hold: a result with quotes,

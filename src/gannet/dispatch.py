@@ -381,9 +381,11 @@ class Dispatcher:
         err: PermanentError,
         delivery_attempt: int | None,
     ) -> Outcome:
-        """Record a failed row where the task is identifiable, then quarantine."""
+        """Record a failed row where the task is identifiable, then quarantine. Not for a
+        task_id another tenant owns: the owner may have no row yet (its task still
+        running), and a failed row under this tenant would take the id from it."""
         fields: dict[str, Any] = {"task_id": task_id, "tenant_id": tenant_id}
-        if task_id and tenant_id:
+        if task_id and tenant_id and err.code is not ErrorCode.TASK_ID_CONFLICT:
             try:
                 self.sink.save(
                     TaskResult(

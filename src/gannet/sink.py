@@ -207,6 +207,54 @@ MIGRATIONS: list[tuple[int, str]] = [
         $fn$;
         """,
     ),
+    (
+        5,
+        """
+        -- Another tenant's claim on the task_id is refused (insufficient_privilege). The
+        -- claim's upsert finds that row and writes nothing, but PostgreSQL checks the
+        -- upsert's WHERE before the row's policy, so no policy error is raised there, and
+        -- gannet_start answered as for a task another worker is running: nacked and
+        -- redelivered until Pub/Sub gave up, with no reason recorded. Claims are never
+        -- deleted, so a row the upsert met and this tenant cannot see is another's.
+        CREATE OR REPLACE FUNCTION gannet_start(p_task text, p_tenant text, p_holder text,
+            p_ttl_s float8)
+        RETURNS TABLE (claimed boolean, task_id text, result jsonb, result_uri text,
+                       callback_status text, left_s float8)
+        LANGUAGE plpgsql AS $fn$
+        BEGIN
+            PERFORM set_config('app.current_tenant', p_tenant, true);
+            RETURN QUERY SELECT false, r.task_id, r.result, r.result_uri, r.callback_status,
+                NULL::float8
+                FROM task_results r WHERE r.task_id = p_task AND r.status = 'succeeded';
+            IF FOUND THEN RETURN; END IF;
+            INSERT INTO task_claims AS c (task_id, tenant_id, holder, expires_at)
+            VALUES (p_task, p_tenant, p_holder, now() + make_interval(secs => p_ttl_s))
+            ON CONFLICT ON CONSTRAINT task_claims_pkey DO UPDATE
+                SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
+                WHERE c.holder = EXCLUDED.holder OR c.expires_at <= now();
+            IF FOUND THEN
+                RETURN QUERY SELECT true, p_task, NULL::jsonb, NULL::text, NULL::text,
+                    NULL::float8;
+                RETURN;
+            END IF;
+            IF NOT EXISTS (SELECT 1 FROM task_claims c WHERE c.task_id = p_task) THEN
+                RAISE EXCEPTION 'task_id belongs to another tenant'
+                    USING ERRCODE = 'insufficient_privilege';
+            END IF;
+            -- Not ours. The holder may have committed while we waited for its lock;
+            -- each statement of a volatile function sees what is committed when it starts.
+            RETURN QUERY SELECT false, r.task_id, r.result, r.result_uri, r.callback_status,
+                NULL::float8
+                FROM task_results r WHERE r.task_id = p_task AND r.status = 'succeeded';
+            IF FOUND THEN RETURN; END IF;
+            RETURN QUERY SELECT false, NULL::text, NULL::jsonb, NULL::text, NULL::text,
+                coalesce((SELECT greatest(0, extract(epoch FROM
+                    least(c.expires_at, now() + interval '1 hour') - now()))::float8
+                    FROM task_claims c WHERE c.task_id = p_task), 0);
+        END
+        $fn$;
+        """,
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 _MIGRATION_LOCK = 0x6A4E_E7  # pg_advisory_xact_lock key: one migrator at a time
