@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SAMPLES, SCENES, expected_counts
+from conftest import SAMPLES, SCENES, expected_counts, wait_until
 
 from gannet import daemon
 from gannet.callback import (
@@ -133,6 +133,7 @@ def test_public_addresses_pass():
         ("http://8.8.8.8/hook", "must be https"),
         ("ftp://8.8.8.8/hook", "must be https"),
         ("https://user:pw@8.8.8.8/hook", "credentials"),
+        ("https://a..b/hook", "not a valid host name"),  # IDNA refuses it
     ],
 )
 def test_the_default_policy_refuses_before_connecting(url, expected):
@@ -314,7 +315,7 @@ def test_callback_after_commit_records_delivery_on_the_row(processor_parts, rece
 def test_a_failing_callback_is_recorded_and_the_task_stays_acked(processor_parts, receiver_factory):
     """No redelivery loop, no lost result: ack, the row is a success, the callback's
     failure is on the row, and a redelivery is a duplicate that does not call again."""
-    settings, storage, processor, _, metrics = processor_parts
+    settings, storage, processor, callbacks, metrics = processor_parts
     receiver = receiver_factory([500])
     tenant = f"cb-{uuid.uuid4().hex[:6]}"
     task, outcome = _run(settings, storage, processor, tenant, receiver.url())
@@ -323,7 +324,7 @@ def test_a_failing_callback_is_recorded_and_the_task_stays_acked(processor_parts
     assert len(receiver.requests) == 3
     again = _process(processor, task, 2)
     assert again.decision is Decision.ACK and again.label == "duplicate"
-    time.sleep(0.3)
+    wait_until(lambda: callbacks.pending() == 0, "callbacks sent")
     assert len(receiver.requests) == 3
     assert metrics.registry.get_sample_value("gannet_callbacks_total", {"result": "failed"}) == 1
 
@@ -344,7 +345,7 @@ def test_a_callback_lost_with_its_pod_is_sent_on_redelivery(processor_parts, rec
     (request,) = receiver.requests
     assert request["body"]["counts"]["detection"] == expected_counts(SCENES[0])
     _process(processor, task, 3)
-    time.sleep(0.3)
+    wait_until(lambda: callbacks.pending() == 0, "callbacks sent")
     assert len(receiver.requests) == 1, "a recorded callback is not sent again"
 
 
@@ -356,3 +357,21 @@ def test_a_refused_callback_is_recorded(processor_parts):
     assert outcome.decision is Decision.ACK
     status = _callback_status(settings, tenant, task.task_id)
     assert status is not None and status.startswith("refused:") and "link-local" in status
+
+
+def test_a_callback_whose_sending_raises_is_recorded_as_failed(processor_parts):
+    """A bug in sending (the client raising something it should have answered, injected:
+    no input is known to make it) still leaves a status on the row and a count, instead
+    of vanishing in a future nobody reads; the task stays a success."""
+    settings, storage, processor, callbacks, metrics = processor_parts
+
+    class Raising(CallbackClient):
+        def send(self, url: str, payload: dict[str, Any]) -> Any:
+            raise RuntimeError("injected")
+
+    callbacks.client = Raising(LOCAL)
+    tenant = f"cb-{uuid.uuid4().hex[:6]}"
+    task, outcome = _run(settings, storage, processor, tenant, "https://example.com/hook")
+    assert (outcome.decision, outcome.label) == (Decision.ACK, "succeeded")
+    assert _callback_status(settings, tenant, task.task_id) == "failed: RuntimeError: injected"
+    assert metrics.registry.get_sample_value("gannet_callbacks_total", {"result": "failed"}) == 1

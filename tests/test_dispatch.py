@@ -67,6 +67,7 @@ class Delivered:
         self.on_message = on_message
         self.messages: list[Any] = []
         self._lock = threading.Lock()
+        self.stream: Any = None  # the stream's future, once started: done when it stops
 
     def __call__(self, message: Any) -> None:
         with self._lock:
@@ -90,7 +91,7 @@ def open_stream(
         acks=dispatcher.settlers[dispatcher.first_lane].acks,
         settled=dispatcher.wait_settled,
     )
-    subscriber.start()
+    delivered.stream = subscriber.start()
     return delivered, subscriber
 
 
@@ -324,6 +325,42 @@ def test_a_settle_that_raises_nacks_the_message_and_keeps_the_runner(served, str
 
     assert labels == ["succeeded", "duplicate"]
     assert len(delivered.messages) == 2
+    assert stack.unacked(delivered.messages) == []
+
+
+def test_a_check_that_raises_nacks_the_message_and_keeps_the_stream(
+    served, streams, monkeypatch, caplog
+):
+    """A bug in the callback thread's checks (an exception that is no GannetError,
+    injected once into pipeline.check) must not stop the stream, as an exception let out
+    of the callback does (the daemon would exit, and the message would kill the next one
+    too): the message is logged and nacked, comes back, and succeeds; a task published
+    after it is not held up."""
+    stack, parts = served
+    check = parts.pipeline.check
+    raised: list[str] = []
+
+    def raises_once(task: Any) -> Any:
+        if not raised:
+            raised.append(task.task_id)
+            raise RuntimeError("injected: the check failed")
+        return check(task)
+
+    monkeypatch.setattr(parts.pipeline, "check", raises_once)
+    first, second = (stack.task(stack.upload(SCENES[0]["file"])) for _ in range(2))
+    errors = count(parts, "gannet_messages_total", outcome="error")
+    with pulling(served, streams) as delivered:
+        stack.publish([first])
+        wait_until(lambda: bool(raised), "the first task checked", timeout_s=30)
+        stack.publish([second])
+        rows = stack.wait_rows([first.task_id, second.task_id], timeout_s=60)
+        assert not delivered.stream.done(), "the stream stopped"
+
+    assert raised == [first.task_id]
+    assert {row["status"] for row in rows.values()} == {"succeeded"}
+    assert count(parts, "gannet_messages_total", outcome="error") == errors + 1
+    assert "unexpected error checking a message" in caplog.text
+    assert len(delivered.messages) == 3  # the first twice
     assert stack.unacked(delivered.messages) == []
 
 

@@ -32,6 +32,13 @@ def test_poison_messages_go_to_dead_letter_with_reason_and_good_ones_flow(stack)
     add(variant(image_url=f"gs://gannet-images/{stack.tenant}/missing.jpg"), "image_not_found")
     add(variant(image_url=not_an_image), "image_undecodable")
     poison.append((json.dumps({**base, "pad": "x" * 300_000}).encode(), "body_too_large", None))
+    # Bodies whose failed row or dead letter could not be written as they came, which
+    # stopped the daemon's stream (nested past the stack, text PostgreSQL cannot store).
+    poison.append((b"[" * 100_000, "bad_json", None))
+    add(variant(session_id="a\u0000b"), "schema_error")
+    add(variant(image_url=good_url + "\ud800", pipeline="NO_SUCH_PIPELINE"), "schema_error")
+    add({**variant(), "x\u0000y": 1}, "schema_error")
+    add(variant(callback_url="https://example.com/r\u00e9sultat"), "schema_error")
 
     good = [stack.task(good_url) for _ in range(4)]
     daemon = stack.start_daemon()

@@ -57,6 +57,12 @@ def test_minimal_and_full_tasks_parse():
         ({"options": {"confidence": 0.5}}, "options.confidence"),
         ({"colour": "red"}, "colour"),
         ({"callback_url": "ftp://x"}, "callback_url"),
+        # Text PostgreSQL or a dead letter's attributes cannot hold, or a URL http.client
+        # cannot send: refused here, not a failure later on the way to a row.
+        ({"session_id": "a\u0000b"}, "session_id"),
+        ({"pipeline": "DETECTION\u0000"}, "pipeline"),
+        ({"image_url": "gs://gannet-images/acme-farms/\ud800.jpg"}, "image_url"),
+        ({"callback_url": "https://example.com/r\u00e9sultat"}, "callback_url"),
     ],
 )
 def test_schema_errors_name_the_field(changes, field):
@@ -69,6 +75,7 @@ def test_bad_json_and_oversized_bodies_are_rejected_with_their_own_codes():
     assert code_of(b"{nope")[0] is ErrorCode.BAD_JSON
     assert code_of(b"\xff\xfe")[0] is ErrorCode.BAD_JSON
     assert code_of(b"[1, 2]")[0] is ErrorCode.SCHEMA_ERROR
+    assert code_of(b"[" * 100_000)[0] is ErrorCode.BAD_JSON  # deeper than the stack
     code, message = code_of(body(session_id="x" * 100) + b" " * LIMIT)
     assert code is ErrorCode.BODY_TOO_LARGE and str(LIMIT) in message
 
@@ -77,6 +84,16 @@ def test_identify_finds_ids_of_invalid_bodies_only_when_safe():
     assert identify(body(pipeline=None)) == ("t-1", "acme-farms")
     assert identify(body(tenant_id="NOT VALID")) == ("t-1", None)
     assert identify(b"garbage") == (None, None)
+    assert identify(body(task_id="t\u0000", pipeline=None)) == (None, "acme-farms")
+    assert identify(b"[" * 100_000) == (None, None)
+
+
+def test_a_refused_field_name_is_quoted_storably():
+    """The reason names the publisher's unknown field as it came, escaped where a row or
+    a dead letter's attribute could not hold it."""
+    code, message = code_of(body(**{"x\u0000y": 1}))
+    assert code is ErrorCode.SCHEMA_ERROR
+    assert message == "x\\x00y: Extra inputs are not permitted", message
 
 
 @pytest.mark.parametrize(

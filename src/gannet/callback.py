@@ -122,6 +122,8 @@ def resolve(url: str, policy: CallbackPolicy) -> Target:
         raise _refuse(f"callback URL has a bad port: {exc}") from exc
     try:
         answers = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except UnicodeError as exc:  # the name cannot be IDNA-encoded: it will never resolve
+        raise _refuse(f"callback host {host!r} is not a valid host name ({exc})") from exc
     except socket.gaierror as exc:
         raise TransientError(
             ErrorCode.DEPENDENCY_UNAVAILABLE, f"cannot resolve callback host {host!r}: {exc}"
@@ -293,18 +295,26 @@ class Callbacks:
 
     def _deliver(self, task: Task, payload: dict[str, Any]) -> None:
         try:
-            assert task.callback_url is not None
-            if self._abort:
-                delivery = Delivery("failed", "worker shut down before sending", 0)
-            else:
-                # A no-op span unless tracing is on (tracing.py).
-                with trace.get_tracer(TRACER).start_as_current_span("callback") as span:
-                    delivery = self.client.send(task.callback_url, payload)
-                    span.set_attribute("gannet.callback_status", delivery.status)
-            self._save(task, delivery)
+            self._save(task, self._send(task, payload))
         finally:
             with self._lock:
                 self._pending -= 1
+
+    def _send(self, task: Task, payload: dict[str, Any]) -> Delivery:
+        """The delivery's outcome, whatever happens: an exception here would end in a
+        future nobody reads, and the row's status would stay empty."""
+        assert task.callback_url is not None
+        if self._abort:
+            return Delivery("failed", "worker shut down before sending", 0)
+        try:
+            # A no-op span unless tracing is on (tracing.py).
+            with trace.get_tracer(TRACER).start_as_current_span("callback") as span:
+                delivery = self.client.send(task.callback_url, payload)
+                span.set_attribute("gannet.callback_status", delivery.status)
+                return delivery
+        except Exception as exc:  # a bug in sending: logged, and recorded as failed
+            log.exception("callback failed unexpectedly", extra={"task_id": task.task_id})
+            return Delivery("failed", f"{exc.__class__.__name__}: {exc}", 0)
 
     def _save(self, task: Task, delivery: Delivery) -> None:
         self._metrics.callbacks.labels(delivery.status).inc()

@@ -143,6 +143,16 @@ class Dispatcher:
                     lambda item: self.hand_over(item, lane, span, delivery.settle),
                     self._timer(),
                 )
+            except Exception as exc:
+                # A bug, not a verdict on the message: nacked (its dead-letter policy
+                # takes over after max delivery attempts), and the stream goes on. Let
+                # out, the exception would stop the stream, and the daemon with it.
+                log.exception(
+                    "unexpected error checking a message; it will be retried",
+                    extra={"fields": {"message_id": message.message_id}},
+                )
+                unknown = TransientError(ErrorCode.DEPENDENCY_UNAVAILABLE, repr(exc))
+                outcome = Outcome(Decision.NACK, "error", unknown)
             except BaseException:
                 delivery.escaped()
                 raise
@@ -445,8 +455,9 @@ class Delivery:
             self._done(outcome)
 
     def escaped(self) -> None:
-        """An exception left the callback before any outcome: the client library logs
-        it, nacks the message and stops the stream (the daemon then shuts down)."""
+        """A BaseException (an Exception is nacked in on_message) left the callback
+        before any outcome: the client library logs it, nacks the message and stops the
+        stream (the daemon then shuts down)."""
         self._done(None)
 
     def _done(self, outcome: Outcome | None) -> None:

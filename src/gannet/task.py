@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -51,15 +52,37 @@ class GsUrl(str):
         return parsed
 
 
+def _storable(value: str) -> str:
+    """Refuse what PostgreSQL's text and Pub/Sub's attributes cannot hold: a NUL (libpq
+    cuts the text there, PostgreSQL refuses it in a parameter) or an unpaired surrogate,
+    which JSON's \\u escapes can carry and UTF-8 cannot. Let through, either one failed
+    the write of the row or dead letter meant to record the bad task, on the callback
+    thread, and the exception stopped the daemon's stream."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (an unpaired surrogate)") from None
+    return value
+
+
+def _printable(text: str) -> str:
+    """`text` made storable (NUL and unpaired surrogates written as escapes): for what a
+    failed row and a dead letter quote from a body that was refused."""
+    return text.encode(errors="backslashreplace").decode().replace("\x00", "\\x00")
+
+
 def _gs_url(value: object) -> GsUrl:
     if isinstance(value, GsUrl):
         return value
     if not isinstance(value, str):
         raise ValueError("must be a string")
-    return GsUrl.parse(value.strip())
+    return GsUrl.parse(_storable(value.strip()))
 
 
 ImageUrl = Annotated[GsUrl, PlainValidator(_gs_url), WithJsonSchema({"type": "string"})]
+Text = Annotated[str, AfterValidator(_storable)]
 
 
 class TaskOptions(BaseModel):
@@ -77,17 +100,17 @@ class Task(BaseModel):
     task_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/@-]+$")
     tenant_id: str = Field(pattern=TENANT_ID_PATTERN)
     image_url: ImageUrl
-    pipeline: str = Field(min_length=1, max_length=64)
-    session_id: str | None = Field(None, max_length=128)
-    image_id: str | None = Field(None, max_length=128)
+    pipeline: Text = Field(min_length=1, max_length=64)
+    session_id: Text | None = Field(None, max_length=128)
+    image_id: Text | None = Field(None, max_length=128)
     options: TaskOptions = Field(default_factory=TaskOptions)
-    callback_url: str | None = Field(None, max_length=2048)
+    callback_url: Text | None = Field(None, max_length=2048)
 
     @field_validator("callback_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://[^\s/]+", value):
-            raise ValueError("must be an http(s) URL")
+        if value is not None and not (value.isascii() and re.match(r"^https?://[^\s/]+", value)):
+            raise ValueError("must be an http(s) URL in ASCII (percent-encode the rest)")
         return value
 
 
@@ -100,7 +123,8 @@ def parse_task(body: bytes, max_body_bytes: int) -> Task:
         )
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        # RecursionError: arrays or objects nested deeper than the interpreter's stack.
         raise PermanentError(ErrorCode.BAD_JSON, f"body is not JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise PermanentError(ErrorCode.SCHEMA_ERROR, "body must be a JSON object")
@@ -110,24 +134,31 @@ def parse_task(body: bytes, max_body_bytes: int) -> Task:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
             for err in exc.errors()
-        )
-        raise PermanentError(ErrorCode.SCHEMA_ERROR, problems) from exc
+        )  # a field's name is the publisher's, so it may be anything
+        raise PermanentError(ErrorCode.SCHEMA_ERROR, _printable(problems)) from exc
 
 
 def identify(body: bytes) -> tuple[str | None, str | None]:
     """Best-effort (task_id, tenant_id) of an invalid body, so its failure can be recorded."""
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None, None
     if not isinstance(data, dict):
         return None, None
     task_id, tenant_id = data.get("task_id"), data.get("tenant_id")
-    if not (isinstance(task_id, str) and 0 < len(task_id) <= 128):
+    if not (isinstance(task_id, str) and 0 < len(task_id) <= 128 and _is_storable(task_id)):
         task_id = None
     if not (isinstance(tenant_id, str) and re.match(TENANT_ID_PATTERN, tenant_id)):
         tenant_id = None
     return task_id, tenant_id
+
+
+def _is_storable(value: str) -> bool:
+    try:
+        return _storable(value) is value
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
