@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 
 import cv2
 import numpy as np
@@ -25,10 +26,38 @@ def jpeg(width: int, height: int, orientation: int | None = None) -> bytes:
     return out.getvalue()
 
 
-@pytest.mark.parametrize("data", [b"not an image at all", b"\xff\xd8\xff\xe0broken", b""])
-def test_non_images_are_undecodable_and_nothing_gets_installed(data):
+def _saved(image: Image.Image, kind: str, **options: object) -> bytes:
+    out = io.BytesIO()
+    image.save(out, kind, **options)
+    return out.getvalue()
+
+
+def _dds_of_unknown_pixel_format() -> bytes:
+    """A DDS header whose pixel format flags PIL does not know: NotImplementedError."""
+    header = bytearray(128)
+    header[:4] = b"DDS "
+    struct.pack_into("<7I", header, 4, 124, 0x1007, 16, 16, 0, 0, 0)
+    struct.pack_into("<2I", header, 76, 32, 0x80)
+    return bytes(header) + bytes(16 * 16 * 4)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: b"not an image at all",
+        lambda: b"\xff\xd8\xff\xe0broken",
+        lambda: b"",
+        _dds_of_unknown_pixel_format,
+        # A side over OpenCV's 2**20 (a few pixels, 16 KB): its check raises cv2.error.
+        lambda: _saved(Image.new("RGB", (2**20 + 1, 2)), "TIFF", compression="tiff_lzw"),
+    ],
+    ids=["text", "broken-jpeg", "empty", "dds", "wide-tiff"],
+)
+def test_non_images_are_undecodable_and_nothing_gets_installed(make):
+    """Whatever the parser's complaint, the task is quarantined as undecodable, never
+    left to fail the same way on every redelivery."""
     with pytest.raises(PermanentError) as err:
-        decode_image(data, 10**8)
+        decode_image(make(), 10**8)
     assert err.value.code is ErrorCode.IMAGE_UNDECODABLE
 
 

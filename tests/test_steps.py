@@ -213,6 +213,20 @@ def test_classification_labels_every_detection_with_its_colour(run):
         assert len(labels["items"]) == len(entry["shapes"]) and labels["unlabelled"] == 0
 
 
+def test_a_tiny_photo_at_the_lowest_threshold_is_classified_not_crashed(run, tmp_path):
+    """A 3x3 photo and a confidence of 0.001: the detector finds boxes under a pixel
+    wide, whose crops would round to nothing (the classifier's resize then divided by
+    zero, and the task was retried as an unexpected error). Each crop is a pixel at
+    least, and every detection gets its label."""
+    path = tmp_path / "tiny.png"
+    cv2.imwrite(str(path), np.random.default_rng(1).integers(0, 255, (3, 3, 3), np.uint8))
+    result = run("vending.yaml", "SHELF_AUDIT", {"file": str(path)}, confidence=0.001)
+    detections = result["detection"]["detections"]
+    assert detections, "the premise: boxes found on the tiny photo"
+    labels = result["classification"]
+    assert len(labels["items"]) + labels["unlabelled"] == len(detections)
+
+
 def test_vending_full_pipeline_has_one_key_per_step(run):
     entry = WITH_PATCHES[0]
     result = run("vending.yaml", "FULL_PIPELINE", entry)

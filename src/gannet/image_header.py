@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import simplejpeg
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from gannet.errors import ErrorCode, PermanentError
 
@@ -161,7 +161,10 @@ def _pil_header(data: bytes) -> Header:
             image = _pil_open()(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PermanentError(ErrorCode.IMAGE_TOO_LARGE, str(exc)) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except Exception as exc:
+        # PIL's format plugins raise what they like on crafted files: UnidentifiedImageError,
+        # OSError, SyntaxError, ValueError, and NotImplementedError or AttributeError from
+        # some. None of it is worth a retry.
         raise PermanentError(
             ErrorCode.IMAGE_UNDECODABLE, f"not a decodable image ({exc.__class__.__name__})"
         ) from exc

@@ -125,7 +125,11 @@ def decode_scaled(
         decoded = _decode_jpeg(data, header, factor, run)
         if decoded is not None:
             return decoded
-    image = run(cv2.imdecode, np.frombuffer(data, dtype=np.uint8), flags)
+    try:
+        image = run(cv2.imdecode, np.frombuffer(data, dtype=np.uint8), flags)
+    except cv2.error as exc:  # its checks raise rather than answer None (a side over 2**20)
+        reason = str(exc).strip().splitlines()[-1]
+        raise PermanentError(ErrorCode.IMAGE_UNDECODABLE, f"OpenCV refused it: {reason}") from exc
     if image is None:
         raise PermanentError(ErrorCode.IMAGE_UNDECODABLE, "the image data is corrupt")
     if factor == 1:

@@ -308,13 +308,15 @@ def sliced_detection(ctx: StepContext, params: SlicedDetectionParams) -> None:
 
 def square_crop(frame: Frame, box: Sequence[float], padding: float) -> Frame:
     """The framing the demo classifier is trained on: a square around the box, grown by
-    `padding` of its longer side on each side, clipped to the image."""
+    `padding` of its longer side on each side, clipped to the image; at least a pixel
+    (a box under a pixel wide, which a low threshold on a tiny image finds, would round
+    to an empty crop, and the classifier's resize divides by its size)."""
     x1, y1, x2, y2 = box
     side = max(x2 - x1, y2 - y1) * (1.0 + 2.0 * padding)
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     h, w = frame_size(frame)
-    xa, ya = max(0, round(cx - side / 2)), max(0, round(cy - side / 2))
-    xb, yb = min(w, round(cx + side / 2)), min(h, round(cy + side / 2))
+    xa, ya = min(max(0, round(cx - side / 2)), w - 1), min(max(0, round(cy - side / 2)), h - 1)
+    xb, yb = max(min(w, round(cx + side / 2)), xa + 1), max(min(h, round(cy + side / 2)), ya + 1)
     return crop(frame, xa, ya, xb, yb)
 
 
