@@ -54,6 +54,8 @@ def test_minimal_and_full_tasks_parse():
         ({"image_url": "https://example.com/x.jpg"}, "image_url"),
         ({"pipeline": None}, "pipeline"),
         ({"options": {"confidence_override": 1.5}}, "options.confidence_override"),
+        # Below 0.001 every anchor passes: hundreds of junk segments, GBs of masks.
+        ({"options": {"confidence_override": 0.0}}, "options.confidence_override"),
         ({"options": {"confidence": 0.5}}, "options.confidence"),
         ({"colour": "red"}, "colour"),
         ({"callback_url": "ftp://x"}, "callback_url"),

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gannet.errors import ErrorCode, PermanentError
-from gannet.task import TENANT_ID_PATTERN
+from gannet.task import MIN_CONFIDENCE, TENANT_ID_PATTERN
 
 ModelKind = Literal["detection", "segmentation", "classification"]
 
@@ -27,7 +27,7 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str = Field(description="Weights (.pt or .onnx): a path relative to the config, or gs://")
-    confidence_threshold: float = Field(0.25, ge=0.0, le=1.0)
+    confidence_threshold: float = Field(0.25, ge=MIN_CONFIDENCE, le=1.0)
     classes: list[str] = Field(default_factory=list, description="Keep only these; empty = all.")
     enabled: bool = True
     imgsz: int = Field(640, ge=32, le=4096)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from gannet.config_schema import IndustryConfig, ModelKind, ModelSpec
 from gannet.frames import Frame, frame_size
 from gannet.masks import SegmentMask
-from gannet.task import Task
+from gannet.task import MIN_CONFIDENCE, Task
 
 
 class Predict(Protocol):
@@ -47,7 +47,7 @@ class ModelStepParams(StepParams):
     """A step's own threshold and class filter win over its model's (the task's
     options.confidence_override still wins over both)."""
 
-    confidence_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    confidence_threshold: float | None = Field(None, ge=MIN_CONFIDENCE, le=1.0)
     classes: list[str] | None = None
 
 

@@ -160,7 +160,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tenant", required=True, help="tenant id ([a-z0-9-], max 63)")
     p.add_argument("--pipeline", required=True, help="pipeline name from the industry config")
     p.add_argument("--session-id", help="optional session id stored with each result")
-    p.add_argument("--confidence", type=float, help="options.confidence_override (0..1)")
+    p.add_argument("--confidence", type=float, help="options.confidence_override (0.001..1)")
     p.add_argument("--callback-url", help="optional https URL that receives the summary")
     p.add_argument(
         "--lane",
