@@ -107,6 +107,37 @@ def test_merge_keeps_the_whole_box_over_a_cut_one_and_keeps_distinct_objects():
     assert all("_cut" not in d for d in kept)
 
 
+def test_merge_leaves_no_two_boxes_over_the_threshold_and_drops_only_for_a_better_one():
+    """On a crowd of random candidates (as a low threshold on a large photo finds): no
+    two kept boxes overlap by more than the threshold (intersection over the smaller),
+    and each candidate dropped overlaps that much a kept one that ranks before it
+    (whole over cut, then confidence)."""
+    rng = np.random.default_rng(7)
+    candidates = []
+    for i, (x, y, w, h) in enumerate(rng.uniform((0, 0, 2, 2), (2000, 1500, 200, 200), (800, 4))):
+        box = [round(float(v), 1) for v in (x, y, x + w, y + h)]
+        cut = bool(rng.random() < 0.3)
+        candidates.append({"id": i, "confidence": float(rng.random()), "box": box, "_cut": cut})
+    rank = {d["id"]: (d["_cut"], -d["confidence"]) for d in candidates}
+
+    def ios(a: list[float], b: list[float]) -> float:
+        iw = min(a[2], b[2]) - max(a[0], b[0])
+        ih = min(a[3], b[3]) - max(a[1], b[1])
+        smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+        return max(iw, 0) * max(ih, 0) / smaller
+
+    kept = merge_tiles([dict(d) for d in candidates], threshold=0.5)
+    ids = {d["id"] for d in kept}
+    assert 0 < len(kept) < len(candidates)
+    for a, b in itertools.combinations(kept, 2):
+        assert ios(a["box"], b["box"]) <= 0.5
+    for d in candidates:
+        if d["id"] not in ids:
+            assert any(
+                rank[k["id"]] < rank[d["id"]] and ios(k["box"], d["box"]) > 0.5 for k in kept
+            ), d
+
+
 # --------------------------------------------------------------------------- detection
 
 
