@@ -67,6 +67,25 @@ def test_too_many_pixels_is_refused_before_decoding():
     assert err.value.code is ErrorCode.IMAGE_TOO_LARGE and "400x300" in err.value.message
 
 
+@pytest.mark.parametrize("kind", ["PNG", "WEBP", "TIFF", "AVIF"])
+@pytest.mark.parametrize("orientation", [3, 5, 6, 8])
+def test_other_formats_come_out_upright_as_pil_turns_them(kind, orientation):
+    """A photo in another format, stored turned: its pixels come out as PIL turns it
+    upright (exif_transpose). OpenCV turns most by their EXIF itself, but not an AVIF
+    (its irot and imir boxes), whose boxes would otherwise be on the photo turned."""
+    from PIL import ImageOps
+
+    ramp = np.add.outer(np.arange(90), np.arange(120)).astype(np.uint8)
+    image = Image.fromarray(np.dstack([ramp, ramp[::-1], 255 - ramp]))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _saved(image, kind, exif=exif if kind == "TIFF" else exif.tobytes())
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    decoded = decode_image(data, 10**8)[..., ::-1]  # BGR -> RGB
+    assert decoded.shape == expected.shape
+    assert np.abs(decoded.astype(int) - expected).mean() < 8  # WebP and AVIF are lossy
+
+
 def test_pixels_are_bgr_and_upright_per_exif():
     plain = decode_image(jpeg(64, 32), 10**8)
     assert plain.shape == (32, 64, 3)

@@ -40,7 +40,9 @@ class Header:
     format: str  # PIL's name for it: "JPEG", "PNG", "MPO", ...
     size: tuple[int, int]  # width, height as stored, before any EXIF turn
     # The EXIF orientation of a JPEG (1, upright, when it has none); None when its EXIF
-    # cannot be read, so that OpenCV decodes it and reads the EXIF its own way.
+    # cannot be read, so that OpenCV decodes it and reads the EXIF its own way. An AVIF's
+    # turn (its irot and imir boxes, which PIL reads as an orientation): OpenCV does not
+    # apply it. Other formats: 1, since OpenCV turns them per their EXIF itself.
     orientation: int | None
 
 
@@ -169,7 +171,7 @@ def _pil_header(data: bytes) -> Header:
             ErrorCode.IMAGE_UNDECODABLE, f"not a decodable image ({exc.__class__.__name__})"
         ) from exc
     orientation: int | None = 1
-    if image.format == "JPEG":
+    if image.format in ("JPEG", "AVIF"):
         try:
             orientation = int(image.getexif().get(ORIENTATION, 1))
         except (SyntaxError, ValueError, TypeError, OSError) as exc:

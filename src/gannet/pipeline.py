@@ -132,6 +132,8 @@ def decode_scaled(
         raise PermanentError(ErrorCode.IMAGE_UNDECODABLE, f"OpenCV refused it: {reason}") from exc
     if image is None:
         raise PermanentError(ErrorCode.IMAGE_UNDECODABLE, "the image data is corrupt")
+    if kind == "AVIF":  # the one format whose turn OpenCV leaves undone
+        image = upright(image, header.orientation or 1)
     if factor == 1:
         return image, (1.0, 1.0)
     # The photo is width x height before its EXIF turn; OpenCV turned it upright after
