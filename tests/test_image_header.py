@@ -11,7 +11,7 @@ import ultralytics  # noqa: F401 - it patches PIL.Image.open; headers must not c
 from PIL import Image
 
 from gannet.errors import ErrorCode, PermanentError
-from gannet.image_header import _jpeg_header, _pil_header, read_header
+from gannet.image_header import MAX_SEGMENTS, _jpeg_header, _pil_header, read_header
 
 
 def _encoded(kind: str, mode: str = "RGB", **save: object) -> bytes:
@@ -73,6 +73,7 @@ QUICK = {
         _jpeg(), _segment(0xE1, _exif("MM", _orientation("MM", 3))), _segment(0xE1, XMP)
     ),
     **{f"PIL's exif, orientation {o}": _pil_exif(o) for o in range(1, 9)},
+    "fill bytes before markers": _pil_exif(6)[:2] + b"\xff" * 1000 + _pil_exif(6)[2:],
     **{
         f"{order} orientation {o}": _with(
             _jpeg(), _segment(0xE1, _exif(order, MAKE, _orientation(order, o)))
@@ -134,3 +135,13 @@ def test_too_many_pixels_is_refused_whichever_reads_the_header(data):
         read_header(data, width * height - 1)
     assert err.value.code is ErrorCode.IMAGE_TOO_LARGE
     assert f"{width}x{height}" in err.value.message
+
+
+def test_a_jpeg_with_thousands_of_segments_is_refused_without_walking_them_all():
+    """A crafted JPEG can pack millions of empty segments within the size limit; walking
+    them held the GIL for a second, PIL for five. Past MAX_SEGMENTS it is refused."""
+    data = _with(_jpeg(), _segment(0xE5, b"") * (MAX_SEGMENTS + 1))
+    with pytest.raises(PermanentError) as err:
+        read_header(data, 10**8)
+    assert err.value.code is ErrorCode.IMAGE_UNDECODABLE
+    assert read_header(_with(_jpeg(), _segment(0xE5, b"") * 100), 10**8).size == (97, 61)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import struct
 import sys
 import warnings
@@ -77,20 +78,31 @@ def _jpeg_header(data: bytes) -> Header | None:
 
 
 _ABSENT = -1  # no orientation tag
+_FILL = re.compile(rb"\xff+")  # fill bytes, which may precede any marker
+# Real photos have a few dozen segments before the scan (a depth map in extended XMP,
+# some 30 more). A crafted file can hold millions within the size limit: walking them
+# held the GIL for a second (PIL took 5), so past this many the file is refused.
+MAX_SEGMENTS = 4096
 
 
 def _orientation_in_segments(data: bytes) -> int | None:
     """The orientation in the segments before the scan; None where PIL must decide."""
     exif: memoryview | None = None
     xmp = False
-    at, end = 2, len(data)
+    at, end, segments = 2, len(data), 0
     while at + 4 <= end:
         if data[at] != 0xFF:
             return None  # junk where a marker should be
         marker = data[at + 1]
-        if marker == 0xFF:  # a fill byte
-            at += 1
+        if marker == 0xFF:  # fill bytes: to the last of them, in one step
+            at = _FILL.match(data, at).end() - 1  # type: ignore[union-attr]
             continue
+        segments += 1
+        if segments > MAX_SEGMENTS:
+            raise PermanentError(
+                ErrorCode.IMAGE_UNDECODABLE,
+                f"the JPEG has more than {MAX_SEGMENTS} segments before its image data",
+            )
         if marker < 0xC0:
             return None  # PIL finds no marker here
         if marker == 0xDA:  # start of scan: the header's segments are behind
