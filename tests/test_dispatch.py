@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -303,11 +304,11 @@ def test_a_settle_that_raises_nacks_the_message_and_keeps_the_runner(served, str
     settle = settler.settle
     labels: list[str] = []
 
-    def raises_once(message: Any, outcome: Any, duration_s: float) -> None:
+    def raises_once(message: Any, outcome: Any, duration_s: float) -> Any:
         labels.append(outcome.label)
         if len(labels) == 1:
             raise RuntimeError("injected: the settle failed")
-        settle(message, outcome, duration_s)
+        return settle(message, outcome, duration_s)
 
     monkeypatch.setattr(settler, "settle", raises_once)
     task = stack.task(stack.upload(SCENES[0]["file"]))
@@ -401,10 +402,12 @@ def result_object(parts, uri: str) -> dict[str, Any]:
 class TwoAtOnce:
     """Two deliveries of one body in flight together, deterministically: the first is
     queued on runners that have not started, then the second arrives, and must not
-    queue a job of its own. `release()` starts the runners; `outcomes` fill in after."""
+    queue a job of its own. `release()` starts the runners; `outcomes` fill in after.
+    Settling records the outcome and applies it as `applied` says (by default as is)."""
 
-    def __init__(self, dispatcher: Dispatcher, body: bytes) -> None:
+    def __init__(self, dispatcher: Dispatcher, body: bytes, applied: Any = None) -> None:
         self.dispatcher = dispatcher
+        self.applied = applied or (lambda outcome: outcome)
         self.outcomes: list[Any] = []
         self.threads = [threading.Thread(target=self._deliver, args=(body, n)) for n in (1, 2)]
         self.threads[0].start()
@@ -420,9 +423,10 @@ class TwoAtOnce:
     def _deliver(self, body: bytes, attempt: int) -> None:
         settled = threading.Event()
 
-        def settle(outcome: Any) -> None:
+        def settle(outcome: Any) -> Any:
             self.outcomes.append(outcome)
             settled.set()
+            return self.applied(outcome)
 
         lane = self.dispatcher.first_lane
         run = functools.partial(self.dispatcher.hand_over, lane=lane, span=None, settle=settle)
@@ -471,6 +475,32 @@ def test_a_delivery_that_waited_is_nacked_when_the_first_is(served):
     outcomes = both.wait()
     assert [o.decision for o in outcomes] == [Decision.NACK, Decision.NACK]
     assert stack.rows([task.task_id]) == {}
+
+
+def test_a_delivery_that_waited_is_nacked_when_the_firsts_dead_letter_fails(served):
+    """The first delivery is quarantined (its image does not exist) but its dead letter
+    cannot be published, so it is nacked instead; the one that waited on it is nacked
+    too, not acked as a duplicate, which would have removed the message that had to come
+    back. The refused publish is stood in for by the settling (a real one is tested in
+    test_poison_whose_dead_letter_cannot_be_published_is_nacked_not_lost)."""
+    stack, parts = served
+    bucket = stack.settings.allowed_buckets[0]
+    task = stack.task(f"gs://{bucket}/{stack.tenant}/no-such-photo.jpg")
+    dispatcher = pod(stack, parts, holder="pod-dead-letter-fails")
+
+    def refused(outcome: Any) -> Any:
+        if outcome.decision is not Decision.QUARANTINE:
+            return outcome
+        return replace(outcome, decision=Decision.NACK, label="retry")
+
+    both = TwoAtOnce(dispatcher, task.model_dump_json().encode(), applied=refused)
+    dispatcher.pool.start()
+    try:
+        outcomes = both.wait()
+    finally:
+        dispatcher.pool.stop_accepting()
+        dispatcher.pool.join(10)
+    assert [o.decision for o in outcomes] == [Decision.QUARANTINE, Decision.NACK]
 
 
 def test_a_task_another_pod_runs_is_nacked_with_a_delay_and_taken_over_after_a_crash(served):

@@ -164,7 +164,7 @@ class Dispatcher:
         item: WorkItem,
         lane: str,
         span: TaskSpan | None,
-        settle: Callable[[Outcome], None],
+        settle: Callable[[Outcome], Outcome],
     ) -> Outcome | None:
         """Queue the item for a runner, which calls `settle` with the outcome (None is
         returned); a second delivery of a task this pod is already running waits for the
@@ -186,11 +186,13 @@ class Dispatcher:
         return shutdown(task)
 
     def _finished(
-        self, job: Job[WorkItem], settle: Callable[[Outcome], None], outcome: Outcome | None
+        self, job: Job[WorkItem], settle: Callable[[Outcome], Outcome], outcome: Outcome | None
     ) -> None:
-        """On the thread that finished the job (its runner, or shutdown's)."""
+        """On the thread that finished the job (its runner, or shutdown's). A delivery
+        waiting on the job follows what was applied: had it followed a quarantine whose
+        dead letter then failed, its ack would have removed a message meant to come back."""
         self._forget(job)
-        settle(outcome or _runner_crashed(job.item.task))
+        job.outcome = settle(outcome or _runner_crashed(job.item.task))
 
     def wait_settled(self, lane: str | None = None) -> None:
         """Block until every message of the lane that on_message took has been acked,
@@ -437,22 +439,26 @@ class Delivery:
         self._dispatcher = dispatcher
         dispatcher._count_unsettled(lane, 1)
 
-    def settle(self, outcome: Outcome) -> None:
-        """Ack, nack or quarantine (outcome.py). On a runner this must not raise: it
-        would end the runner's thread."""
+    def settle(self, outcome: Outcome) -> Outcome:
+        """Ack, nack or quarantine (outcome.py); returns what was applied. On a runner
+        this must not raise: it would end the runner's thread."""
+        applied = outcome
         try:
             with self.span.active() if self.span is not None else nullcontext():
                 with self._dispatcher._timer().stage("settle"):  # a Timer is per thread
                     elapsed = time.perf_counter() - self._started
-                    self._settler.settle(self.message, outcome, elapsed)
-        except Exception:  # as the client does for a callback that raises: nack
+                    applied = self._settler.settle(self.message, outcome, elapsed)
+        except Exception as exc:  # as the client does for a callback that raises: nack
             log.exception(
                 "could not settle the message; nacking it for redelivery",
                 extra={"fields": {"message_id": self.message.message_id}},
             )
             self.message.nack()  # only queues the request: does not raise
+            failed = TransientError(ErrorCode.DEPENDENCY_UNAVAILABLE, repr(exc))
+            applied = Outcome(Decision.NACK, "error", failed, outcome.task, outcome.fields)
         finally:
             self._done(outcome)
+        return applied
 
     def escaped(self) -> None:
         """A BaseException (an Exception is nacked in on_message) left the callback

@@ -83,7 +83,9 @@ class Settler:
         self.lane = lane
         self._latency = metrics.lane_latency.labels(lane)
 
-    def settle(self, message: Any, outcome: Outcome, duration_s: float) -> None:
+    def settle(self, message: Any, outcome: Outcome, duration_s: float) -> Outcome:
+        """Apply the outcome; returns what was applied (a quarantine whose dead letter
+        Pub/Sub refused is a nack)."""
         decision = outcome.decision
         if decision is Decision.QUARANTINE and not self._quarantine(message, outcome):
             decision = Decision.NACK  # not dead-lettered: keep it, never lose a message
@@ -101,6 +103,7 @@ class Settler:
                 self._latency.observe(max(0.0, time.time() - message.publish_time.timestamp()))
         self.metrics.messages.labels(outcome.label).inc()
         self._log(message, outcome, duration_s)
+        return outcome
 
     def _quarantine(self, message: Any, outcome: Outcome) -> bool:
         error = outcome.error

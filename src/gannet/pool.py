@@ -46,29 +46,35 @@ class Job(Generic[ItemT]):
 
     item: ItemT
     lane: str = "default"
+    # Set once the job is finished and on_finish has returned: `outcome` is final then.
     done: threading.Event = field(default_factory=threading.Event)
     outcome: Outcome | None = None
     started: bool = False
     # Called once with the outcome, on the thread that finishes the job (its runner, or
-    # the one that nacks it at shutdown): there the message is settled.
+    # the one that nacks it at shutdown): there the message is settled, and what was
+    # applied may replace `outcome` (a dead letter that could not be published: a nack).
     on_finish: Callable[[Outcome | None], None] | None = None
+    _finished: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def finish(self, outcome: Outcome | None) -> bool:
         """First finisher wins: a shutdown nack and a late runner result cannot both apply."""
         with self._lock:
-            if self.done.is_set():
+            if self._finished:
                 return False
+            self._finished = True
             self.outcome = outcome
+        try:
+            if self.on_finish is not None:
+                self.on_finish(outcome)
+        finally:
             self.done.set()
-        if self.on_finish is not None:
-            self.on_finish(outcome)
         return True
 
     def claim(self) -> bool:
         """A runner takes the job unless shutdown already answered it."""
         with self._lock:
-            if self.done.is_set():
+            if self._finished:
                 return False
             self.started = True
             return True
