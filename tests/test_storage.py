@@ -37,9 +37,10 @@ def test_sixteen_runners_at_once_keep_their_connections(services: LocalServices)
 
 
 def test_image_reads_say_what_is_wrong_with_the_object(services: LocalServices):
-    """Missing, empty and oversized images are permanent (quarantined with their code);
-    a result written by the daemon is what the client library reads back."""
-    from gannet.errors import ErrorCode, PermanentError
+    """Missing, empty and oversized images are permanent (quarantined with their code),
+    a missing bucket transient; a result written by the daemon is what the client
+    library reads back."""
+    from gannet.errors import ErrorCode, PermanentError, TransientError
 
     settings = demo.local_settings(services)
     storage = Storage(clients.storage_client(settings))
@@ -56,6 +57,10 @@ def test_image_reads_say_what_is_wrong_with_the_object(services: LocalServices):
             storage.read(GsUrl.parse(f"gs://{bucket}/{prefix}/{name}"), 100)
         assert err.value.code == code and name in err.value.message
     assert storage.read(GsUrl.parse(f"gs://{bucket}/{prefix}/fits.jpg"), 100) == b"y" * 100
+    # A bucket that does not exist is the deployment's to fix: retried, not quarantined.
+    with pytest.raises(TransientError) as missing:
+        storage.read(GsUrl.parse(f"gs://no-such-bucket-{prefix}/{prefix}/a.jpg"), 100)
+    assert "does not exist" in missing.value.message
 
     storage.write(bucket, f"{prefix}/r.json", b'{"a":1}', "application/json")
     blob = blobs.get_blob(f"{prefix}/r.json")

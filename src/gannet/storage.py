@@ -107,6 +107,7 @@ class Storage:
         media = f"{self._objects('download', bucket)}/{urllib.parse.quote(name, safe='')}?alt=media"
         response = self._request("GET", media, where, headers={"Range": f"bytes=0-{max_bytes}"})
         if response.status == 404:
+            self._check_bucket(bucket)  # GCS answers 404 for a missing bucket too
             raise PermanentError(ErrorCode.IMAGE_NOT_FOUND, f"{where} does not exist")
         if response.status == 416:  # GCS: there is no byte 0 to send
             raise PermanentError(ErrorCode.IMAGE_UNDECODABLE, f"{where} is empty")
@@ -143,6 +144,21 @@ class Storage:
         response = self._request("POST", upload, where, body=payload, headers=headers)
         _check(response, where)  # a missing bucket too: fixable without republishing
         return where
+
+    def _check_bucket(self, bucket: str) -> None:
+        """TransientError when the bucket itself does not exist: an allowed bucket not
+        created yet, or misnamed, is the deployment's to fix, and its tasks are to wait
+        for that (nacked, then dead-lettered by Pub/Sub) rather than be quarantined as
+        missing images. Asked only after a 404, so a poison message's cost."""
+        where = f"gs://{bucket}"
+        path = f"/storage/v1/b/{urllib.parse.quote(bucket, safe='')}?fields=name"
+        response = self._request("GET", path, where)
+        if response.status == 404:
+            raise TransientError(
+                ErrorCode.DEPENDENCY_UNAVAILABLE,
+                f"bucket {bucket} does not exist: create it, or correct GANNET_ALLOWED_BUCKETS",
+            )
+        _check(response, where)
 
     def _objects(self, api: str, bucket: str) -> str:
         """The JSON API's object collection of `bucket`, for media downloads or uploads."""
