@@ -309,14 +309,10 @@ def test_plumbing_bench_measures_the_daemon_by_stage_on_one_and_two_cores(tmp_pa
     # Pinned to one core, the threads that wake each other per image (callback,
     # runner, batcher) waited for it; nothing idles more cores than the machine has.
     assert summary["rounds"][0]["1 core"]["cpu_wait_ms_per_image"] > 0
-    assert summary["cpu_wait_ms_per_image"] >= 0
     assert 0 <= summary["idle_cores"] <= (os.cpu_count() or 1)
     # GANNET_PROCESSES=2, a core each.
     per_core = summary["per_core"]
     assert per_core["images_per_s"] > 0 and per_core["cpu_ms_per_image"] > 0
-    # Which share of the tasks the busier process ran, from the claims' holders: half
-    # at least, all of them at most.
-    assert 0.5 <= per_core["busiest_process_share"] <= 1.0
     # The traced run traced every task (one task span each) and is reported beside the
     # untraced one.
     traced = summary["traced"]

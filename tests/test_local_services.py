@@ -26,13 +26,10 @@ def test_the_gcs_emulator_queues_many_connections_at_once(services: LocalService
     connection can only be queued by the kernel: each must still connect at once."""
     port = services.ports.gcs
     with contextlib.ExitStack() as stack:
-        sockets = []
         for _ in range(20):
             conn = stack.enter_context(socket.socket())
-            conn.settimeout(0.5)  # a dropped SYN is retried after 1 s
+            conn.settimeout(0.5)  # a dropped SYN is retried after 1 s: this then raises
             conn.connect(("127.0.0.1", port))
-            sockets.append(conn)
-        assert len(sockets) == 20
     with urllib.request.urlopen(f"{services.gcs_endpoint}/storage/v1/b", timeout=10) as resp:
         assert resp.status == 200, "the emulator serves again once the idle connections close"
 

@@ -179,6 +179,9 @@ def test_a_second_sigterm_nacks_running_work_at_once_and_exits(own_stack):
             GANNET_STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{hole.port}",
             GANNET_SHUTDOWN_GRACE_S="60",
             GANNET_RUNNERS="2",
+            # Leases longer than the wait for the messages below: only a nack that
+            # reached Pub/Sub can bring them back within it.
+            GANNET_STREAM_ACK_DEADLINE_S="60",
         )
         bucket, tenant = own_stack.settings.allowed_buckets[0], own_stack.tenant
         tasks = [own_stack.task(f"gs://{bucket}/{tenant}/hang-{i}.jpg") for i in range(2)]
