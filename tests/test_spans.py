@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -109,21 +109,24 @@ def test_a_receiver_that_hangs_costs_spans_not_tasks(caplog: pytest.LogCaptureFi
         hung.bind(("127.0.0.1", 0))
         hung.listen(4)  # the kernel completes the handshake; nothing ever answers
         export = otlp_sender(otlp_channel(f"http://127.0.0.1:{hung.getsockname()[1]}"))
-        recorder = Recorder(
-            {"service.instance.id": "test-1"},
-            1.0,
-            lambda request, _timeout_s: export(request, 1.0),
-            every_s=0.05,
-        )
+        waiting, returned = threading.Event(), threading.Event()
+
+        def send(request: object, _timeout_s: float) -> None:
+            waiting.set()
+            try:
+                export(request, 1.0)
+            finally:
+                returned.set()
+
+        recorder = Recorder({"service.instance.id": "test-1"}, 1.0, send, every_s=0.05)
         tracer = recorder.get_tracer("gannet")
         with tracer.start_as_current_span("first"):
             pass
-        time.sleep(0.3)  # the shipper is waiting on the receiver by now, for up to 1 s
-        started = time.monotonic()
+        assert waiting.wait(10), "the shipper never sent"
         for _ in range(100):
             with tracer.start_as_current_span("step"):
                 pass
-        assert time.monotonic() - started < 0.5, "recording waited on the export"
+        assert not returned.is_set(), "recording waited on the export"
         recorder.shutdown(timeout_s=2)
     assert "trace export failed (StatusCode.DEADLINE_EXCEEDED)" in caplog.text
     assert "in exports that failed" in caplog.text
