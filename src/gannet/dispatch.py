@@ -182,8 +182,13 @@ class Dispatcher:
         # A task_id another tenant is running here does not wait: its claim refuses it.
         if self.pool.submit(job):
             return None
+        refused = shutdown(task)
+        # Finished without settling (the caller settles this delivery): a delivery of
+        # the same task that found the job meanwhile is waiting on it, and follows.
+        job.on_finish = None
+        job.finish(refused)
         self._forget(job)
-        return shutdown(task)
+        return refused
 
     def _finished(
         self, job: Job[WorkItem], settle: Callable[[Outcome], Outcome], outcome: Outcome | None
