@@ -30,11 +30,12 @@ channel").
 
 What it costs: an ack leaves up to `window_s` later, or up to `longest_wait_s` (and a
 window) at a slow pace, holding its flow-control slot meanwhile (lease.py leases more
-when the runners wait for slots). The message's row is committed before it is queued
-here, so a crash in between, or a request that fails (logged, and the messages dropped
-all the same, as the client does with an ack it could not send), brings the task back
-after its ack deadline; a redelivered task whose success is committed is acked as a
-duplicate without inference.
+when the runners wait for slots). A task's row is committed (a poison message's dead
+letter published) before its ack is queued here, so a crash in between, or a request
+that fails (logged, and the messages dropped all the same, as the client does with an
+ack it could not send), brings the message back after its ack deadline: a redelivered
+task whose success is committed is acked as a duplicate without inference, a poison
+message dead-lettered again.
 """
 
 from __future__ import annotations
@@ -158,8 +159,9 @@ class Acks:
         except Exception as exc:  # noqa: BLE001 - logged; the redelivery recovers them
             result = "ack failed"
             log.warning(
-                "acks not delivered; Pub/Sub redelivers these after their ack deadline, "
-                "and each is acked as a duplicate without inference",
+                "acks not delivered; Pub/Sub redelivers these after their ack deadline: "
+                "a committed task is then acked as a duplicate without inference, a "
+                "quarantined one dead-lettered again",
                 extra={"fields": {"acks": len(messages), "error": repr(exc)}},
             )
         finally:
