@@ -219,7 +219,10 @@ class Settings(BaseSettings):
         description="How often model versions and per-tenant model listings are re-read.",
     )
     callback_timeout_s: float = Field(
-        5.0, gt=0, description="Timeout of one result-callback request (connect and read)."
+        5.0,
+        gt=0,
+        description="Timeout of each socket operation of a result-callback request "
+        "(connect, send, each read of the answer); not of the request as a whole.",
     )
     callback_retries: int = Field(
         2, ge=0, le=10, description="Callback retries after the first try (network, 429, 5xx)."
