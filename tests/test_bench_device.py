@@ -48,9 +48,8 @@ def test_the_runners_path_answers_as_the_bare_model_and_reports_each_runner_coun
         assert agreement["same_count"] == agreement["photos"] == 6, agreement
         assert agreement["largest_box_diff_px"] <= 2.0
         assert daemon["images_per_s"] > 0 and daemon["cpu_ms"] > 0
-        # One model, one batcher thread: its forward passes fill at most the wall time,
-        # and on the CPU they are most of it.
-        assert 0.5 < daemon["forward_share"] <= 1.0
+        # One model, one batcher thread: its forward passes fill at most the wall time.
+        assert 0 < daemon["forward_share"] <= 1.0
         # No nvJPEG decoder thread on a CPU: neither its busy time nor its batches.
         assert daemon["decode_share"] is None and daemon["decode_batch"] is None
     # One runner has one photo in flight: every forward pass holds one image.
@@ -72,9 +71,9 @@ def test_a_configs_pipeline_runs_its_models_and_reports_their_share_of_the_time(
     assert "bare_images_per_s" not in round_ and "bare_images_per_s" not in size["median"]
     daemon = round_["daemon"]["2"]
     assert daemon["images_per_s"] > 0 and daemon["cpu_ms"] > 0
-    # Segmentation and detection, each on its own batcher thread: on the CPU their
-    # forward passes are most of the time, and can overlap.
-    assert 0.5 < daemon["forward_share"] <= 2.0
+    # Segmentation and detection, each on its own batcher thread: their forward passes
+    # can overlap, up to twice the wall time.
+    assert 0 < daemon["forward_share"] <= 2.0
     assert size["median"]["daemon"]["2"]["forward_share"] == daemon["forward_share"]
 
 
