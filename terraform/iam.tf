@@ -46,6 +46,14 @@ resource "google_pubsub_subscription_iam_member" "worker_subscribes" {
   member       = "serviceAccount:${google_service_account.worker.email}"
 }
 
+# The worker reads its subscription at start (pubsub.subscriptions.get, which
+# roles/pubsub.subscriber lacks) to fail with a clear message when it is missing.
+resource "google_pubsub_subscription_iam_member" "worker_views_subscription" {
+  subscription = google_pubsub_subscription.tasks.id
+  role         = "roles/pubsub.viewer"
+  member       = "serviceAccount:${google_service_account.worker.email}"
+}
+
 # Poison messages are quarantined by the worker itself (with error attributes).
 resource "google_pubsub_topic_iam_member" "worker_quarantines" {
   topic  = google_pubsub_topic.dead_letter.id

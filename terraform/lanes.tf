@@ -79,6 +79,13 @@ resource "google_pubsub_subscription_iam_member" "worker_subscribes_lane" {
   member       = "serviceAccount:${google_service_account.worker.email}"
 }
 
+resource "google_pubsub_subscription_iam_member" "worker_views_subscription_lane" {
+  for_each     = toset(var.extra_lanes)
+  subscription = google_pubsub_subscription.lane[each.key].id
+  role         = "roles/pubsub.viewer"
+  member       = "serviceAccount:${google_service_account.worker.email}"
+}
+
 resource "google_pubsub_topic_iam_member" "worker_quarantines_lane" {
   for_each = toset(var.extra_lanes)
   topic    = google_pubsub_topic.lane_dead_letter[each.key].id

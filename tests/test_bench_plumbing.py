@@ -45,7 +45,9 @@ def test_gil_ticks_that_py_spy_could_not_read_count_as_held(tmp_path):
     """Without pausing the daemon, py-spy --gil fails now and then to read the stack of
     the thread holding the GIL and counts an error instead of a sample: those ticks
     count as held (paused, the same load gave as many held ticks as samples plus
-    errors). A py-spy that prints no such summary is an error, not an undercount."""
+    errors). A py-spy that prints no such summary is an error, not an undercount.
+    py-spy's output is written here and its process stood in for: a real one prints
+    errors only now and then, never on demand."""
     raw = tmp_path / "gil.txt"
     raw.write_text("Thread.run (threading.py:982);RunnerPool._loop (gannet/pool.py:124) 347\n")
     summary = bench_plumbing.summary_path(raw)

@@ -409,7 +409,11 @@ def test_prod_runs_one_t4_per_pod_on_spot_with_a_drain_budget_that_fits(
     assert str(metrics_port["containerPort"]) == port
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
-    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+    # A start that hangs (weights, the database, CUDA) is restarted: /healthz answers
+    # from the first seconds, so the startup probe waits for readiness instead.
+    startup = container["startupProbe"]
+    assert startup["httpGet"]["path"] == "/readyz"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
 
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     cache = mounts[config["GANNET_MODEL_CACHE_DIR"]]
@@ -645,6 +649,7 @@ def test_terraform_builds_what_the_manifests_expect(
         assert lane_tf["topic.lane_dead_letter"].format(lane.name) == lane.dead_letter_topic
     for name in (
         "google_pubsub_subscription_iam_member.worker_subscribes_lane",
+        "google_pubsub_subscription_iam_member.worker_views_subscription_lane",
         "google_pubsub_topic_iam_member.worker_quarantines_lane",
         "google_pubsub_topic_iam_member.agent_publishes_lane_dead_letter",
         "google_pubsub_subscription_iam_member.agent_subscribes_lane",
@@ -654,6 +659,16 @@ def test_terraform_builds_what_the_manifests_expect(
     assert one(one(lane_sub["dead_letter_policy"])["dead_letter_topic"]) == (
         "${google_pubsub_topic.lane_dead_letter[each.key].id}"
     )
+
+    # The worker pulls its subscriptions and reads each at start (check_exists:
+    # pubsub.subscriptions.get, which roles/pubsub.subscriber does not grant).
+    for name, role in (
+        ("worker_subscribes", "roles/pubsub.subscriber"),
+        ("worker_views_subscription", "roles/pubsub.viewer"),
+        ("worker_subscribes_lane", "roles/pubsub.subscriber"),
+        ("worker_views_subscription_lane", "roles/pubsub.viewer"),
+    ):
+        assert one(res[f"google_pubsub_subscription_iam_member.{name}"]["role"]) == role
 
     sub = res["google_pubsub_subscription.tasks"]
     assert one(sub["name"]) == config["GANNET_SUBSCRIPTION"]

@@ -91,6 +91,7 @@ def test_sampling_follows_the_publisher_and_keeps_new_traces_at_the_ratio(
     assert [(s.name, s.trace_id, s.parent_id) for s in receiver.spans] == [
         ("continued", f"{0x1234:032x}", f"{0x5678:016x}")
     ]
+    # Sampling alone: these spans are sent nowhere.
     ratio_half = Recorder({}, 0.5, send=lambda request, timeout_s: None)
     kept_share = (
         sum(ratio_half.get_tracer("t").start_span("s").is_recording() for _ in range(4000)) / 4000
@@ -147,7 +148,8 @@ def test_spans_over_the_queue_limit_are_dropped_and_said(
 
 
 def test_the_current_span_is_the_recorders_for_log_lines() -> None:
-    """logs.py reads trace.get_current_span(): it must see a RecordedSpan's ids."""
+    """logs.py reads trace.get_current_span(): it must see a RecordedSpan's ids (the
+    span is sent nowhere: export is the receiver tests' part)."""
     recorder = Recorder({}, 1.0, send=lambda request, timeout_s: None)
     span = recorder.get_tracer("gannet").start_span("task")
     token = context.attach(trace.set_span_in_context(span))

@@ -172,7 +172,8 @@ def test_a_poisoned_message_span_carries_its_error_code(
 @pytest.mark.parametrize(("ratio", "linked"), [(0.0, False), (1.0, True)])
 def test_only_a_sampled_task_is_linked_from_a_forward_pass(ratio: float, linked: bool) -> None:
     """At prod's 1 %, most tasks are unsampled: their inference must not make the
-    batch's forward pass record a span that links to nothing anyone will see."""
+    batch's forward pass record a span that links to nothing anyone will see. (Spans
+    are sent nowhere: which ones link is decided before any export.)"""
     from opentelemetry import context, trace
 
     from gannet.spans import Recorder

@@ -153,12 +153,15 @@ class Storage:
         where = f"gs://{bucket}"
         path = f"/storage/v1/b/{urllib.parse.quote(bucket, safe='')}?fields=name"
         response = self._request("GET", path, where)
+        # Only a 404 says the bucket is missing. Any other answer leaves the image's own
+        # 404 to stand: the worker's roles/storage.objectViewer, for one, has no
+        # storage.buckets.get, and a 403 here must not turn every missing image into a
+        # retry.
         if response.status == 404:
             raise TransientError(
                 ErrorCode.DEPENDENCY_UNAVAILABLE,
                 f"bucket {bucket} does not exist: create it, or correct GANNET_ALLOWED_BUCKETS",
             )
-        _check(response, where)
 
     def _objects(self, api: str, bucket: str) -> str:
         """The JSON API's object collection of `bucket`, for media downloads or uploads."""
