@@ -151,8 +151,7 @@ class Dispatcher:
                     "unexpected error checking a message; it will be retried",
                     extra={"fields": {"message_id": message.message_id}},
                 )
-                unknown = TransientError(ErrorCode.DEPENDENCY_UNAVAILABLE, repr(exc))
-                outcome = Outcome(Decision.NACK, "error", unknown)
+                outcome = _unexpected(exc)
             except BaseException:
                 delivery.escaped()
                 raise
@@ -279,8 +278,7 @@ class Dispatcher:
                 "unexpected error; the message will be retried",
                 extra={"task_id": task.task_id, "tenant_id": task.tenant_id},
             )
-            unknown = TransientError(ErrorCode.DEPENDENCY_UNAVAILABLE, repr(exc))
-            return Outcome(Decision.NACK, "error", unknown, task)
+            return _unexpected(exc, task)
 
     def _process(self, item: WorkItem, device: str) -> Outcome:
         task = item.task
@@ -459,8 +457,7 @@ class Delivery:
                 extra={"fields": {"message_id": self.message.message_id}},
             )
             self.message.nack()  # only queues the request: does not raise
-            failed = TransientError(ErrorCode.DEPENDENCY_UNAVAILABLE, repr(exc))
-            applied = Outcome(Decision.NACK, "error", failed, outcome.task, outcome.fields)
+            applied = _unexpected(exc, outcome.task, outcome.fields)
         finally:
             self._done(outcome)
         return applied
@@ -475,6 +472,15 @@ class Delivery:
         if self.span is not None:
             self.span.finish(outcome)
         self._dispatcher._count_unsettled(self.lane, -1)
+
+
+def _unexpected(
+    exc: Exception, task: Task | None = None, fields: dict[str, Any] | None = None
+) -> Outcome:
+    """An exception no code path expected (logged where it was caught): nacked, since
+    another delivery may succeed, and Pub/Sub's dead-letter policy ends the retries."""
+    unknown = TransientError(ErrorCode.DEPENDENCY_UNAVAILABLE, repr(exc))
+    return Outcome(Decision.NACK, "error", unknown, task, fields or {})
 
 
 def _runner_crashed(task: Task) -> Outcome:
