@@ -16,7 +16,7 @@ import pytest
 from conftest import SCENES, scraped, wait_until
 
 from gannet.dev.stack import make_stack
-from gannet.lanes import parse_lanes
+from gannet.lanes import LaneQueue, parse_lanes
 from gannet.outcome import Decision, Outcome, shutdown
 from gannet.pool import Job, RunnerPool
 
@@ -163,6 +163,28 @@ def test_a_lane_that_was_idle_does_not_starve_the_busy_one_when_it_comes_back():
     drain(pool, jobs)
     after = Counter(recorder.order[start + 5 : start + 55])
     assert 6 <= after["bulk"] <= 14, after
+
+
+def test_a_lane_with_a_task_running_and_none_queued_banks_no_credit_either():
+    """Bulk has one long task running and nothing queued while interactive runs 4000
+    tasks. Once both have work, bulk gets its 1 in 5, not every runner until its share
+    of those 4000 is made up (it got 999 of the next 1000 hand-outs)."""
+    queue: LaneQueue[object] = LaneQueue({"interactive": (4, None), "bulk": (1, None)})
+    queue.put("bulk", "long")
+    assert queue.get() == ("bulk", "long")  # running from here to the end
+    for i in range(4000):
+        queue.put("interactive", i)
+        name, _ = queue.get()  # type: ignore[misc]  # never None: not closed
+        queue.finished(name)
+    for i in range(2000):
+        queue.put("bulk", i)
+        queue.put("interactive", i)
+    picks = []
+    for _ in range(1000):
+        name, _ = queue.get()  # type: ignore[misc]  # never None: not closed
+        picks.append(name)
+        queue.finished(name)
+    assert 190 <= picks.count("bulk") <= 210, Counter(picks)
 
 
 # ------------------------------------------------------------------ against the emulators

@@ -15,7 +15,8 @@ GANNET_DEAD_LETTER_TOPIC, so one lane is today's deployment; lane L adds "-L" to
 is free takes the next job of the lane that has had the least service per unit of weight,
 among the lanes with work waiting and under their cap. So when every lane has work each
 gets its share, and when one is empty the others take every runner (work-conserving). A
-lane that was idle re-enters at the current virtual time: idleness banks no credit.
+lane that had nothing queued (even with tasks running) re-enters at the current virtual
+time: idleness banks no credit.
 """
 
 from __future__ import annotations
@@ -114,8 +115,11 @@ class LaneQueue(Generic[ItemT]):
     def put(self, lane: str, job: ItemT) -> None:
         with self._cond:
             state = self._lanes[lane]
-            if not state.jobs and not state.running:
-                state.virtual = max(state.virtual, self._now)  # idle time banks nothing
+            # Nothing queued, whatever is running: that time banks nothing either (a
+            # lane with one long task running would otherwise come back owed the share
+            # of everything the others ran meanwhile, and take every runner).
+            if not state.jobs:
+                state.virtual = max(state.virtual, self._now)
             state.jobs.append(job)
             self._cond.notify()
 
