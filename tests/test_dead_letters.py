@@ -54,3 +54,39 @@ def test_listing_removes_nothing_and_a_fixed_task_replays_to_success(stack):
     assert row["result"]["detection"]["counts"] == expected_counts(SCENES[0])
     assert [d["error_code"] for d in stack.dead_letters(1)] == ["bad_json"]
     assert daemon.stop() == 0
+
+
+def test_a_replay_stopped_by_its_limit_says_so_and_the_next_run_replays_the_rest(stack):
+    """Five letters of one code and two of another; a replay of the first code that may
+    look at four letters stops there, says so and exits 1; run again it replays the
+    rest. Each of the five reaches the tasks topic once; the other two stay."""
+    topic = stack.settings.path("topics", stack.settings.dead_letter_topic)
+    bodies = [f'{{"n": {i}}}'.encode() for i in range(7)]
+    for i, body in enumerate(bodies):
+        code = "image_not_found" if i < 5 else "bad_json"
+        stack.publisher.publish(topic, body, error_code=code, error="x").result(timeout=30)
+
+    first = stack.gannet("dead-letters", "--replay", "--code", "image_not_found", "--limit", "4")
+    assert first.returncode == 1, first.stderr
+    assert "stopped after looking at --limit 4" in first.stderr
+    second = stack.gannet("dead-letters", "--replay", "--code", "image_not_found")
+    assert second.returncode == 0, second.stderr
+    assert "stopped" not in second.stderr
+
+    arrived: list[bytes] = []
+    deadline = time.monotonic() + 30
+    while len(arrived) < 5 and time.monotonic() < deadline:
+        arrived += [m.data for m in stack.pull(stack.settings.subscription, timeout_s=2)]
+    arrived += [m.data for m in stack.pull(stack.settings.subscription, timeout_s=2)]
+    assert sorted(arrived) == sorted(bodies[:5])  # each once
+    assert sorted(d["error_code"] for d in stack.dead_letters(2)) == ["bad_json", "bad_json"]
+
+
+def test_a_replay_from_another_lanes_subscription_must_name_its_lane(stack):
+    """Replayed letters go to the lane's own topic: a --subscription that is not the
+    lane's dead-letter subscription is refused unless --lane says whose it is."""
+    refused = stack.gannet(
+        "dead-letters", "--replay", "--all", "--subscription", "gannet-dead-letter-bulk-sub"
+    )
+    assert refused.returncode == 2
+    assert "name the lane it belongs to with --lane" in refused.stdout

@@ -46,6 +46,15 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     if args.subscription and len(lanes) > 1:
         print("error: --subscription names one dead-letter subscription: add --lane NAME")
         return 2
+    own = lanes[0].dead_letter_subscription
+    if args.subscription not in (None, own) and args.replay and args.lane is None:
+        # Replayed letters go to the lane's topic: another lane's would land in this one.
+        print(
+            f"error: {args.subscription} is not lane {lanes[0].name!r}'s dead-letter "
+            f"subscription ({own}), whose topic ({lanes[0].topic}) a replay goes to; name "
+            "the lane it belongs to with --lane NAME (set GANNET_LANES as in the overlay)"
+        )
+        return 2
     worst = 0
     for lane in lanes:
         if len(lanes) > 1 and not args.json:

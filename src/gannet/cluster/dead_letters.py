@@ -9,8 +9,10 @@ the config) the operator replays those messages to the tasks topic. The daemon i
 idempotent on task_id, so replaying a task that has a committed result does no harm.
 
 Listing leaves every message where it was: the leases of the pull are given back at
-once (ack deadline 0). A replay acks a dead letter only after its copy has been
-published, so a failure half-way loses nothing; at worst a task is replayed twice.
+once (ack deadline 0) when the run ends. A replay goes batch by batch as the letters are
+pulled, and acks a dead letter only after its copy has been published, so a failure
+half-way loses nothing; at worst a task is replayed twice. A replay that stops at
+--limit says so and exits 1: run it again for the rest.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import argparse
 import json
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import google.cloud.pubsub_v1 as pubsub_v1
@@ -77,28 +80,29 @@ def _letter(received: Any) -> DeadLetter:
     )
 
 
-def pull(subscriber: pubsub_v1.SubscriberClient, path: str, limit: int) -> list[DeadLetter]:
-    """Lease up to `limit` dead letters; the caller must ack or release every one."""
-    letters: list[DeadLetter] = []
-    while len(letters) < limit:
+def batches(
+    subscriber: pubsub_v1.SubscriberClient, path: str, limit: int
+) -> Iterator[list[DeadLetter]]:
+    """Lease dead letters a batch at a time, `limit` at most in all; the caller must ack
+    or release every one. A batch is leased for _LEASE_S from its pull: one taken longer
+    ago may come back in a later batch under a new ack id (same message_id)."""
+    pulled = 0
+    while pulled < limit:
         try:
             response = subscriber.pull(
-                request={
-                    "subscription": path,
-                    "max_messages": min(_PULL_BATCH, limit - len(letters)),
-                },
+                request={"subscription": path, "max_messages": min(_PULL_BATCH, limit - pulled)},
                 # A pull waits for messages to arrive: long for the first, so an empty
                 # subscription is told from a slow one; then short, to stop soon.
-                timeout=10 if not letters else 2,
+                timeout=10 if not pulled else 2,
             )
         except gexc.DeadlineExceeded:
-            break
+            return
         if not response.received_messages:
-            break
+            return
         batch = [_letter(r) for r in response.received_messages]
         _set_lease(subscriber, path, batch, _LEASE_S)
-        letters += batch
-    return letters
+        pulled += len(batch)
+        yield batch
 
 
 def _chunks(letters: list[DeadLetter]) -> list[list[str]]:
@@ -129,7 +133,7 @@ def replay(
 ) -> tuple[list[DeadLetter], list[tuple[DeadLetter, str]]]:
     """Publish each body to the tasks topic, then ack its dead letter.
 
-    Returns (replayed, failed with the reason); the failed ones are released."""
+    Returns (replayed, failed with the reason); the failed ones stay leased."""
     futures = [
         (d, publisher.publish(topic_path, d.data, replayed_from=d.message_id)) for d in letters
     ]
@@ -141,10 +145,57 @@ def replay(
             replayed.append(letter)
         except (gexc.GoogleAPICallError, gexc.RetryError, TimeoutError) as exc:
             failed.append((letter, str(exc)))
-    for ack_ids in _chunks(replayed):
-        subscriber.acknowledge(request={"subscription": path, "ack_ids": ack_ids})
-    release(subscriber, path, [d for d, _ in failed])
+    _ack(subscriber, path, replayed)
     return replayed, failed
+
+
+def _ack(subscriber: pubsub_v1.SubscriberClient, path: str, letters: list[DeadLetter]) -> None:
+    for ack_ids in _chunks(letters):
+        subscriber.acknowledge(request={"subscription": path, "ack_ids": ack_ids})
+
+
+@dataclass
+class Walk:
+    """One run over a dead-letter subscription, by message_id: what it left leased
+    (listed, or not chosen, or failed to replay), what it replayed, whether it saw the
+    end (False: it stopped at --limit)."""
+
+    held: dict[str, DeadLetter] = field(default_factory=dict)
+    replayed: dict[str, DeadLetter] = field(default_factory=dict)
+    failed: list[tuple[DeadLetter, str]] = field(default_factory=list)
+    chosen: set[str] = field(default_factory=set)  # message_ids chosen to replay
+    complete: bool = False
+
+
+def walk(
+    args: argparse.Namespace,
+    publisher: pubsub_v1.PublisherClient,
+    subscriber: pubsub_v1.SubscriberClient,
+    topic_path: str,
+    path: str,
+    done: Walk,
+) -> None:
+    """Replay (with --replay) the chosen letters batch by batch as they are pulled, so
+    that none waits out its lease while the rest is pulled, and hold every other one to
+    the end (released by the caller: given back at once, it would be pulled again). A
+    letter that comes back (its lease ran out) is known by its message_id: one already
+    replayed is acked again (the first ack came too late to count), another one is held
+    under its new ack id."""
+    pulled = 0
+    for batch in batches(subscriber, path, args.limit):
+        pulled += len(batch)
+        again = [d for d in batch if d.message_id in done.replayed]
+        _ack(subscriber, path, again)
+        fresh = [d for d in batch if d.message_id not in done.replayed]
+        chosen = select(fresh, args.code, args.tenant) if args.replay else []
+        replayed, failed = (
+            replay(publisher, subscriber, topic_path, path, chosen) if chosen else ([], [])
+        )
+        done.chosen.update(d.message_id for d in chosen)
+        done.failed += failed
+        done.replayed.update((d.message_id, d) for d in replayed)
+        done.held.update((d.message_id, d) for d in fresh if d.message_id not in done.replayed)
+    done.complete = pulled < args.limit
 
 
 def select(
@@ -184,6 +235,9 @@ def main(
 ) -> int:
     """One lane's dead letters (`lane` names it in the output when there are several):
     listed, or replayed to that lane's own topic."""
+    if args.limit < 1:
+        print("error: --limit must be 1 or more", file=sys.stderr)
+        return 2
     if args.replay and not (args.code or args.all):
         print(
             "error: say what to replay: --code CODE (repeatable; e.g. "
@@ -191,8 +245,9 @@ def main(
             file=sys.stderr,
         )
         return 2
+    done = Walk()
     try:
-        letters = pull(subscriber, subscription_path, args.limit)
+        walk(args, publisher, subscriber, topic_path, subscription_path, done)
     except gexc.NotFound:
         print(
             f"error: subscription {subscription_path} does not exist; "
@@ -208,36 +263,54 @@ def main(
             file=sys.stderr,
         )
         return 2
-    chosen = select(letters, args.code, args.tenant)
-    chosen_ids = {d.ack_id for d in chosen}
-    others = [d for d in letters if d.ack_id not in chosen_ids]
-    replayed: list[DeadLetter] = []
-    failed: list[tuple[DeadLetter, str]] = []
-    try:
-        if args.replay:
-            replayed, failed = replay(publisher, subscriber, topic_path, subscription_path, chosen)
-        else:
-            release(subscriber, subscription_path, chosen)
+    except (gexc.GoogleAPICallError, gexc.RetryError) as exc:
+        print(
+            f"error: Pub/Sub did not answer for {subscription_path} ({exc}); check "
+            "GANNET_PROJECT, your credentials (gcloud auth application-default login) and, "
+            "against the emulator, PUBSUB_EMULATOR_HOST. Replayed so far: "
+            f"{len(done.replayed)}; the rest comes back within {_LEASE_S} s",
+            file=sys.stderr,
+        )
+        return 2
     finally:
-        release(subscriber, subscription_path, others)
+        try:
+            release(subscriber, subscription_path, list(done.held.values()))
+        except (gexc.GoogleAPICallError, gexc.RetryError) as exc:
+            print(
+                f"note: could not give the leases back ({exc}); those letters are "
+                f"available again within {_LEASE_S} s",
+                file=sys.stderr,
+            )
 
+    letters = list(done.held.values())
     if args.json:
-        for letter in replayed if args.replay else chosen:
+        shown = done.replayed.values() if args.replay else select(letters, args.code, args.tenant)
+        for letter in shown:
             extra: dict[str, Any] = {"replayed_to": topic_path} if args.replay else {}
             if lane is not None:
                 extra["lane"] = lane
             print(json.dumps({**letter.summary(), **extra}))
     elif args.replay:
-        print(f"replayed {len(replayed)} of {len(chosen)} to {topic_path}; dead letters acked")
+        print(
+            f"replayed {len(done.replayed)} of {len(done.chosen)} to {topic_path}; "
+            "dead letters acked"
+        )
     else:
-        _print_listing(letters, chosen, subscription_path, args.limit)
-    for letter, reason in failed:
-        print(f"error: could not replay {letter.message_id} ({reason}); it stays", file=sys.stderr)
-    return 1 if failed else 0
+        _print_listing(letters, select(letters, args.code, args.tenant), subscription_path, done)
+    failed = {d.message_id: reason for d, reason in done.failed if d.message_id in done.held}
+    for message_id, reason in failed.items():
+        print(f"error: could not replay {message_id} ({reason}); it stays", file=sys.stderr)
+    if args.replay and not done.complete:
+        print(
+            f"stopped after looking at --limit {args.limit} dead letters: there may be more "
+            "to replay; run the command again (or raise --limit)",
+            file=sys.stderr,
+        )
+    return 1 if failed or (args.replay and not done.complete) else 0
 
 
 def _print_listing(
-    letters: list[DeadLetter], chosen: list[DeadLetter], path: str, limit: int
+    letters: list[DeadLetter], chosen: list[DeadLetter], path: str, done: Walk
 ) -> None:
     if not letters:
         print(f"{path} is empty")
@@ -246,6 +319,6 @@ def _print_listing(
         print(_table(chosen))
     by_code = Counter(d.error_code for d in chosen)
     summary = ", ".join(f"{n} {code}" for code, n in by_code.most_common()) or "none match"
-    more = " (there may be more: raise --limit)" if len(letters) >= limit else ""
+    more = "" if done.complete else " (there may be more: raise --limit)"
     print(f"\n{len(chosen)} of {len(letters)} dead letters shown: {summary}{more}")
     print("Nothing was removed. Replay with --replay --code CODE once the cause is fixed.")
