@@ -28,7 +28,7 @@ from kubernetes import client as k8s
 
 from gannet.cluster import cli as cluster_cli
 from gannet.cluster import ops
-from gannet.cluster.ops import OpsError, format_status, get_status, scale
+from gannet.cluster.ops import OpsError, format_status, get_status, hpa_state, scale
 
 FIXTURES = Path(__file__).parent / "fixtures" / "k8s"
 NS = "/api/v1/namespaces/gannet"
@@ -164,6 +164,43 @@ def kubeconfig(tmp_path: Path, url: str) -> Path:
 
 
 # ---- status -------------------------------------------------------------------------------
+
+
+def test_each_lanes_backlog_is_shown_against_its_own_target() -> None:
+    """Prod's HPA has one External metric per lane: the same name, another subscription
+    in the selector. Each current value is matched by name and selector, not by name
+    alone (the bulk lane's 250 was shown against the interactive target)."""
+
+    def external(subscription: str, **value: str) -> dict[str, Any]:
+        selector = {"matchLabels": {"resource.labels.subscription_id": subscription}}
+        metric = {"name": "pubsub.googleapis.com|subscription|num_undelivered_messages"}
+        return {
+            "type": "External",
+            "external": {"metric": {**metric, "selector": selector}, **value},
+        }
+
+    hpa = {
+        "metadata": {"name": "gannet-worker"},
+        "spec": {
+            "maxReplicas": 12,
+            "metrics": [
+                external("gannet-tasks-sub", target={"type": "AverageValue", "averageValue": "2"}),
+                external(
+                    "gannet-tasks-sub-bulk", target={"type": "AverageValue", "averageValue": "8"}
+                ),
+            ],
+        },
+        "status": {
+            "currentMetrics": [
+                external("gannet-tasks-sub", current={"averageValue": "500m"}),
+                external("gannet-tasks-sub-bulk", current={"averageValue": "250"}),
+            ]
+        },
+    }
+    interactive, bulk = hpa_state(hpa).metrics
+    assert interactive.name.endswith("{resource.labels.subscription_id=gannet-tasks-sub}")
+    assert (interactive.current, interactive.target) == ("0.5 per pod", "2 per pod")
+    assert (bulk.current, bulk.target) == ("250 per pod", "8 per pod")
 
 
 def test_status_reads_replicas_hpa_nodes_backlog_and_pods(server: FakeApiServer) -> None:

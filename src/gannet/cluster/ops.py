@@ -208,9 +208,14 @@ def _target_text(target: dict[str, Any]) -> str:
 
 
 def _metric_key(kind: str, source: dict[str, Any]) -> str:
+    """The metric's name, and its selector's labels (status names them too): prod's HPA
+    has one External metric per lane, the same name on another subscription."""
     if kind == "Resource":
         return source.get("name", "")
-    return source.get("metric", {}).get("name", "")
+    metric = source.get("metric", {})
+    labels = sorted(((metric.get("selector") or {}).get("matchLabels") or {}).items())
+    selector = "{" + ",".join(f"{k}={v}" for k, v in labels) + "}" if labels else ""
+    return metric.get("name", "") + selector
 
 
 def hpa_state(obj: dict[str, Any]) -> HpaState:
@@ -235,11 +240,7 @@ def hpa_state(obj: dict[str, Any]) -> HpaState:
                 current_text = f"{_quantity(current['averageValue'])} per pod"
             else:
                 current_text = f"{_quantity(current.get('value'))} total"
-        selector = source.get("metric", {}).get("selector", {}).get("matchLabels")
-        label = key + (
-            "{" + ",".join(f"{k}={v}" for k, v in selector.items()) + "}" if selector else ""
-        )
-        metrics.append(MetricState(kind, label, _target_text(target), current_text))
+        metrics.append(MetricState(kind, key, _target_text(target), current_text))
     conditions = [
         {k: c.get(k, "") for k in ("type", "status", "reason", "message")}
         for c in status.get("conditions") or []
