@@ -9,9 +9,26 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from conftest import SCENES, expected_counts, scraped, settled
+from conftest import SAMPLES, SCENES, expected_counts, scraped, settled
 
 from gannet.daemon import batch_scheduling
+
+
+def test_gannet_publish_names_the_flag_at_fault_and_the_topic_it_could_not_reach(stack):
+    """A bad flag is named before anything is uploaded; a topic that does not exist is an
+    error that says what to check, exit 1, not a traceback."""
+    image = str(SAMPLES / SCENES[0]["file"])
+    args = ("publish", "--tenant", stack.tenant, "--pipeline", "DETECTION")
+    bad = stack.gannet(*args, "--confidence", "5", image)
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert "error: --confidence:" in bad.stdout and "Traceback" not in bad.stderr
+    uploads = stack.storage.client.list_blobs("gannet-images", prefix=f"{stack.tenant}/uploads/")
+    assert list(uploads) == []  # refused before the upload
+
+    lost = stack.gannet(*args, image, GANNET_TOPIC="no-such-topic")
+    assert lost.returncode == 1, lost.stdout + lost.stderr
+    assert "was not published to" in lost.stdout and "no-such-topic" in lost.stdout
+    assert "Traceback" not in lost.stderr
 
 
 def test_publish_to_row_to_ack(stack):

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import google.cloud.pubsub_v1 as pubsub_v1
+from google.api_core.exceptions import GoogleAPICallError, RetryError
+from pydantic import ValidationError
 
 from gannet import clients
 from gannet.settings import Settings
@@ -73,37 +75,74 @@ def lane_topic(settings: Settings, lane: str | None) -> str:
     return settings.path("topics", settings.lane(lane).topic)
 
 
+# The command's flag for each of the task's fields, to name in an error.
+_FLAGS = {
+    "tenant_id": "--tenant",
+    "pipeline": "--pipeline",
+    "session_id": "--session-id",
+    "options.confidence_override": "--confidence",
+    "callback_url": "--callback-url",
+    "task_id": "--task-id-prefix",
+    "image_url": "the image",
+}
+
+
 def _publish(settings: Settings, args: argparse.Namespace) -> int:
     try:
         topic = lane_topic(settings, args.lane)
     except ValueError as exc:
         print(f"error: {exc}", flush=True)
         return 2
-    publisher, _ = clients.pubsub_clients(settings)
-    storage = Storage(clients.storage_client(settings))
+    # Every task is checked before anything is uploaded or published.
+    bucket = settings.allowed_buckets[0]
+    uploads: dict[str, Path] = {}
     tasks = []
     for image in args.images:
-        if image.startswith("gs://"):
-            url = image
-        else:
+        url = image
+        if not image.startswith("gs://"):
             path = Path(image)
             if not path.is_file():
                 print(f"error: {image} is not a file or gs:// URL", flush=True)
                 return 2
-            url = upload_image(storage, settings.allowed_buckets[0], args.tenant, path, "uploads")
-        task_id = f"{args.task_id_prefix}{uuid.uuid4().hex}"
-        tasks.append(
-            make_task(
-                args.tenant,
-                url,
-                args.pipeline,
-                task_id,
-                session_id=args.session_id,
-                confidence=args.confidence,
-                callback_url=args.callback_url,
+            url = f"gs://{bucket}/{args.tenant}/uploads/{path.name}"
+            uploads[url] = path
+        try:
+            tasks.append(
+                make_task(
+                    args.tenant,
+                    url,
+                    args.pipeline,
+                    f"{args.task_id_prefix}{uuid.uuid4().hex}",
+                    session_id=args.session_id,
+                    confidence=args.confidence,
+                    callback_url=args.callback_url,
+                )
             )
-        )
-    publish_tasks(publisher, topic, tasks)
-    for task in tasks:
-        print(json.dumps({"task_id": task.task_id, "image_url": task.image_url}))
-    return 0
+        except ValidationError as exc:
+            for err in exc.errors():
+                where = ".".join(str(p) for p in err["loc"])
+                print(f"error: {_FLAGS.get(where, where)}: {err['msg']}", flush=True)
+            return 2
+    publisher, _ = clients.pubsub_clients(settings)
+    storage = Storage(clients.storage_client(settings))
+    for path in uploads.values():
+        upload_image(storage, bucket, args.tenant, path, "uploads")
+    futures = [
+        (task, publisher.publish(topic, task.model_dump_json(exclude_none=True).encode()))
+        for task in tasks
+    ]
+    failed = 0
+    for task, future in futures:  # each accepted task's id is printed, whatever the rest do
+        try:
+            future.result(timeout=60)
+        except (GoogleAPICallError, RetryError, TimeoutError) as exc:
+            failed += 1
+            print(
+                f"error: {task.image_url} was not published to {topic} ({exc}); check that "
+                "the topic exists (terraform, or `gannet services` locally), GANNET_PROJECT "
+                "and your credentials, then publish that image again",
+                flush=True,
+            )
+            continue
+        print(json.dumps({"task_id": task.task_id, "image_url": task.image_url}), flush=True)
+    return 1 if failed else 0
