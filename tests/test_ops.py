@@ -336,6 +336,16 @@ def test_scale_refuses_when_an_hpa_owns_the_deployment(server: FakeApiServer) ->
     assert not server.patches()
 
 
+def test_scale_to_zero_says_how_and_what_it_does_to_the_hpa(server: FakeApiServer) -> None:
+    """The runbook's maintenance stop: to 0 under an HPA needs --force (--hpa-min cannot
+    go below 1), and then the HPA is off until the Deployment is scaled up again."""
+    with pytest.raises(OpsError, match="--force 0") as refused:
+        scale(server.api(), 0)
+    assert "--hpa-min" not in str(refused.value)
+    result = scale(server.api(), 0, mode="force")
+    assert "scale to 1 or more to resume" in ops.format_scale(result, "gannet", "gannet-worker")
+
+
 def test_scale_force_patches_the_scale_subresource(server: FakeApiServer) -> None:
     result = scale(server.api(), 6, mode="force")
     (patch,) = server.patches()

@@ -607,13 +607,29 @@ def scale(
                 raise OpsError(_describe_api_error(exc, f"hpa {namespace}/{name}")) from exc
         return ScaleResult("hpa-min", old_min, replicas, hpa=name, dry_run=dry_run)
 
-    if hpa is not None and mode == "refuse-if-hpa":
+    # An HPA does not act on a Deployment at 0 replicas: scaling up from 0 hands the
+    # Deployment back to it, so that needs no --force.
+    if hpa is not None and mode == "refuse-if-hpa" and before > 0:
         name = hpa["metadata"]["name"]
         lo, hi = int(hpa["spec"].get("minReplicas", 1)), int(hpa["spec"]["maxReplicas"])
+        if replicas == 0:
+            advice = (
+                "use --force 0 to stop every worker: the HPA then stays off until you scale "
+                "to 1 or more"
+            )
+        elif name.startswith("keda-hpa-"):
+            advice = (
+                "set minReplicaCount on the ScaledObject (kubectl -n gannet edit "
+                "scaledobject gannet-worker), or --force to scale anyway"
+            )
+        else:
+            advice = (
+                f"use --hpa-min {replicas} to keep at least {replicas} workers, or --force "
+                "to scale anyway"
+            )
         raise OpsError(
             f"{namespace}/{deployment} is managed by HPA {name} (min {lo}, max {hi}); it "
-            f"would undo a manual scale within ~15 s. Use --hpa-min {replicas} to keep at "
-            f"least {replicas} workers, or --force to scale anyway."
+            f"would undo a manual scale within ~15 s. To {replicas}: {advice}."
         )
     if not dry_run:
         try:
@@ -645,7 +661,11 @@ def format_scale(result: ScaleResult, namespace: str, deployment: str) -> str:
             "(or re-apply k8s/overlays/prod) after the batch"
         )
     text = f"{prefix} {namespace}/{deployment} replicas: {result.before} -> {result.after}"
-    if result.hpa:
+    if result.hpa and result.after == 0:
+        text += f" (hpa {result.hpa} is off while it is at 0: scale to 1 or more to resume)"
+    elif result.hpa and result.before == 0:
+        text += f" (hpa {result.hpa} takes it from here)"
+    elif result.hpa:
         text += f" (forced: hpa {result.hpa} will adjust it at its next sync)"
     if result.after > result.before:
         text += "; new T4 nodes can take ~5 minutes (watch: gannet ops status)"
