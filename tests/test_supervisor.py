@@ -22,7 +22,8 @@ from conftest import SCENES, settled
 from prometheus_client import generate_latest
 
 from gannet.metrics import Metrics
-from gannet.supervisor import cpu_shares, merge_metrics
+from gannet.settings import Settings
+from gannet.supervisor import STARTUP_S, Supervisor, cpu_shares, exposition, merge_metrics
 
 
 def test_cpus_are_shared_out_in_contiguous_groups_or_not_at_all():
@@ -81,6 +82,50 @@ def _get(port: int, path: str) -> tuple[int, dict | str]:
     return status, json.loads(body) if path != "/metrics" else body
 
 
+def test_a_dead_processs_counters_go_on_but_not_its_gauges():
+    """A process that died leaves its counters and histograms to the pod's sums (they
+    must not go down), not its gauges (nothing it held is outstanding any more); carried
+    through the text format, as the supervisor keeps them."""
+    dead, alive = Metrics(), Metrics()
+    dead.messages.labels(outcome="succeeded").inc(10)
+    dead.outstanding.set(7)
+    dead.batch_size.observe(3)
+    alive.messages.labels(outcome="succeeded").inc(2)
+    alive.outstanding.set(1)
+    retired = exposition(merge_metrics([], [generate_latest(dead.registry).decode()]))
+
+    merged = merge_metrics([generate_latest(alive.registry).decode()], [retired, ""])
+
+    assert _value(merged, "gannet_messages_total", outcome="succeeded") == 12
+    assert _value(merged, "gannet_batch_size_count") == 1
+    assert _value(merged, "gannet_messages_outstanding") == 1
+
+
+def test_a_process_that_never_answers_is_killed_to_be_started_again():
+    """A daemon process that does not answer /healthz (here a process that is no daemon,
+    `sleep`) counts as starting until STARTUP_S has passed, then is killed, and _reap
+    starts it again: under a supervisor the pod's /healthz would report it starting
+    forever, where a one-process pod's liveness probe restarts it."""
+    supervisor = Supervisor(Settings(processes=2, metrics_port=0), ["sleep", "600"])
+    for child in supervisor.children:
+        supervisor._start(child)
+    try:
+        now = time.monotonic()
+        supervisor._kill_hung(now)
+        assert all(child.alive() for child in supervisor.children), "still starting"
+        supervisor._kill_hung(now + STARTUP_S + 1)
+        for child in supervisor.children:
+            assert child.proc is not None and child.proc.wait(timeout=10) == -signal.SIGKILL
+        supervisor._reap(now + STARTUP_S + 1)
+        assert [child.restarts_total for child in supervisor.children] == [1, 1]
+    finally:
+        for child in supervisor.children:
+            if child.alive():
+                assert child.proc is not None
+                child.proc.kill()
+        supervisor._asking.shutdown(wait=False)
+
+
 def _succeeded(metrics_text: str) -> float:
     for line in metrics_text.splitlines():
         if line.startswith('gannet_messages_total{outcome="succeeded"}'):
@@ -132,9 +177,15 @@ def test_two_processes_share_the_work_survive_a_kill_9_and_drain_on_sigterm(stac
         assert len(restarted) == 1 and restarted[0]["exit_code"] == -9
         _, metrics = _get(pod.metrics_port, "/metrics")
         assert "gannet_daemon_process_restarts_total 1.0" in metrics  # type: ignore[operator]
+        # The killed process's counters go on in the pod's sums: they never go down.
+        assert _succeeded(metrics) == 24  # type: ignore[arg-type]
         more = [stack.task(url) for _ in range(8)]
         stack.publish(more)
         assert len(stack.wait_rows([t.task_id for t in more], timeout_s=180)) == 8
+        deadline = time.monotonic() + 10  # each row is committed before its count
+        while _succeeded(_get(pod.metrics_port, "/metrics")[1]) < 32:  # type: ignore[arg-type]
+            assert time.monotonic() < deadline, "the pod's count did not reach 32"
+            time.sleep(0.1)
 
         # SIGTERM: readiness drops while the processes drain, they all drain, nothing is
         # left running. The signal's handler runs on the supervisor's main thread, so a

@@ -18,7 +18,12 @@ What the supervisor does itself:
   or nacks), and exits when all have exited, with the worst exit code;
 - starts a process again when it dies while the pod is not stopping (its leased messages
   come back from Pub/Sub after their lease, as after a pod's kill -9), backing off when
-  one keeps dying, and counts it (gannet_daemon_process_restarts_total).
+  one keeps dying, and counts it (gannet_daemon_process_restarts_total); kills one that
+  stopped answering /healthz for HUNG_S (a one-process pod's liveness probe would
+  restart it), so that it is started again;
+- keeps the pod's counters from going down: a process that misses a scrape counts with
+  its last one, and the counters of one that died are carried over to its successor
+  (Prometheus reads any decrease as a reset, and rates and alerts would spike).
 
 A process notices its supervisor is gone (os.getppid changes) and drains itself
 (daemon.py), so no daemon outlives the pod's entry point.
@@ -40,6 +45,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -56,6 +62,9 @@ log = logging.getLogger(__name__)
 # process: the pod reports it once, not once per process.
 SHARED_GAUGE_PREFIX = "gannet_subscription_"
 SCRAPE_TIMEOUT_S = 2.0
+WATCH_S = 10.0  # how often the processes' /healthz is asked
+HUNG_S = 60.0  # a process silent this long since its last answer is killed
+STARTUP_S = 300.0  # ... or this long after its start without any answer
 BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -74,14 +83,18 @@ def cpu_shares(cpus: Iterable[int], n: int) -> list[list[int]]:
     return groups
 
 
-def merge_metrics(texts: Iterable[str]) -> list[Metric]:
+def merge_metrics(texts: Iterable[str], retired: Iterable[str] = ()) -> list[Metric]:
     """The processes' metrics as one pod's: every sample summed over the processes that
     have it, except the subscription-wide gauges (the largest); `_created` samples are
-    dropped (a sum of creation times means nothing)."""
+    dropped (a sum of creation times means nothing). `retired`: the last metrics of
+    processes that died, of which only the counters, histograms and summaries count."""
     families: dict[str, Metric] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-    for text in texts:
+    every = [(text, False) for text in texts] + [(text, True) for text in retired]
+    for text, dead in every:
         for family in text_string_to_metric_families(text):
+            if dead and family.type in ("gauge", "info", "stateset", "unknown"):
+                continue
             if family.name not in families:
                 families[family.name] = Metric(family.name, family.documentation, family.type)
                 values[family.name] = {}
@@ -100,6 +113,21 @@ def merge_metrics(texts: Iterable[str]) -> list[Metric]:
     return list(families.values())
 
 
+class _Fixed(Collector):
+    def __init__(self, metrics: list[Metric]) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        return self._metrics
+
+
+def exposition(metrics: list[Metric]) -> str:
+    """Metrics in Prometheus' text format (what a process's /metrics answers)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(metrics))
+    return generate_latest(registry).decode()
+
+
 @dataclass
 class Child:
     """One daemon process and what the supervisor knows of it."""
@@ -112,6 +140,9 @@ class Child:
     restarts: int = 0  # in a row, for the back-off
     restarts_total: int = 0
     exit_codes: list[int] = field(default_factory=list)
+    answered_at: float | None = None  # its last answer on /healthz, this process
+    scraped: str = ""  # its last good /metrics, this process
+    retired: str = ""  # the counters of its earlier processes, summed
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.metrics_port}{path}"
@@ -144,6 +175,7 @@ class Supervisor:
         ]
         self.stopping = threading.Event()
         self._asking = ThreadPoolExecutor(len(self.children), thread_name_prefix="ask")
+        self._metrics_lock = threading.Lock()  # scraped and retired: scrapes vs _reap
 
     # --------------------------------------------------------------- processes
 
@@ -160,6 +192,7 @@ class Supervisor:
         }
         child.proc = subprocess.Popen(self.command, env=env, stdin=subprocess.DEVNULL)
         child.started_at = time.monotonic()
+        child.answered_at = None
         if self.stopping.is_set():  # a stop signal came while it was being started
             child.proc.send_signal(signal.SIGTERM)
         try:
@@ -187,6 +220,9 @@ class Supervisor:
             code = child.proc.returncode
             child.exit_codes.append(code)
             child.proc = None
+            with self._metrics_lock:  # its counters go on in its successor's
+                child.retired = exposition(merge_metrics([], [child.retired, child.scraped]))
+                child.scraped = ""
             if self.stopping.is_set():
                 continue
             wait = BACKOFF_S[min(child.restarts, len(BACKOFF_S) - 1)]
@@ -208,12 +244,36 @@ class Supervisor:
             child.started_at = now + wait  # _loop starts it once this time has come
 
     def _loop(self) -> None:
+        watched = time.monotonic()
         while not self.stopping.wait(0.5):
             now = time.monotonic()
+            if now - watched >= WATCH_S:
+                self._kill_hung(now)
+                watched = now
             self._reap(now)
             for child in self.children:
                 if child.proc is None and child.exit_codes and now >= child.started_at:
                     self._start(child)
+
+    def _kill_hung(self, now: float) -> None:
+        """Kill a process that stopped answering /healthz (deadlocked, or its health
+        thread gone): _reap then starts it again. A one-process pod's liveness probe
+        would restart it; here the pod's /healthz counts it as starting forever."""
+        for child, (code, _) in zip(self.children, self._ask("/healthz"), strict=True):
+            if code:
+                child.answered_at = now
+                continue
+            if not child.alive():
+                continue
+            silent_since = child.answered_at
+            limit = HUNG_S if silent_since is not None else STARTUP_S
+            if now - (silent_since if silent_since is not None else child.started_at) > limit:
+                assert child.proc is not None
+                log.error(
+                    "daemon process stopped answering; killing it to start it again",
+                    extra={"fields": {"process": child.index, "silent_s": round(limit)}},
+                )
+                child.proc.kill()
 
     # --------------------------------------------------------------- probes
 
@@ -243,7 +303,15 @@ class Supervisor:
         return ok, {"processes": states, "shutting_down": self.stopping.is_set()}
 
     def collect(self) -> list[Metric]:
-        texts = [body.decode() for code, body in self._ask("/metrics") if code == 200]
+        asked = [child.proc for child in self.children]
+        answers = self._ask("/metrics")
+        with self._metrics_lock:
+            for child, proc, (code, body) in zip(self.children, asked, answers, strict=True):
+                if code == 200 and child.proc is proc:  # not one reaped meanwhile
+                    child.scraped = body.decode()
+            # A process that missed this scrape counts with its last one.
+            texts = [child.scraped for child in self.children]
+            retired = [child.retired for child in self.children]
         restarts = Metric(
             "gannet_daemon_process_restarts",
             "Daemon processes the supervisor started again after they died.",
@@ -252,7 +320,7 @@ class Supervisor:
         restarts.add_sample(
             "gannet_daemon_process_restarts_total", {}, sum(c.restarts_total for c in self.children)
         )
-        return [*merge_metrics(texts), restarts]
+        return [*merge_metrics(texts, retired), restarts]
 
     # --------------------------------------------------------------- run
 
