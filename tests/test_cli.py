@@ -56,6 +56,23 @@ def test_run_without_credentials_or_emulator_says_what_to_do():
     assert "no Google Cloud credentials" in out.stdout and "gannet services" in out.stdout
 
 
+def test_migrate_without_a_database_waits_then_says_what_to_do():
+    """The pod's migrate step starts beside a proxy sidecar: it waits as the daemon does
+    (GANNET_DB_CONNECT_WAIT_S), then says what to check instead of a traceback."""
+    out = gannet(
+        "db",
+        "migrate",
+        env={
+            "GANNET_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+            "GANNET_DB_CONNECT_WAIT_S": "2",
+        },
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "cannot connect to PostgreSQL" in out.stderr and "Traceback" not in out.stderr
+    assert "GANNET_DB_CONNECT_WAIT_S" in out.stderr
+
+
 def test_run_without_a_database_says_what_to_do():
     """After GANNET_DB_CONNECT_WAIT_S (15 s by default, 2 here), not at once."""
     started = time.monotonic()

@@ -40,11 +40,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    import psycopg
+
     from gannet import logs, sink
 
     settings = Settings()
     logs.configure(settings.log_level)
-    applied = sink.migrate(settings.database_url)
+    try:
+        applied = sink.migrate(settings.database_url, settings.db_connect_wait_s)
+    except psycopg.OperationalError as exc:
+        raise CommandError(
+            f"cannot connect to PostgreSQL at GANNET_DATABASE_URL ({exc}); is it running? "
+            "If it only starts slowly, raise GANNET_DB_CONNECT_WAIT_S"
+        ) from exc
     print(f"schema at version {sink.SCHEMA_VERSION}; applied now: {applied or 'nothing'}")
     return 0
 

@@ -57,9 +57,9 @@ class Settings(BaseSettings):
     db_connect_wait_s: float = Field(
         15.0,
         gt=0,
-        description="How long the daemon waits at start for PostgreSQL to accept "
-        "connections before it exits, saying so (raise it when a sidecar such as the "
-        "Cloud SQL Auth Proxy starts slowly).",
+        description="How long the daemon (and `gannet db migrate`) waits at start for "
+        "PostgreSQL to accept connections before it exits, saying so (raise it when a "
+        "sidecar such as the Cloud SQL Auth Proxy starts slowly).",
     )
     results_bucket: str = Field("gannet-results", description="Bucket for result JSON.")
     allowed_buckets: Annotated[list[str], NoDecode] = Field(

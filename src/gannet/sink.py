@@ -9,6 +9,7 @@ whose success is committed is recognised before any model runs.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -497,10 +498,21 @@ def _upsert(cur: psycopg.Cursor[dict[str, Any]], record: TaskResult) -> bool:
     return False
 
 
-def migrate(database_url: str) -> list[int]:
-    """Apply pending migrations in one transaction each; returns the versions applied."""
+def migrate(database_url: str, connect_wait_s: float = 0.0) -> list[int]:
+    """Apply pending migrations in one transaction each; returns the versions applied.
+    Waits up to `connect_wait_s` for PostgreSQL to accept a connection (a pod's migrate
+    step starts beside a proxy sidecar that may not be up yet)."""
     applied: list[int] = []
-    with psycopg.connect(database_url, connect_timeout=10) as conn:
+    deadline = time.monotonic() + connect_wait_s
+    while True:
+        try:
+            conn = psycopg.connect(database_url, connect_timeout=10)
+            break
+        except psycopg.OperationalError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(1.0)
+    with conn:
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
             conn.execute(
