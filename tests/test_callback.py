@@ -134,6 +134,7 @@ def test_public_addresses_pass():
         ("ftp://8.8.8.8/hook", "must be https"),
         ("https://user:pw@8.8.8.8/hook", "credentials"),
         ("https://a..b/hook", "not a valid host name"),  # IDNA refuses it
+        ("https://8.8.8.8/r\u00e9sultat", "must be ASCII"),  # http.client cannot send it
     ],
 )
 def test_the_default_policy_refuses_before_connecting(url, expected):

@@ -43,6 +43,8 @@ def test_minimal_and_full_tasks_parse():
         LIMIT,
     )
     assert full.options.confidence_override == 0.7 and full.session_id == "s"
+    # An internationalised host resolves (IDNA) and http.client sends it: accepted.
+    assert parse_task(body(callback_url="https://b\u00fccher.example/hook"), LIMIT).callback_url
 
 
 @pytest.mark.parametrize(
@@ -64,7 +66,6 @@ def test_minimal_and_full_tasks_parse():
         ({"session_id": "a\u0000b"}, "session_id"),
         ({"pipeline": "DETECTION\u0000"}, "pipeline"),
         ({"image_url": "gs://gannet-images/acme-farms/\ud800.jpg"}, "image_url"),
-        ({"callback_url": "https://example.com/r\u00e9sultat"}, "callback_url"),
     ],
 )
 def test_schema_errors_name_the_field(changes, field):

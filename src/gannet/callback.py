@@ -139,6 +139,8 @@ def resolve(url: str, policy: CallbackPolicy) -> Target:
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
+    if not path.isascii():  # http.client sends the request line as ASCII
+        raise _refuse("callback URL's path and query must be ASCII: percent-encode the rest")
     return Target(scheme, host, port, path, addresses[0])
 
 

@@ -19,7 +19,7 @@ import simplejpeg
 from gannet.config_schema import ModelKind
 from gannet.config_sources import Configs, LoadedConfig
 from gannet.device_decode import DeviceDecoder
-from gannet.errors import ErrorCode, PermanentError
+from gannet.errors import ErrorCode, PermanentError, TransientError
 from gannet.frames import Frame, frame_size, turns_sideways, upright
 from gannet.image_header import Header, read_header
 from gannet.model_cache import ModelCache
@@ -129,6 +129,8 @@ def decode_scaled(
         image = run(cv2.imdecode, np.frombuffer(data, dtype=np.uint8), flags)
     except cv2.error as exc:  # its checks raise rather than answer None (a side over 2**20)
         reason = str(exc).strip().splitlines()[-1]
+        if exc.code == cv2.Error.StsNoMem:  # an allocation that failed: not the image's fault
+            raise TransientError(ErrorCode.OUT_OF_MEMORY, f"OpenCV: {reason}") from exc
         raise PermanentError(ErrorCode.IMAGE_UNDECODABLE, f"OpenCV refused it: {reason}") from exc
     if image is None:
         raise PermanentError(ErrorCode.IMAGE_UNDECODABLE, "the image data is corrupt")

@@ -113,8 +113,8 @@ class Task(BaseModel):
     @field_validator("callback_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not (value.isascii() and re.match(r"^https?://[^\s/]+", value)):
-            raise ValueError("must be an http(s) URL in ASCII (percent-encode the rest)")
+        if value is not None and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("must be an http(s) URL")
         return value
 
 

@@ -194,6 +194,8 @@ def walk(
         done.chosen.update(d.message_id for d in chosen)
         done.failed += failed
         done.replayed.update((d.message_id, d) for d in replayed)
+        for letter in replayed:  # one that failed before, and came back
+            done.held.pop(letter.message_id, None)
         done.held.update((d.message_id, d) for d in fresh if d.message_id not in done.replayed)
     done.complete = pulled < args.limit
 

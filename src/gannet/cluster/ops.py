@@ -612,7 +612,12 @@ def scale(
     if hpa is not None and mode == "refuse-if-hpa" and before > 0:
         name = hpa["metadata"]["name"]
         lo, hi = int(hpa["spec"].get("minReplicas", 1)), int(hpa["spec"]["maxReplicas"])
-        if replicas == 0:
+        if replicas == 0 and name.startswith("keda-hpa-"):
+            advice = (
+                "KEDA scales from 0 on any backlog; pause it instead (kubectl -n gannet "
+                "annotate scaledobject gannet-worker autoscaling.keda.sh/paused-replicas=0)"
+            )
+        elif replicas == 0:
             advice = (
                 "use --force 0 to stop every worker: the HPA then stays off until you scale "
                 "to 1 or more"
@@ -661,7 +666,9 @@ def format_scale(result: ScaleResult, namespace: str, deployment: str) -> str:
             "(or re-apply k8s/overlays/prod) after the batch"
         )
     text = f"{prefix} {namespace}/{deployment} replicas: {result.before} -> {result.after}"
-    if result.hpa and result.after == 0:
+    if result.hpa and result.hpa.startswith("keda-hpa-") and result.after == 0:
+        text += " (KEDA scales it up again on any backlog: pause the ScaledObject to hold 0)"
+    elif result.hpa and result.after == 0:
         text += f" (hpa {result.hpa} is off while it is at 0: scale to 1 or more to resume)"
     elif result.hpa and result.before == 0:
         text += f" (hpa {result.hpa} takes it from here)"
