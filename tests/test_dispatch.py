@@ -442,6 +442,15 @@ class TwoAtOnce:
             thread.join(60)
         return self.outcomes
 
+    def run(self) -> list[Any]:
+        """Start the runners, wait for both outcomes, stop the runners."""
+        self.dispatcher.pool.start()
+        try:
+            return self.wait()
+        finally:
+            self.dispatcher.pool.stop_accepting()
+            self.dispatcher.pool.join(10)
+
 
 def test_a_task_delivered_twice_at_once_runs_the_model_once(served):
     """Pub/Sub is at least once and a publisher's retry delivers the same task twice at
@@ -452,12 +461,7 @@ def test_a_task_delivered_twice_at_once_runs_the_model_once(served):
     dispatcher = pod(stack, parts, holder="pod-single-flight")
     calls = model_calls(parts)
     both = TwoAtOnce(dispatcher, task.model_dump_json().encode())
-    dispatcher.pool.start()
-    try:
-        outcomes = both.wait()
-    finally:
-        dispatcher.pool.stop_accepting()
-        dispatcher.pool.join(10)
+    outcomes = both.run()
     assert sorted(o.label for o in outcomes) == ["duplicate", "succeeded"]
     assert all(o.decision is Decision.ACK for o in outcomes)
     assert model_calls(parts) == calls + 1
@@ -496,12 +500,7 @@ def test_a_delivery_that_waited_is_nacked_when_the_firsts_dead_letter_fails(serv
         return replace(outcome, decision=Decision.NACK, label="retry")
 
     both = TwoAtOnce(dispatcher, task.model_dump_json().encode(), applied=refused)
-    dispatcher.pool.start()
-    try:
-        outcomes = both.wait()
-    finally:
-        dispatcher.pool.stop_accepting()
-        dispatcher.pool.join(10)
+    outcomes = both.run()
     assert [o.decision for o in outcomes] == [Decision.QUARANTINE, Decision.NACK]
 
 
