@@ -444,10 +444,8 @@ class Daemon:
         budget = Budget(self.settings.shutdown_grace_s)
         pool = parts.dispatcher.pool
         self.health.set(shutting_down=True)
-        # Every lane's stream stops before any nack, and the runners take work until
-        # then: a message refused and nacked while its stream is still closing would be
-        # sent back down that stream and wait out its lease (Subscriber.stop_pulling).
-        for subscriber in subscribers:
+        unstarted = pool.stop_accepting()
+        for subscriber in subscribers:  # every lane's stream stops before any nack
             subscriber.stop_pulling_async()
         for subscriber in subscribers:
             if not subscriber.stream_closed.wait(budget.left(cap=10.0)):
@@ -455,7 +453,6 @@ class Daemon:
                     "stream did not confirm it stopped; nacking anyway",
                     extra={"fields": {"subscription": subscriber.subscription_path}},
                 )
-        unstarted = pool.stop_accepting()
         for job in unstarted:
             job.finish(shutdown(job.item.task))
         log.info(
