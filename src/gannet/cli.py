@@ -49,10 +49,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     try:
         applied = sink.migrate(settings.database_url, settings.db_connect_wait_s)
     except psycopg.OperationalError as exc:
-        raise CommandError(
-            f"cannot connect to PostgreSQL at GANNET_DATABASE_URL ({exc}); is it running? "
-            "If it only starts slowly, raise GANNET_DB_CONNECT_WAIT_S"
-        ) from exc
+        raise CommandError(sink.cannot_connect(exc)) from exc
     print(f"schema at version {sink.SCHEMA_VERSION}; applied now: {applied or 'nothing'}")
     return 0
 

@@ -45,7 +45,7 @@ from gannet.pipeline import Limits, Pipeline, here
 from gannet.pool import resolve_devices
 from gannet.settings import Settings
 from gannet.signals import on_signals
-from gannet.sink import SCHEMA_VERSION, Sink
+from gannet.sink import SCHEMA_VERSION, Sink, cannot_connect
 from gannet.storage import Storage, local_version, read_local
 from gannet.subscriber import Subscriber
 from gannet.tracing import Tracing
@@ -160,10 +160,7 @@ def build(
     try:
         sink.open(wait_s=s.db_connect_wait_s)
     except Exception as exc:
-        raise StartupError(
-            f"cannot connect to PostgreSQL at GANNET_DATABASE_URL ({exc}); is it running? "
-            "If it only starts slowly, raise GANNET_DB_CONNECT_WAIT_S"
-        ) from exc
+        raise StartupError(cannot_connect(exc)) from exc
     if sink.schema_version() < SCHEMA_VERSION:
         sink.close()
         raise StartupError("database schema is not current: run `gannet db migrate` first")

@@ -498,6 +498,14 @@ def _upsert(cur: psycopg.Cursor[dict[str, Any]], record: TaskResult) -> bool:
     return False
 
 
+def cannot_connect(exc: Exception) -> str:
+    """What the daemon and `gannet db migrate` say when PostgreSQL did not answer."""
+    return (
+        f"cannot connect to PostgreSQL at GANNET_DATABASE_URL ({exc}); is it running? "
+        "If it only starts slowly, raise GANNET_DB_CONNECT_WAIT_S"
+    )
+
+
 def migrate(database_url: str, connect_wait_s: float = 0.0) -> list[int]:
     """Apply pending migrations in one transaction each; returns the versions applied.
     Waits up to `connect_wait_s` for PostgreSQL to accept a connection (a pod's migrate

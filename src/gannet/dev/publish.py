@@ -53,8 +53,13 @@ def publish_tasks(
     return [f.result(timeout=60) for f in futures]
 
 
+def upload_name(tenant: str, path: Path, prefix: str) -> str:
+    """The object upload_image writes a local file to: known before it is uploaded."""
+    return f"{tenant}/{prefix}/{path.name}"
+
+
 def upload_image(storage: Storage, bucket: str, tenant: str, path: Path, prefix: str) -> str:
-    name = f"{tenant}/{prefix}/{path.name}"
+    name = upload_name(tenant, path, prefix)
     storage.client.bucket(bucket).blob(name).upload_from_filename(str(path))
     return f"gs://{bucket}/{name}"
 
@@ -104,7 +109,7 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
             if not path.is_file():
                 print(f"error: {image} is not a file or gs:// URL", flush=True)
                 return 2
-            url = f"gs://{bucket}/{args.tenant}/uploads/{path.name}"
+            url = f"gs://{bucket}/{upload_name(args.tenant, path, 'uploads')}"
             uploads[url] = path
         try:
             tasks.append(
