@@ -162,7 +162,7 @@ class Walk:
 
     held: dict[str, DeadLetter] = field(default_factory=dict)
     replayed: dict[str, DeadLetter] = field(default_factory=dict)
-    failed: list[tuple[DeadLetter, str]] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # message_id -> why, held
     chosen: set[str] = field(default_factory=set)  # message_ids chosen to replay
     complete: bool = False
 
@@ -188,14 +188,13 @@ def walk(
         _ack(subscriber, path, again)
         fresh = [d for d in batch if d.message_id not in done.replayed]
         chosen = select(fresh, args.code, args.tenant) if args.replay else []
-        replayed, failed = (
-            replay(publisher, subscriber, topic_path, path, chosen) if chosen else ([], [])
-        )
+        replayed, failed = replay(publisher, subscriber, topic_path, path, chosen)
         done.chosen.update(d.message_id for d in chosen)
-        done.failed += failed
-        done.replayed.update((d.message_id, d) for d in replayed)
-        for letter in replayed:  # one that failed before, and came back
+        done.failed.update((d.message_id, reason) for d, reason in failed)
+        for letter in replayed:  # one may have failed before, and come back
+            done.replayed[letter.message_id] = letter
             done.held.pop(letter.message_id, None)
+            done.failed.pop(letter.message_id, None)
         done.held.update((d.message_id, d) for d in fresh if d.message_id not in done.replayed)
     done.complete = pulled < args.limit
 
@@ -299,8 +298,7 @@ def main(
         )
     else:
         _print_listing(letters, select(letters, args.code, args.tenant), subscription_path, done)
-    failed = {d.message_id: reason for d, reason in done.failed if d.message_id in done.held}
-    for message_id, reason in failed.items():
+    for message_id, reason in done.failed.items():
         print(f"error: could not replay {message_id} ({reason}); it stays", file=sys.stderr)
     if args.replay and not done.complete:
         print(
@@ -308,7 +306,7 @@ def main(
             "to replay; run the command again (or raise --limit)",
             file=sys.stderr,
         )
-    return 1 if failed or (args.replay and not done.complete) else 0
+    return 1 if done.failed or (args.replay and not done.complete) else 0
 
 
 def _print_listing(
