@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import socket
 import ssl
 import threading
 import time
@@ -195,6 +196,72 @@ def test_a_slow_receiver_times_out(receiver_factory):
     delivery = CallbackClient(policy).send(receiver.url(), {"n": 1})
     assert delivery.status == "failed" and "timed out" in delivery.detail.lower()
     assert time.monotonic() - started < 1.5
+
+
+class Trickler:
+    """A receiver on a raw socket that answers "200 OK", then its headers a byte every
+    50 ms: each read is quick, the answer as a whole takes `seconds`."""
+
+    def __init__(self, seconds: float = 10.0) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.headers = b"X-Slow: " + b"a" * int(seconds / 0.05) + b"\r\n\r\n"
+        self.sent = 0
+        self.connected = threading.Event()
+        self.cut_off = threading.Event()  # the client closed before the end
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def _serve(self) -> None:
+        with self.listener:
+            conn, _ = self.listener.accept()
+        self.connected.set()
+        with conn:
+            conn.recv(65536)
+            try:
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                for byte in self.headers:
+                    conn.sendall(bytes([byte]))
+                    self.sent += 1
+                    time.sleep(0.05)
+            except OSError:
+                self.cut_off.set()
+                return
+
+
+def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_timeout():
+    """Each read gets a byte within the socket timeout, so only a deadline on the whole
+    attempt ends it; without one a callback thread is held as long as the receiver likes
+    (and a pod's shutdown waits for it)."""
+    trickler = Trickler(seconds=10.0)
+    policy = CallbackPolicy(
+        timeout_s=0.5, retries=0, backoff_s=0.0, allow_http=True, allow_private=True
+    )
+    delivery = CallbackClient(policy).send(trickler.url(), {"n": 1})
+    assert delivery.status == "failed" and "timed out" in delivery.detail, delivery
+    wait_until(trickler.cut_off.is_set, "the receiver sees the connection closed")
+    assert trickler.sent < len(trickler.headers) / 2
+
+
+def test_closing_cuts_short_a_callback_in_flight_and_records_it(processor_parts):
+    """At shutdown, after the grace, a callback still waiting on its receiver is ended
+    and recorded as failed on its row, and no retry follows: the pod can exit."""
+    settings, storage, processor, callbacks, _ = processor_parts
+    trickler = Trickler(seconds=20.0)
+    patient = CallbackPolicy(
+        timeout_s=60.0, retries=3, backoff_s=30.0, allow_http=True, allow_private=True
+    )
+    callbacks.client = CallbackClient(patient)
+    tenant = f"cb-{uuid.uuid4().hex[:6]}"
+    task, outcome = _run(settings, storage, processor, tenant, trickler.url())
+    assert (outcome.decision, outcome.label) == (Decision.ACK, "succeeded")
+    assert trickler.connected.wait(10)
+    callbacks.close(timeout_s=0.2)
+    status = _callback_status(settings, tenant, task.task_id, timeout_s=1)
+    assert status == "failed: worker shut down after TimeoutError: cut short by the shutdown"
+    wait_until(trickler.cut_off.is_set, "the receiver sees the connection closed", 2)
 
 
 def _self_signed(tmp: Path) -> tuple[Path, Path]:

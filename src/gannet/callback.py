@@ -144,28 +144,109 @@ def resolve(url: str, policy: CallbackPolicy) -> Target:
     return Target(scheme, host, port, path, addresses[0])
 
 
-class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """Connects to the checked address; the Host header keeps the name."""
+class _Watchdog:
+    """Shuts a request's socket at its deadline.
 
-    def __init__(self, target: Target, timeout: float) -> None:
-        super().__init__(target.host, target.port, timeout=timeout)
+    Why: a socket's timeout bounds each operation, not the request, so a receiver that
+    trickles its answer a byte at a time (or stalls the TLS handshake the same way) would
+    hold a callback thread for hours, and a pod's shutdown, which joins those threads,
+    with it. Shutting the socket ends a blocked read at once. One thread for all
+    requests, asleep until the nearest deadline.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._deadlines: dict[object, tuple[float, socket.socket]] = {}
+        self._expired: set[object] = set()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, owner: object, sock: socket.socket, deadline: float) -> None:
+        with self._cond:
+            self._deadlines[owner] = (deadline, sock)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="callback-watchdog", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def forget(self, owner: object) -> bool:
+        """Stops watching; True when the deadline had shut the socket."""
+        with self._cond:
+            self._deadlines.pop(owner, None)
+            if owner in self._expired:
+                self._expired.discard(owner)
+                return True
+            return False
+
+    def expire_all(self) -> None:
+        with self._cond:
+            for owner, (_, sock) in self._deadlines.items():
+                self._deadlines[owner] = (0.0, sock)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for owner, (deadline, sock) in list(self._deadlines.items()):
+                    if deadline <= now:
+                        del self._deadlines[owner]
+                        self._expired.add(owner)
+                        _shut(sock)
+                nearest = min((d for d, _ in self._deadlines.values()), default=None)
+                self._cond.wait(None if nearest is None else nearest - now)
+
+
+def _shut(sock: socket.socket) -> None:
+    """Ends the blocked reads and writes of another thread on the socket. The plain
+    socket's shutdown, also for TLS: SSLSocket's own would drop its TLS state under the
+    thread still using it."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:  # closed or never connected: nothing is blocked on it
+        pass
+
+
+class _Pinned:
+    """Connects to the checked address (the Host header and TLS keep the name), the
+    socket watched until the request's deadline."""
+
+    port: int
+    timeout: float | None
+
+    def _pin(self, target: Target, timeout: float, watchdog: _Watchdog) -> None:
         self._address = target.address
+        self._watchdog = watchdog
+        self._deadline = time.monotonic() + timeout
+
+    def _open(self) -> socket.socket:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self._watchdog.watch(self, sock, self._deadline)
+        return sock
+
+
+class _PinnedHTTPConnection(_Pinned, http.client.HTTPConnection):
+    def __init__(self, target: Target, timeout: float, watchdog: _Watchdog) -> None:
+        super().__init__(target.host, target.port, timeout=timeout)
+        self._pin(target, timeout, watchdog)
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._open()
 
 
-class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    """TLS to the checked address, with SNI and certificate checks for the host name."""
+class _PinnedHTTPSConnection(_Pinned, http.client.HTTPSConnection):
+    """TLS with SNI and certificate checks for the host name."""
 
-    def __init__(self, target: Target, timeout: float, context: ssl.SSLContext) -> None:
+    def __init__(
+        self, target: Target, timeout: float, watchdog: _Watchdog, context: ssl.SSLContext
+    ) -> None:
         super().__init__(target.host, target.port, timeout=timeout, context=context)
-        self._address = target.address
+        self._pin(target, timeout, watchdog)
         self._ctx = context
 
     def connect(self) -> None:
-        sock = socket.create_connection((self._address, self.port), self.timeout)
-        self.sock = self._ctx.wrap_socket(sock, server_hostname=self.host)
+        self.sock = self._ctx.wrap_socket(self._open(), server_hostname=self.host)
 
 
 @dataclass(frozen=True)
@@ -200,12 +281,22 @@ def summary(task: Task, result: dict[str, Any], result_uri: str) -> dict[str, An
 
 
 class CallbackClient:
-    """POSTs JSON with a timeout and retries (backoff) on network errors, 429 and 5xx."""
+    """POSTs JSON with retries (backoff) on network errors, 429 and 5xx; each attempt
+    (connecting, sending, the answer's status and headers) ends at the policy's timeout."""
 
-    def __init__(self, policy: CallbackPolicy, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self, policy: CallbackPolicy, sleep: Callable[[float], object] | None = None
+    ) -> None:
         self.policy = policy
-        self._sleep = sleep
+        self._stopped = threading.Event()
+        self._sleep = sleep or self._stopped.wait  # a stop ends a backoff at once
         self._context = ssl.create_default_context(cafile=policy.ca_file)
+        self._watchdog = _Watchdog()
+
+    def stop(self) -> None:
+        """Ends the attempts in flight and makes no more: for a pod that must exit."""
+        self._stopped.set()
+        self._watchdog.expire_all()
 
     def send(self, url: str, payload: dict[str, Any]) -> Delivery:
         body = json.dumps(payload, separators=(",", ":"), default=str).encode()
@@ -214,6 +305,9 @@ class CallbackClient:
         for attempt in range(1, attempts + 1):
             if attempt > 1:
                 self._sleep(self.policy.backoff_s * 2 ** (attempt - 2))
+            if self._stopped.is_set():
+                after = f" after {last}" if attempt > 1 else ""
+                return Delivery("failed", f"worker shut down{after}", attempt - 1)
             try:
                 target = resolve(url, self.policy)  # again per attempt: answers may change
             except CallbackRefused as exc:
@@ -235,11 +329,12 @@ class CallbackClient:
 
     def _post(self, target: Target, body: bytes) -> int:
         timeout = self.policy.timeout_s
-        conn: http.client.HTTPConnection
+        conn: _PinnedHTTPConnection | _PinnedHTTPSConnection
         if target.scheme == "https":
-            conn = _PinnedHTTPSConnection(target, timeout, self._context)
+            conn = _PinnedHTTPSConnection(target, timeout, self._watchdog, self._context)
         else:
-            conn = _PinnedHTTPConnection(target, timeout)
+            conn = _PinnedHTTPConnection(target, timeout, self._watchdog)
+        failure: Exception | None = None
         try:
             conn.request(
                 "POST",
@@ -249,9 +344,21 @@ class CallbackClient:
             )
             # The status is all that is needed: the body is left unread (the connection
             # closes), so a receiver that trickles one cannot hold the thread.
-            return conn.getresponse().status
+            status = conn.getresponse().status
+        except (OSError, http.client.HTTPException) as exc:
+            failure = exc
         finally:
+            # A socket shut at the deadline reads as the receiver's end (headers cut
+            # short parse as complete): whatever the read made of it, it is a timeout.
+            expired = self._watchdog.forget(conn)
             conn.close()
+        if expired:
+            if self._stopped.is_set():
+                raise TimeoutError("cut short by the shutdown") from failure
+            raise TimeoutError(f"timed out: no complete answer within {timeout:g} s") from failure
+        if failure is not None:
+            raise failure
+        return status
 
 
 RecordStatus = Callable[[str, str, str], None]  # (task_id, tenant_id, status text)
@@ -339,12 +446,15 @@ class Callbacks:
             )
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Let queued callbacks finish for up to timeout_s; the ones still queued then are
-        recorded as failed on their rows instead of being sent."""
+        """Let queued callbacks finish for up to timeout_s; then the ones in flight are
+        cut short and the ones still queued are not sent (each recorded as failed on its
+        row). Only a host name still resolving can hold it longer (the resolver's own
+        timeouts bound that)."""
         deadline = time.monotonic() + timeout_s
         while self.pending() and time.monotonic() < deadline:
             time.sleep(0.05)
         self._abort = True
+        self.client.stop()
         self._pool.shutdown(wait=True)
 
 

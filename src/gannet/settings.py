@@ -221,8 +221,8 @@ class Settings(BaseSettings):
     callback_timeout_s: float = Field(
         5.0,
         gt=0,
-        description="Timeout of each socket operation of a result-callback request "
-        "(connect, send, each read of the answer); not of the request as a whole.",
+        description="Timeout of each attempt of a result callback: connecting, sending "
+        "and the answer's status and headers together (the body is not read).",
     )
     callback_retries: int = Field(
         2, ge=0, le=10, description="Callback retries after the first try (network, 429, 5xx)."
