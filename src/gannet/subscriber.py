@@ -39,7 +39,9 @@ def _close_politely(close: Callable[[Any], None]) -> Callable[[Any], None]:
     emulator of gcloud 528 fails on that (NoSuchMethodError in onRstStreamRead) and keeps
     leasing messages to the dead stream, so nothing reaches the next pod until the stream
     ack deadline passes. Ending our side of the stream first lets any server finish the
-    call cleanly; the cancel that follows is then a no-op.
+    call cleanly; the cancel that follows is then a no-op. Until the server has ended
+    it, the stream is still read: what it sent meanwhile would otherwise stay leased to
+    this pod until the stream's ack deadline.
     """
 
     def polite_close(rpc: Any) -> None:
@@ -56,8 +58,13 @@ def _close_politely(close: Callable[[Any], None]) -> Callable[[Any], None]:
     return polite_close
 
 
-if not hasattr(bidi.BidiRpc.close, "__wrapped__"):
-    bidi.BidiRpc.close = _close_politely(bidi.BidiRpc.close)  # type: ignore[method-assign]
+# Both: the resumable stream (the client library's) marks itself finished before it
+# calls the plain one's close, and its reading thread stops at that mark, leaving unread
+# whatever the server still sends. Wrapped first, it reads on while the server ends
+# the call, and those messages are nacked once it has (`_Scheduler`).
+for _rpc_class in (bidi.BidiRpc, bidi.ResumableBidiRpc):
+    if not hasattr(_rpc_class.close, "__wrapped__"):
+        _rpc_class.close = _close_politely(_rpc_class.close)  # type: ignore[method-assign]
 
 
 # Receipt modacks in flight at once, per stream: with one response every few ms and
@@ -259,23 +266,48 @@ class _Scheduler(ThreadScheduler):  # type: ignore[misc] # the client library is
     stops the threads that extend leases and send acks. A callback returns once it has
     handed its message to a runner, so this also waits until every message is settled
     (`settled`); then the acks they queued are sent and their requests waited for
-    (acks.py), while the client still holds the messages' leases."""
+    (acks.py), while the client still holds the messages' leases.
+
+    Messages that arrive once the stream is `closing` (the server ends the call after
+    what it has already sent) are held, not run: a stopping pod would refuse them, and a
+    nack while the stream is open sends the message straight back down it, where it
+    stays until its lease runs out. Returned from `shutdown` as not dispatched, they are
+    nacked by the client library once the stream has ended, and go to another pod."""
 
     def __init__(
         self,
         executor: ThreadPoolExecutor,
+        closing: threading.Event,
         stream_closed: threading.Event,
         acks: Acks | None,
         settled: Callable[[], None] | None,
     ) -> None:
         super().__init__(executor=executor)
+        self._closing = closing
         self._stream_closed = stream_closed
         self._acks = acks
         self._settled = settled
+        self._held: list[Any] = []
+        self._held_lock = threading.Lock()
+
+    def schedule(self, callback: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        if self._closing.is_set() and args:
+            with self._held_lock:
+                self._held.append(args[0])  # the message, as the client library passes it
+            return
+        super().schedule(callback, *args, **kwargs)
 
     def shutdown(self, await_msg_callbacks: bool = False) -> list[Any]:
         self._stream_closed.set()
         dropped: list[Any] = super().shutdown(await_msg_callbacks=await_msg_callbacks)
+        with self._held_lock:
+            if self._held:
+                log.info(
+                    "messages that arrived while the stream closed are nacked now",
+                    extra={"fields": {"nacked": len(self._held)}},
+                )
+            dropped += self._held
+            self._held = []
         if await_msg_callbacks and self._settled is not None:
             self._settled()
         if self._acks is not None:
@@ -315,6 +347,7 @@ class Subscriber:
         )
         self._future: StreamingPullFuture | None = None
         self._manager: _Manager | None = None
+        self.closing = threading.Event()
         self.stream_closed = threading.Event()
 
     def start(self) -> StreamingPullFuture:
@@ -331,7 +364,9 @@ class Subscriber:
             self.client,
             self.subscription_path,
             flow_control=flow,
-            scheduler=_Scheduler(self._executor, self.stream_closed, self.acks, self.settled),
+            scheduler=_Scheduler(
+                self._executor, self.closing, self.stream_closed, self.acks, self.settled
+            ),
             await_callbacks_on_shutdown=True,
         )
         self._future = StreamingPullFuture(manager)
@@ -366,9 +401,9 @@ class Subscriber:
     def stop_pulling(self, timeout: float = 10.0) -> bool:
         """Close the stream and wait until no more messages can arrive.
 
-        Nacks must come after this: a message nacked while the stream is still open is
-        sent straight back into the stream that is closing, and is stuck there until
-        its lease runs out instead of going to another pod at once.
+        Nacks must come after this: a message nacked while the stream is still open can
+        be sent straight back into the stream that is closing. (Those that arrive while
+        it closes are held, and nacked by the client library once it has ended.)
         """
         if self._future is None:
             return True
@@ -379,6 +414,7 @@ class Subscriber:
         """Start closing the stream (the client library closes it on a thread of its
         own); `stream_closed` is set once no more messages can arrive. Several lanes'
         streams close at once this way."""
+        self.closing.set()
         if self._future is None:
             self.stream_closed.set()
             return

@@ -155,6 +155,17 @@ class Gate(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc is untyped
                     context.abort(exc.code(), exc.details() or "")
                 if not pulled.received_messages:
                     continue
+                if stream.ended.is_set() or not context.is_active():
+                    # Pulled for a stream that ended meanwhile: never sent, so not leased
+                    # (as on Pub/Sub), and back to the subscription at once.
+                    self._modack(
+                        types.ModifyAckDeadlineRequest(
+                            subscription=subscription,
+                            ack_ids=[m.ack_id for m in pulled.received_messages],
+                            ack_deadline_seconds=0,
+                        )
+                    )
+                    break
                 until = time.monotonic() + stream.deadline_s
                 with self._lock:
                     for received in pulled.received_messages:
