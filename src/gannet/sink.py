@@ -256,6 +256,51 @@ MIGRATIONS: list[tuple[int, str]] = [
         $fn$;
         """,
     ),
+    (
+        6,
+        """
+        -- A success row's created_at/updated_at say when its result was written. now()
+        -- is the transaction's start, which gannet_fence opens before the result's GCS
+        -- write: the rows read as written before their result existed (by the write's
+        -- time, up to seconds for a large photo), and the benches' last-commit times
+        -- fell short by as much. clock_timestamp() is the statement's own time, in the
+        -- round trip that commits.
+        CREATE OR REPLACE FUNCTION gannet_finish(p_holder text, p_task text, p_tenant text,
+            p_status text, p_pipeline text, p_session text, p_image_id text,
+            p_image_url text, p_result jsonb, p_result_uri text, p_attempt integer,
+            p_timings jsonb)
+        RETURNS boolean
+        LANGUAGE plpgsql AS $fn$
+        DECLARE
+            v_written boolean;
+        BEGIN
+            INSERT INTO task_results AS t (task_id, tenant_id, status, pipeline, session_id,
+                image_id, image_url, result, result_uri, delivery_attempt, timings,
+                created_at, updated_at)
+            VALUES (p_task, p_tenant, p_status, p_pipeline, p_session, p_image_id,
+                p_image_url, p_result, p_result_uri, p_attempt, p_timings,
+                clock_timestamp(), clock_timestamp())
+            ON CONFLICT ON CONSTRAINT task_results_pkey DO UPDATE SET
+                status = EXCLUDED.status, pipeline = EXCLUDED.pipeline,
+                result = EXCLUDED.result, result_uri = EXCLUDED.result_uri,
+                error_code = NULL, error = NULL,
+                delivery_attempt = EXCLUDED.delivery_attempt, timings = EXCLUDED.timings,
+                image_url = EXCLUDED.image_url, updated_at = clock_timestamp()
+            WHERE t.status <> 'succeeded';
+            v_written := FOUND;
+            -- Nothing written and this tenant cannot see the row: another tenant's id.
+            IF NOT v_written AND NOT EXISTS (
+                SELECT 1 FROM task_results r WHERE r.task_id = p_task) THEN
+                RAISE EXCEPTION 'task_id belongs to another tenant'
+                    USING ERRCODE = 'insufficient_privilege';
+            END IF;
+            UPDATE task_claims SET expires_at = 'infinity'
+                WHERE task_id = p_task AND holder = p_holder;
+            RETURN v_written;
+        END
+        $fn$;
+        """,
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 _MIGRATION_LOCK = 0x6A4E_E7  # pg_advisory_xact_lock key: one migrator at a time
