@@ -38,8 +38,10 @@ from gannet.dev import demo, stack
 from gannet.dev.local_services import LocalServices, Ports
 from gannet.dev.publish import make_task, publish_tasks, upload_image
 from gannet.metrics import Metrics
+from gannet.model_cache import _precision
 from gannet.outcome import Decision
 from gannet.pipeline import decode_image
+from gannet.pool import resolve_devices
 from gannet.settings import Settings
 from gannet.storage import Storage, local_version, read_local
 from gannet.text import format_table
@@ -58,10 +60,12 @@ def scene_files(count: int) -> list[Path]:
     return [scenes[i % len(scenes)] for i in range(count)]
 
 
-def bare_model(settings: Settings, files: list[Path], batch: int) -> dict[str, float]:
+def bare_model(settings: Settings, files: list[Path], batch: int, device: str) -> dict[str, float]:
     """(a): the model alone, on images already decoded in memory, as ultralytics runs it
     out of the box. For reference, also in batches, and with the daemon's traced forward
-    pass (traced.py), so a reader can tell the daemon's plumbing from its model speed-up."""
+    pass (traced.py), so a reader can tell the daemon's plumbing from its model speed-up.
+    On the daemon's device, at its precision (FP16 on CUDA): against a model on the CPU,
+    a daemon on a GPU would look several times faster than the bare model."""
     from ultralytics.models import YOLO
 
     from gannet.traced import trace_forward
@@ -74,8 +78,9 @@ def bare_model(settings: Settings, files: list[Path], batch: int) -> dict[str, f
     kwargs: dict[str, Any] = {
         "imgsz": spec.imgsz,
         "conf": spec.confidence_threshold,
-        "device": "cpu",
+        "device": device,
         "verbose": False,
+        **_precision(device),
     }
 
     def per_image() -> float:
@@ -96,7 +101,7 @@ def bare_model(settings: Settings, files: list[Path], batch: int) -> dict[str, f
         "images_per_s": len(images) / single,
         "batched_images_per_s": len(images) / batched,
     }
-    if trace_forward(model, spec.imgsz, "cpu", half=False):
+    if trace_forward(model, spec.imgsz, device, half=device.startswith("cuda")):
         report["traced_images_per_s"] = len(images) / per_image()
     return report
 
@@ -259,12 +264,12 @@ def upload_fresh(services: LocalServices, settings: Settings, files: list[Path])
 
 
 def one_round(
-    services: LocalServices, base: Settings, files: list[Path], args: Any, n: int
+    services: LocalServices, base: Settings, files: list[Path], args: Any, n: int, device: str
 ) -> dict[str, Any]:
     """(a), (c) and (b) back to back, each on a fresh queue, and their ratios."""
     state = args.state_dir / "bench"
     print(f"round {n}: (a) bare model on {len(files)} decoded images ...", flush=True)
-    bare = bare_model(base, files, base.batch_size)
+    bare = bare_model(base, files, base.batch_size, device)
     print(f"round {n}: (c) one-message-at-a-time worker ...", flush=True)
     urls = upload_fresh(services, base, files)
     single = one_at_a_time(stack.fresh_queue(services, f"bench-c{n}"), urls)
@@ -319,15 +324,19 @@ def run(services: LocalServices, args: argparse.Namespace) -> dict[str, Any]:
     files = scene_files(args.images)
     base = demo.local_settings(services)
     demo.prepare(services, base)
+    # The device the daemon's runners use (its GANNET_DEVICES, `auto` by default): the
+    # bare model runs there too.
+    device = resolve_devices(base.devices)[0]
     report: dict[str, Any] = {
         "images": len(files),
         "runners": args.runners,
         "rounds": [],
         "batch_size": base.batch_size,
+        "device": device,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
     }
     for n in range(1, args.rounds + 1):
-        report["rounds"].append(one_round(services, base, files, args, n))
+        report["rounds"].append(one_round(services, base, files, args, n, device))
     rounds = report["rounds"]
     report["median_ratios"] = {
         key: statistics.median(r["ratios"][key] for r in rounds) for key in rounds[0]["ratios"]
@@ -366,7 +375,7 @@ def print_report(report: dict[str, Any]) -> None:
             ],
         )
     )
-    print("(images/s)")
+    print(f"(images/s; the model on {report.get('device', 'cpu')} in (a), (b) and (c))")
     cpu = sorted(rounds[-1]["daemon"]["cpu_ms_per_image"].items(), key=lambda kv: -kv[1])
     print(
         "\nCPU per image during (b), last round: "
