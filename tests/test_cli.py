@@ -108,33 +108,34 @@ def test_run_against_an_unmigrated_database_says_to_migrate(services):
     assert out.returncode == 2 and "gannet db migrate" in out.stdout
 
 
-def test_bench_latency_options_without_plumbing_are_refused_not_ignored():
-    """The model bench, --flood and --in-process run their own services or none: a GCS
-    latency or HTTPS they would not apply is refused before anything starts, saying what
-    the options go with."""
-    for options in (
-        ["--gcs-latency-ms", "20"],
-        ["--gcs-tls"],
-        ["--pubsub-latency-ms", "20"],
-        ["--in-process", "--gcs-tls"],
-        ["--in-process", "--pubsub-latency-ms", "5"],
+def test_bench_options_of_another_mode_are_refused_not_ignored():
+    """Each bench mode reads its own options: one given to a mode that would not apply
+    it (a GCS latency to the model bench, a baseline to --in-process, an image count to
+    --flood) is refused before anything starts, saying which mode it goes with, instead
+    of a run whose figures are not what was asked for; so are two modes at once."""
+    for options, expected in (
+        (["--gcs-latency-ms", "20"], "--gcs-latency-ms goes with --plumbing, not with the model"),
+        (["--gcs-tls"], "--gcs-tls goes with --plumbing"),
+        (["--baseline", "plumbing-baseline"], "--baseline goes with --plumbing"),
+        (["--sizes", "4032x3024"], "--sizes goes with --plumbing or --in-process"),
+        (["--in-process", "--pubsub-latency-ms", "5"], "not with --in-process"),
+        (["--in-process", "--baseline", "HEAD"], "--baseline goes with --plumbing"),
+        (["--plumbing", "--device", "cuda:0"], "--device goes with --in-process"),
+        (["--flood", "--images", "50"], "--images goes with the model bench"),
+        (["--flood", "--no-gil"], "--no-gil goes with --plumbing"),
+        (["--plumbing", "--lanes", "a:1"], "--lanes goes with --flood"),
+        (["--in-process", "--plumbing"], "--plumbing and --in-process are modes of their own"),
+        (["--plumbing", "--flood"], "--plumbing and --flood are modes of their own"),
     ):
         out = gannet("bench", *options)
         assert out.returncode == 2, options
-        assert "go with --plumbing" in out.stdout + out.stderr, options
+        assert expected in out.stdout + out.stderr, options
     out = gannet("bench", "--plumbing", "--runners-sweep", "4,2:0")
     assert out.returncode == 2
     assert "not a positive number" in out.stderr
     out = gannet("bench", "--plumbing", "--pipeline", "configs/agro.yaml:FULL_PIPELIN")
     assert out.returncode == 2
     assert "known: DETECTION, FIELD_ANALYSIS, FULL_PIPELINE" in out.stdout + out.stderr
-
-
-def test_bench_in_process_with_another_mode_is_refused_not_ignored():
-    """--in-process runs no services; with --plumbing it would silently drop that mode."""
-    out = gannet("bench", "--in-process", "--plumbing")
-    assert out.returncode == 2
-    assert "--in-process is a mode of its own" in out.stdout + out.stderr
 
 
 def test_bench_in_process_refuses_an_unknown_image_set_before_it_starts():

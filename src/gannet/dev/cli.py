@@ -42,19 +42,58 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    # What only the plumbing mode's own services apply: refused elsewhere, not ignored.
-    services_only = "--gcs-latency-ms, --pubsub-latency-ms, --pubsub-flow-control, --gcs-tls"
-    services_asked = (
-        args.gcs_latency_ms or args.pubsub_latency_ms or args.pubsub_flow_control or args.gcs_tls
-    )
-    if args.in_process:
-        if args.plumbing or args.flood or args.baseline:
+# The flags only some of `gannet bench`'s modes read, and those modes: the others refuse
+# them, so that a run never reports figures of something other than what was asked for.
+_PLUMBING, _FLOOD, _IN_PROCESS, _MODEL = "--plumbing", "--flood", "--in-process", "the model bench"
+_BENCH_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "--sizes": ("sizes", (_PLUMBING, _IN_PROCESS)),
+    "--runners-sweep": ("runners_sweep", (_PLUMBING, _IN_PROCESS)),
+    "--pipeline": ("pipeline", (_PLUMBING, _IN_PROCESS)),
+    "--baseline": ("baseline", (_PLUMBING,)),
+    "--no-gil": ("gil", (_PLUMBING,)),
+    "--no-trace": ("trace", (_PLUMBING,)),
+    "--trace-only": ("trace_only", (_PLUMBING,)),
+    "--gil-only": ("gil_only", (_PLUMBING,)),
+    "--gcs-latency-ms": ("gcs_latency_ms", (_PLUMBING,)),
+    "--pubsub-latency-ms": ("pubsub_latency_ms", (_PLUMBING,)),
+    "--pubsub-flow-control": ("pubsub_flow_control", (_PLUMBING,)),
+    "--gcs-tls": ("gcs_tls", (_PLUMBING,)),
+    "--device": ("device", (_IN_PROCESS,)),
+    "--bulk": ("bulk", (_FLOOD,)),
+    "--interactive": ("interactive", (_FLOOD,)),
+    "--spacing": ("spacing", (_FLOOD,)),
+    "--lanes": ("lanes", (_FLOOD,)),
+    "--images": ("images", (_MODEL, _PLUMBING, _IN_PROCESS)),
+}
+
+
+def _given(args: argparse.Namespace, dest: str) -> bool:
+    """Whether a mode-specific flag was given: each defaults to None, False or 0, but
+    --no-gil and --no-trace, which turn a default on off."""
+    value = getattr(args, dest)
+    if dest in ("gil", "trace"):
+        return value is False
+    return value is not None and value is not False and value != 0
+
+
+def bench_mode(args: argparse.Namespace) -> str:
+    """The one mode asked for, once every flag given is one it reads (CommandError)."""
+    modes = [m for m in (_PLUMBING, _FLOOD, _IN_PROCESS) if getattr(args, m[2:].replace("-", "_"))]
+    if len(modes) > 1:
+        raise CommandError(f"{' and '.join(modes)} are modes of their own: choose one")
+    mode = modes[0] if modes else _MODEL
+    for flag, (dest, modes_of_flag) in _BENCH_FLAGS.items():
+        if _given(args, dest) and mode not in modes_of_flag:
             raise CommandError(
-                "--in-process is a mode of its own: drop --plumbing, --flood, --baseline"
+                f"{flag} goes with {' or '.join(modes_of_flag)}, not with {mode}; "
+                "drop it or choose that mode"
             )
-        if services_asked:
-            raise CommandError(f"{services_only}: these go with --plumbing")
+    return mode
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    mode = bench_mode(args)
+    if mode == _IN_PROCESS:
         from gannet.dev import bench_device
         from gannet.dev.bench_plumbing import check_pipeline, check_sizes
 
@@ -64,17 +103,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         args.images = args.images or 500
         return bench_device.main(args)
-    if not args.plumbing and (services_asked or args.runners_sweep or args.pipeline):
-        raise CommandError(
-            f"{services_only}, --runners-sweep and --pipeline go with --plumbing (the last "
-            "two also with --in-process)"
-        )
-    if args.flood:
+    if mode == _FLOOD:
         from gannet.dev import bench_flood
 
         args.runners = args.runners or Settings().runners
+        args.bulk = args.bulk or 2000
+        args.interactive = args.interactive or 20
+        args.spacing = args.spacing or 0.5
+        args.lanes = args.lanes or "interactive:4,bulk:1:3"
         return bench_flood.main(args)
-    if args.plumbing:
+    if mode == _PLUMBING:
         from gannet.dev import bench_plumbing
 
         args.runners = args.runners or Settings().runners
@@ -225,18 +263,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "B's latency with lanes, on one subscription and alone; A's throughput",
     )
     p.add_argument(
-        "--bulk", type=int, default=2000, help="--flood: A's backfill tasks (default 2000)"
+        "--bulk", type=_positive, default=None, help="--flood: A's backfill tasks (default 2000)"
     )
-    p.add_argument("--interactive", type=int, default=20, help="--flood: B's tasks (default 20)")
+    p.add_argument(
+        "--interactive", type=_positive, default=None, help="--flood: B's tasks (default 20)"
+    )
     p.add_argument(
         "--spacing",
         type=float,
-        default=0.5,
+        default=None,
         help="--flood: seconds between B's publishes (default 0.5)",
     )
     p.add_argument(
         "--lanes",
-        default="interactive:4,bulk:1:3",
+        default=None,
         help="--flood: GANNET_LANES of the lanes run; B uses the first lane, A the last "
         "(default interactive:4,bulk:1:3, prod's)",
     )
