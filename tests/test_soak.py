@@ -4,7 +4,11 @@ soak on services of its own (it starts them itself), checked as a user reads the
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +36,21 @@ def test_soak_help_says_what_it_does_and_what_the_exit_status_means(capsys):
     assert "Exit status: 0 when nothing was lost" in out
 
 
+def test_a_service_that_will_not_start_exits_2_not_1(tmp_path):
+    """The help promises 2 when a service would not start, so that a CI job can tell a
+    broken machine from a lost task (1). Here gcloud is not on the PATH."""
+    venv_bin = str(Path(sys.executable).parent)
+    out = subprocess.run(
+        [sys.executable, "-m", "gannet", "soak", "--tasks", "20", "--state-dir", str(tmp_path)],
+        env={**os.environ, "PATH": venv_bin},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "gcloud not found" in out.stdout
+
+
 def test_a_nacked_inference_then_a_success_is_a_rerun_not_double_inference():
     entries = [
         _entry("pg-down", "retry"),  # PostgreSQL down at the commit: nacked
@@ -48,20 +67,22 @@ def test_a_nacked_inference_then_a_success_is_a_rerun_not_double_inference():
     assert found.flag_seen
 
 
-def test_two_acked_inferences_are_double_inference_and_uninferred_lines_do_not_count():
+def test_an_inference_after_an_acked_one_is_double_inference_and_uninferred_lines_do_not():
     entries = [
         _entry("twice", "succeeded"),
         _entry("twice", "duplicate"),  # ran the model again, then found the commit
         _entry("once", "succeeded"),
         _entry("once", "duplicate", inferred=False),  # acked without running the model
-        _entry("odd", "succeeded"),
-        _entry("odd", "retry"),  # ran again after its success, then failed
+        _entry("again", "succeeded"),
+        _entry("again", "retry"),  # ran again after its success, then failed: still twice
+        _entry("unknown", "mislaid"),  # an outcome this soak does not know
+        _entry("unknown", "succeeded"),
         {"message": "gannet is ready"},
     ]
     found = soak.classify_inferences(entries)
-    assert found.inferred_more_than_once == ["twice"]
+    assert found.inferred_more_than_once == ["again", "twice"]
     assert found.rerun_after_fault == []
-    assert found.other_repeats == ["odd"]
+    assert found.other_repeats == ["unknown"]
     assert found.per_task["once"] == ["succeeded"]
 
 

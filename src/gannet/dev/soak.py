@@ -18,8 +18,8 @@ each settled delivery logs one JSON line with its outcome, and `"inferred": true
 the model ran to completion in it. A daemon killed with -9 logs nothing for what it was
 running, so those re-runs leave no trace and are not counted. A task whose earlier
 inferences all ended in a nack (PostgreSQL down at its commit, a shutdown) was re-run
-because of a fault; a task with two inferences that both ended acked ran twice for
-nothing, and that is a defect.
+because of a fault; a task inferred again after an inference that ended acked ran
+twice for nothing, and that is a defect.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ import psycopg
 from google.api_core import exceptions as gexc
 
 from gannet.dev.demo import DaemonProcess
+from gannet.dev.local_services import ServiceError
 from gannet.dev.publish import make_task
 from gannet.dev.stack import SAMPLES, Stack, make_stack, prepared_services
 from gannet.errors import CommandError
@@ -94,7 +95,7 @@ class Inferences:
     per_task: dict[str, list[str]]
     rerun_after_fault: list[str]
     inferred_more_than_once: list[str]
-    other_repeats: list[str]  # >1 inference, neither of the above (reported, not judged)
+    other_repeats: list[str]  # >1 inference with an outcome not known here (reported)
     flag_seen: bool  # whether any line carried `inferred` at all
 
 
@@ -103,8 +104,9 @@ def classify_inferences(entries: Iterable[Mapping[str, Any]]) -> Inferences:
 
     `entries` are the daemons' JSON log lines in the order they were written (daemon
     after daemon). A re-run after a fault: every inference before the last ended in a
-    nack, so its result never reached an ack. Inferred more than once: two or more
-    inferences ended acked, so the model ran again on a task already settled.
+    nack, so its result never reached an ack. Inferred more than once: an inference
+    followed one that ended acked, so the model ran again on a task already settled,
+    whatever that second run ended in.
     """
     per_task: dict[str, list[str]] = {}
     flag_seen = False
@@ -117,7 +119,7 @@ def classify_inferences(entries: Iterable[Mapping[str, Any]]) -> Inferences:
     for task_id, outcomes in per_task.items():
         if len(outcomes) < 2:
             continue
-        if sum(o in ACKED for o in outcomes) >= 2:
+        if any(o in ACKED for o in outcomes[:-1]):
             twice.append(task_id)
         elif all(o in NACKED for o in outcomes[:-1]):
             rerun.append(task_id)
@@ -765,6 +767,9 @@ def main(args: argparse.Namespace) -> int:
     )
     try:
         report = run(args, state)
+    except ServiceError as exc:
+        print(f"\nsoak could not start: {exc}\nlogs: {state}", flush=True)
+        return 2
     except RuntimeError as exc:
         print(f"\nsoak failed: {exc}\nlogs: {state}", flush=True)
         return 1
