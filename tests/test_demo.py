@@ -1,31 +1,52 @@
-"""`make demo` is the README's first promise: it must run and its counts must be right."""
+"""`make demo` is the README's first promise: it must run and its counts must be right.
+And whatever ends a dev command (its end, Ctrl-C, a closed terminal) stops every service
+it started, so that the next `make demo` finds its ports free."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
-from gannet.dev.local_services import Ports
+import psutil
+import pytest
+
+from gannet.dev.demo import DaemonProcess
+from gannet.dev.local_services import Ports, port_in_use
+
+
+def _service_args(ports: Ports, state_dir: object) -> list[str]:
+    return [
+        "--state-dir",
+        str(state_dir),
+        "--pubsub-port",
+        str(ports.pubsub),
+        "--gcs-port",
+        str(ports.gcs),
+        "--postgres-port",
+        str(ports.postgres),
+    ]
+
+
+def _left_running(ports: Ports, since: float) -> list[str]:
+    """Services still up: their ports, and any Pub/Sub emulator (a JVM, listening on a
+    port of its own behind the relay's, which outlives the gcloud wrapper if only that
+    is stopped) started since `since`."""
+    left = [f"port {p}" for p in (ports.pubsub, ports.gcs, ports.postgres) if port_in_use(p)]
+    for proc in psutil.process_iter(["cmdline", "create_time"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "pubsub-emulator" in cmdline and proc.info["create_time"] >= since:
+            left.append(f"the Pub/Sub emulator (pid {proc.pid})")
+    return left
 
 
 def test_gannet_demo_runs_the_whole_path_and_the_counts_match(tmp_path):
     ports = Ports.free()
+    since = time.time() - 1
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gannet",
-            "demo",
-            "--state-dir",
-            str(tmp_path),
-            "--pubsub-port",
-            str(ports.pubsub),
-            "--gcs-port",
-            str(ports.gcs),
-            "--postgres-port",
-            str(ports.postgres),
-        ],
+        [sys.executable, "-m", "gannet", "demo", *_service_args(ports, tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -36,7 +57,45 @@ def test_gannet_demo_runs_the_whole_path_and_the_counts_match(tmp_path):
     assert "MISMATCH" not in out.stdout and "MISSING" not in out.stdout
     assert "results match the known contents" in out.stdout
     assert "gs://gannet-results/" in out.stdout
-    # Services are stopped afterwards: the ports are free again.
-    from gannet.dev.local_services import port_in_use
+    assert _left_running(ports, since) == []
 
-    assert not any(port_in_use(p) for p in (ports.pubsub, ports.gcs, ports.postgres))
+
+def test_a_closed_terminal_stops_the_services_too(tmp_path):
+    """`gannet services` runs until Ctrl-C; a terminal closed instead sends SIGHUP, which
+    does not reach the services (each runs in a session of its own)."""
+    ports = Ports.free()
+    since = time.time() - 1
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gannet", "services", *_service_args(ports, tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the environment is printed once every service is up
+            if "Ctrl-C stops everything" in line:
+                break
+        else:
+            raise AssertionError("gannet services ended before it was ready")
+        proc.send_signal(signal.SIGHUP)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(60)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert _left_running(ports, since) == []
+
+
+def test_a_daemon_that_ignores_sigterm_is_killed_not_left_running(tmp_path):
+    """The demo and the benches stop their daemon with SIGTERM; one that does not exit
+    in time (a hung shutdown) is killed before the error is raised, instead of running
+    on after the command has ended. A stand-in process plays the hung daemon."""
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    daemon = DaemonProcess({}, tmp_path / "d.log", command=[sys.executable, "-c", stubborn])
+    time.sleep(0.5)  # its handler is set
+    with pytest.raises(subprocess.TimeoutExpired):
+        daemon.stop(timeout_s=0.5)
+    assert daemon.proc.poll() is not None

@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    """SIGTERM behaves like Ctrl-C, so `with LocalServices(...)` stops what it started."""
+    """SIGTERM and SIGHUP (a closed terminal) behave like Ctrl-C, so `with
+    LocalServices(...)` stops what it started: the services run in sessions of their
+    own, which a hang-up does not reach."""
     raise KeyboardInterrupt
 
 
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.func is not cmd_run:  # the daemon has its own SIGTERM drain
         signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGHUP, _interrupt)
     try:
         return int(args.func(args) or 0)
     except CommandError as exc:

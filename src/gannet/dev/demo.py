@@ -196,10 +196,17 @@ class DaemonProcess:
         raise RuntimeError(f"gannet run not ready after {timeout_s}s:\n{self.tail()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> int:
+        """Its exit code. subprocess.TimeoutExpired when it did not exit within
+        `timeout_s`, once it is killed: a daemon that ignored the signal must not outlive
+        the command that started it."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
         finally:
             self._log.close()
 
