@@ -7,6 +7,8 @@ examples of the HPA documentation (tolerance, stabilization, Pods/Percent polici
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -182,7 +184,7 @@ def test_parse_profile() -> None:
 def test_invalid_config_is_rejected_with_a_reason() -> None:
     with pytest.raises(ValueError, match="max_replicas"):
         simulate(PRESETS["burst"], HpaConfig(min_replicas=5, max_replicas=2))
-    with pytest.raises(ValueError, match="targets"):
+    with pytest.raises(ValueError, match="target_per_pod"):
         simulate(PRESETS["burst"], HpaConfig(target_per_pod=0))
 
 
@@ -334,3 +336,48 @@ def test_defaults_match_the_hpa_in_k8s() -> None:
         line.split("=", 1)[1] for line in kustomization.splitlines() if "GANNET_LANES=" in line
     )
     assert scaling.lanes_from_spec(c, lanes) == c
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--bulk-target-per-pod", "0"),
+        ("--bulk-target-per-pod", "-1"),
+        ("--target-per-pod", "nan"),
+        ("--pods-metric-lag", "-30"),
+        ("--initial-backlog", "inf"),
+        ("--initial-backlog", "-5"),
+        ("--profile", "600:inf"),
+        ("--bulk-profile", "600:-1"),
+        ("--metric-lag", "-60"),
+        ("--duration", "0"),
+        ("--max-messages", "0"),
+        ("--tolerance", "-1"),
+        ("--pod-startup", "-100"),
+        ("--max-replicas", "0"),
+        ("--lanes", "interactive"),
+    ],
+)
+def test_cli_rejects_an_invalid_flag_naming_it(
+    flag: str, value: str, capsys: pytest.CaptureFixture
+) -> None:
+    """argparse-style: exit 2 and the flag's name, before anything is simulated."""
+    with pytest.raises(SystemExit) as exc:
+        parser().parse_args(["scaling", "simulate", "--no-png", f"{flag}={value}"])
+    assert exc.value.code == 2
+    assert f"argument {flag}:" in capsys.readouterr().err
+
+
+def test_simulate_rejects_invalid_fields_naming_them() -> None:
+    for hpa, cluster, name in [
+        (HpaConfig(bulk_target_per_pod=0), ClusterModel(), "bulk_target_per_pod"),
+        (HpaConfig(), ClusterModel(pods_metric_lag_s=-30), "pods_metric_lag_s"),
+        (HpaConfig(), ClusterModel(metric_sample_s=0), "metric_sample_s"),
+        (HpaConfig(), ClusterModel(warm_nodes=-1), "warm_nodes"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            simulate(PRESETS["burst"], hpa, cluster, duration_s=60)
+    with pytest.raises(ValueError, match="duration"):
+        simulate(PRESETS["burst"], duration_s=0)
+    with pytest.raises(ValueError, match="initial"):
+        simulate(dataclasses.replace(PRESETS["burst"], initial_backlog=math.inf))

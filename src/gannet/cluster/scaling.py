@@ -28,7 +28,7 @@ import dataclasses
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -111,6 +111,111 @@ class ClusterModel:
 
 
 @dataclass(frozen=True)
+class Param:
+    """How one number (a field of HpaConfig or ClusterModel, or a flag) is read and checked.
+
+    One table serves the flags, --sweep and simulate(), so that a value none of them
+    can simulate (a zero target, a negative lag, inf) is refused by all three with the
+    same reason instead of surfacing as a ZeroDivisionError or a silent no-op."""
+
+    kind: type = float  # int, float or str
+    low: float | None = None  # the least value allowed
+    above: bool = False  # strictly above `low`
+    choices: tuple[str, ...] = ()
+    # Where the parameter has an effect: always, with a bulk lane, or under KEDA.
+    mode: Literal["any", "lanes", "keda"] = "any"
+
+    def rule(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        what = "a whole number" if self.kind is int else "a finite number"
+        if self.low is None:
+            return what
+        return f"{what} {'>' if self.above else '>='} {self.low:g}"
+
+    def problem(self, value: object) -> str | None:
+        """Why `value` is not allowed, or None."""
+        if self.choices:
+            return None if value in self.choices else f"must be {self.rule()}, not {value!r}"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"must be {self.rule()}, not {value!r}"
+        if self.kind is int and not float(value).is_integer():
+            return f"must be {self.rule()}, not {value!r}"
+        if not math.isfinite(value) or (
+            self.low is not None and (value <= self.low if self.above else value < self.low)
+        ):
+            return f"must be {self.rule()}, not {value!r}"
+        return None
+
+    def parse(self, text: str) -> Any:
+        """The value of `text`, or a ValueError saying what is allowed."""
+        if self.choices:
+            value: Any = text
+        else:
+            try:
+                value = float(text)
+            except ValueError:
+                raise ValueError(f"must be {self.rule()}, not {text!r}") from None
+        if (problem := self.problem(value)) is not None:
+            raise ValueError(problem.replace(repr(value), repr(text)))
+        return int(value) if self.kind is int else value
+
+
+_SELECT = ("Max", "Min", "Disabled")
+# Every field of HpaConfig and ClusterModel, and what it may be. Periods the model steps
+# through second by second (sync, KEDA polling) are whole seconds.
+PARAMS: dict[str, Param] = {
+    "min_replicas": Param(int, 0),
+    "max_replicas": Param(int, 1),
+    "target_per_pod": Param(float, 0, above=True),
+    "bulk_target_per_pod": Param(float, 0, above=True, mode="lanes"),
+    "pods_metric_target": Param(float, 0),  # 0 (None in HpaConfig): no pods metric
+    "tolerance": Param(float, 0),
+    "sync_period_s": Param(int, 1),
+    "scale_up_window_s": Param(float, 0),
+    "scale_down_window_s": Param(float, 0),
+    "scale_up_pods": Param(int, 1),
+    "scale_up_percent": Param(int, 1),
+    "scale_down_percent": Param(int, 1),
+    "policy_period_s": Param(float, 1),
+    "scale_up_select": Param(str, choices=_SELECT),
+    "scale_down_select": Param(str, choices=_SELECT),
+    "keda_polling_s": Param(int, 1, mode="keda"),
+    "keda_cooldown_s": Param(float, 0, mode="keda"),
+    "pod_throughput": Param(float, 0, above=True),
+    "runners": Param(int, 1),
+    "max_messages": Param(int, 1),
+    "pod_startup_s": Param(float, 0),
+    "node_provision_s": Param(float, 0),
+    "node_scale_down_s": Param(float, 0),
+    "metric_lag_s": Param(float, 0),
+    "metric_sample_s": Param(float, 1),
+    "pods_metric_lag_s": Param(float, 0),
+    "warm_nodes": Param(int, 0),
+    "interactive_weight": Param(int, 1, mode="lanes"),
+    "bulk_weight": Param(int, 1, mode="lanes"),
+    "bulk_cap": Param(int, 1, mode="lanes"),
+}
+_OPTIONAL = {"pods_metric_target", "warm_nodes", "bulk_cap"}  # None: off / the default
+
+
+def check_config(hpa: HpaConfig, cluster: ClusterModel) -> None:
+    """A ValueError naming the first field simulate() cannot use."""
+    for config in (hpa, cluster):
+        for f in dataclasses.fields(config):
+            value = getattr(config, f.name)
+            if value is None and f.name in _OPTIONAL:
+                continue
+            param = PARAMS[f.name]
+            if f.name == "pods_metric_target":
+                param = dataclasses.replace(param, above=True)  # None, not 0, turns it off
+            if (problem := param.problem(value)) is not None:
+                raise ValueError(f"{f.name} {problem}")
+    if hpa.max_replicas < hpa.min_replicas:
+        raise ValueError("need min_replicas <= max_replicas")
+
+
+@dataclass(frozen=True)
 class ArrivalProfile:
     """Messages published: an initial dump plus piecewise-constant rates."""
 
@@ -173,10 +278,22 @@ def parse_profile(spec: str, initial_backlog: float | None = None) -> ArrivalPro
                 f"bad profile segment {part!r}: use a preset ({', '.join(PRESETS)}) or "
                 "DURATION_S:RATE_PER_S pairs separated by commas, e.g. 600:0.5,1800:10"
             ) from None
-        if duration <= 0 or rate < 0:
-            raise ValueError(f"profile segment {part!r}: duration must be > 0, rate >= 0")
+        if not (math.isfinite(duration) and math.isfinite(rate)) or duration <= 0 or rate < 0:
+            raise ValueError(
+                f"profile segment {part!r}: duration must be finite and > 0, rate finite and >= 0"
+            )
         segments.append((duration, rate))
     return ArrivalProfile("custom", tuple(segments), initial_backlog or 0.0)
+
+
+def check_profile(profile: ArrivalProfile) -> None:
+    """A ValueError for what the model cannot run (inf overflows the cumulative counts)."""
+    backlog = profile.initial_backlog
+    if not math.isfinite(backlog) or backlog < 0:
+        raise ValueError(f"initial backlog must be a finite number >= 0, not {backlog!r}")
+    for duration, rate in profile.segments:
+        if not (math.isfinite(duration) and math.isfinite(rate)) or duration <= 0 or rate < 0:
+            raise ValueError(f"profile {profile.name}: bad segment {duration!r}:{rate!r}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -484,16 +601,12 @@ def simulate(
     same subscription as `profile`'s (one FIFO queue, one metric)."""
     hpa = hpa or HpaConfig()
     cluster = cluster or ClusterModel()
-    if hpa.min_replicas < 0 or hpa.max_replicas < max(hpa.min_replicas, 1):
-        raise ValueError("need 0 <= min_replicas <= max_replicas and max_replicas >= 1")
-    if cluster.pod_throughput <= 0 or cluster.runners < 1:
-        raise ValueError("pod_throughput must be > 0 and runners >= 1")
-    if hpa.target_per_pod <= 0 or (
-        hpa.pods_metric_target is not None and hpa.pods_metric_target <= 0
-    ):
-        raise ValueError(
-            "metric targets must be > 0 (use None/0 on the CLI to drop the pods metric)"
-        )
+    check_config(hpa, cluster)
+    for arrivals in (profile, bulk):
+        if arrivals is not None:
+            check_profile(arrivals)
+    if duration_s is not None and not (math.isfinite(duration_s) and duration_s >= 1):
+        raise ValueError(f"duration must be a finite number >= 1 s, not {duration_s!r}")
     horizon = duration_s if duration_s is not None else profile.duration_s + 1800.0
     lanes = bulk is not None and not one_queue
     merged = bulk if bulk is not None and one_queue else None
@@ -956,6 +1069,35 @@ def run_simulate(args: argparse.Namespace) -> int:
     return _png(result, args)
 
 
+def _flag(param: Param) -> Callable[[str], Any]:
+    """An argparse type: a value `param` refuses is argparse's error naming the flag."""
+
+    def parse(text: str) -> Any:
+        try:
+            return param.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def _profile_flag(spec: str) -> str:
+    """--profile/--bulk-profile: refused by argparse, naming the flag, when unparseable."""
+    try:
+        check_profile(parse_profile(spec))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return spec
+
+
+def _lanes_flag(spec: str) -> str:
+    try:
+        lanes_from_spec(ClusterModel(), spec)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return spec
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Registers `gannet scaling simulate`."""
     scaling = subparsers.add_parser(
@@ -979,151 +1121,154 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--profile",
         default="burst",
+        type=_profile_flag,
         help=f"arrival profile: a preset ({', '.join(PRESETS)}) or DURATION_S:RATE,... "
         "segments of messages per second, e.g. 600:0.5,1800:10",
     )
     p.add_argument(
         "--initial-backlog",
-        type=float,
+        type=_flag(Param(float, 0)),
         default=None,
         help="messages already queued at t=0 (overrides the preset's)",
     )
     p.add_argument(
         "--duration",
-        type=float,
+        type=_flag(Param(float, 1)),
         default=None,
         help="seconds to simulate (default: the profile's length + 1800)",
     )
     p.add_argument(
         "--bulk-profile",
         default=None,
+        type=_profile_flag,
         help="a second lane's arrivals (a preset, e.g. backfill, or segments): simulates "
         "two lanes and, beside it, the same work on one subscription",
     )
     p.add_argument(
         "--lanes",
         default="interactive:4,bulk:1:3",
+        type=_lanes_flag,
         help="with --bulk-profile: GANNET_LANES (weights, and the bulk lane's cap if any)",
     )
     g = p.add_argument_group("HPA (what k8s/ configures)")
     g.add_argument(
         "--min-replicas",
-        type=int,
+        type=_flag(PARAMS["min_replicas"]),
         default=d_hpa.min_replicas,
         help="minReplicas; 0 simulates KEDA's scale to zero",
     )
     g.add_argument(
         "--max-replicas",
-        type=int,
+        type=_flag(PARAMS["max_replicas"]),
         default=d_hpa.max_replicas,
         help="maxReplicas (and the most T4 nodes the pool may add)",
     )
     g.add_argument(
         "--target-per-pod",
-        type=float,
+        type=_flag(PARAMS["target_per_pod"]),
         default=d_hpa.target_per_pod,
         help="AverageValue target of num_undelivered_messages per pod",
     )
     g.add_argument(
         "--bulk-target-per-pod",
-        type=float,
+        type=_flag(PARAMS["bulk_target_per_pod"]),
         default=d_hpa.bulk_target_per_pod,
         help="with --bulk-profile: AverageValue target of the bulk lane's backlog per pod",
     )
     g.add_argument(
         "--pods-metric-target",
-        type=float,
+        type=_flag(PARAMS["pods_metric_target"]),
         default=d_hpa.pods_metric_target,
         help="AverageValue target of gannet_messages_outstanding; 0 disables it",
     )
     g.add_argument(
         "--tolerance",
-        type=float,
+        type=_flag(PARAMS["tolerance"]),
         default=d_hpa.tolerance,
         help="controller tolerance: no change while |ratio - 1| <= this",
     )
     g.add_argument(
         "--scale-up-window",
-        type=float,
+        type=_flag(PARAMS["scale_up_window_s"]),
         default=d_hpa.scale_up_window_s,
         help="behavior.scaleUp.stabilizationWindowSeconds",
     )
     g.add_argument(
         "--scale-down-window",
-        type=float,
+        type=_flag(PARAMS["scale_down_window_s"]),
         default=d_hpa.scale_down_window_s,
         help="behavior.scaleDown.stabilizationWindowSeconds",
     )
     g.add_argument(
         "--scale-up-pods",
-        type=int,
-        default=4,
+        type=_flag(PARAMS["scale_up_pods"]),
+        default=d_hpa.scale_up_pods,
         help="scaleUp policy: at most this many pods added per period",
     )
     g.add_argument(
         "--scale-up-percent",
-        type=int,
-        default=100,
+        type=_flag(PARAMS["scale_up_percent"]),
+        default=d_hpa.scale_up_percent,
         help="scaleUp policy: at most this percent added per period (max of both)",
     )
     g.add_argument(
         "--scale-down-percent",
-        type=int,
-        default=50,
+        type=_flag(PARAMS["scale_down_percent"]),
+        default=d_hpa.scale_down_percent,
         help="scaleDown policy: at most this percent removed per period",
     )
     g.add_argument(
         "--policy-period",
-        type=float,
+        type=_flag(PARAMS["policy_period_s"]),
         default=d_hpa.policy_period_s,
         help="periodSeconds of the scaling policies",
     )
     c = p.add_argument_group("cluster and workload model")
     c.add_argument(
         "--pod-throughput",
-        type=float,
+        type=_flag(PARAMS["pod_throughput"]),
         default=d_cl.pod_throughput,
         help="messages per second one T4 pod sustains (measure with gannet bench)",
     )
     c.add_argument(
         "--runners",
-        type=int,
+        type=_flag(PARAMS["runners"]),
         default=d_cl.runners,
         help="GANNET_RUNNERS: tasks in service at once per pod",
     )
     c.add_argument(
         "--max-messages",
-        type=int,
+        type=_flag(PARAMS["max_messages"]),
         default=d_cl.max_messages,
         help="GANNET_MAX_MESSAGES: flow control, caps the per-pod metric",
     )
     c.add_argument(
         "--pod-startup",
-        type=float,
+        type=_flag(PARAMS["pod_startup_s"]),
         default=d_cl.pod_startup_s,
         help="seconds from scheduling on a ready node to Ready (pull, weights)",
     )
     c.add_argument(
         "--node-provision",
-        type=float,
+        type=_flag(PARAMS["node_provision_s"]),
         default=d_cl.node_provision_s,
         help="seconds for a new spot T4 node to become Ready (VM, driver)",
     )
     c.add_argument(
         "--node-scale-down",
-        type=float,
+        type=_flag(PARAMS["node_scale_down_s"]),
         default=d_cl.node_scale_down_s,
         help="seconds an empty GPU node lives before the cluster autoscaler removes it",
     )
     c.add_argument(
         "--metric-lag",
-        type=float,
+        type=_flag(PARAMS["metric_lag_s"]),
         default=d_cl.metric_lag_s,
         help="seconds before a Pub/Sub backlog sample reaches the HPA",
     )
     c.add_argument(
         "--pods-metric-lag",
-        type=float,
+        type=_flag(PARAMS["pods_metric_lag_s"]),
         default=d_cl.pods_metric_lag_s,
         help="seconds before a scraped per-pod sample reaches the HPA",
     )
