@@ -254,7 +254,7 @@ def test_cli_sweep_prints_a_row_per_value(capsys: pytest.CaptureFixture) -> None
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.strip().startswith(("2 |", "6 |"))]
     assert len(rows) == 2
-    assert '"max_replicas": 6.0' in out
+    assert '"max_replicas": 6,' in out  # an int field is swept as ints
 
 
 def test_cli_bad_input_exits_2_with_a_hint(capsys: pytest.CaptureFixture) -> None:
@@ -381,3 +381,48 @@ def test_simulate_rejects_invalid_fields_naming_them() -> None:
         simulate(PRESETS["burst"], duration_s=0)
     with pytest.raises(ValueError, match="initial"):
         simulate(dataclasses.replace(PRESETS["burst"], initial_backlog=math.inf))
+
+
+def run_cli(argv: list[str]) -> int:
+    args = parser().parse_args(["scaling", "simulate", "--no-png", "--duration", "900", *argv])
+    code: int = args.func(args)
+    return code
+
+
+@pytest.mark.parametrize(
+    ("argv", "reason"),
+    [
+        (["--sweep", "metric_sample_s=0,60"], "metric_sample_s=0: must be a finite number >= 1"),
+        (["--sweep", "max_replicas=2.5"], "max_replicas=2.5: must be a whole number"),
+        (["--sweep", "scale_up_select=Most"], "must be one of Max, Min, Disabled"),
+        (["--sweep", "bulk_cap=1,2"], "bulk_cap: no effect without --bulk-profile"),
+        (["--sweep", "bulk_target_per_pod=3"], "no effect without --bulk-profile"),
+        (["--sweep", "interactive_weight=2"], "no effect without --bulk-profile"),
+        (["--sweep", "keda_cooldown_s=60"], "no effect unless --min-replicas 0"),
+        (["--sweep", "max_replicas="], "NAME=V1,V2"),
+    ],
+)
+def test_cli_sweep_refuses_values_and_parameters_it_cannot_simulate(
+    argv: list[str], reason: str, capsys: pytest.CaptureFixture
+) -> None:
+    assert run_cli(argv) == 2
+    assert reason in capsys.readouterr().err
+
+
+def test_cli_sweep_parses_each_parameter_by_its_type(capsys: pytest.CaptureFixture) -> None:
+    assert run_cli(["--sweep", "warm_nodes=0,2", "--json"]) == 0
+    assert '"warm_nodes": 2,' in capsys.readouterr().out
+    assert run_cli(["--sweep", "scale_up_select=Max,Disabled", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert '"scale_up_select": "Disabled"' in out
+    assert any(line.strip().startswith("Disabled |") for line in out.splitlines())
+    assert run_cli(["--min-replicas", "0", "--sweep", "keda_cooldown_s=60,300"]) == 0
+    assert run_cli(["--warm-nodes", "3"]) == 0
+
+
+def test_cli_sweeps_a_bulk_setting_with_a_bulk_profile(capsys: pytest.CaptureFixture) -> None:
+    argv = ["--profile", "900:1", "--bulk-profile", "900:4", "--json"]
+    assert run_cli([*argv, "--sweep", "bulk_target_per_pod=3,8"]) == 0
+    out = capsys.readouterr().out
+    assert "bulk empty s" in out and '"bulk_target_per_pod": 3.0' in out
+    assert '"bulk_drain_time_s"' in out

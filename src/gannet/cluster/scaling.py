@@ -911,7 +911,6 @@ def format_report(result: SimResult) -> str:
 # ---------------------------------------------------------------------------------------
 
 _HPA_FIELDS = {f.name for f in dataclasses.fields(HpaConfig)}
-_CLUSTER_FIELDS = {f.name for f in dataclasses.fields(ClusterModel)}
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[HpaConfig, ClusterModel]:
@@ -938,29 +937,49 @@ def configs_from_args(args: argparse.Namespace) -> tuple[HpaConfig, ClusterModel
         node_scale_down_s=args.node_scale_down,
         metric_lag_s=args.metric_lag,
         pods_metric_lag_s=args.pods_metric_lag,
+        warm_nodes=args.warm_nodes,
     )
     return hpa, cluster
 
 
+SweepValue = int | float | str
+
+
+def parse_sweep(spec: str, *, lanes: bool, keda: bool) -> tuple[str, list[SweepValue]]:
+    """'NAME=V1,V2,...' -> the field and its values, each parsed by the field's type.
+
+    Refuses a value the field cannot take (2.5 replicas would be simulated as 2 under a
+    2.5 label) and a field that changes nothing in this run (a bulk lane's setting
+    without --bulk-profile, KEDA's without --min-replicas 0), whose rows would all be
+    the same and read as 'makes no difference'."""
+    name, _, raw = spec.partition("=")
+    param = PARAMS.get(name)
+    if param is None:
+        raise ValueError(f"--sweep: unknown parameter {name!r}; one of: " + ", ".join(PARAMS))
+    if param.mode == "lanes" and not lanes:
+        raise ValueError(f"--sweep {name}: no effect without --bulk-profile (a bulk lane's)")
+    if param.mode == "keda" and not keda:
+        raise ValueError(f"--sweep {name}: no effect unless --min-replicas 0 (KEDA's)")
+    values: list[SweepValue] = []
+    for text in (v.strip() for v in raw.split(",")):
+        if text:
+            try:
+                values.append(param.parse(text))
+            except ValueError as exc:
+                raise ValueError(f"--sweep {name}={text}: {exc}") from None
+    if not values:
+        raise ValueError("--sweep needs NAME=V1,V2,..., e.g. target_per_pod=1,2,5")
+    return name, values
+
+
 def _with_field(
-    hpa: HpaConfig, cluster: ClusterModel, name: str, value: float
+    hpa: HpaConfig, cluster: ClusterModel, name: str, value: SweepValue
 ) -> tuple[HpaConfig, ClusterModel]:
-    if name == "pods_metric_target":
-        return dataclasses.replace(hpa, pods_metric_target=value or None), cluster
+    # pods_metric_target 0 on the command line is None in HpaConfig: no pods metric.
+    changed: dict[str, Any] = {name: value or None if name == "pods_metric_target" else value}
     if name in _HPA_FIELDS:
-        current = getattr(hpa, name)
-        cast = int if isinstance(current, int) and not isinstance(current, bool) else float
-        changed: dict[str, Any] = {name: cast(value)}
         return dataclasses.replace(hpa, **changed), cluster
-    if name in _CLUSTER_FIELDS:
-        current = getattr(cluster, name)
-        cast = int if isinstance(current, int) else float
-        update: dict[str, Any] = {name: cast(value)}
-        return hpa, dataclasses.replace(cluster, **update)
-    raise ValueError(
-        f"--sweep: unknown parameter {name!r}; one of: "
-        + ", ".join(sorted(_HPA_FIELDS | _CLUSTER_FIELDS))
-    )
+    return hpa, dataclasses.replace(cluster, **changed)
 
 
 def sweep(
@@ -968,28 +987,35 @@ def sweep(
     hpa: HpaConfig,
     cluster: ClusterModel,
     name: str,
-    values: Sequence[float],
+    values: Sequence[SweepValue],
     *,
     duration_s: float | None = None,
-) -> list[tuple[float, SimResult]]:
-    rows = []
+    bulk: ArrivalProfile | None = None,
+) -> list[tuple[SweepValue, SimResult]]:
+    rows: list[tuple[SweepValue, SimResult]] = []
     for value in values:
         h, c = _with_field(hpa, cluster, name, value)
-        rows.append((value, simulate(profile, h, c, duration_s=duration_s)))
+        rows.append((value, simulate(profile, h, c, duration_s=duration_s, bulk=bulk)))
     return rows
 
 
-def format_sweep(name: str, rows: Sequence[tuple[float, SimResult]]) -> str:
-    out = [
-        f"{name:>22} | drain s | worst wait s | max replicas | GPU-hours | ideal GPU-h",
-        "-" * 86,
-    ]
+def format_sweep(name: str, rows: Sequence[tuple[SweepValue, SimResult]]) -> str:
+    """One row per value; with a bulk lane, its drain and worst wait too."""
+    lanes = any(r.bulk_worst_wait_s is not None for _, r in rows)
+    head = f"{name:>22} | drain s | worst wait s | max replicas | GPU-hours | ideal GPU-h"
+    out = [head + (" | bulk empty s | bulk worst wait s" if lanes else "")]
+    out.append("-" * len(out[0]))
     for value, r in rows:
+        label = value if isinstance(value, str) else f"{value:g}"
         drain = f"{r.drain_time_s:.0f}" if r.drain_time_s is not None else "never"
-        out.append(
-            f"{value:>22g} | {drain:>7} | {r.worst_wait_s:>12.0f} | "
+        line = (
+            f"{label:>22} | {drain:>7} | {r.worst_wait_s:>12.0f} | "
             f"{r.max_replicas_reached:>12} | {r.gpu_hours:>9.2f} | {r.ideal_gpu_hours:>11.2f}"
         )
+        if lanes:
+            bulk = f"{r.bulk_drain_time_s:.0f}" if r.bulk_drain_time_s is not None else "never"
+            line += f" | {bulk:>12} | {r.bulk_worst_wait_s or 0:>17.0f}"
+        out.append(line)
     return "\n".join(out)
 
 
@@ -1043,22 +1069,22 @@ def run_simulate(args: argparse.Namespace) -> int:
     try:
         profile = parse_profile(args.profile, args.initial_backlog)
         hpa, cluster = configs_from_args(args)
-        if args.bulk_profile:
-            if args.sweep:
-                raise ValueError("--sweep and --bulk-profile do not combine; run one each")
-            bulk = parse_profile(args.bulk_profile)
-            return run_lanes(profile, bulk, hpa, lanes_from_spec(cluster, args.lanes), args)
+        bulk = parse_profile(args.bulk_profile) if args.bulk_profile else None
+        if bulk is not None:
+            cluster = lanes_from_spec(cluster, args.lanes)
         if args.sweep:
-            name, _, raw = args.sweep.partition("=")
-            values = [float(v) for v in raw.split(",") if v]
-            if not values:
-                raise ValueError("--sweep needs NAME=V1,V2,..., e.g. target_per_pod=1,2,5")
-            rows = sweep(profile, hpa, cluster, name, values, duration_s=args.duration)
+            keda = hpa.min_replicas == 0
+            name, values = parse_sweep(args.sweep, lanes=bulk is not None, keda=keda)
+            rows = sweep(profile, hpa, cluster, name, values, duration_s=args.duration, bulk=bulk)
+            if bulk is not None:
+                print(f"bulk        {bulk.describe()} (two lanes)")
             print(profile.describe())
             print(format_sweep(name, rows))
             if args.json:
                 print(json.dumps([{name: v, **r.summary()} for v, r in rows], indent=2))
             return 0
+        if bulk is not None:
+            return run_lanes(profile, bulk, hpa, cluster, args)
         result = simulate(profile, hpa, cluster, duration_s=args.duration)
     except ValueError as exc:
         print(f"gannet scaling simulate: {exc}", file=sys.stderr)
@@ -1267,6 +1293,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="seconds before a Pub/Sub backlog sample reaches the HPA",
     )
     c.add_argument(
+        "--warm-nodes",
+        type=_flag(PARAMS["warm_nodes"]),
+        default=None,
+        help="GPU nodes already up at t=0 (default: one per --min-replicas pod)",
+    )
+    c.add_argument(
         "--pods-metric-lag",
         type=_flag(PARAMS["pods_metric_lag_s"]),
         default=d_cl.pods_metric_lag_s,
@@ -1278,8 +1310,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         metavar="NAME=V1,V2,...",
         help="run once per value of one parameter (a field name such as "
-        "target_per_pod, max_replicas, scale_down_window_s, node_provision_s) "
-        "and print a table instead of one report",
+        "target_per_pod, max_replicas, scale_down_window_s, node_provision_s, "
+        "scale_up_select; with --bulk-profile also bulk_target_per_pod, bulk_cap, "
+        "bulk_weight, interactive_weight: two lanes only) and print a table instead of "
+        "one report",
     )
     o.add_argument(
         "--png",
