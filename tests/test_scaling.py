@@ -426,3 +426,25 @@ def test_cli_sweeps_a_bulk_setting_with_a_bulk_profile(capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     assert "bulk empty s" in out and '"bulk_target_per_pod": 3.0' in out
     assert '"bulk_drain_time_s"' in out
+
+
+def test_lane_leases_follow_the_daemons_rule() -> None:
+    """The pods metric counts what each lane's stream leases: the daemon's
+    Settings.lane_flow_control, not GANNET_MAX_MESSAGES for every lane."""
+    from gannet.settings import Settings
+
+    for spec in ("interactive:4,bulk:1:3", "interactive:4:2,bulk:1", "interactive:1,bulk:1:8"):
+        cluster = scaling.lanes_from_spec(ClusterModel(), spec)
+        daemon = Settings(lanes=spec, runners=cluster.runners, max_messages=cluster.max_messages)
+        assert scaling.lane_leases(cluster) == tuple(
+            daemon.lane_flow_control(lane) for lane in daemon.lane_list()
+        )
+
+
+def test_an_interactive_cap_is_modelled() -> None:
+    cluster = scaling.lanes_from_spec(ClusterModel(), "interactive:4:1,bulk:1")
+    assert (cluster.interactive_cap, cluster.bulk_cap) == (1, None)
+    heavy = parse_profile("1200:6")
+    capped = simulate(heavy, cluster=cluster, bulk=PRESETS["backfill"])
+    free = simulate(heavy, cluster=ClusterModel(bulk_cap=None), bulk=PRESETS["backfill"])
+    assert capped.worst_wait_s > free.worst_wait_s + 60

@@ -51,6 +51,15 @@ class Lane:
         return f"{self.dead_letter_topic}-sub"
 
 
+def flow_control(max_messages: int | None, runners: int, cap: int | None) -> int:
+    """Messages one lane's stream leases at once, at first and at the least: the
+    configured limit (default 2 x runners), and for a capped lane at most 2 x its cap, as
+    a capped lane leasing more than it may run would hide work from other pods. The
+    daemon (Settings.lane_flow_control) and the HPA simulator's pods metric both use it."""
+    leased = max_messages or 2 * runners
+    return min(leased, 2 * cap) if cap else leased
+
+
 def parse_lanes(spec: str, topic: str, subscription: str, dead_letter_topic: str) -> list[Lane]:
     """'interactive:4,bulk:1:2' -> lanes (name:weight[:cap]); '' -> one lane, today's.
 

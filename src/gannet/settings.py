@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from gannet.lanes import Lane, parse_lanes
+from gannet.lanes import Lane, flow_control, parse_lanes
 
 GpuDecode = Literal["auto", "all", "off"]  # where JPEGs decode on a GPU (Settings.gpu_decode)
 
@@ -307,9 +307,7 @@ class Settings(BaseSettings):
     def lane_flow_control(self, lane: Lane) -> int:
         """Messages one lane's stream leases at once, at first and at the least
         (lease.py grows it up to `lease_growth` times this)."""
-        leased = self.max_messages or 2 * self.runners
-        # A capped lane leasing more than it may run would hide work from other pods.
-        return min(leased, 2 * lane.cap) if lane.cap else leased
+        return flow_control(self.max_messages, self.runners, lane.cap)
 
     def path(self, kind: Literal["topics", "subscriptions"], name: str) -> str:
         return f"projects/{self.project}/{kind}/{name}"

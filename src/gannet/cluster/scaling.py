@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from gannet.lanes import parse_lanes
+from gannet.lanes import flow_control, parse_lanes
 
 PolicyKind = Literal["Pods", "Percent"]
 SelectPolicy = Literal["Max", "Min", "Disabled"]
@@ -104,10 +104,11 @@ class ClusterModel:
     metric_sample_s: float = 60.0  # Pub/Sub metric sampling period
     pods_metric_lag_s: float = 45.0  # scrape interval + Managed Prometheus ingestion
     warm_nodes: int | None = None  # GPU nodes up at t=0 (default: min replicas, at least 0)
-    # GANNET_LANES with a bulk profile: the lanes' weights and the bulk lane's cap (runners).
+    # GANNET_LANES with a bulk profile: the lanes' weights and caps (runners).
     interactive_weight: int = 4
     bulk_weight: int = 1
     bulk_cap: int | None = 3
+    interactive_cap: int | None = None
 
 
 @dataclass(frozen=True)
@@ -195,8 +196,14 @@ PARAMS: dict[str, Param] = {
     "interactive_weight": Param(int, 1, mode="lanes"),
     "bulk_weight": Param(int, 1, mode="lanes"),
     "bulk_cap": Param(int, 1, mode="lanes"),
+    "interactive_cap": Param(int, 1, mode="lanes"),
 }
-_OPTIONAL = {"pods_metric_target", "warm_nodes", "bulk_cap"}  # None: off / the default
+_OPTIONAL = {
+    "pods_metric_target",
+    "warm_nodes",
+    "bulk_cap",
+    "interactive_cap",
+}  # None: off / the default
 
 
 def check_config(hpa: HpaConfig, cluster: ClusterModel) -> None:
@@ -574,15 +581,28 @@ def lane_service(
     capacity: float, queue: float, bulk_queue: float, service_s: float, cluster: ClusterModel
 ) -> tuple[float, float]:
     """Messages each lane finishes this second: capacity shared by weight among the lanes
-    with work, an idle lane's share to the other, the bulk lane under its cap."""
-    cap_share = min(1.0, (cluster.bulk_cap or cluster.runners) / cluster.runners)
-    want = queue / service_s
-    want_bulk = min(bulk_queue / service_s, capacity * cap_share)
+    with work, an idle lane's share to the other, each lane under its cap."""
+
+    def cap_share(cap: int | None) -> float:
+        return min(1.0, (cap or cluster.runners) / cluster.runners)
+
+    want = min(queue / service_s, capacity * cap_share(cluster.interactive_cap))
+    want_bulk = min(bulk_queue / service_s, capacity * cap_share(cluster.bulk_cap))
     weights = cluster.interactive_weight + cluster.bulk_weight
     give = min(want, capacity * cluster.interactive_weight / weights)
     give_bulk = min(want_bulk, capacity - give)
     give = min(want, capacity - give_bulk)
     return min(queue, give), min(bulk_queue, give_bulk)
+
+
+def lane_leases(cluster: ClusterModel) -> tuple[int, int]:
+    """What the interactive and the bulk lane's streams lease per pod, by the daemon's rule
+    (gannet.lanes.flow_control): the pods metric counts leased messages, so a capped bulk
+    lane adds at most 2 x its cap to it, not GANNET_MAX_MESSAGES."""
+    return (
+        flow_control(cluster.max_messages, cluster.runners, cluster.interactive_cap),
+        flow_control(cluster.max_messages, cluster.runners, cluster.bulk_cap),
+    )
 
 
 def simulate(
@@ -691,7 +711,8 @@ def simulate(
         queue += arriving
         arrived.append(arrived[-1] + arriving)
         departed.append(departed[-1] + done)
-        outstanding = min(cluster.max_messages, queue / ready) if ready else 0.0
+        lease = lane_leases(cluster) if lanes else (cluster.max_messages, 0)
+        outstanding = min(lease[0], queue / ready) if ready else 0.0
         bulk_seen: float | None = None
         if lanes and bulk is not None:
             bulk_queue -= done_bulk
@@ -703,7 +724,7 @@ def simulate(
             res_qb.append(bulk_queue)
             bulk_seen = seen_backlog(t, res_qb)
             if ready:  # each lane's stream leases up to its own flow-control limit
-                outstanding += min(cluster.max_messages, bulk_queue / ready)
+                outstanding += min(lease[1], bulk_queue / ready)
         pods_hist.append(outstanding)
 
         res_t.append(t)
@@ -891,8 +912,9 @@ def format_report(result: SimResult) -> str:
             else "not drained"
         )
         lines[1:1] = [
-            f"lanes       interactive weight {cl.interactive_weight}, bulk weight "
-            f"{cl.bulk_weight}, "
+            f"lanes       interactive weight {cl.interactive_weight}"
+            + (f" cap {cl.interactive_cap}" if cl.interactive_cap else "")
+            + f", bulk weight {cl.bulk_weight}, "
             + (f"bulk cap {cl.bulk_cap} of {cl.runners} runners" if cl.bulk_cap else "no cap")
             + f"; bulk backlog target {hpa.bulk_target_per_pod:g}/pod (HPA: the largest "
             "proposal)"
@@ -1030,6 +1052,7 @@ def lanes_from_spec(cluster: ClusterModel, spec: str) -> ClusterModel:
         interactive_weight=first.weight,
         bulk_weight=second.weight,
         bulk_cap=second.cap,
+        interactive_cap=first.cap,
     )
 
 
