@@ -448,3 +448,13 @@ def test_an_interactive_cap_is_modelled() -> None:
     capped = simulate(heavy, cluster=cluster, bulk=PRESETS["backfill"])
     free = simulate(heavy, cluster=ClusterModel(bulk_cap=None), bulk=PRESETS["backfill"])
     assert capped.worst_wait_s > free.worst_wait_s + 60
+
+
+def test_worst_wait_ignores_the_fluid_queues_sub_message_tail() -> None:
+    """The fluid queue works off its last message exponentially (half of what is left
+    per second here); the message is done when most of it is, not its last thousandth."""
+    arrived = [0.0, 1.0] + [1.0] * 12
+    departed = [0.0, 0.0] + [1 - 0.5**k for k in range(1, 13)]
+    assert scaling._worst_wait(arrived, departed) == 1.0
+    # 1 msg/s on one pod (service 2 s): a message waits about its service time.
+    assert simulate(parse_profile("3600:1")).worst_wait_s <= 3
