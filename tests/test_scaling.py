@@ -458,3 +458,16 @@ def test_worst_wait_ignores_the_fluid_queues_sub_message_tail() -> None:
     assert scaling._worst_wait(arrived, departed) == 1.0
     # 1 msg/s on one pod (service 2 s): a message waits about its service time.
     assert simulate(parse_profile("3600:1")).worst_wait_s <= 3
+
+
+def test_before_the_first_lagged_sample_the_hpa_sees_the_backlog_before_t0() -> None:
+    """A real HPA has been reading the metrics all along: until the burst's first sample
+    arrives, it sees the value before the burst (0 here) and recommends the current
+    replicas, which the scale-up window then remembers."""
+    result = simulate(PRESETS["burst"])
+    lag = ClusterModel().metric_lag_s
+    assert result.backlog_seen[0] == 0 and all(v == 0 for v in result.backlog_seen[: int(lag)])
+    assert result.first_scale_up_s is not None
+    # The pods metric shows the burst after 45 s, but a recommendation of 1 made at 0 s
+    # holds the scale-up until the 60 s window has passed it.
+    assert result.first_scale_up_s >= HpaConfig().scale_up_window_s

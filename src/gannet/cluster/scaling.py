@@ -660,15 +660,19 @@ def simulate(
     last_active = -math.inf
     steps = int(horizon)
 
-    def seen_backlog(t: float, series: list[float]) -> float | None:
+    # Before t=0 the queue was empty (a profile's initial backlog is published at t=0),
+    # and the HPA, running all along, saw that: the pre-history value of each metric.
+    # Reading "no metric" instead made the first syncs record no recommendation, so the
+    # scale-up window let the first burst sample through at once.
+    prehistory = 0.0
+
+    def seen_backlog(t: float, series: list[float]) -> float:
         # Cloud Monitoring keeps one sample per period; the HPA sees the newest one
         # whose sample time + ingestion lag has passed.
         newest = math.floor((t - cluster.metric_lag_s) / cluster.metric_sample_s)
         sample_t = newest * cluster.metric_sample_s
         if sample_t < 0:
-            return None
-        if int(sample_t) >= len(series):
-            return None
+            return prehistory
         return float(round(series[int(sample_t)]))  # Pub/Sub reports whole messages
 
     def set_replicas(now: float, want: int) -> None:
@@ -730,7 +734,7 @@ def simulate(
         res_t.append(t)
         res_q.append(queue)
         seen = seen_backlog(t, res_q)
-        res_seen.append(seen if seen is not None else math.nan)
+        res_seen.append(seen)
         res_rep.append(len(pods))
         res_ready.append(ready)
         res_nodes.append(len(nodes))
@@ -751,8 +755,9 @@ def simulate(
             lag_index = int(t - cluster.pods_metric_lag_s)
             pods_values: list[float] | None = None
             missing = 0
-            if lag_index >= 0 and ready:
-                pods_values = [pods_hist[lag_index]] * ready
+            if ready:
+                value = pods_hist[lag_index] if lag_index >= 0 else prehistory
+                pods_values = [value] * ready
                 missing = len(pods) - ready
             current = len(pods)
             want = controller.desired_replicas(t, current, seen, pods_values, missing, bulk_seen)
