@@ -550,7 +550,7 @@ class SimResult:
     max_replicas_reached: int
     first_scale_up_s: float | None
     processed: float
-    # With a bulk lane: its backlog, worst wait and the time until it was empty.
+    # With a bulk lane: its backlog, worst wait and drain time.
     bulk_backlog: list[float] = field(default_factory=list)
     bulk_worst_wait_s: float | None = None
     bulk_drain_time_s: float | None = None
@@ -650,6 +650,7 @@ def simulate(
     bulk_arrived, bulk_departed, res_qb = [bulk_queue], [0.0], []
     res_t: list[float] = []
     res_q: list[float] = []
+    res_rate: list[float] = []  # msg/s arriving on the (first) queue, per second
     res_seen: list[float] = []
     res_rep: list[int] = []
     res_ready: list[int] = []
@@ -713,6 +714,7 @@ def simulate(
             queue = 0.0
         arriving = profile.rate_at(t) + (merged.rate_at(t) if merged else 0.0)
         queue += arriving
+        res_rate.append(arriving)
         arrived.append(arrived[-1] + arriving)
         departed.append(departed[-1] + done)
         lease = lane_leases(cluster) if lanes else (cluster.max_messages, 0)
@@ -775,28 +777,31 @@ def simulate(
         ]
 
     peak = max(res_q) if res_q else 0.0
-    # Backed up: more unacked messages than the pods hold in service at the current
-    # arrival rate (Little's law) plus a few. The drain time is the longest such episode:
-    # for a burst, from t=0 until the queue is worked off.
-    drain: float | None = 0.0
-    episode_start: float | None = None
-    for t_i, q in zip(res_t, res_q, strict=True):
-        backed_up = q > profile.rate_at(t_i) * service_s + drained_at
-        if backed_up and episode_start is None:
-            episode_start = t_i
-        elif not backed_up and episode_start is not None:
-            drain = max(drain or 0.0, t_i - episode_start)
-            episode_start = None
-    if episode_start is not None:
-        drain = None  # still backed up when the simulation ended
+
+    def backed_up(q: float, rate: float) -> bool:
+        """More unacked messages than the pods hold in service at the queue's current
+        arrival rate (Little's law: rate x service time) plus a few. The rate is all the
+        queue's arrivals: both profiles on one subscription, the bulk lane's own."""
+        return q > rate * service_s + drained_at
+
+    def drain_time(backlog: Sequence[float], rate_at: Callable[[int], float]) -> float | None:
+        """The longest backed-up episode (for a burst, from t=0 until the queue is worked
+        off); None when still backed up at the end."""
+        longest = 0.0
+        start: int | None = None
+        for i, q in enumerate(backlog):
+            backed = backed_up(q, rate_at(i))
+            if backed and start is None:
+                start = i
+            elif not backed and start is not None:
+                longest = max(longest, float(i - start))
+                start = None
+        return None if start is not None else longest
+
+    drain = drain_time(res_q, lambda i: res_rate[i])
     worst = _worst_wait(arrived, departed)
     processed = departed[-1] + bulk_departed[-1]
-    bulk_drain: float | None = None
-    if lanes:
-        left = [t_i for t_i, q in zip(res_t, res_qb, strict=True) if q > drained_at]
-        bulk_drain = left[-1] + 1 if left else 0.0
-        if res_qb and res_qb[-1] > drained_at:
-            bulk_drain = None
+    bulk_drain = drain_time(res_qb, bulk.rate_at) if lanes and bulk is not None else None
     return SimResult(
         profile=profile,
         hpa=hpa,
@@ -930,7 +935,7 @@ def format_report(result: SimResult) -> str:
             "proposal)"
         ]
         lines.append(
-            f"bulk lane   empty after {bulk_drain}; worst wait "
+            f"bulk lane   drain time {bulk_drain}; worst wait "
             f"{result.bulk_worst_wait_s:.0f} s (the lines above: the interactive lane)"
         )
     if result.one_queue:
@@ -1035,7 +1040,7 @@ def format_sweep(name: str, rows: Sequence[tuple[SweepValue, SimResult]]) -> str
     """One row per value; with a bulk lane, its drain and worst wait too."""
     lanes = any(r.bulk_worst_wait_s is not None for _, r in rows)
     head = f"{name:>22} | drain s | worst wait s | max replicas | GPU-hours | ideal GPU-h"
-    out = [head + (" | bulk empty s | bulk worst wait s" if lanes else "")]
+    out = [head + (" | bulk drain s | bulk worst wait s" if lanes else "")]
     out.append("-" * len(out[0]))
     for value, r in rows:
         label = value if isinstance(value, str) else f"{value:g}"
