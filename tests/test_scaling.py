@@ -485,3 +485,13 @@ def test_drain_times_hold_the_messages_a_steady_rate_keeps_in_service() -> None:
     lanes = simulate(light, bulk=bulk)
     # The bulk lane holds ~20 in service at 10 msg/s: not a backlog once pods are up.
     assert lanes.bulk_drain_time_s is not None and lanes.bulk_drain_time_s < 1800
+
+
+def test_keda_activation_is_not_an_hpa_scale_event(capsys: pytest.CaptureFixture) -> None:
+    """KEDA's 0 -> 1 is not in the HPA's scale-event history: the HPA's first step counts
+    its policy from 1 replica, max(1 + 4, 2 x 1) = 5, not from 0 (4)."""
+    result = simulate(PRESETS["burst"], HpaConfig(min_replicas=0))
+    # (KEDA activates and the HPA syncs in the same second here.)
+    assert next(r for r in result.replicas if r > 0) == 5
+    assert run_cli(["--min-replicas", "0"]) == 0
+    assert "oldest-age trigger" in capsys.readouterr().out  # said to be not modelled
