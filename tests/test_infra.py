@@ -465,6 +465,13 @@ def test_prod_hpa_scales_on_the_subscription_backlog(rendered: dict[str, Path]) 
     assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 300
     # The backlog target must stay below the runners per pod (see test_scaling.py).
     assert float(external["target"]["averageValue"]) < float(config["GANNET_RUNNERS"])
+    # Each other lane's target at most what a pod runs of that lane (its cap, else the
+    # runners): above it the HPA asks for more of the lane in service than a pod can
+    # hold, and flaps (docs/autoscaling.md, the bulk lane's target).
+    for lane in lanes[1:]:
+        held = lane.cap or int(config["GANNET_RUNNERS"])
+        target = float(by_subscription[lane.subscription]["target"]["averageValue"])
+        assert target <= held, f"{lane.name}: target {target:g} > {held} a pod runs"
 
 
 def test_pdb_podmonitoring_and_networkpolicy_select_the_worker(rendered: dict[str, Path]) -> None:

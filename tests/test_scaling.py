@@ -171,6 +171,21 @@ def test_target_above_runners_oscillates() -> None:
     assert changes(flappy) > 2 * changes(stable)
 
 
+def test_bulk_target_above_the_bulk_cap_oscillates() -> None:
+    """A pod runs at most bulk_cap bulk tasks: a bulk target above it asks for more of the
+    lane in service than pods hold, so under sustained bulk traffic the HPA flaps."""
+    light, bulk = parse_profile("3600:1"), parse_profile("3600:6")
+    at_cap = simulate(light, HpaConfig(bulk_target_per_pod=3), bulk=bulk)
+    above = simulate(light, HpaConfig(bulk_target_per_pod=8), bulk=bulk)
+
+    def changes(r: scaling.SimResult) -> int:
+        return sum(1 for a, b in zip(r.replicas, r.replicas[1:], strict=False) if a != b)
+
+    assert changes(above) > 2 * changes(at_cap)
+    assert above.gpu_hours > at_cap.gpu_hours * 1.3
+    assert HpaConfig().bulk_target_per_pod <= (ClusterModel().bulk_cap or 0)
+
+
 def test_parse_profile() -> None:
     assert parse_profile("burst") is PRESETS["burst"]
     custom = parse_profile("60:1,120:2.5", initial_backlog=10)

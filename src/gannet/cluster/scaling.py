@@ -57,8 +57,10 @@ class HpaConfig:
     # External metric pubsub.googleapis.com|subscription|num_undelivered_messages,
     # target type AverageValue: desired = ceil(backlog / target).
     target_per_pod: float = 2.0
-    # The bulk lane's subscription, its own External metric (with a bulk profile).
-    bulk_target_per_pod: float = 8.0
+    # The bulk lane's subscription, its own External metric (with a bulk profile). At
+    # most the bulk lane's cap: a pod holds no more of the lane in service, and above it
+    # the HPA flaps under sustained bulk traffic (docs/autoscaling.md, Lanes).
+    bulk_target_per_pod: float = 3.0
     # Pods metric gannet_messages_outstanding (via Managed Prometheus), AverageValue.
     # None disables the second signal.
     pods_metric_target: float | None = 6.0
