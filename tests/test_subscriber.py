@@ -62,6 +62,15 @@ def subscribed(
         subscriber.wait_closed(timeout=10)
 
 
+def pulled_by_another(stack, count: int, within_s: float) -> list[bytes]:
+    """What another pod pulls from the subscription within `within_s` (up to `count`)."""
+    pulled: list[bytes] = []
+    deadline = time.monotonic() + within_s
+    while len(pulled) < count and time.monotonic() < deadline:
+        pulled += [m.data for m in stack.pull(stack.settings.subscription, timeout_s=2)]
+    return pulled
+
+
 class Recorder:
     """A callback that records each delivery, optionally waits on `gate`, then does
     `settle(message)` (ack by default). Tracks how many callbacks run at once."""
@@ -436,11 +445,7 @@ def test_after_stop_new_messages_go_to_the_next_puller_at_once(stack):
     bodies = [f"after the stop {i}".encode() for i in range(5)]
     for body in bodies:
         stack.publish_raw(body)
-    pulled: list[bytes] = []
-    deadline = time.monotonic() + 3
-    while len(pulled) < len(bodies) and time.monotonic() < deadline:
-        pulled += [m.data for m in stack.pull(stack.settings.subscription, timeout_s=2)]
-    assert sorted(pulled) == bodies
+    assert sorted(pulled_by_another(stack, len(bodies), within_s=3)) == bodies
     assert recorder.data() == [b"before the stop"]
 
 
@@ -464,11 +469,7 @@ def test_messages_that_arrive_while_the_stream_closes_go_to_the_next_puller_at_o
             subscriber.stop_pulling_async()
             assert subscriber.stream_closed.wait(10)
             assert subscriber.wait_closed(timeout=10)
-    pulled: list[bytes] = []
-    deadline = time.monotonic() + 5
-    while len(pulled) < len(bodies) and time.monotonic() < deadline:
-        pulled += [m.data for m in stack.pull(stack.settings.subscription, timeout_s=2)]
-    assert sorted(pulled) == bodies
+    assert sorted(pulled_by_another(stack, len(bodies), within_s=5)) == bodies
     assert recorder.data() == [b"before the stop"]
     # They did arrive in the close (else this test shows nothing): the stream held them.
     assert "arrived while the stream closed" in caplog.text
