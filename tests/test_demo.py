@@ -5,12 +5,13 @@ it started, so that the next `make demo` finds its ports free."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-import psutil
 import pytest
 
 from gannet.dev.demo import DaemonProcess
@@ -30,21 +31,22 @@ def _service_args(ports: Ports, state_dir: object) -> list[str]:
     ]
 
 
-def _left_running(ports: Ports, since: float) -> list[str]:
-    """Services still up: their ports, and any Pub/Sub emulator (a JVM, listening on a
-    port of its own behind the relay's, which outlives the gcloud wrapper if only that
-    is stopped) started since `since`."""
-    left = [f"port {p}" for p in (ports.pubsub, ports.gcs, ports.postgres) if port_in_use(p)]
-    for proc in psutil.process_iter(["cmdline", "create_time"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if "pubsub-emulator" in cmdline and proc.info["create_time"] >= since:
-            left.append(f"the Pub/Sub emulator (pid {proc.pid})")
-    return left
+def _left_running(ports: Ports, state_dir: Path) -> list[str]:
+    """Services still up: their ports, and the Pub/Sub emulator's own (a JVM that
+    listens behind the relay's port and outlives the gcloud wrapper if only that is
+    stopped), read from the emulator's log in the state directory."""
+    emulator_ports = [
+        int(port)
+        for log in state_dir.rglob("pubsub.log")
+        for port in re.findall(r"--port=(\d+)", log.read_text(errors="replace"))
+    ]
+    assert emulator_ports, f"no Pub/Sub emulator log under {state_dir}"
+    watched = (ports.pubsub, ports.gcs, ports.postgres, *emulator_ports)
+    return [f"port {p}" for p in watched if port_in_use(p)]
 
 
 def test_gannet_demo_runs_the_whole_path_and_the_counts_match(tmp_path):
     ports = Ports.free()
-    since = time.time() - 1
     out = subprocess.run(
         [sys.executable, "-m", "gannet", "demo", *_service_args(ports, tmp_path)],
         capture_output=True,
@@ -57,14 +59,13 @@ def test_gannet_demo_runs_the_whole_path_and_the_counts_match(tmp_path):
     assert "MISMATCH" not in out.stdout and "MISSING" not in out.stdout
     assert "results match the known contents" in out.stdout
     assert "gs://gannet-results/" in out.stdout
-    assert _left_running(ports, since) == []
+    assert _left_running(ports, tmp_path) == []
 
 
 def test_a_closed_terminal_stops_the_services_too(tmp_path):
     """`gannet services` runs until Ctrl-C; a terminal closed instead sends SIGHUP, which
     does not reach the services (each runs in a session of its own)."""
     ports = Ports.free()
-    since = time.time() - 1
     proc = subprocess.Popen(
         [sys.executable, "-m", "gannet", "services", *_service_args(ports, tmp_path)],
         stdout=subprocess.PIPE,
@@ -86,7 +87,7 @@ def test_a_closed_terminal_stops_the_services_too(tmp_path):
             proc.wait(60)
         assert proc.stdout is not None
         proc.stdout.close()
-    assert _left_running(ports, since) == []
+    assert _left_running(ports, tmp_path) == []
 
 
 def test_a_daemon_that_ignores_sigterm_is_killed_not_left_running(tmp_path):
