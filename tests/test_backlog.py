@@ -26,9 +26,10 @@ from google.cloud.monitoring_v3.services.metric_service.transports import (
     MetricServiceGrpcTransport,
 )
 from google.cloud.monitoring_v3.types import metric_service
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
 from gannet.backlog import BACKLOG_METRIC, OLDEST_AGE_METRIC, BacklogMonitor
+from gannet.metrics import Metrics
 
 FIXTURES = Path(__file__).parent / "fixtures" / "monitoring"
 
@@ -91,24 +92,28 @@ def make_monitor(
     client = monitoring_v3.MetricServiceClient(
         transport=MetricServiceGrpcTransport(channel=channel)
     )
-    registry = CollectorRegistry()
-    backlog = Gauge("gannet_subscription_backlog_messages", "b", registry=registry)
-    oldest = Gauge("gannet_subscription_oldest_unacked_age_seconds", "o", registry=registry)
-    errors = Counter("gannet_backlog_poll_errors", "e", registry=registry)
+    m = Metrics()  # the daemon's own gauges, by lane
     monitor = BacklogMonitor(
         "gannet-test",
         "gannet-tasks-sub",
-        backlog,
-        oldest,
+        m.backlog,
+        m.oldest_unacked_age,
         interval_s,
         client=client,
-        error_counter=errors,
+        lane=LANE,
+        last_success_gauge=m.backlog_last_success,
+        error_counter=m.backlog_poll_errors,
     )
-    return monitor, registry
+    return monitor, m.registry
+
+
+LANE = "bulk"
 
 
 def value(registry: CollectorRegistry, name: str) -> float | None:
-    return registry.get_sample_value(name)
+    """The lane's series of a gauge, or the (unlabelled) error counter."""
+    labels = {} if name == "gannet_backlog_poll_errors_total" else {"lane": LANE}
+    return registry.get_sample_value(name, labels)
 
 
 def test_poll_once_sets_gauges_from_newest_points(fake: FakeMonitoring) -> None:
@@ -152,6 +157,46 @@ def test_permission_denied_is_counted_logged_and_keeps_last_value(
     # The HPA-facing value is not zeroed by an outage of the monitoring API.
     assert value(registry, "gannet_subscription_backlog_messages") == 137
     assert "roles/monitoring.viewer" in caplog.text
+
+
+def test_a_lane_has_no_backlog_series_until_a_poll_succeeds(fake: FakeMonitoring) -> None:
+    """Before its first good poll, or while every poll fails (no roles/monitoring.viewer),
+    a lane exports no backlog series at all: a 0 would read as an empty subscription.
+    After a success the last-success time says how old the values are."""
+    monitor, registry = make_monitor(fake)
+    names = (
+        "gannet_subscription_backlog_messages",
+        "gannet_subscription_oldest_unacked_age_seconds",
+        "gannet_backlog_last_success_timestamp_seconds",
+    )
+    assert [value(registry, n) for n in names] == [None, None, None]
+    fake.mode = "denied"
+    monitor.poll_once()
+    assert [value(registry, n) for n in names] == [None, None, None]
+    assert value(registry, "gannet_backlog_poll_errors_total") == 1
+
+    fake.mode = "ok"
+    before = time.time()
+    monitor.poll_once()
+    succeeded_at = value(registry, "gannet_backlog_last_success_timestamp_seconds")
+    assert succeeded_at is not None and before - 1 <= succeeded_at <= time.time()
+    assert value(registry, "gannet_subscription_backlog_messages") == 137
+
+    # A later failure keeps the values and their time: staleness shows as its age.
+    fake.mode = "denied"
+    monitor.poll_once()
+    assert value(registry, "gannet_backlog_last_success_timestamp_seconds") == succeeded_at
+    assert value(registry, "gannet_subscription_backlog_messages") == 137
+
+
+def test_a_poll_without_points_is_a_success_that_sets_no_value(fake: FakeMonitoring) -> None:
+    """A new or idle subscription: the API answered, so the poll counts as a success,
+    but there is no value to export yet."""
+    monitor, registry = make_monitor(fake)
+    fake.mode = "empty"
+    monitor.poll_once()
+    assert value(registry, "gannet_backlog_last_success_timestamp_seconds") is not None
+    assert value(registry, "gannet_subscription_backlog_messages") is None
 
 
 def test_server_error_and_unreachable_endpoint_do_not_raise(fake: FakeMonitoring) -> None:
@@ -201,7 +246,6 @@ def test_thread_polls_until_stopped_and_survives_errors(fake: FakeMonitoring) ->
 
 
 def test_rejects_non_positive_interval() -> None:
-    registry = CollectorRegistry()
-    gauge = Gauge("g", "g", registry=registry)
+    m = Metrics()
     with pytest.raises(ValueError, match="interval_s"):
-        BacklogMonitor("p", "s", gauge, gauge, 0)
+        BacklogMonitor("p", "s", m.backlog, m.oldest_unacked_age, 0)

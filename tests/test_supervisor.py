@@ -72,6 +72,19 @@ def test_the_pods_metrics_are_the_processes_summed_and_the_subscription_gauges_o
     assert not any(s.name.endswith("_created") for f in merged for s in f.samples)
 
 
+def test_the_backlog_polls_time_is_taken_once_not_summed():
+    """The time of the last good backlog poll is a timestamp, like the subscription
+    gauges a figure of the whole subscription: only the first process polls, and were
+    two to report it, the pod reports the newer, never their sum."""
+    first, second = Metrics(), Metrics()
+    first.backlog_last_success.labels("bulk").set(1_000)
+    second.backlog_last_success.labels("bulk").set(900)
+
+    merged = merge_metrics(generate_latest(m.registry).decode() for m in (first, second))
+
+    assert _value(merged, "gannet_backlog_last_success_timestamp_seconds", lane="bulk") == 1_000
+
+
 def _get(port: int, path: str) -> tuple[int, dict | str]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:

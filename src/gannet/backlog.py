@@ -10,7 +10,12 @@ of one to a few minutes, so polling faster than every 30 s buys nothing; the val
 what the HPA saw, not what the subscription holds this second.
 
 A failed poll is logged and counted and the gauges keep their last value: the backlog
-is an observability aid, and losing it must never stop the daemon from working.
+is an observability aid, and losing it must never stop the daemon from working. The
+gauges are by lane, and a lane's series exist only once a poll of it succeeded: before
+that (or while every poll fails, for example without roles/monitoring.viewer) they are
+absent, never a 0 that reads as an empty subscription. Each good poll sets
+gannet_backlog_last_success_timestamp_seconds{lane}, so values kept through failures
+show their age.
 """
 
 from __future__ import annotations
@@ -40,6 +45,12 @@ class _Gauge(Protocol):
     def set(self, value: float) -> None: ...
 
 
+class _Family(Protocol):
+    """A gauge with a `lane` label (prometheus_client's Gauge)."""
+
+    def labels(self, *labelvalues: Any, **labelkwargs: Any) -> _Gauge: ...
+
+
 class _Counter(Protocol):
     def inc(self, amount: float = 1) -> None: ...
 
@@ -60,11 +71,13 @@ class BacklogMonitor:
         self,
         project: str,
         subscription: str,
-        backlog_gauge: _Gauge,
-        oldest_age_gauge: _Gauge,
+        backlog_gauge: _Family,
+        oldest_age_gauge: _Family,
         interval_s: float,
         client: monitoring_v3.MetricServiceClient | None = None,
         *,
+        lane: str = "default",
+        last_success_gauge: _Family | None = None,
         error_counter: _Counter | None = None,
         request_timeout_s: float = 10.0,
     ) -> None:
@@ -72,8 +85,12 @@ class BacklogMonitor:
             raise ValueError(f"interval_s must be > 0, got {interval_s}; 30 s is a good value")
         self.project = project
         self.subscription = subscription
+        # Families, not their lane's series: a series is made only when a poll gives it
+        # a value (labels() creates it, at 0).
         self.backlog_gauge = backlog_gauge
         self.oldest_age_gauge = oldest_age_gauge
+        self.lane = lane
+        self.last_success_gauge = last_success_gauge
         self.interval_s = interval_s
         self.error_counter = error_counter
         self.request_timeout_s = request_timeout_s
@@ -126,7 +143,8 @@ class BacklogMonitor:
         return newest_value
 
     def poll_once(self) -> BacklogReading:
-        """Reads both metrics, sets the gauges, and never raises on API trouble."""
+        """Reads both metrics, sets the lane's gauges (those with a point) and the time of
+        this success, and never raises on API trouble."""
         self.polls += 1
         now = time.time()
         try:
@@ -140,10 +158,12 @@ class BacklogMonitor:
         ) as exc:
             self._record_error(exc)
             return BacklogReading(None, None, error=f"{type(exc).__name__}: {exc}")
+        if self.last_success_gauge is not None:
+            self.last_success_gauge.labels(self.lane).set(now)
         if backlog is not None:
-            self.backlog_gauge.set(backlog)
+            self.backlog_gauge.labels(self.lane).set(backlog)
         if oldest is not None:
-            self.oldest_age_gauge.set(oldest)
+            self.oldest_age_gauge.labels(self.lane).set(oldest)
         if backlog is None and oldest is None:
             log.info(
                 "no backlog points in Cloud Monitoring yet; a new or idle subscription "

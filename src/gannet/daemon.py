@@ -414,9 +414,13 @@ class Daemon:
             BacklogMonitor(
                 s.project,
                 lane.subscription,
-                self.metrics.backlog.labels(lane.name),
-                self.metrics.oldest_unacked_age.labels(lane.name),
+                # By lane, each series made at the lane's first good poll: a 0 before
+                # it would read as an empty subscription.
+                self.metrics.backlog,
+                self.metrics.oldest_unacked_age,
                 s.backlog_poll_s,
+                lane=lane.name,
+                last_success_gauge=self.metrics.backlog_last_success,
                 error_counter=self.metrics.backlog_poll_errors,
             )
             for lane in lanes

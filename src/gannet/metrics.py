@@ -130,9 +130,18 @@ class Metrics:
         self.callbacks = Counter(
             "gannet_callbacks", "Result callbacks, by result.", ["result"], registry=r
         )
+        # The three gauges by lane have a lane's series only once a poll of it succeeded
+        # (backlog.py): absent, not 0, while monitoring is off or every poll fails.
         self.backlog = Gauge(
             "gannet_subscription_backlog_messages",
             "Undelivered messages in the lane's subscription (Cloud Monitoring, when enabled).",
+            ["lane"],
+            registry=r,
+        )
+        self.backlog_last_success = Gauge(
+            "gannet_backlog_last_success_timestamp_seconds",
+            "Unix time of the lane's last successful Cloud Monitoring backlog poll: the "
+            "subscription gauges are as old as this.",
             ["lane"],
             registry=r,
         )

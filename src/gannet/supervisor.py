@@ -59,8 +59,9 @@ from gannet.signals import on_signals
 log = logging.getLogger(__name__)
 
 # A figure about the whole subscription (from Cloud Monitoring), the same in every
-# process: the pod reports it once, not once per process.
-SHARED_GAUGE_PREFIX = "gannet_subscription_"
+# process: the pod reports it once, not once per process. The time of the last good
+# backlog poll goes with them (a timestamp must never be summed).
+SHARED_GAUGE_PREFIXES = ("gannet_subscription_", "gannet_backlog_last_success_")
 SCRAPE_TIMEOUT_S = 2.0
 WATCH_S = 10.0  # how often the processes' /healthz is asked
 HUNG_S = 60.0  # a process silent this long since its last answer is killed
@@ -98,7 +99,7 @@ def merge_metrics(texts: Iterable[str], retired: Iterable[str] = ()) -> list[Met
             if family.name not in families:
                 families[family.name] = Metric(family.name, family.documentation, family.type)
                 values[family.name] = {}
-            shared = family.type == "gauge" and family.name.startswith(SHARED_GAUGE_PREFIX)
+            shared = family.type == "gauge" and family.name.startswith(SHARED_GAUGE_PREFIXES)
             into = values[family.name]
             for sample in family.samples:
                 if sample.name.endswith("_created"):
