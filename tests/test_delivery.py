@@ -352,6 +352,7 @@ KINDS = {
     "PodDisruptionBudget": ("policy", "poddisruptionbudgets"),
     "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
     "PodMonitoring": ("monitoring.googleapis.com", "podmonitorings"),
+    "Rules": ("monitoring.googleapis.com", "rules"),
     "ScaledObject": ("keda.sh", "scaledobjects"),
     "TriggerAuthentication": ("keda.sh", "triggerauthentications"),
 }

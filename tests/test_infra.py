@@ -318,6 +318,7 @@ def test_every_overlay_renders_the_expected_objects(rendered: dict[str, Path]) -
         "Deployment",
         "PodDisruptionBudget",
         "PodMonitoring",
+        "Rules",
         "NetworkPolicy",
     }
     assert set(kinds["dev"]) == common
@@ -498,6 +499,116 @@ def test_pdb_podmonitoring_and_networkpolicy_select_the_worker(rendered: dict[st
     }
     assert any(port == 5432 for port, _ in egress)
     assert any(port == 443 for port, _ in egress)
+
+
+# ---- alert rules ------------------------------------------------------------------------
+
+RUNBOOK = ROOT / "docs" / "runbook.md"
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool"}
+
+
+def exported_metrics() -> dict[str, set[str]]:
+    """Every series name a pod exports, with its label names: the daemon's
+    (gannet.metrics.Metrics) and the supervisor's own (GANNET_PROCESSES > 1)."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from gannet.metrics import Metrics
+    from gannet.supervisor import Supervisor
+
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+    out: dict[str, set[str]] = {}
+    for collector in vars(Metrics()).values():
+        if not isinstance(collector, MetricWrapperBase):
+            continue
+        labels = set(collector._labelnames)
+        for family in collector.describe():
+            for suffix in suffixes[family.type]:
+                extra = {"le"} if suffix == "_bucket" else set()
+                out[family.name + suffix] = labels | extra
+    supervisor = Supervisor(Settings(processes=2, metrics_port=0), ["true"])
+    try:
+        for family in supervisor.collect():  # no process started: only its own
+            for sample in family.samples:
+                out[sample.name] = set(sample.labels)
+    finally:
+        supervisor._asking.shutdown()
+    return out
+
+
+def unknown_in_expr(expr: str, exported: dict[str, set[str]]) -> list[str]:
+    """Metric names and label names in a PromQL expression that no pod exports."""
+    problems = []
+    names = set(re.findall(r"\bgannet_[a-z0-9_]+", expr))
+    problems += [f"metric {n}" for n in sorted(names - set(exported))]
+    known = set().union(*(exported.get(n, set()) for n in names))
+    used = {
+        m for sel in re.findall(r"\{([^}]*)\}", expr) for m in re.findall(r"(\w+)\s*!?[=~]", sel)
+    }
+    for group in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
+        used |= {label.strip() for label in group.split(",") if label.strip()}
+    problems += [f"label {label}" for label in sorted(used - known - PROMQL_WORDS)]
+    return problems
+
+
+def alert_rules(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rules = one_of_kind(objects, "Rules")
+    return [r for group in rules["spec"]["groups"] for r in group["rules"] if "alert" in r]
+
+
+def runbook_anchors() -> set[str]:
+    """GitHub's anchors of the runbook's headings."""
+    headings = re.findall(r"^#+\s+(.+)$", RUNBOOK.read_text(), re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_alert_rules_name_only_what_the_daemon_exports(rendered: dict[str, Path]) -> None:
+    objects = docs(rendered["prod"])
+    rules = alert_rules(objects)
+    exported = exported_metrics()
+    config = configmap(objects)
+    lanes = {lane.name for lane in Settings(lanes=config["GANNET_LANES"]).lane_list()}
+    outcomes = set(re.findall(r'Outcome\(\s*Decision\.\w+,\s*"(\w+)"', _sources()))
+    names = {r["alert"] for r in rules}
+    assert {
+        "GannetOldestUnackedMessageTooOld",
+        "GannetDeadLetters",
+        "GannetDaemonProcessRestarts",
+        "GannetBacklogMonitorFailing",
+        "GannetNoTaskSucceeding",
+    } <= names
+    anchors = runbook_anchors()
+    for rule in rules:
+        expr = rule["expr"]
+        assert unknown_in_expr(expr, exported) == [], rule["alert"]
+        for value in re.findall(r'\blane\s*!?=\s*"([^"]*)"', expr):
+            assert value in lanes, f"{rule['alert']}: no lane {value!r} in prod"
+        for value in re.findall(r'\boutcome\s*!?=\s*"([^"]*)"', expr):
+            assert value in outcomes, f"{rule['alert']}: no outcome {value!r}"
+        assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["alert"]
+        target = rule["annotations"]["runbook"]
+        path, _, anchor = target.partition("#")
+        assert path == "docs/runbook.md" and anchor in anchors, f"{rule['alert']}: {target}"
+    # The per-lane alert keeps the lane label for the page to say which.
+    (oldest,) = [r for r in rules if r["alert"] == "GannetOldestUnackedMessageTooOld"]
+    assert "by (lane)" in oldest["expr"]
+
+
+def test_alert_rule_gate_fails_on_a_name_or_label_not_exported() -> None:
+    exported = exported_metrics()
+    assert (
+        "gannet_messages_total" in exported and "gannet_daemon_process_restarts_total" in exported
+    )
+    assert unknown_in_expr('sum(rate(gannet_messages_total{outcome="x"}[5m]))', exported) == []
+    assert unknown_in_expr("rate(gannet_message_total[5m])", exported) == [
+        "metric gannet_message_total"
+    ]
+    assert unknown_in_expr('sum by (lane) (gannet_messages_total{lane="bulk"})', exported) == [
+        "label lane"
+    ]
+
+
+def _sources() -> str:
+    return "\n".join(p.read_text() for p in (ROOT / "src" / "gannet").glob("*.py"))
 
 
 def test_pods_migrate_the_schema_before_the_daemon_starts(rendered: dict[str, Path]) -> None:
