@@ -459,20 +459,89 @@ def test_prod_hpa_scales_on_the_subscription_backlog(rendered: dict[str, Path]) 
     assert external["target"] == {"type": "AverageValue", "averageValue": "2"}
     pods = metrics["Pods"]["pods"]
     assert pods["metric"]["name"] == "prometheus.googleapis.com|gannet_messages_outstanding|gauge"
-    # The per-pod metric saturates at the flow-control limit: its target must be below it.
-    assert float(pods["target"]["averageValue"]) < float(config["GANNET_MAX_MESSAGES"])
     behavior = hpa["spec"]["behavior"]
     assert behavior["scaleUp"]["stabilizationWindowSeconds"] == 60
     assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 300
-    # The backlog target must stay below the runners per pod (see test_scaling.py).
-    assert float(external["target"]["averageValue"]) < float(config["GANNET_RUNNERS"])
+    assert hpa_target_problems(objects) == []
+
+
+def hpa_target_problems(objects: list[dict[str, Any]]) -> list[str]:
+    """The HPA's targets against what a pod holds: a name per target out of bounds."""
+    hpa = one_of_kind(objects, "HorizontalPodAutoscaler")
+    config = configmap(objects)
+    settings = Settings(**{"lanes": config["GANNET_LANES"], **_names(config)})
+    lanes = settings.lane_list()
+    external = [m["external"] for m in hpa["spec"]["metrics"] if m["type"] == "External"]
+    subscription = "resource.labels.subscription_id"
+    targets = {
+        e["metric"]["selector"]["matchLabels"][subscription]: float(e["target"]["averageValue"])
+        for e in external
+    }
+    (pods,) = [m["pods"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    # Every bound is per process: a pod of GANNET_PROCESSES=N daemons has N times the
+    # runners, leases and caps of one (docs/runbook.md, more than one daemon process).
+    n = int(config.get("GANNET_PROCESSES", "1"))
+    runners = n * int(config["GANNET_RUNNERS"])
+    problems = []
+
+    def within(name: str, target: float, low: float, high: float, closed: bool) -> None:
+        if not (low <= target and (target <= high if closed else target < high)):
+            problems.append(f"{name} target")
+
+    # The per-pod metric (gannet_messages_outstanding) saturates at the sum of the lanes'
+    # leases (14 per process in prod: 8 + 6); interactive traffic alone fills the first
+    # lane's (8). Its target below that, so that it alone moves the metric past the
+    # target, and at least half of it, or full pods ask for more than twice their number.
+    first_lease = n * settings.lane_flow_control(lanes[0])
+    within("pods", float(pods["target"]["averageValue"]), first_lease / 2, first_lease, False)
+    # The first lane's backlog target T keeps about T runners per pod busy: below the
+    # runners (test_scaling.py), and at least half of them, or the HPA runs more than
+    # twice the pods the traffic needs.
+    within(lanes[0].name, targets[lanes[0].subscription], runners / 2, runners, False)
     # Each other lane's target at most what a pod runs of that lane (its cap, else the
     # runners): above it the HPA asks for more of the lane in service than a pod can
-    # hold, and flaps (docs/autoscaling.md, the bulk lane's target).
+    # hold, and flaps (docs/autoscaling.md, the bulk lane's target). A capped lane's
+    # target is its cap exactly; an uncapped one's at least half the runners.
     for lane in lanes[1:]:
-        held = lane.cap or int(config["GANNET_RUNNERS"])
-        target = float(by_subscription[lane.subscription]["target"]["averageValue"])
-        assert target <= held, f"{lane.name}: target {target:g} > {held} a pod runs"
+        target = targets[lane.subscription]
+        if lane.cap:
+            within(lane.name, target, n * lane.cap, n * lane.cap, True)
+        else:
+            within(lane.name, target, runners / 2, runners, True)
+    return problems
+
+
+@pytest.mark.parametrize("scaled", [True, False], ids=["targets-scaled", "targets-unscaled"])
+def test_hpa_targets_must_scale_with_the_processes_per_pod(tmp_path: Path, scaled: bool) -> None:
+    """GANNET_PROCESSES=2 doubles a pod's runners, leases and caps: the runbook's targets
+    (every one times 2) pass the guards, prod's one-process targets do not."""
+    k8s = tmp_path / "k8s"
+    shutil.copytree(ROOT / "k8s", k8s)
+    prod = k8s / "overlays" / "prod"
+    kustomization = prod / "kustomization.yaml"
+    text = kustomization.read_text()
+    assert "      - GANNET_LANES=" in text
+    kustomization.write_text(
+        text.replace("      - GANNET_LANES=", "      - GANNET_PROCESSES=2\n      - GANNET_LANES=")
+    )
+    if scaled:
+        patch = prod / "hpa-patch.yaml"
+        values = re.findall(r'averageValue: "(\d+)"', patch.read_text())
+        assert sorted(values) == ["2", "3", "6"], "prod's targets changed: update this test"
+        patch.write_text(
+            re.sub(
+                r'averageValue: "(\d+)"',
+                lambda m: f'averageValue: "{2 * int(m.group(1))}"',
+                patch.read_text(),
+            )
+        )
+    objects = docs(kustomize_all(k8s / "overlays", ("prod",), tmp_path)["prod"])
+    assert configmap(objects)["GANNET_PROCESSES"] == "2"
+    problems = hpa_target_problems(objects)
+    if scaled:
+        assert problems == []
+    else:
+        assert sorted(problems) == ["bulk target", "interactive target", "pods target"]
 
 
 def test_pdb_podmonitoring_and_networkpolicy_select_the_worker(rendered: dict[str, Path]) -> None:
