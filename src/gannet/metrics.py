@@ -94,7 +94,8 @@ class Metrics:
             registry=r,
         )
         # Its rate is the share of the time a model's batcher thread spends in forward
-        # passes: on the CPU the passes, on a GPU their launch (operating.md).
+        # passes: on the CPU the passes, on a GPU their launch (operating.md). A pod's
+        # series sums its processes' (supervisor.py): there it reaches GANNET_PROCESSES.
         self.forward_seconds = Histogram(
             "gannet_forward_seconds",
             "Wall seconds per model call (one forward pass over a batch), by model.",
@@ -103,7 +104,8 @@ class Metrics:
             registry=r,
         )
         # Its rate is the share of the time a device's JPEG decoder thread is busy
-        # (device_decode.py): near 1, that one thread binds (runbook.md).
+        # (device_decode.py): near 1, that one thread binds (runbook.md); in a pod's
+        # series, summed over its processes (one thread each), near GANNET_PROCESSES.
         self.device_decode_seconds = Histogram(
             "gannet_device_decode_seconds",
             "Wall seconds per nvJPEG call (a batch of the runners' JPEGs), by device.",
