@@ -25,7 +25,9 @@ class ErrorCode(StrEnum):
     IMAGE_TOO_LARGE = "image_too_large"
     TASK_ID_CONFLICT = "task_id_conflict"
     MODEL_UNAVAILABLE = "model_unavailable"
-    # Transient codes, recorded in logs and metrics only.
+    # Transient codes, never dead-lettered by the daemon: a log line's `error_code` only.
+    # The metrics count the outcome (gannet_messages_total{outcome="retry"|"busy"|
+    # "shutdown"}), not the code.
     DEPENDENCY_UNAVAILABLE = "dependency_unavailable"
     OUT_OF_MEMORY = "out_of_memory"
     SHUTDOWN = "shutdown"
