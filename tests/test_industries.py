@@ -28,6 +28,7 @@ from gannet.steps import SlicedDetectionParams
 from gannet.storage import Storage, local_version, read_local
 
 CONFIGS = REPO_ROOT / "configs"
+DEMO_DETECT = REPO_ROOT / "models" / "demo" / "detect.pt"
 BASE = """
 industry: agro
 version: 1
@@ -211,6 +212,29 @@ def test_configs_in_gcs_reload_by_generation_and_a_bad_push_keeps_serving(servic
     sample = metrics.registry.get_sample_value
     assert sample("gannet_config_reloads_total", {"result": "rejected"}) == 1
     assert sample("gannet_config_reloads_total", {"result": "loaded"}) == 1
+
+
+def test_relative_model_paths_in_a_gcs_config_resolve_inside_its_bucket(services):
+    """The shipped configs' `../models/...` paths, unchanged, from a config in a bucket:
+    they name the bucket's models/ objects (not `agro/../models/...`, an object that
+    does not exist), and a path that climbs above the bucket is refused when loaded."""
+    bucket = f"models-{uuid.uuid4().hex[:8]}"
+    client = clients.storage_client(demo.local_settings(services))
+    client.create_bucket(bucket)
+    blobs = client.bucket(bucket)
+    blobs.blob("models/demo/detect.pt").upload_from_filename(str(DEMO_DETECT))
+    text = (CONFIGS / "agro.yaml").read_text()
+    blobs.blob("agro/config.yaml").upload_from_string(text)
+    storage = Storage(client)
+    uri = f"gs://{bucket}/agro/config.yaml"
+    loaded = ConfigSource(uri, storage.read_url, storage.generation).current()
+    model = loaded.model_uri(loaded.config.models["detection"])
+    assert model == f"gs://{bucket}/models/demo/detect.pt"
+    assert storage.generation(model), "the object the config names exists"
+
+    blobs.blob("agro/config.yaml").upload_from_string(text.replace("../models", "../../models"))
+    with pytest.raises(ConfigError, match="climbs above gs://"):
+        ConfigSource(uri, storage.read_url, storage.generation)
 
 
 def test_one_daemon_serves_two_industries_and_rls_keeps_their_rows_apart(stack, tmp_path):

@@ -9,6 +9,7 @@ up in one dict and finds its steps bound to typed params.
 from __future__ import annotations
 
 import logging
+import posixpath
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -67,6 +68,8 @@ def parse_config(text: str, source: str, version: str = "") -> LoadedConfig:
     except ValueError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
     floors = {name: decode_floor(config, plan) for name, plan in plans.items()}
+    for spec in config.models.values():
+        _relative(source, spec.path)  # a path that leaves its bucket fails here, not per task
     return LoadedConfig(
         config=config, plans=plans, uri=source, version=version, decode_floors=floors
     )
@@ -233,10 +236,17 @@ class LoadedDeployment:
 
 
 def _relative(base_uri: str, path: str) -> str:
+    """`path` as seen from the file `base_uri`. In a bucket, dot segments are folded
+    (GCS would take `agro/../models/x.pt` as one literal object name, which does not
+    exist), and a path that climbs above the bucket is a ConfigError."""
     if path.startswith("gs://") or Path(path).is_absolute():
         return path
     if base_uri.startswith("gs://"):
-        return f"{base_uri.rsplit('/', 1)[0]}/{path}"
+        bucket, _, name = base_uri.removeprefix("gs://").partition("/")
+        joined = posixpath.normpath(posixpath.join(posixpath.dirname(name), path))
+        if joined in (".", "..") or joined.startswith("../"):
+            raise ConfigError(f"{base_uri}: {path!r} climbs above gs://{bucket}/")
+        return f"gs://{bucket}/{joined}"
     return str((Path(base_uri).parent / path).resolve())
 
 
