@@ -66,3 +66,58 @@ def test_image_reads_say_what_is_wrong_with_the_object(services: LocalServices):
     blob = blobs.get_blob(f"{prefix}/r.json")
     assert blob is not None and blob.content_type == "application/json"
     assert blob.download_as_bytes() == b'{"a":1}'
+
+
+def test_download_to_stores_the_generation_asked_for_and_concurrent_downloads_agree(
+    services: LocalServices, tmp_path
+):
+    """A model's file name carries its generation, so the download must ask for that
+    generation, not "the latest" (after a newer upload: new bytes under the old name, for
+    good); and runners that load the same new model at once each download to their own
+    temporary file, one of which becomes the model's file.
+
+    The emulator serves the latest bytes whatever generation a download asks for (its
+    download handler ignores the parameter), so the first part records the requests the
+    client sends it, rather than comparing bytes; real GCS answers that generation, or
+    404 once it is overwritten in a bucket without versioning (the load then fails and
+    the next one resolves the new generation)."""
+    import threading
+
+    storage = Storage(clients.storage_client(demo.local_settings(services)))
+    bucket = f"models-{uuid.uuid4().hex[:8]}"
+    storage.client.create_bucket(bucket)
+    blob = storage.client.bucket(bucket).blob("retail/detect.pt")
+    blob.upload_from_string(b"old weights")
+    old = storage.generation(f"gs://{bucket}/retail/detect.pt")
+    new_weights = bytes(range(256)) * 40_000  # 10 MB: long enough for downloads to overlap
+    blob.upload_from_string(new_weights)
+    new = storage.generation(f"gs://{bucket}/retail/detect.pt")
+
+    http = storage.client._http
+    urls: list[str] = []
+    send = http.request
+
+    def recorded(method, url, *args, **kwargs):
+        urls.append(url)
+        return send(method, url, *args, **kwargs)
+
+    http.request = recorded
+    path = storage.download_to(f"gs://{bucket}/retail/detect.pt", old, tmp_path)
+    http.request = send
+    assert path.name == f"detect.g{old}.pt"
+    assert [u for u in urls if "alt=media" in u], "the download went through the client"
+    assert all(f"generation={old}" in u for u in urls if "alt=media" in u), urls
+
+    start = threading.Barrier(8)
+
+    def download(_: int):
+        start.wait()
+        return storage.download_to(f"gs://{bucket}/retail/detect.pt", new, tmp_path)
+
+    with ThreadPoolExecutor(8) as pool:
+        paths = set(pool.map(download, range(8)))
+    assert len(paths) == 1
+    assert paths.pop().read_bytes() == new_weights
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(
+        [f"detect.g{old}.pt", f"detect.g{new}.pt"]
+    ), "no temporary file is left behind"

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import random
 import re
+import tempfile
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -195,7 +197,13 @@ class Storage:
         return data, str(blob.generation)
 
     def download_to(self, url: str, generation: str, cache_dir: Path) -> Path:
-        """Weights land at a generation-specific path, so a new upload never races a load."""
+        """Weights land at a generation-specific path, so a new upload never races a load.
+
+        The download asks for that generation (not "the latest", which after an upload
+        would put new bytes under the old generation's name, for good), into a temporary
+        file of its own (runners loading the same model at once each download; the last
+        rename wins, with the same bytes) that is renamed into place only when complete.
+        """
         bucket, name = split_gs_url(url)
         path = Path(name)
         # Keep the suffix last: ultralytics picks the format (.pt, .onnx) from it.
@@ -203,10 +211,14 @@ class Storage:
         if target.exists():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        blob = self.client.bucket(bucket).blob(name)
-        tmp = target.with_suffix(target.suffix + ".part")
-        blob.download_to_filename(str(tmp))
-        tmp.rename(target)
+        blob = self.client.bucket(bucket).blob(name, generation=int(generation))
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        os.close(fd)
+        try:
+            blob.download_to_filename(tmp)
+            os.replace(tmp, target)
+        finally:
+            Path(tmp).unlink(missing_ok=True)  # gone after the rename; a failed download's
         return target
 
 
