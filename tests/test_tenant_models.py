@@ -145,3 +145,29 @@ def test_pt_wins_over_onnx_for_the_same_kind(world, tmp_path, onnx_model):
     uri, _ = resolver.tenant_override("detection", "hooli")
     assert uri.endswith("/models/hooli/detect.pt")
     assert resolver.tenant_override("segmentation", "hooli") is None
+
+
+def test_only_the_exact_tenant_model_names_are_taken(world, tmp_path):
+    """A tenant can upload any object name under models/TENANT/: only
+    models/TENANT/{detect,segment,classify}.{pt,onnx} is its model, not a deeper name
+    that ends the same way, nor one that walks back out with `../`."""
+    run, upload, _, cache, _ = world
+    upload("acme", renamed(tmp_path / "deep.pt", "deep"), "x/models/acme/detect.pt")
+    assert run("acme") == expected_counts(SCENES[0]), "the tenant gets the industry's model"
+    assert {k.tenant for k in cache.loaded()} == {None}
+    # The emulator cannot store a name with '..' (it drops the connection); GCS can, so
+    # the listing is written out as the lister would return it.
+    escaping = {"gs://b/models/acme/../../escaped/models/acme/detect.pt": "7"}
+    resolver = ModelResolver(local_version, list_tenant_models=lambda tenant: escaping)
+    assert resolver.tenant_override("detection", "acme") is None
+
+
+def test_download_to_refuses_an_object_name_that_leaves_the_cache_dir(services, tmp_path):
+    """The last line of defence, whatever the caller checked: refused before any request
+    (so the emulator, which cannot store such a name, need not hold one)."""
+    storage = Storage(clients.storage_client(demo.local_settings(services)))
+    cache = tmp_path / "cache"
+    for name in ("../../../../escaped.pt", "../../../other/models/detect.pt"):
+        with pytest.raises(ValueError, match="outside the model cache"):
+            storage.download_to(f"gs://bkt/models/acme/{name}", "7", cache)
+    assert list(tmp_path.iterdir()) == []

@@ -108,12 +108,18 @@ class ModelResolver:
         return listing
 
     def tenant_override(self, kind: ModelKind, tenant: str) -> tuple[str, str] | None:
-        """(uri, generation) of the tenant's own model of this kind, if it has one."""
+        """(uri, generation) of the tenant's own model of this kind, if it has one.
+
+        Only the exact object name models/TENANT/STEM.SUFFIX counts: a tenant may upload
+        any name under its prefix, and one ending the same way deeper down, or walking
+        back out with `../`, would otherwise be taken (and downloaded to where its name
+        points)."""
         listing = self.tenant_models(tenant)
         stem = MODEL_FILE_STEM[kind]
         for suffix in MODEL_SUFFIXES:
+            wanted = f"models/{tenant}/{stem}{suffix}"
             for uri, generation in listing.items():
-                if uri.endswith(f"/models/{tenant}/{stem}{suffix}"):
+                if uri.removeprefix("gs://").partition("/")[2] == wanted:
                     return uri, generation
         return None
 

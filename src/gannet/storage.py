@@ -208,6 +208,10 @@ class Storage:
         path = Path(name)
         # Keep the suffix last: ultralytics picks the format (.pt, .onnx) from it.
         target = cache_dir / bucket / path.parent / f"{path.stem}.g{generation}{path.suffix}"
+        if not target.resolve().is_relative_to((cache_dir / bucket).resolve()):
+            # An object name with `../` (GCS allows them) could overwrite any file, another
+            # bucket's cached weights too; the loader makes this a failed load.
+            raise ValueError(f"{url}: its local copy would be outside the model cache's {bucket}/")
         if target.exists():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
