@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import SAMPLES, SCENES, expected_counts
 
+from gannet.errors import ErrorCode, TransientError
 from gannet.metrics import Metrics
 from gannet.model_cache import ModelCache, ModelKey, yolo_loader
 from gannet.settings import REPO_ROOT
@@ -190,6 +191,24 @@ def test_answers_through_the_cache_are_ultralytics_own(weights, task, imgsz, ext
     assert task == "classify" or boxes > 0, "a comparison of empty answers proves nothing"
     passes = metrics.registry.get_sample_value("gannet_batch_size_count")
     assert passes < len(jobs), "same-shaped requests share forward passes"
+
+
+@pytest.mark.parametrize(
+    ("weights", "asked", "found"),
+    [(CLASSIFY, "detect", "classify"), (MODEL, "segment", "detect")],
+)
+def test_a_model_of_another_kind_than_the_config_says_is_a_failed_load(weights, asked, found):
+    """A classifier configured as the detection model loaded and answered every image with
+    no boxes, saved as a success; now the load fails, naming both kinds."""
+    cache = ModelCache(yolo_loader(lambda uri, version: Path(uri)), Metrics())
+    try:
+        with pytest.raises(TransientError) as err:
+            cache.get(ModelKey(str(weights), "v1", "cpu", 64, asked))
+    finally:
+        cache.close()
+    assert err.value.code is ErrorCode.MODEL_UNAVAILABLE
+    assert f"a {found} model" in err.value.message and asked in err.value.message
+    assert cache.loaded() == []
 
 
 def test_a_cpu_daemon_of_detectors_and_segmenters_answers_without_loading_torchvision():

@@ -280,7 +280,8 @@ def _skip_warmup(predictor: Any) -> None:
 def yolo_loader(
     local_path: Callable[[str, str], Path], trace: bool = True, cuda_graphs: bool = True
 ) -> Loader:
-    """Loads weights with ultralytics, warms the model up on the device and, with
+    """Loads weights with ultralytics (refusing a model of another task than the key's),
+    warms the model up on the device and, with
     `trace`, runs its forward pass as a verified TorchScript trace (see traced.py),
     replayed as CUDA graphs on a GPU with `cuda_graphs` (cuda_graphs.py)."""
 
@@ -292,6 +293,10 @@ def yolo_loader(
         cuda = key.device.startswith("cuda")
         before = torch.cuda.memory_allocated(key.device) if cuda else 0
         model = YOLO(str(path), task=key.task)
+        if model.task != key.task:
+            # A .pt file says what it is, whatever `task` asked: a classifier configured
+            # as the detection model answered every image with no boxes, as successes.
+            raise ValueError(f"{path.name} is a {model.task} model, configured as {key.task}")
         if key.device == "cpu" and key.task in ("detect", "segment"):
             model.add_callback("on_predict_start", _skip_warmup)
         blank = np.zeros((key.imgsz, key.imgsz, 3), dtype=np.uint8)
