@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -270,3 +271,34 @@ def test_the_torch_threads_setting_reaches_the_thread_that_runs_the_model():
         finally:
             cache.close()
         assert seen[-1] == threads
+
+
+def test_a_failed_load_is_remembered_for_a_while_instead_of_retried_by_every_task(tmp_path):
+    """A corrupt file: every task that needed it ran the whole load again (a storm of
+    loads on the device). The failure is now answered from memory until
+    `retry_failed_after_s` has passed; then the next task tries again, and a fixed file
+    (a new version: a new key, in the daemon) loads."""
+    corrupt = tmp_path / "detect.pt"
+    corrupt.write_bytes(b"\x00not a checkpoint" * 100)
+    calls: list[str] = []
+    load = yolo_loader(lambda uri, version: Path(uri))
+
+    def counted(k: ModelKey):
+        calls.append(k.version)
+        return load(k)
+
+    cache = ModelCache(counted, Metrics(), retry_failed_after_s=0.5)
+    k = ModelKey(str(corrupt), "v1", "cpu", 416, "detect")
+    try:
+        for _ in range(5):
+            with pytest.raises(TransientError) as err:
+                cache.get(k)
+            assert err.value.code is ErrorCode.MODEL_UNAVAILABLE
+            assert "detect.pt" in err.value.message
+        assert calls == ["v1"]
+        time.sleep(0.5)
+        corrupt.write_bytes(MODEL.read_bytes())
+        assert cache.get(k).task == "detect"
+        assert calls == ["v1", "v1"]
+    finally:
+        cache.close()

@@ -78,12 +78,16 @@ class ModelCache:
         cpu_threads: int | None = None,
         stage_cpu: bool = False,
         held: Held = graph_bytes,
+        retry_failed_after_s: float = 30.0,
     ) -> None:
         """`cpu_threads`: torch CPU threads for each model's forward passes; `stage_cpu`:
         charge their thread CPU to the stage counter (GANNET_STAGE_CPU); `held`: what a
         model holds on its device beyond its load's bytes, counted against the budget
         (its CUDA graphs, recorded per input shape as batches come: at the next load; the
-        load's warm-up graph is in both figures, a few MB counted twice, on the safe side)."""
+        load's warm-up graph is in both figures, a few MB counted twice, on the safe side);
+        `retry_failed_after_s`: how long a failed load's error is given to every caller of
+        that key instead of loading again (each task would otherwise run the whole load:
+        a storm on the device, for a file that is no better a second later)."""
         self._load = load
         self._held = held
         self._cpu_threads = cpu_threads
@@ -95,13 +99,18 @@ class ModelCache:
         self._lock = threading.Lock()
         self._loaded: OrderedDict[ModelKey, LoadedModel] = OrderedDict()
         self._loading: dict[ModelKey, Future[LoadedModel]] = {}
+        self._retry_failed_after_s = retry_failed_after_s
+        self._failed: dict[ModelKey, tuple[float, TransientError]] = {}  # key -> (when, why)
 
     def get(self, key: ModelKey) -> LoadedModel:
+        """The loaded model, loading it (once, whoever asks meanwhile) if it is not;
+        TransientError(model_unavailable) if it cannot load, or failed to lately."""
         with self._lock:
             entry = self._loaded.get(key)
             if entry is not None:
                 self._loaded.move_to_end(key)
                 return entry
+            self._raise_if_failed_lately(key)
             future = self._loading.get(key)
             leader = future is None
             if leader:
@@ -115,10 +124,27 @@ class ModelCache:
         except Exception as exc:
             with self._lock:
                 del self._loading[key]
+                if isinstance(exc, TransientError):
+                    now = time.monotonic()
+                    self._failed = {  # old versions' failures are never asked for again
+                        k: v
+                        for k, v in self._failed.items()
+                        if now - v[0] < self._retry_failed_after_s
+                    }
+                    self._failed[key] = (now, exc)
+            log.warning(
+                "model load failed; not retried for a while",
+                extra={
+                    "model": key.label(),
+                    "device": key.device,
+                    "fields": {"error": str(exc), "retry_after_s": self._retry_failed_after_s},
+                },
+            )
             future.set_exception(exc)
             raise
         with self._lock:
             del self._loading[key]
+            self._failed.pop(key, None)
             self._loaded[key] = entry
             evicted = self._evict_over_budget(key)
         future.set_result(entry)
@@ -127,6 +153,23 @@ class ModelCache:
             self._metrics.model_evictions.labels(old.key.label(), old.key.device).inc()
             log.info("model evicted", extra={"model": old.key.label(), "device": old.key.device})
         return entry
+
+    def _raise_if_failed_lately(self, key: ModelKey) -> None:
+        """Under the lock: the remembered failure of this key, as a new error (one
+        exception object raised in many threads would share its traceback)."""
+        failed = self._failed.get(key)
+        if failed is None:
+            return
+        age = time.monotonic() - failed[0]
+        if age >= self._retry_failed_after_s:
+            del self._failed[key]
+            return
+        error = failed[1]
+        raise TransientError(
+            error.code,
+            f"{error.message} (failed {age:.0f} s ago; retried after "
+            f"{self._retry_failed_after_s:.0f} s)",
+        )
 
     def _load_entry(self, key: ModelKey) -> LoadedModel:
         started = time.perf_counter()
