@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -92,4 +93,95 @@ def test_changed_config_is_picked_up_and_a_bad_one_keeps_the_last_good(tmp_path)
     assert source.current().config.version == 4, "an invalid push must not be served"
     sample = metrics.registry.get_sample_value
     assert sample("gannet_config_reloads_total", {"result": "rejected"}) == 1
+    assert sample("gannet_config_reloads_total", {"result": "loaded"}) == 1
+
+
+def test_a_reload_naming_a_model_that_cannot_load_is_rejected_and_the_old_one_serves(
+    tmp_path, caplog
+):
+    """The reload loads (warms) the new config's models, as start-up does, before it is
+    served: before, a config naming a missing, corrupt, non-YOLO or wrong-kind model was
+    served at once ("config reloaded"), and every task of the industry failed until it
+    was dead-lettered, while the last good model was loaded. The check runs on the
+    thread that noticed the change; other threads keep getting the old config."""
+    import shutil
+    import threading
+
+    import torch
+
+    from gannet.model_cache import ModelCache, yolo_loader
+    from gannet.model_resolver import ModelResolver
+    from gannet.pipeline import Limits, Pipeline
+
+    models = REPO_ROOT / "models" / "demo"
+    shutil.copy(models / "detect.pt", tmp_path / "good.pt")
+    shutil.copy(models / "detect.pt", tmp_path / "fixed.pt")
+    shutil.copy(models / "classify.pt", tmp_path / "classifier.pt")
+    (tmp_path / "corrupt.pt").write_bytes(b"\x00not a checkpoint" * 100)
+    torch.save({"state_dict": {"w": torch.zeros(3)}}, tmp_path / "notyolo.pt")
+    path = tmp_path / "config.yaml"
+
+    def push(weights: str, version: int) -> None:
+        path.write_text(
+            VALID.replace("../models/demo/detect.pt", weights).replace(
+                "version: 3", f"version: {version}"
+            )
+        )
+        os.utime(path, (time.time() + version, time.time() + version))
+
+    push("good.pt", 1)
+    metrics = Metrics()
+    source = ConfigSource(
+        str(path),
+        read_local,
+        local_version,
+        check_every_s=0,
+        on_reload=lambda r: metrics.config_reloads.labels(r).inc(),
+    )
+    cache = ModelCache(yolo_loader(lambda uri, v: Path(uri), trace=False), metrics)
+    resolver = ModelResolver(local_version, ttl_s=0)
+    pipeline = Pipeline(source, None, cache, resolver, Limits(["b"], 10**8, 10**8))  # type: ignore[arg-type]
+    hold = threading.Event()  # set: the check waits until `go_on`
+    checking, go_on = threading.Event(), threading.Event()
+
+    def check(loaded):
+        if hold.is_set():
+            checking.set()
+            go_on.wait(timeout=30)
+        pipeline.load_models(loaded, ["cpu"])
+
+    source.check_models_with(check)
+    try:
+        pipeline.warm(["cpu"])
+        push("missing.pt", 2)
+        hold.set()
+        noticed = threading.Thread(target=source.current)
+        noticed.start()
+        assert checking.wait(timeout=10)
+        assert source.current().config.version == 1, "others serve the old one meanwhile"
+        hold.clear()
+        go_on.set()
+        noticed.join(timeout=60)
+        for version, weights in enumerate(
+            ["missing.pt", "corrupt.pt", "notyolo.pt", "classifier.pt"], start=2
+        ):
+            push(weights, version)
+            caplog.clear()
+            assert source.current().config.version == 1, weights
+            rejected = [r for r in caplog.records if r.levelname == "ERROR"][-1]
+            assert weights in rejected.fields["error"], rejected.fields
+            assert "models.detection" in rejected.fields["error"]
+            key = resolver.key(source.current(), "detection", None, "cpu")
+            assert cache.get(key).key.uri == str(tmp_path / "good.pt"), "tasks are served"
+        rejections = metrics.registry.get_sample_value(
+            "gannet_config_reloads_total", {"result": "rejected"}
+        )
+        push("fixed.pt", 9)
+        assert source.current().config.version == 9
+        assert str(tmp_path / "fixed.pt") in {k.uri for k in cache.loaded()}, "warmed"
+    finally:
+        go_on.set()
+        cache.close()
+    assert rejections and rejections >= 4, "each check of a bad push is counted"
+    sample = metrics.registry.get_sample_value
     assert sample("gannet_config_reloads_total", {"result": "loaded"}) == 1

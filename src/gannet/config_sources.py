@@ -105,6 +105,8 @@ class LoadedConfig:
 
 
 VersionOf = Callable[[str], str]
+# Loads a config's models (Pipeline.load_models); ConfigError naming the one that fails.
+ModelCheck = Callable[[LoadedConfig], None]
 _Loaded = TypeVar("_Loaded", bound="LoadedConfig | LoadedDeployment")
 
 
@@ -114,6 +116,11 @@ class _Watched(Generic[_Loaded]):
     A changed but invalid config is rejected, logged and counted, and the old one keeps
     serving: a bad push must never take the fleet down. A read that fails for another
     reason (GCS briefly down) is retried at the next check instead of being rejected.
+    So is a valid config whose models do not load (see ConfigSource.check_models_with):
+    its weights may be uploaded after it.
+
+    The check and reload run on the thread that asked for the config when it was due;
+    any other thread meanwhile gets the current one without waiting.
     """
 
     kind = "config"
@@ -138,6 +145,9 @@ class _Watched(Generic[_Loaded]):
 
     def _load(self) -> _Loaded:
         raise NotImplementedError
+
+    def _accept(self, loaded: _Loaded) -> None:
+        """ConfigError if a valid new object still must not serve (its models)."""
 
     def current(self) -> _Loaded:
         now = time.monotonic()
@@ -183,6 +193,22 @@ class _Watched(Generic[_Loaded]):
                 extra={"fields": {"uri": self.uri, "error": repr(exc)}},
             )
             return
+        try:
+            self._accept(loaded)
+        except ConfigError as exc:  # not remembered: checked again at the next check
+            self._on_reload("rejected")
+            log.error(
+                f"new {self.kind} rejected: a model it names cannot be loaded; still serving "
+                "the previous one, will check again",
+                extra={
+                    "fields": {
+                        "uri": self.uri,
+                        "error": str(exc),
+                        "serving_version": self._current.version,
+                    }
+                },
+            )
+            return
         self._current = loaded
         self._on_reload("loaded")
         log.info(
@@ -202,9 +228,27 @@ class ConfigSource(_Watched[LoadedConfig]):
         check_every_s: float = 30.0,
         on_reload: Callable[[str], None] | None = None,
         expect_industry: str | None = None,
+        check_models: ModelCheck | None = None,
     ) -> None:
+        """`check_models`: see check_models_with; given here (a deployment's new
+        industry), it checks the first load too."""
         self._expect_industry = expect_industry
+        self._check_models = check_models
         super().__init__(uri, read, version_of, check_every_s, on_reload)
+        self._accept(self._current)
+
+    def check_models_with(self, check: ModelCheck) -> None:
+        """Before a changed config is served, `check` loads its models on the devices in
+        use (the daemon: Pipeline.load_models, as start-up warms them). A config naming a
+        model that is missing, corrupt or of another kind is rejected, and the previous
+        one, whose models are loaded, keeps serving: switching would fail every task of
+        the industry until they were dead-lettered. Set once the cache exists, after the
+        first load (which start-up warms)."""
+        self._check_models = check
+
+    def _accept(self, loaded: LoadedConfig) -> None:
+        if self._check_models is not None:
+            self._check_models(loaded)
 
     def _load(self) -> LoadedConfig:
         text, version = _read_text(self._read, self.uri)
@@ -271,7 +315,15 @@ class DeploymentSource(_Watched[LoadedDeployment]):
     ) -> None:
         self.industry = industry
         self._sources: dict[str, ConfigSource] = {}
+        self._check_models: ModelCheck | None = None
         super().__init__(uri, read, version_of, check_every_s, on_reload)
+
+    def check_models_with(self, check: ModelCheck) -> None:
+        """ConfigSource.check_models_with for each industry; an industry a new mapping
+        adds is checked before the mapping serves (its models failing reject it)."""
+        self._check_models = check
+        for source in self.current().sources.values():
+            source.check_models_with(check)
 
     def _load(self) -> LoadedDeployment:
         text, version = _read_text(self._read, self.uri)
@@ -301,6 +353,7 @@ class DeploymentSource(_Watched[LoadedDeployment]):
                 self._check_every_s,
                 self._on_reload,
                 expect_industry=name,
+                check_models=self._check_models,
             )
         self._sources = sources
         return LoadedDeployment(config=config, uri=self.uri, version=version, sources=sources)

@@ -196,6 +196,8 @@ def build(
     pipeline = Pipeline(
         configs, storage, cache, resolver, limits, decoders, offload.run if offload else here
     )
+    # A reloaded config is served only once its models load here (start-up warms the first).
+    configs.check_models_with(partial(pipeline.load_models, devices=devices))
     callbacks = build_callbacks(s, sink.set_callback_status, metrics)
     lanes = s.lane_list()
     # Each lane's acks, sent by the daemon (acks.py); handed to its Subscriber too.

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import simplejpeg
 
-from gannet.config_schema import ModelKind
+from gannet.config_schema import ConfigError, ModelKind
 from gannet.config_sources import Configs, LoadedConfig
 from gannet.device_decode import DeviceDecoder
 from gannet.errors import ErrorCode, PermanentError, TransientError
@@ -298,6 +298,20 @@ class Pipeline:
         for decoder in self.decoders.values():
             decoder.decode(blank)
         for loaded in self.configs.served():
-            for device in devices:
-                for kind in loaded.config.enabled_models():
+            self.load_models(loaded, devices)
+
+    def load_models(self, loaded: LoadedConfig, devices: list[str]) -> None:
+        """Load every enabled industry model of `loaded` on every device, or ConfigError
+        naming the config, the model and why: at start-up, and before a reloaded config
+        is served (ConfigSource.check_models_with), so a config whose models cannot serve
+        is refused instead of failing its tasks."""
+        for device in devices:
+            for kind in loaded.config.enabled_models():
+                try:
                     self.cache.get(self.resolver.key(loaded, kind, None, device))
+                except TransientError as exc:
+                    uri = loaded.model_uri(loaded.config.models[kind])
+                    raise ConfigError(
+                        f"{loaded.uri}: models.{kind}: {uri} cannot be loaded on {device}: "
+                        f"{exc.message}"
+                    ) from exc
