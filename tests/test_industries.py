@@ -184,6 +184,54 @@ def test_a_deployment_change_is_picked_up_and_a_broken_one_is_rejected(tmp_path)
     assert sample("gannet_config_reloads_total", {"result": "loaded"}) == 1
 
 
+def test_a_deployment_checks_the_models_of_each_industry_it_adds_or_reloads(tmp_path):
+    """The daemon's check (Pipeline.load_models, real loads): a mapping adding an
+    industry whose model does not load is rejected as a whole, and an industry config
+    already served is checked on its own reloads."""
+    from gannet.model_cache import ModelCache, yolo_loader
+    from gannet.model_resolver import ModelResolver
+    from gannet.pipeline import Limits, Pipeline
+
+    vending = tmp_path / "vending.yaml"
+    vending.write_text(
+        (CONFIGS / "vending.yaml").read_text().replace("../models/demo/", "missing/")
+    )
+    path = _deployment(tmp_path, {"farm-a": "agro"})
+    path.write_text(path.read_text().replace(f"  vending: {CONFIGS / 'vending.yaml'}\n", ""))
+    source = open_configs(str(path), read_local, local_version, check_every_s=0)
+    cache = ModelCache(yolo_loader(lambda uri, v: Path(uri), trace=False), Metrics())
+    pipeline = Pipeline(source, None, cache, ModelResolver(local_version), Limits([], 1, 1))  # type: ignore[arg-type]
+    source.check_models_with(lambda loaded: pipeline.load_models(loaded, ["cpu"]))
+    try:
+        _deployment(tmp_path, {"farm-a": "agro", "shop-b": "vending"}, version="2")
+        path.write_text(path.read_text().replace(str(CONFIGS / "vending.yaml"), str(vending)))
+        os.utime(path, (time.time() + 5, time.time() + 5))
+        with pytest.raises(PermanentError):
+            source.for_tenant("shop-b")  # still the old mapping
+
+        agro = tmp_path / "agro.yaml"
+        agro.write_text(
+            (CONFIGS / "agro.yaml")
+            .read_text()
+            .replace("../models/demo/", f"{REPO_ROOT}/models/demo/")
+        )
+        first = _deployment(tmp_path, {"farm-a": "agro"}, version="3")
+        first.write_text(
+            first.read_text()
+            .replace(str(CONFIGS / "agro.yaml"), str(agro))
+            .replace(f"  vending: {CONFIGS / 'vending.yaml'}\n", "")
+        )
+        os.utime(path, (time.time() + 10, time.time() + 10))
+        assert source.for_tenant("farm-a").config.industry == "agro"
+        agro.write_text(
+            agro.read_text().replace("version: 1", "version: 2").replace("detect.pt", "gone.pt")
+        )
+        os.utime(agro, (time.time() + 15, time.time() + 15))
+        assert source.for_tenant("farm-a").config.version == 1
+    finally:
+        cache.close()
+
+
 def test_configs_in_gcs_reload_by_generation_and_a_bad_push_keeps_serving(services):
     """gs://MODELS_BUCKET/INDUSTRY/config.yaml, derived from GANNET_INDUSTRY and
     GANNET_MODELS_BUCKET, on the GCS emulator."""
