@@ -222,7 +222,7 @@ class Storage:
             blob.download_to_filename(tmp)
             os.replace(tmp, target)
         finally:
-            Path(tmp).unlink(missing_ok=True)  # gone after the rename; a failed download's
+            Path(tmp).unlink(missing_ok=True)  # a failed download's part; none after a rename
         return target
 
 
