@@ -71,17 +71,22 @@ def test_unknown_pipeline_and_tenant_are_permanent_errors():
     config.check_tenant("acme")
 
 
-def test_changed_config_is_picked_up_and_a_bad_one_keeps_the_last_good(tmp_path):
-    path = tmp_path / "config.yaml"
-    path.write_text(VALID)
-    metrics = Metrics()
-    source = ConfigSource(
+def _checked_always(path: Path, metrics: Metrics) -> ConfigSource:
+    """A config source that looks for a change at every call, its reloads counted."""
+    return ConfigSource(
         str(path),
         read_local,
         local_version,
         check_every_s=0,
         on_reload=lambda r: metrics.config_reloads.labels(r).inc(),
     )
+
+
+def test_changed_config_is_picked_up_and_a_bad_one_keeps_the_last_good(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(VALID)
+    metrics = Metrics()
+    source = _checked_always(path, metrics)
     assert source.current().config.version == 3
 
     path.write_text(VALID.replace("version: 3", "version: 4"))
@@ -131,13 +136,7 @@ def test_a_reload_naming_a_model_that_cannot_load_is_rejected_and_the_old_one_se
 
     push("good.pt", 1)
     metrics = Metrics()
-    source = ConfigSource(
-        str(path),
-        read_local,
-        local_version,
-        check_every_s=0,
-        on_reload=lambda r: metrics.config_reloads.labels(r).inc(),
-    )
+    source = _checked_always(path, metrics)
     cache = ModelCache(yolo_loader(lambda uri, v: Path(uri), trace=False), metrics)
     resolver = ModelResolver(local_version, ttl_s=0)
     pipeline = Pipeline(source, None, cache, resolver, Limits(["b"], 10**8, 10**8))  # type: ignore[arg-type]

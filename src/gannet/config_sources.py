@@ -174,17 +174,7 @@ class _Watched(Generic[_Loaded]):
             loaded = self._load()
         except ConfigError as exc:
             self._rejected_version = version
-            self._on_reload("rejected")
-            log.error(
-                f"new {self.kind} rejected; still serving the previous one",
-                extra={
-                    "fields": {
-                        "uri": self.uri,
-                        "error": str(exc),
-                        "serving_version": self._current.version,
-                    }
-                },
-            )
+            self._reject(exc, "")
             return
         except Exception as exc:  # noqa: BLE001 - unreadable now; try again next check
             self._on_reload("failed")
@@ -196,24 +186,26 @@ class _Watched(Generic[_Loaded]):
         try:
             self._accept(loaded)
         except ConfigError as exc:  # not remembered: checked again at the next check
-            self._on_reload("rejected")
-            log.error(
-                f"new {self.kind} rejected: a model it names cannot be loaded; still serving "
-                "the previous one, will check again",
-                extra={
-                    "fields": {
-                        "uri": self.uri,
-                        "error": str(exc),
-                        "serving_version": self._current.version,
-                    }
-                },
-            )
+            self._reject(exc, ": a model it names cannot be loaded (checked again later)")
             return
         self._current = loaded
         self._on_reload("loaded")
         log.info(
             f"{self.kind} reloaded",
             extra={"fields": {"uri": self.uri, "version": loaded.version}},
+        )
+
+    def _reject(self, exc: ConfigError, why: str) -> None:
+        self._on_reload("rejected")
+        log.error(
+            f"new {self.kind} rejected{why}; still serving the previous one",
+            extra={
+                "fields": {
+                    "uri": self.uri,
+                    "error": str(exc),
+                    "serving_version": self._current.version,
+                }
+            },
         )
 
 
