@@ -302,3 +302,30 @@ def test_a_failed_load_is_remembered_for_a_while_instead_of_retried_by_every_tas
         assert calls == ["v1", "v1"]
     finally:
         cache.close()
+
+
+def test_a_weights_file_that_would_run_code_is_refused_without_running_it(tmp_path):
+    """A .pt file is a pickle, and unpickling runs what it names: a tenant's own weights
+    could run code in a worker that reads every tenant's images and rows. Loaded as data
+    only (GANNET_SAFE_MODEL_LOAD, on by default), such a file is a failed load, and the
+    demo models still load (their answers: the agreement tests)."""
+    import os
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "detect.pt"
+    evil.write_bytes(pickle.dumps(RunsCode()))
+    cache = ModelCache(yolo_loader(lambda uri, version: Path(uri), trace=False), Metrics())
+    try:
+        with pytest.raises(TransientError) as failed:
+            cache.get(ModelKey(str(evil), "v1", "cpu", 416, "detect", "mallory"))
+        assert failed.value.code is ErrorCode.MODEL_UNAVAILABLE
+        assert not marker.exists(), "unpickling the weights ran their code"
+        assert cache.get(key()).model is not None
+    finally:
+        cache.close(timeout_s=10)

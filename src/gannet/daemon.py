@@ -171,7 +171,10 @@ def build(
         raise StartupError(f"cannot load GANNET_CONFIG_URI: {exc}") from exc
     devices = resolve_devices(s.devices)
     loader = yolo_loader(
-        model_file(storage, s.model_cache_dir), trace=s.torchscript, cuda_graphs=s.cuda_graphs
+        model_file(storage, s.model_cache_dir),
+        trace=s.torchscript,
+        cuda_graphs=s.cuda_graphs,
+        safe=s.safe_model_load,
     )
     cache = ModelCache(
         wrap_loader(loader) if wrap_loader else loader,

@@ -320,17 +320,36 @@ def _skip_warmup(predictor: Any) -> None:
     predictor.done_warmup = True
 
 
+def safe_loads() -> None:
+    """Every .pt this process loads from now on is unpickled with torch's weights_only
+    and ultralytics' allow-list of its own and torch's model classes: a .pt file is a
+    pickle, and unpickling runs whatever it names, so a tenant's own weights
+    (docs/pipelines.md) could otherwise run code in a worker that reads every tenant's
+    images and rows. ultralytics' ULTRALYTICS_SAFE_LOAD, set on its module rather than
+    in the environment, which it reads once, at import."""
+    import ultralytics.nn.tasks as tasks
+
+    tasks.SAFE_LOAD = True  # type: ignore[attr-defined] # imported there, not re-exported
+
+
 def yolo_loader(
-    local_path: Callable[[str, str], Path], trace: bool = True, cuda_graphs: bool = True
+    local_path: Callable[[str, str], Path],
+    trace: bool = True,
+    cuda_graphs: bool = True,
+    safe: bool = True,
 ) -> Loader:
     """Loads weights with ultralytics (refusing a model of another task than the key's),
     warms the model up on the device and, with
     `trace`, runs its forward pass as a verified TorchScript trace (see traced.py),
-    replayed as CUDA graphs on a GPU with `cuda_graphs` (cuda_graphs.py)."""
+    replayed as CUDA graphs on a GPU with `cuda_graphs` (cuda_graphs.py). With `safe`
+    (GANNET_SAFE_MODEL_LOAD), .pt files load as data only (`safe_loads`)."""
 
     def load(key: ModelKey) -> tuple[Any, int]:
         import torch
         from ultralytics.models import YOLO
+
+        if safe:
+            safe_loads()
 
         path = local_path(key.uri, key.version)
         cuda = key.device.startswith("cuda")

@@ -128,6 +128,12 @@ class Settings(BaseSettings):
         description="CPU threads of each model's forward pass (default: ultralytics' "
         "choice, all cores but one).",
     )
+    safe_model_load: bool = Field(
+        True,
+        description="Unpickle .pt weights with torch's weights_only and ultralytics' "
+        "allow-list of its model classes, so that a weights file (a tenant's own too) "
+        "cannot run code when loaded; off only for trusted custom architectures.",
+    )
     torchscript: bool = Field(
         True,
         description="Run forward passes as TorchScript traces, which release the GIL "

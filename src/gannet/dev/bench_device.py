@@ -65,7 +65,12 @@ def build_pipeline(
 ) -> Pipeline:
     """The daemon's Pipeline and ModelCache (daemon.build's settings), on local files."""
     cache = ModelCache(
-        yolo_loader(lambda uri, version: Path(uri), trace=s.torchscript, cuda_graphs=cuda_graphs),
+        yolo_loader(
+            lambda uri, version: Path(uri),
+            trace=s.torchscript,
+            cuda_graphs=cuda_graphs,
+            safe=s.safe_model_load,
+        ),
         metrics,
         max_batch=s.batch_size,
         window_s=s.batch_window_ms / 1000,
