@@ -184,6 +184,28 @@ def test_a_deployment_change_is_picked_up_and_a_broken_one_is_rejected(tmp_path)
     assert sample("gannet_config_reloads_total", {"result": "loaded"}) == 1
 
 
+def test_a_mapping_pushed_before_its_new_industry_config_is_served_once_that_config_exists(
+    tmp_path,
+):
+    """A rollout that pushes the deployment mapping first and the new industry's config a
+    moment later (`gcloud storage cp` copies in any order): the mapping is refused while
+    the config it names is missing, and served once that config exists. Remembered as
+    rejected, it stayed so until the mapping file itself changed again, and the new
+    industry's tenants were refused as unknown (dead-lettered) meanwhile."""
+    vending = tmp_path / "vending.yaml"
+    path = _deployment(tmp_path, {"farm-a": "agro"})
+    source = open_configs(str(path), read_local, local_version, check_every_s=0)
+    _deployment(tmp_path, {"farm-a": "agro", "shop-b": "vending"}, version="2")
+    path.write_text(path.read_text().replace(str(CONFIGS / "vending.yaml"), str(vending)))
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    with pytest.raises(PermanentError):  # the config it names is not there yet
+        source.for_tenant("shop-b")
+    vending.write_text(
+        (CONFIGS / "vending.yaml").read_text().replace("../models", str(REPO_ROOT / "models"))
+    )
+    assert source.for_tenant("shop-b").config.industry == "vending"
+
+
 def test_a_deployment_checks_the_models_of_each_industry_it_adds_or_reloads(tmp_path):
     """The daemon's check (Pipeline.load_models, real loads): a mapping adding an
     industry whose model does not load is rejected as a whole, and an industry config

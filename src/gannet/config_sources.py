@@ -104,6 +104,13 @@ class LoadedConfig:
         return _relative(self.uri, spec.path)
 
 
+class NamedConfigError(ConfigError):
+    """A deployment mapping that is itself valid names an industry config that is missing
+    or invalid now. Not remembered as rejected, unlike an error in the mapping's own
+    text: a rollout may push the mapping before the config it names, and the mapping
+    must serve once that config is there, not wait for its own file to change again."""
+
+
 VersionOf = Callable[[str], str]
 # Loads a config's models (Pipeline.load_models); ConfigError naming the one that fails.
 ModelCheck = Callable[[LoadedConfig], None]
@@ -172,6 +179,9 @@ class _Watched(Generic[_Loaded]):
             return
         try:
             loaded = self._load()
+        except NamedConfigError as exc:  # not remembered: that file may come next
+            self._reject(exc, ": a config it names is missing or invalid (checked again later)")
+            return
         except ConfigError as exc:
             self._rejected_version = version
             self._reject(exc, "")
@@ -338,15 +348,18 @@ class DeploymentSource(_Watched[LoadedDeployment]):
             if previous is not None and previous.uri == uri:
                 sources[name] = previous
                 continue
-            sources[name] = ConfigSource(
-                uri,
-                self._read,
-                self._version_of,
-                self._check_every_s,
-                self._on_reload,
-                expect_industry=name,
-                check_models=self._check_models,
-            )
+            try:
+                sources[name] = ConfigSource(
+                    uri,
+                    self._read,
+                    self._version_of,
+                    self._check_every_s,
+                    self._on_reload,
+                    expect_industry=name,
+                    check_models=self._check_models,
+                )
+            except ConfigError as exc:
+                raise NamedConfigError(f"{self.uri}: industries.{name}: {exc}") from exc
         self._sources = sources
         return LoadedDeployment(config=config, uri=self.uri, version=version, sources=sources)
 
