@@ -132,6 +132,19 @@ def test_more_replicas_drain_faster_and_cost_more() -> None:
     assert large.gpu_hours > small.gpu_hours
 
 
+def test_without_a_warm_node_the_minimum_replicas_wait_for_one_then_scale() -> None:
+    """`--warm-nodes 0`: no GPU node is up at t=0, but the Deployment still has its
+    minimum replicas; the first waits for a node and its start-up, then the HPA scales
+    as usual. (The model once started no pod at all without a warm node: an HPA with no
+    pods never syncs, and the burst read as never drained.)"""
+    cl = ClusterModel(warm_nodes=0)
+    result = simulate(PRESETS["burst"], cluster=cl)
+    first_ready = int(cl.node_provision_s + cl.pod_startup_s)
+    assert max(result.ready[:first_ready]) == 0 < result.ready[first_ready]
+    assert result.drain_time_s is not None
+    assert result.max_replicas_reached == HpaConfig().max_replicas
+
+
 def test_slow_node_provisioning_delays_the_drain() -> None:
     fast = simulate(PRESETS["burst"], cluster=ClusterModel(node_provision_s=60))
     slow = simulate(PRESETS["burst"], cluster=ClusterModel(node_provision_s=600))

@@ -638,7 +638,7 @@ def simulate(
     warm = cluster.warm_nodes if cluster.warm_nodes is not None else hpa.min_replicas
     nodes = [_Node(ready_at=0.0, created_at=0.0) for _ in range(max(warm, 0))]
     pods: list[_Pod] = []
-    for node in nodes[: hpa.min_replicas]:
+    for node in nodes[: hpa.min_replicas]:  # running at t=0
         node.has_pod = True
         pods.append(_Pod(ready_at=0.0, node=node))
     for node in nodes[hpa.min_replicas :]:
@@ -700,6 +700,10 @@ def simulate(
                 pod.node.has_pod = False
                 pod.node.empty_since = now
             pods = pods[:want]
+
+    # The Deployment has its minimum replicas whether or not a node is warm for each: one
+    # without waits for a node and its start-up, as a scale-up's pod does.
+    set_replicas(0.0, hpa.min_replicas)
 
     for step in range(steps):
         t = float(step)
