@@ -112,6 +112,30 @@ def test_a_new_version_is_a_new_model_and_the_budget_evicts_the_oldest():
         cache.close()
 
 
+def test_a_model_nobody_asked_for_in_a_while_is_evicted_and_loads_again_when_asked():
+    """With no memory budget (the default) every generation a long-running pod ever
+    loaded stayed, with its thread, for good; a generation no config names any more is
+    never asked for again. Idle that long (GANNET_MODEL_IDLE_EVICT_S), it is evicted,
+    its thread ends, and a task that does ask for it loads it again."""
+    calls: list[str] = []
+    metrics = Metrics()
+    cache = ModelCache(counting_loader(calls), metrics, idle_evict_s=0.4)
+    try:
+        old = cache.get(key("v1"))
+        cache.get(key("v2"))
+        time.sleep(0.5)
+        cache.get(key("v2"))  # v1's last ask is over 0.4 s ago: it goes
+        assert cache.loaded() == [key("v2")]
+        old.batcher.join(timeout=10)
+        assert not old.batcher._thread.is_alive()
+        evictions = {"model": "detect.pt", "device": "cpu"}
+        assert metrics.registry.get_sample_value("gannet_model_evictions_total", evictions) == 1
+        cache.get(key("v1"))
+        assert calls == ["v1", "v2", "v1"]
+    finally:
+        cache.close()
+
+
 def test_the_budget_counts_what_a_model_took_on_its_device_since_it_loaded():
     """A model's CUDA graphs, recorded per input shape as batches come, hold device memory
     beside its weights: the next load counts them against the budget, so the model that

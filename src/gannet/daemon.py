@@ -182,6 +182,7 @@ def build(
         max_batch=s.batch_size,
         window_s=s.batch_window_ms / 1000,
         budget_bytes=s.model_memory_budget_mb * 1024 * 1024 or None,
+        idle_evict_s=s.model_idle_evict_s,
         cpu_threads=s.torch_threads,
         stage_cpu=s.stage_cpu,
     )

@@ -79,6 +79,7 @@ class ModelCache:
         stage_cpu: bool = False,
         held: Held = graph_bytes,
         retry_failed_after_s: float = 30.0,
+        idle_evict_s: float = 0.0,
     ) -> None:
         """`cpu_threads`: torch CPU threads for each model's forward passes; `stage_cpu`:
         charge their thread CPU to the stage counter (GANNET_STAGE_CPU); `held`: what a
@@ -87,7 +88,12 @@ class ModelCache:
         load's warm-up graph is in both figures, a few MB counted twice, on the safe side);
         `retry_failed_after_s`: how long a failed load's error is given to every caller of
         that key instead of loading again (each task would otherwise run the whole load:
-        a storm on the device, for a file that is no better a second later)."""
+        a storm on the device, for a file that is no better a second later);
+        `idle_evict_s` (GANNET_MODEL_IDLE_EVICT_S; 0: never): a model nobody asked for in
+        that long is evicted, its thread and memory freed. Why: a long-running pod meets
+        every generation of every model its configs and tenants ever named, and with no
+        memory budget (the default) each stayed loaded, with its batcher thread, for good,
+        though a generation no config names any more is never asked for again."""
         self._load = load
         self._held = held
         self._cpu_threads = cpu_threads
@@ -101,6 +107,11 @@ class ModelCache:
         self._loading: dict[ModelKey, Future[LoadedModel]] = {}
         self._retry_failed_after_s = retry_failed_after_s
         self._failed: dict[ModelKey, tuple[float, TransientError]] = {}  # key -> (when, why)
+        self._idle_evict_s = idle_evict_s
+        self._asked: dict[ModelKey, float] = {}  # each loaded model's last get
+        # Idle models are looked for on a get, at most this often.
+        self._sweep_every_s = min(idle_evict_s / 4, 60.0)
+        self._sweep_at = time.monotonic() + self._sweep_every_s
 
     def get(self, key: ModelKey) -> LoadedModel:
         """The loaded model, loading it (once, whoever asks meanwhile) if it is not;
@@ -109,13 +120,17 @@ class ModelCache:
             entry = self._loaded.get(key)
             if entry is not None:
                 self._loaded.move_to_end(key)
-                return entry
-            self._raise_if_failed_lately(key)
-            future = self._loading.get(key)
-            leader = future is None
-            if leader:
-                future = Future()
-                self._loading[key] = future
+                idle = self._asked_now(key)
+            else:
+                self._raise_if_failed_lately(key)
+                future = self._loading.get(key)
+                leader = future is None
+                if leader:
+                    future = Future()
+                    self._loading[key] = future
+        if entry is not None:
+            self._retire(idle, "idle")
+            return entry
         assert future is not None
         if not leader:
             return future.result()
@@ -146,13 +161,40 @@ class ModelCache:
             del self._loading[key]
             self._failed.pop(key, None)
             self._loaded[key] = entry
+            idle = self._asked_now(key)
             evicted = self._evict_over_budget(key)
         future.set_result(entry)
-        for old in evicted:
+        self._retire(idle, "idle")
+        self._retire(evicted, "over the memory budget")
+        return entry
+
+    def _asked_now(self, key: ModelKey) -> list[LoadedModel]:
+        """Under the lock: notes that `key` was asked for, and every so often takes out
+        the models nobody asked for in `idle_evict_s` (the caller retires them)."""
+        if not self._idle_evict_s:
+            return []
+        now = self._asked[key] = time.monotonic()
+        if now < self._sweep_at:
+            return []
+        self._sweep_at = now + self._sweep_every_s
+        idle = [k for k, at in self._asked.items() if now - at >= self._idle_evict_s]
+        return [self._take_out(k) for k in idle]
+
+    def _take_out(self, key: ModelKey) -> LoadedModel:
+        """Under the lock: the model out of the cache (its thread still to be closed)."""
+        self._asked.pop(key, None)
+        return self._loaded.pop(key)
+
+    def _retire(self, entries: list[LoadedModel], why: str) -> None:
+        """Outside the lock: evicted models' threads finish what they were given and end;
+        a runner that asks after that loads the model again."""
+        for old in entries:
             old.batcher.close()
             self._metrics.model_evictions.labels(old.key.label(), old.key.device).inc()
-            log.info("model evicted", extra={"model": old.key.label(), "device": old.key.device})
-        return entry
+            log.info(
+                f"model evicted: {why}",
+                extra={"model": old.key.label(), "device": old.key.device},
+            )
 
     def _raise_if_failed_lately(self, key: ModelKey) -> None:
         """Under the lock: the remembered failure of this key, as a new error (one
@@ -238,7 +280,7 @@ class ModelCache:
             if used <= self._budget:
                 break
             if key != keep and key in sizes:
-                evicted.append(self._loaded.pop(key))
+                evicted.append(self._take_out(key))
                 used -= sizes[key]
         return evicted
 
@@ -284,6 +326,7 @@ class ModelCache:
         with self._lock:
             entries = list(self._loaded.values())
             self._loaded.clear()
+            self._asked.clear()
         for entry in entries:
             entry.batcher.close()
         deadline = time.monotonic() + timeout_s

@@ -116,6 +116,13 @@ class Settings(BaseSettings):
         description="Per-device MB for loaded models, their CUDA graphs included (counted "
         "as each model loads); LRU eviction above (0 = no limit).",
     )
+    model_idle_evict_s: float = Field(
+        3600.0,
+        ge=0,
+        description="A loaded model nobody asked for in this long is evicted (its memory "
+        "and thread freed; the next task that needs it loads it again); 0 = never. Old "
+        "generations of a model stop being asked for once a config or tenant moves on.",
+    )
     stream_ack_deadline_s: int = Field(
         60,
         ge=10,
