@@ -92,6 +92,20 @@ def check_image_url(url: GsUrl, tenant_id: str, allowed_buckets: list[str]) -> N
         )
 
 
+def _drop_other_generations(target: Path, stem: str, suffix: str) -> None:
+    """Deletes the other generations' files of the object `target` is one generation of.
+
+    Why: each generation is a file of its own (`STEM.gGENERATION.SUFFIX`), and a pod that
+    lives through many uploads kept every one it ever loaded until its disk (an emptyDir
+    with a size limit) filled and the kubelet evicted it. A loaded model no longer needs
+    its file; one that is asked for again after its eviction is downloaded again.
+    """
+    for other in target.parent.glob(f"{stem}.g*{suffix}"):
+        generation = other.name[len(stem) + 2 : len(other.name) - len(suffix)]
+        if other != target and generation.isdigit():
+            other.unlink(missing_ok=True)
+
+
 class Storage:
     def __init__(self, client: storage.Client) -> None:
         """`client` serves configs, models and listings. Image reads and result writes,
@@ -223,6 +237,7 @@ class Storage:
             os.replace(tmp, target)
         finally:
             Path(tmp).unlink(missing_ok=True)  # a failed download's part; none after a rename
+        _drop_other_generations(target, path.stem, path.suffix)
         return target
 
 
