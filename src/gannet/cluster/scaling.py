@@ -271,6 +271,12 @@ PRESETS: dict[str, ArrivalProfile] = {
 }
 
 
+def _runnable(duration: float, rate: float) -> bool:
+    """A profile segment the model can run: finite (inf overflows the cumulative counts),
+    a duration above 0, a rate not below."""
+    return math.isfinite(duration) and math.isfinite(rate) and duration > 0 and rate >= 0
+
+
 def parse_profile(spec: str, initial_backlog: float | None = None) -> ArrivalProfile:
     """A preset name or 'DURATION_S:RATE,DURATION_S:RATE,...' (e.g. '600:0.5,1800:10')."""
     if spec in PRESETS:
@@ -287,7 +293,7 @@ def parse_profile(spec: str, initial_backlog: float | None = None) -> ArrivalPro
                 f"bad profile segment {part!r}: use a preset ({', '.join(PRESETS)}) or "
                 "DURATION_S:RATE_PER_S pairs separated by commas, e.g. 600:0.5,1800:10"
             ) from None
-        if not (math.isfinite(duration) and math.isfinite(rate)) or duration <= 0 or rate < 0:
+        if not _runnable(duration, rate):
             raise ValueError(
                 f"profile segment {part!r}: duration must be finite and > 0, rate finite and >= 0"
             )
@@ -301,7 +307,7 @@ def check_profile(profile: ArrivalProfile) -> None:
     if not math.isfinite(backlog) or backlog < 0:
         raise ValueError(f"initial backlog must be a finite number >= 0, not {backlog!r}")
     for duration, rate in profile.segments:
-        if not (math.isfinite(duration) and math.isfinite(rate)) or duration <= 0 or rate < 0:
+        if not _runnable(duration, rate):
             raise ValueError(f"profile {profile.name}: bad segment {duration!r}:{rate!r}")
 
 
