@@ -86,10 +86,10 @@ class Settler:
     def settle(self, message: Any, outcome: Outcome, duration_s: float) -> Outcome:
         """Apply the outcome; returns what was applied (a quarantine whose dead letter
         Pub/Sub refused is a nack)."""
-        decision = outcome.decision
-        if decision is Decision.QUARANTINE and not self._quarantine(message, outcome):
-            decision = Decision.NACK  # not dead-lettered: keep it, never lose a message
+        if outcome.decision is Decision.QUARANTINE and not self._quarantine(message, outcome):
+            # Not dead-lettered: keep it, never lose a message.
             outcome = Outcome(Decision.NACK, "retry", outcome.error, outcome.task, outcome.fields)
+        decision = outcome.decision
         if decision is Decision.NACK and outcome.retry_after_s:
             # A nack with a delay: the lease is set to end when the other worker's claim
             # does, and the client stops extending it. Pub/Sub allows at most 600 s.
