@@ -147,14 +147,15 @@ class ModelCache:
                         if now - v[0] < self._retry_failed_after_s
                     }
                     self._failed[key] = (now, exc)
-            log.warning(
-                "model load failed; not retried for a while",
-                extra={
-                    "model": key.label(),
-                    "device": key.device,
-                    "fields": {"error": str(exc), "retry_after_s": self._retry_failed_after_s},
-                },
-            )
+            if isinstance(exc, TransientError):  # anything else is a bug, logged by the caller
+                log.warning(
+                    "model load failed; not retried for a while",
+                    extra={
+                        "model": key.label(),
+                        "device": key.device,
+                        "fields": {"error": str(exc), "retry_after_s": self._retry_failed_after_s},
+                    },
+                )
             future.set_exception(exc)
             raise
         with self._lock:
