@@ -67,11 +67,11 @@ _BENCH_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-def _given(args: argparse.Namespace, dest: str) -> bool:
-    """Whether a mode-specific flag was given: each defaults to None, False or 0, but
-    --no-gil and --no-trace, which turn a default on off."""
+def _given(args: argparse.Namespace, flag: str, dest: str) -> bool:
+    """Whether a mode-specific flag was given: each defaults to None, False or 0, but a
+    --no-X flag, which turns a default on off."""
     value = getattr(args, dest)
-    if dest in ("gil", "trace"):
+    if flag.startswith("--no-"):
         return value is False
     return value is not None and value is not False and value != 0
 
@@ -83,7 +83,7 @@ def bench_mode(args: argparse.Namespace) -> str:
         raise CommandError(f"{' and '.join(modes)} are modes of their own: choose one")
     mode = modes[0] if modes else _MODEL
     for flag, (dest, modes_of_flag) in _BENCH_FLAGS.items():
-        if _given(args, dest) and mode not in modes_of_flag:
+        if _given(args, flag, dest) and mode not in modes_of_flag:
             raise CommandError(
                 f"{flag} goes with {' or '.join(modes_of_flag)}, not with {mode}; "
                 "drop it or choose that mode"
