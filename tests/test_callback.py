@@ -264,6 +264,110 @@ def test_closing_cuts_short_a_callback_in_flight_and_records_it(processor_parts)
     wait_until(trickler.cut_off.is_set, "the receiver sees the connection closed", 2)
 
 
+class Hanging:
+    """A receiver that accepts connections and never answers: a dead host behind a load
+    balancer that still completes the TCP handshake."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.port = self.listener.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.conns:
+            conn.close()
+
+
+def _recorded() -> tuple[dict[str, tuple[float, str]], Any]:
+    """Statuses as the row would get them, with when they came."""
+    statuses: dict[str, tuple[float, str]] = {}
+
+    def record(task_id: str, tenant_id: str, status: str) -> None:
+        statuses[task_id] = (time.monotonic(), status)
+
+    return statuses, record
+
+
+def test_a_tenant_whose_receiver_hangs_does_not_hold_up_other_tenants_callbacks(
+    receiver_factory,
+):
+    """Twenty callbacks of tenant A to a receiver that never answers (each attempt ends at
+    its 1 s timeout), then one of tenant B to a healthy receiver: B's is delivered at
+    once. In one queue it waited for A's ahead of it (20 x 1 s over 4 threads: 5 s)."""
+    hanging, healthy = Hanging(), receiver_factory([200])
+    policy = CallbackPolicy(timeout_s=1.0, retries=0, allow_http=True, allow_private=True)
+    statuses, record = _recorded()
+    callbacks = Callbacks(CallbackClient(policy), record, Metrics(), workers=4)
+    try:
+        for i in range(20):
+            task = make_task(
+                "tenant-a",
+                "gs://bkt/tenant-a/x.jpg",
+                "DETECTION",
+                f"a{i}",
+                callback_url=hanging.url(),
+            )
+            callbacks.submit(task, {}, "gs://b/r.json")
+        started = time.monotonic()
+        task = make_task(
+            "tenant-b", "gs://bkt/tenant-b/x.jpg", "DETECTION", "b0", callback_url=healthy.url()
+        )
+        callbacks.submit(task, {}, "gs://b/r.json")
+        wait_until(lambda: "b0" in statuses, "tenant B's callback recorded", 15)
+        at, status = statuses["b0"]
+        assert status == "delivered: HTTP 200"
+        assert at - started < 0.5, f"tenant B's callback waited {at - started:.1f} s"
+    finally:
+        callbacks.close(timeout_s=0.0)
+        hanging.close()
+    assert callbacks.pending() == 0
+    assert len(statuses) == 21, "every callback's outcome is recorded, even at shutdown"
+    assert all(statuses[f"a{i}"][1].startswith("failed: ") for i in range(20))
+
+
+def test_a_tenants_callbacks_past_its_queue_bound_are_recorded_failed_at_once():
+    """A tenant's queue is bounded: a dead receiver cannot make the pod hold an ever
+    longer backlog of callbacks in memory (that the next shutdown would drop anyway)."""
+    hanging = Hanging()
+    policy = CallbackPolicy(timeout_s=5.0, retries=0, allow_http=True, allow_private=True)
+    statuses, record = _recorded()
+    callbacks = Callbacks(CallbackClient(policy), record, Metrics(), workers=2, queue_per_tenant=3)
+    try:
+        for i in range(5):  # 1 in flight (half of 2 threads), 3 queued, the fifth refused
+            task = make_task(
+                "tenant-a",
+                "gs://bkt/tenant-a/x.jpg",
+                "DETECTION",
+                f"a{i}",
+                callback_url=hanging.url(),
+            )
+            callbacks.submit(task, {}, "gs://b/r.json")
+            if i == 0:
+                wait_until(lambda: len(hanging.conns) == 1, "the first callback in flight")
+        assert set(statuses) == {"a4"}
+        assert statuses["a4"][1] == (
+            "failed: not sent: 3 callbacks of this tenant already waiting "
+            "(its receiver is slow or down)"
+        )
+    finally:
+        callbacks.close(timeout_s=0.0)
+        hanging.close()
+    assert statuses["a3"][1] == "failed: worker shut down before sending"
+
+
 def _self_signed(tmp: Path) -> tuple[Path, Path]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization

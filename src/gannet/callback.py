@@ -26,8 +26,8 @@ import ssl
 import threading
 import time
 import urllib.parse
+from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -364,50 +364,118 @@ class CallbackClient:
 RecordStatus = Callable[[str, str, str], None]  # (task_id, tenant_id, status text)
 
 
+# Callbacks one tenant may have waiting; past that its next ones are recorded as failed.
+QUEUE_PER_TENANT = 1000
+
+
+@dataclass(frozen=True)
+class _Job:
+    task: Task
+    payload: dict[str, Any]
+    context: contextvars.Context  # the task's: with tracing on, the callback's span joins it
+
+
 class Callbacks:
-    """Sends callbacks off the runner threads and records each outcome on the row."""
+    """Sends callbacks off the runner threads and records each outcome on the row.
+
+    Queued per tenant and taken in turn, at most half the threads on one tenant's at a
+    time. Why: a receiver that hangs holds a thread for all its attempts (16.5 s at the
+    defaults) per callback; in one queue, one tenant's dead receiver held every thread and
+    every tenant's callbacks waited behind its. Now it slows its own. Its queue is
+    bounded too (QUEUE_PER_TENANT): past that a callback is recorded as failed at once,
+    instead of memory growing with the backlog that the next shutdown would drop anyway.
+    """
 
     def __init__(
         self,
         client: CallbackClient,
         record: RecordStatus,
         metrics: Metrics,
-        workers: int = 4,
+        workers: int = 16,
+        queue_per_tenant: int = QUEUE_PER_TENANT,
     ) -> None:
         self.client = client
         self._record = record
         self._metrics = metrics
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="callback")
-        self._lock = threading.Lock()
-        self._pending = 0
+        self._workers = workers
+        self._per_tenant = max(1, workers // 2)
+        self._queue_limit = queue_per_tenant
+        self._cond = threading.Condition()
+        self._queues: dict[str, deque[_Job]] = {}  # in turn order: next turn first
+        self._busy: Counter[str] = Counter()  # callbacks in flight, per tenant
+        self._threads: list[threading.Thread] = []
+        self._pending = 0  # queued and in flight
+        self._closing = False
         self._abort = False
 
     def submit(self, task: Task, result: dict[str, Any], result_uri: str) -> None:
         """Called after the commit; returns at once."""
         if not task.callback_url:
             return
-        payload = summary(task, result, result_uri)
-        with self._lock:
-            self._pending += 1
-        try:
-            # In a copy of this thread's context: with tracing on, the callback's span
-            # joins the task's trace.
-            self._pool.submit(contextvars.copy_context().run, self._deliver, task, payload)
-        except RuntimeError:  # shutting down: the pool takes no more work
-            with self._lock:
-                self._pending -= 1
-            self._save(task, Delivery("failed", "worker shutting down", 0))
+        job = _Job(task, summary(task, result, result_uri), contextvars.copy_context())
+        with self._cond:
+            if self._closing:
+                refused: str | None = "worker shutting down"
+            elif len(self._queues.get(task.tenant_id, ())) >= self._queue_limit:
+                refused = (
+                    f"not sent: {self._queue_limit} callbacks of this tenant already "
+                    "waiting (its receiver is slow or down)"
+                )
+            else:
+                refused = None
+                self._queues.setdefault(task.tenant_id, deque()).append(job)
+                self._pending += 1
+                if len(self._threads) < min(self._workers, self._pending):
+                    self._start_thread()
+                self._cond.notify()
+        if refused:
+            self._save(task, Delivery("failed", refused, 0))
 
     def pending(self) -> int:
-        with self._lock:
+        with self._cond:
             return self._pending
 
+    def _start_thread(self) -> None:
+        thread = threading.Thread(
+            target=self._work, name=f"callback-{len(self._threads)}", daemon=True
+        )
+        self._threads.append(thread)
+        thread.start()
+
+    def _next(self) -> _Job | None:
+        """The first tenant in turn with a thread to spare; it goes to the back."""
+        for tenant, queue in self._queues.items():
+            if self._busy[tenant] < self._per_tenant:
+                job = queue.popleft()
+                del self._queues[tenant]
+                if queue:
+                    self._queues[tenant] = queue  # re-inserted: last in turn
+                self._busy[tenant] += 1
+                return job
+        return None
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                job = self._next()
+                while job is None:
+                    if self._closing and not self._queues:
+                        return
+                    self._cond.wait()
+                    job = self._next()
+            try:
+                job.context.run(self._deliver, job.task, job.payload)
+            finally:
+                with self._cond:
+                    tenant = job.task.tenant_id
+                    self._busy[tenant] -= 1
+                    if not self._busy[tenant]:
+                        del self._busy[tenant]
+                    self._pending -= 1
+                    self._cond.notify_all()
+
     def _deliver(self, task: Task, payload: dict[str, Any]) -> None:
-        try:
-            self._save(task, self._send(task, payload))
-        finally:
-            with self._lock:
-                self._pending -= 1
+        self._save(task, self._send(task, payload))
 
     def _send(self, task: Task, payload: dict[str, Any]) -> Delivery:
         """The delivery's outcome, whatever happens: an exception here would end in a
@@ -450,12 +518,14 @@ class Callbacks:
         cut short and the ones still queued are not sent (each recorded as failed on its
         row). Only a host name still resolving can hold it longer (the resolver's own
         timeouts bound that)."""
-        deadline = time.monotonic() + timeout_s
-        while self.pending() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self._abort = True
+        with self._cond:
+            self._cond.wait_for(lambda: not self._pending, timeout_s)
+            self._abort = True  # what is still queued is recorded as not sent
+            self._closing = True
+            self._cond.notify_all()
         self.client.stop()
-        self._pool.shutdown(wait=True)
+        for thread in list(self._threads):
+            thread.join()
 
 
 def policy_from(settings: Settings) -> CallbackPolicy:

@@ -244,7 +244,10 @@ class Settings(BaseSettings):
         0.5, ge=0, description="Wait before the first callback retry; doubles per retry."
     )
     callback_workers: int = Field(
-        4, ge=1, description="Threads that send callbacks (off the runner threads)."
+        16,
+        ge=1,
+        description="Threads that send callbacks (off the runner threads), started as "
+        "needed; at most half of them on one tenant's callbacks at a time.",
     )
     allow_http_callbacks: bool = Field(
         False, description="Allow http:// callback URLs (default: https only)."
