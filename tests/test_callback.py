@@ -368,6 +368,35 @@ def test_a_tenants_callbacks_past_its_queue_bound_are_recorded_failed_at_once():
     assert statuses["a3"][1] == "failed: worker shut down before sending"
 
 
+def test_a_callback_thread_outlives_a_bug_in_recording_an_outcome(receiver_factory):
+    """Recording that raises what it should not (injected: no input is known to make
+    it) is logged and the thread goes on to the next callback, instead of dying with
+    the tenants' queues still full and nobody to send them."""
+    receiver = receiver_factory([200])
+    statuses, record = _recorded()
+
+    def flaky(task_id: str, tenant_id: str, status: str) -> None:
+        if task_id == "a0":
+            raise RuntimeError("injected")
+        record(task_id, tenant_id, status)
+
+    callbacks = Callbacks(CallbackClient(LOCAL), flaky, Metrics(), workers=1)
+    try:
+        for i in range(2):
+            task = make_task(
+                "tenant-a",
+                "gs://bkt/tenant-a/x.jpg",
+                "DETECTION",
+                f"a{i}",
+                callback_url=receiver.url(),
+            )
+            callbacks.submit(task, {}, "gs://bkt/r.json")
+        wait_until(lambda: "a1" in statuses, "the second callback recorded", 10)
+        assert statuses["a1"][1] == "delivered: HTTP 200"
+    finally:
+        callbacks.close(timeout_s=0.0)
+
+
 def _self_signed(tmp: Path) -> tuple[Path, Path]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
