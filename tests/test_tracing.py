@@ -169,6 +169,32 @@ def test_a_poisoned_message_span_carries_its_error_code(
     assert span.attributes["gannet.error_code"] == "bucket_not_allowed"
 
 
+def test_a_sampled_task_keeps_its_forward_pass_whatever_the_ratio_of_new_traces(
+    stack: Stack, receiver: TraceReceiver
+) -> None:
+    """Prod keeps 1 % of new traces, and every task whose publisher sampled it. The
+    forward pass is a new trace of its own, linked to its tasks: kept at that ratio, 99 %
+    of the traced tasks' forward spans were dropped, and their trace showed no batch. At a
+    ratio of 0 the publisher's sampled task must still be linked from its forward pass."""
+    recv = receiver
+    url = stack.upload(SCENES[0]["file"])
+    daemon = stack.start_daemon(**recv.env(), GANNET_TRACE_SAMPLE_RATIO="0.0")
+    done = stack.gannet(
+        "publish", "--tenant", stack.tenant, "--pipeline", "DETECTION", url, **recv.env()
+    )
+    assert done.returncode == 0, done.stderr
+    task_id = json.loads(done.stdout.splitlines()[-1])["task_id"]
+    stack.wait_rows([task_id])
+    assert daemon.stop() == 0
+    spans = recv.wait_for(
+        lambda got: any(s.attributes.get("gannet.task_id") == task_id for s in got)
+    )
+    task = task_span(spans, task_id)
+    forwards = [s for s in spans if s.name == "forward"]
+    assert [f.links for f in forwards] == [[(task.trace_id, task.span_id)]]
+    assert forwards[0].attributes["gannet.batch_size"] == 1
+
+
 @pytest.mark.parametrize(("ratio", "linked"), [(0.0, False), (1.0, True)])
 def test_only_a_sampled_task_is_linked_from_a_forward_pass(ratio: float, linked: bool) -> None:
     """At prod's 1 %, most tasks are unsampled: their inference must not make the

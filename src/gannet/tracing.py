@@ -17,7 +17,8 @@ or `cloud_trace` (Cloud Trace, authenticated by the pod's Workload Identity):
   recorded as a tuple when it ends (StageSpans), and never becomes the current span:
   the task's span is the one log lines and links name;
 - a batched forward pass is one span in the model's batcher thread, linked to the
-  `gannet task` span of every task in the batch, with the batch size;
+  `gannet task` span of every task in the batch, with the batch size (recorded when
+  one of them is sampled, whatever the ratio of new traces);
 - log lines written inside a task carry its trace and span ids in the fields Cloud
   Logging links on (logs.py).
 
@@ -38,7 +39,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, SpanContext, Status, StatusCode
 
 from gannet import __version__
-from gannet.spans import Recorder, cloud_trace_channel, otlp_channel, otlp_sender
+from gannet.spans import Recorder, RecorderTracer, cloud_trace_channel, otlp_channel, otlp_sender
 
 if TYPE_CHECKING:
     from gannet.outcome import Outcome
@@ -221,11 +222,17 @@ def annotate(attributes: dict[str, Any]) -> None:
 
 @contextmanager
 def forward_span(model: str, links: list[SpanContext], size: int) -> Iterator[None]:
-    """A batched forward pass, linked to the span of every task that rode in it."""
+    """A batched forward pass, linked to the span of every task that rode in it.
+
+    `links` are sampled tasks (current_link), so the pass is recorded whatever
+    GANNET_TRACE_SAMPLE_RATIO: it is a new trace, which the ratio would otherwise decide,
+    and a task kept in its trace would lose its forward pass."""
     tracer = trace.get_tracer(*SCOPE)
-    with tracer.start_as_current_span(
-        "forward",
-        links=[Link(c) for c in links],
-        attributes={"gannet.model": model, "gannet.batch_size": size},
-    ):
+    attributes: dict[str, str | int] = {"gannet.model": model, "gannet.batch_size": size}
+    kept = [Link(c) for c in links]
+    if isinstance(tracer, RecorderTracer):  # tracing on (off, no task is sampled: no links)
+        span = tracer.start_linked_span("forward", kept, attributes)
+    else:  # another tracer provider than ours (set by whoever embeds the daemon)
+        span = tracer.start_span("forward", links=kept, attributes=attributes)
+    with trace.use_span(span, end_on_exit=True):
         yield
