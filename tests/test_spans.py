@@ -11,10 +11,14 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Iterator
+from concurrent import futures
 
+import grpc
 import pytest
 from opentelemetry import context, trace
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 
 from gannet import spans as spans_module
@@ -131,6 +135,55 @@ def test_a_receiver_that_hangs_costs_spans_not_tasks(caplog: pytest.LogCaptureFi
         recorder.shutdown(timeout_s=2)
     assert "trace export failed (StatusCode.DEADLINE_EXCEEDED)" in caplog.text
     assert "in exports that failed" in caplog.text
+
+
+class _SlowCollector(trace_service_pb2_grpc.TraceServiceServicer):
+    """A collector that takes each export and answers only once released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.exports = 0
+
+    def Export(self, request: object, context: object) -> object:
+        self.exports += 1
+        self.release.wait(30)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+def test_shutdown_against_a_collector_that_does_not_answer_keeps_to_its_timeout(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The daemon gives the last spans what is left of its grace period (daemon.py:
+    at most 5 s). Against a collector that takes requests and never answers, shutdown
+    waited for the shipper's export in flight (10 s) and then sent every queued batch,
+    each with a timeout of its own: with a full queue, minutes past the pod's
+    terminationGracePeriodSeconds. It must return within its timeout and say what it did
+    not send."""
+    monkeypatch.setattr(spans_module, "MAX_PER_REQUEST", 10)
+    collector = _SlowCollector()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        recorder = Recorder({}, 1.0, otlp_sender(otlp_channel(endpoint)), every_s=0.05)
+        tracer = recorder.get_tracer("gannet")
+        for _ in range(50):  # five requests' worth
+            tracer.start_span("step").end()
+        deadline = time.monotonic() + 10
+        while not collector.exports and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert collector.exports, "the shipper never sent"
+        with caplog.at_level(logging.WARNING, logger="gannet.spans"):
+            started = time.monotonic()
+            recorder.shutdown(timeout_s=1.0)
+            took = time.monotonic() - started
+        assert took < 2.0, f"shutdown(timeout_s=1) took {took:.1f} s"
+        assert "not sent at shutdown" in caplog.text
+    finally:
+        collector.release.set()
+        server.stop(grace=None)
 
 
 def test_spans_over_the_queue_limit_are_dropped_and_said(

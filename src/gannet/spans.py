@@ -15,7 +15,8 @@ spans and its context propagation run on it unchanged, and so does every
 `trace.get_current_span()` (logs.py). What it leaves out of the SDK: span limits (our
 attributes are few and known), span processors, trace state and retrying a failed
 export. A batch the receiver refuses, or a queue over MAX_QUEUED spans, is dropped and
-counted in a warning: tracing never holds up a task or grows without bound.
+counted in a warning, as is what shutdown's time left unsent: tracing never holds up a
+task or the shutdown, nor grows without bound.
 """
 
 from __future__ import annotations
@@ -255,11 +256,13 @@ class Recorder(trace.TracerProvider):
         self.bound = round(min(max(sample_ratio, 0.0), 1.0) * _ID_BOUND)
         self._resource = otlp.resource(resource)
         self._send = send
-        self._timeout_s = EXPORT_TIMEOUT_S
+        self._deadline: float | None = None  # shutdown's (monotonic): no export after it
         self._tracers: dict[Scope, RecorderTracer] = {}
         self._queue: deque[RecordedSpan | Record] = deque()
         self._dropped = 0
         self._failed = 0
+        self._unsent = 0  # queued, or in an export unanswered, when shutdown's time ran out
+        self._in_flight = 0  # spans in the export being sent
         self._ship_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -290,32 +293,67 @@ class Recorder(trace.TracerProvider):
     def flush(self) -> None:
         """Send every span ended so far (the shipper's job, done now)."""
         with self._ship_lock:
-            while self._queue:
-                spans: list[RecordedSpan | Record] = []
-                while self._queue and len(spans) < MAX_PER_REQUEST:
-                    spans.append(self._queue.popleft())
-                self._ship(spans)
-        if self._dropped or self._failed:
-            log.warning(
-                "trace spans lost: %d over the queue's %d, %d in exports that failed",
-                self._dropped,
-                MAX_QUEUED,
-                self._failed,
-            )
-            self._dropped = self._failed = 0
+            self._send_queued()
+        self._warn_lost()
 
     def shutdown(self, timeout_s: float = EXPORT_TIMEOUT_S) -> None:
-        """Send what is queued and stop the shipper; spans ended later are not sent."""
-        self._timeout_s = timeout_s
+        """Send what is queued and stop the shipper, within `timeout_s` in all; what is not
+        sent by then is counted in the warning. Spans ended later are not sent.
+
+        Why a deadline for the whole, not a timeout per request: the daemon gives this
+        what is left of its grace period, and against a collector that takes requests
+        and never answers, waiting out the shipper's export in flight and then each
+        queued request's own timeout took minutes with a full queue, past the pod's
+        terminationGracePeriodSeconds. An export still in flight then is left to its
+        daemon thread, whose timeout ends it."""
+        deadline = time.monotonic() + timeout_s
+        self._deadline = deadline  # the shipper's own flush stops at it too
         self._stop.set()
         self._thread.join(timeout=timeout_s)
-        self.flush()
+        if self._ship_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            try:
+                self._send_queued()
+            finally:
+                self._ship_lock.release()
+        else:  # the shipper still waits for an export: its spans are not sent either
+            self._unsent += self._in_flight
+        self._unsent += len(self._queue)
+        self._queue.clear()
+        self._warn_lost()
 
     def _run(self, every_s: float) -> None:
         while not self._stop.wait(every_s):
             self.flush()
 
-    def _ship(self, spans: list[RecordedSpan | Record]) -> None:
+    def _send_queued(self) -> None:
+        """Every queued span in requests of MAX_PER_REQUEST, under the ship lock; after
+        shutdown's deadline, none."""
+        while self._queue:
+            timeout_s = EXPORT_TIMEOUT_S
+            if self._deadline is not None:
+                timeout_s = min(timeout_s, self._deadline - time.monotonic())
+                if timeout_s <= 0:
+                    return
+            spans: list[RecordedSpan | Record] = []
+            while self._queue and len(spans) < MAX_PER_REQUEST:
+                spans.append(self._queue.popleft())
+            self._in_flight = len(spans)
+            self._ship(spans, timeout_s)
+            self._in_flight = 0
+
+    def _warn_lost(self) -> None:
+        if self._dropped or self._failed or self._unsent:
+            log.warning(
+                "trace spans lost: %d over the queue's %d, %d in exports that failed, "
+                "%d not sent at shutdown",
+                self._dropped,
+                MAX_QUEUED,
+                self._failed,
+                self._unsent,
+            )
+            self._dropped = self._failed = self._unsent = 0
+
+    def _ship(self, spans: list[RecordedSpan | Record], timeout_s: float) -> None:
         by_scope: dict[Scope, list[bytes]] = {}
         for span in spans:
             if isinstance(span, RecordedSpan):
@@ -323,7 +361,7 @@ class Recorder(trace.TracerProvider):
             else:
                 by_scope.setdefault(span[0], []).append(_encode_record(span))
         try:
-            self._send(otlp.request(self._resource, by_scope), self._timeout_s)
+            self._send(otlp.request(self._resource, by_scope), timeout_s)
         except grpc.RpcError as exc:
             self._failed += len(spans)
             log.warning("trace export failed (%s); %d spans dropped", exc.code(), len(spans))
