@@ -169,6 +169,25 @@ def test_a_poisoned_message_span_carries_its_error_code(
     assert span.attributes["gannet.error_code"] == "bucket_not_allowed"
 
 
+def test_a_span_carries_the_outcome_applied_not_the_one_decided(
+    stack: Stack, receiver: TraceReceiver
+) -> None:
+    """Poison whose dead letter Pub/Sub refuses (its topic does not exist) is nacked,
+    not quarantined: the log line and gannet_messages_total say `retry`. The task's span
+    said `quarantined`, the decision before the Settler applied it, so the trace told
+    whoever read it that the message was gone when it was coming back."""
+    recv = receiver
+    daemon = stack.start_daemon(**recv.env(), GANNET_DEAD_LETTER_TOPIC="no-such-dead-letter")
+    stack.publish_raw(b"{not json, no dead letter")
+    spans = recv.wait_for(
+        lambda got: any(s.name == "gannet task" and "gannet.outcome" in s.attributes for s in got)
+    )
+    assert daemon.stop() == 0
+    task = next(s for s in spans if s.name == "gannet task" and "gannet.outcome" in s.attributes)
+    assert task.attributes["gannet.outcome"] == "retry"
+    assert task.attributes["gannet.error_code"] == "bad_json" and task.error
+
+
 def test_a_sampled_task_keeps_its_forward_pass_whatever_the_ratio_of_new_traces(
     stack: Stack, receiver: TraceReceiver
 ) -> None:

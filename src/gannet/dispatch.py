@@ -459,7 +459,9 @@ class Delivery:
             self.message.nack()  # only queues the request: does not raise
             applied = _unexpected(exc, outcome.task, outcome.fields)
         finally:
-            self._done(outcome)
+            # What was applied, as the log line and the metrics say it: a quarantine
+            # whose dead letter was refused is a nack, and the trace must not say gone.
+            self._done(applied)
         return applied
 
     def escaped(self) -> None:

@@ -9,7 +9,8 @@ or `cloud_trace` (Cloud Trace, authenticated by the pod's Workload Identity):
   span is a child of the publisher's span, and a message without that context starts a
   trace of its own;
 - each message gets a `gannet task` span under the client's `subscribe` span, carrying
-  task_id, tenant_id, pipeline, delivery_attempt, outcome and error_code;
+  task_id, tenant_id, pipeline, delivery_attempt, outcome (as applied: a quarantine
+  whose dead letter was refused is a nack) and error_code;
 - every Timer stage (stages.py: receive, lookup, fetch, decode, the steps, inference,
   sink, gcs_write, settle; not the sub-millisecond UNTRACED_STAGES) is a child span of
   the stage or task it runs in, on whichever thread runs it: the runner attaches the
