@@ -108,7 +108,7 @@ def test_a_receiver_that_hangs_costs_spans_not_tasks(caplog: pytest.LogCaptureFi
     """A receiver that takes the connection and never answers, the worst a collector
     can do (a refused port fails at once, so it could not show a wait): while the
     shipper waits on it, spans are still recorded at once; the export times out, and
-    its spans are logged as lost."""
+    its spans are logged as lost, with the export's error."""
     caplog.set_level(logging.WARNING, logger="gannet.spans")
     with socket.socket() as hung:
         hung.bind(("127.0.0.1", 0))
@@ -133,8 +133,35 @@ def test_a_receiver_that_hangs_costs_spans_not_tasks(caplog: pytest.LogCaptureFi
                 pass
         assert not returned.is_set(), "recording waited on the export"
         recorder.shutdown(timeout_s=2)
-    assert "trace export failed (StatusCode.DEADLINE_EXCEEDED)" in caplog.text
-    assert "in exports that failed" in caplog.text
+    assert "in exports that failed (StatusCode.DEADLINE_EXCEEDED)" in caplog.text
+
+
+def test_a_collector_that_is_down_is_said_once_a_while_not_every_half_second(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Nothing listens at the endpoint: every export fails at once. Each one logged two
+    warning lines, four a second per process, for as long as the collector was down,
+    drowning the daemon's own lines (and billed by Cloud Logging). The losses are summed
+    into one line now and then, and the count of every lost span still adds up."""
+    caplog.set_level(logging.WARNING, logger="gannet.spans")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, never listening: refused
+        send = otlp_sender(otlp_channel(f"http://127.0.0.1:{port}"))
+        recorder = Recorder({}, 1.0, send, every_s=0.05)
+        tracer = recorder.get_tracer("gannet")
+        recorded = 0
+        until = time.monotonic() + 1.5  # about 30 exports
+        while time.monotonic() < until:
+            tracer.start_span("step").end()
+            recorded += 1
+            time.sleep(0.01)
+        recorder.shutdown(timeout_s=1.0)
+    lines = [r.getMessage() for r in caplog.records]
+    assert 1 <= len(lines) <= 3, lines
+    failed = [int(line.split(", ")[1].split()[0]) for line in lines]  # "N in exports"
+    assert sum(failed) == recorded
+    assert all("StatusCode.UNAVAILABLE" in ln for ln, n in zip(lines, failed, strict=True) if n)
 
 
 class _SlowCollector(trace_service_pb2_grpc.TraceServiceServicer):

@@ -15,13 +15,14 @@ spans and its context propagation run on it unchanged, and so does every
 `trace.get_current_span()` (logs.py). What it leaves out of the SDK: span limits (our
 attributes are few and known), span processors, trace state and retrying a failed
 export. A batch the receiver refuses, or a queue over MAX_QUEUED spans, is dropped and
-counted in a warning, as is what shutdown's time left unsent: tracing never holds up a
-task or the shutdown, nor grows without bound.
+counted in a warning (a line a minute at most), as is what shutdown's time left
+unsent: tracing never holds up a task or the shutdown, nor grows without bound.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
@@ -53,6 +54,7 @@ MAX_QUEUED = 50_000  # ended spans waiting for the shipper; beyond it they are d
 MAX_PER_REQUEST = 2_000  # spans per ExportTraceServiceRequest (well under gRPC's 4 MB)
 SHIP_EVERY_S = 0.5
 EXPORT_TIMEOUT_S = 10.0
+WARN_EVERY_S = 60.0  # at most one warning line about lost spans per minute
 CLOUD_TRACE_OTLP = "telemetry.googleapis.com:443"
 
 SAMPLED = TraceFlags(TraceFlags.SAMPLED)
@@ -263,6 +265,8 @@ class Recorder(trace.TracerProvider):
         self._failed = 0
         self._unsent = 0  # queued, or in an export unanswered, when shutdown's time ran out
         self._in_flight = 0  # spans in the export being sent
+        self._export_error: grpc.StatusCode | None = None  # the last failed export's
+        self._warned_at = -math.inf  # monotonic: the first loss is said at once
         self._ship_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -319,7 +323,7 @@ class Recorder(trace.TracerProvider):
             self._unsent += self._in_flight
         self._unsent += len(self._queue)
         self._queue.clear()
-        self._warn_lost()
+        self._warn_lost(now=True)
 
     def _run(self, every_s: float) -> None:
         while not self._stop.wait(every_s):
@@ -341,17 +345,26 @@ class Recorder(trace.TracerProvider):
             self._ship(spans, timeout_s)
             self._in_flight = 0
 
-    def _warn_lost(self) -> None:
-        if self._dropped or self._failed or self._unsent:
-            log.warning(
-                "trace spans lost: %d over the queue's %d, %d in exports that failed, "
-                "%d not sent at shutdown",
-                self._dropped,
-                MAX_QUEUED,
-                self._failed,
-                self._unsent,
-            )
-            self._dropped = self._failed = self._unsent = 0
+    def _warn_lost(self, now: bool = False) -> None:
+        """One line for the spans lost since the last, at most every WARN_EVERY_S (`now`:
+        at shutdown, whatever the time). Why not a line per failed export: a collector
+        that is down fails every one, twice a second, for as long as it is down."""
+        if not (self._dropped or self._failed or self._unsent):
+            return
+        if not now and time.monotonic() - self._warned_at < WARN_EVERY_S:
+            return
+        failed = f" ({self._export_error})" if self._failed else ""
+        log.warning(
+            "trace spans lost: %d over the queue's %d, %d in exports that failed%s, "
+            "%d not sent at shutdown",
+            self._dropped,
+            MAX_QUEUED,
+            self._failed,
+            failed,
+            self._unsent,
+        )
+        self._dropped = self._failed = self._unsent = 0
+        self._warned_at = time.monotonic()
 
     def _ship(self, spans: list[RecordedSpan | Record], timeout_s: float) -> None:
         by_scope: dict[Scope, list[bytes]] = {}
@@ -362,9 +375,9 @@ class Recorder(trace.TracerProvider):
                 by_scope.setdefault(span[0], []).append(_encode_record(span))
         try:
             self._send(otlp.request(self._resource, by_scope), timeout_s)
-        except grpc.RpcError as exc:
+        except grpc.RpcError as exc:  # said in _warn_lost's next line, with the count
             self._failed += len(spans)
-            log.warning("trace export failed (%s); %d spans dropped", exc.code(), len(spans))
+            self._export_error = exc.code()
 
 
 def otlp_sender(channel: grpc.Channel) -> Send:
