@@ -8,6 +8,11 @@ resource "google_sql_database_instance" "gannet" {
   deletion_protection = var.deletion_protection
 
   settings {
+    # Set, not left to the API: for PostgreSQL 16 and later Cloud SQL defaults to
+    # ENTERPRISE_PLUS, which takes only db-perf-optimized-N-* tiers, and the db-custom-*
+    # tiers of envs/*.tfvars would fail at apply ("Invalid Tier ... for (ENTERPRISE_PLUS)
+    # Edition"). tests/test_infra.py checks that each environment's tier fits it.
+    edition                     = "ENTERPRISE"
     tier                        = var.sql_tier
     availability_type           = var.sql_availability_type
     disk_autoresize             = true

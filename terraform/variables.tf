@@ -86,7 +86,7 @@ variable "gpu_max_nodes" {
 }
 
 variable "sql_tier" {
-  description = "Cloud SQL machine tier."
+  description = "Cloud SQL machine tier of the ENTERPRISE edition (sql.tf): db-custom-CPUS-MEMORY_MB or shared-core, not db-perf-optimized-*."
   type        = string
 }
 

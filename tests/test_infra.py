@@ -908,6 +908,50 @@ def test_terraform_builds_what_the_manifests_expect(
     assert sql_range in cidrs
 
 
+def sql_edition_problems(tf: dict[str, Any]) -> list[str]:
+    """The Cloud SQL instance's edition against the tiers the tfvars give it.
+
+    Left out, the edition is the Cloud SQL API's choice, and for PostgreSQL 16 and later
+    that is ENTERPRISE_PLUS, which takes only db-perf-optimized-N-* tiers: a
+    db-custom-* or shared-core tier then fails at apply ("Invalid Tier ... for
+    (ENTERPRISE_PLUS) Edition"). So the edition is set, and every tier fits it."""
+    body = resources(tf)["google_sql_database_instance.gannet"]
+    settings = one(body["settings"])
+    version = one(body["database_version"])
+    edition = one(settings.get("edition"))
+    tiers = {env: one(tf["files"][f"envs/{env}.tfvars"]["sql_tier"]) for env in ("dev", "prod")}
+    problems = []
+    if edition is None:
+        major = re.fullmatch(r"POSTGRES_(\d+)", version)
+        if major and int(major.group(1)) >= 16:
+            problems.append(f"no edition: {version} defaults to ENTERPRISE_PLUS")
+        return problems
+    for env, tier in tiers.items():
+        plus_tier = tier.startswith("db-perf-optimized-")
+        if plus_tier != (edition == "ENTERPRISE_PLUS"):
+            problems.append(f"{env}: tier {tier} does not fit edition {edition}")
+    return problems
+
+
+def test_cloud_sql_edition_takes_the_tiers_of_the_tfvars(terraform: dict[str, Any]) -> None:
+    assert sql_edition_problems(terraform) == []
+
+
+def test_cloud_sql_edition_gate_fails_without_an_edition(terraform: dict[str, Any]) -> None:
+    tf = json.loads(json.dumps(terraform))
+    (settings,) = [
+        body["settings"][0]
+        for parsed in tf["files"].values()
+        for block in parsed.get("resource", [])
+        for body in block.get("google_sql_database_instance", {}).values()
+    ]
+    version = one(resources(tf)["google_sql_database_instance.gannet"]["database_version"])
+    settings.pop("edition", None)
+    assert sql_edition_problems(tf) == [f"no edition: {version} defaults to ENTERPRISE_PLUS"]
+    settings["edition"] = "ENTERPRISE_PLUS"
+    assert len(sql_edition_problems(tf)) == 2  # db-custom-* tiers on both environments
+
+
 def _names(config: dict[str, str]) -> dict[str, str]:
     """The first lane's names from a rendered ConfigMap, as Settings fields."""
     return {
