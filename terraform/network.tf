@@ -20,6 +20,26 @@ resource "google_compute_firewall" "deny_ingress" {
   }
 }
 
+# The private control plane reaches nodes and pods only on 443 and 10250 (GKE's own
+# rule). The KEDA overlay needs two more pod ports: its metrics API server (6443), which
+# serves the External metrics of the HPA that KEDA creates, and its admission webhooks
+# (9443). Without them that HPA reads no metric and the worker never scales.
+resource "google_compute_firewall" "control_plane_to_keda" {
+  name                    = "${local.name}-control-plane-keda"
+  network                 = google_compute_network.vpc.id
+  direction               = "INGRESS"
+  priority                = 1000
+  source_ranges           = [var.master_cidr]
+  target_service_accounts = [google_service_account.nodes.email]
+  allow {
+    protocol = "tcp"
+    ports    = ["6443", "9443"]
+  }
+  log_config {
+    metadata = "INCLUDE_ALL_METADATA"
+  }
+}
+
 resource "google_compute_subnetwork" "nodes" {
   name                     = "${local.name}-nodes"
   region                   = var.region

@@ -952,6 +952,57 @@ def test_cloud_sql_edition_gate_fails_without_an_edition(terraform: dict[str, An
     assert len(sql_edition_problems(tf)) == 2  # db-custom-* tiers on both environments
 
 
+# The private cluster's control plane reaches nodes and pods only on 443 and 10250 (the
+# firewall rule GKE creates for it). What it must call beyond that, by pod port: KEDA's
+# metrics API server (the External metrics of overlays/keda's HPA) and its admission
+# webhooks. The Custom Metrics Stackdriver Adapter listens on 443.
+CONTROL_PLANE_PORTS = {"keda-metrics-apiserver": "6443", "keda-admission-webhooks": "9443"}
+
+
+def control_plane_port_problems(tf: dict[str, Any]) -> list[str]:
+    """Pod ports the control plane must reach that no ingress rule from its range opens."""
+    opened: set[str] = set()
+    for name, body in resources(tf).items():
+        if not name.startswith("google_compute_firewall."):
+            continue
+        if one(body.get("direction", "INGRESS")) != "INGRESS" or "allow" not in body:
+            continue
+        if "${var.master_cidr}" not in (body.get("source_ranges") or [[]])[0]:
+            continue
+        for allow in body["allow"]:
+            if one(allow["protocol"]) == "tcp":
+                opened |= {str(p) for p in one(allow.get("ports") or [[]])}
+    return [f"{who} ({port})" for who, port in CONTROL_PLANE_PORTS.items() if port not in opened]
+
+
+def test_control_plane_reaches_the_metrics_servers_of_every_overlay(
+    terraform: dict[str, Any], rendered: dict[str, Path]
+) -> None:
+    assert by_kind(docs(rendered["keda"]), "ScaledObject"), "overlays/keda needs KEDA's ports"
+    assert (
+        one(
+            one(resources(terraform)["google_container_cluster.gannet"]["private_cluster_config"])[
+                "master_ipv4_cidr_block"
+            ]
+        )
+        == "${var.master_cidr}"
+    )
+    assert control_plane_port_problems(terraform) == []
+
+
+def test_control_plane_port_gate_fails_without_the_rule(terraform: dict[str, Any]) -> None:
+    tf = json.loads(json.dumps(terraform))
+    for parsed in tf["files"].values():
+        parsed["resource"] = [
+            {kind: named for kind, named in block.items() if kind != "google_compute_firewall"}
+            for block in parsed.get("resource", [])
+        ]
+    assert control_plane_port_problems(tf) == [
+        "keda-metrics-apiserver (6443)",
+        "keda-admission-webhooks (9443)",
+    ]
+
+
 def _names(config: dict[str, str]) -> dict[str, str]:
     """The first lane's names from a rendered ConfigMap, as Settings fields."""
     return {
