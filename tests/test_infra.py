@@ -22,7 +22,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -302,6 +302,58 @@ def test_compose_runs_worker_against_emulators_and_postgres() -> None:
     assert "@postgres:5432/" in env["GANNET_DATABASE_URL"]
     unknown = {k for k in env if k.startswith("GANNET_")} - daemon_settings()
     assert not unknown, f"compose sets variables the daemon does not read: {unknown}"
+
+
+def compose_unreadable_weights(compose: dict[str, Any]) -> list[str]:
+    """Weights that a compose worker's local config names but its container cannot read.
+
+    Model paths are relative to the config file (config_sources._relative), so a config
+    mounted at /etc/gannet/configs names ../models/... as /etc/gannet/models/...: that
+    path must come from a bind mount of the repository's file too, or the daemon stops
+    at start ("cannot load the models named in the config")."""
+    from gannet.config_sources import _relative
+
+    problems = []
+    for name, service in compose["services"].items():
+        uri = service.get("environment", {}).get("GANNET_CONFIG_URI", "")
+        if not uri.startswith("/") or service.get("command", ["run"])[0] != "run":
+            continue  # a cloud config, or not the daemon (migrate)
+        binds = {}
+        for volume in service.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            if source.startswith("."):  # a bind mount, relative to docker/
+                binds[PurePosixPath(target)] = (ROOT / "docker" / source).resolve()
+
+        def host(path: str, binds: dict[PurePosixPath, Path] = binds) -> Path | None:
+            for target, source in binds.items():
+                if PurePosixPath(path).is_relative_to(target):
+                    return source / PurePosixPath(path).relative_to(target)
+            return None
+
+        config_file = host(uri)
+        assert config_file is not None and config_file.exists(), f"{name}: {uri} is not mounted"
+        config = yaml.safe_load(config_file.read_text())
+        for model in config["models"].values():
+            weights = _relative(uri, model["path"])
+            found = host(weights)
+            if found is None or not found.exists():
+                problems.append(f"{name}: {weights}")
+    return problems
+
+
+def test_compose_workers_can_read_the_weights_their_config_names() -> None:
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    assert compose_unreadable_weights(compose) == []
+
+
+def test_compose_weights_gate_fails_on_a_missing_mount() -> None:
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    for service in compose["services"].values():
+        service["volumes"] = [v for v in service.get("volumes", []) if "models" not in v]
+    assert compose_unreadable_weights(compose) == [
+        "worker: /etc/gannet/models/demo/detect.pt",
+        "worker-gpu: /etc/gannet/models/demo/detect.pt",
+    ]
 
 
 # ===========================================================================================
