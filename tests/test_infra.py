@@ -18,9 +18,11 @@ input and expects it to fail, so a gate that silently passes everything is caugh
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -274,6 +276,46 @@ def test_dockerfile_meets_the_image_contract() -> None:
     # No weights baked in: nothing copies or downloads model files.
     assert not re.search(r"\.(pt|pth|onnx|engine|torchscript)\b", text)
     assert not re.search(r"^(ADD|RUN .*(wget|curl|gsutil|gcloud storage))", text, re.MULTILINE)
+
+
+def test_the_image_build_stops_on_a_torch_built_for_another_cuda() -> None:
+    """`torch==2.14.1` is met by PyPI's own build (CUDA 13: a driver 580 or newer) when
+    the torch index has no build of it for the base's CUDA; the build must stop then, not
+    ship an image that finds no GPU on a T4 node. The check the Dockerfile runs after pip
+    (docker/check_torch_cuda.py) is run here with this machine's torch, against a base
+    of its CUDA major and one of another; and the index the Dockerfile names is the
+    base's CUDA."""
+    import torch
+
+    text = DOCKERFILE.read_text()
+    base = re.findall(r"^FROM nvidia/cuda:(\d+)\.(\d+)\.\d+-", text, re.MULTILINE)[-1]
+    index = re.search(r"^ARG TORCH_INDEX_URL=\S+/whl/cu(\d+)$", text, re.MULTILINE)
+    assert index and index.group(1) == "".join(base), (index, base)
+    install = re.search(r"^RUN pip install [^\n]*\.whl.*?(?=^\S)", text, re.MULTILINE | re.DOTALL)
+    assert install and "python /tmp/check_torch_cuda.py" in install.group(0)
+    assert "!docker/check_torch_cuda.py" in (ROOT / ".dockerignore").read_text()
+
+    script = str(ROOT / "docker" / "check_torch_cuda.py")
+    built = torch.version.cuda
+    other = "12.6.3" if built and built.startswith("13.") else "13.0.2"
+    refused = subprocess.run(
+        [sys.executable, script],
+        env={**os.environ, "CUDA_VERSION": other},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert refused.returncode != 0
+    assert f"the base image has CUDA {other}: set TORCH_INDEX_URL" in refused.stderr
+    if built:  # a CUDA build of torch here: the same major passes
+        same = subprocess.run(
+            [sys.executable, script],
+            env={**os.environ, "CUDA_VERSION": f"{built}.1"},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert same.returncode == 0, same.stderr
 
 
 def test_dockerignore_keeps_the_context_to_the_wheel_inputs() -> None:
