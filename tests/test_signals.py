@@ -78,3 +78,25 @@ def test_every_signal_reaches_the_callback_with_its_number() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True"
+
+
+def test_a_signal_the_kernel_hands_to_another_thread_is_not_left_waiting() -> None:
+    """The kernel may hand a process's signal to any of its threads: it does when the
+    main thread already has one pending (a Ctrl-C and a supervisor's SIGTERM a moment
+    apart). Python then runs its handler only once the main thread next wakes, and a
+    main thread blocked in an untimed wait (the supervisor's Popen.wait) may never. Here
+    the main thread blocks SIGTERM, so that another thread has to take it."""
+    code = textwrap.dedent(
+        """
+        import os, signal, threading
+        from gannet.signals import on_signals
+        stop = threading.Event()
+        on_signals(lambda signum: stop.set())
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        os.kill(os.getpid(), signal.SIGTERM)
+        print("stopped" if stop.wait(5) else "not stopped", flush=True)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "stopped"
