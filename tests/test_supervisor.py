@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -137,6 +139,56 @@ def test_a_process_that_never_answers_is_killed_to_be_started_again():
                 assert child.proc is not None
                 child.proc.kill()
         supervisor._asking.shutdown(wait=False)
+
+
+# A stand-in for a daemon process: it writes down each stop signal it gets and exits a
+# second after the first, as a drain would.
+RECORDING_CHILD = """
+import os, sys, threading, time
+from gannet.signals import on_signals
+index, got = os.environ["GANNET_PROCESS_INDEX"], threading.Event()
+def record(signum):
+    with open(os.path.join(sys.argv[1], "signals-" + index), "a") as out:
+        out.write(f"{signum}\\n")
+    got.set()
+on_signals(record)
+open(os.path.join(sys.argv[1], "up-" + index), "w").close()
+got.wait()
+time.sleep(1)
+"""
+
+SUPERVISOR = """
+import sys
+from gannet.settings import Settings
+from gannet.supervisor import supervise
+sys.exit(supervise(Settings(processes=2, metrics_port=0), sys.argv[1:]))
+"""
+
+
+def test_one_ctrl_c_reaches_each_process_once(tmp_path):
+    """Ctrl-C in a terminal signals the whole foreground process group. Were the daemon
+    processes in the supervisor's group, each would get the terminal's SIGINT and the
+    supervisor's SIGTERM, and a second signal means "stop waiting for running work":
+    one Ctrl-C would nack every running task instead of letting it finish."""
+    command = [sys.executable, "-c", RECORDING_CHILD, str(tmp_path)]
+    pod = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISOR, *command],
+        start_new_session=True,  # a process group of its own, as a shell gives a command
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while len(list(tmp_path.glob("up-*"))) < 2:
+            assert time.monotonic() < deadline, "the processes did not start"
+            time.sleep(0.05)
+        os.killpg(pod.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        assert pod.wait(timeout=20) == 0
+        got = {f.name: f.read_text().split() for f in sorted(tmp_path.glob("signals-*"))}
+        assert got == {"signals-0": ["15"], "signals-1": ["15"]}
+    finally:
+        if pod.poll() is None:
+            os.killpg(pod.pid, signal.SIGKILL)
+            pod.wait()
 
 
 def _succeeded(metrics_text: str) -> float:

@@ -15,7 +15,9 @@ What the supervisor does itself:
   /readyz (ready when every process is), /metrics (the processes' metrics summed, so the
   HPA and dashboards read the same series as from a one-process pod);
 - passes SIGTERM on (a second one too: each process's own drain decides what it acks
-  or nacks), and exits when all have exited, with the worst exit code;
+  or nacks), and exits when all have exited, with the worst exit code. The processes
+  run in process groups of their own, so that a terminal's Ctrl-C reaches them once,
+  through the supervisor, not a second time from the terminal;
 - starts a process again when it dies while the pod is not stopping (its leased messages
   come back from Pub/Sub after their lease, as after a pod's kill -9), backing off when
   one keeps dying, and counts it (gannet_daemon_process_restarts_total); kills one that
@@ -191,7 +193,12 @@ class Supervisor:
                 self.settings.backlog_from_monitoring and child.index == 0
             ).lower(),
         }
-        child.proc = subprocess.Popen(self.command, env=env, stdin=subprocess.DEVNULL)
+        # A process group of its own: a terminal's Ctrl-C signals the foreground group,
+        # and a daemon in ours would get that SIGINT besides the SIGTERM passed on here,
+        # which it would take for a second signal (stop waiting for running work).
+        child.proc = subprocess.Popen(
+            self.command, env=env, stdin=subprocess.DEVNULL, process_group=0
+        )
         child.started_at = time.monotonic()
         child.answered_at = None
         if self.stopping.is_set():  # a stop signal came while it was being started
