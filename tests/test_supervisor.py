@@ -23,6 +23,7 @@ import pytest
 from conftest import SCENES, settled
 from prometheus_client import generate_latest
 
+from gannet.dev.local_services import port_in_use
 from gannet.metrics import Metrics
 from gannet.settings import Settings
 from gannet.supervisor import STARTUP_S, Supervisor, cpu_shares, exposition, merge_metrics
@@ -152,7 +153,8 @@ def record(signum):
         out.write(f"{signum}\\n")
     got.set()
 on_signals(record)
-open(os.path.join(sys.argv[1], "up-" + index), "w").close()
+with open(os.path.join(sys.argv[1], "up-" + index), "w") as up:
+    up.write(str(os.getpid()))
 got.wait()
 time.sleep(1)
 """
@@ -189,6 +191,86 @@ def test_one_ctrl_c_reaches_each_process_once(tmp_path):
         if pod.poll() is None:
             os.killpg(pod.pid, signal.SIGKILL)
             pod.wait()
+
+
+# A stand-in for a daemon process killed in the middle of each answer: the headers
+# promise more than the connection carries before it closes.
+CUT_SHORT_CHILD = """
+import os, socket
+server = socket.create_server(("127.0.0.1", int(os.environ["GANNET_METRICS_PORT"])))
+while True:
+    conn, _ = server.accept()
+    conn.recv(4096)
+    conn.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Length: 1000\\r\\n\\r\\n{")
+    conn.close()
+"""
+
+
+def test_an_answer_cut_short_counts_as_no_answer():
+    """A process killed while it answers (an OOM kill in the middle of a scrape) leaves
+    the supervisor a response shorter than its headers said. That must count as no
+    answer, as a refused connection does: it ended the supervisor's watch loop with
+    IncompleteRead, and with it the supervisor, its daemons left running unsignalled."""
+    supervisor = Supervisor(
+        Settings(processes=2, metrics_port=0), [sys.executable, "-c", CUT_SHORT_CHILD]
+    )
+    for child in supervisor.children:
+        supervisor._start(child)
+    try:
+        for child in supervisor.children:
+            deadline = time.monotonic() + 30
+            while not port_in_use(child.metrics_port):
+                assert time.monotonic() < deadline, "the stand-in did not listen"
+                time.sleep(0.05)
+        supervisor._kill_hung(time.monotonic())  # the watch loop's look, every WATCH_S
+        assert all(child.answered_at is None for child in supervisor.children)
+        ok, state = supervisor.live()
+        assert ok and state["processes"] == {"0": "starting", "1": "starting"}
+        assert supervisor.collect()  # the pod's /metrics
+    finally:
+        for child in supervisor.children:
+            if child.alive():
+                assert child.proc is not None
+                child.proc.kill()
+                child.proc.wait()
+        supervisor._asking.shutdown(wait=False)
+
+
+def test_a_supervisor_that_fails_stops_its_processes_before_it_exits(tmp_path):
+    """Whatever ends the supervisor's loop (here the daemon's program gone when process 0
+    is to be started again: Popen raises), its daemons are passed SIGTERM and waited
+    for. In a pod the supervisor is PID 1, and when it exits the kernel kills every
+    other process of the pod with SIGKILL: no drain, running tasks lost to their lease."""
+    program = tmp_path / "daemon"
+    program.write_text(
+        f"#!{sys.executable}\n"
+        "import os, sys, time\n"
+        "if os.environ['GANNET_PROCESS_INDEX'] == '0':\n"
+        "    while not os.path.exists(os.path.join(sys.argv[1], 'up-1')):\n"
+        "        time.sleep(0.05)\n"
+        "    os.remove(sys.argv[0])\n"
+        "    sys.exit(1)\n" + RECORDING_CHILD
+    )
+    program.chmod(0o755)
+    log = tmp_path / "supervisor.log"
+    with log.open("w") as err:
+        pod = subprocess.Popen(
+            [sys.executable, "-c", SUPERVISOR, str(program), str(tmp_path)],
+            start_new_session=True,
+            stdout=err,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        assert pod.wait(timeout=30) == 1
+        assert (tmp_path / "signals-1").read_text().split() == ["15"], log.read_text()
+        assert "stopping the daemon processes" in log.read_text()
+    finally:
+        if pod.poll() is None:
+            pod.kill()
+            pod.wait()
+        left = int((tmp_path / "up-1").read_text())
+        if psutil.pid_exists(left):
+            psutil.Process(left).kill()
 
 
 def _succeeded(metrics_text: str) -> float:

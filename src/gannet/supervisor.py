@@ -28,11 +28,14 @@ What the supervisor does itself:
   (Prometheus reads any decrease as a reset, and rates and alerts would spike).
 
 A process notices its supervisor is gone (os.getppid changes) and drains itself
-(daemon.py), so no daemon outlives the pod's entry point.
+(daemon.py), so no daemon outlives the pod's entry point; a supervisor that fails passes
+SIGTERM on and waits for its processes before it exits (in a pod it is PID 1, whose exit
+kills the others with SIGKILL).
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -161,7 +164,9 @@ def _get(url: str) -> tuple[int, bytes]:
             return int(resp.status), resp.read()
     except urllib.error.HTTPError as exc:
         return int(exc.code), exc.read()
-    except (OSError, urllib.error.URLError):
+    except (OSError, urllib.error.URLError, http.client.HTTPException):
+        # HTTPException: an answer cut short (IncompleteRead) by a process killed while
+        # it answered, or no HTTP at all; it is no answer, as a refused connection is.
         return 0, b""
 
 
@@ -356,11 +361,20 @@ class Supervisor:
                 }
             },
         )
-        for child in self.children:
-            self._start(child)
-        server.start()
+        failed = False
         try:
+            for child in self.children:
+                self._start(child)
+            server.start()
             self._loop()
+        except Exception:
+            # In a pod the supervisor is PID 1: when it exits, the kernel kills every
+            # other process of the pod with SIGKILL, and their running tasks wait out
+            # their lease. So whatever ended the loop, the daemons drain first.
+            log.exception("the supervisor failed; stopping the daemon processes")
+            failed = True
+            self._on_signal(signal.SIGTERM)
+        try:
             for child in self.children:
                 if child.proc is not None:
                     child.proc.wait()
@@ -369,7 +383,7 @@ class Supervisor:
             server.stop()
             self._asking.shutdown(wait=False)
         last = [c.exit_codes[-1] for c in self.children if c.exit_codes]
-        worst = next((code for code in last if code != 0), 0)
+        worst = next((code for code in last if code != 0), 1 if failed else 0)
         if worst < 0:  # killed by a signal: report it as a shell would
             worst = 128 - worst
         log.info("daemon processes stopped", extra={"fields": {"exit_codes": last}})
