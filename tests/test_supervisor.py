@@ -23,6 +23,7 @@ import pytest
 from conftest import SCENES, settled
 from prometheus_client import generate_latest
 
+from gannet.dev.demo import DaemonProcess
 from gannet.dev.local_services import port_in_use
 from gannet.metrics import Metrics
 from gannet.settings import Settings
@@ -366,5 +367,29 @@ def test_daemon_processes_do_not_outlive_a_killed_supervisor(stack):
         assert not alive, f"still running after their supervisor died: {alive}"
         drained = [e for e in pod.log_entries() if "supervisor process is gone" in e["message"]]
         assert len(drained) == 2
+    finally:
+        pod.stop(signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_daemon_processes_do_not_outlive_a_supervisor_killed_while_they_start(stack):
+    """kill -9 of the pod's entry point while its daemon processes still load torch and
+    their models: they must not go on to pull as orphans once started. A process that
+    only then looked who its parent was would see its new one and never notice."""
+    env = stack.env(GANNET_PROCESSES="2", GANNET_RUNNERS="1")
+    pod = DaemonProcess(env, stack.tmp / "killed-while-starting.log")
+    stack.daemons.append(pod)
+    try:
+        deadline = time.monotonic() + 30
+        while len(children := psutil.Process(pod.proc.pid).children()) < 2:
+            assert time.monotonic() < deadline, "the supervisor did not start 2 processes"
+            time.sleep(0.05)
+        pod.proc.kill()
+        pod.proc.wait(timeout=10)
+        _, alive = psutil.wait_procs(children, timeout=120)
+        assert not alive, f"still running after their supervisor died: {alive}"
+        gone = [e for e in pod.log_entries() if "supervisor process is gone" in e["message"]]
+        assert len(gone) == 2
+        assert not any(e["message"] == "gannet is ready" for e in pod.log_entries())
     finally:
         pod.stop(signal.SIGKILL)

@@ -314,6 +314,10 @@ class Daemon:
             log.info("stop requested during start-up; exiting before pulling")
             parts.close()
             return 0
+        if self._orphaned():
+            log.error("the supervisor process is gone; exiting before pulling")
+            parts.close()
+            return 0
         lanes = s.lane_list()
         subscribers = [
             Subscriber(
@@ -363,9 +367,8 @@ class Daemon:
             },
         )
         exit_code = 0
-        supervisor = os.getppid() if s.process_index is not None else None
         while not self.stop_requested.wait(0.5):
-            if supervisor is not None and os.getppid() != supervisor:
+            if self._orphaned():
                 log.error("the supervisor process is gone; draining as on SIGTERM")
                 self.health.set(shutting_down=True)
                 break
@@ -387,6 +390,14 @@ class Daemon:
         for backlog in backlogs:
             backlog.stop()
         return exit_code
+
+    def _orphaned(self) -> bool:
+        """Whether this process's supervisor is gone. Its pid comes from the supervisor
+        itself: a parent read here, once started, would already be the process that
+        adopted an orphan whose supervisor died while it loaded torch and its models,
+        and such a process would pull forever (kill -9 of a local run's supervisor)."""
+        supervisor = self.settings.supervisor_pid
+        return supervisor is not None and os.getppid() != supervisor
 
     def _lease_sizer(
         self, parts: Parts, lanes: list[Lane], subscribers: list[Subscriber]

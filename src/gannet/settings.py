@@ -88,6 +88,12 @@ class Settings(BaseSettings):
     process_index: int | None = Field(
         None, ge=0, description="Set by the supervisor on the processes it starts (not by hand)."
     )
+    supervisor_pid: int | None = Field(
+        None,
+        ge=1,
+        description="Set by the supervisor on the processes it starts (not by hand): its "
+        "own pid, so that a process whose supervisor died even before it started notices.",
+    )
     runners: int = Field(4, ge=1, description="Runner threads (spread over the devices).")
     devices: str = Field(
         "auto", description="'auto' (every cuda:i, else cpu) or a list like 'cuda:0,cuda:1'."

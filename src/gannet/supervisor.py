@@ -27,8 +27,9 @@ What the supervisor does itself:
   its last one, and the counters of one that died are carried over to its successor
   (Prometheus reads any decrease as a reset, and rates and alerts would spike).
 
-A process notices its supervisor is gone (os.getppid changes) and drains itself
-(daemon.py), so no daemon outlives the pod's entry point; a supervisor that fails passes
+A process notices its supervisor is gone (its parent is no longer the pid it was given:
+GANNET_SUPERVISOR_PID) and drains itself, or exits before pulling if that happened while
+it started (daemon.py), so no daemon outlives the pod's entry point; a supervisor that fails passes
 SIGTERM on and waits for its processes before it exits (in a pod it is PID 1, whose exit
 kills the others with SIGKILL).
 """
@@ -192,6 +193,7 @@ class Supervisor:
             **os.environ,
             "GANNET_PROCESSES": "1",
             "GANNET_PROCESS_INDEX": str(child.index),
+            "GANNET_SUPERVISOR_PID": str(os.getpid()),
             "GANNET_METRICS_PORT": str(child.metrics_port),
             # Only the first process polls Cloud Monitoring for the backlog gauges.
             "GANNET_BACKLOG_FROM_MONITORING": str(
