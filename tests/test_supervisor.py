@@ -27,7 +27,15 @@ from gannet.dev.demo import DaemonProcess
 from gannet.dev.local_services import port_in_use
 from gannet.metrics import Metrics
 from gannet.settings import Settings
-from gannet.supervisor import STARTUP_S, Supervisor, cpu_shares, exposition, merge_metrics
+from gannet.supervisor import (
+    BACKOFF_S,
+    RAN_A_WHILE_S,
+    STARTUP_S,
+    Supervisor,
+    cpu_shares,
+    exposition,
+    merge_metrics,
+)
 
 
 def test_cpus_are_shared_out_in_contiguous_groups_or_not_at_all():
@@ -272,6 +280,42 @@ def test_a_supervisor_that_fails_stops_its_processes_before_it_exits(tmp_path):
         left = int((tmp_path / "up-1").read_text())
         if psutil.pid_exists(left):
             psutil.Process(left).kill()
+
+
+def test_a_process_that_keeps_dying_makes_the_pod_unhealthy():
+    """A daemon that dies at every start (a config it cannot load, a GPU in a bad state)
+    would, alone in its pod, exit and go into CrashLoopBackOff, restarts counted by
+    kubectl. Under a supervisor it was started again every 30 s for ever, the pod alive
+    (only not ready) and never restarted. Once the back-off is at its longest, /healthz
+    says the pod is broken, so that the kubelet restarts it."""
+    supervisor = Supervisor(
+        Settings(processes=2, metrics_port=0), [sys.executable, "-c", "raise SystemExit(3)"]
+    )
+    try:
+        for death in range(1, len(BACKOFF_S) + 1):
+            child = supervisor.children[0]
+            supervisor._start(child)
+            assert child.proc is not None and child.proc.wait(timeout=30) == 3
+            assert supervisor.live()[0], f"live after {death - 1} deaths in a row"
+            supervisor._reap(time.monotonic())
+        ok, state = supervisor.live()
+        assert not ok
+        assert state["broken"] == f"process 0 died {len(BACKOFF_S)} times in a row (exit code 3)"
+
+        # Started again, it now keeps running: once it has run a while, the pod is live.
+        supervisor.command = [sys.executable, "-c", "import time; time.sleep(60)"]
+        now = time.monotonic()
+        supervisor._start_due(now + BACKOFF_S[-1])
+        assert child.alive() and not supervisor.live()[0]
+        supervisor._start_due(now + BACKOFF_S[-1] + RAN_A_WHILE_S + 1)
+        assert supervisor.live()[0]
+    finally:
+        for child in supervisor.children:
+            if child.alive():
+                assert child.proc is not None
+                child.proc.kill()
+                child.proc.wait()
+        supervisor._asking.shutdown(wait=False)
 
 
 def _succeeded(metrics_text: str) -> float:

@@ -11,7 +11,7 @@ is per process: a message belongs to the one process that leased it, and is acke
 after that process committed its row.
 
 What the supervisor does itself:
-- serves the pod's port: /healthz (live while no process reports itself broken),
+- serves the pod's port: /healthz (live while no process reports itself broken or keeps dying),
   /readyz (ready when every process is), /metrics (the processes' metrics summed, so the
   HPA and dashboards read the same series as from a one-process pod);
 - passes SIGTERM on (a second one too: each process's own drain decides what it acks
@@ -20,7 +20,11 @@ What the supervisor does itself:
   through the supervisor, not a second time from the terminal;
 - starts a process again when it dies while the pod is not stopping (its leased messages
   come back from Pub/Sub after their lease, as after a pod's kill -9), backing off when
-  one keeps dying, and counts it (gannet_daemon_process_restarts_total); kills one that
+  one keeps dying, and counts it (gannet_daemon_process_restarts_total); once one has
+  died CRASH_LOOP times in a row, /healthz fails until a start of it has run
+  RAN_A_WHILE_S, so that the kubelet restarts the pod (a one-process pod's container
+  that keeps exiting goes into CrashLoopBackOff; without this the pod would stay alive,
+  only not ready, for ever); kills one that
   stopped answering /healthz for HUNG_S (a one-process pod's liveness probe would
   restart it), so that it is started again;
 - keeps the pod's counters from going down: a process that misses a scrape counts with
@@ -73,6 +77,11 @@ WATCH_S = 10.0  # how often the processes' /healthz is asked
 HUNG_S = 60.0  # a process silent this long since its last answer is killed
 STARTUP_S = 300.0  # ... or this long after its start without any answer
 BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+RAN_A_WHILE_S = 300.0  # a process that ran this long before dying starts a new count
+# Deaths in a row (each within RAN_A_WHILE_S of its start) that make the pod's /healthz
+# fail: the back-off is at its longest, and the kubelet should restart the pod, as it
+# does a one-process pod whose container keeps exiting (CrashLoopBackOff).
+CRASH_LOOP = len(BACKOFF_S)
 
 
 def cpu_shares(cpus: Iterable[int], n: int) -> list[list[int]]:
@@ -241,7 +250,7 @@ class Supervisor:
             if self.stopping.is_set():
                 continue
             wait = BACKOFF_S[min(child.restarts, len(BACKOFF_S) - 1)]
-            if now - child.started_at > 300:  # it ran a while: a fresh failure
+            if now - child.started_at > RAN_A_WHILE_S:  # it ran a while: a fresh failure
                 child.restarts, wait = 0, BACKOFF_S[0]
             child.restarts += 1
             child.restarts_total += 1
@@ -266,9 +275,16 @@ class Supervisor:
                 self._kill_hung(now)
                 watched = now
             self._reap(now)
-            for child in self.children:
-                if child.proc is None and child.exit_codes and now >= child.started_at:
-                    self._start(child)
+            self._start_due(now)
+
+    def _start_due(self, now: float) -> None:
+        """Start again each process whose back-off is over; one that has run
+        RAN_A_WHILE_S since is no longer counted as crash-looping."""
+        for child in self.children:
+            if child.proc is None and child.exit_codes and now >= child.started_at:
+                self._start(child)
+            elif child.restarts and now - child.started_at > RAN_A_WHILE_S:
+                child.restarts = 0
 
     def _kill_hung(self, now: float) -> None:
         """Kill a process that stopped answering /healthz (deadlocked, or its health
@@ -309,6 +325,11 @@ class Supervisor:
             states[str(child.index)] = code or ("restarting" if child.exit_codes else "starting")
             if code == 503:
                 broken = f"process {child.index}: {json.loads(body or b'{}').get('broken')}"
+            elif child.restarts >= CRASH_LOOP and broken is None:
+                broken = (
+                    f"process {child.index} died {child.restarts} times in a row "
+                    f"(exit code {child.exit_codes[-1]})"
+                )
         return broken is None, {"broken": broken, "processes": states}
 
     def ready(self) -> tuple[bool, dict[str, object]]:
