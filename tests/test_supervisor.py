@@ -380,7 +380,7 @@ def test_two_processes_share_the_work_survive_a_kill_9_and_drain_on_sigterm(stac
             time.sleep(0.1)
 
         # SIGTERM: readiness drops while the processes drain, they all drain, nothing is
-        # left running. The signal's handler runs on the supervisor's main thread, so a
+        # left running. The signal is acted on by the supervisor's signals thread, so a
         # probe answered by the health thread a moment after the kill may still say 200.
         now = psutil.Process(pod.proc.pid).children()
         pod.proc.send_signal(signal.SIGTERM)
