@@ -3,10 +3,11 @@
 The path of one message is dispatch.py's; this module only wires and sequences. Shutdown
 order matters (SIGTERM from kubectl scale, node drain or spot preemption): readiness goes
 false at once, the stream stops pulling, queued-but-unstarted messages are nacked
-(redelivered after the retry policy's backoff, not the lease's end), in-flight work gets what is left of GANNET_SHUTDOWN_GRACE_S
-to finish and ack, whatever is still running after it is nacked, then the process exits
-0. Every wait after the first SIGTERM comes out of that one budget. A second SIGTERM (or
-Ctrl-C) stops waiting: running work is nacked at once and the process exits.
+(redelivered after the retry policy's backoff, not the lease's end), in-flight work gets
+what is left of GANNET_SHUTDOWN_GRACE_S to finish and ack, whatever is still running
+after it is nacked, then the process exits 0. Every wait after the first SIGTERM comes
+out of that one budget. A second SIGTERM (or Ctrl-C) stops waiting: running work is
+nacked at once and the process exits.
 """
 
 from __future__ import annotations
