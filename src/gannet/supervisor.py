@@ -15,9 +15,10 @@ What the supervisor does itself:
   /readyz (ready when every process is), /metrics (the processes' metrics summed, so the
   HPA and dashboards read the same series as from a one-process pod);
 - passes SIGTERM on (a second one too: each process's own drain decides what it acks
-  or nacks), and exits when all have exited, with the worst exit code. The processes
-  run in process groups of their own, so that a terminal's Ctrl-C reaches them once,
-  through the supervisor, not a second time from the terminal;
+  or nacks), and exits when all have exited, with the first non-zero exit code among
+  them (0 when all exited 0). The processes run in process groups of their own, so that
+  a terminal's Ctrl-C reaches them once, through the supervisor, not a second time from
+  the terminal;
 - starts a process again when it dies while the pod is not stopping (its leased messages
   come back from Pub/Sub after their lease, as after a pod's kill -9), backing off when
   one keeps dying, and counts it (gannet_daemon_process_restarts_total); once one has
