@@ -73,6 +73,25 @@ def test_a_span_arrives_with_its_parent_kind_attributes_events_links_and_status(
     assert task.start_ns <= decode.start_ns <= decode.end_ns <= task.end_ns
 
 
+def test_a_span_is_exported_as_it_was_when_it_ended(receiver: TraceReceiver) -> None:
+    """Writes to a span after its end are ignored, as the OpenTelemetry SDK ignores
+    them. The Pub/Sub client's lease manager adds events to a message's `subscribe`
+    span after acks.py has ended it: they showed after the span's end in the trace, and
+    a write while the shipper encoded the span could fail the export thread (the dict
+    changed size during iteration), which would end tracing for the process."""
+    recorder = recorder_to(receiver.endpoint)
+    span = recorder.get_tracer("gannet", "1").start_span("subscribe", attributes={"a": 1})
+    span.end()
+    span.set_attribute("late", True)
+    span.set_attributes({"later": 2})
+    span.add_event("modack start")
+    span.set_status(trace.StatusCode.ERROR, "late")
+    span.update_name("renamed")
+    recorder.shutdown()
+    (got,) = receiver.spans
+    assert (got.name, got.attributes, got.events, got.error) == ("subscribe", {"a": 1}, [], False)
+
+
 def test_sampling_follows_the_publisher_and_keeps_new_traces_at_the_ratio(
     receiver: TraceReceiver,
 ) -> None:

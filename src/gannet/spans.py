@@ -121,29 +121,40 @@ class RecordedSpan(trace.Span):
     def get_span_context(self) -> SpanContext:
         return self._context
 
+    # Writes after the end are ignored, as the SDK ignores them: the Pub/Sub client's
+    # lease manager writes to a `subscribe` span that acks.py has ended, and the shipper
+    # may be encoding it then (a dict that changes size under it fails the export).
     def set_attributes(self, attributes: Mapping[str, Any]) -> None:
-        self.attributes.update(attributes)
+        if not self.end_ns:
+            self.attributes.update(attributes)
 
     def set_attribute(self, key: str, value: Any) -> None:
-        self.attributes[key] = value
+        if not self.end_ns:
+            self.attributes[key] = value
 
     def add_event(
         self, name: str, attributes: Mapping[str, Any] | None = None, timestamp: int | None = None
     ) -> None:
+        if self.end_ns:
+            return
         if self.events is None:
             self.events = []
         self.events.append((name, timestamp or time.time_ns(), attributes))
 
     def add_link(self, context: SpanContext, attributes: Mapping[str, Any] | None = None) -> None:
-        self.links = [*(self.links or ()), Link(context, attributes)]
+        if not self.end_ns:
+            self.links = [*(self.links or ()), Link(context, attributes)]
 
     def update_name(self, name: str) -> None:
-        self.name = name
+        if not self.end_ns:
+            self.name = name
 
     def is_recording(self) -> bool:
         return not self.end_ns
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        if self.end_ns:
+            return
         if isinstance(status, Status):
             self.status = (status.status_code, status.description or "")
         else:
