@@ -390,6 +390,41 @@ def test_a_resized_lease_reaches_pubsub_on_a_reopened_stream_and_loses_nothing(s
     assert stack.unacked(recorder.delivered) == []
 
 
+def acked_one_by_one(client: Any, settings: Settings, messages: list[Any]) -> None:
+    """Ack each message and free its slot, one after another: each ack lets Pub/Sub send
+    the stream one more message, in a response of its own."""
+    for message in messages:
+        client.acknowledge(subscription=settings.subscription_path(), ack_ids=[message.ack_id])
+        message.drop()
+        time.sleep(0.3)
+
+
+def test_a_lease_shrunk_while_the_client_holds_back_loses_nothing_pubsub_sent(stack, gated_pubsub):
+    """The client stops reading its stream when every slot is taken and reads on only
+    once a fifth of them are free, so under load what Pub/Sub sends after an ack often
+    waits unread in the stream. Leasing 8, all 8 running, one acked: Pub/Sub sends a
+    ninth, which waits there. The lease shrinks to 7 (lease.py, a crowded lane) and the
+    stream is ended for the new lease: that ninth message must still reach the pod.
+    Unread, the stream could not end, was cancelled 2 s later, and the message came back
+    only after its ack deadline (30 s here, 60 s in a pod)."""
+    client = clients.pubsub_clients(gated_pubsub)[1]
+    recorder = Recorder(settle=lambda message: None)  # settled below
+    bodies = sorted(f"shrunk {i}".encode() for i in range(10))
+    for body in bodies:
+        stack.publish_raw(body)
+    with subscribed(stack, 8, recorder, None, gated_pubsub) as subscriber:
+        settles_to(lambda: len(recorder.delivered), 8, "delivered while leasing 8")
+        acked_one_by_one(client, gated_pubsub, recorder.delivered[:1])
+        subscriber.resize(7)
+        time.sleep(2.5)  # slow tasks: nothing settles while the stream ends and reopens
+        acked_one_by_one(client, gated_pubsub, recorder.delivered[1:8])
+        wait_until(lambda: len(recorder.delivered) == 10, "the last two delivered", 10)
+        acked_one_by_one(client, gated_pubsub, recorder.delivered[8:])
+        assert not subscriber._future.done(), "the stream must live on after a resize"
+    assert recorder.data() == bodies  # each once
+    assert stack.unacked(recorder.delivered) == []
+
+
 def test_a_resized_lease_holds_the_callbacks_the_client_runs_at_once(stack, caplog):
     """The emulator sends all it has whatever the lease, so there the client's own flow
     control is the lease: resized from 2 to 4, the messages it held back start at once.
@@ -473,6 +508,44 @@ def test_messages_that_arrive_while_the_stream_closes_go_to_the_next_puller_at_o
     assert recorder.data() == [b"before the stop"]
     # They did arrive in the close (else this test shows nothing): the stream held them.
     assert "arrived while the stream closed" in caplog.text
+
+
+def test_what_pubsub_sent_while_the_client_held_back_goes_to_the_next_puller_at_once(
+    stack, gated_pubsub
+):
+    """A pod under load stops: every slot of its lease is taken, so the client has
+    stopped reading its stream, and what Pub/Sub sent after the last acks waits there
+    unread. Leasing 20, all 20 running, 4 acked one by one: Pub/Sub sends 4 more, in 4
+    responses. The stop must read them while the server ends the stream, and they are
+    nacked once it has: the next pod pulls them at once. Unread, the stream could not
+    end: the stop waited 2 s twice, then cancelled it, and 3 of the 4 came back only
+    after their ack deadline (30 s here)."""
+    client = clients.pubsub_clients(gated_pubsub)[1]
+    recorder = Recorder(settle=lambda message: None)  # settled below
+    settled = threading.Event()
+    subscriber = Subscriber(
+        client, gated_pubsub.subscription_path(), 20, recorder, settled=lambda: settled.wait(10)
+    )
+    for i in range(24):
+        stack.publish_raw(f"loaded {i:02}".encode())
+    subscriber.start()
+    try:
+        settles_to(lambda: len(recorder.delivered), 20, "delivered while leasing 20")
+        acked_one_by_one(client, gated_pubsub, recorder.delivered[:4])
+        started = time.monotonic()
+        subscriber.stop_pulling_async()
+        assert subscriber.stream_closed.wait(10)
+        took = time.monotonic() - started
+        acked_one_by_one(client, gated_pubsub, recorder.delivered[4:20])
+        settled.set()
+        assert subscriber.wait_closed(timeout=10)
+    finally:
+        settled.set()
+        subscriber.stop_pulling(timeout=10)
+    on_the_way = [f"loaded {i:02}".encode() for i in range(20, 24)]
+    assert sorted(pulled_by_another(stack, 4, within_s=5)) == on_the_way
+    assert len(recorder.delivered) == 20, "a stopping stream ran what arrived"
+    assert took < 2.0, f"the stream took {took:.1f} s to stop"
 
 
 def test_a_missing_subscription_fails_the_start_up_check(stack):

@@ -47,7 +47,11 @@ def _close_politely(close: Callable[[Any], None]) -> Callable[[Any], None]:
     def polite_close(rpc: Any) -> None:
         call = getattr(rpc, "call", None)
         requests = getattr(rpc, "_request_queue", None)
-        if call is not None and requests is not None and call.is_active():
+        # The resumable stream's close calls the plain one's, which is wrapped too: a call
+        # already waited for is not waited for twice.
+        waited = getattr(rpc, "_gannet_waited_for", None) is call
+        if call is not None and requests is not None and call.is_active() and not waited:
+            rpc._gannet_waited_for = call
             requests.put(None)  # the request generator ends: gRPC sends END_STREAM
             deadline = time.monotonic() + 2.0
             while call.is_active() and time.monotonic() < deadline:
@@ -125,6 +129,10 @@ class _Manager(StreamingPullManager):  # type: ignore[misc] # the client library
         # Pub/Sub may have leased this client as many as their sum.
         self._leases: list[int] = [self.flow_control.max_messages]
         self._lease_ignored = False
+        # While a call is being ended (by `resize`, or by `close`), the stream is read
+        # whatever the load: see `maybe_pause_consumer`.
+        self._ending_call = False
+        self._stopping = False
 
     def _on_response(self, response: Any) -> None:
         """A server that sends more than the lease allows (the gcloud emulator sends all
@@ -142,6 +150,34 @@ class _Manager(StreamingPullManager):  # type: ignore[misc] # the client library
                 extra={"fields": {"leased": leaser.message_count, "lease": allowed}},
             )
 
+    def maybe_pause_consumer(self) -> None:
+        """Not while a call is being ended. The client stops reading the stream when every
+        slot is taken and reads on only once a fifth of them are free, so under load what
+        Pub/Sub sent after the last acks often waits unread in the stream; and gRPC ends
+        a call only once what it received has been read. Unread, a call ended for a new
+        lease or at a stop was cancelled after REOPEN_WAIT_S (or two waits of 2 s at a
+        stop), and what it held came back only after its ack deadline. Read, the
+        messages beyond the lease wait in the client's own hold, leased and not run (or,
+        at a stop, held and nacked: `_Scheduler`); the next response on a new call
+        pauses the reading again if every slot is still taken."""
+        super().maybe_pause_consumer()
+        # After it, not before: set after this check, the flag was set after the pause,
+        # and whoever set it resumes the reading next.
+        if self._ending_call or self._stopping:
+            self._read_on()
+
+    def _read_on(self) -> None:
+        consumer = self._consumer
+        if consumer is not None:
+            consumer.resume()
+
+    def close(self, reason: Any = None) -> None:
+        """The stop: the stream is read until the server has ended it (`_close_politely`),
+        even with every slot taken (`maybe_pause_consumer`)."""
+        self._stopping = True
+        self._read_on()
+        super().close(reason)
+
     def resize(self, max_messages: int) -> None:
         """Lease up to `max_messages` from now on.
 
@@ -153,7 +189,8 @@ class _Manager(StreamingPullManager):  # type: ignore[misc] # the client library
         from, as the client recovers from Pub/Sub ending a stream. Leases are extended
         and acks sent by requests of their own, so the messages the pod holds keep
         theirs. The gcloud emulator and gannet.dev.pubsub_gate end a half-closed stream
-        at once; whether Pub/Sub itself does was not checked from here. A call still open
+        at once; whether Pub/Sub itself does was not checked from here. Until it has,
+        the call is read whatever the load (`maybe_pause_consumer`). A call still open
         after REOPEN_WAIT_S is cancelled, and a message Pub/Sub had sent on it that the
         client had not read then comes back after the stream's ack deadline. Against a
         server that ignores the lease (`_on_response`), only the client's changes."""
@@ -165,6 +202,8 @@ class _Manager(StreamingPullManager):  # type: ignore[misc] # the client library
             self._leases = [*self._leases[-2:], max_messages]
             with self._ended_lock:
                 self._ended_calls = [*self._ended_calls[-3:], call]
+            self._ending_call = True
+            self._read_on()
             rpc._request_queue.put(None)  # the request generator ends: END_STREAM
             cancel = threading.Timer(REOPEN_WAIT_S, lambda: call.is_active() and call.cancel())
             cancel.daemon = True
@@ -207,6 +246,7 @@ class _Manager(StreamingPullManager):  # type: ignore[misc] # the client library
                 kept = [request for request in requests.queue if request is not None]
                 requests.queue.clear()
                 requests.queue.extend(kept)
+        self._ending_call = False  # the call `resize` ended is over: a new one opens
         return super()._get_initial_request(stream_ack_deadline_seconds)
 
     def _send_lease_modacks(
