@@ -28,6 +28,7 @@ from google.api_core import exceptions as gexc
 from gannet import clients
 from gannet.acks import Acks
 from gannet.dev.local_services import free_port
+from gannet.metrics import Metrics
 from gannet.settings import Settings
 from gannet.subscriber import Subscriber
 
@@ -255,10 +256,17 @@ def test_an_ack_request_that_fails_is_logged_and_frees_the_slot_all_the_same(sta
     """Acknowledge sent for a subscription Pub/Sub does not know fails (NotFound). The
     failure is logged, and the message is dropped from lease management anyway: the next
     message is delivered instead of waiting behind a slot that is never freed, and the
-    unacked one comes back later, as after a crash (then acked as a duplicate)."""
+    unacked one comes back later, as after a crash (then acked as a duplicate). Each lost
+    ack is counted, so that a pod whose acks keep failing shows on its metrics and not
+    only in its log (its outcomes still say succeeded)."""
     client = clients.pubsub_clients(stack.settings)[1]
     project = stack.settings.project
-    acks = Acks(client, f"projects/{project}/subscriptions/no-such-sub")
+    metrics = Metrics()
+    acks = Acks(
+        client,
+        f"projects/{project}/subscriptions/no-such-sub",
+        lost=metrics.acks_failed.labels("default").inc,
+    )
     recorder = Recorder(settle=acks.ack)
     try:
         with subscribed(stack, 1, recorder, None):
@@ -270,6 +278,8 @@ def test_an_ack_request_that_fails_is_logged_and_frees_the_slot_all_the_same(sta
         acks.close()
     assert {m.data for m in recorder.delivered} >= {b"first", b"second"}
     assert "acks not delivered" in caplog.text
+    failed = metrics.registry.get_sample_value("gannet_acks_failed_total", {"lane": "default"})
+    assert failed == len(recorder.delivered)
     came_back = {m.data for m in stack.unacked(recorder.delivered)}
     assert came_back == {b"first", b"second"}
 

@@ -32,8 +32,9 @@ What it costs: an ack leaves up to `window_s` later, or up to `longest_wait_s` (
 window) at a slow pace, holding its flow-control slot meanwhile (lease.py leases more
 when the runners wait for slots). A task's row is committed (a poison message's dead
 letter published) before its ack is queued here, so a crash in between, or a request
-that fails (logged, and the messages dropped all the same, as the client does with an
-ack it could not send), brings the message back after its ack deadline: a redelivered
+that fails (logged and counted, `lost`, and the messages dropped all the same, as the
+client does with an ack it could not send), brings the message back after its ack
+deadline: a redelivered
 task whose success is committed is acked as a duplicate without inference, a poison
 message dead-lettered again.
 """
@@ -43,6 +44,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -84,7 +86,12 @@ class Acks:
         window_s: float = WINDOW_S,
         few: int = FEW_ACKS,
         longest_wait_s: float = LONGEST_WAIT_S,
+        lost: Callable[[int], None] | None = None,
     ) -> None:
+        """`lost(n)`: n acks whose request failed (the daemon counts them by lane: the
+        outcome counter has already counted those messages as settled, and a pod whose
+        acks keep failing would otherwise show it only in its log)."""
+        self._lost = lost
         self._subscription = subscription_path
         self._acknowledge = client.transport.grpc_channel.unary_unary(
             ACKNOWLEDGE,
@@ -164,6 +171,8 @@ class Acks:
                 "quarantined one dead-lettered again",
                 extra={"fields": {"acks": len(messages), "error": repr(exc)}},
             )
+            if self._lost is not None:
+                self._lost(len(messages))
         finally:
             for message in messages:
                 _end_subscribe_span(message, result)

@@ -207,7 +207,11 @@ def build(
     lanes = s.lane_list()
     # Each lane's acks, sent by the daemon (acks.py); handed to its Subscriber too.
     acks = {
-        lane.name: Acks(subscriber_client, s.path("subscriptions", lane.subscription))
+        lane.name: Acks(
+            subscriber_client,
+            s.path("subscriptions", lane.subscription),
+            lost=metrics.acks_failed.labels(lane.name).inc,
+        )
         for lane in lanes
     }
     settlers = {

@@ -22,6 +22,14 @@ class Metrics:
         self.messages = Counter(
             "gannet_messages", "Messages handled, by outcome.", ["outcome"], registry=r
         )
+        self.acks_failed = Counter(
+            "gannet_acks_failed",
+            "Acks of settled messages whose Acknowledge request failed, by lane: Pub/Sub "
+            "redelivers those messages after their ack deadline (a committed task is then "
+            "acked as a duplicate). The outcome counter still counts them as settled.",
+            ["lane"],
+            registry=r,
+        )
         self.stage_seconds = Histogram(
             "gannet_stage_seconds",
             "Time spent per stage of a task (fetch, decode, model steps, sink, total).",
