@@ -738,6 +738,7 @@ def test_alert_rules_name_only_what_the_daemon_exports(rendered: dict[str, Path]
         "GannetDaemonProcessRestarts",
         "GannetBacklogMonitorFailing",
         "GannetNoTaskSucceeding",
+        "GannetAcksFailing",
     } <= names
     anchors = runbook_anchors()
     for rule in rules:
