@@ -301,6 +301,11 @@ def _recorded() -> tuple[dict[str, tuple[float, str]], Any]:
     return statuses, record
 
 
+def _submit(callbacks: Callbacks, tenant: str, task_id: str, url: str) -> None:
+    task = make_task(tenant, f"gs://bkt/{tenant}/x.jpg", "DETECTION", task_id, callback_url=url)
+    callbacks.submit(task, {}, "gs://bkt/r.json")
+
+
 def test_a_tenant_whose_receiver_hangs_does_not_hold_up_other_tenants_callbacks(
     receiver_factory,
 ):
@@ -313,19 +318,9 @@ def test_a_tenant_whose_receiver_hangs_does_not_hold_up_other_tenants_callbacks(
     callbacks = Callbacks(CallbackClient(policy), record, Metrics(), workers=4)
     try:
         for i in range(20):
-            task = make_task(
-                "tenant-a",
-                "gs://bkt/tenant-a/x.jpg",
-                "DETECTION",
-                f"a{i}",
-                callback_url=hanging.url(),
-            )
-            callbacks.submit(task, {}, "gs://b/r.json")
+            _submit(callbacks, "tenant-a", f"a{i}", hanging.url())
         started = time.monotonic()
-        task = make_task(
-            "tenant-b", "gs://bkt/tenant-b/x.jpg", "DETECTION", "b0", callback_url=healthy.url()
-        )
-        callbacks.submit(task, {}, "gs://b/r.json")
+        _submit(callbacks, "tenant-b", "b0", healthy.url())
         wait_until(lambda: "b0" in statuses, "tenant B's callback recorded", 15)
         at, status = statuses["b0"]
         assert status == "delivered: HTTP 200"
@@ -347,14 +342,7 @@ def test_a_tenants_callbacks_past_its_queue_bound_are_recorded_failed_at_once():
     callbacks = Callbacks(CallbackClient(policy), record, Metrics(), workers=2, queue_per_tenant=3)
     try:
         for i in range(5):  # 1 in flight (half of 2 threads), 3 queued, the fifth refused
-            task = make_task(
-                "tenant-a",
-                "gs://bkt/tenant-a/x.jpg",
-                "DETECTION",
-                f"a{i}",
-                callback_url=hanging.url(),
-            )
-            callbacks.submit(task, {}, "gs://b/r.json")
+            _submit(callbacks, "tenant-a", f"a{i}", hanging.url())
             if i == 0:
                 wait_until(lambda: len(hanging.conns) == 1, "the first callback in flight")
         assert set(statuses) == {"a4"}
@@ -383,14 +371,7 @@ def test_a_callback_thread_outlives_a_bug_in_recording_an_outcome(receiver_facto
     callbacks = Callbacks(CallbackClient(LOCAL), flaky, Metrics(), workers=1)
     try:
         for i in range(2):
-            task = make_task(
-                "tenant-a",
-                "gs://bkt/tenant-a/x.jpg",
-                "DETECTION",
-                f"a{i}",
-                callback_url=receiver.url(),
-            )
-            callbacks.submit(task, {}, "gs://bkt/r.json")
+            _submit(callbacks, "tenant-a", f"a{i}", receiver.url())
         wait_until(lambda: "a1" in statuses, "the second callback recorded", 10)
         assert statuses["a1"][1] == "delivered: HTTP 200"
     finally:
