@@ -126,6 +126,16 @@ def test_a_dead_processs_counters_go_on_but_not_its_gauges():
     assert _value(merged, "gannet_messages_outstanding") == 1
 
 
+def _kill_all(supervisor: Supervisor) -> None:
+    """A test's end: its supervisor's processes killed and reaped, its asking threads let go."""
+    for child in supervisor.children:
+        if child.alive():
+            assert child.proc is not None
+            child.proc.kill()
+            child.proc.wait()
+    supervisor._asking.shutdown(wait=False)
+
+
 def test_a_process_that_never_answers_is_killed_to_be_started_again():
     """A daemon process that does not answer /healthz (here a process that is no daemon,
     `sleep`) counts as starting until STARTUP_S has passed, then is killed, and _reap
@@ -144,11 +154,7 @@ def test_a_process_that_never_answers_is_killed_to_be_started_again():
         supervisor._reap(now + STARTUP_S + 1)
         assert [child.restarts_total for child in supervisor.children] == [1, 1]
     finally:
-        for child in supervisor.children:
-            if child.alive():
-                assert child.proc is not None
-                child.proc.kill()
-        supervisor._asking.shutdown(wait=False)
+        _kill_all(supervisor)
 
 
 # A stand-in for a daemon process: it writes down each stop signal it gets and exits a
@@ -237,12 +243,7 @@ def test_an_answer_cut_short_counts_as_no_answer():
         assert ok and state["processes"] == {"0": "starting", "1": "starting"}
         assert supervisor.collect()  # the pod's /metrics
     finally:
-        for child in supervisor.children:
-            if child.alive():
-                assert child.proc is not None
-                child.proc.kill()
-                child.proc.wait()
-        supervisor._asking.shutdown(wait=False)
+        _kill_all(supervisor)
 
 
 def test_a_supervisor_that_fails_stops_its_processes_before_it_exits(tmp_path):
@@ -310,12 +311,7 @@ def test_a_process_that_keeps_dying_makes_the_pod_unhealthy():
         supervisor._start_due(now + BACKOFF_S[-1] + RAN_A_WHILE_S + 1)
         assert supervisor.live()[0]
     finally:
-        for child in supervisor.children:
-            if child.alive():
-                assert child.proc is not None
-                child.proc.kill()
-                child.proc.wait()
-        supervisor._asking.shutdown(wait=False)
+        _kill_all(supervisor)
 
 
 def _succeeded(metrics_text: str) -> float:
