@@ -12,7 +12,10 @@ from typing import Any
 import pytest
 from google.auth.credentials import AnonymousCredentials, Credentials
 
+from gannet.errors import ErrorCode, PermanentError, TransientError
 from gannet.gcs_http import Endpoint, Reply, Response
+from gannet.storage import Storage, make_client
+from gannet.task import GsUrl
 
 
 class _Server(server.ThreadingHTTPServer):
@@ -198,3 +201,67 @@ def test_response_headers_are_found_by_any_case_and_joined_when_repeated():
     assert response.getheader("x-long") == "one two"
     assert response.getheader("missing", "none") == "none"
     assert dict(response.getheaders())["content-length"] == "0"
+
+
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+def test_an_image_larger_than_the_limit_is_refused_without_reading_it_all(serve, framing):
+    """A ranged read asks for one byte more than the limit, but GCS ignores the Range
+    of an object stored with Content-Encoding: gzip (it decompresses it on the way: a
+    200 with the whole image, chunked, no Content-Length), as a server may any Range.
+    The body is read no further than the limit: a small gzip of a huge image must not
+    take a runner's memory (the whole of it was read, then refused). The connection,
+    with the rest of the body unread, is closed, and the next read opens another."""
+    total = 256 << 20  # what the server would send, in 1 MiB chunks
+    sent: list[int] = []
+    done = threading.Event()
+
+    class WholeObjectAlways(_Handler):
+        def do_GET(self) -> None:
+            if "small" in self.path:
+                self.reply(206, b"fits")
+                return
+            chunk, written = b"\0" * (1 << 20), 0
+            try:
+                if framing == "chunked":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    while written < total:
+                        self.wfile.write(b"100000\r\n" + chunk + b"\r\n")
+                        written += len(chunk)
+                    self.wfile.write(b"0\r\n\r\n")
+                else:
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+                    while written < total:
+                        self.wfile.write(chunk)
+                        written += len(chunk)
+            except OSError:
+                self.close_connection = True  # the client hung up: what it should do
+            finally:
+                sent.append(written)
+                done.set()
+
+    url, httpd = serve(WholeObjectAlways)
+    storage = Storage(make_client("gannet-test", url))
+    with pytest.raises(PermanentError) as err:
+        storage.read(GsUrl.parse("gs://images/t/bomb.jpg"), 1 << 20)
+    assert err.value.code == ErrorCode.IMAGE_TOO_LARGE
+    assert done.wait(10)
+    assert sent[0] < 32 << 20, f"the server sent {sent[0] >> 20} MiB of a 1 MiB limit"
+    # The abandoned connection is not reused: the next read goes on a new one.
+    assert storage.read(GsUrl.parse("gs://images/t/small.jpg"), 1 << 20) == b"fits"
+    assert storage.endpoint.connections_opened == httpd.connections == 2
+
+
+def test_a_body_cut_short_is_never_taken_for_a_smaller_image(serve):
+    """A body over the limit is read only up to it: one cut short by the server (its
+    Content-Length over the limit, fewer bytes than the limit sent) fails the read, to
+    be retried, rather than passing for a whole image of fewer bytes."""
+
+    class CutShort(_Handler):
+        def do_GET(self) -> None:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4000\r\n\r\n" + b"x" * 500)
+            self.close_connection = True
+
+    url, _ = serve(CutShort)
+    storage = Storage(make_client("gannet-test", url))
+    with pytest.raises(TransientError, match="IncompleteRead"):
+        storage.read(GsUrl.parse("gs://images/t/cut.jpg"), 1000)

@@ -77,9 +77,16 @@ class Endpoint:
         path: str,
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
+        max_body: int | None = None,
     ) -> Reply:
         """`path` under the endpoint, with its query. Raises one of HTTPError when the
-        request failed twice (the second time on a new connection), or timed out."""
+        request failed twice (the second time on a new connection), or timed out.
+
+        `max_body`: the reply's data is at most max_body + 1 bytes, so a longer body
+        shows as one; the rest of it is never read (its connection is closed instead).
+        Why: a server may answer a Range with the whole object (GCS does for an object
+        stored gzip-compressed, decompressed on the way, chunked), and a small gzip of a
+        huge image would otherwise be read whole into memory before being refused."""
         url = self._base + path
         fresh = False  # after a failed connection: a new one, the idle ones may be dead too
         for attempt in (1, 2):
@@ -90,7 +97,16 @@ class Endpoint:
                 conn = self._take(fresh)
                 conn.request(method, self._prefix + path, body=body, headers=sent)
                 response = conn.getresponse()
-                data = response.read()
+                reuse = not response.will_close
+                # The usual reply (a ranged read's 206, a write's 200) has a length
+                # within the limit: read whole, as without one.
+                if max_body is None or (
+                    response.length is not None and response.length <= max_body
+                ):
+                    data = response.read()
+                else:
+                    data = _read_at_most(response, max_body + 1)
+                    reuse = reuse and response.isclosed()  # else the rest is unread
             except HTTPError as exc:
                 if conn is not None:
                     conn.close()
@@ -100,7 +116,7 @@ class Endpoint:
                     raise
                 fresh = True
                 continue
-            if response.will_close:
+            if not reuse:
                 conn.close()
             else:
                 with self._lock:
@@ -144,6 +160,17 @@ class Endpoint:
         with self._lock:
             self.connections_opened += 1
         return conn
+
+
+def _read_at_most(response: http.client.HTTPResponse, amount: int) -> bytes:
+    """Up to `amount` bytes of the body. Unlike read(), http.client's read(amt) takes a
+    body cut short by a close for its end where the length is known: raised here, as
+    read() raises it, so that a cut body never passes for a whole smaller one."""
+    expected = None if response.length is None else min(response.length, amount)
+    data = response.read(amount)
+    if expected is not None and len(data) < expected:
+        raise http.client.IncompleteRead(data, expected - len(data))
+    return data
 
 
 def _close_all(idle: list[http.client.HTTPConnection]) -> None:

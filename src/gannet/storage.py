@@ -117,11 +117,15 @@ class Storage:
 
     def read(self, url: GsUrl, max_bytes: int) -> bytes:
         """Object bytes, in one request: asking for one byte more than the limit tells us
-        an object is too large without downloading all of it."""
+        an object is too large without downloading all of it, and where the server sends
+        all of it anyway (an object stored gzip-compressed: GCS ignores the Range), no
+        more than that byte is read."""
         bucket, name = url.bucket, url.name
         where = f"gs://{bucket}/{name}"
         media = f"{self._objects('download', bucket)}/{urllib.parse.quote(name, safe='')}?alt=media"
-        response = self._request("GET", media, where, headers={"Range": f"bytes=0-{max_bytes}"})
+        response = self._request(
+            "GET", media, where, headers={"Range": f"bytes=0-{max_bytes}"}, max_body=max_bytes
+        )
         if response.status == 404:
             self._check_bucket(bucket)  # GCS answers 404 for a missing bucket too
             raise PermanentError(ErrorCode.IMAGE_NOT_FOUND, f"{where} does not exist")
