@@ -265,3 +265,23 @@ def test_a_body_cut_short_is_never_taken_for_a_smaller_image(serve):
     storage = Storage(make_client("gannet-test", url))
     with pytest.raises(TransientError, match="IncompleteRead"):
         storage.read(GsUrl.parse("gs://images/t/cut.jpg"), 1000)
+
+
+def test_an_object_with_many_custom_metadata_entries_is_read(serve):
+    """GCS sends an object's custom metadata with its bytes, one x-goog-meta-* header
+    per entry (so does the emulator), and allows 8 KiB of it: a few hundred entries are
+    a valid image. http.client's limit of 100 headers made each read of such an image
+    fail, the task retried until its dead letter."""
+
+    class ManyMetadataHeaders(_Handler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            for i in range(2000):
+                self.send_header(f"x-goog-meta-k{i}", "v")
+            self.send_header("Content-Length", "3")
+            self.end_headers()
+            self.wfile.write(b"img")
+
+    url, _ = serve(ManyMetadataHeaders)
+    endpoint = Endpoint(url, AnonymousCredentials())
+    assert endpoint.request("GET", "/o/x?alt=media") == Reply(200, b"img")

@@ -31,8 +31,13 @@ from google.auth.credentials import Credentials
 from google.auth.transport.urllib3 import Request as AuthRequest
 
 HTTPError = (OSError, http.client.HTTPException)  # what a failed request raises
-_MAX_LINE = 65536  # http.client's limits on a header line and on the header count
-_MAX_HEADERS = 100
+_MAX_LINE = 65536  # http.client's limit on a header line
+# Not http.client's 100 headers: GCS sends an object's custom metadata with its bytes,
+# one x-goog-meta-* header per entry, and an object may carry 8 KiB of it (at least a
+# byte an entry), besides its own headers. With 100, an image with some 90 entries
+# could never be read (nor by the client library, whose urllib3 keeps that limit): its
+# task was retried until Pub/Sub dead-lettered it. The server is GCS (or the emulator).
+_MAX_HEADERS = 8192 + 100
 
 
 @dataclass(frozen=True)
