@@ -285,3 +285,34 @@ def test_an_object_with_many_custom_metadata_entries_is_read(serve):
     url, _ = serve(ManyMetadataHeaders)
     endpoint = Endpoint(url, AnonymousCredentials())
     assert endpoint.request("GET", "/o/x?alt=media") == Reply(200, b"img")
+
+
+def test_credentials_that_cannot_be_refreshed_fail_the_read_as_transient(serve):
+    """The metadata server (Workload Identity's token source) cannot run here: the
+    credentials stand in for it failing as it does in a blip, with google-auth's own
+    TransportError. The server is real and refuses the stale token. The task must be
+    retried as a dependency that is unavailable (nacked, `dependency_unavailable`),
+    not end as an unexpected error with a traceback."""
+    from google.auth.exceptions import TransportError
+
+    class Refuses(_Handler):
+        def do_GET(self) -> None:
+            self.reply(401, b"")
+
+    class MetadataServerDown(Credentials):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.token = "stale"
+
+        def refresh(self, request: Any) -> None:
+            raise TransportError("Failed to retrieve http://metadata.google.internal/...")
+
+    url, _ = serve(Refuses)
+    storage = Storage(make_client("gannet-test", url))
+    storage.endpoint = Endpoint(url, MetadataServerDown())
+    with pytest.raises(TransientError) as caught:
+        storage.read(GsUrl.parse("gs://bkt/t/x.jpg"), 1 << 20)
+    assert caught.value.code is ErrorCode.DEPENDENCY_UNAVAILABLE
+    assert "credentials" in caught.value.message and "metadata.google.internal" in str(
+        caught.value.message
+    )

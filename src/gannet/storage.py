@@ -21,6 +21,8 @@ import google.auth
 import google.cloud.storage as storage
 import google_crc32c
 from google.auth.credentials import AnonymousCredentials, Credentials
+from google.auth.exceptions import RefreshError
+from google.auth.exceptions import TransportError as AuthTransportError
 from google.auth.transport.requests import AuthorizedSession
 from requests.adapters import HTTPAdapter
 
@@ -193,6 +195,13 @@ class Storage:
         except HTTPError as exc:
             raise TransientError(
                 ErrorCode.DEPENDENCY_UNAVAILABLE, f"{method} {where}: {exc!r}"
+            ) from exc
+        except (RefreshError, AuthTransportError) as exc:
+            # Workload Identity's tokens come from the metadata server, which has blips:
+            # a task is retried, as for GCS itself, not ended as an unexpected error.
+            raise TransientError(
+                ErrorCode.DEPENDENCY_UNAVAILABLE,
+                f"{method} {where}: no access token (credentials could not be refreshed: {exc})",
             ) from exc
 
     def generation(self, url: str) -> str:
