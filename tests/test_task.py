@@ -66,6 +66,9 @@ def test_minimal_and_full_tasks_parse():
         ({"session_id": "a\u0000b"}, "session_id"),
         ({"pipeline": "DETECTION\u0000"}, "pipeline"),
         ({"image_url": "gs://gannet-images/acme-farms/\ud800.jpg"}, "image_url"),
+        # No object name is longer than 1024 bytes in UTF-8: Cloud Storage answers such
+        # a read 400, which was retried until Pub/Sub dead-lettered it with no reason.
+        ({"image_url": "gs://gannet-images/acme-farms/" + "\u00e9" * 507 + ".jpg"}, "image_url"),
     ],
 )
 def test_schema_errors_name_the_field(changes, field):

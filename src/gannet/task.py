@@ -29,6 +29,7 @@ SCHEMA_VERSION = 1
 TENANT_ID_PATTERN = r"^[a-z0-9-]{1,63}$"
 GS_URL = re.compile(r"^gs://(?P<bucket>[a-z0-9][a-z0-9._-]{1,220}[a-z0-9])/(?P<name>.+)$")
 MAX_URL_LENGTH = 2048
+MAX_OBJECT_NAME_BYTES = 1024
 # The lowest confidence threshold anything may ask for (ultralytics validates at this).
 # Below it nearly every one of a model's anchors passes: 300 segments on a 12 MP photo,
 # their boxes 60 times its area, 3.6 GB and 30 s of a runner's CPU to make their masks.
@@ -50,6 +51,12 @@ class GsUrl(str):
             raise ValueError(
                 "must look like gs://BUCKET/TENANT_ID/path/to/image.jpg "
                 f"(at most {MAX_URL_LENGTH} characters)"
+            )
+        # Cloud Storage's limit: no such object can exist, and a read of one is a 400
+        # that would be retried as any other failure until Pub/Sub dead-lettered it.
+        if len(match["name"].encode()) > MAX_OBJECT_NAME_BYTES:
+            raise ValueError(
+                f"object name is longer than Cloud Storage's {MAX_OBJECT_NAME_BYTES} bytes (UTF-8)"
             )
         parsed = cls(url)
         parsed.bucket, parsed.name = match["bucket"], match["name"]
