@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import socket
 import ssl
 import threading
@@ -354,6 +355,31 @@ def test_a_tenants_callbacks_past_its_queue_bound_are_recorded_failed_at_once():
         callbacks.close(timeout_s=0.0)
         hanging.close()
     assert statuses["a3"][1] == "failed: worker shut down before sending"
+
+
+def test_a_full_queues_refusals_are_said_once_not_once_per_task(caplog):
+    """A tenant whose receiver is down, with tasks flowing: every callback its full
+    queue refuses is on its row, but the log says so once (with the count), not a
+    warning per task, which at a pod's task rate buries its other lines."""
+    hanging = Hanging()
+    policy = CallbackPolicy(timeout_s=5.0, retries=0, allow_http=True, allow_private=True)
+    statuses, record = _recorded()
+    callbacks = Callbacks(CallbackClient(policy), record, Metrics(), workers=2, queue_per_tenant=1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="gannet.callback"):
+            for i in range(12):  # 1 in flight, 1 queued, 10 refused
+                _submit(callbacks, "tenant-a", f"a{i}", hanging.url())
+                if i == 0:
+                    wait_until(lambda: len(hanging.conns) == 1, "the first callback in flight")
+        assert sorted(statuses) == sorted(f"a{i}" for i in range(2, 12))
+        assert all(status.startswith("failed: not sent") for _, status in statuses.values())
+        said = [r for r in caplog.records if r.name == "gannet.callback"]
+        assert [r.getMessage() for r in said] == [
+            "callbacks not sent: this tenant's queue is full (its receiver is slow or down)"
+        ]
+    finally:
+        callbacks.close(timeout_s=0.0)
+        hanging.close()
 
 
 def test_a_callback_thread_outlives_a_bug_in_recording_an_outcome(receiver_factory):

@@ -21,6 +21,7 @@ import http.client
 import ipaddress
 import json
 import logging
+import math
 import socket
 import ssl
 import threading
@@ -366,6 +367,7 @@ RecordStatus = Callable[[str, str, str], None]  # (task_id, tenant_id, status te
 
 # Callbacks one tenant may have waiting; past that its next ones are recorded as failed.
 QUEUE_PER_TENANT = 1000
+NOT_SENT_SAID_EVERY_S = 60.0  # a full queue's refusals: one warning a minute
 
 
 @dataclass(frozen=True)
@@ -405,6 +407,8 @@ class Callbacks:
         self._busy: Counter[str] = Counter()  # callbacks in flight, per tenant
         self._threads: list[threading.Thread] = []
         self._pending = 0  # queued and in flight
+        self._not_sent: Counter[str] = Counter()  # refused by a full queue, not yet said
+        self._not_sent_said: dict[str, float] = {}  # when last said, per tenant
         self._closing = False
         self._abort = False
 
@@ -413,10 +417,12 @@ class Callbacks:
         if not task.callback_url:
             return
         job = _Job(task, summary(task, result, result_uri), contextvars.copy_context())
+        full = False
         with self._cond:
             if self._closing:
                 refused: str | None = "worker shutting down"
             elif len(self._queues.get(task.tenant_id, ())) >= self._queue_limit:
+                full = True
                 refused = (
                     f"not sent: {self._queue_limit} callbacks of this tenant already "
                     "waiting (its receiver is slow or down)"
@@ -429,7 +435,25 @@ class Callbacks:
                     self._start_thread()
                 self._cond.notify()
         if refused:
-            self._save(task, Delivery("failed", refused, 0))
+            self._save(task, Delivery("failed", refused, 0), log_it=not full)
+        if full:
+            self._say_not_sent(task.tenant_id)
+
+    def _say_not_sent(self, tenant: str) -> None:
+        """One warning a minute per tenant for the callbacks its full queue refused, with
+        their count (each is on its row and in gannet_callbacks_total): a tenant whose
+        receiver is down, with tasks flowing, would otherwise write one per task."""
+        now = time.monotonic()
+        with self._cond:
+            self._not_sent[tenant] += 1
+            if now - self._not_sent_said.get(tenant, -math.inf) < NOT_SENT_SAID_EVERY_S:
+                return
+            self._not_sent_said[tenant] = now
+            count = self._not_sent.pop(tenant)
+        log.warning(
+            "callbacks not sent: this tenant's queue is full (its receiver is slow or down)",
+            extra={"tenant_id": tenant, "fields": {"not_sent": count, "queued": self._queue_limit}},
+        )
 
     def pending(self) -> int:
         with self._cond:
@@ -495,18 +519,19 @@ class Callbacks:
             log.exception("callback failed unexpectedly", extra={"task_id": task.task_id})
             return Delivery("failed", f"{exc.__class__.__name__}: {exc}", 0)
 
-    def _save(self, task: Task, delivery: Delivery) -> None:
+    def _save(self, task: Task, delivery: Delivery, log_it: bool = True) -> None:
         self._metrics.callbacks.labels(delivery.status).inc()
-        level = logging.INFO if delivery.status == "delivered" else logging.WARNING
-        log.log(
-            level,
-            f"callback {delivery.status}",
-            extra={
-                "task_id": task.task_id,
-                "tenant_id": task.tenant_id,
-                "fields": {"detail": delivery.detail, "attempts": delivery.attempts},
-            },
-        )
+        if log_it:
+            level = logging.INFO if delivery.status == "delivered" else logging.WARNING
+            log.log(
+                level,
+                f"callback {delivery.status}",
+                extra={
+                    "task_id": task.task_id,
+                    "tenant_id": task.tenant_id,
+                    "fields": {"detail": delivery.detail, "attempts": delivery.attempts},
+                },
+            )
         try:
             self._record(task.task_id, task.tenant_id, delivery.row_text())
         except GannetError as exc:
