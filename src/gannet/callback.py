@@ -409,35 +409,31 @@ class Callbacks:
         self._pending = 0  # queued and in flight
         self._not_sent: Counter[str] = Counter()  # refused by a full queue, not yet said
         self._not_sent_said: dict[str, float] = {}  # when last said, per tenant
-        self._closing = False
-        self._abort = False
+        self._closing = False  # queued callbacks are recorded as not sent, none is taken
 
     def submit(self, task: Task, result: dict[str, Any], result_uri: str) -> None:
         """Called after the commit; returns at once."""
         if not task.callback_url:
             return
         job = _Job(task, summary(task, result, result_uri), contextvars.copy_context())
-        full = False
         with self._cond:
-            if self._closing:
-                refused: str | None = "worker shutting down"
-            elif len(self._queues.get(task.tenant_id, ())) >= self._queue_limit:
-                full = True
-                refused = (
-                    f"not sent: {self._queue_limit} callbacks of this tenant already "
-                    "waiting (its receiver is slow or down)"
-                )
-            else:
-                refused = None
+            full = len(self._queues.get(task.tenant_id, ())) >= self._queue_limit
+            if not (self._closing or full):
                 self._queues.setdefault(task.tenant_id, deque()).append(job)
                 self._pending += 1
                 if len(self._threads) < min(self._workers, self._pending):
                     self._start_thread()
                 self._cond.notify()
-        if refused:
-            self._save(task, Delivery("failed", refused, 0), log_it=not full)
-        if full:
-            self._say_not_sent(task.tenant_id)
+                return
+        if self._closing:
+            self._save(task, Delivery("failed", "worker shutting down", 0))
+            return
+        reason = (
+            f"not sent: {self._queue_limit} callbacks of this tenant already waiting "
+            "(its receiver is slow or down)"
+        )
+        self._save(task, Delivery("failed", reason, 0), log_it=False)
+        self._say_not_sent(task.tenant_id)
 
     def _say_not_sent(self, tenant: str) -> None:
         """One warning a minute per tenant for the callbacks its full queue refused, with
@@ -507,7 +503,7 @@ class Callbacks:
         """The delivery's outcome, whatever happens: an exception here would end in a
         future nobody reads, and the row's status would stay empty."""
         assert task.callback_url is not None
-        if self._abort:
+        if self._closing:
             return Delivery("failed", "worker shut down before sending", 0)
         try:
             # A no-op span unless tracing is on (tracing.py).
@@ -547,7 +543,6 @@ class Callbacks:
         timeouts bound that)."""
         with self._cond:
             self._cond.wait_for(lambda: not self._pending, timeout_s)
-            self._abort = True  # what is still queued is recorded as not sent
             self._closing = True
             self._cond.notify_all()
         self.client.stop()
