@@ -250,9 +250,8 @@ class Supervisor:
                 child.scraped = ""
             if self.stopping.is_set():
                 continue
+            # One that ran a while has its count reset already (_start_due): a fresh failure.
             wait = BACKOFF_S[min(child.restarts, len(BACKOFF_S) - 1)]
-            if now - child.started_at > RAN_A_WHILE_S:  # it ran a while: a fresh failure
-                child.restarts, wait = 0, BACKOFF_S[0]
             child.restarts += 1
             child.restarts_total += 1
             log.error(
@@ -275,8 +274,11 @@ class Supervisor:
             if now - watched >= WATCH_S:
                 self._kill_hung(now)
                 watched = now
-            self._reap(now)
+            # First: a process that has run a while starts a fresh count, whether it
+            # still runs or died since the last look; a dead one is started again at a
+            # later look (its back-off is a second at least).
             self._start_due(now)
+            self._reap(now)
 
     def _start_due(self, now: float) -> None:
         """Start again each process whose back-off is over; one that has run
