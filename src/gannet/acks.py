@@ -34,9 +34,8 @@ when the runners wait for slots). A task's row is committed (a poison message's 
 letter published) before its ack is queued here, so a crash in between, or a request
 that fails (logged and counted, `lost`, and the messages dropped all the same, as the
 client does with an ack it could not send), brings the message back after its ack
-deadline: a redelivered
-task whose success is committed is acked as a duplicate without inference, a poison
-message dead-lettered again.
+deadline: a redelivered task whose success is committed is acked as a duplicate without
+inference, a poison message dead-lettered again.
 """
 
 from __future__ import annotations
