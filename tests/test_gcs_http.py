@@ -96,6 +96,30 @@ def test_connections_are_kept_alive_and_reused(serve):
     endpoint.close()
 
 
+def test_a_connection_idle_too_long_is_not_used_again(serve):
+    """A network path may forget an idle connection without telling either end (a NAT's
+    or firewall's idle timeout: Cloud NAT's is 20 minutes): a request sent on it is never
+    answered, and would wait out the read timeout (a minute in the daemon) and fail its
+    task. Here the server goes silent on a connection that has idled, as such a path
+    does; a connection idle past the limit must not be used again."""
+
+    class SilentAfterIdle(_Handler):
+        def do_GET(self) -> None:
+            if getattr(self, "answered", False):
+                threading.Event().wait(30)  # the path forgot this connection
+                return
+            self.answered = True
+            self.reply(200, b"ok")
+
+    url, httpd = serve(SilentAfterIdle)
+    endpoint = Endpoint(url, AnonymousCredentials(), read_timeout_s=5.0, max_idle_s=0.2)
+    assert endpoint.request("GET", "/o/x").status == 200
+    threading.Event().wait(0.3)
+    assert endpoint.request("GET", "/o/x").status == 200  # not TimeoutError
+    assert endpoint.connections_opened == httpd.connections == 2
+    endpoint.close()
+
+
 def test_an_access_token_refused_as_expired_is_refreshed_and_the_request_repeated(serve):
     """Credentials here are a stand-in for Google's token service, which cannot run
     here: refresh() hands out a new token as google-auth's would. The server is real

@@ -9,7 +9,10 @@ http.client sends the same request and reads the same response.
 
 A kept-alive connection that the server has since closed fails on send or on the
 status line; the request then goes once more on a new connection. Both requests are
-safe to repeat: a read, and an upload of the same bytes to the same name. A 401 (an
+safe to repeat: a read, and an upload of the same bytes to the same name. A connection
+idle longer than MAX_IDLE_S is closed rather than used: a network path (a NAT's or a
+firewall's idle timeout) may have forgotten it without telling either end, and a request
+sent on it would wait out the read timeout instead of failing at once. A 401 (an
 access token that expired in flight) refreshes the credentials and repeats once, as
 google-auth's own transports do. Configs, models and listings stay on the client
 library (storage.Storage.client).
@@ -21,6 +24,7 @@ import http.client
 import socket
 import ssl
 import threading
+import time
 import urllib.parse
 import weakref
 from dataclasses import dataclass
@@ -38,6 +42,11 @@ _MAX_LINE = 65536  # http.client's limit on a header line
 # could never be read (nor by the client library, whose urllib3 keeps that limit): its
 # task was retried until Pub/Sub dead-lettered it. The server is GCS (or the emulator).
 _MAX_HEADERS = 8192 + 100
+# Go's net/http default (which Google's Go storage client uses): well under the idle
+# timeouts of middleboxes on the way (Cloud NAT's for an established TCP connection: 20
+# minutes by default), so a connection is dropped here before one forgets it. Costs a
+# new connection per runner after a quiet spell.
+MAX_IDLE_S = 90.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,7 @@ class Endpoint:
         credentials: Credentials,
         connect_timeout_s: float = 10.0,
         read_timeout_s: float = 60.0,
+        max_idle_s: float = MAX_IDLE_S,
     ) -> None:
         """`base_url`: the JSON API's endpoint (https://storage.googleapis.com, or an
         emulator's http:// address)."""
@@ -68,9 +78,11 @@ class Endpoint:
         self._auth = AuthRequest(urllib3.PoolManager())  # type: ignore[no-untyped-call]
         self._connect_timeout_s = connect_timeout_s
         self._read_timeout_s = read_timeout_s
-        # Idle kept-alive connections: a request takes one (or opens one) and puts it
-        # back, so there are as many as requests ever ran at once (one per runner).
-        self._idle: list[http.client.HTTPConnection] = []
+        self._max_idle_s = max_idle_s
+        # Idle kept-alive connections and when each was put back, in that order: a
+        # request takes the last one (or opens one) and puts it back, so there are as
+        # many as requests ever ran at once (one per runner).
+        self._idle: list[tuple[http.client.HTTPConnection, float]] = []
         self._lock = threading.Lock()
         # Runs before the garbage collector finalizes the sockets, which would warn.
         self._closer = weakref.finalize(self, _close_all, self._idle)
@@ -124,8 +136,9 @@ class Endpoint:
             if not reuse:
                 conn.close()
             else:
+                idle_since = time.monotonic()
                 with self._lock:
-                    self._idle.append(conn)
+                    self._idle.append((conn, idle_since))
             if response.status == 401 and attempt == 1:
                 self._credentials.refresh(self._auth)  # type: ignore[no-untyped-call]
                 continue
@@ -138,10 +151,16 @@ class Endpoint:
 
     def _take(self, fresh: bool) -> http.client.HTTPConnection:
         """An idle connection, the most recently used first, or a new one (`fresh`:
-        always; the idle ones may all have been closed by the server)."""
-        with self._lock:
-            if self._idle and not fresh:
-                return self._idle.pop()
+        always; the idle ones may all have been closed by the server). When the most
+        recently used has idled too long, so have all the others: all are closed."""
+        stale: list[tuple[http.client.HTTPConnection, float]] = []
+        if not fresh:
+            now = time.monotonic()
+            with self._lock:
+                if self._idle and now - self._idle[-1][1] < self._max_idle_s:
+                    return self._idle.pop()[0]
+                stale, self._idle[:] = self._idle[:], []
+            _close_all(stale)
         conn: http.client.HTTPConnection
         if self._tls is not None:
             conn = http.client.HTTPSConnection(
@@ -178,9 +197,9 @@ def _read_at_most(response: http.client.HTTPResponse, amount: int) -> bytes:
     return data
 
 
-def _close_all(idle: list[http.client.HTTPConnection]) -> None:
+def _close_all(idle: list[tuple[http.client.HTTPConnection, float]]) -> None:
     while idle:
-        idle.pop().close()
+        idle.pop()[0].close()
 
 
 class Headers(dict[str, str]):
