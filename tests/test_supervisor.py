@@ -24,7 +24,7 @@ from conftest import SCENES, settled
 from prometheus_client import generate_latest
 
 from gannet.dev.demo import DaemonProcess
-from gannet.dev.local_services import port_in_use
+from gannet.dev.local_services import free_port, port_in_use
 from gannet.metrics import Metrics
 from gannet.settings import Settings
 from gannet.supervisor import (
@@ -242,6 +242,44 @@ def test_an_answer_cut_short_counts_as_no_answer():
         ok, state = supervisor.live()
         assert ok and state["processes"] == {"0": "starting", "1": "starting"}
         assert supervisor.collect()  # the pod's /metrics
+    finally:
+        _kill_all(supervisor)
+
+
+# A stand-in for a healthy daemon process: answers every request 200.
+HEALTHY_CHILD = """
+import os, socket
+server = socket.create_server(("127.0.0.1", int(os.environ["GANNET_METRICS_PORT"])))
+while True:
+    conn, _ = server.accept()
+    conn.recv(4096)
+    conn.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\n{}")
+    conn.close()
+"""
+
+
+def test_a_proxy_in_the_pods_environment_does_not_come_between_it_and_its_processes(
+    monkeypatch,
+):
+    """A pod whose egress goes through a proxy has HTTP_PROXY set, and not always
+    127.0.0.1 in NO_PROXY. urllib sent the supervisor's own asks of its processes on
+    127.0.0.1 to that proxy: no answer, so every process was killed as hung once its
+    start-up time passed, again and again. (The proxy here is a port nobody listens on.)"""
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    supervisor = Supervisor(
+        Settings(processes=1, metrics_port=0), [sys.executable, "-c", HEALTHY_CHILD]
+    )
+    child = supervisor.children[0]
+    supervisor._start(child)
+    try:
+        deadline = time.monotonic() + 30
+        while not port_in_use(child.metrics_port):
+            assert time.monotonic() < deadline, "the stand-in did not listen"
+            time.sleep(0.05)
+        supervisor._kill_hung(time.monotonic())  # the watch loop's look, every WATCH_S
+        assert child.answered_at is not None
     finally:
         _kill_all(supervisor)
 

@@ -168,10 +168,16 @@ class Child:
         return self.proc is not None and self.proc.poll() is None
 
 
+# Never through a proxy: urllib's default opener sends even 127.0.0.1 to HTTP_PROXY
+# unless NO_PROXY names it, and a pod whose egress goes through a proxy may not; its
+# processes then never answered and were killed as hung, again and again.
+_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _get(url: str) -> tuple[int, bytes]:
     """Status and body of a child's endpoint; (0, b"") when it does not answer."""
     try:
-        with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as resp:
+        with _LOCAL.open(url, timeout=SCRAPE_TIMEOUT_S) as resp:
             return int(resp.status), resp.read()
     except urllib.error.HTTPError as exc:
         return int(exc.code), exc.read()
