@@ -24,10 +24,10 @@ class ErrorCode(StrEnum):
     IMAGE_UNDECODABLE = "image_undecodable"
     IMAGE_TOO_LARGE = "image_too_large"
     TASK_ID_CONFLICT = "task_id_conflict"
-    MODEL_UNAVAILABLE = "model_unavailable"
     # Transient codes, never dead-lettered by the daemon: a log line's `error_code` only.
     # The metrics count the outcome (gannet_messages_total{outcome="retry"|"busy"|
     # "shutdown"}), not the code.
+    MODEL_UNAVAILABLE = "model_unavailable"  # a model that cannot be loaded or listed
     DEPENDENCY_UNAVAILABLE = "dependency_unavailable"
     OUT_OF_MEMORY = "out_of_memory"
     SHUTDOWN = "shutdown"
