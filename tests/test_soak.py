@@ -130,7 +130,8 @@ def test_a_fault_due_right_after_another_can_still_fire():
 
 @pytest.mark.slow
 def test_a_small_soak_loses_nothing_and_infers_nothing_twice(tmp_path, capsys):
-    """200 tasks, a tenth of them poison, each fault once, a fixed seed."""
+    """200 tasks, a tenth of them poison, the default faults (kill -9 twice, SIGTERM and a
+    PostgreSQL restart once), a fixed seed."""
     report_path = tmp_path / "report.json"
     args = build_parser().parse_args(
         [

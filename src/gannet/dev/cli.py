@@ -163,11 +163,13 @@ def _sweep(text: str) -> list[tuple[int, int | None]]:
 
 SOAK_DESCRIPTION = """\
 Soak the daemon: on services of its own (free ports), publish --tasks tasks, of which
---poison are poison of every kind the README calls a permanent failure, and run one
-daemon at a time while, at random moments, it is killed with -9 (--kills), stopped with
-SIGTERM (--sigterms) and PostgreSQL is restarted (--postgres-restarts). A stopped daemon
-is replaced at once, as Kubernetes would. Each moment is a random fraction (5-90 %) of
-the valid tasks succeeded, drawn from --seed: the same seed repeats the same run.
+--poison are poison of nine kinds (bad JSON, an unknown field, a bad tenant id, an
+unknown pipeline, an image under another tenant's prefix or in a bucket not allowed, a
+missing, an undecodable and an oversized image), and run one daemon at a time while, at
+random moments, it is killed with -9 (--kills), stopped with SIGTERM (--sigterms) and
+PostgreSQL is restarted (--postgres-restarts). A stopped daemon is replaced at once, as
+Kubernetes would. Each moment is a random fraction (5-90 %) of the valid tasks
+succeeded, drawn from --seed: the same seed repeats the same run.
 
 Once every valid task has succeeded and every poison message is on the dead-letter
 topic (or --settle-timeout-s passed), it prints and writes (--report) what it found:

@@ -1,9 +1,10 @@
 """`gannet soak`: many tasks, poison among them, crashes and a database restart; then count.
 
 One run on services of its own: publish N tasks (valid DETECTION tasks on the sample
-images, and a fraction of poison of every kind the README calls a permanent failure),
-run one daemon at a time and hurt it at random moments: kill -9 (twice), SIGTERM (once)
-and a PostgreSQL restart (once). A killed or stopped daemon is replaced at once, as
+images, and a fraction of poison of the nine kinds in POISON_KINDS: every permanent
+failure the README lists but an oversized body, an unknown tenant and another tenant's
+task_id), run one daemon at a time and hurt it at random moments: kill -9 (twice),
+SIGTERM (once) and a PostgreSQL restart (once). A killed or stopped daemon is replaced at once, as
 Kubernetes would. Once every task has settled, the report says what a user would ask:
 was anything lost, did any task run the model twice to an ack, did every poison message
 reach the dead-letter topic with its reason, how fast, and how much memory.
