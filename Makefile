@@ -10,7 +10,7 @@ QUIET_PIP := grep -v -E "^WARNING: Location '.*' is ignored" || true
 .PHONY: demo test bench soak lint install clean
 
 $(VENV)/.installed: pyproject.toml
-	@echo "Installing Gannet into $(VENV) (torch 2.14.1 from the local wheels; takes ~2-3 min the first time) ..."
+	@echo "Installing Gannet into $(VENV) (torch 2.14.1 from PyPI or pip's configured mirror; takes ~2-3 min the first time) ..."
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --progress-bar off -q --upgrade pip 2>&1 | $(QUIET_PIP)
 	$(VENV)/bin/pip install --progress-bar off -q -e '.[dev,cluster]' 2>&1 | $(QUIET_PIP)
