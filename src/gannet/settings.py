@@ -68,7 +68,9 @@ class Settings(BaseSettings):
     )
     config_uri: str = Field(
         str(REPO_ROOT / "configs" / "demo.yaml"),
-        description="Industry config: a local path or gs://MODELS_BUCKET/INDUSTRY/config.yaml.",
+        description="Industry (or deployment) config: a local path or gs://. Unset, with "
+        "GANNET_INDUSTRY and GANNET_MODELS_BUCKET set: gs://MODELS_BUCKET/INDUSTRY/config.yaml "
+        "(docs/pipelines.md).",
     )
     industry: str | None = Field(None, description="Serve only this industry (optional).")
     models_bucket: str | None = Field(
