@@ -1,8 +1,9 @@
 """Creates the Pub/Sub and Cloud Storage resources a local run needs.
 
 In production terraform/ creates these; locally (emulators) `gannet demo`, the tests
-and the bench call this, with the same shape: a subscription with a retry policy and a
-dead-letter policy, a dead-letter topic with its own subscription to inspect poison.
+and the bench call this, with nearly the same shape: per lane, a subscription with a
+dead-letter policy (but no retry policy: `ensure_pubsub` says why), a dead-letter topic
+with its own subscription to inspect poison.
 """
 
 from __future__ import annotations
