@@ -107,8 +107,10 @@ def _add_dead_letters(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--subscription",
-        help="dead-letter subscription id (default: GANNET_DEAD_LETTER_TOPIC + '-sub', "
-        "as terraform creates it)",
+        help="dead-letter subscription id (default: each lane's, as terraform names "
+        "them: GANNET_DEAD_LETTER_TOPIC + '-sub' for the first lane, "
+        "GANNET_DEAD_LETTER_TOPIC + '-LANE-sub' for the others); with several lanes, "
+        "add --lane",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per message")
     p.set_defaults(func=cmd_dead_letters)

@@ -251,8 +251,10 @@ def main(
         walk(args, publisher, subscriber, topic_path, subscription_path, done)
     except gexc.NotFound:
         print(
-            f"error: subscription {subscription_path} does not exist; "
-            "pass --subscription (terraform names it gannet-dead-letter-sub)",
+            f"error: subscription {subscription_path} does not exist; check "
+            "GANNET_PROJECT, GANNET_DEAD_LETTER_TOPIC and GANNET_LANES (terraform names a "
+            "lane's DEAD_LETTER_TOPIC-sub, or DEAD_LETTER_TOPIC-LANE-sub after the first), "
+            "or pass --subscription",
             file=sys.stderr,
         )
         return 2
