@@ -86,12 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     m = db_sub.add_parser(
         "migrate",
         help="apply pending schema migrations (idempotent)",
-        description="Create or upgrade task_results in GANNET_DATABASE_URL. "
-        "Safe to run from several pods at once (advisory lock).",
+        description="Create or upgrade Gannet's schema (task_results, task_claims and the "
+        "per-task functions) in GANNET_DATABASE_URL, waiting up to GANNET_DB_CONNECT_WAIT_S "
+        "for PostgreSQL to accept connections. Safe to run from several pods at once "
+        "(advisory lock).",
     )
     m.set_defaults(func=cmd_migrate)
 
-    p = sub.add_parser("settings", help="show the effective GANNET_* settings")
+    p = sub.add_parser(
+        "settings",
+        help="show the effective GANNET_* settings",
+        description="Print every setting as GANNET_NAME=value: its default, or what the "
+        "environment sets. With --markdown, the README's table of every setting, its "
+        "default and its meaning.",
+    )
     p.add_argument("--markdown", action="store_true", help="print the README table instead")
     p.set_defaults(func=cmd_settings)
 
