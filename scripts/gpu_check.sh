@@ -20,8 +20,8 @@
 # side, the steps took about 10, 30, 55, 50 and 50 s; both variants about double the
 # benches and the profiles, and the bare model's second pass per round adds about a tenth
 # (the third lease ran them in 12, 36, 88, 63, 85 and 2 x 45 s before that pass): about 8
-# minutes before the pipeline steps were added. With them the script outgrows one call
-# of the device tool (at most 10 minutes): run it in two, e.g. GPU_CHECK_STEPS="versions
+# minutes before the pipeline steps were added. With them the script outgrows one
+# 10-minute command on such a host: run it in two, e.g. GPU_CHECK_STEPS="versions
 # pytest bench pipeline-agro pipeline-sliced pipeline-vending", then the rest. On an
 # H100 (2026-12-05) versions and pytest took 8 and 25 s, the 640x480 bench with 2 runner
 # counts and 2 rounds 51 s, the same on 4 cores 52 s, bench-phone and

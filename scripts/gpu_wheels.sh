@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Wheels of gannet's packages that a lent GPU host lacks, for scripts/gpu_check.sh on a
-# host that cannot reach PyPI. The device tool's H200 has Python 3.12 with torch,
+# host that cannot reach PyPI. The H200 lent on 2026-12-04 had Python 3.12 with torch,
 # torchvision, numpy, OpenCV and pytest; the rest of what the CUDA tests and
 # `gannet bench --in-process` import, and py-spy for the profiles, is listed below (a
 # missing one cost a whole call once: opentelemetry-proto). Versions are this checkout's

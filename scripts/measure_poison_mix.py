@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """What a flood of poison costs the valid tasks beside it.
 
-The brief's bar: a poison message is quarantined with a reason and never slows the
-daemon. Each poison message here (a body that is not JSON) is parsed on its callback
-thread, published to the dead-letter topic and acked; it never takes a runner, but it
-holds a slot of the stream's lease until its ack has gone out, and its parsing,
-publishing and acking take CPU and the GIL beside the valid tasks'.
+The bar set for it: a poison message is quarantined with a reason and never slows the
+daemon (README, Outcomes, gives what this measured). Each poison message here (a body
+that is not JSON) is parsed on its callback thread, published to the dead-letter topic
+and acked; it never takes a runner, but it holds a slot of the stream's lease until its
+ack has gone out, and its parsing, publishing and acking take CPU and the GIL beside the
+valid tasks'.
 
 The daemon runs as `gannet bench --plumbing` runs it (the network's answers replayed,
 the demo detector at imgsz 640, 640x480 photos, 4 runners, both cores), on a topic of
