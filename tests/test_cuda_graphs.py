@@ -4,6 +4,7 @@ a GPU host); the check that decides whether a graph is used runs anywhere."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,10 +19,12 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 MODELS = REPO_ROOT / "models" / "demo"
 
 
-def _network(cuda_graphs: bool, weights: str, task: str, imgsz: int) -> torch.nn.Module:
-    """A demo model's network as the ModelCache's loader leaves it on cuda:0."""
+def _network(
+    cuda_graphs: bool, weights: str, task: str, imgsz: int, device: str = "cuda:0"
+) -> torch.nn.Module:
+    """A demo model's network as the ModelCache's loader leaves it on `device`."""
     load = yolo_loader(lambda uri, version: Path(uri), trace=True, cuda_graphs=cuda_graphs)
-    key = ModelKey(str(MODELS / weights), "v", "cuda:0", imgsz, task)
+    key = ModelKey(str(MODELS / weights), "v", device, imgsz, task)
     model, _ = load(key)
     network: torch.nn.Module = model.predictor.model.backend.model
     return network
@@ -62,6 +65,34 @@ def test_replayed_graphs_answer_as_the_plain_pass_and_keep_earlier_answers(
         2 * rows * 3 * height * imgsz for rows, height in {(1, imgsz), (3, short), (8, imgsz)}
     )
     assert graphed.held_bytes() > inputs  # type: ignore[operator]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_a_model_on_another_gpu_than_the_first_replays_graphs_of_its_own_batches() -> None:
+    """A batcher thread's current device is cuda:0, whatever its model's. Captured on a
+    stream of that device, a graph of a model on cuda:1 recorded none of its kernels
+    (torch only warns that the graph is empty), the check passed (the answer it compared
+    was the eager pass's, run during the capture), and every later batch of the shape was
+    answered with the recording batch's boxes. Each batch here is new: its answer must be
+    the plain pass's. Recorded in a thread of its own, as a batcher records."""
+    device = f"cuda:{torch.cuda.device_count() - 1}"
+    graphed = _network(True, "detect.pt", "detect", 640, device)
+    plain = _network(False, "detect.pt", "detect", 640, device)
+    answers: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def batches() -> None:
+        with torch.inference_mode():
+            for _ in range(3):
+                x = torch.rand(2, 3, 480, 640, device=device, dtype=torch.float16)
+                answers.append((_first(plain(x)), _first(graphed(x)).clone()))
+
+    thread = threading.Thread(target=batches)
+    thread.start()
+    thread.join()
+    assert len(answers) == 3
+    for want, got in answers:
+        assert agrees(want, got, atol=1e-2), difference(want, got, atol=1e-2)
+    assert graphed.recorded() >= 1  # type: ignore[operator]
 
 
 @needs_cuda

@@ -183,8 +183,19 @@ class GraphedForward(torch.nn.Module):
             graph = torch.cuda.CUDAGraph()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            # thread_local: runners letterbox and decode on this GPU meanwhile.
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            # On x's device, on a stream of its own: torch captures the current device's
+            # current stream, and its default capture stream is one per process, made on
+            # whichever device was current (cuda:0 in a batcher thread, whatever its
+            # model's). A model on cuda:1 captured there recorded nothing (torch only
+            # warns "The CUDA Graph is empty") and each replay gave back the recording
+            # batch's answer. thread_local: runners letterbox and decode meanwhile.
+            capture = torch.cuda.Stream(x.device)  # type: ignore[no-untyped-call]
+            with (
+                torch.cuda.device(x.device),
+                torch.cuda.graph(
+                    graph, pool=self._pool, stream=capture, capture_error_mode="thread_local"
+                ),
+            ):
                 output = self.eager(static)
             graph.replay()
             expected = self.plain(x)
