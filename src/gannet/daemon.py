@@ -390,6 +390,12 @@ class Daemon:
                 )
                 exit_code = 1
                 break
+            if (lost := parts.dispatcher.device_lost) is not None:
+                # Logged where it was found (dispatch.py): drain, then exit for a restart
+                # (the kubelet's, or the supervisor's), which gives a fresh CUDA context.
+                self.health.set(broken=f"GPU lost: {lost}")
+                exit_code = 1
+                break
         sizer.stop()
         self._shutdown(parts, subscribers)
         for backlog in backlogs:

@@ -113,6 +113,9 @@ class Dispatcher:
         # stops waits for them (wait_settled), so that their acks still go out.
         self._unsettled: Counter[str] = Counter()
         self._unsettled_changed = threading.Condition()
+        # Why a CUDA device of this process can run nothing any more (_check_device);
+        # the daemon then exits, to be started afresh.
+        self.device_lost: str | None = None
         # Started by the daemon; a job still running after the grace period is nacked.
         self.pool: RunnerPool[WorkItem] = RunnerPool(
             devices,
@@ -278,7 +281,24 @@ class Dispatcher:
                 "unexpected error; the message will be retried",
                 extra={"task_id": task.task_id, "tenant_id": task.tenant_id},
             )
+            self._check_device(device)
             return _unexpected(exc, task)
+
+    def _check_device(self, device: str) -> None:
+        """After an unexpected error on a runner of a CUDA device: whether the device
+        still runs work. Some CUDA errors (an illegal memory access, a kernel's fault, an
+        uncorrectable ECC error) are sticky: every later CUDA call of the process fails
+        the same way until it exits. Such a daemon stayed live and nacked every message
+        it leased, quickly, so it took the subscription's redeliveries from the healthy
+        pods and ran good tasks into the dead-letter policy (5 attempts). An error that
+        one input caused (a kernel refusing a shape) leaves the device usable: only that
+        task is nacked, and the pod stays. The daemon's loop reads `device_lost`."""
+        if self.device_lost is None and (lost := device_lost(device)) is not None:
+            self.device_lost = lost
+            log.critical(
+                "the GPU can run no more work; the daemon exits to be started afresh",
+                extra={"fields": {"device": device, "error": lost}},
+            )
 
     def _process(self, item: WorkItem, device: str) -> Outcome:
         task = item.task
@@ -502,6 +522,23 @@ def _follow(first: Outcome | None, task: Task) -> Outcome:
             Decision.NACK, first.label, first.error, task, retry_after_s=first.retry_after_s
         )
     return Outcome(Decision.ACK, "duplicate", task=task, fields={"followed": first.label})
+
+
+def device_lost(device: str) -> str | None:
+    """Why `device` can run no more CUDA work, or None: it can, or it is no CUDA device.
+    Asked only after an error. A sticky error is returned by every later call, this
+    stream synchronize too; the default stream's, not the device's: a batcher may be
+    recording a CUDA graph on a stream of its own meanwhile, which the legacy default
+    stream does not wait for and a device synchronize would."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    try:
+        torch.cuda.default_stream(device).synchronize()
+    except RuntimeError as exc:  # torch.AcceleratorError, a RuntimeError
+        return f"{device}: {exc}"
+    return None
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
