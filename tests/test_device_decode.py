@@ -229,6 +229,47 @@ def test_no_decoder_is_built_without_a_cuda_device_or_when_off() -> None:
     assert device_decoders("off", ["cuda:0"], 8, None) == {}
 
 
+def test_a_process_with_several_gpus_decodes_on_one_of_them() -> None:
+    """torchvision keeps one nvJPEG decoder per process, for one device: a call for
+    another device replaces it and leaks the old one (its destructor frees nothing). A
+    decoder per GPU, taking turns, made and leaked a decoder with its buffers at nearly
+    every call. So every GPU's runners share the first GPU's decoder. (Building one
+    touches no GPU: its thread calls nvJPEG at the first decode.)"""
+    decoders = device_decoders("all", ["cuda:0", "cuda:1"], 8, None)
+    try:
+        assert decoders.keys() == {"cuda:0", "cuda:1"}
+        assert decoders["cuda:0"] is decoders["cuda:1"]
+        assert decoders["cuda:0"].device == "cuda:0"
+    finally:
+        for decoder in set(decoders.values()):
+            decoder.close()
+
+
+def test_a_frame_for_a_runner_of_another_device_is_moved_there(decoder: DeviceDecoder) -> None:
+    """What a runner of the second GPU gets from the first GPU's decoder; here the CPU
+    decodes and torch's meta device stands for the other GPU (no GPU on this machine)."""
+    data = jpeg(np.full((16, 24, 3), 90, np.uint8), 6)
+    moved = decoder.decode(data, 6, to="meta")
+    assert moved is not None and moved.device.type == "meta" and moved.shape == (3, 24, 16)
+    here = decoder.decode(data, 6, to="cpu")
+    assert here is not None and here.device.type == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_on_two_gpus_each_runner_gets_its_frame_on_its_own_gpu() -> None:
+    decoders = device_decoders("all", ["cuda:0", "cuda:1"], 8, None)
+    data = (SAMPLES / "scene_01.jpg").read_bytes()
+    try:
+        frames = {d: decoder.decode(data, 1, d) for d, decoder in decoders.items()}
+    finally:
+        for decoder in set(decoders.values()):
+            decoder.close()
+    first, second = frames["cuda:0"], frames["cuda:1"]
+    assert first is not None and second is not None
+    assert first.device == torch.device("cuda:0") and second.device == torch.device("cuda:1")
+    assert torch.equal(first.cpu(), second.cpu())
+
+
 def _close(a: Any, b: Any, where: str) -> None:
     """Two answers agree: the same keys, lists and strings, numbers within 2 units or
     3 % (boxes in pixels, areas, confidences), polygons by their point count only

@@ -133,7 +133,7 @@ class Parts:
         for acks in self.acks.values():  # any left: the streams are closed by now
             acks.close()
         self.cache.close(timeout_s)
-        for decoder in self.pipeline.decoders.values():
+        for decoder in set(self.pipeline.decoders.values()):
             decoder.close()
         if self.offload is not None:
             self.offload.close()

@@ -5,7 +5,7 @@ phone or drone photo (a 4032x3024 JPEG: about 100 ms at full size, 28 ms at 1/4 
 docs/benchmark.md), and its pixels then go to the GPU anyway. nvJPEG decodes straight
 into device memory, where the letterbox runs too (split_predictor.py), so the runner's
 CPU only reads the header. Runners' photos are decoded together: like a model, the
-decoder has one batcher thread per device, and a batch of JPEGs is one
+decoder has one batcher thread (one per process: below), and a batch of JPEGs is one
 `torchvision.io.decode_jpeg(list, device=...)` call.
 
 What nvJPEG does not take (CMYK, some progressive or corrupt files) comes back as None,
@@ -16,6 +16,14 @@ turns OpenCV applies on the host.
 torchvision 0.29 (the version torch 2.14 pins) deprecates its image decoders for
 TorchCodec's and warns on every call; the warning is silenced here, and moving to
 TorchCodec's nvJPEG decoder is for when torchvision drops them.
+
+A process has one decoder, on its first GPU, whatever its number of GPUs: torchvision
+keeps one nvJPEG decoder per process, for one device, and a call for another device
+replaces it, leaking the one it replaces (decode_jpegs_cuda.cpp: `cudaJpegDecoder.reset`,
+and a destructor that frees nothing, its nvjpeg*Destroy calls commented out). A
+decoder per GPU, alternating, made a new nvJPEG handle with its pinned and device
+buffers at nearly every call and leaked the last. Runners of another GPU get their
+frames copied there (`decode`'s `to`).
 
 Which JPEGs come here depends on the GPU (`engine`, Pipeline.decode). One with a JPEG
 engine (A100, H100, H200) decodes a batch of them in hardware, so all do. On one without
@@ -90,9 +98,12 @@ class DeviceDecoder:
             f"jpeg@{device}", self._decode_batch, max_batch, window_s, on_batch=self._observe
         )
 
-    def decode(self, data: bytes, orientation: int = 1) -> torch.Tensor | None:
-        """The JPEG as a 3xHxW RGB uint8 frame on the device, upright; None when the
-        device's decoder refuses it (decode it on the CPU then)."""
+    def decode(
+        self, data: bytes, orientation: int = 1, to: str | None = None
+    ) -> torch.Tensor | None:
+        """The JPEG as a 3xHxW RGB uint8 frame on the device (or on `to`, a runner's
+        other GPU), upright; None when the device's decoder refuses it (decode it on
+        the CPU then)."""
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         (future,) = self._batcher.submit([encoded])
         decoded = future.result()
@@ -100,7 +111,7 @@ class DeviceDecoder:
             log.debug("device decode refused a JPEG (%s); decoding on the CPU", decoded)
             return None
         turned: torch.Tensor = upright(decoded, orientation)
-        return turned
+        return turned if to is None or to == self.device else turned.to(to)
 
     def close(self) -> None:
         self._batcher.close()
@@ -158,8 +169,8 @@ def device_decoders(
     max_batch: int,
     metrics: Metrics | None,
 ) -> dict[str, DeviceDecoder]:
-    """A decoder per CUDA device unless `mode` is off; says in the log which JPEGs go
-    to it."""
+    """Unless `mode` is off, the decoder of every CUDA device: one, on the first (see
+    the module's doc); says in the log which JPEGs go to it."""
     cuda = [d for d in devices if d.startswith("cuda")]
     if mode == "off" or not cuda:
         return {}
@@ -184,4 +195,5 @@ def device_decoders(
                 name,
                 ", its JPEG engine" if found else "; whether it has a JPEG engine is unknown",
             )
-    return {d: DeviceDecoder(d, max_batch=max_batch, metrics=metrics, engine=engine) for d in cuda}
+    decoder = DeviceDecoder(cuda[0], max_batch=max_batch, metrics=metrics, engine=engine)
+    return dict.fromkeys(cuda, decoder)

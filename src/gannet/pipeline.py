@@ -239,7 +239,7 @@ class Pipeline:
             and (decoder.engine or reduced_factor(header, route.decode_floor) == 1)
         ):
             orientation = header.orientation
-            frame = decoder.decode(data, orientation) if orientation is not None else None
+            frame = decoder.decode(data, orientation, device) if orientation is not None else None
             if frame is not None:
                 return frame, (1.0, 1.0)
         width, height = header.size
@@ -295,7 +295,7 @@ class Pipeline:
         stream opens (per-tenant models load on first use); and each device's JPEG
         decoder, whose first call sets nvJPEG up."""
         blank = cv2.imencode(".jpg", np.zeros((16, 16, 3), np.uint8))[1].tobytes()
-        for decoder in self.decoders.values():
+        for decoder in set(self.decoders.values()):  # one per process (device_decode.py)
             decoder.decode(blank)
         for loaded in self.configs.served():
             self.load_models(loaded, devices)
