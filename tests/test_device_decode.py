@@ -154,6 +154,50 @@ def test_formats_the_device_does_not_take_are_decoded_on_the_cpu(
         pipeline.cache.close()
 
 
+def cmyk_jpeg() -> tuple[bytes, np.ndarray]:
+    """A CMYK JPEG (PIL writes Adobe's inverted CMYK, as print workflows do) and its
+    pixels as OpenCV decodes them on the host (BGR)."""
+    ys, xs = np.mgrid[0:48, 0:80]
+    rgb = np.dstack([xs * 3, ys * 5, (xs + ys) * 2]).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(rgb).convert("CMYK").save(out, "JPEG", quality=95)
+    data = out.getvalue()
+    return data, cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+
+
+def test_a_cmyk_jpeg_is_decoded_on_the_cpu(decoder: DeviceDecoder) -> None:
+    """nvJPEG converts a four-channel JPEG's colours only when asked
+    (nvjpegDecodeParamsSetAllowCMYK, "disabled by default" in NVIDIA's nvJPEG docs),
+    which torchvision never does (its image_stable.so does not even import it): it
+    decodes the file without an error, so the fallback on a refusal never came, and the
+    frame's colours were not the photo's. A CMYK JPEG must not reach the device's
+    decoder; here the device's decoder is the CPU's, which would convert it well, so
+    where the frame was decoded is what the test reads."""
+    pipeline = _pipeline(str(REPO_ROOT / "configs" / "demo.yaml"), decoder)
+    route = pipeline.check(make_task("t-a", "gs://gannet-images/t-a/x.jpg", "DETECTION", "t"))
+    data, expected = cmyk_jpeg()
+    try:
+        frame, _ = pipeline.decode(data, route, "cpu")
+    finally:
+        pipeline.cache.close()
+    assert isinstance(frame, np.ndarray)
+    assert np.abs(frame.astype(int) - expected.astype(int)).mean() < 2.0
+
+
+@NEEDS_GPU
+def test_on_a_gpu_a_cmyk_jpeg_has_its_colours() -> None:
+    dec = DeviceDecoder("cuda:0")
+    pipeline = _pipeline(str(REPO_ROOT / "configs" / "demo.yaml"), dec, "cuda:0")
+    route = pipeline.check(make_task("t-a", "gs://gannet-images/t-a/x.jpg", "DETECTION", "t"))
+    data, expected = cmyk_jpeg()
+    try:
+        frame, _ = pipeline.decode(data, route, "cuda:0")
+    finally:
+        pipeline.cache.close()
+        dec.close()
+    assert np.abs(to_host(frame).astype(int) - expected.astype(int)).mean() < 2.0
+
+
 @pytest.mark.parametrize(
     ("engine", "pipeline_name", "photo", "on_device", "scale"),
     [

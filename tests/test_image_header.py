@@ -115,6 +115,14 @@ def test_photos_headers_are_read_without_pil_as_pil_reads_them(name):
     assert read_header(data, 10**8) == quick
 
 
+def test_a_four_channel_jpeg_is_marked_whichever_reads_it():
+    """Pipeline.decode keeps CMYK JPEGs off nvJPEG, which does not convert their colours."""
+    cmyk = QUICK["cmyk"]
+    quick = _jpeg_header(cmyk)
+    assert quick is not None and quick.cmyk and _pil_header(cmyk).cmyk
+    assert not any(read_header(QUICK[n], 10**8).cmyk for n in ("plain", "grayscale", "progressive"))
+
+
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # PIL's, on the cut directory
 @pytest.mark.parametrize("name", list(TO_PIL))
 def test_headers_the_quick_reading_cannot_be_sure_of_are_left_to_pil(name):

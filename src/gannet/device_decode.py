@@ -8,10 +8,12 @@ CPU only reads the header. Runners' photos are decoded together: like a model, t
 decoder has one batcher thread (one per process: below), and a batch of JPEGs is one
 `torchvision.io.decode_jpeg(list, device=...)` call.
 
-What nvJPEG does not take (CMYK, some progressive or corrupt files) comes back as None,
-and the caller decodes it on the CPU as before: a bad file still fails as undecodable,
-with the same error. EXIF orientation is applied here (nvJPEG ignores it), the same
-turns OpenCV applies on the host.
+What nvJPEG does not take (corrupt files, a chroma subsampling it does not know) comes
+back as None, and the caller decodes it on the CPU as before: a bad file still fails as
+undecodable, with the same error. CMYK and YCCK JPEGs never come here: nvJPEG takes
+them, but converts their colours only when asked (nvjpegDecodeParamsSetAllowCMYK,
+"disabled by default"), which torchvision never does (Pipeline.decode). EXIF orientation
+is applied here (nvJPEG ignores it), the same turns OpenCV applies on the host.
 
 torchvision 0.29 (the version torch 2.14 pins) deprecates its image decoders for
 TorchCodec's and warns on every call; the warning is silenced here, and moving to

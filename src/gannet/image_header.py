@@ -45,6 +45,9 @@ class Header:
     # turn (its irot and imir boxes, which PIL reads as an orientation): OpenCV does not
     # apply it. Other formats: 1, since OpenCV turns them per their EXIF itself.
     orientation: int | None
+    # A JPEG of four colour channels (CMYK or YCCK), whose colours nvJPEG does not
+    # convert as torchvision calls it: it is decoded on the CPU (Pipeline.decode).
+    cmyk: bool = False
 
 
 def read_header(data: bytes, max_pixels: int) -> Header:
@@ -65,7 +68,7 @@ def _jpeg_header(data: bytes) -> Header | None:
     if not data.startswith(b"\xff\xd8\xff"):
         return None
     try:
-        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
         return None  # PIL says what is wrong with it, as before
     limit = Image.MAX_IMAGE_PIXELS
@@ -74,7 +77,7 @@ def _jpeg_header(data: bytes) -> Header | None:
     orientation = _orientation_in_segments(data)
     if orientation is None:
         return None
-    return Header("JPEG", (width, height), orientation)
+    return Header("JPEG", (width, height), orientation, colorspace in ("CMYK", "YCCK"))
 
 
 _ABSENT = -1  # no orientation tag
@@ -189,4 +192,4 @@ def _pil_header(data: bytes) -> Header:
         except (SyntaxError, ValueError, TypeError, OSError) as exc:
             log.debug("unreadable EXIF (%s); decoding with OpenCV", exc)
             orientation = None
-    return Header(image.format or "", image.size, orientation)
+    return Header(image.format or "", image.size, orientation, image.mode == "CMYK")

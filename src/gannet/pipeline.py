@@ -230,12 +230,16 @@ class Pipeline:
         size (the GPU letterboxes it); anything else, or a JPEG the device refuses, is
         decoded on the CPU (decode_scaled). Where the device has no JPEG engine, so also
         a JPEG the CPU decodes at reduced scale: there nvJPEG would spend as much CPU on
-        its Huffman stage, but on one thread (device_decode.py)."""
+        its Huffman stage, but on one thread (device_decode.py). A CMYK or YCCK JPEG
+        too: nvJPEG converts their colours only when asked (nvjpegDecodeParamsSetAllowCMYK,
+        which torchvision never calls); unasked, it decodes them without an error, in
+        wrong colours (NVIDIA's forum: the CMY channels taken as YCbCr)."""
         header = read_header(data, self.limits.max_image_pixels)
         decoder = self.decoders.get(device)
         if (
             decoder is not None
             and header.format == "JPEG"
+            and not header.cmyk
             and (decoder.engine or reduced_factor(header, route.decode_floor) == 1)
         ):
             orientation = header.orientation
