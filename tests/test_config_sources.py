@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from pathlib import Path
 
 import pytest
+from conftest import Started
 
+from gannet import clients
 from gannet.config_schema import ConfigError
 from gannet.config_sources import ConfigSource, parse_config
+from gannet.dev import demo
+from gannet.dev.local_services import LocalServices
 from gannet.errors import ErrorCode, PermanentError
 from gannet.metrics import Metrics
 from gannet.settings import REPO_ROOT
-from gannet.storage import local_version, read_local
+from gannet.storage import Storage, local_version, read_local
 
 VALID = """
 industry: demo
@@ -184,3 +189,47 @@ def test_a_reload_naming_a_model_that_cannot_load_is_rejected_and_the_old_one_se
     assert rejections and rejections >= 4, "each check of a bad push is counted"
     sample = metrics.registry.get_sample_value
     assert sample("gannet_config_reloads_total", {"result": "loaded"}) == 1
+
+
+def _checked_by_the_daemon(source: ConfigSource) -> None:
+    """Checks come due as the daemon's do, here at every call instead of every 30 s."""
+    source._check_every_s = 0
+
+
+@pytest.mark.xfail(strict=True, reason="the check runs on the task's thread")
+def test_a_task_never_waits_for_the_config_check_on_a_slow_gcs(services: LocalServices):
+    """A gs:// config, its bucket reached through a relay that adds 1 s to each round
+    trip (GCS slow, or far): the periodic check (the object's generation, one metadata
+    request) and the reload of a changed config take seconds. A task thread asking for
+    its config (Pipeline.check on a stream's callback thread, a runner) must get the
+    current one at once, and the changed one once it is loaded, never wait for either."""
+    bucket = f"models-{uuid.uuid4().hex[:8]}"
+    settings = demo.local_settings(services)
+    client = clients.storage_client(settings)
+    client.create_bucket(bucket)
+    blob = client.bucket(bucket).blob("demo/config.yaml")
+    blob.upload_from_string(VALID)
+    slow_gcs = Started("gannet.dev.relay", str(services.ports.gcs), "--latency-ms=1000")
+    try:
+        slow = settings.model_copy(
+            update={"storage_emulator_host": f"http://127.0.0.1:{slow_gcs.port}"}
+        )
+        storage = Storage(clients.storage_client(slow))
+        source = ConfigSource(
+            f"gs://{bucket}/demo/config.yaml", storage.read_url, storage.generation
+        )
+        _checked_by_the_daemon(source)
+        blob.upload_from_string(VALID.replace("version: 3", "version: 4"))
+        waits = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            version = source.for_tenant("acme").config.version
+            waits.append(time.perf_counter() - started)
+            if version == 4:
+                break
+            time.sleep(0.01)
+        assert version == 4, "the changed config is served"
+        assert max(waits) < 0.1, f"the task waited {max(waits):.2f} s for the check"
+    finally:
+        slow_gcs.stop()
