@@ -1,18 +1,20 @@
-"""Industry configs: validated up front, reloaded without a restart, bad pushes refused."""
+"""Industry configs: validated up front, reloaded without a restart by a thread of their
+own (never on a task's), bad pushes refused."""
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import Started
+from conftest import Started, scraped, wait_until
 
 from gannet import clients
 from gannet.config_schema import ConfigError
-from gannet.config_sources import ConfigSource, parse_config
+from gannet.config_sources import ConfigSource, ConfigWatch, parse_config
 from gannet.dev import demo
 from gannet.dev.local_services import LocalServices
 from gannet.errors import ErrorCode, PermanentError
@@ -76,13 +78,12 @@ def test_unknown_pipeline_and_tenant_are_permanent_errors():
     config.check_tenant("acme")
 
 
-def _checked_always(path: Path, metrics: Metrics) -> ConfigSource:
-    """A config source that looks for a change at every call, its reloads counted."""
+def _counted(path: Path, metrics: Metrics) -> ConfigSource:
+    """A config source whose reloads are counted; the test checks it (check_now)."""
     return ConfigSource(
         str(path),
         read_local,
         local_version,
-        check_every_s=0,
         on_reload=lambda r: metrics.config_reloads.labels(r).inc(),
     )
 
@@ -91,16 +92,20 @@ def test_changed_config_is_picked_up_and_a_bad_one_keeps_the_last_good(tmp_path)
     path = tmp_path / "config.yaml"
     path.write_text(VALID)
     metrics = Metrics()
-    source = _checked_always(path, metrics)
+    source = _counted(path, metrics)
     assert source.current().config.version == 3
 
     path.write_text(VALID.replace("version: 3", "version: 4"))
     os.utime(path, (time.time() + 5, time.time() + 5))
+    assert source.current().config.version == 3, "served only once checked"
+    source.check_now()
     assert source.current().config.version == 4
 
     path.write_text(VALID.replace("version: 3", "version: 5").replace("0.4", "7"))
     os.utime(path, (time.time() + 10, time.time() + 10))
+    source.check_now()
     assert source.current().config.version == 4, "an invalid push must not be served"
+    source.check_now()  # its version is remembered: not read, nor counted, again
     sample = metrics.registry.get_sample_value
     assert sample("gannet_config_reloads_total", {"result": "rejected"}) == 1
     assert sample("gannet_config_reloads_total", {"result": "loaded"}) == 1
@@ -113,9 +118,8 @@ def test_a_reload_naming_a_model_that_cannot_load_is_rejected_and_the_old_one_se
     served: before, a config naming a missing, corrupt, non-YOLO or wrong-kind model was
     served at once ("config reloaded"), and every task of the industry failed until it
     was dead-lettered, while the last good model was loaded. The check runs on the
-    thread that noticed the change; other threads keep getting the old config."""
+    thread that checks (the daemon's ConfigWatch); tasks keep getting the old config."""
     import shutil
-    import threading
 
     import torch
 
@@ -141,7 +145,7 @@ def test_a_reload_naming_a_model_that_cannot_load_is_rejected_and_the_old_one_se
 
     push("good.pt", 1)
     metrics = Metrics()
-    source = _checked_always(path, metrics)
+    source = _counted(path, metrics)
     cache = ModelCache(yolo_loader(lambda uri, v: Path(uri), trace=False), metrics)
     resolver = ModelResolver(local_version, ttl_s=0)
     pipeline = Pipeline(source, None, cache, resolver, Limits(["b"], 10**8, 10**8))  # type: ignore[arg-type]
@@ -159,18 +163,19 @@ def test_a_reload_naming_a_model_that_cannot_load_is_rejected_and_the_old_one_se
         pipeline.warm(["cpu"])
         push("missing.pt", 2)
         hold.set()
-        noticed = threading.Thread(target=source.current)
-        noticed.start()
+        checker = threading.Thread(target=source.check_now)
+        checker.start()
         assert checking.wait(timeout=10)
-        assert source.current().config.version == 1, "others serve the old one meanwhile"
+        assert source.current().config.version == 1, "tasks get the old one meanwhile"
         hold.clear()
         go_on.set()
-        noticed.join(timeout=60)
+        checker.join(timeout=60)
         for version, weights in enumerate(
             ["missing.pt", "corrupt.pt", "notyolo.pt", "classifier.pt"], start=2
         ):
             push(weights, version)
             caplog.clear()
+            source.check_now()
             assert source.current().config.version == 1, weights
             rejected = [r for r in caplog.records if r.levelname == "ERROR"][-1]
             assert weights in rejected.fields["error"], rejected.fields
@@ -181,6 +186,7 @@ def test_a_reload_naming_a_model_that_cannot_load_is_rejected_and_the_old_one_se
             "gannet_config_reloads_total", {"result": "rejected"}
         )
         push("fixed.pt", 9)
+        source.check_now()
         assert source.current().config.version == 9
         assert str(tmp_path / "fixed.pt") in {k.uri for k in cache.loaded()}, "warmed"
     finally:
@@ -191,18 +197,14 @@ def test_a_reload_naming_a_model_that_cannot_load_is_rejected_and_the_old_one_se
     assert sample("gannet_config_reloads_total", {"result": "loaded"}) == 1
 
 
-def _checked_by_the_daemon(source: ConfigSource) -> None:
-    """Checks come due as the daemon's do, here at every call instead of every 30 s."""
-    source._check_every_s = 0
-
-
-@pytest.mark.xfail(strict=True, reason="the check runs on the task's thread")
 def test_a_task_never_waits_for_the_config_check_on_a_slow_gcs(services: LocalServices):
     """A gs:// config, its bucket reached through a relay that adds 1 s to each round
     trip (GCS slow, or far): the periodic check (the object's generation, one metadata
     request) and the reload of a changed config take seconds. A task thread asking for
     its config (Pipeline.check on a stream's callback thread, a runner) must get the
-    current one at once, and the changed one once it is loaded, never wait for either."""
+    current one at once, and the changed one once it is loaded, never wait for either.
+    Before the watch thread, the check ran on the thread that asked when it was due
+    (here made due at every call): that call took 3.0 s."""
     bucket = f"models-{uuid.uuid4().hex[:8]}"
     settings = demo.local_settings(services)
     client = clients.storage_client(settings)
@@ -218,18 +220,92 @@ def test_a_task_never_waits_for_the_config_check_on_a_slow_gcs(services: LocalSe
         source = ConfigSource(
             f"gs://{bucket}/demo/config.yaml", storage.read_url, storage.generation
         )
-        _checked_by_the_daemon(source)
-        blob.upload_from_string(VALID.replace("version: 3", "version: 4"))
-        waits = []
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            started = time.perf_counter()
-            version = source.for_tenant("acme").config.version
-            waits.append(time.perf_counter() - started)
-            if version == 4:
-                break
-            time.sleep(0.01)
+        watch = ConfigWatch(source, every_s=0.1)  # the daemon's: every 30 s
+        watch.start()
+        try:
+            blob.upload_from_string(VALID.replace("version: 3", "version: 4"))
+            waits = []
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                started = time.perf_counter()
+                version = source.for_tenant("acme").config.version
+                waits.append(time.perf_counter() - started)
+                if version == 4:
+                    break
+                time.sleep(0.01)
+        finally:
+            watch.stop(timeout_s=10)
         assert version == 4, "the changed config is served"
         assert max(waits) < 0.1, f"the task waited {max(waits):.2f} s for the check"
     finally:
         slow_gcs.stop()
+
+
+def test_the_watch_outlives_a_failing_check_and_stops_without_waiting_for_a_hung_one(
+    tmp_path, caplog
+):
+    """An unexpected error in a check (here the model check raising what it should not)
+    is logged and counted, and the next check serves the config. stop() returns at once
+    while a check hangs (GCS not answering), and no check starts after it."""
+    path = tmp_path / "config.yaml"
+    path.write_text(VALID)
+    hold, hung, release = threading.Event(), threading.Event(), threading.Event()
+
+    def version_of(uri: str) -> str:
+        if hold.is_set():
+            hung.set()
+            release.wait(timeout=30)
+        return local_version(uri)
+
+    metrics = Metrics()
+    source = ConfigSource(
+        str(path), read_local, version_of, lambda r: metrics.config_reloads.labels(r).inc()
+    )
+    failures = [RuntimeError("a bug in the model check")]
+
+    def check(loaded: object) -> None:
+        if failures:
+            raise failures.pop()
+
+    source.check_models_with(check)
+    watch = ConfigWatch(source, every_s=0.01)
+    watch.start()
+    try:
+        path.write_text(VALID.replace("version: 3", "version: 4"))
+        os.utime(path, (time.time() + 5, time.time() + 5))
+        wait_until(lambda: source.current().config.version == 4, "the next check serves it")
+        sample = metrics.registry.get_sample_value
+        assert sample("gannet_config_reloads_total", {"result": "failed"}) == 1
+        logged = [r for r in caplog.records if "failed unexpectedly" in r.getMessage()]
+        assert logged and logged[0].exc_info and logged[0].threadName == "gannet-config-watch"
+
+        hold.set()
+        assert hung.wait(timeout=10)
+        started = time.perf_counter()
+        watch.stop()
+        assert time.perf_counter() - started < 0.1, "stop() waited for the hung check"
+        hold.clear()
+    finally:
+        release.set()
+    watch._thread.join(timeout=10)
+    assert not watch._thread.is_alive(), "no check after stop()"
+
+
+def test_a_daemon_picks_up_a_changed_config_with_no_task_arriving(stack, tmp_path):
+    """The real daemon on a local config (checked every 5 s): the change is loaded and
+    served on its watch thread while no message arrives. Before, only a task asking for
+    its config could notice it, so an idle pod served the old config, and its first
+    task after the change took the reload and its model loads."""
+    config = tmp_path / "demo.yaml"
+    demo_yaml = (REPO_ROOT / "configs" / "demo.yaml").read_text()
+    config.write_text(demo_yaml.replace("../models/", f"{REPO_ROOT}/models/"))
+    daemon = stack.start_daemon(GANNET_CONFIG_URI=str(config))
+    config.write_text(config.read_text().replace("version: 1", "version: 2"))
+    wait_until(
+        lambda: scraped(daemon.metrics_port, "gannet_config_reloads_total", result="loaded"),
+        "the changed config is loaded",
+        timeout_s=30,
+    )
+    reloaded = [e for e in daemon.log_entries() if e["message"] == "config reloaded"]
+    assert [e["thread"] for e in reloaded] == ["gannet-config-watch"]
+    assert daemon.stop() == 0

@@ -161,7 +161,6 @@ def test_a_deployment_change_is_picked_up_and_a_broken_one_is_rejected(tmp_path)
         str(path),
         read_local,
         local_version,
-        check_every_s=0,
         on_reload=lambda r: metrics.config_reloads.labels(r).inc(),
     )
     with pytest.raises(PermanentError):
@@ -169,6 +168,7 @@ def test_a_deployment_change_is_picked_up_and_a_broken_one_is_rejected(tmp_path)
 
     _deployment(tmp_path, {"farm-a": "agro", "shop-b": "vending"}, version="2")
     os.utime(path, (time.time() + 5, time.time() + 5))
+    source.check_now()
     assert source.for_tenant("shop-b").config.industry == "vending"
 
     # Names an industry config that does not exist: refused as a whole, old mapping stays.
@@ -178,6 +178,7 @@ def test_a_deployment_change_is_picked_up_and_a_broken_one_is_rejected(tmp_path)
         .replace("farm-a: agro", "farm-a: vending")
     )
     os.utime(path, (time.time() + 10, time.time() + 10))
+    source.check_now()
     assert source.for_tenant("farm-a").config.industry == "agro"
     sample = metrics.registry.get_sample_value
     assert sample("gannet_config_reloads_total", {"result": "rejected"}) == 1
@@ -194,15 +195,17 @@ def test_a_mapping_pushed_before_its_new_industry_config_is_served_once_that_con
     industry's tenants were refused as unknown (dead-lettered) meanwhile."""
     vending = tmp_path / "vending.yaml"
     path = _deployment(tmp_path, {"farm-a": "agro"})
-    source = open_configs(str(path), read_local, local_version, check_every_s=0)
+    source = open_configs(str(path), read_local, local_version)
     _deployment(tmp_path, {"farm-a": "agro", "shop-b": "vending"}, version="2")
     path.write_text(path.read_text().replace(str(CONFIGS / "vending.yaml"), str(vending)))
     os.utime(path, (time.time() + 5, time.time() + 5))
+    source.check_now()
     with pytest.raises(PermanentError):  # the config it names is not there yet
         source.for_tenant("shop-b")
     vending.write_text(
         (CONFIGS / "vending.yaml").read_text().replace("../models", str(REPO_ROOT / "models"))
     )
+    source.check_now()
     assert source.for_tenant("shop-b").config.industry == "vending"
 
 
@@ -220,7 +223,7 @@ def test_a_deployment_checks_the_models_of_each_industry_it_adds_or_reloads(tmp_
     )
     path = _deployment(tmp_path, {"farm-a": "agro"})
     path.write_text(path.read_text().replace(f"  vending: {CONFIGS / 'vending.yaml'}\n", ""))
-    source = open_configs(str(path), read_local, local_version, check_every_s=0)
+    source = open_configs(str(path), read_local, local_version)
     cache = ModelCache(yolo_loader(lambda uri, v: Path(uri), trace=False), Metrics())
     pipeline = Pipeline(source, None, cache, ModelResolver(local_version), Limits([], 1, 1))  # type: ignore[arg-type]
     source.check_models_with(lambda loaded: pipeline.load_models(loaded, ["cpu"]))
@@ -228,6 +231,7 @@ def test_a_deployment_checks_the_models_of_each_industry_it_adds_or_reloads(tmp_
         _deployment(tmp_path, {"farm-a": "agro", "shop-b": "vending"}, version="2")
         path.write_text(path.read_text().replace(str(CONFIGS / "vending.yaml"), str(vending)))
         os.utime(path, (time.time() + 5, time.time() + 5))
+        source.check_now()
         with pytest.raises(PermanentError):
             source.for_tenant("shop-b")  # still the old mapping
 
@@ -244,11 +248,13 @@ def test_a_deployment_checks_the_models_of_each_industry_it_adds_or_reloads(tmp_
             .replace(f"  vending: {CONFIGS / 'vending.yaml'}\n", "")
         )
         os.utime(path, (time.time() + 10, time.time() + 10))
+        source.check_now()
         assert source.for_tenant("farm-a").config.industry == "agro"
         agro.write_text(
             agro.read_text().replace("version: 1", "version: 2").replace("detect.pt", "gone.pt")
         )
         os.utime(agro, (time.time() + 15, time.time() + 15))
+        source.check_now()  # the mapping unchanged, its industry config checked
         assert source.for_tenant("farm-a").config.version == 1
     finally:
         cache.close()
@@ -272,12 +278,13 @@ def test_configs_in_gcs_reload_by_generation_and_a_bad_push_keeps_serving(servic
     assert config_uri(settings) == f"gs://{bucket}/agro/config.yaml"
     metrics = Metrics()
     source = build_configs(settings, Storage(client), metrics)
-    source._check_every_s = 0  # the daemon checks every 30 s; the test cannot wait
     assert source.for_tenant("any").config.version == 1
 
     blob.upload_from_string(text.replace("confidence_threshold: 0.5", "confidence_threshold: 5"))
+    source.check_now()  # the daemon's ConfigWatch: every 30 s
     assert source.for_tenant("any").config.version == 1
     blob.upload_from_string(text.replace("version: 1", "version: 2"))
+    source.check_now()
     assert source.for_tenant("any").config.version == 2
     sample = metrics.registry.get_sample_value
     assert sample("gannet_config_reloads_total", {"result": "rejected"}) == 1

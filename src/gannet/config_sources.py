@@ -1,9 +1,10 @@
 """Where configs come from: a local file or gs:// object, read, compiled and reloaded.
 
 A config source serves the last good config and picks up a changed one without a
-restart; the schema of the files is config_schema.py's, the step checks the registry's
-(step_registry.py). Loading compiles every pipeline once, so a task looks its pipeline
-up in one dict and finds its steps bound to typed params.
+restart, checked by the daemon's one ConfigWatch thread; the schema of the files is
+config_schema.py's, the step checks the registry's (step_registry.py). Loading compiles
+every pipeline once, so a task looks its pipeline up in one dict and finds its steps
+bound to typed params.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import logging
 import posixpath
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,8 +126,9 @@ class _Watched(Generic[_Loaded]):
     So is a valid config whose models do not load (see ConfigSource.check_models_with):
     its weights may be uploaded after it.
 
-    The check and reload run on the thread that asked for the config when it was due;
-    any other thread meanwhile gets the current one without waiting.
+    Checks run only when check_now is called, in the daemon on ConfigWatch's thread, one
+    at a time; a task's thread only reads the current object, which a good new version
+    replaces in one assignment.
     """
 
     kind = "config"
@@ -137,16 +138,12 @@ class _Watched(Generic[_Loaded]):
         uri: str,
         read: Reader,
         version_of: VersionOf,
-        check_every_s: float = 30.0,
         on_reload: Callable[[str], None] | None = None,
     ) -> None:
         self.uri = uri
         self._read = read
         self._version_of = version_of
-        self._check_every_s = check_every_s
         self._on_reload = on_reload or (lambda result: None)
-        self._lock = threading.Lock()
-        self._checked_at = time.monotonic()
         self._rejected_version: str | None = None
         self._current = self._load()
 
@@ -157,14 +154,21 @@ class _Watched(Generic[_Loaded]):
         """ConfigError if a valid new object still must not serve (its models)."""
 
     def current(self) -> _Loaded:
-        now = time.monotonic()
-        if now - self._checked_at >= self._check_every_s and self._lock.acquire(blocking=False):
-            try:
-                self._checked_at = now
-                self._maybe_reload()
-            finally:
-                self._lock.release()
         return self._current
+
+    def check_now(self) -> None:
+        """Serve a changed version if it is good. Never raises: an unexpected error (a
+        bug, a model load failing in a way it should not) is logged and counted as a
+        failed reload, the current object serves on, and the next check tries again, so
+        that the watch thread lives on and a deployment's other configs are checked."""
+        try:
+            self._maybe_reload()
+        except Exception:  # see the docstring
+            self._on_reload("failed")
+            log.exception(
+                f"{self.kind} check failed unexpectedly; keeping the current one",
+                extra={"fields": {"uri": self.uri}},
+            )
 
     def _maybe_reload(self) -> None:
         try:
@@ -227,7 +231,6 @@ class ConfigSource(_Watched[LoadedConfig]):
         uri: str,
         read: Reader,
         version_of: VersionOf,
-        check_every_s: float = 30.0,
         on_reload: Callable[[str], None] | None = None,
         expect_industry: str | None = None,
         check_models: ModelCheck | None = None,
@@ -236,7 +239,7 @@ class ConfigSource(_Watched[LoadedConfig]):
         industry), it checks the first load too."""
         self._expect_industry = expect_industry
         self._check_models = check_models
-        super().__init__(uri, read, version_of, check_every_s, on_reload)
+        super().__init__(uri, read, version_of, on_reload)
         self._accept(self._current)
 
     def check_models_with(self, check: ModelCheck) -> None:
@@ -311,14 +314,20 @@ class DeploymentSource(_Watched[LoadedDeployment]):
         uri: str,
         read: Reader,
         version_of: VersionOf,
-        check_every_s: float = 30.0,
         on_reload: Callable[[str], None] | None = None,
         industry: str | None = None,
     ) -> None:
         self.industry = industry
         self._sources: dict[str, ConfigSource] = {}
         self._check_models: ModelCheck | None = None
-        super().__init__(uri, read, version_of, check_every_s, on_reload)
+        super().__init__(uri, read, version_of, on_reload)
+
+    def check_now(self) -> None:
+        """The mapping first, then each industry config it serves (a task's thread
+        reads them all without checking any)."""
+        super().check_now()
+        for source in self.current().sources.values():
+            source.check_now()
 
     def check_models_with(self, check: ModelCheck) -> None:
         """ConfigSource.check_models_with for each industry; an industry a new mapping
@@ -353,7 +362,6 @@ class DeploymentSource(_Watched[LoadedDeployment]):
                     uri,
                     self._read,
                     self._version_of,
-                    self._check_every_s,
                     self._on_reload,
                     expect_industry=name,
                     check_models=self._check_models,
@@ -394,7 +402,6 @@ def open_configs(
     read: Reader,
     version_of: VersionOf,
     industry: str | None = None,
-    check_every_s: float = 30.0,
     on_reload: Callable[[str], None] | None = None,
 ) -> Configs:
     """An industry config, or a deployment config (it has `industries:`) naming several.
@@ -406,5 +413,37 @@ def open_configs(
     text, _ = _read_text(read, uri)
     data = _yaml_mapping(text, uri)
     if "industries" in data:
-        return DeploymentSource(uri, read, version_of, check_every_s, on_reload, industry)
-    return ConfigSource(uri, read, version_of, check_every_s, on_reload, industry)
+        return DeploymentSource(uri, read, version_of, on_reload, industry)
+    return ConfigSource(uri, read, version_of, on_reload, industry)
+
+
+class ConfigWatch:
+    """The thread (`gannet-config-watch`) that checks the configs for a change, every
+    `every_s`: the one place that decides when checks happen.
+
+    Why a thread of its own: a check is a GCS metadata request, and a changed config a
+    load and its models loaded on every device (seconds). Run inline by whichever thread
+    asked for the config when it was due, a runner or a stream's callback thread waited
+    for that, and for the GCS client's timeouts and retries while GCS was slow or down.
+    A daemon thread: stop() does not wait for a check in flight (one hanging on GCS
+    would hold up the shutdown); the process's exit ends it.
+    """
+
+    def __init__(self, configs: Configs, every_s: float) -> None:
+        self._configs = configs
+        self._every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gannet-config-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 0.0) -> None:
+        """No check starts after this; waits up to `timeout_s` for one in flight."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every_s):
+            self._configs.check_now()  # never raises (_Watched.check_now)

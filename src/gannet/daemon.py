@@ -31,7 +31,7 @@ from gannet import clients, logs
 from gannet.acks import Acks
 from gannet.backlog import BacklogMonitor
 from gannet.callback import Callbacks, build_callbacks
-from gannet.config_sources import Configs, open_configs
+from gannet.config_sources import Configs, ConfigWatch, open_configs
 from gannet.device_decode import device_decoders
 from gannet.dispatch import Dispatcher
 from gannet.health import Health, HealthServer
@@ -95,17 +95,21 @@ def config_uri(settings: Settings) -> str:
 
 def build_configs(settings: Settings, storage: Storage, metrics: Metrics) -> Configs:
     """The daemon's config source: one industry, or a deployment naming several, from a
-    local path (checked every 5 s) or gs:// (checked every 30 s, by generation)."""
+    local path or gs:// (versioned by generation)."""
     uri = config_uri(settings)
 
     def on_reload(result: str) -> None:
         metrics.config_reloads.labels(result).inc()
 
     if uri.startswith("gs://"):
-        return open_configs(
-            uri, storage.read_url, storage.generation, settings.industry, 30.0, on_reload
-        )
-    return open_configs(uri, read_local, local_version, settings.industry, 5.0, on_reload)
+        return open_configs(uri, storage.read_url, storage.generation, settings.industry, on_reload)
+    return open_configs(uri, read_local, local_version, settings.industry, on_reload)
+
+
+def config_check_s(uri: str) -> float:
+    """How often ConfigWatch checks the configs: a gs:// config every 30 s (a metadata
+    request per config and pod each time), a local file every 5 s (a stat)."""
+    return 30.0 if uri.startswith("gs://") else 5.0
 
 
 @dataclass
@@ -355,6 +359,9 @@ class Daemon:
         # message path made, instead of 120-160 ms here each time (docs/benchmark.md).
         gc.collect()
         gc.freeze()
+        # Configs are checked for changes on a thread of their own, never a task's.
+        watch = ConfigWatch(parts.pipeline.configs, config_check_s(config_uri(s)))
+        watch.start()
         parts.dispatcher.pool.start()
         streams = [subscriber.start() for subscriber in subscribers]
         sizer = self._lease_sizer(parts, lanes, subscribers)
@@ -397,6 +404,7 @@ class Daemon:
                 exit_code = 1
                 break
         sizer.stop()
+        watch.stop()  # a check in flight is not waited for: ConfigWatch says why
         self._shutdown(parts, subscribers)
         for backlog in backlogs:
             backlog.stop()
