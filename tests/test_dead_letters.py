@@ -89,4 +89,4 @@ def test_a_replay_from_another_lanes_subscription_must_name_its_lane(stack):
         "dead-letters", "--replay", "--all", "--subscription", "gannet-dead-letter-bulk-sub"
     )
     assert refused.returncode == 2
-    assert "name the lane it belongs to with --lane" in refused.stdout
+    assert "name the lane it belongs to with --lane" in refused.stderr

@@ -21,13 +21,14 @@ def test_gannet_publish_names_the_flag_at_fault_and_the_topic_it_could_not_reach
     args = ("publish", "--tenant", stack.tenant, "--pipeline", "DETECTION")
     bad = stack.gannet(*args, "--confidence", "5", image)
     assert bad.returncode == 2, bad.stdout + bad.stderr
-    assert "error: --confidence:" in bad.stdout and "Traceback" not in bad.stderr
+    assert "error: --confidence:" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.stdout == ""  # the output stays JSON lines, errors on stderr
     uploads = stack.storage.client.list_blobs("gannet-images", prefix=f"{stack.tenant}/uploads/")
     assert list(uploads) == []  # refused before the upload
 
     lost = stack.gannet(*args, image, GANNET_TOPIC="no-such-topic")
     assert lost.returncode == 1, lost.stdout + lost.stderr
-    assert "was not published to" in lost.stdout and "no-such-topic" in lost.stdout
+    assert "was not published to" in lost.stderr and "no-such-topic" in lost.stderr
     assert "Traceback" not in lost.stderr
 
 

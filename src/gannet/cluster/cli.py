@@ -8,6 +8,7 @@ and `gannet run` never pays for them.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from gannet.cluster import scaling
 from gannet.settings import Settings
@@ -41,10 +42,13 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     try:
         lanes = declared if args.lane is None else [settings.lane(args.lane)]
     except ValueError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.subscription and len(lanes) > 1:
-        print("error: --subscription names one dead-letter subscription: add --lane NAME")
+        print(
+            "error: --subscription names one dead-letter subscription: add --lane NAME",
+            file=sys.stderr,
+        )
         return 2
     own = lanes[0].dead_letter_subscription
     if args.subscription not in (None, own) and args.replay and args.lane is None:
@@ -52,7 +56,8 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
         print(
             f"error: {args.subscription} is not lane {lanes[0].name!r}'s dead-letter "
             f"subscription ({own}), whose topic ({lanes[0].topic}) a replay goes to; name "
-            "the lane it belongs to with --lane NAME (set GANNET_LANES as in the overlay)"
+            "the lane it belongs to with --lane NAME (set GANNET_LANES as in the overlay)",
+            file=sys.stderr,
         )
         return 2
     worst = 0

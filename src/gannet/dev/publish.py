@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,7 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
     try:
         topic = lane_topic(settings, args.lane)
     except ValueError as exc:
-        print(f"error: {exc}", flush=True)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     # Every task is checked before anything is uploaded or published.
     bucket = settings.allowed_buckets[0]
@@ -107,7 +108,7 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
         if not image.startswith("gs://"):
             path = Path(image)
             if not path.is_file():
-                print(f"error: {image} is not a file or gs:// URL", flush=True)
+                print(f"error: {image} is not a file or gs:// URL", file=sys.stderr)
                 return 2
             url = f"gs://{bucket}/{upload_name(args.tenant, path, 'uploads')}"
             uploads[url] = path
@@ -126,7 +127,7 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
         except ValidationError as exc:
             for err in exc.errors():
                 where = ".".join(str(p) for p in err["loc"])
-                print(f"error: {_FLAGS.get(where, where)}: {err['msg']}", flush=True)
+                print(f"error: {_FLAGS.get(where, where)}: {err['msg']}", file=sys.stderr)
             return 2
     publisher, _ = clients.pubsub_clients(settings)
     storage = Storage(clients.storage_client(settings))
@@ -146,6 +147,7 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
                 f"error: {task.image_url} was not published to {topic} ({exc}); check that "
                 "the topic exists (terraform, or `gannet services` locally), GANNET_PROJECT "
                 "and your credentials, then publish that image again",
+                file=sys.stderr,
                 flush=True,
             )
             continue
