@@ -208,17 +208,23 @@ def test_one_ctrl_c_reaches_each_process_once(tmp_path):
             pod.wait()
 
 
-# A stand-in for a daemon process killed in the middle of each answer: the headers
-# promise more than the connection carries before it closes.
-CUT_SHORT_CHILD = """
+def _stand_in(answer: bytes) -> str:
+    """A stand-in daemon process's program: it gives every request on its metrics port
+    the same raw `answer`."""
+    return f"""
 import os, socket
 server = socket.create_server(("127.0.0.1", int(os.environ["GANNET_METRICS_PORT"])))
 while True:
     conn, _ = server.accept()
     conn.recv(4096)
-    conn.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Length: 1000\\r\\n\\r\\n{")
+    conn.sendall({answer!r})
     conn.close()
 """
+
+
+# A daemon process killed in the middle of each answer: the headers promise more than
+# the connection carries before it closes.
+CUT_SHORT_CHILD = _stand_in(b"HTTP/1.0 200 OK\r\nContent-Length: 1000\r\n\r\n{")
 
 
 def test_an_answer_cut_short_counts_as_no_answer():
@@ -246,16 +252,8 @@ def test_an_answer_cut_short_counts_as_no_answer():
         _kill_all(supervisor)
 
 
-# A stand-in for a healthy daemon process: answers every request 200.
-HEALTHY_CHILD = """
-import os, socket
-server = socket.create_server(("127.0.0.1", int(os.environ["GANNET_METRICS_PORT"])))
-while True:
-    conn, _ = server.accept()
-    conn.recv(4096)
-    conn.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\n{}")
-    conn.close()
-"""
+# A healthy daemon process.
+HEALTHY_CHILD = _stand_in(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}")
 
 
 def test_a_proxy_in_the_pods_environment_does_not_come_between_it_and_its_processes(
