@@ -16,6 +16,7 @@ import functools
 import json
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -662,3 +663,36 @@ def test_a_redelivery_after_the_commit_leaves_the_result_object_alone(served):
     row = stack.rows([task.task_id])[task.task_id]
     assert row["delivery_attempt"] == 1
     assert result_object(parts, row["result_uri"]) == row["result"]
+
+
+def test_a_result_that_cannot_be_written_is_nacked_not_acked(served, streams):
+    """The result object cannot be written (here the pod's results bucket does not exist,
+    a deployment's mistake that is fixed without republishing; GCS failing the upload
+    is the same error): nothing is committed, so the message is nacked, never acked,
+    and the task's claim is given up at once. The message comes back, and another pod
+    that can write results runs it to a success without waiting for the claim."""
+    stack, parts = served
+    dispatcher = pod(stack, parts, holder="pod-no-results-bucket")
+    dispatcher.results_bucket = f"no-such-results-{uuid.uuid4().hex[:8]}"
+    task = stack.task(stack.upload(SCENES[1]["file"]))
+    retries = count(parts, "gannet_messages_total", outcome="retry")
+    dispatcher.pool.start()
+    try:
+        with pulling(served, streams, dispatcher) as delivered:
+            stack.publish([task])
+            wait_until(
+                lambda: count(parts, "gannet_messages_total", outcome="retry") > retries,
+                "a nack",
+                timeout_s=60,
+            )
+    finally:
+        dispatcher.pool.stop_accepting()
+        dispatcher.pool.join(10)
+
+    assert stack.rows([task.task_id]) == {}
+    # Not acked: still in the subscription (or moved by its dead-letter policy).
+    back = stack.unacked(delivered.messages) or stack.pull_dead_letters(1, timeout_s=5)
+    assert [json.loads(m.data)["task_id"] for m in back] == [task.task_id]
+    body = task.model_dump_json().encode()
+    done = pod(stack, parts, holder="pod-with-results").outcome_here(body, 2, "cpu")
+    assert (done.decision, done.label) == (Decision.ACK, "succeeded")
