@@ -696,3 +696,51 @@ def test_a_result_that_cannot_be_written_is_nacked_not_acked(served, streams):
     body = task.model_dump_json().encode()
     done = pod(stack, parts, holder="pod-with-results").outcome_here(body, 2, "cpu")
     assert (done.decision, done.label) == (Decision.ACK, "succeeded")
+
+
+class RaisesOnce:
+    """The module's pipeline, whose first run raises an exception that no code path
+    expects: a bug, injected, since no input is known to make one."""
+
+    def __init__(self, pipeline: Any) -> None:
+        self.pipeline = pipeline
+        self.raised = 0
+
+    def check(self, task: Any) -> Any:
+        return self.pipeline.check(task)
+
+    def run(self, *args: Any) -> Any:
+        if not self.raised:
+            self.raised += 1
+            raise RuntimeError("injected: a bug in a step")
+        return self.pipeline.run(*args)
+
+
+def test_an_unexpected_error_on_a_runner_nacks_the_message_and_its_redelivery_succeeds(
+    served, streams, caplog
+):
+    """An exception that is no GannetError, raised while a runner runs the task, says
+    nothing about the message: it is logged and nacked (outcome error), not
+    quarantined. No failed row, no dead letter; the message comes back at once and
+    succeeds on its second delivery."""
+    stack, parts = served
+    dispatcher = pod(stack, parts, holder="pod-runner-bug")
+    dispatcher.pipeline = raising = RaisesOnce(parts.pipeline)  # type: ignore[assignment]
+    task = stack.task(stack.upload(SCENES[1]["file"]))
+    errors = count(parts, "gannet_messages_total", outcome="error")
+    dispatcher.pool.start()
+    try:
+        with pulling(served, streams, dispatcher) as delivered:
+            stack.publish([task])
+            row = stack.wait_rows([task.task_id], timeout_s=60)[task.task_id]
+    finally:
+        dispatcher.pool.stop_accepting()
+        dispatcher.pool.join(10)
+
+    assert raising.raised == 1
+    assert (row["status"], row["delivery_attempt"]) == ("succeeded", 2), row
+    assert count(parts, "gannet_messages_total", outcome="error") == errors + 1
+    assert "unexpected error; the message will be retried" in caplog.text
+    assert stack.pull_dead_letters(1, timeout_s=2) == []
+    assert len(delivered.messages) == 2
+    assert stack.unacked(delivered.messages) == []
