@@ -26,11 +26,13 @@ import pytest
 from conftest import SAMPLES, SCENES, expected_counts, make_stack, wait_until
 
 from gannet import daemon
+from gannet.dev.local_services import free_port
 from gannet.dev.publish import make_task
 from gannet.dispatch import Dispatcher
 from gannet.errors import ErrorCode
 from gannet.metrics import Metrics
 from gannet.outcome import Decision, Settler, shutdown
+from gannet.sink import Sink
 from gannet.subscriber import Subscriber
 
 
@@ -743,4 +745,45 @@ def test_an_unexpected_error_on_a_runner_nacks_the_message_and_its_redelivery_su
     assert "unexpected error; the message will be retried" in caplog.text
     assert stack.pull_dead_letters(1, timeout_s=2) == []
     assert len(delivered.messages) == 2
+    assert stack.unacked(delivered.messages) == []
+
+
+def test_poison_whose_failed_row_cannot_be_written_is_nacked_until_it_can(served, streams):
+    """A task naming a pipeline its tenant does not have, while PostgreSQL cannot be
+    reached (a pod's sink on a port where no server listens): its failed row cannot be
+    written, so the message is nacked (retry), not dead-lettered and acked, which would
+    leave the publisher no row saying why, ever. Once the database answers, the
+    redelivery gets its failed row and its dead letter."""
+    stack, parts = served
+    task = stack.task(stack.upload(SCENES[0]["file"]))
+    body = json.dumps({**json.loads(task.model_dump_json()), "pipeline": "NO_SUCH_PIPELINE"})
+    down = Sink(f"postgresql://gannet@127.0.0.1:{free_port()}/gannet", timeout_s=0.5)
+    down.pool.open(wait=False)
+    dispatcher = pod(stack, parts, holder="pod-database-down")
+    dispatcher.sink = down
+    retries = count(parts, "gannet_messages_total", outcome="retry")
+    quarantined = count(parts, "gannet_messages_total", outcome="quarantined")
+
+    def settled() -> bool:
+        return (
+            count(parts, "gannet_messages_total", outcome="retry") > retries
+            or count(parts, "gannet_messages_total", outcome="quarantined") > quarantined
+        )
+
+    try:
+        with pulling(served, streams, dispatcher):
+            stack.publish_raw(body.encode())
+            wait_until(settled, "the message settled", timeout_s=30)
+    finally:
+        down.close()
+    assert count(parts, "gannet_messages_total", outcome="quarantined") == quarantined
+    assert stack.pull_dead_letters(1, timeout_s=2) == []
+    assert stack.rows([task.task_id]) == {}
+
+    with pulling(served, streams) as delivered:  # the module's pod: the database answers
+        dead = stack.pull_dead_letters(1, timeout_s=30)
+    assert [m.data for m in dead] == [body.encode()]
+    assert dead[0].attributes["error_code"] == "unknown_pipeline"
+    row = stack.rows([task.task_id])[task.task_id]
+    assert (row["status"], row["error_code"]) == ("failed", "unknown_pipeline")
     assert stack.unacked(delivered.messages) == []
