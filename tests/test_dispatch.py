@@ -787,3 +787,31 @@ def test_poison_whose_failed_row_cannot_be_written_is_nacked_until_it_can(served
     row = stack.rows([task.task_id])[task.task_id]
     assert (row["status"], row["error_code"]) == ("failed", "unknown_pipeline")
     assert stack.unacked(delivered.messages) == []
+
+
+def test_a_task_whose_claim_passed_to_a_pod_still_running_it_is_nacked_not_acked(served):
+    """Pod A runs past its 1 s claim, and pod B takes the task over but has not committed
+    (it may still fail). When A finishes it writes nothing, neither object nor row, and
+    its delivery is nacked with a delay until B's claim ends: acked, the task would be
+    lost if B then failed."""
+    stack, parts = served
+    task = stack.task(stack.upload(SCENES[1]["file"]))
+    body = task.model_dump_json().encode()
+    pod_a = pod(stack, parts, holder="pod-overtaken", claim_ttl_s=1.0)
+    pod_a.pipeline = paused = Paused(parts.pipeline)  # type: ignore[assignment]
+    outcomes: list[Any] = []
+    slow = threading.Thread(target=lambda: outcomes.append(pod_a.outcome_here(body, 1, "cpu")))
+    slow.start()
+    try:
+        assert paused.ran.wait(60)
+        time.sleep(1.2)  # A's claim has run out
+        assert parts.sink.start(task.task_id, task.tenant_id, "pod-b", ttl_s=30).claimed
+    finally:
+        paused.go_on.set()
+        slow.join(60)
+    [late] = outcomes
+    assert (late.decision, late.label) == (Decision.NACK, "busy"), (late.error, late.fields)
+    assert late.retry_after_s is not None and 0 < late.retry_after_s <= 30
+    assert stack.rows([task.task_id]) == {}
+    name = f"{task.tenant_id}/{task.task_id}.json"
+    assert not parts.storage.client.bucket(stack.settings.results_bucket).blob(name).exists()
