@@ -815,3 +815,18 @@ def test_a_task_whose_claim_passed_to_a_pod_still_running_it_is_nacked_not_acked
     assert stack.rows([task.task_id]) == {}
     name = f"{task.tenant_id}/{task.task_id}.json"
     assert not parts.storage.client.bucket(stack.settings.results_bucket).blob(name).exists()
+
+
+def test_a_task_that_failed_on_a_runner_gives_its_claim_up_at_once(served):
+    """A runner's attempt that ends in an exception (here one no code path expects,
+    injected) is nacked and gives the task's claim up: its redelivery, on another pod,
+    runs at once instead of waiting out the claim as busy."""
+    stack, parts = served
+    task = stack.task(stack.upload(SCENES[1]["file"]))
+    body = task.model_dump_json().encode()
+    pod_a = pod(stack, parts, holder="pod-failing")
+    pod_a.pipeline = RaisesOnce(parts.pipeline)  # type: ignore[assignment]
+    failed = pod_a.outcome_here(body, 1, "cpu")
+    assert (failed.decision, failed.label) == (Decision.NACK, "error")
+    again = pod(stack, parts, holder="pod-next").outcome_here(body, 2, "cpu")
+    assert (again.decision, again.label) == (Decision.ACK, "succeeded"), (again.error, again.fields)
