@@ -34,6 +34,7 @@ from gannet.callback import (
     resolve,
 )
 from gannet.dev.publish import make_task, upload_image
+from gannet.dispatch import Dispatcher
 from gannet.metrics import Metrics
 from gannet.outcome import Decision
 
@@ -583,3 +584,76 @@ def test_a_callback_whose_sending_raises_is_recorded_as_failed(processor_parts):
     assert (outcome.decision, outcome.label) == (Decision.ACK, "succeeded")
     assert _callback_status(settings, tenant, task.task_id) == "failed: RuntimeError: injected"
     assert metrics.registry.get_sample_value("gannet_callbacks_total", {"result": "failed"}) == 1
+
+
+class _Paused:
+    """A pipeline paused after the model ran and before the result is written, as a task
+    that runs longer than its claim's TTL. The model and steps are real."""
+
+    def __init__(self, pipeline: Any) -> None:
+        self.pipeline = pipeline
+        self.ran = threading.Event()
+        self.go_on = threading.Event()
+
+    def check(self, task: Any) -> Any:
+        return self.pipeline.check(task)
+
+    def run(self, *args: Any) -> Any:
+        result = self.pipeline.run(*args)
+        self.ran.set()
+        assert self.go_on.wait(60)
+        return result
+
+
+def _pod(processor: Dispatcher, holder: str, claim_ttl_s: float = 60.0) -> Dispatcher:
+    """Another worker on the same parts and callbacks, named `holder` in task claims."""
+    return Dispatcher(
+        processor.pipeline,
+        processor.sink,
+        processor.storage,
+        processor.settlers,
+        processor.metrics,
+        processor.results_bucket,
+        processor.max_body_bytes,
+        ["cpu"],
+        1,
+        processor.callbacks,
+        holder=holder,
+        claim_ttl_s=claim_ttl_s,
+    )
+
+
+def test_only_the_attempt_that_committed_calls_back(processor_parts, receiver_factory):
+    """Pod A runs past its 1 s claim; pod B takes the task over, commits and calls back.
+    A then commits nothing and is acked as a duplicate: it must not call back as well,
+    with a result (its own processed_at) that is not the committed one."""
+    settings, storage, processor, callbacks, _ = processor_parts
+    receiver = receiver_factory([200])
+    tenant = f"cb-{uuid.uuid4().hex[:6]}"
+    url = upload_image(
+        storage, settings.allowed_buckets[0], tenant, SAMPLES / SCENES[0]["file"], "cb"
+    )
+    task_id = f"{tenant}-{uuid.uuid4().hex[:8]}"
+    task = make_task(tenant, url, "DETECTION", task_id, callback_url=receiver.url())
+    body = task.model_dump_json().encode()
+    pod_a = _pod(processor, "pod-slow", claim_ttl_s=1.0)
+    pod_a.pipeline = paused = _Paused(processor.pipeline)  # type: ignore[assignment]
+    outcomes: list[Any] = []
+    slow = threading.Thread(target=lambda: outcomes.append(pod_a.outcome_here(body, 1, "cpu")))
+    slow.start()
+    try:
+        assert paused.ran.wait(60)
+        time.sleep(1.2)  # A's claim has run out
+        assert _pod(processor, "pod-fast").outcome_here(body, 2, "cpu").label == "succeeded"
+    finally:
+        paused.go_on.set()
+        slow.join(60)
+    [late] = outcomes
+    assert (late.decision, late.label) == (Decision.ACK, "duplicate")
+    assert _callback_status(settings, tenant, task_id) == "delivered: HTTP 200"
+    wait_until(lambda: callbacks.pending() == 0, "callbacks sent")
+    from gannet.dev import demo
+
+    row = demo.fetch_rows(settings.database_url, tenant, [task_id])[task_id]
+    (request,) = receiver.requests
+    assert request["body"]["processed_at"] == row["result"]["processed_at"]
