@@ -252,6 +252,25 @@ def test_jpegs_decode_to_opencvs_pixels_bit_for_bit_in_every_orientation(orienta
     assert (sx * reduced.shape[1], sy * reduced.shape[0]) == pytest.approx((upright_w, upright_h))
 
 
+@pytest.mark.parametrize("orientation", [1, 6, 8])
+def test_a_jpeg_libjpeg_turbo_refuses_still_scales_back_to_the_upright_photo(orientation):
+    """A JPEG that simplejpeg refuses (strict: here 100 stray bytes before its end
+    marker, which libjpeg only warns about) is decoded by OpenCV at the reduced scale
+    instead, and turned upright by OpenCV itself. Its factors must still map the image
+    back onto the upright photo's own pixels, a phone photo's quarter turn included:
+    they scale every box of the answer."""
+    from gannet.image_header import read_header
+    from gannet.pipeline import _decode_jpeg, decode_scaled
+
+    good = _noise_jpeg(1301, 701, orientation)
+    data = good[:-2] + b"\x55" * 100 + good[-2:]
+    assert _decode_jpeg(data, read_header(data, 10**8), 4) is None  # OpenCV's to decode
+    reduced, (sx, sy) = decode_scaled(data, 10**8, floor=300)
+    assert np.array_equal(reduced, _opencv(data, cv2.IMREAD_REDUCED_COLOR_4))
+    upright_w, upright_h = (701, 1301) if orientation >= 5 else (1301, 701)
+    assert (sx * reduced.shape[1], sy * reduced.shape[0]) == pytest.approx((upright_w, upright_h))
+
+
 @pytest.mark.parametrize("kind", ["progressive", "grayscale", "cmyk", "truncated"])
 def test_unusual_jpegs_decode_as_opencv_decodes_them(kind):
     """Progressive, grayscale and CMYK JPEGs come out as OpenCV's pixels; what simplejpeg
