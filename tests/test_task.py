@@ -86,6 +86,15 @@ def test_bad_json_and_oversized_bodies_are_rejected_with_their_own_codes():
     assert code is ErrorCode.BODY_TOO_LARGE and str(LIMIT) in message
 
 
+def test_a_body_of_exactly_the_limit_is_accepted_and_one_byte_more_is_not():
+    """GANNET_MAX_BODY_BYTES is the largest body accepted, not the first one refused."""
+    raw = body()
+    at_limit = raw + b" " * (LIMIT - len(raw))
+    assert parse_task(at_limit, LIMIT).task_id == "t-1"
+    code, message = code_of(at_limit + b" ")
+    assert code is ErrorCode.BODY_TOO_LARGE and f"{LIMIT + 1} bytes" in message
+
+
 def test_identify_finds_ids_of_invalid_bodies_only_when_safe():
     assert identify(body(pipeline=None)) == ("t-1", "acme-farms")
     assert identify(body(tenant_id="NOT VALID")) == ("t-1", None)
