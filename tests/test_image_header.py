@@ -138,7 +138,10 @@ def test_xmp_orientation_is_read_as_pil_reads_it():
 
 @pytest.mark.parametrize("data", [QUICK["plain"], TO_PIL["png"]])
 def test_too_many_pixels_is_refused_whichever_reads_the_header(data):
+    """GANNET_MAX_IMAGE_PIXELS is the largest width x height accepted: an image of
+    exactly that many pixels is read, one with a pixel more than the limit refused."""
     width, height = read_header(data, 10**8).size
+    assert read_header(data, width * height).size == (width, height)
     with pytest.raises(PermanentError) as err:
         read_header(data, width * height - 1)
     assert err.value.code is ErrorCode.IMAGE_TOO_LARGE
