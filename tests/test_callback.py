@@ -11,8 +11,11 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import shutil
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -144,6 +147,48 @@ def test_the_default_policy_refuses_before_connecting(url, expected):
     with pytest.raises(CallbackRefused) as err:
         resolve(url, CallbackPolicy())
     assert expected in err.value.message
+
+
+# Runs in a mount namespace whose /etc/hosts gives each name a public and a private
+# address, in both orders; prints each name's refusal, or "called".
+_TWO_FACED = """
+import sys
+from gannet.callback import CallbackPolicy, CallbackRefused, resolve
+for name in ("public-first.test", "private-first.test"):
+    try:
+        resolve(f"https://{name}/hook", CallbackPolicy())
+        print(name, "called")
+    except CallbackRefused as exc:
+        print(name, exc.message)
+"""
+
+
+def test_a_name_with_one_private_address_among_public_ones_is_refused(tmp_path):
+    """A receiver's name may resolve to several addresses, and the connection may go to
+    any of them: one private (here 10.0.0.5) among public ones is refused, whichever
+    comes first. The resolver is the real one (glibc's, reading a hosts file): the hosts
+    file is this test's own, bind-mounted over /etc/hosts in a user and mount namespace
+    (`unshare -rm`), so the machine's is untouched."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text(
+        "127.0.0.1 localhost\n"
+        "93.184.216.34 public-first.test\n10.0.0.5 public-first.test\n"
+        "10.0.0.5 private-first.test\n93.184.216.34 private-first.test\n"
+    )
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "-rm", "true"]).returncode != 0:
+        pytest.skip("needs unshare -rm (user and mount namespaces) to give a name two addresses")
+    script = f'mount --bind {hosts} /etc/hosts && exec {sys.executable} -c "$0"'
+    ran = subprocess.run(
+        [unshare, "-rm", "sh", "-c", script, _TWO_FACED],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 0, ran.stderr
+    answers = dict(line.split(" ", 1) for line in ran.stdout.splitlines())
+    for name in ("public-first.test", "private-first.test"):
+        assert "resolves to 10.0.0.5, which is private" in answers[name], answers
 
 
 def test_a_refused_url_is_never_contacted(receiver_factory):
