@@ -31,7 +31,10 @@ def serve() -> Iterator[Any]:
     def start(handler: type[server.BaseHTTPRequestHandler]) -> tuple[str, _Server]:
         httpd = _Server(("127.0.0.1", 0), handler)
         httpd.seen_tokens = []
-        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        # shutdown() waits for serve_forever's next poll (every 0.5 s by default).
+        threading.Thread(
+            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
         started.append(httpd)
         return f"http://127.0.0.1:{httpd.server_address[1]}", httpd
 
