@@ -169,10 +169,14 @@ class Stack:
             time.sleep(0.5)
         raise AssertionError(f"{len(letters)} dead letters after {timeout_s}s, not {count}")
 
-    def unacked(self, messages: list[Any], wait_s: float = 1.0) -> list[Any]:
+    def unacked(self, messages: list[Any], wait_s: float = 0.25) -> list[Any]:
         """Of `messages` (received in this process), those not acked: their leases are
         ended (ack deadline 0), then a pull gets back whatever was not acked. An empty
-        pull alone proves nothing: an unacked message stays invisible while leased."""
+        pull alone proves nothing: an unacked message stays invisible while leased.
+
+        The ModifyAckDeadline returns once the emulator has made those messages
+        available again, and a pull then gets them at once (with no wait at all, too):
+        `wait_s` is only a margin, not a lease to wait out."""
         if messages:
             self.subscriber.modify_ack_deadline(
                 request={
