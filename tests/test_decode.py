@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -95,13 +96,20 @@ def test_pixels_are_bgr_and_upright_per_exif():
     assert rotated.shape == (64, 32, 3)
 
 
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the bench's large photos are drawn (bench_plumbing.images_for), once for
+    the module: two tests read the 4032x3024 set."""
+    return tmp_path_factory.mktemp("photos")
+
+
 @pytest.mark.parametrize("image_set", ["4032x3024", "phone"])
-def test_reduced_scale_decode_finds_the_same_objects_within_two_pixels(tmp_path, image_set):
+def test_reduced_scale_decode_finds_the_same_objects_within_two_pixels(tmp_path, photos, image_set):
     """A 4032x3024 photo for a 640-pixel detector is decoded at 1/4 scale (about 4x less
     CPU); the answer must be the one full-size decoding gives: the same detections, each
     box within 2 px in the photo's own pixels, and the photo's size reported. "phone":
     the same scenes with a sensor's grain, 3-4 MB files as a 12 MP phone writes them."""
-    from gannet.dev.bench_plumbing import images_for, write_config
+    from gannet.dev.bench_plumbing import DISTINCT, images_for, write_config
     from gannet.dev.publish import make_task
     from gannet.pipeline import decode_scaled
     from gannet.stages import Timer
@@ -113,7 +121,10 @@ def test_reduced_scale_decode_finds_the_same_objects_within_two_pixels(tmp_path,
     assert route.decode_floor == 960  # 1.5 times the model's input: 1/4 scale, 1008x756
     compared = 0
     try:
-        for photo in images_for(image_set, tmp_path / "images")[:4]:
+        # Four are compared; drawing a phone photo's grain is the slow part, so only
+        # those four are drawn (the 4032x3024 set is drawn whole: the next test reads it).
+        count = 4 if image_set == "phone" else DISTINCT
+        for photo in images_for(image_set, photos, count)[:4]:
             data = photo.read_bytes()
             assert (len(data) > 3_000_000) == (image_set == "phone"), (photo.name, len(data))
             answers = []
@@ -160,7 +171,7 @@ def test_only_plans_that_report_in_photo_pixels_decode_reduced():
     assert {"agro.yaml:FIELD_ANALYSIS", "vending.yaml:SHELF_AUDIT"} <= floors.keys()
 
 
-def test_segments_of_a_reduced_decode_keep_the_photos_pixels(tmp_path):
+def test_segments_of_a_reduced_decode_keep_the_photos_pixels(photos):
     """agro's FULL_PIPELINE (segmentation, detection, estimation) on 4032x3024 photos is
     decoded at 1/4 scale; its masks are still made at the photo's size, so each segment's
     area, box and the photo's coverage are what full-size decoding gives, within what
@@ -176,7 +187,7 @@ def test_segments_of_a_reduced_decode_keep_the_photos_pixels(tmp_path):
     route = pipeline.check(task)
     compared = 0
     try:
-        for photo in images_for("4032x3024", tmp_path / "images"):
+        for photo in images_for("4032x3024", photos):
             data = photo.read_bytes()
             answers = []
             for floor in (None, route.decode_floor):

@@ -122,11 +122,12 @@ def synthetic_module() -> ModuleType:
     return module
 
 
-def images_for(size: str, out: Path) -> list[Path]:
+def images_for(size: str, out: Path, count: int = DISTINCT) -> list[Path]:
     """DISTINCT JPEGs of `size`: the demo's own samples at 640x480; larger ones are scenes
     drawn at a quarter or half the size and scaled up (the shapes stay large enough for a
     640-pixel model input to see), JPEG quality 90 as a phone writes them; "phone" adds a
-    sensor's grain to 4032x3024 ones (PHONE_GRAIN)."""
+    sensor's grain to 4032x3024 ones (PHONE_GRAIN). `count` < DISTINCT: only the first
+    `count` of them (the same files, drawn in the same order), fewer to draw."""
     if size == "640x480":
         return demo_scenes()
     out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +139,7 @@ def images_for(size: str, out: Path) -> list[Path]:
     scenes = synthetic_module()
     rng = np.random.default_rng(20261201)
     files = []
-    for i, (width, height) in enumerate(dims[:DISTINCT]):
+    for i, (width, height) in enumerate(dims[: min(count, DISTINCT)]):
         path = out / f"{size}-{i}.jpg"
         if not path.exists():
             factor = 4 if width * height > 4_000_000 else 2
