@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from conftest import gannet
 
@@ -113,7 +114,7 @@ def test_bench_options_of_another_mode_are_refused_not_ignored():
     it (a GCS latency to the model bench, a baseline to --in-process, an image count to
     --flood) is refused before anything starts, saying which mode it goes with, instead
     of a run whose figures are not what was asked for; so are two modes at once."""
-    for options, expected in (
+    refusals = (
         (["--gcs-latency-ms", "20"], "--gcs-latency-ms goes with --plumbing, not with the model"),
         (["--gcs-tls"], "--gcs-tls goes with --plumbing"),
         (["--baseline", "plumbing-baseline"], "--baseline goes with --plumbing"),
@@ -126,16 +127,23 @@ def test_bench_options_of_another_mode_are_refused_not_ignored():
         (["--plumbing", "--lanes", "a:1"], "--lanes goes with --flood"),
         (["--in-process", "--plumbing"], "--plumbing and --in-process are modes of their own"),
         (["--plumbing", "--flood"], "--plumbing and --flood are modes of their own"),
-    ):
-        out = gannet("bench", *options)
+    )
+    pipeline = ["--plumbing", "--pipeline", "configs/agro.yaml:FULL_PIPELIN"]
+    sweep = ["--plumbing", "--runners-sweep", "4,2:0"]
+    # Sixteen commands, a Python each: side by side, not one after another (the
+    # --pipeline one, which reads the config, takes longest: it goes first).
+    commands = [pipeline, sweep, *(options for options, _ in refusals)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        pipeline_out, sweep_out, *outs = pool.map(lambda args: gannet("bench", *args), commands)
+    for (options, expected), out in zip(refusals, outs, strict=True):
         assert out.returncode == 2, options
         assert expected in out.stdout + out.stderr, options
-    out = gannet("bench", "--plumbing", "--runners-sweep", "4,2:0")
-    assert out.returncode == 2
-    assert "not a positive number" in out.stderr
-    out = gannet("bench", "--plumbing", "--pipeline", "configs/agro.yaml:FULL_PIPELIN")
-    assert out.returncode == 2
-    assert "known: DETECTION, FIELD_ANALYSIS, FULL_PIPELINE" in out.stdout + out.stderr
+    assert sweep_out.returncode == 2
+    assert "not a positive number" in sweep_out.stderr
+    assert pipeline_out.returncode == 2
+    assert "known: DETECTION, FIELD_ANALYSIS, FULL_PIPELINE" in (
+        pipeline_out.stdout + pipeline_out.stderr
+    )
 
 
 def test_bench_in_process_refuses_an_unknown_image_set_before_it_starts():
