@@ -1,6 +1,7 @@
 """`gannet bench` on real services of its own, small enough to be a test.
 
-Its own services, because the bench empties the GCS emulator before each measurement.
+Services of its own, because the bench empties the GCS emulator before each
+measurement; one set for the module: each bench run makes its own queues and tasks.
 
 The figures are not checked against any target (speed lives in the benchmark, not in
 assertions); what is checked is that every measurement ran on every image and that the
@@ -10,6 +11,7 @@ report a user reads adds up.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 
 import pytest
 
@@ -17,11 +19,18 @@ from gannet.dev import bench, bench_flood
 from gannet.dev.local_services import LocalServices, Ports
 
 
+@pytest.fixture(scope="module")
+def bench_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServices]:
+    with LocalServices(tmp_path_factory.mktemp("bench-services"), Ports.free()) as running:
+        yield running
+
+
 @pytest.mark.slow
-def test_bench_runs_every_measurement_and_reports_consistent_ratios(tmp_path, capsys):
+def test_bench_runs_every_measurement_and_reports_consistent_ratios(
+    bench_services, tmp_path, capsys
+):
     args = argparse.Namespace(images=6, runners=2, rounds=3, state_dir=tmp_path)
-    with LocalServices(tmp_path / "services", Ports.free()) as services:
-        report = bench.run(services, args)
+    report = bench.run(bench_services, args)
 
     assert len(report["rounds"]) == 3
     assert report["device"] == "cpu"  # the bare model ran where the daemon did
@@ -53,7 +62,9 @@ def test_bench_runs_every_measurement_and_reports_consistent_ratios(tmp_path, ca
 
 
 @pytest.mark.slow
-def test_bench_flood_runs_every_measurement_and_reports_its_ratios(tmp_path, capsys):
+def test_bench_flood_runs_every_measurement_and_reports_its_ratios(
+    bench_services, tmp_path, capsys
+):
     """`gannet bench --flood`, small: every run committed every task of A and B, and the
     ratios a user reads are the runs' own figures."""
     args = argparse.Namespace(
@@ -65,8 +76,7 @@ def test_bench_flood_runs_every_measurement_and_reports_its_ratios(tmp_path, cap
         rounds=1,
         state_dir=tmp_path,
     )
-    with LocalServices(tmp_path / "services", Ports.free()) as services:
-        report = bench_flood.run(services, args)
+    report = bench_flood.run(bench_services, args)
 
     runs = report["rounds"][0]["runs"]
     assert runs["b_alone"]["b_tasks"] == 3 and runs["b_alone"]["a_tasks"] == 0
