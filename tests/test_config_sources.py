@@ -15,6 +15,7 @@ from conftest import Started, scraped, wait_until
 from gannet import clients
 from gannet.config_schema import ConfigError
 from gannet.config_sources import ConfigSource, ConfigWatch, parse_config
+from gannet.daemon import config_check_s
 from gannet.dev import demo
 from gannet.dev.local_services import LocalServices
 from gannet.errors import ErrorCode, PermanentError
@@ -292,14 +293,15 @@ def test_the_watch_outlives_a_failing_check_and_stops_without_waiting_for_a_hung
 
 
 def test_a_daemon_picks_up_a_changed_config_with_no_task_arriving(stack, tmp_path):
-    """The real daemon on a local config (checked every 5 s): the change is loaded and
-    served on its watch thread while no message arrives. Before, only a task asking for
-    its config could notice it, so an idle pod served the old config, and its first
-    task after the change took the reload and its model loads."""
+    """The real daemon on a local config (checked every 0.5 s here, GANNET_CONFIG_CHECK_S;
+    5 s by default): the change is loaded and served on its watch thread while no message
+    arrives. Before, only a task asking for its config could notice it, so an idle pod
+    served the old config, and its first task after the change took the reload and its
+    model loads."""
     config = tmp_path / "demo.yaml"
     demo_yaml = (REPO_ROOT / "configs" / "demo.yaml").read_text()
     config.write_text(demo_yaml.replace("../models/", f"{REPO_ROOT}/models/"))
-    daemon = stack.start_daemon(GANNET_CONFIG_URI=str(config))
+    daemon = stack.start_daemon(GANNET_CONFIG_URI=str(config), GANNET_CONFIG_CHECK_S="0.5")
     config.write_text(config.read_text().replace("version: 1", "version: 2"))
     wait_until(
         lambda: scraped(daemon.metrics_port, "gannet_config_reloads_total", result="loaded"),
@@ -309,3 +311,12 @@ def test_a_daemon_picks_up_a_changed_config_with_no_task_arriving(stack, tmp_pat
     reloaded = [e for e in daemon.log_entries() if e["message"] == "config reloaded"]
     assert [e["thread"] for e in reloaded] == ["gannet-config-watch"]
     assert daemon.stop() == 0
+
+
+def test_the_config_is_checked_every_30_s_from_gcs_and_5_s_from_a_file_unless_set():
+    """The watch's interval: a metadata request per config and pod on gs://, a stat on
+    a local file; GANNET_CONFIG_CHECK_S, when set, for either."""
+    assert config_check_s("gs://models/demo/config.yaml") == 30.0
+    assert config_check_s("/etc/gannet/config.yaml") == 5.0
+    assert config_check_s("gs://models/demo/config.yaml", 0.5) == 0.5
+    assert config_check_s("/etc/gannet/config.yaml", 60.0) == 60.0

@@ -106,9 +106,12 @@ def build_configs(settings: Settings, storage: Storage, metrics: Metrics) -> Con
     return open_configs(uri, read_local, local_version, settings.industry, on_reload)
 
 
-def config_check_s(uri: str) -> float:
-    """How often ConfigWatch checks the configs: a gs:// config every 30 s (a metadata
-    request per config and pod each time), a local file every 5 s (a stat)."""
+def config_check_s(uri: str, every_s: float | None = None) -> float:
+    """How often ConfigWatch checks the configs: GANNET_CONFIG_CHECK_S (`every_s`) when
+    set; else a gs:// config every 30 s (a metadata request per config and pod each
+    time), a local file every 5 s (a stat)."""
+    if every_s is not None:
+        return every_s
     return 30.0 if uri.startswith("gs://") else 5.0
 
 
@@ -360,7 +363,7 @@ class Daemon:
         gc.collect()
         gc.freeze()
         # Configs are checked for changes on a thread of their own, never a task's.
-        watch = ConfigWatch(parts.pipeline.configs, config_check_s(config_uri(s)))
+        watch = ConfigWatch(parts.pipeline.configs, config_check_s(config_uri(s), s.config_check_s))
         watch.start()
         parts.dispatcher.pool.start()
         streams = [subscriber.start() for subscriber in subscribers]

@@ -239,6 +239,13 @@ class Settings(BaseSettings):
         ge=0,
         description="How often model versions and per-tenant model listings are re-read.",
     )
+    config_check_s: float | None = Field(
+        None,
+        gt=0,
+        description="How often the config (GANNET_CONFIG_URI) is checked for a change. "
+        "Unset: every 30 s for a gs:// config (a metadata request per config and pod), "
+        "every 5 s for a local file (a stat).",
+    )
     callback_timeout_s: float = Field(
         5.0,
         gt=0,
