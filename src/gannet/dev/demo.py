@@ -192,7 +192,7 @@ class DaemonProcess:
                         return
             except (urllib.error.URLError, OSError):
                 pass
-            time.sleep(0.2)
+            time.sleep(0.05)
         raise RuntimeError(f"gannet run not ready after {timeout_s}s:\n{self.tail()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> int:
@@ -226,7 +226,14 @@ class DaemonProcess:
 
 def fetch_rows(database_url: str, tenant: str, task_ids: list[str]) -> dict[str, dict[str, Any]]:
     """Rows as the tenant sees them (RLS), keyed by task id."""
-    with psycopg.connect(database_url) as conn, conn.transaction():
+    with psycopg.connect(database_url) as conn:
+        return _tenant_rows(conn, tenant, task_ids)
+
+
+def _tenant_rows(
+    conn: psycopg.Connection[Any], tenant: str, task_ids: list[str]
+) -> dict[str, dict[str, Any]]:
+    with conn.transaction():
         conn.execute("SELECT set_config('app.current_tenant', %s, true)", (tenant,))
         cur = conn.cursor(row_factory=dict_row)
         cur.execute("SELECT * FROM task_results WHERE task_id = ANY(%s)", (task_ids,))
@@ -234,22 +241,29 @@ def fetch_rows(database_url: str, tenant: str, task_ids: list[str]) -> dict[str,
 
 
 def wait_for_rows(
-    database_url: str, by_tenant: dict[str, list[str]], timeout_s: float, progress: bool = True
+    database_url: str,
+    by_tenant: dict[str, list[str]],
+    timeout_s: float,
+    progress: bool = True,
+    poll_s: float = 0.3,
 ) -> dict[str, dict[str, Any]]:
+    """The rows of every task of `by_tenant` once each has one, or those there are after
+    `timeout_s`; read every `poll_s` on one connection."""
     total = sum(len(ids) for ids in by_tenant.values())
     deadline = time.monotonic() + timeout_s
     rows: dict[str, dict[str, Any]] = {}
     shown = -1
-    while time.monotonic() < deadline:
-        rows = {}
-        for tenant, ids in by_tenant.items():
-            rows.update(fetch_rows(database_url, tenant, ids))
-        if progress and len(rows) != shown:
-            shown = len(rows)
-            print(f"  {len(rows)}/{total} tasks have a result", flush=True)
-        if len(rows) >= total:
-            return rows
-        time.sleep(0.3)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            rows = {}
+            for tenant, ids in by_tenant.items():
+                rows.update(_tenant_rows(conn, tenant, ids))
+            if progress and len(rows) != shown:
+                shown = len(rows)
+                print(f"  {len(rows)}/{total} tasks have a result", flush=True)
+            if len(rows) >= total:
+                return rows
+            time.sleep(poll_s)
     return rows
 
 

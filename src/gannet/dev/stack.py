@@ -133,7 +133,11 @@ class Stack:
 
     def wait_rows(self, task_ids: list[str], timeout_s: float = 120) -> dict[str, dict[str, Any]]:
         return wait_for_rows(
-            self.settings.database_url, {self.tenant: task_ids}, timeout_s, progress=False
+            self.settings.database_url,
+            {self.tenant: task_ids},
+            timeout_s,
+            progress=False,
+            poll_s=0.05,
         )
 
     def pull(self, subscription: str, max_messages: int = 50, timeout_s: float = 5) -> list[Any]:
