@@ -120,7 +120,7 @@ def test_database_outage_nacks_and_the_tasks_succeed_when_it_returns(stack, db_r
         assert row["status"] == "succeeded"
         assert row["result"]["detection"]["counts"] == expected_counts(SCENES[0])
         assert row["delivery_attempt"] >= 2, "the success is a redelivery of the nacked one"
-    assert stack.pull_dead_letters(1, timeout_s=3) == [], "an outage is not poison"
+    assert stack.pull_dead_letters(1, timeout_s=1) == [], "an outage is not poison"
     assert daemon.stop() == 0
 
 
@@ -154,5 +154,5 @@ def test_an_outage_that_outlasts_the_retries_is_dead_lettered_and_replays(stack,
     row = stack.wait_rows([task.task_id], timeout_s=60).get(task.task_id)
     assert row is not None and row["status"] == "succeeded", row
     assert row["result"]["detection"]["counts"] == expected_counts(SCENES[0])
-    assert stack.pull_dead_letters(1, timeout_s=3) == []
+    assert stack.pull_dead_letters(1, timeout_s=1) == []
     assert daemon.stop() == 0
