@@ -55,5 +55,6 @@ def test_a_daemon_behind_a_distant_pubsub_leases_more_and_loses_nothing(stack):
         assert daemon.stop() == 0
     assert leased > 2
     assert '"lease resized"' in daemon.log_path.read_text()
-    assert stack.pull(stack.settings.subscription, timeout_s=3) == []
+    # Nothing nacked back at the stop (it would be there at once; lost acks: the log).
+    assert stack.pull(stack.settings.subscription, timeout_s=1.25) == []
     assert "acks not delivered" not in daemon.log_path.read_text()
