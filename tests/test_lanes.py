@@ -259,7 +259,7 @@ def test_gannet_publish_lane_goes_to_that_lanes_topic(lanes_stack):
     assert stack.pull(stack.settings.subscription, timeout_s=1.25) == []  # not the first lane
     wrong = stack.gannet(*args, "--lane", "urgent", url)
     assert wrong.returncode == 2
-    assert "no lane 'urgent'" in wrong.stdout and "interactive, bulk" in wrong.stdout
+    assert "no lane 'urgent'" in wrong.stderr and "interactive, bulk" in wrong.stderr
 
 
 @pytest.mark.slow
