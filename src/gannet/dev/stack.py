@@ -195,10 +195,16 @@ class Stack:
     def left_after_leases(self, subscription: str) -> list[Any]:
         """What `subscription` still holds once every lease a stopped daemon had on it
         has run out (STREAM_ACK_DEADLINE_S), acking it: a message whose ack was lost
-        stays invisible while leased, so an empty pull at once proves nothing."""
-        deadline = time.monotonic() + STREAM_ACK_DEADLINE_S + 3
+        stays invisible while leased, so an empty pull at once proves nothing.
+
+        A lease's last extension is no later than the daemon's stop, and the emulator
+        gives a message back within 0.1 s of its lease's end (measured: 10.02-10.10 s
+        after a 10 s ModifyAckDeadline): 1.5 s past the deadline is ample, and the last
+        pull ends with it (the emulator answers an empty pull a second before its own)."""
+        deadline = time.monotonic() + STREAM_ACK_DEADLINE_S + 1.5
         while True:
-            left = self.pull(subscription, timeout_s=2)
+            left_s = deadline - time.monotonic()
+            left = self.pull(subscription, timeout_s=min(2.0, max(left_s, 0.0) + 1))
             if left or time.monotonic() >= deadline:
                 return left
 
