@@ -501,7 +501,7 @@ class LocalServices:
                     return
             except (OSError, psycopg.OperationalError):
                 pass
-            time.sleep(0.25)
+            time.sleep(0.05)
         raise ServiceError(self._failure(name, f"not ready after {timeout_s:.0f}s"))
 
     def _failure(self, name: str, what: str) -> str:
