@@ -12,6 +12,7 @@ from pathlib import Path
 from conftest import SAMPLES, SCENES, expected_counts, scraped, settled
 
 from gannet.daemon import batch_scheduling
+from gannet.dev.demo import DaemonProcess
 
 
 def test_gannet_publish_names_the_flag_at_fault_and_the_topic_it_could_not_reach(stack):
@@ -82,16 +83,26 @@ def test_daemon_threads_run_under_sched_batch_and_decode_nicer_unless_turned_off
     threads, one per runner, run 10 nicer than the rest (offload.py); with
     GANNET_SCHED_BATCH=false and GANNET_DECODE_NICE=0 they keep SCHED_OTHER, and there
     are no decode threads."""
-    daemon = stack.start_daemon(GANNET_RUNNERS="3")
-    policies, nices = thread_policies(daemon.proc.pid)
+    # The two daemons start side by side (each loads torch and its model: seconds of CPU
+    # apiece); each is looked at on its own, once ready.
+    default, turned_off = (
+        DaemonProcess(stack.env(**extra), stack.tmp / f"daemon-{name}.log")
+        for name, extra in (
+            ("default", {"GANNET_RUNNERS": "3"}),
+            ("off", {"GANNET_SCHED_BATCH": "false", "GANNET_DECODE_NICE": "0"}),
+        )
+    )
+    stack.daemons += [default, turned_off]  # stopped by the fixture if an assertion fails
+    default.wait_ready()
+    turned_off.wait_ready()
+    policies, nices = thread_policies(default.proc.pid)
     assert policies == {os.SCHED_BATCH}
     assert nices[10] == 3 and set(nices) == {0, 10}
-    assert daemon.stop() == 0
-    daemon = stack.start_daemon(GANNET_SCHED_BATCH="false", GANNET_DECODE_NICE="0")
-    policies, nices = thread_policies(daemon.proc.pid)
+    assert default.stop() == 0
+    policies, nices = thread_policies(turned_off.proc.pid)
     assert policies == {os.SCHED_OTHER}
     assert set(nices) == {0}
-    assert daemon.stop() == 0
+    assert turned_off.stop() == 0
 
 
 def test_a_refused_sched_batch_is_a_warning_not_a_failed_start(monkeypatch, caplog):
