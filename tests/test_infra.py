@@ -24,6 +24,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -95,6 +97,36 @@ def checkov(args: list[str | Path], cwd: Path | None = None) -> list[dict[str, A
         pytest.fail(f"checkov printed nothing (rc {proc.returncode}): {proc.stderr[-2000:]}")
     reports = json.loads(proc.stdout)
     return reports if isinstance(reports, list) else [reports]
+
+
+Reports = list[dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def checkov_scans(
+    rendered: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Future[Reports]]]:
+    """The module's checkov scans, each as its test would run it alone, started side by
+    side when the first test asks for one: checkov spends some 2.5 s of CPU starting,
+    and one after another the five took 14 s. Each test reads its own scan's reports."""
+    inputs = tmp_path_factory.mktemp("checkov")
+    overlays: list[str | Path] = ["--framework", "kubernetes"]
+    for path in rendered.values():
+        overlays += ["--file", path]
+    scans: dict[str, list[str | Path]] = {
+        "dockerfile": ["--file", DOCKERFILE, "--framework", "dockerfile"],
+        "overlays": overlays,
+        "insecure deployment": [
+            "--file",
+            insecure_deployment(rendered, inputs),
+            "--framework",
+            "kubernetes",
+        ],
+        "terraform": ["--directory", ROOT / "terraform", "--framework", "terraform"],
+        "public bucket": ["--directory", public_bucket(inputs), "--framework", "terraform"],
+    }
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        yield {name: pool.submit(checkov, args) for name, args in scans.items()}
 
 
 def unjustified(reports: list[dict[str, Any]]) -> list[str]:
@@ -254,8 +286,8 @@ def test_hadolint_gate_fails_on_a_bad_dockerfile(tmp_path: Path) -> None:
     assert "DL3014" in proc.stdout  # apt-get install without -y
 
 
-def test_checkov_passes_on_the_dockerfile() -> None:
-    reports = checkov(["--file", DOCKERFILE, "--framework", "dockerfile"])
+def test_checkov_passes_on_the_dockerfile(checkov_scans: dict[str, Future[Reports]]) -> None:
+    reports = checkov_scans["dockerfile"].result()  # --file Dockerfile --framework dockerfile
     assert unjustified(reports) == []
 
 
@@ -447,28 +479,30 @@ def test_schema_gate_fails_on_broken_manifests(rendered: dict[str, Path], tmp_pa
 
 
 def test_checkov_reports_no_unjustified_failures_on_any_overlay(
-    rendered: dict[str, Path],
+    checkov_scans: dict[str, Future[Reports]],
 ) -> None:
-    args: list[str | Path] = ["--framework", "kubernetes"]
-    for path in rendered.values():
-        args += ["--file", path]
-    reports = checkov(args)
+    reports = checkov_scans["overlays"].result()  # --file each rendered overlay
     assert unjustified(reports) == []
     assert sum(r["summary"]["passed"] for r in reports) > 100
 
 
-def test_checkov_gate_fails_on_an_insecure_deployment(
-    rendered: dict[str, Path], tmp_path: Path
-) -> None:
+def insecure_deployment(rendered: dict[str, Path], out: Path) -> Path:
+    """prod's Deployment without its security contexts and liveness probe."""
     objects = docs(rendered["prod"])
     deployment = one_of_kind(objects, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     del pod["securityContext"]
     del pod["containers"][0]["securityContext"]
     del pod["containers"][0]["livenessProbe"]
-    bad = tmp_path / "insecure.yaml"
+    bad = out / "insecure.yaml"
     bad.write_text(yaml.safe_dump(deployment))
-    problems = unjustified(checkov(["--file", bad, "--framework", "kubernetes"]))
+    return bad
+
+
+def test_checkov_gate_fails_on_an_insecure_deployment(
+    checkov_scans: dict[str, Future[Reports]],
+) -> None:
+    problems = unjustified(checkov_scans["insecure deployment"].result())
     assert any("CKV_K8S_8" in p for p in problems), problems  # liveness probe
     assert any("CKV_K8S_22" in p for p in problems), problems  # read-only root fs
 
@@ -860,14 +894,17 @@ def test_terraform_parse_gate_fails_on_broken_hcl(tmp_path: Path) -> None:
     assert proc.returncode != 0
 
 
-def test_checkov_reports_no_unjustified_failures_on_terraform() -> None:
-    reports = checkov(["--directory", ROOT / "terraform", "--framework", "terraform"])
+def test_checkov_reports_no_unjustified_failures_on_terraform(
+    checkov_scans: dict[str, Future[Reports]],
+) -> None:
+    reports = checkov_scans["terraform"].result()  # --directory terraform
     assert unjustified(reports) == []
     assert sum(r["summary"]["passed"] for r in reports) > 80
 
 
-def test_checkov_gate_fails_on_a_public_bucket(tmp_path: Path) -> None:
-    copy = tmp_path / "terraform"
+def public_bucket(out: Path) -> Path:
+    """A copy of terraform/ whose buckets allow public access and per-object ACLs."""
+    copy = out / "terraform"
     shutil.copytree(ROOT / "terraform", copy)
     storage = copy / "storage.tf"
     storage.write_text(
@@ -877,7 +914,11 @@ def test_checkov_gate_fails_on_a_public_bucket(tmp_path: Path) -> None:
         )
         .replace("uniform_bucket_level_access = true", "uniform_bucket_level_access = false")
     )
-    problems = unjustified(checkov(["--directory", copy, "--framework", "terraform"]))
+    return copy
+
+
+def test_checkov_gate_fails_on_a_public_bucket(checkov_scans: dict[str, Future[Reports]]) -> None:
+    problems = unjustified(checkov_scans["public bucket"].result())
     assert any("CKV_GCP_114" in p for p in problems), problems  # public access prevention
     assert any("CKV_GCP_29" in p for p in problems), problems  # uniform access
 
