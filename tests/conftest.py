@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -161,3 +162,39 @@ def local_pipeline(
         Limits(["gannet-images"], 10**8, 10**8),
         decoders,
     )
+
+
+def _jpeg_segment(marker: int, body: bytes) -> bytes:
+    return bytes([0xFF, marker]) + (len(body) + 2).to_bytes(2, "big") + body
+
+
+def _bits(bits: str) -> bytes:
+    """Entropy-coded bytes: the bits padded with ones, each 0xFF byte stuffed."""
+    bits += "1" * (-len(bits) % 8)
+    out = bytearray()
+    for i in range(0, len(bits), 8):
+        byte = int(bits[i : i + 8], 2)
+        out += bytes([byte, 0]) if byte == 0xFF else bytes([byte])
+    return bytes(out)
+
+
+def progressive_jpeg(width: int, height: int, coefficients: int) -> bytes:
+    """A valid progressive greyscale JPEG of one flat grey, its AC coefficients 1 to
+    `coefficients` each sent in 11 scans (a first at Al=10, then ten refinements): 1 + 11 *
+    coefficients scans, each a run of empty blocks in a few bits."""
+    blocks = ((width + 7) // 8) * ((height + 7) // 8)
+    assert blocks < 32768  # one end-of-band run codes them all
+    run = blocks.bit_length() - 1  # EOBn: 2**n blocks plus n more bits
+    out = b"\xff\xd8" + _jpeg_segment(0xDB, b"\x00" + b"\x01" * 64)
+    out += _jpeg_segment(0xC2, struct.pack(">BHHB", 8, height, width, 1) + b"\x01\x11\x00")
+    # DC: every difference 0 (category 0), one symbol of a one-bit code.
+    out += _jpeg_segment(0xC4, b"\x00" + b"\x01" + b"\x00" * 15 + b"\x00")
+    out += _jpeg_segment(0xDA, b"\x01\x01\x00\x00\x00\x00") + _bits("0" * blocks)
+    # AC: one symbol, EOBn, one-bit code, then n bits of the run's length past 2**n.
+    table = _jpeg_segment(0xC4, b"\x10" + b"\x01" + b"\x00" * 15 + bytes([run << 4]))
+    extra = format(blocks - (1 << run), f"0{run}b") if run else ""
+    for k in range(1, coefficients + 1):
+        for ah, al in [(0, 10)] + [(a + 1, a) for a in range(9, -1, -1)]:
+            sos = bytes([1, 1, 0x00, k, k, (ah << 4) | al])
+            out += table + _jpeg_segment(0xDA, sos) + _bits("0" + extra)
+    return out + b"\xff\xd9"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import SCENES, expected_counts
+from conftest import SCENES, expected_counts, progressive_jpeg
 
 
 def test_poison_messages_go_to_dead_letter_with_reason_and_good_ones_flow(stack):
@@ -12,6 +12,8 @@ def test_poison_messages_go_to_dead_letter_with_reason_and_good_ones_flow(stack)
     failed row where the task is identifiable, and does not stop the good tasks."""
     good_url = stack.upload(SCENES[0]["file"])
     not_an_image = stack.upload("notes.jpg", data=b"this is a text file, not a JPEG")
+    # Valid, but 694 scans: a pass over the whole image each (image_header.MAX_SCANS).
+    many_scans = stack.upload("scans.jpg", data=progressive_jpeg(1024, 768, coefficients=63))
     other = stack.task(good_url)  # a valid task, to build variants from
     base = json.loads(other.model_dump_json())
 
@@ -31,6 +33,7 @@ def test_poison_messages_go_to_dead_letter_with_reason_and_good_ones_flow(stack)
     add(variant(image_url=f"gs://gannet-images/{stack.tenant}/../x/a.jpg"), "image_outside_tenant")
     add(variant(image_url=f"gs://gannet-images/{stack.tenant}/missing.jpg"), "image_not_found")
     add(variant(image_url=not_an_image), "image_undecodable")
+    add(variant(image_url=many_scans), "image_undecodable")
     poison.append((json.dumps({**base, "pad": "x" * 300_000}).encode(), "body_too_large", None))
     # Bodies whose failed row or dead letter could not be written as they came, which
     # stopped the daemon's stream (nested past the stack, text PostgreSQL cannot store).
