@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 
 import pytest
 import simplejpeg
@@ -12,8 +13,21 @@ import ultralytics  # noqa: F401 - it patches PIL.Image.open; headers must not c
 from conftest import progressive_jpeg
 from PIL import Image
 
+from gannet import image_header
 from gannet.errors import ErrorCode, PermanentError
-from gannet.image_header import MAX_SCANS, MAX_SEGMENTS, _jpeg_header, _pil_header, read_header
+from gannet.image_header import (
+    FORMATS,
+    MAX_JUNK,
+    MAX_SCANS,
+    MAX_SEGMENTS,
+    MAX_TIFF_ENTRIES,
+    Header,
+    _jpeg_header,
+    _other_header,
+    _pil_header,
+    read_header,
+)
+from gannet.pipeline import decode_image
 
 
 def _encoded(kind: str, mode: str = "RGB", **save: object) -> bytes:
@@ -104,7 +118,6 @@ TO_PIL = {
     "not a TIFF block": _with(_jpeg(), _segment(0xE1, b"Exif\0\0" + b"XX" + b"\0" * 20)),
     "mpo": _encoded("MPO", save_all=True, append_images=[Image.new("RGB", (97, 61), 20)]),
     "junk between segments": _with(_jpeg(), _segment(0xFE, b"a comment") + b"\x00\x17"),
-    "png": _encoded("PNG"),
 }
 
 
@@ -138,7 +151,7 @@ def test_xmp_orientation_is_read_as_pil_reads_it():
     assert read_header(TO_PIL["xmp orientation alone"], 10**8).orientation == 6
 
 
-@pytest.mark.parametrize("data", [QUICK["plain"], TO_PIL["png"]])
+@pytest.mark.parametrize("data", [QUICK["plain"], _encoded("PNG")])
 def test_too_many_pixels_is_refused_whichever_reads_the_header(data):
     """GANNET_MAX_IMAGE_PIXELS is the largest width x height accepted: an image of
     exactly that many pixels is read, one with a pixel more than the limit refused."""
@@ -164,11 +177,10 @@ def test_a_progressive_jpeg_of_too_many_scans_is_refused_before_its_decode():
     """Each scan of a progressive JPEG is a pass over the whole image, however few bytes
     it takes: this valid 25 kB file of 694 scans took 0.15 s of CPU to decode here, some
     40 times a 1024x768 photo (one of 48 MP: 8.3 s, image_header.py). Past
-    MAX_SCANS it is refused from its header, whichever reader reads it; up to it, read."""
+    MAX_SCANS it is refused from its header, also where PIL is to read that; up to it, read."""
     many = progressive_jpeg(1024, 768, coefficients=63)
     assert simplejpeg.decode_jpeg(many, colorspace="GRAY").shape == (768, 1024, 1)  # valid
     by_pil = _with(many, _segment(0xE1, XMP))  # an XMP orientation: PIL reads the header
-    assert _jpeg_header(by_pil) is None  # left to PIL, which reads the header
     for data in (many, by_pil):
         with pytest.raises(PermanentError) as err:
             read_header(data, 10**8)
@@ -179,3 +191,147 @@ def test_a_progressive_jpeg_of_too_many_scans_is_refused_before_its_decode():
     assert read_header(at_the_limit, 10**8).size == (97, 61)
     with pytest.raises(PermanentError):
         read_header(progressive_jpeg(97, 61, coefficients=10), 10**8)  # 111 scans
+
+
+def _tiff_big_endian(width: int, height: int) -> bytes:
+    """A grey TIFF written big-endian (PIL writes little-endian only): width a SHORT,
+    height a LONG, one strip."""
+    entries = [(256, 3, width), (257, 4, height), (258, 3, 8), (259, 3, 1), (262, 3, 1)]
+    entries += [(273, 4, 8), (277, 3, 1), (278, 4, height), (279, 4, width * height)]
+    pixels = bytes([90]) * (width * height)
+    ifd = struct.pack(">H", len(entries))
+    for tag, kind, value in entries:
+        ifd += struct.pack(">HHI", tag, kind, 1)
+        ifd += struct.pack(">HH", value, 0) if kind == 3 else struct.pack(">I", value)
+    return b"MM\0*" + struct.pack(">I", 8 + len(pixels)) + pixels + ifd + b"\0\0\0\0"
+
+
+OTHERS = {
+    "png": _encoded("PNG"),
+    "png grey 16-bit": _encoded("PNG", "I;16"),
+    "png with exif": _encoded("PNG", exif=Image.Exif().tobytes()),
+    "gif": _encoded("GIF", "P"),
+    "tiff": _encoded("TIFF"),
+    "tiff lzw": _encoded("TIFF", compression="tiff_lzw"),
+    "tiff cmyk": _encoded("TIFF", "CMYK"),
+    "bigtiff": _encoded("TIFF", big_tiff=True),
+    "tiff big-endian": _tiff_big_endian(97, 61),
+}
+
+
+def _pil_reading(data: bytes) -> Header:
+    """PIL's own header of any format, for comparison."""
+    image = Image.open(io.BytesIO(data))
+    return Header(image.format or "", image.size, 1, image.mode == "CMYK")
+
+
+@pytest.mark.parametrize("name", list(OTHERS))
+def test_png_gif_and_tiff_headers_are_read_without_pil_as_pil_reads_them(name, monkeypatch):
+    data = OTHERS[name]
+    expected = _pil_reading(data)
+    assert expected.size == (97, 61)
+    monkeypatch.setattr(image_header, "_pil_open", lambda: pytest.fail("PIL read it"))
+    assert _other_header(data) == expected
+    assert read_header(data, 10**8) == expected
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def test_a_png_of_many_chunks_is_read_from_its_first_and_decoded_in_c():
+    """PIL walks a PNG's chunks in Python up to its pixels: a 24 MB PNG of two million
+    empty chunks before them held the GIL 5.6 s in PIL's open, a task's header taking as
+    long as 250 photos' whole work; OpenCV decodes the same file in 0.15 s. Here the size
+    comes from the first chunk (IHDR, first by PNG's spec), and PIL never sees it."""
+    plain = OTHERS["png"]
+    ihdr_end = 8 + 25  # signature, then IHDR: length, type, 13 bytes, CRC
+    many = plain[:ihdr_end] + _png_chunk(b"zzZz", b"") * 100_000 + plain[ihdr_end:]
+    assert read_header(many, 10**8) == Header("PNG", (97, 61), 1)
+    assert decode_image(many, 10**8).shape == (61, 97, 3)
+    no_ihdr = plain[:8] + _png_chunk(b"zzZz", b"") + plain[8:]
+    with pytest.raises(PermanentError, match="a PNG without its IHDR chunk"):
+        read_header(no_ihdr, 10**8)
+
+
+def _tiff_entries(count: int, big: bool) -> bytes:
+    """A 16x16 grey TIFF (BigTIFF with `big`) whose first directory holds `count`
+    entries: the nine it needs, then private tags."""
+    pixels = bytes(256)
+    offset = (16 if big else 8) + len(pixels)  # the directory, after the pixels
+    needed = [(256, 16), (257, 16), (258, 8), (259, 1), (262, 1), (273, 16 if big else 8)]
+    needed += [(277, 1), (278, 16), (279, 256)]
+    entries = needed + [(50000 + i % 10000, 0) for i in range(count - len(needed))]
+    if big:
+        head = b"II+\0" + struct.pack("<HHQ", 8, 0, offset)
+        ifd = struct.pack("<Q", count) + b"".join(
+            struct.pack("<HHQQ", t, 4, 1, v) for t, v in entries
+        )
+        return head + pixels + ifd + struct.pack("<Q", 0)
+    head = b"II*\0" + struct.pack("<I", offset)
+    ifd = struct.pack("<H", count) + b"".join(struct.pack("<HHII", t, 4, 1, v) for t, v in entries)
+    return head + pixels + ifd + struct.pack("<I", 0)
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["tiff", "bigtiff"])
+def test_a_tiff_of_too_many_entries_is_refused_from_its_count(big):
+    """PIL reads a TIFF's first directory entry by entry in Python, and a BigTIFF's
+    holds as many as fit in the file (24 MB: 1.2 million, 0.84 s of GIL in PIL's open).
+    A photo's has a few dozen: past MAX_TIFF_ENTRIES it is refused from its count."""
+    at_the_limit = _tiff_entries(MAX_TIFF_ENTRIES, big)
+    assert read_header(at_the_limit, 10**8) == _pil_reading(at_the_limit)
+    with pytest.raises(PermanentError) as err:
+        read_header(_tiff_entries(MAX_TIFF_ENTRIES + 1, big), 10**8)
+    assert err.value.code is ErrorCode.IMAGE_UNDECODABLE
+    assert f"{MAX_TIFF_ENTRIES + 1} entries; the limit is {MAX_TIFF_ENTRIES}" in err.value.message
+
+
+def test_a_tiff_of_a_million_strips_is_read_without_pil(monkeypatch):
+    """PIL makes one tile per strip when it opens a TIFF, in Python: a 24 MB TIFF of
+    three million one-row strips held the GIL 5.6 s. Its size is in two entries."""
+    rows = 1_000_000
+    strips = 8 + 12 * 9 + 6  # the directory first, then the strips' offsets and sizes
+    entries = [(256, 3, 1, 16), (257, 4, 1, rows), (258, 3, 1, 8), (259, 3, 1, 1)]
+    entries += [(262, 3, 1, 1), (273, 4, rows, strips), (277, 3, 1, 1), (278, 4, 1, 1)]
+    entries += [(279, 4, rows, strips + 4 * rows)]
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *e) for e in entries)
+    data = b"II*\0" + struct.pack("<I", 8) + ifd + bytes(4)
+    data += struct.pack(f"<{rows}I", *([0] * rows)) + struct.pack(f"<{rows}I", *([16] * rows))
+    monkeypatch.setattr(image_header, "_pil_open", lambda: pytest.fail("PIL read it"))
+    assert read_header(data, 10**8) == Header("TIFF", (16, rows), 1)
+
+
+def test_a_jpeg_left_to_pil_is_walked_first_for_its_segments_and_junk():
+    """The quick reading leaves an MPO (its MPF segment) to PIL, and it stopped walking
+    there: PIL then walked two million empty segments after the MPF in 2.8 s. It walks
+    on now, and past MAX_SEGMENTS the file is refused; junk between segments, which PIL
+    skips a byte at a time in Python, past MAX_JUNK bytes."""
+    mpf = _segment(0xE2, b"MPF\0")
+    with pytest.raises(PermanentError, match=f"more than {MAX_SEGMENTS} segments"):
+        read_header(_with(_jpeg(), mpf, _segment(0xE5, b"") * (MAX_SEGMENTS + 1)), 10**8)
+    junk = _segment(0xFE, b"a comment") + b"\x00" * (MAX_JUNK + 1)
+    with pytest.raises(PermanentError, match=f"more than {MAX_JUNK} bytes of junk"):
+        read_header(_with(_jpeg(), junk), 10**8)
+    escaped = _segment(0xFE, b"a comment") + b"\xff\x00" * (MAX_JUNK // 2 + 1)
+    with pytest.raises(PermanentError, match="bytes of junk"):
+        read_header(_with(_jpeg(), escaped), 10**8)
+    some_junk = _with(_jpeg(), _segment(0xFE, b"a comment") + b"\x00" * 1000)
+    assert _jpeg_header(some_junk) is None  # PIL reads it, as it did
+    assert read_header(some_junk, 10**8) == _pil_header(some_junk)
+
+
+@pytest.mark.parametrize("kind", ["PPM", "JPEG2000", "ICO", "TGA", "PSD"])
+def test_formats_not_taken_are_refused_by_name_before_any_plugin_reads_them(kind):
+    """OpenCV decodes none of PIL's other formats but JPEG 2000 and PPM, whose headers
+    PIL walks in Python (boxes, comments): a task's image is never handed to them."""
+    data = _pil_saved(kind) if kind != "PSD" else b"8BPS\0\1" + bytes(40)
+    with pytest.raises(PermanentError) as err:
+        read_header(data, 10**8)
+    assert err.value.code is ErrorCode.IMAGE_UNDECODABLE
+    assert f"not an image of a format taken here ({FORMATS})" in err.value.message
+
+
+def _pil_saved(kind: str) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (97, 61), 90).save(out, kind)
+    return out.getvalue()

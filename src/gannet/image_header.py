@@ -12,9 +12,16 @@ That walk answers only where its answer is PIL's, and hands the photo to PIL oth
 no EXIF or one EXIF block whose first directory holds the orientation as one SHORT, no
 second EXIF block (PIL joins them), no XMP orientation to fall back on, no MPO (PIL
 calls those MPO, and they decode as before), nothing past PIL's decompression-bomb
-limit. tests/test_image_header.py holds both readers to the same answers.
+limit. tests/test_image_header.py holds both readers to the same answers. The walk
+goes on to the scan where PIL is to decide, so that what PIL then walks in Python is
+bounded too (MAX_SEGMENTS, MAX_JUNK); either way, a progressive JPEG's scans are counted
+before any pixel is decoded (MAX_SCANS).
 
-Either way, a progressive JPEG's scans are counted before any pixel is decoded (MAX_SCANS).
+Why PNG, GIF and TIFF headers are not read with PIL either: PIL walks their chunks,
+blocks or strips in Python when it opens them, seconds of GIL for a crafted file within
+the size limit (_other_header). Their size is a few bytes in. PIL reads the rest of the
+formats taken here (FORMATS), and no other: a task's image is never handed to the
+forty-odd other plugins PIL has.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import simplejpeg
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from gannet.errors import ErrorCode, PermanentError
 
@@ -56,7 +63,7 @@ class Header:
 def read_header(data: bytes, max_pixels: int) -> Header:
     """The image's header, or PermanentError when it is no image or has more than
     `max_pixels` pixels: refused before any pixel is decoded."""
-    header = _jpeg_header(data) or _pil_header(data)
+    header = _jpeg_header(data) or _other_header(data) or _pil_header(data)
     width, height = header.size
     if width * height > max_pixels:
         raise PermanentError(
@@ -67,9 +74,13 @@ def read_header(data: bytes, max_pixels: int) -> Header:
 
 
 def _jpeg_header(data: bytes) -> Header | None:
-    """A JPEG's header as PIL would read it, or None where only PIL can tell."""
+    """A JPEG's header as PIL would read it, or None where only PIL can tell. The walk
+    over its segments comes first, whoever reads the rest: it bounds what PIL walks."""
     if not data.startswith(b"\xff\xd8\xff"):
         return None
+    orientation, sof = _orientation_in_segments(data)
+    if sof in _PROGRESSIVE:
+        _check_scans(data)
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
@@ -77,11 +88,8 @@ def _jpeg_header(data: bytes) -> Header | None:
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and width * height > limit:
         return None  # PIL's own refusal, in its words
-    orientation, sof = _orientation_in_segments(data)
     if orientation is None:
         return None
-    if sof in _PROGRESSIVE:
-        _check_scans(data)
     return Header("JPEG", (width, height), orientation, colorspace in ("CMYK", "YCCK"))
 
 
@@ -123,21 +131,37 @@ _ABSENT = -1  # no orientation tag
 _FILL = re.compile(rb"\xff+")  # fill bytes, which may precede any marker
 # Real photos have a few dozen segments before the scan (a depth map in extended XMP,
 # some 30 more). A crafted file can hold millions within the size limit: walking them
-# held the GIL for a second (PIL took 5), so past this many the file is refused.
+# held the GIL for a second (PIL took 5), so past this many the file is refused, also
+# where PIL is to read the header (an MPF segment first: PIL walked two million empty
+# segments after it in 2.8 s).
 MAX_SEGMENTS = 4096
+# Bytes that are no marker between segments, which PIL skips one at a time in Python
+# (0.06 s a MB, 0.14 s a MB of FF 00 pairs): past this many, refused.
+MAX_JUNK = 65536
 
 
 def _orientation_in_segments(data: bytes) -> tuple[int | None, int | None]:
     """The orientation in the segments before the scan, None where PIL must decide; and
-    the start-of-frame marker met on the way (None before one)."""
+    the start-of-frame marker met on the way (None before one).
+
+    The walk goes on to the scan where PIL decides, so that what PIL then walks (in
+    Python) is bounded: MAX_SEGMENTS segments, MAX_JUNK bytes of junk."""
     exif: memoryview | None = None
-    xmp = False
+    xmp = to_pil = False
     sof: int | None = None
-    at, end, segments = 2, len(data), 0
+    at, end, segments, junk = 2, len(data), 0, 0
     while at + 4 <= end:
-        if data[at] != 0xFF:
-            return None, sof  # junk where a marker should be
         marker = data[at + 1]
+        if data[at] != 0xFF or marker < 0xC0:  # junk (FF 00 too) where a marker should be
+            skip_to = data.find(b"\xff", at + 1)
+            skip_to = end if skip_to < 0 else skip_to
+            junk, at, to_pil = junk + skip_to - at, skip_to, True
+            if junk > MAX_JUNK:
+                raise PermanentError(
+                    ErrorCode.IMAGE_UNDECODABLE,
+                    f"the JPEG has more than {MAX_JUNK} bytes of junk between its segments",
+                )
+            continue
         if marker == 0xFF:  # fill bytes: to the last of them, in one step
             at = _FILL.match(data, at).end() - 1  # type: ignore[union-attr]
             continue
@@ -147,8 +171,6 @@ def _orientation_in_segments(data: bytes) -> tuple[int | None, int | None]:
                 ErrorCode.IMAGE_UNDECODABLE,
                 f"the JPEG has more than {MAX_SEGMENTS} segments before its image data",
             )
-        if marker < 0xC0:
-            return None, sof  # PIL finds no marker here
         if marker == 0xDA:  # start of scan: the header's segments are behind
             break
         if 0xD0 <= marker <= 0xD8:  # restart markers and SOI: no length
@@ -156,26 +178,86 @@ def _orientation_in_segments(data: bytes) -> tuple[int | None, int | None]:
             continue
         length = (data[at + 2] << 8) | data[at + 3]
         if length < 2:
-            return None, sof
+            return None, sof  # PIL refuses it at once
         stop, body = at + 2 + length, at + 4
         sof = marker if marker in _SOF else sof
         if marker == 0xE1 and data.startswith(b"Exif\0\0", body, stop):
-            if exif is not None:
-                return None, sof  # a second EXIF block, which PIL appends to the first
+            to_pil = to_pil or exif is not None  # a second block, which PIL appends
             exif = memoryview(data)[body + 6 : stop]
         elif marker == 0xE1 and data.startswith(b"http://ns.adobe.com/xap/1.0/\0", body, stop):
             xmp = True
         elif marker == 0xE2 and data.startswith(b"MPF\0", body, stop):
-            return None, sof  # PIL opens it as an MPO
+            to_pil = True  # PIL opens it as an MPO
         elif marker in _SOF and not (stop <= end and length >= 8 and _pil_takes(data, body)):
             return None, marker  # PIL refuses all but 8-bit samples in 1, 3 or 4 channels
         at = stop
     else:
         return None, sof  # the header ends before the scan
     found = _ABSENT if exif is None else _ifd0_orientation(exif)
-    if found is None or (found == _ABSENT and xmp):
+    if to_pil or found is None or (found == _ABSENT and xmp):
         return None, sof  # unreadable, or PIL would look for it in the XMP
     return (1 if found == _ABSENT else found), sof
+
+
+def _other_header(data: bytes) -> Header | None:
+    """A PNG's, GIF's or TIFF's header, read here in full: PIL walks their chunks,
+    blocks or strips in Python when it opens them, and a crafted file within the size
+    limit held the GIL for seconds (24 MB: a PNG of two million empty chunks before its
+    pixels 5.6 s, a TIFF of three million strips 5.6 s; a GIF of four million empty
+    blocks in 12 MB 0.9 s). Where these need only the size (OpenCV turns them per
+    their EXIF itself), the size is a few bytes in. None for other formats."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        # The first chunk is IHDR (PNG's spec): its width and height, big-endian.
+        if data[12:16] != b"IHDR" or len(data) < 24:
+            raise PermanentError(ErrorCode.IMAGE_UNDECODABLE, "a PNG without its IHDR chunk")
+        width, height = struct.unpack_from(">II", data, 16)
+        return Header("PNG", (width, height), 1)
+    if data.startswith((b"GIF87a", b"GIF89a")) and len(data) >= 10:
+        width, height = struct.unpack_from("<HH", data, 6)  # the logical screen
+        return Header("GIF", (width, height), 1)
+    if data.startswith((b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")):
+        return _tiff_header(data)
+    return None
+
+
+# Entries in a TIFF's first directory: a photo's has a few dozen (a GeoTIFF's, some 30).
+MAX_TIFF_ENTRIES = 1024
+
+
+def _tiff_header(data: bytes) -> Header:
+    """A TIFF's (or BigTIFF's) size from its first directory, where PIL takes it, and
+    whether it is CMYK (photometric interpretation 5)."""
+    order = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\0", b"\0+")
+    # Classic: a 4-byte offset, 2-byte count, 12-byte entries, values in 4 bytes.
+    # BigTIFF: an 8-byte offset at 8, 8-byte count, 20-byte entries, values in 8 bytes.
+    pointer, count_fmt, entry_fmt, size = (8, "Q", "HHQ", 20) if big else (4, "H", "HHI", 12)
+    try:
+        (first,) = struct.unpack_from(order + ("Q" if big else "I"), data, pointer)
+        (count,) = struct.unpack_from(order + count_fmt, data, first)
+        if count > MAX_TIFF_ENTRIES:
+            raise PermanentError(
+                ErrorCode.IMAGE_UNDECODABLE,
+                f"the TIFF's first directory has {count} entries; the limit is {MAX_TIFF_ENTRIES}",
+            )
+        tags: dict[int, int] = {}
+        at = first + struct.calcsize(order + count_fmt)
+        for _ in range(count):
+            tag, kind, n = struct.unpack_from(order + entry_fmt, data, at)
+            if tag in (256, 257, 262) and n == 1 and kind in _TIFF_INTS:
+                (tags[tag],) = struct.unpack_from(
+                    order + _TIFF_INTS[kind], data, at + size - (8 if big else 4)
+                )
+            at += size
+    except struct.error:
+        raise PermanentError(ErrorCode.IMAGE_UNDECODABLE, "a TIFF cut short") from None
+    if 256 not in tags or 257 not in tags:
+        raise PermanentError(ErrorCode.IMAGE_UNDECODABLE, "a TIFF without its width and height")
+    return Header("TIFF", (tags[256], tags[257]), 1, tags.get(262) == 5)
+
+
+# TIFF's integer types, as a value of one is stored in an entry: SHORT, LONG, LONG8.
+_TIFF_INTS = {3: "H", 4: "I", 16: "Q"}
 
 
 def _pil_takes(data: bytes, sof: int) -> bool:
@@ -204,6 +286,14 @@ def _ifd0_orientation(tiff: memoryview) -> int | None:
     return _ABSENT
 
 
+# What PIL reads headers of: the formats OpenCV decodes but PNG, GIF and TIFF (read
+# here, _other_header), and JPEGs the quick reading leaves to PIL. Not the forty-odd
+# others PIL knows: OpenCV decodes none of them, or (JPEG 2000, PPM) PIL walks their
+# boxes or comments in Python.
+_PIL_FORMATS = ("JPEG", "WEBP", "AVIF", "BMP")  # PIL's JPEG opens an MPO as one
+FORMATS = "JPEG, PNG, WebP, AVIF, TIFF, BMP, GIF"  # what a task's image may be
+
+
 def _pil_open() -> Callable[..., Image.Image]:
     """PIL's own Image.open. Importing ultralytics replaces it with a version that, on
     bytes PIL cannot identify, tries to install and import pi-heif: decoding untrusted
@@ -217,9 +307,13 @@ def _pil_header(data: bytes) -> Header:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = _pil_open()(io.BytesIO(data))
+            image = _pil_open()(io.BytesIO(data), formats=_PIL_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PermanentError(ErrorCode.IMAGE_TOO_LARGE, str(exc)) from exc
+    except UnidentifiedImageError as exc:
+        raise PermanentError(
+            ErrorCode.IMAGE_UNDECODABLE, f"not an image of a format taken here ({FORMATS})"
+        ) from exc
     except Exception as exc:
         # PIL's format plugins raise what they like on crafted files: UnidentifiedImageError,
         # OSError, SyntaxError, ValueError, and NotImplementedError or AttributeError from
@@ -227,8 +321,6 @@ def _pil_header(data: bytes) -> Header:
         raise PermanentError(
             ErrorCode.IMAGE_UNDECODABLE, f"not a decodable image ({exc.__class__.__name__})"
         ) from exc
-    if image.format in ("JPEG", "MPO") and image.info.get("progressive"):
-        _check_scans(data)
     orientation: int | None = 1
     if image.format in ("JPEG", "AVIF"):
         try:
