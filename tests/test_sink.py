@@ -107,6 +107,22 @@ def test_another_tenants_claim_on_a_task_id_is_a_conflict_not_a_busy_task(db):
     assert db.start(running, a, "pod-c", 60).retry_after_s > 0  # a's own: busy, as before
 
 
+def test_a_failed_tasks_id_stays_its_tenants_and_its_retry_runs(db):
+    """A task refused before its claim (in the callback: its schema, its pipeline, an
+    image outside the tenant) gets a failed row and had no claim: another tenant's task
+    of that id was claimed, ran the model and wrote its result, refused only at its
+    commit, and its claim, kept, then refused the first tenant's retries for good."""
+    a, b = f"a-{uuid.uuid4().hex[:6]}", f"b-{uuid.uuid4().hex[:6]}"
+    task_id = f"failed-{a}"
+    assert db.save(result(a, task_id, "failed", error_code="unknown_pipeline"))
+    with pytest.raises(PermanentError) as err:
+        db.start(task_id, b, "pod-b", 60)  # before any download or model
+    assert err.value.code is ErrorCode.TASK_ID_CONFLICT
+    assert db.start(task_id, a, "pod-a", 60).claimed  # a's own retry runs
+    assert db.save_claimed(result(a, task_id), "pod-a", lambda: None)
+    assert db.find_success(task_id, a) is not None
+
+
 def test_a_claimed_commit_writes_only_under_its_claim_and_rolls_back_cleanly(db):
     """save_claimed sends its transaction as two blocking libpq calls ("BEGIN; fence",
     then "finish; COMMIT", their values quoted in). What must hold: a result with quotes,

@@ -327,6 +327,10 @@ _SUCCESS = (
 )
 
 _START = b"SELECT * FROM gannet_start($1, $2, $3, $4)"
+_OWN = (
+    "INSERT INTO task_claims (task_id, tenant_id, holder, expires_at)"
+    " VALUES (%s, %s, '', now()) ON CONFLICT (task_id) DO NOTHING"
+)
 _RELEASE = "UPDATE task_claims SET expires_at = now() WHERE task_id = %s AND holder = %s"
 # The fence: whoever holds the claim row's lock is the only one who may write the result
 # object and commit, so the object at result_uri is always the committed attempt's.
@@ -431,8 +435,16 @@ class Sink:
             cur.execute(_RELEASE, (task_id, holder))
 
     def save(self, record: TaskResult) -> bool:
-        """Upsert the row; False when a committed success already stands (not overwritten)."""
+        """Upsert the row; False when a committed success already stands (not overwritten).
+
+        A failed task's row, often written without a claim (a task refused in the
+        callback: its schema, pipeline, image outside the tenant): the task_id's claim is
+        taken for the tenant too, where no one holds one, expired at once so that the
+        tenant's own retry claims it. Without it another tenant's task of that id was
+        claimed, ran the model and wrote its result before its commit was refused, and
+        its claim, kept, refused the first tenant's retries for good."""
         with self.tenant_transaction(record.tenant_id) as cur:
+            cur.execute(_OWN, (record.task_id, record.tenant_id))
             return _upsert(cur, record)
 
     def save_claimed(
