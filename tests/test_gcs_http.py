@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from http import server
 from typing import Any
@@ -343,3 +344,47 @@ def test_credentials_that_cannot_be_refreshed_fail_the_read_as_transient(serve):
     assert "credentials" in caught.value.message and "metadata.google.internal" in str(
         caught.value.message
     )
+
+
+@pytest.mark.parametrize("drips", ["body", "headers"])
+def test_a_server_that_drips_its_answer_is_cut_off_at_the_requests_deadline(serve, drips):
+    """A server (or a broken middlebox) that sends its answer a byte every 0.2 s never
+    lets a read wait out the socket's timeout, which bounds each read, not the request:
+    the request ran for as long as the server liked (here 30 bytes: 6 s), its runner lost
+    to every other task. Each request has a deadline, by default the connect and read
+    timeouts together (here 0.5 + 0.5 s), and fails at it with TimeoutError, which a
+    task's read takes for a transient failure (nacked, not quarantined)."""
+
+    class Drips(_Handler):
+        def do_GET(self) -> None:
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: 30\r\n\r\n"
+            try:
+                if drips == "headers":  # the status line at once, then a byte at a time
+                    self.wfile.write(head[:17])
+                    dripped = head[17:] + b"x" * 30
+                else:  # status line and headers at once, then the body a byte at a time
+                    self.wfile.write(head)
+                    dripped = b"x" * 30
+                for i in range(len(dripped)):
+                    time.sleep(0.2)
+                    self.wfile.write(dripped[i : i + 1])
+            except OSError:
+                pass  # the client gave up: what it should do
+            self.close_connection = True
+
+    url, _ = serve(Drips)
+    endpoint = Endpoint(url, AnonymousCredentials(), connect_timeout_s=0.5, read_timeout_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        endpoint.request("GET", "/o/x?alt=media", max_body=1 << 20)
+    took = time.monotonic() - started
+    assert 0.9 < took < 1.6, f"the request ran {took:.2f} s, its deadline is 1 s"
+
+    storage = Storage(make_client("gannet-test", url))
+    storage.endpoint = endpoint
+    started = time.monotonic()
+    with pytest.raises(TransientError) as caught:
+        storage.read(GsUrl.parse("gs://images/t/x.jpg"), 1 << 20)
+    assert caught.value.code is ErrorCode.DEPENDENCY_UNAVAILABLE
+    assert "TimeoutError" in caught.value.message
+    assert time.monotonic() - started < 1.6

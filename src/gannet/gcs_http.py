@@ -16,6 +16,13 @@ sent on it would wait out the read timeout instead of failing at once. A 401 (an
 access token that expired in flight) refreshes the credentials and repeats once, as
 google-auth's own transports do. Configs, models and listings stay on the client
 library (storage.Storage.client).
+
+Each request (both its attempts) ends at a deadline, by default the connect and read
+timeouts together (70 s): a socket's timeout bounds each read, so a server or a
+middlebox that drips its answer a byte every few seconds would otherwise hold the
+runner for as long as it liked. One thread (`gannet-gcs-deadline`) shuts the socket of
+a request still running at its deadline; a request only registers with it and leaves
+(a lock and a dict, no system call: the socket's timeout is never changed per read).
 """
 
 from __future__ import annotations
@@ -47,6 +54,9 @@ _MAX_HEADERS = 8192 + 100
 # minutes by default), so a connection is dropped here before one forgets it. Costs a
 # new connection per runner after a quiet spell.
 MAX_IDLE_S = 90.0
+# How often the deadline thread looks at the requests in flight, at the least: a
+# request's deadline is kept to within this (one further than 1 s ahead never wakes it).
+_DEADLINE_TICK_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -63,9 +73,13 @@ class Endpoint:
         connect_timeout_s: float = 10.0,
         read_timeout_s: float = 60.0,
         max_idle_s: float = MAX_IDLE_S,
+        deadline_s: float | None = None,
     ) -> None:
         """`base_url`: the JSON API's endpoint (https://storage.googleapis.com, or an
-        emulator's http:// address)."""
+        emulator's http:// address). `deadline_s`: how long a request may take in all,
+        both attempts together; by default connect_timeout_s + read_timeout_s, what a
+        server that never answers already costs (a connection, then a wait for the
+        answer), so that one dripping its answer costs no more."""
         parts = urllib.parse.urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) endpoint: {base_url!r}")
@@ -79,6 +93,7 @@ class Endpoint:
         self._connect_timeout_s = connect_timeout_s
         self._read_timeout_s = read_timeout_s
         self._max_idle_s = max_idle_s
+        self._deadline_s = connect_timeout_s + read_timeout_s if deadline_s is None else deadline_s
         # Idle kept-alive connections and when each was put back, in that order: a
         # request takes the last one (or opens one) and puts it back, so there are as
         # many as requests ever ran at once (one per runner).
@@ -97,7 +112,8 @@ class Endpoint:
         max_body: int | None = None,
     ) -> Reply:
         """`path` under the endpoint, with its query. Raises one of HTTPError when the
-        request failed twice (the second time on a new connection), or timed out.
+        request failed twice (the second time on a new connection), or timed out: a
+        socket's timeout, or TimeoutError at the request's deadline (`deadline_s`).
 
         `max_body`: the reply's data is at most max_body + 1 bytes, so a longer body
         shows as one; the rest of it is never read (its connection is closed instead).
@@ -105,34 +121,52 @@ class Endpoint:
         stored gzip-compressed, decompressed on the way, chunked), and a small gzip of a
         huge image would otherwise be read whole into memory before being refused."""
         url = self._base + path
+        deadline = time.monotonic() + self._deadline_s
         fresh = False  # after a failed connection: a new one, the idle ones may be dead too
         for attempt in (1, 2):
+            if attempt == 2 and time.monotonic() >= deadline:
+                raise self._timed_out()
             sent = dict(headers or {})
             self._credentials.before_request(self._auth, method, url, sent)  # type: ignore[no-untyped-call]
-            conn: http.client.HTTPConnection | None = None
+            conn = self._take(fresh)
+            _DEADLINES.watch(conn, deadline)
+            expired = False
             try:
-                conn = self._take(fresh)
-                conn.request(method, self._prefix + path, body=body, headers=sent)
-                response = conn.getresponse()
-                reuse = not response.will_close
-                # The usual reply (a ranged read's 206, a write's 200) has a length
-                # within the limit: read whole, as without one.
-                if max_body is None or (
-                    response.length is not None and response.length <= max_body
-                ):
-                    data = response.read()
-                else:
-                    data = _read_at_most(response, max_body + 1)
-                    reuse = reuse and response.isclosed()  # else the rest is unread
+                try:
+                    if conn.sock is None:
+                        self._connect(conn, deadline)
+                    conn.request(method, self._prefix + path, body=body, headers=sent)
+                    response = conn.getresponse()
+                    reuse = not response.will_close
+                    # The usual reply (a ranged read's 206, a write's 200) has a length
+                    # within the limit: read whole, as without one.
+                    if max_body is None or (
+                        response.length is not None and response.length <= max_body
+                    ):
+                        data = response.read()
+                    else:
+                        data = _read_at_most(response, max_body + 1)
+                        reuse = reuse and response.isclosed()  # else the rest is unread
+                finally:
+                    expired = _DEADLINES.forget(conn)
             except HTTPError as exc:
-                if conn is not None:
-                    conn.close()
+                conn.close()
+                if expired:  # what the shut socket made of the answer: a timeout
+                    raise self._timed_out() from exc
                 # Most likely a kept-alive connection the server closed: once more on a
                 # new one. Not after a timeout: not worth a second wait.
                 if attempt == 2 or isinstance(exc, TimeoutError):
                     raise
                 fresh = True
                 continue
+            except BaseException:
+                conn.close()
+                raise
+            if expired:
+                # Shut at the deadline as the answer ended: a body that ends where the
+                # connection does would pass for a whole one.
+                conn.close()
+                raise self._timed_out()
             if not reuse:
                 conn.close()
             else:
@@ -145,14 +179,20 @@ class Endpoint:
             return Reply(response.status, data)
         raise AssertionError("unreachable: the second attempt returns or raises")
 
+    def _timed_out(self) -> TimeoutError:
+        return TimeoutError(
+            f"no complete answer within the request's {self._deadline_s:g} s deadline"
+        )
+
     def close(self) -> None:
         """Close the idle connections (also done when the endpoint is collected)."""
         self._closer()
 
     def _take(self, fresh: bool) -> http.client.HTTPConnection:
-        """An idle connection, the most recently used first, or a new one (`fresh`:
-        always; the idle ones may all have been closed by the server). When the most
-        recently used has idled too long, so have all the others: all are closed."""
+        """An idle connection, the most recently used first, or a new one, not yet
+        connected (`fresh`: always; the idle ones may all have been closed by the
+        server). When the most recently used has idled too long, so have all the
+        others: all are closed."""
         stale: list[tuple[http.client.HTTPConnection, float]] = []
         if not fresh:
             now = time.monotonic()
@@ -171,19 +211,98 @@ class Endpoint:
                 self._host, self._port, timeout=self._connect_timeout_s
             )
         conn.response_class = Response
-        try:
-            conn.connect()
-            assert conn.sock is not None
-            conn.sock.settimeout(self._read_timeout_s)
-            # http.client sends a request's headers and body in two writes: with Nagle
-            # on, the body waits for the server's delayed ACK of the headers (40 ms).
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except BaseException:
-            conn.close()
-            raise
+        return conn
+
+    def _connect(self, conn: http.client.HTTPConnection, deadline: float) -> None:
+        """Connects a new connection, under the request's deadline: TLS's handshake on
+        the socket the deadline thread can shut (`conn.sock`), not in a wrapping of it
+        that keeps the plain one."""
+        http.client.HTTPConnection.connect(conn)  # TCP alone, within the connect timeout
+        assert conn.sock is not None
+        if self._tls is not None:
+            conn.sock = self._tls.wrap_socket(
+                conn.sock, server_hostname=self._host, do_handshake_on_connect=False
+            )
+            conn.sock.do_handshake()
+        if time.monotonic() >= deadline:  # connected past it, maybe unseen by the thread
+            raise self._timed_out()
+        conn.sock.settimeout(self._read_timeout_s)
+        # http.client sends a request's headers and body in two writes: with Nagle
+        # on, the body waits for the server's delayed ACK of the headers (40 ms).
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
             self.connections_opened += 1
-        return conn
+
+
+class _Deadlines:
+    """Shuts the socket of a request still running at its deadline, for every endpoint
+    of the process, on one thread (`gannet-gcs-deadline`), started at the first request.
+
+    Why a thread: the socket's timeout bounds each read, not the request, and checking
+    the clock between reads would put Python (or a system call, to change the timeout)
+    in every read of every body. A request only registers and leaves (a lock and a
+    dict). The thread wakes every _DEADLINE_TICK_S at the most, or at a deadline nearer
+    than that, so the one request that registers a deadline nearer than its next wake
+    wakes it. Shutting the socket ends the blocked read or write at once; what that read
+    made of the answer (an end of file; headers cut short even parse as complete) is a
+    timeout (`forget`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._running: dict[http.client.HTTPConnection, float] = {}
+        self._expired: set[http.client.HTTPConnection] = set()
+        self._wakes_at = 0.0  # the thread's next look
+        self._thread: threading.Thread | None = None
+
+    def watch(self, conn: http.client.HTTPConnection, deadline: float) -> None:
+        with self._lock:
+            self._running[conn] = deadline
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="gannet-gcs-deadline", daemon=True
+                )
+                self._thread.start()
+            elif deadline < self._wakes_at:
+                self._wake.notify()
+
+    def forget(self, conn: http.client.HTTPConnection) -> bool:
+        """Stops watching; True when the deadline had shut the connection's socket."""
+        with self._lock:
+            if self._running.pop(conn, None) is not None:
+                return False
+            self._expired.discard(conn)
+            return True
+
+    def _run(self) -> None:
+        with self._lock:
+            while True:
+                now = time.monotonic()
+                wakes_at = now + _DEADLINE_TICK_S
+                for conn, deadline in list(self._running.items()):
+                    if deadline <= now:
+                        del self._running[conn]
+                        self._expired.add(conn)
+                        _shut(conn.sock)  # None while connecting: _connect checks then
+                    else:
+                        wakes_at = min(wakes_at, deadline)
+                self._wakes_at = wakes_at
+                self._wake.wait(wakes_at - now)
+
+
+_DEADLINES = _Deadlines()
+
+
+def _shut(sock: socket.socket | None) -> None:
+    """Ends another thread's blocked reads and writes on the socket: the plain socket's
+    shutdown, also for TLS (SSLSocket's own would drop its TLS state under the thread
+    still using it)."""
+    if sock is None:
+        return
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:  # already closed
+        pass
 
 
 def _read_at_most(response: http.client.HTTPResponse, amount: int) -> bytes:
