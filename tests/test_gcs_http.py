@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+import gzip
 import io
+import re
 import ssl
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from http import server
 from typing import Any
 
 import pytest
+from conftest import SAMPLES
 from google.auth.credentials import AnonymousCredentials, Credentials
 
 from gannet.errors import ErrorCode, PermanentError, TransientError
@@ -388,3 +393,79 @@ def test_a_server_that_drips_its_answer_is_cut_off_at_the_requests_deadline(serv
     assert caught.value.code is ErrorCode.DEPENDENCY_UNAVAILABLE
     assert "TimeoutError" in caught.value.message
     assert time.monotonic() - started < 1.6
+
+
+@functools.cache
+def _bomb() -> bytes:
+    return gzip.compress(b"\0" * (64 << 20))  # 64 MiB of zeros in 64 KiB
+
+
+@pytest.mark.parametrize("ranges", ["applied to the gzip bytes", "ignored"])
+def test_an_image_stored_gzip_compressed_and_served_so_is_read_decompressed_within_the_limit(
+    serve, ranges
+):
+    """An object uploaded with Content-Encoding: gzip and Cache-Control: no-transform is
+    served as stored, its gzip bytes with Content-Encoding: gzip, whatever the request's
+    Accept-Encoding (cloud.google.com/storage/docs/transcoding). Its read took those
+    bytes for the image: a fine photo quarantined as undecodable. It is decompressed,
+    under the same limit on its decompressed size: a small gzip of a huge body is refused
+    as too large without being inflated whole. The server here answers as GCS does;
+    whether GCS applies the Range to the gzip bytes (RFC 9110: a range is of the encoded
+    representation) or sends all of them, as it does when it decompresses, both are
+    served. The GCS emulator the suite runs (gcp-storage-emulator) never answers with
+    Content-Encoding, so it cannot serve such an object end to end."""
+    photo = (SAMPLES / "scene_01.jpg").read_bytes()
+    objects = {
+        "photo.jpg": gzip.compress(photo),
+        "two-members.jpg": gzip.compress(photo[:1000]) + gzip.compress(photo[1000:]),
+        "bomb.jpg": _bomb(),
+        "corrupt.jpg": gzip.compress(photo)[:-8] + b"\xff" * 8,  # its CRC and length
+        "cut.jpg": gzip.compress(photo)[:-100],
+    }
+
+    class NoTransform(_Handler):
+        def do_GET(self) -> None:
+            stored = objects[self.path.split("%2F")[-1].removesuffix("?alt=media")]
+            status, body = 200, stored
+            wanted = re.fullmatch(r"bytes=0-(\d+)", self.headers.get("Range", ""))
+            if wanted and ranges != "ignored":
+                status, body = 206, stored[: int(wanted[1]) + 1]
+            self.send_response(status)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Cache-Control", "no-transform")
+            self.send_header("X-Goog-Stored-Content-Encoding", "gzip")
+            self.send_header("X-Goog-Stored-Content-Length", str(len(stored)))
+            if status == 206:
+                self.send_header("Content-Range", f"bytes 0-{len(body) - 1}/{len(stored)}")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    url, _ = serve(NoTransform)
+    storage = Storage(make_client("gannet-test", url))
+
+    def read(name: str, limit: int) -> bytes:
+        return storage.read(GsUrl.parse(f"gs://images/t/{name}"), limit)
+
+    assert read("photo.jpg", len(photo)) == photo
+    assert read("two-members.jpg", len(photo)) == photo
+    with pytest.raises(PermanentError, match=r"larger than the \d+-byte limit") as err:
+        read("photo.jpg", len(photo) - 1)  # over the limit by one byte once decompressed
+    assert err.value.code == ErrorCode.IMAGE_TOO_LARGE
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(PermanentError) as err:
+            read("bomb.jpg", 1 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert err.value.code == ErrorCode.IMAGE_TOO_LARGE
+    assert "gs://images/t/bomb.jpg" in err.value.message and "1048576-byte" in err.value.message
+    assert peak < 16 << 20, f"{peak >> 20} MiB taken to refuse it: inflated whole"
+
+    for broken in ("corrupt.jpg", "cut.jpg"):
+        with pytest.raises(PermanentError, match="gzip") as err:
+            read(broken, len(photo))
+        assert err.value.code == ErrorCode.IMAGE_UNDECODABLE

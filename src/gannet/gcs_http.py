@@ -63,6 +63,7 @@ _DEADLINE_TICK_S = 1.0
 class Reply:
     status: int
     data: bytes
+    encoding: str | None = None  # the answer's Content-Encoding, if any
 
 
 class Endpoint:
@@ -176,7 +177,7 @@ class Endpoint:
             if response.status == 401 and attempt == 1:
                 self._credentials.refresh(self._auth)  # type: ignore[no-untyped-call]
                 continue
-            return Reply(response.status, data)
+            return Reply(response.status, data, response.headers.get("content-encoding"))
         raise AssertionError("unreachable: the second attempt returns or raises")
 
     def _timed_out(self) -> TimeoutError:

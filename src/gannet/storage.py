@@ -14,6 +14,7 @@ import random
 import re
 import tempfile
 import urllib.parse
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +122,9 @@ class Storage:
         """Object bytes, in one request: asking for one byte more than the limit tells us
         an object is too large without downloading all of it, and where the server sends
         all of it anyway (an object stored gzip-compressed: GCS ignores the Range), no
-        more than that byte is read."""
+        more than that byte is read. An object stored gzip-compressed that GCS serves as
+        stored (Content-Encoding: gzip; it does when the object's Cache-Control says
+        no-transform) is decompressed, under the same limit (_gunzip)."""
         bucket, name = url.bucket, url.name
         where = f"gs://{bucket}/{name}"
         media = f"{self._objects('download', bucket)}/{urllib.parse.quote(name, safe='')}?alt=media"
@@ -135,6 +138,8 @@ class Storage:
             raise PermanentError(ErrorCode.IMAGE_UNDECODABLE, f"{where} is empty")
         _check(response, where)
         data: bytes = response.data
+        if response.encoding is not None and response.encoding.lower() in ("gzip", "x-gzip"):
+            data = _gunzip(data, max_bytes, where)
         if not data:
             raise PermanentError(ErrorCode.IMAGE_UNDECODABLE, f"{where} is empty")
         if len(data) > max_bytes:
@@ -252,6 +257,44 @@ class Storage:
             Path(tmp).unlink(missing_ok=True)  # a failed download's part; none after a rename
         _drop_other_generations(target, path.stem, path.suffix)
         return target
+
+
+def _gunzip(data: bytes, max_bytes: int, where: str) -> bytes:
+    """An image's bytes served gzip-compressed (Content-Encoding: gzip), decompressed no
+    further than max_bytes + 1: a small gzip of a huge body (64 MiB of zeros are 64 KiB of
+    gzip) is refused as too large, as a plain one is, without being inflated whole.
+
+    `data` is at most max_bytes + 1 bytes of the gzip (Storage.read's Range, or its read
+    limit where the Range is ignored): a gzip that does not end within them is more than
+    the limit compressed, and so, within gzip's few bytes of framing, decompressed too.
+    Several gzip members (concatenated gzips) are one body, as gzip(1) reads them."""
+    image = bytearray()
+    rest = data
+    try:
+        while rest:
+            inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip's framing only
+            image += inflate.decompress(rest, max_bytes + 1 - len(image))
+            if len(image) > max_bytes or (not inflate.eof and len(data) > max_bytes):
+                raise PermanentError(
+                    ErrorCode.IMAGE_TOO_LARGE,
+                    f"{where} is stored gzip-compressed (Content-Encoding: gzip, served "
+                    f"compressed) and is larger than the {max_bytes}-byte limit once "
+                    "decompressed",
+                )
+            if not inflate.eof:
+                raise PermanentError(
+                    ErrorCode.IMAGE_UNDECODABLE,
+                    f"{where} is stored gzip-compressed (Content-Encoding: gzip), and its "
+                    f"gzip data ends before its stream does ({len(data)} bytes)",
+                )
+            rest = inflate.unused_data
+    except zlib.error as exc:
+        raise PermanentError(
+            ErrorCode.IMAGE_UNDECODABLE,
+            f"{where} is stored gzip-compressed (Content-Encoding: gzip), and its gzip "
+            f"data is corrupt: {exc}",
+        ) from exc
+    return bytes(image)
 
 
 def _check(response: Reply, where: str) -> None:
