@@ -3,7 +3,9 @@ own (never on a task's), bad pushes refused."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import threading
 import time
 import uuid
@@ -240,6 +242,119 @@ def test_a_task_never_waits_for_the_config_check_on_a_slow_gcs(services: LocalSe
         assert max(waits) < 0.1, f"the task waited {max(waits):.2f} s for the check"
     finally:
         slow_gcs.stop()
+
+
+class _Gate:
+    """A TCP relay in front of the GCS emulator that can stop answering, as a GCS (or
+    the way to it) that hangs: connections are still taken and what they send read,
+    but nothing goes on and nothing comes back. Each switch ends the connections open
+    (a kept-alive one must not outlive it either way)."""
+
+    def __init__(self, target_port: int) -> None:
+        self._target = ("127.0.0.1", target_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.answering = True
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def hang(self) -> None:
+        self.answering = False
+        self._end_all()
+
+    def answer(self) -> None:
+        self.answering = True
+        self._end_all()
+
+    def close(self) -> None:
+        self._listener.close()
+        self._end_all()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._open.append(client)
+            if not self.answering:
+                threading.Thread(target=self._pump, args=(client, None), daemon=True).start()
+                continue
+            upstream = socket.create_connection(self._target)
+            with self._lock:
+                self._open.append(upstream)
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket | None) -> None:
+        try:
+            while data := src.recv(65536):
+                if dst is not None:
+                    dst.sendall(data)
+        except OSError:
+            pass
+        if dst is not None:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def _end_all(self) -> None:
+        with self._lock:
+            ending, self._open = self._open, []
+        for sock in ending:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+def test_a_config_check_on_a_gcs_that_never_answers_gives_up_within_30_s(
+    services: LocalServices, caplog
+):
+    """A gs:// config behind a GCS that takes connections and never answers: a check
+    (one metadata request) ran on the client library's defaults, 60 s a try retried for
+    up to 120 s, about 2 minutes, and the next checks waited behind it on the one watch
+    thread. A check now gives up within 30 s (10 s a try, retried for up to 20 s), is
+    logged and counted as failed, the current config serves on, and a later check, once
+    GCS answers again, picks up a change."""
+    bucket = f"models-{uuid.uuid4().hex[:8]}"
+    settings = demo.local_settings(services)
+    client = clients.storage_client(settings)
+    client.create_bucket(bucket)
+    blob = client.bucket(bucket).blob("demo/config.yaml")
+    blob.upload_from_string(VALID)
+    gate = _Gate(services.ports.gcs)
+    try:
+        gated = settings.model_copy(
+            update={"storage_emulator_host": f"http://127.0.0.1:{gate.port}"}
+        )
+        storage = Storage(clients.storage_client(gated))
+        metrics = Metrics()
+        source = ConfigSource(
+            f"gs://{bucket}/demo/config.yaml",
+            storage.read_url,
+            storage.generation,
+            lambda r: metrics.config_reloads.labels(r).inc(),
+        )
+        gate.hang()
+        check = threading.Thread(target=source.check_now, daemon=True)
+        started = time.monotonic()
+        check.start()
+        check.join(timeout=40)
+        took = time.monotonic() - started
+        assert not check.is_alive(), "the check was still waiting for GCS after 40 s"
+        assert took < 31, f"the check took {took:.1f} s"
+        assert source.for_tenant("acme").config.version == 3, "the current config serves on"
+        sample = metrics.registry.get_sample_value
+        assert sample("gannet_config_reloads_total", {"result": "failed"}) == 1
+        assert any("config check failed" in r.getMessage() for r in caplog.records)
+
+        gate.answer()
+        blob.upload_from_string(VALID.replace("version: 3", "version: 4"))
+        source.check_now()
+        assert source.for_tenant("acme").config.version == 4, "the change, once GCS answers"
+    finally:
+        gate.close()
 
 
 def test_the_watch_outlives_a_failing_check_and_stops_without_waiting_for_a_hung_one(

@@ -121,8 +121,9 @@ class _Watched(Generic[_Loaded]):
     """Serves the last good object and picks up a changed one without a restart.
 
     A changed but invalid config is rejected, logged and counted, and the old one keeps
-    serving: a bad push must never take the fleet down. A read that fails for another
-    reason (GCS briefly down) is retried at the next check instead of being rejected.
+    serving: a bad push must never take the fleet down. A check or read that fails for
+    another reason (GCS down, or not answering: the storage's reads give up within 30 s)
+    is logged, counted as failed and retried at the next check instead of being rejected.
     So is a valid config whose models do not load (see ConfigSource.check_models_with):
     its weights may be uploaded after it.
 
@@ -174,6 +175,8 @@ class _Watched(Generic[_Loaded]):
         try:
             version = self._version_of(self.uri)
         except Exception as exc:  # noqa: BLE001 - a failed check keeps the old config
+            # GCS down or not answering: given up within storage.METADATA_* (30 s)
+            self._on_reload("failed")
             log.warning(
                 f"{self.kind} check failed; keeping the current one",
                 extra={"fields": {"uri": self.uri, "error": str(exc)}},

@@ -25,11 +25,23 @@ from google.auth.credentials import AnonymousCredentials, Credentials
 from google.auth.exceptions import RefreshError
 from google.auth.exceptions import TransportError as AuthTransportError
 from google.auth.transport.requests import AuthorizedSession
+from google.cloud.storage.retry import DEFAULT_RETRY
 from requests.adapters import HTTPAdapter
 
 from gannet.errors import ErrorCode, PermanentError, TransientError
 from gannet.gcs_http import Endpoint, HTTPError, Reply
 from gannet.task import GsUrl
+
+# The client library's requests for an object's generation and a config's bytes (a config
+# check, a config's reload, a model's version): each try ends after METADATA_TIMEOUT_S
+# without an answer, and tries go on for METADATA_RETRY_S at the most, so one gives up
+# within 30 s against a GCS that never answers. With the library's defaults (60 s a
+# try, retried for 120 s) a check took 121 s there, and the checks after it waited on
+# the one thread that runs them (config_sources.ConfigWatch); GCS answers these in
+# milliseconds.
+METADATA_TIMEOUT_S = 10.0
+METADATA_RETRY_S = 20.0
+_METADATA_RETRY = DEFAULT_RETRY.with_timeout(METADATA_RETRY_S)
 
 
 def make_client(project: str, emulator_host: str | None, connections: int = 10) -> storage.Client:
@@ -212,7 +224,9 @@ class Storage:
     def generation(self, url: str) -> str:
         """Object generation: changes on every overwrite, so it versions configs and models."""
         bucket, name = split_gs_url(url)
-        blob = self.client.bucket(bucket).get_blob(name)
+        blob = self.client.bucket(bucket).get_blob(
+            name, timeout=METADATA_TIMEOUT_S, retry=_METADATA_RETRY
+        )
         if blob is None:
             raise FileNotFoundError(url)
         return str(blob.generation)
@@ -222,10 +236,12 @@ class Storage:
         after reading its metadata could pair new bytes with an old generation."""
         bucket_name, name = split_gs_url(url)
         bucket = self.client.bucket(bucket_name)
-        blob = bucket.get_blob(name)
+        blob = bucket.get_blob(name, timeout=METADATA_TIMEOUT_S, retry=_METADATA_RETRY)
         if blob is None:
             raise FileNotFoundError(url)
-        data = bucket.blob(name, generation=blob.generation).download_as_bytes()
+        data = bucket.blob(name, generation=blob.generation).download_as_bytes(
+            timeout=METADATA_TIMEOUT_S, retry=_METADATA_RETRY
+        )
         return data, str(blob.generation)
 
     def download_to(self, url: str, generation: str, cache_dir: Path) -> Path:
