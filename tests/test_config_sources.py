@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 from conftest import Started, scraped, wait_until
+from google.cloud.storage.retry import DEFAULT_RETRY
 
 from gannet import clients
+from gannet import storage as storage_module
 from gannet.config_schema import ConfigError
 from gannet.config_sources import ConfigSource, ConfigWatch, parse_config
 from gannet.daemon import config_check_s
@@ -309,14 +311,19 @@ class _Gate:
 
 
 def test_a_config_check_on_a_gcs_that_never_answers_gives_up_within_30_s(
-    services: LocalServices, caplog
+    services: LocalServices, caplog, monkeypatch
 ):
     """A gs:// config behind a GCS that takes connections and never answers: a check
     (one metadata request) ran on the client library's defaults, 60 s a try retried for
     up to 120 s, about 2 minutes, and the next checks waited behind it on the one watch
     thread. A check now gives up within 30 s (10 s a try, retried for up to 20 s), is
     logged and counted as failed, the current config serves on, and a later check, once
-    GCS answers again, picks up a change."""
+    GCS answers again, picks up a change. Here with 1 s a try, retried for 2 s (the
+    same calls, scaled down so the test does not wait 20 s; without the timeouts the
+    check hangs past the test's 10 s either way)."""
+    assert storage_module.METADATA_TIMEOUT_S + storage_module.METADATA_RETRY_S <= 30
+    monkeypatch.setattr(storage_module, "METADATA_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(storage_module, "_METADATA_RETRY", DEFAULT_RETRY.with_timeout(2.0))
     bucket = f"models-{uuid.uuid4().hex[:8]}"
     settings = demo.local_settings(services)
     client = clients.storage_client(settings)
@@ -340,10 +347,10 @@ def test_a_config_check_on_a_gcs_that_never_answers_gives_up_within_30_s(
         check = threading.Thread(target=source.check_now, daemon=True)
         started = time.monotonic()
         check.start()
-        check.join(timeout=40)
+        check.join(timeout=10)
         took = time.monotonic() - started
-        assert not check.is_alive(), "the check was still waiting for GCS after 40 s"
-        assert took < 31, f"the check took {took:.1f} s"
+        assert not check.is_alive(), "the check was still waiting for GCS after 10 s"
+        assert took < 4, f"the check took {took:.1f} s"
         assert source.for_tenant("acme").config.version == 3, "the current config serves on"
         sample = metrics.registry.get_sample_value
         assert sample("gannet_config_reloads_total", {"result": "failed"}) == 1
