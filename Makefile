@@ -45,7 +45,7 @@ bench: $(VENV)/.installed
 	YOLO_OFFLINE=1 $(VENV)/bin/gannet bench
 
 # 2000 tasks, 10 % poison, kill -9 twice, SIGTERM and a PostgreSQL restart once; exit 1
-# if a task is lost or inferred twice. `gannet soak --help` for the knobs.
+# if a task is lost or inferred twice, or poison is mishandled. `gannet soak --help`.
 soak: $(VENV)/.installed
 	YOLO_OFFLINE=1 $(VENV)/bin/gannet soak
 

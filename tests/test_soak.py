@@ -11,9 +11,23 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gannet.cli import build_parser
+from gannet.config_schema import DeploymentConfig
 from gannet.dev import soak
+from gannet.errors import PermanentError
+from gannet.task import identify, parse_task
+
+TENANTS = soak.Tenants.of("tenant-q0123abcd")
+ASSETS = soak.Assets(
+    bucket="gannet-images",
+    scenes=[f"gs://gannet-images/{TENANTS.own}/samples/scene_0{i}.jpg" for i in (1, 2, 3)],
+    not_an_image=f"gs://gannet-images/{TENANTS.own}/raw/notes.jpg",
+    too_large=f"gs://gannet-images/{TENANTS.own}/raw/huge.png",
+    unknown_tenants_scene=f"gs://gannet-images/{TENANTS.unknown}/samples/scene_01.jpg",
+    max_body_bytes=256 * 1024,
+)
 
 
 def _entry(task_id, outcome, inferred=True):
@@ -128,10 +142,91 @@ def test_a_fault_due_right_after_another_can_still_fire():
     assert soak.publishable(valid, [first, second], 49, 49, window=100) == 50
 
 
+def test_each_poison_kind_is_a_valid_body_with_its_one_thing_wrong_drawn_from_the_seed():
+    """What the daemon must find wrong with each kind is all that is wrong with it, and
+    the bodies the daemon can identify are the ones the soak expects a failed row for."""
+    messages = soak.build_workload(random.Random(7), TENANTS, ASSETS, 240, 0.5)
+    again = soak.build_workload(random.Random(7), TENANTS, ASSETS, 240, 0.5)
+    assert messages == again
+    assert {m.kind for m in messages} == {soak.VALID, *soak.POISON_KINDS}
+    assert len({m.task_id for m in messages}) == len(messages)
+    limit = ASSETS.max_body_bytes
+    for message in messages:
+        refused_by_parse = {"bad_json", "oversized_body", "unknown_field", "bad_tenant_id"}
+        if message.kind in refused_by_parse:
+            with pytest.raises(PermanentError) as err:
+                parse_task(message.body, limit)
+            assert err.value.code == message.expected_code, message
+        else:
+            task = parse_task(message.body, limit)
+            assert (task.task_id, task.tenant_id) == (message.task_id, message.tenant)
+        task_id, tenant = identify(message.body)
+        if message.kind in {"bad_json", "bad_tenant_id"}:
+            assert None in (task_id, tenant), message  # no row can be written
+        else:
+            assert (task_id, tenant) == (message.task_id, message.tenant), message
+        if message.kind == "oversized_body":
+            assert len(message.body) == limit + 1
+            assert parse_task(message.body, limit + 1).tenant_id == TENANTS.own
+        if message.kind == "unknown_tenant":
+            assert message.tenant == TENANTS.unknown
+            assert task.image_url == ASSETS.unknown_tenants_scene
+        if message.kind == soak.OTHER_TENANTS_TASK_ID:
+            assert message.task_id.startswith(f"{TENANTS.owner}-")
+            assert message.tenant == TENANTS.own
+
+
+def test_the_soaks_deployment_serves_its_tenant_and_the_owner_and_no_other(tmp_path):
+    """What the file says. That a daemon serving it refuses the unknown tenant, the soak
+    shows (its unknown_tenant dead letters): opening it here would cost seconds of imports."""
+    path = soak.write_deployment(tmp_path / "deployment.yaml", TENANTS)
+    deployment = DeploymentConfig.model_validate(yaml.safe_load(path.read_text()))
+    assert deployment.tenants == {TENANTS.own: "demo", TENANTS.owner: "demo"}
+    assert deployment.default_industry is None  # so the unknown tenant is refused
+    assert deployment.industries == {"demo": str(soak.DEMO_CONFIG)}
+    assert soak.DEMO_CONFIG.is_file()
+
+
+def test_poison_that_left_a_wrong_row_a_result_or_touched_the_owners_row_is_reported():
+    messages = soak.build_workload(random.Random(3), TENANTS, ASSETS, 60, 0.5)
+    by_kind = {m.kind: m for m in reversed(messages)}
+    owned = {
+        m.task_id: {"task_results": {"status": "succeeded"}}
+        for m in messages
+        if m.kind == soak.OTHER_TENANTS_TASK_ID
+    }
+
+    def row(message, status="failed", code=None, tenant=None):
+        code = code or message.expected_code
+        return soak.Row(status, 0.0, 1, tenant or message.tenant, code)
+
+    rows = {m.task_id: row(m) for m in messages if not m.valid and m.kind not in soak.NO_ROW}
+    assert soak.poison_effects(messages, rows, set(), owned, owned) == {}
+
+    unknown, big = by_kind["unknown_tenant"], by_kind["oversized_body"]
+    stolen = by_kind[soak.OTHER_TENANTS_TASK_ID]
+    wrong_rows = {
+        **rows,
+        unknown.task_id: row(unknown, "succeeded", code="-"),
+        stolen.task_id: row(stolen, code="task_id_conflict"),
+    }
+    del wrong_rows[big.task_id]
+    results = {f"{TENANTS.unknown}/{unknown.task_id}.json", f"{TENANTS.own}/{stolen.task_id}.json"}
+    changed = {**owned, stolen.task_id: {"task_results": {"status": "failed"}}}
+    found = soak.poison_effects(messages, wrong_rows, results, owned, changed)
+    assert set(found) == {"unknown_tenant", "oversized_body", soak.OTHER_TENANTS_TASK_ID}
+    assert any("result object" in p for p in found["unknown_tenant"])
+    assert any("succeeded row" in p for p in found["unknown_tenant"])
+    assert any("no failed row" in p for p in found["oversized_body"])
+    stolen_found = " ".join(found[soak.OTHER_TENANTS_TASK_ID])
+    assert "result object" in stolen_found and "owner's row" in stolen_found
+    assert "failed row (task_id_conflict) under tenant" in stolen_found
+
+
 @pytest.mark.slow
 def test_a_small_soak_loses_nothing_and_infers_nothing_twice(tmp_path, capsys):
-    """200 tasks, a tenth of them poison, the default faults (kill -9 twice, SIGTERM and a
-    PostgreSQL restart once), a fixed seed."""
+    """200 tasks, a tenth of them poison (each of the twelve kinds at least once), the
+    default faults (kill -9 twice, SIGTERM and a PostgreSQL restart once), a fixed seed."""
     report_path = tmp_path / "report.json"
     args = build_parser().parse_args(
         [
@@ -156,6 +251,8 @@ def test_a_small_soak_loses_nothing_and_infers_nothing_twice(tmp_path, capsys):
     assert report["succeeded"] == 180
     assert report["poison_dead_lettered"] == 20
     assert report["unexpected_reasons"] == {}, "each kind of poison gets its own reason"
+    assert report["poison_succeeded"] == []
+    assert report["poison_wrong_effects"] == {}, "its failed row, or none; no result"
     assert sum(report["dead_letters_by_code"].values()) >= 20
     assert set(report["poison_kinds"]) == set(soak.POISON_KINDS)
     fired = sorted(f["kind"] for f in report["faults"] if f["fired_at_s"] is not None)

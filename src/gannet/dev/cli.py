@@ -163,10 +163,11 @@ def _sweep(text: str) -> list[tuple[int, int | None]]:
 
 SOAK_DESCRIPTION = """\
 Soak the daemon: on services of its own (free ports), publish --tasks tasks, of which
---poison are poison of nine kinds (bad JSON, an unknown field, a bad tenant id, an
-unknown pipeline, an image under another tenant's prefix or in a bucket not allowed, a
-missing, an undecodable and an oversized image), and run one daemon at a time while, at
-random moments, it is killed with -9 (--kills), stopped with SIGTERM (--sigterms) and
+--poison are poison of twelve kinds (bad JSON, an oversized body, an unknown field, a
+bad tenant id, an unknown pipeline, an image under another tenant's prefix or in a
+bucket not allowed, a missing, an undecodable and an oversized image, an unknown tenant
+and a task_id another tenant owns), and run one daemon at a time while, at random
+moments, it is killed with -9 (--kills), stopped with SIGTERM (--sigterms) and
 PostgreSQL is restarted (--postgres-restarts). A stopped daemon is replaced at once, as
 Kubernetes would. Each moment is a random fraction (5-90 %) of the valid tasks
 succeeded, drawn from --seed: the same seed repeats the same run.
@@ -174,11 +175,13 @@ succeeded, drawn from --seed: the same seed repeats the same run.
 Once every valid task has succeeded and every poison message is on the dead-letter
 topic (or --settle-timeout-s passed), it prints and writes (--report) what it found:
 tasks lost, tasks inferred more than once (two inferences that both ended acked),
-re-runs caused by a fault, poison dead-lettered per error_code, throughput and the
-daemons' peak RSS.
+re-runs caused by a fault, poison dead-lettered per error_code, poison that left the
+wrong rows or results (each kind its failed row, or none; never a result object; the
+other tenant's row and claim as they were), throughput and the daemons' peak RSS.
 
-Exit status: 0 when nothing was lost and nothing was inferred more than once, 1
-otherwise (or when the soak itself failed), 2 when a service would not start."""
+Exit status: 0 when nothing was lost, nothing was inferred more than once and every
+poison message got its reason and left what its kind must, 1 otherwise (or when the
+soak itself failed), 2 when a service would not start."""
 
 
 def cmd_services(args: argparse.Namespace) -> int:

@@ -1,13 +1,18 @@
 """`gannet soak`: many tasks, poison among them, crashes and a database restart; then count.
 
 One run on services of its own: publish N tasks (valid DETECTION tasks on the sample
-images, and a fraction of poison of the nine kinds in POISON_KINDS: every permanent
-failure the README lists but an oversized body, an unknown tenant and another tenant's
-task_id), run one daemon at a time and hurt it at random moments: kill -9 (twice),
-SIGTERM (once) and a PostgreSQL restart (once). A killed or stopped daemon is replaced at once, as
-Kubernetes would. Once every task has settled, the report says what a user would ask:
-was anything lost, did any task run the model twice to an ack, did every poison message
-reach the dead-letter topic with its reason, how fast, and how much memory.
+images, and a fraction of poison of the twelve kinds in POISON_KINDS: every permanent
+failure the README lists), run one daemon at a time and hurt it at random moments: kill
+-9 (twice), SIGTERM (once) and a PostgreSQL restart (once). A killed or stopped daemon
+is replaced at once, as Kubernetes would. Once every task has settled, the report says
+what a user would ask: was anything lost, did any task run the model twice to an ack,
+did every poison message reach the dead-letter topic with its reason and leave what its
+kind must and nothing else (its failed row; none for another tenant's task_id, whose
+owner's row and claim stay as they were; never a result), how fast, and how much memory.
+
+The daemons serve a deployment config of the soak's own (`write_deployment`): the demo
+industry for the soak's tenant and for the tenant that owns the task ids its poison
+takes, and no other, so that a tenant it does not name is refused (unknown_tenant).
 
 Every random choice (which tasks are poison, their order, each fault's moment) comes from
 one seeded RNG, and the seed is in the report, so a run that found something can be
@@ -47,15 +52,20 @@ from google.api_core import exceptions as gexc
 
 from gannet.dev.demo import DaemonProcess
 from gannet.dev.local_services import ServiceError
-from gannet.dev.publish import make_task
+from gannet.dev.publish import make_task, upload_image
 from gannet.dev.stack import SAMPLES, Stack, make_stack, prepared_services
 from gannet.errors import CommandError
+from gannet.settings import REPO_ROOT
+from gannet.sink import Sink
+from gannet.task import TaskResult
 from gannet.text import format_table
 
 VALID = "valid"
+OTHER_TENANTS_TASK_ID = "other_tenants_task_id"
 # Poison kind -> the error_code the daemon must dead-letter it with (README, outcomes).
 POISON_KINDS: dict[str, str] = {
     "bad_json": "bad_json",
+    "oversized_body": "body_too_large",
     "unknown_field": "schema_error",
     "bad_tenant_id": "schema_error",
     "unknown_pipeline": "unknown_pipeline",
@@ -64,7 +74,17 @@ POISON_KINDS: dict[str, str] = {
     "missing_image": "image_not_found",
     "undecodable_image": "image_undecodable",
     "image_too_large": "image_too_large",
+    "unknown_tenant": "unknown_tenant",
+    OTHER_TENANTS_TASK_ID: "task_id_conflict",
 }
+# Poison that must leave no row (README, outcomes: a failed row where the task is
+# identifiable): a body that names no task_id or no valid tenant_id, and another
+# tenant's task_id, which stays its owner's. Every other kind gets a failed row with its
+# error_code, under the tenant its body names (an unknown tenant's too).
+NO_ROW = frozenset({"bad_json", "bad_tenant_id", OTHER_TENANTS_TASK_ID})
+# The industry config the daemons serve the soak's tenants with (write_deployment).
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+OWNER_HOLDER = "gannet-soak"  # the claim holder of the owner's seeded successes
 FAULT_LABELS = {
     "kill9": "kill -9",
     "sigterm": "SIGTERM",
@@ -133,6 +153,35 @@ def classify_inferences(entries: Iterable[Mapping[str, Any]]) -> Inferences:
 
 
 @dataclass(frozen=True)
+class Tenants:
+    """The soak's tenant and the two others its poison names: `owner` owns task ids
+    before the first publish (the owner of another tenant's task_id), `unknown` is one
+    the daemons' deployment does not serve."""
+
+    own: str
+    owner: str
+    unknown: str
+
+    @classmethod
+    def of(cls, tenant: str) -> Tenants:
+        return cls(tenant, f"{tenant}-owner", f"{tenant}-unknown")
+
+
+def write_deployment(path: Path, tenants: Tenants) -> Path:
+    """The daemons' config: the demo industry for the soak's tenant and the owner, no
+    default industry, so that any other tenant is refused as unknown_tenant. (JSON is
+    YAML.)"""
+    deployment = {
+        "deployment": "soak",
+        "industries": {"demo": str(DEMO_CONFIG)},
+        "tenants": {tenants.own: "demo", tenants.owner: "demo"},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(deployment, indent=2) + "\n")
+    return path
+
+
+@dataclass(frozen=True)
 class Assets:
     """What the tasks point at, uploaded once and shared by every task."""
 
@@ -140,13 +189,16 @@ class Assets:
     scenes: list[str]
     not_an_image: str
     too_large: str
+    unknown_tenants_scene: str  # a scene under the unknown tenant's prefix
+    max_body_bytes: int  # the daemons' limit (GANNET_MAX_BODY_BYTES)
 
 
 @dataclass(frozen=True)
 class Message:
     body: bytes
     kind: str  # VALID or a key of POISON_KINDS
-    task_id: str
+    task_id: str  # the body's (bad JSON: of the body it was cut from)
+    tenant: str  # the body's tenant_id, where its row and result object would be (ditto)
 
     @property
     def valid(self) -> bool:
@@ -170,19 +222,24 @@ def png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
-def upload_assets(stack: Stack) -> Assets:
+def upload_assets(stack: Stack, tenants: Tenants) -> Assets:
     manifest = json.loads((SAMPLES / "manifest.json").read_text())
     scenes = [e["file"] for e in manifest["images"] if e.get("kind", "scene") != "large"]
+    bucket = stack.settings.allowed_buckets[0]
     return Assets(
-        bucket=stack.settings.allowed_buckets[0],
+        bucket=bucket,
         scenes=[stack.upload(name) for name in scenes],
         not_an_image=stack.upload("notes.jpg", data=b"this is a text file, not a JPEG"),
         too_large=stack.upload("huge.png", data=png_header(8000, 8000)),
+        unknown_tenants_scene=upload_image(
+            stack.storage, bucket, tenants.unknown, SAMPLES / scenes[0], "samples"
+        ),
+        max_body_bytes=stack.settings.max_body_bytes,
     )
 
 
 def build_workload(
-    rng: random.Random, tenant: str, assets: Assets, tasks: int, poison_fraction: float
+    rng: random.Random, tenants: Tenants, assets: Assets, tasks: int, poison_fraction: float
 ) -> list[Message]:
     """Valid tasks and poison (every kind in turn), shuffled: the publish order."""
     poison = round(tasks * poison_fraction)
@@ -190,34 +247,56 @@ def build_workload(
     order = [VALID] * (tasks - poison) + [kinds[i % len(kinds)] for i in range(poison)]
     rng.shuffle(order)
     return [
-        _message(kind, f"{tenant}-{i:05d}", tenant, assets, rng) for i, kind in enumerate(order)
+        _message(kind, f"{tenants.own}-{i:05d}", tenants, assets, rng)
+        for i, kind in enumerate(order)
     ]
 
 
-def _message(kind: str, task_id: str, tenant: str, assets: Assets, rng: random.Random) -> Message:
-    task = make_task(tenant, rng.choice(assets.scenes), "DETECTION", task_id)
+def _message(
+    kind: str, task_id: str, tenants: Tenants, assets: Assets, rng: random.Random
+) -> Message:
+    task = make_task(tenants.own, rng.choice(assets.scenes), "DETECTION", task_id)
     body = task.model_dump_json(exclude_none=True)
     if kind == VALID:
-        return Message(body.encode(), kind, task_id)
-    return Message(_poison_body(kind, json.loads(body), assets), kind, task_id)
-
-
-def _poison_body(kind: str, body: dict[str, Any], assets: Assets) -> bytes:
-    """The valid body with one thing wrong, as test_poison.py makes each kind."""
+        return Message(body.encode(), kind, task_id, tenants.own)
     if kind == "bad_json":
-        return f'{{"task_id": "{body["task_id"]}", "tenant_id": '.encode()
-    tenant, bucket = body["tenant_id"], assets.bucket
+        return Message(
+            f'{{"task_id": "{task_id}", "tenant_id": '.encode(), kind, task_id, tenants.own
+        )
+    if kind == "oversized_body":
+        # The valid body, padded with spaces to one byte over the limit: still a valid
+        # task in every other way, so a daemon that let it through would run it.
+        return Message(body.encode().ljust(assets.max_body_bytes + 1), kind, task_id, tenants.own)
+    poisoned = {**json.loads(body), **_poison_changes(kind, task_id, tenants, assets)}
+    return Message(json.dumps(poisoned).encode(), kind, poisoned["task_id"], poisoned["tenant_id"])
+
+
+def _poison_changes(kind: str, task_id: str, tenants: Tenants, assets: Assets) -> dict[str, Any]:
+    """What is wrong with the valid body, one thing per kind, as test_poison.py (and, for
+    another tenant's task_id, test_dispatch.py) makes each kind."""
+    tenant, bucket = tenants.own, assets.bucket
     changes: dict[str, dict[str, Any]] = {
         "unknown_field": {"colour": "red"},
         "bad_tenant_id": {"tenant_id": "Not A Tenant!"},
         "unknown_pipeline": {"pipeline": "NO_SUCH_PIPELINE"},
         "other_tenant_prefix": {"image_url": f"gs://{bucket}/someone-else/samples/scene_01.jpg"},
         "bucket_not_allowed": {"image_url": f"gs://not-an-image-bucket/{tenant}/scene_01.jpg"},
-        "missing_image": {"image_url": f"gs://{bucket}/{tenant}/missing/{body['task_id']}.jpg"},
+        "missing_image": {"image_url": f"gs://{bucket}/{tenant}/missing/{task_id}.jpg"},
         "undecodable_image": {"image_url": assets.not_an_image},
         "image_too_large": {"image_url": assets.too_large},
+        # A tenant the deployment does not serve, with an image under its own prefix: a
+        # daemon that served it would run it.
+        "unknown_tenant": {"tenant_id": tenants.unknown, "image_url": assets.unknown_tenants_scene},
+        # A task_id the owner committed a success for before the first publish
+        # (seed_owners_successes).
+        OTHER_TENANTS_TASK_ID: {"task_id": owners_task_id(task_id, tenants)},
     }
-    return json.dumps({**body, **changes[kind]}).encode()
+    return changes[kind]
+
+
+def owners_task_id(task_id: str, tenants: Tenants) -> str:
+    """The owner's task_id that the poison made from `task_id` takes."""
+    return tenants.owner + task_id.removeprefix(tenants.own)
 
 
 # -- faults -----------------------------------------------------------------------------
@@ -299,19 +378,70 @@ class Row:
     status: str
     updated_at: float
     delivery_attempt: int | None
+    tenant: str
+    error_code: str | None
 
 
-def committed_rows(database_url: str, tenant: str) -> dict[str, Row]:
-    """Every row of the soak's tenant, without the results: the poll shares two cores
-    with what it watches, so it reads only what it counts."""
+def committed_rows(database_url: str, tenants: Iterable[str]) -> dict[str, Row]:
+    """Every row of these tenants (each read as row-level security lets it read its
+    own), without the results: the poll shares two cores with what it watches, so it
+    reads only what it counts."""
+    rows: dict[str, Row] = {}
     with psycopg.connect(database_url) as conn, conn.transaction():
-        conn.execute("SELECT set_config('app.current_tenant', %s, true)", (tenant,))
-        found = conn.execute(
-            "SELECT task_id, status, extract(epoch FROM updated_at)::float8, delivery_attempt"
-            " FROM task_results WHERE tenant_id = %s",
-            (tenant,),
-        ).fetchall()
-    return {task_id: Row(status, updated, attempt) for task_id, status, updated, attempt in found}
+        for tenant in tenants:
+            conn.execute("SELECT set_config('app.current_tenant', %s, true)", (tenant,))
+            found = conn.execute(
+                "SELECT task_id, status, extract(epoch FROM updated_at)::float8,"
+                " delivery_attempt, error_code FROM task_results WHERE tenant_id = %s",
+                (tenant,),
+            ).fetchall()
+            for task_id, status, updated, attempt, code in found:
+                rows[task_id] = Row(status, updated, attempt, tenant, code)
+    return rows
+
+
+def seed_owners_successes(database_url: str, owner: str, task_ids: list[str]) -> None:
+    """Commit a success for each of the owner's task ids, as a daemon would (its claim
+    taken, then the fenced commit that keeps it for good), before the first publish: the
+    ids that another tenant's task_id poison then takes. (Their result objects are not
+    written: nothing reads them.)"""
+    if not task_ids:
+        return
+    sink = Sink(database_url, pool_size=1)
+    sink.open()
+    try:
+        for task_id in task_ids:
+            if not sink.start(task_id, owner, OWNER_HOLDER, ttl_s=60).claimed:
+                raise RuntimeError(f"could not claim the owner's task {task_id}")
+            record = TaskResult(
+                task_id=task_id,
+                tenant_id=owner,
+                pipeline="DETECTION",
+                status="succeeded",
+                result={"owner": owner},
+                result_uri=f"gs://owner-results/{owner}/{task_id}.json",
+                delivery_attempt=1,
+            )
+            sink.save_claimed(record, OWNER_HOLDER, lambda: None)
+    finally:
+        sink.close()
+
+
+def owners_rows(database_url: str, owner: str, task_ids: list[str]) -> dict[str, Any]:
+    """The owner's row and claim of each task id, every column, as the owner reads them:
+    what another tenant's task with the same id must leave as it was."""
+    if not task_ids:
+        return {}
+    with psycopg.connect(database_url) as conn, conn.transaction():
+        conn.execute("SELECT set_config('app.current_tenant', %s, true)", (owner,))
+        found: dict[str, Any] = {task_id: {} for task_id in task_ids}
+        for table in ("task_results", "task_claims"):
+            for task_id, row in conn.execute(
+                f"SELECT task_id, to_jsonb(t) FROM {table} t WHERE task_id = ANY(%s)",
+                (task_ids,),
+            ).fetchall():
+                found[task_id][table] = row
+    return found
 
 
 @dataclass(frozen=True)
@@ -416,26 +546,34 @@ class Tally:
     valid_dead: set[str]  # valid tasks that reached the dead-letter topic
     poison_codes: dict[str, list[str | None]]  # poison task -> error_code of each letter
     foreign_letters: int  # letters whose body the soak never published
+    poison_succeeded: set[str] = field(default_factory=set)  # poison run to a success row
 
     def count(self) -> int:
         """Tasks settled for good so far (succeeded or dead-lettered)."""
-        return len(self.succeeded) + len(self.valid_dead) + len(self.poison_codes)
+        settled_poison = set(self.poison_codes) | self.poison_succeeded
+        return len(self.succeeded) + len(self.valid_dead) + len(settled_poison)
 
     def settled(self, valid: set[str], poison: set[str]) -> bool:
         """Everything settled for good: success, or a dead letter (for poison, with a
-        reason). A valid task on the dead-letter topic is lost, but settled all the same."""
+        reason). A valid task on the dead-letter topic is lost, but settled all the same;
+        so is poison that a daemon ran to a success (it will never be dead-lettered)."""
         with_reason = {t for t, codes in self.poison_codes.items() if any(codes)}
-        return valid <= set(self.succeeded) | self.valid_dead and poison <= with_reason
+        return (
+            valid <= set(self.succeeded) | self.valid_dead
+            and poison <= with_reason | self.poison_succeeded
+        )
 
 
 def tally(messages: list[Message], rows: dict[str, Row], letters: list[Letter]) -> Tally:
     by_body = {m.body: m for m in messages}
     valid = {m.task_id for m in messages if m.valid}
+    poison = {m.task_id for m in messages if not m.valid}
     result = Tally(
         succeeded={t: r for t, r in rows.items() if t in valid and r.status == "succeeded"},
         valid_dead=set(),
         poison_codes={},
         foreign_letters=0,
+        poison_succeeded={t for t, r in rows.items() if t in poison and r.status == "succeeded"},
     )
     for letter in letters:
         message = by_body.get(letter.body)
@@ -449,6 +587,52 @@ def tally(messages: list[Message], rows: dict[str, Row], letters: list[Letter]) 
     return result
 
 
+def poison_effects(
+    messages: list[Message],
+    rows: Mapping[str, Row],
+    results: set[str],
+    owners_before: Mapping[str, Any],
+    owners_after: Mapping[str, Any],
+) -> dict[str, list[str]]:
+    """Poison kind -> what its messages left that they must not, or did not leave what
+    they must (first few), beside their dead letters (README, outcomes): a failed row
+    with the kind's error_code under the tenant the body names, except for the kinds of
+    NO_ROW, which leave no row at all; never a result object (`results`: the names of
+    those in the results bucket under the tenants' prefixes); and another tenant's task_id
+    leaves the owner's row and claim as they were before the first publish."""
+    wrong: dict[str, list[str]] = {}
+    for message in messages:
+        if not message.valid:
+            for problem in _poison_effect(message, rows, results, owners_before, owners_after):
+                wrong.setdefault(message.kind, []).append(f"{message.task_id}: {problem}")
+    return {kind: problems[:5] for kind, problems in wrong.items()}
+
+
+def _poison_effect(
+    message: Message,
+    rows: Mapping[str, Row],
+    results: set[str],
+    owners_before: Mapping[str, Any],
+    owners_after: Mapping[str, Any],
+) -> list[str]:
+    task_id, tenant, problems = message.task_id, message.tenant, []
+    if f"{tenant}/{task_id}.json" in results:
+        problems.append(f"a result object was written for tenant {tenant}")
+    row = rows.get(task_id)
+    if message.kind in NO_ROW:
+        if row is not None:
+            problems.append(f"a {row.status} row ({row.error_code}) under tenant {row.tenant}")
+    elif row is None:
+        problems.append(f"no failed row under tenant {tenant}")
+    elif (row.status, row.error_code, row.tenant) != ("failed", message.expected_code, tenant):
+        problems.append(f"a {row.status} row ({row.error_code}) under tenant {row.tenant}")
+    if message.kind == OTHER_TENANTS_TASK_ID:
+        before, after = owners_before.get(task_id), owners_after.get(task_id)
+        if not before or before != after:
+            problems.append(f"the owner's row or claim changed: {before} -> {after}")
+    return problems
+
+
 # -- the run ----------------------------------------------------------------------------
 
 
@@ -458,13 +642,19 @@ class Soak:
     def __init__(self, stack: Stack, args: argparse.Namespace) -> None:
         self.stack = stack
         self.args = args
+        self.tenants = Tenants.of(stack.tenant)
+        self.deployment = write_deployment(stack.tmp / "deployment.yaml", self.tenants)
         rng = random.Random(args.seed)
-        self.messages = build_workload(
-            rng, stack.tenant, upload_assets(stack), args.tasks, args.poison
-        )
+        assets = upload_assets(stack, self.tenants)
+        self.messages = build_workload(rng, self.tenants, assets, args.tasks, args.poison)
         self.valid = {m.task_id for m in self.messages if m.valid}
         self.poison = {m.task_id for m in self.messages if not m.valid}
         self.faults = plan_faults(rng, len(self.valid), fault_counts(args))
+        # The owner's successes that another tenant's task_id poison takes the ids of,
+        # and what they are before the first publish.
+        self.owned = sorted(m.task_id for m in self.messages if m.kind == OTHER_TENANTS_TASK_ID)
+        seed_owners_successes(stack.settings.database_url, self.tenants.owner, self.owned)
+        self.owners_before = self.owners_rows()
         self.crashes: list[dict[str, Any]] = []  # daemons that exited without being told
         self.daemon: DaemonProcess | None = None
         self.first_publish = 0.0  # wall clock, comparable to the rows' updated_at
@@ -475,7 +665,9 @@ class Soak:
         return time.monotonic() - self._started
 
     def start_daemon(self) -> DaemonProcess:
-        self.daemon = self.stack.start_daemon(GANNET_RUNNERS=str(self.args.runners))
+        self.daemon = self.stack.start_daemon(
+            GANNET_RUNNERS=str(self.args.runners), GANNET_CONFIG_URI=str(self.deployment)
+        )
         return self.daemon
 
     def publish_more(self, settled: int) -> None:
@@ -518,7 +710,23 @@ class Soak:
             time.sleep(POLL_S)
 
     def rows(self) -> dict[str, Row]:
-        return committed_rows(self.stack.settings.database_url, self.stack.tenant)
+        """The rows of the soak's tenant and of the unknown one (whose failed rows are
+        the unknown_tenant poison's); the owner's are read whole, before and after."""
+        tenants = (self.tenants.own, self.tenants.unknown)
+        return committed_rows(self.stack.settings.database_url, tenants)
+
+    def owners_rows(self) -> dict[str, Any]:
+        return owners_rows(self.stack.settings.database_url, self.tenants.owner, self.owned)
+
+    def poison_effects(self, rows: Mapping[str, Row]) -> dict[str, list[str]]:
+        """`poison_effects` on what the database and the results bucket hold now."""
+        client, bucket = self.stack.storage.client, self.stack.settings.results_bucket
+        results = {
+            blob.name
+            for tenant in (self.tenants.own, self.tenants.unknown)
+            for blob in client.list_blobs(bucket, prefix=f"{tenant}/")
+        }
+        return poison_effects(self.messages, rows, results, self.owners_before, self.owners_rows())
 
     def fire_due(self, succeeded: int) -> None:
         """The next fault whose moment has come, once something was committed since the
@@ -619,6 +827,7 @@ def build_report(
     final: Tally,
     entries: list[dict[str, Any]],
     peak_kib: Mapping[int, int],
+    effects: Mapping[str, list[str]],
 ) -> dict[str, Any]:
     """What the run showed, as the JSON report holds it; `ok` decides the exit status."""
     args = soak.args
@@ -662,6 +871,8 @@ def build_report(
         "poison_dead_lettered": len(soak.poison) - len(undead),
         "dead_letters_by_code": dict(sorted(codes.items())),
         "unexpected_reasons": _unexpected_reasons(soak.messages, final),
+        "poison_succeeded": sorted(final.poison_succeeded),
+        "poison_wrong_effects": dict(effects),
         "dead_lettered_more_than_once": sum(1 for c in final.poison_codes.values() if len(c) > 1),
         "foreign_dead_letters": final.foreign_letters,
         "seconds": round(seconds, 1) if seconds else None,
@@ -670,7 +881,12 @@ def build_report(
         "peak_rss_mib_per_daemon": {str(p): round(k / 1024, 1) for p, k in peak_kib.items()},
         "daemon_logs": [str(d.log_path) for d in soak.stack.daemons],
     }
-    report["ok"] = lost == 0 and not inferences.inferred_more_than_once
+    report["ok"] = (
+        lost == 0
+        and not inferences.inferred_more_than_once
+        and not report["unexpected_reasons"]
+        and not report["poison_wrong_effects"]
+    )
     return report
 
 
@@ -708,9 +924,11 @@ def print_report(report: dict[str, Any]) -> None:
     for problem in _problems(report):
         print(f"  ! {problem}")
     verdict = "OK" if report["ok"] else "FAILED"
+    wrong = set(report["unexpected_reasons"]) | set(report["poison_wrong_effects"])
     print(
         f"\n{verdict}: {report['lost']} lost, "
         f"{len(report['inferred_more_than_once'])} inferred more than once."
+        + (f" Poison handled wrongly: {', '.join(sorted(wrong))}." if wrong else "")
     )
 
 
@@ -725,6 +943,7 @@ def _summary(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("re-run after a fault", str(len(report["rerun_after_fault"]))),
         ("valid redelivered (attempt > 1)", str(report["redelivered"])),
         ("poison dead-lettered with a reason", f"{report['poison_dead_lettered']}/{poison}"),
+        ("poison kinds with a wrong row or result", str(len(report["poison_wrong_effects"]))),
         ("daemons started", str(report["daemons_started"])),
         ("throughput", f"{rate} valid tasks/s over {report['seconds']} s" if rate else "-"),
         ("peak RSS of a daemon", f"{report['peak_rss_mib']} MiB"),
@@ -747,6 +966,10 @@ def _problems(report: dict[str, Any]) -> list[str]:
         problems.append("no log line carries `inferred`: double inference could not be counted")
     if report["unexpected_reasons"]:
         problems.append(f"unexpected error_code per poison kind: {report['unexpected_reasons']}")
+    if report["poison_succeeded"]:
+        problems.append(f"poison run to a success: e.g. {report['poison_succeeded'][:3]}")
+    for kind, found in report["poison_wrong_effects"].items():
+        problems.append(f"poison {kind} left the wrong rows or results: {found}")
     if report["unexpected_daemon_exits"]:
         problems.append(f"daemons exited on their own: {report['unexpected_daemon_exits']}")
     if not report["settled"]:
@@ -805,13 +1028,15 @@ def run(args: argparse.Namespace, state: Path) -> dict[str, Any]:
             done = "settled" if final.settled(soak.valid, soak.poison) else "settle timeout"
             print(f"[{soak.elapsed():5.0f}s] {done}; stopping the daemon with SIGTERM", flush=True)
             soak.stop_daemon(signal.SIGTERM)
-            final = tally(soak.messages, soak.rows(), letters.letters())
+            rows = soak.rows()
+            final = tally(soak.messages, rows, letters.letters())
+            effects = soak.poison_effects(rows)
         finally:
             letters.stop()
             sampler.stop()
             _kill_leftovers(stack.daemons)
         entries = [e for daemon in stack.daemons for e in daemon.log_entries()]
-        return build_report(soak, final, entries, sampler.peak_kib)
+        return build_report(soak, final, entries, sampler.peak_kib, effects)
 
 
 def _print_plan(soak: Soak) -> None:
