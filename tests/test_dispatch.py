@@ -239,6 +239,28 @@ def test_an_unknown_pipeline_is_quarantined_with_a_failed_row(served, streams):
     assert stack.unacked(delivered.messages) == []
 
 
+def test_an_oversized_body_is_quarantined_without_being_parsed(served, streams, monkeypatch):
+    """A body over GANNET_MAX_BODY_BYTES is dead-lettered with body_too_large and acked,
+    and is never parsed for its ids (so it gets no failed row): up to Pub/Sub's 10 MB
+    such a parse held the GIL over a second, every thread of the daemon stopped."""
+    stack, parts = served
+    task = stack.task(stack.upload(SCENES[0]["file"]))
+    limit = parts.dispatcher.max_body_bytes
+    body = task.model_dump_json().encode().ljust(limit + 1)  # valid but for its size
+    parsed: list[bytes] = []
+    monkeypatch.setattr("gannet.dispatch.identify", lambda b: parsed.append(b) or (None, None))
+    with pulling(served, streams) as delivered:
+        stack.publish_raw(body)
+        dead = stack.pull_dead_letters(1, timeout_s=15)
+
+    assert [m.data for m in dead] == [body]
+    assert dead[0].attributes["error_code"] == "body_too_large"
+    assert f"{limit + 1} bytes; the limit is {limit}" in dead[0].attributes["error"]
+    assert "task_id" not in dead[0].attributes and parsed == []
+    assert stack.rows([task.task_id]) == {}
+    assert stack.unacked(delivered.messages) == []
+
+
 def test_a_message_that_arrives_while_the_runners_stop_is_nacked_for_another_pod(served, streams):
     """A pod whose runners no longer take work (shutting down) nacks what still arrives:
     the task is not run, and the message is redelivered to the next puller."""

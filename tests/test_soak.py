@@ -163,6 +163,8 @@ def test_each_poison_kind_is_a_valid_body_with_its_one_thing_wrong_drawn_from_th
         task_id, tenant = identify(message.body)
         if message.kind in {"bad_json", "bad_tenant_id"}:
             assert None in (task_id, tenant), message  # no row can be written
+        elif message.kind == "oversized_body":
+            assert message.kind in soak.NO_ROW  # identifiable, but never parsed for its ids
         else:
             assert (task_id, tenant) == (message.task_id, message.tenant), message
         if message.kind == "oversized_body":
@@ -209,15 +211,15 @@ def test_poison_that_left_a_wrong_row_a_result_or_touched_the_owners_row_is_repo
         **rows,
         unknown.task_id: row(unknown, "succeeded", code="-"),
         stolen.task_id: row(stolen, code="task_id_conflict"),
+        big.task_id: row(big),  # parsed for its ids after all
     }
-    del wrong_rows[big.task_id]
     results = {f"{TENANTS.unknown}/{unknown.task_id}.json", f"{TENANTS.own}/{stolen.task_id}.json"}
     changed = {**owned, stolen.task_id: {"task_results": {"status": "failed"}}}
     found = soak.poison_effects(messages, wrong_rows, results, owned, changed)
     assert set(found) == {"unknown_tenant", "oversized_body", soak.OTHER_TENANTS_TASK_ID}
     assert any("result object" in p for p in found["unknown_tenant"])
     assert any("succeeded row" in p for p in found["unknown_tenant"])
-    assert any("no failed row" in p for p in found["oversized_body"])
+    assert any("a failed row (body_too_large)" in p for p in found["oversized_body"])
     stolen_found = " ".join(found[soak.OTHER_TENANTS_TASK_ID])
     assert "result object" in stolen_found and "owner's row" in stolen_found
     assert "failed row (task_id_conflict) under tenant" in stolen_found

@@ -78,10 +78,11 @@ POISON_KINDS: dict[str, str] = {
     OTHER_TENANTS_TASK_ID: "task_id_conflict",
 }
 # Poison that must leave no row (README, outcomes: a failed row where the task is
-# identifiable): a body that names no task_id or no valid tenant_id, and another
-# tenant's task_id, which stays its owner's. Every other kind gets a failed row with its
+# identifiable): a body that names no task_id or no valid tenant_id, an oversized body
+# (never parsed for its ids), and another tenant's task_id, which stays its owner's.
+# Every other kind gets a failed row with its
 # error_code, under the tenant its body names (an unknown tenant's too).
-NO_ROW = frozenset({"bad_json", "bad_tenant_id", OTHER_TENANTS_TASK_ID})
+NO_ROW = frozenset({"bad_json", "oversized_body", "bad_tenant_id", OTHER_TENANTS_TASK_ID})
 # The industry config the daemons serve the soak's tenants with (write_deployment).
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 OWNER_HOLDER = "gannet-soak"  # the claim holder of the owner's seeded successes
