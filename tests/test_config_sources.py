@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Started, scraped, wait_until
@@ -202,6 +203,18 @@ def test_a_reload_naming_a_model_that_cannot_load_is_rejected_and_the_old_one_se
     assert sample("gannet_config_reloads_total", {"result": "loaded"}) == 1
 
 
+def _gs_config(services: LocalServices) -> tuple[Any, str, Any]:
+    """The local settings, and VALID uploaded as demo/config.yaml to a new bucket on the
+    GCS emulator: (settings, bucket, the config's blob)."""
+    bucket = f"models-{uuid.uuid4().hex[:8]}"
+    settings = demo.local_settings(services)
+    client = clients.storage_client(settings)
+    client.create_bucket(bucket)
+    blob = client.bucket(bucket).blob("demo/config.yaml")
+    blob.upload_from_string(VALID)
+    return settings, bucket, blob
+
+
 def test_a_task_never_waits_for_the_config_check_on_a_slow_gcs(services: LocalServices):
     """A gs:// config, its bucket reached through a relay that adds 1 s to each round
     trip (GCS slow, or far): the periodic check (the object's generation, one metadata
@@ -210,12 +223,7 @@ def test_a_task_never_waits_for_the_config_check_on_a_slow_gcs(services: LocalSe
     current one at once, and the changed one once it is loaded, never wait for either.
     Before the watch thread, the check ran on the thread that asked when it was due
     (here made due at every call): that call took 3.0 s."""
-    bucket = f"models-{uuid.uuid4().hex[:8]}"
-    settings = demo.local_settings(services)
-    client = clients.storage_client(settings)
-    client.create_bucket(bucket)
-    blob = client.bucket(bucket).blob("demo/config.yaml")
-    blob.upload_from_string(VALID)
+    settings, bucket, blob = _gs_config(services)
     slow_gcs = Started("gannet.dev.relay", str(services.ports.gcs), "--latency-ms=1000")
     try:
         slow = settings.model_copy(
@@ -324,12 +332,7 @@ def test_a_config_check_on_a_gcs_that_never_answers_gives_up_within_30_s(
     assert storage_module.METADATA_TIMEOUT_S + storage_module.METADATA_RETRY_S <= 30
     monkeypatch.setattr(storage_module, "METADATA_TIMEOUT_S", 1.0)
     monkeypatch.setattr(storage_module, "_METADATA_RETRY", DEFAULT_RETRY.with_timeout(2.0))
-    bucket = f"models-{uuid.uuid4().hex[:8]}"
-    settings = demo.local_settings(services)
-    client = clients.storage_client(settings)
-    client.create_bucket(bucket)
-    blob = client.bucket(bucket).blob("demo/config.yaml")
-    blob.upload_from_string(VALID)
+    settings, bucket, blob = _gs_config(services)
     gate = _Gate(services.ports.gcs)
     try:
         gated = settings.model_copy(
