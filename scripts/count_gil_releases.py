@@ -17,7 +17,8 @@ post-processing of samples/scene_01.jpg (split_predictor) with boxes_to_detectio
 `io`: on local services of its own, a task's claim (Sink.start) and its fenced commit
 (Sink.save_claimed), as the runners send them. `segment`: the demo segmenter's
 post-processing of the same photo (its NMS on the host), its masks made inside their
-boxes (a CPU's path) and by ultralytics from the kept rows (a GPU's path), and for
+boxes (a CPU's path) and by ultralytics' arithmetic in chunks of segments (a GPU's
+path: masks.segments_on_device, here on the CPU), and for
 comparison ultralytics' NMS alone, torchvision's (imported here for it). `pipeline`: a
 runner's whole work on one photo (decode, the pipeline's steps, the result's JSON) for
 the demo's DETECTION, agro's FULL_PIPELINE and vending's SHELF_AUDIT, at 640x480 and
@@ -123,7 +124,7 @@ def segment_steps() -> dict[str, Callable[[], object]]:
     weights = REPO_ROOT / "models/demo/segment.pt"
     model, _ = load(ModelKey(str(weights), "v", "cpu", 640, "segment"))
     in_boxes, theirs = SplitPredictor(model), SplitPredictor(model)
-    theirs._masks_in_boxes = False  # ultralytics' construct_result, as on a GPU
+    theirs._masks_in_boxes = False  # the GPU's path (segments_on_device), on the CPU
     image = cv2.imread(str(REPO_ROOT / "samples" / "scene_01.jpg"))
     inputs = in_boxes.preprocess(image)
     (output,) = in_boxes.forward([inputs])
@@ -139,7 +140,7 @@ def segment_steps() -> dict[str, Callable[[], object]]:
         "post-process, masks in boxes (CPU)": lambda: in_boxes.postprocess(
             output, inputs, image, 0.25
         ),
-        "post-process, ultralytics' masks": lambda: theirs.postprocess(output, inputs, image, 0.25),
+        "post-process, a GPU's masks": lambda: theirs.postprocess(output, inputs, image, 0.25),
         "ultralytics' NMS alone": nms,
     }
 

@@ -20,7 +20,8 @@ and PostgreSQL, started in a temporary directory), a GCS read of that photo, a r
 write, the claim (Sink.start) and the claim plus the fenced commit (Sink.save_claimed).
 `segment`: the demo segmenter's post-processing of the same photo (split_predictor's
 postprocess) at 640x480 and resized to 4032x3024, its masks made inside their boxes (a
-CPU's path) and, at 640x480, by ultralytics (a GPU's path), 20 calls a measurement.
+CPU's path) and, at 640x480, by ultralytics' arithmetic a chunk of segments at a time (a
+GPU's path), 20 calls a measurement.
 `classify`: a runner's part of classifying the six detections of that photo as the
 classification step cuts them (the demo classifier's pre- and post-processing of each
 crop, the forward pass left out). Run it on two cores, and under `taskset -c 0` to see
@@ -91,7 +92,7 @@ def segment(rounds: int) -> None:
     weights = REPO_ROOT / "models" / "demo" / "segment.pt"
     model, _ = load(ModelKey(str(weights), "v", "cpu", 640, "segment"))
     in_boxes, theirs = SplitPredictor(model), SplitPredictor(model)
-    theirs._masks_in_boxes = False  # ultralytics' masks, as on a GPU
+    theirs._masks_in_boxes = False  # a GPU's path (ultralytics' arithmetic), on the CPU
     scene = cv2.imread(str(REPO_ROOT / "samples" / "scene_01.jpg"))
     for _ in range(rounds):
         for size in [(640, 480), (4032, 3024)]:
@@ -103,8 +104,8 @@ def segment(rounds: int) -> None:
             for busy in (False, True):
                 label = f"{size[0]}x{size[1]} " + ("with a busy thread" if busy else "alone")
                 line = f"{label:28}  masks in boxes {measure(ours, busy, 20)}"
-                if size[0] < 1000:  # ultralytics' masks at 12 MP: hundreds of ms of CPU
-                    line += f"  ultralytics' masks {measure(ultralytics, busy, 20)}"
+                if size[0] < 1000:  # a GPU's masks on the CPU at 12 MP: hundreds of ms
+                    line += f"  a GPU's masks {measure(ultralytics, busy, 20)}"
                 print(line)
 
 

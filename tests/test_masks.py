@@ -10,6 +10,9 @@ the answers must be the same exactly.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from types import ModuleType
 from typing import Any
 
 import cv2
@@ -20,11 +23,35 @@ from conftest import SAMPLES, SCENES, local_pipeline
 from ultralytics.utils.ops import process_mask_native as native_planes  # before any patch
 
 from gannet.dev.publish import make_task
-from gannet.masks import covered, outline, planes_in_boxes, segment_of, tight
+from gannet.masks import (
+    DEVICE_CHUNK_BYTES,
+    SegmentMask,
+    covered,
+    outline,
+    planes_in_boxes,
+    segment_of,
+    segments_on_device,
+    tight,
+)
 from gannet.settings import REPO_ROOT
 from gannet.stages import Timer
 
 TOLERANCE = 1.5  # the segmentation step's default polygon tolerance
+
+
+def _script() -> ModuleType:
+    """scripts/measure_device_masks.py: the GPU path's old arithmetic, synthetic
+    segments, and its trackers of live tensors and torch calls."""
+    path = REPO_ROOT / "scripts" / "measure_device_masks.py"
+    spec = importlib.util.spec_from_file_location("measure_device_masks", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+measure = _script()
 
 
 def full_plane_segment(binary: np.ndarray) -> dict[str, Any]:
@@ -167,22 +194,28 @@ def test_segments_at_the_photo_edges_and_in_pieces_are_the_full_planes():
             assert segment.covered_in(x1, y1, x2, y2) == int((plane[y1:y2, x1:x2] > 0.5).sum())
 
 
-def test_the_pipeline_answers_as_the_full_planes_on_small_and_large_photos():
+@pytest.mark.parametrize("gpu_path", [False, True])
+def test_the_pipeline_answers_as_the_full_planes_on_small_and_large_photos(gpu_path: bool):
     """agro's FULL_PIPELINE (segmentation, detection, estimation) on the demo scenes as
     they are and enlarged to 12 MP and to a portrait shape: segments, coverage and each
-    detection's segment are what the full planes of the same model answer give."""
+    detection's segment are what the full planes of the same model answer give. Its
+    segmenter's masks as a CPU makes them (planes in boxes), and as a GPU does (crops of
+    each box, which the step reads instead of planes: forced on the CPU's predictor)."""
     pipeline = local_pipeline(str(REPO_ROOT / "configs" / "agro.yaml"), max_batch=1)
     task = make_task("tenant-a", "gs://gannet-images/tenant-a/x.jpg", "FULL_PIPELINE", "t")
     route = pipeline.check(task)
     key = pipeline.resolver.key(route.loaded, "segmentation", task.tenant_id, "cpu")
     conf = route.loaded.config.models["segmentation"].confidence_threshold
+    split = pipeline.cache.get(key).predictor
     compared = 0
     try:
         for entry in SCENES:
             scene = cv2.imread(str(SAMPLES / entry["file"]))
             for size in [None, (4032, 3024), (1200, 1600)]:
                 image = scene if size is None else cv2.resize(scene, size)
+                split._masks_in_boxes = not gpu_path
                 answer = pipeline.run_image(task, route, image, "cpu", Timer(lambda s, v: None))
+                split._masks_in_boxes = True  # the planes, to compare with
                 (result,) = pipeline.cache.predict(key, [image], conf)
                 planes = [] if result.masks is None else list(result.masks.data.numpy() > 0.5)
                 want = [full_plane_segment(p) for p in planes if p.any()]
@@ -200,3 +233,119 @@ def test_the_pipeline_answers_as_the_full_planes_on_small_and_large_photos():
     finally:
         pipeline.cache.close()
     assert compared >= 20  # there were segments to compare
+
+
+def same_segments(ours: list[SegmentMask], theirs: list[SegmentMask]) -> None:
+    assert len(ours) == len(theirs)
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        assert (a.x0, a.y0) == (b.x0, b.y0), i
+        assert a.bits.dtype == b.bits.dtype == bool and np.array_equal(a.bits, b.bits), i
+
+
+# The GPU's path (segments_from_rows when the predictor's device is not the CPU) is run
+# below with CPU tensors: this host has no GPU. The calls and values are the same.
+
+
+def test_the_gpus_segments_are_ultralytics_planes_read_in_their_boxes(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """segments_on_device against what the GPU's path did before it: ultralytics'
+    process_mask_native, the planes without a pixel dropped, each plane read in its box
+    (segment_of). On the demo segmenter's outputs for photos that letterbox with and
+    without padding (its first upsampling by 1, 2 and 4), at a low threshold too (many
+    segments); in chunks of every size (the default budget; one segment, three); with
+    FP16 prototypes, as a GPU's model gives them: the same bits."""
+    images = []
+    for entry in SCENES[:4]:
+        scene = cv2.imread(str(SAMPLES / entry["file"]))
+        for size in [None, (4032, 3024), (1200, 1600), (333, 517), (1920, 1080)]:
+            images.append(scene if size is None else cv2.resize(scene, size))
+    compared = 0
+    for protos, coeffs, boxes, shape in mask_inputs(monkeypatch, images, (0.5, 0.01)):
+        theirs = measure.old_device_path(protos, coeffs, boxes.numpy(), shape)
+        plane = 5 * shape[0] * shape[1]  # a plane's bytes in a chunk (float and bool)
+        budgets = [DEVICE_CHUNK_BYTES] if max(shape) > 2000 else [DEVICE_CHUNK_BYTES, 1, 3 * plane]
+        for budget in budgets:
+            found, nonempty = segments_on_device(protos, coeffs, boxes.numpy(), shape, None, budget)
+            assert len(found) == len(nonempty) == len(coeffs)
+            same_segments([s for s, kept in zip(found, nonempty, strict=True) if kept], theirs)
+        half = protos.half()
+        theirs = measure.old_device_path(half, coeffs, boxes.numpy(), shape)
+        same_segments(measure.new_device_path(half, coeffs, boxes.numpy(), shape), theirs)
+        compared += len(theirs)
+    assert compared >= 40
+
+
+def test_the_gpus_segments_of_a_reduced_decode_are_made_at_the_photos_size(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """A 12 MP photo decoded at 1/4 scale on a GPU pod (the CPU decode fallback): its
+    segments are made at the photo's size from the frame's prototypes, as a CPU's are
+    (planes_in_boxes with `out`), read in their boxes: the same bits. (Before, the
+    GPU's planes at the frame's size were copied whole to the host and resized there.)"""
+    images = []
+    for entry in SCENES[:3]:
+        scene = cv2.imread(str(SAMPLES / entry["file"]))
+        images += [cv2.resize(scene, (1008, 756)), cv2.resize(cv2.transpose(scene), (756, 1008))]
+    compared = 0
+    for protos, coeffs, boxes, shape in mask_inputs(monkeypatch, images, (0.1,)):
+        photo_hw = (shape[0] * 4, shape[1] * 4)
+        in_photo = (boxes * 4).numpy()
+        planes, nonempty = planes_in_boxes(protos, coeffs, in_photo, shape, photo_hw)
+        cpus = [segment_of(p, b, *photo_hw) for p, b in zip(planes.numpy(), in_photo, strict=True)]
+        found, on_gpu = segments_on_device(protos, coeffs, in_photo, shape, photo_hw)
+        assert on_gpu.tolist() == nonempty.tolist()
+        same_segments(found, cpus)
+        compared += int(nonempty.sum())
+    assert compared >= 10
+
+
+def test_the_gpus_masks_of_300_segments_on_12_mp_take_one_chunk_of_memory():
+    """300 segments (the most a segmenter keeps) of a 4032x3024 photo: the tensors alive
+    at once while segments_on_device makes them stay under its chunk budget and the
+    logits of all (23 MB), where ultralytics' planes took a byte per pixel per segment
+    (3.7 GB, and as much again for the copy without the empty ones; 441 MB at 20
+    segments, checked here). The same bits as planes_in_boxes (ultralytics' planes, bit
+    for bit: above) for all, and as process_mask_native for a sample of them."""
+    protos, coeffs, boxes = measure.synthetic(300)
+    with torch.inference_mode(), measure.LiveBytes() as live:
+        found, nonempty = segments_on_device(protos, coeffs, boxes, measure.PHOTO)
+    logits = 300 * protos[0].numel() * 4
+    assert live.peak < DEVICE_CHUNK_BYTES + logits + (1 << 20), live.peak
+    assert 250 < nonempty.sum() < 300  # one empty box; most segments have pixels
+    planes, theirs = planes_in_boxes(protos, coeffs, boxes, measure.PHOTO)
+    assert nonempty.tolist() == theirs.tolist()
+    cpus = [segment_of(p, b, *measure.PHOTO) for p, b in zip(planes, boxes, strict=True)]
+    same_segments(found, cpus)
+    # process_mask_native on a few rows: its matmul gives those rows the values it gives
+    # them among all 300 (checked), so its planes are the ones it makes for all 300.
+    sample = [0, 1, 57, 151, 299]
+    c = protos.shape[0]
+    every = coeffs @ protos.view(c, -1)
+    assert torch.equal(coeffs[sample] @ protos.view(c, -1), every[sample])
+    few = measure.old_device_path(protos, coeffs[sample], boxes[sample], measure.PHOTO)
+    same_segments([found[i] for i in sample if nonempty[i]], few)
+    # The old path's peak with 20 segments alone is over the budget many times.
+    protos, coeffs, boxes = measure.synthetic(20)
+    with torch.inference_mode(), measure.LiveBytes() as old:
+        measure.old_device_path(protos, coeffs, boxes, measure.PHOTO)
+    assert old.peak > 5 * DEVICE_CHUNK_BYTES
+
+
+def test_the_gpus_segments_take_fewer_torch_calls_than_ultralytics_planes():
+    """Every torch call lets go of the GIL (scripts/count_gil_releases.py): the GPU's
+    path makes at most the calls per segment it made before (process_mask_native, then
+    segment_of's slice, threshold and copy per plane), on a 640x480 photo (one chunk)
+    and a 12 MP one (a chunk per segment): three per segment (the box's slice, its copy
+    to the host, NumPy's view of it) and a few per chunk."""
+    for n, photo in [(40, (480, 640)), (6, measure.PHOTO)]:
+        protos, coeffs, boxes = measure.synthetic(n, photo)
+        counts = []
+        for path in (measure.old_device_path, measure.new_device_path):
+            with torch.inference_mode(), measure.TorchCalls() as calls:
+                path(protos, coeffs, boxes, photo)
+            counts.append(calls.calls)
+        old, new = counts
+        assert new <= old, (photo, counts)
+        chunks = n if photo == measure.PHOTO else 1
+        assert new <= 3 * n + 6 * chunks + 10, (photo, counts)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 import torchvision  # noqa: F401  (registers torch.ops.torchvision.nms)
 from ultralytics.utils.ops import scale_boxes
 
+from gannet.masks import segment_of
 from gannet.model_cache import ModelKey, yolo_loader
 from gannet.settings import REPO_ROOT
 from gannet.split_predictor import SplitPredictor, nms, to_photo
@@ -96,6 +98,22 @@ def test_a_classifiers_own_normalisation_is_applied_to_the_batch():
         assert float(theirs.min()) < 0  # normalised: (0 - 0.1) / 0.5 and below
 
 
+def same_masks(ours: Any, theirs: Any, where: Any) -> None:
+    """A runner's masks are ultralytics' (its retina planes): on a CPU the same planes; on
+    a GPU's path (run here on the CPU, forced) each segment the crop of ultralytics'
+    plane in its box (segment_of), which the segmentation step reads."""
+    crops = getattr(ours, "segment_crops", None)
+    if crops is None:
+        assert torch.equal(ours.masks.data, theirs.masks.data), where
+        return
+    assert ours.masks is None and len(crops) == len(theirs.masks.data), where
+    height, width = theirs.orig_shape
+    for crop, plane, box in zip(crops, theirs.masks.data, theirs.boxes.xyxy, strict=True):
+        want = segment_of(plane, box, height, width)
+        assert (crop.x0, crop.y0) == (want.x0, want.y0), where
+        assert np.array_equal(crop.bits, want.bits), where
+
+
 @pytest.mark.parametrize(
     ("weights", "task", "masks_in_boxes"),
     [
@@ -113,7 +131,8 @@ def test_nms_on_the_host_gives_ultralytics_answer(
     confidences and classes, in the same order, and a segmenter's masks the same planes,
     on photos that are letterboxed with and without padding, with a few boxes each and
     (at conf 0.01) a few dozen. A segmenter's masks both ways: made inside their boxes
-    (a CPU's) and by ultralytics from the kept rows (a GPU's)."""
+    (a CPU's) and by ultralytics' arithmetic in chunks, only the boxes' bits kept (a
+    GPU's: masks.segments_on_device, forced here on a CPU's predictor)."""
     load = yolo_loader(lambda uri, version: Path(uri), trace=False)
     model, _ = load(ModelKey(str(MODELS / weights), "v", "cpu", 640, task))
     split = SplitPredictor(model)
@@ -138,14 +157,13 @@ def test_nms_on_the_host_gives_ultralytics_answer(
             )
             assert ours.orig_shape == theirs.orig_shape and ours.names == theirs.names
             if task == "segment" and len(theirs.boxes):
-                assert torch.equal(ours.masks.data, theirs.masks.data), (name, width, height)
-            if masks_in_boxes and len(theirs.boxes):
-                # An output the runner leaves to ultralytics: its NMS, then masks in boxes
-                # (segment_result, the predictor's construct_result on a CPU).
+                same_masks(ours, theirs, (name, width, height))
+                # An output the runner leaves to ultralytics: its NMS, then the masks of
+                # segment_result (the predictor's construct_result, on a CPU and a GPU).
                 view = split._own_copy()
                 with torch.inference_mode():
                     (fallback,) = view.postprocess(output, split._model_input(inputs), [image])
-                assert torch.equal(fallback.masks.data, theirs.masks.data), (name, width)
+                same_masks(fallback, theirs, (name, width, height))
                 np.testing.assert_allclose(fallback.boxes.data, theirs.boxes.data, atol=1e-3)
             compared += len(theirs.boxes)
     many = 200 if task == "detect" else 50  # the demo segmenter finds fewer at 0.01
@@ -196,3 +214,28 @@ def test_boxes_go_back_to_the_photo_exactly_as_ultralytics_puts_them():
         boxes[:, 2:] = boxes[:, :2] + rng.uniform(0, 200, (200, 2)).astype(np.float32)
         theirs = scale_boxes(input_hw, boxes.copy(), photo_hw)
         assert np.array_equal(to_photo(boxes, input_hw, photo_hw), theirs), (input_hw, photo_hw)
+
+
+def test_a_gpus_masks_of_a_reduced_decode_are_a_cpus():
+    """A 12 MP photo decoded at 1/4 scale (a GPU pod's CPU decode fallback): on a GPU's
+    path (forced here on a CPU's predictor) the boxes come in the photo's pixels and each
+    segment is made at the photo's size, as on a CPU: the same boxes and bits. Before,
+    the GPU's planes at the frame's size were copied whole to the host and resized."""
+    load = yolo_loader(lambda uri, version: Path(uri), trace=False)
+    model, _ = load(ModelKey(str(MODELS / "segment.pt"), "v", "cpu", 320, "segment"))
+    cpu, gpu = SplitPredictor(model), SplitPredictor(model)
+    gpu._masks_in_boxes = False
+    photo_hw = (3024, 4032)
+    compared = 0
+    for name in ("scene_01.jpg", "scene_02.jpg", "scene_03.jpg"):
+        frame = cv2.resize(cv2.imread(str(REPO_ROOT / "samples" / name)), (1008, 756))
+        inputs = cpu.preprocess(frame)
+        (output,) = cpu.forward([inputs])
+        ours = gpu.postprocess(output, inputs, frame, 0.1, photo_hw)
+        theirs = cpu.postprocess(output, inputs, frame, 0.1, photo_hw)
+        assert ours.orig_shape == theirs.orig_shape == photo_hw
+        assert torch.equal(ours.boxes.data, theirs.boxes.data)
+        if len(theirs.boxes):
+            same_masks(ours, theirs, name)
+        compared += len(theirs.boxes)
+    assert compared >= 5

@@ -10,6 +10,12 @@ planes and 70 ms per photo to read them, every pass over 12 million pixels; on a
 (planes_in_boxes, on the host), a segment is kept as the crop of its box (SegmentMask),
 and only a box's pixels leave the device. The planes are ultralytics' and the answers
 the full planes', bit for bit (tests/test_masks.py).
+
+On a GPU ultralytics' own upsampling runs where the prototypes are (segments_on_device),
+but a few segments at a time: its stack of full-size planes (one byte per pixel per
+segment, 3.7 GB for 300 segments of a 12 MP photo, then a copy of it to drop the empty
+ones) was a CUDA out-of-memory on a 16 GB T4 that other runners share. Each chunk's
+planes are thresholded there and only each box's bits copied to the host, as SegmentMasks.
 """
 
 from __future__ import annotations
@@ -23,6 +29,11 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+# The most bytes one chunk of segments_on_device's full-size planes may take on the device
+# (float32 logits and their bool threshold, 5 bytes a pixel): one segment of a 12 MP photo
+# (61 MB), six of a 1080p frame. ultralytics' own chunks are 16 M float32 pixels, 64 MB.
+DEVICE_CHUNK_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -190,6 +201,92 @@ def planes_in_boxes(
         np.greater(upper, 0, out=inside)
         nonempty[i] = inside.any()
     return planes, nonempty
+
+
+def segments_on_device(
+    protos: torch.Tensor,
+    coeffs: torch.Tensor,
+    boxes: np.ndarray,
+    shape: tuple[int, int],
+    out: tuple[int, int] | None = None,
+    budget: int = DEVICE_CHUNK_BYTES,
+) -> tuple[list[SegmentMask], np.ndarray]:
+    """ultralytics' process_mask_native then segment_of on each plane, where the prototypes
+    are (a GPU), a chunk of segments at a time: each segment's box crop of its retina mask
+    (SegmentMask, on the host, not yet tight), and which have a pixel set.
+
+    Why: process_mask_native keeps every segment's full-size uint8 plane (N x H x W: 3.7
+    GB for 300 segments of a 12 MP photo; segments_from_rows then copied it to drop the
+    empty ones): a CUDA out-of-memory on a T4, failing the task and the other runners'
+    batches on that GPU. Here its own calls, on the same values (the matmul of all the
+    coefficients, F.interpolate by 1, 2 or 4, the crop of the letterbox padding, F.interpolate
+    to the photo's size, greater than 0), run on chunks of segments whose planes take at
+    most `budget` bytes (float32 and bool: 5 a pixel), and only each box's pixels (crop_mask
+    keeps [ceil(x1), ceil(x2)): box_region) cross to the host: the device holds the logits
+    (at most 300 x 32 KB-100 KB) and one chunk, whatever the number of segments, or one
+    plane where a single one is over the budget. A pixel's value depends on its own
+    sources only, not on the other planes of its chunk, so the bits are ultralytics', bit
+    for bit (tests/test_masks.py, with CPU tensors: no GPU runs the tests).
+
+    Torch calls (most let go of the GIL): five per chunk and three per segment (the box's
+    slice of the thresholded chunk, its copy to the host, NumPy's view of that): at 12 MP,
+    where a chunk is one segment, 8 per segment where process_mask_native and segment_of
+    made 12 (scripts/measure_device_masks.py).
+
+    `shape` is the letterboxed image's (the frame's) size, `out` (default `shape`) the
+    masks' and `boxes`' (xyxy float32 on the host): the photo's, when the frame is a
+    reduced decode of it, as planes_in_boxes makes them (its `out`), so that no plane at
+    the frame's size is scaled to the photo's on the host."""
+    c, mh, mw = protos.shape
+    h, w = shape
+    out_h, out_w = out or shape
+    nonempty = np.zeros(len(coeffs), bool)
+    if len(coeffs) == 0:
+        return [], nonempty
+    logits = (coeffs @ protos.float().view(c, -1)).view(1, -1, mh, mw)
+    # process_mask_native's first upsampling (1, 2 or 4: the padding on whole pixels),
+    gain = min(4 * mh / h, 4 * mw / w)
+    pad = (4 * mh - max(round(h * gain), 1)) | (4 * mw - max(round(w * gain), 1))
+    f = 4 // math.gcd(4, pad | pad // 2)
+    in_h, in_w = mh * f, mw * f
+    # then scale_masks' crop of the padding and upsampling to the photo's size (none where
+    # the upsampled prototypes are the photo's size already).
+    crop = None
+    if (in_h, in_w) != (h, w) or (out_h, out_w) != (h, w):
+        gain = min(in_h / h, in_w / w)
+        content_h, content_w = max(round(h * gain), 1), max(round(w * gain), 1)
+        top, left = round((in_h - content_h) / 2 - 0.1), round((in_w - content_w) / 2 - 0.1)
+        crop = (slice(top, top + content_h), slice(left, left + content_w))
+    step = max(1, budget // (4 * in_h * in_w + 5 * out_h * out_w))
+    copy = protos.device.type == "cpu"  # a crop of the chunk's memory: not to keep it alive
+    segments = []
+    for start in range(0, len(coeffs), step):
+        above = _above_zero(logits[:, start : start + step], f, crop, (out_h, out_w))
+        for j, box in enumerate(boxes[start : start + step]):
+            x0, y0, x1, y1 = box_region(box, out_h, out_w)
+            bits = above[j, y0:y1, x0:x1].cpu().numpy()
+            bits = bits.copy() if copy else bits
+            nonempty[start + j] = bits.any()
+            segments.append(SegmentMask(x0, y0, bits))
+        del above  # before the next chunk's planes are made, not after
+    return segments, nonempty
+
+
+def _above_zero(
+    logits: torch.Tensor,
+    f: int,
+    crop: tuple[slice, slice] | None,
+    out: tuple[int, int],
+) -> torch.Tensor:
+    """A chunk's (1, k, mh, mw) logits as process_mask_native makes its planes (upsampled
+    by `f`, the padding cropped off, upsampled to `out`, greater than 0), bool (k, H, W).
+    A function of its own so that the float planes are freed at its return, before the
+    next chunk's are made."""
+    if f > 1:
+        logits = F.interpolate(logits, scale_factor=f, mode="bilinear")
+    if crop is not None:
+        logits = F.interpolate(logits[(..., *crop)], out, mode="bilinear")
+    return logits[0] > 0
 
 
 @functools.lru_cache(maxsize=64)

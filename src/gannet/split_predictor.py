@@ -29,10 +29,10 @@ from ultralytics.data.augment import LetterBox
 from ultralytics.engine.results import Results
 from ultralytics.models.yolo.detect import DetectionPredictor
 from ultralytics.models.yolo.segment import SegmentationPredictor
-from ultralytics.utils.ops import process_mask_native, xywh2xyxy
+from ultralytics.utils.ops import xywh2xyxy
 
 from gannet.frames import Frame, blank, frame_size, shape_only, to_host
-from gannet.masks import planes_in_boxes
+from gannet.masks import SegmentMask, planes_in_boxes, segments_on_device
 
 
 def output_row(out: Any, i: int) -> Any:
@@ -91,14 +91,14 @@ class SplitPredictor:
             and (torch.as_tensor(normalize.std) == 1).all()
         )
         self._normalize = None if identity else normalize
-        # A segmenter's retina masks on the host: upsampled inside their boxes only
-        # (segments_from_rows; on a GPU ultralytics' own upsampling is cheap for the CPU).
-        on_host = self._predictor.device.type == "cpu"
-        self._masks_in_boxes = (
-            on_host
-            and bool(self._predictor.args.retina_masks)
+        # A segmenter's retina masks (segments_from_rows): on the host upsampled inside
+        # their boxes only; on a GPU by ultralytics' arithmetic, a few segments at a time,
+        # each box's bits alone copied to the host.
+        self._retina = (
+            bool(self._predictor.args.retina_masks)
             and type(self._predictor) is SegmentationPredictor
         )
+        self._masks_in_boxes = self._retina and self._predictor.device.type == "cpu"
 
     def _letterbox_geometry(self) -> LetterBox:
         """The LetterBox a one-image predict builds, for frames on a device: its sizes
@@ -128,8 +128,10 @@ class SplitPredictor:
             view = copy.copy(self._predictor)
             view.args = copy.copy(self._predictor.args)
             view.batch = ([""], None, None)  # Results take their path from batch[0]
-            if self._masks_in_boxes:
-                view.construct_result = functools.partial(segment_result, view)
+            if self._retina:
+                view.construct_result = functools.partial(
+                    segment_result, view, in_boxes=self._masks_in_boxes
+                )
             self._local.predictor = view
         return view
 
@@ -275,14 +277,31 @@ class SplitPredictor:
         return result
 
 
+class SegmentCrops(Results):
+    """A GPU's segmenter's answer: no masks, but each row's segment as the crop of its
+    box on the host (`segment_crops`, masks.segments_on_device), which the segmentation
+    step reads instead of full-size planes: those never leave the GPU, nor stay on it."""
+
+    segment_crops: list[SegmentMask]
+
+
 def segment_result(
-    predictor: Any, pred: torch.Tensor, img: torch.Tensor, orig_img: Any, path: str, proto: Any
+    predictor: Any,
+    pred: torch.Tensor,
+    img: torch.Tensor,
+    orig_img: Any,
+    path: str,
+    proto: Any,
+    in_boxes: bool = True,
 ) -> Results:
     """SegmentationPredictor.construct_result with retina masks (the ModelCache always
-    asks a segmenter for them) for a CPU's predictor, its masks made inside their boxes
-    (segments_from_rows): for the rows of ultralytics' own NMS, when the runner's
-    postprocess leaves an output to it."""
-    return segments_from_rows(predictor, pred.numpy(), img.shape[2:], orig_img, proto, True)
+    asks a segmenter for them), its masks made by segments_from_rows (on a CPU inside
+    their boxes, on a GPU in chunks: never ultralytics' full-size plane per segment): for
+    the rows of ultralytics' own NMS, when the runner's postprocess leaves an output to
+    it. Its rows as float32 on the host, as nms_on_host's (an FP16 model's, made float32)."""
+    on_host = pred.device.type == "cpu" and pred.dtype == torch.float32
+    rows = pred.numpy() if on_host else pred.float().cpu().numpy()
+    return segments_from_rows(predictor, rows, img.shape[2:], orig_img, proto, in_boxes)
 
 
 def segments_from_rows(
@@ -299,16 +318,20 @@ def segments_from_rows(
     55 times for five boxes), then the masks, and only the rows with a mask.
 
     The masks: on a CPU (`in_boxes`) made inside their boxes (masks.planes_in_boxes,
-    the same planes at a fraction of the CPU on a large photo); on a GPU by ultralytics
-    (process_mask_native) where the prototypes are, cheap there. With
-    `predictor.photo_hw` set (postprocess) and unlike the frame's size, the frame is a
-    reduced decode of the photo: on a CPU, boxes are scaled from the frame's pixels to the
-    photo's, as a detector's are (steps.boxes_to_detections), and the masks made at the
-    photo's size, so that areas and outlines stay in the photo's own pixels (the
-    segmentation step scales a GPU's planes)."""
+    the same planes at a fraction of the CPU on a large photo), the Results' masks; on a
+    GPU by ultralytics' arithmetic (process_mask_native's) where the prototypes are, a
+    chunk of segments at a time, and only each box's bits copied to the host
+    (masks.segments_on_device): the answer carries no masks, but a SegmentMask per row
+    (SegmentCrops), which the segmentation step reads instead. ultralytics' own
+    kept every segment's full-size plane on the GPU, gigabytes on a large photo with
+    hundreds of segments. With `predictor.photo_hw` set (postprocess) and unlike the
+    frame's size, the frame is a reduced decode of the photo: boxes are scaled from the
+    frame's pixels to the photo's, as a detector's are (steps.boxes_to_detections), and
+    the masks made at the photo's size, so that areas and outlines stay in the photo's
+    own pixels."""
     frame_hw = frame_size(frame)
-    photo_hw = (getattr(predictor, "photo_hw", None) if in_boxes else None) or frame_hw
-    masks = None
+    photo_hw = getattr(predictor, "photo_hw", None) or frame_hw
+    masks = crops = None
     if len(rows):
         rows[:, :4] = to_photo(rows[:, :4], input_hw, frame_hw)
         if photo_hw != frame_hw:
@@ -318,17 +341,24 @@ def segments_from_rows(
             coeffs = torch.from_numpy(rows[:, 6:])
             masks, nonempty = planes_in_boxes(proto, coeffs, rows[:, :4], frame_hw, photo_hw)
         else:
+            # The coefficients as ultralytics is given them (a view of the rows, there).
             kept = torch.from_numpy(rows).to(proto.device)
-            masks = process_mask_native(  # type: ignore[no-untyped-call]
-                proto, kept[:, 6:], kept[:, :4], frame_hw
-            )
-            nonempty = (masks.amax((-2, -1)) > 0).cpu().numpy()
+            xyxy = rows[:, :4]
+            crops, nonempty = segments_on_device(proto, kept[:, 6:], xyxy, frame_hw, photo_hw)
         if getattr(predictor, "_feats", None) is None and not nonempty.all():
-            keep = torch.from_numpy(nonempty).to(masks.device)
-            rows, masks = rows[nonempty], masks[keep]  # only predictions with a mask
+            rows = rows[nonempty]  # only predictions with a mask
+            if masks is not None:
+                masks = masks[torch.from_numpy(nonempty)]
+            if crops is not None:
+                crops = [crop for crop, has in zip(crops, nonempty, strict=True) if has]
     photo = shape_only(frame) if photo_hw == frame_hw else blank(*photo_hw)
     names = predictor.model.names
-    return Results(photo, path="", names=names, boxes=torch.from_numpy(rows[:, :6]), masks=masks)
+    boxes = torch.from_numpy(rows[:, :6])
+    if in_boxes:
+        return Results(photo, path="", names=names, boxes=boxes, masks=masks)
+    result = SegmentCrops(photo, path="", names=names, boxes=boxes)
+    result.segment_crops = crops or []
+    return result
 
 
 def classes_on_host(predictor: Any, probs: torch.Tensor, frame: Frame) -> Results:

@@ -129,7 +129,9 @@ def segmentation(ctx: StepContext, params: SegmentationParams) -> None:
     """Instance masks -> segments with class, area and polygon; masks kept for later
     steps, each as the crop of its box (masks.py). Masks, areas and outlines are in the
     photo's pixels even when it was decoded at a reduced scale: the masks are made at
-    its size (split_predictor.segments_from_rows)."""
+    its size (split_predictor.segments_from_rows). A GPU's answer carries each segment's
+    crop already (`segment_crops`: its full-size planes never leave the GPU, nor stay on
+    it), a CPU's its full-size planes, read inside each box."""
     spec = ctx.model_spec("segmentation")
     conf = ctx.threshold(spec, params)
     keep = ctx.classes(spec, params)
@@ -137,18 +139,22 @@ def segmentation(ctx: StepContext, params: SegmentationParams) -> None:
     (result,) = ctx.predict("segmentation", [ctx.frame], conf, (height, width))
     segments: list[dict[str, Any]] = []
     kept: list[SegmentMask] = []
-    if result.masks is not None and result.boxes is not None:
+    planes = getattr(result, "segment_crops", None)
+    if planes is None and result.masks is not None:
         planes = result.masks.data  # one full-size plane per segment, where the model ran
         if planes.device.type == "cpu":
             planes = planes.numpy()  # read in NumPy: no torch call per plane
+    if planes is not None and result.boxes is not None:
         boxes, confs, classes = box_columns(result.boxes.data)
         for plane, box, score, cls in zip(planes, boxes, confs, classes, strict=True):
             name = result.names[int(cls)]
             if score < conf or (keep and name not in keep):
                 continue
-            if plane.shape != (height, width):
-                # Not at the photo's size: not retina, or ultralytics' own masks (on a
-                # GPU) of a frame decoded reduced. Scale the whole plane to the photo.
+            if isinstance(plane, SegmentMask):
+                segment = tight(plane)
+            elif plane.shape != (height, width):
+                # Not at the photo's size: not retina masks (the ModelCache always asks
+                # for them). Scale the whole plane to the photo.
                 full = cv2.resize(on_host(plane), (width, height))
                 segment = tight(segment_of(full, (0, 0, width, height), height, width))
             else:
