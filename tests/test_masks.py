@@ -300,31 +300,27 @@ def test_the_gpus_segments_of_a_reduced_decode_are_made_at_the_photos_size(
     assert compared >= 10
 
 
-def test_the_gpus_masks_of_300_segments_on_12_mp_take_one_chunk_of_memory():
-    """300 segments (the most a segmenter keeps) of a 4032x3024 photo: the tensors alive
-    at once while segments_on_device makes them stay under its chunk budget and the
-    logits of all (23 MB), where ultralytics' planes took a byte per pixel per segment
-    (3.7 GB, and as much again for the copy without the empty ones; 441 MB at 20
+def test_the_gpus_masks_of_many_segments_on_12_mp_take_one_chunk_of_memory():
+    """60 segments of a 4032x3024 photo: the tensors alive at once while
+    segments_on_device makes them stay under its chunk budget and the logits of all,
+    whatever their number (the chunk holds one 12 MP segment), where ultralytics' planes
+    took a byte per pixel per segment (0.7 GB here; 3.7 GB at 300, the most a segmenter
+    keeps, and as much again for the copy without the empty ones; 441 MB at 20
     segments, checked here). The same bits as planes_in_boxes (ultralytics' planes, bit
-    for bit: above) for all, and as process_mask_native for a sample of them."""
-    protos, coeffs, boxes = measure.synthetic(300)
+    for bit: above; the real segmenter's against process_mask_native: above). (60, not
+    300: each segment is an upsampling of 12 MP on these CPUs; scripts/
+    measure_device_masks.py 300 measures that many.)"""
+    n = 60
+    protos, coeffs, boxes = measure.synthetic(n)
     with torch.inference_mode(), measure.LiveBytes() as live:
         found, nonempty = segments_on_device(protos, coeffs, boxes, measure.PHOTO)
-    logits = 300 * protos[0].numel() * 4
+    logits = n * protos[0].numel() * 4
     assert live.peak < DEVICE_CHUNK_BYTES + logits + (1 << 20), live.peak
-    assert 250 < nonempty.sum() < 300  # one empty box; most segments have pixels
+    assert n - 10 < nonempty.sum() < n  # one empty box; most segments have pixels
     planes, theirs = planes_in_boxes(protos, coeffs, boxes, measure.PHOTO)
     assert nonempty.tolist() == theirs.tolist()
     cpus = [segment_of(p, b, *measure.PHOTO) for p, b in zip(planes, boxes, strict=True)]
     same_segments(found, cpus)
-    # process_mask_native on a few rows: its matmul gives those rows the values it gives
-    # them among all 300 (checked), so its planes are the ones it makes for all 300.
-    sample = [0, 1, 57, 151, 299]
-    c = protos.shape[0]
-    every = coeffs @ protos.view(c, -1)
-    assert torch.equal(coeffs[sample] @ protos.view(c, -1), every[sample])
-    few = measure.old_device_path(protos, coeffs[sample], boxes[sample], measure.PHOTO)
-    same_segments([found[i] for i in sample if nonempty[i]], few)
     # The old path's peak with 20 segments alone is over the budget many times.
     protos, coeffs, boxes = measure.synthetic(20)
     with torch.inference_mode(), measure.LiveBytes() as old:
