@@ -7,11 +7,14 @@ other's messages.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -198,3 +201,67 @@ def progressive_jpeg(width: int, height: int, coefficients: int) -> bytes:
             sos = bytes([1, 1, 0x00, k, k, (ah << 4) | al])
             out += table + _jpeg_segment(0xDA, sos) + _bits("0" + extra)
     return out + b"\xff\xd9"
+
+
+class Gate:
+    """A TCP relay in front of the GCS emulator that can stop answering, as a GCS (or
+    the way to it) that hangs: connections are still taken and what they send read,
+    but nothing goes on and nothing comes back. Each switch ends the connections open
+    (a kept-alive one must not outlive it either way)."""
+
+    def __init__(self, target_port: int) -> None:
+        self._target = ("127.0.0.1", target_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.answering = True
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def hang(self) -> None:
+        self.answering = False
+        self._end_all()
+
+    def answer(self) -> None:
+        self.answering = True
+        self._end_all()
+
+    def close(self) -> None:
+        self._listener.close()
+        self._end_all()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._open.append(client)
+            if not self.answering:
+                threading.Thread(target=self._pump, args=(client, None), daemon=True).start()
+                continue
+            upstream = socket.create_connection(self._target)
+            with self._lock:
+                self._open.append(upstream)
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket | None) -> None:
+        try:
+            while data := src.recv(65536):
+                if dst is not None:
+                    dst.sendall(data)
+        except OSError:
+            pass
+        if dst is not None:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def _end_all(self) -> None:
+        with self._lock:
+            ending, self._open = self._open, []
+        for sock in ending:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()

@@ -7,19 +7,23 @@ model answering another tenant would show up as the wrong class names.
 
 from __future__ import annotations
 
+import time
 import uuid
 import warnings
 from pathlib import Path
 
 import cv2
 import pytest
-from conftest import SAMPLES, SCENES, expected_counts
+from conftest import SAMPLES, SCENES, Gate, expected_counts
+from google.cloud.storage.retry import DEFAULT_RETRY
 
 from gannet import clients
+from gannet import storage as storage_module
 from gannet.config_sources import open_configs
 from gannet.daemon import model_file, model_version
 from gannet.dev import demo
 from gannet.dev.publish import make_task
+from gannet.errors import ErrorCode, TransientError
 from gannet.metrics import Metrics
 from gannet.model_cache import ModelCache, yolo_loader
 from gannet.model_resolver import ModelResolver, tenant_model_lister
@@ -171,3 +175,33 @@ def test_download_to_refuses_an_object_name_that_leaves_the_cache_dir(services, 
         with pytest.raises(ValueError, match="outside the model cache"):
             storage.download_to(f"gs://bkt/models/acme/{name}", "7", cache)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tenant_listing_on_a_gcs_that_never_answers_gives_up_within_its_bound(
+    services, monkeypatch
+):
+    """A tenant's model listing runs on a task's thread (every GANNET_MODEL_CHECK_S per
+    tenant): against a GCS that takes connections and never answers it ran on the client
+    library's defaults, about 2 minutes, the task and its runner waiting all along. It
+    now gives up within storage's metadata bounds (10 s a try, retried for up to 20 s;
+    here scaled to 1 s and 2 s) as a retryable model_unavailable."""
+    monkeypatch.setattr(storage_module, "METADATA_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(storage_module, "METADATA_RETRY", DEFAULT_RETRY.with_timeout(2.0))
+    settings = demo.local_settings(services)
+    bucket = f"models-{uuid.uuid4().hex[:8]}"
+    clients.storage_client(settings).create_bucket(bucket)
+    gate = Gate(services.ports.gcs)
+    try:
+        gated = settings.model_copy(
+            update={"storage_emulator_host": f"http://127.0.0.1:{gate.port}"}
+        )
+        lister = tenant_model_lister(clients.storage_client(gated), bucket)
+        assert lister("acme") == {}  # answered while GCS answers
+        gate.hang()
+        started = time.monotonic()
+        with pytest.raises(TransientError) as err:
+            lister("acme")
+        assert err.value.code is ErrorCode.MODEL_UNAVAILABLE
+        assert time.monotonic() - started < 10  # about 3 s (2 minutes before)
+    finally:
+        gate.close()

@@ -13,6 +13,7 @@ from typing import Any
 
 from google.api_core import exceptions as gexc
 
+from gannet import storage
 from gannet.config_schema import ModelKind
 from gannet.config_sources import LoadedConfig
 from gannet.errors import ErrorCode, TransientError
@@ -45,7 +46,15 @@ def tenant_model_lister(client: Any, bucket: str) -> ListTenantModels:
     def list_models(tenant: str) -> dict[str, str]:
         prefix = f"models/{tenant}/"
         try:
-            blobs = list(client.list_blobs(bucket, prefix=prefix))
+            # On a task's thread, every ttl_s per tenant: within storage's metadata
+            # bounds (30 s), not the library's 2 minutes, while GCS does not answer.
+            pages = client.list_blobs(
+                bucket,
+                prefix=prefix,
+                timeout=storage.METADATA_TIMEOUT_S,
+                retry=storage.METADATA_RETRY,
+            )
+            blobs = list(pages)
         except gexc.NotFound:
             return {}
         except (gexc.GoogleAPICallError, gexc.RetryError, OSError) as exc:

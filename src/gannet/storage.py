@@ -41,7 +41,7 @@ from gannet.task import GsUrl
 # milliseconds.
 METADATA_TIMEOUT_S = 10.0
 METADATA_RETRY_S = 20.0
-_METADATA_RETRY = DEFAULT_RETRY.with_timeout(METADATA_RETRY_S)
+METADATA_RETRY = DEFAULT_RETRY.with_timeout(METADATA_RETRY_S)
 
 
 def make_client(project: str, emulator_host: str | None, connections: int = 10) -> storage.Client:
@@ -225,7 +225,7 @@ class Storage:
         """Object generation: changes on every overwrite, so it versions configs and models."""
         bucket, name = split_gs_url(url)
         blob = self.client.bucket(bucket).get_blob(
-            name, timeout=METADATA_TIMEOUT_S, retry=_METADATA_RETRY
+            name, timeout=METADATA_TIMEOUT_S, retry=METADATA_RETRY
         )
         if blob is None:
             raise FileNotFoundError(url)
@@ -236,11 +236,11 @@ class Storage:
         after reading its metadata could pair new bytes with an old generation."""
         bucket_name, name = split_gs_url(url)
         bucket = self.client.bucket(bucket_name)
-        blob = bucket.get_blob(name, timeout=METADATA_TIMEOUT_S, retry=_METADATA_RETRY)
+        blob = bucket.get_blob(name, timeout=METADATA_TIMEOUT_S, retry=METADATA_RETRY)
         if blob is None:
             raise FileNotFoundError(url)
         data = bucket.blob(name, generation=blob.generation).download_as_bytes(
-            timeout=METADATA_TIMEOUT_S, retry=_METADATA_RETRY
+            timeout=METADATA_TIMEOUT_S, retry=METADATA_RETRY
         )
         return data, str(blob.generation)
 
