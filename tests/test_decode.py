@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import ultralytics  # noqa: F401 - it patches PIL.Image.open; decoding must not care
-from conftest import box_distance, local_pipeline
+from conftest import _bits, _jpeg_segment, box_distance, local_pipeline
 from PIL import Image
 
 from gannet.errors import ErrorCode, PermanentError
@@ -309,3 +309,37 @@ def _jpeg_of(image: Image.Image) -> bytes:
     out = io.BytesIO()
     image.save(out, "JPEG")
     return out.getvalue()
+
+
+def _lossless_jpeg(width: int, height: int, xmp: bool = False) -> bytes:
+    """A valid lossless (SOF3) RGB JPEG of one flat grey: predictor 1, every difference 0
+    (category 0, one symbol of a one-bit code). With an XMP segment, PIL reads its
+    header (the walk leaves it PIL's orientation to look for)."""
+    out = b"\xff\xd8"
+    if xmp:
+        out += _jpeg_segment(0xE1, b"http://ns.adobe.com/xap/1.0/\0<x:xmpmeta/>")
+    components = b"\x01\x11\x00\x02\x11\x00\x03\x11\x00"
+    out += _jpeg_segment(0xC3, struct.pack(">BHHB", 8, height, width, 3) + components)
+    out += _jpeg_segment(0xC4, b"\x00" + b"\x01" + b"\x00" * 15 + b"\x00")
+    sos = b"\x03\x01\x00\x02\x00\x03\x00" + b"\x01\x00\x00"  # predictor 1
+    return out + _jpeg_segment(0xDA, sos) + _bits("0" * (width * height * 3)) + b"\xff\xd9"
+
+
+@pytest.mark.parametrize("xmp", [False, True])
+def test_a_lossless_jpeg_is_decoded_at_full_size_never_scaled(xmp):
+    """libjpeg-turbo has no DCT to scale in a lossless JPEG and decodes it at full size:
+    asked through simplejpeg for a quarter of a 640x480 one, it wrote the full-size rows
+    into the 160x120 buffer simplejpeg had sized, and the process died ("double free or
+    corruption"). Such a JPEG is decoded at full size, whichever reader took its header."""
+    from gannet.image_header import read_header
+    from gannet.pipeline import decode_scaled, reduced_factor
+
+    data = _lossless_jpeg(640, 480, xmp)
+    header = read_header(data, 10**8)
+    assert header.lossless
+    assert reduced_factor(header, 100) == 1
+    image, scale = decode_scaled(data, 10**8, floor=100)
+    assert image.shape == (480, 640, 3) and scale == (1.0, 1.0)
+    assert np.array_equal(image, _opencv(data))
+    baseline = read_header(_noise_jpeg(640, 480), 10**8)
+    assert not baseline.lossless and reduced_factor(baseline, 100) == 4

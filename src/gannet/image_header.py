@@ -33,7 +33,7 @@ import struct
 import sys
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import simplejpeg
@@ -58,6 +58,11 @@ class Header:
     # A JPEG of four colour channels (CMYK or YCCK), whose colours nvJPEG does not
     # convert as torchvision calls it: it is decoded on the CPU (Pipeline.decode).
     cmyk: bool = False
+    # A lossless JPEG (process 14: SOF3, 7, 11 or 15), which libjpeg-turbo decodes at
+    # full size only: asked through simplejpeg for a reduced scale, it wrote the
+    # full-size rows into the smaller buffer simplejpeg had sized (a heap overflow: the
+    # process died, "double free or corruption"). Decoded at full size (reduced_factor).
+    lossless: bool = False
 
 
 def read_header(data: bytes, max_pixels: int) -> Header:
@@ -81,6 +86,14 @@ def _jpeg_header(data: bytes) -> Header | None:
     orientation, sof = _orientation_in_segments(data)
     if sof in _PROGRESSIVE:
         _check_scans(data)
+    if sof in _LOSSLESS:  # rare: whoever reads it, the header says so
+        return replace(_quick_jpeg(data, orientation) or _pil_header(data), lossless=True)
+    return _quick_jpeg(data, orientation)
+
+
+def _quick_jpeg(data: bytes, orientation: int | None) -> Header | None:
+    """The JPEG's size by libjpeg-turbo and the orientation the walk found, or None
+    where only PIL can tell."""
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
@@ -96,6 +109,9 @@ def _jpeg_header(data: bytes) -> Header | None:
 # Start-of-frame markers of a progressive JPEG: Huffman or arithmetic coded, and their
 # differential forms.
 _PROGRESSIVE = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
+# Start-of-frame markers of a lossless JPEG: Huffman or arithmetic coded, and their
+# differential forms.
+_LOSSLESS = frozenset({0xC3, 0xC7, 0xCB, 0xCF})
 # Each scan of a progressive JPEG is a pass over every block of its components however
 # few bytes it takes (a run of empty blocks is coded in a few bits), and a valid file may
 # hold some two thousand (libjpeg-turbo's report "Two Issues with the JPEG Standard",

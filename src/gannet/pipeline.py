@@ -76,8 +76,9 @@ _REDUCED: dict[int, int] = {
 def reduced_factor(header: Header, floor: int | None) -> int:
     """1/factor is the scale decode_scaled decodes this image at on the CPU: 2, 4 or 8
     for a JPEG whose longer side stays at least `floor` pixels so, else 1 (other formats
-    decode in full, then resize: no gain)."""
-    if not floor or header.format != "JPEG":
+    decode in full, then resize: no gain; a lossless JPEG has no DCT to scale, and
+    libjpeg-turbo asked to scale one overflowed simplejpeg's buffer: Header.lossless)."""
+    if not floor or header.format != "JPEG" or header.lossless:
         return 1
     longer = max(header.size)
     return next((f for f in _REDUCED if longer // f >= floor), 1)
