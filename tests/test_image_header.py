@@ -17,6 +17,8 @@ from gannet import image_header
 from gannet.errors import ErrorCode, PermanentError
 from gannet.image_header import (
     FORMATS,
+    MAX_EXIF_ENTRIES,
+    MAX_EXIF_VALUES,
     MAX_JUNK,
     MAX_SCANS,
     MAX_SEGMENTS,
@@ -318,6 +320,76 @@ def test_a_jpeg_left_to_pil_is_walked_first_for_its_segments_and_junk():
     some_junk = _with(_jpeg(), _segment(0xFE, b"a comment") + b"\x00" * 1000)
     assert _jpeg_header(some_junk) is None  # PIL reads it, as it did
     assert read_header(some_junk, 10**8) == _pil_header(some_junk)
+
+
+def _long_exif(values: int, tag: int = 0x011A, entries: int = 0) -> bytes:
+    """A little-endian TIFF block: `values` RATIONALs of `tag` (72/1 each) after its
+    directory, and `entries` more SHORT entries before it (ResolutionUnit, ...)."""
+    shorts = [(0x0128 + i, 3, 1, _short("II", 2)) for i in range(entries)]
+    listed = sorted([(tag, 5, values, b""), *shorts])
+    data = 8 + 2 + 12 * len(listed) + 4
+    table = b"".join(
+        struct.pack("<HHI", t, k, n) + (struct.pack("<I", data) if k == 5 else v)
+        for t, k, n, v in listed
+    )
+    return (
+        b"II*\0"
+        + struct.pack("<IH", 8, len(listed))
+        + table
+        + bytes(4)
+        + (struct.pack("<II", 72, 1) * values)
+    )
+
+
+def _exif_blocks(tiff: bytes) -> list[bytes]:
+    """A TIFF block as APP1 segments of 64 KB, which PIL joins into one EXIF."""
+    step = 65533 - 6
+    return [_segment(0xE1, b"Exif\0\0" + tiff[i : i + step]) for i in range(0, len(tiff), step)]
+
+
+@pytest.mark.parametrize("tag", [0x011A, 0x0112], ids=["xresolution", "orientation"])
+def test_a_jpeg_whose_exif_pil_would_read_for_seconds_is_refused_before_pil(tag, monkeypatch):
+    """PIL reads a JPEG's EXIF in Python when it opens it (its resolution, where JFIF
+    gives none) and a RATIONAL value item by item: 2.5 million of them in 20 MB of EXIF
+    blocks (PIL joins them) held the GIL 9.2 s. The walk checks what PIL would read."""
+    data = _with(_jpeg(), *_exif_blocks(_long_exif(30_000, tag)))  # 240 kB, 4 blocks
+    monkeypatch.setattr(image_header, "_pil_open", lambda: pytest.fail("PIL read it"))
+    with pytest.raises(PermanentError) as err:
+        read_header(data, 10**8)
+    assert err.value.code is ErrorCode.IMAGE_UNDECODABLE
+    assert f"30000 numeric values in its first directory; the limit is {MAX_EXIF_VALUES}" in (
+        err.value.message
+    )
+    # One block PIL need not read (the orientation is the walk's) is not refused.
+    blocks = _exif_blocks(_long_exif(1, entries=MAX_EXIF_ENTRIES))
+    assert _jpeg_header(_with(_jpeg(), *blocks)) == Header("JPEG", (97, 61), 1)
+    many = _with(_jpeg(), *blocks, _segment(0xE1, _exif("II", MAKE)))  # PIL's to read
+    with pytest.raises(PermanentError, match=f"{MAX_EXIF_ENTRIES + 1} entries"):
+        read_header(many, 10**8)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PIL's, on a count it finds odd
+def test_an_exif_within_the_bounds_is_read_as_pil_reads_it():
+    """At the bounds, the JPEG left to PIL (two EXIF blocks) is PIL's answer."""
+    at_the_limit = _long_exif(MAX_EXIF_VALUES - MAX_EXIF_ENTRIES + 1, entries=MAX_EXIF_ENTRIES - 1)
+    data = _with(_jpeg(), *_exif_blocks(at_the_limit), _segment(0xE1, _exif("II", MAKE)))
+    assert _jpeg_header(data) is None
+    assert read_header(data, 10**8) == _pil_reading(data) == Header("JPEG", (97, 61), 1)
+
+
+def test_an_avif_whose_exif_pil_would_read_for_seconds_is_refused_before_pil(monkeypatch):
+    """PIL's open parses an AVIF's EXIF for its orientation, the same way: 2.5 million
+    RATIONALs as the orientation held the GIL 7.0 s. libavif hands the EXIF over (C)."""
+    data = _encoded("AVIF", exif=_long_exif(30_000))
+    monkeypatch.setattr(image_header, "_pil_open", lambda: pytest.fail("PIL read it"))
+    with pytest.raises(PermanentError, match="AVIF's EXIF holds 30000 numeric values"):
+        read_header(data, 10**8)
+    monkeypatch.undo()
+    plain = _encoded("AVIF", exif=_long_exif(6))
+    assert read_header(plain, 10**8) == _pil_reading(plain) == Header("AVIF", (97, 61), 1)
+    no_item = plain.replace(b"pitm", b"pitx")  # libavif: RuntimeError, no primary item
+    with pytest.raises(PermanentError, match="not a decodable image"):
+        read_header(no_item, 10**8)
 
 
 @pytest.mark.parametrize("kind", ["PPM", "JPEG2000", "ICO", "TGA", "PSD"])
