@@ -218,6 +218,11 @@ OTHERS = {
     "tiff cmyk": _encoded("TIFF", "CMYK"),
     "bigtiff": _encoded("TIFF", big_tiff=True),
     "tiff big-endian": _tiff_big_endian(97, 61),
+    "webp": _encoded("WEBP"),
+    "webp lossless": _encoded("WEBP", lossless=True),
+    "webp with alpha": _encoded("WEBP", "RGBA"),
+    "webp with exif": _encoded("WEBP", exif=Image.Exif().tobytes()),
+    "webp animated": _encoded("WEBP", save_all=True, append_images=[Image.new("RGB", (97, 61))]),
 }
 
 
@@ -228,7 +233,7 @@ def _pil_reading(data: bytes) -> Header:
 
 
 @pytest.mark.parametrize("name", list(OTHERS))
-def test_png_gif_and_tiff_headers_are_read_without_pil_as_pil_reads_them(name, monkeypatch):
+def test_png_gif_tiff_and_webp_headers_are_read_without_pil_as_pil_reads_them(name, monkeypatch):
     data = OTHERS[name]
     expected = _pil_reading(data)
     assert expected.size == (97, 61)
@@ -254,6 +259,22 @@ def test_a_png_of_many_chunks_is_read_from_its_first_and_decoded_in_c():
     no_ihdr = plain[:8] + _png_chunk(b"zzZz", b"") + plain[8:]
     with pytest.raises(PermanentError, match="a PNG without its IHDR chunk"):
         read_header(no_ihdr, 10**8)
+
+
+def test_a_webp_of_many_frames_is_read_from_its_first_chunk(monkeypatch):
+    """PIL's open hands a WebP to libwebp's animation decoder, which indexes every frame
+    holding the GIL: 80-105 ms for 23 MB of 480,000 frames. Its size is in its first
+    chunk; OpenCV decodes the first frame, releasing the GIL."""
+    frames = [Image.new("RGB", (16, 16), (i, 0, 0)) for i in range(200)]
+    out = io.BytesIO()
+    frames[0].save(out, "WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    many = out.getvalue()
+    monkeypatch.setattr(image_header, "_pil_open", lambda: pytest.fail("PIL read it"))
+    assert read_header(many, 10**8) == Header("WEBP", (16, 16), 1)
+    assert decode_image(many, 10**8).shape == (16, 16, 3)
+    for cut in (b"RIFF\0\0\0\0WEBP", many[:24]):
+        with pytest.raises(PermanentError, match="a WebP without its image header"):
+            read_header(cut, 10**8)
 
 
 def _tiff_entries(count: int, big: bool) -> bytes:

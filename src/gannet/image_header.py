@@ -17,9 +17,10 @@ goes on to the scan where PIL is to decide, so that what PIL then walks in Pytho
 bounded too (MAX_SEGMENTS, MAX_JUNK); either way, a progressive JPEG's scans are counted
 before any pixel is decoded (MAX_SCANS).
 
-Why PNG, GIF and TIFF headers are not read with PIL either: PIL walks their chunks,
-blocks or strips in Python when it opens them, seconds of GIL for a crafted file within
-the size limit (_other_header). Their size is a few bytes in. PIL reads the rest of the
+Why PNG, GIF, TIFF and WebP headers are not read with PIL either: PIL walks their
+chunks, blocks or strips in Python when it opens them, seconds of GIL for a crafted file
+within the size limit (_other_header), and a WebP's frames in C holding the GIL. Their
+size is a few bytes in. PIL reads the rest of the
 formats taken here (FORMATS), and no other: a task's image is never handed to the
 forty-odd other plugins PIL has.
 
@@ -274,12 +275,13 @@ def check_exif(tiff: bytes | memoryview, image: str) -> None:
 
 
 def _other_header(data: bytes) -> Header | None:
-    """A PNG's, GIF's or TIFF's header, read here in full: PIL walks their chunks,
-    blocks or strips in Python when it opens them, and a crafted file within the size
-    limit held the GIL for seconds (24 MB: a PNG of two million empty chunks before its
-    pixels 5.6 s, a TIFF of three million strips 5.6 s; a GIF of four million empty
-    blocks in 12 MB 0.9 s). Where these need only the size (OpenCV turns them per
-    their EXIF itself), the size is a few bytes in. None for other formats."""
+    """A PNG's, GIF's, TIFF's or WebP's header, read here in full: PIL walks their
+    chunks, blocks or strips in Python when it opens them, and a crafted file within the
+    size limit held the GIL for seconds (24 MB: a PNG of two million empty chunks before
+    its pixels 5.6 s, a TIFF of three million strips 5.6 s; a GIF of four million empty
+    blocks in 12 MB 0.9 s; a WebP: _webp_header). Where these need only the size
+    (OpenCV turns them per their EXIF itself), the size is a few bytes in. None for
+    other formats."""
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         # The first chunk is IHDR (PNG's spec): its width and height, big-endian.
         if data[12:16] != b"IHDR" or len(data) < 24:
@@ -291,7 +293,32 @@ def _other_header(data: bytes) -> Header | None:
         return Header("GIF", (width, height), 1)
     if data.startswith((b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")):
         return _tiff_header(data)
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return _webp_header(data)
     return None
+
+
+def _webp_header(data: bytes) -> Header:
+    """A WebP's size from its first chunk, as libwebp takes it: the canvas of an
+    extended file (VP8X), else the lossless (VP8L) or lossy (VP8) bitstream's frame.
+
+    Not PIL's: its open hands the whole file to libwebp's animation decoder, which
+    indexes every frame holding the GIL: 80-105 ms for a 23 MB file of 480,000 frames
+    (0.14 ms for a photo's). libwebp decodes a still image only at that size, and
+    OpenCV an animation's first frame on that canvas."""
+    kind = data[12:16]
+    if kind == b"VP8X" and len(data) >= 30:  # flags, reserved, then 24-bit sides - 1
+        width = 1 + int.from_bytes(data[24:27], "little")
+        height = 1 + int.from_bytes(data[27:30], "little")
+    elif kind == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:  # 14 bits each, - 1
+        bits = int.from_bytes(data[21:25], "little")
+        width, height = 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    elif kind == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+        width = int.from_bytes(data[26:28], "little") & 0x3FFF  # a 2-bit scale above
+        height = int.from_bytes(data[28:30], "little") & 0x3FFF
+    else:
+        raise PermanentError(ErrorCode.IMAGE_UNDECODABLE, "a WebP without its image header")
+    return Header("WEBP", (width, height), 1)
 
 
 # Entries in a TIFF's first directory: a photo's has a few dozen (a GeoTIFF's, some 30).
@@ -360,11 +387,11 @@ def _ifd0_orientation(tiff: memoryview) -> int | None:
     return _ABSENT
 
 
-# What PIL reads headers of: the formats OpenCV decodes but PNG, GIF and TIFF (read
-# here, _other_header), and JPEGs the quick reading leaves to PIL. Not the forty-odd
+# What PIL reads headers of: the formats OpenCV decodes but PNG, GIF, TIFF and WebP
+# (read here, _other_header), and JPEGs the quick reading leaves to PIL. Not the forty-odd
 # others PIL knows: OpenCV decodes none of them, or (JPEG 2000, PPM) PIL walks their
 # boxes or comments in Python.
-_PIL_FORMATS = ("JPEG", "WEBP", "AVIF", "BMP")  # PIL's JPEG opens an MPO as one
+_PIL_FORMATS = ("JPEG", "AVIF", "BMP")  # PIL's JPEG opens an MPO as one
 FORMATS = "JPEG, PNG, WebP, AVIF, TIFF, BMP, GIF"  # what a task's image may be
 
 
