@@ -413,6 +413,29 @@ def test_an_avif_whose_exif_pil_would_read_for_seconds_is_refused_before_pil(mon
         read_header(no_item, 10**8)
 
 
+def _bmp(bits: int, colors: int) -> bytes:
+    """A 16x16 BMP of `bits`-bit pixels (1, 4 or 8) whose header says `colors` colours,
+    all of them in its palette."""
+    palette = b"\x01\x02\x03\x00" * (colors or 1 << bits)
+    pixels = bytes(((16 * bits // 8 + 3) & ~3) * 16)
+    info = struct.pack("<IiiHHIIiiII", 40, 16, 16, 1, bits, 0, len(pixels), 0, 0, colors, 0)
+    start = 14 + len(info) + len(palette)
+    return b"BM" + struct.pack("<IHHI", start + len(pixels), 0, 0, start) + info + palette + pixels
+
+
+def test_a_bmp_of_a_palette_larger_than_its_pixels_index_is_refused_before_pil(monkeypatch):
+    """PIL's open walks a BMP's palette in Python, up to 65,536 entries however few its
+    pixels can index: 23 ms of GIL for a 16x16 file. Past 2**bits colours it is refused."""
+    for bits, colors in ((8, 0), (8, 256), (4, 16), (1, 2)):
+        data = _bmp(bits, colors)
+        assert read_header(data, 10**8) == _pil_reading(data) == Header("BMP", (16, 16), 1)
+    monkeypatch.setattr(image_header, "_pil_open", lambda: pytest.fail("PIL read it"))
+    with pytest.raises(PermanentError, match="8-bit pixels with a palette of 65536 colours"):
+        read_header(_bmp(8, 65536), 10**8)
+    with pytest.raises(PermanentError, match="4-bit pixels with a palette of 17 colours"):
+        read_header(_bmp(4, 17), 10**8)
+
+
 @pytest.mark.parametrize("kind", ["PPM", "JPEG2000", "ICO", "TGA", "PSD"])
 def test_formats_not_taken_are_refused_by_name_before_any_plugin_reads_them(kind):
     """OpenCV decodes none of PIL's other formats but JPEG 2000 and PPM, whose headers
