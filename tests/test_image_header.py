@@ -19,6 +19,7 @@ from gannet.image_header import (
     FORMATS,
     MAX_EXIF_ENTRIES,
     MAX_EXIF_VALUES,
+    MAX_GIF_STEPS,
     MAX_JUNK,
     MAX_SCANS,
     MAX_SEGMENTS,
@@ -411,6 +412,25 @@ def test_an_avif_whose_exif_pil_would_read_for_seconds_is_refused_before_pil(mon
     no_item = plain.replace(b"pitm", b"pitx")  # libavif: RuntimeError, no primary item
     with pytest.raises(PermanentError, match="not a decodable image"):
         read_header(no_item, 10**8)
+
+
+def test_a_gifs_size_is_pils_and_its_walk_to_the_first_image_bounded(monkeypatch):
+    """PIL decodes GIFs (pipeline._decode_gif), so their header is PIL's: the logical
+    screen grown to the first image's extent, found by PIL's walk, which goes a block or
+    a stray byte at a time in Python: past MAX_GIF_STEPS of them the file is refused."""
+    plain = OTHERS["gif"]
+    descriptor = plain.index(b",\0\0\0\0")  # the first image, at 0, 0
+    wider = bytearray(plain)
+    wider[descriptor + 1 : descriptor + 3] = struct.pack("<H", 50)  # its left: 50
+    assert _other_header(bytes(wider)) == _pil_reading(bytes(wider)) == Header("GIF", (147, 61), 1)
+    monkeypatch.setattr(image_header, "_pil_open", lambda: pytest.fail("PIL read it"))
+    comment = b"!\xfe" + b"\x01x" * MAX_GIF_STEPS + b"\0"  # a comment of single bytes
+    with pytest.raises(PermanentError, match=f"more than {MAX_GIF_STEPS} blocks"):
+        read_header(plain[:descriptor] + comment + plain[descriptor:], 10**8)
+    with pytest.raises(PermanentError, match=f"more than {MAX_GIF_STEPS} blocks"):
+        read_header(plain[:descriptor] + b"\x07" * (MAX_GIF_STEPS + 1) + plain[descriptor:], 10**8)
+    with pytest.raises(PermanentError, match="a GIF without an image"):
+        read_header(plain[:descriptor] + b";", 10**8)
 
 
 def _bmp(bits: int, colors: int) -> bytes:
