@@ -433,6 +433,18 @@ def test_a_gifs_size_is_pils_and_its_walk_to_the_first_image_bounded(monkeypatch
         read_header(plain[:descriptor] + b";", 10**8)
 
 
+@pytest.mark.parametrize("tiff", [b"II*\0", b"II+\0" + bytes(12)], ids=["cut", "bigtiff"])
+def test_an_exif_too_short_for_pil_is_decoded_by_opencv_not_retried(tiff):
+    """An EXIF block of a bare TIFF signature (or a BigTIFF's 8-byte header): PIL's
+    EXIF reader raised struct.error, which left read_header as no PermanentError: the
+    task was nacked and retried until the dead-letter policy took it, without a reason.
+    PIL's own JPEG open swallows it, except where JFIF gives the resolution. Now the
+    EXIF is unreadable, as any other, and OpenCV decodes the image."""
+    data = _with(_jpeg(dpi=(300, 300)), _segment(0xE1, b"Exif\0\0" + tiff))
+    assert read_header(data, 10**8) == Header("JPEG", (97, 61), None)
+    assert decode_image(data, 10**8).shape == (61, 97, 3)
+
+
 def _bmp(bits: int, colors: int) -> bytes:
     """A 16x16 BMP of `bits`-bit pixels (1, 4 or 8) whose header says `colors` colours,
     all of them in its palette."""

@@ -461,7 +461,10 @@ def _pil_header(data: bytes) -> Header:
     if image.format in ("JPEG", "AVIF"):
         try:
             orientation = int(image.getexif().get(ORIENTATION, 1))
-        except (SyntaxError, ValueError, TypeError, OSError) as exc:
+        except (SyntaxError, ValueError, TypeError, OSError, struct.error) as exc:
+            # struct.error: a block too short for its TIFF header (four bytes, or a
+            # BigTIFF's eight), which PIL's EXIF reader unpacks unchecked. PIL's JPEG
+            # open meets it first and keeps quiet, except where JFIF gives the dpi.
             log.debug("unreadable EXIF (%s); decoding with OpenCV", exc)
             orientation = None
     return Header(image.format or "", image.size, orientation, image.mode == "CMYK")
