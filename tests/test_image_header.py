@@ -21,6 +21,7 @@ from gannet.image_header import (
     MAX_EXIF_VALUES,
     MAX_GIF_STEPS,
     MAX_JUNK,
+    MAX_PNG_TEXTS,
     MAX_SCANS,
     MAX_SEGMENTS,
     MAX_TIFF_ENTRIES,
@@ -276,6 +277,29 @@ def test_a_webp_of_many_frames_is_read_from_its_first_chunk(monkeypatch):
     for cut in (b"RIFF\0\0\0\0WEBP", many[:24]):
         with pytest.raises(PermanentError, match="a WebP without its image header"):
             read_header(cut, 10**8)
+
+
+def test_a_png_of_many_compressed_texts_is_refused_before_libpng_inflates_them():
+    """libpng inflates every zTXt and iTXt chunk OpenCV's decode meets, up to 8 MB each
+    and a thousand of them: a 16x16 PNG of 2000 chunks of 4 kB, each 4 MB of text, took
+    19.7 s of CPU. Past MAX_PNG_TEXTS the PNG is refused from its header, wherever the
+    chunks are; within it, read and decoded as before."""
+    plain = OTHERS["png"]
+    ihdr_end = 8 + 25
+    text = _png_chunk(b"zTXt", b"k\0\0" + zlib.compress(b"a" * 100_000))
+    itxt = _png_chunk(b"iTXt", b"k\0\1\0\0\0" + zlib.compress(b"a" * 100_000))
+    within = plain[:ihdr_end] + text * (MAX_PNG_TEXTS - 1) + plain[ihdr_end:-12] + itxt
+    within += plain[-12:]
+    assert read_header(within, 10**8) == Header("PNG", (97, 61), 1)
+    assert decode_image(within, 10**8).shape == (61, 97, 3)
+    after = within[:-12] + itxt + within[-12:]  # one more, after the pixels
+    with pytest.raises(PermanentError, match=f"{MAX_PNG_TEXTS + 1} compressed text chunks"):
+        read_header(after, 10**8)
+    # Past the chunks walked one by one, the rest is searched for them.
+    empty = _png_chunk(b"zzZz", b"") * 5000
+    behind = plain[:ihdr_end] + empty + text * (MAX_PNG_TEXTS + 1) + plain[ihdr_end:]
+    with pytest.raises(PermanentError, match=f"{MAX_PNG_TEXTS + 1} compressed text chunks"):
+        read_header(behind, 10**8)
 
 
 def _tiff_entries(count: int, big: bool) -> bytes:
