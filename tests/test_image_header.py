@@ -239,7 +239,7 @@ def test_png_gif_tiff_and_webp_headers_are_read_without_pil_as_pil_reads_them(na
     data = OTHERS[name]
     expected = _pil_reading(data)
     assert expected.size == (97, 61)
-    monkeypatch.setattr(image_header, "_pil_open", lambda: pytest.fail("PIL read it"))
+    monkeypatch.setattr(image_header, "pil_open", lambda: pytest.fail("PIL read it"))
     assert _other_header(data) == expected
     assert read_header(data, 10**8) == expected
 
@@ -271,7 +271,7 @@ def test_a_webp_of_many_frames_is_read_from_its_first_chunk(monkeypatch):
     out = io.BytesIO()
     frames[0].save(out, "WEBP", save_all=True, append_images=frames[1:], lossless=True)
     many = out.getvalue()
-    monkeypatch.setattr(image_header, "_pil_open", lambda: pytest.fail("PIL read it"))
+    monkeypatch.setattr(image_header, "pil_open", lambda: pytest.fail("PIL read it"))
     assert read_header(many, 10**8) == Header("WEBP", (16, 16), 1)
     assert decode_image(many, 10**8).shape == (16, 16, 3)
     for cut in (b"RIFF\0\0\0\0WEBP", many[:24]):
@@ -345,7 +345,7 @@ def test_a_tiff_of_a_million_strips_is_read_without_pil(monkeypatch):
     ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *e) for e in entries)
     data = b"II*\0" + struct.pack("<I", 8) + ifd + bytes(4)
     data += struct.pack(f"<{rows}I", *([0] * rows)) + struct.pack(f"<{rows}I", *([16] * rows))
-    monkeypatch.setattr(image_header, "_pil_open", lambda: pytest.fail("PIL read it"))
+    monkeypatch.setattr(image_header, "pil_open", lambda: pytest.fail("PIL read it"))
     assert read_header(data, 10**8) == Header("TIFF", (16, rows), 1)
 
 
@@ -399,7 +399,7 @@ def test_a_jpeg_whose_exif_pil_would_read_for_seconds_is_refused_before_pil(tag,
     gives none) and a RATIONAL value item by item: 2.5 million of them in 20 MB of EXIF
     blocks (PIL joins them) held the GIL 9.2 s. The walk checks what PIL would read."""
     data = _with(_jpeg(), *_exif_blocks(_long_exif(30_000, tag)))  # 240 kB, 4 blocks
-    monkeypatch.setattr(image_header, "_pil_open", lambda: pytest.fail("PIL read it"))
+    monkeypatch.setattr(image_header, "pil_open", lambda: pytest.fail("PIL read it"))
     with pytest.raises(PermanentError) as err:
         read_header(data, 10**8)
     assert err.value.code is ErrorCode.IMAGE_UNDECODABLE
@@ -427,7 +427,7 @@ def test_an_avif_whose_exif_pil_would_read_for_seconds_is_refused_before_pil(mon
     """PIL's open parses an AVIF's EXIF for its orientation, the same way: 2.5 million
     RATIONALs as the orientation held the GIL 7.0 s. libavif hands the EXIF over (C)."""
     data = _encoded("AVIF", exif=_long_exif(30_000))
-    monkeypatch.setattr(image_header, "_pil_open", lambda: pytest.fail("PIL read it"))
+    monkeypatch.setattr(image_header, "pil_open", lambda: pytest.fail("PIL read it"))
     with pytest.raises(PermanentError, match="AVIF's EXIF holds 30000 numeric values"):
         read_header(data, 10**8)
     monkeypatch.undo()
@@ -447,7 +447,7 @@ def test_a_gifs_size_is_pils_and_its_walk_to_the_first_image_bounded(monkeypatch
     wider = bytearray(plain)
     wider[descriptor + 1 : descriptor + 3] = struct.pack("<H", 50)  # its left: 50
     assert _other_header(bytes(wider)) == _pil_reading(bytes(wider)) == Header("GIF", (147, 61), 1)
-    monkeypatch.setattr(image_header, "_pil_open", lambda: pytest.fail("PIL read it"))
+    monkeypatch.setattr(image_header, "pil_open", lambda: pytest.fail("PIL read it"))
     comment = b"!\xfe" + b"\x01x" * MAX_GIF_STEPS + b"\0"  # a comment of single bytes
     with pytest.raises(PermanentError, match=f"more than {MAX_GIF_STEPS} blocks"):
         read_header(plain[:descriptor] + comment + plain[descriptor:], 10**8)
@@ -485,7 +485,7 @@ def test_a_bmp_of_a_palette_larger_than_its_pixels_index_is_refused_before_pil(m
     for bits, colors in ((8, 0), (8, 256), (4, 16), (1, 2)):
         data = _bmp(bits, colors)
         assert read_header(data, 10**8) == _pil_reading(data) == Header("BMP", (16, 16), 1)
-    monkeypatch.setattr(image_header, "_pil_open", lambda: pytest.fail("PIL read it"))
+    monkeypatch.setattr(image_header, "pil_open", lambda: pytest.fail("PIL read it"))
     with pytest.raises(PermanentError, match="8-bit pixels with a palette of 65536 colours"):
         read_header(_bmp(8, 65536), 10**8)
     with pytest.raises(PermanentError, match="4-bit pixels with a palette of 17 colours"):

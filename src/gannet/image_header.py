@@ -459,7 +459,7 @@ _PIL_FORMATS = ("JPEG", "AVIF", "BMP")  # PIL's JPEG opens an MPO as one
 FORMATS = "JPEG, PNG, WebP, AVIF, TIFF, BMP, GIF"  # what a task's image may be
 
 
-def _pil_open() -> Callable[..., Image.Image]:
+def pil_open() -> Callable[..., Image.Image]:
     """PIL's own Image.open. Importing ultralytics replaces it with a version that, on
     bytes PIL cannot identify, tries to install and import pi-heif: decoding untrusted
     uploads must fail as undecodable instead, and must never install anything."""
@@ -476,7 +476,7 @@ def _pil_header(data: bytes) -> Header:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = _pil_open()(io.BytesIO(data), formats=_PIL_FORMATS)
+            image = pil_open()(io.BytesIO(data), formats=_PIL_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PermanentError(ErrorCode.IMAGE_TOO_LARGE, str(exc)) from exc
     except UnidentifiedImageError as exc:

@@ -24,7 +24,7 @@ from gannet.config_sources import Configs, LoadedConfig
 from gannet.device_decode import DeviceDecoder
 from gannet.errors import ErrorCode, PermanentError, TransientError
 from gannet.frames import Frame, frame_size, turns_sideways, upright
-from gannet.image_header import Header, _pil_open, read_header
+from gannet.image_header import Header, pil_open, read_header
 from gannet.model_cache import ModelCache
 from gannet.model_resolver import ModelResolver
 from gannet.stages import Timer
@@ -201,7 +201,7 @@ def _decode_gif(data: bytes) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # size checked
-            with _pil_open()(io.BytesIO(data), formats=("GIF",)) as image:
+            with pil_open()(io.BytesIO(data), formats=("GIF",)) as image:
                 image.load()
                 index = np.asarray(image)  # "P" or "L": a byte a pixel
                 palette = image.getpalette("RGB") if image.mode == "P" else None
