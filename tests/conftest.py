@@ -216,6 +216,7 @@ class Gate:
         self.answering = True
         self._lock = threading.Lock()
         self._open: list[socket.socket] = []
+        self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
     def hang(self) -> None:
@@ -227,8 +228,24 @@ class Gate:
         self._end_all()
 
     def close(self) -> None:
+        """Stops taking connections and ends those open, a connection taken as it
+        closes too (it would be left to the garbage collector: a ResourceWarning in
+        whichever test then runs)."""
+        with self._lock:
+            self._closed = True
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
         self._listener.close()
         self._end_all()
+
+    def _keep(self, sock: socket.socket) -> bool:
+        """Whether the socket is kept for _end_all; closed at once after close()."""
+        with self._lock:
+            if not self._closed:
+                self._open.append(sock)
+                return True
+        sock.close()
+        return False
 
     def _accept(self) -> None:
         while True:
@@ -236,14 +253,14 @@ class Gate:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            with self._lock:
-                self._open.append(client)
+            if not self._keep(client):
+                return
             if not self.answering:
                 threading.Thread(target=self._pump, args=(client, None), daemon=True).start()
                 continue
             upstream = socket.create_connection(self._target)
-            with self._lock:
-                self._open.append(upstream)
+            if not self._keep(upstream):
+                return
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
 

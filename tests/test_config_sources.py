@@ -268,11 +268,10 @@ def test_a_config_check_on_a_gcs_that_never_answers_gives_up_within_30_s(
     monkeypatch.setattr(storage_module, "METADATA_RETRY", DEFAULT_RETRY.with_timeout(2.0))
     settings, bucket, blob = _gs_config(services)
     gate = Gate(services.ports.gcs)
+    gated = settings.model_copy(update={"storage_emulator_host": f"http://127.0.0.1:{gate.port}"})
+    client = clients.storage_client(gated)
     try:
-        gated = settings.model_copy(
-            update={"storage_emulator_host": f"http://127.0.0.1:{gate.port}"}
-        )
-        storage = Storage(clients.storage_client(gated))
+        storage = Storage(client)
         metrics = Metrics()
         source = ConfigSource(
             f"gs://{bucket}/demo/config.yaml",
@@ -298,6 +297,7 @@ def test_a_config_check_on_a_gcs_that_never_answers_gives_up_within_30_s(
         source.check_now()
         assert source.for_tenant("acme").config.version == 4, "the change, once GCS answers"
     finally:
+        client.close()  # its connections to the gate, not left to the garbage collector
         gate.close()
 
 

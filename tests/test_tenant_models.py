@@ -191,11 +191,10 @@ def test_a_tenant_listing_on_a_gcs_that_never_answers_gives_up_within_its_bound(
     bucket = f"models-{uuid.uuid4().hex[:8]}"
     clients.storage_client(settings).create_bucket(bucket)
     gate = Gate(services.ports.gcs)
+    gated = settings.model_copy(update={"storage_emulator_host": f"http://127.0.0.1:{gate.port}"})
+    client = clients.storage_client(gated)
     try:
-        gated = settings.model_copy(
-            update={"storage_emulator_host": f"http://127.0.0.1:{gate.port}"}
-        )
-        lister = tenant_model_lister(clients.storage_client(gated), bucket)
+        lister = tenant_model_lister(client, bucket)
         assert lister("acme") == {}  # answered while GCS answers
         gate.hang()
         started = time.monotonic()
@@ -204,4 +203,5 @@ def test_a_tenant_listing_on_a_gcs_that_never_answers_gives_up_within_its_bound(
         assert err.value.code is ErrorCode.MODEL_UNAVAILABLE
         assert time.monotonic() - started < 10  # about 3 s (2 minutes before)
     finally:
+        client.close()  # its connections to the gate, not left to the garbage collector
         gate.close()
