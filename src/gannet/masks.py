@@ -154,7 +154,6 @@ def planes_in_boxes(
     upsampled; a photo decoded at a reduced scale, still larger than the model's input,
     gives them no less detail than at full size."""
     c, mh, mw = protos.shape
-    h, w = shape
     out_h, out_w = out or shape
     # Zeroed pages from the OS (calloc): only those inside the boxes are ever written.
     zeros = np.zeros((len(coeffs), out_h, out_w), np.uint8)
@@ -167,17 +166,11 @@ def planes_in_boxes(
     protos = protos if protos.dtype == torch.float32 else protos.float()
     logits = coeffs @ protos.view(c, -1)
     # ultralytics first upsamples by 1, 2 or 4, so that the padding falls on whole pixels,
-    gain = min(4 * mh / h, 4 * mw / w)
-    pad = (4 * mh - max(round(h * gain), 1)) | (4 * mw - max(round(w * gain), 1))
-    f = 4 // math.gcd(4, pad | pad // 2)
+    f, (top, left, content_h, content_w) = _prototype_window(mh, mw, shape)
     if f > 1:
         logits = F.interpolate(logits.view(1, -1, mh, mw), scale_factor=f, mode="bilinear")
     upsampled = logits.numpy().reshape(len(coeffs), mh * f, mw * f)
     # then crops the padding off (scale_masks) and upsamples that to the photo's size.
-    in_h, in_w = upsampled.shape[1:]
-    gain = min(in_h / h, in_w / w)
-    content_h, content_w = max(round(h * gain), 1), max(round(w * gain), 1)
-    top, left = round((in_h - content_h) / 2 - 0.1), round((in_w - content_w) / 2 - 0.1)
     content = upsampled[:, top : top + content_h, left : left + content_w]
     rows, cols = _bilinear(content_h, out_h), _bilinear(content_w, out_w)
     bits = zeros.view(bool)  # the planes' memory, written through: 0 and 1
@@ -245,17 +238,12 @@ def segments_on_device(
         return [], nonempty
     logits = (coeffs @ protos.float().view(c, -1)).view(1, -1, mh, mw)
     # process_mask_native's first upsampling (1, 2 or 4: the padding on whole pixels),
-    gain = min(4 * mh / h, 4 * mw / w)
-    pad = (4 * mh - max(round(h * gain), 1)) | (4 * mw - max(round(w * gain), 1))
-    f = 4 // math.gcd(4, pad | pad // 2)
+    f, (top, left, content_h, content_w) = _prototype_window(mh, mw, shape)
     in_h, in_w = mh * f, mw * f
     # then scale_masks' crop of the padding and upsampling to the photo's size (none where
     # the upsampled prototypes are the photo's size already).
     crop = None
     if (in_h, in_w) != (h, w) or (out_h, out_w) != (h, w):
-        gain = min(in_h / h, in_w / w)
-        content_h, content_w = max(round(h * gain), 1), max(round(w * gain), 1)
-        top, left = round((in_h - content_h) / 2 - 0.1), round((in_w - content_w) / 2 - 0.1)
         crop = (slice(top, top + content_h), slice(left, left + content_w))
     step = max(1, budget // (4 * in_h * in_w + 5 * out_h * out_w))
     copy = protos.device.type == "cpu"  # a crop of the chunk's memory: not to keep it alive
@@ -287,6 +275,25 @@ def _above_zero(
     if crop is not None:
         logits = F.interpolate(logits[(..., *crop)], out, mode="bilinear")
     return logits[0] > 0
+
+
+def _prototype_window(
+    mh: int, mw: int, shape: tuple[int, int]
+) -> tuple[int, tuple[int, int, int, int]]:
+    """How process_mask_native brings (mh, mw) prototypes to the letterboxed image of
+    `shape` (height, width): first upsampled by f (1, 2 or 4, so that the padding falls
+    on whole pixels), then the window (top, left, height, width) of those upsampled
+    prototypes that is the image without its padding (scale_masks' crop). The host's
+    path (planes_in_boxes) and the device's (segments_on_device) share it."""
+    h, w = shape
+    gain = min(4 * mh / h, 4 * mw / w)
+    pad = (4 * mh - max(round(h * gain), 1)) | (4 * mw - max(round(w * gain), 1))
+    f = 4 // math.gcd(4, pad | pad // 2)
+    in_h, in_w = mh * f, mw * f
+    gain = min(in_h / h, in_w / w)
+    content_h, content_w = max(round(h * gain), 1), max(round(w * gain), 1)
+    top, left = round((in_h - content_h) / 2 - 0.1), round((in_w - content_w) / 2 - 0.1)
+    return f, (top, left, content_h, content_w)
 
 
 @functools.lru_cache(maxsize=64)
