@@ -37,6 +37,7 @@ from opentelemetry import trace
 from gannet.errors import ErrorCode, GannetError, PermanentError, TransientError
 from gannet.metrics import Metrics
 from gannet.settings import Settings
+from gannet.socket_deadlines import SocketDeadlines
 from gannet.task import Task
 from gannet.tracing import TRACER
 
@@ -145,70 +146,6 @@ def resolve(url: str, policy: CallbackPolicy) -> Target:
     return Target(scheme, host, port, path, addresses[0])
 
 
-class _Watchdog:
-    """Shuts a request's socket at its deadline.
-
-    Why: a socket's timeout bounds each operation, not the request, so a receiver that
-    trickles its answer a byte at a time (or stalls the TLS handshake the same way) would
-    hold a callback thread for hours, and a pod's shutdown, which joins those threads,
-    with it. Shutting the socket ends a blocked read at once. One thread for all
-    requests, asleep until the nearest deadline.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._deadlines: dict[object, tuple[float, socket.socket]] = {}
-        self._expired: set[object] = set()
-        self._thread: threading.Thread | None = None
-
-    def watch(self, owner: object, sock: socket.socket, deadline: float) -> None:
-        with self._cond:
-            self._deadlines[owner] = (deadline, sock)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="callback-watchdog", daemon=True
-                )
-                self._thread.start()
-            self._cond.notify()
-
-    def forget(self, owner: object) -> bool:
-        """Stops watching; True when the deadline had shut the socket."""
-        with self._cond:
-            self._deadlines.pop(owner, None)
-            if owner in self._expired:
-                self._expired.discard(owner)
-                return True
-            return False
-
-    def expire_all(self) -> None:
-        with self._cond:
-            for owner, (_, sock) in self._deadlines.items():
-                self._deadlines[owner] = (0.0, sock)
-            self._cond.notify()
-
-    def _run(self) -> None:
-        with self._cond:
-            while True:
-                now = time.monotonic()
-                for owner, (deadline, sock) in list(self._deadlines.items()):
-                    if deadline <= now:
-                        del self._deadlines[owner]
-                        self._expired.add(owner)
-                        _shut(sock)
-                nearest = min((d for d, _ in self._deadlines.values()), default=None)
-                self._cond.wait(None if nearest is None else nearest - now)
-
-
-def _shut(sock: socket.socket) -> None:
-    """Ends the blocked reads and writes of another thread on the socket. The plain
-    socket's shutdown, also for TLS: SSLSocket's own would drop its TLS state under the
-    thread still using it."""
-    try:
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
-    except OSError:  # closed or never connected: nothing is blocked on it
-        pass
-
-
 class _Pinned:
     """Connects to the checked address (the Host header and TLS keep the name), the
     socket watched until the request's deadline."""
@@ -216,19 +153,19 @@ class _Pinned:
     port: int
     timeout: float | None
 
-    def _pin(self, target: Target, timeout: float, watchdog: _Watchdog) -> None:
+    def _pin(self, target: Target, timeout: float, watchdog: SocketDeadlines) -> None:
         self._address = target.address
         self._watchdog = watchdog
         self._deadline = time.monotonic() + timeout
 
     def _open(self) -> socket.socket:
         sock = socket.create_connection((self._address, self.port), self.timeout)
-        self._watchdog.watch(self, sock, self._deadline)
+        self._watchdog.watch(self, self._deadline, sock)
         return sock
 
 
 class _PinnedHTTPConnection(_Pinned, http.client.HTTPConnection):
-    def __init__(self, target: Target, timeout: float, watchdog: _Watchdog) -> None:
+    def __init__(self, target: Target, timeout: float, watchdog: SocketDeadlines) -> None:
         super().__init__(target.host, target.port, timeout=timeout)
         self._pin(target, timeout, watchdog)
 
@@ -240,7 +177,7 @@ class _PinnedHTTPSConnection(_Pinned, http.client.HTTPSConnection):
     """TLS with SNI and certificate checks for the host name."""
 
     def __init__(
-        self, target: Target, timeout: float, watchdog: _Watchdog, context: ssl.SSLContext
+        self, target: Target, timeout: float, watchdog: SocketDeadlines, context: ssl.SSLContext
     ) -> None:
         super().__init__(target.host, target.port, timeout=timeout, context=context)
         self._pin(target, timeout, watchdog)
@@ -292,7 +229,7 @@ class CallbackClient:
         self._stopped = threading.Event()
         self._sleep = sleep or self._stopped.wait  # a stop ends a backoff at once
         self._context = ssl.create_default_context(cafile=policy.ca_file)
-        self._watchdog = _Watchdog()
+        self._watchdog = SocketDeadlines("callback-watchdog")
 
     def stop(self) -> None:
         """Ends the attempts in flight and makes no more: for a pod that must exit."""

@@ -20,9 +20,10 @@ library (storage.Storage.client).
 Each request (both its attempts) ends at a deadline, by default the connect and read
 timeouts together (70 s): a socket's timeout bounds each read, so a server or a
 middlebox that drips its answer a byte every few seconds would otherwise hold the
-runner for as long as it liked. One thread (`gannet-gcs-deadline`) shuts the socket of
-a request still running at its deadline; a request only registers with it and leaves
-(a lock and a dict, no system call: the socket's timeout is never changed per read).
+runner for as long as it liked. One thread (`gannet-gcs-deadline`, socket_deadlines.py)
+shuts the socket of a request still running at its deadline; a request only registers
+with it and leaves (a lock and a dict, no system call: the socket's timeout is never
+changed per read).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ import urllib3
 from google.auth.credentials import Credentials
 from google.auth.transport.urllib3 import Request as AuthRequest
 
+from gannet.socket_deadlines import SocketDeadlines
+
 HTTPError = (OSError, http.client.HTTPException)  # what a failed request raises
 _MAX_LINE = 65536  # http.client's limit on a header line
 # Not http.client's 100 headers: GCS sends an object's custom metadata with its bytes,
@@ -54,9 +57,6 @@ _MAX_HEADERS = 8192 + 100
 # minutes by default), so a connection is dropped here before one forgets it. Costs a
 # new connection per runner after a quiet spell.
 MAX_IDLE_S = 90.0
-# How often the deadline thread looks at the requests in flight, at the least: a
-# request's deadline is kept to within this (one further than 1 s ahead never wakes it).
-_DEADLINE_TICK_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -235,75 +235,7 @@ class Endpoint:
             self.connections_opened += 1
 
 
-class _Deadlines:
-    """Shuts the socket of a request still running at its deadline, for every endpoint
-    of the process, on one thread (`gannet-gcs-deadline`), started at the first request.
-
-    Why a thread: the socket's timeout bounds each read, not the request, and checking
-    the clock between reads would put Python (or a system call, to change the timeout)
-    in every read of every body. A request only registers and leaves (a lock and a
-    dict). The thread wakes every _DEADLINE_TICK_S at the most, or at a deadline nearer
-    than that, so the one request that registers a deadline nearer than its next wake
-    wakes it. Shutting the socket ends the blocked read or write at once; what that read
-    made of the answer (an end of file; headers cut short even parse as complete) is a
-    timeout (`forget`)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._running: dict[http.client.HTTPConnection, float] = {}
-        self._expired: set[http.client.HTTPConnection] = set()
-        self._wakes_at = 0.0  # the thread's next look
-        self._thread: threading.Thread | None = None
-
-    def watch(self, conn: http.client.HTTPConnection, deadline: float) -> None:
-        with self._lock:
-            self._running[conn] = deadline
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="gannet-gcs-deadline", daemon=True
-                )
-                self._thread.start()
-            elif deadline < self._wakes_at:
-                self._wake.notify()
-
-    def forget(self, conn: http.client.HTTPConnection) -> bool:
-        """Stops watching; True when the deadline had shut the connection's socket."""
-        with self._lock:
-            if self._running.pop(conn, None) is not None:
-                return False
-            self._expired.discard(conn)
-            return True
-
-    def _run(self) -> None:
-        with self._lock:
-            while True:
-                now = time.monotonic()
-                wakes_at = now + _DEADLINE_TICK_S
-                for conn, deadline in list(self._running.items()):
-                    if deadline <= now:
-                        del self._running[conn]
-                        self._expired.add(conn)
-                        _shut(conn.sock)  # None while connecting: _connect checks then
-                    else:
-                        wakes_at = min(wakes_at, deadline)
-                self._wakes_at = wakes_at
-                self._wake.wait(wakes_at - now)
-
-
-_DEADLINES = _Deadlines()
-
-
-def _shut(sock: socket.socket | None) -> None:
-    """Ends another thread's blocked reads and writes on the socket: the plain socket's
-    shutdown, also for TLS (SSLSocket's own would drop its TLS state under the thread
-    still using it)."""
-    if sock is None:
-        return
-    try:
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
-    except OSError:  # already closed
-        pass
+_DEADLINES = SocketDeadlines("gannet-gcs-deadline")
 
 
 def _read_at_most(response: http.client.HTTPResponse, amount: int) -> bytes:
