@@ -103,16 +103,23 @@ def mask_inputs(
     return calls
 
 
-def test_planes_upsampled_in_their_boxes_are_ultralytics_own(monkeypatch: pytest.MonkeyPatch):
-    """planes_in_boxes against ultralytics' process_mask_native, on the inputs the demo
-    segmenter gives it for the demo scenes in photo shapes that letterbox with and
-    without padding (12 MP, portrait, odd sizes), and at a low threshold (many
-    overlapping segments): the same uint8 planes, bit for bit."""
+def scenes_in_photo_shapes() -> list[np.ndarray]:
+    """The first four demo scenes as they are and resized to shapes that letterbox with
+    and without padding (12 MP, portrait, odd sizes, 1080p)."""
     images = []
     for entry in SCENES[:4]:
         scene = cv2.imread(str(SAMPLES / entry["file"]))
         for size in [None, (4032, 3024), (1200, 1600), (333, 517), (1920, 1080)]:
             images.append(scene if size is None else cv2.resize(scene, size))
+    return images
+
+
+def test_planes_upsampled_in_their_boxes_are_ultralytics_own(monkeypatch: pytest.MonkeyPatch):
+    """planes_in_boxes against ultralytics' process_mask_native, on the inputs the demo
+    segmenter gives it for the demo scenes in photo shapes that letterbox with and
+    without padding (12 MP, portrait, odd sizes), and at a low threshold (many
+    overlapping segments): the same uint8 planes, bit for bit."""
+    images = scenes_in_photo_shapes()
     segments = 0
     for protos, coeffs, boxes, shape in mask_inputs(monkeypatch, images, (0.5, 0.01)):
         theirs = native_planes(protos, coeffs, boxes.clone(), shape)
@@ -255,11 +262,7 @@ def test_the_gpus_segments_are_ultralytics_planes_read_in_their_boxes(
     without padding (its first upsampling by 1, 2 and 4), at a low threshold too (many
     segments); in chunks of every size (the default budget; one segment, three); with
     FP16 prototypes, as a GPU's model gives them: the same bits."""
-    images = []
-    for entry in SCENES[:4]:
-        scene = cv2.imread(str(SAMPLES / entry["file"]))
-        for size in [None, (4032, 3024), (1200, 1600), (333, 517), (1920, 1080)]:
-            images.append(scene if size is None else cv2.resize(scene, size))
+    images = scenes_in_photo_shapes()
     compared = 0
     for protos, coeffs, boxes, shape in mask_inputs(monkeypatch, images, (0.5, 0.01)):
         theirs = measure.old_device_path(protos, coeffs, boxes.numpy(), shape)
