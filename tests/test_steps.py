@@ -8,6 +8,7 @@ without Pub/Sub or storage around them: what is tested here is what the steps co
 from __future__ import annotations
 
 import itertools
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,11 @@ import cv2
 import numpy as np
 import pytest
 from conftest import MANIFEST, SAMPLES, SCENES, expected_counts
+from PIL import Image
 
 from gannet.config_sources import open_configs
 from gannet.dev.publish import make_task
+from gannet.errors import ErrorCode, PermanentError
 from gannet.metrics import Metrics
 from gannet.model_cache import ModelCache, yolo_loader
 from gannet.model_resolver import ModelResolver
@@ -187,6 +190,22 @@ def test_sliced_detection_finds_every_shape_on_the_large_image_in_batches(run, m
     calls = metrics.registry.get_sample_value("gannet_batch_size_count") - before_count
     assert images == tiles and calls <= -(-tiles // 8) + 1, "the tiles go to the model as batches"
     assert result["estimation"]["counts"] == expected_counts(LARGE)
+
+
+def test_sliced_detection_refuses_a_thin_image_of_too_many_tiles_before_any_tile(run, tmp_path):
+    """A 16x600,000 PNG (within the pixel limit, 20 kB) needs 1,467 tiles of agro's 512 px,
+    each mostly padding and each a crop, a forward pass and its post-processing (the
+    worst, 47x1,000,000, took 7.5 s of CPU, more than a 49 MP photo): refused as too
+    large, saying what to do, before the model sees a tile."""
+    path = tmp_path / "thin.png"
+    Image.fromarray(np.zeros((16, 600_000, 3), np.uint8)).save(path)
+    started = time.process_time()
+    with pytest.raises(PermanentError) as err:
+        run("agro.yaml", "FIELD_ANALYSIS", {"file": str(path)})
+    assert err.value.code is ErrorCode.IMAGE_TOO_LARGE
+    assert "600000x16 image needs 1467 tiles" in err.value.message
+    assert "max_tiles" in err.value.message
+    assert time.process_time() - started < 1.0, "refused before the tiles ran"
 
 
 # --------------------------------------------------------------------------- segmentation
