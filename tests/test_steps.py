@@ -98,29 +98,42 @@ def test_tiles_cover_the_image_with_the_configured_overlap():
 
 def test_merge_keeps_the_whole_box_over_a_cut_one_and_keeps_distinct_objects():
     whole = {"class": "circle", "confidence": 0.7, "box": [100, 100, 140, 140], "_cut": False}
+    whole["_tile"] = 0
     cut = {"class": "circle", "confidence": 0.9, "box": [120, 100, 140, 140], "_cut": True}
+    cut["_tile"] = 1
     other_class = {"class": "square", "confidence": 0.8, "box": [100, 100, 126, 140], "_cut": True}
+    other_class["_tile"] = 2
     far = {"class": "circle", "confidence": 0.6, "box": [300, 300, 330, 330], "_cut": False}
-    kept = merge_tiles([cut, whole, other_class, far], threshold=0.5)
+    far["_tile"] = 0
+    # Two objects of one tile, the second's box inside the first's: the model told
+    # them apart on that tile, and both stay.
+    beside = {"class": "circle", "confidence": 0.5, "box": [302, 302, 312, 312], "_cut": False}
+    beside["_tile"] = 0
+    kept = merge_tiles([cut, whole, other_class, far, beside], threshold=0.5)
     # One object seen three ways (whole, cut, cut and taken for a square): the whole wins.
     assert sorted((d["class"], d["box"]) for d in kept) == [
         ("circle", [100, 100, 140, 140]),
         ("circle", [300, 300, 330, 330]),
+        ("circle", [302, 302, 312, 312]),
     ]
-    assert all("_cut" not in d for d in kept)
+    assert all("_cut" not in d and "_tile" not in d for d in kept)
 
 
 def test_merge_leaves_no_two_boxes_over_the_threshold_and_drops_only_for_a_better_one():
     """On a crowd of random candidates (as a low threshold on a large photo finds): no
-    two kept boxes overlap by more than the threshold (intersection over the smaller),
-    and each candidate dropped overlaps that much a kept one that ranks before it
-    (whole over cut, then confidence)."""
+    two kept boxes of different tiles overlap by more than the threshold (intersection
+    over the smaller), and each candidate dropped overlaps that much a kept one of
+    another tile that ranks before it (whole over cut, then confidence)."""
     rng = np.random.default_rng(7)
     candidates = []
     for i, (x, y, w, h) in enumerate(rng.uniform((0, 0, 2, 2), (2000, 1500, 200, 200), (800, 4))):
         box = [round(float(v), 1) for v in (x, y, x + w, y + h)]
         cut = bool(rng.random() < 0.3)
-        candidates.append({"id": i, "confidence": float(rng.random()), "box": box, "_cut": cut})
+        tile = int(rng.integers(4))
+        candidates.append(
+            {"id": i, "confidence": float(rng.random()), "box": box, "_cut": cut, "_tile": tile}
+        )
+    tiles = {d["id"]: d["_tile"] for d in candidates}
     rank = {d["id"]: (d["_cut"], -d["confidence"]) for d in candidates}
 
     def ios(a: list[float], b: list[float]) -> float:
@@ -132,12 +145,19 @@ def test_merge_leaves_no_two_boxes_over_the_threshold_and_drops_only_for_a_bette
     kept = merge_tiles([dict(d) for d in candidates], threshold=0.5)
     ids = {d["id"] for d in kept}
     assert 0 < len(kept) < len(candidates)
+    assert any(
+        tiles[a["id"]] == tiles[b["id"]] and ios(a["box"], b["box"]) > 0.5
+        for a, b in itertools.combinations(kept, 2)
+    ), "the premise: overlapping boxes of one tile, both kept"
     for a, b in itertools.combinations(kept, 2):
-        assert ios(a["box"], b["box"]) <= 0.5
+        assert tiles[a["id"]] == tiles[b["id"]] or ios(a["box"], b["box"]) <= 0.5
     for d in candidates:
         if d["id"] not in ids:
             assert any(
-                rank[k["id"]] < rank[d["id"]] and ios(k["box"], d["box"]) > 0.5 for k in kept
+                rank[k["id"]] < rank[d["id"]]
+                and tiles[k["id"]] != d["_tile"]
+                and ios(k["box"], d["box"]) > 0.5
+                for k in kept
             ), d
 
 
@@ -206,6 +226,38 @@ def test_sliced_detection_refuses_a_thin_image_of_too_many_tiles_before_any_tile
     assert "600000x16 image needs 1467 tiles" in err.value.message
     assert "max_tiles" in err.value.message
     assert time.process_time() - started < 1.0, "refused before the tiles ran"
+
+
+def test_sliced_detection_keeps_two_objects_one_tile_sees_as_plain_detection_does(run, tmp_path):
+    """A small circle in the empty corner of a triangle's box (most of the circle's box
+    inside the triangle's): the model, on one tile, finds both. The merge of tiles once
+    took them for one object seen twice and dropped the less confident, so a photo
+    within one tile lost a shape that plain detection finds on the same pixels."""
+    image = cv2.imread(str(SAMPLES / "scene_02.jpg"))
+    slope = np.array([[60, 224], [124, 224], [124, 160]], np.int32)
+    cv2.fillPoly(image, [slope], (200, 70, 20), cv2.LINE_AA)  # a blue right triangle
+    cv2.circle(image, (73, 173), 12, (30, 40, 220), -1, cv2.LINE_AA)  # a red circle
+    path = tmp_path / "beside.png"
+    cv2.imwrite(str(path), image)
+    config = tmp_path / "one-tile.yaml"
+    text = (
+        (CONFIGS / "agro.yaml").read_text().replace("../models/demo/", f"{REPO_ROOT}/models/demo/")
+    )
+    config.write_text(text + "  ONE_TILE:\n    - sliced_detection: {slice_size: 640}\n")
+    entry = {"file": str(path)}
+
+    plain = run(config, "DETECTION", entry)["detection"]
+    sliced = run(config, "ONE_TILE", entry)["detection"]
+    scene = next(e for e in SCENES if e["file"] == "scene_02.jpg")
+    want = expected_counts(scene)
+    want["circle"] += 1
+    want["triangle"] += 1
+    assert plain["counts"] == want, "the premise: the model finds both shapes"
+    assert sliced["slices"]["count"] == 1
+    assert sliced["counts"] == want
+    assert sorted(d["box"] for d in sliced["detections"]) == sorted(
+        d["box"] for d in plain["detections"]
+    )
 
 
 # --------------------------------------------------------------------------- segmentation

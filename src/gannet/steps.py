@@ -258,15 +258,23 @@ def merge_tiles(candidates: list[dict[str, Any]], threshold: float) -> list[dict
     The merge ignores the class: a shape cut by a tile edge is often mistaken for another
     class (a cut square looks like a rectangle), and the whole view's class is the one to
     keep.
+
+    Only boxes of different tiles (`_tile`) are merged: two boxes of one tile are two
+    objects, as the model's own NMS on that tile decided. Merged too, a small object in
+    the empty corner of a larger one's box (a circle beside a triangle's slope: most of its
+    box inside the triangle's) was dropped, and a photo of one tile lost objects that
+    plain detection finds on the same pixels.
     """
     ordered = sorted(candidates, key=lambda d: (d["_cut"], -d["confidence"]))
     # Each candidate against every box kept so far, in NumPy: in Python that was a call
     # per pair, seconds with the GIL held for the thousands a low threshold finds.
     boxes = np.array([d["box"] for d in ordered], np.float64).reshape(-1, 4)
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    tiles = np.array([d["_tile"] for d in ordered], np.int64)
     kept_boxes, kept_areas = np.empty_like(boxes), np.empty_like(areas)
+    kept_tiles = np.empty_like(tiles)
     kept: list[dict[str, Any]] = []
-    for det, box, area in zip(ordered, boxes, areas, strict=True):
+    for det, box, area, tile in zip(ordered, boxes, areas, tiles, strict=True):
         n = len(kept)
         if n:
             others = kept_boxes[:n]
@@ -274,12 +282,13 @@ def merge_tiles(candidates: list[dict[str, Any]], threshold: float) -> list[dict
             ih = np.minimum(others[:, 3], box[3]) - np.maximum(others[:, 1], box[1])
             inter = np.maximum(iw, 0.0) * np.maximum(ih, 0.0)
             smaller = np.maximum(np.minimum(kept_areas[:n], area), 1e-6)
-            if (inter / smaller > threshold).any():
-                continue  # intersection over the smaller box
-        kept_boxes[n], kept_areas[n] = box, area
+            same = (inter / smaller > threshold) & (kept_tiles[:n] != tile)
+            if same.any():
+                continue  # intersection over the smaller box, with another tile's
+        kept_boxes[n], kept_areas[n], kept_tiles[n] = box, area, tile
         kept.append(det)
     for det in kept:
-        del det["_cut"]
+        del det["_cut"], det["_tile"]
     return sorted(kept, key=lambda d: (d["box"][1], d["box"][0]))
 
 
@@ -312,8 +321,9 @@ def sliced_detection(ctx: StepContext, params: SlicedDetectionParams) -> None:
     results = ctx.predict("detection", crops, conf)
     candidates: list[dict[str, Any]] = []
     edge = 2.0  # px: a box this close to an inner tile edge was cut by it
-    for (x0, y0, x1, y1), result in zip(tiles, results, strict=True):
+    for index, ((x0, y0, x1, y1), result) in enumerate(zip(tiles, results, strict=True)):
         for det in boxes_to_detections(result, conf, keep, offset=(x0, y0)):
+            det["_tile"] = index
             bx1, by1, bx2, by2 = det["box"]
             det["_cut"] = (
                 (x0 > 0 and bx1 <= x0 + edge)
