@@ -201,6 +201,42 @@ def test_a_reload_naming_a_model_that_cannot_load_is_rejected_and_the_old_one_se
     assert sample("gannet_config_reloads_total", {"result": "loaded"}) == 1
 
 
+@pytest.mark.parametrize(
+    ("model", "step", "field"),
+    [
+        ("classes: [circle, sqaure, triangle]", "detection", "models.detection.classes"),
+        ("classes: []", "{detection: {classes: [sqaure]}}", "pipelines.DETECTION.0.params.classes"),
+    ],
+    ids=["model", "step"],
+)
+def test_a_class_filter_naming_a_class_the_model_lacks_is_refused(tmp_path, model, step, field):
+    """A filter keeps the boxes of the classes it names: one with a typo (`sqaure`) never
+    matches, and the config served every task of the industry without a square, as
+    successes. It is refused where the models are loaded (start-up, and a reload's
+    check), naming the field and the model's classes."""
+    from gannet.config_sources import open_configs
+    from gannet.model_cache import ModelCache, yolo_loader
+    from gannet.model_resolver import ModelResolver
+    from gannet.pipeline import Limits, Pipeline
+
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        VALID.replace("../models/demo/", f"{REPO_ROOT}/models/demo/")
+        .replace("imgsz: 320}", f"imgsz: 320, {model}}}")
+        .replace("[detection]", f"[{step}]")
+    )
+    cache = ModelCache(yolo_loader(lambda uri, v: Path(uri), trace=False), Metrics())
+    configs = open_configs(str(path), read_local, local_version)
+    pipeline = Pipeline(configs, None, cache, ModelResolver(local_version), Limits([], 1, 1))  # type: ignore[arg-type]
+    try:
+        with pytest.raises(ConfigError) as err:
+            pipeline.warm(["cpu"])
+    finally:
+        cache.close()
+    assert f"{field}: 'sqaure' is not a class of" in str(err.value)
+    assert "(its classes: circle, square, triangle)" in str(err.value)
+
+
 def _gs_config(services: LocalServices) -> tuple[Any, str, Any]:
     """The local settings, and VALID uploaded as demo/config.yaml to a new bucket on the
     GCS emulator: (settings, bucket, the config's blob)."""

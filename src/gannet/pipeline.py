@@ -347,14 +347,39 @@ class Pipeline:
         """Load every enabled industry model of `loaded` on every device, or ConfigError
         naming the config, the model and why: at start-up, and before a reloaded config
         is served (ConfigSource.check_models_with), so a config whose models cannot serve
-        is refused instead of failing its tasks."""
+        is refused instead of failing its tasks. So is a class filter (the model's, or a
+        step's) naming a class the model does not have: it can never match, and a typo
+        in it (`sqaure`) dropped every box of that class from every answer, as successes."""
         for device in devices:
             for kind in loaded.config.enabled_models():
                 try:
-                    self.cache.get(self.resolver.key(loaded, kind, None, device))
+                    model = self.cache.get(self.resolver.key(loaded, kind, None, device))
                 except TransientError as exc:
                     uri = loaded.model_uri(loaded.config.models[kind])
                     raise ConfigError(
                         f"{loaded.uri}: models.{kind}: {uri} cannot be loaded on {device}: "
                         f"{exc.message}"
                     ) from exc
+                _check_class_filters(loaded, kind, set(model.names.values()))
+
+
+def _check_class_filters(loaded: LoadedConfig, kind: ModelKind, names: set[str]) -> None:
+    """ConfigError naming the field of a class filter, for `kind`'s model, that names a
+    class outside `names` (the model's)."""
+    config = loaded.config
+    filters = [(f"models.{kind}.classes", config.models[kind].classes)]
+    for pipeline, plan in loaded.plans.items():
+        for i, bound in enumerate(plan):
+            classes = getattr(bound.params, "classes", None)
+            if kind in bound.step.needs and classes is not None:
+                filters.append((f"pipelines.{pipeline}.{i}.params.classes", classes))
+    for field, classes in filters:
+        unknown = [name for name in classes if name not in names]
+        if unknown:
+            uri = loaded.model_uri(config.models[kind])
+            what = f"{unknown[0]!r} is not a class" if len(unknown) == 1 else "not classes"
+            if len(unknown) > 1:
+                what = f"{', '.join(map(repr, unknown))} are {what}"
+            raise ConfigError(
+                f"{loaded.uri}: {field}: {what} of {uri} (its classes: {', '.join(sorted(names))})"
+            )
