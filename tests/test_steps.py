@@ -302,6 +302,25 @@ def test_segmentation_detection_and_estimation_agree_with_the_manifest(run, entr
         assert 22 <= size["mean_width_px"] <= 72, name
 
 
+def test_detection_before_segmentation_gets_its_segments_as_after_it(run, tmp_path):
+    """A pipeline may run detection first: each detection still gets the segment that
+    covers its box, and estimation counts it there. Before, only a detection step after
+    segmentation assigned them: run first, every shape was counted outside every patch,
+    and each patch's counts were empty, as successes."""
+    entry = next(e for e in WITH_PATCHES if any(s["patch"] is not None for s in e["shapes"]))
+    config = tmp_path / "detection-first.yaml"
+    text = (CONFIGS / "agro.yaml").read_text()
+    text = text.replace("../models/demo/", f"{REPO_ROOT}/models/demo/")
+    config.write_text(
+        text + "  DETECTION_FIRST:\n    - detection\n    - segmentation\n    - estimation\n"
+    )
+    after = run(config, "FULL_PIPELINE", entry)
+    first = run(config, "DETECTION_FIRST", entry)
+    assert first["detection"]["detections"] == after["detection"]["detections"]
+    assert any(d["segment"] is not None for d in first["detection"]["detections"])
+    assert first["estimation"] == after["estimation"]
+
+
 # --------------------------------------------------------------------------- classification
 
 

@@ -63,6 +63,9 @@ class StepContext:
     # Between steps, never serialised: segment masks at the photo's resolution, each the
     # crop of its box.
     segment_masks: list[SegmentMask] | None = None
+    # A detection step's min_segment_overlap, where it gives its detections segments: a
+    # segmentation step after it assigns them (steps._assign_segments) with this.
+    segment_overlap: float | None = None
     # (x, y) from the frame's pixels to the photo's: not 1 when the photo was decoded at
     # a reduced scale (only for plans of scalable steps; pipeline.decode_scaled).
     scale: tuple[float, float] = (1.0, 1.0)

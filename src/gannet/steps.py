@@ -184,6 +184,11 @@ def segmentation(ctx: StepContext, params: SegmentationParams) -> None:
             )
             kept.append(segment)
     ctx.segment_masks = kept
+    detection = ctx.result.get("detection")
+    if detection is not None and ctx.segment_overlap is not None:
+        # Detection ran first: its detections get their segments now, as they would
+        # have after segmentation (else estimation counted them all outside).
+        _assign_segments(detection["detections"], kept, ctx.segment_overlap)
     ctx.result["segmentation"] = {
         "segments": segments,
         "counts": count_by_class(segments),
@@ -218,8 +223,10 @@ def _detection_result(
     extra: dict[str, Any],
 ) -> None:
     masks = ctx.segment_masks
-    if masks is not None and params.assign_to_segments:
-        _assign_segments(found, masks, params.min_segment_overlap)
+    if params.assign_to_segments:
+        ctx.segment_overlap = params.min_segment_overlap
+        if masks is not None:
+            _assign_segments(found, masks, params.min_segment_overlap)
     ctx.result["detection"] = {
         "detections": found,
         "counts": count_by_class(found),
@@ -231,7 +238,8 @@ def _detection_result(
 
 @STEPS.register("detection", DetectionParams, needs=("detection",), scalable=True)
 def detection(ctx: StepContext, params: DetectionParams) -> None:
-    """Boxes on the whole image; segment-aware when segmentation ran before it."""
+    """Boxes on the whole image; segment-aware when the pipeline segments (before it,
+    or after it: the segmentation step then assigns them, _detection_result)."""
     spec = ctx.model_spec("detection")
     conf = ctx.threshold(spec, params)
     (result,) = ctx.predict("detection", [ctx.frame], conf)
