@@ -219,11 +219,28 @@ def test_reduced_decode_scales_back_to_the_upright_photo():
     upright, its factors map the image back onto the upright photo's own pixels."""
     from gannet.pipeline import decode_scaled
 
-    image, (sx, sy) = decode_scaled(jpeg(2001, 1001, orientation=8), 10**8, floor=400)
-    assert image.shape[:2] == (501, 251)  # upright: 1001 wide, 2001 high, at 1/4
-    assert (sx * 251, sy * 501) == pytest.approx((1001, 2001))
+    image, (sx, sy) = decode_scaled(jpeg(2000, 1000, orientation=8), 10**8, floor=400)
+    assert image.shape[:2] == (500, 250)  # upright: 1000 wide, 2000 high, at 1/4
+    assert (sx, sy) == (4.0, 4.0)
     full, scale = decode_scaled(jpeg(2001, 1001), 10**8, floor=None)
     assert full.shape[:2] == (1001, 2001) and scale == (1.0, 1.0)
+
+
+@pytest.mark.parametrize(("width", "factor"), [(2401, 1), (2402, 2), (2404, 4), (2400, 8)])
+def test_a_reduced_decode_puts_the_photos_pixels_back_where_they_are(width, factor):
+    """Each pixel of a decode at 1/f is f x f of the photo's, the last ones too, reaching
+    past a side f does not divide: a 2401 px wide photo at 1/8 came back 301 wide, and
+    its factor back, 2401 / 301, put an edge at x = 2000 at 1994.2 (boxes near that
+    side up to f - 1 px short). Only a factor that divides both sides is taken."""
+    from gannet.pipeline import decode_scaled
+
+    photo = np.zeros((1600, width, 3), np.uint8)
+    photo[:, 2000:] = 255  # an edge at x = 2000
+    data = cv2.imencode(".jpg", photo, [cv2.IMWRITE_JPEG_QUALITY, 100])[1].tobytes()
+    image, (sx, _sy) = decode_scaled(data, 10**8, floor=300)
+    white = image[image.shape[0] // 2, :, 1].sum() / 255  # decoded pixels right of the edge
+    assert (image.shape[1] - white) * sx == pytest.approx(2000, abs=0.5)
+    assert image.shape[1] == width // factor and sx == factor
 
 
 def _noise_jpeg(width: int, height: int, orientation: int = 1, **save: object) -> bytes:
@@ -256,10 +273,10 @@ def test_jpegs_decode_to_opencvs_pixels_bit_for_bit_in_every_orientation(orienta
     image, scale = decode_scaled(small, 10**8, floor=None)
     assert np.array_equal(image, _opencv(small)) and scale == (1.0, 1.0)
 
-    large = _noise_jpeg(1301, 701, orientation)  # decoded at 1/4 for a floor of 300
+    large = _noise_jpeg(1300, 700, orientation)  # decoded at 1/4 for a floor of 300
     reduced, (sx, sy) = decode_scaled(large, 10**8, floor=300)
     assert np.array_equal(reduced, _opencv(large, cv2.IMREAD_REDUCED_COLOR_4))
-    upright_w, upright_h = (701, 1301) if orientation >= 5 else (1301, 701)
+    upright_w, upright_h = (700, 1300) if orientation >= 5 else (1300, 700)
     assert (sx * reduced.shape[1], sy * reduced.shape[0]) == pytest.approx((upright_w, upright_h))
 
 
@@ -273,12 +290,12 @@ def test_a_jpeg_libjpeg_turbo_refuses_still_scales_back_to_the_upright_photo(ori
     from gannet.image_header import read_header
     from gannet.pipeline import _decode_jpeg, decode_scaled
 
-    good = _noise_jpeg(1301, 701, orientation)
+    good = _noise_jpeg(1300, 700, orientation)
     data = good[:-2] + b"\x55" * 100 + good[-2:]
     assert _decode_jpeg(data, read_header(data, 10**8), 4) is None  # OpenCV's to decode
     reduced, (sx, sy) = decode_scaled(data, 10**8, floor=300)
     assert np.array_equal(reduced, _opencv(data, cv2.IMREAD_REDUCED_COLOR_4))
-    upright_w, upright_h = (701, 1301) if orientation >= 5 else (1301, 701)
+    upright_w, upright_h = (700, 1300) if orientation >= 5 else (1300, 700)
     assert (sx * reduced.shape[1], sy * reduced.shape[0]) == pytest.approx((upright_w, upright_h))
 
 

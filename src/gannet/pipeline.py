@@ -80,11 +80,20 @@ def reduced_factor(header: Header, floor: int | None) -> int:
     """1/factor is the scale decode_scaled decodes this image at on the CPU: 2, 4 or 8
     for a JPEG whose longer side stays at least `floor` pixels so, else 1 (other formats
     decode in full, then resize: no gain; a lossless JPEG has no DCT to scale, and
-    libjpeg-turbo asked to scale one overflowed simplejpeg's buffer: Header.lossless)."""
+    libjpeg-turbo asked to scale one overflowed simplejpeg's buffer: Header.lossless).
+
+    Only a factor that divides both sides: each pixel libjpeg decodes at 1/f is f x f of
+    the photo's, the last row and column too, which reach past a side f does not divide
+    (2401 px at 1/8: 301 pixels, 2408 of the photo's). The factors back to the photo's
+    pixels, its side over the decoded one's (7.977), then put what lies at x = 2000 at
+    1994.2, and a box near that side up to f - 1 px short of it; a detection on a
+    5001x3751 photo moved by up to 11 px from the full decode's answer."""
     if not floor or header.format != "JPEG" or header.lossless:
         return 1
-    longer = max(header.size)
-    return next((f for f in _REDUCED if longer // f >= floor), 1)
+    width, height = header.size
+    longer = max(width, height)
+    fits = (f for f in _REDUCED if longer // f >= floor and width % f == 0 == height % f)
+    return next(fits, 1)
 
 
 # Photos from this size on (phones' 12 MP, drones') are decoded through `decode_run`: their
