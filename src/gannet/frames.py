@@ -87,11 +87,6 @@ _UPRIGHT_HOST: dict[int, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-def turns_sideways(orientation: int) -> bool:
-    """Whether turning upright swaps the photo's width and height."""
-    return _UPRIGHT.get(orientation, (False, ()))[0]
-
-
 @overload
 def upright(frame: np.ndarray, orientation: int) -> np.ndarray: ...
 @overload

@@ -23,7 +23,7 @@ from gannet.config_schema import ConfigError, ModelKind
 from gannet.config_sources import Configs, LoadedConfig
 from gannet.device_decode import DeviceDecoder
 from gannet.errors import ErrorCode, PermanentError, TransientError
-from gannet.frames import Frame, frame_size, turns_sideways, upright
+from gannet.frames import Frame, frame_size, upright
 from gannet.image_header import Header, pil_open, read_header
 from gannet.model_cache import ModelCache
 from gannet.model_resolver import ModelResolver
@@ -116,7 +116,8 @@ def decode_scaled(
     header: Header | None = None,
     run: Run = here,
 ) -> tuple[np.ndarray, tuple[float, float]]:
-    """BGR pixels, upright per EXIF, and the (x, y) factors back to the photo's pixels.
+    """BGR pixels, upright per EXIF, and the (x, y) factors back to the photo's pixels:
+    both the reduced scale's denominator, exactly (reduced_factor divides both sides).
 
     The header is read first (image_header.py) so an oversized image is refused before its
     pixels are decoded. With a `floor` (step_registry.decode_floor: a margin over the
@@ -131,7 +132,7 @@ def decode_scaled(
     Either decoder is called through `run`.
     """
     header = header or read_header(data, max_pixels)
-    (width, height), kind = header.size, header.format
+    kind = header.format
     factor = reduced_factor(header, floor)
     flags = _REDUCED.get(factor, cv2.IMREAD_COLOR)
     if kind == "JPEG":
@@ -151,15 +152,7 @@ def decode_scaled(
         raise PermanentError(ErrorCode.IMAGE_UNDECODABLE, "the image data is corrupt")
     if kind == "AVIF":  # the one format whose turn OpenCV leaves undone
         image = upright(image, header.orientation or 1)
-    if factor == 1:
-        return image, (1.0, 1.0)
-    # The photo is width x height before its EXIF turn; OpenCV turned it upright after
-    # scaling (rounding each side up). Of the two ways to pair the sides, the right one
-    # gives factors near `factor` on both axes (for a square photo both are the same).
-    out_h, out_w = image.shape[:2]
-    pairs = [(width / out_w, height / out_h), (height / out_w, width / out_h)]
-    scale = min(pairs, key=lambda p: abs(p[0] - factor) + abs(p[1] - factor))
-    return image, scale
+    return image, (float(factor), float(factor))  # factor divides both sides: exact
 
 
 def _decode_jpeg(
@@ -191,10 +184,7 @@ def _decode_jpeg(
     except ValueError as exc:
         log.debug("libjpeg-turbo refused a JPEG (%s); decoding with OpenCV", exc)
         return None
-    out_h, out_w = image.shape[:2]
-    if turns_sideways(orientation):
-        return upright(image, orientation), (height / out_h, width / out_w)
-    return upright(image, orientation), (width / out_w, height / out_h)
+    return upright(image, orientation), (float(factor), float(factor))  # as decode_scaled
 
 
 def _decode_gif(data: bytes) -> np.ndarray:
