@@ -376,9 +376,11 @@ def _check_class_filters(loaded: LoadedConfig, kind: ModelKind, names: set[str])
         unknown = [name for name in classes if name not in names]
         if unknown:
             uri = loaded.model_uri(config.models[kind])
-            what = f"{unknown[0]!r} is not a class" if len(unknown) == 1 else "not classes"
-            if len(unknown) > 1:
-                what = f"{', '.join(map(repr, unknown))} are {what}"
+            listed = ", ".join(map(repr, unknown))
+            what = "is not a class" if len(unknown) == 1 else "are not classes"
+            known = sorted(names)  # an ImageNet classifier's are a thousand: the first 20
+            more = f" and {len(known) - 20} more" if len(known) > 20 else ""
             raise ConfigError(
-                f"{loaded.uri}: {field}: {what} of {uri} (its classes: {', '.join(sorted(names))})"
+                f"{loaded.uri}: {field}: {listed} {what} of {uri} "
+                f"(its classes: {', '.join(known[:20])}{more})"
             )
