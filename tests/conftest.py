@@ -207,13 +207,19 @@ class Gate:
     """A TCP relay in front of the GCS emulator that can stop answering, as a GCS (or
     the way to it) that hangs: connections are still taken and what they send read,
     but nothing goes on and nothing comes back. Each switch ends the connections open
-    (a kept-alive one must not outlive it either way)."""
+    (a kept-alive one must not outlive it either way).
+
+    `slow_media` hangs or drips object downloads alone (`alt=media` in a connection's
+    first request), so that the metadata requests before a download are answered and
+    the download itself is what stalls."""
 
     def __init__(self, target_port: int) -> None:
         self._target = ("127.0.0.1", target_port)
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self.answering = True
+        self._slow_media = False
+        self._drip_every_s: float | None = None  # slow_media's; None: nothing at all
         self._lock = threading.Lock()
         self._open: list[socket.socket] = []
         self._closed = False
@@ -225,6 +231,15 @@ class Gate:
 
     def answer(self) -> None:
         self.answering = True
+        self._slow_media = False
+        self._end_all()
+
+    def slow_media(self, drip_every_s: float | None) -> None:
+        """From now on a connection whose first request downloads an object's bytes gets
+        its answer a byte every `drip_every_s`, or with None nothing at all; any other
+        is relayed as before."""
+        self._drip_every_s = drip_every_s
+        self._slow_media = True
         self._end_all()
 
     def close(self) -> None:
@@ -258,11 +273,50 @@ class Gate:
             if not self.answering:
                 threading.Thread(target=self._pump, args=(client, None), daemon=True).start()
                 continue
+            if self._slow_media:
+                relay = threading.Thread(
+                    target=self._relay_media, args=(client, self._drip_every_s), daemon=True
+                )
+                relay.start()
+                continue
             upstream = socket.create_connection(self._target)
             if not self._keep(upstream):
                 return
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _relay_media(self, client: socket.socket, drip_every_s: float | None) -> None:
+        """One connection under slow_media: its first request read, then relayed, its
+        answer dripped or held back if that request is a media download."""
+        try:
+            first = client.recv(65536)
+        except OSError:
+            return
+        media = b"alt=media" in first.split(b"\r\n", 1)[0]
+        if media and drip_every_s is None:
+            self._pump(client, None)
+            return
+        try:
+            upstream = socket.create_connection(self._target)
+        except OSError:
+            client.close()
+            return
+        if not self._keep(upstream):
+            return
+        with contextlib.suppress(OSError):
+            upstream.sendall(first)
+        threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+        if not media:
+            self._pump(upstream, client)
+            return
+        assert drip_every_s is not None
+        try:
+            while data := upstream.recv(65536):
+                for i in range(len(data)):
+                    client.sendall(data[i : i + 1])
+                    time.sleep(drip_every_s)
+        except OSError:
+            pass  # ended by a switch, close(), or the client giving up
 
     def _pump(self, src: socket.socket, dst: socket.socket | None) -> None:
         try:
