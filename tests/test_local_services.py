@@ -56,6 +56,10 @@ def test_the_gcs_emulator_speaks_https_with_a_certificate_only_gannet_is_told_to
         storage.write("images", "t/photo.jpg", photo, "image/jpeg")
         assert storage.read(GsUrl.parse("gs://images/t/photo.jpg"), len(photo)) == photo
         assert client.bucket("images").blob("t/photo.jpg").download_as_bytes() == photo
+        # A model's download, on a session and connections of its own, trusts it too.
+        generation = storage.generation("gs://images/t/photo.jpg")
+        cached = storage.download_to("gs://images/t/photo.jpg", generation, tmp_path / "models")
+        assert cached.read_bytes() == photo
 
         monkeypatch.delenv("SSL_CERT_FILE")  # not trusted: refused, not read in clear
         untrusted = Endpoint(services.gcs_endpoint, AnonymousCredentials())

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from conftest import Gate
 
 from gannet import clients
+from gannet import storage as storage_module
+from gannet.daemon import model_file
 from gannet.dev import demo
 from gannet.dev.local_services import LocalServices
+from gannet.errors import ErrorCode, TransientError
+from gannet.metrics import Metrics
+from gannet.model_cache import ModelCache, ModelKey, yolo_loader
+from gannet.settings import REPO_ROOT
 from gannet.storage import Storage, encode_json
 from gannet.task import GsUrl
+
+DETECT = REPO_ROOT / "models" / "demo" / "detect.pt"
 
 
 def test_sixteen_runners_at_once_keep_their_connections(services: LocalServices):
@@ -69,7 +80,7 @@ def test_image_reads_say_what_is_wrong_with_the_object(services: LocalServices):
 
 
 def test_download_to_stores_the_generation_asked_for_and_concurrent_downloads_agree(
-    services: LocalServices, tmp_path
+    services: LocalServices, tmp_path, monkeypatch
 ):
     """A model's file name carries its generation, so the download must ask for that
     generation, not "the latest" (after a newer upload: new bytes under the old name, for
@@ -94,19 +105,18 @@ def test_download_to_stores_the_generation_asked_for_and_concurrent_downloads_ag
     blob.upload_from_string(new_weights)
     new = storage.generation(f"gs://{bucket}/retail/detect.pt")
 
-    http = storage.client._http
     urls: list[str] = []
-    send = http.request
+    send = storage.endpoint.request
 
-    def recorded(method, url, *args, **kwargs):
-        urls.append(url)
-        return send(method, url, *args, **kwargs)
+    def recorded(method, path, *args, **kwargs):
+        urls.append(path)
+        return send(method, path, *args, **kwargs)
 
-    http.request = recorded
-    path = storage.download_to(f"gs://{bucket}/retail/detect.pt", old, tmp_path)
-    http.request = send
+    with monkeypatch.context() as patched:
+        patched.setattr(storage.endpoint, "request", recorded)
+        path = storage.download_to(f"gs://{bucket}/retail/detect.pt", old, tmp_path)
     assert path.name == f"detect.g{old}.pt"
-    assert [u for u in urls if "alt=media" in u], "the download went through the client"
+    assert [u for u in urls if "alt=media" in u], "the download went through gcs_http"
     assert all(f"generation={old}" in u for u in urls if "alt=media" in u), urls
 
     start = threading.Barrier(8)
@@ -122,3 +132,69 @@ def test_download_to_stores_the_generation_asked_for_and_concurrent_downloads_ag
     # No temporary file is left behind, nor the older generation's file: a pod that
     # lived through many uploads kept them all, until its disk filled.
     assert sorted(p.name for p in path.parent.iterdir()) == [f"detect.g{new}.pt"]
+
+
+@pytest.mark.parametrize("stall", ["drips", "hangs"])
+def test_a_model_download_that_stalls_fails_the_load_in_bounded_time_and_caches_nothing(
+    services: LocalServices, tmp_path, monkeypatch, stall
+):
+    """Weights behind a GCS (or a middlebox) that takes the connection and then drips
+    its answer a byte at a time, or sends nothing: the download ran on the client
+    library's defaults, 60 s a read, and a drip never waited that long for a byte, so
+    the load, on whichever thread asked for the model (a runner, for a tenant's model or
+    one evicted since), never ended, and every runner whose task needed the model waited
+    on it. Now the download has a deadline (scaled down here: 3 s plus the size at 2 MB/s,
+    about 4 s for this file; the test's bound, 8 s, is under one read's 60 s before):
+    both runners asking for the model get model_unavailable, a transient error (their
+    tasks are nacked, and retried), no file is left in the model cache, not even a part,
+    and the load, once GCS answers again, reads the whole file."""
+    monkeypatch.setattr(storage_module, "DOWNLOAD_DEADLINE_S", 3.0)
+    settings = demo.local_settings(services)
+    bucket = f"models-{uuid.uuid4().hex[:8]}"
+    clients.storage_client(settings).create_bucket(bucket).blob(
+        "retail/detect.pt"
+    ).upload_from_filename(DETECT)
+    gate = Gate(services.ports.gcs)
+    gated = settings.model_copy(update={"storage_emulator_host": f"http://127.0.0.1:{gate.port}"})
+    client = clients.storage_client(gated)
+    storage = Storage(client)
+    uri = f"gs://{bucket}/retail/detect.pt"
+    key = ModelKey(uri, storage.generation(uri), "cpu", 416, "detect")
+    cache_dir = tmp_path / "cache"
+    load = yolo_loader(model_file(storage, cache_dir), trace=False)
+    # A failed load not answered from memory: the one after GCS answers again loads.
+    cache = ModelCache(load, Metrics(), retry_failed_after_s=0.0)
+    errors: list[TransientError] = []
+
+    def runner() -> None:
+        try:
+            cache.get(key)
+        except TransientError as exc:  # what the runner's task is settled with: a nack
+            errors.append(exc)
+
+    try:
+        gate.slow_media(0.05 if stall == "drips" else None)
+        runners = [threading.Thread(target=runner, daemon=True) for _ in range(2)]
+        started = time.monotonic()
+        for thread in runners:
+            thread.start()
+        for thread in runners:
+            thread.join(timeout=max(0.0, started + 20 - time.monotonic()))
+        took = time.monotonic() - started
+        assert not any(t.is_alive() for t in runners), "the load still waited after 20 s"
+        assert took < 8, f"the load took {took:.1f} s"
+        assert len(errors) == 2
+        for error in errors:
+            assert error.code is ErrorCode.MODEL_UNAVAILABLE
+            assert uri in error.message
+        assert "deadline" in errors[0].message, errors[0].message
+        assert [p for p in cache_dir.rglob("*") if p.is_file()] == []
+
+        gate.answer()
+        assert cache.get(key).task == "detect"
+        [cached] = [p for p in cache_dir.rglob("*") if p.is_file()]
+        assert cached.read_bytes() == DETECT.read_bytes()
+    finally:
+        cache.close()
+        client.close()  # its connections to the gate, not left to the garbage collector
+        gate.close()

@@ -111,10 +111,12 @@ class Endpoint:
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
         max_body: int | None = None,
+        deadline_s: float | None = None,
     ) -> Reply:
         """`path` under the endpoint, with its query. Raises one of HTTPError when the
         request failed twice (the second time on a new connection), or timed out: a
-        socket's timeout, or TimeoutError at the request's deadline (`deadline_s`).
+        socket's timeout, or TimeoutError at the request's deadline (`deadline_s`, by
+        default the endpoint's).
 
         `max_body`: the reply's data is at most max_body + 1 bytes, so a longer body
         shows as one; the rest of it is never read (its connection is closed instead).
@@ -122,11 +124,12 @@ class Endpoint:
         stored gzip-compressed, decompressed on the way, chunked), and a small gzip of a
         huge image would otherwise be read whole into memory before being refused."""
         url = self._base + path
-        deadline = time.monotonic() + self._deadline_s
+        deadline_s = self._deadline_s if deadline_s is None else deadline_s
+        deadline = time.monotonic() + deadline_s
         fresh = False  # after a failed connection: a new one, the idle ones may be dead too
         for attempt in (1, 2):
             if attempt == 2 and time.monotonic() >= deadline:
-                raise self._timed_out()
+                raise _timed_out(deadline_s)
             sent = dict(headers or {})
             self._credentials.before_request(self._auth, method, url, sent)  # type: ignore[no-untyped-call]
             conn = self._take(fresh)
@@ -153,7 +156,7 @@ class Endpoint:
             except HTTPError as exc:
                 conn.close()
                 if expired:  # what the shut socket made of the answer: a timeout
-                    raise self._timed_out() from exc
+                    raise _timed_out(deadline_s) from exc
                 # Most likely a kept-alive connection the server closed: once more on a
                 # new one. Not after a timeout: not worth a second wait.
                 if attempt == 2 or isinstance(exc, TimeoutError):
@@ -167,7 +170,7 @@ class Endpoint:
                 # Shut at the deadline as the answer ended: a body that ends where the
                 # connection does would pass for a whole one.
                 conn.close()
-                raise self._timed_out()
+                raise _timed_out(deadline_s)
             if not reuse:
                 conn.close()
             else:
@@ -179,11 +182,6 @@ class Endpoint:
                 continue
             return Reply(response.status, data, response.headers.get("content-encoding"))
         raise AssertionError("unreachable: the second attempt returns or raises")
-
-    def _timed_out(self) -> TimeoutError:
-        return TimeoutError(
-            f"no complete answer within the request's {self._deadline_s:g} s deadline"
-        )
 
     def close(self) -> None:
         """Close the idle connections (also done when the endpoint is collected)."""
@@ -226,7 +224,7 @@ class Endpoint:
             )
             conn.sock.do_handshake()
         if time.monotonic() >= deadline:  # connected past it, maybe unseen by the thread
-            raise self._timed_out()
+            raise TimeoutError("connected only past the request's deadline")
         conn.sock.settimeout(self._read_timeout_s)
         # http.client sends a request's headers and body in two writes: with Nagle
         # on, the body waits for the server's delayed ACK of the headers (40 ms).
@@ -236,6 +234,10 @@ class Endpoint:
 
 
 _DEADLINES = SocketDeadlines("gannet-gcs-deadline")
+
+
+def _timed_out(deadline_s: float) -> TimeoutError:
+    return TimeoutError(f"no complete answer within the request's {deadline_s:g} s deadline")
 
 
 def _read_at_most(response: http.client.HTTPResponse, amount: int) -> bytes:

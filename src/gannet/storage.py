@@ -43,6 +43,20 @@ METADATA_TIMEOUT_S = 10.0
 METADATA_RETRY_S = 20.0
 METADATA_RETRY = DEFAULT_RETRY.with_timeout(METADATA_RETRY_S)
 
+# A model's weights (tens to hundreds of MB), downloaded on the thread that loads the
+# model: start-up's, gannet-config-watch's for a changed config, or a runner's for a
+# tenant's model or one evicted since, where every task that needs the model waits on the
+# load. Through the client library that download had 60 s a read, retried for 120 s, and
+# nothing bounding the whole: a GCS (or a middlebox) that dripped its answer held the
+# thread for good. Now it is one request over gcs_http, ending at a deadline that grows
+# with the object: DOWNLOAD_DEADLINE_S for the token and the connection, plus its size at
+# DOWNLOAD_MIN_BYTES_PER_S, far below what one stream from GCS in the node's region
+# carries (tens of MB/s and more): 33 s for a 6 MB model, 95 s for a 130 MB YOLO11x. Not
+# one deadline of minutes for every model: a stalled 6 MB detector would hold its runner
+# as long as a 500 MB model may take.
+DOWNLOAD_DEADLINE_S = 30.0
+DOWNLOAD_MIN_BYTES_PER_S = 2_000_000
+
 
 def make_client(project: str, emulator_host: str | None, connections: int = 10) -> storage.Client:
     """`connections`: HTTP connections kept open for reuse, one per thread that uses the
@@ -248,7 +262,8 @@ class Storage:
         """Weights land at a generation-specific path, so a new upload never races a load.
 
         The download asks for that generation (not "the latest", which after an upload
-        would put new bytes under the old generation's name, for good), into a temporary
+        would put new bytes under the old generation's name, for good), whole and checked
+        (_download: in memory, as the loader then reads them), written to a temporary
         file of its own (runners loading the same model at once each download; the last
         rename wins, with the same bytes) that is renamed into place only when complete.
         """
@@ -262,17 +277,53 @@ class Storage:
             raise ValueError(f"{url}: its local copy would be outside the model cache's {bucket}/")
         if target.exists():
             return target
+        data = self._download(bucket, name, generation)
         target.parent.mkdir(parents=True, exist_ok=True)
-        blob = self.client.bucket(bucket).blob(name, generation=int(generation))
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-        os.close(fd)
         try:
-            blob.download_to_filename(tmp)
+            with os.fdopen(fd, "wb") as part:
+                part.write(data)
             os.replace(tmp, target)
         finally:
-            Path(tmp).unlink(missing_ok=True)  # a failed download's part; none after a rename
+            Path(tmp).unlink(missing_ok=True)  # a failed write's part; none after a rename
         _drop_other_generations(target, path.stem, path.suffix)
         return target
+
+    def _download(self, bucket: str, name: str, generation: str) -> bytes:
+        """The generation's bytes, whole and as stored (their size and CRC32C checked
+        against its metadata, as the client library's download checked them), within
+        its deadline (DOWNLOAD_DEADLINE_S and the size at DOWNLOAD_MIN_BYTES_PER_S; the
+        metadata request is bounded as the others are), or an error."""
+        where = f"gs://{bucket}/{name} (generation {generation})"
+        found = self.client.bucket(bucket).get_blob(
+            name, generation=int(generation), timeout=METADATA_TIMEOUT_S, retry=METADATA_RETRY
+        )
+        if found is None:
+            raise FileNotFoundError(where)
+        if found.content_encoding:  # GCS would send it decompressed, or not (no-transform)
+            raise ValueError(
+                f"{where} is stored with Content-Encoding {found.content_encoding}: upload "
+                "the weights as they are (no gsutil cp -z/-Z)"
+            )
+        size = found.size or 0
+        quoted = urllib.parse.quote(name, safe="")
+        media = f"{self._objects('download', bucket)}/{quoted}?alt=media&generation={generation}"
+        deadline_s = DOWNLOAD_DEADLINE_S + size / DOWNLOAD_MIN_BYTES_PER_S
+        # Its errors as they are: the model cache makes them model_unavailable, naming
+        # the model (transient: the tasks waiting on the load are nacked).
+        response = self.endpoint.request("GET", media, max_body=size, deadline_s=deadline_s)
+        if response.status != 200:
+            detail = response.data[:200].decode(errors="replace")
+            raise OSError(f"{where}: HTTP {response.status} {detail}")
+        data = response.data
+        checksum = google_crc32c.Checksum(data)  # type: ignore[no-untyped-call]
+        crc = base64.b64encode(checksum.digest()).decode()  # type: ignore[no-untyped-call]
+        if len(data) != size or crc != found.crc32c:
+            raise ValueError(  # a torn answer, or a proxy's: never the model's cached file
+                f"{where}: {len(data)} bytes of CRC32C {crc} received, {size} of "
+                f"{found.crc32c} stored"
+            )
+        return data
 
 
 def _gunzip(data: bytes, max_bytes: int, where: str) -> bytes:
