@@ -268,10 +268,10 @@ def merge_tiles(candidates: list[dict[str, Any]], threshold: float) -> list[dict
     keep.
 
     Only boxes of different tiles (`_tile`) are merged: two boxes of one tile are two
-    objects, as the model's own NMS on that tile decided. Merged too, a small object in
-    the empty corner of a larger one's box (a circle beside a triangle's slope: most of its
-    box inside the triangle's) was dropped, and a photo of one tile lost objects that
-    plain detection finds on the same pixels.
+    objects, as the model's own NMS on that tile decided. When those were merged too, a
+    small object in the empty corner of a larger one's box (a circle beside a triangle's
+    slope: most of its box inside the triangle's) was dropped, and a photo of one tile
+    lost objects that plain detection finds on the same pixels.
     """
     ordered = sorted(candidates, key=lambda d: (d["_cut"], -d["confidence"]))
     # Each candidate against every box kept so far, in NumPy: in Python that was a call
