@@ -126,6 +126,8 @@ def test_one_deployment_serves_each_tenant_with_its_industry(tmp_path):
     with pytest.raises(PermanentError) as err:
         source.for_tenant("stranger")
     assert err.value.code is ErrorCode.UNKNOWN_TENANT
+    # Said to the publisher (its dead letter, its row): what to do, not where the config is.
+    assert "ask its operators" in err.value.message and str(tmp_path) not in err.value.message
 
     with_default = open_configs(
         str(_deployment(tmp_path, {}, default="vending")), read_local, local_version

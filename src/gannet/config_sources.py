@@ -380,7 +380,9 @@ class DeploymentSource(_Watched[LoadedDeployment]):
         if industry is None:
             raise PermanentError(
                 ErrorCode.UNKNOWN_TENANT,
-                f"tenant {tenant_id!r} is not mapped to an industry in {self.uri}",
+                # Not the config's address: this is the publisher's dead letter and row.
+                f"tenant {tenant_id!r} is not mapped to an industry in this deployment's "
+                "config: ask its operators to add it",
             )
         source = deployment.sources.get(industry)
         if source is None:
