@@ -376,6 +376,15 @@ def test_compose_runs_worker_against_emulators_and_postgres() -> None:
     assert "@postgres:5432/" in env["GANNET_DATABASE_URL"]
     unknown = {k for k in env if k.startswith("GANNET_")} - daemon_settings()
     assert not unknown, f"compose sets variables the daemon does not read: {unknown}"
+    # The buckets it reads and writes exist before it starts (the emulator starts empty:
+    # without them every task was retried until dead-lettered). No Docker engine here:
+    # what the init service runs is read, not run.
+    buckets = {env["GANNET_RESULTS_BUCKET"], *env["GANNET_ALLOWED_BUCKETS"].split(",")}
+    for worker in ("worker", "worker-gpu"):
+        assert "gcs-init" in services[worker]["depends_on"], worker
+    init = services["gcs-init"]["command"][0]
+    assert "http://gcs:4443/storage/v1/b" in init
+    assert all(re.search(rf"\bfor bucket in [^;]*\b{b}\b", init) for b in buckets), init
 
 
 def compose_unreadable_weights(compose: dict[str, Any]) -> list[str]:
