@@ -77,6 +77,23 @@ def test_schema_errors_name_the_field(changes, field):
     assert message.startswith(field) or f"; {field}" in message, message
 
 
+@pytest.mark.parametrize("task_id", ["a/../b", "../other-tenant/t-1", "./t-1", "a/./b", "x/.."])
+def test_a_task_id_with_a_dot_segment_is_refused(task_id):
+    """The task_id becomes the result object's name under TENANT/. A '.' or '..' segment
+    there is a name that curl, browsers and path libraries resolve to another object
+    (`TENANT/../other-tenant/t-1.json` to `other-tenant/t-1.json`), and the GCS emulator
+    refused the write, so the task ran its models five times and was dead-lettered with
+    no reason. Refused as the image_url's segments are."""
+    code, message = code_of(body(task_id=task_id))
+    assert code is ErrorCode.SCHEMA_ERROR
+    assert message.startswith("task_id") and "'.' or '..'" in message, message
+
+
+@pytest.mark.parametrize("task_id", ["2026/11/order-1", "a..b", "...", ".hidden", "x./y", "v1.2"])
+def test_a_task_id_with_dots_inside_its_segments_is_accepted(task_id):
+    assert parse_task(body(task_id=task_id), LIMIT).task_id == task_id
+
+
 def test_bad_json_and_oversized_bodies_are_rejected_with_their_own_codes():
     assert code_of(b"{nope")[0] is ErrorCode.BAD_JSON
     assert code_of(b"\xff\xfe")[0] is ErrorCode.BAD_JSON

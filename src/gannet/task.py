@@ -117,6 +117,18 @@ class Task(BaseModel):
     options: TaskOptions = Field(default_factory=TaskOptions)
     callback_url: Text | None = Field(None, max_length=2048)
 
+    @field_validator("task_id")
+    @classmethod
+    def _no_dot_segments(cls, value: str) -> str:
+        """The task_id names the result object, TENANT/TASK_ID.json: a '.' or '..' segment
+        there is a name that curl, browsers and path libraries resolve to another object
+        (`TENANT/../other/t.json` to `other/t.json`), and one that the GCS emulator
+        refuses to store, so such a task ran to its write and was retried until Pub/Sub
+        dead-lettered it with no reason."""
+        if any(segment in (".", "..") for segment in value.split("/")):
+            raise ValueError("must not have a '.' or '..' segment (it names the result object)")
+        return value
+
     @field_validator("callback_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
