@@ -32,6 +32,9 @@ def test_poison_messages_go_to_dead_letter_with_reason_and_good_ones_flow(stack)
     add(variant(image_url=good_url.replace(stack.tenant, "someone-else")), "image_outside_tenant")
     add(variant(image_url=f"gs://gannet-images/{stack.tenant}/../x/a.jpg"), "image_outside_tenant")
     add(variant(image_url=f"gs://gannet-images/{stack.tenant}/missing.jpg"), "image_not_found")
+    # The task_id names the result object: with a '..' segment the emulator refused the
+    # write, so the task was retried to Pub/Sub's dead letter, with no reason and no row.
+    add(variant(task_id=f"{stack.tenant}-dots/../x"), "schema_error")
     add(variant(image_url=not_an_image), "image_undecodable")
     add(variant(image_url=many_scans), "image_undecodable")
     poison.append((json.dumps({**base, "pad": "x" * 300_000}).encode(), "body_too_large", None))
