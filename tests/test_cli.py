@@ -152,3 +152,16 @@ def test_bench_in_process_refuses_an_unknown_image_set_before_it_starts():
     out = gannet("bench", "--in-process", "--sizes", "640x480, 4032x302")
     assert out.returncode == 2
     assert "unknown image set 4032x302; choose from 640x480," in out.stdout + out.stderr
+
+
+def test_settings_hides_the_database_password():
+    """`gannet settings` is what an operator runs in a pod to see its configuration;
+    its output ends up in tickets and chat, so the password must not be in it."""
+    url = "postgresql://gannet:s3cr3t-pw@10.0.0.5:5432/gannet?sslmode=require"
+    out = gannet("settings", env={"GANNET_DATABASE_URL": url})
+    assert out.returncode == 0, out.stderr
+    assert "s3cr3t-pw" not in out.stdout
+    assert "GANNET_DATABASE_URL=postgresql://gannet:***@10.0.0.5:5432/gannet" in out.stdout
+    kv = "host=10.0.0.5 dbname=gannet user=gannet password=s3cr3t-pw"
+    out = gannet("settings", env={"GANNET_DATABASE_URL": kv})
+    assert "s3cr3t-pw" not in out.stdout and "password=***" in out.stdout

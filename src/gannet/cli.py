@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from gannet.cluster import cli as cluster_cli
 from gannet.dev import cli as dev_cli
 from gannet.errors import CommandError
-from gannet.settings import Settings, settings_table
+from gannet.settings import Settings, settings_table, without_password
 
 DESCRIPTION = """\
 Gannet: the GPU vision worker. It pulls tasks from a Pub/Sub subscription, runs the
@@ -59,6 +59,8 @@ def cmd_settings(args: argparse.Namespace) -> int:
         print(settings_table())
         return 0
     for name, value in Settings().model_dump().items():
+        if name == "database_url":
+            value = without_password(value)
         print(f"GANNET_{name.upper()}={value}")
     return 0
 
@@ -97,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         "settings",
         help="show the effective GANNET_* settings",
         description="Print every setting as GANNET_NAME=value: its default, or what the "
-        "environment sets. With --markdown, the README's table of every setting, its "
-        "default and its meaning.",
+        "environment sets (the database password as ***). With --markdown, the README's "
+        "table of every setting, its default and its meaning.",
     )
     p.add_argument("--markdown", action="store_true", help="print the README table instead")
     p.set_defaults(func=cmd_settings)

@@ -7,6 +7,7 @@ Only the entry point (cli) builds a Settings; everything else receives values fr
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -365,6 +366,17 @@ class Settings(BaseSettings):
     def dead_letter_subscription(self) -> str:
         """The first lane's dead-letter subscription, named as terraform names it."""
         return self.lane_list()[0].dead_letter_subscription
+
+
+_URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^/]*@")
+_KEY_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]*)")
+
+
+def without_password(database_url: str) -> str:
+    """The URL as it may be shown: `gannet settings` output is pasted into tickets and
+    chat. Both libpq forms: a URL's user:PASSWORD@ and ?password=, and key=value's
+    password=."""
+    return _KEY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", database_url))
 
 
 def settings_table() -> str:
