@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -165,3 +167,18 @@ def test_settings_hides_the_database_password():
     kv = "host=10.0.0.5 dbname=gannet user=gannet password=s3cr3t-pw"
     out = gannet("settings", env={"GANNET_DATABASE_URL": kv})
     assert "s3cr3t-pw" not in out.stdout and "password=***" in out.stdout
+
+
+def test_run_with_its_metrics_port_taken_says_so():
+    """A second `gannet run` on one machine, or a port another process holds: one
+    sentence naming the setting, not a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = gannet("run", env={"GANNET_METRICS_PORT": str(port)}, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    assert line["severity"] == "CRITICAL"
+    assert f"port {port}" in line["message"] and "GANNET_METRICS_PORT" in line["message"]

@@ -34,6 +34,7 @@ from gannet.callback import Callbacks, build_callbacks
 from gannet.config_sources import Configs, ConfigWatch, open_configs
 from gannet.device_decode import device_decoders
 from gannet.dispatch import Dispatcher
+from gannet.errors import CommandError
 from gannet.health import Health, HealthServer
 from gannet.lanes import Lane
 from gannet.lease import LaneLease, LeaseSizer
@@ -299,7 +300,13 @@ class Daemon:
 
     def run(self) -> int:
         h = self.health
-        server = HealthServer(h.live, h.ready, self.metrics.registry, self.settings.metrics_port)
+        try:
+            server = HealthServer(
+                h.live, h.ready, self.metrics.registry, self.settings.metrics_port
+            )
+        except CommandError as exc:  # the port is taken: a sentence, not a traceback
+            log.critical(str(exc))
+            return 2
         server.start()
         self._install_signal_handlers()
         try:

@@ -7,6 +7,7 @@ moment SIGTERM arrives. Liveness fails only when the daemon knows it is broken.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import threading
@@ -14,6 +15,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from gannet.errors import CommandError
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +70,16 @@ class HealthServer:
         """`live` and `ready` answer /healthz and /readyz; /metrics is `registry`. A
         daemon passes its Health and Metrics; the supervisor its processes' (supervisor.py)."""
         handler = self._handler(live, ready, registry)
-        self.server = ThreadingHTTPServer((host, port), handler)
+        try:
+            self.server = ThreadingHTTPServer((host, port), handler)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise CommandError(
+                f"port {port} (GANNET_METRICS_PORT, for /metrics, /healthz and /readyz) is "
+                "already in use: another process listens on it (a second `gannet run` on "
+                "this machine?); stop it or set GANNET_METRICS_PORT to a free port"
+            ) from exc
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(
