@@ -182,3 +182,26 @@ def test_run_with_its_metrics_port_taken_says_so():
     line = json.loads(out.stdout.strip().splitlines()[-1])
     assert line["severity"] == "CRITICAL"
     assert f"port {port}" in line["message"] and "GANNET_METRICS_PORT" in line["message"]
+
+
+def test_run_with_a_wrong_database_name_says_so_at_once(services):
+    """A database that answers and refuses (a misspelt database or role, a wrong
+    password) will not accept a retry either: the operator gets the server's reason and
+    what to check at once, not after GANNET_DB_CONNECT_WAIT_S and not `is it running?`."""
+    url = services.database_url.rsplit("/", 1)[0] + "/no_such_db"
+    env = {
+        **services.env(),
+        "GANNET_DATABASE_URL": url,
+        "GANNET_DB_CONNECT_WAIT_S": "60",
+        "GANNET_METRICS_PORT": "0",
+    }
+    for command in (["run"], ["db", "migrate"]):
+        started = time.monotonic()
+        out = gannet(*command, env=env, timeout=120)
+        assert out.returncode == 2, out.stdout + out.stderr
+        # the daemon's last log line, or the migrate command's error line
+        said = json.loads(out.stdout.splitlines()[-1])["message"] if out.stdout else out.stderr
+        assert 'database "no_such_db" does not exist' in said
+        assert "check the user, password and database name in GANNET_DATABASE_URL" in said
+        assert "is it running" not in said and "Traceback" not in said
+        assert time.monotonic() - started < 30  # not the 60 s wait

@@ -47,7 +47,7 @@ from gannet.pipeline import Limits, Pipeline, here
 from gannet.pool import resolve_devices
 from gannet.settings import Settings
 from gannet.signals import on_signals
-from gannet.sink import SCHEMA_VERSION, Sink, cannot_connect
+from gannet.sink import SCHEMA_VERSION, Sink, cannot_connect, connect_waiting
 from gannet.storage import Storage, local_version, read_local
 from gannet.subscriber import Subscriber
 from gannet.tracing import Tracing
@@ -167,6 +167,9 @@ def build(
         raise StartupError(str(exc)) from exc
     sink = Sink(s.database_url, pool_size=s.db_connections(), timeout_s=s.db_timeout_s)
     try:
+        # One connection first: its error is libpq's reason (the pool's timeout says
+        # none), and a refusal ends the wait at once.
+        connect_waiting(s.database_url, s.db_connect_wait_s).close()
         sink.open(wait_s=s.db_connect_wait_s)
     except Exception as exc:
         raise StartupError(cannot_connect(exc)) from exc

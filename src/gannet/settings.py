@@ -60,7 +60,8 @@ class Settings(BaseSettings):
         gt=0,
         description="How long the daemon (and `gannet db migrate`) waits at start for "
         "PostgreSQL to accept connections before it exits, saying so (raise it when a "
-        "sidecar such as the Cloud SQL Auth Proxy starts slowly).",
+        "sidecar such as the Cloud SQL Auth Proxy starts slowly). A refusal (a wrong "
+        "password, user or database name) ends the wait at once.",
     )
     results_bucket: str = Field("gannet-results", description="Bucket for result JSON.")
     allowed_buckets: Annotated[list[str], NoDecode] = Field(

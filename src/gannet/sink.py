@@ -555,12 +555,46 @@ def _upsert(cur: psycopg.Cursor[dict[str, Any]], record: TaskResult) -> bool:
     return False
 
 
+# What PostgreSQL says when it answered and refused: the URL is wrong, and waiting for
+# the server to come up cannot help (unlike "connection refused" from a proxy sidecar
+# that is still starting).
+_REFUSALS = (
+    "password authentication failed",
+    "does not exist",  # the database or the role
+    "no pg_hba.conf entry",
+)
+
+
+def refused(exc: Exception) -> bool:
+    """Whether PostgreSQL answered and refused these credentials or this database."""
+    return any(refusal in str(exc) for refusal in _REFUSALS)
+
+
 def cannot_connect(exc: Exception) -> str:
-    """What the daemon and `gannet db migrate` say when PostgreSQL did not answer."""
+    """What the daemon and `gannet db migrate` say when PostgreSQL did not let them in."""
+    if refused(exc):
+        return (
+            f"PostgreSQL refused the connection ({exc}); check the user, password and "
+            "database name in GANNET_DATABASE_URL"
+        )
     return (
         f"cannot connect to PostgreSQL at GANNET_DATABASE_URL ({exc}); is it running? "
         "If it only starts slowly, raise GANNET_DB_CONNECT_WAIT_S"
     )
+
+
+def connect_waiting(database_url: str, wait_s: float) -> psycopg.Connection[Any]:
+    """A connection, waiting up to `wait_s` for PostgreSQL to accept one (a pod starts
+    beside a proxy sidecar that may not be up yet); a refusal is raised at once, since
+    a wrong URL does not heal. The error raised is libpq's own, which says why."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return psycopg.connect(database_url, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            if refused(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(1.0)
 
 
 def migrate(database_url: str, connect_wait_s: float = 0.0) -> list[int]:
@@ -568,15 +602,7 @@ def migrate(database_url: str, connect_wait_s: float = 0.0) -> list[int]:
     Waits up to `connect_wait_s` for PostgreSQL to accept a connection (a pod's migrate
     step starts beside a proxy sidecar that may not be up yet)."""
     applied: list[int] = []
-    deadline = time.monotonic() + connect_wait_s
-    while True:
-        try:
-            conn = psycopg.connect(database_url, connect_timeout=10)
-            break
-        except psycopg.OperationalError:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(1.0)
+    conn = connect_waiting(database_url, connect_wait_s)
     with conn:
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
