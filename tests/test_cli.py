@@ -7,6 +7,7 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from conftest import gannet
 
 from gannet.settings import REPO_ROOT, settings_table
@@ -205,3 +206,18 @@ def test_run_with_a_wrong_database_name_says_so_at_once(services):
         assert "check the user, password and database name in GANNET_DATABASE_URL" in said
         assert "is it running" not in said and "Traceback" not in said
         assert time.monotonic() - started < 30  # not the 60 s wait
+
+
+def test_run_with_cuda_devices_on_a_machine_without_a_gpu_says_so(services):
+    """GANNET_DEVICES=cuda where torch sees no GPU (a pod on a CPU node, a missing
+    driver): one sentence naming the setting, not a C++ stack dump from torch."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    env = {**services.env(), "GANNET_DEVICES": "cuda", "GANNET_METRICS_PORT": "0"}
+    out = gannet("run", env=env, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "frame #" not in out.stdout + out.stderr
+    said = json.loads(out.stdout.splitlines()[-1])["message"]
+    assert "GANNET_DEVICES=cuda" in said and "no CUDA device" in said

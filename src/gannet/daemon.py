@@ -181,7 +181,11 @@ def build(
     except (ValueError, OSError) as exc:
         sink.close()
         raise StartupError(f"cannot load GANNET_CONFIG_URI: {exc}") from exc
-    devices = resolve_devices(s.devices)
+    try:
+        devices = resolve_devices(s.devices)
+    except ValueError as exc:
+        sink.close()
+        raise StartupError(str(exc)) from exc
     loader = yolo_loader(
         model_file(storage, s.model_cache_dir),
         trace=s.torchscript,

@@ -22,13 +22,35 @@ log = logging.getLogger(__name__)
 
 
 def resolve_devices(spec: str) -> list[str]:
-    """'auto' -> every visible GPU as cuda:i, or cpu when there is none."""
+    """'auto' -> every visible GPU as cuda:i, or cpu when there is none. A CUDA device
+    that torch does not see is a ValueError that says so: found later, at the first
+    model load, it was a stack dump from torch's C++ and a message buried in it."""
     if spec.strip() != "auto":
-        return [d.strip() for d in spec.split(",") if d.strip()]
+        devices = [d.strip() for d in spec.split(",") if d.strip()]
+        _check_cuda(spec, devices)
+        return devices
     import torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return [f"cuda:{i}" for i in range(count)] or ["cpu"]
+
+
+def _check_cuda(spec: str, devices: list[str]) -> None:
+    cuda = [d for d in devices if d.startswith("cuda")]
+    if not cuda:
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    seen = f"{count} (cuda:0 to cuda:{count - 1})" if count else "no CUDA device"
+    for device in cuda:
+        index = device.partition(":")[2] or "0"
+        if not index.isdigit() or int(index) >= count:
+            raise ValueError(
+                f"GANNET_DEVICES={spec}: torch sees {seen}, so {device} cannot be used; "
+                "set GANNET_DEVICES=auto (every GPU, else the CPU) or cpu, or check that the "
+                "pod has its GPU and driver (nvidia-smi in the container)"
+            )
 
 
 def assign_devices(devices: list[str], runners: int) -> list[str]:
