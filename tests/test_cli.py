@@ -221,3 +221,35 @@ def test_run_with_cuda_devices_on_a_machine_without_a_gpu_says_so(services):
     assert "frame #" not in out.stdout + out.stderr
     said = json.loads(out.stdout.splitlines()[-1])["message"]
     assert "GANNET_DEVICES=cuda" in said and "no CUDA device" in said
+
+
+def test_a_misspelt_setting_is_named_not_ignored_silently():
+    """A typo in a ConfigMap's variable name left its default in force, without a word.
+    Kubernetes' service links (GANNET_WORKER_SERVICE_HOST, ..._PORT=tcp://...) are not
+    settings either, and are not warned about."""
+    env = {
+        "GANNET_SUBSCRIPTON": "gannet-tasks-sub-eu",
+        "GANNET_WORKER_SERVICE_HOST": "10.0.0.9",
+        "GANNET_WORKER_PORT": "tcp://10.0.0.9:9090",
+    }
+    out = gannet("settings", env=env)
+    assert out.returncode == 0
+    assert "GANNET_SUBSCRIPTON is not a setting" in out.stderr
+    assert "did you mean GANNET_SUBSCRIPTION?" in out.stderr
+    assert "GANNET_WORKER" not in out.stderr
+    out = gannet(
+        "run",
+        env={
+            **env,
+            "GANNET_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+            "GANNET_DB_CONNECT_WAIT_S": "0.5",
+            "GANNET_PUBSUB_EMULATOR_HOST": "127.0.0.1:1",
+            "GANNET_STORAGE_EMULATOR_HOST": "http://127.0.0.1:1",
+            "GANNET_METRICS_PORT": "0",
+        },
+        timeout=120,
+    )
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    warned = [line for line in lines if "GANNET_SUBSCRIPTON" in line["message"]]
+    assert warned and warned[0]["severity"] == "WARNING"
+    assert "did you mean GANNET_SUBSCRIPTION?" in warned[0]["message"]

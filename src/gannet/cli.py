@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from gannet.cluster import cli as cluster_cli
 from gannet.dev import cli as dev_cli
 from gannet.errors import CommandError
-from gannet.settings import Settings, settings_table, without_password
+from gannet.settings import Settings, settings_table, unknown_variables, without_password
 
 DESCRIPTION = """\
 Gannet: the GPU vision worker. It pulls tasks from a Pub/Sub subscription, runs the
@@ -58,6 +58,8 @@ def cmd_settings(args: argparse.Namespace) -> int:
     if args.markdown:
         print(settings_table())
         return 0
+    for warning in unknown_variables(os.environ):
+        print(f"warning: {warning}", file=sys.stderr)
     for name, value in Settings().model_dump().items():
         if name == "database_url":
             value = without_password(value)

@@ -45,7 +45,7 @@ from gannet.offload import Offload
 from gannet.outcome import Settler, shutdown
 from gannet.pipeline import Limits, Pipeline, here
 from gannet.pool import resolve_devices
-from gannet.settings import Settings
+from gannet.settings import Settings, unknown_variables
 from gannet.signals import on_signals
 from gannet.sink import SCHEMA_VERSION, Sink, cannot_connect, connect_waiting
 from gannet.storage import Storage, local_version, read_local
@@ -565,6 +565,8 @@ def run(settings: Settings, wrap_loader: Callable[[Loader], Loader] | None = Non
     fields = {} if settings.process_index is None else {"process": settings.process_index}
     trace_project = settings.project if settings.traced else None
     logs.configure(settings.log_level, fields, trace_project=trace_project)
+    for warning in unknown_variables(os.environ):
+        log.warning(warning)
     if settings.sched_batch:
         batch_scheduling()
     return Daemon(settings, wrap_loader).run()

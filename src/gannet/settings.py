@@ -7,7 +7,9 @@ Only the entry point (cli) builds a Settings; everything else receives values fr
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -378,6 +380,29 @@ def without_password(database_url: str) -> str:
     chat. Both libpq forms: a URL's user:PASSWORD@ and ?password=, and key=value's
     password=."""
     return _KEY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", database_url))
+
+
+# Kubernetes' service links: a Service named gannet-worker puts GANNET_WORKER_SERVICE_HOST,
+# GANNET_WORKER_PORT=tcp://... and the like into every pod of its namespace.
+_SERVICE_LINK = re.compile(r"_SERVICE_(HOST|PORT)(_\w+)?$")
+_SERVICE_LINK_VALUE = re.compile(r"^(tcp|udp|sctp)://")
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each GANNET_* variable that is no setting. Settings ignore unknown
+    variables, so a typo in a ConfigMap (GANNET_SUBSCRIPTON) left the default in force
+    without a word; a warning names it and the setting it was probably meant for."""
+    known = {f"GANNET_{name.upper()}" for name in Settings.model_fields}
+    warnings = []
+    for name, value in sorted(environ.items()):
+        if not name.startswith("GANNET_") or name in known:
+            continue
+        if _SERVICE_LINK.search(name) or _SERVICE_LINK_VALUE.match(value):
+            continue
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else " (`gannet settings` lists them)"
+        warnings.append(f"{name} is not a setting and is ignored{hint}")
+    return warnings
 
 
 def settings_table() -> str:
