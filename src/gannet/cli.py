@@ -58,7 +58,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
     if args.markdown:
         print(settings_table())
         return 0
-    for warning in unknown_variables(os.environ):
+    for warning in unknown_variables():
         print(f"warning: {warning}", file=sys.stderr)
     for name, value in Settings().model_dump().items():
         if name == "database_url":

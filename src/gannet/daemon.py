@@ -565,7 +565,7 @@ def run(settings: Settings, wrap_loader: Callable[[Loader], Loader] | None = Non
     fields = {} if settings.process_index is None else {"process": settings.process_index}
     trace_project = settings.project if settings.traced else None
     logs.configure(settings.log_level, fields, trace_project=trace_project)
-    for warning in unknown_variables(os.environ):
+    for warning in unknown_variables():
         log.warning(warning)
     if settings.sched_batch:
         batch_scheduling()

@@ -8,6 +8,7 @@ Only the entry point (cli) builds a Settings; everything else receives values fr
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -388,10 +389,12 @@ _SERVICE_LINK = re.compile(r"_SERVICE_(HOST|PORT)(_\w+)?$")
 _SERVICE_LINK_VALUE = re.compile(r"^(tcp|udp|sctp)://")
 
 
-def unknown_variables(environ: Mapping[str, str]) -> list[str]:
-    """A warning for each GANNET_* variable that is no setting. Settings ignore unknown
-    variables, so a typo in a ConfigMap (GANNET_SUBSCRIPTON) left the default in force
-    without a word; a warning names it and the setting it was probably meant for."""
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each GANNET_* variable (of `environ`, by default the process's)
+    that is no setting. Settings ignore unknown variables, so a typo in a ConfigMap
+    (GANNET_SUBSCRIPTON) left the default in force without a word; a warning names it
+    and the setting it was probably meant for."""
+    environ = os.environ if environ is None else environ
     known = {f"GANNET_{name.upper()}" for name in Settings.model_fields}
     warnings = []
     for name, value in sorted(environ.items()):
