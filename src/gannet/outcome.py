@@ -123,8 +123,18 @@ class Settler:
             future.result(timeout=30)
             return True
         except (gexc.GoogleAPICallError, FutureTimeout, gexc.RetryError) as exc:
+            # Which topic, and for a missing one what to do: an operator reading this
+            # line had only Pub/Sub's "404 Topic not found" to go on.
+            missing = (
+                ": it does not exist (terraform creates it; else correct "
+                "GANNET_DEAD_LETTER_TOPIC, to which an extra lane adds -LANE)"
+                if isinstance(exc, gexc.NotFound)
+                else ""
+            )
             log.error(
-                "could not publish to the dead-letter topic; nacking instead",
+                "could not publish to the dead-letter topic %s%s; nacking instead",
+                self.dead_letter_topic_path,
+                missing,
                 extra={"task_id": task_id, "fields": {"error": str(exc)}},
             )
             return False
