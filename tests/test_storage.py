@@ -74,6 +74,10 @@ def test_image_reads_say_what_is_wrong_with_the_object(services: LocalServices):
     assert "does not exist" in missing.value.message
 
     storage.write(bucket, f"{prefix}/r.json", b'{"a":1}', "application/json")
+    with pytest.raises(TransientError) as missing:  # the results bucket: retried, named
+        storage.write(f"no-such-bucket-{prefix}", "t/r.json", b"{}", "application/json")
+    assert f"no-such-bucket-{prefix} does not exist" in missing.value.message
+    assert "GANNET_RESULTS_BUCKET" in missing.value.message
     blob = blobs.get_blob(f"{prefix}/r.json")
     assert blob is not None and blob.content_type == "application/json"
     assert blob.download_as_bytes() == b'{"a":1}'

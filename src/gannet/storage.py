@@ -195,7 +195,13 @@ class Storage:
         upload = f"{self._objects('upload', bucket)}?uploadType=multipart"
         headers = {"Content-Type": f'multipart/related; boundary="{boundary}"'}
         response = self._request("POST", upload, where, body=payload, headers=headers)
-        _check(response, where)  # a missing bucket too: fixable without republishing
+        if response.status == 404:  # an upload's only 404: the operator's to fix, retried
+            raise TransientError(
+                ErrorCode.DEPENDENCY_UNAVAILABLE,
+                f"{where}: bucket {bucket} does not exist: create it, or correct "
+                "GANNET_RESULTS_BUCKET",
+            )
+        _check(response, where)
         return where
 
     def _check_bucket(self, bucket: str) -> None:
