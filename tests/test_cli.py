@@ -170,6 +170,21 @@ def test_settings_hides_the_database_password():
     assert "s3cr3t-pw" not in out.stdout and "password=***" in out.stdout
 
 
+def test_settings_print_lines_an_environment_can_take_back():
+    """An operator copies `gannet settings` into a ConfigMap or a shell: a list was
+    printed as Python's ['a', 'b'] and an unset setting as None, neither of which reads
+    back as what was printed. Every line taken back as the environment prints the same."""
+    out = gannet("settings", env={"GANNET_ALLOWED_BUCKETS": "images-a,images-b"})
+    assert out.returncode == 0, out.stderr
+    assert "GANNET_ALLOWED_BUCKETS=images-a,images-b" in out.stdout.splitlines()
+    assert "# GANNET_DB_POOL_SIZE is unset" in out.stdout.splitlines()
+    lines = [line for line in out.stdout.splitlines() if line and not line.startswith("#")]
+    env = dict(line.split("=", 1) for line in lines)
+    again = gannet("settings", env=env)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == out.stdout
+
+
 def test_run_with_its_metrics_port_taken_says_so():
     """A second `gannet run` on one machine, or a port another process holds: one
     sentence naming the setting, not a traceback."""

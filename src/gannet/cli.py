@@ -60,10 +60,17 @@ def cmd_settings(args: argparse.Namespace) -> int:
         return 0
     for warning in unknown_variables():
         print(f"warning: {warning}", file=sys.stderr)
+    # As an environment sets them, so that a line can be pasted back: a list comma-joined
+    # (not Python's ['a']), an unset one commented out (an empty value is not "unset").
     for name, value in Settings().model_dump().items():
         if name == "database_url":
             value = without_password(value)
-        print(f"GANNET_{name.upper()}={value}")
+        if value is None:
+            print(f"# GANNET_{name.upper()} is unset")
+        elif isinstance(value, list):
+            print(f"GANNET_{name.upper()}={','.join(map(str, value))}")
+        else:
+            print(f"GANNET_{name.upper()}={value}")
     return 0
 
 
