@@ -185,6 +185,21 @@ def test_settings_print_lines_an_environment_can_take_back():
     assert again.stdout == out.stdout
 
 
+def test_a_refused_setting_is_named_as_the_operator_wrote_it():
+    """pydantic named the field (`runners`), appended its documentation link and type
+    names; the operator wrote GANNET_RUNNERS in a ConfigMap: each refused variable is a
+    line with its name, its value and why, for `gannet run` as for any command."""
+    env = {"GANNET_RUNNERS": "0", "GANNET_LANES": "bad::x"}
+    for command in ("settings", "run"):
+        out = gannet(command, env=env)
+        assert out.returncode == 2, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert lines[0] == "error: a GANNET_* setting is not valid:"
+        assert "GANNET_RUNNERS='0': Input should be greater than or equal to 1" in lines
+        assert any(line.startswith("GANNET_LANES='bad::x': lane 'bad::x'") for line in lines)
+        assert "pydantic.dev" not in out.stderr
+
+
 def test_run_with_its_metrics_port_taken_says_so():
     """A second `gannet run` on one machine, or a port another process holds: one
     sentence naming the setting, not a traceback."""

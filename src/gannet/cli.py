@@ -18,7 +18,13 @@ from pydantic import ValidationError
 from gannet.cluster import cli as cluster_cli
 from gannet.dev import cli as dev_cli
 from gannet.errors import CommandError
-from gannet.settings import Settings, settings_table, unknown_variables, without_password
+from gannet.settings import (
+    Settings,
+    refused_settings,
+    settings_table,
+    unknown_variables,
+    without_password,
+)
 
 DESCRIPTION = """\
 Gannet: the GPU vision worker. It pulls tasks from a Pub/Sub subscription, runs the
@@ -139,8 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except ValidationError as exc:  # a GANNET_* variable that Settings refuses
-        print(f"error: a GANNET_* setting is not valid: {exc}", file=sys.stderr)
+    except ValidationError as exc:
+        if exc.title == Settings.__name__:  # a GANNET_* variable that Settings refuses
+            print(
+                f"error: a GANNET_* setting is not valid:\n{refused_settings(exc)}", file=sys.stderr
+            )
+        else:
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

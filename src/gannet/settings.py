@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gannet.lanes import Lane, flow_control, parse_lanes
@@ -406,6 +406,20 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
         hint = f"; did you mean {close[0]}?" if close else " (`gannet settings` lists them)"
         warnings.append(f"{name} is not a setting and is ignored{hint}")
     return warnings
+
+
+def refused_settings(exc: ValidationError) -> str:
+    """Settings' refusal as the operator wrote it: the variable (GANNET_RUNNERS, not
+    pydantic's field `runners`), the value and why, one line each, without pydantic's
+    documentation links."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        why = error["msg"].removeprefix("Value error, ")
+        if not error["loc"]:  # a check across settings: its message names them
+            lines.append(why)
+            continue
+        lines.append(f"GANNET_{str(error['loc'][0]).upper()}={error['input']!r}: {why}")
+    return "\n".join(lines)
 
 
 def settings_table() -> str:
