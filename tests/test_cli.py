@@ -77,20 +77,20 @@ def test_migrate_without_a_database_waits_then_says_what_to_do():
     assert "GANNET_DB_CONNECT_WAIT_S" in out.stderr
 
 
+# A daemon whose services are all unreachable: it stops at the database, 0.5 s in.
+NOWHERE = {
+    "GANNET_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+    "GANNET_DB_CONNECT_WAIT_S": "0.5",
+    "GANNET_PUBSUB_EMULATOR_HOST": "127.0.0.1:1",
+    "GANNET_STORAGE_EMULATOR_HOST": "http://127.0.0.1:1",
+    "GANNET_METRICS_PORT": "0",
+}
+
+
 def test_run_without_a_database_says_what_to_do():
     """After GANNET_DB_CONNECT_WAIT_S (15 s by default, 0.5 here), not at once."""
     started = time.monotonic()
-    out = gannet(
-        "run",
-        env={
-            "GANNET_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
-            "GANNET_DB_CONNECT_WAIT_S": "0.5",
-            "GANNET_PUBSUB_EMULATOR_HOST": "127.0.0.1:1",
-            "GANNET_STORAGE_EMULATOR_HOST": "http://127.0.0.1:1",
-            "GANNET_METRICS_PORT": "0",
-        },
-        timeout=120,
-    )
+    out = gannet("run", env=NOWHERE, timeout=120)
     assert out.returncode == 2
     assert "cannot connect to PostgreSQL" in out.stdout and "GANNET_DATABASE_URL" in out.stdout
     assert "GANNET_DB_CONNECT_WAIT_S" in out.stdout
@@ -267,18 +267,7 @@ def test_a_misspelt_setting_is_named_not_ignored_silently():
     assert "GANNET_SUBSCRIPTON is not a setting" in out.stderr
     assert "did you mean GANNET_SUBSCRIPTION?" in out.stderr
     assert "GANNET_WORKER" not in out.stderr
-    out = gannet(
-        "run",
-        env={
-            **env,
-            "GANNET_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
-            "GANNET_DB_CONNECT_WAIT_S": "0.5",
-            "GANNET_PUBSUB_EMULATOR_HOST": "127.0.0.1:1",
-            "GANNET_STORAGE_EMULATOR_HOST": "http://127.0.0.1:1",
-            "GANNET_METRICS_PORT": "0",
-        },
-        timeout=120,
-    )
+    out = gannet("run", env={**env, **NOWHERE}, timeout=120)
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     warned = [line for line in lines if "GANNET_SUBSCRIPTON" in line["message"]]
     assert warned and warned[0]["severity"] == "WARNING"
