@@ -138,7 +138,7 @@ class Endpoint:
             try:
                 try:
                     if conn.sock is None:
-                        self._connect(conn, deadline)
+                        self._connect(conn, deadline, deadline_s)
                     conn.request(method, self._prefix + path, body=body, headers=sent)
                     response = conn.getresponse()
                     reuse = not response.will_close
@@ -212,7 +212,9 @@ class Endpoint:
         conn.response_class = Response
         return conn
 
-    def _connect(self, conn: http.client.HTTPConnection, deadline: float) -> None:
+    def _connect(
+        self, conn: http.client.HTTPConnection, deadline: float, deadline_s: float
+    ) -> None:
         """Connects a new connection, under the request's deadline: TLS's handshake on
         the socket the deadline thread can shut (`conn.sock`), not in a wrapping of it
         that keeps the plain one."""
@@ -224,7 +226,7 @@ class Endpoint:
             )
             conn.sock.do_handshake()
         if time.monotonic() >= deadline:  # connected past it, maybe unseen by the thread
-            raise TimeoutError("connected only past the request's deadline")
+            raise _timed_out(deadline_s)
         conn.sock.settimeout(self._read_timeout_s)
         # http.client sends a request's headers and body in two writes: with Nagle
         # on, the body waits for the server's delayed ACK of the headers (40 ms).
