@@ -178,9 +178,7 @@ class Storage:
         """One multipart upload (metadata and content in one request, as the client
         library sends it), with the content's CRC32C for the server to check."""
         where = f"gs://{bucket}/{name}"
-        checksum = google_crc32c.Checksum(body)  # type: ignore[no-untyped-call]
-        crc = base64.b64encode(checksum.digest()).decode()  # type: ignore[no-untyped-call]
-        meta = json.dumps({"name": name, "contentType": content_type, "crc32c": crc})
+        meta = json.dumps({"name": name, "contentType": content_type, "crc32c": _crc32c(body)})
         # Not uuid4: os.urandom is a syscall that lets go of the GIL, a wait to get it
         # back on a busy daemon; a boundary only has to be unlikely in the body.
         boundary = f"gannet-{random.getrandbits(128):032x}"
@@ -322,14 +320,19 @@ class Storage:
             detail = response.data[:200].decode(errors="replace")
             raise OSError(f"{where}: HTTP {response.status} {detail}")
         data = response.data
-        checksum = google_crc32c.Checksum(data)  # type: ignore[no-untyped-call]
-        crc = base64.b64encode(checksum.digest()).decode()  # type: ignore[no-untyped-call]
+        crc = _crc32c(data)
         if len(data) != size or crc != found.crc32c:
             raise ValueError(  # a torn answer, or a proxy's: never the model's cached file
                 f"{where}: {len(data)} bytes of CRC32C {crc} received, {size} of "
                 f"{found.crc32c} stored"
             )
         return data
+
+
+def _crc32c(data: bytes) -> str:
+    """The CRC32C as GCS's JSON API writes it (base64 of its four bytes, big-endian)."""
+    checksum = google_crc32c.Checksum(data)  # type: ignore[no-untyped-call]
+    return base64.b64encode(checksum.digest()).decode()  # type: ignore[no-untyped-call]
 
 
 def _gunzip(data: bytes, max_bytes: int, where: str) -> bytes:
