@@ -67,14 +67,14 @@ class SocketDeadlines:
                     if deadline <= now:
                         del self._running[owner]
                         self._expired.add(owner)
-                        shut(sock if sock is not None else getattr(owner, "sock", None))
+                        _shut(sock if sock is not None else getattr(owner, "sock", None))
                     else:
                         nearest = min(nearest, deadline)
                 self._wakes_at = nearest
                 self._cond.wait(None if nearest == math.inf else nearest - now)
 
 
-def shut(sock: socket.socket | None) -> None:
+def _shut(sock: socket.socket | None) -> None:
     """Ends the blocked reads and writes of another thread on the socket: the plain
     socket's shutdown, also for TLS (SSLSocket's own would drop its TLS state under the
     thread still using it)."""
