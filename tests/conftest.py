@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gannet import clients
 from gannet.dev.local_services import LocalServices, free_port, port_in_use
 from gannet.dev.stack import (
     SAMPLES,
@@ -50,6 +51,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    import google.cloud.storage
+
     from gannet.device_decode import DeviceDecoder
     from gannet.pipeline import Pipeline
     from gannet.settings import Settings
@@ -336,3 +339,21 @@ class Gate:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
+
+
+@contextmanager
+def gated_storage(
+    services: LocalServices, settings: Settings
+) -> Iterator[tuple[Gate, google.cloud.storage.Client]]:
+    """A storage client that reaches the GCS emulator through a Gate, for tests of a GCS
+    that hangs or drips; both closed after, the client first (its connections to the
+    gate, not left to the garbage collector: a ResourceWarning in whichever test runs
+    next)."""
+    gate = Gate(services.ports.gcs)
+    gated = settings.model_copy(update={"storage_emulator_host": f"http://127.0.0.1:{gate.port}"})
+    client = clients.storage_client(gated)
+    try:
+        yield gate, client
+    finally:
+        client.close()
+        gate.close()

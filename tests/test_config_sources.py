@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Gate, Started, scraped, wait_until
+from conftest import Started, gated_storage, scraped, wait_until
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from gannet import clients
@@ -303,10 +303,7 @@ def test_a_config_check_on_a_gcs_that_never_answers_gives_up_within_30_s(
     monkeypatch.setattr(storage_module, "METADATA_TIMEOUT_S", 1.0)
     monkeypatch.setattr(storage_module, "METADATA_RETRY", DEFAULT_RETRY.with_timeout(2.0))
     settings, bucket, blob = _gs_config(services)
-    gate = Gate(services.ports.gcs)
-    gated = settings.model_copy(update={"storage_emulator_host": f"http://127.0.0.1:{gate.port}"})
-    client = clients.storage_client(gated)
-    try:
+    with gated_storage(services, settings) as (gate, client):
         storage = Storage(client)
         metrics = Metrics()
         source = ConfigSource(
@@ -332,9 +329,6 @@ def test_a_config_check_on_a_gcs_that_never_answers_gives_up_within_30_s(
         blob.upload_from_string(VALID.replace("version: 3", "version: 4"))
         source.check_now()
         assert source.for_tenant("acme").config.version == 4, "the change, once GCS answers"
-    finally:
-        client.close()  # its connections to the gate, not left to the garbage collector
-        gate.close()
 
 
 def test_the_watch_outlives_a_failing_check_and_stops_without_waiting_for_a_hung_one(

@@ -8,7 +8,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import Gate
+from conftest import gated_storage
 
 from gannet import clients
 from gannet import storage as storage_module
@@ -158,47 +158,43 @@ def test_a_model_download_that_stalls_fails_the_load_in_bounded_time_and_caches_
     clients.storage_client(settings).create_bucket(bucket).blob(
         "retail/detect.pt"
     ).upload_from_filename(DETECT)
-    gate = Gate(services.ports.gcs)
-    gated = settings.model_copy(update={"storage_emulator_host": f"http://127.0.0.1:{gate.port}"})
-    client = clients.storage_client(gated)
-    storage = Storage(client)
-    uri = f"gs://{bucket}/retail/detect.pt"
-    key = ModelKey(uri, storage.generation(uri), "cpu", 416, "detect")
-    cache_dir = tmp_path / "cache"
-    load = yolo_loader(model_file(storage, cache_dir), trace=False)
-    # A failed load not answered from memory: the one after GCS answers again loads.
-    cache = ModelCache(load, Metrics(), retry_failed_after_s=0.0)
-    errors: list[TransientError] = []
+    with gated_storage(services, settings) as (gate, client):
+        storage = Storage(client)
+        uri = f"gs://{bucket}/retail/detect.pt"
+        key = ModelKey(uri, storage.generation(uri), "cpu", 416, "detect")
+        cache_dir = tmp_path / "cache"
+        load = yolo_loader(model_file(storage, cache_dir), trace=False)
+        # A failed load not answered from memory: the one after GCS answers again loads.
+        cache = ModelCache(load, Metrics(), retry_failed_after_s=0.0)
+        errors: list[TransientError] = []
 
-    def runner() -> None:
+        def runner() -> None:
+            try:
+                cache.get(key)
+            except TransientError as exc:  # what the runner's task is settled with: a nack
+                errors.append(exc)
+
         try:
-            cache.get(key)
-        except TransientError as exc:  # what the runner's task is settled with: a nack
-            errors.append(exc)
+            gate.slow_media(0.05 if stall == "drips" else None)
+            runners = [threading.Thread(target=runner, daemon=True) for _ in range(2)]
+            started = time.monotonic()
+            for thread in runners:
+                thread.start()
+            for thread in runners:
+                thread.join(timeout=max(0.0, started + 20 - time.monotonic()))
+            took = time.monotonic() - started
+            assert not any(t.is_alive() for t in runners), "the load still waited after 20 s"
+            assert took < 8, f"the load took {took:.1f} s"
+            assert len(errors) == 2
+            for error in errors:
+                assert error.code is ErrorCode.MODEL_UNAVAILABLE
+                assert uri in error.message
+            assert "deadline" in errors[0].message, errors[0].message
+            assert [p for p in cache_dir.rglob("*") if p.is_file()] == []
 
-    try:
-        gate.slow_media(0.05 if stall == "drips" else None)
-        runners = [threading.Thread(target=runner, daemon=True) for _ in range(2)]
-        started = time.monotonic()
-        for thread in runners:
-            thread.start()
-        for thread in runners:
-            thread.join(timeout=max(0.0, started + 20 - time.monotonic()))
-        took = time.monotonic() - started
-        assert not any(t.is_alive() for t in runners), "the load still waited after 20 s"
-        assert took < 8, f"the load took {took:.1f} s"
-        assert len(errors) == 2
-        for error in errors:
-            assert error.code is ErrorCode.MODEL_UNAVAILABLE
-            assert uri in error.message
-        assert "deadline" in errors[0].message, errors[0].message
-        assert [p for p in cache_dir.rglob("*") if p.is_file()] == []
-
-        gate.answer()
-        assert cache.get(key).task == "detect"
-        [cached] = [p for p in cache_dir.rglob("*") if p.is_file()]
-        assert cached.read_bytes() == DETECT.read_bytes()
-    finally:
-        cache.close()
-        client.close()  # its connections to the gate, not left to the garbage collector
-        gate.close()
+            gate.answer()
+            assert cache.get(key).task == "detect"
+            [cached] = [p for p in cache_dir.rglob("*") if p.is_file()]
+            assert cached.read_bytes() == DETECT.read_bytes()
+        finally:
+            cache.close()

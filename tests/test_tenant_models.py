@@ -14,7 +14,7 @@ from pathlib import Path
 
 import cv2
 import pytest
-from conftest import SAMPLES, SCENES, Gate, expected_counts
+from conftest import SAMPLES, SCENES, expected_counts, gated_storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from gannet import clients
@@ -190,10 +190,7 @@ def test_a_tenant_listing_on_a_gcs_that_never_answers_gives_up_within_its_bound(
     settings = demo.local_settings(services)
     bucket = f"models-{uuid.uuid4().hex[:8]}"
     clients.storage_client(settings).create_bucket(bucket)
-    gate = Gate(services.ports.gcs)
-    gated = settings.model_copy(update={"storage_emulator_host": f"http://127.0.0.1:{gate.port}"})
-    client = clients.storage_client(gated)
-    try:
+    with gated_storage(services, settings) as (gate, client):
         lister = tenant_model_lister(client, bucket)
         assert lister("acme") == {}  # answered while GCS answers
         gate.hang()
@@ -202,6 +199,3 @@ def test_a_tenant_listing_on_a_gcs_that_never_answers_gives_up_within_its_bound(
             lister("acme")
         assert err.value.code is ErrorCode.MODEL_UNAVAILABLE
         assert time.monotonic() - started < 10  # about 3 s (2 minutes before)
-    finally:
-        client.close()  # its connections to the gate, not left to the garbage collector
-        gate.close()
