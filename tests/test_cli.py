@@ -238,6 +238,18 @@ def test_run_with_a_wrong_database_name_says_so_at_once(services):
         assert time.monotonic() - started < 30  # not the 60 s wait
 
 
+def test_run_with_a_results_bucket_that_does_not_exist_refuses_to_start(stack):
+    """Every task writes its result there: a misspelt GANNET_RESULTS_BUCKET used to start
+    a ready pod whose every task was retried until dead-lettered, with no row, while
+    the backlog grew and the HPA added pods. Now the pod does not start, and says why."""
+    out = stack.gannet("run", GANNET_RESULTS_BUCKET="no-such-results", GANNET_METRICS_PORT="0")
+    assert out.returncode == 2, out.stdout + out.stderr
+    said = json.loads(out.stdout.splitlines()[-1])["message"]
+    assert "results bucket no-such-results does not exist" in said
+    assert "correct GANNET_RESULTS_BUCKET" in said
+    assert "gannet is ready" not in out.stdout
+
+
 def test_run_with_cuda_devices_on_a_machine_without_a_gpu_says_so(services):
     """GANNET_DEVICES=cuda where torch sees no GPU (a pod on a CPU node, a missing
     driver): one sentence naming the setting, not a C++ stack dump from torch."""

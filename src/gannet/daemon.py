@@ -34,7 +34,7 @@ from gannet.callback import Callbacks, build_callbacks
 from gannet.config_sources import Configs, ConfigWatch, open_configs
 from gannet.device_decode import device_decoders
 from gannet.dispatch import Dispatcher
-from gannet.errors import CommandError
+from gannet.errors import CommandError, TransientError
 from gannet.health import Health, HealthServer
 from gannet.lanes import Lane
 from gannet.lease import LaneLease, LeaseSizer
@@ -57,6 +57,11 @@ log = logging.getLogger(__name__)
 # Of the grace period, what is kept for after the running work: the final acks and nacks
 # reaching Pub/Sub, queued result callbacks, the model threads. The rest is the work's.
 SETTLE_RESERVE_S = 5.0
+
+# The start's question whether the results bucket exists: GCS answers in milliseconds,
+# and one that does not answer delays the start by no more than this (and is not
+# taken for a missing bucket).
+RESULTS_BUCKET_CHECK_S = 10.0
 
 
 class StartupError(RuntimeError):
@@ -150,6 +155,25 @@ class Parts:
             self.tracing.shutdown(timeout_s=min(5.0, timeout_s) or 1.0)
 
 
+def check_results_bucket(storage: Storage, bucket: str) -> None:
+    """StartupError when the results bucket does not exist. Every task writes there:
+    without it each was retried until dead-lettered, with no row, while the pod stood
+    ready and its growing backlog scaled the pool up. A GCS that cannot be asked now
+    (a blip, a stall) is only warned about: its tasks are retried as before."""
+    try:
+        missing = storage.bucket_missing(bucket, deadline_s=RESULTS_BUCKET_CHECK_S)
+    except TransientError as exc:
+        log.warning(
+            "could not check at start that the results bucket exists; starting anyway",
+            extra={"fields": {"bucket": bucket, "error": exc.message}},
+        )
+        return
+    if missing:
+        raise StartupError(
+            f"results bucket {bucket} does not exist: create it, or correct GANNET_RESULTS_BUCKET"
+        )
+
+
 def build(
     settings: Settings, metrics: Metrics, wrap_loader: Callable[[Loader], Loader] | None = None
 ) -> Parts:
@@ -176,6 +200,7 @@ def build(
     if sink.schema_version() < SCHEMA_VERSION:
         sink.close()
         raise StartupError("database schema is not current: run `gannet db migrate` first")
+    check_results_bucket(storage, s.results_bucket)
     try:
         configs = build_configs(s, storage, metrics)
     except (ValueError, OSError) as exc:

@@ -207,18 +207,20 @@ class Storage:
         created yet, or misnamed, is the deployment's to fix, and its tasks are to wait
         for that (nacked, then dead-lettered by Pub/Sub) rather than be quarantined as
         missing images. Asked only after a 404, so a poison message's cost."""
-        where = f"gs://{bucket}"
-        path = f"/storage/v1/b/{urllib.parse.quote(bucket, safe='')}?fields=name"
-        response = self._request("GET", path, where)
-        # Only a 404 says the bucket is missing. Any other answer leaves the image's own
-        # 404 to stand: the worker's roles/storage.objectViewer, for one, has no
-        # storage.buckets.get, and a 403 here must not turn every missing image into a
-        # retry.
-        if response.status == 404:
+        if self.bucket_missing(bucket):
             raise TransientError(
                 ErrorCode.DEPENDENCY_UNAVAILABLE,
                 f"bucket {bucket} does not exist: create it, or correct GANNET_ALLOWED_BUCKETS",
             )
+
+    def bucket_missing(self, bucket: str, deadline_s: float | None = None) -> bool:
+        """Whether GCS says the bucket does not exist; TransientError if it cannot be
+        asked. Only a 404 says so: any other answer is taken as its existing. The
+        worker's roles/storage.objectViewer, for one, has no storage.buckets.get, and
+        its 403 must not turn every missing image into a retry."""
+        path = f"/storage/v1/b/{urllib.parse.quote(bucket, safe='')}?fields=name"
+        response = self._request("GET", path, f"gs://{bucket}", deadline_s=deadline_s)
+        return response.status == 404
 
     def _objects(self, api: str, bucket: str) -> str:
         """The JSON API's object collection of `bucket`, for media downloads or uploads."""
