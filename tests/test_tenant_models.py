@@ -66,9 +66,12 @@ def onnx_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def world(services, tmp_path):
+def world(services, tmp_path, request):
     """A models bucket, an industry config with the demo detector, and a Pipeline that
-    resolves per-tenant models on every call (TTL 0)."""
+    resolves per-tenant models on every call (TTL 0). Parametrized indirectly: the
+    detector's class filter (none by default)."""
+    classes = getattr(request, "param", None)
+    keep = f", classes: [{', '.join(classes)}]" if classes else ""
     settings = demo.local_settings(services)
     client = clients.storage_client(settings)
     bucket = f"models-{uuid.uuid4().hex[:8]}"
@@ -77,7 +80,7 @@ def world(services, tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(
         f"industry: agro\nversion: 1\nmodels:\n  detection: {{path: {DETECT}, imgsz: 416,"
-        " confidence_threshold: 0.5}\npipelines:\n  DETECTION: [detection]\n"
+        " confidence_threshold: 0.5" + keep + "}\npipelines:\n  DETECTION: [detection]\n"
     )
     metrics = Metrics()
     cache = ModelCache(yolo_loader(model_file(storage, tmp_path / "cache")), metrics)
@@ -104,6 +107,30 @@ def world(services, tmp_path):
 
     yield run, upload, client.bucket(bucket), cache, resolver
     cache.close()
+
+
+@pytest.mark.parametrize("world", [["circle", "square", "triangle"]], indirect=True)
+def test_a_tenant_model_without_the_classes_its_filter_names_is_not_served(world, tmp_path):
+    """The config keeps circles, squares and triangles: an industry model must have
+    them to be served at all (load_models), and a tenant's own model, loaded on first
+    use, must too. One trained with other names (acme-circle, ...) answered every
+    task with no detections, as successes; now its tasks are retried (model_unavailable,
+    naming the model and the classes) while other tenants are served, and a corrected
+    upload serves the tenant."""
+    run, upload, _, _, _ = world
+    want = expected_counts(SCENES[0])
+    upload("acme", renamed(tmp_path / "a.pt", "acme"), "detect.pt")
+    for _ in range(2):  # and not only on the model's first use
+        with pytest.raises(TransientError) as refused:
+            run("acme")
+        assert refused.value.code == ErrorCode.MODEL_UNAVAILABLE
+        said = refused.value.message
+        assert "models/acme/detect.pt" in said and "models.detection.classes" in said
+        assert "'circle', 'square', 'triangle' are not classes" in said
+        assert "acme-circle" in said
+    assert run("globex") == want
+    upload("acme", DETECT, "detect.pt")  # the same names as the filter's
+    assert run("acme") == want
 
 
 def test_a_tenant_model_serves_only_its_tenant_and_others_fall_back(world, tmp_path):

@@ -25,7 +25,7 @@ from gannet.device_decode import DeviceDecoder
 from gannet.errors import ErrorCode, PermanentError, TransientError
 from gannet.frames import Frame, frame_size, upright
 from gannet.image_header import Header, pil_open, read_header
-from gannet.model_cache import ModelCache
+from gannet.model_cache import ModelCache, ModelKey
 from gannet.model_resolver import ModelResolver
 from gannet.stages import Timer
 from gannet.step_registry import Plan, StepContext
@@ -242,6 +242,8 @@ class Pipeline:
         self.cache = cache
         self.resolver = resolver
         self.limits = limits
+        # A tenant's own model, by the config its class filters were checked against.
+        self._tenant_checked: dict[ModelKey, LoadedConfig] = {}
 
     def check(self, task: Task) -> Route:
         """The cheap permanent checks, done before any download: tenant, pipeline, image
@@ -310,6 +312,8 @@ class Pipeline:
             photo_hw: tuple[int, int] | None = None,
         ) -> list[Any]:
             key = self.resolver.key(loaded, kind, task.tenant_id, device)
+            if key.tenant is not None and self._tenant_checked.get(key) is not loaded:
+                self._check_tenant_model(loaded, kind, key)
             return self.cache.predict(key, frames, conf, timer, photo_hw)
 
         ctx = StepContext(
@@ -351,21 +355,40 @@ class Pipeline:
         in it (`sqaure`) dropped every box of that class from every answer, as successes."""
         for device in devices:
             for kind in loaded.config.enabled_models():
+                uri = loaded.model_uri(loaded.config.models[kind])
                 try:
                     model = self.cache.get(self.resolver.key(loaded, kind, None, device))
                 except TransientError as exc:
-                    uri = loaded.model_uri(loaded.config.models[kind])
                     raise ConfigError(
                         f"{loaded.uri}: models.{kind}: {uri} cannot be loaded on {device}: "
                         f"{exc.message}"
                     ) from exc
-                _check_class_filters(loaded, kind, set(model.names.values()))
+                _check_class_filters(loaded, kind, model.names, uri)
+
+    def _check_tenant_model(self, loaded: LoadedConfig, kind: ModelKind, key: ModelKey) -> None:
+        """A tenant's own model loads on first use, not at start: its class names are
+        checked against the config's filters then, as an industry model's are before it
+        serves (load_models). One that lacks a class they name (a model trained with
+        other names) answered every task without that class, as a success; now its
+        tasks are retried, model_unavailable naming the model and the classes, until a
+        corrected upload (a new generation, a new key) serves them."""
+        names = self.cache.get(key).names
+        try:
+            _check_class_filters(loaded, kind, names, key.uri)
+        except ConfigError as exc:
+            raise TransientError(
+                ErrorCode.MODEL_UNAVAILABLE, f"tenant {key.tenant}'s own model: {exc}"
+            ) from exc
+        self._tenant_checked[key] = loaded
 
 
-def _check_class_filters(loaded: LoadedConfig, kind: ModelKind, names: set[str]) -> None:
-    """ConfigError naming the field of a class filter, for `kind`'s model, that names a
-    class outside `names` (the model's)."""
+def _check_class_filters(
+    loaded: LoadedConfig, kind: ModelKind, model_names: Mapping[int, str], uri: str
+) -> None:
+    """ConfigError naming the field of a class filter, for `kind`'s model (at `uri`),
+    that names a class outside `model_names` (the model's)."""
     config = loaded.config
+    names = set(model_names.values())
     filters = [(f"models.{kind}.classes", config.models[kind].classes)]
     for pipeline, plan in loaded.plans.items():
         for i, bound in enumerate(plan):
@@ -375,7 +398,6 @@ def _check_class_filters(loaded: LoadedConfig, kind: ModelKind, names: set[str])
     for field, classes in filters:
         unknown = [name for name in classes if name not in names]
         if unknown:
-            uri = loaded.model_uri(config.models[kind])
             listed = ", ".join(map(repr, unknown))
             what = "is not a class" if len(unknown) == 1 else "are not classes"
             known = sorted(names)  # an ImageNet classifier's are a thousand: the first 20
