@@ -214,7 +214,7 @@ class Gate:
 
     `slow_media` hangs or drips object downloads alone (`alt=media` in a connection's
     first request), so that the metadata requests before a download are answered and
-    the download itself is what stalls."""
+    the download itself is what stalls; `drip` drips every answer."""
 
     def __init__(self, target_port: int) -> None:
         self._target = ("127.0.0.1", target_port)
@@ -222,6 +222,7 @@ class Gate:
         self.port = self._listener.getsockname()[1]
         self.answering = True
         self._slow_media = False
+        self._slow_all = False  # drip's: every request, not only downloads
         self._drip_every_s: float | None = None  # slow_media's; None: nothing at all
         self._lock = threading.Lock()
         self._open: list[socket.socket] = []
@@ -234,7 +235,7 @@ class Gate:
 
     def answer(self) -> None:
         self.answering = True
-        self._slow_media = False
+        self._slow_media = self._slow_all = False
         self._end_all()
 
     def slow_media(self, drip_every_s: float | None) -> None:
@@ -244,6 +245,11 @@ class Gate:
         self._drip_every_s = drip_every_s
         self._slow_media = True
         self._end_all()
+
+    def drip(self, drip_every_s: float) -> None:
+        """From now on every answer comes a byte every `drip_every_s`."""
+        self._slow_all = True
+        self.slow_media(drip_every_s)
 
     def close(self) -> None:
         """Stops taking connections and ends those open, a connection taken as it
@@ -289,16 +295,10 @@ class Gate:
                 threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
 
     def _relay_media(self, client: socket.socket, drip_every_s: float | None) -> None:
-        """One connection under slow_media: its first request read, then relayed, its
-        answer dripped or held back if that request is a media download."""
-        try:
-            first = client.recv(65536)
-        except OSError:
-            return
-        media = b"alt=media" in first.split(b"\r\n", 1)[0]
-        if media and drip_every_s is None:
-            self._pump(client, None)
-            return
+        """One connection under slow_media, relayed until it asks for an object's bytes
+        (a request line with `alt=media`; under drip, from the start): from then on the
+        answers are dripped, or with None held back. Each request is looked at, not only
+        the first: a kept-alive connection asks for the metadata, then the bytes."""
         try:
             upstream = socket.create_connection(self._target)
         except OSError:
@@ -306,18 +306,30 @@ class Gate:
             return
         if not self._keep(upstream):
             return
-        with contextlib.suppress(OSError):
-            upstream.sendall(first)
-        threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
-        if not media:
-            self._pump(upstream, client)
-            return
-        assert drip_every_s is not None
+        slowed = threading.Event()
+        if self._slow_all:
+            slowed.set()
+
+        def requests() -> None:
+            try:
+                while data := client.recv(65536):
+                    if b"alt=media" in data.split(b"\r\n", 1)[0]:
+                        slowed.set()  # before the request goes on, so before its answer
+                    upstream.sendall(data)
+            except OSError:
+                pass
+            with contextlib.suppress(OSError):
+                upstream.shutdown(socket.SHUT_WR)
+
+        threading.Thread(target=requests, daemon=True).start()
         try:
             while data := upstream.recv(65536):
-                for i in range(len(data)):
-                    client.sendall(data[i : i + 1])
-                    time.sleep(drip_every_s)
+                if not slowed.is_set():
+                    client.sendall(data)
+                elif drip_every_s is not None:
+                    for i in range(len(data)):
+                        client.sendall(data[i : i + 1])
+                        time.sleep(drip_every_s)
         except OSError:
             pass  # ended by a switch, close(), or the client giving up
 

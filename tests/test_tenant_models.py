@@ -15,7 +15,6 @@ from pathlib import Path
 import cv2
 import pytest
 from conftest import SAMPLES, SCENES, expected_counts, gated_storage
-from google.cloud.storage.retry import DEFAULT_RETRY
 
 from gannet import clients
 from gannet import storage as storage_module
@@ -85,7 +84,7 @@ def world(services, tmp_path, request):
     metrics = Metrics()
     cache = ModelCache(yolo_loader(model_file(storage, tmp_path / "cache")), metrics)
     resolver = ModelResolver(
-        model_version(storage), ttl_s=0, list_tenant_models=tenant_model_lister(client, bucket)
+        model_version(storage), ttl_s=0, list_tenant_models=tenant_model_lister(storage, bucket)
     )
     pipeline = Pipeline(
         open_configs(str(config), read_local, local_version),
@@ -210,15 +209,15 @@ def test_a_tenant_listing_on_a_gcs_that_never_answers_gives_up_within_its_bound(
     """A tenant's model listing runs on a task's thread (every GANNET_MODEL_CHECK_S per
     tenant): against a GCS that takes connections and never answers it ran on the client
     library's defaults, about 2 minutes, the task and its runner waiting all along. It
-    now gives up within storage's metadata bounds (10 s a try, retried for up to 20 s;
-    here scaled to 1 s and 2 s) as a retryable model_unavailable."""
-    monkeypatch.setattr(storage_module, "METADATA_TIMEOUT_S", 1.0)
-    monkeypatch.setattr(storage_module, "METADATA_RETRY", DEFAULT_RETRY.with_timeout(2.0))
+    now gives up at storage.METADATA_DEADLINE_S (20 s; here 2 s) as a retryable
+    model_unavailable. So does a model's version check, on the same thread, which was
+    an untyped error (logged as unexpected, with its traceback)."""
+    monkeypatch.setattr(storage_module, "METADATA_DEADLINE_S", 2.0)
     settings = demo.local_settings(services)
     bucket = f"models-{uuid.uuid4().hex[:8]}"
     clients.storage_client(settings).create_bucket(bucket)
     with gated_storage(services, settings) as (gate, client):
-        lister = tenant_model_lister(client, bucket)
+        lister = tenant_model_lister(Storage(client), bucket)
         assert lister("acme") == {}  # answered while GCS answers
         gate.hang()
         started = time.monotonic()
@@ -226,3 +225,8 @@ def test_a_tenant_listing_on_a_gcs_that_never_answers_gives_up_within_its_bound(
             lister("acme")
         assert err.value.code is ErrorCode.MODEL_UNAVAILABLE
         assert time.monotonic() - started < 10  # about 3 s (2 minutes before)
+        uri = f"gs://{bucket}/models/detect.pt"
+        with pytest.raises(TransientError) as err:
+            ModelResolver(model_version(Storage(client)), ttl_s=0).version(uri)
+        assert err.value.code is ErrorCode.MODEL_UNAVAILABLE
+        assert f"cannot read model {uri}'s version" in err.value.message

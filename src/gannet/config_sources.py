@@ -175,7 +175,7 @@ class _Watched(Generic[_Loaded]):
         try:
             version = self._version_of(self.uri)
         except Exception as exc:  # noqa: BLE001 - a failed check keeps the old config
-            # GCS down or not answering: given up within storage.METADATA_* (30 s)
+            # GCS down or not answering: given up within storage.METADATA_DEADLINE_S (20 s)
             self._on_reload("failed")
             log.warning(
                 f"{self.kind} check failed; keeping the current one",

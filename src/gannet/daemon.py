@@ -227,7 +227,7 @@ def build(
         cpu_threads=s.torch_threads,
         stage_cpu=s.stage_cpu,
     )
-    lister = tenant_model_lister(storage.client, s.models_bucket) if s.models_bucket else None
+    lister = tenant_model_lister(storage, s.models_bucket) if s.models_bucket else None
     resolver = ModelResolver(
         model_version(storage), ttl_s=s.model_check_s, list_tenant_models=lister
     )

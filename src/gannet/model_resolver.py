@@ -9,15 +9,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
-from google.api_core import exceptions as gexc
-
-from gannet import storage
 from gannet.config_schema import ModelKind
 from gannet.config_sources import LoadedConfig
 from gannet.errors import ErrorCode, TransientError
 from gannet.model_cache import ModelKey
+from gannet.storage import Storage
 
 ULTRALYTICS_TASK: dict[ModelKind, str] = {
     "detection": "detect",
@@ -36,32 +33,20 @@ MODEL_SUFFIXES = (".pt", ".onnx")  # when both exist, .pt wins
 ListTenantModels = Callable[[str], dict[str, str]]  # tenant -> {gs:// uri: generation}
 
 
-def tenant_model_lister(client: Any, bucket: str) -> ListTenantModels:
-    """Lists gs://BUCKET/models/TENANT/ (one call per tenant, not one per model kind).
-
-    `client` is a google.cloud.storage.Client; the prefix ends with '/' so tenant 'acme'
-    never sees 'acme-2/' objects.
-    """
+def tenant_model_lister(storage: Storage, bucket: str) -> ListTenantModels:
+    """Lists gs://BUCKET/models/TENANT/ (one call per tenant, not one per model kind);
+    the prefix ends with '/' so tenant 'acme' never sees 'acme-2/' objects. On a task's
+    thread, every ttl_s per tenant: within storage.METADATA_DEADLINE_S, while GCS does
+    not answer, as a retryable model_unavailable."""
 
     def list_models(tenant: str) -> dict[str, str]:
         prefix = f"models/{tenant}/"
         try:
-            # On a task's thread, every ttl_s per tenant: within storage's metadata
-            # bounds (30 s), not the library's 2 minutes, while GCS does not answer.
-            pages = client.list_blobs(
-                bucket,
-                prefix=prefix,
-                timeout=storage.METADATA_TIMEOUT_S,
-                retry=storage.METADATA_RETRY,
-            )
-            blobs = list(pages)
-        except gexc.NotFound:
-            return {}
-        except (gexc.GoogleAPICallError, gexc.RetryError, OSError) as exc:
+            return storage.list_objects(bucket, prefix)
+        except OSError as exc:
             raise TransientError(
                 ErrorCode.MODEL_UNAVAILABLE, f"cannot list gs://{bucket}/{prefix}: {exc}"
             ) from exc
-        return {f"gs://{bucket}/{b.name}": str(b.generation) for b in blobs}
 
     return list_models
 
@@ -99,6 +84,10 @@ class ModelResolver:
             version = self._version_of(uri)
         except FileNotFoundError as exc:
             raise TransientError(ErrorCode.MODEL_UNAVAILABLE, f"model {uri} is missing") from exc
+        except OSError as exc:  # GCS failing or not answering: the task is retried
+            raise TransientError(
+                ErrorCode.MODEL_UNAVAILABLE, f"cannot read model {uri}'s version: {exc}"
+            ) from exc
         with self._lock:
             self._versions[uri] = (now, version)
         return version

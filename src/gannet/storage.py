@@ -25,23 +25,21 @@ from google.auth.credentials import AnonymousCredentials, Credentials
 from google.auth.exceptions import RefreshError
 from google.auth.exceptions import TransportError as AuthTransportError
 from google.auth.transport.requests import AuthorizedSession
-from google.cloud.storage.retry import DEFAULT_RETRY
 from requests.adapters import HTTPAdapter
 
 from gannet.errors import ErrorCode, PermanentError, TransientError
 from gannet.gcs_http import Endpoint, HTTPError, Reply
 from gannet.task import GsUrl
 
-# The client library's requests for an object's generation and a config's bytes (a config
-# check, a config's reload, a model's version): each try ends after METADATA_TIMEOUT_S
-# without an answer, and tries go on for METADATA_RETRY_S at the most, so one gives up
-# within 30 s against a GCS that never answers. With the library's defaults (60 s a
-# try, retried for 120 s) a check took 121 s there, and the checks after it waited on
-# the one thread that runs them (config_sources.ConfigWatch); GCS answers these in
-# milliseconds.
-METADATA_TIMEOUT_S = 10.0
-METADATA_RETRY_S = 20.0
-METADATA_RETRY = DEFAULT_RETRY.with_timeout(METADATA_RETRY_S)
+# The requests for an object's metadata, a config's bytes and a tenant's model listing
+# (a config check or reload, a model's version, a tenant's models: on gannet-config-
+# watch's thread, or on a task's): each ends within METADATA_DEADLINE_S however GCS
+# answers, not at all or a byte at a time. Through the client library they had 10 s a
+# read, retried for 20 s: a GCS that never answered cost 30 s, one that dripped its
+# answer held the thread for good (with the library's defaults a check took 121 s
+# against a GCS that never answered, and the checks after it waited on the one watch
+# thread, config_sources.ConfigWatch). GCS answers these in milliseconds.
+METADATA_DEADLINE_S = 20.0
 
 # A model's weights (tens to hundreds of MB), downloaded on the thread that loads the
 # model: start-up's, gannet-config-watch's for a changed config, or a runner's for a
@@ -153,7 +151,7 @@ class Storage:
         no-transform) is decompressed, under the same limit (_gunzip)."""
         bucket, name = url.bucket, url.name
         where = f"gs://{bucket}/{name}"
-        media = f"{self._objects('download', bucket)}/{urllib.parse.quote(name, safe='')}?alt=media"
+        media = self._media(bucket, name)
         response = self._request(
             "GET", media, where, headers={"Range": f"bytes=0-{max_bytes}"}, max_body=max_bytes
         )
@@ -226,6 +224,11 @@ class Storage:
         """The JSON API's object collection of `bucket`, for media downloads or uploads."""
         return f"/{api}/storage/v1/b/{urllib.parse.quote(bucket, safe='')}/o"
 
+    def _media(self, bucket: str, name: str) -> str:
+        """The download of the object's bytes (the latest generation's, unless the caller
+        adds one)."""
+        return f"{self._objects('download', bucket)}/{urllib.parse.quote(name, safe='')}?alt=media"
+
     def _request(self, method: str, path: str, where: str, **kwargs: Any) -> Reply:
         try:
             return self.endpoint.request(method, path, **kwargs)
@@ -244,25 +247,62 @@ class Storage:
     def generation(self, url: str) -> str:
         """Object generation: changes on every overwrite, so it versions configs and models."""
         bucket, name = split_gs_url(url)
-        blob = self.client.bucket(bucket).get_blob(
-            name, timeout=METADATA_TIMEOUT_S, retry=METADATA_RETRY
-        )
-        if blob is None:
-            raise FileNotFoundError(url)
-        return str(blob.generation)
+        return str(self._metadata(bucket, name)["generation"])
 
     def read_url(self, url: str) -> tuple[bytes, str]:
         """(content, generation) of one and the same generation: downloading "the latest"
         after reading its metadata could pair new bytes with an old generation."""
-        bucket_name, name = split_gs_url(url)
-        bucket = self.client.bucket(bucket_name)
-        blob = bucket.get_blob(name, timeout=METADATA_TIMEOUT_S, retry=METADATA_RETRY)
-        if blob is None:
-            raise FileNotFoundError(url)
-        data = bucket.blob(name, generation=blob.generation).download_as_bytes(
-            timeout=METADATA_TIMEOUT_S, retry=METADATA_RETRY
-        )
-        return data, str(blob.generation)
+        bucket, name = split_gs_url(url)
+        generation = str(self._metadata(bucket, name)["generation"])
+        media = f"{self._media(bucket, name)}&generation={generation}"
+        return self._get(media, f"{url} (generation {generation})").data, generation
+
+    def list_objects(self, bucket: str, prefix: str) -> dict[str, str]:
+        """{gs:// URL: generation} of the objects named `prefix`..., every page; {} when
+        the bucket does not exist."""
+        found: dict[str, str] = {}
+        query = {"prefix": prefix, "fields": "items(name,generation),nextPageToken"}
+        while True:
+            path = f"/storage/v1/b/{urllib.parse.quote(bucket, safe='')}/o?"
+            try:
+                page = json.loads(
+                    self._get(path + urllib.parse.urlencode(query), f"gs://{bucket}/{prefix}").data
+                )
+            except FileNotFoundError:
+                return {}
+            for item in page.get("items", []):
+                found[f"gs://{bucket}/{item['name']}"] = str(item["generation"])
+            if not page.get("nextPageToken"):
+                return found
+            query["pageToken"] = page["nextPageToken"]
+
+    def _metadata(self, bucket: str, name: str, generation: str | None = None) -> dict[str, Any]:
+        """The object's (or that generation's) generation, size, CRC32C and encoding;
+        FileNotFoundError if there is none."""
+        quoted = urllib.parse.quote(name, safe="")
+        path = f"/storage/v1/b/{urllib.parse.quote(bucket, safe='')}/o/{quoted}"
+        query = "?fields=generation,size,crc32c,contentEncoding"
+        if generation is not None:
+            query += f"&generation={generation}"
+        found: dict[str, Any] = json.loads(self._get(path + query, f"gs://{bucket}/{name}").data)
+        return found
+
+    def _get(self, path: str, where: str) -> Reply:
+        """A 200 within METADATA_DEADLINE_S, or an OSError saying why (FileNotFoundError
+        for a 404): what the config's and the model resolver's callers take for GCS
+        failing them."""
+        try:
+            response = self.endpoint.request("GET", path, deadline_s=METADATA_DEADLINE_S)
+        except HTTPError as exc:
+            raise OSError(f"GET {where}: {exc!r}") from exc
+        except (RefreshError, AuthTransportError) as exc:
+            raise OSError(f"GET {where}: no access token: {exc}") from exc
+        if response.status == 404:
+            raise FileNotFoundError(where)
+        if response.status != 200:
+            detail = response.data[:200].decode(errors="replace")
+            raise OSError(f"GET {where}: HTTP {response.status} {detail}")
+        return response
 
     def download_to(self, url: str, generation: str, cache_dir: Path) -> Path:
         """Weights land at a generation-specific path, so a new upload never races a load.
@@ -301,19 +341,14 @@ class Storage:
         its deadline (DOWNLOAD_DEADLINE_S and the size at DOWNLOAD_MIN_BYTES_PER_S; the
         metadata request is bounded as the others are), or an error."""
         where = f"gs://{bucket}/{name} (generation {generation})"
-        found = self.client.bucket(bucket).get_blob(
-            name, generation=int(generation), timeout=METADATA_TIMEOUT_S, retry=METADATA_RETRY
-        )
-        if found is None:
-            raise FileNotFoundError(where)
-        if found.content_encoding:  # GCS would send it decompressed, or not (no-transform)
+        found = self._metadata(bucket, name, generation)
+        if encoding := found.get("contentEncoding"):  # GCS would send it decompressed, or not
             raise ValueError(
-                f"{where} is stored with Content-Encoding {found.content_encoding}: upload "
-                "the weights as they are (no gsutil cp -z/-Z)"
+                f"{where} is stored with Content-Encoding {encoding}: upload the weights as "
+                "they are (no gsutil cp -z/-Z)"
             )
-        size = found.size or 0
-        quoted = urllib.parse.quote(name, safe="")
-        media = f"{self._objects('download', bucket)}/{quoted}?alt=media&generation={generation}"
+        size = int(found.get("size", 0))
+        media = f"{self._media(bucket, name)}&generation={generation}"
         deadline_s = DOWNLOAD_DEADLINE_S + size / DOWNLOAD_MIN_BYTES_PER_S
         # Its errors as they are: the model cache makes them model_unavailable, naming
         # the model (transient: the tasks waiting on the load are nacked).
@@ -323,10 +358,10 @@ class Storage:
             raise OSError(f"{where}: HTTP {response.status} {detail}")
         data = response.data
         crc = _crc32c(data)
-        if len(data) != size or crc != found.crc32c:
+        if len(data) != size or crc != found.get("crc32c"):
             raise ValueError(  # a torn answer, or a proxy's: never the model's cached file
                 f"{where}: {len(data)} bytes of CRC32C {crc} received, {size} of "
-                f"{found.crc32c} stored"
+                f"{found.get('crc32c')} stored"
             )
         return data
 
