@@ -61,6 +61,14 @@ resource "google_pubsub_topic_iam_member" "worker_quarantines" {
   member = "serviceAccount:${google_service_account.worker.email}"
 }
 
+# And reads it at start (pubsub.topics.get, which roles/pubsub.publisher lacks), to say
+# so when it is missing rather than let the first poison message find out.
+resource "google_pubsub_topic_iam_member" "worker_views_dead_letter" {
+  topic  = google_pubsub_topic.dead_letter.id
+  role   = "roles/pubsub.viewer"
+  member = "serviceAccount:${google_service_account.worker.email}"
+}
+
 resource "google_storage_bucket_iam_member" "worker_reads_images" {
   bucket = google_storage_bucket.images.name
   role   = "roles/storage.objectViewer"

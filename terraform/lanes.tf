@@ -92,3 +92,10 @@ resource "google_pubsub_topic_iam_member" "worker_quarantines_lane" {
   role     = "roles/pubsub.publisher"
   member   = "serviceAccount:${google_service_account.worker.email}"
 }
+
+resource "google_pubsub_topic_iam_member" "worker_views_dead_letter_lane" {
+  for_each = toset(var.extra_lanes)
+  topic    = google_pubsub_topic.lane_dead_letter[each.key].id
+  role     = "roles/pubsub.viewer"
+  member   = "serviceAccount:${google_service_account.worker.email}"
+}

@@ -8,7 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import gannet
+from conftest import SCENES, gannet
 
 from gannet.settings import REPO_ROOT, settings_table
 
@@ -248,6 +248,26 @@ def test_run_with_a_results_bucket_that_does_not_exist_refuses_to_start(stack):
     assert "results bucket no-such-results does not exist" in said
     assert "correct GANNET_RESULTS_BUCKET" in said
     assert "gannet is ready" not in out.stdout
+
+
+def test_run_with_a_dead_letter_topic_that_does_not_exist_says_so_at_start(stack):
+    """Poison is quarantined to the dead-letter topic; a misspelt one was found by the
+    first poison message, whose quarantine failed, so it was nacked again and again. The
+    daemon now says so at start, naming the topic and the setting, and serves valid
+    tasks meanwhile."""
+    daemon = stack.start_daemon(GANNET_DEAD_LETTER_TOPIC="no-such-dlq")
+    task = stack.task(stack.upload(SCENES[0]["file"]))
+    stack.publish([task])
+    assert stack.wait_rows([task.task_id])[task.task_id]["status"] == "succeeded"
+    assert daemon.stop() == 0
+    said = [
+        json.loads(line)
+        for line in daemon.log_path.read_text().splitlines()
+        if "dead-letter topic" in line and line.startswith("{")
+    ]
+    assert said and said[0]["severity"] == "ERROR", said
+    assert "topics/no-such-dlq does not exist" in said[0]["message"]
+    assert "GANNET_DEAD_LETTER_TOPIC" in said[0]["message"]
 
 
 def test_run_with_cuda_devices_on_a_machine_without_a_gpu_says_so(services):

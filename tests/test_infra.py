@@ -993,7 +993,7 @@ def test_terraform_builds_what_the_manifests_expect(
     )
 
     # The worker pulls its subscriptions and reads each at start (check_exists:
-    # pubsub.subscriptions.get, which roles/pubsub.subscriber does not grant).
+    # pubsub.subscriptions.get, which roles/pubsub.subscriber does not grant) ...
     for name, role in (
         ("worker_subscribes", "roles/pubsub.subscriber"),
         ("worker_views_subscription", "roles/pubsub.viewer"),
@@ -1001,6 +1001,18 @@ def test_terraform_builds_what_the_manifests_expect(
         ("worker_views_subscription_lane", "roles/pubsub.viewer"),
     ):
         assert one(res[f"google_pubsub_subscription_iam_member.{name}"]["role"]) == role
+    # ... and each dead-letter topic (pubsub.topics.get, which roles/pubsub.publisher
+    # does not grant).
+    for name, role in (
+        ("worker_quarantines", "roles/pubsub.publisher"),
+        ("worker_views_dead_letter", "roles/pubsub.viewer"),
+        ("worker_quarantines_lane", "roles/pubsub.publisher"),
+        ("worker_views_dead_letter_lane", "roles/pubsub.viewer"),
+    ):
+        assert one(res[f"google_pubsub_topic_iam_member.{name}"]["role"]) == role
+    assert one(res["google_pubsub_topic_iam_member.worker_views_dead_letter_lane"]["for_each"]) == (
+        "${toset(var.extra_lanes)}"
+    )
 
     sub = res["google_pubsub_subscription.tasks"]
     assert one(sub["name"]) == config["GANNET_SUBSCRIPTION"]

@@ -58,10 +58,10 @@ log = logging.getLogger(__name__)
 # reaching Pub/Sub, queued result callbacks, the model threads. The rest is the work's.
 SETTLE_RESERVE_S = 5.0
 
-# The start's question whether the results bucket exists: GCS answers in milliseconds,
-# and one that does not answer delays the start by no more than this (and is not
-# taken for a missing bucket).
-RESULTS_BUCKET_CHECK_S = 10.0
+# The start's questions whether the results bucket and the dead-letter topics exist:
+# answered in milliseconds, and one not answered delays the start by no more than this
+# (and is not taken for a missing bucket or topic).
+START_CHECK_S = 10.0
 
 
 class StartupError(RuntimeError):
@@ -161,7 +161,7 @@ def check_results_bucket(storage: Storage, bucket: str) -> None:
     ready and its growing backlog scaled the pool up. A GCS that cannot be asked now
     (a blip, a stall) is only warned about: its tasks are retried as before."""
     try:
-        missing = storage.bucket_missing(bucket, deadline_s=RESULTS_BUCKET_CHECK_S)
+        missing = storage.bucket_missing(bucket, deadline_s=START_CHECK_S)
     except TransientError as exc:
         log.warning(
             "could not check at start that the results bucket exists; starting anyway",
@@ -171,6 +171,28 @@ def check_results_bucket(storage: Storage, bucket: str) -> None:
     if missing:
         raise StartupError(
             f"results bucket {bucket} does not exist: create it, or correct GANNET_RESULTS_BUCKET"
+        )
+
+
+def check_dead_letter_topic(publisher: pubsub_v1.PublisherClient, path: str) -> None:
+    """Says at start, in an ERROR line, that a lane's dead-letter topic is missing: the
+    first poison message would find out (its quarantine fails, so it is nacked, again
+    and again). Not a refusal to start: valid tasks are served meanwhile. A worker that
+    may not read the topic (no pubsub.topics.get: terraform grants roles/pubsub.viewer)
+    or a Pub/Sub that does not answer gets a warning."""
+    try:
+        publisher.get_topic(request={"topic": path}, timeout=START_CHECK_S)
+    except gexc.NotFound:
+        log.error(
+            "dead-letter topic %s does not exist: poison messages will be nacked, not "
+            "quarantined, until it does; create it (terraform does) or correct "
+            "GANNET_DEAD_LETTER_TOPIC (to which an extra lane adds -LANE)",
+            path,
+        )
+    except (gexc.GoogleAPICallError, gexc.RetryError) as exc:
+        log.warning(
+            "could not check at start that the dead-letter topic exists",
+            extra={"fields": {"topic": path, "error": str(exc)}},
         )
 
 
@@ -393,6 +415,8 @@ class Daemon:
                     f"({exc.message}); check GANNET_PROJECT, GANNET_SUBSCRIPTION and "
                     "GANNET_LANES (lane L's subscription is GANNET_SUBSCRIPTION-L)"
                 ) from exc
+        for lane in lanes:
+            check_dead_letter_topic(parts.publisher, s.path("topics", lane.dead_letter_topic))
         self._lane_gauges(parts, lanes)
         backlogs = self._start_backlog_monitors(lanes)
         # What start-up built (torch, ultralytics, the models, the clients: some 300,000
