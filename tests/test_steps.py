@@ -194,6 +194,38 @@ def test_detection_counts_and_filters(run, tmp_path):
     assert overridden["counts"] == expected_counts(entry)
 
 
+def test_a_result_says_when_the_model_kept_as_many_boxes_as_it_may(run, tmp_path):
+    """ultralytics keeps at most 300 boxes an image (max_det), the most confident: a
+    dense photo's count stopped at 300 without a word (900 shapes drawn on one photo:
+    300 boxes). The config's max_detections sets it per model (here 2, on photos of
+    more), and each step's result says whether it was reached: its counts may then be
+    short, of any class."""
+    entry = next(e for e in WITH_PATCHES if sum(e["counts"].values()) > 2)
+    assert len(entry["patches"]) >= 1
+    full = run("agro.yaml", "FULL_PIPELINE", entry)
+    assert full["detection"]["max_detections_reached"] is False
+    assert full["segmentation"]["max_detections_reached"] is False
+    assert full["detection"]["counts"] == expected_counts(entry)
+    text = (
+        (CONFIGS / "agro.yaml").read_text().replace("../models/demo/", f"{REPO_ROOT}/models/demo/")
+    )
+    capped = tmp_path / "agro-capped.yaml"
+    capped.write_text(
+        text.replace("    imgsz: 416\n", "    imgsz: 416\n    max_detections: 2\n").replace(
+            "    imgsz: 320\n", "    imgsz: 320\n    max_detections: 1\n"
+        )
+    )
+    result = run(capped, "FULL_PIPELINE", entry)
+    detection, segmentation = result["detection"], result["segmentation"]
+    assert len(detection["detections"]) == 2 and detection["max_detections_reached"] is True
+    confidences = sorted((d["confidence"] for d in full["detection"]["detections"]), reverse=True)
+    assert sorted(d["confidence"] for d in detection["detections"]) == sorted(confidences[:2])
+    assert segmentation["max_detections_reached"] is (len(entry["patches"]) >= 1)
+    assert len(segmentation["segments"]) == 1
+    sliced = run(capped, "FIELD_ANALYSIS", entry)["detection"]
+    assert sliced["max_detections_reached"] is True
+
+
 def test_sliced_detection_finds_every_shape_on_the_large_image_in_batches(run, metrics):
     whole = run("agro.yaml", "DETECTION", LARGE)["detection"]["counts"]
     before_sum = metrics.registry.get_sample_value("gannet_batch_size_sum") or 0

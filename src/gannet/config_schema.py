@@ -31,6 +31,13 @@ class ModelSpec(BaseModel):
     classes: list[str] = Field(default_factory=list, description="Keep only these; empty = all.")
     enabled: bool = True
     imgsz: int = Field(640, ge=32, le=4096)
+    max_detections: int = Field(
+        300,
+        ge=1,
+        le=30000,
+        description="The most boxes (or segments) kept per image (per tile, sliced), the "
+        "most confident first: a result that reached it says so (max_detections_reached).",
+    )
 
 
 class StepSpec(BaseModel):

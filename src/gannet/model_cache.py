@@ -292,12 +292,15 @@ class ModelCache:
         conf: float,
         timer: Timer | None = None,
         photo_hw: tuple[int, int] | None = None,
+        max_det: int = 300,
     ) -> list[Any]:
         """Run frames through the model on its device; blocks the calling runner only.
 
         The calling runner letterboxes its images and does NMS on the answers itself, so
         the model's batcher thread spends its time on forward passes alone. `photo_hw`:
-        see SplitPredictor.postprocess (one image, a reduced decode of the photo)."""
+        see SplitPredictor.postprocess (one image, a reduced decode of the photo);
+        `max_det`: the most boxes kept per image (ultralytics' max_det, the config's
+        max_detections)."""
         timer = timer or Timer(ignore)
         for _ in range(3):
             entry = self.get(key)
@@ -313,7 +316,7 @@ class ModelCache:
                 outputs = [f.result() for f in futures]
             with timer.stage("postprocess"):
                 return [
-                    entry.predictor.postprocess(out, x, image, conf, photo_hw)
+                    entry.predictor.postprocess(out, x, image, conf, photo_hw, max_det)
                     for out, x, image in zip(outputs, inputs, images, strict=True)
                 ]
         raise TransientError(ErrorCode.MODEL_UNAVAILABLE, f"model {key.uri} keeps being evicted")

@@ -314,7 +314,8 @@ class Pipeline:
             key = self.resolver.key(loaded, kind, task.tenant_id, device)
             if key.tenant is not None and self._tenant_checked.get(key) is not loaded:
                 self._check_tenant_model(loaded, kind, key)
-            return self.cache.predict(key, frames, conf, timer, photo_hw)
+            max_det = loaded.config.models[kind].max_detections
+            return self.cache.predict(key, frames, conf, timer, photo_hw, max_det)
 
         ctx = StepContext(
             task=task, frame=frame, config=loaded.config, predict=predict, scale=scale

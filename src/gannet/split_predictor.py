@@ -245,13 +245,16 @@ class SplitPredictor:
         frame: Frame,
         conf: float,
         photo_hw: tuple[int, int] | None = None,
+        max_det: int = 300,
     ) -> Any:
         """Runner thread: NMS, masks and the Results object for one image. `photo_hw`:
         the photo's (height, width) when `frame` is a reduced decode of it; a segmenter's
         masks on the host are then made at the photo's size, and its boxes given in the
-        photo's pixels (segments_from_rows). Any other answer is in the frame's pixels."""
+        photo's pixels (segments_from_rows). Any other answer is in the frame's pixels.
+        `max_det`: the most rows NMS keeps, the most confident first."""
         view = self._own_copy()
         view.args.conf = conf
+        view.args.max_det = max_det
         view.photo_hw = photo_hw
         if self._crops is not None:
             probs = output[0] if isinstance(output, (tuple, list)) else output

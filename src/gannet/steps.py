@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 from pydantic import Field
 
+from gannet.config_schema import ModelSpec
 from gannet.errors import ErrorCode, PermanentError
 from gannet.frames import Frame, crop, frame_size
 from gannet.masks import SegmentMask, outline, segment_of, tight
@@ -194,6 +195,7 @@ def segmentation(ctx: StepContext, params: SegmentationParams) -> None:
         "counts": count_by_class(segments),
         "confidence_threshold": conf,
         "image_size": ctx.image_size,
+        "max_detections_reached": reached_max([result], spec),
     }
 
 
@@ -244,7 +246,16 @@ def detection(ctx: StepContext, params: DetectionParams) -> None:
     conf = ctx.threshold(spec, params)
     (result,) = ctx.predict("detection", [ctx.frame], conf)
     found = boxes_to_detections(result, conf, ctx.classes(spec, params), scale=ctx.scale)
-    _detection_result(ctx, params, found, conf, {})
+    reached = reached_max([result], spec)
+    _detection_result(ctx, params, found, conf, {"max_detections_reached": reached})
+
+
+def reached_max(results: Sequence[Any], spec: ModelSpec) -> bool:
+    """Whether the model's NMS kept all the boxes it may (its max_detections) in any of
+    these answers, the most confident ones: the image may hold more, of any class, the
+    filtered-in ones too. ultralytics' 300 capped a dense photo's count without a word
+    (900 shapes drawn: 300 boxes)."""
+    return any(r.boxes is not None and len(r.boxes) >= spec.max_detections for r in results)
 
 
 def tile_origins(length: int, size: int, overlap: float) -> list[int]:
@@ -346,7 +357,10 @@ def sliced_detection(ctx: StepContext, params: SlicedDetectionParams) -> None:
         params,
         found,
         conf,
-        {"slices": {"count": len(tiles), "size": size, "overlap": params.overlap}},
+        {
+            "slices": {"count": len(tiles), "size": size, "overlap": params.overlap},
+            "max_detections_reached": reached_max(results, spec),
+        },
     )
 
 
