@@ -16,6 +16,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import uuid
@@ -26,6 +27,7 @@ from typing import Any
 
 import pytest
 from conftest import SAMPLES, SCENES, expected_counts, wait_until
+from pydantic import ValidationError
 
 from gannet import daemon
 from gannet.callback import (
@@ -34,12 +36,14 @@ from gannet.callback import (
     CallbackRefused,
     Callbacks,
     blocked_reason,
+    policy_from,
     resolve,
 )
 from gannet.dev.publish import make_task, upload_image
 from gannet.dispatch import Dispatcher
 from gannet.metrics import Metrics
 from gannet.outcome import Decision
+from gannet.settings import REPO_ROOT, Settings
 
 LOCAL = CallbackPolicy(
     timeout_s=2.0, retries=2, backoff_s=0.01, allow_http=True, allow_private=True
@@ -54,11 +58,13 @@ class Receiver:
     ) -> None:
         self.statuses = list(statuses)
         self.requests: list[dict[str, Any]] = []
+        self.received: list[tuple[dict[str, str], bytes]] = []  # headers, body as sent
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.received.append((dict(self.headers), body))
                 receiver.requests.append(
                     {"path": self.path, "body": json.loads(body), "host": self.headers["Host"]}
                 )
@@ -214,6 +220,53 @@ def test_delivered_with_the_summary_and_the_host_name(receiver_factory):
             "host": f"localhost:{receiver.port}",
         }
     ]
+
+
+def readme_receiver_check() -> Any:
+    """The receiver's check as the README shows it (its first Python block under Result
+    callbacks), run as written: the documentation a backend team copies is tested."""
+    text = (REPO_ROOT / "README.md").read_text()
+    section = text.split("## Result callbacks", 1)[1].split("\n## ", 1)[0]
+    code = textwrap.dedent(section.split("```python\n", 1)[1].split("```", 1)[0])
+    scope: dict[str, Any] = {}
+    exec(code, scope)
+    return scope["gannet_signed"]
+
+
+def test_a_signed_callback_is_checked_by_the_readmes_receiver_code(receiver_factory):
+    """With GANNET_CALLBACK_SIGNING_KEY each attempt carries Gannet-Timestamp and
+    Gannet-Signature (HMAC-SHA256 of the timestamp and the body): the README's check
+    accepts what was sent, and refuses a changed body, another key, a stale timestamp;
+    without the key nothing is signed (before, nothing ever was: a receiver could not
+    tell a callback from anyone's POST)."""
+    key = "k" * 40
+    receiver = receiver_factory([503, 200])
+    settings = Settings(
+        callback_signing_key=key,
+        allow_http_callbacks=True,
+        callback_allow_private_addresses=True,
+        callback_backoff_s=0.01,
+    )
+    delivery = CallbackClient(policy_from(settings)).send(receiver.url(), {"task_id": "t1"})
+    assert (delivery.status, delivery.attempts) == ("delivered", 2)
+    signed = readme_receiver_check()
+    for headers, body in receiver.received:  # each attempt signed, as received
+        assert headers["Gannet-Signature"].startswith("v1=")
+        assert signed(key.encode(), headers, body)
+        assert not signed(key.encode(), headers, body.replace(b"t1", b"t2"))
+        assert not signed(b"another-key-of-forty-characters-or-more!", headers, body)
+        stale = {**headers, "Gannet-Timestamp": str(int(time.time()) - 3600)}
+        assert not signed(key.encode(), stale, body)
+
+    unsigned = receiver_factory([200])
+    CallbackClient(LOCAL).send(unsigned.url(), {"task_id": "t1"})
+    [(headers, _)] = unsigned.received
+    assert "Gannet-Signature" not in headers and "Gannet-Timestamp" not in headers
+
+
+def test_a_short_signing_key_is_refused():
+    with pytest.raises(ValidationError, match="32 characters or more"):
+        Settings(callback_signing_key="secret")
 
 
 def test_5xx_and_429_are_retried_with_backoff_then_delivered(receiver_factory):

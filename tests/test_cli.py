@@ -168,6 +168,10 @@ def test_settings_hides_the_database_password():
     kv = "host=10.0.0.5 dbname=gannet user=gannet password=s3cr3t-pw"
     out = gannet("settings", env={"GANNET_DATABASE_URL": kv})
     assert "s3cr3t-pw" not in out.stdout and "password=***" in out.stdout
+    key = "callback-signing-key-" + "x" * 20
+    out = gannet("settings", env={"GANNET_CALLBACK_SIGNING_KEY": key})
+    assert key not in out.stdout
+    assert "# GANNET_CALLBACK_SIGNING_KEY is set (not shown)" in out.stdout
 
 
 def test_settings_print_lines_an_environment_can_take_back():

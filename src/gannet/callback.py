@@ -17,6 +17,8 @@ small thread pool so a slow receiver holds neither a runner nor the ack.
 from __future__ import annotations
 
 import contextvars
+import hashlib
+import hmac
 import http.client
 import ipaddress
 import json
@@ -61,6 +63,7 @@ class CallbackPolicy:
     allow_http: bool = False
     allow_private: bool = False  # local runs and tests only: lets loopback through
     ca_file: str | None = None  # extra CA bundle for receivers with a private CA
+    signing_key: bytes | None = None  # signs each attempt (signature_headers)
 
 
 class CallbackRefused(PermanentError):
@@ -197,6 +200,17 @@ class Delivery:
         return f"{self.status}: {self.detail}"[:1000]
 
 
+def signature_headers(key: bytes, body: bytes, now: float) -> dict[str, str]:
+    """Gannet-Timestamp (Unix seconds) and Gannet-Signature (`v1=` and the hex HMAC-SHA256,
+    under the deployment's key, of the timestamp, a dot and the body as sent). A receiver
+    recomputes it over the bytes it received to know the callback came from a holder of
+    the key, unchanged; the timestamp, signed with the body, lets it refuse a replay of
+    an old one (the README's Result callbacks has a receiver's check)."""
+    timestamp = str(int(now))
+    mac = hmac.new(key, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return {"Gannet-Timestamp": timestamp, "Gannet-Signature": f"v1={mac}"}
+
+
 def summary(task: Task, result: dict[str, Any], result_uri: str) -> dict[str, Any]:
     """What the receiver gets: enough to act on, the full result stays at result_uri."""
     counts: dict[str, Any] = {}
@@ -272,14 +286,12 @@ class CallbackClient:
             conn = _PinnedHTTPSConnection(target, timeout, self._watchdog, self._context)
         else:
             conn = _PinnedHTTPConnection(target, timeout, self._watchdog)
+        headers = {"Content-Type": "application/json", "User-Agent": "gannet-callback"}
+        if self.policy.signing_key is not None:  # per attempt: its own timestamp
+            headers.update(signature_headers(self.policy.signing_key, body, time.time()))
         failure: Exception | None = None
         try:
-            conn.request(
-                "POST",
-                target.path,
-                body=body,
-                headers={"Content-Type": "application/json", "User-Agent": "gannet-callback"},
-            )
+            conn.request("POST", target.path, body=body, headers=headers)
             # The status is all that is needed: the body is left unread (the connection
             # closes), so a receiver that trickles one cannot hold the thread.
             status = conn.getresponse().status
@@ -495,6 +507,11 @@ def policy_from(settings: Settings) -> CallbackPolicy:
         allow_http=settings.allow_http_callbacks,
         allow_private=settings.callback_allow_private_addresses,
         ca_file=settings.callback_ca_file,
+        signing_key=(
+            settings.callback_signing_key.get_secret_value().encode()
+            if settings.callback_signing_key is not None
+            else None
+        ),
     )
 
 

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from gannet.cluster import cli as cluster_cli
 from gannet.dev import cli as dev_cli
@@ -73,6 +73,8 @@ def cmd_settings(args: argparse.Namespace) -> int:
             value = without_password(value)
         if value is None:
             print(f"# GANNET_{name.upper()} is unset")
+        elif isinstance(value, SecretStr):
+            print(f"# GANNET_{name.upper()} is set (not shown)")
         elif isinstance(value, list):
             print(f"GANNET_{name.upper()}={','.join(map(str, value))}")
         else:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gannet.lanes import Lane, flow_control, parse_lanes
@@ -279,6 +279,13 @@ class Settings(BaseSettings):
     callback_ca_file: str | None = Field(
         None, description="Extra CA bundle (PEM) to trust for https callbacks (optional)."
     )
+    callback_signing_key: SecretStr | None = Field(
+        None,
+        description="Signs each result callback (HMAC-SHA256 of the timestamp and the body, "
+        "in its Gannet-Signature header) so that receivers can tell it came from this "
+        "deployment; 32 characters or more (`openssl rand -hex 32`), from a Secret. Unset: "
+        "callbacks are unsigned.",
+    )
     trace_exporter: Literal["off", "otlp", "cloud_trace"] = Field(
         "off",
         description="Where task traces go: off (no cost), otlp (GANNET_TRACE_OTLP_ENDPOINT) "
@@ -310,6 +317,15 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             word = value.strip().lower()
             return {"true": "auto", "1": "auto", "false": "off", "0": "off"}.get(word, word)
+        return value
+
+    @field_validator("callback_signing_key")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        """A short key can be guessed from signed callbacks; an empty one is a mistake
+        (an unset Secret's key) rather than a wish for unsigned callbacks."""
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("use 32 characters or more (openssl rand -hex 32), or unset it")
         return value
 
     @field_validator("lanes")
