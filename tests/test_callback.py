@@ -38,6 +38,7 @@ from gannet.callback import (
     blocked_reason,
     policy_from,
     resolve,
+    summary,
 )
 from gannet.dev.publish import make_task, upload_image
 from gannet.dispatch import Dispatcher
@@ -620,7 +621,22 @@ def test_callback_after_commit_records_delivery_on_the_row(processor_parts, rece
     body = request["body"]
     assert body["task_id"] == task.task_id and body["status"] == "succeeded"
     assert body["counts"]["detection"] == expected_counts(SCENES[0])
+    assert body["max_detections_reached"] is False
     assert body["result_uri"] == f"gs://{settings.results_bucket}/{tenant}/{task.task_id}.json"
+
+
+def test_the_summary_says_when_a_steps_counts_may_be_short():
+    """A backend acting on the callback's counts is told, as the full result tells, when
+    a step's model kept all the boxes it may (its counts may then be short)."""
+    task = make_task("t-a", "gs://gannet-images/t-a/x.jpg", "FULL_PIPELINE", "t1")
+    result = {
+        "segmentation": {"counts": {"patch": 1}, "max_detections_reached": False},
+        "detection": {"counts": {"circle": 300}, "max_detections_reached": True},
+        "estimation": {"counts": {"circle": 300}},
+    }
+    assert summary(task, result, "gs://r/t-a/t1.json")["max_detections_reached"] is True
+    result["detection"]["max_detections_reached"] = False
+    assert summary(task, result, "gs://r/t-a/t1.json")["max_detections_reached"] is False
 
 
 def test_a_failing_callback_is_recorded_and_the_task_stays_acked(processor_parts, receiver_factory):

@@ -214,10 +214,12 @@ def signature_headers(key: bytes, body: bytes, now: float) -> dict[str, str]:
 def summary(task: Task, result: dict[str, Any], result_uri: str) -> dict[str, Any]:
     """What the receiver gets: enough to act on, the full result stays at result_uri."""
     counts: dict[str, Any] = {}
+    reached = False  # any step's model kept all the boxes it may: its counts may be short
     for key in ("segmentation", "detection", "classification", "estimation"):
         section = result.get(key)
         if isinstance(section, dict) and isinstance(section.get("counts"), dict):
             counts[key] = section["counts"]
+            reached = reached or section.get("max_detections_reached") is True
     return {
         "task_id": task.task_id,
         "tenant_id": task.tenant_id,
@@ -227,6 +229,7 @@ def summary(task: Task, result: dict[str, Any], result_uri: str) -> dict[str, An
         "image_id": task.image_id,
         "result_uri": result_uri,
         "counts": counts,
+        "max_detections_reached": reached,
         "duration_ms": result.get("duration_ms"),
         "processed_at": result.get("processed_at"),
     }
