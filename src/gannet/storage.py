@@ -135,8 +135,9 @@ def _drop_other_generations(target: Path, stem: str, suffix: str) -> None:
 
 class Storage:
     def __init__(self, client: storage.Client) -> None:
-        """`client` serves configs, models and listings. Image reads and result writes,
-        once per task, go over gcs_http with the client's credentials instead: the client
+        """`client` gives the endpoint and the credentials (and the dev tools' uploads,
+        through `.client`); the daemon's requests all go over gcs_http, each under a
+        deadline. Image reads and result writes, once per task, were the first: the client
         library spent 2.9 ms of CPU per read and per write (about 9 ms of the daemon's 27 ms
         per image in `gannet bench --plumbing`), urllib3 0.8 ms, http.client less again."""
         self.client = client
