@@ -262,4 +262,21 @@ def test_a_small_soak_loses_nothing_and_infers_nothing_twice(tmp_path, capsys):
     assert report["daemons_started"] == 4  # the first, and one after each kill and SIGTERM
     assert report["unexpected_daemon_exits"] == []
     assert report["peak_rss_mib"] > 0 and report["valid_per_s"] > 0
+    # 180 tasks over four daemons: too few to read a growth from, and said so.
+    assert report["rss_growth_mib_per_1000_tasks"] is None
+    assert "RSS growth, second half" in out and "fewer than 1000 tasks" in out
     assert "OK: 0 lost, 0 inferred more than once." in out
+
+
+def test_memory_growth_is_read_over_the_second_half_of_a_daemons_tasks():
+    """The peak says little of a leak until it is large; the slope of resident memory
+    against tasks done, after the warm-up, says it early. A daemon that grows 64 MiB
+    while warming and then leaks 5 KiB a task reads about 4.9 MiB per 1000 tasks; one
+    that only warms reads about nothing; too short a run reads nothing at all."""
+    warm = [(n, 600_000 + min(n, 500) * 131) for n in range(0, 4001, 40)]
+    leaking = [(n, kib + max(0, n - 500) * 5) for n, kib in warm]
+    noisy = [(n, kib + (17 if n % 80 else -17)) for n, kib in warm]
+    assert soak.rss_growth_mib_per_1000(leaking) == pytest.approx(5000 / 1024, abs=0.01)
+    assert abs(soak.rss_growth_mib_per_1000(noisy) or 0.0) < 0.05
+    assert soak.rss_growth_mib_per_1000(warm[:40]) is None  # 1560 tasks: a half of 780
+    assert soak.rss_growth_mib_per_1000([]) is None

@@ -490,27 +490,55 @@ class DeadLetterReader:
         self._thread.join(timeout=30)
 
 
-def peak_rss_kib(pid: int) -> int:
-    """The daemon's peak resident memory so far (VmHWM, the kernel's high-water mark), in
-    KiB; 0 once it has exited. With GANNET_PROCESSES > 1, the supervisor's and each
-    daemon process's peaks summed (an upper bound: their peaks need not coincide)."""
+def resident_kib(pid: int, field: str = "VmHWM") -> int:
+    """The daemon's peak resident memory so far (VmHWM, the kernel's high-water mark; or
+    with `field` VmRSS, now), in KiB; 0 once it has exited. With GANNET_PROCESSES > 1,
+    the supervisor's and each daemon process's summed (for peaks an upper bound: they
+    need not coincide)."""
     try:
         children = [c.pid for c in psutil.Process(pid).children()]
     except psutil.NoSuchProcess:
         return 0
-    return sum(_vm_hwm_kib(p) for p in [pid, *children])
+    return sum(_status_kib(p, field) for p in [pid, *children])
 
 
-def _vm_hwm_kib(pid: int) -> int:
+def _status_kib(pid: int, field: str) -> int:
     try:
         text = Path(f"/proc/{pid}/status").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return 0
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key == "VmHWM":
+        if key == field:
             return int(value.split()[0])
     return 0
+
+
+# A daemon's memory growth is read over the second half of the tasks it saw succeed (the
+# first half warms it: models, pools, caches, the allocator's arenas), and only over
+# at least this many tasks: fewer say nothing of a leak.
+GROWTH_MIN_TASKS = 1000
+
+
+def rss_growth_mib_per_1000(samples: list[tuple[int, int]]) -> float | None:
+    """The least-squares slope of one daemon's resident memory (KiB) against the tasks
+    succeeded so far, over the second half of its samples' span of tasks, in MiB per
+    1000 tasks; None when that half spans fewer than GROWTH_MIN_TASKS. A leak of a few
+    KB a task shows here long before it shows in the peak."""
+    if not samples:
+        return None
+    first, last = samples[0][0], samples[-1][0]
+    middle = first + (last - first) / 2
+    half = [(n, kib) for n, kib in samples if n >= middle]
+    if last - middle < GROWTH_MIN_TASKS or len(half) < 2:
+        return None
+    mean_n = sum(n for n, _ in half) / len(half)
+    mean_kib = sum(kib for _, kib in half) / len(half)
+    spread = sum((n - mean_n) ** 2 for n, _ in half)
+    if spread == 0:
+        return None
+    slope = sum((n - mean_n) * (kib - mean_kib) for n, kib in half) / spread
+    return round(slope * 1000 / 1024, 2)
 
 
 class RssSampler:
@@ -520,6 +548,8 @@ class RssSampler:
     def __init__(self, daemons: list[DaemonProcess]) -> None:
         self.daemons = daemons
         self.peak_kib: dict[int, int] = {}  # pid -> peak
+        # pid -> (valid tasks succeeded, resident KiB now), taken as the soak polls rows
+        self.growth: dict[int, list[tuple[int, int]]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="soak-rss", daemon=True)
         self._thread.start()
@@ -529,7 +559,20 @@ class RssSampler:
             for daemon in list(self.daemons):
                 if daemon.proc.poll() is None:
                     pid = daemon.proc.pid
-                    self.peak_kib[pid] = max(self.peak_kib.get(pid, 0), peak_rss_kib(pid))
+                    self.peak_kib[pid] = max(self.peak_kib.get(pid, 0), resident_kib(pid))
+
+    def at(self, succeeded: int) -> None:
+        """Each live daemon's resident memory now, against the tasks succeeded so far."""
+        for daemon in list(self.daemons):
+            if daemon.proc.poll() is None:
+                kib = resident_kib(daemon.proc.pid, "VmRSS")
+                if kib:
+                    self.growth.setdefault(daemon.proc.pid, []).append((succeeded, kib))
+
+    def longest(self) -> list[tuple[int, int]]:
+        """The samples of the daemon that saw the most tasks succeed."""
+        spans = {pid: s[-1][0] - s[0][0] for pid, s in self.growth.items() if s}
+        return self.growth[max(spans, key=spans.__getitem__)] if spans else []
 
     def stop(self) -> None:
         self._stop.set()
@@ -695,13 +738,14 @@ class Soak:
                 flush=True,
             )
 
-    def drive(self, letters: DeadLetterReader) -> Tally:
+    def drive(self, letters: DeadLetterReader, sampler: RssSampler) -> Tally:
         """Fire each fault when its moment comes; return once everything settled or the
         settle timeout passed (the caller tells which from the tally)."""
         deadline = time.monotonic() + self.args.settle_timeout_s
         progress = _Progress(self)
         while True:
             now = tally(self.messages, self.rows(), letters.letters())
+            sampler.at(len(now.succeeded))
             self.fire_due(len(now.succeeded))  # before: the last task may have settled
             self.publish_more(now.count())
             if now.settled(self.valid, self.poison) or time.monotonic() > deadline:
@@ -948,7 +992,14 @@ def _summary(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("daemons started", str(report["daemons_started"])),
         ("throughput", f"{rate} valid tasks/s over {report['seconds']} s" if rate else "-"),
         ("peak RSS of a daemon", f"{report['peak_rss_mib']} MiB"),
+        ("RSS growth, second half", _growth_text(report.get("rss_growth_mib_per_1000_tasks"))),
     ]
+
+
+def _growth_text(growth: float | None) -> str:
+    if growth is None:
+        return f"- (fewer than {GROWTH_MIN_TASKS} tasks in a daemon's second half)"
+    return f"{growth:+.2f} MiB per 1000 tasks"
 
 
 def _problems(report: dict[str, Any]) -> list[str]:
@@ -1025,7 +1076,7 @@ def run(args: argparse.Namespace, state: Path) -> dict[str, Any]:
         letters = DeadLetterReader(stack)
         try:
             soak.start_daemon()
-            final = soak.drive(letters)
+            final = soak.drive(letters, sampler)
             done = "settled" if final.settled(soak.valid, soak.poison) else "settle timeout"
             print(f"[{soak.elapsed():5.0f}s] {done}; stopping the daemon with SIGTERM", flush=True)
             soak.stop_daemon(signal.SIGTERM)
@@ -1037,7 +1088,11 @@ def run(args: argparse.Namespace, state: Path) -> dict[str, Any]:
             sampler.stop()
             _kill_leftovers(stack.daemons)
         entries = [e for daemon in stack.daemons for e in daemon.log_entries()]
-        return build_report(soak, final, entries, sampler.peak_kib, effects)
+        report = build_report(soak, final, entries, sampler.peak_kib, effects)
+        longest = sampler.longest()
+        report["rss_growth_mib_per_1000_tasks"] = rss_growth_mib_per_1000(longest)
+        report["rss_kib_by_tasks_succeeded"] = longest  # that daemon's samples
+        return report
 
 
 def _print_plan(soak: Soak) -> None:
