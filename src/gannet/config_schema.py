@@ -23,6 +23,10 @@ class ConfigError(ValueError):
     """An industry config that must not be served; the text names the file and field."""
 
 
+# ultralytics' own max_det: the most boxes (or segments) NMS keeps per image.
+MAX_DETECTIONS = 300
+
+
 class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -32,7 +36,7 @@ class ModelSpec(BaseModel):
     enabled: bool = True
     imgsz: int = Field(640, ge=32, le=4096)
     max_detections: int = Field(
-        300,
+        MAX_DETECTIONS,
         ge=1,
         le=30000,
         description="The most boxes (or segments) kept per image (per tile, sliced), the "

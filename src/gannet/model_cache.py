@@ -23,6 +23,7 @@ import numpy as np
 from prometheus_client import Histogram
 
 from gannet.batcher import Batcher, BatcherClosed
+from gannet.config_schema import MAX_DETECTIONS
 from gannet.errors import ErrorCode, TransientError
 from gannet.frames import Frame
 from gannet.lanes import URGENCY
@@ -292,7 +293,7 @@ class ModelCache:
         conf: float,
         timer: Timer | None = None,
         photo_hw: tuple[int, int] | None = None,
-        max_det: int = 300,
+        max_det: int = MAX_DETECTIONS,
     ) -> list[Any]:
         """Run frames through the model on its device; blocks the calling runner only.
 

@@ -31,6 +31,7 @@ from ultralytics.models.yolo.detect import DetectionPredictor
 from ultralytics.models.yolo.segment import SegmentationPredictor
 from ultralytics.utils.ops import xywh2xyxy
 
+from gannet.config_schema import MAX_DETECTIONS
 from gannet.frames import Frame, blank, frame_size, shape_only, to_host
 from gannet.masks import SegmentMask, planes_in_boxes, segments_on_device
 
@@ -245,7 +246,7 @@ class SplitPredictor:
         frame: Frame,
         conf: float,
         photo_hw: tuple[int, int] | None = None,
-        max_det: int = 300,
+        max_det: int = MAX_DETECTIONS,
     ) -> Any:
         """Runner thread: NMS, masks and the Results object for one image. `photo_hw`:
         the photo's (height, width) when `frame` is a reduced decode of it; a segmenter's
