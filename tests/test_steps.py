@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import cv2
@@ -224,6 +225,34 @@ def test_a_result_says_when_the_model_kept_as_many_boxes_as_it_may(run, tmp_path
     assert len(segmentation["segments"]) == 1
     sliced = run(capped, "FIELD_ANALYSIS", entry)["detection"]
     assert sliced["max_detections_reached"] is True
+
+
+def test_a_segmenters_cap_is_read_before_its_rows_without_a_mask_go():
+    """NMS kept as many rows as max_detections allows, then the rows whose mask came
+    out empty were dropped (ultralytics' rule): the answer's boxes are fewer than the
+    cap, but the cap was reached. Three rows as NMS keeps them (one whose coefficients
+    make an empty mask) through the real segments_from_rows; only the predictor is a
+    stand-in, for its class names."""
+    import torch
+
+    from gannet.config_schema import ModelSpec
+    from gannet.split_predictor import segments_from_rows
+    from gannet.steps import reached_max
+
+    rows = np.array(
+        [
+            [10, 10, 60, 60, 0.9, 0, 1, 0],
+            [70, 70, 120, 120, 0.8, 0, 1, 0],
+            [130, 10, 180, 60, 0.7, 0, -1, 0],  # its mask: sigmoid(-1) < 0.5 everywhere
+        ],
+        np.float32,
+    )
+    predictor = SimpleNamespace(model=SimpleNamespace(names={0: "patch"}), photo_hw=None)
+    frame = np.zeros((160, 200, 3), np.uint8)
+    result = segments_from_rows(predictor, rows, (160, 200), frame, torch.ones(2, 40, 40), True)
+    assert len(result.boxes) == 2
+    assert reached_max([result], ModelSpec(path="x.pt", max_detections=3))
+    assert not reached_max([result], ModelSpec(path="x.pt", max_detections=4))
 
 
 def test_sliced_detection_finds_every_shape_on_the_large_image_in_batches(run, metrics):

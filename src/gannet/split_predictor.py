@@ -336,6 +336,7 @@ def segments_from_rows(
     frame_hw = frame_size(frame)
     photo_hw = getattr(predictor, "photo_hw", None) or frame_hw
     masks = crops = None
+    nms_rows = len(rows)  # before the rows without a mask go: what max_det capped
     if len(rows):
         rows[:, :4] = to_photo(rows[:, :4], input_hw, frame_hw)
         if photo_hw != frame_hw:
@@ -359,9 +360,11 @@ def segments_from_rows(
     names = predictor.model.names
     boxes = torch.from_numpy(rows[:, :6])
     if in_boxes:
-        return Results(photo, path="", names=names, boxes=boxes, masks=masks)
-    result = SegmentCrops(photo, path="", names=names, boxes=boxes)
-    result.segment_crops = crops or []
+        result = Results(photo, path="", names=names, boxes=boxes, masks=masks)
+    else:
+        result = SegmentCrops(photo, path="", names=names, boxes=boxes)
+        result.segment_crops = crops or []
+    result.nms_rows = nms_rows  # type: ignore[attr-defined]  # steps.reached_max reads it
     return result
 
 

@@ -255,7 +255,16 @@ def reached_max(results: Sequence[Any], spec: ModelSpec) -> bool:
     these answers, the most confident ones: the image may hold more, of any class, the
     filtered-in ones too. ultralytics' 300 capped a dense photo's count without a word
     (900 shapes drawn: 300 boxes)."""
-    return any(r.boxes is not None and len(r.boxes) >= spec.max_detections for r in results)
+    return any(_nms_rows(r) >= spec.max_detections for r in results)
+
+
+def _nms_rows(result: Any) -> int:
+    """The rows the model's NMS kept: a segmenter's answer says (segments_from_rows: the
+    rows without a mask are gone from its boxes); any other's are its boxes."""
+    kept = getattr(result, "nms_rows", None)
+    if kept is not None:
+        return int(kept)
+    return 0 if result.boxes is None else len(result.boxes)
 
 
 def tile_origins(length: int, size: int, overlap: float) -> list[int]:
