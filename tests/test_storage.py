@@ -198,3 +198,66 @@ def test_a_model_download_that_stalls_fails_the_load_in_bounded_time_and_caches_
             assert cached.read_bytes() == DETECT.read_bytes()
         finally:
             cache.close()
+
+
+class _Answers:
+    """A stand-in for Cloud Storage's JSON API on 127.0.0.1 that answers from a script:
+    the emulator cannot be made to answer 503 or a proxy's page. Each request takes the
+    next (status, body); the last one repeats."""
+
+    def __init__(self, answers: list[tuple[int, bytes]]) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.answers, self.paths = list(answers), []
+        scripted = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                scripted.paths.append(self.path)
+                answers = scripted.answers
+                status, body = answers.pop(0) if len(answers) > 1 else answers[0]
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
+        self.storage = Storage(
+            storage_module.make_client("p", f"http://127.0.0.1:{self.server.server_port}")
+        )
+
+    def close(self) -> None:
+        self.storage.endpoint.close()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_config_read_outlives_a_503_and_says_why_when_gcs_keeps_failing(monkeypatch):
+    """A start-up's config read met one 503 and the daemon did not start: the client
+    library had retried 408, 429 and 5xx, the request of gcs_http did not. It is asked
+    again after a backoff while its deadline allows; a GCS that keeps answering 503, or
+    a 200 that is no JSON (a proxy's page), is an OSError that says so."""
+    monkeypatch.setattr(storage_module, "METADATA_DEADLINE_S", 2.0)
+    once = _Answers([(503, b"busy"), (200, b'{"generation": "7"}')])
+    try:
+        assert once.storage.generation("gs://bkt/configs/a b.yaml") == "7"
+        assert len(once.paths) == 2 and "/o/configs%2Fa%20b.yaml?" in once.paths[0]
+    finally:
+        once.close()
+    for answers, said in (([(503, b"busy")], "HTTP 503 busy"), ([(200, b"<html>")], "not a JSON")):
+        failing = _Answers(answers)
+        try:
+            started = time.monotonic()
+            with pytest.raises(OSError, match=said):
+                failing.storage.generation("gs://bkt/configs/a.yaml")
+            assert time.monotonic() - started < 4  # within its deadline, not the library's
+        finally:
+            failing.close()

@@ -13,6 +13,7 @@ import os
 import random
 import re
 import tempfile
+import time
 import urllib.parse
 import zlib
 from pathlib import Path
@@ -40,6 +41,7 @@ from gannet.task import GsUrl
 # against a GCS that never answered, and the checks after it waited on the one watch
 # thread, config_sources.ConfigWatch). GCS answers these in milliseconds.
 METADATA_DEADLINE_S = 20.0
+_RETRIED = frozenset({408, 429, 500, 502, 503, 504})  # as the client library's retry
 
 # A model's weights (tens to hundreds of MB), downloaded on the thread that loads the
 # model: start-up's, gannet-config-watch's for a changed config, or a runner's for a
@@ -266,9 +268,7 @@ class Storage:
         while True:
             path = f"/storage/v1/b/{urllib.parse.quote(bucket, safe='')}/o?"
             try:
-                page = json.loads(
-                    self._get(path + urllib.parse.urlencode(query), f"gs://{bucket}/{prefix}").data
-                )
+                page = self._json(path + urllib.parse.urlencode(query), f"gs://{bucket}/{prefix}")
             except FileNotFoundError:
                 return {}
             for item in page.get("items", []):
@@ -285,25 +285,46 @@ class Storage:
         query = "?fields=generation,size,crc32c,contentEncoding"
         if generation is not None:
             query += f"&generation={generation}"
-        found: dict[str, Any] = json.loads(self._get(path + query, f"gs://{bucket}/{name}").data)
-        return found
+        return self._json(path + query, f"gs://{bucket}/{name}")
 
     def _get(self, path: str, where: str) -> Reply:
         """A 200 within METADATA_DEADLINE_S, or an OSError saying why (FileNotFoundError
         for a 404): what the config's and the model resolver's callers take for GCS
-        failing them."""
-        try:
-            response = self.endpoint.request("GET", path, deadline_s=METADATA_DEADLINE_S)
-        except HTTPError as exc:
-            raise OSError(f"GET {where}: {exc!r}") from exc
-        except (RefreshError, AuthTransportError) as exc:
-            raise OSError(f"GET {where}: no access token: {exc}") from exc
-        if response.status == 404:
-            raise FileNotFoundError(where)
-        if response.status != 200:
+        failing them. A 408, 429 or 5xx is asked again after a backoff (0.25 s, doubling)
+        while the deadline allows, as the client library's retry did: one 503 must not
+        fail a start-up's config read."""
+        deadline = time.monotonic() + METADATA_DEADLINE_S
+        backoff = 0.25
+        while True:
+            try:
+                response = self.endpoint.request(
+                    "GET", path, deadline_s=max(0.1, deadline - time.monotonic())
+                )
+            except HTTPError as exc:
+                raise OSError(f"GET {where}: {exc!r}") from exc
+            except (RefreshError, AuthTransportError) as exc:
+                raise OSError(f"GET {where}: no access token: {exc}") from exc
+            if response.status == 200:
+                return response
+            if response.status == 404:
+                raise FileNotFoundError(where)
+            if response.status in _RETRIED and time.monotonic() + backoff < deadline:
+                time.sleep(backoff)
+                backoff *= 2
+                continue
             detail = response.data[:200].decode(errors="replace")
             raise OSError(f"GET {where}: HTTP {response.status} {detail}")
-        return response
+
+    def _json(self, path: str, where: str) -> dict[str, Any]:
+        """_get's answer as a JSON object; a 200 that is not one (a proxy's page) is an
+        OSError like any other failure to answer."""
+        try:
+            found = json.loads(self._get(path, where).data)
+        except ValueError as exc:
+            raise OSError(f"GET {where}: not a JSON answer ({exc})") from exc
+        if not isinstance(found, dict):
+            raise OSError(f"GET {where}: not a JSON object")
+        return found
 
     def download_to(self, url: str, generation: str, cache_dir: Path) -> Path:
         """Weights land at a generation-specific path, so a new upload never races a load.
