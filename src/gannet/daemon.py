@@ -181,7 +181,8 @@ def check_dead_letter_topic(publisher: pubsub_v1.PublisherClient, path: str) -> 
     may not read the topic (no pubsub.topics.get: terraform grants roles/pubsub.viewer)
     or a Pub/Sub that does not answer gets a warning."""
     try:
-        publisher.get_topic(request={"topic": path}, timeout=START_CHECK_S)
+        # No retry: the client's default one retries UNAVAILABLE for up to 600 s.
+        publisher.get_topic(request={"topic": path}, timeout=START_CHECK_S, retry=None)
     except gexc.NotFound:
         log.error(
             "dead-letter topic %s does not exist: poison messages will be nacked, not "
@@ -222,7 +223,11 @@ def build(
     if sink.schema_version() < SCHEMA_VERSION:
         sink.close()
         raise StartupError("database schema is not current: run `gannet db migrate` first")
-    check_results_bucket(storage, s.results_bucket)
+    try:
+        check_results_bucket(storage, s.results_bucket)
+    except StartupError:
+        sink.close()
+        raise
     try:
         configs = build_configs(s, storage, metrics)
     except (ValueError, OSError) as exc:
