@@ -258,6 +258,9 @@ def test_a_signed_callback_is_checked_by_the_readmes_receiver_code(receiver_fact
         assert not signed(b"another-key-of-forty-characters-or-more!", headers, body)
         stale = {**headers, "Gannet-Timestamp": str(int(time.time()) - 3600)}
         assert not signed(key.encode(), stale, body)
+        # What anyone who can reach the URL may send: False, not an exception (a 500).
+        for hostile in ({"Gannet-Timestamp": "\u00b2"}, {"Gannet-Signature": "v1=\u00e9"}, {}):
+            assert not signed(key.encode(), {**headers, **hostile} if hostile else {}, body)
 
     unsigned = receiver_factory([200])
     CallbackClient(LOCAL).send(unsigned.url(), {"task_id": "t1"})
