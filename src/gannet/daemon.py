@@ -220,24 +220,21 @@ def build(
         sink.open(wait_s=s.db_connect_wait_s)
     except Exception as exc:
         raise StartupError(cannot_connect(exc)) from exc
-    if sink.schema_version() < SCHEMA_VERSION:
-        sink.close()
-        raise StartupError("database schema is not current: run `gannet db migrate` first")
-    try:
+    try:  # the checks after the pool opened: a refusal closes it
+        if sink.schema_version() < SCHEMA_VERSION:
+            raise StartupError("database schema is not current: run `gannet db migrate` first")
         check_results_bucket(storage, s.results_bucket)
+        try:
+            configs = build_configs(s, storage, metrics)
+        except (ValueError, OSError) as exc:
+            raise StartupError(f"cannot load GANNET_CONFIG_URI: {exc}") from exc
+        try:
+            devices = resolve_devices(s.devices)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from exc
     except StartupError:
         sink.close()
         raise
-    try:
-        configs = build_configs(s, storage, metrics)
-    except (ValueError, OSError) as exc:
-        sink.close()
-        raise StartupError(f"cannot load GANNET_CONFIG_URI: {exc}") from exc
-    try:
-        devices = resolve_devices(s.devices)
-    except ValueError as exc:
-        sink.close()
-        raise StartupError(str(exc)) from exc
     loader = yolo_loader(
         model_file(storage, s.model_cache_dir),
         trace=s.torchscript,
