@@ -219,13 +219,13 @@ class Storage:
         asked. Only a 404 says so: any other answer is taken as its existing. The
         worker's roles/storage.objectViewer, for one, has no storage.buckets.get, and
         its 403 must not turn every missing image into a retry."""
-        path = f"/storage/v1/b/{urllib.parse.quote(bucket, safe='')}?fields=name"
+        path = f"{_bucket_path(bucket)}?fields=name"
         response = self._request("GET", path, f"gs://{bucket}", deadline_s=deadline_s)
         return response.status == 404
 
     def _objects(self, api: str, bucket: str) -> str:
         """The JSON API's object collection of `bucket`, for media downloads or uploads."""
-        return f"/{api}/storage/v1/b/{urllib.parse.quote(bucket, safe='')}/o"
+        return f"/{api}{_bucket_path(bucket)}/o"
 
     def _media(self, bucket: str, name: str) -> str:
         """The download of the object's bytes (the latest generation's, unless the caller
@@ -266,9 +266,9 @@ class Storage:
         found: dict[str, str] = {}
         query = {"prefix": prefix, "fields": "items(name,generation),nextPageToken"}
         while True:
-            path = f"/storage/v1/b/{urllib.parse.quote(bucket, safe='')}/o?"
+            path = f"{_bucket_path(bucket)}/o?{urllib.parse.urlencode(query)}"
             try:
-                page = self._json(path + urllib.parse.urlencode(query), f"gs://{bucket}/{prefix}")
+                page = self._json(path, f"gs://{bucket}/{prefix}")
             except FileNotFoundError:
                 return {}
             for item in page.get("items", []):
@@ -280,8 +280,7 @@ class Storage:
     def _metadata(self, bucket: str, name: str, generation: str | None = None) -> dict[str, Any]:
         """The object's (or that generation's) generation, size, CRC32C and encoding;
         FileNotFoundError if there is none."""
-        quoted = urllib.parse.quote(name, safe="")
-        path = f"/storage/v1/b/{urllib.parse.quote(bucket, safe='')}/o/{quoted}"
+        path = f"{_bucket_path(bucket)}/o/{urllib.parse.quote(name, safe='')}"
         query = "?fields=generation,size,crc32c,contentEncoding"
         if generation is not None:
             query += f"&generation={generation}"
@@ -386,6 +385,11 @@ class Storage:
                 f"{found.get('crc32c')} stored"
             )
         return data
+
+
+def _bucket_path(bucket: str) -> str:
+    """The JSON API's path of `bucket` (its metadata; its objects under /o)."""
+    return f"/storage/v1/b/{urllib.parse.quote(bucket, safe='')}"
 
 
 def _crc32c(data: bytes) -> str:
