@@ -993,23 +993,19 @@ def test_terraform_builds_what_the_manifests_expect(
     )
 
     # The worker pulls its subscriptions and reads each at start (check_exists:
-    # pubsub.subscriptions.get, which roles/pubsub.subscriber does not grant) ...
-    for name, role in (
-        ("worker_subscribes", "roles/pubsub.subscriber"),
-        ("worker_views_subscription", "roles/pubsub.viewer"),
-        ("worker_subscribes_lane", "roles/pubsub.subscriber"),
-        ("worker_views_subscription_lane", "roles/pubsub.viewer"),
+    # pubsub.subscriptions.get, which roles/pubsub.subscriber does not grant), and each
+    # dead-letter topic (pubsub.topics.get, which roles/pubsub.publisher does not grant).
+    for kind, name, role in (
+        ("subscription", "worker_subscribes", "roles/pubsub.subscriber"),
+        ("subscription", "worker_views_subscription", "roles/pubsub.viewer"),
+        ("subscription", "worker_subscribes_lane", "roles/pubsub.subscriber"),
+        ("subscription", "worker_views_subscription_lane", "roles/pubsub.viewer"),
+        ("topic", "worker_quarantines", "roles/pubsub.publisher"),
+        ("topic", "worker_views_dead_letter", "roles/pubsub.viewer"),
+        ("topic", "worker_quarantines_lane", "roles/pubsub.publisher"),
+        ("topic", "worker_views_dead_letter_lane", "roles/pubsub.viewer"),
     ):
-        assert one(res[f"google_pubsub_subscription_iam_member.{name}"]["role"]) == role
-    # ... and each dead-letter topic (pubsub.topics.get, which roles/pubsub.publisher
-    # does not grant).
-    for name, role in (
-        ("worker_quarantines", "roles/pubsub.publisher"),
-        ("worker_views_dead_letter", "roles/pubsub.viewer"),
-        ("worker_quarantines_lane", "roles/pubsub.publisher"),
-        ("worker_views_dead_letter_lane", "roles/pubsub.viewer"),
-    ):
-        assert one(res[f"google_pubsub_topic_iam_member.{name}"]["role"]) == role
+        assert one(res[f"google_pubsub_{kind}_iam_member.{name}"]["role"]) == role
     assert one(res["google_pubsub_topic_iam_member.worker_views_dead_letter_lane"]["for_each"]) == (
         "${toset(var.extra_lanes)}"
     )
