@@ -91,7 +91,7 @@ def model_steps() -> dict[str, Callable[[], object]]:
         "pre-process (runner)": lambda: split.preprocess(image),
         "float input (batcher)": lambda: split._model_input(inputs),
         "post-process + detections (runner)": lambda: boxes_to_detections(
-            split.postprocess(output, inputs, image, 0.25), 0.25, []
+            split.postprocess(output, inputs, image, 0.25), 0.25
         ),
     }
 

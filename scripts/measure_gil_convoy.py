@@ -72,13 +72,13 @@ def main() -> None:
     (output,) = split.forward([inputs])
 
     def ours() -> None:
-        boxes_to_detections(split.postprocess(output, inputs, image, 0.25), 0.25, [])
+        boxes_to_detections(split.postprocess(output, inputs, image, 0.25), 0.25)
 
     def theirs() -> None:
         view = split._own_copy()
         with torch.inference_mode():
             (result,) = view.postprocess(output, split._model_input(inputs), [image])
-        boxes_to_detections(result, 0.25, [])
+        boxes_to_detections(result, 0.25)
 
     for _ in range(rounds):
         for busy in (False, True):

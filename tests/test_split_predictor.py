@@ -132,7 +132,8 @@ def test_nms_on_the_host_gives_ultralytics_answer(
     on photos that are letterboxed with and without padding, with a few boxes each and
     (at conf 0.01) a few dozen. A segmenter's masks both ways: made inside their boxes
     (a CPU's) and by ultralytics' arithmetic in chunks, only the boxes' bits kept (a
-    GPU's: masks.segments_on_device, forced here on a CPU's predictor)."""
+    GPU's: masks.segments_on_device, forced here on a CPU's predictor). With a class
+    filter and a cap of 5 too: ultralytics' classes= and max_det."""
     load = yolo_loader(lambda uri, version: Path(uri), trace=False)
     model, _ = load(ModelKey(str(MODELS / weights), "v", "cpu", 640, task))
     split = SplitPredictor(model)
@@ -141,7 +142,13 @@ def test_nms_on_the_host_gives_ultralytics_answer(
     reference = copy.copy(split._predictor)  # ultralytics' own postprocess, masks and all
     reference.args = copy.copy(reference.args)
     reference.args.conf = conf
-    compared = 0
+    names = model.names
+    kept_names = (names[0],) if task == "segment" else (names[0], names[2])
+    filtered = copy.copy(reference)
+    filtered.args = copy.copy(reference.args)
+    filtered.args.classes = [i for i, n in names.items() if n in kept_names]
+    filtered.args.max_det = 5
+    compared = compared_filtered = 0
     for name in ("scene_01.jpg", "scene_02.jpg", "scene_03.jpg"):
         scene = cv2.imread(str(REPO_ROOT / "samples" / name))
         for width, height in [(640, 480), (1920, 1080), (1200, 1600)]:
@@ -166,8 +173,16 @@ def test_nms_on_the_host_gives_ultralytics_answer(
                 same_masks(fallback, theirs, (name, width, height))
                 np.testing.assert_allclose(fallback.boxes.data, theirs.boxes.data, atol=1e-3)
             compared += len(theirs.boxes)
+            # A step's class filter and a model's cap: ultralytics' classes= and max_det.
+            few = split.postprocess(output, inputs, image, conf, None, 5, kept_names)
+            with torch.inference_mode():
+                (same,) = filtered.postprocess(output, split._model_input(inputs), [image])
+            assert few.boxes.data.shape == same.boxes.data.shape, (name, width, height)
+            np.testing.assert_allclose(few.boxes.data, same.boxes.data, rtol=0, atol=1e-3)
+            compared_filtered += len(same.boxes)
     many = 200 if task == "detect" else 50  # the demo segmenter finds fewer at 0.01
     assert compared >= (many if conf < 0.1 else 20)  # there were boxes to compare
+    assert compared_filtered >= 20
 
 
 @pytest.mark.parametrize("agnostic", [False, True])

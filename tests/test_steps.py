@@ -227,6 +227,36 @@ def test_a_result_says_when_the_model_kept_as_many_boxes_as_it_may(run, tmp_path
     assert sliced["max_detections_reached"] is True
 
 
+def test_a_class_filter_is_applied_before_the_models_cap(run, tmp_path):
+    """A step keeping circles, its model capped at as many boxes as the photo has
+    circles: every circle is found. The filter was applied after NMS had kept the most
+    confident boxes of every class, so the cap was spent on squares and triangles the
+    step then dropped, and circles went missing (ultralytics' own `classes=` filters
+    before the cap)."""
+    for entry in SCENES:
+        circles = entry["counts"].get("circle", 0)
+        if not circles or sum(entry["counts"].values()) == circles:
+            continue
+        found = run("agro.yaml", "DETECTION", entry)["detection"]["detections"]
+        top = sorted(found, key=lambda d: -d["confidence"])[:circles]
+        if any(d["class"] != "circle" for d in top):
+            break  # its most confident boxes are not all circles
+    else:
+        pytest.fail("no sample whose most confident boxes include other shapes")
+    text = (
+        (CONFIGS / "agro.yaml").read_text().replace("../models/demo/", f"{REPO_ROOT}/models/demo/")
+    )
+    capped = tmp_path / "agro-circles.yaml"
+    capped.write_text(
+        text.replace("    imgsz: 416\n", f"    imgsz: 416\n    max_detections: {circles}\n")
+        + "  CIRCLES:\n    - detection: {classes: [circle]}\n"
+    )
+    detection = run(capped, "CIRCLES", entry)["detection"]
+    assert detection["counts"] == {"circle": circles}
+    assert detection["detections"] == [d for d in found if d["class"] == "circle"]
+    assert detection["max_detections_reached"] is True
+
+
 def test_a_segmenters_cap_is_read_before_its_rows_without_a_mask_go():
     """NMS kept as many rows as max_detections allows, then the rows whose mask came
     out empty were dropped (ultralytics' rule): the answer's boxes are fewer than the

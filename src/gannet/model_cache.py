@@ -294,6 +294,7 @@ class ModelCache:
         timer: Timer | None = None,
         photo_hw: tuple[int, int] | None = None,
         max_det: int = MAX_DETECTIONS,
+        classes: Sequence[str] = (),
     ) -> list[Any]:
         """Run frames through the model on its device; blocks the calling runner only.
 
@@ -301,7 +302,8 @@ class ModelCache:
         the model's batcher thread spends its time on forward passes alone. `photo_hw`:
         see SplitPredictor.postprocess (one image, a reduced decode of the photo);
         `max_det`: the most boxes kept per image (ultralytics' max_det, the config's
-        max_detections)."""
+        max_detections); `classes`: the class names a detector's or segmenter's answer
+        keeps, before max_det (ultralytics' classes=; empty: all)."""
         timer = timer or Timer(ignore)
         for _ in range(3):
             entry = self.get(key)
@@ -317,7 +319,7 @@ class ModelCache:
                 outputs = [f.result() for f in futures]
             with timer.stage("postprocess"):
                 return [
-                    entry.predictor.postprocess(out, x, image, conf, photo_hw, max_det)
+                    entry.predictor.postprocess(out, x, image, conf, photo_hw, max_det, classes)
                     for out, x, image in zip(outputs, inputs, images, strict=True)
                 ]
         raise TransientError(ErrorCode.MODEL_UNAVAILABLE, f"model {key.uri} keeps being evicted")

@@ -10,7 +10,7 @@ import io
 import logging
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, Protocol, TypeVar
 
@@ -310,12 +310,13 @@ class Pipeline:
             frames: list[Frame],
             conf: float,
             photo_hw: tuple[int, int] | None = None,
+            classes: Sequence[str] = (),
         ) -> list[Any]:
             key = self.resolver.key(loaded, kind, task.tenant_id, device)
             if key.tenant is not None and self._tenant_checked.get(key) is not loaded:
                 self._check_tenant_model(loaded, kind, key)
             max_det = loaded.config.models[kind].max_detections
-            return self.cache.predict(key, frames, conf, timer, photo_hw, max_det)
+            return self.cache.predict(key, frames, conf, timer, photo_hw, max_det, classes)
 
         ctx = StepContext(
             task=task, frame=frame, config=loaded.config, predict=predict, scale=scale

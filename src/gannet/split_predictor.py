@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 import threading
+from collections.abc import Sequence
 from typing import Any, cast
 
 import cv2
@@ -74,6 +75,7 @@ class SplitPredictor:
         self._letterboxes = preprocess.__qualname__ == "BasePredictor.preprocess"
         self._geometry = self._letterbox_geometry() if self._letterboxes else None
         self._boxes: dict[tuple[int, int], dict[str, Any]] = {}  # the geometry per shape
+        self._class_ids: dict[tuple[str, ...], list[int] | None] = {}  # a filter's ids
         # A plain detector or segmenter (not pose or obb, which subclass the detector;
         # not end-to-end): its NMS runs on the host in a few calls (nms_on_host).
         self._segments = type(self._predictor) is SegmentationPredictor
@@ -122,6 +124,21 @@ class SplitPredictor:
         thread that runs the forward passes sets its own."""
         if self._cpu_threads:
             torch.set_num_threads(self._cpu_threads)
+
+    def _ids(self, names: tuple[str, ...]) -> list[int] | None:
+        """The model's ids of these class names (ultralytics' `classes` takes ids), None
+        for all of them (no filter to apply: the shipped configs name every class); a
+        name the model lacks keeps nothing (configs are checked against their models)."""
+        known = self._class_ids.get(names, ())  # () for not yet known (runners share it)
+        if not isinstance(known, tuple):
+            return known
+        if len(self._class_ids) >= 256:  # filters come from configs: a few
+            self._class_ids.clear()
+        model_names = self._predictor.model.names
+        found = [i for i, name in model_names.items() if name in set(names)]
+        ids = None if len(found) == len(model_names) else found
+        self._class_ids[names] = ids
+        return ids
 
     def _own_copy(self) -> Any:
         view = getattr(self._local, "predictor", None)
@@ -247,15 +264,20 @@ class SplitPredictor:
         conf: float,
         photo_hw: tuple[int, int] | None = None,
         max_det: int = MAX_DETECTIONS,
+        classes: Sequence[str] = (),
     ) -> Any:
         """Runner thread: NMS, masks and the Results object for one image. `photo_hw`:
         the photo's (height, width) when `frame` is a reduced decode of it; a segmenter's
         masks on the host are then made at the photo's size, and its boxes given in the
         photo's pixels (segments_from_rows). Any other answer is in the frame's pixels.
-        `max_det`: the most rows NMS keeps, the most confident first."""
+        `max_det`: the most rows NMS keeps, the most confident first; `classes`: the
+        names of the classes it keeps, before it counts them (empty: all), so that a
+        step keeping some classes does not spend the cap on others, nor a segmenter make
+        their masks."""
         view = self._own_copy()
         view.args.conf = conf
         view.args.max_det = max_det
+        view.args.classes = self._ids(tuple(classes)) if classes else None
         view.photo_hw = photo_hw
         if self._crops is not None:
             probs = output[0] if isinstance(output, (tuple, list)) else output
@@ -427,6 +449,9 @@ def nms_on_host(prediction: torch.Tensor, args: Any, nc: int) -> np.ndarray:
         x = picked.T.float().cpu().numpy()
     classes = x[:, 4:end].argmax(1)
     confidence = x[:, 4:end].max(1)  # the same values as indexing at classes, no GIL release
+    if args.classes is not None:  # ultralytics' order: the filter, then max_nms and max_det
+        wanted = np.isin(classes, args.classes)
+        x, classes, confidence = x[wanted], classes[wanted], confidence[wanted]
     if len(x) > 30000:  # ultralytics' max_nms: the most confident first
         order = torch.from_numpy(confidence).argsort(descending=True)[:30000].numpy()
         x, classes, confidence = x[order], classes[order], confidence[order]

@@ -12,7 +12,7 @@ typed params and never re-validates or defaults them.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -26,7 +26,7 @@ from gannet.task import MIN_CONFIDENCE, Task
 
 class Predict(Protocol):
     """Predictions of the tenant's model of `kind` on its device, one per frame.
-    `photo_hw`: see ModelCache.predict."""
+    `photo_hw`, `classes`: see ModelCache.predict."""
 
     def __call__(
         self,
@@ -34,6 +34,7 @@ class Predict(Protocol):
         frames: list[Frame],
         conf: float,
         photo_hw: tuple[int, int] | None = None,
+        classes: Sequence[str] = (),
     ) -> list[Any]: ...
 
 

@@ -96,12 +96,12 @@ def box_columns(data: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def boxes_to_detections(
     result: Any,
     conf: float,
-    keep: list[str],
     offset: tuple[float, float] = (0.0, 0.0),
     scale: tuple[float, float] = (1.0, 1.0),
 ) -> list[dict[str, Any]]:
-    """Plain-JSON detections from one ultralytics result, filtered by threshold and class;
-    boxes scaled by `scale`, then moved by `offset`, into the photo's pixels."""
+    """Plain-JSON detections from one ultralytics result (its classes filtered by the
+    model's NMS: ctx.predict's `classes`), filtered by threshold; boxes scaled by `scale`,
+    then moved by `offset`, into the photo's pixels."""
     boxes = result.boxes
     if boxes is None or len(boxes) == 0:
         return []
@@ -110,12 +110,11 @@ def boxes_to_detections(
     sx, sy = scale
     out = []
     for (x1, y1, x2, y2), score, cls in zip(xyxy, confs, classes, strict=True):
-        name = result.names[int(cls)]
-        if score < conf or (keep and name not in keep):
+        if score < conf:
             continue
         out.append(
             {
-                "class": name,
+                "class": result.names[int(cls)],
                 "confidence": round(float(score), 4),
                 "box": [
                     round(float(v), 1)
@@ -143,9 +142,9 @@ def segmentation(ctx: StepContext, params: SegmentationParams) -> None:
     it), a CPU's its full-size planes, read inside each box."""
     spec = ctx.model_spec("segmentation")
     conf = ctx.threshold(spec, params)
-    keep = ctx.classes(spec, params)
     height, width = ctx.photo_hw
-    (result,) = ctx.predict("segmentation", [ctx.frame], conf, (height, width))
+    keep = ctx.classes(spec, params)
+    (result,) = ctx.predict("segmentation", [ctx.frame], conf, (height, width), keep)
     segments: list[dict[str, Any]] = []
     kept: list[SegmentMask] = []
     planes = getattr(result, "segment_crops", None)
@@ -156,8 +155,7 @@ def segmentation(ctx: StepContext, params: SegmentationParams) -> None:
     if planes is not None and result.boxes is not None:
         boxes, confs, classes = box_columns(result.boxes.data)
         for plane, box, score, cls in zip(planes, boxes, confs, classes, strict=True):
-            name = result.names[int(cls)]
-            if score < conf or (keep and name not in keep):
+            if score < conf:
                 continue
             if isinstance(plane, SegmentMask):
                 segment = tight(plane)
@@ -176,7 +174,7 @@ def segmentation(ctx: StepContext, params: SegmentationParams) -> None:
             segments.append(
                 {
                     "id": len(segments),
-                    "class": name,
+                    "class": result.names[int(cls)],
                     "confidence": round(float(score), 4),
                     "area_px": area,
                     "box": [x0, y0, x0 + cols, y0 + rows],
@@ -244,17 +242,17 @@ def detection(ctx: StepContext, params: DetectionParams) -> None:
     or after it: the segmentation step then assigns them, _detection_result)."""
     spec = ctx.model_spec("detection")
     conf = ctx.threshold(spec, params)
-    (result,) = ctx.predict("detection", [ctx.frame], conf)
-    found = boxes_to_detections(result, conf, ctx.classes(spec, params), scale=ctx.scale)
+    (result,) = ctx.predict("detection", [ctx.frame], conf, classes=ctx.classes(spec, params))
+    found = boxes_to_detections(result, conf, scale=ctx.scale)
     reached = reached_max([result], spec)
     _detection_result(ctx, params, found, conf, {"max_detections_reached": reached})
 
 
 def reached_max(results: Sequence[Any], spec: ModelSpec) -> bool:
     """Whether the model's NMS kept all the boxes it may (its max_detections) in any of
-    these answers, the most confident ones: the image may hold more, of any class, the
-    filtered-in ones too. ultralytics' 300 capped a dense photo's count without a word
-    (900 shapes drawn: 300 boxes)."""
+    these answers, the most confident of the step's classes: the image may hold more of
+    them. ultralytics' 300 capped a dense photo's count without a word (900 shapes
+    drawn: 300 boxes)."""
     return any(_nms_rows(r) >= spec.max_detections for r in results)
 
 
@@ -346,11 +344,11 @@ def sliced_detection(ctx: StepContext, params: SlicedDetectionParams) -> None:
         )
     tiles = [(x, y, min(x + size, width), min(y + size, height)) for y in rows for x in columns]
     crops = [crop(ctx.frame, *tile) for tile in tiles]
-    results = ctx.predict("detection", crops, conf)
+    results = ctx.predict("detection", crops, conf, classes=keep)
     candidates: list[dict[str, Any]] = []
     edge = 2.0  # px: a box this close to an inner tile edge was cut by it
     for index, ((x0, y0, x1, y1), result) in enumerate(zip(tiles, results, strict=True)):
-        for det in boxes_to_detections(result, conf, keep, offset=(x0, y0)):
+        for det in boxes_to_detections(result, conf, offset=(x0, y0)):
             det["_tile"] = index
             bx1, by1, bx2, by2 = det["box"]
             det["_cut"] = (
