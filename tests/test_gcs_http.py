@@ -20,6 +20,7 @@ from google.auth.credentials import AnonymousCredentials, Credentials
 
 from gannet.errors import ErrorCode, PermanentError, TransientError
 from gannet.gcs_http import Endpoint, Reply, Response
+from gannet.settings import REPO_ROOT
 from gannet.storage import Storage, make_client
 from gannet.task import GsUrl
 
@@ -469,3 +470,45 @@ def test_an_image_stored_gzip_compressed_and_served_so_is_read_decompressed_with
         with pytest.raises(PermanentError, match="gzip") as err:
             read(broken, len(photo))
         assert err.value.code == ErrorCode.IMAGE_UNDECODABLE
+
+
+def test_a_config_stored_gzip_compressed_and_served_so_is_read_decompressed(serve):
+    """A config uploaded as `gsutil cp -Z` does (Content-Encoding: gzip), with
+    Cache-Control: no-transform, is served as stored: its gzip bytes. The daemon read
+    them as the YAML and refused the config as not valid (a crash-looping pod at
+    start). It is decompressed; gzip data that is corrupt, or inflates past the
+    config's limit, is a ConfigError naming the object, as any unreadable config is.
+    (The GCS emulator never answers with Content-Encoding: a server answering as GCS
+    does stands in for it.)"""
+    from gannet import storage as storage_module
+    from gannet.config_sources import ConfigError, _read_text
+
+    text = (REPO_ROOT / "configs" / "demo.yaml").read_bytes()
+    objects = {
+        "demo.yaml": gzip.compress(text),
+        "corrupt.yaml": gzip.compress(text)[:-8] + b"\xff" * 8,
+        "bomb.yaml": _bomb(),
+    }
+
+    class NoTransform(_Handler):
+        def do_GET(self) -> None:
+            name = self.path.split("%2F")[-1].split("?")[0]
+            if "alt=media" not in self.path:
+                self.reply(200, b'{"generation": "3", "contentEncoding": "gzip"}')
+                return
+            body = objects[name]
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Cache-Control", "no-transform")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    url, _ = serve(NoTransform)
+    storage = Storage(make_client("gannet-test", url))
+    assert storage.read_url("gs://cfg/configs/demo.yaml") == (text, "3")
+    assert storage_module.CONFIG_MAX_BYTES < 64 << 20
+    for name, said in (("corrupt.yaml", "corrupt"), ("bomb.yaml", "larger than")):
+        with pytest.raises(ConfigError, match=said) as err:
+            _read_text(storage.read_url, f"gs://cfg/configs/{name}")
+        assert f"gs://cfg/configs/{name}" in str(err.value)

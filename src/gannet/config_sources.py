@@ -31,11 +31,15 @@ Reader = Callable[[str], tuple[bytes, str]]  # uri -> (content, version)
 
 
 def _read_text(read: Reader, uri: str) -> tuple[str, str]:
-    """(text, version) of a config; a missing one is a ConfigError naming it."""
+    """(text, version) of a config; a missing one, or one whose stored bytes cannot be
+    read as they were stored (a corrupt gzip: Storage.read_url's ValueError, which names
+    it), is a ConfigError naming it."""
     try:
         content, version = read(uri)
     except FileNotFoundError as exc:
         raise ConfigError(f"{uri}: does not exist") from exc
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     return content.decode("utf-8", errors="replace"), version
 
 

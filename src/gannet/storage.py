@@ -57,6 +57,10 @@ _RETRIED = frozenset({408, 429, 500, 502, 503, 504})  # as the client library's 
 DOWNLOAD_DEADLINE_S = 30.0
 DOWNLOAD_MIN_BYTES_PER_S = 2_000_000
 
+# The most a config stored gzip-compressed may inflate to: a config is a few kB, and a
+# small gzip may hold gigabytes (64 MiB of zeros are 64 KiB of gzip).
+CONFIG_MAX_BYTES = 16 << 20
+
 
 def make_client(project: str, emulator_host: str | None, connections: int = 10) -> storage.Client:
     """`connections`: HTTP connections kept open for reuse, one per thread that uses the
@@ -165,8 +169,12 @@ class Storage:
             raise PermanentError(ErrorCode.IMAGE_UNDECODABLE, f"{where} is empty")
         _check(response, where)
         data: bytes = response.data
-        if response.encoding is not None and response.encoding.lower() in ("gzip", "x-gzip"):
-            data = _gunzip(data, max_bytes, where)
+        if _gzipped(response):
+            try:
+                data = _gunzip(data, max_bytes)
+            except GzipError as exc:
+                code = ErrorCode.IMAGE_TOO_LARGE if exc.too_large else ErrorCode.IMAGE_UNDECODABLE
+                raise PermanentError(code, f"{where} {exc}") from exc
         if not data:
             raise PermanentError(ErrorCode.IMAGE_UNDECODABLE, f"{where} is empty")
         if len(data) > max_bytes:
@@ -254,11 +262,19 @@ class Storage:
 
     def read_url(self, url: str) -> tuple[bytes, str]:
         """(content, generation) of one and the same generation: downloading "the latest"
-        after reading its metadata could pair new bytes with an old generation."""
+        after reading its metadata could pair new bytes with an old generation. An
+        object stored gzip-compressed that GCS serves as stored (as `read`) is
+        decompressed, to CONFIG_MAX_BYTES; GzipError (a ValueError) if it cannot be."""
         bucket, name = split_gs_url(url)
         generation = str(self._metadata(bucket, name)["generation"])
         media = f"{self._media(bucket, name)}&generation={generation}"
-        return self._get(media, f"{url} (generation {generation})").data, generation
+        response = self._get(media, f"{url} (generation {generation})")
+        if not _gzipped(response):
+            return response.data, generation
+        try:
+            return _gunzip(response.data, CONFIG_MAX_BYTES), generation
+        except GzipError as exc:
+            raise GzipError(f"{url} {exc}", exc.too_large) from exc
 
     def list_objects(self, bucket: str, prefix: str) -> dict[str, str]:
         """{gs:// URL: generation} of the objects named `prefix`..., every page; {} when
@@ -398,42 +414,57 @@ def _crc32c(data: bytes) -> str:
     return base64.b64encode(checksum.digest()).decode()  # type: ignore[no-untyped-call]
 
 
-def _gunzip(data: bytes, max_bytes: int, where: str) -> bytes:
-    """An image's bytes served gzip-compressed (Content-Encoding: gzip), decompressed no
-    further than max_bytes + 1: a small gzip of a huge body (64 MiB of zeros are 64 KiB of
-    gzip) is refused as too large, as a plain one is, without being inflated whole.
+class GzipError(ValueError):
+    """An object served gzip-compressed whose gzip data is corrupt or cut short, or
+    (`too_large`) more than the reader's limit once decompressed."""
+
+    def __init__(self, message: str, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.too_large = too_large
+
+
+def _gzipped(response: Reply) -> bool:
+    """Whether GCS sent the object as stored, gzip-compressed: it does for one stored
+    with Content-Encoding: gzip and Cache-Control: no-transform, whatever was asked
+    (cloud.google.com/storage/docs/transcoding); without no-transform it decompresses."""
+    return response.encoding is not None and response.encoding.lower() in ("gzip", "x-gzip")
+
+
+def _gunzip(data: bytes, max_bytes: int) -> bytes:
+    """An object's bytes served gzip-compressed, decompressed no further than
+    max_bytes + 1: a small gzip of a huge body (64 MiB of zeros are 64 KiB of gzip) is
+    refused as too large, as a plain one is, without being inflated whole.
 
     `data` is at most max_bytes + 1 bytes of the gzip (Storage.read's Range, or its read
-    limit where the Range is ignored): a gzip that does not end within them is more than
-    the limit compressed, and so, within gzip's few bytes of framing, decompressed too.
-    Several gzip members (concatenated gzips) are one body, as gzip(1) reads them."""
-    image = bytearray()
+    limit where the Range is ignored), or all of it: a gzip that does not end within
+    max_bytes + 1 bytes is more than the limit compressed, and so, within gzip's few
+    bytes of framing, decompressed too. Several gzip members (concatenated gzips) are
+    one body, as gzip(1) reads them. GzipError says what is wrong, after the object's
+    name."""
+    body = bytearray()
     rest = data
     try:
         while rest:
             inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip's framing only
-            image += inflate.decompress(rest, max_bytes + 1 - len(image))
-            if len(image) > max_bytes or (not inflate.eof and len(data) > max_bytes):
-                raise PermanentError(
-                    ErrorCode.IMAGE_TOO_LARGE,
-                    f"{where} is stored gzip-compressed (Content-Encoding: gzip, served "
-                    f"compressed) and is larger than the {max_bytes}-byte limit once "
-                    "decompressed",
+            body += inflate.decompress(rest, max_bytes + 1 - len(body))
+            if len(body) > max_bytes or (not inflate.eof and len(data) > max_bytes):
+                raise GzipError(
+                    "is stored gzip-compressed (Content-Encoding: gzip, served compressed) "
+                    f"and is larger than the {max_bytes}-byte limit once decompressed",
+                    too_large=True,
                 )
             if not inflate.eof:
-                raise PermanentError(
-                    ErrorCode.IMAGE_UNDECODABLE,
-                    f"{where} is stored gzip-compressed (Content-Encoding: gzip), and its "
-                    f"gzip data ends before its stream does ({len(data)} bytes)",
+                raise GzipError(
+                    "is stored gzip-compressed (Content-Encoding: gzip), and its gzip data "
+                    f"ends before its stream does ({len(data)} bytes)"
                 )
             rest = inflate.unused_data
     except zlib.error as exc:
-        raise PermanentError(
-            ErrorCode.IMAGE_UNDECODABLE,
-            f"{where} is stored gzip-compressed (Content-Encoding: gzip), and its gzip "
-            f"data is corrupt: {exc}",
+        raise GzipError(
+            "is stored gzip-compressed (Content-Encoding: gzip), and its gzip data is "
+            f"corrupt: {exc}"
         ) from exc
-    return bytes(image)
+    return bytes(body)
 
 
 def _check(response: Reply, where: str) -> None:
