@@ -242,7 +242,9 @@ class Pipeline:
         self.cache = cache
         self.resolver = resolver
         self.limits = limits
-        # A tenant's own model, by the config its class filters were checked against.
+        # A tenant's own model, by the config its class filters were checked against: a
+        # key per tenant model, generation and device, so emptied now and then over a
+        # pod's life (a check again is a lookup of a loaded model's names).
         self._tenant_checked: dict[ModelKey, LoadedConfig] = {}
 
     def check(self, task: Task) -> Route:
@@ -372,8 +374,9 @@ class Pipeline:
         checked against the config's filters then, as an industry model's are before it
         serves (load_models). One that lacks a class they name (a model trained with
         other names) answered every task without that class, as a success; now its
-        tasks are retried, model_unavailable naming the model and the classes, until a
-        corrected upload (a new generation, a new key) serves them."""
+        tasks fail model_unavailable naming the model and the classes (retried, then
+        dead-lettered, to replay) until a corrected upload (a new generation, a new key)
+        serves them."""
         names = self.cache.get(key).names
         try:
             _check_class_filters(loaded, kind, names, key.uri)
@@ -381,6 +384,8 @@ class Pipeline:
             raise TransientError(
                 ErrorCode.MODEL_UNAVAILABLE, f"tenant {key.tenant}'s own model: {exc}"
             ) from exc
+        if len(self._tenant_checked) >= 4096:
+            self._tenant_checked.clear()
         self._tenant_checked[key] = loaded
 
 
