@@ -123,6 +123,47 @@ def test_a_failed_tasks_id_stays_its_tenants_and_its_retry_runs(db):
     assert db.find_success(task_id, a) is not None
 
 
+def test_another_tenants_refused_task_cannot_take_a_claimed_task_id(db):
+    """Tenant a's task is claimed and has no row yet (it runs, or waits for its retry
+    after a transient failure). A message of another tenant with the same task_id is
+    refused in the callback (a typo'd tenant, an image outside its prefix): its failed
+    row took the id, so a's commit, its model run and its result object already written,
+    was refused as task_id_conflict and a's task dead-lettered with no row, at every
+    retry. The refused message is the conflict; a's task commits."""
+    a, b = f"a-{uuid.uuid4().hex[:6]}", f"b-{uuid.uuid4().hex[:6]}"
+    task_id = f"claimed-{a}"
+    assert db.start(task_id, a, "pod-a", 60).claimed
+    with pytest.raises(PermanentError) as err:
+        db.save(result(b, task_id, "failed", error_code="image_outside_tenant"))
+    assert err.value.code is ErrorCode.TASK_ID_CONFLICT
+    assert db.save_claimed(result(a, task_id), "pod-a", lambda: None)
+    assert db.find_success(task_id, a) is not None
+
+
+def test_a_retry_that_succeeds_replaces_the_failed_rows_session_and_image(db):
+    """A task refused for its schema has a failed row without session_id or image_id
+    (the body could not be read for them); its corrected republish succeeded, but the
+    row kept the failed attempt's (none): the success was missing from its session's
+    rows. A new outcome replaces the row's ids with its own, through either write."""
+    tenant = f"t-{uuid.uuid4().hex[:6]}"
+    claimed, unclaimed = f"{tenant}-claimed", f"{tenant}-unclaimed"
+    for task_id in (claimed, unclaimed):
+        assert db.save(result(tenant, task_id, "failed", error_code="schema_error"))
+    fixed = {"session_id": "session-42", "image_id": "img-7"}
+    assert db.start(claimed, tenant, "pod-a", 60).claimed
+    assert db.save_claimed(result(tenant, claimed, **fixed), "pod-a", lambda: None)
+    assert db.save(result(tenant, unclaimed, "failed", error_code="image_not_found", **fixed))
+    with db.tenant_transaction(tenant) as cur:
+        cur.execute(
+            "SELECT task_id, status, session_id, image_id FROM task_results"
+            " WHERE session_id = 'session-42' ORDER BY task_id"
+        )
+        assert cur.fetchall() == [
+            {"task_id": claimed, "status": "succeeded", **fixed},
+            {"task_id": unclaimed, "status": "failed", **fixed},
+        ]
+
+
 def test_a_claimed_commit_writes_only_under_its_claim_and_rolls_back_cleanly(db):
     """save_claimed sends its transaction as two blocking libpq calls ("BEGIN; fence",
     then "finish; COMMIT", their values quoted in). What must hold: a result with quotes,

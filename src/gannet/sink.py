@@ -301,6 +301,50 @@ MIGRATIONS: list[tuple[int, str]] = [
         $fn$;
         """,
     ),
+    (
+        7,
+        """
+        -- A new outcome over a failed row takes its session_id and image_id too (where
+        -- it has them): a task refused for its schema has a failed row without them, and
+        -- its corrected republish's success kept none, missing from its session's rows.
+        CREATE OR REPLACE FUNCTION gannet_finish(p_holder text, p_task text, p_tenant text,
+            p_status text, p_pipeline text, p_session text, p_image_id text,
+            p_image_url text, p_result jsonb, p_result_uri text, p_attempt integer,
+            p_timings jsonb)
+        RETURNS boolean
+        LANGUAGE plpgsql AS $fn$
+        DECLARE
+            v_written boolean;
+        BEGIN
+            INSERT INTO task_results AS t (task_id, tenant_id, status, pipeline, session_id,
+                image_id, image_url, result, result_uri, delivery_attempt, timings,
+                created_at, updated_at)
+            VALUES (p_task, p_tenant, p_status, p_pipeline, p_session, p_image_id,
+                p_image_url, p_result, p_result_uri, p_attempt, p_timings,
+                clock_timestamp(), clock_timestamp())
+            ON CONFLICT ON CONSTRAINT task_results_pkey DO UPDATE SET
+                status = EXCLUDED.status, pipeline = EXCLUDED.pipeline,
+                session_id = coalesce(EXCLUDED.session_id, t.session_id),
+                image_id = coalesce(EXCLUDED.image_id, t.image_id),
+                result = EXCLUDED.result, result_uri = EXCLUDED.result_uri,
+                error_code = NULL, error = NULL,
+                delivery_attempt = EXCLUDED.delivery_attempt, timings = EXCLUDED.timings,
+                image_url = EXCLUDED.image_url, updated_at = clock_timestamp()
+            WHERE t.status <> 'succeeded';
+            v_written := FOUND;
+            -- Nothing written and this tenant cannot see the row: another tenant's id.
+            IF NOT v_written AND NOT EXISTS (
+                SELECT 1 FROM task_results r WHERE r.task_id = p_task) THEN
+                RAISE EXCEPTION 'task_id belongs to another tenant'
+                    USING ERRCODE = 'insufficient_privilege';
+            END IF;
+            UPDATE task_claims SET expires_at = 'infinity'
+                WHERE task_id = p_task AND holder = p_holder;
+            RETURN v_written;
+        END
+        $fn$;
+        """,
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 _MIGRATION_LOCK = 0x6A4E_E7  # pg_advisory_xact_lock key: one migrator at a time
@@ -313,6 +357,8 @@ VALUES (%(task_id)s, %(tenant_id)s, %(status)s, %(pipeline)s, %(session_id)s, %(
     %(delivery_attempt)s, %(timings)s)
 ON CONFLICT (task_id) DO UPDATE SET
     status = EXCLUDED.status, pipeline = EXCLUDED.pipeline, result = EXCLUDED.result,
+    session_id = coalesce(EXCLUDED.session_id, task_results.session_id),
+    image_id = coalesce(EXCLUDED.image_id, task_results.image_id),
     result_uri = EXCLUDED.result_uri, error_code = EXCLUDED.error_code,
     error = EXCLUDED.error, delivery_attempt = EXCLUDED.delivery_attempt,
     timings = EXCLUDED.timings, image_url = EXCLUDED.image_url, updated_at = now()
@@ -331,6 +377,7 @@ _OWN = (
     "INSERT INTO task_claims (task_id, tenant_id, holder, expires_at)"
     " VALUES (%s, %s, '', now()) ON CONFLICT (task_id) DO NOTHING"
 )
+_CLAIM_SEEN = "SELECT 1 FROM task_claims WHERE task_id = %s"
 _RELEASE = "UPDATE task_claims SET expires_at = now() WHERE task_id = %s AND holder = %s"
 # The fence: whoever holds the claim row's lock is the only one who may write the result
 # object and commit, so the object at result_uri is always the committed attempt's.
@@ -442,9 +489,15 @@ class Sink:
         taken for the tenant too, where no one holds one, expired at once so that the
         tenant's own retry claims it. Without it another tenant's task of that id was
         claimed, ran the model and wrote its result before its commit was refused, and
-        its claim, kept, refused the first tenant's retries for good."""
+        its claim, kept, refused the first tenant's retries for good. Where another
+        tenant holds the claim, its task runs or waits for a retry, with no row yet: this
+        row is the conflict (PermanentError), or it would take the id from under it."""
         with self.tenant_transaction(record.tenant_id) as cur:
             cur.execute(_OWN, (record.task_id, record.tenant_id))
+            # Another tenant's claim stays: the insert did nothing, and RLS hides it.
+            cur.execute(_CLAIM_SEEN, (record.task_id,))
+            if cur.fetchone() is None:
+                raise PermanentError(ErrorCode.TASK_ID_CONFLICT, _CONFLICT)
             return _upsert(cur, record)
 
     def save_claimed(
