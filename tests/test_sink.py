@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 import uuid
 
@@ -280,3 +281,26 @@ def test_the_pool_follows_the_runners(monkeypatch):
     assert Settings().db_connections() == 20
     monkeypatch.setenv("GANNET_DB_POOL_SIZE", "6")
     assert Settings().db_connections() == 6
+
+
+def test_a_pooled_connection_gives_up_on_a_silent_server_within_a_minute(db):
+    """A statement once sent has no client-side bound (pgexec blocks in libpq): where
+    the network drops PostgreSQL's packets without a reset (a failover's old address),
+    a runner waited about 15 minutes for the kernel to give the connection up, its
+    message leased all the while. Each connection now tells the kernel to give up after
+    30 s of unacknowledged data or unanswered keepalives (probes after 10 s idle, every
+    5 s, 3 of them). Dropping packets cannot be staged on this machine (no iptables; tc
+    lacks the prio qdisc to single out a port), so what the kernel was told is read
+    back from the connection's socket."""
+    import socket
+
+    with db.pool.connection() as conn:
+        sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+        try:
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 10
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 5
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 30_000
+        finally:
+            sock.close()

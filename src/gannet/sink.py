@@ -410,6 +410,22 @@ class ClaimLost(TransientError):
         self.retry_after_s = retry_after_s
 
 
+# A statement once sent has no client-side bound (pgexec's calls block in libpq): where
+# the network drops PostgreSQL's packets without a reset (a failover's old address, a
+# NAT that forgot the flow), a runner waited for the kernel to give up on the
+# connection, about 15 minutes, its message leased all the while. The kernel now
+# gives up after 30 s of unacknowledged data (tcp_user_timeout) or of unanswered
+# keepalive probes (first after 10 s idle, then every 5 s): the statement fails, the
+# task is nacked and the pool replaces the connection. A busy server acks both.
+_DEAD_PEER = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,  # ms
+}
+
+
 def _transient(exc: Exception) -> TransientError:
     return TransientError(ErrorCode.DEPENDENCY_UNAVAILABLE, f"PostgreSQL: {exc}")
 
@@ -426,7 +442,12 @@ class Sink:
             # round trip; everything longer runs in conn.transaction() (BEGIN ... COMMIT).
             # UTF-8 whatever the environment asks (PGCLIENTENCODING): pgexec sends text
             # parameters as UTF-8.
-            kwargs={"autocommit": True, "connect_timeout": 5, "client_encoding": "UTF8"},
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": 5,
+                "client_encoding": "UTF8",
+                **_DEAD_PEER,
+            },
             # No check on every checkout (a round trip per transaction): a broken
             # connection fails its transaction, the task is nacked and retried, and the
             # pool replaces the connection.
