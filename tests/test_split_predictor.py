@@ -254,3 +254,90 @@ def test_a_gpus_masks_of_a_reduced_decode_are_a_cpus():
             same_masks(ours, theirs, name)
         compared += len(theirs.boxes)
     assert compared >= 5
+
+
+def test_an_end_to_end_models_cap_is_reported_whatever_the_class_filter(tmp_path, monkeypatch):
+    """An end-to-end export (YOLO26 to ONNX, NMS inside the network) keeps its own top
+    rows over every class before any class filter can apply: there a step's filter
+    comes after the cap, as in ultralytics' own predict with classes=, and the
+    answer's max_detections_reached must say the network was full even when the kept
+    class has few of its rows (with the filter applied inside the runner's NMS, it
+    said false). Random weights, so every row scores above a tiny threshold; the
+    export runs offline (no simplifier, nothing downloaded)."""
+    import warnings
+
+    from ultralytics import YOLO
+
+    from gannet.config_schema import ModelSpec
+    from gannet.steps import reached_max
+
+    torch.manual_seed(0)
+    monkeypatch.chdir(tmp_path)  # a model built from its YAML is exported to the cwd
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy ONNX exporter's own deprecations
+        exported = YOLO("yolo26n.yaml", task="detect").export(
+            format="onnx", imgsz=320, nms=False, simplify=False, dynamic=False
+        )
+    load = yolo_loader(lambda uri, version: Path(uri), trace=False)
+    model, _ = load(ModelKey(str(exported), "v", "cpu", 320, "detect"))
+    split = SplitPredictor(model)
+    assert not split._nms_on_host  # ultralytics' own postprocess answers
+    image = cv2.imread(str(REPO_ROOT / "samples" / "scene_01.jpg"))
+    inputs = split.preprocess(image)
+    (output,) = split.forward([inputs])
+    every = split.postprocess(output, inputs, image, 1e-9, None, 300)
+    classes = every.boxes.cls.numpy().astype(int)
+    rare = min(set(classes.tolist()), key=lambda c: (classes == c).sum())
+    assert len(every.boxes) == 300 and (classes == rare).sum() < 300
+    few = split.postprocess(output, inputs, image, 1e-9, None, 300, (model.names[rare],))
+    assert few.boxes.data.tolist() == every.boxes.data[classes == rare].tolist()
+    spec = ModelSpec(path="x.onnx", max_detections=300)
+    assert reached_max([every], spec) and reached_max([few], spec)
+
+
+@pytest.mark.parametrize("masks_in_boxes", [True, False])
+def test_a_segmenters_class_filter_keeps_ultralytics_rows_and_masks(tmp_path, masks_in_boxes):
+    """A step's class filter on a segmenter of many classes (the demo's has one): the
+    runner's NMS on the host keeps the rows and masks ultralytics' predict keeps with
+    classes= and a cap, and makes no mask for the classes it drops. An 80-class
+    segmenter with random weights (built from ultralytics' YAML, nothing downloaded;
+    its class scores and normalisation spread so that anchors differ in their best
+    class): several classes compete for the cap."""
+    from ultralytics import YOLO
+
+    torch.manual_seed(0)
+    built = YOLO("yolo11n-seg.yaml", task="segment")
+    with torch.no_grad():
+        for branch in built.model.model[-1].cv3:  # the class scores' last convolutions
+            branch[-1].weight.normal_(0, 0.05)
+        for module in built.model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_var.fill_(0.1)
+    weights = tmp_path / "seg80.pt"
+    built.save(weights)
+    load = yolo_loader(lambda uri, version: Path(uri), trace=False)
+    model, _ = load(ModelKey(str(weights), "v", "cpu", 320, "segment"))
+    split = SplitPredictor(model)
+    assert split._nms_on_host
+    split._masks_in_boxes = masks_in_boxes
+    kept = (model.names[1], model.names[5], model.names[42])
+    reference = copy.copy(split._predictor)
+    reference.args = copy.copy(reference.args)
+    reference.args.conf, reference.args.max_det = 0.01, 20
+    reference.args.classes = [1, 5, 42]
+    image = cv2.imread(str(REPO_ROOT / "samples" / "scene_01.jpg"))
+    inputs = split.preprocess(image)
+    (output,) = split.forward([inputs])
+    ours = split.postprocess(output, inputs, image, 0.01, None, 20, kept)
+    with torch.inference_mode():
+        (theirs,) = reference.postprocess(output, split._model_input(inputs), [image])
+    unfiltered = copy.copy(reference)
+    unfiltered.args = copy.copy(reference.args)
+    unfiltered.args.classes = None
+    with torch.inference_mode():
+        (every,) = unfiltered.postprocess(output, split._model_input(inputs), [image])
+    assert set(every.boxes.cls.tolist()) - {1.0, 5.0, 42.0}, "the filter drops some rows"
+    assert len(theirs.boxes) >= 3 and set(theirs.boxes.cls.tolist()) <= {1.0, 5.0, 42.0}
+    np.testing.assert_allclose(ours.boxes.data, theirs.boxes.data, rtol=0, atol=1e-3)
+    same_masks(ours, theirs, "seg80")
+    assert ours.nms_rows == 20  # NMS filled the cap; rows whose mask is empty went after

@@ -79,9 +79,10 @@ class SplitPredictor:
         # A plain detector or segmenter (not pose or obb, which subclass the detector;
         # not end-to-end): its NMS runs on the host in a few calls (nms_on_host).
         self._segments = type(self._predictor) is SegmentationPredictor
+        self._end2end = bool(getattr(self._predictor.model, "end2end", False))
         self._nms_on_host = (
             (self._segments or type(self._predictor) is DetectionPredictor)
-            and not getattr(self._predictor.model, "end2end", False)
+            and not self._end2end
             and self._predictor.args.classes is None
         )
         # A classifier whose transforms ultralytics splits (PIL's resize and centre crop
@@ -128,7 +129,7 @@ class SplitPredictor:
     def _ids(self, names: tuple[str, ...]) -> list[int] | None:
         """The model's ids of these class names (ultralytics' `classes` takes ids), None
         for all of them (no filter to apply: the shipped configs name every class); a
-        name the model lacks keeps nothing (configs are checked against their models)."""
+        name the model lacks is left out (configs are checked against their models)."""
         known = self._class_ids.get(names, ())  # () for not yet known (runners share it)
         if not isinstance(known, tuple):
             return known
@@ -300,6 +301,14 @@ class SplitPredictor:
                 )
         with torch.inference_mode():
             (result,) = view.postprocess(output, inputs, [shape_only(frame)])
+        if self._end2end and view.args.classes is not None:
+            # The network kept its own top rows over every class (as many as its
+            # export allows), and the filter came after (ultralytics' order too): the
+            # cap was reached if its rows above the threshold, of any class, filled it.
+            head = output[0] if isinstance(output, (tuple, list)) else output
+            above = int((head[0, :, 4] > conf).sum())
+            full = above >= min(head.shape[1], max_det)
+            result.nms_rows = max_det if full else above  # steps.reached_max reads it
         return result
 
 
