@@ -242,6 +242,48 @@ def test_run_with_a_wrong_database_name_says_so_at_once(services):
         assert time.monotonic() - started < 30  # not the 60 s wait
 
 
+def test_a_database_url_asking_for_tls_of_a_server_without_it_says_so_at_once(services):
+    """sslmode=require against a server (or a proxy in front of it) that speaks no TLS:
+    libpq says so, and waiting cannot change it. It was taken for a database not up
+    yet: GANNET_DB_CONNECT_WAIT_S waited out, then `is it running?`."""
+    env = {
+        **services.env(),
+        "GANNET_DATABASE_URL": services.database_url + "?sslmode=require",
+        "GANNET_DB_CONNECT_WAIT_S": "60",
+        "GANNET_METRICS_PORT": "0",
+    }
+    for command in (["run"], ["db", "migrate"]):
+        started = time.monotonic()
+        out = gannet(*command, env=env, timeout=120)
+        assert out.returncode == 2, out.stdout + out.stderr
+        said = json.loads(out.stdout.splitlines()[-1])["message"] if out.stdout else out.stderr
+        assert "server does not support SSL" in said and "sslmode" in said
+        assert "is it running" not in said and "Traceback" not in said
+        assert time.monotonic() - started < 30  # not the 60 s wait
+
+
+def test_migrate_as_a_role_that_may_not_create_tables_says_what_to_grant(services):
+    """A database whose schema the URL's role may not create in (PostgreSQL 15 grants
+    CREATE on `public` to its owner only): the migrate step printed a traceback
+    (InsufficientPrivilege). It says what failed, why, that it was rolled back, and
+    what the role needs; and it prints the database's schema version."""
+    import psycopg
+
+    with psycopg.connect(services.admin_url, autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS not_gannets")
+        conn.execute("CREATE DATABASE not_gannets")  # owned by the admin, not gannet
+    url = services.database_url.rsplit("/", 1)[0] + "/not_gannets"
+    out = gannet("db", "migrate", env={**services.env(), "GANNET_DATABASE_URL": url})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    assert "creating the migrations' table failed" in out.stderr
+    assert "permission denied for schema public" in out.stderr
+    assert "rolled back" in out.stderr and "CREATE" in out.stderr
+    out = gannet("db", "migrate", env=services.env())
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "database schema at version " in out.stdout
+
+
 def test_run_with_a_results_bucket_that_does_not_exist_refuses_to_start(stack):
     """Every task writes its result there: a misspelt GANNET_RESULTS_BUCKET used to start
     a ready pod whose every task was retried until dead-lettered, with no row, while

@@ -53,10 +53,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     settings = Settings()
     logs.configure(settings.log_level)
     try:
-        applied = sink.migrate(settings.database_url, settings.db_connect_wait_s)
+        done = sink.migrate(settings.database_url, settings.db_connect_wait_s)
     except psycopg.OperationalError as exc:
         raise CommandError(sink.cannot_connect(exc)) from exc
-    print(f"schema at version {sink.SCHEMA_VERSION}; applied now: {applied or 'nothing'}")
+    except sink.MigrationFailed as exc:
+        raise CommandError(str(exc)) from exc
+    ours = "" if done.version == sink.SCHEMA_VERSION else f" (this gannet's: {sink.SCHEMA_VERSION})"
+    print(
+        f"database schema at version {done.version}{ours}; applied now: {done.applied or 'nothing'}"
+    )
     return 0
 
 

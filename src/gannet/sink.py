@@ -636,7 +636,12 @@ _REFUSALS = (
     "password authentication failed",
     "does not exist",  # the database or the role
     "no pg_hba.conf entry",
+    "pg_hba.conf rejects",
+    "SSL was required",  # sslmode=require of a server (or a proxy) without TLS
 )
+# Every connection slot taken: waiting may help, as other clients leave; if it did not,
+# the cause is the pools' sizes, not a server that is down.
+_FULL = ("too many clients", "remaining connection slots are reserved")
 
 
 def refused(exc: Exception) -> bool:
@@ -649,7 +654,14 @@ def cannot_connect(exc: Exception) -> str:
     if refused(exc):
         return (
             f"PostgreSQL refused the connection ({exc}); check the user, password and "
-            "database name in GANNET_DATABASE_URL"
+            "database name in GANNET_DATABASE_URL, and its sslmode (require for a direct "
+            "connection to Cloud SQL, disable through the Cloud SQL Auth Proxy)"
+        )
+    if any(full in str(exc) for full in _FULL):
+        return (
+            f"PostgreSQL has no connection slot left ({exc}): the pods' pools together "
+            "ask for more than its max_connections; lower GANNET_DB_POOL_SIZE or raise "
+            "max_connections (docs/runbook.md)"
         )
     return (
         f"cannot connect to PostgreSQL at GANNET_DATABASE_URL ({exc}); is it running? "
@@ -671,21 +683,31 @@ def connect_waiting(database_url: str, wait_s: float) -> psycopg.Connection[Any]
             time.sleep(1.0)
 
 
-def migrate(database_url: str, connect_wait_s: float = 0.0) -> list[int]:
-    """Apply pending migrations in one transaction each; returns the versions applied.
-    Waits up to `connect_wait_s` for PostgreSQL to accept a connection (a pod's migrate
-    step starts beside a proxy sidecar that may not be up yet)."""
+@dataclass(frozen=True)
+class Migrated:
+    applied: list[int]  # the versions applied now, in order
+    version: int  # the database's schema version after: past SCHEMA_VERSION after a rollback
+
+
+class MigrationFailed(RuntimeError):
+    """A migration PostgreSQL refused, rolled back whole; the message says what to do."""
+
+
+def migrate(database_url: str, connect_wait_s: float = 0.0) -> Migrated:
+    """Apply pending migrations in one transaction each. Waits up to `connect_wait_s`
+    for PostgreSQL to accept a connection (a pod's migrate step starts beside a proxy
+    sidecar that may not be up yet); MigrationFailed if one is refused."""
     applied: list[int] = []
     conn = connect_waiting(database_url, connect_wait_s)
     with conn:
-        with conn.transaction():
+        with _refusal("creating the migrations' table"), conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
                 " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
             )
         for version, sql in MIGRATIONS:
-            with conn.transaction():
+            with _refusal(f"migration {version}"), conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
                 done = conn.execute(
                     "SELECT 1 FROM schema_migrations WHERE version = %s", (version,)
@@ -696,4 +718,24 @@ def migrate(database_url: str, connect_wait_s: float = 0.0) -> list[int]:
                 conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
                 applied.append(version)
                 log.info("migration applied", extra={"fields": {"version": version}})
-    return applied
+        row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
+    return Migrated(applied, int(row[0]) if row and row[0] is not None else 0)
+
+
+@contextmanager
+def _refusal(what: str) -> Iterator[None]:
+    """PostgreSQL refusing a migration's SQL (a role without CREATE on the schema: a
+    traceback before) as MigrationFailed saying what failed and what to do; a lost
+    connection stays an OperationalError (cannot_connect)."""
+    try:
+        yield
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise MigrationFailed(
+            f"{what} failed and was rolled back ({exc}): the role in GANNET_DATABASE_URL "
+            "must own the database, or have CREATE on its schema public (which "
+            "PostgreSQL 15 grants to the owner only)"
+        ) from exc
+    except psycopg.OperationalError:
+        raise
+    except psycopg.Error as exc:
+        raise MigrationFailed(f"{what} failed and was rolled back: {exc}") from exc
