@@ -27,10 +27,9 @@ def result(tenant: str, task_id: str, status: str = "succeeded", **kw) -> TaskRe
     return TaskResult(
         task_id=task_id,
         tenant_id=tenant,
-        pipeline="DETECTION",
         status=status,
         result={"detection": {"counts": {"circle": 1}}} if status == "succeeded" else None,
-        **kw,
+        **{"pipeline": "DETECTION", **kw},
     )
 
 
@@ -146,24 +145,38 @@ def test_a_retry_that_succeeds_replaces_the_failed_rows_session_and_image(db):
     """A task refused for its schema has a failed row without session_id or image_id
     (the body could not be read for them); its corrected republish succeeded, but the
     row kept the failed attempt's (none): the success was missing from its session's
-    rows. A new outcome replaces the row's ids with its own, through either write."""
+    rows. A new outcome replaces the row's ids with its own, through either write, and
+    keeps the earlier ones where it has none (a later body refused for its schema)."""
     tenant = f"t-{uuid.uuid4().hex[:6]}"
-    claimed, unclaimed = f"{tenant}-claimed", f"{tenant}-unclaimed"
+    fixed = {"session_id": "session-42", "image_id": "img-7", "image_url": "gs://b/t/x.jpg"}
+    claimed, unclaimed = f"{tenant}-1-claimed", f"{tenant}-2-unclaimed"
+    kept_failed, kept_success = f"{tenant}-3-kept-failed", f"{tenant}-4-kept-success"
+    unread = {"pipeline": None, "error_code": "schema_error"}  # a body not read for its ids
     for task_id in (claimed, unclaimed):
-        assert db.save(result(tenant, task_id, "failed", error_code="schema_error"))
-    fixed = {"session_id": "session-42", "image_id": "img-7"}
+        assert db.save(result(tenant, task_id, "failed", **unread))
+    for task_id in (kept_failed, kept_success):
+        assert db.save(result(tenant, task_id, "failed", error_code="image_not_found", **fixed))
     assert db.start(claimed, tenant, "pod-a", 60).claimed
     assert db.save_claimed(result(tenant, claimed, **fixed), "pod-a", lambda: None)
     assert db.save(result(tenant, unclaimed, "failed", error_code="image_not_found", **fixed))
+    assert db.save(result(tenant, kept_failed, "failed", **unread))
+    assert db.start(kept_success, tenant, "pod-a", 60).claimed
+    no_ids = result(tenant, kept_success, image_url=fixed["image_url"])  # a task has its URL
+    assert db.save_claimed(no_ids, "pod-a", lambda: None)
     with db.tenant_transaction(tenant) as cur:
         cur.execute(
-            "SELECT task_id, status, session_id, image_id FROM task_results"
-            " WHERE session_id = 'session-42' ORDER BY task_id"
+            "SELECT task_id, status, pipeline, error_code, session_id, image_id, image_url"
+            " FROM task_results WHERE session_id = 'session-42' ORDER BY task_id"
         )
-        assert cur.fetchall() == [
-            {"task_id": claimed, "status": "succeeded", **fixed},
-            {"task_id": unclaimed, "status": "failed", **fixed},
-        ]
+        rows = cur.fetchall()
+    assert [(r["task_id"], r["status"], r["error_code"]) for r in rows] == [
+        (claimed, "succeeded", None),
+        (unclaimed, "failed", "image_not_found"),
+        (kept_failed, "failed", "schema_error"),
+        (kept_success, "succeeded", None),
+    ]
+    for row in rows:
+        assert {k: row[k] for k in fixed} == fixed and row["pipeline"] == "DETECTION", row
 
 
 def test_a_claimed_commit_writes_only_under_its_claim_and_rolls_back_cleanly(db):

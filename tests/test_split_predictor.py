@@ -262,8 +262,9 @@ def test_an_end_to_end_models_cap_is_reported_whatever_the_class_filter(tmp_path
     comes after the cap, as in ultralytics' own predict with classes=, and the
     answer's max_detections_reached must say the network was full even when the kept
     class has few of its rows (with the filter applied inside the runner's NMS, it
-    said false). Random weights, so every row scores above a tiny threshold; the
-    export runs offline (no simplifier, nothing downloaded)."""
+    said false), or when the config's cap is above the network's own. Random
+    weights, so every row scores above a tiny threshold; the export runs offline (no
+    simplifier, nothing downloaded)."""
     import warnings
 
     from ultralytics import YOLO
@@ -293,6 +294,11 @@ def test_an_end_to_end_models_cap_is_reported_whatever_the_class_filter(tmp_path
     assert few.boxes.data.tolist() == every.boxes.data[classes == rare].tolist()
     spec = ModelSpec(path="x.onnx", max_detections=300)
     assert reached_max([every], spec) and reached_max([few], spec)
+    # A cap above the network's own 300 rows: the network's is the one reached.
+    more = ModelSpec(path="x.onnx", max_detections=500)
+    every = split.postprocess(output, inputs, image, 1e-9, None, 500)
+    few = split.postprocess(output, inputs, image, 1e-9, None, 500, (model.names[rare],))
+    assert reached_max([every], more) and reached_max([few], more)
 
 
 @pytest.mark.parametrize("masks_in_boxes", [True, False])

@@ -250,11 +250,16 @@ def test_a_class_filter_is_applied_before_the_models_cap(run, tmp_path):
     capped.write_text(
         text.replace("    imgsz: 416\n", f"    imgsz: 416\n    max_detections: {circles}\n")
         + "  CIRCLES:\n    - detection: {classes: [circle]}\n"
+        + "  SLICED_SQUARES:\n    - sliced_detection: {slice_size: 512, classes: [square]}\n"
     )
     detection = run(capped, "CIRCLES", entry)["detection"]
     assert detection["counts"] == {"circle": circles}
     assert detection["detections"] == [d for d in found if d["class"] == "circle"]
     assert detection["max_detections_reached"] is True
+    # Sliced detection passes its filter to each tile's NMS too (the cap binds on none).
+    sliced = run(CONFIGS / "agro.yaml", "FIELD_ANALYSIS", LARGE)["detection"]["counts"]
+    squares = run(capped, "SLICED_SQUARES", LARGE)["detection"]["counts"]
+    assert squares == {"square": sliced["square"]} == {"square": LARGE["counts"]["square"]}
 
 
 def test_a_segmenters_cap_is_read_before_its_rows_without_a_mask_go():

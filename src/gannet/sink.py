@@ -349,6 +349,9 @@ MIGRATIONS: list[tuple[int, str]] = [
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 _MIGRATION_LOCK = 0x6A4E_E7  # pg_advisory_xact_lock key: one migrator at a time
 
+# A failed row (Sink.save). Over an earlier failure, what the row says of the task
+# (pipeline, session, image) is the new message's where it says it, the earlier one's
+# where it cannot (a body refused for its schema names none); gannet_finish likewise.
 _UPSERT = """
 INSERT INTO task_results (task_id, tenant_id, status, pipeline, session_id, image_id,
     image_url, result, result_uri, error_code, error, delivery_attempt, timings)
@@ -356,12 +359,14 @@ VALUES (%(task_id)s, %(tenant_id)s, %(status)s, %(pipeline)s, %(session_id)s, %(
     %(image_url)s, %(result)s, %(result_uri)s, %(error_code)s, %(error)s,
     %(delivery_attempt)s, %(timings)s)
 ON CONFLICT (task_id) DO UPDATE SET
-    status = EXCLUDED.status, pipeline = EXCLUDED.pipeline, result = EXCLUDED.result,
+    status = EXCLUDED.status, result = EXCLUDED.result,
+    pipeline = coalesce(EXCLUDED.pipeline, task_results.pipeline),
     session_id = coalesce(EXCLUDED.session_id, task_results.session_id),
     image_id = coalesce(EXCLUDED.image_id, task_results.image_id),
     result_uri = EXCLUDED.result_uri, error_code = EXCLUDED.error_code,
     error = EXCLUDED.error, delivery_attempt = EXCLUDED.delivery_attempt,
-    timings = EXCLUDED.timings, image_url = EXCLUDED.image_url, updated_at = now()
+    timings = EXCLUDED.timings, image_url = coalesce(EXCLUDED.image_url, task_results.image_url),
+    updated_at = now()
 WHERE task_results.status <> 'succeeded'
 RETURNING task_id
 """
@@ -732,8 +737,9 @@ def _refusal(what: str) -> Iterator[None]:
     except psycopg.errors.InsufficientPrivilege as exc:
         raise MigrationFailed(
             f"{what} failed and was rolled back ({exc}): the role in GANNET_DATABASE_URL "
-            "must own the database, or have CREATE on its schema public (which "
-            "PostgreSQL 15 grants to the owner only)"
+            "must be the one that owns gannet's tables (the role that first migrated "
+            "this database), and may create in its schema public (PostgreSQL 15 grants "
+            "that to the database's owner only)"
         ) from exc
     except psycopg.OperationalError:
         raise

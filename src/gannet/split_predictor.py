@@ -308,10 +308,11 @@ class SplitPredictor:
                 )
         with torch.inference_mode():
             (result,) = view.postprocess(output, inputs, [shape_only(frame)])
-        if self._end2end and view.args.classes is not None:
+        if self._end2end:
             # The network kept its own top rows over every class (as many as its
-            # export allows), and the filter came after (ultralytics' order too): the
-            # cap was reached if its rows above the threshold, of any class, filled it.
+            # export allows, maybe fewer than max_det), and a class filter came after
+            # (ultralytics' order too): the cap was reached if its rows above the
+            # threshold, of any class, filled it.
             head = output[0] if isinstance(output, (tuple, list)) else output
             above = int((head[0, :, 4] > conf).sum())
             full = above >= min(head.shape[1], max_det)
