@@ -91,3 +91,24 @@ def test_a_replay_from_another_lanes_subscription_must_name_its_lane(stack):
     )
     assert refused.returncode == 2
     assert "name the lane it belongs to with --lane" in refused.stderr
+
+
+def test_a_replayed_task_dead_lettered_again_is_not_replayed_again_by_the_same_run(stack):
+    """A task replayed before its cause is fixed (its image still missing) is
+    dead-lettered again within milliseconds, while the run still pulls: the run pulled
+    that new letter and replayed it, and again, up to --limit times (997 copies of one
+    letter, each a quarantine and a row rewritten). A run replays a body once: the
+    letter dead-lettered again stays, and the run says why."""
+    missing = stack.task(f"gs://gannet-images/{stack.tenant}/missing/scene.jpg")
+    daemon = stack.start_daemon()
+    stack.publish([missing])
+    assert [d["task_id"] for d in stack.dead_letters(1)] == [missing.task_id]
+    replayed = stack.gannet(
+        "dead-letters", "--replay", "--code", "image_not_found", "--limit", "40"
+    )
+    assert replayed.returncode == 0, replayed.stderr
+    assert "replayed 1 of 1" in replayed.stdout
+    assert "its cause is not fixed yet" in replayed.stderr
+    time.sleep(2)  # any copy in flight reaches the dead-letter topic
+    assert [d["task_id"] for d in stack.dead_letters(1)] == [missing.task_id]
+    assert daemon.stop() == 0
