@@ -205,6 +205,49 @@ def test_a_refused_setting_is_named_as_the_operator_wrote_it():
         assert "pydantic.dev" not in out.stderr
 
 
+def test_settings_that_would_fail_every_task_or_the_start_are_refused_up_front():
+    """Values that started a daemon failing every task (a body or image limit of 0 or
+    less: each valid task dead-lettered as too large; no allowed bucket: each refused),
+    or that crashed it with a traceback after its models loaded (a log level logging
+    does not know, a port past 65535, more runner threads than a process can start):
+    each refused at once, as a line naming the variable, its value and why."""
+    env = {
+        "GANNET_MAX_BODY_BYTES": "-5",
+        "GANNET_MAX_IMAGE_BYTES": "0",
+        "GANNET_MAX_IMAGE_PIXELS": "0",
+        "GANNET_ALLOWED_BUCKETS": " , ",
+        "GANNET_LOG_LEVEL": "verbose",
+        "GANNET_METRICS_PORT": "70000",
+        "GANNET_RUNNERS": "100000",
+    }
+    out = gannet("run", env=env)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    refused = {line.split("=", 1)[0] for line in out.stderr.splitlines()[1:]}
+    assert refused == set(env), out.stderr
+    assert "GANNET_LOG_LEVEL='verbose': one of DEBUG, INFO, WARNING, ERROR" in out.stderr
+    assert "GANNET_ALLOWED_BUCKETS=' , ': name at least one bucket" in out.stderr
+    for level in ("debug", "WARNING"):  # any case, as logging takes them
+        assert gannet("settings", env={"GANNET_LOG_LEVEL": level}).returncode == 0
+
+
+def test_a_database_url_that_is_not_one_says_so_at_once():
+    """A GANNET_DATABASE_URL libpq cannot parse was taken for a database not up yet:
+    the wait, then `is it running?`."""
+    env = {"GANNET_DATABASE_URL": "nonsense", "GANNET_DB_CONNECT_WAIT_S": "60"}
+    started = time.monotonic()
+    out = gannet("db", "migrate", env=env, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "GANNET_DATABASE_URL='nonsense': not a PostgreSQL URL" in out.stderr
+    assert "postgresql://USER:PASSWORD@HOST:PORT/DATABASE" in out.stderr
+    assert "is it running" not in out.stderr and "Traceback" not in out.stderr
+    assert time.monotonic() - started < 30
+    for url in ("postgresql://g:s3cret@h/db?nosuch=1", "postgresql://g:s3cret@[h/db"):
+        out = gannet("settings", env={"GANNET_DATABASE_URL": url})
+        assert out.returncode == 2 and "not a PostgreSQL URL" in out.stderr, url
+        assert "s3cret" not in out.stderr, "the refusal shows the URL without its password"
+
+
 def test_run_with_its_metrics_port_taken_says_so():
     """A second `gannet run` on one machine, or a port another process holds: one
     sentence naming the setting, not a traceback."""

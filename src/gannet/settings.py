@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -101,7 +103,13 @@ class Settings(BaseSettings):
         description="Set by the supervisor on the processes it starts (not by hand): its "
         "own pid, so that a process whose supervisor died even before it started notices.",
     )
-    runners: int = Field(4, ge=1, description="Runner threads (spread over the devices).")
+    runners: int = Field(
+        4,
+        ge=1,
+        le=256,
+        description="Runner threads (spread over the devices; 256 at most: 100,000 failed to "
+        "start their threads).",
+    )
     devices: str = Field(
         "auto", description="'auto' (every cuda:i, else cpu) or a list like 'cuda:0,cuda:1'."
     )
@@ -213,10 +221,12 @@ class Settings(BaseSettings):
         description="How long a model's batcher waits to fill a batch (0: a batch is "
         "what queued during the last forward pass).",
     )
-    max_body_bytes: int = Field(256 * 1024, description="Largest accepted message body.")
-    max_image_bytes: int = Field(25 * 1024 * 1024, description="Largest accepted image file.")
-    max_image_pixels: int = Field(50_000_000, description="Largest accepted width x height.")
-    metrics_port: int = Field(9090, description="Port of /metrics, /healthz and /readyz.")
+    max_body_bytes: int = Field(256 * 1024, ge=1, description="Largest accepted message body.")
+    max_image_bytes: int = Field(25 * 1024 * 1024, ge=1, description="Largest accepted image file.")
+    max_image_pixels: int = Field(50_000_000, ge=1, description="Largest accepted width x height.")
+    metrics_port: int = Field(
+        9090, ge=0, le=65535, description="Port of /metrics, /healthz and /readyz."
+    )
     claim_ttl_s: float = Field(
         60.0,
         gt=0,
@@ -305,7 +315,33 @@ class Settings(BaseSettings):
     @classmethod
     def _split_buckets(cls, value: object) -> object:
         if isinstance(value, str):
-            return [b.strip() for b in value.split(",") if b.strip()]
+            value = [b.strip() for b in value.split(",") if b.strip()]
+        if isinstance(value, list) and not value:  # every task would be refused
+            raise ValueError("name at least one bucket (comma-separated) that images come from")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        """logging's own names, in any case: another raised in logging, a traceback."""
+        level = value.strip().upper()
+        if level not in _LEVELS:
+            raise ValueError(f"one of {', '.join(_LEVELS)}")
+        return level
+
+    @field_validator("database_url")
+    @classmethod
+    def _libpq_url(cls, value: str) -> str:
+        """A URL libpq cannot parse was taken for a database not up yet: the start's
+        wait, then `is it running?` (or a traceback, from `gannet db migrate`)."""
+        try:
+            conninfo_to_dict(value)
+        except psycopg.ProgrammingError as exc:
+            raise ValueError(  # libpq's message may quote the URL: its password too
+                f"not a PostgreSQL URL ({without_password(str(exc))}): write it as "
+                "postgresql://USER:PASSWORD@HOST:PORT/DATABASE (?sslmode=require for a "
+                "direct connection to Cloud SQL)"
+            ) from None
         return value
 
     @field_validator("gpu_decode", mode="before")
@@ -388,6 +424,7 @@ class Settings(BaseSettings):
         return self.lane_list()[0].dead_letter_subscription
 
 
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^/]*@")
 _KEY_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]*)")
 
@@ -434,7 +471,13 @@ def refused_settings(exc: ValidationError) -> str:
         if not error["loc"]:  # a check across settings: its message names them
             lines.append(why)
             continue
-        lines.append(f"GANNET_{str(error['loc'][0]).upper()}={error['input']!r}: {why}")
+        name = str(error["loc"][0])
+        value = error["input"]
+        if name == "database_url" and isinstance(value, str):
+            value = without_password(value)
+        elif name == "callback_signing_key":
+            value = "(not shown)"
+        lines.append(f"GANNET_{name.upper()}={value!r}: {why}")
     return "\n".join(lines)
 
 
