@@ -32,6 +32,22 @@ def test_gannet_publish_names_the_flag_at_fault_and_the_topic_it_could_not_reach
     assert "was not published to" in lost.stderr and "no-such-topic" in lost.stderr
     assert "Traceback" not in lost.stderr
 
+    # What the daemon would refuse is refused here, before anything is published: a
+    # URL under another tenant's prefix, or in a bucket it does not read from.
+    for url, said in (
+        ("gs://gannet-images/someone-else/a.jpg", "image_outside_tenant"),
+        (f"gs://other-bucket/{stack.tenant}/a.jpg", "bucket_not_allowed"),
+    ):
+        refused = stack.gannet(*args, url)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert said in refused.stderr and "Traceback" not in refused.stderr
+        assert refused.stdout == ""
+    # A local image, its bucket missing: said, not a traceback.
+    missing = stack.gannet(*args, image, GANNET_ALLOWED_BUCKETS="no-such-images")
+    assert missing.returncode == 2, missing.stdout + missing.stderr
+    assert "could not upload" in missing.stderr and "no-such-images" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
 
 def test_publish_to_row_to_ack(stack):
     """Every published task gets one succeeded row whose counts match the image, the

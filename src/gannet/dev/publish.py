@@ -11,11 +11,13 @@ from typing import Any
 
 import google.cloud.pubsub_v1 as pubsub_v1
 from google.api_core.exceptions import GoogleAPICallError, RetryError
+from google.cloud.storage.retry import DEFAULT_RETRY
 from pydantic import ValidationError
 
 from gannet import clients
+from gannet.errors import PermanentError
 from gannet.settings import Settings
-from gannet.storage import Storage
+from gannet.storage import Storage, check_image_url
 from gannet.task import Task
 from gannet.tracing import Tracing
 
@@ -60,8 +62,10 @@ def upload_name(tenant: str, path: Path, prefix: str) -> str:
 
 
 def upload_image(storage: Storage, bucket: str, tenant: str, path: Path, prefix: str) -> str:
+    """Within about 30 s (the library's retries stop there: 120 s by default, silent)."""
     name = upload_name(tenant, path, prefix)
-    storage.client.bucket(bucket).blob(name).upload_from_filename(str(path))
+    blob = storage.client.bucket(bucket).blob(name)
+    blob.upload_from_filename(str(path), timeout=30, retry=DEFAULT_RETRY.with_timeout(30))
     return f"gs://{bucket}/{name}"
 
 
@@ -129,10 +133,24 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
                 where = ".".join(str(p) for p in err["loc"])
                 print(f"error: {_FLAGS.get(where, where)}: {err['msg']}", file=sys.stderr)
             return 2
+        try:  # the daemon's own check: it would dead-letter the task
+            check_image_url(tasks[-1].image_url, args.tenant, settings.allowed_buckets)
+        except PermanentError as exc:
+            print(f"error: {image}: {exc.code}: {exc.message}", file=sys.stderr)
+            return 2
     publisher, _ = clients.pubsub_clients(settings)
     storage = Storage(clients.storage_client(settings))
-    for path in uploads.values():
-        upload_image(storage, bucket, args.tenant, path, "uploads")
+    for url, path in uploads.items():
+        try:
+            upload_image(storage, bucket, args.tenant, path, "uploads")
+        except (GoogleAPICallError, RetryError, OSError) as exc:
+            print(
+                f"error: could not upload {path} to {url} ({_reason(exc)}); check that "
+                f"bucket {bucket} exists (the first of GANNET_ALLOWED_BUCKETS), "
+                "GANNET_PROJECT and your credentials; nothing was published",
+                file=sys.stderr,
+            )
+            return 2
     futures = [
         (task, publisher.publish(topic, task.model_dump_json(exclude_none=True).encode()))
         for task in tasks
@@ -144,12 +162,17 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
         except (GoogleAPICallError, RetryError, TimeoutError) as exc:
             failed += 1
             print(
-                f"error: {task.image_url} was not published to {topic} ({exc}); check that "
-                "the topic exists (terraform, or `gannet services` locally), GANNET_PROJECT "
-                "and your credentials, then publish that image again",
+                f"error: {task.image_url} was not published to {topic} ({_reason(exc)}); "
+                "check that the topic exists (terraform, or `gannet services` locally), "
+                "GANNET_PROJECT and your credentials, then publish that image again",
                 file=sys.stderr,
                 flush=True,
             )
             continue
         print(json.dumps({"task_id": task.task_id, "image_url": task.image_url}), flush=True)
     return 1 if failed else 0
+
+
+def _reason(exc: BaseException) -> str:
+    """The error's own words, or its kind where it has none (a future's TimeoutError)."""
+    return str(exc) or type(exc).__name__
