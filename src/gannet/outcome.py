@@ -113,6 +113,12 @@ class Settler:
             "original_message_id": str(message.message_id),
             "subscription": self.subscription,
         }
+        replayed_from = message.attributes.get("replayed_from")
+        if replayed_from:  # `gannet dead-letters --replay`'s copy: the backend's id stays
+            attributes["replayed_from"] = replayed_from
+            attributes["original_message_id"] = (
+                message.attributes.get("original_message_id") or attributes["original_message_id"]
+            )
         task_id = outcome.task.task_id if outcome.task else outcome.fields.get("task_id")
         if task_id:
             attributes["task_id"] = str(task_id)

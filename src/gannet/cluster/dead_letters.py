@@ -50,10 +50,12 @@ class DeadLetter:
     task_id: str | None
     tenant_id: str | None
     attempts: str | None  # delivery attempts before Pub/Sub gave up, where it says
+    original_message_id: str  # the id the backend's publish returned (or this letter's)
 
     def summary(self) -> dict[str, Any]:
         return {
             "message_id": self.message_id,
+            "original_message_id": self.original_message_id,
             "published": self.published,
             "error_code": self.error_code,
             "error": self.error,
@@ -80,6 +82,7 @@ def _letter(received: Any) -> DeadLetter:
         tenant_id=tenant_id,
         attempts=attributes.get("delivery_attempt")
         or attributes.get("CloudPubSubDeadLetterSourceDeliveryCount"),
+        original_message_id=attributes.get("original_message_id") or message.message_id,
     )
 
 
@@ -137,8 +140,20 @@ def replay(
     """Publish each body to the tasks topic, then ack its dead letter.
 
     Returns (replayed, failed with the reason); the failed ones stay leased."""
+    # The backend's message id goes with the copy: dead-lettered again, its letter still
+    # names what the backend sent (integrating.md: the only way to match a body that
+    # was not JSON).
     futures = [
-        (d, publisher.publish(topic_path, d.data, replayed_from=d.message_id)) for d in letters
+        (
+            d,
+            publisher.publish(
+                topic_path,
+                d.data,
+                replayed_from=d.message_id,
+                original_message_id=d.original_message_id,
+            ),
+        )
+        for d in letters
     ]
     replayed: list[DeadLetter] = []
     failed: list[tuple[DeadLetter, str]] = []
@@ -347,7 +362,10 @@ def _print_listing(
     letters: list[DeadLetter], chosen: list[DeadLetter], path: str, done: Walk
 ) -> None:
     if not letters:
-        print(f"{path} is empty")
+        print(
+            f"{path} is empty (letters another run pulled in the last {_LEASE_S} s and "
+            "did not give back, a run killed half way, come back when their lease ends)"
+        )
         return
     if chosen:
         print(_table(chosen))
