@@ -116,3 +116,17 @@ def test_a_replayed_task_dead_lettered_again_is_not_replayed_again_by_the_same_r
     # ... and still naming the message the backend sent, not the replay's copy
     assert (again["task_id"], again["original_message_id"]) == (missing.task_id, sent)
     assert daemon.stop() == 0
+
+
+def test_a_misspelt_code_is_refused_once_naming_the_codes(stack):
+    """`--code image_missing` matched nothing and said only `none match` (a replay:
+    `replayed 0 of 0`, exit 0), once per lane: it is refused, once, with the codes a
+    dead letter can carry."""
+    for extra in ((), ("--replay",)):
+        out = stack.gannet(
+            "dead-letters", *extra, "--code", "image_missing", GANNET_LANES="interactive:4,bulk:1"
+        )
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert out.stderr.count("no such --code image_missing") == 1, out.stderr
+        assert "image_not_found" in out.stderr and "retries_exhausted" in out.stderr
+        assert out.stdout == ""

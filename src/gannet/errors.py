@@ -34,6 +34,11 @@ class ErrorCode(StrEnum):
     TASK_BUSY = "task_busy"  # another worker holds the task's claim
 
 
+# The codes a message the daemon dead-letters can carry: the permanent ones, listed first.
+_ALL = list(ErrorCode)
+DEAD_LETTER_CODES = tuple(_ALL[: _ALL.index(ErrorCode.MODEL_UNAVAILABLE)])
+
+
 class GannetError(Exception):
     """Base for failures with a code; the message is meant for the task's publisher."""
 

@@ -36,6 +36,10 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     from gannet import clients
     from gannet.cluster import dead_letters
 
+    wrong = dead_letters.refusal(args)
+    if wrong:
+        print(f"error: {wrong}", file=sys.stderr)
+        return 2
     settings = Settings()
     publisher, subscriber = clients.pubsub_clients(settings)
     declared = settings.lane_list()

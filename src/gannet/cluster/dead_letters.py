@@ -31,6 +31,7 @@ from typing import Any
 import google.cloud.pubsub_v1 as pubsub_v1
 from google.api_core import exceptions as gexc
 
+from gannet.errors import DEAD_LETTER_CODES
 from gannet.task import identify
 from gannet.text import format_table
 
@@ -249,6 +250,27 @@ def select(
     ]
 
 
+# The error codes a dead letter can carry: the daemon's permanent ones, Pub/Sub's
+# forwarding, and the daemon's "unknown" (a refusal without an error).
+CODES = (*(c.value for c in DEAD_LETTER_CODES), RETRIES_EXHAUSTED, "unknown")
+
+
+def refusal(args: argparse.Namespace) -> str | None:
+    """What is wrong with the command's arguments, once for every lane; None if nothing.
+    A misspelt --code matched nothing and said only `none match` (or `replayed 0 of 0`)."""
+    if args.limit < 1:
+        return "--limit must be 1 or more"
+    if args.replay and not (args.code or args.all):
+        return (
+            "say what to replay: --code CODE (repeatable; e.g. "
+            f"--code {RETRIES_EXHAUSTED} after an outage) or --all"
+        )
+    unknown = [code for code in args.code or [] if code not in CODES]
+    if unknown:
+        return f"no such --code {', '.join(unknown)}; a dead letter's is one of: {', '.join(CODES)}"
+    return None
+
+
 def _table(letters: list[DeadLetter]) -> str:
     rows = [
         [
@@ -275,17 +297,8 @@ def main(
     lane: str | None = None,
 ) -> int:
     """One lane's dead letters (`lane` names it in the output when there are several):
-    listed, or replayed to that lane's own topic."""
-    if args.limit < 1:
-        print("error: --limit must be 1 or more", file=sys.stderr)
-        return 2
-    if args.replay and not (args.code or args.all):
-        print(
-            "error: say what to replay: --code CODE (repeatable; e.g. "
-            f"--code {RETRIES_EXHAUSTED} after an outage) or --all",
-            file=sys.stderr,
-        )
-        return 2
+    listed, or replayed to that lane's own topic. The caller has checked `args`
+    (refusal)."""
     done = Walk()
     try:
         walk(args, publisher, subscriber, topic_path, subscription_path, done)
