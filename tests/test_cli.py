@@ -225,9 +225,9 @@ def test_settings_that_would_fail_every_task_or_the_start_are_refused_up_front()
     assert "Traceback" not in out.stderr
     refused = {line.split("=", 1)[0] for line in out.stderr.splitlines()[1:]}
     assert refused == set(env), out.stderr
-    assert "GANNET_LOG_LEVEL='verbose': one of DEBUG, INFO, WARNING, ERROR" in out.stderr
+    assert "GANNET_LOG_LEVEL='verbose': one of CRITICAL, FATAL, ERROR, WARN, WARNING" in out.stderr
     assert "GANNET_ALLOWED_BUCKETS=' , ': name at least one bucket" in out.stderr
-    for level in ("debug", "WARNING"):  # any case, as logging takes them
+    for level in ("debug", "WARNING", "WARN"):  # any case, and logging's other names
         assert gannet("settings", env={"GANNET_LOG_LEVEL": level}).returncode == 0
 
 
@@ -242,7 +242,13 @@ def test_a_database_url_that_is_not_one_says_so_at_once():
     assert "postgresql://USER:PASSWORD@HOST:PORT/DATABASE" in out.stderr
     assert "is it running" not in out.stderr and "Traceback" not in out.stderr
     assert time.monotonic() - started < 30
-    for url in ("postgresql://g:s3cret@h/db?nosuch=1", "postgresql://g:s3cret@[h/db"):
+    for url in (
+        "postgresql://g:s3cret@h/db?nosuch=1",
+        "postgresql://g:s3cret@[h/db",  # libpq quotes the URL
+        "postgresql://g:s3cret%zz@h/db",  # libpq quotes the password
+        "postgresql://g:s3cret two@h/db",
+        "postgresql://g@h/db?password=s3cret%zz",
+    ):
         out = gannet("settings", env={"GANNET_DATABASE_URL": url})
         assert out.returncode == 2 and "not a PostgreSQL URL" in out.stderr, url
         assert "s3cret" not in out.stderr, "the refusal shows the URL without its password"

@@ -33,14 +33,11 @@ def test_gannet_publish_names_the_flag_at_fault_and_the_topic_it_could_not_reach
     assert "Traceback" not in lost.stderr
 
     # What the daemon would refuse is refused here, before anything is published: a
-    # URL under another tenant's prefix, or in a bucket it does not read from.
-    for url, said in (
-        ("gs://gannet-images/someone-else/a.jpg", "image_outside_tenant"),
-        (f"gs://other-bucket/{stack.tenant}/a.jpg", "bucket_not_allowed"),
-    ):
+    # URL under another tenant's prefix, or outside any tenant's.
+    for url in ("gs://gannet-images/someone-else/a.jpg", "gs://gannet-images/../a.jpg"):
         refused = stack.gannet(*args, url)
         assert refused.returncode == 2, refused.stdout + refused.stderr
-        assert said in refused.stderr and "Traceback" not in refused.stderr
+        assert "image_outside_tenant" in refused.stderr and "Traceback" not in refused.stderr
         assert refused.stdout == ""
     # A local image, its bucket missing: said, not a traceback.
     missing = stack.gannet(*args, image, GANNET_ALLOWED_BUCKETS="no-such-images")

@@ -8,6 +8,7 @@ Only the entry point (cli) builds a Settings; everything else receives values fr
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -337,8 +338,8 @@ class Settings(BaseSettings):
         try:
             conninfo_to_dict(value)
         except psycopg.ProgrammingError as exc:
-            raise ValueError(  # libpq's message may quote the URL: its password too
-                f"not a PostgreSQL URL ({without_password(str(exc))}): write it as "
+            raise ValueError(
+                f"not a PostgreSQL URL ({_unquoted(str(exc).strip(), value)}): write it as "
                 "postgresql://USER:PASSWORD@HOST:PORT/DATABASE (?sslmode=require for a "
                 "direct connection to Cloud SQL)"
             ) from None
@@ -424,9 +425,20 @@ class Settings(BaseSettings):
         return self.lane_list()[0].dead_letter_subscription
 
 
-_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_LEVELS = tuple(logging.getLevelNamesMapping())  # WARN and FATAL too, as logging takes
 _URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^/]*@")
+_URL_SECRET = re.compile(r"://[^:/@]*:([^/]*)@")
 _KEY_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]*)")
+
+
+def _unquoted(message: str, database_url: str) -> str:
+    """libpq's message about a URL it cannot parse, without the URL's password: it
+    quotes the token it choked on, often the password itself (a `%` or a space in it)."""
+    secrets = [m.group(1) for m in _URL_SECRET.finditer(database_url)]
+    secrets += [m.group(2).strip("'") for m in _KEY_PASSWORD.finditer(database_url)]
+    for secret in filter(None, secrets):
+        message = message.replace(secret, "***")
+    return without_password(message)
 
 
 def without_password(database_url: str) -> str:

@@ -359,7 +359,8 @@ def main(
         print(
             f"note: {len(done.repeated)} dead letters not replayed: each has the body of "
             "one this run replayed: dead-lettered again while it ran (its cause is not "
-            "fixed yet: list them), or sent twice. They stay",
+            "fixed yet: list them), or a copy (a message sent, or dead-lettered, twice: "
+            "run again to replay it; a task done already is not run again). They stay",
             file=sys.stderr,
         )
     if args.replay and not done.complete:

@@ -62,10 +62,12 @@ def upload_name(tenant: str, path: Path, prefix: str) -> str:
 
 
 def upload_image(storage: Storage, bucket: str, tenant: str, path: Path, prefix: str) -> str:
-    """Within about 30 s (the library's retries stop there: 120 s by default, silent)."""
+    """A GCS that cannot be reached is given up after about a minute (10 s a connection;
+    the library's default retried silently for 120 s), not a slow upload: each request
+    may take 60 s (a 25 MB photo at 5 Mbit/s takes 42 s)."""
     name = upload_name(tenant, path, prefix)
     blob = storage.client.bucket(bucket).blob(name)
-    blob.upload_from_filename(str(path), timeout=30, retry=DEFAULT_RETRY.with_timeout(30))
+    blob.upload_from_filename(str(path), timeout=(10, 60), retry=DEFAULT_RETRY.with_timeout(60))
     return f"gs://{bucket}/{name}"
 
 
@@ -133,8 +135,10 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
                 where = ".".join(str(p) for p in err["loc"])
                 print(f"error: {_FLAGS.get(where, where)}: {err['msg']}", file=sys.stderr)
             return 2
-        try:  # the daemon's own check: it would dead-letter the task
-            check_image_url(tasks[-1].image_url, args.tenant, settings.allowed_buckets)
+        task = tasks[-1]
+        try:  # the daemon's own check of the tenant's prefix: it would dead-letter the task
+            # Not of the bucket: these settings need not list the deployment's buckets.
+            check_image_url(task.image_url, task.tenant_id, [task.image_url.bucket])
         except PermanentError as exc:
             print(f"error: {image}: {exc.code}: {exc.message}", file=sys.stderr)
             return 2
@@ -146,8 +150,8 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
         except (GoogleAPICallError, RetryError, OSError) as exc:
             print(
                 f"error: could not upload {path} to {url} ({_reason(exc)}); check that "
-                f"bucket {bucket} exists (the first of GANNET_ALLOWED_BUCKETS), "
-                "GANNET_PROJECT and your credentials; nothing was published",
+                f"bucket {bucket} exists (the first of GANNET_ALLOWED_BUCKETS), that GCS "
+                "can be reached, GANNET_PROJECT and your credentials; nothing was published",
                 file=sys.stderr,
             )
             return 2
