@@ -69,6 +69,7 @@ def test_a_daemon_behind_a_distant_pubsub_leases_more_and_loses_nothing(stack):
         finally:
             done.set()
             watcher.join()
+        assert len(rows) == len(tasks)
         assert {r["status"] for r in rows.values()} == {"succeeded"}
         assert {r["delivery_attempt"] for r in rows.values()} == {1}
         assert daemon.stop() == 0

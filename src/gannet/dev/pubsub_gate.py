@@ -34,7 +34,13 @@ from google.pubsub_v1 import types
 log = logging.getLogger("gannet.dev.pubsub_gate")
 
 _SUBSCRIBER = "/google.pubsub.v1.Subscriber/"
-_PULL_WAIT_S = 1.0  # one Pull's wait for messages, so that an ended stream is noticed
+_PULL_WAIT_S = 1.0  # a full stream's wait for an ack, so that an ended stream is noticed
+# The emulator answers a Pull with no messages after about 2 s. A Pull this gate ended
+# sooner by its own deadline (1 s, once) could have been answered with messages the
+# emulator had already leased: they were lost to every stream for the subscription's
+# ack deadline (a test waited two minutes for its last task). The deadline is now well
+# past the emulator's own wait: it answers every Pull, with messages or none.
+_PULL_TIMEOUT_S = 10.0
 _UNLIMITED = 1000  # what Pub/Sub leases to a stream that asks for no limit (0)
 
 
@@ -147,7 +153,7 @@ class Gate(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc is untyped
                 try:
                     pulled = self._pull(
                         types.PullRequest(subscription=subscription, max_messages=room),
-                        timeout=_PULL_WAIT_S,
+                        timeout=_PULL_TIMEOUT_S,
                     )
                 except grpc.RpcError as exc:
                     if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
