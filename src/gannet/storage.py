@@ -168,13 +168,11 @@ class Storage:
         if response.status == 416:  # GCS: there is no byte 0 to send
             raise PermanentError(ErrorCode.IMAGE_UNDECODABLE, f"{where} is empty")
         _check(response, where)
-        data: bytes = response.data
-        if _gzipped(response):
-            try:
-                data = _gunzip(data, max_bytes)
-            except GzipError as exc:
-                code = ErrorCode.IMAGE_TOO_LARGE if exc.too_large else ErrorCode.IMAGE_UNDECODABLE
-                raise PermanentError(code, f"{where} {exc}") from exc
+        try:
+            data = _unzipped(response, max_bytes, where)
+        except GzipError as exc:
+            code = ErrorCode.IMAGE_TOO_LARGE if exc.too_large else ErrorCode.IMAGE_UNDECODABLE
+            raise PermanentError(code, str(exc)) from exc
         if not data:
             raise PermanentError(ErrorCode.IMAGE_UNDECODABLE, f"{where} is empty")
         if len(data) > max_bytes:
@@ -269,12 +267,7 @@ class Storage:
         generation = str(self._metadata(bucket, name)["generation"])
         media = f"{self._media(bucket, name)}&generation={generation}"
         response = self._get(media, f"{url} (generation {generation})")
-        if not _gzipped(response):
-            return response.data, generation
-        try:
-            return _gunzip(response.data, CONFIG_MAX_BYTES), generation
-        except GzipError as exc:
-            raise GzipError(f"{url} {exc}", exc.too_large) from exc
+        return _unzipped(response, CONFIG_MAX_BYTES, url), generation
 
     def list_objects(self, bucket: str, prefix: str) -> dict[str, str]:
         """{gs:// URL: generation} of the objects named `prefix`..., every page; {} when
@@ -423,14 +416,18 @@ class GzipError(ValueError):
         self.too_large = too_large
 
 
-def _gzipped(response: Reply) -> bool:
-    """Whether GCS sent the object as stored, gzip-compressed: it does for one stored
-    with Content-Encoding: gzip and Cache-Control: no-transform, whatever was asked
-    (cloud.google.com/storage/docs/transcoding); without no-transform it decompresses."""
-    return response.encoding is not None and response.encoding.lower() in ("gzip", "x-gzip")
+def _unzipped(response: Reply, max_bytes: int, where: str) -> bytes:
+    """The object's bytes, decompressed where GCS sent them as stored, gzip-compressed:
+    it does for one stored with Content-Encoding: gzip and Cache-Control: no-transform,
+    whatever was asked (cloud.google.com/storage/docs/transcoding); without no-transform
+    it decompresses them itself."""
+    data: bytes = response.data
+    if response.encoding is None or response.encoding.lower() not in ("gzip", "x-gzip"):
+        return data
+    return _gunzip(data, max_bytes, where)
 
 
-def _gunzip(data: bytes, max_bytes: int) -> bytes:
+def _gunzip(data: bytes, max_bytes: int, where: str) -> bytes:
     """An object's bytes served gzip-compressed, decompressed no further than
     max_bytes + 1: a small gzip of a huge body (64 MiB of zeros are 64 KiB of gzip) is
     refused as too large, as a plain one is, without being inflated whole.
@@ -439,8 +436,7 @@ def _gunzip(data: bytes, max_bytes: int) -> bytes:
     limit where the Range is ignored), or all of it: a gzip that does not end within
     max_bytes + 1 bytes is more than the limit compressed, and so, within gzip's few
     bytes of framing, decompressed too. Several gzip members (concatenated gzips) are
-    one body, as gzip(1) reads them. GzipError says what is wrong, after the object's
-    name."""
+    one body, as gzip(1) reads them. GzipError says what is wrong with `where`."""
     body = bytearray()
     rest = data
     try:
@@ -449,20 +445,21 @@ def _gunzip(data: bytes, max_bytes: int) -> bytes:
             body += inflate.decompress(rest, max_bytes + 1 - len(body))
             if len(body) > max_bytes or (not inflate.eof and len(data) > max_bytes):
                 raise GzipError(
-                    "is stored gzip-compressed (Content-Encoding: gzip, served compressed) "
-                    f"and is larger than the {max_bytes}-byte limit once decompressed",
+                    f"{where} is stored gzip-compressed (Content-Encoding: gzip, served "
+                    f"compressed) and is larger than the {max_bytes}-byte limit once "
+                    "decompressed",
                     too_large=True,
                 )
             if not inflate.eof:
                 raise GzipError(
-                    "is stored gzip-compressed (Content-Encoding: gzip), and its gzip data "
-                    f"ends before its stream does ({len(data)} bytes)"
+                    f"{where} is stored gzip-compressed (Content-Encoding: gzip), and its "
+                    f"gzip data ends before its stream does ({len(data)} bytes)"
                 )
             rest = inflate.unused_data
     except zlib.error as exc:
         raise GzipError(
-            "is stored gzip-compressed (Content-Encoding: gzip), and its gzip data is "
-            f"corrupt: {exc}"
+            f"{where} is stored gzip-compressed (Content-Encoding: gzip), and its gzip "
+            f"data is corrupt: {exc}"
         ) from exc
     return bytes(body)
 
