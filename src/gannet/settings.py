@@ -426,15 +426,14 @@ class Settings(BaseSettings):
 
 
 _LEVELS = tuple(logging.getLevelNamesMapping())  # WARN and FATAL too, as logging takes
-_URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^/]*@")
-_URL_SECRET = re.compile(r"://[^:/@]*:([^/]*)@")
+_URL_PASSWORD = re.compile(r"(://[^:/@]*:)([^/]*)@")  # the password: group 2
 _KEY_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]*)")
 
 
 def _unquoted(message: str, database_url: str) -> str:
     """libpq's message about a URL it cannot parse, without the URL's password: it
     quotes the token it choked on, often the password itself (a `%` or a space in it)."""
-    secrets = [m.group(1) for m in _URL_SECRET.finditer(database_url)]
+    secrets = [m.group(2) for m in _URL_PASSWORD.finditer(database_url)]
     secrets += [m.group(2).strip("'") for m in _KEY_PASSWORD.finditer(database_url)]
     for secret in filter(None, secrets):
         message = message.replace(secret, "***")

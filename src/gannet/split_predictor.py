@@ -138,7 +138,8 @@ class SplitPredictor:
         if len(self._filters) >= 256:  # filters come from configs: a few
             self._filters.clear()
         model_names = self._predictor.model.names
-        ids = [i for i, name in model_names.items() if name in set(names)]
+        wanted = set(names)
+        ids = [i for i, name in model_names.items() if name in wanted]
         chosen = None
         if len(ids) < len(model_names):
             kept = np.zeros(max(model_names) + 1, bool)
