@@ -403,6 +403,9 @@ def test_a_misspelt_setting_is_named_not_ignored_silently():
     assert "GANNET_SUBSCRIPTON is not a setting" in out.stderr
     assert "did you mean GANNET_SUBSCRIPTION?" in out.stderr
     assert "GANNET_WORKER" not in out.stderr
+    # An operator's tools read the same variables: a replay would pull from the default.
+    out = gannet("dead-letters", "--code", "nonsense", env=env)
+    assert "did you mean GANNET_SUBSCRIPTION?" in out.stderr
     out = gannet("run", env={**env, **NOWHERE}, timeout=120)
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     warned = [line for line in lines if "GANNET_SUBSCRIPTON" in line["message"]]

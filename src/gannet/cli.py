@@ -69,8 +69,6 @@ def cmd_settings(args: argparse.Namespace) -> int:
     if args.markdown:
         print(settings_table())
         return 0
-    for warning in unknown_variables():
-        print(f"warning: {warning}", file=sys.stderr)
     # As an environment sets them, so that a line can be pasted back: a list comma-joined
     # (not Python's ['a']), an unset one commented out (an empty value is not "unset").
     for name, value in Settings().model_dump().items():
@@ -144,9 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     # send no telemetry. Workers on GKE usually have no internet egress anyway.
     os.environ.setdefault("YOLO_OFFLINE", "1")
     args = build_parser().parse_args(argv)
-    if args.func is not cmd_run:  # the daemon has its own SIGTERM drain
+    if args.func is not cmd_run:  # the daemon has its own SIGTERM drain, and logs these
         signal.signal(signal.SIGTERM, _interrupt)
         signal.signal(signal.SIGHUP, _interrupt)
+        # Every command reads its settings from GANNET_* (publish, dead-letters, db
+        # migrate too): a misspelt one would leave a default in force without a word.
+        for warning in unknown_variables():
+            print(f"warning: {warning}", file=sys.stderr)
     try:
         return int(args.func(args) or 0)
     except CommandError as exc:
