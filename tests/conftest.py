@@ -19,6 +19,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from http import server
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -369,3 +370,51 @@ def gated_storage(
     finally:
         client.close()
         gate.close()
+
+
+class StubServer(server.ThreadingHTTPServer):
+    """A small real HTTP server on 127.0.0.1 that a test scripts: the emulators cannot
+    be made to answer 503, drop a kept-alive connection or drip a body."""
+
+    daemon_threads = True
+    connections = 0
+    seen_tokens: list[str | None]
+
+
+class StubHandler(server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: StubServer
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.connections += 1
+
+    def reply(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[type[server.BaseHTTPRequestHandler]], tuple[str, StubServer]]]:
+    """Starts StubServers with the given handler; each is shut down after the test."""
+    started: list[StubServer] = []
+
+    def start(handler: type[server.BaseHTTPRequestHandler]) -> tuple[str, StubServer]:
+        httpd = StubServer(("127.0.0.1", 0), handler)
+        httpd.seen_tokens = []
+        # shutdown() waits for serve_forever's next poll (every 0.5 s by default).
+        threading.Thread(
+            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
+        started.append(httpd)
+        return f"http://127.0.0.1:{httpd.server_address[1]}", httpd
+
+    yield start
+    for httpd in started:
+        httpd.shutdown()
+        httpd.server_close()

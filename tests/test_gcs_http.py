@@ -10,12 +10,10 @@ import ssl
 import threading
 import time
 import tracemalloc
-from collections.abc import Iterator
-from http import server
 from typing import Any
 
 import pytest
-from conftest import SAMPLES
+from conftest import SAMPLES, StubHandler
 from google.auth.credentials import AnonymousCredentials, Credentials
 
 from gannet.errors import ErrorCode, PermanentError, TransientError
@@ -25,56 +23,12 @@ from gannet.storage import Storage, make_client
 from gannet.task import GsUrl
 
 
-class _Server(server.ThreadingHTTPServer):
-    daemon_threads = True
-    connections = 0
-    seen_tokens: list[str | None]
-
-
-@pytest.fixture
-def serve() -> Iterator[Any]:
-    started: list[_Server] = []
-
-    def start(handler: type[server.BaseHTTPRequestHandler]) -> tuple[str, _Server]:
-        httpd = _Server(("127.0.0.1", 0), handler)
-        httpd.seen_tokens = []
-        # shutdown() waits for serve_forever's next poll (every 0.5 s by default).
-        threading.Thread(
-            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
-        started.append(httpd)
-        return f"http://127.0.0.1:{httpd.server_address[1]}", httpd
-
-    yield start
-    for httpd in started:
-        httpd.shutdown()
-        httpd.server_close()
-
-
-class _Handler(server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.connections += 1
-
-    def reply(self, status: int, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 def test_a_kept_alive_connection_the_server_dropped_is_replaced_without_an_error(serve):
     """Servers close idle kept-alive connections whenever they like, without saying so
     in the response before: the next request on such a connection fails to be read, and
     must go again on a new connection instead of failing the task."""
 
-    class DropsAfterEachResponse(_Handler):
+    class DropsAfterEachResponse(StubHandler):
         def do_GET(self) -> None:
             self.reply(200, self.path.encode())
             self.close_connection = True  # closed after the response, unannounced
@@ -94,7 +48,7 @@ def test_a_kept_alive_connection_the_server_dropped_is_replaced_without_an_error
 
 
 def test_connections_are_kept_alive_and_reused(serve):
-    class KeepsAlive(_Handler):
+    class KeepsAlive(StubHandler):
         def do_GET(self) -> None:
             self.reply(200, b"ok")
 
@@ -113,7 +67,7 @@ def test_a_connection_idle_too_long_is_not_used_again(serve):
     task. Here the server goes silent on a connection that has idled, as such a path
     does; a connection idle past the limit must not be used again."""
 
-    class SilentAfterIdle(_Handler):
+    class SilentAfterIdle(StubHandler):
         def do_GET(self) -> None:
             if getattr(self, "answered", False):
                 threading.Event().wait(30)  # the path forgot this connection
@@ -135,7 +89,7 @@ def test_an_access_token_refused_as_expired_is_refreshed_and_the_request_repeate
     here: refresh() hands out a new token as google-auth's would. The server is real
     and answers 401 to any token but the new one."""
 
-    class WantsFreshToken(_Handler):
+    class WantsFreshToken(StubHandler):
         def do_GET(self) -> None:
             token = self.headers.get("Authorization")
             self.server.seen_tokens.append(token)
@@ -167,7 +121,7 @@ def test_an_https_endpoint_speaks_tls_and_never_falls_back_to_plain_http(serve):
     """GCS is https: a server that answers in plain HTTP fails the TLS handshake, and
     the request fails rather than going out unencrypted (tokens ride in its headers)."""
 
-    class PlainHttp(_Handler):
+    class PlainHttp(StubHandler):
         def do_GET(self) -> None:
             self.reply(200, b"plain")
 
@@ -186,7 +140,7 @@ def test_responses_are_read_whatever_framing_the_server_chooses(serve):
     body that ends where the server closes, and "Connection: close", after which the
     next request opens a new connection instead of failing."""
 
-    class Framings(_Handler):
+    class Framings(StubHandler):
         def do_GET(self) -> None:
             raw = self.wfile.write
             if self.path == "/chunked":
@@ -249,7 +203,7 @@ def test_an_image_larger_than_the_limit_is_refused_without_reading_it_all(serve,
     sent: list[int] = []
     done = threading.Event()
 
-    class WholeObjectAlways(_Handler):
+    class WholeObjectAlways(StubHandler):
         def do_GET(self) -> None:
             if "small" in self.path:
                 self.reply(206, b"fits")
@@ -290,7 +244,7 @@ def test_a_body_cut_short_is_never_taken_for_a_smaller_image(serve):
     Content-Length over the limit, fewer bytes than the limit sent) fails the read, to
     be retried, rather than passing for a whole image of fewer bytes."""
 
-    class CutShort(_Handler):
+    class CutShort(StubHandler):
         def do_GET(self) -> None:
             self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4000\r\n\r\n" + b"x" * 500)
             self.close_connection = True
@@ -307,7 +261,7 @@ def test_an_object_with_many_custom_metadata_entries_is_read(serve):
     a valid image. http.client's limit of 100 headers made each read of such an image
     fail, the task retried until its dead letter."""
 
-    class ManyMetadataHeaders(_Handler):
+    class ManyMetadataHeaders(StubHandler):
         def do_GET(self) -> None:
             self.send_response(200)
             for i in range(2000):
@@ -329,7 +283,7 @@ def test_credentials_that_cannot_be_refreshed_fail_the_read_as_transient(serve):
     not end as an unexpected error with a traceback."""
     from google.auth.exceptions import TransportError
 
-    class Refuses(_Handler):
+    class Refuses(StubHandler):
         def do_GET(self) -> None:
             self.reply(401, b"")
 
@@ -361,7 +315,7 @@ def test_a_server_that_drips_its_answer_is_cut_off_at_the_requests_deadline(serv
     timeouts together (here 0.5 + 0.5 s), and fails at it with TimeoutError, which a
     task's read takes for a transient failure (nacked, not quarantined)."""
 
-    class Drips(_Handler):
+    class Drips(StubHandler):
         def do_GET(self) -> None:
             head = b"HTTP/1.1 200 OK\r\nContent-Length: 30\r\n\r\n"
             try:
@@ -424,7 +378,7 @@ def test_an_image_stored_gzip_compressed_and_served_so_is_read_decompressed_with
         "cut.jpg": gzip.compress(photo)[:-100],
     }
 
-    class NoTransform(_Handler):
+    class NoTransform(StubHandler):
         def do_GET(self) -> None:
             stored = objects[self.path.split("%2F")[-1].removesuffix("?alt=media")]
             status, body = 200, stored
@@ -490,7 +444,7 @@ def test_a_config_stored_gzip_compressed_and_served_so_is_read_decompressed(serv
         "bomb.yaml": _bomb(),
     }
 
-    class NoTransform(_Handler):
+    class NoTransform(StubHandler):
         def do_GET(self) -> None:
             name = self.path.split("%2F")[-1].split("?")[0]
             if "alt=media" not in self.path:

@@ -6,9 +6,10 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
-from conftest import gated_storage
+from conftest import StubHandler, gated_storage
 
 from gannet import clients
 from gannet import storage as storage_module
@@ -200,64 +201,39 @@ def test_a_model_download_that_stalls_fails_the_load_in_bounded_time_and_caches_
             cache.close()
 
 
-class _Answers:
-    """A stand-in for Cloud Storage's JSON API on 127.0.0.1 that answers from a script:
-    the emulator cannot be made to answer 503 or a proxy's page. Each request takes the
-    next (status, body); the last one repeats."""
+def _answers(serve: Any, answers: list[tuple[int, bytes]]) -> tuple[Storage, list[str]]:
+    """Storage against a stand-in for Cloud Storage's JSON API that answers from a
+    script: the emulator cannot be made to answer 503 or a proxy's page. Each request
+    takes the next (status, body); the last one repeats. Also the paths asked for."""
+    paths: list[str] = []
 
-    def __init__(self, answers: list[tuple[int, bytes]]) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    class Scripted(StubHandler):
+        def do_GET(self) -> None:
+            paths.append(self.path)
+            self.reply(*(answers.pop(0) if len(answers) > 1 else answers[0]))
 
-        self.answers, self.paths = list(answers), []
-        scripted = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
-                scripted.paths.append(self.path)
-                answers = scripted.answers
-                status, body = answers.pop(0) if len(answers) > 1 else answers[0]
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
-        self.storage = Storage(
-            storage_module.make_client("p", f"http://127.0.0.1:{self.server.server_port}")
-        )
-
-    def close(self) -> None:
-        self.storage.endpoint.close()
-        self.server.shutdown()
-        self.server.server_close()
+    url, _ = serve(Scripted)
+    return Storage(storage_module.make_client("p", url)), paths
 
 
-def test_a_config_read_outlives_a_503_and_says_why_when_gcs_keeps_failing(monkeypatch):
+def test_a_config_read_outlives_a_503_and_says_why_when_gcs_keeps_failing(monkeypatch, serve):
     """A start-up's config read met one 503 and the daemon did not start: the client
     library had retried 408, 429 and 5xx, the request of gcs_http did not. It is asked
     again after a backoff while its deadline allows; a GCS that keeps answering 503, or
     a 200 that is no JSON (a proxy's page), is an OSError that says so."""
     monkeypatch.setattr(storage_module, "METADATA_DEADLINE_S", 2.0)
-    once = _Answers([(503, b"busy"), (200, b'{"generation": "7"}')])
+    once, paths = _answers(serve, [(503, b"busy"), (200, b'{"generation": "7"}')])
     try:
-        assert once.storage.generation("gs://bkt/configs/a b.yaml") == "7"
-        assert len(once.paths) == 2 and "/o/configs%2Fa%20b.yaml?" in once.paths[0]
+        assert once.generation("gs://bkt/configs/a b.yaml") == "7"
+        assert len(paths) == 2 and "/o/configs%2Fa%20b.yaml?" in paths[0]
     finally:
-        once.close()
+        once.endpoint.close()
     for answers, said in (([(503, b"busy")], "HTTP 503 busy"), ([(200, b"<html>")], "not a JSON")):
-        failing = _Answers(answers)
+        failing, _ = _answers(serve, answers)
         try:
             started = time.monotonic()
             with pytest.raises(OSError, match=said):
-                failing.storage.generation("gs://bkt/configs/a.yaml")
+                failing.generation("gs://bkt/configs/a.yaml")
             assert time.monotonic() - started < 4  # within its deadline, not the library's
         finally:
-            failing.close()
+            failing.endpoint.close()
