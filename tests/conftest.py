@@ -418,3 +418,22 @@ def serve() -> Iterator[Callable[[type[server.BaseHTTPRequestHandler]], tuple[st
     for httpd in started:
         httpd.shutdown()
         httpd.server_close()
+
+
+def segmenter_of_80_classes(weights: Path) -> Path:
+    """An 80-class segmenter with random weights (the demo's has one class), built from
+    ultralytics' YAML (nothing downloaded): its class scores and normalisation spread so
+    that anchors differ in their best class, and several classes compete for a cap."""
+    import torch
+    from ultralytics import YOLO
+
+    torch.manual_seed(0)
+    built = YOLO("yolo11n-seg.yaml", task="segment")
+    with torch.no_grad():
+        for branch in built.model.model[-1].cv3:  # the class scores' last convolutions
+            branch[-1].weight.normal_(0, 0.05)
+        for module in built.model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_var.fill_(0.1)
+    built.save(weights)
+    return weights

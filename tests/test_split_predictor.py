@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision  # noqa: F401  (registers torch.ops.torchvision.nms)
+from conftest import segmenter_of_80_classes
 from ultralytics.utils.ops import scale_boxes
 
 from gannet.masks import segment_of
@@ -305,22 +306,9 @@ def test_an_end_to_end_models_cap_is_reported_whatever_the_class_filter(tmp_path
 def test_a_segmenters_class_filter_keeps_ultralytics_rows_and_masks(tmp_path, masks_in_boxes):
     """A step's class filter on a segmenter of many classes (the demo's has one): the
     runner's NMS on the host keeps the rows and masks ultralytics' predict keeps with
-    classes= and a cap, and makes no mask for the classes it drops. An 80-class
-    segmenter with random weights (built from ultralytics' YAML, nothing downloaded;
-    its class scores and normalisation spread so that anchors differ in their best
-    class): several classes compete for the cap."""
-    from ultralytics import YOLO
-
-    torch.manual_seed(0)
-    built = YOLO("yolo11n-seg.yaml", task="segment")
-    with torch.no_grad():
-        for branch in built.model.model[-1].cv3:  # the class scores' last convolutions
-            branch[-1].weight.normal_(0, 0.05)
-        for module in built.model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_var.fill_(0.1)
-    weights = tmp_path / "seg80.pt"
-    built.save(weights)
+    classes= and a cap, and makes no mask for the classes it drops (several of the
+    random segmenter's 80 classes compete for the cap)."""
+    weights = segmenter_of_80_classes(tmp_path / "seg80.pt")
     load = yolo_loader(lambda uri, version: Path(uri), trace=False)
     model, _ = load(ModelKey(str(weights), "v", "cpu", 320, "segment"))
     split = SplitPredictor(model)

@@ -16,7 +16,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from conftest import MANIFEST, SAMPLES, SCENES, expected_counts
+from conftest import MANIFEST, SAMPLES, SCENES, expected_counts, segmenter_of_80_classes
 from PIL import Image
 
 from gannet.config_sources import open_configs
@@ -260,6 +260,29 @@ def test_a_class_filter_is_applied_before_the_models_cap(run, tmp_path):
     sliced = run(CONFIGS / "agro.yaml", "FIELD_ANALYSIS", LARGE)["detection"]["counts"]
     squares = run(capped, "SLICED_SQUARES", LARGE)["detection"]["counts"]
     assert squares == {"square": sliced["square"]} == {"square": LARGE["counts"]["square"]}
+
+
+def test_a_segmentation_steps_class_filter_reaches_the_models_nms(run, tmp_path):
+    """A segmentation step keeping three classes of a segmenter of 80 (the demo's has
+    one), capped at 20 segments: its segments are of those classes only, as many as the
+    model finds of them under the cap, not what is left of those classes among the 20
+    most confident of every class (the filter goes to the model's NMS, before the cap)."""
+    weights = segmenter_of_80_classes(tmp_path / "seg80.pt")
+    kept = ["1", "5", "42"]  # a model built from a YAML names its classes by index
+    config = tmp_path / "seg80.yaml"
+    config.write_text(
+        "industry: seg80\nversion: 1\nmodels:\n  segmentation:\n"
+        f"    path: {weights}\n    confidence_threshold: 0.01\n    imgsz: 320\n"
+        "    max_detections: 20\npipelines:\n  EVERY:\n    - segmentation\n"
+        "  SOME:\n    - segmentation: {classes: ['1', '5', '42']}\n"
+    )
+    entry = SCENES[0]
+    every = run(config, "EVERY", entry)["segmentation"]["segments"]
+    some = run(config, "SOME", entry)["segmentation"]["segments"]
+    assert {s["class"] for s in every} - set(kept), "other classes take the cap"
+    found_in_every = [s for s in every if s["class"] in kept]
+    assert {s["class"] for s in some} <= set(kept)
+    assert len(some) > len(found_in_every)
 
 
 def test_a_segmenters_cap_is_read_before_its_rows_without_a_mask_go():
