@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(advisory lock).",
     )
     m.set_defaults(func=cmd_migrate)
+    cluster_cli.add_db_commands(db_sub)
 
     p = sub.add_parser(
         "settings",

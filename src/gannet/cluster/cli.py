@@ -1,4 +1,5 @@
-"""The operator's commands (`gannet ops`, `gannet scaling`, `gannet dead-letters`).
+"""The operator's commands (`gannet ops`, `gannet scaling`, `gannet dead-letters`,
+`gannet db purge`).
 
 Only the argument definitions live here, so that building the parser imports nothing
 heavy: each command imports its module (and with it the kubernetes client) when it runs,
@@ -79,6 +80,74 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
         )
         worst = max(worst, rc)
     return worst
+
+
+def cmd_db_purge(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from gannet import sink
+    from gannet.cluster import purge
+
+    if args.older_than < 0 or args.batch < 1:
+        print("error: --older-than must be 0 or more days, --batch 1 or more", file=sys.stderr)
+        return 2
+    tenants = list(dict.fromkeys(t.strip() for t in args.tenant if t.strip()))
+    try:
+        return purge.main(
+            Settings().database_url, tenants, args.older_than, args.batch, args.dry_run
+        )
+    except psycopg.OperationalError as exc:
+        print(f"error: {sink.cannot_connect(exc)}", file=sys.stderr)
+        return 2
+    except psycopg.errors.UndefinedTable as exc:
+        print(f"error: {exc.diag.message_primary}: run `gannet db migrate` first", file=sys.stderr)
+        return 2
+    except psycopg.errors.InsufficientPrivilege as exc:
+        print(
+            f"error: {exc.diag.message_primary}: the role in GANNET_DATABASE_URL needs "
+            "DELETE on task_results and task_claims (the daemon's role has it)",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def add_db_commands(db_sub: argparse._SubParsersAction) -> None:
+    """`gannet db purge` (an operator's command) beside the core's `gannet db migrate`."""
+    p = db_sub.add_parser(
+        "purge",
+        help="delete tenants' rows older than N days, each with its claim",
+        description="Delete each named tenant's task_results rows last written more than "
+        "--older-than days ago, with their task_claims rows (a task_id purged is free "
+        "again: a task republished with it runs anew), in batches of one short "
+        "transaction each. The daemon deletes no row, while the buckets' lifecycle rules "
+        "delete images and result objects. Row-level security shows one tenant's rows at "
+        "a time, so name every tenant (for instance those of configs/deployment.yaml). "
+        "A claim a worker holds now stays. Use --dry-run first.",
+    )
+    p.add_argument(
+        "--tenant",
+        action="append",
+        required=True,
+        metavar="TENANT",
+        help="a tenant whose rows to purge (repeatable)",
+    )
+    p.add_argument(
+        "--older-than",
+        type=float,
+        required=True,
+        metavar="DAYS",
+        help="rows last written more than DAYS days ago (0: every row of the tenant)",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=5000,
+        help="rows deleted per transaction (default 5000)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="count the rows that would go; delete nothing"
+    )
+    p.set_defaults(func=cmd_db_purge)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
