@@ -473,9 +473,12 @@ class Daemon:
                 break
         sizer.stop()
         watch.stop()  # a check in flight is not waited for: ConfigWatch says why
-        self._shutdown(parts, subscribers)
         for backlog in backlogs:
-            backlog.stop()
+            # Not waited for: a poll in flight (up to its request's timeout when Cloud
+            # Monitoring does not answer) only sets a gauge no one reads any more, and
+            # waiting for it after the drain ran past a spot preemption's 15 s.
+            backlog.stop(timeout_s=0.0)
+        self._shutdown(parts, subscribers)
         return exit_code
 
     def _orphaned(self) -> bool:
