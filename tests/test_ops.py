@@ -289,6 +289,19 @@ def test_status_without_metrics_adapter_still_reports(server: FakeApiServer) -> 
     assert "backlog: ?" in format_status(status)
 
 
+def test_status_under_keda_does_not_ask_for_the_metrics_adapter(server: FakeApiServer) -> None:
+    """The KEDA overlay's metrics server serves the external metrics API under its own
+    names (the adapter cannot be installed beside it): status said to install the
+    adapter. It says where the backlog KEDA reads is shown instead."""
+    server.routes[("GET", HPAS)] = (200, "hpa-list-keda.json")  # hpa-list.json, renamed
+    server.routes[("GET", EXTERNAL)] = (404, "external-metrics-unavailable.json")
+    server.routes[("GET", f"{EXTERNAL}?{BULK}")] = (404, "external-metrics-unavailable.json")
+    status = get_status(server.api())
+    assert status.hpa is not None and status.hpa.name == "keda-hpa-gannet-worker"
+    assert not any("Stackdriver Adapter" in p for p in status.problems)
+    assert any("get hpa keda-hpa-gannet-worker" in p for p in status.problems)
+
+
 def test_status_without_hpa_says_replicas_are_manual(server: FakeApiServer) -> None:
     server.routes[("GET", HPAS)] = (200, "hpa-list-empty.json")
     status = get_status(server.api())

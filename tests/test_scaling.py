@@ -522,4 +522,4 @@ def test_keda_activation_is_not_an_hpa_scale_event(capsys: pytest.CaptureFixture
     # (KEDA activates and the HPA syncs in the same second here.)
     assert next(r for r in result.replicas if r > 0) == 5
     assert run_cli(["--min-replicas", "0"]) == 0
-    assert "oldest-age trigger" in capsys.readouterr().out  # said to be not modelled
+    assert "keda        0 <-> 1 on the backlog triggers" in capsys.readouterr().out

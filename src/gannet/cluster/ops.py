@@ -392,8 +392,17 @@ def get_status(
         if subscription
         else lane_subscriptions(core, namespace, dep_obj, problems)
     )
+    # KEDA's metrics server takes the external metrics API, under its triggers' names:
+    # the adapter's metric is not there, and "install the adapter" would mislead.
+    adapter = (
+        f" (the KEDA overlay's metrics server serves this API, not the adapter's metric: "
+        f"`kubectl -n {namespace} get hpa {hpa.name}` shows the backlog KEDA reads)"
+        if hpa is not None and hpa.name.startswith("keda-hpa-")
+        else " (is the Custom Metrics Stackdriver Adapter installed?)"
+    )
     lanes = {
-        lane: lane_backlog(custom, namespace, sub, problems) for lane, sub in subscriptions.items()
+        lane: lane_backlog(custom, namespace, sub, problems, adapter)
+        for lane, sub in subscriptions.items()
     }
     known = [v for v in lanes.values() if v is not None]
     backlog = sum(known) if known else None
@@ -448,7 +457,11 @@ def lane_subscriptions(
 
 
 def lane_backlog(
-    custom: k8s.CustomObjectsApi, namespace: str, subscription: str, problems: list[str]
+    custom: k8s.CustomObjectsApi,
+    namespace: str,
+    subscription: str,
+    problems: list[str],
+    adapter: str = "",
 ) -> float | None:
     """A subscription's undelivered messages as the HPA sees them (None: unknown)."""
     try:
@@ -466,7 +479,7 @@ def lane_backlog(
     except (ApiException, HTTPError) as exc:
         problems.append(
             _describe_api_error(exc, f"backlog of {subscription} from the external metrics API")
-            + " (is the Custom Metrics Stackdriver Adapter installed?)"
+            + adapter
         )
         return None
     items = values.get("items", [])

@@ -756,8 +756,7 @@ def simulate(
 
         # Controllers. KEDA's 0 <-> 1 is its own, not the HPA's: it is not in the HPA's
         # scale events, so the HPA's first step after activation counts its policies
-        # from 1 replica. (KEDA activates on the backlog triggers only; the overlay's
-        # oldest-age trigger is not modelled, see format_report.)
+        # from 1 replica. (KEDA activates on the backlog triggers, the overlay's only ones.)
         if keda and step % max(int(hpa.keda_polling_s), 1) == 0:
             if seen > 0 or (bulk_seen or 0) > 0:
                 last_active = t
@@ -955,8 +954,7 @@ def format_report(result: SimResult) -> str:
         lines.insert(
             2,
             f"keda        0 <-> 1 on the backlog triggers, polling {hpa.keda_polling_s:g} s, "
-            f"cooldown {hpa.keda_cooldown_s:g} s; the overlay's oldest-age trigger "
-            "(OldestUnackedMessageAge, 300 s) is not modelled",
+            f"cooldown {hpa.keda_cooldown_s:g} s",
         )
     if result.one_queue:
         lines[0] += " (everything on one subscription)"
