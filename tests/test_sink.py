@@ -318,3 +318,53 @@ def test_a_pooled_connection_gives_up_on_a_silent_server_within_a_minute(db):
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 30_000
         finally:
             sock.close()
+
+
+def test_a_commit_stopped_mid_write_does_not_hold_its_tasks_redelivery(services):
+    """A commit holds the claim row locked while the result object is written. A pod
+    that stops there (its node lost; here a thread asleep in the write) held the lock
+    until the server noticed the dead client (two hours of TCP keepalive by default), and
+    the redelivered task's claim waited on it all that while, its runner stuck. The
+    server ends a session idle in a transaction (1 s here, 120 s by default): the
+    redelivery claims the task at once after; the stopped commit fails as retryable.
+    A lock held longer by a live session fails a waiting claim after lock_timeout
+    (1 s here, 30 s by default), retryable, instead of waiting without end."""
+    import threading
+
+    stopped = sink.Sink(services.database_url, pool_size=1, idle_in_transaction_s=1.0)
+    other = sink.Sink(services.database_url, pool_size=1, lock_timeout_s=1.0)
+    patient = sink.Sink(services.database_url, pool_size=1, lock_timeout_s=600.0)
+    for store in (stopped, other, patient):
+        store.open()
+    try:
+        tenant = f"t-{uuid.uuid4().hex[:6]}"
+        task_id = f"{tenant}-stopped"
+        assert stopped.start(task_id, tenant, "pod-a", 0.5).claimed  # expires in 0.5 s
+        failed: list[Exception] = []
+
+        def commit_stopped_in_its_write() -> None:
+            try:
+                stopped.save_claimed(result(tenant, task_id), "pod-a", lambda: time.sleep(4))
+            except Exception as exc:  # noqa: BLE001 (kept for the assertion: retryable)
+                failed.append(exc)
+
+        commit = threading.Thread(target=commit_stopped_in_its_write)
+        commit.start()
+        time.sleep(0.6)  # the fence holds the row lock; pod-a's claim has expired
+        started = time.monotonic()
+        assert patient.start(task_id, tenant, "pod-b", 60).claimed
+        assert time.monotonic() - started < 3  # the server ended pod-a's session at 1 s
+        commit.join(10)
+        assert failed and isinstance(failed[0], TransientError), failed
+
+        # A live session holding the lock: the claim gives up after its lock_timeout.
+        with psycopg.connect(services.database_url) as holder:
+            holder.execute("SELECT set_config('app.current_tenant', %s, false)", (tenant,))
+            holder.execute("SELECT 1 FROM task_claims WHERE task_id = %s FOR UPDATE", (task_id,))
+            started = time.monotonic()
+            with pytest.raises(TransientError, match="lock timeout"):
+                other.start(task_id, tenant, "pod-c", 60)
+            assert time.monotonic() - started < 3
+    finally:
+        for store in (stopped, other, patient):
+            store.close()

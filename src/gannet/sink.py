@@ -436,7 +436,29 @@ def _transient(exc: Exception) -> TransientError:
 
 
 class Sink:
-    def __init__(self, database_url: str, pool_size: int = 8, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        pool_size: int = 8,
+        timeout_s: float = 10.0,
+        lock_timeout_s: float = 30.0,
+        idle_in_transaction_s: float = 120.0,
+    ) -> None:
+        """A commit holds its claim row locked while the result object is written
+        (save_claimed). A pod that died there (its node lost) kept the lock until the
+        server noticed the dead client, by TCP keepalive two hours later by default, and
+        the task's redelivery waited on the lock all that while, its runner stuck. The
+        server now ends a session idle in a transaction after `idle_in_transaction_s`
+        (above a result write's 70 s deadline), and a statement waits for a lock at most
+        `lock_timeout_s`, then fails: the task is retried later."""
+        timeouts = (
+            f"SET lock_timeout = {int(lock_timeout_s * 1000)}; "
+            f"SET idle_in_transaction_session_timeout = {int(idle_in_transaction_s * 1000)}"
+        ).encode()
+
+        def configure(conn: psycopg.Connection[Any]) -> None:
+            conn.execute(timeouts)
+
         self.pool = ConnectionPool(
             database_url,
             min_size=1,
@@ -453,6 +475,8 @@ class Sink:
                 "client_encoding": "UTF8",
                 **_DEAD_PEER,
             },
+            # Once per connection, not per task.
+            configure=configure,
             # No check on every checkout (a round trip per transaction): a broken
             # connection fails its transaction, the task is nacked and retried, and the
             # pool replaces the connection.
