@@ -211,3 +211,40 @@ def test_a_second_sigterm_nacks_running_work_at_once_and_exits(own_stack):
             json.loads(m.data)["task_id"] for m in own_stack.pull(own_stack.settings.subscription)
         }
     assert back == ids, "nacked messages are redelivered at once, not after their lease"
+
+
+@pytest.mark.slow
+def test_a_task_stuck_past_the_stall_limit_restarts_the_daemon_and_is_not_lost(own_stack):
+    """A runner that never returns (a GPU hung without an error) left the pod live and
+    ready with its GPU idle, the message's lease extended for an hour. Past
+    GANNET_TASK_STALL_S the daemon says why, fails /healthz, drains (the stuck task
+    nacked) and exits 1 for a restart; the task is not lost. A hung GPU cannot be
+    staged here: a real wait stands in for it, the task's claim row held locked by
+    another session, which the runner waits on in PostgreSQL."""
+    import psycopg
+
+    stack = own_stack
+    task = stack.task(stack.upload(SCENES[0]["file"]))
+    with psycopg.connect(stack.settings.database_url) as holder:
+        holder.execute("SELECT set_config('app.current_tenant', %s, false)", (stack.tenant,))
+        holder.execute(
+            "INSERT INTO task_claims VALUES (%s, %s, 'elsewhere', now() - interval '1 s')",
+            (task.task_id, stack.tenant),
+        )
+        holder.commit()
+        holder.execute("SELECT 1 FROM task_claims WHERE task_id = %s FOR UPDATE", (task.task_id,))
+        stuck = stack.start_daemon(GANNET_TASK_STALL_S="2", GANNET_SHUTDOWN_GRACE_S="2")
+        stack.publish([task])
+        assert stuck.proc.wait(timeout=60) == 1
+        stuck.stop()  # exited: closes its log
+        said = [e for e in stuck.log_entries() if "GANNET_TASK_STALL_S" in e["message"]]
+        assert said and said[0]["severity"] == "CRITICAL", stuck.log_entries()[-5:]
+        assert "this process is stuck" in said[0]["message"]
+        nacked = [e for e in stuck.log_entries() if e.get("task_id") == task.task_id]
+        assert [e.get("outcome") for e in nacked if e.get("outcome")] == ["shutdown"]
+    second = stack.start_daemon()
+    try:
+        rows = stack.wait_rows([task.task_id], timeout_s=60)
+    finally:
+        second.stop()
+    assert rows[task.task_id]["status"] == "succeeded"

@@ -465,6 +465,11 @@ class Daemon:
                 )
                 exit_code = 1
                 break
+            if (stuck := self._stuck(parts)) is not None:
+                log.critical(stuck)
+                self.health.set(broken=stuck)
+                exit_code = 1
+                break
             if (lost := parts.dispatcher.device_lost) is not None:
                 # Logged where it was found (dispatch.py): drain, then exit for a restart
                 # (the kubelet's, or the supervisor's), which gives a fresh CUDA context.
@@ -480,6 +485,22 @@ class Daemon:
             backlog.stop(timeout_s=0.0)
         self._shutdown(parts, subscribers)
         return exit_code
+
+    def _stuck(self, parts: Parts) -> str | None:
+        """Why this process is stuck, if a task has run past GANNET_TASK_STALL_S. A GPU
+        that hangs without an error, or a deadlock, leaves a runner waiting for good
+        while the Pub/Sub client extends its message's lease for an hour: the pod stayed
+        live and ready, its GPU idle. It exits for a restart instead (the kubelet's, or
+        the supervisor's), the stuck task nacked at the end of the drain."""
+        limit = self.settings.task_stall_s
+        running_s = parts.dispatcher.pool.longest_running_s()
+        if not limit or running_s <= limit:
+            return None
+        return (
+            f"a task has run for {running_s:.0f} s, past GANNET_TASK_STALL_S ({limit:g} s): "
+            "this process is stuck (a hung GPU or a deadlock); draining, then exiting "
+            "for a restart"
+        )
 
     def _orphaned(self) -> bool:
         """Whether this process's supervisor is gone. Its pid comes from the supervisor

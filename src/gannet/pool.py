@@ -119,7 +119,7 @@ class RunnerPool(Generic[ItemT]):
         self.queue: LaneQueue[Job[ItemT]] = LaneQueue(lanes or {"default": (1, None)})
         self._accepting = True
         self._lock = threading.Lock()
-        self._in_flight: set[Job[ItemT]] = set()
+        self._in_flight: dict[Job[ItemT], float] = {}  # job -> when its runner took it
         self.devices = assign_devices(devices, runners)
         self._threads = [
             threading.Thread(
@@ -159,7 +159,7 @@ class RunnerPool(Generic[ItemT]):
 
     def _run(self, job: Job[ItemT], device: str) -> None:
         with self._lock:
-            self._in_flight.add(job)
+            self._in_flight[job] = time.monotonic()
         outcome: Outcome | None
         try:
             outcome = self._handle(job.item, device)
@@ -168,8 +168,15 @@ class RunnerPool(Generic[ItemT]):
             outcome = None
         finally:
             with self._lock:
-                self._in_flight.discard(job)
+                self._in_flight.pop(job, None)
         job.finish(outcome)
+
+    def longest_running_s(self) -> float:
+        """How long the oldest running job has run (0 with none): the daemon's watch
+        for a runner that will never return."""
+        with self._lock:
+            oldest = min(self._in_flight.values(), default=None)
+        return 0.0 if oldest is None else time.monotonic() - oldest
 
     def stop_accepting(self) -> list[Job[ItemT]]:
         """Stop taking jobs and return the ones no runner has started yet."""

@@ -237,6 +237,13 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(
         25.0, ge=0, description="On SIGTERM, how long in-flight work may finish."
     )
+    task_stall_s: float = Field(
+        600.0,
+        ge=0,
+        description="A task running longer than this means the process is stuck (a GPU "
+        "that hung without an error, a deadlock): /healthz fails, the daemon drains, "
+        "nacks that task and exits 1 for a restart. 0: never.",
+    )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
     pubsub_emulator_host: str | None = Field(
         None,
