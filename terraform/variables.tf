@@ -176,3 +176,21 @@ variable "extra_lanes" {
     error_message = "A lane name is lowercase letters and digits, at most 20, starting with a letter."
   }
 }
+
+variable "oldest_unacked_alert_s" {
+  description = "The first lane's (interactive) oldest unacked message age, in seconds, past which its Cloud Monitoring alert (alerts.tf) fires, held 10 minutes."
+  type        = number
+  default     = 600
+}
+
+variable "extra_lane_oldest_unacked_alert_s" {
+  description = "The same for each of extra_lanes (backfills, which may hold their oldest message an hour at maxReplicas)."
+  type        = number
+  default     = 3600
+}
+
+variable "alert_notification_channels" {
+  description = "Cloud Monitoring notification channels (projects/P/notificationChannels/N) the alerts of alerts.tf page; empty: they show in the console's Alerting page only."
+  type        = list(string)
+  default     = []
+}
