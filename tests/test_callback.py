@@ -441,6 +441,98 @@ def test_a_tenant_whose_receiver_hangs_does_not_hold_up_other_tenants_callbacks(
     assert all(statuses[f"a{i}"][1].startswith("failed: ") for i in range(20))
 
 
+def test_two_tenants_whose_receivers_hang_do_not_hold_up_a_third(receiver_factory):
+    """Each tenant had half the threads: two tenants with dead receivers took them all,
+    and every other tenant's callbacks waited (16.5 s measured at the defaults). A
+    tenant has a quarter now, and one thread once an attempt of its failed."""
+    hanging, healthy = Hanging(), receiver_factory([200])
+    policy = CallbackPolicy(timeout_s=1.0, retries=0, allow_http=True, allow_private=True)
+    statuses, record = _recorded()
+    callbacks = Callbacks(CallbackClient(policy), record, Metrics(), workers=4)
+    try:
+        for i in range(10):
+            _submit(callbacks, "tenant-a", f"a{i}", hanging.url())
+            _submit(callbacks, "tenant-b", f"b{i}", hanging.url())
+        started = time.monotonic()
+        _submit(callbacks, "tenant-c", "c0", healthy.url())
+        wait_until(lambda: "c0" in statuses, "tenant C's callback recorded", 15)
+        at, status = statuses["c0"]
+        assert status == "delivered: HTTP 200"
+        assert at - started < 0.5, f"tenant C's callback waited {at - started:.1f} s"
+    finally:
+        callbacks.close(timeout_s=0.0)
+        hanging.close()
+
+
+def test_a_receiver_down_for_seconds_gets_its_callback_when_it_is_back():
+    """A receiver restarting (a rolling deploy: connections refused for seconds) lost
+    every callback sent meanwhile: three attempts 0.5 s and 1 s apart. Retries back off
+    (here 0.2 s doubling, five of them: 6 s) and wait without a thread, so another
+    tenant's callback is delivered meanwhile by the only one."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens on it yet: connection refused
+    received: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            received.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    policy = CallbackPolicy(
+        timeout_s=1.0, retries=5, backoff_s=0.2, allow_http=True, allow_private=True
+    )
+    statuses, record = _recorded()
+    callbacks = Callbacks(CallbackClient(policy), record, Metrics(), workers=1)
+    server: ThreadingHTTPServer | None = None
+    try:
+        _submit(callbacks, "tenant-a", "a0", f"http://127.0.0.1:{port}/a")
+        time.sleep(0.3)  # a0 failed once and waits for its retry
+        later = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=later.serve_forever, daemon=True).start()
+        _submit(callbacks, "tenant-b", "b0", f"http://127.0.0.1:{later.server_port}/b")
+        wait_until(lambda: "b0" in statuses, "tenant B's callback recorded", 2)
+        assert "a0" not in statuses
+        later.shutdown()
+        later.server_close()
+        time.sleep(1.5)  # the receiver is down about 2 s in all
+        server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        wait_until(lambda: "a0" in statuses, "tenant A's callback recorded", 10)
+        assert statuses["a0"][1] == "delivered: HTTP 200"
+        assert received == ["/b", "/a"]
+    finally:
+        callbacks.close(timeout_s=0.0)
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+
+def test_a_shutdown_does_not_wait_for_a_callbacks_retry(receiver_factory):
+    """A callback waiting for its retry (its receiver down) is recorded as failed at
+    shutdown, with its last failure, at once: waiting for it would hold every pod's
+    shutdown for its whole grace while one tenant's receiver is down."""
+    down = receiver_factory([503])
+    policy = CallbackPolicy(
+        timeout_s=1.0, retries=3, backoff_s=30.0, allow_http=True, allow_private=True
+    )
+    statuses, record = _recorded()
+    callbacks = Callbacks(CallbackClient(policy), record, Metrics(), workers=2)
+    _submit(callbacks, "tenant-a", "a0", down.url())
+    wait_until(lambda: len(down.requests) == 1, "the first attempt made")
+    started = time.monotonic()
+    callbacks.close(timeout_s=10.0)
+    assert time.monotonic() - started < 1.0
+    assert statuses["a0"][1] == "failed: worker shut down after HTTP 503"
+    assert callbacks.pending() == 0
+
+
 def test_a_tenants_callbacks_past_its_queue_bound_are_recorded_failed_at_once():
     """A tenant's queue is bounded: a dead receiver cannot make the pod hold an ever
     longer backlog of callbacks in memory (that the next shutdown would drop anyway)."""
@@ -696,7 +788,7 @@ def test_a_callback_whose_sending_raises_is_recorded_as_failed(processor_parts):
     settings, storage, processor, callbacks, metrics = processor_parts
 
     class Raising(CallbackClient):
-        def send(self, url: str, payload: dict[str, Any]) -> Any:
+        def attempt(self, url: str, body: bytes, number: int, last: str = "") -> Any:
             raise RuntimeError("injected")
 
     callbacks.client = Raising(LOCAL)

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import heapq
 import hmac
 import http.client
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -190,14 +192,25 @@ class _PinnedHTTPSConnection(_Pinned, http.client.HTTPSConnection):
         self.sock = self._ctx.wrap_socket(self._open(), server_hostname=self.host)
 
 
+RETRY = "retry"  # an attempt's outcome that a later attempt may change; never recorded
+
+
 @dataclass(frozen=True)
 class Delivery:
-    status: str  # delivered | failed | refused
+    status: str  # delivered | failed | refused (| RETRY, between attempts)
     detail: str
     attempts: int
 
     def row_text(self) -> str:
         return f"{self.status}: {self.detail}"[:1000]
+
+
+def given_up(last: Delivery, attempts: int) -> Delivery:
+    return Delivery("failed", f"{last.detail} after {attempts} attempts", attempts)
+
+
+def encode(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), default=str).encode()
 
 
 def signature_headers(key: bytes, body: bytes, now: float) -> dict[str, str]:
@@ -254,33 +267,42 @@ class CallbackClient:
         self._watchdog.expire_all()
 
     def send(self, url: str, payload: dict[str, Any]) -> Delivery:
-        body = json.dumps(payload, separators=(",", ":"), default=str).encode()
-        attempts = self.policy.retries + 1
-        last = "not attempted"
-        for attempt in range(1, attempts + 1):
-            if attempt > 1:
-                self._sleep(self.policy.backoff_s * 2 ** (attempt - 2))
-            if self._stopped.is_set():
-                after = f" after {last}" if attempt > 1 else ""
-                return Delivery("failed", f"worker shut down{after}", attempt - 1)
-            try:
-                target = resolve(url, self.policy)  # again per attempt: answers may change
-            except CallbackRefused as exc:
-                return Delivery("refused", exc.message, attempt - 1)
-            except TransientError as exc:
-                last = exc.message
-                continue
-            try:
-                status = self._post(target, body)
-            except (OSError, http.client.HTTPException) as exc:
-                last = f"{exc.__class__.__name__}: {exc}"
-                continue
-            if 200 <= status < 300:
-                return Delivery("delivered", f"HTTP {status}", attempt)
-            last = f"HTTP {status}"
-            if status != 429 and status < 500:
-                return Delivery("failed", last, attempt)  # the receiver said no: final
-        return Delivery("failed", f"{last} after {attempts} attempts", attempts)
+        """Every attempt on this thread, sleeping between them. The daemon's Callbacks
+        makes one attempt at a time instead, its retries waiting without a thread."""
+        body = encode(payload)
+        number, delivery = 1, self.attempt(url, body, 1)
+        while delivery.status == RETRY:
+            if number > self.policy.retries:
+                return given_up(delivery, number)
+            self._sleep(self.backoff_s(number))
+            number += 1
+            delivery = self.attempt(url, body, number, delivery.detail)
+        return delivery
+
+    def backoff_s(self, number: int) -> float:
+        """The wait after attempt `number` failed: backoff_s, doubled per attempt."""
+        return self.policy.backoff_s * 2.0 ** (number - 1)
+
+    def attempt(self, url: str, body: bytes, number: int, last: str = "") -> Delivery:
+        """Attempt `number` (from 1); RETRY when another may succeed (the network, a
+        name that did not resolve, 429, 5xx). `last`: the previous attempt's failure."""
+        if self._stopped.is_set():
+            return Delivery("failed", "worker shut down" + (f" after {last}" if last else ""), 0)
+        try:
+            target = resolve(url, self.policy)  # again per attempt: answers may change
+        except CallbackRefused as exc:
+            return Delivery("refused", exc.message, number - 1)
+        except TransientError as exc:
+            return Delivery(RETRY, exc.message, number)
+        try:
+            status = self._post(target, body)
+        except (OSError, http.client.HTTPException) as exc:
+            return Delivery(RETRY, f"{exc.__class__.__name__}: {exc}", number)
+        if 200 <= status < 300:
+            return Delivery("delivered", f"HTTP {status}", number)
+        if status != 429 and status < 500:
+            return Delivery("failed", f"HTTP {status}", number)  # the receiver said no
+        return Delivery(RETRY, f"HTTP {status}", number)
 
     def _post(self, target: Target, body: bytes) -> int:
         timeout = self.policy.timeout_s
@@ -322,22 +344,26 @@ QUEUE_PER_TENANT = 1000
 NOT_SENT_SAID_EVERY_S = 60.0  # a full queue's refusals: one warning a minute
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Job:
     task: Task
-    payload: dict[str, Any]
-    context: contextvars.Context  # the task's: with tracing on, the callback's span joins it
+    body: bytes
+    context: contextvars.Context  # the task's: with tracing on, each attempt's span joins it
+    number: int = 1  # the next attempt's
+    last: str = ""  # the last attempt's failure, when it may be tried again
 
 
 class Callbacks:
     """Sends callbacks off the runner threads and records each outcome on the row.
 
-    Queued per tenant and taken in turn, at most half the threads on one tenant's at a
-    time. Why: a receiver that hangs holds a thread for all its attempts (16.5 s at the
-    defaults) per callback; in one queue, one tenant's dead receiver held every thread and
-    every tenant's callbacks waited behind its. Now it slows its own. Its queue is
-    bounded too (QUEUE_PER_TENANT): past that a callback is recorded as failed at once,
-    instead of memory growing with the backlog that the next shutdown would drop anyway.
+    Queued per tenant and taken in turn, at most a quarter of the threads on one
+    tenant's at a time, and one while its receiver fails. Why: a receiver that hangs
+    holds a thread for each attempt (its timeout); in one queue, one tenant's dead
+    receiver held every thread and every tenant's callbacks waited behind its, and with
+    half the threads each, two tenants' did. A retry waits for its time without a thread
+    (a receiver restarting for a minute is still reached), and a tenant's callbacks
+    waiting, queued or for a retry, are bounded (QUEUE_PER_TENANT): past that one is
+    recorded as failed at once, instead of memory growing with the backlog.
     """
 
     def __init__(
@@ -352,26 +378,32 @@ class Callbacks:
         self._record = record
         self._metrics = metrics
         self._workers = workers
-        self._per_tenant = max(1, workers // 2)
+        self._per_tenant = max(1, workers // 4)
         self._queue_limit = queue_per_tenant
         self._cond = threading.Condition()
         self._queues: dict[str, deque[_Job]] = {}  # in turn order: next turn first
+        self._retries: list[tuple[float, int, _Job]] = []  # a heap: when due, then order
+        self._order = itertools.count()
+        self._waiting: Counter[str] = Counter()  # queued or waiting for a retry, per tenant
         self._busy: Counter[str] = Counter()  # callbacks in flight, per tenant
+        self._failing: set[str] = set()  # tenants whose last attempt failed: one thread
         self._threads: list[threading.Thread] = []
-        self._pending = 0  # queued and in flight
+        self._pending = 0  # queued, waiting for a retry, and in flight
         self._not_sent: Counter[str] = Counter()  # refused by a full queue, not yet said
         self._not_sent_said: dict[str, float] = {}  # when last said, per tenant
-        self._closing = False  # queued callbacks are recorded as not sent, none is taken
+        self._closing = False  # waiting callbacks are recorded as not sent, none is tried
 
     def submit(self, task: Task, result: dict[str, Any], result_uri: str) -> None:
         """Called after the commit; returns at once."""
         if not task.callback_url:
             return
-        job = _Job(task, summary(task, result, result_uri), contextvars.copy_context())
+        payload = summary(task, result, result_uri)
+        job = _Job(task, encode(payload), contextvars.copy_context())
         with self._cond:
-            full = len(self._queues.get(task.tenant_id, ())) >= self._queue_limit
+            full = self._waiting[task.tenant_id] >= self._queue_limit
             if not (self._closing or full):
                 self._queues.setdefault(task.tenant_id, deque()).append(job)
+                self._waiting[task.tenant_id] += 1
                 self._pending += 1
                 if len(self._threads) < min(self._workers, self._pending):
                     self._start_thread()
@@ -415,14 +447,20 @@ class Callbacks:
         thread.start()
 
     def _next(self) -> _Job | None:
-        """The first tenant in turn with a thread to spare; it goes to the back."""
+        """The first tenant in turn with a thread to spare; it goes to the back. Retries
+        whose time has come (all of them once closing) go first in their tenant's queue."""
+        now = time.monotonic()
+        while self._retries and (self._closing or self._retries[0][0] <= now):
+            job = heapq.heappop(self._retries)[2]
+            self._queues.setdefault(job.task.tenant_id, deque()).appendleft(job)
         for tenant, queue in self._queues.items():
-            if self._busy[tenant] < self._per_tenant:
+            if self._busy[tenant] < (1 if tenant in self._failing else self._per_tenant):
                 job = queue.popleft()
                 del self._queues[tenant]
                 if queue:
                     self._queues[tenant] = queue  # re-inserted: last in turn
                 self._busy[tenant] += 1
+                self._waiting[tenant] -= 1
                 return job
         return None
 
@@ -431,41 +469,70 @@ class Callbacks:
             with self._cond:
                 job = self._next()
                 while job is None:
-                    if self._closing and not self._queues:
+                    if self._closing and not self._queues and not self._retries:
                         return
-                    self._cond.wait()
+                    due = self._retries[0][0] - time.monotonic() if self._retries else None
+                    self._cond.wait(None if due is None else max(due, 0.0))
                     job = self._next()
+            final: Delivery | None = None
             try:
-                job.context.run(self._deliver, job.task, job.payload)
+                final = self._after(job, job.context.run(self._attempt, job))
+                if final is not None:
+                    self._save(job.task, final)
             except Exception:  # a bug in recording: this thread must serve the next one
                 log.exception("callback outcome not recorded", extra={"task_id": job.task.task_id})
+                final = final or Delivery("failed", "not recorded", job.number)
             finally:
                 with self._cond:
                     tenant = job.task.tenant_id
                     self._busy[tenant] -= 1
                     if not self._busy[tenant]:
                         del self._busy[tenant]
-                    self._pending -= 1
+                    if final is not None:
+                        self._pending -= 1
+                    if not self._waiting[tenant]:
+                        del self._waiting[tenant]
                     self._cond.notify_all()
 
-    def _deliver(self, task: Task, payload: dict[str, Any]) -> None:
-        self._save(task, self._send(task, payload))
+    def _after(self, job: _Job, delivery: Delivery) -> Delivery | None:
+        """The final outcome, or None with the job waiting for its next attempt."""
+        tenant = job.task.tenant_id
+        with self._cond:
+            if delivery.status == "delivered":
+                self._failing.discard(tenant)
+            elif delivery.status != "refused":  # a refused URL says nothing of the receiver
+                self._failing.add(tenant)
+            if delivery.status != RETRY:
+                return delivery
+            if job.number > self.client.policy.retries:
+                return given_up(delivery, job.number)
+            if self._closing:
+                return Delivery("failed", f"worker shut down after {delivery.detail}", job.number)
+            due = time.monotonic() + self.client.backoff_s(job.number)
+            job.number, job.last = job.number + 1, delivery.detail
+            heapq.heappush(self._retries, (due, next(self._order), job))
+            self._waiting[tenant] += 1
+            self._cond.notify_all()
+            return None
 
-    def _send(self, task: Task, payload: dict[str, Any]) -> Delivery:
-        """The delivery's outcome, whatever happens: an exception here would end in a
+    def _attempt(self, job: _Job) -> Delivery:
+        """The attempt's outcome, whatever happens: an exception here would end in a
         future nobody reads, and the row's status would stay empty."""
-        assert task.callback_url is not None
+        assert job.task.callback_url is not None
         if self._closing:
-            return Delivery("failed", "worker shut down before sending", 0)
+            after = f" after {job.last}" if job.last else " before sending"
+            return Delivery("failed", f"worker shut down{after}", job.number - 1)
         try:
             # A no-op span unless tracing is on (tracing.py).
             with trace.get_tracer(TRACER).start_as_current_span("callback") as span:
-                delivery = self.client.send(task.callback_url, payload)
+                delivery = self.client.attempt(
+                    job.task.callback_url, job.body, job.number, job.last
+                )
                 span.set_attribute("gannet.callback_status", delivery.status)
                 return delivery
         except Exception as exc:  # a bug in sending: logged, and recorded as failed
-            log.exception("callback failed unexpectedly", extra={"task_id": task.task_id})
-            return Delivery("failed", f"{exc.__class__.__name__}: {exc}", 0)
+            log.exception("callback failed unexpectedly", extra={"task_id": job.task.task_id})
+            return Delivery("failed", f"{exc.__class__.__name__}: {exc}", job.number)
 
     def _save(self, task: Task, delivery: Delivery, log_it: bool = True) -> None:
         self._metrics.callbacks.labels(delivery.status).inc()
@@ -491,10 +558,12 @@ class Callbacks:
     def close(self, timeout_s: float = 10.0) -> None:
         """Let queued callbacks finish for up to timeout_s; then the ones in flight are
         cut short and the ones still queued are not sent (each recorded as failed on its
-        row). Only a host name still resolving can hold it longer (the resolver's own
-        timeouts bound that)."""
+        row). Retries are not waited for (a receiver down for a minute would have held
+        every shutdown for its whole grace): each is recorded failed, with its last
+        attempt's failure. Only a host name still resolving can hold it longer (the
+        resolver's own timeouts bound that)."""
         with self._cond:
-            self._cond.wait_for(lambda: not self._pending, timeout_s)
+            self._cond.wait_for(lambda: self._pending == len(self._retries), timeout_s)
             self._closing = True
             self._cond.notify_all()
         self.client.stop()

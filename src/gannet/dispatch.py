@@ -313,8 +313,9 @@ class Dispatcher:
         existing = start.success
         if existing is not None:
             if task.callback_url and existing["callback_status"] is None:
-                # The last pod stopped between the commit and the callback: send it
-                # now (callbacks are at least once; receivers dedupe on task_id).
+                # The last pod stopped between the commit and the ack: send it now
+                # (receivers dedupe on task_id). A callback queued before the ack and
+                # lost with its pod is not sent again: integrating.md says so.
                 self._callback(task, existing["result"], existing["result_uri"])
             fields = {"result_uri": existing["result_uri"]}
             return Outcome(Decision.ACK, "duplicate", task=task, fields=fields)
