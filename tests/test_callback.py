@@ -35,6 +35,7 @@ from gannet.callback import (
     CallbackPolicy,
     CallbackRefused,
     Callbacks,
+    Target,
     blocked_reason,
     policy_from,
     resolve,
@@ -127,6 +128,8 @@ def receiver_factory() -> Iterator[Any]:
         ("0.0.0.0", "private"),  # 0.0.0.0/8 is in the private registry
         ("224.0.0.1", "multicast"),
         ("fd00:ec2::254", "private"),
+        ("2002:a9fe:a9fe::1", "link-local (metadata server range), inside a 6to4 address"),
+        ("2002:0a00:0001::1", "private, inside a 6to4 address"),
     ],
 )
 def test_internal_addresses_are_blocked(address, reason):
@@ -200,6 +203,46 @@ def test_a_name_with_one_private_address_among_public_ones_is_refused(tmp_path):
     answers = dict(line.split(" ", 1) for line in ran.stdout.splitlines())
     for name in ("public-first.test", "private-first.test"):
         assert "resolves to 10.0.0.5, which is private" in answers[name], answers
+
+
+def test_the_connection_goes_to_the_checked_address_never_to_a_second_lookup(
+    receiver_factory,
+):
+    """A name that resolves to a public address when checked and to an internal one
+    when connecting (DNS rebinding) must not get its second answer: the connection goes
+    to the address that was checked, the name only in the Host header (and TLS's SNI).
+    Here the name cannot be resolved at all: connecting by name would fail."""
+    receiver = receiver_factory([200])
+    target = Target("http", "rebinding.invalid", receiver.port, "/hook", "127.0.0.1")
+    assert CallbackClient(LOCAL)._post(target, b'{"n":1}') == 200
+    assert receiver.requests[0]["host"] == f"rebinding.invalid:{receiver.port}"
+
+
+def test_a_redirect_is_neither_followed_nor_retried(receiver_factory):
+    """A 3xx could point the worker at the metadata server or a private address the
+    first check passed over: it is the receiver's final answer, recorded as failed."""
+    elsewhere = receiver_factory([200])
+
+    class Redirecting(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", elsewhere.url())
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/hook"
+        delivery = CallbackClient(LOCAL).send(url, {"n": 1})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (delivery.status, delivery.detail, delivery.attempts) == ("failed", "HTTP 302", 1)
+    assert elsewhere.requests == []
 
 
 def test_a_refused_url_is_never_contacted(receiver_factory):

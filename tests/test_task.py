@@ -45,6 +45,8 @@ def test_minimal_and_full_tasks_parse():
     assert full.options.confidence_override == 0.7 and full.session_id == "s"
     # An internationalised host resolves (IDNA) and http.client sends it: accepted.
     assert parse_task(body(callback_url="https://b\u00fccher.example/hook"), LIMIT).callback_url
+    # A scheme is case-insensitive: HTTPS:// was refused, and with it the whole task.
+    assert parse_task(body(callback_url="HTTPS://backend.example.com/h"), LIMIT).callback_url
 
 
 @pytest.mark.parametrize(
@@ -61,6 +63,9 @@ def test_minimal_and_full_tasks_parse():
         ({"options": {"confidence": 0.5}}, "options.confidence"),
         ({"colour": "red"}, "colour"),
         ({"callback_url": "ftp://x"}, "callback_url"),
+        # Sent as it is, a space ends the request line: every attempt failed, retried.
+        ({"callback_url": "https://backend.example.com/a b"}, "callback_url"),
+        ({"callback_url": "https://backend.example.com/a\tb"}, "callback_url"),
         # Text PostgreSQL or a dead letter's attributes cannot hold, or a URL http.client
         # cannot send: refused here, not a failure later on the way to a row.
         ({"session_id": "a\u0000b"}, "session_id"),

@@ -81,6 +81,12 @@ def blocked_reason(address: str) -> str | None:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
+    elif isinstance(ip, ipaddress.IPv6Address) and ip.sixtofour is not None:
+        # 2002:a9fe:a9fe::1 is global to Python, and a 6to4 relay takes it to the IPv4
+        # address inside: 169.254.169.254 there.
+        inner = blocked_reason(str(ip.sixtofour))
+        if inner is not None:
+            return f"{inner}, inside a 6to4 address"
     checks = [
         ("loopback", ip.is_loopback),
         ("link-local (metadata server range)", ip.is_link_local),
