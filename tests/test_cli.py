@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -86,6 +87,50 @@ NOWHERE = {
     "GANNET_STORAGE_EMULATOR_HOST": "http://127.0.0.1:1",
     "GANNET_METRICS_PORT": "0",
 }
+
+
+def test_a_stop_signal_during_start_up_ends_the_daemon_at_once():
+    """Before its streams open a daemon has leased nothing, so there is nothing to
+    drain: a SIGTERM there (a rollout replacing a pod still loading its models) waited
+    for the start-up to end, a second signal ignored too, past the pod's grace, where
+    the kubelet's SIGKILL ended it without a word. Here the start-up waits for a
+    database that is not there (60 s)."""
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from gannet.dev.local_services import free_port
+
+    port = free_port()
+    env = {**NOWHERE, "GANNET_DB_CONNECT_WAIT_S": "60", "GANNET_METRICS_PORT": str(port)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gannet", "run"],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # /healthz answers once the signal handlers are in place
+            assert time.monotonic() < deadline and proc.poll() is None
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        time.sleep(0.5)  # well inside the database wait
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        assert time.monotonic() - stopped < 5
+        assert "stop requested during start-up; exiting now" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
 
 
 def test_run_without_a_database_says_what_to_do():

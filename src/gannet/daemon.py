@@ -353,6 +353,10 @@ class Daemon:
         self.health = Health()
         self.stop_requested = threading.Event()
         self.stop_now = threading.Event()  # a second SIGTERM: stop waiting
+        # Set under its lock once the streams are about to open: before that nothing is
+        # leased, and a stop signal ends the process at once (_request_stop).
+        self.pulling = False
+        self._pulling_lock = threading.Lock()
 
     def run(self) -> int:
         h = self.health
@@ -385,10 +389,6 @@ class Daemon:
             parts.close()
             raise StartupError(f"cannot load the models named in the config: {exc}") from exc
         self.health.set(models_warm=True)
-        if self.stop_requested.is_set():
-            log.info("stop requested during start-up; exiting before pulling")
-            parts.close()
-            return 0
         if self._orphaned():
             log.error("the supervisor process is gone; exiting before pulling")
             parts.close()
@@ -431,6 +431,8 @@ class Daemon:
         watch = ConfigWatch(parts.pipeline.configs, config_check_s(config_uri(s), s.config_check_s))
         watch.start()
         parts.dispatcher.pool.start()
+        with self._pulling_lock:  # a stop signal from now on drains (_request_stop)
+            self.pulling = True
         streams = [subscriber.start() for subscriber in subscribers]
         sizer = self._lease_sizer(parts, lanes, subscribers)
         self.health.set(stream_open=True)
@@ -562,7 +564,15 @@ class Daemon:
 
     def _request_stop(self, signum: int) -> None:
         """On the signals thread: the first SIGTERM or SIGINT drains, a second stops
-        waiting for running work."""
+        waiting for running work. Before the streams open, nothing is leased and there
+        is nothing to drain: the process ends now. It used to wait for its models to
+        load (tens of seconds, a second signal ignored too), past a pod's grace, where
+        the kubelet's SIGKILL ended it without a word."""
+        with self._pulling_lock:
+            if not self.pulling:
+                log.info("stop requested during start-up; exiting now (nothing is leased yet)")
+                logging.shutdown()  # flush: os._exit runs no handlers
+                os._exit(0)  # the main thread may be inside torch, which a signal cannot end
         if self.stop_requested.is_set():
             self.stop_now.set()
             return
