@@ -20,7 +20,7 @@ from collections import Counter
 
 import psutil
 import pytest
-from conftest import SCENES, settled
+from conftest import SCENES, settled, wait_until
 from prometheus_client import generate_latest
 
 from gannet.dev.demo import DaemonProcess
@@ -28,8 +28,7 @@ from gannet.dev.local_services import free_port, port_in_use
 from gannet.metrics import Metrics
 from gannet.settings import Settings
 from gannet.supervisor import (
-    BACKOFF_S,
-    RAN_A_WHILE_S,
+    HUNG_S,
     STARTUP_S,
     Supervisor,
     cpu_shares,
@@ -153,6 +152,41 @@ def test_a_process_that_never_answers_is_killed_to_be_started_again():
             assert child.proc is not None and child.proc.wait(timeout=10) == -signal.SIGKILL
         supervisor._reap(now + STARTUP_S + 1)
         assert [child.restarts_total for child in supervisor.children] == [1, 1]
+    finally:
+        _kill_all(supervisor)
+
+
+# A daemon process that answers once on its port, then hangs (deadlocked, say).
+ANSWERS_ONCE = """
+import os, time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+class Once(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+HTTPServer(("127.0.0.1", int(os.environ["GANNET_METRICS_PORT"])), Once).handle_request()
+time.sleep(600)
+"""
+
+
+def test_a_process_that_answered_then_hung_is_killed_after_hung_s():
+    """A process silent since its last answer is killed after HUNG_S (60 s), not the
+    start-up's STARTUP_S (300 s). Its answers were noted only by the 10 s watch, so one
+    that answered the pod's probes and hung before the watch first asked counted as
+    still starting: 300 s."""
+    supervisor = Supervisor(
+        Settings(processes=1, metrics_port=0), [sys.executable, "-c", ANSWERS_ONCE]
+    )
+    (child,) = supervisor.children
+    supervisor._start(child)
+    try:
+        wait_until(lambda: supervisor.live()[1]["processes"]["0"] == 200, "answered", 30)
+        now = time.monotonic()
+        supervisor._kill_hung(now + HUNG_S + 1)
+        assert child.proc is not None and child.proc.wait(timeout=10) == -signal.SIGKILL
     finally:
         _kill_all(supervisor)
 
@@ -319,35 +353,81 @@ def test_a_supervisor_that_fails_stops_its_processes_before_it_exits(tmp_path):
             psutil.Process(left).kill()
 
 
-def test_a_process_that_keeps_dying_makes_the_pod_unhealthy():
+def test_a_process_that_keeps_dying_ends_the_pod_with_its_exit_code(tmp_path):
     """A daemon that dies at every start (a config it cannot load, a GPU in a bad state)
     would, alone in its pod, exit and go into CrashLoopBackOff, restarts counted by
-    kubectl. Under a supervisor it was started again every 30 s for ever, the pod alive
-    (only not ready) and never restarted. Once the back-off is at its longest, /healthz
-    says the pod is broken, so that the kubelet restarts it."""
-    supervisor = Supervisor(
-        Settings(processes=2, metrics_port=0), [sys.executable, "-c", "raise SystemExit(3)"]
+    kubectl. Under a supervisor it was started again every 30 s; then /healthz failed,
+    but the kubelet probes liveness only after the startup probe passed, which a pod
+    crash-looping from its start never did: 5 minutes before it was restarted. Once the
+    back-off is at its longest, the supervisor stops the other process and exits with
+    the dying one's code (here with the back-off shortened)."""
+    program = tmp_path / "daemon"
+    program.write_text(
+        f"#!{sys.executable}\n"
+        "import os, sys\n"
+        "if os.environ['GANNET_PROCESS_INDEX'] == '0':\n"
+        "    sys.exit(3)\n" + RECORDING_CHILD
     )
+    program.chmod(0o755)
+    fast = SUPERVISOR.replace(
+        "from gannet.supervisor import supervise",
+        "import gannet.supervisor as s\ns.BACKOFF_S = (0.1,) * 5\nsupervise = s.supervise",
+    )
+    log = tmp_path / "supervisor.log"
+    with log.open("w") as err:
+        pod = subprocess.Popen(
+            [sys.executable, "-c", fast, str(program), str(tmp_path)],
+            start_new_session=True,
+            stdout=err,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        for death in range(1, len(BACKOFF_S) + 1):
-            child = supervisor.children[0]
-            supervisor._start(child)
-            assert child.proc is not None and child.proc.wait(timeout=30) == 3
-            assert supervisor.live()[0], f"live after {death - 1} deaths in a row"
-            supervisor._reap(time.monotonic())
-        ok, state = supervisor.live()
-        assert not ok
-        assert state["broken"] == f"process 0 died {len(BACKOFF_S)} times in a row (exit code 3)"
-
-        # Started again, it now keeps running: once it has run a while, the pod is live.
-        supervisor.command = [sys.executable, "-c", "import time; time.sleep(60)"]
-        now = time.monotonic()
-        supervisor._start_due(now + BACKOFF_S[-1])
-        assert child.alive() and not supervisor.live()[0]
-        supervisor._start_due(now + BACKOFF_S[-1] + RAN_A_WHILE_S + 1)
-        assert supervisor.live()[0]
+        assert pod.wait(timeout=60) == 3, log.read_text()
+        said = log.read_text()
+        assert "daemon process 0 died 5 times in a row (exit code 3)" in said
+        assert (tmp_path / "signals-1").read_text().split() == ["15"]  # drained, not killed
     finally:
-        _kill_all(supervisor)
+        if pod.poll() is None:
+            pod.kill()
+            pod.wait()
+
+
+def test_a_process_wedged_at_shutdown_is_killed_and_named(tmp_path):
+    """A process that does not exit after SIGTERM (stopped, or stuck where its drain
+    cannot end it) held the supervisor in an untimed wait until the kubelet's SIGKILL,
+    which says nothing of which process or why. Past its grace and a margin, it is
+    killed, and said."""
+    program = tmp_path / "daemon"
+    program.write_text(
+        f"#!{sys.executable}\n"
+        "import os, signal, sys, time\n"
+        "if os.environ['GANNET_PROCESS_INDEX'] == '0':\n"
+        "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "    open(os.path.join(sys.argv[1], 'up-0'), 'w').close()\n"
+        "    time.sleep(600)\n" + RECORDING_CHILD
+    )
+    program.chmod(0o755)
+    quick = SUPERVISOR.replace("processes=2,", "processes=2, shutdown_grace_s=0.5,").replace(
+        "from gannet.supervisor import supervise",
+        "import gannet.supervisor as s\ns.STOP_MARGIN_S = 0.5\nsupervise = s.supervise",
+    )
+    log = tmp_path / "supervisor.log"
+    with log.open("w") as err:
+        pod = subprocess.Popen(
+            [sys.executable, "-c", quick, str(program), str(tmp_path)],
+            start_new_session=True,
+            stdout=err,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(lambda: (tmp_path / "up-0").exists() and (tmp_path / "up-1").exists(), "up", 30)
+        pod.send_signal(signal.SIGTERM)
+        assert pod.wait(timeout=30) == 128 + signal.SIGKILL, log.read_text()
+        assert "daemon process 0 did not exit within 1 s of SIGTERM; killing it" in log.read_text()
+    finally:
+        if pod.poll() is None:
+            pod.kill()
+            pod.wait()
 
 
 def _succeeded(metrics_text: str) -> float:

@@ -362,7 +362,11 @@ class Daemon:
         h = self.health
         try:
             server = HealthServer(
-                h.live, h.ready, self.metrics.registry, self.settings.metrics_port
+                h.live,
+                h.ready,
+                self.metrics.registry,
+                self.settings.metrics_port,
+                process=self.settings.process_index,
             )
         except CommandError as exc:  # the port is taken: a sentence, not a traceback
             log.critical(str(exc))

@@ -66,15 +66,24 @@ class HealthServer:
         registry: CollectorRegistry,
         port: int,
         host: str = "0.0.0.0",
+        process: int | None = None,
     ) -> None:
         """`live` and `ready` answer /healthz and /readyz; /metrics is `registry`. A
-        daemon passes its Health and Metrics; the supervisor its processes' (supervisor.py)."""
+        daemon passes its Health and Metrics; the supervisor its processes' (supervisor.py).
+        `process`: a supervised daemon's index, whose port is the pod's plus 1 + index."""
         handler = self._handler(live, ready, registry)
         try:
             self.server = ThreadingHTTPServer((host, port), handler)
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
                 raise
+            if process is not None:  # the setting names the pod's port, not this one
+                raise CommandError(
+                    f"port {port} (daemon process {process}'s own: GANNET_METRICS_PORT + "
+                    f"{1 + process}) is already in use: another process listens on it; each "
+                    "daemon process takes a port after the pod's, so free those or set "
+                    "GANNET_METRICS_PORT where the next GANNET_PROCESSES ports are free too"
+                ) from exc
             raise CommandError(
                 f"port {port} (GANNET_METRICS_PORT, for /metrics, /healthz and /readyz) is "
                 "already in use: another process listens on it (a second `gannet run` on "

@@ -22,12 +22,13 @@ What the supervisor does itself:
 - starts a process again when it dies while the pod is not stopping (its leased messages
   come back from Pub/Sub after their lease, as after a pod's kill -9), backing off when
   one keeps dying, and counts it (gannet_daemon_process_restarts_total); once one has
-  died CRASH_LOOP times in a row, /healthz fails until a start of it has run
-  RAN_A_WHILE_S, so that the kubelet restarts the pod (a one-process pod's container
-  that keeps exiting goes into CrashLoopBackOff; without this the pod would stay alive,
-  only not ready, for ever); kills one that
-  stopped answering /healthz for HUNG_S (a one-process pod's liveness probe would
-  restart it), so that it is started again;
+  died CRASH_LOOP times in a row (each within RAN_A_WHILE_S of its start), it stops the
+  others and exits with that process's code, so that the pod's container restarts and
+  goes into CrashLoopBackOff, as a one-process pod's does (failing /healthz was not
+  enough: the kubelet probes liveness only once the startup probe passed, and a pod
+  crash-looping from its start never passed it, for 5 minutes); kills one that
+  stopped answering for HUNG_S (a one-process pod's liveness probe would restart it),
+  so that it is started again, and at shutdown one that outlives its drain;
 - keeps the pod's counters from going down: a process that misses a scrape counts with
   its last one, and the counters of one that died are carried over to its successor
   (Prometheus reads any decrease as a reset, and rates and alerts would spike).
@@ -79,10 +80,11 @@ HUNG_S = 60.0  # a process silent this long since its last answer is killed
 STARTUP_S = 300.0  # ... or this long after its start without any answer
 BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 RAN_A_WHILE_S = 300.0  # a process that ran this long before dying starts a new count
-# Deaths in a row (each within RAN_A_WHILE_S of its start) that make the pod's /healthz
-# fail: the back-off is at its longest, and the kubelet should restart the pod, as it
-# does a one-process pod whose container keeps exiting (CrashLoopBackOff).
+# Deaths in a row (each within RAN_A_WHILE_S of its start) that end the supervisor: the
+# back-off is at its longest, and the pod's container should restart, as a one-process
+# pod's that keeps exiting does (CrashLoopBackOff).
 CRASH_LOOP = len(BACKOFF_S)
+STOP_MARGIN_S = 5.0  # past a process's own shutdown grace, before it is killed
 
 
 def cpu_shares(cpus: Iterable[int], n: int) -> list[list[int]]:
@@ -199,7 +201,10 @@ class Supervisor:
             for i, share in enumerate(shares)
         ]
         self.stopping = threading.Event()
-        self._asking = ThreadPoolExecutor(len(self.children), thread_name_prefix="ask")
+        # A probe asks every process at once, and the kubelet's two probes and a scrape
+        # may come together: with one thread a process, a hung one (2 s a question)
+        # queued the others' questions past the liveness probe's 5 s timeout.
+        self._asking = ThreadPoolExecutor(3 * len(self.children) + 1, thread_name_prefix="ask")
         self._metrics_lock = threading.Lock()  # scraped and retired: scrapes vs _reap
 
     # --------------------------------------------------------------- processes
@@ -260,6 +265,15 @@ class Supervisor:
             wait = BACKOFF_S[min(child.restarts, len(BACKOFF_S) - 1)]
             child.restarts += 1
             child.restarts_total += 1
+            if child.restarts >= CRASH_LOOP:
+                log.critical(
+                    f"daemon process {child.index} died {child.restarts} times in a row (exit "
+                    f"code {code}): stopping the others and exiting with its code, so that "
+                    "the pod's container restarts (CrashLoopBackOff, as a one-process pod's)",
+                    extra={"fields": {"process": child.index, "exit_code": code}},
+                )
+                self._on_signal(signal.SIGTERM)
+                return
             log.error(
                 "daemon process exited; starting it again",
                 extra={
@@ -325,21 +339,29 @@ class Supervisor:
             self._asking.submit(_get, c.url(path)) if up else None
             for c, up in zip(self.children, alive, strict=True)
         ]
-        return [f.result() if f is not None else (0, b"") for f in futures]
+        answers = [f.result() if f is not None else (0, b"") for f in futures]
+        now = time.monotonic()
+        for child, (code, _) in zip(self.children, answers, strict=True):
+            if code:  # any answer: the hung-process watch counts from the last one
+                child.answered_at = now
+        return answers
 
     def live(self) -> tuple[bool, dict[str, object]]:
         states: dict[str, object] = {}
         broken = None
         for child, (code, body) in zip(self.children, self._ask("/healthz"), strict=True):
-            states[str(child.index)] = code or ("restarting" if child.exit_codes else "starting")
+            states[str(child.index)] = code or self._silent_state(child)
             if code == 503:
                 broken = f"process {child.index}: {json.loads(body or b'{}').get('broken')}"
-            elif child.restarts >= CRASH_LOOP and broken is None:
-                broken = (
-                    f"process {child.index} died {child.restarts} times in a row "
-                    f"(exit code {child.exit_codes[-1]})"
-                )
         return broken is None, {"broken": broken, "processes": states}
+
+    def _silent_state(self, child: Child) -> str:
+        """What a process that did not answer is doing, as far as the supervisor knows."""
+        if self.stopping.is_set():
+            return "stopping" if child.alive() else "stopped"
+        if not child.alive():
+            return "restarting"
+        return "not answering" if child.answered_at is not None else "starting"
 
     def ready(self) -> tuple[bool, dict[str, object]]:
         answers = zip(self.children, self._ask("/readyz"), strict=True)
@@ -407,10 +429,7 @@ class Supervisor:
             failed = True
             self._on_signal(signal.SIGTERM)
         try:
-            for child in self.children:
-                if child.proc is not None:
-                    child.proc.wait()
-                    child.exit_codes.append(child.proc.returncode)
+            self._wait_for_children()
         finally:
             server.stop()
             self._asking.shutdown(wait=False)
@@ -420,6 +439,27 @@ class Supervisor:
             worst = 128 - worst
         log.info("daemon processes stopped", extra={"fields": {"exit_codes": last}})
         return worst
+
+    def _wait_for_children(self) -> None:
+        """Each process's exit, within its own drain's grace and STOP_MARGIN_S; one
+        still running then (wedged: stopped, or stuck where its drain cannot end it) is
+        killed, and said, instead of holding the pod until the kubelet's SIGKILL, which
+        says nothing of which process or why."""
+        deadline = time.monotonic() + self.settings.shutdown_grace_s + STOP_MARGIN_S
+        for child in self.children:
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error(
+                    f"daemon process {child.index} did not exit within "
+                    f"{self.settings.shutdown_grace_s + STOP_MARGIN_S:g} s of SIGTERM; killing it",
+                    extra={"fields": {"process": child.index, "pid": child.proc.pid}},
+                )
+                child.proc.kill()
+                child.proc.wait()
+            child.exit_codes.append(child.proc.returncode)
 
 
 def supervise(settings: Settings, command: list[str]) -> int:
