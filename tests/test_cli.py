@@ -387,6 +387,17 @@ def test_migrate_as_a_role_that_may_not_create_tables_says_what_to_grant(service
     assert f"database schema at version 99 (this gannet's: {SCHEMA_VERSION})" in out.stdout
 
 
+def test_run_with_a_misspelt_subscription_says_so_before_loading_the_models(stack):
+    """Each start of a crash loop on a misspelt GANNET_SUBSCRIPTION loaded the models
+    first (tens of seconds on a GPU pod) before finding the subscription missing."""
+    out = stack.gannet("run", GANNET_SUBSCRIPTION="no-such-sub", GANNET_METRICS_PORT="0")
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert "no-such-sub is not usable" in lines[-1]["message"]
+    assert "check GANNET_PROJECT, GANNET_SUBSCRIPTION" in lines[-1]["message"]
+    assert not any(line["message"] == "warming models" for line in lines)
+
+
 def test_run_with_a_results_bucket_that_does_not_exist_refuses_to_start(stack):
     """Every task writes its result there: a misspelt GANNET_RESULTS_BUCKET used to start
     a ready pod whose every task was retried until dead-lettered, with no row, while

@@ -384,19 +384,6 @@ class Daemon:
 
     def _serve(self, parts: Parts, metrics_port: int) -> int:
         s = self.settings
-        log.info(
-            "warming models", extra={"fields": {"devices": parts.devices, "config": config_uri(s)}}
-        )
-        try:
-            parts.pipeline.warm(parts.devices)
-        except Exception as exc:
-            parts.close()
-            raise StartupError(f"cannot load the models named in the config: {exc}") from exc
-        self.health.set(models_warm=True)
-        if self._orphaned():
-            log.error("the supervisor process is gone; exiting before pulling")
-            parts.close()
-            return 0
         lanes = s.lane_list()
         subscribers = [
             Subscriber(
@@ -423,6 +410,21 @@ class Daemon:
                 ) from exc
         for lane in lanes:
             check_dead_letter_topic(parts.publisher, s.path("topics", lane.dead_letter_topic))
+        # After the subscriptions' checks: a misspelt one failed only once the models
+        # had loaded, tens of seconds each start of a crash loop.
+        log.info(
+            "warming models", extra={"fields": {"devices": parts.devices, "config": config_uri(s)}}
+        )
+        try:
+            parts.pipeline.warm(parts.devices)
+        except Exception as exc:
+            parts.close()
+            raise StartupError(f"cannot load the models named in the config: {exc}") from exc
+        self.health.set(models_warm=True)
+        if self._orphaned():
+            log.error("the supervisor process is gone; exiting before pulling")
+            parts.close()
+            return 0
         self._lane_gauges(parts, lanes)
         backlogs = self._start_backlog_monitors(lanes)
         # What start-up built (torch, ultralytics, the models, the clients: some 300,000
