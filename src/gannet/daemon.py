@@ -45,6 +45,7 @@ from gannet.offload import Offload
 from gannet.outcome import Settler, shutdown
 from gannet.pipeline import Limits, Pipeline, here
 from gannet.pool import resolve_devices
+from gannet.pubsub_watch import PubSubWatch
 from gannet.settings import Settings, unknown_variables
 from gannet.signals import on_signals
 from gannet.sink import SCHEMA_VERSION, Sink, cannot_connect, connect_waiting
@@ -427,6 +428,7 @@ class Daemon:
             return 0
         self._lane_gauges(parts, lanes)
         backlogs = self._start_backlog_monitors(lanes)
+        watch_pubsub = PubSubWatch(subscribers[0].ask, self.metrics.pubsub_last_reached)
         # What start-up built (torch, ultralytics, the models, the clients: some 300,000
         # objects) lives as long as the process. Frozen, it is out of the collector's
         # sight: a full collection, which stalls every thread, then walks only what the
@@ -440,6 +442,7 @@ class Daemon:
         with self._pulling_lock:  # a stop signal from now on drains (_request_stop)
             self.pulling = True
         streams = [subscriber.start() for subscriber in subscribers]
+        watch_pubsub.start()
         sizer = self._lease_sizer(parts, lanes, subscribers)
         self.health.set(stream_open=True)
         log.info(
@@ -486,6 +489,7 @@ class Daemon:
                 break
         sizer.stop()
         watch.stop()  # a check in flight is not waited for: ConfigWatch says why
+        watch_pubsub.stop()
         for backlog in backlogs:
             # Not waited for: a poll in flight (up to its request's timeout when Cloud
             # Monitoring does not answer) only sets a gauge no one reads any more, and

@@ -148,6 +148,12 @@ class Metrics:
             ["lane"],
             registry=r,
         )
+        self.pubsub_last_reached = Gauge(
+            "gannet_pubsub_last_reached_timestamp_seconds",
+            "Unix time Pub/Sub last answered this process (asked every 30 s): a pod whose "
+            "streams cannot reach it sees no message and writes no ack.",
+            registry=r,
+        )
         self.backlog_last_success = Gauge(
             "gannet_backlog_last_success_timestamp_seconds",
             "Unix time of the lane's last successful Cloud Monitoring backlog poll: the "

@@ -20,6 +20,8 @@ from typing import Any
 
 import google.cloud.pubsub_v1 as pubsub_v1
 from google.api_core import bidi
+from google.api_core import exceptions as gexc
+from google.api_core.retry import Retry, if_exception_type
 from google.cloud.pubsub_v1.subscriber._protocol.streaming_pull_manager import (
     StreamingPullManager,
 )
@@ -437,6 +439,20 @@ class Subscriber:
     def check_exists(self) -> None:
         """Fail at start-up with a clear message instead of a silently dead stream."""
         self.client.get_subscription(request={"subscription": self.subscription_path})
+
+    def ask(self, timeout_s: float) -> None:
+        """Whether Pub/Sub answers within `timeout_s` (pubsub_watch.py). Retried within
+        it: a channel that lost its connection fails calls at once until it reconnects
+        (gRPC's backoff, a second or more after Pub/Sub is back)."""
+        retry = Retry(
+            predicate=if_exception_type(gexc.ServiceUnavailable),
+            initial=0.5,
+            maximum=2.0,
+            timeout=timeout_s,
+        )
+        self.client.get_subscription(
+            request={"subscription": self.subscription_path}, retry=retry, timeout=timeout_s
+        )
 
     def stop_pulling(self, timeout: float = 10.0) -> bool:
         """Close the stream and wait until no more messages can arrive.

@@ -71,9 +71,14 @@ from gannet.signals import on_signals
 log = logging.getLogger(__name__)
 
 # A figure about the whole subscription (from Cloud Monitoring), the same in every
-# process: the pod reports it once, not once per process. The time of the last good
-# backlog poll goes with them (a timestamp must never be summed).
-SHARED_GAUGE_PREFIXES = ("gannet_subscription_", "gannet_backlog_last_success_")
+# process: the pod reports it once, not once per process. The times of the last good
+# backlog poll and of Pub/Sub's last answer go with them (a timestamp must never be
+# summed; the newest is the pod's).
+SHARED_GAUGE_PREFIXES = (
+    "gannet_subscription_",
+    "gannet_backlog_last_success_",
+    "gannet_pubsub_last_reached_",
+)
 SCRAPE_TIMEOUT_S = 2.0
 WATCH_S = 10.0  # how often the processes' /healthz is asked
 HUNG_S = 60.0  # a process silent this long since its last answer is killed
