@@ -60,7 +60,9 @@ class PubSubWatch:
     def check(self) -> None:
         try:
             self._ask(self._ask_timeout_s)
-        except gexc.GoogleAPIError as exc:
+        except gexc.ClientError:
+            pass  # a refusal (403, 404) is an answer: Pub/Sub is reachable
+        except gexc.GoogleAPIError as exc:  # unavailable, a deadline, retries spent
             self._failed(exc)
             return
         self._last_reached.set(time.time())
