@@ -439,11 +439,18 @@ class TwoAtOnce:
     queue a job of its own. `release()` starts the runners; `outcomes` fill in after.
     Settling records the outcome and applies it as `applied` says (by default as is)."""
 
-    def __init__(self, dispatcher: Dispatcher, body: bytes, applied: Any = None) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, body: bytes, applied: Any = None, second: bytes = b""
+    ) -> None:
+        """`second`: the second delivery's body, if not the first's."""
         self.dispatcher = dispatcher
         self.applied = applied or (lambda outcome: outcome)
         self.outcomes: list[Any] = []
-        self.threads = [threading.Thread(target=self._deliver, args=(body, n)) for n in (1, 2)]
+        bodies = (body, second or body)
+        self.threads = [
+            threading.Thread(target=self._deliver, args=(b, n))
+            for n, b in enumerate(bodies, start=1)
+        ]
         self.threads[0].start()
         deadline = time.monotonic() + 10
         while dispatcher.pool.waiting() < 1 and time.monotonic() < deadline:
@@ -499,6 +506,30 @@ def test_a_task_delivered_twice_at_once_runs_the_model_once(served):
     assert model_calls(parts) == calls + 1
     row = stack.rows([task.task_id])[task.task_id]
     assert result_object(parts, row["result_uri"]) == row["result"]
+
+
+def test_a_corrected_republish_waiting_on_its_refused_first_copy_runs(served):
+    """A backend republishes a task under the same id with its image fixed while the
+    bad copy is still in this pod: the corrected one waited for the bad one and was
+    acked as its duplicate when it was quarantined. It never ran, and the id kept the
+    refusal's failed row (another pod would have run it). It runs now; the same body
+    twice still follows the first."""
+    stack, parts = served
+    bucket = stack.settings.allowed_buckets[0]
+    bad = stack.task(f"gs://{bucket}/{stack.tenant}/no-such-photo.jpg")
+    fixed = bad.model_copy(update={"image_url": stack.upload(SCENES[1]["file"])})
+    dispatcher = pod(stack, parts, holder="pod-corrected")
+    both = TwoAtOnce(
+        dispatcher, bad.model_dump_json().encode(), second=fixed.model_dump_json().encode()
+    )
+    outcomes = both.run()
+    assert sorted(o.label for o in outcomes) == ["quarantined", "succeeded"]
+    row = stack.rows([bad.task_id])[bad.task_id]
+    assert row["status"] == "succeeded" and row["image_url"] == fixed.image_url
+
+    again = stack.task(f"gs://{bucket}/{stack.tenant}/no-such-photo.jpg")
+    twice = TwoAtOnce(pod(stack, parts, holder="pod-twice"), again.model_dump_json().encode())
+    assert sorted(o.label for o in twice.run()) == ["duplicate", "quarantined"]
 
 
 def test_a_delivery_that_waited_is_nacked_when_the_first_is(served):

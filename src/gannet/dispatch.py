@@ -170,17 +170,26 @@ class Dispatcher:
     ) -> Outcome | None:
         """Queue the item for a runner, which calls `settle` with the outcome (None is
         returned); a second delivery of a task this pod is already running waits for the
-        first here and follows its outcome instead (returned)."""
+        first here and follows its outcome instead (returned). Unless the first was
+        quarantined and this one is another task under that id (a corrected republish):
+        acked as a duplicate of the refused one, it never ran, and its id kept the
+        refusal's failed row, where another pod would have run it."""
         task = item.task
         if span is not None:
             item = replace(item, trace=span, queued_ns=time.time_ns())
         job: Job[WorkItem] = Job(item, lane)
         job.on_finish = lambda outcome: self._finished(job, settle, outcome)
-        with self._in_flight_lock:
-            first = self._in_flight.setdefault(task.task_id, job)
-        if first is not job and first.item.task.tenant_id == task.tenant_id:
-            first.done.wait()
-            return _follow(first.outcome, task)
+        while True:
+            with self._in_flight_lock:
+                first = self._in_flight.setdefault(task.task_id, job)
+            if first is job or first.item.task.tenant_id != task.tenant_id:
+                break
+            first.done.wait()  # the first is forgotten by now: the id's slot is free
+            quarantined = first.outcome is not None and (
+                first.outcome.decision is Decision.QUARANTINE
+            )
+            if not quarantined or first.item.task == task:
+                return _follow(first.outcome, task)
         # A task_id another tenant is running here does not wait: its claim refuses it.
         if self.pool.submit(job):
             return None
