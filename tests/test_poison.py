@@ -82,3 +82,28 @@ def test_poison_messages_go_to_dead_letter_with_reason_and_good_ones_flow(stack)
     # after 0.25 s when it has nothing, looks long enough.
     assert stack.pull(stack.settings.subscription, timeout_s=1.25) == []
     assert "acks not delivered" not in daemon.log_path.read_text()
+
+
+def test_a_burst_of_large_bodies_does_not_stop_the_stream(stack):
+    """Sixty bodies of 300 KB waiting when the daemon starts, then good tasks: the
+    emulator sends what it has in one streaming-pull response, and the Pub/Sub client's
+    own channel to an emulator refused a message over gRPC's default 4 MiB. The stream
+    failed in silence, retried, failed again, and Pub/Sub dead-lettered the good tasks
+    behind the large bodies without a reason, none of them run. (Pub/Sub itself answers
+    within 10 MB a message and the client's channel to it has no such limit: this was
+    the demo's, the soak's and the tests' own.)"""
+    good = [stack.task(stack.upload(SCENES[0]["file"])) for _ in range(5)]
+    base = json.loads(good[0].model_dump_json())
+    large = [
+        json.dumps({**base, "task_id": f"{stack.tenant}-big-{i}", "pad": "x" * 300_000}).encode()
+        for i in range(60)
+    ]
+    for body in large:
+        stack.publish_raw(body)
+    stack.publish(good)
+    daemon = stack.start_daemon()
+    rows = stack.wait_rows([t.task_id for t in good], timeout_s=60)
+    assert all(rows[t.task_id]["status"] == "succeeded" for t in good)
+    dead = stack.pull_dead_letters(len(large))
+    assert sorted(m.attributes["error_code"] for m in dead) == ["body_too_large"] * len(large)
+    assert daemon.stop() == 0

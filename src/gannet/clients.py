@@ -6,8 +6,11 @@ import os
 
 import google.cloud.pubsub_v1 as pubsub_v1
 import google.cloud.storage as storage
+import grpc
 from google.auth.exceptions import DefaultCredentialsError
 from google.cloud.pubsub_v1 import types
+from google.pubsub_v1.services.publisher.transports.grpc import PublisherGrpcTransport
+from google.pubsub_v1.services.subscriber.transports.grpc import SubscriberGrpcTransport
 
 from gannet import storage as gannet_storage
 from gannet.errors import CommandError
@@ -24,13 +27,35 @@ def pubsub_clients(
     # With tracing on, the client carries the trace context in the message (publisher)
     # and continues it (subscriber): tracing.py.
     traced = settings.traced
+    publisher: dict[str, object] = {}
+    subscriber: dict[str, object] = {}
+    if settings.pubsub_emulator_host:
+        # The library's own channel to an emulator has gRPC's default 4 MiB limit on a
+        # message received (its channel to Pub/Sub has none): one streaming-pull
+        # response of a few large bodies exceeded it, and the stream failed in silence
+        # while Pub/Sub dead-lettered good tasks behind them (the demo, soak and tests).
+        host, unlimited = (
+            settings.pubsub_emulator_host,
+            [
+                ("grpc.max_send_message_length", -1),
+                ("grpc.max_receive_message_length", -1),
+            ],
+        )
+        publisher["transport"] = PublisherGrpcTransport(
+            channel=grpc.insecure_channel(host, options=unlimited)
+        )
+        subscriber["transport"] = SubscriberGrpcTransport(
+            channel=grpc.insecure_channel(host, options=unlimited)
+        )
     try:
         return (
             pubsub_v1.PublisherClient(
-                publisher_options=types.PublisherOptions(enable_open_telemetry_tracing=traced)
+                publisher_options=types.PublisherOptions(enable_open_telemetry_tracing=traced),
+                **publisher,
             ),
             pubsub_v1.SubscriberClient(
-                subscriber_options=types.SubscriberOptions(enable_open_telemetry_tracing=traced)
+                subscriber_options=types.SubscriberOptions(enable_open_telemetry_tracing=traced),
+                **subscriber,
             ),
         )
     except DefaultCredentialsError as exc:
