@@ -165,6 +165,33 @@ def test_a_lane_that_was_idle_does_not_starve_the_busy_one_when_it_comes_back():
     assert 6 <= after["bulk"] <= 14, after
 
 
+def test_a_lane_whose_queue_empties_after_each_task_keeps_to_its_share():
+    """Bulk tasks arriving one at a time (each queued when the last was taken) while
+    interactive has plenty: bulk re-enters at the current virtual time only when it is
+    behind it, never going back to it when it is ahead; going back (a mutation the
+    other tests missed) gave bulk 499 of 500 hand-outs instead of its 1 in 5."""
+    queue: LaneQueue[object] = LaneQueue({"interactive": (4, None), "bulk": (1, None)})
+    for i in range(1000):
+        queue.put("interactive", i)
+    picks = []
+    for _ in range(500):
+        if not queue.waiting("bulk"):
+            queue.put("bulk", "b")
+        name, _ = queue.get()  # type: ignore[misc]  # never None: not closed
+        queue.finished(name)
+        picks.append(name)
+    assert picks.count("bulk") == 100
+
+
+def test_lanes_level_on_service_go_in_declaration_order():
+    """The first lane declared is the first served among lanes level on service (prod's
+    interactive before bulk), whichever was queued first."""
+    queue: LaneQueue[object] = LaneQueue({"interactive": (1, None), "bulk": (1, None)})
+    queue.put("bulk", "b")
+    queue.put("interactive", "i")
+    assert queue.get() == ("interactive", "i")
+
+
 def test_a_lane_with_a_task_running_and_none_queued_banks_no_credit_either():
     """Bulk has one long task running and nothing queued while interactive runs 4000
     tasks. Once both have work, bulk gets its 1 in 5, not every runner until its share
