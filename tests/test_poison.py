@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import struct
 
+import cv2
+import numpy as np
 from conftest import SCENES, expected_counts, progressive_jpeg
 
 
@@ -36,6 +39,16 @@ def test_poison_messages_go_to_dead_letter_with_reason_and_good_ones_flow(stack)
     # write, so the task was retried to Pub/Sub's dead letter, with no reason and no row.
     add(variant(task_id=f"{stack.tenant}-dots/../x"), "schema_error")
     add(variant(image_url=not_an_image), "image_undecodable")
+    # An empty object, a PNG cut after its header, and a PNG whose header claims
+    # 100,000 x 100,000 pixels (refused from the header: never decoded).
+    empty = stack.upload("empty.jpg", data=b"")
+    png = cv2.imencode(".png", np.zeros((64, 64, 3), np.uint8))[1].tobytes()
+    cut_png = stack.upload("cut.png", data=png[: len(png) // 2])
+    huge = png[:16] + struct.pack(">II", 100_000, 100_000) + png[24:]
+    bomb = stack.upload("bomb.png", data=huge)
+    add(variant(image_url=empty), "image_undecodable")
+    add(variant(image_url=cut_png), "image_undecodable")
+    add(variant(image_url=bomb), "image_too_large")
     add(variant(image_url=many_scans), "image_undecodable")
     poison.append((json.dumps({**base, "pad": "x" * 300_000}).encode(), "body_too_large", None))
     # Bodies whose failed row or dead letter could not be written as they came, which
