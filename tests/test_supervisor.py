@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from typing import Any
 
 import psutil
 import pytest
@@ -390,6 +391,7 @@ def test_a_process_that_keeps_dying_ends_the_pod_with_its_exit_code(tmp_path):
         if pod.poll() is None:
             pod.kill()
             pod.wait()
+        _kill_left(tmp_path)
 
 
 def test_a_process_wedged_at_shutdown_is_killed_and_named(tmp_path):
@@ -428,6 +430,15 @@ def test_a_process_wedged_at_shutdown_is_killed_and_named(tmp_path):
         if pod.poll() is None:
             pod.kill()
             pod.wait()
+        _kill_left(tmp_path)
+
+
+def _kill_left(tmp_path: Any) -> None:
+    """The stand-ins a failed test's supervisor left behind (each wrote its pid)."""
+    for up in tmp_path.glob("up-*"):
+        text = up.read_text()
+        if text and psutil.pid_exists(int(text)):
+            psutil.Process(int(text)).kill()
 
 
 def _succeeded(metrics_text: str) -> float:
