@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from conftest import Started
 
@@ -42,7 +43,11 @@ def test_pubsub_out_of_reach_is_said_once_and_its_return_too(stack, caplog):
     )
     relay = Started("gannet.dev.relay", str(stack.services.ports.pubsub), port=port)
     try:
-        watch.check()
+        # The channel reconnects after gRPC's backoff, which grew while Pub/Sub was away
+        # (seconds): the streams resume then too, and so does the watch's answer.
+        deadline = time.monotonic() + 30
+        while watch.down_since is not None and time.monotonic() < deadline:
+            watch.check()
     finally:
         relay.stop()
     said = [r for r in caplog.records if r.name == "gannet.pubsub_watch"]
