@@ -85,3 +85,42 @@ def test_purge_deletes_a_tenants_old_rows_with_their_claims_and_nothing_else(ser
             "SELECT * FROM gannet_start('old-success', 'tenant-a', 'pod-2', 60)"
         ).fetchall()
     assert claimed is True
+
+
+def test_purge_beside_a_commit_holding_its_claim_neither_waits_nor_deadlocks(services, database):
+    """A worker's commit locks the task's claim (gannet_fence), then writes its row
+    (gannet_finish). A purge that deleted the row first and then waited on the claim
+    deadlocked with such a commit (a retry of an old failed task whose claim had expired
+    while it ran): PostgreSQL killed one side, the purge or the worker's commit. The
+    purge locks claims first, as the worker does, and skips a claim a worker holds,
+    with its row; the commit then lands."""
+    env = _env(services, database)
+    assert gannet("db", "migrate", env=env).returncode == 0
+    with psycopg.connect(database) as conn:
+        for task_id in ("old-failure-retried", "old-other"):
+            with conn.transaction():
+                conn.execute("SELECT set_config('app.current_tenant', 'tenant-a', true)")
+                conn.execute(
+                    "INSERT INTO task_results (task_id, tenant_id, status, created_at,"
+                    " updated_at) VALUES (%s, 'tenant-a', 'failed', now() - interval"
+                    " '400 days', now() - interval '400 days')",
+                    (task_id,),
+                )
+                conn.execute(
+                    "INSERT INTO task_claims VALUES (%s, 'tenant-a', 'pod-1', now() - interval"
+                    " '1 s')",  # expired while its retry ran
+                    (task_id,),
+                )
+    with psycopg.connect(database) as worker:
+        worker.execute("SELECT * FROM gannet_fence('old-failure-retried', 'tenant-a', 'pod-1')")
+        out = gannet("db", "purge", "--tenant", "tenant-a", "--older-than", "30", env=env)
+        assert out.returncode == 0, out.stderr
+        assert "tenant-a: deleted 1 rows" in out.stdout  # old-other; not the one held
+        (written,) = worker.execute(
+            "SELECT gannet_finish('pod-1', 'old-failure-retried', 'tenant-a', 'succeeded',"
+            " 'DETECTION', NULL, NULL, NULL, '{}'::jsonb, 'gs://r/x.json', 2, '{}'::jsonb)"
+        ).fetchone()
+        worker.commit()
+    assert written is True
+    rows, _ = _seen(database, "tenant-a")
+    assert rows == {"old-failure-retried"}

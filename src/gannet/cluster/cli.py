@@ -85,7 +85,6 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 def cmd_db_purge(args: argparse.Namespace) -> int:
     import psycopg
 
-    from gannet import sink
     from gannet.cluster import purge
 
     if args.older_than < 0 or args.batch < 1:
@@ -96,9 +95,6 @@ def cmd_db_purge(args: argparse.Namespace) -> int:
         return purge.main(
             Settings().database_url, tenants, args.older_than, args.batch, args.dry_run
         )
-    except psycopg.OperationalError as exc:
-        print(f"error: {sink.cannot_connect(exc)}", file=sys.stderr)
-        return 2
     except psycopg.errors.UndefinedTable as exc:
         print(f"error: {exc.diag.message_primary}: run `gannet db migrate` first", file=sys.stderr)
         return 2
@@ -109,6 +105,13 @@ def cmd_db_purge(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    except psycopg.Error as exc:  # a lost connection, a batch's tries spent
+        print(
+            f"error: the purge stopped ({exc.__class__.__name__}: {exc}); the batches "
+            "before it are deleted, run it again for the rest",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def add_db_commands(db_sub: argparse._SubParsersAction) -> None:

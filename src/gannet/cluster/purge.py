@@ -23,31 +23,40 @@ from typing import Any
 
 import psycopg
 
-# Rows last written before the cut-off. The index (tenant_id, created_at) finds them;
-# updated_at keeps a failed row a later attempt overwrote. The delete checks updated_at
-# again: a row committed anew between the batch's SELECT and its DELETE (PostgreSQL
-# re-reads a row updated meanwhile) is a fresh success and stays.
-_BATCH = """
-WITH old AS (
-    SELECT task_id FROM task_results
-    WHERE tenant_id = %(tenant)s AND created_at < %(before)s AND updated_at < %(before)s
-    LIMIT %(batch)s
-), gone AS (
-    DELETE FROM task_results r USING old
-    WHERE r.task_id = old.task_id AND r.updated_at < %(before)s
-    RETURNING r.task_id
-), freed AS (
-    DELETE FROM task_claims c USING gone
-    WHERE c.task_id = gone.task_id AND (c.expires_at <= now() OR c.expires_at = 'infinity')
-    RETURNING c.task_id
-)
-SELECT (SELECT count(*) FROM old), (SELECT count(*) FROM gone), (SELECT count(*) FROM freed)
+from gannet import sink
+from gannet.errors import CommandError
+
+# A batch in four statements of one transaction, locking as a worker's commit does:
+# the claim first (gannet_fence), then the row (gannet_finish). The other order, the row
+# deleted and then its claim, deadlocked with a commit whose claim had expired while it
+# ran (a retry of an old failed task). A claim a worker holds now is skipped, with its
+# row. The index (tenant_id, created_at) finds the rows; updated_at keeps a failed row a
+# later attempt overwrote, and is checked again as the row is deleted.
+_FOUND = """
+SELECT task_id FROM task_results
+WHERE tenant_id = %(tenant)s AND created_at < %(before)s AND updated_at < %(before)s
+LIMIT %(batch)s
+"""
+_CLAIMS = "SELECT task_id FROM task_claims WHERE task_id = ANY(%(found)s)"
+_LOCK_CLAIMS = """
+SELECT task_id FROM task_claims WHERE task_id = ANY(%(found)s)
+FOR UPDATE SKIP LOCKED
+"""
+_DELETE_ROWS = """
+DELETE FROM task_results
+WHERE task_id = ANY(%(ids)s) AND updated_at < %(before)s
+RETURNING task_id
+"""
+_DELETE_CLAIMS = """
+DELETE FROM task_claims
+WHERE task_id = ANY(%(ids)s) AND (expires_at <= now() OR expires_at = 'infinity')
 """
 _COUNT = """
 SELECT count(*) FROM task_results
 WHERE tenant_id = %(tenant)s AND created_at < %(before)s AND updated_at < %(before)s
 """
 _PROGRESS_EVERY_S = 5.0
+_TRIES = 5  # a batch refused for a lock (a deadlock's victim, say) is tried again
 
 
 @dataclass
@@ -74,24 +83,57 @@ def purge(conn: psycopg.Connection[Any], tenant: str, before: datetime, batch: i
     done = Purged()
     said = time.monotonic()
     while True:
-        with conn.transaction():
-            _as_tenant(conn, tenant)
-            row = conn.execute(
-                _BATCH, {"tenant": tenant, "before": before, "batch": batch}
-            ).fetchone()
-        found, rows, claims = (int(row[0]), int(row[1]), int(row[2])) if row else (0, 0, 0)
+        found, rows, claims = _tried(conn, tenant, before, batch)
         done.rows += rows
         done.claims += claims
-        if found < batch:
+        if found < batch or not rows:  # the end, or only rows whose claims are held
             return done
         if time.monotonic() - said >= _PROGRESS_EVERY_S:
             print(f"{tenant}: {done.rows} rows deleted so far ...", file=sys.stderr)
             said = time.monotonic()
 
 
+def _tried(
+    conn: psycopg.Connection[Any], tenant: str, before: datetime, batch: int
+) -> tuple[int, int, int]:
+    for attempt in range(1, _TRIES + 1):
+        try:
+            return _batch(conn, tenant, before, batch)
+        except (psycopg.errors.TransactionRollback, psycopg.errors.LockNotAvailable):
+            if attempt == _TRIES:
+                raise
+            time.sleep(0.1 * attempt)
+    raise AssertionError("unreachable")
+
+
+def _batch(
+    conn: psycopg.Connection[Any], tenant: str, before: datetime, batch: int
+) -> tuple[int, int, int]:
+    """(rows found, rows deleted, claims deleted) of one batch, in one transaction."""
+    with conn.transaction():
+        _as_tenant(conn, tenant)
+        found = [
+            r[0] for r in conn.execute(_FOUND, {"tenant": tenant, "before": before, "batch": batch})
+        ]
+        if not found:
+            return 0, 0, 0
+        claimed = {r[0] for r in conn.execute(_CLAIMS, {"found": found})}
+        locked = {r[0] for r in conn.execute(_LOCK_CLAIMS, {"found": found})}
+        ids = [t for t in found if t in locked or t not in claimed]
+        gone = [r[0] for r in conn.execute(_DELETE_ROWS, {"ids": ids, "before": before})]
+        freed = conn.execute(_DELETE_CLAIMS, {"ids": gone}).rowcount
+    return len(found), len(gone), freed
+
+
 def main(database_url: str, tenants: list[str], days: float, batch: int, dry_run: bool) -> int:
+    """CommandError when PostgreSQL cannot be reached; a psycopg error from a batch
+    (its tries spent) ends the run, each batch before it committed."""
     before = datetime.now(UTC) - timedelta(days=days)
-    with psycopg.connect(database_url, connect_timeout=10) as conn:
+    try:
+        conn = psycopg.connect(database_url, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        raise CommandError(sink.cannot_connect(exc)) from exc
+    with conn:
         for tenant in tenants:
             if dry_run:
                 n = count(conn, tenant, before)
