@@ -496,12 +496,33 @@ def test_two_tenants_whose_receivers_hang_do_not_hold_up_a_third(receiver_factor
         for i in range(10):
             _submit(callbacks, "tenant-a", f"a{i}", hanging.url())
             _submit(callbacks, "tenant-b", f"b{i}", hanging.url())
+        time.sleep(0.2)  # every thread started has taken A's or B's
         started = time.monotonic()
         _submit(callbacks, "tenant-c", "c0", healthy.url())
         wait_until(lambda: "c0" in statuses, "tenant C's callback recorded", 15)
         at, status = statuses["c0"]
         assert status == "delivered: HTTP 200"
         assert at - started < 0.5, f"tenant C's callback waited {at - started:.1f} s"
+    finally:
+        callbacks.close(timeout_s=0.0)
+        hanging.close()
+
+
+def test_a_tenant_whose_receiver_fails_gets_one_thread():
+    """With eight threads a tenant may have two; once an attempt of its failed, one, so
+    that a receiver that hangs holds a single thread however many of its callbacks
+    wait (a quarter of the threads for each of four such tenants was all of them)."""
+    hanging = Hanging()
+    policy = CallbackPolicy(timeout_s=1.0, retries=0, allow_http=True, allow_private=True)
+    statuses, record = _recorded()
+    callbacks = Callbacks(CallbackClient(policy), record, Metrics(), workers=8)
+    try:
+        for i in range(6):
+            _submit(callbacks, "tenant-a", f"a{i}", hanging.url())
+        wait_until(lambda: len(hanging.conns) == 2, "two of its callbacks in flight")
+        wait_until(lambda: len(statuses) == 2, "those two failed", 5)
+        time.sleep(0.3)
+        assert len(hanging.conns) == 3, "one more at a time after a failure, not two"
     finally:
         callbacks.close(timeout_s=0.0)
         hanging.close()
@@ -558,9 +579,10 @@ def test_a_receiver_down_for_seconds_gets_its_callback_when_it_is_back():
 
 
 def test_a_shutdown_does_not_wait_for_a_callbacks_retry(receiver_factory):
-    """A callback waiting for its retry (its receiver down) is recorded as failed at
-    shutdown, with its last failure, at once: waiting for it would hold every pod's
-    shutdown for its whole grace while one tenant's receiver is down."""
+    """A callback whose retry is due after the shutdown's time (its receiver down) is
+    recorded as failed at once, with its last failure: waiting for it would hold every
+    pod's shutdown for its whole grace while one tenant's receiver is down. One due
+    within it is made."""
     down = receiver_factory([503])
     policy = CallbackPolicy(
         timeout_s=1.0, retries=3, backoff_s=30.0, allow_http=True, allow_private=True
@@ -574,6 +596,17 @@ def test_a_shutdown_does_not_wait_for_a_callbacks_retry(receiver_factory):
     assert time.monotonic() - started < 1.0
     assert statuses["a0"][1] == "failed: worker shut down after HTTP 503"
     assert callbacks.pending() == 0
+
+    # A retry due within the shutdown's time is made (here 0.3 s after the first 503).
+    flaky = receiver_factory([503, 200])
+    soon = CallbackPolicy(
+        timeout_s=1.0, retries=3, backoff_s=0.3, allow_http=True, allow_private=True
+    )
+    callbacks = Callbacks(CallbackClient(soon), record, Metrics(), workers=2)
+    _submit(callbacks, "tenant-a", "a1", flaky.url())
+    wait_until(lambda: len(flaky.requests) == 1, "the first attempt made")
+    callbacks.close(timeout_s=10.0)
+    assert statuses["a1"][1] == "delivered: HTTP 200"
 
 
 def test_a_tenants_callbacks_past_its_queue_bound_are_recorded_failed_at_once():

@@ -564,12 +564,17 @@ class Callbacks:
     def close(self, timeout_s: float = 10.0) -> None:
         """Let queued callbacks finish for up to timeout_s; then the ones in flight are
         cut short and the ones still queued are not sent (each recorded as failed on its
-        row). Retries are not waited for (a receiver down for a minute would have held
-        every shutdown for its whole grace): each is recorded failed, with its last
-        attempt's failure. Only a host name still resolving can hold it longer (the
-        resolver's own timeouts bound that)."""
+        row). Retries due after that are not waited for (a receiver down for a minute
+        would have held every shutdown for its whole grace): each is recorded failed,
+        with its last attempt's failure; those due before it are made. Only a host name
+        still resolving can hold it longer (the resolver's own timeouts bound that)."""
+        deadline = time.monotonic() + timeout_s
+
+        def only_late_retries() -> bool:
+            return self._pending == sum(due > deadline for due, _, _ in self._retries)
+
         with self._cond:
-            self._cond.wait_for(lambda: self._pending == len(self._retries), timeout_s)
+            self._cond.wait_for(only_late_retries, timeout_s)
             self._closing = True
             self._cond.notify_all()
         self.client.stop()
