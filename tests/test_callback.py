@@ -155,6 +155,9 @@ def test_public_addresses_pass():
         ("https://user:pw@8.8.8.8/hook", "credentials"),
         ("https://a..b/hook", "not a valid host name"),  # IDNA refuses it
         ("https://8.8.8.8/r\u00e9sultat", "must be ASCII"),  # http.client cannot send it
+        # A space ends the request line: every attempt failed, retried as transient.
+        ("https://8.8.8.8/a b", "spaces or control characters"),
+        ("https://8.8.8.8/a\tb", "spaces or control characters"),
     ],
 )
 def test_the_default_policy_refuses_before_connecting(url, expected):

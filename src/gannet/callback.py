@@ -118,6 +118,9 @@ def resolve(url: str, policy: CallbackPolicy) -> Target:
     Every answer is checked, not only the first: a name that resolves to one public and
     one private address is refused, since the client might pick either.
     """
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
+        # http.client refuses to send it: every attempt failed, retried as transient.
+        raise _refuse("callback URL has spaces or control characters: percent-encode them")
     parts = urllib.parse.urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme != "https" and not (scheme == "http" and policy.allow_http):

@@ -55,7 +55,10 @@ class PubSubWatch:
 
     def _run(self) -> None:
         while not self._stop.wait(self._every_s):
-            self.check()
+            try:
+                self.check()
+            except Exception:  # the thread must go on: a stale gauge would page for nothing
+                log.exception("the Pub/Sub watch's check failed unexpectedly; it goes on")
 
     def check(self) -> None:
         try:

@@ -452,8 +452,10 @@ class Sink:
         server noticed the dead client, by TCP keepalive two hours later by default, and
         the task's redelivery waited on the lock all that while, its runner stuck. The
         server now ends a session idle in a transaction after `idle_in_transaction_s`
-        (above a result write's 70 s deadline), and a statement waits for a lock at most
-        `lock_timeout_s`, then fails: the task is retried later."""
+        (above a result write's 70 s deadline; a token refresh before it, outside that
+        deadline, may take longer, and then the commit fails and the task is retried:
+        nothing is lost), and a statement waits for a lock at most `lock_timeout_s`, then
+        fails: the task is retried later."""
         timeouts = (
             f"SET lock_timeout = {int(lock_timeout_s * 1000)}; "
             f"SET idle_in_transaction_session_timeout = {int(idle_in_transaction_s * 1000)}"

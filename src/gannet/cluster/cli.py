@@ -125,7 +125,7 @@ def add_db_commands(db_sub: argparse._SubParsersAction) -> None:
         "transaction each. The daemon deletes no row, while the buckets' lifecycle rules "
         "delete images and result objects. Row-level security shows one tenant's rows at "
         "a time, so name every tenant (for instance those of configs/deployment.yaml). "
-        "A claim a worker holds now stays. Use --dry-run first.",
+        "A task a worker runs or commits now keeps its claim. Use --dry-run first.",
     )
     p.add_argument(
         "--tenant",

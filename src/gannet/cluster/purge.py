@@ -9,8 +9,8 @@ writes its WAL in one burst beside the daemon's commits.
 
 A row goes with its claim: a success's row deleted alone would leave its task_id held
 for good (a republished task of that id answered as one another worker runs, then
-dead-lettered). A claim a worker holds now (a failed task being retried) stays: its
-commit writes the row again.
+dead-lettered). A live claim (a failed task being retried) stays: its commit writes the
+row again; a claim locked by a commit under way is skipped, with its row.
 """
 
 from __future__ import annotations
