@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -317,30 +318,42 @@ def test_a_proxy_in_the_pods_environment_does_not_come_between_it_and_its_proces
         _kill_all(supervisor)
 
 
-def test_a_supervisor_that_fails_stops_its_processes_before_it_exits(tmp_path):
-    """Whatever ends the supervisor's loop (here the daemon's program gone when process 0
-    is to be started again: Popen raises), its daemons are passed SIGTERM and waited
-    for. In a pod the supervisor is PID 1, and when it exits the kernel kills every
-    other process of the pod with SIGKILL: no drain, running tasks lost to their lease."""
+def _pod_of_stand_ins(tmp_path: Any, first: str, supervisor: str = "") -> tuple[Any, Any]:
+    """A supervisor (the SUPERVISOR script, or `supervisor`) of two stand-ins for daemon
+    processes: process 0 runs `first` (Python, under `import os, signal, sys, time`),
+    process 1 the RECORDING_CHILD. The pod's process and its log's path."""
     program = tmp_path / "daemon"
     program.write_text(
         f"#!{sys.executable}\n"
-        "import os, sys, time\n"
+        "import os, signal, sys, time\n"
         "if os.environ['GANNET_PROCESS_INDEX'] == '0':\n"
-        "    while not os.path.exists(os.path.join(sys.argv[1], 'up-1')):\n"
-        "        time.sleep(0.05)\n"
-        "    os.remove(sys.argv[0])\n"
-        "    sys.exit(1)\n" + RECORDING_CHILD
+        + textwrap.indent(first, "    ")
+        + RECORDING_CHILD
     )
     program.chmod(0o755)
     log = tmp_path / "supervisor.log"
     with log.open("w") as err:
         pod = subprocess.Popen(
-            [sys.executable, "-c", SUPERVISOR, str(program), str(tmp_path)],
+            [sys.executable, "-c", supervisor or SUPERVISOR, str(program), str(tmp_path)],
             start_new_session=True,
             stdout=err,
             stderr=subprocess.STDOUT,
         )
+    return pod, log
+
+
+def test_a_supervisor_that_fails_stops_its_processes_before_it_exits(tmp_path):
+    """Whatever ends the supervisor's loop (here the daemon's program gone when process 0
+    is to be started again: Popen raises), its daemons are passed SIGTERM and waited
+    for. In a pod the supervisor is PID 1, and when it exits the kernel kills every
+    other process of the pod with SIGKILL: no drain, running tasks lost to their lease."""
+    pod, log = _pod_of_stand_ins(
+        tmp_path,
+        "while not os.path.exists(os.path.join(sys.argv[1], 'up-1')):\n"
+        "    time.sleep(0.05)\n"
+        "os.remove(sys.argv[0])\n"
+        "sys.exit(1)\n",
+    )
     try:
         assert pod.wait(timeout=30) == 1
         assert (tmp_path / "signals-1").read_text().split() == ["15"], log.read_text()
@@ -362,26 +375,11 @@ def test_a_process_that_keeps_dying_ends_the_pod_with_its_exit_code(tmp_path):
     crash-looping from its start never did: 5 minutes before it was restarted. Once the
     back-off is at its longest, the supervisor stops the other process and exits with
     the dying one's code (here with the back-off shortened)."""
-    program = tmp_path / "daemon"
-    program.write_text(
-        f"#!{sys.executable}\n"
-        "import os, sys\n"
-        "if os.environ['GANNET_PROCESS_INDEX'] == '0':\n"
-        "    sys.exit(3)\n" + RECORDING_CHILD
-    )
-    program.chmod(0o755)
     fast = SUPERVISOR.replace(
         "from gannet.supervisor import supervise",
         "import gannet.supervisor as s\ns.BACKOFF_S = (0.1,) * 5\nsupervise = s.supervise",
     )
-    log = tmp_path / "supervisor.log"
-    with log.open("w") as err:
-        pod = subprocess.Popen(
-            [sys.executable, "-c", fast, str(program), str(tmp_path)],
-            start_new_session=True,
-            stdout=err,
-            stderr=subprocess.STDOUT,
-        )
+    pod, log = _pod_of_stand_ins(tmp_path, "sys.exit(3)\n", fast)
     try:
         assert pod.wait(timeout=60) == 3, log.read_text()
         said = log.read_text()
@@ -399,28 +397,17 @@ def test_a_process_wedged_at_shutdown_is_killed_and_named(tmp_path):
     cannot end it) held the supervisor in an untimed wait until the kubelet's SIGKILL,
     which says nothing of which process or why. Past its grace and a margin, it is
     killed, and said."""
-    program = tmp_path / "daemon"
-    program.write_text(
-        f"#!{sys.executable}\n"
-        "import os, signal, sys, time\n"
-        "if os.environ['GANNET_PROCESS_INDEX'] == '0':\n"
-        "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-        "    open(os.path.join(sys.argv[1], 'up-0'), 'w').close()\n"
-        "    time.sleep(600)\n" + RECORDING_CHILD
-    )
-    program.chmod(0o755)
     quick = SUPERVISOR.replace("processes=2,", "processes=2, shutdown_grace_s=0.5,").replace(
         "from gannet.supervisor import supervise",
         "import gannet.supervisor as s\ns.STOP_MARGIN_S = 0.5\nsupervise = s.supervise",
     )
-    log = tmp_path / "supervisor.log"
-    with log.open("w") as err:
-        pod = subprocess.Popen(
-            [sys.executable, "-c", quick, str(program), str(tmp_path)],
-            start_new_session=True,
-            stdout=err,
-            stderr=subprocess.STDOUT,
-        )
+    pod, log = _pod_of_stand_ins(
+        tmp_path,
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "open(os.path.join(sys.argv[1], 'up-0'), 'w').close()\n"
+        "time.sleep(600)\n",
+        quick,
+    )
     try:
         wait_until(lambda: (tmp_path / "up-0").exists() and (tmp_path / "up-1").exists(), "up", 30)
         pod.send_signal(signal.SIGTERM)
