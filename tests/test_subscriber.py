@@ -577,3 +577,39 @@ def test_a_missing_subscription_fails_the_start_up_check(stack):
     with pytest.raises(gexc.NotFound):
         missing.check_exists()
     Subscriber(client, stack.settings.subscription_path(), 4, print).check_exists()
+
+
+def test_a_subscription_without_retry_or_dead_letter_policy_is_warned_of(stack):
+    """A subscription made by hand may lack terraform's policies: without a retry policy
+    a nacked message comes back at once (a missing bucket: 50 retries a second at 89 %
+    of a core, every task's attempts spent within a second); without a dead-letter
+    policy a task that keeps failing is retried until the retention drops it. Read from
+    real subscriptions, the emulator's (which keep what they were created with)."""
+    from gannet.subscriber import policy_warnings
+
+    project = stack.settings.project
+    bare = f"projects/{project}/subscriptions/{stack.tenant}-bare"
+    kept = f"projects/{project}/subscriptions/{stack.tenant}-kept"
+    topic = stack.settings.topic_path()
+    dead = f"projects/{project}/topics/{stack.settings.dead_letter_topic}"
+    stack.subscriber.create_subscription(request={"name": bare, "topic": topic})
+    stack.subscriber.create_subscription(
+        request={
+            "name": kept,
+            "topic": topic,
+            "retry_policy": {
+                "minimum_backoff": {"seconds": 10},
+                "maximum_backoff": {"seconds": 600},
+            },
+            "dead_letter_policy": {"dead_letter_topic": dead, "max_delivery_attempts": 5},
+        }
+    )
+    try:
+        said = policy_warnings(Subscriber(stack.subscriber, bare, 4, print).check_exists())
+        assert len(said) == 2
+        assert "has no retry policy" in said[0] and "terraform's: 10 s to 600 s" in said[0]
+        assert "has no dead-letter policy" in said[1]
+        assert policy_warnings(Subscriber(stack.subscriber, kept, 4, print).check_exists()) == []
+    finally:
+        for name in (bare, kept):
+            stack.subscriber.delete_subscription(request={"subscription": name})

@@ -50,7 +50,7 @@ from gannet.settings import Settings, unknown_variables
 from gannet.signals import on_signals
 from gannet.sink import SCHEMA_VERSION, Sink, cannot_connect, connect_waiting
 from gannet.storage import Storage, local_version, read_local
-from gannet.subscriber import Subscriber
+from gannet.subscriber import Subscriber, policy_warnings
 from gannet.tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -401,7 +401,7 @@ class Daemon:
         ]
         for subscriber in subscribers:
             try:
-                subscriber.check_exists()
+                subscription = subscriber.check_exists()
             except gexc.GoogleAPICallError as exc:
                 parts.close()
                 raise StartupError(
@@ -409,6 +409,10 @@ class Daemon:
                     f"({exc.message}); check GANNET_PROJECT, GANNET_SUBSCRIPTION and "
                     "GANNET_LANES (lane L's subscription is GANNET_SUBSCRIPTION-L)"
                 ) from exc
+            # The local emulator's subscriptions have no retry policy on purpose
+            # (provision.py says why): said only of a real Pub/Sub's.
+            for warning in [] if s.pubsub_emulator_host else policy_warnings(subscription):
+                log.warning(warning)
         for lane in lanes:
             check_dead_letter_topic(parts.publisher, s.path("topics", lane.dead_letter_topic))
         # After the subscriptions' checks: a misspelt one failed only once the models

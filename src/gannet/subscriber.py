@@ -357,6 +357,38 @@ class _Scheduler(ThreadScheduler):  # type: ignore[misc] # the client library is
         return dropped
 
 
+MIN_RETRY_BACKOFF_S = 1.0
+
+
+def policy_warnings(subscription: Any) -> list[str]:
+    """What a subscription made by hand may lack, which terraform's has: a retry policy
+    (without one a nacked message comes back at once, so a transient failure, a bucket
+    or a database gone for seconds, spends a task's delivery attempts within a second
+    and the pod retries as fast as it can: 50 times a second, 89 % of its CPU, measured
+    on the emulator, which has none) and a dead-letter policy (without one a task that
+    keeps failing is retried until the subscription's retention drops it)."""
+    name = subscription.name
+    warnings = []
+    backoff = subscription.retry_policy.minimum_backoff if "retry_policy" in subscription else None
+    if backoff is None or backoff.total_seconds() < MIN_RETRY_BACKOFF_S:
+        warnings.append(
+            f"subscription {name} has no retry policy (or one under "
+            f"{MIN_RETRY_BACKOFF_S:g} s): a nacked message comes back at once, so a "
+            "transient failure spends a task's delivery attempts within a second; give it "
+            "one (terraform's: 10 s to 600 s)"
+        )
+    if (
+        "dead_letter_policy" not in subscription
+        or not subscription.dead_letter_policy.dead_letter_topic
+    ):
+        warnings.append(
+            f"subscription {name} has no dead-letter policy: a task that keeps failing is "
+            "retried until the subscription's retention drops it; give it one "
+            "(terraform's: the lane's dead-letter topic, 5 attempts)"
+        )
+    return warnings
+
+
 class Subscriber:
     def __init__(
         self,
@@ -436,9 +468,10 @@ class Subscriber:
         or nacked, over the lease (1.0: every slot taken)."""
         return 0.0 if self._manager is None else float(self._manager.load)
 
-    def check_exists(self) -> None:
-        """Fail at start-up with a clear message instead of a silently dead stream."""
-        self.client.get_subscription(request={"subscription": self.subscription_path})
+    def check_exists(self) -> Any:
+        """Fail at start-up with a clear message instead of a silently dead stream. The
+        subscription, whose policies the daemon checks (policy_warnings)."""
+        return self.client.get_subscription(request={"subscription": self.subscription_path})
 
     def ask(self, timeout_s: float) -> None:
         """Whether Pub/Sub answers within `timeout_s` (pubsub_watch.py). Retried within
