@@ -583,33 +583,44 @@ def test_a_subscription_without_retry_or_dead_letter_policy_is_warned_of(stack):
     """A subscription made by hand may lack terraform's policies: without a retry policy
     a nacked message comes back at once (a missing bucket: 50 retries a second at 89 %
     of a core, every task's attempts spent within a second); without a dead-letter
-    policy a task that keeps failing is retried until the retention drops it. Read from
-    real subscriptions, the emulator's (which keep what they were created with)."""
+    policy a task that keeps failing is retried until the retention drops it; with one
+    to another topic its dead letters land where `gannet dead-letters` does not look.
+    A retry policy without a minimum backoff has Pub/Sub's default (10 s): no warning.
+    Read from real subscriptions, the emulator's (which keep what they were made with)."""
     from gannet.subscriber import policy_warnings
 
     project = stack.settings.project
-    bare = f"projects/{project}/subscriptions/{stack.tenant}-bare"
-    kept = f"projects/{project}/subscriptions/{stack.tenant}-kept"
     topic = stack.settings.topic_path()
     dead = f"projects/{project}/topics/{stack.settings.dead_letter_topic}"
-    stack.subscriber.create_subscription(request={"name": bare, "topic": topic})
-    stack.subscriber.create_subscription(
-        request={
-            "name": kept,
-            "topic": topic,
-            "retry_policy": {
-                "minimum_backoff": {"seconds": 10},
-                "maximum_backoff": {"seconds": 600},
-            },
+    made = {
+        "bare": {},
+        "kept": {
+            "retry_policy": {"minimum_backoff": {"seconds": 10}},
             "dead_letter_policy": {"dead_letter_topic": dead, "max_delivery_attempts": 5},
-        }
-    )
+        },
+        "max-only": {
+            "retry_policy": {"maximum_backoff": {"seconds": 600}},
+            "dead_letter_policy": {"dead_letter_topic": topic, "max_delivery_attempts": 5},
+        },
+        "hasty": {
+            "retry_policy": {"minimum_backoff": {"nanos": 100_000_000}},
+            "dead_letter_policy": {"dead_letter_topic": dead, "max_delivery_attempts": 5},
+        },
+    }
+    said: dict[str, list[str]] = {}
     try:
-        said = policy_warnings(Subscriber(stack.subscriber, bare, 4, print).check_exists())
-        assert len(said) == 2
-        assert "has no retry policy" in said[0] and "terraform's: 10 s to 600 s" in said[0]
-        assert "has no dead-letter policy" in said[1]
-        assert policy_warnings(Subscriber(stack.subscriber, kept, 4, print).check_exists()) == []
+        for name, policies in made.items():
+            path = f"projects/{project}/subscriptions/{stack.tenant}-{name}"
+            stack.subscriber.create_subscription(request={"name": path, "topic": topic, **policies})
+            subscription = Subscriber(stack.subscriber, path, 4, print).check_exists()
+            said[name] = policy_warnings(subscription, dead)
     finally:
-        for name in (bare, kept):
-            stack.subscriber.delete_subscription(request={"subscription": name})
+        for name in made:
+            path = f"projects/{project}/subscriptions/{stack.tenant}-{name}"
+            stack.subscriber.delete_subscription(request={"subscription": path})
+    assert len(said["bare"]) == 2
+    assert "has no retry policy" in said["bare"][0] and "10 s to 600 s" in said["bare"][0]
+    assert "has no dead-letter policy" in said["bare"][1]
+    assert said["kept"] == []
+    assert len(said["max-only"]) == 1 and f"goes to {topic}, not" in said["max-only"][0]
+    assert len(said["hasty"]) == 1 and "waits 0.1 s at least" in said["hasty"][0]

@@ -399,7 +399,7 @@ class Daemon:
             )
             for lane in lanes
         ]
-        for subscriber in subscribers:
+        for lane, subscriber in zip(lanes, subscribers, strict=True):
             try:
                 subscription = subscriber.check_exists()
             except gexc.GoogleAPICallError as exc:
@@ -411,8 +411,10 @@ class Daemon:
                 ) from exc
             # The local emulator's subscriptions have no retry policy on purpose
             # (provision.py says why): said only of a real Pub/Sub's.
-            for warning in [] if s.pubsub_emulator_host else policy_warnings(subscription):
-                log.warning(warning)
+            if not s.pubsub_emulator_host:
+                dead_letters = s.path("topics", lane.dead_letter_topic)
+                for warning in policy_warnings(subscription, dead_letters):
+                    log.warning(warning)
         for lane in lanes:
             check_dead_letter_topic(parts.publisher, s.path("topics", lane.dead_letter_topic))
         # After the subscriptions' checks: a misspelt one failed only once the models

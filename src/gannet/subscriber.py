@@ -360,31 +360,42 @@ class _Scheduler(ThreadScheduler):  # type: ignore[misc] # the client library is
 MIN_RETRY_BACKOFF_S = 1.0
 
 
-def policy_warnings(subscription: Any) -> list[str]:
+def policy_warnings(subscription: Any, dead_letter_topic: str) -> list[str]:
     """What a subscription made by hand may lack, which terraform's has: a retry policy
     (without one a nacked message comes back at once, so a transient failure, a bucket
     or a database gone for seconds, spends a task's delivery attempts within a second
     and the pod retries as fast as it can: 50 times a second, 89 % of its CPU, measured
-    on the emulator, which has none) and a dead-letter policy (without one a task that
-    keeps failing is retried until the subscription's retention drops it)."""
+    on the emulator, which has none) and a dead-letter policy to the lane's dead-letter
+    topic (without one a task that keeps failing is retried until the subscription's
+    retention drops it; to another topic, it lands where `gannet dead-letters` does not
+    look). A retry policy without a minimum backoff has Pub/Sub's default, 10 s."""
     name = subscription.name
     warnings = []
-    backoff = subscription.retry_policy.minimum_backoff if "retry_policy" in subscription else None
-    if backoff is None or backoff.total_seconds() < MIN_RETRY_BACKOFF_S:
+    retry = subscription.retry_policy if "retry_policy" in subscription else None
+    if retry is None:
         warnings.append(
-            f"subscription {name} has no retry policy (or one under "
-            f"{MIN_RETRY_BACKOFF_S:g} s): a nacked message comes back at once, so a "
-            "transient failure spends a task's delivery attempts within a second; give it "
-            "one (terraform's: 10 s to 600 s)"
+            f"subscription {name} has no retry policy: a nacked message comes back at "
+            "once, so a transient failure spends a task's delivery attempts within a "
+            "second; give it one (terraform's: 10 s to 600 s)"
         )
-    if (
-        "dead_letter_policy" not in subscription
-        or not subscription.dead_letter_policy.dead_letter_topic
-    ):
+    elif "minimum_backoff" in retry and retry.minimum_backoff.total_seconds() < MIN_RETRY_BACKOFF_S:
+        warnings.append(
+            f"subscription {name}'s retry policy waits {retry.minimum_backoff.total_seconds():g} "
+            "s at least: a transient failure spends a task's delivery attempts within "
+            "seconds; raise its minimum backoff (terraform's: 10 s)"
+        )
+    dead = subscription.dead_letter_policy if "dead_letter_policy" in subscription else None
+    if dead is None or not dead.dead_letter_topic:
         warnings.append(
             f"subscription {name} has no dead-letter policy: a task that keeps failing is "
             "retried until the subscription's retention drops it; give it one "
-            "(terraform's: the lane's dead-letter topic, 5 attempts)"
+            f"(terraform's: {dead_letter_topic}, 5 attempts)"
+        )
+    elif dead.dead_letter_topic != dead_letter_topic:
+        warnings.append(
+            f"subscription {name}'s dead-letter policy goes to {dead.dead_letter_topic}, not "
+            f"to the lane's {dead_letter_topic}, where the daemon quarantines poison and "
+            "`gannet dead-letters` looks"
         )
     return warnings
 
