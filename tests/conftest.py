@@ -208,9 +208,10 @@ def progressive_jpeg(width: int, height: int, coefficients: int) -> bytes:
 
 
 class Gate:
-    """A TCP relay in front of the GCS emulator that can stop answering, as a GCS (or
-    the way to it) that hangs: connections are still taken and what they send read,
-    but nothing goes on and nothing comes back. Each switch ends the connections open
+    """A TCP relay in front of the GCS emulator (or PostgreSQL) that can stop answering,
+    as a GCS (or the way to it) that hangs: connections are still taken and what they
+    send read, but nothing goes on and nothing comes back; or `refuse`, as a server
+    gone: each connection closed as it comes. Each switch ends the connections open
     (a kept-alive one must not outlive it either way).
 
     `slow_media` hangs or drips object downloads alone (`alt=media` in a connection's
@@ -222,6 +223,7 @@ class Gate:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self.answering = True
+        self._refusing = False
         self._slow_media = False
         self._slow_all = False  # drip's: every request, not only downloads
         self._drip_every_s: float | None = None  # slow_media's; None: nothing at all
@@ -236,7 +238,11 @@ class Gate:
 
     def answer(self) -> None:
         self.answering = True
-        self._slow_media = self._slow_all = False
+        self._refusing = self._slow_media = self._slow_all = False
+        self._end_all()
+
+    def refuse(self) -> None:
+        self._refusing = True
         self._end_all()
 
     def slow_media(self, drip_every_s: float | None) -> None:
@@ -278,6 +284,9 @@ class Gate:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            if self._refusing:
+                client.close()
+                continue
             if not self._keep(client):
                 return
             if not self.answering:

@@ -6,10 +6,10 @@ import dataclasses
 import os
 import time
 import uuid
-from typing import Any
 
 import psycopg
 import pytest
+from conftest import Gate
 
 from gannet import sink
 from gannet.errors import ErrorCode, PermanentError, TransientError
@@ -371,65 +371,9 @@ def test_a_commit_stopped_mid_write_does_not_hold_its_tasks_redelivery(services)
             store.close()
 
 
-class _Proxy:
-    """A TCP proxy to PostgreSQL that can be taken away (connections refused, the open
-    ones cut) and brought back on the same port: the database's outage, as the pool
-    meets it, without stopping the session's PostgreSQL."""
-
-    def __init__(self, target_port: int, port: int = 0) -> None:
-        import socket
-        import threading
-
-        self.target_port = target_port
-        self.listener = socket.create_server(("127.0.0.1", port), reuse_port=False)
-        self.port = self.listener.getsockname()[1]
-        self.conns: list[Any] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        import socket
-        import threading
-
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.target_port))
-            self.conns += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(a: Any, b: Any) -> None:
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (a, b):
-                try:
-                    sock.close()
-                except OSError:
-                    pass
-
-    def stop(self) -> None:
-        import socket
-
-        # shutdown, not only close: a thread blocked in accept() keeps a closed
-        # listener's socket listening.
-        self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        for conn in self.conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
 def test_the_pool_reconnects_within_seconds_of_the_databases_return(services):
-    """PostgreSQL gone for 20 s, its connections cut, then back: the pool's attempts to
+    """PostgreSQL gone for 20 s (conftest's Gate refusing connections), its connections
+    cut, then back: the pool's attempts to
     replace its connections backed off up to 300 s (waits doubling from 1 s), so a
     database back after 80 s was connected to 39 s later, every task meanwhile nacked
     after its checkout's timeout. They give up after 10 s, and a checkout starts a new
@@ -437,20 +381,20 @@ def test_the_pool_reconnects_within_seconds_of_the_databases_return(services):
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
     info = conninfo_to_dict(services.database_url)
-    proxy = _Proxy(int(info["port"]))
-    url = make_conninfo(**{**info, "host": "127.0.0.1", "port": str(proxy.port)})
+    gate = Gate(int(info["port"]))
+    url = make_conninfo(**{**info, "host": "127.0.0.1", "port": str(gate.port)})
     store = sink.Sink(url, pool_size=2, timeout_s=1.0)
     store.open()
     tenant = f"t-{uuid.uuid4().hex[:6]}"
     try:
         assert store.find_success("x", tenant) is None
-        proxy.stop()
+        gate.refuse()
         time.sleep(0.5)  # the cut connections' ends seen by the pool
         down_until = time.monotonic() + 20
         while time.monotonic() < down_until:  # tasks keep asking, and fail as retryable
             with pytest.raises(TransientError):
                 store.find_success("x", tenant)
-        proxy = _Proxy(int(info["port"]), port=proxy.port)
+        gate.answer()
         back = time.monotonic()
         while True:
             try:
@@ -461,4 +405,4 @@ def test_the_pool_reconnects_within_seconds_of_the_databases_return(services):
         print(f"connected again {time.monotonic() - back:.1f} s after the database's return")
     finally:
         store.close()
-        proxy.stop()
+        gate.close()
