@@ -32,11 +32,8 @@ from gannet.errors import CommandError
 # ran (a retry of an old failed task). A claim a worker holds now is skipped, with its
 # row. The index (tenant_id, created_at) finds the rows; updated_at keeps a failed row a
 # later attempt overwrote, and is checked again as the row is deleted.
-_FOUND = """
-SELECT task_id FROM task_results
-WHERE tenant_id = %(tenant)s AND created_at < %(before)s AND updated_at < %(before)s
-LIMIT %(batch)s
-"""
+_OLD = "tenant_id = %(tenant)s AND created_at < %(before)s AND updated_at < %(before)s"
+_FOUND = f"SELECT task_id FROM task_results WHERE {_OLD} LIMIT %(batch)s"
 _CLAIMS = "SELECT task_id FROM task_claims WHERE task_id = ANY(%(found)s)"
 _LOCK_CLAIMS = """
 SELECT task_id FROM task_claims WHERE task_id = ANY(%(found)s)
@@ -51,10 +48,7 @@ _DELETE_CLAIMS = """
 DELETE FROM task_claims
 WHERE task_id = ANY(%(ids)s) AND (expires_at <= now() OR expires_at = 'infinity')
 """
-_COUNT = """
-SELECT count(*) FROM task_results
-WHERE tenant_id = %(tenant)s AND created_at < %(before)s AND updated_at < %(before)s
-"""
+_COUNT = f"SELECT count(*) FROM task_results WHERE {_OLD}"  # what a purge would find
 _PROGRESS_EVERY_S = 5.0
 _TRIES = 5  # a batch refused for a lock (a deadlock's victim, say) is tried again
 
