@@ -34,19 +34,13 @@ def pubsub_clients(
         # message received (its channel to Pub/Sub has none): one streaming-pull
         # response of a few large bodies exceeded it, and the stream failed in silence
         # while Pub/Sub dead-lettered good tasks behind them (the demo, soak and tests).
-        host, unlimited = (
-            settings.pubsub_emulator_host,
-            [
-                ("grpc.max_send_message_length", -1),
-                ("grpc.max_receive_message_length", -1),
-            ],
-        )
-        publisher["transport"] = PublisherGrpcTransport(
-            channel=grpc.insecure_channel(host, options=unlimited)
-        )
-        subscriber["transport"] = SubscriberGrpcTransport(
-            channel=grpc.insecure_channel(host, options=unlimited)
-        )
+        unlimited = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+
+        def channel() -> grpc.Channel:
+            return grpc.insecure_channel(settings.pubsub_emulator_host, options=unlimited)
+
+        publisher["transport"] = PublisherGrpcTransport(channel=channel())
+        subscriber["transport"] = SubscriberGrpcTransport(channel=channel())
     try:
         return (
             pubsub_v1.PublisherClient(

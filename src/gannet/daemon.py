@@ -411,12 +411,11 @@ class Daemon:
                 ) from exc
             # The local emulator's subscriptions have no retry policy on purpose
             # (provision.py says why): said only of a real Pub/Sub's.
+            dead_letters = s.path("topics", lane.dead_letter_topic)
             if not s.pubsub_emulator_host:
-                dead_letters = s.path("topics", lane.dead_letter_topic)
                 for warning in policy_warnings(subscription, dead_letters):
                     log.warning(warning)
-        for lane in lanes:
-            check_dead_letter_topic(parts.publisher, s.path("topics", lane.dead_letter_topic))
+            check_dead_letter_topic(parts.publisher, dead_letters)
         # After the subscriptions' checks: a misspelt one failed only once the models
         # had loaded, tens of seconds each start of a crash loop.
         log.info(

@@ -40,14 +40,12 @@ class PubSubWatch:
         self._last_reached = last_reached
         self._every_s = every_s
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.down_since: float | None = None  # monotonic, while Pub/Sub does not answer
         self._said_at = 0.0
 
     def start(self) -> None:
         self._last_reached.set(time.time())  # it answered at start-up
-        self._thread = threading.Thread(target=self._run, name="gannet-pubsub-watch", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._run, name="gannet-pubsub-watch", daemon=True).start()
 
     def stop(self) -> None:
         """Not waited for: an answer in flight only sets a gauge."""

@@ -319,10 +319,7 @@ class Supervisor:
         thread gone): _reap then starts it again. A one-process pod's liveness probe
         would restart it; here the pod's /healthz counts it as starting forever."""
         for child, (code, _) in zip(self.children, self._ask("/healthz"), strict=True):
-            if code:
-                child.answered_at = now
-                continue
-            if not child.alive():
+            if code or not child.alive():  # an answer: _ask noted it in answered_at
                 continue
             silent_since = child.answered_at
             limit = HUNG_S if silent_since is not None else STARTUP_S
@@ -450,7 +447,8 @@ class Supervisor:
         still running then (wedged: stopped, or stuck where its drain cannot end it) is
         killed, and said, instead of holding the pod until the kubelet's SIGKILL, which
         says nothing of which process or why."""
-        deadline = time.monotonic() + self.settings.shutdown_grace_s + STOP_MARGIN_S
+        allowed_s = self.settings.shutdown_grace_s + STOP_MARGIN_S
+        deadline = time.monotonic() + allowed_s
         for child in self.children:
             if child.proc is None:
                 continue
@@ -458,8 +456,8 @@ class Supervisor:
                 child.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.error(
-                    f"daemon process {child.index} did not exit within "
-                    f"{self.settings.shutdown_grace_s + STOP_MARGIN_S:g} s of SIGTERM; killing it",
+                    f"daemon process {child.index} did not exit within {allowed_s:g} s of "
+                    "SIGTERM; killing it",
                     extra={"fields": {"process": child.index, "pid": child.proc.pid}},
                 )
                 child.proc.kill()
