@@ -24,6 +24,8 @@ class Relay:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._cut = threading.Event()
+        self._flowing = threading.Event()
+        self._flowing.set()
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -38,6 +40,15 @@ class Relay:
 
     def restore(self) -> None:
         self._cut.clear()
+
+    def freeze(self) -> None:
+        """Keep every connection open but pass nothing on: what a pooler or proxy whose
+        server went away, or a hung server, looks like. The relay's kernel acknowledges
+        what it is sent, so the client's own TCP timeouts see nothing wrong."""
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
 
     def close(self) -> None:
         self.cut()
@@ -65,6 +76,7 @@ class Relay:
     def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while chunk := src.recv(65536):
+                self._flowing.wait()
                 dst.sendall(chunk)
         except OSError:
             pass  # the other side closed, or cut() did
@@ -121,6 +133,39 @@ def test_database_outage_nacks_and_the_tasks_succeed_when_it_returns(stack, db_r
         assert row["result"]["detection"]["counts"] == expected_counts(SCENES[0])
         assert row["delivery_attempt"] >= 2, "the success is a redelivery of the nacked one"
     assert stack.pull_dead_letters(1, timeout_s=1) == [], "an outage is not poison"
+    assert daemon.stop() == 0
+
+
+def test_a_database_that_stops_answering_frees_the_runner_at_the_answer_deadline(stack, db_relay):
+    """A connection kept open by a peer that no longer answers (a pooler or proxy whose
+    server went away; a hung server) gets no help from TCP: the task's round trip is
+    dropped at GANNET_DB_ANSWER_DEADLINE_S and the message nacked, where it used to hold
+    its runner until the stall watch restarted the pod (10 minutes). Once the database
+    answers again, the redelivery succeeds on a new connection."""
+    relay, db_url = db_relay
+    daemon = stack.start_daemon(
+        GANNET_DATABASE_URL=db_url, GANNET_DB_ANSWER_DEADLINE_S="2", GANNET_DB_TIMEOUT_S="2"
+    )
+    task = stack.task(stack.upload(SCENES[0]["file"]))
+    relay.freeze()
+    stack.publish([task])
+    wait_until(
+        lambda: (
+            (task.task_id, "retry", "dependency_unavailable") in settled([daemon], {task.task_id})
+        ),
+        "a nack at the answer deadline",
+        30,
+    )
+    assert any(
+        "gave no answer within 2 s" in str(e.get("error", ""))
+        for e in daemon.log_entries()
+        if e.get("task_id") == task.task_id
+    ), "the log says why"
+
+    relay.thaw()
+    row = stack.wait_rows([task.task_id], timeout_s=90)[task.task_id]
+    assert row["status"] == "succeeded"
+    assert row["result"]["detection"]["counts"] == expected_counts(SCENES[0])
     assert daemon.stop() == 0
 
 

@@ -213,7 +213,12 @@ def build(
         storage = Storage(clients.storage_client(s))
     except clients.NoCredentials as exc:
         raise StartupError(str(exc)) from exc
-    sink = Sink(s.database_url, pool_size=s.db_connections(), timeout_s=s.db_timeout_s)
+    sink = Sink(
+        s.database_url,
+        pool_size=s.db_connections(),
+        timeout_s=s.db_timeout_s,
+        answer_deadline_s=s.db_answer_deadline_s,
+    )
     try:
         # One connection first: its error is libpq's reason (the pool's timeout says
         # none), and a refusal ends the wait at once.

@@ -13,19 +13,63 @@ The price is paid here, in a few lines: parameters go as text, and rows come bac
 text, decoded by column type for the handful of types the per-task functions return.
 Connections, the pool, transactions and error classes stay psycopg's; everything that
 is not on a task's path uses psycopg's cursors as usual.
+
+Neither a blocking call nor a cursor has a bound of its own on the wait for an answer,
+and the kernel's (sink.py's keepalives and tcp_user_timeout) sees only a peer that
+stops acknowledging. A peer that acknowledges but never answers (a connection pooler or
+proxy whose server went away, a server hung on its disk) held a runner, its message
+leased, until the stall watch restarted the pod ten minutes later. `Deadline` shuts the
+connection's socket when a round trip (or a transaction, for cursors) outlasts its
+deadline, from the thread of socket_deadlines.py: the call fails at once, the task is
+nacked and the pool replaces the connection.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
+from types import TracebackType
 from typing import Any
 
 import psycopg
 from psycopg import pq
 from psycopg.errors import error_from_result
 
+from gannet.socket_deadlines import SocketDeadlines
+
 Conn = psycopg.Connection[Any]
+
+_DEADLINES = SocketDeadlines("gannet-db-deadline")
+
+
+class Deadline:
+    """`with Deadline(conn, s):` shuts `conn`'s socket if the block is still waiting on
+    it `s` seconds later; the error it then raises says so (OperationalError: the pool
+    drops the connection). A class, not a generator: it is on every task's path."""
+
+    __slots__ = ("_conn", "_deadline_s")
+
+    def __init__(self, conn: Conn, deadline_s: float) -> None:
+        self._conn = conn
+        self._deadline_s = deadline_s
+
+    def __enter__(self) -> None:
+        deadline = time.monotonic() + self._deadline_s
+        _DEADLINES.watch(self._conn, deadline, self._conn.pgconn.socket)
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if _DEADLINES.forget(self._conn):
+            raise psycopg.OperationalError(
+                f"PostgreSQL gave no answer within {self._deadline_s:g} s "
+                "(GANNET_DB_ANSWER_DEADLINE_S); the connection was dropped"
+            ) from exc
+
 
 # Decoders of the text format by type OID (bool, int4, int8, float8, json, jsonb). Any
 # other type comes back as str.
@@ -65,14 +109,18 @@ def literals(conn: Conn, values: Sequence[object]) -> tuple[bytes, ...]:
     return tuple(out)
 
 
-def execute(conn: Conn, query: bytes, params: Sequence[object] | None = None) -> pq.abc.PGresult:
-    """Run `query` in one round trip; with several statements (no `params`), the last
-    one's result. PostgreSQL's errors raise psycopg's classes for their SQLSTATE, as a
-    cursor would; a broken connection raises OperationalError (the pool drops it)."""
-    if params is None:
-        result = conn.pgconn.exec_(query)
-    else:
-        result = conn.pgconn.exec_params(query, [param(p) for p in params])
+def execute(
+    conn: Conn, query: bytes, params: Sequence[object] | None = None, deadline_s: float = 60.0
+) -> pq.abc.PGresult:
+    """Run `query` in one round trip, answered within `deadline_s`; with several
+    statements (no `params`), the last one's result. PostgreSQL's errors raise psycopg's
+    classes for their SQLSTATE, as a cursor would; a broken connection raises
+    OperationalError (the pool drops it)."""
+    with Deadline(conn, deadline_s):
+        if params is None:
+            result = conn.pgconn.exec_(query)
+        else:
+            result = conn.pgconn.exec_params(query, [param(p) for p in params])
     if result.status in _DONE:
         return result
     encoding = conn.info.encoding
@@ -98,9 +146,11 @@ def rows(conn: Conn, result: pq.abc.PGresult) -> list[dict[str, Any]]:
     return out
 
 
-def one(conn: Conn, query: bytes, params: Sequence[object] | None = None) -> dict[str, Any]:
+def one(
+    conn: Conn, query: bytes, params: Sequence[object] | None = None, deadline_s: float = 60.0
+) -> dict[str, Any]:
     """The one row `query` returns (the per-task functions always return one)."""
-    found = rows(conn, execute(conn, query, params))
+    found = rows(conn, execute(conn, query, params, deadline_s))
     if len(found) != 1:
         raise psycopg.InterfaceError(f"expected one row, got {len(found)}")
     return found[0]

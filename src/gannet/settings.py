@@ -61,6 +61,14 @@ class Settings(BaseSettings):
         gt=0,
         description="How long a task waits for a PostgreSQL connection before it is nacked.",
     )
+    db_answer_deadline_s: float = Field(
+        60.0,
+        gt=0,
+        description="How long one round trip to PostgreSQL (a claim, a commit, a failed "
+        "task's row) may wait for its answer before its connection is dropped and the task "
+        "nacked: a server, pooler or proxy that keeps the connection open but stopped "
+        "answering. Keep it above the 30 s lock timeout.",
+    )
     db_connect_wait_s: float = Field(
         15.0,
         gt=0,

@@ -415,13 +415,13 @@ class ClaimLost(TransientError):
         self.retry_after_s = retry_after_s
 
 
-# A statement once sent has no client-side bound (pgexec's calls block in libpq): where
-# the network drops PostgreSQL's packets without a reset (a failover's old address, a
-# NAT that forgot the flow), a runner waited for the kernel to give up on the
+# Where the network drops PostgreSQL's packets without a reset (a failover's old
+# address, a NAT that forgot the flow), a runner waited for the kernel to give up on the
 # connection, about 15 minutes, its message leased all the while. The kernel now
 # gives up after 30 s of unacknowledged data (tcp_user_timeout) or of unanswered
 # keepalive probes (first after 10 s idle, then every 5 s): the statement fails, the
-# task is nacked and the pool replaces the connection. A busy server acks both.
+# task is nacked and the pool replaces the connection. A busy server acks both; a peer
+# that acks but never answers is pgexec.Deadline's.
 _DEAD_PEER = {
     "keepalives": 1,
     "keepalives_idle": 10,
@@ -446,6 +446,7 @@ class Sink:
         timeout_s: float = 10.0,
         lock_timeout_s: float = 30.0,
         idle_in_transaction_s: float = 120.0,
+        answer_deadline_s: float = 60.0,
     ) -> None:
         """A commit holds its claim row locked while the result object is written
         (save_claimed). A pod that died there (its node lost) kept the lock until the
@@ -455,7 +456,10 @@ class Sink:
         (above a result write's 70 s deadline; a token refresh before it, outside that
         deadline, may take longer, and then the commit fails and the task is retried:
         nothing is lost), and a statement waits for a lock at most `lock_timeout_s`, then
-        fails: the task is retried later."""
+        fails: the task is retried later. A round trip (a cursor's transaction, whole)
+        not answered within `answer_deadline_s` drops its connection (pgexec.Deadline):
+        above the lock timeout, so that a wait for a lock fails as one."""
+        self._answer_deadline_s = answer_deadline_s
         timeouts = (
             f"SET lock_timeout = {int(lock_timeout_s * 1000)}; "
             f"SET idle_in_transaction_session_timeout = {int(idle_in_transaction_s * 1000)}"
@@ -502,7 +506,12 @@ class Sink:
     @contextmanager
     def tenant_transaction(self, tenant_id: str) -> Iterator[psycopg.Cursor[dict[str, Any]]]:
         """A transaction in which RLS sees only `tenant_id`'s rows."""
-        with self._errors(), self.pool.connection() as conn, conn.transaction():
+        with (
+            self._errors(),
+            self.pool.connection() as conn,
+            pgexec.Deadline(conn, self._answer_deadline_s),
+            conn.transaction(),
+        ):
             cur = conn.cursor(row_factory=dict_row)
             cur.execute("SELECT set_config('app.current_tenant', %s, true)", (tenant_id,))
             yield cur
@@ -530,7 +539,9 @@ class Sink:
         success, else the task's claim for `ttl_s`. PermanentError(task_id_conflict) when
         another tenant owns the id."""
         with self._errors(), self.pool.connection() as conn:
-            row = pgexec.one(conn, _START, (task_id, tenant_id, holder, ttl_s))
+            row = pgexec.one(
+                conn, _START, (task_id, tenant_id, holder, ttl_s), self._answer_deadline_s
+            )
         if row["claimed"]:
             return Start(None, claimed=True)
         if row["task_id"] is not None:
@@ -583,15 +594,17 @@ class Sink:
         with self._errors(), self.pool.connection() as conn:
             try:
                 ids = (record.task_id, record.tenant_id, holder)
-                claim = pgexec.one(conn, b"BEGIN; " + _FENCE % pgexec.literals(conn, ids))
+                fence = b"BEGIN; " + _FENCE % pgexec.literals(conn, ids)
+                claim = pgexec.one(conn, fence, deadline_s=self._answer_deadline_s)
                 if not claim["mine"]:
-                    pgexec.execute(conn, b"ROLLBACK")
+                    pgexec.execute(conn, b"ROLLBACK", deadline_s=self._answer_deadline_s)
                     if claim["committed"]:
                         return False
                     raise ClaimLost(claim["left_s"])
                 write()
                 finish = _finish_params(record, holder, result_json)
-                pgexec.execute(conn, _FINISH % b", ".join(pgexec.literals(conn, finish)))
+                query = _FINISH % b", ".join(pgexec.literals(conn, finish))
+                pgexec.execute(conn, query, deadline_s=self._answer_deadline_s)
             except BaseException:
                 _roll_back(conn)
                 raise

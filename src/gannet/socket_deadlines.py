@@ -1,5 +1,6 @@
 """A request's socket shut at its deadline, from a thread of its own: the GCS requests
-of every task (gcs_http) and tenants' result callbacks (callback) each have one.
+of every task (gcs_http), tenants' result callbacks (callback) and the round trips to
+PostgreSQL (pgexec, sink) each have one.
 
 Why: a socket's timeout bounds each read and write, not the request, so a server (or a
 middlebox on the way) that trickles its answer a byte every few seconds, or stalls a TLS
@@ -14,6 +15,7 @@ deadline, and only a request whose deadline is nearer than that wakes it.
 from __future__ import annotations
 
 import math
+import os
 import socket
 import threading
 import time
@@ -23,15 +25,18 @@ class SocketDeadlines:
     def __init__(self, thread_name: str) -> None:
         self._thread_name = thread_name
         self._cond = threading.Condition()
-        self._running: dict[object, tuple[float, socket.socket | None]] = {}
+        self._running: dict[object, tuple[float, socket.socket | int | None]] = {}
         self._expired: set[object] = set()
         self._wakes_at = math.inf  # the thread's next look
         self._thread: threading.Thread | None = None
 
-    def watch(self, owner: object, deadline: float, sock: socket.socket | None = None) -> None:
-        """Shut `sock` at `deadline` (time.monotonic()) unless `owner` is forgotten by
-        then. Without `sock`, the owner's own `sock` at that moment (an http.client
-        connection's: None while it connects, which its caller then checks)."""
+    def watch(
+        self, owner: object, deadline: float, sock: socket.socket | int | None = None
+    ) -> None:
+        """Shut `sock` (a socket, or a file descriptor: libpq's) at `deadline`
+        (time.monotonic()) unless `owner` is forgotten by then. Without `sock`, the
+        owner's own `sock` at that moment (an http.client connection's: None while it
+        connects, which its caller then checks)."""
         with self._cond:
             self._running[owner] = (deadline, sock)
             if self._thread is None:
@@ -74,13 +79,19 @@ class SocketDeadlines:
                 self._cond.wait(None if nearest == math.inf else nearest - now)
 
 
-def _shut(sock: socket.socket | None) -> None:
+def _shut(sock: socket.socket | int | None) -> None:
     """Ends the blocked reads and writes of another thread on the socket: the plain
     socket's shutdown, also for TLS (SSLSocket's own would drop its TLS state under the
-    thread still using it)."""
+    thread still using it). A file descriptor is shut through a duplicate of it: the
+    shutdown acts on the socket both name, and closing the duplicate leaves the owner's
+    descriptor open for its owner to close."""
     if sock is None:
         return
     try:
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        if isinstance(sock, int):
+            with socket.socket(fileno=os.dup(sock)) as dup:
+                dup.shutdown(socket.SHUT_RDWR)
+        else:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
     except OSError:  # closed or never connected: nothing is blocked on it
         pass
