@@ -214,10 +214,6 @@ class Delivery:
         return f"{self.status}: {self.detail}"[:1000]
 
 
-def given_up(last: Delivery, attempts: int) -> Delivery:
-    return Delivery("failed", f"{last.detail} after {attempts} attempts", attempts)
-
-
 def encode(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":"), default=str).encode()
 
@@ -258,15 +254,13 @@ def summary(task: Task, result: dict[str, Any], result_uri: str) -> dict[str, An
 
 
 class CallbackClient:
-    """POSTs JSON with retries (backoff) on network errors, 429 and 5xx; each attempt
-    (connecting, sending, the answer's status and headers) ends at the policy's timeout."""
+    """POSTs JSON, one attempt at a time (Callbacks schedules the retries: network
+    errors, 429 and 5xx); each attempt (connecting, sending, the answer's status and
+    headers) ends at the policy's timeout."""
 
-    def __init__(
-        self, policy: CallbackPolicy, sleep: Callable[[float], object] | None = None
-    ) -> None:
+    def __init__(self, policy: CallbackPolicy) -> None:
         self.policy = policy
         self._stopped = threading.Event()
-        self._sleep = sleep or self._stopped.wait  # a stop ends a backoff at once
         self._context = ssl.create_default_context(cafile=policy.ca_file)
         self._watchdog = SocketDeadlines("callback-watchdog")
 
@@ -274,19 +268,6 @@ class CallbackClient:
         """Ends the attempts in flight and makes no more: for a pod that must exit."""
         self._stopped.set()
         self._watchdog.expire_all()
-
-    def send(self, url: str, payload: dict[str, Any]) -> Delivery:
-        """Every attempt on this thread, sleeping between them. The daemon's Callbacks
-        makes one attempt at a time instead, its retries waiting without a thread."""
-        body = encode(payload)
-        number, delivery = 1, self.attempt(url, body, 1)
-        while delivery.status == RETRY:
-            if number > self.policy.retries:
-                return given_up(delivery, number)
-            self._sleep(self.backoff_s(number))
-            number += 1
-            delivery = self.attempt(url, body, number, delivery.detail)
-        return delivery
 
     def backoff_s(self, number: int) -> float:
         """The wait after attempt `number` failed: backoff_s, doubled per attempt."""
@@ -514,7 +495,8 @@ class Callbacks:
             if delivery.status != RETRY:
                 return delivery
             if job.number > self.client.policy.retries:
-                return given_up(delivery, job.number)
+                detail = f"{delivery.detail} after {job.number} attempts"
+                return Delivery("failed", detail, job.number)
             if self._closing:
                 return Delivery("failed", f"worker shut down after {delivery.detail}", job.number)
             due = time.monotonic() + self.client.backoff_s(job.number)
