@@ -54,6 +54,14 @@ def test_the_shipped_demo_config_is_valid():
         (VALID.replace("version: 3", "versoin: 3"), "versoin"),
         (VALID + "\n  EMPTY: []\n", "pipeline 'EMPTY' has no steps"),
         ("industry: [", "not valid YAML"),
+        # YAML keeps the last of a key given twice: a second model would replace the first
+        (VALID + "  DETECTION: [detection]\n", "found 'DETECTION' a second time"),
+        (
+            VALID.replace("imgsz: 320}", "imgsz: 320, confidence_threshold: 0.05}"),
+            "found 'confidence_threshold' a second time",
+        ),
+        (VALID + "tenants: [0123, acme]\n", "quote tenant ids such as '0123'"),
+        (VALID + "tenants: [no]\n", "tenant False is not text to YAML"),
     ],
 )
 def test_errors_name_the_file_and_the_field(text, expected):
@@ -112,6 +120,49 @@ def test_changed_config_is_picked_up_and_a_bad_one_keeps_the_last_good(tmp_path)
     sample = metrics.registry.get_sample_value
     assert sample("gannet_config_reloads_total", {"result": "rejected"}) == 1
     assert sample("gannet_config_reloads_total", {"result": "loaded"}) == 1
+
+
+def test_a_write_landing_while_the_config_is_read_is_served_at_the_next_check(
+    tmp_path, monkeypatch
+):
+    """A write lands between the read of the bytes and the version's stat (an edit in
+    place, a ConfigMap's swap): the version must describe what was read, or the new
+    file is never served (the next checks see no change), here with its new pipeline's
+    tasks refused as unknown_pipeline for good."""
+    path = tmp_path / "config.yaml"
+    path.write_text(VALID)
+    source = ConfigSource(str(path), read_local, local_version)
+    newer = VALID.replace("version: 3", "version: 4") + "  MORE: [detection]\n"
+    read_bytes = Path.read_bytes
+
+    def read_then_a_write_lands(self: Path) -> bytes:
+        data = read_bytes(self)
+        if self == path and b"MORE" not in data:
+            path.write_text(newer)
+            os.utime(path, (time.time() + 10, time.time() + 10))
+        return data
+
+    path.write_text(VALID.replace("version: 3", "version: 4"))
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    monkeypatch.setattr(Path, "read_bytes", read_then_a_write_lands)
+    source.check_now()
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    source.check_now()
+    assert "MORE" in source.current().plans, "the file as it is now is served"
+
+
+def test_a_deleted_config_says_so_and_the_last_good_one_serves(tmp_path, caplog):
+    path = tmp_path / "config.yaml"
+    path.write_text(VALID)
+    metrics = Metrics()
+    source = _counted(path, metrics)
+    path.unlink()
+    source.check_now()
+    assert source.current().config.version == 3
+    assert "config no longer exists; keeping the current one" in caplog.text
+    assert (
+        metrics.registry.get_sample_value("gannet_config_reloads_total", {"result": "failed"}) == 1
+    )
 
 
 def test_a_reload_naming_a_model_that_cannot_load_is_rejected_and_the_old_one_serves(

@@ -362,3 +362,40 @@ def test_one_daemon_serves_two_industries_and_rls_keeps_their_rows_apart(stack, 
                 "INSERT INTO task_results (task_id, tenant_id, status) VALUES (%s, %s, 'failed')",
                 (f"forged-{shop}", shop),
             )
+
+
+def test_a_tenant_is_never_sent_to_an_industry_whose_config_leaves_it_out(tmp_path):
+    """A mapping that sends a tenant to an industry whose `tenants:` does not list it is
+    rejected (every task of that tenant would have been refused as unknown_tenant and
+    dead-lettered), and served once the industry's config lists it; an industry config
+    that drops a tenant the mapping sends to it is not served until the mapping moves
+    the tenant. Either order of a rollout works."""
+    agro = tmp_path / "agro.yaml"
+    shipped = (CONFIGS / "agro.yaml").read_text().replace("../models", str(REPO_ROOT / "models"))
+    agro.write_text(shipped + "tenants: [farm-a]\n")
+    path = _deployment(tmp_path, {"farm-a": "agro"})
+    path.write_text(path.read_text().replace(str(CONFIGS / "agro.yaml"), str(agro)))
+    source = open_configs(str(path), read_local, local_version)
+
+    path.write_text(path.read_text().replace("farm-a: agro", "farm-a: agro\n  farm-b: agro"))
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    source.check_now()
+    with pytest.raises(PermanentError) as err:  # the old mapping serves: not routed
+        source.for_tenant("farm-b")
+    assert "not mapped" in err.value.message
+
+    agro.write_text(shipped + "tenants: [farm-a, farm-b]\n")
+    os.utime(agro, (time.time() + 10, time.time() + 10))
+    source.check_now()  # the mapping (still refused), then the industry config
+    source.check_now()  # the mapping again: served
+    assert source.for_tenant("farm-b").config.industry == "agro"
+
+    # The other way round: the industry config drops farm-b before the mapping does.
+    agro.write_text(shipped + "tenants: [farm-a]\n")
+    os.utime(agro, (time.time() + 15, time.time() + 15))
+    source.check_now()
+    assert source.for_tenant("farm-b").config.industry == "agro", "still served"
+    path.write_text(path.read_text().replace("\n  farm-b: agro", ""))
+    os.utime(path, (time.time() + 20, time.time() + 20))
+    source.check_now()  # the mapping first, then the industry config it now allows
+    assert source.for_tenant("farm-a").config.tenants == ["farm-a"]

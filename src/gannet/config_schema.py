@@ -27,6 +27,17 @@ class ConfigError(ValueError):
 MAX_DETECTIONS = 300
 
 
+def _quoted_tenants(tenants: object) -> None:
+    """A tenant id written unquoted may not be text to YAML: `0123` is the number 83,
+    `no` is false. pydantic refused it as not "a valid string" without saying why."""
+    for tenant in tenants if isinstance(tenants, (list, dict)) else ():
+        if not isinstance(tenant, str):
+            raise ValueError(
+                f"tenant {tenant!r} is not text to YAML: quote tenant ids such as '0123' "
+                "or 'no' (unquoted, YAML reads 0123 as the number 83 and no as false)"
+            )
+
+
 class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -63,6 +74,12 @@ class IndustryConfig(BaseModel):
         None, description="Tenants allowed to use this industry; omitted = any tenant."
     )
 
+    @field_validator("tenants", mode="before")
+    @classmethod
+    def _tenants_quoted(cls, value: object) -> object:
+        _quoted_tenants(value)
+        return value
+
     @field_validator("pipelines", mode="before")
     @classmethod
     def _step_shorthand(cls, value: object) -> object:
@@ -85,8 +102,11 @@ class IndustryConfig(BaseModel):
             out[name] = normalised
         return out
 
+    def allows(self, tenant_id: str) -> bool:
+        return self.tenants is None or tenant_id in self.tenants
+
     def check_tenant(self, tenant_id: str) -> None:
-        if self.tenants is not None and tenant_id not in self.tenants:
+        if not self.allows(tenant_id):
             raise PermanentError(
                 ErrorCode.UNKNOWN_TENANT,
                 f"tenant {tenant_id!r} is not configured for industry {self.industry!r}",
@@ -114,6 +134,7 @@ class DeploymentConfig(BaseModel):
     @field_validator("tenants", mode="before")
     @classmethod
     def _empty_tenants(cls, value: object) -> object:
+        _quoted_tenants(value)
         return {} if value is None else value  # `tenants:` with nothing under it
 
     @model_validator(mode="after")

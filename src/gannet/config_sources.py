@@ -43,9 +43,35 @@ def _read_text(read: Reader, uri: str) -> tuple[str, str]:
     return content.decode("utf-8", errors="replace"), version
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """safe_load's loader, refusing a key given twice in one mapping: YAML's own loader
+    keeps the last, so a second `detection:` model or `SHELF_AUDIT:` pipeline pasted
+    below the first replaced it in silence (a threshold of 0.5 served as 0.05)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:`, whose keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable: the base class says so
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"found {key!r} a second time: give each key once (YAML keeps the last)",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _yaml_mapping(text: str, source: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -110,9 +136,10 @@ class LoadedConfig:
 
 class NamedConfigError(ConfigError):
     """A deployment mapping that is itself valid names an industry config that is missing
-    or invalid now. Not remembered as rejected, unlike an error in the mapping's own
-    text: a rollout may push the mapping before the config it names, and the mapping
-    must serve once that config is there, not wait for its own file to change again."""
+    or invalid now, or sends a tenant to one whose `tenants:` does not list it. Not
+    remembered as rejected, unlike an error in the mapping's own text: a rollout may
+    push the mapping before the config it names, and the mapping must serve once that
+    config is there, not wait for its own file to change again."""
 
 
 VersionOf = Callable[[str], str]
@@ -126,8 +153,9 @@ class _Watched(Generic[_Loaded]):
 
     A changed but invalid config is rejected, logged and counted, and the old one keeps
     serving: a bad push must never take the fleet down. A check or read that fails for
-    another reason (GCS down, or not answering: the storage's reads give up within 30 s)
-    is logged, counted as failed and retried at the next check instead of being rejected.
+    another reason (GCS down, or not answering: each request gives up within
+    storage.METADATA_DEADLINE_S, 20 s; the config gone) is logged, counted as failed and
+    retried at the next check instead of being rejected.
     So is a valid config whose models do not load (see ConfigSource.check_models_with):
     its weights may be uploaded after it.
 
@@ -178,6 +206,14 @@ class _Watched(Generic[_Loaded]):
     def _maybe_reload(self) -> None:
         try:
             version = self._version_of(self.uri)
+        except FileNotFoundError:  # its text is the bare address: say what happened
+            self._on_reload("failed")
+            log.warning(
+                f"{self.kind} no longer exists; keeping the current one (restore it, or "
+                "point GANNET_CONFIG_URI elsewhere: a pod started now would not start)",
+                extra={"fields": {"uri": self.uri}},
+            )
+            return
         except Exception as exc:  # noqa: BLE001 - a failed check keeps the old config
             # GCS down or not answering: given up within storage.METADATA_DEADLINE_S (20 s)
             self._on_reload("failed")
@@ -191,7 +227,7 @@ class _Watched(Generic[_Loaded]):
         try:
             loaded = self._load()
         except NamedConfigError as exc:  # not remembered: that file may come next
-            self._reject(exc, ": a config it names is missing or invalid (checked again later)")
+            self._reject(exc, " (checked again later)")
             return
         except ConfigError as exc:
             self._rejected_version = version
@@ -207,7 +243,7 @@ class _Watched(Generic[_Loaded]):
         try:
             self._accept(loaded)
         except ConfigError as exc:  # not remembered: checked again at the next check
-            self._reject(exc, ": a model it names cannot be loaded (checked again later)")
+            self._reject(exc, " (checked again later)")
             return
         self._current = loaded
         self._on_reload("loaded")
@@ -246,6 +282,10 @@ class ConfigSource(_Watched[LoadedConfig]):
         industry), it checks the first load too."""
         self._expect_industry = expect_industry
         self._check_models = check_models
+        # Tenants a deployment's mapping sends here (DeploymentSource sets them): a new
+        # version whose `tenants:` leaves one out is not served, or each of its tasks
+        # would be refused (unknown_tenant) and dead-lettered.
+        self.routed: frozenset[str] = frozenset()
         super().__init__(uri, read, version_of, on_reload)
         self._accept(self._current)
 
@@ -259,6 +299,13 @@ class ConfigSource(_Watched[LoadedConfig]):
         self._check_models = check
 
     def _accept(self, loaded: LoadedConfig) -> None:
+        left_out = sorted(t for t in self.routed if not loaded.config.allows(t))
+        if left_out:
+            raise ConfigError(
+                f"{self.uri}: tenants: leaves out {', '.join(left_out)}, which the "
+                "deployment config sends to this industry: add them, or change the "
+                "mapping first"
+            )
         if self._check_models is not None:
             self._check_models(loaded)
 
@@ -375,6 +422,18 @@ class DeploymentSource(_Watched[LoadedDeployment]):
                 )
             except ConfigError as exc:
                 raise NamedConfigError(f"{self.uri}: industries.{name}: {exc}") from exc
+        routed = {
+            name: frozenset(t for t, to in config.tenants.items() if to == name) for name in sources
+        }
+        for name, source in sources.items():
+            refused = sorted(t for t in routed[name] if not source.current().config.allows(t))
+            if refused:  # its config may come next: checked again later
+                raise NamedConfigError(
+                    f"{self.uri}: tenants: sends {', '.join(refused)} to {name!r}, whose "
+                    f"config ({source.uri}) does not list them in its tenants:"
+                )
+        for name, source in sources.items():
+            source.routed = routed[name]
         self._sources = sources
         return LoadedDeployment(config=config, uri=self.uri, version=version, sources=sources)
 

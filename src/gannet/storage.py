@@ -480,4 +480,9 @@ def local_version(path: str) -> str:
 
 
 def read_local(path: str) -> tuple[bytes, str]:
-    return Path(path).read_bytes(), local_version(path)
+    """The file's bytes and its version taken before they were read: a write landing
+    during the read (an edit in place, a ConfigMap's swap) then shows as a newer version
+    at the next check, which reads it again. Taken after, it named the new file while
+    the bytes were the old (or half written) ones, and every later check saw no change."""
+    version = local_version(path)
+    return Path(path).read_bytes(), version
