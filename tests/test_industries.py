@@ -282,12 +282,23 @@ def test_configs_in_gcs_reload_by_generation_and_a_bad_push_keeps_serving(servic
     source = build_configs(settings, Storage(client), metrics)
     assert source.for_tenant("any").config.version == 1
 
+    def served() -> list[tuple[str, str]]:
+        """gannet_config_info's series: (version, generation) of the config served."""
+        [family] = [f for f in metrics.registry.collect() if f.name == "gannet_config_info"]
+        return [(x.labels["version"], x.labels["generation"]) for x in family.samples]
+
+    blob.reload()
+    assert served() == [("1", str(blob.generation))]
+
     blob.upload_from_string(text.replace("confidence_threshold: 0.5", "confidence_threshold: 5"))
     source.check_now()  # the daemon's ConfigWatch: every 30 s
     assert source.for_tenant("any").config.version == 1
+    assert served()[0][0] == "1", "a rejected push does not show as served"
     blob.upload_from_string(text.replace("version: 1", "version: 2"))
     source.check_now()
     assert source.for_tenant("any").config.version == 2
+    blob.reload()
+    assert served() == [("2", str(blob.generation))], "the new version replaces the old"
     sample = metrics.registry.get_sample_value
     assert sample("gannet_config_reloads_total", {"result": "rejected"}) == 1
     assert sample("gannet_config_reloads_total", {"result": "loaded"}) == 1

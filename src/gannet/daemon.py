@@ -69,20 +69,30 @@ class StartupError(RuntimeError):
     """The daemon cannot start; the text says what to fix."""
 
 
-def model_version(storage: Storage) -> Callable[[str], str]:
+def model_version(storage: Storage | None) -> Callable[[str], str]:
+    """`storage`: None where every model is a local file (`gannet config check`)."""
+
     def version_of(uri: str) -> str:
-        return storage.generation(uri) if uri.startswith("gs://") else local_version(uri)
+        if uri.startswith("gs://"):
+            return _gcs(storage, uri).generation(uri)
+        return local_version(uri)
 
     return version_of
 
 
-def model_file(storage: Storage, cache_dir: Path) -> Callable[[str, str], Path]:
+def model_file(storage: Storage | None, cache_dir: Path) -> Callable[[str, str], Path]:
     def local_path(uri: str, version: str) -> Path:
         if uri.startswith("gs://"):
-            return storage.download_to(uri, version, cache_dir)
+            return _gcs(storage, uri).download_to(uri, version, cache_dir)
         return Path(uri)
 
     return local_path
+
+
+def _gcs(storage: Storage | None, uri: str) -> Storage:
+    if storage is None:
+        raise OSError(f"{uri}: no GCS client to read it with")
+    return storage
 
 
 def worker_id() -> str:
@@ -103,14 +113,40 @@ def config_uri(settings: Settings) -> str:
 def build_configs(settings: Settings, storage: Storage, metrics: Metrics) -> Configs:
     """The daemon's config source: one industry, or a deployment naming several, from a
     local path or gs:// (versioned by generation)."""
-    uri = config_uri(settings)
+    configs: Configs | None = None
 
     def on_reload(result: str) -> None:
         metrics.config_reloads.labels(result).inc()
+        if result == "loaded" and configs is not None:
+            show_served(metrics, configs)
 
+    configs = open_config(config_uri(settings), storage, settings.industry, on_reload)
+    show_served(metrics, configs)
+    return configs
+
+
+def open_config(
+    uri: str,
+    storage: Storage | None,
+    industry: str | None,
+    on_reload: Callable[[str], None] | None = None,
+) -> Configs:
+    """open_configs with the readers for `uri`: a gs:// config through `storage`,
+    versioned by generation, a local one by mtime and size."""
     if uri.startswith("gs://"):
-        return open_configs(uri, storage.read_url, storage.generation, settings.industry, on_reload)
-    return open_configs(uri, read_local, local_version, settings.industry, on_reload)
+        gcs = _gcs(storage, uri)
+        return open_configs(uri, gcs.read_url, gcs.generation, industry, on_reload)
+    return open_configs(uri, read_local, local_version, industry, on_reload)
+
+
+def show_served(metrics: Metrics, configs: Configs) -> None:
+    """gannet_config_info: which version of each industry's config this process serves,
+    so that a rejected push (the log's `new config rejected`) and a fleet half way
+    through a reload can be seen without reading each pod's log."""
+    metrics.config_info.clear()
+    for loaded in configs.served():
+        config = loaded.config
+        metrics.config_info.labels(config.industry, str(config.version), loaded.version).set(1)
 
 
 def config_check_s(uri: str, every_s: float | None = None) -> float:

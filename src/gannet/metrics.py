@@ -137,6 +137,13 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.config_info = Gauge(
+            "gannet_config_info",
+            "1 for each industry config served: its industry, its own `version:` and its "
+            "stored version (the object's generation on GCS, mtime-size for a file).",
+            ["industry", "version", "generation"],
+            registry=r,
+        )
         self.callbacks = Counter(
             "gannet_callbacks", "Result callbacks, by result.", ["result"], registry=r
         )

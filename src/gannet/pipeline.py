@@ -351,23 +351,10 @@ class Pipeline:
             self.load_models(loaded, devices)
 
     def load_models(self, loaded: LoadedConfig, devices: list[str]) -> None:
-        """Load every enabled industry model of `loaded` on every device, or ConfigError
-        naming the config, the model and why: at start-up, and before a reloaded config
-        is served (ConfigSource.check_models_with), so a config whose models cannot serve
-        is refused instead of failing its tasks. So is a class filter (the model's, or a
-        step's) naming a class the model does not have: it can never match, and a typo
-        in it (`sqaure`) dropped every box of that class from every answer, as successes."""
-        for device in devices:
-            for kind in loaded.config.enabled_models():
-                uri = loaded.model_uri(loaded.config.models[kind])
-                try:
-                    model = self.cache.get(self.resolver.key(loaded, kind, None, device))
-                except TransientError as exc:
-                    raise ConfigError(
-                        f"{loaded.uri}: models.{kind}: {uri} cannot be loaded on {device}: "
-                        f"{exc.message}"
-                    ) from exc
-                _check_class_filters(loaded, kind, model.names, uri)
+        """load_models with this pipeline's cache: at start-up, and before a reloaded
+        config is served (ConfigSource.check_models_with), so a config whose models
+        cannot serve is refused instead of failing its tasks."""
+        load_models(loaded, self.cache, self.resolver, devices)
 
     def _check_tenant_model(self, loaded: LoadedConfig, kind: ModelKind, key: ModelKey) -> None:
         """A tenant's own model loads on first use, not at start: its class names are
@@ -387,6 +374,30 @@ class Pipeline:
         if len(self._tenant_checked) >= 4096:
             self._tenant_checked.clear()
         self._tenant_checked[key] = loaded
+
+
+def load_models(
+    loaded: LoadedConfig, cache: ModelCache, resolver: ModelResolver, devices: list[str]
+) -> dict[ModelKind, Mapping[int, str]]:
+    """Load every enabled industry model of `loaded` on every device, or ConfigError
+    naming the config, the model and why; the class names of each. A class filter (the
+    model's, or a step's) naming a class the model does not have is a ConfigError too:
+    it can never match, and a typo in it (`sqaure`) dropped every box of that class from
+    every answer, as successes. The daemon's check, and `gannet config check`'s."""
+    names: dict[ModelKind, Mapping[int, str]] = {}
+    for device in devices:
+        for kind in loaded.config.enabled_models():
+            uri = loaded.model_uri(loaded.config.models[kind])
+            try:
+                model = cache.get(resolver.key(loaded, kind, None, device))
+            except TransientError as exc:
+                raise ConfigError(
+                    f"{loaded.uri}: models.{kind}: {uri} cannot be loaded on {device}: "
+                    f"{exc.message}"
+                ) from exc
+            _check_class_filters(loaded, kind, model.names, uri)
+            names[kind] = model.names
+    return names
 
 
 def _check_class_filters(

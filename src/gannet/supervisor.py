@@ -73,11 +73,12 @@ log = logging.getLogger(__name__)
 # A figure about the whole subscription (from Cloud Monitoring), the same in every
 # process: the pod reports it once, not once per process. The times of the last good
 # backlog poll and of Pub/Sub's last answer go with them (a timestamp must never be
-# summed; the newest is the pod's).
+# summed; the newest is the pod's). And the configs served: 1 per version, not per process.
 SHARED_GAUGE_PREFIXES = (
     "gannet_subscription_",
     "gannet_backlog_last_success_",
     "gannet_pubsub_last_reached_",
+    "gannet_config_info",
 )
 SCRAPE_TIMEOUT_S = 2.0
 WATCH_S = 10.0  # how often the processes' /healthz is asked

@@ -1,5 +1,5 @@
 """The operator's commands (`gannet ops`, `gannet scaling`, `gannet dead-letters`,
-`gannet db purge`).
+`gannet db purge`, `gannet config check`).
 
 Only the argument definitions live here, so that building the parser imports nothing
 heavy: each command imports its module (and with it the kubernetes client) when it runs,
@@ -153,10 +153,49 @@ def add_db_commands(db_sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_db_purge)
 
 
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from gannet.cluster import config_check
+
+    return config_check.run_check(args)
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     _add_dead_letters(sub)
     scaling.add_commands(sub)
     _add_ops(sub)
+    _add_config(sub)
+
+
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="check a pipeline config before pushing it")
+    verbs = p.add_subparsers(dest="config_command", metavar="CONFIG_COMMAND", required=True)
+    c = verbs.add_parser(
+        "check",
+        help="say whether the daemon would serve a config, and what it serves",
+        description="Load a config as the daemon does (an industry config or a deployment "
+        "mapping, a local path or gs://): its schema, every pipeline's steps and params, "
+        "model paths, tenant routing, then every enabled model on the CPU with the class "
+        "filters that name its classes. Prints what it would serve, or the error a pod "
+        "would log when rejecting it, and exits 2. Run it before `gcloud storage cp` or a "
+        "ConfigMap change. Tenants' own models (gs://MODELS_BUCKET/models/TENANT/...) load "
+        "on first use and are not checked here.",
+    )
+    c.add_argument(
+        "uri",
+        nargs="?",
+        help="the config: a path or gs://BUCKET/... (default: the daemon's, "
+        "GANNET_CONFIG_URI or gs://GANNET_MODELS_BUCKET/GANNET_INDUSTRY/config.yaml)",
+    )
+    c.add_argument(
+        "--industry",
+        help="serve only this industry, as GANNET_INDUSTRY does (default: GANNET_INDUSTRY)",
+    )
+    c.add_argument(
+        "--no-models",
+        action="store_true",
+        help="skip loading the models (seconds each; a download for gs:// weights)",
+    )
+    c.set_defaults(func=cmd_config_check)
 
 
 def _add_dead_letters(sub: argparse._SubParsersAction) -> None:

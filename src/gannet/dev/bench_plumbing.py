@@ -1090,6 +1090,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def check_pipeline(spec: str) -> None:
     """`--pipeline CONFIG:NAME` names a config file that loads and one of its pipelines."""
+    from gannet.config_schema import ConfigError
     from gannet.config_sources import open_configs
     from gannet.storage import local_version, read_local
 
@@ -1103,6 +1104,8 @@ def check_pipeline(spec: str) -> None:
         open_configs(str(config), read_local, local_version).for_tenant(TENANT).plan(name)
     except GannetError as exc:
         raise CommandError(f"--pipeline {spec}: {exc.message}") from exc
+    except ConfigError as exc:  # the config itself: what a pod would reject
+        raise CommandError(f"--pipeline {spec}: {exc}") from exc
 
 
 def main(args: argparse.Namespace) -> int:

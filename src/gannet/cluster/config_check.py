@@ -1,0 +1,96 @@
+"""`gannet config check`: the daemon's verdict on a config before it is pushed.
+
+Why: a config is checked when a pod loads it. A push that fails the check is rejected by
+the running pods (they serve the previous one, GannetConfigRejected) and stops new pods
+from starting at all, so the first sign of a typo used to be a rejected push in
+production. This runs the same code on the operator's machine: open_configs as the
+daemon opens a config (a local file or gs://, an industry's or a deployment's), and,
+unless --no-models, each enabled model loaded on the CPU with its class filters checked
+(pipeline.load_models, the daemon's own check before a config serves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from gannet import clients
+from gannet.config_schema import ConfigError, ModelSpec
+from gannet.config_sources import Configs, DeploymentSource, LoadedConfig
+from gannet.daemon import config_uri, model_file, model_version, open_config
+from gannet.errors import CommandError
+from gannet.metrics import Metrics
+from gannet.model_cache import ModelCache, yolo_loader
+from gannet.model_resolver import ModelResolver
+from gannet.pipeline import load_models
+from gannet.settings import Settings
+from gannet.storage import Storage
+
+
+def run_check(args: argparse.Namespace) -> int:
+    settings = Settings()
+    uri = args.uri or config_uri(settings)
+    industry = args.industry if args.industry is not None else settings.industry
+    # Only a gs:// config or model needs Google credentials (or the GCS emulator).
+    storage = Storage(clients.storage_client(settings)) if uri.startswith("gs://") else None
+    try:
+        configs = open_config(uri, storage, industry)
+    except (ConfigError, OSError) as exc:
+        raise CommandError(f"{uri} would be rejected: {exc}") from exc
+    served = configs.served()
+    if not args.no_models:
+        models = [loaded.model_uri(spec) for loaded in served for spec in _enabled(loaded)]
+        if storage is None and any(m.startswith("gs://") for m in models):
+            storage = Storage(clients.storage_client(settings))
+        _load_models(served, storage, settings)
+    _describe(uri, configs, served, checked_models=not args.no_models)
+    return 0
+
+
+def _enabled(loaded: LoadedConfig) -> list[ModelSpec]:
+    return list(loaded.config.enabled_models().values())
+
+
+def _load_models(served: list[LoadedConfig], storage: Storage | None, settings: Settings) -> None:
+    """Every enabled model of every served industry, on the CPU, as the daemon loads
+    them before a config serves; weights from gs:// are downloaded to a scratch folder."""
+    with tempfile.TemporaryDirectory(prefix="gannet-config-check-") as scratch:
+        loader = yolo_loader(
+            model_file(storage, Path(scratch)),
+            trace=False,
+            cuda_graphs=False,
+            safe=settings.safe_model_load,
+        )
+        cache = ModelCache(loader, Metrics())
+        resolver = ModelResolver(model_version(storage), ttl_s=0.0)
+        try:
+            for loaded in served:
+                print(f"loading the models of {loaded.config.industry} ({loaded.uri}) ...")
+                load_models(loaded, cache, resolver, ["cpu"])
+        except ConfigError as exc:
+            raise CommandError(f"{loaded.uri} would be rejected: {exc}") from exc
+        finally:
+            cache.close()
+
+
+def _describe(uri: str, configs: Configs, served: list[LoadedConfig], checked_models: bool) -> None:
+    if isinstance(configs, DeploymentSource):
+        mapping = configs.current().config
+        print(f"ok: {uri} (deployment {mapping.deployment!r})")
+        for tenant, industry in sorted(mapping.tenants.items()):
+            print(f"  tenant {tenant} -> {industry}")
+        if mapping.default_industry:
+            print(f"  any other tenant -> {mapping.default_industry}")
+        else:
+            print("  any other tenant: refused (unknown_tenant)")
+    for loaded in served:
+        config = loaded.config
+        print(f"ok: {loaded.uri}: industry {config.industry!r}, version {config.version}")
+        print(f"  pipelines: {', '.join(sorted(loaded.plans))}")
+        tenants = "any" if config.tenants is None else ", ".join(config.tenants)
+        print(f"  tenants: {tenants}")
+        for kind, spec in config.enabled_models().items():
+            print(f"  models.{kind}: {loaded.model_uri(spec)} (imgsz {spec.imgsz})")
+    if not checked_models:
+        print("models not loaded (--no-models): a model that cannot load still rejects it")
