@@ -353,3 +353,52 @@ def test_a_weights_file_that_would_run_code_is_refused_without_running_it(tmp_pa
         assert cache.get(key()).model is not None
     finally:
         cache.close(timeout_s=10)
+
+
+def test_a_model_slow_to_load_holds_a_task_only_for_the_load_wait():
+    """One tenant's model downloading slowly (here: its load held until the test lets it
+    go) held every runner that took one of its tasks, each waiting for the load, and
+    other tenants' tasks waited behind them. A task now waits `load_wait_s`, then is
+    nacked (model_unavailable, retried), while the load goes on, once, on its own
+    thread; another model answers meanwhile; the load's end serves the next task."""
+    release = threading.Event()
+    calls: list[str] = []
+    load = yolo_loader(lambda uri, version: Path(uri))
+
+    def slow_for_one_tenant(k: ModelKey):
+        calls.append(f"{k.tenant}")
+        if k.tenant == "slowco":
+            assert release.wait(60)
+        return load(k)
+
+    cache = ModelCache(slow_for_one_tenant, Metrics(), load_wait_s=0.3)
+    image = cv2.imread(str(SAMPLES / SCENES[0]["file"]))
+    try:
+        cache.get(key(tenant="acme"))  # loaded before, as a model in use is
+        started = time.monotonic()
+        with ThreadPoolExecutor(4) as pool:  # four runners, each taking a slowco task
+            waits = list(pool.map(lambda _: _refused(cache, key(tenant="slowco"), image), range(4)))
+        assert all(0.25 <= w < 2.0 for w in waits), waits
+        assert time.monotonic() - started < 3.0, "the runners were held"
+        other = cache.predict(key(tenant="acme"), [image], 0.5)[0]
+        assert len(other.boxes) > 0, "another tenant's model answers meanwhile"
+        release.set()
+        for _ in range(100):  # the load ends on its own thread
+            if key(tenant="slowco") in cache.loaded():
+                break
+            time.sleep(0.1)
+        assert len(cache.predict(key(tenant="slowco"), [image], 0.5)[0].boxes) > 0
+        assert calls == ["acme", "slowco"], "one load, whoever waited for it"
+    finally:
+        release.set()
+        cache.close()
+
+
+def _refused(cache: ModelCache, k: ModelKey, image) -> float:
+    """Seconds until predict gave up on a model still loading."""
+    started = time.monotonic()
+    with pytest.raises(TransientError) as err:
+        cache.predict(k, [image], 0.5)
+    assert err.value.code is ErrorCode.MODEL_UNAVAILABLE
+    assert "still loading after 0.3 s (GANNET_MODEL_LOAD_WAIT_S)" in err.value.message
+    return time.monotonic() - started

@@ -24,7 +24,7 @@ from gannet.dev import demo
 from gannet.dev.publish import make_task
 from gannet.errors import ErrorCode, TransientError
 from gannet.metrics import Metrics
-from gannet.model_cache import ModelCache, yolo_loader
+from gannet.model_cache import ModelCache, ModelKey, yolo_loader
 from gannet.model_resolver import ModelResolver, tenant_model_lister
 from gannet.pipeline import Limits, Pipeline
 from gannet.settings import REPO_ROOT
@@ -203,6 +203,26 @@ def test_download_to_refuses_an_object_name_that_leaves_the_cache_dir(services, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_weights_over_the_size_limit_are_refused_before_they_are_downloaded(services, tmp_path):
+    """A tenant's upload is downloaded into memory whole: one of gigabytes took the
+    pod's memory (and, its deadline growing with it, outlasted the stall watch). Over
+    GANNET_MAX_MODEL_MB it is refused from its metadata, with nothing read or written."""
+    settings = demo.local_settings(services)
+    client = clients.storage_client(settings)
+    bucket = f"models-{uuid.uuid4().hex[:8]}"
+    client.create_bucket(bucket)
+    client.bucket(bucket).blob("models/acme/detect.pt").upload_from_string(b"w" * 3 * 2**20)
+    storage = Storage(client)
+    generation = storage.generation(f"gs://{bucket}/models/acme/detect.pt")
+    with pytest.raises(ValueError, match=r"is 3 MB, over the 2 MB limit \(GANNET_MAX_MODEL_MB\)"):
+        model_file(storage, tmp_path, 2 * 2**20)(f"gs://{bucket}/models/acme/detect.pt", generation)
+    assert list(tmp_path.iterdir()) == []
+    path = model_file(storage, tmp_path, 4 * 2**20)(
+        f"gs://{bucket}/models/acme/detect.pt", generation
+    )
+    assert path.stat().st_size == 3 * 2**20
+
+
 def test_a_tenant_listing_on_a_gcs_that_never_answers_gives_up_within_its_bound(
     services, monkeypatch
 ):
@@ -230,3 +250,19 @@ def test_a_tenant_listing_on_a_gcs_that_never_answers_gives_up_within_its_bound(
             ModelResolver(model_version(Storage(client)), ttl_s=0).version(uri)
         assert err.value.code is ErrorCode.MODEL_UNAVAILABLE
         assert f"cannot read model {uri}'s version" in err.value.message
+
+
+@pytest.mark.parametrize("asked", ["classify", "segment"])
+def test_an_onnx_model_of_another_kind_than_its_key_is_a_failed_load(onnx_model, asked):
+    """An .onnx file is loaded as the task it is asked for (it has no pickled class to
+    say otherwise): a detector's export configured as the classifier loaded and failed
+    every classification task with an IndexError, and as the segmenter failed with
+    torch's internals as the reason. Its export's metadata names its task."""
+    cache = ModelCache(yolo_loader(lambda uri, version: Path(uri)), Metrics())
+    try:
+        with pytest.raises(TransientError) as err:
+            cache.get(ModelKey(str(onnx_model), "v1", "cpu", 416, asked))
+        assert f"detect.onnx is a detect model, configured as {asked}" in err.value.message
+        assert cache.get(ModelKey(str(onnx_model), "v1", "cpu", 416, "detect")).task == "detect"
+    finally:
+        cache.close()

@@ -80,10 +80,12 @@ def model_version(storage: Storage | None) -> Callable[[str], str]:
     return version_of
 
 
-def model_file(storage: Storage | None, cache_dir: Path) -> Callable[[str, str], Path]:
+def model_file(
+    storage: Storage | None, cache_dir: Path, max_bytes: int | None = None
+) -> Callable[[str, str], Path]:
     def local_path(uri: str, version: str) -> Path:
         if uri.startswith("gs://"):
-            return _gcs(storage, uri).download_to(uri, version, cache_dir)
+            return _gcs(storage, uri).download_to(uri, version, cache_dir, max_bytes)
         return Path(uri)
 
     return local_path
@@ -278,7 +280,7 @@ def build(
         sink.close()
         raise
     loader = yolo_loader(
-        model_file(storage, s.model_cache_dir),
+        model_file(storage, s.model_cache_dir, s.max_model_mb * 2**20),
         trace=s.torchscript,
         cuda_graphs=s.cuda_graphs,
         safe=s.safe_model_load,
@@ -292,6 +294,7 @@ def build(
         idle_evict_s=s.model_idle_evict_s,
         cpu_threads=s.torch_threads,
         stage_cpu=s.stage_cpu,
+        load_wait_s=s.model_load_wait_s,
     )
     lister = tenant_model_lister(storage, s.models_bucket) if s.models_bucket else None
     resolver = ModelResolver(

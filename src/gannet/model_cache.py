@@ -4,6 +4,12 @@ Why a cache and not a model per runner: a T4 has 16 GB, and N copies of the same
 waste it and load N times. Loads are single-flight (the second runner waits for the
 first load instead of starting its own), every model is driven by its own batcher
 thread, and device memory stays under a budget by evicting the least recently used model.
+
+A load runs on a thread of its own (`gannet-model-load`), and a runner waits for it
+`load_wait_s` at most: one tenant's model downloading slowly (its deadline grows with the
+file, 95 s for 130 MB) held every runner that took one of its tasks, and with them every
+other tenant's tasks; now those tasks are nacked, retried after the subscription's
+backoff, and the load goes on.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as StillLoading
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -81,6 +89,7 @@ class ModelCache:
         held: Held = graph_bytes,
         retry_failed_after_s: float = 30.0,
         idle_evict_s: float = 0.0,
+        load_wait_s: float | None = None,
     ) -> None:
         """`cpu_threads`: torch CPU threads for each model's forward passes; `stage_cpu`:
         charge their thread CPU to the stage counter (GANNET_STAGE_CPU); `held`: what a
@@ -94,8 +103,11 @@ class ModelCache:
         that long is evicted, its thread and memory freed. Why: a long-running pod meets
         every generation of every model its configs and tenants ever named, and with no
         memory budget (the default) each stayed loaded, with its batcher thread, for good,
-        though a generation no config names any more is never asked for again."""
+        though a generation no config names any more is never asked for again;
+        `load_wait_s` (GANNET_MODEL_LOAD_WAIT_S; None: as long as the load takes): how
+        long a runner's task waits for a model still loading (predict)."""
         self._load = load
+        self.load_wait_s = load_wait_s
         self._held = held
         self._cpu_threads = cpu_threads
         self._stage_cpu = stage_cpu
@@ -114,9 +126,11 @@ class ModelCache:
         self._sweep_every_s = min(idle_evict_s / 4, 60.0)
         self._sweep_at = time.monotonic() + self._sweep_every_s
 
-    def get(self, key: ModelKey) -> LoadedModel:
+    def get(self, key: ModelKey, wait_s: float | None = None) -> LoadedModel:
         """The loaded model, loading it (once, whoever asks meanwhile) if it is not;
-        TransientError(model_unavailable) if it cannot load, or failed to lately."""
+        TransientError(model_unavailable) if it cannot load, failed to lately, or is
+        still loading `wait_s` later (None: no bound, for start-up's and a config
+        check's loads)."""
         with self._lock:
             entry = self._loaded.get(key)
             if entry is not None:
@@ -125,19 +139,32 @@ class ModelCache:
             else:
                 self._raise_if_failed_lately(key)
                 future = self._loading.get(key)
-                leader = future is None
-                if leader:
-                    future = Future()
-                    self._loading[key] = future
+                if future is None:
+                    future = self._loading[key] = Future()
+                    threading.Thread(
+                        target=self._load_into,
+                        args=(key, future),
+                        name="gannet-model-load",
+                        daemon=True,  # a load in flight at exit: nothing waits for it
+                    ).start()
         if entry is not None:
             self._retire(idle, "idle")
             return entry
         assert future is not None
-        if not leader:
-            return future.result()
+        try:
+            return future.result(timeout=wait_s)
+        except StillLoading:
+            raise TransientError(
+                ErrorCode.MODEL_UNAVAILABLE,
+                f"model {key.label()} on {key.device} is still loading after {wait_s:g} s "
+                "(GANNET_MODEL_LOAD_WAIT_S); the task is retried",
+            ) from None
+
+    def _load_into(self, key: ModelKey, future: Future[LoadedModel]) -> None:
+        """The load, on its own thread: its result or error goes to every waiter."""
         try:
             entry = self._load_entry(key)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - handed to the waiters, who raise it
             with self._lock:
                 del self._loading[key]
                 if isinstance(exc, TransientError):
@@ -148,7 +175,7 @@ class ModelCache:
                         if now - v[0] < self._retry_failed_after_s
                     }
                     self._failed[key] = (now, exc)
-            if isinstance(exc, TransientError):  # anything else is a bug, logged by the caller
+            if isinstance(exc, TransientError):  # anything else is a bug, logged by a waiter
                 log.warning(
                     "model load failed; not retried for a while",
                     extra={
@@ -158,7 +185,7 @@ class ModelCache:
                     },
                 )
             future.set_exception(exc)
-            raise
+            return
         with self._lock:
             del self._loading[key]
             self._failed.pop(key, None)
@@ -168,7 +195,6 @@ class ModelCache:
         future.set_result(entry)
         self._retire(idle, "idle")
         self._retire(evicted, "over the memory budget")
-        return entry
 
     def _asked_now(self, key: ModelKey) -> list[LoadedModel]:
         """Under the lock: notes that `key` was asked for, and every so often takes out
@@ -306,7 +332,7 @@ class ModelCache:
         keeps, before max_det (ultralytics' classes=; empty: all)."""
         timer = timer or Timer(ignore)
         for _ in range(3):
-            entry = self.get(key)
+            entry = self.get(key, self.load_wait_s)
             with timer.stage("preprocess"):
                 inputs = [entry.predictor.preprocess(image) for image in images]
             with timer.stage("inference"):  # waiting for the batcher's forward passes
@@ -329,14 +355,19 @@ class ModelCache:
             return list(self._loaded)
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Let every model's thread finish what it was given, for up to timeout_s in all."""
+        """Let the loads in flight end and every model's thread finish what it was given,
+        for up to timeout_s in all. A load still running at the process's exit would be
+        inside torch while the interpreter tears down ("terminate called", an abort)."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            loading = list(self._loading.values())
+        futures.wait(loading, timeout=timeout_s)
         with self._lock:
             entries = list(self._loaded.values())
             self._loaded.clear()
             self._asked.clear()
         for entry in entries:
             entry.batcher.close()
-        deadline = time.monotonic() + timeout_s
         for entry in entries:
             entry.batcher.join(timeout=max(0.0, deadline - time.monotonic()))
 
@@ -382,6 +413,17 @@ def safe_loads() -> None:
     tasks.SAFE_LOAD = True  # type: ignore[attr-defined] # imported there, not re-exported
 
 
+def _onnx_task(path: Path) -> str | None:
+    """The task an ultralytics export wrote in the ONNX file's metadata (None: no such
+    entry, a model exported by other means). A detector's .onnx configured as the
+    classifier loaded and failed every classification task with an IndexError."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    task = session.get_modelmeta().custom_metadata_map.get("task")
+    return str(task) if task else None
+
+
 def yolo_loader(
     local_path: Callable[[str, str], Path],
     trace: bool = True,
@@ -404,11 +446,15 @@ def yolo_loader(
         path = local_path(key.uri, key.version)
         cuda = key.device.startswith("cuda")
         before = torch.cuda.memory_allocated(key.device) if cuda else 0
+        stated = _onnx_task(path) if path.suffix == ".onnx" else None
         model = YOLO(str(path), task=key.task)
-        if model.task != key.task:
+        if (stated or model.task) != key.task:
             # A .pt file says what it is, whatever `task` asked: a classifier configured
             # as the detection model answered every image with no boxes, as successes.
-            raise ValueError(f"{path.name} is a {model.task} model, configured as {key.task}")
+            # An .onnx file's task is what `task` asks, so its export's metadata decides.
+            raise ValueError(
+                f"{path.name} is a {stated or model.task} model, configured as {key.task}"
+            )
         if key.device == "cpu" and key.task in ("detect", "segment"):
             model.add_callback("on_predict_start", _skip_warmup)
         blank = np.zeros((key.imgsz, key.imgsz, 3), dtype=np.uint8)

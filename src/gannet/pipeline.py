@@ -364,7 +364,7 @@ class Pipeline:
         tasks fail model_unavailable naming the model and the classes (retried, then
         dead-lettered, to replay) until a corrected upload (a new generation, a new key)
         serves them."""
-        names = self.cache.get(key).names
+        names = self.cache.get(key, self.cache.load_wait_s).names
         try:
             _check_class_filters(loaded, kind, names, key.uri)
         except ConfigError as exc:

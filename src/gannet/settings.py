@@ -153,6 +153,19 @@ class Settings(BaseSettings):
         "and thread freed; the next task that needs it loads it again); 0 = never. Old "
         "generations of a model stop being asked for once a config or tenant moves on.",
     )
+    model_load_wait_s: float = Field(
+        15.0,
+        gt=0,
+        description="How long a task waits for its model to load (a tenant's own model on "
+        "first use, one evicted since) before it is nacked and retried; the load goes on, "
+        "so one tenant's slow download does not hold every runner.",
+    )
+    max_model_mb: int = Field(
+        1024,
+        ge=1,
+        description="Largest model file downloaded from GCS (a tenant's own weights "
+        "included): a download is held in memory whole.",
+    )
     stream_ack_deadline_s: int = Field(
         60,
         ge=10,

@@ -334,7 +334,9 @@ class Storage:
             raise OSError(f"GET {where}: not a JSON object")
         return found
 
-    def download_to(self, url: str, generation: str, cache_dir: Path) -> Path:
+    def download_to(
+        self, url: str, generation: str, cache_dir: Path, max_bytes: int | None = None
+    ) -> Path:
         """Weights land at a generation-specific path, so a new upload never races a load.
 
         The download asks for that generation (not "the latest", which after an upload
@@ -342,6 +344,8 @@ class Storage:
         (_download: in memory, as the loader then reads them), written to a temporary
         file of its own (runners loading the same model at once each download; the last
         rename wins, with the same bytes) that is renamed into place only when complete.
+        An object over `max_bytes` (GANNET_MAX_MODEL_MB) is refused before any of it is
+        read: a tenant's upload of gigabytes would be held in memory whole.
         """
         bucket, name = split_gs_url(url)
         path = Path(name)
@@ -353,7 +357,7 @@ class Storage:
             raise ValueError(f"{url}: its local copy would be outside the model cache's {bucket}/")
         if target.exists():
             return target
-        data = self._download(bucket, name, generation)
+        data = self._download(bucket, name, generation, max_bytes)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
         try:
@@ -365,7 +369,9 @@ class Storage:
         _drop_other_generations(target, path.stem, path.suffix)
         return target
 
-    def _download(self, bucket: str, name: str, generation: str) -> bytes:
+    def _download(
+        self, bucket: str, name: str, generation: str, max_bytes: int | None = None
+    ) -> bytes:
         """The generation's bytes, whole and as stored (their size and CRC32C checked
         against its metadata, as the client library's download checked them), within
         its deadline (DOWNLOAD_DEADLINE_S and the size at DOWNLOAD_MIN_BYTES_PER_S; the
@@ -378,6 +384,11 @@ class Storage:
                 "they are (no gsutil cp -z/-Z)"
             )
         size = int(found.get("size", 0))
+        if max_bytes is not None and size > max_bytes:
+            raise ValueError(
+                f"{where} is {size / 2**20:.0f} MB, over the {max_bytes / 2**20:.0f} MB "
+                "limit (GANNET_MAX_MODEL_MB)"
+            )
         media = f"{self._media(bucket, name)}&generation={generation}"
         deadline_s = DOWNLOAD_DEADLINE_S + size / DOWNLOAD_MIN_BYTES_PER_S
         # Its errors as they are: the model cache makes them model_unavailable, naming

@@ -57,7 +57,7 @@ def _load_models(served: list[LoadedConfig], storage: Storage | None, settings: 
     them before a config serves; weights from gs:// are downloaded to a scratch folder."""
     with tempfile.TemporaryDirectory(prefix="gannet-config-check-") as scratch:
         loader = yolo_loader(
-            model_file(storage, Path(scratch)),
+            model_file(storage, Path(scratch), settings.max_model_mb * 2**20),
             trace=False,
             cuda_graphs=False,
             safe=settings.safe_model_load,
