@@ -402,3 +402,40 @@ def _refused(cache: ModelCache, k: ModelKey, image) -> float:
     assert err.value.code is ErrorCode.MODEL_UNAVAILABLE
     assert "still loading after 0.3 s (GANNET_MODEL_LOAD_WAIT_S)" in err.value.message
     return time.monotonic() - started
+
+
+def test_loads_at_once_are_bounded_the_rest_queued():
+    """Each download is held in memory whole: with loads off the runners, a burst of
+    tasks for many tenants' own models would start as many loads. `load_threads` of
+    them run at once; the others wait their turn, and each still loads once."""
+    release = threading.Event()
+    running: list[str] = []
+    most = [0]
+    lock = threading.Lock()
+    load = yolo_loader(lambda uri, version: Path(uri))
+
+    def held(k: ModelKey):
+        with lock:
+            running.append(str(k.tenant))
+            most[0] = max(most[0], len(running))
+        try:
+            assert release.wait(60)
+            return load(k)
+        finally:
+            with lock:
+                running.remove(str(k.tenant))
+
+    cache = ModelCache(held, Metrics(), load_wait_s=0.2, load_threads=2)
+    tenants = [f"t{i}" for i in range(5)]
+    try:
+        for tenant in tenants:
+            with pytest.raises(TransientError, match="still loading"):
+                cache.get(key(tenant=tenant), 0.2)
+        assert most[0] == 2 and len(running) == 2
+        release.set()
+        for tenant in tenants:  # queued, then loaded, each once
+            assert cache.get(key(tenant=tenant)).task == "detect"
+        assert sorted(k.tenant for k in cache.loaded()) == tenants
+    finally:
+        release.set()
+        cache.close()

@@ -295,6 +295,7 @@ def build(
         cpu_threads=s.torch_threads,
         stage_cpu=s.stage_cpu,
         load_wait_s=s.model_load_wait_s,
+        load_threads=s.runners,
     )
     lister = tenant_model_lister(storage, s.models_bucket) if s.models_bucket else None
     resolver = ModelResolver(

@@ -5,16 +5,18 @@ waste it and load N times. Loads are single-flight (the second runner waits for 
 first load instead of starting its own), every model is driven by its own batcher
 thread, and device memory stays under a budget by evicting the least recently used model.
 
-A load runs on a thread of its own (`gannet-model-load`), and a runner waits for it
-`load_wait_s` at most: one tenant's model downloading slowly (its deadline grows with the
-file, 95 s for 130 MB) held every runner that took one of its tasks, and with them every
-other tenant's tasks; now those tasks are nacked, retried after the subscription's
+A load runs on a thread of the cache's own (`gannet-model-load`, `load_threads` of them:
+as many loads at once as there were runners to run them before), and a runner waits for
+it `load_wait_s` at most: one tenant's model downloading slowly (its deadline grows with
+the file, 95 s for 130 MB) held every runner that took one of its tasks, and with them
+every other tenant's tasks; now those tasks are nacked, retried after the subscription's
 backoff, and the load goes on.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import OrderedDict
@@ -90,6 +92,7 @@ class ModelCache:
         retry_failed_after_s: float = 30.0,
         idle_evict_s: float = 0.0,
         load_wait_s: float | None = None,
+        load_threads: int = 4,
     ) -> None:
         """`cpu_threads`: torch CPU threads for each model's forward passes; `stage_cpu`:
         charge their thread CPU to the stage counter (GANNET_STAGE_CPU); `held`: what a
@@ -105,9 +108,16 @@ class ModelCache:
         memory budget (the default) each stayed loaded, with its batcher thread, for good,
         though a generation no config names any more is never asked for again;
         `load_wait_s` (GANNET_MODEL_LOAD_WAIT_S; None: as long as the load takes): how
-        long a runner's task waits for a model still loading (predict)."""
+        long a runner's task waits for a model still loading (predict); `load_threads`:
+        how many models load at once (each download is held in memory whole), the rest
+        queued."""
         self._load = load
         self.load_wait_s = load_wait_s
+        self._load_threads = load_threads
+        self._load_queue: queue.SimpleQueue[tuple[ModelKey, Future[LoadedModel]]] = (
+            queue.SimpleQueue()
+        )
+        self._loaders = 0  # threads started
         self._held = held
         self._cpu_threads = cpu_threads
         self._stage_cpu = stage_cpu
@@ -141,12 +151,14 @@ class ModelCache:
                 future = self._loading.get(key)
                 if future is None:
                     future = self._loading[key] = Future()
-                    threading.Thread(
-                        target=self._load_into,
-                        args=(key, future),
-                        name="gannet-model-load",
-                        daemon=True,  # a load in flight at exit: nothing waits for it
-                    ).start()
+                    self._load_queue.put((key, future))
+                    if self._loaders < self._load_threads:
+                        self._loaders += 1
+                        threading.Thread(
+                            target=self._loader,
+                            name="gannet-model-load",
+                            daemon=True,  # a load in flight at exit: close() waits for it
+                        ).start()
         if entry is not None:
             self._retire(idle, "idle")
             return entry
@@ -159,6 +171,10 @@ class ModelCache:
                 f"model {key.label()} on {key.device} is still loading after {wait_s:g} s "
                 "(GANNET_MODEL_LOAD_WAIT_S); the task is retried",
             ) from None
+
+    def _loader(self) -> None:
+        while True:
+            self._load_into(*self._load_queue.get())
 
     def _load_into(self, key: ModelKey, future: Future[LoadedModel]) -> None:
         """The load, on its own thread: its result or error goes to every waiter."""
