@@ -208,9 +208,9 @@ class ModelCache:
             self._loaded[key] = entry
             idle = self._asked_now(key)
             evicted = self._evict_over_budget(key)
-        future.set_result(entry)
         self._retire(idle, "idle")
         self._retire(evicted, "over the memory budget")
+        future.set_result(entry)  # after: a waiter finds the evicted ones gone
 
     def _asked_now(self, key: ModelKey) -> list[LoadedModel]:
         """Under the lock: notes that `key` was asked for, and every so often takes out
