@@ -398,15 +398,18 @@ def test_run_with_a_misspelt_subscription_says_so_before_loading_the_models(stac
     assert not any(line["message"] == "warming models" for line in lines)
 
 
-def test_run_with_a_results_bucket_that_does_not_exist_refuses_to_start(stack):
-    """Every task writes its result there: a misspelt GANNET_RESULTS_BUCKET used to start
-    a ready pod whose every task was retried until dead-lettered, with no row, while
-    the backlog grew and the HPA added pods. Now the pod does not start, and says why."""
-    out = stack.gannet("run", GANNET_RESULTS_BUCKET="no-such-results", GANNET_METRICS_PORT="0")
+@pytest.mark.parametrize("setting", ["GANNET_RESULTS_BUCKET", "GANNET_MODELS_BUCKET"])
+def test_run_with_a_bucket_that_does_not_exist_refuses_to_start(stack, setting):
+    """Every task writes its result to the results bucket: a misspelt
+    GANNET_RESULTS_BUCKET used to start a ready pod whose every task was retried until
+    dead-lettered, with no row, while the backlog grew and the HPA added pods. A
+    misspelt GANNET_MODELS_BUCKET listed no tenant's own model, and every tenant was
+    served the industry's model, as successes, without a word. Now the pod does not
+    start, and says why."""
+    out = stack.gannet("run", **{setting: "no-such-bucket"}, GANNET_METRICS_PORT="0")
     assert out.returncode == 2, out.stdout + out.stderr
     said = json.loads(out.stdout.splitlines()[-1])["message"]
-    assert "results bucket no-such-results does not exist" in said
-    assert "correct GANNET_RESULTS_BUCKET" in said
+    assert f"bucket no-such-bucket does not exist: create it, or correct {setting}" in said
     assert "gannet is ready" not in out.stdout
 
 

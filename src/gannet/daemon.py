@@ -194,23 +194,24 @@ class Parts:
             self.tracing.shutdown(timeout_s=min(5.0, timeout_s) or 1.0)
 
 
-def check_results_bucket(storage: Storage, bucket: str) -> None:
-    """StartupError when the results bucket does not exist. Every task writes there:
-    without it each was retried until dead-lettered, with no row, while the pod stood
-    ready and its growing backlog scaled the pool up. A GCS that cannot be asked now
-    (a blip, a stall) is only warned about: its tasks are retried as before."""
+def check_bucket(storage: Storage, bucket: str, setting: str) -> None:
+    """StartupError when a bucket the deployment names does not exist. The results
+    bucket: every task writes there, and without it each was retried until
+    dead-lettered, with no row, while the pod stood ready and its growing backlog scaled
+    the pool up. The models bucket (GANNET_MODELS_BUCKET): a missing one lists no
+    tenant's own model, and every tenant was served the industry's model instead, as
+    successes, without a word. A GCS that cannot be asked now (a blip, a stall) is only
+    warned about: its tasks are retried as before."""
     try:
         missing = storage.bucket_missing(bucket, deadline_s=START_CHECK_S)
     except TransientError as exc:
         log.warning(
-            "could not check at start that the results bucket exists; starting anyway",
+            f"could not check at start that {setting}'s bucket exists; starting anyway",
             extra={"fields": {"bucket": bucket, "error": exc.message}},
         )
         return
     if missing:
-        raise StartupError(
-            f"results bucket {bucket} does not exist: create it, or correct GANNET_RESULTS_BUCKET"
-        )
+        raise StartupError(f"bucket {bucket} does not exist: create it, or correct {setting}")
 
 
 def check_dead_letter_topic(publisher: pubsub_v1.PublisherClient, path: str) -> None:
@@ -267,7 +268,9 @@ def build(
     try:  # the checks after the pool opened: a refusal closes it
         if sink.schema_version() < SCHEMA_VERSION:
             raise StartupError("database schema is not current: run `gannet db migrate` first")
-        check_results_bucket(storage, s.results_bucket)
+        check_bucket(storage, s.results_bucket, "GANNET_RESULTS_BUCKET")
+        if s.models_bucket:
+            check_bucket(storage, s.models_bucket, "GANNET_MODELS_BUCKET")
         try:
             configs = build_configs(s, storage, metrics)
         except (ValueError, OSError) as exc:
