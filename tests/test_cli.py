@@ -9,7 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import SCENES, gannet
+from conftest import SAMPLES, SCENES, gannet
 
 from gannet.settings import REPO_ROOT, settings_table
 from gannet.sink import SCHEMA_VERSION
@@ -30,6 +30,7 @@ def test_help_lists_every_command():
         "ops",
         "scaling",
         "dead-letters",
+        "config",
     ):
         assert f"    {command}" in out.stdout
 
@@ -176,6 +177,14 @@ def test_bench_options_of_another_mode_are_refused_not_ignored():
         (["--plumbing", "--lanes", "a:1"], "--lanes goes with --flood"),
         (["--in-process", "--plumbing"], "--plumbing and --in-process are modes of their own"),
         (["--plumbing", "--flood"], "--plumbing and --flood are modes of their own"),
+        # Values that crashed after the services had started, or were replaced in silence.
+        (["--rounds", "0"], "--rounds: 0 is not a positive number"),
+        (["--images", "-1"], "--images: -1 is not a positive number"),
+        (["--runners", "0"], "--runners: 0 is not a positive number"),
+        (["--flood", "--spacing", "-1"], "--spacing: -1 is negative"),
+        (["--flood", "--lanes", "foo"], "--lanes 'foo': "),
+        (["--pubsub-port", "70000"], "70000 is not a port (1-65535)"),
+        (["--gcs-port", "8085"], "--pubsub-port, --gcs-port and --postgres-port must differ"),
     )
     pipeline = ["--plumbing", "--pipeline", "configs/agro.yaml:FULL_PIPELIN"]
     sweep = ["--plumbing", "--runners-sweep", "4,2:0"]
@@ -193,6 +202,50 @@ def test_bench_options_of_another_mode_are_refused_not_ignored():
     assert "known: DETECTION, FIELD_ANALYSIS, FULL_PIPELINE" in (
         pipeline_out.stdout + pipeline_out.stderr
     )
+
+
+def test_publish_refuses_two_files_that_would_be_one_object(tmp_path):
+    """Two local files of one name went to one object, gs://B/T/uploads/NAME, and both
+    tasks ran on the second's image, without a word. Refused before anything is sent."""
+    for folder, scene in (("a", SCENES[0]), ("b", SCENES[1])):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.jpg").write_bytes((SAMPLES / scene["file"]).read_bytes())
+    out = gannet(
+        "publish",
+        "--tenant",
+        "acme",
+        "--pipeline",
+        "DETECTION",
+        str(tmp_path / "a" / "x.jpg"),
+        str(tmp_path / "b" / "x.jpg"),
+    )
+    assert out.returncode == 2
+    assert "would both upload to gs://gannet-images/acme/uploads/x.jpg: rename one" in out.stderr
+
+
+def test_publish_to_services_that_are_not_running_says_so_at_once():
+    """With `gannet services`' exports set and the services stopped, the upload gave up
+    after 44 s and the publish after 60 s, each blaming a bucket or topic."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]  # nothing listens on it
+    started = time.monotonic()
+    out = gannet(
+        "publish",
+        "--tenant",
+        "acme",
+        "--pipeline",
+        "DETECTION",
+        "gs://gannet-images/acme/x.jpg",
+        env={
+            "GANNET_PUBSUB_EMULATOR_HOST": f"127.0.0.1:{closed}",
+            "GANNET_STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{closed}",
+        },
+    )
+    assert out.returncode == 2
+    assert f"nothing listens on 127.0.0.1:{closed} (GANNET_PUBSUB_EMULATOR_HOST)" in out.stderr
+    assert "is `gannet services` running?" in out.stderr
+    assert time.monotonic() - started < 20
 
 
 def test_bench_in_process_refuses_an_unknown_image_set_before_it_starts():

@@ -1124,10 +1124,7 @@ def main(args: argparse.Namespace) -> int:
         os.environ.update(services.tls_env())
         report = run(services, args)
     print_report(report)
-    output = args.output
-    if output.name == "bench.json":  # the default: keep the model bench's report
-        output = output.with_name("plumbing.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2))
-    print(f"\nJSON report: {output}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2))
+    print(f"\nJSON report: {args.output}")
     return 0

@@ -12,15 +12,25 @@ from gannet.errors import CommandError
 from gannet.settings import REPO_ROOT, Settings
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port (1-65535)")
+    return value
+
+
 def _add_service_ports(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--pubsub-port", type=int, default=8085, help="Pub/Sub emulator port (default 8085)"
+        "--pubsub-port", type=_port, default=8085, help="Pub/Sub emulator port (default 8085)"
     )
     parser.add_argument(
-        "--gcs-port", type=int, default=9023, help="GCS emulator port (default 9023)"
+        "--gcs-port", type=_port, default=9023, help="GCS emulator port (default 9023)"
     )
     parser.add_argument(
-        "--postgres-port", type=int, default=54329, help="throwaway PostgreSQL port (default 54329)"
+        "--postgres-port",
+        type=_port,
+        default=54329,
+        help="throwaway PostgreSQL port (default 54329)",
     )
     parser.add_argument(
         "--state-dir",
@@ -36,9 +46,19 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return publish.main(Settings(), args)
 
 
+def _distinct_ports(args: argparse.Namespace) -> None:
+    """Two services given one port: the second waited 30 s and said it was not ready."""
+    ports = (args.pubsub_port, args.gcs_port, args.postgres_port)
+    if len(set(ports)) < len(ports):
+        raise CommandError(
+            f"--pubsub-port, --gcs-port and --postgres-port must differ (got {ports})"
+        )
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gannet.dev import demo
 
+    _distinct_ports(args)
     return demo.main(args)
 
 
@@ -91,8 +111,20 @@ def bench_mode(args: argparse.Namespace) -> str:
     return mode
 
 
+# Each mode's report, by default: one mode's run no longer overwrites another's.
+_REPORTS = {
+    _MODEL: "bench.json",
+    _PLUMBING: "plumbing.json",
+    _FLOOD: "flood.json",
+    _IN_PROCESS: "in-process.json",
+}
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     mode = bench_mode(args)
+    _distinct_ports(args)
+    if args.output is None:
+        args.output = REPO_ROOT / "bench-results" / _REPORTS[mode]
     if mode == _IN_PROCESS:
         from gannet.dev import bench_device
         from gannet.dev.bench_plumbing import check_pipeline, check_sizes
@@ -109,8 +141,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.runners = args.runners or Settings().runners
         args.bulk = args.bulk or 2000
         args.interactive = args.interactive or 20
-        args.spacing = args.spacing or 0.5
+        args.spacing = 0.5 if args.spacing is None else args.spacing
         args.lanes = args.lanes or "interactive:4,bulk:1:3"
+        try:
+            Settings(lanes=args.lanes).lane_list()
+        except ValueError as exc:  # pydantic's ValidationError is one
+            raise CommandError(f"--lanes {args.lanes!r}: {exc}") from exc
         return bench_flood.main(args)
     if mode == _PLUMBING:
         from gannet.dev import bench_plumbing
@@ -135,6 +171,13 @@ def _fraction(text: str) -> float:
     value = float(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a fraction in [0, 1)")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
     return value
 
 
@@ -187,6 +230,7 @@ soak itself failed), 2 when a service would not start."""
 def cmd_services(args: argparse.Namespace) -> int:
     from gannet.dev import demo
 
+    _distinct_ports(args)
     return demo.serve(args)
 
 
@@ -197,7 +241,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Publish one task per image to the lane's topic (GANNET_TOPIC for "
         "the first lane of GANNET_LANES, GANNET_TOPIC-LANE for the others) and print the "
         "task ids. Local files are first uploaded to "
-        "gs://BUCKET/TENANT/uploads/ (BUCKET: the first GANNET_ALLOWED_BUCKETS).",
+        "gs://BUCKET/TENANT/uploads/NAME (BUCKET: the first GANNET_ALLOWED_BUCKETS), "
+        "replacing an earlier upload of that name. Against the local services, run after "
+        "exporting what `gannet services` prints.",
     )
     p.add_argument("images", nargs="+", help="local image files or gs://BUCKET/TENANT/... URLs")
     p.add_argument("--tenant", required=True, help="tenant id ([a-z0-9-], max 63)")
@@ -225,7 +271,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "stop everything. Exit 1 if a count differs from the known contents.",
     )
     _add_service_ports(p)
-    p.add_argument("--runners", type=int, default=2, help="runner threads (default 2)")
+    p.add_argument("--runners", type=_positive, default=2, help="runner threads (default 2)")
     p.add_argument(
         "--trace",
         action="store_true",
@@ -275,7 +321,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--spacing",
-        type=float,
+        type=_seconds,
         default=None,
         help="--flood: seconds between B's publishes (default 0.5)",
     )
@@ -399,7 +445,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--images",
-        type=int,
+        type=_positive,
         default=None,
         help="tasks per measurement (default 256; with --plumbing 1000: at a few hundred "
         "images/s a shorter run is mostly the daemon starting and finishing, and the "
@@ -408,22 +454,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--runners",
-        type=int,
+        type=_positive,
         default=None,
         help="daemon runner threads (default 8; with --plumbing, --flood or --in-process "
         "the daemon's own default, GANNET_RUNNERS)",
     )
     p.add_argument(
         "--rounds",
-        type=int,
+        type=_positive,
         default=3,
-        help="repeat (a), (c), (b) this many times and report the median ratios (default 3)",
+        help="repeat every measurement this many times, the daemons and the bare model in "
+        "turns, and report the medians (default 3)",
     )
     p.add_argument(
         "--output",
         type=Path,
-        default=REPO_ROOT / "bench-results" / "bench.json",
-        help="where the JSON report goes",
+        default=None,
+        help="where the JSON report goes (default bench-results/bench.json; plumbing.json, "
+        "flood.json or in-process.json for those modes)",
     )
     _add_service_ports(p)
     p.set_defaults(func=cmd_bench)

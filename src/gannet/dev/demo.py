@@ -166,6 +166,9 @@ class DaemonProcess:
         }
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("ab")
+        # Where this process's lines start: a log shared by runs (a bench's rounds, the
+        # demo's state dir) is appended to, and its earlier lines are not this run's.
+        self._log_from = self._log.tell()
         self.proc = subprocess.Popen(
             command or [sys.executable, "-m", "gannet", "run"],
             env=env,
@@ -210,12 +213,17 @@ class DaemonProcess:
         finally:
             self._log.close()
 
+    def _own_log(self) -> list[str]:
+        with self.log_path.open("rb") as log:
+            log.seek(self._log_from)
+            return log.read().decode(errors="replace").splitlines()
+
     def tail(self, lines: int = 20) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return "\n".join(self._own_log()[-lines:])
 
     def log_entries(self) -> list[dict[str, Any]]:
         entries = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
+        for line in self._own_log():
             if line.startswith("{"):
                 try:
                     entries.append(json.loads(line))

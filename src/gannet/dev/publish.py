@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any
@@ -117,6 +119,14 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
                 print(f"error: {image} is not a file or gs:// URL", file=sys.stderr)
                 return 2
             url = f"gs://{bucket}/{upload_name(args.tenant, path, 'uploads')}"
+            other = uploads.get(url)
+            if other is not None and other.resolve() != path.resolve():
+                # One object for both: both tasks would have run on the second's image.
+                print(
+                    f"error: {other} and {path} would both upload to {url}: rename one",
+                    file=sys.stderr,
+                )
+                return 2
             uploads[url] = path
         try:
             tasks.append(
@@ -141,6 +151,19 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
             check_image_url(task.image_url, task.tenant_id, [task.image_url.bucket])
         except PermanentError as exc:
             print(f"error: {image}: {exc.code}: {exc.message}", file=sys.stderr)
+            return 2
+    for variable, host in (
+        ("GANNET_PUBSUB_EMULATOR_HOST", settings.pubsub_emulator_host),
+        ("GANNET_STORAGE_EMULATOR_HOST", settings.storage_emulator_host),
+    ):
+        if host and (missing := _nothing_listens(host)):
+            # Else the upload gave up after 44 s and the publish after 60, each blaming
+            # a bucket or topic that may well exist.
+            print(
+                f"error: nothing listens on {missing} ({variable}): is `gannet services` "
+                "running? It prints the variables to export; nothing was published",
+                file=sys.stderr,
+            )
             return 2
     publisher, _ = clients.pubsub_clients(settings)
     storage = Storage(clients.storage_client(settings))
@@ -175,6 +198,18 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
             continue
         print(json.dumps({"task_id": task.task_id, "image_url": task.image_url}), flush=True)
     return 1 if failed else 0
+
+
+def _nothing_listens(host: str) -> str | None:
+    """`host` (host:port, or an http:// URL) when a connection to it is refused."""
+    address = urllib.parse.urlsplit(host if "://" in host else f"//{host}")
+    try:
+        socket.create_connection((address.hostname or "", address.port or 80), timeout=2).close()
+    except ConnectionRefusedError:
+        return address.netloc
+    except OSError:  # a name that does not resolve, a timeout: the clients will say
+        return None
+    return None
 
 
 def _reason(exc: BaseException) -> str:
