@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import pytest
 import torch
-from conftest import SAMPLES, SCENES, expected_counts
+from conftest import SAMPLES, SCENES, expected_counts, wait_until
 
 from gannet.errors import ErrorCode, TransientError
 from gannet.metrics import Metrics
@@ -106,8 +106,38 @@ def test_a_new_version_is_a_new_model_and_the_budget_evicts_the_oldest():
             )
             == 1
         )
+        held = metrics.registry.get_sample_value("gannet_models_loaded_bytes", {"device": "cpu"})
+        assert held == one_model, "the gauge shows what the budget counts: one model"
         cache.get(key("v2", tenant="acme"))  # per-tenant copies are separate entries
         assert cache.loaded() == [key("v2", tenant="acme")]
+    finally:
+        cache.close()
+
+
+def test_a_model_evicted_between_its_get_and_its_forward_pass_is_loaded_again():
+    """predict finds the model, pre-processes, then hands the batch to the model's
+    thread: an eviction in between (another model's load over the budget) closes that
+    thread. The task loads the model again instead of failing."""
+    calls: list[str] = []
+    metrics = Metrics()
+    probe = ModelCache(counting_loader(calls), metrics)
+    one_model = probe.get(key("probe")).nbytes
+    probe.close()
+    cache = ModelCache(counting_loader(calls), metrics, budget_bytes=int(one_model * 1.5))
+    image = cv2.imread(str(SAMPLES / SCENES[0]["file"]))
+    try:
+        first = cache.get(key("v1"))
+        preprocess = first.predictor.preprocess
+
+        def evicted_meanwhile(frame):
+            first.predictor.preprocess = preprocess
+            cache.get(key("v2"))  # over the budget: v1 is evicted, its thread closed
+            return preprocess(frame)
+
+        first.predictor.preprocess = evicted_meanwhile
+        [result] = cache.predict(key("v1"), [image], 0.5)
+        assert len(result.boxes) > 0
+        assert calls == ["probe", "v1", "v2", "v1"]
     finally:
         cache.close()
 
@@ -311,7 +341,8 @@ def test_a_failed_load_is_remembered_for_a_while_instead_of_retried_by_every_tas
         calls.append(k.version)
         return load(k)
 
-    cache = ModelCache(counted, Metrics(), retry_failed_after_s=0.5)
+    metrics = Metrics()
+    cache = ModelCache(counted, metrics, retry_failed_after_s=0.5)
     k = ModelKey(str(corrupt), "v1", "cpu", 416, "detect")
     try:
         for _ in range(5):
@@ -320,6 +351,8 @@ def test_a_failed_load_is_remembered_for_a_while_instead_of_retried_by_every_tas
             assert err.value.code is ErrorCode.MODEL_UNAVAILABLE
             assert "detect.pt" in err.value.message
         assert calls == ["v1"]
+        failures = {"model": "detect.pt", "device": "cpu"}
+        assert metrics.registry.get_sample_value("gannet_model_load_failures_total", failures) == 1
         time.sleep(0.5)
         corrupt.write_bytes(MODEL.read_bytes())
         assert cache.get(k).task == "detect"
@@ -438,4 +471,31 @@ def test_loads_at_once_are_bounded_the_rest_queued():
         assert sorted(k.tenant for k in cache.loaded()) == tenants
     finally:
         release.set()
+        cache.close()
+
+
+def test_an_evicted_tenants_model_takes_its_forward_time_series_with_it():
+    """Tenants' own models come and go (idle, over the budget): each left its series of
+    gannet_forward_seconds for the life of the pod. An evicted model's goes, unless
+    another loaded model has its label (another version of its file)."""
+    metrics = Metrics()
+    cache = ModelCache(counting_loader([]), metrics, idle_evict_s=1.0)
+    image = cv2.imread(str(SAMPLES / SCENES[0]["file"]))
+    series = {"model": "acme/detect.pt", "device": "cpu"}
+    try:
+        cache.get(key("v1"))  # both loaded first: a load takes longer than the idle time
+        cache.get(key("v1", tenant="acme"))
+        cache.predict(key("v1", tenant="acme"), [image], 0.5)
+        cache.predict(key("v1"), [image], 0.5)
+        wait_until(  # observed by the model's thread after it handed the answers over
+            lambda: metrics.registry.get_sample_value("gannet_forward_seconds_count", series),
+            "acme's forward pass counted",
+        )
+        time.sleep(1.1)
+        cache.predict(key("v1"), [image], 0.5)  # acme's is idle past 1 s: evicted
+        assert cache.loaded() == [key("v1")]
+        assert metrics.registry.get_sample_value("gannet_forward_seconds_count", series) is None
+        industry = {"model": "detect.pt", "device": "cpu"}
+        assert metrics.registry.get_sample_value("gannet_forward_seconds_count", industry)
+    finally:
         cache.close()

@@ -95,6 +95,20 @@ class Metrics:
             ["model", "device"],
             registry=r,
         )
+        self.model_load_failures = Counter(
+            "gannet_model_load_failures",
+            "Model loads that failed (a missing, corrupt or oversized file, another kind "
+            "of model than configured, GCS not answering), by model and device.",
+            ["model", "device"],
+            registry=r,
+        )
+        self.models_loaded_bytes = Gauge(
+            "gannet_models_loaded_bytes",
+            "What the loaded models hold on a device (their CUDA graphs included), as "
+            "counted against GANNET_MODEL_MEMORY_BUDGET_MB.",
+            ["device"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "gannet_batch_size",
             "Images per model call.",

@@ -15,6 +15,7 @@ backoff, and the load goes on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -191,6 +192,7 @@ class ModelCache:
                         if now - v[0] < self._retry_failed_after_s
                     }
                     self._failed[key] = (now, exc)
+            self._metrics.model_load_failures.labels(key.label(), key.device).inc()
             if isinstance(exc, TransientError):  # anything else is a bug, logged by a waiter
                 log.warning(
                     "model load failed; not retried for a while",
@@ -210,6 +212,7 @@ class ModelCache:
             evicted = self._evict_over_budget(key)
         self._retire(idle, "idle")
         self._retire(evicted, "over the memory budget")
+        self._show_bytes(key.device)
         future.set_result(entry)  # after: a waiter finds the evicted ones gone
 
     def _asked_now(self, key: ModelKey) -> list[LoadedModel]:
@@ -231,14 +234,31 @@ class ModelCache:
 
     def _retire(self, entries: list[LoadedModel], why: str) -> None:
         """Outside the lock: evicted models' threads finish what they were given and end;
-        a runner that asks after that loads the model again."""
+        a runner that asks after that loads the model again. Its forward-time series
+        goes too, unless another loaded model has its label (another version of its
+        file): tenants' models come and go, and each left a series for good."""
         for old in entries:
             old.batcher.close()
-            self._metrics.model_evictions.labels(old.key.label(), old.key.device).inc()
-            log.info(
-                f"model evicted: {why}",
-                extra={"model": old.key.label(), "device": old.key.device},
-            )
+            label, device = old.key.label(), old.key.device
+            self._metrics.model_evictions.labels(label, device).inc()
+            with self._lock:
+                kept = any(k.label() == label and k.device == device for k in self._loaded)
+            if not kept:
+                with contextlib.suppress(KeyError):  # never observed, or gone already
+                    self._metrics.forward_seconds.remove(label, device)
+            log.info(f"model evicted: {why}", extra={"model": label, "device": device})
+        for device in {old.key.device for old in entries}:
+            self._show_bytes(device)
+
+    def _show_bytes(self, device: str) -> None:
+        with self._lock:
+            held = sum(self._sizes(device).values())
+        self._metrics.models_loaded_bytes.labels(device).set(held)
+
+    def _sizes(self, device: str) -> dict[ModelKey, int]:
+        """Under the lock: what each model loaded on `device` holds there."""
+        loaded = self._loaded.items()
+        return {k: e.nbytes + self._held(e.model) for k, e in loaded if k.device == device}
 
     def _raise_if_failed_lately(self, key: ModelKey) -> None:
         """Under the lock: the remembered failure of this key, as a new error (one
@@ -314,11 +334,7 @@ class ModelCache:
         if self._budget is None:
             return []
         evicted: list[LoadedModel] = []
-        sizes = {
-            k: e.nbytes + self._held(e.model)
-            for k, e in self._loaded.items()
-            if k.device == keep.device
-        }
+        sizes = self._sizes(keep.device)
         used = sum(sizes.values())
         for key in list(self._loaded):  # the least recently used first
             if used <= self._budget:
