@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import SAMPLES, SCENES, expected_counts, wait_until
 
-from gannet.errors import ErrorCode, TransientError
+from gannet.errors import ErrorCode, PermanentError, TransientError
 from gannet.metrics import Metrics
 from gannet.model_cache import ModelCache, ModelKey, yolo_loader
 from gannet.settings import REPO_ROOT
@@ -364,8 +364,9 @@ def test_a_failed_load_is_remembered_for_a_while_instead_of_retried_by_every_tas
 def test_a_weights_file_that_would_run_code_is_refused_without_running_it(tmp_path):
     """A .pt file is a pickle, and unpickling runs what it names: a tenant's own weights
     could run code in a worker that reads every tenant's images and rows. Loaded as data
-    only (GANNET_SAFE_MODEL_LOAD, on by default), such a file is a failed load, and the
-    demo models still load (their answers: the agreement tests)."""
+    only (GANNET_SAFE_MODEL_LOAD, on by default), such a file is refused, as a tenant's
+    model that can never serve (tenant_model_invalid), and the demo models still load
+    (their answers: the agreement tests)."""
     import os
     import pickle
 
@@ -379,9 +380,9 @@ def test_a_weights_file_that_would_run_code_is_refused_without_running_it(tmp_pa
     evil.write_bytes(pickle.dumps(RunsCode()))
     cache = ModelCache(yolo_loader(lambda uri, version: Path(uri), trace=False), Metrics())
     try:
-        with pytest.raises(TransientError) as failed:
+        with pytest.raises(PermanentError) as failed:
             cache.get(ModelKey(str(evil), "v1", "cpu", 416, "detect", "mallory"))
-        assert failed.value.code is ErrorCode.MODEL_UNAVAILABLE
+        assert failed.value.code is ErrorCode.TENANT_MODEL_INVALID
         assert not marker.exists(), "unpickling the weights ran their code"
         assert cache.get(key()).model is not None
     finally:

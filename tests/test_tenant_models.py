@@ -22,7 +22,7 @@ from gannet.config_sources import open_configs
 from gannet.daemon import model_file, model_version
 from gannet.dev import demo
 from gannet.dev.publish import make_task
-from gannet.errors import ErrorCode, TransientError
+from gannet.errors import ErrorCode, PermanentError, TransientError
 from gannet.metrics import Metrics
 from gannet.model_cache import ModelCache, ModelKey, yolo_loader
 from gannet.model_resolver import ModelResolver, tenant_model_lister
@@ -32,6 +32,7 @@ from gannet.stages import Timer
 from gannet.storage import Storage, local_version, read_local
 
 DETECT = REPO_ROOT / "models" / "demo" / "detect.pt"
+CLASSIFY = REPO_ROOT / "models" / "demo" / "classify.pt"
 ORIGINAL = {0: "circle", 1: "square", 2: "triangle"}
 
 
@@ -113,16 +114,17 @@ def test_a_tenant_model_without_the_classes_its_filter_names_is_not_served(world
     """The config keeps circles, squares and triangles: an industry model must have
     them to be served at all (load_models), and a tenant's own model, loaded on first
     use, must too. One trained with other names (acme-circle, ...) answered every
-    task with no detections, as successes; now its tasks are retried (model_unavailable,
-    naming the model and the classes) while other tenants are served, and a corrected
-    upload serves the tenant."""
+    task with no detections, as successes; now its tasks are refused
+    (tenant_model_invalid: a failed row and a dead letter naming the model and the
+    classes, to replay) while other tenants are served, and a corrected upload serves
+    the tenant."""
     run, upload, _, _, _ = world
     want = expected_counts(SCENES[0])
     upload("acme", renamed(tmp_path / "a.pt", "acme"), "detect.pt")
     for _ in range(2):  # and not only on the model's first use
-        with pytest.raises(TransientError) as refused:
+        with pytest.raises(PermanentError) as refused:
             run("acme")
-        assert refused.value.code == ErrorCode.MODEL_UNAVAILABLE
+        assert refused.value.code == ErrorCode.TENANT_MODEL_INVALID
         said = refused.value.message
         assert "models/acme/detect.pt" in said and "models.detection.classes" in said
         assert "'circle', 'square', 'triangle' are not classes" in said
@@ -130,6 +132,34 @@ def test_a_tenant_model_without_the_classes_its_filter_names_is_not_served(world
     assert run("globex") == want
     upload("acme", DETECT, "detect.pt")  # the same names as the filter's
     assert run("acme") == want
+
+
+@pytest.mark.parametrize(
+    ("weights", "said"),
+    [
+        (b"\x00not a checkpoint" * 100, "cannot serve: it is not a model gannet can load"),
+        (CLASSIFY.read_bytes(), "cannot serve: it is a classify model, configured as detect"),
+    ],
+)
+def test_a_tenant_model_that_can_never_serve_is_said_to_the_tenant(world, tmp_path, weights, said):
+    """A tenant's corrupt upload, or one of another kind, failed every task of the
+    tenant as a transient error: five quick retries, then a dead letter saying only
+    retries_exhausted, with no row; the reason was in the daemon's logs. Only a new
+    upload can fix it: the task is refused (tenant_model_invalid, its row and dead
+    letter naming the model and why), other tenants are served, a fixed upload serves."""
+    run, upload, _, _, _ = world
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(weights)
+    upload("acme", bad, "detect.pt")
+    for _ in range(2):  # the load's failure is remembered, and stays permanent
+        with pytest.raises(PermanentError) as refused:
+            run("acme")
+        assert refused.value.code is ErrorCode.TENANT_MODEL_INVALID
+        assert "tenant acme's own model gs://" in refused.value.message
+        assert said in refused.value.message and "upload a fixed one" in refused.value.message
+    assert run("globex") == expected_counts(SCENES[0])
+    upload("acme", renamed(tmp_path / "fixed.pt", "fixed"), "detect.pt")
+    assert run("acme") == {f"fixed-{k}": v for k, v in expected_counts(SCENES[0]).items()}
 
 
 def test_a_tenant_model_serves_only_its_tenant_and_others_fall_back(world, tmp_path):
@@ -262,7 +292,7 @@ def test_an_onnx_model_of_another_kind_than_its_key_is_a_failed_load(onnx_model,
     try:
         with pytest.raises(TransientError) as err:
             cache.get(ModelKey(str(onnx_model), "v1", "cpu", 416, asked))
-        assert f"detect.onnx is a detect model, configured as {asked}" in err.value.message
+        assert f"detect.onnx: it is a detect model, configured as {asked}" in err.value.message
         assert cache.get(ModelKey(str(onnx_model), "v1", "cpu", 416, "detect")).task == "detect"
     finally:
         cache.close()

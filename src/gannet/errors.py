@@ -24,6 +24,9 @@ class ErrorCode(StrEnum):
     IMAGE_UNDECODABLE = "image_undecodable"
     IMAGE_TOO_LARGE = "image_too_large"
     TASK_ID_CONFLICT = "task_id_conflict"
+    # The tenant's own model (gs://MODELS_BUCKET/models/TENANT/...) cannot serve: its
+    # file is corrupt, of another kind, too large, or lacks a class the filters name.
+    TENANT_MODEL_INVALID = "tenant_model_invalid"
     # Transient codes, never dead-lettered by the daemon: a log line's `error_code` only.
     # The metrics count the outcome (gannet_messages_total{outcome="retry"|"busy"|
     # "shutdown"}), not the code.
@@ -57,6 +60,14 @@ class PermanentError(GannetError):
 
 class TransientError(GannetError):
     """Retrying may help: nack so Pub/Sub redelivers with backoff."""
+
+
+class BadModelFile(ValueError):
+    """A model file that can never serve, whatever the retries: it is not a model
+    (corrupt, truncated, not a pickle ultralytics reads), another kind of model than
+    configured, or over the size limit. The model cache makes it permanent for a
+    tenant's own model (its tasks quarantined with the reason, on their rows), and
+    transient for an industry model (a config check rejects those before they serve)."""
 
 
 class CommandError(RuntimeError):

@@ -35,7 +35,7 @@ from prometheus_client import Histogram
 
 from gannet.batcher import Batcher, BatcherClosed
 from gannet.config_schema import MAX_DETECTIONS
-from gannet.errors import ErrorCode, TransientError
+from gannet.errors import BadModelFile, ErrorCode, GannetError, PermanentError, TransientError
 from gannet.frames import Frame
 from gannet.lanes import URGENCY
 from gannet.metrics import Metrics
@@ -130,7 +130,7 @@ class ModelCache:
         self._loaded: OrderedDict[ModelKey, LoadedModel] = OrderedDict()
         self._loading: dict[ModelKey, Future[LoadedModel]] = {}
         self._retry_failed_after_s = retry_failed_after_s
-        self._failed: dict[ModelKey, tuple[float, TransientError]] = {}  # key -> (when, why)
+        self._failed: dict[ModelKey, tuple[float, GannetError]] = {}  # key -> (when, why)
         self._idle_evict_s = idle_evict_s
         self._asked: dict[ModelKey, float] = {}  # each loaded model's last get
         # Idle models are looked for on a get, at most this often.
@@ -141,7 +141,8 @@ class ModelCache:
         """The loaded model, loading it (once, whoever asks meanwhile) if it is not;
         TransientError(model_unavailable) if it cannot load, failed to lately, or is
         still loading `wait_s` later (None: no bound, for start-up's and a config
-        check's loads)."""
+        check's loads); PermanentError(tenant_model_invalid) for a tenant's own model
+        whose file can never serve (BadModelFile)."""
         with self._lock:
             entry = self._loaded.get(key)
             if entry is not None:
@@ -184,7 +185,7 @@ class ModelCache:
         except Exception as exc:  # noqa: BLE001 - handed to the waiters, who raise it
             with self._lock:
                 del self._loading[key]
-                if isinstance(exc, TransientError):
+                if isinstance(exc, GannetError):
                     now = time.monotonic()
                     self._failed = {  # old versions' failures are never asked for again
                         k: v
@@ -193,7 +194,7 @@ class ModelCache:
                     }
                     self._failed[key] = (now, exc)
             self._metrics.model_load_failures.labels(key.label(), key.device).inc()
-            if isinstance(exc, TransientError):  # anything else is a bug, logged by a waiter
+            if isinstance(exc, GannetError):  # anything else is a bug, logged by a waiter
                 log.warning(
                     "model load failed; not retried for a while",
                     extra={
@@ -271,7 +272,7 @@ class ModelCache:
             del self._failed[key]
             return
         error = failed[1]
-        raise TransientError(
+        raise type(error)(  # permanent stays permanent: a tenant's bad upload
             error.code,
             f"{error.message} (failed {age:.0f} s ago; retried after "
             f"{self._retry_failed_after_s:.0f} s)",
@@ -281,8 +282,18 @@ class ModelCache:
         started = time.perf_counter()
         try:
             model, nbytes = self._load(key)
-        except TransientError:
+        except GannetError:
             raise
+        except BadModelFile as exc:
+            if key.tenant is not None:  # only a new upload can fix it: said to the tenant
+                raise PermanentError(
+                    ErrorCode.TENANT_MODEL_INVALID,
+                    f"tenant {key.tenant}'s own model {key.uri} (generation {key.version}) "
+                    f"cannot serve: {exc}; upload a fixed one, then republish",
+                ) from exc
+            raise TransientError(
+                ErrorCode.MODEL_UNAVAILABLE, f"cannot load model {key.uri}: {exc}"
+            ) from exc
         except Exception as exc:
             raise TransientError(
                 ErrorCode.MODEL_UNAVAILABLE, f"cannot load model {key.uri}: {exc}"
@@ -478,15 +489,16 @@ def yolo_loader(
         path = local_path(key.uri, key.version)
         cuda = key.device.startswith("cuda")
         before = torch.cuda.memory_allocated(key.device) if cuda else 0
-        stated = _onnx_task(path) if path.suffix == ".onnx" else None
-        model = YOLO(str(path), task=key.task)
+        try:
+            stated = _onnx_task(path) if path.suffix == ".onnx" else None
+            model = YOLO(str(path), task=key.task)
+        except Exception as exc:  # what ultralytics, torch or onnxruntime make of the file
+            raise BadModelFile(f"it is not a model gannet can load: {exc}") from exc
         if (stated or model.task) != key.task:
             # A .pt file says what it is, whatever `task` asked: a classifier configured
             # as the detection model answered every image with no boxes, as successes.
             # An .onnx file's task is what `task` asks, so its export's metadata decides.
-            raise ValueError(
-                f"{path.name} is a {stated or model.task} model, configured as {key.task}"
-            )
+            raise BadModelFile(f"it is a {stated or model.task} model, configured as {key.task}")
         if key.device == "cpu" and key.task in ("detect", "segment"):
             model.add_callback("on_predict_start", _skip_warmup)
         blank = np.zeros((key.imgsz, key.imgsz, 3), dtype=np.uint8)

@@ -361,15 +361,17 @@ class Pipeline:
         checked against the config's filters then, as an industry model's are before it
         serves (load_models). One that lacks a class they name (a model trained with
         other names) answered every task without that class, as a success; now its
-        tasks fail model_unavailable naming the model and the classes (retried, then
-        dead-lettered, to replay) until a corrected upload (a new generation, a new key)
-        serves them."""
+        tasks are refused (tenant_model_invalid: a failed row and a dead letter naming
+        the model and the classes, to replay) until a corrected upload (a new
+        generation, a new key) serves them."""
         names = self.cache.get(key, self.cache.load_wait_s).names
         try:
             _check_class_filters(loaded, kind, names, key.uri)
         except ConfigError as exc:
-            raise TransientError(
-                ErrorCode.MODEL_UNAVAILABLE, f"tenant {key.tenant}'s own model: {exc}"
+            raise PermanentError(
+                ErrorCode.TENANT_MODEL_INVALID,
+                f"tenant {key.tenant}'s own model (generation {key.version}): {exc}; "
+                "upload a fixed one, then republish",
             ) from exc
         if len(self._tenant_checked) >= 4096:
             self._tenant_checked.clear()

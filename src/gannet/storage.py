@@ -28,7 +28,7 @@ from google.auth.exceptions import TransportError as AuthTransportError
 from google.auth.transport.requests import AuthorizedSession
 from requests.adapters import HTTPAdapter
 
-from gannet.errors import ErrorCode, PermanentError, TransientError
+from gannet.errors import BadModelFile, ErrorCode, PermanentError, TransientError
 from gannet.gcs_http import Endpoint, HTTPError, Reply
 from gannet.task import GsUrl
 
@@ -385,7 +385,7 @@ class Storage:
             )
         size = int(found.get("size", 0))
         if max_bytes is not None and size > max_bytes:
-            raise ValueError(
+            raise BadModelFile(
                 f"{where} is {size / 2**20:.0f} MB, over the {max_bytes / 2**20:.0f} MB "
                 "limit (GANNET_MAX_MODEL_MB)"
             )
