@@ -41,13 +41,15 @@ lint: $(VENV)/.installed
 test: $(VENV)/.installed $(INFRA)/.installed lint
 	YOLO_OFFLINE=1 $(VENV)/bin/pytest
 
+# Flags through BENCH_ARGS, e.g. make bench BENCH_ARGS="--plumbing --sizes 640x480".
 bench: $(VENV)/.installed
-	YOLO_OFFLINE=1 $(VENV)/bin/gannet bench
+	YOLO_OFFLINE=1 $(VENV)/bin/gannet bench $(BENCH_ARGS)
 
 # 2000 tasks, 10 % poison, kill -9 twice, SIGTERM and a PostgreSQL restart once; exit 1
-# if a task is lost or inferred twice, or poison is mishandled. `gannet soak --help`.
+# if a task is lost or inferred twice, or poison is mishandled. `gannet soak --help`;
+# its flags through SOAK_ARGS, e.g. make soak SOAK_ARGS="--tasks 500".
 soak: $(VENV)/.installed
-	YOLO_OFFLINE=1 $(VENV)/bin/gannet soak
+	YOLO_OFFLINE=1 $(VENV)/bin/gannet soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(INFRA) .state build bench-results

@@ -264,8 +264,12 @@ class LocalServices:
         for name, port in vars(self.ports).items():
             if port_in_use(port):
                 raise ServiceError(
-                    f"port {port} for {name} is already in use: stop what runs there, or "
-                    f"choose another port (see `gannet services --help`)"
+                    f"port {port} for {name} is already in use; `ss -ltnp 'sport = :{port}'` "
+                    "shows what listens there. An earlier `gannet services`, demo, bench or "
+                    "soak that was killed (kill -9, out of memory) before it could stop its "
+                    "services leaves them running: stop them (`kill -- -PGID`, the process "
+                    "group ps -o pgid= -p PID shows), or choose other ports (--pubsub-port, "
+                    "--gcs-port, --postgres-port)"
                 )
         self.state_dir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
