@@ -204,21 +204,16 @@ def test_bench_options_of_another_mode_are_refused_not_ignored():
     )
 
 
+PUBLISH = ("publish", "--tenant", "acme", "--pipeline", "DETECTION")
+
+
 def test_publish_refuses_two_files_that_would_be_one_object(tmp_path):
     """Two local files of one name went to one object, gs://B/T/uploads/NAME, and both
     tasks ran on the second's image, without a word. Refused before anything is sent."""
     for folder, scene in (("a", SCENES[0]), ("b", SCENES[1])):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "x.jpg").write_bytes((SAMPLES / scene["file"]).read_bytes())
-    out = gannet(
-        "publish",
-        "--tenant",
-        "acme",
-        "--pipeline",
-        "DETECTION",
-        str(tmp_path / "a" / "x.jpg"),
-        str(tmp_path / "b" / "x.jpg"),
-    )
+    out = gannet(*PUBLISH, str(tmp_path / "a" / "x.jpg"), str(tmp_path / "b" / "x.jpg"))
     assert out.returncode == 2
     assert "would both upload to gs://gannet-images/acme/uploads/x.jpg: rename one" in out.stderr
 
@@ -231,11 +226,7 @@ def test_publish_to_services_that_are_not_running_says_so_at_once():
         closed = probe.getsockname()[1]  # nothing listens on it
     started = time.monotonic()
     out = gannet(
-        "publish",
-        "--tenant",
-        "acme",
-        "--pipeline",
-        "DETECTION",
+        *PUBLISH,
         "gs://gannet-images/acme/x.jpg",
         env={
             "GANNET_PUBSUB_EMULATOR_HOST": f"127.0.0.1:{closed}",
