@@ -14,9 +14,12 @@ locals {
   github_environment_principal = "principal://iam.googleapis.com/${local.github_pool}/subject/repo:${var.github_repository}:environment:${var.github_environment}"
   # Any job of the repository the provider accepts: the build job, which has no environment.
   github_repository_principals = "principalSet://iam.googleapis.com/${local.github_pool}/attribute.repository/${var.github_repository}"
-  push_principals = concat(
-    [local.github_environment_principal],
-    var.build_pushes_here ? [local.github_repository_principals] : [],
+  # Keyed by names known at plan time: the pool's name is only known once it exists, and
+  # a for_each over values built from it failed the first plan of a new project
+  # ("Invalid for_each argument").
+  push_principals = merge(
+    { environment = local.github_environment_principal },
+    var.build_pushes_here ? { repository = local.github_repository_principals } : {},
   )
 }
 
@@ -52,7 +55,7 @@ resource "google_service_account" "push" {
 }
 
 resource "google_service_account_iam_member" "push_from_github" {
-  for_each           = toset(local.push_principals)
+  for_each           = local.push_principals
   service_account_id = google_service_account.push.name
   role               = "roles/iam.workloadIdentityUser"
   member             = each.value

@@ -50,7 +50,7 @@ resource "google_pubsub_subscription" "lane_dead_letter" {
   topic                      = google_pubsub_topic.lane_dead_letter[each.key].id
   labels                     = merge(local.labels, { lane = each.key })
   ack_deadline_seconds       = 60
-  message_retention_duration = "604800s"
+  message_retention_duration = "2678400s" # 31 days, the most Pub/Sub keeps
   expiration_policy {
     ttl = ""
   }

@@ -97,4 +97,7 @@ resource "google_service_networking_connection" "sql" {
   network                 = google_compute_network.vpc.id
   service                 = "servicenetworking.googleapis.com"
   reserved_peering_ranges = [google_compute_global_address.sql.name]
+  # The peering cannot be removed while the producer (Cloud SQL) still holds it after
+  # the instance's deletion: destroy left it, and failed, instead of abandoning it.
+  deletion_policy = "ABANDON"
 }

@@ -44,7 +44,7 @@ resource "google_pubsub_subscription" "dead_letter" {
   topic                      = google_pubsub_topic.dead_letter.id
   labels                     = local.labels
   ack_deadline_seconds       = 60
-  message_retention_duration = "604800s"
+  message_retention_duration = "2678400s" # 31 days, the most Pub/Sub keeps
   expiration_policy {
     ttl = ""
   }

@@ -84,9 +84,16 @@ resource "google_sql_database_instance" "gannet" {
       name  = "log_statement"
       value = "ddl"
     }
+    # pgAudit: the flag loads it, `CREATE EXTENSION pgaudit` in the database (once, as
+    # the postgres user: docs/operating.md, step 7) turns it on, and pgaudit.log says
+    # what it records: schema and role changes, not the per-task reads and writes.
     database_flags {
       name  = "cloudsql.enable_pgaudit"
       value = "on"
+    }
+    database_flags {
+      name  = "pgaudit.log"
+      value = "ddl,role"
     }
   }
 
@@ -108,6 +115,9 @@ resource "google_sql_user" "gannet" {
   name     = "gannet"
   instance = google_sql_database_instance.gannet.name
   password = random_password.db.result
+  # It owns gannet's tables, and PostgreSQL refuses to drop a role that owns objects:
+  # a destroy (dev's) failed here. The instance's deletion takes the role with it.
+  deletion_policy = "ABANDON"
 }
 
 resource "google_secret_manager_secret" "db_password" {

@@ -8,6 +8,8 @@ resource "google_storage_bucket" "images" {
   uniform_bucket_level_access = true
   public_access_prevention    = "enforced"
   labels                      = local.labels
+  # Without deletion protection (dev), a destroy empties the bucket rather than failing.
+  force_destroy = !var.deletion_protection
 
   lifecycle_rule {
     condition {
@@ -27,6 +29,8 @@ resource "google_storage_bucket" "models" {
   uniform_bucket_level_access = true
   public_access_prevention    = "enforced"
   labels                      = local.labels
+  # Without deletion protection (dev), a destroy empties the bucket rather than failing.
+  force_destroy = !var.deletion_protection
 
   # Weights and configs are versioned: a bad upload can be rolled back.
   versioning {
@@ -52,6 +56,8 @@ resource "google_storage_bucket" "results" {
   uniform_bucket_level_access = true
   public_access_prevention    = "enforced"
   labels                      = local.labels
+  # Without deletion protection (dev), a destroy empties the bucket rather than failing.
+  force_destroy = !var.deletion_protection
 
   lifecycle_rule {
     condition {

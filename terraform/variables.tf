@@ -94,6 +94,10 @@ variable "sql_availability_type" {
   description = "ZONAL or REGIONAL (HA) Cloud SQL."
   type        = string
   default     = "ZONAL"
+  validation {
+    condition     = contains(["ZONAL", "REGIONAL"], var.sql_availability_type)
+    error_message = "sql_availability_type: ZONAL or REGIONAL."
+  }
 }
 
 variable "images_retention_days" {
@@ -106,18 +110,42 @@ variable "results_retention_days" {
   description = "Result JSON moves to Nearline after 30 days and is deleted after this many days."
   type        = number
   default     = 365
+  validation {
+    # Nearline bills 30 days at least: deleted sooner after the move, each object is
+    # charged for the rest (early deletion).
+    condition     = var.results_retention_days <= 30 || var.results_retention_days >= 60
+    error_message = "results_retention_days: 30 or less (never Nearline), or 60 or more (30 days in Nearline)."
+  }
 }
 
 variable "ack_deadline_seconds" {
-  description = "Pub/Sub ack deadline; the client extends leases while a task runs, so this only bounds redelivery after a crash."
+  description = "The subscriptions' ack deadline, for pull clients other than the worker (gannet dead-letters, a backend's own tools): the worker's streaming pull sends its own, GANNET_STREAM_ACK_DEADLINE_S, and extends it while a task runs."
   type        = number
   default     = 60
+  validation {
+    condition     = var.ack_deadline_seconds >= 10 && var.ack_deadline_seconds <= 600
+    error_message = "ack_deadline_seconds: Pub/Sub takes 10 to 600."
+  }
 }
 
 variable "max_delivery_attempts" {
   description = "Deliveries before Pub/Sub moves a message to the dead-letter topic."
   type        = number
   default     = 5
+  validation {
+    condition     = var.max_delivery_attempts >= 5 && var.max_delivery_attempts <= 100
+    error_message = "max_delivery_attempts: Pub/Sub takes 5 to 100."
+  }
+}
+
+variable "dead_letter_alert_days" {
+  description = "Days a dead letter may wait unhandled (replayed or acknowledged) before its Cloud Monitoring alert (alerts.tf) fires; Pub/Sub drops it at 31."
+  type        = number
+  default     = 3
+  validation {
+    condition     = var.dead_letter_alert_days > 0 && var.dead_letter_alert_days < 31
+    error_message = "dead_letter_alert_days: more than 0 and less than 31 (Pub/Sub's retention)."
+  }
 }
 
 variable "deletion_protection" {
@@ -159,6 +187,12 @@ variable "build_pushes_here" {
   description = "Whether the workflow's build job (no environment) pushes to this repository: true for dev; prod receives images by promotion."
   type        = bool
   default     = false
+}
+
+variable "backend_members" {
+  description = "Backends that publish tasks (backends.tf): each may publish to every lane's topic, upload to the images bucket, read its dead letters and read result objects. IAM members, e.g. serviceAccount:acme-backend@PROJECT.iam.gserviceaccount.com."
+  type        = list(string)
+  default     = []
 }
 
 variable "registry_readers" {

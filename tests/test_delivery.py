@@ -315,9 +315,14 @@ def test_workload_identity_trusts_this_repository_on_main_and_tags_only(
     )
     deploy = res["google_service_account_iam_member.deploy_from_github"]
     assert one(deploy["member"]) == "${local.github_environment_principal}"
+    # A map keyed by fixed names: the pool's name, in the principals, is known only once
+    # the pool exists, and a set of them failed the first plan ("Invalid for_each").
     assert one(res["google_service_account_iam_member.push_from_github"]["for_each"]) == (
-        "${toset(local.push_principals)}"
+        "${local.push_principals}"
     )
+    principals = one(delivery["push_principals"])
+    assert "{'environment': '${local.github_environment_principal}'}" in principals
+    assert "{'repository': '${local.github_repository_principals}'}" in principals
     writer = res["google_artifact_registry_repository_iam_member.push_writes"]
     assert one(writer["role"]) == "roles/artifactregistry.writer"
     assert one(writer["repository"]) == "${google_artifact_registry_repository.gannet.name}"

@@ -815,6 +815,30 @@ def test_the_oldest_message_alert_needs_no_pod(terraform: dict[str, Any]) -> Non
     assert "GannetOldestUnackedMessageTooOld" in one(policy["display_name"])
 
 
+def test_dead_letters_are_kept_the_longest_and_alerted_on_before_they_go(
+    terraform: dict[str, Any],
+) -> None:
+    """A task whose retries ran out has no row: its dead letter is all there is, and
+    Pub/Sub dropped it after 7 days with nothing said. Every dead-letter subscription
+    keeps them 31 days (Pub/Sub's most) and has a Cloud Monitoring alert that fires
+    days before (dead_letter_alert_days), with its runbook section."""
+    res = resources(terraform)
+    for name in ("dead_letter", "lane_dead_letter"):
+        sub = res[f"google_pubsub_subscription.{name}"]
+        assert one(sub["message_retention_duration"]) == "2678400s", name
+    policy = one(res["google_monitoring_alert_policy.dead_letters_unhandled"])
+    condition = one(one(policy["conditions"])["condition_threshold"])
+    assert "subscription/oldest_unacked_message_age" in one(condition["filter"])
+    assert one(condition["threshold_value"]) == "${var.dead_letter_alert_days * 86400}"
+    [alerts] = [
+        b for b in terraform["files"]["alerts.tf"]["locals"] if "dead_letter_subscriptions" in b
+    ]
+    subscriptions = one(alerts["dead_letter_subscriptions"])
+    assert "google_pubsub_subscription.dead_letter.name" in subscriptions
+    assert "google_pubsub_subscription.lane_dead_letter[lane].name" in subscriptions
+    assert "gannetdeadlettersunhandled" in runbook_anchors()
+
+
 def test_alert_rule_gate_fails_on_a_name_or_label_not_exported() -> None:
     exported = exported_metrics()
     assert (
