@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from conftest import SCENES, expected_counts, settled, wait_until
+
+from gannet.errors import TransientError
 
 
 class Relay:
@@ -201,3 +205,59 @@ def test_an_outage_that_outlasts_the_retries_is_dead_lettered_and_replays(stack,
     assert row["result"]["detection"]["counts"] == expected_counts(SCENES[0])
     assert stack.pull_dead_letters(1, timeout_s=1) == []
     assert daemon.stop() == 0
+
+
+def test_every_round_trip_of_a_commit_has_the_answer_deadline(services):
+    """Each of a commit's round trips, the rollback after a failed result write
+    included, is dropped at the answer deadline when the peer stops answering: a
+    rollback without one held its runner for as long as the peer kept the connection
+    open (a review: still blocked after 20 s with a 2 s deadline). The cursor
+    transactions (a failed task's row) have it too. Nothing is mocked but the write
+    that fails."""
+    from gannet import sink
+    from gannet.task import TaskResult
+
+    url = urlsplit(services.database_url)
+    relay = Relay(url.hostname or "127.0.0.1", url.port or 5432)
+    through = urlunsplit(
+        url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{relay.port}")
+    )
+    db = sink.Sink(through, pool_size=1, answer_deadline_s=1.0)
+    db.open()
+    tenant, task_id = "acme", f"commit-{uuid.uuid4().hex[:8]}"
+    record = TaskResult(
+        task_id=task_id, tenant_id=tenant, status="succeeded", result={}, pipeline="DETECTION"
+    )
+    try:
+        assert db.start(task_id, tenant, "pod-a", 60.0).claimed
+        relay.freeze()  # a cursor transaction (a failed task's row) on the open connection
+        failed = TaskResult(
+            task_id=f"{task_id}-f", tenant_id=tenant, status="failed", pipeline="DETECTION"
+        )
+        started = time.monotonic()
+        with pytest.raises(TransientError, match="gave no answer within 1 s"):
+            db.save(failed)
+        assert time.monotonic() - started < 5
+        relay.thaw()
+        wait_until(lambda: _answers(db), "a new connection once the peer answers again", 30)
+
+        def write_fails_as_the_peer_goes_silent() -> None:
+            relay.freeze()
+            raise OSError("the result's write failed")
+
+        started = time.monotonic()
+        with pytest.raises(OSError, match="the result's write failed"):
+            db.save_claimed(record, "pod-a", write_fails_as_the_peer_goes_silent)
+        assert time.monotonic() - started < 5, "the rollback waited past its deadline"
+    finally:
+        relay.thaw()
+        relay.close()
+        db.close()
+
+
+def _answers(db) -> bool:
+    try:
+        db.find_success("nothing", "acme")
+    except TransientError:
+        return False
+    return True

@@ -606,7 +606,7 @@ class Sink:
                 query = _FINISH % b", ".join(pgexec.literals(conn, finish))
                 pgexec.execute(conn, query, deadline_s=self._answer_deadline_s)
             except BaseException:
-                _roll_back(conn)
+                _roll_back(conn, self._answer_deadline_s)
                 raise
         return not claim["committed"]
 
@@ -630,14 +630,16 @@ class Sink:
             raise _transient(exc) from exc
 
 
-def _roll_back(conn: psycopg.Connection[Any]) -> None:
-    """End a transaction that failed half way (no-op when none is open). On a broken
-    connection that fails too; the pool then drops the connection, and the first error
-    is the one that counts."""
+def _roll_back(conn: psycopg.Connection[Any], deadline_s: float) -> None:
+    """End a transaction that failed half way (no-op when none is open), answered
+    within `deadline_s` like every round trip. On a broken connection (or one whose
+    deadline struck) that fails too; the pool then drops the connection, and the first
+    error is the one that counts."""
     if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
         return
     try:
-        conn.execute("ROLLBACK")
+        with pgexec.Deadline(conn, deadline_s):
+            conn.execute("ROLLBACK")
     except psycopg.Error as exc:
         log.debug("rollback failed; the pool replaces the connection: %s", exc)
 
