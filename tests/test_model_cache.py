@@ -500,3 +500,72 @@ def test_an_evicted_tenants_model_takes_its_forward_time_series_with_it():
         assert metrics.registry.get_sample_value("gannet_forward_seconds_count", industry)
     finally:
         cache.close()
+
+
+def test_close_waits_for_the_load_in_flight_and_starts_no_queued_one():
+    """A load still running when the process exits is inside torch while the
+    interpreter tears down (an abort); one started after close() returned, from the
+    queue, too. close() waits for the one in flight and the queued ones are answered
+    "shutting down" without loading."""
+    release = threading.Event()
+    calls: list[str] = []
+    load = yolo_loader(lambda uri, version: Path(uri))
+
+    def held(k: ModelKey):
+        calls.append(str(k.tenant))
+        assert release.wait(60)
+        return load(k)
+
+    cache = ModelCache(held, Metrics(), load_threads=1)
+    for tenant in ("first", "queued"):
+        with pytest.raises(TransientError, match="still loading"):
+            cache.get(key(tenant=tenant), 0.1)
+    closed = threading.Event()
+    threading.Thread(target=lambda: (cache.close(timeout_s=30), closed.set()), daemon=True).start()
+    assert not closed.wait(0.5), "close() returned with a load in flight"
+    release.set()
+    assert closed.wait(30)
+    assert calls == ["first"], "the queued load never started"
+    with pytest.raises(TransientError, match="shutting down"):
+        cache.get(key(tenant="queued"))
+
+
+def test_a_load_that_fails_for_want_of_memory_is_retried_not_refused(monkeypatch):
+    """A tenant's file that can never serve refuses its tasks (tenant_model_invalid);
+    the host running out of memory while it loads is not the file's fault: its tasks
+    are retried (model_unavailable) instead of quarantined with a reason that is false."""
+    import ultralytics.models
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(ultralytics.models, "YOLO", out_of_memory)
+    cache = ModelCache(yolo_loader(lambda uri, version: Path(uri)), Metrics())
+    try:
+        with pytest.raises(TransientError) as err:
+            cache.get(key(tenant="acme"))
+        assert err.value.code is ErrorCode.MODEL_UNAVAILABLE
+    finally:
+        cache.close()
+
+
+def test_a_tenant_models_series_stays_while_another_version_of_it_is_loaded():
+    """An evicted model's forward-time series goes only when no loaded model has its
+    label: two versions of one tenant's file share it."""
+    metrics = Metrics()
+    cache = ModelCache(counting_loader([]), metrics, idle_evict_s=1.0)
+    image = cv2.imread(str(SAMPLES / SCENES[0]["file"]))
+    series = {"model": "acme/detect.pt", "device": "cpu"}
+    try:
+        cache.get(key("v1", tenant="acme"))
+        cache.get(key("v2", tenant="acme"))
+        cache.predict(key("v1", tenant="acme"), [image], 0.5)
+        time.sleep(1.1)
+        cache.predict(key("v2", tenant="acme"), [image], 0.5)  # v1 idle past 1 s: evicted
+        assert cache.loaded() == [key("v2", tenant="acme")]
+        wait_until(
+            lambda: metrics.registry.get_sample_value("gannet_forward_seconds_count", series),
+            "acme's series, kept for v2",
+        )
+    finally:
+        cache.close()

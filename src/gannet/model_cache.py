@@ -119,6 +119,7 @@ class ModelCache:
             queue.SimpleQueue()
         )
         self._loaders = 0  # threads started
+        self._closing = False  # close() called: queued loads are not started
         self._held = held
         self._cpu_threads = cpu_threads
         self._stage_cpu = stage_cpu
@@ -175,11 +176,33 @@ class ModelCache:
             ) from None
 
     def _loader(self) -> None:
+        """A load thread: it outlives any error, and no waiter is left without an
+        answer (a start-up's or a config check's wait has no bound)."""
         while True:
-            self._load_into(*self._load_queue.get())
+            key, future = self._load_queue.get()
+            try:
+                self._load_into(key, future)
+            except Exception as exc:  # a bug around the load: logged, handed to the waiters
+                log.exception("model load failed unexpectedly", extra={"model": key.label()})
+                with self._lock:
+                    if self._loading.get(key) is future:
+                        del self._loading[key]
+                if not future.done():
+                    future.set_exception(exc)
 
     def _load_into(self, key: ModelKey, future: Future[LoadedModel]) -> None:
-        """The load, on its own thread: its result or error goes to every waiter."""
+        """The load, on its own thread: its result or error goes to every waiter. None
+        starts once the cache is closing (a load begun after close() returned would be
+        inside torch at the interpreter's exit)."""
+        with self._lock:
+            closing = self._closing
+            if closing:
+                del self._loading[key]
+        if closing:
+            future.set_exception(
+                TransientError(ErrorCode.MODEL_UNAVAILABLE, f"model {key.label()}: shutting down")
+            )
+            return
         try:
             entry = self._load_entry(key)
         except Exception as exc:  # noqa: BLE001 - handed to the waiters, who raise it
@@ -403,6 +426,7 @@ class ModelCache:
         inside torch while the interpreter tears down ("terminate called", an abort)."""
         deadline = time.monotonic() + timeout_s
         with self._lock:
+            self._closing = True
             loading = list(self._loading.values())
         futures.wait(loading, timeout=timeout_s)
         with self._lock:
@@ -456,6 +480,15 @@ def safe_loads() -> None:
     tasks.SAFE_LOAD = True  # type: ignore[attr-defined] # imported there, not re-exported
 
 
+def _passing(exc: BaseException) -> bool:
+    """A failure of the host, not of the file: memory (the host's, a device's) or the
+    disk. The same file may load a moment later, so its tasks are retried rather than
+    refused as the tenant's bad upload."""
+    if isinstance(exc, (MemoryError, OSError)):
+        return True
+    return "out of memory" in str(exc).lower()  # torch.cuda.OutOfMemoryError among them
+
+
 def _onnx_task(path: Path) -> str | None:
     """The task an ultralytics export wrote in the ONNX file's metadata (None: no such
     entry, a model exported by other means). A detector's .onnx configured as the
@@ -493,6 +526,8 @@ def yolo_loader(
             stated = _onnx_task(path) if path.suffix == ".onnx" else None
             model = YOLO(str(path), task=key.task)
         except Exception as exc:  # what ultralytics, torch or onnxruntime make of the file
+            if _passing(exc):
+                raise
             raise BadModelFile(f"it is not a model gannet can load: {exc}") from exc
         if (stated or model.task) != key.task:
             # A .pt file says what it is, whatever `task` asked: a classifier configured
