@@ -16,7 +16,7 @@ from conftest import Started, gated_storage, scraped, wait_until
 from gannet import clients
 from gannet import storage as storage_module
 from gannet.config_schema import ConfigError
-from gannet.config_sources import ConfigSource, ConfigWatch, parse_config
+from gannet.config_sources import ConfigSource, ConfigWatch, _yaml_mapping, parse_config
 from gannet.daemon import config_check_s
 from gannet.dev import demo
 from gannet.dev.local_services import LocalServices
@@ -462,3 +462,27 @@ def test_the_config_is_checked_every_30_s_from_gcs_and_5_s_from_a_file_unless_se
     assert config_check_s("/etc/gannet/config.yaml") == 5.0
     assert config_check_s("gs://models/demo/config.yaml", 0.5) == 0.5
     assert config_check_s("/etc/gannet/config.yaml", 60.0) == 60.0
+
+
+def test_anchors_and_merge_keys_load_as_yaml_reads_them():
+    """Keys given twice are refused, but a merge key's (`<<:`) are meant to be
+    overridden, nested merges and two merges in one mapping included."""
+    text = """
+x-detector: &detector {path: d.pt, confidence_threshold: 0.4, imgsz: 320}
+x-tuned: &tuned
+  <<: *detector
+  confidence_threshold: 0.5
+x-classes: &classes {classes: [circle]}
+models:
+  detection:
+    <<: *tuned
+    <<: *classes
+    imgsz: 416
+"""
+    spec = _yaml_mapping(text, "c.yaml")["models"]["detection"]
+    assert spec == {
+        "path": "d.pt",
+        "confidence_threshold": 0.5,
+        "imgsz": 416,
+        "classes": ["circle"],
+    }

@@ -290,16 +290,20 @@ def test_configs_in_gcs_reload_by_generation_and_a_bad_push_keeps_serving(servic
     blob.reload()
     assert served() == [("1", str(blob.generation))]
 
+    sample = metrics.registry.get_sample_value
+    assert sample("gannet_configs_rejected") == 0
     blob.upload_from_string(text.replace("confidence_threshold: 0.5", "confidence_threshold: 5"))
     source.check_now()  # the daemon's ConfigWatch: every 30 s
     assert source.for_tenant("any").config.version == 1
     assert served()[0][0] == "1", "a rejected push does not show as served"
+    source.check_now()
+    assert sample("gannet_configs_rejected") == 1, "for as long as it is stored"
     blob.upload_from_string(text.replace("version: 1", "version: 2"))
     source.check_now()
     assert source.for_tenant("any").config.version == 2
     blob.reload()
     assert served() == [("2", str(blob.generation))], "the new version replaces the old"
-    sample = metrics.registry.get_sample_value
+    assert sample("gannet_configs_rejected") == 0
     assert sample("gannet_config_reloads_total", {"result": "rejected"}) == 1
     assert sample("gannet_config_reloads_total", {"result": "loaded"}) == 1
 
@@ -410,3 +414,41 @@ def test_a_tenant_is_never_sent_to_an_industry_whose_config_leaves_it_out(tmp_pa
     os.utime(path, (time.time() + 20, time.time() + 20))
     source.check_now()  # the mapping first, then the industry config it now allows
     assert source.for_tenant("farm-a").config.tenants == ["farm-a"]
+
+
+def test_tenants_swapped_between_two_industries_roll_out_on_a_running_pod(tmp_path):
+    """farm-a moves from vending to agro and shop-b from agro to vending: the mapping
+    and both industries' tenants: change. Checked each against the others' served
+    versions, every file waited for another and a running pod never rolled out, while
+    one started then served the new state. The mapping is checked against the
+    industries' files as stored now, and all three serve together."""
+    shipped = {
+        name: (CONFIGS / f"{name}.yaml").read_text().replace("../models", str(REPO_ROOT / "models"))
+        for name in ("agro", "vending")
+    }
+    files = {name: tmp_path / f"{name}.yaml" for name in shipped}
+
+    def write(agro: str, vending: str, stamp: float) -> None:
+        for name, tenant in (("agro", agro), ("vending", vending)):
+            files[name].write_text(shipped[name] + f"tenants: [{tenant}]\n")
+            os.utime(files[name], (stamp, stamp))
+
+    write("shop-b", "farm-a", time.time())
+    path = _deployment(tmp_path, {"farm-a": "vending", "shop-b": "agro"})
+    text = path.read_text()
+    for name in files:
+        text = text.replace(str(CONFIGS / f"{name}.yaml"), str(files[name]))
+    path.write_text(text)
+    source = open_configs(str(path), read_local, local_version)
+    assert source.for_tenant("farm-a").config.industry == "vending"
+
+    write("farm-a", "shop-b", time.time() + 10)
+    path.write_text(
+        text.replace("farm-a: vending", "farm-a: agro").replace("shop-b: agro", "shop-b: vending")
+    )
+    os.utime(path, (time.time() + 10, time.time() + 10))
+    source.check_now()
+    assert source.for_tenant("farm-a").config.industry == "agro"
+    assert source.for_tenant("shop-b").config.industry == "vending"
+    source.check_now()  # and it stays so
+    assert source.for_tenant("shop-b").config.tenants == ["shop-b"]

@@ -43,35 +43,49 @@ def _read_text(read: Reader, uri: str) -> tuple[str, str]:
     return content.decode("utf-8", errors="replace"), version
 
 
-class _UniqueKeys(yaml.SafeLoader):
-    """safe_load's loader, refusing a key given twice in one mapping: YAML's own loader
-    keeps the last, so a second `detection:` model or `SHELF_AUDIT:` pipeline pasted
-    below the first replaced it in silence (a threshold of 0.5 served as 0.05)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:`, whose keys may be overridden
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-            except TypeError:  # unhashable: the base class says so
-                break
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    "while reading a mapping",
-                    node.start_mark,
-                    f"found {key!r} a second time: give each key once (YAML keeps the last)",
-                    key_node.start_mark,
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep)
+def _duplicate_key(
+    node: yaml.Node | None, seen_nodes: set[int] | None = None
+) -> yaml.constructor.ConstructorError | None:
+    """The first key written twice in one mapping of the composed document, as YAML's
+    own error would say it (where, and which key). YAML's loader keeps the last in
+    silence, so a second `detection:` model or `SHELF_AUDIT:` pipeline pasted below the
+    first replaced it (a threshold of 0.5 served as 0.05). Checked on the document as
+    written, before merge keys (`<<:`, whose keys may be overridden) are applied; a
+    node an alias repeats is looked at once."""
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if node is None or id(node) in seen_nodes:
+        return None
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        seen: set[tuple[str, str]] = set()
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if (key.tag, key.value) in seen:
+                    return yaml.constructor.ConstructorError(
+                        "while reading a mapping",
+                        node.start_mark,
+                        f"found {key.value!r} a second time: give each key once (YAML "
+                        "keeps the last)",
+                        key.start_mark,
+                    )
+                seen.add((key.tag, key.value))
+            found = _duplicate_key(key, seen_nodes) or _duplicate_key(value, seen_nodes)
+            if found is not None:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            found = _duplicate_key(item, seen_nodes)
+            if found is not None:
+                return found
+    return None
 
 
 def _yaml_mapping(text: str, source: str) -> dict[str, Any]:
     try:
-        data = yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader
+        duplicate = _duplicate_key(yaml.compose(text, Loader=yaml.SafeLoader))
+        if duplicate is not None:
+            raise duplicate
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -178,6 +192,9 @@ class _Watched(Generic[_Loaded]):
         self._version_of = version_of
         self._on_reload = on_reload or (lambda result: None)
         self._rejected_version: str | None = None
+        # The stored version is one that was rejected (and the previous one serves):
+        # until a good one is served, or the store goes back to the served one.
+        self._rejected_now = False
         self._current = self._load()
 
     def _load(self) -> _Loaded:
@@ -222,7 +239,10 @@ class _Watched(Generic[_Loaded]):
                 extra={"fields": {"uri": self.uri, "error": str(exc)}},
             )
             return
-        if version in (self._current.version, self._rejected_version):
+        if version == self._current.version:
+            self._rejected_now = False
+            return
+        if version == self._rejected_version:
             return
         try:
             loaded = self._load()
@@ -246,13 +266,19 @@ class _Watched(Generic[_Loaded]):
             self._reject(exc, " (checked again later)")
             return
         self._current = loaded
+        self._rejected_now = False
         self._on_reload("loaded")
         log.info(
             f"{self.kind} reloaded",
             extra={"fields": {"uri": self.uri, "version": loaded.version}},
         )
 
+    def rejected(self) -> list[str]:
+        """The configs whose stored version was rejected: they serve a previous one."""
+        return [self.uri] if self._rejected_now else []
+
     def _reject(self, exc: ConfigError, why: str) -> None:
+        self._rejected_now = True
         self._on_reload("rejected")
         log.error(
             f"new {self.kind} rejected{why}; still serving the previous one",
@@ -353,6 +379,10 @@ def _relative(base_uri: str, path: str) -> str:
     return str((Path(base_uri).parent / path).resolve())
 
 
+def _allows(source: ConfigSource, tenants: frozenset[str]) -> bool:
+    return all(source.current().config.allows(t) for t in tenants)
+
+
 class DeploymentSource(_Watched[LoadedDeployment]):
     """Several industries in one process; each industry config reloads on its own.
 
@@ -425,6 +455,23 @@ class DeploymentSource(_Watched[LoadedDeployment]):
         routed = {
             name: frozenset(t for t, to in config.tenants.items() if to == name) for name in sources
         }
+        for name, source in list(sources.items()):
+            if source is self._sources.get(name) and not _allows(source, routed[name]):
+                # Checked against the industry's config as stored now, as a pod starting
+                # now reads it: moving tenants between industries changes both files and
+                # the mapping, and each, checked against the others' served versions,
+                # waited for the others for good (a running pod never rolled out).
+                try:
+                    sources[name] = ConfigSource(
+                        source.uri,
+                        self._read,
+                        self._version_of,
+                        self._on_reload,
+                        expect_industry=name,
+                        check_models=self._check_models,
+                    )
+                except ConfigError as exc:
+                    raise NamedConfigError(f"{self.uri}: industries.{name}: {exc}") from exc
         for name, source in sources.items():
             refused = sorted(t for t in routed[name] if not source.current().config.allows(t))
             if refused:  # its config may come next: checked again later
@@ -460,6 +507,11 @@ class DeploymentSource(_Watched[LoadedDeployment]):
 
     def served(self) -> list[LoadedConfig]:
         return [source.current() for source in self.current().sources.values()]
+
+    def rejected(self) -> list[str]:
+        return super().rejected() + [
+            uri for source in self.current().sources.values() for uri in source.rejected()
+        ]
 
 
 Configs = ConfigSource | DeploymentSource

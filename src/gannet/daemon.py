@@ -124,6 +124,7 @@ def build_configs(settings: Settings, storage: Storage, metrics: Metrics) -> Con
 
     configs = open_config(config_uri(settings), storage, settings.industry, on_reload)
     show_served(metrics, configs)
+    metrics.configs_rejected.set_function(lambda: len(configs.rejected()))
     return configs
 
 

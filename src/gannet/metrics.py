@@ -151,6 +151,12 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.configs_rejected = Gauge(
+            "gannet_configs_rejected",
+            "Configs (an industry's, the deployment's mapping) whose stored version was "
+            "rejected: each serves its previous version until a good one is stored.",
+            registry=r,
+        )
         self.config_info = Gauge(
             "gannet_config_info",
             "1 for each industry config served: its industry, its own `version:` and its "

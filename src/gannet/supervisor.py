@@ -79,6 +79,7 @@ SHARED_GAUGE_PREFIXES = (
     "gannet_backlog_last_success_",
     "gannet_pubsub_last_reached_",
     "gannet_config_info",
+    "gannet_configs_rejected",
 )
 SCRAPE_TIMEOUT_S = 2.0
 WATCH_S = 10.0  # how often the processes' /healthz is asked

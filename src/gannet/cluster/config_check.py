@@ -92,5 +92,11 @@ def _describe(uri: str, configs: Configs, served: list[LoadedConfig], checked_mo
         print(f"  tenants: {tenants}")
         for kind, spec in config.enabled_models().items():
             print(f"  models.{kind}: {loaded.model_uri(spec)} (imgsz {spec.imgsz})")
+    if not isinstance(configs, DeploymentSource):
+        print(
+            "tenant routing not checked: a pod serving a deployment config rejects an "
+            "industry config whose tenants: leaves out a tenant the mapping sends to it; "
+            "check the deployment's config (it reads this file as stored) for that"
+        )
     if not checked_models:
         print("models not loaded (--no-models): a model that cannot load still rejects it")
