@@ -434,11 +434,19 @@ class DeploymentSource(_Watched[LoadedDeployment]):
         }
         if not served:
             raise ConfigError(f"{self.uri}: industries: has no {self.industry!r} (GANNET_INDUSTRY)")
+        routed = {
+            name: frozenset(t for t, to in config.tenants.items() if to == name) for name in served
+        }
         sources: dict[str, ConfigSource] = {}
         for name, path in served.items():
             uri = _relative(self.uri, path)
             previous = self._sources.get(name)
-            if previous is not None and previous.uri == uri:
+            # A served industry is kept, unless it refuses a tenant the mapping sends
+            # there: then its file is read as stored now, as a pod starting now reads it.
+            # Moving tenants between industries changes both files and the mapping, and
+            # each, checked against the others' served versions, waited for the others
+            # for good (a running pod never rolled out).
+            if previous is not None and previous.uri == uri and _allows(previous, routed[name]):
                 sources[name] = previous
                 continue
             try:
@@ -452,26 +460,6 @@ class DeploymentSource(_Watched[LoadedDeployment]):
                 )
             except ConfigError as exc:
                 raise NamedConfigError(f"{self.uri}: industries.{name}: {exc}") from exc
-        routed = {
-            name: frozenset(t for t, to in config.tenants.items() if to == name) for name in sources
-        }
-        for name, source in list(sources.items()):
-            if source is self._sources.get(name) and not _allows(source, routed[name]):
-                # Checked against the industry's config as stored now, as a pod starting
-                # now reads it: moving tenants between industries changes both files and
-                # the mapping, and each, checked against the others' served versions,
-                # waited for the others for good (a running pod never rolled out).
-                try:
-                    sources[name] = ConfigSource(
-                        source.uri,
-                        self._read,
-                        self._version_of,
-                        self._on_reload,
-                        expect_industry=name,
-                        check_models=self._check_models,
-                    )
-                except ConfigError as exc:
-                    raise NamedConfigError(f"{self.uri}: industries.{name}: {exc}") from exc
         for name, source in sources.items():
             refused = sorted(t for t in routed[name] if not source.current().config.allows(t))
             if refused:  # its config may come next: checked again later

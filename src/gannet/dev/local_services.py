@@ -99,6 +99,9 @@ class ServiceError(CommandError):
 PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
+_GIVEN: set[int] = set()  # free_port's answers so far
+
+
 def free_port() -> int:
     """A port free now, below the kernel's range for connections' local ports.
 
@@ -115,7 +118,12 @@ def free_port() -> int:
     if low - start >= 1000:
         for _ in range(200):
             port = random.randrange(start, low)
-            if _bindable(port):
+            # Never one given before in this process: the ports of one set of services
+            # are free at once but bound one after another (the JVM's seconds later), so
+            # two draws of one port gave two services one port; a fresh clone's test
+            # run saw the Pub/Sub client answered by something that was not Pub/Sub.
+            if port not in _GIVEN and _bindable(port):
+                _GIVEN.add(port)
                 return port
     with socket.socket() as sock:  # a tight range: any port the kernel gives
         sock.bind(("127.0.0.1", 0))
