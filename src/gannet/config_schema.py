@@ -9,6 +9,7 @@ and reading, versioning and reloading the files is config_sources.py's.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -104,6 +105,10 @@ class IndustryConfig(BaseModel):
 
     def allows(self, tenant_id: str) -> bool:
         return self.tenants is None or tenant_id in self.tenants
+
+    def refuses(self, tenants: Iterable[str]) -> list[str]:
+        """Those of `tenants` this industry does not serve, sorted."""
+        return sorted(t for t in tenants if not self.allows(t))
 
     def check_tenant(self, tenant_id: str) -> None:
         if not self.allows(tenant_id):

@@ -325,7 +325,7 @@ class ConfigSource(_Watched[LoadedConfig]):
         self._check_models = check
 
     def _accept(self, loaded: LoadedConfig) -> None:
-        left_out = sorted(t for t in self.routed if not loaded.config.allows(t))
+        left_out = loaded.config.refuses(self.routed)
         if left_out:
             raise ConfigError(
                 f"{self.uri}: tenants: leaves out {', '.join(left_out)}, which the "
@@ -377,10 +377,6 @@ def _relative(base_uri: str, path: str) -> str:
             raise ConfigError(f"{base_uri}: {path!r} climbs above gs://{bucket}/")
         return f"gs://{bucket}/{joined}"
     return str((Path(base_uri).parent / path).resolve())
-
-
-def _allows(source: ConfigSource, tenants: frozenset[str]) -> bool:
-    return all(source.current().config.allows(t) for t in tenants)
 
 
 class DeploymentSource(_Watched[LoadedDeployment]):
@@ -446,7 +442,11 @@ class DeploymentSource(_Watched[LoadedDeployment]):
             # Moving tenants between industries changes both files and the mapping, and
             # each, checked against the others' served versions, waited for the others
             # for good (a running pod never rolled out).
-            if previous is not None and previous.uri == uri and _allows(previous, routed[name]):
+            if (
+                previous is not None
+                and previous.uri == uri
+                and not previous.current().config.refuses(routed[name])
+            ):
                 sources[name] = previous
                 continue
             try:
@@ -461,7 +461,7 @@ class DeploymentSource(_Watched[LoadedDeployment]):
             except ConfigError as exc:
                 raise NamedConfigError(f"{self.uri}: industries.{name}: {exc}") from exc
         for name, source in sources.items():
-            refused = sorted(t for t in routed[name] if not source.current().config.allows(t))
+            refused = source.current().config.refuses(routed[name])
             if refused:  # its config may come next: checked again later
                 raise NamedConfigError(
                     f"{self.uri}: tenants: sends {', '.join(refused)} to {name!r}, whose "
