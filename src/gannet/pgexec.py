@@ -110,7 +110,7 @@ def literals(conn: Conn, values: Sequence[object]) -> tuple[bytes, ...]:
 
 
 def execute(
-    conn: Conn, query: bytes, params: Sequence[object] | None = None, deadline_s: float = 60.0
+    conn: Conn, query: bytes, params: Sequence[object] | None, deadline_s: float
 ) -> pq.abc.PGresult:
     """Run `query` in one round trip, answered within `deadline_s`; with several
     statements (no `params`), the last one's result. PostgreSQL's errors raise psycopg's
@@ -147,7 +147,7 @@ def rows(conn: Conn, result: pq.abc.PGresult) -> list[dict[str, Any]]:
 
 
 def one(
-    conn: Conn, query: bytes, params: Sequence[object] | None = None, deadline_s: float = 60.0
+    conn: Conn, query: bytes, params: Sequence[object] | None, deadline_s: float
 ) -> dict[str, Any]:
     """The one row `query` returns (the per-task functions always return one)."""
     found = rows(conn, execute(conn, query, params, deadline_s))

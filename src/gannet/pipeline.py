@@ -380,13 +380,12 @@ class Pipeline:
 
 def load_models(
     loaded: LoadedConfig, cache: ModelCache, resolver: ModelResolver, devices: list[str]
-) -> dict[ModelKind, Mapping[int, str]]:
+) -> None:
     """Load every enabled industry model of `loaded` on every device, or ConfigError
-    naming the config, the model and why; the class names of each. A class filter (the
+    naming the config, the model and why. A class filter (the
     model's, or a step's) naming a class the model does not have is a ConfigError too:
     it can never match, and a typo in it (`sqaure`) dropped every box of that class from
     every answer, as successes. The daemon's check, and `gannet config check`'s."""
-    names: dict[ModelKind, Mapping[int, str]] = {}
     for device in devices:
         for kind in loaded.config.enabled_models():
             uri = loaded.model_uri(loaded.config.models[kind])
@@ -398,8 +397,6 @@ def load_models(
                     f"{exc.message}"
                 ) from exc
             _check_class_filters(loaded, kind, model.names, uri)
-            names[kind] = model.names
-    return names
 
 
 def _check_class_filters(

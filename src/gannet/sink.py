@@ -595,16 +595,16 @@ class Sink:
             try:
                 ids = (record.task_id, record.tenant_id, holder)
                 fence = b"BEGIN; " + _FENCE % pgexec.literals(conn, ids)
-                claim = pgexec.one(conn, fence, deadline_s=self._answer_deadline_s)
+                claim = pgexec.one(conn, fence, None, self._answer_deadline_s)
                 if not claim["mine"]:
-                    pgexec.execute(conn, b"ROLLBACK", deadline_s=self._answer_deadline_s)
+                    pgexec.execute(conn, b"ROLLBACK", None, self._answer_deadline_s)
                     if claim["committed"]:
                         return False
                     raise ClaimLost(claim["left_s"])
                 write()
                 finish = _finish_params(record, holder, result_json)
                 query = _FINISH % b", ".join(pgexec.literals(conn, finish))
-                pgexec.execute(conn, query, deadline_s=self._answer_deadline_s)
+                pgexec.execute(conn, query, None, self._answer_deadline_s)
             except BaseException:
                 _roll_back(conn, self._answer_deadline_s)
                 raise
