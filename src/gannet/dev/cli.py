@@ -46,19 +46,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return publish.main(Settings(), args)
 
 
-def _distinct_ports(args: argparse.Namespace) -> None:
-    """Two services given one port: the second waited 30 s and said it was not ready."""
-    ports = (args.pubsub_port, args.gcs_port, args.postgres_port)
-    if len(set(ports)) < len(ports):
-        raise CommandError(
-            f"--pubsub-port, --gcs-port and --postgres-port must differ (got {ports})"
-        )
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from gannet.dev import demo
 
-    _distinct_ports(args)
     return demo.main(args)
 
 
@@ -122,7 +112,6 @@ _REPORTS = {
 
 def cmd_bench(args: argparse.Namespace) -> int:
     mode = bench_mode(args)
-    _distinct_ports(args)
     if args.output is None:
         args.output = REPO_ROOT / "bench-results" / _REPORTS[mode]
     if mode == _IN_PROCESS:
@@ -230,7 +219,6 @@ soak itself failed), 2 when a service would not start."""
 def cmd_services(args: argparse.Namespace) -> int:
     from gannet.dev import demo
 
-    _distinct_ports(args)
     return demo.serve(args)
 
 

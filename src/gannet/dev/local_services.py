@@ -161,6 +161,14 @@ class Ports:
     gcs: int = 9023
     postgres: int = 54329
 
+    def __post_init__(self) -> None:
+        """Two services given one port: the second waited 30 s and said it was not ready."""
+        ports = (self.pubsub, self.gcs, self.postgres)
+        if len(set(ports)) < len(ports):
+            raise ServiceError(
+                f"--pubsub-port, --gcs-port and --postgres-port must differ (got {ports})"
+            )
+
     @classmethod
     def free(cls) -> Ports:
         return cls(free_port(), free_port(), free_port())
