@@ -201,13 +201,17 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
 def _add_dead_letters(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "dead-letters",
-        help="list the dead-letter subscription; replay tasks once the cause is fixed",
+        help="list the dead-letter subscription; replay tasks once the cause is fixed, "
+        "or discard letters handled otherwise",
         description="List what is in the dead-letter subscription, with each message's "
         "error_code and reason (retries_exhausted: Pub/Sub gave up after "
         "max_delivery_attempts transient failures, e.g. a database outage). Listing "
         "removes nothing. With --replay, the chosen messages are republished to "
         "GANNET_TOPIC and only then acked. Replaying a task that already succeeded is "
-        "harmless: the daemon acks it without running the models. With several lanes "
+        "harmless: the daemon acks it without running the models. With --discard, the "
+        "chosen messages are acked and gone (a letter whose backend was told, a task no "
+        "longer wanted): the dead-letter subscription keeps them 31 days otherwise, and "
+        "GannetDeadLettersUnhandled fires after 3. With several lanes "
         "(GANNET_LANES) each lane's dead letters are listed in turn and replayed to that "
         "lane's own topic.",
     )
@@ -220,8 +224,23 @@ def _add_dead_letters(sub: argparse._SubParsersAction) -> None:
         "image_not_found, unknown_pipeline",
     )
     p.add_argument("--tenant", help="only this tenant's messages")
+    p.add_argument(
+        "--message",
+        action="append",
+        metavar="ID",
+        help="only the message with this id (repeatable; the listing's message column)",
+    )
     p.add_argument("--replay", action="store_true", help="republish the chosen messages")
-    p.add_argument("--all", action="store_true", help="with --replay: every message, any code")
+    p.add_argument(
+        "--discard",
+        action="store_true",
+        help="ack the chosen messages without republishing them: they are gone for good",
+    )
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="with --replay or --discard: every message, any code",
+    )
     p.add_argument(
         "--limit", type=int, default=1000, help="look at this many messages at most (default 1000)"
     )

@@ -1,4 +1,5 @@
-"""`gannet dead-letters`: what sits in the dead-letter subscription, and replaying it.
+"""`gannet dead-letters`: what sits in the dead-letter subscription; replaying or
+discarding it.
 
 Two kinds of message end up there (docs/architecture.md, outcomes). Poison that the daemon
 quarantined carries `error_code` / `error` attributes. A task that failed
@@ -15,6 +16,12 @@ half-way loses nothing; at worst a task is replayed twice. A replay that stops a
 --limit says so and exits 1: run it again for the rest. A run replays each body once:
 a replayed task whose cause is not fixed is dead-lettered again while the run goes on,
 and was pulled and replayed again, up to --limit times (997 copies of one letter).
+
+--discard acks the chosen letters without replaying them: a letter handled otherwise (the
+backend told of its bad tasks, a task no longer wanted) stayed until Pub/Sub dropped it
+31 days later, holding GannetDeadLettersUnhandled on, and the only way to remove it was
+`gcloud pubsub subscriptions seek`, which acks every letter before a time, the ones not
+yet handled with them. --message picks letters one by one, by the id the listing shows.
 """
 
 from __future__ import annotations
@@ -176,13 +183,13 @@ def _ack(subscriber: pubsub_v1.SubscriberClient, path: str, letters: list[DeadLe
 @dataclass
 class Walk:
     """One run over a dead-letter subscription, by message_id: what it left leased
-    (listed, or not chosen, or failed to replay), what it replayed, whether it saw the
-    end (False: it stopped at --limit)."""
+    (listed, or not chosen, or failed to replay), what it handled (replayed, or with
+    --discard acked), whether it saw the end (False: it stopped at --limit)."""
 
     held: dict[str, DeadLetter] = field(default_factory=dict)
-    replayed: dict[str, DeadLetter] = field(default_factory=dict)
+    handled: dict[str, DeadLetter] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # message_id -> why, held
-    chosen: set[str] = field(default_factory=set)  # message_ids chosen to replay
+    chosen: set[str] = field(default_factory=set)  # message_ids chosen to handle
     bodies: set[bytes] = field(default_factory=set)  # digests of the bodies replayed
     repeated: set[str] = field(default_factory=set)  # message_ids held: a body replayed
     complete: bool = False
@@ -196,28 +203,36 @@ def walk(
     path: str,
     done: Walk,
 ) -> None:
-    """Replay (with --replay) the chosen letters batch by batch as they are pulled, so
-    that none waits out its lease while the rest is pulled, and hold every other one to
-    the end (released by the caller: given back at once, it would be pulled again). A
-    letter that comes back (its lease ran out) is known by its message_id: one already
-    replayed is acked again (the first ack came too late to count), another one is held
-    under its new ack id."""
+    """Replay (with --replay) or ack (with --discard) the chosen letters batch by batch
+    as they are pulled, so that none waits out its lease while the rest is pulled, and
+    hold every other one to the end (released by the caller: given back at once, it
+    would be pulled again). A letter that comes back (its lease ran out) is known by its
+    message_id: one already handled is acked again (the first ack came too late to
+    count), another one is held under its new ack id."""
     pulled = 0
     for batch in batches(subscriber, path, args.limit):
         pulled += len(batch)
-        again = [d for d in batch if d.message_id in done.replayed]
+        again = [d for d in batch if d.message_id in done.handled]
         _ack(subscriber, path, again)
-        fresh = [d for d in batch if d.message_id not in done.replayed]
-        chosen = _once(select(fresh, args.code, args.tenant), done) if args.replay else []
-        replayed, failed = replay(publisher, subscriber, topic_path, path, chosen)
-        done.chosen.update(d.message_id for d in chosen)
+        fresh = [d for d in batch if d.message_id not in done.handled]
+        chosen = select(fresh, args.code, args.tenant, args.message)
+        if args.replay:
+            chosen = _once(chosen, done)
+            handled, failed = replay(publisher, subscriber, topic_path, path, chosen)
+        elif args.discard:
+            _ack(subscriber, path, chosen)
+            handled, failed = chosen, []
+        else:
+            handled, failed = [], []
+        done.chosen.update(d.message_id for d in handled)
+        done.chosen.update(d.message_id for d, _ in failed)
         done.failed.update((d.message_id, reason) for d, reason in failed)
-        done.bodies.update(_digest(d) for d in replayed)
-        for letter in replayed:  # one may have failed before, and come back
-            done.replayed[letter.message_id] = letter
+        done.bodies.update(_digest(d) for d in handled)
+        for letter in handled:  # one may have failed before, and come back
+            done.handled[letter.message_id] = letter
             done.held.pop(letter.message_id, None)
             done.failed.pop(letter.message_id, None)
-        done.held.update((d.message_id, d) for d in fresh if d.message_id not in done.replayed)
+        done.held.update((d.message_id, d) for d in fresh if d.message_id not in done.handled)
     done.complete = pulled < args.limit
 
 
@@ -241,12 +256,17 @@ def _digest(letter: DeadLetter) -> bytes:
 
 
 def select(
-    letters: list[DeadLetter], codes: list[str] | None, tenant: str | None
+    letters: list[DeadLetter],
+    codes: list[str] | None,
+    tenant: str | None,
+    messages: list[str] | None,
 ) -> list[DeadLetter]:
     return [
         d
         for d in letters
-        if (not codes or d.error_code in codes) and (tenant is None or d.tenant_id == tenant)
+        if (not codes or d.error_code in codes)
+        and (tenant is None or d.tenant_id == tenant)
+        and (not messages or d.message_id in messages)
     ]
 
 
@@ -260,11 +280,17 @@ def refusal(args: argparse.Namespace) -> str | None:
     A misspelt --code matched nothing and said only `none match` (or `replayed 0 of 0`)."""
     if args.limit < 1:
         return "--limit must be 1 or more"
-    if args.replay and not (args.code or args.all):
+    if args.replay and args.discard:
+        return "--replay republishes the chosen letters, --discard drops them: not both"
+    verb = "replay" if args.replay else "discard" if args.discard else None
+    if verb and not (args.code or args.message or args.all):
         return (
-            "say what to replay: --code CODE (repeatable; e.g. "
-            f"--code {RETRIES_EXHAUSTED} after an outage) or --all"
+            f"say what to {verb}: --code CODE (repeatable; e.g. --code "
+            f"{RETRIES_EXHAUSTED} after an outage), --message ID (repeatable; the "
+            "listing's message column) or --all"
         )
+    if args.all and not verb:
+        return "--all goes with --replay or --discard (a listing shows every letter)"
     unknown = [code for code in args.code or [] if code not in CODES]
     if unknown:
         return f"no such --code {', '.join(unknown)}; a dead letter's is one of: {', '.join(CODES)}"
@@ -323,8 +349,8 @@ def main(
         print(
             f"error: Pub/Sub did not answer for {subscription_path} ({exc}); check "
             "GANNET_PROJECT, your credentials (gcloud auth application-default login) and, "
-            "against the emulator, PUBSUB_EMULATOR_HOST. Replayed so far: "
-            f"{len(done.replayed)}; the rest comes back within {_LEASE_S} s",
+            "against the emulator, PUBSUB_EMULATOR_HOST. Handled so far: "
+            f"{len(done.handled)}; the rest comes back within {_LEASE_S} s",
             file=sys.stderr,
         )
         return 2
@@ -339,20 +365,33 @@ def main(
             )
 
     letters = list(done.held.values())
+    acting = args.replay or args.discard
     if args.json:
-        shown = done.replayed.values() if args.replay else select(letters, args.code, args.tenant)
+        shown = (
+            done.handled.values()
+            if acting
+            else select(letters, args.code, args.tenant, args.message)
+        )
         for letter in shown:
-            extra: dict[str, Any] = {"replayed_to": topic_path} if args.replay else {}
+            extra: dict[str, Any] = {}
+            if args.replay:
+                extra["replayed_to"] = topic_path
+            elif args.discard:
+                extra["discarded"] = True
             if lane is not None:
                 extra["lane"] = lane
             print(json.dumps({**letter.summary(), **extra}))
     elif args.replay:
         print(
-            f"replayed {len(done.replayed)} of {len(done.chosen)} to {topic_path}; "
+            f"replayed {len(done.handled)} of {len(done.chosen)} to {topic_path}; "
             "dead letters acked"
         )
+    elif args.discard:
+        print(_table(list(done.handled.values())) if done.handled else "none match")
+        print(f"\ndiscarded {len(done.handled)} dead letters (acked, not replayed)")
     else:
-        _print_listing(letters, select(letters, args.code, args.tenant), subscription_path, done)
+        chosen = select(letters, args.code, args.tenant, args.message)
+        _print_listing(letters, chosen, subscription_path, done)
     for message_id, reason in done.failed.items():
         print(f"error: could not replay {message_id} ({reason}); it stays", file=sys.stderr)
     if done.repeated:
@@ -363,13 +402,14 @@ def main(
             "run again to replay it; a task done already is not run again). They stay",
             file=sys.stderr,
         )
-    if args.replay and not done.complete:
+    if acting and not done.complete:
         print(
             f"stopped after looking at --limit {args.limit} dead letters: there may be more "
-            "to replay; run the command again (or raise --limit)",
+            f"to {'replay' if args.replay else 'discard'}; run the command again (or raise "
+            "--limit)",
             file=sys.stderr,
         )
-    return 1 if done.failed or (args.replay and not done.complete) else 0
+    return 1 if done.failed or (acting and not done.complete) else 0
 
 
 def _print_listing(
@@ -387,4 +427,7 @@ def _print_listing(
     summary = ", ".join(f"{n} {code}" for code, n in by_code.most_common()) or "none match"
     more = "" if done.complete else " (there may be more: raise --limit)"
     print(f"\n{len(chosen)} of {len(letters)} dead letters shown: {summary}{more}")
-    print("Nothing was removed. Replay with --replay --code CODE once the cause is fixed.")
+    print(
+        "Nothing was removed. Replay with --replay --code CODE once the cause is fixed; "
+        "drop letters handled otherwise with --discard --message ID (or --code CODE)."
+    )
