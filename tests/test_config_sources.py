@@ -251,6 +251,60 @@ def test_a_reload_naming_a_model_that_cannot_load_is_rejected_and_the_old_one_se
     assert sample("gannet_config_reloads_total", {"result": "loaded"}) == 1
 
 
+def test_a_push_whose_model_is_not_there_yet_is_logged_once_not_at_every_check(
+    tmp_path, caplog, monkeypatch
+):
+    """A valid config whose weights are not uploaded yet is checked again at every check
+    (5 s by default): each check logged the rejection and counted it, 12 errors a minute
+    until fixed. Logged and counted once per stored version, logged again after
+    REJECTION_REPEAT_S while it stays rejected, and served once its weights are there."""
+    import shutil
+
+    from gannet import config_sources
+    from gannet.model_cache import ModelCache, yolo_loader
+    from gannet.model_resolver import ModelResolver
+    from gannet.pipeline import load_models
+
+    shutil.copy(REPO_ROOT / "models" / "demo" / "detect.pt", tmp_path / "good.pt")
+    path = tmp_path / "config.yaml"
+    path.write_text(VALID.replace("../models/demo/detect.pt", "good.pt"))
+    metrics = Metrics()
+    source = _counted(path, metrics)
+    cache = ModelCache(
+        yolo_loader(lambda uri, v: Path(uri), trace=False), metrics, retry_failed_after_s=0
+    )
+    resolver = ModelResolver(local_version, ttl_s=0)
+    source.check_models_with(lambda loaded: load_models(loaded, cache, resolver, ["cpu"]))
+    sample = metrics.registry.get_sample_value
+    try:
+        path.write_text(
+            VALID.replace("../models/demo/detect.pt", "later.pt").replace(
+                "version: 3", "version: 4"
+            )
+        )
+        os.utime(path, (time.time() + 5, time.time() + 5))
+        caplog.clear()
+        for _ in range(3):
+            source.check_now()
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1, [r.getMessage() for r in errors]
+        assert "later.pt" in errors[0].fields["error"]
+        assert sample("gannet_config_reloads_total", {"result": "rejected"}) == 1
+        assert source.rejected() == [str(path)], "still rejected, for gannet_configs_rejected"
+
+        monkeypatch.setattr(config_sources, "REJECTION_REPEAT_S", 0.0)
+        source.check_now()
+        assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 2, "said again"
+        assert sample("gannet_config_reloads_total", {"result": "rejected"}) == 1
+
+        shutil.copy(tmp_path / "good.pt", tmp_path / "later.pt")
+        source.check_now()
+        assert source.current().config.version == 4
+        assert source.rejected() == []
+    finally:
+        cache.close()
+
+
 @pytest.mark.parametrize(
     ("model", "step", "field"),
     [

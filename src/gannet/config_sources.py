@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,9 @@ from gannet.step_registry import Plan, decode_floor
 from gannet.steps import STEPS
 
 log = logging.getLogger(__name__)
+
+# A stored version that stays rejected is logged again this often (it is counted once).
+REJECTION_REPEAT_S = 600.0
 
 Reader = Callable[[str], tuple[bytes, str]]  # uri -> (content, version)
 
@@ -195,6 +199,7 @@ class _Watched(Generic[_Loaded]):
         # The stored version is one that was rejected (and the previous one serves):
         # until a good one is served, or the store goes back to the served one.
         self._rejected_now = False
+        self._told: tuple[str, float] | None = None  # (version, when) of the last rejection logged
         self._current = self._load()
 
     def _load(self) -> _Loaded:
@@ -247,11 +252,11 @@ class _Watched(Generic[_Loaded]):
         try:
             loaded = self._load()
         except NamedConfigError as exc:  # not remembered: that file may come next
-            self._reject(exc, " (checked again later)")
+            self._reject(exc, " (checked again later)", version)
             return
         except ConfigError as exc:
             self._rejected_version = version
-            self._reject(exc, "")
+            self._reject(exc, "", version)
             return
         except Exception as exc:  # noqa: BLE001 - unreadable now; try again next check
             self._on_reload("failed")
@@ -263,7 +268,7 @@ class _Watched(Generic[_Loaded]):
         try:
             self._accept(loaded)
         except ConfigError as exc:  # not remembered: checked again at the next check
-            self._reject(exc, " (checked again later)")
+            self._reject(exc, " (checked again later)", version)
             return
         self._current = loaded
         self._rejected_now = False
@@ -277,9 +282,20 @@ class _Watched(Generic[_Loaded]):
         """The configs whose stored version was rejected: they serve a previous one."""
         return [self.uri] if self._rejected_now else []
 
-    def _reject(self, exc: ConfigError, why: str) -> None:
+    def _reject(self, exc: ConfigError, why: str, version: str) -> None:
+        """Counted and logged once per stored version, and logged again every
+        REJECTION_REPEAT_S while it stays rejected: a version checked again later (its
+        model not loading yet) was logged and counted at every check, 12 errors a minute
+        at the default 5 s, drowning the pod's other lines (gannet_configs_rejected
+        says it is still rejected)."""
         self._rejected_now = True
-        self._on_reload("rejected")
+        now = time.monotonic()
+        if self._told is not None and self._told[0] == version:
+            if now - self._told[1] < REJECTION_REPEAT_S:
+                return
+        else:
+            self._on_reload("rejected")
+        self._told = (version, now)
         log.error(
             f"new {self.kind} rejected{why}; still serving the previous one",
             extra={
