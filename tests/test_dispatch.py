@@ -440,9 +440,15 @@ class TwoAtOnce:
     Settling records the outcome and applies it as `applied` says (by default as is)."""
 
     def __init__(
-        self, dispatcher: Dispatcher, body: bytes, applied: Any = None, second: bytes = b""
+        self,
+        dispatcher: Dispatcher,
+        body: bytes,
+        applied: Any = None,
+        second: bytes = b"",
+        queued: int = 1,
     ) -> None:
-        """`second`: the second delivery's body, if not the first's."""
+        """`second`: the second delivery's body, if not the first's; `queued`: the jobs
+        the two deliveries queue (1: the second waits on the first's)."""
         self.dispatcher = dispatcher
         self.applied = applied or (lambda outcome: outcome)
         self.outcomes: list[Any] = []
@@ -458,7 +464,7 @@ class TwoAtOnce:
         self.threads[1].start()
         deadline = time.monotonic() + 0.5
         while time.monotonic() < deadline:
-            assert dispatcher.pool.waiting() == 1, "the second delivery queued its own job"
+            assert dispatcher.pool.waiting() == queued, "the second delivery's job"
             time.sleep(0.01)
 
     def _deliver(self, body: bytes, attempt: int) -> None:
@@ -646,6 +652,31 @@ def test_a_task_id_another_tenant_is_still_running_stays_its_owners(served):
     )
     assert (done.decision, done.label) == (Decision.ACK, "succeeded")
     assert stack.rows([owner_task.task_id])[owner_task.task_id]["status"] == "succeeded"
+
+
+def test_another_tenants_task_of_a_running_task_id_is_refused_not_its_duplicate(served):
+    """Two tenants' tasks of one task_id in one pod at once: the second does not wait on
+    the first and follow it (it would be acked as its duplicate, with no row and no dead
+    letter: silently lost); it runs, and the claim refuses it as task_id_conflict."""
+    stack, parts = served
+    owner_task = stack.task(stack.upload(SCENES[1]["file"]))
+    other = f"other2-{stack.tenant}"
+    bucket = stack.settings.allowed_buckets[0]
+    parts.storage.client.bucket(bucket).blob(f"{other}/z.jpg").upload_from_filename(
+        str(SAMPLES / SCENES[0]["file"])
+    )
+    stolen = make_task(other, f"gs://{bucket}/{other}/z.jpg", "DETECTION", owner_task.task_id)
+    both = TwoAtOnce(
+        pod(stack, parts, holder="pod-two-tenants"),
+        owner_task.model_dump_json().encode(),
+        second=stolen.model_dump_json().encode(),
+        queued=2,
+    )
+    by_tenant = {o.task.tenant_id: o for o in both.run()}
+    assert by_tenant[owner_task.tenant_id].label == "succeeded"
+    refused = by_tenant[other]
+    assert refused.decision is Decision.QUARANTINE
+    assert refused.error is not None and refused.error.code is ErrorCode.TASK_ID_CONFLICT
 
 
 def test_a_busy_task_comes_back_when_the_claim_ends_not_in_a_nack_storm(served, streams):

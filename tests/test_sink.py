@@ -48,6 +48,41 @@ def test_the_app_role_cannot_bypass_rls(services):
     assert not super_ and not bypass
 
 
+def test_a_pooled_connection_keeps_no_tenant_after_any_operation(services):
+    """The tenant is set per transaction (set_config's is_local): set for the session, the
+    next checkout of that connection, for another tenant's task or a raw query, would
+    see the last tenant's rows. After each operation, a success's, a refused one's and
+    one that failed midway, the pool's one connection has no tenant and sees no row."""
+    a, b = f"a-{uuid.uuid4().hex[:6]}", f"b-{uuid.uuid4().hex[:6]}"
+    store = sink.Sink(services.database_url, pool_size=1)
+    store.open()
+
+    def left_behind() -> tuple[str, int, int]:
+        with store.pool.connection() as conn:
+            tenant = conn.execute("SELECT current_setting('app.current_tenant', true)")
+            rows = conn.execute("SELECT count(*) FROM task_results").fetchone()[0]
+            claims = conn.execute("SELECT count(*) FROM task_claims").fetchone()[0]
+            return (tenant.fetchone()[0] or "", rows, claims)
+
+    try:
+        assert store.start(f"{a}-1", a, "pod-a", 60).claimed
+        assert left_behind() == ("", 0, 0)
+        assert store.save_claimed(result(a, f"{a}-1"), "pod-a", lambda: None)
+        assert left_behind() == ("", 0, 0)
+        assert not store.start(f"{a}-1", a, "pod-a", 60).claimed  # the success is read
+        assert left_behind() == ("", 0, 0)
+        store.set_callback_status(f"{a}-1", a, "delivered: HTTP 200")
+        assert store.save(result(a, f"{a}-2", status="failed", error_code="bad_json"))
+        assert left_behind() == ("", 0, 0)
+        with pytest.raises(PermanentError):  # b's task of a's id: refused midway
+            store.save(result(b, f"{a}-1", status="failed", error_code="bad_json"))
+        assert left_behind() == ("", 0, 0)
+        assert store.find_success(f"{a}-1", a) is not None
+        assert left_behind() == ("", 0, 0)
+    finally:
+        store.close()
+
+
 def test_a_tenant_can_neither_read_nor_write_another_tenants_rows(services, db):
     a, b = f"a-{uuid.uuid4().hex[:6]}", f"b-{uuid.uuid4().hex[:6]}"
     task_a = f"{a}-1"
