@@ -151,7 +151,17 @@ def resolve(url: str, policy: CallbackPolicy) -> Target:
         for address in addresses:
             reason = blocked_reason(address)
             if reason:
-                raise _refuse(f"callback host {host!r} resolves to {address}, which is {reason}")
+                # The address goes to the log, not to the row: whoever sets a task's
+                # callback_url reads its callback_status, and could map the names the
+                # worker's network resolves (its VPC's private zones) one task at a time.
+                log.warning(
+                    "callback refused: its host resolves to an internal address",
+                    extra={"fields": {"host": host, "address": address, "reason": reason}},
+                )
+                raise _refuse(
+                    f"callback host {host!r} resolves to an address that is {reason} "
+                    "(the worker's log has it)"
+                )
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
