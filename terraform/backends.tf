@@ -1,8 +1,9 @@
 # What a backend needs to use the worker (docs/integrating.md): publish tasks to every
 # lane's topic, upload images, read and acknowledge its dead letters, read result
 # objects. The rows are PostgreSQL's (a reader role per backend, integrating.md). Each of
-# backend_members gets these; none by default, and without them a backend's first
-# publish is PERMISSION_DENIED.
+# backend_members gets these, for every tenant (nothing here is scoped to a tenant's
+# prefix: a publisher speaks for any tenant anyway); none by default, and without them a
+# backend's first publish is PERMISSION_DENIED.
 locals {
   # Lane names ("first-lane", never a lane name, for the unsuffixed first lane), known at plan
   # time: the bindings are keyed by them and the member, not by ids made at apply.

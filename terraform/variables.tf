@@ -190,7 +190,7 @@ variable "build_pushes_here" {
 }
 
 variable "backend_members" {
-  description = "Backends that publish tasks (backends.tf): each may publish to every lane's topic, upload to the images bucket, read its dead letters and read result objects. IAM members, e.g. serviceAccount:acme-backend@PROJECT.iam.gserviceaccount.com."
+  description = "The platform's backends that publish tasks (backends.tf): each may publish to every lane's topic, upload to the images bucket, read the dead letters and read result objects, for every tenant (docs/integrating.md, Access): never a tenant's own system. IAM members, e.g. serviceAccount:orders-api@PROJECT.iam.gserviceaccount.com."
   type        = list(string)
   default     = []
 }

@@ -704,7 +704,12 @@ def test_pdb_podmonitoring_and_networkpolicy_select_the_worker(rendered: dict[st
         for p in rule["ports"]
     }
     assert any(port == 5432 for port, _ in egress)
-    assert any(port == 443 for port, _ in egress)
+    # HTTPS (Google APIs, callbacks) to public addresses only: the VPC's internal services
+    # and the metadata range stay closed to a callback_url whatever the worker's check.
+    https = [rule for rule in policy["egress"] if any(p["port"] == 443 for p in rule["ports"])]
+    assert https and all(rule.get("to") for rule in https), "443 open to any address"
+    closed = {c for rule in https for t in rule["to"] for c in t["ipBlock"].get("except", [])}
+    assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"} <= closed
 
 
 # ---- alert rules ------------------------------------------------------------------------
