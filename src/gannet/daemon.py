@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -179,6 +179,9 @@ class Parts:
     acks: dict[str, Acks]
     offload: Offload | None = None
     tracing: Tracing | None = None
+    # Set once start-up's models are loaded: later loads trace in a process of their own
+    # (model_cache.yolo_loader).
+    traces_apart: threading.Event = field(default_factory=threading.Event)
 
     def close(self, timeout_s: float = 0.0) -> None:
         """Stop the model threads and release the database pool (callbacks are closed
@@ -283,11 +286,13 @@ def build(
     except StartupError:
         sink.close()
         raise
+    traces_apart = threading.Event()
     loader = yolo_loader(
         model_file(storage, s.model_cache_dir, s.max_model_mb * 2**20),
         trace=s.torchscript,
         cuda_graphs=s.cuda_graphs,
         safe=s.safe_model_load,
+        trace_apart=traces_apart,
     )
     cache = ModelCache(
         wrap_loader(loader) if wrap_loader else loader,
@@ -373,6 +378,7 @@ def build(
         acks,
         offload,
         tracing,
+        traces_apart,
     )
 
 
@@ -475,6 +481,7 @@ class Daemon:
         except Exception as exc:
             parts.close()
             raise StartupError(f"cannot load the models named in the config: {exc}") from exc
+        parts.traces_apart.set()
         self.health.set(models_warm=True)
         if self._orphaned():
             log.error("the supervisor process is gone; exiting before pulling")

@@ -187,7 +187,8 @@ class Settings(BaseSettings):
     torchscript: bool = Field(
         True,
         description="Run forward passes as TorchScript traces, which release the GIL "
-        "(a model whose trace disagrees with eager mode stays eager).",
+        "(a model whose trace disagrees with eager mode stays eager). A model loaded after "
+        "start-up is traced in a child process (a few seconds), which keeps nothing here.",
     )
     cuda_graphs: bool = Field(
         True,

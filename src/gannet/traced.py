@@ -15,8 +15,13 @@ is used; when they differ, or tracing fails, the model stays eager and a warning
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import subprocess
+import tempfile
 import warnings
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,50 +84,173 @@ def graph_bytes(model: Any) -> int:
     return graphs.held_bytes() if graphs is not None else 0
 
 
-def trace_forward(
-    model: Any, imgsz: int, device: str, half: bool, cuda_graphs: bool = False
-) -> bool:
-    """Swap the eager network behind `model.predict` for a verified trace; on a CUDA
-    device with `cuda_graphs`, one replayed as CUDA graphs (cuda_graphs.py).
-
-    `model` is an ultralytics YOLO that has predicted once, so its predictor exists.
-    False when the model stays eager: exported formats (.onnx) already run outside
-    Python, and a trace that disagrees with the eager model is never used.
-    """
-    backend = _backend(model)
-    net = getattr(backend, "model", None)
-    if not isinstance(net, torch.nn.Module) or not getattr(backend, "base_model", False):
-        return False
+@contextlib.contextmanager
+def _dynamic_heads(net: torch.nn.Module) -> Iterator[None]:
+    """Detection heads cache anchors for the last input shape; dynamic makes them part of
+    the traced graph instead of constants of the example's shape, and lets the eager
+    network answer another shape for the comparison. Restored after: the eager network
+    caches its anchors again (CUDA graphs record it with each shape's built beforehand)."""
     heads = [m for m in net.modules() if hasattr(m, "dynamic")]
     was_dynamic = [bool(m.dynamic) for m in heads]
     for head in heads:
-        # Detection heads cache anchors for the last input shape; dynamic makes them
-        # part of the traced graph instead of constants of the example's shape.
         setattr(head, "dynamic", True)  # noqa: B010 - a torch Module attribute
+    try:
+        yield
+    finally:
+        for head, was in zip(heads, was_dynamic, strict=True):
+            setattr(head, "dynamic", was)  # noqa: B010
+
+
+def _inputs(
+    backend: Any, imgsz: int, device: str, half: bool
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The trace's example (one square image), the check it must pass (two images of
+    another aspect ratio) and the tolerance of that check."""
     dtype = torch.float16 if half else torch.float32
     stride = int(getattr(backend, "stride", 32))
     short = max(stride, (imgsz * 3 // 4) // stride * stride)
     example = torch.rand(1, 3, imgsz, imgsz, device=device, dtype=dtype)
     check = torch.rand(2, 3, short, imgsz, device=device, dtype=dtype)
-    atol = 1e-2 if half else 1e-4
-    eager = _InferenceOutputs(net).eval()
-    try:
-        traced = verified_trace(eager, example, check, atol=atol)
-    except Exception as exc:  # noqa: BLE001 - any failure means: stay eager, and say so
-        log.warning("cannot trace the model; it runs eager", extra={"fields": {"error": repr(exc)}})
-        return False
-    finally:
-        # The eager network caches its anchors again: the trace no longer depends on it,
-        # and CUDA graphs record it with the anchors of each shape built beforehand.
-        for head, was in zip(heads, was_dynamic, strict=True):
-            setattr(head, "dynamic", was)  # noqa: B010
+    return example, check, 1e-2 if half else 1e-4
+
+
+def _network(model: Any) -> tuple[Any, torch.nn.Module] | None:
+    """(ultralytics' backend, its eager network), or None when there is no network to
+    trace: exported formats (.onnx) already run outside Python."""
+    backend = _backend(model)
+    net = getattr(backend, "model", None)
+    if not isinstance(net, torch.nn.Module) or not getattr(backend, "base_model", False):
+        return None
+    return backend, net
+
+
+def trace_network(model: Any, imgsz: int, device: str, half: bool) -> torch.jit.ScriptModule | None:
+    """`model`'s network traced and verified (None: it cannot be, or disagrees). In this
+    process: torch keeps each trace's module types in its global compilation unit for
+    good (about 18 MB for a small YOLO), so a long-running daemon traces here only what
+    it loads at start-up, and any later load in a process of its own (`trace_apart`)."""
+    found = _network(model)
+    if found is None:
+        return None
+    backend, net = found
+    example, check, atol = _inputs(backend, imgsz, device, half)
+    with _dynamic_heads(net):
+        try:
+            traced = verified_trace(_InferenceOutputs(net).eval(), example, check, atol=atol)
+        except Exception as exc:  # noqa: BLE001 - any failure means: stay eager, and say so
+            log.warning(
+                "cannot trace the model; it runs eager", extra={"fields": {"error": repr(exc)}}
+            )
+            return None
     if traced is None:
         log.warning("the traced model disagrees with the eager one; it runs eager")
+    return traced
+
+
+def _agrees(
+    model: Any, traced: torch.jit.ScriptModule, imgsz: int, device: str, half: bool
+) -> bool:
+    """A trace made elsewhere (trace_apart) answers as this process's eager network."""
+    found = _network(model)
+    if found is None:
         return False
+    backend, net = found
+    _, check, atol = _inputs(backend, imgsz, device, half)
+    with _dynamic_heads(net), torch.inference_mode():
+        expected, got = tensors(_InferenceOutputs(net).eval()(check)), tensors(traced(check))
+    return len(expected) == len(got) and all(
+        want.shape == have.shape and torch.allclose(want, have, atol=atol, rtol=1e-3)
+        for want, have in zip(expected, got, strict=True)
+    )
+
+
+def install(
+    model: Any,
+    traced: torch.jit.ScriptModule,
+    device: str,
+    half: bool,
+    cuda_graphs: bool = False,
+) -> None:
+    """Swap the eager network behind `model.predict` for `traced`; on a CUDA device with
+    `cuda_graphs`, one replayed as CUDA graphs (cuda_graphs.py)."""
+    found = _network(model)
+    assert found is not None, "install after trace_network found a network"
+    backend, net = found
     forward: torch.nn.Module = traced
     if cuda_graphs and device.startswith("cuda"):
-        forward = GraphedForward(eager, traced, atol)
+        forward = GraphedForward(_InferenceOutputs(net).eval(), traced, 1e-2 if half else 1e-4)
     setattr(backend, "model", forward)  # noqa: B010 - backend is ultralytics' (untyped)
     # Ultralytics then calls it as model(im), without the eager-only augment/embed.
     setattr(backend, "base_model", False)  # noqa: B010
+
+
+def trace_forward(
+    model: Any, imgsz: int, device: str, half: bool, cuda_graphs: bool = False
+) -> bool:
+    """Swap the eager network behind `model.predict` for a verified trace made in this
+    process (see trace_network); on a CUDA device with `cuda_graphs`, one replayed as
+    CUDA graphs (cuda_graphs.py).
+
+    `model` is an ultralytics YOLO that has predicted once, so its predictor exists.
+    False when the model stays eager: exported formats (.onnx) already run outside
+    Python, and a trace that disagrees with the eager model is never used.
+    """
+    if _network(model) is None:
+        return False
+    traced = trace_network(model, imgsz, device, half)
+    if traced is None:
+        return False
+    install(model, traced, device, half, cuda_graphs)
     return True
+
+
+def trace_apart(
+    model: Any,
+    command: list[str],
+    device: str,
+    imgsz: int,
+    half: bool,
+    cuda_graphs: bool = False,
+) -> bool:
+    """As trace_forward, the trace made by `command` (gannet.trace_child, which writes
+    it to the path its last argument names) and loaded here: torch.jit.load leaves
+    nothing behind in this process, where a trace leaves its types for good. The trace
+    is checked against this process's eager network before it is used. A child that
+    fails is said, and the trace is made here instead: a model left eager would be many
+    times slower while runners hold the GIL (docs/benchmark.md)."""
+    if _network(model) is None:
+        return False
+    with tempfile.TemporaryDirectory(prefix="gannet-trace-") as scratch:
+        out = Path(scratch) / "traced.pt"
+        try:
+            done = subprocess.run(
+                [*command, str(out)], capture_output=True, text=True, timeout=TRACE_CHILD_S
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            why = repr(exc)
+        else:
+            why = (done.stderr or done.stdout).strip()[-500:]
+            if done.returncode == NO_TRACE:  # the child said why
+                log.warning(
+                    "the model cannot be traced; it runs eager", extra={"fields": {"why": why}}
+                )
+                return False
+            if done.returncode == 0:
+                with warnings.catch_warnings():  # deprecated for torch.export: not a trace
+                    warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated")
+                    traced = torch.jit.load(str(out), map_location=device)  # type: ignore[no-untyped-call]
+                if _agrees(model, traced, imgsz, device, half):
+                    install(model, traced, device, half, cuda_graphs)
+                    return True
+                why = "its trace disagrees with this process's eager model"
+    log.warning(
+        "tracing in a process of its own failed; traced here (about 18 MB kept for good)",
+        extra={"fields": {"error": why}},
+    )
+    return trace_forward(model, imgsz, device, half, cuda_graphs)
+
+
+# How long a child may take to load and trace a model, and its exit status when the
+# model cannot be traced (it then runs eager, as a failed trace_forward leaves it).
+TRACE_CHILD_S = 600.0
+NO_TRACE = 3

@@ -1,0 +1,40 @@
+"""`python -m gannet.trace_child WEIGHTS TASK IMGSZ DEVICE safe|unsafe OUT`: a model's
+verified trace, saved to OUT for the daemon to load (traced.trace_apart).
+
+Why a process of its own: torch keeps each trace's module types in its global
+compilation unit for the life of the process (about 18 MB for a small YOLO), and a
+daemon loads models for as long as it runs; torch.jit.load of the saved trace leaves
+nothing behind. The model is loaded and warmed as the daemon loads it (warm_model), so
+the trace is of the network the daemon runs. Exit status 0: saved; NO_TRACE (3): the
+model cannot be traced or its trace disagrees (it runs eager, as in the daemon); other:
+an error, on stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    weights, task, imgsz, device, safe, out = argv
+    import torch
+
+    from gannet.model_cache import ModelKey, warm_model
+    from gannet.traced import NO_TRACE, trace_network
+
+    torch.set_num_threads(1)  # one core: the daemon's runners go on serving meanwhile
+    key = ModelKey(weights, "", device, int(imgsz), task)
+    model = warm_model(Path(weights), key, safe == "safe")
+    traced = trace_network(model, key.imgsz, device, half=device.startswith("cuda"))
+    if traced is None:
+        return NO_TRACE
+    with warnings.catch_warnings():  # deprecated for torch.export, which is not a trace
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated")
+        torch.jit.save(traced, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
