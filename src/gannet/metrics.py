@@ -85,7 +85,8 @@ class Metrics:
         )
         self.model_loads = Counter(
             "gannet_model_loads",
-            "Model loads, by model and device.",
+            "Model loads, by model and device (a model's file name; tenants' own "
+            "models as tenants/FILE, whatever the tenant: the logs name it).",
             ["model", "device"],
             registry=r,
         )

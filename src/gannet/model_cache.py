@@ -15,7 +15,6 @@ backoff, and the load goes on.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import sys
@@ -61,8 +60,17 @@ class ModelKey:
     tenant: str | None = None  # set for per-tenant models, so they are never shared
 
     def label(self) -> str:
+        """The model in logs and errors: its file, a tenant's prefixed with the tenant."""
         name = self.uri.rsplit("/", 1)[-1]
         return f"{self.tenant + '/' if self.tenant else ''}{name}"
+
+    def metric_label(self) -> str:
+        """The model in metrics: tenants' own models under one label per file name
+        (`tenants/detect.pt`), so that the series stay as many as the kinds of model, not
+        the tenants (a review: four series per tenant model and device, kept for the
+        life of the pod); the logs name the tenant."""
+        name = self.uri.rsplit("/", 1)[-1]
+        return f"tenants/{name}" if self.tenant else name
 
 
 @dataclass
@@ -217,7 +225,7 @@ class ModelCache:
                         if now - v[0] < self._retry_failed_after_s
                     }
                     self._failed[key] = (now, exc)
-            self._metrics.model_load_failures.labels(key.label(), key.device).inc()
+            self._metrics.model_load_failures.labels(key.metric_label(), key.device).inc()
             if isinstance(exc, GannetError):  # anything else is a bug, logged by a waiter
                 log.warning(
                     "model load failed; not retried for a while",
@@ -259,19 +267,12 @@ class ModelCache:
 
     def _retire(self, entries: list[LoadedModel], why: str) -> None:
         """Outside the lock: evicted models' threads finish what they were given and end;
-        a runner that asks after that loads the model again. Its forward-time series
-        goes too, unless another loaded model has its label (another version of its
-        file): tenants' models come and go, and each left a series for good."""
+        a runner that asks after that loads the model again."""
         for old in entries:
             old.batcher.close()
-            label, device = old.key.label(), old.key.device
-            self._metrics.model_evictions.labels(label, device).inc()
-            with self._lock:
-                kept = any(k.label() == label and k.device == device for k in self._loaded)
-            if not kept:
-                with contextlib.suppress(KeyError):  # never observed, or gone already
-                    self._metrics.forward_seconds.remove(label, device)
-            log.info(f"model evicted: {why}", extra={"model": label, "device": device})
+            device = old.key.device
+            self._metrics.model_evictions.labels(old.key.metric_label(), device).inc()
+            log.info(f"model evicted: {why}", extra={"model": old.key.label(), "device": device})
         for device in {old.key.device for old in entries}:
             self._show_bytes(device)
 
@@ -331,7 +332,8 @@ class ModelCache:
             self._max_batch,
             self._window_s,
             on_batch=partial(
-                self._observe_batch, self._metrics.forward_seconds.labels(key.label(), key.device)
+                self._observe_batch,
+                self._metrics.forward_seconds.labels(key.metric_label(), key.device),
             ),
             group=predictor.shape,
             on_start=predictor.start_forward_thread,
@@ -339,7 +341,7 @@ class ModelCache:
             if self._stage_cpu
             else None,
         )
-        self._metrics.model_loads.labels(key.label(), key.device).inc()
+        self._metrics.model_loads.labels(key.metric_label(), key.device).inc()
         log.info(
             "model loaded",
             extra={
