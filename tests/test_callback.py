@@ -584,6 +584,29 @@ def test_a_receiver_down_for_seconds_gets_its_callback_when_it_is_back():
             server.server_close()
 
 
+def test_a_tenant_with_nothing_left_to_send_is_forgotten(receiver_factory):
+    """Each tenant whose callback failed stayed marked as failing (one thread for it)
+    for the life of the pod: a review's long run kept one entry per such tenant. Once a
+    tenant has nothing queued, waiting or in flight, nothing of it is kept."""
+    down = receiver_factory([503] * 50)
+    policy = CallbackPolicy(
+        timeout_s=1.0, retries=1, backoff_s=0.01, allow_http=True, allow_private=True
+    )
+    statuses, record = _recorded()
+    callbacks = Callbacks(CallbackClient(policy), record, Metrics(), workers=2)
+    try:
+        for n in range(20):
+            _submit(callbacks, f"tenant-{n}", f"t{n}", down.url())
+        wait_until(lambda: len(statuses) == 20, "every outcome recorded", 30)
+        assert {status for _, status in statuses.values()} == {"failed: HTTP 503 after 2 attempts"}
+        wait_until(lambda: callbacks.pending() == 0, "nothing pending", 5)
+        with callbacks._cond:
+            kept = (callbacks._failing, callbacks._busy, callbacks._waiting, callbacks._queues)
+            assert not any(kept), kept
+    finally:
+        callbacks.close(timeout_s=0.0)
+
+
 def test_a_shutdown_does_not_wait_for_a_callbacks_retry(receiver_factory):
     """A callback whose retry is due after the shutdown's time (its receiver down) is
     recorded as failed at once, with its last failure: waiting for it would hold every

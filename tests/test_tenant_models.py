@@ -162,6 +162,27 @@ def test_a_tenant_model_that_can_never_serve_is_said_to_the_tenant(world, tmp_pa
     assert run("acme") == {f"fixed-{k}": v for k, v in expected_counts(SCENES[0]).items()}
 
 
+def test_tenants_listings_are_not_kept_past_their_time():
+    """Each tenant that ever had a task kept its listing of models/TENANT/ for the life
+    of the pod (a review's long run: one entry per tenant, thousands); one past its ttl
+    is listed afresh anyway, so the expired go at the next look a ttl later."""
+    listed: list[str] = []
+
+    def list_models(tenant: str) -> dict[str, str]:
+        listed.append(tenant)
+        return {}
+
+    resolver = ModelResolver(lambda uri: "1", ttl_s=0.2, list_tenant_models=list_models)
+    for n in range(100):
+        assert resolver.tenant_models(f"t{n}") == {}
+    resolver.tenant_models("t0")
+    assert listed.count("t0") == 1, "within its ttl a listing is kept"
+    time.sleep(0.25)
+    resolver.tenant_models("late")
+    assert set(resolver._listings) == {"late"}
+    assert resolver.tenant_models("t0") == {} and listed.count("t0") == 2
+
+
 def test_a_tenant_model_serves_only_its_tenant_and_others_fall_back(world, tmp_path):
     run, upload, _, cache, _ = world
     want = expected_counts(SCENES[0])

@@ -492,7 +492,18 @@ class Callbacks:
                         self._pending -= 1
                     if not self._waiting[tenant]:
                         del self._waiting[tenant]
+                        if tenant not in self._busy:  # nothing of this tenant's left
+                            self._forget(tenant)
                     self._cond.notify_all()
+
+    def _forget(self, tenant: str) -> None:
+        """Under the lock, once a tenant has nothing queued, waiting or in flight: what
+        was kept about it goes (a review: every tenant with a failed callback stayed in
+        `_failing` for the life of the pod). Its next callback starts as a new tenant's;
+        a count of refusals not yet said in a warning is kept until it is."""
+        self._failing.discard(tenant)
+        if tenant not in self._not_sent:
+            self._not_sent_said.pop(tenant, None)
 
     def _after(self, job: _Job, delivery: Delivery) -> Delivery | None:
         """The final outcome, or None with the job waiting for its next attempt."""

@@ -73,6 +73,7 @@ class ModelResolver:
         self._lock = threading.Lock()
         self._versions: dict[str, tuple[float, str]] = {}
         self._listings: dict[str, tuple[float, dict[str, str]]] = {}
+        self._swept_at = time.monotonic()
 
     def version(self, uri: str) -> str:
         now = time.monotonic()
@@ -103,6 +104,13 @@ class ModelResolver:
         listing = self._list_tenant_models(tenant)
         with self._lock:
             self._listings[tenant] = (now, listing)
+            if now - self._swept_at >= self._ttl_s:
+                # Every tenant that ever had a task kept its entry for the life of the pod
+                # (a review: about 230 bytes each); one expired is looked up afresh anyway.
+                self._swept_at = now
+                self._listings = {
+                    t: entry for t, entry in self._listings.items() if now - entry[0] < self._ttl_s
+                }
         return listing
 
     def tenant_override(self, kind: ModelKind, tenant: str) -> tuple[str, str] | None:
