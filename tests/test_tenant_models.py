@@ -19,7 +19,7 @@ from conftest import SAMPLES, SCENES, expected_counts, gated_storage
 from gannet import clients
 from gannet import storage as storage_module
 from gannet.config_sources import open_configs
-from gannet.daemon import model_file, model_version
+from gannet.daemon import drop_download, model_file, model_version
 from gannet.dev import demo
 from gannet.dev.publish import make_task
 from gannet.errors import ErrorCode, PermanentError, TransientError
@@ -83,7 +83,10 @@ def world(services, tmp_path, request):
         " confidence_threshold: 0.5" + keep + "}\npipelines:\n  DETECTION: [detection]\n"
     )
     metrics = Metrics()
-    cache = ModelCache(yolo_loader(model_file(storage, tmp_path / "cache")), metrics)
+    cache_dir = tmp_path / "cache"
+    # As the daemon loads: a tenant's downloaded file deleted once its model is loaded.
+    loader = yolo_loader(model_file(storage, cache_dir), discard=drop_download(cache_dir))
+    cache = ModelCache(loader, metrics)
     resolver = ModelResolver(
         model_version(storage), ttl_s=0, list_tenant_models=tenant_model_lister(storage, bucket)
     )
@@ -195,6 +198,10 @@ def test_a_tenant_model_serves_only_its_tenant_and_others_fall_back(world, tmp_p
     assert set(keys) == {None, "acme"}
     assert keys["acme"].uri.endswith("/models/acme/detect.pt")
     assert keys[None].uri == str(DETECT)
+    # Loaded, it needs no file: each tenant's stayed on the pod's disk (an emptyDir of
+    # 10 GiB, past which the kubelet evicts the pod), hundreds of tenants' models.
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+    assert Path(DETECT).exists(), "a local model is never deleted"
 
 
 def test_an_uploaded_new_model_is_used_without_restart(world, tmp_path):

@@ -49,7 +49,7 @@ from gannet.pubsub_watch import PubSubWatch
 from gannet.settings import Settings, unknown_variables
 from gannet.signals import on_signals
 from gannet.sink import SCHEMA_VERSION, Sink, cannot_connect, connect_waiting
-from gannet.storage import Storage, local_version, read_local
+from gannet.storage import Storage, local_copy, local_version, read_local
 from gannet.subscriber import Subscriber, policy_warnings
 from gannet.tracing import Tracing
 
@@ -89,6 +89,19 @@ def model_file(
         return Path(uri)
 
     return local_path
+
+
+def drop_download(cache_dir: Path) -> Callable[[str, str], None]:
+    """Deletes a loaded tenant model's downloaded file (yolo_loader's `discard`): each
+    tenant's model kept its file for the life of the pod, hundreds of them in a 10 GiB
+    emptyDir, past which the kubelet evicts the pod. A model asked for again after its
+    eviction from the cache is downloaded again."""
+
+    def drop(uri: str, version: str) -> None:
+        if uri.startswith("gs://"):  # never a local file: it is the only copy
+            local_copy(uri, version, cache_dir).unlink(missing_ok=True)
+
+    return drop
 
 
 def _gcs(storage: Storage | None, uri: str) -> Storage:
@@ -293,6 +306,7 @@ def build(
         cuda_graphs=s.cuda_graphs,
         safe=s.safe_model_load,
         trace_apart=traces_apart,
+        discard=drop_download(s.model_cache_dir),
     )
     cache = ModelCache(
         wrap_loader(loader) if wrap_loader else loader,

@@ -541,6 +541,7 @@ def yolo_loader(
     cuda_graphs: bool = True,
     safe: bool = True,
     trace_apart: threading.Event | None = None,
+    discard: Callable[[str, str], None] | None = None,
 ) -> Loader:
     """Loads weights with ultralytics (warm_model), and, with `trace`, runs its forward
     pass as a verified TorchScript trace (see traced.py), replayed as CUDA graphs on a
@@ -549,7 +550,9 @@ def yolo_loader(
     own (gannet.trace_child) and loaded here: each trace made in this process keeps
     about 18 MB of torch's global state for good, and a pod loads models for as long as
     it runs (a tenant's on first use, each generation of a model, each load after an
-    idle eviction): 46 loads took a review's daemon from 1.3 to 2.1 GB."""
+    idle eviction): 46 loads took a review's daemon from 1.3 to 2.1 GB. `discard(uri,
+    version)` is called once a tenant's model is loaded: its file is not needed any more
+    (daemon.drop_download)."""
 
     def load(key: ModelKey) -> tuple[Any, int]:
         import torch
@@ -567,6 +570,8 @@ def yolo_loader(
             nbytes = sum(p.numel() * p.element_size() for p in model.model.parameters())
         else:
             nbytes = path.stat().st_size
+        if discard is not None and key.tenant is not None:
+            discard(key.uri, key.version)
         return model, int(nbytes)
 
     return load

@@ -139,6 +139,19 @@ def _drop_other_generations(target: Path, stem: str, suffix: str) -> None:
             other.unlink(missing_ok=True)
 
 
+def local_copy(url: str, generation: str, cache_dir: Path) -> Path:
+    """Where download_to puts a generation of a gs:// object under `cache_dir`. The
+    suffix stays last: ultralytics picks the format (.pt, .onnx) from it."""
+    bucket, name = split_gs_url(url)
+    path = Path(name)
+    target = cache_dir / bucket / path.parent / f"{path.stem}.g{generation}{path.suffix}"
+    if not target.resolve().is_relative_to((cache_dir / bucket).resolve()):
+        # An object name with `../` (GCS allows them) could overwrite any file, another
+        # bucket's cached weights too; the loader makes this a failed load.
+        raise ValueError(f"{url}: its local copy would be outside the model cache's {bucket}/")
+    return target
+
+
 class Storage:
     def __init__(self, client: storage.Client) -> None:
         """`client` gives the endpoint and the credentials (and the dev tools' uploads,
@@ -349,12 +362,7 @@ class Storage:
         """
         bucket, name = split_gs_url(url)
         path = Path(name)
-        # Keep the suffix last: ultralytics picks the format (.pt, .onnx) from it.
-        target = cache_dir / bucket / path.parent / f"{path.stem}.g{generation}{path.suffix}"
-        if not target.resolve().is_relative_to((cache_dir / bucket).resolve()):
-            # An object name with `../` (GCS allows them) could overwrite any file, another
-            # bucket's cached weights too; the loader makes this a failed load.
-            raise ValueError(f"{url}: its local copy would be outside the model cache's {bucket}/")
+        target = local_copy(url, generation, cache_dir)
         if target.exists():
             return target
         data = self._download(bucket, name, generation, max_bytes)
