@@ -505,6 +505,42 @@ def test_tenants_models_share_one_series_per_file_name_however_many_come_and_go(
         cache.close()
 
 
+def test_a_tenants_file_is_discarded_once_no_load_of_it_is_under_way():
+    """A tenant's downloaded file is deleted once its load ends (daemon.drop_download),
+    but two loads of one file (two devices, two imgsz) shared it: the first to end
+    deleted it under the second, which failed (FileNotFoundError, remembered 30 s). It
+    goes once the last of them has ended, failed loads' included."""
+    discarded: list[ModelKey] = []
+    second_started, second_may_end = threading.Event(), threading.Event()
+    load = yolo_loader(lambda uri, version: Path(uri), trace=False)
+
+    def loader(k: ModelKey):
+        if k.imgsz == 416:  # the first: ends while the second is still loading
+            assert second_started.wait(30)
+        else:
+            second_started.set()
+            assert second_may_end.wait(30)
+        return load(k)
+
+    cache = ModelCache(loader, Metrics(), discard=discarded.append)
+    first = ModelKey(str(MODEL), "v1", "cpu", 416, "detect", "acme")
+    second = ModelKey(str(MODEL), "v1", "cpu", 320, "detect", "acme")
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            a = pool.submit(cache.get, first)
+            b = pool.submit(cache.get, second)
+            a.result(timeout=60)
+            assert discarded == [], "the second load still reads the file"
+            second_may_end.set()
+            b.result(timeout=60)
+        assert discarded == [second]
+        cache.get(key("v1"))  # an industry model's file stays
+        assert discarded == [second]
+    finally:
+        second_may_end.set()
+        cache.close()
+
+
 def test_close_waits_for_the_load_in_flight_and_starts_no_queued_one():
     """A load still running when the process exits is inside torch while the
     interpreter tears down (an abort); one started after close() returned, from the

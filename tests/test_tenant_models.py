@@ -84,9 +84,9 @@ def world(services, tmp_path, request):
     )
     metrics = Metrics()
     cache_dir = tmp_path / "cache"
-    # As the daemon loads: a tenant's downloaded file deleted once its model is loaded.
-    loader = yolo_loader(model_file(storage, cache_dir), discard=drop_download(cache_dir))
-    cache = ModelCache(loader, metrics)
+    # As the daemon loads: a tenant's downloaded file deleted once its load has ended.
+    loader = yolo_loader(model_file(storage, cache_dir))
+    cache = ModelCache(loader, metrics, discard=drop_download(cache_dir))
     resolver = ModelResolver(
         model_version(storage), ttl_s=0, list_tenant_models=tenant_model_lister(storage, bucket)
     )
@@ -161,8 +161,25 @@ def test_a_tenant_model_that_can_never_serve_is_said_to_the_tenant(world, tmp_pa
         assert "tenant acme's own model gs://" in refused.value.message
         assert said in refused.value.message and "upload a fixed one" in refused.value.message
     assert run("globex") == expected_counts(SCENES[0])
+    # Nor is the bad upload's file kept on the pod's disk (each tenant's stayed for good).
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
     upload("acme", renamed(tmp_path / "fixed.pt", "fixed"), "detect.pt")
     assert run("acme") == {f"fixed-{k}": v for k, v in expected_counts(SCENES[0]).items()}
+
+
+def test_only_a_downloaded_copy_is_ever_deleted(tmp_path):
+    """drop_download deletes the copy download_to made of a gs:// model, never a local
+    model file: that is the only copy."""
+    local = tmp_path / "detect.pt"
+    local.write_bytes(b"weights")
+    drop = drop_download(tmp_path / "cache")
+    drop(ModelKey(str(local), "1", "cpu", 416, "detect", tenant="acme"))
+    assert local.exists()
+    copy = storage_module.local_copy("gs://bkt/models/acme/detect.pt", "7", tmp_path / "cache")
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(b"weights")
+    drop(ModelKey("gs://bkt/models/acme/detect.pt", "7", "cpu", 416, "detect", tenant="acme"))
+    assert not copy.exists()
 
 
 def test_tenants_listings_are_not_kept_past_their_time():
@@ -201,7 +218,6 @@ def test_a_tenant_model_serves_only_its_tenant_and_others_fall_back(world, tmp_p
     # Loaded, it needs no file: each tenant's stayed on the pod's disk (an emptyDir of
     # 10 GiB, past which the kubelet evicts the pod), hundreds of tenants' models.
     assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
-    assert Path(DETECT).exists(), "a local model is never deleted"
 
 
 def test_an_uploaded_new_model_is_used_without_restart(world, tmp_path):

@@ -39,7 +39,7 @@ from gannet.health import Health, HealthServer
 from gannet.lanes import Lane
 from gannet.lease import LaneLease, LeaseSizer
 from gannet.metrics import Metrics
-from gannet.model_cache import Loader, ModelCache, yolo_loader
+from gannet.model_cache import Loader, ModelCache, ModelKey, yolo_loader
 from gannet.model_resolver import ModelResolver, tenant_model_lister
 from gannet.offload import Offload
 from gannet.outcome import Settler, shutdown
@@ -91,15 +91,16 @@ def model_file(
     return local_path
 
 
-def drop_download(cache_dir: Path) -> Callable[[str, str], None]:
-    """Deletes a loaded tenant model's downloaded file (yolo_loader's `discard`): each
-    tenant's model kept its file for the life of the pod, hundreds of them in a 10 GiB
-    emptyDir, past which the kubelet evicts the pod. A model asked for again after its
-    eviction from the cache is downloaded again."""
+def drop_download(cache_dir: Path) -> Callable[[ModelKey], None]:
+    """Deletes a model's downloaded file once its load has ended (ModelCache's
+    `discard`, for tenants' models): each tenant's model kept its file for the life of
+    the pod (a failed one's too), hundreds of them in a 10 GiB emptyDir, past which the
+    kubelet evicts the pod. A model asked for again after its eviction from the cache is
+    downloaded again."""
 
-    def drop(uri: str, version: str) -> None:
-        if uri.startswith("gs://"):  # never a local file: it is the only copy
-            local_copy(uri, version, cache_dir).unlink(missing_ok=True)
+    def drop(key: ModelKey) -> None:
+        if key.uri.startswith("gs://"):  # never a local file: it is the only copy
+            local_copy(key.uri, key.version, cache_dir).unlink(missing_ok=True)
 
     return drop
 
@@ -306,7 +307,6 @@ def build(
         cuda_graphs=s.cuda_graphs,
         safe=s.safe_model_load,
         trace_apart=traces_apart,
-        discard=drop_download(s.model_cache_dir),
     )
     cache = ModelCache(
         wrap_loader(loader) if wrap_loader else loader,
@@ -319,6 +319,7 @@ def build(
         stage_cpu=s.stage_cpu,
         load_wait_s=s.model_load_wait_s,
         load_threads=s.runners,
+        discard=drop_download(s.model_cache_dir),
     )
     lister = tenant_model_lister(storage, s.models_bucket) if s.models_bucket else None
     resolver = ModelResolver(

@@ -103,6 +103,7 @@ class ModelCache:
         idle_evict_s: float = 0.0,
         load_wait_s: float | None = None,
         load_threads: int = 4,
+        discard: Callable[[ModelKey], None] | None = None,
     ) -> None:
         """`cpu_threads`: torch CPU threads for each model's forward passes; `stage_cpu`:
         charge their thread CPU to the stage counter (GANNET_STAGE_CPU); `held`: what a
@@ -120,8 +121,11 @@ class ModelCache:
         `load_wait_s` (GANNET_MODEL_LOAD_WAIT_S; None: as long as the load takes): how
         long a runner's task waits for a model still loading (predict); `load_threads`:
         how many models load at once (each download is held in memory whole), the rest
-        queued."""
+        queued; `discard`: called with a tenant's model key once its load has ended, loaded
+        or failed, and no other load of that file is under way (daemon.drop_download
+        deletes the downloaded file: each tenant's stayed on the pod's disk for good)."""
         self._load = load
+        self._discard = discard
         self.load_wait_s = load_wait_s
         self._load_threads = load_threads
         self._load_queue: queue.SimpleQueue[tuple[ModelKey, Future[LoadedModel]]] = (
@@ -217,6 +221,7 @@ class ModelCache:
         except Exception as exc:  # noqa: BLE001 - handed to the waiters, who raise it
             with self._lock:
                 del self._loading[key]
+                self._discard_file(key)
                 if isinstance(exc, GannetError):
                     now = time.monotonic()
                     self._failed = {  # old versions' failures are never asked for again
@@ -239,6 +244,7 @@ class ModelCache:
             return
         with self._lock:
             del self._loading[key]
+            self._discard_file(key)
             self._failed.pop(key, None)
             self._loaded[key] = entry
             idle = self._asked_now(key)
@@ -247,6 +253,15 @@ class ModelCache:
         self._retire(evicted, "over the memory budget")
         self._show_bytes(key.device)
         future.set_result(entry)  # after: a waiter finds the evicted ones gone
+
+    def _discard_file(self, key: ModelKey) -> None:
+        """Under the lock, as a tenant's model's load ends: its file goes unless another
+        load of it (another device or imgsz) is under way; a load that starts after this
+        downloads the file again. Under the lock, so none starts in between."""
+        if self._discard is None or key.tenant is None:
+            return
+        if not any(k.uri == key.uri and k.version == key.version for k in self._loading):
+            self._discard(key)
 
     def _asked_now(self, key: ModelKey) -> list[LoadedModel]:
         """Under the lock: notes that `key` was asked for, and every so often takes out
@@ -541,7 +556,6 @@ def yolo_loader(
     cuda_graphs: bool = True,
     safe: bool = True,
     trace_apart: threading.Event | None = None,
-    discard: Callable[[str, str], None] | None = None,
 ) -> Loader:
     """Loads weights with ultralytics (warm_model), and, with `trace`, runs its forward
     pass as a verified TorchScript trace (see traced.py), replayed as CUDA graphs on a
@@ -550,9 +564,7 @@ def yolo_loader(
     own (gannet.trace_child) and loaded here: each trace made in this process keeps
     about 18 MB of torch's global state for good, and a pod loads models for as long as
     it runs (a tenant's on first use, each generation of a model, each load after an
-    idle eviction): 46 loads took a review's daemon from 1.3 to 2.1 GB. `discard(uri,
-    version)` is called once a tenant's model is loaded: its file is not needed any more
-    (daemon.drop_download)."""
+    idle eviction): 46 loads took a review's daemon from 1.3 to 2.1 GB."""
 
     def load(key: ModelKey) -> tuple[Any, int]:
         import torch
@@ -570,8 +582,6 @@ def yolo_loader(
             nbytes = sum(p.numel() * p.element_size() for p in model.model.parameters())
         else:
             nbytes = path.stat().st_size
-        if discard is not None and key.tenant is not None:
-            discard(key.uri, key.version)
         return model, int(nbytes)
 
     return load
