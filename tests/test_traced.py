@@ -99,13 +99,25 @@ def test_a_model_traced_apart_answers_as_one_traced_here_and_leaves_nothing_behi
     held = len(torch.jit._state._python_cu.get_functions())
     for version in ("2", "3"):
         model, _ = load(ModelKey(key.uri, version, "cpu", 416, "detect", tenant="acme"))
-        assert isinstance(model.predictor.model.backend.model, torch.jit.ScriptModule)
+        traced = model.predictor.model.backend.model
+        assert isinstance(traced, torch.jit.ScriptModule)
         assert len(torch.jit._state._python_cu.get_functions()) == held, "left behind"
     got = _predict(model, images, 416)
     assert sum(len(r.boxes) for r in want) > 0
     for a, b in zip(want, got, strict=True):
         assert b.boxes.cls.tolist() == a.boxes.cls.tolist()
         assert torch.allclose(b.boxes.xyxy, a.boxes.xyxy, atol=0.05)
+
+    # One copy of the weights: the eager network, which CUDA graphs keep behind the
+    # trace, is given the loaded trace's tensors (it held a copy of its own).
+    shared = YOLO(str(MODELS / "detect.pt"), task="detect")
+    shared.predict(images[0], imgsz=416, device="cpu", verbose=False)
+    eager = shared.predictor.model.model
+    child = [sys.executable, "-m", "gannet.trace_child", str(MODELS / "detect.pt"), "detect"]
+    assert trace_apart(shared, [*child, "416", "cpu", "safe"], "cpu", 416, half=False)
+    traced = shared.predictor.model.backend.model
+    mine = {t.untyped_storage().data_ptr() for t in eager.parameters()}
+    assert {t.untyped_storage().data_ptr() for t in traced.parameters()} == mine
 
     fresh = YOLO(str(MODELS / "detect.pt"), task="detect")
     fresh.predict(images[0], imgsz=416, device="cpu", verbose=False)

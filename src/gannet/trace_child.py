@@ -12,13 +12,34 @@ an error, on stderr.
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 import sys
 import warnings
 from pathlib import Path
 
 
+def _die_with_parent() -> None:
+    """Ended by the kernel when the daemon that started it dies (a kill -9, the
+    supervisor's restart): an orphan would go on loading a model beside its successor.
+    Linux only; elsewhere the child ends on its own once done."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the prctl
+        os._exit(1)
+
+
+PR_SET_PDEATHSIG = 1
+
+
 def main(argv: list[str]) -> int:
     weights, task, imgsz, device, safe, out = argv
+    _die_with_parent()
     import torch
 
     from gannet.model_cache import ModelKey, warm_model

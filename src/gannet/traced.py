@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,12 +61,19 @@ def verified_trace(
             net, example, check_trace=False
         )
         expected, got = tensors(net(check)), tensors(traced(check))
-    if len(expected) != len(got):
-        return None
-    for want, have in zip(expected, got, strict=True):
-        if want.shape != have.shape or not torch.allclose(want, have, atol=atol, rtol=1e-3):
-            return None
-    return traced
+    return traced if _same(expected, got, atol) else None
+
+
+def _same(expected: list[torch.Tensor], got: list[torch.Tensor], atol: float) -> bool:
+    return len(expected) == len(got) and all(
+        want.shape == have.shape and torch.allclose(want, have, atol=atol, rtol=1e-3)
+        for want, have in zip(expected, got, strict=True)
+    )
+
+
+def _atol(half: bool) -> float:
+    """How far a trace's answer may stray from the eager network's (FP16 on GPUs)."""
+    return 1e-2 if half else 1e-4
 
 
 def _backend(model: Any) -> Any:
@@ -111,7 +121,7 @@ def _inputs(
     short = max(stride, (imgsz * 3 // 4) // stride * stride)
     example = torch.rand(1, 3, imgsz, imgsz, device=device, dtype=dtype)
     check = torch.rand(2, 3, short, imgsz, device=device, dtype=dtype)
-    return example, check, 1e-2 if half else 1e-4
+    return example, check, _atol(half)
 
 
 def _network(model: Any) -> tuple[Any, torch.nn.Module] | None:
@@ -158,10 +168,20 @@ def _agrees(
     _, check, atol = _inputs(backend, imgsz, device, half)
     with _dynamic_heads(net), torch.inference_mode():
         expected, got = tensors(_InferenceOutputs(net).eval()(check)), tensors(traced(check))
-    return len(expected) == len(got) and all(
-        want.shape == have.shape and torch.allclose(want, have, atol=atol, rtol=1e-3)
-        for want, have in zip(expected, got, strict=True)
-    )
+    return _same(expected, got, atol)
+
+
+def _share_weights(net: torch.nn.Module, traced: torch.jit.ScriptModule) -> None:
+    """The eager network's parameters and buffers made the loaded trace's own tensors.
+    A trace made here shares them; one loaded from a file has copies, and the eager
+    network stays alive behind it (ultralytics' model, CUDA graphs' recording): every
+    model loaded after start-up held its weights twice, on the GPU against the budget."""
+    own: dict[str, torch.Tensor] = dict(traced.named_parameters())
+    own.update(traced.named_buffers())
+    for name, tensor in [*net.named_parameters(), *net.named_buffers()]:
+        theirs = own.get(f"net.{name}")
+        if theirs is not None and theirs.shape == tensor.shape and theirs.dtype == tensor.dtype:
+            tensor.data = theirs.data
 
 
 def install(
@@ -178,7 +198,7 @@ def install(
     backend, net = found
     forward: torch.nn.Module = traced
     if cuda_graphs and device.startswith("cuda"):
-        forward = GraphedForward(_InferenceOutputs(net).eval(), traced, 1e-2 if half else 1e-4)
+        forward = GraphedForward(_InferenceOutputs(net).eval(), traced, _atol(half))
     setattr(backend, "model", forward)  # noqa: B010 - backend is ultralytics' (untyped)
     # Ultralytics then calls it as model(im), without the eager-only augment/embed.
     setattr(backend, "base_model", False)  # noqa: B010
@@ -218,9 +238,13 @@ def trace_apart(
     is checked against this process's eager network before it is used. A child that
     fails is said, and the trace is made here instead: a model left eager would be many
     times slower while runners hold the GIL (docs/benchmark.md)."""
-    if _network(model) is None:
+    found = _network(model)
+    if found is None:
         return False
-    with tempfile.TemporaryDirectory(prefix="gannet-trace-") as scratch:
+    _sweep_scratch()
+    # One child at a time: each holds a model (hundreds of MB of memory, a CUDA context
+    # on a GPU) beside the daemon's, and loads run on as many threads as runners.
+    with _ONE_CHILD, tempfile.TemporaryDirectory(prefix=f"{_SCRATCH}{os.getpid()}-") as scratch:
         out = Path(scratch) / "traced.pt"
         try:
             done = subprocess.run(
@@ -240,6 +264,7 @@ def trace_apart(
                     warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated")
                     traced = torch.jit.load(str(out), map_location=device)  # type: ignore[no-untyped-call]
                 if _agrees(model, traced, imgsz, device, half):
+                    _share_weights(found[1], traced)
                     install(model, traced, device, half, cuda_graphs)
                     return True
                 why = "its trace disagrees with this process's eager model"
@@ -250,7 +275,20 @@ def trace_apart(
     return trace_forward(model, imgsz, device, half, cuda_graphs)
 
 
-# How long a child may take to load and trace a model, and its exit status when the
-# model cannot be traced (it then runs eager, as a failed trace_forward leaves it).
-TRACE_CHILD_S = 600.0
+def _sweep_scratch() -> None:
+    """Scratch folders of daemons gone (killed while their child traced: a trace each,
+    in the pod's /tmp, which has a size limit); those of live ones (GANNET_PROCESSES)
+    stay."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{_SCRATCH}*"):
+        pid = folder.name[len(_SCRATCH) :].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+# How long a child may take to load and trace a model (a load thread waits for it), and
+# its exit status when the model cannot be traced (it then runs eager, as a failed
+# trace_forward leaves it).
+TRACE_CHILD_S = 180.0
 NO_TRACE = 3
+_SCRATCH = "gannet-trace-"
+_ONE_CHILD = threading.Lock()

@@ -289,8 +289,6 @@ def refusal(args: argparse.Namespace) -> str | None:
             f"{RETRIES_EXHAUSTED} after an outage), --message ID (repeatable; the "
             "listing's message column) or --all"
         )
-    if args.all and not verb:
-        return "--all goes with --replay or --discard (a listing shows every letter)"
     unknown = [code for code in args.code or [] if code not in CODES]
     if unknown:
         return f"no such --code {', '.join(unknown)}; a dead letter's is one of: {', '.join(CODES)}"
