@@ -23,7 +23,9 @@ from pathlib import Path
 def _die_with_parent() -> None:
     """Ended by the kernel when the daemon that started it dies (a kill -9, the
     supervisor's restart): an orphan would go on loading a model beside its successor.
-    Linux only; elsewhere the child ends on its own once done."""
+    The kernel ties it to the thread that started the child, a model cache's load
+    thread, which lives as long as the daemon. Linux only; elsewhere the child ends on
+    its own once done."""
     parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
