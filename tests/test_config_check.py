@@ -67,3 +67,31 @@ def test_a_config_in_a_bucket_is_checked_with_its_models_from_the_bucket(
     done = gannet("config", "check", uri, env=services.env(), timeout=180)
     assert done.returncode == 0, done.stderr
     assert f"ok: {uri}: industry 'demo'" in done.stdout
+
+
+def test_a_tenants_own_models_are_checked_as_its_first_task_would(services: LocalServices):
+    """A tenant's own model loads on its first task, so a bad upload was found only by
+    its tasks, refused as tenant_model_invalid. --tenant loads it as that task would
+    (its file, its kind, the class filters of the industry that serves the tenant)."""
+    settings = demo.local_settings(services)
+    bucket = f"models-{uuid.uuid4().hex[:8]}"
+    client = clients.storage_client(settings)
+    client.create_bucket(bucket)
+    config = str(CONFIGS / "demo.yaml")
+    env = {**services.env(), "GANNET_MODELS_BUCKET": bucket}
+    wrong = client.bucket(bucket).blob("models/acme/detect.pt")
+    wrong.upload_from_filename(str(MODELS / "classify.pt"))  # a classifier as the detector
+    args = ("config", "check", config, "--no-models", "--tenant", "acme", "--tenant", "globex")
+    refused = gannet(*args, env=env, timeout=180)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "tenant acme: tenant_model_invalid:" in refused.stdout
+    assert "it is a classify model, configured as detect" in refused.stdout
+    assert "tenant globex: no models of its own" in refused.stdout
+
+    wrong.upload_from_filename(str(MODELS / "detect.pt"))
+    done = gannet(*args, env=env, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"tenant acme: ok: gs://{bucket}/models/acme/detect.pt" in done.stdout
+
+    unset = gannet("config", "check", config, "--no-models", "--tenant", "acme", timeout=60)
+    assert unset.returncode == 2 and "GANNET_MODELS_BUCKET is not set" in unset.stderr

@@ -364,15 +364,7 @@ class Pipeline:
         tasks are refused (tenant_model_invalid: a failed row and a dead letter naming
         the model and the classes, to replay) until a corrected upload (a new
         generation, a new key) serves them."""
-        names = self.cache.get(key, self.cache.load_wait_s).names
-        try:
-            _check_class_filters(loaded, kind, names, key.uri)
-        except ConfigError as exc:
-            raise PermanentError(
-                ErrorCode.TENANT_MODEL_INVALID,
-                f"tenant {key.tenant}'s own model (generation {key.version}): {exc}; "
-                "upload a fixed one, then republish",
-            ) from exc
+        check_tenant_model(loaded, kind, key, self.cache.get(key, self.cache.load_wait_s).names)
         if len(self._tenant_checked) >= 4096:
             self._tenant_checked.clear()
         self._tenant_checked[key] = loaded
@@ -397,6 +389,38 @@ def load_models(
                     f"{exc.message}"
                 ) from exc
             _check_class_filters(loaded, kind, model.names, uri)
+
+
+def check_tenant_model(
+    loaded: LoadedConfig, kind: ModelKind, key: ModelKey, names: Mapping[int, str]
+) -> None:
+    """PermanentError(tenant_model_invalid) when a class filter of `loaded` names a class
+    the tenant's own model (`key`, whose classes are `names`) does not have."""
+    try:
+        _check_class_filters(loaded, kind, names, key.uri)
+    except ConfigError as exc:
+        raise PermanentError(
+            ErrorCode.TENANT_MODEL_INVALID,
+            f"tenant {key.tenant}'s own model (generation {key.version}): {exc}; "
+            "upload a fixed one, then republish",
+        ) from exc
+
+
+def load_tenant_models(
+    loaded: LoadedConfig, cache: ModelCache, resolver: ModelResolver, tenant: str, device: str
+) -> list[ModelKey]:
+    """Each of `tenant`'s own models that `loaded` would serve it, loaded and checked as
+    on the tenant's first task (the load's checks, then the class filters); the keys,
+    none where it has none. PermanentError(tenant_model_invalid) for one that cannot
+    serve, TransientError where GCS or the load fails for now. `gannet config check
+    --tenant`'s."""
+    keys = []
+    for kind in loaded.config.enabled_models():
+        key = resolver.key(loaded, kind, tenant, device)
+        if key.tenant is not None:
+            check_tenant_model(loaded, kind, key, cache.get(key).names)
+            keys.append(key)
+    return keys
 
 
 def _check_class_filters(

@@ -178,7 +178,9 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
         "filters that name its classes. Prints what it would serve, or the error a pod "
         "would log when rejecting it, and exits 2. Run it before `gcloud storage cp` or a "
         "ConfigMap change. Tenants' own models (gs://MODELS_BUCKET/models/TENANT/...) load "
-        "on first use and are not checked here.",
+        "on first use: --tenant T loads T's as its first task would (the file, its kind, "
+        "the class filters of the industry that serves T) and says whether they would "
+        "serve, or refuse T's tasks as tenant_model_invalid (exit 2).",
     )
     c.add_argument(
         "uri",
@@ -194,6 +196,14 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
         "--no-models",
         action="store_true",
         help="skip loading the models (seconds each; a download for gs:// weights)",
+    )
+    c.add_argument(
+        "--tenant",
+        action="append",
+        default=[],
+        metavar="T",
+        help="also load tenant T's own models from GANNET_MODELS_BUCKET (repeatable), "
+        "e.g. after T uploaded one, before replaying its tenant_model_invalid letters",
     )
     c.set_defaults(func=cmd_config_check)
 

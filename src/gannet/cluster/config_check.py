@@ -1,4 +1,5 @@
-"""`gannet config check`: the daemon's verdict on a config before it is pushed.
+"""`gannet config check`: the daemon's verdict on a config (and tenants' own models)
+before it is pushed.
 
 Why: a config is checked when a pod loads it. A push that fails the check is rejected by
 the running pods (they serve the previous one, GannetConfigRejected) and stops new pods
@@ -19,11 +20,11 @@ from gannet import clients
 from gannet.config_schema import ConfigError, ModelSpec
 from gannet.config_sources import Configs, DeploymentSource, LoadedConfig
 from gannet.daemon import config_uri, model_file, model_version, open_config
-from gannet.errors import CommandError
+from gannet.errors import CommandError, PermanentError, TransientError
 from gannet.metrics import Metrics
 from gannet.model_cache import ModelCache, yolo_loader
-from gannet.model_resolver import ModelResolver
-from gannet.pipeline import load_models
+from gannet.model_resolver import ModelResolver, tenant_model_lister
+from gannet.pipeline import load_models, load_tenant_models
 from gannet.settings import Settings
 from gannet.storage import Storage
 
@@ -39,12 +40,21 @@ def run_check(args: argparse.Namespace) -> int:
     except (ConfigError, OSError) as exc:
         raise CommandError(f"{uri} would be rejected: {exc}") from exc
     served = configs.served()
-    if not args.no_models:
+    if args.tenant and not settings.models_bucket:
+        raise CommandError(
+            "--tenant: GANNET_MODELS_BUCKET is not set, so no tenant has models of its own "
+            "(they are served the industry's)"
+        )
+    if not args.no_models or args.tenant:
         models = [loaded.model_uri(spec) for loaded in served for spec in _enabled(loaded)]
-        if storage is None and any(m.startswith("gs://") for m in models):
+        if storage is None and (args.tenant or any(m.startswith("gs://") for m in models)):
             storage = Storage(clients.storage_client(settings))
+    if not args.no_models:
         _load_models(served, storage, settings)
     _describe(uri, configs, served, checked_models=not args.no_models)
+    if args.tenant:
+        assert storage is not None
+        return _check_tenants(configs, args.tenant, storage, settings)
     return 0
 
 
@@ -72,6 +82,50 @@ def _load_models(served: list[LoadedConfig], storage: Storage | None, settings: 
             raise CommandError(f"{loaded.uri} would be rejected: {exc}") from exc
         finally:
             cache.close()
+
+
+def _check_tenants(
+    configs: Configs, tenants: list[str], storage: Storage, settings: Settings
+) -> int:
+    """Each tenant's own models loaded and checked as its first task would; 2 when one
+    would refuse its tasks (or the tenant is not served), else 0."""
+    worst = 0
+    with tempfile.TemporaryDirectory(prefix="gannet-config-check-") as scratch:
+        cache = ModelCache(
+            yolo_loader(
+                model_file(storage, Path(scratch), settings.max_model_mb * 2**20),
+                trace=False,
+                cuda_graphs=False,
+                safe=settings.safe_model_load,
+            ),
+            Metrics(),
+        )
+        resolver = ModelResolver(
+            model_version(storage),
+            ttl_s=0.0,
+            list_tenant_models=tenant_model_lister(storage, settings.models_bucket or ""),
+        )
+        try:
+            for tenant in tenants:
+                worst = max(worst, _check_tenant(configs, tenant, cache, resolver))
+        finally:
+            cache.close()
+    return worst
+
+
+def _check_tenant(configs: Configs, tenant: str, cache: ModelCache, resolver: ModelResolver) -> int:
+    try:
+        loaded = configs.for_tenant(tenant)
+        print(f"loading tenant {tenant}'s own models ({loaded.config.industry}) ...")
+        keys = load_tenant_models(loaded, cache, resolver, tenant, "cpu")
+    except (PermanentError, TransientError) as exc:
+        print(f"tenant {tenant}: {exc.code.value}: {exc.message}")
+        return 2
+    if not keys:
+        print(f"tenant {tenant}: no models of its own; served {loaded.config.industry}'s")
+    for key in keys:
+        print(f"tenant {tenant}: ok: {key.uri} (generation {key.version}) would serve")
+    return 0
 
 
 def _describe(uri: str, configs: Configs, served: list[LoadedConfig], checked_models: bool) -> None:
