@@ -66,13 +66,7 @@ def _load_models(served: list[LoadedConfig], storage: Storage | None, settings: 
     """Every enabled model of every served industry, on the CPU, as the daemon loads
     them before a config serves; weights from gs:// are downloaded to a scratch folder."""
     with tempfile.TemporaryDirectory(prefix="gannet-config-check-") as scratch:
-        loader = yolo_loader(
-            model_file(storage, Path(scratch), settings.max_model_mb * 2**20),
-            trace=False,
-            cuda_graphs=False,
-            safe=settings.safe_model_load,
-        )
-        cache = ModelCache(loader, Metrics())
+        cache = _cache(storage, Path(scratch), settings)
         resolver = ModelResolver(model_version(storage), ttl_s=0.0)
         try:
             for loaded in served:
@@ -84,6 +78,18 @@ def _load_models(served: list[LoadedConfig], storage: Storage | None, settings: 
             cache.close()
 
 
+def _cache(storage: Storage | None, scratch: Path, settings: Settings) -> ModelCache:
+    """A model cache loading on the CPU as the daemon does (no trace: the check only
+    needs the model to load), gs:// weights downloaded to `scratch`."""
+    loader = yolo_loader(
+        model_file(storage, scratch, settings.max_model_mb * 2**20),
+        trace=False,
+        cuda_graphs=False,
+        safe=settings.safe_model_load,
+    )
+    return ModelCache(loader, Metrics())
+
+
 def _check_tenants(
     configs: Configs, tenants: list[str], storage: Storage, settings: Settings
 ) -> int:
@@ -91,15 +97,7 @@ def _check_tenants(
     would refuse its tasks (or the tenant is not served), else 0."""
     worst = 0
     with tempfile.TemporaryDirectory(prefix="gannet-config-check-") as scratch:
-        cache = ModelCache(
-            yolo_loader(
-                model_file(storage, Path(scratch), settings.max_model_mb * 2**20),
-                trace=False,
-                cuda_graphs=False,
-                safe=settings.safe_model_load,
-            ),
-            Metrics(),
-        )
+        cache = _cache(storage, Path(scratch), settings)
         resolver = ModelResolver(
             model_version(storage),
             ttl_s=0.0,
