@@ -158,13 +158,14 @@ def trace_network(model: Any, imgsz: int, device: str, half: bool) -> torch.jit.
 
 
 def _agrees(
-    model: Any, traced: torch.jit.ScriptModule, imgsz: int, device: str, half: bool
+    backend: Any,
+    net: torch.nn.Module,
+    traced: torch.jit.ScriptModule,
+    imgsz: int,
+    device: str,
+    half: bool,
 ) -> bool:
     """A trace made elsewhere (trace_apart) answers as this process's eager network."""
-    found = _network(model)
-    if found is None:
-        return False
-    backend, net = found
     _, check, atol = _inputs(backend, imgsz, device, half)
     with _dynamic_heads(net), torch.inference_mode():
         expected, got = tensors(_InferenceOutputs(net).eval()(check)), tensors(traced(check))
@@ -215,9 +216,7 @@ def trace_forward(
     False when the model stays eager: exported formats (.onnx) already run outside
     Python, and a trace that disagrees with the eager model is never used.
     """
-    if _network(model) is None:
-        return False
-    traced = trace_network(model, imgsz, device, half)
+    traced = trace_network(model, imgsz, device, half)  # None too without a network
     if traced is None:
         return False
     install(model, traced, device, half, cuda_graphs)
@@ -241,6 +240,7 @@ def trace_apart(
     found = _network(model)
     if found is None:
         return False
+    backend, net = found
     _sweep_scratch()
     # One child at a time: each holds a model (hundreds of MB of memory, a CUDA context
     # on a GPU) beside the daemon's, and loads run on as many threads as runners.
@@ -263,8 +263,8 @@ def trace_apart(
                 with warnings.catch_warnings():  # deprecated for torch.export: not a trace
                     warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated")
                     traced = torch.jit.load(str(out), map_location=device)  # type: ignore[no-untyped-call]
-                if _agrees(model, traced, imgsz, device, half):
-                    _share_weights(found[1], traced)
+                if _agrees(backend, net, traced, imgsz, device, half):
+                    _share_weights(net, traced)
                     install(model, traced, device, half, cuda_graphs)
                     return True
                 why = "its trace disagrees with this process's eager model"
