@@ -38,8 +38,13 @@ output "sql_private_ip" {
 }
 
 output "db_password_secret" {
-  description = "Secret Manager secret with the gannet role's password."
+  description = "Secret Manager secret with the password of the gannet role, which owns the tables (GANNET_OWNER_DATABASE_URL)."
   value       = google_secret_manager_secret.db_password.secret_id
+}
+
+output "db_worker_password_secret" {
+  description = "Secret Manager secret with the password of the gannet_worker role, the daemon's (GANNET_DATABASE_URL)."
+  value       = google_secret_manager_secret.db_worker_password.secret_id
 }
 
 output "github_actions_variables" {

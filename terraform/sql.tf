@@ -110,7 +110,8 @@ resource "random_password" "db" {
   special = false
 }
 
-# The daemon's role: not a superuser, so row-level security applies to it.
+# The role that owns gannet's tables: `gannet db migrate` (the pods' init container,
+# GANNET_OWNER_DATABASE_URL) and `gannet db purge`. Not a superuser.
 resource "google_sql_user" "gannet" {
   name     = "gannet"
   instance = google_sql_database_instance.gannet.name
@@ -132,4 +133,33 @@ resource "google_secret_manager_secret" "db_password" {
 resource "google_secret_manager_secret_version" "db_password" {
   secret      = google_secret_manager_secret.db_password.id
   secret_data = random_password.db.result
+}
+
+# The daemon's role (GANNET_DATABASE_URL): the migration grants it reading, adding and
+# updating rows, under row-level security, which it may not turn off (an owner may).
+resource "random_password" "db_worker" {
+  length  = 32
+  special = false
+}
+
+resource "google_sql_user" "worker" {
+  name     = "gannet_worker"
+  instance = google_sql_database_instance.gannet.name
+  password = random_password.db_worker.result
+  # Granted rights on gannet's tables: PostgreSQL refuses to drop it while it has them.
+  deletion_policy = "ABANDON"
+}
+
+resource "google_secret_manager_secret" "db_worker_password" {
+  secret_id = "gannet-db-worker-password"
+  labels    = local.labels
+  replication {
+    auto {}
+  }
+  depends_on = [google_project_service.apis]
+}
+
+resource "google_secret_manager_secret_version" "db_worker_password" {
+  secret      = google_secret_manager_secret.db_worker_password.id
+  secret_data = random_password.db_worker.result
 }

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import SAMPLES, SCENES, gannet
 
+from gannet import sink
 from gannet.settings import REPO_ROOT, settings_table
 from gannet.sink import SCHEMA_VERSION
 
@@ -150,10 +151,9 @@ def test_run_against_an_unmigrated_database_says_to_migrate(services):
     with psycopg.connect(services.admin_url, autocommit=True) as conn:
         conn.execute("DROP DATABASE IF EXISTS empty")
         conn.execute("CREATE DATABASE empty OWNER gannet")
-    url = services.database_url.rsplit("/", 1)[0] + "/empty"
     out = gannet(
         "run",
-        env={**services.env(), "GANNET_DATABASE_URL": url, "GANNET_METRICS_PORT": "0"},
+        env={**services.env(), **services.database_env("empty"), "GANNET_METRICS_PORT": "0"},
         timeout=120,
     )
     assert out.returncode == 2 and "gannet db migrate" in out.stdout
@@ -385,6 +385,7 @@ def test_a_database_that_answers_and_refuses_is_said_at_once(services, refusal, 
     env = {
         **services.env(),
         "GANNET_DATABASE_URL": url,
+        "GANNET_OWNER_DATABASE_URL": url,  # `db migrate` connects with it
         "GANNET_DB_CONNECT_WAIT_S": "60",
         "GANNET_METRICS_PORT": "0",
     }
@@ -409,8 +410,7 @@ def test_migrate_as_a_role_that_may_not_create_tables_says_what_to_grant(service
     with psycopg.connect(services.admin_url, autocommit=True) as conn:
         conn.execute("DROP DATABASE IF EXISTS not_gannets")
         conn.execute("CREATE DATABASE not_gannets")  # owned by the admin, not gannet
-    url = services.database_url.rsplit("/", 1)[0] + "/not_gannets"
-    out = gannet("db", "migrate", env={**services.env(), "GANNET_DATABASE_URL": url})
+    out = gannet("db", "migrate", env={**services.env(), **services.database_env("not_gannets")})
     assert out.returncode == 2, out.stdout + out.stderr
     assert "Traceback" not in out.stderr
     assert "creating the migrations' table failed" in out.stderr
@@ -421,10 +421,9 @@ def test_migrate_as_a_role_that_may_not_create_tables_says_what_to_grant(service
     with psycopg.connect(services.admin_url, autocommit=True) as conn:
         conn.execute("DROP DATABASE IF EXISTS rolled_back")
         conn.execute("CREATE DATABASE rolled_back OWNER gannet")
-    url = services.database_url.rsplit("/", 1)[0] + "/rolled_back"
-    env = {**services.env(), "GANNET_DATABASE_URL": url}
+    env = {**services.env(), **services.database_env("rolled_back")}
     assert gannet("db", "migrate", env=env).returncode == 0
-    with psycopg.connect(url, autocommit=True) as conn:
+    with psycopg.connect(env["GANNET_OWNER_DATABASE_URL"], autocommit=True) as conn:
         conn.execute("INSERT INTO schema_migrations (version) VALUES (99)")
     out = gannet("db", "migrate", env=env)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -437,6 +436,39 @@ def test_run_with_a_misspelt_subscription_says_so_before_loading_the_models(stac
     out = stack.gannet("run", GANNET_SUBSCRIPTION="no-such-sub", GANNET_METRICS_PORT="0")
     assert out.returncode == 2, out.stdout + out.stderr
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert "no-such-sub is not usable" in lines[-1]["message"]
+    assert not any("owns gannet's tables" in line["message"] for line in lines)
+
+
+def test_run_refuses_a_role_rls_does_not_bind_and_warns_of_one_that_owns_the_tables(stack):
+    """The daemon's role decides whether row-level security keeps tenants apart. A
+    superuser or BYPASSRLS role sees every tenant's rows whatever the tenant set: the
+    daemon refuses to start, saying why. The tables' owner is bound but could turn the
+    binding off: the daemon starts, with a warning naming the fix (how deployments
+    before the owner's URL ran)."""
+    import psycopg
+
+    with psycopg.connect(stack.services.admin_url, autocommit=True) as conn:
+        conn.execute(
+            "DO $$ BEGIN CREATE ROLE rls_bypasser LOGIN PASSWORD 'gannet' BYPASSRLS;"
+            " EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+        )
+    sink.migrate(stack.services.owner_url, grant_to="rls_bypasser")
+    bypasser = stack.services.database_url.replace("gannet_worker:", "rls_bypasser:")
+    out = stack.gannet("run", GANNET_DATABASE_URL=bypasser, GANNET_METRICS_PORT="0")
+    assert out.returncode == 2, out.stdout + out.stderr
+    last = json.loads(out.stdout.splitlines()[-1])["message"]
+    assert "role rls_bypasser is a superuser or has BYPASSRLS" in last, last
+
+    out = stack.gannet(
+        "run",
+        GANNET_DATABASE_URL=stack.services.owner_url,
+        GANNET_SUBSCRIPTION="no-such-sub",  # then it stops, after the role's check
+        GANNET_METRICS_PORT="0",
+    )
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    warned = [line for line in lines if "owns gannet's tables" in line["message"]]
+    assert warned and warned[0]["severity"] == "WARNING" and warned[0]["role"] == "gannet"
     assert "no-such-sub is not usable" in lines[-1]["message"]
     assert "check GANNET_PROJECT, GANNET_SUBSCRIPTION" in lines[-1]["message"]
     assert not any(line["message"] == "warming models" for line in lines)

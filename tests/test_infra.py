@@ -863,14 +863,22 @@ def _sources() -> str:
 
 
 def test_pods_migrate_the_schema_before_the_daemon_starts(rendered: dict[str, Path]) -> None:
-    """A deploy needs no separate migration step: the init container runs it first."""
+    """A deploy needs no separate migration step: the init container runs it first, as
+    the tables' owner where the Secret has its URL; the daemon's container never gets
+    that URL (with it, a bug could turn row-level security off)."""
+    owner = "GANNET_OWNER_DATABASE_URL"
     for overlay, path in rendered.items():
         pod = one_of_kind(docs(path), "Deployment")["spec"]["template"]["spec"]
         (init,) = pod["initContainers"]
         worker = worker_container(docs(path))
         assert init["args"] == ["db", "migrate"], overlay
         assert init["image"] == worker["image"]
-        assert init["envFrom"] == worker["envFrom"] and init["env"] == worker["env"]
+        assert init["envFrom"] == worker["envFrom"]
+        assert [e for e in init["env"] if e["name"] != owner] == worker["env"]
+        (url,) = [e["valueFrom"]["secretKeyRef"] for e in init["env"] if e["name"] == owner]
+        assert url == {"name": "gannet-db", "key": owner, "optional": True}
+        assert owner not in {e["name"] for e in worker["env"]}, overlay
+        assert owner not in configmap(docs(path)), overlay
 
 
 def test_dev_is_one_cpu_worker_without_autoscaler(rendered: dict[str, Path]) -> None:
@@ -1080,6 +1088,9 @@ def test_terraform_builds_what_the_manifests_expect(
     sql = one(res["google_sql_database_instance.gannet"]["settings"])
     assert one(one(sql["ip_configuration"])["ipv4_enabled"]) is False
     assert "google_secret_manager_secret_version.db_password" in res
+    # The daemon's own role, not the tables' owner (GANNET_OWNER_DATABASE_URL's).
+    assert one(res["google_sql_user.worker"]["name"]) == "gannet_worker"
+    assert "google_secret_manager_secret_version.db_worker_password" in res
     assert "google_artifact_registry_repository.gannet" in res
 
     binding = res["google_service_account_iam_member.worker_workload_identity"]

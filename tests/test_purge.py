@@ -24,11 +24,11 @@ def database(services) -> str:
     with psycopg.connect(services.admin_url, autocommit=True) as conn:
         conn.execute("DROP DATABASE IF EXISTS purged")
         conn.execute("CREATE DATABASE purged OWNER gannet")
-    return services.database_url.rsplit("/", 1)[0] + "/purged"
+    return services.database_env("purged")["GANNET_DATABASE_URL"]
 
 
-def _env(services: Any, url: str) -> dict[str, str]:
-    return {**services.env(), "GANNET_DATABASE_URL": url}
+def _env(services: Any) -> dict[str, str]:
+    return {**services.env(), **services.database_env("purged")}
 
 
 def _seen(url: str, tenant: str) -> tuple[set[str], set[str]]:
@@ -44,7 +44,7 @@ def test_purge_deletes_a_tenants_old_rows_with_their_claims_and_nothing_else(ser
     purges one tenant's old rows. Its recent rows, another tenant's rows and the claim
     of a task a worker runs now stay; a purged success's task_id is free again, so a
     task republished with it runs anew instead of being dead-lettered as held."""
-    env = _env(services, database)
+    env = _env(services)
     out = gannet("db", "purge", "--tenant", "tenant-a", "--older-than", "30", env=env)
     assert out.returncode == 2 and "run `gannet db migrate` first" in out.stderr, out.stderr
     assert gannet("db", "migrate", env=env).returncode == 0
@@ -94,7 +94,7 @@ def test_purge_beside_a_commit_holding_its_claim_neither_waits_nor_deadlocks(ser
     while it ran): PostgreSQL killed one side, the purge or the worker's commit. The
     purge locks claims first, as the worker does, and skips a claim a worker holds,
     with its row; the commit then lands."""
-    env = _env(services, database)
+    env = _env(services)
     assert gannet("db", "migrate", env=env).returncode == 0
     with psycopg.connect(database) as conn:
         for task_id in ("old-failure-retried", "old-other"):

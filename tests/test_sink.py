@@ -35,7 +35,7 @@ def result(tenant: str, task_id: str, status: str = "succeeded", **kw) -> TaskRe
 
 
 def test_migrate_is_idempotent_and_reports_the_version(services, db):
-    done = sink.migrate(services.database_url)
+    done = sink.migrate_as_configured(services.database_url, services.owner_url)
     assert done.applied == [] and done.version == sink.SCHEMA_VERSION  # conftest migrated
     assert db.schema_version() == sink.SCHEMA_VERSION
 
@@ -46,6 +46,53 @@ def test_the_app_role_cannot_bypass_rls(services):
             "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user"
         ).fetchone()
     assert not super_ and not bypass
+
+
+def test_the_daemons_role_can_neither_turn_rls_off_nor_delete_and_says_so(services, db):
+    """The tables' owner is bound by row-level security (FORCE) but may turn it off or
+    delete rows; the daemon's role, granted by the migration, may only read, add and
+    update rows: a bug or an injection in one of its queries cannot open every
+    tenant's rows. `Sink.role` tells the daemon which kind it connects as."""
+    for statement in (
+        "ALTER TABLE task_results DISABLE ROW LEVEL SECURITY",
+        "ALTER TABLE task_claims NO FORCE ROW LEVEL SECURITY",
+        "DROP POLICY tenant_isolation ON task_results",
+        "DELETE FROM task_results",
+    ):
+        with psycopg.connect(services.database_url) as conn:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
+    with psycopg.connect(services.owner_url) as conn:  # the owner may: the test can fail
+        conn.execute("ALTER TABLE task_results DISABLE ROW LEVEL SECURITY")
+        conn.rollback()
+    assert db.role() == sink.Role("gannet_worker", bypasses_rls=False, owns_tables=False)
+    owner = sink.Sink(services.owner_url, pool_size=1)
+    owner.open()
+    try:
+        assert owner.role() == sink.Role("gannet", bypasses_rls=False, owns_tables=True)
+    finally:
+        owner.close()
+
+
+def test_migrate_grants_the_daemons_role_only_if_it_exists_and_is_named(services):
+    """The owner's migration names the role it grants: one that does not exist (the
+    Secret written before terraform made it) or a URL naming none is said, with what
+    to do, instead of a daemon refused on every query."""
+    with psycopg.connect(services.admin_url, autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS granted")
+        conn.execute("CREATE DATABASE granted OWNER gannet")
+    urls = services.database_env("granted")
+    owner, daemons = urls["GANNET_OWNER_DATABASE_URL"], urls["GANNET_DATABASE_URL"]
+    with pytest.raises(sink.MigrationFailed, match="role no_such_role of GANNET_DATABASE_URL"):
+        sink.migrate(owner, grant_to="no_such_role")
+    with pytest.raises(sink.MigrationFailed, match="GANNET_DATABASE_URL names no user"):
+        sink.migrate_as_configured("postgresql://127.0.0.1/granted", owner)
+    with psycopg.connect(daemons) as conn:  # migrated, not yet granted
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT count(*) FROM task_results")
+    assert sink.migrate_as_configured(daemons, owner).applied == []
+    with psycopg.connect(daemons) as conn:
+        assert conn.execute("SELECT count(*) FROM task_results").fetchone() == (0,)
 
 
 def test_a_pooled_connection_keeps_no_tenant_after_any_operation(services):

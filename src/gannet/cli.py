@@ -53,7 +53,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     settings = Settings()
     logs.configure(settings.log_level)
     try:
-        done = sink.migrate(settings.database_url, settings.db_connect_wait_s)
+        done = sink.migrate_as_configured(
+            settings.database_url, settings.owner_database_url, settings.db_connect_wait_s
+        )
     except psycopg.OperationalError as exc:
         raise CommandError(sink.cannot_connect(exc)) from exc
     except sink.MigrationFailed as exc:
@@ -72,7 +74,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
     # As an environment sets them, so that a line can be pasted back: a list comma-joined
     # (not Python's ['a']), an unset one commented out (an empty value is not "unset").
     for name, value in Settings().model_dump().items():
-        if name == "database_url":
+        if name in ("database_url", "owner_database_url") and value is not None:
             value = without_password(value)
         if value is None:
             print(f"# GANNET_{name.upper()} is unset")
@@ -109,9 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
         "migrate",
         help="apply pending schema migrations (idempotent)",
         description="Create or upgrade Gannet's schema (task_results, task_claims and the "
-        "per-task functions) in GANNET_DATABASE_URL, waiting up to GANNET_DB_CONNECT_WAIT_S "
-        "for PostgreSQL to accept connections. Safe to run from several pods at once "
-        "(advisory lock).",
+        "per-task functions) as GANNET_OWNER_DATABASE_URL's role, granting "
+        "GANNET_DATABASE_URL's role reading, adding and updating rows (without "
+        "GANNET_OWNER_DATABASE_URL: as GANNET_DATABASE_URL's role, which then owns them), "
+        "waiting up to GANNET_DB_CONNECT_WAIT_S for PostgreSQL to accept connections. Safe "
+        "to run from several pods at once (advisory lock).",
     )
     m.set_defaults(func=cmd_migrate)
     cluster_cli.add_db_commands(db_sub)

@@ -48,7 +48,7 @@ from gannet.pool import resolve_devices
 from gannet.pubsub_watch import PubSubWatch
 from gannet.settings import Settings, unknown_variables
 from gannet.signals import on_signals
-from gannet.sink import SCHEMA_VERSION, Sink, cannot_connect, connect_waiting
+from gannet.sink import SCHEMA_VERSION, Role, Sink, cannot_connect, connect_waiting
 from gannet.storage import Storage, local_copy, local_version, read_local
 from gannet.subscriber import Subscriber, policy_warnings
 from gannet.tracing import Tracing
@@ -232,6 +232,25 @@ def check_bucket(storage: Storage, bucket: str, setting: str) -> None:
         raise StartupError(f"bucket {bucket} does not exist: create it, or correct {setting}")
 
 
+def check_role(role: Role) -> None:
+    """StartupError for a role that row-level security does not bind (a superuser, or
+    BYPASSRLS): every tenant's rows would be open to a bug in one query. A warning for
+    one that owns the tables: it is bound, but could turn the binding off."""
+    if role.bypasses_rls:
+        raise StartupError(
+            f"GANNET_DATABASE_URL's role {role.name} is a superuser or has BYPASSRLS, so "
+            "row-level security would not keep tenants apart: connect as a role without "
+            "either (docs/operating.md, step 7)"
+        )
+    if role.owns_tables:
+        log.warning(
+            "the daemon's database role owns gannet's tables and could turn row-level "
+            "security off; give the daemon a role of its own and migrate with "
+            "GANNET_OWNER_DATABASE_URL (docs/operating.md, step 7)",
+            extra={"fields": {"role": role.name}},
+        )
+
+
 def check_dead_letter_topic(publisher: pubsub_v1.PublisherClient, path: str) -> None:
     """Says at start, in an ERROR line, that a lane's dead-letter topic is missing: the
     first poison message would find out (its quarantine fails, so it is nacked, again
@@ -286,6 +305,7 @@ def build(
     try:  # the checks after the pool opened: a refusal closes it
         if sink.schema_version() < SCHEMA_VERSION:
             raise StartupError("database schema is not current: run `gannet db migrate` first")
+        check_role(sink.role())
         check_bucket(storage, s.results_bucket, "GANNET_RESULTS_BUCKET")
         if s.models_bucket:
             check_bucket(storage, s.models_bucket, "GANNET_MODELS_BUCKET")

@@ -46,8 +46,18 @@ class Settings(BaseSettings):
         "once per process (docs/architecture.md, Lanes).",
     )
     database_url: str = Field(
-        "postgresql://gannet:gannet@127.0.0.1:54329/gannet",
-        description="PostgreSQL URL (libpq form). The role must not be a superuser: RLS.",
+        "postgresql://gannet_worker:gannet@127.0.0.1:54329/gannet",
+        description="PostgreSQL URL (libpq form) the daemon connects with. Its role may "
+        "not be a superuser nor bypass row-level security (the daemon refuses to start), "
+        "and should not own gannet's tables (the daemon warns): an owner may turn "
+        "row-level security off. GANNET_OWNER_DATABASE_URL's role owns them.",
+    )
+    owner_database_url: str | None = Field(
+        None,
+        description="PostgreSQL URL of the role that owns gannet's tables, for `gannet db "
+        "migrate` and `gannet db purge`; `gannet db migrate` then grants GANNET_DATABASE_URL's "
+        "role only reading, adding and updating rows. Unset: GANNET_DATABASE_URL's role "
+        "migrates and owns the tables, as before.",
     )
     db_pool_size: int | None = Field(
         None,
@@ -367,11 +377,13 @@ class Settings(BaseSettings):
             raise ValueError(f"one of {', '.join(_LEVELS)}")
         return level
 
-    @field_validator("database_url")
+    @field_validator("database_url", "owner_database_url")
     @classmethod
-    def _libpq_url(cls, value: str) -> str:
+    def _libpq_url(cls, value: str | None) -> str | None:
         """A URL libpq cannot parse was taken for a database not up yet: the start's
         wait, then `is it running?` (or a traceback, from `gannet db migrate`)."""
+        if value is None:
+            return None
         try:
             conninfo_to_dict(value)
         except psycopg.ProgrammingError as exc:
@@ -521,7 +533,7 @@ def refused_settings(exc: ValidationError) -> str:
             continue
         name = str(error["loc"][0])
         value = error["input"]
-        if name == "database_url" and isinstance(value, str):
+        if name in ("database_url", "owner_database_url") and isinstance(value, str):
             value = without_password(value)
         elif name == "callback_signing_key":
             value = "(not shown)"

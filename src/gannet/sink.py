@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import psycopg
+from psycopg import conninfo, sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -347,6 +348,15 @@ MIGRATIONS: list[tuple[int, str]] = [
     ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+# What the daemon's role is granted when it is not the tables' owner (`migrate`'s
+# `grant_to`): rows read, added and updated, under row-level security. An owner can
+# turn that security off (ALTER TABLE ... DISABLE ROW LEVEL SECURITY) and delete rows;
+# this role can do neither. A migration that adds a table the daemon uses adds it here.
+_WORKER_GRANTS = (
+    "GRANT SELECT, INSERT, UPDATE ON task_results, task_claims TO {role}",
+    "GRANT SELECT ON schema_migrations TO {role}",
+)
 _MIGRATION_LOCK = 0x6A4E_E7  # pg_advisory_xact_lock key: one migrator at a time
 
 # A failed row (Sink.save). Over an earlier failure, what the row says of the task
@@ -436,6 +446,13 @@ RECONNECT_S = 10.0
 
 def _transient(exc: Exception) -> TransientError:
     return TransientError(ErrorCode.DEPENDENCY_UNAVAILABLE, f"PostgreSQL: {exc}")
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    bypasses_rls: bool  # a superuser, or BYPASSRLS: every tenant's rows, whatever is set
+    owns_tables: bool  # it, or a role it is a member of, owns task_results
 
 
 class Sink:
@@ -618,6 +635,21 @@ class Sink:
                 (status, task_id),
             )
 
+    def role(self) -> Role:
+        """The daemon's role as row-level security sees it; the tables must exist."""
+        try:
+            with self.pool.connection() as conn:
+                row = conn.execute(
+                    "SELECT current_user, r.rolsuper OR r.rolbypassrls,"
+                    " pg_has_role(current_user, c.relowner, 'MEMBER')"
+                    " FROM pg_roles r, pg_class c"
+                    " WHERE r.rolname = current_user AND c.oid = 'task_results'::regclass"
+                ).fetchone()
+        except (PoolTimeout, psycopg.OperationalError) as exc:
+            raise _transient(exc) from exc
+        assert row is not None  # current_user is a role; task_results exists
+        return Role(str(row[0]), bool(row[1]), bool(row[2]))
+
     def schema_version(self) -> int:
         try:
             with self.pool.connection() as conn:
@@ -748,10 +780,36 @@ class MigrationFailed(RuntimeError):
     """A migration PostgreSQL refused, rolled back whole; the message says what to do."""
 
 
-def migrate(database_url: str, connect_wait_s: float = 0.0) -> Migrated:
-    """Apply pending migrations in one transaction each. Waits up to `connect_wait_s`
-    for PostgreSQL to accept a connection (a pod's migrate step starts beside a proxy
-    sidecar that may not be up yet); MigrationFailed if one is refused."""
+def role_of(database_url: str) -> str:
+    """The role a URL connects as; MigrationFailed if it names none (libpq would take
+    the operating system's user, which says nothing about the pod's)."""
+    role = conninfo.conninfo_to_dict(database_url).get("user")
+    if not role:
+        raise MigrationFailed(
+            "GANNET_DATABASE_URL names no user: with GANNET_OWNER_DATABASE_URL set, name "
+            "the daemon's role in it (postgresql://ROLE:PASSWORD@HOST/DATABASE), the role "
+            "the migration grants reading and writing rows"
+        )
+    return str(role)
+
+
+def migrate_as_configured(
+    database_url: str, owner_database_url: str | None, connect_wait_s: float = 0.0
+) -> Migrated:
+    """`gannet db migrate`: as the owner's role where one is set, granting the daemon's
+    role its rows; else as the daemon's role, which then owns the tables."""
+    if owner_database_url is None:
+        return migrate(database_url, connect_wait_s)
+    return migrate(owner_database_url, connect_wait_s, grant_to=role_of(database_url))
+
+
+def migrate(
+    database_url: str, connect_wait_s: float = 0.0, grant_to: str | None = None
+) -> Migrated:
+    """Apply pending migrations in one transaction each, then grant `grant_to` (a role
+    other than this URL's) what the daemon needs (`_WORKER_GRANTS`). Waits up to
+    `connect_wait_s` for PostgreSQL to accept a connection (a pod's migrate step starts
+    beside a proxy sidecar that may not be up yet); MigrationFailed if one is refused."""
     applied: list[int] = []
     conn = connect_waiting(database_url, connect_wait_s)
     with conn:
@@ -773,8 +831,29 @@ def migrate(database_url: str, connect_wait_s: float = 0.0) -> Migrated:
                 conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
                 applied.append(version)
                 log.info("migration applied", extra={"fields": {"version": version}})
+        if grant_to is not None:
+            _grant(conn, grant_to)
         row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
     return Migrated(applied, int(row[0]) if row and row[0] is not None else 0)
+
+
+def _grant(conn: psycopg.Connection[Any], role: str) -> None:
+    """Every time, not once: a role replaced (dropped, made again) gets them back."""
+    with _refusal(f"granting the daemon's role {role} its rights"), conn.transaction():
+        # Two pods' GRANTs on one table at once: "tuple concurrently updated".
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        current = conn.execute("SELECT current_user").fetchone()
+        if current and current[0] == role:
+            return  # the owner's URL and the daemon's name one role: nothing to grant
+        found = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+        if not found:
+            raise MigrationFailed(
+                f"the role {role} of GANNET_DATABASE_URL does not exist: create it first "
+                "(terraform's google_sql_user.worker; docs/operating.md, step 7)"
+            )
+        for grant in _WORKER_GRANTS:
+            conn.execute(sql.SQL(grant).format(role=sql.Identifier(role)))
+    log.info("daemon's role granted its rows", extra={"fields": {"role": role}})
 
 
 @contextmanager

@@ -92,16 +92,21 @@ def cmd_db_purge(args: argparse.Namespace) -> int:
         return 2
     tenants = list(dict.fromkeys(t.strip() for t in args.tenant if t.strip()))
     try:
+        settings = Settings()
         return purge.main(
-            Settings().database_url, tenants, args.older_than, args.batch, args.dry_run
+            settings.owner_database_url or settings.database_url,
+            tenants,
+            args.older_than,
+            args.batch,
+            args.dry_run,
         )
     except psycopg.errors.UndefinedTable as exc:
         print(f"error: {exc.diag.message_primary}: run `gannet db migrate` first", file=sys.stderr)
         return 2
     except psycopg.errors.InsufficientPrivilege as exc:
         print(
-            f"error: {exc.diag.message_primary}: the role in GANNET_DATABASE_URL needs "
-            "DELETE on task_results and task_claims (the daemon's role has it)",
+            f"error: {exc.diag.message_primary}: the purge deletes as the tables' owner: "
+            "set GANNET_OWNER_DATABASE_URL (the daemon's own role may not delete)",
             file=sys.stderr,
         )
         return 2
@@ -125,7 +130,9 @@ def add_db_commands(db_sub: argparse._SubParsersAction) -> None:
         "transaction each. The daemon deletes no row, while the buckets' lifecycle rules "
         "delete images and result objects. Row-level security shows one tenant's rows at "
         "a time, so name every tenant (for instance those of configs/deployment.yaml). "
-        "A task a worker runs or commits now keeps its claim. Use --dry-run first.",
+        "A task a worker runs or commits now keeps its claim. Runs as the tables' owner, "
+        "GANNET_OWNER_DATABASE_URL (else GANNET_DATABASE_URL): the daemon's role may not "
+        "delete. Use --dry-run first.",
     )
     p.add_argument(
         "--tenant",

@@ -132,13 +132,14 @@ def local_settings(services: LocalServices, **overrides: Any) -> Settings:
         pubsub_emulator_host=services.pubsub_host,
         storage_emulator_host=services.gcs_endpoint,
         database_url=services.database_url,
+        owner_database_url=services.owner_url,
         **overrides,
     )
 
 
 def prepare(services: LocalServices, settings: Settings, ack_deadline_s: int = 30) -> None:
     """Schema, topics, subscriptions and buckets, as terraform would in the cloud."""
-    sink.migrate(settings.database_url)
+    sink.migrate_as_configured(settings.database_url, settings.owner_database_url)
     publisher, subscriber = clients.pubsub_clients(settings)
     provision.ensure_pubsub(settings, publisher, subscriber, ack_deadline_s=ack_deadline_s)
     provision.ensure_buckets(

@@ -207,7 +207,20 @@ class LocalServices:
 
     @property
     def database_url(self) -> str:
+        """The daemon's: a role that reads and writes rows, as in the cloud."""
+        return f"postgresql://gannet_worker:gannet@127.0.0.1:{self.ports.postgres}/gannet"
+
+    @property
+    def owner_url(self) -> str:
+        """The role that owns gannet's tables: migrations, the purge."""
         return f"postgresql://gannet:gannet@127.0.0.1:{self.ports.postgres}/gannet"
+
+    def database_env(self, database: str) -> dict[str, str]:
+        """The daemon's and the owner's URLs of another database on this server."""
+        return {
+            "GANNET_DATABASE_URL": self.database_url.rsplit("/", 1)[0] + f"/{database}",
+            "GANNET_OWNER_DATABASE_URL": self.owner_url.rsplit("/", 1)[0] + f"/{database}",
+        }
 
     @property
     def admin_url(self) -> str:
@@ -235,6 +248,7 @@ class LocalServices:
             "GANNET_PUBSUB_EMULATOR_HOST": self.pubsub_host,
             "GANNET_STORAGE_EMULATOR_HOST": self.gcs_endpoint,
             "GANNET_DATABASE_URL": self.database_url,
+            "GANNET_OWNER_DATABASE_URL": self.owner_url,
         }
         return {**env, **self.tls_env()}
 
@@ -512,6 +526,9 @@ class LocalServices:
         self._wait("postgres", self._postgres_ready, 30)
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
             conn.execute("CREATE ROLE gannet LOGIN PASSWORD 'gannet' NOSUPERUSER NOBYPASSRLS")
+            conn.execute(
+                "CREATE ROLE gannet_worker LOGIN PASSWORD 'gannet' NOSUPERUSER NOBYPASSRLS"
+            )
             conn.execute("CREATE DATABASE gannet OWNER gannet")
 
     def _postgres_ready(self) -> bool:

@@ -59,7 +59,7 @@ def prepared_services(state: Path, pubsub_flow_control: bool = False) -> Iterato
     """Services on free ports with the schema and the buckets every test expects."""
     with LocalServices(state, Ports.free(), pubsub_flow_control=pubsub_flow_control) as running:
         base = local_settings(running)
-        sink.migrate(base.database_url)
+        sink.migrate_as_configured(base.database_url, base.owner_database_url)
         provision.ensure_buckets(
             clients.storage_client(base), [*base.allowed_buckets, base.results_bucket]
         )
