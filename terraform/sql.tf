@@ -135,19 +135,15 @@ resource "google_secret_manager_secret_version" "db_password" {
   secret_data = random_password.db.result
 }
 
-# The daemon's role (GANNET_DATABASE_URL): the migration grants it reading, adding and
-# updating rows, under row-level security, which it may not turn off (an owner may).
+# The daemon's role, gannet_worker (GANNET_DATABASE_URL), has only a password here:
+# `gannet db migrate` makes it as gannet, from the URL, and grants it reading, adding
+# and updating rows. Not a google_sql_user: Cloud SQL makes those members of
+# cloudsqlsuperuser, with CREATEROLE and CREATEDB; where that role owns the database
+# (and so its schema public), such a member may drop gannet's tables or replace them
+# with tables of its own, without row-level security.
 resource "random_password" "db_worker" {
   length  = 32
   special = false
-}
-
-resource "google_sql_user" "worker" {
-  name     = "gannet_worker"
-  instance = google_sql_database_instance.gannet.name
-  password = random_password.db_worker.result
-  # Granted rights on gannet's tables: PostgreSQL refuses to drop it while it has them.
-  deletion_policy = "ABANDON"
 }
 
 resource "google_secret_manager_secret" "db_worker_password" {

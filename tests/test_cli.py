@@ -365,7 +365,7 @@ def test_run_with_its_metrics_port_taken_says_so():
             "a misspelt database",
             [
                 'database "no_such_db" does not exist',
-                "check the user, password and database name in GANNET_DATABASE_URL",
+                "check the user, password and database name in GANNET_",  # its URL's
             ],
         ),
         ("TLS asked of a server without it", ["server does not support SSL", "sslmode"]),
@@ -396,6 +396,10 @@ def test_a_database_that_answers_and_refuses_is_said_at_once(services, refusal, 
         # the daemon's last log line, or the migrate command's error line
         line = json.loads(out.stdout.splitlines()[-1])["message"] if out.stdout else out.stderr
         assert all(words in line for words in said), line
+        if refusal == "a misspelt database":  # the setting whose URL was refused
+            owners = command == ["db", "migrate"]
+            setting = "GANNET_OWNER_DATABASE_URL" if owners else "GANNET_DATABASE_URL"
+            assert f"database name in {setting}," in line
         assert "is it running" not in line and "Traceback" not in line
         assert time.monotonic() - started < 30  # not the 60 s wait
 
@@ -449,16 +453,25 @@ def test_run_refuses_a_role_rls_does_not_bind_and_warns_of_one_that_owns_the_tab
     import psycopg
 
     with psycopg.connect(stack.services.admin_url, autocommit=True) as conn:
-        conn.execute(
-            "DO $$ BEGIN CREATE ROLE rls_bypasser LOGIN PASSWORD 'gannet' BYPASSRLS;"
-            " EXCEPTION WHEN duplicate_object THEN NULL; END $$"
-        )
-    sink.migrate(stack.services.owner_url, grant_to="rls_bypasser")
+        for made in ("rls_bypasser LOGIN PASSWORD 'gannet' BYPASSRLS", "ungranted LOGIN"):
+            conn.execute(
+                f"DO $$ BEGIN CREATE ROLE {made}; EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+            )
+    sink.migrate(stack.services.owner_url, worker=sink.Login("rls_bypasser", None))
     bypasser = stack.services.database_url.replace("gannet_worker:", "rls_bypasser:")
     out = stack.gannet("run", GANNET_DATABASE_URL=bypasser, GANNET_METRICS_PORT="0")
     assert out.returncode == 2, out.stdout + out.stderr
     last = json.loads(out.stdout.splitlines()[-1])["message"]
     assert "role rls_bypasser is a superuser or has BYPASSRLS" in last, last
+
+    # A role not granted its rows (the daemon's Secret changed, the owner's migration
+    # not run with it): said at the start, not a traceback, nor a failure per task.
+    ungranted = stack.services.database_url.replace("gannet_worker:gannet@", "ungranted@")
+    out = stack.gannet("run", GANNET_DATABASE_URL=ungranted, GANNET_METRICS_PORT="0")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stdout + out.stderr
+    last = json.loads(out.stdout.splitlines()[-1])["message"]
+    assert "role ungranted may not do what the daemon does (SELECT on task_results" in last
+    assert "`gannet db migrate` with GANNET_OWNER_DATABASE_URL" in last
 
     out = stack.gannet(
         "run",

@@ -879,6 +879,8 @@ def test_pods_migrate_the_schema_before_the_daemon_starts(rendered: dict[str, Pa
         assert url == {"name": "gannet-db", "key": owner, "optional": True}
         assert owner not in {e["name"] for e in worker["env"]}, overlay
         assert owner not in configmap(docs(path)), overlay
+        # Nor by the whole Secret (envFrom takes every key).
+        assert not [s for s in worker["envFrom"] if s.get("secretRef")], overlay
 
 
 def test_dev_is_one_cpu_worker_without_autoscaler(rendered: dict[str, Path]) -> None:
@@ -1088,9 +1090,11 @@ def test_terraform_builds_what_the_manifests_expect(
     sql = one(res["google_sql_database_instance.gannet"]["settings"])
     assert one(one(sql["ip_configuration"])["ipv4_enabled"]) is False
     assert "google_secret_manager_secret_version.db_password" in res
-    # The daemon's own role, not the tables' owner (GANNET_OWNER_DATABASE_URL's).
-    assert one(res["google_sql_user.worker"]["name"]) == "gannet_worker"
+    # The daemon's own role has a password here; `gannet db migrate` makes it, since
+    # Cloud SQL's users are members of cloudsqlsuperuser (which owns the database).
     assert "google_secret_manager_secret_version.db_worker_password" in res
+    users = {one(body["name"]) for name, body in res.items() if name.startswith("google_sql_user.")}
+    assert users == {"gannet"}
     assert "google_artifact_registry_repository.gannet" in res
 
     binding = res["google_service_account_iam_member.worker_workload_identity"]

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
@@ -49,15 +50,19 @@ def test_the_app_role_cannot_bypass_rls(services):
 
 
 def test_the_daemons_role_can_neither_turn_rls_off_nor_delete_and_says_so(services, db):
-    """The tables' owner is bound by row-level security (FORCE) but may turn it off or
-    delete rows; the daemon's role, granted by the migration, may only read, add and
-    update rows: a bug or an injection in one of its queries cannot open every
-    tenant's rows. `Sink.role` tells the daemon which kind it connects as."""
+    """The tables' owner is bound by row-level security (FORCE) but may turn it off,
+    delete rows or replace the tables; the daemon's role, made and granted by the
+    migration, may only read, add and update rows: a bug or an injection in one of its
+    queries cannot open every tenant's rows. `Sink.role` tells the daemon which kind it
+    connects as."""
     for statement in (
         "ALTER TABLE task_results DISABLE ROW LEVEL SECURITY",
         "ALTER TABLE task_claims NO FORCE ROW LEVEL SECURITY",
         "DROP POLICY tenant_isolation ON task_results",
         "DELETE FROM task_results",
+        "DROP TABLE task_claims",
+        "CREATE TABLE task_results_2 (task_id text)",
+        "CREATE ROLE helper LOGIN",
     ):
         with psycopg.connect(services.database_url) as conn:
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
@@ -74,25 +79,103 @@ def test_the_daemons_role_can_neither_turn_rls_off_nor_delete_and_says_so(servic
         owner.close()
 
 
-def test_migrate_grants_the_daemons_role_only_if_it_exists_and_is_named(services):
-    """The owner's migration names the role it grants: one that does not exist (the
-    Secret written before terraform made it) or a URL naming none is said, with what
-    to do, instead of a daemon refused on every query."""
+@pytest.fixture
+def fresh_database(services) -> dict[str, str]:
+    """A database of its own, owned by gannet, not migrated; its URLs as settings."""
+    name = f"fresh_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(services.admin_url, autocommit=True) as conn:
-        conn.execute("DROP DATABASE IF EXISTS granted")
-        conn.execute("CREATE DATABASE granted OWNER gannet")
-    urls = services.database_env("granted")
-    owner, daemons = urls["GANNET_OWNER_DATABASE_URL"], urls["GANNET_DATABASE_URL"]
-    with pytest.raises(sink.MigrationFailed, match="role no_such_role of GANNET_DATABASE_URL"):
-        sink.migrate(owner, grant_to="no_such_role")
+        conn.execute(f"CREATE DATABASE {name} OWNER gannet")
+    return services.database_env(name)
+
+
+def test_migrate_makes_the_daemons_role_and_grants_it_once(services, fresh_database, caplog):
+    """The owner's migration makes the daemon's role from GANNET_DATABASE_URL (a plain
+    role, not a cloud provider's user with its memberships) and grants it its rows; a
+    URL naming no role, or a role to make without a password, is said with what to do;
+    a later migration grants nothing again (each GRANT is an audit log line at each
+    pod's start) unless a right went missing."""
+    owner, daemons = (
+        fresh_database["GANNET_OWNER_DATABASE_URL"],
+        fresh_database["GANNET_DATABASE_URL"],
+    )
+    role = f"worker_{uuid.uuid4().hex[:8]}"
+    url = daemons.replace("gannet_worker:gannet@", f"{role}:s3cret@")
     with pytest.raises(sink.MigrationFailed, match="GANNET_DATABASE_URL names no user"):
-        sink.migrate_as_configured("postgresql://127.0.0.1/granted", owner)
-    with psycopg.connect(daemons) as conn:  # migrated, not yet granted
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            conn.execute("SELECT count(*) FROM task_results")
-    assert sink.migrate_as_configured(daemons, owner).applied == []
-    with psycopg.connect(daemons) as conn:
+        sink.migrate_as_configured(daemons.replace("gannet_worker:gannet@", ""), owner)
+    with pytest.raises(sink.MigrationFailed, match=f"{role} does not exist, and .* no password"):
+        sink.migrate_as_configured(url.replace(":s3cret@", "@"), owner)
+    with pytest.raises(psycopg.OperationalError):  # not made by the refusal above
+        psycopg.connect(url, connect_timeout=5)
+
+    caplog.set_level("INFO", logger="gannet.sink")
+    assert sink.migrate_as_configured(url, owner).applied == []  # migrated by the refusals
+    assert [r.message for r in caplog.records if getattr(r, "fields", {}).get("role") == role] == [
+        "daemon's role made",
+        "daemon's role granted its rows",
+    ]
+    with psycopg.connect(url) as conn:
         assert conn.execute("SELECT count(*) FROM task_results").fetchone() == (0,)
+        attributes = conn.execute(
+            "SELECT rolsuper, rolbypassrls, rolcreaterole, rolcreatedb FROM pg_roles"
+            " WHERE rolname = current_user"
+        ).fetchone()
+        assert attributes == (False, False, False, False)
+    with psycopg.connect(services.admin_url) as conn:  # the password sent as a verifier
+        (stored,) = conn.execute(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = %s", (role,)
+        ).fetchone()
+    assert stored.startswith("SCRAM-SHA-256$") and "s3cret" not in stored
+
+    caplog.clear()
+    sink.migrate_as_configured(url, owner)
+    assert not [r for r in caplog.records if getattr(r, "fields", {}).get("role") == role]
+    with psycopg.connect(owner, autocommit=True) as conn:
+        conn.execute(f"REVOKE UPDATE ON task_claims FROM {role}")
+    sink.migrate_as_configured(url, owner)
+    assert "daemon's role granted its rows" in [r.message for r in caplog.records]
+
+
+def test_a_right_the_daemons_role_lacks_is_retried_not_a_tenants_conflict(fresh_database):
+    """Row-level security's refusals and a missing right share PostgreSQL's error code:
+    a right revoked by hand (or a table a migration added but did not grant) made every
+    task a permanent task_id_conflict, dead-lettered with the wrong reason. It is a
+    transient error that says what to run; a tenant's conflict stays permanent."""
+    owner, daemons = (
+        fresh_database["GANNET_OWNER_DATABASE_URL"],
+        fresh_database["GANNET_DATABASE_URL"],
+    )
+    sink.migrate_as_configured(daemons, owner)
+    store = sink.Sink(daemons, pool_size=1)
+    store.open()
+    try:
+        assert store.start("t-1", "tenant-a", "pod-1", 60).claimed
+        with pytest.raises(PermanentError) as conflict:  # another tenant's id
+            store.start("t-1", "tenant-b", "pod-1", 60)
+        assert conflict.value.code == ErrorCode.TASK_ID_CONFLICT
+        with psycopg.connect(owner, autocommit=True) as conn:
+            conn.execute("REVOKE INSERT ON task_claims FROM gannet_worker")
+        with pytest.raises(TransientError, match="gannet db migrate") as refused:
+            store.start("t-2", "tenant-a", "pod-1", 60)
+        assert refused.value.code == ErrorCode.DEPENDENCY_UNAVAILABLE
+        assert store.role().missing == ("INSERT on task_claims",)
+    finally:
+        store.close()
+
+
+def test_pods_migrating_at_once_all_succeed(services, fresh_database):
+    """Every new pod's init container migrates, makes and grants the daemon's role at
+    once (a scale-up, a rollout): two GRANTs on one table at once fail with "tuple
+    concurrently updated", two CREATE ROLEs with a duplicate; the migrations' lock
+    keeps them apart, so no pod is left in Init:Error."""
+    owner = fresh_database["GANNET_OWNER_DATABASE_URL"]
+    for round_ in range(3):
+        role = f"worker_{round_}_{uuid.uuid4().hex[:6]}"
+        url = fresh_database["GANNET_DATABASE_URL"].replace("gannet_worker:", f"{role}:")
+        with ThreadPoolExecutor(8) as pool:
+            done = list(pool.map(sink.migrate_as_configured, [url] * 8, [owner] * 8))
+        assert all(d.version == sink.SCHEMA_VERSION for d in done)
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT count(*) FROM task_claims").fetchone() == (0,)
 
 
 def test_a_pooled_connection_keeps_no_tenant_after_any_operation(services):

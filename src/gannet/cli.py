@@ -57,7 +57,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             settings.database_url, settings.owner_database_url, settings.db_connect_wait_s
         )
     except psycopg.OperationalError as exc:
-        raise CommandError(sink.cannot_connect(exc)) from exc
+        owner = settings.owner_database_url is not None
+        setting = "GANNET_OWNER_DATABASE_URL" if owner else "GANNET_DATABASE_URL"
+        raise CommandError(sink.cannot_connect(exc, setting)) from exc
     except sink.MigrationFailed as exc:
         raise CommandError(str(exc)) from exc
     ours = "" if done.version == sink.SCHEMA_VERSION else f" (this gannet's: {sink.SCHEMA_VERSION})"
@@ -111,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         "migrate",
         help="apply pending schema migrations (idempotent)",
         description="Create or upgrade Gannet's schema (task_results, task_claims and the "
-        "per-task functions) as GANNET_OWNER_DATABASE_URL's role, granting "
-        "GANNET_DATABASE_URL's role reading, adding and updating rows (without "
+        "per-task functions) as GANNET_OWNER_DATABASE_URL's role, making "
+        "GANNET_DATABASE_URL's role where it does not exist and granting it reading, "
+        "adding and updating rows (without "
         "GANNET_OWNER_DATABASE_URL: as GANNET_DATABASE_URL's role, which then owns them), "
         "waiting up to GANNET_DB_CONNECT_WAIT_S for PostgreSQL to accept connections. Safe "
         "to run from several pods at once (advisory lock).",

@@ -234,13 +234,20 @@ def check_bucket(storage: Storage, bucket: str, setting: str) -> None:
 
 def check_role(role: Role) -> None:
     """StartupError for a role that row-level security does not bind (a superuser, or
-    BYPASSRLS): every tenant's rows would be open to a bug in one query. A warning for
-    one that owns the tables: it is bound, but could turn the binding off."""
+    BYPASSRLS): every tenant's rows would be open to a bug in one query; and for one
+    not granted what the daemon does (each task would fail on it). A warning for one
+    that owns the tables: it is bound, but could turn the binding off."""
     if role.bypasses_rls:
         raise StartupError(
             f"GANNET_DATABASE_URL's role {role.name} is a superuser or has BYPASSRLS, so "
             "row-level security would not keep tenants apart: connect as a role without "
             "either (docs/operating.md, step 7)"
+        )
+    if role.missing:
+        raise StartupError(
+            f"GANNET_DATABASE_URL's role {role.name} may not do what the daemon does "
+            f"({', '.join(role.missing)}): run `gannet db migrate` with "
+            "GANNET_OWNER_DATABASE_URL, which grants it (docs/operating.md, step 7)"
         )
     if role.owns_tables:
         log.warning(
@@ -303,9 +310,9 @@ def build(
     except Exception as exc:
         raise StartupError(cannot_connect(exc)) from exc
     try:  # the checks after the pool opened: a refusal closes it
+        check_role(sink.role())  # first: without its rights the version is unreadable
         if sink.schema_version() < SCHEMA_VERSION:
             raise StartupError("database schema is not current: run `gannet db migrate` first")
-        check_role(sink.role())
         check_bucket(storage, s.results_bucket, "GANNET_RESULTS_BUCKET")
         if s.models_bucket:
             check_bucket(storage, s.models_bucket, "GANNET_MODELS_BUCKET")

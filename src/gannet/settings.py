@@ -47,17 +47,18 @@ class Settings(BaseSettings):
     )
     database_url: str = Field(
         "postgresql://gannet_worker:gannet@127.0.0.1:54329/gannet",
-        description="PostgreSQL URL (libpq form) the daemon connects with. Its role may "
-        "not be a superuser nor bypass row-level security (the daemon refuses to start), "
-        "and should not own gannet's tables (the daemon warns): an owner may turn "
-        "row-level security off. GANNET_OWNER_DATABASE_URL's role owns them.",
+        description="PostgreSQL URL (libpq form) the daemon connects with. The daemon "
+        "refuses to start as a superuser, a role that bypasses row-level security or one "
+        "not granted its rows, and warns as an owner of gannet's tables, who may turn "
+        "row-level security off: GANNET_OWNER_DATABASE_URL's role owns them.",
     )
     owner_database_url: str | None = Field(
         None,
         description="PostgreSQL URL of the role that owns gannet's tables, for `gannet db "
-        "migrate` and `gannet db purge`; `gannet db migrate` then grants GANNET_DATABASE_URL's "
-        "role only reading, adding and updating rows. Unset: GANNET_DATABASE_URL's role "
-        "migrates and owns the tables, as before.",
+        "migrate` and `gannet db purge`; `gannet db migrate` then makes GANNET_DATABASE_URL's "
+        "role (where it does not exist, with that URL's password) and grants it only "
+        "reading, adding and updating rows. Unset: GANNET_DATABASE_URL's role migrates "
+        "and owns the tables, as before.",
     )
     db_pool_size: int | None = Field(
         None,

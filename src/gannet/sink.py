@@ -349,14 +349,30 @@ MIGRATIONS: list[tuple[int, str]] = [
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
-# What the daemon's role is granted when it is not the tables' owner (`migrate`'s
-# `grant_to`): rows read, added and updated, under row-level security. An owner can
-# turn that security off (ALTER TABLE ... DISABLE ROW LEVEL SECURITY) and delete rows;
-# this role can do neither. A migration that adds a table the daemon uses adds it here.
-_WORKER_GRANTS = (
-    "GRANT SELECT, INSERT, UPDATE ON task_results, task_claims TO {role}",
-    "GRANT SELECT ON schema_migrations TO {role}",
-)
+# What the daemon's role may do when it is not the tables' owner: rows read, added and
+# updated, under row-level security. An owner can turn that security off (ALTER TABLE
+# ... DISABLE ROW LEVEL SECURITY) and delete rows; this role can do neither. A
+# migration that adds a table the daemon uses adds it here. `migrate` grants these;
+# the daemon checks them at start (`Sink.role`).
+_WORKER_RIGHTS: dict[str, tuple[str, ...]] = {
+    "task_results": ("SELECT", "INSERT", "UPDATE"),
+    "task_claims": ("SELECT", "INSERT", "UPDATE"),
+    "schema_migrations": ("SELECT",),
+}
+_ROLE = """
+SELECT current_user, r.rolsuper OR r.rolbypassrls, coalesce((
+    SELECT pg_has_role(current_user, c.relowner, 'MEMBER')
+        OR pg_has_role(current_user, n.nspowner, 'MEMBER')
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.oid = to_regclass('task_results')), false)
+FROM pg_roles r WHERE r.rolname = current_user
+"""
+# Of the tables that exist: the daemon checks its role before the schema's version.
+_MISSING_RIGHTS = """
+SELECT t.right_ || ' on ' || t.table_ FROM unnest(%s::text[], %s::text[]) AS t(table_, right_)
+WHERE CASE WHEN to_regclass(t.table_) IS NULL THEN false
+    ELSE NOT has_table_privilege(%s, to_regclass(t.table_), t.right_) END
+"""
 _MIGRATION_LOCK = 0x6A4E_E7  # pg_advisory_xact_lock key: one migrator at a time
 
 # A failed row (Sink.save). Over an earlier failure, what the row says of the task
@@ -452,7 +468,10 @@ def _transient(exc: Exception) -> TransientError:
 class Role:
     name: str
     bypasses_rls: bool  # a superuser, or BYPASSRLS: every tenant's rows, whatever is set
-    owns_tables: bool  # it, or a role it is a member of, owns task_results
+    # It, or a role it is a member of, owns task_results or its schema (whose owner may
+    # drop the table): it could turn row-level security off, or replace the table.
+    owns_tables: bool
+    missing: tuple[str, ...] = ()  # of _WORKER_RIGHTS, e.g. "UPDATE on task_claims"
 
 
 class Sink:
@@ -542,6 +561,12 @@ class Sink:
         except PoolTimeout as exc:
             raise _transient(exc) from exc
         except psycopg.errors.InsufficientPrivilege as exc:
+            if "permission denied for" in str(exc):  # a right the role lacks, not a tenant
+                raise TransientError(
+                    ErrorCode.DEPENDENCY_UNAVAILABLE,
+                    f"PostgreSQL refused the daemon's role ({exc}): run `gannet db migrate` "
+                    "with GANNET_OWNER_DATABASE_URL, which grants it its rights",
+                ) from exc
             raise PermanentError(ErrorCode.TASK_ID_CONFLICT, _CONFLICT) from exc
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise _transient(exc) from exc
@@ -636,19 +661,15 @@ class Sink:
             )
 
     def role(self) -> Role:
-        """The daemon's role as row-level security sees it; the tables must exist."""
+        """The daemon's role as row-level security sees it (before a migration too)."""
         try:
             with self.pool.connection() as conn:
-                row = conn.execute(
-                    "SELECT current_user, r.rolsuper OR r.rolbypassrls,"
-                    " pg_has_role(current_user, c.relowner, 'MEMBER')"
-                    " FROM pg_roles r, pg_class c"
-                    " WHERE r.rolname = current_user AND c.oid = 'task_results'::regclass"
-                ).fetchone()
+                row = conn.execute(_ROLE).fetchone()
+                assert row is not None  # current_user is a role
+                missing = _missing_rights(conn, str(row[0]))
         except (PoolTimeout, psycopg.OperationalError) as exc:
             raise _transient(exc) from exc
-        assert row is not None  # current_user is a role; task_results exists
-        return Role(str(row[0]), bool(row[1]), bool(row[2]))
+        return Role(str(row[0]), bool(row[1]), bool(row[2]), missing)
 
     def schema_version(self) -> int:
         try:
@@ -736,12 +757,13 @@ def refused(exc: Exception) -> bool:
     return any(refusal in str(exc) for refusal in _REFUSALS)
 
 
-def cannot_connect(exc: Exception) -> str:
-    """What the daemon and `gannet db migrate` say when PostgreSQL did not let them in."""
+def cannot_connect(exc: Exception, setting: str = "GANNET_DATABASE_URL") -> str:
+    """What the daemon and `gannet db migrate` say when PostgreSQL did not let them in
+    with the URL of `setting`."""
     if refused(exc):
         return (
             f"PostgreSQL refused the connection ({exc}); check the user, password and "
-            "database name in GANNET_DATABASE_URL, and its sslmode (require for a direct "
+            f"database name in {setting}, and its sslmode (require for a direct "
             "connection to Cloud SQL, disable through the Cloud SQL Auth Proxy)"
         )
     if any(full in str(exc) for full in _FULL):
@@ -751,7 +773,7 @@ def cannot_connect(exc: Exception) -> str:
             "max_connections (docs/runbook.md)"
         )
     return (
-        f"cannot connect to PostgreSQL at GANNET_DATABASE_URL ({exc}); is it running? "
+        f"cannot connect to PostgreSQL at {setting} ({exc}); is it running? "
         "If it only starts slowly, raise GANNET_DB_CONNECT_WAIT_S"
     )
 
@@ -780,84 +802,128 @@ class MigrationFailed(RuntimeError):
     """A migration PostgreSQL refused, rolled back whole; the message says what to do."""
 
 
-def role_of(database_url: str) -> str:
-    """The role a URL connects as; MigrationFailed if it names none (libpq would take
-    the operating system's user, which says nothing about the pod's)."""
-    role = conninfo.conninfo_to_dict(database_url).get("user")
-    if not role:
+@dataclass(frozen=True)
+class Login:
+    role: str
+    password: str | None
+
+
+def daemon_login(database_url: str) -> Login:
+    """The role (and password) a URL connects as; MigrationFailed if it names no role
+    (libpq would take the operating system's user, which says nothing of the pod's)."""
+    params = conninfo.conninfo_to_dict(database_url)
+    if not params.get("user"):
         raise MigrationFailed(
             "GANNET_DATABASE_URL names no user: with GANNET_OWNER_DATABASE_URL set, name "
             "the daemon's role in it (postgresql://ROLE:PASSWORD@HOST/DATABASE), the role "
-            "the migration grants reading and writing rows"
+            "the migration makes and grants reading and writing rows"
         )
-    return str(role)
+    password = params.get("password")
+    return Login(str(params["user"]), str(password) if password else None)
 
 
 def migrate_as_configured(
     database_url: str, owner_database_url: str | None, connect_wait_s: float = 0.0
 ) -> Migrated:
-    """`gannet db migrate`: as the owner's role where one is set, granting the daemon's
-    role its rows; else as the daemon's role, which then owns the tables."""
+    """`gannet db migrate`: as the owner's role where one is set, making the daemon's
+    role and granting it its rows; else as the daemon's role, which then owns them."""
     if owner_database_url is None:
         return migrate(database_url, connect_wait_s)
-    return migrate(owner_database_url, connect_wait_s, grant_to=role_of(database_url))
+    worker = daemon_login(database_url)
+    return migrate(owner_database_url, connect_wait_s, worker, "GANNET_OWNER_DATABASE_URL")
 
 
 def migrate(
-    database_url: str, connect_wait_s: float = 0.0, grant_to: str | None = None
+    database_url: str,
+    connect_wait_s: float = 0.0,
+    worker: Login | None = None,
+    setting: str = "GANNET_DATABASE_URL",
 ) -> Migrated:
-    """Apply pending migrations in one transaction each, then grant `grant_to` (a role
-    other than this URL's) what the daemon needs (`_WORKER_GRANTS`). Waits up to
-    `connect_wait_s` for PostgreSQL to accept a connection (a pod's migrate step starts
-    beside a proxy sidecar that may not be up yet); MigrationFailed if one is refused."""
+    """Apply pending migrations in one transaction each, then make `worker`'s role (one
+    other than this URL's) where it does not exist, and grant it what the daemon needs
+    (`_WORKER_RIGHTS`). Waits up to `connect_wait_s` for PostgreSQL to accept a
+    connection (a pod's migrate step starts beside a proxy sidecar that may not be up
+    yet); MigrationFailed, naming `setting`, if one is refused."""
     applied: list[int] = []
     conn = connect_waiting(database_url, connect_wait_s)
     with conn:
-        with _refusal("creating the migrations' table"), conn.transaction():
+        with _refusal("creating the migrations' table", setting), conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
                 " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
             )
-        for version, sql in MIGRATIONS:
-            with _refusal(f"migration {version}"), conn.transaction():
+        for version, statements in MIGRATIONS:
+            with _refusal(f"migration {version}", setting), conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
                 done = conn.execute(
                     "SELECT 1 FROM schema_migrations WHERE version = %s", (version,)
                 ).fetchone()
                 if done:
                     continue
-                conn.execute(sql)
+                conn.execute(statements)
                 conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
                 applied.append(version)
                 log.info("migration applied", extra={"fields": {"version": version}})
-        if grant_to is not None:
-            _grant(conn, grant_to)
+        if worker is not None:
+            with _refusal(f"giving the daemon's role {worker.role} its rights", setting):
+                _confine(conn, worker)
         row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
     return Migrated(applied, int(row[0]) if row and row[0] is not None else 0)
 
 
-def _grant(conn: psycopg.Connection[Any], role: str) -> None:
-    """Every time, not once: a role replaced (dropped, made again) gets them back."""
-    with _refusal(f"granting the daemon's role {role} its rights"), conn.transaction():
-        # Two pods' GRANTs on one table at once: "tuple concurrently updated".
+def _missing_rights(conn: psycopg.Connection[Any], role: str) -> tuple[str, ...]:
+    """Which of `_WORKER_RIGHTS` `role` lacks, as "RIGHT on TABLE"."""
+    pairs = [(table, right) for table, rights in _WORKER_RIGHTS.items() for right in rights]
+    tables, rights = [t for t, _ in pairs], [r for _, r in pairs]
+    return tuple(str(row[0]) for row in conn.execute(_MISSING_RIGHTS, (tables, rights, role)))
+
+
+def _confine(conn: psycopg.Connection[Any], worker: Login) -> None:
+    """The daemon's role, made here as a plain role: one made by Cloud SQL (a
+    google_sql_user) is a member of cloudsqlsuperuser, with CREATEROLE and CREATEDB,
+    and where that role owns the database (and so its schema public) may drop
+    gannet's tables (`Sink.role` counts that as owning them). Its password goes to the server
+    as a SCRAM verifier, so that no statement log holds it. A role that exists is kept
+    as it is. Rights granted only where missing (the audit log records each GRANT, at
+    each pod's start), under the migrations' lock: two pods' GRANTs on one table at
+    once fail with "tuple concurrently updated"."""
+    with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
         current = conn.execute("SELECT current_user").fetchone()
-        if current and current[0] == role:
+        if current and current[0] == worker.role:
             return  # the owner's URL and the daemon's name one role: nothing to grant
-        found = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
-        if not found:
-            raise MigrationFailed(
-                f"the role {role} of GANNET_DATABASE_URL does not exist: create it first "
-                "(terraform's google_sql_user.worker; docs/operating.md, step 7)"
+        if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (worker.role,)).fetchone():
+            if not worker.password:
+                raise MigrationFailed(
+                    f"the daemon's role {worker.role} does not exist, and GANNET_DATABASE_URL "
+                    "has no password to make it with: put the role's password in the URL "
+                    "(docs/operating.md, step 7)"
+                )
+            verifier = conn.pgconn.encrypt_password(
+                worker.password.encode(), worker.role.encode(), b"scram-sha-256"
             )
-        for grant in _WORKER_GRANTS:
-            conn.execute(sql.SQL(grant).format(role=sql.Identifier(role)))
-    log.info("daemon's role granted its rows", extra={"fields": {"role": role}})
+            conn.execute(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                    sql.Identifier(worker.role), sql.Literal(verifier.decode())
+                )
+            )
+            log.info("daemon's role made", extra={"fields": {"role": worker.role}})
+        if not _missing_rights(conn, worker.role):
+            return
+        for table, rights in _WORKER_RIGHTS.items():
+            conn.execute(
+                sql.SQL("GRANT {} ON {} TO {}").format(
+                    sql.SQL(", ").join(map(sql.SQL, rights)),
+                    sql.Identifier(table),
+                    sql.Identifier(worker.role),
+                )
+            )
+    log.info("daemon's role granted its rows", extra={"fields": {"role": worker.role}})
 
 
 @contextmanager
-def _refusal(what: str) -> Iterator[None]:
+def _refusal(what: str, setting: str) -> Iterator[None]:
     """PostgreSQL refusing a migration's SQL (a role without CREATE on the schema: a
     traceback before) as MigrationFailed saying what failed and what to do; a lost
     connection stays an OperationalError (cannot_connect)."""
@@ -865,10 +931,11 @@ def _refusal(what: str) -> Iterator[None]:
         yield
     except psycopg.errors.InsufficientPrivilege as exc:
         raise MigrationFailed(
-            f"{what} failed and was rolled back ({exc}): the role in GANNET_DATABASE_URL "
-            "must be the one that owns gannet's tables (the role that first migrated "
-            "this database), and may create in its schema public (PostgreSQL 15 grants "
-            "that to the database's owner only)"
+            f"{what} failed and was rolled back ({exc}): the role in {setting} must be the "
+            "one that owns gannet's tables (the role that first migrated this database), "
+            "may create in its schema public (PostgreSQL 15 grants that to the database's "
+            "owner only) and, to make the daemon's role, have CREATEROLE (Cloud SQL's "
+            "users have it)"
         ) from exc
     except psycopg.OperationalError:
         raise

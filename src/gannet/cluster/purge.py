@@ -119,14 +119,21 @@ def _batch(
     return len(found), len(gone), freed
 
 
-def main(database_url: str, tenants: list[str], days: float, batch: int, dry_run: bool) -> int:
-    """CommandError when PostgreSQL cannot be reached; a psycopg error from a batch
-    (its tries spent) ends the run, each batch before it committed."""
+def main(
+    database_url: str,
+    tenants: list[str],
+    days: float,
+    batch: int,
+    dry_run: bool,
+    setting: str = "GANNET_DATABASE_URL",
+) -> int:
+    """CommandError, naming `setting`, when PostgreSQL cannot be reached; a psycopg
+    error from a batch (its tries spent) ends the run, each batch before it committed."""
     before = datetime.now(UTC) - timedelta(days=days)
     try:
         conn = psycopg.connect(database_url, connect_timeout=10)
     except psycopg.OperationalError as exc:
-        raise CommandError(sink.cannot_connect(exc)) from exc
+        raise CommandError(sink.cannot_connect(exc, setting)) from exc
     with conn:
         for tenant in tenants:
             if dry_run:

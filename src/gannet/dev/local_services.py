@@ -525,9 +525,10 @@ class LocalServices:
         self._spawn("postgres", self._postgres_cmd)
         self._wait("postgres", self._postgres_ready, 30)
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute("CREATE ROLE gannet LOGIN PASSWORD 'gannet' NOSUPERUSER NOBYPASSRLS")
+            # CREATEROLE as Cloud SQL's users have it: `gannet db migrate` makes the
+            # daemon's role, gannet_worker.
             conn.execute(
-                "CREATE ROLE gannet_worker LOGIN PASSWORD 'gannet' NOSUPERUSER NOBYPASSRLS"
+                "CREATE ROLE gannet LOGIN PASSWORD 'gannet' NOSUPERUSER NOBYPASSRLS CREATEROLE"
             )
             conn.execute("CREATE DATABASE gannet OWNER gannet")
 
