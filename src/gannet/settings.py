@@ -182,9 +182,10 @@ class Settings(BaseSettings):
         ge=10,
         le=600,
         description="Lease per extension; a crashed pod's messages return after this long. "
-        "Near the 10 s floor an extension that comes late (a pod whose cores are "
-        "saturated) may let held messages return while they wait: a review's saturated "
-        "2-core pod at 10 s ran nearly one duplicate per success.",
+        "Against the gcloud emulator, which sends a stream more than its lease, what the "
+        "daemon leaves unread this long comes back as duplicates, one per deadline (at 10 "
+        "s and a backlog of 1200, 3.7 per success; at 60 s, 1.0): not against Pub/Sub, "
+        "which sends no more than the lease.",
     )
     torch_threads: int | None = Field(
         None,
