@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import subprocess
+import sys
 import urllib.request
 
 import pytest
 from conftest import SAMPLES
 from google.auth.credentials import AnonymousCredentials
 
-from gannet.dev.local_services import LocalServices, Ports
+from gannet.dev.local_services import LocalServices, Ports, ServiceError, port_in_use
 from gannet.gcs_http import Endpoint, HTTPError
 from gannet.storage import Storage, make_client
 from gannet.task import GsUrl
@@ -70,3 +72,47 @@ def test_the_gcs_emulator_speaks_https_with_a_certificate_only_gannet_is_told_to
             plain.request("GET", "/storage/v1/b")
     finally:
         services.stop()
+
+
+_HOLDER = """
+import sys, time
+from pathlib import Path
+from gannet.dev.local_services import LocalServices, Ports
+services = LocalServices(Path(sys.argv[1]), Ports(*map(int, sys.argv[2:5])))
+services.start()
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_services_a_killed_run_left_are_stopped_by_the_next_run(tmp_path, caplog):
+    """A `gannet services`, demo or bench killed with -9 (or by the OOM killer) left
+    its emulators and PostgreSQL running, holding the default ports: the next `make
+    demo` failed on them until someone found the processes. The next run on that
+    state dir stops them (only those it recorded, by pid and start time), and says
+    so; a run still alive keeps its services."""
+    ports = Ports.free()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(tmp_path), *map(str, vars(ports).values())],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        with pytest.raises(ServiceError, match=f"belong to a running process \\(pid {holder.pid}"):
+            LocalServices(tmp_path, ports).start()
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert all(port_in_use(port) for port in vars(ports).values())  # left running
+
+    caplog.set_level("WARNING", logger="gannet.dev.local_services")
+    with LocalServices(tmp_path, ports) as services:
+        assert set(services.pids()) >= {"pubsub", "gcs", "postgres"}
+    assert [r.message for r in caplog.records] == [
+        "stopped the local services a killed run left running"
+    ]
+    assert not any(port_in_use(port) for port in vars(ports).values())
+    assert not (tmp_path / "services.json").exists()

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -290,16 +291,72 @@ class LocalServices:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    @property
+    def record(self) -> Path:
+        """Which processes serve this state dir, and whose they are: a run killed before
+        it could stop them (kill -9, out of memory) left them holding the ports, and the
+        next run failed on them until someone found and killed them by hand."""
+        return self.state_dir / "services.json"
+
+    def _write_record(self) -> None:
+        procs = {name: proc.pid for name, proc in self._procs.items()}
+        owner = os.getpid()
+        entry = {
+            "owner": [owner, _start_time(owner)],
+            "groups": {name: [pid, _start_time(pid)] for name, pid in procs.items()},
+            "cleanup": [str(path) for path in self._cleanup],
+        }
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.record.write_text(json.dumps(entry))
+
+    def _stop_leftovers(self) -> None:
+        """Stop what a killed run on this state dir left running. Only processes whose
+        start time is the one recorded are signalled: a pid reused since is someone
+        else's. A run still alive keeps its services (ServiceError)."""
+        try:
+            entry = json.loads(self.record.read_text())
+        except FileNotFoundError:
+            return
+        except ValueError:  # torn by a kill mid-write: nothing to trust in it
+            self.record.unlink()
+            return
+        owner, owner_start = entry["owner"]
+        if owner != os.getpid() and _start_time(owner) == owner_start:
+            raise ServiceError(
+                f"the local services in {self.state_dir} belong to a running process "
+                f"(pid {owner}): stop it first, or give this run another --state-dir"
+            )
+        left = {
+            name: pid for name, (pid, start) in entry["groups"].items() if _start_time(pid) == start
+        }
+        for pid in left.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)  # throwaway services: their data goes too
+        deadline = time.monotonic() + 10
+        while any(_start_time(pid) is not None for pid in left.values()):
+            if time.monotonic() > deadline:
+                raise ServiceError(f"could not stop the services a killed run left: {left}")
+            time.sleep(0.1)
+        for path in entry["cleanup"]:
+            shutil.rmtree(path, ignore_errors=True)
+        self.record.unlink()
+        if left:
+            log.warning(
+                "stopped the local services a killed run left running",
+                extra={"fields": {"owner": owner, **left}},
+            )
+
     def start(self) -> None:
+        self._stop_leftovers()
         for name, port in vars(self.ports).items():
             if port_in_use(port):
                 raise ServiceError(
                     f"port {port} for {name} is already in use; `ss -ltnp 'sport = :{port}'` "
-                    "shows what listens there. An earlier `gannet services`, demo, bench or "
-                    "soak that was killed (kill -9, out of memory) before it could stop its "
-                    "services leaves them running: stop them (`kill -- -PGID`, the process "
-                    "group ps -o pgid= -p PID shows), or choose other ports (--pubsub-port, "
-                    "--gcs-port, --postgres-port)"
+                    "shows what listens there. What a killed `gannet services`, demo, bench "
+                    "or soak left running is stopped by the next run on its --state-dir; "
+                    "one of another state dir, or another program: stop it (`kill -- -PGID`, "
+                    "the process group ps -o pgid= -p PID shows), or choose other ports "
+                    "(--pubsub-port, --gcs-port, --postgres-port)"
                 )
         self.state_dir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
@@ -343,6 +400,7 @@ class LocalServices:
         for path in self._cleanup:
             shutil.rmtree(path, ignore_errors=True)
         self._cleanup.clear()
+        self.record.unlink(missing_ok=True)
 
     # -- each service -------------------------------------------------------------------
 
@@ -357,6 +415,7 @@ class LocalServices:
                 start_new_session=True,
                 env={**os.environ, **(env or {})},
             )
+        self._write_record()
 
     def restart_postgres(self) -> float:
         """Stop PostgreSQL (fast shutdown: open connections are cut, as in a failover) and
@@ -563,6 +622,17 @@ def _stop_group(name: str, proc: subprocess.Popen[bytes], sig: signal.Signals) -
     emulator's java child outlives the gcloud wrapper)."""
     _signal_group(proc, sig)
     _reap_group(name, proc, sig)
+
+
+def _start_time(pid: int) -> int | None:
+    """When a process started (clock ticks since boot), None if none runs as `pid` (or
+    only its zombie): with its pid, it names one process for good."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = stat.rpartition(")")[2].split()  # from field 3, after the command's name
+    return None if fields[0] == "Z" else int(fields[19])
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
