@@ -453,9 +453,10 @@ def test_run_refuses_a_role_rls_does_not_bind_and_warns_of_one_that_owns_the_tab
     import psycopg
 
     with psycopg.connect(stack.services.admin_url, autocommit=True) as conn:
-        for made in ("rls_bypasser LOGIN PASSWORD 'gannet' BYPASSRLS", "ungranted LOGIN"):
+        for made in ("rls_bypasser BYPASSRLS", "ungranted"):
             conn.execute(
-                f"DO $$ BEGIN CREATE ROLE {made}; EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+                f"DO $$ BEGIN CREATE ROLE {made} LOGIN PASSWORD 'gannet';"
+                " EXCEPTION WHEN duplicate_object THEN NULL; END $$"
             )
     sink.migrate(stack.services.owner_url, worker=sink.Login("rls_bypasser", None))
     bypasser = stack.services.database_url.replace("gannet_worker:", "rls_bypasser:")
@@ -466,7 +467,7 @@ def test_run_refuses_a_role_rls_does_not_bind_and_warns_of_one_that_owns_the_tab
 
     # A role not granted its rows (the daemon's Secret changed, the owner's migration
     # not run with it): said at the start, not a traceback, nor a failure per task.
-    ungranted = stack.services.database_url.replace("gannet_worker:gannet@", "ungranted@")
+    ungranted = stack.services.database_url.replace("gannet_worker:", "ungranted:")
     out = stack.gannet("run", GANNET_DATABASE_URL=ungranted, GANNET_METRICS_PORT="0")
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stdout + out.stderr
     last = json.loads(out.stdout.splitlines()[-1])["message"]

@@ -100,6 +100,10 @@ def test_migrate_makes_the_daemons_role_and_grants_it_once(services, fresh_datab
     )
     role = f"worker_{uuid.uuid4().hex[:8]}"
     url = daemons.replace("gannet_worker:gannet@", f"{role}:s3cret@")
+    database = owner.rsplit("/", 1)[1]
+    with psycopg.connect(services.admin_url, autocommit=True) as conn:
+        # A plaintext password would be stored as md5 then: the verifier stays SCRAM.
+        conn.execute(f"ALTER ROLE gannet IN DATABASE {database} SET password_encryption = 'md5'")
     with pytest.raises(sink.MigrationFailed, match="GANNET_DATABASE_URL names no user"):
         sink.migrate_as_configured(daemons.replace("gannet_worker:gannet@", ""), owner)
     with pytest.raises(sink.MigrationFailed, match=f"{role} does not exist, and .* no password"):
@@ -133,6 +137,56 @@ def test_migrate_makes_the_daemons_role_and_grants_it_once(services, fresh_datab
         conn.execute(f"REVOKE UPDATE ON task_claims FROM {role}")
     sink.migrate_as_configured(url, owner)
     assert "daemon's role granted its rows" in [r.message for r in caplog.records]
+
+    # The password rotated in the Secret: the role takes the URL's new one.
+    rotated = url.replace(":s3cret@", ":n3w-s3cret@")
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(rotated, connect_timeout=5)
+    caplog.clear()
+    sink.migrate_as_configured(rotated, owner)
+    assert [r.message for r in caplog.records] == [
+        "daemon's role given GANNET_DATABASE_URL's password"
+    ]
+    psycopg.connect(rotated, connect_timeout=5).close()
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(url, connect_timeout=5)
+
+
+def test_a_member_of_the_databases_owner_or_of_a_bypassing_role_is_told_apart(services):
+    """Cloud SQL's shape: its users are members of cloudsqlsuperuser, which owns the
+    databases it makes, and so their schema public, whose owner may drop any table in
+    it. A daemon's role that is such a member counts as owning the tables (a warning
+    at start); one that is a member of a BYPASSRLS role may SET ROLE to it and read
+    every tenant's rows (the daemon refuses it)."""
+    x = uuid.uuid4().hex[:6]
+    group, bypass, database = f"dbowner_{x}", f"bypass_{x}", f"cloudlike_{x}"
+    with psycopg.connect(services.admin_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {group} NOLOGIN")
+        conn.execute(f"CREATE ROLE {bypass} NOLOGIN BYPASSRLS")
+        conn.execute(f"GRANT {group} TO gannet")
+        conn.execute(f"CREATE DATABASE {database} OWNER {group}")
+    urls = services.database_env(database)
+    worker = urls["GANNET_DATABASE_URL"].replace("gannet_worker:", f"worker_{x}:")
+    sink.migrate_as_configured(worker, urls["GANNET_OWNER_DATABASE_URL"])
+
+    def role() -> sink.Role:
+        store = sink.Sink(worker, pool_size=1)
+        store.open()
+        try:
+            return store.role()
+        finally:
+            store.close()
+
+    assert role() == sink.Role(f"worker_{x}", bypasses_rls=False, owns_tables=False)
+    with psycopg.connect(services.admin_url, autocommit=True) as conn:
+        conn.execute(f"GRANT {group} TO worker_{x}")
+    assert role().owns_tables
+    with psycopg.connect(worker, autocommit=True) as conn:  # what that membership allows
+        conn.execute("DROP TABLE task_claims")
+    with psycopg.connect(services.admin_url, autocommit=True) as conn:
+        conn.execute(f"REVOKE {group} FROM worker_{x}")
+        conn.execute(f"GRANT {bypass} TO worker_{x}")
+    assert role().bypasses_rls
 
 
 def test_a_right_the_daemons_role_lacks_is_retried_not_a_tenants_conflict(fresh_database):

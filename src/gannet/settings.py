@@ -379,6 +379,12 @@ class Settings(BaseSettings):
             raise ValueError(f"one of {', '.join(_LEVELS)}")
         return level
 
+    @field_validator("owner_database_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """A Secret's empty key: libpq took "" for the local socket."""
+        return None if value == "" else value
+
     @field_validator("database_url", "owner_database_url")
     @classmethod
     def _libpq_url(cls, value: str | None) -> str | None:

@@ -360,12 +360,13 @@ _WORKER_RIGHTS: dict[str, tuple[str, ...]] = {
     "schema_migrations": ("SELECT",),
 }
 _ROLE = """
-SELECT current_user, r.rolsuper OR r.rolbypassrls, coalesce((
+SELECT current_user, EXISTS (
+    SELECT 1 FROM pg_roles b WHERE (b.rolsuper OR b.rolbypassrls)
+        AND pg_has_role(current_user, b.oid, 'MEMBER')), coalesce((
     SELECT pg_has_role(current_user, c.relowner, 'MEMBER')
         OR pg_has_role(current_user, n.nspowner, 'MEMBER')
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE c.oid = to_regclass('task_results')), false)
-FROM pg_roles r WHERE r.rolname = current_user
 """
 # Of the tables that exist: the daemon checks its role before the schema's version.
 _MISSING_RIGHTS = """
@@ -467,7 +468,8 @@ def _transient(exc: Exception) -> TransientError:
 @dataclass(frozen=True)
 class Role:
     name: str
-    bypasses_rls: bool  # a superuser, or BYPASSRLS: every tenant's rows, whatever is set
+    # A superuser or BYPASSRLS, or a member of one (SET ROLE away): every tenant's rows.
+    bypasses_rls: bool
     # It, or a role it is a member of, owns task_results or its schema (whose owner may
     # drop the table): it could turn row-level security off, or replace the table.
     owns_tables: bool
@@ -806,6 +808,7 @@ class MigrationFailed(RuntimeError):
 class Login:
     role: str
     password: str | None
+    url: str | None = None  # to check the password works once the role is granted
 
 
 def daemon_login(database_url: str) -> Login:
@@ -819,7 +822,7 @@ def daemon_login(database_url: str) -> Login:
             "the migration makes and grants reading and writing rows"
         )
     password = params.get("password")
-    return Login(str(params["user"]), str(password) if password else None)
+    return Login(str(params["user"]), str(password) if password else None, database_url)
 
 
 def migrate_as_configured(
@@ -900,18 +903,14 @@ def _confine(conn: psycopg.Connection[Any], worker: Login) -> None:
                     "has no password to make it with: put the role's password in the URL "
                     "(docs/operating.md, step 7)"
                 )
-            verifier = conn.pgconn.encrypt_password(
-                worker.password.encode(), worker.role.encode(), b"scram-sha-256"
-            )
             conn.execute(
                 sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-                    sql.Identifier(worker.role), sql.Literal(verifier.decode())
+                    sql.Identifier(worker.role), sql.Literal(_verifier(conn, worker))
                 )
             )
             log.info("daemon's role made", extra={"fields": {"role": worker.role}})
-        if not _missing_rights(conn, worker.role):
-            return
-        for table, rights in _WORKER_RIGHTS.items():
+        missing = _missing_rights(conn, worker.role)
+        for table, rights in _WORKER_RIGHTS.items() if missing else ():
             conn.execute(
                 sql.SQL("GRANT {} ON {} TO {}").format(
                     sql.SQL(", ").join(map(sql.SQL, rights)),
@@ -919,7 +918,49 @@ def _confine(conn: psycopg.Connection[Any], worker: Login) -> None:
                     sql.Identifier(worker.role),
                 )
             )
-    log.info("daemon's role granted its rows", extra={"fields": {"role": worker.role}})
+        if missing:
+            log.info("daemon's role granted its rows", extra={"fields": {"role": worker.role}})
+    _check_password(conn, worker)
+
+
+def _check_password(conn: psycopg.Connection[Any], worker: Login) -> None:
+    """The daemon's URL logs in, or its role gets the URL's password: a password
+    rotated in the Secret (a new terraform random_password) left the role with its
+    first one, and the daemon crash-looping on `password authentication failed` with
+    the Secret Manager's password in its URL. A URL that cannot connect for another
+    reason is the daemon's to say (its start names it)."""
+    if worker.url is None or worker.password is None:
+        return
+    try:
+        psycopg.connect(worker.url, connect_timeout=10).close()
+        return
+    except psycopg.OperationalError as exc:
+        if "password authentication failed" not in str(exc):
+            log.warning(
+                "could not log in as the daemon's role to check its password",
+                extra={"fields": {"role": worker.role, "error": str(exc)}},
+            )
+            return
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        conn.execute(
+            sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                sql.Identifier(worker.role), sql.Literal(_verifier(conn, worker))
+            )
+        )
+    log.info(
+        "daemon's role given GANNET_DATABASE_URL's password",
+        extra={"fields": {"role": worker.role}},
+    )
+
+
+def _verifier(conn: psycopg.Connection[Any], worker: Login) -> str:
+    """The password as a SCRAM verifier, so that no statement log holds it."""
+    assert worker.password is not None
+    verifier = conn.pgconn.encrypt_password(
+        worker.password.encode(), worker.role.encode(), b"scram-sha-256"
+    )
+    return verifier.decode()
 
 
 @contextmanager
@@ -936,6 +977,12 @@ def _refusal(what: str, setting: str) -> Iterator[None]:
             "may create in its schema public (PostgreSQL 15 grants that to the database's "
             "owner only) and, to make the daemon's role, have CREATEROLE (Cloud SQL's "
             "users have it)"
+            + (
+                "; set GANNET_OWNER_DATABASE_URL to that role's URL, and keep the daemon's "
+                "own role in GANNET_DATABASE_URL"
+                if setting == "GANNET_DATABASE_URL"
+                else ""
+            )
         ) from exc
     except psycopg.OperationalError:
         raise

@@ -225,7 +225,7 @@ class LocalServices:
 
     @property
     def admin_url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.ports.postgres}/postgres"
+        return f"postgresql://postgres:postgres@127.0.0.1:{self.ports.postgres}/postgres"
 
     @property
     def pubsub_host(self) -> str:
@@ -541,24 +541,34 @@ class LocalServices:
             shutil.rmtree(data, ignore_errors=True)
             data.mkdir(parents=True)
         self._cleanup.append(data)
-        init = subprocess.run(
-            [
-                *prefix,
-                _find_binary("initdb"),
-                "-D",
-                str(data),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-                "--no-instructions",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        # Passwords checked over TCP, as Cloud SQL checks them (SCRAM): a role's password
+        # the migration set wrong fails here too. The superuser's, from a file initdb
+        # reads as the postgres user.
+        with tempfile.NamedTemporaryFile("w", prefix="gannet-pg-pw-") as pwfile:
+            pwfile.write("postgres\n")
+            pwfile.flush()
+            if prefix:
+                shutil.chown(pwfile.name, "postgres", "postgres")
+            init = subprocess.run(
+                [
+                    *prefix,
+                    _find_binary("initdb"),
+                    "-D",
+                    str(data),
+                    "-U",
+                    "postgres",
+                    f"--pwfile={pwfile.name}",
+                    "--auth-local=trust",
+                    "--auth-host=scram-sha-256",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                    "--no-instructions",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
         if init.returncode != 0:
             raise ServiceError(f"initdb failed: {init.stderr.strip() or init.stdout.strip()}")
         self._postgres_cmd = [
