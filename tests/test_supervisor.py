@@ -489,6 +489,9 @@ def test_two_processes_share_the_work_survive_a_kill_9_and_drain_on_sigterm(stac
         pod.wait_ready(timeout_s=180)
         restarted = [e for e in pod.log_entries() if "starting it again" in e["message"]]
         assert len(restarted) == 1 and restarted[0]["exit_code"] == -9
+        # The supervisor's line names the child it is about, and is not the child's own:
+        # a filter on "process": 0 shows that process's lines only.
+        assert restarted[0]["child"] in (0, 1) and "process" not in restarted[0]
         _, metrics = _get(pod.metrics_port, "/metrics")
         assert "gannet_daemon_process_restarts_total 1.0" in metrics  # type: ignore[operator]
         # The killed process's counters go on in the pod's sums: they never go down.

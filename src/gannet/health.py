@@ -10,9 +10,11 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -58,6 +60,21 @@ class Health:
 Probe = Callable[[], tuple[bool, dict[str, object]]]
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A prober that gave up before the answer (a probe's timeout, a frozen
+        daemon's queued probes answered once it thawed) made socketserver print a bare
+        traceback to stderr, a dozen lines, each its own entry in Cloud Logging beside
+        the JSON lines. Such a client is said at debug; other errors as before."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+            log.debug("health http: client %s went away: %s", client_address, exc)
+            return
+        super().handle_error(request, client_address)
+
+
 class HealthServer:
     def __init__(
         self,
@@ -73,7 +90,7 @@ class HealthServer:
         `process`: a supervised daemon's index, whose port is the pod's plus 1 + index."""
         handler = self._handler(live, ready, registry)
         try:
-            self.server = ThreadingHTTPServer((host, port), handler)
+            self.server = _Server((host, port), handler)
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
                 raise
@@ -89,7 +106,6 @@ class HealthServer:
                 "already in use: another process listens on it (a second `gannet run` on "
                 "this machine?); stop it or set GANNET_METRICS_PORT to a free port"
             ) from exc
-        self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(
             target=self.server.serve_forever,

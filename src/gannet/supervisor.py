@@ -247,7 +247,7 @@ class Supervisor:
             "daemon process started",
             extra={
                 "fields": {
-                    "process": child.index,
+                    "child": child.index,
                     "pid": child.proc.pid,
                     "cpus": child.cpus,
                     "metrics_port": child.metrics_port,
@@ -277,7 +277,7 @@ class Supervisor:
                     f"daemon process {child.index} died {child.restarts} times in a row (exit "
                     f"code {code}): stopping the others and exiting with its code, so that "
                     "the pod's container restarts (CrashLoopBackOff, as a one-process pod's)",
-                    extra={"fields": {"process": child.index, "exit_code": code}},
+                    extra={"fields": {"child": child.index, "exit_code": code}},
                 )
                 self._on_signal(signal.SIGTERM)
                 return
@@ -285,7 +285,7 @@ class Supervisor:
                 "daemon process exited; starting it again",
                 extra={
                     "fields": {
-                        "process": child.index,
+                        "child": child.index,
                         "exit_code": code,
                         "restart_in_s": wait,
                         "restarts": child.restarts,
@@ -329,7 +329,7 @@ class Supervisor:
                 assert child.proc is not None
                 log.error(
                     "daemon process stopped answering; killing it to start it again",
-                    extra={"fields": {"process": child.index, "silent_s": round(limit)}},
+                    extra={"fields": {"child": child.index, "silent_s": round(limit)}},
                 )
                 child.proc.kill()
 
@@ -460,7 +460,7 @@ class Supervisor:
                 log.error(
                     f"daemon process {child.index} did not exit within {allowed_s:g} s of "
                     "SIGTERM; killing it",
-                    extra={"fields": {"process": child.index, "pid": child.proc.pid}},
+                    extra={"fields": {"child": child.index, "pid": child.proc.pid}},
                 )
                 child.proc.kill()
                 child.proc.wait()
