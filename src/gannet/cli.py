@@ -57,9 +57,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             settings.database_url, settings.owner_database_url, settings.db_connect_wait_s
         )
     except psycopg.OperationalError as exc:
-        owner = settings.owner_database_url is not None
-        setting = "GANNET_OWNER_DATABASE_URL" if owner else "GANNET_DATABASE_URL"
-        raise CommandError(sink.cannot_connect(exc, setting)) from exc
+        raise CommandError(sink.cannot_connect(exc, settings.owner_database()[1])) from exc
     except sink.MigrationFailed as exc:
         raise CommandError(str(exc)) from exc
     ours = "" if done.version == sink.SCHEMA_VERSION else f" (this gannet's: {sink.SCHEMA_VERSION})"

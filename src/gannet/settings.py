@@ -443,6 +443,13 @@ class Settings(BaseSettings):
         names = ", ".join(lane.name for lane in lanes)
         raise ValueError(f"no lane {name!r} in GANNET_LANES (lanes: {names})")
 
+    def owner_database(self) -> tuple[str, str]:
+        """The URL of the role that owns gannet's tables, and the setting it is (errors
+        name it): GANNET_OWNER_DATABASE_URL, else the daemon's, which then owns them."""
+        if self.owner_database_url is not None:
+            return self.owner_database_url, "GANNET_OWNER_DATABASE_URL"
+        return self.database_url, "GANNET_DATABASE_URL"
+
     def db_connections(self) -> int:
         """PostgreSQL connections one process pools. Why it follows the runners: with
         fewer connections than runners, runners queue for one at the claim and at the

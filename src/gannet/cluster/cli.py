@@ -92,11 +92,7 @@ def cmd_db_purge(args: argparse.Namespace) -> int:
         return 2
     tenants = list(dict.fromkeys(t.strip() for t in args.tenant if t.strip()))
     try:
-        settings = Settings()
-        if settings.owner_database_url is not None:
-            url, setting = settings.owner_database_url, "GANNET_OWNER_DATABASE_URL"
-        else:
-            url, setting = settings.database_url, "GANNET_DATABASE_URL"
+        url, setting = Settings().owner_database()
         return purge.main(url, tenants, args.older_than, args.batch, args.dry_run, setting)
     except psycopg.errors.UndefinedTable as exc:
         print(f"error: {exc.diag.message_primary}: run `gannet db migrate` first", file=sys.stderr)

@@ -315,12 +315,12 @@ class LocalServices:
         else's. A run still alive keeps its services (ServiceError)."""
         try:
             entry = json.loads(self.record.read_text())
+            owner, owner_start = entry["owner"]
         except FileNotFoundError:
             return
-        except ValueError:  # torn by a kill mid-write: nothing to trust in it
+        except (ValueError, KeyError, TypeError):  # torn by a kill mid-write: untrusted
             self.record.unlink()
             return
-        owner, owner_start = entry["owner"]
         if owner != os.getpid() and _start_time(owner) == owner_start:
             raise ServiceError(
                 f"the local services in {self.state_dir} belong to a running process "
