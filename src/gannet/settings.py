@@ -114,6 +114,16 @@ class Settings(BaseSettings):
         "instead of one for all (docs/architecture.md, Processes). Above 1 a supervisor "
         "starts them and serves the pod's probes and summed metrics.",
     )
+    process_hung_s: float = Field(
+        60.0,
+        ge=5.0,
+        le=3600.0,
+        description="With GANNET_PROCESSES above 1: a daemon process that stops answering "
+        "the supervisor this long after its last answer (a hung CUDA call, a deadlock) is "
+        "killed and started again, and its leased tasks go to the others; they wait that "
+        "long first. The supervisor asks every 10 s, so the kill comes up to 10 s later. "
+        "A one-process pod's liveness probe does this (15 s x 4 in the manifest).",
+    )
     process_index: int | None = Field(
         None, ge=0, description="Set by the supervisor on the processes it starts (not by hand)."
     )

@@ -27,7 +27,8 @@ What the supervisor does itself:
   goes into CrashLoopBackOff, as a one-process pod's does (failing /healthz was not
   enough: the kubelet probes liveness only once the startup probe passed, and a pod
   crash-looping from its start never passed it, for 5 minutes); kills one that
-  stopped answering for HUNG_S (a one-process pod's liveness probe would restart it),
+  stopped answering for GANNET_PROCESS_HUNG_S (a one-process pod's liveness probe
+  would restart it),
   so that it is started again, and at shutdown one that outlives its drain;
 - keeps the pod's counters from going down: a process that misses a scrape counts with
   its last one, and the counters of one that died are carried over to its successor
@@ -83,8 +84,7 @@ SHARED_GAUGE_PREFIXES = (
 )
 SCRAPE_TIMEOUT_S = 2.0
 WATCH_S = 10.0  # how often the processes' /healthz is asked
-HUNG_S = 60.0  # a process silent this long since its last answer is killed
-STARTUP_S = 300.0  # ... or this long after its start without any answer
+STARTUP_S = 300.0  # a process this long after its start without any answer is killed
 BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 RAN_A_WHILE_S = 300.0  # a process that ran this long before dying starts a new count
 # Deaths in a row (each within RAN_A_WHILE_S of its start) that end the supervisor: the
@@ -324,7 +324,8 @@ class Supervisor:
             if code or not child.alive():  # an answer: _ask noted it in answered_at
                 continue
             silent_since = child.answered_at
-            limit = HUNG_S if silent_since is not None else STARTUP_S
+            hung_s = self.settings.process_hung_s  # since its last answer
+            limit = hung_s if silent_since is not None else STARTUP_S
             if now - (silent_since if silent_since is not None else child.started_at) > limit:
                 assert child.proc is not None
                 log.error(
