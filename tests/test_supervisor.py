@@ -295,6 +295,38 @@ def test_an_answer_cut_short_counts_as_no_answer():
 HEALTHY_CHILD = _stand_in(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}")
 
 
+def _counting_child(successes: int) -> str:
+    """A daemon process that has counted `successes` (its /metrics, to every path)."""
+    metrics = Metrics()
+    metrics.messages.labels(outcome="succeeded").inc(successes)
+    text = generate_latest(metrics.registry)
+    return _stand_in(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(text), text))
+
+
+def test_what_a_killed_process_counted_since_prometheus_last_asked_is_kept():
+    """The supervisor scraped its processes only when Prometheus scraped it (every
+    15-30 s): a process killed in between took what it had counted since with it, and
+    the pod's counters undercounted for good. The watch, every WATCH_S, scrapes too."""
+    supervisor = Supervisor(
+        Settings(processes=1, metrics_port=0), [sys.executable, "-c", _counting_child(7)]
+    )
+    (child,) = supervisor.children
+    supervisor._start(child)
+    try:
+        deadline = time.monotonic() + 30
+        while not port_in_use(child.metrics_port):
+            assert time.monotonic() < deadline, "the stand-in did not listen"
+            time.sleep(0.05)
+        supervisor._watch(time.monotonic())  # no Prometheus scrape before the kill
+        assert child.proc is not None
+        child.proc.kill()
+        child.proc.wait()
+        supervisor._reap(time.monotonic())
+        assert _value(supervisor.collect(), "gannet_messages_total", outcome="succeeded") == 7
+    finally:
+        _kill_all(supervisor)
+
+
 def test_a_proxy_in_the_pods_environment_does_not_come_between_it_and_its_processes(
     monkeypatch,
 ):

@@ -299,13 +299,20 @@ class Supervisor:
         while not self.stopping.wait(0.5):
             now = time.monotonic()
             if now - watched >= WATCH_S:
-                self._kill_hung(now)
+                self._watch(now)
                 watched = now
             # First: a process that has run a while starts a fresh count, whether it
             # still runs or died since the last look; a dead one is started again at a
             # later look (its back-off is a second at least).
             self._start_due(now)
             self._reap(now)
+
+    def _watch(self, now: float) -> None:
+        """Every WATCH_S: a hung process killed, and every process's metrics scraped,
+        not only when Prometheus asks (every 15-30 s): what a process counted since its
+        last scrape dies with it."""
+        self._kill_hung(now)
+        self._scrape()
 
     def _start_due(self, now: float) -> None:
         """Start again each process whose back-off is over; one that has run
@@ -374,14 +381,19 @@ class Supervisor:
         ok = all(states.values()) and not self.stopping.is_set()
         return ok, {"processes": states, "shutting_down": self.stopping.is_set()}
 
-    def collect(self) -> list[Metric]:
+    def _scrape(self) -> None:
+        """Each process's /metrics, kept: a process that misses a scrape counts with its
+        last one, and a killed one's last is carried over to its successor."""
         asked = [child.proc for child in self.children]
         answers = self._ask("/metrics")
         with self._metrics_lock:
             for child, proc, (code, body) in zip(self.children, asked, answers, strict=True):
                 if code == 200 and child.proc is proc:  # not one reaped meanwhile
                     child.scraped = body.decode()
-            # A process that missed this scrape counts with its last one.
+
+    def collect(self) -> list[Metric]:
+        self._scrape()
+        with self._metrics_lock:
             texts = [child.scraped for child in self.children]
             retired = [child.retired for child in self.children]
         restarts = Metric(
