@@ -374,6 +374,15 @@ def test_compose_runs_worker_against_emulators_and_postgres() -> None:
     env = services["worker"]["environment"]
     assert env["PUBSUB_EMULATOR_HOST"].startswith("pubsub:")
     assert "@postgres:5432/" in env["GANNET_DATABASE_URL"]
+    # As in the cloud: the daemon as its own role, the owner's URL for migrate alone,
+    # the owner no superuser (the image's POSTGRES_USER is one; RLS would not bind it).
+    assert env["GANNET_DATABASE_URL"].startswith("postgresql://gannet_worker:")
+    assert "GANNET_OWNER_DATABASE_URL" not in env
+    owner = services["migrate"]["environment"]["GANNET_OWNER_DATABASE_URL"]
+    assert owner.startswith("postgresql://gannet:")
+    assert services["postgres"]["environment"]["POSTGRES_USER"] != "gannet"
+    init = (ROOT / "docker" / "postgres-init.sql").read_text()
+    assert "CREATE ROLE gannet LOGIN" in init and "NOSUPERUSER" in init
     unknown = {k for k in env if k.startswith("GANNET_")} - daemon_settings()
     assert not unknown, f"compose sets variables the daemon does not read: {unknown}"
     # The buckets it reads and writes exist before it starts (the emulator starts empty:
