@@ -87,21 +87,25 @@ time.sleep(600)
 
 @pytest.mark.slow
 def test_services_a_killed_run_left_are_stopped_by_the_next_run(tmp_path, caplog):
-    """A `gannet services`, demo or bench killed with -9 (or by the OOM killer) left
+    """A `gannet demo`, `services` or bench killed with -9 (or by the OOM killer) left
     its emulators and PostgreSQL running, holding the default ports: the next `make
-    demo` failed on them until someone found the processes. The next run on that
-    state dir stops them (only those it recorded, by pid and start time), and says
-    so; a run still alive keeps its services."""
+    demo` failed on them until someone found the processes. The next run with that
+    --state-dir stops them, whichever command's folder of it they were recorded in
+    (only the processes recorded, by pid and start time), and says so; a run still
+    alive keeps its services."""
     ports = Ports.free()
+    killed_demo = tmp_path / "demo"
     holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLDER, str(tmp_path), *map(str, vars(ports).values())],
+        [sys.executable, "-c", _HOLDER, str(killed_demo), *map(str, vars(ports).values())],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
         with pytest.raises(ServiceError, match=f"belong to a running process \\(pid {holder.pid}"):
-            LocalServices(tmp_path, ports).start()
+            LocalServices(killed_demo, ports).start()
+        with LocalServices(tmp_path / "bench", Ports.free()):  # beside a live run: kept
+            assert all(port_in_use(port) for port in vars(ports).values())
     finally:
         holder.kill()
         holder.wait()
@@ -109,10 +113,10 @@ def test_services_a_killed_run_left_are_stopped_by_the_next_run(tmp_path, caplog
     assert all(port_in_use(port) for port in vars(ports).values())  # left running
 
     caplog.set_level("WARNING", logger="gannet.dev.local_services")
-    with LocalServices(tmp_path, ports) as services:
+    with LocalServices(tmp_path / "services", ports) as services:  # another command's
         assert set(services.pids()) >= {"pubsub", "gcs", "postgres"}
     assert [r.message for r in caplog.records] == [
         "stopped the local services a killed run left running"
     ]
     assert not any(port_in_use(port) for port in vars(ports).values())
-    assert not (tmp_path / "services.json").exists()
+    assert not list(tmp_path.glob("*/services.json"))

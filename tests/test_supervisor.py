@@ -597,3 +597,45 @@ def test_daemon_processes_do_not_outlive_a_supervisor_killed_while_they_start(st
         assert not any(e["message"] == "gannet is ready" for e in pod.log_entries())
     finally:
         pod.stop(signal.SIGKILL)
+
+
+def test_an_older_scrape_answered_last_does_not_take_the_counters_back(monkeypatch):
+    """The watch's scrape and Prometheus' overlap. When the older one's answer came
+    last it was kept, and the pod's counters went back (to Prometheus, a reset: its
+    increase() jumps by the whole count). The newer answer stays. Mocked: the order in
+    which two answers arrive, which no real process can be made to choose."""
+    import threading
+
+    from gannet import supervisor as module
+
+    def metrics_text(successes: int) -> bytes:
+        metrics = Metrics()
+        metrics.messages.labels(outcome="succeeded").inc(successes)
+        return generate_latest(metrics.registry)
+
+    older_may_answer = threading.Event()
+    calls: list[str] = []
+
+    def answers(url: str) -> tuple[int, bytes]:
+        calls.append(url)
+        if len(calls) == 1:  # the older ask: its answer (5) arrives after the newer's
+            older_may_answer.wait(10)
+            return 200, metrics_text(5)
+        if len(calls) == 2:
+            return 200, metrics_text(7)
+        return 0, b""  # the pod's own scrape afterwards: the process does not answer
+
+    monkeypatch.setattr(module, "_get", answers)
+    supervisor = Supervisor(Settings(processes=1, metrics_port=0), [sys.executable, "-c", ""])
+    (child,) = supervisor.children
+    child.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        older = threading.Thread(target=supervisor._scrape)
+        older.start()
+        wait_until(lambda: len(calls) == 1, "the older ask sent", 10)
+        supervisor._scrape()  # the newer: answered 7 at once
+        older_may_answer.set()
+        older.join(10)
+        assert _value(supervisor.collect(), "gannet_messages_total", outcome="succeeded") == 7
+    finally:
+        _kill_all(supervisor)

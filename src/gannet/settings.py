@@ -116,12 +116,13 @@ class Settings(BaseSettings):
     )
     process_hung_s: float = Field(
         60.0,
-        ge=5.0,
+        ge=20.0,
         le=3600.0,
         description="With GANNET_PROCESSES above 1: a daemon process that stops answering "
         "the supervisor this long after its last answer (a hung CUDA call, a deadlock) is "
         "killed and started again, and its leased tasks go to the others; they wait that "
-        "long first. The supervisor asks every 10 s, so the kill comes up to 10 s later. "
+        "long first. The supervisor asks every 10 s, so the kill comes up to 10 s later "
+        "(and at least 20: below, one slow answer after a good one would kill it). "
         "A one-process pod's liveness probe does this (15 s x 4 in the manifest).",
     )
     process_index: int | None = Field(

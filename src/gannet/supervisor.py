@@ -168,6 +168,7 @@ class Child:
     exit_codes: list[int] = field(default_factory=list)
     answered_at: float | None = None  # its last answer on /healthz, this process
     scraped: str = ""  # its last good /metrics, this process
+    scraped_ask: int = 0  # which ask that answer was for (they overlap: the newest wins)
     retired: str = ""  # the counters of its earlier processes, summed
 
     def url(self, path: str) -> str:
@@ -213,6 +214,7 @@ class Supervisor:
         # queued the others' questions past the liveness probe's 5 s timeout.
         self._asking = ThreadPoolExecutor(3 * len(self.children) + 1, thread_name_prefix="ask")
         self._metrics_lock = threading.Lock()  # scraped and retired: scrapes vs _reap
+        self._asks = 0  # scrapes begun, numbered
 
     # --------------------------------------------------------------- processes
 
@@ -384,12 +386,18 @@ class Supervisor:
     def _scrape(self) -> None:
         """Each process's /metrics, kept: a process that misses a scrape counts with its
         last one, and a killed one's last is carried over to its successor."""
+        with self._metrics_lock:
+            self._asks += 1
+            ask = self._asks
         asked = [child.proc for child in self.children]
         answers = self._ask("/metrics")
         with self._metrics_lock:
             for child, proc, (code, body) in zip(self.children, asked, answers, strict=True):
-                if code == 200 and child.proc is proc:  # not one reaped meanwhile
-                    child.scraped = body.decode()
+                # Not one reaped meanwhile, nor older than the answer kept: the watch's
+                # scrape and Prometheus' overlap, and an older one kept last would make
+                # the pod's counters go down (a reset, to Prometheus).
+                if code == 200 and child.proc is proc and ask > child.scraped_ask:
+                    child.scraped, child.scraped_ask = body.decode(), ask
 
     def collect(self) -> list[Metric]:
         self._scrape()

@@ -205,6 +205,7 @@ class LocalServices:
     _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _cleanup: list[Path] = field(default_factory=list)
     _postgres_cmd: list[str] = field(default_factory=list)
+    _recorded: bool = False  # whether services.json is this run's
 
     @property
     def database_url(self) -> str:
@@ -307,44 +308,20 @@ class LocalServices:
             "cleanup": [str(path) for path in self._cleanup],
         }
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.record.write_text(json.dumps(entry))
+        part = self.record.with_suffix(".part")
+        part.write_text(json.dumps(entry))
+        part.replace(self.record)  # whole or not at all: a kill mid-write keeps the last
+        self._recorded = True
 
     def _stop_leftovers(self) -> None:
-        """Stop what a killed run on this state dir left running. Only processes whose
-        start time is the one recorded are signalled: a pid reused since is someone
-        else's. A run still alive keeps its services (ServiceError)."""
-        try:
-            entry = json.loads(self.record.read_text())
-            owner, owner_start = entry["owner"]
-        except FileNotFoundError:
-            return
-        except (ValueError, KeyError, TypeError):  # torn by a kill mid-write: untrusted
-            self.record.unlink()
-            return
-        if owner != os.getpid() and _start_time(owner) == owner_start:
-            raise ServiceError(
-                f"the local services in {self.state_dir} belong to a running process "
-                f"(pid {owner}): stop it first, or give this run another --state-dir"
-            )
-        left = {
-            name: pid for name, (pid, start) in entry["groups"].items() if _start_time(pid) == start
-        }
-        for pid in left.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)  # throwaway services: their data goes too
-        deadline = time.monotonic() + 10
-        while any(_start_time(pid) is not None for pid in left.values()):
-            if time.monotonic() > deadline:
-                raise ServiceError(f"could not stop the services a killed run left: {left}")
-            time.sleep(0.1)
-        for path in entry["cleanup"]:
-            shutil.rmtree(path, ignore_errors=True)
-        self.record.unlink()
-        if left:
-            log.warning(
-                "stopped the local services a killed run left running",
-                extra={"fields": {"owner": owner, **left}},
-            )
+        """Stop what killed runs left running: this state dir's, and those beside it
+        (`gannet demo`, `services` and the benches each keep theirs in a folder of
+        --state-dir, and share the default ports). A run still alive keeps its services:
+        on this state dir it is a ServiceError, beside it it is left alone."""
+        own = self.record
+        beside = sorted(p for p in self.state_dir.parent.glob("*/services.json") if p != own)
+        for record in (own, *beside):
+            _stop_left(record, mine=record == own)
 
     def start(self) -> None:
         self._stop_leftovers()
@@ -352,8 +329,8 @@ class LocalServices:
             if port_in_use(port):
                 raise ServiceError(
                     f"port {port} for {name} is already in use; `ss -ltnp 'sport = :{port}'` "
-                    "shows what listens there. What a killed `gannet services`, demo, bench "
-                    "or soak left running is stopped by the next run on its --state-dir; "
+                    "shows what listens there. What a killed `gannet services`, demo or "
+                    "bench left running is stopped by the next run with its --state-dir; "
                     "one of another state dir, or another program: stop it (`kill -- -PGID`, "
                     "the process group ps -o pgid= -p PID shows), or choose other ports "
                     "(--pubsub-port, --gcs-port, --postgres-port)"
@@ -400,7 +377,9 @@ class LocalServices:
         for path in self._cleanup:
             shutil.rmtree(path, ignore_errors=True)
         self._cleanup.clear()
-        self.record.unlink(missing_ok=True)
+        if self._recorded:  # not another run's, found here alive
+            self.record.unlink(missing_ok=True)
+            self._recorded = False
 
     # -- each service -------------------------------------------------------------------
 
@@ -541,6 +520,7 @@ class LocalServices:
             shutil.rmtree(data, ignore_errors=True)
             data.mkdir(parents=True)
         self._cleanup.append(data)
+        self._write_record()  # a kill during initdb leaves the data dir: next run's to remove
         # Passwords checked over TCP, as Cloud SQL checks them (SCRAM): a role's password
         # the migration set wrong fails here too. The superuser's, from a file initdb
         # reads as the postgres user.
@@ -632,6 +612,46 @@ def _stop_group(name: str, proc: subprocess.Popen[bytes], sig: signal.Signals) -
     emulator's java child outlives the gcloud wrapper)."""
     _signal_group(proc, sig)
     _reap_group(name, proc, sig)
+
+
+def _stop_left(record: Path, mine: bool) -> None:
+    """Stop the services `record` names if the run that wrote it is gone (only the
+    processes whose start time is the one recorded: a pid reused since is someone
+    else's), remove its scratch dirs and the record. Its run alive (this process
+    included): a ServiceError if `mine` (the same state dir), else nothing."""
+    try:
+        entry = json.loads(record.read_text())
+        owner, owner_start = entry["owner"]
+        groups, cleanup = dict(entry["groups"]), list(entry["cleanup"])
+    except FileNotFoundError:
+        return
+    except (ValueError, KeyError, TypeError):  # not ours to trust
+        record.unlink(missing_ok=True)
+        return
+    if owner == os.getpid() or _start_time(owner) == owner_start:
+        if mine:
+            raise ServiceError(
+                f"the local services in {record.parent} belong to a running process "
+                f"(pid {owner}): stop it first, or give this run another --state-dir"
+            )
+        return
+    left = {name: pid for name, (pid, start) in groups.items() if _start_time(pid) == start}
+    for pid in left.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)  # throwaway services: their data goes too
+    deadline = time.monotonic() + 10
+    while any(_start_time(pid) is not None for pid in left.values()):
+        if time.monotonic() > deadline:
+            raise ServiceError(f"could not stop the services a killed run left: {left}")
+        time.sleep(0.1)
+    for path in cleanup:
+        shutil.rmtree(path, ignore_errors=True)
+    record.unlink(missing_ok=True)
+    if left:
+        log.warning(
+            "stopped the local services a killed run left running",
+            extra={"fields": {"state_dir": str(record.parent), "owner": owner, **left}},
+        )
 
 
 def _start_time(pid: int) -> int | None:
