@@ -247,6 +247,14 @@ def test_one_ctrl_c_reaches_each_process_once(tmp_path):
             pod.wait()
 
 
+def _wait_listening(child: Any) -> None:
+    """Until a stand-in process listens on its metrics port."""
+    deadline = time.monotonic() + 30
+    while not port_in_use(child.metrics_port):
+        assert time.monotonic() < deadline, "the stand-in did not listen"
+        time.sleep(0.05)
+
+
 def _stand_in(answer: bytes) -> str:
     """A stand-in daemon process's program: it gives every request on its metrics port
     the same raw `answer`."""
@@ -278,10 +286,7 @@ def test_an_answer_cut_short_counts_as_no_answer():
         supervisor._start(child)
     try:
         for child in supervisor.children:
-            deadline = time.monotonic() + 30
-            while not port_in_use(child.metrics_port):
-                assert time.monotonic() < deadline, "the stand-in did not listen"
-                time.sleep(0.05)
+            _wait_listening(child)
         supervisor._kill_hung(time.monotonic())  # the watch loop's look, every WATCH_S
         assert all(child.answered_at is None for child in supervisor.children)
         ok, state = supervisor.live()
@@ -313,10 +318,7 @@ def test_what_a_killed_process_counted_since_prometheus_last_asked_is_kept():
     (child,) = supervisor.children
     supervisor._start(child)
     try:
-        deadline = time.monotonic() + 30
-        while not port_in_use(child.metrics_port):
-            assert time.monotonic() < deadline, "the stand-in did not listen"
-            time.sleep(0.05)
+        _wait_listening(child)
         supervisor._watch(time.monotonic())  # no Prometheus scrape before the kill
         assert child.proc is not None
         child.proc.kill()
@@ -343,10 +345,7 @@ def test_a_proxy_in_the_pods_environment_does_not_come_between_it_and_its_proces
     child = supervisor.children[0]
     supervisor._start(child)
     try:
-        deadline = time.monotonic() + 30
-        while not port_in_use(child.metrics_port):
-            assert time.monotonic() < deadline, "the stand-in did not listen"
-            time.sleep(0.05)
+        _wait_listening(child)
         supervisor._kill_hung(time.monotonic())  # the watch loop's look, every WATCH_S
         assert child.answered_at is not None
     finally:
