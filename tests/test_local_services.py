@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import ssl
 import subprocess
@@ -13,7 +14,13 @@ import pytest
 from conftest import SAMPLES
 from google.auth.credentials import AnonymousCredentials
 
-from gannet.dev.local_services import LocalServices, Ports, ServiceError, port_in_use
+from gannet.dev.local_services import (
+    LocalServices,
+    Ports,
+    ServiceError,
+    _stop_left,
+    port_in_use,
+)
 from gannet.gcs_http import Endpoint, HTTPError
 from gannet.storage import Storage, make_client
 from gannet.task import GsUrl
@@ -120,3 +127,36 @@ def test_services_a_killed_run_left_are_stopped_by_the_next_run(tmp_path, caplog
     ]
     assert not any(port_in_use(port) for port in vars(ports).values())
     assert not list(tmp_path.glob("*/services.json"))
+
+
+def test_a_recorded_pid_now_anothers_is_not_signalled_and_a_torn_record_is_dropped(tmp_path):
+    """A killed run's record names processes by pid and start time: a pid reused since
+    (here a live process recorded with another start time) is someone else's and is not
+    signalled; a record torn or foreign is dropped without stopping anything."""
+    bystander = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
+    )
+    try:
+        record = tmp_path / "services.json"
+        gone = subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        dead_owner = int(gone.stdout)
+        record.write_text(
+            json.dumps(
+                {"owner": [dead_owner, 1], "groups": {"gcs": [bystander.pid, 1]}, "cleanup": []}
+            )
+        )
+        _stop_left(record, mine=True)
+        assert bystander.poll() is None, "a reused pid was signalled"
+        assert not record.exists()
+        for torn in ('{"owner": [1', '{"groups": {}}', "[]"):
+            record.write_text(torn)
+            _stop_left(record, mine=True)
+            assert not record.exists() and bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
