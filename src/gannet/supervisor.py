@@ -85,12 +85,12 @@ SHARED_GAUGE_PREFIXES = (
 SCRAPE_TIMEOUT_S = 2.0
 WATCH_S = 10.0  # how often the processes' /healthz is asked
 STARTUP_S = 300.0  # a process this long after its start without any answer is killed
-BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+BACKOFF_S = (1.0, 2.0, 5.0, 10.0)  # before each restart of a process dying in a row
 RAN_A_WHILE_S = 300.0  # a process that ran this long before dying starts a new count
 # Deaths in a row (each within RAN_A_WHILE_S of its start) that end the supervisor: the
-# back-off is at its longest, and the pod's container should restart, as a one-process
-# pod's that keeps exiting does (CrashLoopBackOff).
-CRASH_LOOP = len(BACKOFF_S)
+# back-off is spent, and the pod's container should restart, as a one-process pod's
+# that keeps exiting does (CrashLoopBackOff). (A last step of 30 s was never waited.)
+CRASH_LOOP = len(BACKOFF_S) + 1
 STOP_MARGIN_S = 5.0  # past a process's own shutdown grace, before it is killed
 
 
