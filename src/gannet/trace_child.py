@@ -16,7 +16,6 @@ import ctypes
 import os
 import signal
 import sys
-import warnings
 from pathlib import Path
 
 
@@ -45,7 +44,7 @@ def main(argv: list[str]) -> int:
     import torch
 
     from gannet.model_cache import ModelKey, warm_model
-    from gannet.traced import NO_TRACE, trace_network
+    from gannet.traced import NO_TRACE, jit_quietly, trace_network
 
     torch.set_num_threads(1)  # one core: the daemon's runners go on serving meanwhile
     key = ModelKey(weights, "", device, int(imgsz), task)
@@ -53,8 +52,7 @@ def main(argv: list[str]) -> int:
     traced = trace_network(model, key.imgsz, device, half=device.startswith("cuda"))
     if traced is None:
         return NO_TRACE
-    with warnings.catch_warnings():  # deprecated for torch.export, which is not a trace
-        warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated")
+    with jit_quietly():
         torch.jit.save(traced, out)
     return 0
 

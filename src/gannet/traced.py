@@ -49,14 +49,22 @@ class _InferenceOutputs(torch.nn.Module):
         return out
 
 
+@contextlib.contextmanager
+def jit_quietly() -> Iterator[None]:
+    """torch.jit's trace, save and load without the warning that they are deprecated
+    for torch.export, which is not a trace (one line per model loaded, in every log)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated")
+        yield
+
+
 def verified_trace(
     net: torch.nn.Module, example: torch.Tensor, check: torch.Tensor, atol: float
 ) -> torch.jit.ScriptModule | None:
     """`net` traced on `example`, or None unless the trace matches `net` on `check`."""
-    with torch.inference_mode(), warnings.catch_warnings():
+    with torch.inference_mode(), jit_quietly():
         # TracerWarnings flag Python-side branches; the check below is what decides.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # type: ignore[attr-defined]
-        warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated")
         traced: torch.jit.ScriptModule = torch.jit.trace(  # type: ignore[no-untyped-call]
             net, example, check_trace=False
         )
@@ -260,8 +268,7 @@ def trace_apart(
                 )
                 return False
             if done.returncode == 0:
-                with warnings.catch_warnings():  # deprecated for torch.export: not a trace
-                    warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated")
+                with jit_quietly():
                     traced = torch.jit.load(str(out), map_location=device)  # type: ignore[no-untyped-call]
                 if _agrees(backend, net, traced, imgsz, device, half):
                     _share_weights(net, traced)
