@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from gannet import clients
@@ -65,8 +67,7 @@ def _enabled(loaded: LoadedConfig) -> list[ModelSpec]:
 def _load_models(served: list[LoadedConfig], storage: Storage | None, settings: Settings) -> None:
     """Every enabled model of every served industry, on the CPU, as the daemon loads
     them before a config serves; weights from gs:// are downloaded to a scratch folder."""
-    with tempfile.TemporaryDirectory(prefix="gannet-config-check-") as scratch:
-        cache = _cache(storage, Path(scratch), settings)
+    with _scratch_cache(storage, settings) as cache:
         resolver = ModelResolver(model_version(storage), ttl_s=0.0)
         try:
             for loaded in served:
@@ -74,20 +75,25 @@ def _load_models(served: list[LoadedConfig], storage: Storage | None, settings: 
                 load_models(loaded, cache, resolver, ["cpu"])
         except ConfigError as exc:
             raise CommandError(f"{loaded.uri} would be rejected: {exc}") from exc
+
+
+@contextmanager
+def _scratch_cache(storage: Storage | None, settings: Settings) -> Iterator[ModelCache]:
+    """A model cache loading on the CPU as the daemon does (no trace: the check only
+    needs the model to load), gs:// weights downloaded to a scratch folder; closed, and
+    the folder gone, after."""
+    with tempfile.TemporaryDirectory(prefix="gannet-config-check-") as scratch:
+        loader = yolo_loader(
+            model_file(storage, Path(scratch), settings.max_model_mb * 2**20),
+            trace=False,
+            cuda_graphs=False,
+            safe=settings.safe_model_load,
+        )
+        cache = ModelCache(loader, Metrics())
+        try:
+            yield cache
         finally:
             cache.close()
-
-
-def _cache(storage: Storage | None, scratch: Path, settings: Settings) -> ModelCache:
-    """A model cache loading on the CPU as the daemon does (no trace: the check only
-    needs the model to load), gs:// weights downloaded to `scratch`."""
-    loader = yolo_loader(
-        model_file(storage, scratch, settings.max_model_mb * 2**20),
-        trace=False,
-        cuda_graphs=False,
-        safe=settings.safe_model_load,
-    )
-    return ModelCache(loader, Metrics())
 
 
 def _check_tenants(
@@ -96,18 +102,14 @@ def _check_tenants(
     """Each tenant's own models loaded and checked as its first task would; 2 when one
     would refuse its tasks (or the tenant is not served), else 0."""
     worst = 0
-    with tempfile.TemporaryDirectory(prefix="gannet-config-check-") as scratch:
-        cache = _cache(storage, Path(scratch), settings)
+    with _scratch_cache(storage, settings) as cache:
         resolver = ModelResolver(
             model_version(storage),
             ttl_s=0.0,
             list_tenant_models=tenant_model_lister(storage, settings.models_bucket or ""),
         )
-        try:
-            for tenant in tenants:
-                worst = max(worst, _check_tenant(configs, tenant, cache, resolver))
-        finally:
-            cache.close()
+        for tenant in tenants:
+            worst = max(worst, _check_tenant(configs, tenant, cache, resolver))
     return worst
 
 
