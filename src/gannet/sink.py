@@ -850,15 +850,13 @@ def migrate(
     applied: list[int] = []
     conn = connect_waiting(database_url, connect_wait_s)
     with conn:
-        with _refusal("creating the migrations' table", setting), conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        with _refusal("creating the migrations' table", setting), _migrating(conn):
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
                 " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
             )
         for version, statements in MIGRATIONS:
-            with _refusal(f"migration {version}", setting), conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            with _refusal(f"migration {version}", setting), _migrating(conn):
                 done = conn.execute(
                     "SELECT 1 FROM schema_migrations WHERE version = %s", (version,)
                 ).fetchone()
@@ -873,6 +871,15 @@ def migrate(
                 _confine(conn, worker)
         row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
     return Migrated(applied, int(row[0]) if row and row[0] is not None else 0)
+
+
+@contextmanager
+def _migrating(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """A transaction holding the migrations' lock: one migrator at a time, as every new
+    pod's init container migrates, makes and grants the daemon's role at once."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        yield
 
 
 def _missing_rights(conn: psycopg.Connection[Any], role: str) -> tuple[str, ...]:
@@ -891,8 +898,7 @@ def _confine(conn: psycopg.Connection[Any], worker: Login) -> None:
     as it is. Rights granted only where missing (the audit log records each GRANT, at
     each pod's start), under the migrations' lock: two pods' GRANTs on one table at
     once fail with "tuple concurrently updated"."""
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+    with _migrating(conn):
         current = conn.execute("SELECT current_user").fetchone()
         if current and current[0] == worker.role:
             return  # the owner's URL and the daemon's name one role: nothing to grant
@@ -941,8 +947,7 @@ def _check_password(conn: psycopg.Connection[Any], worker: Login) -> None:
                 extra={"fields": {"role": worker.role, "error": str(exc)}},
             )
             return
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+    with _migrating(conn):
         conn.execute(
             sql.SQL("ALTER ROLE {} PASSWORD {}").format(
                 sql.Identifier(worker.role), sql.Literal(_verifier(conn, worker))
