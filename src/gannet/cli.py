@@ -19,6 +19,7 @@ from gannet.cluster import cli as cluster_cli
 from gannet.dev import cli as dev_cli
 from gannet.errors import CommandError
 from gannet.settings import (
+    DATABASE_URLS,
     Settings,
     refused_settings,
     settings_table,
@@ -74,7 +75,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
     # As an environment sets them, so that a line can be pasted back: a list comma-joined
     # (not Python's ['a']), an unset one commented out (an empty value is not "unset").
     for name, value in Settings().model_dump().items():
-        if name in ("database_url", "owner_database_url") and value is not None:
+        if name in DATABASE_URLS and value is not None:
             value = without_password(value)
         if value is None:
             print(f"# GANNET_{name.upper()} is unset")

@@ -27,6 +27,10 @@ GpuDecode = Literal["auto", "all", "off"]  # where JPEGs decode on a GPU (Settin
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+# Settings holding a PostgreSQL URL: checked by libpq's parser, shown without password.
+DATABASE_URLS = ("database_url", "owner_database_url")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GANNET_", extra="ignore", populate_by_name=True)
 
@@ -396,7 +400,7 @@ class Settings(BaseSettings):
         """A Secret's empty key: libpq took "" for the local socket."""
         return None if value == "" else value
 
-    @field_validator("database_url", "owner_database_url")
+    @field_validator(*DATABASE_URLS)
     @classmethod
     def _libpq_url(cls, value: str | None) -> str | None:
         """A URL libpq cannot parse was taken for a database not up yet: the start's
@@ -559,7 +563,7 @@ def refused_settings(exc: ValidationError) -> str:
             continue
         name = str(error["loc"][0])
         value = error["input"]
-        if name in ("database_url", "owner_database_url") and isinstance(value, str):
+        if name in DATABASE_URLS and isinstance(value, str):
             value = without_password(value)
         elif name == "callback_signing_key":
             value = "(not shown)"
