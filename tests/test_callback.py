@@ -25,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from conftest import SAMPLES, SCENES, expected_counts, wait_until
 from pydantic import ValidationError
@@ -41,6 +42,7 @@ from gannet.callback import (
     resolve,
     summary,
 )
+from gannet.callback_outbox import Outbox
 from gannet.dev.publish import make_task, upload_image
 from gannet.dispatch import Dispatcher
 from gannet.metrics import Metrics
@@ -409,23 +411,37 @@ def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_timeout():
     assert trickler.sent < len(trickler.headers) / 2
 
 
-def test_closing_cuts_short_a_callback_in_flight_and_records_it(processor_parts):
+def test_a_callback_cut_short_by_a_stop_is_sent_by_another_pod(processor_parts, receiver_factory):
     """At shutdown, after the grace, a callback still waiting on its receiver is ended
-    and recorded as failed on its row, and no retry follows: the pod can exit."""
-    settings, storage, processor, callbacks, _ = processor_parts
-    trickler = Trickler(seconds=20.0)
+    (the pod can exit) and handed back, owed, with its attempt counted: the next pod's
+    sweep sends it, and only then does the row say what became of it."""
+    settings, storage, processor, callbacks, metrics = processor_parts
+    receiver = receiver_factory([200])
+    reached, answer = threading.Event(), threading.Event()
+    receiver.on_request = lambda: (reached.set(), answer.wait(30))  # hangs until set
     patient = CallbackPolicy(
         timeout_s=60.0, retries=3, backoff_s=30.0, allow_http=True, allow_private=True
     )
     callbacks.client = CallbackClient(patient)
     tenant = f"cb-{uuid.uuid4().hex[:6]}"
-    task, outcome = _run(settings, storage, processor, tenant, trickler.url())
+    task, outcome = _run(settings, storage, processor, tenant, receiver.url())
     assert (outcome.decision, outcome.label) == (Decision.ACK, "succeeded")
-    assert trickler.connected.wait(10)
+    assert reached.wait(10), "the request is with the receiver, unanswered"
+    started = time.monotonic()
     callbacks.close(timeout_s=0.2)
-    status = _callback_status(settings, tenant, task.task_id, timeout_s=1)
-    assert status == "failed: worker shut down after TimeoutError: cut short by the shutdown"
-    wait_until(trickler.cut_off.is_set, "the receiver sees the connection closed", 2)
+    assert time.monotonic() - started < 2
+    answer.set()
+    assert _callback_status(settings, tenant, task.task_id, timeout_s=0.5) is None
+    assert _owed(settings, task.task_id) == (None, 1, True)  # no holder, 1 attempt, due
+    assert metrics.registry.get_sample_value("gannet_callbacks_total", {"result": "unsent"}) == 1
+
+    other = _other_pod(processor, "pod-b", metrics)
+    assert other.sweep() == 1
+    assert _callback_status(settings, tenant, task.task_id) == "delivered: HTTP 200"
+    # The one cut short reached the receiver too: receivers dedupe on task_id.
+    wait_until(lambda: len(receiver.requests) == 2, "both requests read")
+    assert _owed(settings, task.task_id) is None
+    other.close()
 
 
 class Hanging:
@@ -455,14 +471,25 @@ class Hanging:
             conn.close()
 
 
-def _recorded() -> tuple[dict[str, tuple[float, str]], Any]:
-    """Statuses as the row would get them, with when they came."""
-    statuses: dict[str, tuple[float, str]] = {}
+class Kept:
+    """Callbacks' `owed` (the daemon's is callback_outbox.Outbox, on PostgreSQL): the
+    statuses as the row would get them, with when they came, and what a stop handed back
+    unsent, as (task_id, attempts made)."""
 
-    def record(task_id: str, tenant_id: str, status: str) -> None:
-        statuses[task_id] = (time.monotonic(), status)
+    def __init__(self) -> None:
+        self.statuses: dict[str, tuple[float, str]] = {}
+        self.handed: list[tuple[str, int]] = []
 
-    return statuses, record
+    def record(self, task_id: str, tenant_id: str, status: str) -> None:
+        self.statuses[task_id] = (time.monotonic(), status)
+
+    def hand_back(self, unsent: list[tuple[str, int]]) -> None:
+        self.handed.extend(unsent)
+
+
+def _recorded() -> tuple[dict[str, tuple[float, str]], Kept]:
+    kept = Kept()
+    return kept.statuses, kept
 
 
 def _submit(callbacks: Callbacks, tenant: str, task_id: str, url: str) -> None:
@@ -510,8 +537,11 @@ def test_tenants_whose_receivers_hang_do_not_hold_up_another_tenants_callbacks(
         callbacks.close(timeout_s=0.0)
         hanging.close()
     assert callbacks.pending() == 0
-    assert len(statuses) == 21, "every callback's outcome is recorded, even at shutdown"
-    assert all(statuses[f"h{i}"][1].startswith("failed: ") for i in range(20))
+    # Each one either failed (its one attempt timed out, or was cut short by the stop)
+    # or, not tried yet, was handed back for another pod to send.
+    assert len(statuses) + len(record.handed) == 21, (statuses, record.handed)
+    assert all(statuses[t][1].startswith("failed: ") for t in statuses if t != "c0")
+    assert all(attempts == 0 for _, attempts in record.handed)
 
 
 def test_a_tenant_whose_receiver_fails_gets_one_thread():
@@ -609,9 +639,9 @@ def test_a_tenant_with_nothing_left_to_send_is_forgotten(receiver_factory):
 
 def test_a_shutdown_does_not_wait_for_a_callbacks_retry(receiver_factory):
     """A callback whose retry is due after the shutdown's time (its receiver down) is
-    recorded as failed at once, with its last failure: waiting for it would hold every
-    pod's shutdown for its whole grace while one tenant's receiver is down. One due
-    within it is made."""
+    handed back at once, with its attempt counted, for another pod to retry: waiting
+    for it would hold every pod's shutdown for its whole grace while one tenant's
+    receiver is down. One due within it is made."""
     down = receiver_factory([503])
     policy = CallbackPolicy(
         timeout_s=1.0, retries=3, backoff_s=30.0, allow_http=True, allow_private=True
@@ -623,7 +653,8 @@ def test_a_shutdown_does_not_wait_for_a_callbacks_retry(receiver_factory):
     started = time.monotonic()
     callbacks.close(timeout_s=10.0)
     assert time.monotonic() - started < 1.0
-    assert statuses["a0"][1] == "failed: worker shut down after HTTP 503"
+    assert "a0" not in statuses, "no outcome: it is another pod's to send"
+    assert record.handed == [("a0", 1)]
     assert callbacks.pending() == 0
 
     # A retry due within the shutdown's time is made (here 0.3 s after the first 503).
@@ -658,7 +689,7 @@ def test_a_tenants_callbacks_past_its_queue_bound_are_recorded_failed_at_once():
     finally:
         callbacks.close(timeout_s=0.0)
         hanging.close()
-    assert statuses["a3"][1] == "failed: worker shut down before sending"
+    assert ("a3", 0) in record.handed, "queued, not tried: handed back"
 
 
 def test_a_full_queues_refusals_are_said_once_not_once_per_task(caplog):
@@ -691,14 +722,15 @@ def test_a_callback_thread_outlives_a_bug_in_recording_an_outcome(receiver_facto
     it) is logged and the thread goes on to the next callback, instead of dying with
     the tenants' queues still full and nobody to send them."""
     receiver = receiver_factory([200])
-    statuses, record = _recorded()
+    statuses, kept = _recorded()
 
-    def flaky(task_id: str, tenant_id: str, status: str) -> None:
-        if task_id == "a0":
-            raise RuntimeError("injected")
-        record(task_id, tenant_id, status)
+    class Flaky(Kept):
+        def record(self, task_id: str, tenant_id: str, status: str) -> None:
+            if task_id == "a0":
+                raise RuntimeError("injected")
+            kept.record(task_id, tenant_id, status)
 
-    callbacks = Callbacks(CallbackClient(LOCAL), flaky, Metrics(), workers=1)
+    callbacks = Callbacks(CallbackClient(LOCAL), Flaky(), Metrics(), workers=1)
     try:
         for i in range(2):
             _submit(callbacks, "tenant-a", f"a{i}", receiver.url())
@@ -768,15 +800,50 @@ def processor_parts(services, tmp_path):
     PostgreSQL. It is the daemon's code path without Pub/Sub around it."""
     from gannet.dev import demo
 
-    settings = demo.local_settings(services)
+    # A short lease: the tests wait one out, as a pod that died is waited for.
+    settings = demo.local_settings(services, callback_lease_s=4.0)
     metrics = Metrics()
     parts = daemon.build(settings, metrics)
-    callbacks = Callbacks(CallbackClient(LOCAL), parts.sink.set_callback_status, metrics, workers=2)
+    callbacks = Callbacks(CallbackClient(LOCAL), parts.outbox, metrics, workers=2)
     parts.dispatcher.callbacks = callbacks
     yield settings, parts.storage, parts.dispatcher, callbacks, metrics
     callbacks.close()
     parts.callbacks.close()
     parts.close(timeout_s=30)
+    # What a test left owed (handed back by the closes) is not the next test's to send.
+    with psycopg.connect(settings.database_url) as conn:
+        conn.execute("DELETE FROM callback_outbox WHERE tenant_id LIKE 'cb-%'")
+
+
+class _OtherPod:
+    """Another pod's callbacks and sweep, on the same database: `sweep()` takes over
+    what is due and waits for its outcomes."""
+
+    def __init__(self, sink: Any, holder: str, metrics: Metrics) -> None:
+        self.outbox = Outbox(sink, holder)
+        self.callbacks = Callbacks(CallbackClient(LOCAL), self.outbox, metrics, workers=2)
+
+    def sweep(self) -> int:
+        taken = self.outbox.sweep(self.callbacks)
+        wait_until(lambda: self.callbacks.pending() == 0, "the callbacks taken over sent")
+        return taken
+
+    def close(self) -> None:
+        self.callbacks.close(timeout_s=0.0)
+
+
+def _other_pod(processor: Dispatcher, holder: str, metrics: Metrics) -> _OtherPod:
+    return _OtherPod(processor.sink, holder, metrics)
+
+
+def _owed(settings: Settings, task_id: str) -> tuple[str | None, int, bool] | None:
+    """The task's row in callback_outbox: (holder, attempts, due now), or None."""
+    with psycopg.connect(settings.database_url) as conn:
+        row = conn.execute(
+            "SELECT holder, attempts, due_at <= now() FROM callback_outbox WHERE task_id = %s",
+            (task_id,),
+        ).fetchone()
+    return None if row is None else (row[0], row[1], row[2])
 
 
 def _process(dispatcher, task, attempt: int):
@@ -854,24 +921,106 @@ def test_a_failing_callback_is_recorded_and_the_task_stays_acked(processor_parts
     assert metrics.registry.get_sample_value("gannet_callbacks_total", {"result": "failed"}) == 1
 
 
-def test_a_callback_lost_with_its_pod_is_sent_on_redelivery(processor_parts, receiver_factory):
-    """A pod that dies after the commit but before the callback: the redelivered message
-    is a duplicate (no inference), and the callback that never went out is sent then."""
-    settings, storage, processor, _, _ = processor_parts
+def test_a_callback_lost_with_its_pod_is_sent_by_another_pod(processor_parts, receiver_factory):
+    """A pod that dies after the commit and before the callback (killed, its node lost):
+    the callback was owed in the commit. A redelivery of the task is a duplicate that
+    neither infers nor calls; once the dead pod's lease on the callback ends, another
+    pod's sweep sends it, once, with the committed result."""
+    settings, storage, processor, callbacks, metrics = processor_parts
     receiver = receiver_factory([200])
     tenant = f"cb-{uuid.uuid4().hex[:6]}"
-    callbacks, processor.callbacks = processor.callbacks, None  # the pod that died
+    processor.callbacks = None  # the pod that died: nothing in memory sends it
     task, first = _run(settings, storage, processor, tenant, receiver.url())
     processor.callbacks = callbacks
-    assert first.label == "succeeded" and receiver.requests == []
+    assert first.label == "succeeded"
     again = _process(processor, task, 2)
     assert again.decision is Decision.ACK and again.label == "duplicate"
+    other = _other_pod(processor, "pod-b", metrics)
+    assert other.sweep() == 0, "the dead pod's lease has not ended yet"
+    time.sleep(settings.callback_lease_s)
+    assert other.sweep() == 1
     assert _callback_status(settings, tenant, task.task_id) == "delivered: HTTP 200"
     (request,) = receiver.requests
     assert request["body"]["counts"]["detection"] == expected_counts(SCENES[0])
+    assert other.sweep() == 0
     _process(processor, task, 3)
     wait_until(lambda: callbacks.pending() == 0, "callbacks sent")
-    assert len(receiver.requests) == 1, "a recorded callback is not sent again"
+    assert len(receiver.requests) == 1, "a callback with an outcome is not sent again"
+    other.close()
+
+
+def test_a_pod_keeps_the_callbacks_it_still_sends(processor_parts, receiver_factory):
+    """A callback waiting for its retry past the lease (its receiver down) stays its
+    pod's while that pod renews it: another pod's sweep does not send it as well."""
+    settings, storage, processor, callbacks, metrics = processor_parts
+    down = receiver_factory([503])
+    callbacks.client = CallbackClient(
+        CallbackPolicy(
+            timeout_s=2.0, retries=3, backoff_s=30.0, allow_http=True, allow_private=True
+        )
+    )
+    tenant = f"cb-{uuid.uuid4().hex[:6]}"
+    task, _ = _run(settings, storage, processor, tenant, down.url())
+    wait_until(lambda: len(down.requests) == 1, "the first attempt failed")
+    mine = Outbox(processor.sink, processor.holder)
+    other = _other_pod(processor, "pod-b", metrics)
+    for _ in range(3):  # 1.5 leases in all
+        time.sleep(settings.callback_lease_s / 2)
+        assert mine.sweep(callbacks) == 0
+        assert other.sweep() == 0
+    assert len(down.requests) == 1
+    assert _owed(settings, task.task_id) == (processor.holder, 0, False)
+    other.close()
+
+
+def test_two_pods_sweeping_at_once_take_each_callback_once(processor_parts, receiver_factory):
+    """Every pod sweeps; a row one is taking is skipped by the other (SKIP LOCKED), so
+    that twelve callbacks of pods that died go out twelve times, not more."""
+    settings, storage, processor, _, metrics = processor_parts
+    receiver = receiver_factory([200])
+    tenant = f"cb-{uuid.uuid4().hex[:6]}"
+    processor.callbacks = None
+    tasks = [_run(settings, storage, processor, tenant, receiver.url())[0] for _ in range(12)]
+    time.sleep(settings.callback_lease_s)
+    pods = [_other_pod(processor, f"pod-{i}", metrics) for i in range(2)]
+    barrier = threading.Barrier(2)
+    taken: list[int] = []
+
+    def sweep(pod: Any) -> None:
+        barrier.wait()
+        taken.append(pod.sweep())
+
+    threads = [threading.Thread(target=sweep, args=(pod,)) for pod in pods]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sum(taken) == 12, taken
+    for task in tasks:
+        assert _callback_status(settings, tenant, task.task_id) == "delivered: HTTP 200"
+    assert sorted(r["body"]["task_id"] for r in receiver.requests) == sorted(
+        t.task_id for t in tasks
+    )
+    for pod in pods:
+        pod.close()
+
+
+def test_a_callback_taken_over_counts_the_attempts_made_before(receiver_factory):
+    """A callback handed back after two attempts gets the rest of its retries from the
+    pod that takes it over, not a fresh set each time a pod stops."""
+    failing = receiver_factory([500])
+    statuses, record = _recorded()
+    callbacks = Callbacks(CallbackClient(LOCAL), record, Metrics(), workers=1)
+    try:
+        task = make_task(
+            "tenant-a", "gs://bkt/tenant-a/x.jpg", "DETECTION", "a0", callback_url=failing.url()
+        )
+        callbacks.submit(task, {}, "gs://bkt/r.json", attempts=2)
+        wait_until(lambda: "a0" in statuses, "the outcome recorded")
+    finally:
+        callbacks.close(timeout_s=0.0)
+    assert statuses["a0"][1] == "failed: HTTP 500 after 3 attempts"
+    assert len(failing.requests) == 1
 
 
 def test_a_refused_callback_is_recorded(processor_parts):

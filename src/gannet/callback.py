@@ -11,7 +11,9 @@ not followed.
 A callback never decides what happens to the message: the result is already committed
 and the message is acked whatever the receiver does. The outcome (delivered, failed
 after retries, refused) is recorded on the task's row, and callbacks run on their own
-small thread pool so a slow receiver holds neither a runner nor the ack.
+small thread pool so a slow receiver holds neither a runner nor the ack. Until that
+outcome the callback is owed in PostgreSQL, committed with the result: one its pod
+did not send (the pod killed, or stopping) is sent by another (callback_outbox.py).
 """
 
 from __future__ import annotations
@@ -32,9 +34,8 @@ import threading
 import time
 import urllib.parse
 from collections import Counter, deque
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry import trace
 
@@ -219,6 +220,8 @@ class Delivery:
     status: str  # delivered | failed | refused (| RETRY, between attempts)
     detail: str
     attempts: int
+    # Not sent because this worker is stopping: no outcome, another pod sends it.
+    unsent: bool = False
 
     def row_text(self) -> str:
         return f"{self.status}: {self.detail}"[:1000]
@@ -287,7 +290,7 @@ class CallbackClient:
         """Attempt `number` (from 1); RETRY when another may succeed (the network, a
         name that did not resolve, 429, 5xx). `last`: the previous attempt's failure."""
         if self._stopped.is_set():
-            return Delivery("failed", "worker shut down" + (f" after {last}" if last else ""), 0)
+            return _unsent(number - 1)
         try:
             target = resolve(url, self.policy)  # again per attempt: answers may change
         except CallbackRefused as exc:
@@ -336,7 +339,19 @@ class CallbackClient:
         return status
 
 
-RecordStatus = Callable[[str, str, str], None]  # (task_id, tenant_id, status text)
+def _unsent(attempts: int) -> Delivery:
+    return Delivery("failed", "worker shut down", attempts, unsent=True)
+
+
+class Owed(Protocol):
+    """Where callbacks are owed until their outcome (callback_outbox.Outbox)."""
+
+    def record(self, task_id: str, tenant_id: str, status: str) -> None:
+        """The final outcome, on the task's row: the callback is owed no more."""
+
+    def hand_back(self, unsent: list[tuple[str, int]]) -> None:
+        """(task_id, attempts made) of callbacks this worker stops without sending:
+        another pod's to send."""
 
 
 # Callbacks one tenant may have waiting; past that its next ones are recorded as failed.
@@ -364,18 +379,21 @@ class Callbacks:
     (a receiver restarting for a minute is still reached), and a tenant's callbacks
     waiting, queued or for a retry, are bounded (QUEUE_PER_TENANT): past that one is
     recorded as failed at once, instead of memory growing with the backlog.
+
+    One a stop leaves unsent (queued, in flight, or waiting for a retry) has no outcome:
+    it is handed back, owed, for another pod to send (`Owed.hand_back`).
     """
 
     def __init__(
         self,
         client: CallbackClient,
-        record: RecordStatus,
+        owed: Owed,
         metrics: Metrics,
         workers: int = 16,
         queue_per_tenant: int = QUEUE_PER_TENANT,
     ) -> None:
         self.client = client
-        self._record = record
+        self._owed = owed
         self._metrics = metrics
         self._workers = workers
         self._per_tenant = max(1, workers // 4)
@@ -391,26 +409,34 @@ class Callbacks:
         self._pending = 0  # queued, waiting for a retry, and in flight
         self._not_sent: Counter[str] = Counter()  # refused by a full queue, not yet said
         self._not_sent_said: dict[str, float] = {}  # when last said, per tenant
-        self._closing = False  # waiting callbacks are recorded as not sent, none is tried
+        self._held: set[str] = set()  # task_ids of the pending ones
+        self._unsent: list[tuple[str, int]] = []  # left by the stop: (task_id, attempts)
+        self._closing = False  # waiting callbacks are left unsent, none is tried
 
-    def submit(self, task: Task, result: dict[str, Any], result_uri: str) -> None:
-        """Called after the commit; returns at once."""
+    def submit(
+        self, task: Task, result: dict[str, Any], result_uri: str, attempts: int = 0
+    ) -> None:
+        """Called after the commit (or on taking over one owed, with the `attempts` made
+        before); returns at once. One this worker already has pending is not sent twice."""
         if not task.callback_url:
             return
         payload = summary(task, result, result_uri)
-        job = _Job(task, encode(payload), contextvars.copy_context())
+        job = _Job(task, encode(payload), contextvars.copy_context(), attempts + 1)
         with self._cond:
+            if task.task_id in self._held:
+                return
             full = self._waiting[task.tenant_id] >= self._queue_limit
             if not (self._closing or full):
                 self._queues.setdefault(task.tenant_id, deque()).append(job)
                 self._waiting[task.tenant_id] += 1
                 self._pending += 1
+                self._held.add(task.task_id)
                 if len(self._threads) < min(self._workers, self._pending):
                     self._start_thread()
                 self._cond.notify()
                 return
         if self._closing:
-            self._save(task, Delivery("failed", "worker shutting down", 0))
+            self._save(task, _unsent(attempts))
             return
         reason = (
             f"not sent: {self._queue_limit} callbacks of this tenant already waiting "
@@ -438,6 +464,11 @@ class Callbacks:
     def pending(self) -> int:
         with self._cond:
             return self._pending
+
+    def held(self) -> list[str]:
+        """The task_ids of the callbacks pending here: owed, and this worker's to send."""
+        with self._cond:
+            return list(self._held)
 
     def _start_thread(self) -> None:
         thread = threading.Thread(
@@ -490,6 +521,7 @@ class Callbacks:
                         del self._busy[tenant]
                     if final is not None:
                         self._pending -= 1
+                        self._held.discard(job.task.task_id)
                     if not self._waiting[tenant]:
                         del self._waiting[tenant]
                         if tenant not in self._busy:  # nothing of this tenant's left
@@ -519,7 +551,7 @@ class Callbacks:
                 detail = f"{delivery.detail} after {job.number} attempts"
                 return Delivery("failed", detail, job.number)
             if self._closing:
-                return Delivery("failed", f"worker shut down after {delivery.detail}", job.number)
+                return _unsent(job.number)
             due = time.monotonic() + self.client.backoff_s(job.number)
             job.number, job.last = job.number + 1, delivery.detail
             heapq.heappush(self._retries, (due, next(self._order), job))
@@ -532,8 +564,7 @@ class Callbacks:
         future nobody reads, and the row's status would stay empty."""
         assert job.task.callback_url is not None
         if self._closing:
-            after = f" after {job.last}" if job.last else " before sending"
-            return Delivery("failed", f"worker shut down{after}", job.number - 1)
+            return _unsent(job.number - 1)
         try:
             # A no-op span unless tracing is on (tracing.py).
             with trace.get_tracer(TRACER).start_as_current_span("callback") as span:
@@ -547,6 +578,11 @@ class Callbacks:
             return Delivery("failed", f"{exc.__class__.__name__}: {exc}", job.number)
 
     def _save(self, task: Task, delivery: Delivery, log_it: bool = True) -> None:
+        if delivery.unsent:  # no outcome: handed back once the threads are done (close)
+            self._metrics.callbacks.labels("unsent").inc()
+            with self._cond:
+                self._unsent.append((task.task_id, delivery.attempts))
+            return
         self._metrics.callbacks.labels(delivery.status).inc()
         if log_it:
             level = logging.INFO if delivery.status == "delivered" else logging.WARNING
@@ -560,7 +596,7 @@ class Callbacks:
                 },
             )
         try:
-            self._record(task.task_id, task.tenant_id, delivery.row_text())
+            self._owed.record(task.task_id, task.tenant_id, delivery.row_text())
         except GannetError as exc:
             log.error(
                 "could not record the callback status on the row",
@@ -569,11 +605,12 @@ class Callbacks:
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Let queued callbacks finish for up to timeout_s; then the ones in flight are
-        cut short and the ones still queued are not sent (each recorded as failed on its
-        row). Retries due after that are not waited for (a receiver down for a minute
-        would have held every shutdown for its whole grace): each is recorded failed,
-        with its last attempt's failure; those due before it are made. Only a host name
-        still resolving can hold it longer (the resolver's own timeouts bound that)."""
+        cut short and the ones still queued are not sent. Retries due after that are not
+        waited for (a receiver down for a minute would have held every shutdown for its
+        whole grace); those due before it are made. Whatever is left unsent is handed
+        back, owed, with the attempts made, for another pod to send (an attempt cut
+        short that was its last is recorded as failed). Only a host name still
+        resolving can hold it longer (the resolver's own timeouts bound that)."""
         deadline = time.monotonic() + timeout_s
 
         def only_late_retries() -> bool:
@@ -586,6 +623,23 @@ class Callbacks:
         self.client.stop()
         for thread in list(self._threads):
             thread.join()
+        with self._cond:
+            unsent, self._unsent = self._unsent, []
+        if not unsent:
+            return
+        try:
+            self._owed.hand_back(unsent)
+        except GannetError as exc:
+            log.warning(
+                "could not hand back the callbacks this worker did not send; another pod "
+                "sends them once this one's lease on them ends",
+                extra={"fields": {"unsent": len(unsent), "error": str(exc)}},
+            )
+            return
+        log.info(
+            "callbacks not sent before stopping handed back for another pod to send",
+            extra={"fields": {"unsent": len(unsent)}},
+        )
 
 
 def policy_from(settings: Settings) -> CallbackPolicy:
@@ -604,7 +658,7 @@ def policy_from(settings: Settings) -> CallbackPolicy:
     )
 
 
-def build_callbacks(settings: Settings, record: RecordStatus, metrics: Metrics) -> Callbacks:
+def build_callbacks(settings: Settings, owed: Owed, metrics: Metrics) -> Callbacks:
     return Callbacks(
-        CallbackClient(policy_from(settings)), record, metrics, settings.callback_workers
+        CallbackClient(policy_from(settings)), owed, metrics, settings.callback_workers
     )

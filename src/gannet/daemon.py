@@ -31,6 +31,7 @@ from gannet import clients, logs
 from gannet.acks import Acks
 from gannet.backlog import BacklogMonitor
 from gannet.callback import Callbacks, build_callbacks
+from gannet.callback_outbox import Outbox
 from gannet.config_sources import Configs, ConfigWatch, open_configs
 from gannet.device_decode import device_decoders
 from gannet.dispatch import Dispatcher
@@ -188,6 +189,7 @@ class Parts:
     cache: ModelCache
     pipeline: Pipeline
     callbacks: Callbacks
+    outbox: Outbox  # callbacks owed: this process's renewed, dead ones' taken over
     dispatcher: Dispatcher
     devices: list[str]
     acks: dict[str, Acks]
@@ -301,6 +303,7 @@ def build(
         pool_size=s.db_connections(),
         timeout_s=s.db_timeout_s,
         answer_deadline_s=s.db_answer_deadline_s,
+        callback_lease_s=s.callback_lease_s,
     )
     try:
         # One connection first: its error is libpq's reason (the pool's timeout says
@@ -364,7 +367,9 @@ def build(
     )
     # A reloaded config is served only once its models load here (start-up warms the first).
     configs.check_models_with(partial(pipeline.load_models, devices=devices))
-    callbacks = build_callbacks(s, sink.set_callback_status, metrics)
+    holder = worker_id()
+    outbox = Outbox(sink, holder)
+    callbacks = build_callbacks(s, outbox, metrics)
     lanes = s.lane_list()
     # Each lane's acks, sent by the daemon (acks.py); handed to its Subscriber too.
     acks = {
@@ -386,7 +391,6 @@ def build(
         )
         for lane in lanes
     }
-    holder = worker_id()
     tracing = Tracing.from_settings(s, holder)
     dispatcher = Dispatcher(
         pipeline,
@@ -415,6 +419,7 @@ def build(
         cache,
         pipeline,
         callbacks,
+        outbox,
         dispatcher,
         devices,
         acks,
@@ -541,6 +546,7 @@ class Daemon:
         # Configs are checked for changes on a thread of their own, never a task's.
         watch = ConfigWatch(parts.pipeline.configs, config_check_s(config_uri(s), s.config_check_s))
         watch.start()
+        parts.outbox.start(parts.callbacks)
         parts.dispatcher.pool.start()
         with self._pulling_lock:  # a stop signal from now on drains (_request_stop)
             self.pulling = True
@@ -722,6 +728,7 @@ class Daemon:
         for subscriber in subscribers:
             subscriber.wait_closed(timeout=budget.left())
         forced = self.stop_now.is_set()
+        parts.outbox.stop()
         parts.callbacks.close(timeout_s=0.0 if forced else budget.left())
         parts.close(timeout_s=0.0 if forced else budget.left())
         log.info("gannet stopped", extra={"fields": {"forced": forced}})

@@ -321,11 +321,8 @@ class Dispatcher:
             start = self.sink.start(task.task_id, task.tenant_id, self.holder, self.claim_ttl_s)
         existing = start.success
         if existing is not None:
-            if task.callback_url and existing["callback_status"] is None:
-                # The last pod stopped between the commit and the ack: send it now
-                # (receivers dedupe on task_id). A callback queued before the ack and
-                # lost with its pod is not sent again: integrating.md says so.
-                self._callback(task, existing["result"], existing["result_uri"])
+            # Its callback, if any, was owed in the commit (callback_outbox.py): sent
+            # by the pod that committed, or by another if that one stopped first.
             fields = {"result_uri": existing["result_uri"]}
             return Outcome(Decision.ACK, "duplicate", task=task, fields=fields)
         if not start.claimed:  # another pod runs it now: come back when its claim ends
@@ -372,6 +369,7 @@ class Dispatcher:
                     self.holder,
                     lambda: self._write_result(name, body, timer),
                     result_json=body,
+                    callback_url=task.callback_url,
                 )
             except ClaimLost as lost:  # ran past the claim's TTL and another pod took over
                 return Outcome(

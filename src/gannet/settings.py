@@ -344,6 +344,14 @@ class Settings(BaseSettings):
         "needed; at most a quarter of them on one tenant's callbacks at a time, and one "
         "while its receiver fails.",
     )
+    callback_lease_s: float = Field(
+        60.0,
+        ge=4,
+        le=3600,
+        description="How long a callback owed stays its pod's without a renewal (every "
+        "quarter of it): one whose pod died is sent by another pod after this, one a "
+        "stopping pod could not send at once. Shorter: sooner after a crash, more renewals.",
+    )
     allow_http_callbacks: bool = Field(
         False, description="Allow http:// callback URLs (default: https only)."
     )

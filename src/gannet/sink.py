@@ -346,6 +346,74 @@ MIGRATIONS: list[tuple[int, str]] = [
         $fn$;
         """,
     ),
+    (
+        8,
+        """
+        -- Callbacks owed: a row per committed success with a callback_url, written in the
+        -- commit and deleted with the callback's final outcome (Sink.set_callback_status).
+        -- The pod that committed holds it (`holder`) and renews `due_at` while its
+        -- callback waits; one that died, or stopped before sending it, leaves it due, and
+        -- any pod takes it over (Sink.take_callbacks). Without row-level security: a
+        -- sweep takes rows due whatever their tenant, and a row holds only ids, times and
+        -- a count; the URL and the result are read from task_results under the tenant.
+        ALTER TABLE task_results ADD COLUMN callback_url text;
+        CREATE TABLE callback_outbox (
+            task_id    text PRIMARY KEY,
+            tenant_id  text NOT NULL,
+            holder     text,
+            due_at     timestamptz NOT NULL,
+            attempts   integer NOT NULL DEFAULT 0
+        );
+        CREATE INDEX callback_outbox_due ON callback_outbox (due_at);
+
+        -- gannet_finish of migration 7 and the callback's URL: kept on the row, and owed
+        -- in callback_outbox, held by p_holder for p_callback_lease_s. The 12-argument
+        -- function stays for a daemon of an earlier schema during a rolling update.
+        CREATE FUNCTION gannet_finish(p_holder text, p_task text, p_tenant text,
+            p_status text, p_pipeline text, p_session text, p_image_id text,
+            p_image_url text, p_result jsonb, p_result_uri text, p_attempt integer,
+            p_timings jsonb, p_callback_url text, p_callback_lease_s float8)
+        RETURNS boolean
+        LANGUAGE plpgsql AS $fn$
+        DECLARE
+            v_written boolean;
+        BEGIN
+            INSERT INTO task_results AS t (task_id, tenant_id, status, pipeline, session_id,
+                image_id, image_url, result, result_uri, delivery_attempt, timings,
+                callback_url, created_at, updated_at)
+            VALUES (p_task, p_tenant, p_status, p_pipeline, p_session, p_image_id,
+                p_image_url, p_result, p_result_uri, p_attempt, p_timings, p_callback_url,
+                clock_timestamp(), clock_timestamp())
+            ON CONFLICT ON CONSTRAINT task_results_pkey DO UPDATE SET
+                status = EXCLUDED.status, pipeline = EXCLUDED.pipeline,
+                session_id = coalesce(EXCLUDED.session_id, t.session_id),
+                image_id = coalesce(EXCLUDED.image_id, t.image_id),
+                result = EXCLUDED.result, result_uri = EXCLUDED.result_uri,
+                error_code = NULL, error = NULL,
+                delivery_attempt = EXCLUDED.delivery_attempt, timings = EXCLUDED.timings,
+                image_url = EXCLUDED.image_url, callback_url = EXCLUDED.callback_url,
+                updated_at = clock_timestamp()
+            WHERE t.status <> 'succeeded';
+            v_written := FOUND;
+            -- Nothing written and this tenant cannot see the row: another tenant's id.
+            IF NOT v_written AND NOT EXISTS (
+                SELECT 1 FROM task_results r WHERE r.task_id = p_task) THEN
+                RAISE EXCEPTION 'task_id belongs to another tenant'
+                    USING ERRCODE = 'insufficient_privilege';
+            END IF;
+            IF v_written AND p_callback_url IS NOT NULL THEN
+                INSERT INTO callback_outbox (task_id, tenant_id, holder, due_at)
+                VALUES (p_task, p_tenant, p_holder,
+                    clock_timestamp() + make_interval(secs => p_callback_lease_s))
+                ON CONFLICT (task_id) DO NOTHING;
+            END IF;
+            UPDATE task_claims SET expires_at = 'infinity'
+                WHERE task_id = p_task AND holder = p_holder;
+            RETURN v_written;
+        END
+        $fn$;
+        """,
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -358,6 +426,8 @@ _WORKER_RIGHTS: dict[str, tuple[str, ...]] = {
     "task_results": ("SELECT", "INSERT", "UPDATE"),
     "task_claims": ("SELECT", "INSERT", "UPDATE"),
     "schema_migrations": ("SELECT",),
+    # Ids and times only (migration 8); a row goes with its callback's final outcome.
+    "callback_outbox": ("SELECT", "INSERT", "UPDATE", "DELETE"),
 }
 _ROLE = """
 SELECT current_user, EXISTS (
@@ -420,6 +490,32 @@ _FENCE = b"SELECT * FROM gannet_fence(%b, %b, %b)"
 # running the task twice. Sent with COMMIT in the same call, its values quoted in.
 _FINISH = b"SELECT gannet_finish(%b); COMMIT"
 
+# Callbacks owed (migration 8): what callback_outbox is, there.
+_PAID = "DELETE FROM callback_outbox WHERE task_id = %s AND tenant_id = %s"
+_PAID_ALL = "DELETE FROM callback_outbox WHERE task_id = ANY(%s)"
+_RENEW = (
+    "UPDATE callback_outbox SET due_at = now() + make_interval(secs => %s)"
+    " WHERE holder = %s AND task_id = ANY(%s)"
+)
+_HAND_BACK = """
+UPDATE callback_outbox o SET holder = NULL, due_at = now(), attempts = h.attempts
+FROM unnest(%s::text[], %s::int[]) AS h(task_id, attempts)
+WHERE o.task_id = h.task_id AND o.holder = %s
+"""
+# Due rows, oldest first; a row another pod is taking now is skipped, not waited for.
+_TAKE = """
+UPDATE callback_outbox o SET holder = %s, due_at = now() + make_interval(secs => %s)
+FROM (SELECT task_id FROM callback_outbox WHERE due_at <= now()
+      ORDER BY due_at LIMIT %s FOR UPDATE SKIP LOCKED) due
+WHERE o.task_id = due.task_id
+RETURNING o.task_id, o.tenant_id, o.attempts
+"""
+_OWED = """
+SELECT task_id, pipeline, session_id, image_id, image_url, result, result_uri,
+    callback_url, callback_status
+FROM task_results WHERE task_id = ANY(%s) AND status = 'succeeded'
+"""
+
 _CONFLICT = "task_id is already used by another tenant; task ids must be globally unique"
 
 
@@ -431,6 +527,22 @@ class Start:
     success: dict[str, Any] | None
     claimed: bool
     retry_after_s: float | None = None  # not claimed: when the holder's claim runs out
+
+
+@dataclass(frozen=True)
+class OwedCallback:
+    """A callback another pod owed and now this one, as its task's row has it."""
+
+    task_id: str
+    tenant_id: str
+    pipeline: str
+    session_id: str | None
+    image_id: str | None
+    image_url: str
+    result: dict[str, Any]
+    result_uri: str
+    callback_url: str
+    attempts: int  # made before, by the pods that held it
 
 
 class ClaimLost(TransientError):
@@ -485,6 +597,7 @@ class Sink:
         lock_timeout_s: float = 30.0,
         idle_in_transaction_s: float = 120.0,
         answer_deadline_s: float = 60.0,
+        callback_lease_s: float = 60.0,
     ) -> None:
         """A commit holds its claim row locked while the result object is written
         (save_claimed). A pod that died there (its node lost) kept the lock until the
@@ -498,6 +611,7 @@ class Sink:
         not answered within `answer_deadline_s` drops its connection (pgexec.Deadline):
         above the lock timeout, so that a wait for a lock fails as one."""
         self._answer_deadline_s = answer_deadline_s
+        self.callback_lease_s = callback_lease_s  # how long a callback owed stays ours
         timeouts = (
             f"SET lock_timeout = {int(lock_timeout_s * 1000)}; "
             f"SET idle_in_transaction_session_timeout = {int(idle_in_transaction_s * 1000)}"
@@ -622,13 +736,15 @@ class Sink:
         holder: str,
         write: Callable[[], object],
         result_json: bytes | None = None,
+        callback_url: str | None = None,
     ) -> bool:
         """Commit a success under `holder`'s claim: `write()` (the result object) runs
         inside the transaction while the claim row is locked, then the row is upserted
         and the claim kept for good. When another worker holds the claim now, nothing is
         written: False if that worker committed a success, else ClaimLost.
         `result_json`: `record.result` already encoded as JSON (the result object's
-        bytes), stored as it is instead of encoding it again."""
+        bytes), stored as it is instead of encoding it again. With a `callback_url`, the
+        callback is owed in the same commit (callback_outbox), held by `holder`."""
         # Two round trips, each one blocking libpq call (pgexec.py) of two statements,
         # their values quoted in: "BEGIN; fence", then "gannet_finish; COMMIT". Whether
         # the row is written is the fence's answer: with the claim row locked, no one
@@ -647,6 +763,7 @@ class Sink:
                     raise ClaimLost(claim["left_s"])
                 write()
                 finish = _finish_params(record, holder, result_json)
+                finish += [callback_url, self.callback_lease_s]
                 query = _FINISH % b", ".join(pgexec.literals(conn, finish))
                 pgexec.execute(conn, query, None, self._answer_deadline_s)
             except BaseException:
@@ -655,12 +772,60 @@ class Sink:
         return not claim["committed"]
 
     def set_callback_status(self, task_id: str, tenant_id: str, status: str) -> None:
+        """The callback's final outcome on its row; it is owed no more."""
         with self.tenant_transaction(tenant_id) as cur:
             cur.execute(
                 "UPDATE task_results SET callback_status = %s, updated_at = now()"
                 " WHERE task_id = %s",
                 (status, task_id),
             )
+            cur.execute(_PAID, (task_id, tenant_id))
+
+    def renew_callbacks(self, holder: str, task_ids: list[str]) -> None:
+        """The callbacks `holder` still has waiting stay its own for another lease."""
+        self._statement(_RENEW, (self.callback_lease_s, holder, task_ids))
+
+    def hand_back_callbacks(self, holder: str, owed: list[tuple[str, int]]) -> None:
+        """Callbacks `holder` will not send (it is stopping), with the attempts made:
+        due now, for any pod to take over."""
+        ids, attempts = [task_id for task_id, _ in owed], [n for _, n in owed]
+        self._statement(_HAND_BACK, (ids, attempts, holder))
+
+    def take_callbacks(self, holder: str, limit: int) -> list[OwedCallback]:
+        """Up to `limit` callbacks owed and due (their pod died, stopped, or froze past
+        the lease), now held by `holder`, with what their rows say. A row whose
+        callback has an outcome, or whose task row is gone (purged), is owed no more:
+        deleted here."""
+        taken = self._statement(_TAKE, (holder, self.callback_lease_s, limit))
+        by_tenant: dict[str, dict[str, int]] = {}
+        for task_id, tenant_id, attempts in taken:
+            by_tenant.setdefault(tenant_id, {})[task_id] = attempts
+        owed: list[OwedCallback] = []
+        paid: list[str] = []
+        for tenant_id, attempts_of in by_tenant.items():
+            with self.tenant_transaction(tenant_id) as cur:
+                cur.execute(_OWED, (list(attempts_of),))
+                rows = {row["task_id"]: row for row in cur.fetchall()}
+            for task_id, attempts in attempts_of.items():
+                row = rows.get(task_id)
+                if row is None or row["callback_status"] is not None or not row["callback_url"]:
+                    paid.append(task_id)
+                    continue
+                del row["callback_status"]
+                owed.append(OwedCallback(tenant_id=tenant_id, attempts=attempts, **row))
+        if paid:
+            self._statement(_PAID_ALL, (paid,))
+        return owed
+
+    def _statement(self, query: str, params: tuple[object, ...]) -> list[tuple[Any, ...]]:
+        """One statement, its own transaction, answered within the deadline."""
+        with (
+            self._errors(),
+            self.pool.connection() as conn,
+            pgexec.Deadline(conn, self._answer_deadline_s),
+        ):
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description is not None else []
 
     def role(self) -> Role:
         """The daemon's role as row-level security sees it (before a migration too)."""

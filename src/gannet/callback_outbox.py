@@ -1,0 +1,108 @@
+"""Callbacks owed, kept in PostgreSQL until their outcome, so that none is lost with a pod.
+
+A success with a callback_url is committed with a row in callback_outbox, held by the
+process that committed it (sink.py, migration 8). That process sends the callback
+(callback.py) and the outcome deletes the row. While its callbacks wait (queued, behind
+a slow receiver, or for a retry), the process renews their rows every quarter of
+`GANNET_CALLBACK_LEASE_S`. One it will not send, because it stops, it hands back: due at
+once. One whose process died (killed, its node lost, frozen past the lease) comes due
+when its lease ends. Every process takes due rows over at each sweep (FOR UPDATE SKIP
+LOCKED: two never take one) and sends them as its own, counting the attempts made
+before. A callback may so come twice (its pod froze past the lease, or died after the
+receiver answered and before the outcome was written): receivers dedupe on task_id.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from pydantic import ValidationError
+
+from gannet.callback import Callbacks
+from gannet.errors import GannetError
+from gannet.sink import OwedCallback, Sink
+from gannet.task import Task
+
+log = logging.getLogger(__name__)
+
+# Taken over per sweep at most, fewer while this process has callbacks pending: a pod
+# that comes up after many died does not queue them all at once.
+SWEEP_LIMIT = 100
+
+
+class Outbox:
+    """This process's side of callback_outbox: what callback.Callbacks calls `owed`
+    (the outcome recorded, the unsent handed back), and the thread (`callback-outbox`)
+    that renews this process's rows and takes over the rows due."""
+
+    def __init__(self, sink: Sink, holder: str) -> None:
+        self._sink = sink
+        self._holder = holder
+        self._every_s = sink.callback_lease_s / 4
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def record(self, task_id: str, tenant_id: str, status: str) -> None:
+        self._sink.set_callback_status(task_id, tenant_id, status)
+
+    def hand_back(self, unsent: list[tuple[str, int]]) -> None:
+        self._sink.hand_back_callbacks(self._holder, unsent)
+
+    def start(self, callbacks: Callbacks) -> None:
+        """Sweep for `callbacks` (the ones this process sends) until stop()."""
+        self._thread = threading.Thread(
+            target=self._run, args=(callbacks,), name="callback-outbox", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 0.0) -> None:
+        """No sweep starts after this; waits up to `timeout_s` for one in flight (what
+        it took over is then queued, and handed back by the callbacks' close)."""
+        self._stop.set()
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def _run(self, callbacks: Callbacks) -> None:
+        while not self._stop.wait(self._every_s):
+            try:
+                self.sweep(callbacks)
+            except GannetError as exc:  # PostgreSQL unreachable: the next sweep tries again
+                log.warning(
+                    "could not sweep the callbacks owed", extra={"fields": {"error": str(exc)}}
+                )
+
+    def sweep(self, callbacks: Callbacks) -> int:
+        """Renew the rows of what `callbacks` has pending, then take over up to
+        SWEEP_LIMIT due ones and queue them there; how many were taken."""
+        held = callbacks.held()
+        if held:
+            self._sink.renew_callbacks(self._holder, held)
+        room = SWEEP_LIMIT - len(held)
+        if room <= 0 or self._stop.is_set():
+            return 0
+        taken = self._sink.take_callbacks(self._holder, room)
+        for owed in taken:
+            self._queue(callbacks, owed)
+        if taken:
+            log.info(
+                "callbacks owed by stopped workers taken over",
+                extra={"fields": {"taken": len(taken)}},
+            )
+        return len(taken)
+
+    def _queue(self, callbacks: Callbacks, owed: OwedCallback) -> None:
+        try:
+            task = Task(
+                task_id=owed.task_id,
+                tenant_id=owed.tenant_id,
+                image_url=owed.image_url,
+                pipeline=owed.pipeline,
+                session_id=owed.session_id,
+                image_id=owed.image_id,
+                callback_url=owed.callback_url,
+            )
+        except ValidationError as exc:  # a row no task of this version could have written
+            self.record(owed.task_id, owed.tenant_id, f"failed: not sent, its row: {exc}"[:1000])
+            return
+        callbacks.submit(task, owed.result, owed.result_uri, owed.attempts)
