@@ -248,6 +248,10 @@ def test_a_small_soak_loses_nothing_and_infers_nothing_twice(tmp_path, capsys):
     assert code == 0, out
     assert report["seed"] == 7 and report["valid"] == 180 and report["poison"] == 20
     assert report["lost"] == 0, report["lost_detail"]
+    # Every task has a callback_url: each success's callback arrives, a killed daemon's
+    # too (sent by the next daemon once the dead one's lease ends).
+    assert report["callbacks_missing"] == []
+    assert "successes never called back" in out
     assert report["inferred_more_than_once"] == []
     assert report["inferred_flag_in_logs"], "the daemons' log lines must say when they inferred"
     assert report["succeeded"] == 180

@@ -209,10 +209,13 @@ topic (or --settle-timeout-s passed), it prints and writes (--report) what it fo
 tasks lost, tasks inferred more than once (two inferences that both ended acked),
 re-runs caused by a fault, poison dead-lettered per error_code, poison that left the
 wrong rows or results (each kind its failed row, or none; never a result object; the
-other tenant's row and claim as they were), throughput and the daemons' peak RSS.
+other tenant's row and claim as they were), successes whose callback never reached the
+soak's receiver (every task has one; a killed daemon's are sent by the next one) or
+reached it twice, throughput and the daemons' peak RSS.
 
-Exit status: 0 when nothing was lost, nothing was inferred more than once and every
-poison message got its reason and left what its kind must, 1 otherwise (or when the
+Exit status: 0 when nothing was lost, nothing was inferred more than once, every
+success was called back and every poison message got its reason and left what its kind
+must, 1 otherwise (or when the
 soak itself failed), 2 when a service would not start."""
 
 

@@ -8,7 +8,10 @@ is replaced at once, as Kubernetes would. Once every task has settled, the repor
 what a user would ask: was anything lost, did any task run the model twice to an ack,
 did every poison message reach the dead-letter topic with its reason and leave what its
 kind must and nothing else (its failed row; none for another tenant's task_id, whose
-owner's row and claim stay as they were; never a result), how fast, and how much memory.
+owner's row and claim stay as they were; never a result), did every success's callback
+reach the soak's receiver (a slow one, so that each fault finds callbacks queued and in
+flight: those of a killed daemon are sent by the next after GANNET_CALLBACK_LEASE_S),
+how fast, and how much memory.
 
 The daemons serve a deployment config of the soak's own (`write_deployment`): the demo
 industry for the soak's tenant and for the tenant that owns the task ids its poison
@@ -43,6 +46,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +109,11 @@ PROGRESS_S = 5.0
 QUIET_PROGRESS_S = 30.0  # while nothing moves, a line this often still shows it is alive
 RSS_POLL_S = 0.5
 STOP_TIMEOUT_S = 60.0  # above the Stack's 20 s shutdown grace
+# The receiver answers each callback after this: four threads of one tenant's (a
+# quarter of 16) then send about as fast as the daemon commits, so callbacks queue.
+CALLBACK_ANSWER_S = 0.2
+CALLBACK_LEASE_S = 4.0  # a killed daemon's callbacks are the next one's after this
+CALLBACKS_SETTLE_S = 90.0  # after the tasks settle, for the last callbacks to arrive
 
 
 # -- counting inferences (pure) ---------------------------------------------------------
@@ -240,23 +249,36 @@ def upload_assets(stack: Stack, tenants: Tenants) -> Assets:
 
 
 def build_workload(
-    rng: random.Random, tenants: Tenants, assets: Assets, tasks: int, poison_fraction: float
+    rng: random.Random,
+    tenants: Tenants,
+    assets: Assets,
+    tasks: int,
+    poison_fraction: float,
+    callback_url: str | None = None,
 ) -> list[Message]:
-    """Valid tasks and poison (every kind in turn), shuffled: the publish order."""
+    """Valid tasks and poison (every kind in turn), shuffled: the publish order; each
+    with `callback_url`, where one is given."""
     poison = round(tasks * poison_fraction)
     kinds = list(POISON_KINDS)
     order = [VALID] * (tasks - poison) + [kinds[i % len(kinds)] for i in range(poison)]
     rng.shuffle(order)
     return [
-        _message(kind, f"{tenants.own}-{i:05d}", tenants, assets, rng)
+        _message(kind, f"{tenants.own}-{i:05d}", tenants, assets, rng, callback_url)
         for i, kind in enumerate(order)
     ]
 
 
 def _message(
-    kind: str, task_id: str, tenants: Tenants, assets: Assets, rng: random.Random
+    kind: str,
+    task_id: str,
+    tenants: Tenants,
+    assets: Assets,
+    rng: random.Random,
+    callback_url: str | None = None,
 ) -> Message:
-    task = make_task(tenants.own, rng.choice(assets.scenes), "DETECTION", task_id)
+    task = make_task(
+        tenants.own, rng.choice(assets.scenes), "DETECTION", task_id, callback_url=callback_url
+    )
     body = task.model_dump_json(exclude_none=True)
     if kind == VALID:
         return Message(body.encode(), kind, task_id, tenants.own)
@@ -680,6 +702,48 @@ def _poison_effect(
 # -- the run ----------------------------------------------------------------------------
 
 
+class CallbackReceiver:
+    """Every task's callback_url: an HTTP server on 127.0.0.1 counting the callbacks it
+    receives by task_id, each answered 200 after CALLBACK_ANSWER_S."""
+
+    def __init__(self) -> None:
+        self.received: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                time.sleep(CALLBACK_ANSWER_S)
+                with receiver._lock:
+                    receiver.received[body["task_id"]] += 1
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:  # the soak prints its own lines
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/soak"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
+        )
+        self._thread.start()
+
+    def missing(self, task_ids: Iterable[str]) -> list[str]:
+        with self._lock:
+            return sorted(t for t in task_ids if not self.received[t])
+
+    def twice(self) -> int:
+        with self._lock:
+            return sum(1 for n in self.received.values() if n > 1)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
 class Soak:
     """One soak on one Stack: publish, drive the faults, wait for everything to settle."""
 
@@ -688,9 +752,12 @@ class Soak:
         self.args = args
         self.tenants = Tenants.of(stack.tenant)
         self.deployment = write_deployment(stack.tmp / "deployment.yaml", self.tenants)
+        self.receiver = CallbackReceiver()
         rng = random.Random(args.seed)
         assets = upload_assets(stack, self.tenants)
-        self.messages = build_workload(rng, self.tenants, assets, args.tasks, args.poison)
+        self.messages = build_workload(
+            rng, self.tenants, assets, args.tasks, args.poison, self.receiver.url
+        )
         self.valid = {m.task_id for m in self.messages if m.valid}
         self.poison = {m.task_id for m in self.messages if not m.valid}
         self.faults = plan_faults(rng, len(self.valid), fault_counts(args))
@@ -710,9 +777,30 @@ class Soak:
 
     def start_daemon(self) -> DaemonProcess:
         self.daemon = self.stack.start_daemon(
-            GANNET_RUNNERS=str(self.args.runners), GANNET_CONFIG_URI=str(self.deployment)
+            GANNET_RUNNERS=str(self.args.runners),
+            GANNET_CONFIG_URI=str(self.deployment),
+            GANNET_ALLOW_HTTP_CALLBACKS="true",
+            GANNET_CALLBACK_ALLOW_PRIVATE_ADDRESSES="true",
+            GANNET_CALLBACK_LEASE_S=str(CALLBACK_LEASE_S),
         )
         return self.daemon
+
+    def wait_callbacks(self, succeeded: Iterable[str]) -> list[str]:
+        """Wait up to CALLBACKS_SETTLE_S for a callback of every success (those a killed
+        daemon held come after its lease); the task_ids still without one."""
+        deadline = time.monotonic() + CALLBACKS_SETTLE_S
+        succeeded = list(succeeded)
+        missing = self.receiver.missing(succeeded)
+        while missing and time.monotonic() < deadline:
+            self.replace_if_exited()
+            time.sleep(POLL_S)
+            missing = self.receiver.missing(succeeded)
+        print(
+            f"[{self.elapsed():5.0f}s] callbacks: {len(succeeded) - len(missing)}/"
+            f"{len(succeeded)} successes called back",
+            flush=True,
+        )
+        return missing
 
     def publish_more(self, settled: int) -> None:
         """Keep at most --window published tasks unsettled, as backends that publish as
@@ -873,8 +961,10 @@ def build_report(
     entries: list[dict[str, Any]],
     peak_kib: Mapping[int, int],
     effects: Mapping[str, list[str]],
+    uncalled: list[str] | None = None,
 ) -> dict[str, Any]:
-    """What the run showed, as the JSON report holds it; `ok` decides the exit status."""
+    """What the run showed, as the JSON report holds it; `ok` decides the exit status.
+    `uncalled`: the successes whose callback never reached the receiver."""
     args = soak.args
     inferences = classify_inferences(entries)
     missing = sorted(soak.valid - set(final.succeeded) - final.valid_dead)
@@ -920,6 +1010,8 @@ def build_report(
         "poison_wrong_effects": dict(effects),
         "dead_lettered_more_than_once": sum(1 for c in final.poison_codes.values() if len(c) > 1),
         "foreign_dead_letters": final.foreign_letters,
+        "callbacks_missing": uncalled or [],
+        "callbacks_twice": soak.receiver.twice(),
         "seconds": round(seconds, 1) if seconds else None,
         "valid_per_s": round(len(final.succeeded) / seconds, 2) if seconds else None,
         "peak_rss_mib": round(max(peak_kib.values(), default=0) / 1024, 1),
@@ -931,6 +1023,7 @@ def build_report(
         and not inferences.inferred_more_than_once
         and not report["unexpected_reasons"]
         and not report["poison_wrong_effects"]
+        and not uncalled
     )
     return report
 
@@ -989,6 +1082,8 @@ def _summary(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("valid redelivered (attempt > 1)", str(report["redelivered"])),
         ("poison dead-lettered with a reason", f"{report['poison_dead_lettered']}/{poison}"),
         ("poison kinds with a wrong row or result", str(len(report["poison_wrong_effects"]))),
+        ("successes never called back", str(len(report["callbacks_missing"]))),
+        ("successes called back twice", str(report["callbacks_twice"])),
         ("daemons started", str(report["daemons_started"])),
         ("throughput", f"{rate} valid tasks/s over {report['seconds']} s" if rate else "-"),
         ("peak RSS of a daemon", f"{report['peak_rss_mib']} MiB"),
@@ -1022,6 +1117,8 @@ def _problems(report: dict[str, Any]) -> list[str]:
         problems.append(f"poison run to a success: e.g. {report['poison_succeeded'][:3]}")
     for kind, found in report["poison_wrong_effects"].items():
         problems.append(f"poison {kind} left the wrong rows or results: {found}")
+    if report["callbacks_missing"]:
+        problems.append(f"never called back: e.g. {report['callbacks_missing'][:3]}")
     if report["unexpected_daemon_exits"]:
         problems.append(f"daemons exited on their own: {report['unexpected_daemon_exits']}")
     if not report["settled"]:
@@ -1078,7 +1175,9 @@ def run(args: argparse.Namespace, state: Path) -> dict[str, Any]:
             soak.start_daemon()
             final = soak.drive(letters, sampler)
             done = "settled" if final.settled(soak.valid, soak.poison) else "settle timeout"
-            print(f"[{soak.elapsed():5.0f}s] {done}; stopping the daemon with SIGTERM", flush=True)
+            print(f"[{soak.elapsed():5.0f}s] {done}; waiting for the callbacks", flush=True)
+            uncalled = soak.wait_callbacks(final.succeeded)
+            print(f"[{soak.elapsed():5.0f}s] stopping the daemon with SIGTERM", flush=True)
             soak.stop_daemon(signal.SIGTERM)
             rows = soak.rows()
             final = tally(soak.messages, rows, letters.letters())
@@ -1086,9 +1185,10 @@ def run(args: argparse.Namespace, state: Path) -> dict[str, Any]:
         finally:
             letters.stop()
             sampler.stop()
+            soak.receiver.stop()
             _kill_leftovers(stack.daemons)
         entries = [e for daemon in stack.daemons for e in daemon.log_entries()]
-        report = build_report(soak, final, entries, sampler.peak_kib, effects)
+        report = build_report(soak, final, entries, sampler.peak_kib, effects, uncalled)
         longest = sampler.longest()
         report["rss_growth_mib_per_1000_tasks"] = rss_growth_mib_per_1000(longest)
         report["rss_kib_by_tasks_succeeded"] = longest  # that daemon's samples
