@@ -1040,7 +1040,7 @@ def test_a_callback_whose_sending_raises_is_recorded_as_failed(processor_parts):
     settings, storage, processor, callbacks, metrics = processor_parts
 
     class Raising(CallbackClient):
-        def attempt(self, url: str, body: bytes, number: int, last: str = "") -> Any:
+        def attempt(self, url: str, body: bytes, number: int) -> Any:
             raise RuntimeError("injected")
 
     callbacks.client = Raising(LOCAL)

@@ -286,9 +286,9 @@ class CallbackClient:
         """The wait after attempt `number` failed: backoff_s, doubled per attempt."""
         return self.policy.backoff_s * 2.0 ** (number - 1)
 
-    def attempt(self, url: str, body: bytes, number: int, last: str = "") -> Delivery:
+    def attempt(self, url: str, body: bytes, number: int) -> Delivery:
         """Attempt `number` (from 1); RETRY when another may succeed (the network, a
-        name that did not resolve, 429, 5xx). `last`: the previous attempt's failure."""
+        name that did not resolve, 429, 5xx)."""
         if self._stopped.is_set():
             return _unsent(number - 1)
         try:
@@ -365,7 +365,6 @@ class _Job:
     body: bytes
     context: contextvars.Context  # the task's: with tracing on, each attempt's span joins it
     number: int = 1  # the next attempt's
-    last: str = ""  # the last attempt's failure, when it may be tried again
 
 
 class Callbacks:
@@ -553,7 +552,7 @@ class Callbacks:
             if self._closing:
                 return _unsent(job.number)
             due = time.monotonic() + self.client.backoff_s(job.number)
-            job.number, job.last = job.number + 1, delivery.detail
+            job.number += 1
             heapq.heappush(self._retries, (due, next(self._order), job))
             self._waiting[tenant] += 1
             self._cond.notify_all()
@@ -568,9 +567,7 @@ class Callbacks:
         try:
             # A no-op span unless tracing is on (tracing.py).
             with trace.get_tracer(TRACER).start_as_current_span("callback") as span:
-                delivery = self.client.attempt(
-                    job.task.callback_url, job.body, job.number, job.last
-                )
+                delivery = self.client.attempt(job.task.callback_url, job.body, job.number)
                 span.set_attribute("gannet.callback_status", delivery.status)
                 return delivery
         except Exception as exc:  # a bug in sending: logged, and recorded as failed
