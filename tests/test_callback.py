@@ -31,6 +31,7 @@ from conftest import SAMPLES, SCENES, expected_counts, wait_until
 from pydantic import ValidationError
 
 from gannet import daemon
+from gannet import sink as sink_module
 from gannet.callback import (
     CallbackClient,
     CallbackPolicy,
@@ -42,7 +43,7 @@ from gannet.callback import (
     resolve,
     summary,
 )
-from gannet.callback_outbox import Outbox
+from gannet.callback_outbox import SWEEP_LIMIT, Outbox
 from gannet.dev.publish import make_task, upload_image
 from gannet.dispatch import Dispatcher
 from gannet.metrics import Metrics
@@ -633,6 +634,7 @@ def test_a_tenant_with_nothing_left_to_send_is_forgotten(receiver_factory):
         with callbacks._cond:
             kept = (callbacks._failing, callbacks._busy, callbacks._waiting, callbacks._queues)
             assert not any(kept), kept
+        assert callbacks.held() == [], "none left to renew"
     finally:
         callbacks.close(timeout_s=0.0)
 
@@ -1003,6 +1005,121 @@ def test_two_pods_sweeping_at_once_take_each_callback_once(processor_parts, rece
     )
     for pod in pods:
         pod.close()
+
+
+def test_a_pod_busy_with_its_own_callbacks_still_takes_over_a_dead_pods(
+    processor_parts, receiver_factory
+):
+    """Pod B has a hundred callbacks of its own waiting for a retry (one tenant's
+    receiver down): it renews those, and only those, and still takes over a dead pod's
+    callback once that pod's lease ends. Renewing every row, or taking nothing while
+    busy, left the dead pod's callback waiting as long as the receiver was down."""
+    settings, storage, processor, _, metrics = processor_parts
+    receiver, down = receiver_factory([200]), receiver_factory([503])
+    tenant = f"cb-{uuid.uuid4().hex[:6]}"
+    processor.callbacks = None  # the pod that died
+    task, _ = _run(settings, storage, processor, tenant, receiver.url())
+    other = _other_pod(processor, "pod-b", metrics)
+    other.callbacks.client = CallbackClient(
+        CallbackPolicy(
+            timeout_s=2.0, retries=3, backoff_s=60.0, allow_http=True, allow_private=True
+        )
+    )
+    for i in range(SWEEP_LIMIT):
+        _submit(other.callbacks, "cb-down", f"cb-down-{i}", down.url())
+    wait_until(lambda: len(down.requests) == SWEEP_LIMIT, "each failed once", 30)
+    time.sleep(settings.callback_lease_s)
+    assert other.outbox.sweep(other.callbacks) == 1
+    assert _callback_status(settings, tenant, task.task_id) == "delivered: HTTP 200"
+    other.close()
+
+
+def test_a_take_skips_the_rows_another_pod_is_taking(processor_parts):
+    """While pod A's take is not yet committed, pod B's take passes its rows by, at
+    once, instead of waiting for A and taking them as well (each then sent twice)."""
+    settings, storage, processor, _, _ = processor_parts
+    tenant = f"cb-{uuid.uuid4().hex[:6]}"
+    processor.callbacks = None
+    for _ in range(3):
+        _run(settings, storage, processor, tenant, "http://127.0.0.1:9/never")
+    time.sleep(settings.callback_lease_s)
+    with psycopg.connect(settings.database_url) as pod_a:
+        taken_by_a = pod_a.execute(sink_module._TAKE, ("pod-a", 60.0, 100)).fetchall()
+        assert len(taken_by_a) == 3
+        taken_by_b: list[Any] = []
+        b = threading.Thread(
+            target=lambda: taken_by_b.extend(processor.sink.take_callbacks("pod-b", 100))
+        )
+        b.start()
+        b.join(5)
+        assert not b.is_alive(), "pod B waited for pod A's take"
+        pod_a.commit()
+    assert taken_by_b == []
+
+
+def test_a_callback_recorded_elsewhere_is_not_taken_over(processor_parts, receiver_factory):
+    """An owed row whose callback already has its outcome on the task's row (recorded
+    by a daemon before schema 8, or the row's delete lost): taken over by no one and
+    deleted, not sent again."""
+    settings, storage, processor, _, metrics = processor_parts
+    receiver = receiver_factory([200])
+    tenant = f"cb-{uuid.uuid4().hex[:6]}"
+    processor.callbacks = None
+    task, _ = _run(settings, storage, processor, tenant, receiver.url())
+    with psycopg.connect(settings.database_url) as conn:
+        conn.execute("SELECT set_config('app.current_tenant', %s, true)", (tenant,))
+        conn.execute(
+            "UPDATE task_results SET callback_status = 'delivered: HTTP 200' WHERE task_id = %s",
+            (task.task_id,),
+        )
+    time.sleep(settings.callback_lease_s)
+    other = _other_pod(processor, "pod-b", metrics)
+    assert other.sweep() == 0
+    assert _owed(settings, task.task_id) is None
+    assert receiver.requests == []
+    other.close()
+
+
+def test_a_pod_hands_back_only_what_it_holds(processor_parts):
+    """A stopping pod whose lease on a callback ended, and which another pod took over,
+    does not make it due again under the pod now sending it."""
+    settings, storage, processor, _, _ = processor_parts
+    tenant = f"cb-{uuid.uuid4().hex[:6]}"
+    processor.callbacks = None
+    task, _ = _run(settings, storage, processor, tenant, "http://127.0.0.1:9/never")
+    time.sleep(settings.callback_lease_s)
+    assert len(processor.sink.take_callbacks("pod-b", 100)) == 1
+    processor.sink.hand_back_callbacks(processor.holder, [(task.task_id, 3)])
+    assert _owed(settings, task.task_id) == ("pod-b", 0, False)
+
+
+def test_a_callback_pending_here_is_not_queued_twice(receiver_factory):
+    """A sweep that takes over a callback this process still has pending (its renewal
+    came late) does not send it a second time from here."""
+    receiver = receiver_factory([200])
+    receiver.on_request = lambda: time.sleep(0.3)
+    statuses, record = _recorded()
+    callbacks = Callbacks(CallbackClient(LOCAL), record, Metrics(), workers=2)
+    try:
+        _submit(callbacks, "tenant-a", "a0", receiver.url())
+        _submit(callbacks, "tenant-a", "a0", receiver.url())
+        wait_until(lambda: callbacks.pending() == 0, "nothing pending")
+        assert "a0" in statuses
+    finally:
+        callbacks.close(timeout_s=0.0)
+    assert len(receiver.requests) == 1
+
+
+def test_a_callback_submitted_after_the_close_is_handed_back_at_once():
+    """A commit of a runner abandoned at shutdown, or a sweep cut off, that comes after
+    the callbacks closed: handed back at once, not recorded as failed, nor kept in a
+    list that no one hands back."""
+    statuses, record = _recorded()
+    callbacks = Callbacks(CallbackClient(LOCAL), record, Metrics(), workers=1)
+    callbacks.close(timeout_s=0.0)
+    _submit(callbacks, "tenant-a", "a0", "http://127.0.0.1:9/never")
+    assert statuses == {}
+    assert record.handed == [("a0", 0)]
 
 
 def test_a_callback_taken_over_counts_the_attempts_made_before(receiver_factory):

@@ -411,6 +411,7 @@ class Callbacks:
         self._held: set[str] = set()  # task_ids of the pending ones
         self._unsent: list[tuple[str, int]] = []  # left by the stop: (task_id, attempts)
         self._closing = False  # waiting callbacks are left unsent, none is tried
+        self._closed = False  # what is left unsent now is handed back at once
 
     def submit(
         self, task: Task, result: dict[str, Any], result_uri: str, attempts: int = 0
@@ -578,7 +579,11 @@ class Callbacks:
         if delivery.unsent:  # no outcome: handed back once the threads are done (close)
             self._metrics.callbacks.labels("unsent").inc()
             with self._cond:
-                self._unsent.append((task.task_id, delivery.attempts))
+                closed = self._closed
+                if not closed:
+                    self._unsent.append((task.task_id, delivery.attempts))
+            if closed:  # a commit or a sweep that came after the close
+                self._hand_back([(task.task_id, delivery.attempts)])
             return
         self._metrics.callbacks.labels(delivery.status).inc()
         if log_it:
@@ -621,9 +626,11 @@ class Callbacks:
         for thread in list(self._threads):
             thread.join()
         with self._cond:
-            unsent, self._unsent = self._unsent, []
-        if not unsent:
-            return
+            unsent, self._unsent, self._closed = self._unsent, [], True
+        if unsent:
+            self._hand_back(unsent)
+
+    def _hand_back(self, unsent: list[tuple[str, int]]) -> None:
         try:
             self._owed.hand_back(unsent)
         except GannetError as exc:

@@ -419,7 +419,9 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 # What the daemon's role may do when it is not the tables' owner: rows read, added and
 # updated, under row-level security. An owner can turn that security off (ALTER TABLE
-# ... DISABLE ROW LEVEL SECURITY) and delete rows; this role can do neither. A
+# ... DISABLE ROW LEVEL SECURITY) and delete rows; this role can do neither, but for
+# callback_outbox's rows (no tenant's data: ids, times, a count; no row-level
+# security, since every pod takes over every tenant's), deleted with their outcome. A
 # migration that adds a table the daemon uses adds it here. `migrate` grants these;
 # the daemon checks them at start (`Sink.role`).
 _WORKER_RIGHTS: dict[str, tuple[str, ...]] = {

@@ -1,6 +1,6 @@
 """`gannet db purge`: delete a tenant's old rows, each with its claim.
 
-The daemon deletes no row, so task_results and task_claims grow with every task while
+The daemon deletes no row of them, so task_results and task_claims grow with every task while
 the buckets' lifecycle rules delete images and result objects. Row-level security shows
 a role one tenant's rows at a time (the policies are forced, on the tables' owner too),
 so the operator names the tenants; each is purged in batches of its own short
