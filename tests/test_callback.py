@@ -235,6 +235,36 @@ def test_the_connection_goes_to_the_checked_address_never_to_a_second_lookup(
     assert receiver.requests[0]["host"] == f"rebinding.invalid:{receiver.port}"
 
 
+def test_a_host_that_does_not_resolve_in_time_is_retried_not_waited_for(monkeypatch):
+    """A DNS server that drops queries: the lookup is given up at the attempt's timeout
+    and the attempt retried, instead of the callback's thread (and the pod's stop)
+    waiting for the resolver's own timeouts. Mocked: the C resolver reads only
+    /etc/resolv.conf, so a test cannot point it at a silent DNS server; getaddrinfo is
+    replaced, for that one name, by one that does not answer."""
+    release = threading.Event()
+    real = socket.getaddrinfo
+
+    def silent(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host == "silent.example":
+            release.wait(30)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", silent)
+    policy = CallbackPolicy(
+        timeout_s=0.5, retries=1, backoff_s=0.01, allow_http=True, allow_private=True
+    )
+    started = time.monotonic()
+    try:
+        status = deliver(policy, "http://silent.example/hook")
+    finally:
+        release.set()
+    assert status == (
+        "failed: resolving callback host 'silent.example' took over 0.5 s after 2 attempts"
+    )
+    assert time.monotonic() - started < 3
+
+
 def test_a_redirect_is_neither_followed_nor_retried(receiver_factory):
     """A 3xx could point the worker at the metadata server or a private address the
     first check passed over: it is the receiver's final answer, recorded as failed."""

@@ -104,6 +104,36 @@ def blocked_reason(address: str) -> str | None:
     return None
 
 
+def _lookup(host: str, port: int, timeout_s: float) -> list[tuple[Any, ...]]:
+    """getaddrinfo, given up after `timeout_s` (TransientError: the attempt is retried).
+    The C resolver takes no deadline: where the DNS server drops queries, its own
+    timeouts and retries, times each search domain a pod's resolv.conf makes it try
+    (ndots:5 in Kubernetes), held the callback's thread, and the pod's shutdown, for as
+    long. The lookup runs on a thread of its own (a daemon thread: one still waiting does
+    not hold the process's exit), left to end on its own once given up."""
+    answer: list[tuple[Any, ...]] = []
+    failure: list[OSError | UnicodeError] = []
+    done = threading.Event()
+
+    def look() -> None:
+        try:
+            answer.extend(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except (OSError, UnicodeError) as exc:  # raised on the caller's thread below
+            failure.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=look, name="callback-dns", daemon=True).start()
+    if not done.wait(timeout_s):
+        raise TransientError(
+            ErrorCode.DEPENDENCY_UNAVAILABLE,
+            f"resolving callback host {host!r} took over {timeout_s:g} s",
+        )
+    if failure:
+        raise failure[0]
+    return answer
+
+
 @dataclass(frozen=True)
 class Target:
     scheme: str
@@ -138,7 +168,7 @@ def resolve(url: str, policy: CallbackPolicy) -> Target:
     except ValueError as exc:
         raise _refuse(f"callback URL has a bad port: {exc}") from exc
     try:
-        answers = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        answers = _lookup(host, port, policy.timeout_s)
     except UnicodeError as exc:  # the name cannot be IDNA-encoded: it will never resolve
         raise _refuse(f"callback host {host!r} is not a valid host name ({exc})") from exc
     except socket.gaierror as exc:
@@ -612,7 +642,7 @@ class Callbacks:
         whole grace); those due before it are made. Whatever is left unsent is handed
         back, owed, with the attempts made, for another pod to send (an attempt cut
         short that was its last is recorded as failed). Only a host name still
-        resolving can hold it longer (the resolver's own timeouts bound that)."""
+        resolving can hold it longer, up to the attempt's timeout (`_lookup`)."""
         deadline = time.monotonic() + timeout_s
 
         def only_late_retries() -> bool:

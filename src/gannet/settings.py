@@ -325,7 +325,8 @@ class Settings(BaseSettings):
         5.0,
         gt=0,
         description="Timeout of each attempt of a result callback: connecting, sending "
-        "and the answer's status and headers together (the body is not read).",
+        "and the answer's status and headers together (the body is not read); the host's "
+        "DNS lookup before it has as long again.",
     )
     callback_retries: int = Field(
         6,
