@@ -670,10 +670,10 @@ def test_a_tenant_with_nothing_left_to_send_is_forgotten(receiver_factory):
 
 
 def test_a_shutdown_does_not_wait_for_a_callbacks_retry(receiver_factory):
-    """A callback whose retry is due after the shutdown's time (its receiver down) is
-    handed back at once, with its attempt counted, for another pod to retry: waiting
-    for it would hold every pod's shutdown for its whole grace while one tenant's
-    receiver is down. One due within it is made."""
+    """A callback waiting for its retry (its receiver down) is handed back at once at
+    shutdown, with its attempt counted, for another pod to retry: waiting for the
+    retries due within the grace held every pod's shutdown for them (25 s in a review)
+    and spent most of a callback's attempts on a receiver down for a minute."""
     down = receiver_factory([503])
     policy = CallbackPolicy(
         timeout_s=1.0, retries=3, backoff_s=30.0, allow_http=True, allow_private=True
@@ -689,61 +689,89 @@ def test_a_shutdown_does_not_wait_for_a_callbacks_retry(receiver_factory):
     assert record.handed == [("a0", 1)]
     assert callbacks.pending() == 0
 
-    # A retry due within the shutdown's time is made (here 0.3 s after the first 503).
-    flaky = receiver_factory([503, 200])
+    # One due within the shutdown's time is not waited for either.
     soon = CallbackPolicy(
-        timeout_s=1.0, retries=3, backoff_s=0.3, allow_http=True, allow_private=True
+        timeout_s=1.0, retries=3, backoff_s=0.5, allow_http=True, allow_private=True
     )
     callbacks = Callbacks(CallbackClient(soon), record, Metrics(), workers=2)
-    _submit(callbacks, "tenant-a", "a1", flaky.url())
-    wait_until(lambda: len(flaky.requests) == 1, "the first attempt made")
+    _submit(callbacks, "tenant-a", "a1", down.url())
+    wait_until(lambda: len(down.requests) == 2, "the first attempt made")
+    started = time.monotonic()
     callbacks.close(timeout_s=10.0)
-    assert statuses["a1"][1] == "delivered: HTTP 200"
+    assert time.monotonic() - started < 0.4
+    assert record.handed[1:] == [("a1", 1)]
 
 
-def test_a_tenants_callbacks_past_its_queue_bound_are_recorded_failed_at_once():
+def test_a_second_stop_signal_ends_the_wait_for_queued_callbacks():
+    """Callbacks queued behind a receiver that hangs are waited for within the grace,
+    but not once the operator asks again (the daemon's second SIGTERM): they are handed
+    back at once."""
+    hanging = Hanging()
+    policy = CallbackPolicy(timeout_s=5.0, retries=0, allow_http=True, allow_private=True)
+    record = _recorded()[1]
+    callbacks = Callbacks(CallbackClient(policy), record, Metrics(), workers=1)
+    abort = threading.Event()
+    try:
+        for i in range(3):
+            _submit(callbacks, "tenant-a", f"a{i}", hanging.url())
+        wait_until(lambda: len(hanging.conns) == 1, "the first callback in flight")
+        threading.Timer(0.3, abort.set).start()
+        started = time.monotonic()
+        callbacks.close(timeout_s=20.0, abort=abort)
+        assert time.monotonic() - started < 1.5
+    finally:
+        hanging.close()
+    assert sorted(record.handed) == [("a1", 0), ("a2", 0)]
+
+
+def test_a_tenants_callbacks_past_its_queue_bound_stay_owed():
     """A tenant's queue is bounded: a dead receiver cannot make the pod hold an ever
-    longer backlog of callbacks in memory (that the next shutdown would drop anyway)."""
+    longer backlog of callbacks in memory. One past the bound gets no outcome (it was
+    recorded as failed before): it stays owed, for a sweep to take once its lease ends,
+    when the receiver may be back."""
     hanging = Hanging()
     policy = CallbackPolicy(timeout_s=5.0, retries=0, allow_http=True, allow_private=True)
     statuses, record = _recorded()
-    callbacks = Callbacks(CallbackClient(policy), record, Metrics(), workers=2, queue_per_tenant=3)
+    metrics = Metrics()
+    callbacks = Callbacks(CallbackClient(policy), record, metrics, workers=2, queue_per_tenant=3)
     try:
-        for i in range(5):  # 1 in flight (half of 2 threads), 3 queued, the fifth refused
+        for i in range(5):  # 1 in flight (half of 2 threads), 3 queued, the fifth deferred
             _submit(callbacks, "tenant-a", f"a{i}", hanging.url())
             if i == 0:
                 wait_until(lambda: len(hanging.conns) == 1, "the first callback in flight")
-        assert set(statuses) == {"a4"}
-        assert statuses["a4"][1] == (
-            "failed: not sent: 3 callbacks of this tenant already waiting "
-            "(its receiver is slow or down)"
+        assert statuses == {}
+        assert sorted(callbacks.held()) == ["a0", "a1", "a2", "a3"], "a4 is not this one's"
+        assert (
+            metrics.registry.get_sample_value("gannet_callbacks_total", {"result": "deferred"}) == 1
         )
     finally:
         callbacks.close(timeout_s=0.0)
         hanging.close()
     assert ("a3", 0) in record.handed, "queued, not tried: handed back"
+    assert "a4" not in dict(record.handed)
 
 
 def test_a_full_queues_refusals_are_said_once_not_once_per_task(caplog):
-    """A tenant whose receiver is down, with tasks flowing: every callback its full
-    queue refuses is on its row, but the log says so once (with the count), not a
-    warning per task, which at a pod's task rate buries its other lines."""
+    """A tenant whose receiver is down, with tasks flowing: the log says that its full
+    queue deferred callbacks once (with the count), not a warning per task, which at a
+    pod's task rate buries its other lines."""
     hanging = Hanging()
     policy = CallbackPolicy(timeout_s=5.0, retries=0, allow_http=True, allow_private=True)
     statuses, record = _recorded()
     callbacks = Callbacks(CallbackClient(policy), record, Metrics(), workers=2, queue_per_tenant=1)
     try:
         with caplog.at_level(logging.WARNING, logger="gannet.callback"):
-            for i in range(12):  # 1 in flight, 1 queued, 10 refused
+            for i in range(12):  # 1 in flight, 1 queued, 10 deferred
                 _submit(callbacks, "tenant-a", f"a{i}", hanging.url())
                 if i == 0:
                     wait_until(lambda: len(hanging.conns) == 1, "the first callback in flight")
-        assert sorted(statuses) == sorted(f"a{i}" for i in range(2, 12))
-        assert all(status.startswith("failed: not sent") for _, status in statuses.values())
         said = [r for r in caplog.records if r.name == "gannet.callback"]
         assert [r.getMessage() for r in said] == [
-            "callbacks not sent: this tenant's queue is full (its receiver is slow or down)"
+            "callbacks deferred: this tenant's queue is full (its receiver is slow or down); "
+            "they stay owed and are taken again after GANNET_CALLBACK_LEASE_S"
         ]
+        assert said[0].fields["deferred"] == 1  # the first said at once, the rest counted
+        assert statuses == {}, "deferred: no outcome on their rows"
     finally:
         callbacks.close(timeout_s=0.0)
         hanging.close()
@@ -1121,6 +1149,58 @@ def test_a_pod_hands_back_only_what_it_holds(processor_parts):
     assert len(processor.sink.take_callbacks("pod-b", 100)) == 1
     processor.sink.hand_back_callbacks(processor.holder, [(task.task_id, 3)])
     assert _owed(settings, task.task_id) == ("pod-b", 0, False)
+
+
+def test_no_attempt_starts_once_the_lease_may_have_run_out(receiver_factory):
+    """A worker whose last renewal is older than its lease allows (it was frozen, or
+    could not reach PostgreSQL) starts no attempt until it renews: then it sends what
+    is still its own and drops what another worker took over meanwhile."""
+    receiver = receiver_factory([200])
+    statuses, record = _recorded()
+    callbacks = Callbacks(CallbackClient(LOCAL), record, Metrics(), workers=2)
+    try:
+        callbacks.renewed((), time.monotonic() - 1.0)  # the lease may have run out
+        for i in range(3):
+            _submit(callbacks, f"tenant-{i}", f"a{i}", receiver.url())
+        time.sleep(0.5)
+        assert receiver.requests == [] and statuses == {}
+        callbacks.renewed({"a1"}, time.monotonic() + 60.0)  # a1 was taken over
+        wait_until(lambda: callbacks.pending() == 0, "the others sent")
+        assert sorted(statuses) == ["a0", "a2"]
+        assert sorted(r["body"]["task_id"] for r in receiver.requests) == ["a0", "a2"]
+        assert callbacks.held() == []
+    finally:
+        callbacks.close(timeout_s=0.0)
+
+
+def test_a_pod_whose_lease_ran_out_does_not_send_what_another_took_over(
+    processor_parts, receiver_factory
+):
+    """Pod A's callback waits for its retry; A stops renewing (frozen) past its lease,
+    and pod B takes the callback over and delivers it. When A renews again it learns
+    the callback is not its own any more and drops it, instead of retrying it too (a
+    review's 25 s freeze sent 157 of 160 callbacks twice)."""
+    settings, storage, processor, callbacks, metrics = processor_parts
+    receiver = receiver_factory([503, 200])
+    callbacks.client = CallbackClient(
+        CallbackPolicy(
+            timeout_s=2.0, retries=3, backoff_s=30.0, allow_http=True, allow_private=True
+        )
+    )
+    mine = Outbox(processor.sink, processor.holder)
+    mine.sweep(callbacks)
+    tenant = f"cb-{uuid.uuid4().hex[:6]}"
+    task, _ = _run(settings, storage, processor, tenant, receiver.url())
+    wait_until(lambda: len(receiver.requests) == 1, "A's first attempt failed")
+    time.sleep(settings.callback_lease_s)  # A frozen: no renewal
+    other = _other_pod(processor, "pod-b", metrics)
+    assert other.sweep() == 1
+    assert _callback_status(settings, tenant, task.task_id) == "delivered: HTTP 200"
+    assert callbacks.pending() == 1  # A still waits to retry it
+    mine.sweep(callbacks)
+    assert callbacks.pending() == 0 and callbacks.held() == []
+    assert len(receiver.requests) == 2
+    other.close()
 
 
 def test_a_callback_pending_here_is_not_queued_twice(receiver_factory):

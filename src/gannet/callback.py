@@ -34,6 +34,7 @@ import threading
 import time
 import urllib.parse
 from collections import Counter, deque
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -406,11 +407,15 @@ class Callbacks:
     receiver held every thread and every tenant's callbacks waited behind its, and with
     half the threads each, two tenants' did. A retry waits for its time without a thread
     (a receiver restarting for a minute is still reached), and a tenant's callbacks
-    waiting, queued or for a retry, are bounded (QUEUE_PER_TENANT): past that one is
-    recorded as failed at once, instead of memory growing with the backlog.
+    waiting, queued or for a retry, are bounded (QUEUE_PER_TENANT): past that one is left
+    owed, for a later sweep to take (callback_outbox.py), instead of memory growing with
+    the backlog.
 
     One a stop leaves unsent (queued, in flight, or waiting for a retry) has no outcome:
-    it is handed back, owed, for another pod to send (`Owed.hand_back`).
+    it is handed back, owed, for another pod to send (`Owed.hand_back`). No attempt
+    starts once this worker's lease on its callbacks may have run out (`renewed`): a
+    worker frozen, or cut off from PostgreSQL, past the lease, would otherwise send again
+    all that another worker has taken over meanwhile.
     """
 
     def __init__(
@@ -442,6 +447,7 @@ class Callbacks:
         self._unsent: list[tuple[str, int]] = []  # left by the stop: (task_id, attempts)
         self._closing = False  # waiting callbacks are left unsent, none is tried
         self._closed = False  # what is left unsent now is handed back at once
+        self._sendable_until = math.inf  # monotonic: the lease's end, as last renewed
 
     def submit(
         self, task: Task, result: dict[str, Any], result_uri: str, attempts: int = 0
@@ -468,17 +474,15 @@ class Callbacks:
         if self._closing:
             self._save(task, _unsent(attempts))
             return
-        reason = (
-            f"not sent: {self._queue_limit} callbacks of this tenant already waiting "
-            "(its receiver is slow or down)"
-        )
-        self._save(task, Delivery("failed", reason, 0), log_it=False)
+        # Left owed, not held: its row comes due when its lease ends, and a sweep (this
+        # worker's or another's) takes it again.
+        self._metrics.callbacks.labels("deferred").inc()
         self._say_not_sent(task.tenant_id)
 
     def _say_not_sent(self, tenant: str) -> None:
-        """One warning a minute per tenant for the callbacks its full queue refused, with
-        their count (each is on its row and in gannet_callbacks_total): a tenant whose
-        receiver is down, with tasks flowing, would otherwise write one per task."""
+        """One warning a minute per tenant for the callbacks its full queue deferred,
+        with their count (also in gannet_callbacks_total): a tenant whose receiver is
+        down, with tasks flowing, would otherwise write one per task."""
         now = time.monotonic()
         with self._cond:
             self._not_sent[tenant] += 1
@@ -487,8 +491,9 @@ class Callbacks:
             self._not_sent_said[tenant] = now
             count = self._not_sent.pop(tenant)
         log.warning(
-            "callbacks not sent: this tenant's queue is full (its receiver is slow or down)",
-            extra={"tenant_id": tenant, "fields": {"not_sent": count, "queued": self._queue_limit}},
+            "callbacks deferred: this tenant's queue is full (its receiver is slow or down); "
+            "they stay owed and are taken again after GANNET_CALLBACK_LEASE_S",
+            extra={"tenant_id": tenant, "fields": {"deferred": count, "queued": self._queue_limit}},
         )
 
     def pending(self) -> int:
@@ -500,6 +505,42 @@ class Callbacks:
         with self._cond:
             return list(self._held)
 
+    def renewed(self, lost: Collection[str], until: float) -> None:
+        """After this worker renewed its lease on its callbacks: attempts may start until
+        `until` (monotonic) without another renewal; those in `lost` (not its own any
+        more: another worker took them over once its lease ran out) are dropped, unless
+        already in flight."""
+        with self._cond:
+            self._sendable_until = until
+            dropped: list[_Job] = []
+            if lost:
+                for tenant, queue in list(self._queues.items()):
+                    dropped += [job for job in queue if job.task.task_id in lost]
+                    kept = deque(job for job in queue if job.task.task_id not in lost)
+                    if kept:
+                        self._queues[tenant] = kept
+                    else:
+                        del self._queues[tenant]
+                dropped += [job for _, _, job in self._retries if job.task.task_id in lost]
+                self._retries = [r for r in self._retries if r[2].task.task_id not in lost]
+                heapq.heapify(self._retries)
+            for job in dropped:
+                tenant = job.task.tenant_id
+                self._held.discard(job.task.task_id)
+                self._pending -= 1
+                self._waiting[tenant] -= 1
+                if not self._waiting[tenant]:
+                    del self._waiting[tenant]
+                    if tenant not in self._busy:
+                        self._forget(tenant)
+            self._cond.notify_all()
+        if dropped:
+            log.warning(
+                "callbacks another worker took over dropped here: this worker's lease on "
+                "them ran out (it was frozen, or could not reach PostgreSQL)",
+                extra={"fields": {"dropped": len(dropped)}},
+            )
+
     def _start_thread(self) -> None:
         thread = threading.Thread(
             target=self._work, name=f"callback-{len(self._threads)}", daemon=True
@@ -509,8 +550,12 @@ class Callbacks:
 
     def _next(self) -> _Job | None:
         """The first tenant in turn with a thread to spare; it goes to the back. Retries
-        whose time has come (all of them once closing) go first in their tenant's queue."""
+        whose time has come (all of them once closing) go first in their tenant's queue.
+        None while this worker's lease may have run out, until it is renewed (or, once
+        closing, every job is handed out, to be handed back)."""
         now = time.monotonic()
+        if not self._closing and now >= self._sendable_until:
+            return None
         while self._retries and (self._closing or self._retries[0][0] <= now):
             job = heapq.heappop(self._retries)[2]
             self._queues.setdefault(job.task.tenant_id, deque()).appendleft(job)
@@ -532,8 +577,10 @@ class Callbacks:
                 while job is None:
                     if self._closing and not self._queues and not self._retries:
                         return
-                    due = self._retries[0][0] - time.monotonic() if self._retries else None
-                    self._cond.wait(None if due is None else max(due, 0.0))
+                    now = time.monotonic()
+                    stale = not self._closing and now >= self._sendable_until
+                    due = self._retries[0][0] - now if self._retries and not stale else None
+                    self._cond.wait(None if due is None else max(due, 0.0))  # stale: renewed()
                     job = self._next()
             final: Delivery | None = None
             try:
@@ -635,21 +682,22 @@ class Callbacks:
                 extra={"task_id": task.task_id, "fields": {"error": str(exc)}},
             )
 
-    def close(self, timeout_s: float = 10.0) -> None:
-        """Let queued callbacks finish for up to timeout_s; then the ones in flight are
-        cut short and the ones still queued are not sent. Retries due after that are not
-        waited for (a receiver down for a minute would have held every shutdown for its
-        whole grace); those due before it are made. Whatever is left unsent is handed
-        back, owed, with the attempts made, for another pod to send (an attempt cut
-        short that was its last is recorded as failed). Only a host name still
+    def close(self, timeout_s: float = 10.0, abort: threading.Event | None = None) -> None:
+        """Let queued callbacks finish for up to timeout_s (or until `abort` is set);
+        then the ones in flight are cut short and the ones still queued are not sent.
+        Retries are not waited for: a receiver down held every shutdown for the retries
+        due within its grace (25 s in a review), and spent six of a callback's seven
+        attempts on a receiver that is down for a minute. Whatever is left unsent is
+        handed back, owed, with the attempts made, for another pod to send (an attempt
+        cut short that was its last is recorded as failed). Only a host name still
         resolving can hold it longer, up to the attempt's timeout (`_lookup`)."""
         deadline = time.monotonic() + timeout_s
-
-        def only_late_retries() -> bool:
-            return self._pending == sum(due > deadline for due, _, _ in self._retries)
-
         with self._cond:
-            self._cond.wait_for(only_late_retries, timeout_s)
+            while self._pending > len(self._retries) and not (abort and abort.is_set()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 0.2) if abort else left)
             self._closing = True
             self._cond.notify_all()
         self.client.stop()

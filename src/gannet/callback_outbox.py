@@ -8,14 +8,18 @@ a slow receiver, or for a retry), the process renews their rows every quarter of
 once. One whose process died (killed, its node lost, frozen past the lease) comes due
 when its lease ends. Every process takes due rows over at each sweep (FOR UPDATE SKIP
 LOCKED: two never take one) and sends them as its own, counting the attempts made
-before. A callback may so come twice (its pod froze past the lease, or died after the
-receiver answered and before the outcome was written): receivers dedupe on task_id.
+before. A process that could not renew for three quarters of the lease (frozen, or cut
+off from PostgreSQL) starts no attempt until a renewal tells it which rows are still its
+own; those another took over meanwhile it drops. A callback may still come twice (an
+attempt in flight when its pod froze or died, or whose outcome could not be written):
+receivers dedupe on task_id.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from pydantic import ValidationError
 
@@ -53,6 +57,7 @@ class Outbox:
 
     def start(self, callbacks: Callbacks) -> None:
         """Sweep for `callbacks` (the ones this process sends) until stop()."""
+        callbacks.renewed((), self._sendable_until(time.monotonic()))
         self._thread = threading.Thread(
             target=self._run, args=(callbacks,), name="callback-outbox", daemon=True
         )
@@ -79,9 +84,10 @@ class Outbox:
     def sweep(self, callbacks: Callbacks) -> int:
         """Renew the rows of what `callbacks` has pending, then take over up to
         SWEEP_LIMIT due ones and queue them there; how many were taken."""
+        started = time.monotonic()
         held = callbacks.held()
-        if held:
-            self._sink.renew_callbacks(self._holder, held)
+        owned = self._sink.renew_callbacks(self._holder, held) if held else set()
+        callbacks.renewed(set(held) - owned, self._sendable_until(started))
         if self._stop.is_set():
             return 0
         taken = self._sink.take_callbacks(self._holder, SWEEP_LIMIT)
@@ -93,6 +99,12 @@ class Outbox:
                 extra={"fields": {"taken": len(taken)}},
             )
         return len(taken)
+
+    def _sendable_until(self, renewed_at: float) -> float:
+        """Until when a renewal made at `renewed_at` (monotonic) lets attempts start: a
+        quarter of the lease short of its end, a margin for the clocks and the renewal's
+        own round trip."""
+        return renewed_at + self._sink.callback_lease_s * 3 / 4
 
     def _queue(self, callbacks: Callbacks, owed: OwedCallback) -> None:
         try:

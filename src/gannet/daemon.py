@@ -731,7 +731,7 @@ class Daemon:
         # A sweep in flight queues what it took before the callbacks close and hand it
         # back; one cut off here leaves it to another pod after the lease.
         parts.outbox.stop(timeout_s=0.0 if forced else budget.left(cap=2.0))
-        parts.callbacks.close(timeout_s=0.0 if forced else budget.left())
+        parts.callbacks.close(timeout_s=0.0 if forced else budget.left(), abort=self.stop_now)
         parts.close(timeout_s=0.0 if forced else budget.left())
         log.info("gannet stopped", extra={"fields": {"forced": forced}})
 

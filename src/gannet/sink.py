@@ -497,7 +497,7 @@ _PAID = "DELETE FROM callback_outbox WHERE task_id = %s AND tenant_id = %s"
 _PAID_ALL = "DELETE FROM callback_outbox WHERE task_id = ANY(%s)"
 _RENEW = (
     "UPDATE callback_outbox SET due_at = now() + make_interval(secs => %s)"
-    " WHERE holder = %s AND task_id = ANY(%s)"
+    " WHERE holder = %s AND task_id = ANY(%s) RETURNING task_id"
 )
 _HAND_BACK = """
 UPDATE callback_outbox o SET holder = NULL, due_at = now(), attempts = h.attempts
@@ -783,9 +783,12 @@ class Sink:
             )
             cur.execute(_PAID, (task_id, tenant_id))
 
-    def renew_callbacks(self, holder: str, task_ids: list[str]) -> None:
-        """The callbacks `holder` still has waiting stay its own for another lease."""
-        self._statement(_RENEW, (self.callback_lease_s, holder, task_ids))
+    def renew_callbacks(self, holder: str, task_ids: list[str]) -> set[str]:
+        """The callbacks `holder` still has waiting stay its own for another lease;
+        those of `task_ids` it still held (the others another worker took over, or have
+        their outcome)."""
+        rows = self._statement(_RENEW, (self.callback_lease_s, holder, task_ids))
+        return {str(row[0]) for row in rows}
 
     def hand_back_callbacks(self, holder: str, owed: list[tuple[str, int]]) -> None:
         """Callbacks `holder` will not send (it is stopping), with the attempts made:
