@@ -255,7 +255,7 @@ def test_a_pooled_connection_keeps_no_tenant_after_any_operation(services):
         assert left_behind() == ("", 0, 0)
         assert not store.start(f"{a}-1", a, "pod-a", 60).claimed  # the success is read
         assert left_behind() == ("", 0, 0)
-        store.set_callback_status(f"{a}-1", a, "delivered: HTTP 200")
+        store.set_callback_status(f"{a}-1", a, "delivered: HTTP 200", "pod-a")
         assert store.save(result(a, f"{a}-2", status="failed", error_code="bad_json"))
         assert left_behind() == ("", 0, 0)
         with pytest.raises(PermanentError):  # b's task of a's id: refused midway

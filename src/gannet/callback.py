@@ -105,6 +105,12 @@ def blocked_reason(address: str) -> str | None:
     return None
 
 
+# Lookups given up on keep their threads until the resolver answers: at most this many
+# at once (a DNS outage made a thread per attempt, hundreds in seconds in a review).
+LOOKUPS_AT_ONCE = 32
+_LOOKUPS = threading.BoundedSemaphore(LOOKUPS_AT_ONCE)
+
+
 def _lookup(host: str, port: int, timeout_s: float) -> list[tuple[Any, ...]]:
     """getaddrinfo, given up after `timeout_s` (TransientError: the attempt is retried).
     The C resolver takes no deadline: where the DNS server drops queries, its own
@@ -112,6 +118,11 @@ def _lookup(host: str, port: int, timeout_s: float) -> list[tuple[Any, ...]]:
     (ndots:5 in Kubernetes), held the callback's thread, and the pod's shutdown, for as
     long. The lookup runs on a thread of its own (a daemon thread: one still waiting does
     not hold the process's exit), left to end on its own once given up."""
+    if not _LOOKUPS.acquire(blocking=False):
+        raise TransientError(
+            ErrorCode.DEPENDENCY_UNAVAILABLE,
+            f"{LOOKUPS_AT_ONCE} lookups of callback hosts still wait for the resolver",
+        )
     answer: list[tuple[Any, ...]] = []
     failure: list[OSError | UnicodeError] = []
     done = threading.Event()
@@ -122,6 +133,7 @@ def _lookup(host: str, port: int, timeout_s: float) -> list[tuple[Any, ...]]:
         except (OSError, UnicodeError) as exc:  # raised on the caller's thread below
             failure.append(exc)
         finally:
+            _LOOKUPS.release()
             done.set()
 
     threading.Thread(target=look, name="callback-dns", daemon=True).start()
@@ -244,6 +256,7 @@ class _PinnedHTTPSConnection(_Pinned, http.client.HTTPSConnection):
 
 
 RETRY = "retry"  # an attempt's outcome that a later attempt may change; never recorded
+DROPPED = "dropped"  # another worker took the callback over: its outcome, not ours
 
 
 @dataclass(frozen=True)
@@ -328,6 +341,8 @@ class CallbackClient:
             return Delivery("refused", exc.message, number - 1)
         except TransientError as exc:
             return Delivery(RETRY, exc.message, number)
+        if self._stopped.is_set():  # stopped while the name resolved: nothing was sent
+            return _unsent(number - 1)
         try:
             status = self._post(target, body)
         except (OSError, http.client.HTTPException) as exc:
@@ -407,9 +422,10 @@ class Callbacks:
     receiver held every thread and every tenant's callbacks waited behind its, and with
     half the threads each, two tenants' did. A retry waits for its time without a thread
     (a receiver restarting for a minute is still reached), and a tenant's callbacks
-    waiting, queued or for a retry, are bounded (QUEUE_PER_TENANT): past that one is left
-    owed, for a later sweep to take (callback_outbox.py), instead of memory growing with
-    the backlog.
+    waiting, queued or for a retry, are bounded (QUEUE_PER_TENANT): past that one is
+    recorded as failed at once, instead of memory growing with the backlog (left owed
+    instead, they grew callback_outbox without bound and, due first, took the sweeps'
+    places from the callbacks of pods that died).
 
     One a stop leaves unsent (queued, in flight, or waiting for a retry) has no outcome:
     it is handed back, owed, for another pod to send (`Owed.hand_back`). No attempt
@@ -448,6 +464,8 @@ class Callbacks:
         self._closing = False  # waiting callbacks are left unsent, none is tried
         self._closed = False  # what is left unsent now is handed back at once
         self._sendable_until = math.inf  # monotonic: the lease's end, as last renewed
+        self._lost: set[str] = set()  # in flight, but another worker's now: not recorded
+        self._draining = False  # close() waits: retries stay where they are
 
     def submit(
         self, task: Task, result: dict[str, Any], result_uri: str, attempts: int = 0
@@ -474,15 +492,17 @@ class Callbacks:
         if self._closing:
             self._save(task, _unsent(attempts))
             return
-        # Left owed, not held: its row comes due when its lease ends, and a sweep (this
-        # worker's or another's) takes it again.
-        self._metrics.callbacks.labels("deferred").inc()
+        reason = (
+            f"not sent: {self._queue_limit} callbacks of this tenant already waiting "
+            "(its receiver is slow or down)"
+        )
+        self._save(task, Delivery("failed", reason, 0), log_it=False)
         self._say_not_sent(task.tenant_id)
 
     def _say_not_sent(self, tenant: str) -> None:
-        """One warning a minute per tenant for the callbacks its full queue deferred,
-        with their count (also in gannet_callbacks_total): a tenant whose receiver is
-        down, with tasks flowing, would otherwise write one per task."""
+        """One warning a minute per tenant for the callbacks its full queue refused, with
+        their count (each is on its row and in gannet_callbacks_total): a tenant whose
+        receiver is down, with tasks flowing, would otherwise write one per task."""
         now = time.monotonic()
         with self._cond:
             self._not_sent[tenant] += 1
@@ -491,9 +511,8 @@ class Callbacks:
             self._not_sent_said[tenant] = now
             count = self._not_sent.pop(tenant)
         log.warning(
-            "callbacks deferred: this tenant's queue is full (its receiver is slow or down); "
-            "they stay owed and are taken again after GANNET_CALLBACK_LEASE_S",
-            extra={"tenant_id": tenant, "fields": {"deferred": count, "queued": self._queue_limit}},
+            "callbacks not sent: this tenant's queue is full (its receiver is slow or down)",
+            extra={"tenant_id": tenant, "fields": {"not_sent": count, "queued": self._queue_limit}},
         )
 
     def pending(self) -> int:
@@ -524,6 +543,10 @@ class Callbacks:
                 dropped += [job for _, _, job in self._retries if job.task.task_id in lost]
                 self._retries = [r for r in self._retries if r[2].task.task_id not in lost]
                 heapq.heapify(self._retries)
+                # Left of them here: in flight. Their outcome is the new holder's to
+                # record, and they are not retried.
+                gone = {job.task.task_id for job in dropped}
+                self._lost.update(t for t in lost if t in self._held and t not in gone)
             for job in dropped:
                 tenant = job.task.tenant_id
                 self._held.discard(job.task.task_id)
@@ -556,7 +579,9 @@ class Callbacks:
         now = time.monotonic()
         if not self._closing and now >= self._sendable_until:
             return None
-        while self._retries and (self._closing or self._retries[0][0] <= now):
+        while self._retries and (
+            self._closing or (not self._draining and self._retries[0][0] <= now)
+        ):
             job = heapq.heappop(self._retries)[2]
             self._queues.setdefault(job.task.tenant_id, deque()).appendleft(job)
         for tenant, queue in self._queues.items():
@@ -599,6 +624,7 @@ class Callbacks:
                     if final is not None:
                         self._pending -= 1
                         self._held.discard(job.task.task_id)
+                        self._lost.discard(job.task.task_id)
                     if not self._waiting[tenant]:
                         del self._waiting[tenant]
                         if tenant not in self._busy:  # nothing of this tenant's left
@@ -618,6 +644,8 @@ class Callbacks:
         """The final outcome, or None with the job waiting for its next attempt."""
         tenant = job.task.tenant_id
         with self._cond:
+            if job.task.task_id in self._lost:
+                return Delivery(DROPPED, "another worker took it over", job.number)
             if delivery.status == "delivered":
                 self._failing.discard(tenant)
             elif delivery.status != "refused":  # a refused URL says nothing of the receiver
@@ -653,6 +681,8 @@ class Callbacks:
             return Delivery("failed", f"{exc.__class__.__name__}: {exc}", job.number)
 
     def _save(self, task: Task, delivery: Delivery, log_it: bool = True) -> None:
+        if delivery.status == DROPPED:
+            return
         if delivery.unsent:  # no outcome: handed back once the threads are done (close)
             self._metrics.callbacks.labels("unsent").inc()
             with self._cond:
@@ -693,7 +723,13 @@ class Callbacks:
         resolving can hold it longer, up to the attempt's timeout (`_lookup`)."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while self._pending > len(self._retries) and not (abort and abort.is_set()):
+            self._draining = True
+            # Nothing to wait for while the lease may have run out: nothing is sent.
+            while (
+                self._pending > len(self._retries)
+                and not (abort and abort.is_set())
+                and time.monotonic() < self._sendable_until
+            ):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break

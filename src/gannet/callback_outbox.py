@@ -50,7 +50,11 @@ class Outbox:
         self._thread: threading.Thread | None = None
 
     def record(self, task_id: str, tenant_id: str, status: str) -> None:
-        self._sink.set_callback_status(task_id, tenant_id, status)
+        if not self._sink.set_callback_status(task_id, tenant_id, status, self._holder):
+            log.info(
+                "callback outcome not recorded: another worker took the callback over",
+                extra={"task_id": task_id, "tenant_id": tenant_id, "fields": {"outcome": status}},
+            )
 
     def hand_back(self, unsent: list[tuple[str, int]]) -> None:
         self._sink.hand_back_callbacks(self._holder, unsent)

@@ -732,6 +732,7 @@ class Daemon:
         # back; one cut off here leaves it to another pod after the lease.
         parts.outbox.stop(timeout_s=0.0 if forced else budget.left(cap=2.0))
         parts.callbacks.close(timeout_s=0.0 if forced else budget.left(), abort=self.stop_now)
+        forced = self.stop_now.is_set()  # a second signal may have come meanwhile
         parts.close(timeout_s=0.0 if forced else budget.left())
         log.info("gannet stopped", extra={"fields": {"forced": forced}})
 

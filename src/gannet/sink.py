@@ -493,7 +493,13 @@ _FENCE = b"SELECT * FROM gannet_fence(%b, %b, %b)"
 _FINISH = b"SELECT gannet_finish(%b); COMMIT"
 
 # Callbacks owed (migration 8): what callback_outbox is, there.
-_PAID = "DELETE FROM callback_outbox WHERE task_id = %s AND tenant_id = %s"
+_PAID = """
+WITH paid AS (
+    DELETE FROM callback_outbox WHERE task_id = %s AND tenant_id = %s AND holder = %s
+    RETURNING task_id)
+UPDATE task_results SET callback_status = %s, updated_at = now()
+WHERE task_id = %s AND EXISTS (SELECT 1 FROM paid) RETURNING task_id
+"""
 _PAID_ALL = "DELETE FROM callback_outbox WHERE task_id = ANY(%s)"
 _RENEW = (
     "UPDATE callback_outbox SET due_at = now() + make_interval(secs => %s)"
@@ -773,15 +779,14 @@ class Sink:
                 raise
         return not claim["committed"]
 
-    def set_callback_status(self, task_id: str, tenant_id: str, status: str) -> None:
-        """The callback's final outcome on its row; it is owed no more."""
+    def set_callback_status(self, task_id: str, tenant_id: str, status: str, holder: str) -> bool:
+        """The callback's final outcome on its row, where `holder` still holds it: it is
+        owed no more. False when another worker took it over (its lease ran out): that
+        one's outcome is the row's, not this (a review saw a late 503 overwrite another
+        worker's delivery)."""
         with self.tenant_transaction(tenant_id) as cur:
-            cur.execute(
-                "UPDATE task_results SET callback_status = %s, updated_at = now()"
-                " WHERE task_id = %s",
-                (status, task_id),
-            )
-            cur.execute(_PAID, (task_id, tenant_id))
+            cur.execute(_PAID, (task_id, tenant_id, holder, status, task_id))
+            return cur.fetchone() is not None
 
     def renew_callbacks(self, holder: str, task_ids: list[str]) -> set[str]:
         """The callbacks `holder` still has waiting stay its own for another lease;
