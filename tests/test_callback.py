@@ -702,6 +702,28 @@ def test_a_shutdown_does_not_wait_for_a_callbacks_retry(receiver_factory):
     assert record.handed[1:] == [("a1", 1)]
 
 
+def test_a_retry_that_comes_due_while_the_stop_waits_is_not_made(receiver_factory):
+    """The stop waits for a callback in flight (a receiver that hangs); another's retry
+    comes due meanwhile: it is handed back, not made, however long the wait."""
+    down = receiver_factory([503])
+    hanging = Hanging()
+    policy = CallbackPolicy(
+        timeout_s=1.0, retries=3, backoff_s=0.2, allow_http=True, allow_private=True
+    )
+    statuses, record = _recorded()
+    callbacks = Callbacks(CallbackClient(policy), record, Metrics(), workers=4)
+    try:
+        _submit(callbacks, "tenant-a", "a0", down.url())
+        wait_until(lambda: len(down.requests) == 1, "a0's first attempt failed")
+        _submit(callbacks, "tenant-b", "b0", hanging.url())
+        wait_until(lambda: len(hanging.conns) == 1, "b0 in flight")
+        callbacks.close(timeout_s=3.0)  # b0 times out after 1 s; a0 was due after 0.2 s
+    finally:
+        hanging.close()
+    assert len(down.requests) == 1
+    assert ("a0", 1) in record.handed and statuses == {}
+
+
 def test_a_second_stop_signal_ends_the_wait_for_queued_callbacks():
     """Callbacks queued behind a receiver that hangs are waited for within the grace,
     but not once the operator asks again (the daemon's second SIGTERM): they are handed
@@ -1264,6 +1286,21 @@ def test_the_outbox_thread_outlives_a_bug_in_a_sweep(processor_parts):
     finally:
         outbox.stop(timeout_s=5.0)
         buggy.close(timeout_s=0.0)
+
+
+def test_only_the_holder_records_a_callbacks_outcome(processor_parts):
+    """Pod A's lease ran out and pod B took the callback over: A's late outcome (its
+    attempt was in flight) is not recorded, and B's owed row stays B's."""
+    settings, storage, processor, _, _ = processor_parts
+    tenant = f"cb-{uuid.uuid4().hex[:6]}"
+    processor.callbacks = None
+    task, _ = _run(settings, storage, processor, tenant, "http://127.0.0.1:9/never")
+    time.sleep(settings.callback_lease_s)
+    assert len(processor.sink.take_callbacks("pod-b", 100)) == 1
+    late = "failed: HTTP 503 after 1 attempts"
+    Outbox(processor.sink, processor.holder).record(task.task_id, tenant, late)
+    assert _callback_status(settings, tenant, task.task_id, timeout_s=0.5) is None
+    assert _owed(settings, task.task_id) == ("pod-b", 0, False)
 
 
 def test_a_callback_pending_here_is_not_queued_twice(receiver_factory):
