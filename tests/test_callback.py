@@ -724,6 +724,31 @@ def test_a_retry_that_comes_due_while_the_stop_waits_is_not_made(receiver_factor
     assert ("a0", 1) in record.handed and statuses == {}
 
 
+def test_a_stop_does_not_wait_for_a_failing_receivers_queue(receiver_factory):
+    """A tenant whose receiver hangs (its last attempt timed out) has one thread, each
+    attempt to its timeout: its queue would hold the stop for its whole grace. The stop
+    waits for the other tenants' callbacks only, and hands that tenant's back."""
+    hanging = Hanging()
+    healthy = receiver_factory([200])
+    policy = CallbackPolicy(
+        timeout_s=0.5, retries=3, backoff_s=30.0, allow_http=True, allow_private=True
+    )
+    statuses, record = _recorded()
+    callbacks = Callbacks(CallbackClient(policy), record, Metrics(), workers=4)
+    try:
+        for i in range(4):
+            _submit(callbacks, "tenant-a", f"a{i}", hanging.url())
+        wait_until(lambda: len(hanging.conns) == 2, "a0 timed out, a1 in flight")
+        _submit(callbacks, "tenant-b", "b0", healthy.url())
+        started = time.monotonic()
+        callbacks.close(timeout_s=10.0)
+        assert time.monotonic() - started < 0.4
+    finally:
+        hanging.close()
+    assert statuses["b0"][1] == "delivered: HTTP 200"
+    assert sorted(record.handed) == [("a0", 1), ("a1", 1), ("a2", 0), ("a3", 0)]
+
+
 def test_a_second_stop_signal_ends_the_wait_for_queued_callbacks():
     """Callbacks queued behind a receiver that hangs are waited for within the grace,
     but not once the operator asks again (the daemon's second SIGTERM): they are handed
