@@ -456,10 +456,9 @@ class Callbacks:
         self._busy: Counter[str] = Counter()  # callbacks in flight, per tenant
         self._failing: set[str] = set()  # tenants whose last attempt failed: one thread
         self._threads: list[threading.Thread] = []
-        self._pending = 0  # queued, waiting for a retry, and in flight
         self._not_sent: Counter[str] = Counter()  # refused by a full queue, not yet said
         self._not_sent_said: dict[str, float] = {}  # when last said, per tenant
-        self._held: set[str] = set()  # task_ids of the pending ones
+        self._held: set[str] = set()  # task_ids queued, waiting for a retry, or in flight
         self._unsent: list[tuple[str, int]] = []  # left by the stop: (task_id, attempts)
         self._closing = False  # waiting callbacks are left unsent, none is tried
         self._closed = False  # what is left unsent now is handed back at once
@@ -483,9 +482,8 @@ class Callbacks:
             if not (self._closing or full):
                 self._queues.setdefault(task.tenant_id, deque()).append(job)
                 self._waiting[task.tenant_id] += 1
-                self._pending += 1
                 self._held.add(task.task_id)
-                if len(self._threads) < min(self._workers, self._pending):
+                if len(self._threads) < min(self._workers, len(self._held)):
                     self._start_thread()
                 self._cond.notify()
                 return
@@ -517,7 +515,7 @@ class Callbacks:
 
     def pending(self) -> int:
         with self._cond:
-            return self._pending
+            return len(self._held)
 
     def held(self) -> list[str]:
         """The task_ids of the callbacks pending here: owed, and this worker's to send."""
@@ -548,14 +546,9 @@ class Callbacks:
                 gone = {job.task.task_id for job in dropped}
                 self._lost.update(t for t in lost if t in self._held and t not in gone)
             for job in dropped:
-                tenant = job.task.tenant_id
                 self._held.discard(job.task.task_id)
-                self._pending -= 1
-                self._waiting[tenant] -= 1
-                if not self._waiting[tenant]:
-                    del self._waiting[tenant]
-                    if tenant not in self._busy:
-                        self._forget(tenant)
+                self._waiting[job.task.tenant_id] -= 1
+                self._tidy(job.task.tenant_id)
             self._cond.notify_all()
         if dropped:
             log.warning(
@@ -622,20 +615,23 @@ class Callbacks:
                     if not self._busy[tenant]:
                         del self._busy[tenant]
                     if final is not None:
-                        self._pending -= 1
                         self._held.discard(job.task.task_id)
                         self._lost.discard(job.task.task_id)
-                    if not self._waiting[tenant]:
-                        del self._waiting[tenant]
-                        if tenant not in self._busy:  # nothing of this tenant's left
-                            self._forget(tenant)
+                    self._tidy(tenant)
                     self._cond.notify_all()
 
-    def _forget(self, tenant: str) -> None:
-        """Under the lock, once a tenant has nothing queued, waiting or in flight: what
-        was kept about it goes (a review: every tenant with a failed callback stayed in
-        `_failing` for the life of the pod). Its next callback starts as a new tenant's;
-        a count of refusals not yet said in a warning is kept until it is."""
+    def _tidy(self, tenant: str) -> None:
+        """Under the lock, after one of a tenant's callbacks left the queues or its
+        thread: its count goes once nothing of it waits, and once nothing is in flight
+        either, what was kept about it goes (a review: every tenant with a failed
+        callback stayed in `_failing` for the life of the pod). Its next callback starts
+        as a new tenant's; a count of refusals not yet said in a warning is kept until
+        it is."""
+        if self._waiting[tenant]:
+            return
+        del self._waiting[tenant]
+        if tenant in self._busy:
+            return
         self._failing.discard(tenant)
         if tenant not in self._not_sent:
             self._not_sent_said.pop(tenant, None)
@@ -718,10 +714,10 @@ class Callbacks:
         and the ones still queued are not sent. Retries are not waited for: a receiver
         down held every shutdown for the retries due within its grace (25 s in a
         review), and spent six of a callback's seven attempts on a receiver down for a
-        minute. Whatever is left unsent is
-        handed back, owed, with the attempts made, for another pod to send (an attempt
-        cut short that was its last is recorded as failed). Only a host name still
-        resolving can hold it longer, up to the attempt's timeout (`_lookup`)."""
+        minute. Whatever is left unsent is handed back, owed, with the attempts made,
+        for another pod to send (an attempt cut short that was its last is recorded as
+        failed). Only a host name still resolving can hold it longer, up to the
+        attempt's timeout (`_lookup`)."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
             self._draining = True
