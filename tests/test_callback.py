@@ -50,9 +50,13 @@ from gannet.metrics import Metrics
 from gannet.outcome import Decision
 from gannet.settings import REPO_ROOT, Settings
 
-LOCAL = CallbackPolicy(
-    timeout_s=2.0, retries=2, backoff_s=0.01, allow_http=True, allow_private=True
-)
+
+def _policy(**settings: Any) -> CallbackPolicy:
+    """A policy for the local receivers: http on 127.0.0.1 let through."""
+    return CallbackPolicy(allow_http=True, allow_private=True, **settings)
+
+
+LOCAL = _policy(timeout_s=2.0, retries=2, backoff_s=0.01)
 
 
 class Receiver:
@@ -251,9 +255,7 @@ def test_a_host_that_does_not_resolve_in_time_is_retried_not_waited_for(monkeypa
         return real(host, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", silent)
-    policy = CallbackPolicy(
-        timeout_s=0.5, retries=1, backoff_s=0.01, allow_http=True, allow_private=True
-    )
+    policy = _policy(timeout_s=0.5, retries=1, backoff_s=0.01)
     started = time.monotonic()
     try:
         status = deliver(policy, "http://silent.example/hook")
@@ -363,9 +365,7 @@ def test_5xx_and_429_are_retried_with_backoff_then_delivered(receiver_factory):
     receiver = receiver_factory([503, 429, 200])
     arrived: list[float] = []
     receiver.on_request = lambda: arrived.append(time.monotonic())
-    policy = CallbackPolicy(
-        timeout_s=2.0, retries=2, backoff_s=0.2, allow_http=True, allow_private=True
-    )
+    policy = _policy(timeout_s=2.0, retries=2, backoff_s=0.2)
     assert deliver(policy, receiver.url()) == "delivered: HTTP 200"
     assert len(receiver.requests) == 3
     first, second = arrived[1] - arrived[0], arrived[2] - arrived[1]
@@ -386,9 +386,7 @@ def test_a_4xx_is_final(receiver_factory):
 
 def test_a_slow_receiver_times_out(receiver_factory):
     receiver = receiver_factory([200], delay_s=1.5)
-    policy = CallbackPolicy(
-        timeout_s=0.3, retries=1, backoff_s=0.0, allow_http=True, allow_private=True
-    )
+    policy = _policy(timeout_s=0.3, retries=1, backoff_s=0.0)
     started = time.monotonic()
     status = deliver(policy, receiver.url())
     assert status.startswith("failed: ") and "timed out" in status.lower()
@@ -433,9 +431,7 @@ def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_timeout():
     attempt ends it; without one a callback thread is held as long as the receiver likes
     (and a pod's shutdown waits for it)."""
     trickler = Trickler(seconds=10.0)
-    policy = CallbackPolicy(
-        timeout_s=0.5, retries=0, backoff_s=0.0, allow_http=True, allow_private=True
-    )
+    policy = _policy(timeout_s=0.5, retries=0, backoff_s=0.0)
     status = deliver(policy, trickler.url())
     assert status.startswith("failed: ") and "timed out" in status, status
     wait_until(trickler.cut_off.is_set, "the receiver sees the connection closed")
@@ -450,9 +446,7 @@ def test_a_callback_cut_short_by_a_stop_is_sent_by_another_pod(processor_parts, 
     receiver = receiver_factory([200])
     reached, answer = threading.Event(), threading.Event()
     receiver.on_request = lambda: (reached.set(), answer.wait(30))  # hangs until set
-    patient = CallbackPolicy(
-        timeout_s=60.0, retries=3, backoff_s=30.0, allow_http=True, allow_private=True
-    )
+    patient = _policy(timeout_s=60.0, retries=3, backoff_s=30.0)
     callbacks.client = CallbackClient(patient)
     tenant = f"cb-{uuid.uuid4().hex[:6]}"
     task, outcome = _run(settings, storage, processor, tenant, receiver.url())
@@ -551,7 +545,7 @@ def test_tenants_whose_receivers_hang_do_not_hold_up_another_tenants_callbacks(
     4 threads: 5 s); with half the threads each, two such tenants took them all (16.5 s
     measured at the defaults). A tenant has a quarter, and one once an attempt failed."""
     hanging, healthy = Hanging(), receiver_factory([200])
-    policy = CallbackPolicy(timeout_s=1.0, retries=0, allow_http=True, allow_private=True)
+    policy = _policy(timeout_s=1.0, retries=0)
     statuses, record = _recorded()
     callbacks = Callbacks(CallbackClient(policy), record, Metrics(), workers=4)
     try:
@@ -580,7 +574,7 @@ def test_a_tenant_whose_receiver_fails_gets_one_thread():
     that a receiver that hangs holds a single thread however many of its callbacks
     wait (a quarter of the threads for each of four such tenants was all of them)."""
     hanging = Hanging()
-    policy = CallbackPolicy(timeout_s=1.0, retries=0, allow_http=True, allow_private=True)
+    policy = _policy(timeout_s=1.0, retries=0)
     statuses, record = _recorded()
     callbacks = Callbacks(CallbackClient(policy), record, Metrics(), workers=8)
     try:
@@ -616,9 +610,7 @@ def test_a_receiver_down_for_seconds_gets_its_callback_when_it_is_back():
         def log_message(self, *args: Any) -> None:
             pass
 
-    policy = CallbackPolicy(
-        timeout_s=1.0, retries=5, backoff_s=0.2, allow_http=True, allow_private=True
-    )
+    policy = _policy(timeout_s=1.0, retries=5, backoff_s=0.2)
     statuses, record = _recorded()
     callbacks = Callbacks(CallbackClient(policy), record, Metrics(), workers=1)
     server: ThreadingHTTPServer | None = None
@@ -650,9 +642,7 @@ def test_a_tenant_with_nothing_left_to_send_is_forgotten(receiver_factory):
     for the life of the pod: a review's long run kept one entry per such tenant. Once a
     tenant has nothing queued, waiting or in flight, nothing of it is kept."""
     down = receiver_factory([503] * 50)
-    policy = CallbackPolicy(
-        timeout_s=1.0, retries=1, backoff_s=0.01, allow_http=True, allow_private=True
-    )
+    policy = _policy(timeout_s=1.0, retries=1, backoff_s=0.01)
     statuses, record = _recorded()
     callbacks = Callbacks(CallbackClient(policy), record, Metrics(), workers=2)
     try:
@@ -675,9 +665,7 @@ def test_a_shutdown_does_not_wait_for_a_callbacks_retry(receiver_factory):
     retries due within the grace held every pod's shutdown for them (25 s in a review)
     and spent most of a callback's attempts on a receiver down for a minute."""
     down = receiver_factory([503])
-    policy = CallbackPolicy(
-        timeout_s=1.0, retries=3, backoff_s=30.0, allow_http=True, allow_private=True
-    )
+    policy = _policy(timeout_s=1.0, retries=3, backoff_s=30.0)
     statuses, record = _recorded()
     callbacks = Callbacks(CallbackClient(policy), record, Metrics(), workers=2)
     _submit(callbacks, "tenant-a", "a0", down.url())
@@ -690,9 +678,7 @@ def test_a_shutdown_does_not_wait_for_a_callbacks_retry(receiver_factory):
     assert callbacks.pending() == 0
 
     # One due within the shutdown's time is not waited for either.
-    soon = CallbackPolicy(
-        timeout_s=1.0, retries=3, backoff_s=0.5, allow_http=True, allow_private=True
-    )
+    soon = _policy(timeout_s=1.0, retries=3, backoff_s=0.5)
     callbacks = Callbacks(CallbackClient(soon), record, Metrics(), workers=2)
     _submit(callbacks, "tenant-a", "a1", down.url())
     wait_until(lambda: len(down.requests) == 2, "the first attempt made")
@@ -707,9 +693,7 @@ def test_a_retry_that_comes_due_while_the_stop_waits_is_not_made(receiver_factor
     comes due meanwhile: it is handed back, not made, however long the wait."""
     down = receiver_factory([503])
     hanging = Hanging()
-    policy = CallbackPolicy(
-        timeout_s=1.0, retries=3, backoff_s=0.2, allow_http=True, allow_private=True
-    )
+    policy = _policy(timeout_s=1.0, retries=3, backoff_s=0.2)
     statuses, record = _recorded()
     callbacks = Callbacks(CallbackClient(policy), record, Metrics(), workers=4)
     try:
@@ -730,9 +714,7 @@ def test_a_stop_does_not_wait_for_a_failing_receivers_queue(receiver_factory):
     waits for the other tenants' callbacks only, and hands that tenant's back."""
     hanging = Hanging()
     healthy = receiver_factory([200])
-    policy = CallbackPolicy(
-        timeout_s=0.5, retries=3, backoff_s=30.0, allow_http=True, allow_private=True
-    )
+    policy = _policy(timeout_s=0.5, retries=3, backoff_s=30.0)
     statuses, record = _recorded()
     callbacks = Callbacks(CallbackClient(policy), record, Metrics(), workers=4)
     try:
@@ -754,7 +736,7 @@ def test_a_second_stop_signal_ends_the_wait_for_queued_callbacks():
     but not once the operator asks again (the daemon's second SIGTERM): they are handed
     back at once."""
     hanging = Hanging()
-    policy = CallbackPolicy(timeout_s=5.0, retries=0, allow_http=True, allow_private=True)
+    policy = _policy(timeout_s=5.0, retries=0)
     record = _recorded()[1]
     callbacks = Callbacks(CallbackClient(policy), record, Metrics(), workers=1)
     abort = threading.Event()
@@ -775,7 +757,7 @@ def test_a_tenants_callbacks_past_its_queue_bound_are_recorded_failed_at_once():
     """A tenant's queue is bounded: a dead receiver cannot make the pod hold an ever
     longer backlog of callbacks in memory, nor (left owed instead) callback_outbox."""
     hanging = Hanging()
-    policy = CallbackPolicy(timeout_s=5.0, retries=0, allow_http=True, allow_private=True)
+    policy = _policy(timeout_s=5.0, retries=0)
     statuses, record = _recorded()
     callbacks = Callbacks(CallbackClient(policy), record, Metrics(), workers=2, queue_per_tenant=3)
     try:
@@ -800,7 +782,7 @@ def test_a_full_queues_refusals_are_said_once_not_once_per_task(caplog):
     queue refuses is on its row, but the log says so once (with the count), not a
     warning per task, which at a pod's task rate buries its other lines."""
     hanging = Hanging()
-    policy = CallbackPolicy(timeout_s=5.0, retries=0, allow_http=True, allow_private=True)
+    policy = _policy(timeout_s=5.0, retries=0)
     statuses, record = _recorded()
     callbacks = Callbacks(CallbackClient(policy), record, Metrics(), workers=2, queue_per_tenant=1)
     try:
@@ -1057,11 +1039,7 @@ def test_a_pod_keeps_the_callbacks_it_still_sends(processor_parts, receiver_fact
     pod's while that pod renews it: another pod's sweep does not send it as well."""
     settings, storage, processor, callbacks, metrics = processor_parts
     down = receiver_factory([503])
-    callbacks.client = CallbackClient(
-        CallbackPolicy(
-            timeout_s=2.0, retries=3, backoff_s=30.0, allow_http=True, allow_private=True
-        )
-    )
+    callbacks.client = CallbackClient(_policy(timeout_s=2.0, retries=3, backoff_s=30.0))
     tenant = f"cb-{uuid.uuid4().hex[:6]}"
     task, _ = _run(settings, storage, processor, tenant, down.url())
     wait_until(lambda: len(down.requests) == 1, "the first attempt failed")
@@ -1121,11 +1099,7 @@ def test_a_pod_busy_with_its_own_callbacks_still_takes_over_a_dead_pods(
     processor.callbacks = None  # the pod that died
     task, _ = _run(settings, storage, processor, tenant, receiver.url())
     other = _other_pod(processor, "pod-b", metrics)
-    other.callbacks.client = CallbackClient(
-        CallbackPolicy(
-            timeout_s=2.0, retries=3, backoff_s=60.0, allow_http=True, allow_private=True
-        )
-    )
+    other.callbacks.client = CallbackClient(_policy(timeout_s=2.0, retries=3, backoff_s=60.0))
     for i in range(SWEEP_LIMIT):
         _submit(other.callbacks, "cb-down", f"cb-down-{i}", down.url())
     wait_until(lambda: len(down.requests) == SWEEP_LIMIT, "each failed once", 30)
@@ -1268,11 +1242,7 @@ def test_a_pod_whose_lease_ran_out_does_not_send_what_another_took_over(
     review's 25 s freeze sent 157 of 160 callbacks twice)."""
     settings, storage, processor, callbacks, metrics = processor_parts
     receiver = receiver_factory([503, 200])
-    callbacks.client = CallbackClient(
-        CallbackPolicy(
-            timeout_s=2.0, retries=3, backoff_s=30.0, allow_http=True, allow_private=True
-        )
-    )
+    callbacks.client = CallbackClient(_policy(timeout_s=2.0, retries=3, backoff_s=30.0))
     mine = Outbox(processor.sink, processor.holder)
     mine.sweep(callbacks)
     tenant = f"cb-{uuid.uuid4().hex[:6]}"
