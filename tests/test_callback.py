@@ -29,6 +29,7 @@ import psycopg
 import pytest
 from conftest import SAMPLES, SCENES, expected_counts, wait_until
 from pydantic import ValidationError
+from tcp_relay import Relay, relay_to
 
 from gannet import daemon
 from gannet import sink as sink_module
@@ -46,9 +47,11 @@ from gannet.callback import (
 from gannet.callback_outbox import SWEEP_LIMIT, Outbox
 from gannet.dev.publish import make_task, upload_image
 from gannet.dispatch import Dispatcher
+from gannet.errors import TransientError
 from gannet.metrics import Metrics
 from gannet.outcome import Decision
 from gannet.settings import REPO_ROOT, Settings
+from gannet.task import Task
 
 
 def _policy(**settings: Any) -> CallbackPolicy:
@@ -1296,6 +1299,86 @@ def test_only_the_holder_records_a_callbacks_outcome(processor_parts):
     Outbox(processor.sink, processor.holder).record(task.task_id, tenant, late)
     assert _callback_status(settings, tenant, task.task_id, timeout_s=0.5) is None
     assert _owed(settings, task.task_id) == ("pod-b", 0, False)
+
+
+@pytest.fixture
+def cut_off(processor_parts) -> Iterator[tuple[Callbacks, Outbox, Relay]]:
+    """The processor's callbacks with their outcomes written through a relay to
+    PostgreSQL that the test cuts (a failover, a restart): this pod's outbox, under its
+    holder."""
+    settings, _, processor, _, metrics = processor_parts
+    relay, through = relay_to(settings.database_url)
+    sink = sink_module.Sink(
+        through, pool_size=1, timeout_s=1.0, callback_lease_s=settings.callback_lease_s
+    )
+    sink.open()
+    outbox = Outbox(sink, processor.holder)
+    callbacks = Callbacks(CallbackClient(LOCAL), outbox, metrics, workers=1)
+    processor.callbacks = callbacks
+    yield callbacks, outbox, relay
+    callbacks.close(timeout_s=0.0)
+    relay.close()
+    sink.close()
+
+
+def _delivered_while_cut_off(processor_parts, cut_off, receiver) -> Task:
+    """A task run, and its callback delivered, while its pod cannot write the outcome."""
+    settings, storage, processor, _, _ = processor_parts
+    callbacks, _, relay = cut_off
+    relay.cut()
+    tenant = f"cb-{uuid.uuid4().hex[:6]}"
+    task, first = _run(settings, storage, processor, tenant, receiver.url())
+    assert first.label == "succeeded"
+    wait_until(lambda: callbacks.pending() == 0, "the callback delivered")
+    assert len(receiver.requests) == 1
+    assert _owed(settings, task.task_id) == (processor.holder, 0, False), "not written"
+    return task
+
+
+def test_an_outcome_postgresql_did_not_take_is_written_by_the_next_sweep(
+    processor_parts, cut_off, receiver_factory
+):
+    """A callback delivered while its pod could not reach PostgreSQL: the outcome is
+    kept, and the pod's next sweep once PostgreSQL answers writes it, within the row's
+    lease. No pod sends the callback again (before, the row came due at the lease's end
+    and another pod sent it: 13 of 104 callbacks in a review's 20 s outage)."""
+    settings, _, processor, _, metrics = processor_parts
+    callbacks, outbox, relay = cut_off
+    receiver = receiver_factory([200])
+    task = _delivered_while_cut_off(processor_parts, cut_off, receiver)
+    with pytest.raises(TransientError):
+        outbox.sweep(callbacks)  # still cut off: kept
+    relay.restore()
+    wait_until(lambda: _swept(outbox, callbacks), "a sweep once PostgreSQL answers")
+    assert _callback_status(settings, task.tenant_id, task.task_id) == "delivered: HTTP 200"
+    assert _owed(settings, task.task_id) is None
+    time.sleep(settings.callback_lease_s)
+    other = _other_pod(processor, "pod-b", metrics)
+    assert other.sweep() == 0
+    assert len(receiver.requests) == 1
+    other.close()
+
+
+def _swept(outbox: Outbox, callbacks: Callbacks) -> bool:
+    try:
+        outbox.sweep(callbacks)
+    except TransientError:  # the pool's new connection not made yet
+        return False
+    return True
+
+
+def test_a_stopping_pod_writes_the_outcomes_it_kept(processor_parts, cut_off, receiver_factory):
+    """The stop (daemon: after the callbacks' close) tries the outcomes kept once more:
+    PostgreSQL back by then, the callback is not sent again by another pod."""
+    settings, _, _, _, _ = processor_parts
+    _, outbox, relay = cut_off
+    receiver = receiver_factory([200])
+    task = _delivered_while_cut_off(processor_parts, cut_off, receiver)
+    outbox.finish()  # still cut off: said, and left for the lease's end
+    assert _owed(settings, task.task_id) is not None
+    relay.restore()
+    wait_until(lambda: (outbox.finish(), _owed(settings, task.task_id) is None)[1], "written")
+    assert _callback_status(settings, task.tenant_id, task.task_id) == "delivered: HTTP 200"
 
 
 def test_a_callback_pending_here_is_not_queued_twice(receiver_factory):

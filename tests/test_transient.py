@@ -1,109 +1,28 @@
 """Transient failures are nacked and retried, never quarantined and never lost.
 
 PostgreSQL is taken away by cutting the network between the daemon and a real server
-(`Relay` below), which is what a database restart or a failover looks like to the
+(tcp_relay.Relay), which is what a database restart or a failover looks like to the
 daemon: open connections reset, new ones refused. Nothing is mocked.
 """
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from conftest import SCENES, expected_counts, settled, wait_until
+from tcp_relay import Relay, relay_to
 
 from gannet.errors import TransientError
-
-
-class Relay:
-    """A TCP relay to a real server that can be cut and restored."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.upstream = (host, port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._cut = threading.Event()
-        self._flowing = threading.Event()
-        self._flowing.set()
-        self._open: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def cut(self) -> None:
-        """Reset every open connection and refuse new ones."""
-        self._cut.set()
-        with self._lock:
-            for sock in self._open:
-                _close(sock)
-            self._open.clear()
-
-    def restore(self) -> None:
-        self._cut.clear()
-
-    def freeze(self) -> None:
-        """Keep every connection open but pass nothing on: what a pooler or proxy whose
-        server went away, or a hung server, looks like. The relay's kernel acknowledges
-        what it is sent, so the client's own TCP timeouts see nothing wrong."""
-        self._flowing.clear()
-
-    def thaw(self) -> None:
-        self._flowing.set()
-
-    def close(self) -> None:
-        self.cut()
-        _close(self._listener)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            if self._cut.is_set():
-                _close(client)
-                continue
-            try:
-                server = socket.create_connection(self.upstream, timeout=5)
-            except OSError:
-                _close(client)
-                continue
-            with self._lock:
-                self._open.update((client, server))
-            for src, dst in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while chunk := src.recv(65536):
-                self._flowing.wait()
-                dst.sendall(chunk)
-        except OSError:
-            pass  # the other side closed, or cut() did
-        finally:
-            _close(src)
-            _close(dst)
-
-
-def _close(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass  # not connected, or already shut
-    sock.close()
 
 
 @pytest.fixture
 def db_relay(stack) -> Iterator[tuple[Relay, str]]:
     """A relay to the test PostgreSQL and the database URL that goes through it."""
-    url = urlsplit(stack.settings.database_url)
-    relay = Relay(url.hostname or "127.0.0.1", url.port or 5432)
-    through = url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{relay.port}")
-    yield relay, urlunsplit(through)
+    relay, through = relay_to(stack.settings.database_url)
+    yield relay, through
     relay.close()
 
 
@@ -217,11 +136,7 @@ def test_every_round_trip_of_a_commit_has_the_answer_deadline(services):
     from gannet import sink
     from gannet.task import TaskResult
 
-    url = urlsplit(services.database_url)
-    relay = Relay(url.hostname or "127.0.0.1", url.port or 5432)
-    through = urlunsplit(
-        url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{relay.port}")
-    )
+    relay, through = relay_to(services.database_url)
     db = sink.Sink(through, pool_size=1, answer_deadline_s=1.0)
     db.open()
     tenant, task_id = "acme", f"commit-{uuid.uuid4().hex[:8]}"

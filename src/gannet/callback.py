@@ -393,7 +393,8 @@ class Owed(Protocol):
     """Where callbacks are owed until their outcome (callback_outbox.Outbox)."""
 
     def record(self, task_id: str, tenant_id: str, status: str) -> None:
-        """The final outcome, on the task's row: the callback is owed no more."""
+        """The final outcome, on the task's row: the callback is owed no more. One that
+        cannot be written now is kept and written later; GannetError: it never will."""
 
     def hand_back(self, unsent: list[tuple[str, int]]) -> None:
         """(task_id, attempts made) of callbacks this worker stops without sending:

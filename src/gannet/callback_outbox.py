@@ -10,9 +10,11 @@ when its lease ends. Every process takes due rows over at each sweep (FOR UPDATE
 LOCKED: two never take one) and sends them as its own, counting the attempts made
 before. A process that could not renew for three quarters of the lease (frozen, or cut
 off from PostgreSQL) starts no attempt until a renewal tells it which rows are still its
-own; those another took over meanwhile it drops. A callback may still come twice (an
-attempt in flight when its pod froze or died, or whose outcome could not be written):
-receivers dedupe on task_id.
+own; those another took over meanwhile it drops. An outcome PostgreSQL did not take
+(it was unreachable) is kept here and written at the next sweep, before the row's lease
+ends, so that no pod sends that callback again. A callback may still come twice (an
+attempt in flight when its pod froze or died, an outcome still unwritten when its pod
+stopped, or one unwritten past the lease): receivers dedupe on task_id.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import time
 from pydantic import ValidationError
 
 from gannet.callback import Callbacks
-from gannet.errors import GannetError
+from gannet.errors import GannetError, TransientError
 from gannet.sink import OwedCallback, Sink
 from gannet.task import Task
 
@@ -48,13 +50,53 @@ class Outbox:
         self._every_s = sink.callback_lease_s / 4
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        # Outcomes not written yet (PostgreSQL was unreachable): task_id -> (tenant, text),
+        # written at the next sweep, well within the lease the row was last renewed for.
+        # Before, the row of a callback delivered during an outage came due at its
+        # lease's end and was sent again: 13 of 104 in a review's 20 s outage.
+        self._unwritten: dict[str, tuple[str, str]] = {}
 
     def record(self, task_id: str, tenant_id: str, status: str) -> None:
+        try:
+            self._write(task_id, tenant_id, status)
+        except TransientError as exc:
+            with self._lock:
+                self._unwritten[task_id] = (tenant_id, status)
+            log.warning(
+                "callback outcome not written yet: the next sweep writes it",
+                extra={
+                    "task_id": task_id,
+                    "tenant_id": tenant_id,
+                    "fields": {"outcome": status, "error": str(exc)},
+                },
+            )
+
+    def _write(self, task_id: str, tenant_id: str, status: str) -> None:
         if not self._sink.set_callback_status(task_id, tenant_id, status, self._holder):
             log.info(
                 "callback outcome not recorded: another worker took the callback over",
                 extra={"task_id": task_id, "tenant_id": tenant_id, "fields": {"outcome": status}},
             )
+
+    def _write_unwritten(self) -> None:
+        """The outcomes kept, written; TransientError (PostgreSQL still unreachable)
+        leaves the rest for the next try."""
+        with self._lock:
+            unwritten = list(self._unwritten.items())
+        for task_id, (tenant_id, status) in unwritten:
+            try:
+                self._write(task_id, tenant_id, status)
+            except TransientError:
+                raise
+            except Exception:  # kept, it would stop every sweep, and the renewals with it
+                log.exception(
+                    "callback outcome cannot be written: its row comes due and the "
+                    "callback is sent again",
+                    extra={"task_id": task_id, "tenant_id": tenant_id},
+                )
+            with self._lock:
+                self._unwritten.pop(task_id, None)
 
     def hand_back(self, unsent: list[tuple[str, int]]) -> None:
         self._sink.hand_back_callbacks(self._holder, unsent)
@@ -74,6 +116,24 @@ class Outbox:
         if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout_s)
 
+    def finish(self) -> None:
+        """After the callbacks' close: one more try at the outcomes not written yet.
+        Those still left come due at their lease's end, and another pod sends them
+        again."""
+        with self._lock:
+            if not self._unwritten:
+                return
+        try:
+            self._write_unwritten()
+        except TransientError as exc:
+            with self._lock:
+                left = len(self._unwritten)
+            log.warning(
+                "callback outcomes not written before stopping: another pod sends those "
+                "callbacks again once this one's lease on them ends",
+                extra={"fields": {"unwritten": left, "error": str(exc)}},
+            )
+
     def _run(self, callbacks: Callbacks) -> None:
         while not self._stop.wait(self._every_s):
             try:
@@ -86,9 +146,12 @@ class Outbox:
                 log.exception("sweeping the callbacks owed failed unexpectedly")
 
     def sweep(self, callbacks: Callbacks) -> int:
-        """Renew the rows of what `callbacks` has pending, then take over up to
-        SWEEP_LIMIT due ones and queue them there; how many were taken."""
+        """Write the outcomes kept, renew the rows of what `callbacks` has pending, then
+        take over up to SWEEP_LIMIT due ones and queue them there; how many were taken.
+        Written first, a kept outcome's callback is never taken over by this sweep and
+        sent again."""
         started = time.monotonic()
+        self._write_unwritten()
         held = callbacks.held()
         owned = self._sink.renew_callbacks(self._holder, held) if held else set()
         callbacks.renewed(set(held) - owned, self._sendable_until(started))
