@@ -773,7 +773,7 @@ def test_a_tenants_callbacks_past_its_queue_bound_are_recorded_failed_at_once():
             "failed: not sent: 3 callbacks of this tenant already waiting "
             "(its receiver is slow or down)"
         )
-        assert sorted(callbacks.held()) == ["a0", "a1", "a2", "a3"]
+        assert sorted(callbacks.held()) == [("a0", 0), ("a1", 0), ("a2", 0), ("a3", 0)]
     finally:
         callbacks.close(timeout_s=0.0)
         hanging.close()
@@ -1053,7 +1053,27 @@ def test_a_pod_keeps_the_callbacks_it_still_sends(processor_parts, receiver_fact
         assert mine.sweep(callbacks) == 0
         assert other.sweep() == 0
     assert len(down.requests) == 1
-    assert _owed(settings, task.task_id) == (processor.holder, 0, False)
+    assert _owed(settings, task.task_id) == (processor.holder, 1, False), "its attempt counted"
+    other.close()
+
+
+def test_a_pod_killed_mid_retries_passes_on_the_attempts_it_made(processor_parts, receiver_factory):
+    """Pod A's callback failed once and waits for its retry; A's sweep renews it with
+    that attempt counted, then A dies (no renewal, no stop). Pod B takes it over and
+    makes only the attempts left: three in all, not a fresh three after A's one."""
+    settings, storage, processor, callbacks, metrics = processor_parts
+    down = receiver_factory([503])
+    callbacks.client = CallbackClient(_policy(timeout_s=2.0, retries=2, backoff_s=60.0))
+    tenant = f"cb-{uuid.uuid4().hex[:6]}"
+    task, _ = _run(settings, storage, processor, tenant, down.url())
+    wait_until(lambda: len(down.requests) == 1, "A's first attempt failed")
+    Outbox(processor.sink, processor.holder).sweep(callbacks)
+    time.sleep(settings.callback_lease_s)  # A dead: its lease runs out
+    other = _other_pod(processor, "pod-b", metrics)
+    assert other.sweep() == 1
+    status = _callback_status(settings, tenant, task.task_id)
+    assert status == "failed: HTTP 503 after 3 attempts"
+    assert len(down.requests) == 3
     other.close()
 
 
@@ -1270,7 +1290,7 @@ def test_the_outbox_thread_outlives_a_bug_in_a_sweep(processor_parts):
     asked: list[float] = []
 
     class Buggy(Callbacks):
-        def held(self) -> list[str]:
+        def held(self) -> list[tuple[str, int]]:
             asked.append(time.monotonic())
             if len(asked) == 1:
                 raise RuntimeError("injected")

@@ -459,7 +459,7 @@ class Callbacks:
         self._threads: list[threading.Thread] = []
         self._not_sent: Counter[str] = Counter()  # refused by a full queue, not yet said
         self._not_sent_said: dict[str, float] = {}  # when last said, per tenant
-        self._held: set[str] = set()  # task_ids queued, waiting for a retry, or in flight
+        self._held: dict[str, _Job] = {}  # by task_id: queued, waiting to retry, in flight
         self._unsent: list[tuple[str, int]] = []  # left by the stop: (task_id, attempts)
         self._closing = False  # waiting callbacks are left unsent, none is tried
         self._closed = False  # what is left unsent now is handed back at once
@@ -483,7 +483,7 @@ class Callbacks:
             if not (self._closing or full):
                 self._queues.setdefault(task.tenant_id, deque()).append(job)
                 self._waiting[task.tenant_id] += 1
-                self._held.add(task.task_id)
+                self._held[task.task_id] = job
                 if len(self._threads) < min(self._workers, len(self._held)):
                     self._start_thread()
                 self._cond.notify()
@@ -518,10 +518,11 @@ class Callbacks:
         with self._cond:
             return len(self._held)
 
-    def held(self) -> list[str]:
-        """The task_ids of the callbacks pending here: owed, and this worker's to send."""
+    def held(self) -> list[tuple[str, int]]:
+        """(task_id, attempts made) of the callbacks pending here: owed, and this
+        worker's to send. The attempt in flight is not counted yet."""
         with self._cond:
-            return list(self._held)
+            return [(task_id, job.number - 1) for task_id, job in self._held.items()]
 
     def renewed(self, lost: Collection[str], until: float) -> None:
         """After this worker renewed its lease on its callbacks: attempts may start until
@@ -547,7 +548,7 @@ class Callbacks:
                 gone = {job.task.task_id for job in dropped}
                 self._lost.update(t for t in lost if t in self._held and t not in gone)
             for job in dropped:
-                self._held.discard(job.task.task_id)
+                del self._held[job.task.task_id]
                 self._waiting[job.task.tenant_id] -= 1
                 self._tidy(job.task.tenant_id)
             self._cond.notify_all()
@@ -616,7 +617,7 @@ class Callbacks:
                     if not self._busy[tenant]:
                         del self._busy[tenant]
                     if final is not None:
-                        self._held.discard(job.task.task_id)
+                        self._held.pop(job.task.task_id, None)
                         self._lost.discard(job.task.task_id)
                     self._tidy(tenant)
                     self._cond.notify_all()

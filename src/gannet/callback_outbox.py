@@ -4,17 +4,18 @@ A success with a callback_url is committed with a row in callback_outbox, held b
 process that committed it (sink.py, migration 8). That process sends the callback
 (callback.py) and the outcome deletes the row. While its callbacks wait (queued, behind
 a slow receiver, or for a retry), the process renews their rows every quarter of
-`GANNET_CALLBACK_LEASE_S`. One it will not send, because it stops, it hands back: due at
-once. One whose process died (killed, its node lost, frozen past the lease) comes due
-when its lease ends. Every process takes due rows over at each sweep (FOR UPDATE SKIP
-LOCKED: two never take one) and sends them as its own, counting the attempts made
-before. A process that could not renew for three quarters of the lease (frozen, or cut
-off from PostgreSQL) starts no attempt until a renewal tells it which rows are still its
-own; those another took over meanwhile it drops. An outcome PostgreSQL did not take
-(it was unreachable) is kept here and written at the next sweep, before the row's lease
-ends, so that no pod sends that callback again. A callback may still come twice (an
-attempt in flight when its pod froze or died, an outcome still unwritten when its pod
-stopped, or one unwritten past the lease): receivers dedupe on task_id.
+`GANNET_CALLBACK_LEASE_S`, with the attempts made so far. One it will not send, because
+it stops, it hands back: due at once. One whose process died (killed, its node lost,
+frozen past the lease) comes due when its lease ends. Every process takes due rows over
+at each sweep (FOR UPDATE SKIP LOCKED: two never take one) and sends them as its own,
+counting the attempts made before. A process that could not renew for three quarters of
+the lease (frozen, or cut off from PostgreSQL) starts no attempt until a renewal tells
+it which rows are still its own; those another took over meanwhile it drops. An outcome
+PostgreSQL did not take (it was unreachable) is kept here and written at the next sweep,
+before the row's lease ends, so that no pod sends that callback again. A callback may
+still come twice (an attempt in flight when its pod froze or died, an outcome still
+unwritten when its pod stopped, or one unwritten past the lease): receivers dedupe on
+task_id.
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ class Outbox:
         self._write_unwritten()
         held = callbacks.held()
         owned = self._sink.renew_callbacks(self._holder, held) if held else set()
-        callbacks.renewed(set(held) - owned, self._sendable_until(started))
+        callbacks.renewed({task_id for task_id, _ in held} - owned, self._sendable_until(started))
         if self._stop.is_set():
             return 0
         taken = self._sink.take_callbacks(self._holder, SWEEP_LIMIT)
