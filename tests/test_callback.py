@@ -908,7 +908,7 @@ class _OtherPod:
     what is due and waits for its outcomes."""
 
     def __init__(self, sink: Any, holder: str, metrics: Metrics) -> None:
-        self.outbox = Outbox(sink, holder)
+        self.outbox = Outbox(sink, holder, metrics)
         self.callbacks = Callbacks(CallbackClient(LOCAL), self.outbox, metrics, workers=2)
 
     def sweep(self) -> int:
@@ -1046,7 +1046,7 @@ def test_a_pod_keeps_the_callbacks_it_still_sends(processor_parts, receiver_fact
     tenant = f"cb-{uuid.uuid4().hex[:6]}"
     task, _ = _run(settings, storage, processor, tenant, down.url())
     wait_until(lambda: len(down.requests) == 1, "the first attempt failed")
-    mine = Outbox(processor.sink, processor.holder)
+    mine = Outbox(processor.sink, processor.holder, metrics)
     other = _other_pod(processor, "pod-b", metrics)
     for _ in range(3):  # 1.5 leases in all
         time.sleep(settings.callback_lease_s / 2)
@@ -1067,7 +1067,7 @@ def test_a_pod_killed_mid_retries_passes_on_the_attempts_it_made(processor_parts
     tenant = f"cb-{uuid.uuid4().hex[:6]}"
     task, _ = _run(settings, storage, processor, tenant, down.url())
     wait_until(lambda: len(down.requests) == 1, "A's first attempt failed")
-    Outbox(processor.sink, processor.holder).sweep(callbacks)
+    Outbox(processor.sink, processor.holder, metrics).sweep(callbacks)
     time.sleep(settings.callback_lease_s)  # A dead: its lease runs out
     other = _other_pod(processor, "pod-b", metrics)
     assert other.sweep() == 1
@@ -1134,8 +1134,10 @@ def test_a_pod_busy_with_its_own_callbacks_still_takes_over_a_dead_pods(
 
 def test_a_take_skips_the_rows_another_pod_is_taking(processor_parts):
     """While pod A's take is not yet committed, pod B's take passes its rows by, at
-    once, instead of waiting for A and taking them as well (each then sent twice)."""
-    settings, storage, processor, _, _ = processor_parts
+    once, instead of waiting for A and taking them as well (each then sent twice). B's
+    sweep says that they are due and how long the oldest has waited (what an alert
+    reads), until A's take commits."""
+    settings, storage, processor, _, metrics = processor_parts
     tenant = f"cb-{uuid.uuid4().hex[:6]}"
     processor.callbacks = None
     for _ in range(3):
@@ -1151,8 +1153,19 @@ def test_a_take_skips_the_rows_another_pod_is_taking(processor_parts):
         b.start()
         b.join(5)
         assert not b.is_alive(), "pod B waited for pod A's take"
+        b_sweeps = _OtherPod(processor.sink, "pod-b", metrics)
+        assert b_sweeps.sweep() == 0
+        assert metrics.registry.get_sample_value("gannet_callbacks_due") == 3
+        oldest_s = metrics.registry.get_sample_value("gannet_callbacks_due_oldest_seconds")
+        assert oldest_s is not None and 0 < oldest_s < 60
         pod_a.commit()
     assert taken_by_b == []
+    assert b_sweeps.sweep() == 0
+    assert metrics.registry.get_sample_value("gannet_callbacks_due") == 0
+    assert metrics.registry.get_sample_value("gannet_callbacks_due_oldest_seconds") == 0
+    swept = metrics.registry.get_sample_value("gannet_callbacks_last_sweep_timestamp_seconds")
+    assert swept is not None and abs(swept - time.time()) < 5
+    b_sweeps.close()
 
 
 def test_a_callback_recorded_elsewhere_is_not_taken_over(processor_parts, receiver_factory):
@@ -1266,7 +1279,7 @@ def test_a_pod_whose_lease_ran_out_does_not_send_what_another_took_over(
     settings, storage, processor, callbacks, metrics = processor_parts
     receiver = receiver_factory([503, 200])
     callbacks.client = CallbackClient(_policy(timeout_s=2.0, retries=3, backoff_s=30.0))
-    mine = Outbox(processor.sink, processor.holder)
+    mine = Outbox(processor.sink, processor.holder, metrics)
     mine.sweep(callbacks)
     tenant = f"cb-{uuid.uuid4().hex[:6]}"
     task, _ = _run(settings, storage, processor, tenant, receiver.url())
@@ -1296,7 +1309,7 @@ def test_the_outbox_thread_outlives_a_bug_in_a_sweep(processor_parts):
                 raise RuntimeError("injected")
             return super().held()
 
-    outbox = Outbox(processor.sink, "pod-buggy")  # a sweep every second (lease 4 s)
+    outbox = Outbox(processor.sink, "pod-buggy", metrics)  # a sweep every second (lease 4 s)
     buggy = Buggy(CallbackClient(LOCAL), outbox, metrics, workers=1)
     outbox.start(buggy)
     try:
@@ -1316,7 +1329,7 @@ def test_only_the_holder_records_a_callbacks_outcome(processor_parts):
     time.sleep(settings.callback_lease_s)
     assert len(processor.sink.take_callbacks("pod-b", 100)) == 1
     late = "failed: HTTP 503 after 1 attempts"
-    Outbox(processor.sink, processor.holder).record(task.task_id, tenant, late)
+    Outbox(processor.sink, processor.holder, Metrics()).record(task.task_id, tenant, late)
     assert _callback_status(settings, tenant, task.task_id, timeout_s=0.5) is None
     assert _owed(settings, task.task_id) == ("pod-b", 0, False)
 
@@ -1332,7 +1345,7 @@ def cut_off(processor_parts) -> Iterator[tuple[Callbacks, Outbox, Relay]]:
         through, pool_size=1, timeout_s=1.0, callback_lease_s=settings.callback_lease_s
     )
     sink.open()
-    outbox = Outbox(sink, processor.holder)
+    outbox = Outbox(sink, processor.holder, metrics)
     callbacks = Callbacks(CallbackClient(LOCAL), outbox, metrics, workers=1)
     processor.callbacks = callbacks
     yield callbacks, outbox, relay
@@ -1498,7 +1511,8 @@ class _Paused:
 def _pod(processor: Dispatcher, holder: str, claim_ttl_s: float = 60.0) -> Dispatcher:
     """Another worker on the same parts, named `holder` in task claims, with callbacks
     of its own (held by `holder`: only it may record their outcomes)."""
-    own = Callbacks(CallbackClient(LOCAL), Outbox(processor.sink, holder), processor.metrics, 2)
+    outbox = Outbox(processor.sink, holder, processor.metrics)
+    own = Callbacks(CallbackClient(LOCAL), outbox, processor.metrics, 2)
     return Dispatcher(
         processor.pipeline,
         processor.sink,

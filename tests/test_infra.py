@@ -795,6 +795,7 @@ def test_alert_rules_name_only_what_the_daemon_exports(rendered: dict[str, Path]
         "GannetBacklogMonitorFailing",
         "GannetNoTaskSucceeding",
         "GannetAcksFailing",
+        "GannetCallbacksNotTakenOver",
     } <= names
     anchors = runbook_anchors()
     for rule in rules:

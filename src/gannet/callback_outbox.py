@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from gannet.callback import Callbacks
 from gannet.errors import GannetError, TransientError
+from gannet.metrics import Metrics
 from gannet.sink import OwedCallback, Sink
 from gannet.task import Task
 
@@ -45,9 +46,10 @@ class Outbox:
     (the outcome recorded, the unsent handed back), and the thread (`callback-outbox`)
     that renews this process's rows and takes over the rows due."""
 
-    def __init__(self, sink: Sink, holder: str) -> None:
+    def __init__(self, sink: Sink, holder: str, metrics: Metrics) -> None:
         self._sink = sink
         self._holder = holder
+        self._metrics = metrics
         self._every_s = sink.callback_lease_s / 4
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -166,6 +168,10 @@ class Outbox:
                 "callbacks owed by stopped workers taken over",
                 extra={"fields": {"taken": len(taken)}},
             )
+        due, oldest_s = self._sink.callbacks_due()  # left for the next sweeps, any pod's
+        self._metrics.callbacks_due.set(due)
+        self._metrics.callbacks_due_oldest.set(oldest_s)
+        self._metrics.callbacks_swept.set_to_current_time()
         return len(taken)
 
     def _sendable_until(self, renewed_at: float) -> float:

@@ -368,7 +368,7 @@ def build(
     # A reloaded config is served only once its models load here (start-up warms the first).
     configs.check_models_with(partial(pipeline.load_models, devices=devices))
     holder = worker_id()
-    outbox = Outbox(sink, holder)
+    outbox = Outbox(sink, holder, metrics)
     callbacks = build_callbacks(s, outbox, metrics)
     lanes = s.lane_list()
     # Each lane's acks, sent by the daemon (acks.py); handed to its Subscriber too.

@@ -168,6 +168,28 @@ class Metrics:
         self.callbacks = Counter(
             "gannet_callbacks", "Result callbacks, by result.", ["result"], registry=r
         )
+        # The whole table's, as this process's last sweep read it: every pod exports
+        # the same value (take the max of the freshest), and no pod running means none.
+        self.callbacks_due_oldest = Gauge(
+            "gannet_callbacks_due_oldest_seconds",
+            "How long the oldest callback owed in PostgreSQL (callback_outbox) has been due "
+            "without a pod taking it over, as of this process's last sweep; 0 when none is "
+            "due. Each sweep takes due ones over, so it stays under a quarter of "
+            "GANNET_CALLBACK_LEASE_S unless the sweeps fail or fall behind.",
+            registry=r,
+        )
+        self.callbacks_due = Gauge(
+            "gannet_callbacks_due",
+            "Callbacks owed in PostgreSQL and due, not taken over by any pod yet, as of this "
+            "process's last sweep.",
+            registry=r,
+        )
+        self.callbacks_swept = Gauge(
+            "gannet_callbacks_last_sweep_timestamp_seconds",
+            "Unix time of this process's last complete sweep of the callbacks owed (every "
+            "quarter of GANNET_CALLBACK_LEASE_S): the two gauges above are as old as this.",
+            registry=r,
+        )
         # The three gauges by lane have a lane's series only once a poll of it succeeded
         # (backlog.py): absent, not 0, while monitoring is off or every poll fails.
         self.backlog = Gauge(

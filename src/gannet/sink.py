@@ -520,6 +520,10 @@ FROM (SELECT task_id FROM callback_outbox WHERE due_at <= now()
 WHERE o.task_id = due.task_id
 RETURNING o.task_id, o.tenant_id, o.attempts
 """
+_DUE = """
+SELECT count(*), coalesce(extract(epoch FROM now() - min(due_at)), 0)::float8
+FROM callback_outbox WHERE due_at <= now()
+"""
 _OWED = """
 SELECT task_id, pipeline, session_id, image_id, image_url, result, result_uri,
     callback_url, callback_status
@@ -831,6 +835,12 @@ class Sink:
         if paid:
             self._statement(_PAID_ALL, (paid,))
         return owed
+
+    def callbacks_due(self) -> tuple[int, float]:
+        """Callbacks owed and due that no pod has taken over yet: how many, and how long
+        (s) the oldest has waited."""
+        ((count, oldest_s),) = self._statement(_DUE, ())
+        return int(count), float(oldest_s)
 
     def _statement(self, query: str, params: tuple[object, ...]) -> list[tuple[Any, ...]]:
         """One statement, its own transaction, answered within the deadline."""
