@@ -58,6 +58,7 @@ class Relay:
                 continue
             try:
                 server = socket.create_connection(self.upstream, timeout=5)
+                server.settimeout(None)  # connected: an idle connection stays open
             except OSError:
                 _close(client)
                 continue

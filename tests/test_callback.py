@@ -1143,6 +1143,12 @@ def test_a_take_skips_the_rows_another_pod_is_taking(processor_parts):
     for _ in range(3):
         _run(settings, storage, processor, tenant, "http://127.0.0.1:9/never")
     time.sleep(settings.callback_lease_s)
+    with psycopg.connect(settings.database_url) as conn:  # one of them due for 100 s
+        conn.execute(
+            "UPDATE callback_outbox SET due_at = now() - interval '100 s' WHERE task_id = "
+            "(SELECT task_id FROM callback_outbox WHERE tenant_id = %s LIMIT 1)",
+            (tenant,),
+        )
     with psycopg.connect(settings.database_url) as pod_a:
         taken_by_a = pod_a.execute(sink_module._TAKE, (100, "pod-a", 60.0)).fetchall()
         assert len(taken_by_a) == 3
@@ -1157,7 +1163,7 @@ def test_a_take_skips_the_rows_another_pod_is_taking(processor_parts):
         assert b_sweeps.sweep() == 0
         assert metrics.registry.get_sample_value("gannet_callbacks_due") == 3
         oldest_s = metrics.registry.get_sample_value("gannet_callbacks_due_oldest_seconds")
-        assert oldest_s is not None and 0 < oldest_s < 60
+        assert oldest_s is not None and 100 <= oldest_s < 160
         pod_a.commit()
     assert taken_by_b == []
     assert b_sweeps.sweep() == 0
@@ -1335,7 +1341,7 @@ def test_only_the_holder_records_a_callbacks_outcome(processor_parts):
 
 
 @pytest.fixture
-def cut_off(processor_parts) -> Iterator[tuple[Callbacks, Outbox, Relay]]:
+def cut_off(processor_parts) -> Iterator[tuple[Callbacks, Outbox, Relay, sink_module.Sink]]:
     """The processor's callbacks with their outcomes written through a relay to
     PostgreSQL that the test cuts (a failover, a restart): this pod's outbox, under its
     holder."""
@@ -1348,7 +1354,7 @@ def cut_off(processor_parts) -> Iterator[tuple[Callbacks, Outbox, Relay]]:
     outbox = Outbox(sink, processor.holder, metrics)
     callbacks = Callbacks(CallbackClient(LOCAL), outbox, metrics, workers=1)
     processor.callbacks = callbacks
-    yield callbacks, outbox, relay
+    yield callbacks, outbox, relay, sink
     callbacks.close(timeout_s=0.0)
     relay.close()
     sink.close()
@@ -1357,7 +1363,7 @@ def cut_off(processor_parts) -> Iterator[tuple[Callbacks, Outbox, Relay]]:
 def _delivered_while_cut_off(processor_parts, cut_off, receiver) -> Task:
     """A task run, and its callback delivered, while its pod cannot write the outcome."""
     settings, storage, processor, _, _ = processor_parts
-    callbacks, _, relay = cut_off
+    callbacks, _, relay, _ = cut_off
     relay.cut()
     tenant = f"cb-{uuid.uuid4().hex[:6]}"
     task, first = _run(settings, storage, processor, tenant, receiver.url())
@@ -1369,27 +1375,41 @@ def _delivered_while_cut_off(processor_parts, cut_off, receiver) -> Task:
 
 
 def test_an_outcome_postgresql_did_not_take_is_written_by_the_next_sweep(
-    processor_parts, cut_off, receiver_factory
+    processor_parts, cut_off, receiver_factory, caplog
 ):
     """A callback delivered while its pod could not reach PostgreSQL: the outcome is
-    kept, and the pod's next sweep once PostgreSQL answers writes it, within the row's
-    lease. No pod sends the callback again (before, the row came due at the lease's end
-    and another pod sent it)."""
+    kept, and the pod's next sweep once PostgreSQL answers writes it. Written before the
+    sweep takes over rows come due, it is not taken over and sent again by that sweep,
+    even when the outage outlasted its row's lease, as here; another pod sweeping after
+    finds nothing to send (before, the row came due at the lease's end and a pod sent
+    it again). Written once: the next sweep has nothing left to write."""
     settings, _, processor, _, metrics = processor_parts
-    callbacks, outbox, relay = cut_off
+    callbacks, outbox, relay, _ = cut_off
     receiver = receiver_factory([200])
     task = _delivered_while_cut_off(processor_parts, cut_off, receiver)
     with pytest.raises(TransientError):
         outbox.sweep(callbacks)  # still cut off: kept
+    time.sleep(settings.callback_lease_s)  # its row is due now
     relay.restore()
+    caplog.set_level(logging.INFO, logger="gannet")
     wait_until(lambda: _swept(outbox, callbacks), "a sweep once PostgreSQL answers")
     assert _callback_status(settings, task.tenant_id, task.task_id) == "delivered: HTTP 200"
     assert _owed(settings, task.task_id) is None
-    time.sleep(settings.callback_lease_s)
     other = _other_pod(processor, "pod-b", metrics)
     assert other.sweep() == 0
+    wait_until(lambda: callbacks.pending() == 0, "nothing queued here either")
     assert len(receiver.requests) == 1
+    outbox.sweep(callbacks)
+    assert not [r for r in caplog.records if "another worker" in r.getMessage()]
     other.close()
+
+
+def _answers(sink: sink_module.Sink) -> bool:
+    try:
+        sink.callbacks_due()
+    except TransientError:  # the pool's new connection not made yet
+        return False
+    return True
 
 
 def _swept(outbox: Outbox, callbacks: Callbacks) -> bool:
@@ -1401,16 +1421,28 @@ def _swept(outbox: Outbox, callbacks: Callbacks) -> bool:
 
 
 def test_a_stopping_pod_writes_the_outcomes_it_kept(processor_parts, cut_off, receiver_factory):
-    """The stop (daemon: after the callbacks' close) tries the outcomes kept once more:
-    PostgreSQL back by then, the callback is not sent again by another pod."""
+    """The stop (daemon: after the callbacks' close) tries the outcomes kept once more,
+    for a bounded time: a PostgreSQL that has stopped answering does not hold it (its
+    answer deadline is a minute). PostgreSQL back by then, the outcome is written and
+    no pod sends the callback again."""
     settings, _, _, _, _ = processor_parts
-    _, outbox, relay = cut_off
+    _, outbox, relay, sink = cut_off
     receiver = receiver_factory([200])
     task = _delivered_while_cut_off(processor_parts, cut_off, receiver)
-    outbox.finish()  # still cut off: said, and left for the lease's end
+    outbox.finish(timeout_s=5.0)  # still cut off: said, and left for the lease's end
     assert _owed(settings, task.task_id) is not None
     relay.restore()
-    wait_until(lambda: (outbox.finish(), _owed(settings, task.task_id) is None)[1], "written")
+    wait_until(lambda: _answers(sink), "a connection to PostgreSQL again")
+    relay.freeze()  # the connection open, nothing answered
+    started = time.monotonic()
+    outbox.finish(timeout_s=1.0)
+    assert time.monotonic() - started < 2.0
+    assert _owed(settings, task.task_id) is not None
+    relay.thaw()
+    wait_until(
+        lambda: (outbox.finish(timeout_s=5.0), _owed(settings, task.task_id) is None)[1],
+        "written once PostgreSQL answers",
+    )
     assert _callback_status(settings, task.tenant_id, task.task_id) == "delivered: HTTP 200"
 
 

@@ -11,8 +11,8 @@ at each sweep (FOR UPDATE SKIP LOCKED: two never take one) and sends them as its
 counting the attempts made before. A process that could not renew for three quarters of
 the lease (frozen, or cut off from PostgreSQL) starts no attempt until a renewal tells
 it which rows are still its own; those another took over meanwhile it drops. An outcome
-PostgreSQL did not take (it was unreachable) is kept here and written at the next sweep,
-before the row's lease ends, so that no pod sends that callback again. A callback may
+PostgreSQL did not take (it was unreachable) is kept here, its row renewed, and written
+at the first sweep it answers, so that no pod sends that callback again. A callback may
 still come twice (an attempt in flight when its pod froze or died, an outcome still
 unwritten when its pod stopped, or one unwritten past the lease): receivers dedupe on
 task_id.
@@ -54,6 +54,7 @@ class Outbox:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._writing = threading.Lock()
         # Outcomes not written yet (PostgreSQL was unreachable): task_id -> (tenant, text),
         # written at the first sweep once it answers. Before, the row of a callback
         # delivered during an outage came due at its lease's end and another pod sent
@@ -87,22 +88,25 @@ class Outbox:
 
     def _write_unwritten(self) -> None:
         """The outcomes kept, written; TransientError (PostgreSQL still unreachable)
-        leaves the rest for the next try."""
-        with self._lock:
-            unwritten = list(self._unwritten.items())
-        for task_id, (tenant_id, status) in unwritten:
-            try:
-                self._write(task_id, tenant_id, status)
-            except TransientError:
-                raise
-            except Exception:  # kept, it would stop every sweep, and the renewals with it
-                log.exception(
-                    "callback outcome cannot be written: its row comes due and the "
-                    "callback is sent again",
-                    extra={"task_id": task_id, "tenant_id": tenant_id},
-                )
+        leaves the rest for the next try. One writer at a time: the stop's last try
+        may come while a sweep still runs."""
+        with self._writing:
             with self._lock:
-                self._unwritten.pop(task_id, None)
+                unwritten = list(self._unwritten.items())
+            for task_id, kept in unwritten:
+                try:
+                    self._write(task_id, *kept)
+                except TransientError:
+                    raise
+                except Exception:  # kept, it would stop every sweep, its renewals with it
+                    log.exception(
+                        "callback outcome cannot be written: its row comes due and the "
+                        "callback is sent again",
+                        extra={"task_id": task_id, "tenant_id": kept[0]},
+                    )
+                with self._lock:
+                    if self._unwritten.get(task_id) == kept:  # not kept again meanwhile
+                        del self._unwritten[task_id]
 
     def hand_back(self, unsent: list[tuple[str, int]]) -> None:
         self._sink.hand_back_callbacks(self._holder, unsent)
@@ -122,23 +126,34 @@ class Outbox:
         if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout_s)
 
-    def finish(self) -> None:
-        """After the callbacks' close: one more try at the outcomes not written yet.
-        Those still left come due at their lease's end, and another pod sends them
-        again."""
+    def finish(self, timeout_s: float) -> None:
+        """After the callbacks' close: one more try, for up to `timeout_s`, at the
+        outcomes not written yet (0: none). Those left come due at their lease's end,
+        and another pod sends them again. On a thread of its own: a PostgreSQL that
+        stopped answering held the stop for its answer deadline (60 s) in a review."""
         with self._lock:
             if not self._unwritten:
                 return
-        try:
-            self._write_unwritten()
-        except TransientError as exc:
-            with self._lock:
-                left = len(self._unwritten)
+        if timeout_s > 0:
+            thread = threading.Thread(
+                target=self._finish, name="callback-outbox-finish", daemon=True
+            )
+            thread.start()
+            thread.join(timeout_s)
+        with self._lock:
+            left = len(self._unwritten)
+        if left:
             log.warning(
                 "callback outcomes not written before stopping: another pod sends those "
                 "callbacks again once this one's lease on them ends",
-                extra={"fields": {"unwritten": left, "error": str(exc)}},
+                extra={"fields": {"unwritten": left}},
             )
+
+    def _finish(self) -> None:
+        try:
+            self._write_unwritten()
+        except TransientError as exc:  # said by finish(), with the count left
+            log.info("last try at the kept outcomes failed", extra={"fields": {"error": str(exc)}})
 
     def _run(self, callbacks: Callbacks) -> None:
         while not self._stop.wait(self._every_s):
@@ -152,15 +167,28 @@ class Outbox:
                 log.exception("sweeping the callbacks owed failed unexpectedly")
 
     def sweep(self, callbacks: Callbacks) -> int:
-        """Write the outcomes kept, renew the rows of what `callbacks` has pending, then
-        take over up to SWEEP_LIMIT due ones and queue them there; how many were taken.
-        Written first, a kept outcome's callback is never taken over by this sweep and
-        sent again."""
+        """Write the outcomes kept, renew the rows of what `callbacks` has pending and of
+        the outcomes still kept, then take over up to SWEEP_LIMIT due ones and queue
+        them there; how many were taken. Written first, a kept outcome's callback is not
+        taken over by this sweep and sent again (one kept meanwhile, its row due, is
+        written when taken). While a kept outcome cannot be written, the renewals go on
+        and nothing is taken over (the error is raised after the renewal)."""
         started = time.monotonic()
-        self._write_unwritten()
+        unwritable: TransientError | None = None
+        try:
+            self._write_unwritten()
+        except TransientError as exc:  # PostgreSQL down: the renewal fails as well
+            unwritable = exc
         held = callbacks.held()
-        owned = self._sink.renew_callbacks(self._holder, held) if held else set()
-        callbacks.renewed({task_id for task_id, _ in held} - owned, self._sendable_until(started))
+        pending = {task_id for task_id, _ in held}
+        with self._lock:
+            kept = set(self._unwritten) - pending
+        mine = held + [(task_id, 0) for task_id in kept]  # 0: the row's count stays
+        owned = self._sink.renew_callbacks(self._holder, mine) if mine else set()
+        callbacks.renewed(pending - owned, self._sendable_until(started))
+        self._forget(kept - owned)
+        if unwritable is not None:
+            raise unwritable
         if self._stop.is_set():
             return 0
         taken = self._sink.take_callbacks(self._holder, SWEEP_LIMIT)
@@ -177,6 +205,20 @@ class Outbox:
         self._metrics.callbacks_swept.set_to_current_time()
         return len(taken)
 
+    def _forget(self, lost: set[str]) -> None:
+        """Kept outcomes whose rows another worker took over (their lease ran out
+        before PostgreSQL answered again): that worker sends and records them."""
+        if not lost:
+            return
+        with self._lock:
+            for task_id in lost:
+                self._unwritten.pop(task_id, None)
+        log.warning(
+            "callback outcomes not written before another worker took the callbacks over "
+            "(PostgreSQL did not answer for a lease): they are sent again",
+            extra={"fields": {"dropped": len(lost)}},
+        )
+
     def _sendable_until(self, renewed_at: float) -> float:
         """Until when a renewal made at `renewed_at` (monotonic) lets attempts start: a
         quarter of the lease short of its end, a margin for the clocks and the renewal's
@@ -184,6 +226,11 @@ class Outbox:
         return renewed_at + self._sink.callback_lease_s * 3 / 4
 
     def _queue(self, callbacks: Callbacks, owed: OwedCallback) -> None:
+        with self._lock:
+            kept = self._unwritten.pop(owed.task_id, None)
+        if kept is not None:  # its outcome was kept after this sweep wrote the others
+            self.record(owed.task_id, *kept)
+            return
         try:
             task = Task(
                 task_id=owed.task_id,

@@ -733,9 +733,7 @@ class Daemon:
         parts.outbox.stop(timeout_s=0.0 if forced else budget.left(cap=2.0))
         parts.callbacks.close(timeout_s=0.0 if forced else budget.left(), abort=self.stop_now)
         forced = self.stop_now.is_set()  # a second signal may have come meanwhile
-        # One statement at most, where PostgreSQL is still down (the hand-back's wait).
-        if not forced and budget.left() > 0:
-            parts.outbox.finish()
+        parts.outbox.finish(timeout_s=0.0 if forced else budget.left(cap=2.0))
         parts.close(timeout_s=0.0 if forced else budget.left())
         log.info("gannet stopped", extra={"fields": {"forced": forced}})
 

@@ -502,7 +502,8 @@ WHERE task_id = %s AND EXISTS (SELECT 1 FROM paid) RETURNING task_id
 """
 _PAID_ALL = "DELETE FROM callback_outbox WHERE task_id = ANY(%s)"
 _RENEW = """
-UPDATE callback_outbox o SET due_at = now() + make_interval(secs => %s), attempts = h.attempts
+UPDATE callback_outbox o SET due_at = now() + make_interval(secs => %s),
+    attempts = greatest(o.attempts, h.attempts)
 FROM unnest(%s::text[], %s::int[]) AS h(task_id, attempts)
 WHERE o.task_id = h.task_id AND o.holder = %s
 RETURNING o.task_id
@@ -801,10 +802,10 @@ class Sink:
 
     def renew_callbacks(self, holder: str, held: list[tuple[str, int]]) -> set[str]:
         """The callbacks `holder` still has waiting, (task_id, attempts made), stay its
-        own for another lease, with their attempts: a pod killed mid-way passes on
-        those counted at its last renewal (its successor used to start again from the
-        last hand-back's). The task_ids it still held (the others another worker took
-        over, or have their outcome)."""
+        own for another lease, with their attempts (never lowered): a pod killed
+        mid-way passes on those counted at its last renewal (its successor used to
+        start again from the last hand-back's). The task_ids it still held (the others
+        another worker took over, or have their outcome)."""
         ids, attempts = [task_id for task_id, _ in held], [n for _, n in held]
         rows = self._statement(_RENEW, (self.callback_lease_s, ids, attempts, holder))
         return {str(row[0]) for row in rows}
