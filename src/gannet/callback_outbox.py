@@ -97,6 +97,10 @@ class Outbox:
                 try:
                     self._write(task_id, *kept)
                 except TransientError:
+                    with self._lock:  # to the back: the others are tried first next time
+                        if self._unwritten.get(task_id) == kept:
+                            del self._unwritten[task_id]
+                            self._unwritten[task_id] = kept
                     raise
                 except Exception:  # kept, it would stop every sweep, its renewals with it
                     log.exception(
@@ -169,16 +173,17 @@ class Outbox:
     def sweep(self, callbacks: Callbacks) -> int:
         """Write the outcomes kept, renew the rows of what `callbacks` has pending and of
         the outcomes still kept, then take over up to SWEEP_LIMIT due ones and queue
-        them there; how many were taken. Written first, a kept outcome's callback is not
-        taken over by this sweep and sent again (one kept meanwhile, its row due, is
-        written when taken). While a kept outcome cannot be written, the renewals go on
-        and nothing is taken over (the error is raised after the renewal)."""
-        started = time.monotonic()
+        them there; how many were taken. A kept outcome's row is renewed (one kept
+        during the sweep is still pending in `callbacks`, held before its outcome is
+        kept, and renewed as such), so this sweep never takes it over and sends it
+        again. While a kept outcome cannot be written, the renewals go on and nothing
+        is taken over (the error is raised after the renewal)."""
         unwritable: TransientError | None = None
         try:
             self._write_unwritten()
         except TransientError as exc:  # PostgreSQL down: the renewal fails as well
             unwritable = exc
+        started = time.monotonic()  # after the writes: one may have waited for a lock
         held = callbacks.held()
         pending = {task_id for task_id, _ in held}
         with self._lock:
@@ -208,16 +213,14 @@ class Outbox:
     def _forget(self, lost: set[str]) -> None:
         """Kept outcomes whose rows another worker took over (their lease ran out
         before PostgreSQL answered again): that worker sends and records them."""
-        if not lost:
-            return
         with self._lock:
-            for task_id in lost:
-                self._unwritten.pop(task_id, None)
-        log.warning(
-            "callback outcomes not written before another worker took the callbacks over "
-            "(PostgreSQL did not answer for a lease): they are sent again",
-            extra={"fields": {"dropped": len(lost)}},
-        )
+            dropped = [t for t in lost if self._unwritten.pop(t, None) is not None]
+        if dropped:  # not those the stop's last try wrote meanwhile
+            log.warning(
+                "callback outcomes not written before another worker took the callbacks "
+                "over (PostgreSQL did not answer for a lease): they are sent again",
+                extra={"fields": {"dropped": len(dropped)}},
+            )
 
     def _sendable_until(self, renewed_at: float) -> float:
         """Until when a renewal made at `renewed_at` (monotonic) lets attempts start: a
@@ -226,11 +229,6 @@ class Outbox:
         return renewed_at + self._sink.callback_lease_s * 3 / 4
 
     def _queue(self, callbacks: Callbacks, owed: OwedCallback) -> None:
-        with self._lock:
-            kept = self._unwritten.pop(owed.task_id, None)
-        if kept is not None:  # its outcome was kept after this sweep wrote the others
-            self.record(owed.task_id, *kept)
-            return
         try:
             task = Task(
                 task_id=owed.task_id,
