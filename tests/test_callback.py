@@ -1037,15 +1037,23 @@ def test_a_callback_lost_with_its_pod_is_sent_by_another_pod(processor_parts, re
     other.close()
 
 
-def test_a_pod_keeps_the_callbacks_it_still_sends(processor_parts, receiver_factory):
-    """A callback waiting for its retry past the lease (its receiver down) stays its
-    pod's while that pod renews it: another pod's sweep does not send it as well."""
-    settings, storage, processor, callbacks, metrics = processor_parts
+def _failed_once(processor_parts, receiver_factory, **policy: Any) -> tuple[Task, Receiver]:
+    """A task run whose callback's first attempt failed (its receiver answers 503) and
+    now waits for its retry, under `policy`."""
+    settings, storage, processor, callbacks, _ = processor_parts
     down = receiver_factory([503])
-    callbacks.client = CallbackClient(_policy(timeout_s=2.0, retries=3, backoff_s=30.0))
+    callbacks.client = CallbackClient(_policy(timeout_s=2.0, **policy))
     tenant = f"cb-{uuid.uuid4().hex[:6]}"
     task, _ = _run(settings, storage, processor, tenant, down.url())
     wait_until(lambda: len(down.requests) == 1, "the first attempt failed")
+    return task, down
+
+
+def test_a_pod_keeps_the_callbacks_it_still_sends(processor_parts, receiver_factory):
+    """A callback waiting for its retry past the lease (its receiver down) stays its
+    pod's while that pod renews it: another pod's sweep does not send it as well."""
+    settings, _, processor, callbacks, metrics = processor_parts
+    task, down = _failed_once(processor_parts, receiver_factory, retries=3, backoff_s=30.0)
     mine = Outbox(processor.sink, processor.holder, metrics)
     other = _other_pod(processor, "pod-b", metrics)
     for _ in range(3):  # 1.5 leases in all
@@ -1061,17 +1069,13 @@ def test_a_pod_killed_mid_retries_passes_on_the_attempts_it_made(processor_parts
     """Pod A's callback failed once and waits for its retry; A's sweep renews it with
     that attempt counted, then A dies (no renewal, no stop). Pod B takes it over and
     makes only the attempts left: three in all, not a fresh three after A's one."""
-    settings, storage, processor, callbacks, metrics = processor_parts
-    down = receiver_factory([503])
-    callbacks.client = CallbackClient(_policy(timeout_s=2.0, retries=2, backoff_s=60.0))
-    tenant = f"cb-{uuid.uuid4().hex[:6]}"
-    task, _ = _run(settings, storage, processor, tenant, down.url())
-    wait_until(lambda: len(down.requests) == 1, "A's first attempt failed")
+    settings, _, processor, callbacks, metrics = processor_parts
+    task, down = _failed_once(processor_parts, receiver_factory, retries=2, backoff_s=60.0)
     Outbox(processor.sink, processor.holder, metrics).sweep(callbacks)
     time.sleep(settings.callback_lease_s)  # A dead: its lease runs out
     other = _other_pod(processor, "pod-b", metrics)
     assert other.sweep() == 1
-    status = _callback_status(settings, tenant, task.task_id)
+    status = _callback_status(settings, task.tenant_id, task.task_id)
     assert status == "failed: HTTP 503 after 3 attempts"
     assert len(down.requests) == 3
     other.close()
