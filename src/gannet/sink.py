@@ -514,10 +514,9 @@ FROM unnest(%s::text[], %s::int[]) AS h(task_id, attempts)
 WHERE o.task_id = h.task_id AND o.holder = %s
 """
 # Due rows, oldest first; a row another pod is taking now is skipped, not waited for.
-# Chosen in a CTE, MATERIALIZED: evaluated once. As a subquery joined in the UPDATE, a
-# plan may run it again (a nested loop's inner side), each run skipping the rows the
-# statement already took and locking the next ones: one sweep took 250 rows with the
-# limit at 100 in a live review.
+# Chosen in a CTE, MATERIALIZED: evaluated once. Joined in the UPDATE as a subquery,
+# nothing promises it runs once (a known pitfall of LIMIT with SKIP LOCKED), and a
+# sweep took 250 rows with the limit at 100 in a live review (not reproduced since).
 _TAKE = """
 WITH due AS MATERIALIZED (
     SELECT task_id FROM callback_outbox WHERE due_at <= now()
