@@ -79,12 +79,17 @@ class Outbox:
                 },
             )
 
-    def _write(self, task_id: str, tenant_id: str, status: str) -> None:
-        if not self._sink.set_callback_status(task_id, tenant_id, status, self._holder):
-            log.info(
-                "callback outcome not recorded: another worker took the callback over",
-                extra={"task_id": task_id, "tenant_id": tenant_id, "fields": {"outcome": status}},
-            )
+    def _write(self, task_id: str, tenant_id: str, status: str, kept: bool = False) -> None:
+        if self._sink.set_callback_status(task_id, tenant_id, status, self._holder):
+            return
+        # Kept: its lease ran out before PostgreSQL answered again, and the other
+        # worker sends it again. Not kept: an attempt in flight when it was taken over.
+        log.log(
+            logging.WARNING if kept else logging.INFO,
+            "callback outcome not recorded: another worker took the callback over"
+            + (" before PostgreSQL answered again, and sends it again" if kept else ""),
+            extra={"task_id": task_id, "tenant_id": tenant_id, "fields": {"outcome": status}},
+        )
 
     def _write_unwritten(self) -> None:
         """The outcomes kept, written; TransientError (PostgreSQL still unreachable)
@@ -95,7 +100,7 @@ class Outbox:
                 unwritten = list(self._unwritten.items())
             for task_id, kept in unwritten:
                 try:
-                    self._write(task_id, *kept)
+                    self._write(task_id, *kept, kept=True)
                 except TransientError:
                     with self._lock:  # to the back: the others are tried first next time
                         if self._unwritten.get(task_id) == kept:
