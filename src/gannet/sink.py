@@ -535,6 +535,12 @@ SELECT task_id, pipeline, session_id, image_id, image_url, result, result_uri,
 FROM task_results WHERE task_id = ANY(%s) AND status = 'succeeded'
 """
 
+
+def _columns(pairs: list[tuple[str, int]]) -> tuple[list[str], list[int]]:
+    """(task_id, attempts) pairs as the two arrays `unnest` takes (_RENEW, _HAND_BACK)."""
+    return [task_id for task_id, _ in pairs], [n for _, n in pairs]
+
+
 _CONFLICT = "task_id is already used by another tenant; task ids must be globally unique"
 
 
@@ -805,15 +811,13 @@ class Sink:
         mid-way passes on those counted at its last renewal (its successor used to
         start again from the last hand-back's). The task_ids it still held (the others
         another worker took over, or have their outcome)."""
-        ids, attempts = [task_id for task_id, _ in held], [n for _, n in held]
-        rows = self._statement(_RENEW, (self.callback_lease_s, ids, attempts, holder))
+        rows = self._statement(_RENEW, (self.callback_lease_s, *_columns(held), holder))
         return {str(row[0]) for row in rows}
 
     def hand_back_callbacks(self, holder: str, owed: list[tuple[str, int]]) -> None:
         """Callbacks `holder` will not send (it is stopping), with the attempts made:
         due now, for any pod to take over."""
-        ids, attempts = [task_id for task_id, _ in owed], [n for _, n in owed]
-        self._statement(_HAND_BACK, (ids, attempts, holder))
+        self._statement(_HAND_BACK, (*_columns(owed), holder))
 
     def take_callbacks(self, holder: str, limit: int) -> list[OwedCallback]:
         """Up to `limit` callbacks owed and due (their pod died, stopped, or froze past
