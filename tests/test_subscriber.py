@@ -444,6 +444,49 @@ def test_a_lease_shrunk_while_the_client_holds_back_loses_nothing_pubsub_sent(st
     assert stack.unacked(recorder.delivered) == []
 
 
+def test_a_message_held_while_its_stream_ends_runs_once_a_slot_frees(stack):
+    """Pub/Sub 600 ms away (300 ms each way), a lease of 2, both messages running. Both
+    are acked, so Pub/Sub sends two more in one response; before it arrives the lease
+    grows to 3 (lease.py, runners idle), which ends the stream for a new one. The client
+    still counts the two acked messages until their slots are freed (acks.py frees them
+    when the ack's request has returned), so the third runs and the fourth goes on
+    hold. Once the slots are freed the fourth must run. It stayed on hold for good: the
+    client hands held messages over only while it has stopped reading the stream, and
+    it reads on while a stream ends; no response came after it, and the pod sat idle."""
+    gate = Started("gannet.dev.pubsub_gate", str(stack.services.ports.pubsub))
+    relay = Started("gannet.dev.relay", str(gate.port), "--latency-ms=600")
+    host = {"gate": gate.port, "relay": relay.port}
+    near, far = (
+        stack.settings.model_copy(update={"pubsub_emulator_host": f"127.0.0.1:{host[name]}"})
+        for name in ("gate", "relay")
+    )
+    acker = clients.pubsub_clients(near)[1]  # acks reach the gate at once
+    recorder = Recorder(settle=lambda message: None)  # settled below
+    bodies = [f"held {i}".encode() for i in range(4)]
+    for body in bodies[:2]:
+        stack.publish_raw(body)
+    try:
+        with subscribed(stack, 2, recorder, None, far, most_messages=3) as subscriber:
+            settles_to(lambda: len(recorder.delivered), 2, "delivered while leasing 2")
+            for body in bodies[2:]:
+                stack.publish_raw(body)
+            acked = recorder.delivered[:2]
+            acker.acknowledge(
+                subscription=near.subscription_path(), ack_ids=[m.ack_id for m in acked]
+            )
+            subscriber.resize(3)  # the next two are on their way, 300 ms off
+            settles_to(lambda: len(recorder.delivered), 3, "delivered while two slots count")
+            for message in acked:
+                message.drop()
+            wait_until(lambda: len(recorder.delivered) == 4, "the held message handed over", 5)
+            acked_at_once(acker, near, recorder.delivered[2:])
+    finally:
+        relay.stop()
+        gate.stop()
+    assert recorder.data() == bodies
+    assert stack.unacked(recorder.delivered) == []
+
+
 def test_a_resized_lease_holds_the_callbacks_the_client_runs_at_once(stack, caplog):
     """The emulator sends all it has whatever the lease, so there the client's own flow
     control is the lease: resized from 2 to 4, the messages it held back start at once.

@@ -179,6 +179,27 @@ class _Manager(StreamingPullManager):  # type: ignore[misc] # the client library
         if consumer is not None:
             consumer.resume()
 
+    def maybe_resume_consumer(self) -> None:
+        """A slot freed: held messages go out, whether or not the stream is being read.
+        The client releases them here only while its reading is paused, as it always is
+        on its own while it holds messages (a full lease pauses it). While a call ends,
+        `maybe_pause_consumer` reads on, so a message that arrived then with every slot
+        taken stayed on hold until the stream's next response; with none to come, for
+        good: the last task of a batch sat in a pod left idle, in about 1 run in 15 of
+        the test of a distant Pub/Sub's lease (`tests/test_subscriber.py`'s test of a
+        message held while its stream ends shows it at once)."""
+        with self._pause_resume_lock:
+            consumer = self._consumer
+            if (
+                self._messages_on_hold.size
+                and consumer is not None
+                and not consumer.is_paused
+                and self._scheduler is not None
+                and self._leaser is not None
+            ):
+                self._maybe_release_messages()
+        super().maybe_resume_consumer()
+
     def close(self, reason: Any = None) -> None:
         """The stop: the stream is read until the server has ended it (`_close_politely`),
         even with every slot taken (`maybe_pause_consumer`)."""
