@@ -32,6 +32,7 @@ class RawStream:
             )
         )
         self.ack_ids: list[str] = []
+        self.attempts: list[int] = []  # each message's delivery attempt, in that order
         self._lock = threading.Lock()
         self._responses = client.streaming_pull(requests=iter(self._requests.get, None))
         threading.Thread(target=self._read, daemon=True).start()
@@ -41,6 +42,7 @@ class RawStream:
             for response in self._responses:
                 with self._lock:
                     self.ack_ids.extend(m.ack_id for m in response.received_messages)
+                    self.attempts.extend(m.delivery_attempt for m in response.received_messages)
         except gexc.Cancelled:
             pass  # close()
 
@@ -54,6 +56,10 @@ class RawStream:
                 return now
             seen = len(now)
             time.sleep(settle_s)
+
+    def end(self) -> None:
+        """Half-close, as the daemon ends a stream for a new lease."""
+        self._requests.put(None)
 
     def close(self) -> None:
         self._requests.put(None)
@@ -77,5 +83,30 @@ def test_a_stream_is_sent_at_most_its_limit_and_each_ack_or_nack_frees_a_slot(st
                 request={"subscription": path, "ack_ids": [first[2]], "ack_deadline_seconds": 0}
             )
             assert len(stream.received()) == 6, "a nack frees its slot"
+        finally:
+            stream.close()
+
+
+def test_what_a_stream_that_ended_had_pulled_goes_to_the_next_stream_as_a_first_delivery(
+    stack,
+):
+    """The gate's Pull for a stream waits at the emulator when the client ends the stream
+    (as the daemon does at each new lease), and a message comes by it. Pub/Sub never
+    sent that message, so it is no delivery: the next stream is sent it as the first.
+    Given back to the emulator, it came as the second (delivery_attempt 2), and a task
+    that ran once looked redelivered."""
+    with pubsub_as_pods_meet_it(stack) as gated:
+        client = clients.pubsub_clients(gated)[1]
+        path = stack.settings.subscription_path()
+        ended = RawStream(client, path, limit=1)
+        time.sleep(0.5)  # its Pull waits at the emulator, which has nothing yet
+        ended.end()
+        stack.publish_raw(b"pulled for a stream that ended")
+        assert ended.received() == []
+        stream = RawStream(client, path, limit=1)
+        try:
+            assert len(stream.received()) == 1
+            assert stream.attempts == [1]
+            client.acknowledge(request={"subscription": path, "ack_ids": stream.ack_ids})
         finally:
             stream.close()

@@ -16,6 +16,13 @@ ModifyAckDeadline (unary, or within the stream) go on to the emulator and free o
 extend the slots; every other call goes on unchanged, as bytes. `max_outstanding_bytes`
 is not enforced (gannet's messages are small). Run as `python -m gannet.dev.pubsub_gate
 LISTEN TARGET`, behind gannet.dev.relay as the emulator itself would be.
+
+A Pull in flight when its stream ends can still bring messages. Pub/Sub never sent
+them, so to Pub/Sub they were never delivered; given back to the emulator (a nack),
+they came again as a second delivery attempt, which a test of the lease (whose stream
+ends at each change) then saw about once in 15 runs. They wait here instead, for the
+next stream of their subscription (a stream ended for a new lease is followed by the
+next at once), and go back to the emulator only if none has taken them within CARRY_S.
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ _PULL_WAIT_S = 1.0  # a full stream's wait for an ack, so that an ended stream i
 # past the emulator's own wait: it answers every Pull, with messages or none.
 _PULL_TIMEOUT_S = 10.0
 _UNLIMITED = 1000  # what Pub/Sub leases to a stream that asks for no limit (0)
+# How long messages pulled for a stream that ended wait for the next stream of their
+# subscription before they are given back: a client reopens within a round trip.
+CARRY_S = 1.0
 
 
 class Stream:
@@ -71,6 +81,8 @@ class Gate(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc is untyped
         )
         self._lock = threading.Condition()
         self._owner: dict[str, Stream] = {}  # ack id -> the stream it was sent on
+        # subscription -> messages pulled for a stream that ended before they were sent
+        self._carried: dict[str, list[Any]] = {}
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         method: str = details.method
@@ -150,40 +162,64 @@ class Gate(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc is untyped
                 room = self._room(stream)
                 if room == 0:
                     continue
-                try:
-                    pulled = self._pull(
-                        types.PullRequest(subscription=subscription, max_messages=room),
-                        timeout=_PULL_TIMEOUT_S,
-                    )
-                except grpc.RpcError as exc:
-                    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                        continue
-                    context.abort(exc.code(), exc.details() or "")
-                if not pulled.received_messages:
-                    continue
-                if stream.ended.is_set() or not context.is_active():
-                    # Pulled for a stream that ended meanwhile: never sent, so not leased
-                    # (as on Pub/Sub), and back to the subscription at once.
-                    self._modack(
-                        types.ModifyAckDeadlineRequest(
-                            subscription=subscription,
-                            ack_ids=[m.ack_id for m in pulled.received_messages],
-                            ack_deadline_seconds=0,
+                received = self._take_carried(subscription, room)
+                if not received:
+                    try:
+                        pulled = self._pull(
+                            types.PullRequest(subscription=subscription, max_messages=room),
+                            timeout=_PULL_TIMEOUT_S,
                         )
-                    )
+                    except grpc.RpcError as exc:
+                        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                            continue
+                        context.abort(exc.code(), exc.details() or "")
+                    received = list(pulled.received_messages)
+                    if not received:
+                        continue
+                if stream.ended.is_set() or not context.is_active():
+                    self._carry(subscription, received)  # never sent, so never delivered
                     break
                 until = time.monotonic() + stream.deadline_s
                 with self._lock:
-                    for received in pulled.received_messages:
-                        stream.unacked[received.ack_id] = until
-                        self._owner[received.ack_id] = stream
-                yield types.StreamingPullResponse(received_messages=pulled.received_messages)
+                    for message in received:
+                        stream.unacked[message.ack_id] = until
+                        self._owner[message.ack_id] = stream
+                yield types.StreamingPullResponse(received_messages=received)
         finally:
             stream.ended.set()
             with self._lock:  # what this stream held no longer counts against anything
                 for ack_id in stream.unacked:
                     self._owner.pop(ack_id, None)
                 stream.unacked.clear()
+
+    def _carry(self, subscription: str, received: list[Any]) -> None:
+        with self._lock:
+            self._carried.setdefault(subscription, []).extend(received)
+        timer = threading.Timer(CARRY_S, self._give_back, (subscription, received))
+        timer.daemon = True
+        timer.start()
+
+    def _take_carried(self, subscription: str, room: int) -> list[Any]:
+        with self._lock:
+            carried = self._carried.get(subscription, [])
+            taken, carried[:] = carried[:room], carried[room:]
+            return taken
+
+    def _give_back(self, subscription: str, received: list[Any]) -> None:
+        """Those of `received` no stream has taken: back to the subscription, a nack."""
+        ids = {m.ack_id for m in received}
+        with self._lock:
+            carried = self._carried.get(subscription, [])
+            left = [m for m in carried if m.ack_id in ids]
+            carried[:] = [m for m in carried if m.ack_id not in ids]
+        if left:
+            self._modack(
+                types.ModifyAckDeadlineRequest(
+                    subscription=subscription,
+                    ack_ids=[m.ack_id for m in left],
+                    ack_deadline_seconds=0,
+                )
+            )
 
     def _room(self, stream: Stream) -> int:
         """How many more messages the stream may be sent, after waiting (briefly) for one
