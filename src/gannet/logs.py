@@ -84,6 +84,15 @@ def configure(
     logging._srcfile = None
     logging.logProcesses = False
     logging.logMultiprocessing = False
+    # google-api-core, when the first client is made, stops the "google" logger passing
+    # records to the root unless that logger was configured: every warning and error of
+    # the Google client libraries (a stream that failed, a thread that did not stop)
+    # then went to stderr as bare text, with no severity, time or logger, past this
+    # handler. Its level set, it counts as configured and its records come here; at
+    # WARNING, as Python's last-resort handler printed them (their INFO is chatty).
+    google = logging.getLogger("google")
+    google.setLevel(max(logging.WARNING, root.level))
+    google.propagate = True
     # Client libraries are chatty at INFO about stream reconnects; keep their warnings.
     for noisy in ("google.cloud.pubsub_v1", "google.api_core", "urllib3", "ultralytics"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
