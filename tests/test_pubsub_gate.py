@@ -33,6 +33,7 @@ class RawStream:
         )
         self.ack_ids: list[str] = []
         self.attempts: list[int] = []  # each message's delivery attempt, in that order
+        self.ended = threading.Event()  # the server has ended the call
         self._lock = threading.Lock()
         self._responses = client.streaming_pull(requests=iter(self._requests.get, None))
         threading.Thread(target=self._read, daemon=True).start()
@@ -45,6 +46,8 @@ class RawStream:
                     self.attempts.extend(m.delivery_attempt for m in response.received_messages)
         except gexc.Cancelled:
             pass  # close()
+        finally:
+            self.ended.set()
 
     def received(self, settle_s: float = 0.5) -> list[str]:
         """What arrived, once nothing more has for `settle_s`."""
@@ -91,18 +94,20 @@ def test_what_a_stream_that_ended_had_pulled_goes_to_the_next_stream_as_a_first_
     stack,
 ):
     """The gate's Pull for a stream waits at the emulator when the client ends the stream
-    (as the daemon does at each new lease), and a message comes by it. Pub/Sub never
-    sent that message, so it is no delivery: the next stream is sent it as the first.
-    Given back to the emulator, it came as the second (delivery_attempt 2), and a task
-    that ran once looked redelivered."""
+    (as the daemon does at each new lease). The stream ends at once, not when that Pull
+    returns (up to 2 s later, which held up the next lease as long). A message comes by
+    that Pull: Pub/Sub never sent it, so it is no delivery, and the next stream is sent
+    it as the first. Given back to the emulator, it came as the second
+    (delivery_attempt 2), and a task that ran once looked redelivered."""
     with pubsub_as_pods_meet_it(stack) as gated:
         client = clients.pubsub_clients(gated)[1]
         path = stack.settings.subscription_path()
         ended = RawStream(client, path, limit=1)
         time.sleep(0.5)  # its Pull waits at the emulator, which has nothing yet
         ended.end()
+        assert ended.ended.wait(0.5), "a half-closed stream must end at once"
         stack.publish_raw(b"pulled for a stream that ended")
-        assert ended.received() == []
+        time.sleep(0.3)  # that Pull has it (another stream's own Pull would get it first)
         stream = RawStream(client, path, limit=1)
         try:
             assert len(stream.received()) == 1
@@ -110,3 +115,4 @@ def test_what_a_stream_that_ended_had_pulled_goes_to_the_next_stream_as_a_first_
             client.acknowledge(request={"subscription": path, "ack_ids": stream.ack_ids})
         finally:
             stream.close()
+        assert ended.received() == []

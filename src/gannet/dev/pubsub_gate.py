@@ -17,12 +17,13 @@ extend the slots; every other call goes on unchanged, as bytes. `max_outstanding
 is not enforced (gannet's messages are small). Run as `python -m gannet.dev.pubsub_gate
 LISTEN TARGET`, behind gannet.dev.relay as the emulator itself would be.
 
-A Pull in flight when its stream ends can still bring messages. Pub/Sub never sent
-them, so to Pub/Sub they were never delivered; given back to the emulator (a nack),
-they came again as a second delivery attempt, which a test of the lease (whose stream
-ends at each change) then saw about once in 15 runs. They wait here instead, for the
-next stream of their subscription (a stream ended for a new lease is followed by the
-next at once), and go back to the emulator only if none has taken them within CARRY_S.
+A stream the client half-closes ends at once, as on the emulator, even while a Pull for
+it waits there. What such a Pull brings later was never sent, so to Pub/Sub never
+delivered; given back to the emulator (a nack), it came again as a second delivery
+attempt, which a test of the lease (whose stream ends at each change) then saw about
+once in 15 runs. It waits here instead, for the next stream of its subscription (a
+stream ended for a new lease is followed by the next at once), and goes back to the
+emulator only if none has taken it within CARRY_S.
 """
 
 from __future__ import annotations
@@ -162,20 +163,9 @@ class Gate(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc is untyped
                 room = self._room(stream)
                 if room == 0:
                     continue
-                received = self._take_carried(subscription, room)
+                received = self._pulled(stream, subscription, room, context)
                 if not received:
-                    try:
-                        pulled = self._pull(
-                            types.PullRequest(subscription=subscription, max_messages=room),
-                            timeout=_PULL_TIMEOUT_S,
-                        )
-                    except grpc.RpcError as exc:
-                        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                            continue
-                        context.abort(exc.code(), exc.details() or "")
-                    received = list(pulled.received_messages)
-                    if not received:
-                        continue
+                    continue
                 if stream.ended.is_set() or not context.is_active():
                     self._carry(subscription, received)  # never sent, so never delivered
                     break
@@ -191,6 +181,43 @@ class Gate(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc is untyped
                 for ack_id in stream.unacked:
                     self._owner.pop(ack_id, None)
                 stream.unacked.clear()
+
+    def _pulled(
+        self, stream: Stream, subscription: str, room: int, context: grpc.ServicerContext
+    ) -> list[Any]:
+        """Up to `room` messages for the stream: those carried for its subscription, else
+        a Pull's. The emulator holds a Pull up to about 2 s while it has nothing; if the
+        stream ends meanwhile, it ends at once all the same (as a half-closed stream
+        does on the emulator; waiting, it held a new lease up by 2 s, until the client
+        cancelled it), and what the Pull brings later is carried."""
+        carried = self._take_carried(subscription, room)
+        if carried:
+            return carried
+        pull = self._pull.future(
+            types.PullRequest(subscription=subscription, max_messages=room),
+            timeout=_PULL_TIMEOUT_S,
+        )
+        pull.add_done_callback(lambda _: self._wake())
+        with self._lock:
+            while not pull.done() and not stream.ended.is_set() and context.is_active():
+                self._lock.wait(timeout=_PULL_WAIT_S)
+        if not pull.done():
+            pull.add_done_callback(lambda done: self._carry_pulled(subscription, done))
+            return []
+        try:
+            return list(pull.result().received_messages)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                context.abort(exc.code(), exc.details() or "")
+            return []
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    def _carry_pulled(self, subscription: str, pull: Any) -> None:
+        if pull.exception() is None and pull.result().received_messages:
+            self._carry(subscription, list(pull.result().received_messages))
 
     def _carry(self, subscription: str, received: list[Any]) -> None:
         with self._lock:
