@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -84,6 +85,8 @@ class Gate(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc is untyped
         self._owner: dict[str, Stream] = {}  # ack id -> the stream it was sent on
         # subscription -> messages pulled for a stream that ended before they were sent
         self._carried: dict[str, list[Any]] = {}
+        self._pulls: set[Any] = set()  # Pulls in flight
+        self._closing = False
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         method: str = details.method
@@ -197,7 +200,9 @@ class Gate(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc is untyped
             types.PullRequest(subscription=subscription, max_messages=room),
             timeout=_PULL_TIMEOUT_S,
         )
-        pull.add_done_callback(lambda _: self._wake())
+        with self._lock:
+            self._pulls.add(pull)
+        pull.add_done_callback(self._pull_done)
         with self._lock:
             while not pull.done() and not stream.ended.is_set() and context.is_active():
                 self._lock.wait(timeout=_PULL_WAIT_S)
@@ -211,8 +216,9 @@ class Gate(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc is untyped
                 context.abort(exc.code(), exc.details() or "")
             return []
 
-    def _wake(self) -> None:
+    def _pull_done(self, pull: Any) -> None:
         with self._lock:
+            self._pulls.discard(pull)
             self._lock.notify_all()
 
     def _carry_pulled(self, subscription: str, pull: Any) -> None:
@@ -222,6 +228,10 @@ class Gate(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc is untyped
     def _carry(self, subscription: str, received: list[Any]) -> None:
         with self._lock:
             self._carried.setdefault(subscription, []).extend(received)
+            closing = self._closing
+        if closing:  # no stream will take them
+            self._give_back(subscription, received)
+            return
         timer = threading.Timer(CARRY_S, self._give_back, (subscription, received))
         timer.daemon = True
         timer.start()
@@ -247,6 +257,22 @@ class Gate(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc is untyped
                     ack_deadline_seconds=0,
                 )
             )
+
+    def close(self, timeout_s: float = 3.0) -> None:
+        """At the gate's stop: what it carries, and what the Pulls still in flight bring
+        (within `timeout_s`; the emulator answers an idle one in about 2 s), goes back to
+        the subscription at once. Left to the emulator, it would come back only after
+        the subscription's ack deadline, to a next pod that Pub/Sub would have sent it
+        at once."""
+        with self._lock:
+            self._closing = True
+            carried = {subscription: list(held) for subscription, held in self._carried.items()}
+        for subscription, received in carried.items():
+            self._give_back(subscription, received)
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while self._pulls and time.monotonic() < deadline:
+                self._lock.wait(timeout=max(0.0, deadline - time.monotonic()))
 
     def _room(self, stream: Stream) -> int:
         """How many more messages the stream may be sent, after waiting (briefly) for one
@@ -293,10 +319,11 @@ class Gate(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc is untyped
                 self._lock.notify_all()
 
 
-def serve(listen_port: int, target: str) -> grpc.Server:
+def serve(listen_port: int, target: str) -> tuple[grpc.Server, Gate]:
     upstream = grpc.insecure_channel(target)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64))
-    server.add_generic_rpc_handlers((Gate(upstream),))
+    gate = Gate(upstream)
+    server.add_generic_rpc_handlers((gate,))
     server.add_insecure_port(f"127.0.0.1:{listen_port}")
     server.start()
     log.info(
@@ -304,7 +331,7 @@ def serve(listen_port: int, target: str) -> grpc.Server:
         listen_port,
         target,
     )
-    return server
+    return server, gate
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -317,11 +344,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("target_port", type=int, help="the emulator's port")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    server = serve(args.listen_port, f"127.0.0.1:{args.target_port}")
-    try:
-        server.wait_for_termination()
-    except KeyboardInterrupt:
-        server.stop(grace=1)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    server, gate = serve(args.listen_port, f"127.0.0.1:{args.target_port}")
+    stop.wait()
+    server.stop(grace=1).wait()
+    gate.close()
 
 
 if __name__ == "__main__":
