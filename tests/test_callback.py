@@ -1408,6 +1408,44 @@ def test_an_outcome_postgresql_did_not_take_is_written_by_the_next_sweep(
     other.close()
 
 
+def test_an_outcome_kept_at_a_stop_is_written_by_the_stop(stack, receiver_factory):
+    """A daemon delivers a callback while it cannot reach PostgreSQL (the receiver cuts
+    it off as the request arrives), so the outcome is kept; PostgreSQL is back, and the
+    daemon is stopped before its next sweep (a lease of 60 s: one every 15 s). The stop
+    writes the outcome, on its last try (`Outbox.finish`). Left unwritten, the row came
+    due at its lease's end and another pod sent the callback again."""
+    relay, through = relay_to(stack.settings.database_url)
+    receiver = receiver_factory([200])
+    receiver.on_request = relay.cut
+    try:
+        daemon = stack.start_daemon(
+            GANNET_DATABASE_URL=through,
+            GANNET_DB_TIMEOUT_S="2",
+            GANNET_ALLOW_HTTP_CALLBACKS="true",
+            GANNET_CALLBACK_ALLOW_PRIVATE_ADDRESSES="true",
+            GANNET_CALLBACK_LEASE_S="60",
+        )
+        task = stack.task(stack.upload(SCENES[0]["file"]), callback_url=receiver.url())
+        stack.publish([task])
+        wait_until(
+            lambda: any(
+                e["message"].startswith("callback outcome not written yet")
+                for e in daemon.log_entries()
+            ),
+            "the outcome kept",
+            60,
+        )
+        relay.restore()
+        assert daemon.stop() == 0
+    finally:
+        relay.close()
+    assert len(receiver.requests) == 1
+    status = _callback_status(stack.settings, task.tenant_id, task.task_id, timeout_s=0.1)
+    assert status == "delivered: HTTP 200"
+    assert _owed(stack.settings, task.task_id) is None
+    assert "not written before stopping" not in daemon.log_path.read_text()
+
+
 def _answers(sink: sink_module.Sink) -> bool:
     try:
         sink.callbacks_due()
