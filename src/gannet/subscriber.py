@@ -187,11 +187,13 @@ class _Manager(StreamingPullManager):  # type: ignore[misc] # the client library
         taken stayed on hold until the stream's next response; with none to come, for
         good: the last task of a batch sat in a pod left idle, in about 1 run in 15 of
         the test of a distant Pub/Sub's lease (`tests/test_subscriber.py`'s test of a
-        message held while its stream ends shows it at once)."""
+        message held while its stream ends shows it at once). Not at a stop: what is on
+        hold then is nacked when the stream has ended, as the client does."""
         with self._pause_resume_lock:
             consumer = self._consumer
             if (
                 self._messages_on_hold.size
+                and not self._stopping
                 and consumer is not None
                 and not consumer.is_paused
                 and self._scheduler is not None
