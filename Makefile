@@ -39,7 +39,7 @@ $(INFRA)/bin/promtool: $(INFRA)/.installed
 	rm -rf $(INFRA)/prometheus
 	$@ --version | head -1
 
-install: $(VENV)/.installed $(INFRA)/.installed
+install: $(VENV)/.installed $(INFRA)/.installed $(INFRA)/bin/promtool
 
 demo: $(VENV)/.installed
 	YOLO_OFFLINE=1 $(VENV)/bin/gannet demo $(DEMO_ARGS)

@@ -39,10 +39,7 @@ INFRA_BIN = ROOT / ".venv-infra" / "bin"
 VALIDATOR = ROOT / "tests" / "fixtures" / "infra" / "validate_manifests.py"
 OVERLAYS = ("dev", "prod", "keda")
 K8S_VERSIONS = ("1.33.0", "1.37.0")  # oldest GKE minor we target, newest schemas bundled
-INSTALL_HINT = (
-    "install the infra tools: python3.11 -m venv .venv-infra && "
-    ".venv-infra/bin/pip install -r requirements-infra.txt"
-)
+INSTALL_HINT = "install the infra tools: make install (it builds .venv-infra)"
 MIN_JUSTIFICATION = 20
 # Variables of the agreed daemon contract that Settings may not declare yet; Settings
 # ignores unknown GANNET_* variables, so setting them early is harmless.
