@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Any
 
-from conftest import pubsub_as_pods_meet_it
+from conftest import Started, pubsub_as_pods_meet_it
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 from google.pubsub_v1 import types
@@ -116,3 +116,68 @@ def test_what_a_stream_that_ended_had_pulled_goes_to_the_next_stream_as_a_first_
         finally:
             stream.close()
         assert ended.received() == []
+
+
+def test_what_a_stream_that_ended_had_pulled_goes_to_a_stream_already_waiting(stack):
+    """The next stream opened before the message came and waits in a Pull of its own,
+    while the ended stream's Pull waits too (the emulator holds an idle Pull about 9 s).
+    The emulator hands the message to either Pull; when it is the ended stream's, the
+    waiting stream takes it from the gate at once, as its first delivery. It waited out
+    its own Pull instead: the message went back to the emulator after CARRY_S and came
+    as the second delivery, or the third. Which Pull gets it varies (7 of 10 the older
+    in a probe here), so the test runs the scenario three times."""
+    with pubsub_as_pods_meet_it(stack) as gated:
+        client = clients.pubsub_clients(gated)[1]
+        path = stack.settings.subscription_path()
+        for i in range(3):
+            ended = RawStream(client, path, limit=1)
+            time.sleep(0.5)  # its Pull waits at the emulator
+            ended.end()
+            assert ended.ended.wait(0.5)
+            stream = RawStream(client, path, limit=1)
+            try:
+                time.sleep(0.3)  # its own Pull waits too
+                stack.publish_raw(f"pulled for a stream that ended {i}".encode())
+                assert len(stream.received()) == 1
+                assert stream.attempts == [1], f"round {i}"
+                client.acknowledge(request={"subscription": path, "ack_ids": stream.ack_ids})
+            finally:
+                stream.close()
+
+
+def test_what_no_stream_takes_goes_back_to_the_subscription(stack):
+    """A message pulled for a stream that ended, and no stream after it: within CARRY_S
+    it is back at the emulator, for any puller (another pod), not leased to the gate
+    for the subscription's ack deadline."""
+    with pubsub_as_pods_meet_it(stack) as gated:
+        client = clients.pubsub_clients(gated)[1]
+        ended = RawStream(client, stack.settings.subscription_path(), limit=1)
+        time.sleep(0.5)  # its Pull waits at the emulator
+        ended.end()
+        stack.publish_raw(b"no stream after it")
+        time.sleep(0.5)  # the only Pull waiting, the ended stream's, has it
+        pulled = [m.data for m in stack.pull(stack.settings.subscription, timeout_s=3)]
+        assert pulled == [b"no stream after it"]
+        assert ended.received() == []
+
+
+def test_a_gate_that_stops_gives_back_what_it_carries(stack):
+    """SIGTERM while the gate carries a message (pulled for a stream that ended, within
+    CARRY_S): it goes back to the subscription before the gate exits, and the next
+    puller has it at once, not after the subscription's ack deadline."""
+    gate = Started("gannet.dev.pubsub_gate", str(stack.services.ports.pubsub))
+    try:
+        near = stack.settings.model_copy(update={"pubsub_emulator_host": f"127.0.0.1:{gate.port}"})
+        client = clients.pubsub_clients(near)[1]
+        ended = RawStream(client, stack.settings.subscription_path(), limit=1)
+        time.sleep(0.5)  # its Pull waits at the emulator
+        ended.end()
+        assert ended.ended.wait(0.5)
+        stack.publish_raw(b"carried as the gate stopped")
+        time.sleep(0.3)  # the only Pull waiting, the ended stream's, has it
+        gate.proc.terminate()
+        assert gate.proc.wait(10) == 0
+    finally:
+        gate.stop()
+    pulled = [m.data for m in stack.pull(stack.settings.subscription, timeout_s=2)]
+    assert pulled == [b"carried as the gate stopped"]

@@ -21,9 +21,10 @@ A stream the client half-closes ends at once, as on the emulator, even while a P
 it waits there. What such a Pull brings later was never sent, so to Pub/Sub never
 delivered; given back to the emulator (a nack), it came again as a second delivery
 attempt, which a test of the lease (whose stream ends at each change) then saw about
-once in 15 runs. It waits here instead, for the next stream of its subscription (a
-stream ended for a new lease is followed by the next at once), and goes back to the
-emulator only if none has taken it within CARRY_S.
+once in 15 runs. It waits here instead for a stream of its subscription (one waiting
+for messages takes it at once; a stream ended for a new lease is followed by the next
+at once), and goes back to the emulator if none has taken it within CARRY_S, or at
+once when the gate stops.
 """
 
 from __future__ import annotations
@@ -44,16 +45,18 @@ log = logging.getLogger("gannet.dev.pubsub_gate")
 
 _SUBSCRIBER = "/google.pubsub.v1.Subscriber/"
 _PULL_WAIT_S = 1.0  # a full stream's wait for an ack, so that an ended stream is noticed
-# The emulator answers a Pull with no messages after about 2 s. A Pull this gate ended
-# sooner by its own deadline (1 s, once) could have been answered with messages the
-# emulator had already leased: they were lost to every stream for the subscription's
-# ack deadline (a test waited two minutes for its last task). The deadline is now well
-# past the emulator's own wait: it answers every Pull, with messages or none.
+# The emulator answers a Pull with no messages about a second before the Pull's deadline
+# (here after about 9 s). A Pull this gate ended by its own deadline first (1 s, once)
+# could have been answered with messages the emulator had already leased: they were lost
+# to every stream for the subscription's ack deadline (a test waited two minutes for its
+# last task). With the emulator answering first, it answers every Pull, with messages
+# or none.
 _PULL_TIMEOUT_S = 10.0
 _UNLIMITED = 1000  # what Pub/Sub leases to a stream that asks for no limit (0)
 # How long messages pulled for a stream that ended wait for the next stream of their
 # subscription before they are given back: a client reopens within a round trip.
 CARRY_S = 1.0
+_GIVE_BACK_TIMEOUT_S = 5.0
 
 
 class Stream:
@@ -64,6 +67,16 @@ class Stream:
         self.deadline_s = deadline_s
         self.unacked: dict[str, float] = {}
         self.ended = threading.Event()
+
+
+class _Pull:
+    """A Pull in flight for a stream; `abandoned` once the stream stopped waiting for it
+    (it ended, or took carried messages instead): what it brings is then carried."""
+
+    def __init__(self, future: Any, subscription: str) -> None:
+        self.future = future
+        self.subscription = subscription
+        self.abandoned = False
 
 
 class Gate(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc is untyped
@@ -85,7 +98,6 @@ class Gate(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc is untyped
         self._owner: dict[str, Stream] = {}  # ack id -> the stream it was sent on
         # subscription -> messages pulled for a stream that ended before they were sent
         self._carried: dict[str, list[Any]] = {}
-        self._pulls: set[Any] = set()  # Pulls in flight
         self._closing = False
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
@@ -189,46 +201,58 @@ class Gate(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc is untyped
         self, stream: Stream, subscription: str, room: int, context: grpc.ServicerContext
     ) -> list[Any]:
         """Up to `room` messages for the stream: those carried for its subscription, else
-        a Pull's. The emulator holds a Pull up to about 2 s while it has nothing; if the
-        stream ends meanwhile, it ends at once all the same (as a half-closed stream
-        does on the emulator; waiting, it held a new lease up by 2 s, until the client
-        cancelled it), and what the Pull brings later is carried."""
+        a Pull's. The emulator holds a Pull about 9 s while it has nothing. If the stream
+        ends meanwhile, it ends at once all the same (as a half-closed stream does on
+        the emulator; waiting, it held a new lease up by 2 s, until the client cancelled
+        it); if messages are carried meanwhile (the emulator hands a new message to any
+        of the Pulls waiting, an ended stream's too), the stream takes them at once.
+        Either way what the Pull brings later is carried."""
         carried = self._take_carried(subscription, room)
         if carried:
             return carried
-        pull = self._pull.future(
-            types.PullRequest(subscription=subscription, max_messages=room),
-            timeout=_PULL_TIMEOUT_S,
+        pull = _Pull(
+            self._pull.future(
+                types.PullRequest(subscription=subscription, max_messages=room),
+                timeout=_PULL_TIMEOUT_S,
+            ),
+            subscription,
         )
+        pull.future.add_done_callback(lambda _: self._pull_done(pull))
         with self._lock:
-            self._pulls.add(pull)
-        pull.add_done_callback(self._pull_done)
-        with self._lock:
-            while not pull.done() and not stream.ended.is_set() and context.is_active():
+            while (
+                not pull.future.done()
+                and not stream.ended.is_set()
+                and context.is_active()
+                and not self._carried.get(subscription)
+            ):
                 self._lock.wait(timeout=_PULL_WAIT_S)
-        if not pull.done():
-            pull.add_done_callback(lambda done: self._carry_pulled(subscription, done))
-            return []
+            pull.abandoned = not pull.future.done()  # read by _pull_done under the lock
+        if pull.abandoned:
+            if stream.ended.is_set() or not context.is_active():
+                return []
+            return self._take_carried(subscription, room)
         try:
-            return list(pull.result().received_messages)
+            return list(pull.future.result().received_messages)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 context.abort(exc.code(), exc.details() or "")
             return []
 
-    def _pull_done(self, pull: Any) -> None:
+    def _pull_done(self, pull: _Pull) -> None:
+        """Wakes the stream waiting for the Pull; carries what an abandoned one brought."""
         with self._lock:
-            self._pulls.discard(pull)
+            abandoned = pull.abandoned
             self._lock.notify_all()
-
-    def _carry_pulled(self, subscription: str, pull: Any) -> None:
-        if pull.exception() is None and pull.result().received_messages:
-            self._carry(subscription, list(pull.result().received_messages))
+        if abandoned and pull.future.exception() is None:
+            received = list(pull.future.result().received_messages)
+            if received:
+                self._carry(pull.subscription, received)
 
     def _carry(self, subscription: str, received: list[Any]) -> None:
         with self._lock:
             self._carried.setdefault(subscription, []).extend(received)
             closing = self._closing
+            self._lock.notify_all()  # a stream waiting in a Pull of its own takes them
         if closing:  # no stream will take them
             self._give_back(subscription, received)
             return
@@ -249,30 +273,36 @@ class Gate(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc is untyped
             carried = self._carried.get(subscription, [])
             left = [m for m in carried if m.ack_id in ids]
             carried[:] = [m for m in carried if m.ack_id not in ids]
-        if left:
+        if not left:
+            return
+        try:
             self._modack(
                 types.ModifyAckDeadlineRequest(
                     subscription=subscription,
                     ack_ids=[m.ack_id for m in left],
                     ack_deadline_seconds=0,
-                )
+                ),
+                timeout=_GIVE_BACK_TIMEOUT_S,
+            )
+        except grpc.RpcError as exc:  # the emulator stopping too: they come back later
+            log.warning(
+                "could not give %d messages back to the emulator (%s): they come back "
+                "after their ack deadline",
+                len(left),
+                exc.code(),
             )
 
-    def close(self, timeout_s: float = 3.0) -> None:
-        """At the gate's stop: what it carries, and what the Pulls still in flight bring
-        (within `timeout_s`; the emulator answers an idle one in about 2 s), goes back to
-        the subscription at once. Left to the emulator, it would come back only after
-        the subscription's ack deadline, to a next pod that Pub/Sub would have sent it
-        at once."""
+    def close(self) -> None:
+        """At the gate's stop: what it carries goes back to the subscription at once, and
+        so does what a Pull still in flight brings before the process exits. Left to
+        the emulator, it would come back only after the subscription's ack deadline, to
+        a next pod that Pub/Sub would have sent it at once. (The gate does not wait for
+        its Pulls: the emulator holds an idle one about 9 s.)"""
         with self._lock:
             self._closing = True
             carried = {subscription: list(held) for subscription, held in self._carried.items()}
         for subscription, received in carried.items():
             self._give_back(subscription, received)
-        deadline = time.monotonic() + timeout_s
-        with self._lock:
-            while self._pulls and time.monotonic() < deadline:
-                self._lock.wait(timeout=max(0.0, deadline - time.monotonic()))
 
     def _room(self, stream: Stream) -> int:
         """How many more messages the stream may be sent, after waiting (briefly) for one
