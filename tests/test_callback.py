@@ -1411,7 +1411,7 @@ def test_an_outcome_postgresql_did_not_take_is_written_by_the_next_sweep(
 def test_an_outcome_kept_at_a_stop_is_written_by_the_stop(stack, receiver_factory):
     """A daemon delivers a callback while it cannot reach PostgreSQL (the receiver cuts
     it off as the request arrives), so the outcome is kept; PostgreSQL is back, and the
-    daemon is stopped before its next sweep (a lease of 60 s: one every 15 s). The stop
+    daemon is stopped before its next sweep (a lease of 240 s: one every 60 s). The stop
     writes the outcome, on its last try (`Outbox.finish`). Left unwritten, the row came
     due at its lease's end and another pod sent the callback again."""
     relay, through = relay_to(stack.settings.database_url)
@@ -1423,7 +1423,7 @@ def test_an_outcome_kept_at_a_stop_is_written_by_the_stop(stack, receiver_factor
             GANNET_DB_TIMEOUT_S="2",
             GANNET_ALLOW_HTTP_CALLBACKS="true",
             GANNET_CALLBACK_ALLOW_PRIVATE_ADDRESSES="true",
-            GANNET_CALLBACK_LEASE_S="60",
+            GANNET_CALLBACK_LEASE_S="240",
         )
         task = stack.task(stack.upload(SCENES[0]["file"]), callback_url=receiver.url())
         stack.publish([task])
