@@ -19,6 +19,7 @@ class Relay:
         self._cut = threading.Event()
         self._flowing = threading.Event()
         self._flowing.set()
+        self._freeze_on: bytes | None = None
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -39,6 +40,11 @@ class Relay:
         server went away, or a hung server, looks like. The relay's kernel acknowledges
         what it is sent, so the client's own TCP timeouts see nothing wrong."""
         self._flowing.clear()
+
+    def freeze_on(self, marker: bytes) -> None:
+        """Freeze (as `freeze`) once a client sends `marker`, before it passes: a server
+        that stops answering at one statement (its text is the marker)."""
+        self._freeze_on = marker
 
     def thaw(self) -> None:
         self._flowing.set()
@@ -64,12 +70,16 @@ class Relay:
                 continue
             with self._lock:
                 self._open.update((client, server))
-            for src, dst in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+            for src, dst, from_client in ((client, server, True), (server, client, False)):
+                threading.Thread(
+                    target=self._pipe, args=(src, dst, from_client), daemon=True
+                ).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
         try:
             while chunk := src.recv(65536):
+                if from_client and self._freeze_on is not None and self._freeze_on in chunk:
+                    self._flowing.clear()
                 self._flowing.wait()
                 dst.sendall(chunk)
         except OSError:

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import SAMPLES, SCENES, gannet
+from tcp_relay import relay_to
 
 from gannet import sink
 from gannet.settings import REPO_ROOT, settings_table
@@ -157,6 +158,34 @@ def test_run_against_an_unmigrated_database_says_to_migrate(services):
         timeout=120,
     )
     assert out.returncode == 2 and "gannet db migrate" in out.stdout
+
+
+def test_a_database_that_stops_answering_the_start_up_checks_is_a_sentence(services):
+    """PostgreSQL accepts the pool's connections, then stops answering at the start-up's
+    check of the daemon's role (a relay frozen as that statement goes by): the start
+    ends at the answer deadline with a sentence and exit code 2. It waited for good,
+    with no log line, until a pod's startup probe killed it; a blip there instead was
+    a traceback."""
+    relay, through = relay_to(services.database_url)
+    relay.freeze_on(b"rolbypassrls")  # in the role check's text (sink._ROLE)
+    try:
+        out = gannet(
+            "run",
+            env={
+                **services.env(),
+                "GANNET_DATABASE_URL": through,
+                "GANNET_DB_ANSWER_DEADLINE_S": "2",
+                "GANNET_METRICS_PORT": "0",
+            },
+            timeout=60,
+        )
+    finally:
+        relay.thaw()
+        relay.close()
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "PostgreSQL stopped answering the start-up's checks" in out.stdout
+    assert "gave no answer within 2 s" in out.stdout
+    assert "Traceback" not in out.stdout + out.stderr
 
 
 def test_bench_options_of_another_mode_are_refused_not_ignored():

@@ -313,8 +313,15 @@ def build(
     except Exception as exc:
         raise StartupError(cannot_connect(exc)) from exc
     try:  # the checks after the pool opened: a refusal closes it
-        check_role(sink.role())  # first: without its rights the version is unreadable
-        if sink.schema_version() < SCHEMA_VERSION:
+        try:
+            check_role(sink.role())  # first: without its rights the version is unreadable
+            current = sink.schema_version() >= SCHEMA_VERSION
+        except TransientError as exc:
+            raise StartupError(
+                f"PostgreSQL stopped answering the start-up's checks: {exc.message}; "
+                "start again once it answers (a pod is restarted)"
+            ) from exc
+        if not current:
             raise StartupError("database schema is not current: run `gannet db migrate` first")
         check_bucket(storage, s.results_bucket, "GANNET_RESULTS_BUCKET")
         if s.models_bucket:

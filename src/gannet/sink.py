@@ -862,9 +862,15 @@ class Sink:
             return cur.fetchall() if cur.description is not None else []
 
     def role(self) -> Role:
-        """The daemon's role as row-level security sees it (before a migration too)."""
+        """The daemon's role as row-level security sees it (before a migration too).
+        This and `schema_version` are the start-up's checks, answered within the answer
+        deadline like every statement: without one, a PostgreSQL that stopped answering
+        between the pool's opening and them held the start for good."""
         try:
-            with self.pool.connection() as conn:
+            with (
+                self.pool.connection() as conn,
+                pgexec.Deadline(conn, self._answer_deadline_s),
+            ):
                 row = conn.execute(_ROLE).fetchone()
                 assert row is not None  # current_user is a role
                 missing = _missing_rights(conn, str(row[0]))
@@ -874,7 +880,10 @@ class Sink:
 
     def schema_version(self) -> int:
         try:
-            with self.pool.connection() as conn:
+            with (
+                self.pool.connection() as conn,
+                pgexec.Deadline(conn, self._answer_deadline_s),
+            ):
                 row = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
                 if not row or not row[0]:
                     return 0
