@@ -99,13 +99,11 @@ class Outbox:
             with self._lock:
                 unwritten = list(self._unwritten.items())
             for task_id, kept in unwritten:
+                unwritable = False
                 try:
                     self._write(task_id, *kept, kept=True)
                 except TransientError:
-                    with self._lock:  # to the back: the others are tried first next time
-                        if self._unwritten.get(task_id) == kept:
-                            del self._unwritten[task_id]
-                            self._unwritten[task_id] = kept
+                    unwritable = True
                     raise
                 except Exception:  # kept, it would stop every sweep, its renewals with it
                     log.exception(
@@ -113,9 +111,12 @@ class Outbox:
                         "callback is sent again",
                         extra={"task_id": task_id, "tenant_id": kept[0]},
                     )
-                with self._lock:
-                    if self._unwritten.get(task_id) == kept:  # not kept again meanwhile
-                        del self._unwritten[task_id]
+                finally:
+                    with self._lock:
+                        if self._unwritten.get(task_id) == kept:  # not kept again meanwhile
+                            del self._unwritten[task_id]
+                            if unwritable:  # to the back: the others are tried first next
+                                self._unwritten[task_id] = kept
 
     def hand_back(self, unsent: list[tuple[str, int]]) -> None:
         self._sink.hand_back_callbacks(self._holder, unsent)
