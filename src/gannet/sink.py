@@ -861,36 +861,36 @@ class Sink:
             cur = conn.execute(query, params)
             return cur.fetchall() if cur.description is not None else []
 
-    def role(self) -> Role:
-        """The daemon's role as row-level security sees it (before a migration too).
-        This and `schema_version` are the start-up's checks, answered within the answer
-        deadline like every statement: without one, a PostgreSQL that stopped answering
-        between the pool's opening and them held the start for good."""
+    @contextmanager
+    def _start_up_check(self) -> Iterator[psycopg.Connection[Any]]:
+        """A connection for one of the start-up's checks (`role`, `schema_version`),
+        answered within the answer deadline like every statement: without one, a
+        PostgreSQL that stopped answering between the pool's opening and them held the
+        start for good. A pool timeout or a lost connection is transient."""
         try:
             with (
                 self.pool.connection() as conn,
                 pgexec.Deadline(conn, self._answer_deadline_s),
             ):
-                row = conn.execute(_ROLE).fetchone()
-                assert row is not None  # current_user is a role
-                missing = _missing_rights(conn, str(row[0]))
+                yield conn
         except (PoolTimeout, psycopg.OperationalError) as exc:
             raise _transient(exc) from exc
+
+    def role(self) -> Role:
+        """The daemon's role as row-level security sees it (before a migration too)."""
+        with self._start_up_check() as conn:
+            row = conn.execute(_ROLE).fetchone()
+            assert row is not None  # current_user is a role
+            missing = _missing_rights(conn, str(row[0]))
         return Role(str(row[0]), bool(row[1]), bool(row[2]), missing)
 
     def schema_version(self) -> int:
-        try:
-            with (
-                self.pool.connection() as conn,
-                pgexec.Deadline(conn, self._answer_deadline_s),
-            ):
-                row = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
-                if not row or not row[0]:
-                    return 0
-                version = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
-                return int(version[0] or 0) if version else 0
-        except (PoolTimeout, psycopg.OperationalError) as exc:
-            raise _transient(exc) from exc
+        with self._start_up_check() as conn:
+            row = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+            if not row or not row[0]:
+                return 0
+            version = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
+            return int(version[0] or 0) if version else 0
 
 
 def _roll_back(conn: psycopg.Connection[Any], deadline_s: float) -> None:
