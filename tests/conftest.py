@@ -48,6 +48,7 @@ __all__ = [
     "make_stack",
     "prepared_services",
     "pubsub_as_pods_meet_it",
+    "pubsub_at",
     "settled",
 ]
 
@@ -97,6 +98,11 @@ class Started:
         self.proc.wait(10)
 
 
+def pubsub_at(stack: Stack, port: int) -> Settings:
+    """The stack's settings with Pub/Sub at 127.0.0.1:`port` (a relay, the gate)."""
+    return stack.settings.model_copy(update={"pubsub_emulator_host": f"127.0.0.1:{port}"})
+
+
 @contextmanager
 def pubsub_as_pods_meet_it(stack: Stack, latency_ms: int = 0) -> Iterator[Settings]:
     """The session's Pub/Sub as a pod meets Pub/Sub itself: a stream is sent a message
@@ -110,8 +116,7 @@ def pubsub_as_pods_meet_it(stack: Stack, latency_ms: int = 0) -> Iterator[Settin
             helpers.append(
                 Started("gannet.dev.relay", str(helpers[0].port), f"--latency-ms={latency_ms}")
             )
-        host = f"127.0.0.1:{helpers[-1].port}"
-        yield stack.settings.model_copy(update={"pubsub_emulator_host": host})
+        yield pubsub_at(stack, helpers[-1].port)
     finally:
         for helper in reversed(helpers):
             helper.stop()

@@ -767,9 +767,12 @@ def unknown_in_expr(expr: str, exported: dict[str, set[str]]) -> list[str]:
     return problems
 
 
+def rule_groups(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return list(one_of_kind(objects, "Rules")["spec"]["groups"])
+
+
 def alert_rules(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rules = one_of_kind(objects, "Rules")
-    return [r for group in rules["spec"]["groups"] for r in group["rules"] if "alert" in r]
+    return [r for group in rule_groups(objects) for r in group["rules"] if "alert" in r]
 
 
 def runbook_anchors() -> set[str]:
@@ -824,24 +827,24 @@ def evaluated(groups: list[dict[str, Any]], tmp_path: Path) -> subprocess.Comple
 def test_each_alert_fires_on_its_case_and_not_on_the_healthy_one(
     rendered: dict[str, Path], tmp_path: Path
 ) -> None:
-    """Prometheus' own evaluator (promtool, from Debian's prometheus package, which
-    `make test` fetches) runs the rendered rules over the series of
+    """Prometheus' own evaluator (promtool, from Debian's or Ubuntu's prometheus
+    package, which `make test` fetches) runs the rendered rules over the series of
     tests/fixtures/alerts/rules_test.yaml: each alert fires in its case, no sooner than
     its `for` allows, and stays quiet in the healthy case beside it (a pod that never
     reached Pub/Sub yet, one whose callback sweeps fail while another's succeed, a
     backlog being worked through). Every alert has a case that fires."""
-    groups = one_of_kind(docs(rendered["prod"]), "Rules")["spec"]["groups"]
-    result = evaluated(groups, tmp_path)
+    objects = docs(rendered["prod"])
+    result = evaluated(rule_groups(objects), tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     cases = yaml.safe_load(ALERT_CASES.read_text())["tests"]
     fired = {t["alertname"] for c in cases for t in c["alert_rule_test"] if t.get("exp_alerts")}
-    assert fired == {r["alert"] for r in alert_rules(docs(rendered["prod"]))}
+    assert fired == {r["alert"] for r in alert_rules(objects)}
 
 
 def test_alert_evaluation_gate_fails_on_a_rule_that_fires_wrongly(
     rendered: dict[str, Path], tmp_path: Path
 ) -> None:
-    groups = one_of_kind(docs(rendered["prod"]), "Rules")["spec"]["groups"]
+    groups = rule_groups(docs(rendered["prod"]))
     for group in groups:
         for rule in group["rules"]:
             if rule.get("alert") == "GannetCallbacksNotTakenOver":  # stale pods counted

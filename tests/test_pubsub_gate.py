@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Any
 
-from conftest import Started, pubsub_as_pods_meet_it
+from conftest import Started, pubsub_as_pods_meet_it, pubsub_at
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 from google.pubsub_v1 import types
@@ -90,22 +90,31 @@ def test_a_stream_is_sent_at_most_its_limit_and_each_ack_or_nack_frees_a_slot(st
             stream.close()
 
 
+def ended_stream(client: pubsub_v1.SubscriberClient, path: str) -> RawStream:
+    """A stream of 1 the client ended (half-closed, as the daemon does at each new
+    lease) while the gate's Pull for it waited at the emulator, which had nothing yet.
+    The stream has ended at once, not when that Pull returns (the emulator holds an idle
+    one about 9 s; waiting, the gate held each new lease up until the client cancelled
+    the stream 2 s later)."""
+    stream = RawStream(client, path, limit=1)
+    time.sleep(0.5)  # its Pull waits at the emulator
+    stream.end()
+    assert stream.ended.wait(0.5), "a half-closed stream must end at once"
+    return stream
+
+
 def test_what_a_stream_that_ended_had_pulled_goes_to_the_next_stream_as_a_first_delivery(
     stack,
 ):
     """The gate's Pull for a stream waits at the emulator when the client ends the stream
-    (as the daemon does at each new lease). The stream ends at once, not when that Pull
-    returns (up to 2 s later, which held up the next lease as long). A message comes by
-    that Pull: Pub/Sub never sent it, so it is no delivery, and the next stream is sent
-    it as the first. Given back to the emulator, it came as the second
-    (delivery_attempt 2), and a task that ran once looked redelivered."""
+    (as the daemon does at each new lease), and the stream ends at once (ended_stream).
+    A message comes by that Pull: Pub/Sub never sent it, so it is no delivery, and the
+    next stream is sent it as the first. Given back to the emulator, it came as the
+    second (delivery_attempt 2), and a task that ran once looked redelivered."""
     with pubsub_as_pods_meet_it(stack) as gated:
         client = clients.pubsub_clients(gated)[1]
         path = stack.settings.subscription_path()
-        ended = RawStream(client, path, limit=1)
-        time.sleep(0.5)  # its Pull waits at the emulator, which has nothing yet
-        ended.end()
-        assert ended.ended.wait(0.5), "a half-closed stream must end at once"
+        ended = ended_stream(client, path)
         stack.publish_raw(b"pulled for a stream that ended")
         time.sleep(0.3)  # that Pull has it (another stream's own Pull would get it first)
         stream = RawStream(client, path, limit=1)
@@ -130,10 +139,7 @@ def test_what_a_stream_that_ended_had_pulled_goes_to_a_stream_already_waiting(st
         client = clients.pubsub_clients(gated)[1]
         path = stack.settings.subscription_path()
         for i in range(3):
-            ended = RawStream(client, path, limit=1)
-            time.sleep(0.5)  # its Pull waits at the emulator
-            ended.end()
-            assert ended.ended.wait(0.5)
+            ended_stream(client, path)
             stream = RawStream(client, path, limit=1)
             try:
                 time.sleep(0.3)  # its own Pull waits too
@@ -151,9 +157,7 @@ def test_what_no_stream_takes_goes_back_to_the_subscription(stack):
     for the subscription's ack deadline."""
     with pubsub_as_pods_meet_it(stack) as gated:
         client = clients.pubsub_clients(gated)[1]
-        ended = RawStream(client, stack.settings.subscription_path(), limit=1)
-        time.sleep(0.5)  # its Pull waits at the emulator
-        ended.end()
+        ended = ended_stream(client, stack.settings.subscription_path())
         stack.publish_raw(b"no stream after it")
         time.sleep(0.5)  # the only Pull waiting, the ended stream's, has it
         pulled = [m.data for m in stack.pull(stack.settings.subscription, timeout_s=3)]
@@ -167,12 +171,8 @@ def test_a_gate_that_stops_gives_back_what_it_carries(stack):
     puller has it at once, not after the subscription's ack deadline."""
     gate = Started("gannet.dev.pubsub_gate", str(stack.services.ports.pubsub))
     try:
-        near = stack.settings.model_copy(update={"pubsub_emulator_host": f"127.0.0.1:{gate.port}"})
-        client = clients.pubsub_clients(near)[1]
-        ended = RawStream(client, stack.settings.subscription_path(), limit=1)
-        time.sleep(0.5)  # its Pull waits at the emulator
-        ended.end()
-        assert ended.ended.wait(0.5)
+        client = clients.pubsub_clients(pubsub_at(stack, gate.port))[1]
+        ended_stream(client, stack.settings.subscription_path())
         stack.publish_raw(b"carried as the gate stopped")
         time.sleep(0.3)  # the only Pull waiting, the ended stream's, has it
         gate.proc.terminate()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from conftest import Started
+from conftest import Started, pubsub_at
 
 from gannet import clients
 from gannet.dev.local_services import free_port
@@ -20,7 +20,7 @@ def test_pubsub_out_of_reach_is_said_once_and_its_return_too(stack, caplog):
     call fails, and says so once (not at every look), with what to check; the time of
     Pub/Sub's last answer stays where it was; its return is said too."""
     port = free_port()
-    through = stack.settings.model_copy(update={"pubsub_emulator_host": f"127.0.0.1:{port}"})
+    through = pubsub_at(stack, port)
     subscriber = Subscriber(
         clients.pubsub_clients(through)[1], stack.settings.subscription_path(), 4, print
     )

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from conftest import Started, pubsub_as_pods_meet_it, wait_until
+from conftest import Started, pubsub_as_pods_meet_it, pubsub_at, wait_until
 from google.api_core import exceptions as gexc
 
 from gannet import clients
@@ -291,7 +291,7 @@ def test_an_ack_request_waits_for_pubsub_within_its_time(stack, caplog):
     failing at once, so the ack sticks: none is logged as undelivered, and the message
     does not come back."""
     port = free_port()
-    unreachable = stack.settings.model_copy(update={"pubsub_emulator_host": f"127.0.0.1:{port}"})
+    unreachable = pubsub_at(stack, port)
     acks = Acks(clients.pubsub_clients(unreachable)[1], stack.settings.subscription_path())
     recorder = Recorder(settle=acks.ack)
     relay = None
@@ -455,11 +455,7 @@ def test_a_message_held_while_its_stream_ends_runs_once_a_slot_frees(stack):
     it reads on while a stream ends; no response came after it, and the pod sat idle."""
     gate = Started("gannet.dev.pubsub_gate", str(stack.services.ports.pubsub))
     relay = Started("gannet.dev.relay", str(gate.port), "--latency-ms=600")
-    host = {"gate": gate.port, "relay": relay.port}
-    near, far = (
-        stack.settings.model_copy(update={"pubsub_emulator_host": f"127.0.0.1:{host[name]}"})
-        for name in ("gate", "relay")
-    )
+    near, far = pubsub_at(stack, gate.port), pubsub_at(stack, relay.port)
     acker = clients.pubsub_clients(near)[1]  # acks reach the gate at once
     recorder = Recorder(settle=lambda message: None)  # settled below
     bodies = [f"held {i}".encode() for i in range(4)]
