@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
+
+from gannet.errors import TransientError
 
 
 class Relay:
@@ -95,6 +98,16 @@ def relay_to(database_url: str) -> tuple[Relay, str]:
     relay = Relay(url.hostname or "127.0.0.1", url.port or 5432)
     through = url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{relay.port}")
     return relay, urlunsplit(through)
+
+
+def answers(statement: Callable[[], object]) -> bool:
+    """Whether `statement` (through a relay just restored or thawed) is answered now:
+    the pool may not have made its new connection yet."""
+    try:
+        statement()
+    except TransientError:
+        return False
+    return True
 
 
 def _close(sock: socket.socket) -> None:

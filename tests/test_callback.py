@@ -29,7 +29,7 @@ import psycopg
 import pytest
 from conftest import SAMPLES, SCENES, expected_counts, wait_until
 from pydantic import ValidationError
-from tcp_relay import Relay, relay_to
+from tcp_relay import Relay, answers, relay_to
 
 from gannet import daemon
 from gannet import sink as sink_module
@@ -1446,14 +1446,6 @@ def test_an_outcome_kept_at_a_stop_is_written_by_the_stop(stack, receiver_factor
     assert "not written before stopping" not in daemon.log_path.read_text()
 
 
-def _answers(sink: sink_module.Sink) -> bool:
-    try:
-        sink.callbacks_due()
-    except TransientError:  # the pool's new connection not made yet
-        return False
-    return True
-
-
 def _swept(outbox: Outbox, callbacks: Callbacks) -> bool:
     try:
         outbox.sweep(callbacks)
@@ -1474,7 +1466,7 @@ def test_a_stopping_pod_writes_the_outcomes_it_kept(processor_parts, cut_off, re
     outbox.finish(timeout_s=5.0)  # still cut off: said, and left for the lease's end
     assert _owed(settings, task.task_id) is not None
     relay.restore()
-    wait_until(lambda: _answers(sink), "a connection to PostgreSQL again")
+    wait_until(lambda: answers(sink.callbacks_due), "a connection to PostgreSQL again")
     relay.freeze()  # the connection open, nothing answered
     started = time.monotonic()
     outbox.finish(timeout_s=1.0)

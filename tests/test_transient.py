@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import SCENES, expected_counts, settled, wait_until
-from tcp_relay import Relay, relay_to
+from tcp_relay import Relay, answers, relay_to
 
 from gannet.errors import TransientError
 
@@ -154,7 +154,11 @@ def test_every_round_trip_of_a_commit_has_the_answer_deadline(services):
             db.save(failed)
         assert time.monotonic() - started < 5
         relay.thaw()
-        wait_until(lambda: _answers(db), "a new connection once the peer answers again", 30)
+        wait_until(
+            lambda: answers(lambda: db.find_success("nothing", "acme")),
+            "a new connection once the peer answers again",
+            30,
+        )
 
         def write_fails_as_the_peer_goes_silent() -> None:
             relay.freeze()
@@ -168,11 +172,3 @@ def test_every_round_trip_of_a_commit_has_the_answer_deadline(services):
         relay.thaw()
         relay.close()
         db.close()
-
-
-def _answers(db) -> bool:
-    try:
-        db.find_success("nothing", "acme")
-    except TransientError:
-        return False
-    return True
