@@ -9,7 +9,15 @@ QUIET_PIP := grep -v -E "^WARNING: Location '.*' is ignored" || true
 
 .PHONY: demo test bench soak lint install clean
 
+# torch's CUDA build makes the venv about 6.5 GB; pip unpacks beside it.
+INSTALL_FREE_GB ?= 8
+
 $(VENV)/.installed: pyproject.toml
+	@free_gb=$$(( $$(df -Pk . | awk 'NR==2 {print $$4}') / 1048576 )); \
+	  if [ "$$free_gb" -lt $(INSTALL_FREE_GB) ]; then \
+	    echo "Installing needs about $(INSTALL_FREE_GB) GB free on the disk holding $(CURDIR); $$free_gb GB is free."; \
+	    echo "Free some space (old clones' .venv folders are 6.5 GB each), then run make again."; \
+	    exit 1; fi
 	@echo "Installing Gannet into $(VENV) (torch 2.14.1 from PyPI or pip's configured mirror; takes ~2-3 min the first time) ..."
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --progress-bar off -q --upgrade pip 2>&1 | $(QUIET_PIP)
