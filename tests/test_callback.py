@@ -1493,8 +1493,11 @@ def test_a_callback_pending_here_is_not_queued_twice(receiver_factory):
         wait_until(lambda: callbacks.pending() == 0, "nothing pending")
         assert "a0" in statuses
     finally:
-        callbacks.close(timeout_s=0.0)
+        # Time to send whatever is still queued: a second job of a0 would be sent here,
+        # not handed back unsent.
+        callbacks.close(timeout_s=5.0)
     assert len(receiver.requests) == 1
+    assert record.handed == []
 
 
 def test_a_callback_submitted_after_the_close_is_handed_back_at_once():

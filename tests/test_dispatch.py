@@ -244,7 +244,9 @@ def test_an_unknown_pipeline_is_quarantined_with_a_failed_row(served, streams):
 def test_an_oversized_body_is_quarantined_without_being_parsed(served, streams, monkeypatch):
     """A body over GANNET_MAX_BODY_BYTES is dead-lettered with body_too_large and acked,
     and is never parsed for its ids (so it gets no failed row): up to Pub/Sub's 10 MB
-    such a parse held the GIL over a second, every thread of the daemon stopped."""
+    such a parse held the GIL over a second, every thread of the daemon stopped. The
+    daemon's `identify` (the parse for the ids) is replaced by one that records its
+    calls and finds no ids, so that a parse shows even where it would find none."""
     stack, parts = served
     task = stack.task(stack.upload(SCENES[0]["file"]))
     limit = parts.dispatcher.max_body_bytes

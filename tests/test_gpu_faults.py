@@ -6,11 +6,15 @@ illegal memory access, a kernel's fault, an uncorrectable ECC error) fails every
 CUDA call of the process (CUDA Runtime API, cudaErrorIllegalAddress: "the process must
 be terminated and relaunched"), so the daemon must exit to be started afresh. A
 synchronize of the device's default stream tells them apart; here that stream is
-replaced (no GPU on this machine), and the runner's device is only a name.
+replaced (no GPU on this machine), the runner's device is only a name, and the pipeline
+is one that raises what a model's forward pass raises on a broken GPU. The claim is
+PostgreSQL's; the storage and the settlers are never reached on this path (the task
+fails before its result is written), so they are empty stand-ins.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -21,7 +25,7 @@ from gannet.dev.publish import make_task
 from gannet.dispatch import Dispatcher, WorkItem
 from gannet.metrics import Metrics
 from gannet.outcome import Decision
-from gannet.sink import Start
+from gannet.sink import Sink
 
 ILLEGAL_ADDRESS = "CUDA error: an illegal memory access was encountered"
 
@@ -36,23 +40,18 @@ class FailingPipeline:
         raise self.error
 
 
-class ClaimingSink:
-    """The claim is always ours; a release is noted."""
-
-    def __init__(self) -> None:
-        self.released: list[str] = []
-
-    def start(self, task_id: str, *args: Any) -> Start:
-        return Start(None, claimed=True)
-
-    def release(self, task_id: str, *args: Any) -> None:
-        self.released.append(task_id)
+@pytest.fixture
+def sink(services: Any) -> Iterator[Sink]:
+    store = Sink(services.database_url, pool_size=1)
+    store.open()
+    yield store
+    store.close()
 
 
-def _dispatcher(error: Exception, device: str) -> Dispatcher:
+def _dispatcher(error: Exception, device: str, sink: Sink) -> Dispatcher:
     return Dispatcher(
         FailingPipeline(error),  # type: ignore[arg-type]
-        ClaimingSink(),  # type: ignore[arg-type]
+        sink,
         SimpleNamespace(),  # type: ignore[arg-type]
         {"default": SimpleNamespace()},  # type: ignore[dict-item]
         Metrics(),
@@ -68,6 +67,12 @@ def _dispatcher(error: Exception, device: str) -> Dispatcher:
 def _item() -> WorkItem:
     task = make_task("t-a", "gs://gannet-images/t-a/x.jpg", "DETECTION")
     return WorkItem(task, SimpleNamespace(), 1)  # type: ignore[arg-type]
+
+
+def _free_for_another_pod(sink: Sink, item: WorkItem) -> bool:
+    """Whether another pod can claim the task at once: a nacked task's claim is given up,
+    so its redelivery need not wait out the claim's TTL."""
+    return sink.start(item.task.task_id, item.task.tenant_id, "pod-b", 60).claimed
 
 
 class Stream:
@@ -94,15 +99,17 @@ def _default_stream(monkeypatch: pytest.MonkeyPatch, error: Exception | None) ->
 
 
 def test_a_sticky_cuda_error_marks_the_device_lost_so_the_daemon_restarts(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, sink: Sink
 ) -> None:
     """The task is nacked (it may well succeed on another pod), and the dispatcher says
     the device is lost, which makes the daemon's loop fail /healthz and exit. Before,
     the pod stayed live and nacked every task it leased from then on."""
     asked = _default_stream(monkeypatch, torch.AcceleratorError(ILLEGAL_ADDRESS))
-    dispatcher = _dispatcher(torch.AcceleratorError(ILLEGAL_ADDRESS), "cuda:0")
-    outcome = dispatcher.process(_item(), "cuda:0")
+    dispatcher = _dispatcher(torch.AcceleratorError(ILLEGAL_ADDRESS), "cuda:0", sink)
+    item = _item()
+    outcome = dispatcher.process(item, "cuda:0")
     assert outcome.decision is Decision.NACK
+    assert _free_for_another_pod(sink, item)
     assert asked == ["cuda:0"]
     assert dispatcher.device_lost is not None
     assert dispatcher.device_lost.startswith("cuda:0: ")
@@ -110,20 +117,22 @@ def test_a_sticky_cuda_error_marks_the_device_lost_so_the_daemon_restarts(
 
 
 def test_a_cuda_error_that_leaves_the_device_usable_fails_only_its_task(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, sink: Sink
 ) -> None:
     """One input's error (here a kernel's launch refused) must not restart the pod: a
     poison image would then take every pod it reaches down in turn."""
     asked = _default_stream(monkeypatch, None)
     error = torch.AcceleratorError("CUDA error: invalid configuration argument")
-    dispatcher = _dispatcher(error, "cuda:0")
-    outcome = dispatcher.process(_item(), "cuda:0")
+    dispatcher = _dispatcher(error, "cuda:0", sink)
+    item = _item()
+    outcome = dispatcher.process(item, "cuda:0")
     assert outcome.decision is Decision.NACK
+    assert _free_for_another_pod(sink, item)
     assert asked == ["cuda:0"] and dispatcher.device_lost is None
 
 
-def test_an_error_on_a_cpu_runner_asks_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_error_on_a_cpu_runner_asks_no_gpu(monkeypatch: pytest.MonkeyPatch, sink: Sink) -> None:
     asked = _default_stream(monkeypatch, torch.AcceleratorError(ILLEGAL_ADDRESS))
-    dispatcher = _dispatcher(RuntimeError("a bug"), "cpu")
+    dispatcher = _dispatcher(RuntimeError("a bug"), "cpu", sink)
     assert dispatcher.process(_item(), "cpu").decision is Decision.NACK
     assert asked == [] and dispatcher.device_lost is None

@@ -572,7 +572,10 @@ def test_close_waits_for_the_load_in_flight_and_starts_no_queued_one():
 def test_a_load_that_fails_for_want_of_memory_is_retried_not_refused(monkeypatch):
     """A tenant's file that can never serve refuses its tasks (tenant_model_invalid);
     the host running out of memory while it loads is not the file's fault: its tasks
-    are retried (model_unavailable) instead of quarantined with a reason that is false."""
+    are retried (model_unavailable) instead of quarantined with a reason that is false.
+    The out-of-memory error is simulated (ultralytics' YOLO replaced by one that raises
+    MemoryError): filling this machine's 24 GiB to make a real one would take the other
+    tests' memory with it."""
     import ultralytics.models
 
     def out_of_memory(*args, **kwargs):

@@ -329,27 +329,48 @@ def test_what_a_killed_process_counted_since_prometheus_last_asked_is_kept():
         _kill_all(supervisor)
 
 
-def test_a_proxy_in_the_pods_environment_does_not_come_between_it_and_its_processes(
-    monkeypatch,
-):
+# A supervisor with one stand-in process, in a Python of its own: it prints whether the
+# watch loop's look got the process's answer.
+ASKS_ONCE = """
+import sys, time
+from gannet.dev.local_services import port_in_use
+from gannet.settings import Settings
+from gannet.supervisor import Supervisor
+supervisor = Supervisor(Settings(processes=1, metrics_port=0), sys.argv[1:])
+(child,) = supervisor.children
+supervisor._start(child)
+try:
+    deadline = time.monotonic() + 30
+    while not port_in_use(child.metrics_port):
+        assert time.monotonic() < deadline, "the stand-in did not listen"
+        time.sleep(0.05)
+    supervisor._kill_hung(time.monotonic())  # the watch loop's look, every WATCH_S
+    print("answered" if child.answered_at is not None else "no answer")
+finally:
+    child.proc.kill()
+    child.proc.wait()
+"""
+
+
+def test_a_proxy_in_the_pods_environment_does_not_come_between_it_and_its_processes():
     """A pod whose egress goes through a proxy has HTTP_PROXY set, and not always
     127.0.0.1 in NO_PROXY. urllib sent the supervisor's own asks of its processes on
     127.0.0.1 to that proxy: no answer, so every process was killed as hung once its
-    start-up time passed, again and again. (The proxy here is a port nobody listens on.)"""
-    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
-    monkeypatch.delenv("NO_PROXY", raising=False)
-    monkeypatch.delenv("no_proxy", raising=False)
-    supervisor = Supervisor(
-        Settings(processes=1, metrics_port=0), [sys.executable, "-c", HEALTHY_CHILD]
+    start-up time passed, again and again. (The proxy here is a port nobody listens on.)
+    The supervisor runs in a Python of its own with the proxy set from its start, as in
+    a pod: urllib reads the proxy settings once, into the first opener it builds, so
+    set within this test's process they would miss an opener built before."""
+    env = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
+    env["HTTP_PROXY"] = f"http://127.0.0.1:{free_port()}"
+    done = subprocess.run(
+        [sys.executable, "-c", ASKS_ONCE, sys.executable, "-c", HEALTHY_CHILD],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
-    child = supervisor.children[0]
-    supervisor._start(child)
-    try:
-        _wait_listening(child)
-        supervisor._kill_hung(time.monotonic())  # the watch loop's look, every WATCH_S
-        assert child.answered_at is not None
-    finally:
-        _kill_all(supervisor)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["answered"]
 
 
 def _pod_of_stand_ins(tmp_path: Any, first: str, supervisor: str = "") -> tuple[Any, Any]:
