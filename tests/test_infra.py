@@ -382,15 +382,20 @@ def test_compose_runs_worker_against_emulators_and_postgres() -> None:
     assert "CREATE ROLE gannet LOGIN" in init and "NOSUPERUSER" in init
     unknown = {k for k in env if k.startswith("GANNET_")} - daemon_settings()
     assert not unknown, f"compose sets variables the daemon does not read: {unknown}"
-    # The buckets it reads and writes exist before it starts (the emulator starts empty:
-    # without them every task was retried until dead-lettered). No Docker engine here:
-    # what the init service runs is read, not run.
-    buckets = {env["GANNET_RESULTS_BUCKET"], *env["GANNET_ALLOWED_BUCKETS"].split(",")}
+    # Every bucket it names exists before it starts (the emulator starts empty: without
+    # them every task was retried until dead-lettered, and without the models bucket the
+    # worker exited at start). No Docker engine here: what the init service runs is
+    # read, not run.
+    named = [v for k, v in env.items() if k.endswith("_BUCKET") or k.endswith("_BUCKETS")]
+    buckets = {b for value in named for b in value.split(",")}
+    assert env["GANNET_MODELS_BUCKET"] in buckets
     for worker in ("worker", "worker-gpu"):
         assert "gcs-init" in services[worker]["depends_on"], worker
     init = services["gcs-init"]["command"][0]
     assert "http://gcs:4443/storage/v1/b" in init
     assert all(re.search(rf"\bfor bucket in [^;]*\b{b}\b", init) for b in buckets), init
+    # As the local services' subscription: no retry policy (the emulator's stalls it).
+    assert "retryPolicy" not in services["pubsub-init"]["command"][0]
 
 
 def compose_unreadable_weights(compose: dict[str, Any]) -> list[str]:
