@@ -188,6 +188,23 @@ def test_a_database_that_stops_answering_the_start_up_checks_is_a_sentence(servi
     assert "Traceback" not in out.stdout + out.stderr
 
 
+def test_a_config_address_that_names_no_object_stops_the_start_with_a_sentence(services):
+    """GANNET_CONFIG_URI of a bucket without the config's path (a slash too few) was a
+    traceback at start; it is the start-up's sentence and exit code 2."""
+    out = gannet(
+        "run",
+        env={
+            **services.env(),
+            "GANNET_CONFIG_URI": "gs://gannet-models",
+            "GANNET_METRICS_PORT": "0",
+        },
+        timeout=60,
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "cannot load GANNET_CONFIG_URI: 'gs://gannet-models': it names no object" in out.stdout
+    assert "Traceback" not in out.stdout + out.stderr
+
+
 def test_bench_options_of_another_mode_are_refused_not_ignored():
     """Each bench mode reads its own options: one given to a mode that would not apply
     it (a GCS latency to the model bench, a baseline to --in-process, an image count to

@@ -69,6 +69,20 @@ def test_a_config_in_a_bucket_is_checked_with_its_models_from_the_bucket(
     assert f"ok: {uri}: industry 'demo'" in done.stdout
 
 
+def test_a_gs_address_that_names_no_config_is_a_sentence(services: LocalServices):
+    """A bucket without the config's path, or a name no bucket can have, was a traceback
+    ending in "not a gs:// URL", which they are: it now says what is wrong with it."""
+    cases = {
+        "gs://gannet-models": "it names no object (expected gs://BUCKET/path/to/object)",
+        "gs://b/x.yaml": "'b' is not a bucket's name",
+    }
+    for uri, why in cases.items():
+        done = gannet("config", "check", "--no-models", uri, env=services.env(), timeout=60)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert f"{uri} would be rejected: '{uri}': {why}" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
 def test_a_tenants_own_models_are_checked_as_its_first_task_would(services: LocalServices):
     """A tenant's own model loads on its first task, so a bad upload was found only by
     its tasks, refused as tenant_model_invalid. --tenant loads it as that task would

@@ -35,7 +35,7 @@ from gannet.callback_outbox import Outbox
 from gannet.config_sources import Configs, ConfigWatch, open_configs
 from gannet.device_decode import device_decoders
 from gannet.dispatch import Dispatcher
-from gannet.errors import CommandError, TransientError
+from gannet.errors import CommandError, GannetError, TransientError
 from gannet.health import Health, HealthServer
 from gannet.lanes import Lane
 from gannet.lease import LaneLease, LeaseSizer
@@ -328,8 +328,9 @@ def build(
             check_bucket(storage, s.models_bucket, "GANNET_MODELS_BUCKET")
         try:
             configs = build_configs(s, storage, metrics)
-        except (ValueError, OSError) as exc:
-            raise StartupError(f"cannot load GANNET_CONFIG_URI: {exc}") from exc
+        except (ValueError, OSError, GannetError) as exc:
+            why = exc.message if isinstance(exc, GannetError) else exc
+            raise StartupError(f"cannot load GANNET_CONFIG_URI: {why}") from exc
         try:
             devices = resolve_devices(s.devices)
         except ValueError as exc:

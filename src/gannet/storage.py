@@ -30,7 +30,7 @@ from requests.adapters import HTTPAdapter
 
 from gannet.errors import BadModelFile, ErrorCode, PermanentError, TransientError
 from gannet.gcs_http import Endpoint, HTTPError, Reply
-from gannet.task import GsUrl
+from gannet.task import MAX_OBJECT_NAME_BYTES, MAX_URL_LENGTH, GsUrl
 
 # The requests for an object's metadata, a config's bytes and a tenant's model listing
 # (a config check or reload, a model's version, a tenant's models: on gannet-config-
@@ -93,8 +93,29 @@ def split_gs_url(url: str) -> tuple[str, str]:
     try:
         parsed = GsUrl.parse(url)
     except ValueError:
-        raise PermanentError(ErrorCode.SCHEMA_ERROR, f"not a gs:// URL: {url!r}") from None
+        raise PermanentError(ErrorCode.SCHEMA_ERROR, _why_not_gs(url)) from None
     return parsed.bucket, parsed.name
+
+
+def _why_not_gs(url: str) -> str:
+    """What is wrong with a config's or model's gs:// URL, for the one who wrote it."""
+    shape = "expected gs://BUCKET/path/to/object"
+    bucket, _, name = url.removeprefix("gs://").partition("/")
+    if not url.startswith("gs://"):
+        why = f"not a gs:// URL ({shape})"
+    elif not name:
+        why = f"it names no object ({shape})"
+    elif not re.fullmatch(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]", bucket):
+        why = (
+            f"{bucket!r} is not a bucket's name (3 or more lowercase letters, digits, "
+            "'-', '_' or '.', starting and ending with a letter or digit)"
+        )
+    else:
+        why = (
+            f"too long: at most {MAX_URL_LENGTH} characters, the object's name at most "
+            f"{MAX_OBJECT_NAME_BYTES} bytes"
+        )
+    return f"{url!r}: {why}"
 
 
 _BAD_NAME = re.compile(r"%2f|%5c|\\|[\x00-\x1f\x7f]", re.IGNORECASE)

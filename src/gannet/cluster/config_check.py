@@ -22,7 +22,7 @@ from gannet import clients
 from gannet.config_schema import ConfigError, ModelSpec
 from gannet.config_sources import Configs, DeploymentSource, LoadedConfig
 from gannet.daemon import config_uri, model_file, model_version, open_config
-from gannet.errors import CommandError, PermanentError, TransientError
+from gannet.errors import CommandError, GannetError, PermanentError, TransientError
 from gannet.metrics import Metrics
 from gannet.model_cache import ModelCache, yolo_loader
 from gannet.model_resolver import ModelResolver, tenant_model_lister
@@ -39,8 +39,9 @@ def run_check(args: argparse.Namespace) -> int:
     storage = Storage(clients.storage_client(settings)) if uri.startswith("gs://") else None
     try:
         configs = open_config(uri, storage, industry)
-    except (ConfigError, OSError) as exc:
-        raise CommandError(f"{uri} would be rejected: {exc}") from exc
+    except (ConfigError, OSError, GannetError) as exc:
+        why = exc.message if isinstance(exc, GannetError) else exc
+        raise CommandError(f"{uri} would be rejected: {why}") from exc
     served = configs.served()
     if args.tenant and not settings.models_bucket:
         raise CommandError(
