@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -203,6 +205,23 @@ def test_a_config_address_that_names_no_object_stops_the_start_with_a_sentence(s
     assert out.returncode == 2, out.stdout + out.stderr
     assert "cannot load GANNET_CONFIG_URI: 'gs://gannet-models': it names no object" in out.stdout
     assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_a_reader_that_goes_away_leaves_no_traceback():
+    """`gannet settings | head -1`: head exits after its line, and the rest of the
+    output went to a closed pipe as a BrokenPipeError traceback on the terminal. Here
+    the pipe is closed before the command writes anything."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gannet", "settings"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 141, err
+    assert err == ""
 
 
 def test_bench_options_of_another_mode_are_refused_not_ignored():
@@ -593,10 +612,17 @@ def test_a_misspelt_setting_is_named_not_ignored_silently():
         "GANNET_WORKER_SERVICE_HOST": "10.0.0.9",
         "GANNET_WORKER_PORT": "tcp://10.0.0.9:9090",
     }
-    out = gannet("settings", env=env)
+    out = gannet("settings", env={**env, "GANNET_FOO": "1", "GANNET_RUNERS": "2"})
     assert out.returncode == 0
     assert "GANNET_SUBSCRIPTON is not a setting" in out.stderr
     assert "did you mean GANNET_SUBSCRIPTION?" in out.stderr
+    assert "GANNET_RUNERS is not a setting and is ignored; did you mean GANNET_RUNNERS?" in (
+        out.stderr
+    )
+    # A name like none of them is not matched to one (GANNET_FOO was "GANNET_TOPIC?").
+    assert "GANNET_FOO is not a setting and is ignored (`gannet settings` lists them)" in (
+        out.stderr
+    )
     assert "GANNET_WORKER" not in out.stderr
     # An operator's tools read the same variables: a replay would pull from the default.
     out = gannet("dead-letters", "--code", "nonsense", env=env)

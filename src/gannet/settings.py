@@ -554,8 +554,12 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
             continue
         if _SERVICE_LINK.search(name) or _SERVICE_LINK_VALUE.match(value):
             continue
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f"; did you mean {close[0]}?" if close else " (`gannet settings` lists them)"
+        # Without the prefix every pair shared seven letters: GANNET_FOO "was" GANNET_TOPIC.
+        suffixes = {k.removeprefix("GANNET_"): k for k in known}
+        close = difflib.get_close_matches(name.removeprefix("GANNET_"), suffixes, n=1, cutoff=0.75)
+        hint = (
+            f"; did you mean {suffixes[close[0]]}?" if close else " (`gannet settings` lists them)"
+        )
         warnings.append(f"{name} is not a setting and is ignored{hint}")
     return warnings
 

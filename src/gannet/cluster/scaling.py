@@ -1180,6 +1180,16 @@ def _lanes_flag(spec: str) -> str:
     return spec
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default in its help, but not "(default: None)" after a help that
+    says what an unset flag means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Registers `gannet scaling simulate`."""
     scaling = subparsers.add_parser(
@@ -1197,7 +1207,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
             "Pub/Sub backlog, with metric lag and T4 node provisioning. Prints drain time "
             "and GPU-hours and writes a PNG of backlog and replicas over time."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelp,
     )
     d_hpa, d_cl = HpaConfig(), ClusterModel()
     p.add_argument(
