@@ -17,12 +17,11 @@ from gannet import clients
 from gannet import storage as storage_module
 from gannet.config_schema import ConfigError
 from gannet.config_sources import ConfigSource, ConfigWatch, _yaml_mapping, parse_config
-from gannet.daemon import config_check_s
 from gannet.dev import demo
 from gannet.dev.local_services import LocalServices
 from gannet.errors import ErrorCode, PermanentError
 from gannet.metrics import Metrics
-from gannet.settings import REPO_ROOT
+from gannet.settings import REPO_ROOT, Settings
 from gannet.storage import Storage, local_version, read_local
 
 VALID = """
@@ -512,10 +511,13 @@ def test_a_daemon_picks_up_a_changed_config_with_no_task_arriving(stack, tmp_pat
 def test_the_config_is_checked_every_30_s_from_gcs_and_5_s_from_a_file_unless_set():
     """The watch's interval: a metadata request per config and pod on gs://, a stat on
     a local file; GANNET_CONFIG_CHECK_S, when set, for either."""
-    assert config_check_s("gs://models/demo/config.yaml") == 30.0
-    assert config_check_s("/etc/gannet/config.yaml") == 5.0
-    assert config_check_s("gs://models/demo/config.yaml", 0.5) == 0.5
-    assert config_check_s("/etc/gannet/config.yaml", 60.0) == 60.0
+    on_gcs, local = "gs://models/demo/config.yaml", "/etc/gannet/config.yaml"
+    assert Settings(config_uri=on_gcs).config_every_s() == 30.0
+    assert Settings(config_uri=local).config_every_s() == 5.0
+    assert Settings(config_uri=on_gcs, config_check_s=0.5).config_every_s() == 0.5
+    assert Settings(config_uri=local, config_check_s=60.0).config_every_s() == 60.0
+    # Served from the models bucket by industry: a gs:// config.
+    assert Settings(industry="agro", models_bucket="models").config_every_s() == 30.0
 
 
 def test_anchors_and_merge_keys_load_as_yaml_reads_them():

@@ -19,7 +19,7 @@ from gannet.config_sources import (
     open_configs,
     parse_config,
 )
-from gannet.daemon import build_configs, config_uri
+from gannet.daemon import build_configs
 from gannet.dev import demo
 from gannet.errors import ErrorCode, PermanentError
 from gannet.metrics import Metrics
@@ -277,7 +277,7 @@ def test_configs_in_gcs_reload_by_generation_and_a_bad_push_keeps_serving(servic
     settings = Settings(
         **{**base.model_dump(exclude={"config_uri"}), "industry": "agro", "models_bucket": bucket}
     )
-    assert config_uri(settings) == f"gs://{bucket}/agro/config.yaml"
+    assert settings.config_location() == f"gs://{bucket}/agro/config.yaml"
     metrics = Metrics()
     source = build_configs(settings, Storage(client), metrics)
     assert source.for_tenant("any").config.version == 1

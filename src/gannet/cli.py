@@ -73,11 +73,16 @@ def cmd_settings(args: argparse.Namespace) -> int:
         print(settings_table())
         return 0
     # As an environment sets them, so that a line can be pasted back: a list comma-joined
-    # (not Python's ['a']), an unset one commented out (an empty value is not "unset").
-    for name, value in Settings().model_dump().items():
+    # (not Python's ['a']), an unset one commented out (an empty value is not "unset"),
+    # with what it comes to where it follows other settings.
+    settings = Settings()
+    derived = _derived(settings)
+    for name, value in settings.model_dump().items():
         if name in DATABASE_URLS and value is not None:
             value = without_password(value)
-        if value is None:
+        if name in derived:
+            print(f"# GANNET_{name.upper()} is {derived[name]}")
+        elif value is None:
             print(f"# GANNET_{name.upper()} is unset")
         elif isinstance(value, SecretStr):
             print(f"# GANNET_{name.upper()} is set (not shown)")
@@ -86,6 +91,27 @@ def cmd_settings(args: argparse.Namespace) -> int:
         else:
             print(f"GANNET_{name.upper()}={value}")
     return 0
+
+
+def _derived(s: Settings) -> dict[str, str]:
+    """What the settings that follow others come to, where they do: the daemon's values,
+    not the fields' (a default of None, or the demo's config where industry and models
+    bucket name another)."""
+    derived: dict[str, str] = {}
+    if s.config_location() != s.config_uri:
+        derived["config_uri"] = (
+            f"unset: {s.config_location()} (GANNET_MODELS_BUCKET/GANNET_INDUSTRY/config.yaml)"
+        )
+    if s.db_pool_size is None:
+        derived["db_pool_size"] = f"unset: {s.db_connections()} (GANNET_RUNNERS + 4)"
+    if s.max_messages is None:
+        derived["max_messages"] = (
+            f"unset: {2 * s.runners} per lane (2 x GANNET_RUNNERS; a lane with a cap: 2 x its cap)"
+        )
+    if s.config_check_s is None:
+        where = "gs://" if s.config_location().startswith("gs://") else "local"
+        derived["config_check_s"] = f"unset: {s.config_every_s():g} s (a {where} config)"
+    return derived
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -118,15 +118,6 @@ def worker_id() -> str:
     return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
 
 
-def config_uri(settings: Settings) -> str:
-    """GANNET_CONFIG_URI, or gs://MODELS_BUCKET/INDUSTRY/config.yaml when only the
-    industry and the models bucket are given (the usual single-industry deployment)."""
-    explicit = "config_uri" in settings.model_fields_set
-    if not explicit and settings.industry and settings.models_bucket:
-        return f"gs://{settings.models_bucket}/{settings.industry}/config.yaml"
-    return settings.config_uri
-
-
 def build_configs(settings: Settings, storage: Storage, metrics: Metrics) -> Configs:
     """The daemon's config source: one industry, or a deployment naming several, from a
     local path or gs:// (versioned by generation)."""
@@ -137,7 +128,7 @@ def build_configs(settings: Settings, storage: Storage, metrics: Metrics) -> Con
         if result == "loaded" and configs is not None:
             show_served(metrics, configs)
 
-    configs = open_config(config_uri(settings), storage, settings.industry, on_reload)
+    configs = open_config(settings.config_location(), storage, settings.industry, on_reload)
     show_served(metrics, configs)
     metrics.configs_rejected.set_function(lambda: len(configs.rejected()))
     return configs
@@ -165,15 +156,6 @@ def show_served(metrics: Metrics, configs: Configs) -> None:
     for loaded in configs.served():
         config = loaded.config
         metrics.config_info.labels(config.industry, str(config.version), loaded.version).set(1)
-
-
-def config_check_s(uri: str, every_s: float | None = None) -> float:
-    """How often ConfigWatch checks the configs: GANNET_CONFIG_CHECK_S (`every_s`) when
-    set; else a gs:// config every 30 s (a metadata request per config and pod each
-    time), a local file every 5 s (a stat)."""
-    if every_s is not None:
-        return every_s
-    return 30.0 if uri.startswith("gs://") else 5.0
 
 
 @dataclass
@@ -529,7 +511,8 @@ class Daemon:
         # After the subscriptions' checks: a misspelt one failed only once the models
         # had loaded, tens of seconds each start of a crash loop.
         log.info(
-            "warming models", extra={"fields": {"devices": parts.devices, "config": config_uri(s)}}
+            "warming models",
+            extra={"fields": {"devices": parts.devices, "config": s.config_location()}},
         )
         try:
             parts.pipeline.warm(parts.devices)
@@ -552,7 +535,7 @@ class Daemon:
         gc.collect()
         gc.freeze()
         # Configs are checked for changes on a thread of their own, never a task's.
-        watch = ConfigWatch(parts.pipeline.configs, config_check_s(config_uri(s), s.config_check_s))
+        watch = ConfigWatch(parts.pipeline.configs, s.config_every_s())
         watch.start()
         parts.outbox.start(parts.callbacks)
         parts.dispatcher.pool.start()

@@ -481,6 +481,22 @@ class Settings(BaseSettings):
         should (docs/benchmark.md, "The runners' connections")."""
         return self.db_pool_size or self.runners + 4
 
+    def config_location(self) -> str:
+        """GANNET_CONFIG_URI, or gs://MODELS_BUCKET/INDUSTRY/config.yaml when only the
+        industry and the models bucket are given (the usual single-industry deployment)."""
+        explicit = "config_uri" in self.model_fields_set
+        if not explicit and self.industry and self.models_bucket:
+            return f"gs://{self.models_bucket}/{self.industry}/config.yaml"
+        return self.config_uri
+
+    def config_every_s(self) -> float:
+        """How often ConfigWatch checks the configs: GANNET_CONFIG_CHECK_S when set; else a
+        gs:// config every 30 s (a metadata request per config and pod each time), a
+        local file every 5 s (a stat)."""
+        if self.config_check_s is not None:
+            return self.config_check_s
+        return 30.0 if self.config_location().startswith("gs://") else 5.0
+
     def lane_flow_control(self, lane: Lane) -> int:
         """Messages one lane's stream leases at once, at first and at the least
         (lease.py grows it up to `lease_growth` times this)."""

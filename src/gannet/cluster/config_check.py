@@ -21,7 +21,7 @@ from pathlib import Path
 from gannet import clients
 from gannet.config_schema import ConfigError, ModelSpec
 from gannet.config_sources import Configs, DeploymentSource, LoadedConfig
-from gannet.daemon import config_uri, model_file, model_version, open_config
+from gannet.daemon import model_file, model_version, open_config
 from gannet.errors import CommandError, GannetError, PermanentError, TransientError
 from gannet.metrics import Metrics
 from gannet.model_cache import ModelCache, yolo_loader
@@ -33,7 +33,7 @@ from gannet.storage import Storage
 
 def run_check(args: argparse.Namespace) -> int:
     settings = Settings()
-    uri = args.uri or config_uri(settings)
+    uri = args.uri or settings.config_location()
     industry = args.industry if args.industry is not None else settings.industry
     # Only a gs:// config or model needs Google credentials (or the GCS emulator).
     storage = Storage(clients.storage_client(settings)) if uri.startswith("gs://") else None

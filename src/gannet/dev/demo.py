@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -403,8 +404,10 @@ def main(args: argparse.Namespace) -> int:
             )
         )
         print(
-            f"\nRows live in PostgreSQL table task_results ({settings.database_url}); "
-            f"result JSON in gs://{settings.results_bucket}/."
+            f"\nRows were written to PostgreSQL's task_results, result JSON to "
+            f"gs://{settings.results_bucket}/; the demo stops its services and deletes their "
+            f"data as it exits. To keep them and look: `{gannet_command()} services` "
+            '(README, "Running it locally by hand").'
         )
         if receiver is not None:
             print_trace(receiver, next(t for i, t in published if i.pipeline == "FULL_PIPELINE"))
@@ -414,6 +417,14 @@ def main(args: argparse.Namespace) -> int:
             return 1
         print(f"\nAll {len(table)} results match the known contents.")
         return 0
+
+
+def gannet_command() -> str:
+    """How to type `gannet` here: its name where the shell finds it, else the venv's
+    script (README's `.venv/bin/gannet`), so a pasted line runs."""
+    if shutil.which("gannet"):
+        return "gannet"
+    return os.path.relpath(Path(sys.executable).parent / "gannet")
 
 
 def print_trace(receiver: TraceReceiver, task: Task) -> None:
@@ -438,8 +449,9 @@ def serve(args: argparse.Namespace) -> int:
         print("Local services are up. In another shell:\n")
         for key, value in services.env().items():
             print(f"export {key}={value}")
+        gannet = gannet_command()
         print(
-            "\nthen: gannet run   |   gannet publish --tenant demo-tenant --pipeline "
+            f"\nthen: {gannet} run   |   {gannet} publish --tenant demo-tenant --pipeline "
             "DETECTION samples/scene_01.jpg\nCtrl-C stops everything.",
             flush=True,
         )

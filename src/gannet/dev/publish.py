@@ -190,7 +190,8 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
             failed += 1
             print(
                 f"error: {task.image_url} was not published to {topic} ({_reason(exc)}); "
-                "check that the topic exists (terraform, or `gannet services` locally), "
+                "check that the topic exists (terraform, or `gannet services` locally, "
+                "started with the same GANNET_LANES for a lane's topic), "
                 "GANNET_PROJECT and your credentials, then publish that image again",
                 file=sys.stderr,
                 flush=True,
