@@ -9,13 +9,16 @@ QUIET_PIP := grep -v -E "^WARNING: Location '.*' is ignored" || true
 
 .PHONY: demo test bench soak lint install clean
 
-# torch's CUDA build makes the venv about 6.5 GB; pip unpacks beside it.
+# torch's CUDA build makes the venv about 6.5 GB, and pip's downloads (TMPDIR, its cache)
+# usually share the disk: a first install stops at once if that is not free, rather
+# than half way with a venv that imports nothing.
 INSTALL_FREE_GB ?= 8
 
 $(VENV)/.installed: pyproject.toml
-	@free_gb=$$(( $$(df -Pk . | awk 'NR==2 {print $$4}') / 1048576 )); \
-	  if [ "$$free_gb" -lt $(INSTALL_FREE_GB) ]; then \
-	    echo "Installing needs about $(INSTALL_FREE_GB) GB free on the disk holding $(CURDIR); $$free_gb GB is free."; \
+	@free_kb=$$(df -Pk . 2>/dev/null | awk 'NR==2 {print $$4}'); \
+	  if [ ! -d $(VENV)/lib/python3.11/site-packages/torch ] && [ -n "$$free_kb" ] \
+	    && [ "$$free_kb" -lt $$(( $(INSTALL_FREE_GB) * 1048576 )) ]; then \
+	    echo "Installing needs about $(INSTALL_FREE_GB) GB free on the disk holding $(CURDIR); $$(( free_kb / 1048576 )) GB is free."; \
 	    echo "Free some space (old clones' .venv folders are 6.5 GB each), then run make again."; \
 	    exit 1; fi
 	@echo "Installing Gannet into $(VENV) (torch 2.14.1 from PyPI or pip's configured mirror; takes ~2-3 min the first time) ..."

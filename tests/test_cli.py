@@ -207,21 +207,49 @@ def test_a_config_address_that_names_no_object_stops_the_start_with_a_sentence(s
     assert "Traceback" not in out.stdout + out.stderr
 
 
-def test_a_reader_that_goes_away_leaves_no_traceback():
+@pytest.mark.parametrize("unbuffered", ["1", None])
+def test_a_reader_that_goes_away_leaves_no_traceback(unbuffered):
     """`gannet settings | head -1`: head exits after its line, and the rest of the
     output went to a closed pipe as a BrokenPipeError traceback on the terminal. Here
-    the pipe is closed before the command writes anything."""
+    the pipe is closed before the command writes anything, its output written at once
+    (PYTHONUNBUFFERED) or at the end, as Python buffers a pipe by default."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = unbuffered
     proc = subprocess.Popen(
         [sys.executable, "-m", "gannet", "settings"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
     assert proc.stdout is not None
     proc.stdout.close()
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 141, err
     assert err == ""
+
+
+# A command whose own connection's pipe broke (a stand-in: settings made to raise it),
+# with its standard output read to the end.
+OWN_PIPE_BROKE = """
+import sys
+from gannet import cli
+def broke(args):
+    raise BrokenPipeError(32, "Broken pipe (the command's own socket)")
+cli.cmd_settings = broke
+sys.exit(cli.main(["settings"]))
+"""
+
+
+def test_a_broken_pipe_of_the_commands_own_is_an_error_not_a_reader_gone():
+    """Only standard output's reader going away ends a command quietly (141): the same
+    error from a connection of the command's own is a failure and shows its traceback."""
+    done = subprocess.run(
+        [sys.executable, "-c", OWN_PIPE_BROKE], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1, done.stderr
+    assert "BrokenPipeError: [Errno 32] Broken pipe (the command's own socket)" in done.stderr
 
 
 def test_bench_options_of_another_mode_are_refused_not_ignored():
@@ -359,6 +387,10 @@ def test_settings_print_what_a_setting_that_follows_others_comes_to():
     assert "# GANNET_DB_POOL_SIZE is unset: 7 (GANNET_RUNNERS + 4)" in lines
     assert any(line.startswith("# GANNET_MAX_MESSAGES is unset: 6 per lane") for line in lines)
     assert "# GANNET_CONFIG_CHECK_S is unset: 30 s (a gs:// config)" in lines
+    # Without them, the config is the setting's own (the demo's file), checked by stat.
+    local = gannet("settings", env={"GANNET_RUNNERS": "3"}).stdout.splitlines()
+    assert f"GANNET_CONFIG_URI={REPO_ROOT / 'configs' / 'demo.yaml'}" in local
+    assert "# GANNET_CONFIG_CHECK_S is unset: 5 s (a local config)" in local
 
 
 def test_a_refused_setting_is_named_as_the_operator_wrote_it():
@@ -629,11 +661,15 @@ def test_a_misspelt_setting_is_named_not_ignored_silently():
         "GANNET_WORKER_SERVICE_HOST": "10.0.0.9",
         "GANNET_WORKER_PORT": "tcp://10.0.0.9:9090",
     }
-    out = gannet("settings", env={**env, "GANNET_FOO": "1", "GANNET_RUNERS": "2"})
+    typos = {"GANNET_FOO": "1", "GANNET_RUNERS": "2", "GANNET_DB_URL": "postgresql://db/x"}
+    out = gannet("settings", env={**env, **typos})
     assert out.returncode == 0
     assert "GANNET_SUBSCRIPTON is not a setting" in out.stderr
     assert "did you mean GANNET_SUBSCRIPTION?" in out.stderr
     assert "GANNET_RUNERS is not a setting and is ignored; did you mean GANNET_RUNNERS?" in (
+        out.stderr
+    )
+    assert "GANNET_DB_URL is not a setting and is ignored; did you mean GANNET_DATABASE_URL?" in (
         out.stderr
     )
     # A name like none of them is not matched to one (GANNET_FOO was "GANNET_TOPIC?").

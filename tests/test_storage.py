@@ -16,7 +16,7 @@ from gannet import storage as storage_module
 from gannet.daemon import model_file
 from gannet.dev import demo
 from gannet.dev.local_services import LocalServices
-from gannet.errors import ErrorCode, TransientError
+from gannet.errors import ErrorCode, PermanentError, TransientError
 from gannet.metrics import Metrics
 from gannet.model_cache import ModelCache, ModelKey, yolo_loader
 from gannet.settings import REPO_ROOT
@@ -237,3 +237,24 @@ def test_a_config_read_outlives_a_503_and_says_why_when_gcs_keeps_failing(monkey
             assert time.monotonic() - started < 4  # within its deadline, not the library's
         finally:
             failing.endpoint.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://models/demo/config.yaml", "not a gs:// URL"),
+        ("gs://gannet-models", "it names no object"),
+        ("gs://ab/config.yaml", "'ab' is not a bucket's name"),
+        ("gs://Models/config.yaml", "'Models' is not a bucket's name"),
+        ("gs://gannet-models/" + "x" * 1100, "too long: at most 2048 characters"),
+        ("gs://gannet-models/demo\nconfig.yaml", "the object's name has a line break"),
+    ],
+)
+def test_a_config_or_model_address_that_cannot_be_read_says_why(url: str, why: str) -> None:
+    """Each said "not a gs:// URL", which most of them are: the one who wrote it is told
+    what to change. A long one is cut short in the message."""
+    with pytest.raises(PermanentError) as err:
+        storage_module.split_gs_url(url)
+    assert err.value.code is ErrorCode.SCHEMA_ERROR
+    assert why in err.value.message
+    assert len(err.value.message) < 300

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import signal
 import sys
 
@@ -152,8 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
         "settings",
         help="show the effective GANNET_* settings",
         description="Print every setting as GANNET_NAME=value: its default, or what the "
-        "environment sets (the database password as ***). With --markdown, the README's "
-        "table of every setting, its default and its meaning.",
+        "environment sets (the database password as ***); an unset one as a comment, with "
+        "what it comes to where it follows others (# GANNET_DB_POOL_SIZE is unset: 8 "
+        "(GANNET_RUNNERS + 4)). With --markdown, the README's table of every setting, its "
+        "default and its meaning.",
     )
     p.add_argument("--markdown", action="store_true", help="print the README table instead")
     p.set_defaults(func=cmd_settings)
@@ -183,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         for warning in unknown_variables():
             print(f"warning: {warning}", file=sys.stderr)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader gone away shows here, not in the flush at exit
+        return code
     except CommandError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -199,7 +204,20 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        if not _stdout_gone():  # a pipe or socket of the command's own: its error
+            raise
         # The reader went away (`gannet settings | head -1`): no traceback, and none
         # either from the interpreter's flush of the rest at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # as a process killed by SIGPIPE, which a shell reports so
+
+
+def _stdout_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (poll reports an
+    error on its write end)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError):  # no file descriptor (a test's captured stdout)
+        return False

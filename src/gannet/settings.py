@@ -572,7 +572,7 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
             continue
         # Without the prefix every pair shared seven letters: GANNET_FOO "was" GANNET_TOPIC.
         suffixes = {k.removeprefix("GANNET_"): k for k in known}
-        close = difflib.get_close_matches(name.removeprefix("GANNET_"), suffixes, n=1, cutoff=0.75)
+        close = difflib.get_close_matches(name.removeprefix("GANNET_"), suffixes, n=1)
         hint = (
             f"; did you mean {suffixes[close[0]]}?" if close else " (`gannet settings` lists them)"
         )

@@ -30,7 +30,7 @@ from requests.adapters import HTTPAdapter
 
 from gannet.errors import BadModelFile, ErrorCode, PermanentError, TransientError
 from gannet.gcs_http import Endpoint, HTTPError, Reply
-from gannet.task import MAX_OBJECT_NAME_BYTES, MAX_URL_LENGTH, GsUrl
+from gannet.task import BUCKET_NAME, MAX_OBJECT_NAME_BYTES, MAX_URL_LENGTH, GsUrl
 
 # The requests for an object's metadata, a config's bytes and a tenant's model listing
 # (a config check or reload, a model's version, a tenant's models: on gannet-config-
@@ -105,17 +105,20 @@ def _why_not_gs(url: str) -> str:
         why = f"not a gs:// URL ({shape})"
     elif not name:
         why = f"it names no object ({shape})"
-    elif not re.fullmatch(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]", bucket):
+    elif not re.fullmatch(BUCKET_NAME, bucket):
         why = (
             f"{bucket!r} is not a bucket's name (3 or more lowercase letters, digits, "
             "'-', '_' or '.', starting and ending with a letter or digit)"
         )
-    else:
+    elif len(url) > MAX_URL_LENGTH or len(name.encode()) > MAX_OBJECT_NAME_BYTES:
         why = (
             f"too long: at most {MAX_URL_LENGTH} characters, the object's name at most "
             f"{MAX_OBJECT_NAME_BYTES} bytes"
         )
-    return f"{url!r}: {why}"
+    else:
+        why = "the object's name has a line break"
+    shown = url if len(url) <= 100 else f"{url[:100]}..."
+    return f"{shown!r}: {why}"
 
 
 _BAD_NAME = re.compile(r"%2f|%5c|\\|[\x00-\x1f\x7f]", re.IGNORECASE)

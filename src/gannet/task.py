@@ -27,7 +27,8 @@ from gannet.errors import ErrorCode, PermanentError
 
 SCHEMA_VERSION = 1
 TENANT_ID_PATTERN = r"^[a-z0-9-]{1,63}$"
-GS_URL = re.compile(r"^gs://(?P<bucket>[a-z0-9][a-z0-9._-]{1,220}[a-z0-9])/(?P<name>.+)$")
+BUCKET_NAME = r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]"
+GS_URL = re.compile(rf"^gs://(?P<bucket>{BUCKET_NAME})/(?P<name>.+)$")
 MAX_URL_LENGTH = 2048
 MAX_OBJECT_NAME_BYTES = 1024
 # The lowest confidence threshold anything may ask for (ultralytics validates at this).

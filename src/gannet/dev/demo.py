@@ -421,10 +421,11 @@ def main(args: argparse.Namespace) -> int:
 
 def gannet_command() -> str:
     """How to type `gannet` here: its name where the shell finds it, else the venv's
-    script (README's `.venv/bin/gannet`), so a pasted line runs."""
+    script (README's `.venv/bin/gannet`), else the module, so a pasted line runs."""
     if shutil.which("gannet"):
         return "gannet"
-    return os.path.relpath(Path(sys.executable).parent / "gannet")
+    script = Path(sys.executable).parent / "gannet"
+    return os.path.relpath(script) if script.exists() else f"{sys.executable} -m gannet"
 
 
 def print_trace(receiver: TraceReceiver, task: Task) -> None:
