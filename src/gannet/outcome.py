@@ -1,7 +1,8 @@
 """Where the ack is decided: every message ends as ack, nack or quarantine, nothing else.
 
 dispatch.py turns a message into an Outcome; the Settler here applies it, and is the only
-code that acks, nacks or dead-letters.
+code that acks, nacks or dead-letters (but for dispatch.py's nack of a message whose
+settle itself raised, as the client library does for a callback that raises).
 
 - success: result committed, then ack.
 - TransientError (database, GCS, timeout, out of memory): nack; the subscription's retry
@@ -62,8 +63,9 @@ def shutdown(task: Task | None) -> Outcome:
 
 
 class Settler:
-    """Applies an Outcome to the Pub/Sub message; the only place that acks or nacks.
-    One per lane: poison goes to the lane's own dead-letter topic."""
+    """Applies an Outcome to the Pub/Sub message; the only place that acks or nacks (but
+    for Delivery.settle's nack when this raised). One per lane: poison goes to the lane's
+    own dead-letter topic."""
 
     def __init__(
         self,
