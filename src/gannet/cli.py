@@ -19,6 +19,7 @@ from pydantic import SecretStr, ValidationError
 from gannet.cluster import cli as cluster_cli
 from gannet.dev import cli as dev_cli
 from gannet.errors import CommandError
+from gannet.lanes import flow_control
 from gannet.settings import (
     DATABASE_URLS,
     Settings,
@@ -107,7 +108,8 @@ def _derived(s: Settings) -> dict[str, str]:
         derived["db_pool_size"] = f"unset: {s.db_connections()} (GANNET_RUNNERS + 4)"
     if s.max_messages is None:
         derived["max_messages"] = (
-            f"unset: {2 * s.runners} per lane (2 x GANNET_RUNNERS; a lane with a cap: 2 x its cap)"
+            f"unset: {flow_control(None, s.runners, None)} per lane (2 x GANNET_RUNNERS; a lane "
+            "with a cap: 2 x its cap)"
         )
     if s.config_check_s is None:
         where = "gs://" if s.config_location().startswith("gs://") else "local"
