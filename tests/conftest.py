@@ -36,6 +36,7 @@ from gannet.dev.stack import (
     prepared_services,
     settled,
 )
+from gannet.sink import Sink
 
 __all__ = [
     "MANIFEST",
@@ -68,6 +69,15 @@ SCENES = [e for e in MANIFEST["images"] if e.get("kind", "scene") != "large"]
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServices]:
     with prepared_services(tmp_path_factory.mktemp("services")) as running:
         yield running
+
+
+@pytest.fixture
+def db(services: LocalServices) -> Iterator[Sink]:
+    """The daemon's store on the session's PostgreSQL, as the daemon's role."""
+    store = Sink(services.database_url, pool_size=2)
+    store.open()
+    yield store
+    store.close()
 
 
 @pytest.fixture

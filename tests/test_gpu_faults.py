@@ -14,7 +14,6 @@ fails before its result is written), so they are empty stand-ins.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -38,14 +37,6 @@ class FailingPipeline:
 
     def run(self, *args: Any) -> Any:
         raise self.error
-
-
-@pytest.fixture
-def sink(services: Any) -> Iterator[Sink]:
-    store = Sink(services.database_url, pool_size=1)
-    store.open()
-    yield store
-    store.close()
 
 
 def _dispatcher(error: Exception, device: str, sink: Sink) -> Dispatcher:
@@ -99,17 +90,17 @@ def _default_stream(monkeypatch: pytest.MonkeyPatch, error: Exception | None) ->
 
 
 def test_a_sticky_cuda_error_marks_the_device_lost_so_the_daemon_restarts(
-    monkeypatch: pytest.MonkeyPatch, sink: Sink
+    monkeypatch: pytest.MonkeyPatch, db: Sink
 ) -> None:
     """The task is nacked (it may well succeed on another pod), and the dispatcher says
     the device is lost, which makes the daemon's loop fail /healthz and exit. Before,
     the pod stayed live and nacked every task it leased from then on."""
     asked = _default_stream(monkeypatch, torch.AcceleratorError(ILLEGAL_ADDRESS))
-    dispatcher = _dispatcher(torch.AcceleratorError(ILLEGAL_ADDRESS), "cuda:0", sink)
+    dispatcher = _dispatcher(torch.AcceleratorError(ILLEGAL_ADDRESS), "cuda:0", db)
     item = _item()
     outcome = dispatcher.process(item, "cuda:0")
     assert outcome.decision is Decision.NACK
-    assert _free_for_another_pod(sink, item)
+    assert _free_for_another_pod(db, item)
     assert asked == ["cuda:0"]
     assert dispatcher.device_lost is not None
     assert dispatcher.device_lost.startswith("cuda:0: ")
@@ -117,22 +108,22 @@ def test_a_sticky_cuda_error_marks_the_device_lost_so_the_daemon_restarts(
 
 
 def test_a_cuda_error_that_leaves_the_device_usable_fails_only_its_task(
-    monkeypatch: pytest.MonkeyPatch, sink: Sink
+    monkeypatch: pytest.MonkeyPatch, db: Sink
 ) -> None:
     """One input's error (here a kernel's launch refused) must not restart the pod: a
     poison image would then take every pod it reaches down in turn."""
     asked = _default_stream(monkeypatch, None)
     error = torch.AcceleratorError("CUDA error: invalid configuration argument")
-    dispatcher = _dispatcher(error, "cuda:0", sink)
+    dispatcher = _dispatcher(error, "cuda:0", db)
     item = _item()
     outcome = dispatcher.process(item, "cuda:0")
     assert outcome.decision is Decision.NACK
-    assert _free_for_another_pod(sink, item)
+    assert _free_for_another_pod(db, item)
     assert asked == ["cuda:0"] and dispatcher.device_lost is None
 
 
-def test_an_error_on_a_cpu_runner_asks_no_gpu(monkeypatch: pytest.MonkeyPatch, sink: Sink) -> None:
+def test_an_error_on_a_cpu_runner_asks_no_gpu(monkeypatch: pytest.MonkeyPatch, db: Sink) -> None:
     asked = _default_stream(monkeypatch, torch.AcceleratorError(ILLEGAL_ADDRESS))
-    dispatcher = _dispatcher(RuntimeError("a bug"), "cpu", sink)
+    dispatcher = _dispatcher(RuntimeError("a bug"), "cpu", db)
     assert dispatcher.process(_item(), "cpu").decision is Decision.NACK
     assert asked == [] and dispatcher.device_lost is None

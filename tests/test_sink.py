@@ -17,14 +17,6 @@ from gannet.errors import ErrorCode, PermanentError, TransientError
 from gannet.task import TaskResult
 
 
-@pytest.fixture
-def db(services):
-    store = sink.Sink(services.database_url, pool_size=2)
-    store.open()
-    yield store
-    store.close()
-
-
 def result(tenant: str, task_id: str, status: str = "succeeded", **kw) -> TaskResult:
     return TaskResult(
         task_id=task_id,
